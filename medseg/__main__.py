@@ -1,0 +1,5 @@
+"""Allow ``python -m medseg``."""
+
+from medseg.cli import main
+
+main()

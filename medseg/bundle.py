@@ -1,0 +1,144 @@
+"""Locate a MONAI bundle, merge its configs with overlays and overrides, and check checkpoints against it."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import BundleError, CheckpointError
+
+#: medseg workflow -> the bundle config files merged for it, in order (MONAI model-zoo convention).
+WORKFLOW_CONFIGS: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "evaluate": ("train", "evaluate"),
+    "infer": ("inference",),
+}
+
+_CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _find_config(folder: Path, name: str) -> Path | None:
+    for suffix in _CONFIG_SUFFIXES:
+        path = folder / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:
+    """The config files of ``bundle`` that ``workflow`` merges.
+
+    Raises:
+        BundleError: ``bundle`` is not a bundle folder, or lacks a config the workflow needs.
+    """
+    root = Path(bundle)
+    meta = root / "configs" / "metadata.json"
+    if not meta.is_file():
+        raise BundleError(
+            f"{root}: not a bundle (no configs/metadata.json); give a bundle folder such as bundles/isbi_em"
+        )
+    files = []
+    for name in WORKFLOW_CONFIGS[workflow]:
+        path = _find_config(root / "configs", name)
+        if path is None:
+            raise BundleError(f"{root}: no configs/{name}.json; the bundle cannot {workflow}")
+        files.append(path)
+    return files
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``KEY=VALUE`` (VALUE as JSON when it parses, else a string); ``.`` may stand for ``#``.
+
+    Raises:
+        BundleError: no ``=`` in ``text``.
+    """
+    if "=" not in text:
+        raise BundleError(f"override '{text}' has no '='; write KEY=VALUE, e.g. max_epochs=20")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    bundle: str | os.PathLike,
+    workflow: str,
+    overlays: list[str | os.PathLike] | tuple = (),
+    overrides: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Any:
+    """Build a :class:`monai.bundle.ConfigParser` for ``workflow`` of ``bundle``.
+
+    The bundle's configs are merged with ``overlays`` (files, e.g. from ``configs/``), then
+    ``settings`` (run-time values medseg sets, such as ``dataset_dir``) and ``overrides`` (the user's
+    ``--set KEY=VALUE``) are applied. Overrides must name an existing key, so a typo is not ignored.
+
+    Raises:
+        BundleError: bad bundle, missing overlay, or an override naming an unknown key.
+    """
+    from monai.bundle import ConfigParser
+
+    files = bundle_configs(bundle, workflow)
+    for overlay in overlays:
+        if not Path(overlay).is_file():
+            raise BundleError(f"{overlay}: overlay config not found; see configs/ for the available ones")
+        files.append(Path(overlay))
+    parser = ConfigParser()
+    try:
+        parser.read_meta(Path(bundle) / "configs" / "metadata.json")
+        parser.read_config([str(f) for f in files])
+    except (ValueError, OSError) as err:
+        raise BundleError(f"{files[-1]}: cannot read config ({err})") from err
+    parser["bundle_root"] = str(Path(bundle))
+    for key, value in (settings or {}).items():
+        parser[key] = value
+    for key, value in (overrides or {}).items():
+        if key not in parser:
+            raise BundleError(_unknown_key_message(parser, key, bundle))
+        parser[key] = value
+    return parser
+
+
+def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> str:
+    parent, _, leaf = key.rpartition("#")
+    scope = parser[parent] if parent and parent in parser else parser.get()
+    options = [k for k in scope if not str(k).startswith("_")] if isinstance(scope, dict) else []
+    close = difflib.get_close_matches(leaf, [str(o) for o in options], n=3)
+    hint = f"did you mean {', '.join((parent + '#' if parent else '') + c for c in close)}?" if close else (
+        "use '#' between nested keys, e.g. train#trainer#max_epochs")
+    return f"unknown config key '{key}' for bundle {bundle}; {hint}"
+
+
+def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") -> None:
+    """Load weights from ``path`` into ``network`` safely (``weights_only``) and strictly.
+
+    Accepts a plain state dict or a dict holding it under ``"model"``.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or its weights do not fit ``network``.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train first or pass --checkpoint")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit this bundle's network ({detail[:160]}); "
+            "use a checkpoint trained with this bundle or change network_def to match"
+        ) from err

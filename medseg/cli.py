@@ -1,0 +1,172 @@
+"""The ``medseg`` command line: thin Typer commands over :mod:`medseg.workflows`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medseg.errors import MedsegError
+
+app = typer.Typer(
+    help="Train, evaluate and apply biomedical segmentation bundles (MONAI bundle format).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+BundleArg = Annotated[Path, typer.Argument(help="Bundle folder, e.g. bundles/isbi_em.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")]
+OverlayOpt = Annotated[
+    list[Path] | None, typer.Option("--config", "-c", help="Overlay config merged over the bundle's (repeatable).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: KEY=VALUE, nested keys joined by '#' (repeatable)."),
+]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _user_error(err: BaseException) -> MedsegError | None:
+    """The first MedsegError in ``err``'s cause chain (MONAI wraps errors raised while instantiating)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MedsegError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; report user errors as one line and exit 1 (``--debug`` re-raises for the traceback)."""
+    debug = bool(ctx.obj and ctx.obj.get("debug"))
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
+        if debug:
+            raise
+        user = _user_error(err)
+        message = str(user) if user else f"internal error: {type(err).__name__}: {err} (rerun with --debug)"
+        typer.secho(f"error: {message.splitlines()[0] if message else type(err).__name__}", err=True,
+                    fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+
+
+def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
+    from medseg.bundle import parse_override
+
+    result = {k: v for k, v in named.items() if v is not None}
+    for text in pairs or []:
+        key, value = parse_override(text)
+        result[key] = value
+    return result
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    bundle: BundleArg,
+    data: Annotated[Path, typer.Option(help="Training data folder (image/ + label/ or ISBI TIFF stacks).")],
+    output: Annotated[Path, typer.Option(help="Run folder: checkpoints, curves, split, MLflow store.")] = Path(
+        "runs/latest"
+    ),
+    device: DeviceOpt = "auto",
+    epochs: Annotated[int | None, typer.Option(help="Override max_epochs.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --output.")] = False,
+    tracking: Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log the run to MLflow.")] = True,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking server/URI (default: SQLite store in --output).")
+    ] = None,
+    config: OverlayOpt = None,
+    set_: SetOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train a bundle; the best weights are written to OUTPUT/model.pt."""
+    from medseg import workflows
+
+    summary = _run(ctx, lambda: workflows.train(
+        str(bundle), str(data), str(output), device=device, overlays=tuple(map(str, config or [])),
+        overrides=_overrides(set_, max_epochs=epochs), resume=resume, tracking=tracking,
+        tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    bundle: BundleArg,
+    data: Annotated[Path, typer.Option(help="Labelled data folder.")],
+    checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Where metrics.csv and summary.json go.")] = None,
+    split: Annotated[str, typer.Option(help="Slices to score: val (the training split's) or all.")] = "val",
+    device: DeviceOpt = "auto",
+    config: OverlayOpt = None,
+    set_: SetOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Score a checkpoint with Dice/IoU, pixel error and the ISBI 2012 V_rand / V_info."""
+    from medseg import workflows
+
+    ckpt = checkpoint or bundle / "models" / "model.pt"
+    out = output or ckpt.parent / "eval"
+    summary = _run(ctx, lambda: workflows.evaluate(
+        str(bundle), str(data), str(ckpt), str(out), split=split, device=device,
+        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"per-image metrics: {out / 'metrics.csv'}")
+
+
+@app.command()
+def infer(
+    ctx: typer.Context,
+    bundle: BundleArg,
+    input_dir: Annotated[Path, typer.Argument(help="Folder of PNG / TIFF images (stacks page by page).")],
+    output_dir: Annotated[Path, typer.Argument(help="Receives mask/NAME and prob/NAME.tif per input.")],
+    checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
+    tta: Annotated[bool, typer.Option(help="Average the 8 rotations/flips (8x slower).")] = False,
+    device: DeviceOpt = "auto",
+    config: OverlayOpt = None,
+    set_: SetOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Segment every image in INPUT_DIR with sliding-window inference."""
+    from medseg import workflows
+
+    ckpt = checkpoint or bundle / "models" / "model.pt"
+    summary = _run(ctx, lambda: workflows.infer(
+        str(bundle), str(input_dir), str(output_dir), str(ckpt), tta=tta, device=device,
+        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def info(
+    bundles_dir: Annotated[Path, typer.Option(help="Where to look for bundles.")] = Path("bundles"),
+) -> None:
+    """Print versions, the compute device and the available bundles."""
+    from medseg.info import collect_info
+
+    typer.echo(json.dumps(collect_info(bundles_dir), indent=2))
+
+
+def main() -> None:
+    """Console entry point."""
+    app(prog_name="medseg")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

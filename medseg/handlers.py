@@ -1,0 +1,173 @@
+"""Ignite handlers of medseg: rich progress bars and a training-curve recorder (JSON + PNG)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+
+class RichProgress:
+    """Rich progress bars: one over epochs and one over the iterations of the current epoch.
+
+    Attach to a trainer; pass ``evaluator`` to show its metrics in the epoch bar after each validation.
+
+    Example:
+        >>> RichProgress(evaluator=validator).attach(trainer)
+    """
+
+    def __init__(self, evaluator: Engine | None = None, disable: bool = False) -> None:
+        self.evaluator = evaluator
+        self.disable = disable
+        self._progress: Any = None
+        self._epochs: Any = None
+        self._iters: Any = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.disable:
+            return
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_end)
+        engine.add_event_handler(Events.COMPLETED | Events.EXCEPTION_RAISED, self._stop)
+
+    def _start(self, engine: Engine) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self._progress.start()
+        self._epochs = self._progress.add_task(
+            "epochs", total=engine.state.max_epochs, completed=engine.state.epoch, info=""
+        )
+        self._iters = self._progress.add_task("iterations", total=engine.state.epoch_length, info="")
+
+    def _epoch_start(self, engine: Engine) -> None:
+        self._progress.reset(self._iters, total=engine.state.epoch_length, info="")
+
+    def _iteration(self, engine: Engine) -> None:
+        loss = _loss_of(engine.state.output)
+        info = f"loss {loss:.4f}" if loss is not None else ""
+        self._progress.update(self._iters, advance=1, info=info)
+
+    def _epoch_end(self, engine: Engine) -> None:
+        info = ""
+        if self.evaluator is not None and self.evaluator.state.metrics:
+            info = " ".join(f"{k} {v:.4f}" for k, v in self.evaluator.state.metrics.items() if _is_number(v))
+        self._progress.update(self._epochs, completed=engine.state.epoch, info=info)
+
+    def _stop(self, engine: Engine, *args: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class TrainingCurves:
+    """Record the mean training loss per epoch and each validation's metrics; write JSON and a PNG plot.
+
+    ``history.json`` is rewritten after every epoch (and reloaded on resume); ``curves.png`` is drawn
+    when training ends. Attach to the trainer, before any MLflow handler that logs the PNG.
+    """
+
+    def __init__(self, output_dir: str, evaluator: Engine | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.evaluator = evaluator
+        self.history: dict[str, list] = {"epoch": [], "train_loss": [], "val_epoch": [], "val": []}
+        self._sum, self._count = 0.0, 0
+
+    @property
+    def json_path(self) -> Path:
+        return self.output_dir / "history.json"
+
+    @property
+    def png_path(self) -> Path:
+        return self.output_dir / "curves.png"
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._load)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_end)
+        engine.add_event_handler(Events.COMPLETED, self.plot)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self._validated, engine)
+
+    def _load(self, engine: Engine) -> None:
+        if engine.state.epoch > 0 and self.json_path.is_file():  # resumed run: keep the earlier epochs
+            old = json.loads(self.json_path.read_text())
+            keep = [i for i, e in enumerate(old["epoch"]) if e <= engine.state.epoch]
+            self.history["epoch"] = [old["epoch"][i] for i in keep]
+            self.history["train_loss"] = [old["train_loss"][i] for i in keep]
+            vkeep = [i for i, e in enumerate(old["val_epoch"]) if e <= engine.state.epoch]
+            self.history["val_epoch"] = [old["val_epoch"][i] for i in vkeep]
+            self.history["val"] = [old["val"][i] for i in vkeep]
+
+    def _iteration(self, engine: Engine) -> None:
+        loss = _loss_of(engine.state.output)
+        if loss is not None and math.isfinite(loss):
+            self._sum += loss
+            self._count += 1
+
+    def _epoch_end(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        self.history["epoch"].append(epoch)
+        mean_loss = self._sum / max(self._count, 1)
+        self.history["train_loss"].append(mean_loss)
+        engine.state.metrics["train_loss_epoch"] = mean_loss  # picked up by epoch-level loggers (MLflow)
+        self._sum, self._count = 0.0, 0
+        self._save()
+
+    def _validated(self, evaluator: Engine, trainer: Engine) -> None:
+        metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if _is_number(v)}
+        self.history["val_epoch"].append(trainer.state.epoch)
+        self.history["val"].append(metrics)
+        self._save()
+
+    def _save(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(json.dumps(self.history, indent=1))
+
+    def plot(self, engine: Engine | None = None) -> Path:
+        """Draw ``curves.png`` (loss left, validation metrics right) and return its path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(self.history["epoch"], self.history["train_loss"], color="tab:blue")
+        ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+        names = sorted({k for m in self.history["val"] for k in m})
+        for name in names:
+            ax_val.plot(self.history["val_epoch"], [m.get(name, float("nan")) for m in self.history["val"]],
+                        marker="o", label=name)
+        ax_val.set(xlabel="epoch", ylabel="score", title="validation")
+        if names:
+            ax_val.legend()
+        fig.tight_layout()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.png_path, dpi=100)
+        plt.close(fig)
+        return self.png_path
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _loss_of(output: Any) -> float | None:
+    """The loss value from a MONAI trainer's output (a dict, or a list of dicts with ``num_samples``)."""
+    if isinstance(output, list) and output:
+        output = output[0]
+    if isinstance(output, dict) and "loss" in output:
+        value = output["loss"]
+        return float(value.item() if hasattr(value, "item") else value)
+    return None

@@ -1,0 +1,54 @@
+"""Segmentation losses selectable by name from a bundle: the U-Net weighted cross-entropy and MONAI's DiceCE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+
+
+class WeightedCrossEntropyLoss(nn.Module):
+    """Pixel-wise cross-entropy weighted by a per-pixel map (the U-Net paper's energy).
+
+    The target carries the class index in channel 0 and the weight map in channel 1, as produced by
+    :class:`medseg.transforms.BorderWeightd` followed by ``ConcatItemsd(["label", "weight"])``. A
+    target without the weight channel falls back to unweighted cross-entropy.
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Args: logits ``(B, C, H, W)``; target ``(B, 1 or 2, H, W)``. Returns the mean weighted loss."""
+        classes = target[:, 0].long()
+        ce = F.cross_entropy(logits.float(), classes, reduction="none")
+        if target.shape[1] > 1:
+            ce = ce * target[:, 1].float()
+        return ce.mean()
+
+
+class DiceCEOnLabel(nn.Module):
+    """MONAI ``DiceCELoss`` (softmax, one-hot label) that ignores an extra weight channel in the target."""
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> None:
+        super().__init__()
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits.float(), target[:, :1])
+
+
+#: Loss name (as written in a bundle's ``loss_name``) -> class.
+LOSSES: dict[str, type[nn.Module]] = {
+    "weighted_ce": WeightedCrossEntropyLoss,
+    "dice_ce": DiceCEOnLabel,
+}
+
+
+def create_loss(name: str, **kwargs: float) -> nn.Module:
+    """Build the loss registered under ``name`` in :data:`LOSSES`.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; options are: {', '.join(LOSSES)}")
+    return LOSSES[name](**kwargs)

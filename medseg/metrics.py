@@ -1,0 +1,165 @@
+"""Segmentation metrics: Dice, IoU, pixel accuracy and error, and the ISBI 2012 challenge's V_rand and V_info.
+
+All functions take numpy arrays for one 2D slice unless said otherwise. Probability maps are float
+in [0, 1] with high values for the foreground (cell interior for ISBI); labels are binary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+#: The 11 thresholds of the ISBI 2012 scoring: 0.0, 0.1, ..., 1.0 (foreground is ``prob > t``).
+ISBI_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(11))
+
+_FOUR = ndimage.generate_binary_structure(2, 1)
+
+
+def _counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, int]:
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {gt.shape}")
+    tp = int(np.count_nonzero(pred & gt))
+    fp = int(np.count_nonzero(pred & ~gt))
+    fn = int(np.count_nonzero(~pred & gt))
+    return tp, fp, fn, pred.size - tp - fp - fn
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice coefficient 2|P∩G| / (|P| + |G|) of two binary masks; 1.0 when both are empty."""
+    tp, fp, fn, _ = _counts(pred, gt)
+    return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Intersection over union |P∩G| / |P∪G| of two binary masks; 1.0 when both are empty."""
+    tp, fp, fn, _ = _counts(pred, gt)
+    return 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
+
+
+def pixel_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Fraction of pixels where the binary prediction equals the label."""
+    tp, _, _, tn = _counts(pred, gt)
+    return (tp + tn) / np.asarray(gt).size
+
+
+def pixel_error(prob: np.ndarray, gt: np.ndarray, thresholds: Sequence[float] = ISBI_THRESHOLDS) -> float:
+    """ISBI 2012 pixel error: 1 − the best foreground F-score of ``prob > t`` over ``thresholds``."""
+    best = 0.0
+    for t in thresholds:
+        tp, fp, fn, _ = _counts(np.asarray(prob) > t, gt)
+        f = 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
+        best = max(best, f)
+    return 1.0 - best
+
+
+def thinned_segments(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Proposal segmentation of the ISBI scoring at one threshold.
+
+    Cells are the 4-connected components of ``prob > threshold``; a 4-connected seeded watershed on
+    ``1 - prob`` then floods the remaining pixels so that only one-pixel lines between cells keep
+    label 0.
+    """
+    from skimage.segmentation import watershed
+
+    prob = np.asarray(prob, dtype=np.float32)
+    seeds, n = ndimage.label(prob > threshold, structure=_FOUR)
+    if n == 0 or np.all(seeds > 0):
+        return seeds
+    return watershed(1.0 - prob, markers=seeds, connectivity=1, watershed_line=True)
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def rand_and_info(gt_cells: np.ndarray, proposal: np.ndarray) -> tuple[float, float]:
+    """Foreground-restricted Rand F-score (V_rand) and information-theoretic F-score (V_info) of one slice.
+
+    Only pixels inside ground-truth cells (``gt_cells > 0``) count. Proposal pixels with label 0
+    (boundary lines) are singleton segments, one each.
+
+    Args:
+        gt_cells: ``(H, W)`` ground-truth cell labels, 0 = membrane (ignored).
+        proposal: ``(H, W)`` proposal labels, 0 = boundary.
+    """
+    mask = np.asarray(gt_cells) > 0
+    a = np.asarray(gt_cells)[mask].astype(np.int64)
+    b = np.asarray(proposal)[mask].astype(np.int64)
+    n = a.size
+    if n == 0:
+        return 1.0, 1.0
+    single = b == 0
+    n_single = int(single.sum())
+    # contingency counts of (gt cell, proposal segment) over non-singleton pixels
+    _, n_ij = np.unique(np.stack([a[~single], b[~single]]), axis=1, return_counts=True)
+    _, row = np.unique(a, return_counts=True)
+    _, col = np.unique(b[~single], return_counts=True)
+    # Rand: sums of squared (unnormalised) counts; each singleton adds 1 to the joint and column sums
+    sum_ab = float((n_ij.astype(np.float64) ** 2).sum() + n_single)
+    sum_a = float((row.astype(np.float64) ** 2).sum())
+    sum_b = float((col.astype(np.float64) ** 2).sum() + n_single)
+    v_rand = 2.0 * sum_ab / (sum_a + sum_b)
+    # information: entropies of the normalised table; singletons have probability 1/n each
+    single_h = n_single / n * np.log(n)
+    h_a = _entropy(row / n)
+    h_b = _entropy(col / n) + single_h
+    h_ab = _entropy(n_ij / n) + single_h
+    mutual = h_a + h_b - h_ab
+    if h_a == 0.0 and h_b == 0.0:
+        return v_rand, 1.0
+    precision = mutual / h_b if h_b > 0 else 0.0
+    recall = mutual / h_a if h_a > 0 else 0.0
+    v_info = 0.0 if precision + recall <= 0 else 2.0 * precision * recall / (precision + recall)
+    return v_rand, float(v_info)
+
+
+def isbi_scores(
+    probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], thresholds: Sequence[float] = ISBI_THRESHOLDS
+) -> dict:
+    """The ISBI 2012 challenge scores of a stack, as the challenge computes them.
+
+    For each threshold, V_rand and V_info are averaged over slices; each score is the maximum of
+    that mean over ``thresholds``.
+
+    Args:
+        probs: per slice, ``(H, W)`` interior probability in [0, 1].
+        labels: per slice, ``(H, W)`` binary label (non-zero = cell interior).
+
+    Returns:
+        ``v_rand``, ``v_info``, the thresholds reaching them, and ``per_slice`` lists of
+        ``(v_rand, v_info)`` at those thresholds.
+    """
+    if len(probs) != len(labels) or not probs:
+        raise ValueError(f"need matching, non-empty lists; got {len(probs)} maps and {len(labels)} labels")
+    gt_cells = [ndimage.label(np.asarray(g) > 0, structure=_FOUR)[0] for g in labels]
+    table = np.zeros((len(thresholds), len(probs), 2))
+    for ti, t in enumerate(thresholds):
+        for si, (p, g) in enumerate(zip(probs, gt_cells, strict=True)):
+            table[ti, si] = rand_and_info(g, thinned_segments(p, t))
+    mean = table.mean(axis=1)
+    best_rand, best_info = int(mean[:, 0].argmax()), int(mean[:, 1].argmax())
+    return {
+        "v_rand": float(mean[best_rand, 0]),
+        "v_info": float(mean[best_info, 1]),
+        "v_rand_threshold": float(thresholds[best_rand]),
+        "v_info_threshold": float(thresholds[best_info]),
+        "per_slice_v_rand": table[best_rand, :, 0].tolist(),
+        "per_slice_v_info": table[best_info, :, 1].tolist(),
+    }
+
+
+def binary_scores(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Dice, IoU, pixel accuracy, pixel mismatch at ``threshold`` and the ISBI pixel error of one slice."""
+    pred, gt = np.asarray(prob) > threshold, np.asarray(gt) > 0
+    acc = pixel_accuracy(pred, gt)
+    return {
+        "dice": dice(pred, gt),
+        "iou": iou(pred, gt),
+        "pixel_accuracy": acc,
+        "pixel_mismatch": 1.0 - acc,
+        "pixel_error": pixel_error(prob, gt),
+    }

@@ -1,0 +1,210 @@
+"""Run a bundle's train, evaluate and infer workflows with medseg's run-time settings (data, device, tracking)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from medseg.bundle import load_checkpoint, load_config
+from medseg.errors import CheckpointError, MedsegError
+
+
+def select_device(name: str = "auto") -> Any:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]`` as a :class:`torch.device`.
+
+    Raises:
+        MedsegError: CUDA asked for but not available, or an unknown name.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MedsegError(f"--device {name}: no CUDA device is available here; use --device auto or cpu")
+        return torch.device(name)
+    raise MedsegError(f"--device {name}: unknown device; use auto, cpu or cuda")
+
+
+def _device_settings(device: Any) -> dict[str, Any]:
+    return {"device": f"$torch.device('{device}')", "amp": device.type == "cuda"}
+
+
+def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
+                       artifacts: list[str], config_path: Path) -> dict:
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+    from monai.utils import path_to_sqlite_uri
+
+    settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
+    configs = settings["configs"]
+    configs["tracking_uri"] = tracking_uri or path_to_sqlite_uri(str(output_dir / "mlflow.db"))
+    configs["experiment_name"] = experiment
+    configs["run_name"] = output_dir.name
+    configs["save_execute_config"] = str(config_path)
+    params = {k: v for k, v in parser.get().items()
+              if isinstance(v, (int, float, str, bool)) and not str(v).startswith(("$", "@", "%"))}
+    configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
+    configs["trainer"]["experiment_param"] = params
+    configs["trainer"]["iteration_log"] = False
+    return settings
+
+
+def _last_checkpoint(output_dir: Path) -> Path:
+    existing = [p for p in output_dir.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
+    if not existing:
+        raise CheckpointError(f"{output_dir}: no last checkpoint to resume from; drop --resume to start anew")
+    return max(existing, key=lambda p: p.stat().st_mtime)
+
+
+def train(
+    bundle: str,
+    data_dir: str,
+    output_dir: str,
+    *,
+    device: str = "auto",
+    overlays: tuple[str, ...] = (),
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    max_minutes: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``bundle`` on ``data_dir``; checkpoints, curves, split, config and MLflow store go to ``output_dir``.
+
+    Returns:
+        A summary: best validation metric and its epoch, epochs run, wall time in seconds.
+    """
+    from ignite.engine import Events
+    from ignite.handlers import TimeLimit
+    from monai.bundle import ConfigWorkflow
+    from monai.handlers import CheckpointLoader
+
+    from medseg.data import find_pairs
+    from medseg.handlers import RichProgress
+
+    find_pairs(data_dir)  # fail early, with a clear message, on a bad data folder
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = select_device(device)
+    settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **_device_settings(dev)}
+    parser = load_config(bundle, "train", overlays, overrides, settings)
+    config_path = out / "config.json"
+    if tracking:
+        artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
+        experiment = f"medseg-{Path(bundle).resolve().name}"
+        ConfigWorkflow.patch_bundle_tracking(
+            parser, _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path))
+    else:
+        parser.export_config_file(parser.get(), str(config_path))
+
+    parser.get_parsed_content("initialize")
+    trainer = parser.get_parsed_content("train#trainer")
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    if resume:
+        load_dict = {"model": parser.get_parsed_content("network"),
+                     "optimizer": parser.get_parsed_content("optimizer"),
+                     "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
+        CheckpointLoader(load_path=str(_last_checkpoint(out)), load_dict=load_dict, map_location=dev).attach(trainer)
+    if max_minutes:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(max_minutes * 60)))
+    RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
+
+    start = time.perf_counter()
+    parser.get_parsed_content("run")
+    summary = {
+        "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
+        "best_metric_epoch": evaluator.state.best_metric_epoch,
+        "key_metric": evaluator.state.key_metric_name,
+        "epochs": trainer.state.epoch,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "device": str(dev),
+        "output_dir": str(out),
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate(
+    bundle: str,
+    data_dir: str,
+    checkpoint: str,
+    output_dir: str,
+    *,
+    split: str = "val",
+    device: str = "auto",
+    overlays: tuple[str, ...] = (),
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``checkpoint`` on the ``split`` slices (``val`` or ``all``) of ``data_dir``; write CSV + JSON.
+
+    Returns:
+        The summary written to ``output_dir/summary.json``.
+    """
+    from medseg.data import find_pairs
+    from medseg.evaluation import ChallengeMetrics
+    from medseg.handlers import RichProgress
+
+    if split not in ("val", "all", "train"):
+        raise MedsegError(f"--split {split}: unknown split; use val or all")
+    find_pairs(data_dir)
+    dev = select_device(device)
+    settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
+                "eval_split": split, **_device_settings(dev)}
+    parser = load_config(bundle, "evaluate", overlays, overrides, settings)
+    load_checkpoint(parser.get_parsed_content("network_def"), checkpoint)  # clear error before the run
+    parser.get_parsed_content("initialize")
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    RichProgress(disable=not progress).attach(evaluator)
+    parser.get_parsed_content("run")
+    for handler in parser.get_parsed_content("validate#handlers"):
+        if isinstance(handler, ChallengeMetrics):
+            return handler.summary
+    return {k: float(v) for k, v in evaluator.state.metrics.items()}
+
+
+def infer(
+    bundle: str,
+    input_dir: str,
+    output_dir: str,
+    checkpoint: str,
+    *,
+    tta: bool = False,
+    device: str = "auto",
+    overlays: tuple[str, ...] = (),
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment every PNG/TIFF slice in ``input_dir``; write ``prob/`` and ``mask/`` under ``output_dir``.
+
+    Returns:
+        Counts of files and slices, wall time and slices per second.
+    """
+    from medseg.data import list_images
+    from medseg.handlers import RichProgress
+
+    items = list_images(input_dir)
+    dev = select_device(device)
+    settings = {"input_dir": str(input_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
+                "tta": tta, **_device_settings(dev)}
+    parser = load_config(bundle, "infer", overlays, overrides, settings)
+    load_checkpoint(parser.get_parsed_content("network_def"), checkpoint)
+    parser.get_parsed_content("initialize")
+    evaluator = parser.get_parsed_content("evaluator")
+    RichProgress(disable=not progress).attach(evaluator)
+    start = time.perf_counter()
+    parser.get_parsed_content("run")
+    seconds = time.perf_counter() - start
+    return {
+        "files": len({i["image"] for i in items}),
+        "slices": len(items),
+        "wall_seconds": round(seconds, 2),
+        "slices_per_second": round(len(items) / seconds, 3) if seconds > 0 else None,
+        "output_dir": str(output_dir),
+    }

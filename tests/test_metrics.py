@@ -1,0 +1,112 @@
+"""Metrics against hand-computed answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medseg.metrics import (
+    ISBI_THRESHOLDS,
+    binary_scores,
+    dice,
+    iou,
+    isbi_scores,
+    pixel_accuracy,
+    pixel_error,
+    rand_and_info,
+    thinned_segments,
+)
+
+
+def test_dice_iou_accuracy_known_values():
+    pred = np.array([[1, 1, 0, 0]], bool)
+    gt = np.array([[1, 0, 1, 0]], bool)
+    assert dice(pred, gt) == pytest.approx(0.5)  # 2*1 / (2 + 2)
+    assert iou(pred, gt) == pytest.approx(1 / 3)
+    assert pixel_accuracy(pred, gt) == pytest.approx(0.5)
+    empty = np.zeros((2, 2), bool)
+    assert dice(empty, empty) == 1.0 and iou(empty, empty) == 1.0
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="differs"):
+        dice(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_pixel_error_takes_best_threshold():
+    gt = np.array([[0, 1, 1, 1]], bool)
+    prob = np.array([[0.35, 0.4, 0.8, 0.9]])
+    # t <= 0.3: all foreground, tp=3 fp=1 -> F = 6/7; t = 0.4..0.8: tp<=2 fn>=1 -> F <= 4/5;
+    # no 0.1 step separates 0.35 from 0.4, so the best F is 6/7
+    assert pixel_error(prob, gt) == pytest.approx(1 - 6 / 7)
+    assert pixel_error(gt.astype(float), gt) == pytest.approx(0.0)
+    assert pixel_error(1.0 - gt.astype(float), gt) == pytest.approx(1.0)  # no threshold finds a true pixel
+
+
+def test_rand_info_perfect_is_one():
+    gt = np.array([[1, 1, 0, 2, 2]])
+    assert rand_and_info(gt, gt) == (pytest.approx(1.0), pytest.approx(1.0))
+    # relabelled proposal is still perfect; gt membrane pixels (0) are ignored whatever the proposal says
+    assert rand_and_info(gt, np.array([[7, 7, 9, 5, 5]])) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_rand_info_merge_hand_computed():
+    gt = np.array([[1, 1, 2, 2]])
+    merged = np.array([[1, 1, 1, 1]])
+    v_rand, v_info = rand_and_info(gt, merged)
+    # n_ij = [2, 2]: sum_ab = 8, sum_a = 8, sum_b = 16 -> 2*8/24
+    assert v_rand == pytest.approx(2 / 3)
+    assert v_info == pytest.approx(0.0)  # a single proposal segment carries no information
+
+
+def test_rand_info_boundary_pixel_is_singleton():
+    gt = np.array([[1, 1, 1, 1, 2, 2, 2, 2]])
+    prop = np.array([[1, 1, 1, 0, 2, 2, 2, 2]])  # one proposal boundary pixel inside gt cell 1
+    v_rand, v_info = rand_and_info(gt, prop)
+    # sum_ab = 3^2 + 4^2 + 1 (singleton); sum_a = 4^2 + 4^2; sum_b = 3^2 + 4^2 + 1
+    assert v_rand == pytest.approx(2 * 26 / (32 + 26))
+    n = 8
+    h_a = math.log(2)
+    h_b = -(3 / n * math.log(3 / n) + 4 / n * math.log(4 / n)) + 1 / n * math.log(n)
+    mutual = h_a  # every proposal segment lies inside one gt cell: H(AB) = H(B)
+    precision, recall = mutual / h_b, mutual / h_a
+    assert v_info == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_thinning_leaves_one_pixel_lines():
+    prob = np.ones((10, 11))
+    prob[:, 4:7] = 0.0  # a 3-px membrane band between two cells
+    seg = thinned_segments(prob, 0.5)
+    assert set(np.unique(seg)) == {0, 1, 2}
+    assert (seg == 0).sum() == 10  # one line pixel per row
+    assert thinned_segments(prob, 1.0).max() == 0  # nothing above 1.0: all boundary
+
+
+def test_isbi_scores_perfect_and_merged():
+    gt = np.ones((12, 12), bool)
+    gt[:, 5:7] = False
+    perfect = isbi_scores([gt.astype(float)], [gt])
+    assert perfect["v_rand"] == pytest.approx(1.0) and perfect["v_info"] == pytest.approx(1.0)
+    merged_prob = np.ones((12, 12))  # membranes missed: the two cells merge at every threshold < 1
+    merged = isbi_scores([merged_prob], [gt])
+    assert merged["v_rand"] < 0.7
+    assert len(merged["per_slice_v_rand"]) == 1
+    assert ISBI_THRESHOLDS[0] == 0.0 and ISBI_THRESHOLDS[-1] == 1.0 and len(ISBI_THRESHOLDS) == 11
+
+
+def test_isbi_scores_average_over_slices_before_max():
+    gt = np.ones((12, 12), bool)
+    gt[:, 5:7] = False
+    good, bad = gt.astype(float), np.ones((12, 12))
+    scores = isbi_scores([good, bad], [gt, gt])
+    single_bad = isbi_scores([bad], [gt])
+    assert scores["v_rand"] == pytest.approx((1.0 + single_bad["v_rand"]) / 2)
+
+
+def test_binary_scores_keys():
+    gt = np.array([[0, 1], [1, 1]])
+    scores = binary_scores(gt.astype(float), gt)
+    assert scores == {"dice": 1.0, "iou": 1.0, "pixel_accuracy": 1.0, "pixel_mismatch": 0.0,
+                      "pixel_error": 0.0}
