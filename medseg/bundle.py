@@ -142,3 +142,28 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
             f"{path}: weights do not fit this bundle's network ({detail[:160]}); "
             "use a checkpoint trained with this bundle or change network_def to match"
         ) from err
+
+
+def validate_metadata(bundle: str | os.PathLike) -> dict[str, Any]:
+    """Check ``configs/metadata.json`` against the schema kept in medseg (works offline).
+
+    The version must also be the newest entry of the changelog.
+
+    Raises:
+        BundleError: missing file, schema violation, or a version without a changelog entry.
+    """
+    import jsonschema
+
+    path = Path(bundle) / "configs" / "metadata.json"
+    if not path.is_file():
+        raise BundleError(f"{path}: not found; a bundle needs configs/metadata.json")
+    meta = json.loads(path.read_text())
+    schema = json.loads((Path(__file__).parent / "schemas" / "metadata.schema.json").read_text())
+    try:
+        jsonschema.validate(meta, schema)
+    except jsonschema.ValidationError as err:
+        where = "/".join(map(str, err.absolute_path)) or "top level"
+        raise BundleError(f"{path}: {where}: {err.message}") from err
+    if meta["version"] not in meta["changelog"]:
+        raise BundleError(f"{path}: version {meta['version']} has no changelog entry; add one")
+    return meta

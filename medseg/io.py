@@ -38,8 +38,9 @@ def count_pages(path: str | os.PathLike) -> int:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            shape = series.shape
-            axes = series.axes
+            shape, axes = series.shape, series.axes
+            if len(tif.series) > 1 and all(s.shape == shape and s.axes == axes for s in tif.series):
+                return len(tif.series) * _plane_count(shape, axes)  # pages written as separate series
     except (OSError, ValueError, tifffile.TiffFileError) as err:
         raise DataError(f"{path}: cannot read TIFF ({err}); check the file is complete") from err
     spatial = sum(1 for a in axes if a in "YX")
@@ -84,7 +85,7 @@ def read_image(path: str | os.PathLike, page: int | None = None) -> np.ndarray:
 
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
-                planes = _plane_count(series.shape, series.axes)
+                planes = _plane_count(series.shape, series.axes) * len(tif.series)
                 if len(tif.pages) == planes:  # one plane per page: read only that page
                     arr = tif.pages[page or 0].asarray()
                 else:
@@ -159,9 +160,12 @@ def write_png(path: str | os.PathLike, arr: np.ndarray) -> Path:
 
 
 def write_tiff(path: str | os.PathLike, arr: np.ndarray) -> Path:
-    """Write an array as a (multi-page if 3D) TIFF, zlib-compressed, atomically."""
+    """Write ``(H, W)``, ``(H, W, 3)`` uint8 RGB or a ``(pages, H, W)`` stack as zlib-compressed TIFF, atomically."""
     import tifffile
 
+    arr = np.asarray(arr)
+    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8
     with atomic_output(path) as tmp:
-        tifffile.imwrite(tmp, np.asarray(arr), compression="zlib")
+        # say so explicitly: tifffile would read a leading axis of 3 as RGB samples, not slices
+        tifffile.imwrite(tmp, arr, compression="zlib", photometric="rgb" if rgb else "minisblack")
     return Path(path)

@@ -37,7 +37,8 @@ class _StackWriter:
         self.writer = tifffile.TiffWriter(self.tmp, bigtiff=True)
 
     def append(self, page: np.ndarray) -> None:
-        self.writer.write(page, compression="zlib", contiguous=False)
+        # metadata=None: plain pages that readers see as one stack of len(pages) slices
+        self.writer.write(page, compression="zlib", photometric="minisblack", metadata=None)
 
     def close(self, keep: bool = True) -> None:
         self.writer.close()

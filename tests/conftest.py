@@ -74,8 +74,8 @@ def isbi_stacks(tmp_path: Path) -> Path:
     root = tmp_path / "stacks"
     root.mkdir()
     pairs = [synthetic_em(seed=k) for k in range(3)]
-    tifffile.imwrite(root / "train-volume.tif", np.stack([p[0] for p in pairs]))
-    tifffile.imwrite(root / "train-labels.tif", np.stack([p[1] for p in pairs]))
+    tifffile.imwrite(root / "train-volume.tif", np.stack([p[0] for p in pairs]), photometric="minisblack")
+    tifffile.imwrite(root / "train-labels.tif", np.stack([p[1] for p in pairs]), photometric="minisblack")
     return root
 
 

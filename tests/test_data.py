@@ -1,0 +1,61 @@
+"""Finding ISBI pairs in both layouts, deterministic splits, and errors that name the file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg.data import find_pairs, isbi_split, list_images, split_pairs
+from medseg.errors import DataError
+
+
+def test_png_layout_natural_order(tmp_path):
+    for sub in ("image", "label"):
+        (tmp_path / "train" / sub).mkdir(parents=True)
+        for k in (0, 2, 10, 1):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "train" / sub / f"{k}.png")
+    pairs = find_pairs(tmp_path)
+    assert [p["name"] for p in pairs] == ["0", "1", "2", "10"]
+    assert find_pairs(tmp_path / "train") == pairs  # the train/ folder itself works too
+
+
+def test_challenge_stack_layout(isbi_stacks):
+    pairs = find_pairs(isbi_stacks)
+    assert [p["page"] for p in pairs] == [0, 1, 2]
+    assert all(p["image"].endswith("train-volume.tif") and p["label"].endswith("train-labels.tif") for p in pairs)
+
+
+def test_missing_folder_and_missing_label(tmp_path, isbi_folder):
+    with pytest.raises(DataError, match="data folder not found; pass --data"):
+        find_pairs(tmp_path / "nope")
+    (isbi_folder / "train" / "label" / "2.png").unlink()
+    with pytest.raises(DataError, match=r"2\.png: no label found"):
+        find_pairs(isbi_folder)
+    with pytest.raises(DataError, match="no training data found"):
+        find_pairs(tmp_path / "isbi" / "train" / "label")
+
+
+def test_split_is_contiguous_and_recorded(tmp_path, isbi_folder):
+    split = isbi_split(isbi_folder, val_count=1, save_to=str(tmp_path / "run"))
+    assert [p["name"] for p in split["train"]] == ["0", "1", "2"]
+    assert [p["name"] for p in split["val"]] == ["3"]
+    assert len(split["all"]) == 4
+    record = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert record["val"] == ["3"] and record["train"] == ["0", "1", "2"]
+    assert isbi_split(isbi_folder, val_count=1) == split  # deterministic
+
+
+def test_split_needs_training_slices():
+    with pytest.raises(DataError, match="cannot hold out 3 validation slices from 3"):
+        split_pairs([{}, {}, {}], 3)
+
+
+def test_list_images_expands_stacks(isbi_stacks, tmp_path):
+    items = list_images(isbi_stacks)
+    assert len(items) == 6 and items[0]["pages"] == 3 and items[2]["page"] == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images to segment; supported file types: .png, .tif, .tiff"):
+        list_images(tmp_path / "empty")

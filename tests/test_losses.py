@@ -1,0 +1,54 @@
+"""Loss functions: weighted cross-entropy against PyTorch's, DiceCE selection, the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseg.losses import LOSSES, create_loss
+
+
+def _batch():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8)
+    label = torch.randint(0, 2, (2, 1, 8, 8)).float()
+    return logits, label
+
+
+def test_weighted_ce_with_unit_weights_is_cross_entropy():
+    logits, label = _batch()
+    target = torch.cat([label, torch.ones_like(label)], dim=1)
+    expected = F.cross_entropy(logits, label[:, 0].long())
+    torch.testing.assert_close(create_loss("weighted_ce")(logits, target), expected)
+    torch.testing.assert_close(create_loss("weighted_ce")(logits, label), expected)  # no weight channel
+
+
+def test_weighted_ce_scales_with_weights():
+    logits, label = _batch()
+    weight = torch.zeros_like(label)
+    weight[..., 0, 0] = 4.0
+    target = torch.cat([label, weight], dim=1)
+    per_pixel = F.cross_entropy(logits, label[:, 0].long(), reduction="none")
+    expected = (per_pixel[:, 0, 0] * 4.0).sum() / per_pixel.numel()
+    torch.testing.assert_close(create_loss("weighted_ce")(logits, target), expected)
+
+
+def test_dice_ce_ignores_weight_channel():
+    logits, label = _batch()
+    loss = create_loss("dice_ce")
+    with_weight = torch.cat([label, torch.full_like(label, 9.0)], dim=1)
+    torch.testing.assert_close(loss(logits, with_weight), loss(logits, label))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_backpropagates(name):
+    logits, label = _batch()
+    logits.requires_grad_(True)
+    create_loss(name)(logits, label).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_unknown_loss_lists_options():
+    with pytest.raises(ValueError, match="unknown loss 'dice'; options are: weighted_ce, dice_ce"):
+        create_loss("dice")

@@ -1,0 +1,88 @@
+"""Transforms: slice loading, binary labels, the U-Net border weight map and the coarse elastic warp."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medseg.errors import DataError
+from medseg.transforms import BinaryLabeld, BorderWeightd, LoadSliced, RandElasticGridd, border_weight_map
+
+
+def test_load_sliced_png_and_tiff_page(tmp_path, isbi_stacks):
+    Image.fromarray(np.full((5, 7), 9, np.uint8)).save(tmp_path / "a.png")
+    d = LoadSliced(keys="image")({"image": str(tmp_path / "a.png")})
+    assert d["image"].shape == (1, 5, 7) and d["image"].dtype == np.float32 and d["image"].max() == 9
+    assert d["image_file"] == str(tmp_path / "a.png")
+    import tifffile
+
+    stack = tifffile.imread(isbi_stacks / "train-volume.tif")
+    page = LoadSliced(keys="image")({"image": str(isbi_stacks / "train-volume.tif"), "page": 2})["image"]
+    np.testing.assert_array_equal(page[0], stack[2])
+
+
+def test_load_sliced_size_mismatch_names_the_label(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(tmp_path / "lab.png")
+    with pytest.raises(DataError, match=r"lab\.png: size .* must have the same size"):
+        LoadSliced(keys=["image", "label"])({"image": str(tmp_path / "img.png"), "label": str(tmp_path / "lab.png")})
+
+
+def test_binary_label_accepts_0_255_and_0_1_and_rejects_others():
+    out = BinaryLabeld(keys="label")({"label": np.array([[[0, 255]]], np.float32)})
+    np.testing.assert_array_equal(out["label"], [[[0, 1]]])
+    out = BinaryLabeld(keys="label")({"label": np.array([[[0, 1]]], np.float32)})
+    np.testing.assert_array_equal(out["label"], [[[0, 1]]])
+    with pytest.raises(DataError, match=r"x\.png: label values 128 are not binary"):
+        BinaryLabeld(keys="label")({"label": np.array([[[0, 128, 255]]], np.float32), "label_file": "x.png"})
+
+
+def test_border_weight_between_two_cells_matches_formula():
+    interior = np.zeros((20, 30), bool)
+    interior[:, :10] = True  # cell 1: columns 0..9
+    interior[:, 14:] = True  # cell 2: columns 14..29; gap columns 10..13
+    w = border_weight_map(interior, w0=10.0, sigma=5.0, class_balance=False)
+    # pixel in column 11: 2 px from cell 1 (col 9), 3 px from cell 2 (col 14)
+    assert w[10, 11] == pytest.approx(1.0 + 10.0 * math.exp(-(2 + 3) ** 2 / 50.0), rel=1e-5)
+    assert np.all(w[interior] == 1.0)  # the border term only weights membrane pixels
+    balanced = border_weight_map(interior, class_balance=True)
+    frac = interior.mean()
+    assert balanced[0, 0] == pytest.approx(0.5 / frac)
+
+
+def test_border_weight_single_cell_has_no_border_term():
+    interior = np.zeros((16, 16), bool)
+    interior[4:12, 4:12] = True
+    w = border_weight_map(interior, class_balance=False)
+    np.testing.assert_allclose(w, 1.0)  # d2 is infinite everywhere
+
+
+def test_border_weightd_adds_key():
+    label = np.zeros((1, 10, 10), np.float32)
+    label[0, :, :4] = 1
+    label[0, :, 6:] = 1
+    d = BorderWeightd(keys="label")({"label": label})
+    assert d["weight"].shape == (1, 10, 10) and d["weight"][0, 0, 5] > d["weight"][0, 0, 0]
+
+
+def test_elastic_zero_sigma_is_identity_and_labels_stay_binary():
+    img = torch.rand(1, 32, 40)
+    lab = (torch.rand(1, 32, 40) > 0.5).float()
+    same = RandElasticGridd(keys=["image", "label"], sigma=0.0, prob=1.0, mode=["bilinear", "nearest"])
+    out = same({"image": img, "label": lab})
+    torch.testing.assert_close(out["image"], img, atol=1e-5, rtol=0)
+    warp = RandElasticGridd(keys=["image", "label"], sigma=10.0, prob=1.0, mode=["bilinear", "nearest"])
+    warp.set_random_state(3)
+    out = warp({"image": img, "label": lab})
+    assert out["image"].shape == img.shape and not torch.allclose(out["image"], img)
+    assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
+
+
+def test_elastic_is_reproducible_with_seed():
+    img = torch.rand(1, 24, 24)
+    a, b = (RandElasticGridd(keys="image", prob=1.0).set_random_state(7) for _ in range(2))
+    torch.testing.assert_close(a({"image": img})["image"], b({"image": img})["image"])
