@@ -83,6 +83,7 @@ class TrainingCurves:
         self.evaluator = evaluator
         self.history: dict[str, list] = {"epoch": [], "train_loss": [], "val_epoch": [], "val": []}
         self._sum, self._count = 0.0, 0
+        self._loaded = False
 
     @property
     def json_path(self) -> Path:
@@ -93,20 +94,28 @@ class TrainingCurves:
         return self.output_dir / "curves.png"
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._load)
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._load)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_end)
         engine.add_event_handler(Events.COMPLETED, self.plot)
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.COMPLETED, self._validated, engine)
 
+    def _reset(self, engine: Engine) -> None:
+        self._loaded = False
+
     def _load(self, engine: Engine) -> None:
-        if engine.state.epoch > 0 and self.json_path.is_file():  # resumed run: keep the earlier epochs
+        # at the first epoch, after any checkpoint loader has restored the trainer's state
+        if self._loaded:
+            return
+        self._loaded = True
+        if engine.state.epoch > 1 and self.json_path.is_file():  # resumed run: keep the earlier epochs
             old = json.loads(self.json_path.read_text())
-            keep = [i for i, e in enumerate(old["epoch"]) if e <= engine.state.epoch]
+            keep = [i for i, e in enumerate(old["epoch"]) if e < engine.state.epoch]
             self.history["epoch"] = [old["epoch"][i] for i in keep]
             self.history["train_loss"] = [old["train_loss"][i] for i in keep]
-            vkeep = [i for i, e in enumerate(old["val_epoch"]) if e <= engine.state.epoch]
+            vkeep = [i for i, e in enumerate(old["val_epoch"]) if e < engine.state.epoch]
             self.history["val_epoch"] = [old["val_epoch"][i] for i in vkeep]
             self.history["val"] = [old["val"][i] for i in vkeep]
 

@@ -12,17 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "isbi_em"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-#: Overrides that make the isbi_em bundle train in seconds on tiny synthetic slices.
-TINY = [
+#: Overrides for a tiny network and windows, valid for every isbi_em workflow (train, evaluate, infer).
+TINY_NET = [
     "patch_size=[64,64]",
-    "samples_per_image=2",
-    "val_count=1",
-    "val_interval=1",
     "mirror_border=8",
     "network_def#channels=[4,8,16]",
     "network_def#strides=[2,2]",
     "network_def#num_res_units=0",
 ]
+#: Overrides that make the isbi_em bundle train in seconds on tiny synthetic slices.
+TINY = [*TINY_NET, "samples_per_image=2", "val_count=1", "val_interval=1"]
 
 
 def synthetic_em(size: int = 96, n_cells: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

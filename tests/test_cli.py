@@ -1,0 +1,187 @@
+"""The medseg CLI end to end on synthetic data (Typer's CliRunner), including every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import BUNDLE, TINY, TINY_NET, synthetic_em, write_isbi_folder
+from PIL import Image
+from typer.testing import CliRunner
+
+from medseg.cli import app
+
+runner = CliRunner()
+
+
+def _tiny_args(items: list[str] = TINY) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """One tiny training run shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_isbi_folder(root / "data", n=4, size=96)
+    out = root / "run"
+    result = _invoke("train", BUNDLE, "--data", data, "--output", out, "--epochs", 3, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    return {"data": data, "out": out, "root": root, "output": result.output}
+
+
+def test_info_lists_versions_and_bundles():
+    result = _invoke("info", "--bundles-dir", BUNDLE.parent)
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert info["bundles"]["isbi_em"]["version"] == "0.1.0"
+    assert info["versions"]["monai"] and "cuda_available" in info["device"]
+
+
+def test_train_writes_checkpoints_curves_split_and_summary(trained):
+    out = trained["out"]
+    for name in ("model.pt", "curves.png", "history.json", "split.json", "config.json", "train_summary.json"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("last_checkpoint_epoch=3.pt"))
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2, 3] and history["val_epoch"] == [1, 2, 3]
+    assert all(np.isfinite(history["train_loss"]))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["epochs"] == 3 and 0.0 <= summary["best_metric"] <= 1.0
+    config = json.loads((out / "config.json").read_text())  # the resolved, overridden config is stored
+    assert config["network_def"]["channels"] == [4, 8, 16] and config["max_epochs"] == 3
+
+
+def test_train_logs_to_local_mlflow_store(trained):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained['out'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["loss_name"] == "weighted_ce" and run.data.params["max_epochs"] == "3"
+    assert len(client.get_metric_history(run.info.run_id, "val_mean_dice")) == 3
+    assert len(client.get_metric_history(run.info.run_id, "train_loss_epoch")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "curves.png", "config.json", "split.json"} <= artifacts
+
+
+def test_resume_continues_from_last_checkpoint(trained, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(trained["out"], out)
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 4, "--resume",
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2, 3, 4]  # only epoch 4 ran
+    assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
+
+
+def test_evaluate_writes_csv_and_summary(trained, tmp_path):
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--split", "all", "--no-progress", "--device", "cpu",
+                     *_tiny_args())
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["images"] == 4
+    for key in ("v_rand", "v_info", "dice", "iou", "pixel_accuracy", "pixel_error", "pixel_mismatch"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("name,dice,iou") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+
+
+def test_infer_png_folder_and_tiff_stack_with_tta(trained, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image, _ = synthetic_em(size=80, seed=9)
+    Image.fromarray(image).save(inputs / "slice.png")
+    stack = np.stack([synthetic_em(size=72, seed=s)[0] for s in (1, 2, 3)])
+    tifffile.imwrite(inputs / "vol.tif", stack, photometric="minisblack")
+    out = tmp_path / "out"
+    result = _invoke("infer", BUNDLE, inputs, out, "--checkpoint", trained["out"] / "model.pt", "--tta",
+                     "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["files"] == 2 and summary["slices"] == 4
+    mask = np.asarray(Image.open(out / "mask" / "slice.png"))
+    assert mask.shape == (80, 80) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    prob = tifffile.imread(out / "prob" / "slice.tif")
+    assert prob.dtype == np.float32 and prob.shape == (80, 80) and 0.0 <= prob.min() <= prob.max() <= 1.0
+    np.testing.assert_array_equal(mask == 255, prob > 0.5)
+    assert tifffile.imread(out / "mask" / "vol.tif").shape == (3, 72, 72)
+    assert tifffile.imread(out / "prob" / "vol.tif").shape == (3, 72, 72)
+    assert not [p for p in out.rglob(".*")]  # no temporary files left
+
+
+def _assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_missing_data_folder(tmp_path):
+    result = _invoke("train", BUNDLE, "--data", tmp_path / "missing", "--output", tmp_path / "o")
+    _assert_one_line_error(result, "missing", "data folder not found")
+
+
+def test_bad_input_image_without_label(tmp_path):
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    (data / "train" / "label" / "1.png").unlink()
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "o", "--no-tracking")
+    _assert_one_line_error(result, "1.png", "no label found")
+
+
+def test_bad_input_label_of_another_size(tmp_path):
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(data / "train" / "label" / "0.png")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "o", "--no-tracking",
+                     "--no-progress", *_tiny_args())
+    _assert_one_line_error(result, "0.png", "must have the same size")
+
+
+def test_bad_input_non_binary_label(tmp_path):
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    label = np.zeros((48, 48), np.uint8)
+    label[:10] = 128
+    Image.fromarray(label).save(data / "train" / "label" / "2.png")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "o", "--no-tracking",
+                     "--no-progress", *_tiny_args())
+    _assert_one_line_error(result, "2.png", "label values 128 are not binary")
+
+
+def test_bad_input_unknown_bundle(tmp_path, isbi_folder):
+    result = _invoke("train", tmp_path / "no_bundle", "--data", isbi_folder, "--output", tmp_path / "o")
+    _assert_one_line_error(result, "no_bundle", "not a bundle")
+
+
+def test_bad_input_unknown_override_key(tmp_path, isbi_folder):
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "o",
+                     "--set", "learning_rat=0.1")
+    _assert_one_line_error(result, "learning_rat", "did you mean learning_rate")
+
+
+def test_bad_input_checkpoint_of_another_network(trained, tmp_path):
+    # the default bundle network (16..256 channels) cannot take the tiny network's weights
+    result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", tmp_path / "o",
+                     "--checkpoint", trained["out"] / "model.pt")
+    _assert_one_line_error(result, "model.pt", "do not fit this bundle's network")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", tmp_path / "none.pt")
+    _assert_one_line_error(result, "none.pt", "checkpoint not found")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = runner.invoke(app, ["--debug", "train", str(BUNDLE), "--data", str(tmp_path / "x"),
+                                 "--output", str(tmp_path / "o")])
+    assert result.exit_code != 0 and result.exception is not None
