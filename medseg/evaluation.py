@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.metrics import Metric
 
 from medseg.io import atomic_output
 from medseg.metrics import binary_scores, isbi_scores
@@ -91,3 +92,40 @@ class ChallengeMetrics:
         if engine is not None:
             engine.state.metrics.update({k: v for k, v in self.summary.items() if isinstance(v, float)})
         return self.summary
+
+
+class IsbiScore(Metric):
+    """Ignite metric: an ISBI 2012 stack score (``v_rand`` or ``v_info``) of the probability maps seen.
+
+    Usable as a ``SupervisedEvaluator`` key metric, so that best checkpoints and early stopping follow the
+    challenge score rather than Dice. ``output_transform`` must give ``(prob, label)`` batches: softmax
+    probabilities ``(B, C, H, W)`` (or lists of ``(C, H, W)``) and one-hot or index labels.
+
+    Args:
+        score: ``"v_rand"`` or ``"v_info"``.
+        channel: the foreground (cell interior) channel.
+    """
+
+    def __init__(self, score: str = "v_rand", channel: int = 1, output_transform: Any = lambda x: x,
+                 device: str | torch.device = "cpu") -> None:
+        if score not in ("v_rand", "v_info"):
+            raise ValueError(f"score must be 'v_rand' or 'v_info', got {score!r}")
+        self.score, self.channel = score, channel
+        self.probs: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self.probs, self.labels = [], []
+
+    def update(self, output: Any) -> None:
+        probs, labels = output
+        for prob, label in zip(probs, labels, strict=True):
+            prob, label = _numpy(prob), _numpy(label)
+            self.probs.append(prob[self.channel].astype(np.float32))
+            self.labels.append((label[self.channel] if label.shape[0] > 1 else label[0]) > 0)
+
+    def compute(self) -> float:
+        if not self.probs:
+            raise ValueError("IsbiScore needs at least one image before compute()")
+        return isbi_scores(self.probs, self.labels)[self.score]

@@ -9,6 +9,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
+from medseg.io import atomic_output
+
 
 class RichProgress:
     """Rich progress bars: one over epochs and one over the iterations of the current epoch.
@@ -142,7 +144,8 @@ class TrainingCurves:
 
     def _save(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.json_path.write_text(json.dumps(self.history, indent=1))
+        with atomic_output(self.json_path) as tmp:
+            tmp.write_text(json.dumps(self.history, indent=1))
 
     def plot(self, engine: Engine | None = None) -> Path:
         """Draw ``curves.png`` (loss left, validation metrics right) and return its path."""

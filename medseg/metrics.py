@@ -94,10 +94,15 @@ def rand_and_info(gt_cells: np.ndarray, proposal: np.ndarray) -> tuple[float, fl
         return 1.0, 1.0
     single = b == 0
     n_single = int(single.sum())
-    # contingency counts of (gt cell, proposal segment) over non-singleton pixels
-    _, n_ij = np.unique(np.stack([a[~single], b[~single]]), axis=1, return_counts=True)
-    _, row = np.unique(a, return_counts=True)
-    _, col = np.unique(b[~single], return_counts=True)
+    # contingency counts of (gt cell, proposal segment) over non-singleton pixels; labels are small
+    # non-negative integers, so counting by bincount over a joint key is exact and fast
+    a_in, b_in = a[~single], b[~single]
+    n_ij = np.bincount(a_in * (int(b.max()) + 1) + b_in)
+    n_ij = n_ij[n_ij > 0]
+    row = np.bincount(a)
+    row = row[row > 0]
+    col = np.bincount(b_in) if b_in.size else np.zeros(0, np.int64)
+    col = col[col > 0]
     # Rand: sums of squared (unnormalised) counts; each singleton adds 1 to the joint and column sums
     sum_ab = float((n_ij.astype(np.float64) ** 2).sum() + n_single)
     sum_a = float((row.astype(np.float64) ** 2).sum())

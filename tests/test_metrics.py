@@ -110,3 +110,29 @@ def test_binary_scores_keys():
     scores = binary_scores(gt.astype(float), gt)
     assert scores == {"dice": 1.0, "iou": 1.0, "pixel_accuracy": 1.0, "pixel_mismatch": 0.0,
                       "pixel_error": 0.0}
+
+
+def test_isbi_score_metric_matches_isbi_scores_over_batches():
+    import torch
+
+    from medseg.evaluation import IsbiScore
+
+    rng = np.random.default_rng(3)
+    labels = [np.ones((32, 32), bool) for _ in range(3)]
+    for g in labels:
+        g[rng.integers(4, 28), :] = False
+        g[:, rng.integers(4, 28)] = False
+    probs = [np.clip(g + rng.normal(0, 0.3, g.shape), 0, 1).astype(np.float32) for g in labels]
+    expected = isbi_scores(probs, labels)
+    metric = IsbiScore("v_rand")
+    for batch in ([0, 1], [2]):  # softmax (B, 2, H, W) and one-hot labels, in two batches
+        prob = torch.stack([torch.from_numpy(np.stack([1 - probs[i], probs[i]])) for i in batch])
+        onehot = torch.stack([torch.from_numpy(np.stack([~labels[i], labels[i]]).astype(np.float32)) for i in batch])
+        metric.update((prob, onehot))
+    assert metric.compute() == pytest.approx(expected["v_rand"])
+    metric.reset()
+    metric.update(([torch.from_numpy(np.stack([1 - probs[0], probs[0]]))],
+                   [torch.from_numpy(labels[0][None].astype(np.float32))]))
+    assert metric.compute() == pytest.approx(isbi_scores(probs[:1], labels[:1])["v_rand"])
+    with pytest.raises(ValueError, match="v_rand' or 'v_info"):
+        IsbiScore("dice")
