@@ -113,6 +113,7 @@ def evaluate(
     checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
     output: Annotated[Path | None, typer.Option(help="Where metrics.csv and summary.json go.")] = None,
     split: Annotated[str, typer.Option(help="Slices to score: val (the training split's) or all.")] = "val",
+    tta: Annotated[bool, typer.Option(help="Average the 8 rotations/flips (8x slower).")] = False,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
     set_: SetOpt = None,
@@ -124,7 +125,7 @@ def evaluate(
     ckpt = checkpoint or bundle / "models" / "model.pt"
     out = output or ckpt.parent / "eval"
     summary = _run(ctx, lambda: workflows.evaluate(
-        str(bundle), str(data), str(ckpt), str(out), split=split, device=device,
+        str(bundle), str(data), str(ckpt), str(out), split=split, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}")

@@ -137,12 +137,16 @@ def evaluate(
     output_dir: str,
     *,
     split: str = "val",
+    tta: bool = False,
     device: str = "auto",
     overlays: tuple[str, ...] = (),
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on the ``split`` slices (``val`` or ``all``) of ``data_dir``; write CSV + JSON.
+
+    With ``split="val"``, a ``split.json`` next to the checkpoint fixes the number of validation slices.
+    ``tta`` averages the 8 dihedral transforms of each slice.
 
     Returns:
         The summary written to ``output_dir/summary.json``.
@@ -154,6 +158,13 @@ def evaluate(
     if split not in ("val", "all", "train"):
         raise MedsegError(f"--split {split}: unknown split; use val or all")
     find_pairs(data_dir)
+    overrides = dict(overrides or {})
+    recorded = Path(checkpoint).parent / "split.json"
+    if split == "val" and recorded.is_file() and "val_count" not in overrides:
+        # score the validation slices of the run that produced the checkpoint
+        overrides["val_count"] = len(json.loads(recorded.read_text())["val"])
+    if tta:
+        overrides["validate#inferer#tta"] = True
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
                 "eval_split": split, **_device_settings(dev)}

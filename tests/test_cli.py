@@ -86,6 +86,16 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
 
 
+def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
+    # the run used val_count=1; its split.json beside model.pt sets that without an override (and --tta works)
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--tta", "--no-progress", "--device", "cpu",
+                     *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["3"]
+
+
 def test_evaluate_writes_csv_and_summary(trained, tmp_path):
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "eval", "--split", "all", "--no-progress", "--device", "cpu",
