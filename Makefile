@@ -38,7 +38,7 @@ lint: venv
 	$(BIN)/python -m ruff check medseg tests benchmarks
 
 bench: venv
-	$(BIN)/python benchmarks/infer_speed.py --data $(DATA)/test
+	$(BIN)/python benchmarks/infer_speed.py --data $(DATA)/test --tta $(if $(CKPT),--checkpoint $(CKPT))
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
