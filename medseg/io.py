@@ -165,12 +165,14 @@ def write_png(path: str | os.PathLike, arr: np.ndarray) -> Path:
 
 
 def write_tiff(path: str | os.PathLike, arr: np.ndarray) -> Path:
-    """Write ``(H, W)``, ``(H, W, 3)`` uint8 RGB or a ``(pages, H, W)`` stack as zlib-compressed TIFF, atomically."""
+    """Write ``(H, W)``, ``(H, W, 3)`` uint8 RGB or a ``(pages, H, W)`` stack as TIFF, atomically (integers zlib)."""
     import tifffile
 
     arr = np.asarray(arr)
     rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8
     with atomic_output(path) as tmp:
         # say so explicitly: tifffile would read a leading axis of 3 as RGB samples, not slices
-        tifffile.imwrite(tmp, arr, compression="zlib", photometric="rgb" if rgb else "minisblack")
+        # zlib for integer masks/labels (small, fast); floats barely compress and zlib costs ~70 ms a slice
+        compression = "zlib" if arr.dtype.kind in "iub" else None
+        tifffile.imwrite(tmp, arr, compression=compression, photometric="rgb" if rgb else "minisblack")
     return Path(path)
