@@ -2,7 +2,7 @@
 
 Both sides do the whole job per image: read the file, scale intensities, run the bundle's network, softmax,
 and write a float32 probability TIFF and an 8-bit mask PNG. The plain side uses `sliding_window_inference`
-with the bundle's window, overlap and Gaussian blending; medseg mirror-pads the borders and, for images up
+with the bundle's window, overlap, Gaussian blending and logit shift; medseg mirror-pads the borders and, for images up
 to `whole_max_pixels`, runs one whole-image pass instead of windows (with --tta, the 8 dihedral transforms
 are averaged). The script prints images/s per side, the ratio, and how closely the two masks agree.
 
@@ -45,6 +45,7 @@ def plain_monai(files: list[Path], out: Path, network: torch.nn.Module, cfg: dic
         with torch.no_grad():
             logits = sliding_window_inference(x, cfg["patch_size"], cfg["sw_batch_size"], network,
                                               overlap=cfg["overlap"], mode="gaussian")
+        logits = logits + torch.as_tensor(cfg["logit_shift"], dtype=logits.dtype, device=device).view(1, -1, 1, 1)
         prob = torch.softmax(logits, 1)[0, 1].cpu().numpy().astype(np.float32)
         tifffile.imwrite(out / "prob" / f"{path.stem}.tif", prob)
         Image.fromarray(((prob > 0.5) * 255).astype(np.uint8)).save(out / "mask" / f"{path.stem}.png")
@@ -85,7 +86,7 @@ def main() -> None:
             ckpt = work / "model.pt"
             torch.save(net.state_dict(), ckpt)
         net.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        window = {k: cfg[k] for k in ("patch_size", "sw_batch_size", "overlap")}
+        window = {k: cfg[k] for k in ("patch_size", "sw_batch_size", "overlap", "logit_shift")}
 
         def run_medseg(out: Path, tta: bool = False) -> None:
             workflows.infer(str(BUNDLE), str(subset), str(out), str(ckpt), tta=tta, device=args.device,

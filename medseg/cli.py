@@ -144,7 +144,7 @@ def infer(
     set_: SetOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Segment every image in INPUT_DIR with sliding-window inference."""
+    """Segment every image in INPUT_DIR (mirror-padded; whole-slice pass or sliding windows)."""
     from medseg import workflows
 
     ckpt = checkpoint or bundle / "models" / "model.pt"

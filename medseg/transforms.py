@@ -144,6 +144,36 @@ class BorderWeightd(MapTransform):
         return d
 
 
+class LogitShiftd(MapTransform):
+    """Add a per-channel offset to channel-first logits ``(C, ...)`` before the softmax.
+
+    Class-balanced training (weights ``w_c``) learns posteriors scaled by ``w_c``; adding ``-log(w_c)``
+    (up to a constant) to each class's logit undoes that prior shift, so that 0.5 is again the
+    decision threshold of the unweighted problem. With ``w_c = 0.5 / freq_c`` over two classes this is
+    ``[0, log(f / (1 - f))]``, ``f`` the foreground fraction of the training labels.
+    """
+
+    def __init__(self, keys: KeysCollection, shift: Sequence[float], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.shift = [float(v) for v in shift]
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            logits = d[key]
+            if len(self.shift) != logits.shape[0]:
+                raise ValueError(f"{len(self.shift)} logit shifts for {logits.shape[0]} channels of '{key}'")
+            if not any(self.shift):
+                continue
+            shape = (-1,) + (1,) * (logits.ndim - 1)
+            if isinstance(logits, torch.Tensor):
+                offset = torch.as_tensor(self.shift, dtype=logits.dtype, device=logits.device).view(shape)
+            else:
+                offset = np.asarray(self.shift, dtype=np.asarray(logits).dtype).reshape(shape)
+            d[key] = logits + offset
+        return d
+
+
 class RandElasticGridd(RandomizableTransform, MapTransform):
     """Elastic deformation as in the U-Net paper: random displacements on a coarse grid, bicubically upsampled.
 

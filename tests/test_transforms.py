@@ -86,3 +86,20 @@ def test_elastic_is_reproducible_with_seed():
     img = torch.rand(1, 24, 24)
     a, b = (RandElasticGridd(keys="image", prob=1.0).set_random_state(7) for _ in range(2))
     torch.testing.assert_close(a({"image": img})["image"], b({"image": img})["image"])
+
+
+def test_logit_shift_undoes_a_class_weighted_prior():
+    import torch
+
+    from medseg.transforms import LogitShiftd
+
+    # class weights w = (3, 1) scale the learned posterior odds of class 0 by 3; the shift log(3) undoes it
+    true_p1 = torch.tensor([0.2, 0.5, 0.8]).view(1, 3, 1)
+    weighted_odds = (true_p1 / (1 - true_p1)) / 3.0
+    logits = torch.cat([torch.zeros_like(true_p1), weighted_odds.log()])
+    out = LogitShiftd(keys="pred", shift=[0.0, math.log(3.0)])({"pred": logits})["pred"]
+    torch.testing.assert_close(torch.softmax(out, 0)[1], true_p1[0])
+    arr = LogitShiftd(keys="pred", shift=[1.0, -1.0])({"pred": np.zeros((2, 4, 4), np.float32)})["pred"]
+    assert arr.dtype == np.float32 and arr[0].min() == 1.0 and arr[1].max() == -1.0
+    with pytest.raises(ValueError, match="2 logit shifts for 3 channels"):
+        LogitShiftd(keys="pred", shift=[0.0, 1.0])({"pred": np.zeros((3, 2, 2))})
