@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle import load_checkpoint, load_config
-from medseg.errors import CheckpointError, MedsegError
+from medseg.errors import CheckpointError, DataError, MedsegError
 
 
 def select_device(name: str = "auto") -> Any:
@@ -162,7 +162,11 @@ def evaluate(
     recorded = Path(checkpoint).parent / "split.json"
     if split == "val" and recorded.is_file() and "val_count" not in overrides:
         # score the validation slices of the run that produced the checkpoint
-        overrides["val_count"] = len(json.loads(recorded.read_text())["val"])
+        try:
+            overrides["val_count"] = len(json.loads(recorded.read_text())["val"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{recorded}: not a readable split record ({err}); remove it or pass "
+                            "--set val_count=N") from err
     if tta:
         overrides["validate#inferer#tta"] = True
     dev = select_device(device)

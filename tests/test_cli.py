@@ -96,6 +96,17 @@ def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["3"]
 
 
+def test_bad_input_unreadable_split_record(trained, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained["out"] / "model.pt", run / "model.pt")
+    (run / "split.json").write_text("{not json")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", run / "model.pt",
+                     "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 1
+    assert "split.json: not a readable split record" in result.output and "Traceback" not in result.output
+
+
 def test_evaluate_writes_csv_and_summary(trained, tmp_path):
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "eval", "--split", "all", "--no-progress", "--device", "cpu",

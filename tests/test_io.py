@@ -70,3 +70,26 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     with atomic_output(target) as tmp:
         tmp.write_bytes(b"done")
     assert target.read_bytes() == b"done" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_output_gives_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "shared.png") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(umask)
+    # mkstemp alone would leave 0600, unreadable to colleagues; the module read the umask at import
+    expected = 0o666 & ~umask
+    assert (tmp_path / "shared.png").stat().st_mode & 0o777 == expected
+
+
+def test_tiff_compresses_integer_masks_but_not_float_maps(tmp_path):
+    write_tiff(tmp_path / "mask.tif", np.zeros((64, 64), np.uint8))
+    write_tiff(tmp_path / "prob.tif", np.random.default_rng(0).random((64, 64), np.float32))
+    with tifffile.TiffFile(tmp_path / "mask.tif") as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+    with tifffile.TiffFile(tmp_path / "prob.tif") as tif:
+        assert tif.pages[0].compression == tifffile.COMPRESSION.NONE
