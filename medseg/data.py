@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 
 from medseg.errors import DataError
-from medseg.io import SUPPORTED_SUFFIXES, count_pages
+from medseg.readers import count_slices
+
+#: Image types accepted as training data (2D slices and TIFF stacks).
+SUPPORTED_SUFFIXES = (".png", ".tif", ".tiff")
 
 #: Challenge file names of the original ISBI 2012 release (multi-page TIFF stacks).
 ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
@@ -70,7 +73,7 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
 def _stack_pairs(volume: Path, labels: Path) -> list[dict]:
     if not labels.is_file():
         raise DataError(f"{volume}: no label stack; add {labels} next to it")
-    n_img, n_lab = count_pages(volume), count_pages(labels)
+    n_img, n_lab = count_slices(volume), count_slices(labels)
     if n_img != n_lab:
         raise DataError(f"{labels}: {n_lab} label slices for {n_img} image slices; the stacks must match")
     return [
@@ -109,24 +112,3 @@ def isbi_split(data_dir: str | os.PathLike, val_count: int = 5, save_to: str | N
         record["data_dir"] = str(Path(data_dir).resolve())
         (out / "split.json").write_text(json.dumps(record, indent=2))
     return {**split, "all": pairs}
-
-
-def list_images(input_dir: str | os.PathLike) -> list[dict]:
-    """List the 2D slices to segment in ``input_dir``: one ``{"image", "page", "pages", "name"}`` per slice.
-
-    TIFF stacks give one entry per page, in order, all with the file's stem as ``name``.
-
-    Raises:
-        DataError: the folder is missing or holds no supported image.
-    """
-    folder = Path(input_dir)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: input folder not found; give a folder of PNG or TIFF images")
-    items = []
-    for path in _images_in(folder):
-        pages = count_pages(path)
-        items += [{"image": str(path), "page": k, "pages": pages, "name": path.stem} for k in range(pages)]
-    if not items:
-        supported = ", ".join(sorted(SUPPORTED_SUFFIXES))
-        raise DataError(f"{folder}: no images to segment; supported file types: {supported}")
-    return items

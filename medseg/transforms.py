@@ -12,36 +12,57 @@ from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
 
 from medseg.errors import DataError
-from medseg.io import read_image, to_gray
+from medseg.readers import read_slice
 
 #: 4-connectivity, as the ISBI 2012 scoring and the U-Net weight map use.
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
-class LoadSliced(MapTransform):
-    """Load 2D slices (PNG, TIFF page ``data[page_key]``) as channel-first ``(1, H, W)`` float32 arrays.
+def to_gray(arr: np.ndarray) -> np.ndarray:
+    """Convert channel-first ``(C, H, W)`` to ``(1, H, W)`` float32: RGB by ITU-R 601 luma, one channel as is."""
+    arr = np.asarray(arr)
+    if arr.shape[0] == 3:
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.tensordot(weights, arr.astype(np.float32), axes=1)[None]
+    return arr.astype(np.float32, copy=False)
 
-    RGB is converted to gray. The source path of each key is kept under ``"{key}_file"``, and all
-    loaded keys must share one spatial size.
+
+class LoadSliced(MapTransform):
+    """Load slice ``data[page_key]`` of any supported input (PNG, TIFF page, NIfTI or DICOM slice) as ``(C, H, W)``.
+
+    Reads through :func:`medseg.readers.read_slice` (only that slice where the format allows). RGB becomes
+    one gray channel unless ``gray`` is false; ``data["series_uid"]`` picks a DICOM series. The source path of
+    each key is kept under ``"{key}_file"``, and all loaded keys must share one spatial size.
 
     Raises:
-        DataError: a file is unreadable, or a label's size differs from its image's.
+        DataError: a file is unreadable, has a channel count the model cannot take, or a label's size differs
+            from its image's.
     """
 
-    def __init__(self, keys: KeysCollection, page_key: str = "page", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, page_key: str = "page", gray: bool = True,
+                 nifti_channel_dim: int | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.page_key = page_key
+        self.page_key, self.gray, self.nifti_channel_dim = page_key, gray, nifti_channel_dim
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         page = int(d.get(self.page_key, 0) or 0)
+        series_uid = str(d.get("series_uid") or "") or None
         first_key, first_shape = None, None
         for key in self.key_iterator(d):
             path = str(d[key])
-            arr = to_gray(read_image(path, page))[None]
+            arr = read_slice(path, page, series_uid=series_uid, nifti_channel_dim=self.nifti_channel_dim)
+            arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+            if self.gray:
+                if arr.shape[0] not in (1, 3):
+                    raise DataError(f"{path}: {arr.shape[0]} channels; the model takes one (gray) or RGB "
+                                    "images: select a channel first")
+                arr = to_gray(arr)
+            else:
+                arr = arr.astype(np.float32, copy=False)
             if first_shape is None:
                 first_key, first_shape = key, arr.shape
-            elif arr.shape != first_shape:
+            elif arr.shape[1:] != first_shape[1:]:
                 raise DataError(
                     f"{path}: size {arr.shape[1:]} differs from {d[f'{first_key}_file']} "
                     f"{first_shape[1:]}; the image and its label must have the same size"

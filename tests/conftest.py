@@ -85,3 +85,97 @@ def shared_isbi() -> Path:
     if not (path / "train" / "image").is_dir():
         pytest.skip(f"real data not available at {path}")
     return path
+
+
+@pytest.fixture
+def shared_dicom() -> Path:
+    """The real DICOM samples in ../shared/data/dicom (skips the test when absent)."""
+    path = SHARED_DATA / "dicom"
+    if not (path / "series_mr_4slice").is_dir():
+        pytest.skip(f"real data not available at {path}")
+    return path
+
+
+@pytest.fixture
+def shared_nifti() -> Path:
+    """The real NIfTI samples in ../shared/data/nifti (skips the test when absent)."""
+    path = SHARED_DATA / "nifti"
+    if not (path / "anatomical.nii").is_file():
+        pytest.skip(f"real data not available at {path}")
+    return path
+
+
+def write_dicom_slice(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    series_uid: str,
+    position: tuple[float, float, float],
+    instance: int = 1,
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    spacing: tuple[float, float] = (0.5, 0.5),
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    series_number: int = 1,
+    frames: int = 1,
+    with_pixels: bool = True,
+) -> Path:
+    """Write a small CT Image Storage file with the given geometry (``pixels``: ``(Y, X)`` or ``(F, Y, X)`` int16)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, instance
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.2"
+    ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Synthetic", "SYN1"
+    ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "", "O", "20260101", "120000"
+    ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", ""
+    ds.ImagePositionPatient = [f"{v:g}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
+    ds.PixelSpacing = [f"{v:g}" for v in spacing]
+    ds.SliceThickness = "1"
+    ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if with_pixels:
+        ds.PixelData = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_dicom_series(folder: Path, n: int = 4, *, series_uid: str = "1.2.826.0.1.3680043.8.498.10",
+                       step: float = 2.0, size: int = 8, series_number: int = 1, reverse_names: bool = True,
+                       prefix: str = "IM") -> Path:
+    """``n`` axial slices whose raw pixel value is 100 * their position index; file names run against position."""
+    for k in range(n):
+        name = f"{prefix}{(n - 1 - k) if reverse_names else k:03d}.dcm"
+        write_dicom_slice(folder / name, np.full((size, size), 100 * k, np.int16), series_uid=series_uid,
+                          position=(0.0, 0.0, 10.0 + step * k), instance=(k * 7) % n + 1,
+                          series_number=series_number)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Weights of the isbi_em network shrunk by TINY_NET (untrained, seeded): enough for format tests."""
+    import torch
+
+    from medseg.bundle import load_config, parse_override
+
+    torch.manual_seed(0)
+    parser = load_config(BUNDLE, "infer", overrides=dict(parse_override(item) for item in TINY_NET))
+    network = parser.get_parsed_content("network_def")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"model": network.state_dict()}, path)
+    return path

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.data import find_pairs, isbi_split, list_images, split_pairs
+from medseg.data import find_pairs, isbi_split, split_pairs
 from medseg.errors import DataError
 
 
@@ -51,11 +51,3 @@ def test_split_is_contiguous_and_recorded(tmp_path, isbi_folder):
 def test_split_needs_training_slices():
     with pytest.raises(DataError, match="cannot hold out 3 validation slices from 3"):
         split_pairs([{}, {}, {}], 3)
-
-
-def test_list_images_expands_stacks(isbi_stacks, tmp_path):
-    items = list_images(isbi_stacks)
-    assert len(items) == 6 and items[0]["pages"] == 3 and items[2]["page"] == 2
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no images to segment; supported file types: .png, .tif, .tiff"):
-        list_images(tmp_path / "empty")

@@ -1,0 +1,438 @@
+"""DICOM series: find and group files by series, order slices in space, read voxels and geometry, write DICOM SEG."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import DataError
+
+#: File suffixes taken as DICOM without looking inside; other files are sniffed for the ``DICM`` preamble.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+#: LPS (DICOM patient coordinates) to RAS (NIfTI / MONAI world coordinates).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` has the DICOM Part 10 preamble (``DICM`` at byte 128) or a DICOM suffix."""
+    path = Path(path)
+    if path.name.upper() == "DICOMDIR":
+        return False  # a media directory, not an image
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _read(path: str | os.PathLike, pixels: bool = False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=not pixels, force=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as err:
+        raise DataError(f"{path}: cannot read DICOM ({err}); the file may be truncated or not DICOM") from err
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series: its files (unsorted) and identity."""
+
+    uid: str
+    files: tuple[str, ...]
+    folder: str
+    number: int | None = None
+    description: str = ""
+    modality: str = ""
+    sop_uids: tuple[str, ...] = field(default=(), compare=False)
+
+
+def group_series(files: Iterable[str | os.PathLike]) -> list[DicomSeries]:
+    """Group DICOM files by SeriesInstanceUID (headers only), in order of first appearance.
+
+    Raises:
+        DataError: a file is not readable DICOM or has no SeriesInstanceUID.
+    """
+    groups: dict[str, list[tuple[str, object]]] = {}
+    for path in files:
+        ds = _read(path)
+        uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
+        if not uid:
+            raise DataError(f"{path}: DICOM file has no SeriesInstanceUID; it cannot be assigned to a series")
+        groups.setdefault(uid, []).append((str(path), ds))
+    result = []
+    for uid, members in groups.items():
+        first = members[0][1]
+        number = getattr(first, "SeriesNumber", None)
+        result.append(DicomSeries(
+            uid=uid,
+            files=tuple(p for p, _ in members),
+            folder=str(Path(members[0][0]).parent),
+            number=int(number) if number not in (None, "") else None,
+            description=str(getattr(first, "SeriesDescription", "") or ""),
+            modality=str(getattr(first, "Modality", "") or ""),
+            sop_uids=tuple(str(getattr(ds, "SOPInstanceUID", "")) for _, ds in members),
+        ))
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def series_in_folder(folder: str) -> tuple[DicomSeries, ...]:
+    """The series of the DICOM files directly inside ``folder`` (cached: headers are read once)."""
+    files = sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and is_dicom_file(p))
+    return tuple(group_series(files))
+
+
+def find_series(source: str | os.PathLike, uid: str | None = None) -> DicomSeries:
+    """The series a path stands for: a DICOM file's own series, or the one series of a folder.
+
+    Args:
+        source: a DICOM file or a folder of DICOM files.
+        uid: pick this SeriesInstanceUID when the folder holds several.
+
+    Raises:
+        DataError: no DICOM there, the uid is absent, or the folder mixes series and no uid was given.
+    """
+    source = Path(source)
+    if source.is_file():
+        ds = _read(source)
+        return DicomSeries(uid=uid or str(getattr(ds, "SeriesInstanceUID", "") or ""), files=(str(source),),
+                           folder=str(source.parent))
+    if not source.is_dir():
+        raise DataError(f"{source}: not found; give a DICOM file or a folder holding one series")
+    series = series_in_folder(str(source))
+    if not series:
+        raise DataError(f"{source}: no DICOM files in this folder")
+    if uid is not None:
+        for s in series:
+            if s.uid == uid:
+                return s
+        raise DataError(f"{source}: no series with SeriesInstanceUID {uid}")
+    if len(series) > 1:
+        listed = ", ".join(f"{s.number} {s.description!r}".strip() for s in series[:4])
+        raise DataError(
+            f"{source}: folder mixes {len(series)} DICOM series ({listed}); pick one by its SeriesInstanceUID "
+            "or let `medseg infer` split the folder into one input per series"
+        )
+    return series[0]
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """Where the slices of a series are: their order, the affine and spacing (headers only, no pixels)."""
+
+    files: tuple[str, ...]  # one entry per slice, in spatial order (a multi-frame file repeats)
+    frames: tuple[int, ...]  # the frame of each slice inside its file (0 for single-frame files)
+    sop_uids: tuple[str, ...]
+    affine: np.ndarray = field(compare=False)  # RAS, for the index order (z, y, x)
+    spacing: tuple[float, float, float]  # (slice step, row spacing, column spacing) in mm
+    shape: tuple[int, int, int]  # (Z, Y, X)
+    series_uid: str
+
+
+def _geometry(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row cosines, column cosines, pixel spacing (row, col)) of a slice; identity when absent."""
+    orientation = getattr(ds, "ImageOrientationPatient", None)
+    spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
+    ps = np.array([float(x) for x in spacing]) if spacing else np.ones(2)
+    if orientation is None or len(orientation) != 6:
+        return np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), ps
+    cos = np.array([float(x) for x in orientation])
+    return cos[:3], cos[3:], ps
+
+
+def _affine(origin: np.ndarray, step: np.ndarray, row: np.ndarray, col: np.ndarray, ps: np.ndarray) -> np.ndarray:
+    """RAS affine for index (z, y, x): x runs along the row cosines, y along the column cosines."""
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = step, col * ps[0], row * ps[1], origin
+    return LPS_TO_RAS @ affine
+
+
+def _pixels(ds, path: str) -> np.ndarray:
+    """The pixel array (frames first for multi-frame) with RescaleSlope/Intercept applied, as float32."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DataError(f"{path}: DICOM file has no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')}); "
+                        "it is not an image")
+    try:
+        arr = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
+        raise DataError(f"{path}: cannot decode DICOM pixels ({err}); install a decoder for its transfer syntax "
+                        "(e.g. pylibjpeg) or convert the file") from err
+    if str(getattr(ds, "PhotometricInterpretation", "")).startswith("MONOCHROME1"):
+        arr = arr.max() - arr  # display as MONOCHROME2: bright = high
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+@functools.lru_cache(maxsize=16)
+def series_geometry(series: DicomSeries, spacing_tolerance: float = 0.01) -> SeriesGeometry:
+    """Order the slices of ``series`` along the slice normal (ImagePositionPatient projected on it).
+
+    Raises:
+        DataError: no pixel data, slices of different size or orientation, no positions, duplicate
+            positions, or inconsistent slice spacing (relative deviation above ``spacing_tolerance``).
+    """
+    if len(series.files) == 1:
+        return _single_geometry(series.files[0], series.uid)
+    headers = [(path, _read(path)) for path in series.files]
+    path0, ds0 = headers[0]
+    row0, col0, ps0 = _geometry(ds0)
+    normal = np.cross(row0, col0)
+    positioned = []
+    for path, ds in headers:
+        if "Rows" not in ds:
+            raise DataError(f"{path}: DICOM file has no image (no Rows/pixel data); remove it from the series")
+        row, col, _ = _geometry(ds)
+        if (ds.Rows, ds.Columns) != (ds0.Rows, ds0.Columns):
+            raise DataError(f"{path}: slice is {ds.Rows}x{ds.Columns} but {path0} is {ds0.Rows}x{ds0.Columns}; "
+                            "the series mixes image sizes")
+        if not (np.allclose(row, row0, atol=1e-4) and np.allclose(col, col0, atol=1e-4)):
+            raise DataError(f"{path}: ImageOrientationPatient differs from {path0}; the series mixes orientations")
+        ipp = getattr(ds, "ImagePositionPatient", None)
+        if ipp is None:
+            raise DataError(f"{path}: no ImagePositionPatient; the slices of this series cannot be ordered")
+        position = np.array([float(x) for x in ipp])
+        positioned.append((float(position @ normal), position, path, str(getattr(ds, "SOPInstanceUID", ""))))
+    positioned.sort(key=lambda t: t[0])
+    steps = np.diff([p[0] for p in positioned])
+    if np.any(np.abs(steps) < 1e-4):
+        k = int(np.argmin(np.abs(steps)))
+        raise DataError(f"{positioned[k + 1][2]}: same slice position as {positioned[k][2]}; the series holds "
+                        "duplicate slices (two acquisitions in one series?)")
+    median = float(np.median(steps))
+    if np.any(np.abs(steps - median) > spacing_tolerance * median + 1e-3):
+        k = int(np.argmax(np.abs(steps - median)))
+        raise DataError(
+            f"{positioned[k + 1][2]}: inconsistent slice spacing in the series of {series.folder} "
+            f"({steps.min():.3g} to {steps.max():.3g} mm; missing slices?); give a complete series"
+        )
+    step = (positioned[-1][1] - positioned[0][1]) / (len(positioned) - 1)
+    return SeriesGeometry(
+        files=tuple(p[2] for p in positioned),
+        frames=(0,) * len(positioned),
+        sop_uids=tuple(p[3] for p in positioned),
+        affine=_affine(positioned[0][1], step, row0, col0, ps0),
+        spacing=(float(np.linalg.norm(step)), float(ps0[0]), float(ps0[1])),
+        shape=(len(positioned), int(ds0.Rows), int(ds0.Columns)),
+        series_uid=series.uid,
+    )
+
+
+def _single_geometry(path: str, uid: str) -> SeriesGeometry:
+    """One file: a single slice, or a multi-frame image ordered by its per-frame positions where present."""
+    ds = _read(path)
+    if "Rows" not in ds:
+        raise DataError(f"{path}: DICOM file has no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')}); "
+                        "it is not an image")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    row, col, ps = _geometry(ds)
+    if frames > 1:
+        row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps)
+    normal = np.cross(row, col)
+    positions = _frame_positions(ds, frames)
+    if positions is not None:
+        order = np.argsort(positions @ normal, kind="stable")
+        positions = positions[order]
+        origin = positions[0]
+        step = (positions[-1] - positions[0]) / (frames - 1) if frames > 1 else None
+    else:
+        order = np.arange(frames)
+        ipp = getattr(ds, "ImagePositionPatient", None)
+        origin = np.array([float(x) for x in ipp]) if ipp is not None else np.zeros(3)
+        step = None
+    if step is None:
+        thickness = float(getattr(ds, "SpacingBetweenSlices", 0) or getattr(ds, "SliceThickness", 0) or 1.0)
+        step = normal * thickness
+    return SeriesGeometry(
+        files=(path,) * frames,
+        frames=tuple(int(i) for i in order),
+        sop_uids=(str(getattr(ds, "SOPInstanceUID", "")),) * frames,
+        affine=_affine(origin, step, row, col, ps),
+        spacing=(float(np.linalg.norm(step)), float(ps[0]), float(ps[1])),
+        shape=(frames, int(ds.Rows), int(ds.Columns)),
+        series_uid=uid or str(getattr(ds, "SeriesInstanceUID", "")),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _file_pixels(path: str) -> np.ndarray:
+    """All frames of one file, ``(frames, Y, X)`` (cached: multi-frame files are decoded once)."""
+    arr = _pixels(_read(path, pixels=True), path)
+    return arr.reshape(-1, *arr.shape[-2:]) if arr.ndim == 2 else arr
+
+
+def read_slice(series: DicomSeries, index: int) -> np.ndarray:
+    """Slice ``index`` (spatial order) of a series as ``(Y, X)`` float32; reads one file for classic series."""
+    geometry = series_geometry(series)
+    path, frame = geometry.files[index], geometry.frames[index]
+    if len(series.files) > 1:
+        return _pixels(_read(path, pixels=True), path).reshape(geometry.shape[1:])
+    return _file_pixels(path)[frame]
+
+
+def read_series(series: DicomSeries) -> tuple[np.ndarray, SeriesGeometry]:
+    """The whole series as ``(Z, Y, X)`` float32 in spatial order, with its geometry."""
+    geometry = series_geometry(series)
+    return np.stack([read_slice(series, k) for k in range(geometry.shape[0])]), geometry
+
+
+def _functional(ds, name: str, index: int):
+    seq = getattr(ds, name, None)
+    return seq[index] if seq is not None and len(seq) > index else None
+
+
+def _enhanced_geometry(group, row, col, ps):
+    if group is None:
+        return row, col, ps
+    orient = getattr(group, "PlaneOrientationSequence", None)
+    if orient:
+        cos = np.array([float(x) for x in orient[0].ImageOrientationPatient])
+        row, col = cos[:3], cos[3:]
+    measures = getattr(group, "PixelMeasuresSequence", None)
+    if measures and getattr(measures[0], "PixelSpacing", None):
+        ps = np.array([float(x) for x in measures[0].PixelSpacing])
+    return row, col, ps
+
+
+def _frame_positions(ds, frames: int) -> np.ndarray | None:
+    """Per-frame ImagePositionPatient of an enhanced multi-frame image, or None."""
+    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    if not per_frame or len(per_frame) != frames:
+        return None
+    positions = []
+    for item in per_frame:
+        seq = getattr(item, "PlanePositionSequence", None)
+        if not seq:
+            return None
+        positions.append([float(x) for x in seq[0].ImagePositionPatient])
+    return np.array(positions)
+
+
+def _frame_geometry(geometry: SeriesGeometry) -> dict[str, Any]:
+    """highdicom plane keywords for a multi-frame source, from our geometry (frames in file order)."""
+    import highdicom as hd
+
+    lps = LPS_TO_RAS @ geometry.affine  # the flip is its own inverse
+    col_spacing, row_spacing = geometry.spacing[2], geometry.spacing[1]
+    row_cos, col_cos = lps[:3, 2] / col_spacing, lps[:3, 1] / row_spacing
+    positions: list[Any] = [None] * geometry.shape[0]
+    for k, frame in enumerate(geometry.frames):
+        point = lps @ np.array([k, 0.0, 0.0, 1.0])
+        positions[frame] = hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                                    [float(v) for v in point[:3]])
+    return {
+        "plane_positions": positions,
+        "plane_orientation": hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT,
+                                                         [float(v) for v in (*row_cos, *col_cos)]),
+        "pixel_measures": hd.PixelMeasuresSequence([row_spacing, col_spacing], geometry.spacing[0]),
+    }
+
+
+#: Patient/study attributes a SEG copies from its source; type 2 (may be empty) but often missing.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def write_seg(
+    path: str | os.PathLike,
+    mask: np.ndarray,
+    geometry: SeriesGeometry,
+    *,
+    segment_label: str = "foreground",
+    algorithm: str = "medseg",
+    algorithm_version: str = "0",
+) -> Path:
+    """Write a binary DICOM SEG for ``mask`` ``(Z, Y, X)`` that references its source series, atomically.
+
+    Args:
+        path: output ``.dcm`` file.
+        mask: nonzero = segment; slices in the spatial order of ``geometry`` (as :func:`read_series` gives).
+        geometry: the source series' geometry from :func:`series_geometry`.
+        segment_label: the segment's label shown by viewers.
+        algorithm: the algorithm's name (the bundle) recorded in the SEG.
+        algorithm_version: its version.
+
+    Raises:
+        DataError: highdicom cannot build a SEG for this source (the message names the first source file).
+    """
+    import warnings
+
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from medseg import __version__
+    from medseg.io import atomic_output
+
+    mask = np.asarray(mask) > 0
+    if mask.shape != geometry.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the series shape {geometry.shape}")
+    spatial: dict[str, Any] = {}
+    if len(set(geometry.files)) == 1:  # one (multi-frame) source: frames in the file's own order
+        sources = [_read(geometry.files[0], pixels=True)]
+        pixel_array = np.zeros_like(mask)
+        pixel_array[list(geometry.frames)] = mask
+        if mask.shape[0] > 1:
+            spatial = _frame_geometry(geometry)
+    else:
+        sources = [_read(p, pixels=True) for p in geometry.files]
+        pixel_array = mask
+    for ds in sources:  # anonymised exports often drop type-2 attributes that a SEG must copy (empty is valid)
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet  # empty means the default repertoire
+        if "SliceThickness" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+            ds.SliceThickness = f"{geometry.spacing[0]:.6g}"  # the slice step stands in for a missing thickness
+        if "FrameOfReferenceUID" not in ds:  # required by SEG; derive a stable one from the series
+            ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["medseg-frame-of-reference", geometry.series_uid])
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=segment_label[:64],
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Cell if "cell" in segment_label.lower() else codes.SCT.Tissue,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm[:64], version=str(algorithm_version)[:64], family=codes.DCM.ArtificialIntelligence
+        ),
+    )
+    number = getattr(sources[0], "SeriesNumber", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*person name.*")  # source names are copied as they are
+            seg = hd.seg.Segmentation(
+                source_images=sources,
+                pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=[description],
+                series_instance_uid=hd.UID(),
+                series_number=int(number) + 1000 if number not in (None, "") else 1000,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="medseg",
+                manufacturer_model_name=algorithm[:64],
+                software_versions=__version__,
+                device_serial_number="0",
+                series_description=f"{algorithm} segmentation"[:64],
+                omit_empty_frames=False,
+                **spatial,
+            )
+    except (ValueError, TypeError, AttributeError) as err:
+        raise DataError(f"{geometry.files[0]}: cannot build a DICOM SEG for this series ({err}); "
+                        "use --format nifti") from err
+    with atomic_output(path) as tmp:
+        seg.save_as(tmp)
+    return Path(path)

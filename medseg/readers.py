@@ -1,0 +1,541 @@
+"""The image contract: every supported format read as a channel-first array plus metadata, as MONAI ImageReaders.
+
+Contract (pinned by ``tests/test_readers.py``)
+----------------------------------------------
+``read_image(source)`` returns ``(array, meta)``:
+
+* ``array`` is channel first. 2D images (PNG, single-page TIFF) are ``(C, Y, X)``; volumes (TIFF stacks,
+  NIfTI, DICOM) are ``(C, Z, Y, X)``, Z being the slice axis a 2D model runs over: the TIFF page axis, NIfTI's
+  third voxel axis (k), DICOM slices ordered along the slice normal. Y is rows (top to bottom as stored), X
+  columns. C is 1 for gray, 3 for RGB (alpha and palette are resolved), or a configured NIfTI channel axis.
+  Values: the file's own dtype for PNG/TIFF/NIfTI (NIfTI ``scl_slope``/``scl_inter`` applied), float32 after
+  RescaleSlope/Intercept for DICOM (CT in Hounsfield units).
+* ``meta`` holds ``format``, ``source`` (the path), ``affine`` (4x4, RAS world coordinates of the array's own
+  spatial index order (z, y, x) or (y, x); MONAI's ``MetaTensor`` convention), ``spacing`` (per spatial axis,
+  same order), ``spacing_unit`` (``mm``, ``um`` or ``pixel``), ``spatial_shape``, ``original_channel_dim``
+  (0), ``slice_count`` and format extras: NIfTI ``nifti_affine`` and ``nifti_shape`` (the file's own);
+  DICOM ``series_uid``, ``files`` and ``sop_uids`` (one per slice, in array order); TIFF ``axes``.
+
+``read_slice(source, k)`` gives slice ``k`` as ``(C, Y, X)`` without loading the whole volume where the
+format allows it (TIFF pages, DICOM files, uncompressed NIfTI), so stacks larger than memory are segmented
+slice by slice. ``count_slices`` says how many there are.
+
+The readers are :class:`monai.data.ImageReader` subclasses, so bundles use them through ``LoadImage(d)``:
+``{"_target_": "LoadImaged", "keys": "image", "reader": "medseg.readers.TiffReader"}``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import ImageReader
+
+from medseg.errors import DataError
+
+#: File suffix -> format name. DICOM files may also have no suffix (sniffed by content).
+SUFFIXES: dict[str, str] = {
+    ".png": "png",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".dcm": "dicom",
+    ".dicom": "dicom",
+    ".ima": "dicom",
+}
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """The format-bearing suffix of ``path`` (``.nii.gz`` counts as one)."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def format_of(path: str | os.PathLike) -> str:
+    """The format of a file or folder: by suffix, DICOM by its preamble, a folder as a DICOM series.
+
+    Raises:
+        DataError: the type is not supported (the message lists the supported suffixes).
+    """
+    from medseg.dicom import is_dicom_file
+
+    path = Path(path)
+    if path.is_dir():
+        return "dicom"
+    fmt = SUFFIXES.get(suffix_of(path))
+    if fmt is None and path.is_file() and is_dicom_file(path):
+        fmt = "dicom"
+    if fmt is None:
+        supported = ", ".join(sorted(set(SUFFIXES)))
+        raise DataError(f"{path}: unsupported file type '{suffix_of(path) or '(none)'}'; supported: {supported} "
+                        "and DICOM files without a suffix")
+    return fmt
+
+
+def _meta(fmt: str, source: str, spatial: tuple[int, ...], affine: np.ndarray, spacing: Sequence[float],
+          unit: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "format": fmt,
+        "source": source,
+        "affine": np.asarray(affine, dtype=np.float64),
+        "original_affine": np.asarray(affine, dtype=np.float64),
+        "spacing": np.asarray(spacing, dtype=np.float64),
+        "spacing_unit": unit,
+        "spatial_shape": np.asarray(spatial),
+        "original_channel_dim": 0,
+        "slice_count": spatial[0] if len(spatial) == 3 else 1,
+        **extra,
+    }
+
+
+def _scaled_affine(spacing: Sequence[float]) -> np.ndarray:
+    """Affine of a raster without world position: spacing along the (z,) y, x index axes."""
+    affine = np.eye(4)
+    for i, s in enumerate(spacing):
+        affine[i, i] = s
+    return affine
+
+
+class _MedsegReader(ImageReader):
+    """Shared plumbing: one source per call, ``get_data`` passes the (array, meta) pair through."""
+
+    format: str = ""
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return len(names) == 1 and SUFFIXES.get(suffix_of(names[0])) == self.format
+
+    def read(self, data: Sequence[str] | str, **kwargs: Any) -> tuple[np.ndarray, dict]:
+        names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        if len(names) != 1:
+            raise DataError(f"{names[0]}: {type(self).__name__} reads one source at a time, got {len(names)}")
+        return self.read_source(str(names[0]))
+
+    def get_data(self, img: tuple[np.ndarray, dict]) -> tuple[np.ndarray, dict]:
+        return img
+
+    # the per-format part
+    def read_source(self, path: str) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError
+
+    def count_slices(self, path: str) -> int:
+        raise NotImplementedError
+
+    def read_slice(self, path: str, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_meta(self, path: str) -> dict:
+        """The metadata of :meth:`read_source` without reading the voxels."""
+        raise NotImplementedError
+
+
+def _channels_first_2d(arr: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, S)`` to ``(C, H, W)``, dropping an alpha sample."""
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.shape[-1] in (2, 4):  # gray+alpha or RGBA
+        arr = arr[..., :-1]
+    return np.moveaxis(arr, -1, 0)
+
+
+def _page_channels_first(page) -> np.ndarray:
+    """A TIFF page as ``(C, Y, X)``: contiguous (``YXS``) or planar (``SYX``) samples, alpha dropped."""
+    arr, axes = page.asarray(), page.axes
+    if "S" not in axes:
+        return arr.reshape(1, *arr.shape[-2:])
+    arr = np.moveaxis(arr, axes.index("S"), 0)
+    return arr[:-1] if arr.shape[0] in (2, 4) else arr
+
+
+class PngReader(_MedsegReader):
+    """PNG via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (resolved to RGB)."""
+
+    format = "png"
+
+    def _read2d(self, path: str) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                if im.mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif im.mode == "I":  # 16-bit gray opened as 32-bit by some Pillow versions
+                    arr = np.asarray(im)
+                    return _channels_first_2d(arr.astype(np.uint16) if arr.max(initial=0) < 65536 else arr)
+                elif im.mode == "1":
+                    im = im.convert("L")
+                return _channels_first_2d(np.asarray(im))
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: file not found") from err
+        except PermissionError as err:
+            raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
+        except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as err:
+            raise DataError(f"{path}: cannot read PNG ({err}); the file may be truncated or corrupt") from err
+
+    def read_source(self, path: str) -> tuple[np.ndarray, dict]:
+        arr = self._read2d(path)
+        return arr, _meta("png", path, arr.shape[1:], np.eye(4), (1.0, 1.0), "pixel")
+
+    def read_meta(self, path: str) -> dict:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except (OSError, ValueError, UnidentifiedImageError) as err:
+            raise DataError(f"{path}: cannot read PNG ({err}); the file may be truncated or corrupt") from err
+        return _meta("png", path, (height, width), np.eye(4), (1.0, 1.0), "pixel")
+
+    def count_slices(self, path: str) -> int:
+        return 1
+
+    def read_slice(self, path: str, index: int) -> np.ndarray:
+        if index != 0:
+            raise IndexError(f"{path}: a PNG has one slice, asked for {index}")
+        return self._read2d(path)
+
+
+class TiffReader(_MedsegReader):
+    """TIFF via tifffile: single images and multi-page stacks, 8/16-bit, float, RGB, OME/ImageJ axes.
+
+    Axes ``Y`` and ``X`` are spatial; ``S`` (samples) or ``C`` (channels) become the channel axis; all other
+    axes (``Z``, ``T``, ``Q``, ``I``, ...) are flattened, in order, into the slice axis. Slices are read page
+    by page when each plane is stored as its own page(s).
+    """
+
+    format = "tiff"
+
+    @staticmethod
+    def _open(path: str):
+        import tifffile
+
+        try:
+            return tifffile.TiffFile(path)
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: file not found") from err
+        except PermissionError as err:
+            raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
+        except (OSError, ValueError, tifffile.TiffFileError) as err:
+            raise DataError(f"{path}: cannot read TIFF ({err}); the file may be truncated or corrupt") from err
+
+    @staticmethod
+    def _layout(path: str, tif) -> tuple[tuple[int, ...], str, list[int], int | None]:
+        """(shape, axes, lead axis positions, channel axis position or None) of the first series."""
+        series = tif.series[0]
+        shape, axes = tuple(series.shape), series.axes
+        if len(tif.series) > 1 and all(s.shape == series.shape and s.axes == axes for s in tif.series):
+            shape, axes = (len(tif.series), *shape), "Q" + axes  # pages written as separate series
+        if "Y" not in axes or "X" not in axes:
+            raise DataError(f"{path}: TIFF has axes '{axes}', expected spatial axes Y and X")
+        channel = next((i for i, a in enumerate(axes) if a in "SC"), None)
+        if sum(a in "SC" for a in axes) > 1:
+            raise DataError(f"{path}: TIFF has both sample and channel axes ('{axes}'); split the channels first")
+        lead = [i for i, a in enumerate(axes) if a not in "YXSC"]
+        return shape, axes, lead, channel
+
+    def _spacing(self, tif) -> tuple[tuple[float, float, float], str]:
+        """(z, y, x) spacing and unit from OME PhysicalSize*, ImageJ spacing or the resolution tags."""
+        ome = tif.ome_metadata
+        if ome:
+            import re
+
+            def grab(name: str) -> float | None:
+                match = re.search(rf'{name}="([0-9.eE+-]+)"', ome)
+                return float(match.group(1)) if match else None
+
+            x, y, z = grab("PhysicalSizeX"), grab("PhysicalSizeY"), grab("PhysicalSizeZ")
+            if x and y:
+                return (z or 1.0, y, x), "um"
+        page = tif.pages[0]
+        tags = page.tags
+        res_x, res_y = tags.get("XResolution"), tags.get("YResolution")
+        unit_tag = tags.get("ResolutionUnit")
+        ij = tif.imagej_metadata or {}
+        if res_x is not None and res_y is not None:
+            (nx, dx), (ny, dy) = res_x.value, res_y.value
+            if nx and ny and (nx, dx) != (1, 1):
+                x, y = dx / nx, dy / ny  # units per pixel
+                unit = str(ij.get("unit", "")) if ij else ""
+                code = int(unit_tag.value) if unit_tag is not None else 1
+                if code == 3:  # centimetre
+                    return (float(ij.get("spacing", 1.0)), y * 1e4, x * 1e4), "um"
+                if code == 2:  # inch
+                    return (float(ij.get("spacing", 1.0)), y * 25400, x * 25400), "um"
+                if unit in ("micron", "um", "\\u00B5m", "µm"):
+                    return (float(ij.get("spacing", 1.0)), y, x), "um"
+        return (1.0, 1.0, 1.0), "pixel"
+
+    def read_source(self, path: str) -> tuple[np.ndarray, dict]:
+        meta = self.read_meta(path)
+        slices = [self.read_slice(path, k) for k in range(meta["slice_count"])]
+        return (slices[0] if len(meta["spatial_shape"]) == 2 else np.stack(slices, axis=1)), meta
+
+    def read_meta(self, path: str) -> dict:
+        with self._open(path) as tif:
+            shape, axes, lead, _ = self._layout(path, tif)
+            spacing, unit = self._spacing(tif)
+        plane = (shape[axes.index("Y")], shape[axes.index("X")])
+        if not lead:
+            return _meta("tiff", path, plane, _scaled_affine(spacing[1:]), spacing[1:], unit, axes=axes)
+        spatial = (int(np.prod([shape[i] for i in lead])), *plane)
+        return _meta("tiff", path, spatial, _scaled_affine(spacing), spacing, unit, axes=axes)
+
+    def count_slices(self, path: str) -> int:
+        with self._open(path) as tif:
+            shape, _, lead, _ = self._layout(path, tif)
+        return int(np.prod([shape[i] for i in lead])) if lead else 1
+
+    def read_slice(self, path: str, index: int) -> np.ndarray:
+        with self._open(path) as tif:
+            shape, axes, lead, channel = self._layout(path, tif)
+            count = int(np.prod([shape[i] for i in lead])) if lead else 1
+            if not 0 <= index < count:
+                raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
+            try:
+                return self._plane(tif, shape, axes, lead, channel, index)
+            except (OSError, ValueError, IndexError) as err:
+                raise DataError(f"{path}: cannot read slice {index} ({err}); the file may be truncated") from err
+
+    @staticmethod
+    def _plane(tif, shape, axes, lead, channel, index: int) -> np.ndarray:
+        pages = [p for s in tif.series for p in s.pages] if axes[0] == "Q" and len(tif.series) > 1 else \
+            list(tif.series[0].pages)
+        plane_axes = [i for i, a in enumerate(axes) if a not in "YXS"]  # axes that index pages
+        n_planes = int(np.prod([shape[i] for i in plane_axes])) if plane_axes else 1
+        lead_index = np.unravel_index(index, [shape[i] for i in lead]) if lead else ()
+        if len(pages) == n_planes and all(p is not None for p in pages):
+            # one page per plane: read just the pages of this slice (all channels when C indexes pages)
+            page_shape = [shape[i] for i in plane_axes]
+            channels = range(shape[channel]) if channel is not None and axes[channel] == "C" else [None]
+            planes = []
+            for c in channels:
+                idx = []
+                for i in plane_axes:
+                    idx.append(c if axes[i] == "C" else int(lead_index[lead.index(i)]))
+                page = pages[int(np.ravel_multi_index(idx, page_shape))] if idx else pages[0]
+                planes.append(_page_channels_first(page))
+            if channels != [None]:
+                return np.concatenate(planes)
+            return planes[0]
+        # planes share pages (e.g. one page holds a volume): memory-map uncompressed data, else read it all
+        import tifffile
+
+        if axes[0] == "Q":
+            arr = np.stack([s.asarray() for s in tif.series])
+        else:
+            try:
+                arr = tifffile.memmap(tif.filehandle.path, mode="r")
+            except ValueError:
+                arr = tif.series[0].asarray()
+            if arr.shape != tuple(shape):
+                arr = tif.series[0].asarray()
+        slicer: list[Any] = [slice(None)] * arr.ndim
+        for i, li in zip(lead, lead_index, strict=True):
+            slicer[i] = int(li)
+        plane = np.asarray(arr[tuple(slicer)])
+        kept = [a for i, a in enumerate(axes) if i not in lead]  # e.g. "YX", "CYX", "YXS"
+        if "C" in kept:
+            return np.moveaxis(plane, kept.index("C"), 0)
+        return _channels_first_2d(plane)
+
+
+class NiftiReader(_MedsegReader):
+    """NIfTI-1/2 via nibabel, keeping the affine; 2D and 3D, 4D only with a configured channel axis.
+
+    Args:
+        channel_dim: the voxel axis (3 for ``(X, Y, Z, C)``) holding channels in 4D files; ``None`` makes 4D
+            files (other than a trailing axis of 1) an error.
+    """
+
+    format = "nifti"
+
+    def __init__(self, channel_dim: int | None = None) -> None:
+        super().__init__()
+        self.channel_dim = channel_dim
+
+    def _load(self, path: str):
+        import nibabel as nib
+
+        try:
+            img = nib.load(path)
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: file not found") from err
+        except PermissionError as err:
+            raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
+        except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError) as err:
+            raise DataError(f"{path}: cannot read NIfTI ({err}); the file may be truncated or corrupt") from err
+        shape = img.shape
+        while len(shape) > 3 and shape[-1] == 1 and (self.channel_dim is None or self.channel_dim < len(shape) - 1):
+            shape = shape[:-1]
+        if len(shape) == 4 and self.channel_dim is None:
+            raise DataError(f"{path}: 4D NIfTI {tuple(img.shape)} (time or channels); a 2D model needs 2D/3D "
+                            "images: set the reader's channel_dim (e.g. --set nifti_channel_dim=3) or split it")
+        if len(shape) > 4 or len(shape) < 2:
+            raise DataError(f"{path}: NIfTI with {len(shape)} dimensions {tuple(img.shape)}; expected 2D or 3D")
+        return img, shape
+
+    def _voxels(self, img, shape, index: int | None) -> np.ndarray:
+        """``(C, Z, Y, X)`` (or one slice ``(C, Y, X)``) from the file's ``(X, Y[, Z][, C])``."""
+        proxy = img.dataobj
+        if len(shape) == 2:
+            data = np.asarray(proxy).reshape(shape)[:, :, None, None]
+        elif len(shape) == 3:
+            data = (np.asarray(proxy[:, :, index]).reshape(shape[:2] + (1,)) if index is not None
+                    else np.asarray(proxy).reshape(shape))[..., None]
+        else:
+            cdim = self.channel_dim
+            data = np.moveaxis(np.asarray(proxy), cdim, 3)
+            if index is not None:
+                data = data[:, :, index : index + 1]
+        data = data.transpose(3, 2, 1, 0)  # (C, Z, Y, X)
+        if not data.dtype.isnative:
+            data = data.astype(data.dtype.newbyteorder("="))
+        return data[:, 0] if index is not None else data
+
+    def read_source(self, path: str) -> tuple[np.ndarray, dict]:
+        img, shape = self._load(path)
+        arr = np.ascontiguousarray(self._voxels(img, shape, None))
+        return arr, self._meta(path, img, shape)
+
+    def read_meta(self, path: str) -> dict:
+        img, shape = self._load(path)
+        return self._meta(path, img, shape)
+
+    @staticmethod
+    def _meta(path: str, img, shape: tuple[int, ...]) -> dict:
+        nifti_affine = np.asarray(img.affine, dtype=np.float64)
+        affine = nifti_affine[:, [2, 1, 0, 3]]  # columns follow our (z, y, x) index order
+        zooms = [float(z) for z in img.header.get_zooms()[:3]] + [1.0] * (3 - len(shape[:3]))
+        spatial = (int(shape[2]) if len(shape) > 2 else 1, int(shape[1]), int(shape[0]))
+        unit = img.header.get_xyzt_units()[0]
+        return _meta("nifti", path, spatial, affine, zooms[:3][::-1], "mm" if unit in (None, "unknown") else unit,
+                     nifti_affine=nifti_affine, nifti_shape=np.asarray(img.shape))
+
+    def count_slices(self, path: str) -> int:
+        img, shape = self._load(path)
+        return int(shape[2]) if len(shape) >= 3 else 1
+
+    def read_slice(self, path: str, index: int) -> np.ndarray:
+        img, shape = self._load(path)
+        count = int(shape[2]) if len(shape) >= 3 else 1
+        if not 0 <= index < count:
+            raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
+        if len(shape) == 2:
+            return self._voxels(img, shape, None)[:, 0]
+        return np.ascontiguousarray(self._voxels(img, shape, index))
+
+
+class DicomReader(_MedsegReader):
+    """DICOM via pydicom: a file (single or multi-frame) or a folder holding one series (see :mod:`medseg.dicom`).
+
+    Args:
+        series_uid: pick this SeriesInstanceUID from a folder holding several series.
+    """
+
+    format = "dicom"
+
+    def __init__(self, series_uid: str | None = None) -> None:
+        super().__init__()
+        self.series_uid = series_uid
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return len(names) == 1 and (Path(names[0]).is_dir() or format_of_or_none(names[0]) == "dicom")
+
+    def _series(self, path: str):
+        from medseg.dicom import find_series
+
+        return find_series(path, self.series_uid)
+
+    def read_source(self, path: str) -> tuple[np.ndarray, dict]:
+        from medseg.dicom import read_series
+
+        volume, geometry = read_series(self._series(path))
+        arr = volume[None]
+        return arr, _meta("dicom", path, arr.shape[1:], geometry.affine, geometry.spacing, "mm",
+                          series_uid=geometry.series_uid, files=list(geometry.files),
+                          sop_uids=list(geometry.sop_uids))
+
+    def read_meta(self, path: str) -> dict:
+        from medseg.dicom import series_geometry
+
+        geometry = series_geometry(self._series(path))
+        return _meta("dicom", path, geometry.shape, geometry.affine, geometry.spacing, "mm",
+                     series_uid=geometry.series_uid, files=list(geometry.files), sop_uids=list(geometry.sop_uids))
+
+    def count_slices(self, path: str) -> int:
+        from medseg.dicom import series_geometry
+
+        return series_geometry(self._series(path)).shape[0]
+
+    def read_slice(self, path: str, index: int) -> np.ndarray:
+        from medseg.dicom import read_slice
+
+        return read_slice(self._series(path), index)[None]
+
+
+def format_of_or_none(path: str | os.PathLike) -> str | None:
+    """:func:`format_of`, or ``None`` for unsupported files."""
+    try:
+        return format_of(path)
+    except DataError:
+        return None
+
+
+#: Format name -> reader class. Bundles name these classes in ``LoadImage(d)``'s ``reader``.
+READERS: dict[str, type[_MedsegReader]] = {
+    "png": PngReader,
+    "tiff": TiffReader,
+    "nifti": NiftiReader,
+    "dicom": DicomReader,
+}
+
+
+def reader_for(source: str | os.PathLike, series_uid: str | None = None,
+               nifti_channel_dim: int | None = None) -> _MedsegReader:
+    """The reader instance for ``source`` (a file, or a DICOM folder / series)."""
+    fmt = format_of(source)
+    if fmt == "dicom":
+        return DicomReader(series_uid=series_uid)
+    if fmt == "nifti":
+        return NiftiReader(channel_dim=nifti_channel_dim)
+    return READERS[fmt]()
+
+
+def _check_exists(source: str | os.PathLike) -> str:
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    return str(path)
+
+
+def read_image(source: str | os.PathLike, **kwargs: Any) -> tuple[np.ndarray, dict]:
+    """Read ``source`` under the contract above. ``kwargs`` go to :func:`reader_for`.
+
+    Raises:
+        DataError: missing, unreadable, corrupt or unsupported input (one line naming the file).
+    """
+    path = _check_exists(source)
+    return reader_for(path, **kwargs).read_source(path)
+
+
+def count_slices(source: str | os.PathLike, **kwargs: Any) -> int:
+    """Number of 2D slices in ``source`` (1 for 2D images)."""
+    path = _check_exists(source)
+    return reader_for(path, **kwargs).count_slices(path)
+
+
+def read_geometry(source: str | os.PathLike, **kwargs: Any) -> dict:
+    """The metadata :func:`read_image` would give for ``source``, reading headers only."""
+    path = _check_exists(source)
+    return reader_for(path, **kwargs).read_meta(path)
+
+
+def read_slice(source: str | os.PathLike, index: int = 0, **kwargs: Any) -> np.ndarray:
+    """Slice ``index`` of ``source`` as ``(C, Y, X)``, reading as little of the file as the format allows."""
+    path = _check_exists(source)
+    return reader_for(path, **kwargs).read_slice(path, index)

@@ -1,0 +1,134 @@
+"""DICOM: series grouping and spatial ordering, rescale to HU, geometry against a reference NIfTI, DICOM SEG."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import write_dicom_series, write_dicom_slice
+
+from medseg import dicom
+from medseg.errors import DataError
+from medseg.readers import count_slices, read_geometry, read_image, read_slice
+
+
+def _as_nifti(arr: np.ndarray, meta: dict) -> nib.Nifti1Image:
+    """Our (Z, Y, X) volume as a NIfTI image in (X, Y, Z) order with the matching affine."""
+    return nib.Nifti1Image(arr.transpose(2, 1, 0), meta["affine"][:, [2, 1, 0, 3]])
+
+
+def test_mr_series_matches_the_reference_nifti_voxel_for_voxel(shared_dicom):
+    arr, meta = read_image(shared_dicom / "series_mr_4slice")
+    assert arr.shape == (1, 4, 256, 256) and meta["format"] == "dicom" and len(meta["sop_uids"]) == 4
+    reference = nib.as_closest_canonical(nib.load(shared_dicom / "series_mr_4slice_reference.nii.gz"))
+    ours = nib.as_closest_canonical(_as_nifti(arr[0], meta))
+    assert ours.shape == reference.shape
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(reference.dataobj))
+    np.testing.assert_allclose(ours.affine, reference.affine, atol=1e-3)  # same place in the scanner (oblique)
+    np.testing.assert_allclose(meta["spacing"], [1.0, 1.0, 1.0], atol=1e-4)
+
+
+def test_ct_series_in_hounsfield_units(shared_dicom):
+    import pydicom
+
+    folder = shared_dicom / "series_ct_3slice"
+    arr, meta = read_image(folder)
+    assert arr.shape == (1, 3, 512, 512) and arr.dtype == np.float32
+    raw = {str(ds.SOPInstanceUID): ds.pixel_array for ds in (pydicom.dcmread(p) for p in folder.iterdir())}
+    for k, uid in enumerate(meta["sop_uids"]):
+        np.testing.assert_array_equal(arr[0, k], raw[uid].astype(np.float32) - 1024)  # slope 1, intercept -1024
+    inside = arr[arr > -2000]  # -3024 pads the area outside the scanner's field of view
+    assert np.mean(np.abs(inside + 1000) < 50) > 0.15  # air, about -1000 HU
+    assert np.mean(np.abs(inside) < 100) > 0.3  # soft tissue and water, about 0 HU
+    np.testing.assert_allclose(meta["spacing"], [1.0, 0.810547, 0.810547], atol=1e-5)
+    np.testing.assert_array_equal(read_slice(folder, 1), arr[:, 1])
+
+
+def test_slices_ordered_by_position_not_name_or_instance_number(tmp_path):
+    folder = write_dicom_series(tmp_path / "s", n=5, step=2.5)  # names and InstanceNumbers run against position
+    arr, meta = read_image(folder)
+    np.testing.assert_array_equal(arr[0, :, 0, 0], [-1024, -924, -824, -724, -624])  # 100 * k - 1024
+    np.testing.assert_allclose(meta["spacing"], [2.5, 0.5, 0.5])
+    # index (z, y, x) -> RAS: z runs along +S (2.5 mm), x along -R... i.e. LPS x flipped
+    np.testing.assert_allclose(meta["affine"] @ [2, 0, 3, 1], [-1.5, 0.0, 15.0, 1.0])
+
+
+def test_oblique_sorting_uses_the_slice_normal(tmp_path):
+    # rows along +y, columns along +z: the normal is +x, positions move along x only
+    for k, x in enumerate([3.0, 1.0, 2.0]):
+        write_dicom_slice(tmp_path / f"{k}.dcm", np.full((4, 4), int(x), np.int16), series_uid="1.2.3.4",
+                          position=(x, 0.0, 0.0), orientation=(0, 1, 0, 0, 0, 1), intercept=0)
+    arr, _ = read_image(tmp_path)
+    np.testing.assert_array_equal(arr[0, :, 0, 0], [1, 2, 3])
+
+
+def test_folder_with_two_series_is_an_error_when_read_as_one_volume(tmp_path):
+    write_dicom_series(tmp_path, n=2, series_uid="1.2.3.1", series_number=1)
+    write_dicom_slice(tmp_path / "other.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.3.2",
+                      position=(0, 0, 0), series_number=2)
+    with pytest.raises(DataError, match=r"folder mixes 2 DICOM series .* SeriesInstanceUID"):
+        read_image(tmp_path)
+    assert count_slices(tmp_path, series_uid="1.2.3.1") == 2  # picking one series works
+
+
+def test_inconsistent_spacing_duplicates_and_no_pixels(tmp_path):
+    gap = write_dicom_series(tmp_path / "gap", n=4, step=2.0)
+    (gap / "IM001.dcm").unlink()  # a missing slice in the middle
+    with pytest.raises(DataError, match=r"inconsistent slice spacing .* missing slices\?"):
+        read_image(gap)
+    dup = write_dicom_series(tmp_path / "dup", n=2)
+    write_dicom_slice(dup / "copy.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.826.0.1.3680043.8.498.10",
+                      position=(0.0, 0.0, 10.0))
+    with pytest.raises(DataError, match="same slice position"):
+        read_image(dup)
+    empty = write_dicom_slice(tmp_path / "nopix.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.9",
+                              position=(0, 0, 0), with_pixels=False)
+    with pytest.raises(DataError, match=r"nopix\.dcm: DICOM file has no pixel data"):
+        read_image(empty)
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 50)
+    with pytest.raises(DataError, match=r"junk\.dcm: "):
+        read_image(tmp_path / "junk.dcm")
+
+
+def test_multi_frame_file(tmp_path):
+    frames = np.stack([np.full((6, 6), v, np.int16) for v in (5, 6, 7)])
+    path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.5", position=(0, 0, 0), frames=3,
+                             intercept=0)
+    arr, meta = read_image(path)
+    assert arr.shape == (1, 3, 6, 6) and meta["slice_count"] == 3
+    np.testing.assert_array_equal(arr[0, :, 0, 0], [5, 6, 7])
+    np.testing.assert_array_equal(read_slice(path, 2)[0], frames[2])
+
+
+def test_single_files(shared_dicom):
+    for name, shape in (("CT_small.dcm", (1, 1, 128, 128)), ("MR_small.dcm", (1, 1, 64, 64))):
+        arr, meta = read_image(shared_dicom / "single" / name)
+        assert arr.shape == shape and meta["slice_count"] == 1
+
+
+def test_seg_round_trip_references_the_source(shared_dicom, tmp_path):
+    import highdicom as hd
+
+    folder = shared_dicom / "series_mr_4slice"
+    arr, meta = read_image(folder)
+    mask = arr[0] > np.percentile(arr, 70)
+    geometry = dicom.series_geometry(dicom.find_series(folder))
+    out = dicom.write_seg(tmp_path / "seg.dcm", mask, geometry, segment_label="cell interior", algorithm="isbi_em")
+    seg = hd.seg.segread(out)
+    assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "cell interior"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == meta["series_uid"]
+    back = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(meta["sop_uids"]), segment_numbers=[1])
+    np.testing.assert_array_equal(back[..., 0] > 0, mask)  # each frame sits on its own source slice
+    assert read_geometry(folder)["files"] == list(geometry.files)
+
+
+def test_seg_for_a_multi_frame_source(tmp_path):
+    import highdicom as hd
+
+    frames = np.stack([np.full((6, 6), v, np.int16) for v in (5, 6, 7)])
+    path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.6", position=(0, 0, 0), frames=3)
+    geometry = dicom.series_geometry(dicom.find_series(path))
+    mask = np.zeros((3, 6, 6), bool)
+    mask[1, 2:4, 2:4] = True
+    seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
+    assert int(seg.NumberOfFrames) == 3 and seg.SegmentSequence[0].SegmentLabel == "foreground"

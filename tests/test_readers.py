@@ -1,0 +1,186 @@
+"""The image contract: PNG, TIFF, NIfTI readers (channel first, metadata), lazy slices, MONAI LoadImage, bad files."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from medseg.errors import DataError
+from medseg.io import write_png, write_tiff
+from medseg.readers import (
+    NiftiReader,
+    TiffReader,
+    count_slices,
+    format_of,
+    read_geometry,
+    read_image,
+    read_slice,
+)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_gray_round_trip(tmp_path, dtype):
+    arr = (np.arange(12 * 9).reshape(12, 9) * 500 % np.iinfo(dtype).max).astype(dtype)
+    write_png(tmp_path / "a.png", arr)
+    back, meta = read_image(tmp_path / "a.png")
+    assert back.shape == (1, 12, 9) and back.dtype == dtype and meta["format"] == "png"
+    np.testing.assert_array_equal(back[0], arr)
+    assert tuple(meta["spatial_shape"]) == (12, 9) and meta["slice_count"] == 1
+
+
+def test_png_rgb_rgba_palette_and_gray_alpha(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 255, (6, 5, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    back, _ = read_image(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(back, rgba[..., :3].transpose(2, 0, 1))  # alpha dropped, channel first
+    Image.fromarray(rgba[..., :3], "RGB").save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.png")[0], rgba[..., :3].transpose(2, 0, 1))
+    pal = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    pal.save(tmp_path / "pal.png")
+    back, _ = read_image(tmp_path / "pal.png")
+    assert back.shape == (3, 2, 2)
+    np.testing.assert_array_equal(back[:, 0, 1], [255, 0, 0])  # palette entries resolved to colours
+    Image.fromarray(rgba[..., :2], "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png")[0], rgba[None, ..., 0])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_tiff_stack_round_trip_and_slices(tmp_path, dtype):
+    stack = (np.random.default_rng(1).random((4, 10, 12)) * 200).astype(dtype)
+    write_tiff(tmp_path / "s.tif", stack)
+    arr, meta = read_image(tmp_path / "s.tif")
+    assert arr.shape == (1, 4, 10, 12) and arr.dtype == dtype and meta["slice_count"] == 4
+    np.testing.assert_array_equal(arr[0], stack)
+    assert count_slices(tmp_path / "s.tif") == 4
+    np.testing.assert_array_equal(read_slice(tmp_path / "s.tif", 2), stack[None, 2])
+
+
+def test_tiff_single_page_is_2d_and_rgb_is_channel_first(tmp_path):
+    write_tiff(tmp_path / "one.tif", np.ones((5, 6), np.uint16))
+    assert read_image(tmp_path / "one.tif")[0].shape == (1, 5, 6)
+    rgb = np.random.default_rng(2).integers(0, 255, (5, 6, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    tifffile.imwrite(tmp_path / "planar.tif", rgb.transpose(2, 0, 1), photometric="rgb", planarconfig="separate")
+    for name in ("rgb.tif", "planar.tif"):
+        arr, meta = read_image(tmp_path / name)
+        np.testing.assert_array_equal(arr, rgb.transpose(2, 0, 1))
+        assert meta["slice_count"] == 1
+
+
+def test_ome_tiff_axes_channels_and_physical_size(tmp_path):
+    data = np.random.default_rng(3).random((2, 3, 8, 9)).astype(np.float32)  # C, Z, Y, X
+    tifffile.imwrite(tmp_path / "x.ome.tif", data,
+                     metadata={"axes": "CZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.25, "PhysicalSizeZ": 2.0})
+    arr, meta = read_image(tmp_path / "x.ome.tif")
+    np.testing.assert_array_equal(arr, data)
+    assert meta["axes"] == "CZYX" and meta["spacing_unit"] == "um"
+    np.testing.assert_allclose(meta["spacing"], [2.0, 0.25, 0.5])
+    np.testing.assert_array_equal(read_slice(tmp_path / "x.ome.tif", 1), data[:, 1])
+    tz = np.random.default_rng(4).random((2, 3, 8, 9)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "tz.ome.tif", tz, metadata={"axes": "TZYX"})
+    assert count_slices(tmp_path / "tz.ome.tif") == 6  # time and depth flattened into the slice axis, in order
+    np.testing.assert_array_equal(read_slice(tmp_path / "tz.ome.tif", 4)[0], tz[1, 1])
+
+
+def test_imagej_calibration(tmp_path):
+    tifffile.imwrite(tmp_path / "ij.tif", np.zeros((3, 8, 8), np.uint8), imagej=True, resolution=(4.0, 4.0),
+                     metadata={"spacing": 1.5, "unit": "um", "axes": "ZYX"})
+    meta = read_geometry(tmp_path / "ij.tif")
+    np.testing.assert_allclose(meta["spacing"], [1.5, 0.25, 0.25])
+    assert meta["spacing_unit"] == "um"
+
+
+def test_tiff_slices_are_read_lazily(tmp_path):
+    """Reading one slice of a 40-page stack allocates about one page, not the stack (stacks larger than RAM)."""
+    stack = np.random.default_rng(5).integers(0, 255, (40, 256, 256), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "big.tif", stack, photometric="minisblack")
+    tracemalloc.start()
+    page = read_slice(tmp_path / "big.tif", 37)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_array_equal(page[0], stack[37])
+    assert peak < 4 * stack[0].nbytes, f"peak {peak} bytes for a {stack[0].nbytes}-byte page"
+
+
+def test_nifti_contract_on_real_file(shared_nifti):
+    path = shared_nifti / "anatomical.nii"
+    img = nib.load(path)
+    arr, meta = read_image(path)
+    assert arr.shape == (1, 25, 41, 33) and arr.dtype.isnative  # (C, Z=k, Y=j, X=i), big-endian made native
+    np.testing.assert_array_equal(arr[0], np.asarray(img.dataobj).transpose(2, 1, 0))
+    np.testing.assert_allclose(meta["nifti_affine"], img.affine)
+    # the affine follows the array's (z, y, x) index order: the same voxel maps to the same world point
+    z, y, x = 3, 7, 11
+    np.testing.assert_allclose(meta["affine"] @ [z, y, x, 1], img.affine @ [x, y, z, 1])
+    np.testing.assert_allclose(meta["spacing"], [2, 2, 2])
+    np.testing.assert_array_equal(read_slice(path, 3), arr[:, 3])
+
+
+def test_nifti_2d_and_4d(tmp_path, shared_nifti):
+    nib.save(nib.Nifti1Image(np.arange(20, dtype=np.int16).reshape(4, 5), np.eye(4)), tmp_path / "flat.nii.gz")
+    arr, meta = read_image(tmp_path / "flat.nii.gz")
+    assert arr.shape == (1, 1, 5, 4) and meta["slice_count"] == 1
+    with pytest.raises(DataError, match=r"example4d\.nii\.gz: 4D NIfTI .* channel_dim"):
+        read_image(shared_nifti / "example4d.nii.gz")
+    arr, _ = NiftiReader(channel_dim=3).read_source(str(shared_nifti / "example4d.nii.gz"))
+    assert arr.shape == (2, 24, 96, 128)
+
+
+def test_readers_plug_into_monai_load_image(tmp_path, shared_nifti):
+    from monai.transforms import LoadImage, LoadImaged
+
+    data = np.random.default_rng(6).random((2, 3, 8, 9)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "x.ome.tif", data, metadata={"axes": "CZYX", "PhysicalSizeX": 0.5,
+                                                               "PhysicalSizeY": 0.5})
+    img = LoadImage(reader=TiffReader, image_only=True)(tmp_path / "x.ome.tif")
+    assert tuple(img.shape) == (2, 3, 8, 9) and img.meta["format"] == "tiff"
+    img = LoadImaged("image", reader="medseg.readers.NiftiReader")({"image": shared_nifti / "anatomical.nii"})["image"]
+    assert tuple(img.shape) == (1, 25, 41, 33)
+    np.testing.assert_allclose(img.affine.numpy()[:, [2, 1, 0, 3]], nib.load(shared_nifti / "anatomical.nii").affine)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(DataError, match=r"x\.jpg: unsupported file type '\.jpg'; supported: .*\.nii\.gz.*\.png"):
+        format_of(tmp_path / "x.jpg")
+    with pytest.raises(DataError, match="missing.png: file not found"):
+        read_image(tmp_path / "missing.png")
+    write_png(tmp_path / "ok.png", np.zeros((64, 64), np.uint8))
+    (tmp_path / "trunc.png").write_bytes((tmp_path / "ok.png").read_bytes()[:40])
+    with pytest.raises(DataError, match=r"trunc\.png: cannot read PNG .* truncated or corrupt"):
+        read_image(tmp_path / "trunc.png")
+    write_tiff(tmp_path / "ok.tif", np.random.default_rng(0).random((2, 64, 64)).astype(np.float32))
+    (tmp_path / "trunc.tif").write_bytes((tmp_path / "ok.tif").read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"trunc\.tif: cannot read"):
+        read_image(tmp_path / "trunc.tif")
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti at all")
+    with pytest.raises(DataError, match=r"bad\.nii\.gz: cannot read NIfTI"):
+        read_image(tmp_path / "bad.nii.gz")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
+def test_unreadable_file(tmp_path):
+    write_png(tmp_path / "locked.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "locked.png").chmod(0)
+    with pytest.raises(DataError, match=r"locked\.png: cannot open the file \(permission denied\)"):
+        read_image(tmp_path / "locked.png")
+
+
+def test_unreadable_file_reported_even_as_root(tmp_path, monkeypatch):
+    import PIL.Image
+
+    write_png(tmp_path / "locked.png", np.zeros((4, 4), np.uint8))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(PIL.Image, "open", denied)
+    with pytest.raises(DataError, match=r"locked\.png: cannot open the file \(permission denied\)"):
+        read_image(tmp_path / "locked.png")
