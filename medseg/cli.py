@@ -135,23 +135,41 @@ def evaluate(
 def infer(
     ctx: typer.Context,
     bundle: BundleArg,
-    input_dir: Annotated[Path, typer.Argument(help="Folder of PNG / TIFF images (stacks page by page).")],
-    output_dir: Annotated[Path, typer.Argument(help="Receives mask/NAME and prob/NAME.tif per input.")],
+    input_path: Annotated[Path, typer.Argument(
+        help="Folder (searched recursively) or one file: PNG, TIFF (stacks), NIfTI, DICOM (one input per series).")],
+    output_dir: Annotated[Path, typer.Argument(help="Receives mask/REL.*, prob/REL.* and manifest.csv.")],
     checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        help="Only files matching this glob (relative path or name, e.g. '*.nii.gz'); repeatable.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Leave out files matching this glob; repeatable.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search sub-folders.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Redo inputs whose outputs exist (default: skip them).")] = False,
+    format_: Annotated[str, typer.Option("--format", help=(
+        "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, DICOM SEG), png, tiff, nifti or dicom-seg."
+    ))] = "auto",
+    prob: Annotated[bool, typer.Option("--prob/--no-prob", help="Also write float32 probability maps.")] = True,
     tta: Annotated[bool, typer.Option(help="Average the 8 rotations/flips (8x slower).")] = False,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
     set_: SetOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Segment every image in INPUT_DIR (mirror-padded; whole-slice pass or sliding windows)."""
+    """Segment every image under INPUT_PATH slice by slice; a bad file is reported and skipped (exit 1)."""
     from medseg import workflows
 
     ckpt = checkpoint or bundle / "models" / "model.pt"
     summary = _run(ctx, lambda: workflows.infer(
-        str(bundle), str(input_dir), str(output_dir), str(ckpt), tta=tta, device=device,
-        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
-    typer.echo(json.dumps(summary, indent=2))
+        str(bundle), str(input_path), str(output_dir), str(ckpt), tta=tta, device=device,
+        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress,
+        include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
+        output_format=format_, save_prob=prob))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=2))
+    for message in summary["failures"]:
+        typer.secho(f"failed: {message}", err=True, fg=typer.colors.RED)
+    if summary["failed"]:
+        typer.secho(f"error: {summary['failed']} of {summary['inputs']} inputs failed; the others are done "
+                    f"(see {summary['manifest']})", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -183,3 +183,37 @@ def _loss_of(output: Any) -> float | None:
         value = output["loss"]
         return float(value.item() if hasattr(value, "item") else value)
     return None
+
+
+class FileProgress:
+    """A rich progress bar over the inputs of a batch (``start(name)`` then ``advance()`` per input).
+
+    Use as a context manager; with ``disable`` it does nothing.
+    """
+
+    def __init__(self, total: int, disable: bool = False) -> None:
+        self.total, self.disable = total, disable
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> FileProgress:
+        if not self.disable:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("files"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                      TextColumn("{task.fields[name]}"))
+            self._progress.start()
+            self._task = self._progress.add_task("files", total=self.total, name="")
+        return self
+
+    def start(self, name: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, name=name)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def evaluate(
 
 def infer(
     bundle: str,
-    input_dir: str,
+    input_path: str,
     output_dir: str,
     checkpoint: str,
     *,
@@ -195,31 +196,85 @@ def infer(
     overlays: tuple[str, ...] = (),
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    recursive: bool = True,
+    overwrite: bool = False,
+    output_format: str = "auto",
+    save_prob: bool = True,
 ) -> dict[str, Any]:
-    """Segment every PNG/TIFF slice in ``input_dir``; write ``prob/`` and ``mask/`` under ``output_dir``.
+    """Segment every input under ``input_path`` (PNG, TIFF, NIfTI, DICOM series) into ``output_dir``.
+
+    Each input is segmented slice by slice and written in its own kind (see :mod:`medseg.writers`); a failing
+    input is recorded and skipped, inputs whose outputs exist are skipped unless ``overwrite``, and
+    ``output_dir/manifest.csv`` lists every input with its status and outputs.
 
     Returns:
-        Counts of files and slices, wall time and slices per second.
-    """
-    from medseg.data import list_images
-    from medseg.handlers import RichProgress
+        Counts per status, slices segmented, wall time, slices per second, the manifest path and the
+        failure messages.
 
-    items = list_images(input_dir)
+    Raises:
+        DataError: nothing to segment, an unsupported single file, an unknown output format, or an output
+            folder that cannot be written.
+    """
+    from monai.data import DataLoader, Dataset
+
+    from medseg.batch import check_writable, run_batch
+    from medseg.discovery import discover
+    from medseg.handlers import FileProgress
+    from medseg.readers import count_slices
+    from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd
+
+    if output_format not in ("auto", *OUTPUT_FORMATS):
+        raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
+    inputs, ignored = discover(input_path, include, exclude, recursive)
+    out = check_writable(output_dir)
     dev = select_device(device)
-    settings = {"input_dir": str(input_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
-                "tta": tta, **_device_settings(dev)}
+    settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": str(checkpoint), "tta": tta,
+                "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
+                **_device_settings(dev)}
     parser = load_config(bundle, "infer", overlays, overrides, settings)
     load_checkpoint(parser.get_parsed_content("network_def"), checkpoint)
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("evaluator")
-    RichProgress(disable=not progress).attach(evaluator)
+    preprocessing = parser.get_parsed_content("preprocessing")
+    writer = next((t for t in getattr(parser.get_parsed_content("postprocessing"), "transforms", ())
+                   if isinstance(t, SaveSegmentationd)), None)
+    if writer is None:
+        raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
+
+    evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
+
+    def segment(items: list[dict]) -> None:
+        evaluator.data_loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=1, num_workers=0)
+        evaluator.state.epoch_length = len(items)
+        evaluator._internal_run_generator = None  # Ignite keeps a dead generator after an exception; start afresh
+        evaluator.run()
+        if evaluator.state.iteration != len(items):
+            raise RuntimeError(f"the model ran on {evaluator.state.iteration} of {len(items)} slices")
+
+    def count(item: Any) -> int:
+        return count_slices(item.source, series_uid=item.series_uid or None)
+
     start = time.perf_counter()
-    parser.get_parsed_content("run")
+    with FileProgress(len(inputs), disable=not progress) as bar:
+        result = run_batch(
+            inputs, ignored, segment,
+            paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),
+            count=count, manifest=out / "manifest.csv", overwrite=overwrite, on_abort=writer.abort, progress=bar,
+        )
     seconds = time.perf_counter() - start
+    slices = sum(r.slices for r in result.rows if r.status == "ok")
     return {
-        "files": len({i["image"] for i in items}),
-        "slices": len(items),
+        "inputs": len(inputs),
+        "ok": result.count("ok"),
+        "skipped": result.count("skipped"),
+        "failed": result.count("failed"),
+        "ignored": result.count("ignored"),
+        "slices": slices,
         "wall_seconds": round(seconds, 2),
-        "slices_per_second": round(len(items) / seconds, 3) if seconds > 0 else None,
-        "output_dir": str(output_dir),
+        "slices_per_second": round(slices / seconds, 3) if seconds > 0 and slices else None,
+        "output_dir": str(out),
+        "manifest": str(out / "manifest.csv"),
+        "failures": [r.message for r in result.failures],
     }

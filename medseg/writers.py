@@ -1,7 +1,16 @@
-"""Write segmentation outputs per input: an interior-probability TIFF and an 8-bit mask, atomically.
+"""Write each input's segmentation in the input's own kind (or a chosen one): mask plus optional probability map.
 
-Single images give ``prob/NAME.tif`` (float32) and ``mask/NAME.png`` (or ``.tif`` for TIFF inputs);
-TIFF stacks are streamed page by page into multi-page ``prob/NAME.tif`` and ``mask/NAME.tif``.
+| input | mask (default)                       | probability map (``save_prob``) |
+|-------|--------------------------------------|---------------------------------|
+| PNG   | ``mask/REL.png``, 8-bit, 255 = class | ``prob/REL.tif`` float32        |
+| TIFF  | ``mask/REL.tif`` (a stack for stacks, calibration kept), 8-bit 255 | ``prob/REL.tif`` float32 |
+| NIfTI | ``mask/REL.nii.gz`` uint8, 1 = class, the input's affine and voxel order | ``prob/REL.nii.gz`` float32 |
+| DICOM | ``mask/REL.seg.dcm`` binary DICOM SEG referencing the source series | ``prob/REL.nii.gz`` float32 |
+
+``REL`` is the input's path relative to the input folder without its suffix. ``output_format`` (``png``,
+``tiff``, ``nifti``, ``dicom-seg``) overrides the mask's kind. All files are written atomically; TIFF stacks are
+streamed page by page, volumes for NIfTI and DICOM SEG are assembled in memory (one uint8 mask and one float32
+probability volume per input).
 """
 
 from __future__ import annotations
@@ -17,7 +26,38 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from medseg.io import write_png, write_tiff
+from medseg.errors import DataError
+from medseg.io import tiff_calibration, write_nifti, write_png, write_tiff
+
+#: Output kinds and the mask suffix each writes.
+OUTPUT_FORMATS: dict[str, str] = {"png": ".png", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".seg.dcm"}
+_DEFAULT_FOR_INPUT = {"png": "png", "tiff": "tiff", "nifti": "nifti", "dicom": "dicom-seg"}
+_PROB_SUFFIX = {"png": ".tif", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".nii.gz"}
+
+
+def mask_format(input_format: str, output_format: str = "auto", slices: int = 1) -> str:
+    """The mask kind for an input: its own kind unless ``output_format`` says otherwise.
+
+    Raises:
+        DataError: the choice cannot hold this input (PNG for a volume, DICOM SEG for a non-DICOM input).
+    """
+    fmt = _DEFAULT_FOR_INPUT[input_format] if output_format in ("auto", "", None) else output_format
+    if fmt not in OUTPUT_FORMATS:
+        raise DataError(f"unknown output format '{output_format}'; choose auto, {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "png" and slices > 1:
+        fmt = "tiff"  # a PNG holds one slice: volumes go to a TIFF stack
+    if fmt == "dicom-seg" and input_format != "dicom":
+        raise DataError(f"--format dicom-seg needs DICOM inputs (this one is {input_format}); use nifti or tiff")
+    return fmt
+
+
+def output_paths(output_dir: str | os.PathLike, rel: str, fmt: str, save_prob: bool) -> dict[str, Path]:
+    """``{"mask": path[, "prob": path]}`` of one input's outputs for mask kind ``fmt``."""
+    out = Path(output_dir)
+    paths = {"mask": out / "mask" / f"{rel}{OUTPUT_FORMATS[fmt]}"}
+    if save_prob:
+        paths["prob"] = out / "prob" / f"{rel}{_PROB_SUFFIX[fmt]}"
+    return paths
 
 
 def _scalar(value: Any) -> Any:
@@ -27,36 +67,128 @@ def _scalar(value: Any) -> Any:
 class _StackWriter:
     """Append 2D pages to a TIFF in a temporary file; :meth:`close` renames it into place."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, calibration: dict[str, Any]) -> None:
         import tifffile
 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
         os.close(fd)
-        self.path, self.tmp = path, Path(tmp)
+        self.path, self.tmp, self.calibration = path, Path(tmp), calibration
         self.writer = tifffile.TiffWriter(self.tmp, bigtiff=True)
 
     def append(self, page: np.ndarray) -> None:
         # metadata=None: plain pages that readers see as one stack of len(pages) slices
-        self.writer.write(page, compression="zlib", photometric="minisblack", metadata=None)
+        compression = "zlib" if page.dtype.kind in "iub" else None
+        self.writer.write(page, compression=compression, photometric="minisblack", metadata=None,
+                          **self.calibration)
 
     def close(self, keep: bool = True) -> None:
         self.writer.close()
         if keep:
+            os.chmod(self.tmp, 0o666 & ~_umask())
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    from medseg.io import _UMASK
+
+    return _UMASK
+
+
+class _VolumeSink:
+    """Collects the slices of one input and writes its outputs when the last slice arrives."""
+
+    def __init__(self, item: dict, fmt: str, paths: dict[str, Path], pages: int, options: dict) -> None:
+        self.item, self.fmt, self.paths, self.pages, self.options = item, fmt, paths, pages, options
+        self.seen = 0
+        self.stacks: dict[str, _StackWriter] = {}
+        self.volumes: dict[str, np.ndarray] = {}
+        if fmt == "tiff":
+            meta = _geometry(item)
+            calibration = tiff_calibration(tuple(meta["spacing"]), meta["spacing_unit"])
+            self.stacks = {k: _StackWriter(p, calibration) for k, p in paths.items()}
+
+    def add(self, page: int, mask: np.ndarray, prob: np.ndarray) -> bool:
+        """Take slice ``page``; return True when the input is complete (and written)."""
+        if page != self.seen:
+            raise RuntimeError(f"slice {page} of {self.item['name']} arrived after {self.seen - 1}; "
+                               "keep the slices of an input in order")
+        arrays = {"mask": mask, "prob": prob}
+        if self.stacks:
+            for key, writer in self.stacks.items():
+                writer.append(arrays[key])
+        else:
+            for key in self.paths:
+                if key not in self.volumes:
+                    self.volumes[key] = np.zeros((self.pages, *mask.shape), dtype=arrays[key].dtype)
+                self.volumes[key][page] = arrays[key]
+        self.seen += 1
+        if self.seen < self.pages:
+            return False
+        self._finish()
+        return True
+
+    def _finish(self) -> None:
+        if self.stacks:
+            for writer in self.stacks.values():
+                writer.close()
+            return
+        meta = _geometry(self.item)
+        mask = self.volumes["mask"]
+        if self.fmt == "dicom-seg":
+            from medseg import dicom
+
+            series = dicom.find_series(self.item["image"], self.item.get("series_uid") or None)
+            dicom.write_seg(self.paths["mask"], mask, dicom.series_geometry(series),
+                            segment_label=self.options["segment_label"], algorithm=self.options["algorithm"],
+                            algorithm_version=self.options["algorithm_version"])
+        else:  # nifti
+            write_nifti(self.paths["mask"], *_nifti_layout((mask > 0).astype(np.uint8), meta))
+        if "prob" in self.paths:
+            write_nifti(self.paths["prob"], *_nifti_layout(self.volumes["prob"], meta))
+
+    def abort(self) -> None:
+        for writer in self.stacks.values():
+            writer.close(keep=False)
+        self.volumes.clear()
+
+
+def _geometry(item: dict) -> dict:
+    """The source's metadata (affine, spacing, NIfTI layout) without its voxels."""
+    from medseg.readers import read_geometry
+
+    return read_geometry(item["image"], series_uid=item.get("series_uid") or None)
+
+
+def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(Z, Y, X)`` slices to the NIfTI voxel order and affine of the source (or of our contract)."""
+    if "nifti_affine" in meta:  # back to the input file's own (X, Y[, Z]) order and affine
+        shape = tuple(int(s) for s in meta["nifti_shape"][:3])
+        data = volume.transpose(2, 1, 0)
+        return data.reshape(shape if len(shape) >= 2 else data.shape), meta["nifti_affine"]
+    affine = np.asarray(meta["affine"], dtype=np.float64)
+    if len(meta["spatial_shape"]) == 2:  # 2D source: (1, Y, X) -> (X, Y)
+        return volume[0].T, affine[:, [1, 0, 2, 3]]
+    return volume.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]
+
+
 class SaveSegmentationd(MapTransform):
-    """Save the foreground probability and the thresholded mask of ``data[key]`` (softmax, ``(C, H, W)``).
+    """Save the class probability and the thresholded mask of ``data[key]`` (softmax, ``(C, H, W)``) per slice.
+
+    Slices of one input must arrive in order; its files are written when the last slice arrives.
 
     Args:
         keys: the prediction key(s).
-        output_dir: folder receiving ``prob/`` and ``mask/``.
-        channel: the foreground channel of the prediction.
-        threshold: mask = probability > threshold, written as 255, background 0.
+        output_dir: folder receiving ``mask/`` and ``prob/``.
+        channel: the class channel of the prediction.
+        threshold: mask = probability > threshold.
         save_prob: also write the float32 probability map.
+        output_format: ``auto`` (the input's own kind) or one of :data:`OUTPUT_FORMATS`.
+        segment_label: the class name recorded in DICOM SEG.
+        algorithm: the bundle's name recorded in DICOM SEG.
+        algorithm_version: its version.
     """
 
     def __init__(
@@ -66,47 +198,69 @@ class SaveSegmentationd(MapTransform):
         channel: int = 1,
         threshold: float = 0.5,
         save_prob: bool = True,
+        output_format: str = "auto",
+        segment_label: str = "foreground",
+        algorithm: str = "medseg",
+        algorithm_version: str = "0",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
         self.channel, self.threshold, self.save_prob = channel, threshold, save_prob
-        self._stacks: dict[str, list[_StackWriter]] = {}
+        self.output_format = output_format
+        self.options = {"segment_label": segment_label, "algorithm": algorithm,
+                        "algorithm_version": algorithm_version}
+        self._open: dict[str, _VolumeSink] = {}
+
+    def paths_for(self, rel: str, input_format: str, slices: int) -> dict[str, Path]:
+        """The files this writer produces for an input (used to skip inputs whose outputs exist)."""
+        return output_paths(self.output_dir, rel, mask_format(input_format, self.output_format, slices),
+                            self.save_prob)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         name = str(d["name"])
         page, pages = int(_scalar(d.get("page", 0))), int(_scalar(d.get("pages", 1)))
         source = str(d.get("image_file", d.get("image", "")))
+        input_format = str(d.get("format") or _format_of(source))
+        item = {"image": source, "series_uid": str(d.get("series_uid") or ""), "name": name}
+        fmt = mask_format(input_format, self.output_format, pages)
+        paths = output_paths(self.output_dir, name, fmt, self.save_prob)
         for key in self.key_iterator(d):
             pred = d[key]
             pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
             prob = pred[self.channel].astype(np.float32)
             mask = np.where(prob > self.threshold, 255, 0).astype(np.uint8)
-            mask_suffix = ".tif" if pages > 1 or source.lower().endswith((".tif", ".tiff")) else ".png"
-            mask_path = self.output_dir / "mask" / f"{name}{mask_suffix}"
-            prob_path = self.output_dir / "prob" / f"{name}.tif"
-            if pages == 1:
-                (write_tiff if mask_suffix == ".tif" else write_png)(mask_path, mask)
+            single_2d = pages == 1 and fmt in ("png", "tiff") and input_format in ("png", "tiff")
+            if single_2d:
+                if fmt == "png":
+                    write_png(paths["mask"], mask)
+                else:
+                    meta = _geometry(item) if input_format == "tiff" else {"spacing": None, "spacing_unit": ""}
+                    write_tiff(paths["mask"], mask, meta["spacing"], meta["spacing_unit"])
                 if self.save_prob:
-                    write_tiff(prob_path, prob)
+                    write_tiff(paths["prob"], prob)
             else:
-                self._append(name, page, pages, mask_path, prob_path, mask, prob)
-            d[f"{key}_mask_file"] = str(mask_path)
+                if page == 0:
+                    if name in self._open:  # an unfinished earlier run of this input
+                        self._open.pop(name).abort()
+                    self._open[name] = _VolumeSink(item, fmt, paths, pages, self.options)
+                sink = self._open.get(name)
+                if sink is None:
+                    raise RuntimeError(f"slice {page} of {name} arrived before slice 0; keep slices in order")
+                if sink.add(page, mask, prob):
+                    del self._open[name]
+            d[f"{key}_mask_file"] = str(paths["mask"])
         return d
 
-    def _append(self, name: str, page: int, pages: int, mask_path: Path, prob_path: Path,
-                mask: np.ndarray, prob: np.ndarray) -> None:
-        if page == 0:
-            for writer in self._stacks.pop(name, []):  # an unfinished earlier stack of this name
-                writer.close(keep=False)
-            self._stacks[name] = [_StackWriter(mask_path)] + ([_StackWriter(prob_path)] if self.save_prob else [])
-        writers = self._stacks.get(name)
-        if writers is None:
-            raise RuntimeError(f"page {page} of {name} arrived before page 0; keep stack pages in order")
-        writers[0].append(mask)
-        if self.save_prob:
-            writers[1].append(prob)
-        if page == pages - 1:
-            for writer in self._stacks.pop(name):
-                writer.close()
+    def abort(self) -> None:
+        """Discard every unfinished input (after a failure): no partial file is left behind."""
+        for sink in self._open.values():
+            sink.abort()
+        self._open.clear()
+
+
+def _format_of(source: str) -> str:
+    from medseg.readers import format_of
+
+    return format_of(source)

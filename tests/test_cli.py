@@ -132,7 +132,7 @@ def test_infer_png_folder_and_tiff_stack_with_tta(trained, tmp_path):
                      "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["files"] == 2 and summary["slices"] == 4
+    assert summary["inputs"] == 2 and summary["ok"] == 2 and summary["slices"] == 4
     mask = np.asarray(Image.open(out / "mask" / "slice.png"))
     assert mask.shape == (80, 80) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
     prob = tifffile.imread(out / "prob" / "slice.tif")

@@ -1,0 +1,146 @@
+"""Segment many inputs one by one: skip finished ones, isolate failures, keep a manifest of what happened."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.discovery import InputItem, slice_items
+from medseg.errors import DataError
+from medseg.io import atomic_output
+
+#: Errors that fail one input and let the batch go on (readers raise DataError; the rest come from
+#: libraries and the network on a malformed input, e.g. an image smaller than the network can take).
+PER_INPUT_ERRORS = (DataError, OSError, ValueError, RuntimeError, IndexError)
+
+MANIFEST_FIELDS = ("input", "format", "series_uid", "slices", "status", "mask", "prob", "seconds", "message")
+
+
+@dataclass
+class ManifestRow:
+    """One input's fate: ``status`` is ``ok``, ``skipped`` (outputs exist), ``failed`` or ``ignored``."""
+
+    input: str
+    format: str = ""
+    series_uid: str = ""
+    slices: int = 0
+    status: str = ""
+    mask: str = ""
+    prob: str = ""
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class BatchResult:
+    rows: list[ManifestRow] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.rows)
+
+    @property
+    def failures(self) -> list[ManifestRow]:
+        return [r for r in self.rows if r.status == "failed"]
+
+
+def _message(err: BaseException, source: str) -> str:
+    """One line for a failed input: our own error's text (MONAI wraps it in RuntimeError), else type + text."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, DataError):
+            return str(cause).splitlines()[0]
+        cause = cause.__cause__ or cause.__context__
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = (str(root).splitlines() or [""])[0]
+    return f"{source}: {type(root).__name__}: {text}" if text else f"{source}: {type(root).__name__}"
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure files can be written there.
+
+    Raises:
+        DataError: the folder cannot be created or written.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".medseg-write-test.", dir=folder):
+            pass
+    except OSError as err:
+        raise DataError(f"{folder}: output folder is not writable ({err.strerror or err}); choose another "
+                        "output folder or fix its permissions") from err
+    return folder
+
+
+def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
+    """Write the manifest CSV atomically (rewritten after every input, so a crash keeps what was done)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
+    with atomic_output(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def run_batch(
+    inputs: Sequence[InputItem],
+    ignored: Sequence[tuple[str, str]],
+    segment: Callable[[list[dict]], None],
+    paths_for: Callable[[InputItem, int], dict[str, Path]],
+    count: Callable[[InputItem], int],
+    manifest: Path,
+    overwrite: bool = False,
+    on_abort: Callable[[], None] | None = None,
+    progress: Any = None,
+) -> BatchResult:
+    """Segment ``inputs`` one at a time.
+
+    Args:
+        inputs: what to segment (from :func:`medseg.discovery.discover`).
+        ignored: ``(file, reason)`` of files not taken (recorded as ``ignored``).
+        segment: runs the model over one input's slice items and writes its outputs.
+        paths_for: the output files of an input given its slice count.
+        count: the number of slices of an input (reads headers only).
+        manifest: the CSV to keep up to date.
+        overwrite: redo inputs whose outputs all exist (else they are ``skipped``).
+        on_abort: called after a failure to drop partial outputs.
+        progress: an object with ``start(name)`` and ``advance()`` (e.g. a rich progress wrapper) or None.
+    """
+    result = BatchResult(rows=[ManifestRow(input=f, status="ignored", message=why) for f, why in ignored])
+    for item in inputs:
+        row = ManifestRow(input=item.source, format=item.format, series_uid=item.series_uid)
+        start = time.perf_counter()
+        if progress is not None:
+            progress.start(item.rel)
+        try:
+            if item.error:
+                raise DataError(item.error)
+            row.slices = count(item)
+            paths = paths_for(item, row.slices)
+            row.mask, row.prob = str(paths["mask"]), str(paths.get("prob", ""))
+            if not overwrite and all(p.is_file() for p in paths.values()):
+                row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
+            else:
+                segment(slice_items(item, row.slices))
+                row.status = "ok"
+        except PER_INPUT_ERRORS as err:
+            if on_abort is not None:
+                on_abort()
+            row.status, row.message = "failed", _message(err, item.source)
+        row.seconds = round(time.perf_counter() - start, 3)
+        result.rows.append(row)
+        write_manifest(manifest, result.rows)
+        if progress is not None:
+            progress.advance()
+    write_manifest(manifest, result.rows)
+    return result

@@ -1,0 +1,176 @@
+"""Find the inputs to segment under a path: files by type, DICOM files grouped into one input per series."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from medseg.errors import DataError
+from medseg.readers import SUFFIXES, suffix_of
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input of a batch: a 2D image, a TIFF stack, a NIfTI volume or a DICOM series.
+
+    Attributes:
+        source: the file, or for a DICOM series of several files their folder.
+        format: ``png``, ``tiff``, ``nifti`` or ``dicom``.
+        rel: output stem relative to the output folder (``sub/img``), without suffix.
+        series_uid: the SeriesInstanceUID of a DICOM input (picks the series inside ``source``).
+        error: why this input cannot be read (set during discovery, e.g. an unreadable DICOM header).
+    """
+
+    source: str
+    format: str
+    rel: str
+    series_uid: str = ""
+    error: str = ""
+
+
+def _natural_key(text: str) -> tuple:
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text))
+
+
+def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    name = PurePosixPath(rel).name
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def discover(
+    path: str | os.PathLike,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    recursive: bool = True,
+) -> tuple[list[InputItem], list[tuple[str, str]]]:
+    """List the inputs under ``path`` (a folder, or one file / one DICOM series folder).
+
+    Args:
+        path: folder to search, or a single input file.
+        include: glob patterns on the path relative to ``path`` or the file name (``*.png``, ``ct/*``);
+            when given, only matching files are considered.
+        exclude: glob patterns of files to leave out.
+        recursive: search sub-folders too.
+
+    Returns:
+        ``(inputs, ignored)``: inputs in natural order; ``ignored`` lists ``(file, reason)`` for files that
+        are not of a supported type (they are reported, not failed).
+
+    Raises:
+        DataError: ``path`` does not exist, or a single file of an unsupported type was given, or nothing
+            to segment was found (the message lists the supported types).
+    """
+    from medseg.dicom import is_dicom_file
+    from medseg.readers import format_of
+
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{root}: input not found; give a folder or an image file")
+    if root.is_file():
+        fmt = format_of(root)  # raises for unsupported types, listing the supported ones
+        return [InputItem(str(root), fmt, _stem(root.name))], []
+
+    files = sorted((p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()),
+                   key=lambda p: _natural_key(p.relative_to(root).as_posix()))
+    inputs: list[InputItem] = []
+    ignored: list[tuple[str, str]] = []
+    dicom_by_dir: dict[Path, list[Path]] = {}
+    for file in files:
+        rel = file.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in PurePosixPath(rel).parts):
+            continue  # hidden files, and our own temporary outputs
+        if (include and not _matches(rel, include)) or _matches(rel, exclude):
+            continue
+        fmt = SUFFIXES.get(suffix_of(file))
+        if fmt == "dicom" or (fmt is None and is_dicom_file(file)):
+            dicom_by_dir.setdefault(file.parent, []).append(file)
+        elif fmt is None:
+            if file.name.upper() != "DICOMDIR":
+                ignored.append((str(file), f"unsupported file type '{suffix_of(file) or '(none)'}'"))
+        else:
+            inputs.append(InputItem(str(file), fmt, _stem(rel)))
+    for folder, dicom_files in dicom_by_dir.items():
+        inputs += _series_inputs(root, folder, dicom_files)
+    if not inputs:
+        supported = ", ".join(sorted(set(SUFFIXES)))
+        extra = f" ({len(ignored)} files of other types ignored)" if ignored else ""
+        raise DataError(f"{root}: no images to segment{extra}; supported: {supported} and DICOM series folders")
+    inputs.sort(key=lambda item: _natural_key(item.rel))
+    return _unique_rels(inputs), ignored
+
+
+def _stem(rel: str) -> str:
+    """``sub/img.nii.gz`` -> ``sub/img``."""
+    suffix = suffix_of(rel)
+    return rel[: -len(suffix)] if suffix else rel
+
+
+def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputItem]:
+    """One input per series in ``folder``; files whose header cannot be read become failed inputs."""
+    from medseg.dicom import _read, group_series
+
+    readable, failed = [], []
+    for file in files:
+        try:
+            _read(file)
+            readable.append(str(file))
+        except DataError as err:
+            failed.append(InputItem(str(file), "dicom", _stem(file.relative_to(root).as_posix()), error=str(err)))
+    try:
+        series = group_series(readable)
+    except DataError as err:
+        return failed + [InputItem(str(folder), "dicom", folder.name, error=str(err))]
+    rel_dir = folder.relative_to(root).as_posix()
+    base = root.name if rel_dir == "." else rel_dir
+    numbers = [s.number for s in series]
+    result = []
+    for s in series:
+        if len(series) == 1:
+            rel = base
+        elif s.number is not None and numbers.count(s.number) == 1:
+            rel = f"{'' if rel_dir == '.' else rel_dir + '/'}S{s.number}"
+        else:
+            rel = f"{'' if rel_dir == '.' else rel_dir + '/'}{s.uid}"
+        source = s.files[0] if len(s.files) == 1 else str(folder)
+        result.append(InputItem(source, "dicom", rel, series_uid=s.uid))
+    return failed + result
+
+
+def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:
+    """Make output stems unique: ``a.png`` and ``a.tif`` in one folder become ``a_png`` and ``a_tif``."""
+    counts: dict[str, int] = {}
+    for item in inputs:
+        counts[item.rel] = counts.get(item.rel, 0) + 1
+    result = []
+    for item in inputs:
+        if counts[item.rel] > 1:
+            suffix = suffix_of(item.source).lstrip(".").replace(".", "_") or item.series_uid
+            item = InputItem(item.source, item.format, f"{item.rel}_{suffix}", item.series_uid, item.error)
+        result.append(item)
+    return result
+
+
+def slice_items(item: InputItem, slices: int) -> list[dict]:
+    """The per-slice datalist entries of one input (what the inference dataset iterates)."""
+    return [
+        {"image": item.source, "series_uid": item.series_uid, "format": item.format, "name": item.rel,
+         "page": k, "pages": slices}
+        for k in range(slices)
+    ]
+
+
+def slice_datalist(input_dir: str | os.PathLike, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list:
+    """Every slice of every input under ``input_dir`` (for plain ``monai.bundle run`` inference)."""
+    from medseg.readers import count_slices
+
+    inputs, _ = discover(input_dir, include, exclude)
+    items = []
+    for item in inputs:
+        if item.error:
+            raise DataError(item.error)
+        items += slice_items(item, count_slices(item.source, series_uid=item.series_uid or None))
+    return items

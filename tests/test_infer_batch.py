@@ -1,0 +1,196 @@
+"""`medseg infer` on folders of mixed formats: outputs in each input's kind, skips, manifest, per-file failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from conftest import BUNDLE, TINY_NET, synthetic_em, write_dicom_series, write_dicom_slice
+from PIL import Image
+from typer.testing import CliRunner
+
+from medseg.cli import app
+
+runner = CliRunner()
+
+
+def _infer(inputs: Path, out: Path, ckpt: Path, *extra: str):
+    args = ["infer", BUNDLE, inputs, out, "--checkpoint", ckpt, "--no-progress", "--device", "cpu", *extra]
+    args += [a for item in TINY_NET for a in ("--set", item)]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _manifest(out: Path) -> dict[str, dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        return {Path(row["input"]).name: row for row in csv.DictReader(f)}
+
+
+def _summary(output: str) -> dict:
+    return json.loads(output[output.index("{") : output.rindex("}") + 1])
+
+
+@pytest.fixture
+def mixed(tmp_path) -> Path:
+    """A folder mixing a PNG, a TIFF stack of the same slice, a NIfTI volume, a DICOM series and a text file."""
+    root = tmp_path / "in"
+    (root / "em").mkdir(parents=True)
+    image, _ = synthetic_em(size=48, seed=3)
+    Image.fromarray(image).save(root / "em" / "slice.png")
+    tifffile.imwrite(root / "em" / "stack.tif", np.stack([image, image[::-1], image]), photometric="minisblack")
+    affine = np.array([[-2.0, 0, 0, 30], [0, 2.0, 0, -40], [0, 0, 3.0, 5], [0, 0, 0, 1]])
+    volume = np.stack([image[:40, :44].T.astype(np.int16)] * 3, axis=-1)  # (X=44, Y=40, Z=3)
+    nib.save(nib.Nifti1Image(volume, affine), root / "vol.nii.gz")
+    write_dicom_series(root / "ct", n=3, size=24)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_mixed_folder_outputs_in_each_inputs_kind(mixed, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    result = _infer(mixed, out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    summary = _summary(result.output)
+    assert (summary["inputs"], summary["ok"], summary["failed"], summary["ignored"]) == (4, 4, 0, 1)
+    assert summary["slices"] == 1 + 3 + 3 + 3
+    rows = _manifest(out)
+    assert rows["notes.txt"]["status"] == "ignored" and "unsupported file type '.txt'" in rows["notes.txt"]["message"]
+    assert {rows[n]["status"] for n in ("slice.png", "stack.tif", "vol.nii.gz", "ct")} == {"ok"}
+
+    # PNG -> 8-bit PNG mask (255 = interior) + float32 probability TIFF; the stack holds the same slice
+    mask = np.asarray(Image.open(out / "mask" / "em" / "slice.png"))
+    prob = tifffile.imread(out / "prob" / "em" / "slice.tif")
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask == 255, prob > 0.5)
+    stack = tifffile.imread(out / "mask" / "em" / "stack.tif")
+    assert stack.shape == (3, 48, 48) and stack.dtype == np.uint8
+    np.testing.assert_array_equal(stack[0], mask)  # slice by slice = the same as the single image
+    np.testing.assert_array_equal(stack[2], mask)
+
+    # NIfTI -> NIfTI in the input's voxel order and affine, 1 = interior
+    src = nib.load(mixed / "vol.nii.gz")
+    seg = nib.load(out / "mask" / "vol.nii.gz")
+    assert seg.shape == src.shape and seg.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(seg.affine, src.affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+    prob_nii = nib.load(out / "prob" / "vol.nii.gz")
+    np.testing.assert_array_equal(np.asarray(seg.dataobj) == 1, np.asarray(prob_nii.dataobj) > 0.5)
+
+    # DICOM series -> DICOM SEG on the source instances, agreeing with the probability map
+    import highdicom as hd
+
+    from medseg.readers import read_geometry
+
+    meta = read_geometry(mixed / "ct")
+    dcm_seg = hd.seg.segread(out / "mask" / "ct.seg.dcm")
+    frames = dcm_seg.get_pixels_by_source_instance(source_sop_instance_uids=meta["sop_uids"], segment_numbers=[1])
+    prob_ct = np.asarray(nib.load(out / "prob" / "ct.nii.gz").dataobj).transpose(2, 1, 0)  # back to (Z, Y, X)
+    np.testing.assert_array_equal(frames[..., 0] > 0, prob_ct > 0.5)
+    assert dcm_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == meta["series_uid"]
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left
+
+
+def test_rerun_skips_finished_inputs_unless_overwrite(mixed, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    assert _infer(mixed, out, tiny_checkpoint, "--include", "*.png").exit_code == 0
+    before = (out / "mask" / "em" / "slice.png").stat().st_mtime_ns
+    result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png")
+    assert result.exit_code == 0 and _summary(result.output)["skipped"] == 1
+    assert _manifest(out)["slice.png"]["status"] == "skipped"
+    assert (out / "mask" / "em" / "slice.png").stat().st_mtime_ns == before
+    result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png", "--overwrite")
+    assert _summary(result.output)["ok"] == 1 and (out / "mask" / "em" / "slice.png").stat().st_mtime_ns != before
+
+
+def test_include_exclude_recursive_and_format_override(mixed, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    result = _infer(mixed, out, tiny_checkpoint, "--exclude", "em/*", "--exclude", "ct/*", "--format", "tiff",
+                    "--no-prob")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "manifest.csv", "mask/vol.tif"]
+    assert tifffile.imread(out / "mask" / "vol.tif").shape == (3, 40, 44)  # (Z, Y, X)
+    result = _infer(mixed, tmp_path / "flat", tiny_checkpoint, "--no-recursive")
+    assert _summary(result.output)["inputs"] == 1  # only vol.nii.gz sits at the top
+    result = _infer(mixed / "em" / "slice.png", tmp_path / "one", tiny_checkpoint, "--format", "nifti")
+    assert result.exit_code == 0
+    assert nib.load(tmp_path / "one" / "mask" / "slice.nii.gz").shape == (48, 48)
+
+
+def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint, shared_nifti):
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=40, seed=1)
+    Image.fromarray(image).save(root / "good.png")
+    (root / "trunc.png").write_bytes((root / "good.png").read_bytes()[:60])
+    tifffile.imwrite(root / "ok.tif", np.stack([image] * 2), photometric="minisblack")
+    (root / "corrupt.tif").write_bytes((root / "ok.tif").read_bytes()[:900])
+    write_dicom_slice(root / "dcm" / "nopix.dcm", np.zeros((16, 16), np.int16), series_uid="1.2.77",
+                      position=(0, 0, 0), with_pixels=False)
+    gap = write_dicom_series(root / "gap", n=4, size=16)
+    (gap / "IM001.dcm").unlink()
+    shutil.copy(shared_nifti / "example4d.nii.gz", root / "four_d.nii.gz")
+    # two series in one folder: split into two inputs, both fine
+    write_dicom_series(root / "two", n=2, size=16, series_uid="1.2.3.1", series_number=4)
+    write_dicom_series(root / "two", n=2, size=16, series_uid="1.2.3.2", series_number=5, prefix="B")
+    out = tmp_path / "out"
+    result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 1
+    rows = _manifest(out)
+    failed = {name for name, row in rows.items() if row["status"] == "failed"}
+    assert failed == {"trunc.png", "corrupt.tif", "nopix.dcm", "gap", "four_d.nii.gz"}, rows
+    assert {rows[n]["status"] for n in ("good.png", "ok.tif")} == {"ok"}
+    messages = {name: rows[name]["message"] for name in failed}
+    assert "truncated or corrupt" in messages["trunc.png"]
+    assert "no pixel data" in messages["nopix.dcm"]
+    assert "inconsistent slice spacing" in messages["gap"]
+    assert "4D NIfTI" in messages["four_d.nii.gz"]
+    assert all("\n" not in m and m.startswith(str(root)) for m in messages.values()), messages
+    seg_two = sorted(p.name for p in (out / "mask" / "two").iterdir())
+    assert seg_two == ["S4.seg.dcm", "S5.seg.dcm"]  # one SEG per series, never a mixed volume
+    assert not (out / "mask" / "corrupt.tif").exists() and not list(out.rglob(".*.tif"))
+    assert "error: 5 of 9 inputs failed; the others are done" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
+    (tmp_path / "empty").mkdir()
+    result = _infer(tmp_path / "empty", tmp_path / "o", tiny_checkpoint)
+    assert result.exit_code == 1 and "no images to segment" in result.output and "supported: .dcm" in result.output
+    (tmp_path / "scan.jpg").write_bytes(b"\xff\xd8\xff")
+    result = _infer(tmp_path / "scan.jpg", tmp_path / "o", tiny_checkpoint)
+    assert result.exit_code == 1 and "scan.jpg: unsupported file type '.jpg'; supported:" in result.output
+    image, _ = synthetic_em(size=32, seed=1)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(image).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    result = _infer(tmp_path / "imgs", tmp_path / "blocker" / "out", tiny_checkpoint)
+    assert result.exit_code == 1 and "output folder is not writable" in result.output
+    result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint, "--format", "jpeg")
+    assert result.exit_code == 1 and "unknown output format" in result.output
+    for res in (result,):
+        assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+
+
+def test_real_dicom_and_nifti_files(tmp_path, tiny_checkpoint, shared_dicom, shared_nifti):
+    root = tmp_path / "in"
+    shutil.copytree(shared_dicom / "series_mr_4slice", root / "mr")
+    shutil.copy(shared_nifti / "anatomical.nii", root / "anat.nii")
+    out = tmp_path / "out"
+    result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    src = nib.load(root / "anat.nii")
+    seg = nib.load(out / "mask" / "anat.nii.gz")
+    assert seg.shape == src.shape == (33, 41, 25)
+    np.testing.assert_allclose(seg.affine, src.affine)
+    assert (out / "mask" / "mr.seg.dcm").is_file() and (out / "prob" / "mr.nii.gz").is_file()
+    # the probability volume of the DICOM series lands where the reference NIfTI of that series is
+    reference = nib.as_closest_canonical(nib.load(shared_dicom / "series_mr_4slice_reference.nii.gz"))
+    prob = nib.as_closest_canonical(nib.load(out / "prob" / "mr.nii.gz"))
+    assert prob.shape == reference.shape
+    np.testing.assert_allclose(prob.affine, reference.affine, atol=1e-3)
