@@ -372,8 +372,8 @@ class NiftiReader(_MedsegReader):
         while len(shape) > 3 and shape[-1] == 1 and (self.channel_dim is None or self.channel_dim < len(shape) - 1):
             shape = shape[:-1]
         if len(shape) == 4 and self.channel_dim is None:
-            raise DataError(f"{path}: 4D NIfTI {tuple(img.shape)} (time or channels); a 2D model needs 2D/3D "
-                            "images: set the reader's channel_dim (e.g. --set nifti_channel_dim=3) or split it")
+            raise DataError(f"{path}: 4D NIfTI {tuple(img.shape)} (time or channels); split it into 3D volumes, "
+                            "or set nifti_channel_dim=3 for a network that takes that many channels")
         if len(shape) > 4 or len(shape) < 2:
             raise DataError(f"{path}: NIfTI with {len(shape)} dimensions {tuple(img.shape)}; expected 2D or 3D")
         return img, shape
