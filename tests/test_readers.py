@@ -127,7 +127,7 @@ def test_nifti_2d_and_4d(tmp_path, shared_nifti):
     nib.save(nib.Nifti1Image(np.arange(20, dtype=np.int16).reshape(4, 5), np.eye(4)), tmp_path / "flat.nii.gz")
     arr, meta = read_image(tmp_path / "flat.nii.gz")
     assert arr.shape == (1, 1, 5, 4) and meta["slice_count"] == 1
-    with pytest.raises(DataError, match=r"example4d\.nii\.gz: 4D NIfTI .* channel_dim"):
+    with pytest.raises(DataError, match=r"example4d\.nii\.gz: 4D NIfTI .* split it into 3D volumes, or set nifti_channel_dim=3"):
         read_image(shared_nifti / "example4d.nii.gz")
     arr, _ = NiftiReader(channel_dim=3).read_source(str(shared_nifti / "example4d.nii.gz"))
     assert arr.shape == (2, 24, 96, 128)
