@@ -87,9 +87,13 @@ def group_series(files: Iterable[str | os.PathLike]) -> list[DicomSeries]:
     return result
 
 
-@functools.lru_cache(maxsize=64)
 def series_in_folder(folder: str) -> tuple[DicomSeries, ...]:
-    """The series of the DICOM files directly inside ``folder`` (cached: headers are read once)."""
+    """The series of the DICOM files directly inside ``folder`` (headers are read once per folder state)."""
+    return _series_in_folder(str(folder), Path(folder).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _series_in_folder(folder: str, mtime_ns: int) -> tuple[DicomSeries, ...]:
     files = sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and is_dicom_file(p))
     return tuple(group_series(files))
 
@@ -176,14 +180,21 @@ def _pixels(ds, path: str) -> np.ndarray:
     return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-@functools.lru_cache(maxsize=16)
 def series_geometry(series: DicomSeries, spacing_tolerance: float = 0.01) -> SeriesGeometry:
     """Order the slices of ``series`` along the slice normal (ImagePositionPatient projected on it).
+
+    Cached per series and file modification times, so a series is scanned once per batch.
 
     Raises:
         DataError: no pixel data, slices of different size or orientation, no positions, duplicate
             positions, or inconsistent slice spacing (relative deviation above ``spacing_tolerance``).
     """
+    stamps = tuple(Path(f).stat().st_mtime_ns if Path(f).exists() else 0 for f in series.files)
+    return _series_geometry(series, spacing_tolerance, stamps)
+
+
+@functools.lru_cache(maxsize=16)
+def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tuple[int, ...]) -> SeriesGeometry:
     if len(series.files) == 1:
         return _single_geometry(series.files[0], series.uid)
     headers = [(path, _read(path)) for path in series.files]
@@ -267,7 +278,7 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
 
 
 @functools.lru_cache(maxsize=2)
-def _file_pixels(path: str) -> np.ndarray:
+def _file_pixels(path: str, mtime_ns: int) -> np.ndarray:
     """All frames of one file, ``(frames, Y, X)`` (cached: multi-frame files are decoded once)."""
     arr = _pixels(_read(path, pixels=True), path)
     return arr.reshape(-1, *arr.shape[-2:]) if arr.ndim == 2 else arr
@@ -279,7 +290,7 @@ def read_slice(series: DicomSeries, index: int) -> np.ndarray:
     path, frame = geometry.files[index], geometry.frames[index]
     if len(series.files) > 1:
         return _pixels(_read(path, pixels=True), path).reshape(geometry.shape[1:])
-    return _file_pixels(path)[frame]
+    return _file_pixels(path, Path(path).stat().st_mtime_ns)[frame]
 
 
 def read_series(series: DicomSeries) -> tuple[np.ndarray, SeriesGeometry]:
