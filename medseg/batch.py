@@ -16,10 +16,6 @@ from medseg.discovery import InputItem, slice_items
 from medseg.errors import DataError
 from medseg.io import atomic_output
 
-#: Errors that fail one input and let the batch go on (readers raise DataError; the rest come from
-#: libraries and the network on a malformed input, e.g. an image smaller than the network can take).
-PER_INPUT_ERRORS = (DataError, OSError, ValueError, RuntimeError, IndexError)
-
 MANIFEST_FIELDS = ("input", "format", "series_uid", "slices", "status", "mask", "prob", "seconds", "message")
 
 
@@ -133,7 +129,7 @@ def run_batch(
             else:
                 segment(slice_items(item, row.slices))
                 row.status = "ok"
-        except PER_INPUT_ERRORS as err:
+        except Exception as err:  # noqa: BLE001 - the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()
             row.status, row.message = "failed", _message(err, item.source)

@@ -58,18 +58,27 @@ class DicomSeries:
     sop_uids: tuple[str, ...] = field(default=(), compare=False)
 
 
-def group_series(files: Iterable[str | os.PathLike]) -> list[DicomSeries]:
+def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> list[DicomSeries]:
     """Group DICOM files by SeriesInstanceUID (headers only), in order of first appearance.
 
+    Args:
+        skip_bad: leave out files that are not readable DICOM or have no SeriesInstanceUID (a folder scan
+            does: such files are reported on their own by discovery) instead of raising.
+
     Raises:
-        DataError: a file is not readable DICOM or has no SeriesInstanceUID.
+        DataError: a file is not readable DICOM or has no SeriesInstanceUID (unless ``skip_bad``).
     """
     groups: dict[str, list[tuple[str, object]]] = {}
     for path in files:
-        ds = _read(path)
-        uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
-        if not uid:
-            raise DataError(f"{path}: DICOM file has no SeriesInstanceUID; it cannot be assigned to a series")
+        try:
+            ds = _read(path)
+            uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
+            if not uid:
+                raise DataError(f"{path}: DICOM file has no SeriesInstanceUID; it cannot be assigned to a series")
+        except DataError:
+            if skip_bad:
+                continue
+            raise
         groups.setdefault(uid, []).append((str(path), ds))
     result = []
     for uid, members in groups.items():
@@ -88,14 +97,18 @@ def group_series(files: Iterable[str | os.PathLike]) -> list[DicomSeries]:
 
 
 def series_in_folder(folder: str) -> tuple[DicomSeries, ...]:
-    """The series of the DICOM files directly inside ``folder`` (headers are read once per folder state)."""
-    return _series_in_folder(str(folder), Path(folder).stat().st_mtime_ns)
+    """The series of the DICOM files directly inside ``folder`` (hidden and unreadable files left out).
+
+    Headers are read once per state of the folder (file names and modification times).
+    """
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.is_file() and not p.name.startswith(".") and is_dicom_file(p))
+    return _series_in_folder(tuple((str(p), p.stat().st_mtime_ns) for p in files))
 
 
 @functools.lru_cache(maxsize=64)
-def _series_in_folder(folder: str, mtime_ns: int) -> tuple[DicomSeries, ...]:
-    files = sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and is_dicom_file(p))
-    return tuple(group_series(files))
+def _series_in_folder(stamped: tuple[tuple[str, int], ...]) -> tuple[DicomSeries, ...]:
+    return tuple(group_series([path for path, _ in stamped], skip_bad=True))
 
 
 def find_series(source: str | os.PathLike, uid: str | None = None) -> DicomSeries:
@@ -170,14 +183,26 @@ def _pixels(ds, path: str) -> np.ndarray:
                         "it is not an image")
     try:
         arr = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
-        raise DataError(f"{path}: cannot decode DICOM pixels ({err}); install a decoder for its transfer syntax "
-                        "(e.g. pylibjpeg) or convert the file") from err
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, EOFError) as err:
+        raise DataError(f"{path}: cannot decode DICOM pixels ({str(err).splitlines()[0] if str(err) else err}); "
+                        "the file may be truncated, or its transfer syntax needs a decoder (e.g. pylibjpeg)") from err
+    if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:  # colour: one gray channel (ITU-R 601 luma)
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if str(getattr(ds, "PhotometricInterpretation", "")).startswith("MONOCHROME1"):
         arr = arr.max() - arr  # display as MONOCHROME2: bright = high
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(ds)
     return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _rescale(ds) -> tuple[float, float]:
+    """RescaleSlope/Intercept, from the top level or an enhanced image's shared functional groups."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    shared = _functional(ds, "SharedFunctionalGroupsSequence", 0)
+    seq = getattr(shared, "PixelValueTransformationSequence", None) if shared is not None else None
+    if seq:
+        return float(getattr(seq[0], "RescaleSlope", 1) or 1), float(getattr(seq[0], "RescaleIntercept", 0) or 0)
+    return 1.0, 0.0
 
 
 def series_geometry(series: DicomSeries, spacing_tolerance: float = 0.01) -> SeriesGeometry:
@@ -217,18 +242,8 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
         position = np.array([float(x) for x in ipp])
         positioned.append((float(position @ normal), position, path, str(getattr(ds, "SOPInstanceUID", ""))))
     positioned.sort(key=lambda t: t[0])
-    steps = np.diff([p[0] for p in positioned])
-    if np.any(np.abs(steps) < 1e-4):
-        k = int(np.argmin(np.abs(steps)))
-        raise DataError(f"{positioned[k + 1][2]}: same slice position as {positioned[k][2]}; the series holds "
-                        "duplicate slices (two acquisitions in one series?)")
-    median = float(np.median(steps))
-    if np.any(np.abs(steps - median) > spacing_tolerance * median + 1e-3):
-        k = int(np.argmax(np.abs(steps - median)))
-        raise DataError(
-            f"{positioned[k + 1][2]}: inconsistent slice spacing in the series of {series.folder} "
-            f"({steps.min():.3g} to {steps.max():.3g} mm; missing slices?); give a complete series"
-        )
+    _check_steps(np.array([p[0] for p in positioned]), [p[2] for p in positioned], series.folder,
+                 spacing_tolerance)
     step = (positioned[-1][1] - positioned[0][1]) / (len(positioned) - 1)
     return SeriesGeometry(
         files=tuple(p[2] for p in positioned),
@@ -239,6 +254,24 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
         shape=(len(positioned), int(ds0.Rows), int(ds0.Columns)),
         series_uid=series.uid,
     )
+
+
+def _check_steps(distances: np.ndarray, names: list[str], where: str, tolerance: float = 0.01) -> None:
+    """Slices sorted by ``distances`` along the normal must be distinct and evenly spaced.
+
+    Raises:
+        DataError: duplicate positions, or a step deviating from the median by more than ``tolerance``.
+    """
+    steps = np.diff(distances)
+    if np.any(np.abs(steps) < 1e-4):
+        k = int(np.argmin(np.abs(steps)))
+        raise DataError(f"{names[k + 1]}: same slice position as {names[k]}; the series holds duplicate slices "
+                        "(two acquisitions or time points in one series?)")
+    median = float(np.median(steps))
+    if np.any(np.abs(steps - median) > tolerance * median + 1e-3):
+        k = int(np.argmax(np.abs(steps - median)))
+        raise DataError(f"{names[k + 1]}: inconsistent slice spacing in the series of {where} ({steps.min():.3g} "
+                        f"to {steps.max():.3g} mm; missing slices?); give a complete series")
 
 
 def _single_geometry(path: str, uid: str) -> SeriesGeometry:
@@ -256,6 +289,8 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
     if positions is not None:
         order = np.argsort(positions @ normal, kind="stable")
         positions = positions[order]
+        if frames > 1:
+            _check_steps(positions @ normal, [f"{path} frame {int(i) + 1}" for i in order], path)
         origin = positions[0]
         step = (positions[-1] - positions[0]) / (frames - 1) if frames > 1 else None
     else:

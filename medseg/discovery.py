@@ -46,6 +46,7 @@ def discover(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     recursive: bool = True,
+    skip: str | os.PathLike | None = None,
 ) -> tuple[list[InputItem], list[tuple[str, str]]]:
     """List the inputs under ``path`` (a folder, or one file / one DICOM series folder).
 
@@ -55,6 +56,7 @@ def discover(
             when given, only matching files are considered.
         exclude: glob patterns of files to leave out.
         recursive: search sub-folders too.
+        skip: a folder to leave out (the output folder, when it lies inside ``path``).
 
     Returns:
         ``(inputs, ignored)``: inputs in natural order; ``ignored`` lists ``(file, reason)`` for files that
@@ -74,7 +76,9 @@ def discover(
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones
         return [InputItem(str(root), fmt, _stem(root.name))], []
 
-    files = sorted((p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()),
+    skip_dir = Path(skip).resolve() if skip is not None else None
+    files = sorted((p for p in (root.rglob("*") if recursive else root.iterdir())
+                    if p.is_file() and not (skip_dir and p.resolve().is_relative_to(skip_dir))),
                    key=lambda p: _natural_key(p.relative_to(root).as_posix()))
     inputs: list[InputItem] = []
     ignored: list[tuple[str, str]] = []
@@ -116,14 +120,12 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputIte
     readable, failed = [], []
     for file in files:
         try:
-            _read(file)
+            if not str(getattr(_read(file), "SeriesInstanceUID", "") or ""):
+                raise DataError(f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it")
             readable.append(str(file))
         except DataError as err:
             failed.append(InputItem(str(file), "dicom", _stem(file.relative_to(root).as_posix()), error=str(err)))
-    try:
-        series = group_series(readable)
-    except DataError as err:
-        return failed + [InputItem(str(folder), "dicom", folder.name, error=str(err))]
+    series = group_series(readable, skip_bad=True)
     rel_dir = folder.relative_to(root).as_posix()
     base = root.name if rel_dir == "." else rel_dir
     numbers = [s.number for s in series]
@@ -141,16 +143,26 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputIte
 
 
 def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:
-    """Make output stems unique: ``a.png`` and ``a.tif`` in one folder become ``a_png`` and ``a_tif``."""
+    """Make output stems unique, ignoring case (outputs may land on a case-insensitive disk).
+
+    ``a.png`` and ``a.tif`` in one folder become ``a_png`` and ``a_tif``; any stem still taken gets ``_2``,
+    ``_3``, ... so no two inputs ever write the same file.
+    """
     counts: dict[str, int] = {}
     for item in inputs:
-        counts[item.rel] = counts.get(item.rel, 0) + 1
+        counts[item.rel.lower()] = counts.get(item.rel.lower(), 0) + 1
+    taken = {item.rel.lower() for item in inputs if counts[item.rel.lower()] == 1}
     result = []
     for item in inputs:
-        if counts[item.rel] > 1:
-            suffix = suffix_of(item.source).lstrip(".").replace(".", "_") or item.series_uid
-            item = InputItem(item.source, item.format, f"{item.rel}_{suffix}", item.series_uid, item.error)
-        result.append(item)
+        rel = item.rel
+        if counts[rel.lower()] > 1:
+            suffix = suffix_of(item.source).lstrip(".").replace(".", "_").lower() or item.series_uid
+            rel = f"{item.rel}_{suffix}"
+        candidate, n = rel, 2
+        while candidate.lower() in taken and counts[item.rel.lower()] > 1:
+            candidate, n = f"{rel}_{n}", n + 1
+        taken.add(candidate.lower())
+        result.append(InputItem(item.source, item.format, candidate, item.series_uid, item.error))
     return result
 
 

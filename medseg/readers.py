@@ -27,6 +27,7 @@ The readers are :class:`monai.data.ImageReader` subclasses, so bundles use them 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,11 @@ class PngReader(_MedsegReader):
         from PIL import Image, UnidentifiedImageError
 
         try:
+            with open(path, "rb") as f:
+                header = f.read(26)
+            if header[:8] == b"\x89PNG\r\n\x1a\n" and header[24] == 16 and header[25] in (2, 4, 6):
+                raise DataError(f"{path}: 16-bit colour PNG; its reader keeps only 8 bits per channel, so it is "
+                                "refused rather than truncated: save it as 16-bit TIFF")
             with Image.open(path) as im:
                 if im.mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -225,7 +231,11 @@ class TiffReader(_MedsegReader):
     @staticmethod
     def _layout(path: str, tif) -> tuple[tuple[int, ...], str, list[int], int | None]:
         """(shape, axes, lead axis positions, channel axis position or None) of the first series."""
-        series = tif.series[0]
+        try:
+            series = tif.series[0]
+        except (IndexError, ValueError, OSError) as err:
+            raise DataError(f"{path}: cannot read TIFF ({err or 'no image data'}); the file may be truncated or "
+                            "corrupt") from err
         shape, axes = tuple(series.shape), series.axes
         if len(tif.series) > 1 and all(s.shape == series.shape and s.axes == axes for s in tif.series):
             shape, axes = (len(tif.series), *shape), "Q" + axes  # pages written as separate series
@@ -366,8 +376,11 @@ class NiftiReader(_MedsegReader):
             raise DataError(f"{path}: file not found") from err
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
-        except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError) as err:
+        except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as err:
             raise DataError(f"{path}: cannot read NIfTI ({err}); the file may be truncated or corrupt") from err
+        if self.channel_dim not in (None, 3):
+            raise DataError(f"{path}: nifti_channel_dim={self.channel_dim} is not supported; channels must be the "
+                            "fourth voxel axis (3)")
         shape = img.shape
         while len(shape) > 3 and shape[-1] == 1 and (self.channel_dim is None or self.channel_dim < len(shape) - 1):
             shape = shape[:-1]
@@ -380,6 +393,13 @@ class NiftiReader(_MedsegReader):
 
     def _voxels(self, img, shape, index: int | None) -> np.ndarray:
         """``(C, Z, Y, X)`` (or one slice ``(C, Y, X)``) from the file's ``(X, Y[, Z][, C])``."""
+        try:
+            return self._voxels_unchecked(img, shape, index)
+        except (OSError, ValueError, EOFError, zlib.error) as err:
+            raise DataError(f"{img.get_filename()}: cannot read NIfTI voxels ({err}); the file may be truncated or "
+                            "corrupt") from err
+
+    def _voxels_unchecked(self, img, shape, index: int | None) -> np.ndarray:
         proxy = img.dataobj
         if len(shape) == 2:
             data = np.asarray(proxy).reshape(shape)[:, :, None, None]

@@ -227,8 +227,9 @@ def infer(
 
     if output_format not in ("auto", *OUTPUT_FORMATS):
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
-    inputs, ignored = discover(input_path, include, exclude, recursive)
+    inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
     out = check_writable(output_dir)
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # a corrupt TIFF is reported once, per input
     dev = select_device(device)
     settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": str(checkpoint), "tta": tta,
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
@@ -253,8 +254,10 @@ def infer(
         if evaluator.state.iteration != len(items):
             raise RuntimeError(f"the model ran on {evaluator.state.iteration} of {len(items)} slices")
 
+    channel_dim = parser.get_parsed_content("nifti_channel_dim", default=None)
+
     def count(item: Any) -> int:
-        return count_slices(item.source, series_uid=item.series_uid or None)
+        return count_slices(item.source, series_uid=item.series_uid or None, nifti_channel_dim=channel_dim)
 
     start = time.perf_counter()
     with FileProgress(len(inputs), disable=not progress) as bar:

@@ -159,7 +159,8 @@ def _geometry(item: dict) -> dict:
     """The source's metadata (affine, spacing, NIfTI layout) without its voxels."""
     from medseg.readers import read_geometry
 
-    return read_geometry(item["image"], series_uid=item.get("series_uid") or None)
+    return read_geometry(item["image"], series_uid=item.get("series_uid") or None,
+                         nifti_channel_dim=item.get("nifti_channel_dim"))
 
 
 def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -189,6 +190,7 @@ class SaveSegmentationd(MapTransform):
         segment_label: the class name recorded in DICOM SEG.
         algorithm: the bundle's name recorded in DICOM SEG.
         algorithm_version: its version.
+        nifti_channel_dim: the channel axis of 4D NIfTI inputs (as given to their reader).
     """
 
     def __init__(
@@ -202,12 +204,13 @@ class SaveSegmentationd(MapTransform):
         segment_label: str = "foreground",
         algorithm: str = "medseg",
         algorithm_version: str = "0",
+        nifti_channel_dim: int | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
         self.channel, self.threshold, self.save_prob = channel, threshold, save_prob
-        self.output_format = output_format
+        self.output_format, self.nifti_channel_dim = output_format, nifti_channel_dim
         self.options = {"segment_label": segment_label, "algorithm": algorithm,
                         "algorithm_version": algorithm_version}
         self._open: dict[str, _VolumeSink] = {}
@@ -223,7 +226,8 @@ class SaveSegmentationd(MapTransform):
         page, pages = int(_scalar(d.get("page", 0))), int(_scalar(d.get("pages", 1)))
         source = str(d.get("image_file", d.get("image", "")))
         input_format = str(d.get("format") or _format_of(source))
-        item = {"image": source, "series_uid": str(d.get("series_uid") or ""), "name": name}
+        item = {"image": source, "series_uid": str(d.get("series_uid") or ""), "name": name,
+                "nifti_channel_dim": self.nifti_channel_dim}
         fmt = mask_format(input_format, self.output_format, pages)
         paths = output_paths(self.output_dir, name, fmt, self.save_prob)
         for key in self.key_iterator(d):
@@ -231,7 +235,7 @@ class SaveSegmentationd(MapTransform):
             pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
             prob = pred[self.channel].astype(np.float32)
             mask = np.where(prob > self.threshold, 255, 0).astype(np.uint8)
-            single_2d = pages == 1 and fmt in ("png", "tiff") and input_format in ("png", "tiff")
+            single_2d = pages == 1 and fmt in ("png", "tiff")
             if single_2d:
                 if fmt == "png":
                     write_png(paths["mask"], mask)

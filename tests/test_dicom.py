@@ -132,3 +132,33 @@ def test_seg_for_a_multi_frame_source(tmp_path):
     mask[1, 2:4, 2:4] = True
     seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
     assert int(seg.NumberOfFrames) == 3 and seg.SegmentSequence[0].SegmentLabel == "foreground"
+
+
+def test_a_file_rewritten_in_place_is_read_again(tmp_path):
+    folder = write_dicom_series(tmp_path / "s", n=3)
+    assert read_image(folder)[0].shape == (1, 3, 8, 8)
+    write_dicom_slice(folder / "IM000.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.3.99",
+                      position=(0, 0, 50), series_number=9)
+    with pytest.raises(DataError, match="folder mixes 2 DICOM series"):
+        read_image(folder)
+
+
+def test_multi_frame_duplicate_positions_are_refused(tmp_path):
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    frames = np.zeros((3, 6, 6), np.int16)
+    path = write_dicom_slice(tmp_path / "cine.dcm", frames, series_uid="1.2.7", position=(0, 0, 0), frames=3)
+    ds = dcmread(path)
+    groups = []
+    for _ in range(3):  # three time points at one position
+        pos = Dataset()
+        pos.ImagePositionPatient = ["0", "0", "0"]
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([pos])
+        groups.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.save_as(path)
+    with pytest.raises(DataError, match="same slice position"):
+        read_image(path)

@@ -194,3 +194,56 @@ def test_real_dicom_and_nifti_files(tmp_path, tiny_checkpoint, shared_dicom, sha
     prob = nib.as_closest_canonical(nib.load(out / "prob" / "mr.nii.gz"))
     assert prob.shape == reference.shape
     np.testing.assert_allclose(prob.affine, reference.affine, atol=1e-3)
+
+
+def test_corrupt_gzip_nifti_and_stray_files_in_a_series_folder(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=32, seed=2)
+    Image.fromarray(image).save(root / "a_good.png")
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 2), np.int16), np.eye(4)), root / "m_bad.nii.gz")
+    data = bytearray((root / "m_bad.nii.gz").read_bytes())
+    data[40:60] = bytes(20)  # corrupt the deflate stream
+    (root / "m_bad.nii.gz").write_bytes(bytes(data))
+    Image.fromarray(image).save(root / "z_good.png")
+    series = write_dicom_series(root / "ct", n=3, size=16)
+    (series / "readme.dcm").write_text("not DICOM at all")
+    shutil.copy(series / "IM000.dcm", series / ".hidden_copy.dcm")  # hidden: never part of the series
+    out = tmp_path / "out"
+    result = _infer(root, out, tiny_checkpoint)
+    rows = _manifest(out)
+    assert result.exit_code == 1 and "internal error" not in result.output
+    assert rows["m_bad.nii.gz"]["status"] == "failed" and "m_bad.nii.gz" in rows["m_bad.nii.gz"]["message"]
+    assert rows["readme.dcm"]["status"] == "failed"
+    assert rows["a_good.png"]["status"] == rows["z_good.png"]["status"] == rows["ct"]["status"] == "ok"
+    assert rows["ct"]["slices"] == "3"
+
+
+def test_output_stems_never_collide_and_output_inside_input_is_skipped(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=32, seed=4)
+    for name in ("a.png", "a.PNG", "b.png", "b_png.tif"):
+        if name.endswith(".tif"):
+            tifffile.imwrite(root / name, image)
+        else:
+            Image.fromarray(image).save(root / name)
+    out = root / "out"  # inside the input folder
+    result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    masks = [r["mask"].lower() for r in rows]
+    probs = [r["prob"].lower() for r in rows]
+    assert len(rows) == 4 and len(set(masks)) == 4 and len(set(probs)) == 4, rows
+    assert all(r["status"] == "ok" for r in rows)
+    result = _infer(root, out, tiny_checkpoint, "--overwrite")
+    assert _summary(result.output)["inputs"] == 4  # its own outputs are not taken as inputs
+
+
+def test_single_slice_volume_as_png(tmp_path, tiny_checkpoint):
+    write_dicom_slice(tmp_path / "in" / "one.dcm", np.full((24, 24), 40, np.int16), series_uid="1.2.8",
+                      position=(0, 0, 0))
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint, "--format", "png")
+    assert result.exit_code == 0, result.output
+    mask = np.asarray(Image.open(tmp_path / "out" / "mask" / "in.png"))
+    assert mask.shape == (24, 24) and tifffile.imread(tmp_path / "out" / "prob" / "in.tif").shape == (24, 24)

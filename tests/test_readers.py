@@ -127,7 +127,7 @@ def test_nifti_2d_and_4d(tmp_path, shared_nifti):
     nib.save(nib.Nifti1Image(np.arange(20, dtype=np.int16).reshape(4, 5), np.eye(4)), tmp_path / "flat.nii.gz")
     arr, meta = read_image(tmp_path / "flat.nii.gz")
     assert arr.shape == (1, 1, 5, 4) and meta["slice_count"] == 1
-    with pytest.raises(DataError, match=r"example4d\.nii\.gz: 4D NIfTI .* split it into 3D volumes, or set nifti_channel_dim=3"):
+    with pytest.raises(DataError, match=r"example4d\.nii\.gz: 4D NIfTI .* split it .* nifti_channel_dim=3"):
         read_image(shared_nifti / "example4d.nii.gz")
     arr, _ = NiftiReader(channel_dim=3).read_source(str(shared_nifti / "example4d.nii.gz"))
     assert arr.shape == (2, 24, 96, 128)
@@ -184,3 +184,17 @@ def test_unreadable_file_reported_even_as_root(tmp_path, monkeypatch):
     monkeypatch.setattr(PIL.Image, "open", denied)
     with pytest.raises(DataError, match=r"locked\.png: cannot open the file \(permission denied\)"):
         read_image(tmp_path / "locked.png")
+
+
+def test_16_bit_colour_png_is_refused_not_truncated(tmp_path):
+    import struct
+    import zlib
+
+    rows = b"".join(b"\0" + struct.pack(">3H", 55746, 41743, 33497) * 2 for _ in range(2))
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    (tmp_path / "rgb16.png").write_bytes(png)
+    with pytest.raises(DataError, match=r"rgb16\.png: 16-bit colour PNG"):
+        read_image(tmp_path / "rgb16.png")
