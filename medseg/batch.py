@@ -51,7 +51,8 @@ def _message(err: BaseException, source: str) -> str:
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, DataError):
-            return str(cause).splitlines()[0]
+            text = str(cause).splitlines()[0]
+            return text if source in text else f"{source}: {text}"
         cause = cause.__cause__ or cause.__context__
     root = err
     while root.__cause__ is not None:

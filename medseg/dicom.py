@@ -54,8 +54,6 @@ class DicomSeries:
     folder: str
     number: int | None = None
     description: str = ""
-    modality: str = ""
-    sop_uids: tuple[str, ...] = field(default=(), compare=False)
 
 
 def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> list[DicomSeries]:
@@ -90,8 +88,6 @@ def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> 
             folder=str(Path(members[0][0]).parent),
             number=int(number) if number not in (None, "") else None,
             description=str(getattr(first, "SeriesDescription", "") or ""),
-            modality=str(getattr(first, "Modality", "") or ""),
-            sop_uids=tuple(str(getattr(ds, "SOPInstanceUID", "")) for _, ds in members),
         ))
     return result
 

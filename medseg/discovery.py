@@ -114,18 +114,23 @@ def _stem(rel: str) -> str:
 
 
 def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputItem]:
-    """One input per series in ``folder``; files whose header cannot be read become failed inputs."""
-    from medseg.dicom import _read, group_series
+    """One input per series in ``folder`` holding a selected file; unreadable files become failed inputs."""
+    from medseg.dicom import _read, series_in_folder
 
-    readable, failed = [], []
+    in_series = series_in_folder(str(folder))  # headers read once, cached for the readers
+    members = {f for s in in_series for f in s.files}
+    selected = {str(f) for f in files}
+    series = [s for s in in_series if selected.intersection(s.files)]
+    failed = []
     for file in files:
+        if str(file) in members:
+            continue
         try:
-            if not str(getattr(_read(file), "SeriesInstanceUID", "") or ""):
-                raise DataError(f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it")
-            readable.append(str(file))
+            _read(file)
+            message = f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it"
         except DataError as err:
-            failed.append(InputItem(str(file), "dicom", _stem(file.relative_to(root).as_posix()), error=str(err)))
-    series = group_series(readable, skip_bad=True)
+            message = str(err)
+        failed.append(InputItem(str(file), "dicom", _stem(file.relative_to(root).as_posix()), error=message))
     rel_dir = folder.relative_to(root).as_posix()
     base = root.name if rel_dir == "." else rel_dir
     numbers = [s.number for s in series]

@@ -52,7 +52,6 @@ class LoadSliced(MapTransform):
         for key in self.key_iterator(d):
             path = str(d[key])
             arr = read_slice(path, page, series_uid=series_uid, nifti_channel_dim=self.nifti_channel_dim)
-            arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
             if self.gray:
                 if arr.shape[0] not in (1, 3):
                     raise DataError(f"{path}: {arr.shape[0]} channels; the model takes one (gray) or RGB "

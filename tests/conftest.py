@@ -78,31 +78,30 @@ def isbi_stacks(tmp_path: Path) -> Path:
     return root
 
 
+def _shared(folder: str, probe: str) -> Path:
+    """``../shared/data/FOLDER`` when ``probe`` exists inside it, else skip the test."""
+    path = SHARED_DATA / folder
+    if not (path / probe).exists():
+        pytest.skip(f"real data not available at {path}")
+    return path
+
+
 @pytest.fixture
 def shared_isbi() -> Path:
     """The real ISBI 2012 slices in ../shared/data (skips the test when absent)."""
-    path = SHARED_DATA / "isbi2012"
-    if not (path / "train" / "image").is_dir():
-        pytest.skip(f"real data not available at {path}")
-    return path
+    return _shared("isbi2012", "train/image")
 
 
 @pytest.fixture
 def shared_dicom() -> Path:
     """The real DICOM samples in ../shared/data/dicom (skips the test when absent)."""
-    path = SHARED_DATA / "dicom"
-    if not (path / "series_mr_4slice").is_dir():
-        pytest.skip(f"real data not available at {path}")
-    return path
+    return _shared("dicom", "series_mr_4slice")
 
 
 @pytest.fixture
 def shared_nifti() -> Path:
     """The real NIfTI samples in ../shared/data/nifti (skips the test when absent)."""
-    path = SHARED_DATA / "nifti"
-    if not (path / "anatomical.nii").is_file():
-        pytest.skip(f"real data not available at {path}")
-    return path
+    return _shared("nifti", "anatomical.nii")
 
 
 def write_dicom_slice(

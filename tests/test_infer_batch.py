@@ -171,6 +171,9 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     (tmp_path / "blocker").write_text("a file where the output folder should be")
     result = _infer(tmp_path / "imgs", tmp_path / "blocker" / "out", tiny_checkpoint)
     assert result.exit_code == 1 and "output folder is not writable" in result.output
+    result = _infer(tmp_path / "imgs", tmp_path / "o3", tiny_checkpoint, "--format", "dicom-seg")
+    assert result.exit_code == 1
+    assert f"failed: {tmp_path / 'imgs' / 'a.png'}: --format dicom-seg needs DICOM inputs" in result.output
     result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint, "--format", "jpeg")
     assert result.exit_code == 1 and "unknown output format" in result.output
     for res in (result,):
