@@ -6,7 +6,7 @@ in [0, 1] with high values for the foreground (cell interior for ISBI); labels a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -168,3 +168,156 @@ def binary_scores(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> d
         "pixel_mismatch": 1.0 - acc,
         "pixel_error": pixel_error(prob, gt),
     }
+
+
+#: The 10 IoU thresholds of the Data Science Bowl 2018 nucleus scoring: 0.50, 0.55, ..., 0.95.
+DSB_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.round(np.arange(0.5, 1.0, 0.05), 2))
+
+
+def _consecutive(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Labels renumbered 0, 1, ..., n keeping 0 as background (in increasing label order), and n."""
+    values, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape)
+    if values.size and values[0] == 0:
+        return inverse, values.size - 1
+    return inverse + 1, values.size
+
+
+def instance_iou_matrix(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """IoU of every ground-truth instance (rows) with every predicted instance (columns).
+
+    Labels need not be consecutive: row ``i`` is the ``i``-th smallest non-zero ground-truth label,
+    column ``j`` the ``j``-th smallest non-zero predicted label. 0 is background in both.
+
+    Args:
+        gt: ``(H, W)`` non-negative integer ground-truth labels.
+        pred: ``(H, W)`` non-negative integer predicted labels.
+
+    Returns:
+        ``(n_gt, n_pred)`` float64 IoU matrix, from one joint histogram of the two label images.
+    """
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {gt.shape}")
+    g, n_gt = _consecutive(gt)
+    p, n_pred = _consecutive(pred)
+    joint = np.bincount((g.astype(np.int64) * (n_pred + 1) + p).ravel(), minlength=(n_gt + 1) * (n_pred + 1))
+    joint = joint.reshape(n_gt + 1, n_pred + 1)
+    area_gt, area_pred = joint.sum(axis=1), joint.sum(axis=0)
+    inter = joint[1:, 1:].astype(np.float64)
+    union = area_gt[1:, None] + area_pred[None, 1:] - inter
+    return inter / np.maximum(union, 1)
+
+
+def _dsb_counts(ious: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """(TP, FP, FN) at one threshold >= 0.5, where a pair with IoU > threshold is a match."""
+    matches = ious > threshold
+    tp = int(matches.sum())  # IoU > 0.5 makes matches one-to-one, so pairs are counted once
+    return tp, ious.shape[1] - tp, ious.shape[0] - tp
+
+
+def _dsb_precision(tp: int, fp: int, fn: int) -> float:
+    return 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
+
+
+def dsb_scores(gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = DSB_THRESHOLDS) -> dict:
+    """Data Science Bowl 2018 instance score of one image.
+
+    At each threshold ``t`` a ground-truth and a predicted nucleus match when their IoU is strictly
+    greater than ``t``; since ``t >= 0.5``, matches are one-to-one. With TP matched pairs, FP
+    unmatched predictions and FN unmatched ground-truth nuclei, precision(t) = TP / (TP + FP + FN).
+    The score is the mean precision over ``thresholds``. Convention for empty images: 1.0 when both
+    images have no nucleus (0 / 0), 0.0 when only one of them is empty.
+
+    Args:
+        gt: ``(H, W)`` ground-truth instance labels, 0 = background.
+        pred: ``(H, W)`` predicted instance labels, 0 = background.
+        thresholds: IoU thresholds, each at least 0.5.
+
+    Returns:
+        ``score``, ``ap_50`` and ``ap_75`` (precision at 0.5 and 0.75), ``per_threshold`` precisions,
+        ``gt_count``, ``pred_count`` and ``tp_50``, ``fp_50``, ``fn_50`` (counts at 0.5).
+    """
+    if len(thresholds) == 0 or min(thresholds) < 0.5:
+        raise ValueError(f"thresholds must be non-empty and at least 0.5 (one-to-one matching), got {thresholds}")
+    ious = instance_iou_matrix(gt, pred)
+    per_threshold = [_dsb_precision(*_dsb_counts(ious, t)) for t in thresholds]
+    tp, fp, fn = _dsb_counts(ious, 0.5)
+    return {
+        "score": float(np.mean(per_threshold)),
+        "ap_50": _dsb_precision(tp, fp, fn),
+        "ap_75": _dsb_precision(*_dsb_counts(ious, 0.75)),
+        "per_threshold": per_threshold,
+        "gt_count": int(ious.shape[0]),
+        "pred_count": int(ious.shape[1]),
+        "tp_50": tp,
+        "fp_50": fp,
+        "fn_50": fn,
+    }
+
+
+def multiclass_scores(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    regions: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, float]:
+    """Per-class and merged-region Dice and IoU of integer class maps, from one confusion matrix.
+
+    A class (or region) absent from both maps scores 1.0.
+
+    Args:
+        pred: ``(H, W)`` predicted class indices in ``[0, num_classes)``.
+        gt: ``(H, W)`` ground-truth class indices in ``[0, num_classes)``.
+        num_classes: number of classes ``C`` (at least 2), class 0 being background.
+        class_names: ``C`` names used in the keys; default ``class0``, ``class1``, ... .
+        regions: name -> class indices scored as one merged class, e.g. ``{"cell": [1, 2]}``.
+
+    Returns:
+        ``dice_{name}`` and ``iou_{name}`` per class and region, ``pixel_accuracy``, ``macro_f1`` (mean
+        Dice over all classes, background included) and ``mean_dice``/``mean_iou`` over classes 1..C-1.
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {gt.shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    names = [f"class{c}" for c in range(num_classes)] if class_names is None else list(class_names)
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    for what, arr in (("prediction", pred), ("label", gt)):
+        if arr.size and (not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr))):
+            raise ValueError(f"{what} must hold integer class indices")
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise ValueError(f"{what} values must lie in [0, {num_classes}), got [{arr.min()}, {arr.max()}]")
+    cm = np.bincount((gt.astype(np.int64) * num_classes + pred.astype(np.int64)).ravel(),
+                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)  # rows gt, cols pred
+
+    def dice_iou(members: np.ndarray) -> tuple[float, float]:
+        tp = int(cm[np.ix_(members, members)].sum())
+        fp = int(cm[np.ix_(~members, members)].sum())
+        fn = int(cm[np.ix_(members, ~members)].sum())
+        if tp + fp + fn == 0:
+            return 1.0, 1.0
+        return 2.0 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
+
+    out: dict[str, float] = {}
+    dices, ious = [], []
+    for c, name in enumerate(names):
+        d, j = dice_iou(np.arange(num_classes) == c)
+        out[f"dice_{name}"], out[f"iou_{name}"] = d, j
+        dices.append(d)
+        ious.append(j)
+    total = int(cm.sum())
+    out["pixel_accuracy"] = float(np.trace(cm) / total) if total else 1.0
+    out["macro_f1"] = float(np.mean(dices))
+    out["mean_dice"] = float(np.mean(dices[1:]))
+    out["mean_iou"] = float(np.mean(ious[1:]))
+    for region, classes in (regions or {}).items():
+        classes = [int(c) for c in classes]
+        if not classes or min(classes) < 0 or max(classes) >= num_classes:
+            raise ValueError(f"region {region!r} needs class indices in [0, {num_classes}), got {classes}")
+        d, j = dice_iou(np.isin(np.arange(num_classes), classes))
+        out[f"dice_{region}"], out[f"iou_{region}"] = d, j
+    return out

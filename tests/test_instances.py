@@ -1,0 +1,266 @@
+"""Nucleus instance labels, watershed, measurements and instance/multiclass metrics against hand-computed answers."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import numpy as np
+import pytest
+
+from medseg.instances import (
+    MEASUREMENT_FIELDS,
+    WatershedInstances,
+    instance_targets,
+    measure_instances,
+    merge_instance_masks,
+    watershed_instances,
+    write_measurements_csv,
+)
+from medseg.metrics import DSB_THRESHOLDS, dsb_scores, instance_iou_matrix, multiclass_scores
+
+
+def _square(shape, y0, x0, size, value=True):
+    m = np.zeros(shape, type(value))
+    m[y0 : y0 + size, x0 : x0 + size] = value
+    return m
+
+
+def _disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _prob_from_labels(labels, boundary_width=2):
+    """A clean (3, H, W) softmax: one-hot of the instance target."""
+    target = instance_targets(labels, boundary_width)
+    return np.stack([target == k for k in range(3)]).astype(np.float32)
+
+
+# --- merge_instance_masks -------------------------------------------------------------------------
+
+
+def test_merge_overlap_goes_to_first_and_labels_consecutive():
+    a = _square((10, 10), 0, 0, 4)
+    b = _square((10, 10), 2, 2, 4, np.uint8(255))  # 0/255 mask overlapping a on [2:4, 2:4]
+    empty = np.zeros((10, 10), bool)
+    c = _square((10, 10), 7, 7, 2)
+    labels = merge_instance_masks([a, empty, b, a, c])  # empty and fully covered masks are skipped
+    assert labels.dtype == np.int32
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    assert np.all(labels[2:4, 2:4] == 1)
+    assert np.count_nonzero(labels == 1) == 16
+    assert np.count_nonzero(labels == 2) == 16 - 4
+    assert np.count_nonzero(labels == 3) == 4
+
+
+def test_merge_shape_mismatch_raises():
+    with pytest.raises(ValueError, match=r"mask 1 has shape \(5, 6\).*\(5, 5\)"):
+        merge_instance_masks([np.ones((5, 5), bool), np.ones((5, 6), bool)])
+
+
+# --- instance_targets -----------------------------------------------------------------------------
+
+
+def test_targets_isolated_square_interior_count():
+    labels = _square((20, 20), 5, 5, 10, 7)
+    target = instance_targets(labels, boundary_width=2)
+    assert target.dtype == np.uint8
+    assert np.count_nonzero(target == 1) == 36  # 6 x 6
+    assert np.count_nonzero(target == 2) == 100 - 36
+    assert np.all(target[7:13, 7:13] == 1)
+    assert np.count_nonzero(instance_targets(labels, 1) == 1) == 64  # 8 x 8
+    tiny = _square((20, 20), 5, 5, 3, 1)
+    assert set(np.unique(instance_targets(tiny, 2))) == {0, 2}  # too small for an interior
+
+
+def test_targets_touching_squares_are_separated():
+    labels = _square((20, 30), 5, 3, 10, 1) + _square((20, 30), 5, 13, 10, 2)  # share the edge x=12|13
+    target = instance_targets(labels, boundary_width=1)
+    interior_a = (target == 1) & (labels == 1)
+    interior_b = (target == 1) & (labels == 2)
+    assert interior_a.any() and interior_b.any()
+    grown_a = interior_a.copy()
+    grown_a[1:] |= interior_a[:-1]
+    grown_a[:-1] |= interior_a[1:]
+    grown_a[:, 1:] |= interior_a[:, :-1]
+    grown_a[:, :-1] |= interior_a[:, 1:]
+    assert not np.any(grown_a & interior_b)
+    assert np.all(target[5:15, 12] == 2) and np.all(target[5:15, 13] == 2)
+
+
+def test_targets_fast_on_many_nuclei():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((1024, 1024), np.int32)
+    for k, (y, x) in enumerate(rng.integers(0, 1000, size=(500, 2)), start=1):
+        labels[y : y + 20, x : x + 20] = k
+    start = time.perf_counter()
+    instance_targets(labels, 2)
+    assert time.perf_counter() - start < 1.0
+
+
+# --- watershed_instances --------------------------------------------------------------------------
+
+
+def test_watershed_recovers_touching_discs():
+    shape = (64, 96)
+    discs = [_disc(shape, 32, 25, 14), _disc(shape, 32, 50, 12), _disc(shape, 32, 73, 12)]  # touching
+    gt = merge_instance_masks(discs)
+    prob = _prob_from_labels(gt)
+    labels = watershed_instances(prob)
+    assert labels.dtype == np.int32
+    assert labels.max() == 3
+    ious = instance_iou_matrix(gt, labels)
+    assert np.all(ious.max(axis=1) > 0.8)
+    assert dsb_scores(gt, labels)["ap_75"] == 1.0
+    assert repr(WatershedInstances())  # callable wrapper gives the same answer
+    np.testing.assert_array_equal(WatershedInstances()(prob), labels)
+
+
+def test_watershed_keeps_unseeded_blob_and_drops_tiny_ones():
+    shape = (40, 40)
+    prob = np.zeros((3, *shape), np.float32)
+    prob[0] = 1.0
+    blob = _square(shape, 5, 5, 6)  # all boundary: foreground but no seed
+    tiny = _square(shape, 30, 30, 2)  # 4 px < min_area
+    disc = _disc(shape, 25, 12, 5)
+    for mask, channel in ((blob, 2), (tiny, 1), (disc, 1)):
+        prob[:, mask] = 0.0
+        prob[channel, mask] = 1.0
+    labels = watershed_instances(prob, min_area=8)
+    assert labels.max() == 2
+    assert np.all(labels[tiny] == 0)
+    assert len(np.unique(labels[blob])) == 1 and labels[blob][0] > 0
+    assert len(np.unique(labels[disc])) == 1 and labels[disc][0] > 0
+    assert np.count_nonzero(labels) == blob.sum() + disc.sum()
+    assert watershed_instances(np.stack([np.ones(shape), np.zeros(shape), np.zeros(shape)])).max() == 0
+
+
+# --- instance metrics -----------------------------------------------------------------------------
+
+
+def test_dsb_thresholds():
+    assert DSB_THRESHOLDS == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def test_instance_iou_matrix_non_consecutive_labels():
+    gt = np.array([[0, 5, 5, 9, 9, 9]])
+    pred = np.array([[3, 3, 3, 0, 8, 8]])
+    ious = instance_iou_matrix(gt, pred)  # rows gt 5, 9; cols pred 3, 8
+    np.testing.assert_allclose(ious, [[2 / 3, 0.0], [0.0, 2 / 3]])
+    assert instance_iou_matrix(np.zeros((2, 2), int), np.full((2, 2), 3)).shape == (0, 1)
+
+
+def test_dsb_perfect_and_empty():
+    gt = merge_instance_masks([_disc((30, 30), 8, 8, 5), _disc((30, 30), 20, 20, 5)])
+    perfect = dsb_scores(gt, gt * 3)  # relabelled prediction
+    assert perfect["score"] == 1.0 and perfect["per_threshold"] == [1.0] * 10
+    assert perfect["tp_50"] == 2 and perfect["fp_50"] == 0 and perfect["fn_50"] == 0
+    empty = np.zeros_like(gt)
+    assert dsb_scores(empty, empty)["score"] == 1.0
+    missed = dsb_scores(gt, empty)
+    assert missed["score"] == 0.0 and missed["fn_50"] == 2 and missed["gt_count"] == 2
+    assert dsb_scores(empty, gt)["score"] == 0.0
+
+
+def test_dsb_merge_and_split():
+    gt = np.zeros((10, 20), int)
+    gt[:, :10], gt[:, 10:] = 1, 2
+    merged = dsb_scores(gt, np.ones_like(gt))  # IoU 0.5 with each: no match anywhere
+    assert merged["score"] == 0.0 and (merged["tp_50"], merged["fp_50"], merged["fn_50"]) == (0, 1, 2)
+    gt2 = np.zeros((10, 20), int)
+    gt2[:, :12], gt2[:, 12:] = 1, 2  # pred covers both: IoU 0.6 with gt 1, 0.4 with gt 2
+    merged2 = dsb_scores(gt2, np.ones_like(gt2))
+    # matched at 0.5, 0.55 (TP 1, FP 0, FN 1 -> 1/2), nothing above 0.6 (TP 0, FP 1, FN 2 -> 0)
+    assert merged2["per_threshold"] == [0.5, 0.5] + [0.0] * 8
+    assert merged2["score"] == pytest.approx(0.1)
+    split_gt = np.ones((10, 10), int)
+    pred = np.ones((10, 10), int)
+    pred[:, 7:] = 2  # one part has IoU 0.7, the other 0.3
+    split = dsb_scores(split_gt, pred)
+    # t < 0.7: TP 1, FP 1, FN 0 -> 1/2 (4 thresholds); t >= 0.7: TP 0, FP 2, FN 1 -> 0
+    assert split["per_threshold"] == [0.5] * 4 + [0.0] * 6
+    assert split["score"] == pytest.approx(0.2)
+    assert (split["tp_50"], split["fp_50"], split["fn_50"]) == (1, 1, 0)
+
+
+def test_dsb_strict_threshold_and_single_pair():
+    gt = np.zeros((10, 10), int)
+    gt[:, :10] = 1
+    half = np.zeros_like(gt)
+    half[:, :5] = 1  # IoU exactly 0.5: not a match at t = 0.5
+    assert dsb_scores(gt, half)["ap_50"] == 0.0
+    seven = np.zeros_like(gt)
+    seven[:, :7] = 1  # IoU 0.7: matched at 0.5, 0.55, 0.6, 0.65
+    result = dsb_scores(gt, seven)
+    assert result["per_threshold"] == [1.0] * 4 + [0.0] * 6
+    assert result["score"] == pytest.approx(0.4)
+    assert result["ap_50"] == 1.0 and result["ap_75"] == 0.0
+    with pytest.raises(ValueError, match="at least 0.5"):
+        dsb_scores(gt, seven, thresholds=(0.3,))
+
+
+# --- multiclass_scores ----------------------------------------------------------------------------
+
+
+def test_multiclass_known_confusion():
+    gt = np.array([[0, 0, 1, 1], [2, 2, 2, 0]])
+    pred = np.array([[0, 1, 1, 2], [2, 2, 0, 0]])
+    # confusion (rows gt, cols pred): gt0 -> [2, 1, 0]; gt1 -> [0, 1, 1]; gt2 -> [1, 0, 2]
+    s = multiclass_scores(pred, gt, 3, class_names=["bg", "interior", "boundary"], regions={"cell": [1, 2]})
+    assert s["pixel_accuracy"] == pytest.approx(5 / 8)
+    assert s["dice_bg"] == pytest.approx(4 / 6) and s["iou_bg"] == pytest.approx(2 / 4)  # tp2 fp1 fn1
+    assert s["dice_interior"] == pytest.approx(2 / 4) and s["iou_interior"] == pytest.approx(1 / 3)  # tp1 fp1 fn1
+    assert s["dice_boundary"] == pytest.approx(4 / 6) and s["iou_boundary"] == pytest.approx(2 / 4)  # tp2 fp1 fn1
+    assert s["macro_f1"] == pytest.approx((4 / 6 + 2 / 4 + 4 / 6) / 3)
+    assert s["mean_dice"] == pytest.approx((2 / 4 + 4 / 6) / 2)
+    assert s["mean_iou"] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    # cell = {1, 2}: tp 4 (1->1, 1->2, 2->2 twice), fp 1 (gt0 -> 1), fn 1 (gt2 -> 0)
+    assert s["dice_cell"] == pytest.approx(8 / 10) and s["iou_cell"] == pytest.approx(4 / 6)
+
+
+def test_multiclass_absent_class_and_errors():
+    gt = np.zeros((2, 2), int)
+    s = multiclass_scores(gt, gt, 3)
+    assert s["dice_class2"] == 1.0 and s["iou_class1"] == 1.0 and s["pixel_accuracy"] == 1.0
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        multiclass_scores(np.full((2, 2), 3), gt, 3)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        multiclass_scores(gt, np.full((2, 2), -1), 3)
+    with pytest.raises(ValueError, match="shape"):
+        multiclass_scores(gt, np.zeros((2, 3), int), 3)
+
+
+# --- measure_instances ----------------------------------------------------------------------------
+
+
+def test_measure_two_rectangles(tmp_path):
+    labels = np.zeros((10, 12), np.int32)
+    labels[1:3, 2:6] = 4  # 2 x 4
+    labels[5:10, 8:11] = 9  # 5 x 3
+    rgb = np.zeros((3, 10, 12))
+    rgb[:, 1:3, 2:6] = [[[3.0]], [[6.0]], [[9.0]]]  # gray 6
+    rgb[0, 5:10, 8:11] = 3.0  # gray 1
+    rows = measure_instances(labels, rgb)
+    assert rows == [
+        {"label": 4, "area": 8, "centroid_y": 1.5, "centroid_x": 3.5, "bbox_min_y": 1, "bbox_min_x": 2,
+         "bbox_max_y": 3, "bbox_max_x": 6, "mean_intensity": 6.0},
+        {"label": 9, "area": 15, "centroid_y": 7.0, "centroid_x": 9.0, "bbox_min_y": 5, "bbox_min_x": 8,
+         "bbox_max_y": 10, "bbox_max_x": 11, "mean_intensity": 1.0},
+    ]
+    assert all(type(v) in (int, float) for row in rows for v in row.values())
+    plain = measure_instances(labels)
+    assert plain[0]["mean_intensity"] is None and plain[1]["area"] == 15
+    scaled = measure_instances(labels, spacing=(0.5, 2.0))
+    assert scaled[0]["area"] == pytest.approx(8.0) and scaled[0]["centroid_x"] == pytest.approx(7.0)
+    assert measure_instances(np.zeros((4, 4), int)) == []
+    out = write_measurements_csv(tmp_path / "nuclei.csv", rows)
+    with open(out, newline="") as f:
+        read = list(csv.DictReader(f))
+    assert [r["label"] for r in read] == ["4", "9"] and read[1]["mean_intensity"] == "1.0"
+
+
+def test_measurements_csv_header_when_empty(tmp_path):
+    path = write_measurements_csv(tmp_path / "sub" / "empty.csv", [])
+    assert path.read_text().strip() == ",".join(MEASUREMENT_FIELDS)
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
