@@ -16,7 +16,8 @@ from medseg.discovery import InputItem, slice_items
 from medseg.errors import DataError
 from medseg.io import atomic_output
 
-MANIFEST_FIELDS = ("input", "format", "series_uid", "slices", "status", "mask", "prob", "seconds", "message")
+MANIFEST_FIELDS = ("input", "format", "series_uid", "slices", "status", "mask", "prob", "table", "objects", "seconds",
+                   "message")
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ManifestRow:
     status: str = ""
     mask: str = ""
     prob: str = ""
+    table: str = ""
+    objects: int | str = ""
     seconds: float = 0.0
     message: str = ""
 
@@ -92,7 +95,7 @@ def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
 def run_batch(
     inputs: Sequence[InputItem],
     ignored: Sequence[tuple[str, str]],
-    segment: Callable[[list[dict]], None],
+    segment: Callable[[list[dict]], dict | None],
     paths_for: Callable[[InputItem, int], dict[str, Path]],
     count: Callable[[InputItem], int],
     manifest: Path,
@@ -105,7 +108,8 @@ def run_batch(
     Args:
         inputs: what to segment (from :func:`medseg.discovery.discover`).
         ignored: ``(file, reason)`` of files not taken (recorded as ``ignored``).
-        segment: runs the model over one input's slice items and writes its outputs.
+        segment: runs the model over one input's slice items and writes its outputs; may return
+            ``{"objects": N}`` (objects found, for instance bundles).
         paths_for: the output files of an input given its slice count.
         count: the number of slices of an input (reads headers only).
         manifest: the CSV to keep up to date.
@@ -124,11 +128,13 @@ def run_batch(
                 raise DataError(item.error)
             row.slices = count(item)
             paths = paths_for(item, row.slices)
-            row.mask, row.prob = str(paths["mask"]), str(paths.get("prob", ""))
+            row.mask, row.prob, row.table = (str(paths["mask"]), str(paths.get("prob", "")),
+                                             str(paths.get("table", "")))
             if not overwrite and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
             else:
-                segment(slice_items(item, row.slices))
+                extra = segment(slice_items(item, row.slices)) or {}
+                row.objects = extra.get("objects", "")
                 row.status = "ok"
         except Exception as err:  # noqa: BLE001 - the per-input boundary: one bad file never stops the batch
             if on_abort is not None:

@@ -1,7 +1,9 @@
-"""Find image/label pairs in the ISBI 2012 layouts and split them deterministically into train/validation."""
+"""Find labelled samples (ISBI 2012 stacks/folders, image + mask folders, DSB 2018 Kaggle layout) and split them."""
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
 import os
 import re
@@ -12,6 +14,9 @@ from medseg.readers import count_slices
 
 #: Image types accepted as training data (2D slices and TIFF stacks).
 SUPPORTED_SUFFIXES = (".png", ".tif", ".tiff")
+
+#: Image types accepted by the image + mask folder layout (read by :mod:`medseg.readers`).
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
 #: Challenge file names of the original ISBI 2012 release (multi-page TIFF stacks).
 ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
@@ -105,10 +110,159 @@ def isbi_split(data_dir: str | os.PathLike, val_count: int = 5, save_to: str | N
     """
     pairs = find_pairs(data_dir)
     split = split_pairs(pairs, val_count)
-    if save_to:
-        out = Path(save_to)
-        out.mkdir(parents=True, exist_ok=True)
-        record = {k: [d["name"] for d in v] for k, v in split.items()}
-        record["data_dir"] = str(Path(data_dir).resolve())
-        (out / "split.json").write_text(json.dumps(record, indent=2))
+    _save_split(split, data_dir, save_to)
     return {**split, "all": pairs}
+
+
+def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_to: str | None) -> None:
+    if not save_to:
+        return
+    out = Path(save_to)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict = {k: [d["name"] for d in v] for k, v in split.items()}
+    record["data_dir"] = str(Path(data_dir).resolve())
+    (out / "split.json").write_text(json.dumps(record, indent=2))
+
+
+def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
+                          mask_template: str = "../masks/{stem}.*") -> list[dict]:
+    """List ``{"image", "label", "name", "group"}`` for every image matching ``image_glob`` under ``root``.
+
+    Each image's mask is found with ``mask_template``, a glob relative to the image's folder in which
+    ``{stem}`` and ``{name}`` stand for the image's file stem and name. The defaults read
+    ``root/images/NAME`` + ``root/masks/STEM.*``; masks beside their images (``001.bmp`` + ``001.png``) are
+    ``image_glob="**/*.bmp", mask_template="{stem}.png"``. ``group`` is the image's folder relative to
+    ``root`` (used to stratify the split); ``name`` is the image's relative path without suffix.
+
+    Raises:
+        DataError: no such folder, no image matches, or an image has no (or more than one) mask.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found; pass --data pointing to the images + masks folder")
+    images = sorted((p for p in root.glob(image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                    key=lambda p: tuple(int(t) if t.isdigit() else t
+                                          for t in re.split(r"(\d+)", p.relative_to(root).as_posix())))
+    if not images:
+        raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)}); "
+                        "set image_glob in the bundle config (--set image_glob=...)")
+    pairs = []
+    for image in images:
+        pattern = str(image.parent / mask_template.format(stem=glob.escape(image.stem), name=glob.escape(image.name)))
+        masks = sorted(Path(m) for m in glob.glob(pattern)
+                       if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in IMAGE_SUFFIXES)
+        if not masks:
+            raise DataError(f"{image}: no mask matches {pattern}; add the mask or set mask_template")
+        if len(masks) > 1:
+            raise DataError(f"{image}: {len(masks)} masks match {pattern} ({masks[0].name}, {masks[1].name}); "
+                            "make mask_template specific")
+        rel = image.relative_to(root)
+        pairs.append({"image": str(image), "label": str(masks[0]), "page": 0,
+                      "name": rel.with_suffix("").as_posix(), "group": rel.parent.as_posix()})
+    return pairs
+
+
+def split_by_group(samples: list[dict], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
+    """Random but reproducible train/validation split, stratified by each sample's ``group``.
+
+    Each group gives ``round(val_fraction * n)`` samples (at least one when it has two or more) to
+    validation, drawn with ``seed``; groups of a single sample are pooled and split as one group (so that
+    data whose groups are all singletons still validates). Both lists keep the input order.
+
+    Raises:
+        DataError: ``val_fraction`` outside [0, 1), or no training sample would be left.
+    """
+    import random
+
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction {val_fraction} must be in [0, 1); use e.g. 0.2")
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(str(s.get("group", "")), []).append(i)
+    singles = sorted(members[0] for members in groups.values() if len(members) == 1)
+    groups = {key: members for key, members in groups.items() if len(members) > 1}
+    if singles:
+        groups["\0singletons"] = singles  # a key no real group has
+    rng = random.Random(seed)
+    val: set[int] = set()
+    for key in sorted(groups):
+        members = groups[key]
+        k = round(val_fraction * len(members))
+        if val_fraction > 0 and len(members) >= 2:
+            k = max(k, 1)
+        val.update(rng.sample(members, min(k, len(members) - 1)) if len(members) > 1 else [])
+    train = [s for i, s in enumerate(samples) if i not in val]
+    if not train:
+        raise DataError(f"no training samples left from {len(samples)}; lower val_fraction")
+    return {"train": train, "val": [s for i, s in enumerate(samples) if i in val]}
+
+
+def folder_split(data_dir: str | os.PathLike, image_glob: str = "images/*", mask_template: str = "../masks/{stem}.*",
+                 val_fraction: float = 0.2, seed: int = 0, save_to: str | None = None) -> dict[str, list[dict]]:
+    """:func:`find_image_mask_pairs` split by :func:`split_by_group`: ``train``, ``val`` and ``all``."""
+    pairs = find_image_mask_pairs(data_dir, image_glob, mask_template)
+    split = split_by_group(pairs, val_fraction, seed)
+    _save_split(split, data_dir, save_to)
+    return {**split, "all": pairs}
+
+
+def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
+    """List the DSB 2018 samples (Kaggle layout) under ``root`` or ``root/stage1_train``.
+
+    A sample is a folder ``{id}/`` holding ``images/{id}.png`` and ``masks/`` (one PNG per nucleus; an empty
+    ``masks/`` means no nuclei). Entries are ``{"image", "label" (the masks folder), "name", "group"}``;
+    ``group`` is the category from a ``manifest.csv`` beside the samples when present, else the image size.
+
+    Raises:
+        DataError: no samples, or a sample without its image or its ``masks/`` folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found; pass --data pointing to the DSB 2018 folder")
+    base = root / "stage1_train" if (root / "stage1_train").is_dir() else root
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [p for p in folders if (p / "images").is_dir() or (p / "masks").is_dir()]
+    if not folders:
+        raise DataError(f"{root}: no DSB samples found; expected {{id}}/images/{{id}}.png and {{id}}/masks/*.png")
+    categories = _manifest_categories(root, base)
+    samples = []
+    for folder in folders:
+        image = folder / "images" / f"{folder.name}.png"
+        if not image.is_file():
+            found = sorted((folder / "images").glob("*.png")) if (folder / "images").is_dir() else []
+            if len(found) != 1:
+                raise DataError(f"{folder}: no images/{folder.name}.png; put the sample's image there")
+            image = found[0]
+        if not (folder / "masks").is_dir():
+            raise DataError(f"{folder}: no masks/ folder; add one PNG per nucleus under masks/ or remove the sample")
+        samples.append({"image": str(image), "label": str(folder / "masks"), "page": 0, "name": folder.name,
+                        "group": categories.get(folder.name) or _size_group(image)})
+    return samples
+
+
+def _manifest_categories(*folders: Path) -> dict[str, str]:
+    for folder in folders:
+        path = folder / "manifest.csv"
+        if path.is_file():
+            with open(path, newline="") as fh:
+                return {r["image_id"]: r.get("category", "") for r in csv.DictReader(fh) if r.get("image_id")}
+    return {}
+
+
+def _size_group(image: Path) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            return f"{im.mode}-{im.size[1]}x{im.size[0]}"
+    except OSError:
+        return ""
+
+
+def dsb_split(data_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
+              save_to: str | None = None) -> dict[str, list[dict]]:
+    """:func:`find_dsb_samples` split by :func:`split_by_group`: ``train``, ``val`` and ``all``."""
+    samples = find_dsb_samples(data_dir)
+    split = split_by_group(samples, val_fraction, seed)
+    _save_split(split, data_dir, save_to)
+    return {**split, "all": samples}

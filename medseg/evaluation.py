@@ -1,4 +1,4 @@
-"""Collect an evaluator's probability maps and labels, then write per-image and challenge metrics (CSV + JSON)."""
+"""Score an evaluator's outputs per image (binary/ISBI, multi-class, DSB instances) and write CSV + JSON reports."""
 
 from __future__ import annotations
 
@@ -13,11 +13,148 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from medseg.io import atomic_output
-from medseg.metrics import binary_scores, isbi_scores
+from medseg.metrics import binary_scores, dsb_scores, isbi_scores, multiclass_scores
 
 
 def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(output_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
+        if rows:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with atomic_output(output_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+
+
+def _items(engine: Engine) -> list[tuple[dict, dict]]:
+    """``(output, batch item)`` pairs of the engine's last iteration (decollated outputs)."""
+    outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+    batch = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+    return list(zip(outputs, batch, strict=False))
+
+
+def _index_map(x: Any) -> np.ndarray:
+    """``(C, H, W)`` one-hot/probabilities -> argmax; ``(1, H, W)`` or ``(H, W)`` indices -> ``(H, W)`` int."""
+    arr = _numpy(x)
+    if arr.ndim == 3 and arr.shape[0] > 1:
+        return arr.argmax(axis=0).astype(np.int64)
+    return np.rint(arr.reshape(arr.shape[-2:])).astype(np.int64)
+
+
+class MetricsReport:
+    """Base of the evaluation handlers: score each image as it passes, write ``metrics.csv`` + ``summary.json``.
+
+    Subclasses implement :meth:`score` (one row per image) and may extend :meth:`summarise`. The summary holds
+    the mean of every numeric column, ``images``, and the means per ``group`` of the samples when they have one.
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = Path(output_dir)
+        self.rows: list[dict] = []
+        self.summary: dict[str, Any] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows = []
+
+    def _collect(self, engine: Engine) -> None:
+        for output, source in _items(engine):
+            row = {"name": str(source.get("name", f"image_{len(self.rows)}"))}
+            if source.get("group") not in (None, ""):
+                row["group"] = str(source["group"])
+            row.update(self.score(output, source))
+            self.rows.append(row)
+
+    def score(self, output: dict, source: dict) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _means(rows: list[dict]) -> dict[str, float]:
+        keys = [k for k in (rows[0] if rows else {}) if isinstance(rows[0][k], (int, float)) and
+                not isinstance(rows[0][k], bool)]
+        return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+    def summarise(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {"images": len(self.rows), **self._means(self.rows)}
+        groups = sorted({r["group"] for r in self.rows if "group" in r})
+        if len(groups) > 1:
+            summary["groups"] = {g: {"images": sum(r.get("group") == g for r in self.rows),
+                                     **self._means([r for r in self.rows if r.get("group") == g])}
+                                 for g in groups}
+        return summary
+
+    def _write(self, engine: Engine | None = None) -> dict[str, Any]:
+        self.summary = self.summarise()
+        _write_report(self.output_dir, self.rows, self.summary)
+        if engine is not None:
+            engine.state.metrics.update({k: v for k, v in self.summary.items() if isinstance(v, float)})
+        return self.summary
+
+
+class ClassMetrics(MetricsReport):
+    """Multi-class report: per-class Dice and IoU, pixel accuracy, macro F1, mean foreground Dice/IoU, regions.
+
+    Args:
+        output_dir: where ``metrics.csv`` and ``summary.json`` go.
+        num_classes: number of classes (background is class 0).
+        class_names: a name per class, used in the column names (``dice_nucleus``).
+        regions: merged classes also scored, e.g. ``{"cell": [1, 2]}`` (cell = body + nucleus).
+        pred_key: output key of the prediction (one-hot, probabilities or indices).
+        label_key: output key of the label (one-hot or indices).
+    """
+
+    def __init__(self, output_dir: str, num_classes: int, class_names: list[str] | None = None,
+                 regions: dict[str, list[int]] | None = None, pred_key: str = "pred",
+                 label_key: str = "label") -> None:
+        super().__init__(output_dir)
+        self.num_classes, self.class_names, self.regions = num_classes, class_names, regions
+        self.pred_key, self.label_key = pred_key, label_key
+
+    def score(self, output: dict, source: dict) -> dict[str, Any]:
+        return multiclass_scores(_index_map(output[self.pred_key]), _index_map(output[self.label_key]),
+                                 self.num_classes, self.class_names, self.regions)
+
+
+class InstanceMetrics(MetricsReport):
+    """DSB 2018 report: instances from the class probabilities (``postprocess``), scored against the labels.
+
+    Per image: the DSB score (mean over IoU thresholds 0.50:0.05:0.95 of TP / (TP + FP + FN), a match needs
+    IoU > t), AP at 0.5 and 0.75, object counts, and the semantic Dice of the foreground.
+
+    Args:
+        output_dir: where ``metrics.csv`` and ``summary.json`` go.
+        postprocess: callable ``(C, H, W)`` probabilities -> instance labels, e.g.
+            :class:`medseg.instances.WatershedInstances`.
+        prob_key: output key of the softmax probabilities.
+        instance_key: output key of the ground-truth instance image.
+    """
+
+    def __init__(self, output_dir: str, postprocess: Any, prob_key: str = "prob",
+                 instance_key: str = "gt_instances") -> None:
+        super().__init__(output_dir)
+        self.postprocess, self.prob_key, self.instance_key = postprocess, prob_key, instance_key
+
+    def score(self, output: dict, source: dict) -> dict[str, Any]:
+        return instance_row(_numpy(output[self.prob_key]), _index_map(output[self.instance_key]), self.postprocess)
+
+
+def instance_row(prob: np.ndarray, gt: np.ndarray, postprocess: Any) -> dict[str, Any]:
+    """One image's DSB scores, counts and foreground Dice from probabilities ``(C, H, W)`` and GT instances."""
+    from medseg.metrics import dice
+
+    pred = np.asarray(postprocess(prob))
+    scores = dsb_scores(gt, pred)
+    return {"dsb_score": scores["score"], "ap_50": scores["ap_50"], "ap_75": scores["ap_75"],
+            "gt_count": scores["gt_count"], "pred_count": scores["pred_count"], "dice": dice(pred > 0, gt > 0)}
 
 
 class ChallengeMetrics:
@@ -71,7 +208,7 @@ class ChallengeMetrics:
         for row, vr, vi in zip(rows, isbi.get("per_slice_v_rand", []), isbi.get("per_slice_v_info", []),
                                strict=False):
             row["v_rand"], row["v_info"] = vr, vi
-        means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "name"} if rows else {}
+        means = MetricsReport._means(rows)
         self.summary = {
             "images": len(rows),
             "v_rand": isbi.get("v_rand"),
@@ -81,14 +218,7 @@ class ChallengeMetrics:
             **{k: v for k, v in means.items() if k not in ("v_rand", "v_info")},
             "threshold": self.threshold,
         }
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_output(self.output_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
-            if rows:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
-                writer.writeheader()
-                writer.writerows(rows)
-        with atomic_output(self.output_dir / "summary.json") as tmp:
-            tmp.write_text(json.dumps(self.summary, indent=2))
+        _write_report(self.output_dir, rows, self.summary)
         if engine is not None:
             engine.state.metrics.update({k: v for k, v in self.summary.items() if isinstance(v, float)})
         return self.summary
@@ -129,3 +259,34 @@ class IsbiScore(Metric):
         if not self.probs:
             raise ValueError("IsbiScore needs at least one image before compute()")
         return isbi_scores(self.probs, self.labels)[self.score]
+
+
+class DsbScore(Metric):
+    """Ignite metric: mean DSB 2018 score of the images seen (key metric for nucleus bundles).
+
+    ``output_transform`` must give ``(prob, instances)`` batches: softmax probabilities ``(B, C, H, W)`` (or
+    lists of ``(C, H, W)``) and ground-truth instance images ``(B, 1, H, W)``.
+
+    Args:
+        postprocess: probabilities -> instance labels, e.g. :class:`medseg.instances.WatershedInstances`.
+        score: ``dsb_score``, ``ap_50``, ``ap_75`` or ``dice``.
+    """
+
+    def __init__(self, postprocess: Any, score: str = "dsb_score", output_transform: Any = lambda x: x,
+                 device: str | torch.device = "cpu") -> None:
+        self.postprocess, self.score = postprocess, score
+        self.values: list[float] = []
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self.values = []
+
+    def update(self, output: Any) -> None:
+        probs, instances = output
+        for prob, gt in zip(probs, instances, strict=True):
+            self.values.append(instance_row(_numpy(prob), _index_map(gt), self.postprocess)[self.score])
+
+    def compute(self) -> float:
+        if not self.values:
+            raise ValueError("DsbScore needs at least one image before compute()")
+        return float(np.mean(self.values))

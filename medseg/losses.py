@@ -26,11 +26,20 @@ class WeightedCrossEntropyLoss(nn.Module):
 
 
 class DiceCEOnLabel(nn.Module):
-    """MONAI ``DiceCELoss`` (softmax, one-hot label) that ignores an extra weight channel in the target."""
+    """MONAI ``DiceCELoss`` (softmax, one-hot label) that ignores an extra weight channel in the target.
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> None:
+    Args:
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        class_weights: optional per-class weights of the cross-entropy (one per output channel).
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
+                 class_weights: list[float] | None = None) -> None:
         super().__init__()
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+                               weight=weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(logits.float(), target[:, :1])
@@ -43,7 +52,7 @@ LOSSES: dict[str, type[nn.Module]] = {
 }
 
 
-def create_loss(name: str, **kwargs: float) -> nn.Module:
+def create_loss(name: str, **kwargs: object) -> nn.Module:
     """Build the loss registered under ``name`` in :data:`LOSSES`.
 
     Raises:

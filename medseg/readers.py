@@ -40,6 +40,7 @@ from medseg.errors import DataError
 #: File suffix -> format name. DICOM files may also have no suffix (sniffed by content).
 SUFFIXES: dict[str, str] = {
     ".png": "png",
+    ".bmp": "png",  # other 2D formats Pillow reads losslessly go through the PNG reader (and give PNG masks)
     ".tif": "tiff",
     ".tiff": "tiff",
     ".nii": "nifti",
@@ -153,7 +154,7 @@ def _page_channels_first(page) -> np.ndarray:
 
 
 class PngReader(_MedsegReader):
-    """PNG via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (resolved to RGB)."""
+    """PNG (and BMP) via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (resolved to RGB)."""
 
     format = "png"
 
@@ -180,7 +181,7 @@ class PngReader(_MedsegReader):
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as err:
-            raise DataError(f"{path}: cannot read PNG ({err}); the file may be truncated or corrupt") from err
+            raise DataError(f"{path}: cannot read the image ({err}); the file may be truncated or corrupt") from err
 
     def read_source(self, path: str) -> tuple[np.ndarray, dict]:
         arr = self._read2d(path)
@@ -193,7 +194,7 @@ class PngReader(_MedsegReader):
             with Image.open(path) as im:
                 width, height = im.size
         except (OSError, ValueError, UnidentifiedImageError) as err:
-            raise DataError(f"{path}: cannot read PNG ({err}); the file may be truncated or corrupt") from err
+            raise DataError(f"{path}: cannot read the image ({err}); the file may be truncated or corrupt") from err
         return _meta("png", path, (height, width), np.eye(4), (1.0, 1.0), "pixel")
 
     def count_slices(self, path: str) -> int:

@@ -1,4 +1,4 @@
-"""MONAI dictionary transforms of medseg: slice loading, binary labels, U-Net border weights, coarse elastic warps."""
+"""MONAI dictionary transforms of medseg: slice loading, label maps (binary, class, instance), weights, warps."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class LoadSliced(MapTransform):
     """Load slice ``data[page_key]`` of any supported input (PNG, TIFF page, NIfTI or DICOM slice) as ``(C, H, W)``.
 
     Reads through :func:`medseg.readers.read_slice` (only that slice where the format allows). RGB becomes
-    one gray channel unless ``gray`` is false; ``data["series_uid"]`` picks a DICOM series. The source path of
-    each key is kept under ``"{key}_file"``, and all loaded keys must share one spatial size.
+    one gray channel unless ``gray`` is false; ``channels`` (one value or one per key) sets it per key: 1 (gray),
+    3 (gray repeated, RGB as is) or None (``gray`` decides); ``data["series_uid"]`` picks a DICOM series. The
+    source path of each key is kept under ``"{key}_file"``, and all loaded keys must share one spatial size.
 
     Raises:
         DataError: a file is unreadable, has a channel count the model cannot take, or a label's size differs
@@ -40,9 +41,14 @@ class LoadSliced(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, page_key: str = "page", gray: bool = True,
-                 nifti_channel_dim: int | None = None, allow_missing_keys: bool = False) -> None:
+                 nifti_channel_dim: int | None = None, channels: int | Sequence[int | None] | None = None,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        per_key = list(channels) if isinstance(channels, (list, tuple)) else [channels] * len(self.keys)
+        if len(per_key) != len(self.keys) or any(c not in (None, 1, 3) for c in per_key):
+            raise ValueError(f"channels must be 1, 3 or None (or one of those per key), got {channels}")
         self.page_key, self.gray, self.nifti_channel_dim = page_key, gray, nifti_channel_dim
+        self.channels = dict(zip(self.keys, per_key, strict=True))
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -52,7 +58,14 @@ class LoadSliced(MapTransform):
         for key in self.key_iterator(d):
             path = str(d[key])
             arr = read_slice(path, page, series_uid=series_uid, nifti_channel_dim=self.nifti_channel_dim)
-            if self.gray:
+            channels = self.channels.get(key)
+            if channels == 3:
+                if arr.shape[0] not in (1, 3):
+                    raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images: "
+                                    "select the channels first")
+                arr = np.repeat(arr, 3, axis=0) if arr.shape[0] == 1 else arr
+                arr = arr.astype(np.float32, copy=False)
+            elif channels == 1 or (channels is None and self.gray):
                 if arr.shape[0] not in (1, 3):
                     raise DataError(f"{path}: {arr.shape[0]} channels; the model takes one (gray) or RGB "
                                     "images: select a channel first")
@@ -95,6 +108,140 @@ class BinaryLabeld(MapTransform):
                     f"0 = membrane and {self.on_value:g} = cell interior"
                 )
             d[key] = (arr > 0).astype(np.float32)
+        return d
+
+
+class ClassMapd(MapTransform):
+    """Map the pixel values of a label image to class indices, e.g. ``{0: 0, 128: 1, 255: 2}``.
+
+    The result is float32 ``(1, H, W)`` holding 0..C-1, as MONAI's one-hot losses and metrics expect.
+
+    Raises:
+        DataError: the label holds a value the map does not know; the message names the file and the values.
+    """
+
+    def __init__(self, keys: KeysCollection, class_map: Mapping, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.class_map = {float(k): int(v) for k, v in dict(class_map).items()}
+        if not self.class_map:
+            raise ValueError("class_map is empty; give pixel value -> class index pairs")
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            arr = np.asarray(d[key])
+            if arr.ndim == 3 and arr.shape[0] > 1:
+                raise DataError(f"{d.get(f'{key}_file', key)}: a {arr.shape[0]}-channel label image; class labels "
+                                "need one channel (save the mask as 8-bit gray)")
+            values, inverse = np.unique(arr, return_inverse=True)
+            unknown = [v for v in values.tolist() if float(v) not in self.class_map]
+            if unknown:
+                shown = ", ".join(f"{v:g}" for v in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+                known = ", ".join(f"{k:g}" for k in self.class_map)
+                raise DataError(f"{d.get(f'{key}_file', key)}: label values {shown} are not in the class map "
+                                f"({known}); fix the mask or add them to class_map")
+            lut = np.array([self.class_map[float(v)] for v in values.tolist()], dtype=np.float32)
+            d[key] = lut[inverse].reshape(arr.shape).astype(np.float32)
+        return d
+
+
+class LoadInstanceMasksd(MapTransform):
+    """Merge a folder of per-object masks (DSB 2018: one PNG per nucleus) into one ``(1, H, W)`` instance image.
+
+    Masks are read in file-name order and mask *k* gets label *k* (1-based, empty masks skipped); where masks
+    overlap the earlier one keeps the pixel, so the result is deterministic. The folder path is kept under
+    ``"{key}_file"``.
+
+    Raises:
+        DataError: the folder is missing, a mask is unreadable or not binary-like, or a mask's size differs
+            from the others' or from ``data[ref_key]``'s.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: str | None = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from pathlib import Path
+
+        from medseg.instances import merge_instance_masks
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            folder = Path(str(d[key]))
+            if not folder.is_dir():
+                raise DataError(f"{folder}: no masks folder; add one PNG per object there")
+            files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".tif", ".tiff"))
+            ref = d.get(self.ref_key) if self.ref_key else None
+            shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
+            masks = []
+            for path in files:
+                mask = read_slice(str(path), 0)
+                if mask.shape[0] != 1:
+                    mask = mask.max(axis=0, keepdims=True)
+                if shape is None:
+                    shape = mask.shape[1:]
+                elif mask.shape[1:] != shape:
+                    raise DataError(f"{path}: size {mask.shape[1:]} differs from its image's {shape}; "
+                                    "the masks must have the image's size")
+                masks.append(mask[0] > 0)
+            if shape is None:
+                raise DataError(f"{folder}: no masks and no image to size an empty label; add the image first")
+            labels = merge_instance_masks(masks) if masks else np.zeros(shape, dtype=np.int32)
+            d[f"{key}_file"] = str(folder)
+            d[key] = labels[None].astype(np.float32)
+        return d
+
+
+class InstanceTargetd(MapTransform):
+    """Turn an instance image ``(1, H, W)`` into 3 classes (0 background, 1 interior, 2 boundary).
+
+    The boundary is ``boundary_width`` pixels wide on the inside of each object, so touching objects are
+    separated by boundary pixels (see :func:`medseg.instances.instance_targets`). The instance image is kept
+    under ``instance_key`` for instance metrics.
+    """
+
+    def __init__(self, keys: KeysCollection, boundary_width: int = 2, instance_key: str | None = "instances",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.boundary_width, self.instance_key = boundary_width, instance_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from medseg.instances import instance_targets
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            labels = np.asarray(d[key])[0].astype(np.int32)
+            if self.instance_key:
+                d[self.instance_key] = labels[None].astype(np.float32)
+            d[key] = instance_targets(labels, self.boundary_width)[None].astype(np.float32)
+        return d
+
+
+class BrightObjectsd(MapTransform):
+    """Make any stain look like fluorescence: one gray channel, scaled to [0, 1], objects bright.
+
+    Colour becomes luma; intensities are scaled between the ``lower`` and ``upper`` percentiles of the image;
+    images with a bright background (brightfield, H&E: median above the middle of the range) are inverted, so
+    the network sees bright nuclei on a dark background whatever the modality.
+    """
+
+    def __init__(self, keys: KeysCollection, lower: float = 1.0, upper: float = 99.8,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.lower, self.upper = lower, upper
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            arr = img.detach().cpu().numpy() if torch.is_tensor(img) else np.asarray(img)
+            gray = to_gray(arr)
+            lo, hi = np.percentile(gray, (self.lower, self.upper))
+            scaled = np.clip((gray - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(gray)
+            if np.median(scaled) > 0.5:
+                scaled = 1.0 - scaled
+            d[key] = scaled.astype(np.float32)
         return d
 
 

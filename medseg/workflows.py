@@ -55,6 +55,11 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     return settings
 
 
+def _check_data_dir(data_dir: str) -> None:
+    if not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: data folder not found; pass --data pointing to the labelled data")
+
+
 def _last_checkpoint(output_dir: Path) -> Path:
     existing = [p for p in output_dir.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
     if not existing:
@@ -86,15 +91,18 @@ def train(
     from monai.bundle import ConfigWorkflow
     from monai.handlers import CheckpointLoader
 
-    from medseg.data import find_pairs
     from medseg.handlers import RichProgress
 
-    find_pairs(data_dir)  # fail early, with a clear message, on a bad data folder
+    _check_data_dir(data_dir)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **_device_settings(dev)}
     parser = load_config(bundle, "train", overlays, overrides, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
+    if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
+        raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
+                        "hold some out (raise val_fraction or val_count)")
     config_path = out / "config.json"
     if tracking:
         artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
@@ -118,6 +126,9 @@ def train(
 
     start = time.perf_counter()
     parser.get_parsed_content("run")
+    if evaluator.state.best_metric_epoch < 0 and trainer.state.epoch > 0:
+        # stopped (time limit) before the first validation: validate once so that model.pt exists
+        evaluator.run(trainer.state.epoch)
     summary = {
         "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
         "best_metric_epoch": evaluator.state.best_metric_epoch,
@@ -146,41 +157,52 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on the ``split`` slices (``val`` or ``all``) of ``data_dir``; write CSV + JSON.
 
-    With ``split="val"``, a ``split.json`` next to the checkpoint fixes the number of validation slices.
+    With ``split="val"``, a ``split.json`` next to the checkpoint selects the validation samples of its run
+    (ISBI: their number; other bundles: their names, when it records this ``data_dir``).
     ``tta`` averages the 8 dihedral transforms of each slice.
 
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
-    from medseg.data import find_pairs
-    from medseg.evaluation import ChallengeMetrics
+    from medseg.evaluation import ChallengeMetrics, MetricsReport
     from medseg.handlers import RichProgress
 
     if split not in ("val", "all", "train"):
         raise MedsegError(f"--split {split}: unknown split; use val or all")
-    find_pairs(data_dir)
+    _check_data_dir(data_dir)
     overrides = dict(overrides or {})
-    recorded = Path(checkpoint).parent / "split.json"
-    if split == "val" and recorded.is_file() and "val_count" not in overrides:
-        # score the validation slices of the run that produced the checkpoint
-        try:
-            overrides["val_count"] = len(json.loads(recorded.read_text())["val"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{recorded}: not a readable split record ({err}); remove it or pass "
-                            "--set val_count=N") from err
     if tta:
         overrides["validate#inferer#tta"] = True
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
                 "eval_split": split, **_device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
+    recorded = Path(checkpoint).parent / "split.json"
+    if split == "val" and recorded.is_file() and "val_count" not in overrides:
+        # score the validation samples of the run that produced the checkpoint
+        try:
+            record = json.loads(recorded.read_text())
+            val_names = [str(n) for n in record["val"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{recorded}: not a readable split record ({err}); remove it or pass "
+                            "--set val_count=N") from err
+        if parser.get("val_count") is not None:  # ISBI: the last N slices
+            parser["val_count"] = len(val_names)
+        elif val_names and str(record.get("data_dir", "")) == str(Path(data_dir).resolve()):
+            # random splits (val_fraction, seed): the recorded names, whatever the overrides of this call
+            datalists = parser.get_parsed_content("datalists")
+            listed = datalists.get("all", []) if isinstance(datalists, dict) else []
+            samples = {str(d.get("name")): d for d in listed}
+            if all(n in samples for n in val_names):
+                parser["validate#dataset#data"] = [samples[n] for n in val_names]
     load_checkpoint(parser.get_parsed_content("network_def"), checkpoint)  # clear error before the run
+    parser.get_parsed_content("datalists")  # a bad data folder fails here with its own message
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("validate#evaluator")
     RichProgress(disable=not progress).attach(evaluator)
     parser.get_parsed_content("run")
     for handler in parser.get_parsed_content("validate#handlers"):
-        if isinstance(handler, ChallengeMetrics):
+        if isinstance(handler, (ChallengeMetrics, MetricsReport)):
             return handler.summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}
 
@@ -246,13 +268,16 @@ def infer(
 
     evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 
-    def segment(items: list[dict]) -> None:
+    def segment(items: list[dict]) -> dict | None:
         evaluator.data_loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=1, num_workers=0)
         evaluator.state.epoch_length = len(items)
         evaluator._internal_run_generator = None  # Ignite keeps a dead generator after an exception; start afresh
         evaluator.run()
         if evaluator.state.iteration != len(items):
             raise RuntimeError(f"the model ran on {evaluator.state.iteration} of {len(items)} slices")
+        if writer.mask_mode == "instances":
+            return {"objects": writer.object_counts.pop(items[0]["name"], 0)}
+        return None
 
     channel_dim = parser.get_parsed_content("nifti_channel_dim", default=None)
 

@@ -7,7 +7,16 @@
 | NIfTI | ``mask/REL.nii.gz`` uint8, 1 = class, the input's affine and voxel order | ``prob/REL.nii.gz`` float32 |
 | DICOM | ``mask/REL.seg.dcm`` binary DICOM SEG referencing the source series | ``prob/REL.nii.gz`` float32 |
 
-``REL`` is the input's path relative to the input folder without its suffix. ``output_format`` (``png``,
+``REL`` is the input's path relative to the input folder without its suffix. Three kinds of mask (``mask_mode``):
+
+* ``binary``: ``prob[channel] > threshold`` (255 in PNG/TIFF, 1 in NIfTI, one DICOM SEG segment);
+* ``classes``: the argmax class; PNG/TIFF hold ``class_values`` (e.g. 0/128/255, as the training masks),
+  NIfTI the class index;
+* ``instances``: ``postprocess(prob)`` labels (e.g. seeded watershed), uint16 in every format, plus
+  ``table/REL.csv`` with one row per object (slice, label, area, centroid, bounding box, mean intensity).
+
+For ``classes`` and ``instances`` the probability map is the foreground probability ``1 - prob[0]``; DICOM SEG
+holds binary masks only, so their masks of DICOM inputs go to NIfTI by default. ``output_format`` (``png``,
 ``tiff``, ``nifti``, ``dicom-seg``) overrides the mask's kind. All files are written atomically; TIFF stacks are
 streamed page by page, volumes for NIfTI and DICOM SEG are assembled in memory (one uint8 mask and one float32
 probability volume per input).
@@ -51,13 +60,19 @@ def mask_format(input_format: str, output_format: str = "auto", slices: int = 1)
     return fmt
 
 
-def output_paths(output_dir: str | os.PathLike, rel: str, fmt: str, save_prob: bool) -> dict[str, Path]:
-    """``{"mask": path[, "prob": path]}`` of one input's outputs for mask kind ``fmt``."""
+def output_paths(output_dir: str | os.PathLike, rel: str, fmt: str, save_prob: bool,
+                 table: bool = False) -> dict[str, Path]:
+    """``{"mask": path[, "prob": path][, "table": path]}`` of one input's outputs for mask kind ``fmt``."""
     out = Path(output_dir)
     paths = {"mask": out / "mask" / f"{rel}{OUTPUT_FORMATS[fmt]}"}
     if save_prob:
         paths["prob"] = out / "prob" / f"{rel}{_PROB_SUFFIX[fmt]}"
+    if table:
+        paths["table"] = out / "table" / f"{rel}.csv"
     return paths
+
+
+MASK_MODES = ("binary", "classes", "instances")
 
 
 def _scalar(value: Any) -> Any:
@@ -103,24 +118,29 @@ class _VolumeSink:
     def __init__(self, item: dict, fmt: str, paths: dict[str, Path], pages: int, options: dict) -> None:
         self.item, self.fmt, self.paths, self.pages, self.options = item, fmt, paths, pages, options
         self.seen = 0
+        self.table: list[dict] | None = [] if "table" in paths else None
         self.stacks: dict[str, _StackWriter] = {}
         self.volumes: dict[str, np.ndarray] = {}
         if fmt == "tiff":
             meta = _geometry(item)
             calibration = tiff_calibration(tuple(meta["spacing"]), meta["spacing_unit"])
-            self.stacks = {k: _StackWriter(p, calibration) for k, p in paths.items()}
+            self.stacks = {k: _StackWriter(p, calibration) for k, p in paths.items() if k != "table"}
 
-    def add(self, page: int, mask: np.ndarray, prob: np.ndarray) -> bool:
+    def add(self, page: int, mask: np.ndarray, prob: np.ndarray, rows: list[dict] | None = None) -> bool:
         """Take slice ``page``; return True when the input is complete (and written)."""
         if page != self.seen:
             raise RuntimeError(f"slice {page} of {self.item['name']} arrived after {self.seen - 1}; "
                                "keep the slices of an input in order")
         arrays = {"mask": mask, "prob": prob}
+        if self.table is not None and rows:
+            self.table.extend(rows)
         if self.stacks:
             for key, writer in self.stacks.items():
                 writer.append(arrays[key])
         else:
-            for key in self.paths:
+            for key in ("mask", "prob"):
+                if key not in self.paths:
+                    continue
                 if key not in self.volumes:
                     self.volumes[key] = np.zeros((self.pages, *mask.shape), dtype=arrays[key].dtype)
                 self.volumes[key][page] = arrays[key]
@@ -131,6 +151,10 @@ class _VolumeSink:
         return True
 
     def _finish(self) -> None:
+        if self.table is not None:
+            from medseg.instances import write_measurements_csv
+
+            write_measurements_csv(self.paths["table"], self.table)
         if self.stacks:
             for writer in self.stacks.values():
                 writer.close()
@@ -145,7 +169,7 @@ class _VolumeSink:
                             segment_label=self.options["segment_label"], algorithm=self.options["algorithm"],
                             algorithm_version=self.options["algorithm_version"])
         else:  # nifti
-            write_nifti(self.paths["mask"], *_nifti_layout((mask > 0).astype(np.uint8), meta))
+            write_nifti(self.paths["mask"], *_nifti_layout(mask, meta))
         if "prob" in self.paths:
             write_nifti(self.paths["prob"], *_nifti_layout(self.volumes["prob"], meta))
 
@@ -176,21 +200,27 @@ def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarra
 
 
 class SaveSegmentationd(MapTransform):
-    """Save the class probability and the thresholded mask of ``data[key]`` (softmax, ``(C, H, W)``) per slice.
+    """Save the mask (and optionally a probability map) of ``data[key]`` (softmax, ``(C, H, W)``) per slice.
 
     Slices of one input must arrive in order; its files are written when the last slice arrives.
 
     Args:
         keys: the prediction key(s).
-        output_dir: folder receiving ``mask/`` and ``prob/``.
-        channel: the class channel of the prediction.
-        threshold: mask = probability > threshold.
+        output_dir: folder receiving ``mask/``, ``prob/`` (and ``table/`` for instances).
+        channel: the class channel of a binary mask and its probability map.
+        threshold: binary mask = probability > threshold.
         save_prob: also write the float32 probability map.
         output_format: ``auto`` (the input's own kind) or one of :data:`OUTPUT_FORMATS`.
         segment_label: the class name recorded in DICOM SEG.
         algorithm: the bundle's name recorded in DICOM SEG.
         algorithm_version: its version.
         nifti_channel_dim: the channel axis of 4D NIfTI inputs (as given to their reader).
+        mask_mode: ``binary``, ``classes`` or ``instances`` (see the module's description).
+        class_values: for ``classes``, the PNG/TIFF value of each class (default: the class index).
+        postprocess: for ``instances``, a callable ``(C, H, W)`` probabilities -> instance labels.
+
+    The instance table's ``mean_intensity`` is measured on the input's own pixel values (channel mean), not on
+    the network's normalised input.
     """
 
     def __init__(
@@ -205,20 +235,69 @@ class SaveSegmentationd(MapTransform):
         algorithm: str = "medseg",
         algorithm_version: str = "0",
         nifti_channel_dim: int | None = None,
+        mask_mode: str = "binary",
+        class_values: list[int] | None = None,
+        postprocess: Any = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
+        if mask_mode == "instances" and postprocess is None:
+            raise ValueError("mask_mode 'instances' needs a postprocess callable (e.g. WatershedInstances)")
         self.output_dir = Path(output_dir)
         self.channel, self.threshold, self.save_prob = channel, threshold, save_prob
         self.output_format, self.nifti_channel_dim = output_format, nifti_channel_dim
+        self.mask_mode, self.postprocess = mask_mode, postprocess
+        self.class_values = None if class_values is None else np.asarray(class_values)
+        if self.class_values is not None and self.class_values.max(initial=0) > 65535:
+            raise ValueError("class_values must fit 16 bits")
         self.options = {"segment_label": segment_label, "algorithm": algorithm,
                         "algorithm_version": algorithm_version}
         self._open: dict[str, _VolumeSink] = {}
+        #: objects found per input name (instances mode), read by the batch runner
+        self.object_counts: dict[str, int] = {}
+
+    def _format(self, input_format: str, slices: int) -> str:
+        output_format = self.output_format
+        if self.mask_mode != "binary" and input_format == "dicom" and output_format in ("auto", "", None):
+            output_format = "nifti"  # DICOM SEG holds binary masks: class and instance labels of DICOM go to NIfTI
+        fmt = mask_format(input_format, output_format, slices)
+        if fmt == "dicom-seg" and self.mask_mode != "binary":
+            raise DataError(f"DICOM SEG output holds binary masks; this bundle writes {self.mask_mode}: "
+                            "use --format nifti")
+        return fmt
 
     def paths_for(self, rel: str, input_format: str, slices: int) -> dict[str, Path]:
         """The files this writer produces for an input (used to skip inputs whose outputs exist)."""
-        return output_paths(self.output_dir, rel, mask_format(input_format, self.output_format, slices),
-                            self.save_prob)
+        return output_paths(self.output_dir, rel, self._format(input_format, slices), self.save_prob,
+                            table=self.mask_mode == "instances")
+
+    def _mask(self, pred: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mask in the values ``fmt`` stores, probability map) of one slice."""
+        if self.mask_mode == "binary":
+            prob = pred[self.channel].astype(np.float32)
+            on = prob > self.threshold
+            return (on.astype(np.uint8) if fmt == "nifti" else np.where(on, 255, 0).astype(np.uint8)), prob
+        prob = (1.0 - pred[0]).astype(np.float32)
+        if self.mask_mode == "classes":
+            index = pred.argmax(axis=0)
+            if fmt in ("png", "tiff") and self.class_values is not None:
+                index = self.class_values[index]
+            return index.astype(np.uint8 if index.max(initial=0) < 256 else np.uint16), prob
+        labels = np.asarray(self.postprocess(pred))
+        if labels.max(initial=0) > 65535:
+            raise DataError(f"{labels.max()} objects in one slice; a 16-bit label image holds 65535")
+        return labels.astype(np.uint16), prob
+
+    def _measure(self, labels: np.ndarray, item: dict, page: int, pages: int) -> list[dict]:
+        from medseg.instances import measure_instances
+        from medseg.readers import read_slice
+
+        intensity = read_slice(item["image"], page, series_uid=item["series_uid"] or None,
+                               nifti_channel_dim=self.nifti_channel_dim)
+        rows = measure_instances(labels, intensity if intensity.shape[-2:] == labels.shape else None)
+        return [{"slice": page, **r} for r in rows] if pages > 1 else rows
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -228,13 +307,17 @@ class SaveSegmentationd(MapTransform):
         input_format = str(d.get("format") or _format_of(source))
         item = {"image": source, "series_uid": str(d.get("series_uid") or ""), "name": name,
                 "nifti_channel_dim": self.nifti_channel_dim}
-        fmt = mask_format(input_format, self.output_format, pages)
-        paths = output_paths(self.output_dir, name, fmt, self.save_prob)
+        fmt = self._format(input_format, pages)
+        paths = output_paths(self.output_dir, name, fmt, self.save_prob, table=self.mask_mode == "instances")
         for key in self.key_iterator(d):
             pred = d[key]
             pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-            prob = pred[self.channel].astype(np.float32)
-            mask = np.where(prob > self.threshold, 255, 0).astype(np.uint8)
+            mask, prob = self._mask(pred, fmt)
+            rows = self._measure(mask, item, page, pages) if "table" in paths else None
+            if page == 0:
+                self.object_counts[name] = 0
+            if rows is not None:
+                self.object_counts[name] = self.object_counts.get(name, 0) + len(rows)
             single_2d = pages == 1 and fmt in ("png", "tiff")
             if single_2d:
                 if fmt == "png":
@@ -244,6 +327,10 @@ class SaveSegmentationd(MapTransform):
                     write_tiff(paths["mask"], mask, meta["spacing"], meta["spacing_unit"])
                 if self.save_prob:
                     write_tiff(paths["prob"], prob)
+                if rows is not None:
+                    from medseg.instances import write_measurements_csv
+
+                    write_measurements_csv(paths["table"], rows)
             else:
                 if page == 0:
                     if name in self._open:  # an unfinished earlier run of this input
@@ -252,7 +339,7 @@ class SaveSegmentationd(MapTransform):
                 sink = self._open.get(name)
                 if sink is None:
                     raise RuntimeError(f"slice {page} of {name} arrived before slice 0; keep slices in order")
-                if sink.add(page, mask, prob):
+                if sink.add(page, mask, prob, rows):
                     del self._open[name]
             d[f"{key}_mask_file"] = str(paths["mask"])
         return d
