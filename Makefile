@@ -5,9 +5,18 @@ BIN    := $(VENV)/bin
 # CPU build by default; on a CUDA machine run e.g. `make TORCH_SPEC="torch --index-url ..." test`
 # or install your CUDA torch into .venv first (the stamp below is then reused).
 TORCH_SPEC ?= torch==2.13.0
-DATA   ?= ../shared/data/isbi2012
-BUNDLE ?= bundles/isbi_em
-OUT    ?= demo_out
+# `make demo` trains isbi_em; `make demo DEMO=jurkat` or `make demo DEMO=nuclei` picks another bundle
+DEMO   ?= isbi_em
+DATA_isbi_em  := ../shared/data/isbi2012
+INFER_isbi_em := test
+DATA_jurkat   := ../shared/data/cells3class
+INFER_jurkat  := dataset2_subset --include '*.bmp'
+DATA_nuclei   := ../shared/data/dsb2018
+INFER_nuclei  := stage1_train --include '*/images/*.png'
+BUNDLE ?= bundles/$(DEMO)
+DATA   ?= $(DATA_$(DEMO))
+INFER  ?= $(INFER_$(DEMO))
+OUT    ?= demo_out/$(DEMO)
 DEMO_MINUTES ?= 4
 
 .PHONY: venv demo test test-all lint bench clean
@@ -25,7 +34,7 @@ demo: venv
 	$(BIN)/medseg info
 	$(BIN)/medseg train $(BUNDLE) --data $(DATA) --output $(OUT)/train --max-minutes $(DEMO_MINUTES)
 	$(BIN)/medseg evaluate $(BUNDLE) --data $(DATA) --checkpoint $(OUT)/train/model.pt --output $(OUT)/eval
-	$(BIN)/medseg infer $(BUNDLE) $(DATA)/test $(OUT)/infer --checkpoint $(OUT)/train/model.pt
+	$(BIN)/medseg infer $(BUNDLE) $(DATA)/$(INFER) $(OUT)/infer --checkpoint $(OUT)/train/model.pt
 	@echo "demo outputs: $(OUT)/train (checkpoints, MLflow store, curves), $(OUT)/eval (metrics), $(OUT)/infer (masks)"
 
 test: venv
@@ -41,4 +50,4 @@ bench: venv
 	$(BIN)/python benchmarks/infer_speed.py --data $(DATA)/test --tta $(if $(CKPT),--checkpoint $(CKPT))
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache

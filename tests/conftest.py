@@ -178,3 +178,157 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save({"model": network.state_dict()}, path)
     return path
+
+
+# --- jurkat (3-class cells) and nuclei (DSB 2018) synthetic data ---------------------------------------------
+
+#: Overrides for a tiny jurkat network (valid for train, evaluate and infer).
+JURKAT_TINY_NET = [
+    "patch_size=[64,64]",
+    "network_def#channels=[4,8]",
+    "network_def#strides=[2]",
+    "network_def#num_res_units=0",
+]
+#: Overrides for a tiny nuclei network (valid for train, evaluate and infer).
+NUCLEI_TINY_NET = JURKAT_TINY_NET
+
+
+def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def synthetic_cells(rng: np.random.Generator, size: tuple[int, int] = (96, 96),
+                    n_cells: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Round cells on a light background: pink cytoplasm (mask 128) around a dark purple nucleus (mask 255).
+
+    Returns:
+        ``(image, mask)``: ``(H, W, 3)`` uint8 RGB and ``(H, W)`` uint8 holding only 0, 128 and 255.
+    """
+    h, w = size
+    mask = np.zeros((h, w), np.uint8)
+    r_max = min(h, w) / 4
+    for _ in range(n_cells):
+        r = rng.uniform(0.6, 1.0) * r_max
+        cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+        cell = _disc((h, w), cy, cx, r)
+        nucleus = _disc((h, w), cy + rng.uniform(-0.2, 0.2) * r, cx + rng.uniform(-0.2, 0.2) * r,
+                        rng.uniform(0.4, 0.6) * r)
+        mask[cell & (mask == 0)] = 128
+        mask[nucleus & cell] = 255
+    colours = {0: (225, 215, 220), 128: (190, 140, 185), 255: (90, 45, 130)}
+    image = np.zeros((h, w, 3), np.float64)
+    for value, colour in colours.items():
+        image[mask == value] = colour
+    image += 10 * rng.standard_normal((h, w, 3))
+    image = ndimage.gaussian_filter(image, (0.7, 0.7, 0))
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+#: ``(folder, size)`` of the images written by :func:`write_jurkat_folder`.
+JURKAT_LAYOUT = [("set_a", (72, 80)), ("set_a", (96, 96)), ("set_a", (120, 110)), ("set_a", (80, 80)),
+                 ("set_a", (96, 88)), ("set_a", (72, 72)), ("set_b", (96, 96)), ("set_b", (88, 100))]
+
+
+def write_jurkat_folder(root: Path, layout=JURKAT_LAYOUT, seed: int = 0) -> Path:
+    """Synthetic cells as ``root/FOLDER/NNN.bmp`` (RGB) + ``root/FOLDER/NNN.png`` (0/128/255), numbered per folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+    for folder, size in layout:
+        counts[folder] = counts.get(folder, 0) + 1
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        image, mask = synthetic_cells(rng, size)
+        Image.fromarray(image).save(root / folder / f"{counts[folder]:03d}.bmp")
+        Image.fromarray(mask).save(root / folder / f"{counts[folder]:03d}.png")
+    return root
+
+
+@pytest.fixture
+def jurkat_folder(tmp_path: Path) -> Path:
+    """8 synthetic cell images of sizes 72..120 px: 6 in ``set_a/`` and 2 in ``set_b/`` (BMP + PNG mask)."""
+    return write_jurkat_folder(tmp_path / "jurkat")
+
+
+def synthetic_nuclei(rng: np.random.Generator, size: tuple[int, int] = (64, 64), n_single: int = 3,
+                     n_pairs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Bright round nuclei on a dark background, ``n_pairs`` of them touching pairs.
+
+    Returns:
+        ``(image, labels)``: ``(H, W)`` uint8 and ``(H, W)`` int32 instance labels 1..N (0 = background);
+        the pairs come first (labels 1-2, 3-4, ...; where a pair overlaps the earlier label keeps the pixel),
+        then the isolated nuclei (fewer than ``n_single`` when the image is too crowded).
+    """
+    h, w = size
+    labels = np.zeros((h, w), np.int32)
+    discs: list[tuple[float, float, float]] = []
+    for _ in range(n_pairs):
+        r = rng.uniform(5, 7)
+        cy, cx = rng.uniform(r + 2, h - 3 * r - 2), rng.uniform(r + 2, w - r - 2)
+        discs += [(cy, cx, r), (cy + 2 * r - 1, cx, r)]  # centres 2r - 1 apart: they touch
+    next_label = 1
+    for cy, cx, r in discs:
+        labels[_disc((h, w), cy, cx, r) & (labels == 0)] = next_label
+        next_label += 1
+    for _ in range(n_single):  # isolated nuclei: at least 3 px from any other
+        for _attempt in range(50):
+            cy, cx, r = rng.uniform(6, h - 6), rng.uniform(6, w - 6), rng.uniform(3.5, 5)
+            if not np.any(labels[_disc((h, w), cy, cx, r + 3)]):
+                labels[_disc((h, w), cy, cx, r)] = next_label
+                next_label += 1
+                break
+    image = np.where(labels > 0, 190.0, 25.0) + 8 * rng.standard_normal((h, w))
+    image = ndimage.gaussian_filter(image, 0.8)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+#: ``(id, size, bright_background)`` of the samples written by :func:`write_dsb_folder`.
+DSB_LAYOUT = [("a1", (64, 64), False), ("a2", (64, 64), False), ("a3", (64, 64), False),
+              ("b1", (80, 72), False), ("b2", (80, 72), False), ("c1", (64, 64), True)]
+
+
+def write_dsb_sample(base: Path, sample_id: str, image: np.ndarray, labels: np.ndarray, rgb: bool = False) -> Path:
+    """One sample in the Kaggle layout: ``base/ID/images/ID.png`` (RGBA, or RGB) + ``base/ID/masks/mNN.png``."""
+    from PIL import Image
+
+    folder = base / sample_id
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    if rgb:
+        pixels = np.stack([image, image, np.clip(image.astype(int) + 10, 0, 255).astype(np.uint8)], -1)
+        Image.fromarray(pixels, "RGB").save(folder / "images" / f"{sample_id}.png")
+    else:
+        rgba = np.stack([image, image, image, np.full_like(image, 255)], -1)
+        Image.fromarray(rgba, "RGBA").save(folder / "images" / f"{sample_id}.png")
+    for k in range(1, int(labels.max()) + 1):
+        Image.fromarray(np.where(labels == k, 255, 0).astype(np.uint8)).save(folder / "masks" / f"m{k:02d}.png")
+    return folder
+
+
+def write_dsb_folder(root: Path, layout=DSB_LAYOUT, seed: int = 0) -> Path:
+    """Synthetic nuclei in the DSB 2018 layout ``root/stage1_train/{id}/...``; bright-background samples are
+    RGB with dark nuclei (brightfield-like), the others RGBA fluorescence-like."""
+    rng = np.random.default_rng(seed)
+    for sample_id, size, bright in layout:
+        image, labels = synthetic_nuclei(rng, size)
+        write_dsb_sample(root / "stage1_train", sample_id, 255 - image if bright else image, labels, rgb=bright)
+    return root
+
+
+@pytest.fixture
+def dsb_folder(tmp_path: Path) -> Path:
+    """6 synthetic DSB samples: 3 RGBA 64x64, 2 RGBA 80x72 and 1 RGB 64x64 with a bright background."""
+    return write_dsb_folder(tmp_path / "dsb")
+
+
+@pytest.fixture
+def shared_cells3class() -> Path:
+    """The real 3-class WBC images + masks in ../shared/data (skips the test when absent)."""
+    return _shared("cells3class", "dataset1")
+
+
+@pytest.fixture
+def shared_dsb() -> Path:
+    """The real DSB 2018 subset in ../shared/data (skips the test when absent)."""
+    return _shared("dsb2018", "stage1_train")

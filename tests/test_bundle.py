@@ -127,3 +127,75 @@ def test_plain_monai_inference_workflow_writes_outputs(tmp_path, isbi_folder):
     assert sorted(p.name for p in (tmp_path / "out" / "mask").iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
     assert len(list((tmp_path / "out" / "prob").glob("*.tif"))) == 4
     assert Path(ckpt).is_file()
+
+
+# --- every bundle (jurkat, nuclei and isbi_em): plain monai.bundle parsing ------------------------------------
+
+TRAIN_IDS = ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "network", "loss", "optimizer",
+             "datalists", "train#trainer", "train#trainer#max_epochs", "train#dataset", "train#dataset#data",
+             "train#handlers", "validate#evaluator", "validate#handlers", "val_interval", "initialize", "run",
+             "training")
+INFER_IDS = ("bundle_root", "device", "network_def", "network", "inferer", "preprocessing", "postprocessing",
+             "dataset", "evaluator", "output_dir", "ckpt_path", "run", "inferring")
+
+
+def _bundle_data(bundle: Path, root: Path) -> Path:
+    from conftest import write_dsb_folder, write_jurkat_folder
+
+    if bundle.name == "jurkat":
+        return write_jurkat_folder(root / "jurkat", layout=[("a", (48, 52))] * 3)
+    if bundle.name == "nuclei":
+        return write_dsb_folder(root / "dsb", layout=[("s1", (48, 48), False), ("s2", (48, 48), False)])
+    return write_isbi_folder(root / "isbi", n=3, size=48)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_configs_parse_with_plain_monai_bundle(bundle, tmp_path):
+    """train, train + evaluate and inference configs resolve with ``monai.bundle.ConfigParser`` alone."""
+    configs = bundle / "configs"
+    meta = json.loads((configs / "metadata.json").read_text())
+    train = ConfigParser(ConfigParser.load_config_file(str(configs / "train.json")))
+    infer = ConfigParser(ConfigParser.load_config_file(str(configs / "inference.json")))
+    for key in TRAIN_IDS:
+        assert key in train, key
+    for key in INFER_IDS:
+        assert key in infer, key
+    # the same network in training and inference, taking and giving the channels metadata.json documents
+    nets = [p.get_parsed_content("network_def") for p in (train, infer)]
+    shapes = [[tuple(v.shape) for v in net.state_dict().values()] for net in nets]
+    assert shapes[0] == shapes[1]
+    fmt = meta["network_data_format"]
+    x = torch.rand(1, fmt["inputs"]["image"]["num_channels"], 64, 64)
+    with torch.no_grad():
+        assert nets[1].eval()(x).shape == (1, fmt["outputs"]["pred"]["num_channels"], 64, 64)
+    # train + evaluate, on a small data folder: datalists, evaluator and evaluation handlers instantiate
+    evaluate = ConfigParser()
+    evaluate.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    evaluate["dataset_dir"] = str(_bundle_data(bundle, tmp_path))
+    evaluate["output_dir"] = str(tmp_path / "eval")
+    evaluate["device"] = "$torch.device('cpu')"
+    if "val_count" in evaluate:
+        evaluate["val_count"] = 1  # isbi_em holds out the last N slices
+    assert evaluate.get_parsed_content("datalists")["val"]
+    assert evaluate.get_parsed_content("validate#evaluator") is not None
+    assert len(evaluate.get_parsed_content("validate#handlers")) >= 2
+
+
+@pytest.mark.parametrize("name", ["jurkat", "nuclei"])
+def test_plain_monai_train_workflow_on_new_bundles(name, tmp_path):
+    """``ConfigWorkflow`` (what ``python -m monai.bundle run training`` uses) trains the new bundles."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = REPO / "bundles" / name
+    overrides = {"patch_size": [32, 32], "network_def#channels": [4, 8], "network_def#strides": [2],
+                 "network_def#num_res_units": 0, "batch_size": 1, "val_interval": 1}
+    if name == "nuclei":
+        overrides["samples_per_image"] = 1
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"), meta_file=str(bundle / "configs" / "metadata.json"),
+        workflow_type="train", bundle_root=str(bundle), dataset_dir=str(_bundle_data(bundle, tmp_path)),
+        output_dir=str(tmp_path / "out"), device="$torch.device('cpu')", max_epochs=1, **overrides)
+    workflow.initialize()
+    workflow.run()
+    assert (tmp_path / "out" / "model.pt").is_file() and (tmp_path / "out" / "split.json").is_file()
+    workflow.finalize()

@@ -1,0 +1,420 @@
+"""The jurkat bundle (3 classes: background / cell body / nucleus): data discovery and split, class-map
+transforms, class-mask writing and the CLI end to end on synthetic cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from conftest import JURKAT_TINY_NET, REPO, synthetic_cells, write_dicom_slice, write_jurkat_folder
+from PIL import Image
+from typer.testing import CliRunner
+
+from medseg.cli import app
+from medseg.data import find_image_mask_pairs, folder_split, split_by_group
+from medseg.errors import DataError
+from medseg.transforms import ClassMapd, LoadSliced
+from medseg.writers import SaveSegmentationd
+
+JURKAT = REPO / "bundles" / "jurkat"
+CLASS_MAP = {"0": 0, "128": 1, "255": 2}
+#: Folder layout of the bundle's default data: masks beside the BMP images.
+LAYOUT = {"image_glob": "**/*.bmp", "mask_template": "{stem}.png"}
+TINY = [*JURKAT_TINY_NET, "batch_size=2", "val_interval=1"]
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not _is_log_noise(line)]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def _is_log_noise(line: str) -> bool:
+    # MONAI's StatsHandler loggers keep the streams of earlier CliRunner calls; ignore their log lines
+    return " - INFO - " in line or line.startswith(("--- Logging error", "Message:", "Arguments:"))
+
+
+# --- data: discovery and split --------------------------------------------------------------------------------
+
+
+def test_pairs_found_with_names_groups_and_masks(jurkat_folder):
+    pairs = find_image_mask_pairs(jurkat_folder, **LAYOUT)
+    assert [p["name"] for p in pairs] == [f"set_a/{k:03d}" for k in range(1, 7)] + ["set_b/001", "set_b/002"]
+    assert [p["group"] for p in pairs] == ["set_a"] * 6 + ["set_b"] * 2
+    for p in pairs:
+        assert p["image"].endswith(".bmp") and p["label"] == p["image"][:-4] + ".png" and p["page"] == 0
+
+
+def test_pairs_in_images_and_masks_folders(tmp_path):
+    """The library default: ``root/images/NAME`` + ``root/masks/STEM.*`` (any supported suffix)."""
+    rng = np.random.default_rng(1)
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for k in (2, 10, 1):
+        image, mask = synthetic_cells(rng, (40, 40))
+        Image.fromarray(image).save(tmp_path / "images" / f"c{k}.png")
+        Image.fromarray(mask).save(tmp_path / "masks" / f"c{k}.tif")
+    pairs = find_image_mask_pairs(tmp_path)
+    assert [p["name"] for p in pairs] == ["images/c1", "images/c2", "images/c10"]  # natural order
+    assert all(p["label"].endswith(f"masks/{Path(p['image']).stem}.tif") for p in pairs)
+
+
+def test_split_is_stratified_reproducible_and_recorded(jurkat_folder, tmp_path):
+    split = folder_split(jurkat_folder, val_fraction=0.2, seed=0, save_to=str(tmp_path / "run"), **LAYOUT)
+    val_groups = sorted(p["group"] for p in split["val"])
+    assert val_groups == ["set_a", "set_b"]  # round(0.2 * 6) = 1 from set_a, at least 1 from set_b
+    assert len(split["train"]) == 6 and len(split["all"]) == 8
+    assert {p["name"] for p in split["train"]}.isdisjoint(p["name"] for p in split["val"])
+    record = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert record["val"] == [p["name"] for p in split["val"]]
+    assert record["train"] == [p["name"] for p in split["train"]]
+    assert record["data_dir"] == str(jurkat_folder.resolve())
+    again = folder_split(jurkat_folder, val_fraction=0.2, seed=0, **LAYOUT)
+    assert [p["name"] for p in again["val"]] == record["val"]
+    # another seed draws other validation images (for at least one of a few seeds)
+    others = {tuple(p["name"] for p in folder_split(jurkat_folder, val_fraction=0.2, seed=s, **LAYOUT)["val"])
+              for s in range(1, 6)}
+    assert others - {tuple(record["val"])}
+
+
+def test_split_fraction_bounds():
+    samples = [{"name": str(k), "group": "g"} for k in range(10)]
+    assert len(split_by_group(samples, 0.0)["val"]) == 0
+    assert len(split_by_group(samples, 0.5)["val"]) == 5
+    with pytest.raises(DataError, match="val_fraction 1.0 must be in"):
+        split_by_group(samples, 1.0)
+
+
+def test_split_pools_single_sample_groups():
+    """Groups of one sample (e.g. DSB images of unique sizes) are pooled, so the split still validates."""
+    samples = [{"name": str(k), "group": f"size{k}"} for k in range(10)] + [{"name": "x", "group": "big"},
+                                                                         {"name": "y", "group": "big"}]
+    split = split_by_group(samples, 0.2, seed=0)
+    val = [s["name"] for s in split["val"]]
+    assert len(val) == 3 and len([n for n in val if n in "xy"]) == 1  # round(0.2 * 10) singles + 1 of big
+    assert split_by_group(samples, 0.2, seed=0) == split
+    assert split_by_group([{"name": "only", "group": "g"}], 0.2)["val"] == []
+
+
+def test_data_errors_name_the_file(jurkat_folder, tmp_path):
+    (jurkat_folder / "set_a" / "003.png").unlink()
+    with pytest.raises(DataError, match=r"set_a/003\.bmp: no mask matches .*003\.png") as err:
+        find_image_mask_pairs(jurkat_folder, **LAYOUT)
+    assert "\n" not in str(err.value)
+
+    other = write_jurkat_folder(tmp_path / "two", layout=[("x", (40, 40))])
+    shutil.copy(other / "x" / "001.png", other / "x" / "001.tif")
+    with pytest.raises(DataError, match=r"x/001\.bmp: 2 masks match .*make mask_template specific"):
+        find_image_mask_pairs(other, image_glob="**/*.bmp", mask_template="{stem}.*")
+
+    with pytest.raises(DataError, match=r"no images match '\*\*/\*\.jpg'.*set image_glob"):
+        find_image_mask_pairs(other, image_glob="**/*.jpg", mask_template="{stem}.png")
+    with pytest.raises(DataError, match="missing: data folder not found"):
+        find_image_mask_pairs(tmp_path / "missing")
+
+
+# --- transforms ----------------------------------------------------------------------------------------------
+
+
+def test_class_map_maps_values_to_indices(jurkat_folder):
+    pair = find_image_mask_pairs(jurkat_folder, **LAYOUT)[0]
+    d = LoadSliced(keys=["image", "label"], channels=[3, 1])(pair)
+    raw = d["label"].copy()
+    d = ClassMapd(keys="label", class_map=CLASS_MAP)(d)
+    assert d["image"].shape == (3, 72, 80) and d["label"].shape == (1, 72, 80) and d["label"].dtype == np.float32
+    assert set(np.unique(d["label"]).tolist()) == {0.0, 1.0, 2.0}
+    for value, index in ((0, 0), (128, 1), (255, 2)):
+        np.testing.assert_array_equal(d["label"] == index, raw == value)
+
+
+def test_class_map_unknown_values_name_values_and_file(jurkat_folder):
+    path = jurkat_folder / "set_a" / "002.png"
+    mask = np.asarray(Image.open(path)).copy()
+    mask[:3, :3], mask[-1, -1] = 77, 200
+    Image.fromarray(mask).save(path)
+    pair = find_image_mask_pairs(jurkat_folder, **LAYOUT)[1]
+    d = LoadSliced(keys=["image", "label"], channels=[3, 1])(pair)
+    with pytest.raises(DataError) as err:
+        ClassMapd(keys="label", class_map=CLASS_MAP)(d)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "label values 77, 200 are not in the class map (0, 128, 255)" in message
+    with pytest.raises(ValueError, match="class_map is empty"):
+        ClassMapd(keys="label", class_map={})
+
+
+def test_class_map_rejects_colour_labels(tmp_path):
+    path = tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    d = LoadSliced(keys="label", gray=False)({"label": str(path)})
+    with pytest.raises(DataError, match=r"rgb\.png: a 3-channel label image"):
+        ClassMapd(keys="label", class_map=CLASS_MAP)(d)
+
+
+def test_image_and_mask_of_different_sizes_name_the_file(jurkat_folder):
+    path = jurkat_folder / "set_b" / "001.png"
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(path)
+    pair = next(p for p in find_image_mask_pairs(jurkat_folder, **LAYOUT) if p["name"] == "set_b/001")
+    with pytest.raises(DataError, match=r"set_b/001\.png: size \(50, 60\) differs from .*set_b/001\.bmp"):
+        LoadSliced(keys=["image", "label"], channels=[3, 1])(pair)
+
+
+def test_load_channels_per_key(tmp_path):
+    gray = (np.arange(12 * 10).reshape(12, 10) % 256).astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    rgb = np.stack([gray, gray // 2, 255 - gray], -1)
+    Image.fromarray(rgb).save(tmp_path / "rgb.bmp")
+    d = LoadSliced(keys=["image", "label"], channels=[3, 1])({"image": str(tmp_path / "gray.png"),
+                                                             "label": str(tmp_path / "rgb.bmp")})
+    assert d["image"].shape == (3, 12, 10) and d["image"].dtype == np.float32
+    for c in range(3):
+        np.testing.assert_array_equal(d["image"][c], gray)  # gray repeated
+    assert d["label"].shape == (1, 12, 10)  # RGB -> luma
+    np.testing.assert_allclose(d["label"][0], rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-3)
+    d = LoadSliced(keys="image", channels=3)({"image": str(tmp_path / "rgb.bmp")})
+    np.testing.assert_array_equal(d["image"], np.moveaxis(rgb, -1, 0))  # RGB kept as is
+    with pytest.raises(ValueError, match="channels must be 1, 3 or None"):
+        LoadSliced(keys=["image", "label"], channels=[3])
+    with pytest.raises(ValueError, match="channels must be 1, 3 or None"):
+        LoadSliced(keys="image", channels=2)
+
+
+def test_bundle_load_chain_gives_scaled_rgb_and_class_indices(jurkat_folder):
+    from monai.transforms import Compose
+
+    from medseg.bundle import load_config
+
+    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder)})
+    chain = Compose(parser.get_parsed_content("load"))
+    d = chain(parser.get_parsed_content("datalists")["train"][0])
+    image, label = np.asarray(d["image"]), np.asarray(d["label"])
+    assert image.shape[0] == 3 and label.shape == (1, *image.shape[1:])
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    assert set(np.unique(label).tolist()) == {0.0, 1.0, 2.0}
+
+
+# --- writers: class masks ------------------------------------------------------------------------------------
+
+
+def _one_hot(index: np.ndarray, n: int = 3) -> np.ndarray:
+    return np.stack([index == k for k in range(n)]).astype(np.float32)
+
+
+def _class_index(h: int = 20, w: int = 24) -> np.ndarray:
+    index = np.zeros((h, w), np.int64)
+    index[4:16, 4:20] = 1
+    index[8:12, 8:14] = 2
+    return index
+
+
+def test_class_masks_png_holds_class_values(tmp_path):
+    source = tmp_path / "in" / "cell.bmp"
+    source.parent.mkdir()
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(source)
+    index = _class_index()
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes",
+                               class_values=[0, 128, 255], save_prob=True)
+    d = writer({"pred": _one_hot(index), "name": "cell", "image_file": str(source)})
+    mask = np.asarray(Image.open(tmp_path / "out" / "mask" / "cell.png"))
+    assert d["pred_mask_file"] == str(tmp_path / "out" / "mask" / "cell.png")
+    assert mask.dtype == np.uint8 and mask.shape == (20, 24)
+    np.testing.assert_array_equal(mask, np.array([0, 128, 255])[index])
+    prob = tifffile.imread(tmp_path / "out" / "prob" / "cell.tif")  # foreground = 1 - background
+    np.testing.assert_allclose(prob, (index > 0).astype(np.float32))
+    # without class_values the PNG holds the class index
+    plain = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "idx"), mask_mode="classes", save_prob=False)
+    plain({"pred": _one_hot(index), "name": "cell", "image_file": str(source)})
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "idx" / "mask" / "cell.png")), index)
+    assert not (tmp_path / "idx" / "prob").exists()
+
+
+def test_class_masks_nifti_holds_indices(tmp_path):
+    source = tmp_path / "cell.png"
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(source)
+    index = _class_index()
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes",
+                               class_values=[0, 128, 255], output_format="nifti", save_prob=False)
+    writer({"pred": _one_hot(index), "name": "cell", "image_file": str(source)})
+    seg = nib.load(tmp_path / "out" / "mask" / "cell.nii.gz")
+    data = np.asarray(seg.dataobj)
+    assert seg.get_data_dtype() == np.uint8
+    assert sorted(np.unique(data).tolist()) == [0, 1, 2]  # indices, not 0/128/255
+    assert np.bincount(data.ravel(), minlength=3).tolist() == np.bincount(index.ravel(), minlength=3).tolist()
+
+
+def test_class_masks_of_dicom_go_to_nifti_and_bad_options(tmp_path):
+    dcm = write_dicom_slice(tmp_path / "ct" / "IM0.dcm", np.zeros((8, 8), np.int16),
+                            series_uid="1.2.826.0.1.3680043.8.498.77", position=(0.0, 0.0, 0.0))
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes",
+                               output_format="dicom-seg")
+    with pytest.raises(DataError, match="DICOM SEG output holds binary masks; this bundle writes classes"):
+        writer.paths_for("ct", "dicom", 1)
+    # by default (auto) the class masks of DICOM inputs go to NIfTI
+    auto = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes")
+    assert auto.paths_for("ct", "dicom", 1)["mask"].name == "ct.nii.gz"
+    assert dcm.is_file()
+    binary = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "b"))
+    assert binary.paths_for("ct", "dicom", 1)["mask"].name == "ct.seg.dcm"  # binary bundles keep DICOM SEG
+    with pytest.raises(ValueError, match="mask_mode must be one of"):
+        SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="labels")
+    with pytest.raises(ValueError, match="class_values must fit 16 bits"):
+        SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 70000])
+
+
+# --- evaluation report ----------------------------------------------------------------------------------------
+
+
+def test_class_metrics_report_per_image_groups_and_summary(tmp_path):
+    from ignite.engine import Engine
+
+    from medseg.evaluation import ClassMetrics
+
+    index = _class_index()
+    wrong = index.copy()
+    wrong[wrong == 2] = 1  # nucleus predicted as cell body
+    items = [("a/1", "a", index, index), ("a/2", "a", wrong, index), ("b/1", "b", index, index)]
+    report = ClassMetrics(str(tmp_path / "eval"), num_classes=3, class_names=["background", "cell_body", "nucleus"],
+                          regions={"cell": [1, 2]})
+    engine = Engine(lambda e, batch: [{"pred": _one_hot(b["pred"]), "label": b["label"][None].astype(np.float32)}
+                                      for b in batch])
+    report.attach(engine)
+    engine.run([[{"name": n, "group": g, "pred": p, "label": t}] for n, g, p, t in items])
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["images"] == 3 and summary["dice_cell"] == 1.0  # the merged region is right everywhere
+    assert summary["dice_nucleus"] == pytest.approx(2 / 3)  # 1, 0, 1
+    assert summary["groups"]["a"]["images"] == 2 and summary["groups"]["b"]["dice_nucleus"] == 1.0
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == ["a/1", "a/2", "b/1"] and float(rows[1]["dice_nucleus"]) == 0.0
+    assert engine.state.metrics["mean_dice"] == pytest.approx(summary["mean_dice"])
+
+
+# --- CLI end to end ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """One tiny 2-epoch jurkat training on synthetic cells, shared by the CLI tests."""
+    root = tmp_path_factory.mktemp("jurkat_cli")
+    data = write_jurkat_folder(root / "data")
+    out = root / "run"
+    result = _invoke("train", JURKAT, "--data", data, "--output", out, "--epochs", 2, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_sets(TINY))
+    assert result.exit_code == 0, result.output
+    return {"data": data, "out": out}
+
+
+def test_cli_train_writes_model_split_and_history(trained):
+    out = trained["out"]
+    for name in ("model.pt", "split.json", "history.json", "curves.png", "config.json", "train_summary.json"):
+        assert (out / name).is_file(), name
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["val"]) == 2 and len(split["train"]) == 6
+    history = json.loads((out / "history.json").read_text())
+    assert history["val_epoch"] == [1, 2] and all(np.isfinite(history["train_loss"]))
+    assert all(0.0 <= m["val_mean_dice"] <= 1.0 for m in history["val"])
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["key_metric"] == "val_mean_dice" and summary["epochs"] == 2
+
+
+def test_cli_evaluate_writes_class_scores(trained, tmp_path):
+    result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(JURKAT_TINY_NET))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["images"] == 2
+    for key in ("dice_background", "dice_cell_body", "dice_nucleus", "iou_cell_body", "iou_nucleus",
+                "pixel_accuracy", "macro_f1", "mean_dice", "mean_iou", "dice_cell", "iou_cell"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["mean_dice"] == pytest.approx((summary["dice_cell_body"] + summary["dice_nucleus"]) / 2)
+    assert sorted(summary["groups"]) == ["set_a", "set_b"]  # one validation image per folder
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # the validation images of the training run (same seed and fraction)
+    assert [r["name"] for r in rows] == json.loads((trained["out"] / "split.json").read_text())["val"]
+
+
+def test_cli_evaluate_val_follows_the_recorded_split(trained, tmp_path):
+    """Other seed/val_fraction settings at evaluation still score the run's own validation images."""
+    result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu",
+                     *_sets([*JURKAT_TINY_NET, "seed=7", "val_fraction=0.5"]))
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        names = [r["name"] for r in csv.DictReader(fh)]
+    assert names == json.loads((trained["out"] / "split.json").read_text())["val"]
+    # --split all scores every image
+    result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "all", "--split", "all", "--no-progress", "--device", "cpu",
+                     *_sets(JURKAT_TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["images"] == 8
+
+
+def test_cli_infer_writes_class_value_masks(trained, tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(trained["data"] / "set_b", inputs)
+    for mask in inputs.glob("*.png"):
+        mask.unlink()
+    gray, _ = synthetic_cells(np.random.default_rng(5), (70, 66))
+    Image.fromarray(gray.mean(-1).astype(np.uint8)).save(inputs / "gray.png")  # gray input -> 3 channels
+    out = tmp_path / "out"
+    result = _invoke("infer", JURKAT, inputs, out, "--checkpoint", trained["out"] / "model.pt", "--no-progress",
+                     "--device", "cpu", *_sets(JURKAT_TINY_NET))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"): result.output.rindex("}") + 1])
+    assert summary["ok"] == 3 and summary["failed"] == 0
+    for name, shape in (("001", (96, 96)), ("002", (88, 100)), ("gray", (70, 66))):
+        mask = np.asarray(Image.open(out / "mask" / f"{name}.png"))
+        assert mask.shape == shape and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 128, 255}
+        prob = tifffile.imread(out / "prob" / f"{name}.tif")
+        assert prob.shape == shape and 0.0 <= prob.min() <= prob.max() <= 1.0
+    with open(out / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["status"] for r in rows} == {"ok"} and {r["objects"] for r in rows} == {""}
+
+
+def test_cli_bad_mask_value_is_one_line_naming_file_and_value(tmp_path):
+    data = write_jurkat_folder(tmp_path / "d", layout=[("a", (48, 48))] * 3)
+    mask = np.asarray(Image.open(data / "a" / "002.png")).copy()
+    mask[:4, :4] = 77
+    Image.fromarray(mask).save(data / "a" / "002.png")
+    result = _invoke("train", JURKAT, "--data", data, "--output", tmp_path / "o", "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_sets(TINY))
+    _one_line_error(result, "002.png", "77", "not in the class map")
+
+
+def test_cli_image_without_mask_is_one_line(tmp_path):
+    data = write_jurkat_folder(tmp_path / "d", layout=[("a", (48, 48))] * 2)
+    (data / "a" / "001.png").unlink()
+    result = _invoke("train", JURKAT, "--data", data, "--output", tmp_path / "o", "--no-tracking",
+                     "--device", "cpu", *_sets(TINY))
+    _one_line_error(result, "001.bmp", "no mask matches")
+    assert not (tmp_path / "o" / "model.pt").exists()
+
+
+def test_cli_split_without_validation_is_one_line(tmp_path):
+    data = write_jurkat_folder(tmp_path / "d", layout=[("a", (48, 48))] * 3)
+    result = _invoke("train", JURKAT, "--data", data, "--output", tmp_path / "o", "--no-tracking",
+                     "--device", "cpu", *_sets([*TINY, "val_fraction=0"]))
+    _one_line_error(result, "no validation samples", "val_fraction")

@@ -1,0 +1,418 @@
+"""The nuclei bundle (DSB 2018 layout, interior/boundary classes, watershed instances): samples and split,
+instance transforms, instance writing and metrics, and the CLI end to end on synthetic nuclei."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from conftest import (
+    NUCLEI_TINY_NET,
+    REPO,
+    synthetic_nuclei,
+    write_dicom_series,
+    write_dicom_slice,
+    write_dsb_folder,
+    write_dsb_sample,
+)
+from ignite.engine import Engine
+from PIL import Image
+from typer.testing import CliRunner
+
+from medseg.cli import app
+from medseg.data import dsb_split, find_dsb_samples
+from medseg.errors import DataError
+from medseg.evaluation import DsbScore, InstanceMetrics
+from medseg.instances import MEASUREMENT_FIELDS, WatershedInstances, instance_targets
+from medseg.transforms import BrightObjectsd, InstanceTargetd, LoadInstanceMasksd, LoadSliced
+from medseg.writers import SaveSegmentationd
+
+NUCLEI = REPO / "bundles" / "nuclei"
+TINY = [*NUCLEI_TINY_NET, "batch_size=2", "samples_per_image=1", "val_interval=1"]
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _mask_count(sample: dict) -> int:
+    return len(list(Path(sample["label"]).glob("*.png")))
+
+
+def _clean_prob(labels: np.ndarray) -> np.ndarray:
+    """A perfect (3, H, W) softmax: the one-hot of the instance target."""
+    target = instance_targets(labels, 2)
+    return np.stack([target == k for k in range(3)]).astype(np.float32)
+
+
+# --- data: samples and split ---------------------------------------------------------------------------------
+
+
+def test_dsb_samples_found_with_names_groups_and_masks(dsb_folder):
+    samples = find_dsb_samples(dsb_folder)
+    assert [s["name"] for s in samples] == ["a1", "a2", "a3", "b1", "b2", "c1"]
+    assert [s["group"] for s in samples] == ["RGBA-64x64"] * 3 + ["RGBA-80x72"] * 2 + ["RGB-64x64"]
+    for s in samples:
+        assert Path(s["image"]) == dsb_folder / "stage1_train" / s["name"] / "images" / f"{s['name']}.png"
+        assert Path(s["label"]).name == "masks" and _mask_count(s) >= 3
+    # the stage1_train folder itself works too
+    assert [s["name"] for s in find_dsb_samples(dsb_folder / "stage1_train")] == [s["name"] for s in samples]
+
+
+def test_dsb_groups_from_manifest_categories(dsb_folder):
+    rows = ["image_id,category", "a1,fluorescence", "a2,fluorescence", "b1,fluorescence", "c1,brightfield"]
+    (dsb_folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    groups = {s["name"]: s["group"] for s in find_dsb_samples(dsb_folder)}
+    assert groups == {"a1": "fluorescence", "a2": "fluorescence", "a3": "RGBA-64x64", "b1": "fluorescence",
+                      "b2": "RGBA-80x72", "c1": "brightfield"}  # unlisted samples fall back to their size
+
+
+def test_dsb_split_is_stratified_reproducible_and_recorded(dsb_folder, tmp_path):
+    split = dsb_split(dsb_folder, val_fraction=0.2, seed=0, save_to=str(tmp_path / "run"))
+    # one from each group of two or more; the single RGB sample always trains
+    assert sorted(s["group"] for s in split["val"]) == ["RGBA-64x64", "RGBA-80x72"]
+    assert "c1" in [s["name"] for s in split["train"]] and len(split["all"]) == 6
+    record = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert record["val"] == [s["name"] for s in split["val"]] and len(record["train"]) == 4
+    assert [s["name"] for s in dsb_split(dsb_folder, 0.2, 0)["val"]] == record["val"]
+
+
+def test_dsb_image_with_another_name_is_accepted(dsb_folder):
+    images = dsb_folder / "stage1_train" / "a2" / "images"
+    (images / "a2.png").rename(images / "other.png")
+    sample = next(s for s in find_dsb_samples(dsb_folder) if s["name"] == "a2")
+    assert Path(sample["image"]).name == "other.png"
+
+
+def test_dsb_errors_name_the_sample(dsb_folder, tmp_path):
+    shutil.rmtree(dsb_folder / "stage1_train" / "b1" / "masks")
+    with pytest.raises(DataError, match=r"stage1_train/b1: no masks/ folder") as err:
+        find_dsb_samples(dsb_folder)
+    assert "\n" not in str(err.value)
+    (dsb_folder / "stage1_train" / "b1" / "masks").mkdir()  # an empty masks/ folder = no nuclei: fine
+    assert len(find_dsb_samples(dsb_folder)) == 6
+
+    (dsb_folder / "stage1_train" / "a3" / "images" / "a3.png").unlink()
+    with pytest.raises(DataError, match=r"stage1_train/a3: no images/a3\.png"):
+        find_dsb_samples(dsb_folder)
+    shutil.rmtree(dsb_folder / "stage1_train" / "a3" / "images")
+    with pytest.raises(DataError, match=r"stage1_train/a3: no images/a3\.png"):
+        find_dsb_samples(dsb_folder)
+
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty: no DSB samples found"):
+        find_dsb_samples(tmp_path / "empty")
+    with pytest.raises(DataError, match="missing: data folder not found"):
+        find_dsb_samples(tmp_path / "missing")
+
+
+# --- transforms ----------------------------------------------------------------------------------------------
+
+
+def _loaded(sample: dict) -> dict:
+    return LoadInstanceMasksd(keys="label")(LoadSliced(keys="image", gray=False)(sample))
+
+
+def test_instance_masks_merge_one_label_per_file(dsb_folder):
+    sample = find_dsb_samples(dsb_folder)[0]
+    d = _loaded(sample)
+    labels = d["label"]
+    assert labels.shape == (1, 64, 64) and labels.dtype == np.float32 and d["label_file"] == sample["label"]
+    assert labels.max() == _mask_count(sample) == len(np.unique(labels)) - 1
+    for k, path in enumerate(sorted(Path(sample["label"]).glob("*.png")), start=1):  # file order = label order
+        mask = np.asarray(Image.open(path)) > 0
+        assert np.all(mask[labels[0] == k]) and (labels[0][mask] == k).mean() > 0.8
+
+
+def test_instance_masks_overlap_goes_to_the_earlier_file(tmp_path):
+    image = np.zeros((20, 20), np.uint8)
+    write_dsb_sample(tmp_path, "s", image, np.zeros((20, 20), np.int32))
+    first, second = np.zeros((20, 20), np.uint8), np.zeros((20, 20), np.uint8)
+    first[2:10, 2:10], second[6:14, 6:14] = 255, 255
+    Image.fromarray(second).save(tmp_path / "s" / "masks" / "b.png")
+    Image.fromarray(first).save(tmp_path / "s" / "masks" / "a.png")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "s" / "masks" / "c.png")  # empty: skipped
+    labels = _loaded({"image": str(tmp_path / "s" / "images" / "s.png"), "label": str(tmp_path / "s" / "masks")})
+    labels = labels["label"][0]
+    assert labels[8, 8] == 1 and labels[12, 12] == 2 and labels[3, 3] == 1  # overlap (6..9) kept by a.png
+    assert np.count_nonzero(labels == 1) == 64 and np.count_nonzero(labels == 2) == 64 - 16
+    assert labels.max() == 2
+
+
+def test_instance_masks_errors_name_the_file(dsb_folder, tmp_path):
+    sample = find_dsb_samples(dsb_folder)[1]
+    bad = sorted(Path(sample["label"]).glob("*.png"))[-1]
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(bad)
+    with pytest.raises(DataError, match=rf"{bad.name}: size \(32, 64\) differs from its image's \(64, 64\)"):
+        _loaded(sample)
+    with pytest.raises(DataError, match=r"nowhere: no masks folder"):
+        LoadInstanceMasksd(keys="label")({"label": str(tmp_path / "nowhere")})
+    (tmp_path / "nomasks").mkdir()
+    with pytest.raises(DataError, match=r"nomasks: no masks and no image"):
+        LoadInstanceMasksd(keys="label", ref_key=None)({"label": str(tmp_path / "nomasks")})
+    # an empty masks folder beside an image gives an all-background label
+    d = LoadInstanceMasksd(keys="label")({"image": np.zeros((1, 9, 7), np.float32), "label": str(tmp_path / "nomasks")})
+    assert d["label"].shape == (1, 9, 7) and not d["label"].any()
+
+
+def test_instance_target_classes_and_kept_instances():
+    _, labels = synthetic_nuclei(np.random.default_rng(3), (64, 64), n_single=2, n_pairs=1)
+    d = InstanceTargetd(keys="label", boundary_width=2)({"label": labels[None].astype(np.float32)})
+    target, instances = d["label"][0], d["instances"][0]
+    assert d["label"].dtype == np.float32 and set(np.unique(target).tolist()) == {0.0, 1.0, 2.0}
+    np.testing.assert_array_equal(instances, labels)
+    np.testing.assert_array_equal(target > 0, labels > 0)
+    # the touching pair (labels 1 and 2) is separated: no interior pixel of 1 borders an interior pixel of 2
+    interior = np.where(target == 1, labels, 0)
+    touching = (interior[:, :-1] * interior[:, 1:] > 0) & (interior[:, :-1] != interior[:, 1:])
+    touching_v = (interior[:-1] * interior[1:] > 0) & (interior[:-1] != interior[1:])
+    assert not touching.any() and not touching_v.any()
+    shared = (labels[:-1] == 1) & (labels[1:] == 2) | (labels[:-1] == 2) & (labels[1:] == 1)
+    assert shared.any()  # the pair does touch
+    d = InstanceTargetd(keys="label", instance_key=None)({"label": labels[None].astype(np.float32)})
+    assert "instances" not in d
+
+
+def test_bright_objects_inverts_bright_backgrounds_only(dsb_folder):
+    samples = {s["name"]: s for s in find_dsb_samples(dsb_folder)}
+    for name in ("a1", "c1"):  # a1: dark background (RGBA), c1: bright background (RGB)
+        d = _loaded(samples[name])
+        raw = d["image"].copy()
+        out = BrightObjectsd(keys="image")(d)["image"]
+        nuclei = d["label"][0] > 0
+        assert out.shape == (1, 64, 64) and out.dtype == np.float32 and 0.0 <= out.min() <= out.max() <= 1.0
+        assert out[0][nuclei].mean() > out[0][~nuclei].mean() + 0.5, name  # nuclei bright in both
+        raw_gray = raw[:3].mean(0)
+        assert (raw_gray[nuclei].mean() > raw_gray[~nuclei].mean()) == (name == "a1")
+    flat = BrightObjectsd(keys="image")({"image": np.full((1, 5, 5), 7.0, np.float32)})["image"]
+    assert not flat.any()  # a constant image stays finite
+
+
+def test_bundle_load_chain(dsb_folder):
+    from monai.transforms import Compose
+
+    from medseg.bundle import load_config
+
+    parser = load_config(NUCLEI, "train", settings={"dataset_dir": str(dsb_folder)})
+    chain = Compose(parser.get_parsed_content("load"))
+    sample = next(s for s in parser.get_parsed_content("datalists")["all"] if s["name"] == "c1")
+    d = chain(sample)
+    assert np.asarray(d["image"]).shape == (1, 64, 64)
+    assert set(np.unique(np.asarray(d["label"])).tolist()) == {0.0, 1.0, 2.0}
+    assert int(np.asarray(d["instances"]).max()) == _mask_count(sample)
+
+
+# --- writers: instance labels and tables ---------------------------------------------------------------------
+
+
+def test_instances_png_uint16_labels_and_table(tmp_path):
+    image, labels = synthetic_nuclei(np.random.default_rng(4), (64, 64), n_single=3, n_pairs=1)
+    source = tmp_path / "in" / "n.png"
+    source.parent.mkdir()
+    Image.fromarray(image).save(source)
+    n = int(labels.max())
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="instances",
+                               postprocess=WatershedInstances(), save_prob=True)
+    writer({"pred": _clean_prob(labels), "name": "n", "image_file": str(source)})
+    mask = np.asarray(Image.open(tmp_path / "out" / "mask" / "n.png"))
+    assert mask.dtype == np.uint16 and mask.shape == (64, 64)
+    assert sorted(np.unique(mask).tolist()) == list(range(n + 1))  # the touching pair is split again
+    assert writer.object_counts == {"n": n}
+    with open(tmp_path / "out" / "table" / "n.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == MEASUREMENT_FIELDS and len(rows) == n
+    assert [int(r["label"]) for r in rows] == list(range(1, n + 1))
+    assert sum(int(r["area"]) for r in rows) == np.count_nonzero(mask)
+    assert all(float(r["mean_intensity"]) > 120 for r in rows)  # the input's own pixel values (bright nuclei)
+    prob = tifffile.imread(tmp_path / "out" / "prob" / "n.tif")
+    np.testing.assert_allclose(prob, (labels > 0).astype(np.float32))
+
+
+def test_instances_tiff_stack_counts_every_slice(tmp_path):
+    rng = np.random.default_rng(6)
+    pairs = [synthetic_nuclei(rng, (48, 48), n_single=2, n_pairs=0) for _ in range(2)]
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([p[0] for p in pairs]), photometric="minisblack")
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="instances",
+                               postprocess=WatershedInstances(), save_prob=False)
+    for page, (_, labels) in enumerate(pairs):
+        writer({"pred": _clean_prob(labels), "name": "stack", "image_file": str(tmp_path / "stack.tif"),
+                "page": page, "pages": 2})
+    stack = tifffile.imread(tmp_path / "out" / "mask" / "stack.tif")
+    assert stack.shape == (2, 48, 48) and stack.dtype == np.uint16
+    counts = [int(p[1].max()) for p in pairs]
+    assert [int(s.max()) for s in stack] == counts and writer.object_counts == {"stack": sum(counts)}
+    with open(tmp_path / "out" / "table" / "stack.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["slice"]) for r in rows] == [0] * counts[0] + [1] * counts[1]
+
+
+def test_instances_of_dicom_go_to_nifti_and_need_a_postprocess(tmp_path):
+    write_dicom_slice(tmp_path / "ct" / "IM0.dcm", np.zeros((8, 8), np.int16),
+                      series_uid="1.2.826.0.1.3680043.8.498.78", position=(0.0, 0.0, 0.0))
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"), mask_mode="instances",
+                               postprocess=WatershedInstances(), output_format="dicom-seg")
+    with pytest.raises(DataError, match="DICOM SEG output holds binary masks; this bundle writes instances"):
+        writer.paths_for("ct", "dicom", 1)
+    auto = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"), mask_mode="instances",
+                             postprocess=WatershedInstances())
+    paths = auto.paths_for("ct", "dicom", 1)  # by default instance labels of DICOM inputs go to NIfTI
+    assert (paths["mask"].name, paths["table"].name) == ("ct.nii.gz", "ct.csv")
+    assert set(auto.paths_for("x", "png", 1)) == {"mask", "prob", "table"}
+    with pytest.raises(ValueError, match="needs a postprocess"):
+        SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="instances")
+
+
+# --- instance metrics ----------------------------------------------------------------------------------------
+
+
+def _engine(items: list[tuple[np.ndarray, np.ndarray, str]], attach) -> Engine:
+    """Run an engine over one image per iteration; outputs are ``{"prob", "gt_instances"}``, batches
+    ``{"name"}`` (as the evaluator's decollated lists)."""
+    def step(engine, batch):
+        return [{"prob": item["prob"], "gt_instances": item["gt"][None].astype(np.float32)} for item in batch]
+
+    engine = Engine(step)
+    attach(engine)
+    engine.run([[{"prob": prob, "gt": gt, "name": name}] for prob, gt, name in items])
+    return engine
+
+
+def test_dsb_metric_and_report_on_perfect_and_empty_predictions(tmp_path):
+    rng = np.random.default_rng(8)
+    gts = [synthetic_nuclei(rng, (48, 48))[1] for _ in range(2)]
+    empty = np.zeros((3, 48, 48), np.float32)
+    empty[0] = 1.0
+
+    def metric(engine):
+        DsbScore(postprocess=WatershedInstances(), output_transform=lambda out: (
+            [o["prob"] for o in out], [o["gt_instances"] for o in out])).attach(engine, "dsb")
+
+    perfect = [(_clean_prob(gt), gt, f"p{k}") for k, gt in enumerate(gts)]
+    assert _engine(perfect, metric).state.metrics["dsb"] == pytest.approx(1.0)
+    assert _engine([(empty, gts[0], "x")], metric).state.metrics["dsb"] == 0.0
+    with pytest.raises(ValueError, match="at least one image"):
+        DsbScore(postprocess=WatershedInstances()).compute()
+
+    report = InstanceMetrics(str(tmp_path / "eval"), postprocess=WatershedInstances())
+    engine = _engine([perfect[0], (empty, gts[1], "b")], report.attach)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary == report.summary and engine.state.metrics["dsb_score"] == pytest.approx(0.5)
+    assert summary["images"] == 2 and summary["dsb_score"] == pytest.approx(0.5)
+    assert summary["ap_50"] == pytest.approx(0.5) and summary["dice"] == pytest.approx(0.5)
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == ["p0", "b"]
+    assert [int(r["gt_count"]) for r in rows] == [int(g.max()) for g in gts]
+    assert [int(r["pred_count"]) for r in rows] == [int(gts[0].max()), 0]
+
+
+# --- CLI end to end ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """One tiny 2-epoch nuclei training on synthetic DSB samples, shared by the CLI tests."""
+    root = tmp_path_factory.mktemp("nuclei_cli")
+    data = write_dsb_folder(root / "data")
+    out = root / "run"
+    result = _invoke("train", NUCLEI, "--data", data, "--output", out, "--epochs", 2, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_sets(TINY))
+    assert result.exit_code == 0, result.output
+    return {"data": data, "out": out}
+
+
+def test_cli_train_writes_model_split_and_dsb_history(trained):
+    out = trained["out"]
+    for name in ("model.pt", "split.json", "history.json", "config.json", "train_summary.json"):
+        assert (out / name).is_file(), name
+    assert len(json.loads((out / "split.json").read_text())["val"]) == 2
+    history = json.loads((out / "history.json").read_text())
+    assert history["val_epoch"] == [1, 2]
+    for m in history["val"]:
+        assert 0.0 <= m["val_dsb_score"] <= 1.0 and 0.0 <= m["val_ap_50"] <= 1.0 and 0.0 <= m["val_mean_dice"] <= 1
+    assert json.loads((out / "train_summary.json").read_text())["key_metric"] == "val_dsb_score"
+
+
+def test_cli_evaluate_all_writes_dsb_scores_and_groups(trained, tmp_path):
+    result = _invoke("evaluate", NUCLEI, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--split", "all", "--no-progress", "--device", "cpu",
+                     *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["images"] == 6
+    for key in ("dsb_score", "ap_50", "ap_75", "dice"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["groups"].keys() == {"RGBA-64x64", "RGBA-80x72", "RGB-64x64"}
+    assert [g["images"] for g in summary["groups"].values()] == [1, 3, 2]
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    for sample in find_dsb_samples(trained["data"]):
+        assert int(rows[sample["name"]]["gt_count"]) == _mask_count(sample)
+
+
+def test_cli_evaluate_val_scores_the_runs_validation_samples(trained, tmp_path):
+    result = _invoke("evaluate", NUCLEI, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        names = [r["name"] for r in csv.DictReader(fh)]
+    assert names == json.loads((trained["out"] / "split.json").read_text())["val"]
+
+
+def test_cli_infer_writes_labels_tables_and_object_counts(trained, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for sample in find_dsb_samples(trained["data"]):
+        if sample["name"] in ("a1", "a3", "c1"):  # c1: RGB with a bright background
+            shutil.copy(sample["image"], inputs)
+    write_dicom_series(inputs / "ct", n=2, size=24)  # instance labels of a DICOM series go to NIfTI
+    out = tmp_path / "out"
+    result = _invoke("infer", NUCLEI, inputs, out, "--checkpoint", trained["out"] / "model.pt", "--no-progress",
+                     "--device", "cpu", *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 0, result.output
+    with open(out / "manifest.csv", newline="") as fh:
+        rows = {Path(r["input"]).stem: r for r in csv.DictReader(fh)}
+    assert sorted(rows) == ["a1", "a3", "c1", "ct"]
+    ct = rows.pop("ct")
+    assert ct["status"] == "ok" and ct["mask"] == str(out / "mask" / "ct.nii.gz")
+    labels = np.asarray(nib.load(ct["mask"]).dataobj)
+    assert labels.shape == (24, 24, 2) and labels.dtype == np.uint16
+    with open(ct["table"], newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert int(ct["objects"]) == len(table) and {r["slice"] for r in table} <= {"0", "1"}
+    for name, row in rows.items():
+        assert row["status"] == "ok" and row["objects"] != ""
+        mask = np.asarray(Image.open(out / "mask" / f"{name}.png"))
+        assert mask.dtype == np.uint16 and mask.shape == (64, 64)
+        assert row["table"] == str(out / "table" / f"{name}.csv")
+        with open(row["table"], newline="") as fh:
+            table = list(csv.DictReader(fh))
+        assert int(row["objects"]) == len(table) == len(set(np.unique(mask).tolist()) - {0})
+        assert (out / "prob" / f"{name}.tif").is_file()
+    # a second run skips the inputs whose outputs (table included) exist
+    result = _invoke("infer", NUCLEI, inputs, out, "--checkpoint", trained["out"] / "model.pt", "--no-progress",
+                     "--device", "cpu", *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 0 and json.loads(result.output[result.output.index("{"):])["skipped"] == 4
+
+
+def test_cli_sample_without_masks_is_one_line(tmp_path):
+    data = write_dsb_folder(tmp_path / "d", layout=[("x1", (48, 48), False), ("x2", (48, 48), False)])
+    shutil.rmtree(data / "stage1_train" / "x2" / "masks")
+    result = _invoke("train", NUCLEI, "--data", data, "--output", tmp_path / "o", "--no-tracking",
+                     "--device", "cpu", *_sets(TINY))
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "x2: no masks/ folder" in errors[0] and "Traceback" not in result.output
