@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-BundleArg = Annotated[Path, typer.Argument(help="Bundle folder, e.g. bundles/isbi_em.")]
+BundleArg = Annotated[Path, typer.Argument(help="Bundle folder: bundles/isbi_em, bundles/jurkat or bundles/nuclei.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")]
 OverlayOpt = Annotated[
     list[Path] | None, typer.Option("--config", "-c", help="Overlay config merged over the bundle's (repeatable).")
@@ -79,7 +79,9 @@ def _main(
 def train(
     ctx: typer.Context,
     bundle: BundleArg,
-    data: Annotated[Path, typer.Option(help="Training data folder (image/ + label/ or ISBI TIFF stacks).")],
+    data: Annotated[Path, typer.Option(help=(
+        "Labelled data folder in the bundle's layout: isbi_em image/ + label/ or ISBI TIFF stacks; jurkat "
+        "images + masks (image_glob, mask_template); nuclei DSB 2018 {id}/images + {id}/masks."))],
     output: Annotated[Path, typer.Option(help="Run folder: checkpoints, curves, split, MLflow store.")] = Path(
         "runs/latest"
     ),
@@ -112,14 +114,14 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="Labelled data folder.")],
     checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
     output: Annotated[Path | None, typer.Option(help="Where metrics.csv and summary.json go.")] = None,
-    split: Annotated[str, typer.Option(help="Slices to score: val (the training split's) or all.")] = "val",
+    split: Annotated[str, typer.Option(help="Images to score: val (the training run's split) or all.")] = "val",
     tta: Annotated[bool, typer.Option(help="Average the 8 rotations/flips (8x slower).")] = False,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
     set_: SetOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Score a checkpoint with Dice/IoU, pixel error and the ISBI 2012 V_rand / V_info."""
+    """Score a checkpoint with the bundle's metrics (ISBI V_rand/V_info, per-class Dice/IoU, DSB 2018 score)."""
     from medseg import workflows
 
     ckpt = checkpoint or bundle / "models" / "model.pt"
@@ -137,7 +139,8 @@ def infer(
     bundle: BundleArg,
     input_path: Annotated[Path, typer.Argument(
         help="Folder (searched recursively) or one file: PNG, TIFF (stacks), NIfTI, DICOM (one input per series).")],
-    output_dir: Annotated[Path, typer.Argument(help="Receives mask/REL.*, prob/REL.* and manifest.csv.")],
+    output_dir: Annotated[Path, typer.Argument(
+        help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles) and manifest.csv.")],
     checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
     include: Annotated[list[str] | None, typer.Option(
         help="Only files matching this glob (relative path or name, e.g. '*.nii.gz'); repeatable.")] = None,
@@ -145,9 +148,11 @@ def infer(
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search sub-folders.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Redo inputs whose outputs exist (default: skip them).")] = False,
     format_: Annotated[str, typer.Option("--format", help=(
-        "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, DICOM SEG), png, tiff, nifti or dicom-seg."
+        "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, DICOM SEG for binary masks), png, tiff, "
+        "nifti or dicom-seg."
     ))] = "auto",
-    prob: Annotated[bool, typer.Option("--prob/--no-prob", help="Also write float32 probability maps.")] = True,
+    prob: Annotated[bool, typer.Option("--prob/--no-prob", help=(
+        "Also write float32 probability maps (the class, or 1 - background for multi-class bundles)."))] = True,
     tta: Annotated[bool, typer.Option(help="Average the 8 rotations/flips (8x slower).")] = False,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,

@@ -157,8 +157,8 @@ def instance_row(prob: np.ndarray, gt: np.ndarray, postprocess: Any) -> dict[str
             "gt_count": scores["gt_count"], "pred_count": scores["pred_count"], "dice": dice(pred > 0, gt > 0)}
 
 
-class ChallengeMetrics:
-    """Write ``metrics.csv`` (one row per image) and ``summary.json`` when an evaluator completes.
+class ChallengeMetrics(MetricsReport):
+    """ISBI 2012 report: ``metrics.csv`` (one row per image) and ``summary.json`` when an evaluator completes.
 
     Per image: Dice, IoU, pixel accuracy and mismatch at ``threshold``, ISBI pixel error, and V_rand /
     V_info at the stack's best thresholds. The summary holds the means and the ISBI 2012 stack scores
@@ -174,43 +174,32 @@ class ChallengeMetrics:
 
     def __init__(self, output_dir: str, prob_key: str = "prob", label_key: str = "label",
                  channel: int = 1, threshold: float = 0.5) -> None:
-        self.output_dir = Path(output_dir)
+        super().__init__(output_dir)
         self.prob_key, self.label_key = prob_key, label_key
         self.channel, self.threshold = channel, threshold
-        self.names: list[str] = []
         self.probs: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
-        self.summary: dict[str, Any] = {}
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self.names, self.probs, self.labels = [], [], []
+        super()._reset(engine)
+        self.probs, self.labels = [], []
 
-    def _collect(self, engine: Engine) -> None:
-        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        batch = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
-        for item, source in zip(outputs, batch, strict=False):
-            prob = _numpy(item[self.prob_key])[self.channel]
-            label = _numpy(item[self.label_key])
-            label = label[self.channel] if label.shape[0] > 1 else label[0]
-            self.probs.append(prob.astype(np.float32))
-            self.labels.append(label > 0)
-            self.names.append(str(source.get("name", f"image_{len(self.names)}")))
+    def score(self, output: dict, source: dict) -> dict[str, Any]:
+        prob = _numpy(output[self.prob_key])[self.channel].astype(np.float32)
+        label = _numpy(output[self.label_key])
+        label = (label[self.channel] if label.shape[0] > 1 else label[0]) > 0
+        self.probs.append(prob)  # the stack scores need every slice
+        self.labels.append(label)
+        return binary_scores(prob, label, self.threshold)
 
-    def _write(self, engine: Engine | None = None) -> dict[str, Any]:
-        rows = [{"name": n, **binary_scores(p, g, self.threshold)}
-                for n, p, g in zip(self.names, self.probs, self.labels, strict=True)]
+    def summarise(self) -> dict[str, Any]:
         isbi = isbi_scores(self.probs, self.labels) if self.probs else {}
-        for row, vr, vi in zip(rows, isbi.get("per_slice_v_rand", []), isbi.get("per_slice_v_info", []),
+        for row, vr, vi in zip(self.rows, isbi.get("per_slice_v_rand", []), isbi.get("per_slice_v_info", []),
                                strict=False):
             row["v_rand"], row["v_info"] = vr, vi
-        means = MetricsReport._means(rows)
-        self.summary = {
-            "images": len(rows),
+        means = self._means(self.rows)
+        return {
+            "images": len(self.rows),
             "v_rand": isbi.get("v_rand"),
             "v_info": isbi.get("v_info"),
             "v_rand_threshold": isbi.get("v_rand_threshold"),
@@ -218,10 +207,6 @@ class ChallengeMetrics:
             **{k: v for k, v in means.items() if k not in ("v_rand", "v_info")},
             "threshold": self.threshold,
         }
-        _write_report(self.output_dir, rows, self.summary)
-        if engine is not None:
-            engine.state.metrics.update({k: v for k, v in self.summary.items() if isinstance(v, float)})
-        return self.summary
 
 
 class IsbiScore(Metric):

@@ -164,7 +164,7 @@ def evaluate(
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
-    from medseg.evaluation import ChallengeMetrics, MetricsReport
+    from medseg.evaluation import MetricsReport
     from medseg.handlers import RichProgress
 
     if split not in ("val", "all", "train"):
@@ -202,7 +202,7 @@ def evaluate(
     RichProgress(disable=not progress).attach(evaluator)
     parser.get_parsed_content("run")
     for handler in parser.get_parsed_content("validate#handlers"):
-        if isinstance(handler, (ChallengeMetrics, MetricsReport)):
+        if isinstance(handler, MetricsReport):
             return handler.summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}
 
