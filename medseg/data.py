@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -24,7 +25,11 @@ ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
 
 def _natural_key(path: Path) -> tuple:
     """Sort ``2.png`` before ``10.png``."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
+    return _natural_text(path.name)
+
+
+def _natural_text(text: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -141,8 +146,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found; pass --data pointing to the images + masks folder")
     images = sorted((p for p in root.glob(image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                    key=lambda p: tuple(int(t) if t.isdigit() else t
-                                          for t in re.split(r"(\d+)", p.relative_to(root).as_posix())))
+                    key=lambda p: _natural_text(p.relative_to(root).as_posix()))
     if not images:
         raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)}); "
                         "set image_glob in the bundle config (--set image_glob=...)")
@@ -172,8 +176,6 @@ def split_by_group(samples: list[dict], val_fraction: float = 0.2, seed: int = 0
     Raises:
         DataError: ``val_fraction`` outside [0, 1), or no training sample would be left.
     """
-    import random
-
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction {val_fraction} must be in [0, 1); use e.g. 0.2")
     groups: dict[str, list[int]] = {}

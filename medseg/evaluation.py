@@ -125,33 +125,31 @@ class ClassMetrics(MetricsReport):
 
 
 class InstanceMetrics(MetricsReport):
-    """DSB 2018 report: instances from the class probabilities (``postprocess``), scored against the labels.
+    """DSB 2018 report: predicted instance images scored against the ground-truth instances.
 
     Per image: the DSB score (mean over IoU thresholds 0.50:0.05:0.95 of TP / (TP + FP + FN), a match needs
-    IoU > t), AP at 0.5 and 0.75, object counts, and the semantic Dice of the foreground.
+    IoU > t), AP at 0.5 and 0.75, object counts, and the semantic Dice of the foreground. The evaluator's
+    postprocessing makes the predicted instances once per image (e.g. ``Lambdad`` with
+    :class:`medseg.instances.WatershedInstances`), so the report and the :class:`DsbScore` metrics share them.
 
     Args:
         output_dir: where ``metrics.csv`` and ``summary.json`` go.
-        postprocess: callable ``(C, H, W)`` probabilities -> instance labels, e.g.
-            :class:`medseg.instances.WatershedInstances`.
-        prob_key: output key of the softmax probabilities.
+        pred_key: output key of the predicted instance image.
         instance_key: output key of the ground-truth instance image.
     """
 
-    def __init__(self, output_dir: str, postprocess: Any, prob_key: str = "prob",
-                 instance_key: str = "gt_instances") -> None:
+    def __init__(self, output_dir: str, pred_key: str = "pred_instances", instance_key: str = "gt_instances") -> None:
         super().__init__(output_dir)
-        self.postprocess, self.prob_key, self.instance_key = postprocess, prob_key, instance_key
+        self.pred_key, self.instance_key = pred_key, instance_key
 
     def score(self, output: dict, source: dict) -> dict[str, Any]:
-        return instance_row(_numpy(output[self.prob_key]), _index_map(output[self.instance_key]), self.postprocess)
+        return instance_row(_index_map(output[self.pred_key]), _index_map(output[self.instance_key]))
 
 
-def instance_row(prob: np.ndarray, gt: np.ndarray, postprocess: Any) -> dict[str, Any]:
-    """One image's DSB scores, counts and foreground Dice from probabilities ``(C, H, W)`` and GT instances."""
+def instance_row(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
+    """One image's DSB scores, counts and foreground Dice from predicted and ground-truth instance images."""
     from medseg.metrics import dice
 
-    pred = np.asarray(postprocess(prob))
     scores = dsb_scores(gt, pred)
     return {"dsb_score": scores["score"], "ap_50": scores["ap_50"], "ap_75": scores["ap_75"],
             "gt_count": scores["gt_count"], "pred_count": scores["pred_count"], "dice": dice(pred > 0, gt > 0)}
@@ -249,17 +247,16 @@ class IsbiScore(Metric):
 class DsbScore(Metric):
     """Ignite metric: mean DSB 2018 score of the images seen (key metric for nucleus bundles).
 
-    ``output_transform`` must give ``(prob, instances)`` batches: softmax probabilities ``(B, C, H, W)`` (or
-    lists of ``(C, H, W)``) and ground-truth instance images ``(B, 1, H, W)``.
+    ``output_transform`` must give ``(pred_instances, gt_instances)`` batches of instance images
+    (``(B, 1, H, W)`` or lists of ``(H, W)`` / ``(1, H, W)``).
 
     Args:
-        postprocess: probabilities -> instance labels, e.g. :class:`medseg.instances.WatershedInstances`.
         score: ``dsb_score``, ``ap_50``, ``ap_75`` or ``dice``.
     """
 
-    def __init__(self, postprocess: Any, score: str = "dsb_score", output_transform: Any = lambda x: x,
+    def __init__(self, score: str = "dsb_score", output_transform: Any = lambda x: x,
                  device: str | torch.device = "cpu") -> None:
-        self.postprocess, self.score = postprocess, score
+        self.score = score
         self.values: list[float] = []
         super().__init__(output_transform=output_transform, device=device)
 
@@ -267,9 +264,9 @@ class DsbScore(Metric):
         self.values = []
 
     def update(self, output: Any) -> None:
-        probs, instances = output
-        for prob, gt in zip(probs, instances, strict=True):
-            self.values.append(instance_row(_numpy(prob), _index_map(gt), self.postprocess)[self.score])
+        preds, instances = output
+        for pred, gt in zip(preds, instances, strict=True):
+            self.values.append(instance_row(_index_map(pred), _index_map(gt))[self.score])
 
     def compute(self) -> float:
         if not self.values:

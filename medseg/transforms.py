@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -153,8 +154,8 @@ class LoadInstanceMasksd(MapTransform):
     ``"{key}_file"``.
 
     Raises:
-        DataError: the folder is missing, a mask is unreadable or not binary-like, or a mask's size differs
-            from the others' or from ``data[ref_key]``'s.
+        DataError: the folder is missing, a mask is unreadable, or a mask's size differs from the others' or
+            from ``data[ref_key]``'s. Any non-zero pixel of a mask belongs to its object.
     """
 
     def __init__(self, keys: KeysCollection, ref_key: str | None = "image", allow_missing_keys: bool = False) -> None:
@@ -162,8 +163,6 @@ class LoadInstanceMasksd(MapTransform):
         self.ref_key = ref_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from pathlib import Path
-
         from medseg.instances import merge_instance_masks
 
         d = dict(data)

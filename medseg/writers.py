@@ -314,10 +314,8 @@ class SaveSegmentationd(MapTransform):
             pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
             mask, prob = self._mask(pred, fmt)
             rows = self._measure(mask, item, page, pages) if "table" in paths else None
-            if page == 0:
-                self.object_counts[name] = 0
             if rows is not None:
-                self.object_counts[name] = self.object_counts.get(name, 0) + len(rows)
+                self.object_counts[name] = (0 if page == 0 else self.object_counts.get(name, 0)) + len(rows)
             single_2d = pages == 1 and fmt in ("png", "tiff")
             if single_2d:
                 if fmt == "png":

@@ -279,10 +279,14 @@ def test_instances_of_dicom_go_to_nifti_and_need_a_postprocess(tmp_path):
 
 
 def _engine(items: list[tuple[np.ndarray, np.ndarray, str]], attach) -> Engine:
-    """Run an engine over one image per iteration; outputs are ``{"prob", "gt_instances"}``, batches
-    ``{"name"}`` (as the evaluator's decollated lists)."""
+    """Run an engine over one image per iteration; outputs are ``{"prob", "pred_instances", "gt_instances"}``
+    (the watershed applied once, as the bundle's postprocessing does), batches ``{"name"}`` (as the
+    evaluator's decollated lists)."""
+    watershed = WatershedInstances()
+
     def step(engine, batch):
-        return [{"prob": item["prob"], "gt_instances": item["gt"][None].astype(np.float32)} for item in batch]
+        return [{"prob": item["prob"], "pred_instances": watershed(item["prob"]),
+                 "gt_instances": item["gt"][None].astype(np.float32)} for item in batch]
 
     engine = Engine(step)
     attach(engine)
@@ -297,16 +301,16 @@ def test_dsb_metric_and_report_on_perfect_and_empty_predictions(tmp_path):
     empty[0] = 1.0
 
     def metric(engine):
-        DsbScore(postprocess=WatershedInstances(), output_transform=lambda out: (
-            [o["prob"] for o in out], [o["gt_instances"] for o in out])).attach(engine, "dsb")
+        DsbScore(output_transform=lambda out: (
+            [o["pred_instances"] for o in out], [o["gt_instances"] for o in out])).attach(engine, "dsb")
 
     perfect = [(_clean_prob(gt), gt, f"p{k}") for k, gt in enumerate(gts)]
     assert _engine(perfect, metric).state.metrics["dsb"] == pytest.approx(1.0)
     assert _engine([(empty, gts[0], "x")], metric).state.metrics["dsb"] == 0.0
     with pytest.raises(ValueError, match="at least one image"):
-        DsbScore(postprocess=WatershedInstances()).compute()
+        DsbScore().compute()
 
-    report = InstanceMetrics(str(tmp_path / "eval"), postprocess=WatershedInstances())
+    report = InstanceMetrics(str(tmp_path / "eval"))
     engine = _engine([perfect[0], (empty, gts[1], "b")], report.attach)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary == report.summary and engine.state.metrics["dsb_score"] == pytest.approx(0.5)
