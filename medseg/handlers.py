@@ -1,4 +1,4 @@
-"""Ignite handlers of medseg: rich progress bars and a training-curve recorder (JSON + PNG)."""
+"""Ignite handlers of medseg: progress bars, a training-curve recorder (JSON + PNG), weight averaging."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from ignite.handlers import EMAHandler
+from torch import nn
 
 from medseg.io import atomic_output
 
@@ -217,3 +219,36 @@ class FileProgress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+class WeightEMA(EMAHandler):
+    """An exponential moving average of the network's weights (Ignite's ``EMAHandler``), or none.
+
+    The bundles validate, checkpoint and ship ``ema_model``. Parameters and BatchNorm statistics are
+    both averaged (``handle_buffers="update"``); the momentum ramps linearly from ``warmup_momentum`` to
+    ``momentum`` over ``warmup_iters`` iterations so that early validations do not see the initial
+    weights. ``momentum=None`` turns averaging off: ``ema_model`` is then the network itself and
+    ``attach`` does nothing, so a config can switch it with one value.
+
+    Args:
+        model: the network being trained.
+        momentum: weight of the current weights at each update after the warm-up (e.g. 0.005 averages
+            over about 200 iterations), or ``None`` for no averaging.
+        warmup_momentum: the momentum at the first iteration.
+        warmup_iters: iterations of the linear ramp.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float | None = None, warmup_momentum: float = 0.5,
+                 warmup_iters: int = 100) -> None:
+        self.enabled = momentum is not None
+        if not self.enabled:
+            self.model = self.ema_model = model
+            return
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"ema_momentum must lie in (0, 1), or be null for no averaging; got {momentum}")
+        super().__init__(model, momentum=momentum, momentum_warmup=max(warmup_momentum, momentum),
+                         warmup_iters=warmup_iters, handle_buffers="update")
+
+    def attach(self, engine: Engine, name: str = "ema_momentum", event: Any = Events.ITERATION_COMPLETED) -> None:
+        if self.enabled:
+            super().attach(engine, name=name, event=event)

@@ -119,6 +119,8 @@ def train(
         load_dict = {"model": parser.get_parsed_content("network"),
                      "optimizer": parser.get_parsed_content("optimizer"),
                      "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
+        if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
+            load_dict["ema_model"] = parser.get_parsed_content("eval_network")
         CheckpointLoader(load_path=str(_last_checkpoint(out)), load_dict=load_dict, map_location=dev).attach(trainer)
     if max_minutes:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(max_minutes * 60)))

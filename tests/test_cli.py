@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from conftest import BUNDLE, TINY, TINY_NET, synthetic_em, write_isbi_folder
 from PIL import Image
 from typer.testing import CliRunner
@@ -84,6 +85,36 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3, 4]  # only epoch 4 ran
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
+
+
+def test_weight_averaging_is_validated_shipped_and_resumed(trained, tmp_path):
+    # with ema_momentum set, validation scores the averaged weights and model.pt holds them: evaluating
+    # model.pt reproduces the best validation V_rand exactly; --resume restores the average as well
+    out = tmp_path / "ema"
+    args = ("--data", trained["data"], "--output", out, "--no-progress", "--no-tracking", "--device", "cpu",
+            *_tiny_args(), "--set", "ema_momentum=0.3")
+    result = _invoke("train", BUNDLE, "--epochs", 3, *args)
+    assert result.exit_code == 0, result.output
+    last = next(out.glob("last_checkpoint_epoch=3.pt"))
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert set(saved) >= {"model", "ema_model"}
+    assert any(not torch.equal(saved["model"][k], saved["ema_model"][k]) for k in saved["model"])
+    summary = json.loads((out / "train_summary.json").read_text())
+    best = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    history = json.loads((out / "history.json").read_text())
+    best_epoch = summary["best_metric_epoch"]
+    if best_epoch == 3:  # the best is the last epoch's average
+        assert all(torch.equal(best[k], saved["ema_model"][k]) for k in best)
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", out / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET),
+                     "--set", "ema_momentum=0.3")
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert scored["v_rand"] == pytest.approx(summary["best_metric"], abs=1e-6)
+    assert len(history["val"]) == 3
+    result = _invoke("train", BUNDLE, "--epochs", 4, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
 
 
 def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
