@@ -199,6 +199,36 @@ def split_by_group(samples: list[dict], val_fraction: float = 0.2, seed: int = 0
     return {"train": train, "val": [s for i, s in enumerate(samples) if i in val]}
 
 
+def group_sampler(samples: list[dict], power: float = 0.0, num_samples: int | None = None) -> object:
+    """A training sampler that draws each ``group`` (folder, category) ``n_g ** (1 - power)`` times in proportion.
+
+    ``power=0`` is a plain shuffle (each sample once per epoch, no replacement). ``power=1`` draws every
+    group equally often, ``0.5`` in proportion to the square root of its size: small groups (a second
+    dataset of 16 images beside 200, a rare stain) are seen more often without drowning the large one.
+    Draws are with replacement for ``power > 0``; an epoch has ``num_samples`` draws (default: as many
+    as samples). Randomness comes from torch's global generator, so ``set_determinism`` fixes it.
+
+    Raises:
+        ValueError: ``power`` outside [0, 1] or no samples.
+    """
+    import torch
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+    if not 0.0 <= float(power) <= 1.0:
+        raise ValueError(f"group_balance must lie in [0, 1]; got {power}")
+    if not samples:
+        raise ValueError("no training samples to draw from")
+    n = int(num_samples or len(samples))
+    if float(power) == 0.0:
+        return RandomSampler(range(len(samples)), num_samples=n if num_samples else None)
+    counts: dict[str, int] = {}
+    for s in samples:
+        key = str(s.get("group", ""))
+        counts[key] = counts.get(key, 0) + 1
+    weights = [counts[str(s.get("group", ""))] ** -float(power) for s in samples]
+    return WeightedRandomSampler(torch.tensor(weights, dtype=torch.double), num_samples=n, replacement=True)
+
+
 def folder_split(data_dir: str | os.PathLike, image_glob: str = "images/*", mask_template: str = "../masks/{stem}.*",
                  val_fraction: float = 0.2, seed: int = 0, save_to: str | None = None) -> dict[str, list[dict]]:
     """:func:`find_image_mask_pairs` split by :func:`split_by_group`: ``train``, ``val`` and ``all``."""

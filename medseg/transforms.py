@@ -1,4 +1,5 @@
-"""MONAI dictionary transforms of medseg: slice loading, label maps (binary, class, instance), weights, warps."""
+"""MONAI dictionary transforms of medseg: slice loading, label maps (binary, class, instance), weights, warps,
+and output clean-up (logit shift, largest object)."""
 
 from __future__ import annotations
 
@@ -217,28 +218,66 @@ class InstanceTargetd(MapTransform):
         return d
 
 
+def is_colour(arr: np.ndarray, tolerance: float = 2.0) -> bool:
+    """Whether a channel-first ``(3, H, W)`` image holds colour (its channels differ by more than ``tolerance`` on average)."""
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        return False
+    scale = 255.0 / max(float(arr.max()), 1e-6) if arr.max() > 255 else 1.0
+    return float(np.abs(arr[0] - arr[1]).mean() + np.abs(arr[1] - arr[2]).mean()) * scale / 2 > tolerance
+
+
+def hematoxylin(arr: np.ndarray) -> np.ndarray:
+    """Hematoxylin optical density ``(1, H, W)`` of a channel-first RGB image (Ruifrok-Johnston colour deconvolution).
+
+    Hematoxylin stains nuclei: in an H&E image its density is high on nuclei and low on eosin-stained
+    tissue, where luma cannot tell the two apart.
+    """
+    from skimage.color import rgb2hed
+
+    arr = np.asarray(arr, dtype=np.float32)
+    peak = 65535.0 if arr.max() > 255 else 255.0
+    rgb = np.clip(np.moveaxis(arr, 0, -1) / peak, 0.0, 1.0)
+    return rgb2hed(rgb)[..., 0][None].astype(np.float32)
+
+
 class BrightObjectsd(MapTransform):
     """Make any stain look like fluorescence: one gray channel, scaled to [0, 1], objects bright.
 
-    Colour becomes luma; intensities are scaled between the ``lower`` and ``upper`` percentiles of the image;
-    images with a bright background (brightfield, H&E: median above the middle of the range) are inverted, so
-    the network sees bright nuclei on a dark background whatever the modality.
+    Colour becomes luma, or with ``stain="hematoxylin"`` a colour image with a bright background (H&E
+    tissue) becomes its hematoxylin density (:func:`hematoxylin`), which is high on nuclei; intensities are
+    scaled between the ``lower`` and ``upper`` percentiles of the image; images with a bright background
+    (brightfield: median above the middle of the range) are inverted, so the network sees bright nuclei on
+    a dark background whatever the modality.
+
+    Args:
+        keys: image keys, channel-first.
+        lower, upper: percentiles mapped to 0 and 1.
+        stain: ``"luma"`` (every image through luma) or ``"hematoxylin"`` (bright-background colour
+            images through colour deconvolution; gray and dark-background images through luma).
     """
 
-    def __init__(self, keys: KeysCollection, lower: float = 1.0, upper: float = 99.8,
+    def __init__(self, keys: KeysCollection, lower: float = 1.0, upper: float = 99.8, stain: str = "luma",
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.lower, self.upper = lower, upper
+        if stain not in ("luma", "hematoxylin"):
+            raise ValueError(f"stain must be 'luma' or 'hematoxylin', got {stain!r}")
+        self.lower, self.upper, self.stain = lower, upper, stain
+
+    def _scale(self, gray: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(gray, (self.lower, self.upper))
+        return np.clip((gray - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(gray)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
             arr = img.detach().cpu().numpy() if torch.is_tensor(img) else np.asarray(img)
-            gray = to_gray(arr)
-            lo, hi = np.percentile(gray, (self.lower, self.upper))
-            scaled = np.clip((gray - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(gray)
-            if np.median(scaled) > 0.5:
+            scaled = self._scale(to_gray(arr))
+            bright_background = np.median(scaled) > 0.5
+            if bright_background and self.stain == "hematoxylin" and is_colour(arr):
+                scaled = self._scale(hematoxylin(arr))
+            elif bright_background:
                 scaled = 1.0 - scaled
             d[key] = scaled.astype(np.float32)
         return d
@@ -337,6 +376,56 @@ class LogitShiftd(MapTransform):
             else:
                 offset = np.asarray(self.shift, dtype=np.asarray(logits).dtype).reshape(shape)
             d[key] = logits + offset
+        return d
+
+
+class KeepLargestObjectd(MapTransform):
+    """Keep only the largest connected foreground object of channel-first class probabilities ``(C, H, W)``.
+
+    For images that show one object each (a single cell, as in leukocyte and Jurkat cell crops): the
+    foreground is every pixel whose most likely class is in ``foreground``; its 8-connected components
+    other than the largest are set to the background class (probability 1 for ``background``, 0 for
+    the rest), so that argmax, thresholds and saved probabilities agree. ``(C, Z, H, W)`` volumes are
+    cleaned slice by slice; an image without foreground is left as it is.
+
+    Args:
+        keys: keys of the probability outputs.
+        foreground: the classes that make up the object (e.g. cell body and nucleus).
+        background: the class given to removed pixels.
+        enabled: ``False`` passes the data through (one switch in a bundle config).
+    """
+
+    def __init__(self, keys: KeysCollection, foreground: Sequence[int], background: int = 0, enabled: bool = True,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.foreground = [int(c) for c in foreground]
+        self.background, self.enabled = int(background), bool(enabled)
+
+    def _stray(self, winner: np.ndarray) -> np.ndarray:
+        labels, n = ndimage.label(np.isin(winner, self.foreground), structure=np.ones((3, 3)))
+        if n < 2:
+            return np.zeros(winner.shape, bool)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        return (labels > 0) & (labels != int(sizes.argmax()))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            prob = d[key]
+            if prob.ndim not in (3, 4):
+                raise ValueError(f"'{key}': expected (C, H, W) or (C, Z, H, W) probabilities, got shape {prob.shape}")
+            winner = np.asarray(torch.as_tensor(prob).argmax(0).cpu())
+            stray = self._stray(winner) if winner.ndim == 2 else np.stack([self._stray(w) for w in winner])
+            if not stray.any():
+                continue
+            out = prob.clone() if isinstance(prob, torch.Tensor) else np.array(prob, copy=True)
+            mask = torch.as_tensor(stray, device=out.device) if isinstance(out, torch.Tensor) else stray
+            for c in range(out.shape[0]):
+                out[c][mask] = 1.0 if c == self.background else 0.0
+            d[key] = out
         return d
 
 

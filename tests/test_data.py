@@ -51,3 +51,25 @@ def test_split_is_contiguous_and_recorded(tmp_path, isbi_folder):
 def test_split_needs_training_slices():
     with pytest.raises(DataError, match="cannot hold out 3 validation slices from 3"):
         split_pairs([{}, {}, {}], 3)
+
+
+def test_group_sampler_balances_groups_and_plain_shuffle_at_zero():
+    import torch
+
+    from medseg.data import group_sampler
+
+    samples = [{"group": "big"}] * 90 + [{"group": "small"}] * 10
+    plain = list(group_sampler(samples, 0.0))
+    assert sorted(plain) == list(range(100))  # a permutation: every sample once
+    torch.manual_seed(0)
+    draws = torch.tensor(list(group_sampler(samples, 1.0, num_samples=20000)))
+    assert abs((draws >= 90).float().mean().item() - 0.5) < 0.02  # both groups equally often
+    torch.manual_seed(0)
+    draws = torch.tensor(list(group_sampler(samples, 0.5, num_samples=20000)))
+    assert abs((draws >= 90).float().mean().item() - 10 ** 0.5 / (90 ** 0.5 + 10 ** 0.5)) < 0.02
+    torch.manual_seed(1)
+    first = list(group_sampler(samples, 0.5))
+    torch.manual_seed(1)
+    assert list(group_sampler(samples, 0.5)) == first  # reproducible from the global seed
+    with pytest.raises(ValueError, match="group_balance"):
+        group_sampler(samples, 1.5)

@@ -62,3 +62,39 @@ def test_whole_image_pass_of_a_real_unet_is_close_to_windows():
     # the same fully convolutional net: only the context near window edges differs
     diff = (whole - tiles)[..., 16:-16, 16:-16].abs().mean() / tiles.abs().mean()
     assert diff < 0.15  # a misplaced crop or padding gives differences of the order of 1
+
+
+def test_cpu_bf16_inferer_matches_float32_and_returns_float32():
+    from medseg.inferers import CpuBf16Inferer, cpu_bf16_supported
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    x = torch.rand(2, 1, 32, 32, requires_grad=True)
+    wrapped = CpuBf16Inferer(TiledInferer(roi_size=32, border=4), enabled=True)
+    assert wrapped.tta is False and wrapped.border == 4  # the wrapped inferer's settings stay reachable
+    out = wrapped(x, net)
+    ref = TiledInferer(roi_size=32, border=4)(x, net)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    # bfloat16 keeps 8 bits of mantissa: close to float32, and exactly it where bf16 is not native
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.02)
+    if not cpu_bf16_supported():
+        torch.testing.assert_close(out, ref)
+    out.sum().backward()  # training goes through it
+    assert x.grad is not None and all(p.grad is not None for p in net.parameters())
+
+
+def test_cpu_bf16_inferer_disabled_is_the_plain_inferer():
+    from medseg.inferers import CpuBf16Inferer
+
+    seen = []
+
+    def net(t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return t * 2.0
+
+    x = torch.rand(1, 1, 8, 8)
+    torch.testing.assert_close(CpuBf16Inferer(enabled=False)(x, net), x * 2.0)
+    CpuBf16Inferer(enabled=True)(x, net)
+    from medseg.inferers import cpu_bf16_supported
+
+    assert seen == [False, cpu_bf16_supported()]

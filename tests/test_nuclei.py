@@ -420,3 +420,26 @@ def test_cli_sample_without_masks_is_one_line(tmp_path):
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "x2: no masks/ folder" in errors[0] and "Traceback" not in result.output
+
+
+def test_hematoxylin_separates_nuclei_from_eosin_that_luma_confuses():
+    from medseg.transforms import hematoxylin, is_colour
+
+    # pink (eosin) background, purple (hematoxylin) nuclei, and a dark red eosin patch as dark as a nucleus
+    img = np.empty((3, 40, 40), np.float32)
+    img[:] = np.array([235, 200, 220], np.float32)[:, None, None]
+    img[:, 5:15, 5:15] = np.array([90, 60, 150], np.float32)[:, None, None]  # nucleus
+    img[:, 25:35, 25:35] = np.array([170, 40, 70], np.float32)[:, None, None]  # eosin patch
+    nucleus, patch = np.s_[5:15, 5:15], np.s_[25:35, 25:35]
+    assert is_colour(img) and not is_colour(np.repeat(img[:1], 3, axis=0))
+    luma = BrightObjectsd(keys="image")({"image": img})["image"][0]
+    he = BrightObjectsd(keys="image", stain="hematoxylin")({"image": img})["image"][0]
+    assert abs(luma[nucleus].mean() - luma[patch].mean()) < 0.25  # luma: both look like nuclei
+    assert he[nucleus].mean() > he[patch].mean() + 0.5  # hematoxylin: only the nucleus is bright
+    assert he.min() >= 0.0 and he.max() <= 1.0 and hematoxylin(img).shape == (1, 40, 40)
+    # gray brightfield images keep the luma path (inverted), whatever the stain option
+    gray = np.repeat(img[:1], 3, axis=0)
+    np.testing.assert_array_equal(BrightObjectsd(keys="image", stain="hematoxylin")({"image": gray})["image"],
+                                  BrightObjectsd(keys="image")({"image": gray})["image"])
+    with pytest.raises(ValueError, match="stain"):
+        BrightObjectsd(keys="image", stain="eosin")
