@@ -219,7 +219,7 @@ class InstanceTargetd(MapTransform):
 
 
 def is_colour(arr: np.ndarray, tolerance: float = 2.0) -> bool:
-    """Whether a channel-first ``(3, H, W)`` image holds colour (its channels differ by more than ``tolerance`` on average)."""
+    """Whether a ``(3, H, W)`` image holds colour: its channels differ by over ``tolerance`` on average."""
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[0] != 3:
         return False

@@ -43,7 +43,8 @@ def test_info_lists_versions_and_bundles():
     result = _invoke("info", "--bundles-dir", BUNDLE.parent)
     assert result.exit_code == 0
     info = json.loads(result.output)
-    assert info["bundles"]["isbi_em"]["version"] == "0.1.0"
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert info["bundles"]["isbi_em"]["version"] == meta["version"]
     assert info["versions"]["monai"] and "cuda_available" in info["device"]
 
 

@@ -103,3 +103,24 @@ def test_logit_shift_undoes_a_class_weighted_prior():
     assert arr.dtype == np.float32 and arr[0].min() == 1.0 and arr[1].max() == -1.0
     with pytest.raises(ValueError, match="2 logit shifts for 3 channels"):
         LogitShiftd(keys="pred", shift=[0.0, 1.0])({"pred": np.zeros((3, 2, 2))})
+
+
+def test_keep_largest_object_removes_stray_blobs_in_probabilities():
+    from medseg.transforms import KeepLargestObjectd
+
+    prob = np.zeros((3, 20, 20), np.float32)
+    prob[0] = 1.0
+    prob[:, 2:12, 2:12] = np.array([0.1, 0.6, 0.3])[:, None, None]  # the cell: body ...
+    prob[:, 5:8, 5:8] = np.array([0.1, 0.2, 0.7])[:, None, None]  # ... with its nucleus
+    prob[:, 15:18, 15:18] = np.array([0.2, 0.7, 0.1])[:, None, None]  # a stray blob
+    out = KeepLargestObjectd("pred", foreground=[1, 2])({"pred": torch.from_numpy(prob)})["pred"]
+    assert isinstance(out, torch.Tensor)
+    winner = out.argmax(0).numpy()
+    assert (winner[15:18, 15:18] == 0).all() and out[0, 15:18, 15:18].eq(1).all()
+    np.testing.assert_array_equal(out[:, :14, :14].numpy(), prob[:, :14, :14])  # the cell is untouched
+    # volumes slice by slice, numpy in and out, and the switch
+    vol = KeepLargestObjectd("pred", foreground=[1, 2])({"pred": np.stack([prob, prob], axis=1)})["pred"]
+    np.testing.assert_array_equal(vol[:, 1], out.numpy())
+    assert KeepLargestObjectd("pred", foreground=[1, 2], enabled=False)({"pred": prob})["pred"] is prob
+    empty = np.stack([np.ones((4, 4)), np.zeros((4, 4)), np.zeros((4, 4))]).astype(np.float32)
+    assert KeepLargestObjectd("pred", foreground=[1, 2])({"pred": empty})["pred"] is empty
