@@ -10,7 +10,7 @@ import random
 import re
 from pathlib import Path
 
-from medseg.errors import DataError
+from medseg.errors import ConfigValueError, DataError
 from medseg.readers import count_slices
 
 #: Image types accepted as training data (2D slices and TIFF stacks).
@@ -215,7 +215,8 @@ def group_sampler(samples: list[dict], power: float = 0.0, num_samples: int | No
     from torch.utils.data import RandomSampler, WeightedRandomSampler
 
     if not 0.0 <= float(power) <= 1.0:
-        raise ValueError(f"group_balance must lie in [0, 1]; got {power}")
+        raise ConfigValueError(f"group_balance={power}: must lie in [0, 1] (0 = plain shuffle); "
+                               "fix it in the config or with --set group_balance=0.5")
     if not samples:
         raise ValueError("no training samples to draw from")
     n = int(num_samples or len(samples))

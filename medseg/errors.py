@@ -17,3 +17,7 @@ class BundleError(MedsegError):
 
 class CheckpointError(MedsegError):
     """A checkpoint is missing or does not fit the bundle's network."""
+
+
+class ConfigValueError(BundleError, ValueError):
+    """A bundle config value is out of its range (also a ``ValueError`` for library callers)."""

@@ -11,6 +11,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 from torch import nn
 
+from medseg.errors import ConfigValueError
 from medseg.io import atomic_output
 
 
@@ -245,7 +246,8 @@ class WeightEMA(EMAHandler):
             self.model = self.ema_model = model
             return
         if not 0.0 < momentum < 1.0:
-            raise ValueError(f"ema_momentum must lie in (0, 1), or be null for no averaging; got {momentum}")
+            raise ConfigValueError(f"ema_momentum={momentum}: must lie in (0, 1), e.g. --set ema_momentum=0.01, "
+                                   "or be null for no averaging")
         super().__init__(model, momentum=momentum, momentum_warmup=max(warmup_momentum, momentum),
                          warmup_iters=warmup_iters, handle_buffers="update")
 

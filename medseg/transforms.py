@@ -13,7 +13,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
 
-from medseg.errors import DataError
+from medseg.errors import ConfigValueError, DataError
 from medseg.readers import read_slice
 
 #: 4-connectivity, as the ISBI 2012 scoring and the U-Net weight map use.
@@ -261,7 +261,7 @@ class BrightObjectsd(MapTransform):
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if stain not in ("luma", "hematoxylin"):
-            raise ValueError(f"stain must be 'luma' or 'hematoxylin', got {stain!r}")
+            raise ConfigValueError(f"stain={stain!r}: unknown; use --set stain=luma or --set stain=hematoxylin")
         self.lower, self.upper, self.stain = lower, upper, stain
 
     def _scale(self, gray: np.ndarray) -> np.ndarray:

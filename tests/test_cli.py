@@ -225,6 +225,12 @@ def test_bad_input_unknown_override_key(tmp_path, isbi_folder):
     _assert_one_line_error(result, "learning_rat", "did you mean learning_rate")
 
 
+def test_bad_input_config_value_out_of_range(tmp_path, isbi_folder):
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "o", "--no-tracking",
+                     *_tiny_args(), "--set", "ema_momentum=2")
+    _assert_one_line_error(result, "ema_momentum=2", "(0, 1)")
+
+
 def test_bad_input_checkpoint_of_another_network(trained, tmp_path):
     # the default bundle network (16..256 channels) cannot take the tiny network's weights
     result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", tmp_path / "o",
