@@ -29,6 +29,9 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config key: KEY=VALUE, nested keys joined by '#' (repeatable)."),
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+TtaOpt = Annotated[bool | None, typer.Option(
+    "--tta/--no-tta", help="Average the 8 rotations/flips (8x slower); default: the bundle's tta (on for jurkat).",
+    show_default=False)]
 
 
 def _user_error(err: BaseException) -> MedsegError | None:
@@ -115,7 +118,7 @@ def evaluate(
     checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
     output: Annotated[Path | None, typer.Option(help="Where metrics.csv and summary.json go.")] = None,
     split: Annotated[str, typer.Option(help="Images to score: val (the training run's split) or all.")] = "val",
-    tta: Annotated[bool, typer.Option(help="Average the 8 rotations/flips (8x slower).")] = False,
+    tta: TtaOpt = None,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
     set_: SetOpt = None,
@@ -153,7 +156,7 @@ def infer(
     ))] = "auto",
     prob: Annotated[bool, typer.Option("--prob/--no-prob", help=(
         "Also write float32 probability maps (the class, or 1 - background for multi-class bundles)."))] = True,
-    tta: Annotated[bool, typer.Option(help="Average the 8 rotations/flips (8x slower).")] = False,
+    tta: TtaOpt = None,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
     set_: SetOpt = None,

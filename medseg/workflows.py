@@ -151,7 +151,7 @@ def evaluate(
     output_dir: str,
     *,
     split: str = "val",
-    tta: bool = False,
+    tta: bool | None = None,
     device: str = "auto",
     overlays: tuple[str, ...] = (),
     overrides: dict[str, Any] | None = None,
@@ -161,7 +161,7 @@ def evaluate(
 
     With ``split="val"``, a ``split.json`` next to the checkpoint selects the validation samples of its run
     (ISBI: their number; other bundles: their names, when it records this ``data_dir``).
-    ``tta`` averages the 8 dihedral transforms of each slice.
+    ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
 
     Returns:
         The summary written to ``output_dir/summary.json``.
@@ -173,8 +173,8 @@ def evaluate(
         raise MedsegError(f"--split {split}: unknown split; use val or all")
     _check_data_dir(data_dir)
     overrides = dict(overrides or {})
-    if tta:
-        overrides["validate#inferer#tta"] = True
+    if tta is not None:
+        overrides["tta"] = bool(tta)
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
                 "eval_split": split, **_device_settings(dev)}
@@ -215,7 +215,7 @@ def infer(
     output_dir: str,
     checkpoint: str,
     *,
-    tta: bool = False,
+    tta: bool | None = None,
     device: str = "auto",
     overlays: tuple[str, ...] = (),
     overrides: dict[str, Any] | None = None,
@@ -232,6 +232,7 @@ def infer(
     Each input is segmented slice by slice and written in its own kind (see :mod:`medseg.writers`); a failing
     input is recorded and skipped, inputs whose outputs exist are skipped unless ``overwrite``, and
     ``output_dir/manifest.csv`` lists every input with its status and outputs.
+    ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
 
     Returns:
         Counts per status, slices segmented, wall time, slices per second, the manifest path and the
@@ -255,9 +256,9 @@ def infer(
     out = check_writable(output_dir)
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # a corrupt TIFF is reported once, per input
     dev = select_device(device)
-    settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": str(checkpoint), "tta": tta,
+    settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": str(checkpoint),
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
-                **_device_settings(dev)}
+                **({} if tta is None else {"tta": bool(tta)}), **_device_settings(dev)}
     parser = load_config(bundle, "infer", overlays, overrides, settings)
     load_checkpoint(parser.get_parsed_content("network_def"), checkpoint)
     parser.get_parsed_content("initialize")

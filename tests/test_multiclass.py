@@ -418,3 +418,33 @@ def test_cli_split_without_validation_is_one_line(tmp_path):
     result = _invoke("train", JURKAT, "--data", data, "--output", tmp_path / "o", "--no-tracking",
                      "--device", "cpu", *_sets([*TINY, "val_fraction=0"]))
     _one_line_error(result, "no validation samples", "val_fraction")
+
+
+def test_cli_tta_follows_the_bundle_unless_given(trained, tmp_path, monkeypatch):
+    """jurkat averages the 8 rotations/flips by default (its ``tta``); ``--no-tta`` / ``--tta`` override it."""
+    from medseg.inferers import TiledInferer
+
+    seen: list[bool] = []
+    call = TiledInferer.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.tta)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(TiledInferer, "__call__", spy)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(trained["data"] / "set_b" / "001.bmp", inputs / "001.bmp")
+    common = ("--checkpoint", trained["out"] / "model.pt", "--no-progress", "--device", "cpu",
+              *_sets(JURKAT_TINY_NET))
+    for flag, expected in ((None, True), ("--no-tta", False), ("--tta", True)):
+        seen.clear()
+        flags = [flag] if flag else []
+        result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--output", tmp_path / f"e{flag}",
+                         *flags, *common)
+        assert result.exit_code == 0, result.output
+        assert seen and set(seen) == {expected}, (flag, seen)
+        seen.clear()
+        result = _invoke("infer", JURKAT, inputs, tmp_path / f"o{flag}", *flags, *common)
+        assert result.exit_code == 0, result.output
+        assert seen and set(seen) == {expected}, (flag, seen)
