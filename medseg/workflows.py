@@ -173,8 +173,8 @@ def evaluate(
         raise MedsegError(f"--split {split}: unknown split; use val or all")
     _check_data_dir(data_dir)
     overrides = dict(overrides or {})
-    if tta is not None:
-        overrides["tta"] = bool(tta)
+    if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
+        overrides["validate#inferer#tta"] = bool(tta)
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
                 "eval_split": split, **_device_settings(dev)}
