@@ -42,12 +42,14 @@ def predictions(data: str, checkpoint: str, split: str, tta: bool) -> list[tuple
     network.eval()
     transform = parser.get_parsed_content("validate#preprocessing")
     inferer = parser.get_parsed_content("validate#inferer")
+    parser.get_parsed_content("imports")
+    shift = torch.tensor(parser.get_parsed_content("logit_shift"), dtype=torch.float32).view(-1, 1, 1)
     out = []
     with torch.inference_mode():
         for sample in samples[split]:
             d = transform(sample)
-            logits = inferer(torch.as_tensor(d["image"])[None], network)[0]
-            prob = torch.softmax(logits.float(), 0).numpy()
+            logits = inferer(torch.as_tensor(d["image"])[None], network)[0].float()
+            prob = torch.softmax(logits + shift, 0).numpy()
             out.append((sample["name"], sample.get("group", ""), prob, np.asarray(d["instances"])[0].astype(np.int32)))
     return out
 

@@ -1,6 +1,9 @@
-"""Segmentation losses selectable by name from a bundle: the U-Net weighted cross-entropy and MONAI's DiceCE."""
+"""Segmentation losses selectable by name (U-Net weighted cross-entropy, MONAI DiceCE) and their class-weight priors."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +64,24 @@ def create_loss(name: str, **kwargs: object) -> nn.Module:
     if name not in LOSSES:
         raise ValueError(f"unknown loss '{name}'; options are: {', '.join(LOSSES)}")
     return LOSSES[name](**kwargs)
+
+
+def prior_logit_shift(class_weights: Sequence[float] | None, num_classes: int) -> list[float]:
+    """Logit offsets ``-log(w_c)`` that undo the prior of cross-entropy class weights ``w_c``.
+
+    Weighted cross-entropy learns posteriors scaled by ``w_c``; adding these offsets to the logits
+    before the softmax (:class:`medseg.transforms.LogitShiftd`) makes the probabilities those of the
+    unweighted problem again, so a class with weight 2 no longer wins pixels that are only a third
+    likely to be its own. No weights gives zeros.
+
+    Raises:
+        ValueError: a weight that is not positive, or a weight count other than ``num_classes``.
+    """
+    if not class_weights:
+        return [0.0] * int(num_classes)
+    weights = [float(w) for w in class_weights]
+    if len(weights) != num_classes:
+        raise ValueError(f"{len(weights)} class weights for {num_classes} classes")
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"class weights must be positive, got {weights}")
+    return [0.0 - math.log(w) for w in weights]  # 0.0 - ...: no -0.0 for weight 1

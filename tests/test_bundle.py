@@ -181,6 +181,20 @@ def test_configs_parse_with_plain_monai_bundle(bundle, tmp_path):
     assert len(evaluate.get_parsed_content("validate#handlers")) >= 2
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_inference_logit_shift_matches_training(bundle):
+    """The prior correction that validation applies (derived from the training loss) is the one inference applies."""
+    train = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "train.json")))
+    infer = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "inference.json")))
+    if "logit_shift" not in train:
+        assert "logit_shift" not in infer
+        return
+    train.get_parsed_content("imports")
+    expected = train.get_parsed_content("logit_shift")
+    assert infer.get_parsed_content("logit_shift") == pytest.approx(expected, abs=1e-6)
+    assert any(expected), "a bundle with logit_shift should shift at least one class"
+
+
 @pytest.mark.parametrize("name", ["jurkat", "nuclei"])
 def test_plain_monai_train_workflow_on_new_bundles(name, tmp_path):
     """``ConfigWorkflow`` (what ``python -m monai.bundle run training`` uses) trains the new bundles."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.losses import LOSSES, create_loss
+from medseg.losses import LOSSES, create_loss, prior_logit_shift
 
 
 def _batch():
@@ -52,3 +52,21 @@ def test_every_loss_backpropagates(name):
 def test_unknown_loss_lists_options():
     with pytest.raises(ValueError, match="unknown loss 'dice'; options are: weighted_ce, dice_ce"):
         create_loss("dice")
+
+
+def test_prior_logit_shift_undoes_class_weights():
+    """softmax(logits - log w) is the weighted posterior p_c * w_c renormalised back to p_c."""
+    import math
+
+    assert prior_logit_shift(None, 3) == [0.0, 0.0, 0.0]
+    shift = prior_logit_shift([1.0, 1.0, 2.0], 3)
+    assert shift == pytest.approx([0.0, 0.0, -math.log(2.0)])
+    assert all(math.copysign(1.0, v) > 0 for v in shift[:2])  # no -0.0 in written configs
+    p = torch.tensor([0.5, 0.2, 0.3])
+    weighted = p * torch.tensor([1.0, 1.0, 2.0])
+    weighted_logits = torch.log(weighted / weighted.sum())
+    torch.testing.assert_close(torch.softmax(weighted_logits + torch.tensor(shift), 0), p)
+    with pytest.raises(ValueError, match="2 class weights for 3 classes"):
+        prior_logit_shift([1.0, 2.0], 3)
+    with pytest.raises(ValueError, match="positive"):
+        prior_logit_shift([1.0, 0.0, 2.0], 3)
