@@ -1,9 +1,11 @@
-"""Segment many inputs one by one: skip finished ones, isolate failures, keep a manifest of what happened."""
+"""Segment many inputs one by one: skip finished ones, isolate failures, keep a manifest and a record of the run."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
 import tempfile
 import time
@@ -79,6 +81,57 @@ def check_writable(folder: str | os.PathLike) -> Path:
         raise DataError(f"{folder}: output folder is not writable ({err.strerror or err}); choose another "
                         "output folder or fix its permissions") from err
     return folder
+
+
+#: The file in an output folder that records which model and settings made its outputs.
+RUN_RECORD = "run.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_run(folder: Path, identity: dict[str, Any], info: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> None:
+    """Refuse to resume into a folder whose outputs another model or other settings made; record this run.
+
+    Skipping inputs whose outputs exist is only right when the same model with the same settings made
+    them: otherwise the folder would silently mix two models' masks. ``identity`` (e.g. bundle, checkpoint
+    hash, settings) is compared with the folder's ``run.json``; ``info`` (e.g. the checkpoint's path) is
+    recorded but not compared. A folder without a record (new, or written by an older version) is taken
+    as it is. ``overwrite`` redoes the inputs anyway, so it replaces the record.
+
+    Raises:
+        DataError: the recorded run differs; the message names what differs and the two ways out.
+    """
+    path = folder / RUN_RECORD
+    identity = json.loads(json.dumps(identity, default=str))  # compare as the record stores it
+    if path.is_file() and not overwrite:
+        try:
+            old = json.loads(path.read_text()).get("identity")
+        except (OSError, ValueError, AttributeError):
+            old = None  # unreadable: our own file, rewritten below
+        if isinstance(old, dict) and old != identity:
+            changed = []
+            for key, value in identity.items():
+                before = old.get(key)
+                if before == value:
+                    continue
+                if isinstance(value, dict) and isinstance(before, dict):  # name the settings that differ
+                    keys = sorted(k for k in value.keys() | before.keys() if value.get(k) != before.get(k))
+                    changed.append(f"{key} ({', '.join(keys)})")
+                else:
+                    changed.append(key)
+            raise DataError(f"{folder}: holds outputs made with another {' and '.join(changed) or 'run'} "
+                            f"(see {RUN_RECORD}); pass --overwrite to redo them, or choose another output folder")
+    record = {"identity": identity, **(info or {})}
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:

@@ -231,7 +231,9 @@ def infer(
 
     Each input is segmented slice by slice and written in its own kind (see :mod:`medseg.writers`); a failing
     input is recorded and skipped, inputs whose outputs exist are skipped unless ``overwrite``, and
-    ``output_dir/manifest.csv`` lists every input with its status and outputs.
+    ``output_dir/manifest.csv`` lists every input with its status and outputs. ``output_dir/run.json``
+    records the bundle, the checkpoint's SHA-256 and the settings; resuming into a folder that another
+    model or other settings wrote is an error unless ``overwrite``.
     ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
 
     Returns:
@@ -239,12 +241,12 @@ def infer(
         failure messages.
 
     Raises:
-        DataError: nothing to segment, an unsupported single file, an unknown output format, or an output
-            folder that cannot be written.
+        DataError: nothing to segment, an unsupported single file, an unknown output format, an output
+            folder that cannot be written, or one that holds another run's outputs.
     """
     from monai.data import DataLoader, Dataset
 
-    from medseg.batch import check_writable, run_batch
+    from medseg.batch import check_same_run, check_writable, file_sha256, run_batch
     from medseg.discovery import discover
     from medseg.handlers import FileProgress
     from medseg.readers import count_slices
@@ -269,6 +271,14 @@ def infer(
     if writer is None:
         raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
 
+    identity = {
+        "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}".strip(),
+        "checkpoint": file_sha256(checkpoint),  # SHA-256: the same weights under another path are the same run
+        "settings": {"overlays": [Path(o).name for o in overlays], "overrides": dict(overrides or {}),
+                     "tta": parser.get_parsed_content("tta", default=False), "output_format": output_format,
+                     "save_prob": save_prob},
+    }
+    check_same_run(out, identity, {"checkpoint_path": str(Path(checkpoint).resolve())}, overwrite=overwrite)
     evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 
     def segment(items: list[dict]) -> dict | None:

@@ -107,13 +107,49 @@ def test_rerun_skips_finished_inputs_unless_overwrite(mixed, tmp_path, tiny_chec
     assert _summary(result.output)["ok"] == 1 and (out / "mask" / "em" / "slice.png").stat().st_mtime_ns != before
 
 
+def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tiny_checkpoint):
+    """Skipping finished inputs is only right for the same run: another checkpoint or tta is a one-line error."""
+    import torch
+
+    out = tmp_path / "out"
+    assert _infer(mixed, out, tiny_checkpoint, "--include", "*.png").exit_code == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["identity"]["bundle"].startswith("isbi_em ")
+    assert record["checkpoint_path"] == str(tiny_checkpoint.resolve())
+    mask = out / "mask" / "em" / "slice.png"
+    before = mask.stat().st_mtime_ns
+    # the same weights under another name are the same run: resumed
+    copy = tmp_path / "copy.pt"
+    shutil.copy(tiny_checkpoint, copy)
+    assert _summary(_infer(mixed, out, copy, "--include", "*.png").output)["skipped"] == 1
+    # other weights: refused, nothing touched
+    state = torch.load(tiny_checkpoint)
+    first = next(iter(state["model"]))
+    state["model"][first] = state["model"][first] + 1.0
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    result = _infer(mixed, out, other, "--include", "*.png")
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert str(out) in line and "another checkpoint" in line and "--overwrite" in line
+    # other settings: refused, naming the setting
+    result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png", "--tta")
+    assert result.exit_code == 1 and "settings (tta)" in result.output
+    assert mask.stat().st_mtime_ns == before
+    # --overwrite redoes the inputs and records the new run, which then resumes
+    assert _summary(_infer(mixed, out, other, "--include", "*.png", "--overwrite").output)["ok"] == 1
+    assert mask.stat().st_mtime_ns != before
+    assert _summary(_infer(mixed, out, other, "--include", "*.png").output)["skipped"] == 1
+
+
 def test_include_exclude_recursive_and_format_override(mixed, tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     result = _infer(mixed, out, tiny_checkpoint, "--exclude", "em/*", "--exclude", "ct/*", "--format", "tiff",
                     "--no-prob")
     assert result.exit_code == 0, result.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "manifest.csv", "mask/vol.tif"]
+        "manifest.csv", "mask/vol.tif", "run.json"]
     assert tifffile.imread(out / "mask" / "vol.tif").shape == (3, 40, 44)  # (Z, Y, X)
     result = _infer(mixed, tmp_path / "flat", tiny_checkpoint, "--no-recursive")
     assert _summary(result.output)["inputs"] == 1  # only vol.nii.gz sits at the top
