@@ -83,7 +83,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
-#: The file in an output folder that records which model and settings made its outputs.
+#: The file in an output folder that records which model and settings made each of its outputs.
 RUN_RECORD = "run.json"
 
 
@@ -96,42 +96,73 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def check_same_run(folder: Path, identity: dict[str, Any], info: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> None:
-    """Refuse to resume into a folder whose outputs another model or other settings made; record this run.
+def _differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
+    # "checkpoint", "settings (tta)", ...: what differs between two run identities, for the message
+    changed = []
+    for key in new.keys() | old.keys():
+        value, before = new.get(key), old.get(key)
+        if value == before:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            keys = sorted(k for k in value.keys() | before.keys() if value.get(k) != before.get(k))
+            changed.append(f"{key} ({', '.join(keys)})")
+        else:
+            changed.append(key)
+    return sorted(changed)
 
-    Skipping inputs whose outputs exist is only right when the same model with the same settings made
-    them: otherwise the folder would silently mix two models' masks. ``identity`` (e.g. bundle, checkpoint
-    hash, settings) is compared with the folder's ``run.json``; ``info`` (e.g. the checkpoint's path) is
-    recorded but not compared. A folder without a record (new, or written by an older version) is taken
-    as it is. ``overwrite`` redoes the inputs anyway, so it replaces the record.
 
-    Raises:
-        DataError: the recorded run differs; the message names what differs and the two ways out.
+class RunRecord:
+    """``run.json`` of an output folder: which run (model and settings) made each output file.
+
+    Skipping an input whose outputs exist is only right when this run made them; otherwise the folder
+    would silently mix two models' masks. Each run's ``identity`` (e.g. bundle, checkpoint SHA-256,
+    resolved config) gets a key; every output written is recorded under the key of the run that wrote it,
+    and the record is rewritten atomically after each input, so an interrupted or partial (``--include``)
+    run leaves a true record. Outputs the record does not know (older versions, foreign files) count as
+    made by another run.
     """
-    path = folder / RUN_RECORD
-    identity = json.loads(json.dumps(identity, default=str))  # compare as the record stores it
-    if path.is_file() and not overwrite:
+
+    def __init__(self, folder: Path, identity: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+        self.folder, self.path = Path(folder), Path(folder) / RUN_RECORD
+        self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as stored
+        self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
         try:
-            old = json.loads(path.read_text()).get("identity")
-        except (OSError, ValueError, AttributeError):
-            old = None  # unreadable: our own file, rewritten below
-        if isinstance(old, dict) and old != identity:
-            changed = []
-            for key, value in identity.items():
-                before = old.get(key)
-                if before == value:
-                    continue
-                if isinstance(value, dict) and isinstance(before, dict):  # name the settings that differ
-                    keys = sorted(k for k in value.keys() | before.keys() if value.get(k) != before.get(k))
-                    changed.append(f"{key} ({', '.join(keys)})")
-                else:
-                    changed.append(key)
-            raise DataError(f"{folder}: holds outputs made with another {' and '.join(changed) or 'run'} "
-                            f"(see {RUN_RECORD}); pass --overwrite to redo them, or choose another output folder")
-    record = {"identity": identity, **(info or {})}
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+            data = json.loads(self.path.read_text())
+            self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.runs, self.outputs = {}, {}  # none yet, or unreadable: outputs count as unrecorded
+        self.runs[self.key] = {"identity": self.identity, **(info or {})}
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return Path(path).resolve().relative_to(self.folder.resolve()).as_posix()
+        except ValueError:  # not under the folder: recorded by its own path
+            return Path(path).resolve().as_posix()
+
+    def made_here(self, paths: dict[str, Path]) -> bool:
+        """Whether this run wrote every one of ``paths``."""
+        return all(self.outputs.get(self._rel(p)) == self.key for p in paths.values())
+
+    def conflict(self, paths: dict[str, Path]) -> str:
+        """What differs from the run that made ``paths`` ("an unrecorded run" when unknown)."""
+        keys = {self.outputs.get(self._rel(p)) for p in paths.values()} - {self.key}
+        if None in keys or not keys:
+            return "an unrecorded run"
+        old = self.runs.get(sorted(keys)[0], {}).get("identity", {})
+        return "another " + " and ".join(_differences(self.identity, old) or ["run"])
+
+    def record(self, paths: dict[str, Path], made: bool) -> None:
+        """Record ``paths`` as written by this run (``made``) or as unknown (a failed input), and save."""
+        for p in paths.values():
+            if made:
+                self.outputs[self._rel(p)] = self.key
+            else:
+                self.outputs.pop(self._rel(p), None)
+        used = set(self.outputs.values()) | {self.key}
+        self.runs = {k: v for k, v in self.runs.items() if k in used}
+        data = {"runs": self.runs, "outputs": dict(sorted(self.outputs.items()))}
+        with atomic_output(self.path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -155,6 +186,7 @@ def run_batch(
     overwrite: bool = False,
     on_abort: Callable[[], None] | None = None,
     progress: Any = None,
+    record: RunRecord | None = None,
 ) -> BatchResult:
     """Segment ``inputs`` one at a time.
 
@@ -169,17 +201,37 @@ def run_batch(
         overwrite: redo inputs whose outputs all exist (else they are ``skipped``).
         on_abort: called after a failure to drop partial outputs.
         progress: an object with ``start(name)`` and ``advance()`` (e.g. a rich progress wrapper) or None.
+        record: the folder's run record; inputs are skipped only when this run made their outputs.
+
+    Raises:
+        DataError: before any work, when (without ``overwrite``) existing outputs of some input were
+            made by another run; the message names the first such input and what differs.
     """
+    counts: dict[int, int] = {}
+    if record is not None and not overwrite:
+        for i, item in enumerate(inputs):
+            if item.error:
+                continue
+            try:
+                counts[i] = count(item)
+                paths = paths_for(item, counts[i])
+            except Exception:  # noqa: BLE001 - reported per input in the loop below
+                continue
+            if all(p.is_file() for p in paths.values()) and not record.made_here(paths):
+                raise DataError(f"{record.folder}: the outputs of {item.rel} were made with {record.conflict(paths)} "
+                                f"(see {RUN_RECORD}); pass --overwrite to redo them, or choose another output "
+                                "folder")
     result = BatchResult(rows=[ManifestRow(input=f, status="ignored", message=why) for f, why in ignored])
-    for item in inputs:
+    for i, item in enumerate(inputs):
         row = ManifestRow(input=item.source, format=item.format, series_uid=item.series_uid)
         start = time.perf_counter()
         if progress is not None:
             progress.start(item.rel)
+        paths: dict[str, Path] = {}
         try:
             if item.error:
                 raise DataError(item.error)
-            row.slices = count(item)
+            row.slices = counts[i] if i in counts else count(item)
             paths = paths_for(item, row.slices)
             row.mask, row.prob, row.table = (str(paths["mask"]), str(paths.get("prob", "")),
                                              str(paths.get("table", "")))
@@ -189,9 +241,13 @@ def run_batch(
                 extra = segment(slice_items(item, row.slices)) or {}
                 row.objects = extra.get("objects", "")
                 row.status = "ok"
+                if record is not None:
+                    record.record(paths, made=True)
         except Exception as err:  # noqa: BLE001 - the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()
+            if record is not None and paths:
+                record.record(paths, made=False)  # what is left there is no longer known to be this run's
             row.status, row.message = "failed", _message(err, item.source)
         row.seconds = round(time.perf_counter() - start, 3)
         result.rows.append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -232,8 +233,8 @@ def infer(
     Each input is segmented slice by slice and written in its own kind (see :mod:`medseg.writers`); a failing
     input is recorded and skipped, inputs whose outputs exist are skipped unless ``overwrite``, and
     ``output_dir/manifest.csv`` lists every input with its status and outputs. ``output_dir/run.json``
-    records the bundle, the checkpoint's SHA-256 and the settings; resuming into a folder that another
-    model or other settings wrote is an error unless ``overwrite``.
+    records which run (bundle, checkpoint SHA-256, resolved config, settings) made each output; existing
+    outputs that another run made are an error before any work unless ``overwrite``.
     ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
 
     Returns:
@@ -246,7 +247,7 @@ def infer(
     """
     from monai.data import DataLoader, Dataset
 
-    from medseg.batch import check_same_run, check_writable, file_sha256, run_batch
+    from medseg.batch import RunRecord, check_writable, file_sha256, run_batch
     from medseg.discovery import discover
     from medseg.handlers import FileProgress
     from medseg.readers import count_slices
@@ -271,14 +272,16 @@ def infer(
     if writer is None:
         raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
 
+    # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
+    config = {k: v for k, v in parser.get().items() if k not in settings and k != "bundle_root"}
     identity = {
         "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}".strip(),
         "checkpoint": file_sha256(checkpoint),  # SHA-256: the same weights under another path are the same run
-        "settings": {"overlays": [Path(o).name for o in overlays], "overrides": dict(overrides or {}),
-                     "tta": parser.get_parsed_content("tta", default=False), "output_format": output_format,
-                     "save_prob": save_prob},
+        "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "settings": {"overlays": [str(Path(o).resolve()) for o in overlays], "overrides": dict(overrides or {}),
+                     "tta": parser.get_parsed_content("tta", default=False)},
     }
-    check_same_run(out, identity, {"checkpoint_path": str(Path(checkpoint).resolve())}, overwrite=overwrite)
+    record = RunRecord(out, identity, {"checkpoint_path": str(Path(checkpoint).resolve())})
     evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 
     def segment(items: list[dict]) -> dict | None:
@@ -303,6 +306,7 @@ def infer(
             inputs, ignored, segment,
             paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),
             count=count, manifest=out / "manifest.csv", overwrite=overwrite, on_abort=writer.abort, progress=bar,
+            record=record,
         )
     seconds = time.perf_counter() - start
     slices = sum(r.slices for r in result.rows if r.status == "ok")

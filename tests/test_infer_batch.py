@@ -108,39 +108,49 @@ def test_rerun_skips_finished_inputs_unless_overwrite(mixed, tmp_path, tiny_chec
 
 
 def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tiny_checkpoint):
-    """Skipping finished inputs is only right for the same run: another checkpoint or tta is a one-line error."""
+    """Inputs are skipped only when this run made their outputs; another checkpoint or tta is a one-line error."""
     import torch
 
     out = tmp_path / "out"
     assert _infer(mixed, out, tiny_checkpoint, "--include", "*.png").exit_code == 0
     record = json.loads((out / "run.json").read_text())
-    assert record["identity"]["bundle"].startswith("isbi_em ")
-    assert record["checkpoint_path"] == str(tiny_checkpoint.resolve())
+    assert set(record["outputs"]) == {"mask/em/slice.png", "prob/em/slice.tif"}
+    (run,) = record["runs"].values()
+    assert run["identity"]["bundle"].startswith("isbi_em ") and run["checkpoint_path"] == str(tiny_checkpoint.resolve())
     mask = out / "mask" / "em" / "slice.png"
     before = mask.stat().st_mtime_ns
     # the same weights under another name are the same run: resumed
     copy = tmp_path / "copy.pt"
     shutil.copy(tiny_checkpoint, copy)
     assert _summary(_infer(mixed, out, copy, "--include", "*.png").output)["skipped"] == 1
-    # other weights: refused, nothing touched
+    # other weights: refused before any work, nothing touched
     state = torch.load(tiny_checkpoint)
     first = next(iter(state["model"]))
     state["model"][first] = state["model"][first] + 1.0
     other = tmp_path / "other.pt"
     torch.save(state, other)
-    result = _infer(mixed, out, other, "--include", "*.png")
+    result = _infer(mixed, out, other)
     assert result.exit_code == 1, result.output
     line = result.output.strip()
     assert "\n" not in line and "Traceback" not in line
-    assert str(out) in line and "another checkpoint" in line and "--overwrite" in line
+    assert f"{out}: the outputs of em/slice were made with another checkpoint" in line and "--overwrite" in line
+    assert not (out / "mask" / "vol.nii.gz").exists()  # nothing else was segmented either
     # other settings: refused, naming the setting
     result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png", "--tta")
     assert result.exit_code == 1 and "settings (tta)" in result.output
     assert mask.stat().st_mtime_ns == before
-    # --overwrite redoes the inputs and records the new run, which then resumes
+    # another input of the first model, then --overwrite of only the PNG with the new one
+    assert _infer(mixed, out, tiny_checkpoint, "--include", "*.nii.gz").exit_code == 0
     assert _summary(_infer(mixed, out, other, "--include", "*.png", "--overwrite").output)["ok"] == 1
     assert mask.stat().st_mtime_ns != before
-    assert _summary(_infer(mixed, out, other, "--include", "*.png").output)["skipped"] == 1
+    assert _summary(_infer(mixed, out, other, "--include", "*.png").output)["skipped"] == 1  # resumes
+    # the NIfTI is still the first model's: the new model may not skip it as its own
+    result = _infer(mixed, out, other, "--include", "*.png", "--include", "*.nii.gz")
+    assert result.exit_code == 1 and "the outputs of vol were made with another checkpoint" in result.output
+    # outputs the record does not know (an older version, foreign files) are not taken as this run's
+    (out / "run.json").unlink()
+    result = _infer(mixed, out, other, "--include", "*.png")
+    assert result.exit_code == 1 and "made with an unrecorded run" in result.output
 
 
 def test_include_exclude_recursive_and_format_override(mixed, tmp_path, tiny_checkpoint):
