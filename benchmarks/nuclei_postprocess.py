@@ -42,7 +42,6 @@ def predictions(data: str, checkpoint: str, split: str, tta: bool) -> list[tuple
     network.eval()
     transform = parser.get_parsed_content("validate#preprocessing")
     inferer = parser.get_parsed_content("validate#inferer")
-    parser.get_parsed_content("imports")
     shift = torch.tensor(parser.get_parsed_content("logit_shift"), dtype=torch.float32).view(-1, 1, 1)
     out = []
     with torch.inference_mode():

@@ -278,8 +278,8 @@ def infer(
         "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}".strip(),
         "checkpoint": file_sha256(checkpoint),  # SHA-256: the same weights under another path are the same run
         "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
-        "settings": {"overlays": [str(Path(o).resolve()) for o in overlays], "overrides": dict(overrides or {}),
-                     "tta": parser.get_parsed_content("tta", default=False)},
+        # in words, for the message (the config hash already covers overlays' content and overrides)
+        "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False)},
     }
     record = RunRecord(out, identity, {"checkpoint_path": str(Path(checkpoint).resolve())})
     evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs

@@ -153,6 +153,20 @@ def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tin
     assert result.exit_code == 1 and "made with an unrecorded run" in result.output
 
 
+def test_run_record_forgets_outputs_of_a_failed_input(tmp_path):
+    """A failed input's outputs are no longer this run's: a later resume must not skip them."""
+    from medseg.batch import RunRecord
+
+    paths = {"mask": tmp_path / "mask" / "a.png", "prob": tmp_path / "prob" / "a.tif"}
+    record = RunRecord(tmp_path, {"checkpoint": "x"})
+    record.record(paths, made=True)
+    assert RunRecord(tmp_path, {"checkpoint": "x"}).made_here(paths)
+    assert RunRecord(tmp_path, {"checkpoint": "y"}).conflict(paths) == "another checkpoint"
+    record.record(paths, made=False)
+    again = RunRecord(tmp_path, {"checkpoint": "x"})
+    assert not again.made_here(paths) and again.conflict(paths) == "an unrecorded run"
+
+
 def test_include_exclude_recursive_and_format_override(mixed, tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     result = _infer(mixed, out, tiny_checkpoint, "--exclude", "em/*", "--exclude", "ct/*", "--format", "tiff",
