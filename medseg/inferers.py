@@ -68,10 +68,14 @@ class TiledInferer(SlidingWindowInferer):
         self.whole_max_pixels, self.divisor = int(whole_max_pixels), max(int(divisor), 1)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.infer(inputs, network, self.tta, *args, **kwargs)
+
+    def infer(self, inputs: torch.Tensor, network: Callable[..., Any], tta: bool, *args: Any, **kwargs: Any) -> Any:
+        """Logits of ``inputs`` (B, C, H, W), with or without the 8-fold TTA whatever ``self.tta`` says."""
         h, w = inputs.shape[-2:]
         b = min(self.border, h - 1, w - 1)
         x = F.pad(inputs, (b, b, b, b), mode="reflect") if b > 0 else inputs
-        if self.tta:
+        if tta:
             out = None
             for k, flip in DIHEDRAL:
                 y = _dihedral_inverse(self._predict(_dihedral(x, k, flip), network, *args, **kwargs), k, flip)

@@ -195,6 +195,26 @@ def test_inference_logit_shift_matches_training(bundle):
     assert any(expected), "a bundle with logit_shift should shift at least one class"
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_inference_object_scale_matches_training(bundle):
+    """Inference brings objects to the diameter the network was trained at, measured the same way."""
+    from medseg.scale import ScaledTiledInferer
+
+    train = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "train.json")))
+    infer = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "inference.json")))
+    keys = ("target_diameter", "diameter_statistic", "zoom_limits", "zoom_tolerance")
+    if "target_diameter" not in train:
+        assert not any(k in infer for k in keys)
+        return
+    train.get_parsed_content("imports")
+    for key in keys:
+        assert infer.get_parsed_content(key) == train.get_parsed_content(key), key
+    for parser, path in ((train, "validate#inferer"), (infer, "inferer")):
+        inferer = parser.get_parsed_content(path)
+        assert isinstance(inferer, ScaledTiledInferer) and inferer.target == train.get_parsed_content("target_diameter")
+    assert infer.get_parsed_content("inferer").diameter is None  # estimated per image unless given
+
+
 @pytest.mark.parametrize("name", ["jurkat", "nuclei"])
 def test_plain_monai_train_workflow_on_new_bundles(name, tmp_path):
     """``ConfigWorkflow`` (what ``python -m monai.bundle run training`` uses) trains the new bundles."""

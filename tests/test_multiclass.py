@@ -422,16 +422,16 @@ def test_cli_split_without_validation_is_one_line(tmp_path):
 
 def test_cli_tta_follows_the_bundle_unless_given(trained, tmp_path, monkeypatch):
     """jurkat averages the 8 rotations/flips by default (its ``tta``); ``--no-tta`` / ``--tta`` override it."""
-    from medseg.inferers import TiledInferer
+    from medseg.scale import ScaledTiledInferer
 
     seen: list[bool] = []
-    call = TiledInferer.__call__
+    call = ScaledTiledInferer.__call__
 
     def spy(self, *args, **kwargs):
         seen.append(self.tta)
         return call(self, *args, **kwargs)
 
-    monkeypatch.setattr(TiledInferer, "__call__", spy)
+    monkeypatch.setattr(ScaledTiledInferer, "__call__", spy)
     inputs = tmp_path / "in"
     inputs.mkdir()
     shutil.copy(trained["data"] / "set_b" / "001.bmp", inputs / "001.bmp")

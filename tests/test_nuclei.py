@@ -214,6 +214,30 @@ def test_bundle_load_chain(dsb_folder):
     assert int(np.asarray(d["instances"]).max()) == _mask_count(sample)
 
 
+def test_training_chain_brings_nuclei_to_the_standard_size_before_the_targets(dsb_folder):
+    """Training resamples image and instances (nearest) to ``target_diameter``, then derives the classes, so the
+    boundary keeps its width in the network's pixels; validation keeps the images' own size."""
+    from monai.transforms import Compose
+
+    from medseg.bundle import load_config
+    from medseg.scale import inscribed_diameter
+
+    parser = load_config(NUCLEI, "train", settings={"dataset_dir": str(dsb_folder)})
+    train = Compose([*parser.get_parsed_content("load_instances"), parser.get_parsed_content("train#rescale"),
+                     *parser.get_parsed_content("targets")])
+    sample = next(s for s in parser.get_parsed_content("datalists")["all"] if s["name"] == "a1")
+    d = train(sample)
+    native = Compose(parser.get_parsed_content("load"))(sample)
+    zoom = parser.get_parsed_content("target_diameter") / inscribed_diameter(np.asarray(native["instances"])[0])
+    assert zoom > 1.5 and d["zoom"] == pytest.approx(zoom)  # synthetic nuclei are 7-14 px wide
+    size = tuple(round(n * zoom) for n in (64, 64))
+    assert np.asarray(d["image"]).shape == (1, *size) and np.asarray(d["label"]).shape == (1, *size)
+    assert set(np.unique(np.asarray(d["label"])).tolist()) == {0.0, 1.0, 2.0}
+    assert int(np.asarray(d["instances"]).max()) == _mask_count(sample)  # no nucleus lost
+    assert inscribed_diameter(np.asarray(d["instances"])[0]) == pytest.approx(20, rel=0.15)
+    assert np.asarray(native["image"]).shape == (1, 64, 64)
+
+
 # --- writers: instance labels and tables ---------------------------------------------------------------------
 
 
