@@ -165,7 +165,10 @@ def infer(
     set_: SetOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Segment every image under INPUT_PATH slice by slice; a bad file is reported and skipped (exit 1)."""
+    """Segment every image under INPUT_PATH slice by slice; a bad file is reported and skipped (exit 1).
+
+    Bundles that normalise object size (nuclei) measure it per image; --set diameter=PIXELS gives it instead.
+    """
     from medseg import workflows
 
     ckpt = checkpoint or bundle / "models" / "model.pt"
