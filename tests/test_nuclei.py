@@ -222,7 +222,8 @@ def test_training_chain_brings_nuclei_to_the_standard_size_before_the_targets(ds
     from medseg.bundle import load_config
     from medseg.scale import inscribed_diameter
 
-    parser = load_config(NUCLEI, "train", settings={"dataset_dir": str(dsb_folder)})
+    parser = load_config(NUCLEI, "train", overrides={"target_diameter": 20},
+                         settings={"dataset_dir": str(dsb_folder)})
     train = Compose([*parser.get_parsed_content("load_instances"), parser.get_parsed_content("train#rescale"),
                      *parser.get_parsed_content("targets")])
     sample = next(s for s in parser.get_parsed_content("datalists")["all"] if s["name"] == "a1")
@@ -434,6 +435,40 @@ def test_cli_infer_writes_labels_tables_and_object_counts(trained, tmp_path):
     result = _invoke("infer", NUCLEI, inputs, out, "--checkpoint", trained["out"] / "model.pt", "--no-progress",
                      "--device", "cpu", *_sets(NUCLEI_TINY_NET))
     assert result.exit_code == 0 and json.loads(result.output[result.output.index("{"):])["skipped"] == 4
+
+
+def test_cli_object_size_option_trains_evaluates_and_infers_on_the_input_grid(tmp_path, monkeypatch):
+    """``target_diameter`` (off by default) runs through train, evaluate and infer; ``diameter`` is a known size."""
+    from medseg.scale import ScaledTiledInferer
+
+    zooms: list[float] = []
+    call = ScaledTiledInferer.__call__
+
+    def spy(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        zooms.extend(self.last_zooms)
+        return out
+
+    monkeypatch.setattr(ScaledTiledInferer, "__call__", spy)
+    data = write_dsb_folder(tmp_path / "data")
+    result = _invoke("train", NUCLEI, "--data", data, "--output", tmp_path / "run", "--epochs", 1,
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_sets([*TINY, "target_diameter=16"]))
+    assert result.exit_code == 0, result.output
+    assert any(z > 1.0 for z in zooms)  # validation brought the 7-14 px nuclei up to the standard size
+    net_sets = [*NUCLEI_TINY_NET, "target_diameter=16"]
+    result = _invoke("evaluate", NUCLEI, "--data", data, "--checkpoint", tmp_path / "run" / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(net_sets))
+    assert result.exit_code == 0, result.output
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(next(s for s in find_dsb_samples(data) if s["name"] == "b1")["image"], inputs)
+    zooms.clear()
+    result = _invoke("infer", NUCLEI, inputs, tmp_path / "out", "--checkpoint", tmp_path / "run" / "model.pt",
+                     "--no-progress", "--device", "cpu", *_sets([*net_sets, "diameter=8"]))
+    assert result.exit_code == 0, result.output
+    assert zooms == [2.0]  # 16 / 8, nothing estimated
+    mask = np.asarray(Image.open(tmp_path / "out" / "mask" / "b1.png"))
+    assert mask.shape == (80, 72) and mask.dtype == np.uint16  # on the input's grid
 
 
 def test_cli_sample_without_masks_is_one_line(tmp_path):
