@@ -167,7 +167,7 @@ def infer(
 ) -> None:
     """Segment every image under INPUT_PATH slice by slice; a bad file is reported and skipped (exit 1).
 
-    Bundles that normalise object size (nuclei) measure it per image; --set diameter=PIXELS gives it instead.
+    With object-size normalisation (--set target_diameter=...), --set diameter=PIXELS gives a known object size.
     """
     from medseg import workflows
 

@@ -213,6 +213,9 @@ class ScaledTiledInferer(TiledInferer):
             raise ConfigValueError(f"ScaledTiledInferer: iterations must be >= 1, got {iterations}")
         if diameter is not None and not float(diameter) > 0:
             raise ConfigValueError(f"ScaledTiledInferer: diameter must be a positive number of pixels, got {diameter}")
+        if diameter is not None and target_diameter is None:
+            raise ConfigValueError("ScaledTiledInferer: diameter is used only with target_diameter (the object size "
+                                   "the model was trained at): set target_diameter too, or leave diameter out")
         object_diameter(np.zeros((1, 1)), statistic)
         self.target = None if target_diameter is None else float(target_diameter)
         self.diameter = None if diameter is None else float(diameter)

@@ -169,6 +169,8 @@ def test_a_known_diameter_skips_the_estimate():
     assert net.sizes == [(192, 256)] and inferer.last_zooms == [2.0]  # one pass, at 30 / 15
     with pytest.raises(ConfigValueError, match="diameter"):
         ScaledTiledInferer(roi_size=64, target_diameter=30, diameter=0)
+    with pytest.raises(ConfigValueError, match="target_diameter too"):
+        ScaledTiledInferer(roi_size=64, diameter=15)  # a model trained at the images' own scale
 
 
 def test_inscribed_diameter_ignores_specks_and_touching_neighbours():
