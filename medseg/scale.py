@@ -42,7 +42,7 @@ def inscribed_diameter(mask: np.ndarray) -> float | None:
     """
     fg = np.asarray(mask) > 0
     labels, n = ndimage.label(fg, structure=np.ones((3, 3)))
-    if n == 0:
+    if n == 0 or fg.all():  # no object, or no background to measure to
         return None
     widest = 2.0 * ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index=np.arange(1, n + 1))
     return float(np.median(np.concatenate([[0.0], widest])[labels[fg]]))
@@ -125,7 +125,8 @@ class RescaleToDiameterd(MapTransform):
         target_diameter: the standard object diameter in pixels (``None``: no resampling).
         nearest_keys: keys resampled by nearest neighbour.
         foreground: class values that make up an object (``None``: ``diameter_key`` holds instance labels).
-        statistic: ``"median"`` or ``"largest"`` (see :func:`object_diameter`).
+        statistic: ``"median"``, ``"largest"`` or ``"inscribed"`` (see :func:`object_diameter`; ``"inscribed"``
+            measures the instances' merged foreground).
         limits: smallest and largest zoom.
         tolerance: leave samples whose zoom is within this relative difference of 1.
     """
@@ -258,6 +259,8 @@ class ScaledTiledInferer(TiledInferer):
                 if max(new / zoom, zoom / new) <= 1.0 + self.tolerance:
                     break
                 zoom = new
+            if max(zoom, 1.0 / zoom) <= 1.0 + self.tolerance:
+                zoom = 1.0  # settled close to the image's own scale
             if zoom != at or self.tta:
                 logits = self._run(image, zoom, network, self.tta, *args, **kwargs)
             self.last_zooms.append(zoom)

@@ -197,22 +197,30 @@ def test_inference_logit_shift_matches_training(bundle):
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_inference_object_scale_matches_training(bundle):
-    """Inference brings objects to the diameter the network was trained at, measured the same way."""
+    """With object-size normalisation on, inference brings objects to the diameter training used, measured alike."""
     from medseg.scale import ScaledTiledInferer
 
     train = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "train.json")))
     infer = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "inference.json")))
-    keys = ("target_diameter", "diameter_statistic", "zoom_limits", "zoom_tolerance")
+    keys = ("target_diameter", "diameter_statistic", "zoom_limits", "zoom_tolerance", "zoom_iterations")
     if "target_diameter" not in train:
         assert not any(k in infer for k in keys)
         return
     train.get_parsed_content("imports")
     for key in keys:
         assert infer.get_parsed_content(key) == train.get_parsed_content(key), key
-    for parser, path in ((train, "validate#inferer"), (infer, "inferer")):
-        inferer = parser.get_parsed_content(path)
-        assert isinstance(inferer, ScaledTiledInferer) and inferer.target == train.get_parsed_content("target_diameter")
-    assert infer.get_parsed_content("inferer").diameter is None  # estimated per image unless given
+    assert infer.get_parsed_content("inferer").target is None  # off by default in the shipped bundles
+    train["target_diameter"] = infer["target_diameter"] = 20
+    train.parse(reset=True)
+    infer.parse(reset=True)
+    ours, theirs = train.get_parsed_content("validate#inferer"), infer.get_parsed_content("inferer")
+    assert isinstance(ours, ScaledTiledInferer) and isinstance(theirs, ScaledTiledInferer)
+    for attr in ("target", "foreground", "statistic", "grow", "limits", "tolerance", "iterations"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert (ours.shift is None) == (theirs.shift is None)
+    if ours.shift is not None:
+        torch.testing.assert_close(ours.shift, theirs.shift)
+    assert ours.target == 20 and theirs.diameter is None  # estimated per image unless given
 
 
 @pytest.mark.parametrize("name", ["jurkat", "nuclei"])

@@ -180,6 +180,24 @@ def test_inscribed_diameter_ignores_specks_and_touching_neighbours():
     assert object_diameter(mask, "median") < 5  # the plain median is pulled down by the specks
 
 
+def test_inferer_zooms_each_image_of_a_batch_on_its_own():
+    small = _disc((64, 64), (32, 32), 8)  # 16 px wide: enlarged to 32
+    large = _disc((64, 64), (32, 32), 30)  # 60 px wide: shrunk to 32
+    batch = torch.as_tensor(np.stack([small, large])[:, None].astype(np.float32))
+    net = _Threshold()
+    inferer = ScaledTiledInferer(roi_size=64, target_diameter=32, foreground=[1], statistic="inscribed",
+                                 tolerance=0.1, border=0, whole_max_pixels=10**6, divisor=1)
+    out = inferer(batch, net)
+    assert out.shape == (2, 2, 64, 64)
+    assert inferer.last_zooms[0] > 1.7 and inferer.last_zooms[1] < 0.6
+    for i, mask in enumerate((small, large)):
+        assert (out[i].argmax(0).numpy() == mask).mean() > 0.98
+
+
+def test_inscribed_diameter_of_a_mask_without_background_is_unknown():
+    assert object_diameter(np.ones((50, 50), bool), "inscribed") is None
+
+
 def test_without_target_it_is_a_plain_tiled_inferer():
     x = torch.rand(1, 1, 40, 50)
     net = _Threshold()
