@@ -61,7 +61,7 @@ def object_diameter(mask: np.ndarray, statistic: str = "median", instances: bool
         instances: ``mask`` holds instance labels.
     """
     if statistic not in _STATISTICS:
-        raise ConfigValueError(f"diameter statistic {statistic!r} is unknown; use one of {', '.join(_STATISTICS)}")
+        raise ConfigValueError(f"diameter_statistic {statistic!r} is unknown; use one of {', '.join(_STATISTICS)}")
     mask = np.asarray(mask)
     if statistic == "inscribed":
         return inscribed_diameter(mask)

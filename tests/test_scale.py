@@ -173,6 +173,34 @@ def test_a_known_diameter_skips_the_estimate():
         ScaledTiledInferer(roi_size=64, diameter=15)  # a model trained at the images' own scale
 
 
+class _HalvesAtItsInputSize(_Threshold):
+    """Sees objects at half their size, but only at one input size (a first estimate that is far off)."""
+
+    def __init__(self, fooled_at: tuple[int, int]) -> None:
+        super().__init__()
+        self.fooled_at = fooled_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if tuple(x.shape[-2:]) == self.fooled_at:
+            from scipy import ndimage
+
+            fg = x[0, 0].numpy() > 0.5
+            inner = torch.as_tensor(ndimage.distance_transform_edt(fg) > object_diameter(fg, "inscribed") / 4)
+            out[0, 1][~inner], out[0, 0][~inner] = -10.0, 10.0
+        return out
+
+
+def test_an_estimate_that_settles_near_one_runs_at_the_images_own_scale():
+    image = torch.as_tensor(_disc((160, 160), (80, 80), 30)[None, None].astype(np.float32))  # 60 px wide
+    net = _HalvesAtItsInputSize(fooled_at=(160, 160))
+    inferer = ScaledTiledInferer(roi_size=64, target_diameter=62, foreground=[1], statistic="inscribed",
+                                 tolerance=0.1, iterations=3, border=0, whole_max_pixels=10**6, divisor=1)
+    inferer(image, net)
+    # 30 px seen at first (zoom ~2), 60 px at that zoom (zoom ~1.03, within 10 % of 1): the last pass is native
+    assert inferer.last_zooms == [1.0] and net.sizes[-1] == (160, 160) and len(net.sizes) == 4
+
+
 def test_inscribed_diameter_ignores_specks_and_touching_neighbours():
     mask = _disc((100, 100), (30, 30), 10) | _disc((100, 100), (30, 49), 10)  # two touching 20 px discs
     mask[80:82, 80:82] = mask[90, 10] = True  # specks
