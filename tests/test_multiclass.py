@@ -212,6 +212,23 @@ def test_bundle_load_chain_gives_scaled_rgb_and_class_indices(jurkat_folder):
     assert set(np.unique(label).tolist()) == {0.0, 1.0, 2.0}
 
 
+def test_training_chain_pads_images_smaller_than_half_the_patch(jurkat_folder):
+    """Cell crops under half the patch size (72 px for 144) pad by mirroring, which torch's reflect pad cannot."""
+    from monai.transforms import Compose
+
+    from medseg.bundle import load_config
+
+    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder)})
+    chain = Compose(parser.get_parsed_content("train#preprocessing").transforms)
+    sample = parser.get_parsed_content("datalists")["train"][0]
+    Image.fromarray(np.asarray(Image.open(sample["image"]))[:40, :40]).save(jurkat_folder / "small.bmp")
+    Image.fromarray(np.asarray(Image.open(sample["label"]))[:40, :40]).save(jurkat_folder / "small.png")
+    d = chain({"image": str(jurkat_folder / "small.bmp"), "label": str(jurkat_folder / "small.png")})
+    patch = tuple(parser.get_parsed_content("patch_size"))
+    assert tuple(np.asarray(d["image"]).shape) == (3, *patch) and tuple(np.asarray(d["label"]).shape) == (1, *patch)
+    assert set(np.unique(np.asarray(d["label"])).tolist()) <= {0.0, 1.0, 2.0}
+
+
 # --- writers: class masks ------------------------------------------------------------------------------------
 
 
