@@ -1,4 +1,4 @@
-"""Segmentation losses selectable by name (U-Net weighted cross-entropy, MONAI DiceCE) and their class-weight priors."""
+"""Segmentation losses by name (U-Net weighted CE, MONAI DiceCE, Dice + pixel-weighted CE) and class-weight priors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 
@@ -48,10 +48,46 @@ class DiceCEOnLabel(nn.Module):
         return self.loss(logits.float(), target[:, :1])
 
 
+class DiceWeightedCE(nn.Module):
+    """MONAI Dice (softmax, one-hot label, class-weighted) plus cross-entropy weighted per class and per pixel.
+
+    The target carries the class index in channel 0 and, optionally, a pixel weight map in channel 1
+    (e.g. :class:`medseg.transforms.TouchingWeightd` followed by ``ConcatItemsd(["label", "weight"])``).
+    The cross-entropy is ``sum(w_pixel * w_class * ce) / sum(w_class)``: without a weight channel (or with
+    all ones) it equals ``DiceCELoss``'s weighted cross-entropy, and the pixel weights add to the loss where
+    they exceed 1, as in the U-Net paper.
+
+    Args:
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        class_weights: optional per-class weights of the cross-entropy (one per output channel).
+    """
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
+                 class_weights: list[float] | None = None) -> None:
+        super().__init__()
+        weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, weight=weight)
+        self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
+        self.register_buffer("class_weights", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        classes = target[:, 0].long()
+        ce = F.cross_entropy(logits, classes, reduction="none")
+        norm = torch.ones_like(ce)
+        if self.class_weights is not None:
+            norm = self.class_weights.to(logits.device)[classes]
+        pixel = target[:, 1].float() if target.shape[1] > 1 else torch.ones_like(ce)
+        ce = (ce * norm * pixel).sum() / norm.sum().clamp_min(1e-12)
+        return self.lambda_dice * self.dice(logits, target[:, :1]) + self.lambda_ce * ce
+
+
 #: Loss name (as written in a bundle's ``loss_name``) -> class.
 LOSSES: dict[str, type[nn.Module]] = {
     "weighted_ce": WeightedCrossEntropyLoss,
     "dice_ce": DiceCEOnLabel,
+    "dice_weighted_ce": DiceWeightedCE,
 }
 
 

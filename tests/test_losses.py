@@ -1,4 +1,4 @@
-"""Loss functions: weighted cross-entropy against PyTorch's, DiceCE selection, the registry."""
+"""Loss functions: weighted cross-entropy against PyTorch's, DiceCE and its pixel-weighted form, the registry."""
 
 from __future__ import annotations
 
@@ -41,6 +41,31 @@ def test_dice_ce_ignores_weight_channel():
     torch.testing.assert_close(loss(logits, with_weight), loss(logits, label))
 
 
+@pytest.mark.parametrize("class_weights", [None, [1.0, 1.0, 2.0]])
+def test_dice_weighted_ce_with_unit_pixel_weights_is_monai_dice_ce(class_weights):
+    """No weight channel, or all ones, gives exactly MONAI's DiceCELoss (class weights in both terms)."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 8, 8)
+    label = torch.randint(0, 3, (2, 1, 8, 8)).float()
+    expected = create_loss("dice_ce", class_weights=class_weights)(logits, label)
+    loss = create_loss("dice_weighted_ce", class_weights=class_weights)
+    torch.testing.assert_close(loss(logits, label), expected)
+    torch.testing.assert_close(loss(logits, torch.cat([label, torch.ones_like(label)], 1)), expected)
+
+
+def test_dice_weighted_ce_adds_the_pixel_weights_to_the_cross_entropy():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 3, 4, 4)
+    label = torch.randint(0, 3, (1, 1, 4, 4)).float()
+    weight = torch.ones_like(label)
+    weight[..., 1, 2] = 5.0
+    ce_only = create_loss("dice_weighted_ce", lambda_dice=0.0, class_weights=[1.0, 2.0, 3.0])
+    per_pixel = F.cross_entropy(logits, label[:, 0].long(), reduction="none")
+    class_w = torch.tensor([1.0, 2.0, 3.0])[label[:, 0].long()]
+    expected = (per_pixel * class_w * weight[:, 0]).sum() / class_w.sum()
+    torch.testing.assert_close(ce_only(logits, torch.cat([label, weight], 1)), expected)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_backpropagates(name):
     logits, label = _batch()
@@ -50,7 +75,7 @@ def test_every_loss_backpropagates(name):
 
 
 def test_unknown_loss_lists_options():
-    with pytest.raises(ValueError, match="unknown loss 'dice'; options are: weighted_ce, dice_ce"):
+    with pytest.raises(ValueError, match="unknown loss 'dice'; options are: weighted_ce, dice_ce, dice_weighted_ce"):
         create_loss("dice")
 
 

@@ -239,6 +239,31 @@ def test_training_chain_brings_nuclei_to_the_standard_size_before_the_targets(ds
     assert np.asarray(native["image"]).shape == (1, 64, 64)
 
 
+@pytest.mark.parametrize("touch_weight", [0.0, 10.0])
+def test_training_chain_carries_the_touching_weights_in_the_label(dsb_folder, touch_weight):
+    """The training label is (class, pixel weight); the weights exceed 1 only with touch_weight set, and the
+    loss is the Dice + pixel-weighted CE that reads them."""
+    from monai.transforms import Compose
+
+    from medseg.bundle import load_config
+    from medseg.losses import DiceWeightedCE
+
+    overrides = {"touch_weight": touch_weight, "samples_per_image": 1, "patch_size": [64, 64]}
+    parser = load_config(NUCLEI, "train", overrides=overrides, settings={"dataset_dir": str(dsb_folder)})
+    assert isinstance(parser.get_parsed_content("loss"), DiceWeightedCE)
+    chain = Compose(parser.get_parsed_content("train#preprocessing").transforms)
+    sample = next(s for s in parser.get_parsed_content("datalists")["all"] if s["name"] == "c1")
+    d = chain(sample)
+    d = d[0] if isinstance(d, list) else d
+    label = np.asarray(d["label"])
+    assert label.shape[0] == 2 and "weight" not in d and "instances" not in d
+    assert set(np.unique(label[0]).tolist()) <= {0.0, 1.0, 2.0}
+    if touch_weight:
+        assert label[1].max() > 5.0 and label[1].min() >= 1.0  # the synthetic image has a touching pair
+    else:
+        np.testing.assert_array_equal(label[1], 1.0)
+
+
 # --- writers: instance labels and tables ---------------------------------------------------------------------
 
 

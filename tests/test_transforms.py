@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 from medseg.errors import DataError
-from medseg.transforms import BinaryLabeld, BorderWeightd, LoadSliced, RandElasticGridd, border_weight_map
+from medseg.transforms import (
+    BinaryLabeld,
+    BorderWeightd,
+    LoadSliced,
+    RandElasticGridd,
+    TouchingWeightd,
+    border_weight_map,
+    touching_weight_map,
+)
 
 
 def test_load_sliced_png_and_tiff_page(tmp_path, isbi_stacks):
@@ -67,6 +75,28 @@ def test_border_weightd_adds_key():
     label[0, :, 6:] = 1
     d = BorderWeightd(keys="label")({"label": label})
     assert d["weight"].shape == (1, 10, 10) and d["weight"][0, 0, 5] > d["weight"][0, 0, 0]
+
+
+def test_touching_weight_peaks_where_two_instances_meet_and_keeps_touching_nuclei_apart():
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 3:13] = 1
+    labels[5:15, 13:23] = 2  # touches nucleus 1 along column 12/13: one binary component
+    labels[5:15, 30:38] = 3  # isolated, 7 px from nucleus 2
+    w = touching_weight_map(labels, w0=10.0, sigma=3.0)
+    # column 12 is in nucleus 1 (d1 = 0) and 1 px from nucleus 2
+    assert w[10, 12] == pytest.approx(1.0 + 10.0 * math.exp(-1 / 18.0), rel=1e-5)
+    # column 8: inside nucleus 1, 5 px from nucleus 2
+    assert w[10, 8] == pytest.approx(1.0 + 10.0 * math.exp(-25 / 18.0), rel=1e-5)
+    assert w[10, 30] == pytest.approx(1.0 + 10.0 * math.exp(-(8 ** 2) / 18.0), rel=1e-4)  # 8 px from nucleus 2
+    assert w[0, 0] == pytest.approx(1.0, abs=1e-3) and w.min() >= 1.0
+    np.testing.assert_array_equal(touching_weight_map(labels, w0=0.0), np.ones((20, 40), np.float32))
+    single = np.zeros((16, 16), np.int32)
+    single[4:12, 4:12] = 1
+    np.testing.assert_allclose(touching_weight_map(single), 1.0)  # no second nucleus, no extra weight
+    d = TouchingWeightd(keys="instances", w0=10.0)({"instances": labels[None].astype(np.float32)})
+    np.testing.assert_allclose(d["weight"][0], touching_weight_map(labels, 10.0, 3.0))
+    with pytest.raises(ValueError, match="sigma > 0"):
+        touching_weight_map(labels, sigma=0.0)
 
 
 def test_elastic_zero_sigma_is_identity_and_labels_stay_binary():
