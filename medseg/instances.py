@@ -61,7 +61,7 @@ def merge_instance_masks(masks: Sequence[np.ndarray]) -> np.ndarray:
     return labels
 
 
-def instance_targets(labels: np.ndarray, boundary_width: int = 2) -> np.ndarray:
+def instance_targets(labels: np.ndarray, boundary_width: int = 2, boundary: str = "outline") -> np.ndarray:
     """Three-class training target of a nucleus label image: 0 background, 1 interior, 2 boundary.
 
     A nucleus pixel is boundary when a pixel of another label (background or another nucleus) lies
@@ -70,9 +70,15 @@ def instance_targets(labels: np.ndarray, boundary_width: int = 2) -> np.ndarray:
     background (a nucleus cut by the border is not outlined there). Nuclei no wider than
     ``2 * boundary_width`` have no interior and stay all boundary.
 
+    With ``boundary="touching"`` only the pixels within ``boundary_width`` of *another nucleus* are
+    boundary: the edge against the background stays interior, so a small isolated nucleus is all interior
+    (a seed of its own) and the boundary class marks just the lines that separate touching nuclei.
+
     Args:
         labels: ``(H, W)`` integer instance labels, 0 = background.
         boundary_width: boundary thickness in pixels, at least 1.
+        boundary: ``"outline"`` (every edge of a nucleus) or ``"touching"`` (only edges shared with
+            another nucleus).
 
     Returns:
         ``(H, W)`` uint8 target.
@@ -82,9 +88,15 @@ def instance_targets(labels: np.ndarray, boundary_width: int = 2) -> np.ndarray:
         raise ValueError(f"labels must be 2D (H, W), got shape {labels.shape}")
     if boundary_width < 1:
         raise ValueError(f"boundary_width must be at least 1, got {boundary_width}")
+    if boundary not in ("outline", "touching"):
+        raise ValueError(f"boundary={boundary!r}: unknown; use 'outline' or 'touching'")
     size = 2 * boundary_width + 1
     # a pixel is interior when every label in its window equals its own: window min == max == label
-    low = ndimage.minimum_filter(labels, size=size, mode="nearest")
+    # ("touching": background pixels in the window do not count, as if they carried the pixel's own label)
+    if boundary == "touching":
+        low = ndimage.minimum_filter(np.where(labels == 0, labels.max() + 1, labels), size=size, mode="nearest")
+    else:
+        low = ndimage.minimum_filter(labels, size=size, mode="nearest")
     high = ndimage.maximum_filter(labels, size=size, mode="nearest")
     fg = labels != 0
     target = np.zeros(labels.shape, np.uint8)

@@ -197,14 +197,17 @@ class InstanceTargetd(MapTransform):
     """Turn an instance image ``(1, H, W)`` into 3 classes (0 background, 1 interior, 2 boundary).
 
     The boundary is ``boundary_width`` pixels wide on the inside of each object, so touching objects are
-    separated by boundary pixels (see :func:`medseg.instances.instance_targets`). The instance image is kept
-    under ``instance_key`` for instance metrics.
+    separated by boundary pixels; ``boundary="touching"`` marks only the edges shared with another object
+    (see :func:`medseg.instances.instance_targets`). The instance image is kept under ``instance_key`` for
+    instance metrics.
     """
 
     def __init__(self, keys: KeysCollection, boundary_width: int = 2, instance_key: str | None = "instances",
-                 allow_missing_keys: bool = False) -> None:
+                 boundary: str = "outline", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.boundary_width, self.instance_key = boundary_width, instance_key
+        if boundary not in ("outline", "touching"):
+            raise ConfigValueError(f"boundary={boundary!r}: unknown; use --set boundary=outline or boundary=touching")
+        self.boundary_width, self.instance_key, self.boundary = boundary_width, instance_key, boundary
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from medseg.instances import instance_targets
@@ -214,7 +217,7 @@ class InstanceTargetd(MapTransform):
             labels = np.asarray(d[key])[0].astype(np.int32)
             if self.instance_key:
                 d[self.instance_key] = labels[None].astype(np.float32)
-            d[key] = instance_targets(labels, self.boundary_width)[None].astype(np.float32)
+            d[key] = instance_targets(labels, self.boundary_width, self.boundary)[None].astype(np.float32)
         return d
 
 

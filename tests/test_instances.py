@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from medseg.errors import ConfigValueError
 from medseg.instances import (
     MEASUREMENT_FIELDS,
     WatershedInstances,
@@ -18,6 +19,7 @@ from medseg.instances import (
     write_measurements_csv,
 )
 from medseg.metrics import DSB_THRESHOLDS, dsb_scores, instance_iou_matrix, multiclass_scores
+from medseg.transforms import InstanceTargetd
 
 
 def _square(shape, y0, x0, size, value=True):
@@ -87,6 +89,24 @@ def test_targets_touching_squares_are_separated():
     grown_a[:, :-1] |= interior_a[:, 1:]
     assert not np.any(grown_a & interior_b)
     assert np.all(target[5:15, 12] == 2) and np.all(target[5:15, 13] == 2)
+
+
+def test_touching_targets_mark_only_the_edges_shared_with_another_nucleus():
+    pair = _square((20, 40), 5, 3, 10, 1) + _square((20, 40), 5, 13, 10, 2)  # share the edge x=12|13
+    labels = pair + _square((20, 40), 5, 28, 3, 3)  # and a 3x3 nucleus 13 px away
+    target = instance_targets(labels, boundary_width=2, boundary="touching")
+    np.testing.assert_array_equal(target == 0, labels == 0)
+    boundary = np.zeros_like(target, bool)
+    boundary[5:15, 11:15] = True  # 2 px on each side of the shared edge
+    np.testing.assert_array_equal(target == 2, boundary)
+    assert np.all(target[5:8, 28:31] == 1)  # the small isolated nucleus is all interior: a seed of its own
+    gap = _square((20, 40), 5, 3, 10, 1) + _square((20, 40), 5, 14, 10, 2)  # 1 px of background between
+    near = instance_targets(gap, boundary_width=2, boundary="touching")
+    assert np.all(near[5:15, 12] == 2) and np.all(near[5:15, 14] == 2)  # still separated
+    with pytest.raises(ValueError, match="boundary='ring'"):
+        instance_targets(labels, 2, boundary="ring")
+    with pytest.raises(ConfigValueError, match="--set boundary=outline or boundary=touching"):
+        InstanceTargetd(keys="label", boundary="ring")
 
 
 def test_targets_fast_on_many_nuclei():
