@@ -394,6 +394,10 @@ class TouchingWeightd(MapTransform):
     def __init__(self, keys: KeysCollection, weight_key: str = "weight", w0: float = 10.0, sigma: float = 3.0,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        if not (float(w0) >= 0 and float(sigma) > 0):
+            raise ConfigValueError(
+                f"touch_weight={w0}, touch_sigma={sigma}: need touch_weight >= 0 and touch_sigma > 0; set them with "
+                "--set touch_weight=10 --set touch_sigma=3 (touch_weight=0 turns it off)")
         self.weight_key, self.w0, self.sigma = weight_key, float(w0), float(sigma)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medseg.errors import DataError
+from medseg.errors import ConfigValueError, DataError
 from medseg.transforms import (
     BinaryLabeld,
     BorderWeightd,
@@ -97,6 +97,8 @@ def test_touching_weight_peaks_where_two_instances_meet_and_keeps_touching_nucle
     np.testing.assert_allclose(d["weight"][0], touching_weight_map(labels, 10.0, 3.0))
     with pytest.raises(ValueError, match="sigma > 0"):
         touching_weight_map(labels, sigma=0.0)
+    with pytest.raises(ConfigValueError, match="touch_weight=-1.*--set touch_weight=10"):
+        TouchingWeightd(keys="instances", w0=-1.0)
 
 
 def test_elastic_zero_sigma_is_identity_and_labels_stay_binary():
