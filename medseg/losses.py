@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
+from monai.losses import DiceCELoss
 from torch import nn
 
 
@@ -48,39 +48,26 @@ class DiceCEOnLabel(nn.Module):
         return self.loss(logits.float(), target[:, :1])
 
 
-class DiceWeightedCE(nn.Module):
-    """MONAI Dice (softmax, one-hot label, class-weighted) plus cross-entropy weighted per class and per pixel.
+class DiceWeightedCE(DiceCEOnLabel):
+    """MONAI ``DiceCELoss`` whose cross-entropy also takes a pixel weight map from the target's channel 1.
 
     The target carries the class index in channel 0 and, optionally, a pixel weight map in channel 1
     (e.g. :class:`medseg.transforms.TouchingWeightd` followed by ``ConcatItemsd(["label", "weight"])``).
     The cross-entropy is ``sum(w_pixel * w_class * ce) / sum(w_class)``: without a weight channel (or with
-    all ones) it equals ``DiceCELoss``'s weighted cross-entropy, and the pixel weights add to the loss where
-    they exceed 1, as in the U-Net paper.
-
-    Args:
-        lambda_dice: weight of the Dice term.
-        lambda_ce: weight of the cross-entropy term.
-        class_weights: optional per-class weights of the cross-entropy (one per output channel).
+    all ones) the loss equals ``DiceCELoss``, and the pixel weights add to the loss where they exceed 1, as
+    in the U-Net paper. Arguments as :class:`DiceCEOnLabel`.
     """
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
-                 class_weights: list[float] | None = None) -> None:
-        super().__init__()
-        weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, weight=weight)
-        self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
-        self.register_buffer("class_weights", weight, persistent=False)
-
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.shape[1] < 2:
+            return super().forward(logits, target)
         logits = logits.float()
         classes = target[:, 0].long()
         ce = F.cross_entropy(logits, classes, reduction="none")
-        norm = torch.ones_like(ce)
-        if self.class_weights is not None:
-            norm = self.class_weights.to(logits.device)[classes]
-        pixel = target[:, 1].float() if target.shape[1] > 1 else torch.ones_like(ce)
-        ce = (ce * norm * pixel).sum() / norm.sum().clamp_min(1e-12)
-        return self.lambda_dice * self.dice(logits, target[:, :1]) + self.lambda_ce * ce
+        class_weights = self.loss.cross_entropy.weight
+        norm = class_weights.to(logits.device)[classes] if class_weights is not None else torch.ones_like(ce)
+        ce = (ce * norm * target[:, 1].float()).sum() / norm.sum().clamp_min(1e-12)
+        return self.loss.lambda_dice * self.loss.dice(logits, target[:, :1]) + self.loss.lambda_ce * ce
 
 
 #: Loss name (as written in a bundle's ``loss_name``) -> class.
