@@ -31,7 +31,8 @@ SetOpt = Annotated[
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 TtaOpt = Annotated[bool | None, typer.Option(
     "--tta/--no-tta",
-    help="Average the 8 rotations/flips (8 network passes per slice); default: the bundle's tta (on for jurkat).",
+    help="Average the 8 rotations/flips (8 network passes per slice); default: the bundle's tta (on for jurkat, "
+         "and for nuclei in evaluate and infer).",
     show_default=False)]
 
 

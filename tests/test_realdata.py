@@ -175,7 +175,7 @@ def _dsb_subset(shared_dsb: Path, root: Path) -> Path:
 
 def test_short_real_nuclei_training_finds_nuclei(shared_dsb, tmp_path):
     """6 epochs of a small network on 9 real images (3 validate, one of them H&E): the DSB score rises from 0
-    above 0.1 (0.33 when checked), and `medseg evaluate` reproduces it."""
+    above 0.1 (0.33 when checked), and `medseg evaluate --no-tta` reproduces it."""
     data = _dsb_subset(shared_dsb.resolve(), tmp_path / "data")
     out = tmp_path / "run"
     sets = [*SMALL_NET, "patch_size=[128,128]", "val_fraction=0.25", "samples_per_image=4", "batch_size=8",
@@ -192,7 +192,7 @@ def test_short_real_nuclei_training_finds_nuclei(shared_dsb, tmp_path):
     assert (out / "model.pt").is_file()
     result = runner.invoke(app, ["evaluate", str(NUCLEI), "--data", str(data), "--checkpoint", str(out / "model.pt"),
                                  "--output", str(tmp_path / "eval"), "--no-progress", "--device", "cpu",
-                                 *_sets(sets)])
+                                 "--no-tta", *_sets(sets)])  # validation is single-pass; evaluate's default is TTA
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["images"] == 3 and summary["dsb_score"] == pytest.approx(max(scores), abs=1e-6)
