@@ -94,7 +94,8 @@ def instance_targets(labels: np.ndarray, boundary_width: int = 2, boundary: str 
     # a pixel is interior when every label in its window equals its own: window min == max == label
     # ("touching": background pixels in the window do not count, as if they carried the pixel's own label)
     if boundary == "touching":
-        low = ndimage.minimum_filter(np.where(labels == 0, labels.max() + 1, labels), size=size, mode="nearest")
+        wide = labels.astype(np.int64)  # room for max + 1 whatever the label dtype
+        low = ndimage.minimum_filter(np.where(wide == 0, wide.max() + 1, wide), size=size, mode="nearest")
     else:
         low = ndimage.minimum_filter(labels, size=size, mode="nearest")
     high = ndimage.maximum_filter(labels, size=size, mode="nearest")

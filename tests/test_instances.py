@@ -93,13 +93,16 @@ def test_targets_touching_squares_are_separated():
 
 def test_touching_targets_mark_only_the_edges_shared_with_another_nucleus():
     pair = _square((20, 40), 5, 3, 10, 1) + _square((20, 40), 5, 13, 10, 2)  # share the edge x=12|13
-    labels = pair + _square((20, 40), 5, 28, 3, 3)  # and a 3x3 nucleus 13 px away
+    labels = pair + _square((20, 40), 5, 28, 3, 3)  # and a 3x3 nucleus 6 px away
     target = instance_targets(labels, boundary_width=2, boundary="touching")
     np.testing.assert_array_equal(target == 0, labels == 0)
     boundary = np.zeros_like(target, bool)
     boundary[5:15, 11:15] = True  # 2 px on each side of the shared edge
     np.testing.assert_array_equal(target == 2, boundary)
     assert np.all(target[5:8, 28:31] == 1)  # the small isolated nucleus is all interior: a seed of its own
+    as_bytes = labels.astype(np.uint8)
+    as_bytes[labels == 3] = 255  # the largest uint8 label: no wrap-around of "max + 1"
+    np.testing.assert_array_equal(instance_targets(as_bytes, boundary_width=2, boundary="touching"), target)
     gap = _square((20, 40), 5, 3, 10, 1) + _square((20, 40), 5, 14, 10, 2)  # 1 px of background between
     near = instance_targets(gap, boundary_width=2, boundary="touching")
     assert np.all(near[5:15, 12] == 2) and np.all(near[5:15, 14] == 2)  # still separated

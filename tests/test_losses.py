@@ -66,6 +66,18 @@ def test_dice_weighted_ce_adds_the_pixel_weights_to_the_cross_entropy():
     torch.testing.assert_close(ce_only(logits, torch.cat([label, weight], 1)), expected)
 
 
+def test_dice_weighted_ce_dice_term_is_monai_class_weighted_dice_whatever_the_pixel_weights():
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 8, 8)
+    label = torch.randint(0, 3, (2, 1, 8, 8)).float()
+    weight = torch.rand_like(label) * 10.0
+    dice_only = create_loss("dice_weighted_ce", lambda_ce=0.0, class_weights=[1.0, 2.0, 3.0])
+    expected = DiceLoss(to_onehot_y=True, softmax=True, weight=torch.tensor([1.0, 2.0, 3.0]))(logits, label)
+    torch.testing.assert_close(dice_only(logits, torch.cat([label, weight], 1)), expected)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_backpropagates(name):
     logits, label = _batch()

@@ -213,7 +213,7 @@ def test_bundle_load_chain_gives_scaled_rgb_and_class_indices(jurkat_folder):
 
 
 def test_training_chain_pads_images_smaller_than_half_the_patch(jurkat_folder):
-    """Cell crops under half the patch size (72 px for 144) pad by mirroring, which torch's reflect pad cannot."""
+    """Cell crops of a third of the patch or less (48 px for 144) pad by mirroring, which torch's reflect pad cannot."""
     from monai.transforms import Compose
 
     from medseg.bundle import load_config
