@@ -101,11 +101,16 @@ class _Threshold(torch.nn.Module):
         return torch.cat([-fg, fg], dim=1)
 
 
+def _disc_case(shape, centre, radius, target_diameter, tolerance):
+    """A one-disc image, a thresholding network and a whole-image inferer that sizes the disc as ``largest``."""
+    image = torch.as_tensor(_disc(shape, centre, radius)[None, None].astype(np.float32))
+    inferer = ScaledTiledInferer(roi_size=64, target_diameter=target_diameter, foreground=[1], statistic="largest",
+                                 tolerance=tolerance, border=0, whole_max_pixels=10**6, divisor=1)
+    return image, _Threshold(), inferer
+
+
 def test_inferer_runs_again_at_the_standard_size_and_returns_the_input_grid():
-    image = torch.as_tensor(_disc((96, 128), (48, 64), 30)[None, None].astype(np.float32))
-    net = _Threshold()
-    inferer = ScaledTiledInferer(roi_size=64, target_diameter=30, foreground=[1], statistic="largest",
-                                 tolerance=0.05, border=0, whole_max_pixels=10**6, divisor=1)
+    image, net, inferer = _disc_case((96, 128), (48, 64), 30, target_diameter=30, tolerance=0.05)
     out = inferer(image, net)
     assert out.shape == (1, 2, 96, 128)
     assert inferer.last_zooms == [pytest.approx(30 / object_diameter(image[0, 0].numpy(), "largest"))]
@@ -116,10 +121,7 @@ def test_inferer_runs_again_at_the_standard_size_and_returns_the_input_grid():
 
 
 def test_inferer_keeps_scale_when_close_or_empty_and_uses_tta_only_on_the_final_pass():
-    image = torch.as_tensor(_disc((64, 64), (32, 32), 15)[None, None].astype(np.float32))
-    net = _Threshold()
-    inferer = ScaledTiledInferer(roi_size=64, target_diameter=31, foreground=[1], statistic="largest",
-                                 tolerance=0.2, border=0, whole_max_pixels=10**6, divisor=1)
+    image, net, inferer = _disc_case((64, 64), (32, 32), 15, target_diameter=31, tolerance=0.2)
     out = inferer(image, net)
     assert net.sizes == [(64, 64)] and inferer.last_zooms == [1.0]  # one pass only
     torch.testing.assert_close(out, net(image))
