@@ -5,6 +5,8 @@ that the validation score stays an honest estimate:
 
     python benchmarks/nuclei_postprocess.py --data ../shared/data/dsb2018 --checkpoint runs/nuclei/model.pt \
         --split train
+
+A model trained with other settings (e.g. ``--set distance_head=true``) takes the same ``--set`` overrides.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.bundle import load_checkpoint, load_config
+from medseg.bundle import load_checkpoint, load_config, parse_override
 from medseg.instances import WatershedInstances
 from medseg.metrics import dsb_scores
+from medseg.transforms import ClassActivationsd, LogitShiftd
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "nuclei"
 
 
-def predictions(data: str, checkpoint: str, split: str, tta: bool) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
-    """``(name, group, probabilities (3, H, W), ground-truth instances)`` of every image of ``split``."""
-    overrides = {"validate#inferer#tta": tta}
+def predictions(data: str, checkpoint: str, split: str, tta: bool,
+                sets: dict | None = None) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """``(name, group, probabilities (3 or 4, H, W), ground-truth instances)`` of every image of ``split``."""
+    overrides = {**(sets or {}), "validate#inferer#tta": tta}
     settings = {"dataset_dir": data, "output_dir": str(Path(checkpoint).parent / "sweep"), "ckpt_path": checkpoint,
                 "eval_split": split, "device": "$torch.device('cpu')", "amp": False}
     parser = load_config(str(BUNDLE), "evaluate", (), overrides, settings)
@@ -42,13 +46,15 @@ def predictions(data: str, checkpoint: str, split: str, tta: bool) -> list[tuple
     network.eval()
     transform = parser.get_parsed_content("validate#preprocessing")
     inferer = parser.get_parsed_content("validate#inferer")
-    shift = torch.tensor(parser.get_parsed_content("logit_shift"), dtype=torch.float32).view(-1, 1, 1)
+    shift = LogitShiftd("pred", parser.get_parsed_content("logit_shift"),
+                        extra_channels=int(parser.get_parsed_content("distance_head")))
+    activate = ClassActivationsd("pred", parser.get_parsed_content("num_classes"))
     out = []
     with torch.inference_mode():
         for sample in samples[split]:
             d = transform(sample)
             logits = inferer(torch.as_tensor(d["image"])[None], network)[0].float()
-            prob = torch.softmax(logits + shift, 0).numpy()
+            prob = np.asarray(activate(shift({"pred": logits}))["pred"])
             out.append((sample["name"], sample.get("group", ""), prob, np.asarray(d["instances"])[0].astype(np.int32)))
     return out
 
@@ -63,10 +69,13 @@ def main() -> None:
     ap.add_argument("--fg", type=float, nargs="+", default=[0.4, 0.5, 0.6])
     ap.add_argument("--min-area", type=int, nargs="+", default=[8, 20])
     ap.add_argument("--min-seed", type=int, nargs="+", default=[4, 16, 48])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override the model was trained with, e.g. distance_head=true")
     args = ap.parse_args()
 
     start = time.perf_counter()
-    preds = predictions(args.data, args.checkpoint, args.split, args.tta)
+    sets = dict(parse_override(text) for text in args.set)
+    preds = predictions(args.data, args.checkpoint, args.split, args.tta, sets)
     print(f"{len(preds)} images of split '{args.split}' predicted in {time.perf_counter() - start:.0f} s")
     results = []
     for seed, fg, area, min_seed in itertools.product(args.seed, args.fg, args.min_area, args.min_seed):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
+from medseg.errors import ConfigValueError
+
 
 class WeightedCrossEntropyLoss(nn.Module):
     """Pixel-wise cross-entropy weighted by a per-pixel map (the U-Net paper's energy).
@@ -55,10 +57,31 @@ class DiceWeightedCE(DiceCEOnLabel):
     (e.g. :class:`medseg.transforms.TouchingWeightd` followed by ``ConcatItemsd(["label", "weight"])``).
     The cross-entropy is ``sum(w_pixel * w_class * ce) / sum(w_class)``: without a weight channel (or with
     all ones) the loss equals ``DiceCELoss``, and the pixel weights add to the loss where they exceed 1, as
-    in the U-Net paper. Arguments as :class:`DiceCEOnLabel`.
+    in the U-Net paper.
+
+    With ``distance_head`` the network has one more output channel, last: its sigmoid learns the
+    target's last channel (a normalised distance map, :func:`medseg.instances.instance_distance_map`) by
+    binary cross-entropy, added with ``distance_weight``. Other arguments as :class:`DiceCEOnLabel`.
     """
 
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
+                 class_weights: list[float] | None = None, distance_head: bool = False,
+                 distance_weight: float = 1.0) -> None:
+        super().__init__(lambda_dice, lambda_ce, class_weights)
+        if not float(distance_weight) >= 0:
+            raise ConfigValueError(f"distance_weight={distance_weight}: must be >= 0; set e.g. --set distance_weight=1")
+        self.distance_head, self.distance_weight = bool(distance_head), float(distance_weight)
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.distance_head:
+            if target.shape[1] < 3:
+                raise ValueError(f"a distance head needs (class, weight, distance) targets, got {target.shape[1]} "
+                                 "channels")
+            distance = F.binary_cross_entropy_with_logits(logits[:, -1].float(), target[:, -1].float())
+            return self._classes(logits[:, :-1], target[:, :-1]) + self.distance_weight * distance
+        return self._classes(logits, target)
+
+    def _classes(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.shape[1] < 2:
             return super().forward(logits, target)
         logits = logits.float()

@@ -188,7 +188,8 @@ class ScaledTiledInferer(TiledInferer):
         grow: pixels added to each measured diameter (e.g. twice an inner boundary class's width).
         logit_shift: per-class offsets added to the logits before objects are measured (the bundle's prior
             correction, :class:`~medseg.transforms.LogitShiftd`), so that sizes are read from the scores
-            that postprocessing sees; the returned logits are not shifted.
+            that postprocessing sees; the returned logits are not shifted. Channels past the shifts (a
+            distance head's) take no part in the measurement.
         limits: smallest and largest zoom.
         tolerance: relative zoom change under which the estimate is taken as settled (and under which an
             image is left at its own scale).
@@ -228,8 +229,8 @@ class ScaledTiledInferer(TiledInferer):
 
     def measure(self, logits: torch.Tensor) -> float | None:
         """The object diameter, in the pixels of ``logits`` ``(C, H, W)``, or ``None`` without objects."""
-        if self.shift is not None:
-            logits = logits + self.shift.to(logits.device).view(-1, *([1] * (logits.ndim - 1)))
+        if self.shift is not None:  # class logits only: channels past the shifts (a distance head) are no class
+            logits = logits[: len(self.shift)] + self.shift.to(logits.device).view(-1, *([1] * (logits.ndim - 1)))
         winner = np.asarray(logits.argmax(0).cpu())
         diameter = object_diameter(np.isin(winner, self.foreground), self.statistic)
         return None if diameter is None else diameter + self.grow

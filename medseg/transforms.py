@@ -221,6 +221,23 @@ class InstanceTargetd(MapTransform):
         return d
 
 
+class InstanceDistanced(MapTransform):
+    """Add ``data[distance_key]``: :func:`medseg.instances.instance_distance_map` of the ``(1, H, W)`` instances
+    at ``keys`` (each nucleus's distance to its outline over its largest; the target of a distance head)."""
+
+    def __init__(self, keys: KeysCollection, distance_key: str = "distance", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.distance_key = distance_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from medseg.instances import instance_distance_map
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.distance_key] = instance_distance_map(np.asarray(d[key])[0])[None]
+        return d
+
+
 def is_colour(arr: np.ndarray, tolerance: float = 2.0) -> bool:
     """Whether a ``(3, H, W)`` image holds colour: its channels differ by over ``tolerance`` on average."""
     arr = np.asarray(arr, dtype=np.float32)
@@ -414,27 +431,68 @@ class LogitShiftd(MapTransform):
     Class-balanced training (weights ``w_c``) learns posteriors scaled by ``w_c``; adding ``-log(w_c)``
     (up to a constant) to each class's logit undoes that prior shift, so that 0.5 is again the
     decision threshold of the unweighted problem. With ``w_c = 0.5 / freq_c`` over two classes this is
-    ``[0, log(f / (1 - f))]``, ``f`` the foreground fraction of the training labels.
+    ``[0, log(f / (1 - f))]``, ``f`` the foreground fraction of the training labels. The last
+    ``extra_channels`` channels (e.g. a distance head's) are not classes and are left as they are.
     """
 
-    def __init__(self, keys: KeysCollection, shift: Sequence[float], allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, shift: Sequence[float], extra_channels: int = 0,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.shift = [float(v) for v in shift]
+        self.extra_channels = int(extra_channels)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             logits = d[key]
-            if len(self.shift) != logits.shape[0]:
-                raise ValueError(f"{len(self.shift)} logit shifts for {logits.shape[0]} channels of '{key}'")
+            if len(self.shift) + self.extra_channels != logits.shape[0]:
+                raise ValueError(f"{len(self.shift)} logit shifts and {self.extra_channels} extra channels for "
+                                 f"{logits.shape[0]} channels of '{key}'")
             if not any(self.shift):
                 continue
+            shift = self.shift + [0.0] * self.extra_channels
             shape = (-1,) + (1,) * (logits.ndim - 1)
             if isinstance(logits, torch.Tensor):
-                offset = torch.as_tensor(self.shift, dtype=logits.dtype, device=logits.device).view(shape)
+                offset = torch.as_tensor(shift, dtype=logits.dtype, device=logits.device).view(shape)
             else:
-                offset = np.asarray(self.shift, dtype=np.asarray(logits).dtype).reshape(shape)
+                offset = np.asarray(shift, dtype=np.asarray(logits).dtype).reshape(shape)
             d[key] = logits + offset
+        return d
+
+
+class ClassActivationsd(MapTransform):
+    """Softmax over the first ``num_classes`` channels of channel-first logits ``(C, ...)``, sigmoid over the rest.
+
+    The trailing channels are per-pixel regressions learnt with a sigmoid (a distance head); without them this
+    is MONAI's ``Activationsd(softmax=True)``.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            logits = torch.as_tensor(d[key])
+            if logits.shape[0] < self.num_classes:
+                raise ValueError(f"'{key}' has {logits.shape[0]} channels, fewer than {self.num_classes} classes")
+            classes, extra = logits[: self.num_classes], logits[self.num_classes:]
+            d[key] = torch.cat([torch.softmax(classes.float(), 0), torch.sigmoid(extra.float())])
+        return d
+
+
+class KeepChannelsd(MapTransform):
+    """Keep the first ``count`` channels of channel-first arrays (the class probabilities, not a distance head's)."""
+
+    def __init__(self, keys: KeysCollection, count: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.count = int(count)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key][: self.count]
         return d
 
 

@@ -12,6 +12,7 @@ from medseg.errors import ConfigValueError
 from medseg.instances import (
     MEASUREMENT_FIELDS,
     WatershedInstances,
+    instance_distance_map,
     instance_targets,
     measure_instances,
     merge_instance_masks,
@@ -138,6 +139,39 @@ def test_watershed_recovers_touching_discs():
     assert dsb_scores(gt, labels)["ap_75"] == 1.0
     assert repr(WatershedInstances())  # callable wrapper gives the same answer
     np.testing.assert_array_equal(WatershedInstances()(prob), labels)
+
+
+def test_distance_map_peaks_at_each_nucleus_centre_whatever_its_size():
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:7, 2:7] = 3  # 5x5: edge pixels 1 px from outside, centre 3 px
+    labels[2:7, 7:10] = 5  # touches it: measured alone, so its own 3-px width counts
+    labels[10:19, 10:29] = 1  # 9 px high: centre row 5 px from outside
+    dist = instance_distance_map(labels)
+    assert dist.dtype == np.float32 and dist.shape == labels.shape
+    assert np.all(dist[labels == 0] == 0) and np.all(dist[labels > 0] > 0)
+    for value in (1, 3, 5):
+        assert dist[labels == value].max() == pytest.approx(1.0)
+    assert dist[4, 4] == 1.0 and dist[2, 4] == pytest.approx(1 / 3)
+    assert dist[4, 6] == pytest.approx(1 / 3) and dist[4, 7] == pytest.approx(1 / 2)  # a valley where they touch
+    assert dist[14, 19] == 1.0 and dist[10, 19] == pytest.approx(1 / 5)
+    assert not instance_distance_map(np.zeros((4, 4), np.int32)).any()
+
+
+def test_watershed_seeds_from_the_distance_channel_split_what_the_interior_joins():
+    """Two touching discs whose predicted interior runs across their shared edge: the interior gives one seed,
+    the distance channel's two peaks give two nuclei."""
+    shape = (40, 64)
+    gt = merge_instance_masks([_disc(shape, 20, 20, 11), _disc(shape, 20, 42, 11)])
+    prob = _prob_from_labels(gt)
+    fg = gt > 0
+    prob[1][fg], prob[2][fg] = 1.0, 0.0  # no boundary predicted between them
+    assert watershed_instances(prob).max() == 1
+    with_distance = np.concatenate([prob, instance_distance_map(gt)[None]])
+    labels = watershed_instances(with_distance)
+    assert labels.max() == 2 and dsb_scores(gt, labels)["ap_75"] == 1.0
+    np.testing.assert_array_equal(WatershedInstances()(with_distance), labels)
+    with pytest.raises(ValueError, match=r"\(3, H, W\) or \(4, H, W\)"):
+        watershed_instances(np.zeros((2, 4, 4), np.float32))
 
 
 def test_watershed_keeps_unseeded_blob_and_drops_tiny_ones():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medseg.errors import ConfigValueError
 from medseg.losses import LOSSES, create_loss, prior_logit_shift
 
 
@@ -64,6 +65,26 @@ def test_dice_weighted_ce_adds_the_pixel_weights_to_the_cross_entropy():
     class_w = torch.tensor([1.0, 2.0, 3.0])[label[:, 0].long()]
     expected = (per_pixel * class_w * weight[:, 0]).sum() / class_w.sum()
     torch.testing.assert_close(ce_only(logits, torch.cat([label, weight], 1)), expected)
+
+
+def test_dice_weighted_ce_with_a_distance_head_adds_its_cross_entropy_on_the_last_channel():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 4, 8, 8)
+    label = torch.randint(0, 3, (2, 1, 8, 8)).float()
+    weight = torch.rand(2, 1, 8, 8) + 0.5
+    distance = torch.rand(2, 1, 8, 8)
+    target = torch.cat([label, weight, distance], 1)
+    classes = create_loss("dice_weighted_ce", class_weights=[1.0, 1.0, 2.0])(logits[:, :3], target[:, :2])
+    head = create_loss("dice_weighted_ce", class_weights=[1.0, 1.0, 2.0], distance_head=True, distance_weight=0.5)
+    expected = classes + 0.5 * F.binary_cross_entropy_with_logits(logits[:, 3], distance[:, 0])
+    torch.testing.assert_close(head(logits, target), expected)
+    # without the head the distance channel is ignored
+    torch.testing.assert_close(create_loss("dice_weighted_ce", class_weights=[1.0, 1.0, 2.0])(logits[:, :3], target),
+                               classes)
+    with pytest.raises(ValueError, match="distance head needs"):
+        head(logits, target[:, :2])
+    with pytest.raises(ConfigValueError, match="distance_weight=-1.0: must be >= 0; set e.g. --set distance_weight=1"):
+        create_loss("dice_weighted_ce", distance_head=True, distance_weight=-1.0)
 
 
 def test_dice_weighted_ce_dice_term_is_monai_class_weighted_dice_whatever_the_pixel_weights():

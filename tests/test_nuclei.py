@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import torch
 from conftest import (
     NUCLEI_TINY_NET,
     REPO,
@@ -240,10 +241,11 @@ def test_training_chain_brings_nuclei_to_the_standard_size_before_the_targets(ds
 
 
 @pytest.mark.parametrize("touch_weight", [0.0, 10.0])
-def test_training_chain_carries_the_touching_weights_in_the_label(dsb_folder, touch_weight):
-    """The training label is (class, pixel weight), cropped, rotated and flipped together: the weights exceed 1
-    only with touch_weight set, and then peak on the boundary class where two nuclei touch; the loss is the
-    Dice + pixel-weighted CE that reads them."""
+def test_training_chain_carries_the_touching_weights_and_distances_in_the_label(dsb_folder, touch_weight):
+    """The training label is (class, pixel weight, distance), cropped, rotated and flipped together: the weights
+    exceed 1 only with touch_weight set, and then peak on the boundary class where two nuclei touch; the
+    distance target is positive exactly on the nuclei; the loss is the Dice + pixel-weighted CE that reads
+    them."""
     from monai.transforms import Compose
     from monai.utils import set_determinism
 
@@ -261,8 +263,10 @@ def test_training_chain_carries_the_touching_weights_in_the_label(dsb_folder, to
         d = chain(sample)
         d = d[0] if isinstance(d, list) else d
         label = np.asarray(d["label"])
-        assert label.shape == (2, 48, 48) and "weight" not in d and "instances" not in d
+        assert label.shape == (3, 48, 48) and not {"weight", "distance", "instances"} & set(d)
         assert set(np.unique(label[0]).tolist()) <= {0.0, 1.0, 2.0}
+        np.testing.assert_array_equal(label[2] > 0, label[0] > 0)  # aligned with the targets after the flips
+        assert label[2].max() <= 1.0
         if not touch_weight:
             np.testing.assert_array_equal(label[1], 1.0)
         elif label[1].max() > 10.0:  # the crop holds the touching pair's shared edge (peak 1 + 10 e^(-1/18))
@@ -516,6 +520,37 @@ def test_cli_object_size_option_trains_evaluates_and_infers_on_the_input_grid(tm
     assert zooms == [2.0]  # 16 / 8, nothing estimated
     mask = np.asarray(Image.open(tmp_path / "out" / "mask" / "b1.png"))
     assert mask.shape == (80, 72) and mask.dtype == np.uint16  # on the input's grid
+
+
+def test_cli_distance_head_trains_evaluates_and_infers(tmp_path):
+    """``distance_head`` (off by default) adds a fourth output channel, trained on the normalised distance map and
+    used as the watershed's seed map, through train, evaluate and infer; the saved probability map stays the
+    foreground probability."""
+    data = write_dsb_folder(tmp_path / "data")
+    sets = [*TINY, "distance_head=true"]
+    result = _invoke("train", NUCLEI, "--data", data, "--output", tmp_path / "run", "--epochs", 1,
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_sets(sets))
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)
+    assert [v.shape[0] for k, v in state.items() if k.endswith("bias")][-1] == 4  # 3 classes + distance
+    net_sets = [*NUCLEI_TINY_NET, "distance_head=true"]
+    result = _invoke("evaluate", NUCLEI, "--data", data, "--checkpoint", tmp_path / "run" / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(net_sets))
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads((tmp_path / "eval" / "summary.json").read_text())["dsb_score"] <= 1.0
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(next(s for s in find_dsb_samples(data) if s["name"] == "b1")["image"], inputs)
+    result = _invoke("infer", NUCLEI, inputs, tmp_path / "out", "--checkpoint", tmp_path / "run" / "model.pt",
+                     "--no-progress", "--device", "cpu", *_sets(net_sets))
+    assert result.exit_code == 0, result.output
+    assert np.asarray(Image.open(tmp_path / "out" / "mask" / "b1.png")).shape == (80, 72)
+    prob = tifffile.imread(tmp_path / "out" / "prob" / "b1.tif")
+    assert prob.shape == (80, 72) and 0.0 <= prob.min() and prob.max() <= 1.0
+    # a 3-class checkpoint given to the distance config is a one-line error, not a traceback
+    result = _invoke("evaluate", NUCLEI, "--data", data, "--checkpoint", tmp_path / "run" / "model.pt",
+                     "--output", tmp_path / "eval3", "--no-progress", "--device", "cpu", *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 1 and "Traceback" not in result.output
 
 
 def test_cli_sample_without_masks_is_one_line(tmp_path):

@@ -233,3 +233,11 @@ def test_without_target_it_is_a_plain_tiled_inferer():
     net = _Threshold()
     plain = TiledInferer(roi_size=32, border=4)(x, net)
     torch.testing.assert_close(ScaledTiledInferer(roi_size=32, border=4)(x, net), plain)
+
+
+def test_a_distance_channel_past_the_logit_shifts_takes_no_part_in_the_measurement():
+    inferer = ScaledTiledInferer(roi_size=64, target_diameter=20, foreground=[1], statistic="largest",
+                                 logit_shift=[0.0, 0.0])
+    disc = torch.as_tensor(_disc((64, 64), (32, 32), 10).astype(np.float32))
+    logits = torch.stack([-disc, disc, torch.full_like(disc, 50.0)])  # a distance logit larger than both classes
+    assert inferer.measure(logits) == pytest.approx(object_diameter(disc.numpy() > 0, "largest"))

@@ -133,8 +133,29 @@ def test_logit_shift_undoes_a_class_weighted_prior():
     torch.testing.assert_close(torch.softmax(out, 0)[1], true_p1[0])
     arr = LogitShiftd(keys="pred", shift=[1.0, -1.0])({"pred": np.zeros((2, 4, 4), np.float32)})["pred"]
     assert arr.dtype == np.float32 and arr[0].min() == 1.0 and arr[1].max() == -1.0
-    with pytest.raises(ValueError, match="2 logit shifts for 3 channels"):
+    with pytest.raises(ValueError, match="2 logit shifts and 0 extra channels for 3 channels"):
         LogitShiftd(keys="pred", shift=[0.0, 1.0])({"pred": np.zeros((3, 2, 2))})
+    # a trailing distance channel is no class: it is left as it is
+    logits = torch.zeros(3, 2, 2)
+    out = LogitShiftd(keys="pred", shift=[1.0, -1.0], extra_channels=1)({"pred": logits})["pred"]
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([1.0, -1.0, 0.0]))
+
+
+def test_class_activations_softmax_the_classes_and_sigmoid_the_distance_channel():
+    import torch
+
+    from medseg.transforms import ClassActivationsd, KeepChannelsd
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 5)
+    out = ClassActivationsd(keys="pred", num_classes=3)({"pred": logits})["pred"]
+    torch.testing.assert_close(out[:3], torch.softmax(logits[:3], 0))
+    torch.testing.assert_close(out[3], torch.sigmoid(logits[3]))
+    plain = ClassActivationsd(keys="pred", num_classes=3)({"pred": logits[:3]})["pred"]
+    torch.testing.assert_close(plain, torch.softmax(logits[:3], 0))  # no extra channel: MONAI's softmax
+    assert KeepChannelsd(keys="pred", count=3)({"pred": out})["pred"].shape == (3, 5, 5)
+    with pytest.raises(ValueError, match="fewer than 3 classes"):
+        ClassActivationsd(keys="pred", num_classes=3)({"pred": logits[:2]})
 
 
 def test_keep_largest_object_removes_stray_blobs_in_probabilities():
