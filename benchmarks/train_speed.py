@@ -2,8 +2,10 @@
 
 Both sides run the same network (the bundle's `network_def`), optimizer (Adam) and loss (cross-entropy)
 on the same random batch of the bundle's patch size; the bfloat16 side wraps the forward pass in
-`medseg.inferers.CpuBf16Inferer`, as the bundles' trainers do (`cpu_bf16`). The script prints
-steps/s per side and the ratio, after warm-up steps.
+`medseg.inferers.CpuBf16Inferer`, as the bundles' trainers do (`cpu_bf16`); a third side adds
+`torch.compile` of the network, as the trainers do with `compile: true` (its warm-up steps include the
+compilation, about a minute on 2 CPU cores; `--no-compile` skips it). The script prints steps/s per side
+and the ratio, after warm-up steps.
 
     python benchmarks/train_speed.py --bundle bundles/isbi_em --batch 8
 """
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile side")
     args = parser.parse_args()
 
     cfg = ConfigParser()
@@ -56,9 +59,12 @@ def main() -> None:
     y = torch.randint(0, classes, (args.batch, *patch))
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     rows = {}
-    for name, inferer in (("plain PyTorch float32", SimpleInferer()), ("medseg CpuBf16Inferer", CpuBf16Inferer())):
+    sides = [("plain PyTorch float32", SimpleInferer(), False), ("medseg CpuBf16Inferer", CpuBf16Inferer(), False)]
+    if not args.no_compile:
+        sides.append(("CpuBf16Inferer + compile", CpuBf16Inferer(), True))
+    for name, inferer, compiled in sides:
         net.load_state_dict(initial)
-        rows[name] = steps_per_second(net, inferer, x, y, args.steps, args.warmup)
+        rows[name] = steps_per_second(torch.compile(net) if compiled else net, inferer, x, y, args.steps, args.warmup)
     plain = rows["plain PyTorch float32"]
     result = {
         "bundle": args.bundle.name, "batch": args.batch, "patch": patch, "threads": torch.get_num_threads(),
@@ -69,10 +75,10 @@ def main() -> None:
     }
     print(f"{args.bundle.name}: batch {args.batch} x {patch}, {result['threads']} threads, "
           f"native bfloat16: {result['cpu_bf16_native']}")
-    print(f"| {'method':<24} | {'steps/s':>8} | {'speed vs plain':>14} |")
-    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 16}|")
+    print(f"| {'method':<25} | {'steps/s':>8} | {'speed vs plain':>14} |")
+    print(f"|{'-' * 27}|{'-' * 10}|{'-' * 16}|")
     for k, v in rows.items():
-        print(f"| {k:<24} | {v:>8.3f} | {v / plain:>13.2f}x |")
+        print(f"| {k:<25} | {v:>8.3f} | {v / plain:>13.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle import load_checkpoint, load_config
-from medseg.errors import CheckpointError, DataError, MedsegError
+from medseg.errors import CheckpointError, ConfigValueError, DataError, MedsegError
 
 
 def select_device(name: str = "auto") -> Any:
@@ -61,6 +61,24 @@ def _check_data_dir(data_dir: str) -> None:
         raise DataError(f"{data_dir}: data folder not found; pass --data pointing to the labelled data")
 
 
+def _check_compile(parser: Any, device: Any) -> None:
+    """``compile: true`` on a CPU needs the C++ compiler that ``torch.compile`` builds its kernels with."""
+    if not parser.get_parsed_content("compile", default=False) or getattr(device, "type", "cpu") != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # torch raises its own error types here
+        raise ConfigValueError(
+            f"compile=true: torch.compile found no C++ compiler for the CPU ({_first_line(exc)}); "
+            "install one (e.g. g++) or set --set compile=false") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _last_checkpoint(output_dir: Path) -> Path:
     existing = [p for p in output_dir.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
     if not existing:
@@ -104,6 +122,7 @@ def train(
     if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
         raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
                         "hold some out (raise val_fraction or val_count)")
+    _check_compile(parser, dev)
     config_path = out / "config.json"
     if tracking:
         artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]

@@ -231,6 +231,31 @@ def test_bad_input_config_value_out_of_range(tmp_path, isbi_folder):
     _assert_one_line_error(result, "ema_momentum=2", "(0, 1)")
 
 
+def test_train_with_compile_saves_a_plain_checkpoint_that_evaluates(tmp_path, isbi_folder):
+    """``compile: true`` trains through MONAI's ``torch.compile`` path; model.pt holds the plain network's weights."""
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_tiny_args(), "--set", "compile=true")
+    assert result.exit_code == 0, result.output
+    state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert state and not any("_orig_mod" in key for key in state)
+    result = _invoke("evaluate", BUNDLE, "--data", isbi_folder, "--checkpoint", out / "model.pt", "--output",
+                     tmp_path / "eval", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+
+
+def test_bad_input_compile_without_a_cpu_compiler(tmp_path, isbi_folder, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found in cpp_builder.py\n(details)")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "o", "--no-tracking",
+                     "--device", "cpu", *_tiny_args(), "--set", "compile=true")
+    _assert_one_line_error(result, "compile=true", "--set compile=false")
+
+
 def test_bad_input_checkpoint_of_another_network(trained, tmp_path):
     # the default bundle network (16..256 channels) cannot take the tiny network's weights
     result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", tmp_path / "o",
