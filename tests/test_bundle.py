@@ -134,7 +134,7 @@ def test_plain_monai_inference_workflow_writes_outputs(tmp_path, isbi_folder):
 TRAIN_IDS = ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "network", "loss", "optimizer",
              "datalists", "train#trainer", "train#trainer#max_epochs", "train#dataset", "train#dataset#data",
              "train#handlers", "validate#evaluator", "validate#handlers", "val_interval", "initialize", "run",
-             "training")
+             "training", "compile")
 INFER_IDS = ("bundle_root", "device", "network_def", "network", "inferer", "preprocessing", "postprocessing",
              "dataset", "evaluator", "output_dir", "ckpt_path", "run", "inferring")
 
@@ -158,6 +158,7 @@ def test_configs_parse_with_plain_monai_bundle(bundle, tmp_path):
     infer = ConfigParser(ConfigParser.load_config_file(str(configs / "inference.json")))
     for key in TRAIN_IDS:
         assert key in train, key
+    assert train["train"]["trainer"]["compile"] == "@compile" and train["compile"] is False  # opt-in
     for key in INFER_IDS:
         assert key in infer, key
     # the same network in training and inference, taking and giving the channels metadata.json documents
@@ -221,6 +222,24 @@ def test_inference_object_scale_matches_training(bundle):
     if ours.shift is not None:
         torch.testing.assert_close(ours.shift, theirs.shift)
     assert ours.target == 20 and theirs.diameter is None  # estimated per image unless given
+
+
+def test_nuclei_distance_head_agrees_between_training_and_inference():
+    """``distance_head`` (off by default) sets the same 4-channel network in both files, and inference shifts and
+    activates only the class channels."""
+    from medseg.bundle import load_config
+    from medseg.transforms import ClassActivationsd, LogitShiftd
+
+    bundle = REPO / "bundles" / "nuclei"
+    assert all(load_config(bundle, w).get_parsed_content("distance_head") is False for w in ("train", "infer"))
+    for value, channels in ((False, 3), (True, 4)):
+        train, infer = (load_config(bundle, w, overrides={"distance_head": value}) for w in ("train", "infer"))
+        nets = [parser.get_parsed_content("network_def") for parser in (train, infer)]
+        assert [net.out_channels for net in nets] == [channels, channels]
+        shift, activate = infer.get_parsed_content("postprocessing").transforms[:2]
+        assert isinstance(shift, LogitShiftd) and shift.extra_channels == channels - 3
+        assert isinstance(activate, ClassActivationsd) and activate.num_classes == 3
+        assert train.get_parsed_content("loss").distance_head is value
 
 
 @pytest.mark.parametrize("name", ["jurkat", "nuclei"])
