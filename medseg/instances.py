@@ -1,4 +1,4 @@
-"""Nucleus instance labels: merge per-nucleus masks, 3-class targets, seeded watershed, per-nucleus measurements."""
+"""Nucleus instance labels: merge per-nucleus masks, 3-class and distance targets, seeded watershed, measurements."""
 
 from __future__ import annotations
 
