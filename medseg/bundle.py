@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,27 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
         raise CheckpointError(
-            f"{path}: weights do not fit this bundle's network ({detail[:160]}); "
+            f"{path}: weights do not fit this bundle's network ({_state_dict_mismatch(err)}); "
             "use a checkpoint trained with this bundle or change network_def to match"
         ) from err
+
+
+def _state_dict_mismatch(err: RuntimeError) -> str:
+    """The first difference that ``load_state_dict`` reports, in a few words."""
+    text = str(err)
+    size = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                     r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    if size:
+        name, saved, expected = size.groups()
+        return f"{name} is {saved} in the checkpoint and {expected} in the network"
+    keys = re.search(r"(Missing|Unexpected) key\(s\) in state_dict: ((?:\"[^\"]+\"(?:, )?){1,3})", text)
+    if keys:
+        kind = "missing from the checkpoint" if keys.group(1) == "Missing" else "not in the network"
+        return f"{kind}: {keys.group(2).rstrip(', ')}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+    return detail if len(detail) <= 160 else detail[:157].rsplit(" ", 1)[0] + " ..."
 
 
 def validate_metadata(bundle: str | os.PathLike) -> dict[str, Any]:

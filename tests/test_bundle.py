@@ -260,3 +260,29 @@ def test_plain_monai_train_workflow_on_new_bundles(name, tmp_path):
     workflow.run()
     assert (tmp_path / "out" / "model.pt").is_file() and (tmp_path / "out" / "split.json").is_file()
     workflow.finalize()
+
+
+def _conv_net(width: int, extra_layers: int = 0) -> torch.nn.Module:
+    layers = [torch.nn.Conv2d(1, width, 3), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1)]
+    for _ in range(extra_layers):
+        layers += [torch.nn.ReLU(), torch.nn.Conv2d(2, 2, 1)]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("saved, expected", [
+    (_conv_net(4), "0.weight is [4, 1, 3, 3] in the checkpoint and [8, 1, 3, 3] in the network"),
+    (torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3)), 'missing from the checkpoint: "2.weight", "2.bias"'),
+    (_conv_net(8, extra_layers=1), 'not in the network: "4.weight", "4.bias"'),
+], ids=["narrower", "fewer layers", "more layers"])
+def test_checkpoint_of_another_network_names_the_first_difference(tmp_path, saved, expected):
+    """The one-line error says which weight differs and how, instead of PyTorch's multi-line report."""
+    from medseg.bundle import load_checkpoint
+    from medseg.errors import CheckpointError
+
+    path = tmp_path / "model.pt"
+    torch.save({"model": saved.state_dict()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(_conv_net(8), path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: weights do not fit this bundle's network (")
+    assert expected in message and "\n" not in message
