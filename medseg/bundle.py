@@ -66,6 +66,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Path],
+                        overlays: list[str | os.PathLike] | tuple) -> None:
+    """Every key of an overlay must be one the bundle's ``workflow`` configs have, so none is silently unused."""
+    from monai.bundle import ConfigParser
+
+    base = ConfigParser()
+    try:
+        base.read_config([str(f) for f in files])
+    except (ValueError, OSError) as err:
+        raise BundleError(f"{files[-1]}: cannot read config ({err})") from err
+    for overlay in overlays:
+        try:
+            content = ConfigParser.load_config_file(str(overlay))
+        except (ValueError, OSError) as err:
+            raise BundleError(f"{overlay}: cannot read config ({err})") from err
+        if not isinstance(content, dict):
+            raise BundleError(f"{overlay}: an overlay must hold a mapping of config ids to values")
+        for key in content:
+            if str(key).lstrip("+") not in base:
+                raise BundleError(
+                    f"{overlay}: '{key}' is not a config id of {Path(bundle).name}'s {workflow} configs, so this "
+                    f"overlay does not apply to it; leave it out for this bundle and command")
+
+
 def load_config(
     bundle: str | os.PathLike,
     workflow: str,
@@ -77,10 +101,11 @@ def load_config(
 
     The bundle's configs are merged with ``overlays`` (files, e.g. from ``configs/``), then
     ``settings`` (run-time values medseg sets, such as ``dataset_dir``) and ``overrides`` (the user's
-    ``--set KEY=VALUE``) are applied. Overrides must name an existing key, so a typo is not ignored.
+    ``--set KEY=VALUE``) are applied. Overrides and every key of an overlay must name an existing key, so a
+    typo, or an overlay written for another bundle, is not silently ignored.
 
     Raises:
-        BundleError: bad bundle, missing overlay, or an override naming an unknown key.
+        BundleError: bad bundle, missing overlay, or an override or overlay key naming an unknown key.
     """
     from monai.bundle import ConfigParser
 
@@ -88,7 +113,9 @@ def load_config(
     for overlay in overlays:
         if not Path(overlay).is_file():
             raise BundleError(f"{overlay}: overlay config not found; see configs/ for the available ones")
-        files.append(Path(overlay))
+    if overlays:
+        _check_overlay_keys(bundle, workflow, files, overlays)
+    files += [Path(overlay) for overlay in overlays]
     parser = ConfigParser()
     try:
         parser.read_meta(Path(bundle) / "configs" / "metadata.json")

@@ -89,9 +89,34 @@ def test_overrides_must_name_existing_keys():
         parse_override("max_epochs")
 
 
-def test_dice_ce_overlay_selects_the_loss():
+def test_dice_ce_overlay_selects_the_loss_and_drops_the_class_balance_prior():
+    default = load_config(BUNDLE, "train")
+    assert default.get_parsed_content("logit_shift") == [0.0, 1.2]  # undoes the class-balanced loss's prior
     parser = load_config(BUNDLE, "train", overlays=[REPO / "configs" / "dice_ce.json"])
     assert type(parser.get_parsed_content("loss")).__name__ == "DiceCEOnLabel"
+    assert parser.get_parsed_content("logit_shift") == [0.0, 0.0]  # an unweighted loss has no prior to undo
+
+
+@pytest.mark.parametrize("bundle, workflow, overlay, key", [
+    ("jurkat", "train", "dice_ce.json", "loss_name"),  # jurkat's own loss is Dice + cross-entropy already
+    ("isbi_em", "infer", "quick.json", "max_epochs"),
+])
+def test_overlay_key_the_bundle_lacks_is_a_one_line_error(bundle, workflow, overlay, key):
+    """An overlay is never silently ignored: a key the bundle's configs lack names the overlay and the key."""
+    path = REPO / "configs" / overlay
+    with pytest.raises(BundleError) as info:
+        load_config(REPO / "bundles" / bundle, workflow, overlays=[path])
+    message = str(info.value)
+    assert message.startswith(f"{path}: '{key}' is not a config id of {bundle}'s {workflow} configs")
+    assert "\n" not in message
+
+
+def test_every_shipped_overlay_applies_to_training_every_bundle_it_names():
+    """quick.json and no_early_stop.json fit every bundle's training; dice_ce.json fits isbi_em's."""
+    for bundle in ("isbi_em", "jurkat", "nuclei"):
+        for overlay in ("quick.json", "no_early_stop.json"):
+            load_config(REPO / "bundles" / bundle, "train", overlays=[REPO / "configs" / overlay])
+    load_config(BUNDLE, "train", overlays=[REPO / "configs" / "dice_ce.json"])
 
 
 def test_plain_monai_bundle_run_with_mlflow_tracking(tmp_path):
