@@ -22,7 +22,9 @@ app = typer.Typer(
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder: bundles/isbi_em, bundles/jurkat or bundles/nuclei.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")]
 OverlayOpt = Annotated[
-    list[Path] | None, typer.Option("--config", "-c", help="Overlay config merged over the bundle's (repeatable).")
+    list[Path] | None,
+    typer.Option("--config", "-c",
+                 help="Overlay config merged over the bundle's (repeatable); every key must be a config id."),
 ]
 SetOpt = Annotated[
     list[str] | None,
