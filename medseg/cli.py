@@ -31,6 +31,10 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config key: KEY=VALUE, nested keys joined by '#' (repeatable)."),
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+CheckpointOpt = Annotated[list[Path] | None, typer.Option(
+    help="Weights (default: BUNDLE/models/model.pt); repeat it to run several trainings of the bundle's network "
+         "as one ensemble, their outputs averaged.",
+)]
 TtaOpt = Annotated[bool | None, typer.Option(
     "--tta/--no-tta",
     help="Average the 8 rotations/flips (8 network passes per slice); default: the bundle's tta (on for jurkat, "
@@ -119,8 +123,10 @@ def evaluate(
     ctx: typer.Context,
     bundle: BundleArg,
     data: Annotated[Path, typer.Option(help="Labelled data folder.")],
-    checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
-    output: Annotated[Path | None, typer.Option(help="Where metrics.csv and summary.json go.")] = None,
+    checkpoint: CheckpointOpt = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Where metrics.csv and summary.json go (default: eval, or eval_ensemble, beside the first checkpoint).",
+    )] = None,
     split: Annotated[str, typer.Option(help="Images to score: val (the training run's split) or all.")] = "val",
     tta: TtaOpt = None,
     device: DeviceOpt = "auto",
@@ -131,10 +137,10 @@ def evaluate(
     """Score a checkpoint with the bundle's metrics (ISBI V_rand/V_info, per-class Dice/IoU, DSB 2018 score)."""
     from medseg import workflows
 
-    ckpt = checkpoint or bundle / "models" / "model.pt"
-    out = output or ckpt.parent / "eval"
+    ckpts = checkpoint or [bundle / "models" / "model.pt"]
+    out = output or ckpts[0].parent / ("eval" if len(ckpts) == 1 else "eval_ensemble")
     summary = _run(ctx, lambda: workflows.evaluate(
-        str(bundle), str(data), str(ckpt), str(out), split=split, tta=tta, device=device,
+        str(bundle), str(data), [str(c) for c in ckpts], str(out), split=split, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}")
@@ -148,7 +154,7 @@ def infer(
         help="Folder (searched recursively) or one file: PNG, TIFF (stacks), NIfTI, DICOM (one input per series).")],
     output_dir: Annotated[Path, typer.Argument(
         help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles) and manifest.csv.")],
-    checkpoint: Annotated[Path | None, typer.Option(help="Weights (default: BUNDLE/models/model.pt).")] = None,
+    checkpoint: CheckpointOpt = None,
     include: Annotated[list[str] | None, typer.Option(
         help="Only files matching this glob (relative path or name, e.g. '*.nii.gz'); repeatable.")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Leave out files matching this glob; repeatable.")] = None,
@@ -174,9 +180,9 @@ def infer(
     """
     from medseg import workflows
 
-    ckpt = checkpoint or bundle / "models" / "model.pt"
+    ckpts = checkpoint or [bundle / "models" / "model.pt"]
     summary = _run(ctx, lambda: workflows.infer(
-        str(bundle), str(input_path), str(output_dir), str(ckpt), tta=tta, device=device,
+        str(bundle), str(input_path), str(output_dir), [str(c) for c in ckpts], tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress,
         include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
         output_format=format_, save_prob=prob))

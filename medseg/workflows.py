@@ -6,11 +6,13 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle import load_checkpoint, load_config
+from medseg.bundle import load_config
 from medseg.errors import CheckpointError, ConfigValueError, DataError, MedsegError
 
 
@@ -77,6 +79,44 @@ def _check_compile(parser: Any, device: Any) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _checkpoint_list(checkpoint: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    paths = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [str(c) for c in checkpoint]
+    if not paths:
+        raise MedsegError("no checkpoint given; pass --checkpoint")
+    if len(set(map(_resolved, paths))) < len(paths):
+        raise MedsegError(f"--checkpoint {' '.join(paths)}: a checkpoint is given twice; give each member once")
+    return paths
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def _recorded_split(checkpoints: list[str]) -> Path | None:
+    """The ``split.json`` recorded beside the checkpoints; the members of an ensemble must agree on it."""
+    records = [Path(c).parent / "split.json" for c in checkpoints]
+    found = [r for r in records if r.is_file()]
+    if not found:
+        return None
+    texts = {}
+    for r in found:
+        try:
+            data = json.loads(r.read_text())
+            texts[r] = (tuple(sorted(map(str, data["val"]))), str(data.get("data_dir", "")))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{r}: not a readable split record ({err}); remove it or pass --set val_count=N") from err
+    if len(found) < len(records) or len(set(texts.values())) > 1:
+        other = next((r for r in records if r not in texts or texts[r] != texts[found[0]]), records[-1])
+        raise DataError(f"{other}: this member was trained on another train/validation split than {found[0]} "
+                        "(or its split is not recorded); an ensemble is scored only on images none of its "
+                        "members trained on: train the members with the same split seed, or pass --split all")
+    return found[0]
+
+
+def _is_checkpoint_loader(handler: Any) -> bool:
+    return isinstance(handler, dict) and str(handler.get("_target_", "")).rsplit(".", 1)[-1] == "CheckpointLoader"
 
 
 def _last_checkpoint(output_dir: Path) -> Path:
@@ -167,7 +207,7 @@ def train(
 def evaluate(
     bundle: str,
     data_dir: str,
-    checkpoint: str,
+    checkpoint: str | Sequence[str],
     output_dir: str,
     *,
     split: str = "val",
@@ -179,13 +219,16 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on the ``split`` slices (``val`` or ``all``) of ``data_dir``; write CSV + JSON.
 
+    Several checkpoints are scored as one ensemble (:class:`medseg.ensemble.MeanEnsemble`, outputs averaged).
     With ``split="val"``, a ``split.json`` next to the checkpoint selects the validation samples of its run
-    (ISBI: their number; other bundles: their names, when it records this ``data_dir``).
+    (ISBI: their number; other bundles: their names, when it records this ``data_dir``); an ensemble's
+    members must record the same validation samples.
     ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
 
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
+    from medseg.ensemble import load_members
     from medseg.evaluation import MetricsReport
     from medseg.handlers import RichProgress
 
@@ -195,12 +238,13 @@ def evaluate(
     overrides = dict(overrides or {})
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
         overrides["validate#inferer#tta"] = bool(tta)
+    checkpoints = _checkpoint_list(checkpoint)
     dev = select_device(device)
-    settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": str(checkpoint),
+    settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 "eval_split": split, **_device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
-    recorded = Path(checkpoint).parent / "split.json"
-    if split == "val" and recorded.is_file() and "val_count" not in overrides:
+    recorded = _recorded_split(checkpoints) if split == "val" else None
+    if recorded is not None and "val_count" not in overrides:
         # score the validation samples of the run that produced the checkpoint
         try:
             record = json.loads(recorded.read_text())
@@ -217,7 +261,11 @@ def evaluate(
             samples = {str(d.get("name")): d for d in listed}
             if all(n in samples for n in val_names):
                 parser["validate#dataset#data"] = [samples[n] for n in val_names]
-    load_checkpoint(parser.get_parsed_content("network_def"), checkpoint)  # clear error before the run
+    network = load_members(parser.get_parsed_content("network_def"), checkpoints)  # clear error before the run
+    if len(checkpoints) > 1:  # the members are loaded above; the bundle's CheckpointLoader loads one network
+        parser["network_def"] = network
+        parser["eval_network"] = "@network"
+        parser["validate#handlers"] = [h for h in parser["validate#handlers"] if not _is_checkpoint_loader(h)]
     parser.get_parsed_content("datalists")  # a bad data folder fails here with its own message
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("validate#evaluator")
@@ -233,7 +281,7 @@ def infer(
     bundle: str,
     input_path: str,
     output_dir: str,
-    checkpoint: str,
+    checkpoint: str | Sequence[str],
     *,
     tta: bool | None = None,
     device: str = "auto",
@@ -254,7 +302,8 @@ def infer(
     ``output_dir/manifest.csv`` lists every input with its status and outputs. ``output_dir/run.json``
     records which run (bundle, checkpoint SHA-256, resolved config, settings) made each output; existing
     outputs that another run made are an error before any work unless ``overwrite``.
-    ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
+    ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``). Several
+    checkpoints segment as one ensemble (:class:`medseg.ensemble.MeanEnsemble`, outputs averaged).
 
     Returns:
         Counts per status, slices segmented, wall time, slices per second, the manifest path and the
@@ -268,6 +317,7 @@ def infer(
 
     from medseg.batch import RunRecord, check_writable, file_sha256, run_batch
     from medseg.discovery import discover
+    from medseg.ensemble import load_members
     from medseg.handlers import FileProgress
     from medseg.readers import count_slices
     from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd
@@ -277,12 +327,15 @@ def infer(
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
     out = check_writable(output_dir)
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # a corrupt TIFF is reported once, per input
+    checkpoints = _checkpoint_list(checkpoint)
     dev = select_device(device)
-    settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": str(checkpoint),
+    settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": checkpoints[0],
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
                 **({} if tta is None else {"tta": bool(tta)}), **_device_settings(dev)}
     parser = load_config(bundle, "infer", overlays, overrides, settings)
-    load_checkpoint(parser.get_parsed_content("network_def"), checkpoint)
+    network = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    if len(checkpoints) > 1:
+        parser["network_def"] = network
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("evaluator")
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -295,12 +348,14 @@ def infer(
     config = {k: v for k, v in parser.get().items() if k not in settings and k != "bundle_root"}
     identity = {
         "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}".strip(),
-        "checkpoint": file_sha256(checkpoint),  # SHA-256: the same weights under another path are the same run
+        # SHA-256: the same weights under another path are the same run; an ensemble's, joined by '+'
+        "checkpoint": "+".join(file_sha256(c) for c in checkpoints),
         "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         # in words, for the message (the config hash already covers overlays' content and overrides)
         "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False)},
     }
-    record = RunRecord(out, identity, {"checkpoint_path": str(Path(checkpoint).resolve())})
+    paths = [str(Path(c).resolve()) for c in checkpoints]
+    record = RunRecord(out, identity, {"checkpoint_path": paths[0] if len(paths) == 1 else paths})
     evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 
     def segment(items: list[dict]) -> dict | None:
