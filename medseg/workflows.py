@@ -94,25 +94,25 @@ def _resolved(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def _recorded_split(checkpoints: list[str]) -> Path | None:
-    """The ``split.json`` recorded beside the checkpoints; the members of an ensemble must agree on it."""
+def _recorded_split(checkpoints: list[str]) -> dict | None:
+    """The ``split.json`` recorded beside the checkpoints (``None``: none); an ensemble's members must agree on it."""
     records = [Path(c).parent / "split.json" for c in checkpoints]
     found = [r for r in records if r.is_file()]
     if not found:
         return None
-    texts = {}
+    splits, keys = {}, {}
     for r in found:
         try:
-            data = json.loads(r.read_text())
-            texts[r] = (tuple(sorted(map(str, data["val"]))), str(data.get("data_dir", "")))
+            splits[r] = json.loads(r.read_text())
+            keys[r] = (tuple(sorted(map(str, splits[r]["val"]))), str(splits[r].get("data_dir", "")))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DataError(f"{r}: not a readable split record ({err}); remove it or pass --set val_count=N") from err
-    if len(found) < len(records) or len(set(texts.values())) > 1:
-        other = next((r for r in records if r not in texts or texts[r] != texts[found[0]]), records[-1])
+    if len(found) < len(records) or len(set(keys.values())) > 1:
+        other = next((r for r in records if r not in keys or keys[r] != keys[found[0]]), records[-1])
         raise DataError(f"{other}: this member was trained on another train/validation split than {found[0]} "
                         "(or its split is not recorded); an ensemble is scored only on images none of its "
                         "members trained on: train the members with the same split seed, or pass --split all")
-    return found[0]
+    return splits[found[0]]
 
 
 def _is_checkpoint_loader(handler: Any) -> bool:
@@ -243,15 +243,10 @@ def evaluate(
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 "eval_split": split, **_device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
-    recorded = _recorded_split(checkpoints) if split == "val" else None
-    if recorded is not None and "val_count" not in overrides:
+    record = _recorded_split(checkpoints) if split == "val" and "val_count" not in overrides else None
+    if record is not None:
         # score the validation samples of the run that produced the checkpoint
-        try:
-            record = json.loads(recorded.read_text())
-            val_names = [str(n) for n in record["val"]]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{recorded}: not a readable split record ({err}); remove it or pass "
-                            "--set val_count=N") from err
+        val_names = [str(n) for n in record["val"]]
         if parser.get("val_count") is not None:  # ISBI: the last N slices
             parser["val_count"] = len(val_names)
         elif val_names and str(record.get("data_dir", "")) == str(Path(data_dir).resolve()):

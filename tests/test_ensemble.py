@@ -116,10 +116,10 @@ def test_evaluate_ensemble_of_identical_members_scores_as_one(members, tmp_path)
               "--set", "val_count=1"]
     single = _invoke("evaluate", BUNDLE, "--checkpoint", members["a"], "--output", tmp_path / "one", *common)
     assert single.exit_code == 0, single.output
-    both = _invoke("evaluate", BUNDLE, "--checkpoint", members["a"], "--checkpoint", twin, "--output",
-                   tmp_path / "two", *common)
+    both = _invoke("evaluate", BUNDLE, "--checkpoint", members["a"], "--checkpoint", twin, *common)
     assert both.exit_code == 0, both.output
-    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((members["a"].parent / "eval_ensemble" / "summary.json").read_text())  # the default
     assert one["images"] == two["images"] == 3
     for key in ("v_rand", "v_info", "dice", "pixel_mismatch"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
