@@ -1,4 +1,4 @@
-"""Ignite handlers of medseg: progress bars, a training-curve recorder (JSON + PNG), weight averaging."""
+"""Ignite handlers of medseg: progress bars, training curves (JSON + PNG), weight averaging, resumed bests."""
 
 from __future__ import annotations
 
@@ -172,6 +172,73 @@ class TrainingCurves:
         fig.savefig(self.png_path, dpi=100)
         plt.close(fig)
         return self.png_path
+
+
+class RestoreBest:
+    """On ``--resume``, carry the best validation so far over from ``history.json``.
+
+    A resumed run builds a fresh evaluator, key-metric checkpoint saver and early stopper, which know
+    nothing of the validations before the interruption: the first validation after it would overwrite
+    ``model.pt`` even when worse, and patience would start again. At the trainer's start (attach after the
+    checkpoint loader) this restores the evaluator's ``best_metric`` and ``best_metric_epoch``, the
+    savers' record of the score ``model.pt`` holds, and the stoppers' count of validations since the best.
+    Nothing changes when no earlier validation is recorded or ``model.pt`` is missing.
+
+    Args:
+        output_dir: the run's folder (``history.json``, ``model.pt``).
+        evaluator: the validation engine, whose ``key_metric_name`` and ``metric_cmp_fn`` are used.
+        savers: MONAI ``CheckpointSaver`` handlers of the evaluator that keep the best model.
+        stoppers: MONAI ``EarlyStopHandler`` handlers.
+    """
+
+    def __init__(self, output_dir: str | Path, evaluator: Engine, savers: Any = (), stoppers: Any = (),
+                 model_name: str = "model.pt") -> None:
+        self.output_dir = Path(output_dir)
+        self.evaluator = evaluator
+        self.savers, self.stoppers = list(savers), list(stoppers)
+        self.model_name = model_name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def recorded_best(self) -> tuple[int, float, int] | None:
+        """``(epoch, score, validations since)`` of the best recorded validation, or ``None``."""
+        path = self.output_dir / "history.json"
+        name = getattr(self.evaluator.state, "key_metric_name", None)
+        if not name or not path.is_file():
+            return None
+        history = json.loads(path.read_text())
+        pairs = zip(history.get("val_epoch", []), history.get("val", []), strict=False)
+        scores = [(int(e), float(m[name])) for e, m in pairs
+                  if name in m and _is_number(m[name]) and math.isfinite(m[name])]
+        if not scores:
+            return None
+        better = getattr(self.evaluator, "metric_cmp_fn", lambda current, prev: current > prev)
+        best = 0
+        for i, (_, score) in enumerate(scores):
+            if i and better(score, scores[best][1]):
+                best = i
+        return scores[best][0], scores[best][1], len(scores) - 1 - best
+
+    def __call__(self, engine: Engine) -> None:
+        from types import SimpleNamespace
+
+        found = self.recorded_best()
+        if found is None or not (self.output_dir / self.model_name).is_file():
+            return
+        epoch, score, since = found
+        self.evaluator.state.best_metric = score
+        self.evaluator.state.best_metric_epoch = epoch
+        name = self.evaluator.state.key_metric_name
+        for saver in self.savers:
+            checkpoint = getattr(saver, "_key_metric_checkpoint", None)
+            if checkpoint is not None:  # the saver's own score function gives the priority it compares
+                probe = SimpleNamespace(state=SimpleNamespace(metrics={name: score}, key_metric_name=name))
+                saver.load_state_dict({"_saved": [(checkpoint.score_function(probe), self.model_name)]})
+        for stopper in self.stoppers:
+            inner = getattr(stopper, "_handler", None)  # ignite's EarlyStopping, made when the trainer is set
+            if inner is not None and hasattr(inner, "state_dict"):
+                inner.load_state_dict({**inner.state_dict(), "counter": since, "best_score": score})
 
 
 def _is_number(value: Any) -> bool:

@@ -126,6 +126,19 @@ def _last_checkpoint(output_dir: Path) -> Path:
     return max(existing, key=lambda p: p.stat().st_mtime)
 
 
+def _restore_best(parser: Any, out: Path, evaluator: Any) -> Any:
+    # the bundle's best-model savers and early stoppers, told the best validation before the interruption
+    from monai.handlers import CheckpointSaver, EarlyStopHandler
+
+    from medseg.handlers import RestoreBest
+
+    handlers = [h for key in ("validate#handlers", "train#handlers") if key in parser
+                for h in (parser.get_parsed_content(key) or [])]
+    savers = [h for h in handlers if isinstance(h, CheckpointSaver) and h._key_metric_checkpoint is not None]
+    stoppers = [h for h in handlers if isinstance(h, EarlyStopHandler)]
+    return RestoreBest(out, evaluator, savers, stoppers)
+
+
 def train(
     bundle: str,
     data_dir: str,
@@ -182,6 +195,7 @@ def train(
         if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
             load_dict["ema_model"] = parser.get_parsed_content("eval_network")
         CheckpointLoader(load_path=str(_last_checkpoint(out)), load_dict=load_dict, map_location=dev).attach(trainer)
+        _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
     if max_minutes:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(max_minutes * 60)))
     RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)

@@ -88,6 +88,26 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
 
 
+def test_resume_keeps_the_best_model_and_patience(trained, tmp_path):
+    # the run before the interruption recorded V_rand 1.0 at epoch 2: no later validation can beat it, so the
+    # resumed run must leave model.pt alone, report that best, and stop once patience (2) runs out at epoch 4
+    out = tmp_path / "resumed"
+    shutil.copytree(trained["out"], out)
+    history = json.loads((out / "history.json").read_text())
+    assert history["val_epoch"] == [1, 2, 3]
+    history["val"][1]["val_v_rand"] = 1.0
+    (out / "history.json").write_text(json.dumps(history))
+    before = (out / "model.pt").read_bytes()
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 6, "--resume",
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(),
+                     "--set", "early_stop_patience=2")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.pt").read_bytes() == before
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["best_metric"] == 1.0 and summary["best_metric_epoch"] == 2
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
+
+
 def test_weight_averaging_is_validated_shipped_and_resumed(trained, tmp_path):
     # with ema_momentum set, validation scores the averaged weights and model.pt holds them: evaluating
     # model.pt reproduces the best validation V_rand exactly; --resume restores the average as well
