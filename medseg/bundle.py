@@ -155,15 +155,26 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; train first or pass --checkpoint")
+    import pickle
+
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    except pickle.UnpicklingError as err:  # e.g. a whole pickled model, which a safe load refuses to run
+        raise CheckpointError(
+            f"{path}: holds pickled objects, not only weights; save the weights alone with "
+            "torch.save(model.state_dict(), PATH)") from err
+    except Exception as err:  # torch raises many types for files that are not checkpoints
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:160]}); "
+                              "pass the model.pt of a medseg training") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of weights; "
+                              "pass the model.pt of a medseg training")
     try:
         network.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
         raise CheckpointError(
             f"{path}: weights do not fit this bundle's network ({_state_dict_mismatch(err)}); "
             "use a checkpoint trained with this bundle or change network_def to match"

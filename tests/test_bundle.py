@@ -311,3 +311,31 @@ def test_checkpoint_of_another_network_names_the_first_difference(tmp_path, save
     message = str(info.value)
     assert message.startswith(f"{path}: weights do not fit this bundle's network (")
     assert expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("model", "holds pickled objects, not only weights; save the weights alone with torch.save"),
+    ("tensor", "holds a Tensor, not a state dict of weights"),
+    ("junk", "not a readable PyTorch checkpoint ("),
+    ("zip", "not a readable PyTorch checkpoint ("),
+], ids=["whole pickled model", "a tensor", "junk bytes", "a zip of something else"])
+def test_a_file_that_is_no_state_dict_is_a_one_line_error(tmp_path, content, expected):
+    import zipfile
+
+    from medseg.bundle import load_checkpoint
+    from medseg.errors import CheckpointError
+
+    path = tmp_path / "model.pt"
+    if content == "model":
+        torch.save(_conv_net(8), path)
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif content == "junk":
+        path.write_bytes(b"\x80\x02junk" * 50)
+    else:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "not weights")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(_conv_net(8), path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
