@@ -76,14 +76,26 @@ def tiff_calibration(spacing: tuple[float, ...] | None, unit: str) -> dict[str, 
     return {"resolution": (1e4 / x, 1e4 / y), "resolutionunit": "CENTIMETER"}  # pixels per centimetre
 
 
-def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray) -> Path:
-    """Write ``arr`` (in NIfTI voxel order) with ``affine`` (sform and qform) as ``.nii``/``.nii.gz``, atomically."""
+#: NIfTI's names of the spatial units medseg's readers report (``spacing_unit``)
+NIFTI_UNITS = {"mm": "mm", "um": "micron", "micron": "micron", "meter": "meter", "m": "meter"}
+
+
+def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, unit: str = "mm",
+                codes: tuple[int, int] = (1, 1)) -> Path:
+    """Write ``arr`` (in NIfTI voxel order) with ``affine`` (sform and qform) as ``.nii``/``.nii.gz``, atomically.
+
+    Args:
+        unit: the affine's spatial unit (``mm``, ``um``/``micron``, ``meter``; anything else is written as
+            ``unknown``), so a micrometre image is not read back as millimetres.
+        codes: ``(sform_code, qform_code)``: 1 = scanner, 2 = aligned, ...; a NIfTI input's own codes
+            keep their meaning.
+    """
     import nibabel as nib
 
     image = nib.Nifti1Image(np.asarray(arr), np.asarray(affine, dtype=np.float64))
-    image.header.set_xyzt_units("mm")
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
+    image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"))
+    image.set_qform(image.affine, code=int(codes[1]))
+    image.set_sform(image.affine, code=int(codes[0]))
     with atomic_output(path) as tmp:
         nib.save(image, str(tmp))
     return Path(path)

@@ -169,9 +169,9 @@ class _VolumeSink:
                             segment_label=self.options["segment_label"], algorithm=self.options["algorithm"],
                             algorithm_version=self.options["algorithm_version"])
         else:  # nifti
-            write_nifti(self.paths["mask"], *_nifti_layout(mask, meta))
+            write_nifti(self.paths["mask"], *_nifti_layout(mask, meta), **_nifti_header(meta))
         if "prob" in self.paths:
-            write_nifti(self.paths["prob"], *_nifti_layout(self.volumes["prob"], meta))
+            write_nifti(self.paths["prob"], *_nifti_layout(self.volumes["prob"], meta), **_nifti_header(meta))
 
     def abort(self) -> None:
         for writer in self.stacks.values():
@@ -197,6 +197,14 @@ def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarra
     if len(meta["spatial_shape"]) == 2:  # 2D source: (1, Y, X) -> (X, Y)
         return volume[0].T, affine[:, [1, 0, 2, 3]]
     return volume.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]
+
+
+def _nifti_header(meta: dict) -> dict[str, Any]:
+    """The spatial unit and sform/qform codes of the source, for :func:`medseg.io.write_nifti`."""
+    header: dict[str, Any] = {"unit": str(meta.get("spacing_unit") or "mm")}
+    if "nifti_codes" in meta:
+        header["codes"] = tuple(int(c) for c in np.asarray(meta["nifti_codes"]).ravel()[:2])
+    return header
 
 
 class SaveSegmentationd(MapTransform):

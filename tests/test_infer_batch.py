@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medseg.cli import app
+from medseg.io import write_tiff
 
 runner = CliRunner()
 
@@ -311,3 +312,28 @@ def test_single_slice_volume_as_png(tmp_path, tiny_checkpoint):
     assert result.exit_code == 0, result.output
     mask = np.asarray(Image.open(tmp_path / "out" / "mask" / "in.png"))
     assert mask.shape == (24, 24) and tifffile.imread(tmp_path / "out" / "prob" / "in.tif").shape == (24, 24)
+
+
+def test_nifti_outputs_keep_the_inputs_unit_and_codes(tmp_path, tiny_checkpoint):
+    """A micrometre NIfTI stays micrometres with its own sform/qform codes; a calibrated TIFF gives micrometres."""
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=32, seed=4)
+    volume = np.stack([image.T] * 2, axis=-1).astype(np.uint8)
+    src = nib.Nifti1Image(volume, np.diag([0.25, 0.25, 0.5, 1.0]))
+    src.header.set_xyzt_units("micron")
+    src.set_sform(src.affine, code=2)
+    src.set_qform(src.affine, code=0)
+    nib.save(src, root / "um.nii.gz")
+    write_tiff(root / "cal.tif", np.stack([image, image]), spacing=(0.5, 0.2, 0.2), unit="um")
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint, "--include", "*.nii.gz").exit_code == 0
+    for kind in ("mask", "prob"):
+        header = nib.load(out / kind / "um.nii.gz").header
+        assert header.get_xyzt_units()[0] == "micron"
+        assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 0)
+        np.testing.assert_allclose(nib.load(out / kind / "um.nii.gz").affine, src.affine)
+    assert _infer(root, tmp_path / "tif", tiny_checkpoint, "--include", "*.tif", "--format", "nifti").exit_code == 0
+    cal = nib.load(tmp_path / "tif" / "mask" / "cal.nii.gz")
+    assert cal.header.get_xyzt_units()[0] == "micron"
+    np.testing.assert_allclose(cal.header.get_zooms()[:2], [0.2, 0.2], rtol=1e-5)
