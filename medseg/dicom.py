@@ -187,18 +187,35 @@ def _pixels(ds, path: str) -> np.ndarray:
     if str(getattr(ds, "PhotometricInterpretation", "")).startswith("MONOCHROME1"):
         arr = arr.max() - arr  # display as MONOCHROME2: bright = high
     slope, intercept = _rescale(ds)
-    return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept) if np.isscalar(slope) else (
+        arr.astype(np.float32).reshape(-1, *arr.shape[-2:]) * slope + intercept)
 
 
-def _rescale(ds) -> tuple[float, float]:
-    """RescaleSlope/Intercept, from the top level or an enhanced image's shared functional groups."""
+def _rescale(ds) -> tuple[Any, Any]:
+    """RescaleSlope/Intercept: top level, an enhanced image's shared functional groups, or per frame.
+
+    Per-frame values that differ come back as ``(frames, 1, 1)`` arrays, which scale each frame by its own.
+    """
     if "RescaleSlope" in ds or "RescaleIntercept" in ds:
         return float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
     shared = _functional(ds, "SharedFunctionalGroupsSequence", 0)
     seq = getattr(shared, "PixelValueTransformationSequence", None) if shared is not None else None
     if seq:
         return float(getattr(seq[0], "RescaleSlope", 1) or 1), float(getattr(seq[0], "RescaleIntercept", 0) or 0)
-    return 1.0, 0.0
+    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None) or []
+    values = []
+    for item in per_frame:
+        seq = getattr(item, "PixelValueTransformationSequence", None)
+        if not seq:
+            return 1.0, 0.0
+        values.append((float(getattr(seq[0], "RescaleSlope", 1) or 1), float(getattr(seq[0], "RescaleIntercept", 0)
+                                                                             or 0)))
+    if not values or len(values) != int(getattr(ds, "NumberOfFrames", 1) or 1):
+        return 1.0, 0.0
+    if len(set(values)) == 1 or len(values) == 1:
+        return values[0]
+    table = np.asarray(values, dtype=np.float32)
+    return table[:, 0].reshape(-1, 1, 1), table[:, 1].reshape(-1, 1, 1)
 
 
 def series_geometry(series: DicomSeries, spacing_tolerance: float = 0.01) -> SeriesGeometry:
@@ -280,6 +297,7 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
     row, col, ps = _geometry(ds)
     if frames > 1:
         row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps)
+        row, col, ps = _per_frame_geometry(ds, path, row, col, ps)
     normal = np.cross(row, col)
     positions = _frame_positions(ds, frames)
     if positions is not None:
@@ -346,6 +364,20 @@ def _enhanced_geometry(group, row, col, ps):
     if measures and getattr(measures[0], "PixelSpacing", None):
         ps = np.array([float(x) for x in measures[0].PixelSpacing])
     return row, col, ps
+
+
+def _per_frame_geometry(ds, path: str, row, col, ps):
+    """Orientation and pixel spacing stored per frame (some scanners do), which must agree across frames."""
+    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None) or []
+    found = [_enhanced_geometry(item, row, col, ps) for item in per_frame]
+    if not found:
+        return row, col, ps
+    first = np.concatenate([np.asarray(v, dtype=np.float64) for v in found[0]])
+    for k, values in enumerate(found[1:], start=2):
+        if not np.allclose(np.concatenate([np.asarray(v, dtype=np.float64) for v in values]), first, atol=1e-4):
+            raise DataError(f"{path}: frame {k} has another orientation or pixel spacing than frame 1, so the "
+                            "frames are not one volume; split them into one series per orientation")
+    return found[0]
 
 
 def _frame_positions(ds, frames: int) -> np.ndarray | None:

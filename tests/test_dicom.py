@@ -162,3 +162,58 @@ def test_multi_frame_duplicate_positions_are_refused(tmp_path):
     ds.save_as(path)
     with pytest.raises(DataError, match="same slice position"):
         read_image(path)
+
+
+def _per_frame_file(path, orientations, spacings, slopes, positions):
+    """A multi-frame file whose orientation, pixel spacing and rescale sit only in the per-frame groups."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    frames = np.stack([np.full((4, 6), 10 * (k + 1), np.int16) for k in range(len(positions))])
+    path = write_dicom_slice(path, frames, series_uid="1.2.8", position=(0, 0, 0), frames=len(positions))
+    ds = dcmread(path)
+    for name in ("ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept",
+                 "ImagePositionPatient"):
+        delattr(ds, name)
+    groups = []
+    for orient, spacing, slope, pos in zip(orientations, spacings, slopes, positions, strict=True):
+        item = Dataset()
+        for seq_name, attrs in (("PlanePositionSequence", {"ImagePositionPatient": pos}),
+                                ("PlaneOrientationSequence", {"ImageOrientationPatient": orient}),
+                                ("PixelMeasuresSequence", {"PixelSpacing": spacing}),
+                                ("PixelValueTransformationSequence", {"RescaleSlope": slope, "RescaleIntercept": 0})):
+            inner = Dataset()
+            for key, value in attrs.items():
+                setattr(inner, key, [f"{v:g}" for v in value] if isinstance(value, (list, tuple)) else f"{value:g}")
+            setattr(item, seq_name, Sequence([inner]))
+        groups.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.save_as(path)
+    return path
+
+
+def test_multi_frame_geometry_and_rescale_stored_per_frame(tmp_path):
+    # sagittal frames (rows along y, columns down z), 0.5 x 0.25 mm pixels, 2 mm apart in x, listed out of
+    # order, each with its own rescale slope
+    sagittal = (0, 1, 0, 0, 0, -1)
+    path = _per_frame_file(tmp_path / "sag.dcm", [sagittal] * 3, [(0.5, 0.25)] * 3, [1, 2, 3],
+                           [(4, 0, 0), (0, 0, 0), (2, 0, 0)])
+    meta = read_geometry(path)
+    np.testing.assert_allclose(meta["spacing"], [2.0, 0.5, 0.25])
+    # slices run along the normal row x column = -x (LPS): x = 4, 2, 0, i.e. stored frames 1, 3, 2
+    affine = np.asarray(meta["affine"])  # RAS; columns: (z, y, x) index steps in mm, then the origin
+    np.testing.assert_allclose(affine[:3, 0], [2, 0, 0])  # along the slices: LPS -x = RAS +x
+    np.testing.assert_allclose(affine[:3, 1], [0, 0, -0.5])  # down the rows: -z
+    np.testing.assert_allclose(affine[:3, 2], [0, -0.25, 0])  # along a row: LPS +y = RAS -y
+    np.testing.assert_allclose(affine[:3, 3], [-4, 0, 0])  # LPS (4, 0, 0)
+    arr, _ = read_image(path)
+    # raw values 10, 30, 20 of those frames times their own slopes 1, 3, 2
+    np.testing.assert_array_equal(arr[0, :, 0, 0], [10, 90, 40])
+
+
+def test_multi_frame_with_frames_of_different_orientation_is_refused(tmp_path):
+    path = _per_frame_file(tmp_path / "mixed.dcm", [(1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1)],
+                           [(0.5, 0.5)] * 2, [1, 1], [(0, 0, 0), (0, 0, 2)])
+    with pytest.raises(DataError, match=r"mixed\.dcm: frame 2 has another orientation or pixel spacing"):
+        read_geometry(path)
