@@ -290,9 +290,10 @@ class SaveSegmentationd(MapTransform):
         prob = (1.0 - pred[0]).astype(np.float32)
         if self.mask_mode == "classes":
             index = pred.argmax(axis=0)
+            top = pred.shape[0] - 1  # the dtype follows the values possible, not this slice's: pages agree
             if fmt in ("png", "tiff") and self.class_values is not None:
-                index = self.class_values[index]
-            return index.astype(np.uint8 if index.max(initial=0) < 256 else np.uint16), prob
+                index, top = self.class_values[index], int(self.class_values.max(initial=0))
+            return index.astype(np.uint8 if top < 256 else np.uint16), prob
         labels = np.asarray(self.postprocess(pred))
         if labels.max(initial=0) > 65535:
             raise DataError(f"{labels.max()} objects in one slice; a 16-bit label image holds 65535")
