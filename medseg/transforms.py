@@ -21,8 +21,14 @@ FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
 def to_gray(arr: np.ndarray) -> np.ndarray:
-    """Convert channel-first ``(C, H, W)`` to ``(1, H, W)`` float32: RGB by ITU-R 601 luma, one channel as is."""
+    """Convert channel-first ``(C, H, W)`` to ``(1, H, W)`` float32: RGB by ITU-R 601 luma, one channel as is.
+
+    Gray saved as RGB (three equal channels) keeps its values exactly: luma in float32 would turn a mask
+    value of 10 into 9.9999.
+    """
     arr = np.asarray(arr)
+    if arr.shape[0] == 3 and np.array_equal(arr[0], arr[1]) and np.array_equal(arr[0], arr[2]):
+        return arr[:1].astype(np.float32)
     if arr.shape[0] == 3:
         weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return np.tensordot(weights, arr.astype(np.float32), axes=1)[None]

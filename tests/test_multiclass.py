@@ -170,6 +170,19 @@ def test_class_map_rejects_colour_labels(tmp_path):
         ClassMapd(keys="label", class_map=CLASS_MAP)(d)
 
 
+def test_gray_mask_saved_as_rgb_keeps_its_exact_values(tmp_path):
+    # every gray level survives (luma in float32 would make 10 into 9.9999 and fail the class map)
+    path = tmp_path / "mask.png"
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(np.stack([levels] * 3, axis=-1)).save(path)
+    d = LoadSliced(keys="label", channels=1)({"label": str(path)})
+    np.testing.assert_array_equal(d["label"][0], levels.astype(np.float32))
+    d = ClassMapd(keys="label", class_map={0: 0, 10: 1, 123: 2})(
+        {"label": np.where(np.isin(levels, [0, 10, 123]), levels, 0).astype(np.float32)[None],
+         "label_file": str(path)})
+    assert set(np.unique(d["label"]).tolist()) == {0.0, 1.0, 2.0}
+
+
 def test_image_and_mask_of_different_sizes_name_the_file(jurkat_folder):
     path = jurkat_folder / "set_b" / "001.png"
     Image.fromarray(np.zeros((50, 60), np.uint8)).save(path)
