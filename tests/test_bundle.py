@@ -95,6 +95,8 @@ def test_dice_ce_overlay_selects_the_loss_and_drops_the_class_balance_prior():
     parser = load_config(BUNDLE, "train", overlays=[REPO / "configs" / "dice_ce.json"])
     assert type(parser.get_parsed_content("loss")).__name__ == "DiceCEOnLabel"
     assert parser.get_parsed_content("logit_shift") == [0.0, 0.0]  # an unweighted loss has no prior to undo
+    infer = load_config(BUNDLE, "infer", overlays=[REPO / "configs" / "dice_ce.json"])  # infer takes it too
+    assert infer.get_parsed_content("logit_shift") == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("bundle, workflow, overlay, key", [
@@ -216,9 +218,21 @@ def test_inference_logit_shift_matches_training(bundle):
         assert "logit_shift" not in infer
         return
     train.get_parsed_content("imports")
+    infer.get_parsed_content("imports")
     expected = train.get_parsed_content("logit_shift")
     assert infer.get_parsed_content("logit_shift") == pytest.approx(expected, abs=1e-6)
     assert any(expected), "a bundle with logit_shift should shift at least one class"
+    # the ids the training derives the shift from exist in inference.json too, and derive the same shift
+    changes = {"class_balance": False, "loss_name": "dice_ce", "class_weights": [1.0, 1.0, 4.0],
+               "interior_log_prior": 0.5}
+    used = {k: v for k, v in changes.items() if k in train}
+    assert used, "train.json derives logit_shift from config ids"
+    for key, value in used.items():
+        t = load_config(bundle, "train", overrides={key: value})
+        i = load_config(bundle, "infer", overrides={key: value})
+        shift = t.get_parsed_content("logit_shift")
+        assert i.get_parsed_content("logit_shift") == pytest.approx(shift, abs=1e-6), key
+        assert shift != pytest.approx(expected, abs=1e-6), key
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
