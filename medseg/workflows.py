@@ -77,6 +77,19 @@ def _check_compile(parser: Any, device: Any) -> None:
             "install one (e.g. g++) or set --set compile=false") from exc
 
 
+def _check_batches(trainer: Any, data_dir: str) -> None:
+    """A training loader that yields no batch would end the run at once, without a model: say so."""
+    loader = getattr(trainer, "data_loader", None)
+    try:
+        batches, samples = len(loader), len(loader.dataset)
+    except TypeError:  # iterable loaders have no length
+        return
+    if batches == 0:
+        size = getattr(loader, "batch_size", None)
+        raise DataError(f"{data_dir}: {samples} training samples fill no batch of {size}; add images or lower the "
+                        "batch size (e.g. --set batch_size=N where the bundle has that id)")
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -188,6 +201,7 @@ def train(
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
     evaluator = parser.get_parsed_content("validate#evaluator")
+    _check_batches(trainer, data_dir)
     if resume:
         load_dict = {"model": parser.get_parsed_content("network"),
                      "optimizer": parser.get_parsed_content("optimizer"),

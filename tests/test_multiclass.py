@@ -376,6 +376,27 @@ def test_cli_train_writes_model_split_and_history(trained):
     assert summary["key_metric"] == "val_mean_dice" and summary["epochs"] == 2
 
 
+def test_fewer_training_images_than_a_batch_still_train(trained, tmp_path):
+    # 6 training images, batch_size 8: one partial batch per epoch rather than no epoch and no model.pt
+    out = tmp_path / "small"
+    result = _invoke("train", JURKAT, "--data", trained["data"], "--output", out, "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_sets([*TINY, "batch_size=8"]))
+    assert result.exit_code == 0, result.output
+    assert (out / "model.pt").is_file() and json.loads((out / "train_summary.json").read_text())["epochs"] == 1
+
+
+def test_a_loader_with_no_batch_is_a_one_line_error():
+    import torch
+
+    from medseg.errors import DataError
+    from medseg.workflows import _check_batches
+
+    loader = torch.utils.data.DataLoader(list(range(3)), batch_size=4, drop_last=True)
+    with pytest.raises(DataError, match=r"^DATA: 3 training samples fill no batch of 4; add images or lower"):
+        _check_batches(type("Trainer", (), {"data_loader": loader})(), "DATA")
+    _check_batches(type("Trainer", (), {"data_loader": torch.utils.data.DataLoader(list(range(3)))})(), "DATA")
+
+
 def test_cli_evaluate_writes_class_scores(trained, tmp_path):
     result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(JURKAT_TINY_NET))
