@@ -39,8 +39,35 @@ def _device_settings(device: Any) -> dict[str, Any]:
     return {"device": f"$torch.device('{device}')", "amp": device.type == "cuda"}
 
 
+def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: str) -> dict:
+    """Params for the MLflow run a resumed training continues: a value changed since (e.g. ``--epochs``) is
+    logged as ``KEY.resumeN``, since MLflow refuses to change a logged param."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return params
+    finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
+    # the run MONAI's MLFlowHandler continues: the last unfinished run of that name, in search order
+    runs = [r for r in client.search_runs([found.experiment_id])
+            if r.info.run_name == run_name and r.info.status != finished]
+    if not runs:
+        return params
+    logged = runs[-1].data.params
+    out = {}
+    for key, value in params.items():
+        if key in logged and logged[key] != str(value):
+            n = 1
+            while f"{key}.resume{n}" in logged and logged[f"{key}.resume{n}"] != str(value):
+                n += 1
+            key = f"{key}.resume{n}"
+        out[key] = value
+    return out
+
+
 def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
-                       artifacts: list[str], config_path: Path) -> dict:
+                       artifacts: list[str], config_path: Path, resume: bool = False) -> dict:
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
     from monai.utils import path_to_sqlite_uri
 
@@ -52,6 +79,8 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs["save_execute_config"] = str(config_path)
     params = {k: v for k, v in parser.get().items()
               if isinstance(v, (int, float, str, bool)) and not str(v).startswith(("$", "@", "%"))}
+    if resume:
+        params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
     configs["trainer"]["experiment_param"] = params
     configs["trainer"]["iteration_log"] = False
@@ -194,7 +223,7 @@ def train(
         artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
         experiment = f"medseg-{Path(bundle).resolve().name}"
         ConfigWorkflow.patch_bundle_tracking(
-            parser, _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path))
+            parser, _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume))
     else:
         parser.export_config_file(parser.get(), str(config_path))
 

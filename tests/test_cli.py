@@ -88,6 +88,25 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
 
 
+def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
+    # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
+    # MLflow's refusal to change a logged param: the new value is logged beside the old one
+    import mlflow
+
+    out = tmp_path / "tracked"
+    args = ("--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu", *_tiny_args())
+    assert _invoke("train", BUNDLE, "--epochs", 2, *args).exit_code == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em")
+    (run,) = client.search_runs([experiment.experiment_id])
+    client.update_run(run.info.run_id, status="RUNNING")  # as after Ctrl-C
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["max_epochs"] == "2" and run.data.params["max_epochs.resume1"] == "3"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss_epoch")) == 3
+
+
 def test_resume_keeps_the_best_model_and_patience(trained, tmp_path):
     # the run before the interruption recorded V_rand 1.0 at epoch 2: no later validation can beat it, so the
     # resumed run must leave model.pt alone, report that best, and stop once patience (2) runs out at epoch 4
