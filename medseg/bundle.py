@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import BundleError, CheckpointError
+from medseg.errors import BundleError, CheckpointError, ConfigValueError
 
 #: medseg workflow -> the bundle config files merged for it, in order (MONAI model-zoo convention).
 WORKFLOW_CONFIGS: dict[str, tuple[str, ...]] = {
@@ -128,8 +128,23 @@ def load_config(
     for key, value in (overrides or {}).items():
         if key not in parser:
             raise BundleError(_unknown_key_message(parser, key, bundle))
+        _check_override_type(key, parser[key], value)
         parser[key] = value
     return parser
+
+
+def _check_override_type(key: str, default: Any, value: Any) -> None:
+    """A ``--set`` value of another kind than the bundle's literal default (a word for a number, ...)."""
+    if value is None or (isinstance(value, str) and value.startswith(("$", "@", "%"))):
+        return  # null (often "off"), an expression or a reference: checked where it is used
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return  # strings, lists, dicts, null and expressions take what the bundle makes of them
+    if not ok:
+        raise ConfigValueError(f"--set {key}={value!r}: the bundle's {key} is {kind} ({default!r}); give {kind}")
 
 
 def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> str:

@@ -106,6 +106,14 @@ def _check_compile(parser: Any, device: Any) -> None:
             "install one (e.g. g++) or set --set compile=false") from exc
 
 
+def _check_training_length(parser: Any, max_minutes: float | None) -> None:
+    epochs = parser.get("max_epochs")
+    if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs < 1:
+        raise ConfigValueError(f"max_epochs={epochs}: train at least one epoch; give --epochs 1 or more")
+    if max_minutes is not None and max_minutes <= 0:
+        raise ConfigValueError(f"--max-minutes {max_minutes}: give a positive time, e.g. --max-minutes 30")
+
+
 def _check_batches(trainer: Any, data_dir: str) -> None:
     """A training loader that yields no batch would end the run at once, without a model: say so."""
     loader = getattr(trainer, "data_loader", None)
@@ -205,6 +213,7 @@ def train(
     from monai.bundle import ConfigWorkflow
     from monai.handlers import CheckpointLoader
 
+    from medseg.batch import check_writable
     from medseg.handlers import RichProgress
 
     _check_data_dir(data_dir)
@@ -212,7 +221,8 @@ def train(
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **_device_settings(dev)}
     parser = load_config(bundle, "train", overlays, overrides, settings)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_training_length(parser, max_minutes)
+    check_writable(out)
     datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
     if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
         raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
@@ -240,7 +250,7 @@ def train(
         CheckpointLoader(load_path=str(_last_checkpoint(out)), load_dict=load_dict, map_location=dev).attach(trainer)
         _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
     if max_minutes:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=int(max_minutes * 60)))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))
     RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
 
     start = time.perf_counter()
@@ -285,6 +295,7 @@ def evaluate(
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
+    from medseg.batch import check_writable
     from medseg.ensemble import load_members
     from medseg.evaluation import MetricsReport
     from medseg.handlers import RichProgress
@@ -314,6 +325,7 @@ def evaluate(
             if all(n in samples for n in val_names):
                 parser["validate#dataset#data"] = [samples[n] for n in val_names]
     network = load_members(parser.get_parsed_content("network_def"), checkpoints)  # clear error before the run
+    check_writable(output_dir)
     if len(checkpoints) > 1:  # the members are loaded above; the bundle's CheckpointLoader loads one network
         parser["network_def"] = network
         parser["eval_network"] = "@network"
@@ -377,7 +389,7 @@ def infer(
     if output_format not in ("auto", *OUTPUT_FORMATS):
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
-    out = check_writable(output_dir)
+    out = Path(output_dir)
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # a corrupt TIFF is reported once, per input
     checkpoints = _checkpoint_list(checkpoint)
     dev = select_device(device)
@@ -386,6 +398,7 @@ def infer(
                 **({} if tta is None else {"tta": bool(tta)}), **_device_settings(dev)}
     parser = load_config(bundle, "infer", overlays, overrides, settings)
     network = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    check_writable(out)  # after the checks of the model: a bad checkpoint leaves no empty output folder
     if len(checkpoints) > 1:
         parser["network_def"] = network
     parser.get_parsed_content("initialize")

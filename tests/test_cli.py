@@ -270,6 +270,32 @@ def test_bad_input_config_value_out_of_range(tmp_path, isbi_folder):
     _assert_one_line_error(result, "ema_momentum=2", "(0, 1)")
 
 
+@pytest.mark.parametrize("extra, names", [
+    (("--epochs", 0), ("max_epochs=0", "at least one epoch")),
+    (("--max-minutes", -1), ("--max-minutes -1", "positive time")),
+    (("--set", "learning_rate=abc"), ("learning_rate='abc'", "is a number (0.001); give a number")),
+    (("--set", "cpu_bf16=1"), ("cpu_bf16=1", "is true or false")),
+], ids=["no epochs", "negative time", "word for a number", "number for a switch"])
+def test_bad_input_training_values(tmp_path, isbi_folder, extra, names):
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "o", "--no-tracking", *extra)
+    _assert_one_line_error(result, *names)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_bad_input_output_folder_that_is_a_file(trained, tmp_path, isbi_folder):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", taken, "--no-tracking", *_tiny_args())
+    _assert_one_line_error(result, "taken", "output folder is not writable")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", taken, "--device", "cpu", *_tiny_args(TINY_NET))
+    _assert_one_line_error(result, "taken", "output folder is not writable")
+    # a checkpoint that is not there is reported before any output folder is made
+    result = _invoke("infer", BUNDLE, isbi_folder, tmp_path / "new_out", "--checkpoint", tmp_path / "none.pt")
+    _assert_one_line_error(result, "none.pt", "checkpoint not found")
+    assert not (tmp_path / "new_out").exists()
+
+
 def _has_cpu_compiler() -> bool:
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
