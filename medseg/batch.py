@@ -218,9 +218,10 @@ def run_batch(
             except Exception:  # noqa: BLE001 - reported per input in the loop below
                 continue
             if all(p.is_file() for p in paths.values()) and not record.made_here(paths):
-                raise DataError(f"{record.folder}: the outputs of {item.rel} were made with {record.conflict(paths)} "
-                                f"(see {RUN_RECORD}); pass --overwrite to redo them, or choose another output "
-                                "folder")
+                origin = record.conflict(paths)
+                see = f" (see {RUN_RECORD})" if record.path.is_file() else ""
+                raise DataError(f"{record.folder}: the outputs of '{item.rel}' were made with {origin}{see}; pass "
+                                "--overwrite to redo them, or choose another output folder")
     result = BatchResult(rows=[ManifestRow(input=f, status="ignored", message=why) for f, why in ignored])
     for i, item in enumerate(inputs):
         row = ManifestRow(input=item.source, format=item.format, series_uid=item.series_uid)
@@ -249,6 +250,7 @@ def run_batch(
             if record is not None and paths:
                 record.record(paths, made=False)  # what is left there is no longer known to be this run's
             row.status, row.message = "failed", _message(err, item.source)
+            row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         row.seconds = round(time.perf_counter() - start, 3)
         result.rows.append(row)
         write_manifest(manifest, result.rows)

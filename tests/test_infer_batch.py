@@ -134,7 +134,7 @@ def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tin
     assert result.exit_code == 1, result.output
     line = result.output.strip()
     assert "\n" not in line and "Traceback" not in line
-    assert f"{out}: the outputs of em/slice were made with another checkpoint" in line and "--overwrite" in line
+    assert f"{out}: the outputs of 'em/slice' were made with another checkpoint" in line and "--overwrite" in line
     assert not (out / "mask" / "vol.nii.gz").exists()  # nothing else was segmented either
     # other settings: refused, naming the setting
     result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png", "--tta")
@@ -147,11 +147,11 @@ def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tin
     assert _summary(_infer(mixed, out, other, "--include", "*.png").output)["skipped"] == 1  # resumes
     # the NIfTI is still the first model's: the new model may not skip it as its own
     result = _infer(mixed, out, other, "--include", "*.png", "--include", "*.nii.gz")
-    assert result.exit_code == 1 and "the outputs of vol were made with another checkpoint" in result.output
+    assert result.exit_code == 1 and "the outputs of 'vol' were made with another checkpoint" in result.output
     # outputs the record does not know (an older version, foreign files) are not taken as this run's
     (out / "run.json").unlink()
     result = _infer(mixed, out, other, "--include", "*.png")
-    assert result.exit_code == 1 and "made with an unrecorded run" in result.output
+    assert result.exit_code == 1 and "made with an unrecorded run; pass --overwrite" in result.output
 
 
 def test_run_record_forgets_outputs_of_a_failed_input(tmp_path):
@@ -212,6 +212,8 @@ def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint, sha
     assert "inconsistent slice spacing" in messages["gap"]
     assert "4D NIfTI" in messages["four_d.nii.gz"]
     assert all("\n" not in m and m.startswith(str(root)) for m in messages.values()), messages
+    assert all(rows[n]["mask"] == rows[n]["prob"] == "" for n in failed)  # no outputs to point to
+    assert all(Path(rows[n]["mask"]).is_file() for n in ("good.png", "ok.tif"))
     seg_two = sorted(p.name for p in (out / "mask" / "two").iterdir())
     assert seg_two == ["S4.seg.dcm", "S5.seg.dcm"]  # one SEG per series, never a mixed volume
     assert not (out / "mask" / "corrupt.tif").exists() and not list(out.rglob(".*.tif"))
