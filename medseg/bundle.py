@@ -153,8 +153,22 @@ def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> st
     options = [k for k in scope if not str(k).startswith("_")] if isinstance(scope, dict) else []
     close = difflib.get_close_matches(leaf, [str(o) for o in options], n=3)
     hint = f"did you mean {', '.join((parent + '#' if parent else '') + c for c in close)}?" if close else (
-        "use '#' between nested keys, e.g. train#trainer#max_epochs")
+        f"it is not an id of this command's config; nested keys are joined by '#', e.g. {_nested_example(parser)}")
     return f"unknown config key '{key}' for bundle {bundle}; {hint}"
+
+
+def _nested_example(parser: Any) -> str:
+    """A nested id that this config really has (``inferer#overlap``, ``train#trainer#max_epochs``, ...)."""
+    config = parser.get()
+    for preferred in ("train#trainer#max_epochs", "inferer#overlap", "validate#inferer#overlap"):
+        if preferred in parser:
+            return preferred
+    for key, value in config.items():
+        if isinstance(value, dict) and not str(key).startswith("_"):
+            child = next((c for c in value if not str(c).startswith("_")), None)
+            if child is not None:
+                return f"{key}#{child}"
+    return "network_def#channels"
 
 
 def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") -> None:

@@ -353,3 +353,11 @@ def test_a_file_that_is_no_state_dict_is_a_one_line_error(tmp_path, content, exp
         load_checkpoint(_conv_net(8), path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_unknown_key_hint_names_an_id_of_that_commands_config():
+    with pytest.raises(BundleError) as info:
+        load_config(BUNDLE, "infer", overrides={"zzzqqq": 1})
+    message = str(info.value)
+    assert "not an id of this command's config" in message and "inferer#overlap" in message
+    assert "train#" not in message
