@@ -138,6 +138,8 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputIte
     for s in series:
         if len(series) == 1:
             rel = base
+        elif len(s.files) == 1:  # a series in one file (e.g. a multi-frame image): the file's own name
+            rel = _stem(Path(s.files[0]).relative_to(root).as_posix())
         elif s.number is not None and numbers.count(s.number) == 1:
             rel = f"{'' if rel_dir == '.' else rel_dir + '/'}S{s.number}"
         else:

@@ -248,9 +248,11 @@ def test_real_dicom_and_nifti_files(tmp_path, tiny_checkpoint, shared_dicom, sha
     root = tmp_path / "in"
     shutil.copytree(shared_dicom / "series_mr_4slice", root / "mr")
     shutil.copy(shared_nifti / "anatomical.nii", root / "anat.nii")
+    shutil.copytree(shared_dicom / "single", root / "single")  # two series, one file each
     out = tmp_path / "out"
     result = _infer(root, out, tiny_checkpoint)
     assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "mask" / "single").iterdir()) == ["CT_small.seg.dcm", "MR_small.seg.dcm"]
     src = nib.load(root / "anat.nii")
     seg = nib.load(out / "mask" / "anat.nii.gz")
     assert seg.shape == src.shape == (33, 41, 25)
