@@ -244,6 +244,12 @@ def run_batch(
                 row.status = "ok"
                 if record is not None:
                     record.record(paths, made=True)
+        except KeyboardInterrupt:  # Ctrl-C: no half-made outputs of this input, then stop
+            if on_abort is not None:
+                on_abort()
+            if record is not None and paths:
+                record.record(paths, made=False)
+            raise
         except Exception as err:  # noqa: BLE001 - the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()

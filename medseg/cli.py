@@ -53,11 +53,19 @@ def _user_error(err: BaseException) -> MedsegError | None:
     return None
 
 
-def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn``; report user errors as one line and exit 1 (``--debug`` re-raises for the traceback)."""
+def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: str = "", **kwargs: Any) -> Any:
+    """Call ``fn``; report user errors as one line and exit 1 (``--debug`` re-raises for the traceback).
+
+    Ctrl-C ends with one line too (``interrupted`` says how to continue) and exit code 130.
+    """
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.secho(f"error: interrupted{'; ' + interrupted if interrupted else ''}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
         if debug:
             raise
@@ -114,7 +122,8 @@ def train(
     summary = _run(ctx, lambda: workflows.train(
         str(bundle), str(data), str(output), device=device, overlays=tuple(map(str, config or [])),
         overrides=_overrides(set_, max_epochs=epochs), resume=resume, tracking=tracking,
-        tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress))
+        tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress),
+        interrupted=f"the last finished epoch is kept in {output}; continue with --resume")
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -185,7 +194,8 @@ def infer(
         str(bundle), str(input_path), str(output_dir), [str(c) for c in ckpts], tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress,
         include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
-        output_format=format_, save_prob=prob))
+        output_format=format_, save_prob=prob),
+        interrupted=f"finished inputs are kept in {output_dir}; run the same command again to do the rest")
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=2))
     for message in summary["failures"]:
         typer.secho(f"failed: {message}", err=True, fg=typer.colors.RED)
@@ -202,7 +212,11 @@ def info(
     """Print versions, the compute device and the available bundles."""
     from medseg.info import collect_info
 
-    typer.echo(json.dumps(collect_info(bundles_dir), indent=2))
+    found = collect_info(bundles_dir)
+    typer.echo(json.dumps(found, indent=2))
+    if not found["bundles"]:
+        typer.secho(f"note: no bundles in {bundles_dir}; pass --bundles-dir pointing to the folder that holds "
+                    "isbi_em, jurkat and nuclei", err=True)
 
 
 def main() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,14 @@ def _check_compile(parser: Any, device: Any) -> None:
         raise ConfigValueError(
             f"compile=true: torch.compile found no C++ compiler for the CPU ({_first_line(exc)}); "
             "install one (e.g. g++) or set --set compile=false") from exc
+
+
+def _quiet_constant_images() -> None:
+    # MONAI warns once per constant image (a blank slice) that its intensity range is empty; the image then
+    # scales to zeros, which is right, so the warning only clutters a batch's output
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
 
 
 def _check_training_length(parser: Any, max_minutes: float | None) -> None:
@@ -254,8 +263,9 @@ def train(
     RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
 
     start = time.perf_counter()
-    parser.get_parsed_content("run")
-    if evaluator.state.best_metric_epoch < 0 and trainer.state.epoch > 0:
+    with _stop_on_ctrl_c(trainer) as interrupted:
+        parser.get_parsed_content("run")
+    if evaluator.state.best_metric_epoch < 0 and trainer.state.epoch > 0 and not interrupted:
         # stopped (time limit) before the first validation: validate once so that model.pt exists
         evaluator.run(trainer.state.epoch)
     summary = {
@@ -267,8 +277,43 @@ def train(
         "device": str(dev),
         "output_dir": str(out),
     }
+    if interrupted:
+        summary["interrupted"] = True
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if interrupted:
+        raise KeyboardInterrupt
     return summary
+
+
+class _Interrupted(list):
+    """Truthy once Ctrl-C was pressed."""
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(trainer: Any) -> Iterator[_Interrupted]:
+    """The first Ctrl-C ends training after the current iteration (and any validation running), through the
+    trainer's normal end: the last checkpoint, curves and MLflow run are closed as after the last epoch. A
+    second Ctrl-C stops at once."""
+    import signal
+    import threading
+
+    flag = _Interrupted()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(True)
+        logging.getLogger("medseg").warning("interrupted: finishing the current step (Ctrl-C again stops at once)")
+        trainer.terminate()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def evaluate(
@@ -386,6 +431,7 @@ def infer(
     from medseg.readers import count_slices
     from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd
 
+    _quiet_constant_images()
     if output_format not in ("auto", *OUTPUT_FORMATS):
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)

@@ -88,6 +88,35 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
 
 
+def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monkeypatch):
+    # Ctrl-C (SIGINT) at the second step: training stops after it, the run folder is complete, and
+    # the command ends with one line and exit code 130
+    import os
+    import signal
+
+    from ignite.engine import Events
+
+    from medseg import workflows
+
+    original = workflows._check_batches
+
+    def press_ctrl_c_at_the_second_step(trainer, data_dir):
+        original(trainer, data_dir)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda _: os.kill(os.getpid(), signal.SIGINT))
+
+    monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c_at_the_second_step)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--epochs", 5, "--no-progress",
+                     "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2")
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; the last finished epoch is kept in {out}; continue with --resume"]
+    assert "Traceback" not in result.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["interrupted"] is True and summary["epochs"] < 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
 def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
     # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
     # MLflow's refusal to change a logged param: the new value is logged beside the old one

@@ -168,6 +168,43 @@ def test_run_record_forgets_outputs_of_a_failed_input(tmp_path):
     assert not again.made_here(paths) and again.conflict(paths) == "an unrecorded run"
 
 
+def test_ctrl_c_in_a_batch_drops_the_current_inputs_outputs_and_stops(tmp_path):
+    from medseg.batch import RunRecord, run_batch
+    from medseg.discovery import InputItem
+
+    done = tmp_path / "out" / "mask" / "a.png"
+    items = [InputItem(str(tmp_path / "a.png"), "png", "a"), InputItem(str(tmp_path / "b.png"), "png", "b")]
+    record = RunRecord(tmp_path / "out", {"checkpoint": "x"})
+    aborted = []
+
+    def segment(slices):
+        if slices[0]["name"] == "b":
+            raise KeyboardInterrupt
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_bytes(b"mask")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(items, [], segment, paths_for=lambda item, n: {"mask": tmp_path / "out" / "mask" / f"{item.rel}.png"},
+                  count=lambda item: 1, manifest=tmp_path / "out" / "manifest.csv", on_abort=lambda: aborted.append(1),
+                  record=record)
+    assert aborted == [1]  # the interrupted input's partial outputs are dropped
+    rows = _manifest(tmp_path / "out")
+    assert rows["a.png"]["status"] == "ok" and "b.png" not in rows  # the finished input is kept and recorded
+    assert RunRecord(tmp_path / "out", {"checkpoint": "x"}).made_here({"mask": done})
+
+
+def test_a_blank_image_segments_without_warnings(tmp_path, tiny_checkpoint):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "in" / "blank.png")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert not [w for w in caught if "Divide by zero" in str(w.message)]
+
+
 def test_include_exclude_recursive_and_format_override(mixed, tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     result = _infer(mixed, out, tiny_checkpoint, "--exclude", "em/*", "--exclude", "ct/*", "--format", "tiff",
