@@ -188,12 +188,14 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:  # e.g. a whole pickled model, which a safe load refuses to run
-        raise CheckpointError(
-            f"{path}: holds pickled objects, not only weights; save the weights alone with "
-            "torch.save(model.state_dict(), PATH)") from err
     except Exception as err:  # torch raises many types for files that are not checkpoints
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower():
+            # e.g. a whole pickled model, which a safe load refuses to run
+            raise CheckpointError(
+                f"{path}: holds pickled objects, not only weights; save the weights alone with "
+                "torch.save(model.state_dict(), PATH)") from err
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:160]}); "
                               "pass the model.pt of a medseg training") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

@@ -61,10 +61,11 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         return fn(*args, **kwargs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        typer.secho(f"error: interrupted{'; ' + interrupted if interrupted else ''}", err=True, fg=typer.colors.RED)
+        how = str(stop) or interrupted  # the workflow may say best how to go on
+        typer.secho(f"error: interrupted{'; ' + how if how else ''}", err=True, fg=typer.colors.RED)
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
         if debug:
@@ -122,8 +123,7 @@ def train(
     summary = _run(ctx, lambda: workflows.train(
         str(bundle), str(data), str(output), device=device, overlays=tuple(map(str, config or [])),
         overrides=_overrides(set_, max_epochs=epochs), resume=resume, tracking=tracking,
-        tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress),
-        interrupted=f"the last finished epoch is kept in {output}; continue with --resume")
+        tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress))
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -238,7 +238,9 @@ class RestoreBest:
         for stopper in self.stoppers:
             inner = getattr(stopper, "_handler", None)  # ignite's EarlyStopping, made when the trainer is set
             if inner is not None and hasattr(inner, "state_dict"):
-                inner.load_state_dict({**inner.state_dict(), "counter": since, "best_score": score})
+                probe = SimpleNamespace(state=SimpleNamespace(metrics={name: score}, key_metric_name=name))
+                best = inner.score_function(probe)  # in the stopper's own terms (a lower-is-better score negated)
+                inner.load_state_dict({**inner.state_dict(), "counter": since, "best_score": best})
 
 
 def _is_number(value: Any) -> bool:

@@ -435,7 +435,8 @@ class NiftiReader(_MedsegReader):
         unit = img.header.get_xyzt_units()[0]
         return _meta("nifti", path, spatial, affine, zooms[:3][::-1], "mm" if unit in (None, "unknown") else unit,
                      nifti_affine=nifti_affine, nifti_shape=np.asarray(img.shape),
-                     nifti_codes=np.asarray([int(img.header["sform_code"]), int(img.header["qform_code"])]))
+                     nifti_codes=np.asarray([int(img.header["sform_code"]), int(img.header["qform_code"])]),
+                     nifti_unit=str(unit or "unknown"))
 
     def count_slices(self, path: str) -> int:
         img, shape = self._load(path)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -107,12 +108,15 @@ def _check_compile(parser: Any, device: Any) -> None:
             "install one (e.g. g++) or set --set compile=false") from exc
 
 
-def _quiet_constant_images() -> None:
+@contextlib.contextmanager
+def _quiet_constant_images() -> Iterator[None]:
     # MONAI warns once per constant image (a blank slice) that its intensity range is empty; the image then
     # scales to zeros, which is right, so the warning only clutters a batch's output
     import warnings
 
-    warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
+        yield
 
 
 def _check_training_length(parser: Any, max_minutes: float | None) -> None:
@@ -237,6 +241,8 @@ def train(
         raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
                         "hold some out (raise val_fraction or val_count)")
     _check_compile(parser, dev)
+    if resume and isinstance(parser.get("val_at_start"), bool):
+        parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
     config_path = out / "config.json"
     if tracking:
         artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
@@ -263,7 +269,7 @@ def train(
     RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
 
     start = time.perf_counter()
-    with _stop_on_ctrl_c(trainer) as interrupted:
+    with _stop_on_ctrl_c(trainer, _mlflow_handlers(parser)) as interrupted:
         parser.get_parsed_content("run")
     if evaluator.state.best_metric_epoch < 0 and trainer.state.epoch > 0 and not interrupted:
         # stopped (time limit) before the first validation: validate once so that model.pt exists
@@ -272,7 +278,7 @@ def train(
         "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
         "best_metric_epoch": evaluator.state.best_metric_epoch,
         "key_metric": evaluator.state.key_metric_name,
-        "epochs": trainer.state.epoch,
+        "epochs": interrupted.finished if interrupted else trainer.state.epoch,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "device": str(dev),
         "output_dir": str(out),
@@ -281,39 +287,60 @@ def train(
         summary["interrupted"] = True
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     if interrupted:
-        raise KeyboardInterrupt
+        if any(out.glob("last_checkpoint_epoch=*.pt")):
+            raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
+                                    f"--resume --output {out}")
+        raise KeyboardInterrupt(f"no epoch finished, so {out} holds nothing to resume; start the training again")
     return summary
 
 
+def _mlflow_handlers(parser: Any) -> list:
+    from monai.handlers import MLFlowHandler
+
+    return [h for key in ("train#handlers", "validate#handlers") if key in parser
+            for h in (parser.get_parsed_content(key) or []) if isinstance(h, MLFlowHandler)]
+
+
 class _Interrupted(list):
-    """Truthy once Ctrl-C was pressed."""
+    """Truthy once Ctrl-C was pressed; ``finished`` is the last epoch that ended."""
+
+    finished = 0
 
 
 @contextlib.contextmanager
-def _stop_on_ctrl_c(trainer: Any) -> Iterator[_Interrupted]:
+def _stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterator[_Interrupted]:
     """The first Ctrl-C ends training after the current iteration (and any validation running), through the
-    trainer's normal end: the last checkpoint, curves and MLflow run are closed as after the last epoch. A
-    second Ctrl-C stops at once."""
+    trainer's normal end: the last checkpoint and curves are written as after the last epoch, and the MLflow
+    run is closed as KILLED, which ``--resume`` continues. A second Ctrl-C stops at once."""
     import signal
     import threading
+
+    from ignite.engine import Events
 
     flag = _Interrupted()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
+    def finished(engine: Any) -> None:
+        flag.finished = engine.state.epoch
+
     def handler(signum: int, frame: Any) -> None:
         if flag:
             raise KeyboardInterrupt
         flag.append(True)
-        logging.getLogger("medseg").warning("interrupted: finishing the current step (Ctrl-C again stops at once)")
+        print("interrupted: finishing the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+        for tracker in mlflow_handlers:  # MONAI continues an unfinished run of the same name, not a FINISHED one
+            tracker.run_finish_status = "KILLED"
         trainer.terminate()
 
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, finished)
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+        trainer.remove_event_handler(finished, Events.EPOCH_COMPLETED)
 
 
 def evaluate(
@@ -356,6 +383,9 @@ def evaluate(
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 "eval_split": split, **_device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
+    # the model and the output folder first: reading the data lists may already write split.json there
+    network = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    check_writable(output_dir)
     record = _recorded_split(checkpoints) if split == "val" and "val_count" not in overrides else None
     if record is not None:
         # score the validation samples of the run that produced the checkpoint
@@ -369,8 +399,6 @@ def evaluate(
             samples = {str(d.get("name")): d for d in listed}
             if all(n in samples for n in val_names):
                 parser["validate#dataset#data"] = [samples[n] for n in val_names]
-    network = load_members(parser.get_parsed_content("network_def"), checkpoints)  # clear error before the run
-    check_writable(output_dir)
     if len(checkpoints) > 1:  # the members are loaded above; the bundle's CheckpointLoader loads one network
         parser["network_def"] = network
         parser["eval_network"] = "@network"
@@ -431,7 +459,6 @@ def infer(
     from medseg.readers import count_slices
     from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd
 
-    _quiet_constant_images()
     if output_format not in ("auto", *OUTPUT_FORMATS):
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
@@ -486,7 +513,7 @@ def infer(
         return count_slices(item.source, series_uid=item.series_uid or None, nifti_channel_dim=channel_dim)
 
     start = time.perf_counter()
-    with FileProgress(len(inputs), disable=not progress) as bar:
+    with FileProgress(len(inputs), disable=not progress) as bar, _quiet_constant_images():
         result = run_batch(
             inputs, ignored, segment,
             paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),

@@ -201,7 +201,7 @@ def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarra
 
 def _nifti_header(meta: dict) -> dict[str, Any]:
     """The spatial unit and sform/qform codes of the source, for :func:`medseg.io.write_nifti`."""
-    header: dict[str, Any] = {"unit": str(meta.get("spacing_unit") or "mm")}
+    header: dict[str, Any] = {"unit": str(meta.get("nifti_unit") or meta.get("spacing_unit") or "mm")}
     if "nifti_codes" in meta:
         header["codes"] = tuple(int(c) for c in np.asarray(meta["nifti_codes"]).ravel()[:2])
     return header

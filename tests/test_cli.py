@@ -88,33 +88,53 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
 
 
-def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monkeypatch):
-    # Ctrl-C (SIGINT) at the second step: training stops after it, the run folder is complete, and
-    # the command ends with one line and exit code 130
+@pytest.mark.parametrize("step", [3, 1], ids=["in epoch 2", "in epoch 1"])
+def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monkeypatch, step):
+    # Ctrl-C (SIGINT) at a training step: training stops after it, the run folder and the MLflow run are
+    # complete (KILLED, which --resume continues), and the command ends with one line and exit code 130.
+    # The tiny data make 2 steps per epoch: step 3 is in epoch 2, step 1 in epoch 1 (nothing to resume).
     import os
     import signal
 
+    import mlflow
     from ignite.engine import Events
 
     from medseg import workflows
 
     original = workflows._check_batches
 
-    def press_ctrl_c_at_the_second_step(trainer, data_dir):
+    def press_ctrl_c(trainer, data_dir):
         original(trainer, data_dir)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda _: os.kill(os.getpid(), signal.SIGINT))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=step), lambda _: os.kill(os.getpid(), signal.SIGINT))
 
-    monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c_at_the_second_step)
+    monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c)
     out = tmp_path / "run"
-    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--epochs", 5, "--no-progress",
-                     "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2")
+    args = ("--data", isbi_folder, "--output", out, "--no-progress", "--device", "cpu", *_tiny_args(),
+            "--set", "images_per_batch=2")
+    result = _invoke("train", BUNDLE, "--epochs", 5, *args)
     assert result.exit_code == 130, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
-    assert lines == [f"error: interrupted; the last finished epoch is kept in {out}; continue with --resume"]
-    assert "Traceback" not in result.output
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["interrupted"] is True and summary["epochs"] < 5
+    assert "KeyboardInterrupt" not in result.output  # no traceback of the interrupt
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    summary = json.loads((out / "train_summary.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED"
+    if step == 1:
+        assert lines == [f"error: interrupted; no epoch finished, so {out} holds nothing to resume; start the "
+                         "training again"]
+        assert summary["interrupted"] is True and summary["epochs"] == 0
+        return
+    assert lines == [f"error: interrupted; last_checkpoint_epoch=1.pt holds the last finished epoch; continue with "
+                     f"--resume --output {out}"]
+    assert summary["interrupted"] is True and summary["epochs"] == 1
+    monkeypatch.setattr(workflows, "_check_batches", original)
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    (run,) = client.search_runs([experiment.experiment_id])  # the same run, continued and now finished
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
 
 
 def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
@@ -128,7 +148,7 @@ def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_p
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("medseg-isbi_em")
     (run,) = client.search_runs([experiment.experiment_id])
-    client.update_run(run.info.run_id, status="RUNNING")  # as after Ctrl-C
+    client.update_run(run.info.run_id, status="RUNNING")  # as after a crash or a killed process
     result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
     assert result.exit_code == 0, result.output
     (run,) = client.search_runs([experiment.experiment_id])
@@ -148,12 +168,13 @@ def test_resume_keeps_the_best_model_and_patience(trained, tmp_path):
     before = (out / "model.pt").read_bytes()
     result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 6, "--resume",
                      "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(),
-                     "--set", "early_stop_patience=2")
+                     "--set", "early_stop_patience=2", "--set", "val_at_start=true")
     assert result.exit_code == 0, result.output
     assert (out / "model.pt").read_bytes() == before
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["best_metric"] == 1.0 and summary["best_metric_epoch"] == 2
-    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2, 3, 4] and history["val_epoch"] == [1, 2, 3, 4]  # no fresh-weights check
 
 
 def test_weight_averaging_is_validated_shipped_and_resumed(trained, tmp_path):

@@ -366,6 +366,9 @@ def test_nifti_outputs_keep_the_inputs_unit_and_codes(tmp_path, tiny_checkpoint)
     src.set_sform(src.affine, code=2)
     src.set_qform(src.affine, code=0)
     nib.save(src, root / "um.nii.gz")
+    plain = nib.Nifti1Image(volume, np.eye(4))  # no unit given: stays so
+    plain.header.set_xyzt_units("unknown")
+    nib.save(plain, root / "nounit.nii.gz")
     write_tiff(root / "cal.tif", np.stack([image, image]), spacing=(0.5, 0.2, 0.2), unit="um")
     out = tmp_path / "out"
     assert _infer(root, out, tiny_checkpoint, "--include", "*.nii.gz").exit_code == 0
@@ -374,6 +377,7 @@ def test_nifti_outputs_keep_the_inputs_unit_and_codes(tmp_path, tiny_checkpoint)
         assert header.get_xyzt_units()[0] == "micron"
         assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 0)
         np.testing.assert_allclose(nib.load(out / kind / "um.nii.gz").affine, src.affine)
+        assert nib.load(out / kind / "nounit.nii.gz").header.get_xyzt_units()[0] == "unknown"
     assert _infer(root, tmp_path / "tif", tiny_checkpoint, "--include", "*.tif", "--format", "nifti").exit_code == 0
     cal = nib.load(tmp_path / "tif" / "mask" / "cal.nii.gz")
     assert cal.header.get_xyzt_units()[0] == "micron"

@@ -397,6 +397,23 @@ def test_a_loader_with_no_batch_is_a_one_line_error():
     _check_batches(type("Trainer", (), {"data_loader": torch.utils.data.DataLoader(list(range(3)))})(), "DATA")
 
 
+def test_cli_evaluate_checks_model_and_output_folder_before_writing(trained, tmp_path):
+    # the run's split.json makes evaluate read the data lists, which write split.json to the output folder:
+    # a bad checkpoint or output folder must be reported before that, in one line
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    base = ("evaluate", JURKAT, "--data", trained["data"], "--device", "cpu", *_sets(JURKAT_TINY_NET))
+    result = _invoke(*base, "--checkpoint", trained["out"] / "model.pt", "--output", taken)
+    assert result.exit_code == 1 and "output folder is not writable" in result.output, result.output
+    junk = tmp_path / "junk" / "model.pt"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not weights")
+    shutil.copy(trained["out"] / "split.json", junk.parent / "split.json")
+    result = _invoke(*base, "--checkpoint", junk, "--output", tmp_path / "eval")
+    assert result.exit_code == 1 and "not a readable PyTorch checkpoint" in result.output, result.output
+    assert not (tmp_path / "eval").exists()
+
+
 def test_cli_evaluate_writes_class_scores(trained, tmp_path):
     result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(JURKAT_TINY_NET))
