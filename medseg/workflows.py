@@ -325,7 +325,11 @@ def _stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterat
     def finished(engine: Any) -> None:
         flag.finished = engine.state.epoch
 
+    main_pid = os.getpid()
+
     def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a data-loader worker (forked with this handler): the main process decides
+            return
         if flag:
             raise KeyboardInterrupt
         flag.append(True)
