@@ -87,7 +87,7 @@ def main() -> None:
             ckpt = work / "model.pt"
             torch.save(net.state_dict(), ckpt)
         net.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        window = {k: cfg[k] for k in ("patch_size", "sw_batch_size", "overlap", "logit_shift")}
+        window = {k: cfg.get_parsed_content(k) for k in ("patch_size", "sw_batch_size", "overlap", "logit_shift")}
 
         def run_medseg(out: Path, tta: bool = False, close: bool = True) -> None:
             workflows.infer(str(BUNDLE), str(subset), str(out), str(ckpt), tta=tta, device=args.device,

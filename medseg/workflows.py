@@ -278,7 +278,7 @@ def train(
         "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
         "best_metric_epoch": evaluator.state.best_metric_epoch,
         "key_metric": evaluator.state.key_metric_name,
-        "epochs": interrupted.finished if interrupted else trainer.state.epoch,
+        "epochs": interrupted.finished,  # epochs that ended: a time limit or Ctrl-C may stop one midway
         "wall_seconds": round(time.perf_counter() - start, 1),
         "device": str(dev),
         "output_dir": str(out),
@@ -286,12 +286,23 @@ def train(
     if interrupted:
         summary["interrupted"] = True
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    _keep_newest_last_checkpoint(out)
     if interrupted:
         if any(out.glob("last_checkpoint_epoch=*.pt")):
             raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
                                     f"--resume --output {out}")
         raise KeyboardInterrupt(f"no epoch finished, so {out} holds nothing to resume; start the training again")
     return summary
+
+
+def _keep_newest_last_checkpoint(out: Path) -> None:
+    # each (resumed) run's saver keeps its own newest file; an earlier run's stays behind unless removed here
+    existing = [p for p in out.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
+    if len(existing) > 1:
+        newest = _last_checkpoint(out)
+        for path in existing:
+            if path != newest:
+                path.unlink(missing_ok=True)
 
 
 def _mlflow_handlers(parser: Any) -> list:
@@ -318,12 +329,15 @@ def _stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterat
     from ignite.engine import Events
 
     flag = _Interrupted()
+
+    def finished(engine: Any) -> None:  # at the start (a resumed epoch) and after each epoch that ends
+        flag.finished = engine.state.epoch
+
+    trainer.add_event_handler(Events.STARTED, finished)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, finished)
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-
-    def finished(engine: Any) -> None:
-        flag.finished = engine.state.epoch
 
     main_pid = os.getpid()
 
@@ -338,13 +352,11 @@ def _stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterat
             tracker.run_finish_status = "KILLED"
         trainer.terminate()
 
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, finished)
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-        trainer.remove_event_handler(finished, Events.EPOCH_COMPLETED)
 
 
 def evaluate(

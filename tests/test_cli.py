@@ -86,6 +86,7 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3, 4]  # only epoch 4 ran
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 4
+    assert [p.name for p in out.glob("last_checkpoint_epoch=*.pt")] == ["last_checkpoint_epoch=4.pt"]
 
 
 @pytest.mark.parametrize("step", [3, 1], ids=["in epoch 2", "in epoch 1"])

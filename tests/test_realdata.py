@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLE
+from conftest import BUNDLE, REPO
 from typer.testing import CliRunner
 
 from medseg.cli import app
@@ -197,3 +197,16 @@ def test_short_real_nuclei_training_finds_nuclei(shared_dsb, tmp_path):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["images"] == 3 and summary["dsb_score"] == pytest.approx(max(scores), abs=1e-6)
     assert set(summary["groups"]) == {"fluorescence", "brightfield_histology_he"}
+
+
+def test_infer_speed_benchmark_runs_on_one_slice(shared_isbi, tmp_path):
+    """benchmarks/infer_speed.py reads the bundle's inference config as medseg does (expressions included)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    script = REPO / "benchmarks" / "infer_speed.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(shared_isbi / "test"), "--limit", "1",
+                           "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "plain MONAI sliding_window_inference" in done.stdout and out.is_file()
