@@ -244,17 +244,13 @@ def run_batch(
                 row.status = "ok"
                 if record is not None:
                     record.record(paths, made=True)
-        except KeyboardInterrupt:  # Ctrl-C: no half-made outputs of this input, then stop
-            if on_abort is not None:
-                on_abort()
-            if record is not None and paths:
-                record.record(paths, made=False)
-            raise
-        except Exception as err:  # noqa: BLE001 - the per-input boundary: one bad file never stops the batch
+        except BaseException as err:  # the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()
             if record is not None and paths:
                 record.record(paths, made=False)  # what is left there is no longer known to be this run's
+            if not isinstance(err, Exception):
+                raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop
             row.status, row.message = "failed", _message(err, item.source)
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         row.seconds = round(time.perf_counter() - start, 3)

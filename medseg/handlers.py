@@ -230,16 +230,16 @@ class RestoreBest:
         self.evaluator.state.best_metric = score
         self.evaluator.state.best_metric_epoch = epoch
         name = self.evaluator.state.key_metric_name
+        # an engine as the score functions see it, so scores come back in each handler's own terms
+        probe = SimpleNamespace(state=SimpleNamespace(metrics={name: score}, key_metric_name=name))
         for saver in self.savers:
             checkpoint = getattr(saver, "_key_metric_checkpoint", None)
-            if checkpoint is not None:  # the saver's own score function gives the priority it compares
-                probe = SimpleNamespace(state=SimpleNamespace(metrics={name: score}, key_metric_name=name))
+            if checkpoint is not None:
                 saver.load_state_dict({"_saved": [(checkpoint.score_function(probe), self.model_name)]})
         for stopper in self.stoppers:
             inner = getattr(stopper, "_handler", None)  # ignite's EarlyStopping, made when the trainer is set
             if inner is not None and hasattr(inner, "state_dict"):
-                probe = SimpleNamespace(state=SimpleNamespace(metrics={name: score}, key_metric_name=name))
-                best = inner.score_function(probe)  # in the stopper's own terms (a lower-is-better score negated)
+                best = inner.score_function(probe)  # e.g. a lower-is-better score negated
                 inner.load_state_dict({**inner.state_dict(), "counter": since, "best_score": best})
 
 

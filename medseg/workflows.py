@@ -189,17 +189,20 @@ def _last_checkpoint(output_dir: Path) -> Path:
     return max(existing, key=lambda p: p.stat().st_mtime)
 
 
+def _bundle_handlers(parser: Any, kind: type) -> list:
+    """The handlers of type ``kind`` in the bundle's ``train#handlers`` and ``validate#handlers``."""
+    return [h for key in ("train#handlers", "validate#handlers") if key in parser
+            for h in (parser.get_parsed_content(key) or []) if isinstance(h, kind)]
+
+
 def _restore_best(parser: Any, out: Path, evaluator: Any) -> Any:
     # the bundle's best-model savers and early stoppers, told the best validation before the interruption
     from monai.handlers import CheckpointSaver, EarlyStopHandler
 
     from medseg.handlers import RestoreBest
 
-    handlers = [h for key in ("validate#handlers", "train#handlers") if key in parser
-                for h in (parser.get_parsed_content(key) or [])]
-    savers = [h for h in handlers if isinstance(h, CheckpointSaver) and h._key_metric_checkpoint is not None]
-    stoppers = [h for h in handlers if isinstance(h, EarlyStopHandler)]
-    return RestoreBest(out, evaluator, savers, stoppers)
+    savers = [h for h in _bundle_handlers(parser, CheckpointSaver) if h._key_metric_checkpoint is not None]
+    return RestoreBest(out, evaluator, savers, _bundle_handlers(parser, EarlyStopHandler))
 
 
 def train(
@@ -269,7 +272,9 @@ def train(
     RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
 
     start = time.perf_counter()
-    with _stop_on_ctrl_c(trainer, _mlflow_handlers(parser)) as interrupted:
+    from monai.handlers import MLFlowHandler
+
+    with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
         parser.get_parsed_content("run")
     if evaluator.state.best_metric_epoch < 0 and trainer.state.epoch > 0 and not interrupted:
         # stopped (time limit) before the first validation: validate once so that model.pt exists
@@ -303,13 +308,6 @@ def _keep_newest_last_checkpoint(out: Path) -> None:
         for path in existing:
             if path != newest:
                 path.unlink(missing_ok=True)
-
-
-def _mlflow_handlers(parser: Any) -> list:
-    from monai.handlers import MLFlowHandler
-
-    return [h for key in ("train#handlers", "validate#handlers") if key in parser
-            for h in (parser.get_parsed_content(key) or []) if isinstance(h, MLFlowHandler)]
 
 
 class _Interrupted(list):
