@@ -247,11 +247,12 @@ def train(
     if resume and isinstance(parser.get("val_at_start"), bool):
         parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
     config_path = out / "config.json"
+    tracked: dict | None = None
     if tracking:
         artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
         experiment = f"medseg-{Path(bundle).resolve().name}"
-        ConfigWorkflow.patch_bundle_tracking(
-            parser, _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume))
+        tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
+        ConfigWorkflow.patch_bundle_tracking(parser, tracked)
     else:
         parser.export_config_file(parser.get(), str(config_path))
 
@@ -275,10 +276,8 @@ def train(
     from monai.handlers import MLFlowHandler
 
     with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
+        _validate_at_end_if_never(trainer, evaluator, interrupted)
         parser.get_parsed_content("run")
-    if evaluator.state.best_metric_epoch < 0 and trainer.state.epoch > 0 and not interrupted:
-        # stopped (time limit) before the first validation: validate once so that model.pt exists
-        evaluator.run(trainer.state.epoch)
     summary = {
         "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
         "best_metric_epoch": evaluator.state.best_metric_epoch,
@@ -292,12 +291,42 @@ def train(
         summary["interrupted"] = True
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     _keep_newest_last_checkpoint(out)
+    if tracked is not None:
+        _log_late_artifacts(tracked["configs"], [out / "train_summary.json"])
     if interrupted:
         if any(out.glob("last_checkpoint_epoch=*.pt")):
             raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
                                     f"--resume --output {out}")
         raise KeyboardInterrupt(f"no epoch finished, so {out} holds nothing to resume; start the training again")
     return summary
+
+
+def _validate_at_end_if_never(trainer: Any, evaluator: Any, interrupted: Sequence) -> None:
+    """A training that ends (last epoch, time limit) before its first validation validates once, so that
+    ``model.pt`` exists; before the trainer's end, so that the MLflow run logs it and its metrics."""
+    from ignite.engine import Events
+
+    def validate(engine: Any) -> None:
+        ending = engine.should_terminate or engine.state.epoch >= engine.state.max_epochs
+        if ending and evaluator.state.best_metric_epoch < 0 and engine.state.epoch > 0 and not interrupted:
+            evaluator.run(engine.state.epoch)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)  # after the bundle's own ValidationHandler
+    trainer.add_event_handler(Events.TERMINATE, validate)
+
+
+def _log_late_artifacts(configs: dict, paths: Sequence[Path]) -> None:
+    """Log ``paths`` to the newest MLflow run of this training (its handler has closed the run by now)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
+    found = client.get_experiment_by_name(configs["experiment_name"])
+    runs = [] if found is None else [r for r in client.search_runs([found.experiment_id])
+                                     if r.info.run_name == configs["run_name"]]
+    if runs:
+        run = max(runs, key=lambda r: r.info.start_time)
+        for path in paths:
+            client.log_artifact(run.info.run_id, str(path))
 
 
 def _keep_newest_last_checkpoint(out: Path) -> None:

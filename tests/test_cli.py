@@ -74,7 +74,7 @@ def test_train_logs_to_local_mlflow_store(trained):
     assert len(client.get_metric_history(run.info.run_id, "val_mean_dice")) == 3
     assert len(client.get_metric_history(run.info.run_id, "train_loss_epoch")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model.pt", "curves.png", "config.json", "split.json"} <= artifacts
+    assert {"model.pt", "curves.png", "config.json", "split.json", "train_summary.json"} <= artifacts
 
 
 def test_resume_continues_from_last_checkpoint(trained, tmp_path):
@@ -405,3 +405,23 @@ def test_debug_shows_the_traceback(tmp_path):
     result = runner.invoke(app, ["--debug", "train", str(BUNDLE), "--data", str(tmp_path / "x"),
                                  "--output", str(tmp_path / "o")])
     assert result.exit_code != 0 and result.exception is not None
+
+
+@pytest.mark.parametrize("length", [("--epochs", 1), ("--epochs", 500, "--max-minutes", 0.02)],
+                         ids=["last epoch", "time limit"])
+def test_model_from_the_end_of_run_validation_is_tracked(tmp_path, isbi_folder, length):
+    # training ends before its first validation: model.pt comes from one validation at the end, which
+    # logs to the same MLflow run (not a second one), as the summary does
+    import mlflow
+
+    out = tmp_path / "short"
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, *length, "--no-progress",
+                     "--device", "cpu", *_tiny_args(), "--set", "val_interval=1000")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.pt").is_file()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert len(runs) == 1
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"model.pt", "train_summary.json", "config.json"} <= artifacts
+    assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 1
