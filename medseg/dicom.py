@@ -185,10 +185,22 @@ def _pixels(ds, path: str) -> np.ndarray:
     if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:  # colour: one gray channel (ITU-R 601 luma)
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if str(getattr(ds, "PhotometricInterpretation", "")).startswith("MONOCHROME1"):
-        arr = arr.max() - arr  # display as MONOCHROME2: bright = high
+        arr = _invert_stored(arr, ds)
     slope, intercept = _rescale(ds)
     return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept) if np.isscalar(slope) else (
         arr.astype(np.float32).reshape(-1, *arr.shape[-2:]) * slope + intercept)
+
+
+def _invert_stored(arr: np.ndarray, ds) -> np.ndarray:
+    """MONOCHROME1 (low = bright) to MONOCHROME2 (high = bright): stored values mirrored within their bit range.
+
+    The range comes from BitsStored and PixelRepresentation, so every slice of a series is inverted alike
+    (a slice's own maximum would shift each slice by a different amount); rescaling follows, as for any file.
+    """
+    bits = int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 16) or 16)
+    signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    return (lo + hi) - arr.astype(np.float64)
 
 
 def _rescale(ds) -> tuple[Any, Any]:

@@ -118,6 +118,7 @@ def write_dicom_slice(
     series_number: int = 1,
     frames: int = 1,
     with_pixels: bool = True,
+    photometric: str = "MONOCHROME2",
 ) -> Path:
     """Write a small CT Image Storage file with the given geometry (``pixels``: ``(Y, X)`` or ``(F, Y, X)`` int16)."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -141,7 +142,7 @@ def write_dicom_slice(
     ds.PixelSpacing = [f"{v:g}" for v in spacing]
     ds.SliceThickness = "1"
     ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.Rows, ds.Columns = pixels.shape[-2:]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     if frames > 1:

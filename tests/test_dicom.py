@@ -53,6 +53,20 @@ def test_slices_ordered_by_position_not_name_or_instance_number(tmp_path):
     np.testing.assert_allclose(meta["affine"] @ [2, 0, 3, 1], [-1.5, 0.0, 15.0, 1.0])
 
 
+def test_monochrome1_is_inverted_alike_in_every_slice(tmp_path):
+    # stored value 100 everywhere, one brighter pixel that differs per slice (a per-slice maximum would show)
+    for k in range(3):
+        pixels = np.full((4, 4), 100, np.int16)
+        pixels[0, 0] = 200 + 100 * k
+        write_dicom_slice(tmp_path / f"{k}.dcm", pixels, series_uid="1.2.3.5", position=(0.0, 0.0, float(k)),
+                          photometric="MONOCHROME1", slope=2.0, intercept=10.0)
+    arr, _ = read_image(tmp_path)
+    # signed 16-bit: stored v -> -1 - v, then slope and intercept
+    np.testing.assert_array_equal(arr[0, :, 2, 2], [2 * (-1 - 100) + 10] * 3)
+    np.testing.assert_array_equal(arr[0, :, 0, 0], [2 * (-1 - v) + 10 for v in (200, 300, 400)])
+    np.testing.assert_array_equal(read_slice(tmp_path, 1), arr[:, 1])
+
+
 def test_oblique_sorting_uses_the_slice_normal(tmp_path):
     # rows along +y, columns along +z: the normal is +x, positions move along x only
     for k, x in enumerate([3.0, 1.0, 2.0]):
