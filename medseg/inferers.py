@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
+from monai.utils import ensure_tuple_rep
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -88,12 +89,22 @@ class TiledInferer(SlidingWindowInferer):
     def _predict(self, x: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         h, w = x.shape[-2:]
         if h * w > self.whole_max_pixels:
-            return super().__call__(x, network, *args, **kwargs)
-        ph, pw = -h % self.divisor, -w % self.divisor
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        return network(x, *args, **kwargs)[..., :h, :w]
+            # a side shorter than the window is padded here: MONAI's own reflect padding up to the window
+            # fails when the pad exceeds the side (a long, narrow image)
+            rh, rw = ensure_tuple_rep(self.roi_size, 2)
+            return _run_padded(x, max(rh - h, 0), max(rw - w, 0),
+                              lambda padded: super(TiledInferer, self).__call__(padded, network, *args, **kwargs))
+        return _run_padded(x, -h % self.divisor, -w % self.divisor, lambda padded: network(padded, *args, **kwargs))
+
+
+def _run_padded(x: torch.Tensor, ph: int, pw: int, run: Callable[[torch.Tensor], Any]) -> Any:
+    """``run`` on ``x`` padded by ``ph`` rows and ``pw`` columns at its far sides (mirrored where the image is
+    large enough, else repeated), cropped back to ``x``'s size."""
+    h, w = x.shape[-2:]
+    if not (ph or pw):
+        return run(x)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return run(F.pad(x, (0, pw, 0, ph), mode=mode))[..., :h, :w]
 
 
 def cpu_bf16_supported() -> bool:

@@ -23,6 +23,16 @@ def test_tta_of_pointwise_network_is_identity_and_input_smaller_than_window():
     assert len(DIHEDRAL) == 8 and len(set(DIHEDRAL)) == 8
 
 
+def test_long_narrow_image_far_below_the_window_on_one_side():
+    # 12 x 600 with a 256 window: MONAI's reflect padding up to the window cannot pad 12 rows by 244
+    x = torch.rand(1, 1, 12, 600)
+    net = lambda t: torch.cat([t * 2.0, -t], dim=1)  # noqa: E731
+    for whole_max_pixels in (0, 4096, 10**6):
+        out = TiledInferer(roi_size=256, border=16, whole_max_pixels=whole_max_pixels)(x, net)
+        assert out.shape == (1, 2, 12, 600)
+        torch.testing.assert_close(out, net(x), atol=1e-5, rtol=1e-5)
+
+
 def test_tta_averages_transformed_predictions():
     x = torch.zeros(1, 1, 16, 16)
     x[..., 0, 0] = 1.0
