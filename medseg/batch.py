@@ -127,7 +127,7 @@ class RunRecord:
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as stored
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text(encoding="utf-8"))
             self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
         except (OSError, ValueError, KeyError, TypeError):
             self.runs, self.outputs = {}, {}  # none yet, or unreadable: outputs count as unrecorded
@@ -162,7 +162,7 @@ class RunRecord:
         self.runs = {k: v for k, v in self.runs.items() if k in used}
         data = {"runs": self.runs, "outputs": dict(sorted(self.outputs.items()))}
         with atomic_output(self.path) as tmp:
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -173,7 +173,7 @@ def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
     for row in rows:
         writer.writerow(asdict(row))
     with atomic_output(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape")
 
 
 def run_batch(

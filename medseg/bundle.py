@@ -242,8 +242,8 @@ def validate_metadata(bundle: str | os.PathLike) -> dict[str, Any]:
     path = Path(bundle) / "configs" / "metadata.json"
     if not path.is_file():
         raise BundleError(f"{path}: not found; a bundle needs configs/metadata.json")
-    meta = json.loads(path.read_text())
-    schema = json.loads((Path(__file__).parent / "schemas" / "metadata.schema.json").read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    schema = json.loads((Path(__file__).parent / "schemas" / "metadata.schema.json").read_text(encoding="utf-8"))
     try:
         jsonschema.validate(meta, schema)
     except jsonschema.ValidationError as err:

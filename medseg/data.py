@@ -126,7 +126,7 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {k: [d["name"] for d in v] for k, v in split.items()}
     record["data_dir"] = str(Path(data_dir).resolve())
-    (out / "split.json").write_text(json.dumps(record, indent=2))
+    (out / "split.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
@@ -277,7 +277,7 @@ def _manifest_categories(*folders: Path) -> dict[str, str]:
     for folder in folders:
         path = folder / "manifest.csv"
         if path.is_file():
-            with open(path, newline="") as fh:
+            with open(path, newline="", encoding="utf-8") as fh:
                 return {r["image_id"]: r.get("category", "") for r in csv.DictReader(fh) if r.get("image_id")}
     return {}
 

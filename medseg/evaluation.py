@@ -22,13 +22,13 @@ def _numpy(x: Any) -> np.ndarray:
 
 def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(output_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_output(output_dir / "metrics.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         if rows:
             writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
             writer.writeheader()
             writer.writerows(rows)
     with atomic_output(output_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
 def _items(engine: Engine) -> list[tuple[dict, dict]]:

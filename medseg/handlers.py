@@ -116,7 +116,7 @@ class TrainingCurves:
             return
         self._loaded = True
         if engine.state.epoch > 1 and self.json_path.is_file():  # resumed run: keep the earlier epochs
-            old = json.loads(self.json_path.read_text())
+            old = json.loads(self.json_path.read_text(encoding="utf-8"))
             keep = [i for i, e in enumerate(old["epoch"]) if e < engine.state.epoch]
             self.history["epoch"] = [old["epoch"][i] for i in keep]
             self.history["train_loss"] = [old["train_loss"][i] for i in keep]
@@ -148,7 +148,7 @@ class TrainingCurves:
     def _save(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_output(self.json_path) as tmp:
-            tmp.write_text(json.dumps(self.history, indent=1))
+            tmp.write_text(json.dumps(self.history, indent=1), encoding="utf-8")
 
     def plot(self, engine: Engine | None = None) -> Path:
         """Draw ``curves.png`` (loss left, validation metrics right) and return its path."""
@@ -207,7 +207,7 @@ class RestoreBest:
         name = getattr(self.evaluator.state, "key_metric_name", None)
         if not name or not path.is_file():
             return None
-        history = json.loads(path.read_text())
+        history = json.loads(path.read_text(encoding="utf-8"))
         pairs = zip(history.get("val_epoch", []), history.get("val", []), strict=False)
         scores = [(int(e), float(m[name])) for e, m in pairs
                   if name in m and _is_number(m[name]) and math.isfinite(m[name])]

@@ -31,7 +31,7 @@ def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:
     }
     bundles = {}
     for meta in sorted(Path(bundles_dir).glob("*/configs/metadata.json")):
-        data = json.loads(meta.read_text())
+        data = json.loads(meta.read_text(encoding="utf-8"))
         bundles[meta.parent.parent.name] = {"version": data.get("version"), "task": data.get("task"),
                                            "path": str(meta.parent.parent)}
     return {"python": platform.python_version(), "versions": versions, "device": device, "bundles": bundles}

@@ -166,7 +166,7 @@ def _recorded_split(checkpoints: list[str]) -> dict | None:
     splits, keys = {}, {}
     for r in found:
         try:
-            splits[r] = json.loads(r.read_text())
+            splits[r] = json.loads(r.read_text(encoding="utf-8"))
             keys[r] = (tuple(sorted(map(str, splits[r]["val"]))), str(splits[r].get("data_dir", "")))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DataError(f"{r}: not a readable split record ({err}); remove it or pass --set val_count=N") from err
@@ -289,7 +289,7 @@ def train(
     }
     if interrupted:
         summary["interrupted"] = True
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     _keep_newest_last_checkpoint(out)
     if tracked is not None:
         _log_late_artifacts(tracked["configs"], [out / "train_summary.json"])

@@ -382,3 +382,21 @@ def test_nifti_outputs_keep_the_inputs_unit_and_codes(tmp_path, tiny_checkpoint)
     cal = nib.load(tmp_path / "tif" / "mask" / "cal.nii.gz")
     assert cal.header.get_xyzt_units()[0] == "micron"
     np.testing.assert_allclose(cal.header.get_zooms()[:2], [0.2, 0.2], rtol=1e-5)
+
+
+def test_manifest_is_utf8_whatever_the_locale(tmp_path):
+    # a non-UTF-8 locale (C on POSIX, cp1252 on Windows) must not stop a batch at its manifest
+    import os
+    import subprocess
+    import sys
+
+    name = "名前 é.png"
+    (tmp_path / name).write_bytes(b"")
+    code = ("import os, sys; from pathlib import Path; from medseg.batch import ManifestRow, write_manifest; "
+            "d = Path(sys.argv[1]); files = [f for f in os.listdir(d) if f.endswith('.png')]; "
+            "write_manifest(d / 'manifest.csv', [ManifestRow(input=str(d / f), status='ok') for f in files])")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path).encode()], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    rows = list(csv.DictReader((tmp_path / "manifest.csv").open(encoding="utf-8")))
+    assert [Path(r["input"]).name for r in rows] == [name]
