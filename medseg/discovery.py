@@ -132,7 +132,7 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputIte
             message = str(err)
         failed.append(InputItem(str(file), "dicom", _stem(file.relative_to(root).as_posix()), error=message))
     rel_dir = folder.relative_to(root).as_posix()
-    base = root.name if rel_dir == "." else rel_dir
+    base = root.resolve().name if rel_dir == "." else rel_dir
     numbers = [s.number for s in series]
     result = []
     for s in series:

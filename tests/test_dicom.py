@@ -231,3 +231,12 @@ def test_multi_frame_with_frames_of_different_orientation_is_refused(tmp_path):
                            [(0.5, 0.5)] * 2, [1, 1], [(0, 0, 0), (0, 0, 2)])
     with pytest.raises(DataError, match=r"mixed\.dcm: frame 2 has another orientation or pixel spacing"):
         read_geometry(path)
+
+
+def test_a_series_folder_given_as_dot_is_named_after_the_folder(tmp_path, monkeypatch):
+    from medseg.discovery import discover
+
+    write_dicom_series(tmp_path / "ct_scan", n=3)
+    monkeypatch.chdir(tmp_path / "ct_scan")
+    inputs, failed = discover(".")
+    assert not failed and [item.rel for item in inputs] == ["ct_scan"]
