@@ -111,6 +111,24 @@ def _differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     return sorted(changed)
 
 
+def input_fingerprint(source: str | os.PathLike) -> str:
+    """Size and modification time of an input file (of every file directly in it, for a series folder).
+
+    Outputs are skipped only while their input is unchanged: a different image under the same name, or a
+    file edited in place, is segmented again. Size and time stamp (as ``make`` and ``rsync`` use) cost one
+    ``stat`` per file, where hashing would read whole volumes.
+    """
+    path = Path(source)
+    try:
+        if path.is_dir():
+            entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+        else:
+            entries = [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
+    except OSError:
+        return ""
+    return hashlib.sha256(json.dumps(entries).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 class RunRecord:
     """``run.json`` of an output folder: which run (model and settings) made each output file.
 
@@ -119,7 +137,8 @@ class RunRecord:
     resolved config) gets a key; every output written is recorded under the key of the run that wrote it,
     and the record is rewritten atomically after each input, so an interrupted or partial (``--include``)
     run leaves a true record. Outputs the record does not know (older versions, foreign files) count as
-    made by another run.
+    made by another run. The record also keeps each input's :func:`input_fingerprint`, so that the outputs
+    of an input changed since are not taken as finished.
     """
 
     def __init__(self, folder: Path, identity: dict[str, Any], info: dict[str, Any] | None = None) -> None:
@@ -129,8 +148,10 @@ class RunRecord:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
+            self.inputs = dict(data.get("inputs", {}))
         except (OSError, ValueError, KeyError, TypeError):
             self.runs, self.outputs = {}, {}  # none yet, or unreadable: outputs count as unrecorded
+            self.inputs = {}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
 
     def _rel(self, path: Path) -> str:
@@ -151,16 +172,28 @@ class RunRecord:
         old = self.runs.get(sorted(keys)[0], {}).get("identity", {})
         return "another " + " and ".join(_differences(self.identity, old) or ["run"])
 
-    def record(self, paths: dict[str, Path], made: bool) -> None:
-        """Record ``paths`` as written by this run (``made``) or as unknown (a failed input), and save."""
+    def input_changed(self, paths: dict[str, Path], fingerprint: str) -> bool:
+        """Whether the input of ``paths`` differs from the one they were made from (False when not recorded)."""
+        made_from = self.inputs.get(self._rel(paths["mask"]))
+        return bool(made_from and fingerprint and made_from != fingerprint)
+
+    def record(self, paths: dict[str, Path], made: bool, fingerprint: str = "") -> None:
+        """Record ``paths`` as written by this run (``made``) from an input of this ``fingerprint``, or as
+        unknown (a failed input), and save."""
         for p in paths.values():
             if made:
                 self.outputs[self._rel(p)] = self.key
             else:
                 self.outputs.pop(self._rel(p), None)
+        if made and fingerprint:
+            self.inputs[self._rel(paths["mask"])] = fingerprint
+        else:
+            self.inputs.pop(self._rel(paths["mask"]), None)
+        self.inputs = {k: v for k, v in self.inputs.items() if k in self.outputs}
         used = set(self.outputs.values()) | {self.key}
         self.runs = {k: v for k, v in self.runs.items() if k in used}
-        data = {"runs": self.runs, "outputs": dict(sorted(self.outputs.items()))}
+        data = {"runs": self.runs, "outputs": dict(sorted(self.outputs.items())),
+                "inputs": dict(sorted(self.inputs.items()))}
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
@@ -236,14 +269,18 @@ def run_batch(
             paths = paths_for(item, row.slices)
             row.mask, row.prob, row.table = (str(paths["mask"]), str(paths.get("prob", "")),
                                              str(paths.get("table", "")))
-            if not overwrite and all(p.is_file() for p in paths.values()):
+            fingerprint = input_fingerprint(item.source) if record is not None else ""
+            changed = record is not None and record.input_changed(paths, fingerprint)
+            if not overwrite and not changed and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
             else:
                 extra = segment(slice_items(item, row.slices)) or {}
                 row.objects = extra.get("objects", "")
                 row.status = "ok"
+                if changed:
+                    row.message = "the input changed since its outputs were made: segmented again"
                 if record is not None:
-                    record.record(paths, made=True)
+                    record.record(paths, made=True, fingerprint=fingerprint)
         except BaseException as err:  # the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()

@@ -108,6 +108,34 @@ def test_rerun_skips_finished_inputs_unless_overwrite(mixed, tmp_path, tiny_chec
     assert _summary(result.output)["ok"] == 1 and (out / "mask" / "em" / "slice.png").stat().st_mtime_ns != before
 
 
+def test_an_input_changed_since_its_outputs_is_segmented_again(mixed, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    assert _infer(mixed, out, tiny_checkpoint, "--include", "*.png").exit_code == 0
+    prob_before = tifffile.imread(out / "prob" / "em" / "slice.tif")
+    image, _ = synthetic_em(size=48, seed=11)  # another image under the same name
+    Image.fromarray(image).save(mixed / "em" / "slice.png")
+    result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png")
+    assert result.exit_code == 0 and _summary(result.output)["ok"] == 1, result.output
+    row = _manifest(out)["slice.png"]
+    assert row["status"] == "ok" and "input changed" in row["message"]
+    assert not np.array_equal(tifffile.imread(out / "prob" / "em" / "slice.tif"), prob_before)
+    assert _summary(_infer(mixed, out, tiny_checkpoint, "--include", "*.png").output)["skipped"] == 1  # now current
+
+
+def test_input_fingerprint_follows_every_file_of_a_series_folder(tmp_path):
+    import os
+
+    from medseg.batch import input_fingerprint
+
+    series = write_dicom_series(tmp_path / "ct", n=3)
+    first = input_fingerprint(series)
+    assert first and input_fingerprint(series) == first
+    slice_file = sorted(series.iterdir())[1]
+    os.utime(slice_file, ns=(slice_file.stat().st_atime_ns, slice_file.stat().st_mtime_ns + 10**9))
+    assert input_fingerprint(series) != first
+    assert input_fingerprint(tmp_path / "missing.png") == ""
+
+
 def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tiny_checkpoint):
     """Inputs are skipped only when this run made their outputs; another checkpoint or tta is a one-line error."""
     import torch
