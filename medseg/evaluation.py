@@ -22,7 +22,8 @@ def _numpy(x: Any) -> np.ndarray:
 
 def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_output(output_dir / "metrics.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+    with (atomic_output(output_dir / "metrics.csv") as tmp,
+          open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh):
         if rows:
             writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
             writer.writeheader()

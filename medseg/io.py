@@ -52,27 +52,42 @@ def write_tiff(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, .
     """Write ``(H, W)``, ``(H, W, 3)`` uint8 RGB or a ``(pages, H, W)`` stack as TIFF, atomically (integers zlib).
 
     Args:
-        spacing: ``(y, x)`` or ``(z, y, x)`` pixel size, stored as resolution tags when ``unit`` is ``um``,
-            so viewers such as Fiji show the input's calibration.
+        spacing: ``(y, x)`` or ``(z, y, x)`` pixel size in ``unit`` (``um`` or ``mm``), stored as resolution
+            tags (and, for a stack, ImageJ's unit and slice spacing), so viewers such as Fiji show the input's
+            calibration; any other unit writes an uncalibrated file.
     """
     import tifffile
 
     arr = np.asarray(arr)
     rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8
+    calibration = tiff_calibration(spacing, unit, pages=arr.shape[0] if arr.ndim == 3 and not rgb else 1)
+    if "description" in calibration:
+        calibration["metadata"] = None  # ImageJ's description, not tifffile's own
     with atomic_output(path) as tmp:
         # say so explicitly: tifffile would read a leading axis of 3 as RGB samples, not slices
         # zlib for integer masks/labels (small, fast); floats barely compress and zlib costs ~70 ms a slice
         compression = "zlib" if arr.dtype.kind in "iub" else None
         tifffile.imwrite(tmp, arr, compression=compression, photometric="rgb" if rgb else "minisblack",
-                         **tiff_calibration(spacing, unit))
+                         **calibration)
     return Path(path)
 
 
-def tiff_calibration(spacing: tuple[float, ...] | None, unit: str) -> dict[str, Any]:
-    """tifffile ``imwrite``/``write`` keywords storing a micrometre pixel size (none for uncalibrated images)."""
-    if spacing is None or unit != "um":
+def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 1) -> dict[str, Any]:
+    """tifffile ``imwrite``/``write`` keywords storing the pixel size (none for uncalibrated images).
+
+    A single image gets resolution tags in pixels per centimetre, which every TIFF reader understands. A
+    stack of ``pages`` with a ``(z, y, x)`` spacing is written as ImageJ writes one: resolution in pixels
+    per micrometre and an ImageJ description (for the first page only) with ``unit=micron`` and the slice
+    ``spacing``, since baseline TIFF has no tag for the distance between pages.
+    """
+    factor = {"um": 1.0, "micron": 1.0, "mm": 1000.0}.get(unit)
+    if spacing is None or factor is None:
         return {}
-    y, x = float(spacing[-2]), float(spacing[-1])
+    y, x = float(spacing[-2]) * factor, float(spacing[-1]) * factor
+    if pages > 1 and len(spacing) == 3:
+        description = (f"ImageJ=1.11a\nimages={pages}\nslices={pages}\nunit=micron\n"
+                       f"spacing={float(spacing[0]) * factor:.10g}\nloop=false\n")
+        return {"resolution": (1.0 / x, 1.0 / y), "resolutionunit": "NONE", "description": description}
     return {"resolution": (1e4 / x, 1e4 / y), "resolutionunit": "CENTIMETER"}  # pixels per centimetre
 
 

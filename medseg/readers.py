@@ -206,6 +206,18 @@ class PngReader(_MedsegReader):
         return self._read2d(path)
 
 
+#: micrometres per unit, for the spatial units of OME-XML and ImageJ metadata
+_MICROMETRES = {"pm": 1e-6, "å": 1e-4, "angstrom": 1e-4, "nm": 1e-3, "nanometer": 1e-3, "µm": 1.0, "μm": 1.0,
+                "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "\\u00b5m": 1.0, "mm": 1e3,
+                "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6, "meter": 1e6, "inch": 25400.0,
+                "in": 25400.0}
+
+
+def _micrometres(unit: str) -> float | None:
+    """Micrometres per ``unit`` (OME or ImageJ spelling), None for pixels or an unknown unit."""
+    return _MICROMETRES.get(unit.strip().lower())
+
+
 class TiffReader(_MedsegReader):
     """TIFF via tifffile: single images and multi-page stacks, 8/16-bit, float, RGB, OME/ImageJ axes.
 
@@ -249,16 +261,19 @@ class TiffReader(_MedsegReader):
         return shape, axes, lead, channel
 
     def _spacing(self, tif) -> tuple[tuple[float, float, float], str]:
-        """(z, y, x) spacing and unit from OME PhysicalSize*, ImageJ spacing or the resolution tags."""
+        """(z, y, x) spacing in micrometres from OME PhysicalSize* (with their units), ImageJ's unit and
+        spacing, or the resolution tags; ``pixel`` for an uncalibrated file."""
         ome = tif.ome_metadata
         if ome:
             import re
 
-            def grab(name: str) -> float | None:
-                match = re.search(rf'{name}="([0-9.eE+-]+)"', ome)
-                return float(match.group(1)) if match else None
+            def grab(axis: str) -> float | None:
+                match = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', ome)
+                unit = re.search(rf'PhysicalSize{axis}Unit="([^"]*)"', ome)
+                factor = _micrometres(unit.group(1) if unit else "µm")  # the OME schema's default unit
+                return float(match.group(1)) * factor if match and factor else None
 
-            x, y, z = grab("PhysicalSizeX"), grab("PhysicalSizeY"), grab("PhysicalSizeZ")
+            x, y, z = grab("X"), grab("Y"), grab("Z")
             if x and y:
                 return (z or 1.0, y, x), "um"
         page = tif.pages[0]
@@ -266,18 +281,19 @@ class TiffReader(_MedsegReader):
         res_x, res_y = tags.get("XResolution"), tags.get("YResolution")
         unit_tag = tags.get("ResolutionUnit")
         ij = tif.imagej_metadata or {}
+        ij_factor = _micrometres(str(ij.get("unit", ""))) if ij else None
+        z = float(ij.get("spacing", 1.0)) * (ij_factor or 1.0)  # ImageJ's spacing is in its own unit
         if res_x is not None and res_y is not None:
             (nx, dx), (ny, dy) = res_x.value, res_y.value
             if nx and ny and (nx, dx) != (1, 1):
                 x, y = dx / nx, dy / ny  # units per pixel
-                unit = str(ij.get("unit", "")) if ij else ""
                 code = int(unit_tag.value) if unit_tag is not None else 1
                 if code == 3:  # centimetre
-                    return (float(ij.get("spacing", 1.0)), y * 1e4, x * 1e4), "um"
+                    return (z, y * 1e4, x * 1e4), "um"
                 if code == 2:  # inch
-                    return (float(ij.get("spacing", 1.0)), y * 25400, x * 25400), "um"
-                if unit in ("micron", "um", "\\u00B5m", "µm"):
-                    return (float(ij.get("spacing", 1.0)), y, x), "um"
+                    return (z, y * 25400, x * 25400), "um"
+                if ij_factor:  # no unit in the tags (as ImageJ writes them): ImageJ's unit
+                    return (z, y * ij_factor, x * ij_factor), "um"
         return (1.0, 1.0, 1.0), "pixel"
 
     def read_source(self, path: str) -> tuple[np.ndarray, dict]:
@@ -433,7 +449,8 @@ class NiftiReader(_MedsegReader):
         zooms = [float(z) for z in img.header.get_zooms()[:3]] + [1.0] * (3 - len(shape[:3]))
         spatial = (int(shape[2]) if len(shape) > 2 else 1, int(shape[1]), int(shape[0]))
         unit = img.header.get_xyzt_units()[0]
-        return _meta("nifti", path, spatial, affine, zooms[:3][::-1], "mm" if unit in (None, "unknown") else unit,
+        spacing_unit = {None: "mm", "unknown": "mm", "micron": "um"}.get(unit, unit)
+        return _meta("nifti", path, spatial, affine, zooms[:3][::-1], spacing_unit,
                      nifti_affine=nifti_affine, nifti_shape=np.asarray(img.shape),
                      nifti_codes=np.asarray([int(img.header["sform_code"]), int(img.header["qform_code"])]),
                      nifti_unit=str(unit or "unknown"))

@@ -88,14 +88,16 @@ class _StackWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
         os.close(fd)
-        self.path, self.tmp, self.calibration = path, Path(tmp), calibration
+        self.path, self.tmp, self.calibration = path, Path(tmp), dict(calibration)
         self.writer = tifffile.TiffWriter(self.tmp, bigtiff=True)
 
     def append(self, page: np.ndarray) -> None:
-        # metadata=None: plain pages that readers see as one stack of len(pages) slices
+        # metadata=None: plain pages that readers see as one stack of len(pages) slices; ImageJ's
+        # description (unit, slice spacing) goes on the first page only
         compression = "zlib" if page.dtype.kind in "iub" else None
         self.writer.write(page, compression=compression, photometric="minisblack", metadata=None,
                           **self.calibration)
+        self.calibration.pop("description", None)
 
     def close(self, keep: bool = True) -> None:
         self.writer.close()
@@ -123,7 +125,7 @@ class _VolumeSink:
         self.volumes: dict[str, np.ndarray] = {}
         if fmt == "tiff":
             meta = _geometry(item)
-            calibration = tiff_calibration(tuple(meta["spacing"]), meta["spacing_unit"])
+            calibration = tiff_calibration(tuple(meta["spacing"]), meta["spacing_unit"], pages=pages)
             self.stacks = {k: _StackWriter(p, calibration) for k, p in paths.items() if k != "table"}
 
     def add(self, page: int, mask: np.ndarray, prob: np.ndarray, rows: list[dict] | None = None) -> bool:
@@ -327,13 +329,13 @@ class SaveSegmentationd(MapTransform):
                 self.object_counts[name] = (0 if page == 0 else self.object_counts.get(name, 0)) + len(rows)
             single_2d = pages == 1 and fmt in ("png", "tiff")
             if single_2d:
+                meta = _geometry(item)  # the TIFF outputs carry the input's pixel size
                 if fmt == "png":
                     write_png(paths["mask"], mask)
                 else:
-                    meta = _geometry(item) if input_format == "tiff" else {"spacing": None, "spacing_unit": ""}
                     write_tiff(paths["mask"], mask, meta["spacing"], meta["spacing_unit"])
                 if self.save_prob:
-                    write_tiff(paths["prob"], prob)
+                    write_tiff(paths["prob"], prob, meta["spacing"], meta["spacing_unit"])
                 if rows is not None:
                     from medseg.instances import write_measurements_csv
 

@@ -412,6 +412,32 @@ def test_nifti_outputs_keep_the_inputs_unit_and_codes(tmp_path, tiny_checkpoint)
     np.testing.assert_allclose(cal.header.get_zooms()[:2], [0.2, 0.2], rtol=1e-5)
 
 
+def test_tiff_outputs_keep_the_inputs_calibration(tmp_path, tiny_checkpoint):
+    """A calibrated stack's outputs keep pixel size and slice spacing; a 2D image's mask and probability map too."""
+    from medseg.readers import read_geometry
+
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=32, seed=4)
+    write_tiff(root / "stack.tif", np.stack([image, image, image]), spacing=(2.5, 0.5, 0.25), unit="um")
+    write_tiff(root / "plane.tif", image, spacing=(0.004, 0.004), unit="um")
+    um = nib.Nifti1Image(np.stack([image.T] * 2, axis=-1), np.diag([0.25, 0.25, 0.5, 1.0]))
+    um.header.set_xyzt_units("micron")
+    nib.save(um, root / "um.nii.gz")
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint, "--format", "tiff").exit_code == 0
+    for kind, suffix in (("mask", ".tif"), ("prob", ".tif")):
+        stack = read_geometry(out / kind / f"stack{suffix}")
+        assert stack["spacing_unit"] == "um" and stack["slice_count"] == 3, kind
+        np.testing.assert_allclose(stack["spacing"], [2.5, 0.5, 0.25], rtol=1e-6)
+        plane = read_geometry(out / kind / f"plane{suffix}")
+        assert plane["spacing_unit"] == "um", kind
+        np.testing.assert_allclose(plane["spacing"], [0.004, 0.004], rtol=1e-6)
+        nifti = read_geometry(out / kind / f"um{suffix}")  # a micrometre NIfTI written as TIFF
+        assert nifti["spacing_unit"] == "um", kind
+        np.testing.assert_allclose(nifti["spacing"], [0.5, 0.25, 0.25], rtol=1e-6)
+
+
 def test_manifest_is_utf8_whatever_the_locale(tmp_path):
     # a non-UTF-8 locale (C on POSIX, cp1252 on Windows) must not stop a batch at its manifest
     import os

@@ -51,6 +51,19 @@ def test_tiff_keeps_micrometre_calibration(tmp_path):
     np.testing.assert_allclose(meta["spacing"][1:], [0.25, 0.5])
 
 
+def test_tiff_stack_keeps_its_slice_spacing_and_millimetres_become_micrometres(tmp_path):
+    write_tiff(tmp_path / "stack.tif", np.zeros((3, 8, 8), np.uint8), spacing=(2.5, 0.5, 0.25), unit="um")
+    meta = read_geometry(tmp_path / "stack.tif")
+    assert meta["spacing_unit"] == "um" and meta["slice_count"] == 3
+    np.testing.assert_allclose(meta["spacing"], [2.5, 0.5, 0.25])
+    with tifffile.TiffFile(tmp_path / "stack.tif") as tif:  # as ImageJ writes a calibrated stack
+        assert tif.imagej_metadata["unit"] == "micron" and tif.imagej_metadata["spacing"] == 2.5
+    write_tiff(tmp_path / "ct.tif", np.zeros((8, 8), np.uint8), spacing=(0.8, 0.7), unit="mm")
+    np.testing.assert_allclose(read_geometry(tmp_path / "ct.tif")["spacing"], [800.0, 700.0])
+    write_tiff(tmp_path / "px.tif", np.zeros((8, 8), np.uint8), spacing=(2.0, 2.0), unit="pixel")
+    assert read_geometry(tmp_path / "px.tif")["spacing_unit"] == "pixel"
+
+
 def test_nifti_gz_written_atomically_with_affine(tmp_path):
     affine = np.diag([2.0, 3.0, 4.0, 1.0])
     affine[:3, 3] = [10, 20, 30]

@@ -97,6 +97,34 @@ def test_imagej_calibration(tmp_path):
     assert meta["spacing_unit"] == "um"
 
 
+def test_calibration_in_other_units_is_read_in_micrometres(tmp_path):
+    # OME: PhysicalSize*Unit per axis (the schema's default is µm)
+    tifffile.imwrite(tmp_path / "nm.ome.tif", np.zeros((2, 8, 8), np.uint8),
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 5.0,
+                               "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.05, "PhysicalSizeZUnit": "µm"})
+    meta = read_geometry(tmp_path / "nm.ome.tif")
+    assert meta["spacing_unit"] == "um"
+    np.testing.assert_allclose(meta["spacing"], [0.05, 0.005, 0.004])
+    # ImageJ: resolution in pixels per unit, spacing in the same unit
+    for unit, factor in (("nm", 1e-3), ("mm", 1e3), ("micron", 1.0)):
+        tifffile.imwrite(tmp_path / f"ij_{unit}.tif", np.zeros((3, 8, 8), np.uint8), imagej=True,
+                         resolution=(0.25, 0.5), metadata={"spacing": 40.0, "unit": unit, "axes": "ZYX"})
+        meta = read_geometry(tmp_path / f"ij_{unit}.tif")
+        assert meta["spacing_unit"] == "um", unit
+        np.testing.assert_allclose(meta["spacing"], np.array([40.0, 2.0, 4.0]) * factor, err_msg=unit)
+    tifffile.imwrite(tmp_path / "ij_px.tif", np.zeros((3, 8, 8), np.uint8), imagej=True, resolution=(0.25, 0.5),
+                     metadata={"unit": "pixel", "axes": "ZYX"})
+    assert read_geometry(tmp_path / "ij_px.tif")["spacing_unit"] == "pixel"
+
+
+def test_nifti_in_micrometres_reports_um(tmp_path):
+    image = nib.Nifti1Image(np.zeros((4, 5, 3), np.float32), np.diag([0.5, 0.5, 2.0, 1.0]))
+    image.header.set_xyzt_units("micron")
+    nib.save(image, str(tmp_path / "um.nii.gz"))
+    meta = read_geometry(tmp_path / "um.nii.gz")
+    assert meta["spacing_unit"] == "um" and meta["nifti_unit"] == "micron"
+
+
 def test_tiff_slices_are_read_lazily(tmp_path):
     """Reading one slice of a 40-page stack allocates about one page, not the stack (stacks larger than RAM)."""
     stack = np.random.default_rng(5).integers(0, 255, (40, 256, 256), dtype=np.uint8)
