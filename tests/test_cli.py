@@ -218,6 +218,17 @@ def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["3"]
 
 
+def test_evaluate_into_the_run_folder_keeps_its_split_record(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["out"], run)
+    before = (run / "split.json").read_bytes()
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", run / "model.pt",
+                     "--output", run, "--split", "all", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET),
+                     "--set", "val_count=2")
+    assert result.exit_code == 0, result.output
+    assert (run / "split.json").read_bytes() == before and (run / "metrics.csv").is_file()
+
+
 def test_bad_input_unreadable_split_record(trained, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
