@@ -29,6 +29,33 @@ def test_metadata_is_schema_valid_and_bundle_files_exist(bundle):
     assert not any(f.stat().st_size > 25 * 2**20 for f in bundle.rglob("*") if f.is_file())
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_monai_workflow_property_checks_pass(bundle, tmp_path):
+    # what model-zoo tooling runs: every required property present, every handler list entry a component
+    from monai.bundle import ConfigWorkflow
+
+    from conftest import write_dsb_folder, write_jurkat_folder
+
+    configs = bundle / "configs"
+    make = {"isbi_em": write_isbi_folder, "jurkat": write_jurkat_folder, "nuclei": write_dsb_folder}[bundle.name]
+    data = make(tmp_path / "data", n=8) if bundle.name == "isbi_em" else make(tmp_path / "data")
+    images = next(p.parent for p in sorted(data.rglob("*.png")))
+    for workflow_type, config, settings in (
+        ("train", "train.json", {"dataset_dir": str(data), "output_dir": str(tmp_path / "o")}),
+        ("infer", "inference.json", {"dataset_dir": str(images), "output_dir": str(tmp_path / "p")}),
+    ):
+        workflow = ConfigWorkflow(config_file=str(configs / config), meta_file=str(configs / "metadata.json"),
+                                  workflow_type=workflow_type, logging_file=None, **settings)
+        workflow.initialize()
+        assert workflow.check_properties() == [], (bundle.name, workflow_type)
+        parser = workflow.parser
+        if workflow_type == "train":  # the ids the run's expressions use are the attached handlers
+            assert parser.get_parsed_content("ema") is parser.get_parsed_content("train#handlers")[0]
+            assert parser.get_parsed_content("early_stop") is parser.get_parsed_content("validate#handlers")[2]
+        else:  # plain `monai.bundle run --dataset_dir DIR` points inference at DIR
+            assert parser.get_parsed_content("input_dir") == settings["dataset_dir"]
+
+
 def test_metadata_errors_name_the_problem(tmp_path):
     (tmp_path / "configs").mkdir()
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
