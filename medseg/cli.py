@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medseg.errors import MedsegError
+from medseg.errors import find_user_error, show_user_error_logs
 
 app = typer.Typer(
     help="Train, evaluate and apply biomedical segmentation bundles (MONAI bundle format).",
@@ -42,17 +42,6 @@ TtaOpt = Annotated[bool | None, typer.Option(
     show_default=False)]
 
 
-def _user_error(err: BaseException) -> MedsegError | None:
-    """The first MedsegError in ``err``'s cause chain (MONAI wraps errors raised while instantiating)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, MedsegError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: str = "", **kwargs: Any) -> Any:
     """Call ``fn``; report user errors as one line and exit 1 (``--debug`` re-raises for the traceback).
 
@@ -70,7 +59,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
         if debug:
             raise
-        user = _user_error(err)
+        user = find_user_error(err)
         message = str(user) if user else f"internal error: {type(err).__name__}: {err} (rerun with --debug)"
         typer.secho(f"error: {message.splitlines()[0] if message else type(err).__name__}", err=True,
                     fg=typer.colors.RED)
@@ -93,6 +82,7 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     ctx.obj = {"debug": debug}
+    show_user_error_logs(debug)
 
 
 @app.command()

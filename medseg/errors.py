@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 
 class MedsegError(Exception):
     """Base class for errors caused by user input; the CLI prints them as one line and exits 1."""
@@ -21,3 +24,44 @@ class CheckpointError(MedsegError):
 
 class ConfigValueError(BundleError, ValueError):
     """A bundle config value is out of its range (also a ``ValueError`` for library callers)."""
+
+
+def find_user_error(err: BaseException | None) -> MedsegError | None:
+    """The first MedsegError in ``err``'s cause chain (MONAI and Ignite wrap errors raised inside them)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MedsegError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _UserErrorLogFilter(logging.Filter):
+    """Drops log records about a user error: engines log each exception they re-raise, with its traceback,
+    and the CLI reports a user error in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return find_user_error(exc) is None
+
+
+_LOG_FILTER = _UserErrorLogFilter()
+_show_user_error_logs = False
+
+
+def show_user_error_logs(show: bool = True) -> None:
+    """Keep engines' logs of user errors (the CLI's ``--debug``)."""
+    global _show_user_error_logs
+    _show_user_error_logs = bool(show)
+
+
+def quiet_user_error_logs() -> None:
+    """Filter user errors out of the logs of every logger that exists now (call once the engines are built)."""
+    if _show_user_error_logs:
+        return
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        if _LOG_FILTER not in logger.filters:
+            logger.addFilter(_LOG_FILTER)

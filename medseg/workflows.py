@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle import load_config
-from medseg.errors import CheckpointError, ConfigValueError, DataError, MedsegError
+from medseg.errors import CheckpointError, ConfigValueError, DataError, MedsegError, quiet_user_error_logs
 
 
 def select_device(name: str = "auto") -> Any:
@@ -277,6 +277,7 @@ def train(
 
     with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
         _validate_at_end_if_never(trainer, evaluator, interrupted)
+        quiet_user_error_logs()  # a bad file met during the run is reported once, by the CLI
         parser.get_parsed_content("run")
     summary = {
         "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
@@ -450,6 +451,7 @@ def evaluate(
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("validate#evaluator")
     RichProgress(disable=not progress).attach(evaluator)
+    quiet_user_error_logs()
     parser.get_parsed_content("run")
     for handler in parser.get_parsed_content("validate#handlers"):
         if isinstance(handler, MetricsReport):

@@ -436,3 +436,38 @@ def test_model_from_the_end_of_run_validation_is_tracked(tmp_path, isbi_folder, 
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"model.pt", "train_summary.json", "config.json"} <= artifacts
     assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 1
+
+
+def test_engine_logs_of_a_user_error_are_dropped_unless_debug():
+    # Ignite and MONAI log every exception they re-raise, with its traceback; a user error gets one line
+    import io
+    import logging
+
+    from medseg.errors import DataError, quiet_user_error_logs, show_user_error_logs
+
+    stream = io.StringIO()
+    logger = logging.getLogger("medseg.test.engine")
+    logger.addHandler(logging.StreamHandler(stream))
+
+    def log_failure(err: Exception) -> None:
+        try:
+            raise RuntimeError("applying transform") from err
+        except RuntimeError:
+            logger.error("Engine run is terminating due to exception")
+            logger.exception("Exception")
+
+    try:
+        quiet_user_error_logs()
+        log_failure(DataError("x.png: label values 77 are not binary"))
+        assert stream.getvalue() == ""
+        log_failure(ValueError("a bug"))  # not the user's: logged as before
+        assert "Engine run is terminating" in stream.getvalue() and "Traceback" in stream.getvalue()
+        show_user_error_logs(True)  # --debug
+        stream.truncate(0)
+        logger.filters.clear()
+        quiet_user_error_logs()
+        log_failure(DataError("x.png"))
+        assert "Traceback" in stream.getvalue()
+    finally:
+        show_user_error_logs(False)
+        logger.handlers.clear()
