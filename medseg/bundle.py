@@ -29,6 +29,21 @@ def _find_config(folder: Path, name: str) -> Path | None:
     return None
 
 
+def _read_configs(parser: Any, files: list[Path], meta: Path | None = None) -> None:
+    """Read ``meta`` and merge ``files`` into ``parser``; a file that does not parse is named in the error."""
+    from monai.bundle import ConfigParser
+
+    for path in ([meta] if meta is not None else []) + list(files):
+        try:
+            ConfigParser.load_config_file(str(path))
+        except (ValueError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BundleError(f"{path}: cannot read config ({reason}); fix its JSON/YAML syntax") from err
+    if meta is not None:
+        parser.read_meta(meta)
+    parser.read_config([str(f) for f in files])
+
+
 def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:
     """The config files of ``bundle`` that ``workflow`` merges.
 
@@ -72,10 +87,7 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
     from monai.bundle import ConfigParser
 
     base = ConfigParser()
-    try:
-        base.read_config([str(f) for f in files])
-    except (ValueError, OSError) as err:
-        raise BundleError(f"{files[-1]}: cannot read config ({err})") from err
+    _read_configs(base, files)
     for overlay in overlays:
         try:
             content = ConfigParser.load_config_file(str(overlay))
@@ -117,11 +129,7 @@ def load_config(
         _check_overlay_keys(bundle, workflow, files, overlays)
     files += [Path(overlay) for overlay in overlays]
     parser = ConfigParser()
-    try:
-        parser.read_meta(Path(bundle) / "configs" / "metadata.json")
-        parser.read_config([str(f) for f in files])
-    except (ValueError, OSError) as err:
-        raise BundleError(f"{files[-1]}: cannot read config ({err})") from err
+    _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
     parser["bundle_root"] = str(Path(bundle))
     for key, value in (settings or {}).items():
         parser[key] = value

@@ -197,12 +197,13 @@ def infer(
 
 @app.command()
 def info(
+    ctx: typer.Context,
     bundles_dir: Annotated[Path, typer.Option(help="Where to look for bundles.")] = Path("bundles"),
 ) -> None:
     """Print versions, the compute device and the available bundles."""
     from medseg.info import collect_info
 
-    found = collect_info(bundles_dir)
+    found = _run(ctx, collect_info, bundles_dir)
     typer.echo(json.dumps(found, indent=2))
     if not found["bundles"]:
         typer.secho(f"note: no bundles in {bundles_dir}; pass --bundles-dir pointing to the folder that holds "

@@ -68,7 +68,11 @@ def find_pairs(root: str | os.PathLike) -> list[dict]:
 def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
     if not label_dir.is_dir():
         raise DataError(f"{label_dir}: label folder not found; put one label per image there")
-    labels = {p.stem: p for p in _images_in(label_dir)}
+    labels: dict[str, Path] = {}
+    for p in _images_in(label_dir):
+        if p.stem in labels:
+            raise DataError(f"{p}: a second label for '{p.stem}' beside {labels[p.stem].name}; keep one of them")
+        labels[p.stem] = p
     pairs = []
     for image in _images_in(image_dir):
         label = labels.get(image.stem)

@@ -31,7 +31,13 @@ def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:
     }
     bundles = {}
     for meta in sorted(Path(bundles_dir).glob("*/configs/metadata.json")):
-        data = json.loads(meta.read_text(encoding="utf-8"))
-        bundles[meta.parent.parent.name] = {"version": data.get("version"), "task": data.get("task"),
-                                           "path": str(meta.parent.parent)}
+        entry: dict = {"path": str(meta.parent.parent)}
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            entry.update(version=data.get("version"), task=data.get("task"))
+        except (OSError, ValueError) as err:  # one broken bundle does not hide the others
+            entry["error"] = f"{meta}: unreadable metadata ({str(err).splitlines()[0]}); fix or remove it"
+        bundles[meta.parent.parent.name] = entry
     return {"python": platform.python_version(), "versions": versions, "device": device, "bundles": bundles}

@@ -39,6 +39,25 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "out": out, "root": root, "output": result.output}
 
 
+def test_info_reports_a_broken_bundle_and_lists_the_others(tmp_path):
+    shutil.copytree(BUNDLE, tmp_path / "good")
+    (tmp_path / "bad" / "configs").mkdir(parents=True)
+    (tmp_path / "bad" / "configs" / "metadata.json").write_text("{not json")
+    result = _invoke("info", "--bundles-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    bundles = json.loads(result.output[: result.output.rindex("}") + 1])["bundles"]
+    assert bundles["good"]["version"] and "bad/configs/metadata.json: unreadable metadata" in bundles["bad"]["error"]
+
+
+def test_a_config_file_that_does_not_parse_is_named(tmp_path):
+    bundle = tmp_path / "isbi_em"
+    shutil.copytree(BUNDLE, bundle)
+    (bundle / "configs" / "train.json").write_text('{"a": 1,}')
+    result = _invoke("evaluate", bundle, "--data", tmp_path, "--checkpoint", tmp_path / "m.pt")
+    assert result.exit_code == 1
+    assert "train.json: cannot read config" in result.output and "Traceback" not in result.output
+
+
 def test_info_lists_versions_and_bundles():
     result = _invoke("info", "--bundles-dir", BUNDLE.parent)
     assert result.exit_code == 0

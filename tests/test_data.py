@@ -38,6 +38,14 @@ def test_missing_folder_and_missing_label(tmp_path, isbi_folder):
         find_pairs(tmp_path / "isbi" / "train" / "label")
 
 
+def test_two_labels_for_one_image_are_refused(isbi_folder):
+    label_dir = isbi_folder / "train" / "label"
+    first = sorted(label_dir.iterdir())[0]
+    Image.open(first).save(label_dir / f"{first.stem}.tif")
+    with pytest.raises(DataError, match=rf"a second label for '{first.stem}' beside {first.name}"):
+        find_pairs(isbi_folder)
+
+
 def test_split_is_contiguous_and_recorded(tmp_path, isbi_folder):
     split = isbi_split(isbi_folder, val_count=1, save_to=str(tmp_path / "run"))
     assert [p["name"] for p in split["train"]] == ["0", "1", "2"]

@@ -214,6 +214,15 @@ def test_unreadable_file_reported_even_as_root(tmp_path, monkeypatch):
         read_image(tmp_path / "locked.png")
 
 
+@pytest.mark.parametrize("size", [9, 20, 25])
+def test_png_cut_inside_its_header_is_a_data_error(tmp_path, size):
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:size])
+    with pytest.raises(DataError, match="cut.png"):
+        read_image(path)
+
+
 def test_16_bit_colour_png_is_refused_not_truncated(tmp_path):
     import struct
     import zlib
