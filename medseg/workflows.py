@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle import load_config
+from medseg.bundle import load_checkpoint, load_config
 from medseg.errors import CheckpointError, ConfigValueError, DataError, MedsegError, quiet_user_error_logs
 
 
@@ -266,7 +266,14 @@ def train(
                      "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
         if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
             load_dict["ema_model"] = parser.get_parsed_content("eval_network")
-        CheckpointLoader(load_path=str(_last_checkpoint(out)), load_dict=load_dict, map_location=dev).attach(trainer)
+        last = _last_checkpoint(out)
+        try:  # unreadable, or another network: one line naming it, before the run starts
+            load_checkpoint(load_dict["model"], last, dev)
+        except CheckpointError as err:
+            problem = str(err).rsplit("; ", 1)[0]
+            raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started with, "
+                                  "or drop --resume to start anew") from err
+        CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
         _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
     if max_minutes:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))

@@ -108,6 +108,25 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert [p.name for p in out.glob("last_checkpoint_epoch=*.pt")] == ["last_checkpoint_epoch=4.pt"]
 
 
+@pytest.mark.parametrize("damage", ["other network", "truncated"])
+def test_resume_from_an_unusable_last_checkpoint_is_one_line(trained, tmp_path, damage):
+    out = tmp_path / "resumed"
+    shutil.copytree(trained["out"], out)
+    extra = []
+    if damage == "truncated":
+        last = next(out.glob("last_checkpoint_epoch=*.pt"))
+        last.write_bytes(last.read_bytes()[:500])
+    else:
+        extra = ["--set", "network_def#channels=[8,16,32]"]
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 4, "--resume",
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(), *extra)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "cannot resume: " in errors[0] and "last_checkpoint_epoch=3.pt" in errors[0]
+    assert "drop --resume" in errors[0]
+
+
 @pytest.mark.parametrize("step", [3, 1], ids=["in epoch 2", "in epoch 1"])
 def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monkeypatch, step):
     # Ctrl-C (SIGINT) at a training step: training stops after it, the run folder and the MLflow run are
