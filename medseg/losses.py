@@ -108,7 +108,7 @@ def create_loss(name: str, **kwargs: object) -> nn.Module:
         ValueError: unknown name; the message lists the valid ones.
     """
     if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; options are: {', '.join(LOSSES)}")
+        raise ConfigValueError(f"unknown loss '{name}'; options are: {', '.join(LOSSES)}")
     return LOSSES[name](**kwargs)
 
 
@@ -127,7 +127,7 @@ def prior_logit_shift(class_weights: Sequence[float] | None, num_classes: int) -
         return [0.0] * int(num_classes)
     weights = [float(w) for w in class_weights]
     if len(weights) != num_classes:
-        raise ValueError(f"{len(weights)} class weights for {num_classes} classes")
+        raise ConfigValueError(f"class_weights: {len(weights)} weights for {num_classes} classes; give one per class")
     if any(not w > 0 for w in weights):
-        raise ValueError(f"class weights must be positive, got {weights}")
+        raise ConfigValueError(f"class_weights must be positive, got {weights}")
     return [0.0 - math.log(w) for w in weights]  # 0.0 - ...: no -0.0 for weight 1

@@ -128,11 +128,20 @@ class ClassMapd(MapTransform):
         DataError: the label holds a value the map does not know; the message names the file and the values.
     """
 
-    def __init__(self, keys: KeysCollection, class_map: Mapping, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, class_map: Mapping, num_classes: int | None = None,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.class_map = {float(k): int(v) for k, v in dict(class_map).items()}
+        try:
+            self.class_map = {float(k): int(v) for k, v in dict(class_map).items()}
+        except (TypeError, ValueError) as err:
+            raise ConfigValueError(f"class_map={class_map!r}: give pixel value -> class index pairs, e.g. "
+                                   "--set 'class_map={\"0\": 0, \"255\": 1}'") from err
         if not self.class_map:
-            raise ValueError("class_map is empty; give pixel value -> class index pairs")
+            raise ConfigValueError("class_map is empty; give pixel value -> class index pairs")
+        outside = sorted({v for v in self.class_map.values() if v < 0 or (num_classes and v >= num_classes)})
+        if outside:
+            raise ConfigValueError(f"class_map maps to class {outside[0]}, outside 0..{(num_classes or 1) - 1} "
+                                   "(num_classes); fix class_map or num_classes")
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

@@ -526,3 +526,22 @@ def test_cli_tta_follows_the_bundle_unless_given(trained, tmp_path, monkeypatch)
         result = _invoke("infer", JURKAT, inputs, tmp_path / f"o{flag}", *flags, *common)
         assert result.exit_code == 0, result.output
         assert seen and set(seen) == {expected}, (flag, seen)
+
+
+@pytest.mark.parametrize("bundle, setting, expected", [
+    ("jurkat", 'class_map={"0": 0, "128": 1, "255": 5}', "class_map maps to class 5, outside 0..2"),
+    ("jurkat", "class_map={}", "class_map is empty"),
+    ("nuclei", "class_weights=[1,2]", "class_weights: 2 weights for 3 classes"),
+    ("nuclei", "class_weights=[1,-1,2]", "class_weights must be positive"),
+    ("isbi_em", "loss_name=foo", "unknown loss 'foo'; options are"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, bundle, setting, expected):
+    from conftest import write_dsb_folder, write_isbi_folder
+
+    make = {"isbi_em": write_isbi_folder, "jurkat": write_jurkat_folder, "nuclei": write_dsb_folder}[bundle]
+    data = make(tmp_path / "data", n=8) if bundle == "isbi_em" else make(tmp_path / "data")
+    result = _invoke("train", REPO / "bundles" / bundle, "--data", data, "--output", tmp_path / "o", "--epochs", 1,
+                     "--no-tracking", "--no-progress", "--device", "cpu", "--set", setting)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0] and "internal error" not in errors[0], result.output
