@@ -57,6 +57,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         typer.secho(f"error: interrupted{'; ' + how if how else ''}", err=True, fg=typer.colors.RED)
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
+        _let_pool_threads_finish()
         if debug:
             raise
         user = find_user_error(err)
@@ -64,6 +65,23 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         typer.secho(f"error: {message.splitlines()[0] if message else type(err).__name__}", err=True,
                     fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+def _let_pool_threads_finish(timeout: float = 60.0) -> None:
+    """Wait for thread-pool workers still running a task (MONAI's CacheDataset fills its cache in a pool).
+
+    When one item fails, the pool is torn down while its other workers are still inside a transform; the
+    interpreter exiting under them aborts the process (exit 134, "terminate called without an active
+    exception") after the error was printed. Each worker ends once its current task is done.
+    """
+    import threading
+    import time
+    from multiprocessing.dummy import DummyProcess
+
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if isinstance(thread, DummyProcess) and thread.is_alive():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:

@@ -509,3 +509,29 @@ def test_engine_logs_of_a_user_error_are_dropped_unless_debug():
     finally:
         show_user_error_logs(False)
         logger.handlers.clear()
+
+
+def test_pool_workers_still_in_a_task_are_waited_for_after_an_error():
+    # MONAI's CacheDataset fills its cache in a thread pool; when one item fails, the others are still
+    # running: exiting under them aborted the process (exit 134) after the one-line error
+    import threading
+    import time
+    from multiprocessing.dummy import DummyProcess
+    from multiprocessing.pool import ThreadPool
+
+    from medseg.cli import _let_pool_threads_finish
+
+    done = threading.Event()
+
+    def task(k: int) -> int:
+        if k == 0:
+            raise ValueError("bad item")
+        time.sleep(0.5)
+        done.set()
+        return k
+
+    with pytest.raises(ValueError), ThreadPool(2) as pool:
+        list(pool.imap(task, range(4)))
+    _let_pool_threads_finish(timeout=10)
+    assert done.is_set()
+    assert not [t for t in threading.enumerate() if isinstance(t, DummyProcess) and t.is_alive()]
