@@ -73,6 +73,8 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
     from monai.utils import path_to_sqlite_uri
 
+    if tracking_uri:
+        _check_tracking_uri(tracking_uri)
     settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
     configs = settings["configs"]
     configs["tracking_uri"] = tracking_uri or path_to_sqlite_uri(str(output_dir / "mlflow.db"))
@@ -87,6 +89,20 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs["trainer"]["experiment_param"] = params
     configs["trainer"]["iteration_log"] = False
     return settings
+
+
+def _check_tracking_uri(uri: str) -> None:
+    """Open a local ``--tracking-uri`` store once before training (a server is only reached by the run)."""
+    if uri.split(":", 1)[0].lower() in ("http", "https", "databricks"):
+        return
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a bad store
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise MedsegError(f"--tracking-uri {uri}: not a usable MLflow store ({reason}); give a server URL "
+                          "(http://HOST:5000) or a database such as sqlite:///PATH/mlflow.db") from err
 
 
 def _check_data_dir(data_dir: str) -> None:

@@ -535,3 +535,24 @@ def test_pool_workers_still_in_a_task_are_waited_for_after_an_error():
     _let_pool_threads_finish(timeout=10)
     assert done.is_set()
     assert not [t for t in threading.enumerate() if isinstance(t, DummyProcess) and t.is_alive()]
+
+
+@pytest.mark.parametrize("uri", ["foo://bar", "sqlite:////proc/no/such/dir/mlflow.db"])
+def test_unusable_tracking_uri_is_one_line(tmp_path, isbi_folder, uri):
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "o", "--epochs", 1,
+                     "--tracking-uri", uri, "--no-progress", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"--tracking-uri {uri}: not a usable MLflow store" in errors[0], result.output
+
+
+def test_a_database_tracking_uri_is_used(tmp_path, isbi_folder):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "o", "--epochs", 1,
+                     "--tracking-uri", uri, "--no-progress", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()])
+    assert [r.info.run_name for r in runs] == ["o"]
