@@ -32,9 +32,8 @@ def test_metadata_is_schema_valid_and_bundle_files_exist(bundle):
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_monai_workflow_property_checks_pass(bundle, tmp_path):
     # what model-zoo tooling runs: every required property present, every handler list entry a component
-    from monai.bundle import ConfigWorkflow
-
     from conftest import write_dsb_folder, write_jurkat_folder
+    from monai.bundle import ConfigWorkflow
 
     configs = bundle / "configs"
     make = {"isbi_em": write_isbi_folder, "jurkat": write_jurkat_folder, "nuclei": write_dsb_folder}[bundle.name]

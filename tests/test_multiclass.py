@@ -216,7 +216,8 @@ def test_bundle_load_chain_gives_scaled_rgb_and_class_indices(jurkat_folder):
 
     from medseg.bundle import load_config
 
-    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder)})
+    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder),
+                                                    "output_dir": str(jurkat_folder.parent / "run")})
     chain = Compose(parser.get_parsed_content("load"))
     d = chain(parser.get_parsed_content("datalists")["train"][0])
     image, label = np.asarray(d["image"]), np.asarray(d["label"])
@@ -231,7 +232,8 @@ def test_training_chain_pads_images_smaller_than_half_the_patch(jurkat_folder):
 
     from medseg.bundle import load_config
 
-    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder)})
+    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder),
+                                                    "output_dir": str(jurkat_folder.parent / "run")})
     chain = Compose(parser.get_parsed_content("train#preprocessing").transforms)
     sample = parser.get_parsed_content("datalists")["train"][0]
     Image.fromarray(np.asarray(Image.open(sample["image"]))[:40, :40]).save(jurkat_folder / "small.bmp")

@@ -206,7 +206,8 @@ def test_bundle_load_chain(dsb_folder):
 
     from medseg.bundle import load_config
 
-    parser = load_config(NUCLEI, "train", settings={"dataset_dir": str(dsb_folder)})
+    parser = load_config(NUCLEI, "train", settings={"dataset_dir": str(dsb_folder),
+                                                    "output_dir": str(dsb_folder.parent / "run")})
     chain = Compose(parser.get_parsed_content("load"))
     sample = next(s for s in parser.get_parsed_content("datalists")["all"] if s["name"] == "c1")
     d = chain(sample)
@@ -224,7 +225,7 @@ def test_training_chain_brings_nuclei_to_the_standard_size_before_the_targets(ds
     from medseg.scale import inscribed_diameter
 
     parser = load_config(NUCLEI, "train", overrides={"target_diameter": 20},
-                         settings={"dataset_dir": str(dsb_folder)})
+                         settings={"dataset_dir": str(dsb_folder), "output_dir": str(dsb_folder.parent / "run")})
     train = Compose([*parser.get_parsed_content("load_instances"), parser.get_parsed_content("train#rescale"),
                      *parser.get_parsed_content("targets")])
     sample = next(s for s in parser.get_parsed_content("datalists")["all"] if s["name"] == "a1")
@@ -253,7 +254,8 @@ def test_training_chain_carries_the_touching_weights_and_distances_in_the_label(
     from medseg.losses import DiceWeightedCE
 
     overrides = {"touch_weight": touch_weight, "samples_per_image": 1, "patch_size": [48, 48]}
-    parser = load_config(NUCLEI, "train", overrides=overrides, settings={"dataset_dir": str(dsb_folder)})
+    parser = load_config(NUCLEI, "train", overrides=overrides, settings={"dataset_dir": str(dsb_folder),
+                                                                         "output_dir": str(dsb_folder.parent / "run")})
     assert isinstance(parser.get_parsed_content("loss"), DiceWeightedCE)
     chain = Compose(parser.get_parsed_content("train#preprocessing").transforms)
     sample = next(s for s in parser.get_parsed_content("datalists")["all"] if s["name"] == "c1")
