@@ -45,6 +45,18 @@ def _read(path: str | os.PathLike, pixels: bool = False):
         raise DataError(f"{path}: cannot read DICOM ({err}); the file may be truncated or not DICOM") from err
 
 
+#: Modalities of DICOM objects that are not images to segment: segmentations (ours among them), structure
+#: sets, reports, presentation states, registrations, raw data
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "RAW", "FID",
+                                  "DOC", "PLAN"})
+
+
+def non_image_kind(ds) -> str | None:
+    """The modality of a DICOM object that is not an image (a SEG, an RT structure set, ...), else None."""
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    return modality if modality in NON_IMAGE_MODALITIES else None
+
+
 @dataclass(frozen=True)
 class DicomSeries:
     """One DICOM series: its files (unsorted) and identity."""
@@ -60,8 +72,9 @@ def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> 
     """Group DICOM files by SeriesInstanceUID (headers only), in order of first appearance.
 
     Args:
-        skip_bad: leave out files that are not readable DICOM or have no SeriesInstanceUID (a folder scan
-            does: such files are reported on their own by discovery) instead of raising.
+        skip_bad: leave out files that are not readable DICOM, have no SeriesInstanceUID or are not images
+            (:data:`NON_IMAGE_MODALITIES`; a folder scan does: discovery reports such files on their own)
+            instead of raising.
 
     Raises:
         DataError: a file is not readable DICOM or has no SeriesInstanceUID (unless ``skip_bad``).
@@ -70,6 +83,8 @@ def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> 
     for path in files:
         try:
             ds = _read(path)
+            if skip_bad and non_image_kind(ds):
+                continue  # not an image (e.g. a segmentation beside its series)
             uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
             if not uid:
                 raise DataError(f"{path}: DICOM file has no SeriesInstanceUID; it cannot be assigned to a series")

@@ -98,7 +98,9 @@ def discover(
         else:
             inputs.append(InputItem(str(file), fmt, _stem(rel)))
     for folder, dicom_files in dicom_by_dir.items():
-        inputs += _series_inputs(root, folder, dicom_files)
+        series_inputs, not_images = _series_inputs(root, folder, dicom_files)
+        inputs += series_inputs
+        ignored += not_images
     if not inputs:
         supported = ", ".join(sorted(set(SUFFIXES)))
         extra = f" ({len(ignored)} files of other types ignored)" if ignored else ""
@@ -113,20 +115,24 @@ def _stem(rel: str) -> str:
     return rel[: -len(suffix)] if suffix else rel
 
 
-def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputItem]:
-    """One input per series in ``folder`` holding a selected file; unreadable files become failed inputs."""
-    from medseg.dicom import _read, series_in_folder
+def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[InputItem], list[tuple[str, str]]]:
+    """One input per series in ``folder`` holding a selected file; unreadable files become failed inputs,
+    DICOM objects that are not images (a SEG, a report) are listed as ignored."""
+    from medseg.dicom import _read, non_image_kind, series_in_folder
 
     in_series = series_in_folder(str(folder))  # headers read once, cached for the readers
     members = {f for s in in_series for f in s.files}
     selected = {str(f) for f in files}
     series = [s for s in in_series if selected.intersection(s.files)]
-    failed = []
+    failed, ignored = [], []
     for file in files:
         if str(file) in members:
             continue
         try:
-            _read(file)
+            kind = non_image_kind(_read(file))
+            if kind:
+                ignored.append((str(file), f"DICOM {kind} object, not an image"))
+                continue
             message = f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it"
         except DataError as err:
             message = str(err)
@@ -146,7 +152,7 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> list[InputIte
             rel = f"{'' if rel_dir == '.' else rel_dir + '/'}{s.uid}"
         source = s.files[0] if len(s.files) == 1 else str(folder)
         result.append(InputItem(source, "dicom", rel, series_uid=s.uid))
-    return failed + result
+    return failed + result, ignored
 
 
 def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:

@@ -240,3 +240,19 @@ def test_a_series_folder_given_as_dot_is_named_after_the_folder(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "ct_scan")
     inputs, failed = discover(".")
     assert not failed and [item.rel for item in inputs] == ["ct_scan"]
+
+
+def test_a_segmentation_beside_its_series_is_ignored_not_segmented(tmp_path):
+    import pydicom
+
+    from medseg.discovery import discover
+
+    write_dicom_series(tmp_path / "ct", n=3)
+    seg = write_dicom_slice(tmp_path / "ct" / "seg.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.3.99",
+                            position=(0.0, 0.0, 0.0))
+    ds = pydicom.dcmread(seg)
+    ds.Modality = "SEG"
+    ds.save_as(seg)
+    inputs, ignored = discover(tmp_path)
+    assert [(item.rel, item.error) for item in inputs] == [("ct", "")]  # named as before, one series
+    assert ignored == [(str(seg), "DICOM SEG object, not an image")]
