@@ -27,8 +27,10 @@ The readers are :class:`monai.data.ImageReader` subclasses, so bundles use them 
 from __future__ import annotations
 
 import os
+import threading
 import zlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,38 @@ class PngReader(_MedsegReader):
         return self._read2d(path)
 
 
+class _RecentFiles:
+    """The last few files a reader opened, kept open so that reading a stack slice by slice costs one slice each.
+
+    Entries are per process and, with ``per_thread`` (for file handles, whose position the threads of a data
+    cache's pool must not share), per thread; and per state of the file (size and modification time, so a
+    file rewritten since is read afresh). Beyond ``size`` entries the oldest is dropped (and closed).
+    """
+
+    def __init__(self, size: int = 8, close: Callable[[Any], None] | None = None, per_thread: bool = True) -> None:
+        self.size, self.close, self.per_thread = size, close, per_thread
+        self.items: OrderedDict[tuple, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, path: str, load: Callable[[], Any], variant: Any = None) -> Any:
+        """The entry of ``path`` (and ``variant``, e.g. a reader setting that changes what ``load`` gives)."""
+        stat = os.stat(path)
+        thread = threading.get_ident() if self.per_thread else 0
+        key = (os.getpid(), thread, os.path.abspath(path), stat.st_size, stat.st_mtime_ns, variant)
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = load()
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                _, old = self.items.popitem(last=False)
+                if self.close is not None:
+                    self.close(old)
+        return value
+
+
 #: micrometres per unit, for the spatial units of OME-XML and ImageJ metadata
 _MICROMETRES = {"pm": 1e-6, "å": 1e-4, "angstrom": 1e-4, "nm": 1e-3, "nanometer": 1e-3, "µm": 1.0, "μm": 1.0,
                 "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "\\u00b5m": 1.0, "mm": 1e3,
@@ -229,6 +263,19 @@ class TiffReader(_MedsegReader):
     """
 
     format = "tiff"
+    _recent = _RecentFiles(close=lambda tif: tif.close())
+
+    def _open_kept(self, path: str):
+        """An open ``TiffFile`` kept for the next slices of the same file (see :class:`_RecentFiles`)."""
+        def load():
+            tif = self._open(path)
+            tif.pages.cache = True  # each page's header is parsed once, not at every slice
+            return tif
+
+        try:
+            return self._recent.get(path, load)
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: file not found") from err
 
     @staticmethod
     def _open(path: str):
@@ -319,15 +366,15 @@ class TiffReader(_MedsegReader):
         return int(np.prod([shape[i] for i in lead])) if lead else 1
 
     def read_slice(self, path: str, index: int) -> np.ndarray:
-        with self._open(path) as tif:
-            shape, axes, lead, channel = self._layout(path, tif)
-            count = int(np.prod([shape[i] for i in lead])) if lead else 1
-            if not 0 <= index < count:
-                raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
-            try:
-                return self._plane(tif, shape, axes, lead, channel, index)
-            except (OSError, ValueError, IndexError) as err:
-                raise DataError(f"{path}: cannot read slice {index} ({err}); the file may be truncated") from err
+        tif = self._open_kept(path)
+        shape, axes, lead, channel = self._layout(path, tif)
+        count = int(np.prod([shape[i] for i in lead])) if lead else 1
+        if not 0 <= index < count:
+            raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
+        try:
+            return self._plane(tif, shape, axes, lead, channel, index)
+        except (OSError, ValueError, IndexError) as err:
+            raise DataError(f"{path}: cannot read slice {index} ({err}); the file may be truncated") from err
 
     @staticmethod
     def _plane(tif, shape, axes, lead, channel, index: int) -> np.ndarray:
@@ -381,6 +428,10 @@ class NiftiReader(_MedsegReader):
     """
 
     format = "nifti"
+
+    #: the last decompressed ``.nii.gz`` volume: gzip cannot seek, so each slice read on its own would
+    #: decompress the file from its start (quadratic in the number of slices)
+    _volumes = _RecentFiles(size=1, per_thread=False)
 
     def __init__(self, channel_dim: int | None = None) -> None:
         super().__init__()
@@ -468,6 +519,9 @@ class NiftiReader(_MedsegReader):
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
         if len(shape) == 2:
             return self._voxels(img, shape, None)[:, 0]
+        if str(path).lower().endswith(".gz"):
+            volume = self._volumes.get(path, lambda: self._voxels(img, shape, None), variant=self.channel_dim)
+            return np.ascontiguousarray(volume[:, index])
         return np.ascontiguousarray(self._voxels(img, shape, index))
 
 

@@ -235,3 +235,48 @@ def test_16_bit_colour_png_is_refused_not_truncated(tmp_path):
     (tmp_path / "rgb16.png").write_bytes(png)
     with pytest.raises(DataError, match=r"rgb16\.png: 16-bit colour PNG"):
         read_image(tmp_path / "rgb16.png")
+
+
+def test_a_stack_read_slice_by_slice_is_opened_once_and_rewritten_files_are_read_afresh(tmp_path, monkeypatch):
+    from medseg.readers import TiffReader
+
+    opened = []
+    original = TiffReader._open
+    monkeypatch.setattr(TiffReader, "_open", staticmethod(lambda path: opened.append(path) or original(path)))
+    stack = np.arange(60 * 4 * 5, dtype=np.uint16).reshape(60, 4, 5)
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    for k in range(60):
+        np.testing.assert_array_equal(read_slice(path, k)[0], stack[k])
+    assert len(opened) == 1  # not once per slice (each open parses the page headers: quadratic)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    tifffile.imwrite(path, stack[::-1], photometric="minisblack")  # rewritten: same name and size
+    np.testing.assert_array_equal(read_slice(path, 0)[0], stack[-1])
+
+
+def test_slices_read_from_many_threads_are_right(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = np.random.default_rng(8).integers(0, 65535, (40, 32, 32), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack", compression="zlib")
+    with ThreadPoolExecutor(4) as pool:
+        pages = list(pool.map(lambda k: read_slice(tmp_path / "s.tif", k)[0], list(range(40)) * 3))
+    for k, page in enumerate(pages):
+        np.testing.assert_array_equal(page, stack[k % 40])
+
+
+def test_gzipped_nifti_is_decompressed_once_for_all_its_slices(tmp_path, monkeypatch):
+    from medseg.readers import NiftiReader
+
+    volume = np.random.default_rng(9).integers(-1000, 1000, (6, 5, 30), dtype=np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "v.nii.gz")
+    whole = []
+    original = NiftiReader._voxels
+    def counted(self, img, shape, index):
+        whole.append(index is None)
+        return original(self, img, shape, index)
+
+    monkeypatch.setattr(NiftiReader, "_voxels", counted)
+    for k in range(30):
+        np.testing.assert_array_equal(read_slice(tmp_path / "v.nii.gz", k)[0], volume[:, :, k].T)
+    assert sum(whole) == 1
