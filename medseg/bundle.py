@@ -66,7 +66,7 @@ def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``KEY=VALUE`` (VALUE as JSON when it parses, else a string); ``.`` may stand for ``#``.
+    """Parse ``KEY=VALUE`` (VALUE as JSON when it parses, else a string); nested keys use ``#``.
 
     Raises:
         BundleError: no ``=`` in ``text``.

@@ -144,7 +144,8 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(
         help="Where metrics.csv and summary.json go (default: eval, or eval_ensemble, beside the first checkpoint).",
     )] = None,
-    split: Annotated[str, typer.Option(help="Images to score: val (the training run's split) or all.")] = "val",
+    split: Annotated[str, typer.Option(help=(
+        "Images to score: val (the training run's validation split), train (its training images) or all."))] = "val",
     tta: TtaOpt = None,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,

@@ -440,7 +440,7 @@ def evaluate(
     from medseg.handlers import RichProgress
 
     if split not in ("val", "all", "train"):
-        raise MedsegError(f"--split {split}: unknown split; use val or all")
+        raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     _check_data_dir(data_dir)
     overrides = dict(overrides or {})
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too

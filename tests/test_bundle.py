@@ -24,7 +24,7 @@ def test_metadata_is_schema_valid_and_bundle_files_exist(bundle):
     meta = validate_metadata(bundle)
     assert meta["network_data_format"]["inputs"] and meta["network_data_format"]["outputs"]
     for name in ("LICENSE", "docs/README.md", "configs/train.json", "configs/evaluate.json",
-                 "configs/inference.json"):
+                 "configs/inference.json", "configs/logging.conf"):
         assert (bundle / name).is_file(), name
     assert not any(f.stat().st_size > 25 * 2**20 for f in bundle.rglob("*") if f.is_file())
 
