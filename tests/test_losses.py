@@ -124,7 +124,7 @@ def test_prior_logit_shift_undoes_class_weights():
     weighted = p * torch.tensor([1.0, 1.0, 2.0])
     weighted_logits = torch.log(weighted / weighted.sum())
     torch.testing.assert_close(torch.softmax(weighted_logits + torch.tensor(shift), 0), p)
-    with pytest.raises(ValueError, match="2 class weights for 3 classes"):
+    with pytest.raises(ValueError, match="class_weights: 2 weights for 3 classes"):
         prior_logit_shift([1.0, 2.0], 3)
     with pytest.raises(ValueError, match="positive"):
         prior_logit_shift([1.0, 0.0, 2.0], 3)
