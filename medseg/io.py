@@ -96,7 +96,7 @@ NIFTI_UNITS = {"mm": "mm", "um": "micron", "micron": "micron", "meter": "meter",
 
 
 def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, unit: str = "mm",
-                codes: tuple[int, int] = (1, 1)) -> Path:
+                codes: tuple[int, int] = (1, 1), qform: np.ndarray | None = None) -> Path:
     """Write ``arr`` (in NIfTI voxel order) with ``affine`` (sform and qform) as ``.nii``/``.nii.gz``, atomically.
 
     Args:
@@ -104,12 +104,13 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
             ``unknown``), so a micrometre image is not read back as millimetres.
         codes: ``(sform_code, qform_code)``: 1 = scanner, 2 = aligned, ...; a NIfTI input's own codes
             keep their meaning.
+        qform: the qform affine when it differs from ``affine`` (a NIfTI input's own), else ``affine``.
     """
     import nibabel as nib
 
     image = nib.Nifti1Image(np.asarray(arr), np.asarray(affine, dtype=np.float64))
     image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"))
-    image.set_qform(image.affine, code=int(codes[1]))
+    image.set_qform(image.affine if qform is None else np.asarray(qform, dtype=np.float64), code=int(codes[1]))
     image.set_sform(image.affine, code=int(codes[0]))
     with atomic_output(path) as tmp:
         nib.save(image, str(tmp))

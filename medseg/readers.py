@@ -506,6 +506,7 @@ class NiftiReader(_MedsegReader):
         return _meta("nifti", path, spatial, affine, zooms[:3][::-1], spacing_unit,
                      nifti_affine=nifti_affine, nifti_shape=np.asarray(img.shape),
                      nifti_codes=np.asarray([int(img.header["sform_code"]), int(img.header["qform_code"])]),
+                     nifti_qform=np.asarray(img.header.get_qform(), dtype=np.float64),
                      nifti_unit=str(unit or "unknown"))
 
     def count_slices(self, path: str) -> int:

@@ -206,6 +206,8 @@ def _nifti_header(meta: dict) -> dict[str, Any]:
     header: dict[str, Any] = {"unit": str(meta.get("nifti_unit") or meta.get("spacing_unit") or "mm")}
     if "nifti_codes" in meta:
         header["codes"] = tuple(int(c) for c in np.asarray(meta["nifti_codes"]).ravel()[:2])
+    if "nifti_qform" in meta:  # the input's own qform, which may differ from its sform
+        header["qform"] = np.asarray(meta["nifti_qform"], dtype=np.float64).reshape(4, 4)
     return header
 
 

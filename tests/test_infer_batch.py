@@ -412,6 +412,24 @@ def test_nifti_outputs_keep_the_inputs_unit_and_codes(tmp_path, tiny_checkpoint)
     np.testing.assert_allclose(cal.header.get_zooms()[:2], [0.2, 0.2], rtol=1e-5)
 
 
+def test_nifti_outputs_keep_a_qform_that_differs_from_the_sform(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=32, seed=5)
+    src = nib.Nifti1Image(np.stack([image.T] * 2, axis=-1), np.diag([0.5, 0.5, 2.0, 1.0]))
+    qform = np.diag([0.5, 0.5, 2.0, 1.0])
+    qform[:3, 3] = [-8.0, 4.0, 12.0]  # the scanner frame; the sform an aligned one
+    src.set_qform(qform, code=1)
+    src.set_sform(np.diag([0.5, 0.5, 2.0, 1.0]), code=2)
+    nib.save(src, root / "two.nii.gz")
+    assert _infer(root, tmp_path / "out", tiny_checkpoint).exit_code == 0
+    for kind in ("mask", "prob"):
+        header = nib.load(tmp_path / "out" / kind / "two.nii.gz").header
+        np.testing.assert_allclose(header.get_qform(), qform)
+        np.testing.assert_allclose(header.get_sform(), src.get_sform())
+        assert (int(header["sform_code"]), int(header["qform_code"])) == (2, 1)
+
+
 def test_tiff_outputs_keep_the_inputs_calibration(tmp_path, tiny_checkpoint):
     """A calibrated stack's outputs keep pixel size and slice spacing; a 2D image's mask and probability map too."""
     from medseg.readers import read_geometry
