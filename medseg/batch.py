@@ -262,6 +262,7 @@ def run_batch(
         if progress is not None:
             progress.start(item.rel)
         paths: dict[str, Path] = {}
+        written, fingerprint = False, ""
         try:
             if item.error:
                 raise DataError(item.error)
@@ -275,6 +276,7 @@ def run_batch(
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
             else:
                 extra = segment(slice_items(item, row.slices)) or {}
+                written = True  # every output of this input is in place (each written atomically)
                 row.objects = extra.get("objects", "")
                 row.status = "ok"
                 if changed:
@@ -285,7 +287,10 @@ def run_batch(
             if on_abort is not None:
                 on_abort()
             if record is not None and paths:
-                record.record(paths, made=False)  # what is left there is no longer known to be this run's
+                # outputs written in full before a Ctrl-C are this run's, so a rerun skips them; anything
+                # else left there is no longer known to be this run's
+                record.record(paths, made=written and not isinstance(err, Exception),
+                              fingerprint=fingerprint if written else "")
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop
             row.status, row.message = "failed", _message(err, item.source)

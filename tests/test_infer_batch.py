@@ -221,6 +221,38 @@ def test_ctrl_c_in_a_batch_drops_the_current_inputs_outputs_and_stops(tmp_path):
     assert RunRecord(tmp_path / "out", {"checkpoint": "x"}).made_here({"mask": done})
 
 
+def test_ctrl_c_after_an_inputs_outputs_are_written_keeps_them_as_this_runs(tmp_path):
+    # the interrupt lands between the last output's rename and the record's update: a rerun must skip it,
+    # not refuse the folder as holding an unrecorded run's outputs
+    from medseg.batch import RunRecord, run_batch
+    from medseg.discovery import InputItem
+
+    class InterruptedRecord(RunRecord):
+        def record(self, paths, made, fingerprint=""):
+            if made and not getattr(self, "interrupted", False):
+                self.interrupted = True
+                raise KeyboardInterrupt
+            super().record(paths, made, fingerprint)
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    mask = tmp_path / "out" / "mask" / "a.png"
+
+    def segment(slices):
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        mask.write_bytes(b"mask")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([InputItem(str(tmp_path / "a.png"), "png", "a")], [], segment,
+                  paths_for=lambda item, n: {"mask": mask}, count=lambda item: 1,
+                  manifest=tmp_path / "out" / "manifest.csv", record=InterruptedRecord(tmp_path / "out", {"c": 1}))
+    from medseg.batch import input_fingerprint
+
+    again = RunRecord(tmp_path / "out", {"c": 1})
+    assert again.made_here({"mask": mask})
+    assert not again.input_changed({"mask": mask}, input_fingerprint(tmp_path / "a.png"))
+    assert again.input_changed({"mask": mask}, "another input")  # its input was recorded too
+
+
 def test_a_blank_image_segments_without_warnings(tmp_path, tiny_checkpoint):
     (tmp_path / "in").mkdir()
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "in" / "blank.png")
