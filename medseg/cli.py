@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medseg.errors import find_user_error, show_user_error_logs
+from medseg.errors import BundleError, find_user_error, show_user_error_logs
 
 app = typer.Typer(
     help="Train, evaluate and apply biomedical segmentation bundles (MONAI bundle format).",
@@ -90,6 +90,9 @@ def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
     result = {k: v for k, v in named.items() if v is not None}
     for text in pairs or []:
         key, value = parse_override(text)
+        if key in result and key in named and result[key] != value:
+            option = {"max_epochs": "--epochs"}.get(key, key)
+            raise BundleError(f"--set {text} contradicts {option} {result[key]}; give one of them")
         result[key] = value
     return result
 

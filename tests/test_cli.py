@@ -556,3 +556,10 @@ def test_a_database_tracking_uri_is_used(tmp_path, isbi_folder):
     runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=uri).search_experiments()])
     assert [r.info.run_name for r in runs] == ["o"]
+
+
+def test_epochs_and_a_different_max_epochs_setting_contradict(tmp_path):
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--epochs", 3,
+                     "--set", "max_epochs=5")
+    assert result.exit_code == 1
+    assert "error: --set max_epochs=5 contradicts --epochs 3; give one of them" in result.output
