@@ -257,6 +257,9 @@ class SaveSegmentationd(MapTransform):
             raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
         if mask_mode == "instances" and postprocess is None:
             raise ValueError("mask_mode 'instances' needs a postprocess callable (e.g. WatershedInstances)")
+        if output_format == "dicom-seg" and mask_mode != "binary":  # before any input, not once per input
+            raise DataError(f"DICOM SEG output holds binary masks; this bundle writes {mask_mode}: "
+                            "use --format nifti")
         self.output_dir = Path(output_dir)
         self.channel, self.threshold, self.save_prob = channel, threshold, save_prob
         self.output_format, self.nifti_channel_dim = output_format, nifti_channel_dim

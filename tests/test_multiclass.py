@@ -306,10 +306,9 @@ def test_class_masks_nifti_holds_indices(tmp_path):
 def test_class_masks_of_dicom_go_to_nifti_and_bad_options(tmp_path):
     dcm = write_dicom_slice(tmp_path / "ct" / "IM0.dcm", np.zeros((8, 8), np.int16),
                             series_uid="1.2.826.0.1.3680043.8.498.77", position=(0.0, 0.0, 0.0))
-    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes",
-                               output_format="dicom-seg")
     with pytest.raises(DataError, match="DICOM SEG output holds binary masks; this bundle writes classes"):
-        writer.paths_for("ct", "dicom", 1)
+        SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes",
+                          output_format="dicom-seg")  # refused before any input
     # by default (auto) the class masks of DICOM inputs go to NIfTI
     auto = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes")
     assert auto.paths_for("ct", "dicom", 1)["mask"].name == "ct.nii.gz"

@@ -340,10 +340,9 @@ def test_instances_tiff_stack_counts_every_slice(tmp_path):
 def test_instances_of_dicom_go_to_nifti_and_need_a_postprocess(tmp_path):
     write_dicom_slice(tmp_path / "ct" / "IM0.dcm", np.zeros((8, 8), np.int16),
                       series_uid="1.2.826.0.1.3680043.8.498.78", position=(0.0, 0.0, 0.0))
-    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"), mask_mode="instances",
-                               postprocess=WatershedInstances(), output_format="dicom-seg")
     with pytest.raises(DataError, match="DICOM SEG output holds binary masks; this bundle writes instances"):
-        writer.paths_for("ct", "dicom", 1)
+        SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"), mask_mode="instances",
+                          postprocess=WatershedInstances(), output_format="dicom-seg")
     auto = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"), mask_mode="instances",
                              postprocess=WatershedInstances())
     paths = auto.paths_for("ct", "dicom", 1)  # by default instance labels of DICOM inputs go to NIfTI
@@ -587,3 +586,4 @@ def test_hematoxylin_separates_nuclei_from_eosin_that_luma_confuses():
                                   BrightObjectsd(keys="image")({"image": gray})["image"])
     with pytest.raises(ValueError, match="stain"):
         BrightObjectsd(keys="image", stain="eosin")
+
