@@ -181,8 +181,8 @@ def infer(
     exclude: Annotated[list[str] | None, typer.Option(help="Leave out files matching this glob; repeatable.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search sub-folders.")] = True,
     overwrite: Annotated[bool, typer.Option(help=(
-        "Redo inputs whose outputs exist, also another model's (default: skip those of the same run; "
-        "resuming another checkpoint's or other settings' folder is an error)."))] = False,
+        "Redo inputs whose outputs exist, also another model's (default: skip those the same run made from "
+        "the input as it is now; resuming another checkpoint's or other settings' folder is an error)."))] = False,
     format_: Annotated[str, typer.Option("--format", help=(
         "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, DICOM SEG for binary masks), png, tiff, "
         "nifti or dicom-seg."
