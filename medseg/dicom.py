@@ -306,7 +306,7 @@ def _check_steps(distances: np.ndarray, names: list[str], where: str, tolerance:
     if np.any(np.abs(steps) < 1e-4):
         k = int(np.argmin(np.abs(steps)))
         raise DataError(f"{names[k + 1]}: same slice position as {names[k]}; the series holds duplicate slices "
-                        "(two acquisitions or time points in one series?)")
+                        "(two acquisitions or time points in one series?): move the extra files out of its folder")
     median = float(np.median(steps))
     if np.any(np.abs(steps - median) > tolerance * median + 1e-3):
         k = int(np.argmax(np.abs(steps - median)))
