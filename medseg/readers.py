@@ -213,32 +213,48 @@ class PngReader(_MedsegReader):
 class _RecentFiles:
     """The last few files a reader opened, kept open so that reading a stack slice by slice costs one slice each.
 
-    Entries are per process and, with ``per_thread`` (for file handles, whose position the threads of a data
-    cache's pool must not share), per thread; and per state of the file (size and modification time, so a
-    file rewritten since is read afresh). Beyond ``size`` entries the oldest is dropped (and closed).
+    Entries are per process and per state of the file (size and modification time: a file rewritten since
+    is read afresh, and its older entry dropped). With ``per_thread`` (file handles, whose position the
+    threads of a data cache's pool must not share) each thread keeps its own entries, and only that thread
+    drops (and closes) them, so no handle is closed under another thread's read. Beyond ``size`` entries
+    the oldest is dropped.
     """
 
     def __init__(self, size: int = 8, close: Callable[[Any], None] | None = None, per_thread: bool = True) -> None:
         self.size, self.close, self.per_thread = size, close, per_thread
-        self.items: OrderedDict[tuple, Any] = OrderedDict()
+        self.local = threading.local()
+        self.shared: OrderedDict[tuple, Any] = OrderedDict()
         self.lock = threading.Lock()
+
+    def _items(self) -> OrderedDict[tuple, Any]:
+        if not self.per_thread:
+            return self.shared
+        if not hasattr(self.local, "items"):
+            self.local.items = OrderedDict()
+        return self.local.items
 
     def get(self, path: str, load: Callable[[], Any], variant: Any = None) -> Any:
         """The entry of ``path`` (and ``variant``, e.g. a reader setting that changes what ``load`` gives)."""
         stat = os.stat(path)
-        thread = threading.get_ident() if self.per_thread else 0
-        key = (os.getpid(), thread, os.path.abspath(path), stat.st_size, stat.st_mtime_ns, variant)
+        name = (os.getpid(), os.path.abspath(path), variant)
+        key = (*name, stat.st_size, stat.st_mtime_ns)
+        items = self._items()
         with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
+            if key in items:
+                items.move_to_end(key)
+                return items[key]
         value = load()
         with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                _, old = self.items.popitem(last=False)
-                if self.close is not None:
-                    self.close(old)
+            dropped = [k for k in items if k[:3] == name]  # the same file as it was before
+            items[key] = value
+            while len(items) - len(dropped) > self.size:
+                dropped.append(next(k for k in items if k not in dropped))
+            old = [items.pop(k) for k in dropped if k[0] == os.getpid()]
+            for k in dropped:
+                items.pop(k, None)
+        if self.close is not None:
+            for entry in old:
+                self.close(entry)
         return value
 
 

@@ -280,3 +280,22 @@ def test_gzipped_nifti_is_decompressed_once_for_all_its_slices(tmp_path, monkeyp
     for k in range(30):
         np.testing.assert_array_equal(read_slice(tmp_path / "v.nii.gz", k)[0], volume[:, :, k].T)
     assert sum(whole) == 1
+
+
+def test_one_threads_reads_never_close_a_file_another_thread_is_reading(tmp_path):
+    import threading
+
+    from medseg.readers import TiffReader
+
+    for k in range(12):
+        tifffile.imwrite(tmp_path / f"{k}.tif", np.full((3, 4, 4), k, np.uint8), photometric="minisblack")
+    reader = TiffReader()
+    held = reader._open_kept(str(tmp_path / "0.tif"))  # this thread's handle
+    other = threading.Thread(target=lambda: [read_slice(tmp_path / f"{k}.tif", 0) for k in range(1, 12)])
+    other.start()
+    other.join()
+    assert not held.filehandle.closed
+    np.testing.assert_array_equal(read_slice(tmp_path / "0.tif", 2)[0], np.zeros((4, 4), np.uint8))
+    for k in range(1, 12):  # this thread keeps at most 8 open
+        read_slice(tmp_path / f"{k}.tif", 0)
+    assert held.filehandle.closed
