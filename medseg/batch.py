@@ -111,8 +111,8 @@ def _differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     return sorted(changed)
 
 
-def input_fingerprint(source: str | os.PathLike) -> str:
-    """Size and modification time of an input file (of every file directly in it, for a series folder).
+def input_fingerprint(source: str | os.PathLike, series_uid: str = "") -> str:
+    """Size and modification time of an input file (of every file of the series, for a DICOM series folder).
 
     Outputs are skipped only while their input is unchanged: a different image under the same name, or a
     file edited in place, is segmented again. Size and time stamp (as ``make`` and ``rsync`` use) cost one
@@ -121,7 +121,13 @@ def input_fingerprint(source: str | os.PathLike) -> str:
     path = Path(source)
     try:
         if path.is_dir():
-            entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+            from medseg.dicom import find_series
+
+            try:  # the series' own files: not a note, a hidden file or another series beside it
+                files = [Path(f) for f in find_series(path, series_uid or None).files]
+            except DataError:
+                files = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")]
+            entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         else:
             entries = [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
     except OSError:
@@ -270,7 +276,7 @@ def run_batch(
             paths = paths_for(item, row.slices)
             row.mask, row.prob, row.table = (str(paths["mask"]), str(paths.get("prob", "")),
                                              str(paths.get("table", "")))
-            fingerprint = input_fingerprint(item.source) if record is not None else ""
+            fingerprint = input_fingerprint(item.source, item.series_uid) if record is not None else ""
             changed = record is not None and record.input_changed(paths, fingerprint)
             if not overwrite and not changed and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"

@@ -48,6 +48,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     Ctrl-C ends with one line too (``interrupted`` says how to continue) and exit code 130.
     """
     debug = bool(ctx.obj and ctx.obj.get("debug"))
+    pools_before = _pool_threads()
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt as stop:
@@ -57,7 +58,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         typer.secho(f"error: interrupted{'; ' + how if how else ''}", err=True, fg=typer.colors.RED)
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
-        _let_pool_threads_finish()
+        _let_pool_threads_finish(_pool_threads() - pools_before)
         if debug:
             raise
         user = find_user_error(err)
@@ -67,21 +68,28 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         raise typer.Exit(1) from None
 
 
-def _let_pool_threads_finish(timeout: float = 60.0) -> None:
+def _pool_threads() -> set:
+    """The thread-pool workers alive now."""
+    import threading
+    from multiprocessing.dummy import DummyProcess
+
+    return {t for t in threading.enumerate() if isinstance(t, DummyProcess) and t.is_alive()}
+
+
+def _let_pool_threads_finish(threads: set, timeout: float = 60.0) -> None:
     """Wait for thread-pool workers still running a task (MONAI's CacheDataset fills its cache in a pool).
 
     When one item fails, the pool is torn down while its other workers are still inside a transform; the
     interpreter exiting under them aborts the process (exit 134, "terminate called without an active
-    exception") after the error was printed. Each worker ends once its current task is done.
+    exception") after the error was printed. Each worker ends once its current task is done. ``threads``
+    are the workers started during the command (see :func:`_pool_threads`), never a caller's own pool.
     """
     import threading
     import time
-    from multiprocessing.dummy import DummyProcess
 
     deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if isinstance(thread, DummyProcess) and thread.is_alive():
-            thread.join(max(0.0, deadline - time.monotonic()))
+    for thread in threads - {threading.current_thread()}:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
@@ -90,7 +98,7 @@ def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
     result = {k: v for k, v in named.items() if v is not None}
     for text in pairs or []:
         key, value = parse_override(text)
-        if key in result and key in named and result[key] != value:
+        if named.get(key) is not None and result[key] != value:
             option = {"max_epochs": "--epochs"}.get(key, key)
             raise BundleError(f"--set {text} contradicts {option} {result[key]}; give one of them")
         result[key] = value

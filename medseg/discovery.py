@@ -138,7 +138,7 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
             message = str(err)
         failed.append(InputItem(str(file), "dicom", _stem(file.relative_to(root).as_posix()), error=message))
     rel_dir = folder.relative_to(root).as_posix()
-    base = root.resolve().name if rel_dir == "." else rel_dir
+    base = Path(os.path.abspath(root)).name if rel_dir == "." else rel_dir  # "." named, a link not followed
     numbers = [s.number for s in series]
     result = []
     for s in series:

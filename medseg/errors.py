@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 
 class MedsegError(Exception):
@@ -56,12 +58,19 @@ def show_user_error_logs(show: bool = True) -> None:
     _show_user_error_logs = bool(show)
 
 
-def quiet_user_error_logs() -> None:
-    """Filter user errors out of the logs of every logger that exists now (call once the engines are built)."""
+@contextlib.contextmanager
+def quiet_user_error_logs() -> Iterator[None]:
+    """While a workflow runs, filter user errors out of the logs of the loggers that exist when it starts
+    (enter once the engines are built); the filters are removed again at the end."""
     if _show_user_error_logs:
+        yield
         return
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
+                                       if isinstance(lg, logging.Logger) and _LOG_FILTER not in lg.filters]
     for logger in loggers:
-        if _LOG_FILTER not in logger.filters:
-            logger.addFilter(_LOG_FILTER)
+        logger.addFilter(_LOG_FILTER)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_LOG_FILTER)

@@ -538,7 +538,7 @@ class NiftiReader(_MedsegReader):
             return self._voxels(img, shape, None)[:, 0]
         if str(path).lower().endswith(".gz"):
             volume = self._volumes.get(path, lambda: self._voxels(img, shape, None), variant=self.channel_dim)
-            return np.ascontiguousarray(volume[:, index])
+            return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
         return np.ascontiguousarray(self._voxels(img, shape, index))
 
 

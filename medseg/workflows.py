@@ -300,8 +300,8 @@ def train(
 
     with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
         _validate_at_end_if_never(trainer, evaluator, interrupted)
-        quiet_user_error_logs()  # a bad file met during the run is reported once, by the CLI
-        parser.get_parsed_content("run")
+        with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
+            parser.get_parsed_content("run")
     summary = {
         "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
         "best_metric_epoch": evaluator.state.best_metric_epoch,
@@ -474,8 +474,8 @@ def evaluate(
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("validate#evaluator")
     RichProgress(disable=not progress).attach(evaluator)
-    quiet_user_error_logs()
-    parser.get_parsed_content("run")
+    with quiet_user_error_logs():
+        parser.get_parsed_content("run")
     for handler in parser.get_parsed_content("validate#handlers"):
         if isinstance(handler, MetricsReport):
             return handler.summary

@@ -125,7 +125,7 @@ class _VolumeSink:
         self.volumes: dict[str, np.ndarray] = {}
         if fmt == "tiff":
             meta = _geometry(item)
-            calibration = tiff_calibration(tuple(meta["spacing"]), meta["spacing_unit"], pages=pages)
+            calibration = tiff_calibration(tuple(meta["spacing"]), _tiff_unit(meta), pages=pages)
             self.stacks = {k: _StackWriter(p, calibration) for k, p in paths.items() if k != "table"}
 
     def add(self, page: int, mask: np.ndarray, prob: np.ndarray, rows: list[dict] | None = None) -> bool:
@@ -179,6 +179,11 @@ class _VolumeSink:
         for writer in self.stacks.values():
             writer.close(keep=False)
         self.volumes.clear()
+
+
+def _tiff_unit(meta: dict) -> str:
+    """The unit a TIFF output is calibrated in: none for a NIfTI that gives no unit (read as mm otherwise)."""
+    return "pixel" if str(meta.get("nifti_unit", "")) == "unknown" else str(meta["spacing_unit"])
 
 
 def _geometry(item: dict) -> dict:
@@ -338,9 +343,9 @@ class SaveSegmentationd(MapTransform):
                 if fmt == "png":
                     write_png(paths["mask"], mask)
                 else:
-                    write_tiff(paths["mask"], mask, meta["spacing"], meta["spacing_unit"])
+                    write_tiff(paths["mask"], mask, meta["spacing"], _tiff_unit(meta))
                 if self.save_prob:
-                    write_tiff(paths["prob"], prob, meta["spacing"], meta["spacing_unit"])
+                    write_tiff(paths["prob"], prob, meta["spacing"], _tiff_unit(meta))
                 if rows is not None:
                     from medseg.instances import write_measurements_csv
 

@@ -495,16 +495,20 @@ def test_engine_logs_of_a_user_error_are_dropped_unless_debug():
             logger.exception("Exception")
 
     try:
-        quiet_user_error_logs()
-        log_failure(DataError("x.png: label values 77 are not binary"))
-        assert stream.getvalue() == ""
-        log_failure(ValueError("a bug"))  # not the user's: logged as before
-        assert "Engine run is terminating" in stream.getvalue() and "Traceback" in stream.getvalue()
-        show_user_error_logs(True)  # --debug
+        with quiet_user_error_logs():
+            log_failure(DataError("x.png: label values 77 are not binary"))
+            assert stream.getvalue() == ""
+            log_failure(ValueError("a bug"))  # not the user's: logged as before
+            assert "Engine run is terminating" in stream.getvalue() and "Traceback" in stream.getvalue()
+        stream.seek(0)
         stream.truncate(0)
-        logger.filters.clear()
-        quiet_user_error_logs()
-        log_failure(DataError("x.png"))
+        log_failure(DataError("x.png"))  # after the run: the caller's own logs are untouched
+        assert "Traceback" in stream.getvalue()
+        show_user_error_logs(True)  # --debug
+        stream.seek(0)
+        stream.truncate(0)
+        with quiet_user_error_logs():
+            log_failure(DataError("x.png"))
         assert "Traceback" in stream.getvalue()
     finally:
         show_user_error_logs(False)
@@ -519,8 +523,10 @@ def test_pool_workers_still_in_a_task_are_waited_for_after_an_error():
     from multiprocessing.dummy import DummyProcess
     from multiprocessing.pool import ThreadPool
 
-    from medseg.cli import _let_pool_threads_finish
+    from medseg.cli import _let_pool_threads_finish, _pool_threads
 
+    idle = ThreadPool(1)  # a caller's own pool, idle: not waited for
+    before = _pool_threads()
     done = threading.Event()
 
     def task(k: int) -> int:
@@ -532,9 +538,11 @@ def test_pool_workers_still_in_a_task_are_waited_for_after_an_error():
 
     with pytest.raises(ValueError), ThreadPool(2) as pool:
         list(pool.imap(task, range(4)))
-    _let_pool_threads_finish(timeout=10)
-    assert done.is_set()
-    assert not [t for t in threading.enumerate() if isinstance(t, DummyProcess) and t.is_alive()]
+    start = time.monotonic()
+    _let_pool_threads_finish(_pool_threads() - before, timeout=30)
+    assert done.is_set() and time.monotonic() - start < 10  # the idle pool's workers were not joined
+    assert not [t for t in _pool_threads() - before if isinstance(t, DummyProcess)]
+    idle.terminate()
 
 
 @pytest.mark.parametrize("uri", ["foo://bar", "sqlite:////proc/no/such/dir/mlflow.db"])
@@ -563,3 +571,9 @@ def test_epochs_and_a_different_max_epochs_setting_contradict(tmp_path):
                      "--set", "max_epochs=5")
     assert result.exit_code == 1
     assert "error: --set max_epochs=5 contradicts --epochs 3; give one of them" in result.output
+
+
+def test_the_last_of_two_max_epochs_settings_wins_without_epochs():
+    from medseg.cli import _overrides
+
+    assert _overrides(["max_epochs=5", "max_epochs=6"], max_epochs=None) == {"max_epochs": 6}

@@ -256,3 +256,12 @@ def test_a_segmentation_beside_its_series_is_ignored_not_segmented(tmp_path):
     inputs, ignored = discover(tmp_path)
     assert [(item.rel, item.error) for item in inputs] == [("ct", "")]  # named as before, one series
     assert ignored == [(str(seg), "DICOM SEG object, not an image")]
+
+
+def test_a_linked_series_folder_keeps_the_links_name(tmp_path, monkeypatch):
+    from medseg.discovery import discover
+
+    write_dicom_series(tmp_path / "dcm", n=3)
+    (tmp_path / "scan_link").symlink_to(tmp_path / "dcm", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert [item.rel for item in discover("scan_link")[0]] == ["scan_link"]

@@ -504,3 +504,29 @@ def test_manifest_is_utf8_whatever_the_locale(tmp_path):
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     rows = list(csv.DictReader((tmp_path / "manifest.csv").open(encoding="utf-8")))
     assert [Path(r["input"]).name for r in rows] == [name]
+
+
+def test_fingerprint_of_a_series_ignores_other_files_in_its_folder(tmp_path):
+    from medseg.batch import input_fingerprint
+
+    series = write_dicom_series(tmp_path / "ct", n=3)
+    first = input_fingerprint(series)
+    (series / ".DS_Store").write_bytes(b"finder")
+    (series / "README.txt").write_text("notes")
+    write_dicom_slice(series / "other.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.3.77",
+                      position=(0.0, 0.0, 0.0))  # another series beside it
+    uid = "1.2.826.0.1.3680043.8.498.10"
+    assert input_fingerprint(series, uid) == first
+
+
+def test_a_nifti_without_a_unit_gives_an_uncalibrated_tiff(tmp_path, tiny_checkpoint):
+    from medseg.readers import read_geometry
+
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=32, seed=6)
+    plain = nib.Nifti1Image(np.stack([image.T] * 2, axis=-1), np.diag([0.7, 0.7, 3.0, 1.0]))
+    plain.header.set_xyzt_units("unknown")
+    nib.save(plain, root / "nounit.nii.gz")
+    assert _infer(root, tmp_path / "out", tiny_checkpoint, "--format", "tiff").exit_code == 0
+    assert read_geometry(tmp_path / "out" / "mask" / "nounit.tif")["spacing_unit"] == "pixel"

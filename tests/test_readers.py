@@ -299,3 +299,10 @@ def test_one_threads_reads_never_close_a_file_another_thread_is_reading(tmp_path
     for k in range(1, 12):  # this thread keeps at most 8 open
         read_slice(tmp_path / f"{k}.tif", 0)
     assert held.filehandle.closed
+
+
+def test_a_gzipped_nifti_slice_is_the_callers_own_array(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 3), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    first = read_slice(tmp_path / "v.nii.gz", 1)
+    first += 100
+    assert read_slice(tmp_path / "v.nii.gz", 1).max() == 0
