@@ -233,6 +233,17 @@ class _RecentFiles:
             self.local.items = OrderedDict()
         return self.local.items
 
+    def clear(self) -> None:
+        """Drop (and close) this thread's entries, and the shared ones."""
+        items = self._items()
+        with self.lock:
+            own = [v for k, v in items.items() if k[0] == os.getpid()]
+            items.clear()
+            self.shared.clear()
+        if self.close is not None and self.per_thread:
+            for entry in own:
+                self.close(entry)
+
     def get(self, path: str, load: Callable[[], Any], variant: Any = None) -> Any:
         """The entry of ``path`` (and ``variant``, e.g. a reader setting that changes what ``load`` gives)."""
         stat = os.stat(path)
@@ -589,6 +600,12 @@ class DicomReader(_MedsegReader):
         from medseg.dicom import read_slice
 
         return read_slice(self._series(path), index)[None]
+
+
+def release_files() -> None:
+    """Close the files this thread's readers keep open and drop the kept ``.nii.gz`` volume (end of a batch)."""
+    TiffReader._recent.clear()
+    NiftiReader._volumes.clear()
 
 
 def format_of_or_none(path: str | os.PathLike) -> str | None:

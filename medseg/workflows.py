@@ -581,13 +581,18 @@ def infer(
         return count_slices(item.source, series_uid=item.series_uid or None, nifti_channel_dim=channel_dim)
 
     start = time.perf_counter()
-    with FileProgress(len(inputs), disable=not progress) as bar, _quiet_constant_images():
-        result = run_batch(
-            inputs, ignored, segment,
-            paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),
-            count=count, manifest=out / "manifest.csv", overwrite=overwrite, on_abort=writer.abort, progress=bar,
-            record=record,
-        )
+    from medseg.readers import release_files
+
+    try:
+        with FileProgress(len(inputs), disable=not progress) as bar, _quiet_constant_images():
+            result = run_batch(
+                inputs, ignored, segment,
+                paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),
+                count=count, manifest=out / "manifest.csv", overwrite=overwrite, on_abort=writer.abort,
+                progress=bar, record=record,
+            )
+    finally:
+        release_files()  # no input stays open (or locked, on Windows) after the batch
     seconds = time.perf_counter() - start
     slices = sum(r.slices for r in result.rows if r.status == "ok")
     return {

@@ -306,3 +306,13 @@ def test_a_gzipped_nifti_slice_is_the_callers_own_array(tmp_path):
     first = read_slice(tmp_path / "v.nii.gz", 1)
     first += 100
     assert read_slice(tmp_path / "v.nii.gz", 1).max() == 0
+
+
+def test_release_files_closes_what_the_readers_keep(tmp_path):
+    from medseg.readers import TiffReader, release_files
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((3, 4, 4), np.uint8), photometric="minisblack")
+    held = TiffReader()._open_kept(str(tmp_path / "s.tif"))
+    release_files()
+    assert held.filehandle.closed
+    np.testing.assert_array_equal(read_slice(tmp_path / "s.tif", 1)[0], np.zeros((4, 4), np.uint8))  # reopens
