@@ -234,13 +234,12 @@ class _RecentFiles:
         return self.local.items
 
     def clear(self) -> None:
-        """Drop (and close) this thread's entries, and the shared ones."""
+        """Drop (and close) this thread's entries (all entries, when they are not per thread)."""
         items = self._items()
         with self.lock:
             own = [v for k, v in items.items() if k[0] == os.getpid()]
             items.clear()
-            self.shared.clear()
-        if self.close is not None and self.per_thread:
+        if self.close is not None:
             for entry in own:
                 self.close(entry)
 

@@ -339,7 +339,8 @@ class SaveSegmentationd(MapTransform):
                 self.object_counts[name] = (0 if page == 0 else self.object_counts.get(name, 0)) + len(rows)
             single_2d = pages == 1 and fmt in ("png", "tiff")
             if single_2d:
-                meta = _geometry(item)  # the TIFF outputs carry the input's pixel size
+                # the TIFF outputs carry the input's pixel size (a header read; none for a plain PNG mask)
+                meta = _geometry(item) if fmt == "tiff" or self.save_prob else {}
                 if fmt == "png":
                     write_png(paths["mask"], mask)
                 else:
