@@ -51,6 +51,64 @@ def test_png_rgb_rgba_palette_and_gray_alpha(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "la.png")[0], rgba[None, ..., 0])
 
 
+def _palette_png(path, indices, table):
+    im = Image.fromarray(np.asarray(indices, np.uint8), "P")
+    im.putpalette([v for rgb in table for v in rgb])
+    im.save(path)
+
+
+def test_palette_images_give_colours_and_palette_labels_their_indices(tmp_path):
+    indices = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    colours = [(0, 0, 0), (128, 0, 0), (0, 128, 0)]  # a class-colour mask as annotation tools save it
+    _palette_png(tmp_path / "voc.png", indices, colours)
+    rgb = read_slice(tmp_path / "voc.png", 0)
+    np.testing.assert_array_equal(rgb[:, 0, 1], [128, 0, 0])
+    np.testing.assert_array_equal(read_slice(tmp_path / "voc.png", 0, palette="index"), indices[None])
+    # a gray palette reads as the gray values a viewer shows, for images and labels alike
+    _palette_png(tmp_path / "gray.png", indices, [(0, 0, 0), (128, 128, 128), (255, 255, 255)])
+    for mode in ("colour", "index"):
+        np.testing.assert_array_equal(read_slice(tmp_path / "gray.png", 0, palette=mode),
+                                      np.array([[[0, 128, 255], [255, 128, 0]]], np.uint8))
+    # palette TIFF: 16-bit colormap, read like the PNG (it was read as its indices for images before)
+    cmap = np.zeros((3, 256), np.uint16)
+    cmap[:, 1] = [65535, 0, 0]
+    cmap[:, 2] = [0, 0, 65535]
+    tifffile.imwrite(tmp_path / "pal.tif", indices, photometric="palette", colormap=cmap)
+    rgb = read_slice(tmp_path / "pal.tif", 0)
+    assert rgb.shape == (3, 2, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[:, 0, 1], [255, 0, 0])
+    np.testing.assert_array_equal(rgb[:, 0, 2], [0, 0, 255])
+    np.testing.assert_array_equal(read_slice(tmp_path / "pal.tif", 0, palette="index"), indices[None])
+    # a slice using only the black entry is read like the others (the palette decides, not the slice)
+    stack = np.stack([indices, indices[::-1], np.zeros_like(indices)])
+    tifffile.imwrite(tmp_path / "palstack.tif", stack, photometric="palette", colormap=cmap)
+    np.testing.assert_array_equal(read_slice(tmp_path / "palstack.tif", 1, palette="index"), indices[None, ::-1])
+    volume = read_image(tmp_path / "palstack.tif")[0]
+    assert volume.shape == (3, 3, 2, 3)
+    np.testing.assert_array_equal(volume[:, 1, 0, 0], [0, 0, 255])
+
+
+def test_cmyk_tiff_is_converted_to_rgb(tmp_path):
+    cmyk = np.zeros((2, 2, 4), np.uint8)
+    cmyk[0, 0] = [0, 255, 255, 0]      # red
+    cmyk[0, 1] = [0, 0, 0, 255]        # black
+    cmyk[1, 0] = [0, 0, 0, 0]          # white
+    cmyk[1, 1] = [255, 0, 255, 128]    # dark green
+    tifffile.imwrite(tmp_path / "cmyk.tif", cmyk, photometric="separated")
+    rgb = read_slice(tmp_path / "cmyk.tif", 0)
+    np.testing.assert_array_equal(rgb[:, 0, 0], [255, 0, 0])
+    np.testing.assert_array_equal(rgb[:, 0, 1], [0, 0, 0])
+    np.testing.assert_array_equal(rgb[:, 1, 0], [255, 255, 255])
+    np.testing.assert_array_equal(rgb[:, 1, 1], [0, 127, 0])
+    tifffile.imwrite(tmp_path / "cmyk16.tif", cmyk.astype(np.uint16) * 257, photometric="separated")
+    rgb16 = read_slice(tmp_path / "cmyk16.tif", 0)
+    assert rgb16.dtype == np.uint16 and rgb16.shape == (3, 2, 2)
+    np.testing.assert_array_equal(rgb16[:, 0, 0], [65535, 0, 0])
+    tifffile.imwrite(tmp_path / "cmykf.tif", cmyk.astype(np.float32), photometric="separated")
+    with pytest.raises(DataError, match="cmykf.tif: TIFF with 4 ink separations \\(float32\\).*convert it to RGB"):
+        read_slice(tmp_path / "cmykf.tif", 0)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_tiff_stack_round_trip_and_slices(tmp_path, dtype):
     stack = (np.random.default_rng(1).random((4, 10, 12)) * 200).astype(dtype)
