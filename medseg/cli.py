@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,8 @@ def _main(
 ) -> None:
     ctx.obj = {"debug": debug}
     show_user_error_logs(debug)
+    if not debug:  # MLflow's notes on setting up a new local store are not the user's concern
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -128,6 +131,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Override max_epochs.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --output.")] = False,
+    overwrite: Annotated[bool, typer.Option(help=(
+        "Replace a trained run in --output (its checkpoints, model.pt, history, curves; the MLflow store keeps "
+        "it). Without it, or --resume, a folder holding trained weights is refused."))] = False,
     tracking: Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log the run to MLflow.")] = True,
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking server/URI (default: SQLite store in --output).")
@@ -141,7 +147,7 @@ def train(
 
     summary = _run(ctx, lambda: workflows.train(
         str(bundle), str(data), str(output), device=device, overlays=tuple(map(str, config or [])),
-        overrides=_overrides(set_, max_epochs=epochs), resume=resume, tracking=tracking,
+        overrides=_overrides(set_, max_epochs=epochs), resume=resume, overwrite=overwrite, tracking=tracking,
         tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress))
     typer.echo(json.dumps(summary, indent=2))
 

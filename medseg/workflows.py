@@ -68,6 +68,56 @@ def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: 
     return out
 
 
+def _unfinished_runs(tracking_uri: str, experiment: str, name: str) -> list:
+    """The runs named ``name`` not marked finished: those MONAI's handler would continue."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
+    return [] if found is None else [r for r in client.search_runs([found.experiment_id])
+                                     if r.info.run_name == name and r.info.status != finished]
+
+
+def _same_folder(run: Any, output_dir: Path) -> bool:
+    """Whether an MLflow run was logged by a training in ``output_dir`` (by its ``output_dir`` param)."""
+    logged = run.data.params.get("output_dir")
+    return logged is None or Path(logged).resolve() == output_dir.resolve()
+
+
+def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool) -> str:
+    """The MLflow run name of a training in ``output_dir``: the folder's name, or when resuming the name the
+    training started with (kept in its ``config.json``). A new training whose folder name has an unfinished
+    run of another folder (a shared tracking server) takes a hash of its path into the name, so that it
+    does not continue that run."""
+    if resume:
+        try:
+            recorded = json.loads(config_path.read_text(encoding="utf-8")).get("run_name")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        return str(recorded) if isinstance(recorded, str) and recorded else output_dir.name
+    name = output_dir.name
+    if any(not _same_folder(r, output_dir) for r in _unfinished_runs(tracking_uri, experiment, name)):
+        name = f"{name}-{hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
+    return name
+
+
+def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
+    """Before a new (not resumed) training: the runs this folder left unfinished (stopped by Ctrl-C or an
+    error), which MONAI's handler would continue, are renamed ``NAME (replaced)``; one still marked
+    running is closed as failed."""
+    import mlflow
+
+    status = mlflow.entities.RunStatus
+    client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
+    for run in _unfinished_runs(configs["tracking_uri"], configs["experiment_name"], configs["run_name"]):
+        if not _same_folder(run, output_dir):
+            continue
+        if run.info.status == status.to_string(status.RUNNING):
+            client.set_terminated(run.info.run_id, status.to_string(status.FAILED))
+        client.update_run(run.info.run_id, name=f"{configs['run_name']} (replaced)")
+
+
 def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
                        artifacts: list[str], config_path: Path, resume: bool = False) -> dict:
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
@@ -79,7 +129,7 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs = settings["configs"]
     configs["tracking_uri"] = tracking_uri or path_to_sqlite_uri(str(output_dir / "mlflow.db"))
     configs["experiment_name"] = experiment
-    configs["run_name"] = output_dir.name
+    configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume)
     configs["save_execute_config"] = str(config_path)
     params = {k: v for k, v in parser.get().items()
               if isinstance(v, (int, float, str, bool)) and not str(v).startswith(("$", "@", "%"))}
@@ -205,6 +255,24 @@ def _last_checkpoint(output_dir: Path) -> Path:
     return max(existing, key=lambda p: p.stat().st_mtime)
 
 
+#: Files of a finished or stopped training that a new training in the same folder would mix with its own.
+_TRAINED_FILES = ("model.pt", "last_checkpoint_epoch=*.pt", "history.json", "curves.png", "train_summary.json")
+
+
+def _trained_files(out: Path) -> list[Path]:
+    return sorted(p for pattern in _TRAINED_FILES for p in out.glob(pattern) if p.is_file())
+
+
+def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """A folder holding trained weights is continued (``resume``) or replaced (``overwrite``), never mixed."""
+    if resume and overwrite:
+        raise ConfigValueError("--resume continues the run in --output and --overwrite replaces it: give one")
+    weights = [p.name for p in _trained_files(out) if p.suffix == ".pt"]
+    if weights and not (resume or overwrite):
+        raise DataError(f"{out}: holds a trained run ({', '.join(weights)}); continue it with --resume, replace it "
+                        "with --overwrite, or choose another --output")
+
+
 def _bundle_handlers(parser: Any, kind: type) -> list:
     """The handlers of type ``kind`` in the bundle's ``train#handlers`` and ``validate#handlers``."""
     return [h for key in ("train#handlers", "validate#handlers") if key in parser
@@ -230,12 +298,17 @@ def train(
     overlays: tuple[str, ...] = (),
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     tracking: bool = True,
     tracking_uri: str | None = None,
     max_minutes: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``bundle`` on ``data_dir``; checkpoints, curves, split, config and MLflow store go to ``output_dir``.
+
+    A folder holding another training's weights is continued with ``resume`` or, with ``overwrite``, has
+    that training's checkpoints, ``model.pt``, history and curves removed once the new run has passed its
+    checks (its MLflow store keeps the old run); otherwise it is refused.
 
     Returns:
         A summary: best validation metric and its epoch, epochs run, wall time in seconds.
@@ -255,6 +328,7 @@ def train(
     parser = load_config(bundle, "train", overlays, overrides, settings)
     _check_training_length(parser, max_minutes)
     check_writable(out)
+    _check_run_folder(out, resume, overwrite)
     datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
     if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
         raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
@@ -276,6 +350,11 @@ def train(
     trainer = parser.get_parsed_content("train#trainer")
     evaluator = parser.get_parsed_content("validate#evaluator")
     _check_batches(trainer, data_dir)
+    if overwrite:
+        for path in _trained_files(out):  # the replaced training's, once this one has passed its checks
+            path.unlink()
+    if tracked is not None and not resume:
+        _retire_unfinished_runs(tracked["configs"], out)
     if resume:
         load_dict = {"model": parser.get_parsed_content("network"),
                      "optimizer": parser.get_parsed_content("optimizer"),
@@ -301,7 +380,12 @@ def train(
     with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
         _validate_at_end_if_never(trainer, evaluator, interrupted)
         with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
-            parser.get_parsed_content("run")
+            try:
+                parser.get_parsed_content("run")
+            except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running
+                _close_tracking(_bundle_handlers(parser, MLFlowHandler),
+                                "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                raise
     summary = {
         "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
         "best_metric_epoch": evaluator.state.best_metric_epoch,
@@ -337,6 +421,18 @@ def _validate_at_end_if_never(trainer: Any, evaluator: Any, interrupted: Sequenc
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)  # after the bundle's own ValidationHandler
     trainer.add_event_handler(Events.TERMINATE, validate)
+
+
+def _close_tracking(handlers: Sequence[Any], status: str) -> None:
+    """End the MLflow runs ``handlers`` hold open as ``status`` (``FAILED``, ``KILLED``); never raises."""
+    for handler in handlers:
+        if getattr(handler, "cur_run", None) is None:
+            continue
+        handler.run_finish_status = status
+        try:
+            handler.close()
+        except Exception as err:  # noqa: BLE001 - the training's own error matters more than the tracking's
+            logging.getLogger(__name__).warning("could not close the MLflow run: %s", err)
 
 
 def _log_late_artifacts(configs: dict, paths: Sequence[Path]) -> None:

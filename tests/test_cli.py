@@ -108,6 +108,57 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     assert [p.name for p in out.glob("last_checkpoint_epoch=*.pt")] == ["last_checkpoint_epoch=4.pt"]
 
 
+def test_training_into_a_trained_run_is_refused_unless_resumed_or_overwritten(trained, tmp_path):
+    """A second training into a run folder would replace its model.pt at the first validation: refused; with
+    --overwrite the old run's checkpoints, history and curves go, and the new run's alone remain."""
+    out = tmp_path / "again"
+    shutil.copytree(trained["out"], out)
+    before = sorted(p.name for p in out.iterdir())
+    model = (out / "model.pt").read_bytes()
+    args = ("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 2, "--no-progress",
+            "--no-tracking", "--device", "cpu", *_tiny_args())
+    result = _invoke(*args)
+    _assert_one_line_error(result, str(out), "holds a trained run (last_checkpoint_epoch=3.pt, model.pt)",
+                           "--resume", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "model.pt").read_bytes() == model
+    result = _invoke(*args, "--resume", "--overwrite")
+    _assert_one_line_error(result, "--resume", "--overwrite", "give one")
+    # a bad setting is found before anything is removed
+    _assert_one_line_error(_invoke(*args, "--overwrite", "--set", "no_such_key=1"), "no_such_key")
+    assert sorted(p.name for p in out.iterdir()) == before
+    result = _invoke(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.glob("last_checkpoint_epoch=*.pt")] == ["last_checkpoint_epoch=2.pt"]
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
+    assert json.loads((out / "train_summary.json").read_text())["epochs"] == 2
+
+
+def _mlflow_runs(out: Path) -> list[tuple[str, str, str | None]]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em")
+    return sorted((r.info.run_name, r.info.status, r.data.params.get("max_epochs"))
+                  for r in client.search_runs([experiment.experiment_id]))
+
+
+def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_run(tmp_path):
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    label = data / "train" / "label" / "0.png"
+    good = label.read_bytes()
+    label.write_bytes(b"not a png")
+    out = tmp_path / "run"
+    args = ("train", BUNDLE, "--data", data, "--output", out, "--no-progress", "--device", "cpu", *_tiny_args(),
+            "--set", "train#dataset#cache_rate=0", "--set", "validate#dataset#cache_rate=0")
+    _assert_one_line_error(_invoke(*args, "--epochs", 1), "0.png")  # met during the run, not before it
+    assert _mlflow_runs(out) == [("run", "FAILED", "1")]
+    label.write_bytes(good)
+    # another epoch count: continuing the failed run would have been refused by MLflow (a changed param)
+    result = _invoke(*args, "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    assert _mlflow_runs(out) == [("run", "FINISHED", "2"), ("run (replaced)", "FAILED", "1")]
+
+
 @pytest.mark.parametrize("damage", ["other network", "truncated"])
 def test_resume_from_an_unusable_last_checkpoint_is_one_line(trained, tmp_path, damage):
     out = tmp_path / "resumed"
@@ -164,6 +215,12 @@ def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monk
         assert lines == [f"error: interrupted; no epoch finished, so {out} holds nothing to resume; start the "
                          "training again"]
         assert summary["interrupted"] is True and summary["epochs"] == 0
+        # starting again is a new MLflow run, not a continuation of the stopped one, which stays as it was
+        monkeypatch.setattr(workflows, "_check_batches", original)
+        result = _invoke("train", BUNDLE, "--epochs", 1, *args)
+        assert result.exit_code == 0, result.output
+        runs = sorted((r.info.run_name, r.info.status) for r in client.search_runs([experiment.experiment_id]))
+        assert runs == [("run", "FINISHED"), ("run (replaced)", "KILLED")]
         return
     assert lines == [f"error: interrupted; last_checkpoint_epoch=1.pt holds the last finished epoch; continue with "
                      f"--resume --output {out}"]
