@@ -197,7 +197,16 @@ def _pixels(ds, path: str) -> np.ndarray:
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, EOFError) as err:
         raise DataError(f"{path}: cannot decode DICOM pixels ({str(err).splitlines()[0] if str(err) else err}); "
                         "the file may be truncated, or its transfer syntax needs a decoder (e.g. pylibjpeg)") from err
-    if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:  # colour: one gray channel (ITU-R 601 luma)
+    colour = int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "PALETTE COLOR":  # indices: their colours
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr, colour = apply_color_lut(arr, ds), True
+        except (ValueError, KeyError, AttributeError, IndexError, TypeError) as err:
+            raise DataError(f"{path}: PALETTE COLOR image with an unusable colour table ({err}); convert it to "
+                            "RGB or gray first") from err
+    if colour:  # one gray channel (ITU-R 601 luma)
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if str(getattr(ds, "PhotometricInterpretation", "")).startswith("MONOCHROME1"):
         arr = _invert_stored(arr, ds)

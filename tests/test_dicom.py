@@ -265,3 +265,29 @@ def test_a_linked_series_folder_keeps_the_links_name(tmp_path, monkeypatch):
     (tmp_path / "scan_link").symlink_to(tmp_path / "dcm", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     assert [item.rel for item in discover("scan_link")[0]] == ["scan_link"]
+
+
+def _palette_colour_file(path, indices, lut=None):
+    import pydicom
+
+    write_dicom_slice(path, indices.astype(np.int16), series_uid="1.2.3.9", position=(0.0, 0.0, 0.0),
+                      photometric="PALETTE COLOR")
+    ds = pydicom.dcmread(path)
+    ds.PixelRepresentation = 0
+    del ds.RescaleSlope, ds.RescaleIntercept
+    for colour, values in (lut or {}).items():
+        ds[f"{colour}PaletteColorLookupTableDescriptor"] = pydicom.DataElement(
+            f"{colour}PaletteColorLookupTableDescriptor", "US", [len(values), 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", np.asarray(values, "<u2").tobytes())
+    ds.save_as(path)
+    return path
+
+
+def test_palette_colour_dicom_is_read_by_its_colours(tmp_path):
+    # indices 0, 1, 2 = black, red, green: their luma, not the indices themselves
+    indices = np.array([[0, 1], [2, 1]])
+    lut = {"Red": [0, 65535, 0], "Green": [0, 0, 65535], "Blue": [0, 0, 0]}
+    arr, _ = read_image(_palette_colour_file(tmp_path / "p.dcm", indices, lut))
+    np.testing.assert_allclose(arr[0, 0], [[0.0, 0.299 * 65535], [0.587 * 65535, 0.299 * 65535]], rtol=1e-5)
+    with pytest.raises(DataError, match=r"q\.dcm: PALETTE COLOR image with an unusable colour table"):
+        read_image(_palette_colour_file(tmp_path / "q.dcm", indices))
