@@ -7,9 +7,8 @@ Contract (pinned by ``tests/test_readers.py``)
 * ``array`` is channel first. 2D images (PNG, single-page TIFF) are ``(C, Y, X)``; volumes (TIFF stacks,
   NIfTI, DICOM) are ``(C, Z, Y, X)``, Z being the slice axis a 2D model runs over: the TIFF page axis, NIfTI's
   third voxel axis (k), DICOM slices ordered along the slice normal. Y is rows (top to bottom as stored), X
-  columns. C is 1 for gray, 3 for RGB (alpha dropped, CMYK converted; a palette gives its colours, or its
-  indices with ``palette='index'`` as for labels, and its gray values when its entries are all gray), or a
-  configured NIfTI channel axis.
+  columns. C is 1 for gray, 3 for RGB (alpha dropped, CMYK converted; a palette PNG gives its colours, a
+  palette TIFF its values, its colour table being a display LUT), or a configured NIfTI channel axis.
   Values: the file's own dtype for PNG/TIFF/NIfTI (NIfTI ``scl_slope``/``scl_inter`` applied), float32 after
   RescaleSlope/Intercept for DICOM (CT in Hounsfield units).
 * ``meta`` holds ``format``, ``source`` (the path), ``affine`` (4x4, RAS world coordinates of the array's own
@@ -148,50 +147,25 @@ def _channels_first_2d(arr: np.ndarray) -> np.ndarray:
     return np.moveaxis(arr, -1, 0)
 
 
-#: How a palette image is read: ``colour`` (its colours; an image) or ``index`` (its indices; a label).
-#: Either way a palette whose entries are all gray gives its gray values.
-PALETTE_MODES = ("colour", "index")
-
-
-def _resolve_palette(indices: np.ndarray, table: np.ndarray, palette: str, path: str) -> np.ndarray:
-    """``(Y, X)`` palette indices as ``(C, Y, X)``: gray values, colours or the indices themselves.
-
-    ``table`` is ``(N, 3)``, 8-bit (PNG) or 16-bit (TIFF colormap; scaled to 8 bits unless all its values
-    fit in 8 bits, as some writers store them).
-    """
-    used = np.unique(indices)
-    if used.size and int(used.max()) >= len(table):
-        raise DataError(f"{path}: palette index {int(used.max())} beyond its {len(table)}-entry palette; "
-                        "the file is corrupt: save it again as gray or RGB")
-    table = np.asarray(table)
-    if table.dtype != np.uint8:
-        table = (table >> 8 if int(table.max(initial=0)) > 255 else table).astype(np.uint8)
-    # the whole palette decides (not the entries this image uses), so all images and slices of one palette agree
-    if np.array_equal(table[:, 0], table[:, 1]) and np.array_equal(table[:, 0], table[:, 2]):
-        return table[:, 0][indices][None]
-    if palette == "index":
-        return np.asarray(indices)[None]
-    return np.moveaxis(table[indices], -1, 0)
-
-
-def _page_channels_first(page, palette: str = "colour", path: str = "") -> np.ndarray:
-    """A TIFF page as ``(C, Y, X)``: contiguous (``YXS``) or planar (``SYX``) samples, alpha dropped,
-    palette resolved (see :data:`PALETTE_MODES`), CMYK converted to RGB."""
+def _page_channels_first(page, path: str = "") -> np.ndarray:
+    """A TIFF page as ``(C, Y, X)``: contiguous (``YXS``) or planar (``SYX``) samples, alpha dropped, CMYK
+    converted to RGB."""
     arr, axes = page.asarray(), page.axes
     if "S" not in axes:
         arr = arr.reshape(1, *arr.shape[-2:])
     else:
         arr = np.moveaxis(arr, axes.index("S"), 0)
-    return _resolve_photometric(arr, page, palette, path)
+    return _resolve_photometric(arr, page, path)
 
 
-def _resolve_photometric(arr: np.ndarray, page, palette: str, path: str) -> np.ndarray:
-    """Channel-first samples of a TIFF ``page``'s kind as gray or RGB (palette, CMYK, alpha dropped)."""
+def _resolve_photometric(arr: np.ndarray, page, path: str) -> np.ndarray:
+    """Channel-first samples of a TIFF ``page``'s kind as gray or RGB: CMYK converted, alpha dropped.
+
+    A palette page keeps its values: in microscopy the colour table is a display LUT (ImageJ saves an 8-bit
+    image shown in Green or Fire that way), and the values are the measurement.
+    """
     page = getattr(page, "keyframe", None) or page  # later pages of a series are frames of the first one's kind
-    photometric = int(getattr(page, "photometric", 1))
-    if photometric == 3 and arr.shape[0] == 1 and page.colormap is not None:  # palette
-        return _resolve_palette(arr[0], np.asarray(page.colormap).T, palette, path)
-    if photometric == 5:  # separated: CMYK when InkSet is 1 (the default)
+    if int(getattr(page, "photometric", 1)) == 5:  # separated: CMYK when InkSet is 1 (the default)
         inkset = page.tags.get("InkSet")
         if (inkset is not None and int(inkset.value) != 1) or arr.shape[0] not in (4, 5) or \
                 arr.dtype not in (np.uint8, np.uint16):
@@ -204,15 +178,9 @@ def _resolve_photometric(arr: np.ndarray, page, palette: str, path: str) -> np.n
 
 
 class PngReader(_MedsegReader):
-    """PNG (and BMP) via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (see :data:`PALETTE_MODES`)."""
+    """PNG (and BMP) via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (resolved to RGB)."""
 
     format = "png"
-
-    def __init__(self, palette: str = "colour") -> None:
-        super().__init__()
-        if palette not in PALETTE_MODES:
-            raise ValueError(f"palette must be one of {PALETTE_MODES}, got {palette!r}")
-        self.palette = palette
 
     def _read2d(self, path: str) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -227,8 +195,7 @@ class PngReader(_MedsegReader):
                                 "refused rather than truncated: save it as 16-bit TIFF")
             with Image.open(path) as im:
                 if im.mode == "P":
-                    table = np.asarray(im.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
-                    return _resolve_palette(np.asarray(im), table, self.palette, path)
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 elif im.mode == "I":  # 16-bit gray opened as 32-bit by some Pillow versions
                     arr = np.asarray(im)
                     return _channels_first_2d(arr.astype(np.uint16) if arr.max(initial=0) < 65536 else arr)
@@ -346,12 +313,6 @@ class TiffReader(_MedsegReader):
     format = "tiff"
     _recent = _RecentFiles(close=lambda tif: tif.close())
 
-    def __init__(self, palette: str = "colour") -> None:
-        super().__init__()
-        if palette not in PALETTE_MODES:
-            raise ValueError(f"palette must be one of {PALETTE_MODES}, got {palette!r}")
-        self.palette = palette
-
     def _open_kept(self, path: str):
         """An open ``TiffFile`` kept for the next slices of the same file (see :class:`_RecentFiles`)."""
         def load():
@@ -459,12 +420,12 @@ class TiffReader(_MedsegReader):
         if not 0 <= index < count:
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
         try:
-            return self._plane(tif, shape, axes, lead, channel, index, self.palette, path)
+            return self._plane(tif, shape, axes, lead, channel, index, path)
         except (OSError, ValueError, IndexError) as err:
             raise DataError(f"{path}: cannot read slice {index} ({err}); the file may be truncated") from err
 
     @staticmethod
-    def _plane(tif, shape, axes, lead, channel, index: int, palette: str = "colour", path: str = "") -> np.ndarray:
+    def _plane(tif, shape, axes, lead, channel, index: int, path: str = "") -> np.ndarray:
         pages = [p for s in tif.series for p in s.pages] if axes[0] == "Q" and len(tif.series) > 1 else \
             list(tif.series[0].pages)
         plane_axes = [i for i, a in enumerate(axes) if a not in "YXS"]  # axes that index pages
@@ -480,7 +441,7 @@ class TiffReader(_MedsegReader):
                 for i in plane_axes:
                     idx.append(c if axes[i] == "C" else int(lead_index[lead.index(i)]))
                 page = pages[int(np.ravel_multi_index(idx, page_shape))] if idx else pages[0]
-                planes.append(_page_channels_first(page, palette, path))
+                planes.append(_page_channels_first(page, path))
             if channels != [None]:
                 return np.concatenate(planes)
             return planes[0]
@@ -504,7 +465,7 @@ class TiffReader(_MedsegReader):
         if "C" in kept:
             return np.moveaxis(plane, kept.index("C"), 0)
         plane = np.moveaxis(plane, kept.index("S"), 0) if "S" in kept else plane[None]
-        return _resolve_photometric(plane, tif.pages[0], palette, path)
+        return _resolve_photometric(plane, tif.pages[0], path)
 
 
 class NiftiReader(_MedsegReader):
@@ -687,15 +648,14 @@ READERS: dict[str, type[_MedsegReader]] = {
 
 
 def reader_for(source: str | os.PathLike, series_uid: str | None = None,
-               nifti_channel_dim: int | None = None, palette: str = "colour") -> _MedsegReader:
-    """The reader instance for ``source`` (a file, or a DICOM folder / series); ``palette`` is how a palette
-    PNG or TIFF is read (:data:`PALETTE_MODES`: ``index`` for labels)."""
+               nifti_channel_dim: int | None = None) -> _MedsegReader:
+    """The reader instance for ``source`` (a file, or a DICOM folder / series)."""
     fmt = format_of(source)
     if fmt == "dicom":
         return DicomReader(series_uid=series_uid)
     if fmt == "nifti":
         return NiftiReader(channel_dim=nifti_channel_dim)
-    return READERS[fmt](palette=palette)
+    return READERS[fmt]()
 
 
 def _check_exists(source: str | os.PathLike) -> str:

@@ -40,10 +40,8 @@ class LoadSliced(MapTransform):
 
     Reads through :func:`medseg.readers.read_slice` (only that slice where the format allows). RGB becomes
     one gray channel unless ``gray`` is false; ``channels`` (one value or one per key) sets it per key: 1 (gray),
-    3 (gray repeated, RGB as is) or None (``gray`` decides); ``data["series_uid"]`` picks a DICOM series. A
-    palette PNG/TIFF under one of ``index_keys`` (labels) gives its indices, elsewhere its colours (a gray
-    palette gives its gray values either way). The source path of each key is kept under ``"{key}_file"``,
-    and all loaded keys must share one spatial size.
+    3 (gray repeated, RGB as is) or None (``gray`` decides); ``data["series_uid"]`` picks a DICOM series. The
+    source path of each key is kept under ``"{key}_file"``, and all loaded keys must share one spatial size.
 
     Raises:
         DataError: a file is unreadable, has a channel count the model cannot take, or a label's size differs
@@ -52,14 +50,13 @@ class LoadSliced(MapTransform):
 
     def __init__(self, keys: KeysCollection, page_key: str = "page", gray: bool = True,
                  nifti_channel_dim: int | None = None, channels: int | Sequence[int | None] | None = None,
-                 index_keys: KeysCollection = (), allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         per_key = list(channels) if isinstance(channels, (list, tuple)) else [channels] * len(self.keys)
         if len(per_key) != len(self.keys) or any(c not in (None, 1, 3) for c in per_key):
             raise ValueError(f"channels must be 1, 3 or None (or one of those per key), got {channels}")
         self.page_key, self.gray, self.nifti_channel_dim = page_key, gray, nifti_channel_dim
         self.channels = dict(zip(self.keys, per_key, strict=True))
-        self.index_keys = {index_keys} if isinstance(index_keys, str) else set(index_keys or ())
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -68,8 +65,7 @@ class LoadSliced(MapTransform):
         first_key, first_shape = None, None
         for key in self.key_iterator(d):
             path = str(d[key])
-            arr = read_slice(path, page, series_uid=series_uid, nifti_channel_dim=self.nifti_channel_dim,
-                             palette="index" if key in self.index_keys else "colour")
+            arr = read_slice(path, page, series_uid=series_uid, nifti_channel_dim=self.nifti_channel_dim)
             channels = self.channels.get(key)
             if channels == 3:
                 if arr.shape[0] not in (1, 3):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE, REPO, TINY, write_isbi_folder
@@ -388,21 +387,3 @@ def test_unknown_key_hint_names_an_id_of_that_commands_config():
     message = str(info.value)
     assert "not an id of this command's config" in message and "inferer#overlap" in message
     assert "train#" not in message
-
-
-def test_isbi_palette_label_is_read_by_its_indices(isbi_folder, tmp_path):
-    """A membrane label saved as a two-colour palette PNG (0 = membrane, 1 = interior in red) loads as 0/1."""
-    from monai.transforms import Compose
-    from PIL import Image
-
-    label_path = isbi_folder / "train" / "label" / "0.png"
-    interior = np.asarray(Image.open(label_path)) > 0
-    mask = Image.fromarray(interior.astype(np.uint8), "P")
-    mask.putpalette([0, 0, 0, 255, 0, 0])
-    mask.save(label_path)
-    parser = load_config(BUNDLE, "train", settings={"dataset_dir": str(isbi_folder), "output_dir": str(tmp_path),
-                                                    "val_count": 1})
-    datalists = parser.get_parsed_content("datalists")
-    sample = next(s for s in datalists["train"] + datalists["val"] if s["label"].endswith("0.png"))
-    d = Compose(parser.get_parsed_content("validate#preprocessing").transforms)(sample)
-    np.testing.assert_array_equal(np.asarray(d["label"])[0], interior.astype(np.float32))

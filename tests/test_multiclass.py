@@ -226,26 +226,6 @@ def test_bundle_load_chain_gives_scaled_rgb_and_class_indices(jurkat_folder):
     assert set(np.unique(label).tolist()) == {0.0, 1.0, 2.0}
 
 
-def test_palette_masks_from_annotation_tools_are_read_by_their_indices(jurkat_folder):
-    """A mask saved with class colours in a palette (labelme, VOC) gives its class indices, so a class map
-    of indices applies; an image is still read by its colours."""
-    from monai.transforms import Compose
-
-    from medseg.bundle import load_config
-
-    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder),
-                                                    "output_dir": str(jurkat_folder.parent / "run"),
-                                                    "class_map": {"0": 0, "1": 1, "2": 2}})
-    sample = parser.get_parsed_content("datalists")["train"][0]
-    values = np.asarray(Image.open(sample["label"]))
-    indices = np.select([values == 128, values == 255], [1, 2], 0).astype(np.uint8)
-    mask = Image.fromarray(indices, "P")
-    mask.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0])
-    mask.save(sample["label"])
-    d = Compose(parser.get_parsed_content("load"))(sample)
-    np.testing.assert_array_equal(np.asarray(d["label"])[0], indices)
-
-
 def test_training_chain_pads_images_smaller_than_half_the_patch(jurkat_folder):
     """Cell crops of a third of the patch or less (48 px for 144) pad by mirroring, which torch's reflect pad cannot."""
     from monai.transforms import Compose

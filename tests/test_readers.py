@@ -51,41 +51,15 @@ def test_png_rgb_rgba_palette_and_gray_alpha(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "la.png")[0], rgba[None, ..., 0])
 
 
-def _palette_png(path, indices, table):
-    im = Image.fromarray(np.asarray(indices, np.uint8), "P")
-    im.putpalette([v for rgb in table for v in rgb])
-    im.save(path)
-
-
-def test_palette_images_give_colours_and_palette_labels_their_indices(tmp_path):
-    indices = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
-    colours = [(0, 0, 0), (128, 0, 0), (0, 128, 0)]  # a class-colour mask as annotation tools save it
-    _palette_png(tmp_path / "voc.png", indices, colours)
-    rgb = read_slice(tmp_path / "voc.png", 0)
-    np.testing.assert_array_equal(rgb[:, 0, 1], [128, 0, 0])
-    np.testing.assert_array_equal(read_slice(tmp_path / "voc.png", 0, palette="index"), indices[None])
-    # a gray palette reads as the gray values a viewer shows, for images and labels alike
-    _palette_png(tmp_path / "gray.png", indices, [(0, 0, 0), (128, 128, 128), (255, 255, 255)])
-    for mode in ("colour", "index"):
-        np.testing.assert_array_equal(read_slice(tmp_path / "gray.png", 0, palette=mode),
-                                      np.array([[[0, 128, 255], [255, 128, 0]]], np.uint8))
-    # palette TIFF: 16-bit colormap, read like the PNG (it was read as its indices for images before)
-    cmap = np.zeros((3, 256), np.uint16)
-    cmap[:, 1] = [65535, 0, 0]
-    cmap[:, 2] = [0, 0, 65535]
-    tifffile.imwrite(tmp_path / "pal.tif", indices, photometric="palette", colormap=cmap)
-    rgb = read_slice(tmp_path / "pal.tif", 0)
-    assert rgb.shape == (3, 2, 3) and rgb.dtype == np.uint8
-    np.testing.assert_array_equal(rgb[:, 0, 1], [255, 0, 0])
-    np.testing.assert_array_equal(rgb[:, 0, 2], [0, 0, 255])
-    np.testing.assert_array_equal(read_slice(tmp_path / "pal.tif", 0, palette="index"), indices[None])
-    # a slice using only the black entry is read like the others (the palette decides, not the slice)
-    stack = np.stack([indices, indices[::-1], np.zeros_like(indices)])
-    tifffile.imwrite(tmp_path / "palstack.tif", stack, photometric="palette", colormap=cmap)
-    np.testing.assert_array_equal(read_slice(tmp_path / "palstack.tif", 1, palette="index"), indices[None, ::-1])
-    volume = read_image(tmp_path / "palstack.tif")[0]
-    assert volume.shape == (3, 3, 2, 3)
-    np.testing.assert_array_equal(volume[:, 1, 0, 0], [0, 0, 255])
+def test_palette_tiff_keeps_its_values_its_colour_table_is_a_display_lut(tmp_path):
+    # ImageJ saves an 8-bit image shown with a colour LUT (Green, Fire) as a palette TIFF: the values are the data
+    values = np.array([[0, 10, 200], [255, 10, 0]], np.uint8)
+    green = np.zeros((3, 256), np.uint16)
+    green[1] = np.arange(256) * 257
+    tifffile.imwrite(tmp_path / "green.tif", values, photometric="palette", colormap=green)
+    np.testing.assert_array_equal(read_slice(tmp_path / "green.tif", 0), values[None])
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([values, values[::-1]]), photometric="palette", colormap=green)
+    np.testing.assert_array_equal(read_image(tmp_path / "stack.tif")[0], np.stack([values, values[::-1]])[None])
 
 
 def test_cmyk_tiff_is_converted_to_rgb(tmp_path):
