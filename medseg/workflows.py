@@ -74,15 +74,19 @@ def _unfinished_runs(tracking_uri: str, experiment: str, name: str) -> list:
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
     finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
-    return [] if found is None else [r for r in client.search_runs([found.experiment_id])
-                                     if r.info.run_name == name and r.info.status != finished]
+    query = f"attributes.run_name = '{name}'" if "'" not in name else ""  # a server need not list every run
+    return [r for r in client.search_runs([found.experiment_id], filter_string=query)
+            if r.info.run_name == name and r.info.status != finished]
 
 
 def _same_folder(run: Any, output_dir: Path) -> bool:
-    """Whether an MLflow run was logged by a training in ``output_dir`` (by its ``output_dir`` param)."""
+    """Whether an MLflow run was logged by a training in ``output_dir`` (by its ``output_dir`` param, which
+    medseg logs as an absolute path; a run without one is another tool's)."""
     logged = run.data.params.get("output_dir")
-    return logged is None or Path(logged).resolve() == output_dir.resolve()
+    return logged is not None and Path(logged).resolve() == output_dir.resolve()
 
 
 def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool) -> str:
@@ -97,7 +101,13 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
             recorded = None
         return str(recorded) if isinstance(recorded, str) and recorded else output_dir.name
     name = output_dir.name
-    if any(not _same_folder(r, output_dir) for r in _unfinished_runs(tracking_uri, experiment, name)):
+    try:
+        unfinished = _unfinished_runs(tracking_uri, experiment, name)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unreachable store
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise MedsegError(f"MLflow store {tracking_uri}: cannot be read ({reason}); check that the server runs "
+                          "and --tracking-uri, or train with --no-tracking") from err
+    if any(not _same_folder(r, output_dir) for r in unfinished):
         name = f"{name}-{hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
     return name
 
@@ -109,13 +119,16 @@ def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
     import mlflow
 
     status = mlflow.entities.RunStatus
-    client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
-    for run in _unfinished_runs(configs["tracking_uri"], configs["experiment_name"], configs["run_name"]):
-        if not _same_folder(run, output_dir):
-            continue
-        if run.info.status == status.to_string(status.RUNNING):
-            client.set_terminated(run.info.run_id, status.to_string(status.FAILED))
-        client.update_run(run.info.run_id, name=f"{configs['run_name']} (replaced)")
+    try:
+        client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
+        for run in _unfinished_runs(configs["tracking_uri"], configs["experiment_name"], configs["run_name"]):
+            if not _same_folder(run, output_dir):
+                continue
+            if run.info.status == status.to_string(status.RUNNING):
+                client.set_terminated(run.info.run_id, status.to_string(status.FAILED))
+            client.update_run(run.info.run_id, name=f"{configs['run_name']} (replaced)")
+    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+        logging.getLogger(__name__).warning("could not retire the folder's unfinished MLflow runs: %s", err)
 
 
 def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
@@ -133,6 +146,8 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs["save_execute_config"] = str(config_path)
     params = {k: v for k, v in parser.get().items()
               if isinstance(v, (int, float, str, bool)) and not str(v).startswith(("$", "@", "%"))}
+    if "output_dir" in params:
+        params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
     if resume:
         params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
@@ -142,7 +157,7 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
 
 
 def _check_tracking_uri(uri: str) -> None:
-    """Open a local ``--tracking-uri`` store once before training (a server is only reached by the run)."""
+    """Open a local ``--tracking-uri`` store once before training (a server is first reached to name the run)."""
     if uri.split(":", 1)[0].lower() in ("http", "https", "databricks"):
         return
     from mlflow import MlflowClient
@@ -251,7 +266,8 @@ def _is_checkpoint_loader(handler: Any) -> bool:
 def _last_checkpoint(output_dir: Path) -> Path:
     existing = [p for p in output_dir.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
     if not existing:
-        raise CheckpointError(f"{output_dir}: no last checkpoint to resume from; drop --resume to start anew")
+        how = "--overwrite instead of --resume" if _trained_files(output_dir) else "without --resume"
+        raise CheckpointError(f"{output_dir}: no last checkpoint to resume from; start anew {how}")
     return max(existing, key=lambda p: p.stat().st_mtime)
 
 
@@ -271,6 +287,29 @@ def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     if weights and not (resume or overwrite):
         raise DataError(f"{out}: holds a trained run ({', '.join(weights)}); continue it with --resume, replace it "
                         "with --overwrite, or choose another --output")
+
+
+def _set_aside(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Copy the files ``names`` of ``out`` aside, for :func:`_put_back`."""
+    import shutil
+
+    aside = []
+    for name in names:
+        path = out / name
+        if path.is_file():
+            spare = path.with_name(f".{name}.replaced")
+            shutil.copy2(path, spare)
+            aside.append((path, spare))
+    return aside
+
+
+def _put_back(aside: Sequence[tuple[Path, Path]], keep_new: bool = False) -> None:
+    """Restore the files :func:`_set_aside` copied (or, with ``keep_new``, drop the copies)."""
+    for path, spare in aside:
+        if keep_new:
+            spare.unlink(missing_ok=True)
+        else:
+            os.replace(spare, path)
 
 
 def _bundle_handlers(parser: Any, kind: type) -> list:
@@ -329,53 +368,63 @@ def train(
     _check_training_length(parser, max_minutes)
     check_writable(out)
     _check_run_folder(out, resume, overwrite)
-    datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
-    if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
-        raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
-                        "hold some out (raise val_fraction or val_count)")
-    _check_compile(parser, dev)
-    if resume and isinstance(parser.get("val_at_start"), bool):
-        parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
-    config_path = out / "config.json"
-    tracked: dict | None = None
-    if tracking:
-        artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
-        experiment = f"medseg-{Path(bundle).resolve().name}"
-        tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
-        ConfigWorkflow.patch_bundle_tracking(parser, tracked)
-    else:
-        parser.export_config_file(parser.get(), str(config_path))
+    # --overwrite: the split and config the checks below write replace the old run's only if they pass
+    aside = _set_aside(out, ("split.json", "config.json")) if overwrite else []
+    try:
+        datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
+        if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
+            raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
+                            "hold some out (raise val_fraction or val_count)")
+        _check_compile(parser, dev)
+        if resume and isinstance(parser.get("val_at_start"), bool):
+            parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
+        config_path = out / "config.json"
+        tracked: dict | None = None
+        if tracking:
+            artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
+            experiment = f"medseg-{Path(bundle).resolve().name}"
+            tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
+            ConfigWorkflow.patch_bundle_tracking(parser, tracked)
+        else:
+            parser.export_config_file(parser.get(), str(config_path))
 
-    parser.get_parsed_content("initialize")
-    trainer = parser.get_parsed_content("train#trainer")
-    evaluator = parser.get_parsed_content("validate#evaluator")
-    _check_batches(trainer, data_dir)
-    if overwrite:
-        for path in _trained_files(out):  # the replaced training's, once this one has passed its checks
-            path.unlink()
-    if tracked is not None and not resume:
-        _retire_unfinished_runs(tracked["configs"], out)
-    if resume:
-        load_dict = {"model": parser.get_parsed_content("network"),
-                     "optimizer": parser.get_parsed_content("optimizer"),
-                     "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
-        if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
-            load_dict["ema_model"] = parser.get_parsed_content("eval_network")
-        last = _last_checkpoint(out)
-        try:  # unreadable, or another network: one line naming it, before the run starts
-            load_checkpoint(load_dict["model"], last, dev)
-        except CheckpointError as err:
-            problem = str(err).rsplit("; ", 1)[0]
-            raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started with, "
-                                  "or drop --resume to start anew") from err
-        CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
-        _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        evaluator = parser.get_parsed_content("validate#evaluator")
+        _check_batches(trainer, data_dir)
+        if tracked is not None and not resume:
+            _retire_unfinished_runs(tracked["configs"], out)
+        if overwrite:
+            for path in _trained_files(out):  # the replaced training's, once this one has passed its checks
+                path.unlink()
+        if resume:
+            load_dict = {"model": parser.get_parsed_content("network"),
+                         "optimizer": parser.get_parsed_content("optimizer"),
+                         "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
+            if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
+                load_dict["ema_model"] = parser.get_parsed_content("eval_network")
+            last = _last_checkpoint(out)
+            try:  # unreadable, or another network: one line naming it, before the run starts
+                load_checkpoint(load_dict["model"], last, dev)
+            except CheckpointError as err:
+                problem = str(err).rsplit("; ", 1)[0]
+                raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
+                                      "with, or start anew with --overwrite instead of --resume") from err
+            CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
+            _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
+    except BaseException:
+        _put_back(aside)
+        raise
+    _put_back(aside, keep_new=True)
     if max_minutes:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))
     RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
 
     start = time.perf_counter()
     from monai.handlers import MLFlowHandler
+
+    run_ids = _note_run_id(trainer, [h for h in parser.get_parsed_content("train#handlers") or []
+                                     if isinstance(h, MLFlowHandler)])
 
     with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
         _validate_at_end_if_never(trainer, evaluator, interrupted)
@@ -400,7 +449,7 @@ def train(
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     _keep_newest_last_checkpoint(out)
     if tracked is not None:
-        _log_late_artifacts(tracked["configs"], [out / "train_summary.json"])
+        _log_late_artifacts(tracked["configs"], run_ids, [out / "train_summary.json"])
     if interrupted:
         if any(out.glob("last_checkpoint_epoch=*.pt")):
             raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
@@ -435,18 +484,36 @@ def _close_tracking(handlers: Sequence[Any], status: str) -> None:
             logging.getLogger(__name__).warning("could not close the MLflow run: %s", err)
 
 
-def _log_late_artifacts(configs: dict, paths: Sequence[Path]) -> None:
-    """Log ``paths`` to the newest MLflow run of this training (its handler has closed the run by now)."""
+def _note_run_id(trainer: Any, handlers: Sequence[Any]) -> list[str]:
+    """The id of the MLflow run the trainer's handler opens, once it has opened it (a list filled at start)."""
+    from ignite.engine import Events
+
+    ids: list[str] = []
+
+    def note(_: Any) -> None:
+        run = getattr(handlers[0], "cur_run", None) if handlers else None
+        if run is not None:
+            ids.append(run.info.run_id)
+
+    trainer.add_event_handler(Events.STARTED, note)  # after the handler's own start, attached with the trainer
+    return ids
+
+
+def _log_late_artifacts(configs: dict, run_ids: Sequence[str], paths: Sequence[Path]) -> None:
+    """Log ``paths`` to this training's MLflow run (its handler has closed the run by now): the run noted at
+    the start, else the newest run of this training's name."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
-    found = client.get_experiment_by_name(configs["experiment_name"])
-    runs = [] if found is None else [r for r in client.search_runs([found.experiment_id])
-                                     if r.info.run_name == configs["run_name"]]
-    if runs:
-        run = max(runs, key=lambda r: r.info.start_time)
+    run_id = run_ids[-1] if run_ids else None
+    if run_id is None:
+        found = client.get_experiment_by_name(configs["experiment_name"])
+        runs = [] if found is None else [r for r in client.search_runs([found.experiment_id])
+                                         if r.info.run_name == configs["run_name"]]
+        run_id = max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+    if run_id is not None:
         for path in paths:
-            client.log_artifact(run.info.run_id, str(path))
+            client.log_artifact(run_id, str(path))
 
 
 def _keep_newest_last_checkpoint(out: Path) -> None:

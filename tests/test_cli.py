@@ -123,9 +123,13 @@ def test_training_into_a_trained_run_is_refused_unless_resumed_or_overwritten(tr
     assert sorted(p.name for p in out.iterdir()) == before and (out / "model.pt").read_bytes() == model
     result = _invoke(*args, "--resume", "--overwrite")
     _assert_one_line_error(result, "--resume", "--overwrite", "give one")
-    # a bad setting is found before anything is removed
+    # a bad setting is found before anything is removed, also one found after the split is drawn again
     _assert_one_line_error(_invoke(*args, "--overwrite", "--set", "no_such_key=1"), "no_such_key")
-    assert sorted(p.name for p in out.iterdir()) == before
+    split = (out / "split.json").read_bytes()
+    result = _invoke(*args, "--overwrite", "--set", "val_count=2", "--set", "network_def#strides=[2]")
+    assert result.exit_code == 1, result.output
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "model.pt").read_bytes() == model
+    assert (out / "split.json").read_bytes() == split  # the old model's split, not the failed run's
     result = _invoke(*args, "--overwrite")
     assert result.exit_code == 0, result.output
     assert [p.name for p in out.glob("last_checkpoint_epoch=*.pt")] == ["last_checkpoint_epoch=2.pt"]
@@ -159,6 +163,39 @@ def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_r
     assert _mlflow_runs(out) == [("run", "FINISHED", "2"), ("run (replaced)", "FAILED", "1")]
 
 
+def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, monkeypatch):
+    """Another folder's unfinished run of the same name (e.g. `--output run` from another directory) is
+    neither continued nor retired: this training's run takes a name of its own, and gets its own files."""
+    import mlflow
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    other = client.create_run(client.create_experiment("medseg-isbi_em"), run_name="run")
+    client.log_param(other.info.run_id, "output_dir", str(tmp_path / "elsewhere" / "run"))  # still RUNNING
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", "run", "--epochs", 1, "--no-progress",
+                     "--device", "cpu", "--tracking-uri", uri, *_tiny_args())
+    assert result.exit_code == 0, result.output
+    runs = {r.info.run_id: r for r in client.search_runs([other.info.experiment_id])}
+    assert (runs[other.info.run_id].info.run_name, runs[other.info.run_id].info.status) == ("run", "RUNNING")
+    (ours,) = [r for r in runs.values() if r.info.run_id != other.info.run_id]
+    assert ours.info.run_name.startswith("run-") and ours.info.status == "FINISHED"
+    assert ours.data.params["output_dir"] == str(tmp_path / "here" / "run")
+    assert "train_summary.json" in [a.path for a in client.list_artifacts(ours.info.run_id)]
+    assert client.list_artifacts(other.info.run_id) == []
+
+
+def test_an_unreachable_tracking_server_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
+                     "--device", "cpu", "--tracking-uri", "http://127.0.0.1:9", *_tiny_args())
+    _assert_one_line_error(result, "MLflow store http://127.0.0.1:9: cannot be read", "--no-tracking")
+
+
 @pytest.mark.parametrize("damage", ["other network", "truncated"])
 def test_resume_from_an_unusable_last_checkpoint_is_one_line(trained, tmp_path, damage):
     out = tmp_path / "resumed"
@@ -175,7 +212,7 @@ def test_resume_from_an_unusable_last_checkpoint_is_one_line(trained, tmp_path, 
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "cannot resume: " in errors[0] and "last_checkpoint_epoch=3.pt" in errors[0]
-    assert "drop --resume" in errors[0]
+    assert "start anew with --overwrite instead of --resume" in errors[0]
 
 
 @pytest.mark.parametrize("step", [3, 1], ids=["in epoch 2", "in epoch 1"])
