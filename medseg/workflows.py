@@ -586,12 +586,12 @@ def evaluate(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score ``checkpoint`` on the ``split`` slices (``val`` or ``all``) of ``data_dir``; write CSV + JSON.
+    """Score ``checkpoint`` on the ``split`` slices (``val``, ``train`` or ``all``) of ``data_dir``; write CSV + JSON.
 
     Several checkpoints are scored as one ensemble (:class:`medseg.ensemble.MeanEnsemble`, outputs averaged).
-    With ``split="val"``, a ``split.json`` next to the checkpoint selects the validation samples of its run
-    (ISBI: their number; other bundles: their names, when it records this ``data_dir``); an ensemble's
-    members must record the same validation samples.
+    With ``split="val"`` or ``"train"``, a ``split.json`` next to the checkpoint selects the validation or
+    training samples of its run (ISBI: by the number held out; other bundles: by their names, when it
+    records this ``data_dir``); an ensemble's members must record the same validation samples.
     ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
 
     Returns:
@@ -613,22 +613,22 @@ def evaluate(
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 "eval_split": split, **_device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
-    # the model and the output folder first: reading the data lists may already write split.json there
+    # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)
-    record = _recorded_split(checkpoints) if split == "val" and "val_count" not in overrides else None
+    record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
     if record is not None:
-        # score the validation samples of the run that produced the checkpoint
-        val_names = [str(n) for n in record["val"]]
-        if parser.get("val_count") is not None:  # ISBI: the last N slices
-            parser["val_count"] = len(val_names)
-        elif val_names and str(record.get("data_dir", "")) == str(Path(data_dir).resolve()):
+        # score the validation (or training) samples of the run that produced the checkpoint
+        names = [str(n) for n in record.get(split, [])]
+        if parser.get("val_count") is not None:  # ISBI: the last N slices are held out, the others trained on
+            parser["val_count"] = len(record["val"])
+        elif names and str(record.get("data_dir", "")) == str(Path(data_dir).resolve()):
             # random splits (val_fraction, seed): the recorded names, whatever the overrides of this call
             datalists = parser.get_parsed_content("datalists")
             listed = datalists.get("all", []) if isinstance(datalists, dict) else []
             samples = {str(d.get("name")): d for d in listed}
-            if all(n in samples for n in val_names):
-                parser["validate#dataset#data"] = [samples[n] for n in val_names]
+            if all(n in samples for n in names):
+                parser["validate#dataset#data"] = [samples[n] for n in names]
     if len(checkpoints) > 1:  # the members are loaded above; the bundle's CheckpointLoader loads one network
         parser["network_def"] = network
         parser["eval_network"] = "@network"

@@ -348,6 +348,13 @@ def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
     assert result.exit_code == 0, result.output
     rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["3"]
+    # --split train: the other slices (the bundle's val_count of 5 would not fit the 4 slices)
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "train", "--split", "train", "--no-progress", "--device", "cpu",
+                     *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "train" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
 
 
 def test_evaluate_into_the_run_folder_keeps_its_split_record(trained, tmp_path):

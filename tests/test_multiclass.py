@@ -441,6 +441,14 @@ def test_cli_evaluate_val_follows_the_recorded_split(trained, tmp_path):
     with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
         names = [r["name"] for r in csv.DictReader(fh)]
     assert names == json.loads((trained["out"] / "split.json").read_text())["val"]
+    # --split train scores the run's own training images, whatever the seed given now
+    result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "train", "--split", "train", "--no-progress", "--device", "cpu",
+                     *_sets([*JURKAT_TINY_NET, "seed=7"]))
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "train" / "metrics.csv", newline="") as fh:
+        names = [r["name"] for r in csv.DictReader(fh)]
+    assert names == json.loads((trained["out"] / "split.json").read_text())["train"]
     # --split all scores every image
     result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "all", "--split", "all", "--no-progress", "--device", "cpu",
