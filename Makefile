@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU build by default; on a CUDA machine run e.g. `make TORCH_SPEC="torch --index-url ..." test`
+# torch==2.13.0 from pip's indexes (a CPU build where they hold one); to pick a build run e.g. `make TORCH_SPEC="torch --index-url ..." test`
 # or install your CUDA torch into .venv first (the stamp below is then reused).
 TORCH_SPEC ?= torch==2.13.0
 # `make demo` trains isbi_em; `make demo DEMO=jurkat` or `make demo DEMO=nuclei` picks another bundle

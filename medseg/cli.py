@@ -188,7 +188,7 @@ def infer(
     input_path: Annotated[Path, typer.Argument(
         help="Folder (searched recursively) or one file: PNG, TIFF (stacks), NIfTI, DICOM (one input per series).")],
     output_dir: Annotated[Path, typer.Argument(
-        help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles) and manifest.csv.")],
+        help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles), manifest.csv and run.json.")],
     checkpoint: CheckpointOpt = None,
     include: Annotated[list[str] | None, typer.Option(
         help="Only files matching this glob (relative path or name, e.g. '*.nii.gz'); repeatable.")] = None,
