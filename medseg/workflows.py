@@ -59,6 +59,8 @@ def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: 
     logged = runs[-1].data.params
     out = {}
     for key, value in params.items():
+        if key == "output_dir" and key in logged:
+            continue  # the same folder, perhaps logged as a relative path by an earlier version
         if key in logged and logged[key] != str(value):
             n = 1
             while f"{key}.resume{n}" in logged and logged[f"{key}.resume{n}"] != str(value):
@@ -68,8 +70,8 @@ def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: 
     return out
 
 
-def _unfinished_runs(tracking_uri: str, experiment: str, name: str) -> list:
-    """The runs named ``name`` not marked finished: those MONAI's handler would continue."""
+def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool = False) -> list:
+    """The runs named ``name`` (``unfinished``: those not marked finished, which MONAI's handler continues)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -79,7 +81,7 @@ def _unfinished_runs(tracking_uri: str, experiment: str, name: str) -> list:
     finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
     query = f"attributes.run_name = '{name}'" if "'" not in name else ""  # a server need not list every run
     return [r for r in client.search_runs([found.experiment_id], filter_string=query)
-            if r.info.run_name == name and r.info.status != finished]
+            if r.info.run_name == name and not (unfinished and r.info.status == finished)]
 
 
 def _same_folder(run: Any, output_dir: Path) -> bool:
@@ -91,9 +93,9 @@ def _same_folder(run: Any, output_dir: Path) -> bool:
 
 def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool) -> str:
     """The MLflow run name of a training in ``output_dir``: the folder's name, or when resuming the name the
-    training started with (kept in its ``config.json``). A new training whose folder name has an unfinished
-    run of another folder (a shared tracking server) takes a hash of its path into the name, so that it
-    does not continue that run."""
+    training started with (kept in its ``config.json``). A new training whose folder name already names a
+    run of another folder (a shared tracking server) takes a hash of its path into the name, so that
+    neither it nor a later ``--resume`` of either folder continues the other's run."""
     if resume:
         try:
             recorded = json.loads(config_path.read_text(encoding="utf-8")).get("run_name")
@@ -102,12 +104,12 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
         return str(recorded) if isinstance(recorded, str) and recorded else output_dir.name
     name = output_dir.name
     try:
-        unfinished = _unfinished_runs(tracking_uri, experiment, name)
+        named = _runs_named(tracking_uri, experiment, name)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unreachable store
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise MedsegError(f"MLflow store {tracking_uri}: cannot be read ({reason}); check that the server runs "
                           "and --tracking-uri, or train with --no-tracking") from err
-    if any(not _same_folder(r, output_dir) for r in unfinished):
+    if any(not _same_folder(r, output_dir) for r in named):
         name = f"{name}-{hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
     return name
 
@@ -121,7 +123,7 @@ def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
     status = mlflow.entities.RunStatus
     try:
         client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
-        for run in _unfinished_runs(configs["tracking_uri"], configs["experiment_name"], configs["run_name"]):
+        for run in _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"], True):
             if not _same_folder(run, output_dir):
                 continue
             if run.info.status == status.to_string(status.RUNNING):
@@ -157,8 +159,23 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
 
 
 def _check_tracking_uri(uri: str) -> None:
-    """Open a local ``--tracking-uri`` store once before training (a server is first reached to name the run)."""
-    if uri.split(":", 1)[0].lower() in ("http", "https", "databricks"):
+    """Open a local ``--tracking-uri`` store once before training; a server must accept a connection within
+    a few seconds (MLflow's own retries would take minutes to give up)."""
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme == "databricks":
+        return
+    if scheme in ("http", "https"):
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(uri)
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+            with socket.create_connection((parts.hostname or "", port), timeout=5):
+                pass
+        except (OSError, ValueError) as err:
+            raise MedsegError(f"--tracking-uri {uri}: no MLflow server answers there ({err}); start it, fix the "
+                              "address, or train with --no-tracking") from err
         return
     from mlflow import MlflowClient
 
@@ -259,6 +276,11 @@ def _recorded_split(checkpoints: list[str]) -> dict | None:
     return splits[found[0]]
 
 
+def _recorded_split_path(checkpoints: list[str]) -> Path:
+    return next((Path(c).parent / "split.json" for c in checkpoints if (Path(c).parent / "split.json").is_file()),
+                Path(checkpoints[0]).parent / "split.json")
+
+
 def _is_checkpoint_loader(handler: Any) -> bool:
     return isinstance(handler, dict) and str(handler.get("_target_", "")).rsplit(".", 1)[-1] == "CheckpointLoader"
 
@@ -287,6 +309,19 @@ def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     if weights and not (resume or overwrite):
         raise DataError(f"{out}: holds a trained run ({', '.join(weights)}); continue it with --resume, replace it "
                         "with --overwrite, or choose another --output")
+
+
+def _recover_set_aside(out: Path) -> None:
+    """Put back files an ``--overwrite`` set aside and could not restore (the process was killed during its
+    checks): they belong to the weights still in the folder."""
+    for spare in out.glob(".*.replaced"):
+        name = spare.name[1:-len(".replaced")]
+        if name in _SET_ASIDE and spare.is_file():
+            os.replace(spare, out / name)
+
+
+#: What a new training's checks write into the run folder before it starts.
+_SET_ASIDE = ("split.json", "config.json")
 
 
 def _set_aside(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
@@ -367,9 +402,10 @@ def train(
     parser = load_config(bundle, "train", overlays, overrides, settings)
     _check_training_length(parser, max_minutes)
     check_writable(out)
+    _recover_set_aside(out)
     _check_run_folder(out, resume, overwrite)
     # --overwrite: the split and config the checks below write replace the old run's only if they pass
-    aside = _set_aside(out, ("split.json", "config.json")) if overwrite else []
+    aside = _set_aside(out, _SET_ASIDE) if overwrite else []
     try:
         datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
         if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
@@ -423,8 +459,8 @@ def train(
     start = time.perf_counter()
     from monai.handlers import MLFlowHandler
 
-    run_ids = _note_run_id(trainer, [h for h in parser.get_parsed_content("train#handlers") or []
-                                     if isinstance(h, MLFlowHandler)])
+    train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
+    run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
 
     with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
         _validate_at_end_if_never(trainer, evaluator, interrupted)
@@ -449,7 +485,7 @@ def train(
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     _keep_newest_last_checkpoint(out)
     if tracked is not None:
-        _log_late_artifacts(tracked["configs"], run_ids, [out / "train_summary.json"])
+        _log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
     if interrupted:
         if any(out.glob("last_checkpoint_epoch=*.pt")):
             raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
@@ -514,6 +550,14 @@ def _log_late_artifacts(configs: dict, run_ids: Sequence[str], paths: Sequence[P
     if run_id is not None:
         for path in paths:
             client.log_artifact(run_id, str(path))
+
+
+def _log_late_artifacts_or_warn(configs: dict, run_ids: Sequence[str], paths: Sequence[Path]) -> None:
+    """:func:`_log_late_artifacts`; a tracking failure at the end of a training is a warning, not its end."""
+    try:
+        _log_late_artifacts(configs, run_ids, paths)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the training itself is done
+        logging.getLogger(__name__).warning("could not log %s to MLflow: %s", ", ".join(map(str, paths)), err)
 
 
 def _keep_newest_last_checkpoint(out: Path) -> None:
@@ -629,6 +673,14 @@ def evaluate(
             samples = {str(d.get("name")): d for d in listed}
             if all(n in samples for n in names):
                 parser["validate#dataset#data"] = [samples[n] for n in names]
+            else:
+                logging.getLogger(__name__).warning(
+                    "%s: %d of its %s images are not in %s; the split is drawn from the settings given instead",
+                    _recorded_split_path(checkpoints), sum(n not in samples for n in names), split, data_dir)
+        elif names:
+            logging.getLogger(__name__).warning(
+                "%s records the split of another data folder (%s); the split is drawn from the settings given",
+                _recorded_split_path(checkpoints), record.get("data_dir", "?"))
     if len(checkpoints) > 1:  # the members are loaded above; the bundle's CheckpointLoader loads one network
         parser["network_def"] = network
         parser["eval_network"] = "@network"

@@ -163,23 +163,27 @@ def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_r
     assert _mlflow_runs(out) == [("run", "FINISHED", "2"), ("run (replaced)", "FAILED", "1")]
 
 
-def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, monkeypatch):
-    """Another folder's unfinished run of the same name (e.g. `--output run` from another directory) is
-    neither continued nor retired: this training's run takes a name of its own, and gets its own files."""
+@pytest.mark.parametrize("status", ["RUNNING", "FINISHED"])
+def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, monkeypatch, status):
+    """Another folder's run of the same name (e.g. `--output run` from another directory) is neither
+    continued nor retired: this training's run takes a name of its own (so that a later --resume of
+    either folder finds its own run), and gets its own files."""
     import mlflow
 
     data = write_isbi_folder(tmp_path / "d", n=3, size=48)
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     other = client.create_run(client.create_experiment("medseg-isbi_em"), run_name="run")
-    client.log_param(other.info.run_id, "output_dir", str(tmp_path / "elsewhere" / "run"))  # still RUNNING
+    client.log_param(other.info.run_id, "output_dir", str(tmp_path / "elsewhere" / "run"))
+    if status == "FINISHED":
+        client.set_terminated(other.info.run_id, status)
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     result = _invoke("train", BUNDLE, "--data", data, "--output", "run", "--epochs", 1, "--no-progress",
                      "--device", "cpu", "--tracking-uri", uri, *_tiny_args())
     assert result.exit_code == 0, result.output
     runs = {r.info.run_id: r for r in client.search_runs([other.info.experiment_id])}
-    assert (runs[other.info.run_id].info.run_name, runs[other.info.run_id].info.status) == ("run", "RUNNING")
+    assert (runs[other.info.run_id].info.run_name, runs[other.info.run_id].info.status) == ("run", status)
     (ours,) = [r for r in runs.values() if r.info.run_id != other.info.run_id]
     assert ours.info.run_name.startswith("run-") and ours.info.status == "FINISHED"
     assert ours.data.params["output_dir"] == str(tmp_path / "here" / "run")
@@ -187,13 +191,57 @@ def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, 
     assert client.list_artifacts(other.info.run_id) == []
 
 
-def test_an_unreachable_tracking_server_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+def test_an_unreachable_tracking_server_is_one_line_at_once(tmp_path):
+    import time
+
     data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    start = time.perf_counter()
     result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
                      "--device", "cpu", "--tracking-uri", "http://127.0.0.1:9", *_tiny_args())
-    _assert_one_line_error(result, "MLflow store http://127.0.0.1:9: cannot be read", "--no-tracking")
+    _assert_one_line_error(result, "--tracking-uri http://127.0.0.1:9: no MLflow server answers there",
+                           "--no-tracking")
+    assert time.perf_counter() - start < 60  # not MLflow's minutes of retries
+
+
+def test_files_an_interrupted_overwrite_set_aside_are_put_back(trained, tmp_path):
+    """A process killed during --overwrite's checks leaves the old run's split beside the new one's: the
+    next training in the folder puts it back first (the weights there were trained on it)."""
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    old = (out / "split.json").read_bytes()
+    (out / ".split.json.replaced").write_bytes(old)
+    (out / "split.json").write_text('{"train": ["0"], "val": ["1", "2", "3"]}')
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu",
+                     *_tiny_args())
+    _assert_one_line_error(result, "holds a trained run")
+    assert (out / "split.json").read_bytes() == old and not (out / ".split.json.replaced").exists()
+
+
+def test_a_tracking_failure_after_training_is_a_warning(tmp_path, isbi_folder, monkeypatch):
+    from medseg import workflows
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("server gone")
+
+    monkeypatch.setattr(workflows, "_log_late_artifacts", fail)
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "run", "--epochs", 1,
+                     "--no-progress", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_a_resumed_run_logged_with_a_relative_folder_gets_no_second_folder_param(tmp_path):
+    import mlflow
+
+    from medseg.workflows import _resumed_params
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("e"), run_name="r")
+    client.log_param(run.info.run_id, "output_dir", "runs/r")
+    client.log_param(run.info.run_id, "max_epochs", "3")
+    params = _resumed_params({"output_dir": str(tmp_path / "runs" / "r"), "max_epochs": 5}, uri, "e", "r")
+    assert params == {"max_epochs.resume1": 5}
 
 
 @pytest.mark.parametrize("damage", ["other network", "truncated"])
