@@ -111,9 +111,12 @@ class BinaryLabeld(MapTransform):
             if not (values <= {0.0, 1.0} or values <= {0.0, float(self.on_value)}):
                 bad = sorted(values - {0.0, float(self.on_value)})
                 shown = ", ".join(f"{v:g}" for v in bad[:5]) + (" …" if len(bad) > 5 else "")
+                source = d.get(f"{key}_file")
+                colour = " (a colour label, its colours read as their luma)" if source and _in_colour(
+                    str(source), int(d.get("page", 0) or 0)) else ""
                 raise DataError(
-                    f"{d.get(f'{key}_file', key)}: label values {shown} are not binary; expected "
-                    f"0 = membrane and {self.on_value:g} = cell interior"
+                    f"{d.get(f'{key}_file', key)}: label values {shown} are not binary{colour}; expected "
+                    f"0 = membrane and {self.on_value:g} = cell interior, as 8-bit gray"
                 )
             d[key] = (arr > 0).astype(np.float32)
         return d
@@ -155,11 +158,25 @@ class ClassMapd(MapTransform):
             if unknown:
                 shown = ", ".join(f"{v:g}" for v in unknown[:5]) + (" …" if len(unknown) > 5 else "")
                 known = ", ".join(f"{k:g}" for k in self.class_map)
+                source = d.get(f"{key}_file")
+                if source and _in_colour(str(source), int(d.get("page", 0) or 0)):
+                    raise DataError(f"{source}: a colour mask (its colours read as their luma {shown}); class "
+                                    f"masks are read by gray values ({known} in class_map): save it with those "
+                                    "values as 8-bit gray")
                 raise DataError(f"{d.get(f'{key}_file', key)}: label values {shown} are not in the class map "
                                 f"({known}); fix the mask or add them to class_map")
             lut = np.array([self.class_map[float(v)] for v in values.tolist()], dtype=np.float32)
             d[key] = lut[inverse].reshape(arr.shape).astype(np.float32)
         return d
+
+
+def _in_colour(path: str, page: int = 0) -> bool:
+    """Whether slice ``page`` of ``path`` holds colours (RGB or a colour palette), for error messages."""
+    try:
+        arr = read_slice(path, page)
+    except (DataError, OSError, IndexError, ValueError):
+        return False
+    return arr.shape[0] >= 3 and not (np.array_equal(arr[0], arr[1]) and np.array_equal(arr[0], arr[2]))
 
 
 class LoadInstanceMasksd(MapTransform):

@@ -162,6 +162,26 @@ def test_class_map_unknown_values_name_values_and_file(jurkat_folder):
         ClassMapd(keys="label", class_map={})
 
 
+@pytest.mark.parametrize("kind", ["palette", "rgb"])
+def test_a_colour_mask_is_named_as_such(jurkat_folder, kind):
+    """A mask saved with class colours (labelme / VOC palette, or RGB) is read by luma; the error says so."""
+    pair = find_image_mask_pairs(jurkat_folder, **LAYOUT)[0]
+    values = np.asarray(Image.open(pair["label"]))
+    indices = np.select([values == 128, values == 255], [1, 2], 0).astype(np.uint8)
+    if kind == "palette":
+        mask = Image.fromarray(indices, "P")
+        mask.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0])
+    else:
+        mask = Image.fromarray(np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0]], np.uint8)[indices])
+    mask.save(pair["label"])
+    d = LoadSliced(keys=["image", "label"], channels=[3, 1])(pair)
+    with pytest.raises(DataError) as err:
+        ClassMapd(keys="label", class_map=CLASS_MAP)(d)
+    message = str(err.value)
+    assert message.startswith(str(pair["label"])) and "a colour mask (its colours read as their luma" in message
+    assert "save it with those values as 8-bit gray" in message
+
+
 def test_class_map_rejects_colour_labels(tmp_path):
     path = tmp_path / "rgb.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)

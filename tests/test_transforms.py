@@ -49,6 +49,21 @@ def test_binary_label_accepts_0_255_and_0_1_and_rejects_others():
         BinaryLabeld(keys="label")({"label": np.array([[[0, 128, 255]]], np.float32), "label_file": "x.png"})
 
 
+def test_a_colour_binary_label_is_named_as_such(tmp_path):
+    from PIL import Image
+
+    from medseg.transforms import LoadSliced
+
+    path = tmp_path / "red.png"
+    label = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    label.putpalette([0, 0, 0, 255, 0, 0])  # membrane black, interior red
+    label.save(path)
+    d = LoadSliced(keys="label")({"label": str(path)})
+    with pytest.raises(DataError, match=r"red\.png: label values 76\.245 are not binary \(a colour label, its "
+                                        r"colours read as their luma\); expected 0 = membrane and 255"):
+        BinaryLabeld(keys="label")(d)
+
+
 def test_border_weight_between_two_cells_matches_formula():
     interior = np.zeros((20, 30), bool)
     interior[:, :10] = True  # cell 1: columns 0..9
