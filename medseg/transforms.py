@@ -122,23 +122,42 @@ class BinaryLabeld(MapTransform):
         return d
 
 
-class ClassMapd(MapTransform):
-    """Map the pixel values of a label image to class indices, e.g. ``{0: 0, 128: 1, 255: 2}``.
+def _colour_key(key: object) -> int | None:
+    """``#RRGGBB`` as one integer (R·65536 + G·256 + B); ``None`` for anything else."""
+    text = str(key).strip()
+    if len(text) == 7 and text.startswith("#"):
+        try:
+            return int(text[1:], 16)
+        except ValueError:
+            return None
+    return None
 
-    The result is float32 ``(1, H, W)`` holding 0..C-1, as MONAI's one-hot losses and metrics expect.
+
+class ClassMapd(MapTransform):
+    """Map the pixel values of a label image to class indices, e.g. ``{0: 0, 128: 1, 255: 2}``, or the
+    colours of a colour-coded mask, e.g. ``{"#000000": 0, "#800000": 1, "#008000": 2}``.
+
+    The label may have one channel or three (a gray mask saved as RGB gives its gray values). Colour keys
+    need the label's three channels, so load it with ``channels=3``. The result is float32 ``(1, H, W)``
+    holding 0..C-1, as MONAI's one-hot losses and metrics expect.
 
     Raises:
-        DataError: the label holds a value the map does not know; the message names the file and the values.
+        DataError: the label holds a value or colour the map does not know; the message names the file and
+            the values.
     """
 
     def __init__(self, keys: KeysCollection, class_map: Mapping, num_classes: int | None = None,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         try:
-            self.class_map = {float(k): int(v) for k, v in dict(class_map).items()}
+            items = dict(class_map).items()
+            colours = {_colour_key(k): int(v) for k, v in items}
+            self.colours = None not in colours
+            self.class_map = colours if self.colours else {float(k): int(v) for k, v in items}
         except (TypeError, ValueError) as err:
             raise ConfigValueError(f"class_map={class_map!r}: give pixel value -> class index pairs, e.g. "
-                                   "--set 'class_map={\"0\": 0, \"255\": 1}'") from err
+                                   "--set 'class_map={\"0\": 0, \"255\": 1}', or colours as \"#RRGGBB\" keys "
+                                   "(all keys one kind)") from err
         if not self.class_map:
             raise ConfigValueError("class_map is empty; give pixel value -> class index pairs")
         outside = sorted({v for v in self.class_map.values() if v < 0 or (num_classes and v >= num_classes)})
@@ -146,26 +165,41 @@ class ClassMapd(MapTransform):
             raise ConfigValueError(f"class_map maps to class {outside[0]}, outside 0..{(num_classes or 1) - 1} "
                                    "(num_classes); fix class_map or num_classes")
 
+    def _show(self, value: float) -> str:
+        return f"#{int(value):06x}" if self.colours else f"{value:g}"
+
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             arr = np.asarray(d[key])
-            if arr.ndim == 3 and arr.shape[0] > 1:
-                raise DataError(f"{d.get(f'{key}_file', key)}: a {arr.shape[0]}-channel label image; class labels "
-                                "need one channel (save the mask as 8-bit gray)")
+            source = d.get(f"{key}_file", key)
+            gray = arr.ndim == 3 and arr.shape[0] == 3 and np.array_equal(arr[0], arr[1]) and \
+                np.array_equal(arr[0], arr[2])
+            if self.colours:
+                if arr.ndim != 3 or arr.shape[0] != 3:
+                    raise DataError(f"{source}: a {arr.shape[0]}-channel label image; the class map names colours, "
+                                    "which need an RGB mask (load the label with channels=3)")
+                rgb = np.rint(arr).astype(np.int64)
+                arr = (rgb[0] << 16 | rgb[1] << 8 | rgb[2])[None]
+            elif gray:
+                arr = arr[:1]
+            elif arr.ndim == 3 and arr.shape[0] > 1:
+                raise DataError(f"{source}: a colour mask ({arr.shape[0]} channels); class_map gives gray values: "
+                                "save the mask as 8-bit gray, or give class_map colours as \"#RRGGBB\" keys")
             values, inverse = np.unique(arr, return_inverse=True)
-            unknown = [v for v in values.tolist() if float(v) not in self.class_map]
+            unknown = [v for v in values.tolist() if (int(v) if self.colours else float(v)) not in self.class_map]
             if unknown:
-                shown = ", ".join(f"{v:g}" for v in unknown[:5]) + (" …" if len(unknown) > 5 else "")
-                known = ", ".join(f"{k:g}" for k in self.class_map)
-                source = d.get(f"{key}_file")
-                if source and _in_colour(str(source), int(d.get("page", 0) or 0)):
+                shown = ", ".join(self._show(v) for v in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+                known = ", ".join(self._show(k) for k in self.class_map)
+                if not self.colours and d.get(f"{key}_file") and _in_colour(str(source), int(d.get("page", 0) or 0)):
                     raise DataError(f"{source}: a colour mask (its colours read as their luma {shown}); class "
                                     f"masks are read by gray values ({known} in class_map): save it with those "
-                                    "values as 8-bit gray")
-                raise DataError(f"{d.get(f'{key}_file', key)}: label values {shown} are not in the class map "
-                                f"({known}); fix the mask or add them to class_map")
-            lut = np.array([self.class_map[float(v)] for v in values.tolist()], dtype=np.float32)
+                                    "values as 8-bit gray, or give class_map colours as \"#RRGGBB\" keys")
+                what = "colours" if self.colours else "values"
+                raise DataError(f"{source}: label {what} {shown} are not in the class map ({known}); fix the mask "
+                                "or add them to class_map")
+            lut = np.array([self.class_map[int(v) if self.colours else float(v)] for v in values.tolist()],
+                           dtype=np.float32)
             d[key] = lut[inverse].reshape(arr.shape).astype(np.float32)
         return d
 

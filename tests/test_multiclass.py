@@ -182,12 +182,60 @@ def test_a_colour_mask_is_named_as_such(jurkat_folder, kind):
     assert "save it with those values as 8-bit gray" in message
 
 
-def test_class_map_rejects_colour_labels(tmp_path):
+def test_class_map_rejects_colour_labels_but_takes_gray_saved_as_rgb(tmp_path):
     path = tmp_path / "rgb.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
-    d = LoadSliced(keys="label", gray=False)({"label": str(path)})
-    with pytest.raises(DataError, match=r"rgb\.png: a 3-channel label image"):
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:4] = 128
+    Image.fromarray(rgb).save(path)
+    d = LoadSliced(keys="label", channels=3)({"label": str(path)})
+    assert set(np.unique(ClassMapd(keys="label", class_map=CLASS_MAP)(d)["label"]).tolist()) == {0.0, 1.0}
+    rgb[0, 0] = (200, 0, 0)
+    Image.fromarray(rgb).save(path)
+    d = LoadSliced(keys="label", channels=3)({"label": str(path)})
+    with pytest.raises(DataError, match=r"rgb\.png: a colour mask \(3 channels\); class_map gives gray values.*"
+                                        r"#RRGGBB"):
         ClassMapd(keys="label", class_map=CLASS_MAP)(d)
+
+
+COLOURS = {"#000000": 0, "#800000": 1, "#008000": 2}
+
+
+@pytest.mark.parametrize("kind", ["palette", "rgb"])
+def test_class_map_of_colours_takes_colour_coded_masks(jurkat_folder, kind):
+    """Masks saved with class colours (labelme / VOC palette PNG, or RGB) map by their colours, in the
+    bundle's own load chain; a colour the map lacks is named as #RRGGBB."""
+    from monai.transforms import Compose
+
+    from medseg.bundle import load_config
+
+    parser = load_config(JURKAT, "train", settings={"dataset_dir": str(jurkat_folder),
+                                                    "output_dir": str(jurkat_folder.parent / "run"),
+                                                    "class_map": COLOURS})
+    sample = parser.get_parsed_content("datalists")["train"][0]
+    values = np.asarray(Image.open(sample["label"]))
+    indices = np.select([values == 128, values == 255], [1, 2], 0).astype(np.uint8)
+    table = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0], [255, 0, 255]], np.uint8)
+    if kind == "palette":
+        mask = Image.fromarray(indices, "P")
+        mask.putpalette(table.ravel().tolist())
+    else:
+        mask = Image.fromarray(table[indices])
+    mask.save(sample["label"])
+    chain = Compose(parser.get_parsed_content("load"))
+    np.testing.assert_array_equal(np.asarray(chain(dict(sample))["label"])[0], indices)
+    indices[0, 0] = 3  # magenta: not in the map
+    mask = Image.fromarray(indices, "P") if kind == "palette" else Image.fromarray(table[indices])
+    if kind == "palette":
+        mask.putpalette(table.ravel().tolist())
+    mask.save(sample["label"])
+    with pytest.raises(Exception) as err:  # noqa: PT011 - MONAI wraps it; the user error is found in the chain
+        chain(dict(sample))
+    from medseg.errors import find_user_error
+
+    assert "label colours #ff00ff are not in the class map (#000000, #800000, #008000)" in str(
+        find_user_error(err.value))
+    with pytest.raises(ValueError, match="all keys one kind"):
+        ClassMapd(keys="label", class_map={"#000000": 0, "255": 1})
 
 
 def test_gray_mask_saved_as_rgb_keeps_its_exact_values(tmp_path):
