@@ -173,16 +173,15 @@ class ClassMapd(MapTransform):
         for key in self.key_iterator(d):
             arr = np.asarray(d[key])
             source = d.get(f"{key}_file", key)
-            gray = arr.ndim == 3 and arr.shape[0] == 3 and np.array_equal(arr[0], arr[1]) and \
-                np.array_equal(arr[0], arr[2])
             if self.colours:
                 if arr.ndim != 3 or arr.shape[0] != 3:
                     raise DataError(f"{source}: a {arr.shape[0]}-channel label image; the class map names colours, "
                                     "which need an RGB mask (load the label with channels=3)")
                 rgb = np.rint(arr).astype(np.int64)
                 arr = (rgb[0] << 16 | rgb[1] << 8 | rgb[2])[None]
-            elif gray:
-                arr = arr[:1]
+            elif arr.ndim == 3 and arr.shape[0] == 3 and np.array_equal(arr[0], arr[1]) and \
+                    np.array_equal(arr[0], arr[2]):
+                arr = arr[:1]  # a gray mask saved as RGB
             elif arr.ndim == 3 and arr.shape[0] > 1:
                 raise DataError(f"{source}: a colour mask ({arr.shape[0]} channels); class_map gives gray values: "
                                 "save the mask as 8-bit gray, or give class_map colours as \"#RRGGBB\" keys")

@@ -44,16 +44,8 @@ def _device_settings(device: Any) -> dict[str, Any]:
 def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: str) -> dict:
     """Params for the MLflow run a resumed training continues: a value changed since (e.g. ``--epochs``) is
     logged as ``KEY.resumeN``, since MLflow refuses to change a logged param."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return params
-    finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
     # the run MONAI's MLFlowHandler continues: the last unfinished run of that name, in search order
-    runs = [r for r in client.search_runs([found.experiment_id])
-            if r.info.run_name == run_name and r.info.status != finished]
+    runs = _runs_named(tracking_uri, experiment, run_name, unfinished=True)
     if not runs:
         return params
     logged = runs[-1].data.params
@@ -123,7 +115,8 @@ def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
     status = mlflow.entities.RunStatus
     try:
         client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
-        for run in _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"], True):
+        for run in _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"],
+                               unfinished=True):
             if not _same_folder(run, output_dir):
                 continue
             if run.info.status == status.to_string(status.RUNNING):
@@ -311,6 +304,10 @@ def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
                         "with --overwrite, or choose another --output")
 
 
+#: What a new training's checks write into the run folder before it starts.
+_SET_ASIDE = ("split.json", "config.json")
+
+
 def _recover_set_aside(out: Path) -> None:
     """Put back files an ``--overwrite`` set aside and could not restore (the process was killed during its
     checks): they belong to the weights still in the folder."""
@@ -318,10 +315,6 @@ def _recover_set_aside(out: Path) -> None:
         name = spare.name[1:-len(".replaced")]
         if name in _SET_ASIDE and spare.is_file():
             os.replace(spare, out / name)
-
-
-#: What a new training's checks write into the run folder before it starts.
-_SET_ASIDE = ("split.json", "config.json")
 
 
 def _set_aside(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
@@ -543,9 +536,7 @@ def _log_late_artifacts(configs: dict, run_ids: Sequence[str], paths: Sequence[P
     client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
     run_id = run_ids[-1] if run_ids else None
     if run_id is None:
-        found = client.get_experiment_by_name(configs["experiment_name"])
-        runs = [] if found is None else [r for r in client.search_runs([found.experiment_id])
-                                         if r.info.run_name == configs["run_name"]]
+        runs = _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"])
         run_id = max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
     if run_id is not None:
         for path in paths:
