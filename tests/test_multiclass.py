@@ -525,6 +525,17 @@ def test_cli_evaluate_val_follows_the_recorded_split(trained, tmp_path):
     assert json.loads((tmp_path / "all" / "summary.json").read_text())["images"] == 8
 
 
+def test_cli_evaluate_says_when_the_recorded_split_cannot_be_followed(trained, tmp_path, caplog):
+    """Another data folder than the run's: the split is drawn from the settings given, and a warning says so."""
+    data = tmp_path / "copy"
+    shutil.copytree(trained["data"], data)
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", trained["out"] / "model.pt",
+                         "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(JURKAT_TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert any("records the split of another data folder" in r.getMessage() for r in caplog.records)
+
+
 def test_cli_infer_writes_class_value_masks(trained, tmp_path):
     inputs = tmp_path / "in"
     shutil.copytree(trained["data"] / "set_b", inputs)
