@@ -188,7 +188,8 @@ def _affine(origin: np.ndarray, step: np.ndarray, row: np.ndarray, col: np.ndarr
 
 
 def _pixels(ds, path: str) -> np.ndarray:
-    """The pixel array (frames first for multi-frame) with RescaleSlope/Intercept applied, as float32."""
+    """The pixels as float32 ``(frames, C, Y, X)``: one channel, or RGB for colour images (a PALETTE COLOR image
+    by its colours), with RescaleSlope/Intercept applied."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')}); "
                         "it is not an image")
@@ -206,13 +207,15 @@ def _pixels(ds, path: str) -> np.ndarray:
         except (ValueError, KeyError, AttributeError, IndexError, TypeError) as err:
             raise DataError(f"{path}: PALETTE COLOR image with an unusable colour table ({err}); convert it to "
                             "RGB or gray first") from err
-    if colour:  # one gray channel (ITU-R 601 luma)
-        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if str(getattr(ds, "PhotometricInterpretation", "")).startswith("MONOCHROME1"):
         arr = _invert_stored(arr, ds)
+    # samples last as pydicom gives them (YBR already converted to RGB), then channels first per frame
+    arr = np.moveaxis(arr[..., :3].reshape(-1, *arr.shape[-3:-1], 3), -1, 1) if colour else \
+        arr.reshape(-1, 1, *arr.shape[-2:])
     slope, intercept = _rescale(ds)
-    return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept) if np.isscalar(slope) else (
-        arr.astype(np.float32).reshape(-1, *arr.shape[-2:]) * slope + intercept)
+    if not np.isscalar(slope):
+        slope, intercept = slope[:, None], intercept[:, None]  # (frames, 1, 1, 1)
+    return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
 def _invert_stored(arr: np.ndarray, ds) -> np.ndarray:
@@ -364,24 +367,35 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
 
 @functools.lru_cache(maxsize=2)
 def _file_pixels(path: str, mtime_ns: int) -> np.ndarray:
-    """All frames of one file, ``(frames, Y, X)`` (cached: multi-frame files are decoded once)."""
-    arr = _pixels(_read(path, pixels=True), path)
-    return arr.reshape(-1, *arr.shape[-2:]) if arr.ndim == 2 else arr
+    """All frames of one file, ``(frames, C, Y, X)`` (cached: multi-frame files are decoded once)."""
+    return _pixels(_read(path, pixels=True), path)
 
 
 def read_slice(series: DicomSeries, index: int) -> np.ndarray:
-    """Slice ``index`` (spatial order) of a series as ``(Y, X)`` float32; reads one file for classic series."""
+    """Slice ``index`` (spatial order) of a series as ``(C, Y, X)`` float32, ``C`` 1 or 3 (colour kept as RGB);
+    reads one file for classic series."""
     geometry = series_geometry(series)
     path, frame = geometry.files[index], geometry.frames[index]
     if len(series.files) > 1:
-        return _pixels(_read(path, pixels=True), path).reshape(geometry.shape[1:])
+        arr = _pixels(_read(path, pixels=True), path)
+        if arr.shape[0] != 1:
+            raise DataError(f"{path}: multi-frame file ({arr.shape[0]} frames) inside a series of single "
+                            "slices; move it out of the series' folder")
+        return arr[0]
     return _file_pixels(path, Path(path).stat().st_mtime_ns)[frame]
 
 
 def read_series(series: DicomSeries) -> tuple[np.ndarray, SeriesGeometry]:
-    """The whole series as ``(Z, Y, X)`` float32 in spatial order, with its geometry."""
+    """The whole series as ``(C, Z, Y, X)`` float32 in spatial order (``C`` 1, or 3 for colour), with its
+    geometry."""
     geometry = series_geometry(series)
-    return np.stack([read_slice(series, k) for k in range(geometry.shape[0])]), geometry
+    slices = [read_slice(series, k) for k in range(geometry.shape[0])]
+    for k, arr in enumerate(slices[1:], start=1):
+        if arr.shape[0] != slices[0].shape[0]:
+            raise DataError(f"{geometry.files[k]}: {'colour' if arr.shape[0] > 1 else 'gray'} slice in a "
+                            f"{'colour' if slices[0].shape[0] > 1 else 'gray'} series ({geometry.files[0]}); "
+                            "give a series of one kind")
+    return np.stack(slices, axis=1), geometry
 
 
 def _functional(ds, name: str, index: int):

@@ -8,7 +8,8 @@ Contract (pinned by ``tests/test_readers.py``)
   NIfTI, DICOM) are ``(C, Z, Y, X)``, Z being the slice axis a 2D model runs over: the TIFF page axis, NIfTI's
   third voxel axis (k), DICOM slices ordered along the slice normal. Y is rows (top to bottom as stored), X
   columns. C is 1 for gray, 3 for RGB (alpha dropped, CMYK converted; a palette PNG gives its colours, a
-  palette TIFF its values, its colour table being a display LUT), or a configured NIfTI channel axis.
+  palette TIFF its values, its colour table being a display LUT; colour DICOM, PALETTE COLOR included, its
+  colours, YBR converted to RGB), or a configured NIfTI channel axis.
   Values: the file's own dtype for PNG/TIFF/NIfTI (NIfTI ``scl_slope``/``scl_inter`` applied), float32 after
   RescaleSlope/Intercept for DICOM (CT in Hounsfield units).
 * ``meta`` holds ``format``, ``source`` (the path), ``affine`` (4x4, RAS world coordinates of the array's own
@@ -600,8 +601,7 @@ class DicomReader(_MedsegReader):
     def read_source(self, path: str) -> tuple[np.ndarray, dict]:
         from medseg.dicom import read_series
 
-        volume, geometry = read_series(self._series(path))
-        arr = volume[None]
+        arr, geometry = read_series(self._series(path))
         return arr, _meta("dicom", path, arr.shape[1:], geometry.affine, geometry.spacing, "mm",
                           series_uid=geometry.series_uid, files=list(geometry.files),
                           sop_uids=list(geometry.sop_uids))
@@ -621,7 +621,7 @@ class DicomReader(_MedsegReader):
     def read_slice(self, path: str, index: int) -> np.ndarray:
         from medseg.dicom import read_slice
 
-        return read_slice(self._series(path), index)[None]
+        return read_slice(self._series(path), index)
 
 
 def release_files() -> None:

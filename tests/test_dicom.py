@@ -284,10 +284,67 @@ def _palette_colour_file(path, indices, lut=None):
 
 
 def test_palette_colour_dicom_is_read_by_its_colours(tmp_path):
-    # indices 0, 1, 2 = black, red, green: their luma, not the indices themselves
+    # indices 0, 1, 2 = black, red, green: their colours as RGB, not the indices themselves
     indices = np.array([[0, 1], [2, 1]])
     lut = {"Red": [0, 65535, 0], "Green": [0, 0, 65535], "Blue": [0, 0, 0]}
     arr, _ = read_image(_palette_colour_file(tmp_path / "p.dcm", indices, lut))
-    np.testing.assert_allclose(arr[0, 0], [[0.0, 0.299 * 65535], [0.587 * 65535, 0.299 * 65535]], rtol=1e-5)
+    assert arr.shape == (3, 1, 2, 2)
+    np.testing.assert_array_equal(arr[:, 0], [[[0, 65535], [0, 65535]], [[0, 0], [65535, 0]], np.zeros((2, 2))])
     with pytest.raises(DataError, match=r"q\.dcm: PALETTE COLOR image with an unusable colour table"):
         read_image(_palette_colour_file(tmp_path / "q.dcm", indices))
+
+
+def _rgb_file(path, rgb, position=(0.0, 0.0, 0.0), series_uid="1.2.3.10"):
+    """An RGB DICOM (8-bit, samples interleaved): ``rgb`` is ``(Y, X, 3)`` or ``(F, Y, X, 3)`` uint8."""
+    import pydicom
+
+    frames = rgb.shape[0] if rgb.ndim == 4 else 1
+    write_dicom_slice(path, np.zeros(rgb.shape[-3:-1], np.int16), series_uid=series_uid, position=position,
+                      frames=frames, with_pixels=False)
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.PixelData = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
+def test_colour_dicom_keeps_its_channels_and_each_bundle_takes_what_it_needs(tmp_path):
+    from medseg.transforms import LoadSliced
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)  # two slices of a series, one file each
+    for k in range(2):
+        _rgb_file(tmp_path / "s" / f"{k}.dcm", rgb[k], position=(0.0, 0.0, float(k)))
+    arr, meta = read_image(tmp_path / "s")
+    assert arr.shape == (3, 2, 4, 5) and tuple(meta["spatial_shape"]) == (2, 4, 5)
+    np.testing.assert_array_equal(arr, np.moveaxis(rgb, -1, 0))
+    np.testing.assert_array_equal(read_slice(tmp_path / "s", 1), np.moveaxis(rgb[1], -1, 0))
+    # an RGB bundle (jurkat) gets the colours; a gray one (isbi_em) their luma
+    as_rgb = LoadSliced("image", channels=3)({"image": str(tmp_path / "s"), "page": 1})["image"]
+    np.testing.assert_array_equal(np.asarray(as_rgb), np.moveaxis(rgb[1], -1, 0))
+    as_gray = LoadSliced("image")({"image": str(tmp_path / "s"), "page": 1})["image"]
+    np.testing.assert_allclose(np.asarray(as_gray)[0], rgb[1].astype(np.float32) @ [0.299, 0.587, 0.114], rtol=1e-5)
+    # a multi-frame colour file: frames first, channels kept
+    arr, _ = read_image(_rgb_file(tmp_path / "mf.dcm", rgb))
+    assert arr.shape == (3, 2, 4, 5)
+    np.testing.assert_array_equal(arr, np.moveaxis(rgb, -1, 0))
+
+
+def test_a_series_mixing_colour_and_gray_slices_is_named(tmp_path):
+    _rgb_file(tmp_path / "s" / "0.dcm", np.zeros((4, 5, 3), np.uint8), series_uid="1.2.3.11")
+    write_dicom_slice(tmp_path / "s" / "1.dcm", np.zeros((4, 5), np.int16), series_uid="1.2.3.11",
+                      position=(0.0, 0.0, 1.0))
+    with pytest.raises(DataError, match=r"1\.dcm: gray slice in a colour series .*0\.dcm"):
+        read_image(tmp_path / "s")
+
+
+def test_a_multi_frame_file_among_single_slices_is_named(tmp_path):
+    write_dicom_slice(tmp_path / "s" / "0.dcm", np.zeros((4, 5), np.int16), series_uid="1.2.3.12",
+                      position=(0.0, 0.0, 0.0))
+    write_dicom_slice(tmp_path / "s" / "1.dcm", np.zeros((2, 4, 5), np.int16), series_uid="1.2.3.12",
+                      position=(0.0, 0.0, 1.0), frames=2)
+    with pytest.raises(DataError, match=r"1\.dcm: multi-frame file \(2 frames\) inside a series of single slices"):
+        read_image(tmp_path / "s")
