@@ -387,6 +387,7 @@ def train(
 
     from medseg.batch import check_writable
     from medseg.handlers import RichProgress
+    from medseg.locking import folder_lock
 
     _check_data_dir(data_dir)
     out = Path(output_dir)
@@ -395,96 +396,97 @@ def train(
     parser = load_config(bundle, "train", overlays, overrides, settings)
     _check_training_length(parser, max_minutes)
     check_writable(out)
-    _recover_set_aside(out)
-    _check_run_folder(out, resume, overwrite)
-    # --overwrite: the split and config the checks below write replace the old run's only if they pass
-    aside = _set_aside(out, _SET_ASIDE) if overwrite else []
-    try:
-        datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
-        if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
-            raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
-                            "hold some out (raise val_fraction or val_count)")
-        _check_compile(parser, dev)
-        if resume and isinstance(parser.get("val_at_start"), bool):
-            parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
-        config_path = out / "config.json"
-        tracked: dict | None = None
-        if tracking:
-            artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
-            experiment = f"medseg-{Path(bundle).resolve().name}"
-            tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
-            ConfigWorkflow.patch_bundle_tracking(parser, tracked)
-        else:
-            parser.export_config_file(parser.get(), str(config_path))
+    with folder_lock(out, "train"):  # held until the run ends: one training per folder
+        _recover_set_aside(out)
+        _check_run_folder(out, resume, overwrite)
+        # --overwrite: the split and config the checks below write replace the old run's only if they pass
+        aside = _set_aside(out, _SET_ASIDE) if overwrite else []
+        try:
+            datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
+            if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
+                raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
+                                "hold some out (raise val_fraction or val_count)")
+            _check_compile(parser, dev)
+            if resume and isinstance(parser.get("val_at_start"), bool):
+                parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
+            config_path = out / "config.json"
+            tracked: dict | None = None
+            if tracking:
+                artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
+                experiment = f"medseg-{Path(bundle).resolve().name}"
+                tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
+                ConfigWorkflow.patch_bundle_tracking(parser, tracked)
+            else:
+                parser.export_config_file(parser.get(), str(config_path))
 
-        parser.get_parsed_content("initialize")
-        trainer = parser.get_parsed_content("train#trainer")
-        evaluator = parser.get_parsed_content("validate#evaluator")
-        _check_batches(trainer, data_dir)
-        if tracked is not None and not resume:
-            _retire_unfinished_runs(tracked["configs"], out)
-        if overwrite:
-            for path in _trained_files(out):  # the replaced training's, once this one has passed its checks
-                path.unlink()
-        if resume:
-            load_dict = {"model": parser.get_parsed_content("network"),
-                         "optimizer": parser.get_parsed_content("optimizer"),
-                         "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
-            if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
-                load_dict["ema_model"] = parser.get_parsed_content("eval_network")
-            last = _last_checkpoint(out)
-            try:  # unreadable, or another network: one line naming it, before the run starts
-                load_checkpoint(load_dict["model"], last, dev)
-            except CheckpointError as err:
-                problem = str(err).rsplit("; ", 1)[0]
-                raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
-                                      "with, or start anew with --overwrite instead of --resume") from err
-            CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
-            _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
-    except BaseException:
-        _put_back(aside)
-        raise
-    _put_back(aside, keep_new=True)
-    if max_minutes:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))
-    RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
+            parser.get_parsed_content("initialize")
+            trainer = parser.get_parsed_content("train#trainer")
+            evaluator = parser.get_parsed_content("validate#evaluator")
+            _check_batches(trainer, data_dir)
+            if tracked is not None and not resume:
+                _retire_unfinished_runs(tracked["configs"], out)
+            if overwrite:
+                for path in _trained_files(out):  # the replaced training's, once this one has passed its checks
+                    path.unlink()
+            if resume:
+                load_dict = {"model": parser.get_parsed_content("network"),
+                             "optimizer": parser.get_parsed_content("optimizer"),
+                             "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
+                if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
+                    load_dict["ema_model"] = parser.get_parsed_content("eval_network")
+                last = _last_checkpoint(out)
+                try:  # unreadable, or another network: one line naming it, before the run starts
+                    load_checkpoint(load_dict["model"], last, dev)
+                except CheckpointError as err:
+                    problem = str(err).rsplit("; ", 1)[0]
+                    raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
+                                          "with, or start anew with --overwrite instead of --resume") from err
+                CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
+                _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
+        except BaseException:
+            _put_back(aside)
+            raise
+        _put_back(aside, keep_new=True)
+        if max_minutes:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))
+        RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
 
-    start = time.perf_counter()
-    from monai.handlers import MLFlowHandler
+        start = time.perf_counter()
+        from monai.handlers import MLFlowHandler
 
-    train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
-    run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
+        train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
+        run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
 
-    with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
-        _validate_at_end_if_never(trainer, evaluator, interrupted)
-        with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
-            try:
-                parser.get_parsed_content("run")
-            except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running
-                _close_tracking(_bundle_handlers(parser, MLFlowHandler),
-                                "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-                raise
-    summary = {
-        "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
-        "best_metric_epoch": evaluator.state.best_metric_epoch,
-        "key_metric": evaluator.state.key_metric_name,
-        "epochs": interrupted.finished,  # epochs that ended: a time limit or Ctrl-C may stop one midway
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "device": str(dev),
-        "output_dir": str(out),
-    }
-    if interrupted:
-        summary["interrupted"] = True
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    _keep_newest_last_checkpoint(out)
-    if tracked is not None:
-        _log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
-    if interrupted:
-        if any(out.glob("last_checkpoint_epoch=*.pt")):
-            raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
-                                    f"--resume --output {out}")
-        raise KeyboardInterrupt(f"no epoch finished, so {out} holds nothing to resume; start the training again")
-    return summary
+        with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
+            _validate_at_end_if_never(trainer, evaluator, interrupted)
+            with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
+                try:
+                    parser.get_parsed_content("run")
+                except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running
+                    _close_tracking(_bundle_handlers(parser, MLFlowHandler),
+                                    "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                    raise
+        summary = {
+            "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
+            "best_metric_epoch": evaluator.state.best_metric_epoch,
+            "key_metric": evaluator.state.key_metric_name,
+            "epochs": interrupted.finished,  # epochs that ended: a time limit or Ctrl-C may stop one midway
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "device": str(dev),
+            "output_dir": str(out),
+        }
+        if interrupted:
+            summary["interrupted"] = True
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        _keep_newest_last_checkpoint(out)
+        if tracked is not None:
+            _log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
+        if interrupted:
+            if any(out.glob("last_checkpoint_epoch=*.pt")):
+                raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
+                                        f"--resume --output {out}")
+            raise KeyboardInterrupt(f"no epoch finished, so {out} holds nothing to resume; start the training again")
+        return summary
 
 
 def _validate_at_end_if_never(trainer: Any, evaluator: Any, interrupted: Sequence) -> None:
@@ -730,6 +732,7 @@ def infer(
     from medseg.discovery import discover
     from medseg.ensemble import load_members
     from medseg.handlers import FileProgress
+    from medseg.locking import folder_lock
     from medseg.readers import count_slices
     from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd
 
@@ -746,71 +749,73 @@ def infer(
     parser = load_config(bundle, "infer", overlays, overrides, settings)
     network = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(out)  # after the checks of the model: a bad checkpoint leaves no empty output folder
-    if len(checkpoints) > 1:
-        parser["network_def"] = network
-    parser.get_parsed_content("initialize")
-    evaluator = parser.get_parsed_content("evaluator")
-    preprocessing = parser.get_parsed_content("preprocessing")
-    writer = next((t for t in getattr(parser.get_parsed_content("postprocessing"), "transforms", ())
-                   if isinstance(t, SaveSegmentationd)), None)
-    if writer is None:
-        raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
+    with folder_lock(out, "infer"):  # one batch per output folder at a time
+        if len(checkpoints) > 1:
+            parser["network_def"] = network
+        parser.get_parsed_content("initialize")
+        evaluator = parser.get_parsed_content("evaluator")
+        preprocessing = parser.get_parsed_content("preprocessing")
+        writer = next((t for t in getattr(parser.get_parsed_content("postprocessing"), "transforms", ())
+                       if isinstance(t, SaveSegmentationd)), None)
+        if writer is None:
+            raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
 
-    # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
-    config = {k: v for k, v in parser.get().items() if k not in settings and k != "bundle_root"}
-    identity = {
-        "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}".strip(),
-        # SHA-256: the same weights under another path are the same run; an ensemble's, joined by '+'
-        "checkpoint": "+".join(file_sha256(c) for c in checkpoints),
-        "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
-        # in words, for the message (the config hash already covers overlays' content and overrides)
-        "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False)},
-    }
-    paths = [str(Path(c).resolve()) for c in checkpoints]
-    record = RunRecord(out, identity, {"checkpoint_path": paths[0] if len(paths) == 1 else paths})
-    evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
+        # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
+        config = {k: v for k, v in parser.get().items() if k not in settings and k != "bundle_root"}
+        identity = {
+            "bundle": f"{Path(bundle).resolve().name} "
+                      f"{parser.get_parsed_content('_meta_#version', default='')}".strip(),
+            # SHA-256: the same weights under another path are the same run; an ensemble's, joined by '+'
+            "checkpoint": "+".join(file_sha256(c) for c in checkpoints),
+            "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+            # in words, for the message (the config hash already covers overlays' content and overrides)
+            "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False)},
+        }
+        paths = [str(Path(c).resolve()) for c in checkpoints]
+        record = RunRecord(out, identity, {"checkpoint_path": paths[0] if len(paths) == 1 else paths})
+        evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 
-    def segment(items: list[dict]) -> dict | None:
-        evaluator.data_loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=1, num_workers=0)
-        evaluator.state.epoch_length = len(items)
-        evaluator._internal_run_generator = None  # Ignite keeps a dead generator after an exception; start afresh
-        evaluator.run()
-        if evaluator.state.iteration != len(items):
-            raise RuntimeError(f"the model ran on {evaluator.state.iteration} of {len(items)} slices")
-        if writer.mask_mode == "instances":
-            return {"objects": writer.object_counts.pop(items[0]["name"], 0)}
-        return None
+        def segment(items: list[dict]) -> dict | None:
+            evaluator.data_loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=1, num_workers=0)
+            evaluator.state.epoch_length = len(items)
+            evaluator._internal_run_generator = None  # Ignite keeps a dead generator after an exception; start afresh
+            evaluator.run()
+            if evaluator.state.iteration != len(items):
+                raise RuntimeError(f"the model ran on {evaluator.state.iteration} of {len(items)} slices")
+            if writer.mask_mode == "instances":
+                return {"objects": writer.object_counts.pop(items[0]["name"], 0)}
+            return None
 
-    channel_dim = parser.get_parsed_content("nifti_channel_dim", default=None)
+        channel_dim = parser.get_parsed_content("nifti_channel_dim", default=None)
 
-    def count(item: Any) -> int:
-        return count_slices(item.source, series_uid=item.series_uid or None, nifti_channel_dim=channel_dim)
+        def count(item: Any) -> int:
+            return count_slices(item.source, series_uid=item.series_uid or None, nifti_channel_dim=channel_dim)
 
-    start = time.perf_counter()
-    from medseg.readers import release_files
+        start = time.perf_counter()
+        from medseg.readers import release_files
 
-    try:
-        with FileProgress(len(inputs), disable=not progress) as bar, _quiet_constant_images():
-            result = run_batch(
-                inputs, ignored, segment,
-                paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),
-                count=count, manifest=out / "manifest.csv", overwrite=overwrite, on_abort=writer.abort,
-                progress=bar, record=record,
-            )
-    finally:
-        release_files()  # no input stays open (or locked, on Windows) after the batch
-    seconds = time.perf_counter() - start
-    slices = sum(r.slices for r in result.rows if r.status == "ok")
-    return {
-        "inputs": len(inputs),
-        "ok": result.count("ok"),
-        "skipped": result.count("skipped"),
-        "failed": result.count("failed"),
-        "ignored": result.count("ignored"),
-        "slices": slices,
-        "wall_seconds": round(seconds, 2),
-        "slices_per_second": round(slices / seconds, 3) if seconds > 0 and slices else None,
-        "output_dir": str(out),
-        "manifest": str(out / "manifest.csv"),
-        "failures": [r.message for r in result.failures],
-    }
+        try:
+            with FileProgress(len(inputs), disable=not progress) as bar, _quiet_constant_images():
+                result = run_batch(
+                    inputs, ignored, segment,
+                    paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),
+                    count=count, manifest=out / "manifest.csv", overwrite=overwrite, on_abort=writer.abort,
+                    progress=bar, record=record,
+                )
+        finally:
+            release_files()  # no input stays open (or locked, on Windows) after the batch
+        seconds = time.perf_counter() - start
+        slices = sum(r.slices for r in result.rows if r.status == "ok")
+        return {
+            "inputs": len(inputs),
+            "ok": result.count("ok"),
+            "skipped": result.count("skipped"),
+            "failed": result.count("failed"),
+            "ignored": result.count("ignored"),
+            "slices": slices,
+            "wall_seconds": round(seconds, 2),
+            "slices_per_second": round(slices / seconds, 3) if seconds > 0 and slices else None,
+            "output_dir": str(out),
+            "manifest": str(out / "manifest.csv"),
+            "failures": [r.message for r in result.failures],
+        }

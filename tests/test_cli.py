@@ -203,6 +203,26 @@ def test_an_unreachable_tracking_server_is_one_line_at_once(tmp_path):
     assert time.perf_counter() - start < 60  # not MLflow's minutes of retries
 
 
+def test_a_folder_another_command_is_writing_into_is_refused(trained, tmp_path):
+    """Two trainings (or batches) into one folder would overwrite each other's checkpoints and records."""
+    from medseg.locking import folder_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with folder_lock(out, "train"):
+        result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 1,
+                         "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
+        _assert_one_line_error(result, str(out), "medseg train (process", "is writing into this folder",
+                               "wait for it to end")
+        result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", out, "--checkpoint",
+                         trained["out"] / "model.pt", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+        _assert_one_line_error(result, str(out), "medseg train (process", "is writing into this folder")
+    assert [p.name for p in out.iterdir()] == []  # nothing written
+    result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", out, "--checkpoint",
+                     trained["out"] / "model.pt", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output  # free again
+
+
 def test_files_an_interrupted_overwrite_set_aside_are_put_back(trained, tmp_path):
     """A process killed during --overwrite's checks leaves the old run's split beside the new one's: the
     next training in the folder puts it back first (the weights there were trained on it)."""
