@@ -133,6 +133,8 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
 
     if tracking_uri:
         _check_tracking_uri(tracking_uri)
+    else:
+        _follow_moved_store(output_dir / "mlflow.db")
     settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
     configs = settings["configs"]
     configs["tracking_uri"] = tracking_uri or path_to_sqlite_uri(str(output_dir / "mlflow.db"))
@@ -149,6 +151,34 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs["trainer"]["experiment_param"] = params
     configs["trainer"]["iteration_log"] = False
     return settings
+
+
+def _follow_moved_store(db: Path) -> None:
+    """Point a run folder's own MLflow store at the ``mlruns/`` beside it again after the folder was moved or
+    copied: the store records its artifact folder as an absolute path, so a run logged in the moved folder
+    would write its artifacts into the old one (recreating it), and its earlier runs' artifacts, which
+    moved with it, would not be found. Only experiments whose artifacts are an ``mlruns/`` folder (as
+    medseg's training creates them) are re-pointed."""
+    import sqlite3
+
+    from monai.utils import path_to_uri
+
+    if not db.is_file():
+        return
+    root = path_to_uri(db.resolve().parent / "mlruns")
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            for experiment_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments"):
+                if not (location or "").startswith("file:") or not location.endswith("/mlruns") or location == root:
+                    continue
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                            (root, experiment_id))
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                            "AND substr(artifact_uri, 1, ?) = ?",
+                            (root, len(location) + 1, experiment_id, len(location) + 1, location + "/"))
+    except sqlite3.Error as err:
+        raise MedsegError(f"{db}: cannot update the run folder's MLflow store ({err}); train with --no-tracking, "
+                          "or move the store aside") from err
 
 
 def _check_tracking_uri(uri: str) -> None:
@@ -674,6 +704,11 @@ def evaluate(
             logging.getLogger(__name__).warning(
                 "%s records the split of another data folder (%s); the split is drawn from the settings given",
                 _recorded_split_path(checkpoints), record.get("data_dir", "?"))
+    elif split != "all" and "val_count" not in overrides:
+        logging.getLogger(__name__).warning(
+            "%s: no split record beside the checkpoint, so the %s images are drawn from the settings given, "
+            "which are the training's only if it used the same settings and data; put the run's split.json "
+            "beside the checkpoint, or pass --split all", _recorded_split_path(checkpoints), split)
     if len(checkpoints) > 1:  # the members are loaded above; the bundle's CheckpointLoader loads one network
         parser["network_def"] = network
         parser["eval_network"] = "@network"

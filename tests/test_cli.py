@@ -163,6 +163,28 @@ def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_r
     assert _mlflow_runs(out) == [("run", "FINISHED", "2"), ("run (replaced)", "FAILED", "1")]
 
 
+def test_a_moved_run_folder_logs_into_its_own_mlflow_store(trained, tmp_path):
+    """The store records its artifact folder as an absolute path: a moved (or copied) run folder must not
+    write into, or recreate, the folder it came from, and its earlier runs' artifacts must be found."""
+    import mlflow
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained["out"], tmp_path / "was")
+    (tmp_path / "was").rename(moved)
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", moved, "--epochs", 1, "--overwrite",
+                     "--no-progress", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "was").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em")
+    assert experiment.artifact_location == (moved / "mlruns").resolve().as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for run in runs:  # the earlier run's too: it moved with the folder
+        assert run.info.artifact_uri.startswith(experiment.artifact_location + "/")
+        assert "model.pt" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
 @pytest.mark.parametrize("status", ["RUNNING", "FINISHED"])
 def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, monkeypatch, status):
     """Another folder's run of the same name (e.g. `--output run` from another directory) is neither

@@ -534,6 +534,17 @@ def test_cli_evaluate_says_when_the_recorded_split_cannot_be_followed(trained, t
                          "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(JURKAT_TINY_NET))
     assert result.exit_code == 0, result.output
     assert any("records the split of another data folder" in r.getMessage() for r in caplog.records)
+    # a checkpoint handed over without its split.json: the same warning, naming the missing record
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(trained["out"] / "model.pt", models / "model.pt")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", models / "model.pt",
+                         "--output", tmp_path / "eval2", "--no-progress", "--device", "cpu", *_sets(JURKAT_TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert any(r.getMessage().startswith(f"{models / 'split.json'}: no split record beside the checkpoint")
+               for r in caplog.records)
 
 
 def test_cli_infer_writes_class_value_masks(trained, tmp_path):
