@@ -9,14 +9,15 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from medseg.discovery import InputItem, slice_items
+from medseg.discovery import RUN_RECORD, InputItem, slice_items
 from medseg.errors import DataError
 from medseg.io import atomic_output
+from medseg.readers import suffix_of
 
 MANIFEST_FIELDS = ("input", "format", "series_uid", "slices", "status", "mask", "prob", "table", "objects", "seconds",
                    "message")
@@ -83,8 +84,6 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
-#: The file in an output folder that records which model and settings made each of its outputs.
-RUN_RECORD = "run.json"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -154,10 +153,10 @@ class RunRecord:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
-            self.inputs = dict(data.get("inputs", {}))
+            self.inputs, self.names = dict(data.get("inputs", {})), dict(data.get("names", {}))
         except (OSError, ValueError, KeyError, TypeError):
             self.runs, self.outputs = {}, {}  # none yet, or unreadable: outputs count as unrecorded
-            self.inputs = {}
+            self.inputs, self.names = {}, {}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
 
     def _rel(self, path: Path) -> str:
@@ -183,9 +182,36 @@ class RunRecord:
         made_from = self.inputs.get(self._rel(paths["mask"]))
         return bool(made_from and fingerprint and made_from != fingerprint)
 
-    def record(self, paths: dict[str, Path], made: bool, fingerprint: str = "") -> None:
-        """Record ``paths`` as written by this run (``made``) from an input of this ``fingerprint``, or as
-        unknown (a failed input), and save."""
+    def keep_names(self, inputs: Sequence[InputItem]) -> list[InputItem]:
+        """``inputs`` named as this folder knows them, so that no input writes over another's outputs.
+
+        An input whose outputs the record holds keeps their name (``a.png`` stays ``a`` when a later run also
+        finds ``a.tif``); a name the record gives another input is not taken (``a.tif`` then becomes
+        ``a_tif``; any name still taken gets ``_2``, ``_3``, ...). Names compare ignoring case, as outputs
+        may land on a case-insensitive disk.
+        """
+        owner = {str(v["rel"]).lower(): k for k, v in self.names.items()}
+        recorded = [self.names.get(_source_key(item), {}).get("rel") for item in inputs]
+        used = {str(r).lower() for r in recorded if r}
+        result = []
+        for item, rel in zip(inputs, recorded, strict=True):
+            key = _source_key(item)
+            if not rel:
+                rel = item.rel
+                if rel.lower() in used or owner.get(rel.lower(), key) != key:
+                    suffix = suffix_of(item.source).lstrip(".").replace(".", "_").lower() or item.series_uid
+                    base = rel if rel.lower().endswith(f"_{suffix}") else f"{rel}_{suffix}"
+                    rel, n = base, 2
+                    while rel.lower() in used or owner.get(rel.lower(), key) != key:
+                        rel, n = f"{base}_{n}", n + 1
+            used.add(str(rel).lower())
+            result.append(replace(item, rel=str(rel)))
+        return result
+
+    def record(self, paths: dict[str, Path], made: bool, fingerprint: str = "",
+               item: InputItem | None = None) -> None:
+        """Record ``paths`` as written by this run (``made``) from ``item``, an input of this ``fingerprint``,
+        or as unknown (a failed input's partial outputs), and save."""
         for p in paths.values():
             if made:
                 self.outputs[self._rel(p)] = self.key
@@ -195,13 +221,40 @@ class RunRecord:
             self.inputs[self._rel(paths["mask"])] = fingerprint
         else:
             self.inputs.pop(self._rel(paths["mask"]), None)
+        if made and item is not None:
+            self.names[_source_key(item)] = {"rel": item.rel, "mask": self._rel(paths["mask"])}
+        self.save()
+
+    def forget(self, paths: Iterable[Path]) -> None:
+        """Drop ``paths`` from the record (outputs removed) and save."""
+        for p in paths:
+            self.outputs.pop(self._rel(p), None)
+        self.save()
+
+    def save(self) -> None:
+        """Write the record (atomically), dropping what no recorded output needs any more."""
         self.inputs = {k: v for k, v in self.inputs.items() if k in self.outputs}
+        self.names = {k: v for k, v in self.names.items() if v.get("mask") in self.outputs}
         used = set(self.outputs.values()) | {self.key}
         self.runs = {k: v for k, v in self.runs.items() if k in used}
         data = {"runs": self.runs, "outputs": dict(sorted(self.outputs.items())),
-                "inputs": dict(sorted(self.inputs.items()))}
+                "inputs": dict(sorted(self.inputs.items())), "names": dict(sorted(self.names.items()))}
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _source_key(item: InputItem) -> str:
+    """An input as the record names it: its absolute path, and the series for a DICOM series."""
+    path = Path(item.source).resolve().as_posix()
+    return f"{path}#{item.series_uid}" if item.series_uid else path
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -268,7 +321,7 @@ def run_batch(
         if progress is not None:
             progress.start(item.rel)
         paths: dict[str, Path] = {}
-        written, fingerprint = False, ""
+        written, fingerprint, before = False, "", {}
         try:
             if item.error:
                 raise DataError(item.error)
@@ -281,6 +334,7 @@ def run_batch(
             if not overwrite and not changed and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
             else:
+                before = {name: _stamp(p) for name, p in paths.items()}
                 extra = segment(slice_items(item, row.slices)) or {}
                 written = True  # every output of this input is in place (each written atomically)
                 row.objects = extra.get("objects", "")
@@ -288,18 +342,28 @@ def run_batch(
                 if changed:
                     row.message = "the input changed since its outputs were made: segmented again"
                 if record is not None:
-                    record.record(paths, made=True, fingerprint=fingerprint)
+                    record.record(paths, made=True, fingerprint=fingerprint, item=item)
         except BaseException as err:  # the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()
-            if record is not None and paths:
-                # outputs written in full before a Ctrl-C are this run's, so a rerun skips them; anything
-                # else left there is no longer known to be this run's
-                record.record(paths, made=written and not isinstance(err, Exception),
-                              fingerprint=fingerprint if written else "")
+            kept = ""
+            if written and record is not None:
+                # outputs written in full before a Ctrl-C are this run's, so a rerun skips them; after an
+                # error they are no longer known to be this run's
+                record.record(paths, made=not isinstance(err, Exception), fingerprint=fingerprint, item=item)
+            elif paths:
+                # this attempt's partial outputs go; the outputs an earlier version of the input gave stay, as
+                # recorded, so that a later run segments the input again instead of taking them for another's
+                partial = {name: p for name, p in paths.items() if name in before and _stamp(p) != before[name]}
+                for p in partial.values():
+                    p.unlink(missing_ok=True)
+                if record is not None and partial:
+                    record.forget(partial.values())
+                if record is not None and all(p.is_file() for p in paths.values()) and record.made_here(paths):
+                    kept = "; the outputs of an earlier version of this input are kept"
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop
-            row.status, row.message = "failed", _message(err, item.source)
+            row.status, row.message = "failed", _message(err, item.source) + kept
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         row.seconds = round(time.perf_counter() - start, 3)
         result.rows.append(row)

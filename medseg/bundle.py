@@ -204,7 +204,9 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
                 "torch.save(model.state_dict(), PATH)") from err
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail[:160]}); "
+        if len(detail) > 160:  # torch's messages run long; cut at a word
+            detail = detail[:157].rsplit(" ", 1)[0] + " ..."
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail}); "
                               "pass the model.pt of a medseg training") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -41,6 +42,21 @@ def _matches(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
+#: What ``medseg infer`` writes into an output folder; never taken as inputs.
+OUTPUT_PARTS = ("mask", "prob", "table", "run.json", "manifest.csv")
+#: The file in an output folder that records which model and settings made each of its outputs.
+RUN_RECORD = "run.json"
+
+
+def _is_run_record(path: Path) -> bool:
+    """Whether ``path`` is the run record of an output folder (not some other ``run.json``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"runs", "outputs"} <= set(data)
+
+
 def discover(
     path: str | os.PathLike,
     include: Sequence[str] = (),
@@ -56,7 +72,8 @@ def discover(
             when given, only matching files are considered.
         exclude: glob patterns of files to leave out.
         recursive: search sub-folders too.
-        skip: a folder to leave out (the output folder, when it lies inside ``path``).
+        skip: the output folder: its outputs (:data:`OUTPUT_PARTS`) are left out when it lies inside ``path``
+            or is ``path`` itself, as are those of any folder under ``path`` that holds a run record.
 
     Returns:
         ``(inputs, ignored)``: inputs in natural order; ``ignored`` lists ``(file, reason)`` for files that
@@ -76,9 +93,11 @@ def discover(
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones
         return [InputItem(str(root), fmt, _stem(root.name))], []
 
-    skip_dir = Path(skip).resolve() if skip is not None else None
-    files = sorted((p for p in (root.rglob("*") if recursive else root.iterdir())
-                    if p.is_file() and not (skip_dir and p.resolve().is_relative_to(skip_dir))),
+    found = [p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()]
+    outputs = [Path(skip)] if skip is not None else []
+    outputs += [p.parent for p in found if p.name == RUN_RECORD and _is_run_record(p)]  # earlier runs' outputs
+    left_out = tuple(part.resolve() for folder in outputs for part in map(folder.joinpath, OUTPUT_PARTS))
+    files = sorted((p for p in found if not any(p.resolve().is_relative_to(part) for part in left_out)),
                    key=lambda p: _natural_key(p.relative_to(root).as_posix()))
     inputs: list[InputItem] = []
     ignored: list[tuple[str, str]] = []

@@ -270,16 +270,19 @@ def measure_instances(
     return rows
 
 
-def write_measurements_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+def write_measurements_csv(path: str | os.PathLike, rows: Sequence[dict], slices: bool | None = None) -> Path:
     """Write :func:`measure_instances` rows as CSV, atomically; the header is written even with no rows.
 
-    Missing keys and None values are written as empty cells.
+    Missing keys and None values are written as empty cells. ``slices`` adds the ``slice`` column (``None``:
+    when a row has one), so a stack's table has it even when no slice holds an object.
     """
     from medseg.io import atomic_output
 
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            fields = (("slice",) if any("slice" in r for r in rows) else ()) + MEASUREMENT_FIELDS
+            if slices is None:
+                slices = any("slice" in r for r in rows)
+            fields = (("slice",) if slices else ()) + MEASUREMENT_FIELDS
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)

@@ -192,7 +192,8 @@ class PngReader(_MedsegReader):
             if header[:8] == b"\x89PNG\r\n\x1a\n" and len(header) < 26:
                 raise DataError(f"{path}: PNG file ends after {len(header)} bytes; the file is truncated")
             if header[:8] == b"\x89PNG\r\n\x1a\n" and header[24] == 16 and header[25] in (2, 4, 6):
-                raise DataError(f"{path}: 16-bit colour PNG; its reader keeps only 8 bits per channel, so it is "
+                kind = "gray+alpha" if header[25] == 4 else "colour"
+                raise DataError(f"{path}: 16-bit {kind} PNG; its reader keeps only 8 bits per channel, so it is "
                                 "refused rather than truncated: save it as 16-bit TIFF")
             with Image.open(path) as im:
                 if im.mode == "P":

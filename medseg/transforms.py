@@ -358,6 +358,9 @@ class BrightObjectsd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             arr = img.detach().cpu().numpy() if torch.is_tensor(img) else np.asarray(img)
+            if arr.shape[0] not in (1, 3):
+                raise DataError(f"{d.get(f'{key}_file', key)}: {arr.shape[0]} channels; the model takes gray or RGB "
+                                "images: select the channels first")
             scaled = self._scale(to_gray(arr))
             bright_background = np.median(scaled) > 0.5
             if bright_background and self.stain == "hematoxylin" and is_colour(arr):

@@ -775,7 +775,7 @@ def infer(
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
     out = Path(output_dir)
-    logging.getLogger("tifffile").setLevel(logging.ERROR)  # a corrupt TIFF is reported once, per input
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a corrupt TIFF is reported once, per input
     checkpoints = _checkpoint_list(checkpoint)
     dev = select_device(device)
     settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": checkpoints[0],
@@ -796,7 +796,8 @@ def infer(
             raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
 
         # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
-        config = {k: v for k, v in parser.get().items() if k not in settings and k != "bundle_root"}
+        config = {k: v for k, v in parser.get().items() if k not in (*settings, "bundle_root", "tta")}
+        config["tta"] = bool(parser.get_parsed_content("tta", default=False))  # as given or as the bundle's
         identity = {
             "bundle": f"{Path(bundle).resolve().name} "
                       f"{parser.get_parsed_content('_meta_#version', default='')}".strip(),
@@ -808,6 +809,7 @@ def infer(
         }
         paths = [str(Path(c).resolve()) for c in checkpoints]
         record = RunRecord(out, identity, {"checkpoint_path": paths[0] if len(paths) == 1 else paths})
+        inputs = record.keep_names(inputs)  # no input writes over the outputs another input made here
         evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 
         def segment(items: list[dict]) -> dict | None:

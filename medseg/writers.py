@@ -156,7 +156,7 @@ class _VolumeSink:
         if self.table is not None:
             from medseg.instances import write_measurements_csv
 
-            write_measurements_csv(self.paths["table"], self.table)
+            write_measurements_csv(self.paths["table"], self.table, slices=self.pages > 1)
         if self.stacks:
             for writer in self.stacks.values():
                 writer.close()

@@ -152,6 +152,8 @@ def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tin
     copy = tmp_path / "copy.pt"
     shutil.copy(tiny_checkpoint, copy)
     assert _summary(_infer(mixed, out, copy, "--include", "*.png").output)["skipped"] == 1
+    # the bundle's own tta given explicitly is the same setting: resumed
+    assert _summary(_infer(mixed, out, tiny_checkpoint, "--include", "*.png", "--no-tta").output)["skipped"] == 1
     # other weights: refused before any work, nothing touched
     state = torch.load(tiny_checkpoint)
     first = next(iter(state["model"]))
@@ -228,11 +230,11 @@ def test_ctrl_c_after_an_inputs_outputs_are_written_keeps_them_as_this_runs(tmp_
     from medseg.discovery import InputItem
 
     class InterruptedRecord(RunRecord):
-        def record(self, paths, made, fingerprint=""):
+        def record(self, paths, made, fingerprint="", item=None):
             if made and not getattr(self, "interrupted", False):
                 self.interrupted = True
                 raise KeyboardInterrupt
-            super().record(paths, made, fingerprint)
+            super().record(paths, made, fingerprint, item)
 
     (tmp_path / "a.png").write_bytes(b"x")
     mask = tmp_path / "out" / "mask" / "a.png"
@@ -404,6 +406,65 @@ def test_output_stems_never_collide_and_output_inside_input_is_skipped(tmp_path,
     assert all(r["status"] == "ok" for r in rows)
     result = _infer(root, out, tiny_checkpoint, "--overwrite")
     assert _summary(result.output)["inputs"] == 4  # its own outputs are not taken as inputs
+
+
+def test_inputs_of_one_stem_in_separate_runs_never_write_over_each_other(tmp_path, tiny_checkpoint):
+    """a.tif then a.png (e.g. two --include runs): both write prob/a.tif unless the folder's record keeps
+    the first one's name; a later run of the whole folder keeps both names instead of renaming both."""
+    root = tmp_path / "in"
+    root.mkdir()
+    big, _ = synthetic_em(size=48, seed=1)
+    small, _ = synthetic_em(size=32, seed=2)
+    tifffile.imwrite(root / "a.tif", small)
+    Image.fromarray(big).save(root / "a.png")
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint, "--include", "*.tif").exit_code == 0
+    first = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.parent != out}
+    assert sorted(first) == ["mask/a.tif", "prob/a.tif"]
+    result = _infer(root, out, tiny_checkpoint, "--include", "*.png")
+    assert result.exit_code == 0, result.output
+    assert {k: (out / k).read_bytes() for k in first} == first  # a.tif's outputs untouched
+    assert tifffile.imread(out / "prob" / "a_png.tif").shape == (48, 48)
+    result = _infer(root, out, tiny_checkpoint)  # the whole folder: both skipped under their names
+    assert _summary(result.output)["skipped"] == 2, result.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.parent != out) == [
+        "mask/a.tif", "mask/a_png.png", "prob/a.tif", "prob/a_png.tif"]
+
+
+def test_a_failed_input_keeps_its_earlier_outputs_and_does_not_block_the_folder(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    root.mkdir()
+    for k in range(2):
+        Image.fromarray(synthetic_em(size=32, seed=k)[0]).save(root / f"{k}.png")
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint).exit_code == 0
+    earlier = (out / "mask" / "1.png").read_bytes()
+    (root / "1.png").write_bytes(b"no longer an image")
+    result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 1
+    row = _manifest(out)["1.png"]
+    assert row["status"] == "failed" and row["mask"] == ""
+    assert row["message"].endswith("the outputs of an earlier version of this input are kept")
+    assert (out / "mask" / "1.png").read_bytes() == earlier
+    result = _infer(root, out, tiny_checkpoint)  # tried again, not refused as another run's outputs
+    assert result.exit_code == 1 and _manifest(out)["1.png"]["status"] == "failed", result.output
+    assert _manifest(out)["0.png"]["status"] == "skipped"
+
+
+def test_outputs_in_the_input_folder_itself_are_never_taken_as_inputs(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(synthetic_em(size=32, seed=1)[0]).save(root / "a.png")
+    Image.fromarray(synthetic_em(size=32, seed=2)[0]).save(root / "sub" / "b.png")
+    result = _infer(root, root, tiny_checkpoint)  # the output folder is the input folder
+    assert result.exit_code == 0, result.output
+    assert _summary(result.output)["inputs"] == 2 and (root / "mask" / "sub" / "b.png").is_file()
+    result = _infer(root, root, tiny_checkpoint)
+    assert _summary(result.output)["skipped"] == 2 and _summary(result.output)["ignored"] == 0, result.output
+    result = _infer(root / "sub", root, tiny_checkpoint)  # the output folder holds the input folder
+    assert result.exit_code == 0 and _summary(result.output)["inputs"] == 1, result.output
+    result = _infer(root, tmp_path / "elsewhere", tiny_checkpoint)  # nor are an earlier run's outputs
+    assert _summary(result.output)["inputs"] == 2, result.output
 
 
 def test_single_slice_volume_as_png(tmp_path, tiny_checkpoint):

@@ -321,3 +321,6 @@ def test_measurements_csv_header_when_empty(tmp_path):
     path = write_measurements_csv(tmp_path / "sub" / "empty.csv", [])
     assert path.read_text().strip() == ",".join(MEASUREMENT_FIELDS)
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    # a stack with no object on any slice still has the slice column of a stack's table
+    stack = write_measurements_csv(tmp_path / "stack.csv", [], slices=True)
+    assert stack.read_text().strip() == ",".join(("slice", *MEASUREMENT_FIELDS))

@@ -199,6 +199,9 @@ def test_bright_objects_inverts_bright_backgrounds_only(dsb_folder):
         assert (raw_gray[nuclei].mean() > raw_gray[~nuclei].mean()) == (name == "a1")
     flat = BrightObjectsd(keys="image")({"image": np.full((1, 5, 5), 7.0, np.float32)})["image"]
     assert not flat.any()  # a constant image stays finite
+    # two channels (an ImageJ hyperstack, say): named, not a shape error deep in the network
+    with pytest.raises(DataError, match=r"^st\.tif: 2 channels; the model takes gray or RGB images"):
+        BrightObjectsd(keys="image")({"image": np.zeros((2, 5, 5), np.float32), "image_file": "st.tif"})
 
 
 def test_bundle_load_chain(dsb_folder):

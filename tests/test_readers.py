@@ -267,6 +267,11 @@ def test_16_bit_colour_png_is_refused_not_truncated(tmp_path):
     (tmp_path / "rgb16.png").write_bytes(png)
     with pytest.raises(DataError, match=r"rgb16\.png: 16-bit colour PNG"):
         read_image(tmp_path / "rgb16.png")
+    la = png.replace(chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 2, 0, 0, 0)),
+                     chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 4, 0, 0, 0)))
+    (tmp_path / "la16.png").write_bytes(la)
+    with pytest.raises(DataError, match=r"la16\.png: 16-bit gray\+alpha PNG"):
+        read_image(tmp_path / "la16.png")
 
 
 def test_a_stack_read_slice_by_slice_is_opened_once_and_rewritten_files_are_read_afresh(tmp_path, monkeypatch):
