@@ -783,18 +783,17 @@ def infer(
                 **({} if tta is None else {"tta": bool(tta)}), **_device_settings(dev)}
     parser = load_config(bundle, "infer", overlays, overrides, settings)
     network = load_members(parser.get_parsed_content("network_def"), checkpoints)
-    check_writable(out)  # after the checks of the model: a bad checkpoint leaves no empty output folder
+    if len(checkpoints) > 1:
+        parser["network_def"] = network
+    parser.get_parsed_content("initialize")
+    evaluator = parser.get_parsed_content("evaluator")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    writer = next((t for t in getattr(parser.get_parsed_content("postprocessing"), "transforms", ())
+                   if isinstance(t, SaveSegmentationd)), None)
+    if writer is None:
+        raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
+    check_writable(out)  # after the checks of the model and the writer: a bad one leaves no empty folder
     with folder_lock(out, "infer"):  # one batch per output folder at a time
-        if len(checkpoints) > 1:
-            parser["network_def"] = network
-        parser.get_parsed_content("initialize")
-        evaluator = parser.get_parsed_content("evaluator")
-        preprocessing = parser.get_parsed_content("preprocessing")
-        writer = next((t for t in getattr(parser.get_parsed_content("postprocessing"), "transforms", ())
-                       if isinstance(t, SaveSegmentationd)), None)
-        if writer is None:
-            raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
-
         # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
         config = {k: v for k, v in parser.get().items() if k not in (*settings, "bundle_root", "tta")}
         config["tta"] = bool(parser.get_parsed_content("tta", default=False))  # as given or as the bundle's

@@ -547,6 +547,14 @@ def test_cli_evaluate_says_when_the_recorded_split_cannot_be_followed(trained, t
                for r in caplog.records)
 
 
+def test_cli_infer_refuses_dicom_seg_before_making_the_output_folder(trained, tmp_path):
+    result = _invoke("infer", JURKAT, trained["data"] / "set_b", tmp_path / "o", "--checkpoint",
+                     trained["out"] / "model.pt", "--format", "dicom-seg", "--no-progress", "--device", "cpu",
+                     *_sets(JURKAT_TINY_NET))
+    assert result.exit_code == 1 and "DICOM SEG output holds binary masks" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_infer_writes_class_value_masks(trained, tmp_path):
     inputs = tmp_path / "in"
     shutil.copytree(trained["data"] / "set_b", inputs)
