@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -146,10 +147,13 @@ class RunRecord:
     of an input changed since are not taken as finished.
     """
 
-    def __init__(self, folder: Path, identity: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+    def __init__(self, folder: Path, identity: dict[str, Any], info: dict[str, Any] | None = None,
+                 same_as: Sequence[dict[str, Any]] = ()) -> None:
+        """``same_as``: identities that earlier versions recorded for what is this run (their outputs are
+        taken as this run's)."""
         self.folder, self.path = Path(folder), Path(folder) / RUN_RECORD
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as stored
-        self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.key = _identity_key(self.identity)
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
@@ -158,6 +162,11 @@ class RunRecord:
             self.runs, self.outputs = {}, {}  # none yet, or unreadable: outputs count as unrecorded
             self.inputs, self.names = {}, {}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
+        for other in same_as:
+            alias = _identity_key(json.loads(json.dumps(other, sort_keys=True, default=str)))
+            if alias != self.key and alias in self.runs:
+                self.outputs = {p: self.key if k == alias else k for p, k in self.outputs.items()}
+                del self.runs[alias]
 
     def _rel(self, path: Path) -> str:
         try:
@@ -168,6 +177,10 @@ class RunRecord:
     def made_here(self, paths: dict[str, Path]) -> bool:
         """Whether this run wrote every one of ``paths``."""
         return all(self.outputs.get(self._rel(p)) == self.key for p in paths.values())
+
+    def knows(self, path: Path) -> bool:
+        """Whether some run recorded here wrote ``path``."""
+        return self._rel(path) in self.outputs
 
     def conflict(self, paths: dict[str, Path]) -> str:
         """What differs from the run that made ``paths`` ("an unrecorded run" when unknown)."""
@@ -243,18 +256,26 @@ class RunRecord:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
+def _identity_key(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _source_key(item: InputItem) -> str:
-    """An input as the record names it: its absolute path, and the series for a DICOM series."""
+    """An input as the record names it: its :attr:`InputItem.key` (a path relative to the searched folder, so
+    a moved or copied input folder keeps its names), else its absolute path and series."""
+    if item.key:
+        return item.key
     path = Path(item.source).resolve().as_posix()
     return f"{path}#{item.series_uid}" if item.series_uid else path
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` now (outputs are renamed into place, so a new one is a new inode)."""
     try:
         stat = path.stat()
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -309,11 +330,16 @@ def run_batch(
                 paths = paths_for(item, counts[i])
             except Exception:  # noqa: BLE001 - reported per input in the loop below
                 continue
-            if all(p.is_file() for p in paths.values()) and not record.made_here(paths):
-                origin = record.conflict(paths)
-                see = f" (see {RUN_RECORD})" if record.path.is_file() else ""
-                raise DataError(f"{record.folder}: the outputs of '{item.rel}' were made with {origin}{see}; pass "
-                                "--overwrite to redo them, or choose another output folder")
+            existing = {name: p for name, p in paths.items() if p.is_file()}
+            if existing and not record.made_here(existing):  # one file of another's is enough to refuse
+                unknown = [p for p in existing.values() if not record.knows(p)]
+                if unknown:
+                    raise DataError(f"{unknown[0]}: not written by a run recorded in {record.path} (an older "
+                                    "version's output, or a file of your own); pass --overwrite to replace it, or "
+                                    "choose another output folder")
+                raise DataError(f"{record.folder}: the outputs of '{item.rel}' were made with "
+                                f"{record.conflict(existing)} (see {RUN_RECORD}); pass --overwrite to redo them, "
+                                "or choose another output folder")
     result = BatchResult(rows=[ManifestRow(input=f, status="ignored", message=why) for f, why in ignored])
     for i, item in enumerate(inputs):
         row = ManifestRow(input=item.source, format=item.format, series_uid=item.series_uid)
@@ -349,8 +375,9 @@ def run_batch(
             kept = ""
             if written and record is not None:
                 # outputs written in full before a Ctrl-C are this run's, so a rerun skips them; after an
-                # error they are no longer known to be this run's
-                record.record(paths, made=not isinstance(err, Exception), fingerprint=fingerprint, item=item)
+                # error (saving the record itself, say) they are no longer known to be this run's
+                with contextlib.suppress(OSError):
+                    record.record(paths, made=not isinstance(err, Exception), fingerprint=fingerprint, item=item)
             elif paths:
                 # this attempt's partial outputs go; the outputs an earlier version of the input gave stay, as
                 # recorded, so that a later run segments the input again instead of taking them for another's
@@ -358,7 +385,8 @@ def run_batch(
                 for p in partial.values():
                     p.unlink(missing_ok=True)
                 if record is not None and partial:
-                    record.forget(partial.values())
+                    with contextlib.suppress(OSError):
+                        record.forget(partial.values())
                 if record is not None and all(p.is_file() for p in paths.values()) and record.made_here(paths):
                     kept = "; the outputs of an earlier version of this input are kept"
             if not isinstance(err, Exception):

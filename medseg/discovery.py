@@ -7,7 +7,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from medseg.errors import DataError
@@ -24,6 +24,8 @@ class InputItem:
         rel: output stem relative to the output folder (``sub/img``), without suffix.
         series_uid: the SeriesInstanceUID of a DICOM input (picks the series inside ``source``).
         error: why this input cannot be read (set during discovery, e.g. an unreadable DICOM header).
+        key: what names the input across runs, wherever its folder lies now: its path relative to the
+            searched folder (``sub/img.png``), or ``dicom:<SeriesInstanceUID>`` for a series.
     """
 
     source: str
@@ -31,6 +33,7 @@ class InputItem:
     rel: str
     series_uid: str = ""
     error: str = ""
+    key: str = ""
 
 
 def _natural_key(text: str) -> tuple:
@@ -91,12 +94,10 @@ def discover(
         raise DataError(f"{root}: input not found; give a folder or an image file")
     if root.is_file():
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones
-        return [InputItem(str(root), fmt, _stem(root.name))], []
+        return [InputItem(str(root), fmt, _stem(root.name), key=root.name)], []
 
     found = [p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()]
-    outputs = [Path(skip)] if skip is not None else []
-    outputs += [p.parent for p in found if p.name == RUN_RECORD and _is_run_record(p)]  # earlier runs' outputs
-    left_out = tuple(part.resolve() for folder in outputs for part in map(folder.joinpath, OUTPUT_PARTS))
+    left_out = _outputs_under(root, Path(skip) if skip is not None else None, found)
     files = sorted((p for p in found if not any(p.resolve().is_relative_to(part) for part in left_out)),
                    key=lambda p: _natural_key(p.relative_to(root).as_posix()))
     inputs: list[InputItem] = []
@@ -115,7 +116,7 @@ def discover(
             if file.name.upper() != "DICOMDIR":
                 ignored.append((str(file), f"unsupported file type '{suffix_of(file) or '(none)'}'"))
         else:
-            inputs.append(InputItem(str(file), fmt, _stem(rel)))
+            inputs.append(InputItem(str(file), fmt, _stem(rel), key=rel))
     for folder, dicom_files in dicom_by_dir.items():
         series_inputs, not_images = _series_inputs(root, folder, dicom_files)
         inputs += series_inputs
@@ -126,6 +127,32 @@ def discover(
         raise DataError(f"{root}: no images to segment{extra}; supported: {supported} and DICOM series folders")
     inputs.sort(key=lambda item: _natural_key(item.rel))
     return _unique_rels(inputs), ignored
+
+
+def _outputs_under(root: Path, output_dir: Path | None, found: list[Path]) -> list[Path]:
+    """What discovery under ``root`` leaves out: the output folder when it lies inside ``root``; its outputs
+    (:data:`OUTPUT_PARTS`) when it is ``root`` itself; those of any earlier run found under ``root``.
+
+    Raises:
+        DataError: the output folder is the input folder and holds a ``mask/`` (``prob/``, ``table/``) folder
+            that no run recorded: the user's own masks, which outputs would be written among.
+    """
+    left_out: list[Path] = []
+    real_root = root.resolve()
+    if output_dir is not None:
+        out = output_dir.resolve()
+        if out != real_root and out.is_relative_to(real_root):
+            left_out.append(out)
+        elif out == real_root:
+            own = [name for name in OUTPUT_PARTS[:3] if (out / name).is_dir()]
+            if own and not _is_run_record(out / RUN_RECORD):
+                raise DataError(f"{output_dir}: the output folder is the input folder, and its {own[0]}/ folder "
+                                "was not written by medseg infer (masks of your own?); choose another output "
+                                "folder")
+            left_out += [out / name for name in OUTPUT_PARTS]
+    for record in (p for p in found if p.name == RUN_RECORD and _is_run_record(p)):  # earlier runs' outputs
+        left_out += [record.parent.resolve() / name for name in OUTPUT_PARTS]
+    return left_out
 
 
 def _stem(rel: str) -> str:
@@ -155,7 +182,8 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
             message = f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it"
         except DataError as err:
             message = str(err)
-        failed.append(InputItem(str(file), "dicom", _stem(file.relative_to(root).as_posix()), error=message))
+        rel = file.relative_to(root).as_posix()
+        failed.append(InputItem(str(file), "dicom", _stem(rel), error=message, key=rel))
     rel_dir = folder.relative_to(root).as_posix()
     base = Path(os.path.abspath(root)).name if rel_dir == "." else rel_dir  # "." named, a link not followed
     numbers = [s.number for s in series]
@@ -170,7 +198,7 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
         else:
             rel = f"{'' if rel_dir == '.' else rel_dir + '/'}{s.uid}"
         source = s.files[0] if len(s.files) == 1 else str(folder)
-        result.append(InputItem(source, "dicom", rel, series_uid=s.uid))
+        result.append(InputItem(source, "dicom", rel, series_uid=s.uid, key=f"dicom:{s.uid}"))
     return failed + result, ignored
 
 
@@ -194,7 +222,7 @@ def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:
         while candidate.lower() in taken and counts[item.rel.lower()] > 1:
             candidate, n = f"{rel}_{n}", n + 1
         taken.add(candidate.lower())
-        result.append(InputItem(item.source, item.format, candidate, item.series_uid, item.error))
+        result.append(replace(item, rel=candidate))
     return result
 
 

@@ -36,13 +36,24 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
         return
     path = Path(folder) / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # left by another user's killed command: a lock needs no write access
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                yield  # unusable here: no lock rather than no command
+                return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise DataError(f"{folder}: {_holder(path)} is writing into this folder; wait for it to end, or "
                             "choose another output folder") from None
+        except OSError:  # no locks on this filesystem (ENOLCK on some network shares): go on without one
+            os.close(fd)
+            yield
+            return
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -52,8 +63,9 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
     try:
         holder = {"command": f"medseg {command}", "pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        with contextlib.suppress(OSError):  # a read-only lock file keeps its old words
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
     finally:
         with contextlib.suppress(OSError):

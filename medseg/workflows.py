@@ -168,6 +168,8 @@ def _follow_moved_store(db: Path) -> None:
     root = path_to_uri(db.resolve().parent / "mlruns")
     try:
         with contextlib.closing(sqlite3.connect(db)) as con, con:
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone():
+                return  # an empty store: MLflow sets it up
             for experiment_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments"):
                 if not (location or "").startswith("file:") or not location.endswith("/mlruns") or location == root:
                     continue
@@ -806,8 +808,14 @@ def infer(
             # in words, for the message (the config hash already covers overlays' content and overrides)
             "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False)},
         }
+        # the same run as recorded by earlier versions, which hashed the config without tta when --tta or
+        # --no-tta was given (the value is in the settings' words either way)
+        del config["tta"]
+        earlier = {**identity, "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+                   .hexdigest()}
         paths = [str(Path(c).resolve()) for c in checkpoints]
-        record = RunRecord(out, identity, {"checkpoint_path": paths[0] if len(paths) == 1 else paths})
+        record = RunRecord(out, identity, {"checkpoint_path": paths[0] if len(paths) == 1 else paths},
+                           same_as=[earlier])
         inputs = record.keep_names(inputs)  # no input writes over the outputs another input made here
         evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 

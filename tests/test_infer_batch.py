@@ -181,7 +181,8 @@ def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tin
     # outputs the record does not know (an older version, foreign files) are not taken as this run's
     (out / "run.json").unlink()
     result = _infer(mixed, out, other, "--include", "*.png")
-    assert result.exit_code == 1 and "made with an unrecorded run; pass --overwrite" in result.output
+    assert result.exit_code == 1 and "slice.png: not written by a run recorded in" in result.output
+    assert "pass --overwrite to replace it" in result.output
 
 
 def test_run_record_forgets_outputs_of_a_failed_input(tmp_path):
@@ -196,6 +197,17 @@ def test_run_record_forgets_outputs_of_a_failed_input(tmp_path):
     record.record(paths, made=False)
     again = RunRecord(tmp_path, {"checkpoint": "x"})
     assert not again.made_here(paths) and again.conflict(paths) == "an unrecorded run"
+
+
+def test_run_record_takes_an_identity_recorded_by_an_earlier_version_as_its_own(tmp_path):
+    from medseg.batch import RunRecord
+
+    paths = {"mask": tmp_path / "mask" / "a.png"}
+    RunRecord(tmp_path, {"config": "hashed the old way"}).record(paths, made=True)
+    assert not RunRecord(tmp_path, {"config": "hashed the new way"}).made_here(paths)
+    record = RunRecord(tmp_path, {"config": "hashed the new way"}, same_as=[{"config": "hashed the old way"}])
+    assert record.made_here(paths) and len(record.runs) == 1
+    assert not RunRecord(tmp_path, {"config": "other"}, same_as=[{"config": "and other"}]).made_here(paths)
 
 
 def test_ctrl_c_in_a_batch_drops_the_current_inputs_outputs_and_stops(tmp_path):
@@ -465,6 +477,43 @@ def test_outputs_in_the_input_folder_itself_are_never_taken_as_inputs(tmp_path, 
     assert result.exit_code == 0 and _summary(result.output)["inputs"] == 1, result.output
     result = _infer(root, tmp_path / "elsewhere", tiny_checkpoint)  # nor are an earlier run's outputs
     assert _summary(result.output)["inputs"] == 2, result.output
+    # an input folder with masks of its own is not written into
+    own = tmp_path / "own"
+    (own / "mask").mkdir(parents=True)
+    Image.fromarray(synthetic_em(size=32, seed=1)[0]).save(own / "a.png")
+    (own / "mask" / "a.png").write_bytes(b"my own mask")
+    result = _infer(own, own, tiny_checkpoint)
+    assert result.exit_code == 1 and "the output folder is the input folder, and its mask/ folder was not " \
+        "written by medseg infer" in result.output, result.output
+    assert (own / "mask" / "a.png").read_bytes() == b"my own mask"
+    # an output folder inside the input is left out whole, files of its own included
+    (root / "out").mkdir()
+    Image.fromarray(synthetic_em(size=32, seed=3)[0]).save(root / "out" / "curves.png")
+    result = _infer(root, root / "out", tiny_checkpoint)
+    assert _summary(result.output)["inputs"] == 2, result.output
+
+
+def test_a_file_of_ones_own_at_one_output_path_is_never_replaced(tmp_path, tiny_checkpoint):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(synthetic_em(size=32, seed=1)[0]).save(tmp_path / "in" / "a.png")
+    (tmp_path / "out" / "mask").mkdir(parents=True)
+    (tmp_path / "out" / "mask" / "a.png").write_bytes(b"mine")  # the mask path only; no prob yet
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 1 and "a.png: not written by a run recorded in" in result.output, result.output
+    assert (tmp_path / "out" / "mask" / "a.png").read_bytes() == b"mine"
+
+
+def test_a_moved_input_folder_keeps_its_outputs_names(tmp_path, tiny_checkpoint):
+    first = tmp_path / "first"
+    first.mkdir()
+    for k in range(2):
+        Image.fromarray(synthetic_em(size=32, seed=k)[0]).save(first / f"{k}.png")
+    out = tmp_path / "out"
+    assert _infer(first, out, tiny_checkpoint).exit_code == 0
+    first.rename(tmp_path / "moved")
+    result = _infer(tmp_path / "moved", out, tiny_checkpoint)
+    assert _summary(result.output)["skipped"] == 2, result.output
+    assert sorted(p.name for p in (out / "mask").iterdir()) == ["0.png", "1.png"]
 
 
 def test_single_slice_volume_as_png(tmp_path, tiny_checkpoint):

@@ -66,3 +66,29 @@ def test_a_lock_taken_on_a_file_just_removed_is_taken_again_on_the_new_one(tmp_p
     monkeypatch.setattr(fcntl, "flock", racing)
     with folder_lock(tmp_path, "train"):
         assert len(calls) == 2 and "medseg train" in (tmp_path / LOCK_FILE).read_text()
+
+
+def test_a_filesystem_without_locks_or_a_foreign_lock_file_does_not_stop_the_command(tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        with folder_lock(tmp_path, "infer"):  # goes on without a lock
+            pass
+    (tmp_path / LOCK_FILE).write_text("{}")  # another user's, left by a killed command: not writable
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(LOCK_FILE) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", read_only)
+        with folder_lock(tmp_path, "train"):  # locked all the same: a lock needs no write access
+            with pytest.raises(DataError, match="is writing into this folder"), folder_lock(tmp_path, "infer"):
+                pass
