@@ -91,8 +91,9 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
     for overlay in overlays:
         try:
             content = ConfigParser.load_config_file(str(overlay))
-        except (ValueError, OSError) as err:
-            raise BundleError(f"{overlay}: cannot read config ({err})") from err
+        except Exception as err:  # noqa: BLE001 - json and yaml raise their own kinds for a malformed file
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
+            raise BundleError(f"{overlay}: cannot read config ({reason}); fix its JSON/YAML syntax") from err
         if not isinstance(content, dict):
             raise BundleError(f"{overlay}: an overlay must hold a mapping of config ids to values")
         for key in content:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from medseg.errors import ConfigValueError, DataError
-from medseg.readers import count_slices
+from medseg.readers import LOSSY_SUFFIXES, count_slices
 
 #: Image types accepted as training data (2D slices and TIFF stacks).
 SUPPORTED_SUFFIXES = (".png", ".tif", ".tiff")
@@ -149,7 +149,8 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found; pass --data pointing to the images + masks folder")
-    images = sorted((p for p in root.glob(image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+    images = sorted((p for p in root.glob(image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                     and not p.name.startswith(".")),  # macOS "._" companions, editors' temporary files
                     key=lambda p: _natural_text(p.relative_to(root).as_posix()))
     if not images:
         raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)}); "
@@ -160,6 +161,10 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         masks = sorted(Path(m) for m in glob.glob(pattern)
                        if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in IMAGE_SUFFIXES)
         if not masks:
+            lossy = [m for m in glob.glob(pattern) if Path(m).suffix.lower() in LOSSY_SUFFIXES]
+            if lossy:
+                raise DataError(f"{lossy[0]}: a {Path(lossy[0]).suffix} mask; JPEG compression changes the class "
+                                "values at every edge: save the masks as PNG or TIFF")
             raise DataError(f"{image}: no mask matches {pattern}; add the mask or set mask_template")
         if len(masks) > 1:
             raise DataError(f"{image}: {len(masks)} masks match {pattern} ({masks[0].name}, {masks[1].name}); "

@@ -55,6 +55,10 @@ SUFFIXES: dict[str, str] = {
 }
 
 
+#: Image types that cannot hold masks (lossy, or at best 8-bit palette): named when met among masks.
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif")
+
+
 def suffix_of(path: str | os.PathLike) -> str:
     """The format-bearing suffix of ``path`` (``.nii.gz`` counts as one)."""
     name = Path(path).name.lower()

@@ -363,6 +363,61 @@ def _set_aside(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
     return aside
 
 
+def _recorded_run(out: Path) -> dict[str, dict]:
+    """The ``config.json`` and ``split.json`` of the run in ``out`` (``{}`` for a file missing or unreadable)."""
+    found = {}
+    for key, name in (("config", "config.json"), ("split", "split.json")):
+        try:
+            found[key] = json.loads((out / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found[key] = {}
+    return found
+
+
+def _resume_length(parser: Any, config: dict, overrides: dict) -> None:
+    """A resumed run keeps its own ``max_epochs`` unless ``--epochs`` says otherwise (the bundle's default
+    would restart the whole schedule), and a changed length is said to leave the learning-rate schedule as
+    it was (its state comes from the checkpoint)."""
+    own = config.get("max_epochs")
+    if not isinstance(own, int) or isinstance(own, bool):
+        return
+    if "max_epochs" not in overrides:
+        parser["max_epochs"] = own
+    elif parser["max_epochs"] != own:
+        logging.getLogger(__name__).warning(
+            "--epochs %s: the run was set to %d epochs; its learning-rate schedule, restored from the checkpoint, "
+            "keeps that length", parser["max_epochs"], own)
+
+
+def _check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
+    """A resumed run trains on the split it started with: the split drawn again must be the recorded one."""
+    if not recorded:
+        return
+    try:
+        drawn = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if any(recorded.get(k) != drawn.get(k) for k in ("train", "val")):  # by name: the folder itself may move
+        raise DataError(f"{out / 'split.json'}: the run was trained on another train/validation split than the one "
+                        f"drawn now from {data_dir} (another data folder, images added or removed, or another "
+                        "seed or val_fraction); resume with the run's data and settings, or start anew with "
+                        "--overwrite instead of --resume")
+
+
+def _check_epochs_left(last: Path, max_epochs: int) -> None:
+    """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback."""
+    import torch
+
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True).get("trainer", {})
+        done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
+    except Exception:  # noqa: BLE001 - an unusual checkpoint: Ignite's own checks follow
+        return
+    if done >= max_epochs:
+        raise ConfigValueError(f"--resume: {last.name} has trained {done} epochs and the run is set to "
+                               f"{max_epochs}; pass --epochs above {done} to train on")
+
+
 def _put_back(aside: Sequence[tuple[Path, Path]], keep_new: bool = False) -> None:
     """Restore the files :func:`_set_aside` copied (or, with ``keep_new``, drop the copies)."""
     for path, spare in aside:
@@ -431,13 +486,19 @@ def train(
     with folder_lock(out, "train"):  # held until the run ends: one training per folder
         _recover_set_aside(out)
         _check_run_folder(out, resume, overwrite)
-        # --overwrite: the split and config the checks below write replace the old run's only if they pass
-        aside = _set_aside(out, _SET_ASIDE) if overwrite else []
+        # --overwrite, --resume: the split and config the checks below write replace the run's only if they pass
+        aside = _set_aside(out, _SET_ASIDE) if overwrite or resume else []
         try:
+            recorded = _recorded_run(out) if resume else {}
+            if resume:
+                _resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
+            if resume:
+                _check_same_split(out, recorded.get("split"), data_dir)
             if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
                 raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
-                                "hold some out (raise val_fraction or val_count)")
+                                f"hold some out ({'val_count' if 'val_count' in parser else 'val_fraction'}), "
+                                "or give more images")
             _check_compile(parser, dev)
             if resume and isinstance(parser.get("val_at_start"), bool):
                 parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
@@ -473,6 +534,7 @@ def train(
                     problem = str(err).rsplit("; ", 1)[0]
                     raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
                                           "with, or start anew with --overwrite instead of --resume") from err
+                _check_epochs_left(last, trainer.state.max_epochs)
                 CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
                 _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
         except BaseException:

@@ -58,6 +58,12 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path):
     assert "train.json: cannot read config" in result.output and "Traceback" not in result.output
 
 
+def test_a_malformed_yaml_overlay_is_named(tmp_path):
+    (tmp_path / "fast.yaml").write_text("learning_rate: [1, 2\n")
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "-c", tmp_path / "fast.yaml")
+    _assert_one_line_error(result, "fast.yaml: cannot read config", "fix its JSON/YAML syntax")
+
+
 def test_info_lists_versions_and_bundles():
     result = _invoke("info", "--bundles-dir", BUNDLE.parent)
     assert result.exit_code == 0
@@ -290,6 +296,28 @@ def test_a_resumed_run_logged_with_a_relative_folder_gets_no_second_folder_param
     assert params == {"max_epochs.resume1": 5}
 
 
+def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path):
+    """As the interrupt message says it: --resume alone continues the run as it was set, not the bundle's
+    150 epochs; on its own split; and a length already reached is one line, not Ignite's traceback."""
+    out = tmp_path / "resumed"
+    shutil.copytree(trained["out"], out)
+    config = json.loads((out / "config.json").read_text())
+    config["max_epochs"] = 4  # as if the run had been started with --epochs 4 and stopped after 3
+    (out / "config.json").write_text(json.dumps(config))
+    args = ("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume", "--no-progress",
+            "--no-tracking", "--device", "cpu", *_tiny_args())
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
+    _assert_one_line_error(_invoke(*args, "--epochs", 2), "--resume: last_checkpoint_epoch=4.pt has trained 4 "
+                           "epochs and the run is set to 2", "--epochs above 4")
+    # another split (here: another number of validation slices) is refused, the record kept
+    split = (out / "split.json").read_bytes()
+    _assert_one_line_error(_invoke(*args, "--epochs", 6, "--set", "val_count=2"), "split.json",
+                           "another train/validation split", "--overwrite instead of --resume")
+    assert (out / "split.json").read_bytes() == split
+
+
 @pytest.mark.parametrize("damage", ["other network", "truncated"])
 def test_resume_from_an_unusable_last_checkpoint_is_one_line(trained, tmp_path, damage):
     out = tmp_path / "resumed"
@@ -307,6 +335,9 @@ def test_resume_from_an_unusable_last_checkpoint_is_one_line(trained, tmp_path, 
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "cannot resume: " in errors[0] and "last_checkpoint_epoch=3.pt" in errors[0]
     assert "start anew with --overwrite instead of --resume" in errors[0]
+    # a refused resume leaves the run's record as it was
+    assert (out / "split.json").read_bytes() == (trained["out"] / "split.json").read_bytes()
+    assert (out / "config.json").read_bytes() == (trained["out"] / "config.json").read_bytes()
 
 
 @pytest.mark.parametrize("step", [3, 1], ids=["in epoch 2", "in epoch 1"])

@@ -121,6 +121,9 @@ def test_data_errors_name_the_file(jurkat_folder, tmp_path):
     with pytest.raises(DataError, match=r"set_a/003\.bmp: no mask matches .*003\.png") as err:
         find_image_mask_pairs(jurkat_folder, **LAYOUT)
     assert "\n" not in str(err.value)
+    (jurkat_folder / "set_a" / "003.jpg").write_bytes(b"jpeg")  # a JPEG mask is named as such
+    with pytest.raises(DataError, match=r"set_a/003\.jpg: a \.jpg mask; JPEG compression"):
+        find_image_mask_pairs(jurkat_folder, **{**LAYOUT, "mask_template": "{stem}.*"})
 
     other = write_jurkat_folder(tmp_path / "two", layout=[("x", (40, 40))])
     shutil.copy(other / "x" / "001.png", other / "x" / "001.tif")
@@ -652,3 +655,9 @@ def test_bad_config_values_are_one_line_errors(tmp_path, bundle, setting, expect
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0] and "internal error" not in errors[0], result.output
+
+
+def test_hidden_files_beside_the_images_are_not_images(jurkat_folder):
+    (jurkat_folder / "set_a" / "._001.bmp").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    names = [p["name"] for p in find_image_mask_pairs(jurkat_folder, **LAYOUT)]
+    assert names and not any("._" in n for n in names)

@@ -163,6 +163,18 @@ def test_instance_masks_errors_name_the_file(dsb_folder, tmp_path):
     (tmp_path / "nomasks").mkdir()
     with pytest.raises(DataError, match=r"nomasks: no masks and no image"):
         LoadInstanceMasksd(keys="label", ref_key=None)({"label": str(tmp_path / "nomasks")})
+    # a JPEG mask is named, not skipped as if the nucleus were not there; BMP is lossless and read; a macOS
+    # "._" file beside the masks is not a mask
+    jpeg = sorted(Path(sample["label"]).glob("*.png"))[0]
+    Image.open(jpeg).convert("L").save(jpeg.with_suffix(".jpg"))
+    jpeg.unlink()
+    with pytest.raises(DataError, match=rf"{jpeg.stem}\.jpg: a \.jpg instance mask; JPEG compression"):
+        _loaded(sample)
+    Image.open(jpeg.with_suffix(".jpg")).save(jpeg.with_suffix(".bmp"))
+    jpeg.with_suffix(".jpg").unlink()
+    bad.unlink()
+    (Path(sample["label"]) / "._x.png").write_bytes(b"\x00\x05\x16\x07")
+    assert _loaded(sample)["label"].max() == len(list(Path(sample["label"]).glob("*.[pb][nm][gp]"))) - 1
     # an empty masks folder beside an image gives an all-background label
     d = LoadInstanceMasksd(keys="label")({"image": np.zeros((1, 9, 7), np.float32), "label": str(tmp_path / "nomasks")})
     assert d["label"].shape == (1, 9, 7) and not d["label"].any()
