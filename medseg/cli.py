@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medseg.errors import BundleError, find_user_error, show_user_error_logs
+from medseg.errors import BundleError, describe_config_failure, find_user_error, show_user_error_logs
 
 app = typer.Typer(
     help="Train, evaluate and apply biomedical segmentation bundles (MONAI bundle format).",
@@ -63,7 +63,8 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         if debug:
             raise
         user = find_user_error(err)
-        message = str(user) if user else f"internal error: {type(err).__name__}: {err} (rerun with --debug)"
+        message = str(user) if user else (describe_config_failure(err)
+                                          or f"internal error: {type(err).__name__}: {err} (rerun with --debug)")
         typer.secho(f"error: {message.splitlines()[0] if message else type(err).__name__}", err=True,
                     fg=typer.colors.RED)
         raise typer.Exit(1) from None

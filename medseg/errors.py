@@ -39,6 +39,30 @@ def find_user_error(err: BaseException | None) -> MedsegError | None:
     return None
 
 
+_CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate ConfigExpression")
+
+
+def describe_config_failure(err: BaseException | None) -> str | None:
+    """One line for a failure MONAI reports while building a config item (a value no component takes, such
+    as ``batch_size=0``): the innermost error and what was being built; ``None`` for other failures."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    building = next((e for e in chain if str(e).startswith(_CONFIG_FAILURES)), None)
+    if building is None:
+        return None
+    inner = chain[-1]
+    what = str(building).splitlines()[0]
+    what = what.split(" with keywords")[0].replace("Failed to instantiate component", "building").replace(
+        "Failed to evaluate ConfigExpression", "evaluating").strip(": ")
+    reason = " ".join(str(inner).split())[:200] if inner is not building else ""
+    found = f"{type(inner).__name__}: {reason}" if reason else type(inner).__name__
+    return (f"a config value does not work ({found}; {what}); check the values given with --set and in overlays "
+            "(--debug shows the traceback)")
+
+
 class _UserErrorLogFilter(logging.Filter):
     """Drops log records about a user error: engines log each exception they re-raise, with its traceback,
     and the CLI reports a user error in one line."""

@@ -58,6 +58,12 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path):
     assert "train.json: cannot read config" in result.output and "Traceback" not in result.output
 
 
+def test_a_config_value_no_component_takes_is_one_line_naming_the_cause(trained, tmp_path):
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", tmp_path / "o", "--no-tracking",
+                     "--no-progress", "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=0")
+    _assert_one_line_error(result, "a config value does not work", "batch_size=0", "DataLoader", "--set")
+
+
 def test_a_malformed_yaml_overlay_is_named(tmp_path):
     (tmp_path / "fast.yaml").write_text("learning_rate: [1, 2\n")
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "-c", tmp_path / "fast.yaml")
