@@ -238,6 +238,13 @@ class RunRecord:
             self.names[_source_key(item)] = {"rel": item.rel, "mask": self._rel(paths["mask"])}
         self.save()
 
+    def note_name(self, item: InputItem, paths: dict[str, Path]) -> None:
+        """Record ``item``'s name for its outputs ``paths`` if the record lacks it (saved only then)."""
+        key = _source_key(item)
+        if key not in self.names and self._rel(paths["mask"]) in self.outputs:
+            self.names[key] = {"rel": item.rel, "mask": self._rel(paths["mask"])}
+            self.save()
+
     def forget(self, paths: Iterable[Path]) -> None:
         """Drop ``paths`` from the record (outputs removed) and save."""
         for p in paths:
@@ -359,6 +366,8 @@ def run_batch(
             changed = record is not None and record.input_changed(paths, fingerprint)
             if not overwrite and not changed and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
+                if record is not None:
+                    record.note_name(item, paths)  # a folder written before names were recorded
             else:
                 before = {name: _stamp(p) for name, p in paths.items()}
                 extra = segment(slice_items(item, row.slices)) or {}

@@ -439,6 +439,12 @@ def test_inputs_of_one_stem_in_separate_runs_never_write_over_each_other(tmp_pat
     assert tifffile.imread(out / "prob" / "a_png.tif").shape == (48, 48)
     result = _infer(root, out, tiny_checkpoint)  # the whole folder: both skipped under their names
     assert _summary(result.output)["skipped"] == 2, result.output
+    # a record written before names were kept learns them from the inputs it skips
+    record = json.loads((out / "run.json").read_text())
+    del record["names"]
+    (out / "run.json").write_text(json.dumps(record))
+    assert _summary(_infer(root, out, tiny_checkpoint, "--include", "*.tif").output)["skipped"] == 1
+    assert json.loads((out / "run.json").read_text())["names"]["a.tif"]["rel"] == "a"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.parent != out) == [
         "mask/a.tif", "mask/a_png.png", "prob/a.tif", "prob/a_png.tif"]
 
