@@ -85,8 +85,6 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     digest = hashlib.sha256()
