@@ -75,8 +75,9 @@ def discover(
             when given, only matching files are considered.
         exclude: glob patterns of files to leave out.
         recursive: search sub-folders too.
-        skip: the output folder: its outputs (:data:`OUTPUT_PARTS`) are left out when it lies inside ``path``
-            or is ``path`` itself, as are those of any folder under ``path`` that holds a run record.
+        skip: the output folder: left out whole when it lies inside ``path``, its outputs
+            (:data:`OUTPUT_PARTS`) when it is ``path`` itself; the outputs of any folder under ``path`` that
+            holds a run record are left out too.
 
     Returns:
         ``(inputs, ignored)``: inputs in natural order; ``ignored`` lists ``(file, reason)`` for files that
