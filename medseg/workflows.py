@@ -341,8 +341,8 @@ _SET_ASIDE = ("split.json", "config.json")
 
 
 def _recover_set_aside(out: Path) -> None:
-    """Put back files an ``--overwrite`` set aside and could not restore (the process was killed during its
-    checks): they belong to the weights still in the folder."""
+    """Put back files an ``--overwrite`` or ``--resume`` set aside and could not restore (the process was
+    killed during its checks): they belong to the weights still in the folder."""
     for spare in out.glob(".*.replaced"):
         name = spare.name[1:-len(".replaced")]
         if name in _SET_ASIDE and spare.is_file():
