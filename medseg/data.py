@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from medseg.errors import ConfigValueError, DataError
-from medseg.readers import LOSSY_SUFFIXES, count_slices
+from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error
 
 #: Image types accepted as training data (2D slices and TIFF stacks).
 SUPPORTED_SUFFIXES = (".png", ".tif", ".tiff")
@@ -163,8 +163,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         if not masks:
             lossy = [m for m in glob.glob(pattern) if Path(m).suffix.lower() in LOSSY_SUFFIXES]
             if lossy:
-                raise DataError(f"{lossy[0]}: a {Path(lossy[0]).suffix} mask; JPEG compression changes the class "
-                                "values at every edge: save the masks as PNG or TIFF")
+                raise lossy_mask_error(lossy[0])
             raise DataError(f"{image}: no mask matches {pattern}; add the mask or set mask_template")
         if len(masks) > 1:
             raise DataError(f"{image}: {len(masks)} masks match {pattern} ({masks[0].name}, {masks[1].name}); "

@@ -99,7 +99,8 @@ def discover(
 
     found = [p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()]
     left_out = _outputs_under(root, Path(skip) if skip is not None else None, found)
-    files = sorted((p for p in found if not any(p.resolve().is_relative_to(part) for part in left_out)),
+    files = sorted((p for p, real in ((p, p.resolve()) for p in found)
+                    if not any(real.is_relative_to(part) for part in left_out)),
                    key=lambda p: _natural_key(p.relative_to(root).as_posix()))
     inputs: list[InputItem] = []
     ignored: list[tuple[str, str]] = []

@@ -28,15 +28,18 @@ class ConfigValueError(BundleError, ValueError):
     """A bundle config value is out of its range (also a ``ValueError`` for library callers)."""
 
 
+def _causes(err: BaseException | None) -> list[BaseException]:
+    """``err`` and what caused it, outermost first (each once: chains may loop)."""
+    chain: list[BaseException] = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
 def find_user_error(err: BaseException | None) -> MedsegError | None:
     """The first MedsegError in ``err``'s cause chain (MONAI and Ignite wrap errors raised inside them)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, MedsegError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in _causes(err) if isinstance(e, MedsegError)), None)
 
 
 _CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate ConfigExpression")
@@ -45,11 +48,7 @@ _CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate Confi
 def describe_config_failure(err: BaseException | None) -> str | None:
     """One line for a failure MONAI reports while building a config item (a value no component takes, such
     as ``batch_size=0``): the innermost error and what was being built; ``None`` for other failures."""
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        chain.append(err)
-        err = err.__cause__ or err.__context__
+    chain = _causes(err)
     building = next((e for e in chain if str(e).startswith(_CONFIG_FAILURES)), None)
     if building is None:
         return None

@@ -59,6 +59,14 @@ SUFFIXES: dict[str, str] = {
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif")
 
 
+def lossy_mask_error(path: str | os.PathLike, kind: str = "mask") -> DataError:
+    """The error for a mask in one of :data:`LOSSY_SUFFIXES`, naming the file and the fix."""
+    suffix = Path(path).suffix
+    why = ("JPEG compression changes the values at every edge" if suffix.lower() in (".jpg", ".jpeg", ".jpe", ".jfif")
+           else "the format does not keep exact values")
+    return DataError(f"{path}: a {suffix} {kind}; {why}: save the masks as PNG or TIFF")
+
+
 def suffix_of(path: str | os.PathLike) -> str:
     """The format-bearing suffix of ``path`` (``.nii.gz`` counts as one)."""
     name = Path(path).name.lower()

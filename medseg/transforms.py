@@ -14,7 +14,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
 
 from medseg.errors import ConfigValueError, DataError
-from medseg.readers import LOSSY_SUFFIXES, read_slice
+from medseg.readers import LOSSY_SUFFIXES, lossy_mask_error, read_slice
 
 #: 4-connectivity, as the ISBI 2012 scoring and the U-Net weight map use.
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -236,12 +236,11 @@ class LoadInstanceMasksd(MapTransform):
             folder = Path(str(d[key]))
             if not folder.is_dir():
                 raise DataError(f"{folder}: no masks folder; add one PNG per object there")
-            files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                           and p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
-            other = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in LOSSY_SUFFIXES)
-            if other:
-                raise DataError(f"{other[0]}: a {other[0].suffix} instance mask; JPEG compression changes the "
-                                "values at every edge: save the masks as PNG or TIFF")
+            listed = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            lossy = [p for p in listed if p.suffix.lower() in LOSSY_SUFFIXES]
+            if lossy:
+                raise lossy_mask_error(lossy[0], "instance mask")
+            files = [p for p in listed if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp")]
             ref = d.get(self.ref_key) if self.ref_key else None
             shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
             masks = []

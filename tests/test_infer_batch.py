@@ -27,6 +27,13 @@ def _infer(inputs: Path, out: Path, ckpt: Path, *extra: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def _em_png(path: Path, seed: int) -> Path:
+    """A 32x32 synthetic EM slice saved as PNG at ``path`` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(synthetic_em(size=32, seed=seed)[0]).save(path)
+    return path
+
+
 def _manifest(out: Path) -> dict[str, dict]:
     with open(out / "manifest.csv", newline="") as f:
         return {Path(row["input"]).name: row for row in csv.DictReader(f)}
@@ -451,9 +458,8 @@ def test_inputs_of_one_stem_in_separate_runs_never_write_over_each_other(tmp_pat
 
 def test_a_failed_input_keeps_its_earlier_outputs_and_does_not_block_the_folder(tmp_path, tiny_checkpoint):
     root = tmp_path / "in"
-    root.mkdir()
     for k in range(2):
-        Image.fromarray(synthetic_em(size=32, seed=k)[0]).save(root / f"{k}.png")
+        _em_png(root / f"{k}.png", k)
     out = tmp_path / "out"
     assert _infer(root, out, tiny_checkpoint).exit_code == 0
     earlier = (out / "mask" / "1.png").read_bytes()
@@ -471,9 +477,8 @@ def test_a_failed_input_keeps_its_earlier_outputs_and_does_not_block_the_folder(
 
 def test_outputs_in_the_input_folder_itself_are_never_taken_as_inputs(tmp_path, tiny_checkpoint):
     root = tmp_path / "in"
-    (root / "sub").mkdir(parents=True)
-    Image.fromarray(synthetic_em(size=32, seed=1)[0]).save(root / "a.png")
-    Image.fromarray(synthetic_em(size=32, seed=2)[0]).save(root / "sub" / "b.png")
+    _em_png(root / "a.png", 1)
+    _em_png(root / "sub" / "b.png", 2)
     result = _infer(root, root, tiny_checkpoint)  # the output folder is the input folder
     assert result.exit_code == 0, result.output
     assert _summary(result.output)["inputs"] == 2 and (root / "mask" / "sub" / "b.png").is_file()
@@ -486,22 +491,20 @@ def test_outputs_in_the_input_folder_itself_are_never_taken_as_inputs(tmp_path, 
     # an input folder with masks of its own is not written into
     own = tmp_path / "own"
     (own / "mask").mkdir(parents=True)
-    Image.fromarray(synthetic_em(size=32, seed=1)[0]).save(own / "a.png")
+    _em_png(own / "a.png", 1)
     (own / "mask" / "a.png").write_bytes(b"my own mask")
     result = _infer(own, own, tiny_checkpoint)
     assert result.exit_code == 1 and "the output folder is the input folder, and its mask/ folder was not " \
         "written by medseg infer" in result.output, result.output
     assert (own / "mask" / "a.png").read_bytes() == b"my own mask"
     # an output folder inside the input is left out whole, files of its own included
-    (root / "out").mkdir()
-    Image.fromarray(synthetic_em(size=32, seed=3)[0]).save(root / "out" / "curves.png")
+    _em_png(root / "out" / "curves.png", 3)
     result = _infer(root, root / "out", tiny_checkpoint)
     assert _summary(result.output)["inputs"] == 2, result.output
 
 
 def test_a_file_of_ones_own_at_one_output_path_is_never_replaced(tmp_path, tiny_checkpoint):
-    (tmp_path / "in").mkdir()
-    Image.fromarray(synthetic_em(size=32, seed=1)[0]).save(tmp_path / "in" / "a.png")
+    _em_png(tmp_path / "in" / "a.png", 1)
     (tmp_path / "out" / "mask").mkdir(parents=True)
     (tmp_path / "out" / "mask" / "a.png").write_bytes(b"mine")  # the mask path only; no prob yet
     result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
@@ -511,9 +514,8 @@ def test_a_file_of_ones_own_at_one_output_path_is_never_replaced(tmp_path, tiny_
 
 def test_a_moved_input_folder_keeps_its_outputs_names(tmp_path, tiny_checkpoint):
     first = tmp_path / "first"
-    first.mkdir()
     for k in range(2):
-        Image.fromarray(synthetic_em(size=32, seed=k)[0]).save(first / f"{k}.png")
+        _em_png(first / f"{k}.png", k)
     out = tmp_path / "out"
     assert _infer(first, out, tiny_checkpoint).exit_code == 0
     first.rename(tmp_path / "moved")
