@@ -559,6 +559,8 @@ def train(
                 except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running
                     _close_tracking(_bundle_handlers(parser, MLFlowHandler),
                                     "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                    if isinstance(err, KeyboardInterrupt) and interrupted.at_once:
+                        raise KeyboardInterrupt(f"stopped at once; {_how_to_go_on(out)}") from None
                     raise
         summary = {
             "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
@@ -576,11 +578,15 @@ def train(
         if tracked is not None:
             _log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
         if interrupted:
-            if any(out.glob("last_checkpoint_epoch=*.pt")):
-                raise KeyboardInterrupt(f"{_last_checkpoint(out).name} holds the last finished epoch; continue with "
-                                        f"--resume --output {out}")
-            raise KeyboardInterrupt(f"no epoch finished, so {out} holds nothing to resume; start the training again")
+            raise KeyboardInterrupt(_how_to_go_on(out))
         return summary
+
+
+def _how_to_go_on(out: Path) -> str:
+    """What an interrupted training in ``out`` leaves to continue from."""
+    if any(out.glob("last_checkpoint_epoch=*.pt")):
+        return f"{_last_checkpoint(out).name} holds the last finished epoch; continue with --resume --output {out}"
+    return f"no epoch finished, so {out} holds nothing to resume; start the training again"
 
 
 def _validate_at_end_if_never(trainer: Any, evaluator: Any, interrupted: Sequence) -> None:
@@ -661,6 +667,7 @@ class _Interrupted(list):
     """Truthy once Ctrl-C was pressed; ``finished`` is the last epoch that ended."""
 
     finished = 0
+    at_once = False  # a second Ctrl-C
 
 
 @contextlib.contextmanager
@@ -689,7 +696,9 @@ def _stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterat
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != main_pid:  # a data-loader worker (forked with this handler): the main process decides
             return
-        if flag:
+        if flag:  # stop at once; Ignite's and MONAI's loggers would print the interrupt's traceback on its way out
+            flag.at_once = True
+            logging.disable(logging.CRITICAL)
             raise KeyboardInterrupt
         flag.append(True)
         print("interrupted: finishing the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
@@ -698,10 +707,13 @@ def _stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterat
         trainer.terminate()
 
     previous = signal.signal(signal.SIGINT, handler)
+    disabled = logging.root.manager.disable
     try:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+        if flag.at_once:
+            logging.disable(disabled)
 
 
 def evaluate(

@@ -402,6 +402,40 @@ def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monk
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
 
 
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkeypatch):
+    # Ctrl-C twice in one step: training stops at once, without Ignite's or MONAI's log of the interrupt's
+    # traceback; the line says what the run folder holds, the MLflow run is KILLED and logging works again
+    import logging
+    import os
+    import signal
+
+    import mlflow
+    from ignite.engine import Events
+
+    from medseg import workflows
+
+    original = workflows._check_batches
+
+    def press_ctrl_c_twice(trainer, data_dir):
+        original(trainer, data_dir)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3),
+                                  lambda _: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
+
+    monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c_twice)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--epochs", 5, "--data", isbi_folder, "--output", out, "--no-progress",
+                     "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2")
+    assert result.exit_code == 130, result.output
+    assert "KeyboardInterrupt" not in result.output and "Exception:" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; stopped at once; last_checkpoint_epoch=1.pt holds the last finished "
+                     f"epoch; continue with --resume --output {out}"]
+    assert logging.root.manager.disable == logging.NOTSET
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
     # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
     # MLflow's refusal to change a logged param: the new value is logged beside the old one
