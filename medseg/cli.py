@@ -101,7 +101,7 @@ def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
     for text in pairs or []:
         key, value = parse_override(text)
         if named.get(key) is not None and result[key] != value:
-            option = {"max_epochs": "--epochs"}.get(key, key)
+            option = {"max_epochs": "--epochs", "eval_split": "--split"}.get(key, key)
             raise BundleError(f"--set {text} contradicts {option} {result[key]}; give one of them")
         result[key] = value
     return result
@@ -163,8 +163,9 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(
         help="Where metrics.csv and summary.json go (default: eval, or eval_ensemble, beside the first checkpoint).",
     )] = None,
-    split: Annotated[str, typer.Option(help=(
-        "Images to score: val (the training run's validation split), train (its training images) or all."))] = "val",
+    split: Annotated[str | None, typer.Option(help=(
+        "Images to score: val (the training run's validation split), train (its training images) or all; "
+        "default: val."))] = None,
     tta: TtaOpt = None,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
@@ -176,9 +177,10 @@ def evaluate(
 
     ckpts = checkpoint or [bundle / "models" / "model.pt"]
     out = output or ckpts[0].parent / ("eval" if len(ckpts) == 1 else "eval_ensemble")
+    overrides = _run(ctx, lambda: _overrides(set_, eval_split=split))  # --set eval_split=X is --split X
     summary = _run(ctx, lambda: workflows.evaluate(
-        str(bundle), str(data), [str(c) for c in ckpts], str(out), split=split, tta=tta, device=device,
-        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
+        str(bundle), str(data), [str(c) for c in ckpts], str(out), split=str(overrides.pop("eval_split", "val")),
+        tta=tta, device=device, overlays=tuple(map(str, config or [])), overrides=overrides, progress=progress))
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}")
 

@@ -745,10 +745,11 @@ def evaluate(
     from medseg.evaluation import MetricsReport
     from medseg.handlers import RichProgress
 
+    overrides = dict(overrides or {})
+    split = str(overrides.pop("eval_split", split))  # the bundle's id for it, which the call's settings would replace
     if split not in ("val", "all", "train"):
         raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     _check_data_dir(data_dir)
-    overrides = dict(overrides or {})
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
         overrides["validate#inferer#tta"] = bool(tta)
     checkpoints = _checkpoint_list(checkpoint)

@@ -521,6 +521,16 @@ def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
     assert result.exit_code == 0, result.output
     rows = (tmp_path / "train" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+    # the bundle's own id for it, --set eval_split=train, is --split train; both at odds is an error
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "set", "--set", "eval_split=train", "--no-progress", "--device", "cpu",
+                     *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "set" / "metrics.csv").read_text() == (tmp_path / "train" / "metrics.csv").read_text()
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--split", "val", "--set", "eval_split=train", "--no-progress", "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: --set eval_split=train contradicts --split val; give one of them"
 
 
 def test_evaluate_into_the_run_folder_keeps_its_split_record(trained, tmp_path):
