@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from medseg.io import atomic_output
-from medseg.metrics import binary_scores, dsb_scores, isbi_scores, multiclass_scores
+from medseg.metrics import binary_scores, dsb_scores, isbi_scores, multiclass_scores, pixel_error
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -159,9 +159,10 @@ def instance_row(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
 class ChallengeMetrics(MetricsReport):
     """ISBI 2012 report: ``metrics.csv`` (one row per image) and ``summary.json`` when an evaluator completes.
 
-    Per image: Dice, IoU, pixel accuracy and mismatch at ``threshold``, ISBI pixel error, and V_rand /
-    V_info at the stack's best thresholds. The summary holds the means and the ISBI 2012 stack scores
-    (V_rand, V_info: per-slice mean, maximised over the 11 thresholds).
+    Per image: Dice, IoU, pixel accuracy and mismatch at ``threshold``, ISBI pixel error (at the slice's own
+    best threshold), and V_rand / V_info at the stack's best thresholds. The summary holds the means and the
+    ISBI 2012 stack scores (V_rand, V_info: per-slice mean, maximised over the 11 thresholds; pixel error:
+    counts pooled over the slices, one best threshold).
 
     Args:
         output_dir: where the two files go.
@@ -204,6 +205,8 @@ class ChallengeMetrics(MetricsReport):
             "v_rand_threshold": isbi.get("v_rand_threshold"),
             "v_info_threshold": isbi.get("v_info_threshold"),
             **{k: v for k, v in means.items() if k not in ("v_rand", "v_info")},
+            # the challenge's pixel error of the stack: counts of all slices pooled, one best threshold
+            "pixel_error": pixel_error(self.probs, self.labels) if self.probs else None,
             "threshold": self.threshold,
         }
 

@@ -6,15 +6,37 @@ in [0, 1] with high values for the foreground (cell interior for ISBI); labels a
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-#: The 11 thresholds of the ISBI 2012 scoring: 0.0, 0.1, ..., 1.0 (foreground is ``prob > t``).
-ISBI_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(11))
+
+def _challenge_thresholds() -> tuple[float, ...]:
+    """0.0 to 1.0 in steps of 0.1, summed in double precision as the challenge's scoring loop does.
+
+    The values are 0.30000000000000004, ..., 0.7999999999999999, 0.8999999999999999, 0.9999999999999999,
+    so a probability of exactly 1.0 is foreground at the last threshold.
+    """
+    values, t = [], 0.0
+    while t <= 1.0:
+        values.append(t)
+        t += 0.1
+    return tuple(values)
+
+
+#: The 11 thresholds of the ISBI 2012 scoring, 0.0 to 1.0 in steps of 0.1 (foreground is ``prob > t``), with
+#: the rounding of the challenge's own loop; ``round(t, 1)`` gives the nominal value.
+ISBI_THRESHOLDS: tuple[float, ...] = _challenge_thresholds()
 
 _FOUR = ndimage.generate_binary_structure(2, 1)
+_WSHED, _MASK, _INQUEUE, _FRAME = 0, -2, -3, -4  # the flooding's pixel states (labels are > 0)
+
+
+def _above(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """``prob > threshold`` as the challenge compares: the map in float32, compared in double precision."""
+    return np.asarray(prob, dtype=np.float32).astype(np.float64) > threshold
 
 
 def _counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, int]:
@@ -45,30 +67,85 @@ def pixel_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
     return (tp + tn) / np.asarray(gt).size
 
 
-def pixel_error(prob: np.ndarray, gt: np.ndarray, thresholds: Sequence[float] = ISBI_THRESHOLDS) -> float:
-    """ISBI 2012 pixel error: 1 − the best foreground F-score of ``prob > t`` over ``thresholds``."""
+def pixel_error(prob: np.ndarray | Sequence[np.ndarray], gt: np.ndarray | Sequence[np.ndarray],
+                thresholds: Sequence[float] = ISBI_THRESHOLDS) -> float:
+    """ISBI 2012 pixel error: 1 − the best foreground F-score of ``prob > t`` over ``thresholds``.
+
+    For a stack (sequences of slices), as the challenge scores one: the pixel counts of all slices are
+    added up at each threshold, and one threshold is best for the whole stack.
+    """
+    probs, gts = ([prob], [gt]) if isinstance(prob, np.ndarray) else (list(prob), list(gt))
+    if len(probs) != len(gts):
+        raise ValueError(f"need matching lists; got {len(probs)} maps and {len(gts)} labels")
     best = 0.0
     for t in thresholds:
-        tp, fp, fn, _ = _counts(np.asarray(prob) > t, gt)
+        tp = fp = fn = 0
+        for p, g in zip(probs, gts, strict=True):
+            a, b, c, _ = _counts(_above(p, t), np.asarray(g) > 0)
+            tp, fp, fn = tp + a, fp + b, fn + c
         f = 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
         best = max(best, f)
     return 1.0 - best
 
 
 def thinned_segments(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Proposal segmentation of the ISBI scoring at one threshold.
+    """Proposal segmentation of the ISBI scoring at one threshold: cells, and one-pixel lines (label 0).
 
-    Cells are the 4-connected components of ``prob > threshold``; a 4-connected seeded watershed on
-    ``1 - prob`` then floods the remaining pixels so that only one-pixel lines between cells keep
-    label 0.
+    As the challenge's scoring does it (Fiji's ``WatershedTransform2D`` on the binarised map, 4-connected):
+    the cells are the 4-connected components of ``prob > threshold``; the boundary pixels between them are
+    flooded breadth-first from the cells, in the challenge's pixel and neighbour order, so that each takes
+    the cell it is reached from and the pixels where two cells meet stay 0 — lines along the middle of
+    each boundary, whatever the map's values inside it. Boundary regions no cell reaches are segments of
+    their own.
     """
-    from skimage.segmentation import watershed
+    return _flood_boundaries(_above(prob, threshold))
 
-    prob = np.asarray(prob, dtype=np.float32)
-    seeds, n = ndimage.label(prob > threshold, structure=_FOUR)
-    if n == 0 or np.all(seeds > 0):
-        return seeds
-    return watershed(1.0 - prob, markers=seeds, connectivity=1, watershed_line=True)
+
+def _flood_boundaries(cells: np.ndarray) -> np.ndarray:
+    """Vincent–Soille flooding of a two-level image (cells low, boundaries high) with watershed lines."""
+    # The challenge scans x-major (columns outer): the rows of the transpose. A frame of FRAME pixels stands
+    # for the outside, so neighbours need no bounds checks.
+    inside = np.pad(np.asarray(cells, dtype=bool).T, 1)
+    labels, n_cells = ndimage.label(inside, structure=_FOUR)
+    state = labels.astype(np.int64)
+    boundary = ~inside
+    boundary[[0, -1], :] = boundary[:, [0, -1]] = False
+    touching = np.zeros_like(inside)  # boundary pixels 4-adjacent to a cell start the flooding
+    touching[1:] |= inside[:-1]
+    touching[:-1] |= inside[1:]
+    touching[:, 1:] |= inside[:, :-1]
+    touching[:, :-1] |= inside[:, 1:]
+    touching &= boundary
+    state[boundary] = _MASK
+    state[touching] = _INQUEUE
+    state[[0, -1], :] = state[:, [0, -1]] = _FRAME
+    step = inside.shape[1]
+    flat = state.ravel().tolist()  # a list: the loop below reads single pixels, which numpy does slowly
+    queue = deque(np.flatnonzero(touching).tolist())
+    flag = False
+    while queue:
+        p = queue.popleft()
+        own = _INQUEUE
+        for q in (p - step, p - 1, p + step, p + 1):  # the challenge's order: x-1, y-1, x+1, y+1
+            other = flat[q]
+            if other > 0:
+                if own == _INQUEUE or (own == _WSHED and flag):
+                    own = other
+                elif own > 0 and own != other:
+                    own, flag = _WSHED, False
+            elif other == _WSHED:
+                if own == _INQUEUE:
+                    own, flag = _WSHED, True
+            elif other == _MASK:
+                flat[q] = _INQUEUE
+                queue.append(q)
+        flat[p] = own
+    out = np.asarray(flat, dtype=np.int64).reshape(inside.shape)
+    unreached = out == _MASK
+    if unreached.any():
+        extra, _ = ndimage.label(unreached, structure=_FOUR)
+        out[unreached] = extra[unreached] + n_cells
+    return out[1:-1, 1:-1].T
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -80,7 +157,9 @@ def rand_and_info(gt_cells: np.ndarray, proposal: np.ndarray) -> tuple[float, fl
     """Foreground-restricted Rand F-score (V_rand) and information-theoretic F-score (V_info) of one slice.
 
     Only pixels inside ground-truth cells (``gt_cells > 0``) count. Proposal pixels with label 0
-    (boundary lines) are singleton segments, one each.
+    (boundary lines) are singleton segments, one each. As in the challenge's code, V_info is 0 when the
+    ground truth or the proposal has zero entropy (a single cell or segment), and NaN when their mutual
+    information is 0.
 
     Args:
         gt_cells: ``(H, W)`` ground-truth cell labels, 0 = membrane (ignored).
@@ -114,12 +193,12 @@ def rand_and_info(gt_cells: np.ndarray, proposal: np.ndarray) -> tuple[float, fl
     h_b = _entropy(col / n) + single_h
     h_ab = _entropy(n_ij / n) + single_h
     mutual = h_a + h_b - h_ab
-    if h_a == 0.0 and h_b == 0.0:
-        return v_rand, 1.0
-    precision = mutual / h_b if h_b > 0 else 0.0
-    recall = mutual / h_a if h_a > 0 else 0.0
-    v_info = 0.0 if precision + recall <= 0 else 2.0 * precision * recall / (precision + recall)
-    return v_rand, float(v_info)
+    if h_a == 0.0 or h_b == 0.0:  # the challenge's convention: one cell, or one segment, carries no information
+        return v_rand, 0.0
+    precision, recall = mutual / h_b, mutual / h_a
+    if precision + recall == 0.0:  # 0 / 0 in the challenge's code: such a threshold never counts as the best
+        return v_rand, float("nan")
+    return v_rand, float(2.0 * precision * recall / (precision + recall))
 
 
 def isbi_scores(
@@ -128,7 +207,7 @@ def isbi_scores(
     """The ISBI 2012 challenge scores of a stack, as the challenge computes them.
 
     For each threshold, V_rand and V_info are averaged over slices; each score is the maximum of
-    that mean over ``thresholds``.
+    that mean over ``thresholds`` (0 if none is above 0; a mean that is NaN never counts).
 
     Args:
         probs: per slice, ``(H, W)`` interior probability in [0, 1].
@@ -146,15 +225,24 @@ def isbi_scores(
         for si, (p, g) in enumerate(zip(probs, gt_cells, strict=True)):
             table[ti, si] = rand_and_info(g, thinned_segments(p, t))
     mean = table.mean(axis=1)
-    best_rand, best_info = int(mean[:, 0].argmax()), int(mean[:, 1].argmax())
+    best_rand, best_info = _best(mean[:, 0]), _best(mean[:, 1])
     return {
-        "v_rand": float(mean[best_rand, 0]),
-        "v_info": float(mean[best_info, 1]),
-        "v_rand_threshold": float(thresholds[best_rand]),
-        "v_info_threshold": float(thresholds[best_info]),
+        "v_rand": float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
+        "v_info": float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
+        "v_rand_threshold": round(float(thresholds[best_rand]), 6),
+        "v_info_threshold": round(float(thresholds[best_info]), 6),
         "per_slice_v_rand": table[best_rand, :, 0].tolist(),
         "per_slice_v_info": table[best_info, :, 1].tolist(),
     }
+
+
+def _best(scores: np.ndarray) -> int:
+    """Index of the best score as the challenge picks it: the first that beats all before it and 0 (NaN never)."""
+    best, index = 0.0, 0
+    for i, value in enumerate(scores):
+        if value > best:
+            best, index = float(value), i
+    return index
 
 
 def binary_scores(prob: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> dict[str, float]:

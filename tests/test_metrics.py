@@ -37,12 +37,30 @@ def test_shape_mismatch_is_an_error():
 
 def test_pixel_error_takes_best_threshold():
     gt = np.array([[0, 1, 1, 1]], bool)
-    prob = np.array([[0.35, 0.4, 0.8, 0.9]])
+    prob = np.array([[0.35, 0.38, 0.8, 0.9]])
     # t <= 0.3: all foreground, tp=3 fp=1 -> F = 6/7; t = 0.4..0.8: tp<=2 fn>=1 -> F <= 4/5;
-    # no 0.1 step separates 0.35 from 0.4, so the best F is 6/7
+    # no 0.1 step separates 0.35 from 0.38, so the best F is 6/7
     assert pixel_error(prob, gt) == pytest.approx(1 - 6 / 7)
     assert pixel_error(gt.astype(float), gt) == pytest.approx(0.0)
     assert pixel_error(1.0 - gt.astype(float), gt) == pytest.approx(1.0)  # no threshold finds a true pixel
+
+
+def test_pixel_error_compares_as_the_challenge():
+    # the map is read as float32 and compared in double precision: float32(0.4) = 0.40000000596 is above the
+    # threshold 0.4, and 1.0 is above the last threshold, 0.9999999999999999 (0.1 summed ten times)
+    gt = np.array([[0, 1, 1, 1]], bool)
+    assert pixel_error(np.array([[0.35, 0.4, 0.8, 0.9]]), gt) == 0.0
+    assert ISBI_THRESHOLDS[-1] < 1.0 and pixel_error(np.array([[0.95, 1.0, 1.0, 1.0]]), gt) == 0.0
+
+
+def test_pixel_error_of_a_stack_pools_the_slices():
+    # slice 1 is perfect at t = 0.2 only, slice 2 at t = 0.7 only: each slice alone has error 0, but the
+    # stack has one threshold for both, as in the challenge
+    gt = np.array([[0, 1, 1, 1]], bool)
+    first, second = np.array([[0.15, 0.25, 0.25, 0.25]]), np.array([[0.65, 0.75, 0.75, 0.75]])
+    assert pixel_error(first, gt) == 0.0 and pixel_error(second, gt) == 0.0
+    # at t = 0.2: slice 2 has one false positive (tp 6, fp 1); at t = 0.7: slice 1 has 3 false negatives
+    assert pixel_error([first, second], [gt, gt]) == pytest.approx(1 - 12 / 13)
 
 
 def test_rand_info_perfect_is_one():
@@ -75,13 +93,54 @@ def test_rand_info_boundary_pixel_is_singleton():
     assert v_info == pytest.approx(2 * precision * recall / (precision + recall))
 
 
+def test_rand_info_follows_the_challenges_conventions_at_zero_entropy():
+    # one ground-truth cell matched by one segment: V_rand 1, but the challenge's code gives V_info 0
+    # (zero entropy); with two cells and one segment per row, mutual information 0 gives 0 / 0 = NaN there
+    one = np.ones((2, 3), int)
+    assert rand_and_info(one, one) == (1.0, 0.0)
+    gt, rows = np.array([[1, 1], [2, 2]]), np.array([[1, 2], [1, 2]])
+    assert math.isnan(rand_and_info(gt, rows)[1])
+
+
+def test_the_best_threshold_is_picked_as_the_challenge_does():
+    # the first strictly best score; a NaN mean (0 / 0 in a slice) never counts; none above 0 gives index 0
+    from medseg.metrics import _best
+
+    assert _best(np.array([np.nan, 0.5, 0.7, np.nan, 0.7])) == 2
+    assert _best(np.array([np.nan, 0.0])) == 0
+
+
 def test_thinning_leaves_one_pixel_lines():
     prob = np.ones((10, 11))
     prob[:, 4:7] = 0.0  # a 3-px membrane band between two cells
     seg = thinned_segments(prob, 0.5)
     assert set(np.unique(seg)) == {0, 1, 2}
     assert (seg == 0).sum() == 10  # one line pixel per row
-    assert thinned_segments(prob, 1.0).max() == 0  # nothing above 1.0: all boundary
+    # nothing above the threshold: no cell to flood from, so the challenge makes the boundary one segment
+    assert (thinned_segments(prob, 1.0) == 1).all()
+
+
+def test_thinning_puts_lines_midway_whatever_the_map_inside_the_boundary():
+    # a 7-px boundary band whose darkest column is off-centre: the challenge floods the thresholded map
+    # breadth-first, so the line is the band's middle column, not its darkest one
+    prob = np.ones((6, 15))
+    prob[:, 4:11] = [0.3, 0.2, 0.1, 0.2, 0.3, 0.4, 0.0]  # darkest at column 10, middle at column 7
+    seg = thinned_segments(prob, 0.5)
+    assert (seg[:, 7] == 0).all() and (seg != 0).sum() == 6 * 14
+    assert (seg[:, :7] == seg[0, 0]).all() and (seg[:, 8:] == seg[0, -1]).all() and seg[0, 0] != seg[0, -1]
+
+
+def test_thinning_matches_the_challenges_flooding_on_hand_cases():
+    # an even-width band: the two middle pixels are equally far from both cells; the challenge's scan and
+    # neighbour order give the left one to the left cell and make the right one the line
+    prob = np.ones((3, 8))
+    prob[:, 3:5] = 0.0
+    seg = thinned_segments(prob, 0.5)
+    assert (seg[:, 3] == seg[:, 0]).all() and (seg[:, 4] == 0).all() and (seg[:, 5] != seg[:, 0]).all()
+    # a boundary region touching no cell (a closed ring's inside is a cell; this band touches none) is a segment
+    prob = np.zeros((5, 5))
+    seg = thinned_segments(prob, 0.5)
+    assert (seg == 1).all()
 
 
 def test_isbi_scores_perfect_and_merged():
@@ -93,7 +152,7 @@ def test_isbi_scores_perfect_and_merged():
     merged = isbi_scores([merged_prob], [gt])
     assert merged["v_rand"] < 0.7
     assert len(merged["per_slice_v_rand"]) == 1
-    assert ISBI_THRESHOLDS[0] == 0.0 and ISBI_THRESHOLDS[-1] == 1.0 and len(ISBI_THRESHOLDS) == 11
+    assert [round(t, 1) for t in ISBI_THRESHOLDS] == [k / 10 for k in range(11)]
 
 
 def test_isbi_scores_average_over_slices_before_max():
