@@ -361,6 +361,11 @@ class TiffReader(_MedsegReader):
             raise DataError(f"{path}: cannot read TIFF ({err or 'no image data'}); the file may be truncated or "
                             "corrupt") from err
         shape, axes = tuple(series.shape), series.axes
+        listed = int((tif.imagej_metadata or {}).get("images", 1) or 1) if tif.is_imagej else 1
+        planes = int(np.prod([n for n, a in zip(shape, axes, strict=True) if a not in "YXS"]))
+        if listed > planes:  # tifffile falls back to the pages it finds, with a warning only
+            raise DataError(f"{path}: its ImageJ description lists {listed} images but the file holds {planes}; "
+                            "the file is truncated or corrupt, so save it again")
         if len(tif.series) > 1 and all(s.shape == series.shape and s.axes == axes for s in tif.series):
             shape, axes = (len(tif.series), *shape), "Q" + axes  # pages written as separate series
         if "Y" not in axes or "X" not in axes:
@@ -436,6 +441,9 @@ class TiffReader(_MedsegReader):
         try:
             return self._plane(tif, shape, axes, lead, channel, index, path)
         except (OSError, ValueError, IndexError) as err:
+            if "requires the" in str(err):  # tifffile names the codec package the compression needs
+                raise DataError(f"{path}: cannot read slice {index} ({err}); install that package "
+                                "(pip install imagecodecs)") from err
             raise DataError(f"{path}: cannot read slice {index} ({err}); the file may be truncated") from err
 
     @staticmethod

@@ -94,6 +94,25 @@ def test_tiff_stack_round_trip_and_slices(tmp_path, dtype):
     np.testing.assert_array_equal(read_slice(tmp_path / "s.tif", 2), stack[None, 2])
 
 
+def test_compressed_tiffs_are_read(tmp_path):
+    # LZW is the most common TIFF compression (Pillow, ImageJ, scanners); it and zstd need imagecodecs
+    stack = (np.random.default_rng(4).random((4, 10, 12)) * 200).astype(np.uint8)
+    for compression in ("lzw", "zstd", "deflate"):
+        tifffile.imwrite(tmp_path / f"{compression}.tif", stack, compression=compression, photometric="minisblack")
+        np.testing.assert_array_equal(read_image(tmp_path / f"{compression}.tif")[0][0], stack)
+    Image.fromarray(stack[0]).save(tmp_path / "pil.tif", compression="tiff_lzw")
+    np.testing.assert_array_equal(read_slice(tmp_path / "pil.tif", 0)[0], stack[0])
+
+
+def test_truncated_imagej_stack_is_an_error_not_its_first_page(tmp_path):
+    # cut inside the second page: tifffile only warns and offers the first page as a 2D image
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, np.ones((3, 40, 50), np.uint16), imagej=True)
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.6)])
+    with pytest.raises(DataError, match="lists 3 images but the file holds 1; the file is truncated"):
+        count_slices(path)
+
+
 def test_tiff_single_page_is_2d_and_rgb_is_channel_first(tmp_path):
     write_tiff(tmp_path / "one.tif", np.ones((5, 6), np.uint16))
     assert read_image(tmp_path / "one.tif")[0].shape == (1, 5, 6)
