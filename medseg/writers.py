@@ -201,6 +201,11 @@ def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarra
         data = volume.transpose(2, 1, 0)
         return data.reshape(shape if len(shape) >= 2 else data.shape), meta["nifti_affine"]
     affine = np.asarray(meta["affine"], dtype=np.float64)
+    if meta.get("format") in ("png", "tiff"):  # a picture: pixel (x, y[, z]) at (x·sx, y·sy[, z·sz]) in ITK's
+        # LPS frame, as ITK (SimpleITK, 3D Slicer, ITK-SNAP) places the PNG or TIFF itself; RAS flips x and y
+        spacing = [float(v) for v in np.asarray(meta["spacing"]).ravel()][::-1]  # (x, y[, z])
+        flip = np.diag([-spacing[0], -spacing[1], spacing[2] if len(spacing) > 2 else 1.0, 1.0])
+        return (volume[0].T if len(meta["spatial_shape"]) == 2 else volume.transpose(2, 1, 0)), flip
     if len(meta["spatial_shape"]) == 2:  # 2D source: (1, Y, X) -> (X, Y)
         return volume[0].T, affine[:, [1, 0, 2, 3]]
     return volume.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]

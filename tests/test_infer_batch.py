@@ -301,6 +301,29 @@ def test_include_exclude_recursive_and_format_override(mixed, tmp_path, tiny_che
     assert nib.load(tmp_path / "one" / "mask" / "slice.nii.gz").shape == (48, 48)
 
 
+def test_pictures_written_as_nifti_overlay_them_in_itk(tmp_path, tiny_checkpoint):
+    # ITK (and so SimpleITK, 3D Slicer, ITK-SNAP) puts pixel (x, y[, z]) of a PNG or TIFF at (x·sx, y·sy[, z·sz]);
+    # the NIfTI mask of it must put the same pixel at the same point, with the same values
+    import itk
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "in"
+    root.mkdir()
+    Image.fromarray((rng.random((30, 50)) * 255).astype(np.uint8)).save(root / "wide.png")
+    tifffile.imwrite(root / "stack.tif", (rng.random((4, 30, 50)) * 255).astype(np.uint8), photometric="minisblack",
+                     metadata={"axes": "ZYX"})  # no calibration: ITK does not read ImageJ's
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint, "--format", "nifti").exit_code == 0
+    for name, index in (("wide", (10, 20)), ("stack", (10, 20, 2))):
+        picture = itk.imread(str(root / ("wide.png" if name == "wide" else "stack.tif")))
+        mask = itk.imread(str(out / "mask" / f"{name}.nii.gz"))
+        assert itk.array_from_image(mask).shape == itk.array_from_image(picture).shape
+        for i in (index, tuple(v + 1 for v in index)):
+            np.testing.assert_allclose(mask.TransformIndexToPhysicalPoint(i),
+                                       picture.TransformIndexToPhysicalPoint(i), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(mask.GetDirection()), np.asarray(picture.GetDirection()), atol=1e-6)
+
+
 def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint, shared_nifti):
     root = tmp_path / "in"
     root.mkdir()
