@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -202,7 +203,8 @@ class RunRecord:
         may land on a case-insensitive disk.
         """
         owner = {str(v["rel"]).lower(): k for k, v in self.names.items()}
-        recorded = [self.names.get(_source_key(item), {}).get("rel") for item in inputs]
+        uids = Counter(item.series_uid for item in inputs if item.series_uid)
+        recorded = [self._recorded(item, uids).get("rel") for item in inputs]
         used = {str(r).lower() for r in recorded if r}
         result = []
         for item, rel in zip(inputs, recorded, strict=True):
@@ -218,6 +220,14 @@ class RunRecord:
             used.add(str(rel).lower())
             result.append(replace(item, rel=str(rel)))
         return result
+
+    def _recorded(self, item: InputItem, uids: Counter) -> dict:
+        """The name recorded for ``item``; a series found once may also go by the key of earlier versions,
+        ``dicom:<SeriesInstanceUID>`` without its folder."""
+        key = _source_key(item)
+        if key not in self.names and item.series_uid and uids[item.series_uid] == 1:
+            return self.names.get(f"dicom:{item.series_uid}", {})
+        return self.names.get(key, {})
 
     def record(self, paths: dict[str, Path], made: bool, fingerprint: str = "",
                item: InputItem | None = None) -> None:

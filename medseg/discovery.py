@@ -25,7 +25,8 @@ class InputItem:
         series_uid: the SeriesInstanceUID of a DICOM input (picks the series inside ``source``).
         error: why this input cannot be read (set during discovery, e.g. an unreadable DICOM header).
         key: what names the input across runs, wherever its folder lies now: its path relative to the
-            searched folder (``sub/img.png``), or ``dicom:<SeriesInstanceUID>`` for a series.
+            searched folder (``sub/img.png``), or ``dicom:<folder>/<SeriesInstanceUID>`` for a series
+            (``dicom:<SeriesInstanceUID>`` at the top of the searched folder).
     """
 
     source: str
@@ -200,7 +201,9 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
         else:
             rel = f"{'' if rel_dir == '.' else rel_dir + '/'}{s.uid}"
         source = s.files[0] if len(s.files) == 1 else str(folder)
-        result.append(InputItem(source, "dicom", rel, series_uid=s.uid, key=f"dicom:{s.uid}"))
+        # a series copied (or split) into two folders is two inputs: the key holds the folder too
+        key = f"dicom:{s.uid}" if rel_dir == "." else f"dicom:{rel_dir}/{s.uid}"
+        result.append(InputItem(source, "dicom", rel, series_uid=s.uid, key=key))
     return failed + result, ignored
 
 

@@ -671,3 +671,42 @@ def test_a_nifti_without_a_unit_gives_an_uncalibrated_tiff(tmp_path, tiny_checkp
     nib.save(plain, root / "nounit.nii.gz")
     assert _infer(root, tmp_path / "out", tiny_checkpoint, "--format", "tiff").exit_code == 0
     assert read_geometry(tmp_path / "out" / "mask" / "nounit.tif")["spacing_unit"] == "pixel"
+
+
+def test_one_series_in_two_folders_keeps_two_names(tmp_path, tiny_checkpoint):
+    # a series copied (or split) into two folders: two inputs with one SeriesInstanceUID; each keeps its own
+    # name and outputs on every run, instead of the second taking the first's name and writing over it
+    from conftest import write_dicom_series
+
+    root = tmp_path / "in"
+    write_dicom_series(root / "part1", n=3, size=48)
+    write_dicom_series(root / "part2", n=2, size=48)
+    out = tmp_path / "out"
+    for attempt in range(2):
+        result = _infer(root, out, tiny_checkpoint, "--format", "nifti")
+        assert result.exit_code == 0, result.output
+        rows = _manifest(out)
+        assert sorted(r["mask"] for r in rows.values()) == [str(out / "mask" / "part1.nii.gz"),
+                                                            str(out / "mask" / "part2.nii.gz")], rows
+        assert nib.load(out / "mask" / "part1.nii.gz").shape[2] == 3
+        assert nib.load(out / "mask" / "part2.nii.gz").shape[2] == 2
+        if attempt:  # the second run finds both done
+            assert {r["status"] for r in rows.values()} == {"skipped"}, rows
+
+
+def test_a_series_recorded_by_its_uid_alone_keeps_its_name(tmp_path, tiny_checkpoint):
+    # run.json of earlier versions keyed a series by its UID alone: a series found once still goes by it
+    from conftest import write_dicom_series
+
+    root = tmp_path / "in"
+    write_dicom_series(root / "sub" / "ct", n=2, size=48)
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint).exit_code == 0
+    record = json.loads((out / "run.json").read_text())
+    (key, name), = record["names"].items()
+    assert key.startswith("dicom:sub/ct/")
+    record["names"] = {"dicom:" + key.rsplit("/", 1)[1]: name}
+    (out / "run.json").write_text(json.dumps(record))
+    result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in _manifest(out).values()] == ["skipped"]
