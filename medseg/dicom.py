@@ -66,6 +66,7 @@ class DicomSeries:
     folder: str
     number: int | None = None
     description: str = ""
+    positioned: bool = True  # every file has an ImagePositionPatient, so the files make one volume
 
 
 def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> list[DicomSeries]:
@@ -103,6 +104,7 @@ def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> 
             folder=str(Path(members[0][0]).parent),
             number=int(number) if number not in (None, "") else None,
             description=str(getattr(first, "SeriesDescription", "") or ""),
+            positioned=all(getattr(ds, "ImagePositionPatient", None) is not None for _, ds in members),
         ))
     return result
 
@@ -290,7 +292,8 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
             raise DataError(f"{path}: ImageOrientationPatient differs from {path0}; the series mixes orientations")
         ipp = getattr(ds, "ImagePositionPatient", None)
         if ipp is None:
-            raise DataError(f"{path}: no ImagePositionPatient; the slices of this series cannot be ordered")
+            raise DataError(f"{path}: no ImagePositionPatient; the slices of this series cannot be ordered into a "
+                            "volume: give its files one by one (`medseg infer` of the folder segments each alone)")
         position = np.array([float(x) for x in ipp])
         positioned.append((float(position @ normal), position, path, str(getattr(ds, "SOPInstanceUID", ""))))
     positioned.sort(key=lambda t: t[0])

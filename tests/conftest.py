@@ -109,7 +109,7 @@ def write_dicom_slice(
     pixels: np.ndarray,
     *,
     series_uid: str,
-    position: tuple[float, float, float],
+    position: tuple[float, float, float] | None,
     instance: int = 1,
     orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
     spacing: tuple[float, float] = (0.5, 0.5),
@@ -137,8 +137,9 @@ def write_dicom_slice(
     ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Synthetic", "SYN1"
     ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "", "O", "20260101", "120000"
     ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", ""
-    ds.ImagePositionPatient = [f"{v:g}" for v in position]
-    ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
+    if position is not None:  # None: an image without a place in space (a secondary capture, say)
+        ds.ImagePositionPatient = [f"{v:g}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
     ds.PixelSpacing = [f"{v:g}" for v in spacing]
     ds.SliceThickness = "1"
     ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"

@@ -710,3 +710,21 @@ def test_a_series_recorded_by_its_uid_alone_keeps_its_name(tmp_path, tiny_checkp
     result = _infer(root, out, tiny_checkpoint)
     assert result.exit_code == 0, result.output
     assert [r["status"] for r in _manifest(out).values()] == ["skipped"]
+
+
+def test_a_series_of_images_without_positions_is_segmented_image_by_image(tmp_path, tiny_checkpoint):
+    # secondary captures, ultrasound frames: one series, no ImagePositionPatient to order them into a volume
+    from conftest import write_dicom_slice
+
+    root = tmp_path / "in" / "sc"
+    for k in range(3):
+        write_dicom_slice(root / f"img{k}.dcm", np.full((48, 48), 50 * k, np.int16), series_uid="1.2.3.4.5",
+                          position=None, instance=k + 1)
+    out = tmp_path / "out"
+    result = _infer(tmp_path / "in", out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    rows = _manifest(out)
+    assert sorted(rows) == ["img0.dcm", "img1.dcm", "img2.dcm"]
+    assert {r["status"] for r in rows.values()} == {"ok"} and {r["slices"] for r in rows.values()} == {"1"}
+    assert sorted(p.name for p in (out / "mask" / "sc").iterdir()) == [
+        "img0.seg.dcm", "img1.seg.dcm", "img2.seg.dcm"]
