@@ -82,16 +82,19 @@ def _scalar(value: Any) -> Any:
 class _StackWriter:
     """Append 2D pages to a TIFF in a temporary file; :meth:`close` renames it into place."""
 
-    def __init__(self, path: Path, calibration: dict[str, Any]) -> None:
-        import tifffile
-
+    def __init__(self, path: Path, calibration: dict[str, Any], pages: int = 1) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
         os.close(fd)
-        self.path, self.tmp, self.calibration = path, Path(tmp), dict(calibration)
-        self.writer = tifffile.TiffWriter(self.tmp, bigtiff=True)
+        self.path, self.tmp, self.calibration, self.pages = path, Path(tmp), dict(calibration), pages
+        self.writer: Any = None
 
     def append(self, page: np.ndarray) -> None:
+        if self.writer is None:
+            import tifffile
+
+            # a classic TIFF, which ImageJ's own opener reads, unless the pages could pass its 4 GB limit
+            self.writer = tifffile.TiffWriter(self.tmp, bigtiff=self.pages * page.nbytes > 2**32 - 2**26)
         # metadata=None: plain pages that readers see as one stack of len(pages) slices; ImageJ's
         # description (unit, slice spacing) goes on the first page only
         compression = "zlib" if page.dtype.kind in "iub" else None
@@ -100,7 +103,8 @@ class _StackWriter:
         self.calibration.pop("description", None)
 
     def close(self, keep: bool = True) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         if keep:
             os.chmod(self.tmp, 0o666 & ~_umask())
             os.replace(self.tmp, self.path)
@@ -126,7 +130,7 @@ class _VolumeSink:
         if fmt == "tiff":
             meta = _geometry(item)
             calibration = tiff_calibration(tuple(meta["spacing"]), _tiff_unit(meta), pages=pages)
-            self.stacks = {k: _StackWriter(p, calibration) for k, p in paths.items() if k != "table"}
+            self.stacks = {k: _StackWriter(p, calibration, pages) for k, p in paths.items() if k != "table"}
 
     def add(self, page: int, mask: np.ndarray, prob: np.ndarray, rows: list[dict] | None = None) -> bool:
         """Take slice ``page``; return True when the input is complete (and written)."""

@@ -294,6 +294,8 @@ def test_include_exclude_recursive_and_format_override(mixed, tmp_path, tiny_che
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "manifest.csv", "mask/vol.tif", "run.json"]
     assert tifffile.imread(out / "mask" / "vol.tif").shape == (3, 40, 44)  # (Z, Y, X)
+    with tifffile.TiffFile(out / "mask" / "vol.tif") as tif:  # a classic TIFF, which ImageJ's own opener reads
+        assert not tif.is_bigtiff
     result = _infer(mixed, tmp_path / "flat", tiny_checkpoint, "--no-recursive")
     assert _summary(result.output)["inputs"] == 1  # only vol.nii.gz sits at the top
     result = _infer(mixed / "em" / "slice.png", tmp_path / "one", tiny_checkpoint, "--format", "nifti")
