@@ -372,3 +372,14 @@ def test_release_files_closes_what_the_readers_keep(tmp_path):
     release_files()
     assert held.filehandle.closed
     np.testing.assert_array_equal(read_slice(tmp_path / "s.tif", 1)[0], np.zeros((4, 4), np.uint8))  # reopens
+
+
+def test_rgb24_nifti_is_read_as_three_channels(tmp_path):
+    rgb = np.random.default_rng(6).integers(0, 255, (7, 5, 2, 3), dtype=np.uint8)  # (X, Y, Z, RGB)
+    records = np.zeros(rgb.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for k, name in enumerate("RGB"):
+        records[name] = rgb[..., k]
+    nib.save(nib.Nifti1Image(records, np.eye(4)), tmp_path / "rgb.nii.gz")
+    arr, meta = read_image(tmp_path / "rgb.nii.gz")
+    np.testing.assert_array_equal(arr, rgb.transpose(3, 2, 1, 0))  # (C, Z, Y, X)
+    np.testing.assert_array_equal(read_slice(tmp_path / "rgb.nii.gz", 1), rgb[:, :, 1].transpose(2, 1, 0))
