@@ -199,7 +199,9 @@ def _pixels(ds, path: str) -> np.ndarray:
         arr = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, EOFError) as err:
         raise DataError(f"{path}: cannot decode DICOM pixels ({str(err).splitlines()[0] if str(err) else err}); "
-                        "the file may be truncated, or its transfer syntax needs a decoder (e.g. pylibjpeg)") from err
+                        "the file may be truncated, or its transfer syntax "
+                        f"({getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', '?')}) needs a decoder "
+                        "pydicom lacks here (python-gdcm, a dependency, decodes JPEG, JPEG-LS and JPEG 2000)") from err
     colour = int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1
     if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "PALETTE COLOR":  # indices: their colours
         from pydicom.pixels import apply_color_lut

@@ -348,3 +348,26 @@ def test_a_multi_frame_file_among_single_slices_is_named(tmp_path):
                       position=(0.0, 0.0, 1.0), frames=2)
     with pytest.raises(DataError, match=r"1\.dcm: multi-frame file \(2 frames\) inside a series of single slices"):
         read_image(tmp_path / "s")
+
+
+def test_compressed_dicom_is_decoded(tmp_path):
+    # JPEG Lossless (process 14, SV1) is how most PACS exports compress CT and MR; python-gdcm decodes it
+    import gdcm
+    import pydicom
+
+    pixels = (np.arange(48 * 40).reshape(48, 40) % 1000).astype(np.int16)
+    write_dicom_slice(tmp_path / "raw.dcm", pixels, series_uid="1.2.3.9", position=(0.0, 0.0, 0.0), intercept=0.0)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(tmp_path / "raw.dcm"))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(tmp_path / "jll.dcm"))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    assert pydicom.dcmread(tmp_path / "jll.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    np.testing.assert_array_equal(read_slice(tmp_path / "jll.dcm", 0)[0], pixels)
