@@ -374,6 +374,49 @@ def _recorded_run(out: Path) -> dict[str, dict]:
     return found
 
 
+#: Ids medseg sets for each call (data, run folder, device), never taken from a run's record.
+_CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs")
+
+
+def _resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
+    """A resumed run keeps the values it was trained with (from its overlays and ``--set``) where this call does
+    not give them: a value of the run's ``config.json`` that differs from the bundle's is put back, and said."""
+    from monai.bundle import ConfigParser
+
+    given = {str(k) for k in overrides}
+    for overlay in overlays:
+        content = ConfigParser.load_config_file(str(overlay))
+        given |= {str(k).lstrip("+") for k in (content or {})}
+    changed = {k: v for k, v in _plain_differences(config, parser.get()).items()
+               if k not in given and k.split("#")[0] not in _CALL_SETTINGS}
+    for key, value in changed.items():
+        parser[key] = value
+    if changed:
+        logging.getLogger(__name__).warning(
+            "--resume: continuing with the run's own %s (from its config.json); give --set to change them",
+            ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+
+
+def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, Any]:
+    """Ids (``a#b``) whose plain value (a number, word, flag or flat list of them) differs between two configs."""
+    def plain(value: Any, inner: bool = False) -> bool:
+        if isinstance(value, str):  # expressions and references are rewritten when a config is saved
+            return not value.startswith(("$", "@", "%")) and "::" not in value
+        if isinstance(value, list):
+            return not inner and all(plain(v, inner=True) for v in value)
+        return value is None or isinstance(value, (bool, int, float))
+
+    found: dict[str, Any] = {}
+    for key, value in recorded.items():
+        if str(key).startswith("_") or key not in current:
+            continue
+        if isinstance(value, dict) and isinstance(current[key], dict):
+            found.update(_plain_differences(value, current[key], f"{prefix}{key}#"))
+        elif plain(value) and plain(current[key]) and value != current[key]:
+            found[f"{prefix}{key}"] = value
+    return found
+
+
 def _resume_length(parser: Any, config: dict, overrides: dict) -> None:
     """A resumed run keeps its own ``max_epochs`` unless ``--epochs`` says otherwise (the bundle's default
     would restart the whole schedule), and a changed length is said to leave the learning-rate schedule as
@@ -491,6 +534,7 @@ def train(
         try:
             recorded = _recorded_run(out) if resume else {}
             if resume:
+                _resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
                 _resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
             if resume:

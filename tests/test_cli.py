@@ -436,6 +436,28 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkey
     assert run.info.status == "KILLED"
 
 
+def test_resume_keeps_the_runs_own_overlays_and_set_values(tmp_path, isbi_folder, caplog):
+    # as the Ctrl-C message suggests: `--resume --output X` alone continues the run as it was set up, its
+    # overlay (Dice + CE loss) and every --set (a tiny network, one validation slice) included
+    out = tmp_path / "run"
+    args = ("--data", isbi_folder, "--output", out, "--no-progress", "--no-tracking", "--device", "cpu")
+    result = _invoke("train", BUNDLE, *args, "--epochs", 2, "-c", "configs/dice_ce.json", *_tiny_args(),
+                     "--set", "val_interval=2")
+    assert result.exit_code == 0, result.output
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("train", BUNDLE, *args, "--epochs", 3, "--resume")
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "continuing with the run's own" in r.getMessage()]
+    assert len(said) == 1 and "loss_name='dice_ce'" in said[0] and "network_def#channels=[4, 8, 16]" in said[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss_name"] == "dice_ce" and config["val_interval"] == 2 and config["val_count"] == 1
+    assert config["network_def"]["channels"] == [4, 8, 16]
+    # what this call gives wins over the run's value
+    result = _invoke("train", BUNDLE, *args, "--epochs", 4, "--resume", "--set", "val_interval=1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["val_interval"] == 1
+
+
 def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
     # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
     # MLflow's refusal to change a logged param: the new value is logged beside the old one
