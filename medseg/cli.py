@@ -131,8 +131,9 @@ def train(
     device: DeviceOpt = "auto",
     epochs: Annotated[int | None, typer.Option(help="Override max_epochs.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --output, on the run's own "
-                                              "split and, unless --epochs is given, to its own length.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --output, with the run's own "
+                                              "settings (overlay and --set values, unless given again) and split, "
+                                              "and, unless --epochs is given, to its own length.")] = False,
     overwrite: Annotated[bool, typer.Option(help=(
         "Replace a trained run in --output (its checkpoints, model.pt, history, curves; the MLflow store keeps "
         "it). Without it, or --resume, a folder holding trained weights is refused."))] = False,
