@@ -129,7 +129,7 @@ def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
 def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
                        artifacts: list[str], config_path: Path, resume: bool = False) -> dict:
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
-    from monai.utils import path_to_sqlite_uri
+    from monai.utils import path_to_uri
 
     if tracking_uri:
         _check_tracking_uri(tracking_uri)
@@ -137,7 +137,10 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
         _follow_moved_store(output_dir / "mlflow.db")
     settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
     configs = settings["configs"]
-    configs["tracking_uri"] = tracking_uri or path_to_sqlite_uri(str(output_dir / "mlflow.db"))
+    configs["tracking_uri"] = tracking_uri or _local_store_uri(output_dir / "mlflow.db")
+    if not tracking_uri:  # MONAI derives it from the store's URI without decoding it (a space became %2520)
+        for handler in ("trainer", "validator"):
+            configs[handler]["artifact_location"] = path_to_uri(output_dir.resolve() / "mlruns")
     configs["experiment_name"] = experiment
     configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume)
     configs["save_execute_config"] = str(config_path)
@@ -151,6 +154,15 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs["trainer"]["experiment_param"] = params
     configs["trainer"]["iteration_log"] = False
     return settings
+
+
+def _local_store_uri(db: Path) -> str:
+    """The SQLite URI of a run folder's MLflow store. MLflow creates the store's folder from the URI's path
+    without decoding it, so the path goes in as it is unless it holds a character a URL must escape."""
+    from monai.utils import path_to_sqlite_uri
+
+    path = str(db.absolute())
+    return path_to_sqlite_uri(path) if set(path) & set("%#?") else f"sqlite:///{path}"
 
 
 def _follow_moved_store(db: Path) -> None:

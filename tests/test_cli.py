@@ -458,6 +458,23 @@ def test_resume_keeps_the_runs_own_overlays_and_set_values(tmp_path, isbi_folder
     assert json.loads((out / "config.json").read_text())["val_interval"] == 1
 
 
+def test_a_run_folder_with_spaces_keeps_its_mlflow_artifacts(tmp_path, isbi_folder):
+    # the store's URI escapes a space; MONAI's default artifact folder escaped it twice (%2520), so the
+    # artifacts went to a new "sp%20ace/run%20one/mlruns" tree beside the run folder
+    import mlflow
+
+    out = tmp_path / "sp ace" / "run one"
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--epochs", 1, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert not [p for p in tmp_path.rglob("*%*")], list(tmp_path.rglob("*%*"))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "config.json"} <= logged
+    assert (out / "mlruns").is_dir() and list((out / "mlruns").rglob("model.pt"))
+
+
 def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
     # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
     # MLflow's refusal to change a logged param: the new value is logged beside the old one
