@@ -645,14 +645,16 @@ def _how_to_go_on(out: Path) -> str:
     return f"no epoch finished, so {out} holds nothing to resume; start the training again"
 
 
-def _validate_at_end_if_never(trainer: Any, evaluator: Any, interrupted: Sequence) -> None:
-    """A training that ends (last epoch, time limit) before its first validation validates once, so that
-    ``model.pt`` exists; before the trainer's end, so that the MLflow run logs it and its metrics."""
+def _validate_at_end_if_never(trainer: Any, evaluator: Any, interrupted: _Interrupted) -> None:
+    """A training that ends (last epoch, time limit, Ctrl-C once an epoch has finished) before its first
+    validation validates once, so that ``model.pt`` exists; before the trainer's end, so that the MLflow run
+    logs it and its metrics."""
     from ignite.engine import Events
 
     def validate(engine: Any) -> None:
         ending = engine.should_terminate or engine.state.epoch >= engine.state.max_epochs
-        if ending and evaluator.state.best_metric_epoch < 0 and engine.state.epoch > 0 and not interrupted:
+        trained = interrupted.finished >= 1 if interrupted else engine.state.epoch > 0
+        if ending and evaluator.state.best_metric_epoch < 0 and trained:
             evaluator.run(engine.state.epoch)
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)  # after the bundle's own ValidationHandler

@@ -402,6 +402,32 @@ def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monk
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
 
 
+def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_folder, monkeypatch):
+    # validation every 5 epochs, Ctrl-C in epoch 2: the run validates once on its way out, as a time limit
+    # makes it, so model.pt exists to evaluate or hand over
+    import os
+    import signal
+
+    from ignite.engine import Events
+
+    from medseg import workflows
+
+    original = workflows._check_batches
+
+    def press_ctrl_c(trainer, data_dir):
+        original(trainer, data_dir)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda _: os.kill(os.getpid(), signal.SIGINT))
+
+    monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--epochs", 8, "--data", isbi_folder, "--output", out, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2",
+                     "--set", "val_interval=5")
+    assert result.exit_code == 130, result.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (out / "model.pt").is_file() and summary["best_metric"] is not None and summary["epochs"] == 1
+
+
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkeypatch):
     # Ctrl-C twice in one step: training stops at once, without Ignite's or MONAI's log of the interrupt's
     # traceback; the line says what the run folder holds, the MLflow run is KILLED and logging works again
