@@ -82,12 +82,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Path],
-                        overlays: list[str | os.PathLike] | tuple) -> None:
-    """Every key of an overlay must be one the bundle's ``workflow`` configs have, so none is silently unused."""
+                        overlays: list[str | os.PathLike] | tuple) -> dict[str, Any]:
+    """Every key of an overlay must be one the bundle's ``workflow`` configs have, so none is silently unused,
+    and its value of a kind the bundle's can take.
+
+    Returns:
+        Values to set after the overlays are merged: a number YAML read as a word (``1e-4``, YAML 1.1 wants
+        ``1.0e-4``) where the bundle has a number.
+    """
     from monai.bundle import ConfigParser
 
     base = ConfigParser()
     _read_configs(base, files)
+    fixes: dict[str, Any] = {}
     for overlay in overlays:
         try:
             content = ConfigParser.load_config_file(str(overlay))
@@ -96,11 +103,26 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
             raise BundleError(f"{overlay}: cannot read config ({reason}); fix its JSON/YAML syntax") from err
         if not isinstance(content, dict):
             raise BundleError(f"{overlay}: an overlay must hold a mapping of config ids to values")
-        for key in content:
+        for key, value in content.items():
             if str(key).lstrip("+") not in base:
                 raise BundleError(
                     f"{overlay}: '{key}' is not a config id of {Path(bundle).name}'s {workflow} configs, so this "
                     f"overlay does not apply to it; leave it out for this bundle and command")
+            default = base[str(key).lstrip("+")]
+            if isinstance(default, dict) and "_target_" in default and isinstance(value, dict) \
+                    and "_target_" not in value and not str(key).startswith("+"):
+                first = next(iter(value), "channels")
+                raise BundleError(
+                    f"{overlay}: '{key}' replaces the bundle's whole {key}, and the new one names no _target_; to "
+                    f"change a part of it, give that part alone, e.g. '{key}#{first}'")
+            if isinstance(value, str) and not value.startswith(("$", "@", "%")) \
+                    and isinstance(default, (int, float)) and not isinstance(default, bool):
+                try:
+                    fixes[str(key)] = float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
+                except ValueError:
+                    raise BundleError(f"{overlay}: {key}: {value!r} is not a number, and the bundle's {key} is "
+                                      f"one ({default!r}); give a number") from None
+    return fixes
 
 
 def load_config(
@@ -126,11 +148,12 @@ def load_config(
     for overlay in overlays:
         if not Path(overlay).is_file():
             raise BundleError(f"{overlay}: overlay config not found; see configs/ for the available ones")
-    if overlays:
-        _check_overlay_keys(bundle, workflow, files, overlays)
+    fixes = _check_overlay_keys(bundle, workflow, files, overlays) if overlays else {}
     files += [Path(overlay) for overlay in overlays]
     parser = ConfigParser()
     _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
+    for key, value in fixes.items():
+        parser[key] = value
     parser["bundle_root"] = str(Path(bundle))
     for key, value in (settings or {}).items():
         parser[key] = value

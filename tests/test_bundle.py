@@ -139,6 +139,24 @@ def test_overlay_key_the_bundle_lacks_is_a_one_line_error(bundle, workflow, over
     assert "\n" not in message
 
 
+def test_yaml_overlay_numbers_and_whole_component_replacements(tmp_path):
+    # YAML 1.1 reads 1e-4 as a word: where the bundle has a number it is taken as one; a word that is no
+    # number, and a component replaced by a dict without _target_, are errors naming the file and key
+    overlay = tmp_path / "ov.yaml"
+    overlay.write_text("learning_rate: 1e-4\nval_interval: '2'\n")
+    parser = load_config(BUNDLE, "train", overlays=[overlay])
+    assert parser["learning_rate"] == 1e-4 and parser["val_interval"] == 2
+    overlay.write_text("learning_rate: fast\n")
+    with pytest.raises(BundleError, match=r"ov.yaml: learning_rate: 'fast' is not a number"):
+        load_config(BUNDLE, "train", overlays=[overlay])
+    overlay.write_text("network_def: {channels: [16, 32, 64]}\n")
+    with pytest.raises(BundleError, match=r"ov.yaml: 'network_def' replaces the bundle's whole network_def.*"
+                                          r"'network_def#channels'"):
+        load_config(BUNDLE, "train", overlays=[overlay])
+    overlay.write_text("network_def#channels: [16, 32, 64, 128, 256]\n")
+    assert load_config(BUNDLE, "train", overlays=[overlay])["network_def#channels"] == [16, 32, 64, 128, 256]
+
+
 def test_every_shipped_overlay_applies_to_training_every_bundle_it_names():
     """quick.json and no_early_stop.json fit every bundle's training; dice_ce.json fits isbi_em's."""
     for bundle in ("isbi_em", "jurkat", "nuclei"):
