@@ -356,6 +356,7 @@ def run_batch(
                                 f"{record.conflict(existing)} (see {RUN_RECORD}); pass --overwrite to redo them, "
                                 "or choose another output folder")
     result = BatchResult(rows=[ManifestRow(input=f, status="ignored", message=why) for f, why in ignored])
+    earlier = _earlier_rows(manifest, [*(i.source for i in inputs), *(f for f, _ in ignored)])
     for i, item in enumerate(inputs):
         row = ManifestRow(input=item.source, format=item.format, series_uid=item.series_uid)
         start = time.perf_counter()
@@ -412,8 +413,33 @@ def run_batch(
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         row.seconds = round(time.perf_counter() - start, 3)
         result.rows.append(row)
-        write_manifest(manifest, result.rows)
+        write_manifest(manifest, earlier + result.rows)
         if progress is not None:
             progress.advance()
-    write_manifest(manifest, result.rows)
+    write_manifest(manifest, earlier + result.rows)
     return result
+
+
+def _earlier_rows(manifest: Path, sources: Iterable[str]) -> list[ManifestRow]:
+    """The rows an earlier manifest holds for inputs this run does not take (another ``--include``, say), whose
+    outputs are still there: a run into the folder adds to what the manifest lists instead of dropping it."""
+    try:
+        with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    taken = {os.path.abspath(s) for s in sources}
+    kept = []
+    for row in rows:
+        if not row.get("input") or os.path.abspath(row["input"]) in taken:
+            continue
+        if row.get("mask") and not Path(row["mask"]).is_file():
+            continue  # its outputs are gone
+        values = {k: row.get(k, "") or "" for k in MANIFEST_FIELDS}
+        try:
+            values["slices"] = int(values["slices"] or 0)
+            values["seconds"] = float(values["seconds"] or 0.0)
+        except ValueError:
+            continue
+        kept.append(ManifestRow(**values))
+    return kept

@@ -730,3 +730,21 @@ def test_a_series_of_images_without_positions_is_segmented_image_by_image(tmp_pa
     assert {r["status"] for r in rows.values()} == {"ok"} and {r["slices"] for r in rows.values()} == {"1"}
     assert sorted(p.name for p in (out / "mask" / "sc").iterdir()) == [
         "img0.seg.dcm", "img1.seg.dcm", "img2.seg.dcm"]
+
+
+def test_a_run_with_another_include_adds_to_the_manifest(tmp_path, tiny_checkpoint):
+    # the manifest lists what the folder holds: a later run over other inputs keeps the earlier rows
+    root = tmp_path / "in"
+    root.mkdir()
+    for k, name in enumerate(("a", "b")):
+        _em_png(root / f"{name}.png", k)
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint, "--include", "a.png").exit_code == 0
+    result = _infer(root, out, tiny_checkpoint, "--include", "b.png")
+    assert result.exit_code == 0, result.output
+    assert _summary(result.output)["inputs"] == 1  # this run's count
+    rows = _manifest(out)
+    assert sorted(rows) == ["a.png", "b.png"] and {r["status"] for r in rows.values()} == {"ok"}
+    (out / "mask" / "a.png").unlink()  # an earlier row whose outputs are gone is dropped
+    assert _infer(root, out, tiny_checkpoint, "--include", "b.png").exit_code == 0
+    assert sorted(_manifest(out)) == ["b.png"]
