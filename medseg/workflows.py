@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -30,11 +31,11 @@ def select_device(name: str = "auto") -> Any:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
             raise MedsegError(f"--device {name}: no CUDA device is available here; use --device auto or cpu")
         return torch.device(name)
-    raise MedsegError(f"--device {name}: unknown device; use auto, cpu or cuda")
+    raise MedsegError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
 
 
 def _device_settings(device: Any) -> dict[str, Any]:

@@ -919,3 +919,18 @@ def test_the_last_of_two_max_epochs_settings_wins_without_epochs():
     from medseg.cli import _overrides
 
     assert _overrides(["max_epochs=5", "max_epochs=6"], max_epochs=None) == {"max_epochs": 6}
+
+
+def test_device_names():
+    import torch
+
+    from medseg.errors import MedsegError
+    from medseg.workflows import select_device
+
+    assert select_device("cpu").type == "cpu"
+    for name in ("cudaa", "gpu", "cuda:x"):
+        with pytest.raises(MedsegError, match=f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N"):
+            select_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(MedsegError, match="--device cuda:1: no CUDA device is available here"):
+            select_device("cuda:1")
