@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import BundleError, CheckpointError, ConfigValueError
+from medseg.errors import BundleError, CheckpointError, ConfigValueError, brief
 
 #: medseg workflow -> the bundle config files merged for it, in order (MONAI model-zoo convention).
 WORKFLOW_CONFIGS: dict[str, tuple[str, ...]] = {
@@ -99,7 +99,7 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
         try:
             content = ConfigParser.load_config_file(str(overlay))
         except Exception as err:  # noqa: BLE001 - json and yaml raise their own kinds for a malformed file
-            reason = " ".join(str(err).split())[:160] or type(err).__name__
+            reason = brief(err) or type(err).__name__
             raise BundleError(f"{overlay}: cannot read config ({reason}); fix its JSON/YAML syntax") from err
         if not isinstance(content, dict):
             raise BundleError(f"{overlay}: an overlay must hold a mapping of config ids to values")
@@ -228,8 +228,7 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
                 "torch.save(model.state_dict(), PATH)") from err
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
-        if len(detail) > 160:  # torch's messages run long; cut at a word
-            detail = detail[:157].rsplit(" ", 1)[0] + " ..."
+        detail = brief(detail)  # torch's messages run long
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail}); "
                               "pass the model.pt of a medseg training") from err
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -260,7 +259,7 @@ def _state_dict_mismatch(err: RuntimeError) -> str:
         return f"{kind}: {keys.group(2).rstrip(', ')}"
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
-    return detail if len(detail) <= 160 else detail[:157].rsplit(" ", 1)[0] + " ..."
+    return brief(detail)
 
 
 def validate_metadata(bundle: str | os.PathLike) -> dict[str, Any]:

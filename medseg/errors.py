@@ -8,6 +8,11 @@ import sys
 from collections.abc import Iterator
 
 
+def brief(text: object, limit: int = 160) -> str:
+    """``text`` on one line, whitespace collapsed, cut at a word to at most ``limit`` characters (``...`` added)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3].rsplit(" ", 1)[0] + " ..."
+
 class MedsegError(Exception):
     """Base class for errors caused by user input; the CLI prints them as one line and exits 1."""
 
@@ -56,7 +61,7 @@ def describe_config_failure(err: BaseException | None) -> str | None:
     what = str(building).splitlines()[0]
     what = what.split(" with keywords")[0].replace("Failed to instantiate component", "building").replace(
         "Failed to evaluate ConfigExpression", "evaluating").strip(": ")
-    reason = " ".join(str(inner).split())[:200] if inner is not building else ""
+    reason = brief(inner, 200) if inner is not building else ""
     found = f"{type(inner).__name__}: {reason}" if reason else type(inner).__name__
     return (f"a config value does not work ({found}; {what}); check the values given with --set and in overlays "
             "(--debug shows the traceback)")

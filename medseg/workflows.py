@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle import load_checkpoint, load_config
-from medseg.errors import CheckpointError, ConfigValueError, DataError, MedsegError, quiet_user_error_logs
+from medseg.errors import (
+    CheckpointError,
+    ConfigValueError,
+    DataError,
+    MedsegError,
+    brief,
+    quiet_user_error_logs,
+)
 
 
 def select_device(name: str = "auto") -> Any:
@@ -99,7 +106,7 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
     try:
         named = _runs_named(tracking_uri, experiment, name)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unreachable store
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         raise MedsegError(f"MLflow store {tracking_uri}: cannot be read ({reason}); check that the server runs "
                           "and --tracking-uri, or train with --no-tracking") from err
     if any(not _same_folder(r, output_dir) for r in named):
@@ -220,7 +227,7 @@ def _check_tracking_uri(uri: str) -> None:
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a bad store
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         raise MedsegError(f"--tracking-uri {uri}: not a usable MLflow store ({reason}); give a server URL "
                           "(http://HOST:5000) or a database such as sqlite:///PATH/mlflow.db") from err
 

@@ -934,3 +934,11 @@ def test_device_names():
     if not torch.cuda.is_available():
         with pytest.raises(MedsegError, match="--device cuda:1: no CUDA device is available here"):
             select_device("cuda:1")
+
+
+def test_long_reasons_are_cut_at_a_word():
+    from medseg.errors import brief
+
+    assert brief("one  two\nthree") == "one two three"
+    cut = brief("word " * 60)
+    assert len(cut) <= 160 and cut.endswith("word ...")
