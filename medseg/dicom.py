@@ -66,7 +66,7 @@ class DicomSeries:
     folder: str
     number: int | None = None
     description: str = ""
-    positioned: bool = True  # every file has an ImagePositionPatient, so the files make one volume
+    placeless: bool = False  # no file has an ImagePositionPatient: images that make no volume
 
 
 def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> list[DicomSeries]:
@@ -104,7 +104,7 @@ def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> 
             folder=str(Path(members[0][0]).parent),
             number=int(number) if number not in (None, "") else None,
             description=str(getattr(first, "SeriesDescription", "") or ""),
-            positioned=all(getattr(ds, "ImagePositionPatient", None) is not None for _, ds in members),
+            placeless=all(getattr(ds, "ImagePositionPatient", None) is None for _, ds in members),
         ))
     return result
 

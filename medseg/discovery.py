@@ -189,9 +189,9 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
         failed.append(InputItem(str(file), "dicom", _stem(rel), error=message, key=rel))
     rel_dir = folder.relative_to(root).as_posix()
     base = Path(os.path.abspath(root)).name if rel_dir == "." else rel_dir  # "." named, a link not followed
-    loose = [s for s in series if len(s.files) > 1 and not s.positioned]
-    for s in loose:  # images without a position (secondary captures, ultrasound): each file on its own
-        for file in s.files:
+    loose = [s for s in series if len(s.files) > 1 and s.placeless]
+    for s in loose:  # images without a position (secondary captures, ultrasound): each selected file alone
+        for file in (f for f in s.files if f in selected):
             rel = Path(file).relative_to(root).as_posix()
             failed.append(InputItem(file, "dicom", _stem(rel), series_uid=s.uid, key=rel))
     series = [s for s in series if s not in loose]

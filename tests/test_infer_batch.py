@@ -730,6 +730,17 @@ def test_a_series_of_images_without_positions_is_segmented_image_by_image(tmp_pa
     assert {r["status"] for r in rows.values()} == {"ok"} and {r["slices"] for r in rows.values()} == {"1"}
     assert sorted(p.name for p in (out / "mask" / "sc").iterdir()) == [
         "img0.seg.dcm", "img1.seg.dcm", "img2.seg.dcm"]
+    # --exclude leaves such a file out; one file without a position in a positioned series is an error
+    result = _infer(tmp_path / "in", tmp_path / "some", tiny_checkpoint, "--exclude", "sc/img1.dcm")
+    assert sorted(_manifest(tmp_path / "some")) == ["img0.dcm", "img2.dcm"]
+    ct = tmp_path / "ct"
+    for k in range(3):
+        write_dicom_slice(ct / "s" / f"img{k}.dcm", np.full((48, 48), 50 * k, np.int16), series_uid="1.2.3.4.6",
+                          position=None if k == 1 else (0.0, 0.0, 2.0 * k), instance=k + 1)
+    result = _infer(ct, tmp_path / "ct_out", tiny_checkpoint)
+    assert result.exit_code == 1
+    (row,) = _manifest(tmp_path / "ct_out").values()
+    assert row["status"] == "failed" and "img1.dcm: no ImagePositionPatient" in row["message"]
 
 
 def test_a_run_with_another_include_adds_to_the_manifest(tmp_path, tiny_checkpoint):
