@@ -180,7 +180,7 @@ def evaluate(
     out = output or ckpts[0].parent / ("eval" if len(ckpts) == 1 else "eval_ensemble")
     overrides = _run(ctx, lambda: _overrides(set_, eval_split=split))  # --set eval_split=X is --split X
     summary = _run(ctx, lambda: workflows.evaluate(
-        str(bundle), str(data), [str(c) for c in ckpts], str(out), split=str(overrides.pop("eval_split", "val")),
+        str(bundle), str(data), [str(c) for c in ckpts], str(out), split=overrides.pop("eval_split", None),
         tta=tta, device=device, overlays=tuple(map(str, config or [])), overrides=overrides, progress=progress))
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}")

@@ -788,7 +788,7 @@ def evaluate(
     checkpoint: str | Sequence[str],
     output_dir: str,
     *,
-    split: str = "val",
+    split: str | None = None,
     tta: bool | None = None,
     device: str = "auto",
     overlays: tuple[str, ...] = (),
@@ -796,6 +796,9 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on the ``split`` slices (``val``, ``train`` or ``all``) of ``data_dir``; write CSV + JSON.
+
+    ``split=None`` takes the config's ``eval_split`` (an overlay's, or the bundle's ``val``); ``eval_split`` in
+    ``overrides`` is the same as ``split``, and the two at odds are an error.
 
     Several checkpoints are scored as one ensemble (:class:`medseg.ensemble.MeanEnsemble`, outputs averaged).
     With ``split="val"`` or ``"train"``, a ``split.json`` next to the checkpoint selects the validation or
@@ -812,8 +815,11 @@ def evaluate(
     from medseg.handlers import RichProgress
 
     overrides = dict(overrides or {})
-    split = str(overrides.pop("eval_split", split))  # the bundle's id for it, which the call's settings would replace
-    if split not in ("val", "all", "train"):
+    given = overrides.pop("eval_split", None)  # the bundle's own id for the split
+    if given is not None and split is not None and str(given) != split:
+        raise MedsegError(f"--set eval_split={given} contradicts --split {split}; give one of them")
+    split = str(given) if given is not None else split
+    if split is not None and split not in ("val", "all", "train"):
         raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     _check_data_dir(data_dir)
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
@@ -821,8 +827,14 @@ def evaluate(
     checkpoints = _checkpoint_list(checkpoint)
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
-                "eval_split": split, **_device_settings(dev)}
+                **_device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
+    if split is None:  # neither --split nor --set: an overlay's eval_split, else the bundle's (val)
+        split = str(parser.get("eval_split", "val"))
+        if split not in ("val", "all", "train"):
+            raise MedsegError(f"eval_split {split}: unknown split; use val, train or all")
+    if "eval_split" in parser:
+        parser["eval_split"] = split
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)

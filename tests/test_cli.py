@@ -592,6 +592,13 @@ def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
                      *_tiny_args(TINY_NET))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "set" / "metrics.csv").read_text() == (tmp_path / "train" / "metrics.csv").read_text()
+    overlay = tmp_path / "train_split.yaml"  # an overlay's eval_split counts too
+    overlay.write_text("eval_split: train\n")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "overlay", "-c", overlay, "--no-progress", "--device", "cpu",
+                     *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "overlay" / "metrics.csv").read_text() == (tmp_path / "train" / "metrics.csv").read_text()
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--split", "val", "--set", "eval_split=train", "--no-progress", "--device", "cpu")
     assert result.exit_code == 1
