@@ -209,13 +209,16 @@ class RunRecord:
         result = []
         for item, rel in zip(inputs, recorded, strict=True):
             key = _source_key(item)
+            # a series' name recorded by its UID alone (earlier versions) is its own, also where two folders
+            # hold the series: the one of the two whose name it is takes it
+            own = {key, f"dicom:{item.series_uid}"} if item.series_uid else {key}
             if not rel:
                 rel = item.rel
-                if rel.lower() in used or owner.get(rel.lower(), key) != key:
+                if rel.lower() in used or owner.get(rel.lower(), key) not in own:
                     suffix = suffix_of(item.source).lstrip(".").replace(".", "_").lower() or item.series_uid
                     base = rel if rel.lower().endswith(f"_{suffix}") else f"{rel}_{suffix}"
                     rel, n = base, 2
-                    while rel.lower() in used or owner.get(rel.lower(), key) != key:
+                    while rel.lower() in used or owner.get(rel.lower(), key) not in own:
                         rel, n = f"{base}_{n}", n + 1
             used.add(str(rel).lower())
             result.append(replace(item, rel=str(rel)))

@@ -694,6 +694,15 @@ def test_one_series_in_two_folders_keeps_two_names(tmp_path, tiny_checkpoint):
         assert nib.load(out / "mask" / "part2.nii.gz").shape[2] == 2
         if attempt:  # the second run finds both done
             assert {r["status"] for r in rows.values()} == {"skipped"}, rows
+    # a folder written by earlier versions, which keyed both by the UID alone: the second had taken the
+    # name over (and written part1's mask into part2); each series takes its own name back
+    record = json.loads((out / "run.json").read_text())
+    (uid,) = {k.rsplit("/", 1)[1] for k in record["names"]}
+    record["names"] = {f"dicom:{uid}": record["names"][f"dicom:part2/{uid}"]}
+    (out / "run.json").write_text(json.dumps(record))
+    result = _infer(root, out, tiny_checkpoint, "--format", "nifti")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "mask").iterdir()) == ["part1.nii.gz", "part2.nii.gz"]
 
 
 def test_a_series_recorded_by_its_uid_alone_keeps_its_name(tmp_path, tiny_checkpoint):
