@@ -103,6 +103,10 @@ class _StackWriter:
         self.calibration.pop("description", None)
 
     def close(self, keep: bool = True) -> None:
+        if self.writer is None and keep:  # no page came: still a well-formed (empty) TIFF, as before
+            import tifffile
+
+            self.writer = tifffile.TiffWriter(self.tmp)
         if self.writer is not None:
             self.writer.close()
         if keep:

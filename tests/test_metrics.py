@@ -195,3 +195,19 @@ def test_isbi_score_metric_matches_isbi_scores_over_batches():
     assert metric.compute() == pytest.approx(isbi_scores(probs[:1], labels[:1])["v_rand"])
     with pytest.raises(ValueError, match="v_rand' or 'v_info"):
         IsbiScore("dice")
+
+
+def test_challenge_report_summarises_the_pixel_error_of_the_stack(tmp_path):
+    # per row: each slice's own best threshold; in the summary: one threshold for the stack, as the challenge
+    import torch
+
+    from medseg.evaluation import ChallengeMetrics
+
+    gt = np.array([[0, 1, 1, 1]], bool)
+    report = ChallengeMetrics(str(tmp_path))
+    for prob in (np.array([[0.15, 0.25, 0.25, 0.25]]), np.array([[0.65, 0.75, 0.75, 0.75]])):
+        output = {"prob": torch.from_numpy(np.stack([1 - prob, prob])), "label": torch.from_numpy(gt[None] * 1.0)}
+        report.rows.append(report.score(output, {}))
+    summary = report.summarise()
+    assert [r["pixel_error"] for r in report.rows] == [0.0, 0.0]
+    assert summary["pixel_error"] == pytest.approx(1 - 12 / 13)
