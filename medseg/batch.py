@@ -378,6 +378,7 @@ def run_batch(
             changed = record is not None and record.input_changed(paths, fingerprint)
             if not overwrite and not changed and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
+                row.objects = _table_rows(paths.get("table"))  # the count the skipped run found
                 if record is not None:
                     record.note_name(item, paths)  # a folder written before names were recorded
             else:
@@ -421,6 +422,17 @@ def run_batch(
             progress.advance()
     write_manifest(manifest, earlier + result.rows)
     return result
+
+
+def _table_rows(table: Path | None) -> int | str:
+    """The objects an input's measurement table lists (one row each), or ``""`` without a readable table."""
+    if table is None:
+        return ""
+    try:
+        with open(table, newline="", encoding="utf-8") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return ""
 
 
 def _earlier_rows(manifest: Path, sources: Iterable[str]) -> list[ManifestRow]:

@@ -502,6 +502,9 @@ def test_cli_infer_writes_labels_tables_and_object_counts(trained, tmp_path):
     result = _invoke("infer", NUCLEI, inputs, out, "--checkpoint", trained["out"] / "model.pt", "--no-progress",
                      "--device", "cpu", *_sets(NUCLEI_TINY_NET))
     assert result.exit_code == 0 and json.loads(result.output[result.output.index("{"):])["skipped"] == 4
+    with open(out / "manifest.csv", newline="") as fh:  # a skipped input keeps its count
+        again = {Path(r["input"]).stem: r["objects"] for r in csv.DictReader(fh)}
+    assert again == {name: r["objects"] for name, r in {**rows, "ct": ct}.items()}
 
 
 def test_cli_object_size_option_trains_evaluates_and_infers_on_the_input_grid(tmp_path, monkeypatch):
