@@ -25,22 +25,25 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu or c
 OverlayOpt = Annotated[
     list[Path] | None,
     typer.Option("--config", "-c",
-                 help="Overlay config merged over the bundle's (repeatable); every key must be a config id."),
+                 help="Overlay config merged over the bundle's (repeatable); every key must be a config id.",
+                 metavar="FILE"),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key: KEY=VALUE, nested keys joined by '#' (repeatable)."),
+    typer.Option("--set", "-s", help="Override a config key: KEY=VALUE, nested keys joined by '#' (repeatable).",
+                 metavar="KEY=VALUE"),
 ]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.", metavar="")]
 CheckpointOpt = Annotated[list[Path] | None, typer.Option(
     help="Weights (default: BUNDLE/models/model.pt); repeat it to run several trainings of the bundle's network "
          "as one ensemble, their outputs averaged.",
+    metavar="PATH",
 )]
 TtaOpt = Annotated[bool | None, typer.Option(
     "--tta/--no-tta",
     help="Average the 8 rotations/flips (8 network passes per slice); default: the bundle's tta (on for jurkat, "
          "and for nuclei in evaluate and infer).",
-    show_default=False)]
+    show_default=False, metavar="")]
 
 
 def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: str = "", **kwargs: Any) -> Any:
@@ -110,7 +113,7 @@ def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
 @app.callback()
 def _main(
     ctx: typer.Context,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.", metavar="")] = False,
 ) -> None:
     ctx.obj = {"debug": debug}
     show_user_error_logs(debug)
@@ -133,11 +136,12 @@ def train(
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --output, with the run's own "
                                               "settings (overlay and --set values, unless given again) and split, "
-                                              "and, unless --epochs is given, to its own length.")] = False,
+                                              "and, unless --epochs is given, to its own length.", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option(help=(
         "Replace a trained run in --output (its checkpoints, model.pt, history, curves; the MLflow store keeps "
-        "it). Without it, or --resume, a folder holding trained weights is refused."))] = False,
-    tracking: Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log the run to MLflow.")] = True,
+        "it). Without it, or --resume, a folder holding trained weights is refused."), metavar="")] = False,
+    tracking: Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log the run to MLflow.",
+                                           metavar="")] = True,
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking server/URI (default: SQLite store in --output).")
     ] = None,
@@ -196,18 +200,23 @@ def infer(
         help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles), manifest.csv and run.json.")],
     checkpoint: CheckpointOpt = None,
     include: Annotated[list[str] | None, typer.Option(
-        help="Only files matching this glob (relative path or name, e.g. '*.nii.gz'); repeatable.")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Leave out files matching this glob; repeatable.")] = None,
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search sub-folders.")] = True,
+        help="Only files matching this glob (relative path or name, e.g. '*.nii.gz'); repeatable.",
+        metavar="GLOB")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Leave out files matching this glob; repeatable.",
+                                                      metavar="GLOB")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search sub-folders.",
+                                            metavar="")] = True,
     overwrite: Annotated[bool, typer.Option(help=(
         "Redo inputs whose outputs exist, also another model's (default: skip those the same run made from "
-        "the input as it is now; resuming another checkpoint's or other settings' folder is an error)."))] = False,
+        "the input as it is now; resuming another checkpoint's or other settings' folder is an error)."),
+        metavar="")] = False,
     format_: Annotated[str, typer.Option("--format", help=(
         "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, DICOM SEG for binary masks), png, tiff, "
         "nifti or dicom-seg."
     ))] = "auto",
     prob: Annotated[bool, typer.Option("--prob/--no-prob", help=(
-        "Also write float32 probability maps (the class, or 1 - background for multi-class bundles)."))] = True,
+        "Also write float32 probability maps (the class, or 1 - background for multi-class bundles)."),
+        metavar="")] = True,
     tta: TtaOpt = None,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
