@@ -949,3 +949,13 @@ def test_long_reasons_are_cut_at_a_word():
     assert brief("one  two\nthree") == "one two three"
     cut = brief("word " * 60)
     assert len(cut) <= 160 and cut.endswith("word ...")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "infer"])
+def test_help_shows_flags_without_value_placeholders(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    result = _invoke(command, "--help")
+    assert result.exit_code == 0
+    lines = [line for line in result.output.splitlines() if "--" in line and "--help" not in line]
+    assert lines and not [line for line in lines if "<bool>" in line or "list[" in line]
+    assert "KEY=VALUE" in result.output and "FILE" in result.output
