@@ -118,10 +118,16 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
             if isinstance(value, str) and not value.startswith(("$", "@", "%")) \
                     and isinstance(default, (int, float)) and not isinstance(default, bool):
                 try:
-                    fixes[str(key)] = float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
-                except ValueError:
-                    raise BundleError(f"{overlay}: {key}: {value!r} is not a number, and the bundle's {key} is "
-                                      f"one ({default!r}); give a number") from None
+                    number = float(value)
+                    if isinstance(default, int):  # a count (max_epochs: 2e0 is 2); a fraction is not one
+                        if not number.is_integer():
+                            raise ValueError(value)
+                        number = int(number)
+                    fixes[str(key)] = number
+                except (ValueError, OverflowError):
+                    kind = "a whole number" if isinstance(default, int) else "a number"
+                    raise BundleError(f"{overlay}: {key}: {value!r} is not {kind}, and the bundle's {key} is "
+                                      f"({default!r}); give {kind}") from None
     return fixes
 
 

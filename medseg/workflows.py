@@ -394,8 +394,9 @@ def _recorded_run(out: Path) -> dict[str, dict]:
     return found
 
 
-#: Ids medseg sets for each call (data, run folder, device), never taken from a run's record.
-_CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs")
+#: Ids medseg sets for each call (data, run folder, device, the resumed run's own start), never taken from a
+#: run's record.
+_CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs", "val_at_start")
 
 
 def _resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
@@ -407,8 +408,12 @@ def _resume_settings(parser: Any, config: dict, overrides: dict, overlays: Seque
     for overlay in overlays:
         content = ConfigParser.load_config_file(str(overlay))
         given |= {str(k).lstrip("+") for k in (content or {})}
+
+    def given_now(key: str) -> bool:  # the key, a part of it or what holds it
+        return any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
+
     changed = {k: v for k, v in _plain_differences(config, parser.get()).items()
-               if k not in given and k.split("#")[0] not in _CALL_SETTINGS}
+               if not given_now(k) and k.split("#")[0] not in _CALL_SETTINGS}
     for key, value in changed.items():
         parser[key] = value
     if changed:
@@ -417,22 +422,31 @@ def _resume_settings(parser: Any, config: dict, overrides: dict, overlays: Seque
             ", ".join(f"{k}={v!r}" for k, v in changed.items()))
 
 
-def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, Any]:
-    """Ids (``a#b``) whose plain value (a number, word, flag or flat list of them) differs between two configs."""
-    def plain(value: Any, inner: bool = False) -> bool:
-        if isinstance(value, str):  # expressions and references are rewritten when a config is saved
-            return not value.startswith(("$", "@", "%")) and "::" not in value
-        if isinstance(value, list):
-            return not inner and all(plain(v, inner=True) for v in value)
-        return value is None or isinstance(value, (bool, int, float))
+def _plain(value: Any) -> bool:
+    """A value written out in full: a number, word, flag, or a list or mapping of them (no expression, no
+    reference, no component), which a saved config holds as it was given."""
+    if isinstance(value, str):  # expressions and references are rewritten when a config is saved
+        return not value.startswith(("$", "@", "%")) and "::" not in value
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return "_target_" not in value and all(_plain(v) for v in value.values())
+    return value is None or isinstance(value, (bool, int, float))
 
+
+def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, Any]:
+    """Ids (``a#b``) whose recorded value is plain (see :func:`_plain`) and differs from the current config's.
+
+    Components (dicts with ``_target_``) are compared part by part; a plain mapping or list is one value.
+    """
     found: dict[str, Any] = {}
     for key, value in recorded.items():
         if str(key).startswith("_") or key not in current:
             continue
-        if isinstance(value, dict) and isinstance(current[key], dict):
-            found.update(_plain_differences(value, current[key], f"{prefix}{key}#"))
-        elif plain(value) and plain(current[key]) and value != current[key]:
+        now = current[key]
+        if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
+            found.update(_plain_differences(value, now, f"{prefix}{key}#"))
+        elif _plain(value) and value != now:
             found[f"{prefix}{key}"] = value
     return found
 

@@ -149,6 +149,12 @@ def test_yaml_overlay_numbers_and_whole_component_replacements(tmp_path):
     overlay.write_text("learning_rate: fast\n")
     with pytest.raises(BundleError, match=r"ov.yaml: learning_rate: 'fast' is not a number"):
         load_config(BUNDLE, "train", overlays=[overlay])
+    overlay.write_text("max_epochs: 2e1\n")  # a count stays a count
+    assert load_config(BUNDLE, "train", overlays=[overlay])["max_epochs"] == 20
+    for bad in ("2.5e0", "nan"):
+        overlay.write_text(f"max_epochs: {bad}\n")
+        with pytest.raises(BundleError, match=rf"max_epochs: '{bad}' is not a whole number"):
+            load_config(BUNDLE, "train", overlays=[overlay])
     overlay.write_text("network_def: {channels: [16, 32, 64]}\n")
     with pytest.raises(BundleError, match=r"ov.yaml: 'network_def' replaces the bundle's whole network_def.*"
                                           r"'network_def#channels'"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -959,3 +960,25 @@ def test_help_shows_flags_without_value_placeholders(command, monkeypatch):
     lines = [line for line in result.output.splitlines() if "--" in line and "--help" not in line]
     assert lines and not [line for line in lines if "<bool>" in line or "list[" in line]
     assert "KEY=VALUE" in result.output and "FILE" in result.output
+
+
+def test_resume_restores_whole_mappings_and_leaves_what_is_given_now():
+    # a plain mapping (jurkat's class_map) comes back whole, not merged into the bundle's; a value the bundle
+    # makes by an expression comes back as the run gave it; a key given now, or a part of it, is left alone
+    from monai.bundle import ConfigParser
+
+    from medseg.workflows import _resume_settings
+
+    recorded = {"class_map": {"0": 0, "1": 1, "2": 2}, "network_def": {"_target_": "UNet", "channels": [4, 8]},
+                "patch_size": [64, 64], "logit_shift": [0.0, 0.0], "val_at_start": True, "device": "cpu",
+                "train": {"handlers": [{"_target_": "StatsHandler"}], "inferer": "@train::inferer"}}
+    bundle = {"class_map": {"0": 0, "128": 1, "255": 2}, "network_def": {"_target_": "UNet", "channels": [16, 32]},
+              "patch_size": [256, 256], "logit_shift": "$prior(@class_weights)", "val_at_start": False,
+              "device": "cuda", "train": {"handlers": [], "inferer": "@train#inferer"}}
+    parser = ConfigParser(copy.deepcopy(bundle))
+    _resume_settings(parser, recorded, {"patch_size#0": 128}, ())
+    assert parser["class_map"] == {"0": 0, "1": 1, "2": 2}
+    assert parser["network_def"]["channels"] == [4, 8] and parser["logit_shift"] == [0.0, 0.0]
+    assert parser["patch_size"] == [256, 256]  # a part of it given now
+    assert parser["val_at_start"] is False and parser["device"] == "cuda"  # set by each call
+    assert parser["train"] == bundle["train"]  # handlers and references are not values to restore
