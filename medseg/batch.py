@@ -358,10 +358,11 @@ def run_batch(
                 raise DataError(f"{record.folder}: the outputs of '{item.rel}' were made with "
                                 f"{record.conflict(existing)} (see {RUN_RECORD}); pass --overwrite to redo them, "
                                 "or choose another output folder")
-    result = BatchResult(rows=[ManifestRow(input=f, status="ignored", message=why) for f, why in ignored])
-    earlier = _earlier_rows(manifest, [*(i.source for i in inputs), *(f for f, _ in ignored)])
+    result = BatchResult(rows=[ManifestRow(input=os.path.abspath(f), status="ignored", message=why)
+                               for f, why in ignored])
+    earlier = _earlier_rows(manifest, [(i.source, i.series_uid) for i in inputs] + [(f, "") for f, _ in ignored])
     for i, item in enumerate(inputs):
-        row = ManifestRow(input=item.source, format=item.format, series_uid=item.series_uid)
+        row = ManifestRow(input=os.path.abspath(item.source), format=item.format, series_uid=item.series_uid)
         start = time.perf_counter()
         if progress is not None:
             progress.start(item.rel)
@@ -372,8 +373,8 @@ def run_batch(
                 raise DataError(item.error)
             row.slices = counts[i] if i in counts else count(item)
             paths = paths_for(item, row.slices)
-            row.mask, row.prob, row.table = (str(paths["mask"]), str(paths.get("prob", "")),
-                                             str(paths.get("table", "")))
+            row.mask, row.prob, row.table = (os.path.abspath(paths[k]) if k in paths else ""
+                                             for k in ("mask", "prob", "table"))
             fingerprint = input_fingerprint(item.source, item.series_uid) if record is not None else ""
             changed = record is not None and record.input_changed(paths, fingerprint)
             if not overwrite and not changed and all(p.is_file() for p in paths.values()):
@@ -435,18 +436,21 @@ def _table_rows(table: Path | None) -> int | str:
         return ""
 
 
-def _earlier_rows(manifest: Path, sources: Iterable[str]) -> list[ManifestRow]:
+def _earlier_rows(manifest: Path, taken: Iterable[tuple[str, str]]) -> list[ManifestRow]:
     """The rows an earlier manifest holds for inputs this run does not take (another ``--include``, say), whose
-    outputs are still there: a run into the folder adds to what the manifest lists instead of dropping it."""
+    outputs are still there: a run into the folder adds to what the manifest lists instead of dropping it.
+
+    Inputs are told apart by path and series (a folder may hold several); manifests list absolute paths (a
+    relative path, from earlier versions, is read from the current folder)."""
     try:
         with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):
         return []
-    taken = {os.path.abspath(s) for s in sources}
+    taken = {(os.path.abspath(source), uid or "") for source, uid in taken}
     kept = []
     for row in rows:
-        if not row.get("input") or os.path.abspath(row["input"]) in taken:
+        if not row.get("input") or (os.path.abspath(row["input"]), row.get("series_uid") or "") in taken:
             continue
         if row.get("mask") and not Path(row["mask"]).is_file():
             continue  # its outputs are gone

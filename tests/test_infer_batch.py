@@ -768,3 +768,23 @@ def test_a_run_with_another_include_adds_to_the_manifest(tmp_path, tiny_checkpoi
     (out / "mask" / "a.png").unlink()  # an earlier row whose outputs are gone is dropped
     assert _infer(root, out, tiny_checkpoint, "--include", "b.png").exit_code == 0
     assert sorted(_manifest(out)) == ["b.png"]
+
+
+def test_the_manifest_tells_series_of_one_folder_apart(tmp_path, tiny_checkpoint, monkeypatch):
+    # two series in one folder are two inputs of one path: a run over one keeps the other's row; paths are
+    # absolute, so a run from another folder matches them too
+    from conftest import write_dicom_series
+
+    study = tmp_path / "in" / "study"
+    write_dicom_series(study, n=2, size=48, series_uid="1.2.3.1", series_number=1, prefix="A")
+    write_dicom_series(study, n=2, size=48, series_uid="1.2.3.2", series_number=2, prefix="B")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    assert _infer(Path("in"), Path("out"), tiny_checkpoint, "--format", "nifti").exit_code == 0
+    monkeypatch.chdir(study)
+    result = _infer(tmp_path / "in", out, tiny_checkpoint, "--format", "nifti", "--include", "study/A*")
+    assert result.exit_code == 0, result.output
+    with open(out / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["series_uid"] for r in rows) == ["1.2.3.1", "1.2.3.2"]
+    assert all(Path(r["input"]).is_absolute() and Path(r["mask"]).is_absolute() for r in rows)
