@@ -162,6 +162,9 @@ def load_config(
         parser[key] = value
     parser["bundle_root"] = str(Path(bundle))
     for key, value in (settings or {}).items():
+        if workflow == "train" and key.endswith(("_dir", "_path")) and "#" in str(value):  # an id separator to MONAI
+            raise BundleError(f"{value}: a path with '#' in it is split by MONAI's config (which writes some files "
+                              "to a '::' folder); use a folder without '#'")
         parser[key] = value
     for key, value in (overrides or {}).items():
         if key not in parser:

@@ -982,3 +982,12 @@ def test_resume_restores_whole_mappings_and_leaves_what_is_given_now():
     assert parser["patch_size"] == [256, 256]  # a part of it given now
     assert parser["val_at_start"] is False and parser["device"] == "cuda"  # set by each call
     assert parser["train"] == bundle["train"]  # handlers and references are not values to restore
+
+
+def test_a_hash_in_the_run_folder_is_refused(tmp_path, isbi_folder):
+    # MONAI's config reads '#' as an id separator: the checkpoints went to an 'a::b' folder, the rest to 'a#b'
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "a#b" / "run", "--epochs", 1,
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 1
+    assert "a path with '#' in it is split by MONAI's config" in result.output
+    assert not list(tmp_path.glob("a*"))
