@@ -139,6 +139,10 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
     from monai.utils import path_to_uri
 
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):  # MLflow makes the store's folder undecoded
+        from urllib.parse import unquote
+
+        tracking_uri = _local_store_uri(Path(unquote(tracking_uri[len("sqlite:///"):])))
     if tracking_uri:
         _check_tracking_uri(tracking_uri)
     else:
@@ -146,9 +150,19 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
     configs = settings["configs"]
     configs["tracking_uri"] = tracking_uri or _local_store_uri(output_dir / "mlflow.db")
-    if not tracking_uri:  # MONAI derives it from the store's URI without decoding it (a space became %2520)
+    # the artifact folder of a local store: mlruns/ beside its database, as MONAI would put it, had it decoded
+    # the store's URI first (an escaped space became %2520, a folder of its own)
+    if not tracking_uri:
+        artifacts_at = output_dir.resolve() / "mlruns"
+    elif tracking_uri.startswith("sqlite:///"):
+        from urllib.parse import unquote
+
+        artifacts_at = Path(unquote(tracking_uri[len("sqlite:///"):])).parent / "mlruns"
+    else:
+        artifacts_at = None
+    if artifacts_at is not None:
         for handler in ("trainer", "validator"):
-            configs[handler]["artifact_location"] = path_to_uri(output_dir.resolve() / "mlruns")
+            configs[handler]["artifact_location"] = path_to_uri(artifacts_at)
     configs["experiment_name"] = experiment
     configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume)
     configs["save_execute_config"] = str(config_path)

@@ -500,6 +500,16 @@ def test_a_run_folder_with_spaces_keeps_its_mlflow_artifacts(tmp_path, isbi_fold
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "config.json"} <= logged
     assert (out / "mlruns").is_dir() and list((out / "mlruns").rglob("model.pt"))
+    # a store of one's own given as an escaped SQLite URI: its artifacts beside it, under the unescaped path
+    from monai.utils import path_to_sqlite_uri
+
+    store = tmp_path / "my store" / "m.db"
+    store.parent.mkdir()
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "two", "--epochs", 1,
+                     "--no-progress", "--device", "cpu", "--tracking-uri", path_to_sqlite_uri(str(store)),
+                     *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert list((store.parent / "mlruns").rglob("model.pt")) and not [p for p in tmp_path.rglob("*%*")]
 
 
 def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
