@@ -136,33 +136,27 @@ def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
 
 def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
                        artifacts: list[str], config_path: Path, resume: bool = False) -> dict:
+    from urllib.parse import unquote
+
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
     from monai.utils import path_to_uri
 
-    if tracking_uri and tracking_uri.startswith("sqlite:///"):  # MLflow makes the store's folder undecoded
-        from urllib.parse import unquote
-
-        tracking_uri = _local_store_uri(Path(unquote(tracking_uri[len("sqlite:///"):])))
+    # a local store: its path unescaped in the URI (MLflow makes the store's folder from the URI undecoded) and
+    # its artifacts in mlruns/ beside it, given explicitly (MONAI derives that folder from the URI undecoded, so
+    # an escaped space became %2520, a folder of its own)
+    store = (output_dir / "mlflow.db" if not tracking_uri else
+             Path(unquote(tracking_uri[len("sqlite:///"):])) if tracking_uri.startswith("sqlite:///") else None)
+    uri = _local_store_uri(store) if store is not None else str(tracking_uri)
     if tracking_uri:
-        _check_tracking_uri(tracking_uri)
+        _check_tracking_uri(uri)
     else:
-        _follow_moved_store(output_dir / "mlflow.db")
+        _follow_moved_store(store)
     settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
     configs = settings["configs"]
-    configs["tracking_uri"] = tracking_uri or _local_store_uri(output_dir / "mlflow.db")
-    # the artifact folder of a local store: mlruns/ beside its database, as MONAI would put it, had it decoded
-    # the store's URI first (an escaped space became %2520, a folder of its own)
-    if not tracking_uri:
-        artifacts_at = output_dir.resolve() / "mlruns"
-    elif tracking_uri.startswith("sqlite:///"):
-        from urllib.parse import unquote
-
-        artifacts_at = Path(unquote(tracking_uri[len("sqlite:///"):])).parent / "mlruns"
-    else:
-        artifacts_at = None
-    if artifacts_at is not None:
+    configs["tracking_uri"] = uri
+    if store is not None:
         for handler in ("trainer", "validator"):
-            configs[handler]["artifact_location"] = path_to_uri(artifacts_at)
+            configs[handler]["artifact_location"] = path_to_uri(store.resolve().parent / "mlruns")
     configs["experiment_name"] = experiment
     configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume)
     configs["save_execute_config"] = str(config_path)
@@ -847,8 +841,6 @@ def evaluate(
     if given is not None and split is not None and str(given) != split:
         raise MedsegError(f"--set eval_split={given} contradicts --split {split}; give one of them")
     split = str(given) if given is not None else split
-    if split is not None and split not in ("val", "all", "train"):
-        raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     _check_data_dir(data_dir)
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
         overrides["validate#inferer#tta"] = bool(tta)
@@ -857,10 +849,9 @@ def evaluate(
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 **_device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
-    if split is None:  # neither --split nor --set: an overlay's eval_split, else the bundle's (val)
-        split = str(parser.get("eval_split", "val"))
-        if split not in ("val", "all", "train"):
-            raise MedsegError(f"eval_split {split}: unknown split; use val, train or all")
+    split = split or str(parser.get("eval_split", "val"))  # else an overlay's eval_split, or the bundle's (val)
+    if split not in ("val", "all", "train"):
+        raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     if "eval_split" in parser:
         parser["eval_split"] = split
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
