@@ -212,7 +212,8 @@ def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, 
     data = write_isbi_folder(tmp_path / "d", n=3, size=48)
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
-    other = client.create_run(client.create_experiment("medseg-isbi_em"), run_name="run")
+    experiment = client.create_experiment("medseg-isbi_em", artifact_location=(tmp_path / "artifacts").as_uri())
+    other = client.create_run(experiment, run_name="run")
     client.log_param(other.info.run_id, "output_dir", str(tmp_path / "elsewhere" / "run"))
     if status == "FINISHED":
         client.set_terminated(other.info.run_id, status)
