@@ -16,8 +16,12 @@ from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error
 #: Image types accepted as training data (2D slices and TIFF stacks).
 SUPPORTED_SUFFIXES = (".png", ".tif", ".tiff")
 
-#: Image types accepted by the image + mask folder layout (read by :mod:`medseg.readers`).
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+#: Mask types accepted by the image + mask folder layout (read by :mod:`medseg.readers`): lossless only.
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+#: Image types accepted by the image + mask folder layout: the mask types and JPEG (brightfield and
+#: stained-tissue pictures are often saved so; its compression changes the pixels, not the labels).
+IMAGE_SUFFIXES = (*MASK_SUFFIXES, ".jpg", ".jpeg")
 
 #: Challenge file names of the original ISBI 2012 release (multi-page TIFF stacks).
 ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
@@ -159,9 +163,10 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     for image in images:
         pattern = str(image.parent / mask_template.format(stem=glob.escape(image.stem), name=glob.escape(image.name)))
         masks = sorted(Path(m) for m in glob.glob(pattern)
-                       if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in IMAGE_SUFFIXES)
+                       if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
         if not masks:
-            lossy = [m for m in glob.glob(pattern) if Path(m).suffix.lower() in LOSSY_SUFFIXES]
+            lossy = [m for m in glob.glob(pattern)
+                     if Path(m).suffix.lower() in LOSSY_SUFFIXES and Path(m).resolve() != image.resolve()]
             if lossy:
                 raise lossy_mask_error(lossy[0])
             raise DataError(f"{image}: no mask matches {pattern}; add the mask or set mask_template")

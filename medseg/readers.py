@@ -44,7 +44,9 @@ from medseg.errors import DataError
 #: File suffix -> format name. DICOM files may also have no suffix (sniffed by content).
 SUFFIXES: dict[str, str] = {
     ".png": "png",
-    ".bmp": "png",  # other 2D formats Pillow reads losslessly go through the PNG reader (and give PNG masks)
+    ".bmp": "png",  # other 2D formats Pillow reads go through the PNG reader (and give PNG masks)
+    ".jpg": "png",  # images only: a JPEG mask is refused (LOSSY_SUFFIXES)
+    ".jpeg": "png",
     ".tif": "tiff",
     ".tiff": "tiff",
     ".nii": "nifti",
@@ -190,8 +192,30 @@ def _resolve_photometric(arr: np.ndarray, page, path: str) -> np.ndarray:
     return arr[:-1] if arr.shape[0] in (2, 4) else arr
 
 
+#: EXIF orientations (2-8) that swap the stored width and height when applied.
+_EXIF_SWAPS = (5, 6, 7, 8)
+
+
+def _exif_orientation(im) -> int:
+    """The EXIF Orientation (1-8) of a Pillow image: 1 (as stored) when it has none or an invalid one."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except (TypeError, ValueError, OSError, SyntaxError):  # a malformed EXIF block reads as none
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _displayed(im):
+    """``im`` as viewers show it: its EXIF orientation applied (cameras and phones store a portrait picture
+    sideways with a tag that says so); masks are written in that orientation, without the tag."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im) if _exif_orientation(im) != 1 else im
+
+
 class PngReader(_MedsegReader):
-    """PNG (and BMP) via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (resolved to RGB)."""
+    """PNG, BMP and JPEG via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (resolved to RGB),
+    CMYK (converted to RGB); an EXIF orientation is applied, as every viewer applies it."""
 
     format = "png"
 
@@ -207,9 +231,12 @@ class PngReader(_MedsegReader):
                 kind = "gray+alpha" if header[25] == 4 else "colour"
                 raise DataError(f"{path}: 16-bit {kind} PNG; its reader keeps only 8 bits per channel, so it is "
                                 "refused rather than truncated: save it as 16-bit TIFF")
-            with Image.open(path) as im:
+            with Image.open(path) as opened:
+                im = _displayed(opened)
                 if im.mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif im.mode == "CMYK":  # print JPEGs; 4 channels would otherwise pass for RGBA
+                    im = im.convert("RGB")
                 elif im.mode == "I":  # 16-bit gray opened as 32-bit by some Pillow versions
                     arr = np.asarray(im)
                     return _channels_first_2d(arr.astype(np.uint16) if arr.max(initial=0) < 65536 else arr)
@@ -233,6 +260,8 @@ class PngReader(_MedsegReader):
         try:
             with Image.open(path) as im:
                 width, height = im.size
+                if _exif_orientation(im) in _EXIF_SWAPS:
+                    width, height = height, width
         except (OSError, ValueError, UnidentifiedImageError) as err:
             raise DataError(f"{path}: cannot read the image ({err}); the file may be truncated or corrupt") from err
         return _meta("png", path, (height, width), np.eye(4), (1.0, 1.0), "pixel")

@@ -369,9 +369,9 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     result = _infer(tmp_path / "empty", tmp_path / "o", tiny_checkpoint)
     assert result.exit_code == 1 and "no images to segment" in result.output
     assert "supported: .bmp, .dcm" in result.output
-    (tmp_path / "scan.jpg").write_bytes(b"\xff\xd8\xff")
-    result = _infer(tmp_path / "scan.jpg", tmp_path / "o", tiny_checkpoint)
-    assert result.exit_code == 1 and "scan.jpg: unsupported file type '.jpg'; supported:" in result.output
+    (tmp_path / "scan.gif").write_bytes(b"GIF89a")
+    result = _infer(tmp_path / "scan.gif", tmp_path / "o", tiny_checkpoint)
+    assert result.exit_code == 1 and "scan.gif: unsupported file type '.gif'; supported:" in result.output
     image, _ = synthetic_em(size=32, seed=1)
     (tmp_path / "imgs").mkdir()
     Image.fromarray(image).save(tmp_path / "imgs" / "a.png")
@@ -788,3 +788,19 @@ def test_the_manifest_tells_series_of_one_folder_apart(tmp_path, tiny_checkpoint
         rows = list(csv.DictReader(fh))
     assert sorted(r["series_uid"] for r in rows) == ["1.2.3.1", "1.2.3.2"]
     assert all(Path(r["input"]).is_absolute() and Path(r["mask"]).is_absolute() for r in rows)
+
+
+def test_jpeg_pictures_are_segmented_upright_under_their_own_names(tmp_path, tiny_checkpoint):
+    """A phone or camera JPEG stored sideways with an EXIF orientation: the mask is the picture as shown."""
+    image, _ = synthetic_em(size=40, seed=2)
+    (tmp_path / "in").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(image[:, :30]).save(tmp_path / "in" / "phone.jpg", quality=95, exif=exif)
+    Image.fromarray(image).save(tmp_path / "in" / "scan.JPEG", quality=95)
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert np.asarray(Image.open(tmp_path / "out" / "mask" / "phone.png")).shape == (30, 40)  # 40 × 30 stored
+    assert tifffile.imread(tmp_path / "out" / "prob" / "phone.tif").shape == (30, 40)
+    assert np.asarray(Image.open(tmp_path / "out" / "mask" / "scan.png")).shape == (40, 40)
+    assert {r["status"] for r in _manifest(tmp_path / "out").values()} == {"ok"}

@@ -661,3 +661,16 @@ def test_hidden_files_beside_the_images_are_not_images(jurkat_folder):
     (jurkat_folder / "set_a" / "._001.bmp").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     names = [p["name"] for p in find_image_mask_pairs(jurkat_folder, **LAYOUT)]
     assert names and not any("._" in n for n in names)
+
+
+def test_jpeg_images_pair_with_lossless_masks(tmp_path):
+    folder = write_jurkat_folder(tmp_path / "j", layout=[("x", (40, 40)), ("x", (40, 40))])
+    for bmp in sorted(folder.rglob("*.bmp")):
+        Image.open(bmp).save(bmp.with_suffix(".jpg"), quality=95)
+        bmp.unlink()
+    pairs = find_image_mask_pairs(folder, image_glob="**/*.jpg", mask_template="{stem}.*")
+    assert [(Path(p["image"]).name, Path(p["label"]).name) for p in pairs] == [("001.jpg", "001.png"),
+                                                                            ("002.jpg", "002.png")]
+    (folder / "x" / "002.png").unlink()  # the image itself is not taken for its own (JPEG) mask
+    with pytest.raises(DataError, match=r"x/002\.jpg: no mask matches"):
+        find_image_mask_pairs(folder, image_glob="**/*.jpg", mask_template="{stem}.*")

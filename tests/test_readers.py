@@ -15,6 +15,7 @@ from medseg.errors import DataError
 from medseg.io import write_png, write_tiff
 from medseg.readers import (
     NiftiReader,
+    PngReader,
     TiffReader,
     count_slices,
     format_of,
@@ -226,9 +227,12 @@ def test_readers_plug_into_monai_load_image(tmp_path, shared_nifti):
 
 
 def test_bad_files(tmp_path):
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    with pytest.raises(DataError, match=r"x\.gif: unsupported file type '\.gif'; supported: .*\.nii\.gz.*\.png"):
+        format_of(tmp_path / "x.gif")
     (tmp_path / "x.jpg").write_bytes(b"\xff\xd8")
-    with pytest.raises(DataError, match=r"x\.jpg: unsupported file type '\.jpg'; supported: .*\.nii\.gz.*\.png"):
-        format_of(tmp_path / "x.jpg")
+    with pytest.raises(DataError, match=r"x\.jpg: cannot read the image .* truncated or corrupt"):
+        read_image(tmp_path / "x.jpg")
     with pytest.raises(DataError, match="missing.png: file not found"):
         read_image(tmp_path / "missing.png")
     write_png(tmp_path / "ok.png", np.zeros((64, 64), np.uint8))
@@ -383,3 +387,44 @@ def test_rgb24_nifti_is_read_as_three_channels(tmp_path):
     arr, meta = read_image(tmp_path / "rgb.nii.gz")
     np.testing.assert_array_equal(arr, rgb.transpose(3, 2, 1, 0))  # (C, Z, Y, X)
     np.testing.assert_array_equal(read_slice(tmp_path / "rgb.nii.gz", 1), rgb[:, :, 1].transpose(2, 1, 0))
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.mark.parametrize(("orientation", "displayed"), [
+    (1, lambda a: a),
+    (3, lambda a: a[::-1, ::-1]),  # upside down
+    (6, lambda a: np.rot90(a, -1)),  # stored sideways, shown turned 90° clockwise (a phone held upright)
+    (8, lambda a: np.rot90(a, 1)),
+])
+def test_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientation, displayed):
+    stored = np.arange(4 * 6, dtype=np.uint8).reshape(4, 6)
+    Image.fromarray(stored).save(tmp_path / "a.png", exif=_exif(orientation))
+    back, meta = read_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(back[0], displayed(stored))
+    assert tuple(meta["spatial_shape"]) == displayed(stored).shape
+    assert tuple(PngReader().read_meta(str(tmp_path / "a.png"))["spatial_shape"]) == displayed(stored).shape
+    np.testing.assert_array_equal(read_slice(tmp_path / "a.png", 0)[0], displayed(stored))
+
+
+def test_jpeg_images_are_read_gray_rgb_and_cmyk_and_turned_upright(tmp_path):
+    y, x = np.mgrid[0:32, 0:48]
+    gray = (x * 4 + y * 2).astype(np.uint8)  # smooth (0-250), so JPEG keeps it within a few levels
+    Image.fromarray(gray).save(tmp_path / "g.jpg", quality=95)
+    back, meta = read_image(tmp_path / "g.jpg")
+    assert back.shape == (1, 32, 48) and back.dtype == np.uint8 and meta["format"] == "png"
+    assert np.abs(back[0].astype(int) - gray).max() <= 4
+    rgb = np.stack([gray, 255 - gray, np.full_like(gray, 90)], -1)
+    Image.fromarray(rgb).save(tmp_path / "c.jpeg", quality=95)
+    back, _ = read_image(tmp_path / "c.jpeg")
+    assert back.shape == (3, 32, 48) and np.abs(back.astype(int) - rgb.transpose(2, 0, 1)).mean() < 3
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "print.jpg", quality=95)
+    back, _ = read_image(tmp_path / "print.jpg")
+    assert back.shape == (3, 32, 48) and np.abs(back.astype(int) - rgb.transpose(2, 0, 1)).mean() < 3
+    Image.fromarray(gray).save(tmp_path / "phone.jpg", quality=95, exif=_exif(6))
+    back, _ = read_image(tmp_path / "phone.jpg")
+    assert back.shape == (1, 48, 32) and np.abs(back[0].astype(int) - np.rot90(gray, -1)).max() <= 4
