@@ -638,7 +638,7 @@ def train(
         run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
 
         with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
-            _validate_at_end_if_never(trainer, evaluator, interrupted)
+            _validate_at_end(trainer, evaluator, interrupted)
             with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
                 try:
                     parser.get_parsed_content("run")
@@ -675,18 +675,29 @@ def _how_to_go_on(out: Path) -> str:
     return f"no epoch finished, so {out} holds nothing to resume; start the training again"
 
 
-def _validate_at_end_if_never(trainer: Any, evaluator: Any, interrupted: _Interrupted) -> None:
-    """A training that ends (last epoch, time limit, Ctrl-C once an epoch has finished) before its first
-    validation validates once, so that ``model.pt`` exists; before the trainer's end, so that the MLflow run
-    logs it and its metrics."""
+def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted) -> None:
+    """Validate the weights a training ends with unless they just were: after the last epoch or a time limit
+    (``--epochs 32`` with validation every 5 epochs would otherwise leave epochs 31 and 32 unjudged and never
+    in ``model.pt``); after Ctrl-C only when no validation ran yet, so that ``model.pt`` exists. Before the
+    trainer's end, so that the MLflow run logs it and its metrics. A time limit that stops inside epoch N
+    validates the weights as they are, recorded as epoch N."""
     from ignite.engine import Events
+
+    validated_at = [-1]  # the trainer's iteration at the last validation
+
+    def note(_: Any) -> None:
+        validated_at[0] = trainer.state.iteration
 
     def validate(engine: Any) -> None:
         ending = engine.should_terminate or engine.state.epoch >= engine.state.max_epochs
-        trained = interrupted.finished >= 1 if interrupted else engine.state.epoch > 0
-        if ending and evaluator.state.best_metric_epoch < 0 and trained:
+        if interrupted:
+            wanted = evaluator.state.best_metric_epoch < 0 and interrupted.finished >= 1
+        else:
+            wanted = engine.state.epoch > 0 and validated_at[0] != engine.state.iteration
+        if ending and wanted:
             evaluator.run(engine.state.epoch)
 
+    evaluator.add_event_handler(Events.COMPLETED, note)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)  # after the bundle's own ValidationHandler
     trainer.add_event_handler(Events.TERMINATE, validate)
 

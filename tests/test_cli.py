@@ -404,6 +404,19 @@ def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monk
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(("epochs", "validated"), [(3, [2, 3]), (4, [2, 4])])
+def test_the_last_epoch_is_always_validated(tmp_path, isbi_folder, epochs, validated):
+    """Validation every 2 epochs and a training of 3: epoch 3's weights are validated too (and may become
+    model.pt), not left unjudged; an epoch the schedule already validated is not validated twice."""
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--epochs", epochs, "--data", isbi_folder, "--output", out, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_tiny_args(), "--set", "val_interval=2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "history.json").read_text())["val_epoch"] == validated
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["epochs"] == epochs and summary["best_metric_epoch"] in validated
+
+
 def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_folder, monkeypatch):
     # validation every 5 epochs, Ctrl-C in epoch 2: the run validates once on its way out, as a time limit
     # makes it, so model.pt exists to evaluate or hand over
