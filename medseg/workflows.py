@@ -147,6 +147,7 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     store = (output_dir / "mlflow.db" if not tracking_uri else
              Path(unquote(tracking_uri[len("sqlite:///"):])) if tracking_uri.startswith("sqlite:///") else None)
     uri = _local_store_uri(store) if store is not None else str(tracking_uri)
+    stray = _folders_made_for(Path(uri[len("sqlite:///"):]).parent) if uri.startswith("sqlite:///") else []
     if tracking_uri:
         _check_tracking_uri(uri)
     else:
@@ -169,7 +170,24 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
     configs["trainer"]["experiment_param"] = params
     configs["trainer"]["iteration_log"] = False
+    if store is not None and Path(uri[len("sqlite:///"):]) != store.absolute():
+        settings["stray_folders"] = stray  # MLflow makes the store's folder from the escaped URI as well
     return settings
+
+
+def _folders_made_for(folder: Path) -> list[Path]:
+    """The folders ``folder.mkdir(parents=True)`` would create, deepest first."""
+    made = []
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _local_store_uri(db: Path) -> str:
@@ -568,7 +586,7 @@ def train(
     parser = load_config(bundle, "train", overlays, overrides, settings)
     _check_training_length(parser, max_minutes)
     check_writable(out)
-    with folder_lock(out, "train"):  # held until the run ends: one training per folder
+    with folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
         _recover_set_aside(out)
         _check_run_folder(out, resume, overwrite)
         # --overwrite, --resume: the split and config the checks below write replace the run's only if they pass
@@ -594,6 +612,7 @@ def train(
                 artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
                 experiment = f"medseg-{Path(bundle).resolve().name}"
                 tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
+                at_end.callback(_remove_if_empty, tracked.pop("stray_folders", []))
                 ConfigWorkflow.patch_bundle_tracking(parser, tracked)
             else:
                 parser.export_config_file(parser.get(), str(config_path))

@@ -526,6 +526,22 @@ def test_a_run_folder_with_spaces_keeps_its_mlflow_artifacts(tmp_path, isbi_fold
     assert list((store.parent / "mlruns").rglob("model.pt")) and not [p for p in tmp_path.rglob("*%*")]
 
 
+def test_a_run_folder_with_a_percent_sign_leaves_no_escaped_twin(tmp_path, isbi_folder):
+    # the store's URI escapes '%' as %25 and MLflow makes the store's folder from the URI as written: an empty
+    # "100%25" folder appeared beside "100%"
+    import mlflow
+
+    out = tmp_path / "runs" / "100%" / "a"
+    for _ in range(2):  # a first run, and a second into the store that exists
+        result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--epochs", 1, "--no-progress",
+                         "--device", "cpu", "--overwrite", *_tiny_args())
+        assert result.exit_code == 0, result.output
+        assert [p.name for p in (tmp_path / "runs").iterdir()] == ["100%"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert len(runs) == 2 and all("model.pt" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)
+
+
 def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
     # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
     # MLflow's refusal to change a logged param: the new value is logged beside the old one
