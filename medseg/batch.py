@@ -157,9 +157,11 @@ class RunRecord:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
             self.inputs, self.names = dict(data.get("inputs", {})), dict(data.get("names", {}))
+            # outputs a stopped run began: only those it got as far as writing need redoing
+            self.pending = {k: v for k, v in dict(data.get("pending", {})).items() if (self.folder / k).exists()}
         except (OSError, ValueError, KeyError, TypeError):
             self.runs, self.outputs = {}, {}  # none yet, or unreadable: outputs count as unrecorded
-            self.inputs, self.names = {}, {}
+            self.inputs, self.names, self.pending = {}, {}, {}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
         for other in same_as:
             alias = _identity_key(json.loads(json.dumps(other, sort_keys=True, default=str)))
@@ -176,6 +178,17 @@ class RunRecord:
     def made_here(self, paths: dict[str, Path]) -> bool:
         """Whether this run wrote every one of ``paths``."""
         return all(self.outputs.get(self._rel(p)) == self.key for p in paths.values())
+
+    def unfinished(self, path: Path) -> bool:
+        """Whether ``path`` is an output a run here began to write and was stopped in (killed, out of disk)
+        before it could record it: not finished, and not anyone's own file, so it is made again."""
+        return self._rel(path) in self.pending and self._rel(path) not in self.outputs
+
+    def begin(self, paths: dict[str, Path]) -> None:
+        """Note (and save) that this run is about to write ``paths``, over whatever they hold."""
+        for p in paths.values():
+            self.pending[self._rel(p)] = self.key
+        self.save()
 
     def knows(self, path: Path) -> bool:
         """Whether some run recorded here wrote ``path``."""
@@ -237,6 +250,7 @@ class RunRecord:
         """Record ``paths`` as written by this run (``made``) from ``item``, an input of this ``fingerprint``,
         or as unknown (a failed input's partial outputs), and save."""
         for p in paths.values():
+            self.pending.pop(self._rel(p), None)
             if made:
                 self.outputs[self._rel(p)] = self.key
             else:
@@ -260,6 +274,7 @@ class RunRecord:
         """Drop ``paths`` from the record (outputs removed) and save."""
         for p in paths:
             self.outputs.pop(self._rel(p), None)
+            self.pending.pop(self._rel(p), None)
         self.save()
 
     def save(self) -> None:
@@ -270,6 +285,8 @@ class RunRecord:
         self.runs = {k: v for k, v in self.runs.items() if k in used}
         data = {"runs": self.runs, "outputs": dict(sorted(self.outputs.items())),
                 "inputs": dict(sorted(self.inputs.items())), "names": dict(sorted(self.names.items()))}
+        if self.pending:
+            data["pending"] = dict(sorted(self.pending.items()))
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
@@ -348,7 +365,7 @@ def run_batch(
                 paths = paths_for(item, counts[i])
             except Exception:  # noqa: BLE001 - reported per input in the loop below
                 continue
-            existing = {name: p for name, p in paths.items() if p.is_file()}
+            existing = {name: p for name, p in paths.items() if p.is_file() and not record.unfinished(p)}
             if existing and not record.made_here(existing):  # one file of another's is enough to refuse
                 unknown = [p for p in existing.values() if not record.knows(p)]
                 if unknown:
@@ -377,19 +394,24 @@ def run_batch(
                                              for k in ("mask", "prob", "table"))
             fingerprint = input_fingerprint(item.source, item.series_uid) if record is not None else ""
             changed = record is not None and record.input_changed(paths, fingerprint)
-            if not overwrite and not changed and all(p.is_file() for p in paths.values()):
+            unfinished = record is not None and any(record.unfinished(p) for p in paths.values())
+            if not overwrite and not changed and not unfinished and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
                 row.objects = _table_rows(paths.get("table"))  # the count the skipped run found
                 if record is not None:
                     record.note_name(item, paths)  # a folder written before names were recorded
             else:
                 before = {name: _stamp(p) for name, p in paths.items()}
+                if record is not None:
+                    record.begin(paths)
                 extra = segment(slice_items(item, row.slices)) or {}
                 written = True  # every output of this input is in place (each written atomically)
                 row.objects = extra.get("objects", "")
                 row.status = "ok"
                 if changed:
                     row.message = "the input changed since its outputs were made: segmented again"
+                elif unfinished:
+                    row.message = "an earlier run was stopped while writing its outputs: segmented again"
                 if record is not None:
                     record.record(paths, made=True, fingerprint=fingerprint, item=item)
         except BaseException as err:  # the per-input boundary: one bad file never stops the batch

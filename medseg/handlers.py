@@ -1,4 +1,4 @@
-"""Ignite handlers of medseg: progress bars, training curves (JSON + PNG), weight averaging, resumed bests."""
+"""Ignite handlers of medseg: progress, training curves, weight averaging, resumed bests, safe checkpoints."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import monai.handlers
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
+from ignite.handlers.checkpoint import BaseSaveHandler
 from torch import nn
 
-from medseg.errors import ConfigValueError
+from medseg.errors import ConfigValueError, DataError
 from medseg.io import atomic_output
 
 
@@ -323,3 +325,47 @@ class WeightEMA(EMAHandler):
     def attach(self, engine: Engine, name: str = "ema_momentum", event: Any = Events.ITERATION_COMPLETED) -> None:
         if self.enabled:
             super().attach(engine, name=name, event=event)
+
+
+class _AtomicSaver(BaseSaveHandler):
+    """Ignite's save handler for MONAI's checkpoint savers, made safe to interrupt: each file is written to
+    a temporary name and renamed into place, and the file a new checkpoint replaces is removed only once
+    the new one is in place (Ignite asks for the removal first, so a kill or a full disk in between lost
+    both). ``filename`` fixes the name, as MONAI's own saver does for ``model.pt``."""
+
+    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+        self.dirname, self.filename = Path(dirname), filename
+        self.pending: list[str] = []
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        import torch
+
+        name = self.filename or filename
+        path = self.dirname / name
+        try:
+            with atomic_output(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError (iostream error)
+            raise DataError(f"{path}: cannot write the checkpoint ({str(err).strip() or type(err).__name__}); "
+                            "free disk space or check the folder's permissions and quota, then continue with "
+                            "--resume") from err
+        for old in self.pending:
+            if old != name:
+                (self.dirname / old).unlink(missing_ok=True)
+        self.pending.clear()
+
+    def remove(self, filename: str) -> None:
+        self.pending.append(self.filename or filename)
+
+
+class CheckpointSaver(monai.handlers.CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing its files atomically, and removing the
+    checkpoint a newer one replaces only after the newer one is written: a training killed, or out of disk,
+    while saving keeps its previous ``model.pt`` and last checkpoint intact."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicSaver(self.save_dir, getattr(checkpoint.save_handler, "filename",
+                                                                              None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,19 +16,46 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+#: What marks a file :func:`atomic_output` is writing (``.NAME.XXXXXXXX.part.png``): left behind only by a
+#: process killed mid-write, and removed by :func:`remove_partial_files`.
+_PART = ".part"
+_PART_NAME = re.compile(r"^\..*\.[a-z0-9_]{8}\.part(\.[A-Za-z0-9]+)*$")
+
+
+def remove_partial_files(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Remove the temporary files a killed :func:`atomic_output` left in ``folder``; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*") if recursive else folder.glob(".*"):
+        if _PART_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def partial_file(path: str | os.PathLike) -> Path:
+    """Create (empty, with the usual permissions) the temporary file that will become ``path`` by
+    ``os.replace``: in its folder, hidden, its suffix kept (writers key on it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    stem = path.name[: -len(suffix) or None][:100]  # the longest legal final name must leave room for the rest
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{_PART}{suffix}", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it into place, else remove it.
 
     Readers never see a half-written file, and an interrupted run leaves no partial output.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix  # keep what writers key on
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(suffix) or None]}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions
-    tmp_path = Path(tmp)
+    tmp_path = partial_file(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -577,6 +577,7 @@ def train(
 
     from medseg.batch import check_writable
     from medseg.handlers import RichProgress
+    from medseg.io import remove_partial_files
     from medseg.locking import folder_lock
 
     _check_data_dir(data_dir)
@@ -587,6 +588,7 @@ def train(
     _check_training_length(parser, max_minutes)
     check_writable(out)
     with folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
+        remove_partial_files(out)  # what a killed training was writing (a checkpoint, the history)
         _recover_set_aside(out)
         _check_run_folder(out, resume, overwrite)
         # --overwrite, --resume: the split and config the checks below write replace the run's only if they pass
@@ -971,6 +973,7 @@ def infer(
     from medseg.discovery import discover
     from medseg.ensemble import load_members
     from medseg.handlers import FileProgress
+    from medseg.io import remove_partial_files
     from medseg.locking import folder_lock
     from medseg.readers import count_slices
     from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd
@@ -998,6 +1001,8 @@ def infer(
         raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
     check_writable(out)  # after the checks of the model and the writer: a bad one leaves no empty folder
     with folder_lock(out, "infer"):  # one batch per output folder at a time
+        for kind in ("mask", "prob", "table"):  # what a killed batch was writing: never a finished output
+            remove_partial_files(out / kind, recursive=True)
         # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
         config = {k: v for k, v in parser.get().items() if k not in (*settings, "bundle_root", "tta")}
         config["tta"] = bool(parser.get_parsed_content("tta", default=False))  # as given or as the bundle's

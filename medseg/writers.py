@@ -25,7 +25,6 @@ probability volume per input).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from medseg.errors import DataError
-from medseg.io import tiff_calibration, write_nifti, write_png, write_tiff
+from medseg.io import partial_file, tiff_calibration, write_nifti, write_png, write_tiff
 
 #: Output kinds and the mask suffix each writes.
 OUTPUT_FORMATS: dict[str, str] = {"png": ".png", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".seg.dcm"}
@@ -83,10 +82,7 @@ class _StackWriter:
     """Append 2D pages to a TIFF in a temporary file; :meth:`close` renames it into place."""
 
     def __init__(self, path: Path, calibration: dict[str, Any], pages: int = 1) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        self.path, self.tmp, self.calibration, self.pages = path, Path(tmp), dict(calibration), pages
+        self.path, self.tmp, self.calibration, self.pages = path, partial_file(path), dict(calibration), pages
         self.writer: Any = None
 
     def append(self, page: np.ndarray) -> None:
@@ -110,16 +106,9 @@ class _StackWriter:
         if self.writer is not None:
             self.writer.close()
         if keep:
-            os.chmod(self.tmp, 0o666 & ~_umask())
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    from medseg.io import _UMASK
-
-    return _UMASK
 
 
 class _VolumeSink:

@@ -417,6 +417,29 @@ def test_the_last_epoch_is_always_validated(tmp_path, isbi_folder, epochs, valid
     assert summary["epochs"] == epochs and summary["best_metric_epoch"] in validated
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, isbi_folder, monkeypatch):
+    import torch
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(str(f))
+        if "last_checkpoint_epoch=2" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 2048 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--data", isbi_folder, "--output", out, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1]  # after the epochs' log lines
+    assert last.startswith("error: ") and "last_checkpoint_epoch=2.pt: cannot write the checkpoint" in last, last
+    assert "--resume" in last
+    assert sorted(p.name for p in out.glob("*.pt")) == ["last_checkpoint_epoch=1.pt", "model.pt"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_folder, monkeypatch):
     # validation every 5 epochs, Ctrl-C in epoch 2: the run validates once on its way out, as a time limit
     # makes it, so model.pt exists to evaluate or hand over

@@ -1,10 +1,10 @@
-"""Weight averaging (WeightEMA) and its wiring into the bundles' training, evaluation and resume."""
+"""Weight averaging (WeightEMA) and its wiring into training, evaluation and resume; interruption-safe checkpoints."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from medseg.handlers import WeightEMA
 
@@ -61,3 +61,62 @@ def test_no_momentum_means_no_averaging():
 def test_bad_momentum_is_refused():
     with pytest.raises(ValueError, match="ema_momentum"):
         WeightEMA(_net(), momentum=1.5)
+
+
+def _saving_run(tmp_path, fail_at_epoch: int | None, monkeypatch, **saver_args):
+    """A 3-epoch run whose network changes each epoch, saved by medseg's CheckpointSaver; torch.save fails
+    (a full disk) while writing epoch ``fail_at_epoch``'s file, half of it written."""
+    import errno
+
+    from medseg.handlers import CheckpointSaver
+
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+
+    def step_done(e):
+        net.bias.data.fill_(float(e.state.epoch))
+        e.state.metrics["score"] = float(e.state.epoch)  # a better model every epoch
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, step_done)
+    CheckpointSaver(str(tmp_path), {"model": net, "head": torch.nn.Linear(1, 1)}, **saver_args).attach(engine)
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if engine.state.epoch == fail_at_epoch:
+            with open(f, "wb") as half:
+                half.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    engine.run([0], max_epochs=3)
+    return net
+
+
+def _bias(path) -> float:
+    return float(torch.load(path, weights_only=True)["model"]["bias"])
+
+
+def test_last_checkpoints_replace_each_other_only_once_written(tmp_path, monkeypatch):
+    from medseg.errors import DataError
+
+    _saving_run(tmp_path, None, monkeypatch, save_interval=1, n_saved=1, file_prefix="last")
+    assert [p.name for p in tmp_path.iterdir()] == ["last_checkpoint_epoch=3.pt"]
+    assert _bias(tmp_path / "last_checkpoint_epoch=3.pt") == 3.0
+    for p in tmp_path.iterdir():
+        p.unlink()
+    with pytest.raises(DataError, match=r"last_checkpoint_epoch=2\.pt: cannot write the checkpoint \(.*No space "
+                                        r"left.*free disk space .*--resume"):
+        _saving_run(tmp_path, 2, monkeypatch, save_interval=1, n_saved=1, file_prefix="last")
+    # epoch 1's checkpoint is kept whole; no half-written file under epoch 2's name, no temporary file
+    assert [p.name for p in tmp_path.iterdir()] == ["last_checkpoint_epoch=1.pt"]
+    assert _bias(tmp_path / "last_checkpoint_epoch=1.pt") == 1.0
+
+
+def test_a_failed_best_model_save_keeps_the_previous_model(tmp_path, monkeypatch):
+    from medseg.errors import DataError
+
+    with pytest.raises(DataError, match=r"model\.pt: cannot write the checkpoint"):
+        _saving_run(tmp_path, 3, monkeypatch, save_key_metric=True, key_metric_name="score",
+                    key_metric_filename="model.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"] and _bias(tmp_path / "model.pt") == 2.0

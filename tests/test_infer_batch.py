@@ -804,3 +804,41 @@ def test_jpeg_pictures_are_segmented_upright_under_their_own_names(tmp_path, tin
     assert tifffile.imread(tmp_path / "out" / "prob" / "phone.tif").shape == (30, 40)
     assert np.asarray(Image.open(tmp_path / "out" / "mask" / "scan.png")).shape == (40, 40)
     assert {r["status"] for r in _manifest(tmp_path / "out").values()} == {"ok"}
+
+
+def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_it_again(tmp_path, tiny_checkpoint):
+    """A kill -9 (or a power cut) after one input's mask and before its probability map: the rerun redoes that
+    input and the rest, instead of refusing the mask as a file of unknown origin; the temporary file the
+    killed write left is removed."""
+    import subprocess
+    import sys
+
+    for k in range(3):
+        _em_png(tmp_path / "in" / f"{k}.png", seed=k)
+    out = tmp_path / "out"
+    args = ["infer", BUNDLE, tmp_path / "in", out, "--checkpoint", tiny_checkpoint, "--no-progress", "--device",
+            "cpu", *[a for item in TINY_NET for a in ("--set", item)]]
+    killer = ("import os, sys\n"
+              "import medseg.writers as w\n"
+              "real = w.write_tiff\n"
+              "def dying(path, *a, **k):\n"
+              "    if os.path.basename(str(path)) == '1.tif':\n"
+              "        open(os.path.join(os.path.dirname(str(path)), '.1.abcd1234.part.tif'), 'wb').close()\n"
+              "        os._exit(9)\n"
+              "    return real(path, *a, **k)\n"
+              "w.write_tiff = dying\n"
+              "from medseg.cli import app\n"
+              "app(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", killer, *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    assert (out / "mask" / "1.png").is_file() and not (out / "prob" / "1.tif").exists()
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    rows = _manifest(out)
+    assert rows["0.png"]["status"] == "skipped"
+    assert rows["1.png"]["status"] == "ok" and "stopped while writing" in rows["1.png"]["message"]
+    assert rows["2.png"]["status"] == "ok"
+    assert (out / "prob" / "1.tif").is_file() and not list(out.rglob(".*.part.*"))
+    assert "pending" not in json.loads((out / "run.json").read_text())
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    assert {r["status"] for r in _manifest(out).values()} == {"skipped"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from medseg.io import atomic_output, write_nifti, write_tiff
+from medseg.io import atomic_output, remove_partial_files, write_nifti, write_png, write_tiff
 from medseg.readers import read_geometry, read_image
 
 
@@ -73,3 +73,29 @@ def test_nifti_gz_written_atomically_with_affine(tmp_path):
     arr, meta = read_image(tmp_path / "v.nii.gz")
     np.testing.assert_array_equal(arr[0], data.transpose(2, 1, 0))
     np.testing.assert_allclose(meta["nifti_affine"], affine)
+
+
+def test_the_longest_legal_name_is_written(tmp_path):
+    # the temporary name once added 10 characters to the final one, so names of 246-255 characters failed
+    path = tmp_path / ("L" * 251 + ".png")
+    write_png(path, np.zeros((3, 3), np.uint8))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    with atomic_output(tmp_path / ("n" * 248 + ".nii.gz")) as tmp:
+        assert len(tmp.name) <= 255 and tmp.name.endswith(".nii.gz")
+        tmp.write_bytes(b"x")
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_partial_files_of_a_killed_write_are_recognised_and_nothing_else(tmp_path):
+    (tmp_path / "sub").mkdir()
+    with atomic_output(tmp_path / "sub" / "a.tif") as tmp:  # the name a write in progress has
+        partial = tmp.read_bytes(), tmp.name
+    (tmp_path / "sub" / "a.tif").unlink()
+    kept = [".hidden.png", "a.png", ".a.png.part", ".notes.abcdefgh.txt", "x.abcd1234.part.png"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"mine")
+    for name in (partial[1], ".b.k2j_9x0a.part.nii.gz", ".c.zzzzzzzz.part.seg.dcm"):
+        (tmp_path / "sub" / name).write_bytes(b"half")
+    assert remove_partial_files(tmp_path) == 0  # not recursive: sub/ untouched
+    assert remove_partial_files(tmp_path, recursive=True) == 3
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
