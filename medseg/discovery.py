@@ -94,17 +94,28 @@ def discover(
     root = Path(path)
     if not root.exists():
         raise DataError(f"{root}: input not found; give a folder or an image file")
+    if skip is not None:  # outputs written over the inputs they are made from
+        out = Path(skip).resolve()
+        inside = [name for name in OUTPUT_PARTS[:3] if root.resolve().is_relative_to(out / name)]
+        if inside:
+            raise DataError(f"{root}: the input lies in the output folder's {inside[0]}/, where the outputs are "
+                            "written, so they would replace the images; choose another output folder")
     if root.is_file():
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones
         return [InputItem(str(root), fmt, _stem(root.name), key=root.name)], []
 
-    found = [p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file()]
+    found, unreadable = _files_under(root, recursive)
     left_out = _outputs_under(root, Path(skip) if skip is not None else None, found)
     files = sorted((p for p, real in ((p, p.resolve()) for p in found)
                     if not any(real.is_relative_to(part) for part in left_out)),
                    key=lambda p: _natural_key(p.relative_to(root).as_posix()))
     inputs: list[InputItem] = []
     ignored: list[tuple[str, str]] = []
+    for where, why in unreadable:  # a folder or link the search could not enter: failed, so never unnoticed
+        rel = where.relative_to(root).as_posix()
+        if not any(where.resolve().is_relative_to(part) for part in left_out) and \
+                not (include and not _matches(rel, include)) and not _matches(rel, exclude):
+            inputs.append(InputItem(str(where), "", rel, error=f"{where}: {why}", key=rel))
     dicom_by_dir: dict[Path, list[Path]] = {}
     for file in files:
         rel = file.relative_to(root).as_posix()
@@ -132,6 +143,33 @@ def discover(
     return _unique_rels(inputs), ignored
 
 
+def _files_under(root: Path, recursive: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files under ``root`` (its sub-folders too when ``recursive``), links to files and folders followed
+    (each folder entered once, so a link back up is no loop; hidden folders not entered), and
+    ``(path, reason)`` for each folder that cannot be listed and each link whose target is missing."""
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    seen: set[str] = set()
+
+    def unlisted(err: OSError) -> None:
+        problems.append((Path(err.filename), f"cannot list the folder ({err.strerror}); check its permissions"))
+
+    for folder, dirs, names in os.walk(root, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists() and not name.startswith("."):
+                problems.append((path, "a link whose target does not exist; restore the target or remove the link"))
+    return files, problems
+
+
 def _outputs_under(root: Path, output_dir: Path | None, found: list[Path]) -> list[Path]:
     """What discovery under ``root`` leaves out: the output folder when it lies inside ``root``; its outputs
     (:data:`OUTPUT_PARTS`) when it is ``root`` itself; those of any earlier run found under ``root``.
@@ -153,6 +191,8 @@ def _outputs_under(root: Path, output_dir: Path | None, found: list[Path]) -> li
                                 "was not written by medseg infer (masks of your own?); choose another output "
                                 "folder")
             left_out += [out / name for name in OUTPUT_PARTS]
+        else:  # reached through a link: the outputs are never inputs
+            left_out += [out / name for name in OUTPUT_PARTS[:3]]
     for record in (p for p in found if p.name == RUN_RECORD and _is_run_record(p)):  # earlier runs' outputs
         left_out += [record.parent.resolve() / name for name in OUTPUT_PARTS]
     return left_out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -842,3 +843,53 @@ def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_i
     assert "pending" not in json.loads((out / "run.json").read_text())
     assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
     assert {r["status"] for r in _manifest(out).values()} == {"skipped"}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_input_folder_inside_the_outputs_mask_folder_is_refused_and_untouched(tmp_path, tiny_checkpoint,
+                                                                                  overwrite):
+    # `infer d/mask d` would write each mask/N.png over the image it is made from
+    for k in range(2):
+        _em_png(tmp_path / "d" / "mask" / f"{k}.png", seed=k)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d" / "mask").iterdir()}
+    for inputs in (tmp_path / "d" / "mask", tmp_path / "d" / "mask" / "1.png"):
+        result = _infer(inputs, tmp_path / "d", tiny_checkpoint, *(["--overwrite"] if overwrite else []))
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "lies in the output folder's mask/, where the outputs are written" in result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d" / "mask").iterdir()} == before
+
+
+def test_linked_unreadable_and_broken_entries_are_followed_or_reported(tmp_path, tiny_checkpoint):
+    import os
+
+    _em_png(tmp_path / "in" / "0.png", seed=0)
+    _em_png(tmp_path / "elsewhere" / "1.png", seed=1)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "linked")  # a folder of images linked in: followed
+    os.symlink(tmp_path / "in", tmp_path / "in" / "linked" / "up")  # a link back up: entered once, no loop
+    os.symlink(tmp_path / "gone.png", tmp_path / "in" / "broken.png")
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    rows = _manifest(tmp_path / "out")
+    assert rows["0.png"]["status"] == rows["1.png"]["status"] == "ok"
+    assert (tmp_path / "out" / "mask" / "linked" / "1.png").is_file()
+    assert rows["broken.png"]["status"] == "failed" and "link whose target does not exist" in rows["broken.png"][
+        "message"]
+    assert len(rows) == 3
+
+
+def test_an_unreadable_sub_folder_is_a_failed_input_not_silence(tmp_path, tiny_checkpoint, monkeypatch):
+    _em_png(tmp_path / "in" / "0.png", seed=0)
+    _em_png(tmp_path / "in" / "sub" / "1.png", seed=1)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as for a folder without read permission (root reads any, so chmod cannot show it)
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 1, result.output
+    rows = _manifest(tmp_path / "out")
+    assert rows["0.png"]["status"] == "ok" and rows["sub"]["status"] == "failed"
+    assert "sub: cannot list the folder (Permission denied); check its permissions" in rows["sub"]["message"]
