@@ -8,10 +8,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,27 @@ def _message(err: BaseException, source: str) -> str:
         root = root.__cause__
     text = (str(root).splitlines() or [""])[0]
     return f"{source}: {type(root).__name__}: {text}" if text else f"{source}: {type(root).__name__}"
+
+
+def _out_of_space(err: BaseException) -> str:
+    """Why ``err`` means the disk (or the quota, or the file-size limit) is full, or ``""``: such a failure
+    would fail every input after it, so the batch stops at the first one."""
+    import errno
+
+    for cause in _causes_of(err):
+        if isinstance(cause, OSError) and (cause.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
+                                           or re.search(r"\d+ requested and \d+ written", str(cause))):
+            return cause.strerror or str(cause)  # numpy reports a short write without an errno
+    return ""
+
+
+def _causes_of(err: BaseException) -> Iterator[BaseException]:
+    seen: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and all(cause is not e for e in seen):
+        seen.append(cause)
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
@@ -159,9 +181,15 @@ class RunRecord:
             self.inputs, self.names = dict(data.get("inputs", {})), dict(data.get("names", {}))
             # outputs a stopped run began: only those it got as far as writing need redoing
             self.pending = {k: v for k, v in dict(data.get("pending", {})).items() if (self.folder / k).exists()}
-        except (OSError, ValueError, KeyError, TypeError):
-            self.runs, self.outputs = {}, {}  # none yet, or unreadable: outputs count as unrecorded
+        except FileNotFoundError:
+            self.runs, self.outputs = {}, {}  # none yet: outputs count as unrecorded
             self.inputs, self.names, self.pending = {}, {}, {}
+        except OSError as err:
+            raise DataError(f"{self.path}: cannot read the folder's run record ({err.strerror or err}); check its "
+                            "permissions") from err
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{self.path}: the folder's run record is damaged (not the JSON medseg writes); move it "
+                            "aside and run again with --overwrite, or choose another output folder") from err
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
         for other in same_as:
             alias = _identity_key(json.loads(json.dumps(other, sort_keys=True, default=str)))
@@ -384,7 +412,7 @@ def run_batch(
         if progress is not None:
             progress.start(item.rel)
         paths: dict[str, Path] = {}
-        written, fingerprint, before = False, "", {}
+        written, fingerprint, before, full = False, "", {}, ""
         try:
             if item.error:
                 raise DataError(item.error)
@@ -436,13 +464,21 @@ def run_batch(
                     kept = "; the outputs of an earlier version of this input are kept"
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop
+            full = _out_of_space(err)
             row.status, row.message = "failed", _message(err, item.source) + kept
+            if full:
+                row.message = f"{item.source}: its outputs could not be written ({full}){kept}"
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         row.seconds = round(time.perf_counter() - start, 3)
         result.rows.append(row)
         write_manifest(manifest, earlier + result.rows)
         if progress is not None:
             progress.advance()
+        if row.status == "failed" and full:
+            done = sum(r.status in ("ok", "skipped") for r in result.rows)
+            raise DataError(f"{manifest.parent}: cannot write the outputs ({full}); stopped after {done} of "
+                            f"{len(inputs)} inputs; free disk space (or raise the quota or file-size limit) and "
+                            "run the same command again to do the rest")
     write_manifest(manifest, earlier + result.rows)
     return result
 

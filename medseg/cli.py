@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from medseg.errors import BundleError, describe_config_failure, find_user_error, show_user_error_logs
+from medseg.errors import (
+    BundleError,
+    describe_config_failure,
+    describe_os_failure,
+    find_user_error,
+    show_user_error_logs,
+)
 
 app = typer.Typer(
     help="Train, evaluate and apply biomedical segmentation bundles (MONAI bundle format).",
@@ -54,7 +61,8 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     pools_before = _pool_threads()
     try:
-        return fn(*args, **kwargs)
+        with _sigterm_as_ctrl_c():
+            return fn(*args, **kwargs)
     except KeyboardInterrupt as stop:
         if debug:
             raise
@@ -66,11 +74,32 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         if debug:
             raise
         user = find_user_error(err)
-        message = str(user) if user else (describe_config_failure(err)
+        message = str(user) if user else (describe_os_failure(err) or describe_config_failure(err)
                                           or f"internal error: {type(err).__name__}: {err} (rerun with --debug)")
         typer.secho(f"error: {message.splitlines()[0] if message else type(err).__name__}", err=True,
                     fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler ending the job) stops a command as Ctrl-C does, so
+    that it keeps its finished work and says how to go on, instead of dying mid-file."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _pool_threads() -> set:

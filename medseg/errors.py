@@ -47,6 +47,24 @@ def find_user_error(err: BaseException | None) -> MedsegError | None:
     return next((e for e in _causes(err) if isinstance(e, MedsegError)), None)
 
 
+def describe_os_failure(err: BaseException | None) -> str | None:
+    """One line for a file the command could not write or read for want of space or permission (a full
+    disk, a quota, a file-size limit, a read-only or locked folder), wherever in a workflow it happened:
+    the file and the fix; ``None`` for other failures."""
+    import errno
+
+    space = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    access = {errno.EACCES, errno.EPERM, errno.EROFS}
+    found = next((e for e in _causes(err) if isinstance(e, OSError) and e.errno in space | access), None)
+    if found is None:
+        return None
+    where = f"{found.filename}: " if found.filename else ""
+    if found.errno in space:
+        return (f"{where}cannot write ({found.strerror}); free disk space, or raise the quota or file-size limit, "
+                "and run again")
+    return f"{where}{found.strerror}; check the permissions of the file and its folder"
+
+
 _CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate ConfigExpression")
 
 

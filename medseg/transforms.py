@@ -42,16 +42,19 @@ class LoadSliced(MapTransform):
     one gray channel unless ``gray`` is false; ``channels`` (one value or one per key) sets it per key: 1 (gray),
     3 (gray repeated, RGB as is) or None (``gray`` decides); ``data["series_uid"]`` picks a DICOM series. The
     source path of each key is kept under ``"{key}_file"``, and all loaded keys must share one spatial size.
+    ``min_size`` is the smallest height and width a later transform can take (a mirror padding of ``b``
+    pixels needs ``b + 1``).
 
     Raises:
-        DataError: a file is unreadable, has a channel count the model cannot take, or a label's size differs
-            from its image's.
+        DataError: a file is unreadable, has a channel count the model cannot take, a label's size differs
+            from its image's, or it is smaller than ``min_size``.
     """
 
     def __init__(self, keys: KeysCollection, page_key: str = "page", gray: bool = True,
                  nifti_channel_dim: int | None = None, channels: int | Sequence[int | None] | None = None,
-                 allow_missing_keys: bool = False) -> None:
+                 min_size: int = 1, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.min_size = int(min_size)
         per_key = list(channels) if isinstance(channels, (list, tuple)) else [channels] * len(self.keys)
         if len(per_key) != len(self.keys) or any(c not in (None, 1, 3) for c in per_key):
             raise ValueError(f"channels must be 1, 3 or None (or one of those per key), got {channels}")
@@ -80,6 +83,10 @@ class LoadSliced(MapTransform):
                 arr = to_gray(arr)
             else:
                 arr = arr.astype(np.float32, copy=False)
+            if min(arr.shape[1:], default=0) < self.min_size:
+                raise DataError(f"{path}: {' × '.join(map(str, arr.shape[1:]))} pixels, smaller than the "
+                                f"{self.min_size} × {self.min_size} this training takes (its mirror padding); "
+                                "leave the image out, or pad it first")
             if first_shape is None:
                 first_key, first_shape = key, arr.shape
             elif arr.shape[1:] != first_shape[1:]:

@@ -826,12 +826,14 @@ def _stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterat
             tracker.run_finish_status = "KILLED"
         trainer.terminate()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    # SIGTERM (kill, timeout, a batch scheduler's end of job) as Ctrl-C: the run ends through its normal end
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     disabled = logging.root.manager.disable
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
         if flag.at_once:
             logging.disable(disabled)
 

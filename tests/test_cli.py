@@ -440,7 +440,30 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_folder, monkeypatch):
+@pytest.mark.parametrize(("code", "says"), [(28, "cannot write (No space left on device); free disk space"),
+                                            (13, "Permission denied; check the permissions")])
+def test_a_disk_or_permission_failure_anywhere_is_one_line_naming_the_file(tmp_path, isbi_folder, monkeypatch,
+                                                                          code, says):
+    # the split is written while MONAI builds the config: it was "a config value does not work", no file named
+    import os
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "split.json":
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    result = _invoke("train", BUNDLE, "--epochs", 1, "--data", isbi_folder, "--output", tmp_path / "run",
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
+    _assert_one_line_error(result, f"{tmp_path / 'run' / 'split.json'}: {says}")
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_folder, monkeypatch, signum):
+    # SIGTERM (kill, timeout, a batch scheduler's end of job) is taken as Ctrl-C
     # validation every 5 epochs, Ctrl-C in epoch 2: the run validates once on its way out, as a time limit
     # makes it, so model.pt exists to evaluate or hand over
     import os
@@ -454,7 +477,8 @@ def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_
 
     def press_ctrl_c(trainer, data_dir):
         original(trainer, data_dir)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda _: os.kill(os.getpid(), signal.SIGINT))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3),
+                                  lambda _: os.kill(os.getpid(), getattr(signal, signum)))
 
     monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c)
     out = tmp_path / "run"

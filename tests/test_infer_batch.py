@@ -893,3 +893,80 @@ def test_an_unreadable_sub_folder_is_a_failed_input_not_silence(tmp_path, tiny_c
     rows = _manifest(tmp_path / "out")
     assert rows["0.png"]["status"] == "ok" and rows["sub"]["status"] == "failed"
     assert "sub: cannot list the folder (Permission denied); check its permissions" in rows["sub"]["message"]
+
+
+def test_a_full_disk_stops_the_batch_at_once_with_one_line(tmp_path, tiny_checkpoint, monkeypatch):
+    # every input after it would be segmented in full and then fail the same way
+    import medseg.writers
+
+    for k in range(3):
+        _em_png(tmp_path / "in" / f"{k}.png", seed=k)
+    out = tmp_path / "out"
+    assert _infer(tmp_path / "in" / "0.png", out, tiny_checkpoint).exit_code == 0
+    real, calls = medseg.writers.write_tiff, []
+
+    def full(path, *args, **kwargs):
+        calls.append(path)
+        raise OSError("262144 requested and 127932 written")  # numpy's short write, as on a full disk
+
+    monkeypatch.setattr(medseg.writers, "write_tiff", full)
+    result = _infer(tmp_path / "in", out, tiny_checkpoint)
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(("failed:", " "))]
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert lines[-1] == (f"error: {out}: cannot write the outputs (262144 requested and 127932 written); stopped "
+                         "after 1 of 3 inputs; free disk space (or raise the quota or file-size limit) and run the "
+                         "same command again to do the rest")
+    assert len(calls) == 1  # 2.png was not tried
+    rows = _manifest(out)
+    assert rows["0.png"]["status"] == "skipped" and rows["1.png"]["status"] == "failed"
+    assert "its outputs could not be written" in rows["1.png"]["message"] and "2.png" not in rows
+    monkeypatch.setattr(medseg.writers, "write_tiff", real)
+    assert _infer(tmp_path / "in", out, tiny_checkpoint).exit_code == 0
+    assert {r["status"] for r in _manifest(out).values()} == {"ok", "skipped"}
+
+
+def test_an_unreadable_or_damaged_run_record_is_named_as_such(tmp_path, tiny_checkpoint, monkeypatch):
+    _em_png(tmp_path / "in" / "0.png", seed=0)
+    out = tmp_path / "out"
+    assert _infer(tmp_path / "in", out, tiny_checkpoint).exit_code == 0
+    real = Path.read_text
+
+    def locked(self, *args, **kwargs):
+        if self.name == "run.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", locked)
+    result = _infer(tmp_path / "in", out, tiny_checkpoint)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{out / 'run.json'}: cannot read the folder's run record (Permission denied)" in result.output
+    monkeypatch.setattr(Path, "read_text", real)
+    (out / "run.json").write_text('{"runs": {}, "outp')
+    result = _infer(tmp_path / "in", out, tiny_checkpoint)
+    assert result.exit_code == 1 and f"{out / 'run.json'}: the folder's run record is damaged" in result.output
+
+
+def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_inputs(tmp_path, tiny_checkpoint, monkeypatch):
+    import signal
+
+    import medseg.writers
+
+    for k in range(3):
+        _em_png(tmp_path / "in" / f"{k}.png", seed=k)
+    real = medseg.writers.write_tiff
+
+    def terminated_in_the_second(path, *args, **kwargs):
+        if Path(path).name == "1.tif":  # its mask written, its probability map not yet
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(medseg.writers, "write_tiff", terminated_in_the_second)
+    previous = signal.getsignal(signal.SIGTERM)
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 130 and "Traceback" not in result.output, result.output
+    assert signal.getsignal(signal.SIGTERM) is previous  # given back as it was
+    assert _manifest(tmp_path / "out")["0.png"]["status"] == "ok"
+    assert not (tmp_path / "out" / "mask" / "1.png").exists() and not list((tmp_path / "out").rglob(".*.part.*"))
+    monkeypatch.setattr(medseg.writers, "write_tiff", real)
+    assert _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint).exit_code == 0
+    assert [r["status"] for r in _manifest(tmp_path / "out").values()] == ["skipped", "ok", "ok"]

@@ -192,3 +192,15 @@ def test_keep_largest_object_removes_stray_blobs_in_probabilities():
     assert KeepLargestObjectd("pred", foreground=[1, 2], enabled=False)({"pred": prob})["pred"] is prob
     empty = np.stack([np.ones((4, 4)), np.zeros((4, 4)), np.zeros((4, 4))]).astype(np.float32)
     assert KeepLargestObjectd("pred", foreground=[1, 2])({"pred": empty})["pred"] is empty
+
+
+def test_an_image_smaller_than_the_mirror_padding_is_named(tmp_path):
+    # isbi_em's training mirrors 16 pixels at the borders: an 8 × 8 slice failed inside MONAI's padding,
+    # naming no file
+    from medseg.transforms import LoadSliced
+
+    Image.fromarray(np.zeros((8, 20), np.uint8)).save(tmp_path / "small.png")
+    sample = {"image": str(tmp_path / "small.png"), "label": str(tmp_path / "small.png")}
+    assert LoadSliced(["image", "label"], min_size=8)(sample)["image"].shape == (1, 8, 20)
+    with pytest.raises(DataError, match=r"small\.png: 8 × 20 pixels, smaller than the 17 × 17 this training takes"):
+        LoadSliced(["image", "label"], min_size=17)(sample)
