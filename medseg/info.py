@@ -10,7 +10,7 @@ from typing import Any
 
 #: Distributions whose versions ``medseg info`` reports.
 PACKAGES = ("medseg", "torch", "monai", "pytorch-ignite", "mlflow", "numpy", "tifffile", "pydicom",
-            "nibabel", "itk", "typer")
+            "nibabel", "itk", "typer", "pillow", "scikit-image", "imagecodecs", "python-gdcm")
 
 
 def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:

@@ -78,6 +78,8 @@ def test_info_lists_versions_and_bundles():
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert info["bundles"]["isbi_em"]["version"] == meta["version"]
     assert info["versions"]["monai"] and "cuda_available" in info["device"]
+    # the decoders behind compressed TIFF and DICOM, asked for first when a colleague cannot read a file
+    assert info["versions"]["imagecodecs"] and info["versions"]["python-gdcm"] and info["versions"]["pillow"]
 
 
 def test_train_writes_checkpoints_curves_split_and_summary(trained):
