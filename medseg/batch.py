@@ -208,9 +208,17 @@ class RunRecord:
         return all(self.outputs.get(self._rel(p)) == self.key for p in paths.values())
 
     def unfinished(self, path: Path) -> bool:
-        """Whether ``path`` is an output a run here began to write and was stopped in (killed, out of disk)
-        before it could record it: not finished, and not anyone's own file, so it is made again."""
-        return self._rel(path) in self.pending and self._rel(path) not in self.outputs
+        """Whether ``path`` is an output a run here began to write and was killed in (kill -9, a power cut)
+        before it could record the input as done: whatever the file holds now (this run's new output, or an
+        earlier one, perhaps another model's), the input is made again."""
+        return self._rel(path) in self.pending
+
+    def settle(self, paths: Iterable[Path]) -> None:
+        """Drop ``paths`` from what is being written (an input that failed, its partial outputs removed): the
+        files left there are what the record says they are. Saved only when something changed."""
+        dropped = [self.pending.pop(self._rel(p), None) for p in paths]
+        if any(k is not None for k in dropped):
+            self.save()
 
     def begin(self, paths: dict[str, Path]) -> None:
         """Note (and save) that this run is about to write ``paths``, over whatever they hold."""
@@ -457,9 +465,11 @@ def run_batch(
                 partial = {name: p for name, p in paths.items() if name in before and _stamp(p) != before[name]}
                 for p in partial.values():
                     p.unlink(missing_ok=True)
-                if record is not None and partial:
+                if record is not None:
                     with contextlib.suppress(OSError):
-                        record.forget(partial.values())
+                        if partial:
+                            record.forget(partial.values())
+                        record.settle(paths.values())
                 if record is not None and all(p.is_file() for p in paths.values()) and record.made_here(paths):
                     kept = "; the outputs of an earlier version of this input are kept"
             if not isinstance(err, Exception):

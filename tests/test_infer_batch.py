@@ -807,23 +807,17 @@ def test_jpeg_pictures_are_segmented_upright_under_their_own_names(tmp_path, tin
     assert {r["status"] for r in _manifest(tmp_path / "out").values()} == {"ok"}
 
 
-def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_it_again(tmp_path, tiny_checkpoint):
-    """A kill -9 (or a power cut) after one input's mask and before its probability map: the rerun redoes that
-    input and the rest, instead of refusing the mask as a file of unknown origin; the temporary file the
-    killed write left is removed."""
+def _killed_while_writing(args: list, prob_name: str) -> None:
+    """Run ``medseg`` with ``args`` in a process that dies (as by kill -9) when it begins the probability map
+    ``prob_name``, that input's mask written; a temporary file of the write is left behind."""
     import subprocess
     import sys
 
-    for k in range(3):
-        _em_png(tmp_path / "in" / f"{k}.png", seed=k)
-    out = tmp_path / "out"
-    args = ["infer", BUNDLE, tmp_path / "in", out, "--checkpoint", tiny_checkpoint, "--no-progress", "--device",
-            "cpu", *[a for item in TINY_NET for a in ("--set", item)]]
     killer = ("import os, sys\n"
               "import medseg.writers as w\n"
               "real = w.write_tiff\n"
               "def dying(path, *a, **k):\n"
-              "    if os.path.basename(str(path)) == '1.tif':\n"
+              f"    if os.path.basename(str(path)) == {prob_name!r}:\n"
               "        open(os.path.join(os.path.dirname(str(path)), '.1.abcd1234.part.tif'), 'wb').close()\n"
               "        os._exit(9)\n"
               "    return real(path, *a, **k)\n"
@@ -832,6 +826,18 @@ def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_i
               "app(sys.argv[1:])\n")
     done = subprocess.run([sys.executable, "-c", killer, *map(str, args)], capture_output=True, text=True)
     assert done.returncode == 9, done.stderr
+
+
+def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_it_again(tmp_path, tiny_checkpoint):
+    """A kill -9 (or a power cut) after one input's mask and before its probability map: the rerun redoes that
+    input and the rest, instead of refusing the mask as a file of unknown origin; the temporary file the
+    killed write left is removed."""
+    for k in range(3):
+        _em_png(tmp_path / "in" / f"{k}.png", seed=k)
+    out = tmp_path / "out"
+    args = ["infer", BUNDLE, tmp_path / "in", out, "--checkpoint", tiny_checkpoint, "--no-progress", "--device",
+            "cpu", *[a for item in TINY_NET for a in ("--set", item)]]
+    _killed_while_writing(args, "1.tif")
     assert (out / "mask" / "1.png").is_file() and not (out / "prob" / "1.tif").exists()
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
@@ -843,6 +849,36 @@ def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_i
     assert "pending" not in json.loads((out / "run.json").read_text())
     assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
     assert {r["status"] for r in _manifest(out).values()} == {"skipped"}
+
+
+def test_a_killed_overwrite_by_another_model_never_leaves_mixed_outputs_skipped(tmp_path, tiny_checkpoint):
+    # run A segments it; run B (other settings) --overwrite is killed after its mask: mask/1.png is
+    # B's, prob/1.tif still A's, both recorded as A's; a rerun of A must redo input 1, not skip it
+    _em_png(tmp_path / "in" / "1.png", seed=1)
+    out = tmp_path / "out"
+    args = ["infer", BUNDLE, tmp_path / "in", out, "--checkpoint", tiny_checkpoint, "--no-progress", "--device",
+            "cpu", *[a for item in TINY_NET for a in ("--set", item)]]
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    _killed_while_writing([*args, "--overwrite", "--tta"], "1.tif")
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    rows = _manifest(out)
+    assert rows["1.png"]["status"] == "ok" and "stopped while writing" in rows["1.png"]["message"]
+
+
+def test_a_failed_overwrite_leaves_files_of_unknown_origin_refused(tmp_path, tiny_checkpoint):
+    _em_png(tmp_path / "in" / "0.png", seed=0)
+    out = tmp_path / "out"
+    for kind, name in (("mask", "0.png"), ("prob", "0.tif")):
+        (out / kind).mkdir(parents=True)
+        (out / kind / name).write_bytes(b"a file of the user's own")
+    assert "not written by a run recorded" in _infer(tmp_path / "in", out, tiny_checkpoint).output
+    (tmp_path / "in" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # the --overwrite run fails on it
+    assert _infer(tmp_path / "in", out, tiny_checkpoint, "--overwrite").exit_code == 1
+    _em_png(tmp_path / "in" / "0.png", seed=0)
+    result = _infer(tmp_path / "in", out, tiny_checkpoint)
+    assert result.exit_code == 1 and "not written by a run recorded" in result.output
+    assert (out / "mask" / "0.png").read_bytes() == b"a file of the user's own"
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
