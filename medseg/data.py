@@ -176,6 +176,13 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         rel = image.relative_to(root)
         pairs.append({"image": str(image), "label": str(masks[0]), "page": 0,
                       "name": rel.with_suffix("").as_posix(), "group": rel.parent.as_posix()})
+    first: dict[str, str] = {}
+    for pair in pairs:  # a.png and a.jpg (a preview, a copy) would be one sample twice, maybe in both splits
+        other = first.setdefault(pair["name"].lower(), pair["image"])
+        if other != pair["image"]:
+            raise DataError(f"{pair['image']}: another image of the same name, {Path(other).name}, is also "
+                            f"matched by '{image_glob}'; keep one, or make image_glob specific (e.g. "
+                            f"{Path(image_glob).parent.as_posix()}/*{Path(other).suffix})")
     return pairs
 
 

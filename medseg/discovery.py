@@ -112,10 +112,16 @@ def discover(
     inputs: list[InputItem] = []
     ignored: list[tuple[str, str]] = []
     for where, why in unreadable:  # a folder or link the search could not enter: failed, so never unnoticed
+        if where == root:
+            raise DataError(f"{root}: {why}")
         rel = where.relative_to(root).as_posix()
-        if not any(where.resolve().is_relative_to(part) for part in left_out) and \
-                not (include and not _matches(rel, include)) and not _matches(rel, exclude):
-            inputs.append(InputItem(str(where), "", rel, error=f"{where}: {why}", key=rel))
+        if any(where.resolve().is_relative_to(part) for part in left_out) or \
+                (include and not _matches(rel, include)) or _matches(rel, exclude):
+            continue
+        if where.is_symlink() and suffix_of(where) and suffix_of(where) not in SUFFIXES:
+            ignored.append((str(where), f"unsupported file type '{suffix_of(where)}' (a link whose target is gone)"))
+            continue
+        inputs.append(InputItem(str(where), "", rel, error=f"{where}: {why}", key=rel))
     dicom_by_dir: dict[Path, list[Path]] = {}
     for file in files:
         rel = file.relative_to(root).as_posix()
@@ -144,9 +150,19 @@ def discover(
 
 
 def _files_under(root: Path, recursive: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The files under ``root`` (its sub-folders too when ``recursive``), links to files and folders followed
-    (each folder entered once, so a link back up is no loop; hidden folders not entered), and
-    ``(path, reason)`` for each folder that cannot be listed and each link whose target is missing."""
+    """The files under ``root`` (its sub-folders too when ``recursive``), links to files and folders followed,
+    and ``(path, reason)`` for each folder that cannot be listed and each link whose target is missing.
+
+    A folder is searched once, under its own path when it lies under ``root`` and by the first link (in
+    name order) otherwise, so that names do not depend on the order the disk lists entries in and a link
+    back up is no loop. Hidden folders are not entered.
+    """
+    real_root = root.resolve()
+    own: set[str] = set()  # the folders under root reached without a link
+    if recursive:
+        for folder, dirs, _ in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            own.add(os.path.realpath(folder))
     files: list[Path] = []
     problems: list[tuple[Path, str]] = []
     seen: set[str] = set()
@@ -156,11 +172,12 @@ def _files_under(root: Path, recursive: bool) -> tuple[list[Path], list[tuple[Pa
 
     for folder, dirs, names in os.walk(root, onerror=unlisted, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:
+        by_link = Path(real) != real_root / Path(folder).relative_to(root)
+        if real in seen or (by_link and real in own):  # searched, or to be, under its own path
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in names:
             path = Path(folder, name)
             if path.is_file():

@@ -200,17 +200,22 @@ def _exif_orientation(im) -> int:
     """The EXIF Orientation (1-8) of a Pillow image: 1 (as stored) when it has none or an invalid one."""
     try:
         value = int(im.getexif().get(0x0112, 1))
-    except (TypeError, ValueError, OSError, SyntaxError):  # a malformed EXIF block reads as none
+    except Exception:  # noqa: BLE001 - a malformed EXIF block (Pillow raises many kinds) reads as none
         return 1
     return value if 1 <= value <= 8 else 1
 
 
 def _displayed(im):
     """``im`` as viewers show it: its EXIF orientation applied (cameras and phones store a portrait picture
-    sideways with a tag that says so); masks are written in that orientation, without the tag."""
-    from PIL import ImageOps
+    sideways with a tag that says so); masks are written in that orientation, without the tag. The pixels
+    are turned directly (``ImageOps.exif_transpose`` also rewrites the EXIF block, and fails on one that is
+    slightly damaged though its orientation reads)."""
+    from PIL import Image
 
-    return ImageOps.exif_transpose(im) if _exif_orientation(im) != 1 else im
+    method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}.get(_exif_orientation(im))
+    return im if method is None else im.transpose(method)
 
 
 class PngReader(_MedsegReader):

@@ -577,7 +577,7 @@ def train(
 
     from medseg.batch import check_writable
     from medseg.handlers import RichProgress
-    from medseg.io import remove_partial_files
+    from medseg.io import atomic_output, remove_partial_files
     from medseg.locking import folder_lock
 
     _check_data_dir(data_dir)
@@ -585,6 +585,9 @@ def train(
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **_device_settings(dev)}
     parser = load_config(bundle, "train", overlays, overrides, settings)
+    if "train#dataloader" in parser and "worker_init_fn" not in parser["train#dataloader"]:
+        parser["train#dataloader#worker_init_fn"] = {"_target_": "medseg.workflows.data_worker_init",
+                                                      "_mode_": "callable"}
     _check_training_length(parser, max_minutes)
     check_writable(out)
     with folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
@@ -680,7 +683,8 @@ def train(
         }
         if interrupted:
             summary["interrupted"] = True
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        with atomic_output(out / "train_summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         _keep_newest_last_checkpoint(out)
         if tracked is not None:
             _log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
@@ -694,6 +698,19 @@ def _how_to_go_on(out: Path) -> str:
     if any(out.glob("last_checkpoint_epoch=*.pt")):
         return f"{_last_checkpoint(out).name} holds the last finished epoch; continue with --resume --output {out}"
     return f"no epoch finished, so {out} holds nothing to resume; start the training again"
+
+
+def data_worker_init(worker_id: int) -> None:
+    """Start a training data-loader worker (``num_workers`` > 0): MONAI's seeding, and SIGTERM left to the
+    main process, which stops the run as on Ctrl-C and then ends its workers. ``timeout`` and batch
+    schedulers signal the whole process group, and PyTorch's workers die on a SIGTERM not sent by their
+    parent, which failed the training instead of stopping it."""
+    import signal
+
+    from monai.data.utils import worker_init_fn
+
+    worker_init_fn(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted) -> None:
@@ -1003,7 +1020,8 @@ def infer(
         raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
     check_writable(out)  # after the checks of the model and the writer: a bad one leaves no empty folder
     with folder_lock(out, "infer"):  # one batch per output folder at a time
-        for kind in ("mask", "prob", "table"):  # what a killed batch was writing: never a finished output
+        remove_partial_files(out)  # what a killed batch was writing (run.json, manifest.csv, outputs)
+        for kind in ("mask", "prob", "table"):
             remove_partial_files(out / kind, recursive=True)
         # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
         config = {k: v for k, v in parser.get().items() if k not in (*settings, "bundle_root", "tta")}

@@ -334,3 +334,19 @@ def shared_cells3class() -> Path:
 def shared_dsb() -> Path:
     """The real DSB 2018 subset in ../shared/data (skips the test when absent)."""
     return _shared("dsb2018", "stage1_train")
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handlers_on_closed_streams():
+    """A CLI call in a test may leave a log handler on the stream CliRunner gave it, closed once the call
+    returns; a later call in the same process would log there and print "--- Logging error ---". A command
+    run from a shell never outlives its streams, so tests drop such handlers after each test."""
+    import logging
+
+    yield
+    for logger in [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                         if isinstance(lg, logging.Logger))]:
+        for handler in list(logger.handlers):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                logger.removeHandler(handler)

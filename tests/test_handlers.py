@@ -120,3 +120,25 @@ def test_a_failed_best_model_save_keeps_the_previous_model(tmp_path, monkeypatch
         _saving_run(tmp_path, 3, monkeypatch, save_key_metric=True, key_metric_name="score",
                     key_metric_filename="model.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"] and _bias(tmp_path / "model.pt") == 2.0
+
+
+class _SigtermInWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import signal
+
+        return torch.tensor([float(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN), torch.randint(0, 10**6, ())])
+
+
+def test_training_data_workers_leave_sigterm_to_the_main_process():
+    # a process-group SIGTERM (timeout, Slurm) killed PyTorch's workers, failing the run instead of stopping it
+    from monai.data import DataLoader
+
+    from medseg.workflows import data_worker_init
+
+    torch.manual_seed(0)
+    batches = list(DataLoader(_SigtermInWorker(), batch_size=1, num_workers=2, worker_init_fn=data_worker_init))
+    assert [float(b[0, 0]) for b in batches] == [1.0, 1.0]
+    assert batches[0][0, 1] != batches[1][0, 1]  # MONAI's per-worker seeding still done

@@ -839,6 +839,7 @@ def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_i
             "cpu", *[a for item in TINY_NET for a in ("--set", item)]]
     _killed_while_writing(args, "1.tif")
     assert (out / "mask" / "1.png").is_file() and not (out / "prob" / "1.tif").exists()
+    (out / ".run.k2j4x9a0.part.json").write_text("{")  # the record's own write, killed
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     rows = _manifest(out)
@@ -903,14 +904,20 @@ def test_linked_unreadable_and_broken_entries_are_followed_or_reported(tmp_path,
     os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "linked")  # a folder of images linked in: followed
     os.symlink(tmp_path / "in", tmp_path / "in" / "linked" / "up")  # a link back up: entered once, no loop
     os.symlink(tmp_path / "gone.png", tmp_path / "in" / "broken.png")
+    os.symlink(tmp_path / "gone.md", tmp_path / "in" / "README.md")  # a dataset manager's absent file: not ours
+    _em_png(tmp_path / "in" / "zz_data" / "2.png", seed=2)
+    os.symlink("zz_data", tmp_path / "in" / "alias")  # a folder under INPUT and a link to it: its own name wins
     result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     rows = _manifest(tmp_path / "out")
-    assert rows["0.png"]["status"] == rows["1.png"]["status"] == "ok"
+    assert rows["0.png"]["status"] == rows["1.png"]["status"] == rows["2.png"]["status"] == "ok"
     assert (tmp_path / "out" / "mask" / "linked" / "1.png").is_file()
+    assert (tmp_path / "out" / "mask" / "zz_data" / "2.png").is_file()
+    assert not (tmp_path / "out" / "mask" / "alias").exists()
     assert rows["broken.png"]["status"] == "failed" and "link whose target does not exist" in rows["broken.png"][
         "message"]
-    assert len(rows) == 3
+    assert rows["README.md"]["status"] == "ignored"
+    assert len(rows) == 5
 
 
 def test_an_unreadable_sub_folder_is_a_failed_input_not_silence(tmp_path, tiny_checkpoint, monkeypatch):
@@ -929,6 +936,9 @@ def test_an_unreadable_sub_folder_is_a_failed_input_not_silence(tmp_path, tiny_c
     rows = _manifest(tmp_path / "out")
     assert rows["0.png"]["status"] == "ok" and rows["sub"]["status"] == "failed"
     assert "sub: cannot list the folder (Permission denied); check its permissions" in rows["sub"]["message"]
+    result = _infer(tmp_path / "in" / "sub", tmp_path / "out2", tiny_checkpoint)  # the input folder itself
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'in' / 'sub'}: cannot list the folder (Permission denied); check its permissions"]
 
 
 def test_a_full_disk_stops_the_batch_at_once_with_one_line(tmp_path, tiny_checkpoint, monkeypatch):

@@ -674,3 +674,14 @@ def test_jpeg_images_pair_with_lossless_masks(tmp_path):
     (folder / "x" / "002.png").unlink()  # the image itself is not taken for its own (JPEG) mask
     with pytest.raises(DataError, match=r"x/002\.jpg: no mask matches"):
         find_image_mask_pairs(folder, image_glob="**/*.jpg", mask_template="{stem}.*")
+
+
+def test_two_images_of_one_name_are_refused_not_taken_twice(tmp_path):
+    # JPEG previews beside the PNG originals: each sample would be trained (and perhaps validated) twice
+    folder = write_jurkat_folder(tmp_path / "j", layout=[("x", (40, 40)), ("x", (40, 40))])
+    Image.open(folder / "x" / "002.bmp").save(folder / "x" / "002.jpg")
+    with pytest.raises(DataError, match=r"x/002\.jpg: another image of the same name, 002\.bmp, is also matched by "
+                                        r"'\*\*/\*\.\[bj\]\[mp\]\[gp\]'; keep one, or make image_glob specific "
+                                        r"\(e\.g\. \*\*/\*\.bmp\)"):
+        find_image_mask_pairs(folder, image_glob="**/*.[bj][mp][gp]", mask_template="{stem}.png")
+    assert len(find_image_mask_pairs(folder, image_glob="**/*.bmp", mask_template="{stem}.png")) == 2

@@ -428,3 +428,36 @@ def test_jpeg_images_are_read_gray_rgb_and_cmyk_and_turned_upright(tmp_path):
     Image.fromarray(gray).save(tmp_path / "phone.jpg", quality=95, exif=_exif(6))
     back, _ = read_image(tmp_path / "phone.jpg")
     assert back.shape == (1, 48, 32) and np.abs(back[0].astype(int) - np.rot90(gray, -1)).max() <= 4
+
+
+def test_a_damaged_exif_block_never_stops_a_picture_from_being_read(tmp_path):
+    # Pillow's exif_transpose rewrites the EXIF block and raised struct.error, TypeError or AttributeError on
+    # one with damaged tags whose orientation still read; the picture itself decodes
+    import io
+    import random
+
+    stored = (np.arange(12 * 20).reshape(12, 20) % 256).astype(np.uint8)
+    exif = _exif(6)
+    exif[0x010F], exif[0x0110], exif[0x0131] = "Canon", "Model X", "fw 1.0"
+    exif.get_ifd(0x8769)[0x9003] = "2020:01:01 00:00:00"
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", exif=exif, quality=95)
+    base, block = buffer.getvalue(), exif.tobytes()
+    start = base.find(block[:8])
+    read = 0
+    for n in (28, 124, 368, 1615, *range(40)):  # the first four broke exif_transpose in three different ways
+        rng, damaged = random.Random(n), bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(start + 8, start + len(block))] = rng.randrange(256)
+        path = tmp_path / f"{n}.jpg"
+        path.write_bytes(bytes(damaged))
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception:  # noqa: BLE001 - not a picture Pillow decodes: not this test's case
+            continue
+        arr, meta = read_image(path)
+        assert arr.shape[1:] == tuple(meta["spatial_shape"]) == tuple(
+            PngReader().read_meta(str(path))["spatial_shape"])
+        read += 1
+    assert read > 35
