@@ -321,6 +321,7 @@ def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_p
     assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
     _assert_one_line_error(_invoke(*args, "--epochs", 2), "--resume: last_checkpoint_epoch=4.pt has trained 4 "
                            "epochs and the run is set to 2", "--epochs above 4")
+    _assert_one_line_error(_invoke(*args, "--epochs", 4), "has trained 4 epochs and the run is set to 4")
     # another split (here: another number of validation slices) is refused, the record kept
     split = (out / "split.json").read_bytes()
     _assert_one_line_error(_invoke(*args, "--epochs", 6, "--set", "val_count=2"), "split.json",
@@ -913,6 +914,9 @@ def test_model_from_the_end_of_run_validation_is_tracked(tmp_path, isbi_folder, 
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"model.pt", "train_summary.json", "config.json"} <= artifacts
     assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_dice")) == 1
+    if "--max-minutes" in length:  # stopped by the limit (about a second), not by 500 epochs
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert "interrupted" not in summary and summary["epochs"] < 500 and summary["wall_seconds"] < 10
 
 
 def test_engine_logs_of_a_user_error_are_dropped_unless_debug():
@@ -1080,3 +1084,16 @@ def test_a_hash_in_the_run_folder_is_refused(tmp_path, isbi_folder):
     assert result.exit_code == 1
     assert "a path with '#' in it is split by MONAI's config" in result.output
     assert not list(tmp_path.glob("a*"))
+
+
+def test_a_multi_line_user_error_is_one_line(monkeypatch):
+    import medseg.info
+    from medseg.errors import DataError
+
+    def broken(*a, **k):
+        raise DataError("x.png: bad header\nTraceback-like detail")
+
+    monkeypatch.setattr(medseg.info, "collect_info", broken)
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.strip()] == ["error: x.png: bad header"]

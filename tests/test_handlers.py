@@ -142,3 +142,15 @@ def test_training_data_workers_leave_sigterm_to_the_main_process():
     batches = list(DataLoader(_SigtermInWorker(), batch_size=1, num_workers=2, worker_init_fn=data_worker_init))
     assert [float(b[0, 0]) for b in batches] == [1.0, 1.0]
     assert batches[0][0, 1] != batches[1][0, 1]  # MONAI's per-worker seeding still done
+
+
+def test_training_curves_record_the_mean_loss_of_each_epoch(tmp_path):
+    import json
+
+    from medseg.handlers import TrainingCurves
+
+    losses = iter([1.0, 2.0, 3.0, 5.0])
+    engine = Engine(lambda e, b: {"loss": next(losses)})
+    TrainingCurves(str(tmp_path)).attach(engine)
+    engine.run([0, 0], max_epochs=2)
+    assert json.loads((tmp_path / "history.json").read_text())["train_loss"] == [1.5, 4.0]

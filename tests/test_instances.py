@@ -324,3 +324,34 @@ def test_measurements_csv_header_when_empty(tmp_path):
     # a stack with no object on any slice still has the slice column of a stack's table
     stack = write_measurements_csv(tmp_path / "stack.csv", [], slices=True)
     assert stack.read_text().strip() == ",".join(("slice", *MEASUREMENT_FIELDS))
+
+
+def _three_class_prob(fg, seed):
+    p = np.zeros((3, *fg.shape), np.float32)
+    p[0] = ~fg
+    p[2] = fg & ~seed
+    p[1] = seed
+    return p
+
+
+def test_an_object_of_exactly_min_area_is_kept_and_a_seed_of_exactly_min_seed_area_used():
+    from medseg.instances import watershed_instances
+
+    fg = np.zeros((12, 12), bool)
+    fg[2:4, 2:6] = True  # 8 px
+    assert watershed_instances(_three_class_prob(fg, fg), min_area=8).max() == 1
+    fg = np.zeros((12, 16), bool)
+    fg[2:6, 2:14] = True
+    seed = np.zeros_like(fg)
+    seed[3:5, 3:5] = True  # 4 px
+    seed[3:5, 11:13] = True  # 4 px
+    assert watershed_instances(_three_class_prob(fg, seed), min_seed_area=4).max() == 2
+
+
+def test_the_image_border_is_not_a_nucleus_boundary():
+    from medseg.instances import instance_targets
+
+    labels = np.zeros((12, 12), np.int32)
+    labels[0:6, 0:6] = 1
+    t = instance_targets(labels, 1)
+    assert t[0, 2] == 1 and t[2, 0] == 1 and t[5, 2] == 2

@@ -13,6 +13,7 @@ from medseg.metrics import (
     dice,
     iou,
     isbi_scores,
+    multiclass_scores,
     pixel_accuracy,
     pixel_error,
     rand_and_info,
@@ -211,3 +212,81 @@ def test_challenge_report_summarises_the_pixel_error_of_the_stack(tmp_path):
     summary = report.summarise()
     assert [r["pixel_error"] for r in report.rows] == [0.0, 0.0]
     assert summary["pixel_error"] == pytest.approx(1 - 12 / 13)
+
+
+def _diagonal_cells():
+    """Two square cells touching only at a corner: 4-connected, they are two cells."""
+    cells = np.zeros((10, 10), bool)
+    cells[:5, :5] = True
+    cells[5:, 5:] = True
+    return cells
+
+
+def test_cells_touching_at_a_corner_stay_apart_in_the_thinning_and_the_truth():
+    seg = thinned_segments(_diagonal_cells().astype(float), 0.5)
+    assert seg[0, 0] != seg[9, 9] and seg[0, 0] > 0 and seg[9, 9] > 0
+    gt = _diagonal_cells()
+    assert isbi_scores([gt.astype(float)], [gt])["v_rand"] == pytest.approx(1.0)
+
+
+def test_pixel_error_uses_the_thresholds_given():
+    gt = np.array([[0, 1, 1, 1]], bool)
+    prob = np.array([[0.35, 0.38, 0.8, 0.9]])
+    assert pixel_error(prob, gt, thresholds=(0.5,)) == pytest.approx(1 - 4 / 5)
+
+
+def _noisy_cross_slices():
+    rng = np.random.default_rng(3)
+    labels = [np.ones((32, 32), bool) for _ in range(3)]
+    for g in labels:
+        g[rng.integers(4, 28), :] = False
+        g[:, rng.integers(4, 28)] = False
+    probs = [np.clip(g + rng.normal(0, 0.3, g.shape), 0, 1).astype(np.float32) for g in labels]
+    return probs, labels
+
+
+def test_each_score_is_reported_at_its_own_best_threshold_and_per_slice():
+    probs, labels = _noisy_cross_slices()
+    s = isbi_scores(probs, labels)
+    assert (s["v_rand_threshold"], s["v_info_threshold"]) == (0.8, 0.6)
+    assert np.mean(s["per_slice_v_info"]) == pytest.approx(s["v_info"])
+    assert np.mean(s["per_slice_v_rand"]) == pytest.approx(s["v_rand"])
+
+
+def test_binary_scores_count_only_probabilities_above_the_threshold():
+    assert binary_scores(np.array([[0.5, 1.0]]), np.array([[0, 1]]))["dice"] == 1.0
+
+
+def test_a_region_naming_a_class_out_of_range_is_refused():
+    g = np.zeros((2, 2), int)
+    with pytest.raises(ValueError, match="region"):
+        multiclass_scores(g, g, 3, regions={"cell": [1, 5]})
+
+
+def test_evaluate_rows_carry_each_slices_own_v_rand_and_v_info(tmp_path):
+    import torch
+
+    from medseg.evaluation import ChallengeMetrics
+
+    probs, labels = _noisy_cross_slices()
+    report = ChallengeMetrics(str(tmp_path))
+    for p, g in zip(probs, labels, strict=True):
+        report.rows.append(report.score({"prob": torch.from_numpy(np.stack([1 - p, p])),
+                                         "label": torch.from_numpy(g[None] * 1.0)}, {}))
+    report.summarise()
+    expected = isbi_scores(probs, labels)
+    assert [r["v_rand"] for r in report.rows] == pytest.approx(expected["per_slice_v_rand"])
+    assert [r["v_info"] for r in report.rows] == pytest.approx(expected["per_slice_v_info"])
+
+
+def test_evaluate_scores_at_its_threshold_and_channel(tmp_path):
+    import torch
+
+    from medseg.evaluation import ChallengeMetrics
+
+    gt = np.array([[0, 1]], bool)
+    p = np.array([[0.6, 0.9]], np.float32)
+    out = {"prob": torch.from_numpy(np.stack([1 - p, p])), "label": torch.from_numpy(gt[None] * 1.0)}
+    assert ChallengeMetrics(str(tmp_path), threshold=0.7).score(out, {})["dice"] == 1.0
+    flipped = {"prob": torch.from_numpy(np.stack([p, 1 - p])), "label": torch.from_numpy(gt[None] * 1.0)}
+    assert ChallengeMetrics(str(tmp_path), channel=0, threshold=0.7).score(flipped, {})["dice"] == 1.0

@@ -204,3 +204,38 @@ def test_an_image_smaller_than_the_mirror_padding_is_named(tmp_path):
     assert LoadSliced(["image", "label"], min_size=8)(sample)["image"].shape == (1, 8, 20)
     with pytest.raises(DataError, match=r"small\.png: 8 × 20 pixels, smaller than the 17 × 17 this training takes"):
         LoadSliced(["image", "label"], min_size=17)(sample)
+
+
+def test_border_weightd_passes_sigma_and_class_balance_on():
+    label = np.zeros((1, 20, 30), np.float32)
+    label[0, :, :10] = 1
+    label[0, :, 14:] = 1
+    d = BorderWeightd(keys="label", w0=10.0, sigma=2.0, class_balance=False)({"label": label})
+    np.testing.assert_allclose(d["weight"][0], border_weight_map(label[0], 10.0, 2.0, False))
+    assert d["weight"][0, 10, 11] == pytest.approx(1 + 10 * math.exp(-25 / 8), rel=1e-5)
+
+
+def test_border_weights_default_to_the_papers_sigma_of_5_pixels():
+    interior = np.zeros((20, 30), bool)
+    interior[:, :10] = True
+    interior[:, 14:] = True  # a 4-px gap: d1 + d2 = 5 at column 11
+    w = border_weight_map(interior, class_balance=False)
+    assert w[10, 11] == pytest.approx(1 + 10 * math.exp(-25 / 50), rel=1e-5)
+
+
+def test_cells_touching_at_a_corner_are_two_cells_for_the_border_weights():
+    cells = np.zeros((10, 10), bool)
+    cells[:5, :5] = True
+    cells[5:, 5:] = True
+    w = border_weight_map(cells, class_balance=False)
+    assert w[4, 5] == pytest.approx(1 + 10 * math.exp(-4 / 50), rel=1e-5)
+
+
+def test_elastic_warp_moves_every_key_alike():
+    torch.manual_seed(0)
+    img = torch.randint(0, 5, (1, 32, 40)).float()
+    warp = RandElasticGridd(keys=["image", "label"], sigma=10.0, prob=1.0, mode="nearest")
+    warp.set_random_state(3)
+    out = warp({"image": img, "label": img.clone()})
+    assert not torch.equal(out["image"], img)
+    torch.testing.assert_close(out["image"], out["label"])
