@@ -1097,3 +1097,28 @@ def test_a_multi_line_user_error_is_one_line(monkeypatch):
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 1
     assert [line for line in result.output.splitlines() if line.strip()] == ["error: x.png: bad header"]
+
+
+def test_overwrite_removes_the_replaced_runs_weights_even_when_the_new_run_fails(trained, tmp_path, monkeypatch):
+    # a model.pt left from the replaced run beside the new run's config and split would pass for the new run's
+    from ignite.engine import Events
+
+    from medseg import workflows
+
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    original = workflows._check_batches
+
+    def fail_at_once(trainer, data_dir):
+        original(trainer, data_dir)
+
+        def fail(_):
+            raise RuntimeError("the new run fails")
+
+        trainer.add_event_handler(Events.ITERATION_STARTED(once=1), fail)
+
+    monkeypatch.setattr(workflows, "_check_batches", fail_at_once)
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 2, "--overwrite",
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 1, result.output
+    assert not (out / "model.pt").exists() and not list(out.glob("last_checkpoint_epoch=*.pt"))
