@@ -585,7 +585,8 @@ def train(
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **_device_settings(dev)}
     parser = load_config(bundle, "train", overlays, overrides, settings)
-    if "train#dataloader" in parser and "worker_init_fn" not in parser["train#dataloader"]:
+    loader = parser.get("train#dataloader")
+    if isinstance(loader, dict) and "worker_init_fn" not in loader:  # a reference or expression: as given
         parser["train#dataloader#worker_init_fn"] = {"_target_": "medseg.workflows.data_worker_init",
                                                       "_mode_": "callable"}
     _check_training_length(parser, max_minutes)

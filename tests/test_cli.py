@@ -1122,3 +1122,14 @@ def test_overwrite_removes_the_replaced_runs_weights_even_when_the_new_run_fails
                      "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
     assert result.exit_code == 1, result.output
     assert not (out / "model.pt").exists() and not list(out.glob("last_checkpoint_epoch=*.pt"))
+
+
+def test_a_data_loader_given_as_an_expression_still_trains(tmp_path, isbi_folder):
+    # train#dataloader replaced by an overlay with a reference or an expression, not a component to add to
+    overlay = tmp_path / "loader.json"
+    overlay.write_text(json.dumps({"train#dataloader": "$monai.data.ThreadDataLoader(@train#dataset, "
+                                                       "batch_size=1, shuffle=True)"}))
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "run", "--epochs", 1,
+                     "--no-progress", "--no-tracking", "--device", "cpu", "-c", overlay, *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model.pt").is_file()
