@@ -12,13 +12,13 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from medseg.discovery import RUN_RECORD, InputItem, slice_items
-from medseg.errors import DataError
+from medseg.errors import NO_SPACE, DataError, causes
 from medseg.io import atomic_output
 from medseg.readers import suffix_of
 
@@ -73,22 +73,11 @@ def _message(err: BaseException, source: str) -> str:
 def _out_of_space(err: BaseException) -> str:
     """Why ``err`` means the disk (or the quota, or the file-size limit) is full, or ``""``: such a failure
     would fail every input after it, so the batch stops at the first one."""
-    import errno
-
-    for cause in _causes_of(err):
-        if isinstance(cause, OSError) and (cause.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
+    for cause in causes(err):
+        if isinstance(cause, OSError) and (cause.errno in NO_SPACE
                                            or re.search(r"\d+ requested and \d+ written", str(cause))):
             return cause.strerror or str(cause)  # numpy reports a short write without an errno
     return ""
-
-
-def _causes_of(err: BaseException) -> Iterator[BaseException]:
-    seen: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and all(cause is not e for e in seen):
-        seen.append(cause)
-        yield cause
-        cause = cause.__cause__ or cause.__context__
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ class ConfigValueError(BundleError, ValueError):
     """A bundle config value is out of its range (also a ``ValueError`` for library callers)."""
 
 
-def _causes(err: BaseException | None) -> list[BaseException]:
+def causes(err: BaseException | None) -> list[BaseException]:
     """``err`` and what caused it, outermost first (each once: chains may loop)."""
     chain: list[BaseException] = []
     while err is not None and all(err is not e for e in chain):
@@ -44,22 +45,23 @@ def _causes(err: BaseException | None) -> list[BaseException]:
 
 def find_user_error(err: BaseException | None) -> MedsegError | None:
     """The first MedsegError in ``err``'s cause chain (MONAI and Ignite wrap errors raised inside them)."""
-    return next((e for e in _causes(err) if isinstance(e, MedsegError)), None)
+    return next((e for e in causes(err) if isinstance(e, MedsegError)), None)
+
+
+#: The errno values of a write refused for want of space: a full disk, a quota, a file-size limit.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def describe_os_failure(err: BaseException | None) -> str | None:
     """One line for a file the command could not write or read for want of space or permission (a full
     disk, a quota, a file-size limit, a read-only or locked folder), wherever in a workflow it happened:
     the file and the fix; ``None`` for other failures."""
-    import errno
-
-    space = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
     access = {errno.EACCES, errno.EPERM, errno.EROFS}
-    found = next((e for e in _causes(err) if isinstance(e, OSError) and e.errno in space | access), None)
+    found = next((e for e in causes(err) if isinstance(e, OSError) and e.errno in NO_SPACE | access), None)
     if found is None:
         return None
     where = f"{found.filename}: " if found.filename else ""
-    if found.errno in space:
+    if found.errno in NO_SPACE:
         return (f"{where}cannot write ({found.strerror}); free disk space, or raise the quota or file-size limit, "
                 "and run again")
     return f"{where}{found.strerror}; check the permissions of the file and its folder"
@@ -71,7 +73,7 @@ _CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate Confi
 def describe_config_failure(err: BaseException | None) -> str | None:
     """One line for a failure MONAI reports while building a config item (a value no component takes, such
     as ``batch_size=0``): the innermost error and what was being built; ``None`` for other failures."""
-    chain = _causes(err)
+    chain = causes(err)
     building = next((e for e in chain if str(e).startswith(_CONFIG_FAILURES)), None)
     if building is None:
         return None

@@ -418,6 +418,9 @@ def test_the_last_epoch_is_always_validated(tmp_path, isbi_folder, epochs, valid
     assert json.loads((out / "history.json").read_text())["val_epoch"] == validated
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["epochs"] == epochs and summary["best_metric_epoch"] in validated
+    # data-loader workers are started so that they leave SIGTERM to the main process
+    loader = json.loads((out / "config.json").read_text())["train"]["dataloader"]
+    assert loader["worker_init_fn"]["_target_"] == "medseg.workflows.data_worker_init"
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, isbi_folder, monkeypatch):

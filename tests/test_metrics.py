@@ -172,17 +172,23 @@ def test_binary_scores_keys():
                       "pixel_error": 0.0}
 
 
-def test_isbi_score_metric_matches_isbi_scores_over_batches():
-    import torch
-
-    from medseg.evaluation import IsbiScore
-
+def _noisy_cross_slices():
+    """Three 32×32 slices of four cells (a membrane row and column) and noisy maps of them."""
     rng = np.random.default_rng(3)
     labels = [np.ones((32, 32), bool) for _ in range(3)]
     for g in labels:
         g[rng.integers(4, 28), :] = False
         g[:, rng.integers(4, 28)] = False
     probs = [np.clip(g + rng.normal(0, 0.3, g.shape), 0, 1).astype(np.float32) for g in labels]
+    return probs, labels
+
+
+def test_isbi_score_metric_matches_isbi_scores_over_batches():
+    import torch
+
+    from medseg.evaluation import IsbiScore
+
+    probs, labels = _noisy_cross_slices()
     expected = isbi_scores(probs, labels)
     metric = IsbiScore("v_rand")
     for batch in ([0, 1], [2]):  # softmax (B, 2, H, W) and one-hot labels, in two batches
@@ -233,16 +239,6 @@ def test_pixel_error_uses_the_thresholds_given():
     gt = np.array([[0, 1, 1, 1]], bool)
     prob = np.array([[0.35, 0.38, 0.8, 0.9]])
     assert pixel_error(prob, gt, thresholds=(0.5,)) == pytest.approx(1 - 4 / 5)
-
-
-def _noisy_cross_slices():
-    rng = np.random.default_rng(3)
-    labels = [np.ones((32, 32), bool) for _ in range(3)]
-    for g in labels:
-        g[rng.integers(4, 28), :] = False
-        g[:, rng.integers(4, 28)] = False
-    probs = [np.clip(g + rng.normal(0, 0.3, g.shape), 0, 1).astype(np.float32) for g in labels]
-    return probs, labels
 
 
 def test_each_score_is_reported_at_its_own_best_threshold_and_per_slice():
