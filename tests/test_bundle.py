@@ -411,3 +411,33 @@ def test_unknown_key_hint_names_an_id_of_that_commands_config():
     message = str(info.value)
     assert "not an id of this command's config" in message and "inferer#overlap" in message
     assert "train#" not in message
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_validation_dice_and_iou_score_an_image_like_evaluate(bundle):
+    # a class the label lacks but the network predicts costs validation what it costs `medseg evaluate`
+    from monai.handlers import IgniteMetricHandler
+    from monai.metrics import DiceMetric, MeanIoU
+
+    from medseg.metrics import multiclass_scores
+
+    parser = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "train.json")))
+    metrics = {**parser.get_parsed_content("validate#key_metric"),
+               **parser.get_parsed_content("validate#additional_metrics")}
+    handlers = [m for m in metrics.values() if isinstance(m, IgniteMetricHandler)]
+    assert {type(h.metric_fn) for h in handlers} >= {DiceMetric}
+    classes = max(3, int(parser.get_parsed_content("network_def#out_channels")))
+    gt = torch.zeros(1, 8, 8, dtype=torch.long)
+    gt[0, 2:5, 2:5] = 1
+    pred = gt.clone()
+    pred[0, 0, 0] = classes - 1  # one pixel of a class absent from the label
+    expected = multiclass_scores(pred[0].numpy(), gt[0].numpy(), classes)
+
+    def onehot(x):
+        return torch.nn.functional.one_hot(x, classes).permute(0, 3, 1, 2).float()
+
+    for handler in handlers:
+        handler.metric_fn.reset()
+        handler.metric_fn(onehot(pred), onehot(gt))
+        key = {DiceMetric: "mean_dice", MeanIoU: "mean_iou"}[type(handler.metric_fn)]
+        assert handler.metric_fn.aggregate().item() == pytest.approx(expected[key]), (bundle.name, key)
