@@ -57,7 +57,11 @@ def describe_os_failure(err: BaseException | None) -> str | None:
     disk, a quota, a file-size limit, a read-only or locked folder), wherever in a workflow it happened:
     the file and the fix; ``None`` for other failures."""
     access = {errno.EACCES, errno.EPERM, errno.EROFS}
-    found = next((e for e in causes(err) if isinstance(e, OSError) and e.errno in NO_SPACE | access), None)
+    chain = causes(err)
+    if any(_database_full(e) for e in chain):  # MLflow's SQLite store: no errno, no file name
+        return ("the tracking database cannot write (database or disk is full); free disk space, or raise the "
+                "quota, and run again (or turn tracking off with --no-tracking)")
+    found = next((e for e in chain if isinstance(e, OSError) and e.errno in NO_SPACE | access), None)
     if found is None:
         return None
     where = f"{found.filename}: " if found.filename else ""
@@ -65,6 +69,15 @@ def describe_os_failure(err: BaseException | None) -> str | None:
         return (f"{where}cannot write ({found.strerror}); free disk space, or raise the quota or file-size limit, "
                 "and run again")
     return f"{where}{found.strerror}; check the permissions of the file and its folder"
+
+
+def _database_full(err: BaseException) -> bool:
+    """An SQLite write refused for want of space (``SQLITE_FULL``), as MLflow's default store meets it."""
+    import sqlite3
+
+    err = getattr(err, "orig", None) or err  # SQLAlchemy keeps the driver's error there
+    return isinstance(err, sqlite3.Error) and (getattr(err, "sqlite_errorcode", None) == 13  # SQLITE_FULL
+                                               or "database or disk is full" in str(err))
 
 
 _CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate ConfigExpression")
@@ -88,12 +101,12 @@ def describe_config_failure(err: BaseException | None) -> str | None:
 
 
 class _UserErrorLogFilter(logging.Filter):
-    """Drops log records about a user error: engines log each exception they re-raise, with its traceback,
-    and the CLI reports a user error in one line."""
+    """Drops log records about a user error or a write refused for space or permission: engines (and MLflow's
+    store) log each exception they re-raise, with its traceback, and the CLI reports it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return find_user_error(exc) is None
+        return find_user_error(exc) is None and describe_os_failure(exc) is None
 
 
 _LOG_FILTER = _UserErrorLogFilter()

@@ -467,6 +467,41 @@ def test_a_disk_or_permission_failure_anywhere_is_one_line_naming_the_file(tmp_p
     _assert_one_line_error(result, f"{tmp_path / 'run' / 'split.json'}: {says}")
 
 
+def test_a_full_tracking_database_is_one_line_without_tracebacks(tmp_path, isbi_folder, monkeypatch, capfd):
+    # SQLite says "database or disk is full" (no errno, no file); MLflow logs it with a traceback, then wraps it
+    import sqlite3
+
+    import sqlalchemy
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    real_log_batch, full = SqlAlchemyStore.log_batch, []
+
+    def log_batch(self, run_id, metrics, params, tags):
+        if metrics:  # the first metrics of the run: the disk is full from now on
+            full.append(True)
+        return real_log_batch(self, run_id, metrics, params, tags)
+
+    real_commit = sqlalchemy.orm.Session.commit
+
+    def commit(self):
+        if full:  # as SQLAlchemy raises it: the driver's error is both its ``orig`` and its cause
+            orig = sqlite3.OperationalError("database or disk is full")
+            raise sqlalchemy.exc.OperationalError("COMMIT", {}, orig) from orig
+        return real_commit(self)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", log_batch)
+    monkeypatch.setattr(sqlalchemy.orm.Session, "commit", commit)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--epochs", 2, "--data", isbi_folder, "--output", out, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    captured = capfd.readouterr()
+    assert full and result.exit_code == 1, result.output
+    assert "Traceback" not in result.output + captured.out + captured.err, captured.err
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: the tracking database cannot write (database or disk is full); free disk "), last
+    assert "--no-tracking" in last
+
+
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_folder, monkeypatch, signum):
     # SIGTERM (kill, timeout, a batch scheduler's end of job) is taken as Ctrl-C
