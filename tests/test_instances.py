@@ -193,6 +193,21 @@ def test_watershed_keeps_unseeded_blob_and_drops_tiny_ones():
     assert watershed_instances(np.stack([np.ones(shape), np.zeros(shape), np.zeros(shape)])).max() == 0
 
 
+def test_nuclei_touching_only_at_a_corner_stay_two_whether_seeded_or_not():
+    # 4-connectivity, as the DSB labels count objects: a diagonal contact is no bridge
+    shape = (20, 20)
+    for channel in (1, 2):  # interior (seeded) / boundary only (kept as unseeded leftovers)
+        prob = np.zeros((3, *shape), np.float32)
+        prob[0] = 1.0
+        for y, x in ((2, 2), (8, 8)):  # 6 x 6 squares meeting at one corner, (7, 7) and (8, 8)
+            prob[:, y:y + 6, x:x + 6] = 0.0
+            prob[channel, y:y + 6, x:x + 6] = 1.0
+        labels = watershed_instances(prob, min_seed_area=4, min_area=8)
+        assert labels.max() == 2, channel
+        assert len(np.unique(labels[2:8, 2:8])) == 1 and len(np.unique(labels[8:14, 8:14])) == 1
+        assert labels[7, 7] != labels[8, 8]
+
+
 # --- instance metrics -----------------------------------------------------------------------------
 
 

@@ -194,6 +194,18 @@ def test_keep_largest_object_removes_stray_blobs_in_probabilities():
     assert KeepLargestObjectd("pred", foreground=[1, 2])({"pred": empty})["pred"] is empty
 
 
+def test_keep_largest_object_keeps_a_part_joined_at_a_corner():
+    # 8-connected: a lobe of the cell that meets the rest only diagonally is part of it, not a stray
+    from medseg.transforms import KeepLargestObjectd
+
+    prob = np.zeros((3, 20, 20), np.float32)
+    prob[0] = 1.0
+    prob[:, 2:10, 2:10] = np.array([0.1, 0.8, 0.1])[:, None, None]
+    prob[:, 10:14, 10:14] = np.array([0.1, 0.1, 0.8])[:, None, None]  # meets (9, 9) at its corner (10, 10)
+    out = KeepLargestObjectd("pred", foreground=[1, 2])({"pred": prob.copy()})["pred"]
+    np.testing.assert_array_equal(out, prob)
+
+
 def test_an_image_smaller_than_the_mirror_padding_is_named(tmp_path):
     # isbi_em's training mirrors 16 pixels at the borders: an 8 × 8 slice failed inside MONAI's padding,
     # naming no file
