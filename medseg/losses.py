@@ -1,4 +1,4 @@
-"""Segmentation losses by name (U-Net weighted CE, MONAI DiceCE, Dice + pixel-weighted CE) and class-weight priors."""
+"""Segmentation losses by name (U-Net weighted CE, with clDice, MONAI DiceCE, Dice + pixel-weighted CE), priors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, SoftclDiceLoss
 from torch import nn
 
 from medseg.errors import ConfigValueError
@@ -28,6 +28,38 @@ class WeightedCrossEntropyLoss(nn.Module):
         if target.shape[1] > 1:
             ce = ce * target[:, 1].float()
         return ce.mean()
+
+
+class WeightedCEclDiceLoss(WeightedCrossEntropyLoss):
+    """:class:`WeightedCrossEntropyLoss` plus MONAI's soft clDice (Shit et al. 2021) on one thin-structure class.
+
+    clDice compares soft skeletons: the predicted skeleton's fraction inside the true structure and the
+    true skeleton's fraction inside the predicted one, so a gap in a membrane costs its whole
+    centre line rather than the few pixels of the gap. It is computed on the softmax probability of
+    ``skeleton_class`` (the membranes of ``isbi_em``: class 0) against that class's binary mask.
+
+    Args:
+        cldice_weight: weight of the clDice term (0 leaves the weighted cross-entropy alone).
+        skeleton_class: the class whose skeleton is compared.
+        skeleton_iters: soft-skeleton iterations (about half the thickest structure, in pixels).
+    """
+
+    def __init__(self, cldice_weight: float = 0.5, skeleton_class: int = 0, skeleton_iters: int = 3) -> None:
+        super().__init__()
+        if not float(cldice_weight) >= 0:
+            raise ConfigValueError(f"cldice_weight={cldice_weight}: must be >= 0")
+        self.cldice_weight, self.skeleton_class = float(cldice_weight), int(skeleton_class)
+        self.cldice = SoftclDiceLoss(iter_=int(skeleton_iters))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Args: as :meth:`WeightedCrossEntropyLoss.forward`. Returns weighted CE + ``cldice_weight`` x clDice."""
+        ce = super().forward(logits, target)
+        if self.cldice_weight == 0:
+            return ce
+        k = self.skeleton_class
+        prob = torch.softmax(logits.float(), dim=1)[:, k : k + 1]
+        mask = (target[:, :1].long() == k).float()
+        return ce + self.cldice_weight * self.cldice(prob, mask)
 
 
 class DiceCEOnLabel(nn.Module):
@@ -96,6 +128,7 @@ class DiceWeightedCE(DiceCEOnLabel):
 #: Loss name (as written in a bundle's ``loss_name``) -> class.
 LOSSES: dict[str, type[nn.Module]] = {
     "weighted_ce": WeightedCrossEntropyLoss,
+    "weighted_ce_cldice": WeightedCEclDiceLoss,
     "dice_ce": DiceCEOnLabel,
     "dice_weighted_ce": DiceWeightedCE,
 }

@@ -283,6 +283,10 @@ def test_inference_logit_shift_matches_training(bundle):
         shift = t.get_parsed_content("logit_shift")
         assert i.get_parsed_content("logit_shift") == pytest.approx(shift, abs=1e-6), key
         assert shift != pytest.approx(expected, abs=1e-6), key
+    if "loss_name" in train:  # the clDice variant keeps the weighted cross-entropy's class prior
+        for workflow in ("train", "infer"):
+            shift = load_config(bundle, workflow, overrides={"loss_name": "weighted_ce_cldice"})
+            assert shift.get_parsed_content("logit_shift") == pytest.approx(expected, abs=1e-6), workflow
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)

@@ -35,6 +35,34 @@ def test_weighted_ce_scales_with_weights():
     torch.testing.assert_close(create_loss("weighted_ce")(logits, target), expected)
 
 
+def _membrane(gap_rows: slice | None = None):
+    """A 4-px vertical membrane (class 0) in a 64 x 64 interior (class 1), and confident logits for it."""
+    label = torch.ones(1, 1, 64, 64)
+    label[..., 30:34] = 0
+    predicted = label.clone()
+    if gap_rows is not None:
+        predicted[..., gap_rows, :] = 1  # the membrane broken over these rows
+    logits = torch.cat([(1 - predicted) * 20 - 10, predicted * 20 - 10], dim=1)
+    return logits, torch.cat([label, torch.ones_like(label)], dim=1)
+
+
+def test_cldice_term_charges_a_membrane_gap_by_the_share_of_centre_line_lost():
+    loss, ce = create_loss("weighted_ce_cldice", cldice_weight=1.0), create_loss("weighted_ce")
+    whole, target = _membrane()
+    assert float(loss(whole, target) - ce(whole, target)) == pytest.approx(0.0, abs=1e-3)
+    broken, _ = _membrane(slice(20, 36))  # 16 of 64 rows: a quarter of the centre line is lost
+    sens = 48 / 64  # the true skeleton's share inside the prediction; the prediction stays inside the truth
+    expected = 1 - 2 * sens / (1 + sens)
+    assert float(loss(broken, target) - ce(broken, target)) == pytest.approx(expected, abs=0.01)
+    # the gap's 64 pixels are a sixteenth of the membrane, but clDice charges the whole quarter of its line
+    assert float(create_loss("weighted_ce_cldice", cldice_weight=0.0)(broken, target)) == float(ce(broken, target))
+
+
+def test_cldice_weight_must_not_be_negative():
+    with pytest.raises(ConfigValueError, match="cldice_weight"):
+        create_loss("weighted_ce_cldice", cldice_weight=-0.5)
+
+
 def test_dice_ce_ignores_weight_channel():
     logits, label = _batch()
     loss = create_loss("dice_ce")
@@ -108,7 +136,8 @@ def test_every_loss_backpropagates(name):
 
 
 def test_unknown_loss_lists_options():
-    with pytest.raises(ValueError, match="unknown loss 'dice'; options are: weighted_ce, dice_ce, dice_weighted_ce"):
+    options = "weighted_ce, weighted_ce_cldice, dice_ce, dice_weighted_ce"
+    with pytest.raises(ValueError, match=f"unknown loss 'dice'; options are: {options}"):
         create_loss("dice")
 
 
