@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medseg.discovery import RUN_JOURNAL as JOURNAL
 from medseg.discovery import RUN_RECORD, InputItem, slice_items
 from medseg.errors import NO_SPACE, DataError, causes
 from medseg.io import atomic_output
@@ -151,10 +152,15 @@ class RunRecord:
     Skipping an input whose outputs exist is only right when this run made them; otherwise the folder
     would silently mix two models' masks. Each run's ``identity`` (e.g. bundle, checkpoint SHA-256,
     resolved config) gets a key; every output written is recorded under the key of the run that wrote it,
-    and the record is rewritten atomically after each input, so an interrupted or partial (``--include``)
-    run leaves a true record. Outputs the record does not know (older versions, foreign files) count as
+    and the record is kept true after each input, so an interrupted or partial (``--include``) run leaves
+    a true record. Outputs the record does not know (older versions, foreign files) count as
     made by another run. The record also keeps each input's :func:`input_fingerprint`, so that the outputs
     of an input changed since are not taken as finished.
+
+    During a batch each change is appended as one JSON line to a journal beside it (:data:`JOURNAL`), so that
+    keeping the record true after every input costs the same at the 10 000th input as at the first;
+    :meth:`save` folds the journal into ``run.json`` (atomically) and removes it. A record whose run was
+    killed is read with its journal replayed up to the last whole line.
     """
 
     def __init__(self, folder: Path, identity: dict[str, Any], info: dict[str, Any] | None = None,
@@ -179,12 +185,51 @@ class RunRecord:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise DataError(f"{self.path}: the folder's run record is damaged (not the JSON medseg writes); move it "
                             "aside and run again with --overwrite, or choose another output folder") from err
+        self.journal = self.folder / JOURNAL
+        replayed = self._replay()
+        if replayed:  # what a killed run did after its last save
+            self.pending = {k: v for k, v in self.pending.items() if (self.folder / k).exists()}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
         for other in same_as:
             alias = _identity_key(json.loads(json.dumps(other, sort_keys=True, default=str)))
             if alias != self.key and alias in self.runs:
                 self.outputs = {p: self.key if k == alias else k for p, k in self.outputs.items()}
                 del self.runs[alias]
+
+    def _replay(self) -> int:
+        """Apply the journal a stopped run left (each line a change of :meth:`_log`); a line cut short by the
+        kill, and anything after it, is dropped. Returns the number of changes applied."""
+        try:
+            lines = self.journal.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return 0
+        except OSError as err:
+            raise DataError(f"{self.journal}: cannot read the folder's run journal ({err.strerror or err}); check "
+                            "its permissions") from err
+        applied = 0
+        for line in lines:
+            try:
+                change = json.loads(line)
+                for part, table in (("outputs", self.outputs), ("inputs", self.inputs), ("names", self.names),
+                                    ("pending", self.pending)):
+                    for k, v in dict(change.get(part, {})).items():
+                        if v is None:
+                            table.pop(k, None)
+                        else:
+                            table[k] = v
+            except (ValueError, TypeError, AttributeError):
+                break
+            applied += 1
+        return applied
+
+    def _log(self, **parts: dict[str, Any]) -> None:
+        """Append one change (``outputs``, ``inputs``, ``names``, ``pending``: key -> new value, ``None`` to
+        remove) to the journal, the whole line in one write."""
+        if not self.path.is_file():  # the first change of a folder's first run: this run's identity first
+            self.save()
+        line = json.dumps({k: v for k, v in parts.items() if v}, sort_keys=True, default=str) + "\n"
+        with open(self.journal, "a", encoding="utf-8") as f:
+            f.write(line)
 
     def _rel(self, path: Path) -> str:
         try:
@@ -204,16 +249,17 @@ class RunRecord:
 
     def settle(self, paths: Iterable[Path]) -> None:
         """Drop ``paths`` from what is being written (an input that failed, its partial outputs removed): the
-        files left there are what the record says they are. Saved only when something changed."""
-        dropped = [self.pending.pop(self._rel(p), None) for p in paths]
-        if any(k is not None for k in dropped):
-            self.save()
+        files left there are what the record says they are. Logged only when something changed."""
+        rels = [self._rel(p) for p in paths]
+        dropped = {r: None for r in rels if self.pending.pop(r, None) is not None}
+        if dropped:
+            self._log(pending=dropped)
 
     def begin(self, paths: dict[str, Path]) -> None:
-        """Note (and save) that this run is about to write ``paths``, over whatever they hold."""
-        for p in paths.values():
-            self.pending[self._rel(p)] = self.key
-        self.save()
+        """Note (and log) that this run is about to write ``paths``, over whatever they hold."""
+        began = {self._rel(p): self.key for p in paths.values()}
+        self.pending.update(began)
+        self._log(pending=began)
 
     def knows(self, path: Path) -> bool:
         """Whether some run recorded here wrote ``path``."""
@@ -273,37 +319,42 @@ class RunRecord:
     def record(self, paths: dict[str, Path], made: bool, fingerprint: str = "",
                item: InputItem | None = None) -> None:
         """Record ``paths`` as written by this run (``made``) from ``item``, an input of this ``fingerprint``,
-        or as unknown (a failed input's partial outputs), and save."""
-        for p in paths.values():
-            self.pending.pop(self._rel(p), None)
-            if made:
-                self.outputs[self._rel(p)] = self.key
-            else:
-                self.outputs.pop(self._rel(p), None)
-        if made and fingerprint:
-            self.inputs[self._rel(paths["mask"])] = fingerprint
-        else:
-            self.inputs.pop(self._rel(paths["mask"]), None)
+        or as unknown (a failed input's partial outputs), and log it."""
+        rels = [self._rel(p) for p in paths.values()]
+        mask = self._rel(paths["mask"])
+        outputs: dict[str, Any] = {r: self.key if made else None for r in rels}
+        inputs: dict[str, Any] = {mask: fingerprint if made and fingerprint else None}
+        names: dict[str, Any] = {}
         if made and item is not None:
-            self.names[_source_key(item)] = {"rel": item.rel, "mask": self._rel(paths["mask"])}
-        self.save()
+            names[_source_key(item)] = {"rel": item.rel, "mask": mask}
+        pending = {r: None for r in rels if r in self.pending}
+        for table, change in ((self.outputs, outputs), (self.inputs, inputs), (self.names, names),
+                              (self.pending, pending)):
+            for k, v in change.items():
+                if v is None:
+                    table.pop(k, None)
+                else:
+                    table[k] = v
+        self._log(outputs=outputs, inputs=inputs, names=names, pending=pending)
 
     def note_name(self, item: InputItem, paths: dict[str, Path]) -> None:
-        """Record ``item``'s name for its outputs ``paths`` if the record lacks it (saved only then)."""
+        """Record ``item``'s name for its outputs ``paths`` if the record lacks it (logged only then)."""
         key = _source_key(item)
         if key not in self.names and self._rel(paths["mask"]) in self.outputs:
             self.names[key] = {"rel": item.rel, "mask": self._rel(paths["mask"])}
-            self.save()
+            self._log(names={key: self.names[key]})
 
     def forget(self, paths: Iterable[Path]) -> None:
-        """Drop ``paths`` from the record (outputs removed) and save."""
-        for p in paths:
-            self.outputs.pop(self._rel(p), None)
-            self.pending.pop(self._rel(p), None)
-        self.save()
+        """Drop ``paths`` from the record (outputs removed) and log it."""
+        gone = {self._rel(p): None for p in paths}
+        for r in gone:
+            self.outputs.pop(r, None)
+            self.pending.pop(r, None)
+        self._log(outputs=gone, pending=gone)
 
     def save(self) -> None:
-        """Write the record (atomically), dropping what no recorded output needs any more."""
+        """Write the record (atomically), dropping what no recorded output needs any more, and remove the
+        journal it now holds."""
         self.inputs = {k: v for k, v in self.inputs.items() if k in self.outputs}
         self.names = {k: v for k, v in self.names.items() if v.get("mask") in self.outputs}
         used = set(self.outputs.values()) | {self.key}
@@ -314,6 +365,7 @@ class RunRecord:
             data["pending"] = dict(sorted(self.pending.items()))
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        self.journal.unlink(missing_ok=True)
 
 
 def _identity_key(identity: dict[str, Any]) -> str:
@@ -339,7 +391,8 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
-    """Write the manifest CSV atomically (rewritten after every input, so a crash keeps what was done)."""
+    """Write the manifest CSV atomically (at the start and the end of a batch; :func:`append_manifest` adds
+    each input's row as it is done, so a crash keeps what was done)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -347,6 +400,14 @@ def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
         writer.writerow(asdict(row))
     with atomic_output(path) as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape")
+
+
+def append_manifest(path: Path, row: ManifestRow) -> None:
+    """Add one row to the manifest in one write (a line cut short by a kill is dropped when it is read)."""
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS, lineterminator="\n").writerow(asdict(row))
+    with open(path, "a", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        f.write(buffer.getvalue())
 
 
 def run_batch(
@@ -403,6 +464,26 @@ def run_batch(
     result = BatchResult(rows=[ManifestRow(input=os.path.abspath(f), status="ignored", message=why)
                                for f, why in ignored])
     earlier = _earlier_rows(manifest, [(i.source, i.series_uid) for i in inputs] + [(f, "") for f, _ in ignored])
+    write_manifest(manifest, earlier + result.rows)
+    if record is not None:
+        record.save()  # this run's identity, and what a killed run's journal holds, before any change is logged
+    try:
+        _run_inputs(inputs, counts, segment, paths_for, count, manifest, overwrite, on_abort, progress, record,
+                    result)
+    finally:
+        if record is not None:
+            with contextlib.suppress(OSError):  # a disk still full: the journal keeps what the record would
+                record.save()
+    write_manifest(manifest, earlier + result.rows)
+    return result
+
+
+def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Callable[[list[dict]], dict | None],
+                paths_for: Callable[[InputItem, int], dict[str, Path]], count: Callable[[InputItem], int],
+                manifest: Path, overwrite: bool, on_abort: Callable[[], None] | None, progress: Any,
+                record: RunRecord | None, result: BatchResult) -> None:
+    """The loop of :func:`run_batch`: each input segmented, skipped or failed, its row added to ``result``
+    and to the manifest."""
     for i, item in enumerate(inputs):
         row = ManifestRow(input=os.path.abspath(item.source), format=item.format, series_uid=item.series_uid)
         start = time.perf_counter()
@@ -470,7 +551,7 @@ def run_batch(
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         row.seconds = round(time.perf_counter() - start, 3)
         result.rows.append(row)
-        write_manifest(manifest, earlier + result.rows)
+        append_manifest(manifest, row)
         if progress is not None:
             progress.advance()
         if row.status == "failed" and full:
@@ -478,8 +559,6 @@ def run_batch(
             raise DataError(f"{manifest.parent}: cannot write the outputs ({full}); stopped after {done} of "
                             f"{len(inputs)} inputs; free disk space (or raise the quota or file-size limit) and "
                             "run the same command again to do the rest")
-    write_manifest(manifest, earlier + result.rows)
-    return result
 
 
 def _table_rows(table: Path | None) -> int | str:
@@ -500,9 +579,14 @@ def _earlier_rows(manifest: Path, taken: Iterable[tuple[str, str]]) -> list[Mani
     Inputs are told apart by path and series (a folder may hold several); manifests list absolute paths (a
     relative path, from earlier versions, is read from the current folder)."""
     try:
-        with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
+        text = manifest.read_text(encoding="utf-8", errors="surrogateescape")
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not text.endswith("\n"):  # a row cut short by a kill: every row is written whole, with its line end
+        text = text[: text.rfind("\n") + 1]
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error:
         return []
     taken = {(os.path.abspath(source), uid or "") for source, uid in taken}
     kept = []

@@ -50,6 +50,8 @@ def _matches(rel: str, patterns: Sequence[str]) -> bool:
 OUTPUT_PARTS = ("mask", "prob", "table", "run.json", "manifest.csv")
 #: The file in an output folder that records which model and settings made each of its outputs.
 RUN_RECORD = "run.json"
+#: Beside it while a batch runs: the record's changes since it was last written, one JSON line each.
+RUN_JOURNAL = ".run.json.journal"
 
 
 def _is_run_record(path: Path) -> bool:

@@ -65,3 +65,108 @@ def test_a_multi_line_data_error_is_one_manifest_line(tmp_path):
     res = run_batch([item], [], segment, paths_for=lambda i, n: paths, count=lambda i: 1,
                     manifest=out / "manifest.csv")
     assert res.rows[0].message == f"{item.source}: bad header"
+
+
+def _many_inputs(tmp_path, n):
+    from medseg.discovery import InputItem
+
+    (tmp_path / "in").mkdir()
+    items = []
+    for k in range(n):
+        (tmp_path / "in" / f"{k}.png").write_bytes(b"x")
+        items.append(InputItem(str(tmp_path / "in" / f"{k}.png"), "png", str(k)))
+    out = tmp_path / "out"
+
+    def paths_for(item, slices):
+        return {"mask": out / "mask" / f"{item.rel}.png", "prob": out / "prob" / f"{item.rel}.tif"}
+
+    return items, out, paths_for
+
+
+def test_bookkeeping_writes_the_record_and_manifest_whole_a_fixed_number_of_times(tmp_path, monkeypatch):
+    # a batch of N inputs rewrote run.json twice and manifest.csv once per input: O(N^2) bytes, minutes of
+    # bookkeeping at 10 000 inputs; now each input appends a line to each, and both are written whole at the
+    # start and the end
+    import csv
+
+    import medseg.batch as batch
+    from medseg.batch import RunRecord, run_batch
+
+    items, out, paths_for = _many_inputs(tmp_path, 30)
+    whole: list[str] = []
+    real = batch.atomic_output
+
+    def counting(path, *args, **kwargs):
+        whole.append(path.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "atomic_output", counting)
+    seen = []
+
+    def segment(slices):  # inputs come in order; write this one's outputs
+        seen.append(slices)
+        for p in paths_for(items[len(seen) - 1], 1).values():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"o")
+
+    res = run_batch(items, [], segment, paths_for=paths_for, count=lambda i: 1, manifest=out / "manifest.csv",
+                    record=RunRecord(out, {"c": 1}))
+    assert res.count("ok") == 30
+    assert whole.count("run.json") == 2 and whole.count("manifest.csv") == 2, whole
+    assert not (out / batch.JOURNAL).exists()  # folded into run.json at the end
+    record = RunRecord(out, {"c": 1})
+    assert all(record.made_here(paths_for(item, 1)) for item in items)
+    with open(out / "manifest.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok"] * 30
+    # a second run skips them all, as before
+    res = run_batch(items, [], segment, paths_for=paths_for, count=lambda i: 1, manifest=out / "manifest.csv",
+                    record=RunRecord(out, {"c": 1}))
+    assert res.count("skipped") == 30 and len(seen) == 30
+
+
+def test_a_killed_batchs_journal_is_replayed_up_to_its_last_whole_line(tmp_path):
+    import json
+
+    from medseg.batch import JOURNAL, RunRecord
+
+    out = tmp_path / "out"
+    (out / "mask").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (out / "mask" / name).write_bytes(b"o")
+    record = RunRecord(out, {"c": 1})
+    record.save()
+    record.record({"mask": out / "mask" / "a.png"}, made=True, fingerprint="fa")
+    record.begin({"mask": out / "mask" / "b.png"})  # killed while writing b
+    lines = (out / JOURNAL).read_text().splitlines()
+    assert len(lines) == 2 and json.loads((out / "run.json").read_text())["outputs"] == {}
+    with open(out / JOURNAL, "a") as f:
+        f.write('{"outputs": {"mask/c.png": "')  # the kill cut this line short
+    again = RunRecord(out, {"c": 1})
+    assert again.made_here({"mask": out / "mask" / "a.png"})
+    assert again.unfinished(out / "mask" / "b.png")  # redone by the next run, not taken as another's
+    assert not again.knows(out / "mask" / "c.png")
+    again.save()
+    assert not (out / JOURNAL).exists()
+    assert json.loads((out / "run.json").read_text())["pending"] == {"mask/b.png": again.key}
+
+
+def test_a_manifest_row_cut_short_by_a_kill_is_dropped_and_the_rows_before_kept(tmp_path):
+    from medseg.batch import ManifestRow, _earlier_rows, append_manifest, write_manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    masks = []
+    for k in range(2):
+        masks.append(out / f"{k}.png")
+        masks[-1].write_bytes(b"o")
+    manifest = out / "manifest.csv"
+    write_manifest(manifest, [])
+    for k, mask in enumerate(masks):
+        append_manifest(manifest, ManifestRow(input=str(tmp_path / f"{k}.png"), status="ok", mask=str(mask),
+                                              message="a, \"quoted\" note"))
+    whole = manifest.read_text()
+    for cut in ('/tmp/x.png,png,,1,o', '/tmp/x.png,png,,1,ok,,,,,0.1,"an open quote'):
+        manifest.write_text(whole + cut)
+        rows = _earlier_rows(manifest, [])
+        assert [r.input for r in rows] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")], cut
+        assert rows[0].message == 'a, "quoted" note'

@@ -1,0 +1,67 @@
+"""Time the bookkeeping of `medseg infer` batches (run record, manifest, skip checks) apart from the network.
+
+`medseg.batch.run_batch` runs over N tiny PNG inputs with a segment step that only writes empty output
+files, so what is timed is what the batch adds per input: the run record (`run.json` and its journal),
+the manifest, the output checks. Two passes per N: the first segments every input, the second (the same
+command again) skips them all. The script prints CPU milliseconds per input; a cost that grows with N
+means some file is rewritten whole per input.
+
+    python benchmarks/batch_overhead.py 250 1000 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medseg.batch import RunRecord, run_batch
+from medseg.discovery import discover
+from medseg.writers import output_paths
+
+
+def one_pass(inputs_dir: Path, out: Path, n: int) -> tuple[float, int]:
+    """CPU seconds of one ``run_batch`` over the first ``n`` inputs, and the inputs it segmented."""
+    inputs, ignored = discover(str(inputs_dir), (), (), True, skip=str(out))
+    record = RunRecord(out, {"bundle": "benchmark", "checkpoint": "none"})
+    inputs = record.keep_names(inputs[:n])
+
+    def segment(items: list[dict]) -> None:
+        for path in output_paths(out, items[0]["name"], "png", True).values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+
+    start = time.process_time()
+    result = run_batch(inputs, ignored, segment, paths_for=lambda item, k: output_paths(out, item.rel, "png", True),
+                       count=lambda item: 1, manifest=out / "manifest.csv", record=record)
+    return time.process_time() - start, result.count("ok")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("counts", nargs="*", type=int, default=[250, 1000, 4000], help="batch sizes to time")
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs_dir = Path(tmp) / "in"
+        inputs_dir.mkdir()
+        pixels = np.zeros((8, 8), np.uint8)
+        for k in range(max(args.counts)):
+            Image.fromarray(pixels).save(inputs_dir / f"{k:06d}.png")
+        print("| inputs | first pass, ms/input | second pass (all skipped), ms/input |")
+        print("|---|---|---|")
+        for n in args.counts:
+            out = Path(tmp) / f"out{n}"
+            first, made = one_pass(inputs_dir, out, n)
+            second, _ = one_pass(inputs_dir, out, n)
+            assert made == n, (made, n)
+            print(f"| {n} | {1000 * first / n:.1f} | {1000 * second / n:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
