@@ -33,8 +33,32 @@ def _merged_boundary(graph: Any, src: int, dst: int, n: int) -> dict[str, float]
     return {"count": count, "weight": (a["count"] * a["weight"] + b["count"] * b["weight"]) / max(count, 1)}
 
 
+#: Seeds of slices larger than a tile are found tile by tile (h-minima needs about 140 bytes per pixel, the
+#: rest of the closing about 20), each tile seen with this margin of context around it.
+SEED_TILE, SEED_MARGIN = 1024, 128
+
+
+def _seeds(membrane: np.ndarray, depth: float, tile: int, margin: int) -> np.ndarray:
+    """The h-minima of ``membrane`` of at least ``depth``: of the whole map, or of ``tile``-sized pieces, each
+    computed with ``margin`` pixels of context (a minimum's depth is decided at the membrane around its
+    cell, well within the margin for cells up to about twice its size)."""
+    from skimage.morphology import h_minima
+
+    h, w = membrane.shape
+    if tile <= 0 or (h <= tile + 2 * margin and w <= tile + 2 * margin):
+        return h_minima(membrane, depth).astype(bool)
+    seeds = np.zeros(membrane.shape, bool)
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            top, left = max(0, y - margin), max(0, x - margin)
+            piece = h_minima(membrane[top:min(h, y + tile + margin), left:min(w, x + tile + margin)], depth)
+            seeds[y:y + tile, x:x + tile] = piece[y - top:y - top + tile, x - left:x - left + tile]
+    return seeds
+
+
 def agglomerate_cells(prob: np.ndarray, merge_threshold: float = 0.65, sigma: float = 1.0,
-                      seed_depth: float = 0.05) -> np.ndarray:
+                      seed_depth: float = 0.05, seed_tile: int = SEED_TILE,
+                      seed_margin: int = SEED_MARGIN) -> np.ndarray:
     """Cells of a 2D interior probability map, separated by 1-pixel lines of label 0.
 
     Args:
@@ -43,19 +67,20 @@ def agglomerate_cells(prob: np.ndarray, merge_threshold: float = 0.65, sigma: fl
             (smoothed) along their shared boundary is below this; 0 keeps every superpixel.
         sigma: Gaussian smoothing of the membrane map, in pixels.
         seed_depth: minimum depth of a membrane-map minimum to seed a superpixel (h-minima).
+        seed_tile, seed_margin: on larger slices the seeds are found in tiles of this size with this
+            context (memory: about 20 bytes per pixel of the slice instead of 140); 0 takes the whole slice.
 
     Returns:
         ``(H, W)`` int32 labels, 1... for cells, 0 on the lines between them (4-connected separation).
     """
     from skimage.graph import merge_hierarchical, rag_boundary
-    from skimage.morphology import h_minima
     from skimage.segmentation import watershed
 
     membrane = np.asarray(prob, dtype=np.float64)
     if membrane.ndim != 2:
         raise ValueError(f"agglomerate_cells takes one (H, W) map, got shape {membrane.shape}")
     membrane = ndimage.gaussian_filter(1.0 - membrane, sigma) if sigma > 0 else 1.0 - membrane
-    seeds, n = ndimage.label(h_minima(membrane, seed_depth), structure=np.ones((3, 3)))
+    seeds, n = ndimage.label(_seeds(membrane, seed_depth, int(seed_tile), int(seed_margin)), structure=np.ones((3, 3)))
     if n < 2:
         return np.ones(membrane.shape, np.int32)
     regions = watershed(membrane, seeds, connectivity=1)
