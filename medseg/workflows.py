@@ -70,6 +70,23 @@ def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: 
     return out
 
 
+def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, output_dir: Path) -> None:
+    """Before a resumed training: when the folder's run finished (``--resume --epochs`` more after a run that
+    completed), mark it unfinished, so that MONAI's handler continues it (one run, one curve per metric)
+    instead of starting a second run of the same name. A run left unfinished is continued anyway."""
+    import mlflow
+
+    try:
+        runs = [r for r in _runs_named(tracking_uri, experiment, run_name) if _same_folder(r, output_dir)]
+        if runs and not _runs_named(tracking_uri, experiment, run_name, unfinished=True):
+            status = mlflow.entities.RunStatus
+            latest = max(runs, key=lambda r: r.info.start_time or 0)
+            mlflow.MlflowClient(tracking_uri=tracking_uri).set_terminated(latest.info.run_id,
+                                                                          status.to_string(status.KILLED))
+    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+        logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
+
+
 def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool = False) -> list:
     """The runs named ``name`` (``unfinished``: those not marked finished, which MONAI's handler continues)."""
     import mlflow
@@ -166,6 +183,7 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     if "output_dir" in params:
         params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
     if resume:
+        _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"], output_dir)
         params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
     configs["trainer"]["experiment_param"] = params

@@ -649,6 +649,26 @@ def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_p
     assert len(client.get_metric_history(run.info.run_id, "train_loss_epoch")) == 3
 
 
+def test_extending_a_finished_training_continues_its_mlflow_run(trained, tmp_path):
+    # --resume --epochs N+1 after a run that finished: one MLflow run with every epoch, not a second run of
+    # the same name holding only the new epochs
+    import mlflow
+
+    out = tmp_path / "tracked"
+    args = ("--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu", *_tiny_args())
+    assert _invoke("train", BUNDLE, "--epochs", 2, *args).exit_code == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    (again,) = client.search_runs([experiment.experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [1, 2, 3]
+
+
 def test_resume_keeps_the_best_model_and_patience(trained, tmp_path):
     # the run before the interruption recorded V_rand 1.0 at epoch 2: no later validation can beat it, so the
     # resumed run must leave model.pt alone, report that best, and stop once patience (2) runs out at epoch 4
