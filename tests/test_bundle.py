@@ -445,3 +445,20 @@ def test_validation_dice_and_iou_score_an_image_like_evaluate(bundle):
         handler.metric_fn(onehot(pred), onehot(gt))
         key = {DiceMetric: "mean_dice", MeanIoU: "mean_iou"}[type(handler.metric_fn)]
         assert handler.metric_fn.aggregate().item() == pytest.approx(expected[key]), (bundle.name, key)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_cache_rate_sets_how_much_of_the_data_is_held_in_memory(bundle, tmp_path):
+    # data larger than memory: -s cache_rate=0.5 caches half the training and validation samples
+    data = _bundle_data(bundle, tmp_path)
+    counts = {}
+    for rate in (1.0, 0.5):
+        parser = load_config(bundle, "train", overrides={"dataset_dir": str(data), "cache_rate": rate,
+                                                          "output_dir": str(tmp_path / f"o{rate}")})
+        if "val_count" in parser:
+            parser["val_count"] = 1
+        train, val = (parser.get_parsed_content(f"{part}#dataset") for part in ("train", "validate"))
+        counts[rate] = (train.cache_num, len(train), val.cache_num, len(val))
+    n_train, n_val = counts[1.0][1], counts[1.0][3]
+    assert counts[1.0] == (n_train, n_train, n_val, n_val)
+    assert counts[0.5] == (int(n_train * 0.5), n_train, int(n_val * 0.5), n_val)
