@@ -7,8 +7,10 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import secrets
 import tempfile
 import time
 from collections import Counter
@@ -174,11 +176,13 @@ class RunRecord:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
             self.inputs, self.names = dict(data.get("inputs", {})), dict(data.get("names", {}))
+            self.generation = str(data.get("generation", ""))  # which journal continues this record
             # outputs a stopped run began: only those it got as far as writing need redoing
             self.pending = {k: v for k, v in dict(data.get("pending", {})).items() if (self.folder / k).exists()}
         except FileNotFoundError:
             self.runs, self.outputs = {}, {}  # none yet: outputs count as unrecorded
             self.inputs, self.names, self.pending = {}, {}, {}
+            self.generation = ""
         except OSError as err:
             raise DataError(f"{self.path}: cannot read the folder's run record ({err.strerror or err}); check its "
                             "permissions") from err
@@ -186,6 +190,7 @@ class RunRecord:
             raise DataError(f"{self.path}: the folder's run record is damaged (not the JSON medseg writes); move it "
                             "aside and run again with --overwrite, or choose another output folder") from err
         self.journal = self.folder / JOURNAL
+        self._saved = self._journal_open = False  # by this object: the record written, the journal begun
         replayed = self._replay()
         if replayed:  # what a killed run did after its last save
             self.pending = {k: v for k, v in self.pending.items() if (self.folder / k).exists()}
@@ -198,7 +203,10 @@ class RunRecord:
 
     def _replay(self) -> int:
         """Apply the journal a stopped run left (each line a change of :meth:`_log`); a line cut short by the
-        kill, and anything after it, is dropped. Returns the number of changes applied."""
+        kill, and anything after it, is dropped. A journal that does not continue this ``run.json`` (its first
+        line names another generation: the record was replaced, restored or copied since, or is gone) is
+        ignored, so that it never credits this run with outputs it did not make. Returns the number of
+        changes applied."""
         try:
             lines = self.journal.read_text(encoding="utf-8", errors="replace").splitlines()
         except FileNotFoundError:
@@ -206,8 +214,17 @@ class RunRecord:
         except OSError as err:
             raise DataError(f"{self.journal}: cannot read the folder's run journal ({err.strerror or err}); check "
                             "its permissions") from err
+        try:
+            continues = bool(lines) and bool(self.generation) and json.loads(lines[0]) == {
+                "generation": self.generation}
+        except ValueError:
+            continues = False
+        if not continues:
+            logging.getLogger(__name__).warning("%s: does not continue %s (written by another run, or the record "
+                                                "was replaced since); ignored", self.journal, self.path.name)
+            return 0
         applied = 0
-        for line in lines:
+        for line in lines[1:]:
             try:
                 change = json.loads(line)
                 for part, table in (("outputs", self.outputs), ("inputs", self.inputs), ("names", self.names),
@@ -224,12 +241,16 @@ class RunRecord:
 
     def _log(self, **parts: dict[str, Any]) -> None:
         """Append one change (``outputs``, ``inputs``, ``names``, ``pending``: key -> new value, ``None`` to
-        remove) to the journal, the whole line in one write."""
-        if not self.path.is_file():  # the first change of a folder's first run: this run's identity first
+        remove) to the journal, the whole line in one write. The first change of this object writes the
+        record first (this run's identity; an earlier journal folded in) and begins a journal of its own."""
+        if not self._saved:
             self.save()
-        line = json.dumps({k: v for k, v in parts.items() if v}, sort_keys=True, default=str) + "\n"
+        text = json.dumps({k: v for k, v in parts.items() if v}, sort_keys=True, default=str) + "\n"
+        if not self._journal_open:
+            text = json.dumps({"generation": self.generation}) + "\n" + text
         with open(self.journal, "a", encoding="utf-8") as f:
-            f.write(line)
+            f.write(text)
+        self._journal_open = True
 
     def _rel(self, path: Path) -> str:
         try:
@@ -363,9 +384,11 @@ class RunRecord:
                 "inputs": dict(sorted(self.inputs.items())), "names": dict(sorted(self.names.items()))}
         if self.pending:
             data["pending"] = dict(sorted(self.pending.items()))
+        data["generation"] = self.generation = secrets.token_hex(8)
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
         self.journal.unlink(missing_ok=True)
+        self._saved, self._journal_open = True, False
 
 
 def _identity_key(identity: dict[str, Any]) -> str:

@@ -73,8 +73,10 @@ def describe_os_failure(err: BaseException | None) -> str | None:
 
 def _database_full(err: BaseException) -> bool:
     """An SQLite write refused for want of space (``SQLITE_FULL``), as MLflow's default store meets it."""
-    import sqlite3
-
+    try:
+        import sqlite3
+    except ImportError:  # a Python built without it has no SQLite store either
+        return False
     err = getattr(err, "orig", None) or err  # SQLAlchemy keeps the driver's error there
     return isinstance(err, sqlite3.Error) and (getattr(err, "sqlite_errorcode", None) == 13  # SQLITE_FULL
                                                or "database or disk is full" in str(err))
@@ -106,7 +108,8 @@ class _UserErrorLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        return find_user_error(exc) is None and describe_os_failure(exc) is None
+        logged = record.exc_info[1] if record.exc_info else None  # a warning logged while handling one stays
+        return find_user_error(exc) is None and describe_os_failure(logged) is None
 
 
 _LOG_FILTER = _UserErrorLogFilter()

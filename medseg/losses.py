@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, SoftclDiceLoss
+from monai.losses import DiceCELoss
+from monai.losses.cldice import soft_skel
 from torch import nn
 
 from medseg.errors import ConfigValueError
@@ -49,7 +50,7 @@ class WeightedCEclDiceLoss(WeightedCrossEntropyLoss):
         if not float(cldice_weight) >= 0:
             raise ConfigValueError(f"cldice_weight={cldice_weight}: must be >= 0")
         self.cldice_weight, self.skeleton_class = float(cldice_weight), int(skeleton_class)
-        self.cldice = SoftclDiceLoss(iter_=int(skeleton_iters))
+        self.skeleton_iters = int(skeleton_iters)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Args: as :meth:`WeightedCrossEntropyLoss.forward`. Returns weighted CE + ``cldice_weight`` x clDice."""
@@ -59,7 +60,18 @@ class WeightedCEclDiceLoss(WeightedCrossEntropyLoss):
         k = self.skeleton_class
         prob = torch.softmax(logits.float(), dim=1)[:, k : k + 1]
         mask = (target[:, :1].long() == k).float()
-        return ce + self.cldice_weight * self.cldice(prob, mask)
+        return ce + self.cldice_weight * self.soft_cldice(prob, mask, self.skeleton_iters)
+
+    @staticmethod
+    def soft_cldice(prob: torch.Tensor, mask: torch.Tensor, iters: int) -> torch.Tensor:
+        """1 - clDice of one probability channel ``(B, 1, H, W)`` against its binary mask, per image, averaged:
+        MONAI's ``SoftclDiceLoss`` (smoothing 1 and 1e-4) on MONAI's ``soft_skel``, written out because that
+        class's handling of a single channel differs between MONAI versions (1.4 scored channels 1.. only)."""
+        skel_pred, skel_true = soft_skel(prob, iters), soft_skel(mask, iters)
+        dims = list(range(1, prob.dim()))
+        tprec = ((skel_pred * mask).sum(dims) + 1.0) / (skel_pred.sum(dims) + 1.0)
+        tsens = ((skel_true * prob).sum(dims) + 1.0) / (skel_true.sum(dims) + 1.0)
+        return (1.0 - 2.0 * tprec * tsens / (tprec + tsens + 1e-4)).mean()
 
 
 class DiceCEOnLabel(nn.Module):

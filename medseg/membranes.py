@@ -44,8 +44,10 @@ def _seeds(membrane: np.ndarray, depth: float, tile: int, margin: int) -> np.nda
     cell, well within the margin for cells up to about twice its size)."""
     from skimage.morphology import h_minima
 
+    if tile < 0 or margin < 0:
+        raise ValueError(f"seed_tile and seed_margin must be >= 0, got {tile} and {margin}")
     h, w = membrane.shape
-    if tile <= 0 or (h <= tile + 2 * margin and w <= tile + 2 * margin):
+    if tile == 0 or (h <= tile + 2 * margin and w <= tile + 2 * margin):
         return h_minima(membrane, depth).astype(bool)
     seeds = np.zeros(membrane.shape, bool)
     for y in range(0, h, tile):

@@ -138,7 +138,9 @@ def test_a_killed_batchs_journal_is_replayed_up_to_its_last_whole_line(tmp_path)
     record.record({"mask": out / "mask" / "a.png"}, made=True, fingerprint="fa")
     record.begin({"mask": out / "mask" / "b.png"})  # killed while writing b
     lines = (out / JOURNAL).read_text().splitlines()
-    assert len(lines) == 2 and json.loads((out / "run.json").read_text())["outputs"] == {}
+    snapshot = json.loads((out / "run.json").read_text())
+    assert json.loads(lines[0]) == {"generation": snapshot["generation"]}  # which run.json it continues
+    assert len(lines) == 3 and snapshot["outputs"] == {}
     with open(out / JOURNAL, "a") as f:
         f.write('{"outputs": {"mask/c.png": "')  # the kill cut this line short
     again = RunRecord(out, {"c": 1})
@@ -170,3 +172,31 @@ def test_a_manifest_row_cut_short_by_a_kill_is_dropped_and_the_rows_before_kept(
         rows = _earlier_rows(manifest, [])
         assert [r.input for r in rows] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")], cut
         assert rows[0].message == 'a, "quoted" note'
+
+
+def test_a_journal_that_does_not_continue_the_record_is_ignored(tmp_path):
+    # a killed run's journal, then run.json replaced (restored from a backup, copied in without the hidden
+    # journal, moved aside): replaying it would credit this run with outputs another model made
+    import json
+    import shutil
+
+    from medseg.batch import JOURNAL, RunRecord
+
+    out = tmp_path / "out"
+    (out / "mask").mkdir(parents=True)
+    (out / "mask" / "a.png").write_bytes(b"o")
+    record = RunRecord(out, {"c": 1})
+    record.record({"mask": out / "mask" / "a.png"}, made=True)  # killed before the end: only in the journal
+    assert RunRecord(out, {"c": 1}).made_here({"mask": out / "mask" / "a.png"})  # continues: replayed
+    other = RunRecord(tmp_path / "other", {"c": 2})
+    other.save()  # another folder's record put in its place
+    shutil.copy(tmp_path / "other" / "run.json", out / "run.json")
+    assert not RunRecord(out, {"c": 1}).knows(out / "mask" / "a.png")
+    (out / "run.json").unlink()  # the record moved aside, the journal left
+    assert not RunRecord(out, {"c": 1}).knows(out / "mask" / "a.png")
+    # a record written again folds in (or drops) the old journal: what is appended next is replayed
+    again = RunRecord(out, {"c": 1})
+    again.record({"mask": out / "mask" / "a.png"}, made=True)
+    first = json.loads((out / JOURNAL).read_text().splitlines()[0])
+    assert first == {"generation": json.loads((out / "run.json").read_text())["generation"]}
+    assert RunRecord(out, {"c": 1}).made_here({"mask": out / "mask" / "a.png"})
