@@ -226,18 +226,22 @@ class RunRecord:
         applied = 0
         for line in lines[1:]:
             try:
-                change = json.loads(line)
-                for part, table in (("outputs", self.outputs), ("inputs", self.inputs), ("names", self.names),
-                                    ("pending", self.pending)):
-                    for k, v in dict(change.get(part, {})).items():
-                        if v is None:
-                            table.pop(k, None)
-                        else:
-                            table[k] = v
+                self._apply(**json.loads(line))
             except (ValueError, TypeError, AttributeError):
                 break
             applied += 1
         return applied
+
+    def _apply(self, outputs: dict | None = None, inputs: dict | None = None, names: dict | None = None,
+               pending: dict | None = None) -> None:
+        """Apply one change of :meth:`_log` (key -> new value, ``None`` to remove) to the tables."""
+        for table, change in ((self.outputs, outputs), (self.inputs, inputs), (self.names, names),
+                              (self.pending, pending)):
+            for k, v in dict(change or {}).items():
+                if v is None:
+                    table.pop(k, None)
+                else:
+                    table[k] = v
 
     def _log(self, **parts: dict[str, Any]) -> None:
         """Append one change (``outputs``, ``inputs``, ``names``, ``pending``: key -> new value, ``None`` to
@@ -349,13 +353,7 @@ class RunRecord:
         if made and item is not None:
             names[_source_key(item)] = {"rel": item.rel, "mask": mask}
         pending = {r: None for r in rels if r in self.pending}
-        for table, change in ((self.outputs, outputs), (self.inputs, inputs), (self.names, names),
-                              (self.pending, pending)):
-            for k, v in change.items():
-                if v is None:
-                    table.pop(k, None)
-                else:
-                    table[k] = v
+        self._apply(outputs, inputs, names, pending)
         self._log(outputs=outputs, inputs=inputs, names=names, pending=pending)
 
     def note_name(self, item: InputItem, paths: dict[str, Path]) -> None:

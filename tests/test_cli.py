@@ -630,9 +630,8 @@ def test_a_run_folder_with_a_percent_sign_leaves_no_escaped_twin(tmp_path, isbi_
     assert len(runs) == 2 and all("model.pt" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)
 
 
-def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
-    # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
-    # MLflow's refusal to change a logged param: the new value is logged beside the old one
+def _tracked_two_epochs(trained, tmp_path):
+    """A 2-epoch training with MLflow: its CLI args, the MLflow client, experiment and run."""
     import mlflow
 
     out = tmp_path / "tracked"
@@ -641,6 +640,13 @@ def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_p
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("medseg-isbi_em")
     (run,) = client.search_runs([experiment.experiment_id])
+    return args, client, experiment, run
+
+
+def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_path):
+    # an interrupted run stays unfinished in MLflow; resuming it with --epochs changed must not trip over
+    # MLflow's refusal to change a logged param: the new value is logged beside the old one
+    args, client, experiment, run = _tracked_two_epochs(trained, tmp_path)
     client.update_run(run.info.run_id, status="RUNNING")  # as after a crash or a killed process
     result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
     assert result.exit_code == 0, result.output
@@ -652,14 +658,7 @@ def test_resume_with_another_epoch_count_continues_the_mlflow_run(trained, tmp_p
 def test_extending_a_finished_training_continues_its_mlflow_run(trained, tmp_path):
     # --resume --epochs N+1 after a run that finished: one MLflow run with every epoch, not a second run of
     # the same name holding only the new epochs
-    import mlflow
-
-    out = tmp_path / "tracked"
-    args = ("--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu", *_tiny_args())
-    assert _invoke("train", BUNDLE, "--epochs", 2, *args).exit_code == 0
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("medseg-isbi_em")
-    (run,) = client.search_runs([experiment.experiment_id])
+    args, client, experiment, run = _tracked_two_epochs(trained, tmp_path)
     assert run.info.status == "FINISHED"
     result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
     assert result.exit_code == 0, result.output
