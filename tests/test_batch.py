@@ -200,3 +200,67 @@ def test_a_journal_that_does_not_continue_the_record_is_ignored(tmp_path):
     first = json.loads((out / JOURNAL).read_text().splitlines()[0])
     assert first == {"generation": json.loads((out / "run.json").read_text())["generation"]}
     assert RunRecord(out, {"c": 1}).made_here({"mask": out / "mask" / "a.png"})
+
+
+def test_outputs_of_two_models_are_never_taken_for_one_run_of_either(tmp_path):
+    """Run A writes mask and prob; run B (another model, ``--no-prob --overwrite``) replaces the mask only; run
+    A again must not skip the input as its own: its mask is B's."""
+    import pytest
+
+    from medseg.batch import RunRecord, run_batch
+    from medseg.errors import DataError
+
+    item, out, paths = _one_input(tmp_path)
+
+    def write(keys):
+        def segment(slices):
+            for k in keys:
+                paths[k].parent.mkdir(parents=True, exist_ok=True)
+                paths[k].write_bytes(b"m")
+        return segment
+
+    common = {"count": lambda i: 1, "manifest": out / "manifest.csv"}
+    run_batch([item], [], write(["mask", "prob"]), paths_for=lambda i, n: paths, record=RunRecord(out, {"c": "A"}),
+              **common)
+    only_mask = {"mask": paths["mask"]}
+    run_batch([item], [], write(["mask"]), paths_for=lambda i, n: only_mask, overwrite=True,
+              record=RunRecord(out, {"c": "B"}), **common)
+    record = RunRecord(out, {"c": "A"})
+    assert not record.made_here(paths) and RunRecord(out, {"c": "B"}).made_here(only_mask)
+    with pytest.raises(DataError, match="another"):
+        run_batch([item], [], write(["mask", "prob"]), paths_for=lambda i, n: paths, record=record, **common)
+
+
+def test_journal_replay_stops_at_a_damaged_line(tmp_path):
+    # lines after a damaged one are not trusted: the journal is append-only, so a damaged line is where a
+    # kill cut it, and whatever follows was not written by this run's record
+    import json
+
+    from medseg.batch import JOURNAL, RunRecord
+
+    out = tmp_path / "out"
+    (out / "mask").mkdir(parents=True)
+    (out / "mask" / "x.png").write_bytes(b"m")
+    record = RunRecord(out, {"c": 1})
+    record.save()
+    generation = json.loads((out / "run.json").read_text())["generation"]
+    lines = [json.dumps({"generation": generation}), '{"outputs": {"mask/a.png": "k',
+             json.dumps({"outputs": {"mask/x.png": record.key}})]
+    (out / JOURNAL).write_text("\n".join(lines) + "\n")
+    assert not RunRecord(out, {"c": 1}).knows(out / "mask" / "x.png")
+
+
+def test_output_names_taken_compare_ignoring_case(tmp_path):
+    # outputs may land on a case-insensitive disk (macOS, Windows): scan.tif must not write over Scan.png's
+    from medseg.batch import RunRecord
+    from medseg.discovery import InputItem
+
+    out = tmp_path / "out"
+    (out / "mask").mkdir(parents=True)
+    (out / "mask" / "Scan.png").write_bytes(b"m")
+    first = InputItem(str(tmp_path / "Scan.png"), "png", "Scan", key="Scan.png")
+    record = RunRecord(out, {"c": 1})
+    record.record({"mask": out / "mask" / "Scan.png"}, made=True, item=first)
+    later = InputItem(str(tmp_path / "scan.tif"), "tiff", "scan", key="scan.tif")
+    assert [i.rel for i in RunRecord(out, {"c": 1}).keep_names([first, later])] == ["Scan", "scan_tif"]
+    assert [i.rel for i in RunRecord(out, {"c": 1}).keep_names([later])] == ["scan_tif"]

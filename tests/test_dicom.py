@@ -350,8 +350,14 @@ def test_a_multi_frame_file_among_single_slices_is_named(tmp_path):
         read_image(tmp_path / "s")
 
 
-def test_compressed_dicom_is_decoded(tmp_path):
-    # JPEG Lossless (process 14, SV1) is how most PACS exports compress CT and MR; python-gdcm decodes it
+@pytest.mark.parametrize("syntax, uid", [
+    ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),  # how most PACS exports compress CT and MR
+    ("RLELossless", "1.2.840.10008.1.2.5"),
+    ("JPEGLSLossless", "1.2.840.10008.1.2.4.80"),
+    ("JPEG2000Lossless", "1.2.840.10008.1.2.4.90"),
+])
+def test_compressed_dicom_is_decoded(tmp_path, syntax, uid):
+    # compressed with GDCM's own encoders; read back through python-gdcm, bit for bit
     import gdcm
     import pydicom
 
@@ -361,13 +367,44 @@ def test_compressed_dicom_is_decoded(tmp_path):
     reader.SetFileName(str(tmp_path / "raw.dcm"))
     assert reader.Read()
     change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
     change.SetInput(reader.GetImage())
     assert change.Change()
     writer = gdcm.ImageWriter()
-    writer.SetFileName(str(tmp_path / "jll.dcm"))
+    writer.SetFileName(str(tmp_path / "c.dcm"))
     writer.SetFile(reader.GetFile())
     writer.SetImage(change.GetOutput())
     assert writer.Write()
-    assert pydicom.dcmread(tmp_path / "jll.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
-    np.testing.assert_array_equal(read_slice(tmp_path / "jll.dcm", 0)[0], pixels)
+    assert pydicom.dcmread(tmp_path / "c.dcm").file_meta.TransferSyntaxUID == uid
+    np.testing.assert_array_equal(read_slice(tmp_path / "c.dcm", 0)[0], pixels)
+
+
+def test_jpeg_baseline_dicom_is_decoded(tmp_path):
+    # lossy 8-bit JPEG (ultrasound, endoscopy, secondary captures): decoded within JPEG's own error
+    import gdcm
+    import pydicom
+
+    yy, xx = np.mgrid[:48, :40]
+    pixels = (yy * 4 + xx * 2).astype(np.uint8)  # smooth, so JPEG keeps it closely
+    write_dicom_slice(tmp_path / "raw16.dcm", pixels.astype(np.int16), series_uid="1.2.3.8",
+                      position=(0.0, 0.0, 0.0), intercept=0.0)
+    ds = pydicom.dcmread(tmp_path / "raw16.dcm")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "raw.dcm", enforce_file_format=True)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(tmp_path / "raw.dcm"))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGBaselineProcess1))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(tmp_path / "jpeg.dcm"))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    assert pydicom.dcmread(tmp_path / "jpeg.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    decoded = read_slice(tmp_path / "jpeg.dcm", 0)[0]
+    assert decoded.shape == pixels.shape
+    assert np.abs(decoded.astype(np.float64) - pixels).mean() < 2.0

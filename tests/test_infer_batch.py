@@ -327,7 +327,7 @@ def test_pictures_written_as_nifti_overlay_them_in_itk(tmp_path, tiny_checkpoint
         np.testing.assert_allclose(np.asarray(mask.GetDirection()), np.asarray(picture.GetDirection()), atol=1e-6)
 
 
-def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint, shared_nifti):
+def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint):
     root = tmp_path / "in"
     root.mkdir()
     image, _ = synthetic_em(size=40, seed=1)
@@ -339,7 +339,7 @@ def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint, sha
                       position=(0, 0, 0), with_pixels=False)
     gap = write_dicom_series(root / "gap", n=4, size=16)
     (gap / "IM001.dcm").unlink()
-    shutil.copy(shared_nifti / "example4d.nii.gz", root / "four_d.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 6, 4, 2), np.int16), np.eye(4)), root / "four_d.nii.gz")  # x, y, z, t
     # two series in one folder: split into two inputs, both fine
     write_dicom_series(root / "two", n=2, size=16, series_uid="1.2.3.1", series_number=4)
     write_dicom_series(root / "two", n=2, size=16, series_uid="1.2.3.2", series_number=5, prefix="B")

@@ -108,3 +108,34 @@ def test_cpu_bf16_inferer_disabled_is_the_plain_inferer():
     from medseg.inferers import cpu_bf16_supported
 
     assert seen == [False, cpu_bf16_supported()]
+
+
+def test_cpu_bf16_inferer_returns_float32_around_the_default_inferer(monkeypatch):
+    """The training and validation default (MONAI's ``SimpleInferer`` inside) gives bfloat16 under autocast;
+    the wrapper hands float32 on, on any CPU (autocast forced on here where bfloat16 is not native)."""
+    import medseg.inferers
+    from medseg.inferers import CpuBf16Inferer
+
+    monkeypatch.setattr(medseg.inferers, "cpu_bf16_supported", lambda: True)
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.bfloat16  # what the wrapper has to undo
+        out = CpuBf16Inferer()(x, net)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, net(x).float(), atol=0.05, rtol=0.02)
+
+
+def test_padding_to_the_divisor_mirrors_the_far_borders():
+    """A whole-image pass pads the far sides up to the divisor by mirroring (as the tiles do), so a network
+    with a footprint sees the image continued near its edge, not zeros."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 1, 5, padding=2, bias=False)
+    x = torch.rand(1, 1, 30, 29)
+    with torch.no_grad():
+        out = TiledInferer(roi_size=64, border=0, whole_max_pixels=10**6, divisor=16)(x, net)
+        expected = net(torch.nn.functional.pad(x, (0, 3, 0, 2), mode="reflect"))[..., :30, :29]
+        zeros = net(torch.nn.functional.pad(x, (0, 3, 0, 2)))[..., :30, :29]
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, zeros)

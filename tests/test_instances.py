@@ -208,6 +208,39 @@ def test_nuclei_touching_only_at_a_corner_stay_two_whether_seeded_or_not():
         assert labels[7, 7] != labels[8, 8]
 
 
+def test_a_seeded_nucleus_does_not_flood_into_an_unseeded_one_across_a_corner():
+    # the mixed case: the seeded nucleus's watershed is 4-connected too, so the boundary-only one stays apart
+    prob = np.zeros((3, 20, 20), np.float32)
+    prob[0] = 1.0
+    prob[:, 2:8, 2:8] = 0.0
+    prob[1, 2:8, 2:8] = 1.0  # seeded
+    prob[:, 8:14, 8:14] = 0.0
+    prob[2, 8:14, 8:14] = 1.0  # boundary only: kept as a leftover
+    labels = watershed_instances(prob, min_seed_area=4, min_area=8)
+    assert labels.max() == 2 and labels[7, 7] != labels[8, 8]
+    assert np.count_nonzero(labels == labels[7, 7]) == np.count_nonzero(labels == labels[8, 8]) == 36
+
+
+def test_watershed_instances_wrapper_passes_each_setting_to_its_own_parameter():
+    # two touching nuclei (one 10 x 26 blob) with seeds of 16 and 25 px; seeds sure (interior 0.8), the rest
+    # foreground 0.85 (boundary 0.8), so each setting changes the answer in its own way
+    fg = np.zeros((16, 30), bool)
+    fg[3:13, 2:28] = True
+    seed = np.zeros_like(fg)
+    seed[6:10, 5:9] = True  # 16 px
+    seed[5:10, 19:24] = True  # 25 px
+    prob = np.zeros((3, *fg.shape), np.float32)
+    prob[0] = 1.0
+    prob[:, fg & ~seed] = np.array([0.15, 0.05, 0.8], np.float32)[:, None]
+    prob[:, seed] = np.array([0.0, 0.8, 0.2], np.float32)[:, None]
+    assert WatershedInstances(min_seed_area=16, min_area=20)(prob).max() == 2
+    assert WatershedInstances(min_seed_area=20, min_area=16)(prob).max() == 1  # the 16-px seed is dropped
+    assert WatershedInstances(min_seed_area=16, min_area=300)(prob).max() == 0  # each nucleus is under 300 px
+    assert WatershedInstances(seed_threshold=0.9)(prob).max() == 1  # no seed: the blob is one leftover
+    only_seeds = WatershedInstances(fg_threshold=0.9)(prob)  # foreground 0.85 is not foreground now
+    assert sorted(np.bincount(only_seeds.ravel())[1:]) == [16, 25]
+
+
 # --- instance metrics -----------------------------------------------------------------------------
 
 

@@ -157,3 +157,19 @@ def test_prior_logit_shift_undoes_class_weights():
         prior_logit_shift([1.0, 2.0], 3)
     with pytest.raises(ValueError, match="positive"):
         prior_logit_shift([1.0, 0.0, 2.0], 3)
+
+
+def test_cldice_term_matches_monai_soft_cldice_on_uncertain_maps():
+    """Unsaturated probabilities: our single-channel clDice gives MONAI's ``SoftclDiceLoss`` (MONAI >= 1.5 scores a
+    single channel; our own formula exists for 1.4)."""
+    from monai.losses import SoftclDiceLoss
+
+    from medseg.losses import WeightedCEclDiceLoss
+
+    torch.manual_seed(3)
+    prob = torch.rand(2, 1, 32, 32)
+    mask = (torch.rand(2, 1, 32, 32) > 0.6).float()
+    ours = WeightedCEclDiceLoss.soft_cldice(prob, mask, 3)
+    reference = SoftclDiceLoss(iter_=3, smooth_nr=1.0, smooth_dr=1.0, smooth=1e-4)(prob, mask)
+    torch.testing.assert_close(ours, reference)
+    assert 0.05 < float(ours) < 0.95  # an uncertain map: neither end of the scale

@@ -98,3 +98,28 @@ def test_seeds_found_tile_by_tile_give_the_cells_of_the_whole_slice():
     # without context the tiles' borders make minima of their own: the check above can fail
     assert not np.array_equal(agglomerate_cells(prob, seed_tile=96, seed_margin=0, merge_threshold=0),
                               agglomerate_cells(prob, seed_tile=0, merge_threshold=0))
+
+
+def test_the_line_between_two_regions_takes_the_more_membrane_like_pixel():
+    from medseg.membranes import _with_lines
+
+    regions = np.ones((6, 10), np.int32)
+    regions[:, 5:] = 2  # the boundary runs between columns 4 and 5
+    membrane = np.zeros((6, 10))
+    membrane[:, 4], membrane[:, 5] = 0.9, 0.3
+    lines = _with_lines(regions, membrane)
+    assert (lines[:, 4] == 0).all() and (lines[:, [0, 1, 2, 3, 5, 6, 7, 8, 9]] > 0).all()  # one pixel wide
+    membrane[:, 4], membrane[:, 5] = 0.3, 0.9
+    lines = _with_lines(regions, membrane)
+    assert (lines[:, 5] == 0).all() and np.count_nonzero(lines == 0) == 6
+
+
+def test_a_merged_region_sees_its_neighbour_through_the_pixel_weighted_mean_of_both_boundaries():
+    from medseg.membranes import _merged_boundary
+
+    graph = {1: {3: {"weight": 0.2, "count": 3}}, 2: {3: {"weight": 0.8, "count": 1}}, 3: {}}
+    merged = _merged_boundary(graph, 2, 1, 3)  # region 2 merged into region 1; neighbour 3
+    assert merged["count"] == 4 and merged["weight"] == pytest.approx((3 * 0.2 + 0.8) / 4)
+    assert _merged_boundary(graph, 1, 2, 3)["weight"] == pytest.approx(0.35)  # either way round
+    graph[1] = {}
+    assert _merged_boundary(graph, 2, 1, 3) == {"count": 1, "weight": 0.8}  # only one of them touches it

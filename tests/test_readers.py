@@ -203,10 +203,20 @@ def test_nifti_contract_on_real_file(shared_nifti):
     np.testing.assert_array_equal(read_slice(path, 3), arr[:, 3])
 
 
-def test_nifti_2d_and_4d(tmp_path, shared_nifti):
+def test_nifti_2d_and_4d(tmp_path):
     nib.save(nib.Nifti1Image(np.arange(20, dtype=np.int16).reshape(4, 5), np.eye(4)), tmp_path / "flat.nii.gz")
     arr, meta = read_image(tmp_path / "flat.nii.gz")
     assert arr.shape == (1, 1, 5, 4) and meta["slice_count"] == 1
+    volumes = np.arange(8 * 6 * 4 * 2, dtype=np.int16).reshape(8, 6, 4, 2)  # x, y, z, t
+    nib.save(nib.Nifti1Image(volumes, np.eye(4)), tmp_path / "four.nii.gz")
+    with pytest.raises(DataError, match=r"four\.nii\.gz: 4D NIfTI .* split it .* nifti_channel_dim=3"):
+        read_image(tmp_path / "four.nii.gz")
+    arr, _ = NiftiReader(channel_dim=3).read_source(str(tmp_path / "four.nii.gz"))
+    assert arr.shape == (2, 4, 6, 8)  # (C, Z, Y, X)
+    np.testing.assert_array_equal(arr[1], volumes[..., 1].transpose(2, 1, 0))
+
+
+def test_nifti_4d_real_file(shared_nifti):
     with pytest.raises(DataError, match=r"example4d\.nii\.gz: 4D NIfTI .* split it .* nifti_channel_dim=3"):
         read_image(shared_nifti / "example4d.nii.gz")
     arr, _ = NiftiReader(channel_dim=3).read_source(str(shared_nifti / "example4d.nii.gz"))

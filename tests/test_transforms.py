@@ -129,6 +129,16 @@ def test_elastic_zero_sigma_is_identity_and_labels_stay_binary():
     assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
 
 
+def test_elastic_borders_are_mirrored_not_filled_with_zeros():
+    # a constant picture stays constant wherever the field pulls from outside it
+    img, lab = torch.full((1, 24, 28), 5.0), torch.ones(1, 24, 28)
+    warp = RandElasticGridd(keys=["image", "label"], sigma=10.0, prob=1.0, mode=["bilinear", "nearest"])
+    warp.set_random_state(3)
+    out = warp({"image": img, "label": lab})
+    torch.testing.assert_close(out["image"], img)
+    assert bool((out["label"] == 1).all())
+
+
 def test_elastic_is_reproducible_with_seed():
     img = torch.rand(1, 24, 24)
     a, b = (RandElasticGridd(keys="image", prob=1.0).set_random_state(7) for _ in range(2))

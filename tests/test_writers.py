@@ -120,3 +120,28 @@ def test_manifest_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         batch.write_manifest(tmp_path / "manifest.csv", rows * 2)
     assert (tmp_path / "manifest.csv").read_bytes() == before
+
+
+def test_a_volume_asked_for_as_png_becomes_a_calibrated_tiff_stack(tmp_path):
+    """A PNG holds one slice: a 3-slice NIfTI written with ``output_format="png"`` gives one TIFF stack of 3
+    pages per output; the ImageJ description (unit, slice spacing) is on the first page only."""
+    import nibabel as nib
+    import tifffile
+
+    img = nib.Nifti1Image(np.zeros((8, 6, 3), np.int16), np.diag([0.5, 0.7, 2.0, 1.0]))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, tmp_path / "v.nii.gz")
+    src = tmp_path / "v.nii.gz"
+    w = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), output_format="png")
+    assert set(w.paths_for("v", "nifti", 3).values()) == {tmp_path / "out" / "mask" / "v.tif",
+                                                         tmp_path / "out" / "prob" / "v.tif"}
+    assert w.paths_for("v", "nifti", 1)["mask"].name == "v.png"  # one slice stays a PNG
+    _feed(w, src, [0.1, 0.6, 0.9], "nifti")
+    assert not list((tmp_path / "out").rglob("*.png"))
+    with tifffile.TiffFile(tmp_path / "out" / "mask" / "v.tif") as tif:
+        assert len(tif.pages) == 3 and tif.imagej_metadata["spacing"] == pytest.approx(2000)  # µm
+        assert [int(p.asarray().max()) for p in tif.pages] == [0, 255, 255]
+        assert all("ImageDescription" not in p.tags for p in tif.pages[1:])
+    prob = tifffile.imread(tmp_path / "out" / "prob" / "v.tif")
+    assert prob.shape == (3, 6, 8) and prob.dtype == np.float32
+    np.testing.assert_allclose(prob[:, 0, 0], [0.1, 0.6, 0.9], atol=1e-6)
