@@ -169,23 +169,66 @@ def load_config(
     for key, value in (overrides or {}).items():
         if key not in parser:
             raise BundleError(_unknown_key_message(parser, key, bundle))
-        _check_override_type(key, parser[key], value)
+        value = _check_override_type(key, _referenced(parser, parser[key]), value)
         parser[key] = value
+    _check_patch_size(parser)
     return parser
 
 
-def _check_override_type(key: str, default: Any, value: Any) -> None:
-    """A ``--set`` value of another kind than the bundle's literal default (a word for a number, ...)."""
+def config_flag(value: Any, name: str) -> bool:
+    """A yes/no setting as a bool. ``python -m monai.bundle run ... --tta false`` hands the word over as a
+    string, which ``bool()`` would take as true: the words true/false (yes/no, on/off, 1/0) are read as
+    meant, anything else is refused."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0", ""):
+            return False
+        raise ConfigValueError(f"{name}={value!r}: give true or false")
+    return bool(value)
+
+
+def _referenced(parser: Any, default: Any, hops: int = 5) -> Any:
+    """The literal a default such as ``"@max_epochs"`` refers to (a plain reference, followed a few hops)."""
+    while hops and isinstance(default, str) and default.startswith("@") and default[1:] in parser:
+        default, hops = parser[default[1:]], hops - 1
+    return default
+
+
+def _check_override_type(key: str, default: Any, value: Any) -> Any:
+    """A ``--set`` value of another kind than the bundle's literal default (a word for a number, a fraction for
+    a whole number, ...): refused; the value to use (``3.0`` for a whole number becomes ``3``)."""
     if value is None or (isinstance(value, str) and value.startswith(("$", "@", "%"))):
-        return  # null (often "off"), an expression or a reference: checked where it is used
+        return value  # null (often "off"), an expression or a reference: checked where it is used
     if isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"
-    elif isinstance(default, (int, float)):
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a whole number"
+        if ok and isinstance(value, float):
+            ok, value = value.is_integer(), int(value) if value.is_integer() else value
+    elif isinstance(default, float):
         ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     else:
-        return  # strings, lists, dicts, null and expressions take what the bundle makes of them
+        return value  # strings, lists, dicts, null and expressions take what the bundle makes of them
     if not ok:
         raise ConfigValueError(f"--set {key}={value!r}: the bundle's {key} is {kind} ({default!r}); give {kind}")
+    return value
+
+
+def _check_patch_size(parser: Any) -> None:
+    """``patch_size`` (training crops and inference windows) must fit the network: each side a multiple of the
+    bundle's ``size_divisor`` (2 to the number of the U-Net's down-samplings)."""
+    patch, divisor = parser.get("patch_size"), parser.get("size_divisor")
+    if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1 or not isinstance(patch, list):
+        return
+    if all(isinstance(side, int) and not isinstance(side, bool) and side > 0 and side % divisor == 0
+           for side in patch):
+        return
+    fit = [max(divisor, round(side / divisor) * divisor) if isinstance(side, (int, float)) else divisor
+           for side in patch]
+    raise ConfigValueError(f"patch_size={patch}: each side must be a positive multiple of size_divisor {divisor} "
+                           f"(what the network's down-sampling needs); e.g. --set 'patch_size={fit}'")
 
 
 def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> str:

@@ -102,11 +102,20 @@ def describe_config_failure(err: BaseException | None) -> str | None:
             "(--debug shows the traceback)")
 
 
+#: What Ignite's engines and MONAI's ``StatsHandler`` log (the latter with the traceback) of an exception they
+#: are about to re-raise; the CLI reports that exception once, in one line (``--debug`` keeps these logs)
+_RERAISE_LOGS = ("Current run is terminating due to exception", "Engine run is terminating due to exception")
+
+
 class _UserErrorLogFilter(logging.Filter):
-    """Drops log records about a user error or a write refused for space or permission: engines (and MLflow's
-    store) log each exception they re-raise, with its traceback, and the CLI reports it in one line."""
+    """Drops log records about a user error or a write refused for space or permission, and the engines' logs
+    of an exception on its way out: engines (and MLflow's store) log each exception they re-raise, with its
+    traceback, and the CLI reports it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(_RERAISE_LOGS) or (record.exc_info and message.startswith("Exception: ")):
+            return False
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
         logged = record.exc_info[1] if record.exc_info else None  # a warning logged while handling one stays
         return find_user_error(exc) is None and describe_os_failure(logged) is None

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from monai.utils import ensure_tuple_rep
 
+from medseg.bundle import config_flag
+
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     x = torch.flip(x, dims=(-1,)) if flip else x
@@ -65,7 +67,7 @@ class TiledInferer(SlidingWindowInferer):
         kwargs.setdefault("cache_roi_weight_map", True)
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, **kwargs)
         self.border = int(border)
-        self.tta = bool(tta)
+        self.tta = config_flag(tta, "tta")
         self.whole_max_pixels, self.divisor = int(whole_max_pixels), max(int(divisor), 1)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

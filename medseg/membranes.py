@@ -24,6 +24,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from medseg.bundle import config_flag
+
 
 def _merged_boundary(graph: Any, src: int, dst: int, n: int) -> dict[str, float]:
     # the boundary of a merged region with neighbour n: pixel-count-weighted mean of both boundaries
@@ -137,7 +139,7 @@ class CloseContoursd(MapTransform):
                  sigma: float = 1.0, seed_depth: float = 0.05, enabled: bool = True,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.channel, self.enabled = int(channel), bool(enabled)
+        self.channel, self.enabled = int(channel), config_flag(enabled, "close_contours")
         self.kwargs = {"merge_threshold": float(merge_threshold), "floor": float(floor), "sigma": float(sigma),
                        "seed_depth": float(seed_depth)}
 

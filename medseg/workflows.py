@@ -70,14 +70,15 @@ def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: 
     return out
 
 
-def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, output_dir: Path) -> None:
+def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, output_dir: Path,
+                         own_store: bool = False) -> None:
     """Before a resumed training: when the folder's run finished (``--resume --epochs`` more after a run that
     completed), mark it unfinished, so that MONAI's handler continues it (one run, one curve per metric)
     instead of starting a second run of the same name. A run left unfinished is continued anyway."""
     import mlflow
 
     try:
-        runs = [r for r in _runs_named(tracking_uri, experiment, run_name) if _same_folder(r, output_dir)]
+        runs = [r for r in _runs_named(tracking_uri, experiment, run_name) if _same_folder(r, output_dir, own_store)]
         if runs and not _runs_named(tracking_uri, experiment, run_name, unfinished=True):
             status = mlflow.entities.RunStatus
             latest = max(runs, key=lambda r: r.info.start_time or 0)
@@ -101,14 +102,16 @@ def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool 
             if r.info.run_name == name and not (unfinished and r.info.status == finished)]
 
 
-def _same_folder(run: Any, output_dir: Path) -> bool:
+def _same_folder(run: Any, output_dir: Path, own_store: bool = False) -> bool:
     """Whether an MLflow run was logged by a training in ``output_dir`` (by its ``output_dir`` param, which
-    medseg logs as an absolute path; a run without one is another tool's)."""
+    medseg logs as an absolute path; a run without one is another tool's). In the folder's own store
+    (``own_store``) every medseg run is the folder's, wherever the folder was when it was logged."""
     logged = run.data.params.get("output_dir")
-    return logged is not None and Path(logged).resolve() == output_dir.resolve()
+    return logged is not None and (own_store or Path(logged).resolve() == output_dir.resolve())
 
 
-def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool) -> str:
+def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool,
+              own_store: bool = False) -> str:
     """The MLflow run name of a training in ``output_dir``: the folder's name, or when resuming the name the
     training started with (kept in its ``config.json``). A new training whose folder name already names a
     run of another folder (a shared tracking server) takes a hash of its path into the name, so that
@@ -126,12 +129,12 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         raise MedsegError(f"MLflow store {tracking_uri}: cannot be read ({reason}); check that the server runs "
                           "and --tracking-uri, or train with --no-tracking") from err
-    if any(not _same_folder(r, output_dir) for r in named):
+    if any(not _same_folder(r, output_dir, own_store) for r in named):
         name = f"{name}-{hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
     return name
 
 
-def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
+def _retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = False) -> None:
     """Before a new (not resumed) training: the runs this folder left unfinished (stopped by Ctrl-C or an
     error), which MONAI's handler would continue, are renamed ``NAME (replaced)``; one still marked
     running is closed as failed."""
@@ -142,7 +145,7 @@ def _retire_unfinished_runs(configs: dict, output_dir: Path) -> None:
         client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
         for run in _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"],
                                unfinished=True):
-            if not _same_folder(run, output_dir):
+            if not _same_folder(run, output_dir, own_store):
                 continue
             if run.info.status == status.to_string(status.RUNNING):
                 client.set_terminated(run.info.run_id, status.to_string(status.FAILED))
@@ -176,14 +179,15 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
         for handler in ("trainer", "validator"):
             configs[handler]["artifact_location"] = path_to_uri(store.resolve().parent / "mlruns")
     configs["experiment_name"] = experiment
-    configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume)
+    own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
+    settings["own_store"] = own_store
+    configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
     configs["save_execute_config"] = str(config_path)
-    params = {k: v for k, v in parser.get().items()
-              if isinstance(v, (int, float, str, bool)) and not str(v).startswith(("$", "@", "%"))}
+    params = _plain_params(parser.get())
     if "output_dir" in params:
         params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
     if resume:
-        _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"], output_dir)
+        _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"], output_dir, own_store)
         params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
     configs["trainer"]["experiment_param"] = params
@@ -191,6 +195,41 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     if store is not None and Path(uri[len("sqlite:///"):]) != store.absolute():
         settings["stray_folders"] = stray  # MLflow makes the store's folder from the escaped URI as well
     return settings
+
+
+#: Config ids whose nested values are the workflow's wiring (engines, data, handlers), not settings to compare
+_WIRING = {"_meta_", "imports", "train", "validate", "datalists", "run", "training", "initialize", "load",
+           "preprocessing", "postprocessing", "inferer", "loss", "optimizer", "lr_scheduler", "network", "ema",
+           "early_stop", "last_checkpoint"}
+
+
+def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
+    """The settings an MLflow run logs as params: the config's plain top-level values, then (up to ``limit``
+    params in all, MLflow's batch size) plain lists such as ``patch_size`` and the plain values one level
+    inside settings such as ``network_def`` (``network_def.channels``), so that runs differing only there
+    can be told apart and compared."""
+    def plain(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(isinstance(v, (int, float, str, bool)) and not str(v).startswith(("$", "@", "%"))
+                       for v in value)
+        return isinstance(value, (int, float, str, bool)) and not str(value).startswith(("$", "@", "%"))
+
+    params = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) and plain(v)}
+    nested: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _WIRING or str(key).startswith("_"):
+            continue
+        if isinstance(value, (list, tuple)) and plain(value):
+            nested[key] = str(list(value))
+        elif isinstance(value, dict):
+            for child, inner in value.items():
+                if plain(inner) and (child == "_target_" or not str(child).startswith("_")):
+                    nested[f"{key}.{child}"] = str(list(inner)) if isinstance(inner, (list, tuple)) else inner
+    for key, value in nested.items():
+        if len(params) >= limit:
+            break
+        params[key] = value
+    return params
 
 
 def _folders_made_for(folder: Path) -> list[Path]:
@@ -265,6 +304,7 @@ def _check_tracking_uri(uri: str) -> None:
         except (OSError, ValueError) as err:
             raise MedsegError(f"--tracking-uri {uri}: no MLflow server answers there ({err}); start it, fix the "
                               "address, or train with --no-tracking") from err
+        _check_server_answers(uri)
         return
     from mlflow import MlflowClient
 
@@ -274,6 +314,32 @@ def _check_tracking_uri(uri: str) -> None:
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         raise MedsegError(f"--tracking-uri {uri}: not a usable MLflow store ({reason}); give a server URL "
                           "(http://HOST:5000) or a database such as sqlite:///PATH/mlflow.db") from err
+
+
+#: Seconds a tracking server that accepted the connection has to answer a first request
+SERVER_ANSWER_SECONDS = 10.0
+
+
+def _check_server_answers(uri: str) -> None:
+    """A server that accepts connections must also answer a request (any HTTP status will do) within
+    :data:`SERVER_ANSWER_SECONDS`: a hung one would stall the training at its first MLflow call for minutes."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                                    timeout=SERVER_ANSWER_SECONDS):
+            return
+    except urllib.error.HTTPError:
+        return  # an answer: what it means (404, 401, ...) is MLflow's to report
+    except OSError as err:  # URLError included
+        stalled = isinstance(err, socket.timeout) or isinstance(getattr(err, "reason", None), socket.timeout)
+        if not stalled:
+            return  # anything else (TLS, a proxy, a reset): MLflow reports it in its own words
+        raise MedsegError(f"--tracking-uri {uri}: the server accepted the connection but sent no answer within "
+                          f"{SERVER_ANSWER_SECONDS:g} s; check that it is an MLflow server that runs, or train "
+                          "with --no-tracking") from err
 
 
 def _check_data_dir(data_dir: str) -> None:
@@ -495,6 +561,24 @@ def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[
     return found
 
 
+def _recorded_tracking_uri(config: dict) -> str | None:
+    """The MLflow store a run to be resumed logged to, when it was not its folder's own (a server, a shared
+    database): the resumed training continues its run there. ``None``: the folder's own store (also for a
+    folder moved since), or a run trained without tracking."""
+    from urllib.parse import quote
+
+    uri, folder = config.get("tracking_uri"), config.get("output_dir")
+    if not isinstance(uri, str) or not uri or uri.startswith(("$", "@")):
+        return None
+    if isinstance(folder, str) and uri.startswith("sqlite:") and (
+            uri == _local_store_uri(Path(folder) / "mlflow.db")
+            or uri.endswith((f"/{Path(folder).name}/mlflow.db", f"/{quote(Path(folder).name)}/mlflow.db"))):
+        return None  # the folder's own (its path may be relative, or the folder moved since)
+    logging.getLogger(__name__).info("--resume: logging to the run's own MLflow store %s (from its config.json); "
+                                     "give --tracking-uri to log elsewhere", uri)
+    return uri
+
+
 def _resume_length(parser: Any, config: dict, overrides: dict) -> None:
     """A resumed run keeps its own ``max_epochs`` unless ``--epochs`` says otherwise (the bundle's default
     would restart the whole schedule), and a changed length is said to leave the learning-rate schedule as
@@ -598,6 +682,8 @@ def train(
     from medseg.io import atomic_output, remove_partial_files
     from medseg.locking import folder_lock
 
+    if tracking_uri and not tracking:
+        raise ConfigValueError(f"--tracking-uri {tracking_uri} with --no-tracking: give one of them")
     _check_data_dir(data_dir)
     out = Path(output_dir)
     dev = select_device(device)
@@ -609,6 +695,7 @@ def train(
                                                       "_mode_": "callable"}
     _check_training_length(parser, max_minutes)
     check_writable(out)
+    own_store = False  # whether MLflow logs to the folder's own store
     with folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
         remove_partial_files(out)  # what a killed training was writing (a checkpoint, the history)
         _recover_set_aside(out)
@@ -618,6 +705,8 @@ def train(
         try:
             recorded = _recorded_run(out) if resume else {}
             if resume:
+                if tracking and not tracking_uri:
+                    tracking_uri = _recorded_tracking_uri(recorded.get("config", {}))
                 _resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
                 _resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
@@ -637,6 +726,7 @@ def train(
                 experiment = f"medseg-{Path(bundle).resolve().name}"
                 tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
                 at_end.callback(_remove_if_empty, tracked.pop("stray_folders", []))
+                own_store = tracked.pop("own_store", False)
                 ConfigWorkflow.patch_bundle_tracking(parser, tracked)
             else:
                 parser.export_config_file(parser.get(), str(config_path))
@@ -646,7 +736,7 @@ def train(
             evaluator = parser.get_parsed_content("validate#evaluator")
             _check_batches(trainer, data_dir)
             if tracked is not None and not resume:
-                _retire_unfinished_runs(tracked["configs"], out)
+                _retire_unfinished_runs(tracked["configs"], out, own_store)
             if overwrite:
                 for path in _trained_files(out):  # the replaced training's, once this one has passed its checks
                     path.unlink()

@@ -34,6 +34,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from medseg.bundle import config_flag
 from medseg.errors import DataError
 from medseg.io import partial_file, tiff_calibration, write_nifti, write_png, write_tiff
 
@@ -268,7 +269,9 @@ class SaveSegmentationd(MapTransform):
             raise DataError(f"DICOM SEG output holds binary masks; this bundle writes {mask_mode}: "
                             "use --format nifti")
         self.output_dir = Path(output_dir)
-        self.channel, self.threshold, self.save_prob = channel, threshold, save_prob
+        if output_format not in ("auto", "", None, *OUTPUT_FORMATS):  # before any input, not once per input
+            raise DataError(f"unknown output format '{output_format}'; choose auto, {', '.join(OUTPUT_FORMATS)}")
+        self.channel, self.threshold, self.save_prob = channel, threshold, config_flag(save_prob, "save_prob")
         self.output_format, self.nifti_channel_dim = output_format, nifti_channel_dim
         self.mask_mode, self.postprocess = mask_mode, postprocess
         self.class_values = None if class_values is None else np.asarray(class_values)

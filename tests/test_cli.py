@@ -668,6 +668,42 @@ def test_extending_a_finished_training_continues_its_mlflow_run(trained, tmp_pat
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [1, 2, 3]
 
 
+def test_extending_a_moved_training_continues_its_mlflow_run(trained, tmp_path):
+    # the folder's own store holds only this folder's runs, whatever path they were logged from
+    import mlflow
+
+    args, client, experiment, run = _tracked_two_epochs(trained, tmp_path)
+    moved = tmp_path / "moved"
+    (tmp_path / "tracked").rename(moved)
+    args = tuple(moved if a == tmp_path / "tracked" else a for a in args)
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlflow.db'}")
+    (again,) = client.search_runs([experiment.experiment_id])
+    assert again.info.run_id == run.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
+
+
+def test_resume_logs_to_the_store_the_run_was_tracked_in(trained, tmp_path, monkeypatch):
+    # trained with --tracking-uri (a shared store), resumed without it: the run there is continued, no
+    # second store is started in the folder
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    out = tmp_path / "run"
+    args = ("--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu", *_tiny_args())
+    assert _invoke("train", BUNDLE, "--epochs", 2, "--tracking-uri", uri, *args).exit_code == 0
+    monkeypatch.chdir(tmp_path)  # from elsewhere, too
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    assert not (out / "mlflow.db").exists()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
+    # network settings are params too, so runs that differ only there can be compared
+    assert run.data.params["network_def.channels"] == "[4, 8, 16]" and run.data.params["patch_size"]
+
+
 def test_resume_keeps_the_best_model_and_patience(trained, tmp_path):
     # the run before the interruption recorded V_rand 1.0 at epoch 2: no later validation can beat it, so the
     # resumed run must leave model.pt alone, report that best, and stop once patience (2) runs out at epoch 4
@@ -977,7 +1013,7 @@ def test_model_from_the_end_of_run_validation_is_tracked(tmp_path, isbi_folder, 
 
 
 def test_engine_logs_of_a_user_error_are_dropped_unless_debug():
-    # Ignite and MONAI log every exception they re-raise, with its traceback; a user error gets one line
+    # Ignite and MONAI log every exception they re-raise, with its traceback; the CLI reports it in one line
     import io
     import logging
 
@@ -987,19 +1023,22 @@ def test_engine_logs_of_a_user_error_are_dropped_unless_debug():
     logger = logging.getLogger("medseg.test.engine")
     logger.addHandler(logging.StreamHandler(stream))
 
-    def log_failure(err: Exception) -> None:
+    def log_failure(err: Exception, message: str = "Exception") -> None:
         try:
             raise RuntimeError("applying transform") from err
-        except RuntimeError:
-            logger.error("Engine run is terminating due to exception")
-            logger.exception("Exception")
+        except RuntimeError as exc:
+            logger.error(f"Engine run is terminating due to exception: {exc}")
+            logger.exception(f"{message}: {exc}")
 
     try:
         with quiet_user_error_logs():
             log_failure(DataError("x.png: label values 77 are not binary"))
             assert stream.getvalue() == ""
-            log_failure(ValueError("a bug"))  # not the user's: logged as before
-            assert "Engine run is terminating" in stream.getvalue() and "Traceback" in stream.getvalue()
+            log_failure(ValueError("a bug"))  # on its way out to the CLI, which reports it in one line
+            assert stream.getvalue() == ""
+            log_failure(ValueError("a bug"), message="could not save")  # another log of a failure: kept
+            assert "could not save" in stream.getvalue() and "Traceback" in stream.getvalue()
+            assert "terminating" not in stream.getvalue()
         stream.seek(0)
         stream.truncate(0)
         log_failure(DataError("x.png"))  # after the run: the caller's own logs are untouched
@@ -1190,3 +1229,62 @@ def test_a_data_loader_given_as_an_expression_still_trains(tmp_path, isbi_folder
                      "--no-progress", "--no-tracking", "--device", "cpu", "-c", overlay, *_tiny_args())
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_a_failure_inside_the_training_loop_is_one_line_without_the_engines_traceback(trained, tmp_path, capfd):
+    # Ignite and MONAI's StatsHandler log an exception (with its traceback) before re-raising it; the CLI
+    # reports it once, in one line
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", tmp_path / "o", "--no-tracking",
+                     "--no-progress", "--device", "cpu", *_tiny_args(), "--set", "network_def#in_channels=2")
+    _assert_one_line_error(result, "a config value does not work", "to have 2 channels", "--debug")
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert "terminating due to exception" not in captured.err + captured.out
+
+
+def test_a_patch_size_the_network_cannot_take_is_refused_before_training(tmp_path):
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--no-tracking",
+                     "--set", "patch_size=[100,100]")
+    _assert_one_line_error(result, "patch_size=[100, 100]", "multiple of size_divisor 16", "patch_size=[96, 96]")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("max_epochs=2.5", "max_epochs is a whole number (150)"),
+    ("train#trainer#max_epochs=2x", "train#trainer#max_epochs is a whole number (150)"),
+])
+def test_set_values_are_checked_against_the_kind_they_replace(tmp_path, item, fragment):
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--set", item)
+    _assert_one_line_error(result, fragment)
+
+
+def test_tracking_uri_and_no_tracking_together_are_refused(tmp_path):
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--no-tracking",
+                     "--tracking-uri", "http://127.0.0.1:5000")
+    _assert_one_line_error(result, "--tracking-uri http://127.0.0.1:5000 with --no-tracking", "give one")
+
+
+def test_a_tracking_server_that_never_answers_is_one_line_within_seconds(tmp_path, monkeypatch):
+    import socket
+    import threading
+    import time
+
+    import medseg.workflows
+
+    monkeypatch.setattr(medseg.workflows, "SERVER_ANSWER_SECONDS", 1.0)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)  # accepts connections (the kernel does), never reads nor answers
+    held: list = []
+    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+    uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    start = time.perf_counter()
+    try:
+        result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1,
+                         "--no-progress", "--device", "cpu", "--tracking-uri", uri, *_tiny_args())
+    finally:
+        server.close()
+    _assert_one_line_error(result, f"--tracking-uri {uri}: the server accepted the connection but sent no answer "
+                           "within 1 s", "--no-tracking")
+    assert time.perf_counter() - start < 30

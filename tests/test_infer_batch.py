@@ -384,6 +384,10 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     assert f"failed: {tmp_path / 'imgs' / 'a.png'}: --format dicom-seg needs DICOM inputs" in result.output
     result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint, "--format", "jpeg")
     assert result.exit_code == 1 and "unknown output format" in result.output
+    result = _infer(tmp_path / "imgs", tmp_path / "o4", tiny_checkpoint, "--set", "output_format=jpeg")
+    assert result.exit_code == 1 and "unknown output format 'jpeg'" in result.output  # once, not per input
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "o4").exists()
     for res in (result,):
         assert len([line for line in res.output.splitlines() if line.strip()]) == 1
 

@@ -139,3 +139,17 @@ def test_padding_to_the_divisor_mirrors_the_far_borders():
         zeros = net(torch.nn.functional.pad(x, (0, 3, 0, 2)))[..., :30, :29]
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out, zeros)
+
+
+def test_yes_no_settings_given_as_words_are_read_as_meant():
+    # `python -m monai.bundle run ... --tta false` hands over the string 'false', which bool() takes as true
+    import pytest
+
+    from medseg.errors import ConfigValueError
+    from medseg.membranes import CloseContoursd
+
+    assert TiledInferer(roi_size=32, tta="false").tta is False
+    assert TiledInferer(roi_size=32, tta="True").tta is True
+    assert CloseContoursd(keys="pred", enabled="off").enabled is False
+    with pytest.raises(ConfigValueError, match="tta='maybe': give true or false"):
+        TiledInferer(roi_size=32, tta="maybe")

@@ -145,3 +145,11 @@ def test_a_volume_asked_for_as_png_becomes_a_calibrated_tiff_stack(tmp_path):
     prob = tifffile.imread(tmp_path / "out" / "prob" / "v.tif")
     assert prob.shape == (3, 6, 8) and prob.dtype == np.float32
     np.testing.assert_allclose(prob[:, 0, 0], [0.1, 0.6, 0.9], atol=1e-6)
+
+
+def test_writer_settings_are_checked_when_it_is_built(tmp_path):
+    from medseg.errors import DataError
+
+    assert SaveSegmentationd(keys="pred", output_dir=str(tmp_path), save_prob="false").save_prob is False
+    with pytest.raises(DataError, match="unknown output format 'jpeg'; choose auto, png"):
+        SaveSegmentationd(keys="pred", output_dir=str(tmp_path), output_format="jpeg")
