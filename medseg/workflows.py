@@ -694,9 +694,11 @@ def train(
         parser["train#dataloader#worker_init_fn"] = {"_target_": "medseg.workflows.data_worker_init",
                                                       "_mode_": "callable"}
     _check_training_length(parser, max_minutes)
+    made = _folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
     check_writable(out)
     own_store = False  # whether MLflow logs to the folder's own store
-    with folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
+    cleanup = _FailedStartCleanup(out, made)
+    with cleanup, folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
         remove_partial_files(out)  # what a killed training was writing (a checkpoint, the history)
         _recover_set_aside(out)
         _check_run_folder(out, resume, overwrite)
@@ -760,6 +762,7 @@ def train(
             _put_back(aside)
             raise
         _put_back(aside, keep_new=True)
+        cleanup.started = True  # from here on, what the run writes is kept whatever happens
         if max_minutes:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))
         RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
@@ -800,6 +803,35 @@ def train(
         if interrupted:
             raise KeyboardInterrupt(_how_to_go_on(out))
         return summary
+
+
+#: What a training writes into its folder before its first step: the record of the run and the MLflow store
+_START_FILES = ("config.json", "split.json", "mlflow.db", "mlflow.db-journal")
+
+
+class _FailedStartCleanup:
+    """A training that fails its checks in a folder it made leaves no folder behind (nor the split, config and
+    empty MLflow store the checks wrote), so the fixed command starts clean. Once :attr:`started` is set, or
+    in a folder that was there before, everything stays."""
+
+    def __init__(self, out: Path, made: Sequence[Path]) -> None:
+        self.out, self.made, self.started = out, list(made), False
+
+    def __enter__(self) -> _FailedStartCleanup:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        import shutil
+
+        if kind is None or self.started or not self.made:
+            return
+        for name in _START_FILES:
+            with contextlib.suppress(OSError):
+                (self.out / name).unlink()
+        mlruns = self.out / "mlruns"
+        if mlruns.is_dir() and not any(p.is_file() for p in mlruns.rglob("*")):
+            shutil.rmtree(mlruns, ignore_errors=True)
+        _remove_if_empty(self.made)
 
 
 def _how_to_go_on(out: Path) -> str:

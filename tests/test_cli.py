@@ -65,6 +65,20 @@ def test_a_config_value_no_component_takes_is_one_line_naming_the_cause(trained,
     _assert_one_line_error(result, "a config value does not work", "batch_size=0", "DataLoader", "--set")
 
 
+def test_a_training_that_cannot_start_leaves_no_folder_it_made(trained, tmp_path):
+    # the checks write the split, the config and the MLflow store; a failed start takes them away again, with
+    # the folders it made, so the fixed command starts clean; a folder that was there keeps its files
+    out = tmp_path / "new" / "o"
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu",
+                     *_tiny_args(), "--set", "images_per_batch=0")
+    _assert_one_line_error(result, "a config value does not work", "batch_size=0")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", tmp_path / "kept", "--no-progress",
+                     "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=0")
+    assert result.exit_code == 1 and (tmp_path / "kept" / "split.json").is_file()
+
+
 def test_a_malformed_yaml_overlay_is_named(tmp_path):
     (tmp_path / "fast.yaml").write_text("learning_rate: [1, 2\n")
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "-c", tmp_path / "fast.yaml")
