@@ -1,23 +1,24 @@
 # medseg: `make demo` and `make test` work on a fresh machine; both create .venv themselves.
+# settings are taken from the command line (`make VENV=...`), not from same-named environment variables
 PYTHON ?= python3
-VENV   ?= .venv
+VENV   := .venv
 BIN    := $(VENV)/bin
 # torch==2.13.0 from pip's indexes (a CPU build where they hold one); to pick a build run e.g. `make TORCH_SPEC="torch --index-url ..." test`
 # or install your CUDA torch into .venv first (the stamp below is then reused).
 TORCH_SPEC ?= torch==2.13.0
 # `make demo` trains isbi_em; `make demo DEMO=jurkat` or `make demo DEMO=nuclei` picks another bundle
-DEMO   ?= isbi_em
+DEMO   := isbi_em
 DATA_isbi_em  := ../shared/data/isbi2012
 INFER_isbi_em := test
 DATA_jurkat   := ../shared/data/cells3class
 INFER_jurkat  := dataset2_subset --include '*.bmp'
 DATA_nuclei   := ../shared/data/dsb2018
 INFER_nuclei  := stage1_train --include '*/images/*.png'
-BUNDLE ?= bundles/$(DEMO)
-DATA   ?= $(DATA_$(DEMO))
-INFER  ?= $(INFER_$(DEMO))
-OUT    ?= demo_out/$(DEMO)
-DEMO_MINUTES ?= 4
+BUNDLE := bundles/$(DEMO)
+DATA   := $(DATA_$(DEMO))
+INFER  := $(INFER_$(DEMO))
+OUT    := demo_out/$(DEMO)
+DEMO_MINUTES := 4
 
 .PHONY: venv demo test test-all lint bench clean
 
@@ -46,8 +47,10 @@ test-all: venv
 lint: venv
 	$(BIN)/python -m ruff check medseg tests benchmarks
 
+# the inference benchmark is isbi_em's, on the ISBI test slices
 bench: venv
-	$(BIN)/python benchmarks/infer_speed.py --data $(DATA)/test --tta $(if $(CKPT),--checkpoint $(CKPT))
+	$(BIN)/python benchmarks/infer_speed.py --data $(DATA_isbi_em)/test --tta $(if $(CKPT),--checkpoint $(CKPT))
 
+# removes the virtual environment too, with a torch build installed into it by hand
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -228,7 +228,8 @@ def _check_patch_size(parser: Any) -> None:
     fit = [max(divisor, round(side / divisor) * divisor) if isinstance(side, (int, float)) else divisor
            for side in patch]
     raise ConfigValueError(f"patch_size={patch}: each side must be a positive multiple of size_divisor {divisor} "
-                           f"(what the network's down-sampling needs); e.g. --set 'patch_size={fit}'")
+                           f"(what the network's down-sampling needs); e.g. --set 'patch_size={fit}', or for a "
+                           "network with other strides --set size_divisor=N (2 to the number of its down-samplings)")
 
 
 def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> str:

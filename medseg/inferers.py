@@ -137,7 +137,7 @@ class CpuBf16Inferer(Inferer):
     def __init__(self, inferer: Inferer | None = None, enabled: bool = True) -> None:
         super().__init__()
         self.inferer = inferer if inferer is not None else SimpleInferer()
-        self.enabled = bool(enabled) and cpu_bf16_supported()
+        self.enabled = config_flag(enabled, "cpu_bf16") and cpu_bf16_supported()
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not (self.enabled and inputs.device.type == "cpu"):

@@ -13,6 +13,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
 
+from medseg.bundle import config_flag
 from medseg.errors import ConfigValueError, DataError
 from medseg.readers import LOSSY_SUFFIXES, lossy_mask_error, read_slice
 
@@ -595,7 +596,7 @@ class KeepLargestObjectd(MapTransform):
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.foreground = [int(c) for c in foreground]
-        self.background, self.enabled = int(background), bool(enabled)
+        self.background, self.enabled = int(background), config_flag(enabled, "single_object")
 
     def _stray(self, winner: np.ndarray) -> np.ndarray:
         labels, n = ndimage.label(np.isin(winner, self.foreground), structure=np.ones((3, 3)))

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,8 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
             recorded = json.loads(config_path.read_text(encoding="utf-8")).get("run_name")
         except (OSError, ValueError, AttributeError):
             recorded = None
-        return str(recorded) if isinstance(recorded, str) and recorded else output_dir.name
-    name = output_dir.name
+        return str(recorded) if isinstance(recorded, str) and recorded else _folder_name(output_dir)
+    name = _folder_name(output_dir)
     try:
         named = _runs_named(tracking_uri, experiment, name)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unreachable store
@@ -132,6 +132,11 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
     if any(not _same_folder(r, output_dir, own_store) for r in named):
         name = f"{name}-{hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
     return name
+
+
+def _folder_name(folder: Path) -> str:
+    """The name of ``folder`` as a run name, also for ``.`` or ``..`` (the folder they stand for)."""
+    return Path(os.path.abspath(folder)).name or "run"
 
 
 def _retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = False) -> None:
@@ -181,6 +186,7 @@ def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, 
     configs["experiment_name"] = experiment
     own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
     settings["own_store"] = own_store
+    parser["tracking_store"] = "folder" if own_store else "given"  # recorded in config.json, for --resume
     configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
     configs["save_execute_config"] = str(config_path)
     params = _plain_params(parser.get())
@@ -203,6 +209,10 @@ _WIRING = {"_meta_", "imports", "train", "validate", "datalists", "run", "traini
            "early_stop", "last_checkpoint"}
 
 
+#: The names MLflow accepts for a param
+_MLFLOW_NAME = re.compile(r"[\w./\- ]+")
+
+
 def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
     """The settings an MLflow run logs as params: the config's plain top-level values, then (up to ``limit``
     params in all, MLflow's batch size) plain lists such as ``patch_size`` and the plain values one level
@@ -222,9 +232,13 @@ def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
         if isinstance(value, (list, tuple)) and plain(value):
             nested[key] = str(list(value))
         elif isinstance(value, dict):
-            for child, inner in value.items():
-                if plain(inner) and (child == "_target_" or not str(child).startswith("_")):
-                    nested[f"{key}.{child}"] = str(list(inner)) if isinstance(inner, (list, tuple)) else inner
+            children = {f"{key}.{child}": str(list(inner)) if isinstance(inner, (list, tuple)) else inner
+                        for child, inner in value.items()
+                        if plain(inner) and (child == "_target_" or not str(child).startswith("_"))}
+            if all(_MLFLOW_NAME.fullmatch(name) for name in children):
+                nested.update(children)
+            elif all(plain(v) for v in value.values()):  # keys MLflow cannot name (colours: "#000000"): one param
+                nested[key] = json.dumps(value, sort_keys=True)
     for key, value in nested.items():
         if len(params) >= limit:
             break
@@ -568,12 +582,12 @@ def _recorded_tracking_uri(config: dict) -> str | None:
     from urllib.parse import quote
 
     uri, folder = config.get("tracking_uri"), config.get("output_dir")
-    if not isinstance(uri, str) or not uri or uri.startswith(("$", "@")):
+    if not isinstance(uri, str) or not uri or uri.startswith(("$", "@")) or config.get("tracking_store") == "folder":
         return None
-    if isinstance(folder, str) and uri.startswith("sqlite:") and (
+    if config.get("tracking_store") != "given" and isinstance(folder, str) and uri.startswith("sqlite:") and (
             uri == _local_store_uri(Path(folder) / "mlflow.db")
             or uri.endswith((f"/{Path(folder).name}/mlflow.db", f"/{quote(Path(folder).name)}/mlflow.db"))):
-        return None  # the folder's own (its path may be relative, or the folder moved since)
+        return None  # the folder's own, for a run recorded without tracking_store (path relative, or moved)
     logging.getLogger(__name__).info("--resume: logging to the run's own MLflow store %s (from its config.json); "
                                      "give --tracking-uri to log elsewhere", uri)
     return uri
@@ -699,6 +713,7 @@ def train(
     own_store = False  # whether MLflow logs to the folder's own store
     cleanup = _FailedStartCleanup(out, made)
     with cleanup, folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
+        at_end.push(cleanup.locked())
         remove_partial_files(out)  # what a killed training was writing (a checkpoint, the history)
         _recover_set_aside(out)
         _check_run_folder(out, resume, overwrite)
@@ -811,27 +826,37 @@ _START_FILES = ("config.json", "split.json", "mlflow.db", "mlflow.db-journal")
 
 class _FailedStartCleanup:
     """A training that fails its checks in a folder it made leaves no folder behind (nor the split, config and
-    empty MLflow store the checks wrote), so the fixed command starts clean. Once :attr:`started` is set, or
-    in a folder that was there before, everything stays."""
+    empty MLflow store the checks wrote), so the fixed command starts clean. Only a training that holds the
+    folder's lock (:meth:`locked`) removes anything: its files while it holds the lock (the exit callback
+    :meth:`locked` returns), the folders it made after the lock is released (:meth:`__exit__`; a folder
+    someone else has begun to use by then is not empty, and stays). Once :attr:`started` is set, or in a
+    folder that was there before, everything stays."""
 
     def __init__(self, out: Path, made: Sequence[Path]) -> None:
-        self.out, self.made, self.started = out, list(made), False
+        self.out, self.made, self.started, self.removed = out, list(made), False, False
 
     def __enter__(self) -> _FailedStartCleanup:
         return self
 
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        import shutil
+    def locked(self) -> Callable[..., None]:
+        """Call with the lock held; returns the exit callback (``ExitStack.push``) that removes the files."""
+        def remove_files(kind: Any, *_: Any) -> None:
+            import shutil
 
-        if kind is None or self.started or not self.made:
-            return
-        for name in _START_FILES:
-            with contextlib.suppress(OSError):
-                (self.out / name).unlink()
-        mlruns = self.out / "mlruns"
-        if mlruns.is_dir() and not any(p.is_file() for p in mlruns.rglob("*")):
-            shutil.rmtree(mlruns, ignore_errors=True)
-        _remove_if_empty(self.made)
+            if kind is None or self.started or not self.made:
+                return
+            for name in _START_FILES:
+                with contextlib.suppress(OSError):
+                    (self.out / name).unlink()
+            mlruns = self.out / "mlruns"
+            if mlruns.is_dir() and not any(p.is_file() for p in mlruns.rglob("*")):
+                shutil.rmtree(mlruns, ignore_errors=True)
+            self.removed = True
+        return remove_files
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None and self.removed:
+            _remove_if_empty(self.made)
 
 
 def _how_to_go_on(out: Path) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import BUNDLE, TINY, TINY_NET, synthetic_em, write_isbi_folder
+from conftest import BUNDLE, REPO, TINY, TINY_NET, synthetic_em, write_isbi_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -77,6 +77,33 @@ def test_a_training_that_cannot_start_leaves_no_folder_it_made(trained, tmp_path
     result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", tmp_path / "kept", "--no-progress",
                      "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=0")
     assert result.exit_code == 1 and (tmp_path / "kept" / "split.json").is_file()
+
+
+def test_a_training_refused_by_the_lock_leaves_the_other_trainings_files(trained, tmp_path, monkeypatch):
+    # two trainings started together into a new folder: the one refused by the lock must not take away what
+    # the other (holding the lock) has written
+    import contextlib
+
+    import medseg.batch
+    from medseg.locking import folder_lock
+
+    out = tmp_path / "new" / "o"
+    original, held = medseg.batch.check_writable, contextlib.ExitStack()
+
+    def the_other_starts_first(folder):
+        out.mkdir(parents=True)
+        held.enter_context(folder_lock(out, "train"))
+        for name in ("config.json", "split.json", "mlflow.db"):
+            (out / name).write_text("the other training's")
+        return original(folder)
+
+    monkeypatch.setattr(medseg.batch, "check_writable", the_other_starts_first)
+    with held:
+        result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--no-progress",
+                         "--device", "cpu", *_tiny_args())
+        _assert_one_line_error(result, "is writing into this folder")
+        assert all((out / name).read_text() == "the other training's"
+                   for name in ("config.json", "split.json", "mlflow.db"))
 
 
 def test_a_malformed_yaml_overlay_is_named(tmp_path):
@@ -584,7 +611,7 @@ def test_resume_keeps_the_runs_own_overlays_and_set_values(tmp_path, isbi_folder
     # overlay (Dice + CE loss) and every --set (a tiny network, one validation slice) included
     out = tmp_path / "run"
     args = ("--data", isbi_folder, "--output", out, "--no-progress", "--no-tracking", "--device", "cpu")
-    result = _invoke("train", BUNDLE, *args, "--epochs", 2, "-c", "configs/dice_ce.json", *_tiny_args(),
+    result = _invoke("train", BUNDLE, *args, "--epochs", 2, "-c", REPO / "configs" / "dice_ce.json", *_tiny_args(),
                      "--set", "val_interval=2")
     assert result.exit_code == 0, result.output
     with caplog.at_level("WARNING", logger="medseg.workflows"):
@@ -695,6 +722,27 @@ def test_extending_a_moved_training_continues_its_mlflow_run(trained, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlflow.db'}")
     (again,) = client.search_runs([experiment.experiment_id])
     assert again.info.run_id == run.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
+
+
+def test_extending_a_moved_training_started_with_output_dot(trained, tmp_path, monkeypatch):
+    # config.json records whose store the run logged to, so a relative --output (even '.') is no guess
+    import mlflow
+
+    (tmp_path / "dot").mkdir()
+    monkeypatch.chdir(tmp_path / "dot")
+    args = ("--data", trained["data"], "--no-progress", "--device", "cpu", *_tiny_args())
+    assert _invoke("train", BUNDLE, "--epochs", 2, "--output", ".", *args).exit_code == 0
+    assert json.loads((tmp_path / "dot" / "config.json").read_text())["tracking_store"] == "folder"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dot").rename(tmp_path / "moved")
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", "--output", tmp_path / "moved", *args)
+    assert result.exit_code == 0, result.output
+    # no store at the old place (MLflow's in-process caches may still put an artifact there, which a new
+    # process, as a user's resume is, does not)
+    assert not (tmp_path / "dot" / "mlflow.db").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'moved' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
 
 
@@ -1270,6 +1318,16 @@ def test_a_patch_size_the_network_cannot_take_is_refused_before_training(tmp_pat
 def test_set_values_are_checked_against_the_kind_they_replace(tmp_path, item, fragment):
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--set", item)
     _assert_one_line_error(result, fragment)
+
+
+def test_settings_mlflow_cannot_name_are_logged_as_one_param():
+    from medseg.workflows import _plain_params
+
+    params = _plain_params({"max_epochs": 3, "expr": "$1+1", "class_map": {"#000000": 0, "#808080": 1},
+                            "network_def": {"_target_": "monai.networks.nets.UNet", "channels": [4, 8],
+                                            "act": "@act"}, "train": {"batch_size": 2}})
+    assert params == {"max_epochs": 3, "class_map": '{"#000000": 0, "#808080": 1}',
+                      "network_def._target_": "monai.networks.nets.UNet", "network_def.channels": "[4, 8]"}
 
 
 def test_tracking_uri_and_no_tracking_together_are_refused(tmp_path):
