@@ -123,3 +123,13 @@ def test_a_merged_region_sees_its_neighbour_through_the_pixel_weighted_mean_of_b
     assert _merged_boundary(graph, 1, 2, 3)["weight"] == pytest.approx(0.35)  # either way round
     graph[1] = {}
     assert _merged_boundary(graph, 2, 1, 3) == {"count": 1, "weight": 0.8}  # only one of them touches it
+
+
+def test_a_basin_whose_pixels_touch_only_diagonally_is_one_seed():
+    # the membrane map's minima are 8-connected regions (h-minima's own connectivity): a valley running
+    # diagonally is one seed, so one cell, not a superpixel per pixel
+    prob = np.full((24, 24), 0.5)
+    for k in range(4, 20):
+        prob[k, k] = 1.0  # interior certain along the diagonal: membrane 0 there, 0.5 around
+    cells = agglomerate_cells(prob, merge_threshold=0.0, sigma=0.0)
+    assert np.unique(cells).tolist() == [1]
