@@ -237,8 +237,10 @@ def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
                         if plain(inner) and (child == "_target_" or not str(child).startswith("_"))}
             if all(_MLFLOW_NAME.fullmatch(name) for name in children):
                 nested.update(children)
-            elif all(plain(v) for v in value.values()):  # keys MLflow cannot name (colours: "#000000"): one param
-                nested[key] = json.dumps(value, sort_keys=True)
+            else:  # keys MLflow cannot name (colours: "#000000"): the plain part as one param
+                kept = {str(k): v for k, v in value.items() if plain(v)}
+                if kept:
+                    nested[key] = json.dumps(kept, sort_keys=True)
     for key, value in nested.items():
         if len(params) >= limit:
             break
@@ -746,7 +748,11 @@ def train(
                 own_store = tracked.pop("own_store", False)
                 ConfigWorkflow.patch_bundle_tracking(parser, tracked)
             else:
-                parser.export_config_file(parser.get(), str(config_path))
+                exported = parser.get()
+                if resume:  # where the run is tracked stays on record for a later --resume with tracking
+                    run_config = recorded.get("config", {})
+                    exported = {**exported, **{k: run_config[k] for k in _TRACKING_RECORD if k in run_config}}
+                parser.export_config_file(exported, str(config_path))
 
             parser.get_parsed_content("initialize")
             trainer = parser.get_parsed_content("train#trainer")
@@ -819,6 +825,9 @@ def train(
             raise KeyboardInterrupt(_how_to_go_on(out))
         return summary
 
+
+#: The ids of a run's config.json that say where it is tracked (kept by a resume with --no-tracking)
+_TRACKING_RECORD = ("tracking_uri", "tracking_store", "experiment_name", "run_name")
 
 #: What a training writes into its folder before its first step: the record of the run and the MLflow store
 _START_FILES = ("config.json", "split.json", "mlflow.db", "mlflow.db-journal")

@@ -758,10 +758,13 @@ def test_resume_logs_to_the_store_the_run_was_tracked_in(trained, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # from elsewhere, too
     result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
     assert result.exit_code == 0, result.output
+    # a resume without tracking keeps that record, so the next tracked one still finds the run
+    assert _invoke("train", BUNDLE, "--epochs", 4, "--resume", "--no-tracking", *args).exit_code == 0
+    assert _invoke("train", BUNDLE, "--epochs", 5, "--resume", *args).exit_code == 0
     assert not (out / "mlflow.db").exists()
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3, 5]
     # network settings are params too, so runs that differ only there can be compared
     assert run.data.params["network_def.channels"] == "[4, 8, 16]" and run.data.params["patch_size"]
 
@@ -1323,6 +1326,7 @@ def test_set_values_are_checked_against_the_kind_they_replace(tmp_path, item, fr
 def test_settings_mlflow_cannot_name_are_logged_as_one_param():
     from medseg.workflows import _plain_params
 
+    assert _plain_params({"m": {"#1": 0, "x": {"a": 1}}}) == {"m": '{"#1": 0}'}  # the plain part
     params = _plain_params({"max_epochs": 3, "expr": "$1+1", "class_map": {"#000000": 0, "#808080": 1},
                             "network_def": {"_target_": "monai.networks.nets.UNet", "channels": [4, 8],
                                             "act": "@act"}, "train": {"batch_size": 2}})
