@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,21 +218,21 @@ def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
     params in all, MLflow's batch size) plain lists such as ``patch_size`` and the plain values one level
     inside settings such as ``network_def`` (``network_def.channels``), so that runs differing only there
     can be told apart and compared."""
-    def plain(value: Any) -> bool:
-        if isinstance(value, (list, tuple)):
-            return all(isinstance(v, (int, float, str, bool)) and not str(v).startswith(("$", "@", "%"))
-                       for v in value)
+    def scalar(value: Any) -> bool:  # a number, flag or word, not an expression or reference
         return isinstance(value, (int, float, str, bool)) and not str(value).startswith(("$", "@", "%"))
 
-    params = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) and plain(v)}
+    def plain(value: Any) -> bool:
+        return all(map(scalar, value)) if isinstance(value, list) else scalar(value)
+
+    params = {k: v for k, v in config.items() if scalar(v)}
     nested: dict[str, Any] = {}
     for key, value in config.items():
         if key in _WIRING or str(key).startswith("_"):
             continue
-        if isinstance(value, (list, tuple)) and plain(value):
-            nested[key] = str(list(value))
+        if isinstance(value, list) and plain(value):
+            nested[key] = str(value)
         elif isinstance(value, dict):
-            children = {f"{key}.{child}": str(list(inner)) if isinstance(inner, (list, tuple)) else inner
+            children = {f"{key}.{child}": str(inner) if isinstance(inner, list) else inner
                         for child, inner in value.items()
                         if plain(inner) and (child == "_target_" or not str(child).startswith("_"))}
             if all(_MLFLOW_NAME.fullmatch(name) for name in children):
@@ -715,7 +715,7 @@ def train(
     own_store = False  # whether MLflow logs to the folder's own store
     cleanup = _FailedStartCleanup(out, made)
     with cleanup, folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
-        at_end.push(cleanup.locked())
+        at_end.push(cleanup.remove_files)
         remove_partial_files(out)  # what a killed training was writing (a checkpoint, the history)
         _recover_set_aside(out)
         _check_run_folder(out, resume, overwrite)
@@ -836,8 +836,8 @@ _START_FILES = ("config.json", "split.json", "mlflow.db", "mlflow.db-journal")
 class _FailedStartCleanup:
     """A training that fails its checks in a folder it made leaves no folder behind (nor the split, config and
     empty MLflow store the checks wrote), so the fixed command starts clean. Only a training that holds the
-    folder's lock (:meth:`locked`) removes anything: its files while it holds the lock (the exit callback
-    :meth:`locked` returns), the folders it made after the lock is released (:meth:`__exit__`; a folder
+    folder's lock removes anything: its files while it holds the lock (:meth:`remove_files`, registered
+    once the lock is taken), the folders it made after the lock is released (:meth:`__exit__`; a folder
     someone else has begun to use by then is not empty, and stays). Once :attr:`started` is set, or in a
     folder that was there before, everything stays."""
 
@@ -847,21 +847,19 @@ class _FailedStartCleanup:
     def __enter__(self) -> _FailedStartCleanup:
         return self
 
-    def locked(self) -> Callable[..., None]:
-        """Call with the lock held; returns the exit callback (``ExitStack.push``) that removes the files."""
-        def remove_files(kind: Any, *_: Any) -> None:
-            import shutil
+    def remove_files(self, kind: Any, *_: Any) -> None:
+        """Exit callback (``ExitStack.push``) to register once the lock is held: removes the files."""
+        import shutil
 
-            if kind is None or self.started or not self.made:
-                return
-            for name in _START_FILES:
-                with contextlib.suppress(OSError):
-                    (self.out / name).unlink()
-            mlruns = self.out / "mlruns"
-            if mlruns.is_dir() and not any(p.is_file() for p in mlruns.rglob("*")):
-                shutil.rmtree(mlruns, ignore_errors=True)
-            self.removed = True
-        return remove_files
+        if kind is None or self.started or not self.made:
+            return
+        for name in _START_FILES:
+            with contextlib.suppress(OSError):
+                (self.out / name).unlink()
+        mlruns = self.out / "mlruns"
+        if mlruns.is_dir() and not any(p.is_file() for p in mlruns.rglob("*")):
+            shutil.rmtree(mlruns, ignore_errors=True)
+        self.removed = True
 
     def __exit__(self, kind: Any, *_: Any) -> None:
         if kind is not None and self.removed:

@@ -350,6 +350,24 @@ def test_a_multi_frame_file_among_single_slices_is_named(tmp_path):
         read_image(tmp_path / "s")
 
 
+def _gdcm_transcode(source, target, syntax: str) -> None:
+    """Write ``source`` again as ``target`` in GDCM's transfer syntax ``syntax`` (e.g. ``RLELossless``)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+
+
 @pytest.mark.parametrize("syntax, uid", [
     ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),  # how most PACS exports compress CT and MR
     ("RLELossless", "1.2.840.10008.1.2.5"),
@@ -358,30 +376,17 @@ def test_a_multi_frame_file_among_single_slices_is_named(tmp_path):
 ])
 def test_compressed_dicom_is_decoded(tmp_path, syntax, uid):
     # compressed with GDCM's own encoders; read back through python-gdcm, bit for bit
-    import gdcm
     import pydicom
 
     pixels = (np.arange(48 * 40).reshape(48, 40) % 1000).astype(np.int16)
     write_dicom_slice(tmp_path / "raw.dcm", pixels, series_uid="1.2.3.9", position=(0.0, 0.0, 0.0), intercept=0.0)
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(tmp_path / "raw.dcm"))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(tmp_path / "c.dcm"))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
+    _gdcm_transcode(tmp_path / "raw.dcm", tmp_path / "c.dcm", syntax)
     assert pydicom.dcmread(tmp_path / "c.dcm").file_meta.TransferSyntaxUID == uid
     np.testing.assert_array_equal(read_slice(tmp_path / "c.dcm", 0)[0], pixels)
 
 
 def test_jpeg_baseline_dicom_is_decoded(tmp_path):
     # lossy 8-bit JPEG (ultrasound, endoscopy, secondary captures): decoded within JPEG's own error
-    import gdcm
     import pydicom
 
     yy, xx = np.mgrid[:48, :40]
@@ -392,18 +397,7 @@ def test_jpeg_baseline_dicom_is_decoded(tmp_path):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = pixels.tobytes()
     ds.save_as(tmp_path / "raw.dcm", enforce_file_format=True)
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(tmp_path / "raw.dcm"))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGBaselineProcess1))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(tmp_path / "jpeg.dcm"))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
+    _gdcm_transcode(tmp_path / "raw.dcm", tmp_path / "jpeg.dcm", "JPEGBaselineProcess1")
     assert pydicom.dcmread(tmp_path / "jpeg.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
     decoded = read_slice(tmp_path / "jpeg.dcm", 0)[0]
     assert decoded.shape == pixels.shape
