@@ -289,6 +289,11 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of weights; "
                               "pass the model.pt of a medseg training")
+    broken = next((k for k, v in state.items()
+                   if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:  # a diverged training's weights: every output would be NaN
+        raise CheckpointError(f"{path}: weight {broken} holds NaN or infinite values (the training diverged); "
+                              "use another checkpoint, or train again with a lower learning rate")
     try:
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:

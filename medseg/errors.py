@@ -30,6 +30,20 @@ class CheckpointError(MedsegError):
     """A checkpoint is missing or does not fit the bundle's network."""
 
 
+class TrainingDiverged(MedsegError):
+    """The loss or the weights of a training became NaN or infinite."""
+
+
+def check_finite_output(values: object) -> None:
+    """Raise :class:`CheckpointError` when a network's output holds NaN or infinite values (broken weights),
+    before a watershed meets them: scikit-image's loops, or corrupts memory, on NaN."""
+    import numpy as np
+
+    if not np.isfinite(np.asarray(values)).all():
+        raise CheckpointError("the network's output holds NaN or infinite values: its weights are broken (a "
+                              "diverged training); use another checkpoint, or train again with a lower learning rate")
+
+
 class ConfigValueError(BundleError, ValueError):
     """A bundle config value is out of its range (also a ``ValueError`` for library callers)."""
 

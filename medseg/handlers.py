@@ -62,7 +62,7 @@ class RichProgress:
         self._progress.reset(self._iters, total=engine.state.epoch_length, info="")
 
     def _iteration(self, engine: Engine) -> None:
-        loss = _loss_of(engine.state.output)
+        loss = loss_of(engine.state.output)
         info = f"loss {loss:.4f}" if loss is not None else ""
         self._progress.update(self._iters, advance=1, info=info)
 
@@ -127,7 +127,7 @@ class TrainingCurves:
             self.history["val"] = [old["val"][i] for i in vkeep]
 
     def _iteration(self, engine: Engine) -> None:
-        loss = _loss_of(engine.state.output)
+        loss = loss_of(engine.state.output)
         if loss is not None and math.isfinite(loss):
             self._sum += loss
             self._count += 1
@@ -249,7 +249,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _loss_of(output: Any) -> float | None:
+def loss_of(output: Any) -> float | None:
     """The loss value from a MONAI trainer's output (a dict, or a list of dicts with ``num_samples``)."""
     if isinstance(output, list) and output:
         output = output[0]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medseg.errors import check_finite_output
+
 #: Column order of :func:`measure_instances` rows and of :func:`write_measurements_csv` files.
 MEASUREMENT_FIELDS: tuple[str, ...] = (
     "label",
@@ -207,6 +209,7 @@ class WatershedInstances:
         """Instance labels ``(H, W)`` int32 of a ``(3 or 4, H, W)`` probability map (torch tensors are accepted)."""
         if hasattr(prob, "detach"):
             prob = prob.detach().cpu().numpy()
+        check_finite_output(prob)
         return watershed_instances(prob, self.fg_threshold, self.seed_threshold, self.min_seed_area, self.min_area)
 
     def __repr__(self) -> str:

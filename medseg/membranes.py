@@ -25,6 +25,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from medseg.bundle import config_flag
+from medseg.errors import check_finite_output
 
 
 def _merged_boundary(graph: Any, src: int, dst: int, n: int) -> dict[str, float]:
@@ -116,6 +117,7 @@ def close_contours(prob: np.ndarray, merge_threshold: float = 0.65, floor: float
                    seed_depth: float = 0.05) -> np.ndarray:
     """``prob`` with the lines of :func:`agglomerate_cells` set to 0 and every other pixel at least ``floor``."""
     prob = np.asarray(prob, dtype=np.float32)
+    check_finite_output(prob)
     cells = agglomerate_cells(prob, merge_threshold, sigma, seed_depth)
     out = np.maximum(prob, np.float32(floor))
     out[cells == 0] = 0.0

@@ -62,6 +62,31 @@ class LoadSliced(MapTransform):
         self.page_key, self.gray, self.nifti_channel_dim = page_key, gray, nifti_channel_dim
         self.channels = dict(zip(self.keys, per_key, strict=True))
 
+    def convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
+        """The channels key ``key`` takes, from a read ``(C, H, W)`` array (``path`` names it in errors)."""
+        channels = self.channels.get(key)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():  # NaN would reach the watershed and hang it
+            raise DataError(f"{path}: holds NaN or infinite values; replace them (e.g. by the background value) "
+                            "first")
+        if channels == 3:
+            if arr.shape[0] not in (1, 3):
+                raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images: "
+                                "select the channels first")
+            arr = np.repeat(arr, 3, axis=0) if arr.shape[0] == 1 else arr
+            arr = arr.astype(np.float32, copy=False)
+        elif channels == 1 or (channels is None and self.gray):
+            if arr.shape[0] not in (1, 3):
+                raise DataError(f"{path}: {arr.shape[0]} channels; the model takes one (gray) or RGB "
+                                "images: select a channel first")
+            arr = to_gray(arr)
+        else:
+            arr = arr.astype(np.float32, copy=False)
+        if min(arr.shape[1:], default=0) < self.min_size:
+            raise DataError(f"{path}: {' × '.join(map(str, arr.shape[1:]))} pixels, smaller than the "
+                            f"{self.min_size} × {self.min_size} this training takes (its mirror padding); "
+                            "leave the image out, or pad it first")
+        return arr
+
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         page = int(d.get(self.page_key, 0) or 0)
@@ -69,25 +94,8 @@ class LoadSliced(MapTransform):
         first_key, first_shape = None, None
         for key in self.key_iterator(d):
             path = str(d[key])
-            arr = read_slice(path, page, series_uid=series_uid, nifti_channel_dim=self.nifti_channel_dim)
-            channels = self.channels.get(key)
-            if channels == 3:
-                if arr.shape[0] not in (1, 3):
-                    raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images: "
-                                    "select the channels first")
-                arr = np.repeat(arr, 3, axis=0) if arr.shape[0] == 1 else arr
-                arr = arr.astype(np.float32, copy=False)
-            elif channels == 1 or (channels is None and self.gray):
-                if arr.shape[0] not in (1, 3):
-                    raise DataError(f"{path}: {arr.shape[0]} channels; the model takes one (gray) or RGB "
-                                    "images: select a channel first")
-                arr = to_gray(arr)
-            else:
-                arr = arr.astype(np.float32, copy=False)
-            if min(arr.shape[1:], default=0) < self.min_size:
-                raise DataError(f"{path}: {' × '.join(map(str, arr.shape[1:]))} pixels, smaller than the "
-                                f"{self.min_size} × {self.min_size} this training takes (its mirror padding); "
-                                "leave the image out, or pad it first")
+            arr = self.convert(read_slice(path, page, series_uid=series_uid, nifti_channel_dim=self.nifti_channel_dim),
+                               key, path)
             if first_shape is None:
                 first_key, first_shape = key, arr.shape
             elif arr.shape[1:] != first_shape[1:]:

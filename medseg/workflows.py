@@ -21,6 +21,7 @@ from medseg.errors import (
     ConfigValueError,
     DataError,
     MedsegError,
+    TrainingDiverged,
     brief,
     quiet_user_error_logs,
 )
@@ -794,8 +795,9 @@ def train(
         train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
         run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
 
+        diverged = _stop_on_divergence(trainer, _bundle_handlers(parser, MLFlowHandler))
         with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
-            _validate_at_end(trainer, evaluator, interrupted)
+            _validate_at_end(trainer, evaluator, interrupted, diverged)
             with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
                 try:
                     parser.get_parsed_content("run")
@@ -816,6 +818,8 @@ def train(
         }
         if interrupted:
             summary["interrupted"] = True
+        if diverged:
+            summary["diverged"] = diverged.words()
         with atomic_output(out / "train_summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         _keep_newest_last_checkpoint(out)
@@ -823,6 +827,8 @@ def train(
             _log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
         if interrupted:
             raise KeyboardInterrupt(_how_to_go_on(out))
+        if diverged:
+            raise TrainingDiverged(diverged.message(parser, out, summary))
         return summary
 
 
@@ -886,7 +892,7 @@ def data_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted) -> None:
+def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted, diverged: _Diverged | None = None) -> None:
     """Validate the weights a training ends with unless they just were: after the last epoch or a time limit
     (``--epochs 32`` with validation every 5 epochs would otherwise leave epochs 31 and 32 unjudged and never
     in ``model.pt``); after Ctrl-C only when no validation ran yet, so that ``model.pt`` exists. Before the
@@ -901,6 +907,8 @@ def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted) ->
 
     def validate(engine: Any) -> None:
         ending = engine.should_terminate or engine.state.epoch >= engine.state.max_epochs
+        if diverged:  # NaN weights: nothing to judge
+            return
         if interrupted:
             wanted = evaluator.state.best_metric_epoch < 0 and interrupted.finished >= 1
         else:
@@ -971,6 +979,65 @@ def _keep_newest_last_checkpoint(out: Path) -> None:
         for path in existing:
             if path != newest:
                 path.unlink(missing_ok=True)
+
+
+class _Diverged:
+    """Set (truthy) once a training's loss or weights became NaN or infinite and the trainer was stopped."""
+
+    def __init__(self) -> None:
+        self.epoch, self.iteration, self.what = 0, 0, ""
+
+    def __bool__(self) -> bool:
+        return bool(self.what)
+
+    def words(self) -> str:
+        return f"the {self.what} became NaN or infinite at epoch {self.epoch} (iteration {self.iteration})"
+
+    def message(self, parser: Any, out: Path, summary: dict) -> str:
+        rate = parser.get("learning_rate") if "learning_rate" in parser else None
+        lower = (f"lower the learning rate (learning_rate is {rate}: try --set learning_rate={float(rate) / 10:g})"
+                 if isinstance(rate, (int, float)) else "lower the learning rate")
+        kept = (f"model.pt keeps the best weights validated before it (epoch {summary['best_metric_epoch']})"
+                if summary.get("best_metric_epoch", -1) > 0 and (out / "model.pt").is_file()
+                else "no weights were validated before it")
+        return (f"training diverged: {self.words()}; {kept}; {lower}, or check the data for extreme values, "
+                "and train again with --overwrite")
+
+
+#: Iterations in a row with a NaN or infinite loss (but finite weights) that stop a training as diverged
+DIVERGED_LOSSES = 10
+
+
+def _stop_on_divergence(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> _Diverged:
+    """Stop the trainer once its weights hold NaN or infinite values, or its loss has for
+    :data:`DIVERGED_LOSSES` iterations in a row (with mixed precision a step whose gradients overflow is
+    skipped, so one bad loss alone is not fatal). Ignite's ``TerminateOnNan`` stops at any NaN output;
+    this one also catches weights gone NaN after a finite loss, before a validation or a checkpoint meets
+    them. The MLflow run ends as FAILED."""
+    import math
+
+    import torch
+    from ignite.engine import Events
+
+    from medseg.handlers import loss_of
+
+    flag, streak = _Diverged(), [0]
+    params = [p for p in trainer.network.parameters() if p.is_floating_point()]
+
+    def check(engine: Any) -> None:
+        loss = loss_of(engine.state.output)
+        streak[0] = 0 if loss is None or math.isfinite(loss) else streak[0] + 1
+        weights_ok = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if weights_ok and streak[0] < DIVERGED_LOSSES:
+            return
+        flag.epoch, flag.iteration = engine.state.epoch, engine.state.iteration
+        flag.what = "loss" if weights_ok else "weights"
+        for tracker in mlflow_handlers:
+            tracker.run_finish_status = "FAILED"
+        engine.terminate()
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, check)
+    return flag
 
 
 class _Interrupted(list):

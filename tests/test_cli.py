@@ -572,6 +572,78 @@ def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_
     assert (out / "model.pt").is_file() and summary["best_metric"] is not None and summary["epochs"] == 1
 
 
+def test_a_diverged_training_stops_in_one_line_keeping_the_weights_before_it(tmp_path, isbi_folder, monkeypatch):
+    # weights gone NaN in epoch 2 (as a too high learning rate makes them): the training stops there, before
+    # a validation or a checkpoint meets them (NaN reached the contour closing's watershed, which crashed
+    # the process), keeps epoch 1's model.pt and last checkpoint, and ends the MLflow run as FAILED
+    import mlflow
+    from ignite.engine import Events
+
+    from medseg import workflows
+
+    original = workflows._check_batches
+
+    def break_weights(trainer, data_dir):
+        original(trainer, data_dir)
+
+        def nan(_):
+            with torch.no_grad():
+                next(trainer.network.parameters()).fill_(float("nan"))
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), nan)
+
+    monkeypatch.setattr(workflows, "_check_batches", break_weights)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--epochs", 5, "--data", isbi_folder, "--output", out, "--no-progress",
+                     "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: training diverged: the weights became NaN or infinite at epoch 2 (iteration 3); model.pt keeps "
+        "the best weights validated before it (epoch 1); lower the learning rate (learning_rate is 0.001: try "
+        "--set learning_rate=0.0001), or check the data for extreme values, and train again with --overwrite")
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["diverged"].startswith("the weights became NaN")
+    for name in ("model.pt", "last_checkpoint_epoch=1.pt"):
+        state = torch.load(out / name)
+        state = state.get("model", state)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+    assert sorted(p.name for p in out.glob("last_checkpoint_epoch=*.pt")) == ["last_checkpoint_epoch=1.pt"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_nan_losses_stop_a_training_only_when_they_persist():
+    # with mixed precision a step whose gradients overflow is skipped: a lone NaN loss is not divergence,
+    # ten in a row are, and so are NaN weights at once
+    from ignite.engine import Engine
+
+    from medseg.workflows import DIVERGED_LOSSES, _stop_on_divergence
+
+    def run(losses, broken_at=None):
+        network = torch.nn.Linear(2, 1)
+
+        def step(engine, _):
+            if engine.state.iteration == broken_at:
+                with torch.no_grad():
+                    network.weight.fill_(float("inf"))
+            return {"loss": torch.tensor(losses[engine.state.iteration - 1])}
+
+        engine = Engine(step)
+        engine.network = network
+        flag = _stop_on_divergence(engine)
+        engine.run(range(len(losses)), max_epochs=1)
+        return flag, engine.state.iteration
+
+    nan = float("nan")
+    flag, steps = run([1.0, nan, 1.0] * 10)
+    assert not flag and steps == 30
+    flag, steps = run([1.0, 1.0] + [nan] * 20)
+    assert flag.what == "loss" and steps == 2 + DIVERGED_LOSSES
+    flag, steps = run([1.0] * 20, broken_at=4)
+    assert flag.what == "weights" and steps == 4 and flag.iteration == 4
+
+
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkeypatch):
     # Ctrl-C twice in one step: training stops at once, without Ignite's or MONAI's log of the interrupt's
     # traceback; the line says what the run folder holds, the MLflow run is KILLED and logging works again

@@ -403,3 +403,13 @@ def test_the_image_border_is_not_a_nucleus_boundary():
     labels[0:6, 0:6] = 1
     t = instance_targets(labels, 1)
     assert t[0, 2] == 1 and t[2, 0] == 1 and t[5, 2] == 2
+
+
+def test_watershed_refuses_nan_scores():
+    from medseg.errors import CheckpointError
+
+    prob = np.zeros((3, 16, 16), np.float32)
+    prob[0] = 1.0
+    prob[1, 3, 3] = np.nan
+    with pytest.raises(CheckpointError, match="output holds NaN or infinite values"):
+        WatershedInstances()(prob)

@@ -133,3 +133,14 @@ def test_a_basin_whose_pixels_touch_only_diagonally_is_one_seed():
         prob[k, k] = 1.0  # interior certain along the diagonal: membrane 0 there, 0.5 around
     cells = agglomerate_cells(prob, merge_threshold=0.0, sigma=0.0)
     assert np.unique(cells).tolist() == [1]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_map_is_refused_before_the_watershed(bad):
+    # scikit-image's h_minima looped (or corrupted memory) on NaN: broken weights hung infer and training
+    from medseg.errors import CheckpointError
+
+    prob = np.full((32, 32), 0.9, np.float32)
+    prob[4:8, 4:8] = bad
+    with pytest.raises(CheckpointError, match="output holds NaN or infinite values"):
+        close_contours(prob)
