@@ -4,4 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Segmentation", "Segmenter", "__version__"]
+
+
+def __getattr__(name: str):  # the CLI starts without importing torch and MONAI
+    if name in ("Segmenter", "Segmentation"):
+        from medseg import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'medseg' has no attribute {name!r}")

@@ -298,7 +298,7 @@ class SaveSegmentationd(MapTransform):
         return output_paths(self.output_dir, rel, self._format(input_format, slices), self.save_prob,
                             table=self.mask_mode == "instances")
 
-    def _mask(self, pred: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    def mask_of(self, pred: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
         """(mask in the values ``fmt`` stores, probability map) of one slice."""
         if self.mask_mode == "binary":
             prob = pred[self.channel].astype(np.float32)
@@ -338,7 +338,7 @@ class SaveSegmentationd(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-            mask, prob = self._mask(pred, fmt)
+            mask, prob = self.mask_of(pred, fmt)
             rows = self._measure(mask, item, page, pages) if "table" in paths else None
             if rows is not None:
                 self.object_counts[name] = (0 if page == 0 else self.object_counts.get(name, 0)) + len(rows)

@@ -354,10 +354,10 @@ def test_class_mask_dtype_follows_the_class_values_not_the_slice(tmp_path):
     # values above 255: every slice is 16-bit, also one whose classes all fit 8 bits, so TIFF pages agree
     writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 300, 600])
     only_background = _one_hot(np.zeros((20, 24), np.int64))
-    assert writer._mask(only_background, "tiff")[0].dtype == np.uint16
-    assert writer._mask(_one_hot(_class_index()), "tiff")[0].dtype == np.uint16
+    assert writer.mask_of(only_background, "tiff")[0].dtype == np.uint16
+    assert writer.mask_of(_one_hot(_class_index()), "tiff")[0].dtype == np.uint16
     small = SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 128, 255])
-    assert small._mask(only_background, "png")[0].dtype == np.uint8
+    assert small.mask_of(only_background, "png")[0].dtype == np.uint8
 
 
 def test_class_masks_nifti_holds_indices(tmp_path):

@@ -1,0 +1,212 @@
+"""Segment images held in memory (NumPy arrays) with a bundle and its weights: ``medseg infer`` from Python.
+
+    >>> from medseg import Segmenter
+    >>> nuclei = Segmenter("bundles/nuclei", "runs/nuclei/model.pt")
+    >>> result = nuclei.segment(image)          # (H, W) gray or (H, W, 3) RGB, any dtype
+    >>> result.mask, result.prob, result.objects
+
+The bundle's own inference config does the work, as in ``medseg infer``: its preprocessing (after the file
+reader), inferer (tiling, mirror border, test-time augmentation), postprocessing (logit shift, activations,
+contour closing, largest object, watershed) and the mask rules of its writer. So an array gives the same mask
+as the same pixels saved to a file and segmented by ``medseg infer``; only the values differ where a file
+format stores them differently (see :class:`Segmentation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import BundleError, DataError
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """What a bundle makes of one image.
+
+    Attributes:
+        mask: ``(H, W)``, by the bundle's kind (:attr:`Segmenter.kind`): ``binary`` 0/1 ``uint8`` (isbi_em: 1 =
+            cell interior; ``medseg infer`` writes 255 in PNG/TIFF), ``classes`` the class index ``uint8``
+            (jurkat: 0 background, 1 cell body, 2 nucleus; PNG/TIFF hold the bundle's ``class_values``),
+            ``instances`` a ``uint16`` label per object (nuclei: 0 background, 1…N).
+        prob: ``(H, W)`` ``float32``, the probability map ``medseg infer`` writes to ``prob/``: the interior
+            class of a binary bundle, 1 − p(background) otherwise.
+        objects: ``instances`` bundles: one dict per object in label order, the columns of ``medseg infer``'s
+            ``table/`` CSV (``label, area, centroid_y, …, mean_intensity``, in pixels, intensity of the input's
+            own values); ``None`` for other bundles.
+
+    For a stack (:meth:`Segmenter.segment_stack`) ``mask`` and ``prob`` are ``(Z, H, W)``, instances are
+    labelled slice by slice, and each object's row has its ``slice`` (0-based) first.
+    """
+
+    mask: np.ndarray
+    prob: np.ndarray
+    objects: list[dict] | None = None
+
+
+class Segmenter:
+    """A bundle's inference with trained weights, applied to arrays.
+
+    Args:
+        bundle: the bundle folder (e.g. ``bundles/nuclei``).
+        checkpoint: the weights (a ``model.pt`` of ``medseg train``); several paths segment as one ensemble,
+            logits averaged. Default: the bundle's ``models/model.pt``.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; mixed precision on CUDA as in
+            ``medseg infer``.
+        tta: average the 8 rotations/flips of each image; ``None`` takes the bundle's ``tta``.
+        overlays: config files applied over the bundle's ``inference.json``, as ``medseg infer -c``.
+        overrides: config ids and values, as ``medseg infer --set`` (e.g. ``{"diameter": 30}``).
+
+    Raises:
+        BundleError: the bundle or a config override is invalid, or its inference config lacks the file
+            reader or the writer this class takes the rules from.
+        CheckpointError: a checkpoint is missing or holds another network's weights.
+    """
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike,
+        checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        *,
+        device: str = "auto",
+        tta: bool | None = None,
+        overlays: Sequence[str | os.PathLike] = (),
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        from medseg.bundle import load_config
+        from medseg.ensemble import load_members
+        from medseg.transforms import LoadSliced
+        from medseg.workflows import _checkpoint_list, _device_settings, select_device
+        from medseg.writers import SaveSegmentationd
+
+        bundle = str(bundle)
+        checkpoints = _checkpoint_list(checkpoint if checkpoint is not None else Path(bundle) / "models" / "model.pt")
+        self.device = select_device(device)
+        settings = {"ckpt_path": checkpoints[0], "datalist": [], "handlers": [],
+                    **({} if tta is None else {"tta": bool(tta)}), **_device_settings(self.device)}
+        parser = load_config(bundle, "infer", tuple(str(o) for o in overlays), overrides, settings)
+        self.network = load_members(parser.get_parsed_content("network_def"), checkpoints).to(self.device).eval()
+        parser.get_parsed_content("initialize")
+        self.inferer = parser.get_parsed_content("inferer")
+        self.amp = bool(parser.get_parsed_content("amp", default=False)) and self.device.type == "cuda"
+        self.tta = bool(getattr(self.inferer, "tta", False))
+        pre = list(getattr(parser.get_parsed_content("preprocessing"), "transforms", ()))
+        post = list(getattr(parser.get_parsed_content("postprocessing"), "transforms", ()))
+        reader = next((i for i, t in enumerate(pre) if isinstance(t, LoadSliced)), None)
+        writer = next((i for i, t in enumerate(post) if isinstance(t, SaveSegmentationd)), None)
+        if reader is None or writer is None:
+            missing = "preprocessing has no medseg.transforms.LoadSliced" if reader is None else \
+                "postprocessing has no medseg.writers.SaveSegmentationd"
+            raise BundleError(f"{bundle}: inference {missing}; add one (it sets how inputs are read or masks made)")
+        self._reader, self._writer = pre[reader], post[writer]
+        self._pre, self._post = pre[reader + 1:], post[:writer]
+        self._key = self._reader.keys[0]
+        self.bundle, self.checkpoints = bundle, checkpoints
+
+    @property
+    def kind(self) -> str:
+        """``binary``, ``classes`` or ``instances``: what :attr:`Segmentation.mask` holds."""
+        return str(self._writer.mask_mode)
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({self.bundle!r}, {', '.join(self.checkpoints)!r}, kind={self.kind!r}, "
+                f"device={str(self.device)!r}, tta={self.tta})")
+
+    def segment(self, image: Any, channel_axis: int | None = None) -> Segmentation:
+        """Segment one 2D image.
+
+        Args:
+            image: ``(H, W)`` gray, or with a channel axis of 3 (RGB) or 4 (RGBA, alpha dropped) samples, or 2
+                (gray + alpha); a NumPy array, anything ``np.asarray`` takes, or a tensor.
+            channel_axis: the channel axis of a 3D array; ``None`` takes the last axis when it has 2–4 samples
+                and the first one has not, the first axis in the opposite case (``(C, H, W)`` as MONAI holds
+                images), and refuses arrays where both could be.
+
+        Raises:
+            DataError: not a 2D image, an ambiguous or unsupported channel count, or an empty image.
+        """
+        return self._segment(_channels_first(image, channel_axis))
+
+    def segment_stack(self, stack: Any, channel_axis: int | None = None) -> Segmentation:
+        """Segment each slice of a stack ``(Z, H, W)`` (or ``(Z, H, W, C)`` / ``(Z, C, H, W)`` with
+        ``channel_axis`` counted in the stack's axes) as :meth:`segment` does, as ``medseg infer`` segments a
+        TIFF stack or a volume slice by slice."""
+        arr = _as_numpy(stack)
+        if arr.ndim not in (3, 4):
+            raise DataError(f"a stack of {arr.ndim} axes {arr.shape}; give (Z, H, W), or (Z, H, W, C) with its "
+                            "channel axis")
+        if arr.ndim == 4 and channel_axis is None:
+            channel_axis = 3 if arr.shape[3] in (2, 3, 4) and arr.shape[1] not in (1, 2, 3, 4) else None
+            if channel_axis is None:
+                raise DataError(f"a stack of shape {arr.shape}: which axis holds the channels? pass channel_axis")
+        if arr.ndim == 4 and channel_axis in (0, -4):
+            raise DataError("channel_axis 0 of a stack is its slice axis; give the channel axis (1–3)")
+        slice_axis = None if arr.ndim == 3 else (channel_axis % 4) - 1
+        results = [self._segment(_channels_first(arr[z], slice_axis)) for z in range(arr.shape[0])]
+        objects = None
+        if self.kind == "instances":
+            objects = [{"slice": z, **row} for z, r in enumerate(results) for row in (r.objects or [])]
+        return Segmentation(np.stack([r.mask for r in results]), np.stack([r.prob for r in results]), objects)
+
+    def _segment(self, arr: np.ndarray) -> Segmentation:
+        import torch
+
+        from medseg.instances import measure_instances
+
+        data = {self._key: self._reader.convert(arr, self._key, "the array"), f"{self._key}_file": "the array"}
+        for transform in self._pre:
+            data = transform(data)
+        x = torch.as_tensor(data[self._key])[None].to(self.device)
+        autocast = torch.autocast("cuda") if self.amp else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            pred = self.inferer(x, self.network)
+        post = {**data, "pred": pred[0]}
+        for transform in self._post:
+            post = transform(post)
+        out = post["pred"]
+        out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
+        mask, prob = self._writer.mask_of(out, "nifti")  # NIfTI's values: 0/1, class indices, labels
+        objects = measure_instances(mask, arr) if self.kind == "instances" else None
+        return Segmentation(mask, prob, objects)
+
+
+def _as_numpy(image: Any) -> np.ndarray:
+    if hasattr(image, "detach"):  # a torch tensor, perhaps on a GPU
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"an array of {arr.dtype}; give numbers (integer or float pixels)")
+    return arr
+
+
+def _channels_first(image: Any, channel_axis: int | None) -> np.ndarray:
+    """A 2D image as ``(C, H, W)`` with C 1 or 3, as :mod:`medseg.readers` gives files (alpha dropped)."""
+    arr = _as_numpy(image)
+    if arr.ndim == 3 and channel_axis is None:
+        last, first = arr.shape[-1] in (2, 3, 4), arr.shape[0] in (1, 2, 3, 4)
+        if last == first:
+            raise DataError(f"an image of shape {arr.shape}: which axis holds the channels? pass channel_axis "
+                            "(-1 for (H, W, C), 0 for (C, H, W))")
+        channel_axis = -1 if last else 0
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3:
+        if channel_axis not in (0, 1, 2, -1, -2, -3):
+            raise DataError(f"channel_axis {channel_axis}: an image has axes 0–2")
+        arr = np.moveaxis(arr, channel_axis, 0)
+        if arr.shape[0] in (2, 4):  # gray + alpha, RGBA: the alpha is dropped, as the file readers do
+            arr = arr[:-1]
+    else:
+        raise DataError(f"an array of {arr.ndim} axes {arr.shape}; give one 2D image, (H, W) or with channels "
+                        "(segment_stack takes a stack)")
+    if min(arr.shape[1:]) < 1:
+        raise DataError(f"an empty image of shape {arr.shape[1:]}")
+    return arr

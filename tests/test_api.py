@@ -1,0 +1,214 @@
+"""`medseg.Segmenter`: arrays in memory segmented as `medseg infer` segments the same pixels in files."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import JURKAT_TINY_NET, NUCLEI_TINY_NET, TINY_NET, synthetic_cells, synthetic_em, synthetic_nuclei
+from PIL import Image
+from skimage.segmentation import find_boundaries
+from typer.testing import CliRunner
+
+from medseg import Segmentation, Segmenter
+from medseg.bundle import load_config, parse_override
+from medseg.cli import app
+from medseg.errors import BundleError, CheckpointError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"isbi_em": TINY_NET, "jurkat": JURKAT_TINY_NET, "nuclei": NUCLEI_TINY_NET}
+
+
+def _example(bundle: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An image the bundle takes (as a reader gives it, channels last) and its class-index target."""
+    rng = np.random.default_rng(seed)
+    if bundle == "isbi_em":
+        image, label = synthetic_em(size=64, seed=seed)
+        return image, (label > 0).astype(np.int64)
+    if bundle == "jurkat":
+        image, mask = synthetic_cells(rng, size=(72, 64))
+        return image, np.searchsorted([0, 128, 255], mask)
+    image, labels = synthetic_nuclei(rng, size=(64, 64), n_single=4, n_pairs=2)
+    edge = find_boundaries(labels, mode="inner")
+    return image, np.where(edge, 2, (labels > 0).astype(np.int64))
+
+
+def _fit(bundle: str, path: Path) -> Path:
+    """Tiny weights fitted for a few dozen steps to one example, so that masks are not constant."""
+    torch.manual_seed(0)
+    overrides = dict(parse_override(item) for item in TINY[bundle])
+    parser = load_config(ROOT / "bundles" / bundle, "infer", overrides=overrides)
+    network = parser.get_parsed_content("network_def")
+    image, target = _example(bundle)
+    Image.fromarray(image).save(path.with_suffix(".png"))  # read and normalised as the bundle does
+    x = torch.as_tensor(parser.get_parsed_content("preprocessing")({"image": str(path.with_suffix(".png"))})["image"])
+    optimiser = torch.optim.Adam(network.parameters(), lr=0.02)
+    network.train()
+    for _ in range(60):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(network(x[None]), torch.as_tensor(target)[None])
+        loss.backward()
+        optimiser.step()
+    torch.save({"model": network.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("api_weights")
+    return {bundle: _fit(bundle, folder / f"{bundle}.pt") for bundle in TINY}
+
+
+def _segmenter(bundle: str, weights: dict[str, Path], **kwargs) -> Segmenter:
+    overrides = {**dict(parse_override(item) for item in TINY[bundle]), **kwargs.pop("overrides", {})}
+    return Segmenter(ROOT / "bundles" / bundle, weights[bundle], device="cpu", overrides=overrides, **kwargs)
+
+
+def _infer(bundle: str, inputs: Path, out: Path, ckpt: Path, *extra: str):
+    args = ["infer", ROOT / "bundles" / bundle, inputs, out, "--checkpoint", ckpt, "--no-progress", "--device", "cpu",
+            *extra, *[a for item in TINY[bundle] for a in ("--set", item)]]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.parametrize("bundle", ["isbi_em", "jurkat", "nuclei"])
+def test_an_array_segments_as_medseg_infer_segments_its_file(bundle, weights, tmp_path):
+    image, target = _example(bundle, seed=1)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    _infer(bundle, tmp_path / "in", tmp_path / "out", weights[bundle])
+    written = np.asarray(Image.open(tmp_path / "out" / "mask" / "a.png"))
+    prob = tifffile.imread(tmp_path / "out" / "prob" / "a.tif")
+
+    result = _segmenter(bundle, weights).segment(image)
+
+    assert isinstance(result, Segmentation) and result.mask.shape == result.prob.shape == image.shape[:2]
+    assert result.prob.dtype == np.float32 and np.array_equal(result.prob, prob)
+    if bundle == "isbi_em":  # 0/1 here, 0/255 in a PNG
+        assert result.mask.dtype == np.uint8 and set(np.unique(result.mask)) == {0, 1}
+        assert np.array_equal(result.mask * 255, written) and result.objects is None
+    elif bundle == "jurkat":  # class indices here, the bundle's class_values in a PNG
+        assert result.mask.dtype == np.uint8 and set(np.unique(result.mask)) == {0, 1, 2}
+        assert np.array_equal(np.array([0, 128, 255])[result.mask], written) and result.objects is None
+    else:  # the same labels, and the table's rows
+        assert result.mask.dtype == np.uint16 and np.array_equal(result.mask, written)
+        with open(tmp_path / "out" / "table" / "a.csv", newline="") as fh:
+            table = list(csv.DictReader(fh))
+        assert len(result.objects) == len(table) == result.mask.max() >= 3
+        assert [{k: str(v) for k, v in row.items()} for row in result.objects] == table
+    # the fitted weights segment the example's classes, not a constant
+    assert np.mean((result.mask > 0) == (target > 0)) > 0.8
+
+
+def test_channel_layouts_and_types_give_the_same_mask(weights):
+    jurkat = _segmenter("jurkat", weights, tta=False)
+    image, _ = _example("jurkat", seed=1)
+    expected = jurkat.segment(image).mask
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    for layout in (np.moveaxis(image, -1, 0), rgba, torch.as_tensor(image), image.astype(np.float64)):
+        assert np.array_equal(jurkat.segment(layout).mask, expected)
+    assert np.array_equal(jurkat.segment(image.transpose(2, 0, 1), channel_axis=0).mask, expected)
+    em = _segmenter("isbi_em", weights)
+    gray, _ = _example("isbi_em", seed=1)
+    as_rgb = np.repeat(gray[..., None], 3, axis=-1)  # an RGB file of a gray image reads as the gray image
+    assert np.array_equal(em.segment(as_rgb).prob, em.segment(gray).prob)
+    assert set(np.unique(em.segment(gray > 128).mask)) <= {0, 1}  # a boolean image is taken as 0/1
+
+
+@pytest.mark.parametrize(("array", "kwargs", "words"), [
+    (np.zeros((3, 8, 4)), {}, "which axis holds the channels"),
+    (np.zeros((2, 2, 8, 8)), {}, "segment_stack"),
+    (np.zeros((8,)), {}, "1 axes"),
+    (np.zeros((0, 8)), {}, "empty image"),
+    (np.full((8, 8), "a"), {}, "give numbers"),
+    (np.zeros((8, 8, 5)), {}, "channels"),
+    (np.zeros((8, 8, 3)), {"channel_axis": 3}, "channel_axis 3"),
+    (np.array([[0.0, np.nan], [1.0, 2.0]]), {}, "NaN"),
+    (np.array([[0.0, np.inf], [1.0, 2.0]]), {}, "NaN or infinite"),
+])
+def test_arrays_the_model_cannot_take_are_one_line_errors(weights, array, kwargs, words):
+    with pytest.raises(DataError, match=words) as err:
+        _segmenter("isbi_em", weights).segment(array, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_a_stack_segments_slice_by_slice_as_a_tiff_stack(weights, tmp_path):
+    slices = [_example("nuclei", seed=s)[0] for s in (1, 2, 3)]
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "stack.tif", np.stack(slices), photometric="minisblack")
+    _infer("nuclei", tmp_path / "in", tmp_path / "out", weights["nuclei"])
+    written = tifffile.imread(tmp_path / "out" / "mask" / "stack.tif")
+    with open(tmp_path / "out" / "table" / "stack.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+
+    nuclei = _segmenter("nuclei", weights)
+    result = nuclei.segment_stack(np.stack(slices))
+
+    assert result.mask.shape == written.shape == (3, 64, 64) and np.array_equal(result.mask, written)
+    assert [{k: str(v) for k, v in row.items()} for row in result.objects] == table
+    assert [row["slice"] for row in result.objects] == sorted(row["slice"] for row in result.objects)
+    assert np.array_equal(result.mask[1], nuclei.segment(slices[1]).mask)  # labelled per slice, as one image
+    rgb_stack = np.stack([np.repeat(s[..., None], 3, axis=-1) for s in slices])  # (Z, H, W, C)
+    assert np.array_equal(nuclei.segment_stack(rgb_stack).mask, written)
+    assert np.array_equal(nuclei.segment_stack(np.moveaxis(rgb_stack, -1, 1), channel_axis=1).mask, written)
+    with pytest.raises(DataError, match="slice axis"):
+        nuclei.segment_stack(rgb_stack, channel_axis=0)
+
+
+def test_settings_checkpoints_and_errors(weights, tmp_path):
+    image, _ = _example("isbi_em", seed=1)
+    plain = _segmenter("isbi_em", weights)
+    assert plain.kind == "binary" and plain.tta is False and "isbi_em" in repr(plain)
+    with_tta = _segmenter("isbi_em", weights, tta=True)
+    assert with_tta.tta is True and not np.array_equal(with_tta.segment(image).prob, plain.segment(image).prob)
+    # the same weights twice average to themselves: an ensemble of copies segments as one member
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(weights["isbi_em"].read_bytes())
+    pair = Segmenter(ROOT / "bundles" / "isbi_em", [weights["isbi_em"], copy], device="cpu",
+                     overrides=dict(parse_override(item) for item in TINY_NET))
+    np.testing.assert_allclose(pair.segment(image).prob, plain.segment(image).prob, atol=1e-6)
+    assert _segmenter("nuclei", weights).kind == "instances" and _segmenter("jurkat", weights).kind == "classes"
+    with pytest.raises(CheckpointError, match="models/model.pt: checkpoint not found"):
+        Segmenter(ROOT / "bundles" / "isbi_em")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        Segmenter(ROOT / "bundles" / "isbi_em", weights["isbi_em"], device="cpu")
+    with pytest.raises(BundleError):
+        _segmenter("isbi_em", weights, overrides={"no_such_key": 1})
+
+
+def test_weights_with_nan_are_refused_before_any_image(weights, tmp_path):
+    state = torch.load(weights["isbi_em"])
+    name = next(iter(state["model"]))
+    state["model"][name].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "diverged.pt")
+    with pytest.raises(CheckpointError, match=f"weight {name} holds NaN.*diverged"):
+        Segmenter(ROOT / "bundles" / "isbi_em", tmp_path / "diverged.pt", device="cpu",
+                  overrides=dict(parse_override(item) for item in TINY_NET))
+
+
+def test_a_nan_image_file_fails_that_input_and_names_it(weights, tmp_path):
+    good, _ = _example("isbi_em", seed=1)
+    bad = good.astype(np.float32)
+    bad[5:9, 5:9] = np.nan  # it reached the contour closing's watershed and hung it
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "bad.tif", bad)
+    Image.fromarray(good).save(tmp_path / "in" / "good.png")
+    args = ["infer", ROOT / "bundles" / "isbi_em", tmp_path / "in", tmp_path / "out", "--checkpoint",
+            weights["isbi_em"], "--no-progress", "--device", "cpu", *[a for i in TINY_NET for a in ("--set", i)]]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'in' / 'bad.tif'}: holds NaN or infinite values" in result.output
+    assert (tmp_path / "out" / "mask" / "good.png").is_file()
+
+
+def test_importing_medseg_loads_neither_torch_nor_monai():
+    code = "import sys, medseg; print('torch' in sys.modules, 'monai' in sys.modules, medseg.Segmenter.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "Segmenter"]
