@@ -343,8 +343,10 @@ class _AtomicSaver(BaseSaveHandler):
         name = self.filename or filename
         path = self.dirname / name
         try:
-            with atomic_output(path) as tmp:
-                torch.save(checkpoint, tmp)
+            # through a file object: given a path, torch names the archive inside after the (random) temporary
+            # file, so the same weights saved twice would differ in bytes and in SHA-256
+            with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
         except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError (iostream error)
             raise DataError(f"{path}: cannot write the checkpoint ({str(err).strip() or type(err).__name__}); "
                             "free disk space or check the folder's permissions and quota, then continue with "

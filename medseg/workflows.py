@@ -1150,25 +1150,31 @@ def evaluate(
     check_writable(output_dir)
     record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
     if record is not None:
-        # score the validation (or training) samples of the run that produced the checkpoint
+        # score the validation (or training) samples of the run that produced the checkpoint, by their names:
+        # in a copy of the data at another path too, and never a sample the run trained on in their stead
         names = [str(n) for n in record.get(split, [])]
         if parser.get("val_count") is not None:  # ISBI: the last N slices are held out, the others trained on
             parser["val_count"] = len(record["val"])
-        elif names and str(record.get("data_dir", "")) == str(Path(data_dir).resolve()):
-            # random splits (val_fraction, seed): the recorded names, whatever the overrides of this call
+        if names:
+            recorded_dir = str(record.get("data_dir", ""))
             datalists = parser.get_parsed_content("datalists")
             listed = datalists.get("all", []) if isinstance(datalists, dict) else []
             samples = {str(d.get("name")): d for d in listed}
-            if all(n in samples for n in names):
-                parser["validate#dataset#data"] = [samples[n] for n in names]
-            else:
+            present = [n for n in names if n in samples]
+            where = _recorded_split_path(checkpoints)
+            if not present:
+                raise DataError(f"{data_dir}: none of the {len(names)} {split} images that {where} records are "
+                                f"here (the run used {recorded_dir or 'another folder'}); pass --split all to score "
+                                f"every image of {data_dir}")
+            if len(present) < len(names):
                 logging.getLogger(__name__).warning(
-                    "%s: %d of its %s images are not in %s; the split is drawn from the settings given instead",
-                    _recorded_split_path(checkpoints), sum(n not in samples for n in names), split, data_dir)
-        elif names:
-            logging.getLogger(__name__).warning(
-                "%s records the split of another data folder (%s); the split is drawn from the settings given",
-                _recorded_split_path(checkpoints), record.get("data_dir", "?"))
+                    "%s: %d of its %d %s images are not in %s; scoring the %d that are",
+                    where, len(names) - len(present), len(names), split, data_dir, len(present))
+            elif recorded_dir and recorded_dir != str(Path(data_dir).resolve()):
+                logging.getLogger(__name__).warning(
+                    "%s records the split of %s; scoring the %s images of the same names in %s (for another "
+                    "data set, pass --split all)", where, recorded_dir, split, data_dir)
+            parser["validate#dataset#data"] = [samples[n] for n in present]
     elif split != "all" and "val_count" not in overrides:
         logging.getLogger(__name__).warning(
             "%s: no split record beside the checkpoint, so the %s images are drawn from the settings given, "

@@ -926,6 +926,28 @@ def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
     assert result.output.strip() == "error: --set eval_split=train contradicts --split val; give one of them"
 
 
+def test_evaluate_elsewhere_scores_the_runs_validation_slices_by_name(trained, tmp_path):
+    # the run trained on slices 0-2 and validated on 3. Another folder was scored on its last slice by count,
+    # whichever it was (a training slice where slice 3 is missing); by name it is slice 3, here amid slices 2
+    # and a new 4, and a folder without slice 3 is an error
+    other = tmp_path / "other"
+    for sub in ("image", "label"):
+        (other / "train" / sub).mkdir(parents=True)
+        for k in (2, 3):
+            shutil.copy(trained["data"] / "train" / sub / f"{k}.png", other / "train" / sub / f"{k}.png")
+        Image.fromarray(synthetic_em(size=96, seed=9)[0 if sub == "image" else 1]).save(other / "train" / sub / "4.png")
+    args = ("--checkpoint", trained["out"] / "model.pt", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    result = _invoke("evaluate", BUNDLE, "--data", other, "--output", tmp_path / "eval", *args)
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["3"]
+    for sub in ("image", "label"):
+        (other / "train" / sub / "3.png").unlink()
+    result = _invoke("evaluate", BUNDLE, "--data", other, "--output", tmp_path / "eval2", *args)
+    assert result.exit_code == 1
+    assert "none of the 1 val images that" in result.output and "pass --split all" in result.output
+
+
 def test_evaluate_into_the_run_folder_keeps_its_split_record(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained["out"], run)

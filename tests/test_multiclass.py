@@ -528,16 +528,40 @@ def test_cli_evaluate_val_follows_the_recorded_split(trained, tmp_path):
     assert json.loads((tmp_path / "all" / "summary.json").read_text())["images"] == 8
 
 
-def test_cli_evaluate_says_when_the_recorded_split_cannot_be_followed(trained, tmp_path, caplog):
-    """Another data folder than the run's: the split is drawn from the settings given, and a warning says so."""
+def test_cli_evaluate_follows_the_recorded_split_by_name_in_another_folder(trained, tmp_path, caplog):
+    """A copy of the data at another path: the run's validation images by their names, never a split drawn
+    anew (which held training images); images missing are left out, none present is an error."""
     data = tmp_path / "copy"
     shutil.copytree(trained["data"], data)
+    val = json.loads((trained["out"] / "split.json").read_text())["val"]
+    args = ("--checkpoint", trained["out"] / "model.pt", "--no-progress", "--device", "cpu",
+            *_sets([*JURKAT_TINY_NET, "seed=3"]))
     with caplog.at_level("WARNING", logger="medseg.workflows"):
-        result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", trained["out"] / "model.pt",
-                         "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_sets(JURKAT_TINY_NET))
+        result = _invoke("evaluate", JURKAT, "--data", data, "--output", tmp_path / "eval", *args)
     assert result.exit_code == 0, result.output
-    assert any("records the split of another data folder" in r.getMessage() for r in caplog.records)
-    # a checkpoint handed over without its split.json: the same warning, naming the missing record
+    assert any("scoring the val images of the same names" in r.getMessage() for r in caplog.records)
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == val
+    for path in data.rglob(f"{Path(val[0]).name}.*"):  # one validation image (and its mask) gone
+        path.unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", data, "--output", tmp_path / "eval1", *args)
+    assert result.exit_code == 0, result.output
+    assert any(f"1 of its {len(val)} val images are not in" in r.getMessage() for r in caplog.records)
+    with open(tmp_path / "eval1" / "metrics.csv", newline="") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == val[1:]
+    for name in val[1:]:
+        for path in data.rglob(f"{Path(name).name}.*"):
+            path.unlink()
+    result = _invoke("evaluate", JURKAT, "--data", data, "--output", tmp_path / "eval0", *args)
+    assert result.exit_code == 1
+    assert f"none of the {len(val)} val images that {trained['out'] / 'split.json'} records are here" in result.output
+    assert "pass --split all" in result.output
+
+
+def test_cli_evaluate_without_a_split_record_warns(trained, tmp_path, caplog):
+    # a checkpoint handed over without its split.json: a warning naming the missing record
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(trained["out"] / "model.pt", models / "model.pt")
