@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import json
 import os
@@ -33,7 +34,8 @@ def _natural_key(path: Path) -> tuple:
 
 
 def _natural_text(text: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+    # the text itself breaks ties (``4`` and ``04``), so the order never depends on the folder's listing order
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)), text
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -137,6 +139,35 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     (out / "split.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
+def _glob(root: Path, pattern: str) -> list[Path]:
+    """``root.glob(pattern)``, but a ``**`` also enters linked folders, as ``medseg infer`` does (each folder
+    once; pathlib's ``**`` skips links, which dropped the images of a linked sub-folder without a word).
+
+    Raises:
+        DataError: a folder under ``root`` cannot be listed, or a link matching ``pattern`` has no target.
+    """
+    if "**" not in pattern:
+        return list(root.glob(pattern))
+    from medseg.discovery import files_under
+
+    files, problems = files_under(root)
+    wanted = [part for part in pattern.split("/") if part not in ("", ".")]
+    for where, why in problems:
+        if where.is_dir() or not where.exists() and _glob_match(where.relative_to(root).parts, wanted):
+            raise DataError(f"{where}: {why}")
+    return [f for f in files if _glob_match(f.relative_to(root).parts, wanted)]
+
+
+def _glob_match(parts: tuple[str, ...], pattern: list[str]) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts, ``**`` standing for any number of folders."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(parts[i:], rest) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _glob_match(parts[1:], rest)
+
+
 def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                           mask_template: str = "../masks/{stem}.*") -> list[dict]:
     """List ``{"image", "label", "name", "group"}`` for every image matching ``image_glob`` under ``root``.
@@ -153,7 +184,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found; pass --data pointing to the images + masks folder")
-    images = sorted((p for p in root.glob(image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    images = sorted((p for p in _glob(root, image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                      and not p.name.startswith(".")),  # macOS "._" companions, editors' temporary files
                     key=lambda p: _natural_text(p.relative_to(root).as_posix()))
     if not images:

@@ -38,7 +38,8 @@ class InputItem:
 
 
 def _natural_key(text: str) -> tuple:
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text))
+    # the text itself breaks ties (``4`` and ``04``), so the order never depends on the folder's listing order
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)), text
 
 
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
@@ -106,7 +107,7 @@ def discover(
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones
         return [InputItem(str(root), fmt, _stem(root.name), key=root.name)], []
 
-    found, unreadable = _files_under(root, recursive)
+    found, unreadable = files_under(root, recursive)
     left_out = _outputs_under(root, Path(skip) if skip is not None else None, found)
     files = sorted((p for p, real in ((p, p.resolve()) for p in found)
                     if not any(real.is_relative_to(part) for part in left_out)),
@@ -151,7 +152,7 @@ def discover(
     return _unique_rels(inputs), ignored
 
 
-def _files_under(root: Path, recursive: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
+def files_under(root: Path, recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The files under ``root`` (its sub-folders too when ``recursive``), links to files and folders followed,
     and ``(path, reason)`` for each folder that cannot be listed and each link whose target is missing.
 

@@ -892,7 +892,8 @@ def data_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted, diverged: _Diverged | None = None) -> None:
+def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted,
+                     diverged: _Diverged | None = None) -> None:
     """Validate the weights a training ends with unless they just were: after the last epoch or a time limit
     (``--epochs 32`` with validation every 5 epochs would otherwise leave epochs 31 and 32 unjudged and never
     in ``model.pt``); after Ctrl-C only when no validation ran yet, so that ``model.pt`` exists. Before the

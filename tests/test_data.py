@@ -22,6 +22,24 @@ def test_png_layout_natural_order(tmp_path):
     assert find_pairs(tmp_path / "train") == pairs  # the train/ folder itself works too
 
 
+def test_names_that_sort_alike_keep_one_order_whatever_the_listing(tmp_path, monkeypatch):
+    # "4" and "04" are the same number: the order (so the split) followed the folder's listing order
+    from pathlib import Path
+
+    from medseg.discovery import discover
+
+    for sub in ("image", "label"):
+        (tmp_path / "train" / sub).mkdir(parents=True)
+        for k in ("04", "4", "3"):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "train" / sub / f"{k}.png")
+    forward = [p["name"] for p in find_pairs(tmp_path)]
+    found = [i.rel for i in discover(str(tmp_path / "train" / "image"))[0]]
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: reversed(list(listing(self))))
+    assert [p["name"] for p in find_pairs(tmp_path)] == forward == ["3", "04", "4"]
+    assert [i.rel for i in discover(str(tmp_path / "train" / "image"))[0]] == found == ["3", "04", "4"]
+
+
 def test_challenge_stack_layout(isbi_stacks):
     pairs = find_pairs(isbi_stacks)
     assert [p["page"] for p in pairs] == [0, 1, 2]

@@ -65,6 +65,22 @@ def test_pairs_found_with_names_groups_and_masks(jurkat_folder):
         assert p["image"].endswith(".bmp") and p["label"] == p["image"][:-4] + ".png" and p["page"] == 0
 
 
+def test_pairs_in_linked_folders_are_found_and_broken_links_named(jurkat_folder, tmp_path):
+    # pathlib's ** skips linked folders: a linked set_b was dropped from training without a word
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(jurkat_folder / "set_b", elsewhere)
+    (jurkat_folder / "set_b").symlink_to(elsewhere, target_is_directory=True)
+    (jurkat_folder / "set_a" / "loop").symlink_to(jurkat_folder, target_is_directory=True)  # no endless search
+    pairs = find_image_mask_pairs(jurkat_folder, **LAYOUT)
+    assert [p["name"] for p in pairs] == [f"set_a/{k:03d}" for k in range(1, 7)] + ["set_b/001", "set_b/002"]
+    (jurkat_folder / "set_a" / "gone.bmp").symlink_to(tmp_path / "missing.bmp")
+    with pytest.raises(DataError, match=r"set_a/gone\.bmp: a link whose target does not exist"):
+        find_image_mask_pairs(jurkat_folder, **LAYOUT)
+    (jurkat_folder / "set_a" / "gone.bmp").unlink()
+    (jurkat_folder / "set_a" / "notes.txt").symlink_to(tmp_path / "missing.txt")  # not an image: no matter
+    assert len(find_image_mask_pairs(jurkat_folder, **LAYOUT)) == 8
+
+
 def test_pairs_in_images_and_masks_folders(tmp_path):
     """The library default: ``root/images/NAME`` + ``root/masks/STEM.*`` (any supported suffix)."""
     rng = np.random.default_rng(1)
