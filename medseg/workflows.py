@@ -795,6 +795,7 @@ def train(
         train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
         run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
 
+        _seed_each_epoch(trainer, parser.get_parsed_content("init_seed", default=None))
         diverged = _stop_on_divergence(trainer, _bundle_handlers(parser, MLFlowHandler))
         with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
             _validate_at_end(trainer, evaluator, interrupted, diverged)
@@ -980,6 +981,35 @@ def _keep_newest_last_checkpoint(out: Path) -> None:
         for path in existing:
             if path != newest:
                 path.unlink(missing_ok=True)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The random seed of one epoch of a training seeded with ``seed`` (a 32-bit hash of both)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:4], "little")
+
+
+def _seed_each_epoch(trainer: Any, seed: Any) -> None:
+    """Seed every epoch's randomness (shuffling, sampling, augmentation, in the data-loader workers too) from
+    ``seed`` and the epoch's number, so that a resumed training draws what the uninterrupted one would have:
+    otherwise the generators restart where ``set_determinism`` put them, and the first epoch after a resume
+    repeats the crops of epoch 1. ``seed`` None (no determinism asked for) leaves them alone."""
+    if seed is None:
+        return
+    import random
+
+    import numpy as np
+    import torch
+    from ignite.engine import Events
+    from monai.data.utils import set_rnd
+
+    def reseed(engine: Any) -> None:  # before the epoch's data iterator is made
+        value = epoch_seed(int(seed), engine.state.epoch)
+        torch.manual_seed(value)
+        np.random.seed(value)
+        random.seed(value)
+        set_rnd(engine.data_loader.dataset, value)  # the transforms run in this process (no workers)
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, reseed)
 
 
 class _Diverged:

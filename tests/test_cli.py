@@ -572,6 +572,38 @@ def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_
     assert (out / "model.pt").is_file() and summary["best_metric"] is not None and summary["epochs"] == 1
 
 
+def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, isbi_folder, monkeypatch):
+    # each epoch's randomness comes from the seed and the epoch's number: a resumed run used to replay epoch
+    # 1's crops and augmentations in epoch 2 (its generators restarted), so it ended with other weights
+    import os
+    import signal
+
+    from ignite.engine import Events
+
+    from medseg import workflows
+
+    args = ("--epochs", 3, "--data", isbi_folder, "--no-progress", "--no-tracking", "--device", "cpu",
+            *_tiny_args(), "--set", "images_per_batch=2")
+    assert _invoke("train", BUNDLE, "--output", tmp_path / "straight", *args).exit_code == 0
+    original = workflows._check_batches
+
+    def press_ctrl_c(trainer, data_dir):  # in epoch 2's first step (2 steps per epoch)
+        original(trainer, data_dir)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda _: os.kill(os.getpid(), signal.SIGINT))
+
+    monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c)
+    assert _invoke("train", BUNDLE, "--output", tmp_path / "stopped", *args).exit_code == 130
+    monkeypatch.setattr(workflows, "_check_batches", original)
+    result = _invoke("train", BUNDLE, "--output", tmp_path / "stopped", "--resume", *args)
+    assert result.exit_code == 0, result.output
+    for name in ("last_checkpoint_epoch=3.pt", "model.pt"):
+        straight, resumed = (torch.load(tmp_path / run / name) for run in ("straight", "stopped"))
+        straight, resumed = straight.get("model", straight), resumed.get("model", resumed)
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
+    history = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("straight", "stopped")]
+    assert history[0]["train_loss"] == history[1]["train_loss"] and history[0]["val"] == history[1]["val"]
+
+
 def test_a_diverged_training_stops_in_one_line_keeping_the_weights_before_it(tmp_path, isbi_folder, monkeypatch):
     # weights gone NaN in epoch 2 (as a too high learning rate makes them): the training stops there, before
     # a validation or a checkpoint meets them (NaN reached the contour closing's watershed, which crashed
