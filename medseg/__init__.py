@@ -13,3 +13,7 @@ def __getattr__(name: str):  # the CLI starts without importing torch and MONAI
 
         return getattr(api, name)
     raise AttributeError(f"module 'medseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,13 +91,14 @@ class Segmenter:
         settings = {"ckpt_path": checkpoints[0], "datalist": [], "handlers": [],
                     **({} if tta is None else {"tta": bool(tta)}), **_device_settings(self.device)}
         parser = load_config(bundle, "infer", tuple(str(o) for o in overlays), overrides, settings)
-        self.network = load_members(parser.get_parsed_content("network_def"), checkpoints).to(self.device).eval()
-        parser.get_parsed_content("initialize")
-        self.inferer = parser.get_parsed_content("inferer")
-        self.amp = bool(parser.get_parsed_content("amp", default=False)) and self.device.type == "cuda"
+        with _user_errors(), _rng_kept():  # the network's random initialisation leaves the caller's seeds alone
+            self.network = load_members(parser.get_parsed_content("network_def"), checkpoints).to(self.device).eval()
+            parser.get_parsed_content("initialize")
+            self.inferer = parser.get_parsed_content("inferer")
+            self.amp = bool(parser.get_parsed_content("amp", default=False)) and self.device.type == "cuda"
+            pre = list(getattr(parser.get_parsed_content("preprocessing"), "transforms", ()))
+            post = list(getattr(parser.get_parsed_content("postprocessing"), "transforms", ()))
         self.tta = bool(getattr(self.inferer, "tta", False))
-        pre = list(getattr(parser.get_parsed_content("preprocessing"), "transforms", ()))
-        post = list(getattr(parser.get_parsed_content("postprocessing"), "transforms", ()))
         reader = next((i for i, t in enumerate(pre) if isinstance(t, LoadSliced)), None)
         writer = next((i for i, t in enumerate(post) if isinstance(t, SaveSegmentationd)), None)
         if reader is None or writer is None:
@@ -115,23 +116,31 @@ class Segmenter:
         return str(self._writer.mask_mode)
 
     def __repr__(self) -> str:
-        return (f"Segmenter({self.bundle!r}, {', '.join(self.checkpoints)!r}, kind={self.kind!r}, "
-                f"device={str(self.device)!r}, tta={self.tta})")
+        weights = self.checkpoints[0] if len(self.checkpoints) == 1 else self.checkpoints
+        return (f"Segmenter({self.bundle!r}, {weights!r}, kind={self.kind!r}, device={str(self.device)!r}, "
+                f"tta={self.tta})")
 
-    def segment(self, image: Any, channel_axis: int | None = None) -> Segmentation:
+    def segment(self, image: Any, channel_axis: int | None = None, diameter: float | None = None) -> Segmentation:
         """Segment one 2D image.
 
         Args:
-            image: ``(H, W)`` gray, or with a channel axis of 3 (RGB) or 4 (RGBA, alpha dropped) samples, or 2
-                (gray + alpha); a NumPy array, anything ``np.asarray`` takes, or a tensor.
-            channel_axis: the channel axis of a 3D array; ``None`` takes the last axis when it has 2–4 samples
+            image: ``(H, W)`` gray, or with a channel axis of 1, 3 (RGB) or 4 (RGBA) samples, or 2 (gray +
+                alpha); a NumPy array, anything ``np.asarray`` takes (a PIL image: convert a palette image
+                to ``RGB`` first, as the file readers do), or a tensor. An alpha channel must be constant
+                (opaque): a fourth or second channel that varies is refused rather than dropped.
+            channel_axis: the channel axis of a 3D array; ``None`` takes the last axis when it has 1–4 samples
                 and the first one has not, the first axis in the opposite case (``(C, H, W)`` as MONAI holds
                 images), and refuses arrays where both could be.
+            diameter: the objects' diameter in this image's pixels, for a model trained with
+                ``target_diameter`` (as ``medseg infer --set diameter=D``, here per image): the image is
+                brought to the trained size without estimating it.
 
         Raises:
-            DataError: not a 2D image, an ambiguous or unsupported channel count, or an empty image.
+            DataError: not a 2D image, an ambiguous or unsupported channel count, an empty image, or values
+                that are NaN or infinite.
+            ConfigValueError: ``diameter`` not positive, or given for a model trained without ``target_diameter``.
         """
-        return self._segment(_channels_first(image, channel_axis))
+        return self._segment(_channels_first(image, channel_axis), diameter)
 
     def segment_stack(self, stack: Any, channel_axis: int | None = None) -> Segmentation:
         """Segment each slice of a stack ``(Z, H, W)`` (or ``(Z, H, W, C)`` / ``(Z, C, H, W)`` with
@@ -141,12 +150,17 @@ class Segmenter:
         if arr.ndim not in (3, 4):
             raise DataError(f"a stack of {arr.ndim} axes {arr.shape}; give (Z, H, W), or (Z, H, W, C) with its "
                             "channel axis")
+        if arr.shape[0] == 0:
+            raise DataError(f"an empty stack of shape {arr.shape}")
+        if arr.ndim == 3 and channel_axis is not None:
+            raise DataError(f"channel_axis {channel_axis}: a stack of 3 axes {arr.shape} is (Z, H, W), without one")
         if arr.ndim == 4 and channel_axis is None:
-            channel_axis = 3 if arr.shape[3] in (2, 3, 4) and arr.shape[1] not in (1, 2, 3, 4) else None
+            channel_axis = 3 if arr.shape[3] in (1, 2, 3, 4) and arr.shape[1] not in (1, 2, 3, 4) else None
             if channel_axis is None:
                 raise DataError(f"a stack of shape {arr.shape}: which axis holds the channels? pass channel_axis")
-        if arr.ndim == 4 and channel_axis in (0, -4):
-            raise DataError("channel_axis 0 of a stack is its slice axis; give the channel axis (1–3)")
+        if arr.ndim == 4 and channel_axis not in (1, 2, 3, -1, -2, -3):
+            raise DataError(f"channel_axis {channel_axis}: the channel axis of a (Z, ...) stack is 1, 2 or 3 "
+                            "(0 is its slice axis)")
         slice_axis = None if arr.ndim == 3 else (channel_axis % 4) - 1
         results = [self._segment(_channels_first(arr[z], slice_axis)) for z in range(arr.shape[0])]
         objects = None
@@ -154,21 +168,26 @@ class Segmenter:
             objects = [{"slice": z, **row} for z, r in enumerate(results) for row in (r.objects or [])]
         return Segmentation(np.stack([r.mask for r in results]), np.stack([r.prob for r in results]), objects)
 
-    def _segment(self, arr: np.ndarray) -> Segmentation:
+    def _segment(self, arr: np.ndarray, diameter: float | None = None) -> Segmentation:
         import torch
 
         from medseg.instances import measure_instances
+        from medseg.workflows import _quiet_constant_images
 
-        data = {self._key: self._reader.convert(arr, self._key, "the array"), f"{self._key}_file": "the array"}
-        for transform in self._pre:
-            data = transform(data)
-        x = torch.as_tensor(data[self._key])[None].to(self.device)
-        autocast = torch.autocast("cuda") if self.amp else contextlib.nullcontext()
-        with torch.no_grad(), autocast:
-            pred = self.inferer(x, self.network)
-        post = {**data, "pred": pred[0]}
-        for transform in self._post:
-            post = transform(post)
+        inferer = self.inferer
+        if diameter is not None:
+            inferer = self._inferer_at(diameter)
+        with _quiet_constant_images():  # a blank image is a blank mask, not a warning
+            data = {self._key: self._reader.convert(arr, self._key, "the array"), f"{self._key}_file": "the array"}
+            for transform in self._pre:
+                data = transform(data)
+            x = torch.as_tensor(data[self._key])[None].to(self.device)
+            autocast = torch.autocast("cuda") if self.amp else contextlib.nullcontext()
+            with torch.no_grad(), autocast:
+                pred = inferer(x, self.network)
+            post = {**data, "pred": pred[0]}
+            for transform in self._post:
+                post = transform(post)
         out = post["pred"]
         out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
         mask, prob = self._writer.mask_of(out, "nifti")  # NIfTI's values: 0/1, class indices, labels
@@ -176,9 +195,65 @@ class Segmenter:
         return Segmentation(mask, prob, objects)
 
 
+    def _inferer_at(self, diameter: float) -> Any:
+        """The inferer with the objects' diameter given (a copy: calls from several threads stay apart)."""
+        import copy
+
+        from medseg.errors import ConfigValueError
+
+        if getattr(self.inferer, "target", None) is None:
+            raise ConfigValueError(f"diameter={diameter}: this model was not trained at a standard object size "
+                                   "(target_diameter), so it segments images at their own scale; leave diameter out")
+        if not float(diameter) > 0:
+            raise ConfigValueError(f"diameter={diameter}: must be a positive number of pixels")
+        inferer = copy.copy(self.inferer)
+        inferer.diameter = float(diameter)
+        return inferer
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """MONAI's errors in building a config item, as the one-line :class:`BundleError` the CLI prints."""
+    from medseg.errors import MedsegError, describe_config_failure, find_user_error
+
+    try:
+        yield
+    except MedsegError:
+        raise
+    except Exception as err:
+        user = find_user_error(err)
+        if user is not None:
+            raise user from err
+        described = describe_config_failure(err)
+        if described is None:
+            raise
+        raise BundleError(described.replace("with --set and in overlays (--debug shows the traceback)",
+                                            "in overrides and overlays")) from err
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Put torch's, NumPy's and Python's global random generators back as they were."""
+    import random
+
+    import torch
+
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 def _as_numpy(image: Any) -> np.ndarray:
-    if hasattr(image, "detach"):  # a torch tensor, perhaps on a GPU
-        image = image.detach().cpu().numpy()
+    if hasattr(image, "detach"):  # a torch tensor, perhaps on a GPU, perhaps of a type NumPy lacks (bfloat16)
+        image = image.detach().cpu()
+        try:
+            image = image.numpy()
+        except TypeError:  # bfloat16 and other types NumPy lacks
+            image = image.float().numpy()
     arr = np.asarray(image)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -191,7 +266,7 @@ def _channels_first(image: Any, channel_axis: int | None) -> np.ndarray:
     """A 2D image as ``(C, H, W)`` with C 1 or 3, as :mod:`medseg.readers` gives files (alpha dropped)."""
     arr = _as_numpy(image)
     if arr.ndim == 3 and channel_axis is None:
-        last, first = arr.shape[-1] in (2, 3, 4), arr.shape[0] in (1, 2, 3, 4)
+        last, first = arr.shape[-1] in (1, 2, 3, 4), arr.shape[0] in (1, 2, 3, 4)
         if last == first:
             raise DataError(f"an image of shape {arr.shape}: which axis holds the channels? pass channel_axis "
                             "(-1 for (H, W, C), 0 for (C, H, W))")
@@ -203,10 +278,13 @@ def _channels_first(image: Any, channel_axis: int | None) -> np.ndarray:
             raise DataError(f"channel_axis {channel_axis}: an image has axes 0–2")
         arr = np.moveaxis(arr, channel_axis, 0)
         if arr.shape[0] in (2, 4):  # gray + alpha, RGBA: the alpha is dropped, as the file readers do
+            if arr[-1].min() != arr[-1].max():  # not an (opaque) alpha: a channel of data, e.g. [cyto, nuclei]
+                raise DataError(f"{arr.shape[0]} channels whose last is not a constant alpha; give the channels "
+                                "the model takes: one gray channel, or RGB (e.g. image[..., :3])")
             arr = arr[:-1]
     else:
         raise DataError(f"an array of {arr.ndim} axes {arr.shape}; give one 2D image, (H, W) or with channels "
                         "(segment_stack takes a stack)")
     if min(arr.shape[1:]) < 1:
         raise DataError(f"an empty image of shape {arr.shape[1:]}")
-    return arr
+    return np.require(arr, requirements="W")  # torch warns of arrays it cannot write

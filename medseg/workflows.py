@@ -27,7 +27,7 @@ from medseg.errors import (
 )
 
 
-def select_device(name: str = "auto") -> Any:
+def select_device(name: Any = "auto") -> Any:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]`` as a :class:`torch.device`.
 
     Raises:
@@ -35,6 +35,7 @@ def select_device(name: str = "auto") -> Any:
     """
     import torch
 
+    name = str(name).strip().lower()  # a torch.device, or "CPU", too
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":

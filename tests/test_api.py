@@ -67,7 +67,8 @@ def weights(tmp_path_factory) -> dict[str, Path]:
 
 def _segmenter(bundle: str, weights: dict[str, Path], **kwargs) -> Segmenter:
     overrides = {**dict(parse_override(item) for item in TINY[bundle]), **kwargs.pop("overrides", {})}
-    return Segmenter(ROOT / "bundles" / bundle, weights[bundle], device="cpu", overrides=overrides, **kwargs)
+    kwargs.setdefault("device", "cpu")
+    return Segmenter(ROOT / "bundles" / bundle, weights[bundle], overrides=overrides, **kwargs)
 
 
 def _infer(bundle: str, inputs: Path, out: Path, ckpt: Path, *extra: str):
@@ -212,3 +213,78 @@ def test_importing_medseg_loads_neither_torch_nor_monai():
     code = "import sys, medseg; print('torch' in sys.modules, 'monai' in sys.modules, medseg.Segmenter.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "Segmenter"]
+
+
+def test_config_values_no_component_takes_are_one_line_bundle_errors(weights):
+    from medseg.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match="diameter is used only with target_diameter") as err:
+        _segmenter("nuclei", weights, overrides={"diameter": 30})  # a Cellpose habit, for a model without it
+    with pytest.raises(BundleError, match="a config value does not work .* in overrides and overlays") as err2:
+        _segmenter("nuclei", weights, overrides={"sw_batch_size": "$1 // 0"})
+    assert "\n" not in str(err.value) + str(err2.value)
+
+
+def test_a_varying_alpha_is_a_channel_of_data_not_dropped(weights):
+    nuclei = _segmenter("nuclei", weights, tta=False)
+    image, _ = _example("nuclei", seed=1)
+    two = np.stack([np.zeros_like(image), image], axis=-1)  # [cyto, nuclei] as Cellpose takes them
+    with pytest.raises(DataError, match="2 channels whose last is not a constant alpha"):
+        nuclei.segment(two)
+    opaque = np.stack([image, np.full_like(image, 255)], axis=-1)  # gray + alpha, as a PNG holds it
+    assert np.array_equal(nuclei.segment(opaque).mask, nuclei.segment(image).mask)
+    assert np.array_equal(nuclei.segment(image[..., None]).mask, nuclei.segment(image).mask)  # (H, W, 1)
+
+
+def test_devices_types_warnings_and_the_callers_seeds(weights):
+    import random
+    import warnings
+
+    image, _ = _example("isbi_em", seed=1)
+    expected = _segmenter("isbi_em", weights).segment(image).prob
+    for device in (torch.device("cpu"), "CPU"):
+        assert _segmenter("isbi_em", weights, device=device).device.type == "cpu"
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    em = _segmenter("isbi_em", weights)  # builds (randomly initialises) a network before loading the weights
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    read_only = image.astype(np.float32)
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a notebook shows every warning
+        assert np.array_equal(em.segment(read_only).prob, expected)
+        em.segment(np.zeros((32, 32), np.uint8))  # blank: a blank mask, no divide-by-zero warning
+    as_bf16 = torch.as_tensor(image).to(torch.bfloat16)  # holds 0-255 integers exactly
+    assert np.array_equal(em.segment(as_bf16).prob, expected)
+
+
+def test_stack_channel_axes_are_checked(weights):
+    nuclei = _segmenter("nuclei", weights, tta=False)
+    stack = np.stack([_example("nuclei", seed=s)[0] for s in (1, 2)])
+    rgb = np.repeat(stack[..., None], 3, axis=-1)
+    for axis in (4, 7, -4):
+        with pytest.raises(DataError, match=f"channel_axis {axis}: the channel axis of a"):
+            nuclei.segment_stack(rgb, channel_axis=axis)
+    with pytest.raises(DataError, match="without one"):
+        nuclei.segment_stack(stack, channel_axis=-1)
+    with pytest.raises(DataError, match="empty stack"):
+        nuclei.segment_stack(stack[:0])
+    assert np.array_equal(nuclei.segment_stack(stack[..., None]).mask, nuclei.segment_stack(stack).mask)
+
+
+def test_a_diameter_per_image_as_infer_set_diameter(weights):
+    from medseg.errors import ConfigValueError
+
+    image, _ = _example("nuclei", seed=1)
+    scaled = _segmenter("nuclei", weights, overrides={"target_diameter": 20})
+    given = _segmenter("nuclei", weights, overrides={"target_diameter": 20, "diameter": 10})
+    assert np.array_equal(scaled.segment(image, diameter=10).mask, given.segment(image).mask)
+    assert scaled.inferer.diameter is None  # the Segmenter's own setting is left as it was
+    assert not np.array_equal(scaled.segment(image, diameter=10).prob, scaled.segment(image, diameter=40).prob)
+    with pytest.raises(ConfigValueError, match="must be a positive number"):
+        scaled.segment(image, diameter=0)
+    with pytest.raises(ConfigValueError, match="not trained at a standard object size"):
+        _segmenter("nuclei", weights).segment(image, diameter=10)
