@@ -1,4 +1,4 @@
-"""Describe the installation: package versions, compute device and the bundles found in a folder."""
+"""Describe the installation (package versions, compute device, bundles found) and what a run ran with."""
 
 from __future__ import annotations
 
@@ -13,16 +13,66 @@ PACKAGES = ("medseg", "torch", "monai", "pytorch-ignite", "mlflow", "numpy", "ti
             "nibabel", "itk", "typer", "pillow", "scikit-image", "imagecodecs", "python-gdcm")
 
 
-def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:
-    """Versions, device and ``{bundle name: version, task}`` for each bundle under ``bundles_dir``."""
-    import torch
-
+def _versions() -> dict[str, str | None]:
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    return versions
+
+
+def _source_commit() -> str | None:
+    """The git commit of the medseg source in use (``+dirty`` with local changes); None outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """What a run ran with, for its record: the command line and folder, versions, machine, threads, device
+    (and on a CPU whether bfloat16 autocast is available to it), the medseg source's git commit."""
+    import os
+    import shlex
+    import sys
+
+    import torch
+
+    env: dict[str, Any] = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv), "cwd": os.getcwd(),
+        "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "versions": _versions(),
+    }
+    if device is not None:
+        env["device"] = str(device)
+        if getattr(device, "type", "") == "cuda":
+            env["cuda_device"] = torch.cuda.get_device_name(device)
+        else:
+            from medseg.inferers import cpu_bf16_supported
+
+            env["cpu_bf16_available"] = cpu_bf16_supported()
+    commit = _source_commit()
+    if commit:
+        env["medseg_commit"] = commit
+    return env
+
+
+def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:
+    """Versions, device and ``{bundle name: version, task}`` for each bundle under ``bundles_dir``."""
+    import torch
+
+    versions = _versions()
     cuda = torch.cuda.is_available()
     device = {
         "cuda_available": cuda,

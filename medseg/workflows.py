@@ -627,18 +627,37 @@ def _check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
                         "--overwrite instead of --resume")
 
 
-def _check_epochs_left(last: Path, max_epochs: int) -> None:
-    """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback."""
+def _check_epochs_left(last: Path, max_epochs: int) -> int | None:
+    """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback.
+    Returns the epochs ``last`` has trained (None for an unusual checkpoint)."""
     import torch
 
     try:
         state = torch.load(last, map_location="cpu", weights_only=True).get("trainer", {})
         done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
     except Exception:  # noqa: BLE001 - an unusual checkpoint: Ignite's own checks follow
-        return
+        return None
     if done >= max_epochs:
         raise ConfigValueError(f"--resume: {last.name} has trained {done} epochs and the run is set to "
                                f"{max_epochs}; pass --epochs above {done} to train on")
+    return done
+
+
+#: What train_summary.json keeps of each earlier session of a resumed run
+_SESSION_KEYS = ("started", "resumed_from_epoch", "epochs", "wall_seconds", "interrupted", "diverged", "best_metric",
+                 "best_metric_epoch", "environment")
+
+
+def _earlier_sessions(path: Path) -> list[dict]:
+    """The sessions an existing ``train_summary.json`` records (its earlier ones, then its own)."""
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(before, dict):
+        return []
+    earlier = [s for s in before.get("earlier_sessions", []) if isinstance(s, dict)]
+    return [*earlier, {k: before[k] for k in _SESSION_KEYS if k in before}]
 
 
 def _put_back(aside: Sequence[tuple[Path, Path]], keep_new: bool = False) -> None:
@@ -778,7 +797,7 @@ def train(
                     problem = str(err).rsplit("; ", 1)[0]
                     raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
                                           "with, or start anew with --overwrite instead of --resume") from err
-                _check_epochs_left(last, trainer.state.max_epochs)
+                resumed_from = _check_epochs_left(last, trainer.state.max_epochs)
                 CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
                 _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
         except BaseException:
@@ -791,7 +810,10 @@ def train(
         RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
 
         start = time.perf_counter()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         from monai.handlers import MLFlowHandler
+
+        from medseg.info import environment
 
         train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
         run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
@@ -817,7 +839,12 @@ def train(
             "wall_seconds": round(time.perf_counter() - start, 1),
             "device": str(dev),
             "output_dir": str(out),
+            **({"resumed_from_epoch": resumed_from} if resume else {}),
+            "started": started,
+            "environment": environment(dev),
         }
+        if resume:  # what each earlier session of the run did, oldest first
+            summary["earlier_sessions"] = _earlier_sessions(out / "train_summary.json")
         if interrupted:
             summary["interrupted"] = True
         if diverged:
@@ -1154,10 +1181,11 @@ def evaluate(
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
-    from medseg.batch import check_writable
+    from medseg.batch import check_writable, file_sha256
     from medseg.ensemble import load_members
     from medseg.evaluation import MetricsReport
     from medseg.handlers import RichProgress
+    from medseg.info import environment
 
     overrides = dict(overrides or {})
     given = overrides.pop("eval_split", None)  # the bundle's own id for the split
@@ -1224,8 +1252,30 @@ def evaluate(
         parser.get_parsed_content("run")
     for handler in parser.get_parsed_content("validate#handlers"):
         if isinstance(handler, MetricsReport):
+            _record_evaluation(Path(output_dir) / "summary.json", handler.summary, {
+                "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}"
+                          .strip(),
+                "checkpoints": [{"path": _resolved(c), "sha256": file_sha256(c)} for c in checkpoints],
+                "data_dir": _resolved(str(data_dir)),
+                "split": split,
+                "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
+                               else "all images" if split == "all" else "the settings given"),
+                "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
+                "overrides": {k: v for k, v in (overrides or {}).items()},
+                "overlays": [_resolved(o) for o in overlays],
+                "environment": environment(dev),
+            })
             return handler.summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}
+
+
+def _record_evaluation(path: Path, summary: dict, run: dict) -> None:
+    """Add what produced an evaluation (checkpoints with their SHA-256, data, split, TTA, settings, versions)
+    to its ``summary.json`` under ``run``, so a later evaluation into the same folder is told apart."""
+    from medseg.io import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps({**summary, "run": run}, indent=2, default=str), encoding="utf-8")
 
 
 def infer(

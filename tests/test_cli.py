@@ -602,6 +602,14 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
     history = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("straight", "stopped")]
     assert history[0]["train_loss"] == history[1]["train_loss"] and history[0]["val"] == history[1]["val"]
+    # the run's record says it was resumed, from where, and what its earlier session did
+    summary = json.loads((tmp_path / "stopped" / "train_summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs"] == 3
+    (earlier,) = summary["earlier_sessions"]
+    assert earlier["interrupted"] is True and earlier["epochs"] == 1 and "resumed_from_epoch" not in earlier
+    env = summary["environment"]
+    assert env["versions"]["torch"] == torch.__version__ and env["versions"]["monai"] and env["cwd"]
+    assert env["torch_threads"] == torch.get_num_threads() and isinstance(env["cpu_bf16_available"], bool)
 
 
 def test_a_diverged_training_stops_in_one_line_keeping_the_weights_before_it(tmp_path, isbi_folder, monkeypatch):
@@ -1013,6 +1021,20 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path):
         assert 0.0 <= summary[key] <= 1.0, key
     rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("name,dice,iou") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+    # what produced these numbers, so that another evaluation into the folder is told apart
+    from medseg.batch import file_sha256
+
+    run = summary["run"]
+    assert run["checkpoints"] == [{"path": str((trained["out"] / "model.pt").resolve()),
+                                   "sha256": file_sha256(trained["out"] / "model.pt")}]
+    assert run["bundle"].startswith("isbi_em ") and run["split"] == "all" and run["split_from"] == "all images"
+    assert run["tta"] is False and run["data_dir"] == str(trained["data"].resolve())
+    assert run["environment"]["versions"]["torch"] == torch.__version__ and run["environment"]["device"] == "cpu"
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--tta", "--no-progress", "--device", "cpu",
+                     *_tiny_args(TINY_NET))
+    run = json.loads((tmp_path / "eval" / "summary.json").read_text())["run"]
+    assert run["tta"] is True and run["split"] == "val" and run["split_from"] == str(trained["out"] / "split.json")
 
 
 def test_infer_png_folder_and_tiff_stack_with_tta(trained, tmp_path):
