@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob
+import hashlib
 import json
 import os
 import random
@@ -136,7 +137,31 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {k: [d["name"] for d in v] for k, v in split.items()}
     record["data_dir"] = str(Path(data_dir).resolve())
+    files: dict[str, str] = {}  # a stack's file is read once for all its slices
+    record["sha256"] = {d["name"]: sample_digest(d, files) for v in split.values() for d in v}
     (out / "split.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
+    """SHA-256 of what a labelled sample is made of: its image and label files' bytes (a folder of masks: each
+    file's name and bytes, in name order) and its page in a stack. ``known`` caches file digests by path."""
+    from medseg.batch import file_sha256
+
+    known = {} if known is None else known
+
+    def digest(path: Path) -> str:
+        if str(path) not in known:
+            known[str(path)] = file_sha256(path)
+        return known[str(path)]
+
+    parts = [str(sample.get("page", 0) or 0)]
+    for key in ("image", "label"):
+        path = Path(str(sample.get(key, "")))
+        if path.is_dir():
+            parts += [f"{f.name}:{digest(f)}" for f in sorted(path.iterdir(), key=lambda f: f.name) if f.is_file()]
+        elif path.is_file():
+            parts.append(digest(path))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _glob(root: Path, pattern: str) -> list[Path]:

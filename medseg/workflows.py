@@ -625,6 +625,13 @@ def _check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
                         f"drawn now from {data_dir} (another data folder, images added or removed, or another "
                         "seed or val_fraction); resume with the run's data and settings, or start anew with "
                         "--overwrite instead of --resume")
+    before, now = recorded.get("sha256"), drawn.get("sha256")
+    if isinstance(before, dict) and isinstance(now, dict):  # runs of earlier versions recorded names only
+        changed = [name for name, digest in before.items() if now.get(name) != digest]
+        if changed:
+            raise DataError(f"{data_dir}: {len(changed)} of the run's images or labels differ from those it was "
+                            f"trained on (first: {changed[0]}); resume with the run's data, or start anew with "
+                            "--overwrite instead of --resume")
 
 
 def _check_epochs_left(last: Path, max_epochs: int) -> int | None:
@@ -1235,6 +1242,7 @@ def evaluate(
                     "%s records the split of %s; scoring the %s images of the same names in %s (for another "
                     "data set, pass --split all)", where, recorded_dir, split, data_dir)
             parser["validate#dataset#data"] = [samples[n] for n in present]
+            _warn_if_changed(record, [samples[n] for n in present], where)
     elif split != "all" and "val_count" not in overrides:
         logging.getLogger(__name__).warning(
             "%s: no split record beside the checkpoint, so the %s images are drawn from the settings given, "
@@ -1267,6 +1275,21 @@ def evaluate(
             })
             return handler.summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}
+
+
+def _warn_if_changed(record: dict, samples: Sequence[dict], where: Path) -> None:
+    """Warn when images or labels to be scored differ from those of the same names the run's split recorded."""
+    from medseg.data import sample_digest
+
+    recorded = record.get("sha256")
+    if not isinstance(recorded, dict):
+        return
+    files: dict[str, str] = {}
+    changed = [s["name"] for s in samples if s["name"] in recorded and sample_digest(s, files) != recorded[s["name"]]]
+    if changed:
+        logging.getLogger(__name__).warning(
+            "%s: %d of the images scored differ from those of the same names it records (first: %s); the scores "
+            "are of the images as they are now", where, len(changed), changed[0])
 
 
 def _record_evaluation(path: Path, summary: dict, run: dict) -> None:

@@ -368,6 +368,14 @@ def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_p
     _assert_one_line_error(_invoke(*args, "--epochs", 6, "--set", "val_count=2"), "split.json",
                            "another train/validation split", "--overwrite instead of --resume")
     assert (out / "split.json").read_bytes() == split
+    # the same names with other pixels (another copy of the data, an image edited since) are refused too
+    assert sorted(json.loads(split)["sha256"]) == ["0", "1", "2", "3"]
+    data = tmp_path / "edited"
+    shutil.copytree(trained["data"], data)
+    Image.fromarray(synthetic_em(size=96, seed=42)[0]).save(data / "train" / "image" / "2.png")
+    _assert_one_line_error(_invoke(*args[:3], data, *args[4:], "--epochs", 6), f"{data}: 1 of the run's images "
+                           "or labels differ from those it was trained on (first: 2)", "--overwrite instead of --resume")
+    assert (out / "split.json").read_bytes() == split
 
 
 @pytest.mark.parametrize("damage", ["other network", "truncated"])

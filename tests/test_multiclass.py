@@ -558,6 +558,15 @@ def test_cli_evaluate_follows_the_recorded_split_by_name_in_another_folder(train
     assert any("scoring the val images of the same names" in r.getMessage() for r in caplog.records)
     with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
         assert [r["name"] for r in csv.DictReader(fh)] == val
+    assert not any("differ from those of the same names" in r.getMessage() for r in caplog.records)
+    edited = data / f"{val[0]}.bmp"  # the same name, other pixels: scored as they are now, with a warning
+    Image.fromarray(np.asarray(Image.open(edited))[::-1].copy()).save(edited)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", data, "--output", tmp_path / "edited", *args)
+    assert result.exit_code == 0, result.output
+    assert any(f"1 of the images scored differ from those of the same names it records (first: {val[0]})"
+               in r.getMessage() for r in caplog.records)
     for path in data.rglob(f"{Path(val[0]).name}.*"):  # one validation image (and its mask) gone
         path.unlink()
     caplog.clear()
