@@ -620,6 +620,26 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     assert env["torch_threads"] == torch.get_num_threads() and isinstance(env["cpu_bf16_available"], bool)
 
 
+def test_each_epoch_draws_other_crops(tmp_path, isbi_folder, monkeypatch):
+    # seeded per epoch, yet not the same draw every epoch
+    import hashlib
+
+    import monai.engines.trainer as trainer_module
+
+    drawn: dict[int, list[str]] = {}
+    original = trainer_module.SupervisedTrainer._iteration
+
+    def spy(self, engine, batch):
+        drawn.setdefault(engine.state.epoch, []).append(hashlib.sha1(batch["image"].numpy().tobytes()).hexdigest())
+        return original(self, engine, batch)
+
+    monkeypatch.setattr(trainer_module.SupervisedTrainer, "_iteration", spy)
+    result = _invoke("train", BUNDLE, "--epochs", 3, "--data", isbi_folder, "--output", tmp_path / "run",
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2")
+    assert result.exit_code == 0, result.output
+    assert len(drawn) == 3 and len({tuple(batches) for batches in drawn.values()}) == 3
+
+
 def test_a_diverged_training_stops_in_one_line_keeping_the_weights_before_it(tmp_path, isbi_folder, monkeypatch):
     # weights gone NaN in epoch 2 (as a too high learning rate makes them): the training stops there, before
     # a validation or a checkpoint meets them (NaN reached the contour closing's watershed, which crashed
