@@ -7,6 +7,7 @@ import fnmatch
 import glob
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -143,22 +144,39 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
 
 
 def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
-    """SHA-256 of what a labelled sample is made of: its image and label files' bytes (a folder of masks: each
-    file's name and bytes, in name order) and its page in a stack. ``known`` caches file digests by path."""
+    """SHA-256 of what a labelled sample is made of: its image and label, each the bytes of its file, or of
+    its page's pixels in a TIFF (so that one page of a stack changed marks that slice only), or for a folder
+    of instance masks each mask file's name and bytes, in name order (the files the loader reads). ``known``
+    caches digests of files and pages."""
     from medseg.batch import file_sha256
+    from medseg.transforms import INSTANCE_MASK_SUFFIXES
 
     known = {} if known is None else known
+    page = int(sample.get("page", 0) or 0)
 
-    def digest(path: Path) -> str:
-        if str(path) not in known:
-            known[str(path)] = file_sha256(path)
-        return known[str(path)]
+    def digest(path: Path, tiff_page: int | None = None) -> str:
+        key = f"{path}#{tiff_page}"
+        if key not in known:
+            if tiff_page is None:
+                known[key] = file_sha256(path)
+            else:
+                import tifffile
 
-    parts = [str(sample.get("page", 0) or 0)]
+                with tifffile.TiffFile(path) as tif:
+                    pixels = tif.pages[tiff_page].asarray()
+                known[key] = hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+        return known[key]
+
+    parts = []
     for key in ("image", "label"):
-        path = Path(str(sample.get(key, "")))
+        if not sample.get(key):
+            continue
+        path = Path(str(sample[key]))
         if path.is_dir():
-            parts += [f"{f.name}:{digest(f)}" for f in sorted(path.iterdir(), key=lambda f: f.name) if f.is_file()]
+            parts += [f"{f.name}:{digest(f)}" for f in sorted(path.iterdir(), key=lambda f: f.name)
+                      if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in INSTANCE_MASK_SUFFIXES]
+        elif path.suffix.lower() in (".tif", ".tiff"):
+            parts.append(digest(path, page))
         elif path.is_file():
             parts.append(digest(path))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -167,20 +185,30 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
 def _glob(root: Path, pattern: str) -> list[Path]:
     """``root.glob(pattern)``, but a ``**`` also enters linked folders, as ``medseg infer`` does (each folder
     once; pathlib's ``**`` skips links, which dropped the images of a linked sub-folder without a word).
+    Under a ``**``, hidden folders (``.ipynb_checkpoints``, ``.Trash``) are not entered unless the pattern
+    names them before it (``.hidden/**/*.png``); names match with the system's case rule, as pathlib's do.
 
     Raises:
-        DataError: a folder under ``root`` cannot be listed, or a link matching ``pattern`` has no target.
+        DataError: a link matching ``pattern`` has no target. A folder that cannot be listed is a warning.
     """
     if "**" not in pattern:
         return list(root.glob(pattern))
     from medseg.discovery import files_under
 
-    files, problems = files_under(root)
-    wanted = [part for part in pattern.split("/") if part not in ("", ".")]
+    parts = [part for part in pattern.replace(os.sep, "/").split("/") if part not in ("", ".")]
+    fixed = 0  # leading parts without wildcards: the folder to search from
+    while fixed < len(parts) and parts[fixed] != "**" and not any(c in parts[fixed] for c in "*?["):
+        fixed += 1
+    base, wanted = root.joinpath(*parts[:fixed]), parts[fixed:]
+    if not base.is_dir():
+        return []
+    files, problems = files_under(base)
     for where, why in problems:
-        if where.is_dir() or not where.exists() and _glob_match(where.relative_to(root).parts, wanted):
+        if where.is_dir():
+            logging.getLogger(__name__).warning("%s: %s; its images, if any, are left out", where, why)
+        elif _glob_match(where.relative_to(base).parts, wanted):
             raise DataError(f"{where}: {why}")
-    return [f for f in files if _glob_match(f.relative_to(root).parts, wanted)]
+    return [f for f in files if _glob_match(f.relative_to(base).parts, wanted)]
 
 
 def _glob_match(parts: tuple[str, ...], pattern: list[str]) -> bool:
@@ -190,7 +218,7 @@ def _glob_match(parts: tuple[str, ...], pattern: list[str]) -> bool:
     head, rest = pattern[0], pattern[1:]
     if head == "**":
         return any(_glob_match(parts[i:], rest) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _glob_match(parts[1:], rest)
+    return bool(parts) and fnmatch.fnmatch(parts[0], head) and _glob_match(parts[1:], rest)
 
 
 def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",

@@ -323,8 +323,22 @@ class WeightEMA(EMAHandler):
                          warmup_iters=warmup_iters, handle_buffers="update")
 
     def attach(self, engine: Engine, name: str = "ema_momentum", event: Any = Events.ITERATION_COMPLETED) -> None:
-        if self.enabled:
-            super().attach(engine, name=name, event=event)
+        if not self.enabled:
+            return
+        super().attach(engine, name=name, event=event)
+        scheduler = getattr(self, "momentum_scheduler", None)
+        if scheduler is None or event != Events.ITERATION_COMPLETED:
+            return
+        started: list[bool] = []
+
+        def resume_warmup(engine: Engine) -> None:
+            # the warm-up counts its own steps, which no checkpoint holds: a resumed run would start it again
+            # and pull the average back to the current weights; count from the run's iteration instead
+            if not started:
+                scheduler.event_index = engine.state.iteration - 1
+                started.append(True)
+
+        engine.add_event_handler(Events.ITERATION_STARTED, resume_warmup)
 
 
 class _AtomicSaver(BaseSaveHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,14 @@ def environment(device: Any = None) -> dict[str, Any]:
 
     import torch
 
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:  # the folder was removed meanwhile
+        cwd = None
+    # user:password@ in a URL (a tracking server's) is not for a record that is shared and logged to MLflow
+    command = " ".join(shlex.quote(re.sub(r"(?<=://)[^/@\s]+@", "***@", a)) for a in sys.argv)
     env: dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv), "cwd": os.getcwd(),
+        "command": command, "cwd": cwd,
         "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "versions": _versions(),
     }

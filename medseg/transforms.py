@@ -21,6 +21,10 @@ from medseg.readers import LOSSY_SUFFIXES, lossy_mask_error, read_slice
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
+#: The files of a DSB ``masks/`` folder that are read as instance masks (hidden files never are)
+INSTANCE_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+
 def to_gray(arr: np.ndarray) -> np.ndarray:
     """Convert channel-first ``(C, H, W)`` to ``(1, H, W)`` float32: RGB by ITU-R 601 luma, one channel as is.
 
@@ -256,7 +260,7 @@ class LoadInstanceMasksd(MapTransform):
             lossy = [p for p in listed if p.suffix.lower() in LOSSY_SUFFIXES]
             if lossy:
                 raise lossy_mask_error(lossy[0], "instance mask")
-            files = [p for p in listed if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp")]
+            files = [p for p in listed if p.suffix.lower() in INSTANCE_MASK_SUFFIXES]
             ref = d.get(self.ref_key) if self.ref_key else None
             shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
             masks = []

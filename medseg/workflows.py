@@ -634,6 +634,37 @@ def _check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
                             "--overwrite instead of --resume")
 
 
+def _checkpoint_scaler(parser: Any, trainer: Any) -> list[dict]:
+    """With mixed precision, the trainer's grad scaler goes into the checkpoints that hold the trainer (those
+    ``--resume`` reads): a resumed run would otherwise start its loss scale afresh and skip other steps.
+    MONAI makes the scaler when the run starts, so it is put into the savers' dicts, and into any load dict
+    appended to the returned list, by a handler of the trainer's start (attach it before a checkpoint loader)."""
+    from ignite.engine import Events
+    from monai.handlers import CheckpointSaver
+
+    savers = [parser.get_parsed_content("last_checkpoint")] if "last_checkpoint" in parser else []
+    savers += _bundle_handlers(parser, CheckpointSaver)
+    dicts = [s.save_dict for s in savers if isinstance(s, CheckpointSaver) and "trainer" in (s.save_dict or {})]
+
+    def add(engine: Any) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None:
+            for d in dicts:
+                d["scaler"] = scaler
+
+    trainer.add_event_handler(Events.STARTED, add)
+    return dicts
+
+
+def _holds(checkpoint: Path, key: str) -> bool:
+    import torch
+
+    try:
+        return key in torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by its loader
+        return False
+
+
 def _check_epochs_left(last: Path, max_epochs: int) -> int | None:
     """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback.
     Returns the epochs ``last`` has trained (None for an unusual checkpoint)."""
@@ -786,6 +817,7 @@ def train(
             trainer = parser.get_parsed_content("train#trainer")
             evaluator = parser.get_parsed_content("validate#evaluator")
             _check_batches(trainer, data_dir)
+            scaler_dicts = _checkpoint_scaler(parser, trainer)  # before a resume's loader: it fills its dict
             if tracked is not None and not resume:
                 _retire_unfinished_runs(tracked["configs"], out, own_store)
             if overwrite:
@@ -798,6 +830,8 @@ def train(
                 if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
                     load_dict["ema_model"] = parser.get_parsed_content("eval_network")
                 last = _last_checkpoint(out)
+                if _holds(last, "scaler"):  # a checkpoint without mixed precision, or of an earlier version, has none
+                    scaler_dicts.append(load_dict)
                 try:  # unreadable, or another network: one line naming it, before the run starts
                     load_checkpoint(load_dict["model"], last, dev)
                 except CheckpointError as err:
@@ -821,6 +855,8 @@ def train(
         from monai.handlers import MLFlowHandler
 
         from medseg.info import environment
+
+        ran_with = environment(dev)  # at the start: a checkout or folder may change during a long run
 
         train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
         run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
@@ -848,7 +884,7 @@ def train(
             "output_dir": str(out),
             **({"resumed_from_epoch": resumed_from} if resume else {}),
             "started": started,
-            "environment": environment(dev),
+            "environment": ran_with,
         }
         if resume:  # what each earlier session of the run did, oldest first
             summary["earlier_sessions"] = _earlier_sessions(out / "train_summary.json")
@@ -1075,11 +1111,12 @@ DIVERGED_LOSSES = 10
 
 
 def _stop_on_divergence(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> _Diverged:
-    """Stop the trainer once its weights hold NaN or infinite values, or its loss has for
-    :data:`DIVERGED_LOSSES` iterations in a row (with mixed precision a step whose gradients overflow is
+    """Stop the trainer once its weights or BatchNorm statistics hold NaN or infinite values, or its loss has
+    for :data:`DIVERGED_LOSSES` iterations in a row (with mixed precision a step whose gradients overflow is
     skipped, so one bad loss alone is not fatal). Ignite's ``TerminateOnNan`` stops at any NaN output;
     this one also catches weights gone NaN after a finite loss, before a validation or a checkpoint meets
-    them. The MLflow run ends as FAILED."""
+    them: the weights are checked after an epoch's last step (before the epoch's handlers run) and after any
+    step whose loss is not finite, so the check costs nothing per step. The MLflow run ends as FAILED."""
     import math
 
     import torch
@@ -1088,12 +1125,20 @@ def _stop_on_divergence(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> _D
     from medseg.handlers import loss_of
 
     flag, streak = _Diverged(), [0]
-    params = [p for p in trainer.network.parameters() if p.is_floating_point()]
+    network = trainer.network
+    tensors = [t for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()]
+
+    def finite() -> bool:
+        with torch.no_grad():
+            return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
     def check(engine: Any) -> None:
         loss = loss_of(engine.state.output)
-        streak[0] = 0 if loss is None or math.isfinite(loss) else streak[0] + 1
-        weights_ok = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        bad_loss = loss is not None and not math.isfinite(loss)
+        streak[0] = streak[0] + 1 if bad_loss else 0
+        length = engine.state.epoch_length
+        epoch_end = bool(length) and engine.state.iteration % length == 0
+        weights_ok = finite() if bad_loss or epoch_end else True
         if weights_ok and streak[0] < DIVERGED_LOSSES:
             return
         flag.epoch, flag.iteration = engine.state.epoch, engine.state.iteration

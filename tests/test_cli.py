@@ -580,9 +580,13 @@ def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_
     assert (out / "model.pt").is_file() and summary["best_metric"] is not None and summary["epochs"] == 1
 
 
-def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, isbi_folder, monkeypatch):
+@pytest.mark.parametrize("setting", ["", "ema_momentum=0.1", "amp=true"], ids=["plain", "ema", "amp"])
+def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, isbi_folder, monkeypatch,
+                                                                          setting):
     # each epoch's randomness comes from the seed and the epoch's number: a resumed run used to replay epoch
-    # 1's crops and augmentations in epoch 2 (its generators restarted), so it ended with other weights
+    # 1's crops and augmentations in epoch 2 (its generators restarted), so it ended with other weights. The
+    # weight average's warm-up counts from the run's iteration (it restarted), and the mixed-precision grad
+    # scaler is checkpointed (on a CPU it is there but disabled)
     import os
     import signal
 
@@ -591,7 +595,7 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     from medseg import workflows
 
     args = ("--epochs", 3, "--data", isbi_folder, "--no-progress", "--no-tracking", "--device", "cpu",
-            *_tiny_args(), "--set", "images_per_batch=2")
+            *_tiny_args(), "--set", "images_per_batch=2", *(["--set", setting] if setting else []))
     assert _invoke("train", BUNDLE, "--output", tmp_path / "straight", *args).exit_code == 0
     original = workflows._check_batches
 
@@ -606,8 +610,11 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     assert result.exit_code == 0, result.output
     for name in ("last_checkpoint_epoch=3.pt", "model.pt"):
         straight, resumed = (torch.load(tmp_path / run / name) for run in ("straight", "stopped"))
-        straight, resumed = straight.get("model", straight), resumed.get("model", resumed)
-        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
+        for part in ("model", "ema_model") if "model" in straight else (None,):
+            a, b = (straight[part], resumed[part]) if part else (straight, resumed)
+            assert all(torch.equal(a[k], b[k]) for k in a), (name, part)
+        if name.startswith("last"):
+            assert ("scaler" in straight) == ("scaler" in resumed) == (setting == "amp=true")
     history = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("straight", "stopped")]
     assert history[0]["train_loss"] == history[1]["train_loss"] and history[0]["val"] == history[1]["val"]
     # the run's record says it was resumed, from where, and what its earlier session did
@@ -666,7 +673,7 @@ def test_a_diverged_training_stops_in_one_line_keeping_the_weights_before_it(tmp
                      "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2")
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines()[-1] == (
-        "error: training diverged: the weights became NaN or infinite at epoch 2 (iteration 3); model.pt keeps "
+        "error: training diverged: the weights became NaN or infinite at epoch 2 (iteration 4); model.pt keeps "
         "the best weights validated before it (epoch 1); lower the learning rate (learning_rate is 0.001: try "
         "--set learning_rate=0.0001), or check the data for extreme values, and train again with --overwrite")
     summary = json.loads((out / "train_summary.json").read_text())
@@ -688,19 +695,19 @@ def test_nan_losses_stop_a_training_only_when_they_persist():
 
     from medseg.workflows import DIVERGED_LOSSES, _stop_on_divergence
 
-    def run(losses, broken_at=None):
-        network = torch.nn.Linear(2, 1)
+    def run(losses, broken_at=None, broken=lambda net: net[0].weight, epochs=1):
+        network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
 
         def step(engine, _):
             if engine.state.iteration == broken_at:
                 with torch.no_grad():
-                    network.weight.fill_(float("inf"))
-            return {"loss": torch.tensor(losses[engine.state.iteration - 1])}
+                    broken(network).fill_(float("inf"))
+            return {"loss": torch.tensor(losses[(engine.state.iteration - 1) % len(losses)])}
 
         engine = Engine(step)
         engine.network = network
         flag = _stop_on_divergence(engine)
-        engine.run(range(len(losses)), max_epochs=1)
+        engine.run(range(len(losses)), max_epochs=epochs)
         return flag, engine.state.iteration
 
     nan = float("nan")
@@ -708,8 +715,12 @@ def test_nan_losses_stop_a_training_only_when_they_persist():
     assert not flag and steps == 30
     flag, steps = run([1.0, 1.0] + [nan] * 20)
     assert flag.what == "loss" and steps == 2 + DIVERGED_LOSSES
-    flag, steps = run([1.0] * 20, broken_at=4)
+    # weights gone bad after a finite loss: found with the next bad loss, else at the epoch's end, before
+    # its handlers (validation, checkpoints) run; BatchNorm statistics count too
+    flag, steps = run([1.0] * 3 + [nan] + [1.0] * 16, broken_at=3)
     assert flag.what == "weights" and steps == 4 and flag.iteration == 4
+    flag, steps = run([1.0] * 20, broken_at=4, broken=lambda net: net[1].running_var, epochs=2)
+    assert flag.what == "weights" and steps == 20 and flag.epoch == 1
 
 
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkeypatch):
@@ -1540,3 +1551,12 @@ def test_a_tracking_server_that_never_answers_is_one_line_within_seconds(tmp_pat
     _assert_one_line_error(result, f"--tracking-uri {uri}: the server accepted the connection but sent no answer "
                            "within 1 s", "--no-tracking")
     assert time.perf_counter() - start < 30
+
+
+def test_the_run_record_hides_credentials_of_urls(monkeypatch):
+    from medseg.info import environment
+
+    monkeypatch.setattr("sys.argv", ["medseg", "train", "--tracking-uri", "https://ann:s3cret@mlflow.lab:5000"])
+    record = environment()
+    assert record["command"] == "medseg train --tracking-uri 'https://***@mlflow.lab:5000'"
+    assert "s3cret" not in json.dumps(record)

@@ -46,6 +46,19 @@ def test_challenge_stack_layout(isbi_stacks):
     assert all(p["image"].endswith("train-volume.tif") and p["label"].endswith("train-labels.tif") for p in pairs)
 
 
+def test_a_changed_page_of_a_stack_marks_that_slice_only(isbi_stacks):
+    import tifffile
+
+    from medseg.data import sample_digest
+
+    before = [sample_digest(p) for p in find_pairs(isbi_stacks)]
+    volume = tifffile.imread(isbi_stacks / "train-volume.tif")
+    volume[1] = 255 - volume[1]
+    tifffile.imwrite(isbi_stacks / "train-volume.tif", volume, photometric="minisblack")
+    after = [sample_digest(p) for p in find_pairs(isbi_stacks)]
+    assert [a == b for a, b in zip(before, after, strict=True)] == [True, False, True]
+
+
 def test_missing_folder_and_missing_label(tmp_path, isbi_folder):
     with pytest.raises(DataError, match="data folder not found; pass --data"):
         find_pairs(tmp_path / "nope")

@@ -79,6 +79,13 @@ def test_pairs_in_linked_folders_are_found_and_broken_links_named(jurkat_folder,
     (jurkat_folder / "set_a" / "gone.bmp").unlink()
     (jurkat_folder / "set_a" / "notes.txt").symlink_to(tmp_path / "missing.txt")  # not an image: no matter
     assert len(find_image_mask_pairs(jurkat_folder, **LAYOUT)) == 8
+    # hidden folders (a notebook's checkpoints) are not entered unless the pattern names them
+    shutil.copytree(jurkat_folder / "set_a", jurkat_folder / ".ipynb_checkpoints", symlinks=True)
+    (jurkat_folder / ".ipynb_checkpoints" / "loop").unlink()
+    (jurkat_folder / ".ipynb_checkpoints" / "notes.txt").unlink()
+    assert len(find_image_mask_pairs(jurkat_folder, **LAYOUT)) == 8
+    named = find_image_mask_pairs(jurkat_folder, image_glob=".ipynb_checkpoints/**/*.bmp", mask_template="{stem}.png")
+    assert [p["name"] for p in named] == [f".ipynb_checkpoints/{k:03d}" for k in range(1, 7)]
 
 
 def test_pairs_in_images_and_masks_folders(tmp_path):

@@ -90,6 +90,21 @@ def test_dsb_split_is_stratified_reproducible_and_recorded(dsb_folder, tmp_path)
     assert [s["name"] for s in dsb_split(dsb_folder, 0.2, 0)["val"]] == record["val"]
 
 
+def test_a_samples_digest_covers_the_masks_the_loader_reads(dsb_folder):
+    # a .DS_Store or Thumbs.db in masks/ is not a mask: it must not mark the sample as changed
+    from medseg.data import find_dsb_samples, sample_digest
+
+    sample = next(s for s in find_dsb_samples(dsb_folder) if s["name"] == "a1")
+    before = sample_digest(sample)
+    masks = Path(sample["label"])
+    (masks / ".DS_Store").write_bytes(b"finder")
+    (masks / "Thumbs.db").write_bytes(b"explorer")
+    assert sample_digest(sample) == before
+    first = sorted(masks.glob("*.png"))[0]
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(first)))).save(first)
+    assert sample_digest(sample) != before
+
+
 def test_dsb_image_with_another_name_is_accepted(dsb_folder):
     images = dsb_folder / "stage1_train" / "a2" / "images"
     (images / "a2.png").rename(images / "other.png")
