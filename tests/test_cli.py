@@ -373,8 +373,9 @@ def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_p
     data = tmp_path / "edited"
     shutil.copytree(trained["data"], data)
     Image.fromarray(synthetic_em(size=96, seed=42)[0]).save(data / "train" / "image" / "2.png")
-    _assert_one_line_error(_invoke(*args[:3], data, *args[4:], "--epochs", 6), f"{data}: 1 of the run's images "
-                           "or labels differ from those it was trained on (first: 2)", "--overwrite instead of --resume")
+    _assert_one_line_error(_invoke(*args[:3], data, *args[4:], "--epochs", 6),
+                           f"{data}: 1 of the run's images or labels differ from those it was trained on (first: 2)",
+                           "--overwrite instead of --resume")
     assert (out / "split.json").read_bytes() == split
 
 
