@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,25 @@ def test_short_real_nuclei_training_finds_nuclei(shared_dsb, tmp_path):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["images"] == 3 and summary["dsb_score"] == pytest.approx(max(scores), abs=1e-6)
     assert set(summary["groups"]) == {"fluorescence", "brightfield_histology_he"}
+    # the trained model from Python, on the real images as read into arrays: what medseg infer writes
+    from PIL import Image
+
+    from medseg import Segmenter
+    from medseg.bundle import parse_override
+
+    network = [*SMALL_NET, "patch_size=[128,128]"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in json.loads((out / "split.json").read_text())["val"]:
+        shutil.copy(next((data / "stage1_train" / name / "images").glob("*.png")), images)
+    result = runner.invoke(app, ["infer", str(NUCLEI), str(images), str(tmp_path / "inferred"), "--checkpoint",
+                                 str(out / "model.pt"), "--no-progress", "--device", "cpu", *_sets(network)])
+    assert result.exit_code == 0, result.output
+    nuclei = Segmenter(NUCLEI, out / "model.pt", device="cpu", overrides=dict(parse_override(i) for i in network))
+    for path in sorted(images.glob("*.png")):
+        result = nuclei.segment(np.asarray(Image.open(path)))  # RGBA, its alpha opaque
+        written = np.asarray(Image.open(tmp_path / "inferred" / "mask" / path.name))
+        assert np.array_equal(result.mask, written) and result.mask.max() == len(result.objects) > 0, path.name
 
 
 def test_infer_speed_benchmark_runs_on_one_slice(shared_isbi, tmp_path):
