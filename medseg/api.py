@@ -194,7 +194,6 @@ class Segmenter:
         objects = measure_instances(mask, arr) if self.kind == "instances" else None
         return Segmentation(mask, prob, objects)
 
-
     def _inferer_at(self, diameter: float) -> Any:
         """The inferer with the objects' diameter given (a copy: calls from several threads stay apart)."""
         import copy

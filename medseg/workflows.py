@@ -656,22 +656,22 @@ def _checkpoint_scaler(parser: Any, trainer: Any) -> list[dict]:
     return dicts
 
 
-def _holds(checkpoint: Path, key: str) -> bool:
+def _checkpoint_parts(checkpoint: Path) -> dict:
+    """What a resume checkpoint holds (``model``, ``trainer``, ``scaler``, ...); empty for an unusual one."""
     import torch
 
     try:
-        return key in torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by its loader
-        return False
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
-def _check_epochs_left(last: Path, max_epochs: int) -> int | None:
+def _check_epochs_left(state: Any, last: Path, max_epochs: int) -> int | None:
     """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback.
-    Returns the epochs ``last`` has trained (None for an unusual checkpoint)."""
-    import torch
-
+    ``state`` is the trainer's state saved in ``last``. Returns the epochs it has trained (None for an unusual
+    checkpoint)."""
     try:
-        state = torch.load(last, map_location="cpu", weights_only=True).get("trainer", {})
         done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
     except Exception:  # noqa: BLE001 - an unusual checkpoint: Ignite's own checks follow
         return None
@@ -830,15 +830,16 @@ def train(
                 if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
                     load_dict["ema_model"] = parser.get_parsed_content("eval_network")
                 last = _last_checkpoint(out)
-                if _holds(last, "scaler"):  # a checkpoint without mixed precision, or of an earlier version, has none
-                    scaler_dicts.append(load_dict)
                 try:  # unreadable, or another network: one line naming it, before the run starts
                     load_checkpoint(load_dict["model"], last, dev)
                 except CheckpointError as err:
                     problem = str(err).rsplit("; ", 1)[0]
                     raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
                                           "with, or start anew with --overwrite instead of --resume") from err
-                resumed_from = _check_epochs_left(last, trainer.state.max_epochs)
+                saved = _checkpoint_parts(last)
+                if "scaler" in saved:  # a checkpoint without mixed precision, or of an earlier version, has none
+                    scaler_dicts.append(load_dict)
+                resumed_from = _check_epochs_left(saved.get("trainer"), last, trainer.state.max_epochs)
                 CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
                 _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
         except BaseException:
@@ -862,14 +863,15 @@ def train(
         run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
 
         _seed_each_epoch(trainer, parser.get_parsed_content("init_seed", default=None))
-        diverged = _stop_on_divergence(trainer, _bundle_handlers(parser, MLFlowHandler))
-        with _stop_on_ctrl_c(trainer, _bundle_handlers(parser, MLFlowHandler)) as interrupted:
+        trackers = _bundle_handlers(parser, MLFlowHandler)
+        diverged = _stop_on_divergence(trainer, trackers)
+        with _stop_on_ctrl_c(trainer, trackers) as interrupted:
             _validate_at_end(trainer, evaluator, interrupted, diverged)
             with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
                 try:
                     parser.get_parsed_content("run")
                 except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running
-                    _close_tracking(_bundle_handlers(parser, MLFlowHandler),
+                    _close_tracking(trackers,
                                     "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
                     if isinstance(err, KeyboardInterrupt) and interrupted.at_once:
                         raise KeyboardInterrupt(f"stopped at once; {_how_to_go_on(out)}") from None
@@ -1314,7 +1316,7 @@ def evaluate(
                 "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
                                else "all images" if split == "all" else "the settings given"),
                 "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
-                "overrides": {k: v for k, v in (overrides or {}).items()},
+                "overrides": dict(overrides),
                 "overlays": [_resolved(o) for o in overlays],
                 "environment": environment(dev),
             })

@@ -1561,3 +1561,7 @@ def test_the_run_record_hides_credentials_of_urls(monkeypatch):
     record = environment()
     assert record["command"] == "medseg train --tracking-uri 'https://***@mlflow.lab:5000'"
     assert "s3cret" not in json.dumps(record)
+    if (REPO / ".git").exists():  # run from a checkout: the source's commit, marked when it has local changes
+        import re
+
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", record["medseg_commit"]), record["medseg_commit"]
