@@ -82,14 +82,14 @@ class Segmenter:
         from medseg.bundle import load_config
         from medseg.ensemble import load_members
         from medseg.transforms import LoadSliced
-        from medseg.workflows import _checkpoint_list, _device_settings, select_device
+        from medseg.workflows import checkpoint_list, device_settings, select_device
         from medseg.writers import SaveSegmentationd
 
         bundle = str(bundle)
-        checkpoints = _checkpoint_list(checkpoint if checkpoint is not None else Path(bundle) / "models" / "model.pt")
+        checkpoints = checkpoint_list(checkpoint if checkpoint is not None else Path(bundle) / "models" / "model.pt")
         self.device = select_device(device)
         settings = {"ckpt_path": checkpoints[0], "datalist": [], "handlers": [],
-                    **({} if tta is None else {"tta": bool(tta)}), **_device_settings(self.device)}
+                    **({} if tta is None else {"tta": bool(tta)}), **device_settings(self.device)}
         parser = load_config(bundle, "infer", tuple(str(o) for o in overlays), overrides, settings)
         with _user_errors(), _rng_kept():  # the network's random initialisation leaves the caller's seeds alone
             self.network = load_members(parser.get_parsed_content("network_def"), checkpoints).to(self.device).eval()
@@ -172,12 +172,12 @@ class Segmenter:
         import torch
 
         from medseg.instances import measure_instances
-        from medseg.workflows import _quiet_constant_images
+        from medseg.workflows import quiet_constant_images
 
         inferer = self.inferer
         if diameter is not None:
             inferer = self._inferer_at(diameter)
-        with _quiet_constant_images():  # a blank image is a blank mask, not a warning
+        with quiet_constant_images():  # a blank image is a blank mask, not a warning
             data = {self._key: self._reader.convert(arr, self._key, "the array"), f"{self._key}_file": "the array"}
             for transform in self._pre:
                 data = transform(data)

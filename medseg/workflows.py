@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -15,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from medseg import runfolder
+from medseg import tracking as mlflow_tracking
 from medseg.bundle import load_checkpoint, load_config
 from medseg.errors import (
     CheckpointError,
@@ -22,7 +23,6 @@ from medseg.errors import (
     DataError,
     MedsegError,
     TrainingDiverged,
-    brief,
     quiet_user_error_logs,
 )
 
@@ -47,317 +47,8 @@ def select_device(name: Any = "auto") -> Any:
     raise MedsegError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
 
 
-def _device_settings(device: Any) -> dict[str, Any]:
+def device_settings(device: Any) -> dict[str, Any]:
     return {"device": f"$torch.device('{device}')", "amp": device.type == "cuda"}
-
-
-def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: str) -> dict:
-    """Params for the MLflow run a resumed training continues: a value changed since (e.g. ``--epochs``) is
-    logged as ``KEY.resumeN``, since MLflow refuses to change a logged param."""
-    # the run MONAI's MLFlowHandler continues: the last unfinished run of that name, in search order
-    runs = _runs_named(tracking_uri, experiment, run_name, unfinished=True)
-    if not runs:
-        return params
-    logged = runs[-1].data.params
-    out = {}
-    for key, value in params.items():
-        if key == "output_dir" and key in logged:
-            continue  # the same folder, perhaps logged as a relative path by an earlier version
-        if key in logged and logged[key] != str(value):
-            n = 1
-            while f"{key}.resume{n}" in logged and logged[f"{key}.resume{n}"] != str(value):
-                n += 1
-            key = f"{key}.resume{n}"
-        out[key] = value
-    return out
-
-
-def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, output_dir: Path,
-                         own_store: bool = False) -> None:
-    """Before a resumed training: when the folder's run finished (``--resume --epochs`` more after a run that
-    completed), mark it unfinished, so that MONAI's handler continues it (one run, one curve per metric)
-    instead of starting a second run of the same name. A run left unfinished is continued anyway."""
-    import mlflow
-
-    try:
-        runs = [r for r in _runs_named(tracking_uri, experiment, run_name) if _same_folder(r, output_dir, own_store)]
-        if runs and not _runs_named(tracking_uri, experiment, run_name, unfinished=True):
-            status = mlflow.entities.RunStatus
-            latest = max(runs, key=lambda r: r.info.start_time or 0)
-            mlflow.MlflowClient(tracking_uri=tracking_uri).set_terminated(latest.info.run_id,
-                                                                          status.to_string(status.KILLED))
-    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
-        logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
-
-
-def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool = False) -> list:
-    """The runs named ``name`` (``unfinished``: those not marked finished, which MONAI's handler continues)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
-    query = f"attributes.run_name = '{name}'" if "'" not in name else ""  # a server need not list every run
-    return [r for r in client.search_runs([found.experiment_id], filter_string=query)
-            if r.info.run_name == name and not (unfinished and r.info.status == finished)]
-
-
-def _same_folder(run: Any, output_dir: Path, own_store: bool = False) -> bool:
-    """Whether an MLflow run was logged by a training in ``output_dir`` (by its ``output_dir`` param, which
-    medseg logs as an absolute path; a run without one is another tool's). In the folder's own store
-    (``own_store``) every medseg run is the folder's, wherever the folder was when it was logged."""
-    logged = run.data.params.get("output_dir")
-    return logged is not None and (own_store or Path(logged).resolve() == output_dir.resolve())
-
-
-def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool,
-              own_store: bool = False) -> str:
-    """The MLflow run name of a training in ``output_dir``: the folder's name, or when resuming the name the
-    training started with (kept in its ``config.json``). A new training whose folder name already names a
-    run of another folder (a shared tracking server) takes a hash of its path into the name, so that
-    neither it nor a later ``--resume`` of either folder continues the other's run."""
-    if resume:
-        try:
-            recorded = json.loads(config_path.read_text(encoding="utf-8")).get("run_name")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        return str(recorded) if isinstance(recorded, str) and recorded else _folder_name(output_dir)
-    name = _folder_name(output_dir)
-    try:
-        named = _runs_named(tracking_uri, experiment, name)
-    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unreachable store
-        reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
-        raise MedsegError(f"MLflow store {tracking_uri}: cannot be read ({reason}); check that the server runs "
-                          "and --tracking-uri, or train with --no-tracking") from err
-    if any(not _same_folder(r, output_dir, own_store) for r in named):
-        name = f"{name}-{hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
-    return name
-
-
-def _folder_name(folder: Path) -> str:
-    """The name of ``folder`` as a run name, also for ``.`` or ``..`` (the folder they stand for)."""
-    return Path(os.path.abspath(folder)).name or "run"
-
-
-def _retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = False) -> None:
-    """Before a new (not resumed) training: the runs this folder left unfinished (stopped by Ctrl-C or an
-    error), which MONAI's handler would continue, are renamed ``NAME (replaced)``; one still marked
-    running is closed as failed."""
-    import mlflow
-
-    status = mlflow.entities.RunStatus
-    try:
-        client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
-        for run in _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"],
-                               unfinished=True):
-            if not _same_folder(run, output_dir, own_store):
-                continue
-            if run.info.status == status.to_string(status.RUNNING):
-                client.set_terminated(run.info.run_id, status.to_string(status.FAILED))
-            client.update_run(run.info.run_id, name=f"{configs['run_name']} (replaced)")
-    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
-        logging.getLogger(__name__).warning("could not retire the folder's unfinished MLflow runs: %s", err)
-
-
-def _tracking_settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
-                       artifacts: list[str], config_path: Path, resume: bool = False) -> dict:
-    from urllib.parse import unquote
-
-    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
-    from monai.utils import path_to_uri
-
-    # a local store: its path unescaped in the URI (MLflow makes the store's folder from the URI undecoded) and
-    # its artifacts in mlruns/ beside it, given explicitly (MONAI derives that folder from the URI undecoded, so
-    # an escaped space became %2520, a folder of its own)
-    store = (output_dir / "mlflow.db" if not tracking_uri else
-             Path(unquote(tracking_uri[len("sqlite:///"):])) if tracking_uri.startswith("sqlite:///") else None)
-    uri = _local_store_uri(store) if store is not None else str(tracking_uri)
-    stray = _folders_made_for(Path(uri[len("sqlite:///"):]).parent) if uri.startswith("sqlite:///") else []
-    if tracking_uri:
-        _check_tracking_uri(uri)
-    else:
-        _follow_moved_store(store)
-    settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
-    configs = settings["configs"]
-    configs["tracking_uri"] = uri
-    if store is not None:
-        for handler in ("trainer", "validator"):
-            configs[handler]["artifact_location"] = path_to_uri(store.resolve().parent / "mlruns")
-    configs["experiment_name"] = experiment
-    own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
-    settings["own_store"] = own_store
-    parser["tracking_store"] = "folder" if own_store else "given"  # recorded in config.json, for --resume
-    configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
-    configs["save_execute_config"] = str(config_path)
-    params = _plain_params(parser.get())
-    if "output_dir" in params:
-        params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
-    if resume:
-        _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"], output_dir, own_store)
-        params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
-    configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
-    configs["trainer"]["experiment_param"] = params
-    configs["trainer"]["iteration_log"] = False
-    if store is not None and Path(uri[len("sqlite:///"):]) != store.absolute():
-        settings["stray_folders"] = stray  # MLflow makes the store's folder from the escaped URI as well
-    return settings
-
-
-#: Config ids whose nested values are the workflow's wiring (engines, data, handlers), not settings to compare
-_WIRING = {"_meta_", "imports", "train", "validate", "datalists", "run", "training", "initialize", "load",
-           "preprocessing", "postprocessing", "inferer", "loss", "optimizer", "lr_scheduler", "network", "ema",
-           "early_stop", "last_checkpoint"}
-
-
-#: The names MLflow accepts for a param
-_MLFLOW_NAME = re.compile(r"[\w./\- ]+")
-
-
-def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
-    """The settings an MLflow run logs as params: the config's plain top-level values, then (up to ``limit``
-    params in all, MLflow's batch size) plain lists such as ``patch_size`` and the plain values one level
-    inside settings such as ``network_def`` (``network_def.channels``), so that runs differing only there
-    can be told apart and compared."""
-    def scalar(value: Any) -> bool:  # a number, flag or word, not an expression or reference
-        return isinstance(value, (int, float, str, bool)) and not str(value).startswith(("$", "@", "%"))
-
-    def plain(value: Any) -> bool:
-        return all(map(scalar, value)) if isinstance(value, list) else scalar(value)
-
-    params = {k: v for k, v in config.items() if scalar(v)}
-    nested: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in _WIRING or str(key).startswith("_"):
-            continue
-        if isinstance(value, list) and plain(value):
-            nested[key] = str(value)
-        elif isinstance(value, dict):
-            children = {f"{key}.{child}": str(inner) if isinstance(inner, list) else inner
-                        for child, inner in value.items()
-                        if plain(inner) and (child == "_target_" or not str(child).startswith("_"))}
-            if all(_MLFLOW_NAME.fullmatch(name) for name in children):
-                nested.update(children)
-            else:  # keys MLflow cannot name (colours: "#000000"): the plain part as one param
-                kept = {str(k): v for k, v in value.items() if plain(v)}
-                if kept:
-                    nested[key] = json.dumps(kept, sort_keys=True)
-    for key, value in nested.items():
-        if len(params) >= limit:
-            break
-        params[key] = value
-    return params
-
-
-def _folders_made_for(folder: Path) -> list[Path]:
-    """The folders ``folder.mkdir(parents=True)`` would create, deepest first."""
-    made = []
-    while not folder.exists() and folder != folder.parent:
-        made.append(folder)
-        folder = folder.parent
-    return made
-
-
-def _remove_if_empty(folders: Sequence[Path]) -> None:
-    for folder in folders:  # deepest first
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _local_store_uri(db: Path) -> str:
-    """The SQLite URI of a run folder's MLflow store. MLflow creates the store's folder from the URI's path
-    without decoding it, so the path goes in as it is unless it holds a character a URL must escape."""
-    from monai.utils import path_to_sqlite_uri
-
-    path = str(db.absolute())
-    return path_to_sqlite_uri(path) if set(path) & set("%#?") else f"sqlite:///{path}"
-
-
-def _follow_moved_store(db: Path) -> None:
-    """Point a run folder's own MLflow store at the ``mlruns/`` beside it again after the folder was moved or
-    copied: the store records its artifact folder as an absolute path, so a run logged in the moved folder
-    would write its artifacts into the old one (recreating it), and its earlier runs' artifacts, which
-    moved with it, would not be found. Only experiments whose artifacts are an ``mlruns/`` folder (as
-    medseg's training creates them) are re-pointed."""
-    import sqlite3
-
-    from monai.utils import path_to_uri
-
-    if not db.is_file():
-        return
-    root = path_to_uri(db.resolve().parent / "mlruns")
-    try:
-        with contextlib.closing(sqlite3.connect(db)) as con, con:
-            if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone():
-                return  # an empty store: MLflow sets it up
-            for experiment_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments"):
-                if not (location or "").startswith("file:") or not location.endswith("/mlruns") or location == root:
-                    continue
-                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                            (root, experiment_id))
-                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
-                            "AND substr(artifact_uri, 1, ?) = ?",
-                            (root, len(location) + 1, experiment_id, len(location) + 1, location + "/"))
-    except sqlite3.Error as err:
-        raise MedsegError(f"{db}: cannot update the run folder's MLflow store ({err}); train with --no-tracking, "
-                          "or move the store aside") from err
-
-
-def _check_tracking_uri(uri: str) -> None:
-    """Open a local ``--tracking-uri`` store once before training; a server must accept a connection within
-    a few seconds (MLflow's own retries would take minutes to give up)."""
-    scheme = uri.split(":", 1)[0].lower()
-    if scheme == "databricks":
-        return
-    if scheme in ("http", "https"):
-        import socket
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(uri)
-        try:
-            port = parts.port or (443 if scheme == "https" else 80)
-            with socket.create_connection((parts.hostname or "", port), timeout=5):
-                pass
-        except (OSError, ValueError) as err:
-            raise MedsegError(f"--tracking-uri {uri}: no MLflow server answers there ({err}); start it, fix the "
-                              "address, or train with --no-tracking") from err
-        _check_server_answers(uri)
-        return
-    from mlflow import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a bad store
-        reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
-        raise MedsegError(f"--tracking-uri {uri}: not a usable MLflow store ({reason}); give a server URL "
-                          "(http://HOST:5000) or a database such as sqlite:///PATH/mlflow.db") from err
-
-
-#: Seconds a tracking server that accepted the connection has to answer a first request
-SERVER_ANSWER_SECONDS = 10.0
-
-
-def _check_server_answers(uri: str) -> None:
-    """A server that accepts connections must also answer a request (any HTTP status will do) within
-    :data:`SERVER_ANSWER_SECONDS`: a hung one would stall the training at its first MLflow call for minutes."""
-    import socket
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
-                                    timeout=SERVER_ANSWER_SECONDS):
-            return
-    except urllib.error.HTTPError:
-        return  # an answer: what it means (404, 401, ...) is MLflow's to report
-    except OSError as err:  # URLError included
-        stalled = isinstance(err, socket.timeout) or isinstance(getattr(err, "reason", None), socket.timeout)
-        if not stalled:
-            return  # anything else (TLS, a proxy, a reset): MLflow reports it in its own words
-        raise MedsegError(f"--tracking-uri {uri}: the server accepted the connection but sent no answer within "
-                          f"{SERVER_ANSWER_SECONDS:g} s; check that it is an MLflow server that runs, or train "
-                          "with --no-tracking") from err
 
 
 def _check_data_dir(data_dir: str) -> None:
@@ -380,7 +71,7 @@ def _check_compile(parser: Any, device: Any) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_constant_images() -> Iterator[None]:
+def quiet_constant_images() -> Iterator[None]:
     # MONAI warns once per constant image (a blank slice) that its intensity range is empty; the image then
     # scales to zeros, which is right, so the warning only clutters a batch's output
     import warnings
@@ -415,7 +106,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _checkpoint_list(checkpoint: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def checkpoint_list(checkpoint: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     paths = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [str(c) for c in checkpoint]
     if not paths:
         raise MedsegError("no checkpoint given; pass --checkpoint")
@@ -458,182 +149,6 @@ def _is_checkpoint_loader(handler: Any) -> bool:
     return isinstance(handler, dict) and str(handler.get("_target_", "")).rsplit(".", 1)[-1] == "CheckpointLoader"
 
 
-def _last_checkpoint(output_dir: Path) -> Path:
-    existing = [p for p in output_dir.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
-    if not existing:
-        how = "--overwrite instead of --resume" if _trained_files(output_dir) else "without --resume"
-        raise CheckpointError(f"{output_dir}: no last checkpoint to resume from; start anew {how}")
-    return max(existing, key=lambda p: p.stat().st_mtime)
-
-
-#: Files of a finished or stopped training that a new training in the same folder would mix with its own.
-_TRAINED_FILES = ("model.pt", "last_checkpoint_epoch=*.pt", "history.json", "curves.png", "train_summary.json")
-
-
-def _trained_files(out: Path) -> list[Path]:
-    return sorted(p for pattern in _TRAINED_FILES for p in out.glob(pattern) if p.is_file())
-
-
-def _check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """A folder holding trained weights is continued (``resume``) or replaced (``overwrite``), never mixed."""
-    if resume and overwrite:
-        raise ConfigValueError("--resume continues the run in --output and --overwrite replaces it: give one")
-    weights = [p.name for p in _trained_files(out) if p.suffix == ".pt"]
-    if weights and not (resume or overwrite):
-        raise DataError(f"{out}: holds a trained run ({', '.join(weights)}); continue it with --resume, replace it "
-                        "with --overwrite, or choose another --output")
-
-
-#: What a new training's checks write into the run folder before it starts.
-_SET_ASIDE = ("split.json", "config.json")
-
-
-def _recover_set_aside(out: Path) -> None:
-    """Put back files an ``--overwrite`` or ``--resume`` set aside and could not restore (the process was
-    killed during its checks): they belong to the weights still in the folder."""
-    for spare in out.glob(".*.replaced"):
-        name = spare.name[1:-len(".replaced")]
-        if name in _SET_ASIDE and spare.is_file():
-            os.replace(spare, out / name)
-
-
-def _set_aside(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
-    """Copy the files ``names`` of ``out`` aside, for :func:`_put_back`."""
-    import shutil
-
-    aside = []
-    for name in names:
-        path = out / name
-        if path.is_file():
-            spare = path.with_name(f".{name}.replaced")
-            shutil.copy2(path, spare)
-            aside.append((path, spare))
-    return aside
-
-
-def _recorded_run(out: Path) -> dict[str, dict]:
-    """The ``config.json`` and ``split.json`` of the run in ``out`` (``{}`` for a file missing or unreadable)."""
-    found = {}
-    for key, name in (("config", "config.json"), ("split", "split.json")):
-        try:
-            found[key] = json.loads((out / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            found[key] = {}
-    return found
-
-
-#: Ids medseg sets for each call (data, run folder, device, the resumed run's own start), never taken from a
-#: run's record.
-_CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs", "val_at_start")
-
-
-def _resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
-    """A resumed run keeps the values it was trained with (from its overlays and ``--set``) where this call does
-    not give them: a value of the run's ``config.json`` that differs from the bundle's is put back, and said."""
-    from monai.bundle import ConfigParser
-
-    given = {str(k) for k in overrides}
-    for overlay in overlays:
-        content = ConfigParser.load_config_file(str(overlay))
-        given |= {str(k).lstrip("+") for k in (content or {})}
-
-    def given_now(key: str) -> bool:  # the key, a part of it or what holds it
-        return any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
-
-    changed = {k: v for k, v in _plain_differences(config, parser.get()).items()
-               if not given_now(k) and k.split("#")[0] not in _CALL_SETTINGS}
-    for key, value in changed.items():
-        parser[key] = value
-    if changed:
-        logging.getLogger(__name__).warning(
-            "--resume: continuing with the run's own %s (from its config.json); give --set to change them",
-            ", ".join(f"{k}={v!r}" for k, v in changed.items()))
-
-
-def _plain(value: Any) -> bool:
-    """A value written out in full: a number, word, flag, or a list or mapping of them (no expression, no
-    reference, no component), which a saved config holds as it was given."""
-    if isinstance(value, str):  # expressions and references are rewritten when a config is saved
-        return not value.startswith(("$", "@", "%")) and "::" not in value
-    if isinstance(value, list):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return "_target_" not in value and all(_plain(v) for v in value.values())
-    return value is None or isinstance(value, (bool, int, float))
-
-
-def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, Any]:
-    """Ids (``a#b``) whose recorded value is plain (see :func:`_plain`) and differs from the current config's.
-
-    Components (dicts with ``_target_``) are compared part by part; a plain mapping or list is one value.
-    """
-    found: dict[str, Any] = {}
-    for key, value in recorded.items():
-        if str(key).startswith("_") or key not in current:
-            continue
-        now = current[key]
-        if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
-            found.update(_plain_differences(value, now, f"{prefix}{key}#"))
-        elif _plain(value) and value != now:
-            found[f"{prefix}{key}"] = value
-    return found
-
-
-def _recorded_tracking_uri(config: dict) -> str | None:
-    """The MLflow store a run to be resumed logged to, when it was not its folder's own (a server, a shared
-    database): the resumed training continues its run there. ``None``: the folder's own store (also for a
-    folder moved since), or a run trained without tracking."""
-    from urllib.parse import quote
-
-    uri, folder = config.get("tracking_uri"), config.get("output_dir")
-    if not isinstance(uri, str) or not uri or uri.startswith(("$", "@")) or config.get("tracking_store") == "folder":
-        return None
-    if config.get("tracking_store") != "given" and isinstance(folder, str) and uri.startswith("sqlite:") and (
-            uri == _local_store_uri(Path(folder) / "mlflow.db")
-            or uri.endswith((f"/{Path(folder).name}/mlflow.db", f"/{quote(Path(folder).name)}/mlflow.db"))):
-        return None  # the folder's own, for a run recorded without tracking_store (path relative, or moved)
-    logging.getLogger(__name__).info("--resume: logging to the run's own MLflow store %s (from its config.json); "
-                                     "give --tracking-uri to log elsewhere", uri)
-    return uri
-
-
-def _resume_length(parser: Any, config: dict, overrides: dict) -> None:
-    """A resumed run keeps its own ``max_epochs`` unless ``--epochs`` says otherwise (the bundle's default
-    would restart the whole schedule), and a changed length is said to leave the learning-rate schedule as
-    it was (its state comes from the checkpoint)."""
-    own = config.get("max_epochs")
-    if not isinstance(own, int) or isinstance(own, bool):
-        return
-    if "max_epochs" not in overrides:
-        parser["max_epochs"] = own
-    elif parser["max_epochs"] != own:
-        logging.getLogger(__name__).warning(
-            "--epochs %s: the run was set to %d epochs; its learning-rate schedule, restored from the checkpoint, "
-            "keeps that length", parser["max_epochs"], own)
-
-
-def _check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
-    """A resumed run trains on the split it started with: the split drawn again must be the recorded one."""
-    if not recorded:
-        return
-    try:
-        drawn = json.loads((out / "split.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if any(recorded.get(k) != drawn.get(k) for k in ("train", "val")):  # by name: the folder itself may move
-        raise DataError(f"{out / 'split.json'}: the run was trained on another train/validation split than the one "
-                        f"drawn now from {data_dir} (another data folder, images added or removed, or another "
-                        "seed or val_fraction); resume with the run's data and settings, or start anew with "
-                        "--overwrite instead of --resume")
-    before, now = recorded.get("sha256"), drawn.get("sha256")
-    if isinstance(before, dict) and isinstance(now, dict):  # runs of earlier versions recorded names only
-        changed = [name for name, digest in before.items() if now.get(name) != digest]
-        if changed:
-            raise DataError(f"{data_dir}: {len(changed)} of the run's images or labels differ from those it was "
-                            f"trained on (first: {changed[0]}); resume with the run's data, or start anew with "
-                            "--overwrite instead of --resume")
-
-
 def _checkpoint_scaler(parser: Any, trainer: Any) -> list[dict]:
     """With mixed precision, the trainer's grad scaler goes into the checkpoints that hold the trainer (those
     ``--resume`` reads): a resumed run would otherwise start its loss scale afresh and skip other steps.
@@ -654,57 +169,6 @@ def _checkpoint_scaler(parser: Any, trainer: Any) -> list[dict]:
 
     trainer.add_event_handler(Events.STARTED, add)
     return dicts
-
-
-def _checkpoint_parts(checkpoint: Path) -> dict:
-    """What a resume checkpoint holds (``model``, ``trainer``, ``scaler``, ...); empty for an unusual one."""
-    import torch
-
-    try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by its loader
-        return {}
-    return saved if isinstance(saved, dict) else {}
-
-
-def _check_epochs_left(state: Any, last: Path, max_epochs: int) -> int | None:
-    """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback.
-    ``state`` is the trainer's state saved in ``last``. Returns the epochs it has trained (None for an unusual
-    checkpoint)."""
-    try:
-        done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
-    except Exception:  # noqa: BLE001 - an unusual checkpoint: Ignite's own checks follow
-        return None
-    if done >= max_epochs:
-        raise ConfigValueError(f"--resume: {last.name} has trained {done} epochs and the run is set to "
-                               f"{max_epochs}; pass --epochs above {done} to train on")
-    return done
-
-
-#: What train_summary.json keeps of each earlier session of a resumed run
-_SESSION_KEYS = ("started", "resumed_from_epoch", "epochs", "wall_seconds", "interrupted", "diverged", "best_metric",
-                 "best_metric_epoch", "environment")
-
-
-def _earlier_sessions(path: Path) -> list[dict]:
-    """The sessions an existing ``train_summary.json`` records (its earlier ones, then its own)."""
-    try:
-        before = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(before, dict):
-        return []
-    earlier = [s for s in before.get("earlier_sessions", []) if isinstance(s, dict)]
-    return [*earlier, {k: before[k] for k in _SESSION_KEYS if k in before}]
-
-
-def _put_back(aside: Sequence[tuple[Path, Path]], keep_new: bool = False) -> None:
-    """Restore the files :func:`_set_aside` copied (or, with ``keep_new``, drop the copies)."""
-    for path, spare in aside:
-        if keep_new:
-            spare.unlink(missing_ok=True)
-        else:
-            os.replace(spare, path)
 
 
 def _bundle_handlers(parser: Any, kind: type) -> list:
@@ -762,34 +226,34 @@ def train(
     _check_data_dir(data_dir)
     out = Path(output_dir)
     dev = select_device(device)
-    settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **_device_settings(dev)}
+    settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **device_settings(dev)}
     parser = load_config(bundle, "train", overlays, overrides, settings)
     loader = parser.get("train#dataloader")
     if isinstance(loader, dict) and "worker_init_fn" not in loader:  # a reference or expression: as given
         parser["train#dataloader#worker_init_fn"] = {"_target_": "medseg.workflows.data_worker_init",
                                                       "_mode_": "callable"}
     _check_training_length(parser, max_minutes)
-    made = _folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
+    made = runfolder.folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
     check_writable(out)
     own_store = False  # whether MLflow logs to the folder's own store
-    cleanup = _FailedStartCleanup(out, made)
+    cleanup = runfolder.FailedStartCleanup(out, made)
     with cleanup, folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
         at_end.push(cleanup.remove_files)
         remove_partial_files(out)  # what a killed training was writing (a checkpoint, the history)
-        _recover_set_aside(out)
-        _check_run_folder(out, resume, overwrite)
+        runfolder.recover_set_aside(out)
+        runfolder.check_run_folder(out, resume, overwrite)
         # --overwrite, --resume: the split and config the checks below write replace the run's only if they pass
-        aside = _set_aside(out, _SET_ASIDE) if overwrite or resume else []
+        aside = runfolder.set_aside(out, runfolder.SET_ASIDE) if overwrite or resume else []
         try:
-            recorded = _recorded_run(out) if resume else {}
+            recorded = runfolder.recorded_run(out) if resume else {}
             if resume:
                 if tracking and not tracking_uri:
-                    tracking_uri = _recorded_tracking_uri(recorded.get("config", {}))
-                _resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
-                _resume_length(parser, recorded.get("config", {}), overrides or {})
+                    tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
+                runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
+                runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
             if resume:
-                _check_same_split(out, recorded.get("split"), data_dir)
+                runfolder.check_same_split(out, recorded.get("split"), data_dir)
             if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
                 raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
                                 f"hold some out ({'val_count' if 'val_count' in parser else 'val_fraction'}), "
@@ -802,15 +266,17 @@ def train(
             if tracking:
                 artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
                 experiment = f"medseg-{Path(bundle).resolve().name}"
-                tracked = _tracking_settings(parser, out, tracking_uri, experiment, artifacts, config_path, resume)
-                at_end.callback(_remove_if_empty, tracked.pop("stray_folders", []))
+                tracked = mlflow_tracking.settings(parser, out, tracking_uri, experiment, artifacts, config_path,
+                                                   resume)
+                at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 own_store = tracked.pop("own_store", False)
                 ConfigWorkflow.patch_bundle_tracking(parser, tracked)
             else:
                 exported = parser.get()
                 if resume:  # where the run is tracked stays on record for a later --resume with tracking
                     run_config = recorded.get("config", {})
-                    exported = {**exported, **{k: run_config[k] for k in _TRACKING_RECORD if k in run_config}}
+                    kept = {k: run_config[k] for k in mlflow_tracking.TRACKING_RECORD if k in run_config}
+                    exported = {**exported, **kept}
                 parser.export_config_file(exported, str(config_path))
 
             parser.get_parsed_content("initialize")
@@ -819,9 +285,10 @@ def train(
             _check_batches(trainer, data_dir)
             scaler_dicts = _checkpoint_scaler(parser, trainer)  # before a resume's loader: it fills its dict
             if tracked is not None and not resume:
-                _retire_unfinished_runs(tracked["configs"], out, own_store)
+                mlflow_tracking.retire_unfinished_runs(tracked["configs"], out, own_store)
             if overwrite:
-                for path in _trained_files(out):  # the replaced training's, once this one has passed its checks
+                # the replaced training's files, once this one has passed its checks
+                for path in runfolder.trained_files(out):
                     path.unlink()
             if resume:
                 load_dict = {"model": parser.get_parsed_content("network"),
@@ -829,23 +296,23 @@ def train(
                              "lr_scheduler": parser.get_parsed_content("lr_scheduler"), "trainer": trainer}
                 if "ema" in parser and getattr(parser.get_parsed_content("ema"), "enabled", False):
                     load_dict["ema_model"] = parser.get_parsed_content("eval_network")
-                last = _last_checkpoint(out)
+                last = runfolder.last_checkpoint(out)
                 try:  # unreadable, or another network: one line naming it, before the run starts
                     load_checkpoint(load_dict["model"], last, dev)
                 except CheckpointError as err:
                     problem = str(err).rsplit("; ", 1)[0]
                     raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
                                           "with, or start anew with --overwrite instead of --resume") from err
-                saved = _checkpoint_parts(last)
+                saved = runfolder.checkpoint_parts(last)
                 if "scaler" in saved:  # a checkpoint without mixed precision, or of an earlier version, has none
                     scaler_dicts.append(load_dict)
-                resumed_from = _check_epochs_left(saved.get("trainer"), last, trainer.state.max_epochs)
+                resumed_from = runfolder.check_epochs_left(saved.get("trainer"), last, trainer.state.max_epochs)
                 CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
                 _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
         except BaseException:
-            _put_back(aside)
+            runfolder.put_back(aside)
             raise
-        _put_back(aside, keep_new=True)
+        runfolder.put_back(aside, keep_new=True)
         cleanup.started = True  # from here on, what the run writes is kept whatever happens
         if max_minutes:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))
@@ -860,7 +327,8 @@ def train(
         ran_with = environment(dev)  # at the start: a checkout or folder may change during a long run
 
         train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
-        run_ids = _note_run_id(trainer, [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
+        run_ids = mlflow_tracking.note_run_id(trainer,
+                                              [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
 
         _seed_each_epoch(trainer, parser.get_parsed_content("init_seed", default=None))
         trackers = _bundle_handlers(parser, MLFlowHandler)
@@ -871,10 +339,10 @@ def train(
                 try:
                     parser.get_parsed_content("run")
                 except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running
-                    _close_tracking(trackers,
+                    mlflow_tracking.close_runs(trackers,
                                     "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
                     if isinstance(err, KeyboardInterrupt) and interrupted.at_once:
-                        raise KeyboardInterrupt(f"stopped at once; {_how_to_go_on(out)}") from None
+                        raise KeyboardInterrupt(f"stopped at once; {runfolder.how_to_go_on(out)}") from None
                     raise
         summary = {
             "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
@@ -889,68 +357,21 @@ def train(
             "environment": ran_with,
         }
         if resume:  # what each earlier session of the run did, oldest first
-            summary["earlier_sessions"] = _earlier_sessions(out / "train_summary.json")
+            summary["earlier_sessions"] = runfolder.earlier_sessions(out / "train_summary.json")
         if interrupted:
             summary["interrupted"] = True
         if diverged:
             summary["diverged"] = diverged.words()
         with atomic_output(out / "train_summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        _keep_newest_last_checkpoint(out)
+        runfolder.keep_newest_last_checkpoint(out)
         if tracked is not None:
-            _log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
+            mlflow_tracking.log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
         if interrupted:
-            raise KeyboardInterrupt(_how_to_go_on(out))
+            raise KeyboardInterrupt(runfolder.how_to_go_on(out))
         if diverged:
             raise TrainingDiverged(diverged.message(parser, out, summary))
         return summary
-
-
-#: The ids of a run's config.json that say where it is tracked (kept by a resume with --no-tracking)
-_TRACKING_RECORD = ("tracking_uri", "tracking_store", "experiment_name", "run_name")
-
-#: What a training writes into its folder before its first step: the record of the run and the MLflow store
-_START_FILES = ("config.json", "split.json", "mlflow.db", "mlflow.db-journal")
-
-
-class _FailedStartCleanup:
-    """A training that fails its checks in a folder it made leaves no folder behind (nor the split, config and
-    empty MLflow store the checks wrote), so the fixed command starts clean. Only a training that holds the
-    folder's lock removes anything: its files while it holds the lock (:meth:`remove_files`, registered
-    once the lock is taken), the folders it made after the lock is released (:meth:`__exit__`; a folder
-    someone else has begun to use by then is not empty, and stays). Once :attr:`started` is set, or in a
-    folder that was there before, everything stays."""
-
-    def __init__(self, out: Path, made: Sequence[Path]) -> None:
-        self.out, self.made, self.started, self.removed = out, list(made), False, False
-
-    def __enter__(self) -> _FailedStartCleanup:
-        return self
-
-    def remove_files(self, kind: Any, *_: Any) -> None:
-        """Exit callback (``ExitStack.push``) to register once the lock is held: removes the files."""
-        import shutil
-
-        if kind is None or self.started or not self.made:
-            return
-        for name in _START_FILES:
-            with contextlib.suppress(OSError):
-                (self.out / name).unlink()
-        mlruns = self.out / "mlruns"
-        if mlruns.is_dir() and not any(p.is_file() for p in mlruns.rglob("*")):
-            shutil.rmtree(mlruns, ignore_errors=True)
-        self.removed = True
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is not None and self.removed:
-            _remove_if_empty(self.made)
-
-
-def _how_to_go_on(out: Path) -> str:
-    """What an interrupted training in ``out`` leaves to continue from."""
-    if any(out.glob("last_checkpoint_epoch=*.pt")):
-        return f"{_last_checkpoint(out).name} holds the last finished epoch; continue with --resume --output {out}"
-    return f"no epoch finished, so {out} holds nothing to resume; start the training again"
 
 
 def data_worker_init(worker_id: int) -> None:
@@ -994,66 +415,6 @@ def _validate_at_end(trainer: Any, evaluator: Any, interrupted: _Interrupted,
     evaluator.add_event_handler(Events.COMPLETED, note)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)  # after the bundle's own ValidationHandler
     trainer.add_event_handler(Events.TERMINATE, validate)
-
-
-def _close_tracking(handlers: Sequence[Any], status: str) -> None:
-    """End the MLflow runs ``handlers`` hold open as ``status`` (``FAILED``, ``KILLED``); never raises."""
-    for handler in handlers:
-        if getattr(handler, "cur_run", None) is None:
-            continue
-        handler.run_finish_status = status
-        try:
-            handler.close()
-        except Exception as err:  # noqa: BLE001 - the training's own error matters more than the tracking's
-            logging.getLogger(__name__).warning("could not close the MLflow run: %s", err)
-
-
-def _note_run_id(trainer: Any, handlers: Sequence[Any]) -> list[str]:
-    """The id of the MLflow run the trainer's handler opens, once it has opened it (a list filled at start)."""
-    from ignite.engine import Events
-
-    ids: list[str] = []
-
-    def note(_: Any) -> None:
-        run = getattr(handlers[0], "cur_run", None) if handlers else None
-        if run is not None:
-            ids.append(run.info.run_id)
-
-    trainer.add_event_handler(Events.STARTED, note)  # after the handler's own start, attached with the trainer
-    return ids
-
-
-def _log_late_artifacts(configs: dict, run_ids: Sequence[str], paths: Sequence[Path]) -> None:
-    """Log ``paths`` to this training's MLflow run (its handler has closed the run by now): the run noted at
-    the start, else the newest run of this training's name."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
-    run_id = run_ids[-1] if run_ids else None
-    if run_id is None:
-        runs = _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"])
-        run_id = max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
-    if run_id is not None:
-        for path in paths:
-            client.log_artifact(run_id, str(path))
-
-
-def _log_late_artifacts_or_warn(configs: dict, run_ids: Sequence[str], paths: Sequence[Path]) -> None:
-    """:func:`_log_late_artifacts`; a tracking failure at the end of a training is a warning, not its end."""
-    try:
-        _log_late_artifacts(configs, run_ids, paths)
-    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the training itself is done
-        logging.getLogger(__name__).warning("could not log %s to MLflow: %s", ", ".join(map(str, paths)), err)
-
-
-def _keep_newest_last_checkpoint(out: Path) -> None:
-    # each (resumed) run's saver keeps its own newest file; an earlier run's stays behind unless removed here
-    existing = [p for p in out.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
-    if len(existing) > 1:
-        newest = _last_checkpoint(out)
-        for path in existing:
-            if path != newest:
-                path.unlink(missing_ok=True)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -1249,10 +610,10 @@ def evaluate(
     _check_data_dir(data_dir)
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
         overrides["validate#inferer#tta"] = bool(tta)
-    checkpoints = _checkpoint_list(checkpoint)
+    checkpoints = checkpoint_list(checkpoint)
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
-                **_device_settings(dev)}
+                **device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
     split = split or str(parser.get("eval_split", "val"))  # else an overlay's eval_split, or the bundle's (val)
     if split not in ("val", "all", "train"):
@@ -1400,11 +761,11 @@ def infer(
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
     out = Path(output_dir)
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a corrupt TIFF is reported once, per input
-    checkpoints = _checkpoint_list(checkpoint)
+    checkpoints = checkpoint_list(checkpoint)
     dev = select_device(device)
     settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": checkpoints[0],
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
-                **({} if tta is None else {"tta": bool(tta)}), **_device_settings(dev)}
+                **({} if tta is None else {"tta": bool(tta)}), **device_settings(dev)}
     parser = load_config(bundle, "infer", overlays, overrides, settings)
     network = load_members(parser.get_parsed_content("network_def"), checkpoints)
     if len(checkpoints) > 1:
@@ -1464,7 +825,7 @@ def infer(
         from medseg.readers import release_files
 
         try:
-            with FileProgress(len(inputs), disable=not progress) as bar, _quiet_constant_images():
+            with FileProgress(len(inputs), disable=not progress) as bar, quiet_constant_images():
                 result = run_batch(
                     inputs, ignored, segment,
                     paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),

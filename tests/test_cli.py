@@ -239,7 +239,7 @@ def test_a_moved_run_folder_logs_into_its_own_mlflow_store(trained, tmp_path):
     for run in runs:  # the earlier run's too: it moved with the folder
         assert run.info.artifact_uri.startswith(experiment.artifact_location + "/")
         assert "model.pt" in [a.path for a in client.list_artifacts(run.info.run_id)]
-    from medseg.workflows import _follow_moved_store
+    from medseg.tracking import _follow_moved_store
 
     (tmp_path / "empty.db").write_bytes(b"")
     _follow_moved_store(tmp_path / "empty.db")  # an empty store is MLflow's to set up, not an error
@@ -321,12 +321,12 @@ def test_files_an_interrupted_overwrite_set_aside_are_put_back(trained, tmp_path
 
 
 def test_a_tracking_failure_after_training_is_a_warning(tmp_path, isbi_folder, monkeypatch):
-    from medseg import workflows
+    from medseg import tracking as mlflow_tracking
 
     def fail(*args, **kwargs):
         raise RuntimeError("server gone")
 
-    monkeypatch.setattr(workflows, "_log_late_artifacts", fail)
+    monkeypatch.setattr(mlflow_tracking, "_log_late_artifacts", fail)
     result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "run", "--epochs", 1,
                      "--no-progress", "--device", "cpu", *_tiny_args())
     assert result.exit_code == 0, result.output
@@ -336,7 +336,7 @@ def test_a_tracking_failure_after_training_is_a_warning(tmp_path, isbi_folder, m
 def test_a_resumed_run_logged_with_a_relative_folder_gets_no_second_folder_param(tmp_path):
     import mlflow
 
-    from medseg.workflows import _resumed_params
+    from medseg.tracking import _resumed_params
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -766,7 +766,7 @@ def test_resume_keeps_the_runs_own_overlays_and_set_values(tmp_path, isbi_folder
     result = _invoke("train", BUNDLE, *args, "--epochs", 2, "-c", REPO / "configs" / "dice_ce.json", *_tiny_args(),
                      "--set", "val_interval=2")
     assert result.exit_code == 0, result.output
-    with caplog.at_level("WARNING", logger="medseg.workflows"):
+    with caplog.at_level("WARNING", logger="medseg.runfolder"):
         result = _invoke("train", BUNDLE, *args, "--epochs", 3, "--resume")
     assert result.exit_code == 0, result.output
     said = [r.getMessage() for r in caplog.records if "continuing with the run's own" in r.getMessage()]
@@ -1409,7 +1409,7 @@ def test_resume_restores_whole_mappings_and_leaves_what_is_given_now():
     # makes by an expression comes back as the run gave it; a key given now, or a part of it, is left alone
     from monai.bundle import ConfigParser
 
-    from medseg.workflows import _resume_settings
+    from medseg.runfolder import resume_settings
 
     recorded = {"class_map": {"0": 0, "1": 1, "2": 2}, "network_def": {"_target_": "UNet", "channels": [4, 8]},
                 "patch_size": [64, 64], "logit_shift": [0.0, 0.0], "val_at_start": True, "device": "cpu",
@@ -1418,7 +1418,7 @@ def test_resume_restores_whole_mappings_and_leaves_what_is_given_now():
               "patch_size": [256, 256], "logit_shift": "$prior(@class_weights)", "val_at_start": False,
               "device": "cuda", "train": {"handlers": [], "inferer": "@train#inferer"}}
     parser = ConfigParser(copy.deepcopy(bundle))
-    _resume_settings(parser, recorded, {"patch_size#0": 128}, ())
+    resume_settings(parser, recorded, {"patch_size#0": 128}, ())
     assert parser["class_map"] == {"0": 0, "1": 1, "2": 2}
     assert parser["network_def"]["channels"] == [4, 8] and parser["logit_shift"] == [0.0, 0.0]
     assert parser["patch_size"] == [256, 256]  # a part of it given now
@@ -1512,7 +1512,7 @@ def test_set_values_are_checked_against_the_kind_they_replace(tmp_path, item, fr
 
 
 def test_settings_mlflow_cannot_name_are_logged_as_one_param():
-    from medseg.workflows import _plain_params
+    from medseg.tracking import _plain_params
 
     assert _plain_params({"m": {"#1": 0, "x": {"a": 1}}}) == {"m": '{"#1": 0}'}  # the plain part
     params = _plain_params({"max_epochs": 3, "expr": "$1+1", "class_map": {"#000000": 0, "#808080": 1},
@@ -1533,9 +1533,9 @@ def test_a_tracking_server_that_never_answers_is_one_line_within_seconds(tmp_pat
     import threading
     import time
 
-    import medseg.workflows
+    import medseg.tracking
 
-    monkeypatch.setattr(medseg.workflows, "SERVER_ANSWER_SECONDS", 1.0)
+    monkeypatch.setattr(medseg.tracking, "SERVER_ANSWER_SECONDS", 1.0)
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)  # accepts connections (the kernel does), never reads nor answers

@@ -1,0 +1,291 @@
+"""A training's run folder: what it holds, what a new or resumed training may do with it, what a resume must match."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import CheckpointError, ConfigValueError, DataError
+
+
+def folders_made_for(folder: Path) -> list[Path]:
+    """The folders ``folder.mkdir(parents=True)`` would create, deepest first."""
+    made = []
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
+def remove_if_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+#: Files of a finished or stopped training that a new training in the same folder would mix with its own.
+_TRAINED_FILES = ("model.pt", "last_checkpoint_epoch=*.pt", "history.json", "curves.png", "train_summary.json")
+
+
+def trained_files(out: Path) -> list[Path]:
+    return sorted(p for pattern in _TRAINED_FILES for p in out.glob(pattern) if p.is_file())
+
+
+def last_checkpoint(output_dir: Path) -> Path:
+    existing = [p for p in output_dir.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
+    if not existing:
+        how = "--overwrite instead of --resume" if trained_files(output_dir) else "without --resume"
+        raise CheckpointError(f"{output_dir}: no last checkpoint to resume from; start anew {how}")
+    return max(existing, key=lambda p: p.stat().st_mtime)
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """A folder holding trained weights is continued (``resume``) or replaced (``overwrite``), never mixed."""
+    if resume and overwrite:
+        raise ConfigValueError("--resume continues the run in --output and --overwrite replaces it: give one")
+    weights = [p.name for p in trained_files(out) if p.suffix == ".pt"]
+    if weights and not (resume or overwrite):
+        raise DataError(f"{out}: holds a trained run ({', '.join(weights)}); continue it with --resume, replace it "
+                        "with --overwrite, or choose another --output")
+
+
+#: What a new training's checks write into the run folder before it starts.
+SET_ASIDE = ("split.json", "config.json")
+
+
+def recover_set_aside(out: Path) -> None:
+    """Put back files an ``--overwrite`` or ``--resume`` set aside and could not restore (the process was
+    killed during its checks): they belong to the weights still in the folder."""
+    for spare in out.glob(".*.replaced"):
+        name = spare.name[1:-len(".replaced")]
+        if name in SET_ASIDE and spare.is_file():
+            os.replace(spare, out / name)
+
+
+def set_aside(out: Path, names: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Copy the files ``names`` of ``out`` aside, for :func:`put_back`."""
+    import shutil
+
+    aside = []
+    for name in names:
+        path = out / name
+        if path.is_file():
+            spare = path.with_name(f".{name}.replaced")
+            shutil.copy2(path, spare)
+            aside.append((path, spare))
+    return aside
+
+
+def recorded_run(out: Path) -> dict[str, dict]:
+    """The ``config.json`` and ``split.json`` of the run in ``out`` (``{}`` for a file missing or unreadable)."""
+    found = {}
+    for key, name in (("config", "config.json"), ("split", "split.json")):
+        try:
+            found[key] = json.loads((out / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found[key] = {}
+    return found
+
+
+#: Ids medseg sets for each call (data, run folder, device, the resumed run's own start), never taken from a
+#: run's record.
+_CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs", "val_at_start")
+
+
+def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
+    """A resumed run keeps the values it was trained with (from its overlays and ``--set``) where this call does
+    not give them: a value of the run's ``config.json`` that differs from the bundle's is put back, and said."""
+    from monai.bundle import ConfigParser
+
+    given = {str(k) for k in overrides}
+    for overlay in overlays:
+        content = ConfigParser.load_config_file(str(overlay))
+        given |= {str(k).lstrip("+") for k in (content or {})}
+
+    def given_now(key: str) -> bool:  # the key, a part of it or what holds it
+        return any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
+
+    changed = {k: v for k, v in _plain_differences(config, parser.get()).items()
+               if not given_now(k) and k.split("#")[0] not in _CALL_SETTINGS}
+    for key, value in changed.items():
+        parser[key] = value
+    if changed:
+        logging.getLogger(__name__).warning(
+            "--resume: continuing with the run's own %s (from its config.json); give --set to change them",
+            ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+
+
+def _plain(value: Any) -> bool:
+    """A value written out in full: a number, word, flag, or a list or mapping of them (no expression, no
+    reference, no component), which a saved config holds as it was given."""
+    if isinstance(value, str):  # expressions and references are rewritten when a config is saved
+        return not value.startswith(("$", "@", "%")) and "::" not in value
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return "_target_" not in value and all(_plain(v) for v in value.values())
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, Any]:
+    """Ids (``a#b``) whose recorded value is plain (see :func:`_plain`) and differs from the current config's.
+
+    Components (dicts with ``_target_``) are compared part by part; a plain mapping or list is one value.
+    """
+    found: dict[str, Any] = {}
+    for key, value in recorded.items():
+        if str(key).startswith("_") or key not in current:
+            continue
+        now = current[key]
+        if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
+            found.update(_plain_differences(value, now, f"{prefix}{key}#"))
+        elif _plain(value) and value != now:
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+def resume_length(parser: Any, config: dict, overrides: dict) -> None:
+    """A resumed run keeps its own ``max_epochs`` unless ``--epochs`` says otherwise (the bundle's default
+    would restart the whole schedule), and a changed length is said to leave the learning-rate schedule as
+    it was (its state comes from the checkpoint)."""
+    own = config.get("max_epochs")
+    if not isinstance(own, int) or isinstance(own, bool):
+        return
+    if "max_epochs" not in overrides:
+        parser["max_epochs"] = own
+    elif parser["max_epochs"] != own:
+        logging.getLogger(__name__).warning(
+            "--epochs %s: the run was set to %d epochs; its learning-rate schedule, restored from the checkpoint, "
+            "keeps that length", parser["max_epochs"], own)
+
+
+def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
+    """A resumed run trains on the split it started with: the split drawn again must be the recorded one."""
+    if not recorded:
+        return
+    try:
+        drawn = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if any(recorded.get(k) != drawn.get(k) for k in ("train", "val")):  # by name: the folder itself may move
+        raise DataError(f"{out / 'split.json'}: the run was trained on another train/validation split than the one "
+                        f"drawn now from {data_dir} (another data folder, images added or removed, or another "
+                        "seed or val_fraction); resume with the run's data and settings, or start anew with "
+                        "--overwrite instead of --resume")
+    before, now = recorded.get("sha256"), drawn.get("sha256")
+    if isinstance(before, dict) and isinstance(now, dict):  # runs of earlier versions recorded names only
+        changed = [name for name, digest in before.items() if now.get(name) != digest]
+        if changed:
+            raise DataError(f"{data_dir}: {len(changed)} of the run's images or labels differ from those it was "
+                            f"trained on (first: {changed[0]}); resume with the run's data, or start anew with "
+                            "--overwrite instead of --resume")
+
+
+def checkpoint_parts(checkpoint: Path) -> dict:
+    """What a resume checkpoint holds (``model``, ``trainer``, ``scaler``, ...); empty for an unusual one."""
+    import torch
+
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by its loader
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_epochs_left(state: Any, last: Path, max_epochs: int) -> int | None:
+    """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback.
+    ``state`` is the trainer's state saved in ``last``. Returns the epochs it has trained (None for an unusual
+    checkpoint)."""
+    try:
+        done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
+    except Exception:  # noqa: BLE001 - an unusual checkpoint: Ignite's own checks follow
+        return None
+    if done >= max_epochs:
+        raise ConfigValueError(f"--resume: {last.name} has trained {done} epochs and the run is set to "
+                               f"{max_epochs}; pass --epochs above {done} to train on")
+    return done
+
+
+#: What train_summary.json keeps of each earlier session of a resumed run
+_SESSION_KEYS = ("started", "resumed_from_epoch", "epochs", "wall_seconds", "interrupted", "diverged", "best_metric",
+                 "best_metric_epoch", "environment")
+
+
+def earlier_sessions(path: Path) -> list[dict]:
+    """The sessions an existing ``train_summary.json`` records (its earlier ones, then its own)."""
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(before, dict):
+        return []
+    earlier = [s for s in before.get("earlier_sessions", []) if isinstance(s, dict)]
+    return [*earlier, {k: before[k] for k in _SESSION_KEYS if k in before}]
+
+
+def put_back(aside: Sequence[tuple[Path, Path]], keep_new: bool = False) -> None:
+    """Restore the files :func:`set_aside` copied (or, with ``keep_new``, drop the copies)."""
+    for path, spare in aside:
+        if keep_new:
+            spare.unlink(missing_ok=True)
+        else:
+            os.replace(spare, path)
+
+
+def keep_newest_last_checkpoint(out: Path) -> None:
+    # each (resumed) run's saver keeps its own newest file; an earlier run's stays behind unless removed here
+    existing = [p for p in out.glob("last_checkpoint_epoch=*.pt") if p.is_file()]
+    if len(existing) > 1:
+        newest = last_checkpoint(out)
+        for path in existing:
+            if path != newest:
+                path.unlink(missing_ok=True)
+
+
+#: What a training writes into its folder before its first step: the record of the run and the MLflow store
+_START_FILES = ("config.json", "split.json", "mlflow.db", "mlflow.db-journal")
+
+
+class FailedStartCleanup:
+    """A training that fails its checks in a folder it made leaves no folder behind (nor the split, config and
+    empty MLflow store the checks wrote), so the fixed command starts clean. Only a training that holds the
+    folder's lock removes anything: its files while it holds the lock (:meth:`remove_files`, registered
+    once the lock is taken), the folders it made after the lock is released (:meth:`__exit__`; a folder
+    someone else has begun to use by then is not empty, and stays). Once :attr:`started` is set, or in a
+    folder that was there before, everything stays."""
+
+    def __init__(self, out: Path, made: Sequence[Path]) -> None:
+        self.out, self.made, self.started, self.removed = out, list(made), False, False
+
+    def __enter__(self) -> FailedStartCleanup:
+        return self
+
+    def remove_files(self, kind: Any, *_: Any) -> None:
+        """Exit callback (``ExitStack.push``) to register once the lock is held: removes the files."""
+        import shutil
+
+        if kind is None or self.started or not self.made:
+            return
+        for name in _START_FILES:
+            with contextlib.suppress(OSError):
+                (self.out / name).unlink()
+        mlruns = self.out / "mlruns"
+        if mlruns.is_dir() and not any(p.is_file() for p in mlruns.rglob("*")):
+            shutil.rmtree(mlruns, ignore_errors=True)
+        self.removed = True
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None and self.removed:
+            remove_if_empty(self.made)
+
+
+def how_to_go_on(out: Path) -> str:
+    """What an interrupted training in ``out`` leaves to continue from."""
+    if any(out.glob("last_checkpoint_epoch=*.pt")):
+        return f"{last_checkpoint(out).name} holds the last finished epoch; continue with --resume --output {out}"
+    return f"no epoch finished, so {out} holds nothing to resume; start the training again"

@@ -1,0 +1,383 @@
+"""MLflow bookkeeping of a training: its store, its run's name and params, and reopening, retiring and closing runs."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import MedsegError, brief
+from medseg.runfolder import folders_made_for
+
+
+def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: str) -> dict:
+    """Params for the MLflow run a resumed training continues: a value changed since (e.g. ``--epochs``) is
+    logged as ``KEY.resumeN``, since MLflow refuses to change a logged param."""
+    # the run MONAI's MLFlowHandler continues: the last unfinished run of that name, in search order
+    runs = _runs_named(tracking_uri, experiment, run_name, unfinished=True)
+    if not runs:
+        return params
+    logged = runs[-1].data.params
+    out = {}
+    for key, value in params.items():
+        if key == "output_dir" and key in logged:
+            continue  # the same folder, perhaps logged as a relative path by an earlier version
+        if key in logged and logged[key] != str(value):
+            n = 1
+            while f"{key}.resume{n}" in logged and logged[f"{key}.resume{n}"] != str(value):
+                n += 1
+            key = f"{key}.resume{n}"
+        out[key] = value
+    return out
+
+
+def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, output_dir: Path,
+                         own_store: bool = False) -> None:
+    """Before a resumed training: when the folder's run finished (``--resume --epochs`` more after a run that
+    completed), mark it unfinished, so that MONAI's handler continues it (one run, one curve per metric)
+    instead of starting a second run of the same name. A run left unfinished is continued anyway."""
+    import mlflow
+
+    try:
+        runs = [r for r in _runs_named(tracking_uri, experiment, run_name) if _same_folder(r, output_dir, own_store)]
+        if runs and not _runs_named(tracking_uri, experiment, run_name, unfinished=True):
+            status = mlflow.entities.RunStatus
+            latest = max(runs, key=lambda r: r.info.start_time or 0)
+            mlflow.MlflowClient(tracking_uri=tracking_uri).set_terminated(latest.info.run_id,
+                                                                          status.to_string(status.KILLED))
+    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+        logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
+
+
+def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool = False) -> list:
+    """The runs named ``name`` (``unfinished``: those not marked finished, which MONAI's handler continues)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
+    query = f"attributes.run_name = '{name}'" if "'" not in name else ""  # a server need not list every run
+    return [r for r in client.search_runs([found.experiment_id], filter_string=query)
+            if r.info.run_name == name and not (unfinished and r.info.status == finished)]
+
+
+def _same_folder(run: Any, output_dir: Path, own_store: bool = False) -> bool:
+    """Whether an MLflow run was logged by a training in ``output_dir`` (by its ``output_dir`` param, which
+    medseg logs as an absolute path; a run without one is another tool's). In the folder's own store
+    (``own_store``) every medseg run is the folder's, wherever the folder was when it was logged."""
+    logged = run.data.params.get("output_dir")
+    return logged is not None and (own_store or Path(logged).resolve() == output_dir.resolve())
+
+
+def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool,
+              own_store: bool = False) -> str:
+    """The MLflow run name of a training in ``output_dir``: the folder's name, or when resuming the name the
+    training started with (kept in its ``config.json``). A new training whose folder name already names a
+    run of another folder (a shared tracking server) takes a hash of its path into the name, so that
+    neither it nor a later ``--resume`` of either folder continues the other's run."""
+    if resume:
+        try:
+            recorded = json.loads(config_path.read_text(encoding="utf-8")).get("run_name")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        return str(recorded) if isinstance(recorded, str) and recorded else _folder_name(output_dir)
+    name = _folder_name(output_dir)
+    try:
+        named = _runs_named(tracking_uri, experiment, name)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unreachable store
+        reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
+        raise MedsegError(f"MLflow store {tracking_uri}: cannot be read ({reason}); check that the server runs "
+                          "and --tracking-uri, or train with --no-tracking") from err
+    if any(not _same_folder(r, output_dir, own_store) for r in named):
+        name = f"{name}-{hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:8]}"
+    return name
+
+
+def _folder_name(folder: Path) -> str:
+    """The name of ``folder`` as a run name, also for ``.`` or ``..`` (the folder they stand for)."""
+    return Path(os.path.abspath(folder)).name or "run"
+
+
+def retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = False) -> None:
+    """Before a new (not resumed) training: the runs this folder left unfinished (stopped by Ctrl-C or an
+    error), which MONAI's handler would continue, are renamed ``NAME (replaced)``; one still marked
+    running is closed as failed."""
+    import mlflow
+
+    status = mlflow.entities.RunStatus
+    try:
+        client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
+        for run in _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"],
+                               unfinished=True):
+            if not _same_folder(run, output_dir, own_store):
+                continue
+            if run.info.status == status.to_string(status.RUNNING):
+                client.set_terminated(run.info.run_id, status.to_string(status.FAILED))
+            client.update_run(run.info.run_id, name=f"{configs['run_name']} (replaced)")
+    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+        logging.getLogger(__name__).warning("could not retire the folder's unfinished MLflow runs: %s", err)
+
+
+def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
+                       artifacts: list[str], config_path: Path, resume: bool = False) -> dict:
+    from urllib.parse import unquote
+
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+    from monai.utils import path_to_uri
+
+    # a local store: its path unescaped in the URI (MLflow makes the store's folder from the URI undecoded) and
+    # its artifacts in mlruns/ beside it, given explicitly (MONAI derives that folder from the URI undecoded, so
+    # an escaped space became %2520, a folder of its own)
+    store = (output_dir / "mlflow.db" if not tracking_uri else
+             Path(unquote(tracking_uri[len("sqlite:///"):])) if tracking_uri.startswith("sqlite:///") else None)
+    uri = _local_store_uri(store) if store is not None else str(tracking_uri)
+    stray = folders_made_for(Path(uri[len("sqlite:///"):]).parent) if uri.startswith("sqlite:///") else []
+    if tracking_uri:
+        _check_tracking_uri(uri)
+    else:
+        _follow_moved_store(store)
+    settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
+    configs = settings["configs"]
+    configs["tracking_uri"] = uri
+    if store is not None:
+        for handler in ("trainer", "validator"):
+            configs[handler]["artifact_location"] = path_to_uri(store.resolve().parent / "mlruns")
+    configs["experiment_name"] = experiment
+    own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
+    settings["own_store"] = own_store
+    parser["tracking_store"] = "folder" if own_store else "given"  # recorded in config.json, for --resume
+    configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
+    configs["save_execute_config"] = str(config_path)
+    params = _plain_params(parser.get())
+    if "output_dir" in params:
+        params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
+    if resume:
+        _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"], output_dir, own_store)
+        params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
+    configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
+    configs["trainer"]["experiment_param"] = params
+    configs["trainer"]["iteration_log"] = False
+    if store is not None and Path(uri[len("sqlite:///"):]) != store.absolute():
+        settings["stray_folders"] = stray  # MLflow makes the store's folder from the escaped URI as well
+    return settings
+
+
+#: Config ids whose nested values are the workflow's wiring (engines, data, handlers), not settings to compare
+_WIRING = {"_meta_", "imports", "train", "validate", "datalists", "run", "training", "initialize", "load",
+           "preprocessing", "postprocessing", "inferer", "loss", "optimizer", "lr_scheduler", "network", "ema",
+           "early_stop", "last_checkpoint"}
+
+
+#: The names MLflow accepts for a param
+_MLFLOW_NAME = re.compile(r"[\w./\- ]+")
+
+
+def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
+    """The settings an MLflow run logs as params: the config's plain top-level values, then (up to ``limit``
+    params in all, MLflow's batch size) plain lists such as ``patch_size`` and the plain values one level
+    inside settings such as ``network_def`` (``network_def.channels``), so that runs differing only there
+    can be told apart and compared."""
+    def scalar(value: Any) -> bool:  # a number, flag or word, not an expression or reference
+        return isinstance(value, (int, float, str, bool)) and not str(value).startswith(("$", "@", "%"))
+
+    def plain(value: Any) -> bool:
+        return all(map(scalar, value)) if isinstance(value, list) else scalar(value)
+
+    params = {k: v for k, v in config.items() if scalar(v)}
+    nested: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _WIRING or str(key).startswith("_"):
+            continue
+        if isinstance(value, list) and plain(value):
+            nested[key] = str(value)
+        elif isinstance(value, dict):
+            children = {f"{key}.{child}": str(inner) if isinstance(inner, list) else inner
+                        for child, inner in value.items()
+                        if plain(inner) and (child == "_target_" or not str(child).startswith("_"))}
+            if all(_MLFLOW_NAME.fullmatch(name) for name in children):
+                nested.update(children)
+            else:  # keys MLflow cannot name (colours: "#000000"): the plain part as one param
+                kept = {str(k): v for k, v in value.items() if plain(v)}
+                if kept:
+                    nested[key] = json.dumps(kept, sort_keys=True)
+    for key, value in nested.items():
+        if len(params) >= limit:
+            break
+        params[key] = value
+    return params
+
+
+def _local_store_uri(db: Path) -> str:
+    """The SQLite URI of a run folder's MLflow store. MLflow creates the store's folder from the URI's path
+    without decoding it, so the path goes in as it is unless it holds a character a URL must escape."""
+    from monai.utils import path_to_sqlite_uri
+
+    path = str(db.absolute())
+    return path_to_sqlite_uri(path) if set(path) & set("%#?") else f"sqlite:///{path}"
+
+
+def _follow_moved_store(db: Path) -> None:
+    """Point a run folder's own MLflow store at the ``mlruns/`` beside it again after the folder was moved or
+    copied: the store records its artifact folder as an absolute path, so a run logged in the moved folder
+    would write its artifacts into the old one (recreating it), and its earlier runs' artifacts, which
+    moved with it, would not be found. Only experiments whose artifacts are an ``mlruns/`` folder (as
+    medseg's training creates them) are re-pointed."""
+    import sqlite3
+
+    from monai.utils import path_to_uri
+
+    if not db.is_file():
+        return
+    root = path_to_uri(db.resolve().parent / "mlruns")
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'").fetchone():
+                return  # an empty store: MLflow sets it up
+            for experiment_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments"):
+                if not (location or "").startswith("file:") or not location.endswith("/mlruns") or location == root:
+                    continue
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                            (root, experiment_id))
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                            "AND substr(artifact_uri, 1, ?) = ?",
+                            (root, len(location) + 1, experiment_id, len(location) + 1, location + "/"))
+    except sqlite3.Error as err:
+        raise MedsegError(f"{db}: cannot update the run folder's MLflow store ({err}); train with --no-tracking, "
+                          "or move the store aside") from err
+
+
+def _check_tracking_uri(uri: str) -> None:
+    """Open a local ``--tracking-uri`` store once before training; a server must accept a connection within
+    a few seconds (MLflow's own retries would take minutes to give up)."""
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme == "databricks":
+        return
+    if scheme in ("http", "https"):
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(uri)
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+            with socket.create_connection((parts.hostname or "", port), timeout=5):
+                pass
+        except (OSError, ValueError) as err:
+            raise MedsegError(f"--tracking-uri {uri}: no MLflow server answers there ({err}); start it, fix the "
+                              "address, or train with --no-tracking") from err
+        _check_server_answers(uri)
+        return
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a bad store
+        reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
+        raise MedsegError(f"--tracking-uri {uri}: not a usable MLflow store ({reason}); give a server URL "
+                          "(http://HOST:5000) or a database such as sqlite:///PATH/mlflow.db") from err
+
+
+#: Seconds a tracking server that accepted the connection has to answer a first request
+SERVER_ANSWER_SECONDS = 10.0
+
+
+def _check_server_answers(uri: str) -> None:
+    """A server that accepts connections must also answer a request (any HTTP status will do) within
+    :data:`SERVER_ANSWER_SECONDS`: a hung one would stall the training at its first MLflow call for minutes."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                                    timeout=SERVER_ANSWER_SECONDS):
+            return
+    except urllib.error.HTTPError:
+        return  # an answer: what it means (404, 401, ...) is MLflow's to report
+    except OSError as err:  # URLError included
+        stalled = isinstance(err, socket.timeout) or isinstance(getattr(err, "reason", None), socket.timeout)
+        if not stalled:
+            return  # anything else (TLS, a proxy, a reset): MLflow reports it in its own words
+        raise MedsegError(f"--tracking-uri {uri}: the server accepted the connection but sent no answer within "
+                          f"{SERVER_ANSWER_SECONDS:g} s; check that it is an MLflow server that runs, or train "
+                          "with --no-tracking") from err
+
+
+def recorded_tracking_uri(config: dict) -> str | None:
+    """The MLflow store a run to be resumed logged to, when it was not its folder's own (a server, a shared
+    database): the resumed training continues its run there. ``None``: the folder's own store (also for a
+    folder moved since), or a run trained without tracking."""
+    from urllib.parse import quote
+
+    uri, folder = config.get("tracking_uri"), config.get("output_dir")
+    if not isinstance(uri, str) or not uri or uri.startswith(("$", "@")) or config.get("tracking_store") == "folder":
+        return None
+    if config.get("tracking_store") != "given" and isinstance(folder, str) and uri.startswith("sqlite:") and (
+            uri == _local_store_uri(Path(folder) / "mlflow.db")
+            or uri.endswith((f"/{Path(folder).name}/mlflow.db", f"/{quote(Path(folder).name)}/mlflow.db"))):
+        return None  # the folder's own, for a run recorded without tracking_store (path relative, or moved)
+    logging.getLogger(__name__).info("--resume: logging to the run's own MLflow store %s (from its config.json); "
+                                     "give --tracking-uri to log elsewhere", uri)
+    return uri
+
+
+#: The ids of a run's config.json that say where it is tracked (kept by a resume with --no-tracking)
+TRACKING_RECORD = ("tracking_uri", "tracking_store", "experiment_name", "run_name")
+
+
+def close_runs(handlers: Sequence[Any], status: str) -> None:
+    """End the MLflow runs ``handlers`` hold open as ``status`` (``FAILED``, ``KILLED``); never raises."""
+    for handler in handlers:
+        if getattr(handler, "cur_run", None) is None:
+            continue
+        handler.run_finish_status = status
+        try:
+            handler.close()
+        except Exception as err:  # noqa: BLE001 - the training's own error matters more than the tracking's
+            logging.getLogger(__name__).warning("could not close the MLflow run: %s", err)
+
+
+def note_run_id(trainer: Any, handlers: Sequence[Any]) -> list[str]:
+    """The id of the MLflow run the trainer's handler opens, once it has opened it (a list filled at start)."""
+    from ignite.engine import Events
+
+    ids: list[str] = []
+
+    def note(_: Any) -> None:
+        run = getattr(handlers[0], "cur_run", None) if handlers else None
+        if run is not None:
+            ids.append(run.info.run_id)
+
+    trainer.add_event_handler(Events.STARTED, note)  # after the handler's own start, attached with the trainer
+    return ids
+
+
+def _log_late_artifacts(configs: dict, run_ids: Sequence[str], paths: Sequence[Path]) -> None:
+    """Log ``paths`` to this training's MLflow run (its handler has closed the run by now): the run noted at
+    the start, else the newest run of this training's name."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
+    run_id = run_ids[-1] if run_ids else None
+    if run_id is None:
+        runs = _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"])
+        run_id = max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+    if run_id is not None:
+        for path in paths:
+            client.log_artifact(run_id, str(path))
+
+
+def log_late_artifacts_or_warn(configs: dict, run_ids: Sequence[str], paths: Sequence[Path]) -> None:
+    """:func:`_log_late_artifacts`; a tracking failure at the end of a training is a warning, not its end."""
+    try:
+        _log_late_artifacts(configs, run_ids, paths)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the training itself is done
+        logging.getLogger(__name__).warning("could not log %s to MLflow: %s", ", ".join(map(str, paths)), err)
