@@ -694,7 +694,7 @@ def test_nan_losses_stop_a_training_only_when_they_persist():
     # ten in a row are, and so are NaN weights at once
     from ignite.engine import Engine
 
-    from medseg.workflows import DIVERGED_LOSSES, _stop_on_divergence
+    from medseg.guards import DIVERGED_LOSSES, stop_on_divergence
 
     def run(losses, broken_at=None, broken=lambda net: net[0].weight, epochs=1):
         network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -707,7 +707,7 @@ def test_nan_losses_stop_a_training_only_when_they_persist():
 
         engine = Engine(step)
         engine.network = network
-        flag = _stop_on_divergence(engine)
+        flag = stop_on_divergence(engine)
         engine.run(range(len(losses)), max_epochs=epochs)
         return flag, engine.state.iteration
 
