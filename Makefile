@@ -3,10 +3,13 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch==2.13.0 from pip's indexes (a CPU build where they hold one); to pick a build run e.g. `make TORCH_SPEC="torch --index-url ..." test`
+# torch==2.13.0 from pip's indexes (a CPU build where they hold one); to pick a build run e.g.
+# `make TORCH_INDEX=https://download.pytorch.org/whl/cpu test` (TORCH_SPEC: another version),
 # or install your CUDA torch into .venv first (the stamp below is then reused).
 TORCH_SPEC ?= torch==2.13.0
-# `make demo` trains isbi_em; `make demo DEMO=jurkat` or `make demo DEMO=nuclei` picks another bundle
+TORCH_INDEX ?=
+# `make demo` trains isbi_em; `make demo DEMO=jurkat` or `make demo DEMO=nuclei` picks another bundle;
+# DATA: the labelled data, INFER: what to segment under it (a sub-folder, with medseg infer options), OUT: outputs
 DEMO   := isbi_em
 DATA_isbi_em  := ../shared/data/isbi2012
 INFER_isbi_em := test
@@ -27,7 +30,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

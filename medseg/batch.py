@@ -23,7 +23,7 @@ from medseg.discovery import RUN_JOURNAL as JOURNAL
 from medseg.discovery import RUN_RECORD, InputItem, slice_items
 from medseg.errors import NO_SPACE, DataError, causes
 from medseg.io import atomic_output
-from medseg.readers import suffix_of
+from medseg.readers import kind_of, suffix_of
 
 MANIFEST_FIELDS = ("input", "format", "series_uid", "slices", "status", "mask", "prob", "table", "objects", "seconds",
                    "message")
@@ -506,7 +506,8 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
     """The loop of :func:`run_batch`: each input segmented, skipped or failed, its row added to ``result``
     and to the manifest."""
     for i, item in enumerate(inputs):
-        row = ManifestRow(input=os.path.abspath(item.source), format=item.format, series_uid=item.series_uid)
+        row = ManifestRow(input=os.path.abspath(item.source), format=kind_of(item.source, item.format),
+                          series_uid=item.series_uid)
         start = time.perf_counter()
         if progress is not None:
             progress.start(item.rel)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from medseg.errors import (
     BundleError,
@@ -20,15 +21,35 @@ from medseg.errors import (
     show_user_error_logs,
 )
 
+
+class _FlagHelp:
+    """``--help`` is an on/off flag: shown without a value placeholder, like the commands' own flags."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_FlagHelp, TyperGroup):
+    pass
+
+
+class _Command(_FlagHelp, TyperCommand):
+    pass
+
+
 app = typer.Typer(
     help="Train, evaluate and apply biomedical segmentation bundles (MONAI bundle format).",
+    cls=_Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 
 BundleArg = Annotated[Path, typer.Argument(help="Bundle folder: bundles/isbi_em, bundles/jurkat or bundles/nuclei.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
 OverlayOpt = Annotated[
     list[Path] | None,
     typer.Option("--config", "-c",
@@ -150,7 +171,7 @@ def _main(
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     ctx: typer.Context,
     bundle: BundleArg,
@@ -189,7 +210,7 @@ def train(
     typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     ctx: typer.Context,
     bundle: BundleArg,
@@ -220,12 +241,13 @@ def evaluate(
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def infer(
     ctx: typer.Context,
     bundle: BundleArg,
     input_path: Annotated[Path, typer.Argument(
-        help="Folder (searched recursively) or one file: PNG, TIFF (stacks), NIfTI, DICOM (one input per series).")],
+        help="Folder (searched recursively) or one file: PNG, TIFF (stacks), BMP, JPEG, NIfTI, DICOM (one input per "
+             "series).")],
     output_dir: Annotated[Path, typer.Argument(
         help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles), manifest.csv and run.json.")],
     checkpoint: CheckpointOpt = None,
@@ -275,7 +297,7 @@ def infer(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
     ctx: typer.Context,
     bundles_dir: Annotated[Path, typer.Option(help="Where to look for bundles.")] = Path("bundles"),

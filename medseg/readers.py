@@ -96,6 +96,16 @@ def format_of(path: str | os.PathLike) -> str:
     return fmt
 
 
+#: The file types read through another format's reader, by suffix: what an input is, for the records of a run
+_KINDS = {".bmp": "bmp", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def kind_of(path: str | os.PathLike, fmt: str) -> str:
+    """The kind of an input of format ``fmt`` (:func:`format_of`) as a user names it: ``jpeg`` and ``bmp``
+    for the pictures the PNG reader takes, else ``fmt``."""
+    return _KINDS.get(suffix_of(Path(path)), fmt) if fmt == "png" else fmt
+
+
 def _meta(fmt: str, source: str, spatial: tuple[int, ...], affine: np.ndarray, spacing: Sequence[float],
           unit: str, **extra: Any) -> dict[str, Any]:
     return {

@@ -161,7 +161,8 @@ def resume_length(parser: Any, config: dict, overrides: dict) -> None:
     elif parser["max_epochs"] != own:
         logging.getLogger(__name__).warning(
             "--epochs %s: the run was set to %d epochs; its learning-rate schedule, restored from the checkpoint, "
-            "keeps that length", parser["max_epochs"], own)
+            "keeps the length the run started with (a cosine schedule rises again after it); to anneal over the "
+            "new length, train anew with --overwrite", parser["max_epochs"], own)
 
 
 def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:

@@ -468,7 +468,9 @@ def evaluate(
                     "data set, pass --split all)", where, recorded_dir, split, data_dir)
             parser["validate#dataset#data"] = [samples[n] for n in present]
             _warn_if_changed(record, [samples[n] for n in present], where)
-    elif split != "all" and "val_count" not in overrides:
+    elif split != "all" and "val_count" in overrides:
+        _warn_if_trained_on(checkpoints, parser, split)
+    elif split != "all":
         logging.getLogger(__name__).warning(
             "%s: no split record beside the checkpoint, so the %s images are drawn from the settings given, "
             "which are the training's only if it used the same settings and data; put the run's split.json "
@@ -500,6 +502,28 @@ def evaluate(
             })
             return handler.summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}
+
+
+def _warn_if_trained_on(checkpoints: list[str], parser: Any, split: str) -> None:
+    """``--set val_count=N`` draws the held-out slices by count instead of from the run's ``split.json``: say so
+    when that puts images of the run's other part among those scored (training images scored as validation)."""
+    try:
+        record = _recorded_split(checkpoints)
+    except DataError:
+        return  # an unreadable record: val_count is the way round it
+    datalists = parser.get_parsed_content("datalists")
+    if not record or not isinstance(datalists, dict):
+        return
+    other = "train" if split == "val" else "val"
+    theirs = {str(n) for n in record.get(other, [])}
+    scored = [str(d.get("name")) for d in datalists.get(split, []) or []]
+    mixed = [n for n in scored if n in theirs]
+    if mixed:
+        logging.getLogger(__name__).warning(
+            "--set val_count=%s: %d of the %d %s images scored (first: %s) are %s images of the run that %s "
+            "records; drop val_count to score the recorded split", parser.get("val_count"), len(mixed),
+            len(scored), split, mixed[0], "training" if other == "train" else "validation",
+            _recorded_split_path(checkpoints))
 
 
 def _warn_if_changed(record: dict, samples: Sequence[dict], where: Path) -> None:

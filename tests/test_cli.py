@@ -972,7 +972,7 @@ def test_weight_averaging_is_validated_shipped_and_resumed(trained, tmp_path):
     assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
 
 
-def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
+def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path, caplog):
     # the run used val_count=1; its split.json beside model.pt sets that without an override (and --tta works)
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "eval", "--tta", "--no-progress", "--device", "cpu",
@@ -980,6 +980,14 @@ def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path):
     assert result.exit_code == 0, result.output
     rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["3"]
+    # --set val_count=2 draws by count instead of by the record: slice 2, a training slice, is scored, and said
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                         "--output", tmp_path / "count", "--no-progress", "--device", "cpu",
+                         *_tiny_args(TINY_NET), "--set", "val_count=2")
+    assert result.exit_code == 0, result.output
+    assert any("val_count=2: 1 of the 2 val images scored (first: 2) are training images" in r.getMessage()
+               for r in caplog.records)
     # --split train: the other slices (the bundle's val_count of 5 would not fit the 4 slices)
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "train", "--split", "train", "--no-progress", "--device", "cpu",
@@ -1394,14 +1402,16 @@ def test_long_reasons_are_cut_at_a_word():
     assert len(cut) <= 160 and cut.endswith("word ...")
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "infer"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "infer", "info", None])
 def test_help_shows_flags_without_value_placeholders(command, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
-    result = _invoke(command, "--help")
+    result = _invoke(*([command] if command else []), "--help")
     assert result.exit_code == 0
-    lines = [line for line in result.output.splitlines() if "--" in line and "--help" not in line]
+    lines = [line for line in result.output.splitlines() if "--" in line]
+    assert any("--help" in line for line in lines)  # --help too: an on/off flag
     assert lines and not [line for line in lines if "<bool>" in line or "list[" in line]
-    assert "KEY=VALUE" in result.output and "FILE" in result.output
+    if command in ("train", "evaluate", "infer"):
+        assert "KEY=VALUE" in result.output and "FILE" in result.output
 
 
 def test_resume_restores_whole_mappings_and_leaves_what_is_given_now():

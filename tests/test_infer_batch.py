@@ -808,7 +808,9 @@ def test_jpeg_pictures_are_segmented_upright_under_their_own_names(tmp_path, tin
     assert np.asarray(Image.open(tmp_path / "out" / "mask" / "phone.png")).shape == (30, 40)  # 40 × 30 stored
     assert tifffile.imread(tmp_path / "out" / "prob" / "phone.tif").shape == (30, 40)
     assert np.asarray(Image.open(tmp_path / "out" / "mask" / "scan.png")).shape == (40, 40)
-    assert {r["status"] for r in _manifest(tmp_path / "out").values()} == {"ok"}
+    rows = _manifest(tmp_path / "out")
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert {r["format"] for r in rows.values()} == {"jpeg"}  # the input's kind, not the reader's
 
 
 def _killed_while_writing(args: list, prob_name: str) -> None:
