@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
 from medseg.io import atomic_output
-from medseg.metrics import binary_scores, dsb_scores, isbi_scores, multiclass_scores, pixel_error
+from medseg.metrics import IsbiStack, binary_scores, dsb_scores, multiclass_scores
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -177,23 +177,21 @@ class ChallengeMetrics(MetricsReport):
         super().__init__(output_dir)
         self.prob_key, self.label_key = prob_key, label_key
         self.channel, self.threshold = channel, threshold
-        self.probs: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
+        self.stack = IsbiStack()  # the stack scores, slice by slice: no map is kept
 
     def _reset(self, engine: Engine) -> None:
         super()._reset(engine)
-        self.probs, self.labels = [], []
+        self.stack = IsbiStack()
 
     def score(self, output: dict, source: dict) -> dict[str, Any]:
         prob = _numpy(output[self.prob_key])[self.channel].astype(np.float32)
         label = _numpy(output[self.label_key])
         label = (label[self.channel] if label.shape[0] > 1 else label[0]) > 0
-        self.probs.append(prob)  # the stack scores need every slice
-        self.labels.append(label)
+        self.stack.add(prob, label)
         return binary_scores(prob, label, self.threshold)
 
     def summarise(self) -> dict[str, Any]:
-        isbi = isbi_scores(self.probs, self.labels) if self.probs else {}
+        isbi = self.stack.scores() if len(self.stack) else {}
         for row, vr, vi in zip(self.rows, isbi.get("per_slice_v_rand", []), isbi.get("per_slice_v_info", []),
                                strict=False):
             row["v_rand"], row["v_info"] = vr, vi
@@ -206,7 +204,7 @@ class ChallengeMetrics(MetricsReport):
             "v_info_threshold": isbi.get("v_info_threshold"),
             **{k: v for k, v in means.items() if k not in ("v_rand", "v_info")},
             # the challenge's pixel error of the stack: counts of all slices pooled, one best threshold
-            "pixel_error": pixel_error(self.probs, self.labels) if self.probs else None,
+            "pixel_error": self.stack.pixel_error() if len(self.stack) else None,
             "threshold": self.threshold,
         }
 
@@ -228,24 +226,23 @@ class IsbiScore(Metric):
         if score not in ("v_rand", "v_info"):
             raise ValueError(f"score must be 'v_rand' or 'v_info', got {score!r}")
         self.score, self.channel = score, channel
-        self.probs: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
+        self.stack = IsbiStack()  # scored slice by slice: no map is kept
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self) -> None:
-        self.probs, self.labels = [], []
+        self.stack = IsbiStack()
 
     def update(self, output: Any) -> None:
         probs, labels = output
         for prob, label in zip(probs, labels, strict=True):
             prob, label = _numpy(prob), _numpy(label)
-            self.probs.append(prob[self.channel].astype(np.float32))
-            self.labels.append((label[self.channel] if label.shape[0] > 1 else label[0]) > 0)
+            self.stack.add(prob[self.channel].astype(np.float32),
+                           (label[self.channel] if label.shape[0] > 1 else label[0]) > 0)
 
     def compute(self) -> float:
-        if not self.probs:
+        if not len(self.stack):
             raise ValueError("IsbiScore needs at least one image before compute()")
-        return isbi_scores(self.probs, self.labels)[self.score]
+        return self.stack.scores()[self.score]
 
 
 class DsbScore(Metric):

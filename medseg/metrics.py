@@ -201,13 +201,68 @@ def rand_and_info(gt_cells: np.ndarray, proposal: np.ndarray) -> tuple[float, fl
     return v_rand, float(2.0 * precision * recall / (precision + recall))
 
 
+class IsbiStack:
+    """The ISBI 2012 scores of a stack, accumulated slice by slice (:meth:`add`).
+
+    Holds a few numbers per slice (V_rand and V_info at each threshold, pixel counts per threshold) rather
+    than the maps, so scoring a stack of any length takes the memory of one slice.
+
+    Args:
+        thresholds: the probability thresholds the scores are maximised over.
+    """
+
+    def __init__(self, thresholds: Sequence[float] = ISBI_THRESHOLDS) -> None:
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self._table: list[np.ndarray] = []  # per slice: (thresholds, 2) V_rand, V_info
+        self._counts = np.zeros((len(self.thresholds), 3), dtype=np.int64)  # tp, fp, fn per threshold
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def add(self, prob: np.ndarray, label: np.ndarray) -> None:
+        """Score one slice: ``(H, W)`` interior probability in [0, 1] and binary label (non-zero = interior)."""
+        gt = np.asarray(label) > 0
+        if np.shape(prob) != gt.shape:
+            raise ValueError(f"prediction shape {np.shape(prob)} differs from label shape {gt.shape}")
+        gt_cells = ndimage.label(gt, structure=_FOUR)[0]
+        self._table.append(np.array([rand_and_info(gt_cells, thinned_segments(prob, t)) for t in self.thresholds]))
+        for ti, t in enumerate(self.thresholds):
+            self._counts[ti] += _counts(_above(prob, t), gt)[:3]
+
+    def scores(self) -> dict:
+        """V_rand and V_info as the challenge computes them (see :func:`isbi_scores`)."""
+        if not self._table:
+            raise ValueError("no slice scored yet")
+        table = np.stack(self._table, axis=1)  # (thresholds, slices, 2)
+        mean = table.mean(axis=1)
+        best_rand, best_info = _best(mean[:, 0]), _best(mean[:, 1])
+        return {
+            "v_rand": float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
+            "v_info": float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
+            "v_rand_threshold": round(float(self.thresholds[best_rand]), 6),
+            "v_info_threshold": round(float(self.thresholds[best_info]), 6),
+            "per_slice_v_rand": table[best_rand, :, 0].tolist(),
+            "per_slice_v_info": table[best_info, :, 1].tolist(),
+        }
+
+    def pixel_error(self) -> float:
+        """The stack's pixel error (see :func:`pixel_error`): counts pooled over slices, one best threshold."""
+        if not self._table:
+            raise ValueError("no slice scored yet")
+        best = 0.0
+        for tp, fp, fn in self._counts.tolist():
+            best = max(best, 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn))
+        return 1.0 - best
+
+
 def isbi_scores(
     probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], thresholds: Sequence[float] = ISBI_THRESHOLDS
 ) -> dict:
     """The ISBI 2012 challenge scores of a stack, as the challenge computes them.
 
     For each threshold, V_rand and V_info are averaged over slices; each score is the maximum of
-    that mean over ``thresholds`` (0 if none is above 0; a mean that is NaN never counts).
+    that mean over ``thresholds`` (0 if none is above 0; a mean that is NaN never counts). For stacks
+    scored as they come, slice by slice, see :class:`IsbiStack`.
 
     Args:
         probs: per slice, ``(H, W)`` interior probability in [0, 1].
@@ -219,21 +274,10 @@ def isbi_scores(
     """
     if len(probs) != len(labels) or not probs:
         raise ValueError(f"need matching, non-empty lists; got {len(probs)} maps and {len(labels)} labels")
-    gt_cells = [ndimage.label(np.asarray(g) > 0, structure=_FOUR)[0] for g in labels]
-    table = np.zeros((len(thresholds), len(probs), 2))
-    for ti, t in enumerate(thresholds):
-        for si, (p, g) in enumerate(zip(probs, gt_cells, strict=True)):
-            table[ti, si] = rand_and_info(g, thinned_segments(p, t))
-    mean = table.mean(axis=1)
-    best_rand, best_info = _best(mean[:, 0]), _best(mean[:, 1])
-    return {
-        "v_rand": float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
-        "v_info": float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
-        "v_rand_threshold": round(float(thresholds[best_rand]), 6),
-        "v_info_threshold": round(float(thresholds[best_info]), 6),
-        "per_slice_v_rand": table[best_rand, :, 0].tolist(),
-        "per_slice_v_info": table[best_info, :, 1].tolist(),
-    }
+    stack = IsbiStack(thresholds)
+    for prob, label in zip(probs, labels, strict=True):
+        stack.add(prob, label)
+    return stack.scores()
 
 
 def _best(scores: np.ndarray) -> int:

@@ -9,6 +9,7 @@ import pytest
 
 from medseg.metrics import (
     ISBI_THRESHOLDS,
+    IsbiStack,
     binary_scores,
     dice,
     iou,
@@ -181,6 +182,27 @@ def _noisy_cross_slices():
         g[:, rng.integers(4, 28)] = False
     probs = [np.clip(g + rng.normal(0, 0.3, g.shape), 0, 1).astype(np.float32) for g in labels]
     return probs, labels
+
+
+def test_isbi_stack_scored_slice_by_slice_equals_the_whole_stack_and_keeps_no_maps():
+    from scipy import ndimage
+
+    probs, labels = _noisy_cross_slices()
+    stack = IsbiStack()
+    for prob, label in zip(probs, labels, strict=True):
+        stack.add(prob, label)
+    four = ndimage.generate_binary_structure(2, 1)
+    cells = [ndimage.label(g, structure=four)[0] for g in labels]
+    means = [np.mean([rand_and_info(c, thinned_segments(p, t)) for p, c in zip(probs, cells, strict=True)], axis=0)
+             for t in ISBI_THRESHOLDS]
+    scores = stack.scores()
+    assert scores["v_rand"] == pytest.approx(max(m[0] for m in means))
+    assert scores["v_info"] == pytest.approx(max(m[1] for m in means))
+    assert len(scores["per_slice_v_rand"]) == len(probs) == len(stack)
+    assert stack.pixel_error() == pytest.approx(pixel_error(probs, labels))  # counts pooled over the slices
+    assert all(np.asarray(row).size == 2 * len(ISBI_THRESHOLDS) for row in stack._table)  # numbers, not maps
+    with pytest.raises(ValueError, match="differs from label shape"):
+        stack.add(probs[0][:-1], labels[0])
 
 
 def test_isbi_score_metric_matches_isbi_scores_over_batches():
