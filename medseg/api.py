@@ -92,7 +92,7 @@ class Segmenter:
                     **({} if tta is None else {"tta": bool(tta)}), **device_settings(self.device)}
         parser = load_config(bundle, "infer", tuple(str(o) for o in overlays), overrides, settings)
         with _user_errors(), _rng_kept():  # the network's random initialisation leaves the caller's seeds alone
-            self.network = load_members(parser.get_parsed_content("network_def"), checkpoints).to(self.device).eval()
+            self.network = load_members(parser.get_parsed_content("network_def"), checkpoints)[0].to(self.device).eval()
             parser.get_parsed_content("initialize")
             self.inferer = parser.get_parsed_content("inferer")
             self.amp = bool(parser.get_parsed_content("amp", default=False)) and self.device.type == "cuda"

@@ -85,6 +85,8 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         with _sigterm_as_ctrl_c():
             return fn(*args, **kwargs)
     except KeyboardInterrupt as stop:
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting
+            _let_pool_threads_finish(_pool_threads() - pools_before)  # a cache being filled when it came
         if debug:
             raise
         how = str(stop) or interrupted  # the workflow may say best how to go on
@@ -134,10 +136,11 @@ def _pool_threads() -> set:
 def _let_pool_threads_finish(threads: set, timeout: float = 60.0) -> None:
     """Wait for thread-pool workers still running a task (MONAI's CacheDataset fills its cache in a pool).
 
-    When one item fails, the pool is torn down while its other workers are still inside a transform; the
-    interpreter exiting under them aborts the process (exit 134, "terminate called without an active
-    exception") after the error was printed. Each worker ends once its current task is done. ``threads``
-    are the workers started during the command (see :func:`_pool_threads`), never a caller's own pool.
+    When one item fails, or Ctrl-C or SIGTERM comes while the cache is filled, the pool is torn down while
+    its other workers are still inside a transform; the interpreter exiting under them aborts the process
+    (exit 134, "terminate called without an active exception") after the error was printed. Each worker
+    ends once its current task is done. ``threads`` are the workers started during the command (see
+    :func:`_pool_threads`), never a caller's own pool.
     """
     import threading
     import time

@@ -32,18 +32,19 @@ class MeanEnsemble(torch.nn.Module):
         return out / len(self.members)
 
 
-def load_members(network: torch.nn.Module, paths: Sequence[str | os.PathLike], device: Any = "cpu") -> torch.nn.Module:
-    """``network`` with the weights of ``paths[0]``, or a :class:`MeanEnsemble` of copies loaded from each path.
+def load_members(network: torch.nn.Module, paths: Sequence[str | os.PathLike],
+                 device: Any = "cpu") -> tuple[torch.nn.Module, list[str]]:
+    """``network`` with the weights of ``paths[0]``, or a :class:`MeanEnsemble` of copies loaded from each path,
+    and the SHA-256 of each file as loaded (for the records of a run).
 
     Raises:
         CheckpointError: a path is missing, unreadable, or holds weights of another network.
     """
     if len(paths) == 1:
-        load_checkpoint(network, paths[0], device)
-        return network
-    members = []
+        return network, [load_checkpoint(network, paths[0], device)]
+    members, digests = [], []
     for path in paths:
         member = copy.deepcopy(network)
-        load_checkpoint(member, path, device)
+        digests.append(load_checkpoint(member, path, device))
         members.append(member)
-    return MeanEnsemble(members)
+    return MeanEnsemble(members), digests

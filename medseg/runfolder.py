@@ -160,9 +160,10 @@ def resume_length(parser: Any, config: dict, overrides: dict) -> None:
         parser["max_epochs"] = own
     elif parser["max_epochs"] != own:
         logging.getLogger(__name__).warning(
-            "--epochs %s: the run was set to %d epochs; its learning-rate schedule, restored from the checkpoint, "
-            "keeps the length the run started with (a cosine schedule rises again after it); to anneal over the "
-            "new length, train anew with --overwrite", parser["max_epochs"], own)
+            "--epochs %s: the run was set to %d epoch%s; its learning-rate schedule, restored from the checkpoint, "
+            "keeps the period it was set with (the bundles' cosine schedule: the run's first max_epochs, then it "
+            "rises again); to anneal over the new length, train anew with --overwrite", parser["max_epochs"], own,
+            "" if own == 1 else "s")
 
 
 def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:

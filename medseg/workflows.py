@@ -227,10 +227,7 @@ def train(
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **device_settings(dev)}
     parser = load_config(bundle, "train", overlays, overrides, settings)
-    loader = parser.get("train#dataloader")
-    if isinstance(loader, dict) and "worker_init_fn" not in loader:  # a reference or expression: as given
-        parser["train#dataloader#worker_init_fn"] = {"_target_": "medseg.workflows.data_worker_init",
-                                                      "_mode_": "callable"}
+    _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")
     _check_training_length(parser, max_minutes)
     made = runfolder.folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
     check_writable(out)
@@ -373,6 +370,14 @@ def train(
         return summary
 
 
+def _leave_sigterm_to_main(parser: Any, *loaders: str) -> None:
+    """Start the workers of the data loaders ``loaders`` (config ids) with :func:`data_worker_init`."""
+    for key in loaders:
+        loader = parser.get(key)
+        if isinstance(loader, dict) and "worker_init_fn" not in loader:  # a reference or expression: as given
+            parser[f"{key}#worker_init_fn"] = {"_target_": "medseg.workflows.data_worker_init", "_mode_": "callable"}
+
+
 def data_worker_init(worker_id: int) -> None:
     """Start a training data-loader worker (``num_workers`` > 0): MONAI's seeding, and SIGTERM left to the
     main process, which stops the run as on Ctrl-C and then ends its workers. ``timeout`` and batch
@@ -413,7 +418,7 @@ def evaluate(
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
-    from medseg.batch import check_writable, file_sha256
+    from medseg.batch import check_writable
     from medseg.ensemble import load_members
     from medseg.evaluation import MetricsReport
     from medseg.handlers import RichProgress
@@ -432,13 +437,16 @@ def evaluate(
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 **device_settings(dev)}
     parser = load_config(bundle, "evaluate", overlays, overrides, settings)
+    if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
+        parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from
+    _leave_sigterm_to_main(parser, "validate#dataloader")
     split = split or str(parser.get("eval_split", "val"))  # else an overlay's eval_split, or the bundle's (val)
     if split not in ("val", "all", "train"):
         raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     if "eval_split" in parser:
         parser["eval_split"] = split
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
-    network = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)
     record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
     if record is not None:
@@ -475,10 +483,11 @@ def evaluate(
             "%s: no split record beside the checkpoint, so the %s images are drawn from the settings given, "
             "which are the training's only if it used the same settings and data; put the run's split.json "
             "beside the checkpoint, or pass --split all", _recorded_split_path(checkpoints), split)
-    if len(checkpoints) > 1:  # the members are loaded above; the bundle's CheckpointLoader loads one network
-        parser["network_def"] = network
-        parser["eval_network"] = "@network"
-        parser["validate#handlers"] = [h for h in parser["validate#handlers"] if not _is_checkpoint_loader(h)]
+    # the weights loaded above are scored (a CheckpointLoader would read the file again at the start, and a
+    # training still running into the folder may have replaced it by then) and their digests recorded
+    parser["network_def"] = network
+    parser["eval_network"] = "@network"
+    parser["validate#handlers"] = [h for h in parser["validate#handlers"] if not _is_checkpoint_loader(h)]
     parser.get_parsed_content("datalists")  # a bad data folder fails here with its own message
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("validate#evaluator")
@@ -490,7 +499,7 @@ def evaluate(
             _record_evaluation(Path(output_dir) / "summary.json", handler.summary, {
                 "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}"
                           .strip(),
-                "checkpoints": [{"path": _resolved(c), "sha256": file_sha256(c)} for c in checkpoints],
+                "checkpoints": [{"path": _resolved(c), "sha256": d} for c, d in zip(checkpoints, digests, strict=True)],
                 "data_dir": _resolved(str(data_dir)),
                 "split": split,
                 "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
@@ -588,7 +597,7 @@ def infer(
     """
     from monai.data import DataLoader, Dataset
 
-    from medseg.batch import RunRecord, check_writable, file_sha256, run_batch
+    from medseg.batch import RunRecord, check_writable, run_batch
     from medseg.discovery import discover
     from medseg.ensemble import load_members
     from medseg.handlers import FileProgress
@@ -608,7 +617,12 @@ def infer(
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
                 **({} if tta is None else {"tta": bool(tta)}), **device_settings(dev)}
     parser = load_config(bundle, "infer", overlays, overrides, settings)
-    network = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    workers = parser.get("dataloader#num_workers", 0) if isinstance(parser.get("dataloader"), dict) else 0
+    if workers:  # each input's slices are read in this process (run_batch), one input at a time
+        raise ConfigValueError(f"dataloader#num_workers={workers}: medseg infer reads each input's slices itself "
+                               "and takes no data-loader workers (the id is for python -m monai.bundle run); "
+                               "drop it")
+    network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
     if len(checkpoints) > 1:
         parser["network_def"] = network
     parser.get_parsed_content("initialize")
@@ -630,7 +644,7 @@ def infer(
             "bundle": f"{Path(bundle).resolve().name} "
                       f"{parser.get_parsed_content('_meta_#version', default='')}".strip(),
             # SHA-256: the same weights under another path are the same run; an ensemble's, joined by '+'
-            "checkpoint": "+".join(file_sha256(c) for c in checkpoints),
+            "checkpoint": "+".join(digests),
             "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
             # in words, for the message (the config hash already covers overlays' content and overrides)
             "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False)},

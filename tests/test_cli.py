@@ -469,8 +469,9 @@ def test_the_last_epoch_is_always_validated(tmp_path, isbi_folder, epochs, valid
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["epochs"] == epochs and summary["best_metric_epoch"] in validated
     # data-loader workers are started so that they leave SIGTERM to the main process
-    loader = json.loads((out / "config.json").read_text())["train"]["dataloader"]
-    assert loader["worker_init_fn"]["_target_"] == "medseg.workflows.data_worker_init"
+    config = json.loads((out / "config.json").read_text())
+    for loader in (config["train"]["dataloader"], config["validate"]["dataloader"]):
+        assert loader["worker_init_fn"]["_target_"] == "medseg.workflows.data_worker_init"
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, isbi_folder, monkeypatch):
@@ -972,6 +973,64 @@ def test_weight_averaging_is_validated_shipped_and_resumed(trained, tmp_path):
     assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
 
 
+def test_evaluate_scores_and_records_the_weights_it_loaded_when_the_file_is_replaced(trained, tmp_path, monkeypatch):
+    """A training still running into the folder may replace model.pt while evaluate runs: the weights read
+    at the start are the ones scored, and the digest recorded is theirs."""
+    import hashlib
+    import shutil
+
+    import torch
+
+    from medseg import workflows
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "split.json"):
+        shutil.copy(trained["out"] / name, run / name)
+    first = hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()
+    other = {k: v + 0.5 if v.is_floating_point() else v for k, v in torch.load(run / "model.pt").items()}
+    args = ("--data", trained["data"], "--checkpoint", run / "model.pt", "--no-progress", "--device", "cpu",
+            *_tiny_args(TINY_NET))
+    result = _invoke("evaluate", BUNDLE, *args, "--output", tmp_path / "clean")
+    assert result.exit_code == 0, result.output
+    original = workflows._recorded_split
+
+    def replaced_meanwhile(checkpoints):  # after the weights are read, before the scoring starts
+        torch.save(other, run / "model.pt")
+        return original(checkpoints)
+
+    monkeypatch.setattr(workflows, "_recorded_split", replaced_meanwhile)
+    result = _invoke("evaluate", BUNDLE, *args, "--output", tmp_path / "raced")
+    assert result.exit_code == 0, result.output
+    raced = json.loads((tmp_path / "raced" / "summary.json").read_text())
+    assert raced["run"]["checkpoints"][0]["sha256"] == first
+    assert (tmp_path / "raced" / "metrics.csv").read_text() == (tmp_path / "clean" / "metrics.csv").read_text()
+
+
+def test_evaluate_reads_with_num_workers_and_infer_refuses_them(trained, tmp_path, monkeypatch):
+    from medseg import workflows
+
+    started = tmp_path / "workers"
+    started.mkdir()
+
+    def noting_worker_init(worker_id: int) -> None:  # runs in the worker process
+        (started / str(worker_id)).touch()
+
+    monkeypatch.setattr(workflows, "data_worker_init", noting_worker_init)
+    args = ("--data", trained["data"], "--checkpoint", trained["out"] / "model.pt", "--no-progress", "--device",
+            "cpu", *_tiny_args(TINY_NET))
+    result = _invoke("evaluate", BUNDLE, *args, "--output", tmp_path / "none")
+    assert result.exit_code == 0, result.output
+    result = _invoke("evaluate", BUNDLE, *args, "--output", tmp_path / "two", "--set", "num_workers=2")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in started.iterdir()) == ["0", "1"]  # evaluate's own loader took them
+    assert (tmp_path / "two" / "metrics.csv").read_text() == (tmp_path / "none" / "metrics.csv").read_text()
+    result = _invoke("infer", BUNDLE, trained["data"], tmp_path / "inf", "--checkpoint",
+                     trained["out"] / "model.pt", "--no-progress", "--set", "dataloader#num_workers=2")
+    _assert_one_line_error(result, "dataloader#num_workers=2: medseg infer reads each input's slices itself")
+    assert not (tmp_path / "inf").exists()
+
+
 def test_evaluate_scores_the_runs_own_validation_slices(trained, tmp_path, caplog):
     # the run used val_count=1; its split.json beside model.pt sets that without an override (and --tta works)
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
@@ -1343,6 +1402,40 @@ def test_pool_workers_still_in_a_task_are_waited_for_after_an_error():
     assert done.is_set() and time.monotonic() - start < 10  # the idle pool's workers were not joined
     assert not [t for t in _pool_threads() - before if isinstance(t, DummyProcess)]
     idle.terminate()
+
+
+def test_ctrl_c_while_a_cache_is_filled_waits_for_its_workers_before_exiting():
+    """SIGTERM or Ctrl-C while MONAI's CacheDataset fills its cache in a thread pool: the interpreter must not
+    exit under workers still inside a transform (it aborted with exit 134 instead of 130)."""
+    import threading
+    import time
+    from multiprocessing.pool import ThreadPool
+    from types import SimpleNamespace
+
+    import typer
+
+    from medseg.cli import _run
+
+    inside, done = threading.Event(), threading.Event()
+
+    def task(k: int) -> int:
+        if k > 0:
+            inside.set()
+            time.sleep(0.5)
+            done.set()
+        return k
+
+    def filling_a_cache() -> None:
+        with ThreadPool(2) as pool:
+            items = pool.imap(task, range(4))
+            next(items)
+            inside.wait(10)
+            raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as stop:
+        _run(SimpleNamespace(obj={}), filling_a_cache)
+    assert stop.value.exit_code == 130
+    assert done.is_set()  # the worker's task ended before the command did
 
 
 @pytest.mark.parametrize("uri", ["foo://bar", "sqlite:////proc/no/such/dir/mlflow.db"])

@@ -14,6 +14,7 @@ from conftest import BUNDLE, TINY_NET, synthetic_em, write_isbi_folder
 from PIL import Image
 from typer.testing import CliRunner
 
+from medseg.batch import file_sha256
 from medseg.bundle import load_config, parse_override
 from medseg.cli import app
 from medseg.ensemble import MeanEnsemble, load_members
@@ -70,8 +71,10 @@ def test_mean_ensemble_averages_outputs():
 
 def test_load_members_loads_each_checkpoint_into_its_own_copy(members):
     network = _tiny_network()
-    assert load_members(network, [members["a"]]) is network
-    ensemble = load_members(_tiny_network(), [members["a"], members["b"]])
+    loaded, digests = load_members(network, [members["a"]])
+    assert loaded is network and digests == [file_sha256(members["a"])]
+    ensemble, digests = load_members(_tiny_network(), [members["a"], members["b"]])
+    assert digests == [file_sha256(members["a"]), file_sha256(members["b"])]
     assert isinstance(ensemble, MeanEnsemble) and len(ensemble.members) == 2
     bias = _output_bias(ensemble.members[0].state_dict())
     assert ensemble.members[1].state_dict()[bias][1] - ensemble.members[0].state_dict()[bias][1] == pytest.approx(2)
