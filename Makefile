@@ -1,5 +1,6 @@
 # medseg: `make demo` and `make test` work on a fresh machine; both create .venv themselves.
-# settings are taken from the command line (`make VENV=...`), not from same-named environment variables
+# settings are taken from the command line (`make DEMO=nuclei`), not from same-named environment variables,
+# except PYTHON, TORCH_SPEC and TORCH_INDEX, which the environment may set too
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -259,9 +259,9 @@ def _nested_example(parser: Any) -> str:
 def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") -> str:
     """Load weights from ``path`` into ``network`` safely (``weights_only``) and strictly.
 
-    Accepts a plain state dict or a dict holding it under ``"model"``. The file is read once, so the
-    returned digest is that of the weights loaded, even when the file is replaced meanwhile (a training
-    still running into the folder).
+    Accepts a plain state dict or a dict holding it under ``"model"``. The digest and the weights come from
+    one open file, so the digest is that of the weights loaded even when the file is replaced meanwhile (a
+    training still running into the folder writes a new file and renames it over the old one).
 
     Returns:
         The hex SHA-256 of the bytes loaded.
@@ -270,7 +270,6 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
         CheckpointError: the file is missing, unreadable, or its weights do not fit ``network``.
     """
     import hashlib
-    import io
     import pickle
 
     import torch
@@ -278,9 +277,13 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; train first or pass --checkpoint")
+    digest = hashlib.sha256()
     try:
-        data = path.read_bytes()
-        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+            f.seek(0)
+            state = torch.load(f, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for files that are not checkpoints
         if isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower():
             # e.g. a whole pickled model, which a safe load refuses to run
@@ -309,7 +312,7 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
             f"{path}: weights do not fit this bundle's network ({_state_dict_mismatch(err)}); "
             "use a checkpoint trained with this bundle or change network_def to match"
         ) from err
-    return hashlib.sha256(data).hexdigest()
+    return digest.hexdigest()
 
 
 def _state_dict_mismatch(err: RuntimeError) -> str:

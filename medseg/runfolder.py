@@ -149,21 +149,29 @@ def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[
     return found
 
 
-def resume_length(parser: Any, config: dict, overrides: dict) -> None:
+def resume_length(parser: Any, config: dict, overrides: dict) -> bool:
     """A resumed run keeps its own ``max_epochs`` unless ``--epochs`` says otherwise (the bundle's default
-    would restart the whole schedule), and a changed length is said to leave the learning-rate schedule as
-    it was (its state comes from the checkpoint)."""
+    would restart the whole schedule). Returns whether ``--epochs`` changed the run's length (see
+    :func:`warn_schedule_kept`)."""
     own = config.get("max_epochs")
     if not isinstance(own, int) or isinstance(own, bool):
-        return
+        return False
     if "max_epochs" not in overrides:
         parser["max_epochs"] = own
-    elif parser["max_epochs"] != own:
-        logging.getLogger(__name__).warning(
-            "--epochs %s: the run was set to %d epoch%s; its learning-rate schedule, restored from the checkpoint, "
-            "keeps the period it was set with (the bundles' cosine schedule: the run's first max_epochs, then it "
-            "rises again); to anneal over the new length, train anew with --overwrite", parser["max_epochs"], own,
-            "" if own == 1 else "s")
+        return False
+    return parser["max_epochs"] != own
+
+
+def warn_schedule_kept(max_epochs: Any, scheduler_state: Any) -> None:
+    """Say that a resumed run given another length keeps the learning-rate schedule its checkpoint holds,
+    with the schedule's own period where it has one (a cosine schedule's ``T_max``, the length the run
+    started with)."""
+    period = scheduler_state.get("T_max") if isinstance(scheduler_state, dict) else None
+    kept = (f"keeps its period of {period} epoch{'' if period == 1 else 's'} (a cosine schedule rises again "
+            "after it)" if isinstance(period, int) else "keeps the schedule it was set with")
+    logging.getLogger(__name__).warning(
+        "--epochs %s: the learning-rate schedule restored from the checkpoint %s; to anneal over the new length, "
+        "train anew with --overwrite", max_epochs, kept)
 
 
 def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:

@@ -246,7 +246,7 @@ def train(
                 if tracking and not tracking_uri:
                     tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
-                runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
+                lengthened = runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
             if resume:
                 runfolder.check_same_split(out, recorded.get("split"), data_dir)
@@ -300,6 +300,8 @@ def train(
                     raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
                                           "with, or start anew with --overwrite instead of --resume") from err
                 saved = runfolder.checkpoint_parts(last)
+                if lengthened:
+                    runfolder.warn_schedule_kept(parser["max_epochs"], saved.get("lr_scheduler"))
                 if "scaler" in saved:  # a checkpoint without mixed precision, or of an earlier version, has none
                     scaler_dicts.append(load_dict)
                 resumed_from = runfolder.check_epochs_left(saved.get("trainer"), last, trainer.state.max_epochs)

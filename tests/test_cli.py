@@ -1404,6 +1404,21 @@ def test_pool_workers_still_in_a_task_are_waited_for_after_an_error():
     idle.terminate()
 
 
+def test_a_lengthened_resume_names_the_schedule_period_it_keeps(tmp_path, isbi_folder, caplog):
+    args = ("--data", isbi_folder, "--output", tmp_path / "run", "--no-progress", "--no-tracking", "--device", "cpu")
+    result = _invoke("train", BUNDLE, *args, "--epochs", 1, *_tiny_args())
+    assert result.exit_code == 0, result.output
+    for epochs in (2, 3):  # the second lengthening: config.json says 2 by now, the schedule's period is still 1
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="medseg.runfolder"):
+            result = _invoke("train", BUNDLE, *args, "--epochs", epochs, "--resume")
+        assert result.exit_code == 0, result.output
+        said = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+        assert said == [f"--epochs {epochs}: the learning-rate schedule restored from the checkpoint keeps its "
+                        "period of 1 epoch (a cosine schedule rises again after it); to anneal over the new "
+                        "length, train anew with --overwrite"]
+
+
 def test_ctrl_c_while_a_cache_is_filled_waits_for_its_workers_before_exiting():
     """SIGTERM or Ctrl-C while MONAI's CacheDataset fills its cache in a thread pool: the interpreter must not
     exit under workers still inside a transform (it aborted with exit 134 instead of 130)."""
