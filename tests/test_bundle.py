@@ -189,6 +189,26 @@ def test_plain_monai_bundle_run_with_mlflow_tracking(tmp_path):
     assert (out / "mlruns.db").is_file()  # MONAI's MLflow handlers were patched into our handler lists
 
 
+def test_plain_monai_evaluate_config_scores_a_checkpoint(tmp_path, isbi_folder):
+    """train.json + evaluate.json run with ``monai.bundle`` alone (``python -m monai.bundle run evaluating``):
+    the bundle's CheckpointLoader loads the weights and the report writes the challenge scores."""
+    from monai.bundle import ConfigWorkflow
+
+    parser = ConfigParser(ConfigParser.load_config_file(str(BUNDLE / "configs" / "train.json")))
+    ckpt = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
+    configs = [str(BUNDLE / "configs" / name) for name in ("train.json", "evaluate.json")]
+    workflow = ConfigWorkflow(
+        config_file=configs, meta_file=str(BUNDLE / "configs" / "metadata.json"), workflow_type=None,
+        run_id="evaluating", bundle_root=str(BUNDLE), dataset_dir=str(isbi_folder), output_dir=str(tmp_path / "eval"),
+        ckpt_path=str(ckpt), device="$torch.device('cpu')", val_count=1)
+    workflow.initialize()
+    workflow.run()
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["images"] == 1 and 0.0 <= summary["v_rand"] <= 1.0
+    assert len((tmp_path / "eval" / "metrics.csv").read_text().splitlines()) == 2
+
+
 def test_plain_monai_inference_workflow_writes_outputs(tmp_path, isbi_folder):
     from monai.bundle import ConfigWorkflow
 
