@@ -19,6 +19,7 @@ from medseg.readers import (
     TiffReader,
     count_slices,
     format_of,
+    kind_of,
     read_geometry,
     read_image,
     read_slice,
@@ -471,3 +472,8 @@ def test_a_damaged_exif_block_never_stops_a_picture_from_being_read(tmp_path):
             PngReader().read_meta(str(path))["spatial_shape"])
         read += 1
     assert read > 35
+
+
+def test_kind_of_names_the_pictures_the_png_reader_takes():
+    assert [kind_of(f"a{s}", format_of(f"a{s}")) for s in (".JPG", ".jpeg", ".BMP", ".png", ".tif", ".nii.gz")] == [
+        "jpeg", "jpeg", "bmp", "png", "tiff", "nifti"]
