@@ -65,6 +65,7 @@ class TiledInferer(SlidingWindowInferer):
     ) -> None:
         kwargs.setdefault("padding_mode", "reflect")
         kwargs.setdefault("cache_roi_weight_map", True)
+        roi_size = ensure_tuple_rep(roi_size, 2)  # a sequence, so that MONAI caches the blending weights
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, **kwargs)
         self.border = int(border)
         self.tta = config_flag(tta, "tta")

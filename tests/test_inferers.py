@@ -153,3 +153,9 @@ def test_yes_no_settings_given_as_words_are_read_as_meant():
     assert CloseContoursd(keys="pred", enabled="off").enabled is False
     with pytest.raises(ConfigValueError, match="tta='maybe': give true or false"):
         TiledInferer(roi_size=32, tta="maybe")
+
+
+def test_a_square_window_given_as_one_number_caches_its_blending_weights(recwarn):
+    inferer = TiledInferer(roi_size=32, border=0)
+    assert inferer.roi_size == (32, 32) and inferer.roi_weight_map is not None
+    assert not [w for w in recwarn if "cache_roi_weight_map" in str(w.message)]
