@@ -306,8 +306,10 @@ def slice_items(item: InputItem, slices: int) -> list[dict]:
     ]
 
 
-def slice_datalist(input_dir: str | os.PathLike, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list:
-    """Every slice of every input under ``input_dir`` (for plain ``monai.bundle run`` inference)."""
+def slice_datalist(input_dir: str | os.PathLike, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                   nifti_channel_dim: int | None = None) -> list:
+    """Every slice of every input under ``input_dir`` (for plain ``monai.bundle run`` inference);
+    ``nifti_channel_dim`` is the channel axis of 4D NIfTI inputs, as given to their reader."""
     from medseg.readers import count_slices
 
     inputs, _ = discover(input_dir, include, exclude)
@@ -315,5 +317,6 @@ def slice_datalist(input_dir: str | os.PathLike, include: Sequence[str] = (), ex
     for item in inputs:
         if item.error:
             raise DataError(item.error)
-        items += slice_items(item, count_slices(item.source, series_uid=item.series_uid or None))
+        count = count_slices(item.source, series_uid=item.series_uid or None, nifti_channel_dim=nifti_channel_dim)
+        items += slice_items(item, count)
     return items

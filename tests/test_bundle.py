@@ -226,6 +226,25 @@ def test_plain_monai_inference_workflow_writes_outputs(tmp_path, isbi_folder):
     assert Path(ckpt).is_file()
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
+def test_plain_monai_inference_lists_the_slices_of_a_4d_nifti_by_its_channel_axis(bundle, tmp_path):
+    """``--nifti_channel_dim`` reaches the slice list of plain ``monai.bundle run`` inference (it counted the
+    slices without it and refused the file, naming the very setting it had been given)."""
+    import nibabel as nib
+    import numpy as np
+
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 6, 5, 3), np.float32), np.eye(4)), tmp_path / "in" / "four.nii.gz")
+    parser = ConfigParser(ConfigParser.load_config_file(str(bundle / "configs" / "inference.json")))
+    parser["input_dir"], parser["bundle_root"] = str(tmp_path / "in"), str(bundle)
+    with pytest.raises(Exception) as refused:
+        parser.get_parsed_content("datalist")
+    assert "nifti_channel_dim=3" in str(refused.value.__cause__)
+    parser["nifti_channel_dim"] = 3
+    datalist = parser.get_parsed_content("datalist", lazy=False)
+    assert [d["page"] for d in datalist] == [0, 1, 2, 3, 4] and {d["pages"] for d in datalist} == {5}
+
+
 # --- every bundle (jurkat, nuclei and isbi_em): plain monai.bundle parsing ------------------------------------
 
 TRAIN_IDS = ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "network", "loss", "optimizer",
