@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from medseg.errors import ConfigValueError, DataError
+from medseg.io import atomic_output
 from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error
 
 #: Image types accepted as training data (2D slices and TIFF stacks).
@@ -140,7 +141,8 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     record["data_dir"] = str(Path(data_dir).resolve())
     files: dict[str, str] = {}  # a stack's file is read once for all its slices
     record["sha256"] = {d["name"]: sample_digest(d, files) for v in split.values() for d in v}
-    (out / "split.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    with atomic_output(out / "split.json") as tmp:  # a resume compares against it: never half written
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:

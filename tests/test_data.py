@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,22 @@ def test_split_is_contiguous_and_recorded(tmp_path, isbi_folder):
     record = json.loads((tmp_path / "run" / "split.json").read_text())
     assert record["val"] == ["3"] and record["train"] == ["0", "1", "2"]
     assert isbi_split(isbi_folder, val_count=1) == split  # deterministic
+
+
+def test_an_interrupted_split_record_leaves_the_last_one_whole(tmp_path, isbi_folder, monkeypatch):
+    isbi_split(isbi_folder, val_count=1, save_to=str(tmp_path / "run"))
+    recorded = (tmp_path / "run" / "split.json").read_bytes()
+    real_write = Path.write_text
+
+    def write_half_then_stop(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        isbi_split(isbi_folder, val_count=2, save_to=str(tmp_path / "run"))
+    assert (tmp_path / "run" / "split.json").read_bytes() == recorded
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["split.json"]
 
 
 def test_split_needs_training_slices():
