@@ -141,8 +141,11 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     record["data_dir"] = str(Path(data_dir).resolve())
     files: dict[str, str] = {}  # a stack's file is read once for all its slices
     record["sha256"] = {d["name"]: sample_digest(d, files) for v in split.values() for d in v}
-    with atomic_output(out / "split.json") as tmp:  # a resume compares against it: never half written
-        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    try:
+        with atomic_output(out / "split.json") as tmp:  # a resume compares against it: never half written
+            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    except OSError as err:  # named after the record, not its temporary file
+        raise OSError(err.errno, err.strerror, str(out / "split.json")) from err
 
 
 def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
