@@ -91,7 +91,23 @@ class DiceCEOnLabel(nn.Module):
                                weight=weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits.float(), target[:, :1])
+        return self._dice_ce(logits.float(), target[:, :1])
+
+    def _dice_ce(self, logits: torch.Tensor, label: torch.Tensor, pixel_weight: torch.Tensor | None = None):
+        """``DiceCELoss`` of ``logits`` against the class indices ``label`` (B, 1, H, W), its cross-entropy
+        ``sum(w_pixel * w_class * ce) / sum(w_class)``.
+
+        The cross-entropy is taken per pixel and summed here rather than by PyTorch's weighted mean: the
+        class weights follow the logits' device (the loss module is never moved), and on CUDA a sum is
+        deterministic where ``nll_loss2d``'s own mean reduction is not.
+        """
+        classes = label[:, 0].long()
+        ce = F.cross_entropy(logits, classes, reduction="none")
+        class_weights = self.loss.cross_entropy.weight
+        norm = class_weights.to(logits.device)[classes] if class_weights is not None else torch.ones_like(ce)
+        weighted = ce * norm if pixel_weight is None else ce * norm * pixel_weight.float()
+        ce = weighted.sum() / norm.sum().clamp_min(1e-12)
+        return self.loss.lambda_dice * self.loss.dice(logits, label) + self.loss.lambda_ce * ce
 
 
 class DiceWeightedCE(DiceCEOnLabel):
@@ -126,15 +142,7 @@ class DiceWeightedCE(DiceCEOnLabel):
         return self._classes(logits, target)
 
     def _classes(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.shape[1] < 2:
-            return super().forward(logits, target)
-        logits = logits.float()
-        classes = target[:, 0].long()
-        ce = F.cross_entropy(logits, classes, reduction="none")
-        class_weights = self.loss.cross_entropy.weight
-        norm = class_weights.to(logits.device)[classes] if class_weights is not None else torch.ones_like(ce)
-        ce = (ce * norm * target[:, 1].float()).sum() / norm.sum().clamp_min(1e-12)
-        return self.loss.lambda_dice * self.loss.dice(logits, target[:, :1]) + self.loss.lambda_ce * ce
+        return self._dice_ce(logits.float(), target[:, :1], target[:, 1] if target.shape[1] > 1 else None)
 
 
 #: Loss name (as written in a bundle's ``loss_name``) -> class.

@@ -76,10 +76,23 @@ def test_dice_weighted_ce_with_unit_pixel_weights_is_monai_dice_ce(class_weights
     torch.manual_seed(1)
     logits = torch.randn(2, 3, 8, 8)
     label = torch.randint(0, 3, (2, 1, 8, 8)).float()
-    expected = create_loss("dice_ce", class_weights=class_weights)(logits, label)
+    from monai.losses import DiceCELoss
+
+    weight = torch.tensor(class_weights) if class_weights else None
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)(logits, label)
+    torch.testing.assert_close(create_loss("dice_ce", class_weights=class_weights)(logits, label), expected)
     loss = create_loss("dice_weighted_ce", class_weights=class_weights)
     torch.testing.assert_close(loss(logits, label), expected)
     torch.testing.assert_close(loss(logits, torch.cat([label, torch.ones_like(label)], 1)), expected)
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "dice_weighted_ce"])
+def test_class_weighted_dice_ce_follows_the_logits_device(name):
+    """The class weights are a CPU buffer of a loss module nothing moves; on a GPU they met CUDA logits
+    (emulated here with PyTorch's shape-only 'meta' device)."""
+    loss = create_loss(name, class_weights=[1.0, 1.0, 2.0])
+    logits = torch.randn(2, 3, 8, 8, device="meta")
+    assert loss(logits, torch.zeros(2, 1, 8, 8, device="meta")).device.type == "meta"
 
 
 def test_dice_weighted_ce_adds_the_pixel_weights_to_the_cross_entropy():
