@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +357,7 @@ class _AtomicSaver(BaseSaveHandler):
 
         name = self.filename or filename
         path = self.dirname / name
+        checkpoint = _on_cpu(checkpoint)  # a GPU's weights too load on a machine without one, weights_only or not
         try:
             # through a file object: given a path, torch names the archive inside after the (random) temporary
             # file, so the same weights saved twice would differ in bytes and in SHA-256
@@ -372,6 +374,24 @@ class _AtomicSaver(BaseSaveHandler):
 
     def remove(self, filename: str) -> None:
         self.pending.append(self.filename or filename)
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` (a checkpoint: nested dicts, lists and tuples of tensors and plain values) with every tensor on
+    the CPU. Tensors already there are kept as they are, and a state dict keeps its ``_metadata`` (the
+    module versions ``load_state_dict`` reads)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = type(obj)((k, _on_cpu(v)) for k, v in obj.items()) if type(obj) in (dict, OrderedDict) else obj
+        if moved is not obj and hasattr(obj, "_metadata"):
+            moved._metadata = obj._metadata
+        return moved
+    if type(obj) in (list, tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 class CheckpointSaver(monai.handlers.CheckpointSaver):

@@ -165,3 +165,33 @@ def test_training_curves_record_the_mean_loss_of_each_epoch(tmp_path):
     TrainingCurves(str(tmp_path)).attach(engine)
     engine.run([0, 0], max_epochs=2)
     assert json.loads((tmp_path / "history.json").read_text())["train_loss"] == [1.5, 4.0]
+
+
+class _OnGpu(torch.Tensor):
+    """Stands for a CUDA tensor: ``.cpu()`` gives a plain tensor, and pickled as it is, a machine without
+    the class (a CPU-only one, for a CUDA tensor) cannot load it with ``weights_only``."""
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_checkpoints_hold_cpu_tensors_with_their_state_dict_metadata(tmp_path):
+    from medseg.handlers import _AtomicSaver
+
+    net = _net()
+    state = net.state_dict()
+    on_gpu = type(state)((k, v.as_subclass(_OnGpu)) for k, v in state.items())
+    on_gpu._metadata = state._metadata
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.rand(1, 1, 5, 5)).sum().backward()
+    optimizer.step()
+    opt_state = optimizer.state_dict()
+    opt_state["state"] = {k: {n: t.as_subclass(_OnGpu) if torch.is_tensor(t) else t for n, t in v.items()}
+                          for k, v in opt_state["state"].items()}
+    _AtomicSaver(tmp_path, "model.pt")({"model": on_gpu, "optimizer": opt_state, "epoch": 3}, "ignored")
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved["epoch"] == 3 and saved["model"]._metadata == state._metadata
+    assert all(type(t) is torch.Tensor and torch.equal(t, state[k]) for k, t in saved["model"].items())
+    assert all(type(t) is torch.Tensor for v in saved["optimizer"]["state"].values() for t in v.values()
+               if torch.is_tensor(t))
+    _net().load_state_dict(saved["model"])
