@@ -97,7 +97,14 @@ class TiledInferer(SlidingWindowInferer):
             rh, rw = ensure_tuple_rep(self.roi_size, 2)
             return _run_padded(x, max(rh - h, 0), max(rw - w, 0),
                               lambda padded: super(TiledInferer, self).__call__(padded, network, *args, **kwargs))
-        return _run_padded(x, -h % self.divisor, -w % self.divisor, lambda padded: network(padded, *args, **kwargs))
+        # float32 like the windows' blend: under CUDA autocast the network gives float16, and the
+        # probabilities of an image would otherwise depend on whether it fits in one pass
+        return _run_padded(x, -h % self.divisor, -w % self.divisor,
+                           lambda padded: _as_float32(network(padded, *args, **kwargs)))
+
+
+def _as_float32(out: Any) -> Any:
+    return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
 def _run_padded(x: torch.Tensor, ph: int, pw: int, run: Callable[[torch.Tensor], Any]) -> Any:

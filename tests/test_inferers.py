@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from medseg.inferers import DIHEDRAL, TiledInferer
@@ -159,3 +160,13 @@ def test_a_square_window_given_as_one_number_caches_its_blending_weights(recwarn
     inferer = TiledInferer(roi_size=32, border=0)
     assert inferer.roi_size == (32, 32) and inferer.roi_weight_map is not None
     assert not [w for w in recwarn if "cache_roi_weight_map" in str(w.message)]
+
+
+@pytest.mark.parametrize("whole_max_pixels", [0, 10**6], ids=["windows", "whole"])
+def test_logits_are_float32_whether_or_not_the_image_fits_in_one_pass(whole_max_pixels):
+    # under CUDA autocast the network answers in float16 (emulated here); the windows' blend gave float32,
+    # the single pass float16, so an image's probabilities depended on its size
+    x = torch.rand(1, 1, 48, 40)
+    out = TiledInferer(roi_size=32, border=4, whole_max_pixels=whole_max_pixels, tta=True)(x, lambda t: t.half())
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, x, atol=1e-3, rtol=0)
