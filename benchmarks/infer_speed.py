@@ -43,10 +43,12 @@ def plain_monai(files: list[Path], out: Path, network: torch.nn.Module, cfg: dic
         lo, hi = np.percentile(img, (0.5, 99.5))
         img = np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1).astype(np.float32)
         x = torch.from_numpy(img)[None, None].to(device)
-        with torch.no_grad():
+        # on CUDA with autocast, as MONAI's own evaluators run with amp (and medseg infer does)
+        with torch.no_grad(), torch.autocast("cuda", enabled=device.type == "cuda"):
             logits = sliding_window_inference(x, cfg["patch_size"], cfg["sw_batch_size"], network,
                                               overlap=cfg["overlap"], mode="gaussian")
-        logits = logits + torch.as_tensor(cfg["logit_shift"], dtype=logits.dtype, device=device).view(1, -1, 1, 1)
+        shift = torch.as_tensor(cfg["logit_shift"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        logits = logits.float() + shift
         prob = torch.softmax(logits, 1)[0, 1].cpu().numpy().astype(np.float32)
         tifffile.imwrite(out / "prob" / f"{path.stem}.tif", prob)
         Image.fromarray(((prob > 0.5) * 255).astype(np.uint8)).save(out / "mask" / f"{path.stem}.png")

@@ -41,9 +41,10 @@ def _source_commit() -> str | None:
     return f"{head}+dirty" if dirty else head or None
 
 
-def environment(device: Any = None) -> dict[str, Any]:
+def environment(device: Any = None, amp: bool | None = None) -> dict[str, Any]:
     """What a run ran with, for its record: the command line and folder, versions, machine, threads, device
-    (and on a CPU whether bfloat16 autocast is available to it), the medseg source's git commit."""
+    (and on a CPU whether bfloat16 autocast is available to it), whether CUDA mixed precision (``amp``) was
+    on, the medseg source's git commit."""
     import os
     import shlex
     import sys
@@ -69,6 +70,8 @@ def environment(device: Any = None) -> dict[str, Any]:
             from medseg.inferers import cpu_bf16_supported
 
             env["cpu_bf16_available"] = cpu_bf16_supported()
+    if amp is not None:
+        env["amp"] = bool(amp)
     commit = _source_commit()
     if commit:
         env["medseg_commit"] = commit

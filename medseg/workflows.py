@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,7 +43,11 @@ def select_device(name: Any = "auto") -> Any:
     if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
             raise MedsegError(f"--device {name}: no CUDA device is available here; use --device auto or cpu")
-        return torch.device(name)
+        device, count = torch.device(name), torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise MedsegError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                              f"(cuda:0 to cuda:{count - 1}); pick one of them or --device cuda")
+        return device
     raise MedsegError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
 
 
@@ -56,8 +61,16 @@ def _check_data_dir(data_dir: str) -> None:
 
 
 def _check_compile(parser: Any, device: Any) -> None:
-    """``compile: true`` on a CPU needs the C++ compiler that ``torch.compile`` builds its kernels with."""
-    if not parser.get_parsed_content("compile", default=False) or getattr(device, "type", "cpu") != "cpu":
+    """``compile: true`` needs the compiler ``torch.compile`` builds its kernels with: C++ for a CPU, and on
+    CUDA the C compiler Triton builds its launcher with (found as Triton finds it: ``CC``, gcc, clang)."""
+    if not parser.get_parsed_content("compile", default=False):
+        return
+    if getattr(device, "type", "cpu") == "cuda":
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            raise ConfigValueError("compile=true: torch.compile on CUDA needs a C compiler (gcc or clang, or one "
+                                   "named by CC) and none was found; install one or set --set compile=false")
+        return
+    if getattr(device, "type", "cpu") != "cpu":
         return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -302,7 +315,9 @@ def train(
                 saved = runfolder.checkpoint_parts(last)
                 if lengthened:
                     runfolder.warn_schedule_kept(parser["max_epochs"], saved.get("lr_scheduler"))
-                if "scaler" in saved:  # a checkpoint without mixed precision, or of an earlier version, has none
+                # a checkpoint without mixed precision, or of an earlier version, has no scaler, and one saved
+                # while the scaler was off (amp on a CPU) an empty one, which an active scaler refuses
+                if saved.get("scaler"):
                     scaler_dicts.append(load_dict)
                 resumed_from = runfolder.check_epochs_left(saved.get("trainer"), last, trainer.state.max_epochs)
                 CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
@@ -322,7 +337,8 @@ def train(
 
         from medseg.info import environment
 
-        ran_with = environment(dev)  # at the start: a checkout or folder may change during a long run
+        # at the start: a checkout or folder may change during a long run
+        ran_with = environment(dev, parser.get_parsed_content("amp", default=False))
 
         train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
         run_ids = mlflow_tracking.note_run_id(trainer,
@@ -509,7 +525,7 @@ def evaluate(
                 "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
                 "overrides": dict(overrides),
                 "overlays": [_resolved(o) for o in overlays],
-                "environment": environment(dev),
+                "environment": environment(dev, parser.get_parsed_content("amp", default=False)),
             })
             return handler.summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}

@@ -508,7 +508,7 @@ def test_a_disk_or_permission_failure_anywhere_is_one_line_naming_the_file(tmp_p
     real = Path.write_text
 
     def write_text(self, *args, **kwargs):
-        if self.name == "split.json":
+        if self.name.startswith(".split.") and self.suffix == ".json":  # a temporary file that becomes split.json
             raise OSError(code, os.strerror(code), str(self))
         return real(self, *args, **kwargs)
 
@@ -627,6 +627,7 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     env = summary["environment"]
     assert env["versions"]["torch"] == torch.__version__ and env["versions"]["monai"] and env["cwd"]
     assert env["torch_threads"] == torch.get_num_threads() and isinstance(env["cpu_bf16_available"], bool)
+    assert env["amp"] is (setting == "amp=true")
 
 
 def test_each_epoch_draws_other_crops(tmp_path, isbi_folder, monkeypatch):
@@ -1137,6 +1138,7 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path):
     assert run["bundle"].startswith("isbi_em ") and run["split"] == "all" and run["split_from"] == "all images"
     assert run["tta"] is False and run["data_dir"] == str(trained["data"].resolve())
     assert run["environment"]["versions"]["torch"] == torch.__version__ and run["environment"]["device"] == "cpu"
+    assert run["environment"]["amp"] is False
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "eval", "--tta", "--no-progress", "--device", "cpu",
                      *_tiny_args(TINY_NET))
@@ -1500,6 +1502,57 @@ def test_device_names():
     if not torch.cuda.is_available():
         with pytest.raises(MedsegError, match="--device cuda:1: no CUDA device is available here"):
             select_device("cuda:1")
+
+
+def test_a_gpu_index_beyond_the_machines_gpus_is_refused_by_name(monkeypatch):
+    # it was taken, and the network's .to() failed later as "a config value does not work"
+    import torch
+
+    from medseg.errors import MedsegError
+    from medseg.workflows import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device("cuda:1") == torch.device("cuda:1") and select_device("cuda") == torch.device("cuda")
+    with pytest.raises(MedsegError, match=r"--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        select_device("cuda:2")
+
+
+def test_compile_on_cuda_without_a_c_compiler_is_refused_before_training(monkeypatch):
+    # Triton builds its kernel launcher with a C compiler at the first step; without one that step failed
+    import shutil
+
+    import torch
+
+    from medseg import workflows
+    from medseg.errors import ConfigValueError
+
+    class Parsed(dict):
+        def get_parsed_content(self, key, default=None):
+            return self.get(key, default)
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigValueError, match="compile=true: torch.compile on CUDA needs a C compiler"):
+        workflows._check_compile(Parsed(compile=True), torch.device("cuda"))
+    workflows._check_compile(Parsed(compile=False), torch.device("cuda"))
+    monkeypatch.setenv("CC", "/opt/cc")
+    workflows._check_compile(Parsed(compile=True), torch.device("cuda"))
+
+
+def test_a_run_with_amp_on_a_cpu_resumes_where_the_grad_scaler_is_on(tmp_path, isbi_folder, monkeypatch):
+    # amp on a CPU saves the disabled scaler's empty state; resuming where CUDA is (emulated: the scaler and
+    # autocast switch on, the tensors stay on the CPU) loaded it into an active scaler, which refuses it
+    import torch
+
+    args = ("--data", isbi_folder, "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(),
+            "--set", "images_per_batch=2", "--set", "amp=true")
+    assert _invoke("train", BUNDLE, "--output", tmp_path / "run", "--epochs", 1, *args).exit_code == 0
+    assert torch.load(tmp_path / "run" / "last_checkpoint_epoch=1.pt")["scaler"] == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = _invoke("train", BUNDLE, "--output", tmp_path / "run", "--resume", "--epochs", 2, *args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "last_checkpoint_epoch=2.pt").is_file()
 
 
 def test_long_reasons_are_cut_at_a_word():
