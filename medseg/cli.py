@@ -80,20 +80,16 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     Ctrl-C ends with one line too (``interrupted`` says how to continue) and exit code 130.
     """
     debug = bool(ctx.obj and ctx.obj.get("debug"))
-    pools_before = _pool_threads()
     try:
         with _sigterm_as_ctrl_c():
             return fn(*args, **kwargs)
     except KeyboardInterrupt as stop:
-        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting
-            _let_pool_threads_finish(_pool_threads() - pools_before)  # a cache being filled when it came
         if debug:
             raise
         how = str(stop) or interrupted  # the workflow may say best how to go on
         typer.secho(f"error: interrupted{'; ' + how if how else ''}", err=True, fg=typer.colors.RED)
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
-        _let_pool_threads_finish(_pool_threads() - pools_before)
         if debug:
             raise
         user = find_user_error(err)
@@ -123,31 +119,6 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _pool_threads() -> set:
-    """The thread-pool workers alive now."""
-    import threading
-    from multiprocessing.dummy import DummyProcess
-
-    return {t for t in threading.enumerate() if isinstance(t, DummyProcess) and t.is_alive()}
-
-
-def _let_pool_threads_finish(threads: set, timeout: float = 60.0) -> None:
-    """Wait for thread-pool workers still running a task (MONAI's CacheDataset fills its cache in a pool).
-
-    When one item fails, or Ctrl-C or SIGTERM comes while the cache is filled, the pool is torn down while
-    its other workers are still inside a transform; the interpreter exiting under them aborts the process
-    (exit 134, "terminate called without an active exception") after the error was printed. Each worker
-    ends once its current task is done. ``threads`` are the workers started during the command (see
-    :func:`_pool_threads`), never a caller's own pool.
-    """
-    import threading
-    import time
-
-    deadline = time.monotonic() + timeout
-    for thread in threads - {threading.current_thread()}:
-        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -10,7 +11,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,49 @@ def _restore_best(parser: Any, out: Path, evaluator: Any) -> Any:
     return RestoreBest(out, evaluator, savers, _bundle_handlers(parser, EarlyStopHandler))
 
 
+def _pool_threads() -> set:
+    """The thread-pool workers alive now."""
+    import threading
+    from multiprocessing.dummy import DummyProcess
+
+    return {t for t in threading.enumerate() if isinstance(t, DummyProcess) and t.is_alive()}
+
+
+def _let_pool_threads_finish(threads: set, timeout: float = 60.0) -> None:
+    """Wait for thread-pool workers still running a task (MONAI's CacheDataset fills its cache in a pool).
+
+    When one item fails, or Ctrl-C or SIGTERM comes while the cache is filled, the pool is torn down while
+    its other workers are still inside a transform; the interpreter exiting under them aborts the process
+    (exit 134, "terminate called without an active exception") after the error was printed. Each worker
+    ends once its current task is done. ``threads`` are the workers started during the workflow (see
+    :func:`_pool_threads`), never a caller's own pool.
+    """
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    for thread in threads - {threading.current_thread()}:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _finishing_pool_threads(workflow: Callable[..., Any]) -> Callable[..., Any]:
+    """``workflow`` that, when it fails or is interrupted, first waits for the thread-pool workers it started
+    (see :func:`_let_pool_threads_finish`), so that a script exiting on its error does not abort."""
+
+    @functools.wraps(workflow)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        before = _pool_threads()
+        try:
+            return workflow(*args, **kwargs)
+        except BaseException:
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting
+                _let_pool_threads_finish(_pool_threads() - before)
+            raise
+
+    return run
+
+
+@_finishing_pool_threads
 def train(
     bundle: str,
     data_dir: str,
@@ -409,6 +453,7 @@ def data_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@_finishing_pool_threads
 def evaluate(
     bundle: str,
     data_dir: str,

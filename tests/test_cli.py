@@ -1384,7 +1384,7 @@ def test_pool_workers_still_in_a_task_are_waited_for_after_an_error():
     from multiprocessing.dummy import DummyProcess
     from multiprocessing.pool import ThreadPool
 
-    from medseg.cli import _let_pool_threads_finish, _pool_threads
+    from medseg.workflows import _let_pool_threads_finish, _pool_threads
 
     idle = ThreadPool(1)  # a caller's own pool, idle: not waited for
     before = _pool_threads()
@@ -1432,6 +1432,7 @@ def test_ctrl_c_while_a_cache_is_filled_waits_for_its_workers_before_exiting():
     import typer
 
     from medseg.cli import _run
+    from medseg.workflows import _finishing_pool_threads
 
     inside, done = threading.Event(), threading.Event()
 
@@ -1450,9 +1451,12 @@ def test_ctrl_c_while_a_cache_is_filled_waits_for_its_workers_before_exiting():
             raise KeyboardInterrupt
 
     with pytest.raises(typer.Exit) as stop:
-        _run(SimpleNamespace(obj={}), filling_a_cache)
+        _run(SimpleNamespace(obj={}), _finishing_pool_threads(filling_a_cache))  # as train and evaluate are
     assert stop.value.exit_code == 130
     assert done.is_set()  # the worker's task ended before the command did
+    from medseg import workflows  # also for Python callers of the workflows that fill caches
+
+    assert workflows.train.__wrapped__ and workflows.evaluate.__wrapped__
 
 
 @pytest.mark.parametrize("uri", ["foo://bar", "sqlite:////proc/no/such/dir/mlflow.db"])
