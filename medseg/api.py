@@ -18,7 +18,6 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,7 +85,7 @@ class Segmenter:
         from medseg.writers import SaveSegmentationd
 
         bundle = str(bundle)
-        checkpoints = checkpoint_list(checkpoint if checkpoint is not None else Path(bundle) / "models" / "model.pt")
+        checkpoints = checkpoint_list(checkpoint, bundle)
         self.device = select_device(device)
         settings = {"ckpt_path": checkpoints[0], "datalist": [], "handlers": [],
                     **({} if tta is None else {"tta": bool(tta)}), **device_settings(self.device)}

@@ -128,7 +128,7 @@ def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
     for text in pairs or []:
         key, value = parse_override(text)
         if named.get(key) is not None and result[key] != value:
-            option = {"max_epochs": "--epochs", "eval_split": "--split"}.get(key, key)
+            option = {"max_epochs": "--epochs"}.get(key, key)
             raise BundleError(f"--set {text} contradicts {option} {result[key]}; give one of them")
         result[key] = value
     return result
@@ -205,12 +205,11 @@ def evaluate(
     """Score a checkpoint with the bundle's metrics (ISBI V_rand/V_info, per-class Dice/IoU, DSB 2018 score)."""
     from medseg import workflows
 
-    ckpts = checkpoint or [bundle / "models" / "model.pt"]
-    out = output or ckpts[0].parent / ("eval" if len(ckpts) == 1 else "eval_ensemble")
-    overrides = _run(ctx, lambda: _overrides(set_, eval_split=split))  # --set eval_split=X is --split X
+    ckpts = _run(ctx, lambda: workflows.checkpoint_list(checkpoint, bundle))
+    out = output or workflows.evaluation_dir(ckpts)
     summary = _run(ctx, lambda: workflows.evaluate(
-        str(bundle), str(data), [str(c) for c in ckpts], str(out), split=overrides.pop("eval_split", None),
-        tta=tta, device=device, overlays=tuple(map(str, config or [])), overrides=overrides, progress=progress))
+        str(bundle), str(data), ckpts, str(out), split=split, tta=tta, device=device,
+        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}")
 
@@ -255,9 +254,8 @@ def infer(
     """
     from medseg import workflows
 
-    ckpts = checkpoint or [bundle / "models" / "model.pt"]
     summary = _run(ctx, lambda: workflows.infer(
-        str(bundle), str(input_path), str(output_dir), [str(c) for c in ckpts], tta=tta, device=device,
+        str(bundle), str(input_path), str(output_dir), checkpoint, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress,
         include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
         output_format=format_, save_prob=prob),

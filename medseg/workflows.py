@@ -119,13 +119,24 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def checkpoint_list(checkpoint: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def checkpoint_list(checkpoint: str | os.PathLike | Sequence[str | os.PathLike] | None,
+                    bundle: str | os.PathLike | None = None) -> list[str]:
+    """The checkpoint paths given (one, or an ensemble's); none given: the bundle's ``models/model.pt``."""
+    if checkpoint is None:
+        checkpoint = []
     paths = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [str(c) for c in checkpoint]
+    if not paths and bundle is not None:
+        paths = [str(Path(bundle) / "models" / "model.pt")]
     if not paths:
         raise MedsegError("no checkpoint given; pass --checkpoint")
     if len(set(map(_resolved, paths))) < len(paths):
         raise MedsegError(f"--checkpoint {' '.join(paths)}: a checkpoint is given twice; give each member once")
     return paths
+
+
+def evaluation_dir(checkpoints: Sequence[str]) -> Path:
+    """Where ``evaluate`` writes by default: ``eval`` (``eval_ensemble`` for several) beside the first checkpoint."""
+    return Path(checkpoints[0]).parent / ("eval" if len(checkpoints) == 1 else "eval_ensemble")
 
 
 def _resolved(path: str) -> str:
@@ -457,8 +468,8 @@ def data_worker_init(worker_id: int) -> None:
 def evaluate(
     bundle: str,
     data_dir: str,
-    checkpoint: str | Sequence[str],
-    output_dir: str,
+    checkpoint: str | Sequence[str] | None = None,
+    output_dir: str | None = None,
     *,
     split: str | None = None,
     tta: bool | None = None,
@@ -468,6 +479,9 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on the ``split`` slices (``val``, ``train`` or ``all``) of ``data_dir``; write CSV + JSON.
+
+    ``checkpoint=None`` scores the bundle's ``models/model.pt``; ``output_dir=None`` writes to
+    :func:`evaluation_dir` of the checkpoints.
 
     ``split=None`` takes the config's ``eval_split`` (an overlay's, or the bundle's ``val``); ``eval_split`` in
     ``overrides`` is the same as ``split``, and the two at odds are an error.
@@ -495,7 +509,8 @@ def evaluate(
     _check_data_dir(data_dir)
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
         overrides["validate#inferer#tta"] = bool(tta)
-    checkpoints = checkpoint_list(checkpoint)
+    checkpoints = checkpoint_list(checkpoint, bundle)
+    output_dir = str(output_dir if output_dir is not None else evaluation_dir(checkpoints))
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 **device_settings(dev)}
@@ -626,7 +641,7 @@ def infer(
     bundle: str,
     input_path: str,
     output_dir: str,
-    checkpoint: str | Sequence[str],
+    checkpoint: str | Sequence[str] | None = None,
     *,
     tta: bool | None = None,
     device: str = "auto",
@@ -674,7 +689,7 @@ def infer(
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
     out = Path(output_dir)
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a corrupt TIFF is reported once, per input
-    checkpoints = checkpoint_list(checkpoint)
+    checkpoints = checkpoint_list(checkpoint, bundle)
     dev = select_device(device)
     settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": checkpoints[0],
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
