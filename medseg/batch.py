@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -81,32 +80,6 @@ def _out_of_space(err: BaseException) -> str:
                                            or re.search(r"\d+ requested and \d+ written", str(cause))):
             return cause.strerror or str(cause)  # numpy reports a short write without an errno
     return ""
-
-
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and make sure files can be written there.
-
-    Raises:
-        DataError: the folder cannot be created or written.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".medseg-write-test.", dir=folder):
-            pass
-    except OSError as err:
-        raise DataError(f"{folder}: output folder is not writable ({err.strerror or err}); choose another "
-                        "output folder or fix its permissions") from err
-    return folder
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:

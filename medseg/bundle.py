@@ -269,19 +269,18 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
     Raises:
         CheckpointError: the file is missing, unreadable, or its weights do not fit ``network``.
     """
-    import hashlib
     import pickle
 
     import torch
 
+    from medseg.io import stream_sha256
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; train first or pass --checkpoint")
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            digest = stream_sha256(f)
             f.seek(0)
             state = torch.load(f, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for files that are not checkpoints
@@ -312,7 +311,7 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
             f"{path}: weights do not fit this bundle's network ({_state_dict_mismatch(err)}); "
             "use a checkpoint trained with this bundle or change network_def to match"
         ) from err
-    return digest.hexdigest()
+    return digest
 
 
 def _state_dict_mismatch(err: RuntimeError) -> str:

@@ -153,7 +153,7 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
     its page's pixels in a TIFF (so that one page of a stack changed marks that slice only), or for a folder
     of instance masks each mask file's name and bytes, in name order (the files the loader reads). ``known``
     caches digests of files and pages."""
-    from medseg.batch import file_sha256
+    from medseg.io import file_sha256
     from medseg.transforms import INSTANCE_MASK_SUFFIXES
 
     known = {} if known is None else known

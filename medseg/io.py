@@ -1,19 +1,54 @@
-"""Write result files atomically (temporary file + rename): PNG, TIFF, NIfTI."""
+"""File plumbing: result files written atomically (temporary file + rename: PNG, TIFF, NIfTI), writable
+folders, file digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from medseg.errors import DataError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure files can be written there.
+
+    Raises:
+        DataError: the folder cannot be created or written.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".medseg-write-test.", dir=folder):
+            pass
+    except OSError as err:
+        raise DataError(f"{folder}: output folder is not writable ({err.strerror or err}); choose another "
+                        "output folder or fix its permissions") from err
+    return folder
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    with open(path, "rb") as f:
+        return stream_sha256(f)
+
+
+def stream_sha256(f: BinaryIO) -> str:
+    """Hex SHA-256 of what is left to read in the open binary file ``f`` (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 #: What marks a file :func:`atomic_output` is writing (``.NAME.XXXXXXXX.part.png``): left behind only by a

@@ -283,9 +283,8 @@ def train(
     from monai.bundle import ConfigWorkflow
     from monai.handlers import CheckpointLoader
 
-    from medseg.batch import check_writable
     from medseg.handlers import RichProgress
-    from medseg.io import atomic_output, remove_partial_files
+    from medseg.io import atomic_output, check_writable, remove_partial_files
     from medseg.locking import folder_lock
 
     if tracking_uri and not tracking:
@@ -495,11 +494,11 @@ def evaluate(
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
-    from medseg.batch import check_writable
     from medseg.ensemble import load_members
     from medseg.evaluation import MetricsReport
     from medseg.handlers import RichProgress
     from medseg.info import environment
+    from medseg.io import check_writable
 
     overrides = dict(overrides or {})
     given = overrides.pop("eval_split", None)  # the bundle's own id for the split
@@ -675,11 +674,11 @@ def infer(
     """
     from monai.data import DataLoader, Dataset
 
-    from medseg.batch import RunRecord, check_writable, run_batch
+    from medseg.batch import RunRecord, run_batch
     from medseg.discovery import discover
     from medseg.ensemble import load_members
     from medseg.handlers import FileProgress
-    from medseg.io import remove_partial_files
+    from medseg.io import check_writable, remove_partial_files
     from medseg.locking import folder_lock
     from medseg.readers import count_slices
     from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd

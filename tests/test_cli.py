@@ -88,7 +88,7 @@ def test_a_training_refused_by_the_lock_leaves_the_other_trainings_files(trained
     from medseg.locking import folder_lock
 
     out = tmp_path / "new" / "o"
-    original, held = medseg.batch.check_writable, contextlib.ExitStack()
+    original, held = medseg.io.check_writable, contextlib.ExitStack()
 
     def the_other_starts_first(folder):
         out.mkdir(parents=True)
@@ -97,7 +97,7 @@ def test_a_training_refused_by_the_lock_leaves_the_other_trainings_files(trained
             (out / name).write_text("the other training's")
         return original(folder)
 
-    monkeypatch.setattr(medseg.batch, "check_writable", the_other_starts_first)
+    monkeypatch.setattr(medseg.io, "check_writable", the_other_starts_first)
     with held:
         result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--no-progress",
                          "--device", "cpu", *_tiny_args())
@@ -1130,7 +1130,7 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path):
     rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("name,dice,iou") and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
     # what produced these numbers, so that another evaluation into the folder is told apart
-    from medseg.batch import file_sha256
+    from medseg.io import file_sha256
 
     run = summary["run"]
     assert run["checkpoints"] == [{"path": str((trained["out"] / "model.pt").resolve()),

@@ -14,11 +14,11 @@ from conftest import BUNDLE, TINY_NET, synthetic_em, write_isbi_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from medseg.batch import file_sha256
 from medseg.bundle import load_config, parse_override
 from medseg.cli import app
 from medseg.ensemble import MeanEnsemble, load_members
 from medseg.errors import CheckpointError
+from medseg.io import file_sha256
 
 runner = CliRunner()
 TINY_ARGS = [arg for item in TINY_NET for arg in ("--set", item)]
