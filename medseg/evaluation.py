@@ -20,7 +20,7 @@ def _numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any]) -> None:
+def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any], run: dict | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with (atomic_output(output_dir / "metrics.csv") as tmp,
           open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh):
@@ -29,7 +29,8 @@ def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any]) -
             writer.writeheader()
             writer.writerows(rows)
     with atomic_output(output_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        record = summary if run is None else {**summary, "run": run}
+        tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
 
 
 def _items(engine: Engine) -> list[tuple[dict, dict]]:
@@ -52,12 +53,14 @@ class MetricsReport:
 
     Subclasses implement :meth:`score` (one row per image) and may extend :meth:`summarise`. The summary holds
     the mean of every numeric column, ``images``, and the means per ``group`` of the samples when they have one.
+    ``run``, when set, is what produced the evaluation; ``summary.json`` holds it under ``"run"``.
     """
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
         self.rows: list[dict] = []
         self.summary: dict[str, Any] = {}
+        self.run: dict[str, Any] | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -95,7 +98,7 @@ class MetricsReport:
 
     def _write(self, engine: Engine | None = None) -> dict[str, Any]:
         self.summary = self.summarise()
-        _write_report(self.output_dir, self.rows, self.summary)
+        _write_report(self.output_dir, self.rows, self.summary, self.run)
         if engine is not None:
             engine.state.metrics.update({k: v for k, v in self.summary.items() if isinstance(v, float)})
         return self.summary

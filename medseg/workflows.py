@@ -569,24 +569,28 @@ def evaluate(
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("validate#evaluator")
     RichProgress(disable=not progress).attach(evaluator)
+    # what produced the evaluation goes into its summary.json under "run", so a later evaluation into the same
+    # folder is told apart
+    reports = [h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, MetricsReport)]
+    run = {
+        "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}"
+                  .strip(),
+        "checkpoints": [{"path": _resolved(c), "sha256": d} for c, d in zip(checkpoints, digests, strict=True)],
+        "data_dir": _resolved(str(data_dir)),
+        "split": split,
+        "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
+                       else "all images" if split == "all" else "the settings given"),
+        "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
+        "overrides": dict(overrides),
+        "overlays": [_resolved(o) for o in overlays],
+        "environment": environment(dev, parser.get_parsed_content("amp", default=False)),
+    }
+    for report in reports:
+        report.run = run
     with quiet_user_error_logs():
         parser.get_parsed_content("run")
-    for handler in parser.get_parsed_content("validate#handlers"):
-        if isinstance(handler, MetricsReport):
-            _record_evaluation(Path(output_dir) / "summary.json", handler.summary, {
-                "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}"
-                          .strip(),
-                "checkpoints": [{"path": _resolved(c), "sha256": d} for c, d in zip(checkpoints, digests, strict=True)],
-                "data_dir": _resolved(str(data_dir)),
-                "split": split,
-                "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
-                               else "all images" if split == "all" else "the settings given"),
-                "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
-                "overrides": dict(overrides),
-                "overlays": [_resolved(o) for o in overlays],
-                "environment": environment(dev, parser.get_parsed_content("amp", default=False)),
-            })
-            return handler.summary
+    if reports:
+        return reports[0].summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}
 
 
@@ -625,15 +629,6 @@ def _warn_if_changed(record: dict, samples: Sequence[dict], where: Path) -> None
         logging.getLogger(__name__).warning(
             "%s: %d of the images scored differ from those of the same names it records (first: %s); the scores "
             "are of the images as they are now", where, len(changed), changed[0])
-
-
-def _record_evaluation(path: Path, summary: dict, run: dict) -> None:
-    """Add what produced an evaluation (checkpoints with their SHA-256, data, split, TTA, settings, versions)
-    to its ``summary.json`` under ``run``, so a later evaluation into the same folder is told apart."""
-    from medseg.io import atomic_output
-
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps({**summary, "run": run}, indent=2, default=str), encoding="utf-8")
 
 
 def infer(

@@ -1118,13 +1118,22 @@ def test_bad_input_unreadable_split_record(trained, tmp_path):
     assert "split.json: not a readable split record" in result.output and "Traceback" not in result.output
 
 
-def test_evaluate_writes_csv_and_summary(trained, tmp_path):
+def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):
+    import medseg.evaluation
+
+    written, real_write = [], medseg.evaluation._write_report
+
+    def write_report(output_dir, rows, summary, run=None):  # summary.json is written once, whole with its run
+        written.append(run is not None)
+        return real_write(output_dir, rows, summary, run)
+
+    monkeypatch.setattr(medseg.evaluation, "_write_report", write_report)
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "eval", "--split", "all", "--no-progress", "--device", "cpu",
                      *_tiny_args())
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["images"] == 4
+    assert summary["images"] == 4 and written == [True]
     for key in ("v_rand", "v_info", "dice", "iou", "pixel_accuracy", "pixel_error", "pixel_mismatch"):
         assert 0.0 <= summary[key] <= 1.0, key
     rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
