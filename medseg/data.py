@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import random
-import re
 from pathlib import Path
 
+from medseg.discovery import natural_key
 from medseg.errors import ConfigValueError, DataError
 from medseg.io import atomic_output
 from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error
@@ -31,20 +31,10 @@ IMAGE_SUFFIXES = (*MASK_SUFFIXES, ".jpg", ".jpeg")
 ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
 
 
-def _natural_key(path: Path) -> tuple:
-    """Sort ``2.png`` before ``10.png``."""
-    return _natural_text(path.name)
-
-
-def _natural_text(text: str) -> tuple:
-    # the text itself breaks ties (``4`` and ``04``), so the order never depends on the folder's listing order
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)), text
-
-
 def _images_in(folder: Path) -> list[Path]:
     return sorted(
         (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES),
-        key=_natural_key,
+        key=lambda p: natural_key(p.name),
     )
 
 
@@ -244,7 +234,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         raise DataError(f"{root}: data folder not found; pass --data pointing to the images + masks folder")
     images = sorted((p for p in _glob(root, image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                      and not p.name.startswith(".")),  # macOS "._" companions, editors' temporary files
-                    key=lambda p: _natural_text(p.relative_to(root).as_posix()))
+                    key=lambda p: natural_key(p.relative_to(root).as_posix()))
     if not images:
         raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)}); "
                         "set image_glob in the bundle config (--set image_glob=...)")

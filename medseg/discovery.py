@@ -37,9 +37,11 @@ class InputItem:
     key: str = ""
 
 
-def _natural_key(text: str) -> tuple:
-    # the text itself breaks ties (``4`` and ``04``), so the order never depends on the folder's listing order
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)), text
+def natural_key(text: str) -> tuple:
+    """Sort key putting ``2.png`` before ``10.png``; the text itself breaks ties (``4`` and ``04``), so the
+    order never depends on a folder's listing order."""
+    # re.split with a group alternates text and digit runs: the odd places are the numbers
+    return tuple(int(t) if k % 2 else t for k, t in enumerate(re.split(r"(\d+)", text))), text
 
 
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
@@ -111,7 +113,7 @@ def discover(
     left_out = _outputs_under(root, Path(skip) if skip is not None else None, found)
     files = sorted((p for p, real in ((p, p.resolve()) for p in found)
                     if not any(real.is_relative_to(part) for part in left_out)),
-                   key=lambda p: _natural_key(p.relative_to(root).as_posix()))
+                   key=lambda p: natural_key(p.relative_to(root).as_posix()))
     inputs: list[InputItem] = []
     ignored: list[tuple[str, str]] = []
     for where, why in unreadable:  # a folder or link the search could not enter: failed, so never unnoticed
@@ -148,7 +150,7 @@ def discover(
         supported = ", ".join(sorted(set(SUFFIXES)))
         extra = f" ({len(ignored)} files of other types ignored)" if ignored else ""
         raise DataError(f"{root}: no images to segment{extra}; supported: {supported} and DICOM series folders")
-    inputs.sort(key=lambda item: _natural_key(item.rel))
+    inputs.sort(key=lambda item: natural_key(item.rel))
     return _unique_rels(inputs), ignored
 
 

@@ -129,3 +129,11 @@ def test_group_sampler_balances_groups_and_plain_shuffle_at_zero():
     assert list(group_sampler(samples, 0.5)) == first  # reproducible from the global seed
     with pytest.raises(ValueError, match="group_balance"):
         group_sampler(samples, 1.5)
+
+
+def test_natural_order_of_names():
+    from medseg.discovery import natural_key
+
+    names = ["img10.png", "img2.png", "img02.png", "b", "a1²", "a1", "x/9/y", "x/10/y"]
+    assert sorted(names, key=natural_key) == ["a1", "a1²", "b", "img02.png", "img2.png", "img10.png", "x/9/y",
+                                              "x/10/y"]
