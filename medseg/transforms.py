@@ -1,5 +1,5 @@
-"""MONAI dictionary transforms of medseg: slice loading, label maps (binary, class, instance), weights, warps,
-and output clean-up (logit shift, largest object)."""
+"""MONAI dictionary transforms of medseg: slice loading, label maps (binary, class, instance), stain
+normalisation, weights, warps, and outputs (logit shift, class activations, kept channels, largest object)."""
 
 from __future__ import annotations
 

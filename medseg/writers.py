@@ -287,11 +287,8 @@ class SaveSegmentationd(MapTransform):
         output_format = self.output_format
         if self.mask_mode != "binary" and input_format == "dicom" and output_format in ("auto", "", None):
             output_format = "nifti"  # DICOM SEG holds binary masks: class and instance labels of DICOM go to NIfTI
-        fmt = mask_format(input_format, output_format, slices)
-        if fmt == "dicom-seg" and self.mask_mode != "binary":
-            raise DataError(f"DICOM SEG output holds binary masks; this bundle writes {self.mask_mode}: "
-                            "use --format nifti")
-        return fmt
+        # DICOM SEG with class or instance labels was refused in __init__
+        return mask_format(input_format, output_format, slices)
 
     def paths_for(self, rel: str, input_format: str, slices: int) -> dict[str, Path]:
         """The files this writer produces for an input (used to skip inputs whose outputs exist)."""
