@@ -222,11 +222,10 @@ def _user_errors() -> Iterator[None]:
         user = find_user_error(err)
         if user is not None:
             raise user from err
-        described = describe_config_failure(err)
+        described = describe_config_failure(err, where="in overrides and overlays")
         if described is None:
             raise
-        raise BundleError(described.replace("with --set and in overlays (--debug shows the traceback)",
-                                            "in overrides and overlays")) from err
+        raise BundleError(described) from err
 
 
 @contextlib.contextmanager

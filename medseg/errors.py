@@ -99,9 +99,11 @@ def _database_full(err: BaseException) -> bool:
 _CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate ConfigExpression")
 
 
-def describe_config_failure(err: BaseException | None) -> str | None:
+def describe_config_failure(err: BaseException | None,
+                            where: str = "with --set and in overlays (--debug shows the traceback)") -> str | None:
     """One line for a failure MONAI reports while building a config item (a value no component takes, such
-    as ``batch_size=0``): the innermost error and what was being built; ``None`` for other failures."""
+    as ``batch_size=0``): the innermost error and what was being built; ``None`` for other failures.
+    ``where`` says where the values to check were given (the CLI's options by default)."""
     chain = causes(err)
     building = next((e for e in chain if str(e).startswith(_CONFIG_FAILURES)), None)
     if building is None:
@@ -112,8 +114,7 @@ def describe_config_failure(err: BaseException | None) -> str | None:
         "Failed to evaluate ConfigExpression", "evaluating").strip(": ")
     reason = brief(inner, 200) if inner is not building else ""
     found = f"{type(inner).__name__}: {reason}" if reason else type(inner).__name__
-    return (f"a config value does not work ({found}; {what}); check the values given with --set and in overlays "
-            "(--debug shows the traceback)")
+    return f"a config value does not work ({found}; {what}); check the values given {where}"
 
 
 #: What Ignite's engines and MONAI's ``StatsHandler`` log (the latter with the traceback) of an exception they
