@@ -151,7 +151,8 @@ def train(
     bundle: BundleArg,
     data: Annotated[Path, typer.Option(help=(
         "Labelled data folder in the bundle's layout: isbi_em image/ + label/ or ISBI TIFF stacks; jurkat "
-        "images + masks (image_glob, mask_template); nuclei DSB 2018 {id}/images + {id}/masks."))],
+        "images + masks (image_glob, mask_template); nuclei DSB 2018 {id}/images + {id}/masks, or images/ + "
+        "masks/ instance label images."))],
     output: Annotated[Path, typer.Option(help="Run folder: checkpoints, curves, split, MLflow store.")] = Path(
         "runs/latest"
     ),

@@ -355,7 +355,8 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
     folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     folders = [p for p in folders if (p / "images").is_dir() or (p / "masks").is_dir()]
     if not folders:
-        raise DataError(f"{root}: no DSB samples found; expected {{id}}/images/{{id}}.png and {{id}}/masks/*.png")
+        raise DataError(f"{root}: no DSB samples found; expected {{id}}/images/{{id}}.png and {{id}}/masks/*.png, "
+                        "or for images with instance label images set --set layout=folders")
     categories = _manifest_categories(root, base)
     samples = []
     for folder in folders:
@@ -398,3 +399,38 @@ def dsb_split(data_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int 
     split = split_by_group(samples, val_fraction, seed)
     _save_split(split, data_dir, save_to)
     return {**split, "all": samples}
+
+
+#: Layouts of instance-labelled data (:func:`instance_split`).
+INSTANCE_LAYOUTS = ("auto", "kaggle", "folders")
+
+
+def instance_layout(data_dir: str | os.PathLike, layout: str = "auto") -> str:
+    """``"kaggle"`` or ``"folders"``: ``layout`` itself, or for ``"auto"`` ``"folders"`` when ``data_dir/images``
+    holds image files and ``data_dir/masks`` exists (the layout StarDist and Cellpose users keep), else
+    ``"kaggle"``."""
+    if layout not in INSTANCE_LAYOUTS:
+        raise ConfigValueError(f"layout={layout!r}: unknown; use --set layout=auto, kaggle or folders")
+    if layout != "auto":
+        return layout
+    root = Path(data_dir)
+    images = root / "images"
+    if images.is_dir() and (root / "masks").is_dir() and any(
+            p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir()):
+        return "folders"
+    return "kaggle"
+
+
+def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob: str = "images/*",
+                   mask_template: str = "../masks/{stem}.*", val_fraction: float = 0.2, seed: int = 0,
+                   save_to: str | None = None) -> dict[str, list[dict]]:
+    """Instance-labelled samples split by :func:`split_by_group`: ``train``, ``val`` and ``all``.
+
+    Two layouts (``layout``, see :func:`instance_layout`): ``"kaggle"``, the DSB 2018 release
+    (:func:`find_dsb_samples`: a folder of per-object masks per image), and ``"folders"``, images with one
+    instance label image each (0 = background, one value per object; :func:`find_image_mask_pairs` with
+    ``image_glob`` and ``mask_template``), as ``medseg infer`` writes them.
+    """
+    if instance_layout(data_dir, layout) == "kaggle":
+        return dsb_split(data_dir, val_fraction, seed, save_to)
+    return folder_split(data_dir, image_glob, mask_template, val_fraction, seed, save_to)

@@ -3,6 +3,7 @@ normalisation, weights, warps, and outputs (logit shift, class activations, kept
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -233,15 +234,20 @@ def _in_colour(path: str, page: int = 0) -> bool:
 
 
 class LoadInstanceMasksd(MapTransform):
-    """Merge a folder of per-object masks (DSB 2018: one PNG per nucleus) into one ``(1, H, W)`` instance image.
+    """Load the ``(1, H, W)`` instance image of a sample: from a folder of per-object masks (DSB 2018: one PNG
+    per nucleus), or from an instance label image file.
 
     Masks are read in file-name order and mask *k* gets label *k* (1-based, empty masks skipped); where masks
-    overlap the earlier one keeps the pixel, so the result is deterministic. The folder path is kept under
-    ``"{key}_file"``.
+    overlap the earlier one keeps the pixel, so the result is deterministic. Any non-zero pixel of a mask
+    belongs to its object. A label image (PNG, TIFF, BMP; 8, 16 or 32 bit, or float with whole values) has
+    0 for background and one value per object, renumbered 1..N in the order of the values; one that holds
+    a single value in several separate regions is a binary mask, and each 8-connected region becomes an
+    object (said once, since touching objects then merge). The path is kept under ``"{key}_file"``.
 
     Raises:
-        DataError: the folder is missing, a mask is unreadable, or a mask's size differs from the others' or
-            from ``data[ref_key]``'s. Any non-zero pixel of a mask belongs to its object.
+        DataError: the folder or file is missing, a mask is unreadable, a mask's size differs from the
+            others' or from ``data[ref_key]``'s, or a label image has colour channels, negative or
+            fractional values.
     """
 
     def __init__(self, keys: KeysCollection, ref_key: str | None = "image", allow_missing_keys: bool = False) -> None:
@@ -254,6 +260,12 @@ class LoadInstanceMasksd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             folder = Path(str(d[key]))
+            ref = d.get(self.ref_key) if self.ref_key else None
+            if folder.is_file():
+                shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
+                d[f"{key}_file"] = str(folder)
+                d[key] = instance_label_image(folder, int(d.get("page", 0) or 0), shape)[None].astype(np.float32)
+                continue
             if not folder.is_dir():
                 raise DataError(f"{folder}: no masks folder; add one PNG per object there")
             listed = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -261,7 +273,6 @@ class LoadInstanceMasksd(MapTransform):
             if lossy:
                 raise lossy_mask_error(lossy[0], "instance mask")
             files = [p for p in listed if p.suffix.lower() in INSTANCE_MASK_SUFFIXES]
-            ref = d.get(self.ref_key) if self.ref_key else None
             shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
             masks = []
             for path in files:
@@ -280,6 +291,48 @@ class LoadInstanceMasksd(MapTransform):
             d[f"{key}_file"] = str(folder)
             d[key] = labels[None].astype(np.float32)
         return d
+
+
+_BINARY_LABELS_SAID: set[str] = set()
+
+
+def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The ``(H, W)`` int32 instances of an instance label image (see :class:`LoadInstanceMasksd`).
+
+    Raises:
+        DataError: colour channels, negative or fractional values, or a size other than ``shape``.
+    """
+    path = Path(path)
+    if path.suffix.lower() in LOSSY_SUFFIXES:
+        raise lossy_mask_error(path, "instance label image")
+    arr = read_slice(str(path), page)
+    if arr.shape[0] != 1:
+        raise DataError(f"{path}: an instance label image has one channel (0 = background, one value per object), "
+                        f"this one {arr.shape[0]}; save the labels as a gray 16-bit PNG or TIFF")
+    labels = arr[0]
+    if shape is not None and labels.shape != tuple(shape):
+        raise DataError(f"{path}: size {labels.shape} differs from its image's {tuple(shape)}; the label image "
+                        "must have the image's size")
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
+        raise DataError(f"{path}: holds fractional values, not instance labels; save whole numbers "
+                        "(0 = background, one value per object)")
+    if labels.dtype.kind not in "ub" and labels.min(initial=0) < 0:
+        raise DataError(f"{path}: holds negative values ({labels.min()}); instance labels are 0 for background and "
+                        "a positive value per object")
+    values = np.unique(labels)
+    values = values[values != 0]
+    if len(values) == 1:
+        regions, count = ndimage.label(labels != 0, structure=np.ones((3, 3), bool))
+        if count > 1:
+            if str(path.parent) not in _BINARY_LABELS_SAID:
+                _BINARY_LABELS_SAID.add(str(path.parent))
+                logging.getLogger(__name__).warning(
+                    "%s: one value (%s) in %d separate regions: read as a binary mask, each region one object, so "
+                    "touching objects merge; give each object its own value for separate instances (said once "
+                    "for the folder)", path, values[0], count)
+            return regions.astype(np.int32)
+    # renumbered 1..N in the order of the values, 0 kept
+    return np.searchsorted(np.concatenate([[0], values]), labels).astype(np.int32)
 
 
 class InstanceTargetd(MapTransform):

@@ -195,6 +195,108 @@ def test_instance_masks_errors_name_the_file(dsb_folder, tmp_path):
     assert d["label"].shape == (1, 9, 7) and not d["label"].any()
 
 
+def _write_label_folders(root: Path, seed: int = 0, n: int = 5) -> list[np.ndarray]:
+    """Images + instance label images (``root/images/sNN.png`` + ``root/masks/sNN.png``, 16-bit, values 100 +
+    7k so they are neither 1..N nor 8 bit); returns the labels written."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    written = []
+    for k in range(n):
+        image, labels = synthetic_nuclei(rng, (64, 64))
+        Image.fromarray(image).save(root / "images" / f"s{k:02d}.png")
+        coded = np.where(labels > 0, 100 + 7 * labels, 0).astype(np.uint16)
+        Image.fromarray(coded).save(root / "masks" / f"s{k:02d}.png")
+        written.append(labels)
+    return written
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images hold the same objects, whatever their numbers."""
+    pairs = {(int(x), int(y)) for x, y in zip(a.ravel(), b.ravel(), strict=True)}
+    return len(pairs) == len({x for x, _ in pairs}) == len({y for _, y in pairs})
+
+
+def test_images_with_instance_label_images_load_and_split(tmp_path):
+    from medseg.data import instance_layout, instance_split
+
+    written = _write_label_folders(tmp_path / "data")
+    assert instance_layout(tmp_path / "data") == "folders"
+    split = instance_split(tmp_path / "data", val_fraction=0.2, seed=0, save_to=str(tmp_path / "run"))
+    assert len(split["all"]) == 5 and len(split["val"]) == 1 and len(split["train"]) == 4
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["val"] == [s["name"] for s in split["val"]]
+    for sample, labels in zip(split["all"], written, strict=True):
+        d = _loaded(sample)
+        assert d["label"].shape == (1, 64, 64) and d["label_file"] == sample["label"]
+        loaded = d["label"][0].astype(np.int32)
+        assert loaded.max() == labels.max() == len(np.unique(loaded)) - 1  # renumbered 1..N
+        assert _same_partition(loaded, labels)
+    # the Kaggle layout is still found as such, and asking for it where there is none says what to set
+    assert instance_layout(write_dsb_folder(tmp_path / "dsb")) == "kaggle"
+    with pytest.raises(DataError, match=r"no DSB samples found; .* set --set layout=folders"):
+        instance_split(tmp_path / "data", layout="kaggle")
+    from medseg.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"layout='stardist': unknown; use --set layout=auto, kaggle or folders"):
+        instance_split(tmp_path / "data", layout="stardist")
+
+
+def test_a_binary_mask_given_as_labels_becomes_one_object_per_region(tmp_path, caplog):
+    written = _write_label_folders(tmp_path / "data", n=2)
+    for k, labels in enumerate(written):
+        Image.fromarray(((labels > 0) * 255).astype(np.uint8)).save(tmp_path / "data" / "masks" / f"s{k:02d}.png")
+    from medseg.data import instance_split
+
+    with caplog.at_level("WARNING", logger="medseg.transforms"):
+        for sample, labels in zip(instance_split(tmp_path / "data", val_fraction=0.5)["all"], written, strict=True):
+            loaded = _loaded(sample)["label"][0].astype(np.int32)
+            regions = ndimage_label(labels > 0)
+            assert loaded.max() == regions.max() > 1 and _same_partition(loaded, regions)
+    said = [r.getMessage() for r in caplog.records if "binary mask" in r.getMessage()]
+    assert len(said) == 1 and "s00.png: one value (255) in" in said[0]  # once for the folder
+
+
+def ndimage_label(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.label(mask, structure=np.ones((3, 3), bool))[0]
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("rgb", r"an instance label image has one channel .* this one 3; save the labels as a gray 16-bit"),
+    ("fraction", r"holds fractional values, not instance labels"),
+    ("negative", r"holds negative values \(-3\)"),
+    ("small", r"size \(32, 64\) differs from its image's \(64, 64\)"),
+    ("jpeg", r"a \.jpg instance label image; JPEG compression"),
+])
+def test_bad_instance_label_images_are_named(tmp_path, content, says):
+    from medseg.data import instance_split
+
+    _write_label_folders(tmp_path / "data", n=2)
+    bad = tmp_path / "data" / "masks" / "s01.png"
+    bad.unlink()
+    if content == "rgb":
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bad)
+    elif content == "fraction":
+        bad = bad.with_suffix(".tif")
+        tifffile.imwrite(bad, np.full((64, 64), 1.5, np.float32))
+    elif content == "negative":
+        bad = bad.with_suffix(".tif")
+        tifffile.imwrite(bad, np.full((64, 64), -3, np.int16))
+    elif content == "small":
+        Image.fromarray(np.zeros((32, 64), np.uint16)).save(bad)
+    else:
+        bad = bad.with_suffix(".jpg")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(bad)
+    if content == "jpeg":  # not taken as a mask by the listing: named there
+        with pytest.raises(DataError, match=rf"{bad.name}: .*JPEG"):
+            instance_split(tmp_path / "data", val_fraction=0.5)
+        return
+    sample = next(s for s in instance_split(tmp_path / "data", val_fraction=0.5)["all"] if s["name"].endswith("s01"))
+    with pytest.raises(DataError, match=rf"{bad.name}: {says}"):
+        _loaded(sample)
+
+
 def test_instance_target_classes_and_kept_instances():
     _, labels = synthetic_nuclei(np.random.default_rng(3), (64, 64), n_single=2, n_pairs=1)
     d = InstanceTargetd(keys="label", boundary_width=2)({"label": labels[None].astype(np.float32)})
@@ -596,6 +698,45 @@ def test_cli_sample_without_masks_is_one_line(tmp_path):
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "x2: no masks/ folder" in errors[0] and "Traceback" not in result.output
+
+
+def test_real_dsb_samples_read_the_same_as_instance_label_images(shared_dsb, tmp_path):
+    from medseg.transforms import instance_label_image
+
+    for sample in find_dsb_samples(shared_dsb)[:3]:
+        merged = _loaded(sample)["label"][0].astype(np.uint16)
+        Image.fromarray(merged).save(tmp_path / "labels.png")
+        again = instance_label_image(tmp_path / "labels.png", shape=merged.shape)
+        assert again.max() == merged.max() > 0 and _same_partition(again, merged)
+
+
+def test_cli_trains_and_evaluates_on_instance_label_images_including_infers_own_masks(tmp_path):
+    """Images + instance label images train and evaluate as the Kaggle layout does; the masks ``medseg infer``
+    writes serve as such labels, and ``evaluate`` scores them as a perfect match to the same model's output."""
+    written = _write_label_folders(tmp_path / "data", n=5)
+    out = tmp_path / "run"
+    result = _invoke("train", NUCLEI, "--data", tmp_path / "data", "--output", out, "--epochs", 2, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_sets(TINY))
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((out / "split.json").read_text())["val"]) == 1
+    result = _invoke("evaluate", NUCLEI, "--data", tmp_path / "data", "--checkpoint", out / "model.pt", "--output",
+                     tmp_path / "eval", "--split", "all", "--no-progress", "--device", "cpu", *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    assert [int(rows[f"images/s{k:02d}"]["gt_count"]) for k in range(5)] == [int(w.max()) for w in written]
+    # the model's own masks as labels: every nucleus matched, so the DSB score is 1 wherever it found any
+    result = _invoke("infer", NUCLEI, tmp_path / "data" / "images", tmp_path / "pred", "--checkpoint",
+                     out / "model.pt", "--no-progress", "--device", "cpu", *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 0, result.output
+    result = _invoke("evaluate", NUCLEI, "--data", tmp_path / "data", "--checkpoint", out / "model.pt", "--output",
+                     tmp_path / "self", "--split", "all", "--no-progress", "--device", "cpu",
+                     "--set", "mask_template=../../pred/mask/{stem}.png", *_sets(NUCLEI_TINY_NET))
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "self" / "metrics.csv", newline="") as fh:
+        scored = list(csv.DictReader(fh))
+    assert len(scored) == 5 and all(float(r["dsb_score"]) == 1.0 for r in scored), scored
+    assert sum(int(r["gt_count"]) for r in scored) > 0
 
 
 def test_hematoxylin_separates_nuclei_from_eosin_that_luma_confuses():
