@@ -135,7 +135,9 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
         with atomic_output(out / "split.json") as tmp:  # a resume compares against it: never half written
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
     except OSError as err:  # named after the record, not its temporary file
-        raise OSError(err.errno, err.strerror, str(out / "split.json")) from err
+        if err.filename is not None and Path(err.filename).parent == out:
+            err.filename = str(out / "split.json")
+        raise
 
 
 def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
@@ -238,11 +240,19 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     if not images:
         raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)}); "
                         "set image_glob in the bundle config (--set image_glob=...)")
-    pairs = []
+    found = {}
     for image in images:
         pattern = str(image.parent / mask_template.format(stem=glob.escape(image.stem), name=glob.escape(image.name)))
-        masks = sorted(Path(m) for m in glob.glob(pattern)
-                       if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
+        found[image] = pattern, sorted(
+            Path(m) for m in glob.glob(pattern)
+            if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
+    # masks beside their images that image_glob matches too (Cellpose's x.tif + x_masks.tif) are not images
+    taken = {m.resolve() for _, masks in found.values() for m in masks}
+    pairs = []
+    for image in images:
+        if image.resolve() in taken:
+            continue
+        pattern, masks = found[image]
         if not masks:
             lossy = [m for m in glob.glob(pattern)
                      if Path(m).suffix.lower() in LOSSY_SUFFIXES and Path(m).resolve() != image.resolve()]
@@ -252,6 +262,10 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         if len(masks) > 1:
             raise DataError(f"{image}: {len(masks)} masks match {pattern} ({masks[0].name}, {masks[1].name}); "
                             "make mask_template specific")
+        for path in (image, masks[0]):
+            if path.suffix.lower() in (".tif", ".tiff") and count_slices(path) > 1:
+                raise DataError(f"{path}: a stack of {count_slices(path)} pages; this bundle trains on 2D images, one "
+                                "per file: save each page as its own image (and mask)")
         rel = image.relative_to(root)
         pairs.append({"image": str(image), "label": str(masks[0]), "page": 0,
                       "name": rel.with_suffix("").as_posix(), "group": rel.parent.as_posix()})
@@ -405,20 +419,35 @@ def dsb_split(data_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int 
 INSTANCE_LAYOUTS = ("auto", "kaggle", "folders")
 
 
-def instance_layout(data_dir: str | os.PathLike, layout: str = "auto") -> str:
-    """``"kaggle"`` or ``"folders"``: ``layout`` itself, or for ``"auto"`` ``"folders"`` when ``data_dir/images``
-    holds image files and ``data_dir/masks`` exists (the layout StarDist and Cellpose users keep), else
-    ``"kaggle"``."""
+_FOLDER_DEFAULTS = ("images/*", "../masks/{stem}.*")
+
+
+def instance_layout(data_dir: str | os.PathLike, layout: str = "auto", image_glob: str = _FOLDER_DEFAULTS[0],
+                    mask_template: str = _FOLDER_DEFAULTS[1]) -> str:
+    """``"kaggle"`` or ``"folders"``: ``layout`` itself, or for ``"auto"``: ``"folders"`` when ``image_glob`` or
+    ``mask_template`` is set, or when ``data_dir/images`` holds image files beside ``data_dir/masks/`` (as
+    StarDist's data is kept), else ``"kaggle"``.
+
+    Raises:
+        ConfigValueError: an unknown ``layout``, or ``"auto"`` on a folder that holds both layouts.
+    """
     if layout not in INSTANCE_LAYOUTS:
         raise ConfigValueError(f"layout={layout!r}: unknown; use --set layout=auto, kaggle or folders")
     if layout != "auto":
         return layout
+    if (image_glob, mask_template) != _FOLDER_DEFAULTS:
+        return "folders"
     root = Path(data_dir)
     images = root / "images"
-    if images.is_dir() and (root / "masks").is_dir() and any(
-            p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir()):
-        return "folders"
-    return "kaggle"
+    if not (images.is_dir() and (root / "masks").is_dir() and any(
+            p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir())):
+        return "kaggle"
+    base = root / "stage1_train" if (root / "stage1_train").is_dir() else root
+    kaggle = [p.name for p in base.iterdir() if p.is_dir() and (p / "images").is_dir() and (p / "masks").is_dir()]
+    if kaggle:
+        raise ConfigValueError(f"{root}: holds both images/ + masks/ and DSB samples ({kaggle[0]}/images, ...); "
+                               "say which to read with --set layout=folders or --set layout=kaggle")
+    return "folders"
 
 
 def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob: str = "images/*",
@@ -431,6 +460,9 @@ def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob
     instance label image each (0 = background, one value per object; :func:`find_image_mask_pairs` with
     ``image_glob`` and ``mask_template``), as ``medseg infer`` writes them.
     """
-    if instance_layout(data_dir, layout) == "kaggle":
+    chosen = instance_layout(data_dir, layout, image_glob, mask_template)
+    if layout == "auto":
+        logging.getLogger(__name__).info("%s: read in the %s layout", data_dir, chosen)
+    if chosen == "kaggle":
         return dsb_split(data_dir, val_fraction, seed, save_to)
     return folder_split(data_dir, image_glob, mask_template, val_fraction, seed, save_to)

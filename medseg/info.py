@@ -70,8 +70,8 @@ def environment(device: Any = None, amp: bool | None = None) -> dict[str, Any]:
             from medseg.inferers import cpu_bf16_supported
 
             env["cpu_bf16_available"] = cpu_bf16_supported()
-    if amp is not None:
-        env["amp"] = bool(amp)
+    if amp is not None:  # whether CUDA mixed precision ran: the setting does nothing on a CPU
+        env["amp"] = bool(amp) and getattr(device, "type", "") == "cuda"
     commit = _source_commit()
     if commit:
         env["medseg_commit"] = commit

@@ -101,6 +101,8 @@ class DiceCEOnLabel(nn.Module):
         class weights follow the logits' device (the loss module is never moved), and on CUDA a sum is
         deterministic where ``nll_loss2d``'s own mean reduction is not.
         """
+        if logits.shape[1] == 1:  # one channel: MONAI's own binary form (sigmoid Dice, BCE)
+            return self.loss(logits, label)
         classes = label[:, 0].long()
         ce = F.cross_entropy(logits, classes, reduction="none")
         class_weights = self.loss.cross_entropy.weight

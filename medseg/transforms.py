@@ -284,6 +284,12 @@ class LoadInstanceMasksd(MapTransform):
                 elif mask.shape[1:] != shape:
                     raise DataError(f"{path}: size {mask.shape[1:]} differs from its image's {shape}; "
                                     "the masks must have the image's size")
+                if np.any((mask[0] != 0) & (mask[0] != mask[0].max())) and str(folder.parent.parent) not in _SAID:
+                    _SAID.add(str(folder.parent.parent))  # an instance label image would become one object
+                    logging.getLogger(__name__).warning(
+                        "%s: holds more than one non-zero value, read as one object (every non-zero pixel); each "
+                        "file in a masks/ folder is one object's mask, and one instance label image per image is "
+                        "read with --set layout=folders (said once for the data folder)", path)
                 masks.append(mask[0] > 0)
             if shape is None:
                 raise DataError(f"{folder}: no masks and no image to size an empty label; add the image first")
@@ -293,7 +299,8 @@ class LoadInstanceMasksd(MapTransform):
         return d
 
 
-_BINARY_LABELS_SAID: set[str] = set()
+#: folders already warned about (a warning per file would repeat it for every sample)
+_SAID: set[str] = set()
 
 
 def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -305,7 +312,8 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
     path = Path(path)
     if path.suffix.lower() in LOSSY_SUFFIXES:
         raise lossy_mask_error(path, "instance label image")
-    arr = read_slice(str(path), page)
+    arr = _palette_indices(path)
+    arr = read_slice(str(path), page) if arr is None else arr
     if arr.shape[0] != 1:
         raise DataError(f"{path}: an instance label image has one channel (0 = background, one value per object), "
                         f"this one {arr.shape[0]}; save the labels as a gray 16-bit PNG or TIFF")
@@ -324,15 +332,30 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
     if len(values) == 1:
         regions, count = ndimage.label(labels != 0, structure=np.ones((3, 3), bool))
         if count > 1:
-            if str(path.parent) not in _BINARY_LABELS_SAID:
-                _BINARY_LABELS_SAID.add(str(path.parent))
+            if str(path.parent) not in _SAID:
+                _SAID.add(str(path.parent))
                 logging.getLogger(__name__).warning(
                     "%s: one value (%s) in %d separate regions: read as a binary mask, each region one object, so "
                     "touching objects merge; give each object its own value for separate instances (said once "
                     "for the folder)", path, values[0], count)
             return regions.astype(np.int32)
-    # renumbered 1..N in the order of the values, 0 kept
-    return np.searchsorted(np.concatenate([[0], values]), labels).astype(np.int32)
+    # renumbered 1..N in the order of the values, 0 kept (exactly, whatever the values' type and size)
+    kept, inverse = np.unique(labels, return_inverse=True)
+    return (inverse.reshape(labels.shape) + (kept[0] != 0)).astype(np.int32)
+
+
+def _palette_indices(path: Path) -> np.ndarray | None:
+    """A palette PNG's or BMP's indices as ``(1, H, W)`` (label tools save instance labels so; the picture reader
+    gives their colours), else ``None``."""
+    if path.suffix.lower() not in (".png", ".bmp"):
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)[None] if im.mode == "P" else None
+    except OSError:
+        return None  # the reader names the file
 
 
 class InstanceTargetd(MapTransform):

@@ -186,3 +186,12 @@ def test_cldice_term_matches_monai_soft_cldice_on_uncertain_maps():
     reference = SoftclDiceLoss(iter_=3, smooth_nr=1.0, smooth_dr=1.0, smooth=1e-4)(prob, mask)
     torch.testing.assert_close(ours, reference)
     assert 0.05 < float(ours) < 0.95  # an uncertain map: neither end of the scale
+
+
+def test_dice_ce_on_one_output_channel_is_monais_binary_form():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(4)
+    logits, label = torch.randn(2, 1, 8, 8), torch.randint(0, 2, (2, 1, 8, 8)).float()
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
+    torch.testing.assert_close(create_loss("dice_ce")(logits, label), expected)

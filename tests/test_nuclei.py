@@ -700,6 +700,74 @@ def test_cli_sample_without_masks_is_one_line(tmp_path):
     assert len(errors) == 1 and "x2: no masks/ folder" in errors[0] and "Traceback" not in result.output
 
 
+def test_layouts_chosen_by_the_settings_and_refused_when_both_are_there(tmp_path):
+    from medseg.data import instance_layout
+    from medseg.errors import ConfigValueError
+
+    # per-folder images/ + masks/: the Kaggle guess would have merged each label image into one nucleus
+    _write_label_folders(tmp_path / "odd" / "p1", n=2)
+    assert instance_layout(tmp_path / "odd") == "kaggle"
+    assert instance_layout(tmp_path / "odd", image_glob="*/images/*") == "folders"
+    both = write_dsb_folder(tmp_path / "both")
+    _write_label_folders(both, n=1)
+    with pytest.raises(ConfigValueError, match=r"holds both images/ \+ masks/ and DSB samples .* --set layout=folders"):
+        instance_layout(both)
+    assert instance_layout(both, "kaggle") == "kaggle"
+
+
+def test_cellpose_style_masks_beside_their_images_are_not_taken_for_images(tmp_path):
+    from medseg.data import instance_split
+
+    written = _write_label_folders(tmp_path / "src", n=3)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(3):
+        shutil.copy(tmp_path / "src" / "images" / f"s{k:02d}.png", flat / f"s{k:02d}.png")
+        shutil.copy(tmp_path / "src" / "masks" / f"s{k:02d}.png", flat / f"s{k:02d}_masks.png")
+    samples = instance_split(flat, image_glob="*.png", mask_template="{stem}_masks.png", val_fraction=0.34)["all"]
+    assert [s["name"] for s in samples] == ["s00", "s01", "s02"]
+    assert _same_partition(_loaded(samples[1])["label"][0].astype(np.int32), written[1])
+
+
+def test_stacks_are_refused_in_the_folders_layout(tmp_path):
+    from medseg.data import instance_split
+
+    _write_label_folders(tmp_path / "data", n=2)
+    (tmp_path / "data" / "masks" / "s01.png").unlink()
+    tifffile.imwrite(tmp_path / "data" / "masks" / "s01.tif", np.zeros((5, 64, 64), np.uint16))
+    with pytest.raises(DataError, match=r"s01\.tif: a stack of 5 pages; this bundle trains on 2D images"):
+        instance_split(tmp_path / "data")
+
+
+def test_palette_and_64_bit_label_images_keep_their_objects(tmp_path):
+    from medseg.transforms import instance_label_image
+
+    labels = np.zeros((20, 20), np.uint8)
+    labels[2:6, 2:6], labels[10:15, 10:15], labels[2:6, 12:18] = 3, 7, 200
+    palette = Image.fromarray(labels, "P")
+    palette.putpalette([v for k in range(256) for v in ((k * 37) % 256, (k * 91) % 256, (k * 53) % 256)])
+    palette.save(tmp_path / "p.png")
+    assert _same_partition(instance_label_image(tmp_path / "p.png"), labels)
+    big = np.where(labels > 0, 2**60 + labels.astype(np.uint64), 0).astype(np.uint64)
+    tifffile.imwrite(tmp_path / "big.tif", big)
+    got = instance_label_image(tmp_path / "big.tif")
+    assert got.max() == 3 and _same_partition(got, labels)
+
+
+def test_a_label_image_put_in_a_masks_folder_is_said(tmp_path, caplog):
+    import medseg.transforms
+
+    _, labels = synthetic_nuclei(np.random.default_rng(5), (48, 48))
+    folder = write_dsb_sample(tmp_path / "dsb", "x", np.zeros((48, 48), np.uint8), np.zeros((48, 48), np.int32))
+    Image.fromarray(labels.astype(np.uint16)).save(folder / "masks" / "x.png")
+    medseg.transforms._SAID.discard(str(tmp_path / "dsb"))
+    with caplog.at_level("WARNING", logger="medseg.transforms"):
+        loaded = _loaded({"image": str(folder / "images" / "x.png"), "label": str(folder / "masks")})
+    assert loaded["label"].max() == 1
+    assert any("x.png: holds more than one non-zero value, read as one object" in r.getMessage()
+               and "--set layout=folders" in r.getMessage() for r in caplog.records)
+
+
 def test_real_dsb_samples_read_the_same_as_instance_label_images(shared_dsb, tmp_path):
     from medseg.transforms import instance_label_image
 
