@@ -33,7 +33,13 @@ class _FlagHelp:
 
 
 class _Group(_FlagHelp, TyperGroup):
-    pass
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # --debug is the group's option, but errors say "--debug shows the traceback" after any command: take it
+        # there too (not after "--", where arguments are the command's own)
+        cut = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:cut]:
+            args = ["--debug", *[a for a in args[:cut] if a != "--debug"], *args[cut:]]
+        return super().parse_args(ctx, args)
 
 
 class _Command(_FlagHelp, TyperCommand):

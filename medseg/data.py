@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 from medseg.discovery import natural_key
-from medseg.errors import ConfigValueError, DataError
+from medseg.errors import ConfigValueError, DataError, brief
 from medseg.io import atomic_output
 from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error
 
@@ -159,8 +159,12 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
             else:
                 import tifffile
 
-                with tifffile.TiffFile(path) as tif:
-                    pixels = tif.pages[tiff_page].asarray()
+                try:
+                    with tifffile.TiffFile(path) as tif:
+                        pixels = tif.pages[tiff_page].asarray()
+                except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
+                    raise DataError(f"{path}: cannot read TIFF page {tiff_page} ({brief(err)}); the file may be "
+                                    "truncated or corrupt: export it again") from err
                 known[key] = hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
         return known[key]
 

@@ -199,7 +199,12 @@ def _resolve_photometric(arr: np.ndarray, page, path: str) -> np.ndarray:
         top = float(np.iinfo(arr.dtype).max)
         cmy, k = arr[:3].astype(np.float64), arr[3].astype(np.float64)
         return np.rint((top - cmy) * (top - k) / top).astype(arr.dtype)
-    return arr[:-1] if arr.shape[0] in (2, 4) else arr
+    if arr.shape[0] not in (2, 4):
+        return arr
+    extra = tuple(int(e) for e in getattr(page, "extrasamples", ()) or ())
+    if extra and extra[-1] == 0 and int(getattr(page, "photometric", 1)) in (0, 1):
+        return arr  # gray with an unspecified extra sample: a second channel (two stains), not transparency
+    return arr[:-1]
 
 
 #: EXIF orientations (2-8) that swap the stored width and height when applied.

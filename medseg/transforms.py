@@ -314,6 +314,8 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
         raise lossy_mask_error(path, "instance label image")
     arr = _palette_indices(path)
     arr = read_slice(str(path), page) if arr is None else arr
+    if arr.shape[0] == 3 and np.array_equal(arr[0], arr[1]) and np.array_equal(arr[0], arr[2]):
+        arr = arr[:1]  # gray values saved as RGB
     if arr.shape[0] != 1:
         raise DataError(f"{path}: an instance label image has one channel (0 = background, one value per object), "
                         f"this one {arr.shape[0]}; save the labels as a gray 16-bit PNG or TIFF")
@@ -327,8 +329,8 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
     if labels.dtype.kind not in "ub" and labels.min(initial=0) < 0:
         raise DataError(f"{path}: holds negative values ({labels.min()}); instance labels are 0 for background and "
                         "a positive value per object")
-    values = np.unique(labels)
-    values = values[values != 0]
+    kept, inverse = np.unique(labels, return_inverse=True)
+    values = kept[kept != 0]
     if len(values) == 1:
         regions, count = ndimage.label(labels != 0, structure=np.ones((3, 3), bool))
         if count > 1:
@@ -340,8 +342,17 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
                     "for the folder)", path, values[0], count)
             return regions.astype(np.int32)
     # renumbered 1..N in the order of the values, 0 kept (exactly, whatever the values' type and size)
-    kept, inverse = np.unique(labels, return_inverse=True)
-    return (inverse.reshape(labels.shape) + (kept[0] != 0)).astype(np.int32)
+    renumbered = (inverse.reshape(labels.shape) + (kept[0] != 0)).astype(np.int32)
+    if len(values) >= 2:
+        from skimage.measure import label as regions_of
+
+        count = int(regions_of(renumbered, connectivity=2, background=0).max())
+        if count >= 2 * len(values) + 2:  # an object is one region, seldom two; a class is many
+            raise DataError(f"{path}: its {len(values)} values ({', '.join(map(str, values[:4]))}"
+                            f"{', ...' if len(values) > 4 else ''}) make {count} separate regions, so it is a class "
+                            "mask (e.g. 1 = background, 2 = nuclei), not instance labels; give each object its own "
+                            "value, or save a binary mask (0 and one value; each region is read as one object)")
+    return renumbered
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:

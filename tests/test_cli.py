@@ -1314,10 +1314,14 @@ def test_bad_input_checkpoint_of_another_network(trained, tmp_path):
     _assert_one_line_error(result, "none.pt", "checkpoint not found")
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = runner.invoke(app, ["--debug", "train", str(BUNDLE), "--data", str(tmp_path / "x"),
-                                 "--output", str(tmp_path / "o")])
-    assert result.exit_code != 0 and result.exception is not None
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, where):
+    # the one-line errors say "--debug shows the traceback": after the command it is taken too
+    args = ["train", str(BUNDLE), "--data", str(tmp_path / "x"), "--output", str(tmp_path / "o")]
+    result = runner.invoke(app, ["--debug", *args] if where == "before" else [*args, "--debug"])
+    assert result.exit_code != 0 and type(result.exception).__name__ == "DataError", result.output
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 1 and plain.output.startswith("error: ") and plain.exception is not None
 
 
 @pytest.mark.parametrize("length", [("--epochs", 1), ("--epochs", 500, "--max-minutes", 0.02)],

@@ -137,3 +137,16 @@ def test_natural_order_of_names():
     names = ["img10.png", "img2.png", "img02.png", "b", "a1²", "a1", "x/9/y", "x/10/y"]
     assert sorted(names, key=natural_key) == ["a1", "a1²", "b", "img02.png", "img2.png", "img10.png", "x/9/y",
                                               "x/10/y"]
+
+
+def test_a_truncated_tiff_is_named_when_the_split_is_recorded(tmp_path, isbi_folder):
+    # its digest was read without the reader's error handling: "a config value does not work", no file named
+    import tifffile
+
+    image = next((isbi_folder / "train" / "image").iterdir())
+    tifffile.imwrite(image.with_suffix(".tif"), np.asarray(Image.open(image)))
+    data = image.with_suffix(".tif").read_bytes()
+    image.unlink()
+    image.with_suffix(".tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=rf"{image.stem}\.tif: cannot read TIFF page 0 .*truncated or corrupt"):
+        isbi_split(isbi_folder, val_count=1, save_to=str(tmp_path / "run"))

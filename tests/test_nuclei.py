@@ -768,6 +768,33 @@ def test_a_label_image_put_in_a_masks_folder_is_said(tmp_path, caplog):
                and "--set layout=folders" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("coding", ["ilastik", "semantic"])
+def test_a_class_mask_given_as_labels_is_refused(tmp_path, coding):
+    # ilastik's simple segmentation (1 = background, 2 = nuclei) or interior/boundary classes: read as instances,
+    # the background became one nucleus and all interiors another
+    from medseg.transforms import instance_label_image
+
+    _, labels = synthetic_nuclei(np.random.default_rng(7), (64, 64), n_single=4, n_pairs=1)
+    if coding == "ilastik":
+        classes = np.where(labels > 0, 2, 1)
+    else:
+        classes = instance_targets(labels, 2).astype(np.uint8)
+    Image.fromarray(classes.astype(np.uint8)).save(tmp_path / "classes.png")
+    with pytest.raises(DataError, match=r"classes\.png: its 2 values \(1, 2\) make \d+ separate regions, so it is a "
+                                        r"class mask .* give each object its own value"):
+        instance_label_image(tmp_path / "classes.png")
+    Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "labels.png")  # real instances: read
+    assert instance_label_image(tmp_path / "labels.png").max() == labels.max()
+
+
+def test_gray_labels_saved_as_rgb_are_read(tmp_path):
+    from medseg.transforms import instance_label_image
+
+    _, labels = synthetic_nuclei(np.random.default_rng(8), (48, 48))
+    Image.fromarray(np.repeat(labels.astype(np.uint8)[..., None], 3, axis=-1), "RGB").save(tmp_path / "rgb.png")
+    assert _same_partition(instance_label_image(tmp_path / "rgb.png"), labels)
+
+
 def test_real_dsb_samples_read_the_same_as_instance_label_images(shared_dsb, tmp_path):
     from medseg.transforms import instance_label_image
 

@@ -477,3 +477,18 @@ def test_a_damaged_exif_block_never_stops_a_picture_from_being_read(tmp_path):
 def test_kind_of_names_the_pictures_the_png_reader_takes():
     assert [kind_of(f"a{s}", format_of(f"a{s}")) for s in (".JPG", ".jpeg", ".BMP", ".png", ".tif", ".nii.gz")] == [
         "jpeg", "jpeg", "bmp", "png", "tiff", "nifti"]
+
+
+def test_a_gray_tiff_with_an_unspecified_extra_sample_keeps_both_channels(tmp_path):
+    # two stains interleaved (ImageJ/Fiji "YXS", extra sample unspecified): the second is data, not alpha
+    import tifffile
+
+    two = np.zeros((16, 16, 2), np.uint8)
+    two[..., 1] = 7
+    tifffile.imwrite(tmp_path / "two.tif", two, photometric="minisblack", planarconfig="contig",
+                     extrasamples=["unspecified"])
+    tifffile.imwrite(tmp_path / "alpha.tif", two, photometric="minisblack", planarconfig="contig",
+                     extrasamples=["unassalpha"])
+    assert read_slice(str(tmp_path / "two.tif"), 0).shape == (2, 16, 16)
+    assert read_slice(str(tmp_path / "two.tif"), 0)[1].max() == 7
+    assert read_slice(str(tmp_path / "alpha.tif"), 0).shape == (1, 16, 16)
