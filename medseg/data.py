@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 from pathlib import Path
 
 from medseg.discovery import natural_key
@@ -227,7 +228,9 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     """List ``{"image", "label", "name", "group"}`` for every image matching ``image_glob`` under ``root``.
 
     Each image's mask is found with ``mask_template``, a glob relative to the image's folder in which
-    ``{stem}`` and ``{name}`` stand for the image's file stem and name. The defaults read
+    ``{stem}`` and ``{name}`` stand for the image's file stem and name, and ``{match}`` for what the first
+    ``*`` of ``image_glob``'s file-name part matched (Cellpose's ``000_img.png`` + ``000_masks.png``:
+    ``image_glob="*_img.png", mask_template="{match}_masks.png"``). The defaults read
     ``root/images/NAME`` + ``root/masks/STEM.*``; masks beside their images (``001.bmp`` + ``001.png``) are
     ``image_glob="**/*.bmp", mask_template="{stem}.png"``. ``group`` is the image's folder relative to
     ``root`` (used to stratify the split); ``name`` is the image's relative path without suffix.
@@ -246,7 +249,9 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                         "set image_glob in the bundle config (--set image_glob=...)")
     found = {}
     for image in images:
-        pattern = str(image.parent / mask_template.format(stem=glob.escape(image.stem), name=glob.escape(image.name)))
+        fields = {"stem": glob.escape(image.stem), "name": glob.escape(image.name),
+                  "match": glob.escape(_star_match(image.name, image_glob))}
+        pattern = str(image.parent / mask_template.format(**fields))
         found[image] = pattern, sorted(
             Path(m) for m in glob.glob(pattern)
             if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
@@ -281,6 +286,17 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                             f"matched by '{image_glob}'; keep one, or make image_glob specific (e.g. "
                             f"{Path(image_glob).parent.as_posix()}/*{Path(other).suffix})")
     return pairs
+
+
+def _star_match(name: str, image_glob: str) -> str:
+    """What the first ``*`` of ``image_glob``'s file-name part matched in ``name`` (``000`` of ``000_img.png`` for
+    ``*_img.png``); the name's stem when the part has no ``*`` or does not match."""
+    part = image_glob.replace("\\", "/").rsplit("/", 1)[-1]
+    if "*" not in part:
+        return Path(name).stem
+    regex = "".join("(.*)" if c == "*" else "." if c == "?" else re.escape(c) for c in part.replace("**", "*"))
+    found = re.fullmatch(regex, name, flags=re.IGNORECASE) if "[" not in part else None
+    return found.group(1) if found else Path(name).stem
 
 
 def split_by_group(samples: list[dict], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:

@@ -727,6 +727,12 @@ def test_cellpose_style_masks_beside_their_images_are_not_taken_for_images(tmp_p
     samples = instance_split(flat, image_glob="*.png", mask_template="{stem}_masks.png", val_fraction=0.34)["all"]
     assert [s["name"] for s in samples] == ["s00", "s01", "s02"]
     assert _same_partition(_loaded(samples[1])["label"][0].astype(np.int32), written[1])
+    # Cellpose's training data: 000_img.png + 000_masks.png, the part the * matched names the mask
+    for k in range(3):
+        (flat / f"s{k:02d}.png").rename(flat / f"s{k:02d}_img.png")
+    samples = instance_split(flat, image_glob="*_img.png", mask_template="{match}_masks.png", val_fraction=0.34)
+    assert [s["name"] for s in samples["all"]] == ["s00_img", "s01_img", "s02_img"]
+    assert [Path(s["label"]).name for s in samples["all"]] == ["s00_masks.png", "s01_masks.png", "s02_masks.png"]
 
 
 def test_stacks_are_refused_in_the_folders_layout(tmp_path):
