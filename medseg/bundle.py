@@ -172,6 +172,7 @@ def load_config(
         value = _check_override_type(key, _referenced(parser, parser[key]), value)
         parser[key] = value
     _check_patch_size(parser)
+    _check_batch_size(parser)
     return parser
 
 
@@ -230,6 +231,18 @@ def _check_patch_size(parser: Any) -> None:
     raise ConfigValueError(f"patch_size={patch}: each side must be a positive multiple of size_divisor {divisor} "
                            f"(what the network's down-sampling needs); e.g. --set 'patch_size={fit}', or for a "
                            "network with other strides --set size_divisor=N (2 to the number of its down-samplings)")
+
+
+def _check_batch_size(parser: Any) -> None:
+    """Where a batch is made of whole images' crops (``batch_size // samples_per_image`` images, nuclei),
+    ``batch_size`` below ``samples_per_image`` would be zero images."""
+    if not str(parser.get("train#dataloader#batch_size", "")).replace(" ", "").endswith("//@samples_per_image"):
+        return
+    batch, per_image = parser.get("batch_size"), parser.get("samples_per_image")
+    if isinstance(batch, int) and isinstance(per_image, int) and 0 < per_image and batch < per_image:
+        raise ConfigValueError(f"batch_size={batch} is below samples_per_image={per_image}: a batch holds whole "
+                               f"images' {per_image} crops each; set --set batch_size={per_image} (or a multiple), "
+                               "or fewer samples_per_image")
 
 
 def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> str:
@@ -307,9 +320,12 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
     try:
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
+        recorded = path.parent / "config.json"
+        hint = (f"; the run that wrote it recorded its settings in {recorded}: give the network_def values "
+                "recorded there with --set (e.g. network_def#channels=...)" if recorded.is_file() else "")
         raise CheckpointError(
             f"{path}: weights do not fit this bundle's network ({_state_dict_mismatch(err)}); "
-            "use a checkpoint trained with this bundle or change network_def to match"
+            f"use a checkpoint trained with this bundle or change network_def to match{hint}"
         ) from err
     return digest
 

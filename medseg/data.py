@@ -253,7 +253,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                   "match": glob.escape(_star_match(image.name, image_glob))}
         pattern = str(image.parent / mask_template.format(**fields))
         found[image] = pattern, sorted(
-            Path(m) for m in glob.glob(pattern)
+            Path(os.path.normpath(m)) for m in glob.glob(pattern)
             if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
     # masks beside their images that image_glob matches too (Cellpose's x.tif + x_masks.tif) are not images
     taken = {m.resolve() for _, masks in found.values() for m in masks}
@@ -271,10 +271,13 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         if len(masks) > 1:
             raise DataError(f"{image}: {len(masks)} masks match {pattern} ({masks[0].name}, {masks[1].name}); "
                             "make mask_template specific")
-        for path in (image, masks[0]):
-            if path.suffix.lower() in (".tif", ".tiff") and count_slices(path) > 1:
-                raise DataError(f"{path}: a stack of {count_slices(path)} pages; this bundle trains on 2D images, one "
-                                "per file: save each page as its own image (and mask)")
+        for path, what in ((image, "image"), (masks[0], "mask")):
+            if path.suffix.lower() in (".tif", ".tiff") and (pages := count_slices(path)) > 1:
+                fix = ("save each page as its own image, with its mask" if what == "image" else
+                       "a mask is one page: merge pages of one object each into one label image (0 = background, "
+                       "one value per object), or save each page as its own mask with its own image")
+                raise DataError(f"{path}: a stack of {pages} pages; this bundle trains on 2D images, one per file: "
+                                f"{fix}")
         rel = image.relative_to(root)
         pairs.append({"image": str(image), "label": str(masks[0]), "page": 0,
                       "name": rel.with_suffix("").as_posix(), "group": rel.parent.as_posix()})
@@ -389,14 +392,17 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
     folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     folders = [p for p in folders if (p / "images").is_dir() or (p / "masks").is_dir()]
     if not folders:
-        raise DataError(f"{root}: no DSB samples found; expected {{id}}/images/{{id}}.png and {{id}}/masks/*.png, "
-                        "or for images with instance label images set --set layout=folders")
+        raise DataError(f"{root}: no DSB samples found{_layout_hint(root)}")
     categories = _manifest_categories(root, base)
     samples = []
     for folder in folders:
         image = folder / "images" / f"{folder.name}.png"
         if not image.is_file():
             found = sorted((folder / "images").glob("*.png")) if (folder / "images").is_dir() else []
+            if len(found) > 1 and (folder / "masks").is_dir():
+                raise DataError(f"{folder}: images/ holds {len(found)} images, not one DSB sample's; for images with "
+                                f"instance label images pass --data {folder} (or -s 'image_glob=*/images/*' for "
+                                "all such folders)")
             if len(found) != 1:
                 raise DataError(f"{folder}: no images/{folder.name}.png; put the sample's image there")
             image = found[0]
@@ -405,6 +411,21 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
         samples.append({"image": str(image), "label": str(folder / "masks"), "page": 0, "name": folder.name,
                         "group": categories.get(folder.name) or _size_group(image)})
     return samples
+
+
+def _layout_hint(root: Path) -> str:
+    """What to do when ``root`` holds no DSB samples, from what it does hold."""
+    kaggle = "; expected {id}/images/{id}.png and {id}/masks/*.png"
+    if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+        return (f"{kaggle}, or for images with instance label images the folder holding images/ and masks/: "
+                f"pass --data {root.parent} (or set image_glob and mask_template)")
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return f"{kaggle}; images/ and masks/ are here: read them as images with label images, --set layout=folders"
+    if (root / "images").is_dir():
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "images")
+        return (f"{kaggle}; for images/ with instance label images put the labels in masks/ beside it"
+                f"{' (found: ' + ', '.join(others[:3]) + ')' if others else ''}, or set mask_template")
+    return f"{kaggle}, or for images with instance label images set --set layout=folders"
 
 
 def _manifest_categories(*folders: Path) -> dict[str, str]:

@@ -1155,6 +1155,13 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):
     assert run["tta"] is True and run["split"] == "val" and run["split_from"] == str(trained["out"] / "split.json")
 
 
+def test_a_run_checkpoint_that_does_not_fit_points_to_the_runs_recorded_settings(trained, tmp_path):
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu")  # the bundle's own network
+    _assert_one_line_error(result, "model.pt: weights do not fit this bundle's network",
+                           f"recorded its settings in {trained['out'] / 'config.json'}", "network_def#channels")
+
+
 def test_infer_png_folder_and_tiff_stack_with_tta(trained, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -1687,6 +1694,15 @@ def test_a_patch_size_the_network_cannot_take_is_refused_before_training(tmp_pat
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--no-tracking",
                      "--set", "patch_size=[100,100]")
     _assert_one_line_error(result, "patch_size=[100, 100]", "multiple of size_divisor 16", "patch_size=[96, 96]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_smaller_than_one_images_crops_is_refused_before_training(tmp_path):
+    # nuclei batches whole images' crops: batch_size // samples_per_image was 0, "batch_size should be positive"
+    nuclei = REPO / "bundles" / "nuclei"
+    result = _invoke("train", nuclei, "--data", tmp_path, "--output", tmp_path / "o", "--no-tracking",
+                     "--set", "batch_size=2", "--set", "samples_per_image=4")
+    _assert_one_line_error(result, "batch_size=2 is below samples_per_image=4", "--set batch_size=4")
     assert not (tmp_path / "o").exists()
 
 

@@ -233,7 +233,7 @@ def test_images_with_instance_label_images_load_and_split(tmp_path):
         assert _same_partition(loaded, labels)
     # the Kaggle layout is still found as such, and asking for it where there is none says what to set
     assert instance_layout(write_dsb_folder(tmp_path / "dsb")) == "kaggle"
-    with pytest.raises(DataError, match=r"no DSB samples found; .* set --set layout=folders"):
+    with pytest.raises(DataError, match=r"no DSB samples found; .* --set layout=folders"):
         instance_split(tmp_path / "data", layout="kaggle")
     from medseg.errors import ConfigValueError
 
@@ -275,8 +275,10 @@ def test_bad_instance_label_images_are_named(tmp_path, content, says):
     _write_label_folders(tmp_path / "data", n=2)
     bad = tmp_path / "data" / "masks" / "s01.png"
     bad.unlink()
-    if content == "rgb":
-        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bad)
+    if content == "rgb":  # colour-coded objects
+        colours = np.zeros((64, 64, 3), np.uint8)
+        colours[5:15, 5:15] = (200, 30, 90)
+        Image.fromarray(colours).save(bad)
     elif content == "fraction":
         bad = bad.with_suffix(".tif")
         tifffile.imwrite(bad, np.full((64, 64), 1.5, np.float32))
@@ -713,6 +715,24 @@ def test_layouts_chosen_by_the_settings_and_refused_when_both_are_there(tmp_path
     with pytest.raises(ConfigValueError, match=r"holds both images/ \+ masks/ and DSB samples .* --set layout=folders"):
         instance_layout(both)
     assert instance_layout(both, "kaggle") == "kaggle"
+
+
+def test_data_folder_mistakes_get_the_fix_named(tmp_path):
+    from medseg.data import instance_split
+
+    _write_label_folders(tmp_path / "d" / "train", n=2)
+    _write_label_folders(tmp_path / "d" / "test", n=2)
+    # the parent of StarDist's train/ and test/: not DSB samples named train and test
+    with pytest.raises(DataError, match=r"d/test: images/ holds 2 images, not one DSB sample's; .*--data .*d/test"):
+        instance_split(tmp_path / "d")
+    # the images folder itself
+    with pytest.raises(DataError, match=r"images: no DSB samples found; .* pass --data .*d/train "):
+        instance_split(tmp_path / "d" / "train" / "images")
+    # the labels folder under another name
+    (tmp_path / "d" / "train" / "masks").rename(tmp_path / "d" / "train" / "mask")
+    with pytest.raises(DataError, match=r"train: no DSB samples found; .* put the labels in masks/ beside it "
+                                        r"\(found: mask\)"):
+        instance_split(tmp_path / "d" / "train")
 
 
 def test_cellpose_style_masks_beside_their_images_are_not_taken_for_images(tmp_path):
