@@ -49,18 +49,24 @@ class LoadSliced(MapTransform):
     3 (gray repeated, RGB as is) or None (``gray`` decides); ``data["series_uid"]`` picks a DICOM series. The
     source path of each key is kept under ``"{key}_file"``, and all loaded keys must share one spatial size.
     ``min_size`` is the smallest height and width a later transform can take (a mirror padding of ``b``
-    pixels needs ``b + 1``).
+    pixels needs ``b + 1``). ``select`` picks channels of the ``"image"`` key by index (0-based) before the
+    rest, e.g. ``[1]`` for the nuclear stain of a two-channel image (bundle id ``input_channels``).
 
     Raises:
-        DataError: a file is unreadable, has a channel count the model cannot take, a label's size differs
-            from its image's, or it is smaller than ``min_size``.
+        DataError: a file is unreadable, has a channel count the model cannot take or fewer channels than
+            ``select`` names, a label's size differs from its image's, or it is smaller than ``min_size``.
     """
 
     def __init__(self, keys: KeysCollection, page_key: str = "page", gray: bool = True,
                  nifti_channel_dim: int | None = None, channels: int | Sequence[int | None] | None = None,
-                 min_size: int = 1, allow_missing_keys: bool = False) -> None:
+                 min_size: int = 1, select: Sequence[int] | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.min_size = int(min_size)
+        if select is not None and (not isinstance(select, (list, tuple)) or not select or any(
+                not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in select)):
+            raise ConfigValueError(f"input_channels={select}: give channel numbers from 0, e.g. --set "
+                                   "input_channels=[1], or null for the image's own channels")
+        self.select = None if select is None else [int(c) for c in select]
         per_key = list(channels) if isinstance(channels, (list, tuple)) else [channels] * len(self.keys)
         if len(per_key) != len(self.keys) or any(c not in (None, 1, 3) for c in per_key):
             raise ValueError(f"channels must be 1, 3 or None (or one of those per key), got {channels}")
@@ -70,19 +76,24 @@ class LoadSliced(MapTransform):
     def convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
         """The channels key ``key`` takes, from a read ``(C, H, W)`` array (``path`` names it in errors)."""
         channels = self.channels.get(key)
+        if self.select is not None and key == "image":
+            if max(self.select) >= arr.shape[0]:
+                raise DataError(f"{path}: {arr.shape[0]} channel{'s' * (arr.shape[0] != 1)}, and input_channels="
+                                f"{self.select} asks for channel {max(self.select)}; channels count from 0")
+            arr = arr[self.select]
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():  # NaN would reach the watershed and hang it
             raise DataError(f"{path}: holds NaN or infinite values; replace them (e.g. by the background value) "
                             "first")
         if channels == 3:
             if arr.shape[0] not in (1, 3):
-                raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images: "
-                                "select the channels first")
+                raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images: pick "
+                                "channels with --set input_channels=[N] (from 0)")
             arr = np.repeat(arr, 3, axis=0) if arr.shape[0] == 1 else arr
             arr = arr.astype(np.float32, copy=False)
         elif channels == 1 or (channels is None and self.gray):
             if arr.shape[0] not in (1, 3):
                 raise DataError(f"{path}: {arr.shape[0]} channels; the model takes one (gray) or RGB "
-                                "images: select a channel first")
+                                "images: pick one with --set input_channels=[N] (from 0)")
             arr = to_gray(arr)
         else:
             arr = arr.astype(np.float32, copy=False)
@@ -471,7 +482,7 @@ class BrightObjectsd(MapTransform):
             arr = img.detach().cpu().numpy() if torch.is_tensor(img) else np.asarray(img)
             if arr.shape[0] not in (1, 3):
                 raise DataError(f"{d.get(f'{key}_file', key)}: {arr.shape[0]} channels; the model takes gray or RGB "
-                                "images: select the channels first")
+                                "images: pick channels with --set input_channels=[N] (from 0)")
             scaled = self._scale(to_gray(arr))
             bright_background = np.median(scaled) > 0.5
             if bright_background and self.stain == "hematoxylin" and is_colour(arr):

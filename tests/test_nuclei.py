@@ -860,6 +860,34 @@ def test_cli_trains_and_evaluates_on_instance_label_images_including_infers_own_
     assert sum(int(r["gt_count"]) for r in scored) > 0
 
 
+def test_cli_two_channel_images_train_and_segment_on_the_channel_given(tmp_path):
+    # Cellpose-style data: a cytoplasm stain and a nuclear stain; the model takes the nuclear one
+    rng = np.random.default_rng(9)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    for k in range(4):
+        image, labels = synthetic_nuclei(rng, (64, 64))
+        cyto = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+        tifffile.imwrite(tmp_path / "data" / "images" / f"c{k}.tif", np.stack([cyto, image]),
+                         photometric="minisblack", planarconfig="separate")
+        Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "data" / "masks" / f"c{k}.png")
+    args = ("--no-progress", "--device", "cpu")
+    result = _invoke("train", NUCLEI, "--data", tmp_path / "data", "--output", tmp_path / "plain", "--epochs", 1,
+                     "--no-tracking", *args, *_sets(TINY))
+    assert result.exit_code == 1 and "2 channels" in result.output and "--set input_channels=[N]" in result.output
+    picked = [*_sets(NUCLEI_TINY_NET), "--set", "input_channels=[1]"]
+    result = _invoke("train", NUCLEI, "--data", tmp_path / "data", "--output", tmp_path / "run", "--epochs", 1,
+                     "--no-tracking", *args, *_sets(TINY), "--set", "input_channels=[1]")
+    assert result.exit_code == 0, result.output
+    result = _invoke("evaluate", NUCLEI, "--data", tmp_path / "data", "--checkpoint", tmp_path / "run" / "model.pt",
+                     "--output", tmp_path / "eval", "--split", "all", *args, *picked)
+    assert result.exit_code == 0, result.output
+    result = _invoke("infer", NUCLEI, tmp_path / "data" / "images", tmp_path / "out", "--checkpoint",
+                     tmp_path / "run" / "model.pt", *args, *picked)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out" / "mask").iterdir()) == ["c0.tif", "c1.tif", "c2.tif", "c3.tif"]
+
+
 def test_hematoxylin_separates_nuclei_from_eosin_that_luma_confuses():
     from medseg.transforms import hematoxylin, is_colour
 

@@ -261,3 +261,21 @@ def test_elastic_warp_moves_every_key_alike():
     out = warp({"image": img, "label": img.clone()})
     assert not torch.equal(out["image"], img)
     torch.testing.assert_close(out["image"], out["label"])
+
+
+def test_input_channels_pick_the_image_channels_before_the_rest(tmp_path):
+    import tifffile
+
+    from medseg.errors import ConfigValueError, DataError
+    from medseg.transforms import LoadSliced
+
+    stains = np.stack([np.full((12, 10), 5, np.uint8), np.arange(120, dtype=np.uint8).reshape(12, 10)])
+    tifffile.imwrite(tmp_path / "two.tif", stains, photometric="minisblack", planarconfig="separate")
+    with pytest.raises(DataError, match=r"two\.tif: 2 channels; .* pick one with --set input_channels=\[N\]"):
+        LoadSliced(keys="image")({"image": str(tmp_path / "two.tif")})
+    d = LoadSliced(keys="image", select=[1])({"image": str(tmp_path / "two.tif")})
+    np.testing.assert_array_equal(d["image"][0], stains[1])
+    with pytest.raises(DataError, match=r"two\.tif: 2 channels, and input_channels=\[2\] asks for channel 2"):
+        LoadSliced(keys="image", select=[2])({"image": str(tmp_path / "two.tif")})
+    with pytest.raises(ConfigValueError, match=r"input_channels=1: give channel numbers from 0"):
+        LoadSliced(keys="image", select=1)
