@@ -172,7 +172,8 @@ def load_config(
         value = _check_override_type(key, _referenced(parser, parser[key]), value)
         parser[key] = value
     _check_patch_size(parser)
-    _check_batch_size(parser)
+    if workflow == "train":  # evaluate and infer do not batch training crops
+        check_batch_size(parser)
     return parser
 
 
@@ -233,7 +234,7 @@ def _check_patch_size(parser: Any) -> None:
                            "network with other strides --set size_divisor=N (2 to the number of its down-samplings)")
 
 
-def _check_batch_size(parser: Any) -> None:
+def check_batch_size(parser: Any) -> None:
     """Where a batch is made of whole images' crops (``batch_size // samples_per_image`` images, nuclei),
     ``batch_size`` below ``samples_per_image`` would be zero images."""
     if not str(parser.get("train#dataloader#batch_size", "")).replace(" ", "").endswith("//@samples_per_image"):

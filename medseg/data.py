@@ -135,8 +135,8 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     try:
         with atomic_output(out / "split.json") as tmp:  # a resume compares against it: never half written
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    except OSError as err:  # named after the record, not its temporary file
-        if err.filename is not None and Path(err.filename).parent == out:
+    except OSError as err:  # named after the record, not its temporary file (a full disk names none)
+        if err.filename is None or Path(err.filename).parent == out:
             err.filename = str(out / "split.json")
         raise
 
@@ -253,7 +253,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                   "match": glob.escape(_star_match(image.name, image_glob))}
         pattern = str(image.parent / mask_template.format(**fields))
         found[image] = pattern, sorted(
-            Path(os.path.normpath(m)) for m in glob.glob(pattern)
+            Path(m) for m in glob.glob(pattern)  # as found: "images/../masks" through a linked folder is not "masks"
             if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
     # masks beside their images that image_glob matches too (Cellpose's x.tif + x_masks.tif) are not images
     taken = {m.resolve() for _, masks in found.values() for m in masks}
@@ -293,7 +293,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
 
 def _star_match(name: str, image_glob: str) -> str:
     """What the first ``*`` of ``image_glob``'s file-name part matched in ``name`` (``000`` of ``000_img.png`` for
-    ``*_img.png``); the name's stem when the part has no ``*`` or does not match."""
+    ``*_img.png``); the name's stem when the part has no ``*``, has a ``[...]`` class, or does not match."""
     part = image_glob.replace("\\", "/").rsplit("/", 1)[-1]
     if "*" not in part:
         return Path(name).stem
@@ -400,9 +400,9 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
         if not image.is_file():
             found = sorted((folder / "images").glob("*.png")) if (folder / "images").is_dir() else []
             if len(found) > 1 and (folder / "masks").is_dir():
+                train = next((f for f in folders if f.name.lower() == "train"), folder)
                 raise DataError(f"{folder}: images/ holds {len(found)} images, not one DSB sample's; for images with "
-                                f"instance label images pass --data {folder} (or -s 'image_glob=*/images/*' for "
-                                "all such folders)")
+                                f"instance label images pass the folder to train on, e.g. --data {train}")
             if len(found) != 1:
                 raise DataError(f"{folder}: no images/{folder.name}.png; put the sample's image there")
             image = found[0]

@@ -101,7 +101,7 @@ class DiceCEOnLabel(nn.Module):
         class weights follow the logits' device (the loss module is never moved), and on CUDA a sum is
         deterministic where ``nll_loss2d``'s own mean reduction is not.
         """
-        if logits.shape[1] == 1:  # one channel: MONAI's own binary form (sigmoid Dice, BCE)
+        if logits.shape[1] == 1:  # one channel: left to MONAI's DiceCELoss as before (it has no classes to index)
             return self.loss(logits, label)
         classes = label[:, 0].long()
         ce = F.cross_entropy(logits, classes, reduction="none")

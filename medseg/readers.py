@@ -7,7 +7,8 @@ Contract (pinned by ``tests/test_readers.py``)
 * ``array`` is channel first. 2D images (PNG, single-page TIFF) are ``(C, Y, X)``; volumes (TIFF stacks,
   NIfTI, DICOM) are ``(C, Z, Y, X)``, Z being the slice axis a 2D model runs over: the TIFF page axis, NIfTI's
   third voxel axis (k), DICOM slices ordered along the slice normal. Y is rows (top to bottom as stored), X
-  columns. C is 1 for gray, 3 for RGB (alpha dropped, CMYK converted; a palette PNG gives its colours, a
+  columns. C is 1 for gray, 3 for RGB (alpha dropped, CMYK converted; a gray TIFF page whose extra sample is
+  marked unspecified rather than alpha gives 2, the sample kept as data; a palette PNG gives its colours, a
   palette TIFF its values, its colour table being a display LUT; colour DICOM, PALETTE COLOR included, its
   colours, YBR converted to RGB), or a configured NIfTI channel axis.
   Values: the file's own dtype for PNG/TIFF/NIfTI (NIfTI ``scl_slope``/``scl_inter`` applied), float32 after

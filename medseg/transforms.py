@@ -41,6 +41,9 @@ def to_gray(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+_PICK = ": pick channels with --set input_channels=[N] (numbered from 0)"
+
+
 class LoadSliced(MapTransform):
     """Load slice ``data[page_key]`` of any supported input (PNG, TIFF page, NIfTI or DICOM slice) as ``(C, H, W)``.
 
@@ -86,14 +89,14 @@ class LoadSliced(MapTransform):
                             "first")
         if channels == 3:
             if arr.shape[0] not in (1, 3):
-                raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images: pick "
-                                "channels with --set input_channels=[N] (from 0)")
+                raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images"
+                                f"{_PICK if key == 'image' else ''}")
             arr = np.repeat(arr, 3, axis=0) if arr.shape[0] == 1 else arr
             arr = arr.astype(np.float32, copy=False)
         elif channels == 1 or (channels is None and self.gray):
             if arr.shape[0] not in (1, 3):
                 raise DataError(f"{path}: {arr.shape[0]} channels; the model takes one (gray) or RGB "
-                                "images: pick one with --set input_channels=[N] (from 0)")
+                                f"images{_PICK if key == 'image' else ''}")
             arr = to_gray(arr)
         else:
             arr = arr.astype(np.float32, copy=False)
@@ -357,8 +360,9 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
     if len(values) >= 2:
         from skimage.measure import label as regions_of
 
-        count = int(regions_of(renumbered, connectivity=2, background=0).max())
-        if count >= 2 * len(values) + 2:  # an object is one region, seldom two; a class is many
+        pieces = regions_of(renumbered, connectivity=2, background=0)
+        count = int(np.count_nonzero(np.bincount(pieces.ravel())[1:] >= 8))  # stray specks of a brush not counted
+        if len(values) <= 4 and count >= 2 * len(values) + 2:  # an object is one region, seldom two; a class many
             raise DataError(f"{path}: its {len(values)} values ({', '.join(map(str, values[:4]))}"
                             f"{', ...' if len(values) > 4 else ''}) make {count} separate regions, so it is a class "
                             "mask (e.g. 1 = background, 2 = nuclei), not instance labels; give each object its own "

@@ -1704,6 +1704,20 @@ def test_a_batch_smaller_than_one_images_crops_is_refused_before_training(tmp_pa
                      "--set", "batch_size=2", "--set", "samples_per_image=4")
     _assert_one_line_error(result, "batch_size=2 is below samples_per_image=4", "--set batch_size=4")
     assert not (tmp_path / "o").exists()
+    # evaluate does not batch training crops; a resumed run is checked with its own settings back
+    from medseg.bundle import load_config
+
+    assert load_config(nuclei, "evaluate", overrides={"batch_size": 1})["batch_size"] == 1
+    from conftest import write_dsb_folder
+
+    data = write_dsb_folder(tmp_path / "dsb", layout=[("a", (48, 48), False), ("b", (48, 48), False)])
+    small = ["network_def#channels=[8,16,32]", "network_def#strides=[2,2]", "patch_size=[32,32]",
+             "batch_size=1", "samples_per_image=1", "val_fraction=0.5"]
+    args = ("--data", data, "--output", tmp_path / "run", "--no-tracking", "--no-progress", "--device", "cpu",
+            *_tiny_args(small))
+    assert _invoke("train", nuclei, *args, "--epochs", 1).exit_code == 0
+    result = _invoke("train", nuclei, *args, "--epochs", 2, "--resume", "--set", "samples_per_image=4")
+    _assert_one_line_error(result, "batch_size=1 is below samples_per_image=4")
 
 
 @pytest.mark.parametrize("item, fragment", [

@@ -150,3 +150,31 @@ def test_a_truncated_tiff_is_named_when_the_split_is_recorded(tmp_path, isbi_fol
     image.with_suffix(".tif").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=rf"{image.stem}\.tif: cannot read TIFF page 0 .*truncated or corrupt"):
         isbi_split(isbi_folder, val_count=1, save_to=str(tmp_path / "run"))
+
+
+def test_masks_are_found_through_a_linked_image_folder(tmp_path):
+    # "raw/../labels" through a link to another place is not "labels" beside the link
+    import os
+
+    from medseg.data import find_image_mask_pairs
+
+    (tmp_path / "archive" / "raw").mkdir(parents=True)
+    (tmp_path / "archive" / "labels").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "archive" / "raw" / "x0.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "archive" / "labels" / "x0.png")
+    (tmp_path / "ws" / "exp1").mkdir(parents=True)
+    os.symlink(tmp_path / "archive" / "raw", tmp_path / "ws" / "exp1" / "raw")
+    (pair,) = find_image_mask_pairs(tmp_path / "ws", "*/raw/*.png", "../labels/{stem}.png")
+    assert Path(pair["label"]).resolve() == (tmp_path / "archive" / "labels" / "x0.png").resolve()
+
+
+def test_a_full_disk_while_recording_the_split_names_split_json(tmp_path, isbi_folder, monkeypatch):
+    import errno
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write raises it: no file named
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as err:
+        isbi_split(isbi_folder, val_count=1, save_to=str(tmp_path / "run"))
+    assert err.value.filename == str(tmp_path / "run" / "split.json")

@@ -723,7 +723,8 @@ def test_data_folder_mistakes_get_the_fix_named(tmp_path):
     _write_label_folders(tmp_path / "d" / "train", n=2)
     _write_label_folders(tmp_path / "d" / "test", n=2)
     # the parent of StarDist's train/ and test/: not DSB samples named train and test
-    with pytest.raises(DataError, match=r"d/test: images/ holds 2 images, not one DSB sample's; .*--data .*d/test"):
+    with pytest.raises(DataError, match=r"d/test: images/ holds 2 images, not one DSB sample's; .*the folder to "
+                                        r"train on, e.g. --data .*d/train$"):
         instance_split(tmp_path / "d")
     # the images folder itself
     with pytest.raises(DataError, match=r"images: no DSB samples found; .* pass --data .*d/train "):
@@ -811,6 +812,17 @@ def test_a_class_mask_given_as_labels_is_refused(tmp_path, coding):
         instance_label_image(tmp_path / "classes.png")
     Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "labels.png")  # real instances: read
     assert instance_label_image(tmp_path / "labels.png").max() == labels.max()
+
+
+def test_instance_labels_with_brush_specks_are_not_taken_for_a_class_mask(tmp_path):
+    from medseg.transforms import instance_label_image
+
+    labels = np.zeros((40, 40), np.uint16)
+    for k, (y, x) in enumerate([(5, 5), (5, 25), (25, 15)], start=1):
+        labels[y:y + 8, x:x + 8] = k
+        labels[y + 10, x], labels[min(y + 12, 39), x + 6] = k, k  # two one-pixel specks of each label
+    Image.fromarray(labels).save(tmp_path / "specks.png")
+    assert instance_label_image(tmp_path / "specks.png").max() == 3
 
 
 def test_gray_labels_saved_as_rgb_are_read(tmp_path):

@@ -271,7 +271,7 @@ def test_input_channels_pick_the_image_channels_before_the_rest(tmp_path):
 
     stains = np.stack([np.full((12, 10), 5, np.uint8), np.arange(120, dtype=np.uint8).reshape(12, 10)])
     tifffile.imwrite(tmp_path / "two.tif", stains, photometric="minisblack", planarconfig="separate")
-    with pytest.raises(DataError, match=r"two\.tif: 2 channels; .* pick one with --set input_channels=\[N\]"):
+    with pytest.raises(DataError, match=r"two\.tif: 2 channels; .* pick channels with --set input_channels=\[N\]"):
         LoadSliced(keys="image")({"image": str(tmp_path / "two.tif")})
     d = LoadSliced(keys="image", select=[1])({"image": str(tmp_path / "two.tif")})
     np.testing.assert_array_equal(d["image"][0], stains[1])
