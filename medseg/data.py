@@ -399,10 +399,12 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
         image = folder / "images" / f"{folder.name}.png"
         if not image.is_file():
             found = sorted((folder / "images").glob("*.png")) if (folder / "images").is_dir() else []
-            if len(found) > 1 and (folder / "masks").is_dir():
+            pictures = [p for p in (folder / "images").iterdir()
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES] if (folder / "images").is_dir() else []
+            if len(pictures) > 1 and (folder / "masks").is_dir():
                 train = next((f for f in folders if f.name.lower() == "train"), folder)
-                raise DataError(f"{folder}: images/ holds {len(found)} images, not one DSB sample's; for images with "
-                                f"instance label images pass the folder to train on, e.g. --data {train}")
+                raise DataError(f"{folder}: images/ holds {len(pictures)} images, not one DSB sample's; for images "
+                                f"with instance label images pass the folder to train on, e.g. --data {train}")
             if len(found) != 1:
                 raise DataError(f"{folder}: no images/{folder.name}.png; put the sample's image there")
             image = found[0]

@@ -722,6 +722,9 @@ def test_data_folder_mistakes_get_the_fix_named(tmp_path):
 
     _write_label_folders(tmp_path / "d" / "train", n=2)
     _write_label_folders(tmp_path / "d" / "test", n=2)
+    for image in (tmp_path / "d" / "test" / "images").iterdir():  # StarDist keeps TIFFs
+        tifffile.imwrite(image.with_suffix(".tif"), np.asarray(Image.open(image)))
+        image.unlink()
     # the parent of StarDist's train/ and test/: not DSB samples named train and test
     with pytest.raises(DataError, match=r"d/test: images/ holds 2 images, not one DSB sample's; .*the folder to "
                                         r"train on, e.g. --data .*d/train$"):
