@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import check_finite_output
+from medseg.metrics import FOUR_CONNECTED
 
 #: Column order of :func:`measure_instances` rows and of :func:`write_measurements_csv` files.
 MEASUREMENT_FIELDS: tuple[str, ...] = (
@@ -25,7 +26,6 @@ MEASUREMENT_FIELDS: tuple[str, ...] = (
     "mean_intensity",
 )
 
-_FOUR = ndimage.generate_binary_structure(2, 1)
 
 
 def merge_instance_masks(masks: Sequence[np.ndarray]) -> np.ndarray:
@@ -168,7 +168,7 @@ def watershed_instances(
         raise ValueError(f"prob must be (3, H, W) or (4, H, W), got shape {prob.shape}")
     foreground = (1.0 - prob[0]) > fg_threshold
     seed_map = prob[3] if prob.shape[0] == 4 else prob[1]
-    seeds, n_seeds = ndimage.label((seed_map > seed_threshold) & foreground, structure=_FOUR)
+    seeds, n_seeds = ndimage.label((seed_map > seed_threshold) & foreground, structure=FOUR_CONNECTED)
     if n_seeds:
         sizes = np.bincount(seeds.ravel())
         keep = sizes >= min_seed_area
@@ -178,7 +178,7 @@ def watershed_instances(
         labels = watershed(1.0 - seed_map, markers=seeds, mask=foreground, connectivity=1).astype(np.int64)
     else:
         labels = np.zeros(foreground.shape, np.int64)
-    leftover, _ = ndimage.label(foreground & (labels == 0), structure=_FOUR)
+    leftover, _ = ndimage.label(foreground & (labels == 0), structure=FOUR_CONNECTED)
     labels = np.where(leftover > 0, leftover + labels.max(), labels)
     sizes = np.bincount(labels.ravel())
     small = sizes < min_area

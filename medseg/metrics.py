@@ -30,7 +30,8 @@ def _challenge_thresholds() -> tuple[float, ...]:
 #: the rounding of the challenge's own loop; ``round(t, 1)`` gives the nominal value.
 ISBI_THRESHOLDS: tuple[float, ...] = _challenge_thresholds()
 
-_FOUR = ndimage.generate_binary_structure(2, 1)
+#: 4-connectivity, as the ISBI 2012 scoring, the U-Net weight map and the seeded watershed use.
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _WSHED, _MASK, _INQUEUE, _FRAME = 0, -2, -3, -4  # the flooding's pixel states (labels are > 0)
 
 
@@ -106,7 +107,7 @@ def _flood_boundaries(cells: np.ndarray) -> np.ndarray:
     # The challenge scans x-major (columns outer): the rows of the transpose. A frame of FRAME pixels stands
     # for the outside, so neighbours need no bounds checks.
     inside = np.pad(np.asarray(cells, dtype=bool).T, 1)
-    labels, n_cells = ndimage.label(inside, structure=_FOUR)
+    labels, n_cells = ndimage.label(inside, structure=FOUR_CONNECTED)
     state = labels.astype(np.int64)
     boundary = ~inside
     boundary[[0, -1], :] = boundary[:, [0, -1]] = False
@@ -143,7 +144,7 @@ def _flood_boundaries(cells: np.ndarray) -> np.ndarray:
     out = np.asarray(flat, dtype=np.int64).reshape(inside.shape)
     unreached = out == _MASK
     if unreached.any():
-        extra, _ = ndimage.label(unreached, structure=_FOUR)
+        extra, _ = ndimage.label(unreached, structure=FOUR_CONNECTED)
         out[unreached] = extra[unreached] + n_cells
     return out[1:-1, 1:-1].T
 
@@ -224,7 +225,7 @@ class IsbiStack:
         gt = np.asarray(label) > 0
         if np.shape(prob) != gt.shape:
             raise ValueError(f"prediction shape {np.shape(prob)} differs from label shape {gt.shape}")
-        gt_cells = ndimage.label(gt, structure=_FOUR)[0]
+        gt_cells = ndimage.label(gt, structure=FOUR_CONNECTED)[0]
         self._table.append(np.array([rand_and_info(gt_cells, thinned_segments(prob, t)) for t in self.thresholds]))
         for ti, t in enumerate(self.thresholds):
             self._counts[ti] += _counts(_above(prob, t), gt)[:3]

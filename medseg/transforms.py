@@ -16,11 +16,8 @@ from scipy import ndimage
 
 from medseg.bundle import config_flag
 from medseg.errors import ConfigValueError, DataError
+from medseg.metrics import FOUR_CONNECTED
 from medseg.readers import LOSSY_SUFFIXES, lossy_mask_error, read_slice
-
-#: 4-connectivity, as the ISBI 2012 scoring and the U-Net weight map use.
-FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
-
 
 #: The files of a DSB ``masks/`` folder that are read as instance masks (hidden files never are)
 INSTANCE_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
