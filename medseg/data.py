@@ -460,8 +460,7 @@ def dsb_split(data_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int 
 
 #: Layouts of instance-labelled data (:func:`instance_split`).
 INSTANCE_LAYOUTS = ("auto", "kaggle", "folders")
-
-
+#: ``image_glob`` and ``mask_template`` of the folders layout when not set (StarDist's images/ + masks/).
 _FOLDER_DEFAULTS = ("images/*", "../masks/{stem}.*")
 
 
@@ -493,8 +492,8 @@ def instance_layout(data_dir: str | os.PathLike, layout: str = "auto", image_glo
     return "folders"
 
 
-def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob: str = "images/*",
-                   mask_template: str = "../masks/{stem}.*", val_fraction: float = 0.2, seed: int = 0,
+def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob: str = _FOLDER_DEFAULTS[0],
+                   mask_template: str = _FOLDER_DEFAULTS[1], val_fraction: float = 0.2, seed: int = 0,
                    save_to: str | None = None) -> dict[str, list[dict]]:
     """Instance-labelled samples split by :func:`split_by_group`: ``train``, ``val`` and ``all``.
 

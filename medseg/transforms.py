@@ -250,15 +250,12 @@ class LoadInstanceMasksd(MapTransform):
 
     Masks are read in file-name order and mask *k* gets label *k* (1-based, empty masks skipped); where masks
     overlap the earlier one keeps the pixel, so the result is deterministic. Any non-zero pixel of a mask
-    belongs to its object. A label image (PNG, TIFF, BMP; 8, 16 or 32 bit, or float with whole values) has
-    0 for background and one value per object, renumbered 1..N in the order of the values; one that holds
-    a single value in several separate regions is a binary mask, and each 8-connected region becomes an
-    object (said once, since touching objects then merge). The path is kept under ``"{key}_file"``.
+    belongs to its object. A label image is read by :func:`instance_label_image`. The path is kept under
+    ``"{key}_file"``.
 
     Raises:
         DataError: the folder or file is missing, a mask is unreadable, a mask's size differs from the
-            others' or from ``data[ref_key]``'s, or a label image has colour channels, negative or
-            fractional values.
+            others' or from ``data[ref_key]``'s, or a label image is not instance labels.
     """
 
     def __init__(self, keys: KeysCollection, ref_key: str | None = "image", allow_missing_keys: bool = False) -> None:
@@ -272,8 +269,8 @@ class LoadInstanceMasksd(MapTransform):
         for key in self.key_iterator(d):
             folder = Path(str(d[key]))
             ref = d.get(self.ref_key) if self.ref_key else None
+            shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
             if folder.is_file():
-                shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
                 d[f"{key}_file"] = str(folder)
                 d[key] = instance_label_image(folder, int(d.get("page", 0) or 0), shape)[None].astype(np.float32)
                 continue
@@ -284,7 +281,6 @@ class LoadInstanceMasksd(MapTransform):
             if lossy:
                 raise lossy_mask_error(lossy[0], "instance mask")
             files = [p for p in listed if p.suffix.lower() in INSTANCE_MASK_SUFFIXES]
-            shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
             masks = []
             for path in files:
                 mask = read_slice(str(path), 0)
@@ -315,10 +311,14 @@ _SAID: set[str] = set()
 
 
 def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """The ``(H, W)`` int32 instances of an instance label image (see :class:`LoadInstanceMasksd`).
+    """The ``(H, W)`` int32 instances of an instance label image: 0 for background and one value per object
+    (8- to 64-bit integers, whole-valued floats, a palette PNG's indices, gray saved as RGB), renumbered 1..N
+    in the order of the values. One value in several separate regions is a binary mask: each 8-connected
+    region becomes an object (said once per folder, since touching objects then merge).
 
     Raises:
-        DataError: colour channels, negative or fractional values, or a size other than ``shape``.
+        DataError: colour channels, negative or fractional values, a size other than ``shape``, or a class
+            mask (at most 4 values making many separate regions).
     """
     path = Path(path)
     if path.suffix.lower() in LOSSY_SUFFIXES:
@@ -483,7 +483,7 @@ class BrightObjectsd(MapTransform):
             arr = img.detach().cpu().numpy() if torch.is_tensor(img) else np.asarray(img)
             if arr.shape[0] not in (1, 3):
                 raise DataError(f"{d.get(f'{key}_file', key)}: {arr.shape[0]} channels; the model takes gray or RGB "
-                                "images: pick channels with --set input_channels=[N] (from 0)")
+                                f"images{_PICK}")
             scaled = self._scale(to_gray(arr))
             bright_background = np.median(scaled) > 0.5
             if bright_background and self.stain == "hematoxylin" and is_colour(arr):
