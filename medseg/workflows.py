@@ -56,6 +56,23 @@ def device_settings(device: Any) -> dict[str, Any]:
     return {"device": f"$torch.device('{device}')", "amp": device.type == "cuda"}
 
 
+#: The bundles' own device choice, which a run's ``config.json`` records in place of a CUDA device
+PORTABLE_DEVICE = "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
+
+
+def portable_config(config: dict, device: Any) -> dict:
+    """A run's config as it is recorded in its ``config.json``: one that runs as a bundle config on any machine.
+
+    A CUDA run records the bundles' own device choice (CUDA when there is one, else the CPU) and mixed precision
+    following it, so that a colleague without a GPU can run the file; the run's device is in
+    ``train_summary.json``. A CPU run's config is recorded as it ran.
+    """
+    if getattr(device, "type", "cpu") != "cuda":
+        return config
+    amp = config.get("amp")
+    return {**config, "device": PORTABLE_DEVICE, "amp": "$@device.type == 'cuda'" if amp is True else amp}
+
+
 def _check_data_dir(data_dir: str) -> None:
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass --data pointing to the labelled data")
@@ -334,14 +351,16 @@ def train(
                                                    resume)
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 own_store = tracked.pop("own_store", False)
-                ConfigWorkflow.patch_bundle_tracking(parser, tracked)
+                ConfigWorkflow.patch_bundle_tracking(parser, tracked)  # MONAI writes config.json here too
+                exported = parser.get()
             else:
                 exported = parser.get()
                 if resume:  # where the run is tracked stays on record for a later --resume with tracking
                     run_config = recorded.get("config", {})
                     kept = {k: run_config[k] for k in mlflow_tracking.TRACKING_RECORD if k in run_config}
                     exported = {**exported, **kept}
-                parser.export_config_file(exported, str(config_path))
+            with atomic_output(config_path) as tmp:
+                parser.export_config_file(portable_config(exported, dev), str(tmp))
 
             parser.get_parsed_content("initialize")
             trainer = parser.get_parsed_content("train#trainer")

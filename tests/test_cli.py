@@ -1542,6 +1542,26 @@ def test_a_gpu_index_beyond_the_machines_gpus_is_refused_by_name(monkeypatch):
         select_device("cuda:2")
 
 
+def test_a_cuda_runs_config_json_runs_on_a_machine_without_a_gpu(trained):
+    # it recorded device as $torch.device('cuda') and amp true, so the file failed as a bundle config on a CPU
+    import torch
+    from monai.bundle import ConfigParser
+
+    from medseg.workflows import device_settings, portable_config
+
+    config = json.loads((trained["out"] / "config.json").read_text())
+    assert portable_config(config, torch.device("cpu")) is config  # a CPU run's record is what ran
+    for device in ("cuda", "cuda:1"):
+        ran = {**config, **device_settings(torch.device(device))}
+        for amp in (True, False):  # --set amp=false on CUDA stays off
+            recorded = portable_config({**ran, "amp": amp}, torch.device(device))
+            parser = ConfigParser(recorded)
+            assert parser.get_parsed_content("device") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            assert parser.get_parsed_content("amp") is (amp and torch.cuda.is_available())
+            assert {k: v for k, v in recorded.items() if k not in ("device", "amp")} == {
+                k: v for k, v in config.items() if k not in ("device", "amp")}
+
+
 def test_compile_on_cuda_without_a_c_compiler_is_refused_before_training(monkeypatch):
     # Triton builds its kernel launcher with a C compiler at the first step; without one that step failed
     import shutil
