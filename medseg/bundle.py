@@ -20,6 +20,15 @@ WORKFLOW_CONFIGS: dict[str, tuple[str, ...]] = {
 
 _CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
+#: The prefixes of config values MONAI works out rather than takes as written: an expression, a reference to
+#: another id, a macro (``monai.bundle.utils`` EXPR_KEY, ID_REF_KEY, MACRO_KEY)
+_WORKED_OUT = ("$", "@", "%")
+
+
+def worked_out(value: Any) -> bool:
+    """Whether a config value is an expression, a reference or a macro, which MONAI resolves when it parses."""
+    return isinstance(value, str) and value.startswith(_WORKED_OUT)
+
 
 def _find_config(folder: Path, name: str) -> Path | None:
     for suffix in _CONFIG_SUFFIXES:
@@ -115,7 +124,7 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
                 raise BundleError(
                     f"{overlay}: '{key}' replaces the bundle's whole {key}, and the new one names no _target_; to "
                     f"change a part of it, give that part alone, e.g. '{key}#{first}'")
-            if isinstance(value, str) and not value.startswith(("$", "@", "%")) \
+            if isinstance(value, str) and not worked_out(value) \
                     and isinstance(default, (int, float)) and not isinstance(default, bool):
                 try:
                     number = float(value)
@@ -201,7 +210,7 @@ def _referenced(parser: Any, default: Any, hops: int = 5) -> Any:
 def _check_override_type(key: str, default: Any, value: Any) -> Any:
     """A ``--set`` value of another kind than the bundle's literal default (a word for a number, a fraction for
     a whole number, ...): refused; the value to use (``3.0`` for a whole number becomes ``3``)."""
-    if value is None or (isinstance(value, str) and value.startswith(("$", "@", "%"))):
+    if value is None or worked_out(value):
         return value  # null (often "off"), an expression or a reference: checked where it is used
     if isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"

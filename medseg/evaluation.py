@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
+from monai.utils import convert_to_numpy
 
 from medseg.io import atomic_output
 from medseg.metrics import IsbiStack, binary_scores, dsb_scores, multiclass_scores
 
 
 def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return convert_to_numpy(x, wrap_sequence=True)
 
 
 def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any], run: dict | None = None) -> None:

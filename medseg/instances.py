@@ -207,8 +207,9 @@ class WatershedInstances:
 
     def __call__(self, prob: np.ndarray) -> np.ndarray:
         """Instance labels ``(H, W)`` int32 of a ``(3 or 4, H, W)`` probability map (torch tensors are accepted)."""
-        if hasattr(prob, "detach"):
-            prob = prob.detach().cpu().numpy()
+        from monai.utils import convert_to_numpy
+
+        prob = convert_to_numpy(prob, wrap_sequence=True)
         check_finite_output(prob)
         return watershed_instances(prob, self.fg_threshold, self.seed_threshold, self.min_seed_area, self.min_area)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy
 from scipy import ndimage
 
 from medseg.bundle import config_flag
@@ -151,7 +152,7 @@ class CloseContoursd(MapTransform):
             return d
         for key in self.key_iterator(d):
             prob = d[key]
-            arr = prob.detach().cpu().numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob)
+            arr = convert_to_numpy(prob, wrap_sequence=True)
             if arr.ndim not in (3, 4) or not 0 <= self.channel < arr.shape[0]:
                 raise ValueError(f"'{key}': expected (C, H, W) or (C, Z, H, W) probabilities with channel "
                                  f"{self.channel}, got shape {arr.shape}")

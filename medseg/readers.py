@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from monai.data import ImageReader
 
+from medseg.dicom import DICOM_SUFFIXES
 from medseg.errors import DataError
 
 #: File suffix -> format name. DICOM files may also have no suffix (sniffed by content).
@@ -52,9 +53,7 @@ SUFFIXES: dict[str, str] = {
     ".tiff": "tiff",
     ".nii": "nifti",
     ".nii.gz": "nifti",
-    ".dcm": "dicom",
-    ".dicom": "dicom",
-    ".ima": "dicom",
+    **dict.fromkeys(DICOM_SUFFIXES, "dicom"),
 }
 
 

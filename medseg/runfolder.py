@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medseg.bundle import worked_out
 from medseg.errors import CheckpointError, ConfigValueError, DataError
 
 
@@ -124,7 +125,7 @@ def _plain(value: Any) -> bool:
     """A value written out in full: a number, word, flag, or a list or mapping of them (no expression, no
     reference, no component), which a saved config holds as it was given."""
     if isinstance(value, str):  # expressions and references are rewritten when a config is saved
-        return not value.startswith(("$", "@", "%")) and "::" not in value
+        return not worked_out(value) and "::" not in value
     if isinstance(value, list):
         return all(_plain(v) for v in value)
     if isinstance(value, dict):

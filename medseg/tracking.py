@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medseg.bundle import worked_out
 from medseg.errors import MedsegError, brief
 from medseg.runfolder import folders_made_for
 
@@ -187,7 +188,7 @@ def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
     inside settings such as ``network_def`` (``network_def.channels``), so that runs differing only there
     can be told apart and compared."""
     def scalar(value: Any) -> bool:  # a number, flag or word, not an expression or reference
-        return isinstance(value, (int, float, str, bool)) and not str(value).startswith(("$", "@", "%"))
+        return isinstance(value, (int, float, str, bool)) and not worked_out(value)
 
     def plain(value: Any) -> bool:
         return all(map(scalar, value)) if isinstance(value, list) else scalar(value)
@@ -318,7 +319,7 @@ def recorded_tracking_uri(config: dict) -> str | None:
     from urllib.parse import quote
 
     uri, folder = config.get("tracking_uri"), config.get("output_dir")
-    if not isinstance(uri, str) or not uri or uri.startswith(("$", "@")) or config.get("tracking_store") == "folder":
+    if not isinstance(uri, str) or not uri or worked_out(uri) or config.get("tracking_store") == "folder":
         return None
     if config.get("tracking_store") != "given" and isinstance(folder, str) and uri.startswith("sqlite:") and (
             uri == _local_store_uri(Path(folder) / "mlflow.db")

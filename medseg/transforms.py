@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import convert_to_numpy
 from scipy import ndimage
 
 from medseg.bundle import config_flag
@@ -480,7 +481,7 @@ class BrightObjectsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            arr = img.detach().cpu().numpy() if torch.is_tensor(img) else np.asarray(img)
+            arr = convert_to_numpy(img, wrap_sequence=True)
             if arr.shape[0] not in (1, 3):
                 raise DataError(f"{d.get(f'{key}_file', key)}: {arr.shape[0]} channels; the model takes gray or RGB "
                                 f"images{_PICK}")

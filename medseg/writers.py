@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy
 
 from medseg.bundle import config_flag
 from medseg.errors import DataError
@@ -334,7 +335,7 @@ class SaveSegmentationd(MapTransform):
         paths = output_paths(self.output_dir, name, fmt, self.save_prob, table=self.mask_mode == "instances")
         for key in self.key_iterator(d):
             pred = d[key]
-            pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+            pred = convert_to_numpy(pred, wrap_sequence=True)
             mask, prob = self.mask_of(pred, fmt)
             rows = self._measure(mask, item, page, pages) if "table" in paths else None
             if rows is not None:
