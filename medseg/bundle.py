@@ -25,9 +25,56 @@ _CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 _WORKED_OUT = ("$", "@", "%")
 
 
+#: What MONAI rewrites inside a plain text value too: '#' (its old id separator), relative ids ('@::', '%::')
+_REWRITTEN = re.compile(r"#|[@%]::")
+
+
+def literal(text: str) -> str:
+    """``text`` (a path, a name) as a config value that MONAI parses back to ``text`` itself.
+
+    MONAI reads a value that starts with ``$``, ``@`` or ``%`` as an expression, a reference or a macro, and
+    rewrites ``#`` anywhere in a value, so a folder named ``$HOME``, ``@out`` or ``res#1`` was run as Python,
+    looked up, or became another folder (``res::1``). Such a text is given as an expression of one string
+    literal, those characters escaped (``$'res\\x231'``); other texts are kept as they are.
+    """
+    if not (text.startswith(_WORKED_OUT) or _REWRITTEN.search(text)):
+        return text
+    body = repr(text)
+    for char in "#@$%":
+        body = body.replace(char, f"\\x{ord(char):02x}")
+    return "$" + body
+
+
+def literal_items(value: Any) -> Any:
+    """Data (samples: mappings and lists of paths and names) to be put into a config, every text in it a
+    :func:`literal`."""
+    if isinstance(value, str):
+        return literal(value)
+    if isinstance(value, dict):
+        return {k: literal_items(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [literal_items(v) for v in value]
+    return value
+
+
+def written(value: Any) -> Any:
+    """The text a :func:`literal` value stands for (the value itself when it is not one)."""
+    if isinstance(value, str) and value.startswith(("$'", '$"')):
+        import ast
+
+        try:
+            text = ast.literal_eval(value[1:])
+        except (ValueError, SyntaxError):
+            return value
+        if isinstance(text, str):
+            return text
+    return value
+
+
 def worked_out(value: Any) -> bool:
-    """Whether a config value is an expression, a reference or a macro, which MONAI resolves when it parses."""
-    return isinstance(value, str) and value.startswith(_WORKED_OUT)
+    """Whether a config value is an expression, a reference or a macro, which MONAI resolves when it parses
+    (a :func:`literal` text is not: it stands for itself)."""
+    return isinstance(value, str) and value.startswith(_WORKED_OUT) and written(value) is value
 
 
 def _find_config(folder: Path, name: str) -> Path | None:
@@ -169,17 +216,15 @@ def load_config(
     _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
     for key, value in fixes.items():
         parser[key] = value
-    parser["bundle_root"] = str(Path(bundle))
+    parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
-        if workflow == "train" and key.endswith(("_dir", "_path")) and "#" in str(value):  # an id separator to MONAI
-            raise BundleError(f"{value}: a path with '#' in it is split by MONAI's config (which writes some files "
-                              "to a '::' folder); use a folder without '#'")
-        parser[key] = value
+        parser[key] = literal(value) if key.endswith(("_dir", "_path")) and isinstance(value, str) else value
     for key, value in (overrides or {}).items():
         if key not in parser:
             raise BundleError(_unknown_key_message(parser, key, bundle))
         value = _check_override_type(key, _referenced(parser, parser[key]), value)
-        parser[key] = value
+        # a text (a mask template, a folder) keeps its '#': one meant as an expression or reference starts with one
+        parser[key] = literal(value) if isinstance(value, str) and not value.startswith(_WORKED_OUT) else value
     _check_patch_size(parser)
     if workflow == "train":  # evaluate and infer do not batch training crops
         check_batch_size(parser)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle import worked_out
+from medseg.bundle import literal, worked_out, written
 from medseg.errors import MedsegError, brief
 from medseg.runfolder import folders_made_for
 
@@ -87,7 +87,7 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
     neither it nor a later ``--resume`` of either folder continues the other's run."""
     if resume:
         try:
-            recorded = json.loads(config_path.read_text(encoding="utf-8")).get("run_name")
+            recorded = written(json.loads(config_path.read_text(encoding="utf-8")).get("run_name"))
         except (OSError, ValueError, AttributeError):
             recorded = None
         return str(recorded) if isinstance(recorded, str) and recorded else _folder_name(output_dir)
@@ -172,6 +172,25 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     return settings
 
 
+def config_settings(settings: dict) -> dict:
+    """:func:`settings` as they go into the bundle's config: the texts made of paths and names (the store's URI,
+    the run's name, artifacts, params) as :func:`medseg.bundle.literal` values, which MONAI parses back as
+    written (a run folder named ``$out`` was run as Python, a param value with ``#`` rewritten)."""
+    patched = copy.deepcopy(settings)
+    configs = patched["configs"]
+    for key in ("tracking_uri", "experiment_name", "run_name"):
+        if isinstance(configs.get(key), str):
+            configs[key] = literal(configs[key])
+    for handler in ("trainer", "validator"):
+        if isinstance(configs[handler].get("artifact_location"), str):
+            configs[handler]["artifact_location"] = literal(configs[handler]["artifact_location"])
+    trainer = configs["trainer"]
+    trainer["artifacts"] = [literal(str(a)) for a in trainer.get("artifacts") or []]
+    trainer["experiment_param"] = {k: literal(v) if isinstance(v, str) else v
+                                   for k, v in (trainer.get("experiment_param") or {}).items()}
+    return patched
+
+
 #: Config ids whose nested values are the workflow's wiring (engines, data, handlers), not settings to compare
 _WIRING = {"_meta_", "imports", "train", "validate", "datalists", "run", "training", "initialize", "load",
            "preprocessing", "postprocessing", "inferer", "loss", "optimizer", "lr_scheduler", "network", "ema",
@@ -193,7 +212,7 @@ def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
     def plain(value: Any) -> bool:
         return all(map(scalar, value)) if isinstance(value, list) else scalar(value)
 
-    params = {k: v for k, v in config.items() if scalar(v)}
+    params = {k: written(v) for k, v in config.items() if scalar(v)}
     nested: dict[str, Any] = {}
     for key, value in config.items():
         if key in _WIRING or str(key).startswith("_"):
@@ -318,7 +337,7 @@ def recorded_tracking_uri(config: dict) -> str | None:
     folder moved since), or a run trained without tracking."""
     from urllib.parse import quote
 
-    uri, folder = config.get("tracking_uri"), config.get("output_dir")
+    uri, folder = written(config.get("tracking_uri")), written(config.get("output_dir"))
     if not isinstance(uri, str) or not uri or worked_out(uri) or config.get("tracking_store") == "folder":
         return None
     if config.get("tracking_store") != "given" and isinstance(folder, str) and uri.startswith("sqlite:") and (

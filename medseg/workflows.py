@@ -17,7 +17,7 @@ from typing import Any
 
 from medseg import guards, runfolder
 from medseg import tracking as mlflow_tracking
-from medseg.bundle import check_batch_size, load_checkpoint, load_config
+from medseg.bundle import check_batch_size, literal_items, load_checkpoint, load_config
 from medseg.errors import (
     CheckpointError,
     ConfigValueError,
@@ -351,7 +351,8 @@ def train(
                                                    resume)
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 own_store = tracked.pop("own_store", False)
-                ConfigWorkflow.patch_bundle_tracking(parser, tracked)  # MONAI writes config.json here too
+                # MONAI writes config.json here too
+                ConfigWorkflow.patch_bundle_tracking(parser, mlflow_tracking.config_settings(tracked))
                 exported = parser.get()
             else:
                 exported = parser.get()
@@ -571,7 +572,7 @@ def evaluate(
                 logging.getLogger(__name__).warning(
                     "%s records the split of %s; scoring the %s images of the same names in %s (for another "
                     "data set, pass --split all)", where, recorded_dir, split, data_dir)
-            parser["validate#dataset#data"] = [samples[n] for n in present]
+            parser["validate#dataset#data"] = literal_items([samples[n] for n in present])
             _warn_if_changed(record, [samples[n] for n in present], where)
     elif split != "all" and "val_count" in overrides:
         _warn_if_trained_on(checkpoints, parser, split)

@@ -1641,13 +1641,57 @@ def test_resume_restores_whole_mappings_and_leaves_what_is_given_now():
     assert parser["train"] == bundle["train"]  # handlers and references are not values to restore
 
 
-def test_a_hash_in_the_run_folder_is_refused(tmp_path, isbi_folder):
-    # MONAI's config reads '#' as an id separator: the checkpoints went to an 'a::b' folder, the rest to 'a#b'
-    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "a#b" / "run", "--epochs", 1,
-                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
-    assert result.exit_code == 1
-    assert "a path with '#' in it is split by MONAI's config" in result.output
-    assert not list(tmp_path.glob("a*"))
+def test_folders_named_like_config_syntax_are_taken_as_written(tmp_path, monkeypatch, trained):
+    # MONAI reads a value that starts with $, @ or % as code, a reference or a macro, and rewrites '#' anywhere:
+    # a data folder '$data' was run as Python, 'evaluate --output res#1' wrote to 'res::1' and said 'res#1'
+    import mlflow
+    from monai.bundle import ConfigParser
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained["data"], tmp_path / "$data#1")
+    result = _invoke("train", BUNDLE, "--data", "$data#1", "--output", "@run#2", "--epochs", 1, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "@run#2"
+    assert {"model.pt", "config.json", "split.json", "mlflow.db"} <= {p.name for p in run.iterdir()}
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    logged = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])[0]
+    assert logged.info.run_name == "@run#2" and logged.data.params["dataset_dir"] == "$data#1"
+    assert {"model.pt", "config.json"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
+    recorded = ConfigParser(json.loads((run / "config.json").read_text()))  # runs as a bundle config as it is
+    assert recorded.get_parsed_content("dataset_dir") == "$data#1"
+    assert recorded.get_parsed_content("output_dir") == "@run#2"
+
+    result = _invoke("evaluate", BUNDLE, "--data", "$data#1", "--checkpoint", "@run#2/model.pt", "--output",
+                     "%res#3", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert {"metrics.csv", "summary.json"} <= {p.name for p in (tmp_path / "%res#3").iterdir()}
+    result = _invoke("infer", BUNDLE, "$data#1/train/image", "@out#4", "--checkpoint", "@run#2/model.pt",
+                     "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "@out#4" / "mask").iterdir())) == 4
+    assert not [p for p in tmp_path.rglob("*") if "::" in p.name or p.name in ("run", "out", "res")]
+
+
+def test_a_set_text_keeps_its_hash_and_an_expression_stays_one():
+    from monai.bundle import ConfigParser
+
+    from medseg.bundle import literal, worked_out, written
+
+    config = {"seed": 3, "folder": "", "model": "$@folder + '/model.pt'", "files": []}
+    for text in ("res#1", "$HOME", "@seed", "%x", "a@::b", "it's #\"q\"", "{stem}@#x", "$print('ran')", "plain"):
+        parser = ConfigParser(dict(config))
+        parser["folder"], parser["files"] = literal(text), [literal(text)]
+        assert parser.get_parsed_content("folder") == text and parser.get_parsed_content("files") == [text]
+        assert parser.get_parsed_content("model") == text + "/model.pt"
+        assert written(literal(text)) == text and not worked_out(literal(text))
+    assert literal("plain") == "plain" and literal("runs/em 1") == "runs/em 1"  # nothing to escape: as it is
+    assert worked_out("$torch.device('cpu')") and written("$torch.device('cpu')") == "$torch.device('cpu')"
+    from medseg.bundle import load_config
+
+    parser = load_config(REPO / "bundles" / "jurkat", "train", (), {"mask_template": "../masks#x/{stem}.png",
+                                                                     "image_glob": "@#images/*.bmp"})
+    assert parser.get_parsed_content("mask_template") == "../masks#x/{stem}.png"  # was ../masks::x/{stem}.png
 
 
 def test_a_multi_line_user_error_is_one_line(monkeypatch):
