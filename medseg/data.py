@@ -78,10 +78,26 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
         label = labels.get(image.stem)
         if label is None:
             raise DataError(f"{image}: no label found; add {label_dir / image.name} or remove the image")
-        pairs.append({"image": str(image), "label": str(label), "page": 0, "name": image.stem})
+        pairs.extend(_paired_pages(image, label))
     if not pairs:
         raise DataError(f"{image_dir}: no images (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
     return pairs
+
+
+def _paired_pages(image: Path, label: Path) -> list[dict]:
+    """The samples of one image/label pair of files: one, or one per page of two TIFF stacks of equal length
+    (named ``{stem}_{page:03d}``, as the challenge's stacks are)."""
+    def pages(path: Path) -> int:
+        return count_slices(path) if path.suffix.lower() in (".tif", ".tiff") else 1
+
+    n_img, n_lab = pages(image), pages(label)
+    if n_img != n_lab:
+        raise DataError(f"{label}: {n_lab} label page{'s' * (n_lab != 1)} for the {n_img} of {image.name}; "
+                        "give each image page its label page, in the same order")
+    if n_img == 1:
+        return [{"image": str(image), "label": str(label), "page": 0, "name": image.stem}]
+    return [{"image": str(image), "label": str(label), "page": k, "name": f"{image.stem}_{k:03d}"}
+            for k in range(n_img)]
 
 
 def _stack_pairs(volume: Path, labels: Path) -> list[dict]:

@@ -47,6 +47,31 @@ def test_challenge_stack_layout(isbi_stacks):
     assert all(p["image"].endswith("train-volume.tif") and p["label"].endswith("train-labels.tif") for p in pairs)
 
 
+def test_tiff_stacks_in_the_image_and_label_folders_give_one_sample_per_page(tmp_path):
+    # only the first page of each was read, silently
+    import tifffile
+
+    from medseg.transforms import LoadSliced
+
+    for sub in ("image", "label"):
+        (tmp_path / sub).mkdir()
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 255, (3, 16, 16), dtype=np.uint8)
+    labels = np.where(rng.random((3, 16, 16)) > 0.3, 255, 0).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "image" / "a.tif", volume, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "label" / "a.tif", labels, photometric="minisblack")
+    Image.fromarray(volume[0]).save(tmp_path / "image" / "b.png")
+    Image.fromarray(labels[0]).save(tmp_path / "label" / "b.png")
+    pairs = find_pairs(tmp_path)
+    assert [(p["name"], p["page"]) for p in pairs] == [("a_000", 0), ("a_001", 1), ("a_002", 2), ("b", 0)]
+    loaded = LoadSliced(["image", "label"])(pairs[1])
+    assert np.array_equal(np.asarray(loaded["image"])[0], volume[1])
+    assert np.array_equal(np.asarray(loaded["label"])[0], labels[1])
+    tifffile.imwrite(tmp_path / "label" / "a.tif", labels[:2], photometric="minisblack")
+    with pytest.raises(DataError, match=r"label/a.tif: 2 label pages for the 3 of a.tif; give each image page"):
+        find_pairs(tmp_path)
+
+
 def test_a_changed_page_of_a_stack_marks_that_slice_only(isbi_stacks):
     import tifffile
 
