@@ -40,10 +40,12 @@ def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: 
 
 
 def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, output_dir: Path,
-                         own_store: bool = False) -> None:
+                         own_store: bool = False) -> tuple[str, int | None] | None:
     """Before a resumed training: when the folder's run finished (``--resume --epochs`` more after a run that
     completed), mark it unfinished, so that MONAI's handler continues it (one run, one curve per metric)
-    instead of starting a second run of the same name. A run left unfinished is continued anyway."""
+    instead of starting a second run of the same name. A run left unfinished is continued anyway.
+
+    Returns the reopened run's id and end time, for :func:`finish_again` should the resume be refused."""
     import mlflow
 
     try:
@@ -53,8 +55,25 @@ def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, outp
             latest = max(runs, key=lambda r: r.info.start_time or 0)
             mlflow.MlflowClient(tracking_uri=tracking_uri).set_terminated(latest.info.run_id,
                                                                           status.to_string(status.KILLED))
+            return latest.info.run_id, latest.info.end_time
     except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
         logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
+    return None
+
+
+def finish_again(settings: dict) -> None:
+    """A resume refused before it started: the run :func:`settings` reopened is marked finished again, with its
+    own end time (it was left KILLED). Never raises."""
+    reopened = settings.get("reopened")
+    if not reopened:
+        return
+    try:
+        import mlflow
+
+        mlflow.MlflowClient(tracking_uri=settings["configs"]["tracking_uri"]).set_terminated(
+            reopened[0], "FINISHED", end_time=reopened[1])
+    except Exception as err:  # noqa: BLE001 - the refusal is what the user must see
+        logging.getLogger(__name__).warning("could not mark the folder's MLflow run finished again: %s", err)
 
 
 def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool = False) -> list:
@@ -162,7 +181,8 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     if "output_dir" in params:
         params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
     if resume:
-        _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"], output_dir, own_store)
+        settings["reopened"] = _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"],
+                                                    output_dir, own_store)
         params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
     configs["trainer"]["experiment_param"] = params

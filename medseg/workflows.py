@@ -324,6 +324,7 @@ def train(
         runfolder.check_run_folder(out, resume, overwrite)
         # --overwrite, --resume: the split and config the checks below write replace the run's only if they pass
         aside = runfolder.set_aside(out, runfolder.SET_ASIDE) if overwrite or resume else []
+        tracked: dict | None = None
         try:
             recorded = runfolder.recorded_run(out) if resume else {}
             if resume:
@@ -343,7 +344,6 @@ def train(
             if resume and isinstance(parser.get("val_at_start"), bool):
                 parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
             config_path = out / "config.json"
-            tracked: dict | None = None
             if tracking:
                 artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
                 experiment = f"medseg-{Path(bundle).resolve().name}"
@@ -399,6 +399,8 @@ def train(
                 _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
         except BaseException:
             runfolder.put_back(aside)
+            if tracked is not None:
+                mlflow_tracking.finish_again(tracked)  # a refused resume leaves the finished run as it was
             raise
         runfolder.put_back(aside, keep_new=True)
         cleanup.started = True  # from here on, what the run writes is kept whatever happens

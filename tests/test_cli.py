@@ -347,6 +347,26 @@ def test_a_resumed_run_logged_with_a_relative_folder_gets_no_second_folder_param
     assert params == {"max_epochs.resume1": 5}
 
 
+def test_a_refused_resume_leaves_the_finished_mlflow_run_as_it_was(trained, tmp_path):
+    # the run was reopened (marked KILLED, its end time rewritten) before the length was found already reached
+    import mlflow
+
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+
+    def run_info():
+        experiment = client.get_experiment_by_name("medseg-isbi_em").experiment_id
+        return [(r.info.status, r.info.end_time) for r in client.search_runs([experiment])]
+
+    before = run_info()
+    assert [status for status, _ in before] == ["FINISHED"]
+    _assert_one_line_error(_invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume",
+                                   "--epochs", 3, "--no-progress", "--device", "cpu", *_tiny_args()),
+                           "has trained 3 epochs and the run is set to 3")
+    assert run_info() == before
+
+
 def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path):
     """As the interrupt message says it: --resume alone continues the run as it was set, not the bundle's
     150 epochs; on its own split; and a length already reached is one line, not Ignite's traceback."""
