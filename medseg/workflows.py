@@ -545,6 +545,8 @@ def evaluate(
         raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     if "eval_split" in parser:
         parser["eval_split"] = split
+    if split == "all" and parser.get("val_count") is not None:
+        parser["val_count"] = 0  # ISBI: nothing is held out when every slice is scored (5 of 4 could not be)
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)

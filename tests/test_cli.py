@@ -1138,6 +1138,15 @@ def test_bad_input_unreadable_split_record(trained, tmp_path):
     assert "split.json: not a readable split record" in result.output and "Traceback" not in result.output
 
 
+def test_evaluate_all_of_fewer_slices_than_the_bundle_holds_out(trained, tmp_path):
+    # --split all on 4 slices failed: "cannot hold out 5 validation slices from 4"
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--split", "all", "--no-progress", "--device", "cpu",
+                     *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["images"] == 4
+
+
 def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):
     import medseg.evaluation
 
