@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,41 @@ from torch import nn
 
 from medseg.errors import ConfigValueError, DataError
 from medseg.io import atomic_output
+
+
+def _log_handlers() -> list[logging.Handler]:
+    loggers = [logging.getLogger(), *(lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(lg, logging.Logger))]
+    return [h for lg in loggers for h in lg.handlers]
+
+
+def start_bars(progress: Any) -> list[tuple[logging.StreamHandler, Any]]:
+    """Start rich ``progress`` with the log lines meant for the terminal printed above its bars.
+
+    On a terminal rich takes over ``sys.stdout`` / ``sys.stderr`` so that what is printed goes above the live
+    bars, but a logging handler (MONAI's engine logs, ours) keeps the stream it was made with, and its lines
+    were drawn over by the bars or glued to their end. Such handlers are given rich's streams until
+    :func:`stop_bars`. Returns what to put back.
+    """
+    before = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    progress.start()
+    after = (sys.stdout, sys.stderr, sys.stdout, sys.stderr)
+    routes = {id(old): new for old, new in zip(before, after, strict=True) if old is not None and old is not new}
+    moved = []
+    if routes:
+        for handler in _log_handlers():
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and id(handler.stream) in routes:
+                moved.append((handler, handler.setStream(routes[id(handler.stream)])))
+    return moved
+
+
+def stop_bars(progress: Any, moved: list[tuple[logging.StreamHandler, Any]]) -> None:
+    """Stop the bars :func:`start_bars` started; the log handlers get their own streams back."""
+    for handler, stream in moved:
+        handler.setStream(stream)
+    moved.clear()
+    progress.stop()
 
 
 class RichProgress:
@@ -33,6 +70,7 @@ class RichProgress:
         self._progress: Any = None
         self._epochs: Any = None
         self._iters: Any = None
+        self._moved: list = []
 
     def attach(self, engine: Engine) -> None:
         if self.disable:
@@ -45,15 +83,19 @@ class RichProgress:
 
     def _start(self, engine: Engine) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Column
 
+        # the metrics are cut to the terminal's width rather than squeezing the bars out (at 80 columns)
+        info = Column(no_wrap=True, overflow="ellipsis")
         self._progress = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}", table_column=info),
         )
-        self._progress.start()
+        info.max_width = max(16, self._progress.console.width - 56)
+        self._moved = start_bars(self._progress)
         self._epochs = self._progress.add_task(
             "epochs", total=engine.state.max_epochs, completed=engine.state.epoch, info=""
         )
@@ -75,7 +117,7 @@ class RichProgress:
 
     def _stop(self, engine: Engine, *args: Any) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            stop_bars(self._progress, self._moved)
             self._progress = None
 
 
@@ -270,20 +312,24 @@ class FileProgress:
         self.total, self.disable = total, disable
         self._progress: Any = None
         self._task: Any = None
+        self._moved: list = []
 
     def __enter__(self) -> FileProgress:
         if not self.disable:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.table import Column
 
+            # a long relative path (DSB's ID/images/ID.png) is cut at its start, not squeezing out the bar
             self._progress = Progress(TextColumn("files"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                      TextColumn("{task.fields[name]}"))
-            self._progress.start()
+                                      TextColumn("{task.fields[name]}", table_column=Column(no_wrap=True,
+                                                                                          overflow="ellipsis")))
+            self._moved = start_bars(self._progress)
             self._task = self._progress.add_task("files", total=self.total, name="")
         return self
 
     def start(self, name: str) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, name=name)
+            self._progress.update(self._task, name=name if len(name) <= 40 else "…" + name[-39:])
 
     def advance(self) -> None:
         if self._progress is not None:
@@ -291,7 +337,7 @@ class FileProgress:
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            stop_bars(self._progress, self._moved)
 
 
 class WeightEMA(EMAHandler):

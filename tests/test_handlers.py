@@ -1,4 +1,5 @@
-"""Weight averaging (WeightEMA) and its wiring into training, evaluation and resume; interruption-safe checkpoints."""
+"""Weight averaging (WeightEMA) and its wiring into training, evaluation and resume; interruption-safe checkpoints;
+progress bars and the log lines beside them."""
 
 from __future__ import annotations
 
@@ -195,3 +196,41 @@ def test_checkpoints_hold_cpu_tensors_with_their_state_dict_metadata(tmp_path):
     assert all(type(t) is torch.Tensor for v in saved["optimizer"]["state"].values() for t in v.values()
                if torch.is_tensor(t))
     _net().load_state_dict(saved["model"])
+
+
+def test_log_lines_go_above_the_bars_on_a_terminal(monkeypatch):
+    # a logging handler keeps the stream it was made with, so its lines were drawn over by the live bars
+    import io
+    import logging
+    import sys
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from medseg.handlers import start_bars, stop_bars
+
+    screen = io.StringIO()
+    progress = Progress(console=Console(file=screen, force_terminal=True, force_interactive=True, width=80))
+    logger = logging.getLogger("medseg.tests.bars")
+    handler = logging.StreamHandler(sys.stdout)
+    monkeypatch.setattr(logger, "handlers", [handler])
+    monkeypatch.setattr(logger, "propagate", False)
+    own = handler.stream
+    moved = start_bars(progress)
+    try:
+        assert handler.stream is sys.stdout and sys.stdout is not own  # rich's stream, printed above the bars
+        logger.warning("Epoch[1] Metrics -- train_loss_epoch: 1.0")
+    finally:
+        stop_bars(progress, moved)
+    assert handler.stream is own and sys.stdout is own
+    assert "Epoch[1] Metrics -- train_loss_epoch: 1.0\n" in screen.getvalue()
+
+
+def test_a_long_file_name_is_cut_at_its_start_in_the_bar():
+    from medseg.handlers import FileProgress
+
+    name = "08151b19806eebd58e5acec7e138dbfbb1761f41a1ab9620466584ecc7d5fada/images/08151b19806e.png"
+    with FileProgress(1) as bar:
+        bar.start(name)
+        shown = bar._progress.tasks[0].fields["name"]
+    assert len(shown) == 40 and shown.startswith("…") and name.endswith(shown[1:])
