@@ -108,6 +108,8 @@ def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:
     """
     root = Path(bundle)
     meta = root / "configs" / "metadata.json"
+    if not root.exists():
+        raise BundleError(f"{root}: bundle folder not found; give a bundle folder such as bundles/isbi_em")
     if not meta.is_file():
         raise BundleError(
             f"{root}: not a bundle (no configs/metadata.json); give a bundle folder such as bundles/isbi_em"
@@ -345,7 +347,8 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; train first or pass --checkpoint")
+        raise CheckpointError(f"{path}: checkpoint not found; give --checkpoint the model.pt of a training "
+                              "(medseg train writes OUTPUT/model.pt)")
     try:
         with open(path, "rb") as f:
             digest = stream_sha256(f)

@@ -54,11 +54,19 @@ app = typer.Typer(
     add_completion=False,
 )
 
-BundleArg = Annotated[Path, typer.Argument(help="Bundle folder: bundles/isbi_em, bundles/jurkat or bundles/nuclei.")]
+def _home(value: Any) -> Any:
+    """``~`` in a path option expanded, as the shell does not after ``--output=``."""
+    if isinstance(value, list):
+        return [Path(v).expanduser() for v in value]
+    return Path(value).expanduser() if value is not None else None
+
+
+BundleArg = Annotated[Path, typer.Argument(callback=_home,
+                                           help="Bundle folder: bundles/isbi_em, bundles/jurkat or bundles/nuclei.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
 OverlayOpt = Annotated[
     list[Path] | None,
-    typer.Option("--config", "-c",
+    typer.Option("--config", "-c", callback=_home,
                  help="Overlay config merged over the bundle's (repeatable); every key must be a config id.",
                  metavar="FILE"),
 ]
@@ -69,6 +77,7 @@ SetOpt = Annotated[
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.", metavar="")]
 CheckpointOpt = Annotated[list[Path] | None, typer.Option(
+    callback=_home,
     help="Weights (default: BUNDLE/models/model.pt); repeat it to run several trainings of the bundle's network "
          "as one ensemble, their outputs averaged.",
     metavar="PATH",
@@ -155,13 +164,12 @@ def _main(
 def train(
     ctx: typer.Context,
     bundle: BundleArg,
-    data: Annotated[Path, typer.Option(help=(
+    data: Annotated[Path, typer.Option(callback=_home, help=(
         "Labelled data folder in the bundle's layout: isbi_em image/ + label/ or ISBI TIFF stacks; jurkat "
         "images + masks (image_glob, mask_template); nuclei DSB 2018 {id}/images + {id}/masks, or images/ + "
         "masks/ instance label images."))],
-    output: Annotated[Path, typer.Option(help="Run folder: checkpoints, curves, split, MLflow store.")] = Path(
-        "runs/latest"
-    ),
+    output: Annotated[Path, typer.Option(callback=_home, help="Run folder: checkpoints, curves, split, MLflow store.")
+                      ] = Path("runs/latest"),
     device: DeviceOpt = "auto",
     epochs: Annotated[int | None, typer.Option(help="Override max_epochs.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
@@ -188,16 +196,20 @@ def train(
         str(bundle), str(data), str(output), device=device, overlays=tuple(map(str, config or [])),
         overrides=_overrides(set_, max_epochs=epochs), resume=resume, overwrite=overwrite, tracking=tracking,
         tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress))
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    if summary.get("best_metric") is not None:
+        typer.echo(f"best {summary['key_metric']} {summary['best_metric']:.4f} at epoch "
+                   f"{summary['best_metric_epoch']}: {Path(summary['output_dir']) / 'model.pt'}")
 
 
 @app.command(cls=_Command)
 def evaluate(
     ctx: typer.Context,
     bundle: BundleArg,
-    data: Annotated[Path, typer.Option(help="Labelled data folder.")],
+    data: Annotated[Path, typer.Option(callback=_home, help="Labelled data folder.")],
     checkpoint: CheckpointOpt = None,
     output: Annotated[Path | None, typer.Option(
+        callback=_home,
         help="Where metrics.csv and summary.json go (default: eval, or eval_ensemble, beside the first checkpoint).",
     )] = None,
     split: Annotated[str | None, typer.Option(help=(
@@ -217,8 +229,8 @@ def evaluate(
     summary = _run(ctx, lambda: workflows.evaluate(
         str(bundle), str(data), ckpts, str(out), split=split, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
-    typer.echo(json.dumps(summary, indent=2))
-    typer.echo(f"per-image metrics: {out / 'metrics.csv'}")
+    typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    typer.echo(f"per-image metrics: {out / 'metrics.csv'}; summary: {out / 'summary.json'}")
 
 
 @app.command(cls=_Command)
@@ -226,9 +238,11 @@ def infer(
     ctx: typer.Context,
     bundle: BundleArg,
     input_path: Annotated[Path, typer.Argument(
+        callback=_home,
         help="Folder (searched recursively) or one file: PNG, TIFF (stacks), BMP, JPEG, NIfTI, DICOM (one input per "
              "series).")],
     output_dir: Annotated[Path, typer.Argument(
+        callback=_home,
         help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles), manifest.csv and run.json.")],
     checkpoint: CheckpointOpt = None,
     include: Annotated[list[str] | None, typer.Option(
@@ -267,7 +281,7 @@ def infer(
         include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
         output_format=format_, save_prob=prob),
         interrupted=f"finished inputs are kept in {output_dir}; run the same command again to do the rest")
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=2))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=2, ensure_ascii=False))
     for message in summary["failures"]:
         typer.secho(f"failed: {message}", err=True, fg=typer.colors.RED)
     if summary["failed"]:
@@ -279,13 +293,18 @@ def infer(
 @app.command(cls=_Command)
 def info(
     ctx: typer.Context,
-    bundles_dir: Annotated[Path, typer.Option(help="Where to look for bundles.")] = Path("bundles"),
+    bundles_dir: Annotated[Path, typer.Option(callback=_home, help="Where to look for bundles.")] = Path("bundles"),
 ) -> None:
     """Print versions, the compute device and the available bundles."""
     from medseg.info import collect_info
 
+    given = getattr(ctx.get_parameter_source("bundles_dir"), "name", "") == "COMMANDLINE"
+    if given and not bundles_dir.is_dir():  # the default is looked for quietly: info still reports the versions
+        typer.secho(f"error: {bundles_dir}: folder not found; pass --bundles-dir pointing to the folder that holds "
+                    "the bundles (isbi_em, jurkat, nuclei)", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
     found = _run(ctx, collect_info, bundles_dir)
-    typer.echo(json.dumps(found, indent=2))
+    typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
     if not found["bundles"]:
         typer.secho(f"note: no bundles in {bundles_dir}; pass --bundles-dir pointing to the folder that holds "
                     "isbi_em, jurkat and nuclei", err=True)

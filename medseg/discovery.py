@@ -128,11 +128,13 @@ def discover(
             continue
         inputs.append(InputItem(str(where), "", rel, error=f"{where}: {why}", key=rel))
     dicom_by_dir: dict[Path, list[Path]] = {}
+    filtered = 0
     for file in files:
         rel = file.relative_to(root).as_posix()
         if any(part.startswith(".") for part in PurePosixPath(rel).parts):
             continue  # hidden files, and our own temporary outputs
         if (include and not _matches(rel, include)) or _matches(rel, exclude):
+            filtered += 1
             continue
         fmt = SUFFIXES.get(suffix_of(file))
         if fmt == "dicom" or (fmt is None and is_dicom_file(file)):
@@ -148,6 +150,9 @@ def discover(
         ignored += not_images
     if not inputs:
         supported = ", ".join(sorted(set(SUFFIXES)))
+        if filtered:  # the filters, not the folder, left nothing (e.g. --include '*.PNG' for .png files)
+            raise DataError(f"{root}: no images to segment: --include / --exclude left out all {filtered} files; "
+                            "check the patterns (they match case as written)")
         extra = f" ({len(ignored)} files of other types ignored)" if ignored else ""
         raise DataError(f"{root}: no images to segment{extra}; supported: {supported} and DICOM series folders")
     inputs.sort(key=lambda item: natural_key(item.rel))

@@ -119,8 +119,9 @@ def _check_training_length(parser: Any, max_minutes: float | None) -> None:
         raise ConfigValueError(f"--max-minutes {max_minutes}: give a positive time, e.g. --max-minutes 30")
 
 
-def _check_batches(trainer: Any, data_dir: str) -> None:
-    """A training loader that yields no batch would end the run at once, without a model: say so."""
+def _check_batches(trainer: Any, data_dir: str, parser: Any = None) -> None:
+    """A training loader that yields no batch would end the run at once, without a model: say so, naming the
+    bundle's id that sets the batch (``parser``: the bundle's config) and the largest value that fills one."""
     loader = getattr(trainer, "data_loader", None)
     try:
         batches, samples = len(loader), len(loader.dataset)
@@ -128,8 +129,15 @@ def _check_batches(trainer: Any, data_dir: str) -> None:
         return
     if batches == 0:
         size = getattr(loader, "batch_size", None)
-        raise DataError(f"{data_dir}: {samples} training samples fill no batch of {size}; add images or lower the "
-                        "batch size (e.g. --set batch_size=N where the bundle has that id)")
+        raw = parser.get("train#dataloader#batch_size") if parser is not None else None
+        hint = "the batch size (e.g. --set batch_size=N where the bundle has that id)"
+        if isinstance(raw, str) and re.fullmatch(r"@\w+", raw):
+            hint = f"{raw[1:]} (--set {raw[1:]}={samples} at most)"
+        elif isinstance(raw, str) and "@batch_size" in raw and "@samples_per_image" in raw:  # crops per step
+            per_image = parser.get_parsed_content("samples_per_image")
+            hint = (f"batch_size, which counts crops, {per_image} per image (--set batch_size={samples * per_image} "
+                    "at most)")
+        raise DataError(f"{data_dir}: {samples} training images fill no batch of {size}; add images or lower {hint}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -366,7 +374,7 @@ def train(
             parser.get_parsed_content("initialize")
             trainer = parser.get_parsed_content("train#trainer")
             evaluator = parser.get_parsed_content("validate#evaluator")
-            _check_batches(trainer, data_dir)
+            _check_batches(trainer, data_dir, parser)
             scaler_dicts = _checkpoint_scaler(parser, trainer)  # before a resume's loader: it fills its dict
             if tracked is not None and not resume:
                 mlflow_tracking.retire_unfinished_runs(tracked["configs"], out, own_store)

@@ -1876,3 +1876,39 @@ def test_the_run_record_hides_credentials_of_urls(monkeypatch):
         import re
 
         assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", record["medseg_commit"]), record["medseg_commit"]
+
+
+def test_train_ends_with_the_best_score_and_where_the_model_is(trained):
+    import re
+
+    last = trained["output"].strip().splitlines()[-1]
+    assert re.fullmatch(r"best val_v_rand \d\.\d{4} at epoch [123]: .*model\.pt", last), last
+    assert last.endswith(str(trained["out"] / "model.pt"))
+
+
+def test_home_folder_paths_and_non_ascii_names_as_given(trained, tmp_path, monkeypatch):
+    # '--output=~/x' is not expanded by the shell: it made a folder named '~'; and names were printed as \u00e9
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(trained["data"], tmp_path / "données")
+    result = _invoke("evaluate", BUNDLE, "--data=~/données", f"--checkpoint={trained['out'] / 'model.pt'}",
+                     "--output=~/évaluation", "--split", "all", "--no-progress", "--device", "cpu",
+                     *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "évaluation" / "summary.json").is_file() and not list(Path.cwd().glob("~"))
+    assert f"summary: {tmp_path / 'évaluation' / 'summary.json'}" in result.output
+    result = _invoke("infer", BUNDLE, "~/données/train/image", "~/segmentées", "--checkpoint",
+                     trained["out"] / "model.pt", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert f'"manifest": "{tmp_path / "segmentées" / "manifest.csv"}"' in result.output  # not segment\u00e9es
+
+
+def test_missing_folders_and_filters_that_leave_nothing_say_so(trained, tmp_path):
+    result = _invoke("info", "--bundles-dir", tmp_path / "nowhere")
+    _assert_one_line_error(result, f"{tmp_path / 'nowhere'}: folder not found; pass --bundles-dir")
+    result = _invoke("infer", tmp_path / "nobundle", trained["data"], tmp_path / "out")
+    _assert_one_line_error(result, f"{tmp_path / 'nobundle'}: bundle folder not found")
+    result = _invoke("infer", BUNDLE, trained["data"], tmp_path / "out", "--checkpoint", tmp_path / "none.pt")
+    _assert_one_line_error(result, "none.pt: checkpoint not found; give --checkpoint the model.pt of a training")
+    result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", tmp_path / "out", "--checkpoint",
+                     trained["out"] / "model.pt", "--include", "*.PNG", "--no-progress", *_tiny_args(TINY_NET))
+    _assert_one_line_error(result, "no images to segment: --include / --exclude left out all 4 files")

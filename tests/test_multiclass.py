@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -487,9 +488,18 @@ def test_a_loader_with_no_batch_is_a_one_line_error():
     from medseg.workflows import _check_batches
 
     loader = torch.utils.data.DataLoader(list(range(3)), batch_size=4, drop_last=True)
-    with pytest.raises(DataError, match=r"^DATA: 3 training samples fill no batch of 4; add images or lower"):
+    with pytest.raises(DataError, match=r"^DATA: 3 training images fill no batch of 4; add images or lower"):
         _check_batches(type("Trainer", (), {"data_loader": loader})(), "DATA")
     _check_batches(type("Trainer", (), {"data_loader": torch.utils.data.DataLoader(list(range(3)))})(), "DATA")
+    # the bundle's own id is named, with the largest value that fills a batch: nuclei's batch_size counts crops
+    from medseg.bundle import load_config
+
+    trainer = type("Trainer", (), {"data_loader": loader})()
+    for bundle, hint in (("nuclei", "batch_size, which counts crops, 2 per image (--set batch_size=6 at most)"),
+                         ("isbi_em", "images_per_batch (--set images_per_batch=3 at most)"),
+                         ("jurkat", "batch_size (--set batch_size=3 at most)")):
+        with pytest.raises(DataError, match=re.escape(hint)):
+            _check_batches(trainer, "DATA", load_config(REPO / "bundles" / bundle, "train"))
 
 
 def test_cli_evaluate_checks_model_and_output_folder_before_writing(trained, tmp_path):
