@@ -494,7 +494,32 @@ def data_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _no_empty_output_left(workflow: Callable[..., Any]) -> Callable[..., Any]:
+    """``workflow`` (with an ``output_dir`` argument) that, when it fails, removes the output folders it made
+    that are still empty: a refused evaluation leaves no empty ``eval/`` behind."""
+    import inspect
+
+    signature = inspect.signature(workflow)
+
+    @functools.wraps(workflow)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        given = signature.bind(*args, **kwargs).arguments
+        output_dir = given.get("output_dir")
+        if output_dir is None:  # evaluate's default, beside the checkpoint
+            with contextlib.suppress(Exception):  # a bad checkpoint argument fails in the workflow itself
+                output_dir = evaluation_dir(checkpoint_list(given.get("checkpoint"), given.get("bundle")))
+        made = runfolder.folders_made_for(Path(output_dir).absolute()) if output_dir else []
+        try:
+            return workflow(*args, **kwargs)
+        except BaseException:
+            runfolder.remove_if_empty(made)
+            raise
+
+    return run
+
+
 @_finishing_pool_threads
+@_no_empty_output_left
 def evaluate(
     bundle: str,
     data_dir: str,

@@ -1912,3 +1912,18 @@ def test_missing_folders_and_filters_that_leave_nothing_say_so(trained, tmp_path
     result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", tmp_path / "out", "--checkpoint",
                      trained["out"] / "model.pt", "--include", "*.PNG", "--no-progress", *_tiny_args(TINY_NET))
     _assert_one_line_error(result, "no images to segment: --include / --exclude left out all 4 files")
+
+
+def test_a_failed_evaluation_leaves_no_empty_output_folder(trained, tmp_path):
+    # a data folder without images failed after making the output folder, which stayed, empty
+    out = tmp_path / "a" / "eval"
+    result = _invoke("evaluate", BUNDLE, "--data", tmp_path / "nodata", "--checkpoint", trained["out"] / "model.pt",
+                     "--output", out, "--no-progress", *_tiny_args(TINY_NET))
+    _assert_one_line_error(result, "data folder not found")
+    empty = tmp_path / "empty"
+    (empty / "train" / "image").mkdir(parents=True)
+    (empty / "train" / "label").mkdir(parents=True)
+    result = _invoke("evaluate", BUNDLE, "--data", empty, "--checkpoint", trained["out"] / "model.pt",
+                     "--output", out, "--split", "all", "--no-progress", *_tiny_args(TINY_NET))
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "a").exists()
