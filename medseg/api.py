@@ -78,19 +78,23 @@ class Segmenter:
         overlays: Sequence[str | os.PathLike] = (),
         overrides: dict[str, Any] | None = None,
     ) -> None:
+        with _rng_kept():  # a first import of MONAI draws from Python's generator; the network's init from torch's
+            self._build(str(bundle), checkpoint, device, tta, overlays, overrides)
+
+    def _build(self, bundle: str, checkpoint: Any, device: str, tta: bool | None, overlays: Sequence[Any],
+               overrides: dict[str, Any] | None) -> None:
         from medseg.bundle import load_config
         from medseg.ensemble import load_members
         from medseg.transforms import LoadSliced
         from medseg.workflows import checkpoint_list, device_settings, select_device
         from medseg.writers import SaveSegmentationd
 
-        bundle = str(bundle)
         checkpoints = checkpoint_list(checkpoint, bundle)
         self.device = select_device(device)
         settings = {"ckpt_path": checkpoints[0], "datalist": [], "handlers": [],
                     **({} if tta is None else {"tta": bool(tta)}), **device_settings(self.device)}
         parser = load_config(bundle, "infer", tuple(str(o) for o in overlays), overrides, settings)
-        with _user_errors(), _rng_kept():  # the network's random initialisation leaves the caller's seeds alone
+        with _user_errors():
             self.network = load_members(parser.get_parsed_content("network_def"), checkpoints)[0].to(self.device).eval()
             parser.get_parsed_content("initialize")
             self.inferer = parser.get_parsed_content("inferer")
@@ -233,9 +237,9 @@ def _rng_kept() -> Iterator[None]:
     """Put torch's, NumPy's and Python's global random generators back as they were."""
     import random
 
+    python, numpy = random.getstate(), np.random.get_state()  # before importing torch, which may draw too
     import torch
 
-    python, numpy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         try:
             yield

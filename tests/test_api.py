@@ -288,3 +288,23 @@ def test_a_diameter_per_image_as_infer_set_diameter(weights):
         scaled.segment(image, diameter=0)
     with pytest.raises(ConfigValueError, match="not trained at a standard object size"):
         _segmenter("nuclei", weights).segment(image, diameter=10)
+
+
+def test_the_first_segmenter_of_a_process_leaves_pythons_generator_alone(weights):
+    # importing MONAI on the first construction drew from Python's random generator
+    import subprocess
+    import sys
+
+    overrides = dict(parse_override(item) for item in TINY["isbi_em"])
+    script = (
+        "import random, sys\n"
+        "from medseg.api import Segmenter\n"
+        "assert 'monai' not in sys.modules\n"
+        "random.seed(5)\n"
+        "before = random.getstate()\n"
+        f"Segmenter({str(ROOT / 'bundles' / 'isbi_em')!r}, {str(weights['isbi_em'])!r}, device='cpu', "
+        f"overrides={overrides!r})\n"
+        "assert 'monai' in sys.modules and random.getstate() == before\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
