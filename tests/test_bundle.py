@@ -107,7 +107,7 @@ def test_overrides_must_name_existing_keys():
     assert parser["max_epochs"] == 3 and parser["network_def#channels"] == [4, 8]
     with pytest.raises(BundleError, match="unknown config key 'max_epoch'.*did you mean max_epochs"):
         load_config(BUNDLE, "train", overrides={"max_epoch": 3})
-    with pytest.raises(BundleError, match="not a bundle"):
+    with pytest.raises(BundleError, match="bundle folder not found"):
         load_config(REPO / "bundles" / "nope", "train")
     assert parse_override("a#b=[1, 2]") == ("a#b", [1, 2])
     assert parse_override("loss_name=dice_ce") == ("loss_name", "dice_ce")

@@ -436,8 +436,8 @@ def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monk
 
     original = workflows._check_batches
 
-    def press_ctrl_c(trainer, data_dir):
-        original(trainer, data_dir)
+    def press_ctrl_c(trainer, data_dir, *rest):
+        original(trainer, data_dir, *rest)
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=step), lambda _: os.kill(os.getpid(), signal.SIGINT))
 
     monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c)
@@ -587,8 +587,8 @@ def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_
 
     original = workflows._check_batches
 
-    def press_ctrl_c(trainer, data_dir):
-        original(trainer, data_dir)
+    def press_ctrl_c(trainer, data_dir, *rest):
+        original(trainer, data_dir, *rest)
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3),
                                   lambda _: os.kill(os.getpid(), getattr(signal, signum)))
 
@@ -621,8 +621,8 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     assert _invoke("train", BUNDLE, "--output", tmp_path / "straight", *args).exit_code == 0
     original = workflows._check_batches
 
-    def press_ctrl_c(trainer, data_dir):  # in epoch 2's first step (2 steps per epoch)
-        original(trainer, data_dir)
+    def press_ctrl_c(trainer, data_dir, *rest):  # in epoch 2's first step (2 steps per epoch)
+        original(trainer, data_dir, *rest)
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda _: os.kill(os.getpid(), signal.SIGINT))
 
     monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c)
@@ -681,8 +681,8 @@ def test_a_diverged_training_stops_in_one_line_keeping_the_weights_before_it(tmp
 
     original = workflows._check_batches
 
-    def break_weights(trainer, data_dir):
-        original(trainer, data_dir)
+    def break_weights(trainer, data_dir, *rest):
+        original(trainer, data_dir, *rest)
 
         def nan(_):
             with torch.no_grad():
@@ -760,8 +760,8 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkey
 
     original = workflows._check_batches
 
-    def press_ctrl_c_twice(trainer, data_dir):
-        original(trainer, data_dir)
+    def press_ctrl_c_twice(trainer, data_dir, *rest):
+        original(trainer, data_dir, *rest)
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3),
                                   lambda _: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
 
@@ -1255,7 +1255,10 @@ def test_bad_input_non_binary_label(tmp_path):
 
 def test_bad_input_unknown_bundle(tmp_path, isbi_folder):
     result = _invoke("train", tmp_path / "no_bundle", "--data", isbi_folder, "--output", tmp_path / "o")
-    _assert_one_line_error(result, "no_bundle", "not a bundle")
+    _assert_one_line_error(result, "no_bundle: bundle folder not found")
+    (tmp_path / "no_bundle").mkdir()
+    result = _invoke("train", tmp_path / "no_bundle", "--data", isbi_folder, "--output", tmp_path / "o")
+    _assert_one_line_error(result, "no_bundle: not a bundle (no configs/metadata.json)")
 
 
 def test_bad_input_unknown_override_key(tmp_path, isbi_folder):
@@ -1746,8 +1749,8 @@ def test_overwrite_removes_the_replaced_runs_weights_even_when_the_new_run_fails
     shutil.copytree(trained["out"], out)
     original = workflows._check_batches
 
-    def fail_at_once(trainer, data_dir):
-        original(trainer, data_dir)
+    def fail_at_once(trainer, data_dir, *rest):
+        original(trainer, data_dir, *rest)
 
         def fail(_):
             raise RuntimeError("the new run fails")
