@@ -45,15 +45,16 @@ def literal(text: str) -> str:
     return "$" + body
 
 
-def literal_items(value: Any) -> Any:
+def literal_items(value: Any, keep_worked_out: bool = False) -> Any:
     """Data (samples: mappings and lists of paths and names) to be put into a config, every text in it a
-    :func:`literal`."""
+    :func:`literal`; with ``keep_worked_out``, texts that start as an expression, reference or macro stay one
+    (a ``--set`` value)."""
     if isinstance(value, str):
-        return literal(value)
+        return value if keep_worked_out and value.startswith(_WORKED_OUT) else literal(value)
     if isinstance(value, dict):
-        return {k: literal_items(v) for k, v in value.items()}
+        return {k: literal_items(v, keep_worked_out) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [literal_items(v) for v in value]
+        return [literal_items(v, keep_worked_out) for v in value]
     return value
 
 
@@ -225,8 +226,9 @@ def load_config(
         if key not in parser:
             raise BundleError(_unknown_key_message(parser, key, bundle))
         value = _check_override_type(key, _referenced(parser, parser[key]), value)
-        # a text (a mask template, a folder) keeps its '#': one meant as an expression or reference starts with one
-        parser[key] = literal(value) if isinstance(value, str) and not value.startswith(_WORKED_OUT) else value
+        # a text (a mask template, a folder, a class name) keeps its '#'; one meant as an expression, reference
+        # or macro starts with '$', '@' or '%'
+        parser[key] = literal_items(value, keep_worked_out=True)
     _check_patch_size(parser)
     if workflow == "train":  # evaluate and infer do not batch training crops
         check_batch_size(parser)

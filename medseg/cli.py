@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,10 +56,14 @@ app = typer.Typer(
 )
 
 def _home(value: Any) -> Any:
-    """``~`` in a path option expanded, as the shell does not after ``--output=``."""
+    """A path option's leading ``~`` or ``~/`` as the home folder, as the shell does not expand it after
+    ``--output=``; other names (``~results``, a folder of that name) are kept as given."""
     if isinstance(value, list):
-        return [Path(v).expanduser() for v in value]
-    return Path(value).expanduser() if value is not None else None
+        return [_home(v) for v in value]
+    if value is None:
+        return None
+    text = str(value)
+    return Path(os.path.expanduser(text)) if text == "~" or text.startswith("~/") else Path(value)
 
 
 BundleArg = Annotated[Path, typer.Argument(callback=_home,

@@ -79,6 +79,12 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
         if label is None:
             raise DataError(f"{image}: no label found; add {label_dir / image.name} or remove the image")
         pairs.extend(_paired_pages(image, label))
+    named: dict[str, str] = {}
+    for pair in pairs:  # a stack's a_001 and an image a_001.png beside it would be one name twice
+        other = named.setdefault(pair["name"], pair["image"])
+        if other != pair["image"]:
+            raise DataError(f"{pair['image']}: its sample name '{pair['name']}' is also one of {other} (a stack's "
+                            "pages are named STEM_000, STEM_001, ...); rename one of them")
     if not pairs:
         raise DataError(f"{image_dir}: no images (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
     return pairs

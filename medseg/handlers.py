@@ -29,22 +29,19 @@ def _log_handlers() -> list[logging.Handler]:
 def start_bars(progress: Any) -> list[tuple[logging.StreamHandler, Any]]:
     """Start rich ``progress`` with the log lines meant for the terminal printed above its bars.
 
-    On a terminal rich takes over ``sys.stdout`` / ``sys.stderr`` so that what is printed goes above the live
-    bars, but a logging handler (MONAI's engine logs, ours) keeps the stream it was made with, and its lines
-    were drawn over by the bars or glued to their end. Such handlers are given rich's streams until
-    :func:`stop_bars`. Returns what to put back.
+    On a terminal rich takes over ``sys.stdout`` so that what is printed goes above the live bars, but a
+    logging handler (MONAI's engine logs) keeps the stream it was made with, and its lines were drawn over by
+    the bars or glued to their end. Handlers writing to that standard output are given rich's stream until
+    :func:`stop_bars`; those on standard error are left alone (rich would print them to standard output, out
+    of a ``2>log``), and nothing moves when rich took nothing over. Returns what to put back.
     """
-    before = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    before = sys.stdout
     progress.start()
-    after = (sys.stdout, sys.stderr, sys.stdout, sys.stderr)
-    routes = {id(old): new for old, new in zip(before, after, strict=True) if old is not None and old is not new}
-    moved = []
-    if routes:
-        for handler in _log_handlers():
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                    and id(handler.stream) in routes:
-                moved.append((handler, handler.setStream(routes[id(handler.stream)])))
-    return moved
+    if sys.stdout is before:
+        return []
+    return [(handler, handler.setStream(sys.stdout)) for handler in _log_handlers()
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and handler.stream is before]
 
 
 def stop_bars(progress: Any, moved: list[tuple[logging.StreamHandler, Any]]) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.bundle import worked_out
+from medseg.bundle import worked_out, written
 from medseg.errors import CheckpointError, ConfigValueError, DataError
 
 
@@ -118,7 +118,7 @@ def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequen
     if changed:
         logging.getLogger(__name__).warning(
             "--resume: continuing with the run's own %s (from its config.json); give --set to change them",
-            ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+            ", ".join(f"{k}={written(v)!r}" for k, v in changed.items()))
 
 
 def _plain(value: Any) -> bool:

@@ -198,6 +198,7 @@ def config_settings(settings: dict) -> dict:
     written (a run folder named ``$out`` was run as Python, a param value with ``#`` rewritten)."""
     patched = copy.deepcopy(settings)
     configs = patched["configs"]
+    configs["save_execute_config"] = False  # medseg writes config.json itself, atomically, once patched
     for key in ("tracking_uri", "experiment_name", "run_name"):
         if isinstance(configs.get(key), str):
             configs[key] = literal(configs[key])

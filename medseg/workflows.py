@@ -359,8 +359,8 @@ def train(
                                                    resume)
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 own_store = tracked.pop("own_store", False)
-                # MONAI writes config.json here too
                 ConfigWorkflow.patch_bundle_tracking(parser, mlflow_tracking.config_settings(tracked))
+                parser["save_execute_config"] = tracked["configs"]["save_execute_config"]  # as recorded before
                 exported = parser.get()
             else:
                 exported = parser.get()

@@ -1722,8 +1722,11 @@ def test_a_set_text_keeps_its_hash_and_an_expression_stays_one():
     from medseg.bundle import load_config
 
     parser = load_config(REPO / "bundles" / "jurkat", "train", (), {"mask_template": "../masks#x/{stem}.png",
-                                                                     "image_glob": "@#images/*.bmp"})
+                                                                     "class_names": ["bg", "cell#body", "nucleus"],
+                                                                     "seed": "$1 + 1"})
     assert parser.get_parsed_content("mask_template") == "../masks#x/{stem}.png"  # was ../masks::x/{stem}.png
+    assert parser.get_parsed_content("class_names") == ["bg", "cell#body", "nucleus"]  # texts in a list too
+    assert parser.get_parsed_content("seed") == 2  # an expression stays one
 
 
 def test_a_multi_line_user_error_is_one_line(monkeypatch):
@@ -1898,6 +1901,9 @@ def test_home_folder_paths_and_non_ascii_names_as_given(trained, tmp_path, monke
                      *_tiny_args(TINY_NET))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "évaluation" / "summary.json").is_file() and not list(Path.cwd().glob("~"))
+    from medseg.cli import _home
+
+    assert _home("~results") == Path("~results") and _home(["~", "~/a"]) == [tmp_path, tmp_path / "a"]
     assert f"summary: {tmp_path / 'évaluation' / 'summary.json'}" in result.output
     result = _invoke("infer", BUNDLE, "~/données/train/image", "~/segmentées", "--checkpoint",
                      trained["out"] / "model.pt", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))

@@ -67,6 +67,12 @@ def test_tiff_stacks_in_the_image_and_label_folders_give_one_sample_per_page(tmp
     loaded = LoadSliced(["image", "label"])(pairs[1])
     assert np.array_equal(np.asarray(loaded["image"])[0], volume[1])
     assert np.array_equal(np.asarray(loaded["label"])[0], labels[1])
+    Image.fromarray(volume[0]).save(tmp_path / "image" / "a_001.png")  # the name of the stack's second page
+    Image.fromarray(labels[0]).save(tmp_path / "label" / "a_001.png")
+    with pytest.raises(DataError, match=r"a_001.png: its sample name 'a_001' is also one of .*a.tif"):
+        find_pairs(tmp_path)
+    for sub in ("image", "label"):
+        (tmp_path / sub / "a_001.png").unlink()
     tifffile.imwrite(tmp_path / "label" / "a.tif", labels[:2], photometric="minisblack")
     with pytest.raises(DataError, match=r"label/a.tif: 2 label pages for the 3 of a.tif; give each image page"):
         find_pairs(tmp_path)

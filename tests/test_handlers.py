@@ -212,13 +212,14 @@ def test_log_lines_go_above_the_bars_on_a_terminal(monkeypatch):
     screen = io.StringIO()
     progress = Progress(console=Console(file=screen, force_terminal=True, force_interactive=True, width=80))
     logger = logging.getLogger("medseg.tests.bars")
-    handler = logging.StreamHandler(sys.stdout)
-    monkeypatch.setattr(logger, "handlers", [handler])
+    handler, errors = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    monkeypatch.setattr(logger, "handlers", [handler, errors])
     monkeypatch.setattr(logger, "propagate", False)
-    own = handler.stream
+    own, errors_own = handler.stream, errors.stream
     moved = start_bars(progress)
     try:
         assert handler.stream is sys.stdout and sys.stdout is not own  # rich's stream, printed above the bars
+        assert errors.stream is errors_own  # standard error stays there: rich would print it to standard output
         logger.warning("Epoch[1] Metrics -- train_loss_epoch: 1.0")
     finally:
         stop_bars(progress, moved)
