@@ -85,6 +85,7 @@ class Segmenter:
                overrides: dict[str, Any] | None) -> None:
         from medseg.bundle import load_config
         from medseg.ensemble import load_members
+        from medseg.runfolder import training_settings
         from medseg.transforms import LoadSliced
         from medseg.workflows import checkpoint_list, device_settings, select_device
         from medseg.writers import SaveSegmentationd
@@ -93,7 +94,9 @@ class Segmenter:
         self.device = select_device(device)
         settings = {"ckpt_path": checkpoints[0], "datalist": [], "handlers": [],
                     **({} if tta is None else {"tta": bool(tta)}), **device_settings(self.device)}
-        parser = load_config(bundle, "infer", tuple(str(o) for o in overlays), overrides, settings)
+        overlays = tuple(str(o) for o in overlays)
+        trained = training_settings(bundle, checkpoints, overrides or {}, overlays)
+        parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained)
         with _user_errors():
             self.network = load_members(parser.get_parsed_content("network_def"), checkpoints)[0].to(self.device).eval()
             parser.get_parsed_content("initialize")

@@ -124,6 +124,15 @@ def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:
     return files
 
 
+def default_config(bundle: str | os.PathLike, workflow: str) -> dict[str, Any]:
+    """The config content ``workflow`` of ``bundle`` holds as shipped (no overlay, setting or override)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    _read_configs(parser, bundle_configs(bundle, workflow))
+    return parser.get()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``KEY=VALUE`` (VALUE as JSON when it parses, else a string); nested keys use ``#``.
 
@@ -196,10 +205,12 @@ def load_config(
     overlays: list[str | os.PathLike] | tuple = (),
     overrides: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
+    trained: dict[str, Any] | None = None,
 ) -> Any:
     """Build a :class:`monai.bundle.ConfigParser` for ``workflow`` of ``bundle``.
 
-    The bundle's configs are merged with ``overlays`` (files, e.g. from ``configs/``), then
+    The bundle's configs are merged with ``overlays`` (files, e.g. from ``configs/``), then ``trained`` (the
+    checkpoint's training values, as config content: see :func:`medseg.runfolder.training_settings`),
     ``settings`` (run-time values medseg sets, such as ``dataset_dir``) and ``overrides`` (the user's
     ``--set KEY=VALUE``) are applied. Overrides and every key of an overlay must name an existing key, so a
     typo, or an overlay written for another bundle, is not silently ignored.
@@ -218,6 +229,8 @@ def load_config(
     parser = ConfigParser()
     _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
     for key, value in fixes.items():
+        parser[key] = value
+    for key, value in (trained or {}).items():
         parser[key] = value
     parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
@@ -381,8 +394,8 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
         recorded = path.parent / "config.json"
-        hint = (f"; the run that wrote it recorded its settings in {recorded}: give the network_def values "
-                "recorded there with --set (e.g. network_def#channels=...)" if recorded.is_file() else "")
+        hint = (f"; the run that wrote it recorded its network in {recorded}, which is used unless --set or an "
+                "overlay gives network_def values: leave out those given here" if recorded.is_file() else "")
         raise CheckpointError(
             f"{path}: weights do not fit this bundle's network ({_state_dict_mismatch(err)}); "
             f"use a checkpoint trained with this bundle or change network_def to match{hint}"

@@ -83,8 +83,9 @@ SetOpt = Annotated[
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.", metavar="")]
 CheckpointOpt = Annotated[list[Path] | None, typer.Option(
     callback=_home,
-    help="Weights (default: BUNDLE/models/model.pt); repeat it to run several trainings of the bundle's network "
-         "as one ensemble, their outputs averaged.",
+    help="Weights (default: BUNDLE/models/model.pt); the settings its training changed (network, object size, "
+         "...) are taken from the config.json beside it unless given here. Repeat it to run several trainings of "
+         "the bundle's network as one ensemble, their outputs averaged.",
     metavar="PATH",
 )]
 TtaOpt = Annotated[bool | None, typer.Option(

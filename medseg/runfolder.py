@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,19 +98,21 @@ def recorded_run(out: Path) -> dict[str, dict]:
 _CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs", "val_at_start")
 
 
-def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
-    """A resumed run keeps the values it was trained with (from its overlays and ``--set``) where this call does
-    not give them: a value of the run's ``config.json`` that differs from the bundle's is put back, and said."""
+def _given_now(overrides: dict, overlays: Sequence[Any]) -> Callable[[str], bool]:
+    """Whether this call's ``--set`` or overlays give an id: the id itself, a part of it or what holds it."""
     from monai.bundle import ConfigParser
 
     given = {str(k) for k in overrides}
     for overlay in overlays:
         content = ConfigParser.load_config_file(str(overlay))
         given |= {str(k).lstrip("+") for k in (content or {})}
+    return lambda key: any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
 
-    def given_now(key: str) -> bool:  # the key, a part of it or what holds it
-        return any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
 
+def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
+    """A resumed run keeps the values it was trained with (from its overlays and ``--set``) where this call does
+    not give them: a value of the run's ``config.json`` that differs from the bundle's is put back, and said."""
+    given_now = _given_now(overrides, overlays)
     changed = {k: v for k, v in _plain_differences(config, parser.get()).items()
                if not given_now(k) and k.split("#")[0] not in _CALL_SETTINGS}
     for key, value in changed.items():
@@ -119,6 +121,70 @@ def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequen
         logging.getLogger(__name__).warning(
             "--resume: continuing with the run's own %s (from its config.json); give --set to change them",
             ", ".join(f"{k}={written(v)!r}" for k, v in changed.items()))
+
+
+def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], overrides: dict,
+                      overlays: Sequence[Any] = ()) -> dict[str, Any]:
+    """The values the training of ``checkpoints`` gave the bundle's inference settings, for ``evaluate``, ``infer``
+    and :class:`medseg.Segmenter` to use too.
+
+    A checkpoint's training records its config in ``config.json`` beside it. Where a value there differs from the
+    bundle's ``train`` config (an overlay or ``--set`` of the training: ``target_diameter``, the loss the prior
+    correction follows, ``network_def#channels``, ...) and the id is one of the bundle's inference config, it is
+    returned, unless this call's ``--set`` or overlays give it. The call's own data, folders, device and ``tta``
+    are never taken. Checkpoints without a record (a bundle's ``models/model.pt``) add nothing; a record of
+    another bundle is said and left out.
+
+    Raises:
+        ConfigValueError: the records of an ensemble's checkpoints give an id different values.
+    """
+    from medseg.bundle import default_config
+
+    log = logging.getLogger(__name__)
+    records = {}
+    for checkpoint in dict.fromkeys(str(c) for c in checkpoints):
+        path = Path(checkpoint).parent / "config.json"
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            records[path] = record
+    if not records:
+        return {}
+    own = _bundle_name(Path(bundle) / "configs" / "metadata.json")
+    shipped, inference = default_config(bundle, "train"), default_config(bundle, "infer")
+    given_now = _given_now(overrides, overlays)
+    found: dict[str, tuple[Any, Path]] = {}
+    for path, record in records.items():
+        name = (record.get("_meta_") or {}).get("name") if isinstance(record.get("_meta_"), dict) else None
+        if name and own and name != own:
+            log.warning("%s: recorded by a training of another bundle (%s), so its settings are not used", path, name)
+            continue
+        for key, value in _plain_differences(record, shipped).items():
+            top = key.split("#")[0]
+            if top not in inference or top in (*_CALL_SETTINGS, "tta") or given_now(key):
+                continue
+            if key in found and found[key][0] != value:
+                raise ConfigValueError(
+                    f"{key}: the checkpoints were trained with different values ({written(found[key][0])!r} in "
+                    f"{found[key][1]}, {written(value)!r} in {path}), so they cannot run as one; give --set "
+                    f"{key}=VALUE or checkpoints trained alike")
+            found.setdefault(key, (value, path))
+    used = {key: value for key, (value, _) in found.items()}
+    if used:
+        log.warning("using the training's %s (from %s); give --set to change them",
+                    ", ".join(f"{k}={written(v)!r}" for k, v in used.items()),
+                    ", ".join(sorted({str(p) for _, p in found.values()})))
+    return used
+
+
+def _bundle_name(metadata: Path) -> str | None:
+    try:
+        name = json.loads(metadata.read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(name) if name else None
 
 
 def _plain(value: Any) -> bool:
@@ -136,7 +202,8 @@ def _plain(value: Any) -> bool:
 def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, Any]:
     """Ids (``a#b``) whose recorded value is plain (see :func:`_plain`) and differs from the current config's.
 
-    Components (dicts with ``_target_``) are compared part by part; a plain mapping or list is one value.
+    Components (dicts with ``_target_``) of one class are compared part by part, one of another class is one
+    value (such as a whole ``network_def`` given by ``--set``); a plain mapping or list is one value.
     """
     found: dict[str, Any] = {}
     for key, value in recorded.items():
@@ -144,7 +211,10 @@ def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[
             continue
         now = current[key]
         if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
-            found.update(_plain_differences(value, now, f"{prefix}{key}#"))
+            if value.get("_target_") != now.get("_target_"):
+                found[f"{prefix}{key}"] = value
+            else:
+                found.update(_plain_differences(value, now, f"{prefix}{key}#"))
         elif _plain(value) and value != now:
             found[f"{prefix}{key}"] = value
     return found

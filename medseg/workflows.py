@@ -569,7 +569,8 @@ def evaluate(
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 **device_settings(dev)}
-    parser = load_config(bundle, "evaluate", overlays, overrides, settings)
+    parser = load_config(bundle, "evaluate", overlays, overrides, settings,
+                         trained=runfolder.training_settings(bundle, checkpoints, overrides or {}, overlays))
     if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
         parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from
     _leave_sigterm_to_main(parser, "validate#dataloader")
@@ -746,7 +747,8 @@ def infer(
     settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": checkpoints[0],
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
                 **({} if tta is None else {"tta": bool(tta)}), **device_settings(dev)}
-    parser = load_config(bundle, "infer", overlays, overrides, settings)
+    trained = runfolder.training_settings(bundle, checkpoints, overrides or {}, overlays)
+    parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained)
     workers = parser.get("dataloader#num_workers", 0) if isinstance(parser.get("dataloader"), dict) else 0
     if workers:  # each input's slices are read in this process (run_batch), one input at a time
         raise ConfigValueError(f"dataloader#num_workers={workers}: medseg infer reads each input's slices itself "
@@ -777,7 +779,8 @@ def infer(
             "checkpoint": "+".join(digests),
             "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
             # in words, for the message (the config hash already covers overlays' content and overrides)
-            "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False)},
+            "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False),
+                         **({"from_training": trained} if trained else {})},
         }
         # the same run as recorded by earlier versions, which hashed the config without tta when --tta or
         # --no-tta was given (the value is in the settings' words either way)

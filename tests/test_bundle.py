@@ -501,3 +501,88 @@ def test_cache_rate_sets_how_much_of_the_data_is_held_in_memory(bundle, tmp_path
     n_train, n_val = counts[1.0][1], counts[1.0][3]
     assert counts[1.0] == (n_train, n_train, n_val, n_val)
     assert counts[0.5] == (int(n_train * 0.5), n_train, int(n_val * 0.5), n_val)
+
+
+# --- the training's settings, used by evaluate and infer ------------------------------------------------------
+
+NUCLEI = REPO / "bundles" / "nuclei"
+
+
+def _run_record(folder: Path, bundle: Path, changes: dict | None = None) -> Path:
+    """A run folder as ``medseg train`` leaves it: ``config.json`` (the bundle's train config with ``changes``,
+    by config id, ``a#b`` for nested ones) beside ``model.pt``."""
+    from medseg.bundle import default_config
+
+    config = default_config(bundle, "train")
+    config["_meta_"] = json.loads((bundle / "configs" / "metadata.json").read_text())
+    config["dataset_dir"], config["output_dir"], config["device"] = "/data", str(folder), "$torch.device('cpu')"
+    for key, value in (changes or {}).items():
+        *parents, leaf = key.split("#")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.pt").write_bytes(b"")
+    return folder / "model.pt"
+
+
+def test_training_settings_are_the_inference_ids_the_training_changed(tmp_path, caplog):
+    from medseg.runfolder import training_settings
+
+    ckpt = _run_record(tmp_path / "run", NUCLEI, {"target_diameter": 20, "network_def#channels": [8, 16, 32],
+                                                  "max_epochs": 3, "learning_rate": 0.1, "tta": True,
+                                                  "stain": "hematoxylin"})
+    with caplog.at_level("WARNING", logger="medseg.runfolder"):
+        found = training_settings(NUCLEI, [ckpt], {})
+    # the model's ids the inference config has; not the training's own (max_epochs, learning_rate), nor the
+    # call's data, folders, device and tta
+    assert found == {"target_diameter": 20, "network_def#channels": [8, 16, 32], "stain": "hematoxylin"}
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "target_diameter=20" in said and str(tmp_path / "run" / "config.json") in said
+    parser = load_config(NUCLEI, "infer", trained=found, overrides={"target_diameter": 30})
+    assert parser["network_def"]["channels"] == [8, 16, 32] and parser["target_diameter"] == 30  # --set wins
+    # what this call gives by --set or an overlay is not taken, nor what holds it or a part of it
+    overlay = tmp_path / "overlay.json"
+    overlay.write_text(json.dumps({"network_def#channels": [4, 8]}))
+    assert training_settings(NUCLEI, [ckpt], {"target_diameter": 30}, [overlay]) == {"stain": "hematoxylin"}
+    assert "network_def#channels" not in training_settings(NUCLEI, [ckpt], {"network_def": {}})
+    # no record (a bundle's models/model.pt), an unreadable one, or an unchanged training: nothing
+    (tmp_path / "bare").mkdir()
+    assert training_settings(NUCLEI, [tmp_path / "bare" / "model.pt"], {}) == {}
+    (tmp_path / "bare" / "config.json").write_text("{not json")
+    assert training_settings(NUCLEI, [tmp_path / "bare" / "model.pt"], {}) == {}
+    assert training_settings(NUCLEI, [_run_record(tmp_path / "plain", NUCLEI)], {}) == {}
+
+
+def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_left_out(tmp_path, caplog):
+    from medseg.errors import ConfigValueError
+    from medseg.runfolder import training_settings
+
+    a = _run_record(tmp_path / "a", NUCLEI, {"target_diameter": 20})
+    b = _run_record(tmp_path / "b", NUCLEI, {"target_diameter": 16})
+    same = _run_record(tmp_path / "c", NUCLEI, {"target_diameter": 20})
+    assert training_settings(NUCLEI, [a, same, tmp_path / "none" / "model.pt"], {}) == {"target_diameter": 20}
+    with pytest.raises(ConfigValueError, match="target_diameter: the checkpoints were trained with different") as err:
+        training_settings(NUCLEI, [a, b], {})
+    for run in ("a", "b"):
+        assert str(tmp_path / run / "config.json") in str(err.value)
+    assert training_settings(NUCLEI, [a, b], {"target_diameter": 18}) == {}  # given: the records are not asked
+    other = _run_record(tmp_path / "other", NUCLEI, {"target_diameter": 20, "_meta_#name": "another bundle"})
+    with caplog.at_level("WARNING", logger="medseg.runfolder"):
+        assert training_settings(NUCLEI, [other], {}) == {}
+    assert any("another bundle" in r.getMessage() and "not used" in r.getMessage() for r in caplog.records)
+
+
+def test_training_settings_take_a_network_of_another_class_whole(tmp_path):
+    from medseg.runfolder import training_settings
+
+    dynunet = {"_target_": "monai.networks.nets.DynUNet", "spatial_dims": 2, "in_channels": 1,
+               "out_channels": "@out_channels", "kernel_size": [3, 3, 3], "strides": [1, 2, 2],
+               "upsample_kernel_size": [2, 2], "filters": [8, 16, 32]}
+    ckpt = _run_record(tmp_path / "run", NUCLEI, {"network_def": dynunet})
+    assert training_settings(NUCLEI, [ckpt], {}) == {"network_def": dynunet}
+    network = load_config(NUCLEI, "infer", trained={"network_def": dynunet}).get_parsed_content("network_def")
+    assert type(network).__name__ == "DynUNet" and network(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+

@@ -15,6 +15,7 @@ from conftest import BUNDLE, REPO, TINY, TINY_NET, synthetic_em, write_isbi_fold
 from PIL import Image
 from typer.testing import CliRunner
 
+from medseg.bundle import parse_override
 from medseg.cli import app
 
 runner = CliRunner()
@@ -802,6 +803,47 @@ def test_resume_keeps_the_runs_own_overlays_and_set_values(tmp_path, isbi_folder
     assert json.loads((out / "config.json").read_text())["val_interval"] == 1
 
 
+def test_evaluate_and_infer_use_the_trainings_own_settings(tmp_path, isbi_folder, caplog):
+    # a model trained with an overlay (Dice + CE: no prior correction) and --set (a tiny network) is evaluated
+    # and segmented as trained without giving them again, read from the config.json beside the checkpoint
+    from medseg import Segmenter
+
+    run = tmp_path / "run"
+    dice_ce = REPO / "configs" / "dice_ce.json"
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", run, "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", "-c", dice_ce, *_tiny_args())
+    assert result.exit_code == 0, result.output
+    given = ("-c", dice_ce, *_tiny_args(TINY_NET))
+    common = ("--checkpoint", run / "model.pt", "--no-progress", "--device", "cpu")
+    with caplog.at_level("WARNING", logger="medseg.runfolder"):
+        for name, extra in (("plain", ()), ("given", given)):
+            result = _invoke("evaluate", BUNDLE, "--data", isbi_folder, "--output", tmp_path / f"eval_{name}",
+                             *common, *extra)
+            assert result.exit_code == 0, result.output
+            images = isbi_folder / "train" / "image"
+            result = _invoke("infer", BUNDLE, images, tmp_path / f"out_{name}", *common, *extra)
+            assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "using the training's" in r.getMessage()]
+    assert len(said) == 2 and "loss_name='dice_ce'" in said[0] and "network_def#channels=[4, 8, 16]" in said[0]
+    assert str(run / "config.json") in said[0]
+    scores = [json.loads((tmp_path / f"eval_{n}" / "summary.json").read_text()) for n in ("plain", "given")]
+    assert scores[0]["v_rand"] == scores[1]["v_rand"] and scores[0]["dice"] == scores[1]["dice"]
+    for path in sorted((tmp_path / "out_given" / "prob").iterdir()):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "out_plain" / "prob" / path.name),
+                                      tifffile.imread(path))
+    record = json.loads((tmp_path / "out_plain" / "run.json").read_text())
+    (identity,) = [r["identity"] for r in record["runs"].values()]
+    assert identity["settings"]["from_training"]["loss_name"] == "dice_ce"
+    # the same in Python; and a value given now wins over the training's
+    image = np.asarray(Image.open(sorted((isbi_folder / "train" / "image").iterdir())[0]))
+    plain = Segmenter(BUNDLE, run / "model.pt", device="cpu").segment(image).prob
+    explicit = Segmenter(BUNDLE, run / "model.pt", device="cpu", overlays=[dice_ce],
+                         overrides=dict(parse_override(item) for item in TINY_NET)).segment(image).prob
+    np.testing.assert_array_equal(plain, explicit)
+    shifted = Segmenter(BUNDLE, run / "model.pt", device="cpu", overrides={"loss_name": "weighted_ce"})
+    assert not np.array_equal(shifted.segment(image).prob, plain)
+
+
 def test_a_run_folder_with_spaces_keeps_its_mlflow_artifacts(tmp_path, isbi_folder):
     # the store's URI escapes a space; MONAI's default artifact folder escaped it twice (%2520), so the
     # artifacts went to a new "sp%20ace/run%20one/mlruns" tree beside the run folder
@@ -1185,10 +1227,12 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):
 
 
 def test_a_run_checkpoint_that_does_not_fit_points_to_the_runs_recorded_settings(trained, tmp_path):
+    # the run's own network is used unless network_def values are given, as here
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
-                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu")  # the bundle's own network
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu",
+                     "--set", "network_def#channels=[8,16,32]")
     _assert_one_line_error(result, "model.pt: weights do not fit this bundle's network",
-                           f"recorded its settings in {trained['out'] / 'config.json'}", "network_def#channels")
+                           f"recorded its network in {trained['out'] / 'config.json'}", "leave out those given here")
 
 
 def test_infer_png_folder_and_tiff_stack_with_tta(trained, tmp_path):
@@ -1345,10 +1389,13 @@ def test_bad_input_compile_without_a_cpu_compiler(tmp_path, isbi_folder, monkeyp
 
 
 def test_bad_input_checkpoint_of_another_network(trained, tmp_path):
-    # the default bundle network (16..256 channels) cannot take the tiny network's weights
+    # the default bundle network (16..256 channels) cannot take the tiny network's weights, here without the
+    # run's record of its network beside them
+    shutil.copy(trained["out"] / "model.pt", tmp_path / "model.pt")
     result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", tmp_path / "o",
-                     "--checkpoint", trained["out"] / "model.pt")
+                     "--checkpoint", tmp_path / "model.pt")
     _assert_one_line_error(result, "model.pt", "do not fit this bundle's network")
+    assert "recorded" not in result.output
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", tmp_path / "none.pt")
     _assert_one_line_error(result, "none.pt", "checkpoint not found")
 

@@ -685,9 +685,16 @@ def test_cli_distance_head_trains_evaluates_and_infers(tmp_path):
     assert np.asarray(Image.open(tmp_path / "out" / "mask" / "b1.png")).shape == (80, 72)
     prob = tifffile.imread(tmp_path / "out" / "prob" / "b1.tif")
     assert prob.shape == (80, 72) and 0.0 <= prob.min() and prob.max() <= 1.0
-    # the distance model run without distance_head=true is a one-line error naming the checkpoint, not a traceback
+    # without the settings, those of the training (its config.json) are used
     result = _invoke("evaluate", NUCLEI, "--data", data, "--checkpoint", tmp_path / "run" / "model.pt",
-                     "--output", tmp_path / "eval3", "--no-progress", "--device", "cpu", *_sets(NUCLEI_TINY_NET))
+                     "--output", tmp_path / "eval2", "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval2" / "summary.json").read_text())["dsb_score"] == \
+        json.loads((tmp_path / "eval" / "summary.json").read_text())["dsb_score"]
+    # the distance model run with distance_head=false is a one-line error naming the checkpoint, not a traceback
+    result = _invoke("evaluate", NUCLEI, "--data", data, "--checkpoint", tmp_path / "run" / "model.pt",
+                     "--output", tmp_path / "eval3", "--no-progress", "--device", "cpu",
+                     *_sets([*NUCLEI_TINY_NET, "distance_head=false"]))
     errors = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(errors) == 1 and "model.pt" in errors[0] and "Traceback" not in result.output
 
