@@ -1,4 +1,4 @@
-"""A training's run folder: what it holds, what a new or resumed training may do with it, what a resume must match."""
+"""A training's run folder: what a new or resumed training may do with it, and which of its settings reruns use."""
 
 from __future__ import annotations
 
