@@ -96,9 +96,10 @@ class Segmenter:
                     **({} if tta is None else {"tta": bool(tta)}), **device_settings(self.device)}
         overlays = tuple(str(o) for o in overlays)
         trained = training_settings(bundle, checkpoints, overrides or {}, overlays)
-        parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained)
+        parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
         with _user_errors():
             self.network = load_members(parser.get_parsed_content("network_def"), checkpoints)[0].to(self.device).eval()
+            trained.say()
             parser.get_parsed_content("initialize")
             self.inferer = parser.get_parsed_content("inferer")
             self.amp = bool(parser.get_parsed_content("amp", default=False)) and self.device.type == "cuda"

@@ -268,8 +268,12 @@ class RunRecord:
         keys = {self.outputs.get(self._rel(p)) for p in paths.values()} - {self.key}
         if None in keys or not keys:
             return "an unrecorded run"
-        old = self.runs.get(sorted(keys)[0], {}).get("identity", {})
-        return "another " + " and ".join(_differences(self.identity, old) or ["run"])
+        def described(run: dict) -> dict:  # the identity, and the settings in words where kept beside it
+            return {**run.get("identity", {}), **({"settings": run["settings"]} if "settings" in run else {})}
+
+        old = described(self.runs.get(sorted(keys)[0], {}))
+        return " and ".join(("other " if part.startswith("settings") else "another ") + part
+                            for part in _differences(described(self.runs[self.key]), old) or ["run"])
 
     def input_changed(self, paths: dict[str, Path], fingerprint: str) -> bool:
         """Whether the input of ``paths`` differs from the one they were made from (False when not recorded)."""

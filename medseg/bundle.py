@@ -394,8 +394,8 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
         recorded = path.parent / "config.json"
-        hint = (f"; the run that wrote it recorded its network in {recorded}, which is used unless --set or an "
-                "overlay gives network_def values: leave out those given here" if recorded.is_file() else "")
+        hint = (f"; the settings they were trained with are recorded in {recorded}: compare its network_def and "
+                "the ids it refers to with the values given here" if recorded.is_file() else "")
         raise CheckpointError(
             f"{path}: weights do not fit this bundle's network ({_state_dict_mismatch(err)}); "
             f"use a checkpoint trained with this bundle or change network_def to match{hint}"

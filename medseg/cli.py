@@ -277,7 +277,8 @@ def infer(
 ) -> None:
     """Segment every image under INPUT_PATH slice by slice; a bad file is reported and skipped (exit 1).
 
-    With object-size normalisation (--set target_diameter=...), --set diameter=PIXELS gives a known object size.
+    For a model trained with object-size normalisation (target_diameter), --set diameter=PIXELS gives a known
+    object size.
     """
     from medseg import workflows
 

@@ -8,10 +8,10 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from medseg.bundle import worked_out, written
-from medseg.errors import CheckpointError, ConfigValueError, DataError
+from medseg.errors import BundleError, CheckpointError, ConfigValueError, DataError
 
 
 def folders_made_for(folder: Path) -> list[Path]:
@@ -99,14 +99,30 @@ _CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "
 
 
 def _given_now(overrides: dict, overlays: Sequence[Any]) -> Callable[[str], bool]:
-    """Whether this call's ``--set`` or overlays give an id: the id itself, a part of it or what holds it."""
+    """Whether this call's ``--set`` or overlays give an id: the id itself, a part of it or what holds it.
+    MONAI's ``::`` separator counts as ``#``; an overlay's ``+id`` mapping (merged into the id) gives its
+    keys only. An overlay that cannot be read gives nothing here (loading the config names it)."""
     from monai.bundle import ConfigParser
 
     given = {str(k) for k in overrides}
     for overlay in overlays:
-        content = ConfigParser.load_config_file(str(overlay))
-        given |= {str(k).lstrip("+") for k in (content or {})}
-    return lambda key: any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
+        try:
+            content = ConfigParser.load_config_file(str(overlay))
+        except Exception:  # noqa: BLE001 - json and yaml raise their own kinds; load_config reports the file
+            continue
+        for key, value in (content or {}).items() if isinstance(content, dict) else ():
+            key = str(key)
+            if key.startswith("+") and isinstance(value, dict):
+                given |= {f"{key[1:]}#{part}" for part in value}
+            else:
+                given.add(key.lstrip("+"))
+    given = {g.replace("::", "#") for g in given}
+
+    def given_now(key: str) -> bool:
+        key = key.replace("::", "#")
+        return any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
+
+    return given_now
 
 
 def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
@@ -123,60 +139,138 @@ def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequen
             ", ".join(f"{k}={written(v)!r}" for k, v in changed.items()))
 
 
+#: Ids of a training's record that ``evaluate`` and ``infer`` never take: the call's own data, folders and device,
+#: whether to average rotations (``--tta``), and the workflow's own mechanics.
+_NOT_TAKEN = (*_CALL_SETTINGS, "tta", "imports", "initialize", "run", "network")
+
+
+class TrainedSettings(NamedTuple):
+    """What :func:`training_settings` found: the values to use (config ids -> config content) and the records
+    they came from."""
+
+    values: dict[str, Any]
+    sources: tuple[str, ...] = ()
+
+    def say(self) -> None:
+        """One warning line naming the values taken and their records (nothing when none was taken)."""
+        if self.values:
+            logging.getLogger(__name__).warning(
+                "using the training's %s (from %s); give --set to change them",
+                ", ".join(f"{k}={written(v)!r}" for k, v in self.values.items()), ", ".join(self.sources))
+
+
 def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], overrides: dict,
-                      overlays: Sequence[Any] = ()) -> dict[str, Any]:
+                      overlays: Sequence[Any] = ()) -> TrainedSettings:
     """The values the training of ``checkpoints`` gave the bundle's inference settings, for ``evaluate``, ``infer``
-    and :class:`medseg.Segmenter` to use too.
+    and :class:`medseg.Segmenter` to use too (say them with :meth:`TrainedSettings.say` once the weights load).
 
     A checkpoint's training records its config in ``config.json`` beside it. Where a value there differs from the
     bundle's ``train`` config (an overlay or ``--set`` of the training: ``target_diameter``, the loss the prior
-    correction follows, ``network_def#channels``, ...) and the id is one of the bundle's inference config, it is
-    returned, unless this call's ``--set`` or overlays give it. The call's own data, folders, device and ``tta``
-    are never taken. Checkpoints without a record (a bundle's ``models/model.pt``) add nothing; a record of
-    another bundle is said and left out.
+    correction follows, ``network_def#channels``, a part added to a component, a whole component of another
+    class, an expression) and the id is one of the bundle's inference config, it is taken, unless this call's
+    ``--set`` or overlays give it. The call's own data, folders, device and ``tta`` are never taken. A checkpoint
+    without a record (a bundle's ``models/model.pt``) runs with the bundle's values; a record that cannot be read,
+    or is another bundle's, is said and left out.
 
     Raises:
-        ConfigValueError: the records of an ensemble's checkpoints give an id different values.
+        ConfigValueError: an ensemble's checkpoints were trained with different values of an id taken (a
+            checkpoint without a record counts as trained with the bundle's value).
     """
     from medseg.bundle import default_config
 
     log = logging.getLogger(__name__)
-    records = {}
+    own = _bundle_name(Path(bundle) / "configs" / "metadata.json")
+    members: list[tuple[str, Path, dict | None]] = []  # checkpoint, its record's path, the record (None: none)
     for checkpoint in dict.fromkeys(str(c) for c in checkpoints):
         path = Path(checkpoint).parent / "config.json"
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
-            records[path] = record
-    if not records:
-        return {}
-    own = _bundle_name(Path(bundle) / "configs" / "metadata.json")
-    shipped, inference = default_config(bundle, "train"), default_config(bundle, "infer")
+        record = None
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                problem = None if isinstance(record, dict) else "not a config"
+            except (OSError, ValueError) as err:
+                problem = getattr(err, "strerror", None) or type(err).__name__
+            if problem is None:
+                meta = record.get("_meta_")
+                name = meta.get("name") if isinstance(meta, dict) else None
+                if own and name != own:
+                    problem = f"recorded by a training of {'another bundle, ' + str(name) if name else 'no bundle'}"
+            if problem is not None:
+                log.warning("%s: %s, so the training's settings are not taken from it", path, problem)
+                record = None
+        members.append((checkpoint, path, record))
+    if all(record is None for *_, record in members):
+        return TrainedSettings({})
+    try:
+        shipped = default_config(bundle, "train")
+    except BundleError:  # a bundle that only infers: its inference config is what a training would change
+        shipped = default_config(bundle, "infer")
+    inference = default_config(bundle, "infer")
     given_now = _given_now(overrides, overlays)
-    found: dict[str, tuple[Any, Path]] = {}
-    for path, record in records.items():
-        name = (record.get("_meta_") or {}).get("name") if isinstance(record.get("_meta_"), dict) else None
-        if name and own and name != own:
-            log.warning("%s: recorded by a training of another bundle (%s), so its settings are not used", path, name)
+    changes = [{key: value for key, value in _recorded_changes(record, shipped).items()
+                if key.split("#")[0] in inference and key.split("#")[0] not in _NOT_TAKEN and not given_now(key)}
+               if record is not None else {} for *_, record in members]
+    values: dict[str, Any] = {}
+    for key in dict.fromkeys(k for change in changes for k in change):
+        seen = [(change[key] if key in change else _at(shipped, key), checkpoint, path, record is not None)
+                for change, (checkpoint, path, record) in zip(changes, members, strict=True)]
+        if len({json.dumps(_normal(v), sort_keys=True, default=str) for v, *_ in seen}) > 1:
+            where = ", ".join(f"{written(v)!r} in {p}" if has else f"the bundle's {written(v)!r} for {c} (no record)"
+                              for v, c, p, has in seen)
+            raise ConfigValueError(f"{key}: the checkpoints were trained with different values ({where}), so they "
+                                   f"cannot run as one; give --set {key}=VALUE or checkpoints trained alike")
+        values[key] = seen[0][0]
+    sources = tuple(str(path) for change, (_, path, _) in zip(changes, members, strict=True) if change)
+    return TrainedSettings(values, sources)
+
+
+_ABSENT = "(absent)"
+
+
+def _at(config: dict, key: str) -> Any:
+    """The value of id ``key`` (``a#b``) in ``config``; :data:`_ABSENT` where it has none."""
+    node: Any = config
+    for part in key.split("#"):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _normal(value: Any) -> Any:
+    """``value`` with MONAI's id separators written alike: a saved config has ``::`` where a bundle has ``#``."""
+    if isinstance(value, str):
+        return value.replace("#", "::")
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def _recorded_changes(recorded: dict, shipped: dict, prefix: str = "") -> dict[str, Any]:
+    """Ids (``a#b``) whose value in a training's record differs from the bundle's, expressions included.
+
+    Components (dicts with ``_target_``) of one class are compared part by part, and a part the training added
+    to one is a change; one of another class is one value, as is a plain mapping or list.
+    """
+    found: dict[str, Any] = {}
+    for key, value in recorded.items():
+        if str(key).startswith("_"):
             continue
-        for key, value in _plain_differences(record, shipped).items():
-            top = key.split("#")[0]
-            if top not in inference or top in (*_CALL_SETTINGS, "tta") or given_now(key):
-                continue
-            if key in found and found[key][0] != value:
-                raise ConfigValueError(
-                    f"{key}: the checkpoints were trained with different values ({written(found[key][0])!r} in "
-                    f"{found[key][1]}, {written(value)!r} in {path}), so they cannot run as one; give --set "
-                    f"{key}=VALUE or checkpoints trained alike")
-            found.setdefault(key, (value, path))
-    used = {key: value for key, (value, _) in found.items()}
-    if used:
-        log.warning("using the training's %s (from %s); give --set to change them",
-                    ", ".join(f"{k}={written(v)!r}" for k, v in used.items()),
-                    ", ".join(sorted({str(p) for _, p in found.values()})))
-    return used
+        if key not in shipped:
+            if prefix:  # a part added to a component (a '+' overlay, a whole one given with more parts)
+                found[f"{prefix}{key}"] = value
+            continue
+        now = shipped[key]
+        if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
+            if value.get("_target_") != now.get("_target_"):
+                found[f"{prefix}{key}"] = value
+            else:
+                found.update(_recorded_changes(value, now, f"{prefix}{key}#"))
+        elif _normal(value) != _normal(now):
+            found[f"{prefix}{key}"] = value
+    return found
 
 
 def _bundle_name(metadata: Path) -> str | None:

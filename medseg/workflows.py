@@ -569,8 +569,8 @@ def evaluate(
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(output_dir), "ckpt_path": checkpoints[0],
                 **device_settings(dev)}
-    parser = load_config(bundle, "evaluate", overlays, overrides, settings,
-                         trained=runfolder.training_settings(bundle, checkpoints, overrides or {}, overlays))
+    trained = runfolder.training_settings(bundle, checkpoints, overrides, overlays)
+    parser = load_config(bundle, "evaluate", overlays, overrides, settings, trained=trained.values)
     if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
         parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from
     _leave_sigterm_to_main(parser, "validate#dataloader")
@@ -583,6 +583,7 @@ def evaluate(
         parser["val_count"] = 0  # ISBI: nothing is held out when every slice is scored (5 of 4 could not be)
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    trained.say()
     check_writable(output_dir)
     record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
     if record is not None:
@@ -641,6 +642,7 @@ def evaluate(
                        else "all images" if split == "all" else "the settings given"),
         "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
         "overrides": dict(overrides),
+        **({"from_training": trained.values} if trained.values else {}),
         "overlays": [_resolved(o) for o in overlays],
         "environment": environment(dev, parser.get_parsed_content("amp", default=False)),
     }
@@ -748,13 +750,14 @@ def infer(
                 "output_format": output_format, "save_prob": save_prob, "datalist": [], "handlers": [],
                 **({} if tta is None else {"tta": bool(tta)}), **device_settings(dev)}
     trained = runfolder.training_settings(bundle, checkpoints, overrides or {}, overlays)
-    parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained)
+    parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
     workers = parser.get("dataloader#num_workers", 0) if isinstance(parser.get("dataloader"), dict) else 0
     if workers:  # each input's slices are read in this process (run_batch), one input at a time
         raise ConfigValueError(f"dataloader#num_workers={workers}: medseg infer reads each input's slices itself "
                                "and takes no data-loader workers (the id is for python -m monai.bundle run); "
                                "drop it")
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    trained.say()
     if len(checkpoints) > 1:
         parser["network_def"] = network
     parser.get_parsed_content("initialize")
@@ -772,24 +775,29 @@ def infer(
         # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
         config = {k: v for k, v in parser.get().items() if k not in (*settings, "bundle_root", "tta")}
         config["tta"] = bool(parser.get_parsed_content("tta", default=False))  # as given or as the bundle's
+        tta_used = parser.get_parsed_content("tta", default=False)
         identity = {
             "bundle": f"{Path(bundle).resolve().name} "
                       f"{parser.get_parsed_content('_meta_#version', default='')}".strip(),
             # SHA-256: the same weights under another path are the same run; an ensemble's, joined by '+'
             "checkpoint": "+".join(digests),
+            # the config covers overlays, --set and the training's values taken alike
             "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
-            # in words, for the message (the config hash already covers overlays' content and overrides)
-            "settings": {"overrides": dict(overrides or {}), "tta": parser.get_parsed_content("tta", default=False),
-                         **({"from_training": trained} if trained else {})},
         }
-        # the same run as recorded by earlier versions, which hashed the config without tta when --tta or
-        # --no-tta was given (the value is in the settings' words either way)
+        # in words, for the message
+        words = {"overrides": dict(overrides or {}), "tta": tta_used,
+                 **({"from_training": trained.values} if trained.values else {})}
+        # the same run as earlier versions recorded it: with the settings' words in the identity (the training's
+        # values then given with --set), and before that with the config hashed without tta when --tta or
+        # --no-tta was given
         del config["tta"]
-        earlier = {**identity, "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-                   .hexdigest()}
+        without_tta = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+        same_as = [{**identity, "config": hashed, "settings": {"overrides": given, "tta": tta_used}}
+                   for hashed in (identity["config"], without_tta)
+                   for given in (dict(overrides or {}), {**trained.values, **(overrides or {})})]
         paths = [str(Path(c).resolve()) for c in checkpoints]
-        record = RunRecord(out, identity, {"checkpoint_path": paths[0] if len(paths) == 1 else paths},
-                           same_as=[earlier])
+        info = {"checkpoint_path": paths[0] if len(paths) == 1 else paths, "settings": words}
+        record = RunRecord(out, identity, info, same_as=same_as)
         inputs = record.keep_names(inputs)  # no input writes over the outputs another input made here
         evaluator.logger.setLevel(logging.CRITICAL)  # failures are reported per input below, not as engine logs
 

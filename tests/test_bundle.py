@@ -533,27 +533,45 @@ def test_training_settings_are_the_inference_ids_the_training_changed(tmp_path, 
 
     ckpt = _run_record(tmp_path / "run", NUCLEI, {"target_diameter": 20, "network_def#channels": [8, 16, 32],
                                                   "max_epochs": 3, "learning_rate": 0.1, "tta": True,
-                                                  "stain": "hematoxylin"})
+                                                  "stain": "hematoxylin", "postprocess#min_area": 10})
     with caplog.at_level("WARNING", logger="medseg.runfolder"):
         found = training_settings(NUCLEI, [ckpt], {})
+        assert not caplog.records  # said once the weights have loaded
+        found.say()
     # the model's ids the inference config has; not the training's own (max_epochs, learning_rate), nor the
     # call's data, folders, device and tta
-    assert found == {"target_diameter": 20, "network_def#channels": [8, 16, 32], "stain": "hematoxylin"}
+    assert found.values == {"target_diameter": 20, "network_def#channels": [8, 16, 32], "stain": "hematoxylin",
+                            "postprocess#min_area": 10}
     (said,) = [r.getMessage() for r in caplog.records]
     assert "target_diameter=20" in said and str(tmp_path / "run" / "config.json") in said
-    parser = load_config(NUCLEI, "infer", trained=found, overrides={"target_diameter": 30})
+    parser = load_config(NUCLEI, "infer", trained=found.values, overrides={"target_diameter": 30})
     assert parser["network_def"]["channels"] == [8, 16, 32] and parser["target_diameter"] == 30  # --set wins
-    # what this call gives by --set or an overlay is not taken, nor what holds it or a part of it
+    # what this call gives by --set or an overlay is not taken, nor what holds it or a part of it; MONAI's '::'
+    # separator counts as '#'; a '+' overlay merging into a mapping gives its own keys only
     overlay = tmp_path / "overlay.json"
-    overlay.write_text(json.dumps({"network_def#channels": [4, 8]}))
-    assert training_settings(NUCLEI, [ckpt], {"target_diameter": 30}, [overlay]) == {"stain": "hematoxylin"}
-    assert "network_def#channels" not in training_settings(NUCLEI, [ckpt], {"network_def": {}})
-    # no record (a bundle's models/model.pt), an unreadable one, or an unchanged training: nothing
+    overlay.write_text(json.dumps({"network_def::channels": [4, 8], "+postprocess": {"min_seed_area": 8}}))
+    assert training_settings(NUCLEI, [ckpt], {"target_diameter": 30}, [overlay]).values == {
+        "stain": "hematoxylin", "postprocess#min_area": 10}
+    assert "network_def#channels" not in training_settings(NUCLEI, [ckpt], {"network_def": {}}).values
+    assert "postprocess#min_area" not in training_settings(NUCLEI, [ckpt], {"postprocess::min_area": 5}).values
+    # an overlay that cannot be read is left to load_config to name
+    assert training_settings(NUCLEI, [ckpt], {}, [tmp_path / "missing.json"]).values == found.values
+    # no record (a bundle's models/model.pt), or an unchanged training: nothing
     (tmp_path / "bare").mkdir()
-    assert training_settings(NUCLEI, [tmp_path / "bare" / "model.pt"], {}) == {}
-    (tmp_path / "bare" / "config.json").write_text("{not json")
-    assert training_settings(NUCLEI, [tmp_path / "bare" / "model.pt"], {}) == {}
-    assert training_settings(NUCLEI, [_run_record(tmp_path / "plain", NUCLEI)], {}) == {}
+    assert training_settings(NUCLEI, [tmp_path / "bare" / "model.pt"], {}).values == {}
+    assert training_settings(NUCLEI, [_run_record(tmp_path / "plain", NUCLEI)], {}).values == {}
+
+
+@pytest.mark.parametrize("content, reason", [("{not json", "JSONDecodeError"), ("[1, 2]", "not a config"),
+                                             ('{"patch_size": 16}', "recorded by a training of no bundle")])
+def test_a_record_that_is_not_this_bundles_is_said_and_left_out(tmp_path, caplog, content, reason):
+    from medseg.runfolder import training_settings
+
+    (tmp_path / "config.json").write_text(content)
+    with caplog.at_level("WARNING", logger="medseg.runfolder"):
+        assert training_settings(NUCLEI, [tmp_path / "model.pt"], {}).values == {}
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(str(tmp_path / "config.json")) and reason in said and "not taken" in said
 
 
 def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_left_out(tmp_path, caplog):
@@ -563,26 +581,66 @@ def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_lef
     a = _run_record(tmp_path / "a", NUCLEI, {"target_diameter": 20})
     b = _run_record(tmp_path / "b", NUCLEI, {"target_diameter": 16})
     same = _run_record(tmp_path / "c", NUCLEI, {"target_diameter": 20})
-    assert training_settings(NUCLEI, [a, same, tmp_path / "none" / "model.pt"], {}) == {"target_diameter": 20}
+    found = training_settings(NUCLEI, [a, same], {})
+    assert found.values == {"target_diameter": 20} and len(found.sources) == 2
     with pytest.raises(ConfigValueError, match="target_diameter: the checkpoints were trained with different") as err:
         training_settings(NUCLEI, [a, b], {})
     for run in ("a", "b"):
         assert str(tmp_path / run / "config.json") in str(err.value)
-    assert training_settings(NUCLEI, [a, b], {"target_diameter": 18}) == {}  # given: the records are not asked
+    # a member trained with the bundle's value, or without a record (taken as the bundle's), differs too
+    default = _run_record(tmp_path / "d", NUCLEI)
+    with pytest.raises(ConfigValueError, match=r"20 in .*a/config.json, None in .*d/config.json"):
+        training_settings(NUCLEI, [a, default], {})
+    with pytest.raises(ConfigValueError, match=r"the bundle's None for .*none/model.pt \(no record\)"):
+        training_settings(NUCLEI, [a, tmp_path / "none" / "model.pt"], {})
+    assert training_settings(NUCLEI, [a, b], {"target_diameter": 18}).values == {}  # given: not asked
     other = _run_record(tmp_path / "other", NUCLEI, {"target_diameter": 20, "_meta_#name": "another bundle"})
     with caplog.at_level("WARNING", logger="medseg.runfolder"):
-        assert training_settings(NUCLEI, [other], {}) == {}
-    assert any("another bundle" in r.getMessage() and "not used" in r.getMessage() for r in caplog.records)
+        assert training_settings(NUCLEI, [other], {}).values == {}
+    assert any("another bundle" in r.getMessage() and "not taken" in r.getMessage() for r in caplog.records)
 
 
-def test_training_settings_take_a_network_of_another_class_whole(tmp_path):
+def test_training_settings_take_components_parts_added_and_expressions(tmp_path):
     from medseg.runfolder import training_settings
 
     dynunet = {"_target_": "monai.networks.nets.DynUNet", "spatial_dims": 2, "in_channels": 1,
                "out_channels": "@out_channels", "kernel_size": [3, 3, 3], "strides": [1, 2, 2],
                "upsample_kernel_size": [2, 2], "filters": [8, 16, 32]}
     ckpt = _run_record(tmp_path / "run", NUCLEI, {"network_def": dynunet})
-    assert training_settings(NUCLEI, [ckpt], {}) == {"network_def": dynunet}
+    assert training_settings(NUCLEI, [ckpt], {}).values == {"network_def": dynunet}  # another class: whole
     network = load_config(NUCLEI, "infer", trained={"network_def": dynunet}).get_parsed_content("network_def")
     assert type(network).__name__ == "DynUNet" and network(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    # a part added to the bundle's component ('+network_def' overlay), and values given as expressions (saved
+    # with MONAI's '::' separator)
+    ckpt = _run_record(tmp_path / "run2", NUCLEI, {"network_def#kernel_size": 5, "network_def#up_kernel_size": 5,
+                                                   "network_def#channels": "$[4 * 2 ** i for i in range(5)]",
+                                                   "target_diameter": "$float(@patch_size::0) / 8"})
+    found = training_settings(NUCLEI, [ckpt], {}).values
+    assert found == {"network_def#kernel_size": 5, "network_def#up_kernel_size": 5,
+                     "network_def#channels": "$[4 * 2 ** i for i in range(5)]",
+                     "target_diameter": "$float(@patch_size::0) / 8"}
+    parser = load_config(NUCLEI, "infer", trained=found)
+    assert parser.get_parsed_content("target_diameter") == 32.0
+    assert parser.get_parsed_content("network_def").model[0].conv.unit0.conv.kernel_size == (5, 5)
+    # a shipped expression saved with '::' is no change
+    from medseg.bundle import default_config
 
+    shift = default_config(NUCLEI, "train")["logit_shift"]
+    assert "#" in shift or "@" in shift
+    ckpt = _run_record(tmp_path / "run3", NUCLEI, {"logit_shift": shift.replace("#", "::")})
+    assert training_settings(NUCLEI, [ckpt], {}).values == {}
+
+
+def test_a_bundle_that_only_infers_takes_the_trainings_settings_too(tmp_path):
+    import shutil
+
+    from medseg.runfolder import training_settings
+
+    bundle = tmp_path / "infer_only"
+    (bundle / "configs").mkdir(parents=True)
+    for name in ("inference.json", "metadata.json", "logging.conf"):
+        shutil.copy(NUCLEI / "configs" / name, bundle / "configs" / name)
+    ckpt = _run_record(tmp_path / "run", NUCLEI, {"target_diameter": 20})
+    found = training_settings(bundle, [ckpt], {}).values  # compared with its inference config instead
+    assert found["target_diameter"] == 20
+    assert load_config(bundle, "infer", trained=found).get_parsed_content("target_diameter") == 20

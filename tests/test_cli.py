@@ -831,9 +831,22 @@ def test_evaluate_and_infer_use_the_trainings_own_settings(tmp_path, isbi_folder
     for path in sorted((tmp_path / "out_given" / "prob").iterdir()):
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "out_plain" / "prob" / path.name),
                                       tifffile.imread(path))
-    record = json.loads((tmp_path / "out_plain" / "run.json").read_text())
-    (identity,) = [r["identity"] for r in record["runs"].values()]
-    assert identity["settings"]["from_training"]["loss_name"] == "dice_ce"
+    (run_info,) = json.loads((tmp_path / "out_plain" / "run.json").read_text())["runs"].values()
+    assert run_info["settings"]["from_training"]["loss_name"] == "dice_ce"
+    assert scores[0]["run"]["from_training"]["loss_name"] == "dice_ce" and "from_training" not in scores[1]["run"]
+    # the same run whether the training's values are taken or given: each folder continues the other way
+    for name, extra in (("plain", given), ("given", ())):
+        result = _invoke("infer", BUNDLE, images, tmp_path / f"out_{name}", *common, *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output[result.output.index("{"):])["skipped"] == 4
+    # a bad overlay or checkpoint is named in one line, before any word of the training's values
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.runfolder"):
+        result = _invoke("infer", BUNDLE, images, tmp_path / "o2", *common, "-c", tmp_path / "none.json")
+        _assert_one_line_error(result, "none.json: overlay config not found")
+        result = _invoke("infer", BUNDLE, images, tmp_path / "o2", "--checkpoint", run / "modle.pt")
+        _assert_one_line_error(result, "modle.pt: checkpoint not found")
+    assert not [r for r in caplog.records if "using the training's" in r.getMessage()]
     # the same in Python; and a value given now wins over the training's
     image = np.asarray(Image.open(sorted((isbi_folder / "train" / "image").iterdir())[0]))
     plain = Segmenter(BUNDLE, run / "model.pt", device="cpu").segment(image).prob
@@ -1232,7 +1245,7 @@ def test_a_run_checkpoint_that_does_not_fit_points_to_the_runs_recorded_settings
                      "--output", tmp_path / "eval", "--no-progress", "--device", "cpu",
                      "--set", "network_def#channels=[8,16,32]")
     _assert_one_line_error(result, "model.pt: weights do not fit this bundle's network",
-                           f"recorded its network in {trained['out'] / 'config.json'}", "leave out those given here")
+                           f"trained with are recorded in {trained['out'] / 'config.json'}", "compare its network_def")
 
 
 def test_infer_png_folder_and_tiff_stack_with_tta(trained, tmp_path):

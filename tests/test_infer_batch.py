@@ -193,6 +193,27 @@ def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tin
     assert "pass --overwrite to replace it" in result.output
 
 
+def test_a_folder_recorded_with_the_settings_in_the_identity_is_continued(mixed, tmp_path, tiny_checkpoint):
+    # earlier versions keyed a run by its identity with the settings in words (the --set given, tta) inside it
+    from medseg.batch import _identity_key
+
+    out = tmp_path / "out"
+    assert _infer(mixed, out, tiny_checkpoint, "--include", "*.png").exit_code == 0
+    record = json.loads((out / "run.json").read_text())
+    ((key, run),) = record["runs"].items()
+    assert set(run["identity"]) == {"bundle", "checkpoint", "config"}
+    assert run["settings"]["tta"] is False and run["settings"]["overrides"]["mirror_border"] == 8
+    old = {**run["identity"], "settings": run.pop("settings")}
+    old_key = _identity_key(json.loads(json.dumps(old, sort_keys=True)))
+    record["runs"] = {old_key: {**run, "identity": old}}
+    record["outputs"] = {path: old_key for path in record["outputs"]}
+    (out / "run.json").write_text(json.dumps(record))
+    result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png", "--tta")
+    assert result.exit_code == 1 and "made with another config and other settings (tta)" in result.output
+    assert _summary(_infer(mixed, out, tiny_checkpoint, "--include", "*.png").output)["skipped"] == 1
+    assert list(json.loads((out / "run.json").read_text())["runs"]) == [key]
+
+
 def test_run_record_forgets_outputs_of_a_failed_input(tmp_path):
     """A failed input's outputs are no longer this run's: a later resume must not skip them."""
     from medseg.batch import RunRecord
