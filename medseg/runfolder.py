@@ -296,12 +296,17 @@ def _plain(value: Any) -> bool:
 def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[str, Any]:
     """Ids (``a#b``) whose recorded value is plain (see :func:`_plain`) and differs from the current config's.
 
-    Components (dicts with ``_target_``) of one class are compared part by part, one of another class is one
-    value (such as a whole ``network_def`` given by ``--set``); a plain mapping or list is one value.
+    Components (dicts with ``_target_``) of one class are compared part by part, and a plain part the run added
+    to one is a difference; one of another class is one value (such as a whole ``network_def`` given by
+    ``--set``); a plain mapping or list is one value.
     """
     found: dict[str, Any] = {}
     for key, value in recorded.items():
-        if str(key).startswith("_") or key not in current:
+        if str(key).startswith("_"):
+            continue
+        if key not in current:
+            if prefix and _plain(value):  # a '+' overlay's part, or a whole component given with more parts
+                found[f"{prefix}{key}"] = value
             continue
         now = current[key]
         if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):

@@ -803,6 +803,21 @@ def test_resume_keeps_the_runs_own_overlays_and_set_values(tmp_path, isbi_folder
     assert json.loads((out / "config.json").read_text())["val_interval"] == 1
 
 
+def test_resume_keeps_a_part_an_overlay_added_to_the_network(tmp_path, isbi_folder):
+    # '+network_def' merges a part the bundle's network_def lacks (kernel_size 5): resumed and segmented with it
+    out, overlay = tmp_path / "run", tmp_path / "plus.yaml"
+    overlay.write_text("+network_def:\n  kernel_size: 5\n")
+    args = ("--data", isbi_folder, "--output", out, "--no-progress", "--no-tracking", "--device", "cpu")
+    result = _invoke("train", BUNDLE, *args, "--epochs", 1, "-c", overlay, *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["network_def"]["kernel_size"] == 5
+    result = _invoke("train", BUNDLE, *args, "--epochs", 2, "--resume")
+    assert result.exit_code == 0, result.output
+    result = _invoke("infer", BUNDLE, isbi_folder / "train" / "image", tmp_path / "out", "--checkpoint",
+                     out / "model.pt", "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+
+
 def test_evaluate_and_infer_use_the_trainings_own_settings(tmp_path, isbi_folder, caplog):
     # a model trained with an overlay (Dice + CE: no prior correction) and --set (a tiny network) is evaluated
     # and segmented as trained without giving them again, read from the config.json beside the checkpoint
