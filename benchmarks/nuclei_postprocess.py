@@ -6,8 +6,9 @@ that the validation score stays an honest estimate:
     python benchmarks/nuclei_postprocess.py --data ../shared/data/dsb2018 --checkpoint runs/nuclei/model.pt \
         --split train
 
-A model trained with other settings (e.g. ``--set distance_head=true``) takes the same ``--set`` overrides;
-``--interior-seeds`` then seeds a distance-head model from its interior probability instead of its distance.
+The settings a model was trained with (e.g. ``--set distance_head=true``) are taken from the ``config.json``
+beside the checkpoint, as ``medseg evaluate`` takes them; ``--set`` overrides them. ``--interior-seeds`` seeds a
+distance-head model from its interior probability instead of its distance.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from medseg.bundle import load_checkpoint, load_config, parse_override
 from medseg.instances import WatershedInstances
 from medseg.metrics import dsb_scores
+from medseg.runfolder import training_settings
 from medseg.transforms import ClassActivationsd, LogitShiftd
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "nuclei"
@@ -35,7 +37,9 @@ def predictions(data: str, checkpoint: str, split: str, tta: bool,
     overrides = {**(sets or {}), "validate#inferer#tta": tta}
     settings = {"dataset_dir": data, "output_dir": str(Path(checkpoint).parent / "sweep"), "ckpt_path": checkpoint,
                 "eval_split": split, "device": "$torch.device('cpu')", "amp": False}
-    parser = load_config(str(BUNDLE), "evaluate", (), overrides, settings)
+    trained = training_settings(BUNDLE, [checkpoint], overrides)  # as medseg evaluate takes them
+    parser = load_config(str(BUNDLE), "evaluate", (), overrides, settings, trained=trained.values)
+    trained.say()
     recorded = Path(checkpoint).parent / "split.json"
     samples = parser.get_parsed_content("datalists")
     if recorded.is_file():  # the run's own split
@@ -71,7 +75,7 @@ def main() -> None:
     ap.add_argument("--min-area", type=int, nargs="+", default=[8, 20])
     ap.add_argument("--min-seed", type=int, nargs="+", default=[4, 16, 48])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override the model was trained with, e.g. distance_head=true")
+                    help="config override (the training's own settings are read from its config.json)")
     ap.add_argument("--interior-seeds", action="store_true",
                     help="seed from the interior probability even where the model has a distance channel")
     args = ap.parse_args()

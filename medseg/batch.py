@@ -168,8 +168,12 @@ class RunRecord:
         if replayed:  # what a killed run did after its last save
             self.pending = {k: v for k, v in self.pending.items() if (self.folder / k).exists()}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
-        for other in same_as:
-            alias = _identity_key(json.loads(json.dumps(other, sort_keys=True, default=str)))
+        # earlier versions kept the settings in words inside the identity: a run that is this one less them is this
+        worded = [k for k, run in self.runs.items() if isinstance(run, dict) and isinstance(run.get("identity"), dict)
+                  and "settings" in run["identity"] and "settings" not in self.identity
+                  and {n: v for n, v in run["identity"].items() if n != "settings"} == self.identity]
+        aliases = [_identity_key(json.loads(json.dumps(other, sort_keys=True, default=str))) for other in same_as]
+        for alias in [*worded, *aliases]:
             if alias != self.key and alias in self.runs:
                 self.outputs = {p: self.key if k == alias else k for p, k in self.outputs.items()}
                 del self.runs[alias]

@@ -230,15 +230,16 @@ def load_config(
     _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
     for key, value in fixes.items():
         parser[key] = value
+    for key in overrides or {}:  # ids of the bundle (a part of a component the training's values replace too)
+        if key not in parser:
+            raise BundleError(_unknown_key_message(parser, key, bundle))
     for key, value in (trained or {}).items():
         parser[key] = value
     parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
         parser[key] = literal(value) if key.endswith(("_dir", "_path")) and isinstance(value, str) else value
     for key, value in (overrides or {}).items():
-        if key not in parser:
-            raise BundleError(_unknown_key_message(parser, key, bundle))
-        value = _check_override_type(key, _referenced(parser, parser[key]), value)
+        value = _check_override_type(key, _referenced(parser, parser[key] if key in parser else None), value)
         # a text (a mask template, a folder, a class name) keeps its '#'; one meant as an expression, reference
         # or macro starts with '$', '@' or '%'
         parser[key] = literal_items(value, keep_worked_out=True)

@@ -98,13 +98,15 @@ def recorded_run(out: Path) -> dict[str, dict]:
 _CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs", "val_at_start")
 
 
-def _given_now(overrides: dict, overlays: Sequence[Any]) -> Callable[[str], bool]:
-    """Whether this call's ``--set`` or overlays give an id: the id itself, a part of it or what holds it.
-    MONAI's ``::`` separator counts as ``#``; an overlay's ``+id`` mapping (merged into the id) gives its
-    keys only. An overlay that cannot be read gives nothing here (loading the config names it)."""
+def _given_now(overrides: dict, overlays: Sequence[Any], parts_of_set: bool = True) -> Callable[[str], bool]:
+    """Whether this call's ``--set`` or overlays give an id: the id itself, what holds it, or a part of it (for
+    ``--set`` only with ``parts_of_set``: else a ``--set`` part is applied over the id's value). MONAI's ``::``
+    separator counts as ``#``; an overlay's ``+id`` mapping (merged into the id) gives its keys only. An overlay
+    that cannot be read gives nothing here (loading the config names it)."""
     from monai.bundle import ConfigParser
 
     given = {str(k) for k in overrides}
+    whole = set() if parts_of_set else set(given)
     for overlay in overlays:
         try:
             content = ConfigParser.load_config_file(str(overlay))
@@ -116,11 +118,12 @@ def _given_now(overrides: dict, overlays: Sequence[Any]) -> Callable[[str], bool
                 given |= {f"{key[1:]}#{part}" for part in value}
             else:
                 given.add(key.lstrip("+"))
-    given = {g.replace("::", "#") for g in given}
+    given, whole = {g.replace("::", "#") for g in given}, {g.replace("::", "#") for g in whole}
 
     def given_now(key: str) -> bool:
         key = key.replace("::", "#")
-        return any(g == key or g.startswith(key + "#") or key.startswith(g + "#") for g in given)
+        return any(g == key or key.startswith(g + "#") or (g.startswith(key + "#") and g not in whole)
+                   for g in given)
 
     return given_now
 
@@ -155,8 +158,8 @@ class TrainedSettings(NamedTuple):
         """One warning line naming the values taken and their records (nothing when none was taken)."""
         if self.values:
             logging.getLogger(__name__).warning(
-                "using the training's %s (from %s); give --set to change them",
-                ", ".join(f"{k}={written(v)!r}" for k, v in self.values.items()), ", ".join(self.sources))
+                "using the training's %s (from %s); give --set (overrides) to change them",
+                ", ".join(f"{k}={_as_set(v)}" for k, v in self.values.items()), ", ".join(self.sources))
 
 
 def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], overrides: dict,
@@ -188,8 +191,10 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
                 problem = None if isinstance(record, dict) else "not a config"
-            except (OSError, ValueError) as err:
-                problem = getattr(err, "strerror", None) or type(err).__name__
+            except OSError as err:
+                problem = f"cannot be read ({err.strerror or type(err).__name__})"
+            except ValueError as err:
+                problem = f"not JSON ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
             if problem is None:
                 meta = record.get("_meta_")
                 name = meta.get("name") if isinstance(meta, dict) else None
@@ -206,7 +211,7 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     except BundleError:  # a bundle that only infers: its inference config is what a training would change
         shipped = default_config(bundle, "infer")
     inference = default_config(bundle, "infer")
-    given_now = _given_now(overrides, overlays)
+    given_now = _given_now(overrides, overlays, parts_of_set=False)
     changes = [{key: value for key, value in _recorded_changes(record, shipped).items()
                 if key.split("#")[0] in inference and key.split("#")[0] not in _NOT_TAKEN and not given_now(key)}
                if record is not None else {} for *_, record in members]
@@ -214,14 +219,56 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     for key in dict.fromkeys(k for change in changes for k in change):
         seen = [(change[key] if key in change else _at(shipped, key), checkpoint, path, record is not None)
                 for change, (checkpoint, path, record) in zip(changes, members, strict=True)]
-        if len({json.dumps(_normal(v), sort_keys=True, default=str) for v, *_ in seen}) > 1:
-            where = ", ".join(f"{written(v)!r} in {p}" if has else f"the bundle's {written(v)!r} for {c} (no record)"
+        if any(_normal(v) != _normal(seen[0][0]) for v, *_ in seen):
+            where = ", ".join(f"{_as_set(v)} in {p}" if has else f"the bundle's {_as_set(v)} for {c} (no record)"
                               for v, c, p, has in seen)
             raise ConfigValueError(f"{key}: the checkpoints were trained with different values ({where}), so they "
                                    f"cannot run as one; give --set {key}=VALUE or checkpoints trained alike")
         values[key] = seen[0][0]
-    sources = tuple(str(path) for change, (_, path, _) in zip(changes, members, strict=True) if change)
+    values = _unless_worked_out_alike(bundle, values)
+    sources = tuple(str(path) for change, (_, path, _) in zip(changes, members, strict=True)
+                    if any(key in values for key in change))
     return TrainedSettings(values, sources)
+
+
+def _as_set(value: Any) -> str:
+    """A config value as ``--set`` takes it (JSON: ``true``, ``null``, ``[1, 2]``; a text as written)."""
+    value = written(value)
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _unless_worked_out_alike(bundle: str | os.PathLike, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` less the expressions that work out as the bundle's own do, the other values taken (a record
+    of an earlier bundle version, whose expression was written otherwise): not the training's settings."""
+    from medseg.bundle import load_config
+
+    def worked_out_value(trained: dict[str, Any], key: str) -> Any:
+        return load_config(bundle, "infer", trained=trained).get_parsed_content(key.replace("#", "::"))
+
+    kept = dict(values)
+    for key, value in values.items():
+        if not (isinstance(value, str) and worked_out(value)):
+            continue
+        others = {k: v for k, v in kept.items() if k != key}
+        try:
+            alike = _equal(worked_out_value(others, key), worked_out_value({**others, key: value}, key))
+        except Exception:  # noqa: BLE001 - an expression that fails here is the training's own: take it as such
+            alike = False
+        if alike:
+            del kept[key]
+    return kept
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two worked-out config values are the same (numbers, texts, lists, arrays, tensors)."""
+    import numpy as np
+
+    try:
+        return bool(np.array_equal(np.asarray(a, dtype=object if isinstance(a, (list, tuple)) else None),
+                                   np.asarray(b, dtype=object if isinstance(b, (list, tuple)) else None))) \
+            and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - values numpy cannot hold: compare as they are
+        return a == b
 
 
 _ABSENT = "(absent)"
@@ -264,8 +311,8 @@ def _recorded_changes(recorded: dict, shipped: dict, prefix: str = "") -> dict[s
             continue
         now = shipped[key]
         if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
-            if value.get("_target_") != now.get("_target_"):
-                found[f"{prefix}{key}"] = value
+            if value.get("_target_") != now.get("_target_") or set(now) - set(value):
+                found[f"{prefix}{key}"] = value  # another class, or one given whole with fewer parts
             else:
                 found.update(_recorded_changes(value, now, f"{prefix}{key}#"))
         elif _normal(value) != _normal(now):
@@ -310,8 +357,8 @@ def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[
             continue
         now = current[key]
         if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
-            if value.get("_target_") != now.get("_target_"):
-                found[f"{prefix}{key}"] = value
+            if value.get("_target_") != now.get("_target_") or set(now) - set(value):
+                found[f"{prefix}{key}"] = value  # another class, or one given whole with fewer parts
             else:
                 found.update(_plain_differences(value, now, f"{prefix}{key}#"))
         elif _plain(value) and value != now:

@@ -339,6 +339,7 @@ def train(
                 if tracking and not tracking_uri:
                     tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
+                _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")  # a loader put back whole
                 check_batch_size(parser)  # with the run's own settings back
                 lengthened = runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
@@ -787,13 +788,12 @@ def infer(
         # in words, for the message
         words = {"overrides": dict(overrides or {}), "tta": tta_used,
                  **({"from_training": trained.values} if trained.values else {})}
-        # the same run as earlier versions recorded it: with the settings' words in the identity (the training's
-        # values then given with --set), and before that with the config hashed without tta when --tta or
-        # --no-tta was given
+        # the same run as earlier versions recorded it: with the settings' words in the identity (RunRecord takes
+        # those whose identity is this one less the words), and before that with the config hashed without tta
+        # when --tta or --no-tta was given
         del config["tta"]
         without_tta = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-        same_as = [{**identity, "config": hashed, "settings": {"overrides": given, "tta": tta_used}}
-                   for hashed in (identity["config"], without_tta)
+        same_as = [{**identity, "config": without_tta, "settings": {"overrides": given, "tta": tta_used}}
                    for given in (dict(overrides or {}), {**trained.values, **(overrides or {})})]
         paths = [str(Path(c).resolve()) for c in checkpoints]
         info = {"checkpoint_path": paths[0] if len(paths) == 1 else paths, "settings": words}

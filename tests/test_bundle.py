@@ -562,7 +562,8 @@ def test_training_settings_are_the_inference_ids_the_training_changed(tmp_path, 
     assert training_settings(NUCLEI, [_run_record(tmp_path / "plain", NUCLEI)], {}).values == {}
 
 
-@pytest.mark.parametrize("content, reason", [("{not json", "JSONDecodeError"), ("[1, 2]", "not a config"),
+@pytest.mark.parametrize("content, reason", [("{not json", "not JSON (Expecting property name"),
+                                             ("[1, 2]", "not a config"),
                                              ('{"patch_size": 16}', "recorded by a training of no bundle")])
 def test_a_record_that_is_not_this_bundles_is_said_and_left_out(tmp_path, caplog, content, reason):
     from medseg.runfolder import training_settings
@@ -589,9 +590,9 @@ def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_lef
         assert str(tmp_path / run / "config.json") in str(err.value)
     # a member trained with the bundle's value, or without a record (taken as the bundle's), differs too
     default = _run_record(tmp_path / "d", NUCLEI)
-    with pytest.raises(ConfigValueError, match=r"20 in .*a/config.json, None in .*d/config.json"):
+    with pytest.raises(ConfigValueError, match=r"20 in .*a/config.json, null in .*d/config.json"):
         training_settings(NUCLEI, [a, default], {})
-    with pytest.raises(ConfigValueError, match=r"the bundle's None for .*none/model.pt \(no record\)"):
+    with pytest.raises(ConfigValueError, match=r"the bundle's null for .*none/model.pt \(no record\)"):
         training_settings(NUCLEI, [a, tmp_path / "none" / "model.pt"], {})
     assert training_settings(NUCLEI, [a, b], {"target_diameter": 18}).values == {}  # given: not asked
     other = _run_record(tmp_path / "other", NUCLEI, {"target_diameter": 20, "_meta_#name": "another bundle"})
@@ -644,3 +645,36 @@ def test_a_bundle_that_only_infers_takes_the_trainings_settings_too(tmp_path):
     found = training_settings(bundle, [ckpt], {}).values  # compared with its inference config instead
     assert found["target_diameter"] == 20
     assert load_config(bundle, "infer", trained=found).get_parsed_content("target_diameter") == 20
+
+
+def test_training_settings_whole_components_numbers_and_expressions_worked_out_alike(tmp_path):
+    from medseg.errors import ConfigValueError
+    from medseg.runfolder import training_settings
+
+    # a component given whole with fewer parts: the parts it left out had the class's defaults in training
+    whole = {"_target_": "medseg.instances.WatershedInstances", "seed_threshold": 0.6}
+    ckpt = _run_record(tmp_path / "pp", NUCLEI, {"postprocess": whole})
+    assert training_settings(NUCLEI, [ckpt], {}).values == {"postprocess": whole}
+    post = load_config(NUCLEI, "infer", trained={"postprocess": whole}).get_parsed_content("postprocess")
+    assert (post.seed_threshold, post.min_seed_area, post.min_area) == (0.6, 4, 8)
+    # a --set part of it is applied over the whole taken; an overlay's part or the whole given leaves it out
+    found = training_settings(NUCLEI, [ckpt], {"postprocess#min_area": 30})
+    assert found.values == {"postprocess": whole}
+    post = load_config(NUCLEI, "infer", trained=found.values, overrides={"postprocess#min_area": 30})
+    assert post.get_parsed_content("postprocess").min_area == 30
+    assert training_settings(NUCLEI, [ckpt], {"postprocess": whole}).values == {}
+    # 40 and 40.0 are one value for an ensemble
+    a = _run_record(tmp_path / "a", NUCLEI, {"target_diameter": 40})
+    b = _run_record(tmp_path / "b", NUCLEI, {"target_diameter": 40.0})
+    assert training_settings(NUCLEI, [a, b], {}).values == {"target_diameter": 40}
+    with pytest.raises(ConfigValueError, match=r"\(true in .*, the bundle's false for"):
+        training_settings(NUCLEI, [_run_record(tmp_path / "d", NUCLEI, {"distance_head": True}), tmp_path / "x.pt"], {})
+    # an expression an earlier bundle version wrote otherwise, working out the same: not the training's setting
+    isbi = REPO / "bundles" / "isbi_em"
+    older = "$[0.0, @interior_log_prior if @class_balance and @loss_name == 'weighted_ce' else 0.0]"
+    assert training_settings(isbi, [_run_record(tmp_path / "old", isbi, {"logit_shift": older})], {}).values == {}
+    # ... unless it works out otherwise with the values taken beside it, or in itself
+    other = "$[0.0, 0.5]"
+    assert training_settings(isbi, [_run_record(tmp_path / "new", isbi, {"logit_shift": other})], {}).values == {
+        "logit_shift": other}
+

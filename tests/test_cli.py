@@ -839,7 +839,7 @@ def test_evaluate_and_infer_use_the_trainings_own_settings(tmp_path, isbi_folder
             result = _invoke("infer", BUNDLE, images, tmp_path / f"out_{name}", *common, *extra)
             assert result.exit_code == 0, result.output
     said = [r.getMessage() for r in caplog.records if "using the training's" in r.getMessage()]
-    assert len(said) == 2 and "loss_name='dice_ce'" in said[0] and "network_def#channels=[4, 8, 16]" in said[0]
+    assert len(said) == 2 and "loss_name=dice_ce," in said[0] and "network_def#channels=[4, 8, 16]" in said[0]
     assert str(run / "config.json") in said[0]
     scores = [json.loads((tmp_path / f"eval_{n}" / "summary.json").read_text()) for n in ("plain", "given")]
     assert scores[0]["v_rand"] == scores[1]["v_rand"] and scores[0]["dice"] == scores[1]["dice"]

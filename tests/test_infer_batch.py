@@ -231,6 +231,12 @@ def test_run_record_forgets_outputs_of_a_failed_input(tmp_path):
 def test_run_record_takes_an_identity_recorded_by_an_earlier_version_as_its_own(tmp_path):
     from medseg.batch import RunRecord
 
+    # with the settings in words inside the identity: the same run when the rest is this run's identity
+    paths = {"mask": tmp_path / "worded" / "a.png"}
+    RunRecord(tmp_path / "worded", {"config": "c", "settings": {"overrides": {"a": 1}}}).record(paths, made=True)
+    assert RunRecord(tmp_path / "worded", {"config": "c"}).made_here(paths)
+    assert not RunRecord(tmp_path / "worded", {"config": "d"}).made_here(paths)
+
     paths = {"mask": tmp_path / "mask" / "a.png"}
     RunRecord(tmp_path, {"config": "hashed the old way"}).record(paths, made=True)
     assert not RunRecord(tmp_path, {"config": "hashed the new way"}).made_here(paths)
