@@ -39,7 +39,7 @@ def predictions(data: str, checkpoint: str, split: str, tta: bool,
                 "eval_split": split, "device": "$torch.device('cpu')", "amp": False}
     trained = training_settings(BUNDLE, [checkpoint], overrides)  # as medseg evaluate takes them
     parser = load_config(str(BUNDLE), "evaluate", (), overrides, settings, trained=trained.values)
-    trained.say()
+    trained.say([checkpoint])
     recorded = Path(checkpoint).parent / "split.json"
     samples = parser.get_parsed_content("datalists")
     if recorded.is_file():  # the run's own split

@@ -97,9 +97,9 @@ class Segmenter:
         overlays = tuple(str(o) for o in overlays)
         trained = training_settings(bundle, checkpoints, overrides or {}, overlays)
         parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
+        trained.say(checkpoints)
         with _user_errors():
             self.network = load_members(parser.get_parsed_content("network_def"), checkpoints)[0].to(self.device).eval()
-            trained.say()
             parser.get_parsed_content("initialize")
             self.inferer = parser.get_parsed_content("inferer")
             self.amp = bool(parser.get_parsed_content("amp", default=False)) and self.device.type == "cuda"

@@ -230,16 +230,26 @@ def load_config(
     _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
     for key, value in fixes.items():
         parser[key] = value
-    for key in overrides or {}:  # ids of the bundle (a part of a component the training's values replace too)
-        if key not in parser:
+    before = {key: parser[key] for key in overrides or {} if key in parser}  # the bundle's, for the type check
+    if trained:
+        import copy
+
+        for key, value in trained.items():
+            parser[key] = copy.deepcopy(value)  # a --set part below changes the parser's copy only
+        _overlay_parts_again(parser, overlays, trained)
+    for key in overrides or {}:  # an id of the bundle, or of a component the training's values put in its place
+        if key not in before and key not in parser:
             raise BundleError(_unknown_key_message(parser, key, bundle))
-    for key, value in (trained or {}).items():
-        parser[key] = value
+        holder = key.replace("::", "#").rpartition("#")[0]
+        if holder and holder in parser and not isinstance(parser[holder], (dict, list)):
+            raise BundleError(f"--set {key}: {holder} is {written(parser[holder])!r} here (from the training's "
+                              f"config.json), which has no parts; give the whole {holder} with --set")
     parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
         parser[key] = literal(value) if key.endswith(("_dir", "_path")) and isinstance(value, str) else value
     for key, value in (overrides or {}).items():
-        value = _check_override_type(key, _referenced(parser, parser[key] if key in parser else None), value)
+        default = parser[key] if key in parser else before.get(key)
+        value = _check_override_type(key, _referenced(parser, default), value)
         # a text (a mask template, a folder, a class name) keeps its '#'; one meant as an expression, reference
         # or macro starts with '$', '@' or '%'
         parser[key] = literal_items(value, keep_worked_out=True)
@@ -247,6 +257,25 @@ def load_config(
     if workflow == "train":  # evaluate and infer do not batch training crops
         check_batch_size(parser)
     return parser
+
+
+def _overlay_parts_again(parser: Any, overlays: list | tuple, trained: dict[str, Any]) -> None:
+    """Set again what the overlays give inside the training's values just put in place (a part of a component
+    the training gave whole: ``postprocess#min_area``, ``postprocess::min_area`` or ``+postprocess``), so
+    that an overlay's part is applied over them as a ``--set`` part is."""
+    from monai.bundle import ConfigParser
+
+    for overlay in overlays:
+        content = ConfigParser.load_config_file(str(overlay))
+        for key, value in (content or {}).items():
+            plain = str(key).lstrip("+").replace("::", "#")
+            for whole in trained:
+                if plain.startswith(whole + "#"):
+                    parser[plain] = value
+                elif str(key).startswith("+") and plain == whole and isinstance(value, dict) \
+                        and isinstance(parser[whole], dict):
+                    for part, part_value in value.items():
+                        parser[f"{whole}#{part}"] = part_value
 
 
 def config_flag(value: Any, name: str) -> bool:

@@ -99,14 +99,14 @@ _CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "
 
 
 def _given_now(overrides: dict, overlays: Sequence[Any], parts_of_set: bool = True) -> Callable[[str], bool]:
-    """Whether this call's ``--set`` or overlays give an id: the id itself, what holds it, or a part of it (for
-    ``--set`` only with ``parts_of_set``: else a ``--set`` part is applied over the id's value). MONAI's ``::``
-    separator counts as ``#``; an overlay's ``+id`` mapping (merged into the id) gives its keys only. An overlay
-    that cannot be read gives nothing here (loading the config names it)."""
+    """Whether this call's ``--set`` or overlays give an id: the id itself, what holds it, or (with
+    ``parts_of_set``) a part of it; without, a part given is applied over the id's value (see
+    :func:`medseg.bundle.load_config`). MONAI's ``::`` separator counts as ``#``; an overlay's ``+id`` mapping
+    (merged into the id) gives its keys only. An overlay that cannot be read gives nothing here (loading the
+    config names it)."""
     from monai.bundle import ConfigParser
 
     given = {str(k) for k in overrides}
-    whole = set() if parts_of_set else set(given)
     for overlay in overlays:
         try:
             content = ConfigParser.load_config_file(str(overlay))
@@ -118,11 +118,11 @@ def _given_now(overrides: dict, overlays: Sequence[Any], parts_of_set: bool = Tr
                 given |= {f"{key[1:]}#{part}" for part in value}
             else:
                 given.add(key.lstrip("+"))
-    given, whole = {g.replace("::", "#") for g in given}, {g.replace("::", "#") for g in whole}
+    given = {g.replace("::", "#") for g in given}
 
     def given_now(key: str) -> bool:
         key = key.replace("::", "#")
-        return any(g == key or key.startswith(g + "#") or (g.startswith(key + "#") and g not in whole)
+        return any(g == key or key.startswith(g + "#") or (parts_of_set and g.startswith(key + "#"))
                    for g in given)
 
     return given_now
@@ -139,7 +139,7 @@ def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequen
     if changed:
         logging.getLogger(__name__).warning(
             "--resume: continuing with the run's own %s (from its config.json); give --set to change them",
-            ", ".join(f"{k}={written(v)!r}" for k, v in changed.items()))
+            ", ".join(f"{k}={_as_set(v)}" for k, v in changed.items()))
 
 
 #: Ids of a training's record that ``evaluate`` and ``infer`` never take: the call's own data, folders and device,
@@ -154,9 +154,10 @@ class TrainedSettings(NamedTuple):
     values: dict[str, Any]
     sources: tuple[str, ...] = ()
 
-    def say(self) -> None:
-        """One warning line naming the values taken and their records (nothing when none was taken)."""
-        if self.values:
+    def say(self, checkpoints: Sequence[str | os.PathLike] = ()) -> None:
+        """One warning line naming the values taken and their records (nothing when none was taken, or when one
+        of ``checkpoints`` is missing: its own error comes first and alone)."""
+        if self.values and all(Path(c).is_file() for c in checkpoints):
             logging.getLogger(__name__).warning(
                 "using the training's %s (from %s); give --set (overrides) to change them",
                 ", ".join(f"{k}={_as_set(v)}" for k, v in self.values.items()), ", ".join(self.sources))
@@ -165,7 +166,7 @@ class TrainedSettings(NamedTuple):
 def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], overrides: dict,
                       overlays: Sequence[Any] = ()) -> TrainedSettings:
     """The values the training of ``checkpoints`` gave the bundle's inference settings, for ``evaluate``, ``infer``
-    and :class:`medseg.Segmenter` to use too (say them with :meth:`TrainedSettings.say` once the weights load).
+    and :class:`medseg.Segmenter` to use too (say them with :meth:`TrainedSettings.say`).
 
     A checkpoint's training records its config in ``config.json`` beside it. Where a value there differs from the
     bundle's ``train`` config (an overlay or ``--set`` of the training: ``target_diameter``, the loss the prior
@@ -225,7 +226,7 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
             raise ConfigValueError(f"{key}: the checkpoints were trained with different values ({where}), so they "
                                    f"cannot run as one; give --set {key}=VALUE or checkpoints trained alike")
         values[key] = seen[0][0]
-    values = _unless_worked_out_alike(bundle, values)
+    values = _unless_worked_out_alike(bundle, values, overrides, overlays)
     sources = tuple(str(path) for change, (_, path, _) in zip(changes, members, strict=True)
                     if any(key in values for key in change))
     return TrainedSettings(values, sources)
@@ -237,13 +238,19 @@ def _as_set(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _unless_worked_out_alike(bundle: str | os.PathLike, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` less the expressions that work out as the bundle's own do, the other values taken (a record
-    of an earlier bundle version, whose expression was written otherwise): not the training's settings."""
-    from medseg.bundle import load_config
+def _unless_worked_out_alike(bundle: str | os.PathLike, values: dict[str, Any], overrides: dict,
+                             overlays: Sequence[Any]) -> dict[str, Any]:
+    """``values`` less the expressions that work out as the bundle's own do, with the other values taken and this
+    call's ``--set`` and overlays (a record of an earlier bundle version, whose expression was written
+    otherwise): not the training's settings. An expression that fails to work out here is kept."""
+    from medseg.bundle import default_config, load_config
+
+    ids = default_config(bundle, "infer")
+    given = {k: v for k, v in overrides.items() if str(k).replace("::", "#").split("#")[0] in ids}
 
     def worked_out_value(trained: dict[str, Any], key: str) -> Any:
-        return load_config(bundle, "infer", trained=trained).get_parsed_content(key.replace("#", "::"))
+        parser = load_config(bundle, "infer", tuple(overlays), given, trained=trained)
+        return parser.get_parsed_content(key.replace("#", "::"))
 
     kept = dict(values)
     for key, value in values.items():
@@ -345,7 +352,8 @@ def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[
 
     Components (dicts with ``_target_``) of one class are compared part by part, and a plain part the run added
     to one is a difference; one of another class is one value (such as a whole ``network_def`` given by
-    ``--set``); a plain mapping or list is one value.
+    ``--set``); a plain mapping or list is one value. (Parts of the current config the record lacks are left
+    as they are: the current config holds this call's own overlay parts too.)
     """
     found: dict[str, Any] = {}
     for key, value in recorded.items():
@@ -357,8 +365,8 @@ def _plain_differences(recorded: dict, current: dict, prefix: str = "") -> dict[
             continue
         now = current[key]
         if isinstance(value, dict) and isinstance(now, dict) and ("_target_" in value or "_target_" in now):
-            if value.get("_target_") != now.get("_target_") or set(now) - set(value):
-                found[f"{prefix}{key}"] = value  # another class, or one given whole with fewer parts
+            if value.get("_target_") != now.get("_target_"):
+                found[f"{prefix}{key}"] = value  # another class: whole
             else:
                 found.update(_plain_differences(value, now, f"{prefix}{key}#"))
         elif _plain(value) and value != now:

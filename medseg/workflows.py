@@ -572,6 +572,7 @@ def evaluate(
                 **device_settings(dev)}
     trained = runfolder.training_settings(bundle, checkpoints, overrides, overlays)
     parser = load_config(bundle, "evaluate", overlays, overrides, settings, trained=trained.values)
+    trained.say(checkpoints)
     if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
         parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from
     _leave_sigterm_to_main(parser, "validate#dataloader")
@@ -584,7 +585,6 @@ def evaluate(
         parser["val_count"] = 0  # ISBI: nothing is held out when every slice is scored (5 of 4 could not be)
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
-    trained.say()
     check_writable(output_dir)
     record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
     if record is not None:
@@ -752,13 +752,13 @@ def infer(
                 **({} if tta is None else {"tta": bool(tta)}), **device_settings(dev)}
     trained = runfolder.training_settings(bundle, checkpoints, overrides or {}, overlays)
     parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
+    trained.say(checkpoints)
     workers = parser.get("dataloader#num_workers", 0) if isinstance(parser.get("dataloader"), dict) else 0
     if workers:  # each input's slices are read in this process (run_batch), one input at a time
         raise ConfigValueError(f"dataloader#num_workers={workers}: medseg infer reads each input's slices itself "
                                "and takes no data-loader workers (the id is for python -m monai.bundle run); "
                                "drop it")
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
-    trained.say()
     if len(checkpoints) > 1:
         parser["network_def"] = network
     parser.get_parsed_content("initialize")

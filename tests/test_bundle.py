@@ -678,3 +678,57 @@ def test_training_settings_whole_components_numbers_and_expressions_worked_out_a
     assert training_settings(isbi, [_run_record(tmp_path / "new", isbi, {"logit_shift": other})], {}).values == {
         "logit_shift": other}
 
+
+def test_parts_given_now_apply_over_the_trainings_whole_component(tmp_path):
+    whole = {"_target_": "medseg.instances.WatershedInstances", "min_area": 30, "seed_threshold": 0.7}
+    trained = {"postprocess": whole}
+    parser = load_config(NUCLEI, "infer", overrides={"postprocess#min_area": 25}, trained=trained)
+    post = parser.get_parsed_content("postprocess")
+    assert (post.min_area, post.seed_threshold) == (25, 0.7) and whole["min_area"] == 30  # the record untouched
+    for content in ({"+postprocess": {"min_area": 50}}, {"postprocess::min_area": 50}, {"postprocess#min_area": 50}):
+        overlay = tmp_path / "overlay.json"
+        overlay.write_text(json.dumps(content))
+        post = load_config(NUCLEI, "infer", [overlay], trained=trained).get_parsed_content("postprocess")
+        assert (post.min_area, post.seed_threshold) == (50, 0.7), content
+    # a part the bundle's component lacks but the training's has, and the type check of one the training's lacks
+    basic = {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
+             "features": [4, 4, 8, 16, 32, 4]}
+    parser = load_config(NUCLEI, "infer", overrides={"network_def#features": [4, 8, 8, 16, 32, 8]},
+                         trained={"network_def": basic})
+    assert parser["network_def"]["features"] == [4, 8, 8, 16, 32, 8]
+    with pytest.raises(BundleError, match="postprocess#min_area"):
+        load_config(NUCLEI, "infer", overrides={"postprocess#min_area": "abc"},
+                    trained={"postprocess": {"_target_": "medseg.instances.WatershedInstances"}})
+    # a part of a value the training gave as an expression: one line naming the fix
+    with pytest.raises(BundleError, match=r"--set network_def#channels: network_def is .* give the whole network_def"):
+        load_config(NUCLEI, "infer", overrides={"network_def#channels": [4, 8]},
+                    trained={"network_def": "$monai.networks.nets.UNet(2, 1, 3, [4, 8], [2])"})
+
+
+def test_resume_puts_back_the_runs_parts_around_this_calls_own(tmp_path):
+    from medseg.bundle import default_config
+    from medseg.runfolder import resume_settings
+
+    record = default_config(NUCLEI, "train")
+    record["postprocess"] = {"_target_": "medseg.instances.WatershedInstances", "min_area": 30, "seed_threshold": 0.7}
+    record["network_def"]["channels"] = [4, 8]
+    record["network_def"]["strides"] = [2]
+    parser = load_config(NUCLEI, "train", overrides={"postprocess#min_area": 50})
+    resume_settings(parser, record, {"postprocess#min_area": 50}, [])
+    assert parser["postprocess"]["seed_threshold"] == 0.7 and parser["postprocess"]["min_area"] == 50
+    overlay = tmp_path / "plus.json"
+    overlay.write_text(json.dumps({"+network_def": {"dropout": 0.2}}))
+    parser = load_config(NUCLEI, "train", [overlay])
+    resume_settings(parser, record, {}, [overlay])
+    assert parser["network_def"]["channels"] == [4, 8] and parser["network_def"]["dropout"] == 0.2
+
+
+def test_an_expression_is_compared_with_this_calls_own_settings(tmp_path):
+    from medseg.runfolder import training_settings
+
+    isbi = REPO / "bundles" / "isbi_em"
+    shift = "$[0.0, @interior_log_prior]"  # the bundle's own value with its defaults, not with class_balance off
+    ckpt = _run_record(tmp_path / "run", isbi, {"logit_shift": shift})
+    assert training_settings(isbi, [ckpt], {}).values == {}
+    assert training_settings(isbi, [ckpt], {"class_balance": False}).values == {"logit_shift": shift}
+

@@ -793,7 +793,7 @@ def test_resume_keeps_the_runs_own_overlays_and_set_values(tmp_path, isbi_folder
         result = _invoke("train", BUNDLE, *args, "--epochs", 3, "--resume")
     assert result.exit_code == 0, result.output
     said = [r.getMessage() for r in caplog.records if "continuing with the run's own" in r.getMessage()]
-    assert len(said) == 1 and "loss_name='dice_ce'" in said[0] and "network_def#channels=[4, 8, 16]" in said[0]
+    assert len(said) == 1 and "loss_name=dice_ce," in said[0] and "network_def#channels=[4, 8, 16]" in said[0]
     config = json.loads((out / "config.json").read_text())
     assert config["loss_name"] == "dice_ce" and config["val_interval"] == 2 and config["val_count"] == 1
     assert config["network_def"]["channels"] == [4, 8, 16]
