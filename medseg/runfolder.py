@@ -226,7 +226,7 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
             raise ConfigValueError(f"{key}: the checkpoints were trained with different values ({where}), so they "
                                    f"cannot run as one; give --set {key}=VALUE or checkpoints trained alike")
         values[key] = seen[0][0]
-    values = _unless_worked_out_alike(bundle, values, overrides, overlays)
+    values = _unless_worked_out_alike(bundle, values, overrides, overlays, inference)
     sources = tuple(str(path) for change, (_, path, _) in zip(changes, members, strict=True)
                     if any(key in values for key in change))
     return TrainedSettings(values, sources)
@@ -239,14 +239,14 @@ def _as_set(value: Any) -> str:
 
 
 def _unless_worked_out_alike(bundle: str | os.PathLike, values: dict[str, Any], overrides: dict,
-                             overlays: Sequence[Any]) -> dict[str, Any]:
+                             overlays: Sequence[Any], inference: dict[str, Any]) -> dict[str, Any]:
     """``values`` less the expressions that work out as the bundle's own do, with the other values taken and this
     call's ``--set`` and overlays (a record of an earlier bundle version, whose expression was written
-    otherwise): not the training's settings. An expression that fails to work out here is kept."""
-    from medseg.bundle import default_config, load_config
+    otherwise): not the training's settings. An expression that fails to work out here is kept.
+    ``inference``: the bundle's inference config, whose ids the ``--set`` given must name here."""
+    from medseg.bundle import load_config
 
-    ids = default_config(bundle, "infer")
-    given = {k: v for k, v in overrides.items() if str(k).replace("::", "#").split("#")[0] in ids}
+    given = {k: v for k, v in overrides.items() if str(k).replace("::", "#").split("#")[0] in inference}
 
     def worked_out_value(trained: dict[str, Any], key: str) -> Any:
         parser = load_config(bundle, "infer", tuple(overlays), given, trained=trained)

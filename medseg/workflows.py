@@ -339,7 +339,6 @@ def train(
                 if tracking and not tracking_uri:
                     tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
-                _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")  # a loader put back whole
                 check_batch_size(parser)  # with the run's own settings back
                 lengthened = runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
@@ -775,8 +774,8 @@ def infer(
             remove_partial_files(out / kind, recursive=True)
         # what decides the masks: the weights and the bundle's config as overridden, less this run's paths
         config = {k: v for k, v in parser.get().items() if k not in (*settings, "bundle_root", "tta")}
-        config["tta"] = bool(parser.get_parsed_content("tta", default=False))  # as given or as the bundle's
         tta_used = parser.get_parsed_content("tta", default=False)
+        config["tta"] = bool(tta_used)  # as given or as the bundle's
         identity = {
             "bundle": f"{Path(bundle).resolve().name} "
                       f"{parser.get_parsed_content('_meta_#version', default='')}".strip(),

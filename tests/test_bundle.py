@@ -721,6 +721,12 @@ def test_resume_puts_back_the_runs_parts_around_this_calls_own(tmp_path):
     parser = load_config(NUCLEI, "train", [overlay])
     resume_settings(parser, record, {}, [overlay])
     assert parser["network_def"]["channels"] == [4, 8] and parser["network_def"]["dropout"] == 0.2
+    # a network of another class is put back whole
+    record["network_def"] = {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 2, "in_channels": 1,
+                             "out_channels": "@out_channels", "features": [4, 4, 8, 16, 32, 4]}
+    parser = load_config(NUCLEI, "train")
+    resume_settings(parser, record, {}, [])
+    assert parser["network_def"] == record["network_def"]
 
 
 def test_an_expression_is_compared_with_this_calls_own_settings(tmp_path):
