@@ -97,8 +97,20 @@ def _read_configs(parser: Any, files: list[Path], meta: Path | None = None) -> N
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise BundleError(f"{path}: cannot read config ({reason}); fix its JSON/YAML syntax") from err
     if meta is not None:
+        _check_names(meta, ConfigParser.load_config_file(str(meta)))
         parser.read_meta(meta)
     parser.read_config([str(f) for f in files])
+
+
+def _check_names(path: Path, meta: Any) -> None:
+    """Refuse a ``metadata.json`` without the bundle's name and version, which outputs and run records carry."""
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: not a JSON object; a bundle's metadata.json holds its name, version and the "
+                          "other fields of MONAI's metadata schema")
+    missing = [k for k in ("name", "version") if not (isinstance(meta.get(k), str) and meta[k].strip())]
+    if missing:
+        raise BundleError(f"{path}: no {' and no '.join(missing)}; give the bundle's \"name\" and \"version\" "
+                          "(e.g. \"0.1.0\") there, as MONAI's metadata schema asks")
 
 
 def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:

@@ -66,8 +66,8 @@ def _home(value: Any) -> Any:
     return Path(os.path.expanduser(text)) if text == "~" or text.startswith("~/") else Path(value)
 
 
-BundleArg = Annotated[Path, typer.Argument(callback=_home,
-                                           help="Bundle folder: bundles/isbi_em, bundles/jurkat or bundles/nuclei.")]
+BundleArg = Annotated[Path, typer.Argument(
+    callback=_home, help="Bundle folder: bundles/isbi_em, bundles/jurkat, bundles/nuclei or your own.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
 OverlayOpt = Annotated[
     list[Path] | None,
@@ -313,8 +313,9 @@ def info(
     found = _run(ctx, collect_info, bundles_dir)
     typer.echo(json.dumps(found, indent=2, ensure_ascii=False))
     if not found["bundles"]:
-        typer.secho(f"note: no bundles in {bundles_dir}; pass --bundles-dir pointing to the folder that holds "
-                    "isbi_em, jurkat and nuclei", err=True)
+        fix = ("it is a bundle itself: pass its parent folder" if (bundles_dir / "configs" / "metadata.json").is_file()
+               else "pass --bundles-dir pointing to the folder that holds the bundles (isbi_em, jurkat, nuclei)")
+        typer.secho(f"note: no bundles in {bundles_dir}; {fix}", err=True)
 
 
 def main() -> None:

@@ -82,6 +82,9 @@ def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:
     """Versions, device and ``{bundle name: version, task}`` for each bundle under ``bundles_dir``."""
     import torch
 
+    from medseg.bundle import validate_metadata
+    from medseg.errors import BundleError
+
     versions = _versions()
     cuda = torch.cuda.is_available()
     device = {
@@ -99,5 +102,10 @@ def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:
             entry.update(version=data.get("version"), task=data.get("task"))
         except (OSError, ValueError) as err:  # one broken bundle does not hide the others
             entry["error"] = f"{meta}: unreadable metadata ({str(err).splitlines()[0]}); fix or remove it"
+        else:
+            try:
+                validate_metadata(meta.parent.parent)
+            except BundleError as err:  # it still runs where name and version are there; say what to fix
+                entry["metadata_problem"] = str(err)
         bundles[meta.parent.parent.name] = entry
     return {"python": platform.python_version(), "versions": versions, "device": device, "bundles": bundles}

@@ -419,6 +419,9 @@ def multiclass_scores(
     names = [f"class{c}" for c in range(num_classes)] if class_names is None else list(class_names)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    same = sorted(set(names) & set(regions or {}))
+    if same:  # its dice_/iou_ columns would replace the class's
+        raise ValueError(f"region {same[0]!r} has the name of a class")
     for what, arr in (("prediction", pred), ("label", gt)):
         if arr.size and (not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr))):
             raise ValueError(f"{what} must hold integer class indices")

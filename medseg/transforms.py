@@ -236,6 +236,37 @@ class ClassMapd(MapTransform):
         return d
 
 
+def class_mask_values(class_map: Mapping, num_classes: int | None = None) -> list[int] | None:
+    """The mask value of each class under ``class_map`` (the inverse of :class:`ClassMapd`), so that written
+    masks hold the values of the training masks: ``{"0": 0, "255": 1}`` gives ``[0, 255]``. Where several values
+    map to one class, the first listed is taken. A colour map gives ``None`` (masks then hold class indices).
+
+    Raises:
+        ConfigValueError: a class no value maps to, or a value a mask cannot hold (not a whole number 0..65535).
+    """
+    items = list(dict(class_map).items())
+    if items and all(_colour_key(k) is not None for k, _ in items):
+        return None
+    first: dict[int, float] = {}
+    for key, index in items:
+        try:
+            first.setdefault(int(index), float(key))
+        except (TypeError, ValueError):
+            raise ConfigValueError(f"class_map={dict(class_map)!r}: give pixel value -> class index pairs, e.g. "
+                                   "--set 'class_map={\"0\": 0, \"255\": 1}'") from None
+    count = int(num_classes) if num_classes else max(first, default=-1) + 1
+    missing = [c for c in range(count) if c not in first]
+    if missing:
+        raise ConfigValueError(f"class_map maps no pixel value to class {missing[0]}, so masks cannot show it; "
+                               "give class_values, one mask value per class (e.g. --set 'class_values=[0,128,255]')")
+    values = [first[c] for c in range(count)]
+    bad = [v for v in values if not (v.is_integer() and 0 <= v <= 65535)]
+    if bad:
+        raise ConfigValueError(f"class_map value {bad[0]:g} cannot be a mask value (whole numbers 0..65535); give "
+                               "class_values, one mask value per class (e.g. --set 'class_values=[0,128,255]')")
+    return [int(v) for v in values]
+
+
 def _in_colour(path: str, page: int = 0) -> bool:
     """Whether slice ``page`` of ``path`` holds colours (RGB or a colour palette), for error messages."""
     try:

@@ -24,6 +24,7 @@ probability volume per input).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
 from medseg.bundle import config_flag
-from medseg.errors import DataError
+from medseg.errors import ConfigValueError, DataError
 from medseg.io import partial_file, tiff_calibration, write_nifti, write_png, write_tiff
 
 #: Output kinds and the mask suffix each writes.
@@ -220,6 +221,29 @@ def _nifti_header(meta: dict) -> dict[str, Any]:
     return header
 
 
+def _class_values(class_values: Any, class_map: Mapping | None, num_classes: int | None) -> np.ndarray | None:
+    """The mask value of each class (``None``: class indices), checked before any input is written."""
+    from medseg.transforms import class_mask_values
+
+    if class_values is None:
+        class_values = None if class_map is None else class_mask_values(class_map, num_classes)
+        if class_values is None:
+            return None
+    shown = json.dumps(class_values, default=str)
+    try:
+        values = np.asarray(class_values, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.zeros((0,))
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)) or not np.all(values % 1 == 0) \
+            or values.min() < 0 or values.max() > 65535:
+        raise ConfigValueError(f"class_values={shown}: give one whole number 0..65535 per class, e.g. "
+                               "--set 'class_values=[0,128,255]'")
+    if num_classes and values.size < int(num_classes):
+        raise ConfigValueError(f"class_values={shown}: {values.size} mask value(s) for {int(num_classes)} classes; "
+                               "give one per class, e.g. --set 'class_values=[0,128,255]'")
+    return values.astype(np.int64)
+
+
 class SaveSegmentationd(MapTransform):
     """Save the mask (and optionally a probability map) of ``data[key]`` (softmax, ``(C, H, W)``) per slice.
 
@@ -237,7 +261,11 @@ class SaveSegmentationd(MapTransform):
         algorithm_version: its version.
         nifti_channel_dim: the channel axis of 4D NIfTI inputs (as given to their reader).
         mask_mode: ``binary``, ``classes`` or ``instances`` (see the module's description).
-        class_values: for ``classes``, the PNG/TIFF value of each class (default: the class index).
+        class_values: for ``classes``, the PNG/TIFF value of each class (default: from ``class_map``, else the
+            class index).
+        class_map: for ``classes``, the training's pixel value -> class map, whose values the masks then hold
+            (:func:`medseg.transforms.class_mask_values`) unless ``class_values`` is given.
+        num_classes: for ``classes``, the network's class count, which ``class_values`` must cover.
         postprocess: for ``instances``, a callable ``(C, H, W)`` probabilities -> instance labels.
 
     The instance table's ``mean_intensity`` is measured on the input's own pixel values (channel mean), not on
@@ -259,6 +287,8 @@ class SaveSegmentationd(MapTransform):
         mask_mode: str = "binary",
         class_values: list[int] | None = None,
         postprocess: Any = None,
+        class_map: Mapping | None = None,
+        num_classes: int | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -275,9 +305,7 @@ class SaveSegmentationd(MapTransform):
         self.channel, self.threshold, self.save_prob = channel, threshold, config_flag(save_prob, "save_prob")
         self.output_format, self.nifti_channel_dim = output_format, nifti_channel_dim
         self.mask_mode, self.postprocess = mask_mode, postprocess
-        self.class_values = None if class_values is None else np.asarray(class_values)
-        if self.class_values is not None and self.class_values.max(initial=0) > 65535:
-            raise ValueError("class_values must fit 16 bits")
+        self.class_values = _class_values(class_values, class_map, num_classes) if mask_mode == "classes" else None
         self.options = {"segment_label": segment_label, "algorithm": algorithm,
                         "algorithm_version": algorithm_version}
         self._open: dict[str, _VolumeSink] = {}

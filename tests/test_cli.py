@@ -49,6 +49,25 @@ def test_info_reports_a_broken_bundle_and_lists_the_others(tmp_path):
     assert result.exit_code == 0, result.output
     bundles = json.loads(result.output[: result.output.rindex("}") + 1])["bundles"]
     assert bundles["good"]["version"] and "bad/configs/metadata.json: unreadable metadata" in bundles["bad"]["error"]
+    assert "metadata_problem" not in bundles["good"]
+    # one that runs but misses fields of MONAI's schema is listed with what to fix
+    meta = json.loads((tmp_path / "good" / "configs" / "metadata.json").read_text())
+    del meta["authors"]
+    (tmp_path / "good" / "configs" / "metadata.json").write_text(json.dumps(meta))
+    bundles = json.loads(_invoke("info", "--bundles-dir", tmp_path).output.split("\nnote")[0])["bundles"]
+    assert "'authors' is a required property" in bundles["good"]["metadata_problem"]
+
+
+def test_a_bundle_without_name_or_version_is_one_line_error(tmp_path, isbi_folder):
+    bundle = tmp_path / "mine"
+    shutil.copytree(BUNDLE, bundle)
+    for meta, expected in (({}, "no name and no version"), ({"name": "mine"}, "no version"), ([], "not a JSON object")):
+        (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+        for command in (["train", bundle, "--data", isbi_folder, "--output", tmp_path / "o"],
+                        ["infer", bundle, isbi_folder, tmp_path / "out"]):
+            result = _invoke(*command)
+            _assert_one_line_error(result, "mine/configs/metadata.json", expected)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_config_file_that_does_not_parse_is_named(tmp_path):

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from medseg.cli import app
 from medseg.data import find_image_mask_pairs, folder_split, split_by_group
-from medseg.errors import DataError
-from medseg.transforms import ClassMapd, LoadSliced
+from medseg.errors import ConfigValueError, DataError
+from medseg.metrics import multiclass_scores
+from medseg.transforms import ClassMapd, LoadSliced, class_mask_values
 from medseg.writers import SaveSegmentationd
 
 JURKAT = REPO / "bundles" / "jurkat"
@@ -412,8 +413,37 @@ def test_class_masks_of_dicom_go_to_nifti_and_bad_options(tmp_path):
     assert binary.paths_for("ct", "dicom", 1)["mask"].name == "ct.seg.dcm"  # binary bundles keep DICOM SEG
     with pytest.raises(ValueError, match="mask_mode must be one of"):
         SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="labels")
-    with pytest.raises(ValueError, match="class_values must fit 16 bits"):
+    with pytest.raises(ConfigValueError, match=r"class_values=\[0, 70000\]: give one whole number 0..65535"):
         SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 70000])
+
+
+def test_class_mask_values_invert_the_class_map():
+    assert class_mask_values(CLASS_MAP) == [0, 128, 255]
+    assert class_mask_values({"0": 0, "255": 1}, 2) == [0, 255]
+    assert class_mask_values({"0": 0, "1": 0, "255": 1, "200": 1}) == [0, 255]  # the first value listed
+    assert class_mask_values({"#000000": 0, "#ff0000": 1}) is None  # colours: masks hold class indices
+    with pytest.raises(ConfigValueError, match="maps no pixel value to class 2"):
+        class_mask_values({"0": 0, "255": 1}, 3)
+    with pytest.raises(ConfigValueError, match="class_map value 0.5 cannot be a mask value"):
+        class_mask_values({"0": 0, "0.5": 1})
+
+
+def test_class_masks_follow_the_class_map_and_class_values_are_checked_first(tmp_path):
+    source = tmp_path / "cell.bmp"
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(source)
+    index = np.minimum(_class_index(), 1)
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="classes", save_prob=False,
+                               class_map={"0": 0, "255": 1}, num_classes=2)
+    writer({"pred": _one_hot(index)[:2], "name": "cell", "image_file": str(source)})
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "mask" / "cell.png")), index * 255)
+    given = SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 9],
+                              class_map={"0": 0, "255": 1}, num_classes=2)
+    assert given.class_values.tolist() == [0, 9]  # class_values given win over the map
+    for values, expected in (([255], "1 mask value(s) for 3 classes"), (["a", "b", "c"], "give one whole number"),
+                             ([0, 1.5, 2], "give one whole number"), ([[0, 1, 2]], "give one whole number")):
+        with pytest.raises(ConfigValueError, match=re.escape(expected)):
+            SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=values,
+                              num_classes=3)
 
 
 # --- evaluation report ----------------------------------------------------------------------------------------
@@ -442,6 +472,21 @@ def test_class_metrics_report_per_image_groups_and_summary(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["name"] for r in rows] == ["a/1", "a/2", "b/1"] and float(rows[1]["dice_nucleus"]) == 0.0
     assert engine.state.metrics["mean_dice"] == pytest.approx(summary["mean_dice"])
+
+
+@pytest.mark.parametrize("classes, names, regions, expected", [
+    (3, ["background", "cell", "nucleus"], {"cell": [1, 2]}, "'cell' is also the name of a class"),
+    (2, ["background", "cell"], {"whole": [1, 2]}, "'whole' needs class indices 0..1, got [1, 2]"),
+    (2, ["background", "cell"], {"whole": []}, "'whole' needs class indices 0..1, got []"),
+    (2, ["background", "cell", "nucleus"], None, "3 names for 2 classes"),
+])
+def test_class_metrics_refuse_names_and_regions_they_cannot_report(tmp_path, classes, names, regions, expected):
+    from medseg.evaluation import ClassMetrics
+
+    with pytest.raises(ConfigValueError, match=re.escape(expected)):
+        ClassMetrics(str(tmp_path), num_classes=classes, class_names=names, regions=regions)
+    with pytest.raises(ValueError):  # the function scores nothing with them either
+        multiclass_scores(np.zeros((2, 2), int), np.zeros((2, 2), int), classes, names, regions)
 
 
 # --- CLI end to end ------------------------------------------------------------------------------------------
@@ -646,6 +691,43 @@ def test_cli_infer_writes_class_value_masks(trained, tmp_path):
     with open(out / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["status"] for r in rows} == {"ok"} and {r["objects"] for r in rows} == {""}
+
+
+def test_a_two_class_model_made_by_settings_writes_and_scores_its_own_classes(tmp_path, caplog):
+    import torch
+
+    data = write_jurkat_folder(tmp_path / "data")
+    for mask in data.rglob("*.png"):  # cell or not: 0 / 255
+        Image.fromarray(np.where(np.asarray(Image.open(mask)) > 0, 255, 0).astype(np.uint8)).save(mask)
+    two = ['class_map={"0": 0, "255": 1}', "num_classes=2", 'class_names=["background", "cell"]', "regions={}"]
+    run = tmp_path / "run"
+    result = _invoke("train", JURKAT, "--data", data, "--output", run, "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_sets([*TINY, *two]))
+    assert result.exit_code == 0, result.output
+    weights = torch.load(run / "model.pt", map_location="cpu")
+    last = [k for k, v in weights.items() if k.endswith("bias") and v.shape == (2,)][-1]
+    weights[last] = torch.tensor([-20.0, 20.0])  # every pixel the cell: the mask shows the cell's value
+    torch.save(weights, run / "model.pt")
+    # nothing repeated: the classes, names, regions and network come from the training's config.json
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        result = _invoke("infer", JURKAT, data / "set_b", out, "--checkpoint", run / "model.pt", "--include",
+                         "*.bmp", "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert 'class_map={"0": 0, "255": 1}' in caplog.text and "num_classes=2" in caplog.text
+    for name in ("001", "002"):
+        assert np.unique(np.asarray(Image.open(out / "mask" / f"{name}.png"))).tolist() == [255]  # not 128
+    result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
+                     tmp_path / "eval", "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["dice_background"] == 0.0 and 0.0 < summary["dice_cell"] == summary["mean_dice"] < 1.0
+    assert "dice_nucleus" not in summary and "dice_cell_body" not in summary
+    # a region named like a class would replace the class's scores: refused before any image is scored
+    result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
+                     tmp_path / "eval2", "--no-progress", "--device", "cpu", "--set", 'regions={"cell": [1]}')
+    _one_line_error(result, "'cell' is also the name of a class", "regions={}")
+    assert not (tmp_path / "eval2" / "summary.json").exists()
 
 
 def test_cli_bad_mask_value_is_one_line_naming_file_and_value(tmp_path):
