@@ -386,7 +386,8 @@ def _nested_example(parser: Any) -> str:
 def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") -> str:
     """Load weights from ``path`` into ``network`` safely (``weights_only``) and strictly.
 
-    Accepts a plain state dict or a dict holding it under ``"model"``. The digest and the weights come from
+    Accepts a plain state dict or a dict holding it under ``"ema_model"`` (a training's last checkpoint: the
+    weights it validated, averaged with ``ema_momentum``) or ``"model"``. The digest and the weights come from
     one open file, so the digest is that of the weights loaded even when the file is replaced meanwhile (a
     training still running into the folder writes a new file and renames it over the old one).
 
@@ -422,7 +423,9 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
         detail = brief(detail)  # torch's messages run long
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail}); "
                               "pass the model.pt of a medseg training") from err
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    if isinstance(state, dict) and isinstance(state.get("ema_model"), dict):
+        state = state["ema_model"]  # a last checkpoint: the weights validated (the average, with ema_momentum)
+    elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of weights; "

@@ -180,14 +180,18 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
             if tiff_page is None:
                 known[key] = file_sha256(path)
             else:
+                import numpy as np
                 import tifffile
 
-                try:
-                    with tifffile.TiffFile(path) as tif:
-                        pixels = tif.pages[tiff_page].asarray()
+                from medseg.readers import read_slice
+
+                try:  # the slice as the loader reads it: a stack need not hold one page per slice
+                    pixels = read_slice(path, tiff_page)
                 except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
-                    raise DataError(f"{path}: cannot read TIFF page {tiff_page} ({brief(err)}); the file may be "
+                    raise DataError(f"{path}: cannot read TIFF slice {tiff_page} ({brief(err)}); the file may be "
                                     "truncated or corrupt: export it again") from err
+                # in the layout of a page's own pixels, so that runs recorded before keep their digests
+                pixels = pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1)
                 known[key] = hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
         return known[key]
 

@@ -402,6 +402,9 @@ def warn_schedule_kept(max_epochs: Any, scheduler_state: Any) -> None:
 def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
     """A resumed run trains on the split it started with: the split drawn again must be the recorded one."""
     if not recorded:
+        logging.getLogger(__name__).warning(
+            "--resume: the run's split.json was missing or unreadable, so the split drawn now from %s could not "
+            "be checked against the one the run trained on", data_dir)
         return
     try:
         drawn = json.loads((out / "split.json").read_text(encoding="utf-8"))

@@ -76,8 +76,9 @@ def finish_again(settings: dict) -> None:
         logging.getLogger(__name__).warning("could not mark the folder's MLflow run finished again: %s", err)
 
 
-def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool = False) -> list:
-    """The runs named ``name`` (``unfinished``: those not marked finished, which MONAI's handler continues)."""
+def _runs_named(tracking_uri: str, experiment: str, name: str | None, unfinished: bool = False) -> list:
+    """The runs named ``name``, or all with ``None`` (``unfinished``: those not marked finished, which MONAI's
+    handler continues)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -85,9 +86,10 @@ def _runs_named(tracking_uri: str, experiment: str, name: str, unfinished: bool 
     if found is None:
         return []
     finished = mlflow.entities.RunStatus.to_string(mlflow.entities.RunStatus.FINISHED)
-    query = f"attributes.run_name = '{name}'" if "'" not in name else ""  # a server need not list every run
+    # a server need not list every run
+    query = f"attributes.run_name = '{name}'" if name is not None and "'" not in name else ""
     return [r for r in client.search_runs([found.experiment_id], filter_string=query)
-            if r.info.run_name == name and not (unfinished and r.info.status == finished)]
+            if name in (None, r.info.run_name) and not (unfinished and r.info.status == finished)]
 
 
 def _same_folder(run: Any, output_dir: Path, own_store: bool = False) -> bool:
@@ -130,19 +132,20 @@ def _folder_name(folder: Path) -> str:
 def retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = False) -> None:
     """Before a new (not resumed) training: the runs this folder left unfinished (stopped by Ctrl-C or an
     error), which MONAI's handler would continue, are renamed ``NAME (replaced)``; one still marked
-    running is closed as failed."""
+    running is closed as failed. In the folder's own store that is every unfinished run, also one logged
+    under an earlier name of the folder (moved since)."""
     import mlflow
 
     status = mlflow.entities.RunStatus
     try:
         client = mlflow.MlflowClient(tracking_uri=configs["tracking_uri"])
-        for run in _runs_named(configs["tracking_uri"], configs["experiment_name"], configs["run_name"],
-                               unfinished=True):
-            if not _same_folder(run, output_dir, own_store):
+        for run in _runs_named(configs["tracking_uri"], configs["experiment_name"],
+                               None if own_store else configs["run_name"], unfinished=True):
+            if not _same_folder(run, output_dir, own_store) or run.info.run_name.endswith(" (replaced)"):
                 continue
             if run.info.status == status.to_string(status.RUNNING):
                 client.set_terminated(run.info.run_id, status.to_string(status.FAILED))
-            client.update_run(run.info.run_id, name=f"{configs['run_name']} (replaced)")
+            client.update_run(run.info.run_id, name=f"{run.info.run_name} (replaced)")
     except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
         logging.getLogger(__name__).warning("could not retire the folder's unfinished MLflow runs: %s", err)
 

@@ -239,6 +239,28 @@ def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_r
     assert _mlflow_runs(out) == [("run", "FINISHED", "2"), ("run (replaced)", "FAILED", "1")]
 
 
+def test_a_killed_run_is_closed_by_the_next_training_also_after_the_folder_moved(tmp_path):
+    import mlflow
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    label = data / "train" / "label" / "0.png"
+    good = label.read_bytes()
+    label.write_bytes(b"not a png")
+    out = tmp_path / "first"
+    args = ("train", BUNDLE, "--data", data, "--no-progress", "--device", "cpu", *_tiny_args(),
+            "--set", "train#dataset#cache_rate=0", "--set", "validate#dataset#cache_rate=0", "--epochs", 1)
+    _assert_one_line_error(_invoke(*args, "--output", out), "0.png")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    client.update_run(run.info.run_id, status="RUNNING")  # as a killed training leaves it
+    moved = tmp_path / "second"
+    out.rename(moved)
+    label.write_bytes(good)
+    result = _invoke(*args, "--output", moved)
+    assert result.exit_code == 0, result.output
+    assert _mlflow_runs(moved) == [("first (replaced)", "FAILED", "1"), ("second", "FINISHED", "1")]
+
+
 def test_a_moved_run_folder_logs_into_its_own_mlflow_store(trained, tmp_path):
     """The store records its artifact folder as an absolute path: a moved (or copied) run folder must not
     write into, or recreate, the folder it came from, and its earlier runs' artifacts must be found."""
@@ -387,7 +409,7 @@ def test_a_refused_resume_leaves_the_finished_mlflow_run_as_it_was(trained, tmp_
     assert run_info() == before
 
 
-def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path):
+def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path, caplog):
     """As the interrupt message says it: --resume alone continues the run as it was set, not the bundle's
     150 epochs; on its own split; and a length already reached is one line, not Ignite's traceback."""
     out = tmp_path / "resumed"
@@ -417,6 +439,12 @@ def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_p
                            f"{data}: 1 of the run's images or labels differ from those it was trained on (first: 2)",
                            "--overwrite instead of --resume")
     assert (out / "split.json").read_bytes() == split
+    # without its record the split cannot be checked: said, not passed over
+    (out / "split.json").unlink()
+    with caplog.at_level("WARNING"):
+        result = _invoke(*args, "--epochs", 5)
+    assert result.exit_code == 0, result.output
+    assert "the run's split.json was missing or unreadable" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["other network", "truncated"])
@@ -1078,6 +1106,14 @@ def test_weight_averaging_is_validated_shipped_and_resumed(trained, tmp_path):
     scored = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert scored["v_rand"] == pytest.approx(summary["best_metric"], abs=1e-6)
     assert len(history["val"]) == 3
+    # a last checkpoint given as --checkpoint runs the averaged weights, those validated, not the raw ones
+    from medseg.bundle import load_checkpoint
+
+    network = torch.nn.Module()
+    loaded = {}
+    network.load_state_dict = lambda state, strict: loaded.update(state)
+    load_checkpoint(network, last)
+    assert all(torch.equal(loaded[k], saved["ema_model"][k]) for k in saved["ema_model"])
     result = _invoke("train", BUNDLE, "--epochs", 4, "--resume", *args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3, 4]
