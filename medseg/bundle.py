@@ -107,9 +107,10 @@ def _check_names(path: Path, meta: Any) -> None:
     if not isinstance(meta, dict):
         raise BundleError(f"{path}: not a JSON object; a bundle's metadata.json holds its name, version and the "
                           "other fields of MONAI's metadata schema")
-    missing = [k for k in ("name", "version") if not (isinstance(meta.get(k), str) and meta[k].strip())]
-    if missing:
-        raise BundleError(f"{path}: no {' and no '.join(missing)}; give the bundle's \"name\" and \"version\" "
+    problems = [f"no {k}" if meta.get(k) in (None, "") else f"{k} {json.dumps(meta[k])} is not a text"
+                for k in ("name", "version") if not (isinstance(meta.get(k), str) and meta[k].strip())]
+    if problems:
+        raise BundleError(f"{path}: {' and '.join(problems)}; give the bundle's \"name\" and \"version\" "
                           "(e.g. \"0.1.0\") there, as MONAI's metadata schema asks")
 
 
@@ -266,6 +267,7 @@ def load_config(
         # or macro starts with '$', '@' or '%'
         parser[key] = literal_items(value, keep_worked_out=True)
     _check_patch_size(parser)
+    check_classes(parser)
     if workflow == "train":  # evaluate and infer do not batch training crops
         check_batch_size(parser)
     return parser
@@ -345,6 +347,25 @@ def _check_patch_size(parser: Any) -> None:
     raise ConfigValueError(f"patch_size={patch}: each side must be a positive multiple of size_divisor {divisor} "
                            f"(what the network's down-sampling needs); e.g. --set 'patch_size={fit}', or for a "
                            "network with other strides --set size_divisor=N (2 to the number of its down-samplings)")
+
+
+def check_classes(parser: Any) -> None:
+    """The bundle's ``class_names``, ``regions`` and ``object_classes`` checked against ``num_classes``
+    (:func:`medseg.metrics.check_classes`), before a training or scoring starts: evaluate would refuse them
+    only after a whole training. Ids a bundle does not have, or that do not work out here, are left alone."""
+    from medseg.metrics import check_classes as check
+
+    if "num_classes" not in parser:
+        return
+    values = {}
+    for key in ("num_classes", "class_names", "regions", "object_classes"):
+        if key in parser:
+            try:
+                values[key] = parser.get_parsed_content(key, instantiate=False)
+            except Exception:  # noqa: BLE001 - an expression that fails says so where it is used
+                return
+    if isinstance(values["num_classes"], int) and not isinstance(values["num_classes"], bool):
+        check(values["num_classes"], values.get("class_names"), values.get("regions"), values.get("object_classes"))
 
 
 def check_batch_size(parser: Any) -> None:

@@ -13,9 +13,8 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils import convert_to_numpy
 
-from medseg.errors import ConfigValueError
 from medseg.io import atomic_output
-from medseg.metrics import IsbiStack, binary_scores, dsb_scores, multiclass_scores
+from medseg.metrics import IsbiStack, binary_scores, check_classes, dsb_scores, multiclass_scores
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -106,24 +105,6 @@ class MetricsReport:
         return self.summary
 
 
-def _check_classes(num_classes: int, class_names: list[str] | None, regions: dict[str, list[int]] | None) -> None:
-    """Refuse, before any image is scored, class names and regions that :func:`multiclass_scores` cannot use."""
-    if class_names is not None and len(class_names) != num_classes:
-        raise ConfigValueError(f"class_names={json.dumps(list(class_names))}: {len(class_names)} names for "
-                               f"{num_classes} classes (num_classes); give one name per class")
-    for region, classes in (regions or {}).items():
-        if class_names is not None and region in class_names:
-            raise ConfigValueError(f"regions: {region!r} is also the name of a class, whose scores it would "
-                                   "replace; rename the region, or give -s 'regions={}' for none")
-        try:
-            indices = [int(c) for c in classes]
-        except (TypeError, ValueError):
-            indices = []
-        if not indices or min(indices) < 0 or max(indices) >= num_classes:
-            raise ConfigValueError(f"regions: {region!r} needs class indices 0..{num_classes - 1}, got "
-                                   f"{json.dumps(classes, default=str)}; fix regions, or give -s 'regions={{}}'")
-
-
 class ClassMetrics(MetricsReport):
     """Multi-class report: per-class Dice and IoU, pixel accuracy, macro F1, mean foreground Dice/IoU, regions.
 
@@ -142,7 +123,7 @@ class ClassMetrics(MetricsReport):
         super().__init__(output_dir)
         self.num_classes, self.class_names, self.regions = num_classes, class_names, regions
         self.pred_key, self.label_key = pred_key, label_key
-        _check_classes(num_classes, class_names, regions)
+        check_classes(num_classes, class_names, regions)
 
     def score(self, output: dict, source: dict) -> dict[str, Any]:
         return multiclass_scores(_index_map(output[self.pred_key]), _index_map(output[self.label_key]),

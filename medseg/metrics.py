@@ -6,6 +6,7 @@ in [0, 1] with high values for the foreground (cell interior for ISBI); labels a
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Mapping, Sequence
 
@@ -389,6 +390,54 @@ def dsb_scores(gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = D
     }
 
 
+def check_classes(num_classes: int, class_names: Sequence[str] | None = None,
+                  regions: Mapping[str, Sequence[int]] | None = None,
+                  object_classes: Sequence[int] | None = None) -> None:
+    """Refuse, before any image is trained on or scored, class names, regions and object classes that do not fit
+    ``num_classes``: a name per class, each once; regions of existing classes, not named like a class (their
+    ``dice_``/``iou_`` columns would replace the class's); object classes among the classes but the background.
+
+    Raises:
+        ConfigValueError: naming the id, the value and the fix.
+    """
+    from medseg.errors import ConfigValueError
+
+    count = int(num_classes)
+    if class_names is not None:
+        if isinstance(class_names, str) or not all(isinstance(n, str) and n for n in class_names):
+            raise ConfigValueError(f"class_names={json.dumps(class_names, default=str)}: give a list of names, one "
+                                   "per class, e.g. --set 'class_names=[\"background\", \"cell\"]'")
+        if len(class_names) != count:
+            raise ConfigValueError(f"class_names={json.dumps(list(class_names))}: {len(class_names)} names for "
+                                   f"{count} classes (num_classes); give one name per class")
+        twice = next((n for i, n in enumerate(class_names) if n in class_names[:i]), None)
+        if twice is not None:
+            raise ConfigValueError(f"class_names: {twice!r} names two classes, whose scores would share its "
+                                   "columns; give each class its own name")
+    if regions is not None and not isinstance(regions, Mapping):
+        raise ConfigValueError(f"regions={json.dumps(regions, default=str)}: give name -> class indices, e.g. "
+                               "--set 'regions={\"cell\": [1, 2]}', or {} for none")
+    for region, classes in (regions or {}).items():
+        if class_names is not None and region in class_names:
+            raise ConfigValueError(f"regions: {region!r} is also the name of a class, whose scores it would "
+                                   "replace; rename the region, or give -s 'regions={}' for none")
+        if not _indices_within(classes, 0, count):
+            raise ConfigValueError(f"regions: {region!r} needs class indices 0..{count - 1}, got "
+                                   f"{json.dumps(classes, default=str)}; fix regions, or give -s 'regions={{}}'")
+    if object_classes is not None and not _indices_within(object_classes, 1, count):
+        raise ConfigValueError(f"object_classes={json.dumps(object_classes, default=str)}: give the classes an "
+                               f"object is made of, among 1..{count - 1} (0 is the background)")
+
+
+def _indices_within(classes: object, low: int, count: int) -> bool:
+    """Whether ``classes`` is a non-empty list of whole numbers in ``low..count-1``."""
+    try:
+        indices = [int(c) for c in classes if float(c).is_integer()] if not isinstance(classes, str) else []
+        return bool(indices) and len(indices) == len(list(classes)) and low <= min(indices) and max(indices) < count
+    except (TypeError, ValueError):
+        return False
+
+
 def multiclass_scores(
     pred: np.ndarray,
     gt: np.ndarray,
@@ -419,6 +468,8 @@ def multiclass_scores(
     names = [f"class{c}" for c in range(num_classes)] if class_names is None else list(class_names)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names {names} name a class twice")
     same = sorted(set(names) & set(regions or {}))
     if same:  # its dice_/iou_ columns would replace the class's
         raise ValueError(f"region {same[0]!r} has the name of a class")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,21 +183,7 @@ class ClassMapd(MapTransform):
     def __init__(self, keys: KeysCollection, class_map: Mapping, num_classes: int | None = None,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        try:
-            items = dict(class_map).items()
-            colours = {_colour_key(k): int(v) for k, v in items}
-            self.colours = None not in colours
-            self.class_map = colours if self.colours else {float(k): int(v) for k, v in items}
-        except (TypeError, ValueError) as err:
-            raise ConfigValueError(f"class_map={class_map!r}: give pixel value -> class index pairs, e.g. "
-                                   "--set 'class_map={\"0\": 0, \"255\": 1}', or colours as \"#RRGGBB\" keys "
-                                   "(all keys one kind)") from err
-        if not self.class_map:
-            raise ConfigValueError("class_map is empty; give pixel value -> class index pairs")
-        outside = sorted({v for v in self.class_map.values() if v < 0 or (num_classes and v >= num_classes)})
-        if outside:
-            raise ConfigValueError(f"class_map maps to class {outside[0]}, outside 0..{(num_classes or 1) - 1} "
-                                   "(num_classes); fix class_map or num_classes")
+        self.class_map, self.colours = parse_class_map(class_map, num_classes)
 
     def _show(self, value: float) -> str:
         return f"#{int(value):06x}" if self.colours else f"{value:g}"
@@ -236,35 +223,65 @@ class ClassMapd(MapTransform):
         return d
 
 
+def parse_class_map(class_map: Any, num_classes: int | None = None) -> tuple[dict[float, int], bool]:
+    """``class_map`` as ``({pixel value or RGB integer: class index}, whether its keys are colours)``.
+
+    Raises:
+        ConfigValueError: not value -> index pairs, keys of both kinds, a value listed twice (``"1"`` and
+            ``"1.0"``), an index that is not a whole number or lies outside ``0..num_classes-1``, or no pairs.
+    """
+    how = ("give pixel value -> class index pairs, e.g. --set 'class_map={\"0\": 0, \"255\": 1}', or colours "
+           "as \"#RRGGBB\" keys (all keys one kind)")
+    try:
+        items = list(dict(class_map).items())
+        colours = bool(items) and all(_colour_key(k) is not None for k, _ in items)
+        keys = [_colour_key(k) if colours else float(k) for k, _ in items]
+        indices = [float(v) for _, v in items]
+    except (TypeError, ValueError) as err:
+        raise ConfigValueError(f"class_map={class_map!r}: {how}") from err
+    if not items:
+        raise ConfigValueError("class_map is empty; give pixel value -> class index pairs")
+    if not all(i.is_integer() for i in indices):
+        raise ConfigValueError(f"class_map={class_map!r}: class indices are whole numbers; {how}")
+    parsed: dict[float, int] = {}
+    for (key, _), value, index in zip(items, keys, indices, strict=True):
+        if value in parsed:
+            first = next(k for (k, _), v in zip(items, keys, strict=True) if v == value)
+            raise ConfigValueError(f"class_map lists one mask value twice ({first!r} and {key!r}); give each "
+                                   "value once")
+        parsed[value] = int(index)
+    outside = sorted({v for v in parsed.values() if v < 0 or (num_classes and v >= num_classes)})
+    if outside:
+        raise ConfigValueError(f"class_map maps to class {outside[0]}, outside 0..{(num_classes or 1) - 1} "
+                               "(num_classes); fix class_map or num_classes")
+    return parsed, colours
+
+
 def class_mask_values(class_map: Mapping, num_classes: int | None = None) -> list[int] | None:
     """The mask value of each class under ``class_map`` (the inverse of :class:`ClassMapd`), so that written
     masks hold the values of the training masks: ``{"0": 0, "255": 1}`` gives ``[0, 255]``. Where several values
-    map to one class, the first listed is taken. A colour map gives ``None`` (masks then hold class indices).
+    map to one class, the first listed is taken. ``None`` (masks then hold class indices) for a colour map,
+    and, with a warning, where a class has no value or a value a mask cannot hold (not a whole number 0..65535).
 
     Raises:
-        ConfigValueError: a class no value maps to, or a value a mask cannot hold (not a whole number 0..65535).
+        ConfigValueError: ``class_map`` is not a class map (see :func:`parse_class_map`).
     """
-    items = list(dict(class_map).items())
-    if items and all(_colour_key(k) is not None for k, _ in items):
+    parsed, colours = parse_class_map(class_map, num_classes)
+    if colours:
         return None
     first: dict[int, float] = {}
-    for key, index in items:
-        try:
-            first.setdefault(int(index), float(key))
-        except (TypeError, ValueError):
-            raise ConfigValueError(f"class_map={dict(class_map)!r}: give pixel value -> class index pairs, e.g. "
-                                   "--set 'class_map={\"0\": 0, \"255\": 1}'") from None
-    count = int(num_classes) if num_classes else max(first, default=-1) + 1
+    for value, index in parsed.items():
+        first.setdefault(index, value)
+    count = int(num_classes) if num_classes else max(first) + 1
     missing = [c for c in range(count) if c not in first]
-    if missing:
-        raise ConfigValueError(f"class_map maps no pixel value to class {missing[0]}, so masks cannot show it; "
-                               "give class_values, one mask value per class (e.g. --set 'class_values=[0,128,255]')")
-    values = [first[c] for c in range(count)]
-    bad = [v for v in values if not (v.is_integer() and 0 <= v <= 65535)]
-    if bad:
-        raise ConfigValueError(f"class_map value {bad[0]:g} cannot be a mask value (whole numbers 0..65535); give "
-                               "class_values, one mask value per class (e.g. --set 'class_values=[0,128,255]')")
-    return [int(v) for v in values]
+    bad = [first[c] for c in range(count) if c in first and not (first[c].is_integer() and 0 <= first[c] <= 65535)]
+    if missing or bad:
+        why = (f"maps no pixel value to class {missing[0]}" if missing
+               else f"value {bad[0]:g} cannot be a mask value (whole numbers 0..65535)")
+        logging.getLogger(__name__).warning("class_map %s, so PNG/TIFF masks hold class indices; give class_values, "
+                                            "one mask value per class, for others", why)
+        return None
+    return [int(first[c]) for c in range(count)]
 
 
 def _in_colour(path: str, page: int = 0) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from medseg import guards, runfolder
 from medseg import tracking as mlflow_tracking
-from medseg.bundle import check_batch_size, literal_items, load_checkpoint, load_config
+from medseg.bundle import check_batch_size, check_classes, literal_items, load_checkpoint, load_config
 from medseg.errors import (
     CheckpointError,
     ConfigValueError,
@@ -340,6 +340,7 @@ def train(
                     tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
                 check_batch_size(parser)  # with the run's own settings back
+                check_classes(parser)
                 lengthened = runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
             if resume:

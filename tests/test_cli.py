@@ -61,7 +61,8 @@ def test_info_reports_a_broken_bundle_and_lists_the_others(tmp_path):
 def test_a_bundle_without_name_or_version_is_one_line_error(tmp_path, isbi_folder):
     bundle = tmp_path / "mine"
     shutil.copytree(BUNDLE, bundle)
-    for meta, expected in (({}, "no name and no version"), ({"name": "mine"}, "no version"), ([], "not a JSON object")):
+    for meta, expected in (({}, "no name and no version"), ({"name": "mine"}, "no version"), ([], "not a JSON object"),
+                           ({"name": "mine", "version": 1}, "version 1 is not a text")):
         (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
         for command in (["train", bundle, "--data", isbi_folder, "--output", tmp_path / "o"],
                         ["infer", bundle, isbi_folder, tmp_path / "out"]):

@@ -417,15 +417,25 @@ def test_class_masks_of_dicom_go_to_nifti_and_bad_options(tmp_path):
         SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 70000])
 
 
-def test_class_mask_values_invert_the_class_map():
+def test_class_mask_values_invert_the_class_map(caplog):
     assert class_mask_values(CLASS_MAP) == [0, 128, 255]
     assert class_mask_values({"0": 0, "255": 1}, 2) == [0, 255]
     assert class_mask_values({"0": 0, "1": 0, "255": 1, "200": 1}) == [0, 255]  # the first value listed
     assert class_mask_values({"#000000": 0, "#ff0000": 1}) is None  # colours: masks hold class indices
-    with pytest.raises(ConfigValueError, match="maps no pixel value to class 2"):
-        class_mask_values({"0": 0, "255": 1}, 3)
-    with pytest.raises(ConfigValueError, match="class_map value 0.5 cannot be a mask value"):
-        class_mask_values({"0": 0, "0.5": 1})
+    # maps masks cannot show: class indices, said (NIfTI and Segmenter need no values; PNG gets indices)
+    with caplog.at_level("WARNING"):
+        assert class_mask_values({"0": 0, "255": 1}, 3) is None
+        assert class_mask_values({"0": 0, "0.5": 1}) is None
+    assert "maps no pixel value to class 2" in caplog.text and "value 0.5 cannot be a mask value" in caplog.text
+    for bad, expected in (({"0": 0, "1": 1, "1.0": 2}, "lists one mask value twice ('1' and '1.0')"),
+                          ({"#000000": 0, "#000000 ": 1}, "lists one mask value twice"),
+                          ({"0": 0, "255": 3}, "maps to class 3, outside 0..1"),
+                          ([0, 255], "give pixel value -> class index pairs"),
+                          ({"0": 0, "#ff0000": 1}, "all keys one kind"),
+                          ({"0": 0, "255": 1.5}, "class indices are whole numbers")):
+        for call in (lambda m: class_mask_values(m, 2), lambda m: ClassMapd("label", m, 2)):
+            with pytest.raises(ConfigValueError, match=re.escape(expected)):
+                call(bad)
 
 
 def test_class_masks_follow_the_class_map_and_class_values_are_checked_first(tmp_path):
@@ -789,6 +799,11 @@ def test_cli_tta_follows_the_bundle_unless_given(trained, tmp_path, monkeypatch)
 @pytest.mark.parametrize("bundle, setting, expected", [
     ("jurkat", 'class_map={"0": 0, "128": 1, "255": 5}', "class_map maps to class 5, outside 0..2"),
     ("jurkat", "class_map={}", "class_map is empty"),
+    ("jurkat", 'class_map={"0": 0, "128": 1, "128.0": 2}', "class_map lists one mask value twice ('128' and '128.0')"),
+    ("jurkat", 'class_names=["background", "cell", "cell"]', "'cell' names two classes"),
+    ("jurkat", 'class_names=["background", "cell"]', "2 names for 3 classes (num_classes)"),
+    ("jurkat", 'regions={"nucleus": [2]}', "regions: 'nucleus' is also the name of a class"),
+    ("jurkat", "object_classes=[5]", "object_classes=[5]: give the classes an object is made of, among 1..2"),
     ("nuclei", "class_weights=[1,2]", "class_weights: 2 weights for 3 classes"),
     ("nuclei", "class_weights=[1,-1,2]", "class_weights must be positive"),
     ("isbi_em", "loss_name=foo", "unknown loss 'foo'; options are"),
