@@ -183,15 +183,21 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
                 import numpy as np
                 import tifffile
 
-                from medseg.readers import read_slice
+                from medseg.readers import count_slices, read_slice
 
-                try:  # the slice as the loader reads it: a stack need not hold one page per slice
-                    pixels = read_slice(path, tiff_page)
+                try:
+                    if f"{path}#slices" not in known:
+                        known[f"{path}#slices"] = str(count_slices(path))
+                    slices = int(known[f"{path}#slices"])
+                    with tifffile.TiffFile(path) as tif:
+                        by_page = len(tif.pages) == slices  # page N is slice N: its pixels, as recorded before
+                        pixels = tif.pages[tiff_page].asarray() if by_page else None
+                    if pixels is None:  # one page for the stack, volume tiles, channels on pages of their own
+                        pixels = read_slice(path, tiff_page)  # the slice as the loader reads it
+                        pixels = pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1)
                 except (OSError, ValueError, IndexError, tifffile.TiffFileError) as err:
                     raise DataError(f"{path}: cannot read TIFF slice {tiff_page} ({brief(err)}); the file may be "
                                     "truncated or corrupt: export it again") from err
-                # in the layout of a page's own pixels, so that runs recorded before keep their digests
-                pixels = pixels[0] if pixels.shape[0] == 1 else np.moveaxis(pixels, 0, -1)
                 known[key] = hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
         return known[key]
 
