@@ -32,7 +32,7 @@ class Segmentation:
     Attributes:
         mask: ``(H, W)``, by the bundle's kind (:attr:`Segmenter.kind`): ``binary`` 0/1 ``uint8`` (isbi_em: 1 =
             cell interior; ``medseg infer`` writes 255 in PNG/TIFF), ``classes`` the class index ``uint8``
-            (jurkat: 0 background, 1 cell body, 2 nucleus; PNG/TIFF hold the bundle's ``class_values``),
+            (jurkat: 0 background, 1 cell body, 2 nucleus; PNG/TIFF files hold the training masks' values),
             ``instances`` a ``uint16`` label per object (nuclei: 0 background, 1…N).
         prob: ``(H, W)`` ``float32``, the probability map ``medseg infer`` writes to ``prob/``: the interior
             class of a binary bundle, 1 − p(background) otherwise.

@@ -107,8 +107,8 @@ def _check_names(path: Path, meta: Any) -> None:
     if not isinstance(meta, dict):
         raise BundleError(f"{path}: not a JSON object; a bundle's metadata.json holds its name, version and the "
                           "other fields of MONAI's metadata schema")
-    problems = [f"no {k}" if meta.get(k) in (None, "") else f"{k} {json.dumps(meta[k])} is not a text"
-                for k in ("name", "version") if not (isinstance(meta.get(k), str) and meta[k].strip())]
+    problems = [f"{k} {json.dumps(meta[k])} is not a text" if meta.get(k) is not None and not isinstance(meta[k], str)
+                else f"no {k}" for k in ("name", "version") if not (isinstance(meta.get(k), str) and meta[k].strip())]
     if problems:
         raise BundleError(f"{path}: {' and '.join(problems)}; give the bundle's \"name\" and \"version\" "
                           "(e.g. \"0.1.0\") there, as MONAI's metadata schema asks")
@@ -267,7 +267,7 @@ def load_config(
         # or macro starts with '$', '@' or '%'
         parser[key] = literal_items(value, keep_worked_out=True)
     _check_patch_size(parser)
-    check_classes(parser)
+    check_classes(parser, names=workflow != "infer")  # inference scores nothing: its class names go unused
     if workflow == "train":  # evaluate and infer do not batch training crops
         check_batch_size(parser)
     return parser
@@ -349,21 +349,25 @@ def _check_patch_size(parser: Any) -> None:
                            "network with other strides --set size_divisor=N (2 to the number of its down-samplings)")
 
 
-def check_classes(parser: Any) -> None:
+def check_classes(parser: Any, names: bool = True) -> None:
     """The bundle's ``class_names``, ``regions`` and ``object_classes`` checked against ``num_classes``
     (:func:`medseg.metrics.check_classes`), before a training or scoring starts: evaluate would refuse them
-    only after a whole training. Ids a bundle does not have, or that do not work out here, are left alone."""
+    only after a whole training. ``names=False`` checks ``object_classes`` alone (inference). Ids a bundle does
+    not have, or that do not work out here, are left alone; the parser's parse cache is left empty."""
     from medseg.metrics import check_classes as check
 
     if "num_classes" not in parser:
         return
+    keys = ("num_classes", "class_names", "regions", "object_classes") if names else ("num_classes", "object_classes")
     values = {}
-    for key in ("num_classes", "class_names", "regions", "object_classes"):
-        if key in parser:
-            try:
+    try:
+        for key in keys:
+            if key in parser:
                 values[key] = parser.get_parsed_content(key, instantiate=False)
-            except Exception:  # noqa: BLE001 - an expression that fails says so where it is used
-                return
+    except Exception:  # noqa: BLE001 - an expression that fails says so where it is used
+        return
+    finally:
+        parser.ref_resolver.reset()  # what was parsed here unbuilt must not be what the command builds
     if isinstance(values["num_classes"], int) and not isinstance(values["num_classes"], bool):
         check(values["num_classes"], values.get("class_names"), values.get("regions"), values.get("object_classes"))
 

@@ -260,8 +260,8 @@ def parse_class_map(class_map: Any, num_classes: int | None = None) -> tuple[dic
 def class_mask_values(class_map: Mapping, num_classes: int | None = None) -> list[int] | None:
     """The mask value of each class under ``class_map`` (the inverse of :class:`ClassMapd`), so that written
     masks hold the values of the training masks: ``{"0": 0, "255": 1}`` gives ``[0, 255]``. Where several values
-    map to one class, the first listed is taken. ``None`` (masks then hold class indices) for a colour map,
-    and, with a warning, where a class has no value or a value a mask cannot hold (not a whole number 0..65535).
+    map to one class, the first listed that a mask can hold is taken. ``None`` (masks then hold class indices)
+    for a colour map, and, with a warning, where a class has no value a mask can hold (a whole number 0..65535).
 
     Raises:
         ConfigValueError: ``class_map`` is not a class map (see :func:`parse_class_map`).
@@ -270,11 +270,12 @@ def class_mask_values(class_map: Mapping, num_classes: int | None = None) -> lis
     if colours:
         return None
     first: dict[int, float] = {}
-    for value, index in parsed.items():
-        first.setdefault(index, value)
+    for value, index in parsed.items():  # the first listed that a mask can hold, else the first listed
+        if index not in first or (not _mask_value(first[index]) and _mask_value(value)):
+            first[index] = value
     count = int(num_classes) if num_classes else max(first) + 1
     missing = [c for c in range(count) if c not in first]
-    bad = [first[c] for c in range(count) if c in first and not (first[c].is_integer() and 0 <= first[c] <= 65535)]
+    bad = [first[c] for c in range(count) if c in first and not _mask_value(first[c])]
     if missing or bad:
         why = (f"maps no pixel value to class {missing[0]}" if missing
                else f"value {bad[0]:g} cannot be a mask value (whole numbers 0..65535)")
@@ -282,6 +283,11 @@ def class_mask_values(class_map: Mapping, num_classes: int | None = None) -> lis
                                             "one mask value per class, for others", why)
         return None
     return [int(first[c]) for c in range(count)]
+
+
+def _mask_value(value: float) -> bool:
+    """Whether ``value`` is one a PNG/TIFF mask can hold (a whole number 0..65535)."""
+    return value.is_integer() and 0 <= value <= 65535
 
 
 def _in_colour(path: str, page: int = 0) -> bool:

@@ -62,7 +62,8 @@ def test_a_bundle_without_name_or_version_is_one_line_error(tmp_path, isbi_folde
     bundle = tmp_path / "mine"
     shutil.copytree(BUNDLE, bundle)
     for meta, expected in (({}, "no name and no version"), ({"name": "mine"}, "no version"), ([], "not a JSON object"),
-                           ({"name": "mine", "version": 1}, "version 1 is not a text")):
+                           ({"name": "mine", "version": 1}, "version 1 is not a text"),
+                           ({"name": "mine", "version": "  "}, "no version")):
         (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
         for command in (["train", bundle, "--data", isbi_folder, "--output", tmp_path / "o"],
                         ["infer", bundle, isbi_folder, tmp_path / "out"]):

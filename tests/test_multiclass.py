@@ -421,6 +421,7 @@ def test_class_mask_values_invert_the_class_map(caplog):
     assert class_mask_values(CLASS_MAP) == [0, 128, 255]
     assert class_mask_values({"0": 0, "255": 1}, 2) == [0, 255]
     assert class_mask_values({"0": 0, "1": 0, "255": 1, "200": 1}) == [0, 255]  # the first value listed
+    assert class_mask_values({"0": 0, "127.5": 1, "128": 1, "255": 2}) == [0, 128, 255]  # the first a mask holds
     assert class_mask_values({"#000000": 0, "#ff0000": 1}) is None  # colours: masks hold class indices
     # maps masks cannot show: class indices, said (NIfTI and Segmenter need no values; PNG gets indices)
     with caplog.at_level("WARNING"):
@@ -449,7 +450,8 @@ def test_class_masks_follow_the_class_map_and_class_values_are_checked_first(tmp
     given = SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 9],
                               class_map={"0": 0, "255": 1}, num_classes=2)
     assert given.class_values.tolist() == [0, 9]  # class_values given win over the map
-    for values, expected in (([255], "1 mask value(s) for 3 classes"), (["a", "b", "c"], "give one whole number"),
+    for values, expected in (([255], "1 mask value(s) for 3 classes"), ([0, 1, 2, 3], "4 mask value(s) for 3"),
+                             (["a", "b", "c"], "give one whole number"),
                              ([0, 1.5, 2], "give one whole number"), ([[0, 1, 2]], "give one whole number")):
         with pytest.raises(ConfigValueError, match=re.escape(expected)):
             SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=values,
@@ -727,6 +729,18 @@ def test_a_two_class_model_made_by_settings_writes_and_scores_its_own_classes(tm
     assert 'class_map={"0": 0, "255": 1}' in caplog.text and "num_classes=2" in caplog.text
     for name in ("001", "002"):
         assert np.unique(np.asarray(Image.open(out / "mask" / f"{name}.png"))).tolist() == [255]  # not 128
+    # a checkpoint without its record (or of an earlier version, whose record kept the 3 class names): infer
+    # scores nothing, so the class names and regions it would not use do not stop it; an expression given is
+    # built afresh after the classes were checked
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run / "model.pt", alone / "model.pt")
+    for n, extra in enumerate(([], ["object_classes=$list(range(1, @network_def.out_channels))"])):
+        result = _invoke("infer", JURKAT, data / "set_b", tmp_path / f"out{n}", "--checkpoint", alone / "model.pt",
+                         "--include", "*.bmp", "--no-progress", "--device", "cpu",
+                         *_sets([*JURKAT_TINY_NET, *two[:2], *extra]))
+        assert result.exit_code == 0, result.output
+        assert np.unique(np.asarray(Image.open(tmp_path / f"out{n}" / "mask" / "001.png"))).tolist() == [255]
     result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
                      tmp_path / "eval", "--no-progress", "--device", "cpu")
     assert result.exit_code == 0, result.output
