@@ -239,8 +239,9 @@ def _class_values(class_values: Any, class_map: Mapping | None, num_classes: int
         raise ConfigValueError(f"class_values={shown}: give one whole number 0..65535 per class, e.g. "
                                "--set 'class_values=[0,128,255]'")
     if num_classes and values.size != int(num_classes):
+        example = json.dumps(list(range(int(num_classes)))).replace(" ", "")
         raise ConfigValueError(f"class_values={shown}: {values.size} mask value(s) for {int(num_classes)} classes; "
-                               "give one per class, e.g. --set 'class_values=[0,128,255]'")
+                               f"give one per class, e.g. --set 'class_values={example}'")
     return values.astype(np.int64)
 
 

@@ -450,7 +450,8 @@ def test_class_masks_follow_the_class_map_and_class_values_are_checked_first(tmp
     given = SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="classes", class_values=[0, 9],
                               class_map={"0": 0, "255": 1}, num_classes=2)
     assert given.class_values.tolist() == [0, 9]  # class_values given win over the map
-    for values, expected in (([255], "1 mask value(s) for 3 classes"), ([0, 1, 2, 3], "4 mask value(s) for 3"),
+    for values, expected in (([255], "1 mask value(s) for 3 classes; give one per class, e.g. --set "
+                                      "'class_values=[0,1,2]'"), ([0, 1, 2, 3], "4 mask value(s) for 3"),
                              (["a", "b", "c"], "give one whole number"),
                              ([0, 1.5, 2], "give one whole number"), ([[0, 1, 2]], "give one whole number")):
         with pytest.raises(ConfigValueError, match=re.escape(expected)):
