@@ -465,14 +465,8 @@ def multiclass_scores(
         raise ValueError(f"prediction shape {pred.shape} differs from label shape {gt.shape}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    check_classes(num_classes, class_names, regions)  # a ValueError naming what does not fit
     names = [f"class{c}" for c in range(num_classes)] if class_names is None else list(class_names)
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class names {names} name a class twice")
-    same = sorted(set(names) & set(regions or {}))
-    if same:  # its dice_/iou_ columns would replace the class's
-        raise ValueError(f"region {same[0]!r} has the name of a class")
     for what, arr in (("prediction", pred), ("label", gt)):
         if arr.size and (not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr))):
             raise ValueError(f"{what} must hold integer class indices")
@@ -502,9 +496,6 @@ def multiclass_scores(
     out["mean_dice"] = float(np.mean(dices[1:]))
     out["mean_iou"] = float(np.mean(ious[1:]))
     for region, classes in (regions or {}).items():
-        classes = [int(c) for c in classes]
-        if not classes or min(classes) < 0 or max(classes) >= num_classes:
-            raise ValueError(f"region {region!r} needs class indices in [0, {num_classes}), got {classes}")
-        d, j = dice_iou(np.isin(np.arange(num_classes), classes))
+        d, j = dice_iou(np.isin(np.arange(num_classes), [int(c) for c in classes]))
         out[f"dice_{region}"], out[f"iou_{region}"] = d, j
     return out

@@ -224,14 +224,21 @@ def _mlflow_runs(out: Path) -> list[tuple[str, str, str | None]]:
                   for r in client.search_runs([experiment.experiment_id]))
 
 
-def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_run(tmp_path):
+def _training_that_fails_on_a_label(tmp_path: Path) -> tuple[tuple, Path, bytes]:
+    """(train arguments without --output, the label that fails it during the run, that label's good bytes)."""
     data = write_isbi_folder(tmp_path / "d", n=3, size=48)
     label = data / "train" / "label" / "0.png"
     good = label.read_bytes()
     label.write_bytes(b"not a png")
-    out = tmp_path / "run"
-    args = ("train", BUNDLE, "--data", data, "--output", out, "--no-progress", "--device", "cpu", *_tiny_args(),
+    args = ("train", BUNDLE, "--data", data, "--no-progress", "--device", "cpu", *_tiny_args(),
             "--set", "train#dataset#cache_rate=0", "--set", "validate#dataset#cache_rate=0")
+    return args, label, good
+
+
+def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_run(tmp_path):
+    args, label, good = _training_that_fails_on_a_label(tmp_path)
+    out = tmp_path / "run"
+    args = (*args, "--output", out)
     _assert_one_line_error(_invoke(*args, "--epochs", 1), "0.png")  # met during the run, not before it
     assert _mlflow_runs(out) == [("run", "FAILED", "1")]
     label.write_bytes(good)
@@ -244,13 +251,9 @@ def test_a_training_stopped_by_an_error_is_a_failed_run_and_the_next_one_a_new_r
 def test_a_killed_run_is_closed_by_the_next_training_also_after_the_folder_moved(tmp_path):
     import mlflow
 
-    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
-    label = data / "train" / "label" / "0.png"
-    good = label.read_bytes()
-    label.write_bytes(b"not a png")
+    args, label, good = _training_that_fails_on_a_label(tmp_path)
+    args = (*args, "--epochs", 1)
     out = tmp_path / "first"
-    args = ("train", BUNDLE, "--data", data, "--no-progress", "--device", "cpu", *_tiny_args(),
-            "--set", "train#dataset#cache_rate=0", "--set", "validate#dataset#cache_rate=0", "--epochs", 1)
     _assert_one_line_error(_invoke(*args, "--output", out), "0.png")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
