@@ -57,6 +57,14 @@ class BatchResult:
         return [r for r in self.rows if r.status == "failed"]
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the check itself fails (a folder it may not read, say)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _message(err: BaseException, source: str) -> str:
     """One line for a failed input: our own error's text (MONAI wraps it in RuntimeError), else type + text."""
     cause: BaseException | None = err
@@ -453,7 +461,7 @@ def run_batch(
                 paths = paths_for(item, counts[i])
             except Exception:  # noqa: BLE001 - reported per input in the loop below
                 continue
-            existing = {name: p for name, p in paths.items() if p.is_file() and not record.unfinished(p)}
+            existing = {name: p for name, p in paths.items() if _is_file(p) and not record.unfinished(p)}
             if existing and not record.made_here(existing):  # one file of another's is enough to refuse
                 unknown = [p for p in existing.values() if not record.knows(p)]
                 if unknown:
@@ -537,13 +545,14 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                 # recorded, so that a later run segments the input again instead of taking them for another's
                 partial = {name: p for name, p in paths.items() if name in before and _stamp(p) != before[name]}
                 for p in partial.values():
-                    p.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # one that cannot go is left; the record forgets it
+                        p.unlink(missing_ok=True)
                 if record is not None:
                     with contextlib.suppress(OSError):
                         if partial:
                             record.forget(partial.values())
                         record.settle(paths.values())
-                if record is not None and all(p.is_file() for p in paths.values()) and record.made_here(paths):
+                if record is not None and all(_is_file(p) for p in paths.values()) and record.made_here(paths):
                     kept = "; the outputs of an earlier version of this input are kept"
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop

@@ -6,6 +6,7 @@ import difflib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +430,9 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
     from medseg.io import stream_sha256
 
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path}: not a file (a folder, or a pipe); give --checkpoint the model.pt of a "
+                              "training (medseg train writes OUTPUT/model.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; give --checkpoint the model.pt of a training "
                               "(medseg train writes OUTPUT/model.pt)")
@@ -436,14 +440,21 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
         with open(path, "rb") as f:
             digest = stream_sha256(f)
             f.seek(0)
-            state = torch.load(f, map_location=device, weights_only=True)
+            with warnings.catch_warnings():  # a TorchScript file: refused below in one line
+                warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+                state = torch.load(f, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for files that are not checkpoints
         if isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower():
             # e.g. a whole pickled model, which a safe load refuses to run
             raise CheckpointError(
                 f"{path}: holds pickled objects, not only weights; save the weights alone with "
                 "torch.save(model.state_dict(), PATH)") from err
+        if "torchscript" in str(err).lower():
+            raise CheckpointError(f"{path}: a TorchScript model, not a checkpoint of weights; pass the model.pt of "
+                                  "a medseg training (or save the scripted model's state_dict())") from err
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "weights_only" in text:  # torch's advice to load unsafely is not ours to give
+            text = "not a file of weights only"
         detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
         detail = brief(detail)  # torch's messages run long
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail}); "

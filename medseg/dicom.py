@@ -69,6 +69,15 @@ class DicomSeries:
     placeless: bool = False  # no file has an ImagePositionPatient: images that make no volume
 
 
+def series_number(ds: Any) -> int | None:
+    """The SeriesNumber of a header as an int; None when absent or not a whole number (no error for a bad one)."""
+    try:
+        value = getattr(ds, "SeriesNumber", None)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> list[DicomSeries]:
     """Group DICOM files by SeriesInstanceUID (headers only), in order of first appearance.
 
@@ -97,12 +106,11 @@ def group_series(files: Iterable[str | os.PathLike], skip_bad: bool = False) -> 
     result = []
     for uid, members in groups.items():
         first = members[0][1]
-        number = getattr(first, "SeriesNumber", None)
         result.append(DicomSeries(
             uid=uid,
             files=tuple(p for p, _ in members),
             folder=str(Path(members[0][0]).parent),
-            number=int(number) if number not in (None, "") else None,
+            number=series_number(first),
             description=str(getattr(first, "SeriesDescription", "") or ""),
             placeless=all(getattr(ds, "ImagePositionPatient", None) is None for _, ds in members),
         ))
@@ -379,8 +387,11 @@ def _file_pixels(path: str, mtime_ns: int) -> np.ndarray:
 def read_slice(series: DicomSeries, index: int) -> np.ndarray:
     """Slice ``index`` (spatial order) of a series as ``(C, Y, X)`` float32, ``C`` 1 or 3 (colour kept as RGB);
     reads one file for classic series."""
+    from medseg.readers import check_plane
+
     geometry = series_geometry(series)
     path, frame = geometry.files[index], geometry.frames[index]
+    check_plane(path, geometry.shape[1], geometry.shape[2])
     if len(series.files) > 1:
         arr = _pixels(_read(path, pixels=True), path)
         if arr.shape[0] != 1:
@@ -538,7 +549,7 @@ def write_seg(
             name=algorithm[:64], version=str(algorithm_version)[:64], family=codes.DCM.ArtificialIntelligence
         ),
     )
-    number = getattr(sources[0], "SeriesNumber", None)
+    number = series_number(sources[0])
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*person name.*")  # source names are copied as they are
@@ -548,7 +559,7 @@ def write_seg(
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=[description],
                 series_instance_uid=hd.UID(),
-                series_number=int(number) + 1000 if number not in (None, "") else 1000,
+                series_number=number + 1000 if number is not None else 1000,
                 sop_instance_uid=hd.UID(),
                 instance_number=1,
                 manufacturer="medseg",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -101,7 +102,7 @@ def discover(
         raise DataError(f"{root}: input not found; give a folder or an image file")
     if skip is not None:  # outputs written over the inputs they are made from
         out = Path(skip).resolve()
-        inside = [name for name in OUTPUT_PARTS[:3] if root.resolve().is_relative_to(out / name)]
+        inside = [name for name in OUTPUT_PARTS[:3] if root.resolve().is_relative_to((out / name).resolve())]
         if inside:
             raise DataError(f"{root}: the input lies in the output folder's {inside[0]}/, where the outputs are "
                             "written, so they would replace the images; choose another output folder")
@@ -272,12 +273,22 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
         elif s.number is not None and numbers.count(s.number) == 1:
             rel = f"{'' if rel_dir == '.' else rel_dir + '/'}S{s.number}"
         else:
-            rel = f"{'' if rel_dir == '.' else rel_dir + '/'}{s.uid}"
+            rel = f"{'' if rel_dir == '.' else rel_dir + '/'}{_uid_name(s.uid)}"
         source = s.files[0] if len(s.files) == 1 else str(folder)
         # a series copied (or split) into two folders is two inputs: the key holds the folder too
         key = f"dicom:{s.uid}" if rel_dir == "." else f"dicom:{rel_dir}/{s.uid}"
         result.append(InputItem(source, "dicom", rel, series_uid=s.uid, key=key))
     return failed + result, ignored
+
+
+def _uid_name(uid: str) -> str:
+    """A SeriesInstanceUID as a file name: a valid UID (digits and dots) as it is, any other text by its hash.
+
+    The UID comes from the file, so it must never bring a path (``../x``, ``/abs``) into the output names.
+    """
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) and len(uid) <= 64:
+        return uid
+    return "series_" + hashlib.sha1(uid.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:

@@ -41,7 +41,8 @@ def check_finite_output(values: object) -> None:
 
     if not np.isfinite(np.asarray(values)).all():
         raise CheckpointError("the network's output holds NaN or infinite values: its weights are broken (a "
-                              "diverged training); use another checkpoint, or train again with a lower learning rate")
+                              "diverged training), or the input's values are too large to compute with; use another "
+                              "checkpoint (or train again with a lower learning rate), or rescale the input")
 
 
 class ConfigValueError(BundleError, ValueError):

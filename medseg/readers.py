@@ -57,6 +57,53 @@ SUFFIXES: dict[str, str] = {
 }
 
 
+#: The most pixels one slice may have unless ``MEDSEG_MAX_PIXELS`` says otherwise: Pillow's own
+#: decompression-bomb limit (about 13,400²), so that a small corrupt or malicious file cannot take all memory.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
+def max_pixels() -> int:
+    """The most pixels (height × width) one slice may have: ``MEDSEG_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`."""
+    value = os.environ.get("MEDSEG_MAX_PIXELS", "").strip().replace("_", "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise DataError(f"MEDSEG_MAX_PIXELS={value!r}: give a whole number of pixels, e.g. 400000000")
+    return int(value)
+
+
+def check_plane(path: str | os.PathLike, height: int, width: int) -> None:
+    """Refuse a slice of more than :func:`max_pixels` pixels before it is read."""
+    limit = max_pixels()
+    if height * width > limit:
+        raise DataError(f"{path}: one slice of {height} × {width} = {height * width:,} pixels, over the {limit:,} "
+                        "read at once (a guard against corrupt or malicious files); cut the image into tiles, or "
+                        "set MEDSEG_MAX_PIXELS to a larger number if the machine has the memory")
+
+
+def open_picture(path: str | os.PathLike):
+    """``PIL.Image.open(path)`` with :func:`max_pixels` as the limit (Pillow checks it from the header)."""
+    import warnings
+
+    from PIL import Image
+
+    limit = max_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit // 2 + 1  # Pillow refuses above twice its setting: ours decides
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: more than the {limit:,} pixels read at once (a guard against corrupt or malicious "
+                        "files); cut the image into tiles, or set MEDSEG_MAX_PIXELS to a larger number if the "
+                        "machine has the memory") from None
+    if im.size[0] * im.size[1] > limit:
+        im.close()
+        check_plane(path, im.size[1], im.size[0])
+    return im
+
+
 #: Image types that cannot hold masks (lossy, or at best 8-bit palette): named when met among masks.
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif")
 
@@ -240,7 +287,7 @@ class PngReader(_MedsegReader):
     format = "png"
 
     def _read2d(self, path: str) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         try:
             with open(path, "rb") as f:
@@ -251,7 +298,7 @@ class PngReader(_MedsegReader):
                 kind = "gray+alpha" if header[25] == 4 else "colour"
                 raise DataError(f"{path}: 16-bit {kind} PNG; its reader keeps only 8 bits per channel, so it is "
                                 "refused rather than truncated: save it as 16-bit TIFF")
-            with Image.open(path) as opened:
+            with open_picture(path) as opened:
                 im = _displayed(opened)
                 if im.mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -275,10 +322,10 @@ class PngReader(_MedsegReader):
         return arr, _meta("png", path, arr.shape[1:], np.eye(4), (1.0, 1.0), "pixel")
 
     def read_meta(self, path: str) -> dict:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         try:
-            with Image.open(path) as im:
+            with open_picture(path) as im:
                 width, height = im.size
                 if _exif_orientation(im) in _EXIF_SWAPS:
                     width, height = height, width
@@ -404,6 +451,8 @@ class TiffReader(_MedsegReader):
     @staticmethod
     def _layout(path: str, tif) -> tuple[tuple[int, ...], str, list[int], int | None]:
         """(shape, axes, lead axis positions, channel axis position or None) of the first series."""
+        if not len(tif.pages):
+            raise DataError(f"{path}: TIFF holds no images (no pages); the file is empty or truncated")
         try:
             series = tif.series[0]
         except (IndexError, ValueError, OSError) as err:
@@ -487,6 +536,7 @@ class TiffReader(_MedsegReader):
         count = int(np.prod([shape[i] for i in lead])) if lead else 1
         if not 0 <= index < count:
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
+        check_plane(path, shape[axes.index("Y")], shape[axes.index("X")])
         try:
             return self._plane(tif, shape, axes, lead, channel, index, path)
         except (OSError, ValueError, IndexError) as err:
@@ -640,6 +690,7 @@ class NiftiReader(_MedsegReader):
         count = int(shape[2]) if len(shape) >= 3 else 1
         if not 0 <= index < count:
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
+        check_plane(path, int(shape[1]), int(shape[0]))
         if len(shape) == 2:
             return self._voxels(img, shape, None)[:, 0]
         if str(path).lower().endswith(".gz"):

@@ -40,6 +40,7 @@ def to_gray(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _PICK = ": pick channels with --set input_channels=[N] (numbered from 0)"
 
 
@@ -83,9 +84,6 @@ class LoadSliced(MapTransform):
                 raise DataError(f"{path}: {arr.shape[0]} channel{'s' * (arr.shape[0] != 1)}, and input_channels="
                                 f"{self.select} asks for channel {max(self.select)}; channels count from 0")
             arr = arr[self.select]
-        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():  # NaN would reach the watershed and hang it
-            raise DataError(f"{path}: holds NaN or infinite values; replace them (e.g. by the background value) "
-                            "first")
         if channels == 3:
             if arr.shape[0] not in (1, 3):
                 raise DataError(f"{path}: {arr.shape[0]} channels; the model takes gray or RGB images"
@@ -99,6 +97,12 @@ class LoadSliced(MapTransform):
             arr = to_gray(arr)
         else:
             arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all():  # NaN would reach the watershed and hang it
+            raise DataError(f"{path}: holds NaN or infinite values (or values beyond the range of float32, which "
+                            "the network computes in); replace them (e.g. by the background value) first")
+        if arr.size and float(arr.max()) - float(arr.min()) > _FLOAT32_MAX:
+            raise DataError(f"{path}: its values span {float(arr.min()):.3g} to {float(arr.max()):.3g}, more than "
+                            "float32 (which the network computes in) can hold; rescale the image first")
         if min(arr.shape[1:], default=0) < self.min_size:
             raise DataError(f"{path}: {' × '.join(map(str, arr.shape[1:]))} pixels, smaller than the "
                             f"{self.min_size} × {self.min_size} this training takes (its mirror padding); "

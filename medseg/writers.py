@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Hashable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -62,15 +62,31 @@ def mask_format(input_format: str, output_format: str = "auto", slices: int = 1)
     return fmt
 
 
+#: The longest file name (bytes) the usual file systems take (ext4, XFS, NTFS, APFS).
+_NAME_MAX = 255
+
+
 def output_paths(output_dir: str | os.PathLike, rel: str, fmt: str, save_prob: bool,
                  table: bool = False) -> dict[str, Path]:
-    """``{"mask": path[, "prob": path][, "table": path]}`` of one input's outputs for mask kind ``fmt``."""
+    """``{"mask": path[, "prob": path][, "table": path]}`` of one input's outputs for mask kind ``fmt``.
+
+    Raises:
+        DataError: ``rel`` is absolute or climbs out (``..``): outputs never leave their folder; or an output's
+            name would be longer than a file name may be.
+    """
     out = Path(output_dir)
+    parts = PurePosixPath(rel).parts
+    if not rel or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise DataError(f"its output name {rel!r} is not a name inside the output folder {out}; rename the input")
     paths = {"mask": out / "mask" / f"{rel}{OUTPUT_FORMATS[fmt]}"}
     if save_prob:
         paths["prob"] = out / "prob" / f"{rel}{_PROB_SUFFIX[fmt]}"
     if table:
         paths["table"] = out / "table" / f"{rel}.csv"
+    for path in paths.values():
+        if len(os.fsencode(path.name)) > _NAME_MAX:
+            raise DataError(f"its output name would be {len(os.fsencode(path.name))} bytes long, over the "
+                            f"{_NAME_MAX} a file name may have; rename the input to a shorter name")
     return paths
 
 

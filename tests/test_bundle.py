@@ -425,8 +425,11 @@ def test_checkpoint_of_another_network_names_the_first_difference(tmp_path, save
     ("tensor", "holds a Tensor, not a state dict of weights"),
     ("junk", "not a readable PyTorch checkpoint ("),
     ("zip", "not a readable PyTorch checkpoint ("),
-], ids=["whole pickled model", "a tensor", "junk bytes", "a zip of something else"])
+    ("torchscript", "a TorchScript model, not a checkpoint of weights"),
+    ("folder", "not a file (a folder, or a pipe)"),
+], ids=["whole pickled model", "a tensor", "junk bytes", "a zip of something else", "TorchScript", "a folder"])
 def test_a_file_that_is_no_state_dict_is_a_one_line_error(tmp_path, content, expected):
+    import warnings
     import zipfile
 
     from medseg.bundle import load_checkpoint
@@ -439,13 +442,20 @@ def test_a_file_that_is_no_state_dict_is_a_one_line_error(tmp_path, content, exp
         torch.save(torch.zeros(3), path)
     elif content == "junk":
         path.write_bytes(b"\x80\x02junk" * 50)
+    elif content == "torchscript":
+        torch.jit.script(_conv_net(8)).save(str(path))
+    elif content == "folder":
+        path.mkdir()
     else:
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("notes.txt", "not weights")
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(_conv_net(8), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing printed beside the one line (torch warns of TorchScript)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(_conv_net(8), path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+    assert "weights_only" not in message  # torch's advice to load it unsafely is not passed on
 
 
 def test_unknown_key_hint_names_an_id_of_that_commands_config():

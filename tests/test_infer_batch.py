@@ -1049,3 +1049,73 @@ def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_inputs(tmp_pa
     monkeypatch.setattr(medseg.writers, "write_tiff", real)
     assert _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint).exit_code == 0
     assert [r["status"] for r in _manifest(tmp_path / "out").values()] == ["skipped", "ok", "ok"]
+
+
+def test_a_series_uid_never_brings_a_path_into_the_output_names(tmp_path, tiny_checkpoint):
+    # the UID comes from the file: '../..' or '/abs' in it must not place outputs outside the output folder,
+    # nor give two series one name (two series of one number are named by their UIDs)
+    import warnings
+
+    root = tmp_path / "work" / "in"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the invalid UI values
+        for uid, z in (("../../../ESCAPED", 0.0), ("/medseg_uid_test_ABS", 50.0)):
+            for k in range(2):
+                write_dicom_slice(root / f"{'a' if z == 0 else 'b'}{k}.dcm", np.full((48, 48), 10 * k, np.int16),
+                                  series_uid=uid, position=(0.0, 0.0, z + 2.0 * k), instance=k + 1)
+    out = tmp_path / "work" / "out"
+    result = _infer(root, out, tiny_checkpoint, "--format", "tiff")
+    assert result.exit_code == 0, result.output
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".tif", ".csv", ".json"))
+    assert all(p.is_relative_to(out) for p in written), written
+    assert not Path("/medseg_uid_test_ABS.tif").exists()
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}, rows
+    masks = sorted(Path(r["mask"]).name for r in rows)
+    assert len(set(masks)) == 2 and all(m.startswith("series_") for m in masks), masks
+
+
+def test_a_bad_series_number_is_no_number_and_stops_nothing(tmp_path, tiny_checkpoint):
+    import pydicom
+
+    from medseg.dicom import series_number
+
+    series = write_dicom_series(tmp_path / "in" / "ct", n=2, size=48)
+    for f in series.iterdir():  # SeriesNumber (0020,0011) 'x1': pydicom reads it, with a warning
+        data, tag = f.read_bytes(), b"\x20\x00\x11\x00IS\x02\x00"
+        assert data.count(tag + b"1 ") == 1
+        f.write_bytes(data.replace(tag + b"1 ", tag + b"x1"))
+    _em_png(tmp_path / "in" / "good.png", seed=1)
+    with pytest.warns(UserWarning, match="Invalid value for VR IS"):
+        assert series_number(pydicom.dcmread(next(series.iterdir()))) is None
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert {r["status"] for r in _manifest(tmp_path / "out").values()} == {"ok"}
+
+
+def test_an_output_name_too_long_for_a_file_fails_that_input_alone(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    long = "X" * 251
+    _em_png(root / f"{long}.png", seed=1)
+    tifffile.imwrite(root / f"{long}.tif", synthetic_em(size=32, seed=1)[0])  # both want mask/XXX.png: '_png'
+    # and '_tif' make the names 259 bytes
+    _em_png(root / "good.png", seed=2)
+    result = _infer(root, tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 1, result.output
+    rows = _manifest(tmp_path / "out")
+    assert rows["good.png"]["status"] == "ok"
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert len(failed) == 2 and all("rename the input to a shorter name" in r["message"] for r in failed), failed
+
+
+def test_an_output_mask_folder_linked_to_the_input_is_refused(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    _em_png(root / "a.png", seed=1)
+    before = (root / "a.png").read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mask").symlink_to(root)
+    result = _infer(root, out, tiny_checkpoint, "--overwrite")
+    assert result.exit_code == 1 and "output folder's mask/" in result.output, result.output
+    assert (root / "a.png").read_bytes() == before

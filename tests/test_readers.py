@@ -492,3 +492,49 @@ def test_a_gray_tiff_with_an_unspecified_extra_sample_keeps_both_channels(tmp_pa
     assert read_slice(str(tmp_path / "two.tif"), 0).shape == (2, 16, 16)
     assert read_slice(str(tmp_path / "two.tif"), 0)[1].max() == 7
     assert read_slice(str(tmp_path / "alpha.tif"), 0).shape == (1, 16, 16)
+
+
+def test_a_slice_over_the_pixel_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    # a small file whose header claims a huge image (a decompression bomb) must not take all memory:
+    # each reader checks the slice's size from the header against MEDSEG_MAX_PIXELS (default: Pillow's limit)
+    from medseg.readers import DEFAULT_MAX_PIXELS, max_pixels
+
+    assert max_pixels() == DEFAULT_MAX_PIXELS
+    arr = np.zeros((40, 30), np.uint8)
+    paths = [write_png(tmp_path / "a.png", arr), write_tiff(tmp_path / "a.tif", arr[None]),
+             tmp_path / "a.nii.gz"]
+    nib.save(nib.Nifti1Image(arr.T[..., None], np.eye(4)), paths[2])
+    monkeypatch.setenv("MEDSEG_MAX_PIXELS", "1199")
+    for path in paths:
+        with pytest.raises(DataError, match=f"{path}: .*over the 1,199 read at once.*set MEDSEG_MAX_PIXELS|"
+                                            f"{path}: more than the 1,199 pixels read at once"):
+            read_slice(path, 0)
+    monkeypatch.setenv("MEDSEG_MAX_PIXELS", "1200")
+    for path in paths:
+        assert read_slice(path, 0).shape[-2:] == (40, 30)
+    monkeypatch.setenv("MEDSEG_MAX_PIXELS", "lots")
+    with pytest.raises(DataError, match="MEDSEG_MAX_PIXELS='lots': give a whole number"):
+        read_slice(paths[0], 0)
+
+
+def test_a_png_over_pillows_own_limit_is_a_one_line_error(tmp_path, monkeypatch):
+    # Pillow refuses such files from the header (DecompressionBombError): the message says what to do
+    import struct
+    import zlib
+
+    path = tmp_path / "bomb.png"
+    width = height = 20_000  # 400 M pixels, the data a few hundred bytes: rows of zeros
+    raw = zlib.compress(b"\x00" * (width + 1) * 64)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(  # noqa: E731
+        ">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=f"{path}: more than the 178,956,970 pixels read at once"):
+        read_slice(path, 0)
+
+
+def test_a_tiff_without_pages_is_named_as_empty(tmp_path):
+    path = tmp_path / "empty.tif"
+    path.write_bytes(b"II*\x00\x00\x00\x00\x00")  # a header whose first page offset is 0
+    with pytest.raises(DataError, match="empty.tif: TIFF holds no images"):
+        read_slice(path, 0)

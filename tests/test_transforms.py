@@ -279,3 +279,20 @@ def test_input_channels_pick_the_image_channels_before_the_rest(tmp_path):
         LoadSliced(keys="image", select=[2])({"image": str(tmp_path / "two.tif")})
     with pytest.raises(ConfigValueError, match=r"input_channels=1: give channel numbers from 0"):
         LoadSliced(keys="image", select=1)
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([-1e300, 1e300], "holds NaN or infinite values (or values beyond the range of float32"),
+    ([-3e38, 3e38], "its values span -3e+38 to 3e+38, more than float32"),
+], ids=["float64 beyond float32", "float32 span overflowing"])
+def test_values_float32_cannot_compute_with_are_refused_by_name(tmp_path, values, expected):
+    # they used to become NaN in the normalisation (blamed on the checkpoint) or infinity (a garbage mask)
+    import tifffile
+
+    path = tmp_path / "extreme.tif"
+    arr = np.zeros((16, 16), np.float64 if abs(values[1]) > 1e38 * 4 else np.float32)
+    arr[0, 0], arr[-1, -1] = values
+    tifffile.imwrite(path, arr)
+    with pytest.raises(DataError) as info:
+        LoadSliced(keys="image")({"image": str(path), "page": 0})
+    assert str(info.value).startswith(f"{path}: ") and expected in str(info.value)
