@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES, RUN_RECORD, InputItem, slice_items
 from medseg.discovery import RUN_JOURNAL as JOURNAL
-from medseg.discovery import RUN_RECORD, InputItem, slice_items
 from medseg.errors import NO_SPACE, DataError, causes
 from medseg.io import atomic_output
 from medseg.readers import kind_of, suffix_of
@@ -55,6 +55,18 @@ class BatchResult:
     @property
     def failures(self) -> list[ManifestRow]:
         return [r for r in self.rows if r.status == "failed"]
+
+
+def _drop_others(record: RunRecord, paths: dict[str, Path]) -> None:
+    """Remove (and forget) the input's outputs of another kind another run wrote: redone, the input's outputs
+    are this run's alone (only recorded outputs go; a file of the user's is never touched)."""
+    gone = []
+    for path in record.others(paths):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            gone.append(path)
+    if gone:
+        record.forget(gone)
 
 
 def _is_file(path: Path) -> bool:
@@ -352,6 +364,23 @@ class RunRecord:
             self.names[key] = {"rel": item.rel, "mask": self._rel(paths["mask"])}
             self._log(names={key: self.names[key]})
 
+    def others(self, paths: dict[str, Path]) -> list[Path]:
+        """The outputs of the input of ``paths`` that another run here (another model or settings) wrote in
+        another kind (``mask/a.png`` beside this run's ``mask/a.tif``, a probability map this run does not
+        write), recorded and present. This run's own outputs of another kind (the same model's PNG masks
+        when TIFF is asked for as well) are not among them."""
+        mask = self._rel(paths["mask"])
+        stem = next((mask[: -len(s)] for s in sorted(OUTPUT_FORMATS.values(), key=len, reverse=True)
+                     if mask.endswith(s)), None)
+        if stem is None or not stem.startswith("mask/"):
+            return []
+        rel = stem[len("mask/"):]
+        mine = {self._rel(p) for p in paths.values()}
+        candidates = {f"mask/{rel}{s}" for s in OUTPUT_FORMATS.values()} | {
+            f"prob/{rel}{s}" for s in PROB_SUFFIXES.values()} | {f"table/{rel}.csv"}
+        return [self.folder / r for r in sorted(candidates - mine)
+                if self.outputs.get(r, self.key) != self.key and (self.folder / r).is_file()]
+
     def forget(self, paths: Iterable[Path]) -> None:
         """Drop ``paths`` from the record (outputs removed) and log it."""
         gone = {self._rel(p): None for p in paths}
@@ -462,6 +491,8 @@ def run_batch(
             except Exception:  # noqa: BLE001 - reported per input in the loop below
                 continue
             existing = {name: p for name, p in paths.items() if _is_file(p) and not record.unfinished(p)}
+            # its outputs of another kind too (a PNG mask when TIFF is asked for, a map no longer asked for)
+            existing.update({f"other {k}": p for k, p in enumerate(record.others(paths))})
             if existing and not record.made_here(existing):  # one file of another's is enough to refuse
                 unknown = [p for p in existing.values() if not record.knows(p)]
                 if unknown:
@@ -531,6 +562,7 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                     row.message = "an earlier run was stopped while writing its outputs: segmented again"
                 if record is not None:
                     record.record(paths, made=True, fingerprint=fingerprint, item=item)
+                    _drop_others(record, paths)
         except BaseException as err:  # the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()

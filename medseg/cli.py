@@ -142,17 +142,28 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _overrides(pairs: list[str] | None, **named: Any) -> dict[str, Any]:
+def _overrides(pairs: list[str] | None, given: dict[str, tuple[Any, str]] | None = None,
+               **named: Any) -> dict[str, Any]:
+    """The ``--set`` pairs as overrides, ``named`` (id -> value of a named option, None if not given) added.
+
+    A ``--set`` of an id that a named option also sets, to another value, is refused rather than one of the
+    two winning silently; ``given`` lists such options the command applies itself: id -> (value, option).
+    """
     from medseg.bundle import parse_override
 
     result = {k: v for k, v in named.items() if v is not None}
+    options = {k: (v, f'{ {"max_epochs": "--epochs"}.get(k, k)} {v}') for k, v in result.items()}
+    options.update({k: v for k, v in (given or {}).items() if v[0] is not None})
     for text in pairs or []:
         key, value = parse_override(text)
-        if named.get(key) is not None and result[key] != value:
-            option = {"max_epochs": "--epochs"}.get(key, key)
-            raise BundleError(f"--set {text} contradicts {option} {result[key]}; give one of them")
+        if key in options and options[key][0] != value:
+            raise BundleError(f"--set {text} contradicts {options[key][1]}; give one of them")
         result[key] = value
     return result
+
+
+def _tta_option(tta: bool | None) -> str:
+    return "--tta" if tta else "--no-tta"
 
 
 @app.callback()
@@ -234,7 +245,8 @@ def evaluate(
     out = output or workflows.evaluation_dir(ckpts)
     summary = _run(ctx, lambda: workflows.evaluate(
         str(bundle), str(data), ckpts, str(out), split=split, tta=tta, device=device,
-        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress))
+        overlays=tuple(map(str, config or [])), overrides=_overrides(set_, {"tta": (tta, _tta_option(tta))}),
+        progress=progress))
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}; summary: {out / 'summary.json'}")
 
@@ -284,7 +296,9 @@ def infer(
 
     summary = _run(ctx, lambda: workflows.infer(
         str(bundle), str(input_path), str(output_dir), checkpoint, tta=tta, device=device,
-        overlays=tuple(map(str, config or [])), overrides=_overrides(set_), progress=progress,
+        overlays=tuple(map(str, config or [])), progress=progress, overrides=_overrides(set_, {
+            "tta": (tta, _tta_option(tta)), "save_prob": (None if prob else False, "--no-prob"),
+            "output_format": (None if format_ == "auto" else format_, f"--format {format_}")}),
         include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
         output_format=format_, save_prob=prob),
         interrupted=f"finished inputs are kept in {output_dir}; run the same command again to do the rest")

@@ -37,13 +37,12 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
 from medseg.bundle import config_flag
+from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES
 from medseg.errors import ConfigValueError, DataError
 from medseg.io import partial_file, tiff_calibration, write_nifti, write_png, write_tiff
 
-#: Output kinds and the mask suffix each writes.
-OUTPUT_FORMATS: dict[str, str] = {"png": ".png", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".seg.dcm"}
+#: Input kind -> the mask kind written for it by default.
 _DEFAULT_FOR_INPUT = {"png": "png", "tiff": "tiff", "nifti": "nifti", "dicom": "dicom-seg"}
-_PROB_SUFFIX = {"png": ".tif", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".nii.gz"}
 
 
 def mask_format(input_format: str, output_format: str = "auto", slices: int = 1) -> str:
@@ -80,7 +79,7 @@ def output_paths(output_dir: str | os.PathLike, rel: str, fmt: str, save_prob: b
         raise DataError(f"its output name {rel!r} is not a name inside the output folder {out}; rename the input")
     paths = {"mask": out / "mask" / f"{rel}{OUTPUT_FORMATS[fmt]}"}
     if save_prob:
-        paths["prob"] = out / "prob" / f"{rel}{_PROB_SUFFIX[fmt]}"
+        paths["prob"] = out / "prob" / f"{rel}{PROB_SUFFIXES[fmt]}"
     if table:
         paths["table"] = out / "table" / f"{rel}.csv"
     for path in paths.values():

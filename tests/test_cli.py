@@ -1674,6 +1674,28 @@ def test_epochs_and_a_different_max_epochs_setting_contradict(tmp_path):
     assert "error: --set max_epochs=5 contradicts --epochs 3; give one of them" in result.output
 
 
+@pytest.mark.parametrize("command, options, setting, expected", [
+    ("infer", ["--tta"], "tta=false", "--set tta=false contradicts --tta"),
+    ("infer", ["--no-tta"], "tta=true", "--set tta=true contradicts --no-tta"),
+    ("infer", ["--no-prob"], "save_prob=true", "--set save_prob=true contradicts --no-prob"),
+    ("infer", ["--format", "tiff"], "output_format=png", "--set output_format=png contradicts --format tiff"),
+    ("evaluate", ["--tta"], "tta=false", "--set tta=false contradicts --tta"),
+], ids=["infer tta", "infer no-tta", "infer prob", "infer format", "evaluate tta"])
+def test_a_named_option_and_a_different_setting_of_its_id_contradict(tmp_path, command, options, setting, expected):
+    # before, evaluate let the option win and infer the setting, each silently
+    where = [tmp_path, tmp_path / "out"] if command == "infer" else ["--data", tmp_path]
+    result = _invoke(command, BUNDLE, *where, "--checkpoint", tmp_path / "model.pt", *options, "--set", setting)
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {expected}; give one of them"
+
+
+def test_a_named_option_and_the_same_setting_agree():
+    from medseg.cli import _overrides
+
+    assert _overrides(["tta=true", "save_prob=false"], {"tta": (True, "--tta"), "save_prob": (None, "--no-prob")}) \
+        == {"tta": True, "save_prob": False}
+
+
 def test_the_last_of_two_max_epochs_settings_wins_without_epochs():
     from medseg.cli import _overrides
 

@@ -1119,3 +1119,29 @@ def test_an_output_mask_folder_linked_to_the_input_is_refused(tmp_path, tiny_che
     result = _infer(root, out, tiny_checkpoint, "--overwrite")
     assert result.exit_code == 1 and "output folder's mask/" in result.output, result.output
     assert (root / "a.png").read_bytes() == before
+
+
+def test_an_input_redone_in_another_kind_keeps_no_outputs_of_the_earlier_run(tmp_path, tiny_checkpoint):
+    # --overwrite with --no-prob or another --format left the earlier run's map or mask beside the new ones
+    root = tmp_path / "in"
+    _em_png(root / "a.png", seed=1)
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint).exit_code == 0
+    (out / "mine.tif").write_bytes(b"a file of the user's")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*") if p.parent != out) == [
+        "mask/a.png", "prob/a.tif"]
+    # the same model and settings in another kind as well: both kept
+    assert _infer(root, out, tiny_checkpoint, "--format", "tiff").exit_code == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*") if p.parent != out) == [
+        "mask/a.png", "mask/a.tif", "prob/a.tif"]
+    result = _infer(root, out, tiny_checkpoint, "--format", "nifti", "--tta")  # the others are another run's
+    assert result.exit_code == 1 and "the outputs of 'a' were made with" in result.output, result.output
+    result = _infer(root, out, tiny_checkpoint, "--format", "nifti", "--tta", "--no-prob", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*") if p.parent != out) == [
+        "mask/a.nii.gz"]
+    record = json.loads((out / "run.json").read_text())
+    assert sorted(record["outputs"]) == ["mask/a.nii.gz"]
+    assert (out / "mine.tif").read_bytes() == b"a file of the user's"
+    result = _infer(root, out, tiny_checkpoint, "--format", "nifti", "--tta", "--no-prob")  # all done: skipped
+    assert result.exit_code == 0 and _manifest(out)["a.png"]["status"] == "skipped", result.output
