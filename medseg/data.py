@@ -16,7 +16,7 @@ from pathlib import Path
 from medseg.discovery import natural_key
 from medseg.errors import ConfigValueError, DataError, brief
 from medseg.io import atomic_output
-from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error
+from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error, open_picture
 
 #: Image types accepted as training data (2D slices and TIFF stacks).
 SUPPORTED_SUFFIXES = (".png", ".tif", ".tiff")
@@ -472,13 +472,11 @@ def _manifest_categories(*folders: Path) -> dict[str, str]:
 
 
 def _size_group(image: Path) -> str:
-    from PIL import Image
-
     try:
-        with Image.open(image) as im:
+        with open_picture(image) as im:
             return f"{im.mode}-{im.size[1]}x{im.size[0]}"
-    except OSError:
-        return ""
+    except (OSError, DataError):
+        return ""  # the loader names the file
 
 
 def dsb_split(data_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,

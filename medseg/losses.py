@@ -89,6 +89,9 @@ class DiceCEOnLabel(nn.Module):
         weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
                                weight=weight)
+        # one output channel: the foreground's logit (sigmoid Dice + binary cross-entropy); a softmax over
+        # one channel is 1 everywhere, and MONAI then scores the raw logits, rewarding confident errors
+        self.binary = DiceCELoss(sigmoid=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._dice_ce(logits.float(), target[:, :1])
@@ -101,8 +104,8 @@ class DiceCEOnLabel(nn.Module):
         class weights follow the logits' device (the loss module is never moved), and on CUDA a sum is
         deterministic where ``nll_loss2d``'s own mean reduction is not.
         """
-        if logits.shape[1] == 1:  # one channel: left to MONAI's DiceCELoss as before (it has no classes to index)
-            return self.loss(logits, label)
+        if logits.shape[1] == 1:  # one channel: the foreground's logit
+            return self.binary(logits, (label > 0).to(logits.dtype))
         classes = label[:, 0].long()
         ce = F.cross_entropy(logits, classes, reduction="none")
         class_weights = self.loss.cross_entropy.weight

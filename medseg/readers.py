@@ -83,17 +83,13 @@ def check_plane(path: str | os.PathLike, height: int, width: int) -> None:
 
 def open_picture(path: str | os.PathLike):
     """``PIL.Image.open(path)`` with :func:`max_pixels` as the limit (Pillow checks it from the header)."""
-    import warnings
-
     from PIL import Image
 
     limit = max_pixels()
     if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit // 2 + 1  # Pillow refuses above twice its setting: ours decides
+        Image.MAX_IMAGE_PIXELS = limit  # raised by MEDSEG_MAX_PIXELS: Pillow refuses above twice it, ours decides
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+        im = Image.open(path)
     except Image.DecompressionBombError:
         raise DataError(f"{path}: more than the {limit:,} pixels read at once (a guard against corrupt or malicious "
                         "files); cut the image into tiles, or set MEDSEG_MAX_PIXELS to a larger number if the "
@@ -342,6 +338,25 @@ class PngReader(_MedsegReader):
         return self._read2d(path)
 
 
+class _ThreadEntries(OrderedDict):
+    """One thread's kept files: closed when the thread ends and its local data goes (a loader's worker
+    thread), not left to the garbage collector's warnings."""
+
+    def __init__(self, close: Callable[[Any], None] | None) -> None:
+        super().__init__()
+        self._close = close
+
+    def __del__(self) -> None:
+        if self._close is None:
+            return
+        for key, entry in list(self.items()):
+            try:
+                if key[0] == os.getpid():
+                    self._close(entry)
+            except Exception:  # noqa: BLE001, S110 - at interpreter exit anything may be gone already
+                pass
+
+
 class _RecentFiles:
     """The last few files a reader opened, kept open so that reading a stack slice by slice costs one slice each.
 
@@ -362,7 +377,7 @@ class _RecentFiles:
         if not self.per_thread:
             return self.shared
         if not hasattr(self.local, "items"):
-            self.local.items = OrderedDict()
+            self.local.items = _ThreadEntries(self.close)
         return self.local.items
 
     def clear(self) -> None:

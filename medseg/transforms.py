@@ -19,7 +19,7 @@ from scipy import ndimage
 from medseg.bundle import config_flag
 from medseg.errors import ConfigValueError, DataError
 from medseg.metrics import FOUR_CONNECTED
-from medseg.readers import LOSSY_SUFFIXES, lossy_mask_error, read_slice
+from medseg.readers import LOSSY_SUFFIXES, lossy_mask_error, open_picture, read_slice
 
 #: The files of a DSB ``masks/`` folder that are read as instance masks (hidden files never are)
 INSTANCE_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -431,12 +431,10 @@ def _palette_indices(path: Path) -> np.ndarray | None:
     gives their colours), else ``None``."""
     if path.suffix.lower() not in (".png", ".bmp"):
         return None
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
+        with open_picture(path) as im:
             return np.asarray(im)[None] if im.mode == "P" else None
-    except OSError:
+    except (OSError, DataError):
         return None  # the reader names the file
 
 

@@ -78,30 +78,42 @@ def isbi_stacks(tmp_path: Path) -> Path:
     return root
 
 
-def _shared(folder: str, probe: str) -> Path:
-    """``../shared/data/FOLDER`` when ``probe`` exists inside it, else skip the test."""
+def _shared(folder: str, *probes: str) -> Path:
+    """``../shared/data/FOLDER`` when each of ``probes`` (what the tests read there) exists inside it, else
+    skip the test."""
     path = SHARED_DATA / folder
-    if not (path / probe).exists():
-        pytest.skip(f"real data not available at {path}")
+    missing = [p for p in probes if not (path / p).exists()]
+    if missing:
+        pytest.skip(f"real data not available at {path / missing[0]}")
     return path
+
+
+#: The fixtures that give real data: a test using one is marked ``realdata`` (``-m "not realdata"``).
+SHARED_FIXTURES = ("shared_isbi", "shared_dicom", "shared_nifti", "shared_cells3class", "shared_dsb")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_FIXTURES):
+            item.add_marker(pytest.mark.realdata)
 
 
 @pytest.fixture
 def shared_isbi() -> Path:
     """The real ISBI 2012 slices in ../shared/data (skips the test when absent)."""
-    return _shared("isbi2012", "train/image")
+    return _shared("isbi2012", "train/image", "train/label", "test")
 
 
 @pytest.fixture
 def shared_dicom() -> Path:
     """The real DICOM samples in ../shared/data/dicom (skips the test when absent)."""
-    return _shared("dicom", "series_mr_4slice")
+    return _shared("dicom", "series_mr_4slice", "series_mr_4slice_reference.nii.gz", "series_ct_3slice", "single")
 
 
 @pytest.fixture
 def shared_nifti() -> Path:
     """The real NIfTI samples in ../shared/data/nifti (skips the test when absent)."""
-    return _shared("nifti", "anatomical.nii")
+    return _shared("nifti", "anatomical.nii", "example4d.nii.gz")
 
 
 def write_dicom_slice(
@@ -327,13 +339,13 @@ def dsb_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def shared_cells3class() -> Path:
     """The real 3-class WBC images + masks in ../shared/data (skips the test when absent)."""
-    return _shared("cells3class", "dataset1")
+    return _shared("cells3class", "dataset1", "dataset2_subset")
 
 
 @pytest.fixture
 def shared_dsb() -> Path:
     """The real DSB 2018 subset in ../shared/data (skips the test when absent)."""
-    return _shared("dsb2018", "stage1_train")
+    return _shared("dsb2018", "stage1_train", "manifest.csv")
 
 
 @pytest.fixture(autouse=True)

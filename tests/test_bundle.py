@@ -44,7 +44,7 @@ def test_monai_workflow_property_checks_pass(bundle, tmp_path):
         ("infer", "inference.json", {"dataset_dir": str(images), "output_dir": str(tmp_path / "p")}),
     ):
         workflow = ConfigWorkflow(config_file=str(configs / config), meta_file=str(configs / "metadata.json"),
-                                  workflow_type=workflow_type, logging_file=None, **settings)
+                                  workflow_type=workflow_type, logging_file=False, **settings)
         workflow.initialize()
         assert workflow.check_properties() == [], (bundle.name, workflow_type)
         parser = workflow.parser

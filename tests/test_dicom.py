@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from conftest import write_dicom_series, write_dicom_slice
 
@@ -146,6 +147,8 @@ def test_seg_for_a_multi_frame_source(tmp_path):
     mask[1, 2:4, 2:4] = True
     seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
     assert int(seg.NumberOfFrames) == 3 and seg.SegmentSequence[0].SegmentLabel == "foreground"
+    back = pydicom.dcmread(tmp_path / "seg.dcm").pixel_array > 0  # the SEG's frames in the source's frame order
+    np.testing.assert_array_equal(back[list(geometry.frames)], mask)  # each slice's mask on its own frame
 
 
 def test_a_file_rewritten_in_place_is_read_again(tmp_path):

@@ -128,6 +128,29 @@ def test_evaluate_ensemble_of_identical_members_scores_as_one(members, tmp_path)
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
 
 
+def test_evaluate_and_the_api_score_an_ensemble_as_its_averaged_logits(members, tmp_path):
+    # members that differ: A + B scores as C (A's logits + 1 on the interior), not as A alone
+    from medseg.api import Segmenter
+
+    data = write_isbi_folder(tmp_path / "data", n=3, size=80)
+    common = ["--data", data, "--split", "all", "--no-progress", "--device", "cpu", "--no-tta", *TINY_ARGS,
+              "--set", "val_count=1"]
+    scores = {}
+    for name, ckpts in (("ab", ["a", "b"]), ("c", ["c"]), ("a", ["a"])):
+        args = [a for k in ckpts for a in ("--checkpoint", members[k])]
+        result = _invoke("evaluate", BUNDLE, *args, "--output", tmp_path / name, *common)
+        assert result.exit_code == 0, result.output
+        scores[name] = (tmp_path / name / "metrics.csv").read_text()
+    assert scores["ab"] == scores["c"] != scores["a"]
+    overrides = dict(parse_override(item) for item in TINY_NET)
+    image = synthetic_em(size=72, seed=1)[0]
+    probs = {name: Segmenter(BUNDLE, [members[k] for k in ckpts], device="cpu", tta=False,
+                             overrides=overrides).segment(image).prob
+             for name, ckpts in (("ab", ["a", "b"]), ("c", ["c"]), ("a", ["a"]))}
+    np.testing.assert_allclose(probs["ab"], probs["c"], atol=1e-5)
+    assert not np.allclose(probs["ab"], probs["a"], atol=1e-3)
+
+
 def test_bad_input_members_trained_on_other_splits(members, tmp_path):
     data = write_isbi_folder(tmp_path / "data", n=3, size=80)
     runs = []

@@ -44,11 +44,17 @@ def test_ema_follows_the_known_recurrence():
     assert not ema.ema_model.training
 
 
-def test_ema_warmup_reaches_the_final_momentum():
+def test_ema_warmup_ramps_from_the_warmup_momentum_to_the_final_one():
     net = _net()
     ema = WeightEMA(net, momentum=0.01, warmup_momentum=0.5, warmup_iters=10)
-    engine = _run(ema, net, 20)
-    assert engine.state.ema_momentum == pytest.approx(0.01)
+    engine = Engine(lambda e, b: None)
+    ema.attach(engine)
+    seen: list[float] = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.ema_momentum))
+    engine.run([0] * 20, max_epochs=1)
+    assert seen[0] == pytest.approx(0.5)  # the first updates lean on the current weights
+    assert all(a >= b for a, b in zip(seen, seen[1:], strict=False)) and 0.01 < seen[5] < 0.5
+    assert seen[-1] == pytest.approx(0.01)
 
 
 def test_no_momentum_means_no_averaging():

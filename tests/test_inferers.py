@@ -16,6 +16,21 @@ def test_pointwise_network_is_reproduced_exactly_with_odd_sizes():
     torch.testing.assert_close(out, net(x), atol=1e-5, rtol=1e-5)
 
 
+def test_the_border_the_network_sees_is_the_image_mirrored():
+    # a 3x3 mean filter (zero-padded by its own convolution) sees, at the image's edge, the mirrored border
+    # the inferer adds, not zeros: its output is the filter of the image mirrored by one pixel (one pass:
+    # windows would add their own seams)
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 40, 52) + 1.0
+    box = torch.full((1, 1, 3, 3), 1 / 9)
+    net = lambda t: F.conv2d(t, box, padding=1)  # noqa: E731
+    out = TiledInferer(roi_size=32, border=8, whole_max_pixels=10**6)(x, net)
+    expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), box)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_tta_of_pointwise_network_is_identity_and_input_smaller_than_window():
     x = torch.rand(1, 1, 20, 24)
     net = lambda t: t + 1.0  # noqa: E731

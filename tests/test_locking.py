@@ -46,6 +46,7 @@ def test_a_killed_holder_frees_the_folder(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+        holder.stdout.close()
     assert (tmp_path / LOCK_FILE).exists()  # a killed holder leaves the file, but not the lock
     with folder_lock(tmp_path, "infer"):
         pass

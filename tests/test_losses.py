@@ -188,10 +188,15 @@ def test_cldice_term_matches_monai_soft_cldice_on_uncertain_maps():
     assert 0.05 < float(ours) < 0.95  # an uncertain map: neither end of the scale
 
 
-def test_dice_ce_on_one_output_channel_is_monais_binary_form():
+def test_dice_ce_on_one_output_channel_is_monais_sigmoid_form():
+    # one channel is the foreground's logit; a softmax over it (as before) scored the raw logits, so that
+    # confidently wrong logits gave a lower (negative) loss than right ones
     from monai.losses import DiceCELoss
 
     torch.manual_seed(4)
     logits, label = torch.randn(2, 1, 8, 8), torch.randint(0, 2, (2, 1, 8, 8)).float()
-    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
-    torch.testing.assert_close(create_loss("dice_ce")(logits, label), expected)
+    expected = DiceCELoss(sigmoid=True)(logits, label)
+    loss = create_loss("dice_ce")
+    torch.testing.assert_close(loss(logits, label), expected)
+    right, wrong = (label * 2 - 1) * 20, (1 - label * 2) * 20
+    assert 0 <= float(loss(right, label)) < 0.01 < 1 < float(loss(wrong, label))

@@ -372,6 +372,33 @@ def test_one_threads_reads_never_close_a_file_another_thread_is_reading(tmp_path
     assert held.filehandle.closed
 
 
+def test_a_threads_kept_files_are_closed_when_it_ends(tmp_path):
+    # a loader's worker thread keeps its TIFFs open while it reads; when it ends they are closed, not left
+    # to the garbage collector (which warned of each unclosed file)
+    import gc
+    import threading
+    import warnings
+
+    from medseg.readers import TiffReader
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((3, 4, 4), np.uint8), photometric="minisblack")
+    kept = []
+
+    def work():
+        read_slice(tmp_path / "s.tif", 1)
+        kept.extend(TiffReader._recent._items().values())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        del thread
+        gc.collect()
+    assert len(kept) == 1 and kept[0].filehandle.closed
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_a_gzipped_nifti_slice_is_the_callers_own_array(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 3), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
     first = read_slice(tmp_path / "v.nii.gz", 1)
