@@ -111,6 +111,18 @@ def quiet_constant_images() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """Logger ``name`` at ``level`` for the block, as it was after it."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def _check_training_length(parser: Any, max_minutes: float | None) -> None:
     epochs = parser.get("max_epochs")
     if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs < 1:
@@ -744,7 +756,6 @@ def infer(
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
     out = Path(output_dir)
-    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a corrupt TIFF is reported once, per input
     checkpoints = checkpoint_list(checkpoint, bundle)
     dev = select_device(device)
     settings = {"input_dir": str(input_path), "output_dir": str(out), "ckpt_path": checkpoints[0],
@@ -821,7 +832,8 @@ def infer(
         from medseg.readers import release_files
 
         try:
-            with FileProgress(len(inputs), disable=not progress) as bar, quiet_constant_images():
+            with FileProgress(len(inputs), disable=not progress) as bar, quiet_constant_images(), \
+                    _logger_level("tifffile", logging.CRITICAL):  # a corrupt TIFF is reported once, per input
                 result = run_batch(
                     inputs, ignored, segment,
                     paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),

@@ -1145,3 +1145,17 @@ def test_an_input_redone_in_another_kind_keeps_no_outputs_of_the_earlier_run(tmp
     assert (out / "mine.tif").read_bytes() == b"a file of the user's"
     result = _infer(root, out, tiny_checkpoint, "--format", "nifti", "--tta", "--no-prob")  # all done: skipped
     assert result.exit_code == 0 and _manifest(out)["a.png"]["status"] == "skipped", result.output
+
+
+def test_infer_leaves_the_tifffile_logger_as_it_found_it(tmp_path, tiny_checkpoint):
+    # tifffile's own log of a corrupt file is quiet during the batch (the manifest names the file), not after
+    import logging
+
+    root = tmp_path / "in"
+    _em_png(root / "a.png", seed=1)
+    (root / "bad.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
+    logger = logging.getLogger("tifffile")
+    before = logger.level
+    result = _infer(root, tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 1 and _manifest(tmp_path / "out")["a.png"]["status"] == "ok"
+    assert logger.level == before
