@@ -58,15 +58,25 @@ class BatchResult:
 
 
 def _drop_others(record: RunRecord, paths: dict[str, Path]) -> None:
-    """Remove (and forget) the input's outputs of another kind another run wrote: redone, the input's outputs
-    are this run's alone (only recorded outputs go; a file of the user's is never touched)."""
-    gone = []
-    for path in record.others(paths):
-        with contextlib.suppress(OSError):
-            path.unlink()
-            gone.append(path)
-    if gone:
-        record.forget(gone)
+    """Remove the input's outputs of another kind that another run wrote, so that, redone, the input's
+    outputs are this run's alone. Only files as that run wrote them go; one edited or replaced since (a
+    corrected mask) stays, as a file the record no longer knows."""
+    others = record.others(paths)
+    for path in others:
+        if record.intact(path):
+            with contextlib.suppress(OSError):
+                path.unlink()
+    if others:
+        record.forget(others)
+
+
+def _file_stamp(path: Path) -> list[int] | None:
+    """``[size, modification time in ns]`` of a file, None when it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _is_file(path: Path) -> bool:
@@ -169,12 +179,13 @@ class RunRecord:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.runs, self.outputs = dict(data["runs"]), dict(data["outputs"])
             self.inputs, self.names = dict(data.get("inputs", {})), dict(data.get("names", {}))
+            self.stamps = dict(data.get("stamps", {}))  # size and mtime of each output as written
             self.generation = str(data.get("generation", ""))  # which journal continues this record
             # outputs a stopped run began: only those it got as far as writing need redoing
             self.pending = {k: v for k, v in dict(data.get("pending", {})).items() if (self.folder / k).exists()}
         except FileNotFoundError:
             self.runs, self.outputs = {}, {}  # none yet: outputs count as unrecorded
-            self.inputs, self.names, self.pending = {}, {}, {}
+            self.inputs, self.names, self.pending, self.stamps = {}, {}, {}, {}
             self.generation = ""
         except OSError as err:
             raise DataError(f"{self.path}: cannot read the folder's run record ({err.strerror or err}); check its "
@@ -230,10 +241,10 @@ class RunRecord:
         return applied
 
     def _apply(self, outputs: dict | None = None, inputs: dict | None = None, names: dict | None = None,
-               pending: dict | None = None) -> None:
+               pending: dict | None = None, stamps: dict | None = None) -> None:
         """Apply one change of :meth:`_log` (key -> new value, ``None`` to remove) to the tables."""
         for table, change in ((self.outputs, outputs), (self.inputs, inputs), (self.names, names),
-                              (self.pending, pending)):
+                              (self.pending, pending), (self.stamps, stamps)):
             for k, v in dict(change or {}).items():
                 if v is None:
                     table.pop(k, None)
@@ -241,7 +252,7 @@ class RunRecord:
                     table[k] = v
 
     def _log(self, **parts: dict[str, Any]) -> None:
-        """Append one change (``outputs``, ``inputs``, ``names``, ``pending``: key -> new value, ``None`` to
+        """Append one change (``outputs``, ``inputs``, ``names``, ``pending``, ``stamps``: key -> new value, ``None`` to
         remove) to the journal, the whole line in one write. The first change of this object writes the
         record first (this run's identity; an earlier journal folded in) and begins a journal of its own."""
         if not self._saved:
@@ -349,13 +360,14 @@ class RunRecord:
         rels = [self._rel(p) for p in paths.values()]
         mask = self._rel(paths["mask"])
         outputs: dict[str, Any] = {r: self.key if made else None for r in rels}
+        stamps: dict[str, Any] = {self._rel(p): _file_stamp(p) if made else None for p in paths.values()}
         inputs: dict[str, Any] = {mask: fingerprint if made and fingerprint else None}
         names: dict[str, Any] = {}
         if made and item is not None:
             names[_source_key(item)] = {"rel": item.rel, "mask": mask}
         pending = {r: None for r in rels if r in self.pending}
-        self._apply(outputs, inputs, names, pending)
-        self._log(outputs=outputs, inputs=inputs, names=names, pending=pending)
+        self._apply(outputs, inputs, names, pending, stamps)
+        self._log(outputs=outputs, inputs=inputs, names=names, pending=pending, stamps=stamps)
 
     def note_name(self, item: InputItem, paths: dict[str, Path]) -> None:
         """Record ``item``'s name for its outputs ``paths`` if the record lacks it (logged only then)."""
@@ -387,17 +399,26 @@ class RunRecord:
         for r in gone:
             self.outputs.pop(r, None)
             self.pending.pop(r, None)
-        self._log(outputs=gone, pending=gone)
+            self.stamps.pop(r, None)
+        self._log(outputs=gone, pending=gone, stamps=gone)
+
+    def intact(self, path: Path) -> bool:
+        """Whether ``path`` is still the file a run here wrote (its size and modification time as recorded):
+        not edited, replaced or copied over since. Records of earlier versions, without stamps, say no."""
+        stamp = self.stamps.get(self._rel(path))
+        return stamp is not None and list(stamp) == _file_stamp(path)
 
     def save(self) -> None:
         """Write the record (atomically), dropping what no recorded output needs any more, and remove the
         journal it now holds."""
         self.inputs = {k: v for k, v in self.inputs.items() if k in self.outputs}
         self.names = {k: v for k, v in self.names.items() if v.get("mask") in self.outputs}
+        self.stamps = {k: v for k, v in self.stamps.items() if k in self.outputs and v is not None}
         used = set(self.outputs.values()) | {self.key}
         self.runs = {k: v for k, v in self.runs.items() if k in used}
         data = {"runs": self.runs, "outputs": dict(sorted(self.outputs.items())),
-                "inputs": dict(sorted(self.inputs.items())), "names": dict(sorted(self.names.items()))}
+                "inputs": dict(sorted(self.inputs.items())), "names": dict(sorted(self.names.items())),
+                "stamps": dict(sorted(self.stamps.items()))}
         if self.pending:
             data["pending"] = dict(sorted(self.pending.items()))
         data["generation"] = self.generation = secrets.token_hex(8)
@@ -561,8 +582,8 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                 elif unfinished:
                     row.message = "an earlier run was stopped while writing its outputs: segmented again"
                 if record is not None:
+                    _drop_others(record, paths)  # before the input counts as done: a kill here redoes it
                     record.record(paths, made=True, fingerprint=fingerprint, item=item)
-                    _drop_others(record, paths)
         except BaseException as err:  # the per-input boundary: one bad file never stops the batch
             if on_abort is not None:
                 on_abort()

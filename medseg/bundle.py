@@ -213,6 +213,10 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
     return fixes
 
 
+#: Config ids the commands set from their own arguments, never from ``--set``.
+ARGUMENT_IDS = ("bundle_root", "dataset_dir", "input_dir", "output_dir", "ckpt_path")
+
+
 def load_config(
     bundle: str | os.PathLike,
     workflow: str,
@@ -258,6 +262,10 @@ def load_config(
         if holder and holder in parser and not isinstance(parser[holder], (dict, list)):
             raise BundleError(f"--set {key}: {holder} is {written(parser[holder])!r} here (from the training's "
                               f"config.json), which has no parts; give the whole {holder} with --set")
+    taken = [k for k in overrides or {} if k in ARGUMENT_IDS and settings]
+    if taken:  # the command's own arguments: a --set would send part of the work elsewhere
+        raise BundleError(f"--set {taken[0]}: the command sets it from its arguments (the bundle, data or input "
+                          "folder, output folder, --checkpoint); give it there instead")
     parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
         parser[key] = literal(value) if key.endswith(("_dir", "_path")) and isinstance(value, str) else value

@@ -183,7 +183,7 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
                 import numpy as np
                 import tifffile
 
-                from medseg.readers import count_slices, read_slice
+                from medseg.readers import check_plane, count_slices, read_slice
 
                 try:
                     if f"{path}#slices" not in known:
@@ -191,6 +191,9 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
                     slices = int(known[f"{path}#slices"])
                     with tifffile.TiffFile(path) as tif:
                         by_page = len(tif.pages) == slices  # page N is slice N: its pixels, as recorded before
+                        if by_page:
+                            page = tif.pages[tiff_page]
+                            check_plane(path, page.imagelength, page.imagewidth)  # as the loader will
                         pixels = tif.pages[tiff_page].asarray() if by_page else None
                     if pixels is None:  # one page for the stack, volume tiles, channels on pages of their own
                         pixels = read_slice(path, tiff_page)  # the slice as the loader reads it

@@ -105,11 +105,18 @@ def discover(
     if not root.exists():
         raise DataError(f"{root}: input not found; give a folder or an image file")
     if skip is not None:  # outputs written over the inputs they are made from
-        out = Path(skip).resolve()
-        inside = [name for name in OUTPUT_PARTS[:3] if root.resolve().is_relative_to((out / name).resolve())]
-        if inside:
+        out, real = Path(skip).resolve(), root.resolve()
+        # the input inside an output part; or an output part that is a link into the input (mask/ -> a folder
+        # of the images): either way the outputs would be written over images
+        inside = [name for name in OUTPUT_PARTS[:3] if real.is_relative_to((out / name).resolve()) or (
+            (out / name).resolve() != out / name and (out / name).resolve().is_relative_to(real))]
+        if inside and real.is_relative_to((out / inside[0]).resolve()):
             raise DataError(f"{root}: the input lies in the output folder's {inside[0]}/, where the outputs are "
                             "written, so they would replace the images; choose another output folder")
+        if inside:
+            raise DataError(f"{root}: the output folder's {inside[0]}/ is a link into the input "
+                            f"({(out / inside[0]).resolve()}), so the outputs would replace the images; choose "
+                            "another output folder")
     if root.is_file():
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones
         return [InputItem(str(root), fmt, _stem(root.name), key=root.name)], []

@@ -78,6 +78,8 @@ def partial_file(path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     stem = path.name[: -len(suffix) or None][:100]  # the longest legal final name must leave room for the rest
+    while len(os.fsencode(stem)) > 100:  # in bytes, as file systems count (an accented or CJK name is longer)
+        stem = stem[:-1]
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{_PART}{suffix}", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions

@@ -81,15 +81,37 @@ def check_plane(path: str | os.PathLike, height: int, width: int) -> None:
                         "set MEDSEG_MAX_PIXELS to a larger number if the machine has the memory")
 
 
+def check_volume(path: str | os.PathLike, shape: Sequence[int], itemsize: int, fix: str) -> None:
+    """Refuse a volume that must be read whole (a compressed file) when it is larger than this machine's
+    memory: a corrupt header, or a file to be saved so that it can be read slice by slice (``fix``)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on every system
+        return
+    size = int(np.prod([int(n) for n in shape], dtype=np.float64)) * int(itemsize)
+    if size > memory:
+        raise DataError(f"{path}: {' × '.join(str(int(n)) for n in shape)} values ({size / 2**30:.1f} GiB) must be "
+                        f"read whole, more than this machine's memory ({memory / 2**30:.1f} GiB); if the header "
+                        f"is right, {fix}")
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
 def open_picture(path: str | os.PathLike):
     """``PIL.Image.open(path)`` with :func:`max_pixels` as the limit (Pillow checks it from the header)."""
     from PIL import Image
 
     limit = max_pixels()
-    if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit  # raised by MEDSEG_MAX_PIXELS: Pillow refuses above twice it, ours decides
     try:
-        im = Image.open(path)
+        with _PILLOW_LIMIT:  # Pillow's limit is the process's: raised for this open only
+            before = Image.MAX_IMAGE_PIXELS
+            if before is not None and limit > 2 * before:
+                Image.MAX_IMAGE_PIXELS = limit  # raised by MEDSEG_MAX_PIXELS: Pillow refuses above twice it
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = before
     except Image.DecompressionBombError:
         raise DataError(f"{path}: more than the {limit:,} pixels read at once (a guard against corrupt or malicious "
                         "files); cut the image into tiles, or set MEDSEG_MAX_PIXELS to a larger number if the "
@@ -587,12 +609,17 @@ class TiffReader(_MedsegReader):
         if axes[0] == "Q":
             arr = np.stack([s.asarray() for s in tif.series])
         else:
+            def whole():
+                check_volume(path, tif.series[0].shape, tif.series[0].dtype.itemsize,
+                             "save it with one page per slice, which is read page by page")
+                return tif.series[0].asarray()
+
             try:
                 arr = tifffile.memmap(tif.filehandle.path, mode="r")
             except ValueError:
-                arr = tif.series[0].asarray()
+                arr = whole()
             if arr.shape != tuple(shape):
-                arr = tif.series[0].asarray()
+                arr = whole()
         slicer: list[Any] = [slice(None)] * arr.ndim
         for i, li in zip(lead, lead_index, strict=True):
             slicer[i] = int(li)
@@ -709,6 +736,8 @@ class NiftiReader(_MedsegReader):
         if len(shape) == 2:
             return self._voxels(img, shape, None)[:, 0]
         if str(path).lower().endswith(".gz"):
+            check_volume(path, shape, img.get_data_dtype().itemsize, "save it uncompressed (.nii), which is "
+                         "read slice by slice")
             volume = self._volumes.get(path, lambda: self._voxels(img, shape, None), variant=self.channel_dim)
             return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
         return np.ascontiguousarray(self._voxels(img, shape, index))

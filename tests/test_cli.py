@@ -2093,3 +2093,22 @@ def test_a_failed_evaluation_leaves_no_empty_output_folder(trained, tmp_path):
                      "--output", out, "--split", "all", "--no-progress", *_tiny_args(TINY_NET))
     assert result.exit_code == 1, result.output
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("command, setting", [
+    ("infer", "output_dir=elsewhere"), ("infer", "dataset_dir=elsewhere"), ("evaluate", "ckpt_path=other.pt"),
+    ("train", "output_dir=elsewhere"),
+])
+def test_a_setting_the_command_takes_from_its_arguments_is_refused(tmp_path, command, setting):
+    # infer -s output_dir=B wrote masks to B and its record and manifest to OUTPUT_DIR
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    where = {"infer": [tmp_path, tmp_path / "out", "--checkpoint", tmp_path / "model.pt"],
+             "evaluate": ["--data", tmp_path, "--checkpoint", tmp_path / "model.pt"],
+             "train": ["--data", tmp_path, "--output", tmp_path / "run"]}[command]
+    result = _invoke(command, BUNDLE, *where, "--set", setting)
+    assert result.exit_code == 1
+    key = setting.split("=")[0]
+    assert result.output.strip() == (f"error: --set {key}: the command sets it from its arguments (the bundle, "
+                                     "data or input folder, output folder, --checkpoint); give it there instead")

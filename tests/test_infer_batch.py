@@ -1119,6 +1119,14 @@ def test_an_output_mask_folder_linked_to_the_input_is_refused(tmp_path, tiny_che
     result = _infer(root, out, tiny_checkpoint, "--overwrite")
     assert result.exit_code == 1 and "output folder's mask/" in result.output, result.output
     assert (root / "a.png").read_bytes() == before
+    # a link to a folder inside the input: its images would be replaced by the masks of those above
+    _em_png(root / "sub" / "a.png", seed=2)
+    inner = (root / "sub" / "a.png").read_bytes()
+    (out / "mask").unlink()
+    (out / "mask").symlink_to(root / "sub")
+    result = _infer(root, out, tiny_checkpoint, "--overwrite")
+    assert result.exit_code == 1 and "mask/ is a link into the input" in result.output, result.output
+    assert (root / "sub" / "a.png").read_bytes() == inner
 
 
 def test_an_input_redone_in_another_kind_keeps_no_outputs_of_the_earlier_run(tmp_path, tiny_checkpoint):
@@ -1159,3 +1167,31 @@ def test_infer_leaves_the_tifffile_logger_as_it_found_it(tmp_path, tiny_checkpoi
     result = _infer(root, tmp_path / "out", tiny_checkpoint)
     assert result.exit_code == 1 and _manifest(tmp_path / "out")["a.png"]["status"] == "ok"
     assert logger.level == before
+
+
+def test_a_corrected_mask_of_another_kind_is_kept_when_another_run_redoes_its_input(tmp_path, tiny_checkpoint):
+    # an output edited since it was written (a hand-corrected mask) is the user's: --overwrite in another kind
+    # leaves it in place, no longer recorded as the earlier run's
+    root = tmp_path / "in"
+    _em_png(root / "a.png", seed=1)
+    _em_png(root / "b.png", seed=2)
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint).exit_code == 0
+    corrected = np.zeros((32, 32), np.uint8)
+    Image.fromarray(corrected).save(out / "mask" / "a.png")
+    result = _infer(root, out, tiny_checkpoint, "--format", "nifti", "--tta", "--overwrite")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "mask" / "a.png")), corrected)
+    assert not (out / "mask" / "b.png").exists()  # b's, as written, went
+    record = json.loads((out / "run.json").read_text())
+    assert "mask/a.png" not in record["outputs"] and sorted(record["stamps"]) == sorted(record["outputs"])
+
+
+def test_a_long_name_in_a_script_of_several_bytes_per_letter_is_written(tmp_path, tiny_checkpoint):
+    # 80 CJK letters are 240 bytes: a legal name, whose temporary twin must be cut in bytes, not letters
+    root = tmp_path / "in"
+    name = "細" * 80
+    _em_png(root / f"{name}.png", seed=1)
+    result = _infer(root, tmp_path / "out", tiny_checkpoint, "--no-prob")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "mask" / f"{name}.png").is_file()

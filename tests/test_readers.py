@@ -565,3 +565,40 @@ def test_a_tiff_without_pages_is_named_as_empty(tmp_path):
     path.write_bytes(b"II*\x00\x00\x00\x00\x00")  # a header whose first page offset is 0
     with pytest.raises(DataError, match="empty.tif: TIFF holds no images"):
         read_slice(path, 0)
+
+
+def test_a_volume_read_whole_larger_than_memory_is_refused_from_its_header(tmp_path, monkeypatch):
+    # a compressed NIfTI or a TIFF volume in one page is decompressed whole: a header claiming more than the
+    # machine's memory (corrupt, or a file to save otherwise) is refused before it is read
+    import medseg.readers
+
+    volume = np.zeros((5, 20, 20), np.float32)
+    nib.save(nib.Nifti1Image(volume.T, np.eye(4)), tmp_path / "v.nii.gz")
+    nib.save(nib.Nifti1Image(volume.T, np.eye(4)), tmp_path / "v.nii")
+    tifffile.imwrite(tmp_path / "v.tif", volume, tile=(5, 16, 16), photometric="minisblack", compression="zlib")
+    memory = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1}  # 4 KiB; each volume is 7.8 KiB
+    monkeypatch.setattr(medseg.readers.os, "sysconf", lambda name: memory[name])
+    with pytest.raises(DataError, match=r"v.nii.gz: 20 × 20 × 5 values .* more than this machine's memory .* "
+                                        r"save it uncompressed"):
+        read_slice(tmp_path / "v.nii.gz", 0)
+    with pytest.raises(DataError, match="v.tif: .* save it with one page per slice"):
+        read_slice(tmp_path / "v.tif", 0)
+    assert read_slice(tmp_path / "v.nii", 2).shape == (1, 20, 20)  # read slice by slice: no whole volume
+    memory["SC_PHYS_PAGES"] = 10**6
+    assert read_slice(tmp_path / "v.nii.gz", 2).shape == read_slice(tmp_path / "v.tif", 2).shape == (1, 20, 20)
+
+
+def test_a_raised_pixel_limit_reads_larger_pictures_and_leaves_pillows_own(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from medseg.readers import open_picture
+
+    path = write_png(tmp_path / "a.png", np.zeros((40, 30), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow alone refuses above 1000
+    monkeypatch.setenv("MEDSEG_MAX_PIXELS", "5000")
+    with open_picture(path) as im:  # ours decides
+        assert im.size == (30, 40)
+    assert Image.MAX_IMAGE_PIXELS == 500  # and Pillow's stays as it was for the rest of the process
+    monkeypatch.setenv("MEDSEG_MAX_PIXELS", "1000")
+    with pytest.raises(DataError, match="a.png: .*the 1,000 .*MEDSEG_MAX_PIXELS"):
+        open_picture(path)
