@@ -57,17 +57,23 @@ class BatchResult:
         return [r for r in self.rows if r.status == "failed"]
 
 
-def _drop_others(record: RunRecord, paths: dict[str, Path]) -> None:
+def _drop_others(record: RunRecord, paths: dict[str, Path]) -> list[Path]:
     """Remove the input's outputs of another kind that another run wrote, so that, redone, the input's
-    outputs are this run's alone. Only files as that run wrote them go; one edited or replaced since (a
-    corrected mask) stays, as a file the record no longer knows."""
+    outputs are this run's alone. Only files as that run wrote them go; one changed since (a corrected mask,
+    a folder copied without its times, a record of an earlier version without them) stays, as a file the
+    record no longer knows. Returns those kept."""
     others = record.others(paths)
+    kept = []
     for path in others:
-        if record.intact(path):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        try:
+            if not record.intact(path):
+                raise OSError
+            path.unlink()
+        except OSError:
+            kept.append(path)
     if others:
         record.forget(others)
+    return kept
 
 
 def _file_stamp(path: Path) -> list[int] | None:
@@ -582,7 +588,11 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                 elif unfinished:
                     row.message = "an earlier run was stopped while writing its outputs: segmented again"
                 if record is not None:
-                    _drop_others(record, paths)  # before the input counts as done: a kill here redoes it
+                    left = _drop_others(record, paths)  # before the input counts as done: a kill here redoes it
+                    if left:
+                        row.message = "; ".join(filter(None, [row.message, (
+                            f"kept {', '.join(p.relative_to(record.folder).as_posix() for p in left)}: another "
+                            "run's output, changed or copied since it was written, so left as a file of yours")]))
                     record.record(paths, made=True, fingerprint=fingerprint, item=item)
         except BaseException as err:  # the per-input boundary: one bad file never stops the batch
             if on_abort is not None:

@@ -88,6 +88,8 @@ def check_volume(path: str | os.PathLike, shape: Sequence[int], itemsize: int, f
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not on every system
         return
+    if memory <= 0:  # unknown (-1)
+        return
     size = int(np.prod([int(n) for n in shape], dtype=np.float64)) * int(itemsize)
     if size > memory:
         raise DataError(f"{path}: {' × '.join(str(int(n)) for n in shape)} values ({size / 2**30:.1f} GiB) must be "

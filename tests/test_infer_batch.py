@@ -1185,6 +1185,17 @@ def test_a_corrected_mask_of_another_kind_is_kept_when_another_run_redoes_its_in
     assert not (out / "mask" / "b.png").exists()  # b's, as written, went
     record = json.loads((out / "run.json").read_text())
     assert "mask/a.png" not in record["outputs"] and sorted(record["stamps"]) == sorted(record["outputs"])
+    assert "kept mask/a.png: another run's output, changed or copied since" in _manifest(out)["a.png"]["message"]
+
+
+def test_a_setting_that_sends_the_writers_outputs_elsewhere_is_refused(tmp_path, tiny_checkpoint):
+    # a nested id of the writer got past the check of the command's own ids: masks went to B, the record to A
+    root = tmp_path / "in"
+    _em_png(root / "a.png", seed=1)
+    result = _infer(root, tmp_path / "out", tiny_checkpoint, "--set",
+                    f"postprocessing#transforms#3#output_dir={tmp_path / 'elsewhere'}")
+    assert result.exit_code == 1 and "the bundle's writer would write to" in result.output, result.output
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_long_name_in_a_script_of_several_bytes_per_letter_is_written(tmp_path, tiny_checkpoint):
