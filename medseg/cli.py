@@ -271,8 +271,9 @@ def infer(
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search sub-folders.",
                                             metavar="")] = True,
     overwrite: Annotated[bool, typer.Option(help=(
-        "Redo inputs whose outputs exist, also another model's (default: skip those the same run made from "
-        "the input as it is now; resuming another checkpoint's or other settings' folder is an error)."),
+        "Redo inputs whose outputs exist, also another model's, and remove another model's outputs of "
+        "another kind for them, as it wrote them (default: skip those the same run made from the input as it "
+        "is now; resuming another checkpoint's or other settings' folder is an error)."),
         metavar="")] = False,
     format_: Annotated[str, typer.Option("--format", help=(
         "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, DICOM SEG for binary masks), png, tiff, "

@@ -110,12 +110,12 @@ def discover(
         # of the images): either way the outputs would be written over images
         inside = [name for name in OUTPUT_PARTS[:3] if real.is_relative_to((out / name).resolve()) or (
             (out / name).resolve() != out / name and (out / name).resolve().is_relative_to(real))]
-        if inside and real.is_relative_to((out / inside[0]).resolve()):
+        if inside and (out / inside[0]).resolve() == out / inside[0]:
             raise DataError(f"{root}: the input lies in the output folder's {inside[0]}/, where the outputs are "
                             "written, so they would replace the images; choose another output folder")
         if inside:
-            raise DataError(f"{root}: the output folder's {inside[0]}/ is a link into the input "
-                            f"({(out / inside[0]).resolve()}), so the outputs would replace the images; choose "
+            raise DataError(f"{root}: the output folder's {inside[0]}/ is a link to {(out / inside[0]).resolve()}, "
+                            "which holds or lies in the input, so the outputs would replace the images; choose "
                             "another output folder")
     if root.is_file():
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones

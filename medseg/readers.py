@@ -101,15 +101,15 @@ _PILLOW_LIMIT = threading.Lock()
 
 
 def open_picture(path: str | os.PathLike):
-    """``PIL.Image.open(path)`` with :func:`max_pixels` as the limit (Pillow checks it from the header)."""
+    """``PIL.Image.open(path)`` with :func:`max_pixels` as the limit in place of Pillow's own (both are
+    checked from the header, before any pixel is decoded)."""
     from PIL import Image
 
     limit = max_pixels()
     try:
-        with _PILLOW_LIMIT:  # Pillow's limit is the process's: raised for this open only
+        with _PILLOW_LIMIT:  # Pillow's limit is the process's: set aside for this open only
             before = Image.MAX_IMAGE_PIXELS
-            if before is not None and limit > 2 * before:
-                Image.MAX_IMAGE_PIXELS = limit  # raised by MEDSEG_MAX_PIXELS: Pillow refuses above twice it
+            Image.MAX_IMAGE_PIXELS = None  # ours decides, below, from the header (no warning below it)
             try:
                 im = Image.open(path)
             finally:

@@ -78,6 +78,10 @@ class LoadSliced(MapTransform):
 
     def convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
         """The channels key ``key`` takes, from a read ``(C, H, W)`` array (``path`` names it in errors)."""
+        with np.errstate(over="ignore", invalid="ignore"):  # values float32 cannot hold: refused by name below
+            return self._convert(arr, key, path)
+
+    def _convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
         channels = self.channels.get(key)
         if self.select is not None and key == "image":
             if max(self.select) >= arr.shape[0]:

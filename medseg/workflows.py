@@ -749,11 +749,12 @@ def infer(
     from medseg.handlers import FileProgress
     from medseg.io import check_writable, remove_partial_files
     from medseg.locking import folder_lock
-    from medseg.readers import count_slices
+    from medseg.readers import count_slices, max_pixels
     from medseg.writers import OUTPUT_FORMATS, SaveSegmentationd
 
     if output_format not in ("auto", *OUTPUT_FORMATS):
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
+    max_pixels()  # a bad MEDSEG_MAX_PIXELS is one error before the batch, not one per input
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
     out = Path(output_dir)
     checkpoints = checkpoint_list(checkpoint, bundle)

@@ -1117,7 +1117,7 @@ def test_an_output_mask_folder_linked_to_the_input_is_refused(tmp_path, tiny_che
     out.mkdir()
     (out / "mask").symlink_to(root)
     result = _infer(root, out, tiny_checkpoint, "--overwrite")
-    assert result.exit_code == 1 and "output folder's mask/" in result.output, result.output
+    assert result.exit_code == 1 and "output folder's mask/ is a link to" in result.output, result.output
     assert (root / "a.png").read_bytes() == before
     # a link to a folder inside the input: its images would be replaced by the masks of those above
     _em_png(root / "sub" / "a.png", seed=2)
@@ -1125,7 +1125,7 @@ def test_an_output_mask_folder_linked_to_the_input_is_refused(tmp_path, tiny_che
     (out / "mask").unlink()
     (out / "mask").symlink_to(root / "sub")
     result = _infer(root, out, tiny_checkpoint, "--overwrite")
-    assert result.exit_code == 1 and "mask/ is a link into the input" in result.output, result.output
+    assert result.exit_code == 1 and "which holds or lies in the input" in result.output, result.output
     assert (root / "sub" / "a.png").read_bytes() == inner
 
 
@@ -1206,3 +1206,14 @@ def test_a_long_name_in_a_script_of_several_bytes_per_letter_is_written(tmp_path
     result = _infer(root, tmp_path / "out", tiny_checkpoint, "--no-prob")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "mask" / f"{name}.png").is_file()
+
+
+def test_a_bad_pixel_limit_is_one_error_before_the_batch(tmp_path, tiny_checkpoint, monkeypatch):
+    root = tmp_path / "in"
+    _em_png(root / "a.png", seed=1)
+    _em_png(root / "b.png", seed=2)
+    monkeypatch.setenv("MEDSEG_MAX_PIXELS", "abc")
+    result = _infer(root, tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: MEDSEG_MAX_PIXELS='abc': give a whole number of pixels, e.g. 400000000"
+    assert not (tmp_path / "out").exists()
