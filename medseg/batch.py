@@ -507,6 +507,7 @@ def run_batch(
         DataError: before any work, when (without ``overwrite``) existing outputs of some input were
             made by another run; the message names the first such input and what differs.
     """
+    _check_manifest(manifest)
     counts: dict[int, int] = {}
     if record is not None and not overwrite:
         for i, item in enumerate(inputs):
@@ -645,6 +646,23 @@ def _table_rows(table: Path | None) -> int | str:
             return sum(1 for _ in csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):
         return ""
+
+
+def _check_manifest(manifest: Path) -> None:
+    """Refuse to replace a ``manifest.csv`` that is not a batch's own (a data set's list of its images, say)."""
+    try:
+        with open(manifest, encoding="utf-8", errors="replace", newline="") as f:
+            line = f.readline()
+        if not line:
+            return  # empty: nothing to lose
+        header = next(csv.reader([line]), [])
+    except FileNotFoundError:
+        return
+    except (OSError, csv.Error):
+        header = []
+    if not {"input", "status"} <= set(header):
+        raise DataError(f"{manifest}: not a list of segmented inputs this command wrote (a data set's own "
+                        "manifest?), and the batch would replace it; choose another output folder")
 
 
 def _earlier_rows(manifest: Path, taken: Iterable[tuple[str, str]]) -> list[ManifestRow]:

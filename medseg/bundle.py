@@ -215,6 +215,9 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
 
 #: Config ids the commands set from their own arguments, never from ``--set``.
 ARGUMENT_IDS = ("bundle_root", "dataset_dir", "input_dir", "output_dir", "ckpt_path")
+#: The parts of components that say where a command reads its data and weights or writes its results
+#: (``validate#handlers#1#save_dir``): they follow the arguments, never a ``--set`` of their own.
+PLACE_KEYS = (*ARGUMENT_IDS, "save_dir", "save_to", "data_dir", "load_path", "key_metric_filename")
 
 
 def load_config(
@@ -266,6 +269,10 @@ def load_config(
     if taken:  # the command's own arguments: a --set would send part of the work elsewhere
         raise BundleError(f"--set {taken[0]}: the command sets it from its arguments (the bundle, data or input "
                           "folder, output folder, --checkpoint); give it there instead")
+    placed = [k for k in overrides or {} if "#" in k and k.rsplit("#", 1)[1] in PLACE_KEYS and settings]
+    if placed:  # a component's own folder or file: results elsewhere than the output folder, over other files
+        raise BundleError(f"--set {placed[0]}: where the command reads and writes follows its arguments (the data "
+                          "or input folder, the output folder, --checkpoint), not a setting of one component")
     parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
         parser[key] = literal(value) if key.endswith(("_dir", "_path")) and isinstance(value, str) else value

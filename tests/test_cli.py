@@ -2104,11 +2104,34 @@ def test_a_setting_the_command_takes_from_its_arguments_is_refused(tmp_path, com
     from PIL import Image
 
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
-    where = {"infer": [tmp_path, tmp_path / "out", "--checkpoint", tmp_path / "model.pt"],
-             "evaluate": ["--data", tmp_path, "--checkpoint", tmp_path / "model.pt"],
-             "train": ["--data", tmp_path, "--output", tmp_path / "run"]}[command]
+    where = {"infer": [tmp_path, tmp_path.parent / f"{tmp_path.name}_out", "--checkpoint", tmp_path / "model.pt"],
+             "evaluate": ["--data", tmp_path, "--checkpoint", tmp_path / "model.pt", "--output",
+                          tmp_path.parent / f"{tmp_path.name}_eval"],
+             "train": ["--data", tmp_path, "--output", tmp_path.parent / f"{tmp_path.name}_run"]}[command]
     result = _invoke(command, BUNDLE, *where, "--set", setting)
     assert result.exit_code == 1
     key = setting.split("=")[0]
     assert result.output.strip() == (f"error: --set {key}: the command sets it from its arguments (the bundle, "
                                      "data or input folder, output folder, --checkpoint); give it there instead")
+
+
+@pytest.mark.parametrize("command, setting", [
+    ("train", "validate#handlers#1#save_dir=elsewhere"), ("train", "datalists#save_to=elsewhere"),
+    ("evaluate", "validate#handlers#2#output_dir=elsewhere"), ("infer", "postprocessing#transforms#3#output_dir=x"),
+])
+def test_a_setting_that_moves_where_a_component_writes_is_refused(tmp_path, command, setting):
+    # train -s validate#handlers#1#save_dir=RUN wrote model.pt over another run's; evaluate's report went elsewhere
+    from PIL import Image
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "a.png")
+    where = {"infer": [data, out, "--checkpoint", tmp_path / "model.pt"],
+             "evaluate": ["--data", data, "--checkpoint", tmp_path / "model.pt", "--output", out],
+             "train": ["--data", data, "--output", out]}[command]
+    result = _invoke(command, BUNDLE, *where, "--set", setting)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: --set {setting.split('=')[0]}: where the command reads and writes "
+                                     "follows its arguments (the data or input folder, the output folder, "
+                                     "--checkpoint), not a setting of one component")
+    assert not (tmp_path / "elsewhere").exists() and not out.exists()

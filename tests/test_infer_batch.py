@@ -1194,7 +1194,7 @@ def test_a_setting_that_sends_the_writers_outputs_elsewhere_is_refused(tmp_path,
     _em_png(root / "a.png", seed=1)
     result = _infer(root, tmp_path / "out", tiny_checkpoint, "--set",
                     f"postprocessing#transforms#3#output_dir={tmp_path / 'elsewhere'}")
-    assert result.exit_code == 1 and "the bundle's writer would write to" in result.output, result.output
+    assert result.exit_code == 1 and "where the command reads and writes follows its arguments" in result.output
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
 
 
@@ -1217,3 +1217,16 @@ def test_a_bad_pixel_limit_is_one_error_before_the_batch(tmp_path, tiny_checkpoi
     assert result.exit_code == 1
     assert result.output.strip() == "error: MEDSEG_MAX_PIXELS='abc': give a whole number of pixels, e.g. 400000000"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_that_is_not_a_batchs_own_is_never_replaced(tmp_path, tiny_checkpoint):
+    # OUTPUT_DIR at a DSB data root replaced the data set's manifest.csv (its image categories) with infer's
+    root = tmp_path / "in"
+    _em_png(root / "a.png", seed=1)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "manifest.csv").write_text("image_id,category\na1,fluorescence\n")
+    result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 1 and "manifest.csv: not a list of segmented inputs" in result.output, result.output
+    assert (out / "manifest.csv").read_text() == "image_id,category\na1,fluorescence\n"
+    assert not (out / "mask").exists()
