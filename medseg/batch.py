@@ -66,11 +66,12 @@ def _drop_others(record: RunRecord, paths: dict[str, Path]) -> list[Path]:
     kept = []
     for path in others:
         try:
-            if not record.intact(path):
-                raise OSError
-            path.unlink()
+            if record.intact(path):
+                path.unlink()
+                continue
         except OSError:
-            kept.append(path)
+            pass
+        kept.append(path)
     if others:
         record.forget(others)
     return kept

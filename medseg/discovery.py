@@ -106,17 +106,16 @@ def discover(
         raise DataError(f"{root}: input not found; give a folder or an image file")
     if skip is not None:  # outputs written over the inputs they are made from
         out, real = Path(skip).resolve(), root.resolve()
-        # the input inside an output part; or an output part that is a link into the input (mask/ -> a folder
-        # of the images): either way the outputs would be written over images
-        inside = [name for name in OUTPUT_PARTS[:3] if real.is_relative_to((out / name).resolve()) or (
-            (out / name).resolve() != out / name and (out / name).resolve().is_relative_to(real))]
-        if inside and (out / inside[0]).resolve() == out / inside[0]:
-            raise DataError(f"{root}: the input lies in the output folder's {inside[0]}/, where the outputs are "
-                            "written, so they would replace the images; choose another output folder")
-        if inside:
-            raise DataError(f"{root}: the output folder's {inside[0]}/ is a link to {(out / inside[0]).resolve()}, "
-                            "which holds or lies in the input, so the outputs would replace the images; choose "
-                            "another output folder")
+        for name in OUTPUT_PARTS[:3]:
+            part = out / name
+            target = part.resolve()
+            if target == part and real.is_relative_to(part):
+                raise DataError(f"{root}: the input lies in the output folder's {name}/, where the outputs are "
+                                "written, so they would replace the images; choose another output folder")
+            if target != part and (real.is_relative_to(target) or target.is_relative_to(real)):  # a link
+                raise DataError(f"{root}: the output folder's {name}/ is a link to {target}, which holds or lies "
+                                "in the input, so the outputs would replace the images; choose another output "
+                                "folder")
     if root.is_file():
         fmt = format_of(root)  # raises for unsupported types, listing the supported ones
         return [InputItem(str(root), fmt, _stem(root.name), key=root.name)], []

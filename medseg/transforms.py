@@ -83,6 +83,7 @@ class LoadSliced(MapTransform):
 
     def _convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
         channels = self.channels.get(key)
+        floats = arr.dtype.kind in "fc"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
         if self.select is not None and key == "image":
             if max(self.select) >= arr.shape[0]:
                 raise DataError(f"{path}: {arr.shape[0]} channel{'s' * (arr.shape[0] != 1)}, and input_channels="
@@ -101,10 +102,10 @@ class LoadSliced(MapTransform):
             arr = to_gray(arr)
         else:
             arr = arr.astype(np.float32, copy=False)
-        if not np.isfinite(arr).all():  # NaN would reach the watershed and hang it
+        if floats and not np.isfinite(arr).all():  # NaN would reach the watershed and hang it
             raise DataError(f"{path}: holds NaN or infinite values (or values beyond the range of float32, which "
                             "the network computes in); replace them (e.g. by the background value) first")
-        if arr.size and float(arr.max()) - float(arr.min()) > _FLOAT32_MAX:
+        if floats and arr.size and float(arr.max()) - float(arr.min()) > _FLOAT32_MAX:
             raise DataError(f"{path}: its values span {float(arr.min()):.3g} to {float(arr.max()):.3g}, more than "
                             "float32 (which the network computes in) can hold; rescale the image first")
         if min(arr.shape[1:], default=0) < self.min_size:

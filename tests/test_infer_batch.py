@@ -1196,6 +1196,11 @@ def test_a_setting_that_sends_the_writers_outputs_elsewhere_is_refused(tmp_path,
                     f"postprocessing#transforms#3#output_dir={tmp_path / 'elsewhere'}")
     assert result.exit_code == 1 and "where the command reads and writes follows its arguments" in result.output
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
+    overlay = tmp_path / "elsewhere.json"  # an overlay file's setting of it, read as MONAI reads overlays
+    overlay.write_text(json.dumps({"postprocessing#transforms#3#output_dir": str(tmp_path / "elsewhere")}))
+    result = _infer(root, tmp_path / "out", tiny_checkpoint, "-c", overlay)
+    assert result.exit_code == 1 and "the bundle's writer would write to" in result.output, result.output
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_long_name_in_a_script_of_several_bytes_per_letter_is_written(tmp_path, tiny_checkpoint):
