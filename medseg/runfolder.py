@@ -45,10 +45,51 @@ def last_checkpoint(output_dir: Path) -> Path:
     return max(existing, key=lambda p: p.stat().st_mtime)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _has(value: Any, *keys: str) -> bool:
+    return isinstance(value, dict) and all(k in value for k in keys)
+
+
+#: The records a training writes, each with how to tell one a training wrote (``curves.png`` goes with them).
+_RECORDS = {
+    "config.json": lambda v: _has(v, "_meta_", "dataset_dir", "output_dir"),
+    "split.json": lambda v: _has(v, "train", "val"),
+    "history.json": lambda v: _has(v, "epoch", "train_loss"),
+    "train_summary.json": lambda v: _has(v, "best_metric", "epochs"),
+}
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files in ``out`` with the names a training writes that no training wrote (a folder's own ``config.json``,
+    notes of another tool): a training would replace them. ``curves.png`` counts as a training's beside one of
+    its records."""
+    foreign, ours = [], False
+    for name, is_record in _RECORDS.items():
+        path = out / name
+        if path.is_file() and is_record(_read_json(path)):
+            ours = True
+        elif os.path.lexists(path):
+            foreign.append(name)
+    if os.path.lexists(out / "curves.png") and not (ours and (out / "curves.png").is_file()):
+        foreign.append("curves.png")
+    return foreign
+
+
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """A folder holding trained weights is continued (``resume``) or replaced (``overwrite``), never mixed."""
+    """A folder holding trained weights is continued (``resume``) or replaced (``overwrite``), never mixed; files
+    of the names a training writes that no training wrote are never replaced."""
     if resume and overwrite:
         raise ConfigValueError("--resume continues the run in --output and --overwrite replaces it: give one")
+    foreign = foreign_files(out)
+    if foreign:
+        raise DataError(f"{out}: holds {', '.join(foreign)}, not written by a medseg training, which a training "
+                        "would replace; move them, or choose another --output")
     weights = [p.name for p in trained_files(out) if p.suffix == ".pt"]
     if weights and not (resume or overwrite):
         raise DataError(f"{out}: holds a trained run ({', '.join(weights)}); continue it with --resume, replace it "

@@ -215,6 +215,34 @@ def test_training_into_a_trained_run_is_refused_unless_resumed_or_overwritten(tr
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 2
 
 
+def test_training_never_replaces_files_of_its_names_that_no_training_wrote(trained, tmp_path):
+    """A folder's own config.json or split.json (a project folder, another tool's output) would be replaced by
+    the training's record: refused with any flag; a training's own records, also a stopped one's, are not."""
+    args = ("train", BUNDLE, "--data", trained["data"], "--epochs", 1, "--no-progress", "--no-tracking",
+            "--device", "cpu", *_tiny_args())
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"lr": 0.1}')
+    (out / "curves.png").write_bytes(b"mine")
+    (out / "history.json").write_text("not json")
+    for flags in ((), ("--overwrite",)):
+        result = _invoke(*args, "--output", out, *flags)
+        _assert_one_line_error(result, str(out), "holds config.json, history.json, curves.png, not written by a "
+                               "medseg training", "move them, or choose another --output")
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.png", "history.json"]
+        assert (out / "config.json").read_text() == '{"lr": 0.1}'
+    # a training stopped before its first checkpoint left only its records: a new one starts there
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    for name in ("config.json", "split.json", "history.json", "curves.png"):
+        shutil.copy2(trained["out"] / name, stopped / name)
+    result = _invoke(*args, "--output", stopped)
+    assert result.exit_code == 0, result.output
+    assert json.loads((stopped / "history.json").read_text())["epoch"] == [1]
+    (stopped / "split.json").write_text("[]")  # a list: not a training's split
+    _assert_one_line_error(_invoke(*args, "--output", stopped, "--overwrite"), "holds split.json, not written by")
+
+
 def _mlflow_runs(out: Path) -> list[tuple[str, str, str | None]]:
     import mlflow
 
