@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/medseg info
 	$(BIN)/medseg train $(BUNDLE) --data $(DATA) --output $(OUT)/train --max-minutes $(DEMO_MINUTES) --overwrite
-	$(BIN)/medseg evaluate $(BUNDLE) --data $(DATA) --checkpoint $(OUT)/train/model.pt --output $(OUT)/eval
+	$(BIN)/medseg evaluate $(BUNDLE) --data $(DATA) --checkpoint $(OUT)/train/model.pt --output $(OUT)/eval --overwrite
 	$(BIN)/medseg infer $(BUNDLE) $(DATA)/$(INFER) $(OUT)/infer --checkpoint $(OUT)/train/model.pt --overwrite
 	@echo "demo outputs: $(OUT)/train (checkpoints, MLflow store, curves), $(OUT)/eval (metrics), $(OUT)/infer (masks)"
 

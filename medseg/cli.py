@@ -233,6 +233,10 @@ def evaluate(
         "Images to score: val (the training run's validation split), train (its training images) or all; "
         "default: val."))] = None,
     tta: TtaOpt = None,
+    overwrite: Annotated[bool, typer.Option(help=(
+        "Replace the report of another evaluation in --output (other checkpoints, data, split, tta or settings), "
+        "or files of its names that medseg did not write (default: refused; the same evaluation's report is "
+        "replaced)."), metavar="")] = False,
     device: DeviceOpt = "auto",
     config: OverlayOpt = None,
     set_: SetOpt = None,
@@ -246,7 +250,7 @@ def evaluate(
     summary = _run(ctx, lambda: workflows.evaluate(
         str(bundle), str(data), ckpts, str(out), split=split, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_, {"tta": (tta, _tta_option(tta))}),
-        progress=progress))
+        progress=progress, overwrite=overwrite))
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}; summary: {out / 'summary.json'}")
 

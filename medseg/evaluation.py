@@ -13,6 +13,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils import convert_to_numpy
 
+from medseg.errors import DataError
 from medseg.io import atomic_output
 from medseg.metrics import IsbiStack, binary_scores, check_classes, dsb_scores, multiclass_scores
 
@@ -32,6 +33,51 @@ def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any], r
     with atomic_output(output_dir / "summary.json") as tmp:
         record = summary if run is None else {**summary, "run": run}
         tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+
+
+#: The files of an evaluation's report.
+REPORT_FILES = ("metrics.csv", "summary.json")
+
+#: What makes two evaluations the same one (the parts of their ``run`` record), in words for the message.
+_SAME_EVALUATION = {"bundle": "bundle", "checkpoints": "checkpoints", "data_dir": "data folder", "split": "split",
+                    "tta": "tta", "overrides": "--set", "overlays": "--config", "from_training": "training settings"}
+
+
+def _what_it_was(run: dict) -> dict[str, Any]:
+    """The parts of an evaluation's ``run`` record that make it that evaluation: the weights by their digests (a
+    copy elsewhere is the same), the bundle by its name (another version of it is the same)."""
+    same = {k: run.get(k) for k in _SAME_EVALUATION}
+    same["checkpoints"] = [c.get("sha256") if isinstance(c, dict) else c for c in run.get("checkpoints") or []]
+    same["bundle"] = str(run.get("bundle") or "").split(" ")[0]
+    overrides = run.get("overrides") if isinstance(run.get("overrides"), dict) else {}
+    same["overrides"] = {k: v for k, v in overrides.items() if k != "validate#inferer#tta"}  # --tta: under tta
+    return json.loads(json.dumps(same, default=str))  # as summary.json holds it
+
+
+def check_report_folder(output_dir: str | Path, run: dict, overwrite: bool = False) -> None:
+    """An evaluation replaces the ``metrics.csv`` and ``summary.json`` in ``output_dir`` only when they are its
+    own earlier report (the same weights, data, split, ``tta`` and settings) or with ``overwrite``: another
+    evaluation's report, or files of those names no evaluation wrote, are otherwise kept.
+
+    Raises:
+        DataError: the folder holds another evaluation's report, or such files.
+    """
+    out = Path(output_dir)
+    present = [name for name in REPORT_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if not present or overwrite:
+        return
+    try:
+        earlier = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        earlier = None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("run"), dict):
+        raise DataError(f"{out}: holds {', '.join(present)}, not an evaluation's report of medseg; replace them with "
+                        "--overwrite, or choose another --output")
+    before, now = _what_it_was(earlier["run"]), _what_it_was(run)
+    differ = [words for key, words in _SAME_EVALUATION.items() if before[key] != now[key]]
+    if differ:
+        raise DataError(f"{out}: holds the report of another evaluation (other {', '.join(differ)}); replace it with "
+                        "--overwrite, or choose another --output")
 
 
 def _items(engine: Engine) -> list[tuple[dict, dict]]:

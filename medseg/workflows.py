@@ -545,6 +545,7 @@ def evaluate(
     overlays: tuple[str, ...] = (),
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on the ``split`` slices (``val``, ``train`` or ``all``) of ``data_dir``; write CSV + JSON.
 
@@ -560,14 +561,16 @@ def evaluate(
     records this ``data_dir``); an ensemble's members must record the same validation samples.
     ``tta`` averages the 8 dihedral transforms of each slice (``None``: the bundle's ``tta``).
 
+    The report replaces an earlier one in ``output_dir`` only when that is the same evaluation (same weights,
+    data, split, ``tta`` and settings) or with ``overwrite`` (:func:`medseg.evaluation.check_report_folder`);
+    one evaluation writes into a folder at a time.
+
     Returns:
         The summary written to ``output_dir/summary.json``.
     """
     from medseg.ensemble import load_members
-    from medseg.evaluation import MetricsReport
-    from medseg.handlers import RichProgress
-    from medseg.info import environment
     from medseg.io import check_writable
+    from medseg.locking import folder_lock
 
     overrides = dict(overrides or {})
     given = overrides.pop("eval_split", None)  # the bundle's own id for the split
@@ -597,7 +600,25 @@ def evaluate(
         parser["val_count"] = 0  # ISBI: nothing is held out when every slice is scored (5 of 4 could not be)
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
-    check_writable(output_dir)
+    made = runfolder.folders_made_for(Path(output_dir).absolute())  # removed again if the evaluation fails
+    try:
+        check_writable(output_dir)
+        with folder_lock(output_dir, "evaluate"):
+            return _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides, overlays,
+                                trained, network, digests, dev, progress, overwrite)
+    except BaseException:
+        runfolder.remove_if_empty(made)
+        raise
+
+
+def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str], output_dir: str, split: str,
+                 overrides: dict, overlays: tuple[str, ...], trained: Any, network: Any, digests: list[str],
+                 dev: Any, progress: bool, overwrite: bool) -> dict[str, Any]:
+    """:func:`evaluate` once its model is loaded and it holds its output folder."""
+    from medseg.evaluation import MetricsReport, check_report_folder
+    from medseg.handlers import RichProgress
+    from medseg.info import environment
+
     record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
     if record is not None:
         # score the validation (or training) samples of the run that produced the checkpoint, by their names:
@@ -659,6 +680,7 @@ def evaluate(
         "overlays": [_resolved(o) for o in overlays],
         "environment": environment(dev, parser.get_parsed_content("amp", default=False)),
     }
+    check_report_folder(output_dir, run, overwrite)
     for report in reports:
         report.run = run
     with quiet_user_error_logs():

@@ -1336,10 +1336,57 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):
     assert run["environment"]["versions"]["torch"] == torch.__version__ and run["environment"]["device"] == "cpu"
     assert run["environment"]["amp"] is False
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
-                     "--output", tmp_path / "eval", "--tta", "--no-progress", "--device", "cpu",
+                     "--output", tmp_path / "eval", "--tta", "--no-progress", "--device", "cpu", "--overwrite",
                      *_tiny_args(TINY_NET))
     run = json.loads((tmp_path / "eval" / "summary.json").read_text())["run"]
     assert run["tta"] is True and run["split"] == "val" and run["split_from"] == str(trained["out"] / "split.json")
+
+
+def test_evaluate_replaces_only_its_own_report_unless_told(trained, tmp_path, monkeypatch):
+    """The same evaluation again replaces its report; another one (split, tta, checkpoint, settings) would
+    lose the earlier figures, so it is refused without --overwrite, as are files of its names no evaluation
+    wrote; while one evaluation writes into a folder, another is refused."""
+    out = tmp_path / "eval"
+    common = ("evaluate", BUNDLE, "--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu",
+              *_tiny_args(TINY_NET))
+    base = (*common, "--checkpoint", trained["out"] / "model.pt")
+    assert _invoke(*base).exit_code == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert _invoke(*base).exit_code == 0  # the same evaluation: replaced
+    assert json.loads((out / "summary.json").read_text())["run"]["split"] == "val"
+    copy = tmp_path / "copy" / "model.pt"  # the same weights elsewhere are the same evaluation
+    copy.parent.mkdir()
+    shutil.copy2(trained["out"] / "model.pt", copy)
+    shutil.copy2(trained["out"] / "split.json", copy.parent / "split.json")
+    shutil.copy2(trained["out"] / "config.json", copy.parent / "config.json")
+    assert _invoke(*common, "--checkpoint", copy).exit_code == 0
+    report = (out / "summary.json").read_text(), (out / "metrics.csv").read_text()
+    others = ((("--split", "all"), "split"), (("--tta",), "tta"), (("--set", "merge_threshold=0.3"), "--set"))
+    for extra, differ in others:
+        result = _invoke(*base, *extra)
+        _assert_one_line_error(result, str(out), f"holds the report of another evaluation (other {differ})",
+                               "--overwrite", "another --output")
+        assert ((out / "summary.json").read_text(), (out / "metrics.csv").read_text()) == report
+    other = tmp_path / "other" / "model.pt"  # other weights
+    other.parent.mkdir()
+    weights = torch.load(trained["out"] / "model.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, other)
+    _assert_one_line_error(_invoke(*common, "--checkpoint", other, "--split", "all"), "(other checkpoints, split)")
+    result = _invoke(*base, "--split", "all", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["run"]["split"] == "all" and first["run"]["split"] == "val"
+    # files of the report's names that no evaluation wrote
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("my,own\n")
+    _assert_one_line_error(_invoke(*base, "--output", mine), "holds metrics.csv, not an evaluation's report")
+    assert (mine / "metrics.csv").read_text() == "my,own\n" and not (mine / "summary.json").exists()
+    assert _invoke(*base, "--output", mine, "--overwrite").exit_code == 0
+    # one evaluation at a time per folder
+    from medseg.locking import folder_lock
+
+    with folder_lock(out, "evaluate"):
+        _assert_one_line_error(_invoke(*base, "--overwrite"), "medseg evaluate (process", "is writing into this folder")
 
 
 def test_a_run_checkpoint_that_does_not_fit_points_to_the_runs_recorded_settings(trained, tmp_path):
