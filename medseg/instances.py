@@ -28,12 +28,38 @@ MEASUREMENT_FIELDS: tuple[str, ...] = (
 
 
 
-def merge_instance_masks(masks: Sequence[np.ndarray]) -> np.ndarray:
-    """Merge per-nucleus binary masks into one label image.
+class InstanceMerger:
+    """Merge per-nucleus binary masks into one label image as they are read, so that only the label image and
+    the mask at hand are in memory (a sample of a thousand 1024² masks would otherwise hold them all).
 
-    Masks get labels 1, 2, ... in the given order. Where masks overlap, the pixel keeps the earlier
-    (lower) label. A mask that claims no pixel (empty, or covered by earlier masks) is skipped, so the
-    labels in the image stay consecutive.
+    Masks get labels 1, 2, ... in the order added. Where masks overlap, the pixel keeps the earlier (lower)
+    label. A mask that claims no pixel (empty, or covered by earlier masks) is skipped, so the labels stay
+    consecutive.
+
+    Args:
+        shape: ``(H, W)`` of the masks.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise ValueError(f"masks must be 2D (H, W), got shape {tuple(shape)}")
+        self.shape = tuple(shape)
+        self.labels = np.zeros(self.shape, np.int32)
+        self.count = 0
+
+    def add(self, mask: np.ndarray) -> None:
+        """Add ``mask`` (``(H, W)``, boolean or 0/255: any non-zero value is foreground)."""
+        mask = np.asarray(mask)
+        if mask.shape != self.shape:
+            raise ValueError(f"mask {self.count} has shape {mask.shape}, the masks have shape {self.shape}")
+        claimed = (mask != 0) & (self.labels == 0)
+        if np.any(claimed):
+            self.count += 1
+            self.labels[claimed] = self.count
+
+
+def merge_instance_masks(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Merge per-nucleus binary masks into one label image (see :class:`InstanceMerger`).
 
     Args:
         masks: ``(H, W)`` masks of one shape, boolean or 0/255 (any non-zero value is foreground).
@@ -46,21 +72,10 @@ def merge_instance_masks(masks: Sequence[np.ndarray]) -> np.ndarray:
     """
     if len(masks) == 0:
         raise ValueError("need at least one mask")
-    shape = np.shape(masks[0])
-    if len(shape) != 2:
-        raise ValueError(f"mask 0 must be 2D (H, W), got shape {shape}")
-    labels = np.zeros(shape, np.int32)
-    next_label = 1
-    for k, mask in enumerate(masks):
-        mask = np.asarray(mask)
-        if mask.shape != shape:
-            raise ValueError(f"mask {k} has shape {mask.shape}, mask 0 has shape {shape}")
-        claimed = (mask != 0) & (labels == 0)
-        if not np.any(claimed):
-            continue
-        labels[claimed] = next_label
-        next_label += 1
-    return labels
+    merger = InstanceMerger(np.shape(masks[0]))
+    for mask in masks:
+        merger.add(mask)
+    return merger.labels
 
 
 def instance_targets(labels: np.ndarray, boundary_width: int = 2, boundary: str = "outline") -> np.ndarray:

@@ -327,7 +327,7 @@ class LoadInstanceMasksd(MapTransform):
         self.ref_key = ref_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from medseg.instances import merge_instance_masks
+        from medseg.instances import InstanceMerger
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -345,7 +345,7 @@ class LoadInstanceMasksd(MapTransform):
             if lossy:
                 raise lossy_mask_error(lossy[0], "instance mask")
             files = [p for p in listed if p.suffix.lower() in INSTANCE_MASK_SUFFIXES]
-            masks = []
+            merger = None  # the label image, filled as the masks are read (only one mask in memory at a time)
             for path in files:
                 mask = read_slice(str(path), 0)
                 if mask.shape[0] != 1:
@@ -361,10 +361,12 @@ class LoadInstanceMasksd(MapTransform):
                         "%s: holds more than one non-zero value, read as one object (every non-zero pixel); each "
                         "file in a masks/ folder is one object's mask, and one instance label image per image is "
                         "read with --set layout=folders (said once for the data folder)", path)
-                masks.append(mask[0] > 0)
+                if merger is None:
+                    merger = InstanceMerger(shape)
+                merger.add(mask[0] > 0)
             if shape is None:
                 raise DataError(f"{folder}: no masks and no image to size an empty label; add the image first")
-            labels = merge_instance_masks(masks) if masks else np.zeros(shape, dtype=np.int32)
+            labels = merger.labels if merger is not None else np.zeros(shape, dtype=np.int32)
             d[f"{key}_file"] = str(folder)
             d[key] = labels[None].astype(np.float32)
         return d
