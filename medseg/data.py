@@ -77,6 +77,11 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
     for image in _images_in(image_dir):
         label = labels.get(image.stem)
         if label is None:
+            odd = [q for q in label_dir.iterdir() if q.stem == image.stem and q.suffix.lower() in SUPPORTED_SUFFIXES
+                   and not q.is_file()]
+            if odd:  # a folder, a pipe or a device of the label's name: not "no label" but not a file either
+                raise DataError(f"{odd[0]}: the label of {image.name} is not a regular file; put the label image "
+                                "there as a file")
             raise DataError(f"{image}: no label found; add {label_dir / image.name} or remove the image")
         pairs.extend(_paired_pages(image, label))
     named: dict[str, str] = {}

@@ -125,6 +125,11 @@ def test_missing_folder_and_missing_label(tmp_path, isbi_folder):
     (isbi_folder / "train" / "label" / "2.png").unlink()
     with pytest.raises(DataError, match=r"2\.png: no label found"):
         find_pairs(isbi_folder)
+    import os
+
+    os.mkfifo(isbi_folder / "train" / "label" / "2.png")  # a pipe of the label's name is named as what it is
+    with pytest.raises(DataError, match=r"label/2\.png: the label of 2\.png is not a regular file"):
+        find_pairs(isbi_folder)
     with pytest.raises(DataError, match="no training data found"):
         find_pairs(tmp_path / "isbi" / "train" / "label")
 
