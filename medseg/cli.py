@@ -102,7 +102,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     """
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
-        with _sigterm_as_ctrl_c():
+        with _sigterm_as_ctrl_c(), _quiet_tifffile(not debug):
             return fn(*args, **kwargs)
     except KeyboardInterrupt as stop:
         if debug:
@@ -119,6 +119,20 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         typer.secho(f"error: {message.splitlines()[0] if message else type(err).__name__}", err=True,
                     fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _quiet_tifffile(quiet: bool) -> Iterator[None]:
+    """tifffile logs what it finds wrong in a file before raising; the file's one-line error says it (``--debug``
+    keeps the log)."""
+    logger = logging.getLogger("tifffile")
+    before = logger.level
+    if quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 @contextlib.contextmanager

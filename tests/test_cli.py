@@ -1389,6 +1389,33 @@ def test_evaluate_replaces_only_its_own_report_unless_told(trained, tmp_path, mo
         _assert_one_line_error(_invoke(*base, "--overwrite"), "medseg evaluate (process", "is writing into this folder")
 
 
+def test_tifffiles_own_log_of_a_damaged_file_is_not_shown_unless_debugging(trained, tmp_path, caplog):
+    """tifffile logs a broken tag as it reads past it; the command's own output (or one-line error) says
+    what matters, and --debug keeps the log."""
+    import struct
+
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data)
+    label = np.asarray(Image.open(data / "train" / "label" / "0.png"))
+    (data / "train" / "label" / "0.png").unlink()
+    tifffile.imwrite(data / "train" / "label" / "0.tif", label)
+    raw = bytearray((data / "train" / "label" / "0.tif").read_bytes())
+    ifd = struct.unpack("<I", raw[4:8])[0]
+    for k in range(struct.unpack("<H", raw[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack("<H", raw[entry:entry + 2])[0] == 305:  # Software: an unknown data type
+            raw[entry + 2:entry + 4] = struct.pack("<H", 99)
+    (data / "train" / "label" / "0.tif").write_bytes(raw)
+    args = ("evaluate", BUNDLE, "--data", data, "--checkpoint", trained["out"] / "model.pt", "--split", "all",
+            "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    result = _invoke(*args, "--output", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+    result = _invoke("--debug", *args, "--output", tmp_path / "eval2")
+    assert result.exit_code == 0, result.output
+    assert any("invalid data type 99" in r.getMessage() for r in caplog.records if r.name.startswith("tifffile"))
+
+
 def test_a_run_checkpoint_that_does_not_fit_points_to_the_runs_recorded_settings(trained, tmp_path):
     # the run's own network is used unless network_def values are given, as here
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
