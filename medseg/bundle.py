@@ -246,6 +246,8 @@ def load_config(
         if not Path(overlay).is_file():
             raise BundleError(f"{overlay}: overlay config not found; see configs/ for the available ones")
     fixes = _check_overlay_keys(bundle, workflow, files, overlays) if overlays else {}
+    if overlays and settings:
+        _check_overlay_places(overlays)
     files += [Path(overlay) for overlay in overlays]
     parser = ConfigParser()
     _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
@@ -287,6 +289,29 @@ def load_config(
     if workflow == "train":  # evaluate and infer do not batch training crops
         check_batch_size(parser)
     return parser
+
+
+def _check_overlay_places(overlays: list | tuple) -> None:
+    """An overlay, like ``--set``, may not give the ids a command takes from its arguments (:data:`ARGUMENT_IDS`),
+    nor a component's own folder or file (:data:`PLACE_KEYS`): the command's arguments would silently win over
+    the first, and the second would send results elsewhere than the output folder."""
+    from monai.bundle import ConfigParser
+
+    for overlay in overlays:
+        content = ConfigParser.load_config_file(str(overlay)) or {}
+        for key, value in content.items():
+            plain = str(key).lstrip("+").replace("::", "#")
+            given = [plain] + ([f"{plain}#{part}" for part in value]
+                               if str(key).startswith("+") and isinstance(value, dict) else [])
+            for item in given:
+                if item in ARGUMENT_IDS:
+                    raise BundleError(f"{overlay}: sets {item}, which the command sets from its arguments (the "
+                                      "bundle, data or input folder, output folder, --checkpoint); leave it out of "
+                                      "the overlay and give it there")
+                if "#" in item and item.rsplit("#", 1)[1] in PLACE_KEYS:
+                    raise BundleError(f"{overlay}: sets {item}; where the command reads and writes follows its "
+                                      "arguments (the data or input folder, the output folder, --checkpoint), not a "
+                                      "setting of one component; leave it out of the overlay")
 
 
 def _overlay_parts_again(parser: Any, overlays: list | tuple, trained: dict[str, Any]) -> None:

@@ -2215,6 +2215,11 @@ def test_a_setting_the_command_takes_from_its_arguments_is_refused(tmp_path, com
     key = setting.split("=")[0]
     assert result.output.strip() == (f"error: --set {key}: the command sets it from its arguments (the bundle, "
                                      "data or input folder, output folder, --checkpoint); give it there instead")
+    name, value = setting.split("=")  # an overlay's value would silently give way to the argument
+    (tmp_path / "overlay.json").write_text(json.dumps({name: value}))
+    result = _invoke(command, BUNDLE, *where, "--config", tmp_path / "overlay.json")
+    _assert_one_line_error(result, f"overlay.json: sets {key}, which the command sets from its arguments",
+                           "leave it out of the overlay and give it there")
 
 
 @pytest.mark.parametrize("command, setting", [
@@ -2236,4 +2241,14 @@ def test_a_setting_that_moves_where_a_component_writes_is_refused(tmp_path, comm
     assert result.output.strip() == (f"error: --set {setting.split('=')[0]}: where the command reads and writes "
                                      "follows its arguments (the data or input folder, the output folder, "
                                      "--checkpoint), not a setting of one component")
+    assert not (tmp_path / "elsewhere").exists() and not out.exists()
+    # nor from an overlay: ids by path ("a#b"), or a part added to a component ("+a": {"b": ...})
+    key, value = setting.split("=")
+    holder, part = key.rsplit("#", 1)
+    for content in ({key: value}, {f"+{holder}": {part: value}}):
+        overlay = tmp_path / "overlay.json"
+        overlay.write_text(json.dumps(content))
+        result = _invoke(command, BUNDLE, *where, "--config", overlay)
+        _assert_one_line_error(result, f"overlay.json: sets {key}; where the command reads and writes follows",
+                               "leave it out of the overlay")
     assert not (tmp_path / "elsewhere").exists() and not out.exists()
