@@ -609,6 +609,8 @@ class TiffReader(_MedsegReader):
         import tifffile
 
         if axes[0] == "Q":
+            check_volume(path, shape, tif.series[0].dtype.itemsize,
+                         "save each series as its own file, with one page per slice")
             arr = np.stack([s.asarray() for s in tif.series])
         else:
             def whole():

@@ -577,6 +577,9 @@ def test_a_volume_read_whole_larger_than_memory_is_refused_from_its_header(tmp_p
     nib.save(nib.Nifti1Image(volume.T, np.eye(4)), tmp_path / "v.nii.gz")
     nib.save(nib.Nifti1Image(volume.T, np.eye(4)), tmp_path / "v.nii")
     tifffile.imwrite(tmp_path / "v.tif", volume, tile=(5, 16, 16), photometric="minisblack", compression="zlib")
+    for _ in range(2):  # two such volumes as two series of one file: read whole together
+        tifffile.imwrite(tmp_path / "q.tif", volume[:2], tile=(2, 16, 16), photometric="minisblack",
+                         compression="zlib", append=True)
     memory = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1}  # 4 KiB; each volume is 7.8 KiB
     monkeypatch.setattr(medseg.readers.os, "sysconf", lambda name: memory[name])
     with pytest.raises(DataError, match=r"v.nii.gz: 20 × 20 × 5 values .* more than this machine's memory .* "
@@ -584,10 +587,13 @@ def test_a_volume_read_whole_larger_than_memory_is_refused_from_its_header(tmp_p
         read_slice(tmp_path / "v.nii.gz", 0)
     with pytest.raises(DataError, match="v.tif: .* save it with one page per slice"):
         read_slice(tmp_path / "v.tif", 0)
+    with pytest.raises(DataError, match=r"q.tif: 2 × 2 × 20 × 20 values .* save each series as its own file"):
+        read_slice(tmp_path / "q.tif", 0)
     assert read_slice(tmp_path / "v.nii", 2).shape == (1, 20, 20)  # read slice by slice: no whole volume
     for pages in (10**6, -1):  # enough memory; memory unknown (-1): read
         memory["SC_PHYS_PAGES"] = pages
         assert read_slice(tmp_path / "v.nii.gz", 2).shape == read_slice(tmp_path / "v.tif", 2).shape == (1, 20, 20)
+        assert read_slice(tmp_path / "q.tif", 3).shape == (1, 20, 20)
 
 
 def test_a_raised_pixel_limit_reads_larger_pictures_and_leaves_pillows_own(tmp_path, monkeypatch):
