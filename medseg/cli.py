@@ -123,8 +123,9 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
 
 @contextlib.contextmanager
 def _quiet_tifffile(quiet: bool) -> Iterator[None]:
-    """tifffile logs what it finds wrong in a file before raising; the file's one-line error says it (``--debug``
-    keeps the log)."""
+    """tifffile logs what it finds wrong in a file as it reads past it or before it raises; what matters is the
+    readers' own one-line error (a file that cannot be read, a chain of pages that breaks), so the log is kept
+    for ``--debug``."""
     logger = logging.getLogger("tifffile")
     before = logger.level
     if quiet:
@@ -209,7 +210,8 @@ def train(
                                               "and, unless --epochs is given, to its own length.", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option(help=(
         "Replace a trained run in --output (its checkpoints, model.pt, history, curves; the MLflow store keeps "
-        "it). Without it, or --resume, a folder holding trained weights is refused."), metavar="")] = False,
+        "it). Without it, or --resume, a folder holding trained weights is refused; a config.json, split.json, "
+        "history.json, train_summary.json or curves.png no training wrote is never replaced."), metavar="")] = False,
     tracking: Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log the run to MLflow.",
                                            metavar="")] = True,
     tracking_uri: Annotated[

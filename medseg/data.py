@@ -79,9 +79,10 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
         if label is None:
             odd = [q for q in label_dir.iterdir() if q.stem == image.stem and q.suffix.lower() in SUPPORTED_SUFFIXES
                    and not q.is_file()]
-            if odd:  # a folder, a pipe or a device of the label's name: not "no label" but not a file either
-                raise DataError(f"{odd[0]}: the label of {image.name} is not a regular file; put the label image "
-                                "there as a file")
+            if odd:  # a folder, a pipe, a device or a broken link of the label's name: not "no label" either
+                what = "a link to a missing file" if odd[0].is_symlink() and not odd[0].exists() else \
+                    "not a regular file"
+                raise DataError(f"{odd[0]}: the label of {image.name} is {what}; put the label image there as a file")
             raise DataError(f"{image}: no label found; add {label_dir / image.name} or remove the image")
         pairs.extend(_paired_pages(image, label))
     named: dict[str, str] = {}

@@ -39,31 +39,59 @@ def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any], r
 REPORT_FILES = ("metrics.csv", "summary.json")
 
 #: What makes two evaluations the same one (the parts of their ``run`` record), in words for the message.
-_SAME_EVALUATION = {"bundle": "bundle", "checkpoints": "checkpoints", "data_dir": "data folder", "split": "split",
-                    "tta": "tta", "overrides": "--set", "overlays": "--config", "from_training": "training settings"}
+_SAME_EVALUATION = {"checkpoints": "checkpoints", "data_dir": "data folder", "split": "split", "tta": "tta",
+                    "settings_sha256": "settings"}
+
+#: Config ids that do not change an evaluation's figures, or are compared on their own: the call's folders and
+#: device, loader workers, test-time augmentation, the bundle's description.
+_NOT_SETTINGS = ("_meta_", "bundle_root", "dataset_dir", "output_dir", "ckpt_path", "device", "amp", "num_workers",
+                 "tta", "eval_split", "validate#dataloader#num_workers", "validate#inferer#tta")
+
+
+def settings_digest(config: dict) -> str:
+    """SHA-256 of an evaluation's config as merged (bundle, overlays' contents, the training's values, ``--set``),
+    without :data:`_NOT_SETTINGS`: the same settings reached by another route give the same digest."""
+    import copy
+    import hashlib
+
+    content = copy.deepcopy(config)
+    for key in _NOT_SETTINGS:
+        *holders, last = key.split("#")
+        part = content
+        for holder in holders:
+            part = part.get(holder) if isinstance(part, dict) else None
+        if isinstance(part, dict):
+            part.pop(last, None)
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _what_it_was(run: dict) -> dict[str, Any]:
-    """The parts of an evaluation's ``run`` record that make it that evaluation: the weights by their digests (a
-    copy elsewhere is the same), the bundle by its name (another version of it is the same)."""
+    """The parts of an evaluation's ``run`` record that make it that evaluation: the weights by their digests, in
+    any order (a copy elsewhere, an ensemble listed otherwise, is the same), and the settings by theirs."""
     same = {k: run.get(k) for k in _SAME_EVALUATION}
-    same["checkpoints"] = [c.get("sha256") if isinstance(c, dict) else c for c in run.get("checkpoints") or []]
-    same["bundle"] = str(run.get("bundle") or "").split(" ")[0]
-    overrides = run.get("overrides") if isinstance(run.get("overrides"), dict) else {}
-    same["overrides"] = {k: v for k, v in overrides.items() if k != "validate#inferer#tta"}  # --tta: under tta
+    same["checkpoints"] = sorted(str(c.get("sha256") if isinstance(c, dict) else c)
+                                 for c in run.get("checkpoints") or [])
     return json.loads(json.dumps(same, default=str))  # as summary.json holds it
 
 
 def check_report_folder(output_dir: str | Path, run: dict, overwrite: bool = False) -> None:
     """An evaluation replaces the ``metrics.csv`` and ``summary.json`` in ``output_dir`` only when they are its
-    own earlier report (the same weights, data, split, ``tta`` and settings) or with ``overwrite``: another
-    evaluation's report, or files of those names no evaluation wrote, are otherwise kept.
+    own earlier report (the same weights, data, split, ``tta`` and settings: ``run`` holds ``checkpoints`` with
+    their ``sha256``, ``data_dir``, ``split``, ``tta`` and ``settings_sha256``) or with ``overwrite``: another
+    evaluation's report, or files of those names no evaluation wrote, are otherwise kept. A folder or other
+    non-file of those names is refused either way.
 
     Raises:
         DataError: the folder holds another evaluation's report, or such files.
     """
     out = Path(output_dir)
     present = [name for name in REPORT_FILES if (out / name).exists() or (out / name).is_symlink()]
+    for name in present:
+        if not (out / name).is_file():
+            what = "a folder" if (out / name).is_dir() else "a link to nothing" if not (out / name).exists() \
+                else "not a regular file"
+            raise DataError(f"{out / name}: {what}, where the report is written; move it, or choose another --output")
     if not present or overwrite:
         return
     try:
@@ -71,13 +99,22 @@ def check_report_folder(output_dir: str | Path, run: dict, overwrite: bool = Fal
     except (OSError, ValueError, UnicodeDecodeError):
         earlier = None
     if not isinstance(earlier, dict) or not isinstance(earlier.get("run"), dict):
-        raise DataError(f"{out}: holds {', '.join(present)}, not an evaluation's report of medseg; replace them with "
-                        "--overwrite, or choose another --output")
+        which = "them" if len(present) > 1 else "it"
+        raise DataError(f"{out}: holds {', '.join(present)} without a record of the evaluation that wrote "
+                        f"{which}; replace {which} with --overwrite, or choose another --output")
     before, now = _what_it_was(earlier["run"]), _what_it_was(run)
     differ = [words for key, words in _SAME_EVALUATION.items() if before[key] != now[key]]
-    if differ:
-        raise DataError(f"{out}: holds the report of another evaluation (other {', '.join(differ)}); replace it with "
-                        "--overwrite, or choose another --output")
+    if not differ:
+        return
+    paths = [[str(c.get("path")) for c in r.get("checkpoints") or [] if isinstance(c, dict)]
+             for r in (earlier["run"], run)]
+    if "checkpoints" in differ and sorted(paths[0]) == sorted(paths[1]) and all(paths):
+        changed = "the checkpoint has" if len(paths[1]) == 1 else "checkpoints have"
+        differ[0] = f"checkpoints: {changed} changed since it was scored, trained again perhaps"
+    if "settings" in differ and before["settings_sha256"] is None:
+        differ[differ.index("settings")] = "settings, or a report of an earlier medseg that does not record them"
+    raise DataError(f"{out}: holds the report of another evaluation (other {'; '.join(differ)}); replace it with "
+                    "--overwrite, or choose another --output")
 
 
 def _items(engine: Engine) -> list[tuple[dict, dict]]:

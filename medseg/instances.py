@@ -45,13 +45,15 @@ class InstanceMerger:
             raise ValueError(f"masks must be 2D (H, W), got shape {tuple(shape)}")
         self.shape = tuple(shape)
         self.labels = np.zeros(self.shape, np.int32)
-        self.count = 0
+        self.count = 0  # labels given
+        self.added = 0  # masks added, empty ones too
 
     def add(self, mask: np.ndarray) -> None:
         """Add ``mask`` (``(H, W)``, boolean or 0/255: any non-zero value is foreground)."""
         mask = np.asarray(mask)
         if mask.shape != self.shape:
-            raise ValueError(f"mask {self.count} has shape {mask.shape}, the masks have shape {self.shape}")
+            raise ValueError(f"mask {self.added} has shape {mask.shape}, the masks have shape {self.shape}")
+        self.added += 1
         claimed = (mask != 0) & (self.labels == 0)
         if np.any(claimed):
             self.count += 1

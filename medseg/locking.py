@@ -18,7 +18,7 @@ LOCK_FILE = ".medseg.lock"
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
-    """Hold ``folder``'s lock while ``command`` (``"train"``, ``"infer"``) writes there.
+    """Hold ``folder``'s lock while ``command`` (``"train"``, ``"evaluate"``, ``"infer"``) writes there.
 
     The lock is ``fcntl.flock`` on :data:`LOCK_FILE`, which records who holds it (for the message) and is
     removed at the end. The system frees the lock when the holder ends, however it ends, so the file a killed

@@ -479,13 +479,41 @@ class TiffReader(_MedsegReader):
         import tifffile
 
         try:
-            return tifffile.TiffFile(path)
+            tif = tifffile.TiffFile(path)
         except FileNotFoundError as err:
             raise DataError(f"{path}: file not found") from err
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, tifffile.TiffFileError) as err:
             raise DataError(f"{path}: cannot read TIFF ({err}); the file may be truncated or corrupt") from err
+        try:
+            TiffReader._check_page_chain(path, tif)
+        except BaseException:
+            tif.close()
+            raise
+        return tif
+
+    @staticmethod
+    def _check_page_chain(path: str, tif) -> None:
+        """Refuse a TIFF whose chain of pages breaks: tifffile stops at a bad next-page offset with a log line
+        only, and the pages after it would be silently missing (2 slices of a 4-slice stack)."""
+        import struct
+
+        count = len(tif.pages)  # indexes every page, stopping where the chain breaks
+        if not count:
+            return  # an empty file: said where its layout is read
+        header = tif.tiff
+        try:
+            fh = tif.filehandle
+            fh.seek(tif.pages[-1].offset)
+            tags = struct.unpack(header.tagnoformat, fh.read(header.tagnosize))[0]
+            fh.seek(tif.pages[-1].offset + header.tagnosize + tags * header.tagsize)
+            following = struct.unpack(header.offsetformat, fh.read(header.offsetsize))[0]
+        except (OSError, struct.error, ValueError):
+            following = -1  # the last page's own header is cut short
+        if following != 0:
+            raise DataError(f"{path}: the TIFF's pages cannot all be read (the link after page {count} is broken); "
+                            "the file is truncated or corrupt, so save it again")
 
     @staticmethod
     def _layout(path: str, tif) -> tuple[tuple[int, ...], str, list[int], int | None]:

@@ -45,36 +45,47 @@ def last_checkpoint(output_dir: Path) -> Path:
     return max(existing, key=lambda p: p.stat().st_mtime)
 
 
+_UNREADABLE = object()
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
-        return None
+        return _UNREADABLE
 
 
 def _has(value: Any, *keys: str) -> bool:
     return isinstance(value, dict) and all(k in value for k in keys)
 
 
-#: The records a training writes, each with how to tell one a training wrote (``curves.png`` goes with them).
+#: The records a training writes, each with how to tell one a training wrote (``curves.png`` goes with them):
+#: all the keys it always holds, so that a data set's own split or another tool's history is not taken for one.
 _RECORDS = {
-    "config.json": lambda v: _has(v, "_meta_", "dataset_dir", "output_dir"),
-    "split.json": lambda v: _has(v, "train", "val"),
-    "history.json": lambda v: _has(v, "epoch", "train_loss"),
-    "train_summary.json": lambda v: _has(v, "best_metric", "epochs"),
+    "config.json": lambda v: _has(v, "_meta_", "dataset_dir", "output_dir", "network_def"),
+    "split.json": lambda v: _has(v, "train", "val", "data_dir"),
+    "history.json": lambda v: _has(v, "epoch", "train_loss", "val_epoch", "val"),
+    "train_summary.json": lambda v: _has(v, "best_metric", "best_metric_epoch", "key_metric", "epochs"),
 }
 
 
-def foreign_files(out: Path) -> list[str]:
+def foreign_files(out: Path, weights: bool = False) -> list[str]:
     """Files in ``out`` with the names a training writes that no training wrote (a folder's own ``config.json``,
-    notes of another tool): a training would replace them. ``curves.png`` counts as a training's beside one of
-    its records."""
-    foreign, ours = [], False
+    a data set's split, another tool's history): a training would replace them. An empty file counts as a
+    training's whose writing was cut short, and so, beside trained ``weights``, does one that cannot be read
+    (a damaged record of the run); ``curves.png`` counts as a training's beside one of its records or weights."""
+    foreign, ours = [], weights
     for name, is_record in _RECORDS.items():
         path = out / name
-        if path.is_file() and is_record(_read_json(path)):
+        if not os.path.lexists(path):
+            continue
+        if path.is_file() and path.stat().st_size == 0:
             ours = True
-        elif os.path.lexists(path):
+            continue
+        value = _read_json(path) if path.is_file() else None
+        if is_record(value) or (value is _UNREADABLE and weights):
+            ours = True
+        else:
             foreign.append(name)
     if os.path.lexists(out / "curves.png") and not (ours and (out / "curves.png").is_file()):
         foreign.append("curves.png")
@@ -86,11 +97,12 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     of the names a training writes that no training wrote are never replaced."""
     if resume and overwrite:
         raise ConfigValueError("--resume continues the run in --output and --overwrite replaces it: give one")
-    foreign = foreign_files(out)
-    if foreign:
-        raise DataError(f"{out}: holds {', '.join(foreign)}, not written by a medseg training, which a training "
-                        "would replace; move them, or choose another --output")
     weights = [p.name for p in trained_files(out) if p.suffix == ".pt"]
+    foreign = foreign_files(out, weights=bool(weights))
+    if foreign:
+        which = "them" if len(foreign) > 1 else "it"
+        raise DataError(f"{out}: holds {', '.join(foreign)}, not written by a medseg training, which a training "
+                        f"would replace; move {which}, or choose another --output")
     if weights and not (resume or overwrite):
         raise DataError(f"{out}: holds a trained run ({', '.join(weights)}); continue it with --resume, replace it "
                         "with --overwrite, or choose another --output")

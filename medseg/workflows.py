@@ -587,7 +587,9 @@ def evaluate(
                 **device_settings(dev)}
     trained = runfolder.training_settings(bundle, checkpoints, overrides, overlays)
     parser = load_config(bundle, "evaluate", overlays, overrides, settings, trained=trained.values)
-    trained.say(checkpoints)
+    from medseg.evaluation import settings_digest
+
+    settings_sha256 = settings_digest(parser.get())  # as given, before the split's own adjustments below
     if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
         parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from
     _leave_sigterm_to_main(parser, "validate#dataloader")
@@ -600,25 +602,27 @@ def evaluate(
         parser["val_count"] = 0  # ISBI: nothing is held out when every slice is scored (5 of 4 could not be)
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
-    made = runfolder.folders_made_for(Path(output_dir).absolute())  # removed again if the evaluation fails
-    try:
-        check_writable(output_dir)
-        with folder_lock(output_dir, "evaluate"):
-            return _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides, overlays,
-                                trained, network, digests, dev, progress, overwrite)
-    except BaseException:
-        runfolder.remove_if_empty(made)
-        raise
+    check_writable(output_dir)
+    with folder_lock(output_dir, "evaluate"):  # a failed evaluation's new folder goes (_no_empty_output_left)
+        return _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides, overlays, trained,
+                            network, digests, settings_sha256, dev, progress, overwrite)
 
 
 def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str], output_dir: str, split: str,
                  overrides: dict, overlays: tuple[str, ...], trained: Any, network: Any, digests: list[str],
-                 dev: Any, progress: bool, overwrite: bool) -> dict[str, Any]:
+                 settings_sha256: str, dev: Any, progress: bool, overwrite: bool) -> dict[str, Any]:
     """:func:`evaluate` once its model is loaded and it holds its output folder."""
     from medseg.evaluation import MetricsReport, check_report_folder
     from medseg.handlers import RichProgress
     from medseg.info import environment
 
+    # what makes this evaluation the one it is: an earlier report in the folder is replaced only if it is the same
+    same = {"checkpoints": [{"path": _resolved(c), "sha256": d} for c, d in zip(checkpoints, digests, strict=True)],
+            "data_dir": _resolved(str(data_dir)), "split": split,
+            "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
+            "settings_sha256": settings_sha256}
+    check_report_folder(output_dir, same, overwrite)
+    trained.say(checkpoints)
     record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
     if record is not None:
         # score the validation (or training) samples of the run that produced the checkpoint, by their names:
@@ -674,13 +678,13 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
         "split": split,
         "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
                        else "all images" if split == "all" else "the settings given"),
-        "tta": bool(getattr(parser.get_parsed_content("validate#inferer"), "tta", False)),
+        "tta": same["tta"],
         "overrides": dict(overrides),
         **({"from_training": trained.values} if trained.values else {}),
         "overlays": [_resolved(o) for o in overlays],
+        "settings_sha256": same["settings_sha256"],
         "environment": environment(dev, parser.get_parsed_content("amp", default=False)),
     }
-    check_report_folder(output_dir, run, overwrite)
     for report in reports:
         report.run = run
     with quiet_user_error_logs():

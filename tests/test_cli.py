@@ -239,8 +239,24 @@ def test_training_never_replaces_files_of_its_names_that_no_training_wrote(train
     result = _invoke(*args, "--output", stopped)
     assert result.exit_code == 0, result.output
     assert json.loads((stopped / "history.json").read_text())["epoch"] == [1]
-    (stopped / "split.json").write_text("[]")  # a list: not a training's split
+    (stopped / "split.json").write_text('{"train": ["0"], "val": ["1"], "source": "curated"}')  # a data set's
+    (stopped / "model.pt").unlink()
+    for name in stopped.glob("last_checkpoint_epoch=*.pt"):
+        name.unlink()
     _assert_one_line_error(_invoke(*args, "--output", stopped, "--overwrite"), "holds split.json, not written by")
+    # beside weights, a record cut short (an empty or damaged file) is the run's own: resumed or replaced
+    (stopped / "split.json").write_text("")
+    result = _invoke(*args, "--output", stopped)
+    assert result.exit_code == 0, result.output
+    (stopped / "config.json").write_text("{")
+    result = _invoke(*args, "--output", stopped, "--overwrite")
+    assert result.exit_code == 0, result.output
+    # but a readable file of another kind is not the run's, weights or not
+    (stopped / "config.json").write_text('{"project": "x"}')
+    for flags in (("--overwrite",), ("--resume", "--epochs", "3")):
+        _assert_one_line_error(_invoke(*args, "--output", stopped, *flags), "holds config.json, not written by a "
+                               "medseg training", "move it, or choose another --output")
+    assert (stopped / "config.json").read_text() == '{"project": "x"}'
 
 
 def _mlflow_runs(out: Path) -> list[tuple[str, str, str | None]]:
@@ -1342,46 +1358,75 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):
     assert run["tta"] is True and run["split"] == "val" and run["split_from"] == str(trained["out"] / "split.json")
 
 
-def test_evaluate_replaces_only_its_own_report_unless_told(trained, tmp_path, monkeypatch):
-    """The same evaluation again replaces its report; another one (split, tta, checkpoint, settings) would
-    lose the earlier figures, so it is refused without --overwrite, as are files of its names no evaluation
-    wrote; while one evaluation writes into a folder, another is refused."""
+def test_evaluate_replaces_only_its_own_report_unless_told(trained, tmp_path):
+    """The same evaluation again replaces its report, however its settings are reached; another one (split,
+    tta, checkpoint, settings, an overlay's content) would lose the earlier figures, so it is refused without
+    --overwrite, as are files of its names no evaluation wrote; while one evaluation writes into a folder,
+    another is refused."""
     out = tmp_path / "eval"
-    common = ("evaluate", BUNDLE, "--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu",
-              *_tiny_args(TINY_NET))
+    common = ("evaluate", BUNDLE, "--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu")
     base = (*common, "--checkpoint", trained["out"] / "model.pt")
-    assert _invoke(*base).exit_code == 0
+    assert _invoke(*base).exit_code == 0  # the network's settings from the training's config.json
     first = json.loads((out / "summary.json").read_text())
-    assert _invoke(*base).exit_code == 0  # the same evaluation: replaced
-    assert json.loads((out / "summary.json").read_text())["run"]["split"] == "val"
-    copy = tmp_path / "copy" / "model.pt"  # the same weights elsewhere are the same evaluation
+    assert len(first["run"]["settings_sha256"]) == 64
+    # the same evaluation: the same values by --set, a speed-only setting, the same weights elsewhere
+    for extra in (_tiny_args(TINY_NET), ("--set", "num_workers=0"), ("--no-tta",)):
+        result = _invoke(*base, *extra)
+        assert result.exit_code == 0, result.output
+    copy = tmp_path / "copy" / "model.pt"
     copy.parent.mkdir()
-    shutil.copy2(trained["out"] / "model.pt", copy)
-    shutil.copy2(trained["out"] / "split.json", copy.parent / "split.json")
-    shutil.copy2(trained["out"] / "config.json", copy.parent / "config.json")
+    for name in ("model.pt", "split.json", "config.json"):
+        shutil.copy2(trained["out"] / name, copy.parent / name)
     assert _invoke(*common, "--checkpoint", copy).exit_code == 0
     report = (out / "summary.json").read_text(), (out / "metrics.csv").read_text()
-    others = ((("--split", "all"), "split"), (("--tta",), "tta"), (("--set", "merge_threshold=0.3"), "--set"))
+    overlay = tmp_path / "overlay.json"
+    overlay.write_text('{"merge_threshold": 0.3}')
+    settings = "settings"
+    others = ((("--split", "all"), "split"), (("--tta",), "tta"), (("--set", "merge_threshold=0.3"), settings),
+              (("--config", overlay), settings))
     for extra, differ in others:
         result = _invoke(*base, *extra)
         _assert_one_line_error(result, str(out), f"holds the report of another evaluation (other {differ})",
                                "--overwrite", "another --output")
         assert ((out / "summary.json").read_text(), (out / "metrics.csv").read_text()) == report
+    # an overlay edited since is another evaluation, though its path is the same
+    assert _invoke(*base, "--config", overlay, "--overwrite").exit_code == 0
+    overlay.write_text('{"merge_threshold": 0.7}')
+    _assert_one_line_error(_invoke(*base, "--config", overlay), f"(other {settings})")
     other = tmp_path / "other" / "model.pt"  # other weights
     other.parent.mkdir()
     weights = torch.load(trained["out"] / "model.pt", weights_only=True)
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, other)
-    _assert_one_line_error(_invoke(*common, "--checkpoint", other, "--split", "all"), "(other checkpoints, split)")
+    shutil.copy2(trained["out"] / "config.json", other.parent / "config.json")
+    _assert_one_line_error(_invoke(*common, "--checkpoint", other, "--split", "all"),
+                           "(other checkpoints; split; settings)")
     result = _invoke(*base, "--split", "all", "--overwrite")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["run"]["split"] == "all" and first["run"]["split"] == "val"
-    # files of the report's names that no evaluation wrote
+    # the same checkpoint file with other weights (trained again into its folder) is named as changed
+    changed = tmp_path / "changed"
+    shutil.copytree(copy.parent, changed)
+    assert _invoke(*common, "--checkpoint", changed / "model.pt", "--split", "all", "--overwrite").exit_code == 0
+    shutil.copy2(other, changed / "model.pt")
+    _assert_one_line_error(_invoke(*common, "--checkpoint", changed / "model.pt", "--split", "all"),
+                           "(other checkpoints: the checkpoint has changed since it was scored, trained again")
+    # an ensemble is the same in any order
+    pair = (*common, "--split", "all", "--output", tmp_path / "pair")
+    assert _invoke(*pair, "--checkpoint", trained["out"] / "model.pt", "--checkpoint", other).exit_code == 0
+    assert _invoke(*pair, "--checkpoint", other, "--checkpoint", trained["out"] / "model.pt").exit_code == 0
+    # files of the report's names that no evaluation wrote; a folder of its name, which no --overwrite replaces
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "metrics.csv").write_text("my,own\n")
-    _assert_one_line_error(_invoke(*base, "--output", mine), "holds metrics.csv, not an evaluation's report")
+    _assert_one_line_error(_invoke(*base, "--output", mine), "holds metrics.csv without a record of the evaluation",
+                           "that wrote it; replace it with --overwrite")
     assert (mine / "metrics.csv").read_text() == "my,own\n" and not (mine / "summary.json").exists()
     assert _invoke(*base, "--output", mine, "--overwrite").exit_code == 0
+    (tmp_path / "odd" / "summary.json").mkdir(parents=True)
+    for flags in ((), ("--overwrite",)):
+        _assert_one_line_error(_invoke(*base, "--output", tmp_path / "odd", *flags),
+                               "odd/summary.json: a folder, where the report is written")
+    assert not (tmp_path / "odd" / "metrics.csv").exists()
     # one evaluation at a time per folder
     from medseg.locking import folder_lock
 

@@ -130,6 +130,10 @@ def test_missing_folder_and_missing_label(tmp_path, isbi_folder):
     os.mkfifo(isbi_folder / "train" / "label" / "2.png")  # a pipe of the label's name is named as what it is
     with pytest.raises(DataError, match=r"label/2\.png: the label of 2\.png is not a regular file"):
         find_pairs(isbi_folder)
+    os.unlink(isbi_folder / "train" / "label" / "2.png")
+    os.symlink(isbi_folder / "gone.png", isbi_folder / "train" / "label" / "2.png")
+    with pytest.raises(DataError, match=r"label/2\.png: the label of 2\.png is a link to a missing file"):
+        find_pairs(isbi_folder)
     with pytest.raises(DataError, match="no training data found"):
         find_pairs(tmp_path / "isbi" / "train" / "label")
 

@@ -60,6 +60,8 @@ def test_merge_overlap_goes_to_first_and_labels_consecutive():
 def test_merge_shape_mismatch_raises():
     with pytest.raises(ValueError, match=r"mask 1 has shape \(5, 6\).*\(5, 5\)"):
         merge_instance_masks([np.ones((5, 5), bool), np.ones((5, 6), bool)])
+    with pytest.raises(ValueError, match=r"mask 2 has shape \(5, 6\)"):  # counted with the empty one before it
+        merge_instance_masks([np.zeros((5, 5), bool), np.ones((5, 5), bool), np.ones((5, 6), bool)])
 
 
 # --- instance_targets -----------------------------------------------------------------------------
