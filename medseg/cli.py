@@ -102,7 +102,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     """
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
-        with _sigterm_as_ctrl_c(), _quiet_tifffile(not debug):
+        with _sigterm_as_ctrl_c(), _quiet_tifffile(not debug), _lenient_dicom(not debug):
             return fn(*args, **kwargs)
     except KeyboardInterrupt as stop:
         if debug:
@@ -134,6 +134,25 @@ def _quiet_tifffile(quiet: bool) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(before)
+
+
+@contextlib.contextmanager
+def _lenient_dicom(lenient: bool) -> Iterator[None]:
+    """pydicom checks the values it reads against their value representation (a date that is not one, a UID
+    with letters) and says so in its log and as a warning: clinical series often carry such values, and the
+    ones medseg uses are checked where they are used (a UID that cannot name an output). So the commands
+    read DICOM without those messages; ``--debug`` keeps them."""
+    if not lenient:
+        yield
+        return
+    from pydicom import config
+
+    before = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        yield
+    finally:
+        config.settings.reading_validation_mode = before
 
 
 @contextlib.contextmanager
