@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -483,6 +484,26 @@ def _frame_geometry(geometry: SeriesGeometry) -> dict[str, Any]:
 #: Patient/study attributes a SEG copies from its source; type 2 (may be empty) but often missing.
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_DATES_AND_TIMES = ("PatientBirthDate", "StudyDate", "StudyTime")
+
+
+def _valid_date_time(keyword: str, value: Any) -> bool:
+    """Whether ``value`` of a DA (``YYYYMMDD``) or TM (``HHMMSS.FFFFFF``, leading parts) attribute reads as one."""
+    import datetime
+    import re
+
+    text = str(value or "").strip()
+    if not text:
+        return True
+    if keyword.endswith("Time"):
+        found = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", text)
+        return bool(found) and int(found[1]) < 24 and int(found[2] or 0) < 60 and int(found[3] or 0) < 61 \
+            and not (found[4] and not found[3])
+    try:
+        datetime.datetime.strptime(text, "%Y%m%d")
+        return len(text) == 8
+    except ValueError:
+        return False
 
 
 def write_seg(
@@ -529,9 +550,13 @@ def write_seg(
     else:
         sources = [_read(p, pixels=True) for p in geometry.files]
         pixel_array = mask
+    emptied: dict[str, str] = {}
     for ds in sources:  # anonymised exports often drop type-2 attributes that a SEG must copy (empty is valid)
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
+                setattr(ds, keyword, "")
+            elif keyword in _DATES_AND_TIMES and not _valid_date_time(keyword, ds[keyword].value):
+                emptied.setdefault(keyword, str(ds[keyword].value))  # a SEG cannot carry what is not a date
                 setattr(ds, keyword, "")
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # empty means the default repertoire
@@ -539,6 +564,11 @@ def write_seg(
             ds.SliceThickness = f"{geometry.spacing[0]:.6g}"  # the slice step stands in for a missing thickness
         if "FrameOfReferenceUID" not in ds:  # required by SEG; derive a stable one from the series
             ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["medseg-frame-of-reference", geometry.series_uid])
+    if emptied:
+        many = len(emptied) > 1
+        logging.getLogger(__name__).warning(
+            "%s: %s %s not a DICOM date or time; the SEG leaves %s empty", geometry.files[0],
+            ", ".join(f"{k} {v!r}" for k, v in emptied.items()), "are" if many else "is", "them" if many else "it")
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=segment_label[:64],
