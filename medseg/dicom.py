@@ -484,17 +484,20 @@ def _frame_geometry(geometry: SeriesGeometry) -> dict[str, Any]:
 #: Patient/study attributes a SEG copies from its source; type 2 (may be empty) but often missing.
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
-_DATES_AND_TIMES = ("PatientBirthDate", "StudyDate", "StudyTime")
+_CHECKED_COPIED = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")  # highdicom parses these
 
 
-def _valid_date_time(keyword: str, value: Any) -> bool:
-    """Whether ``value`` of a DA (``YYYYMMDD``) or TM (``HHMMSS.FFFFFF``, leading parts) attribute reads as one."""
+def _valid_copied(keyword: str, value: Any) -> bool:
+    """Whether ``value`` of an attribute a SEG copies and highdicom parses is one it can: a DA (``YYYYMMDD``),
+    a TM (``HHMMSS.FFFFFF``, leading parts), PatientSex (``M``, ``F``, ``O``); empty is valid."""
     import datetime
     import re
 
     text = str(value or "").strip()
     if not text:
         return True
+    if keyword == "PatientSex":
+        return text in ("M", "F", "O")
     if keyword.endswith("Time"):
         found = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", text)
         return bool(found) and int(found[1]) < 24 and int(found[2] or 0) < 60 and int(found[3] or 0) < 61 \
@@ -555,8 +558,8 @@ def write_seg(
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
                 setattr(ds, keyword, "")
-            elif keyword in _DATES_AND_TIMES and not _valid_date_time(keyword, ds[keyword].value):
-                emptied.setdefault(keyword, str(ds[keyword].value))  # a SEG cannot carry what is not a date
+            elif keyword in _CHECKED_COPIED and not _valid_copied(keyword, ds[keyword].value):
+                emptied.setdefault(keyword, str(ds[keyword].value))  # a SEG cannot carry it as it is
                 setattr(ds, keyword, "")
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # empty means the default repertoire
@@ -567,7 +570,7 @@ def write_seg(
     if emptied:
         many = len(emptied) > 1
         logging.getLogger(__name__).warning(
-            "%s: %s %s not a DICOM date or time; the SEG leaves %s empty", geometry.files[0],
+            "%s: %s %s not a valid DICOM value; the SEG leaves %s empty", geometry.files[0],
             ", ".join(f"{k} {v!r}" for k, v in emptied.items()), "are" if many else "is", "them" if many else "it")
     description = hd.seg.SegmentDescription(
         segment_number=1,

@@ -152,26 +152,28 @@ def test_seg_for_a_multi_frame_source(tmp_path):
 
 
 def test_a_seg_is_written_for_a_source_whose_dates_are_not_dates(tmp_path, caplog):
-    # highdicom parses the study's dates it copies: 'notadate' stopped the SEG ("invalid literal for int()")
+    # highdicom parses the study's dates it copies: 'notadate' stopped the SEG ("invalid literal for int()"),
+    # and so did a PatientSex of 'Male' ("not a valid PatientSexValues")
     import highdicom as hd
 
     folder = write_dicom_series(tmp_path / "s", n=3)
     for path in sorted(folder.iterdir()):
         ds = pydicom.dcmread(path)
-        ds.StudyDate, ds.StudyTime, ds.PatientBirthDate = "notadate", "2561", "19700101"
+        ds.StudyDate, ds.StudyTime, ds.PatientBirthDate, ds.PatientSex = "notadate", "2561", "19700101", "Male"
         ds.save_as(path)
     geometry = dicom.series_geometry(dicom.find_series(folder))
     mask = np.zeros(geometry.shape, bool)
     mask[1, 2:5, 2:5] = True
     seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
-    assert seg.StudyDate == "" and seg.StudyTime == "" and seg.PatientBirthDate == "19700101"  # a valid one is kept
+    assert seg.StudyDate == seg.StudyTime == seg.PatientSex == "" and seg.PatientBirthDate == "19700101"
     assert seg.StudyInstanceUID == pydicom.dcmread(sorted(folder.iterdir())[0]).StudyInstanceUID
-    said = [r.getMessage() for r in caplog.records if "not a DICOM date or time" in r.getMessage()]
-    assert len(said) == 1 and "StudyDate 'notadate', StudyTime '2561' are not" in said[0], said
+    said = [r.getMessage() for r in caplog.records if "not a valid DICOM value" in r.getMessage()]
+    assert len(said) == 1 and "PatientSex 'Male', StudyDate 'notadate', StudyTime '2561' are not" in said[0], said
     for keyword, value, valid in (("StudyDate", "20240229", True), ("StudyDate", "20230229", False),
                                   ("StudyTime", "235959.123456", True), ("StudyTime", "1230", True),
-                                  ("StudyTime", "12.5", False), ("StudyDate", "2024.01.01", False)):
-        assert dicom._valid_date_time(keyword, value) is valid, (keyword, value)
+                                  ("StudyTime", "12.5", False), ("StudyDate", "2024.01.01", False),
+                                  ("PatientSex", "O", True), ("PatientSex", "f", False)):
+        assert dicom._valid_copied(keyword, value) is valid, (keyword, value)
 
 
 def test_a_file_rewritten_in_place_is_read_again(tmp_path):
