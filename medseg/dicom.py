@@ -48,8 +48,8 @@ def _read(path: str | os.PathLike, pixels: bool = False):
 
 #: Modalities of DICOM objects that are not images to segment: segmentations (ours among them), structure
 #: sets, reports, presentation states, registrations, raw data
-NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "RAW", "FID",
-                                  "DOC", "PLAN"})
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "REG", "RAW",
+                                  "FID", "DOC", "PLAN"})
 
 
 def non_image_kind(ds) -> str | None:
@@ -180,15 +180,63 @@ class SeriesGeometry:
     series_uid: str
 
 
-def _geometry(ds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row cosines, column cosines, pixel spacing (row, col)) of a slice; identity when absent."""
-    orientation = getattr(ds, "ImageOrientationPatient", None)
-    spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
-    ps = np.array([float(x) for x in spacing]) if spacing else np.ones(2)
-    if orientation is None or len(orientation) != 6:
-        return np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), ps
-    cos = np.array([float(x) for x in orientation])
-    return cos[:3], cos[3:], ps
+def _numbers(item: Any, keyword: str, count: int, path: str) -> np.ndarray | None:
+    """The ``count`` numbers of attribute ``keyword`` of ``item`` (a dataset or a sequence item); ``None`` when
+    absent or empty.
+
+    Raises:
+        DataError: another number of values, or values that are not finite numbers (naming the file and tag).
+    """
+    value = getattr(item, keyword, None)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
+        not isinstance(value, (str, bytes)) else [value]
+    try:
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        numbers = np.array([np.nan])
+    if len(values) != count or not np.all(np.isfinite(numbers)):
+        shown = "\\".join(str(v) for v in values)
+        raise DataError(f"{path}: {keyword} '{shown}' is not {count} numbers; fix the file's header")
+    return numbers
+
+
+#: (folder, value) pairs already warned about
+_SAID: set[tuple[str, str]] = set()
+
+
+def _checked(row: np.ndarray, col: np.ndarray, ps: np.ndarray, path: str) -> tuple[np.ndarray, ...]:
+    """Orientation cosines as unit vectors, refused when they are not two perpendicular directions; a pixel
+    spacing that is not positive read as unknown (1 mm), with a warning."""
+    norms = np.linalg.norm(row), np.linalg.norm(col)
+    if min(norms) < 1e-6 or abs(float(row @ col)) / (norms[0] * norms[1]) > 0.05:
+        shown = "\\".join(f"{v:g}" for v in (*row, *col))
+        raise DataError(f"{path}: ImageOrientationPatient '{shown}' is not two perpendicular directions, so the "
+                        "slice has no orientation; fix the file's header")
+    if not np.all(ps > 0):
+        shown = "\\".join(f"{v:g}" for v in ps)
+        if (str(Path(path).parent), shown) not in _SAID:  # once for the files of a series, not per slice
+            _SAID.add((str(Path(path).parent), shown))
+            logging.getLogger(__name__).warning("%s: pixel spacing %s is not a spacing; 1 mm is used", path, shown)
+        ps = np.ones(2)
+    return row / norms[0], col / norms[1], ps
+
+
+def _geometry(ds, path: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row cosines, column cosines, pixel spacing (row, col)) of a slice; identity and 1 mm when absent.
+
+    Raises:
+        DataError: malformed ImageOrientationPatient or pixel spacing (see :func:`_numbers`, :func:`_checked`).
+    """
+    orientation = _numbers(ds, "ImageOrientationPatient", 6, path)
+    ps = _numbers(ds, "PixelSpacing", 2, path)
+    if ps is None:
+        ps = _numbers(ds, "ImagerPixelSpacing", 2, path)
+    ps = np.ones(2) if ps is None else ps
+    if orientation is None:
+        return _checked(np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), ps, path)
+    return _checked(orientation[:3], orientation[3:], ps, path)
 
 
 def _affine(origin: np.ndarray, step: np.ndarray, row: np.ndarray, col: np.ndarray, ps: np.ndarray) -> np.ndarray:
@@ -204,6 +252,7 @@ def _pixels(ds, path: str) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')}); "
                         "it is not an image")
+    _transfer_syntax_from_encoding(ds)
     try:
         arr = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, EOFError) as err:
@@ -229,6 +278,24 @@ def _pixels(ds, path: str) -> np.ndarray:
     if not np.isscalar(slope):
         slope, intercept = slope[:, None], intercept[:, None]  # (frames, 1, 1, 1)
     return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _transfer_syntax_from_encoding(ds: Any) -> None:
+    """A file without file meta (no preamble, as some older systems write) names no transfer syntax, which
+    pydicom needs to decode the pixels; its data are native, in the encoding pydicom read the header with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if little is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit and little else \
+        ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
 def _invert_stored(arr: np.ndarray, ds) -> np.ndarray:
@@ -289,23 +356,22 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
         return _single_geometry(series.files[0], series.uid)
     headers = [(path, _read(path)) for path in series.files]
     path0, ds0 = headers[0]
-    row0, col0, ps0 = _geometry(ds0)
+    row0, col0, ps0 = _geometry(ds0, path0)
     normal = np.cross(row0, col0)
     positioned = []
     for path, ds in headers:
         if "Rows" not in ds:
             raise DataError(f"{path}: DICOM file has no image (no Rows/pixel data); remove it from the series")
-        row, col, _ = _geometry(ds)
+        row, col, _ = _geometry(ds, path)
         if (ds.Rows, ds.Columns) != (ds0.Rows, ds0.Columns):
             raise DataError(f"{path}: slice is {ds.Rows}x{ds.Columns} but {path0} is {ds0.Rows}x{ds0.Columns}; "
                             "the series mixes image sizes")
         if not (np.allclose(row, row0, atol=1e-4) and np.allclose(col, col0, atol=1e-4)):
             raise DataError(f"{path}: ImageOrientationPatient differs from {path0}; the series mixes orientations")
-        ipp = getattr(ds, "ImagePositionPatient", None)
-        if ipp is None:
+        position = _numbers(ds, "ImagePositionPatient", 3, path)
+        if position is None:
             raise DataError(f"{path}: no ImagePositionPatient; the slices of this series cannot be ordered into a "
                             "volume: give its files one by one (`medseg infer` of the folder segments each alone)")
-        position = np.array([float(x) for x in ipp])
         positioned.append((float(position @ normal), position, path, str(getattr(ds, "SOPInstanceUID", ""))))
     positioned.sort(key=lambda t: t[0])
     _check_steps(np.array([p[0] for p in positioned]), [p[2] for p in positioned], series.folder,
@@ -347,12 +413,13 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
         raise DataError(f"{path}: DICOM file has no pixel data (SOP class {getattr(ds, 'SOPClassUID', '?')}); "
                         "it is not an image")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    row, col, ps = _geometry(ds)
+    row, col, ps = _geometry(ds, path)
     if frames > 1:
-        row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps)
+        row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps, path)
         row, col, ps = _per_frame_geometry(ds, path, row, col, ps)
+        row, col, ps = _checked(row, col, ps, path)
     normal = np.cross(row, col)
-    positions = _frame_positions(ds, frames)
+    positions = _frame_positions(ds, frames, path)
     if positions is not None:
         order = np.argsort(positions @ normal, kind="stable")
         positions = positions[order]
@@ -362,8 +429,8 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
         step = (positions[-1] - positions[0]) / (frames - 1) if frames > 1 else None
     else:
         order = np.arange(frames)
-        ipp = getattr(ds, "ImagePositionPatient", None)
-        origin = np.array([float(x) for x in ipp]) if ipp is not None else np.zeros(3)
+        origin = _numbers(ds, "ImagePositionPatient", 3, path)
+        origin = np.zeros(3) if origin is None else origin
         step = None
     if step is None:
         thickness = float(getattr(ds, "SpacingBetweenSlices", 0) or getattr(ds, "SliceThickness", 0) or 1.0)
@@ -420,23 +487,24 @@ def _functional(ds, name: str, index: int):
     return seq[index] if seq is not None and len(seq) > index else None
 
 
-def _enhanced_geometry(group, row, col, ps):
+def _enhanced_geometry(group, row, col, ps, path: str = ""):
     if group is None:
         return row, col, ps
     orient = getattr(group, "PlaneOrientationSequence", None)
-    if orient:
-        cos = np.array([float(x) for x in orient[0].ImageOrientationPatient])
+    cos = _numbers(orient[0], "ImageOrientationPatient", 6, path) if orient else None
+    if cos is not None:
         row, col = cos[:3], cos[3:]
     measures = getattr(group, "PixelMeasuresSequence", None)
-    if measures and getattr(measures[0], "PixelSpacing", None):
-        ps = np.array([float(x) for x in measures[0].PixelSpacing])
+    spacing = _numbers(measures[0], "PixelSpacing", 2, path) if measures else None
+    if spacing is not None:
+        ps = spacing
     return row, col, ps
 
 
 def _per_frame_geometry(ds, path: str, row, col, ps):
     """Orientation and pixel spacing stored per frame (some scanners do), which must agree across frames."""
     per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None) or []
-    found = [_enhanced_geometry(item, row, col, ps) for item in per_frame]
+    found = [_enhanced_geometry(item, row, col, ps, path) for item in per_frame]
     if not found:
         return row, col, ps
     first = np.concatenate([np.asarray(v, dtype=np.float64) for v in found[0]])
@@ -447,7 +515,7 @@ def _per_frame_geometry(ds, path: str, row, col, ps):
     return found[0]
 
 
-def _frame_positions(ds, frames: int) -> np.ndarray | None:
+def _frame_positions(ds, frames: int, path: str = "") -> np.ndarray | None:
     """Per-frame ImagePositionPatient of an enhanced multi-frame image, or None."""
     per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
     if not per_frame or len(per_frame) != frames:
@@ -457,7 +525,10 @@ def _frame_positions(ds, frames: int) -> np.ndarray | None:
         seq = getattr(item, "PlanePositionSequence", None)
         if not seq:
             return None
-        positions.append([float(x) for x in seq[0].ImagePositionPatient])
+        position = _numbers(seq[0], "ImagePositionPatient", 3, path)
+        if position is None:
+            return None
+        positions.append(position)
     return np.array(positions)
 
 
@@ -507,6 +578,34 @@ def _valid_copied(keyword: str, value: Any) -> bool:
         return len(text) == 8
     except ValueError:
         return False
+
+
+def _usable_charset(ds: Any) -> None:
+    """Give ``ds`` a SpecificCharacterSet a SEG can carry: the common variants written as the standard spells
+    them (an empty first value of a code-extension list is ``ISO 2022 IR 6``, lower case, a single-byte set
+    named in its code-extension form), the default repertoire as no value, and anything else that highdicom
+    refuses replaced by UTF-8 (``ISO_IR 192``) once the text values are decoded with the file's own set."""
+    import highdicom as hd
+
+    if "SpecificCharacterSet" not in ds:
+        return
+    raw = ds.SpecificCharacterSet
+    terms = [str(t).strip().upper() for t in (raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__iter__")
+                                               and not isinstance(raw, str) else [raw])]
+    if len(terms) > 1 and not terms[0]:
+        terms[0] = "ISO 2022 IR 6"
+    if len(terms) == 1 and terms[0].startswith("ISO 2022 IR ") and terms[0] != "ISO 2022 IR 6":
+        terms = [terms[0].replace("ISO 2022 IR ", "ISO_IR ")]
+    if terms in ([], [""], ["ISO_IR 6"], ["ISO 2022 IR 6"]):
+        del ds.SpecificCharacterSet  # the default repertoire
+        return
+    try:
+        for term in terms:
+            hd.enum.SpecificCharacterSetValues(term)
+    except ValueError:
+        terms = ["ISO_IR 192"]
+    ds.decode()  # text values as the file's own set reads them, before the set they are written in changes
+    ds.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
 
 
 def write_seg(
@@ -561,12 +660,14 @@ def write_seg(
             elif keyword in _CHECKED_COPIED and not _valid_copied(keyword, ds[keyword].value):
                 emptied.setdefault(keyword, str(ds[keyword].value))  # a SEG cannot carry it as it is
                 setattr(ds, keyword, "")
-        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
-            del ds.SpecificCharacterSet  # empty means the default repertoire
-        if "SliceThickness" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        _usable_charset(ds)
+        if not str(getattr(ds, "SliceThickness", "") or "").strip() and "PerFrameFunctionalGroupsSequence" not in ds:
             ds.SliceThickness = f"{geometry.spacing[0]:.6g}"  # the slice step stands in for a missing thickness
-        if "FrameOfReferenceUID" not in ds:  # required by SEG; derive a stable one from the series
+        if not str(getattr(ds, "FrameOfReferenceUID", "") or "").strip():  # required by SEG: a stable one
             ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["medseg-frame-of-reference", geometry.series_uid])
+        if not str(getattr(ds, "StudyInstanceUID", "") or "").strip():
+            raise DataError(f"{geometry.files[0]}: no StudyInstanceUID, which a SEG must share with its source; "
+                            "use --format nifti")
     if emptied:
         many = len(emptied) > 1
         logging.getLogger(__name__).warning(
@@ -592,7 +693,7 @@ def write_seg(
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=[description],
                 series_instance_uid=hd.UID(),
-                series_number=number + 1000 if number is not None else 1000,
+                series_number=number + 1000 if number is not None and 0 <= number < 2**31 - 1001 else 1000,
                 sop_instance_uid=hd.UID(),
                 instance_number=1,
                 manufacturer="medseg",

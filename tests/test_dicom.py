@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -174,6 +176,129 @@ def test_a_seg_is_written_for_a_source_whose_dates_are_not_dates(tmp_path, caplo
                                   ("StudyTime", "12.5", False), ("StudyDate", "2024.01.01", False),
                                   ("PatientSex", "O", True), ("PatientSex", "f", False)):
         assert dicom._valid_copied(keyword, value) is valid, (keyword, value)
+
+
+def _edited_series(folder: Path, n: int = 3, **values) -> Path:
+    """A series of ``n`` slices whose every file has the attributes ``values`` set (odd ones included)."""
+    from pydicom import config
+
+    write_dicom_series(folder, n=n)
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        before = config.settings.writing_validation_mode
+        config.settings.writing_validation_mode = config.IGNORE  # the odd values real files carry
+        try:
+            for keyword, value in values.items():
+                if isinstance(value, bytes):  # stored as given, unparsed (what pydicom would refuse to set)
+                    from pydicom.datadict import dictionary_VR, tag_for_keyword
+                    from pydicom.dataelem import RawDataElement
+
+                    tag = tag_for_keyword(keyword)
+                    ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+                else:
+                    setattr(ds, keyword, value)
+            ds.save_as(path)
+        finally:
+            config.settings.writing_validation_mode = before
+    return folder
+
+
+def _seg_of(folder: Path, out: Path):
+    import highdicom as hd
+
+    geometry = dicom.series_geometry(dicom.find_series(folder))
+    mask = np.zeros(geometry.shape, bool)
+    mask[0, 2:5, 2:5] = True
+    return hd.seg.segread(dicom.write_seg(out, mask, geometry))
+
+
+def test_a_seg_is_written_readably_for_sources_with_empty_or_odd_attributes(tmp_path):
+    # an empty SliceThickness gave a SEG highdicom itself could not read back; an empty FrameOfReferenceUID
+    # (type 1 in a SEG) was copied empty; a SeriesNumber near the top of its range overflowed
+    seg = _seg_of(_edited_series(tmp_path / "a", SliceThickness="", FrameOfReferenceUID="", SeriesNumber=2147483000),
+                  tmp_path / "a.dcm")
+    assert seg.FrameOfReferenceUID and seg.SeriesNumber == 1000
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 2.0
+    with pytest.raises(DataError, match=r"IM\d+\.dcm: no StudyInstanceUID, which a SEG must share"):
+        _seg_of(_edited_series(tmp_path / "b", StudyInstanceUID=""), tmp_path / "b.dcm")
+
+
+@pytest.mark.parametrize("charset, name, written", [
+    (["", "ISO 2022 IR 87"], "ヤマダ^タロウ=山田^太郎", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),  # Japanese, as sent
+    ("ISO_IR 6", "Doe^John", None),  # the default, named
+    ("iso_ir 100", "Müller^Jörg", "ISO_IR 100"),
+    ("ISO 2022 IR 100", "Müller^Jörg", "ISO_IR 100"),  # a single set in its code-extension form
+    ("ISO_IR 192", "Müller^Jörg", "ISO_IR 192"),
+])
+def test_a_seg_carries_the_sources_names_whatever_its_character_set_is_called(tmp_path, charset, name, written):
+    # '' first, 'ISO_IR 6', lower case and the code-extension form of one set stopped the SEG ("'' is not a valid
+    # SpecificCharacterSetValues")
+    folder = write_dicom_series(tmp_path / "s", n=2)
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        ds.save_as(path)
+    seg = _seg_of(folder, tmp_path / "seg.dcm")
+    assert str(seg.PatientName) == name
+    assert (list(seg.SpecificCharacterSet) if seg.get("SpecificCharacterSet") is not None and
+            not isinstance(seg.SpecificCharacterSet, str) else seg.get("SpecificCharacterSet")) == written
+
+
+def test_a_character_set_highdicom_refuses_becomes_utf8_with_the_names_kept(tmp_path):
+    folder = write_dicom_series(tmp_path / "s", n=2)
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jörg"
+        ds.save_as(path)
+        raw = path.read_bytes().replace(b"ISO_IR 100", b"LATIN1_XX ")  # a term of no standard
+        path.write_bytes(raw)
+    seg = _seg_of(folder, tmp_path / "seg.dcm")
+    assert seg.SpecificCharacterSet == "ISO_IR 192" and str(seg.PatientName) == "Müller^Jörg"
+
+
+def test_malformed_geometry_is_named_by_file_and_tag(tmp_path, caplog):
+    # raw TypeError/ValueError/LinAlgError ("SVD did not converge") before, naming no file
+    cases = {"PixelSpacing": ("0.5", r"PixelSpacing '0.5' is not 2 numbers"),
+             "ImagePositionPatient": (b"0\\0\\abc ", r"ImagePositionPatient .*abc.* is not 3 numbers"),
+             "ImageOrientationPatient": (["0"] * 6, "ImageOrientationPatient '0.*' is not two perpendicular"),
+             }
+    for keyword, (value, message) in cases.items():
+        folder = _edited_series(tmp_path / keyword, **{keyword: value})
+        with pytest.raises(DataError, match=rf"IM\d+\.dcm: {message}"):
+            dicom.series_geometry(dicom.find_series(folder))
+    parallel = _edited_series(tmp_path / "parallel", ImageOrientationPatient=["1", "0", "0", "1", "0", "0"])
+    with pytest.raises(DataError, match="is not two perpendicular directions"):
+        dicom.series_geometry(dicom.find_series(parallel))
+    # a zero spacing is unknown: 1 mm, said once for the series
+    folder = _edited_series(tmp_path / "zero", n=4, PixelSpacing=["0", "0"])
+    geometry = dicom.series_geometry(dicom.find_series(folder))
+    assert geometry.spacing[1:] == (1.0, 1.0)
+    said = [r for r in caplog.records if "is not a spacing; 1 mm is used" in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_a_file_without_file_meta_is_decoded_in_its_own_encoding(tmp_path):
+    # no preamble, no file meta (older systems): "cannot decode DICOM pixels (... no Transfer Syntax UID)"
+    from pydicom.filewriter import dcmwrite
+
+    folder = write_dicom_series(tmp_path / "s", n=2, size=16)
+    expected = [read_slice(folder, k) for k in range(2)]
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        ds.preamble = None
+        dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[128:132] != b"DICM"
+    for k in range(2):
+        np.testing.assert_array_equal(read_slice(folder, k), expected[k])
+
+
+def test_rt_dose_is_not_an_image_to_segment():
+    ds = pydicom.Dataset()
+    ds.Modality = "RTDOSE"
+    assert dicom.non_image_kind(ds) == "RTDOSE"
 
 
 def test_a_file_rewritten_in_place_is_read_again(tmp_path):
