@@ -367,12 +367,18 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
             raise DataError(f"{path}: slice is {ds.Rows}x{ds.Columns} but {path0} is {ds0.Rows}x{ds0.Columns}; "
                             "the series mixes image sizes")
         if not (np.allclose(row, row0, atol=1e-4) and np.allclose(col, col0, atol=1e-4)):
-            raise DataError(f"{path}: ImageOrientationPatient differs from {path0}; the series mixes orientations")
+            raise DataError(f"{path}: ImageOrientationPatient differs from {path0}; the series mixes orientations "
+                            "(a localizer?): give its files one by one, or one folder per orientation")
         position = _numbers(ds, "ImagePositionPatient", 3, path)
         if position is None:
             raise DataError(f"{path}: no ImagePositionPatient; the slices of this series cannot be ordered into a "
                             "volume: give its files one by one (`medseg infer` of the folder segments each alone)")
         positioned.append((float(position @ normal), position, path, str(getattr(ds, "SOPInstanceUID", ""))))
+    copies: dict[str, str] = {}
+    for _, _, path, sop in positioned:
+        if sop and copies.setdefault(sop, path) != path:
+            raise DataError(f"{path}: the same SOPInstanceUID as {copies[sop]}, so a copy of that file; remove one "
+                            "of them from the series' folder")
     positioned.sort(key=lambda t: t[0])
     _check_steps(np.array([p[0] for p in positioned]), [p[2] for p in positioned], series.folder,
                  spacing_tolerance)
@@ -665,6 +671,10 @@ def write_seg(
             ds.SliceThickness = f"{geometry.spacing[0]:.6g}"  # the slice step stands in for a missing thickness
         if not str(getattr(ds, "FrameOfReferenceUID", "") or "").strip():  # required by SEG: a stable one
             ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["medseg-frame-of-reference", geometry.series_uid])
+        if not str(getattr(ds, "Modality", "") or "").strip():
+            ds.Modality = "OT"  # other: a SEG's series needs its source's modality
+        if "PerFrameFunctionalGroupsSequence" not in ds and not str(getattr(ds, "PixelSpacing", "") or "").strip():
+            ds.PixelSpacing = [f"{geometry.spacing[1]:.6g}", f"{geometry.spacing[2]:.6g}"]  # as read (1 mm unknown)
         if not str(getattr(ds, "StudyInstanceUID", "") or "").strip():
             raise DataError(f"{geometry.files[0]}: no StudyInstanceUID, which a SEG must share with its source; "
                             "use --format nifti")

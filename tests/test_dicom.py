@@ -221,6 +221,31 @@ def test_a_seg_is_written_readably_for_sources_with_empty_or_odd_attributes(tmp_
     assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 2.0
     with pytest.raises(DataError, match=r"IM\d+\.dcm: no StudyInstanceUID, which a SEG must share"):
         _seg_of(_edited_series(tmp_path / "b", StudyInstanceUID=""), tmp_path / "b.dcm")
+    # no PixelSpacing (1 mm as read) and no Modality failed with raw attribute errors
+    for keyword in ("PixelSpacing", "Modality"):
+        folder = write_dicom_series(tmp_path / keyword, n=2)
+        for path in sorted(folder.iterdir()):
+            ds = pydicom.dcmread(path)
+            delattr(ds, keyword)
+            ds.save_as(path)
+        seg = _seg_of(folder, tmp_path / f"{keyword}.dcm")
+        assert seg.Modality == "SEG" and len(seg.PerFrameFunctionalGroupsSequence) == 2
+
+
+def test_a_copied_file_and_a_localizer_are_named_for_what_they_are(tmp_path):
+    import shutil
+
+    folder = write_dicom_series(tmp_path / "s", n=3)
+    first = sorted(folder.iterdir())[0]
+    shutil.copy2(first, folder / "copy.dcm")
+    with pytest.raises(DataError, match=r"the same SOPInstanceUID as .*, so a copy of that file"):
+        dicom.series_geometry(dicom.find_series(folder))
+    (folder / "copy.dcm").unlink()
+    ds = pydicom.dcmread(first)
+    ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]  # a sagittal plane in an axial series
+    ds.save_as(first)
+    with pytest.raises(DataError, match=r"mixes orientations \(a localizer\?\): give its files one by one"):
+        dicom.series_geometry(dicom.find_series(folder))
 
 
 @pytest.mark.parametrize("charset, name, written", [
