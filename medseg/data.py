@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import re
+import unicodedata
 from pathlib import Path
 
 from medseg.discovery import natural_key
@@ -32,9 +33,10 @@ IMAGE_SUFFIXES = (*MASK_SUFFIXES, ".jpg", ".jpeg")
 ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
 
 
-def _images_in(folder: Path) -> list[Path]:
+def _images_in(folder: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[Path]:
+    """The files of ``folder`` with one of ``suffixes`` (any case), hidden ones (macOS ``._`` companions) left out."""
     return sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES),
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")),
         key=lambda p: natural_key(p.name),
     )
 
@@ -69,15 +71,18 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
     if not label_dir.is_dir():
         raise DataError(f"{label_dir}: label folder not found; put one label per image there")
     labels: dict[str, Path] = {}
-    for p in _images_in(label_dir):
+    for p in _images_in(label_dir, MASK_SUFFIXES):
         if p.stem in labels:
             raise DataError(f"{p}: a second label for '{p.stem}' beside {labels[p.stem].name}; keep one of them")
         labels[p.stem] = p
+    lossy = {p.stem: p for p in _images_in(label_dir, LOSSY_SUFFIXES)}
     pairs = []
-    for image in _images_in(image_dir):
+    for image in _images_in(image_dir, IMAGE_SUFFIXES):
         label = labels.get(image.stem)
+        if label is None and image.stem in lossy:
+            raise lossy_mask_error(lossy[image.stem], "label")
         if label is None:
-            odd = [q for q in label_dir.iterdir() if q.stem == image.stem and q.suffix.lower() in SUPPORTED_SUFFIXES
+            odd = [q for q in label_dir.iterdir() if q.stem == image.stem and q.suffix.lower() in MASK_SUFFIXES
                    and not q.is_file()]
             if odd:  # a folder, a pipe, a device or a broken link of the label's name: not "no label" either
                 what = "a link to a missing file" if odd[0].is_symlink() and not odd[0].exists() else \
@@ -225,6 +230,17 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def _any_case_suffix(pattern: str) -> str:
+    """``pattern`` with a literal suffix of its last part matching in any case (``*.bmp`` -> ``*.[bB][mM][pP]``),
+    as cameras and Windows tools write ``.BMP`` and ``.PNG``; a suffix with wildcards is left as it is."""
+    head, sep, last = pattern.replace(os.sep, "/").rpartition("/")
+    found = re.fullmatch(r"(.*\.)([A-Za-z0-9]+)", last)
+    if not found:
+        return pattern
+    suffix = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in found[2])
+    return f"{head}{sep}{found[1]}{suffix}"
+
+
 def _glob(root: Path, pattern: str) -> list[Path]:
     """``root.glob(pattern)``, but a ``**`` also enters linked folders, as ``medseg infer`` does (each folder
     once; pathlib's ``**`` skips links, which dropped the images of a linked sub-folder without a word).
@@ -282,7 +298,8 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found; pass --data pointing to the images + masks folder")
-    images = sorted((p for p in _glob(root, image_glob) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    images = sorted((p for p in _glob(root, _any_case_suffix(image_glob)) if p.is_file()
+                     and p.suffix.lower() in IMAGE_SUFFIXES
                      and not p.name.startswith(".")),  # macOS "._" companions, editors' temporary files
                     key=lambda p: natural_key(p.relative_to(root).as_posix()))
     if not images:
@@ -293,8 +310,13 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         fields = {"stem": glob.escape(image.stem), "name": glob.escape(image.name),
                   "match": glob.escape(_star_match(image.name, image_glob))}
         pattern = str(image.parent / mask_template.format(**fields))
+        matched: list[str] = []
+        for form in (None, "NFC", "NFD"):  # a name macOS wrote decomposed (NFD) beside one written composed
+            matched = glob.glob(_any_case_suffix(unicodedata.normalize(form, pattern) if form else pattern))
+            if matched:
+                break
         found[image] = pattern, sorted(
-            Path(m) for m in glob.glob(pattern)  # as found: "images/../masks" through a linked folder is not "masks"
+            Path(m) for m in matched  # as found: "images/../masks" through a linked folder is not "masks"
             if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
     # masks beside their images that image_glob matches too (Cellpose's x.tif + x_masks.tif) are not images
     taken = {m.resolve() for _, masks in found.values() for m in masks}
@@ -304,7 +326,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
             continue
         pattern, masks = found[image]
         if not masks:
-            lossy = [m for m in glob.glob(pattern)
+            lossy = [m for m in glob.glob(_any_case_suffix(pattern))
                      if Path(m).suffix.lower() in LOSSY_SUFFIXES and Path(m).resolve() != image.resolve()]
             if lossy:
                 raise lossy_mask_error(lossy[0])

@@ -48,16 +48,19 @@ class InstanceMerger:
         self.count = 0  # labels given
         self.added = 0  # masks added, empty ones too
 
-    def add(self, mask: np.ndarray) -> None:
-        """Add ``mask`` (``(H, W)``, boolean or 0/255: any non-zero value is foreground)."""
+    def add(self, mask: np.ndarray) -> bool:
+        """Add ``mask`` (``(H, W)``, boolean or 0/255: any non-zero value is foreground); whether it gave an
+        object (not when it is empty or wholly under earlier masks)."""
         mask = np.asarray(mask)
         if mask.shape != self.shape:
             raise ValueError(f"mask {self.added} has shape {mask.shape}, the masks have shape {self.shape}")
         self.added += 1
         claimed = (mask != 0) & (self.labels == 0)
-        if np.any(claimed):
-            self.count += 1
-            self.labels[claimed] = self.count
+        if not np.any(claimed):
+            return False
+        self.count += 1
+        self.labels[claimed] = self.count
+        return True
 
 
 def merge_instance_masks(masks: Sequence[np.ndarray]) -> np.ndarray:

@@ -19,7 +19,7 @@ from scipy import ndimage
 from medseg.bundle import config_flag
 from medseg.errors import ConfigValueError, DataError
 from medseg.metrics import FOUR_CONNECTED
-from medseg.readers import LOSSY_SUFFIXES, lossy_mask_error, open_picture, read_slice
+from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error, open_picture, read_slice
 
 #: The files of a DSB ``masks/`` folder that are read as instance masks (hidden files never are)
 INSTANCE_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -346,7 +346,11 @@ class LoadInstanceMasksd(MapTransform):
                 raise lossy_mask_error(lossy[0], "instance mask")
             files = [p for p in listed if p.suffix.lower() in INSTANCE_MASK_SUFFIXES]
             merger = None  # the label image, filled as the masks are read (only one mask in memory at a time)
+            covered = []  # masks wholly under earlier ones (a mask of all the nuclei among them, say)
             for path in files:
+                if path.suffix.lower() in (".tif", ".tiff") and (pages := count_slices(str(path))) > 1:
+                    raise DataError(f"{path}: a stack of {pages} pages; each file in a masks/ folder is one object's "
+                                    "mask: save each page as its own file")
                 mask = read_slice(str(path), 0)
                 if mask.shape[0] != 1:
                     mask = mask.max(axis=0, keepdims=True)
@@ -363,7 +367,14 @@ class LoadInstanceMasksd(MapTransform):
                         "read with --set layout=folders (said once for the data folder)", path)
                 if merger is None:
                     merger = InstanceMerger(shape)
-                merger.add(mask[0] > 0)
+                if not merger.add(mask[0] > 0) and np.any(mask[0] > 0):
+                    covered.append(path)
+            if covered and str(folder.parent.parent) not in _SAID:
+                _SAID.add(str(folder.parent.parent))
+                logging.getLogger(__name__).warning(
+                    "%s: lies wholly under the masks before it (in name order), so it adds no object (%d such in "
+                    "this folder); a mask of several objects hides them all as one: remove it (said once for the "
+                    "data folder)", covered[0], len(covered))
             if shape is None:
                 raise DataError(f"{folder}: no masks and no image to size an empty label; add the image first")
             labels = merger.labels if merger is not None else np.zeros(shape, dtype=np.int32)
@@ -408,6 +419,12 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
                         "a positive value per object")
     kept, inverse = np.unique(labels, return_inverse=True)
     values = kept[kept != 0]
+    if len(values) == 1 and labels.size >= 1024 and np.count_nonzero(labels) > 0.9 * labels.size \
+            and f"inverted {path.parent}" not in _SAID:
+        _SAID.add(f"inverted {path.parent}")  # objects 0 and background one value: one object of it all
+        logging.getLogger(__name__).warning(
+            "%s: one object covers %.0f%% of the image; if the objects are 0 and the background %s, invert the "
+            "masks (said once for the folder)", path, 100 * np.count_nonzero(labels) / labels.size, values[0])
     if len(values) == 1:
         regions, count = ndimage.label(labels != 0, structure=np.ones((3, 3), bool))
         if count > 1:

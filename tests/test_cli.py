@@ -215,6 +215,20 @@ def test_training_into_a_trained_run_is_refused_unless_resumed_or_overwritten(tr
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 2
 
 
+def test_isbi_em_trains_on_slices_smaller_than_its_patch(tmp_path):
+    # crops of a slice under the patch size came out smaller ("stack expects each tensor to be equal size")
+    # or of sizes the network cannot take; such slices are mirrored up to the patch, as jurkat and nuclei do
+    data = write_isbi_folder(tmp_path / "data", n=2, size=96)
+    for k, size in ((2, 40), (3, 44), (4, 30)):  # any two training slices in a batch differ in size
+        image, label = synthetic_em(size=size, seed=k)
+        Image.fromarray(image).save(data / "train" / "image" / f"{k}.png")
+        Image.fromarray(label).save(data / "train" / "label" / f"{k}.png")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["train"] == ["0", "1", "2", "3"]
+
+
 def test_training_never_replaces_files_of_its_names_that_no_training_wrote(trained, tmp_path):
     """A folder's own config.json or split.json (a project folder, another tool's output) would be replaced by
     the training's record: refused with any flag; a training's own records, also a stopped one's, are not."""

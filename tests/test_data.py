@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.data import find_pairs, isbi_split, split_pairs
+from medseg.data import find_image_mask_pairs, find_pairs, isbi_split, split_pairs
 from medseg.errors import DataError
 
 
@@ -246,3 +246,36 @@ def test_a_full_disk_while_recording_the_split_names_split_json(tmp_path, isbi_f
     with pytest.raises(OSError) as err:
         isbi_split(isbi_folder, val_count=1, save_to=str(tmp_path / "run"))
     assert err.value.filename == str(tmp_path / "run" / "split.json")
+
+
+def test_image_folder_layout_reads_bmp_and_jpeg_images_and_names_a_jpeg_label(isbi_folder):
+    # BMP and JPEG images were left out without a word (half the slices, and another held-out slice)
+    image_dir, label_dir = isbi_folder / "train" / "image", isbi_folder / "train" / "label"
+    Image.open(image_dir / "2.png").save(image_dir / "2.bmp")
+    (image_dir / "2.png").unlink()
+    Image.open(image_dir / "3.png").save(image_dir / "3.jpg", quality=95)
+    (image_dir / "3.png").unlink()
+    (image_dir / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # a macOS companion file: not an image
+    assert [(Path(p["image"]).name, Path(p["label"]).name) for p in find_pairs(isbi_folder)] == [
+        ("0.png", "0.png"), ("1.png", "1.png"), ("2.bmp", "2.png"), ("3.jpg", "3.png")]
+    Image.open(label_dir / "1.png").save(label_dir / "1.jpg")
+    (label_dir / "1.png").unlink()
+    with pytest.raises(DataError, match=r"label/1\.jpg: a \.jpg label; JPEG compression changes the values"):
+        find_pairs(isbi_folder)
+
+
+def test_image_globs_match_suffixes_in_any_case_and_names_in_either_unicode_form(tmp_path):
+    # cameras and Windows write 003.BMP: '**/*.bmp' left them out without a word; macOS writes names
+    # decomposed (NFD), so a mask named in composed form (NFC) was "not found"
+    import unicodedata
+
+    root = tmp_path / "data"
+    root.mkdir()
+    image, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)
+    names = {"001.bmp": "001.png", "002.BMP": "002.png", "003.Bmp": "003.PNG",
+             unicodedata.normalize("NFD", "zelle_é.bmp"): unicodedata.normalize("NFC", "zelle_é.png")}
+    for image_name, mask_name in names.items():
+        Image.fromarray(image).save(root / image_name, format="BMP")
+        Image.fromarray(mask).save(root / mask_name, format="PNG")
+    pairs = find_image_mask_pairs(root, image_glob="**/*.bmp", mask_template="{stem}.png")
+    assert sorted((Path(p["image"]).name, Path(p["label"]).name) for p in pairs) == sorted(names.items())

@@ -191,6 +191,47 @@ def test_instance_masks_are_merged_as_read_not_held_all_at_once(tmp_path):
     assert peak < 12 * size * size * 4, peak  # a dozen label images' worth; all the masks held would be 30
 
 
+def test_a_mask_stack_is_refused_and_a_mask_hiding_others_is_said(tmp_path, caplog):
+    # a multi-page TIFF in masks/ gave its first page only (4 of 5 nuclei silently background); a mask of all
+    # the nuclei, sorted first, made every sample one object without a word
+    from medseg import transforms
+
+    image = np.zeros((20, 20), np.uint8)
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:6, 2:6], labels[10:15, 10:15] = 1, 2
+    folder = write_dsb_sample(tmp_path, "s", image, labels)
+    sample = {"image": str(folder / "images" / "s.png"), "label": str(folder / "masks")}
+    Image.fromarray(np.where(labels > 0, 255, 0).astype(np.uint8)).save(folder / "masks" / "0_all.png")
+    said_before = set(transforms._SAID)  # each folder is said once per process
+    transforms._SAID.clear()
+    try:
+        assert _loaded(sample)["label"].max() == 1  # as given: the union first, the two masks under it
+        said = [r.getMessage() for r in caplog.records if "lies wholly under the masks before it" in r.getMessage()]
+        assert len(said) == 1 and "m01.png" in said[0] and "(2 such in this folder)" in said[0], said
+    finally:
+        transforms._SAID.clear()
+        transforms._SAID.update(said_before)
+    (folder / "masks" / "0_all.png").unlink()
+    stack = np.stack([np.where(labels == k, 255, 0).astype(np.uint8) for k in (1, 2)])
+    for name in ("m01.png", "m02.png"):
+        (folder / "masks" / name).unlink()
+    tifffile.imwrite(folder / "masks" / "nuclei.tif", stack, photometric="minisblack")
+    with pytest.raises(DataError, match=r"masks/nuclei\.tif: a stack of 2 pages; each file in a masks/ folder is one"):
+        _loaded(sample)
+
+
+def test_an_inverted_binary_label_image_is_said(tmp_path, caplog):
+    # objects 0, background 255: one object of nearly the whole image, trained on (and scored 1.0) silently
+    from medseg.transforms import instance_label_image
+
+    labels = np.full((64, 64), 255, np.uint8)
+    labels[10:16, 10:16] = 0
+    Image.fromarray(labels).save(tmp_path / "inv.png")
+    assert instance_label_image(tmp_path / "inv.png").max() == 1
+    said = [r.getMessage() for r in caplog.records if "invert the masks" in r.getMessage()]
+    assert len(said) == 1 and "one object covers 99% of the image" in said[0], said
+
+
 def test_instance_masks_errors_name_the_file(dsb_folder, tmp_path):
     sample = find_dsb_samples(dsb_folder)[1]
     bad = sorted(Path(sample["label"]).glob("*.png"))[-1]
