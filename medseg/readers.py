@@ -212,6 +212,11 @@ class _MedsegReader(ImageReader):
             raise DataError(f"{names[0]}: {type(self).__name__} reads one source at a time, got {len(names)}")
         return self.read_source(str(names[0]))
 
+    def separate_channels(self, path: str) -> bool:
+        """Whether the channels of a slice of ``path`` are separate images (fluorescence stains, volumes), not
+        the colours of one picture (RGB samples)."""
+        return False
+
     def get_data(self, img: tuple[np.ndarray, dict]) -> tuple[np.ndarray, dict]:
         return img
 
@@ -597,6 +602,11 @@ class TiffReader(_MedsegReader):
             shape, _, lead, _ = self._layout(path, tif)
         return int(np.prod([shape[i] for i in lead])) if lead else 1
 
+    def separate_channels(self, path: str) -> bool:
+        """A ``C`` axis (ImageJ and OME channels) holds separate images; ``S`` samples are a picture's colours."""
+        _, axes, _, channel = self._layout(path, self._open_kept(path))
+        return channel is not None and axes[channel] == "C"
+
     def read_slice(self, path: str, index: int) -> np.ndarray:
         tif = self._open_kept(path)
         shape, axes, lead, channel = self._layout(path, tif)
@@ -736,6 +746,13 @@ class NiftiReader(_MedsegReader):
         img, shape = self._load(path)
         arr = np.ascontiguousarray(self._voxels(img, shape, None))
         return arr, self._meta(path, img, shape)
+
+    def separate_channels(self, path: str) -> bool:
+        """Volumes along the channel axis are separate images; RGB24 voxels are a picture's colours."""
+        if self.channel_dim is None:
+            return False
+        img, _ = self._load(path)
+        return not img.get_data_dtype().names
 
     def read_meta(self, path: str) -> dict:
         img, shape = self._load(path)
@@ -884,6 +901,13 @@ def read_geometry(source: str | os.PathLike, **kwargs: Any) -> dict:
     """The metadata :func:`read_image` would give for ``source``, reading headers only."""
     path = _check_exists(source)
     return reader_for(path, **kwargs).read_meta(path)
+
+
+def separate_channels(source: str | os.PathLike, **kwargs: Any) -> bool:
+    """Whether the channels of ``source``'s slices are separate images (a TIFF's ``C`` axis, a 4D NIfTI's
+    volumes), not the colours of one picture (see :meth:`_MedsegReader.separate_channels`)."""
+    path = _check_exists(source)
+    return reader_for(path, **kwargs).separate_channels(path)
 
 
 def read_slice(source: str | os.PathLike, index: int = 0, **kwargs: Any) -> np.ndarray:

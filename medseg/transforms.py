@@ -19,7 +19,14 @@ from scipy import ndimage
 from medseg.bundle import config_flag
 from medseg.errors import ConfigValueError, DataError
 from medseg.metrics import FOUR_CONNECTED
-from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error, open_picture, read_slice
+from medseg.readers import (
+    LOSSY_SUFFIXES,
+    count_slices,
+    lossy_mask_error,
+    open_picture,
+    read_slice,
+    separate_channels,
+)
 
 #: The files of a DSB ``masks/`` folder that are read as instance masks (hidden files never are)
 INSTANCE_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -84,6 +91,12 @@ class LoadSliced(MapTransform):
     def _convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
         channels = self.channels.get(key)
         floats = arr.dtype.kind in "fc"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
+        as_colour = channels in (1, 3) or (channels is None and self.gray)  # 3 channels read as RGB below
+        if key == "image" and self.select is None and arr.shape[0] == 3 and as_colour and Path(path).exists() \
+                and separate_channels(path, nifti_channel_dim=self.nifti_channel_dim):  # an array is the API's own
+            # three stains (or volumes) would be read as the colours of one picture, blended into gray
+            raise DataError(f"{path}: 3 separate channels, not the colours of an RGB picture; the model takes one "
+                            f"(gray) or RGB images{_PICK}")
         if self.select is not None and key == "image":
             if max(self.select) >= arr.shape[0]:
                 raise DataError(f"{path}: {arr.shape[0]} channel{'s' * (arr.shape[0] != 1)}, and input_channels="

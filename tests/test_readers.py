@@ -637,3 +637,34 @@ def test_a_raised_pixel_limit_reads_larger_pictures_and_leaves_pillows_own(tmp_p
     monkeypatch.setenv("MEDSEG_MAX_PIXELS", "1000")
     with pytest.raises(DataError, match="a.png: .*the 1,000 .*MEDSEG_MAX_PIXELS"):
         open_picture(path)
+
+
+def test_three_separate_channels_are_not_blended_as_the_colours_of_a_picture(tmp_path):
+    # an ImageJ or OME CYX stack of 3 stains, or 3 NIfTI volumes, went through RGB's luma weights into one
+    # gray image without a word, while 2 or 4 channels were refused; RGB samples (chunky or planar) are colour
+    from medseg.readers import separate_channels
+    from medseg.transforms import LoadSliced
+
+    stains = (np.random.default_rng(3).random((3, 24, 20)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "ij.tif", stains, imagej=True, metadata={"axes": "CYX", "mode": "composite"})
+    tifffile.imwrite(tmp_path / "ome.ome.tif", stains, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(stains, 0, -1), photometric="rgb")
+    tifffile.imwrite(tmp_path / "planar.tif", stains, photometric="rgb", planarconfig="separate")
+    volumes = np.zeros((20, 24, 1, 3), np.float32)  # (X, Y, Z, C): three volumes of one slice
+    for c in range(3):
+        volumes[:, :, 0, c] = stains[c].T
+    nib.save(nib.Nifti1Image(volumes, np.eye(4)), tmp_path / "v.nii.gz")
+    for name, separate in (("ij.tif", True), ("ome.ome.tif", True), ("rgb.tif", False), ("planar.tif", False)):
+        assert separate_channels(tmp_path / name) is separate, name
+    assert separate_channels(tmp_path / "v.nii.gz", nifti_channel_dim=3)
+    load = LoadSliced(keys="image")
+    for name in ("ij.tif", "ome.ome.tif"):
+        with pytest.raises(DataError, match=rf"{name}: 3 separate channels, not the colours of an RGB picture.*"
+                                            r"input_channels=\[N\]"):
+            load({"image": str(tmp_path / name)})
+        picked = LoadSliced(keys="image", select=[1])({"image": str(tmp_path / name)})["image"]
+        np.testing.assert_array_equal(picked[0], stains[1].astype(np.float32))
+    with pytest.raises(DataError, match="v.nii.gz: 3 separate channels"):
+        LoadSliced(keys="image", nifti_channel_dim=3)({"image": str(tmp_path / "v.nii.gz")})
+    for name in ("rgb.tif", "planar.tif"):
+        assert load({"image": str(tmp_path / name)})["image"].shape == (1, 24, 20)
