@@ -162,7 +162,8 @@ NIFTI_UNITS = {"mm": "mm", "um": "micron", "micron": "micron", "meter": "meter",
 
 def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, unit: str = "mm",
                 codes: tuple[int, int] = (1, 1), qform: np.ndarray | None = None) -> Path:
-    """Write ``arr`` (in NIfTI voxel order) with ``affine`` (sform and qform) as ``.nii``/``.nii.gz``, atomically.
+    """Write ``arr`` (in NIfTI voxel order) with ``affine`` (sform and qform) as ``.nii``/``.nii.gz``, atomically
+    (NIfTI-2 when a dimension exceeds NIfTI-1's 32,767).
 
     Args:
         unit: the affine's spatial unit (``mm``, ``um``/``micron``, ``meter``; anything else is written as
@@ -173,7 +174,10 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
     """
     import nibabel as nib
 
-    image = nib.Nifti1Image(np.asarray(arr), np.asarray(affine, dtype=np.float64))
+    arr = np.asarray(arr)
+    # NIfTI-1 holds each dimension in 16 bits: a longer one (a 35,000-pixel line scan) needs NIfTI-2
+    kind = nib.Nifti2Image if max(arr.shape, default=0) > 32767 else nib.Nifti1Image
+    image = kind(arr, np.asarray(affine, dtype=np.float64))
     image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"))
     image.set_qform(image.affine if qform is None else np.asarray(qform, dtype=np.float64), code=int(codes[1]))
     image.set_sform(image.affine, code=int(codes[0]))

@@ -75,6 +75,19 @@ def test_nifti_gz_written_atomically_with_affine(tmp_path):
     np.testing.assert_allclose(meta["nifti_affine"], affine)
 
 
+def test_a_nifti_longer_than_nifti1_allows_is_written_as_nifti2(tmp_path):
+    # a 35,000-pixel line scan failed after its inference: "shape ... does not fit in dim datatype"
+    import nibabel as nib
+
+    data = np.zeros((35000, 2, 1), np.uint8)
+    data[34999, 1, 0] = 7
+    write_nifti(tmp_path / "wide.nii.gz", data, np.eye(4))
+    back = nib.load(tmp_path / "wide.nii.gz")
+    assert isinstance(back, nib.Nifti2Image) and back.shape == (35000, 2, 1) and back.get_fdata()[34999, 1, 0] == 7
+    write_nifti(tmp_path / "small.nii.gz", data[:10], np.eye(4))
+    assert type(nib.load(tmp_path / "small.nii.gz")) is nib.Nifti1Image
+
+
 def test_the_longest_legal_name_is_written(tmp_path):
     # the temporary name once added 10 characters to the final one, so names of 246-255 characters failed
     path = tmp_path / ("L" * 251 + ".png")
