@@ -29,6 +29,7 @@ The readers are :class:`monai.data.ImageReader` subclasses, so bundles use them 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import zlib
@@ -456,6 +457,10 @@ def _micrometres(unit: str) -> float | None:
     return _MICROMETRES.get(unit.strip().lower())
 
 
+#: TIFF files whose left-out series were said (once per file, not per slice)
+_SERIES_SAID: set[str] = set()
+
+
 class TiffReader(_MedsegReader):
     """TIFF via tifffile: single images and multi-page stacks, 8/16-bit, float, RGB, OME/ImageJ axes.
 
@@ -538,6 +543,13 @@ class TiffReader(_MedsegReader):
                             "the file is truncated or corrupt, so save it again")
         if len(tif.series) > 1 and all(s.shape == series.shape and s.axes == axes for s in tif.series):
             shape, axes = (len(tif.series), *shape), "Q" + axes  # pages written as separate series
+        elif len(tif.series) > 1 and path not in _SERIES_SAID:  # pages of other sizes or types: not read
+            _SERIES_SAID.add(path)
+            others = ", ".join(f"{'×'.join(map(str, s.shape))} {s.dtype}" for s in tif.series[1:4])
+            logging.getLogger(__name__).warning(
+                "%s: holds %d series of different shapes; only the first (%s %s) is read, the others (%s%s) are "
+                "left out: save each as its own file to segment it", path, len(tif.series),
+                "×".join(map(str, series.shape)), series.dtype, others, ", ..." if len(tif.series) > 4 else "")
         if "Y" not in axes or "X" not in axes:
             raise DataError(f"{path}: TIFF has axes '{axes}', expected spatial axes Y and X")
         channel = next((i for i, a in enumerate(axes) if a in "SC"), None)

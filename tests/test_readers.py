@@ -668,3 +668,18 @@ def test_three_separate_channels_are_not_blended_as_the_colours_of_a_picture(tmp
         LoadSliced(keys="image", nifti_channel_dim=3)({"image": str(tmp_path / "v.nii.gz")})
     for name in ("rgb.tif", "planar.tif"):
         assert load({"image": str(tmp_path / name)})["image"].shape == (1, 24, 20)
+
+
+def test_pages_of_other_sizes_left_out_of_a_tiff_are_said(tmp_path, caplog):
+    # a stack whose middle page has another size was read as its other two pages, silently
+    from medseg import readers
+
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as tif:
+        for size in ((32, 24), (20, 20), (32, 24)):
+            tif.write(np.zeros(size, np.uint8), metadata=None)
+    readers._SERIES_SAID.discard(str(tmp_path / "mixed.tif"))
+    assert count_slices(tmp_path / "mixed.tif") == 2
+    read_slice(tmp_path / "mixed.tif", 1)
+    said = [r.getMessage() for r in caplog.records if "series of different shapes" in r.getMessage()]
+    assert len(said) == 1 and "only the first (2×32×24 uint8) is read, the others (20×20 uint8) are left out" \
+        in said[0], said
