@@ -145,7 +145,7 @@ def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 
     per micrometre and an ImageJ description (for the first page only) with ``unit=micron`` and the slice
     ``spacing``, since baseline TIFF has no tag for the distance between pages.
     """
-    factor = {"um": 1.0, "micron": 1.0, "mm": 1000.0}.get(unit)
+    factor = {"nm": 1e-3, "um": 1.0, "micron": 1.0, "mm": 1000.0, "meter": 1e6, "m": 1e6}.get(unit)  # to µm
     if spacing is None or factor is None:
         return {}
     y, x = float(spacing[-2]) * factor, float(spacing[-1]) * factor

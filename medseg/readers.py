@@ -748,7 +748,8 @@ class NiftiReader(_MedsegReader):
             if index is not None:
                 data = data[:, :, index : index + 1]
         if data.dtype.names:  # NIfTI's RGB24 / RGBA32: one record per voxel, its fields the channels
-            data = np.stack([data[name][..., 0] for name in data.dtype.names], axis=-1)
+            colours = [name for name in data.dtype.names if name != "A"]  # alpha dropped, as for PNG and TIFF
+            data = np.stack([data[name][..., 0] for name in colours], axis=-1)
         data = data.transpose(3, 2, 1, 0)  # (C, Z, Y, X)
         if not data.dtype.isnative:
             data = data.astype(data.dtype.newbyteorder("="))

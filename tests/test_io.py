@@ -75,6 +75,16 @@ def test_nifti_gz_written_atomically_with_affine(tmp_path):
     np.testing.assert_allclose(meta["nifti_affine"], affine)
 
 
+def test_a_pixel_size_in_metres_or_nanometres_reaches_a_tiff(tmp_path):
+    # a NIfTI in metres lost its pixel size when its mask was written as TIFF (only um and mm were known)
+    from medseg.io import tiff_calibration
+
+    assert tiff_calibration((1e-4, 2e-4), "meter") == tiff_calibration((100.0, 200.0), "um")
+    assert tiff_calibration((5.0, 5.0), "nm") == tiff_calibration((0.005, 0.005), "um")
+    write_tiff(tmp_path / "m.tif", np.zeros((4, 4), np.uint8), spacing=(1e-4, 1e-4), unit="meter")
+    np.testing.assert_allclose(read_geometry(tmp_path / "m.tif")["spacing"], [100.0, 100.0])
+
+
 def test_a_nifti_longer_than_nifti1_allows_is_written_as_nifti2(tmp_path):
     # a 35,000-pixel line scan failed after its inference: "shape ... does not fit in dim datatype"
     import nibabel as nib

@@ -425,6 +425,13 @@ def test_rgb24_nifti_is_read_as_three_channels(tmp_path):
     arr, meta = read_image(tmp_path / "rgb.nii.gz")
     np.testing.assert_array_equal(arr, rgb.transpose(3, 2, 1, 0))  # (C, Z, Y, X)
     np.testing.assert_array_equal(read_slice(tmp_path / "rgb.nii.gz", 1), rgb[:, :, 1].transpose(2, 1, 0))
+    # RGBA32: the colours, without the alpha (4 channels were refused, as no model takes them)
+    rgba = np.zeros(rgb.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
+    for k, name in enumerate("RGB"):
+        rgba[name] = rgb[..., k]
+    rgba["A"] = 255
+    nib.save(nib.Nifti1Image(rgba, np.eye(4)), tmp_path / "rgba.nii.gz")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.nii.gz")[0], rgb.transpose(3, 2, 1, 0))
 
 
 def _exif(orientation: int) -> Image.Exif:
