@@ -237,6 +237,12 @@ class ClassMapd(MapTransform):
                                     f"masks are read by gray values ({known} in class_map): save it with those "
                                     "values as 8-bit gray, or give class_map colours as \"#RRGGBB\" keys")
                 what = "colours" if self.colours else "values"
+                indices = _palette_indices(Path(str(source))) if d.get(f"{key}_file") and not self.colours else None
+                if indices is not None:  # the class map may have been written for the palette's indices
+                    listed = ", ".join(str(v) for v in np.unique(indices)[:5].tolist())
+                    raise DataError(f"{source}: label values {shown} are not in the class map ({known}); a palette "
+                                    f"PNG is read by its colours' gray values, not by its indices ({listed}): give "
+                                    "class_map those values, or save the mask as 8-bit gray")
                 raise DataError(f"{source}: label {what} {shown} are not in the class map ({known}); fix the mask "
                                 "or add them to class_map")
             lut = np.array([self.class_map[int(v) if self.colours else float(v)] for v in values.tolist()],

@@ -190,6 +190,21 @@ def test_class_map_unknown_values_name_values_and_file(jurkat_folder):
         ClassMapd(keys="label", class_map={})
 
 
+def test_a_gray_palette_mask_says_it_is_read_by_its_colours_not_its_indices(jurkat_folder):
+    # indices 0/1/2 under a gray palette 0/128/255, with a class map written for the indices: "values 128,
+    # 255 are not in the class map" named values the user does not see in np.array(Image.open(...))
+    pair = find_image_mask_pairs(jurkat_folder, **LAYOUT)[0]
+    values = np.asarray(Image.open(pair["label"]))
+    mask = Image.fromarray(np.select([values == 128, values == 255], [1, 2], 0).astype(np.uint8), "P")
+    mask.putpalette([0, 0, 0, 128, 128, 128, 255, 255, 255] + [0] * 759)
+    mask.save(pair["label"])
+    d = LoadSliced(keys=["image", "label"], channels=[3, 1])(pair)
+    with pytest.raises(DataError, match=r"values 128, 255 are not in the class map \(0, 1, 2\); a palette PNG is "
+                                        r"read by its colours' gray values, not by its indices \(0, 1, 2\)"):
+        ClassMapd(keys="label", class_map={"0": 0, "1": 1, "2": 2})(d)
+    assert ClassMapd(keys="label", class_map=CLASS_MAP)(d)["label"].max() == 2  # by its gray values it is read
+
+
 @pytest.mark.parametrize("kind", ["palette", "rgb"])
 def test_a_colour_mask_is_named_as_such(jurkat_folder, kind):
     """A mask saved with class colours (labelme / VOC palette, or RGB) is read by luma; the error says so."""
