@@ -140,10 +140,14 @@ def discover(
         inputs.append(InputItem(str(where), "", rel, error=f"{where}: {why}", key=rel))
     dicom_by_dir: dict[Path, list[Path]] = {}
     filtered = 0
+    # --include patterns that name a hidden file or folder themselves ('.scan.png', '.raw/*'): those are read
+    hidden_asked = [g for g in include or () if any(part.startswith(".") and part not in (".", "..")
+                                                    for part in PurePosixPath(g).parts)]
     for file in files:
         rel = file.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in PurePosixPath(rel).parts):
-            continue  # hidden files, and our own temporary outputs
+        if any(part.startswith(".") for part in PurePosixPath(rel).parts) and not (
+                hidden_asked and _matches(rel, hidden_asked)):
+            continue  # hidden files, and our own temporary outputs, unless an --include names them
         if (include and not _matches(rel, include)) or _matches(rel, exclude):
             filtered += 1
             continue

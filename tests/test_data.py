@@ -279,3 +279,14 @@ def test_image_globs_match_suffixes_in_any_case_and_names_in_either_unicode_form
         Image.fromarray(mask).save(root / mask_name, format="PNG")
     pairs = find_image_mask_pairs(root, image_glob="**/*.bmp", mask_template="{stem}.png")
     assert sorted((Path(p["image"]).name, Path(p["label"]).name) for p in pairs) == sorted(names.items())
+
+
+def test_hidden_files_are_read_only_when_an_include_names_them(tmp_path):
+    # '.scan.png' was skipped even with --include '.scan.png', which then said the patterns left out all files
+    from medseg.discovery import discover
+
+    for name in ("a.png", ".scan.png", "._a.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name, format="PNG")
+    assert [i.rel for i in discover(tmp_path)[0]] == ["a"]
+    assert [i.rel for i in discover(tmp_path, include=[".scan.png"])[0]] == [".scan"]
+    assert [i.rel for i in discover(tmp_path, include=["*.png"])[0]] == ["a"]  # '*' does not name hidden files
