@@ -129,6 +129,32 @@ def open_picture(path: str | os.PathLike):
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif")
 
 
+#: The first bytes of the formats a file may hold under another format's suffix
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG", ".png"), (b"\xff\xd8\xff", "a JPEG", ".jpg"), (b"BM", "a BMP", ".bmp"),
+          (b"II*\x00", "a TIFF", ".tif"), (b"MM\x00*", "a TIFF", ".tif"), (b"II+\x00", "a BigTIFF", ".tif"),
+          (b"\x1f\x8b", "gzip-compressed", ".nii.gz"))
+
+
+def _content_hint(path: str | os.PathLike, expected: str) -> str:
+    """``; it is a PNG: rename it to .png`` when ``path``'s first bytes are another format's than ``expected``
+    (a suffix that does not fit the content), else ``""``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(352)
+    except OSError:
+        return ""
+    if expected == "nifti" and len(head) >= 348 and int.from_bytes(head[:4], "little") in (348, 540) \
+            and str(path).lower().endswith(".gz"):
+        return "; it is an uncompressed NIfTI named .nii.gz: rename it to .nii"
+    for magic, what, suffix in _MAGIC:
+        if head.startswith(magic) and not (expected == "tiff" and "TIFF" in what):
+            if expected == "nifti" and suffix == ".nii.gz":
+                return "; it is gzip-compressed: rename it to .nii.gz" if not str(path).lower().endswith(".gz") \
+                    else ""
+            return f"; it is {what} file: rename it to {suffix}"
+    return ""
+
+
 def lossy_mask_error(path: str | os.PathLike, kind: str = "mask") -> DataError:
     """The error for a mask in one of :data:`LOSSY_SUFFIXES`, naming the file and the fix."""
     suffix = Path(path).suffix
@@ -495,7 +521,9 @@ class TiffReader(_MedsegReader):
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, tifffile.TiffFileError) as err:
-            raise DataError(f"{path}: cannot read TIFF ({err}); the file may be truncated or corrupt") from err
+            hint = _content_hint(path, "tiff")
+            raise DataError(f"{path}: cannot read TIFF ({err}){hint or '; the file may be truncated or corrupt'}"
+                            ) from err
         try:
             TiffReader._check_page_chain(path, tif)
         except BaseException:
@@ -713,7 +741,9 @@ class NiftiReader(_MedsegReader):
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as err:
-            raise DataError(f"{path}: cannot read NIfTI ({err}); the file may be truncated or corrupt") from err
+            hint = _content_hint(path, "nifti")
+            raise DataError(f"{path}: cannot read NIfTI ({err}){hint or '; the file may be truncated or corrupt'}"
+                            ) from err
         if self.channel_dim not in (None, 3):
             raise DataError(f"{path}: nifti_channel_dim={self.channel_dim} is not supported; channels must be the "
                             "fourth voxel axis (3)")

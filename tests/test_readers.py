@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tracemalloc
 
 import nibabel as nib
@@ -690,3 +691,20 @@ def test_pages_of_other_sizes_left_out_of_a_tiff_are_said(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if "series of different shapes" in r.getMessage()]
     assert len(said) == 1 and "only the first (2×32×24 uint8) is read, the others (20×20 uint8) are left out" \
         in said[0], said
+
+
+def test_a_suffix_that_does_not_fit_the_content_is_named(tmp_path):
+    # "not a TIFF file: header=b'\x89PNG'; the file may be truncated or corrupt" for a PNG named .tif; a browser
+    # that unpacks a .nii.gz but keeps its name, or the reverse, gave "is not a gzip file" / "Cannot work out"
+    import shutil
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "p.tif", format="PNG")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), tmp_path / "u.nii")
+    shutil.copy(tmp_path / "u.nii", tmp_path / "u.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), tmp_path / "g.nii.gz")
+    shutil.copy(tmp_path / "g.nii.gz", tmp_path / "g.nii")
+    for name, says in (("p.tif", "it is a PNG file: rename it to .png"),
+                       ("u.nii.gz", "it is an uncompressed NIfTI named .nii.gz: rename it to .nii"),
+                       ("g.nii", "it is gzip-compressed: rename it to .nii.gz")):
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: cannot read .*; {says}$"):
+            read_slice(tmp_path / name, 0)
