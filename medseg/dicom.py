@@ -678,6 +678,11 @@ def write_seg(
         if not str(getattr(ds, "StudyInstanceUID", "") or "").strip():
             raise DataError(f"{geometry.files[0]}: no StudyInstanceUID, which a SEG must share with its source; "
                             "use --format nifti")
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):  # highdicom blames "series or dimensions"
+        for k, ds in enumerate(sources[1:], start=1):
+            if str(getattr(ds, keyword, "")) != str(getattr(sources[0], keyword, "")):
+                raise DataError(f"{geometry.files[k]}: its {keyword} differs from {geometry.files[0]}'s, so the "
+                                "series' slices are not one study and space, which a SEG needs; use --format nifti")
     if emptied:
         many = len(emptied) > 1
         logging.getLogger(__name__).warning(

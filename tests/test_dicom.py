@@ -232,6 +232,17 @@ def test_a_seg_is_written_readably_for_sources_with_empty_or_odd_attributes(tmp_
         assert seg.Modality == "SEG" and len(seg.PerFrameFunctionalGroupsSequence) == 2
 
 
+def test_a_slice_of_another_study_or_frame_of_reference_is_named(tmp_path):
+    # highdicom said "Source images must all be part of the same series and must have the same image dimensions"
+    folder = write_dicom_series(tmp_path / "s", n=3)
+    path = sorted(folder.iterdir())[1]
+    ds = pydicom.dcmread(path)
+    ds.FrameOfReferenceUID = "1.2.3.4.5"
+    ds.save_as(path)
+    with pytest.raises(DataError, match=r"its FrameOfReferenceUID differs from .*'s, so the series' slices are not"):
+        _seg_of(folder, tmp_path / "seg.dcm")
+
+
 def test_a_copied_file_and_a_localizer_are_named_for_what_they_are(tmp_path):
     import shutil
 
