@@ -137,21 +137,32 @@ def write_tiff(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, .
     return Path(path)
 
 
-def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 1) -> dict[str, Any]:
+def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 1,
+                     lead: tuple[tuple[str, int], ...] | None = None) -> dict[str, Any]:
     """tifffile ``imwrite``/``write`` keywords storing the pixel size (none for uncalibrated images).
 
     A single image gets resolution tags in pixels per centimetre, which every TIFF reader understands. A
     stack of ``pages`` with a ``(z, y, x)`` spacing is written as ImageJ writes one: resolution in pixels
     per micrometre and an ImageJ description (for the first page only) with ``unit=micron`` and the slice
-    ``spacing``, since baseline TIFF has no tag for the distance between pages.
+    ``spacing``, since baseline TIFF has no tag for the distance between pages. ``lead`` names the input's
+    axes of the pages with their sizes: a time series (``T``) is written as ImageJ frames, without a slice
+    spacing, and ``T`` then ``Z`` as a hyperstack of frames and slices (ImageJ's own page order).
     """
     factor = {"nm": 1e-3, "um": 1.0, "micron": 1.0, "mm": 1000.0, "meter": 1e6, "m": 1e6}.get(unit)  # to µm
     if spacing is None or factor is None:
         return {}
     y, x = float(spacing[-2]) * factor, float(spacing[-1]) * factor
     if pages > 1 and len(spacing) == 3:
-        description = (f"ImageJ=1.11a\nimages={pages}\nslices={pages}\nunit=micron\n"
-                       f"spacing={float(spacing[0]) * factor:.10g}\nloop=false\n")
+        letters = "".join(a for a, _ in lead or ())
+        sizes = dict(lead or ())
+        if letters == "T":
+            counts, z_spacing = f"frames={pages}\n", ""
+        elif letters == "TZ":
+            counts = f"slices={sizes['Z']}\nframes={sizes['T']}\nhyperstack=true\n"
+            z_spacing = f"spacing={float(spacing[0]) * factor:.10g}\n"
+        else:
+            counts, z_spacing = f"slices={pages}\n", f"spacing={float(spacing[0]) * factor:.10g}\n"
+        description = f"ImageJ=1.11a\nimages={pages}\n{counts}unit=micron\n{z_spacing}loop=false\n"
         return {"resolution": (1.0 / x, 1.0 / y), "resolutionunit": "NONE", "description": description}
     return {"resolution": (1e4 / x, 1e4 / y), "resolutionunit": "CENTIMETER"}  # pixels per centimetre
 

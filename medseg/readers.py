@@ -635,7 +635,8 @@ class TiffReader(_MedsegReader):
         if not lead:
             return _meta("tiff", path, plane, _scaled_affine(spacing[1:]), spacing[1:], unit, axes=axes)
         spatial = (int(np.prod([shape[i] for i in lead])), *plane)
-        return _meta("tiff", path, spatial, _scaled_affine(spacing), spacing, unit, axes=axes)
+        return _meta("tiff", path, spatial, _scaled_affine(spacing), spacing, unit, axes=axes,
+                     lead_sizes=tuple((axes[i], int(shape[i])) for i in lead))  # the slices' axes: Z, T, ...
 
     def count_slices(self, path: str) -> int:
         with self._open(path) as tif:

@@ -140,7 +140,8 @@ class _VolumeSink:
         self.volumes: dict[str, np.ndarray] = {}
         if fmt == "tiff":
             meta = _geometry(item)
-            calibration = tiff_calibration(tuple(meta["spacing"]), _tiff_unit(meta), pages=pages)
+            calibration = tiff_calibration(tuple(meta["spacing"]), _tiff_unit(meta), pages=pages,
+                                           lead=meta.get("lead_sizes"))
             self.stacks = {k: _StackWriter(p, calibration, pages) for k, p in paths.items() if k != "table"}
 
     def add(self, page: int, mask: np.ndarray, prob: np.ndarray, rows: list[dict] | None = None) -> bool:

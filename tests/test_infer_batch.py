@@ -1256,3 +1256,24 @@ def test_a_manifest_that_is_not_a_batchs_own_is_never_replaced(tmp_path, tiny_ch
     assert result.exit_code == 1 and "manifest.csv: not a list of segmented inputs" in result.output, result.output
     assert (out / "manifest.csv").read_text() == "image_id,category\na1,fluorescence\n"
     assert not (out / "mask").exists()
+
+
+def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_masks(tmp_path, tiny_checkpoint):
+    # a TYX time-lapse became a Z stack with a made-up 1 µm slice spacing, and a TZYX hyperstack a flat Z
+    # stack of 6, so Fiji showed the masks with other axes than their images
+    import tifffile
+
+    root = tmp_path / "in"
+    root.mkdir()
+    planes = (np.random.default_rng(2).random((6, 32, 32)) * 255).astype(np.uint8)
+    layouts = {"tl": ("TYX", planes[:4], {}), "tz": ("TZYX", planes.reshape(2, 3, 32, 32), {"spacing": 2.5}),
+               "z": ("ZYX", planes[:4], {"spacing": 2.0})}
+    for name, (axes, data, extra) in layouts.items():
+        tifffile.imwrite(root / f"{name}.tif", data, imagej=True, resolution=(5, 5),
+                         metadata={"axes": axes, "unit": "micron", **extra})
+    result = _infer(root, tmp_path / "out", tiny_checkpoint, "--no-prob", "--no-tta")
+    assert result.exit_code == 0, result.output
+    for name, (axes, data, extra) in layouts.items():
+        with tifffile.TiffFile(tmp_path / "out" / "mask" / f"{name}.tif") as tif:
+            assert tif.series[0].axes == axes and tif.series[0].shape == data.shape, name
+            assert tif.imagej_metadata.get("spacing") == extra.get("spacing"), name  # none for a time series
