@@ -310,11 +310,11 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         fields = {"stem": glob.escape(image.stem), "name": glob.escape(image.name),
                   "match": glob.escape(_star_match(image.name, image_glob))}
         pattern = str(image.parent / mask_template.format(**fields))
-        matched: list[str] = []
+        matched = glob.glob(pattern)  # as written first: x.png is the mask even when x.PNG lies beside it
         for form in (None, "NFC", "NFD"):  # a name macOS wrote decomposed (NFD) beside one written composed
-            matched = glob.glob(_any_case_suffix(unicodedata.normalize(form, pattern) if form else pattern))
             if matched:
                 break
+            matched = glob.glob(_any_case_suffix(unicodedata.normalize(form, pattern) if form else pattern))
         found[image] = pattern, sorted(
             Path(m) for m in matched  # as found: "images/../masks" through a linked folder is not "masks"
             if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)

@@ -664,8 +664,15 @@ def write_seg(
             if keyword not in ds:
                 setattr(ds, keyword, "")
             elif keyword in _CHECKED_COPIED and not _valid_copied(keyword, ds[keyword].value):
-                emptied.setdefault(keyword, str(ds[keyword].value))  # a SEG cannot carry it as it is
-                setattr(ds, keyword, "")
+                value = str(ds[keyword].value).strip()
+                # ACR-NEMA's 2024.02.29 and 10:15:30, a lower-case sex: the same value in today's form
+                modern = value.upper() if keyword == "PatientSex" else value.replace(".", "") \
+                    if keyword.endswith("Date") else value.replace(":", "")
+                if _valid_copied(keyword, modern):
+                    setattr(ds, keyword, modern)
+                else:
+                    emptied.setdefault(keyword, value)  # a SEG cannot carry it as it is
+                    setattr(ds, keyword, "")
         _usable_charset(ds)
         if not str(getattr(ds, "SliceThickness", "") or "").strip() and "PerFrameFunctionalGroupsSequence" not in ds:
             ds.SliceThickness = f"{geometry.spacing[0]:.6g}"  # the slice step stands in for a missing thickness
@@ -708,7 +715,7 @@ def write_seg(
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=[description],
                 series_instance_uid=hd.UID(),
-                series_number=number + 1000 if number is not None and 0 <= number < 2**31 - 1001 else 1000,
+                series_number=number + 1000 if number is not None and 0 <= number <= 2**31 - 1 - 1000 else 1000,
                 sop_instance_uid=hd.UID(),
                 instance_number=1,
                 manufacturer="medseg",

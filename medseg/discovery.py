@@ -140,7 +140,8 @@ def discover(
         inputs.append(InputItem(str(where), "", rel, error=f"{where}: {why}", key=rel))
     dicom_by_dir: dict[Path, list[Path]] = {}
     filtered = 0
-    # --include patterns that name a hidden file or folder themselves ('.scan.png', '.raw/*'): those are read
+    # --include patterns with a part that names a hidden file ('.scan.png', 'sub/.b.tif'): those files are read
+    # (hidden folders are not searched at all)
     hidden_asked = [g for g in include or () if any(part.startswith(".") and part not in (".", "..")
                                                     for part in PurePosixPath(g).parts)]
     for file in files:

@@ -148,7 +148,9 @@ def _content_hint(path: str | os.PathLike, expected: str) -> str:
         return "; it is an uncompressed NIfTI named .nii.gz: rename it to .nii"
     for magic, what, suffix in _MAGIC:
         if head.startswith(magic) and not (expected == "tiff" and "TIFF" in what):
-            if expected == "nifti" and suffix == ".nii.gz":
+            if suffix == ".nii.gz":
+                if expected != "nifti":
+                    return "; it is gzip-compressed: decompress it"
                 return "; it is gzip-compressed: rename it to .nii.gz" if not str(path).lower().endswith(".gz") \
                     else ""
             return f"; it is {what} file: rename it to {suffix}"

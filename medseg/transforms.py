@@ -91,7 +91,7 @@ class LoadSliced(MapTransform):
     def _convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
         channels = self.channels.get(key)
         floats = arr.dtype.kind in "fc"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
-        as_colour = channels in (1, 3) or (channels is None and self.gray)  # 3 channels read as RGB below
+        as_colour = channels == 1 or (channels is None and self.gray)  # 3 channels blended as RGB's luma below
         if key == "image" and self.select is None and arr.shape[0] == 3 and as_colour and Path(path).exists() \
                 and separate_channels(path, nifti_channel_dim=self.nifti_channel_dim):  # an array is the API's own
             # three stains (or volumes) would be read as the colours of one picture, blended into gray

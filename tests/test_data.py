@@ -279,6 +279,9 @@ def test_image_globs_match_suffixes_in_any_case_and_names_in_either_unicode_form
         Image.fromarray(mask).save(root / mask_name, format="PNG")
     pairs = find_image_mask_pairs(root, image_glob="**/*.bmp", mask_template="{stem}.png")
     assert sorted((Path(p["image"]).name, Path(p["label"]).name) for p in pairs) == sorted(names.items())
+    Image.fromarray(mask).save(root / "001.PNG", format="PNG")  # beside 001.png: the name as written wins
+    pairs = find_image_mask_pairs(root, image_glob="**/*.bmp", mask_template="{stem}.png")
+    assert [Path(p["label"]).name for p in pairs if Path(p["image"]).name == "001.bmp"] == ["001.png"]
 
 
 def test_hidden_files_are_read_only_when_an_include_names_them(tmp_path):

@@ -161,13 +161,16 @@ def test_a_seg_is_written_for_a_source_whose_dates_are_not_dates(tmp_path, caplo
     folder = write_dicom_series(tmp_path / "s", n=3)
     for path in sorted(folder.iterdir()):
         ds = pydicom.dcmread(path)
-        ds.StudyDate, ds.StudyTime, ds.PatientBirthDate, ds.PatientSex = "notadate", "2561", "19700101", "Male"
+        ds.StudyDate, ds.StudyTime, ds.PatientBirthDate, ds.PatientSex = "notadate", "2561", "1970.01.01", "Male"
         ds.save_as(path)
     geometry = dicom.series_geometry(dicom.find_series(folder))
     mask = np.zeros(geometry.shape, bool)
     mask[1, 2:5, 2:5] = True
     seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
-    assert seg.StudyDate == seg.StudyTime == seg.PatientSex == "" and seg.PatientBirthDate == "19700101"
+    assert seg.StudyDate == seg.StudyTime == seg.PatientSex == "" and seg.PatientBirthDate == "19700101"  # ACR-NEMA
+    folder = _edited_series(tmp_path / "old", StudyDate="2024.02.29", StudyTime="10:15:30", PatientSex="f")
+    seg = _seg_of(folder, tmp_path / "old.dcm")
+    assert (seg.StudyDate, seg.StudyTime, seg.PatientSex) == ("20240229", "101530", "F")  # today's forms, kept
     assert seg.StudyInstanceUID == pydicom.dcmread(sorted(folder.iterdir())[0]).StudyInstanceUID
     said = [r.getMessage() for r in caplog.records if "not a valid DICOM value" in r.getMessage()]
     assert len(said) == 1 and "PatientSex 'Male', StudyDate 'notadate', StudyTime '2561' are not" in said[0], said

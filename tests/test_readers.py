@@ -676,6 +676,9 @@ def test_three_separate_channels_are_not_blended_as_the_colours_of_a_picture(tmp
         LoadSliced(keys="image", nifti_channel_dim=3)({"image": str(tmp_path / "v.nii.gz")})
     for name in ("rgb.tif", "planar.tif"):
         assert load({"image": str(tmp_path / name)})["image"].shape == (1, 24, 20)
+    # a 3-channel network takes them as its 3 channels, blending nothing (as before)
+    three = LoadSliced(keys="image", channels=3)({"image": str(tmp_path / "ij.tif")})["image"]
+    np.testing.assert_array_equal(three, stains.astype(np.float32))
 
 
 def test_pages_of_other_sizes_left_out_of_a_tiff_are_said(tmp_path, caplog):
@@ -703,7 +706,11 @@ def test_a_suffix_that_does_not_fit_the_content_is_named(tmp_path):
     shutil.copy(tmp_path / "u.nii", tmp_path / "u.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), tmp_path / "g.nii.gz")
     shutil.copy(tmp_path / "g.nii.gz", tmp_path / "g.nii")
+    import gzip
+
+    (tmp_path / "z.tif").write_bytes(gzip.compress((tmp_path / "u.nii").read_bytes()))
     for name, says in (("p.tif", "it is a PNG file: rename it to .png"),
+                       ("z.tif", "it is gzip-compressed: decompress it"),
                        ("u.nii.gz", "it is an uncompressed NIfTI named .nii.gz: rename it to .nii"),
                        ("g.nii", "it is gzip-compressed: rename it to .nii.gz")):
         with pytest.raises(DataError, match=rf"{re.escape(name)}: cannot read .*; {says}$"):
