@@ -581,9 +581,12 @@ class BrightObjectsd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             arr = convert_to_numpy(img, wrap_sequence=True)
+            source = str(d.get(f"{key}_file", key))
             if arr.shape[0] not in (1, 3):
-                raise DataError(f"{d.get(f'{key}_file', key)}: {arr.shape[0]} channels; the model takes gray or RGB "
-                                f"images{_PICK}")
+                raise DataError(f"{source}: {arr.shape[0]} channels; the model takes gray or RGB images{_PICK}")
+            if arr.shape[0] == 3 and Path(source).is_file() and separate_channels(source):
+                raise DataError(f"{source}: 3 separate channels, not the colours of an RGB picture; the model takes "
+                                f"one (gray) or RGB images{_PICK}")
             scaled = self._scale(to_gray(arr))
             bright_background = np.median(scaled) > 0.5
             if bright_background and self.stain == "hematoxylin" and is_colour(arr):

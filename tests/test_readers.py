@@ -676,6 +676,12 @@ def test_three_separate_channels_are_not_blended_as_the_colours_of_a_picture(tmp
         LoadSliced(keys="image", nifti_channel_dim=3)({"image": str(tmp_path / "v.nii.gz")})
     for name in ("rgb.tif", "planar.tif"):
         assert load({"image": str(tmp_path / name)})["image"].shape == (1, 24, 20)
+    from medseg.transforms import BrightObjectsd  # nuclei's stain normalisation blends to gray too
+
+    for name in ("ij.tif", "ome.ome.tif"):
+        loaded = LoadSliced(keys="image", gray=False)({"image": str(tmp_path / name)})
+        with pytest.raises(DataError, match=rf"{name}: 3 separate channels"):
+            BrightObjectsd(keys="image")(loaded)
     # a 3-channel network takes them as its 3 channels, blending nothing (as before)
     three = LoadSliced(keys="image", channels=3)({"image": str(tmp_path / "ij.tif")})["image"]
     np.testing.assert_array_equal(three, stains.astype(np.float32))
