@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +182,11 @@ class SeriesGeometry:
     series_uid: str
 
 
+def _values(value: Any) -> list:
+    """The values of a DICOM attribute: a multi-valued one's, or the single one (a text is one value)."""
+    return [value] if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") else list(value)
+
+
 def _numbers(item: Any, keyword: str, count: int, path: str) -> np.ndarray | None:
     """The ``count`` numbers of attribute ``keyword`` of ``item`` (a dataset or a sequence item); ``None`` when
     absent or empty.
@@ -190,8 +197,7 @@ def _numbers(item: Any, keyword: str, count: int, path: str) -> np.ndarray | Non
     value = getattr(item, keyword, None)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
-        not isinstance(value, (str, bytes)) else [value]
+    values = _values(value)
     try:
         numbers = np.array([float(v) for v in values], dtype=np.float64)
     except (TypeError, ValueError):
@@ -567,9 +573,6 @@ _CHECKED_COPIED = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")  
 def _valid_copied(keyword: str, value: Any) -> bool:
     """Whether ``value`` of an attribute a SEG copies and highdicom parses is one it can: a DA (``YYYYMMDD``),
     a TM (``HHMMSS.FFFFFF``, leading parts), PatientSex (``M``, ``F``, ``O``); empty is valid."""
-    import datetime
-    import re
-
     text = str(value or "").strip()
     if not text:
         return True
@@ -595,9 +598,7 @@ def _usable_charset(ds: Any) -> None:
 
     if "SpecificCharacterSet" not in ds:
         return
-    raw = ds.SpecificCharacterSet
-    terms = [str(t).strip().upper() for t in (raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__iter__")
-                                               and not isinstance(raw, str) else [raw])]
+    terms = [str(t).strip().upper() for t in _values(ds.SpecificCharacterSet)]
     if len(terms) > 1 and not terms[0]:
         terms[0] = "ISO 2022 IR 6"
     if len(terms) == 1 and terms[0].startswith("ISO 2022 IR ") and terms[0] != "ISO 2022 IR 6":

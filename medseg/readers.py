@@ -136,7 +136,7 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG", ".png"), (b"\xff\xd8\xff", "a JPEG", "
 
 
 def _content_hint(path: str | os.PathLike, expected: str) -> str:
-    """``; it is a PNG: rename it to .png`` when ``path``'s first bytes are another format's than ``expected``
+    """``; it is a PNG file: rename it to .png`` when ``path``'s first bytes are another format's than ``expected``
     (a suffix that does not fit the content), else ``""``."""
     try:
         with open(path, "rb") as f:
@@ -147,13 +147,13 @@ def _content_hint(path: str | os.PathLike, expected: str) -> str:
             and str(path).lower().endswith(".gz"):
         return "; it is an uncompressed NIfTI named .nii.gz: rename it to .nii"
     for magic, what, suffix in _MAGIC:
-        if head.startswith(magic) and not (expected == "tiff" and "TIFF" in what):
-            if suffix == ".nii.gz":
-                if expected != "nifti":
-                    return "; it is gzip-compressed: decompress it"
-                return "; it is gzip-compressed: rename it to .nii.gz" if not str(path).lower().endswith(".gz") \
-                    else ""
+        if not head.startswith(magic) or (expected == "tiff" and "TIFF" in what):
+            continue
+        if suffix != ".nii.gz":
             return f"; it is {what} file: rename it to {suffix}"
+        if expected != "nifti":
+            return "; it is gzip-compressed: decompress it"
+        return "" if str(path).lower().endswith(".gz") else "; it is gzip-compressed: rename it to .nii.gz"
     return ""
 
 

@@ -51,6 +51,14 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _PICK = ": pick channels with --set input_channels=[N] (numbered from 0)"
 
 
+def _refuse_separate_channels(arr: np.ndarray, path: str, **kwargs: Any) -> None:
+    """Refuse a 3-channel image of file ``path`` whose channels are separate images (stains, volumes), which
+    would be blended into gray as the colours of one picture; an array without a file (the API's) passes."""
+    if arr.shape[0] == 3 and Path(path).is_file() and separate_channels(path, **kwargs):
+        raise DataError(f"{path}: 3 separate channels, not the colours of an RGB picture; the model takes one "
+                        f"(gray) or RGB images{_PICK}")
+
+
 class LoadSliced(MapTransform):
     """Load slice ``data[page_key]`` of any supported input (PNG, TIFF page, NIfTI or DICOM slice) as ``(C, H, W)``.
 
@@ -92,11 +100,8 @@ class LoadSliced(MapTransform):
         channels = self.channels.get(key)
         floats = arr.dtype.kind in "fc"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
         as_colour = channels == 1 or (channels is None and self.gray)  # 3 channels blended as RGB's luma below
-        if key == "image" and self.select is None and arr.shape[0] == 3 and as_colour and Path(path).exists() \
-                and separate_channels(path, nifti_channel_dim=self.nifti_channel_dim):  # an array is the API's own
-            # three stains (or volumes) would be read as the colours of one picture, blended into gray
-            raise DataError(f"{path}: 3 separate channels, not the colours of an RGB picture; the model takes one "
-                            f"(gray) or RGB images{_PICK}")
+        if key == "image" and self.select is None and as_colour:
+            _refuse_separate_channels(arr, path, nifti_channel_dim=self.nifti_channel_dim)
         if self.select is not None and key == "image":
             if max(self.select) >= arr.shape[0]:
                 raise DataError(f"{path}: {arr.shape[0]} channel{'s' * (arr.shape[0] != 1)}, and input_channels="
@@ -584,9 +589,7 @@ class BrightObjectsd(MapTransform):
             source = str(d.get(f"{key}_file", key))
             if arr.shape[0] not in (1, 3):
                 raise DataError(f"{source}: {arr.shape[0]} channels; the model takes gray or RGB images{_PICK}")
-            if arr.shape[0] == 3 and Path(source).is_file() and separate_channels(source):
-                raise DataError(f"{source}: 3 separate channels, not the colours of an RGB picture; the model takes "
-                                f"one (gray) or RGB images{_PICK}")
+            _refuse_separate_channels(arr, source)
             scaled = self._scale(to_gray(arr))
             bright_background = np.median(scaled) > 0.5
             if bright_background and self.stain == "hematoxylin" and is_colour(arr):

@@ -569,6 +569,7 @@ def evaluate(
         The summary written to ``output_dir/summary.json``.
     """
     from medseg.ensemble import load_members
+    from medseg.evaluation import settings_digest
     from medseg.io import check_writable
     from medseg.locking import folder_lock
 
@@ -587,8 +588,6 @@ def evaluate(
                 **device_settings(dev)}
     trained = runfolder.training_settings(bundle, checkpoints, overrides, overlays)
     parser = load_config(bundle, "evaluate", overlays, overrides, settings, trained=trained.values)
-    from medseg.evaluation import settings_digest
-
     settings_sha256 = settings_digest(parser.get())  # as given, before the split's own adjustments below
     if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
         parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from
@@ -673,8 +672,8 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
     run = {
         "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}"
                   .strip(),
-        "checkpoints": [{"path": _resolved(c), "sha256": d} for c, d in zip(checkpoints, digests, strict=True)],
-        "data_dir": _resolved(str(data_dir)),
+        "checkpoints": same["checkpoints"],
+        "data_dir": same["data_dir"],
         "split": split,
         "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
                        else "all images" if split == "all" else "the settings given"),
