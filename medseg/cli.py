@@ -16,6 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from medseg.errors import (
     BundleError,
+    Terminated,
     describe_config_failure,
     describe_os_failure,
     find_user_error,
@@ -98,7 +99,8 @@ TtaOpt = Annotated[bool | None, typer.Option(
 def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: str = "", **kwargs: Any) -> Any:
     """Call ``fn``; report user errors as one line and exit 1 (``--debug`` re-raises for the traceback).
 
-    Ctrl-C ends with one line too (``interrupted`` says how to continue) and exit code 130.
+    Ctrl-C ends with one line too (``interrupted`` says how to continue) and exit code 130; SIGTERM, taken as
+    Ctrl-C, with 143.
     """
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
@@ -109,7 +111,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
             raise
         how = str(stop) or interrupted  # the workflow may say best how to go on
         typer.secho(f"error: interrupted{'; ' + how if how else ''}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
         if debug:
             raise
@@ -167,7 +169,7 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

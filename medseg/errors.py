@@ -45,6 +45,11 @@ def check_finite_output(values: object) -> None:
                               "checkpoint (or train again with a lower learning rate), or rescale the input")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler ending the job): handled as Ctrl-C, but the CLI exits
+    with 143 (128 + 15), the code a job killed by SIGTERM has, not Ctrl-C's 130."""
+
+
 class ConfigValueError(BundleError, ValueError):
     """A bundle config value is out of its range (also a ``ValueError`` for library callers)."""
 

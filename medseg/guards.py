@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from medseg.errors import Terminated
+
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The random seed of one epoch of a training seeded with ``seed`` (a 32-bit hash of both)."""
@@ -110,10 +112,15 @@ def stop_on_divergence(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Div
 
 
 class Interrupted(list):
-    """Truthy once Ctrl-C was pressed; ``finished`` is the last epoch that ended."""
+    """Truthy once Ctrl-C was pressed (or SIGTERM came); ``finished`` is the last epoch that ended."""
 
     finished = 0
     at_once = False  # a second Ctrl-C
+    terminated = False  # SIGTERM: the command exits 143 rather than 130
+
+    def stop(self, how: str = "") -> KeyboardInterrupt:
+        """The exception that ends the command, saying ``how`` to go on."""
+        return (Terminated if self.terminated else KeyboardInterrupt)(how)
 
 
 @contextlib.contextmanager
@@ -142,10 +149,11 @@ def stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterato
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != main_pid:  # a data-loader worker (forked with this handler): the main process decides
             return
+        flag.terminated = flag.terminated or signum == signal.SIGTERM
         if flag:  # stop at once; Ignite's and MONAI's loggers would print the interrupt's traceback on its way out
             flag.at_once = True
             logging.disable(logging.CRITICAL)
-            raise KeyboardInterrupt
+            raise flag.stop()
         flag.append(True)
         print("interrupted: finishing the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         for tracker in mlflow_handlers:  # MONAI continues an unfinished run of the same name, not a FINISHED one

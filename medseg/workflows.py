@@ -454,7 +454,7 @@ def train(
                     mlflow_tracking.close_runs(trackers,
                                     "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
                     if isinstance(err, KeyboardInterrupt) and interrupted.at_once:
-                        raise KeyboardInterrupt(f"stopped at once; {runfolder.how_to_go_on(out)}") from None
+                        raise interrupted.stop(f"stopped at once; {runfolder.how_to_go_on(out)}") from None
                     raise
         summary = {
             "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,
@@ -480,7 +480,7 @@ def train(
         if tracked is not None:
             mlflow_tracking.log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
         if interrupted:
-            raise KeyboardInterrupt(runfolder.how_to_go_on(out))
+            raise interrupted.stop(runfolder.how_to_go_on(out))
         if diverged:
             raise TrainingDiverged(diverged.message(parser, out, summary))
         return summary

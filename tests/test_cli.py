@@ -708,7 +708,7 @@ def test_ctrl_c_before_the_first_validation_still_leaves_a_model(tmp_path, isbi_
     result = _invoke("train", BUNDLE, "--epochs", 8, "--data", isbi_folder, "--output", out, "--no-progress",
                      "--no-tracking", "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2",
                      "--set", "val_interval=5")
-    assert result.exit_code == 130, result.output
+    assert result.exit_code == {"SIGINT": 130, "SIGTERM": 143}[signum], result.output  # 128 + the signal
     summary = json.loads((out / "train_summary.json").read_text())
     assert (out / "model.pt").is_file() and summary["best_metric"] is not None and summary["epochs"] == 1
 
@@ -857,9 +857,11 @@ def test_nan_losses_stop_a_training_only_when_they_persist():
     assert flag.what == "weights" and steps == 20 and flag.epoch == 1
 
 
-def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkeypatch):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkeypatch, signum):
     # Ctrl-C twice in one step: training stops at once, without Ignite's or MONAI's log of the interrupt's
-    # traceback; the line says what the run folder holds, the MLflow run is KILLED and logging works again
+    # traceback; the line says what the run folder holds, the MLflow run is KILLED and logging works again.
+    # SIGTERM twice (a scheduler's warning, then its end of the job) does the same, with exit code 143
     import logging
     import os
     import signal
@@ -874,13 +876,13 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, isbi_folder, monkey
     def press_ctrl_c_twice(trainer, data_dir, *rest):
         original(trainer, data_dir, *rest)
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3),
-                                  lambda _: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
+                                  lambda _: [os.kill(os.getpid(), getattr(signal, signum)) for _ in range(2)])
 
     monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c_twice)
     out = tmp_path / "run"
     result = _invoke("train", BUNDLE, "--epochs", 5, "--data", isbi_folder, "--output", out, "--no-progress",
                      "--device", "cpu", *_tiny_args(), "--set", "images_per_batch=2")
-    assert result.exit_code == 130, result.output
+    assert result.exit_code == {"SIGINT": 130, "SIGTERM": 143}[signum], result.output
     assert "KeyboardInterrupt" not in result.output and "Exception:" not in result.output, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
     assert lines == [f"error: interrupted; stopped at once; last_checkpoint_epoch=1.pt holds the last finished "
