@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` has the DICOM Part 10 preamble (``DICM`` at byte 128) or a DICOM suffix."""
+    """True when ``path`` has a DICOM suffix, the DICOM Part 10 preamble (``DICM`` at byte 128), or starts as a
+    data set written without it (older scanners and archives): see :func:`_starts_a_data_set`."""
     path = Path(path)
     if path.name.upper() == "DICOMDIR":
         return False  # a media directory, not an image
@@ -32,10 +34,26 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
+            head = f.read(132)
     except OSError:
         return False
+    return head[128:132] == b"DICM" or _starts_a_data_set(head)
+
+
+def _starts_a_data_set(head: bytes) -> bool:
+    """True when ``head`` begins with a little-endian element of group 0002 (file meta) or 0008 (identification),
+    in explicit VR (two capital letters) or implicit VR (an even length under 64 KiB), as a DICOM data set
+    written without the Part 10 preamble does."""
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x0100:
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():
+        return True
+    length = struct.unpack("<I", head[4:8])[0]
+    return length < 1 << 16 and length % 2 == 0
 
 
 def _read(path: str | os.PathLike, pixels: bool = False):

@@ -185,6 +185,9 @@ def format_of(path: str | os.PathLike) -> str:
     fmt = SUFFIXES.get(suffix_of(path))
     if fmt is None and path.is_file() and is_dicom_file(path):
         fmt = "dicom"
+    if fmt is None and path.name.upper() == "DICOMDIR":
+        raise DataError(f"{path}: a DICOMDIR is the index of a DICOM medium, not an image; give the folder that "
+                        "holds it, whose series are found by themselves")
     if fmt is None:
         supported = ", ".join(sorted(set(SUFFIXES)))
         raise DataError(f"{path}: unsupported file type '{suffix_of(path) or '(none)'}'; supported: {supported} "

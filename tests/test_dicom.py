@@ -334,6 +334,31 @@ def test_a_file_without_file_meta_is_decoded_in_its_own_encoding(tmp_path):
         np.testing.assert_array_equal(read_slice(folder, k), expected[k])
 
 
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+def test_files_without_preamble_or_suffix_are_found_as_a_series(tmp_path, implicit):
+    # archives of older systems hold data sets without the Part 10 preamble, named IM0, IM1, ...: they were
+    # "unsupported file type '(none)'"; text or other binary files without a suffix stay ignored
+    from pydicom.filewriter import dcmwrite
+
+    from medseg.discovery import discover
+
+    folder = write_dicom_series(tmp_path / "s", n=3, size=16)
+    expected = read_image(folder)[0]
+    for k, path in enumerate(sorted(folder.iterdir())):
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        ds.preamble = None
+        dcmwrite(folder / f"IM{k}", ds, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+        path.unlink()
+    (folder / "README").write_text("scanned on the 3rd\n")
+    (folder / "LOG").write_bytes(b"\x08\x00\x10\x00\x03\x00\x00\x00abc")  # group 0008, but an odd length
+    assert dicom.is_dicom_file(folder / "IM0") and not dicom.is_dicom_file(folder / "README")
+    assert not dicom.is_dicom_file(folder / "LOG")
+    (item,), ignored = discover(tmp_path)
+    assert item.format == "dicom" and sorted(Path(p).name for p, _ in ignored) == ["LOG", "README"]
+    np.testing.assert_array_equal(read_image(folder)[0], expected)
+
+
 def test_rt_dose_is_not_an_image_to_segment():
     ds = pydicom.Dataset()
     ds.Modality = "RTDOSE"

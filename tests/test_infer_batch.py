@@ -400,6 +400,10 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     (tmp_path / "scan.gif").write_bytes(b"GIF89a")
     result = _infer(tmp_path / "scan.gif", tmp_path / "o", tiny_checkpoint)
     assert result.exit_code == 1 and "scan.gif: unsupported file type '.gif'; supported:" in result.output
+    (tmp_path / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # a medium's index: its folder is the input
+    result = _infer(tmp_path / "DICOMDIR", tmp_path / "o", tiny_checkpoint)
+    assert result.exit_code == 1 and "DICOMDIR: a DICOMDIR is the index of a DICOM medium, not an image; give the " \
+        "folder that holds it" in result.output, result.output
     image, _ = synthetic_em(size=32, seed=1)
     (tmp_path / "imgs").mkdir()
     Image.fromarray(image).save(tmp_path / "imgs" / "a.png")
