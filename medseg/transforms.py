@@ -26,6 +26,7 @@ from medseg.readers import (
     open_picture,
     read_slice,
     separate_channels,
+    turned_size_hint,
 )
 
 #: The files of a DSB ``masks/`` folder that are read as instance masks (hidden files never are)
@@ -144,9 +145,10 @@ class LoadSliced(MapTransform):
             if first_shape is None:
                 first_key, first_shape = key, arr.shape
             elif arr.shape[1:] != first_shape[1:]:
+                other = d[f"{first_key}_file"]
                 raise DataError(
-                    f"{path}: size {arr.shape[1:]} differs from {d[f'{first_key}_file']} "
-                    f"{first_shape[1:]}; the image and its label must have the same size"
+                    f"{path}: size {arr.shape[1:]} differs from {other} {first_shape[1:]}; the image and its label "
+                    f"must have the same size{turned_size_hint(arr.shape[1:], first_shape[1:], other, path)}"
                 )
             d[f"{key}_file"] = path
             d[key] = arr
@@ -360,7 +362,8 @@ class LoadInstanceMasksd(MapTransform):
             shape = tuple(np.asarray(ref).shape[1:]) if ref is not None and not isinstance(ref, str) else None
             if folder.is_file():
                 d[f"{key}_file"] = str(folder)
-                d[key] = instance_label_image(folder, int(d.get("page", 0) or 0), shape)[None].astype(np.float32)
+                d[key] = instance_label_image(folder, int(d.get("page", 0) or 0), shape,
+                                              d.get(f"{self.ref_key}_file"))[None].astype(np.float32)
                 continue
             if not folder.is_dir():
                 raise DataError(f"{folder}: no masks folder; add one PNG per object there")
@@ -381,8 +384,10 @@ class LoadInstanceMasksd(MapTransform):
                 if shape is None:
                     shape = mask.shape[1:]
                 elif mask.shape[1:] != shape:
+                    image = d.get(f"{self.ref_key}_file") if self.ref_key else None
+                    turned = turned_size_hint(mask.shape[1:], shape, *([image] if image else []), path)
                     raise DataError(f"{path}: size {mask.shape[1:]} differs from its image's {shape}; "
-                                    "the masks must have the image's size")
+                                    f"the masks must have the image's size{turned}")
                 if np.any((mask[0] != 0) & (mask[0] != mask[0].max())) and str(folder.parent.parent) not in _SAID:
                     _SAID.add(str(folder.parent.parent))  # an instance label image would become one object
                     logging.getLogger(__name__).warning(
@@ -411,11 +416,13 @@ class LoadInstanceMasksd(MapTransform):
 _SAID: set[str] = set()
 
 
-def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...] | None = None) -> np.ndarray:
+def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...] | None = None,
+                         image: str | Path | None = None) -> np.ndarray:
     """The ``(H, W)`` int32 instances of an instance label image: 0 for background and one value per object
     (8- to 64-bit integers, whole-valued floats, a palette PNG's indices, gray saved as RGB), renumbered 1..N
     in the order of the values. One value in several separate regions is a binary mask: each 8-connected
-    region becomes an object (said once per folder, since touching objects then merge).
+    region becomes an object (said once per folder, since touching objects then merge). ``image``, the
+    image's path, only words the error of a size other than ``shape``.
 
     Raises:
         DataError: colour channels, negative or fractional values, a size other than ``shape``, or a class
@@ -433,8 +440,9 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
                         f"this one {arr.shape[0]}; save the labels as a gray 16-bit PNG or TIFF")
     labels = arr[0]
     if shape is not None and labels.shape != tuple(shape):
+        turned = turned_size_hint(labels.shape, shape, *([image] if image else []), path)
         raise DataError(f"{path}: size {labels.shape} differs from its image's {tuple(shape)}; the label image "
-                        "must have the image's size")
+                        f"must have the image's size{turned}")
     if labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
         raise DataError(f"{path}: holds fractional values, not instance labels; save whole numbers "
                         "(0 = background, one value per object)")

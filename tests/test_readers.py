@@ -65,6 +65,16 @@ def test_palette_tiff_keeps_its_values_its_colour_table_is_a_display_lut(tmp_pat
     np.testing.assert_array_equal(read_image(tmp_path / "stack.tif")[0], np.stack([values, values[::-1]])[None])
 
 
+def test_miniswhite_tiff_keeps_its_values_as_imagej_measures_them(tmp_path):
+    # ImageJ saves an image shown with an inverting LUT (a binary mask with black objects) as MinIsWhite: the
+    # values are the data, as for a palette; the README says so
+    values = np.array([[0, 255, 255], [255, 0, 7]], np.uint8)
+    tifffile.imwrite(tmp_path / "inverted.tif", values, photometric="miniswhite")
+    assert tifffile.TiffFile(tmp_path / "inverted.tif").pages[0].photometric == 0
+    np.testing.assert_array_equal(read_slice(tmp_path / "inverted.tif", 0), values[None])
+    np.testing.assert_array_equal(read_image(tmp_path / "inverted.tif")[0], values[None])
+
+
 def test_cmyk_tiff_is_converted_to_rgb(tmp_path):
     cmyk = np.zeros((2, 2, 4), np.uint8)
     cmyk[0, 0] = [0, 255, 255, 0]      # red
@@ -455,6 +465,25 @@ def test_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientation, 
     assert tuple(meta["spatial_shape"]) == displayed(stored).shape
     assert tuple(PngReader().read_meta(str(tmp_path / "a.png"))["spatial_shape"]) == displayed(stored).shape
     np.testing.assert_array_equal(read_slice(tmp_path / "a.png", 0)[0], displayed(stored))
+
+
+def test_a_mask_drawn_on_the_unturned_picture_is_told_of_the_exif_orientation(tmp_path):
+    # the image is read turned (as viewers show it), a mask saved without the tag is not: the size error
+    # says why, for a class mask and for an instance label image; sizes that differ otherwise say nothing of it
+    from medseg.transforms import LoadInstanceMasksd, LoadSliced
+
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "cell.png", exif=_exif(6))
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "cell_mask.png")
+    Image.fromarray(np.zeros((20, 31), np.uint8)).save(tmp_path / "other_mask.png")
+    turned = r"cell\.png is turned by its EXIF orientation, as viewers show it: save the other file turned the same way"
+    sample = {"image": str(tmp_path / "cell.png"), "label": str(tmp_path / "cell_mask.png")}
+    with pytest.raises(DataError, match=r"cell_mask\.png: size \(20, 30\) differs from .*cell\.png \(30, 20\); the "
+                                        r"image and its label must have the same size; " + turned):
+        LoadSliced(["image", "label"])(sample)
+    with pytest.raises(DataError, match=r"must have the image's size; " + turned):
+        LoadInstanceMasksd("label")(LoadSliced("image")(sample))
+    with pytest.raises(DataError, match=r"must have the same size$"):
+        LoadSliced(["image", "label"])({**sample, "label": str(tmp_path / "other_mask.png")})
 
 
 def test_jpeg_images_are_read_gray_rgb_and_cmyk_and_turned_upright(tmp_path):
