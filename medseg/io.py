@@ -138,7 +138,8 @@ def write_tiff(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, .
 
 
 def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 1,
-                     lead: tuple[tuple[str, int], ...] | None = None) -> dict[str, Any]:
+                     lead: tuple[tuple[str, int], ...] | None = None,
+                     frame_interval: tuple[float, str] | None = None) -> dict[str, Any]:
     """tifffile ``imwrite``/``write`` keywords storing the pixel size (none for uncalibrated images).
 
     A single image gets resolution tags in pixels per centimetre, which every TIFF reader understands. A
@@ -146,7 +147,8 @@ def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 
     per micrometre and an ImageJ description (for the first page only) with ``unit=micron`` and the slice
     ``spacing``, since baseline TIFF has no tag for the distance between pages. ``lead`` names the input's
     axes of the pages with their sizes: a time series (``T``) is written as ImageJ frames, without a slice
-    spacing, and ``T`` then ``Z`` as a hyperstack of frames and slices (ImageJ's own page order).
+    spacing, and ``T`` then ``Z`` as a hyperstack of frames and slices (ImageJ's own page order), with the
+    input's ``frame_interval`` (value, unit) when it had one.
     """
     factor = {"nm": 1e-3, "um": 1.0, "micron": 1.0, "mm": 1000.0, "meter": 1e6, "m": 1e6}.get(unit)  # to µm
     if spacing is None or factor is None:
@@ -162,6 +164,9 @@ def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 
             z_spacing = f"spacing={float(spacing[0]) * factor:.10g}\n"
         else:
             counts, z_spacing = f"slices={pages}\n", f"spacing={float(spacing[0]) * factor:.10g}\n"
+        if frame_interval and "T" in letters:
+            value, time_unit = frame_interval
+            z_spacing += f"finterval={value:.10g}\n" + (f"tunit={time_unit}\n" if time_unit != "sec" else "")
         description = f"ImageJ=1.11a\nimages={pages}\n{counts}unit=micron\n{z_spacing}loop=false\n"
         return {"resolution": (1.0 / x, 1.0 / y), "resolutionunit": "NONE", "description": description}
     return {"resolution": (1e4 / x, 1e4 / y), "resolutionunit": "CENTIMETER"}  # pixels per centimetre
@@ -171,8 +176,15 @@ def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 
 NIFTI_UNITS = {"mm": "mm", "um": "micron", "micron": "micron", "meter": "meter", "m": "meter"}
 
 
+#: Seconds per unit of ImageJ's frame interval (``tunit``), for a NIfTI time step in seconds
+_SECONDS = {"sec": 1.0, "s": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6,
+            "usec": 1e-6, "µs": 1e-6, "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0,
+            "hour": 3600.0, "hours": 3600.0}
+
+
 def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, unit: str = "mm",
-                codes: tuple[int, int] = (1, 1), qform: np.ndarray | None = None) -> Path:
+                codes: tuple[int, int] = (1, 1), qform: np.ndarray | None = None,
+                frame_interval: tuple[float, str] | None = None) -> Path:
     """Write ``arr`` (in NIfTI voxel order) with ``affine`` (sform and qform) as ``.nii``/``.nii.gz``, atomically
     (NIfTI-2 when a dimension exceeds NIfTI-1's 32,767).
 
@@ -182,6 +194,8 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
         codes: ``(sform_code, qform_code)``: 1 = scanner, 2 = aligned, ...; a NIfTI input's own codes
             keep their meaning.
         qform: the qform affine when it differs from ``affine`` (a NIfTI input's own), else ``affine``.
+        frame_interval: for a 4D ``arr`` (a time series), the time between volumes and its unit: written as
+            the fourth voxel size in seconds (a unit not known in seconds, or none: 1, time unit unknown).
     """
     import nibabel as nib
 
@@ -189,7 +203,11 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
     # NIfTI-1 holds each dimension in 16 bits: a longer one (a 35,000-pixel line scan) needs NIfTI-2
     kind = nib.Nifti2Image if max(arr.shape, default=0) > 32767 else nib.Nifti1Image
     image = kind(arr, np.asarray(affine, dtype=np.float64))
-    image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"))
+    seconds = _SECONDS.get(str(frame_interval[1]).lower()) if frame_interval else None
+    image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"), "sec" if seconds and arr.ndim == 4 else None)
+    if arr.ndim == 4:
+        zooms = image.header.get_zooms()
+        image.header.set_zooms((*zooms[:3], float(frame_interval[0]) * seconds if seconds else 1.0))
     image.set_qform(image.affine if qform is None else np.asarray(qform, dtype=np.float64), code=int(codes[1]))
     image.set_sform(image.affine, code=int(codes[0]))
     with atomic_output(path) as tmp:

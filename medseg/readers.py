@@ -30,6 +30,7 @@ The readers are :class:`monai.data.ImageReader` subclasses, so bundles use them 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import zlib
@@ -609,6 +610,19 @@ class TiffReader(_MedsegReader):
         lead = [i for i, a in enumerate(axes) if a not in "YXSC"]
         return shape, axes, lead, channel
 
+    @staticmethod
+    def _frame_interval(tif) -> tuple[float, str] | None:
+        """The time between frames of an ImageJ time series and its unit (``finterval``, ``tunit``, seconds
+        when not given), or None."""
+        ij = tif.imagej_metadata or {}
+        try:
+            value = float(ij.get("finterval", 0) or 0)
+        except (TypeError, ValueError):
+            return None
+        unit = str(ij.get("tunit", "sec") or "sec")
+        return (value, unit) if value > 0 and math.isfinite(value) and unit.isprintable() and "\n" not in unit \
+            else None
+
     def _spacing(self, tif) -> tuple[tuple[float, float, float], str]:
         """(z, y, x) spacing in micrometres from OME PhysicalSize* (with their units), ImageJ's unit and
         spacing, or the resolution tags; ``pixel`` for an uncalibrated file."""
@@ -654,12 +668,14 @@ class TiffReader(_MedsegReader):
         with self._open(path) as tif:
             shape, axes, lead, _ = self._layout(path, tif)
             spacing, unit = self._spacing(tif)
+            interval = self._frame_interval(tif) if any(axes[i] == "T" for i in lead) else None
         plane = (shape[axes.index("Y")], shape[axes.index("X")])
         if not lead:
             return _meta("tiff", path, plane, _scaled_affine(spacing[1:]), spacing[1:], unit, axes=axes)
         spatial = (int(np.prod([shape[i] for i in lead])), *plane)
+        lead_sizes = tuple((axes[i], int(shape[i])) for i in lead)  # the slices' axes: Z, T, ...
         return _meta("tiff", path, spatial, _scaled_affine(spacing), spacing, unit, axes=axes,
-                     lead_sizes=tuple((axes[i], int(shape[i])) for i in lead))  # the slices' axes: Z, T, ...
+                     lead_sizes=lead_sizes, **({"frame_interval": interval} if interval else {}))
 
     def count_slices(self, path: str) -> int:
         with self._open(path) as tif:

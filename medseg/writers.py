@@ -110,10 +110,13 @@ class _StackWriter:
             # a classic TIFF, which ImageJ's own opener reads, unless the pages could pass its 4 GB limit
             self.writer = tifffile.TiffWriter(self.tmp, bigtiff=self.pages * page.nbytes > 2**32 - 2**26)
         # metadata=None: plain pages that readers see as one stack of len(pages) slices; ImageJ's
-        # description (unit, slice spacing) goes on the first page only
+        # description (unit, slice spacing) goes on the first page only. ImageJ reads the pages of an
+        # uncompressed file with that description as one block from the first page's data on, not by their
+        # directories: uncompressed pages (the probability maps) are written contiguously, their directories
+        # at the end
         compression = "zlib" if page.dtype.kind in "iub" else None
         self.writer.write(page, compression=compression, photometric="minisblack", metadata=None,
-                          **self.calibration)
+                          contiguous=compression is None, **self.calibration)
         self.calibration.pop("description", None)
 
     def close(self, keep: bool = True) -> None:
@@ -141,7 +144,7 @@ class _VolumeSink:
         if fmt == "tiff":
             meta = _geometry(item)
             calibration = tiff_calibration(tuple(meta["spacing"]), _tiff_unit(meta), pages=pages,
-                                           lead=meta.get("lead_sizes"))
+                                           lead=meta.get("lead_sizes"), frame_interval=meta.get("frame_interval"))
             self.stacks = {k: _StackWriter(p, calibration, pages) for k, p in paths.items() if k != "table"}
 
     def add(self, page: int, mask: np.ndarray, prob: np.ndarray, rows: list[dict] | None = None) -> bool:
@@ -220,6 +223,13 @@ def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarra
     if meta.get("format") in ("png", "tiff"):  # a picture: pixel (x, y[, z]) at (x·sx, y·sy[, z·sz]) in ITK's
         # LPS frame, as ITK (SimpleITK, 3D Slicer, ITK-SNAP) places the PNG or TIFF itself; RAS flips x and y
         spacing = [float(v) for v in np.asarray(meta["spacing"]).ravel()][::-1]  # (x, y[, z])
+        lead = tuple(meta.get("lead_sizes") or ())
+        letters = "".join(a for a, _ in lead)
+        if letters in ("T", "TZ", "ZT"):  # frames (of slices): time is the fourth axis, not more slices in space
+            volume = volume.reshape(*(n for _, n in lead), *volume.shape[-2:])
+            volume = volume[:, None] if letters == "T" else volume.swapaxes(0, 1) if letters == "ZT" else volume
+            z = spacing[2] if "Z" in letters else 1.0
+            return volume.transpose(3, 2, 1, 0), np.diag([-spacing[0], -spacing[1], z, 1.0])
         flip = np.diag([-spacing[0], -spacing[1], spacing[2] if len(spacing) > 2 else 1.0, 1.0])
         return (volume[0].T if len(meta["spatial_shape"]) == 2 else volume.transpose(2, 1, 0)), flip
     if len(meta["spatial_shape"]) == 2:  # 2D source: (1, Y, X) -> (X, Y)
@@ -228,8 +238,9 @@ def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarra
 
 
 def _nifti_header(meta: dict) -> dict[str, Any]:
-    """The spatial unit and sform/qform codes of the source, for :func:`medseg.io.write_nifti`."""
-    header: dict[str, Any] = {"unit": str(meta.get("nifti_unit") or meta.get("spacing_unit") or "mm")}
+    """The spatial unit, sform/qform codes and frame interval of the source, for :func:`medseg.io.write_nifti`."""
+    header: dict[str, Any] = {"unit": str(meta.get("nifti_unit") or meta.get("spacing_unit") or "mm"),
+                              "frame_interval": meta.get("frame_interval")}
     if "nifti_codes" in meta:
         header["codes"] = tuple(int(c) for c in np.asarray(meta["nifti_codes"]).ravel()[:2])
     if "nifti_qform" in meta:  # the input's own qform, which may differ from its sform

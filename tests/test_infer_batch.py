@@ -367,6 +367,8 @@ def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint):
     gap = write_dicom_series(root / "gap", n=4, size=16)
     (gap / "IM001.dcm").unlink()
     nib.save(nib.Nifti1Image(np.zeros((8, 6, 4, 2), np.int16), np.eye(4)), root / "four_d.nii.gz")  # x, y, z, t
+    one_volume = np.diag([0.5, 0.7, 2.0, 1.0])  # x, y, z, t of one time point: read as 3D, as the README says
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 2, 1), np.int16), one_volume), root / "one_volume.nii.gz")
     # two series in one folder: split into two inputs, both fine
     write_dicom_series(root / "two", n=2, size=16, series_uid="1.2.3.1", series_number=4)
     write_dicom_series(root / "two", n=2, size=16, series_uid="1.2.3.2", series_number=5, prefix="B")
@@ -376,7 +378,9 @@ def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint):
     rows = _manifest(out)
     failed = {name for name, row in rows.items() if row["status"] == "failed"}
     assert failed == {"trunc.png", "corrupt.tif", "nopix.dcm", "gap", "four_d.nii.gz"}, rows
-    assert {rows[n]["status"] for n in ("good.png", "ok.tif")} == {"ok"}
+    assert {rows[n]["status"] for n in ("good.png", "ok.tif", "one_volume.nii.gz")} == {"ok"}
+    mask = nib.load(rows["one_volume.nii.gz"]["mask"])
+    assert mask.shape == (24, 20, 2) and np.allclose(mask.affine, one_volume)
     messages = {name: rows[name]["message"] for name in failed}
     assert "truncated or corrupt" in messages["trunc.png"]
     assert "no pixel data" in messages["nopix.dcm"]
@@ -388,7 +392,7 @@ def test_bad_files_fail_alone_and_the_rest_finish(tmp_path, tiny_checkpoint):
     seg_two = sorted(p.name for p in (out / "mask" / "two").iterdir())
     assert seg_two == ["S4.seg.dcm", "S5.seg.dcm"]  # one SEG per series, never a mixed volume
     assert not (out / "mask" / "corrupt.tif").exists() and not list(out.rglob(".*.tif"))
-    assert "error: 5 of 9 inputs failed; the others are done" in result.output
+    assert "error: 5 of 10 inputs failed; the others are done" in result.output
     assert "Traceback" not in result.output
 
 
@@ -1263,15 +1267,69 @@ def test_a_manifest_that_is_not_a_batchs_own_is_never_replaced(tmp_path, tiny_ch
     assert not (out / "mask").exists()
 
 
+def test_probability_stacks_are_written_as_imagej_reads_them(tmp_path, tiny_checkpoint):
+    # ImageJ reads an uncompressed stack with its description (images=N) as one block from the first page's
+    # data, not page by page: the float pages, each written with its own directory between them, opened
+    # from slice 2 on as directory bytes (2e29)
+    import tifffile
+
+    root = tmp_path / "in"
+    root.mkdir()
+    planes = (np.random.default_rng(3).random((4, 32, 40)) * 255).astype(np.uint8)
+    tifffile.imwrite(root / "z.tif", planes, imagej=True, resolution=(5, 5),
+                     metadata={"axes": "ZYX", "unit": "micron", "spacing": 2.0})
+    result = _infer(root, tmp_path / "out", tiny_checkpoint, "--no-tta")
+    assert result.exit_code == 0, result.output
+    with tifffile.TiffFile(tmp_path / "out" / "prob" / "z.tif") as tif:
+        assert tif.imagej_metadata["images"] == 4 and len(tif.pages) == 4
+        offsets = [page.dataoffsets[0] for page in tif.pages]
+        assert offsets == [offsets[0] + k * 32 * 40 * 4 for k in range(4)]  # one block of float32 pages
+        # read the way ImageJ does: the block from the first offset
+        block = np.fromfile(tmp_path / "out" / "prob" / "z.tif", dtype=tif.pages[0].dtype.newbyteorder(
+            tif.byteorder), count=4 * 32 * 40, offset=offsets[0]).reshape(4, 32, 40)
+        np.testing.assert_array_equal(block, tif.asarray())
+    with tifffile.TiffFile(tmp_path / "out" / "mask" / "z.tif") as tif:  # compressed: ImageJ reads page by page
+        assert len(tif.pages) == 4 and all(page.compression != 1 for page in tif.pages)
+
+
+def test_a_time_series_written_as_nifti_has_time_as_its_fourth_axis(tmp_path, tiny_checkpoint):
+    # with --format nifti, the frames of a TYX or TZYX TIFF were more slices in space (6 slices 2.5 µm apart
+    # for 2 time points of 3 slices); now x, y, z, t with the frame interval in seconds
+    import tifffile
+
+    root = tmp_path / "in"
+    root.mkdir()
+    planes = (np.random.default_rng(4).random((6, 32, 40)) * 255).astype(np.uint8)
+    tifffile.imwrite(root / "tz.tif", planes.reshape(2, 3, 32, 40), imagej=True, resolution=(5, 5),
+                     metadata={"axes": "TZYX", "unit": "micron", "spacing": 2.5, "finterval": 1.5, "tunit": "min"})
+    tifffile.imwrite(root / "t.tif", planes[:4], imagej=True, resolution=(5, 5),
+                     metadata={"axes": "TYX", "unit": "micron"})
+    for fmt in ("nifti", "tiff"):
+        result = _infer(root, tmp_path / fmt, tiny_checkpoint, "--no-tta", "--format", fmt)
+        assert result.exit_code == 0, result.output
+    for name, shape, zooms, units in (("tz", (40, 32, 3, 2), (0.2, 0.2, 2.5, 90.0), ("micron", "sec")),
+                                      ("t", (40, 32, 1, 4), (0.2, 0.2, 1.0, 1.0), ("micron", "unknown"))):
+        for kind in ("mask", "prob"):
+            image = nib.load(tmp_path / "nifti" / kind / f"{name}.nii.gz")
+            assert image.shape == shape and image.header.get_xyzt_units() == units, (name, kind)
+            np.testing.assert_allclose(image.header.get_zooms(), zooms, rtol=1e-6)
+            pages = tifffile.imread(tmp_path / "tiff" / kind / f"{name}.tif").reshape(shape[3], shape[2], 32, 40)
+            got = np.asanyarray(image.dataobj).transpose(3, 2, 1, 0)
+            np.testing.assert_array_equal(got > 0, pages > 0) if kind == "mask" else \
+                np.testing.assert_allclose(got, pages, atol=1e-6)
+
+
 def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_masks(tmp_path, tiny_checkpoint):
     # a TYX time-lapse became a Z stack with a made-up 1 µm slice spacing, and a TZYX hyperstack a flat Z
-    # stack of 6, so Fiji showed the masks with other axes than their images
+    # stack of 6, so Fiji showed the masks with other axes than their images; the frame interval (and its
+    # unit, when not seconds) was dropped
     import tifffile
 
     root = tmp_path / "in"
     root.mkdir()
     planes = (np.random.default_rng(2).random((6, 32, 32)) * 255).astype(np.uint8)
-    layouts = {"tl": ("TYX", planes[:4], {}), "tz": ("TZYX", planes.reshape(2, 3, 32, 32), {"spacing": 2.5}),
+    layouts = {"tl": ("TYX", planes[:4], {"finterval": 30.0}),
+               "tz": ("TZYX", planes.reshape(2, 3, 32, 32), {"spacing": 2.5, "finterval": 1.5, "tunit": "min"}),
                "z": ("ZYX", planes[:4], {"spacing": 2.0})}
     for name, (axes, data, extra) in layouts.items():
         tifffile.imwrite(root / f"{name}.tif", data, imagej=True, resolution=(5, 5),
@@ -1282,3 +1340,5 @@ def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_ma
         with tifffile.TiffFile(tmp_path / "out" / "mask" / f"{name}.tif") as tif:
             assert tif.series[0].axes == axes and tif.series[0].shape == data.shape, name
             assert tif.imagej_metadata.get("spacing") == extra.get("spacing"), name  # none for a time series
+            for key in ("finterval", "tunit"):
+                assert tif.imagej_metadata.get(key) == extra.get(key), (name, key)
