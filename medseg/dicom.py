@@ -582,6 +582,39 @@ def _frame_geometry(geometry: SeriesGeometry) -> dict[str, Any]:
     }
 
 
+def _reference_source_frames(seg: Any, source: Any, positions: list[Any]) -> None:
+    """Name, in each frame of ``seg`` that names none, the frame of the multi-frame ``source`` it segments.
+
+    highdicom references source frames by their own plane positions; a multi-frame file without per-frame
+    positions gets the ones :func:`_frame_geometry` derives (``positions``, in the file's frame order), and
+    its SEG frames then referenced nothing, leaving viewers only those derived positions to align them by.
+    """
+    from pydicom.dataset import Dataset
+
+    def code(value: str, meaning: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        return item
+
+    def key(point: Any) -> tuple[float, ...]:
+        return tuple(round(float(v), 3) for v in point)
+
+    frame_of = {key(p[0].ImagePositionPatient): number for number, p in enumerate(positions, start=1)}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        number = frame_of.get(key(item.PlanePositionSequence[0].ImagePositionPatient))
+        if item.get("DerivationImageSequence") or number is None:
+            continue
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+        ref.ReferencedFrameNumber = number
+        ref.SpatialLocationsPreserved = "YES"
+        ref.PurposeOfReferenceCodeSequence = [code("121322", "Source image for image processing operation")]
+        derivation = Dataset()
+        derivation.SourceImageSequence = [ref]
+        derivation.DerivationCodeSequence = [code("113076", "Segmentation")]
+        item.DerivationImageSequence = [derivation]
+
+
 #: Patient/study attributes a SEG copies from its source; type 2 (may be empty) but often missing.
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
@@ -748,6 +781,8 @@ def write_seg(
     except (ValueError, TypeError, AttributeError) as err:
         raise DataError(f"{geometry.files[0]}: cannot build a DICOM SEG for this series ({err}); "
                         "use --format nifti") from err
+    if spatial:
+        _reference_source_frames(seg, sources[0], spatial["plane_positions"])
     with atomic_output(path) as tmp:
         seg.save_as(tmp)
     return Path(path)

@@ -146,11 +146,16 @@ def test_seg_for_a_multi_frame_source(tmp_path):
     path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.6", position=(0, 0, 0), frames=3)
     geometry = dicom.series_geometry(dicom.find_series(path))
     mask = np.zeros((3, 6, 6), bool)
-    mask[1, 2:4, 2:4] = True
+    for k in range(3):  # a different mask on each slice: k + 1 rows
+        mask[k, : k + 1] = True
     seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
     assert int(seg.NumberOfFrames) == 3 and seg.SegmentSequence[0].SegmentLabel == "foreground"
-    back = pydicom.dcmread(tmp_path / "seg.dcm").pixel_array > 0  # the SEG's frames in the source's frame order
-    np.testing.assert_array_equal(back[list(geometry.frames)], mask)  # each slice's mask on its own frame
+    # each SEG frame names the source frame it segments (the file has no per-frame positions, so highdicom
+    # named none), and holds that frame's mask
+    source_uid = pydicom.dcmread(path).SOPInstanceUID
+    back = seg.get_pixels_by_source_frame(source_uid, source_frame_numbers=[1, 2, 3], segment_numbers=[1])
+    for k, frame in enumerate(geometry.frames):
+        np.testing.assert_array_equal(back[frame, ..., 0] > 0, mask[k])
 
 
 def test_a_seg_is_written_for_a_source_whose_dates_are_not_dates(tmp_path, caplog):
