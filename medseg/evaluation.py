@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +287,8 @@ class ChallengeMetrics(MetricsReport):
         means = self._means(self.rows)
         return {
             "images": len(self.rows),
-            "v_rand": isbi.get("v_rand"),
-            "v_info": isbi.get("v_info"),
+            "v_rand": _score_or_none(isbi.get("v_rand")),  # none: no slice's label has a cell
+            "v_info": _score_or_none(isbi.get("v_info")),
             "v_rand_threshold": isbi.get("v_rand_threshold"),
             "v_info_threshold": isbi.get("v_info_threshold"),
             **{k: v for k, v in means.items() if k not in ("v_rand", "v_info")},
@@ -295,6 +296,11 @@ class ChallengeMetrics(MetricsReport):
             "pixel_error": self.stack.pixel_error() if len(self.stack) else None,
             "threshold": self.threshold,
         }
+
+
+def _score_or_none(value: float | None) -> float | None:
+    """A stack score for ``summary.json``: None where there is none (NaN, which JSON cannot hold)."""
+    return None if value is None or math.isnan(value) else value
 
 
 class IsbiScore(Metric):

@@ -7,6 +7,7 @@ in [0, 1] with high values for the foreground (cell interior for ISBI); labels a
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 
@@ -161,7 +162,7 @@ def rand_and_info(gt_cells: np.ndarray, proposal: np.ndarray) -> tuple[float, fl
     Only pixels inside ground-truth cells (``gt_cells > 0``) count. Proposal pixels with label 0
     (boundary lines) are singleton segments, one each. As in the challenge's code, V_info is 0 when the
     ground truth or the proposal has zero entropy (a single cell or segment), and NaN when their mutual
-    information is 0.
+    information is 0. A slice without ground-truth cells has nothing to score: both are NaN.
 
     Args:
         gt_cells: ``(H, W)`` ground-truth cell labels, 0 = membrane (ignored).
@@ -172,7 +173,7 @@ def rand_and_info(gt_cells: np.ndarray, proposal: np.ndarray) -> tuple[float, fl
     b = np.asarray(proposal)[mask].astype(np.int64)
     n = a.size
     if n == 0:
-        return 1.0, 1.0
+        return math.nan, math.nan
     single = b == 0
     n_single = int(single.sum())
     # contingency counts of (gt cell, proposal segment) over non-singleton pixels; labels are small
@@ -216,6 +217,7 @@ class IsbiStack:
     def __init__(self, thresholds: Sequence[float] = ISBI_THRESHOLDS) -> None:
         self.thresholds = tuple(float(t) for t in thresholds)
         self._table: list[np.ndarray] = []  # per slice: (thresholds, 2) V_rand, V_info
+        self._has_cells: list[bool] = []  # per slice: whether its label has a cell to score
         self._counts = np.zeros((len(self.thresholds), 3), dtype=np.int64)  # tp, fp, fn per threshold
 
     def __len__(self) -> int:
@@ -228,6 +230,7 @@ class IsbiStack:
             raise ValueError(f"prediction shape {np.shape(prob)} differs from label shape {gt.shape}")
         gt_cells = ndimage.label(gt, structure=FOUR_CONNECTED)[0]
         self._table.append(np.array([rand_and_info(gt_cells, thinned_segments(prob, t)) for t in self.thresholds]))
+        self._has_cells.append(bool(gt.any()))
         for ti, t in enumerate(self.thresholds):
             self._counts[ti] += _counts(_above(prob, t), gt)[:3]
 
@@ -236,11 +239,15 @@ class IsbiStack:
         if not self._table:
             raise ValueError("no slice scored yet")
         table = np.stack(self._table, axis=1)  # (thresholds, slices, 2)
-        mean = table.mean(axis=1)
+        # a slice whose label has no cell has no score (the challenge's code divides 0 by 0 there, which makes
+        # the stack's score 0): the means are over the others, and a stack of none has no score (NaN)
+        scored = table[:, np.array(self._has_cells)]
+        mean = scored.mean(axis=1) if scored.shape[1] else np.full((len(self.thresholds), 2), math.nan)
         best_rand, best_info = _best(mean[:, 0]), _best(mean[:, 1])
+        none = not scored.shape[1]
         return {
-            "v_rand": float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
-            "v_info": float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
+            "v_rand": math.nan if none else float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
+            "v_info": math.nan if none else float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
             "v_rand_threshold": round(float(self.thresholds[best_rand]), 6),
             "v_info_threshold": round(float(self.thresholds[best_info]), 6),
             "per_slice_v_rand": table[best_rand, :, 0].tolist(),
@@ -263,7 +270,9 @@ def isbi_scores(
     """The ISBI 2012 challenge scores of a stack, as the challenge computes them.
 
     For each threshold, V_rand and V_info are averaged over slices; each score is the maximum of
-    that mean over ``thresholds`` (0 if none is above 0; a mean that is NaN never counts). For stacks
+    that mean over ``thresholds`` (0 if none is above 0; a mean that is NaN never counts). Slices whose
+    label has no cell are left out of the means (their per-slice scores are NaN); with no other slice, both
+    scores are NaN. For stacks
     scored as they come, slice by slice, see :class:`IsbiStack`.
 
     Args:

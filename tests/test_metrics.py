@@ -166,6 +166,23 @@ def test_isbi_scores_average_over_slices_before_max():
     assert scores["v_rand"] == pytest.approx((1.0 + single_bad["v_rand"]) / 2)
 
 
+def test_a_slice_without_cells_has_no_score_and_is_left_out_of_the_means():
+    # an all-membrane label (a crop or tile of user data) scored 1.0 / 1.0, lifting the stack's means; the
+    # challenge's code divides 0 by 0 there, which makes the stack's V_rand 0. Now it is left out, and a
+    # stack of only such slices has no score
+    gt = np.ones((12, 12), bool)
+    gt[:, 5:7] = False
+    empty = np.zeros((12, 12), bool)
+    bad = np.ones((12, 12))
+    assert all(math.isnan(v) for v in rand_and_info(np.zeros((3, 3), int), np.ones((3, 3), int)))
+    with_empty = isbi_scores([bad, bad], [gt, empty])
+    alone = isbi_scores([bad], [gt])
+    assert with_empty["v_rand"] == alone["v_rand"] < 0.7 and with_empty["v_info"] == alone["v_info"]
+    assert math.isnan(with_empty["per_slice_v_rand"][1])
+    nothing = isbi_scores([bad], [empty])
+    assert math.isnan(nothing["v_rand"]) and math.isnan(nothing["v_info"])
+
+
 def test_binary_scores_keys():
     gt = np.array([[0, 1], [1, 1]])
     scores = binary_scores(gt.astype(float), gt)
@@ -295,6 +312,23 @@ def test_evaluate_rows_carry_each_slices_own_v_rand_and_v_info(tmp_path):
     expected = isbi_scores(probs, labels)
     assert [r["v_rand"] for r in report.rows] == pytest.approx(expected["per_slice_v_rand"])
     assert [r["v_info"] for r in report.rows] == pytest.approx(expected["per_slice_v_info"])
+
+
+def test_an_evaluation_of_labels_without_cells_has_no_stack_score(tmp_path):
+    # summary.json holds null rather than NaN, which JSON cannot hold, or a made-up 1.0
+    import json
+
+    import torch
+
+    from medseg.evaluation import ChallengeMetrics
+
+    report = ChallengeMetrics(str(tmp_path))
+    p = np.full((6, 6), 0.3, np.float32)
+    report.rows.append(report.score({"prob": torch.from_numpy(np.stack([1 - p, p])),
+                                     "label": torch.zeros((1, 6, 6))}, {}))
+    summary = report.summarise()
+    assert summary["v_rand"] is None and summary["v_info"] is None
+    assert json.loads(json.dumps(summary, allow_nan=False))["v_rand"] is None
 
 
 def test_evaluate_scores_at_its_threshold_and_channel(tmp_path):
