@@ -140,35 +140,44 @@ def write_tiff(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, .
 def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 1,
                      lead: tuple[tuple[str, int], ...] | None = None,
                      frame_interval: tuple[float, str] | None = None) -> dict[str, Any]:
-    """tifffile ``imwrite``/``write`` keywords storing the pixel size (none for uncalibrated images).
+    """tifffile ``imwrite``/``write`` keywords storing the pixel size and a stack's axes.
 
-    A single image gets resolution tags in pixels per centimetre, which every TIFF reader understands. A
-    stack of ``pages`` with a ``(z, y, x)`` spacing is written as ImageJ writes one: resolution in pixels
-    per micrometre and an ImageJ description (for the first page only) with ``unit=micron`` and the slice
-    ``spacing``, since baseline TIFF has no tag for the distance between pages. ``lead`` names the input's
-    axes of the pages with their sizes: a time series (``T``) is written as ImageJ frames, without a slice
-    spacing, and ``T`` then ``Z`` as a hyperstack of frames and slices (ImageJ's own page order), with the
-    input's ``frame_interval`` (value, unit) when it had one.
+    A single image gets resolution tags in pixels per centimetre, which every TIFF reader understands (none
+    when uncalibrated). A stack of ``pages`` with a ``(z, y, x)`` spacing is written as ImageJ writes one:
+    resolution in pixels per micrometre and an ImageJ description (for the first page only) with
+    ``unit=micron`` and the slice ``spacing``, since baseline TIFF has no tag for the distance between pages.
+    ``lead`` names the input's axes of the pages with their sizes: a time series (``T``) is written as ImageJ
+    frames, without a slice spacing, and ``T`` then ``Z`` as a hyperstack of frames and slices (ImageJ's own
+    page order), with the input's ``frame_interval`` (value, unit) when it had one; these keep their axes
+    when uncalibrated too. Time in another order (OME's ``Z`` then ``T``), which an ImageJ description cannot
+    state, gives plain pages in the input's order, claiming neither slices nor a spacing.
     """
     factor = {"nm": 1e-3, "um": 1.0, "micron": 1.0, "mm": 1000.0, "meter": 1e6, "m": 1e6}.get(unit)  # to µm
-    if spacing is None or factor is None:
+    letters = "".join(a for a, _ in lead or ())
+    if spacing is None or (factor is None and not (pages > 1 and "T" in letters)):
         return {}
-    y, x = float(spacing[-2]) * factor, float(spacing[-1]) * factor
     if pages > 1 and len(spacing) == 3:
-        letters = "".join(a for a, _ in lead or ())
         sizes = dict(lead or ())
+        z_spacing = f"spacing={float(spacing[0]) * factor:.10g}\n" if factor else ""
         if letters == "T":
             counts, z_spacing = f"frames={pages}\n", ""
         elif letters == "TZ":
             counts = f"slices={sizes['Z']}\nframes={sizes['T']}\nhyperstack=true\n"
-            z_spacing = f"spacing={float(spacing[0]) * factor:.10g}\n"
+        elif "T" in letters:  # time in another order: ImageJ's hyperstacks hold frames of slices only
+            counts, z_spacing = "", ""
         else:
-            counts, z_spacing = f"slices={pages}\n", f"spacing={float(spacing[0]) * factor:.10g}\n"
-        if frame_interval and "T" in letters:
+            counts = f"slices={pages}\n"
+        if frame_interval and letters in ("T", "TZ"):
             value, time_unit = frame_interval
             z_spacing += f"finterval={value:.10g}\n" + (f"tunit={time_unit}\n" if time_unit != "sec" else "")
+        if not factor:  # uncalibrated: the axes alone
+            return {"description": f"ImageJ=1.11a\nimages={pages}\n{counts}{z_spacing}loop=false\n"}
+        y, x = float(spacing[-2]) * factor, float(spacing[-1]) * factor
         description = f"ImageJ=1.11a\nimages={pages}\n{counts}unit=micron\n{z_spacing}loop=false\n"
         return {"resolution": (1.0 / x, 1.0 / y), "resolutionunit": "NONE", "description": description}
+    if factor is None:
+        return {}
+    y, x = float(spacing[-2]) * factor, float(spacing[-1]) * factor
     return {"resolution": (1e4 / x, 1e4 / y), "resolutionunit": "CENTIMETER"}  # pixels per centimetre
 
 

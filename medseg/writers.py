@@ -57,7 +57,7 @@ def mask_format(input_format: str, output_format: str = "auto", slices: int = 1)
     if fmt == "png" and slices > 1:
         fmt = "tiff"  # a PNG holds one slice: volumes go to a TIFF stack
     if fmt == "dicom-seg" and input_format != "dicom":
-        raise DataError(f"--format dicom-seg needs DICOM inputs (this one is {input_format}); use nifti or tiff")
+        raise DataError("--format dicom-seg needs DICOM inputs, and this one is not DICOM; use nifti or tiff")
     return fmt
 
 

@@ -411,12 +411,16 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     image, _ = synthetic_em(size=32, seed=1)
     (tmp_path / "imgs").mkdir()
     Image.fromarray(image).save(tmp_path / "imgs" / "a.png")
+    Image.fromarray(image).save(tmp_path / "imgs" / "b.bmp")
     (tmp_path / "blocker").write_text("a file where the output folder should be")
     result = _infer(tmp_path / "imgs", tmp_path / "blocker" / "out", tiny_checkpoint)
     assert result.exit_code == 1 and "output folder is not writable" in result.output
     result = _infer(tmp_path / "imgs", tmp_path / "o3", tiny_checkpoint, "--format", "dicom-seg")
     assert result.exit_code == 1
     assert f"failed: {tmp_path / 'imgs' / 'a.png'}: --format dicom-seg needs DICOM inputs" in result.output
+    # a BMP (read by the PNG reader) was said to be "png"
+    assert f"failed: {tmp_path / 'imgs' / 'b.bmp'}: --format dicom-seg needs DICOM inputs, and this one is not " \
+        "DICOM; use nifti or tiff" in result.output
     result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint, "--format", "jpeg")
     assert result.exit_code == 1 and "unknown output format" in result.output
     result = _infer(tmp_path / "imgs", tmp_path / "o4", tiny_checkpoint, "--set", "output_format=jpeg")
@@ -1334,6 +1338,13 @@ def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_ma
     for name, (axes, data, extra) in layouts.items():
         tifffile.imwrite(root / f"{name}.tif", data, imagej=True, resolution=(5, 5),
                          metadata={"axes": axes, "unit": "micron", **extra})
+    # uncalibrated, the axes were dropped with the pixel size (Fiji showed 6 slices)
+    layouts["tz_uncalibrated"] = ("TZYX", planes.reshape(2, 3, 32, 32), {"finterval": 5.0})
+    tifffile.imwrite(root / "tz_uncalibrated.tif", layouts["tz_uncalibrated"][1], imagej=True,
+                     metadata={"axes": "TZYX", "finterval": 5.0})
+    # OME's Z then T, which an ImageJ description cannot state, claimed 6 slices 2 µm apart: now plain pages
+    tifffile.imwrite(root / "zt.ome.tif", planes.reshape(3, 2, 32, 32),
+                     metadata={"axes": "ZTYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 2.0})
     result = _infer(root, tmp_path / "out", tiny_checkpoint, "--no-prob", "--no-tta")
     assert result.exit_code == 0, result.output
     for name, (axes, data, extra) in layouts.items():
@@ -1342,3 +1353,5 @@ def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_ma
             assert tif.imagej_metadata.get("spacing") == extra.get("spacing"), name  # none for a time series
             for key in ("finterval", "tunit"):
                 assert tif.imagej_metadata.get(key) == extra.get(key), (name, key)
+    with tifffile.TiffFile(tmp_path / "out" / "mask" / "zt.ome.tif") as tif:
+        assert len(tif.pages) == 6 and not {"slices", "frames", "spacing"} & set(tif.imagej_metadata)
