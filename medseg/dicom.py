@@ -24,9 +24,10 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def is_dicom_file(path: str | os.PathLike) -> bool:
+def is_dicom_file(path: str | os.PathLike, *, marked: bool = False) -> bool:
     """True when ``path`` has a DICOM suffix, the DICOM Part 10 preamble (``DICM`` at byte 128), or starts as a
-    data set written without it (older scanners and archives): see :func:`_starts_a_data_set`."""
+    data set written without it (older scanners and archives): see :func:`_starts_a_data_set`. ``marked``:
+    only the first two, which name a file DICOM beyond doubt."""
     path = Path(path)
     if path.name.upper() == "DICOMDIR":
         return False  # a media directory, not an image
@@ -37,7 +38,7 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
             head = f.read(132)
     except OSError:
         return False
-    return head[128:132] == b"DICM" or _starts_a_data_set(head)
+    return head[128:132] == b"DICM" or (not marked and _starts_a_data_set(head))
 
 
 def _starts_a_data_set(head: bytes) -> bool:
@@ -596,10 +597,11 @@ def _reference_source_frames(seg: Any, source: Any, positions: list[Any]) -> Non
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         return item
 
-    def key(point: Any) -> tuple[float, ...]:
-        return tuple(round(float(v), 3) for v in point)
+    def key(point: Any) -> tuple[str, ...]:  # the values as written (highdicom copies them): exact
+        return tuple(str(v) for v in point)
 
-    frame_of = {key(p[0].ImagePositionPatient): number for number, p in enumerate(positions, start=1)}
+    keys = [key(p[0].ImagePositionPatient) for p in positions]
+    frame_of = {k: number for number, k in enumerate(keys, start=1) if keys.count(k) == 1}  # repeated: unknown
     for item in seg.PerFrameFunctionalGroupsSequence:
         number = frame_of.get(key(item.PlanePositionSequence[0].ImagePositionPatient))
         if item.get("DerivationImageSequence") or number is None:

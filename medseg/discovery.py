@@ -250,7 +250,7 @@ def _stem(rel: str) -> str:
 def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[InputItem], list[tuple[str, str]]]:
     """One input per series in ``folder`` holding a selected file; unreadable files become failed inputs,
     DICOM objects that are not images (a SEG, a report) are listed as ignored."""
-    from medseg.dicom import _read, non_image_kind, series_in_folder
+    from medseg.dicom import _read, is_dicom_file, non_image_kind, series_in_folder
 
     in_series = series_in_folder(str(folder))  # headers read once, cached for the readers
     members = {f for s in in_series for f in s.files}
@@ -268,6 +268,9 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
             message = f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it"
         except DataError as err:
             message = str(err)
+        if not is_dicom_file(file, marked=True):  # only its first bytes looked like DICOM: another file type
+            ignored.append((str(file), f"unsupported file type '{suffix_of(file) or '(none)'}'"))
+            continue
         rel = file.relative_to(root).as_posix()
         failed.append(InputItem(str(file), "dicom", _stem(rel), error=message, key=rel))
     rel_dir = folder.relative_to(root).as_posix()

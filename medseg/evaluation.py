@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -289,8 +290,8 @@ class ChallengeMetrics(MetricsReport):
             "images": len(self.rows),
             "v_rand": _score_or_none(isbi.get("v_rand")),  # none: no slice's label has a cell
             "v_info": _score_or_none(isbi.get("v_info")),
-            "v_rand_threshold": isbi.get("v_rand_threshold"),
-            "v_info_threshold": isbi.get("v_info_threshold"),
+            "v_rand_threshold": _score_or_none(isbi.get("v_rand_threshold")),
+            "v_info_threshold": _score_or_none(isbi.get("v_info_threshold")),
             **{k: v for k, v in means.items() if k not in ("v_rand", "v_info")},
             # the challenge's pixel error of the stack: counts of all slices pooled, one best threshold
             "pixel_error": self.stack.pixel_error() if len(self.stack) else None,
@@ -299,7 +300,8 @@ class ChallengeMetrics(MetricsReport):
 
 
 def _score_or_none(value: float | None) -> float | None:
-    """A stack score for ``summary.json``: None where there is none (NaN, which JSON cannot hold)."""
+    """A stack score (or its threshold) for ``summary.json``: None where there is none (NaN, which JSON cannot
+    hold)."""
     return None if value is None or math.isnan(value) else value
 
 
@@ -336,7 +338,13 @@ class IsbiScore(Metric):
     def compute(self) -> float:
         if not len(self.stack):
             raise ValueError("IsbiScore needs at least one image before compute()")
-        return self.stack.scores()[self.score]
+        value = self.stack.scores()[self.score]
+        if math.isnan(value):  # no label with a cell: no best model can be chosen, nor can training stop early
+            logging.getLogger(__name__).warning(
+                "%s: none of the %d labels scored holds a cell interior (255 or 1), so there is no score to "
+                "choose the best model by; check that the labels mark cells, not only membranes",
+                self.score, len(self.stack))
+        return value
 
 
 class DsbScore(Metric):

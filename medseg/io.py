@@ -187,7 +187,7 @@ NIFTI_UNITS = {"mm": "mm", "um": "micron", "micron": "micron", "meter": "meter",
 
 #: Seconds per unit of ImageJ's frame interval (``tunit``), for a NIfTI time step in seconds
 _SECONDS = {"sec": 1.0, "s": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6,
-            "usec": 1e-6, "µs": 1e-6, "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0,
+            "usec": 1e-6, "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0,
             "hour": 3600.0, "hours": 3600.0}
 
 

@@ -248,8 +248,8 @@ class IsbiStack:
         return {
             "v_rand": math.nan if none else float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
             "v_info": math.nan if none else float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
-            "v_rand_threshold": round(float(self.thresholds[best_rand]), 6),
-            "v_info_threshold": round(float(self.thresholds[best_info]), 6),
+            "v_rand_threshold": math.nan if none else round(float(self.thresholds[best_rand]), 6),
+            "v_info_threshold": math.nan if none else round(float(self.thresholds[best_info]), 6),
             "per_slice_v_rand": table[best_rand, :, 0].tolist(),
             "per_slice_v_info": table[best_info, :, 1].tolist(),
         }

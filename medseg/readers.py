@@ -30,7 +30,6 @@ The readers are :class:`monai.data.ImageReader` subclasses, so bundles use them 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import zlib
@@ -619,9 +618,9 @@ class TiffReader(_MedsegReader):
             value = float(ij.get("finterval", 0) or 0)
         except (TypeError, ValueError):
             return None
-        unit = str(ij.get("tunit", "sec") or "sec")
-        return (value, unit) if value > 0 and math.isfinite(value) and unit.isprintable() and "\n" not in unit \
-            else None
+        unit = str(ij.get("tunit", "sec") or "sec").replace("µ", "u").replace("\u03bc", "u")  # µs: us
+        # written back into a TIFF description, which is ASCII: another unit is one we cannot keep
+        return (value, unit) if 0 < value < 1e30 and unit.isascii() and unit.isprintable() else None
 
     def _spacing(self, tif) -> tuple[tuple[float, float, float], str]:
         """(z, y, x) spacing in micrometres from OME PhysicalSize* (with their units), ImageJ's unit and

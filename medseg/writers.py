@@ -24,6 +24,7 @@ probability volume per input).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Hashable, Mapping
@@ -124,11 +125,16 @@ class _StackWriter:
             import tifffile
 
             self.writer = tifffile.TiffWriter(self.tmp)
-        if self.writer is not None:
-            self.writer.close()
         if keep:
+            if self.writer is not None:
+                self.writer.close()
             os.replace(self.tmp, self.path)
-        else:
+            return
+        try:  # discarded: closing writes what is left (a contiguous stack's page directories), which may fail
+            if self.writer is not None:  # as the write before it did (a full disk); the file goes all the same
+                with contextlib.suppress(OSError):
+                    self.writer.close()
+        finally:
             self.tmp.unlink(missing_ok=True)
 
 

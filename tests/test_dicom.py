@@ -139,11 +139,16 @@ def test_seg_round_trip_references_the_source(shared_dicom, tmp_path):
     assert read_geometry(folder)["files"] == list(geometry.files)
 
 
-def test_seg_for_a_multi_frame_source(tmp_path):
+@pytest.mark.parametrize("step", [None, "0.0006"], ids=["1mm", "0.6um"])
+def test_seg_for_a_multi_frame_source(tmp_path, step):
     import highdicom as hd
 
     frames = np.stack([np.full((6, 6), v, np.int16) for v in (5, 6, 7)])
     path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.6", position=(0, 0, 0), frames=3)
+    if step:  # frames under a micrometre apart are told apart too (a match to 0.001 mm named one frame twice)
+        ds = pydicom.dcmread(path)
+        ds.SliceThickness = ds.SpacingBetweenSlices = step
+        ds.save_as(path)
     geometry = dicom.series_geometry(dicom.find_series(path))
     mask = np.zeros((3, 6, 6), bool)
     for k in range(3):  # a different mask on each slice: k + 1 rows
@@ -357,10 +362,12 @@ def test_files_without_preamble_or_suffix_are_found_as_a_series(tmp_path, implic
         path.unlink()
     (folder / "README").write_text("scanned on the 3rd\n")
     (folder / "LOG").write_bytes(b"\x08\x00\x10\x00\x03\x00\x00\x00abc")  # group 0008, but an odd length
+    # a raw dump whose first bytes pass for an element: not a readable image, so ignored as before, not failed
+    (folder / "DUMP").write_bytes(np.array([8, 16, 4, 7, 9], "<i4").tobytes())
     assert dicom.is_dicom_file(folder / "IM0") and not dicom.is_dicom_file(folder / "README")
-    assert not dicom.is_dicom_file(folder / "LOG")
+    assert not dicom.is_dicom_file(folder / "LOG") and dicom.is_dicom_file(folder / "DUMP")
     (item,), ignored = discover(tmp_path)
-    assert item.format == "dicom" and sorted(Path(p).name for p, _ in ignored) == ["LOG", "README"]
+    assert item.format == "dicom" and sorted(Path(p).name for p, _ in ignored) == ["DUMP", "LOG", "README"]
     np.testing.assert_array_equal(read_image(folder)[0], expected)
 
 

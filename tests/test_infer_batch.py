@@ -1308,11 +1308,17 @@ def test_a_time_series_written_as_nifti_has_time_as_its_fourth_axis(tmp_path, ti
                      metadata={"axes": "TZYX", "unit": "micron", "spacing": 2.5, "finterval": 1.5, "tunit": "min"})
     tifffile.imwrite(root / "t.tif", planes[:4], imagej=True, resolution=(5, 5),
                      metadata={"axes": "TYX", "unit": "micron"})
+    # a unit that is not ASCII (as some writers store it, in UTF-8): written back as "us", since a TIFF
+    # description is ASCII (writing it failed the input)
+    tifffile.imwrite(root / "t_us.tif", planes[:4], imagej=True, resolution=(5, 5),
+                     metadata={"axes": "TYX", "unit": "micron", "finterval": 250.0, "tunit": "XXs"})
+    (root / "t_us.tif").write_bytes((root / "t_us.tif").read_bytes().replace(b"tunit=XXs", "tunit=µs".encode()))
     for fmt in ("nifti", "tiff"):
         result = _infer(root, tmp_path / fmt, tiny_checkpoint, "--no-tta", "--format", fmt)
         assert result.exit_code == 0, result.output
     for name, shape, zooms, units in (("tz", (40, 32, 3, 2), (0.2, 0.2, 2.5, 90.0), ("micron", "sec")),
-                                      ("t", (40, 32, 1, 4), (0.2, 0.2, 1.0, 1.0), ("micron", "unknown"))):
+                                      ("t", (40, 32, 1, 4), (0.2, 0.2, 1.0, 1.0), ("micron", "unknown")),
+                                      ("t_us", (40, 32, 1, 4), (0.2, 0.2, 1.0, 2.5e-4), ("micron", "sec"))):
         for kind in ("mask", "prob"):
             image = nib.load(tmp_path / "nifti" / kind / f"{name}.nii.gz")
             assert image.shape == shape and image.header.get_xyzt_units() == units, (name, kind)
@@ -1321,6 +1327,8 @@ def test_a_time_series_written_as_nifti_has_time_as_its_fourth_axis(tmp_path, ti
             got = np.asanyarray(image.dataobj).transpose(3, 2, 1, 0)
             np.testing.assert_array_equal(got > 0, pages > 0) if kind == "mask" else \
                 np.testing.assert_allclose(got, pages, atol=1e-6)
+    with tifffile.TiffFile(tmp_path / "tiff" / "mask" / "t_us.tif") as tif:
+        assert (tif.imagej_metadata["finterval"], tif.imagej_metadata["tunit"]) == (250.0, "us")
 
 
 def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_masks(tmp_path, tiny_checkpoint):

@@ -314,6 +314,17 @@ def test_evaluate_rows_carry_each_slices_own_v_rand_and_v_info(tmp_path):
     assert [r["v_info"] for r in report.rows] == pytest.approx(expected["per_slice_v_info"])
 
 
+def test_a_validation_without_cells_says_it_has_no_score(caplog):
+    # the training's key metric was NaN at every validation, silently: no best model, no early stop
+    from medseg.evaluation import IsbiScore
+
+    metric = IsbiScore()
+    p = np.full((1, 1, 6, 6), 0.3, np.float32)
+    metric.update((np.concatenate([1 - p, p], axis=1), np.zeros((1, 1, 6, 6))))
+    assert math.isnan(metric.compute())
+    assert any("none of the 1 labels scored holds a cell interior" in r.getMessage() for r in caplog.records)
+
+
 def test_an_evaluation_of_labels_without_cells_has_no_stack_score(tmp_path):
     # summary.json holds null rather than NaN, which JSON cannot hold, or a made-up 1.0
     import json
@@ -328,6 +339,7 @@ def test_an_evaluation_of_labels_without_cells_has_no_stack_score(tmp_path):
                                      "label": torch.zeros((1, 6, 6))}, {}))
     summary = report.summarise()
     assert summary["v_rand"] is None and summary["v_info"] is None
+    assert summary["v_rand_threshold"] is None and summary["v_info_threshold"] is None
     assert json.loads(json.dumps(summary, allow_nan=False))["v_rand"] is None
 
 

@@ -69,6 +69,27 @@ def test_aborted_tiff_stack_leaves_no_temporary_file(tmp_path):
     assert [p for p in (tmp_path / "o").rglob("*") if p.is_file()] == []
 
 
+def test_a_stack_aborted_after_a_failed_write_leaves_no_file_and_raises_nothing(tmp_path, monkeypatch):
+    # the probability pages are written contiguously, their directories on closing: after a full disk that
+    # write fails again, and the abort raised it, leaving the partial file and the other outputs unclosed
+    import errno
+
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((3, 6, 8), np.uint8), photometric="minisblack")
+    w = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"))
+    p1 = np.full((6, 8), 0.6, np.float32)
+    w({"pred": np.stack([1 - p1, p1]), "name": "s", "page": 0, "pages": 3, "image": str(tmp_path / "s.tif"),
+       "format": "tiff"})
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tifffile.TiffWriter, "close", full)
+    w.abort()
+    assert [p for p in (tmp_path / "o").rglob("*") if p.is_file()] == []
+
+
 def test_single_dicom_slice_to_nifti_keeps_its_pixel_spacing(tmp_path):
     import nibabel as nib
     from conftest import write_dicom_slice
