@@ -242,14 +242,16 @@ class IsbiStack:
         # a slice whose label has no cell has no score (the challenge's code divides 0 by 0 there, which makes
         # the stack's score 0): the means are over the others, and a stack of none has no score (NaN)
         scored = table[:, np.array(self._has_cells)]
-        mean = scored.mean(axis=1) if scored.shape[1] else np.full((len(self.thresholds), 2), math.nan)
+        if not scored.shape[1]:
+            return {**dict.fromkeys(("v_rand", "v_info", "v_rand_threshold", "v_info_threshold"), math.nan),
+                    "per_slice_v_rand": [math.nan] * table.shape[1], "per_slice_v_info": [math.nan] * table.shape[1]}
+        mean = scored.mean(axis=1)
         best_rand, best_info = _best(mean[:, 0]), _best(mean[:, 1])
-        none = not scored.shape[1]
         return {
-            "v_rand": math.nan if none else float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
-            "v_info": math.nan if none else float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
-            "v_rand_threshold": math.nan if none else round(float(self.thresholds[best_rand]), 6),
-            "v_info_threshold": math.nan if none else round(float(self.thresholds[best_info]), 6),
+            "v_rand": float(mean[best_rand, 0]) if mean[best_rand, 0] > 0 else 0.0,
+            "v_info": float(mean[best_info, 1]) if mean[best_info, 1] > 0 else 0.0,
+            "v_rand_threshold": round(float(self.thresholds[best_rand]), 6),
+            "v_info_threshold": round(float(self.thresholds[best_info]), 6),
             "per_slice_v_rand": table[best_rand, :, 0].tolist(),
             "per_slice_v_info": table[best_info, :, 1].tolist(),
         }

@@ -324,15 +324,15 @@ def _exif_orientation(im) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def turned_size_hint(shape: tuple[int, ...], other_shape: tuple[int, ...], *paths: str | os.PathLike) -> str:
+def turned_size_hint(shape: tuple[int, ...], other_shape: tuple[int, ...], *paths: str | os.PathLike | None) -> str:
     """For an image and its mask whose sizes differ: when one is the other turned and one of ``paths`` (a PNG,
-    JPEG or BMP) is turned by its EXIF orientation on reading, a clause that says so and how to fix it; else
-    ``""``."""
+    JPEG or BMP; None ones skipped) is turned by its EXIF orientation on reading, a clause that says so and how
+    to fix it; else ``""``."""
     if tuple(shape) != tuple(other_shape)[::-1]:
         return ""
     for path in paths:
         try:
-            if suffix_of(path) in (".png", ".jpg", ".jpeg", ".bmp"):
+            if path and suffix_of(path) in (".png", ".jpg", ".jpeg", ".bmp"):
                 with open_picture(str(path)) as im:
                     if _exif_orientation(im) in _EXIF_SWAPS:
                         return (f"; {Path(path).name} is turned by its EXIF orientation, as viewers show it: "

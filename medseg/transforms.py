@@ -385,7 +385,7 @@ class LoadInstanceMasksd(MapTransform):
                     shape = mask.shape[1:]
                 elif mask.shape[1:] != shape:
                     image = d.get(f"{self.ref_key}_file") if self.ref_key else None
-                    turned = turned_size_hint(mask.shape[1:], shape, *([image] if image else []), path)
+                    turned = turned_size_hint(mask.shape[1:], shape, image, path)
                     raise DataError(f"{path}: size {mask.shape[1:]} differs from its image's {shape}; "
                                     f"the masks must have the image's size{turned}")
                 if np.any((mask[0] != 0) & (mask[0] != mask[0].max())) and str(folder.parent.parent) not in _SAID:
@@ -440,7 +440,7 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
                         f"this one {arr.shape[0]}; save the labels as a gray 16-bit PNG or TIFF")
     labels = arr[0]
     if shape is not None and labels.shape != tuple(shape):
-        turned = turned_size_hint(labels.shape, shape, *([image] if image else []), path)
+        turned = turned_size_hint(labels.shape, shape, image, path)
         raise DataError(f"{path}: size {labels.shape} differs from its image's {tuple(shape)}; the label image "
                         f"must have the image's size{turned}")
     if labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
