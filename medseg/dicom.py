@@ -583,6 +583,31 @@ def _frame_geometry(geometry: SeriesGeometry) -> dict[str, Any]:
     }
 
 
+def _place_in_space(ds: Any, spatial: dict[str, Any]) -> None:
+    """Give a multi-frame source with no place in space (a secondary capture, an ultrasound clip: no position
+    at all) the derived one of :func:`_frame_geometry`, in memory, where highdicom looks for it: a position and
+    orientation at the top and the functional groups of an enhanced image. highdicom builds a SEG of several
+    frames only in a patient coordinate system; the SEG's frames still name their source frames."""
+    from pydicom.dataset import Dataset
+
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if "ImagePositionPatient" in ds or any("PlanePositionSequence" in item for item in per_frame):
+        return
+    ds.ImagePositionPatient = list(spatial["plane_positions"][0][0].ImagePositionPatient)
+    ds.ImageOrientationPatient = list(spatial["plane_orientation"][0].ImageOrientationPatient)
+    if "SharedFunctionalGroupsSequence" not in ds and not per_frame:
+        shared = Dataset()
+        shared.PixelMeasuresSequence = spatial["pixel_measures"]
+        shared.PlaneOrientationSequence = spatial["plane_orientation"]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        frames = []
+        for position in spatial["plane_positions"]:
+            item = Dataset()
+            item.PlanePositionSequence = position
+            frames.append(item)
+        ds.PerFrameFunctionalGroupsSequence = frames
+
+
 def _reference_source_frames(seg: Any, source: Any, positions: list[Any]) -> None:
     """Name, in each frame of ``seg`` that names none, the frame of the multi-frame ``source`` it segments.
 
@@ -709,6 +734,7 @@ def write_seg(
         pixel_array[list(geometry.frames)] = mask
         if mask.shape[0] > 1:
             spatial = _frame_geometry(geometry)
+            _place_in_space(sources[0], spatial)
     else:
         sources = [_read(p, pixels=True) for p in geometry.files]
         pixel_array = mask

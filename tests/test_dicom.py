@@ -163,6 +163,32 @@ def test_seg_for_a_multi_frame_source(tmp_path, step):
         np.testing.assert_array_equal(back[frame, ..., 0] > 0, mask[k])
 
 
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.3.1"],
+                         ids=["secondary-capture", "ultrasound"])
+def test_seg_for_a_multi_frame_source_with_no_place_in_space(tmp_path, sop_class):
+    # a multi-frame secondary capture or ultrasound clip: no position, orientation or frame of reference.
+    # highdicom builds a SEG of several frames only in a patient coordinate system, so these failed after
+    # the whole inference ("Only a single frame is supported ...")
+    import highdicom as hd
+
+    frames = np.stack([np.full((6, 6), v, np.int16) for v in (5, 6, 7)])
+    path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.7", position=None, frames=3)
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    del ds.FrameOfReferenceUID
+    ds.save_as(path)
+    geometry = dicom.series_geometry(dicom.find_series(path))
+    mask = np.zeros((3, 6, 6), bool)
+    for k in range(3):  # a different mask on each frame: k + 1 rows
+        mask[k, : k + 1] = True
+    seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
+    assert int(seg.NumberOfFrames) == 3 and seg.StudyInstanceUID == ds.StudyInstanceUID
+    back = seg.get_pixels_by_source_frame(ds.SOPInstanceUID, source_frame_numbers=[1, 2, 3], segment_numbers=[1])
+    for k, frame in enumerate(geometry.frames):
+        np.testing.assert_array_equal(back[frame, ..., 0] > 0, mask[k])
+    assert "ImagePositionPatient" not in pydicom.dcmread(path)  # the source file is left as it was
+
+
 def test_a_seg_is_written_for_a_source_whose_dates_are_not_dates(tmp_path, caplog):
     # highdicom parses the study's dates it copies: 'notadate' stopped the SEG ("invalid literal for int()"),
     # and so did a PatientSex of 'Male' ("not a valid PatientSexValues")
