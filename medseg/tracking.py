@@ -108,7 +108,7 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path:
     neither it nor a later ``--resume`` of either folder continues the other's run."""
     if resume:
         try:
-            recorded = written(json.loads(config_path.read_text(encoding="utf-8")).get("run_name"))
+            recorded = written(tracking_record(json.loads(config_path.read_text(encoding="utf-8"))).get("run_name"))
         except (OSError, ValueError, AttributeError):
             recorded = None
         return str(recorded) if isinstance(recorded, str) and recorded else _folder_name(output_dir)
@@ -177,7 +177,6 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     configs["experiment_name"] = experiment
     own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
     settings["own_store"] = own_store
-    parser["tracking_store"] = "folder" if own_store else "given"  # recorded in config.json, for --resume
     configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
     configs["save_execute_config"] = str(config_path)
     params = _plain_params(parser.get())
@@ -361,10 +360,11 @@ def recorded_tracking_uri(config: dict) -> str | None:
     folder moved since), or a run trained without tracking."""
     from urllib.parse import quote
 
-    uri, folder = written(config.get("tracking_uri")), written(config.get("output_dir"))
-    if not isinstance(uri, str) or not uri or worked_out(uri) or config.get("tracking_store") == "folder":
+    record = tracking_record(config)
+    uri, folder = written(record.get("tracking_uri")), written(config.get("output_dir"))
+    if not isinstance(uri, str) or not uri or worked_out(uri) or record.get("tracking_store") == "folder":
         return None
-    if config.get("tracking_store") != "given" and isinstance(folder, str) and uri.startswith("sqlite:") and (
+    if record.get("tracking_store") != "given" and isinstance(folder, str) and uri.startswith("sqlite:") and (
             uri == _local_store_uri(Path(folder) / "mlflow.db")
             or uri.endswith((f"/{Path(folder).name}/mlflow.db", f"/{quote(Path(folder).name)}/mlflow.db"))):
         return None  # the folder's own, for a run recorded without tracking_store (path relative, or moved)
@@ -373,8 +373,28 @@ def recorded_tracking_uri(config: dict) -> str | None:
     return uri
 
 
-#: The ids of a run's config.json that say where it is tracked (kept by a resume with --no-tracking)
+#: What a run's config.json says of where the run is tracked, under :data:`RECORD_KEY` (kept by a resume with
+#: --no-tracking): read by ``--resume`` alone. Not as top-level ids, which MONAI's ``--tracking`` would take up
+#: (a plain ``monai.bundle run`` of the file then logged into the recorded run's store).
 TRACKING_RECORD = ("tracking_uri", "tracking_store", "experiment_name", "run_name")
+RECORD_KEY = "_tracking_"
+
+
+def tracking_record(config: dict) -> dict:
+    """Where the run of ``config`` (its ``config.json``) is tracked: :data:`TRACKING_RECORD`'s values (as written,
+    also from a record of earlier versions, which held them as top-level ids and the MLflow handlers)."""
+    record = config.get(RECORD_KEY)
+    if isinstance(record, dict):
+        return {k: record[k] for k in TRACKING_RECORD if k in record}
+    return {k: config[k] for k in TRACKING_RECORD if k in config}
+
+
+def record_of(settings: dict) -> dict:
+    """The tracking record of a training tracked with :func:`settings`, for its config.json."""
+    configs = settings["configs"]
+    return {"tracking_uri": literal(configs["tracking_uri"]),
+            "tracking_store": "folder" if settings["own_store"] else "given",
+            "experiment_name": literal(configs["experiment_name"]), "run_name": literal(configs["run_name"])}
 
 
 def close_runs(handlers: Sequence[Any], status: str) -> None:

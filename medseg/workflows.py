@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -17,7 +18,7 @@ from typing import Any
 
 from medseg import guards, runfolder
 from medseg import tracking as mlflow_tracking
-from medseg.bundle import check_batch_size, check_classes, literal_items, load_checkpoint, load_config
+from medseg.bundle import check_batch_size, check_classes, literal, literal_items, load_checkpoint, load_config, written
 from medseg.errors import (
     CheckpointError,
     ConfigValueError,
@@ -365,22 +366,27 @@ def train(
             if resume and isinstance(parser.get("val_at_start"), bool):
                 parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
             config_path = out / "config.json"
+            # config.json: the config as it runs with plain MONAI (its own --tracking if wanted), with the data and
+            # run folders absolute; where the run is tracked is on record for --resume alone
+            exported = {**copy.deepcopy(parser.get()), "dataset_dir": literal(str(Path(data_dir).absolute())),
+                        "output_dir": literal(str(out.absolute()))}
             if tracking:
                 artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
-                experiment = f"medseg-{Path(bundle).resolve().name}"
+                recorded_experiment = written(
+                    mlflow_tracking.tracking_record(recorded.get("config", {})).get("experiment_name"))
+                experiment = recorded_experiment if resume and isinstance(recorded_experiment, str) and \
+                    recorded_experiment else f"medseg-{Path(bundle).resolve().name}"  # kept when the bundle moved
                 tracked = mlflow_tracking.settings(parser, out, tracking_uri, experiment, artifacts, config_path,
                                                    resume)
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
+                exported[mlflow_tracking.RECORD_KEY] = mlflow_tracking.record_of(tracked)
                 own_store = tracked.pop("own_store", False)
                 ConfigWorkflow.patch_bundle_tracking(parser, mlflow_tracking.config_settings(tracked))
                 parser["save_execute_config"] = tracked["configs"]["save_execute_config"]  # as recorded before
-                exported = parser.get()
-            else:
-                exported = parser.get()
-                if resume:  # where the run is tracked stays on record for a later --resume with tracking
-                    run_config = recorded.get("config", {})
-                    kept = {k: run_config[k] for k in mlflow_tracking.TRACKING_RECORD if k in run_config}
-                    exported = {**exported, **kept}
+            elif resume:  # where the run is tracked stays on record for a later --resume with tracking
+                kept = mlflow_tracking.tracking_record(recorded.get("config", {}))
+                if kept:
+                    exported[mlflow_tracking.RECORD_KEY] = kept
             with atomic_output(config_path) as tmp:
                 parser.export_config_file(portable_config(exported, dev), str(tmp))
 

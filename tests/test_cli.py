@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1081,6 +1084,42 @@ def test_extending_a_moved_training_continues_its_mlflow_run(trained, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
 
 
+def test_extending_a_training_whose_bundle_folder_was_renamed_continues_its_mlflow_run(trained, tmp_path):
+    # the experiment is named after the bundle folder when the run starts; a resume keeps the recorded one
+    # (it started a run of its own in a new experiment 'medseg-isbi_em_v2', holding the later epochs alone)
+    args, client, experiment, run = _tracked_two_epochs(trained, tmp_path)
+    renamed = shutil.copytree(BUNDLE, tmp_path / "isbi_em_v2")
+    assert _invoke("train", renamed, "--epochs", 3, "--resume", *args).exit_code == 0
+    assert {e.name for e in client.search_experiments()} - {"Default"} == {"medseg-isbi_em"}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
+
+
+def test_a_runs_config_runs_with_plain_monai_without_touching_the_runs_store(trained, tmp_path):
+    # config.json held medseg's MLflow handlers, with the run's store, artifacts and params: running it with
+    # plain monai.bundle (as the README says) logged the new training into the old run's store, the old
+    # model.pt as its artifact, and a later --resume of the old folder continued that stray run
+    import mlflow
+
+    args, client, experiment, run = _tracked_two_epochs(trained, tmp_path)
+    config = json.loads((tmp_path / "tracked" / "config.json").read_text())
+    handlers = json.dumps([config["train"].get("handlers"), config["validate"].get("handlers")])
+    assert "MLFlowHandler" not in handlers and "tracking_uri" not in config
+    assert config["_tracking_"]["tracking_store"] == "folder" and config["_tracking_"]["run_name"] == "tracked"
+    assert config["dataset_dir"] == str(Path(trained["data"]).absolute())  # absolute, from any folder
+    assert config["output_dir"] == str((tmp_path / "tracked").absolute())
+    elsewhere = tmp_path / "colleague"
+    elsewhere.mkdir()
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+               str(tmp_path / "tracked" / "config.json"), "--output_dir", str(elsewhere / "again"), "--max_epochs", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=elsewhere,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (elsewhere / "again" / "model.pt").is_file()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'tracked' / 'mlflow.db'}")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run.info.run_id]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2]
+
+
 def test_extending_a_moved_training_started_with_output_dot(trained, tmp_path, monkeypatch):
     # config.json records whose store the run logged to, so a relative --output (even '.') is no guess
     import mlflow
@@ -1089,7 +1128,7 @@ def test_extending_a_moved_training_started_with_output_dot(trained, tmp_path, m
     monkeypatch.chdir(tmp_path / "dot")
     args = ("--data", trained["data"], "--no-progress", "--device", "cpu", *_tiny_args())
     assert _invoke("train", BUNDLE, "--epochs", 2, "--output", ".", *args).exit_code == 0
-    assert json.loads((tmp_path / "dot" / "config.json").read_text())["tracking_store"] == "folder"
+    assert json.loads((tmp_path / "dot" / "config.json").read_text())["_tracking_"]["tracking_store"] == "folder"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dot").rename(tmp_path / "moved")
     result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", "--output", tmp_path / "moved", *args)
@@ -2011,8 +2050,8 @@ def test_folders_named_like_config_syntax_are_taken_as_written(tmp_path, monkeyp
     assert logged.info.run_name == "@run#2" and logged.data.params["dataset_dir"] == "$data#1"
     assert {"model.pt", "config.json"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
     recorded = ConfigParser(json.loads((run / "config.json").read_text()))  # runs as a bundle config as it is
-    assert recorded.get_parsed_content("dataset_dir") == "$data#1"
-    assert recorded.get_parsed_content("output_dir") == "@run#2"
+    assert recorded.get_parsed_content("dataset_dir") == str(tmp_path / "$data#1")  # absolute, as written
+    assert recorded.get_parsed_content("output_dir") == str(tmp_path / "@run#2")
 
     result = _invoke("evaluate", BUNDLE, "--data", "$data#1", "--checkpoint", "@run#2/model.pt", "--output",
                      "%res#3", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
