@@ -11,7 +11,8 @@ Contract (pinned by ``tests/test_readers.py``)
   marked unspecified rather than alpha gives 2, the sample kept as data; a palette PNG gives its colours, a
   palette TIFF its values, its colour table being a display LUT; colour DICOM, PALETTE COLOR included, its
   colours, YBR converted to RGB), or a configured NIfTI channel axis.
-  Values: the file's own dtype for PNG/TIFF/NIfTI (NIfTI ``scl_slope``/``scl_inter`` applied), float32 after
+  Values: the file's own dtype for PNG/TIFF/NIfTI (1-bit PNG and TIFF as uint8 0 and 255; NIfTI
+  ``scl_slope``/``scl_inter`` applied), float32 after
   RescaleSlope/Intercept for DICOM (CT in Hounsfield units).
 * ``meta`` holds ``format``, ``source`` (the path), ``affine`` (4x4, RAS world coordinates of the array's own
   spatial index order (z, y, x) or (y, x); MONAI's ``MetaTensor`` convention), ``spacing`` (per spatial axis,
@@ -267,13 +268,26 @@ class _MedsegReader(ImageReader):
         raise NotImplementedError
 
 
-def _channels_first_2d(arr: np.ndarray) -> np.ndarray:
+def _channels_first_2d(arr: np.ndarray, path: str = "") -> np.ndarray:
     """``(H, W)`` or ``(H, W, S)`` to ``(C, H, W)``, dropping an alpha sample."""
     if arr.ndim == 2:
         return arr[None]
-    if arr.shape[-1] in (2, 4):  # gray+alpha or RGBA
-        arr = arr[..., :-1]
-    return np.moveaxis(arr, -1, 0)
+    arr = np.moveaxis(arr, -1, 0)
+    return _without_alpha(arr, path) if arr.shape[0] in (2, 4) else arr  # gray+alpha or RGBA
+
+
+def _without_alpha(arr: np.ndarray, path: str) -> np.ndarray:
+    """Channel-first samples less the last, an alpha channel.
+
+    Raises:
+        DataError: only the alpha channel varies (a mask exported from an overlay keeps its labels there):
+            dropping it would leave a blank picture, a mask without any object.
+    """
+    colour, alpha = arr[:-1], arr[-1]
+    if colour.size and alpha.min() != alpha.max() and colour.min() == colour.max():
+        raise DataError(f"{path}: only its alpha (transparency) channel varies, and alpha is dropped on reading, "
+                        f"which would leave every pixel {colour.flat[0]}; save the alpha channel as a gray image")
+    return colour
 
 
 def _page_channels_first(page, path: str = "") -> np.ndarray:
@@ -294,6 +308,8 @@ def _resolve_photometric(arr: np.ndarray, page, path: str) -> np.ndarray:
     image shown in Green or Fire that way), and the values are the measurement.
     """
     page = getattr(page, "keyframe", None) or page  # later pages of a series are frames of the first one's kind
+    if arr.dtype == bool:  # 1-bit: 0 and 255, as a 1-bit PNG reads (a mask's values then mean the same in both)
+        return arr.astype(np.uint8) * np.uint8(255)
     if int(getattr(page, "photometric", 1)) == 5:  # separated: CMYK when InkSet is 1 (the default)
         inkset = page.tags.get("InkSet")
         if (inkset is not None and int(inkset.value) != 1) or arr.shape[0] not in (4, 5) or \
@@ -308,7 +324,7 @@ def _resolve_photometric(arr: np.ndarray, page, path: str) -> np.ndarray:
     extra = tuple(int(e) for e in getattr(page, "extrasamples", ()) or ())
     if extra and extra[-1] == 0 and int(getattr(page, "photometric", 1)) in (0, 1):
         return arr  # gray with an unspecified extra sample: a second channel (two stains), not transparency
-    return arr[:-1]
+    return _without_alpha(arr, path)
 
 
 #: EXIF orientations (2-8) that swap the stored width and height when applied.
@@ -384,7 +400,7 @@ class PngReader(_MedsegReader):
                     return _channels_first_2d(arr.astype(np.uint16) if arr.max(initial=0) < 65536 else arr)
                 elif im.mode == "1":
                     im = im.convert("L")
-                return _channels_first_2d(np.asarray(im))
+                return _channels_first_2d(np.asarray(im), path)
         except FileNotFoundError as err:
             raise DataError(f"{path}: file not found") from err
         except PermissionError as err:

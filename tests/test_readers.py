@@ -54,6 +54,37 @@ def test_png_rgb_rgba_palette_and_gray_alpha(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "la.png")[0], rgba[None, ..., 0])
 
 
+def test_a_picture_whose_alpha_alone_varies_is_refused_not_read_blank(tmp_path):
+    # a mask exported from an overlay keeps its labels in alpha, its colour 0 everywhere: with alpha dropped it
+    # read as a mask without objects, and a nuclei training on such masks validated at a DSB score of 1.0
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:5, 2:5, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "overlay.png")
+    Image.fromarray(rgba[..., 2:], "LA").save(tmp_path / "overlay_la.png")
+    tifffile.imwrite(tmp_path / "overlay.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    for name in ("overlay.png", "overlay_la.png", "overlay.tif"):
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: only its alpha .* every pixel 0; save the alpha "):
+            read_image(tmp_path / name)
+    rgba[..., 0] = 7  # colour that varies nowhere either: still a blank picture
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")  # an alpha that does not vary is only dropped
+    np.testing.assert_array_equal(read_image(tmp_path / "opaque.png")[0], rgba[..., :3].transpose(2, 0, 1))
+
+
+def test_one_bit_tiff_and_png_read_alike(tmp_path):
+    # a 1-bit PNG read as 0/255 and a 1-bit TIFF as False/True, so a mask's class_map {"0": 0, "255": 1} took
+    # the one and refused the other ("label values 1 are not in the class map")
+    bits = np.zeros((6, 8), bool)
+    bits[1:3, 2:7] = True
+    tifffile.imwrite(tmp_path / "bits.tif", bits)
+    Image.fromarray(bits).save(tmp_path / "pil.tif")
+    Image.fromarray(bits).save(tmp_path / "bits.png")
+    for name in ("bits.tif", "pil.tif", "bits.png"):
+        for arr in (read_image(tmp_path / name)[0], read_slice(str(tmp_path / name), 0)):
+            assert arr.dtype == np.uint8, name
+            np.testing.assert_array_equal(arr[0], bits * 255)
+
+
 def test_palette_tiff_keeps_its_values_its_colour_table_is_a_display_lut(tmp_path):
     # ImageJ saves an 8-bit image shown with a colour LUT (Green, Fire) as a palette TIFF: the values are the data
     values = np.array([[0, 10, 200], [255, 10, 0]], np.uint8)
