@@ -479,7 +479,28 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
                             f"{', ...' if len(values) > 4 else ''}) make {count} separate regions, so it is a class "
                             "mask (e.g. 1 = background, 2 = nuclei), not instance labels; give each object its own "
                             "value, or save a binary mask (0 and one value; each region is read as one object)")
+    if kept[0] != 0 and len(kept) >= 2:
+        _check_background_is_zero(path, labels, kept, inverse)
     return renumbered
+
+
+def _check_background_is_zero(path: Path, labels: np.ndarray, kept: np.ndarray, inverse: np.ndarray) -> None:
+    """An instance label image without a 0 pixel, one of whose values fills most of it along every edge: its
+    background bears that value (1-based labels, a class mask 1 = background, 2 = nuclei), and would be read as
+    one object covering the image.
+
+    Raises:
+        DataError: naming the file, the value and the fix.
+    """
+    counts = np.bincount(inverse.ravel())
+    top = int(np.argmax(counts))
+    share = counts[top] / labels.size
+    filled = labels == kept[top]
+    if share < 0.5 or not (filled[0].any() and filled[-1].any() and filled[:, 0].any() and filled[:, -1].any()):
+        return
+    raise DataError(f"{path}: has no 0 (background) pixel, and its value {kept[top]} fills {100 * share:.0f}% of "
+                    f"it along every edge, so it is the background; instance labels are 0 for background: save "
+                    f"the labels with {kept[top]} as 0 (e.g. 1-based labels minus 1)")
 
 
 def _palette_indices(path: Path) -> np.ndarray | None:

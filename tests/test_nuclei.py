@@ -889,6 +889,23 @@ def test_a_class_mask_given_as_labels_is_refused(tmp_path, coding):
     assert instance_label_image(tmp_path / "labels.png").max() == labels.max()
 
 
+@pytest.mark.parametrize("coding", ["one-based", "two-classes-few-nuclei"])
+def test_labels_whose_background_is_not_0_are_refused(tmp_path, coding):
+    # 1-based labels (background 1, nuclei 2..N) or a class mask with few nuclei: the background was read as
+    # one nucleus covering the image (evaluate then reported a Dice of 1.0 against such masks)
+    from medseg.transforms import instance_label_image
+
+    _, labels = synthetic_nuclei(np.random.default_rng(7), (64, 64), n_single=2, n_pairs=0)
+    coded = labels + 1 if coding == "one-based" else np.where(labels > 0, 2, 1)
+    Image.fromarray(coded.astype(np.uint16)).save(tmp_path / "coded.png")
+    with pytest.raises(DataError, match=r"coded\.png: has no 0 \(background\) pixel, and its value 1 fills 9\d% of "
+                                        r"it along every edge, so it is the background; .* save the labels with 1 as 0"):
+        instance_label_image(tmp_path / "coded.png")
+    crowded = np.arange(1, 17, dtype=np.uint16).repeat(4).reshape(8, 8).repeat(8, 0)  # nuclei edge to edge
+    Image.fromarray(crowded).save(tmp_path / "crowded.png")
+    assert instance_label_image(tmp_path / "crowded.png").max() == 16  # no background, none taken for it
+
+
 def test_instance_labels_with_brush_specks_are_not_taken_for_a_class_mask(tmp_path):
     from medseg.transforms import instance_label_image
 
