@@ -225,11 +225,14 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     bundle's ``train`` config (an overlay or ``--set`` of the training: ``target_diameter``, the loss the prior
     correction follows, ``network_def#channels``, a part added to a component, a whole component of another
     class, an expression) and the id is one of the bundle's inference config, it is taken, unless this call's
-    ``--set`` or overlays give it. The call's own data, folders, device and ``tta`` are never taken. A checkpoint
-    without a record (a bundle's ``models/model.pt``) runs with the bundle's values; a record that cannot be read,
-    or is another bundle's, is said and left out.
+    ``--set`` or overlays give it. The call's own data, folders, device and ``tta`` are never taken. A link to a
+    checkpoint finds the record beside its target. A checkpoint without a record runs with the bundle's values,
+    said in a warning unless it is the bundle's ``models/model.pt``; a record that cannot be read, or of no
+    bundle, is said and left out.
 
     Raises:
+        CheckpointError: a record of another bundle's training (its ``_meta_`` name differs): weights of one
+            shape can mean other classes.
         ConfigValueError: an ensemble's checkpoints were trained with different values of an id taken (a
             checkpoint without a record counts as trained with the bundle's value).
     """
@@ -240,7 +243,14 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     members: list[tuple[str, Path, dict | None]] = []  # checkpoint, its record's path, the record (None: none)
     for checkpoint in dict.fromkeys(str(c) for c in checkpoints):
         path = Path(checkpoint).parent / "config.json"
+        if not path.is_file() and (Path(checkpoint).resolve().parent / "config.json").is_file():
+            path = Path(checkpoint).resolve().parent / "config.json"  # a link to a run's model.pt: the run's record
         record = None
+        if not path.is_file() and Path(checkpoint).is_file() and \
+                Path(checkpoint).resolve() != (Path(bundle) / "models" / "model.pt").resolve():
+            log.warning("%s: no config.json of its training beside it, so it runs with the bundle's settings; keep "
+                        "the run's config.json with its model.pt (a model trained with other settings, such as "
+                        "another loss or network size, segments otherwise)", checkpoint)
         if path.is_file():
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
@@ -252,8 +262,12 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
             if problem is None:
                 meta = record.get("_meta_")
                 name = meta.get("name") if isinstance(meta, dict) else None
+                if own and name and name != own:  # weights of the same shape can mean other classes
+                    raise CheckpointError(f"{checkpoint}: trained with the bundle '{name}' (its {path.name}), not "
+                                          f"this one, '{own}'; segment with that bundle, or move {path.name} "
+                                          "away to use the weights with this bundle's settings")
                 if own and name != own:
-                    problem = f"recorded by a training of {'another bundle, ' + str(name) if name else 'no bundle'}"
+                    problem = "recorded by a training of no bundle"
             if problem is not None:
                 log.warning("%s: %s, so the training's settings are not taken from it", path, problem)
                 record = None

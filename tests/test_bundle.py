@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from conftest import BUNDLE, REPO, TINY, write_isbi_folder
 from monai.bundle import ConfigParser
 
 from medseg.bundle import load_config, parse_override, validate_metadata
-from medseg.errors import BundleError
+from medseg.errors import BundleError, CheckpointError
 
 BUNDLES = sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/metadata.json"))
 
@@ -634,10 +635,35 @@ def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_lef
     with pytest.raises(ConfigValueError, match=r"the bundle's null for .*none/model.pt \(no record\)"):
         training_settings(NUCLEI, [a, tmp_path / "none" / "model.pt"], {})
     assert training_settings(NUCLEI, [a, b], {"target_diameter": 18}).values == {}  # given: not asked
+    # another bundle's training: refused (a jurkat model with one input channel has nuclei's shape, and nuclei
+    # read its nucleus class as the boundary class, with a warning only)
     other = _run_record(tmp_path / "other", NUCLEI, {"target_diameter": 20, "_meta_#name": "another bundle"})
+    with pytest.raises(CheckpointError, match=r"other/model.pt: trained with the bundle 'another bundle' \(its "
+                                              r"config.json\), not this one, '.*'; segment with that bundle, or move"):
+        training_settings(NUCLEI, [other], {})
+
+
+def test_a_linked_checkpoint_finds_its_record_and_a_lone_one_is_said(tmp_path, caplog):
+    from medseg.runfolder import training_settings
+
+    run = _run_record(tmp_path / "run", NUCLEI, {"target_diameter": 20})
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "model.pt").symlink_to(run)
+    assert training_settings(NUCLEI, [tmp_path / "links" / "model.pt"], {}).values == {"target_diameter": 20}
+    (tmp_path / "lone").mkdir()
+    shutil.copy(run, tmp_path / "lone" / "model.pt")
     with caplog.at_level("WARNING", logger="medseg.runfolder"):
-        assert training_settings(NUCLEI, [other], {}).values == {}
-    assert any("another bundle" in r.getMessage() and "not taken" in r.getMessage() for r in caplog.records)
+        assert training_settings(NUCLEI, [tmp_path / "lone" / "model.pt"], {}).values == {}
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"{tmp_path / 'lone' / 'model.pt'}: no config.json of its training beside it, so it runs "
+                           "with the bundle's settings")
+    caplog.clear()
+    shipped = shutil.copytree(NUCLEI, tmp_path / "bundle", ignore=shutil.ignore_patterns("models"))
+    (shipped / "models").mkdir()
+    shutil.copy(run, shipped / "models" / "model.pt")  # the bundle's own weights need no record
+    with caplog.at_level("WARNING", logger="medseg.runfolder"):
+        assert training_settings(shipped, [shipped / "models" / "model.pt"], {}).values == {}
+    assert not caplog.records
 
 
 def test_training_settings_take_components_parts_added_and_expressions(tmp_path):
