@@ -824,9 +824,12 @@ def infer(
         config = {k: v for k, v in parser.get().items() if k not in (*settings, "bundle_root", "tta")}
         tta_used = parser.get_parsed_content("tta", default=False)
         config["tta"] = bool(tta_used)  # as given or as the bundle's
+        version = parser.get_parsed_content("_meta_#version", default="")
+        folder_named = f"{Path(bundle).resolve().name} {version}".strip()  # how earlier versions named it
         identity = {
-            "bundle": f"{Path(bundle).resolve().name} "
-                      f"{parser.get_parsed_content('_meta_#version', default='')}".strip(),
+            # by its metadata: a renamed or moved copy of the bundle is the same bundle
+            "bundle": f"{parser.get_parsed_content('_meta_#name', default='') or Path(bundle).resolve().name} "
+                      f"{version}".strip(),
             # SHA-256: the same weights under another path are the same run; an ensemble's, joined by '+'
             "checkpoint": "+".join(digests),
             # the config covers overlays, --set and the training's values taken alike
@@ -842,6 +845,7 @@ def infer(
         without_tta = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
         same_as = [{**identity, "config": without_tta, "settings": {"overrides": given, "tta": tta_used}}
                    for given in (dict(overrides or {}), {**trained.values, **(overrides or {})})]
+        same_as += [{**same, "bundle": folder_named} for same in (identity, *same_as)]
         paths = [str(Path(c).resolve()) for c in checkpoints]
         info = {"checkpoint_path": paths[0] if len(paths) == 1 else paths, "settings": words}
         record = RunRecord(out, identity, info, same_as=same_as)

@@ -22,8 +22,8 @@ from medseg.io import write_tiff
 runner = CliRunner()
 
 
-def _infer(inputs: Path, out: Path, ckpt: Path, *extra: str):
-    args = ["infer", BUNDLE, inputs, out, "--checkpoint", ckpt, "--no-progress", "--device", "cpu", *extra]
+def _infer(inputs: Path, out: Path, ckpt: Path, *extra: str, bundle: Path = BUNDLE):
+    args = ["infer", bundle, inputs, out, "--checkpoint", ckpt, "--no-progress", "--device", "cpu", *extra]
     args += [a for item in TINY_NET for a in ("--set", item)]
     return runner.invoke(app, [str(a) for a in args])
 
@@ -153,7 +153,8 @@ def test_resuming_with_another_model_or_settings_is_refused(mixed, tmp_path, tin
     record = json.loads((out / "run.json").read_text())
     assert set(record["outputs"]) == {"mask/em/slice.png", "prob/em/slice.tif"}
     (run,) = record["runs"].values()
-    assert run["identity"]["bundle"].startswith("isbi_em ") and run["checkpoint_path"] == str(tiny_checkpoint.resolve())
+    assert run["identity"]["bundle"].startswith("ISBI 2012 EM membrane segmentation ")  # its metadata's name
+    assert run["checkpoint_path"] == str(tiny_checkpoint.resolve())
     mask = out / "mask" / "em" / "slice.png"
     before = mask.stat().st_mtime_ns
     # the same weights under another name are the same run: resumed
@@ -210,6 +211,29 @@ def test_a_folder_recorded_with_the_settings_in_the_identity_is_continued(mixed,
     (out / "run.json").write_text(json.dumps(record))
     result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png", "--tta")
     assert result.exit_code == 1 and "made with another config and other settings (tta)" in result.output
+    assert _summary(_infer(mixed, out, tiny_checkpoint, "--include", "*.png").output)["skipped"] == 1
+    assert list(json.loads((out / "run.json").read_text())["runs"]) == [key]
+
+
+def test_a_renamed_copy_of_the_bundle_continues_its_runs(mixed, tmp_path, tiny_checkpoint):
+    # a run was keyed by the bundle's folder name: a colleague's copy named otherwise was 'another bundle'
+    from medseg.batch import _identity_key
+
+    out = tmp_path / "out"
+    assert _infer(mixed, out, tiny_checkpoint, "--include", "*.png").exit_code == 0
+    renamed = shutil.copytree(BUNDLE, tmp_path / "em_copy")
+    result = _infer(mixed, out, tiny_checkpoint, "--include", "*.png", bundle=renamed)
+    assert result.exit_code == 0, result.output
+    assert _summary(result.output)["skipped"] == 1
+    # a folder recorded by earlier versions, which named the bundle by its folder, is continued too
+    record = json.loads((out / "run.json").read_text())
+    ((key, run),) = record["runs"].items()
+    old = {**run["identity"], "bundle": run["identity"]["bundle"].replace("ISBI 2012 EM membrane segmentation",
+                                                                          "isbi_em")}
+    old_key = _identity_key(json.loads(json.dumps(old, sort_keys=True)))
+    record["runs"] = {old_key: {**run, "identity": old}}
+    record["outputs"] = {path: old_key for path in record["outputs"]}
+    (out / "run.json").write_text(json.dumps(record))
     assert _summary(_infer(mixed, out, tiny_checkpoint, "--include", "*.png").output)["skipped"] == 1
     assert list(json.loads((out / "run.json").read_text())["runs"]) == [key]
 
