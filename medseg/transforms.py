@@ -388,7 +388,13 @@ class LoadInstanceMasksd(MapTransform):
                     turned = turned_size_hint(mask.shape[1:], shape, image, path)
                     raise DataError(f"{path}: size {mask.shape[1:]} differs from its image's {shape}; "
                                     f"the masks must have the image's size{turned}")
-                if np.any((mask[0] != 0) & (mask[0] != mask[0].max())) and str(folder.parent.parent) not in _SAID:
+                several = np.any((mask[0] != 0) & (mask[0] != mask[0].max()))
+                if several and len(files) == 1:  # the one file of the folder: a label image of all its objects
+                    raise DataError(f"{path}: the one mask of its masks/ folder holds several object values, so it is "
+                                    "an instance label image, which would be read as one object; read each "
+                                    "sample's label image with --set 'image_glob=*/images/*' --set "
+                                    "'mask_template=../masks/*'")
+                if several and str(folder.parent.parent) not in _SAID:
                     _SAID.add(str(folder.parent.parent))  # an instance label image would become one object
                     logging.getLogger(__name__).warning(
                         "%s: holds more than one non-zero value, read as one object (every non-zero pixel); each "

@@ -862,10 +862,17 @@ def test_a_label_image_put_in_a_masks_folder_is_said(tmp_path, caplog):
     _, labels = synthetic_nuclei(np.random.default_rng(5), (48, 48))
     folder = write_dsb_sample(tmp_path / "dsb", "x", np.zeros((48, 48), np.uint8), np.zeros((48, 48), np.int32))
     Image.fromarray(labels.astype(np.uint16)).save(folder / "masks" / "x.png")
+    sample = {"image": str(folder / "images" / "x.png"), "label": str(folder / "masks")}
+    # the folder's one file: a label image of all the nuclei, which the message says how to read (it was a
+    # warning, and its hint, --set layout=folders, found no images in the Kaggle layout)
+    with pytest.raises(DataError, match=r"masks/x\.png: the one mask of its masks/ folder holds several object "
+                                        r"values, .* 'image_glob=\*/images/\*' --set 'mask_template=../masks/\*'"):
+        _loaded(sample)
+    Image.fromarray((labels == 1).astype(np.uint8) * 255).save(folder / "masks" / "one.png")
     medseg.transforms._SAID.discard(str(tmp_path / "dsb"))
     with caplog.at_level("WARNING", logger="medseg.transforms"):
-        loaded = _loaded({"image": str(folder / "images" / "x.png"), "label": str(folder / "masks")})
-    assert loaded["label"].max() == 1
+        loaded = _loaded(sample)
+    assert loaded["label"].max() == 2  # one.png's nucleus, and the rest of x.png as one object
     assert any("x.png: holds more than one non-zero value, read as one object" in r.getMessage()
                and "--set layout=folders" in r.getMessage() for r in caplog.records)
 
