@@ -153,6 +153,33 @@ def _check_batches(trainer: Any, data_dir: str, parser: Any = None) -> None:
         raise DataError(f"{data_dir}: {samples} training images fill no batch of {size}; add images or lower {hint}")
 
 
+def _warn_missing_classes(trainer: Any, parser: Any) -> None:
+    """A class of a bundle's ``class_map`` that no cached training mask holds cannot be learnt: said in one warning
+    (binary 0/255 masks under jurkat's background / cell body / nucleus map train no cell body)."""
+    import numpy as np
+
+    if "class_map" not in parser or "num_classes" not in parser:
+        return
+    cache = getattr(getattr(getattr(trainer, "data_loader", None), "dataset", None), "_cache", None)
+    labels = [item.get("label") for item in cache or [] if isinstance(item, dict) and item.get("label") is not None]
+    if not labels:
+        return
+    present: set[int] = set()
+    for label in labels:
+        present.update(int(v) for v in np.unique(np.asarray(label)))
+    missing = [k for k in range(int(parser.get_parsed_content("num_classes"))) if k not in present]
+    if not missing:
+        return
+    names = parser.get_parsed_content("class_names", default=None) or []
+    values = {int(k): v for v, k in dict(parser.get_parsed_content("class_map")).items()}
+    said = ", ".join(f"{k} ({names[k] if k < len(names) else 'class'}, mask value {values.get(k, '?')})"
+                     for k in missing)
+    logging.getLogger(__name__).warning(
+        "class %s: in none of the %d training masks, so the model cannot learn it; check that class_map matches "
+        "the values of your masks (--set class_map=..., num_classes, class_names; see the bundle's docs)",
+        said, len(labels))
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -394,6 +421,7 @@ def train(
             trainer = parser.get_parsed_content("train#trainer")
             evaluator = parser.get_parsed_content("validate#evaluator")
             _check_batches(trainer, data_dir, parser)
+            _warn_missing_classes(trainer, parser)
             scaler_dicts = _checkpoint_scaler(parser, trainer)  # before a resume's loader: it fills its dict
             if tracked is not None and not resume:
                 mlflow_tracking.retire_unfinished_runs(tracked["configs"], out, own_store)

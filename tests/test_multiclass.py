@@ -728,10 +728,20 @@ def test_a_two_class_model_made_by_settings_writes_and_scores_its_own_classes(tm
     for mask in data.rglob("*.png"):  # cell or not: 0 / 255
         Image.fromarray(np.where(np.asarray(Image.open(mask)) > 0, 255, 0).astype(np.uint8)).save(mask)
     two = ['class_map={"0": 0, "255": 1}', "num_classes=2", 'class_names=["background", "cell"]', "regions={}"]
-    run = tmp_path / "run"
-    result = _invoke("train", JURKAT, "--data", data, "--output", run, "--epochs", 1, "--no-progress",
-                     "--no-tracking", "--device", "cpu", *_sets([*TINY, *two]))
+    # the bundle's 3-class map on such masks trains no cell body: said (it trained without a word)
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("train", JURKAT, "--data", data, "--output", tmp_path / "three", "--epochs", 1,
+                         "--no-progress", "--no-tracking", "--device", "cpu", *_sets(TINY))
     assert result.exit_code == 0, result.output
+    (said,) = [r.getMessage() for r in caplog.records if "the model cannot learn it" in r.getMessage()]
+    assert said.startswith("class 1 (cell_body, mask value 128): in none of the 6 training masks")
+    caplog.clear()
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("train", JURKAT, "--data", data, "--output", run, "--epochs", 1, "--no-progress",
+                         "--no-tracking", "--device", "cpu", *_sets([*TINY, *two]))
+    assert result.exit_code == 0, result.output
+    assert "cannot learn" not in caplog.text
     weights = torch.load(run / "model.pt", map_location="cpu")
     last = [k for k, v in weights.items() if k.endswith("bias") and v.shape == (2,)][-1]
     weights[last] = torch.tensor([-20.0, 20.0])  # every pixel the cell: the mask shows the cell's value
