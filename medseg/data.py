@@ -369,8 +369,9 @@ def split_by_group(samples: list[dict], val_fraction: float = 0.2, seed: int = 0
     """Random but reproducible train/validation split, stratified by each sample's ``group``.
 
     Each group gives ``round(val_fraction * n)`` samples (at least one when it has two or more) to
-    validation, drawn with ``seed``; groups of a single sample are pooled and split as one group (so that
-    data whose groups are all singletons still validates). Both lists keep the input order.
+    validation, drawn with ``seed``; groups too small to give one (a single sample; two at the default 0.2)
+    are pooled and split as one group, so that data whose groups are all that small still validates, and
+    folders of two do not give half their samples. Both lists keep the input order.
 
     Raises:
         DataError: ``val_fraction`` outside [0, 1), or no training sample would be left.
@@ -380,10 +381,13 @@ def split_by_group(samples: list[dict], val_fraction: float = 0.2, seed: int = 0
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         groups.setdefault(str(s.get("group", "")), []).append(i)
-    singles = sorted(members[0] for members in groups.values() if len(members) == 1)
-    groups = {key: members for key, members in groups.items() if len(members) > 1}
-    if singles:
-        groups["\0singletons"] = singles  # a key no real group has
+    def small(members: list[int]) -> bool:
+        return len(members) == 1 or round(val_fraction * len(members)) == 0
+
+    pooled = sorted(i for members in groups.values() if small(members) for i in members)
+    groups = {key: members for key, members in groups.items() if not small(members)}
+    if pooled:
+        groups["\0singletons"] = pooled  # a key no real group has
     rng = random.Random(seed)
     val: set[int] = set()
     for key in sorted(groups):

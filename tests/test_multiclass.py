@@ -135,10 +135,16 @@ def test_split_pools_single_sample_groups():
     samples = [{"name": str(k), "group": f"size{k}"} for k in range(10)] + [{"name": "x", "group": "big"},
                                                                          {"name": "y", "group": "big"}]
     split = split_by_group(samples, 0.2, seed=0)
-    val = [s["name"] for s in split["val"]]
-    assert len(val) == 3 and len([n for n in val if n in "xy"]) == 1  # round(0.2 * 10) singles + 1 of big
+    assert len(split["val"]) == 2  # a group of 2 cannot give 20 % either: pooled too, round(0.2 * 12)
     assert split_by_group(samples, 0.2, seed=0) == split
     assert split_by_group([{"name": "only", "group": "g"}], 0.2)["val"] == []
+    # folders of two gave one each, half the data; pooled they give 20 %
+    pairs = [{"name": f"{g}{k}", "group": g} for g in "abcde" for k in range(2)]
+    assert len(split_by_group(pairs, 0.2, seed=0)["val"]) == 2
+    assert len(split_by_group(pairs, 0.5, seed=0)["val"]) == 5  # where each gives one, each still does
+    big = samples[:10] + [{"name": f"b{k}", "group": "big"} for k in range(5)]
+    val = [s["name"] for s in split_by_group(big, 0.2, seed=0)["val"]]
+    assert len(val) == 3 and len([n for n in val if n.startswith("b")]) == 1  # round(0.2 * 10) singles + 1 of big
 
 
 def test_data_errors_name_the_file(jurkat_folder, tmp_path):
