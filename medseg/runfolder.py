@@ -480,8 +480,8 @@ def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
     if any(recorded.get(k) != drawn.get(k) for k in ("train", "val")):  # by name: the folder itself may move
         raise DataError(f"{out / 'split.json'}: the run was trained on another train/validation split than the one "
                         f"drawn now from {data_dir} (another data folder, images added or removed, or another "
-                        "seed or val_fraction); resume with the run's data and settings, or start anew with "
-                        "--overwrite instead of --resume")
+                        "seed or val_fraction, or a medseg version that splits otherwise); resume with the run's "
+                        "data and settings, or start anew with --overwrite instead of --resume")
     before, now = recorded.get("sha256"), drawn.get("sha256")
     if isinstance(before, dict) and isinstance(now, dict):  # runs of earlier versions recorded names only
         changed = [name for name, digest in before.items() if now.get(name) != digest]
