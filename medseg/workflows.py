@@ -674,6 +674,12 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
                 raise DataError(f"{data_dir}: none of the {len(names)} {split} images that {where} records are "
                                 f"here (the run used {recorded_dir or 'another folder'}); pass --split all to score "
                                 f"every image of {data_dir}")
+            changed = _changed_samples(record, [samples[n] for n in present])
+            if changed and len(changed) == len(present) and recorded_dir and \
+                    recorded_dir != str(Path(data_dir).resolve()):
+                raise DataError(f"{data_dir}: every image named as one of the {split} images that {where} records "
+                                "differs from the one the run recorded, so this is another data set with the same "
+                                f"names; pass --split all to score every image of {data_dir}")
             if len(present) < len(names):
                 logging.getLogger(__name__).warning(
                     "%s: %d of its %d %s images are not in %s; scoring the %d that are",
@@ -682,8 +688,11 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
                 logging.getLogger(__name__).warning(
                     "%s records the split of %s; scoring the %s images of the same names in %s (for another "
                     "data set, pass --split all)", where, recorded_dir, split, data_dir)
+            if changed:
+                logging.getLogger(__name__).warning(
+                    "%s: %d of the images scored differ from those of the same names it records (first: %s); the "
+                    "scores are of the images as they are now", where, len(changed), changed[0])
             parser["validate#dataset#data"] = literal_items([samples[n] for n in present])
-            _warn_if_changed(record, [samples[n] for n in present], where)
     elif split != "all" and "val_count" in overrides:
         _warn_if_trained_on(checkpoints, parser, split)
     elif split != "all":
@@ -749,19 +758,16 @@ def _warn_if_trained_on(checkpoints: list[str], parser: Any, split: str) -> None
             _recorded_split_path(checkpoints))
 
 
-def _warn_if_changed(record: dict, samples: Sequence[dict], where: Path) -> None:
-    """Warn when images or labels to be scored differ from those of the same names the run's split recorded."""
+def _changed_samples(record: dict, samples: Sequence[dict]) -> list[str]:
+    """The names of ``samples`` whose image or label differs from the one of that name the run's split recorded
+    (none when it recorded no digests)."""
     from medseg.data import sample_digest
 
     recorded = record.get("sha256")
     if not isinstance(recorded, dict):
-        return
+        return []
     files: dict[str, str] = {}
-    changed = [s["name"] for s in samples if s["name"] in recorded and sample_digest(s, files) != recorded[s["name"]]]
-    if changed:
-        logging.getLogger(__name__).warning(
-            "%s: %d of the images scored differ from those of the same names it records (first: %s); the scores "
-            "are of the images as they are now", where, len(changed), changed[0])
+    return [s["name"] for s in samples if s["name"] in recorded and sample_digest(s, files) != recorded[s["name"]]]
 
 
 def infer(

@@ -663,6 +663,16 @@ def test_cli_evaluate_follows_the_recorded_split_by_name_in_another_folder(train
     assert result.exit_code == 0, result.output
     assert any(f"1 of the images scored differ from those of the same names it records (first: {val[0]})"
                in r.getMessage() for r in caplog.records)
+    # another data set whose names are the run's (a test set numbered alike): every validation image differs,
+    # and scoring only those names (a few of the set, exit 0) is refused
+    other = shutil.copytree(data, tmp_path / "other")
+    for name in val:
+        image = other / f"{name}.bmp"
+        Image.fromarray(np.asarray(Image.open(image))[:, ::-1].copy()).save(image)
+    result = _invoke("evaluate", JURKAT, "--data", other, "--output", tmp_path / "other_eval", *args)
+    assert result.exit_code == 1 and "\n" not in result.output.strip()
+    assert f"every image named as one of the val images that {trained['out'] / 'split.json'} records differs" \
+        in result.output and "another data set with the same names; pass --split all" in result.output
     for path in data.rglob(f"{Path(val[0]).name}.*"):  # one validation image (and its mask) gone
         path.unlink()
     caplog.clear()
