@@ -309,7 +309,12 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     for image in images:
         fields = {"stem": glob.escape(image.stem), "name": glob.escape(image.name),
                   "match": glob.escape(_star_match(image.name, image_glob))}
-        pattern = str(image.parent / mask_template.format(**fields))
+        try:
+            pattern = str(image.parent / mask_template.format(**fields))
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigValueError(f"mask_template '{mask_template}': {type(err).__name__} {err}; its placeholders "
+                                   "are {stem}, {name} and {match} (what the first * of image_glob matched), "
+                                   "paths relative to each image's folder") from err
         matched = glob.glob(pattern)  # as written first: x.png is the mask even when x.PNG lies beside it
         for form in (None, "NFC", "NFD"):  # a name macOS wrote decomposed (NFD) beside one written composed
             if matched:

@@ -156,6 +156,13 @@ def test_data_errors_name_the_file(jurkat_folder, tmp_path):
     with pytest.raises(DataError, match=r"set_a/003\.jpg: a \.jpg mask; JPEG compression"):
         find_image_mask_pairs(jurkat_folder, **{**LAYOUT, "mask_template": "{stem}.*"})
 
+    # a placeholder that does not exist: named, with those that do (it was a generic "a config value does not
+    # work (KeyError: 'folder')")
+    for template, error in (("../{folder}/{stem}.png", "KeyError 'folder'"), ("{0}.png", "IndexError"),
+                            ("{stem.png", "ValueError")):
+        with pytest.raises(ConfigValueError, match=rf"mask_template '{re.escape(template)}': {error}.* placeholders "
+                                                   r"are \{stem\}, \{name\} and \{match\}"):
+            find_image_mask_pairs(jurkat_folder, **{**LAYOUT, "mask_template": template})
     other = write_jurkat_folder(tmp_path / "two", layout=[("x", (40, 40))])
     shutil.copy(other / "x" / "001.png", other / "x" / "001.tif")
     with pytest.raises(DataError, match=r"x/001\.bmp: 2 masks match .*make mask_template specific"):
