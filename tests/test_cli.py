@@ -1076,11 +1076,13 @@ def test_extending_a_moved_training_continues_its_mlflow_run(trained, tmp_path):
     moved = tmp_path / "moved"
     (tmp_path / "tracked").rename(moved)
     args = tuple(moved if a == tmp_path / "tracked" else a for a in args)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlflow.db'}")
+    assert client.list_artifacts(run.info.run_id) == []  # the store still points at the old place (README)
     result = _invoke("train", BUNDLE, "--epochs", 3, "--resume", *args)
     assert result.exit_code == 0, result.output
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlflow.db'}")
     (again,) = client.search_runs([experiment.experiment_id])
     assert again.info.run_id == run.info.run_id
+    assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}  # found again
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2, 3]
 
 
