@@ -354,6 +354,22 @@ def infer(
 
 
 @app.command(cls=_Command)
+def export(
+    ctx: typer.Context,
+    bundle: BundleArg,
+    checkpoint: Annotated[Path, typer.Argument(callback=_home, help="The trained weights: a run's model.pt.")],
+    output_dir: Annotated[Path, typer.Argument(callback=_home, help="The new bundle folder (must not exist).")],
+) -> None:
+    """Write a bundle of its own for a trained model: BUNDLE with CHECKPOINT as models/model.pt, the settings its
+    training changed written into the configs (so plain `python -m monai.bundle run` runs it as medseg does) and
+    the run's config.json and split.json beside the weights."""
+    from medseg.export import export_bundle
+
+    written = _run(ctx, export_bundle, bundle, checkpoint, output_dir)
+    typer.echo(json.dumps(written, indent=2, ensure_ascii=False, default=str))
+
+
+@app.command(cls=_Command)
 def info(
     ctx: typer.Context,
     bundles_dir: Annotated[Path, typer.Option(callback=_home, help="Where to look for bundles.")] = Path("bundles"),

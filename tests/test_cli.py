@@ -1122,6 +1122,47 @@ def test_a_runs_config_runs_with_plain_monai_without_touching_the_runs_store(tra
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2]
 
 
+def test_an_exported_bundle_runs_its_model_alike_with_medseg_and_plain_monai(tmp_path, isbi_folder):
+    # a bundle with models/model.pt and the run's config.json beside it ran under MONAI's own runner with the
+    # bundle's settings (MONAI reads no training record): another logit shift, or weights that do not load
+    run = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", run, "-c", REPO / "configs" / "dice_ce.json",
+                     "--epochs", 1, "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    shared = tmp_path / "colleague" / "em_model"
+    result = _invoke("export", BUNDLE, run / "model.pt", shared)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["settings"]["loss_name"] == "dice_ce"
+    assert sorted(p.name for p in (shared / "models").iterdir()) == ["config.json", "model.pt", "split.json"]
+    inference = json.loads((shared / "configs" / "inference.json").read_text())
+    assert inference["loss_name"] == "dice_ce" and inference["network_def"]["channels"] == [4, 8, 16]
+    assert json.loads((shared / "configs" / "train.json").read_text())["network_def"]["channels"] == [4, 8, 16]
+    assert not list(tmp_path.glob("colleague/.*part"))
+    images = isbi_folder / "train" / "image"
+    result = _invoke("infer", BUNDLE, images, tmp_path / "medseg", "--checkpoint", run / "model.pt", "--no-progress",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    result = _invoke("infer", shared, images, tmp_path / "shared", "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    command = [sys.executable, "-m", "monai.bundle", "run", "inferring", "--bundle_root", str(shared),
+               "--config_file", str(shared / "configs" / "inference.json"),
+               "--meta_file", str(shared / "configs" / "metadata.json"),
+               "--dataset_dir", str(images), "--output_dir", str(tmp_path / "monai")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    maps = sorted((tmp_path / "medseg" / "prob").glob("*.tif"))
+    assert maps
+    for path in maps:
+        ours = tifffile.imread(path)
+        for other in ("shared", "monai"):
+            np.testing.assert_array_equal(tifffile.imread(tmp_path / other / "prob" / path.name), ours)
+    _assert_one_line_error(_invoke("export", BUNDLE, run / "model.pt", shared), str(shared), "already exists")
+    _assert_one_line_error(_invoke("export", BUNDLE, run / "none.pt", tmp_path / "x"), "none.pt",
+                           "checkpoint not found")
+    assert not (tmp_path / "x").exists()
+
+
 def test_extending_a_moved_training_started_with_output_dot(trained, tmp_path, monkeypatch):
     # config.json records whose store the run logged to, so a relative --output (even '.') is no guess
     import mlflow
