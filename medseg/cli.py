@@ -360,9 +360,12 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(callback=_home, help="The trained weights: a run's model.pt.")],
     output_dir: Annotated[Path, typer.Argument(callback=_home, help="The new bundle folder (must not exist).")],
 ) -> None:
-    """Write a bundle of its own for a trained model: BUNDLE with CHECKPOINT as models/model.pt, the settings its
-    training changed written into the configs (so plain `python -m monai.bundle run` runs it as medseg does) and
-    the run's config.json and split.json beside the weights."""
+    """Write a trained model as a bundle of its own, to hand over or share.
+
+    OUTPUT_DIR gets BUNDLE with CHECKPOINT as models/model.pt, the run's config.json and split.json beside it,
+    and the settings the training changed written into the configs, so that plain `python -m monai.bundle run`
+    runs the model as medseg does.
+    """
     from medseg.export import export_bundle
 
     written = _run(ctx, export_bundle, bundle, checkpoint, output_dir)
