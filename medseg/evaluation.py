@@ -168,10 +168,13 @@ class MetricsReport:
         raise NotImplementedError
 
     @staticmethod
-    def _means(rows: list[dict]) -> dict[str, float]:
+    def _means(rows: list[dict]) -> dict[str, float | None]:
+        """The mean of each numeric column over the images that have a value (NaN: none, such as the DSB score
+        of an image without nuclei on either side); None where no image has one."""
         keys = [k for k in (rows[0] if rows else {}) if isinstance(rows[0][k], (int, float)) and
                 not isinstance(rows[0][k], bool)]
-        return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        values = {k: [float(r[k]) for r in rows if not math.isnan(float(r[k]))] for k in keys}
+        return {k: float(np.mean(v)) if v else None for k, v in values.items()}
 
     def summarise(self) -> dict[str, Any]:
         summary: dict[str, Any] = {"images": len(self.rows), **self._means(self.rows)}
@@ -219,7 +222,9 @@ class InstanceMetrics(MetricsReport):
     """DSB 2018 report: predicted instance images scored against the ground-truth instances.
 
     Per image: the DSB score (mean over IoU thresholds 0.50:0.05:0.95 of TP / (TP + FP + FN), a match needs
-    IoU > t), AP at 0.5 and 0.75, object counts, and the semantic Dice of the foreground. The evaluator's
+    IoU > t), AP at 0.5 and 0.75, object counts, and the semantic Dice of the foreground; an image without a
+    nucleus on either side has none of these scores (NaN), is left out of the means and counted in the
+    summary's ``images_without_nuclei``. The evaluator's
     postprocessing makes the predicted instances once per image (e.g. ``Lambdad`` with
     :class:`medseg.instances.WatershedInstances`), so the report and the :class:`DsbScore` metrics share them.
 
@@ -236,14 +241,22 @@ class InstanceMetrics(MetricsReport):
     def score(self, output: dict, source: dict) -> dict[str, Any]:
         return instance_row(_index_map(output[self.pred_key]), _index_map(output[self.instance_key]))
 
+    def summarise(self) -> dict[str, Any]:
+        summary = super().summarise()
+        summary["images_without_nuclei"] = sum(r["gt_count"] == 0 and r["pred_count"] == 0 for r in self.rows)
+        return summary
+
 
 def instance_row(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
-    """One image's DSB scores, counts and foreground Dice from predicted and ground-truth instance images."""
+    """One image's DSB scores, counts and foreground Dice from predicted and ground-truth instance images; NaN
+    scores for an image without a nucleus on either side (0 / 0)."""
     from medseg.metrics import dice
 
     scores = dsb_scores(gt, pred)
+    empty = scores["gt_count"] == 0 and scores["pred_count"] == 0
     return {"dsb_score": scores["score"], "ap_50": scores["ap_50"], "ap_75": scores["ap_75"],
-            "gt_count": scores["gt_count"], "pred_count": scores["pred_count"], "dice": dice(pred > 0, gt > 0)}
+            "gt_count": scores["gt_count"], "pred_count": scores["pred_count"],
+            "dice": math.nan if empty else dice(pred > 0, gt > 0)}
 
 
 class ChallengeMetrics(MetricsReport):
@@ -374,4 +387,11 @@ class DsbScore(Metric):
     def compute(self) -> float:
         if not self.values:
             raise ValueError("DsbScore needs at least one image before compute()")
-        return float(np.mean(self.values))
+        scored = [v for v in self.values if not math.isnan(v)]  # images with nuclei on one side at least
+        if not scored:
+            logging.getLogger(__name__).warning(
+                "%s: none of the %d images scored has a nucleus in its label or its prediction, so there is no "
+                "score to choose the best model by; check that the labels mark the nuclei", self.score,
+                len(self.values))
+            return math.nan
+        return float(np.mean(scored))

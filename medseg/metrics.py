@@ -362,7 +362,7 @@ def _dsb_counts(ious: np.ndarray, threshold: float) -> tuple[int, int, int]:
 
 
 def _dsb_precision(tp: int, fp: int, fn: int) -> float:
-    return 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
+    return math.nan if tp + fp + fn == 0 else tp / (tp + fp + fn)  # no nucleus on either side: 0 / 0
 
 
 def dsb_scores(gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = DSB_THRESHOLDS) -> dict:
@@ -371,8 +371,9 @@ def dsb_scores(gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = D
     At each threshold ``t`` a ground-truth and a predicted nucleus match when their IoU is strictly
     greater than ``t``; since ``t >= 0.5``, matches are one-to-one. With TP matched pairs, FP
     unmatched predictions and FN unmatched ground-truth nuclei, precision(t) = TP / (TP + FP + FN).
-    The score is the mean precision over ``thresholds``. Convention for empty images: 1.0 when both
-    images have no nucleus (0 / 0), 0.0 when only one of them is empty.
+    The score is the mean precision over ``thresholds``. An image without a nucleus on either side has no
+    score (NaN, as the competition's 0 / 0; reports leave it out of their means); one empty on one side
+    only scores 0.0.
 
     Args:
         gt: ``(H, W)`` ground-truth instance labels, 0 = background.

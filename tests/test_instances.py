@@ -264,7 +264,8 @@ def test_dsb_perfect_and_empty():
     assert perfect["score"] == 1.0 and perfect["per_threshold"] == [1.0] * 10
     assert perfect["tp_50"] == 2 and perfect["fp_50"] == 0 and perfect["fn_50"] == 0
     empty = np.zeros_like(gt)
-    assert dsb_scores(empty, empty)["score"] == 1.0
+    nothing = dsb_scores(empty, empty)  # no nucleus on either side: 0 / 0, no score (the Kaggle kernel's NaN)
+    assert np.isnan(nothing["score"]) and np.isnan(nothing["ap_50"]) and nothing["gt_count"] == 0
     missed = dsb_scores(gt, empty)
     assert missed["score"] == 0.0 and missed["fn_50"] == 2 and missed["gt_count"] == 2
     assert dsb_scores(empty, gt)["score"] == 0.0

@@ -597,6 +597,22 @@ def test_dsb_metric_and_report_on_perfect_and_empty_predictions(tmp_path):
     assert [r["name"] for r in rows] == ["p0", "b"]
     assert [int(r["gt_count"]) for r in rows] == [int(g.max()) for g in gts]
     assert [int(r["pred_count"]) for r in rows] == [int(gts[0].max()), 0]
+    assert summary["images_without_nuclei"] == 0
+    # an image without nuclei on either side has no score, and is left out of the means (it scored 1.0 and
+    # lifted them: five empty fields moved a set from 0.20 to 0.37)
+    nothing = np.zeros((48, 48), np.int32)
+    report = InstanceMetrics(str(tmp_path / "eval2"))
+    engine = _engine([perfect[0], (empty, gts[1], "b"), (empty, nothing, "none")], report.attach)
+    assert report.summary["images"] == 3 and report.summary["images_without_nuclei"] == 1
+    assert report.summary["dsb_score"] == pytest.approx(0.5) and report.summary["dice"] == pytest.approx(0.5)
+    assert engine.state.metrics["dsb_score"] == pytest.approx(0.5)
+    with open(tmp_path / "eval2" / "metrics.csv", newline="") as fh:
+        assert [r["dsb_score"] for r in csv.DictReader(fh)][2] == "nan"
+    assert np.isnan(_engine([(empty, nothing, "none")], metric).state.metrics["dsb"])  # no score at all
+    report = InstanceMetrics(str(tmp_path / "eval3"))
+    _engine([(empty, nothing, "none")], report.attach)
+    summary = json.loads((tmp_path / "eval3" / "summary.json").read_text())
+    assert summary["dsb_score"] is None and summary["images_without_nuclei"] == 1
 
 
 # --- CLI end to end ------------------------------------------------------------------------------------------
