@@ -83,8 +83,9 @@ class Segmenter:
 
     def _build(self, bundle: str, checkpoint: Any, device: str, tta: bool | None, overlays: Sequence[Any],
                overrides: dict[str, Any] | None) -> None:
-        from medseg.bundle import load_config
+        from medseg.bundle import config_flag, load_config
         from medseg.ensemble import load_members
+        from medseg.errors import ConfigValueError
         from medseg.runfolder import training_settings
         from medseg.transforms import LoadSliced
         from medseg.workflows import checkpoint_list, device_settings, select_device
@@ -92,8 +93,15 @@ class Segmenter:
 
         checkpoints = checkpoint_list(checkpoint, bundle)
         self.device = select_device(device)
+        if tta is not None:
+            tta = config_flag(tta, "tta")
+            if "tta" in (overrides or {}) and config_flag((overrides or {})["tta"], "tta") != tta:
+                raise ConfigValueError(f"tta={tta} contradicts overrides {{'tta': {overrides['tta']!r}}}; give one "
+                                       "of them")
         settings = {"ckpt_path": checkpoints[0], "datalist": [], "handlers": [],
-                    **({} if tta is None else {"tta": bool(tta)}), **device_settings(self.device)}
+                    **({} if tta is None else {"tta": tta}), **device_settings(self.device)}
+        overrides = {k: v for k, v in (overrides or {}).items() if not (k == "tta" and tta is not None)}
+        overlays = (overlays,) if isinstance(overlays, (str, os.PathLike)) else overlays  # one file, not its letters
         overlays = tuple(str(o) for o in overlays)
         trained = training_settings(bundle, checkpoints, overrides or {}, overlays)
         parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
@@ -116,6 +124,11 @@ class Segmenter:
         self._pre, self._post = pre[reader + 1:], post[:writer]
         self._key = self._reader.keys[0]
         self.bundle, self.checkpoints = bundle, checkpoints
+
+    @property
+    def _takes_channels(self) -> bool:
+        """Whether the model picks its channels itself (``input_channels``): every channel given is kept."""
+        return getattr(self._reader, "select", None) is not None
 
     @property
     def kind(self) -> str:
@@ -147,7 +160,7 @@ class Segmenter:
                 that are NaN or infinite.
             ConfigValueError: ``diameter`` not positive, or given for a model trained without ``target_diameter``.
         """
-        return self._segment(_channels_first(image, channel_axis), diameter)
+        return self._segment(_channels_first(image, channel_axis, self._takes_channels), diameter)
 
     def segment_stack(self, stack: Any, channel_axis: int | None = None) -> Segmentation:
         """Segment each slice of a stack ``(Z, H, W)`` (or ``(Z, H, W, C)`` / ``(Z, C, H, W)`` with
@@ -168,8 +181,12 @@ class Segmenter:
         if arr.ndim == 4 and channel_axis not in (1, 2, 3, -1, -2, -3):
             raise DataError(f"channel_axis {channel_axis}: the channel axis of a (Z, ...) stack is 1, 2 or 3 "
                             "(0 is its slice axis)")
+        if arr.ndim == 3 and arr.shape[2] in (3, 4) and min(arr.shape[:2]) > 4:
+            raise DataError(f"a stack of shape {arr.shape} would be {arr.shape[0]} slices of {arr.shape[1]} x "
+                            f"{arr.shape[2]} pixels; for one colour image (H, W, {arr.shape[2]}) use segment")
         slice_axis = None if arr.ndim == 3 else (channel_axis % 4) - 1
-        results = [self._segment(_channels_first(arr[z], slice_axis)) for z in range(arr.shape[0])]
+        results = [self._segment(_channels_first(arr[z], slice_axis, self._takes_channels))
+                   for z in range(arr.shape[0])]
         objects = None
         if self.kind == "instances":
             objects = [{"slice": z, **row} for z, r in enumerate(results) for row in (r.objects or [])]
@@ -210,8 +227,12 @@ class Segmenter:
         if getattr(self.inferer, "target", None) is None:
             raise ConfigValueError(f"diameter={diameter}: this model was not trained at a standard object size "
                                    "(target_diameter), so it segments images at their own scale; leave diameter out")
-        if not float(diameter) > 0:
-            raise ConfigValueError(f"diameter={diameter}: must be a positive number of pixels")
+        try:
+            positive = float(diameter) > 0
+        except (TypeError, ValueError):
+            positive = False
+        if not positive:
+            raise ConfigValueError(f"diameter={diameter!r}: must be a positive number of pixels")
         inferer = copy.copy(self.inferer)
         inferer.diameter = float(diameter)
         return inferer
@@ -252,7 +273,15 @@ def _rng_kept() -> Iterator[None]:
             np.random.set_state(numpy)
 
 
+#: PIL modes whose samples are the picture's values as the file readers give them (others are converted)
+_PIL_AS_IS = ("1", "L", "LA", "I", "F", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _as_numpy(image: Any) -> np.ndarray:
+    if hasattr(image, "mode") and hasattr(image, "convert") and image.mode not in _PIL_AS_IS:
+        # CMYK, YCbCr, HSV, LAB, palette: their samples are not RGB (a CMYK's K passed for a constant alpha)
+        image = image.convert("RGBA" if image.mode in ("P", "PA") and (
+            image.mode == "PA" or "transparency" in image.info) else "RGB")
     if hasattr(image, "detach"):  # a torch tensor, perhaps on a GPU, perhaps of a type NumPy lacks (bfloat16)
         image = image.detach().cpu()
         try:
@@ -267,11 +296,18 @@ def _as_numpy(image: Any) -> np.ndarray:
     return arr
 
 
-def _channels_first(image: Any, channel_axis: int | None) -> np.ndarray:
-    """A 2D image as ``(C, H, W)`` with C 1 or 3, as :mod:`medseg.readers` gives files (alpha dropped)."""
+def _channels_first(image: Any, channel_axis: int | None, keep_channels: bool = False) -> np.ndarray:
+    """A 2D image as ``(C, H, W)`` with C 1 or 3, as :mod:`medseg.readers` gives files (alpha dropped); with
+    ``keep_channels`` (a model that picks its ``input_channels``) every channel is kept."""
     arr = _as_numpy(image)
+    if arr.ndim == 2 and channel_axis is not None:
+        raise DataError(f"channel_axis {channel_axis}: an image of shape {arr.shape} has no channel axis; leave it "
+                        "out")
     if arr.ndim == 3 and channel_axis is None:
         last, first = arr.shape[-1] in (1, 2, 3, 4), arr.shape[0] in (1, 2, 3, 4)
+        if not last and not first:
+            raise DataError(f"an array of shape {arr.shape}: no axis of 1–4 channels, so not one image; for a stack "
+                            "of slices (Z, H, W) use segment_stack")
         if last == first:
             raise DataError(f"an image of shape {arr.shape}: which axis holds the channels? pass channel_axis "
                             "(-1 for (H, W, C), 0 for (C, H, W))")
@@ -282,7 +318,7 @@ def _channels_first(image: Any, channel_axis: int | None) -> np.ndarray:
         if channel_axis not in (0, 1, 2, -1, -2, -3):
             raise DataError(f"channel_axis {channel_axis}: an image has axes 0–2")
         arr = np.moveaxis(arr, channel_axis, 0)
-        if arr.shape[0] in (2, 4):  # gray + alpha, RGBA: the alpha is dropped, as the file readers do
+        if arr.shape[0] in (2, 4) and not keep_channels:  # gray + alpha, RGBA: the alpha is dropped, as files
             if arr[-1].min() != arr[-1].max():  # not an (opaque) alpha: a channel of data, e.g. [cyto, nuclei]
                 raise DataError(f"{arr.shape[0]} channels whose last is not a constant alpha; give the channels "
                                 "the model takes: one gray channel, or RGB (e.g. image[..., :3])")

@@ -33,7 +33,7 @@ def select_device(name: Any = "auto") -> Any:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]`` as a :class:`torch.device`.
 
     Raises:
-        MedsegError: CUDA asked for but not available, or an unknown name.
+        ConfigValueError: CUDA asked for but not available, or an unknown name.
     """
     import torch
 
@@ -44,13 +44,13 @@ def select_device(name: Any = "auto") -> Any:
         return torch.device("cpu")
     if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
-            raise MedsegError(f"--device {name}: no CUDA device is available here; use --device auto or cpu")
+            raise ConfigValueError(f"--device {name}: no CUDA device is available here; use --device auto or cpu")
         device, count = torch.device(name), torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise MedsegError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
+            raise ConfigValueError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
                               f"(cuda:0 to cuda:{count - 1}); pick one of them or --device cuda")
         return device
-    raise MedsegError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+    raise ConfigValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
 
 
 def device_settings(device: Any) -> dict[str, Any]:
@@ -188,14 +188,15 @@ def checkpoint_list(checkpoint: str | os.PathLike | Sequence[str | os.PathLike] 
                     bundle: str | os.PathLike | None = None) -> list[str]:
     """The checkpoint paths given (one, or an ensemble's); none given: the bundle's ``models/model.pt``."""
     if checkpoint is None:
-        checkpoint = []
+        if bundle is None:
+            raise CheckpointError("no checkpoint given; pass --checkpoint")
+        return [str(Path(bundle) / "models" / "model.pt")]
     paths = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else [str(c) for c in checkpoint]
-    if not paths and bundle is not None:
-        paths = [str(Path(bundle) / "models" / "model.pt")]
-    if not paths:
-        raise MedsegError("no checkpoint given; pass --checkpoint")
+    if not paths:  # an empty list (a glob that matched nothing) is not "the bundle's own weights"
+        raise CheckpointError("an empty list of checkpoints; give at least one, or None for the bundle's "
+                              "models/model.pt")
     if len(set(map(_resolved, paths))) < len(paths):
-        raise MedsegError(f"--checkpoint {' '.join(paths)}: a checkpoint is given twice; give each member once")
+        raise CheckpointError(f"--checkpoint {' '.join(paths)}: a checkpoint is given twice; give each member once")
     return paths
 
 

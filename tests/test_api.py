@@ -131,6 +131,8 @@ def test_channel_layouts_and_types_give_the_same_mask(weights):
     (np.full((8, 8), "a"), {}, "give numbers"),
     (np.zeros((8, 8, 5)), {}, "channels"),
     (np.zeros((8, 8, 3)), {"channel_axis": 3}, "channel_axis 3"),
+    (np.zeros((5, 16, 16)), {}, "no axis of 1–4 channels, so not one image; for a stack .* use segment_stack"),
+    (np.zeros((8, 8)), {"channel_axis": 0}, "has no channel axis; leave it out"),
     (np.array([[0.0, np.nan], [1.0, 2.0]]), {}, "NaN"),
     (np.array([[0.0, np.inf], [1.0, 2.0]]), {}, "NaN or infinite"),
 ])
@@ -182,6 +184,21 @@ def test_settings_checkpoints_and_errors(weights, tmp_path):
         Segmenter(ROOT / "bundles" / "isbi_em", weights["isbi_em"], device="cpu")
     with pytest.raises(BundleError):
         _segmenter("isbi_em", weights, overrides={"no_such_key": 1})
+    # tta given twice, differently, is refused (overrides won silently); a word is read as meant
+    with pytest.raises(BundleError, match=r"tta=True contradicts overrides \{'tta': False\}"):
+        _segmenter("isbi_em", weights, tta=True, overrides={"tta": False})
+    assert _segmenter("isbi_em", weights, tta="false").tta is False  # bool("false") was True
+    # an empty list (a glob that matched nothing) is not the bundle's own weights; a duplicate is a weights error
+    with pytest.raises(CheckpointError, match="an empty list of checkpoints"):
+        Segmenter(ROOT / "bundles" / "isbi_em", [], device="cpu")
+    with pytest.raises(CheckpointError, match="given twice"):
+        Segmenter(ROOT / "bundles" / "isbi_em", [weights["isbi_em"], weights["isbi_em"]], device="cpu")
+    with pytest.raises(BundleError, match="--device gpu: unknown device"):  # a settings error, as documented
+        Segmenter(ROOT / "bundles" / "isbi_em", weights["isbi_em"], device="gpu")
+    # one overlay file as a plain string is that file, not its letters
+    overlay = tmp_path / "overlay.json"
+    overlay.write_text('{"merge_threshold": 0.5}')
+    assert _segmenter("isbi_em", weights, overlays=str(overlay)).inferer is not None
 
 
 def test_weights_with_nan_are_refused_before_any_image(weights, tmp_path):
@@ -236,6 +253,28 @@ def test_a_varying_alpha_is_a_channel_of_data_not_dropped(weights):
     assert np.array_equal(nuclei.segment(image[..., None]).mask, nuclei.segment(image).mask)  # (H, W, 1)
 
 
+def test_pil_images_of_other_modes_are_taken_as_their_colours(weights):
+    # a CMYK picture (print JPEGs) was read as its C, M, Y samples taken for RGB, K dropped as a constant alpha
+    jurkat = _segmenter("jurkat", weights, tta=False)
+    image, _ = _example("jurkat", seed=1)
+    picture = Image.fromarray(image)
+    expected = jurkat.segment(picture).mask
+    assert np.array_equal(jurkat.segment(picture.convert("CMYK")).mask, expected)  # CMYK -> RGB is exact here
+    palette = picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    assert np.array_equal(jurkat.segment(palette).mask, jurkat.segment(palette.convert("RGB")).mask)
+
+
+def test_a_model_that_picks_its_channels_takes_every_channel_given(weights):
+    # input_channels=[1] (the nuclear stain of a two-channel image): the second channel was taken for an alpha
+    # and refused, and the gray image the message asked for was refused as having no channel 1
+    nuclei = _segmenter("nuclei", weights, tta=False, overrides={"input_channels": [1]})
+    image, _ = _example("nuclei", seed=1)
+    two = np.stack([255 - image, image], axis=-1)
+    expected = _segmenter("nuclei", weights, tta=False).segment(image).mask
+    assert np.array_equal(nuclei.segment(two).mask, expected)
+    assert np.array_equal(nuclei.segment(np.moveaxis(two, -1, 0), channel_axis=0).mask, expected)
+
+
 def test_devices_types_warnings_and_the_callers_seeds(weights):
     import random
     import warnings
@@ -272,6 +311,8 @@ def test_stack_channel_axes_are_checked(weights):
         nuclei.segment_stack(stack, channel_axis=-1)
     with pytest.raises(DataError, match="empty stack"):
         nuclei.segment_stack(stack[:0])
+    with pytest.raises(DataError, match=r"would be 64 slices of 64 x 3 pixels; for one colour image .* use segment"):
+        nuclei.segment_stack(rgb[0])  # one RGB image given as a stack: it segmented 64 slices of 64 x 3
     assert np.array_equal(nuclei.segment_stack(stack[..., None]).mask, nuclei.segment_stack(stack).mask)
 
 
@@ -284,8 +325,9 @@ def test_a_diameter_per_image_as_infer_set_diameter(weights):
     assert np.array_equal(scaled.segment(image, diameter=10).mask, given.segment(image).mask)
     assert scaled.inferer.diameter is None  # the Segmenter's own setting is left as it was
     assert not np.array_equal(scaled.segment(image, diameter=10).prob, scaled.segment(image, diameter=40).prob)
-    with pytest.raises(ConfigValueError, match="must be a positive number"):
-        scaled.segment(image, diameter=0)
+    for bad in (0, "abc", [10]):  # a word or a list: the same one line, not float()'s ValueError
+        with pytest.raises(ConfigValueError, match="must be a positive number"):
+            scaled.segment(image, diameter=bad)
     with pytest.raises(ConfigValueError, match="not trained at a standard object size"):
         _segmenter("nuclei", weights).segment(image, diameter=10)
 
