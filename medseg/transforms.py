@@ -49,6 +49,19 @@ def to_gray(arr: np.ndarray) -> np.ndarray:
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _near_zero(arr: np.ndarray) -> np.ndarray:
+    """An image of float64 or wide integers whose values lie far from 0 for their spread (1e6 + x / 255,
+    2**25 + counts), less its minimum, taken in float64: float32, whose steps at a value v are v / 2**23,
+    merged its levels (such a float64 image of 253 levels kept 17) before the intensity scaling, which a
+    shift leaves as it is, could tell them apart. Other images are returned as they are."""
+    if arr.size == 0 or not (arr.dtype == np.float64 or (arr.dtype.kind in "iu" and arr.dtype.itemsize > 2)):
+        return arr
+    low, high = float(arr.min()), float(arr.max())
+    if not (np.isfinite(low) and np.isfinite(high) and high > low) or max(abs(low), abs(high)) <= 256 * (high - low):
+        return arr
+    return arr.astype(np.float64) - low
 _PICK = ": pick channels with --set input_channels=[N] (numbered from 0)"
 
 
@@ -100,6 +113,8 @@ class LoadSliced(MapTransform):
     def _convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
         channels = self.channels.get(key)
         floats = arr.dtype.kind in "fc"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
+        if key == "image":
+            arr = _near_zero(arr)
         as_colour = channels == 1 or (channels is None and self.gray)  # 3 channels blended as RGB's luma below
         if key == "image" and self.select is None and as_colour:
             _refuse_separate_channels(arr, path, nifti_channel_dim=self.nifti_channel_dim)
