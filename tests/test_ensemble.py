@@ -188,14 +188,16 @@ def test_init_seed_changes_initialisation_but_not_the_split(bundle, tmp_path, ju
 
 
 def test_checkpoints_default_to_the_bundles_model_and_evaluations_go_beside_them(tmp_path):
-    from medseg.errors import MedsegError
+    from medseg.errors import CheckpointError
     from medseg.workflows import checkpoint_list, evaluation_dir
 
     bundle = tmp_path / "bundle"
-    assert checkpoint_list(None, bundle) == checkpoint_list([], bundle) == [str(bundle / "models" / "model.pt")]
+    assert checkpoint_list(None, bundle) == [str(bundle / "models" / "model.pt")]
     assert checkpoint_list(tmp_path / "a.pt", bundle) == [str(tmp_path / "a.pt")]
-    with pytest.raises(MedsegError, match="no checkpoint given; pass --checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint given; pass --checkpoint"):
         checkpoint_list(None)
+    with pytest.raises(CheckpointError, match="an empty list of checkpoints"):  # not the bundle's own weights
+        checkpoint_list([], bundle)
     assert evaluation_dir([str(tmp_path / "run" / "model.pt")]) == tmp_path / "run" / "eval"
     assert evaluation_dir([str(tmp_path / "a" / "model.pt"), str(tmp_path / "b" / "model.pt")]) == \
         tmp_path / "a" / "eval_ensemble"
