@@ -1161,6 +1161,24 @@ def test_an_exported_bundle_runs_its_model_alike_with_medseg_and_plain_monai(tmp
     _assert_one_line_error(_invoke("export", BUNDLE, run / "none.pt", tmp_path / "x"), "none.pt",
                            "checkpoint not found")
     assert not (tmp_path / "x").exists()
+    # only the bundle's own parts go: not the data and runs a plain monai.bundle run puts inside it (its
+    # dataset_dir and output_dir default there), and never a folder inside the bundle
+    crowded = shutil.copytree(BUNDLE, tmp_path / "crowded", ignore=shutil.ignore_patterns("models"))
+    shutil.copytree(isbi_folder, crowded / "data")
+    shutil.copytree(run, crowded / "runs" / "r1")
+    record = json.loads((run / "config.json").read_text())  # a record of an earlier version: tracked in it
+    record["tracking_uri"] = f"sqlite:///{run / 'mlflow.db'}"
+    record["train"]["handlers"].append({"_target_": "MLFlowHandler", "tracking_uri": "@tracking_uri"})
+    (crowded / "runs" / "r1" / "config.json").write_text(json.dumps(record))
+    _assert_one_line_error(_invoke("export", crowded, crowded / "runs" / "r1" / "model.pt", crowded / "out"),
+                           "inside the bundle")
+    result = _invoke("export", crowded, crowded / "runs" / "r1" / "model.pt", tmp_path / "clean")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["LICENSE", "configs", "docs", "models"]
+    handed = json.loads((tmp_path / "clean" / "models" / "config.json").read_text())
+    assert "tracking_uri" not in handed and "_tracking_" not in handed
+    assert "MLFlowHandler" not in json.dumps(handed) and handed["loss_name"] == "dice_ce"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 
 def test_extending_a_moved_training_started_with_output_dot(trained, tmp_path, monkeypatch):
