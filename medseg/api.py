@@ -280,8 +280,7 @@ _PIL_AS_IS = ("1", "L", "LA", "I", "F", "RGB", "RGBA", "I;16", "I;16L", "I;16B",
 def _as_numpy(image: Any) -> np.ndarray:
     if hasattr(image, "mode") and hasattr(image, "convert") and image.mode not in _PIL_AS_IS:
         # CMYK, YCbCr, HSV, LAB, palette: their samples are not RGB (a CMYK's K passed for a constant alpha)
-        image = image.convert("RGBA" if image.mode in ("P", "PA") and (
-            image.mode == "PA" or "transparency" in image.info) else "RGB")
+        image = image.convert("RGB")  # a palette's transparency too: the file readers drop a varying alpha
     if hasattr(image, "detach"):  # a torch tensor, perhaps on a GPU, perhaps of a type NumPy lacks (bfloat16)
         image = image.detach().cpu()
         try:
@@ -305,6 +304,9 @@ def _channels_first(image: Any, channel_axis: int | None, keep_channels: bool = 
                         "out")
     if arr.ndim == 3 and channel_axis is None:
         last, first = arr.shape[-1] in (1, 2, 3, 4), arr.shape[0] in (1, 2, 3, 4)
+        if not last and not first and keep_channels:  # a model that picks its channels takes any number
+            raise DataError(f"an image of shape {arr.shape}: which axis holds the channels? pass channel_axis "
+                            "(-1 for (H, W, C), 0 for (C, H, W))")
         if not last and not first:
             raise DataError(f"an array of shape {arr.shape}: no axis of 1–4 channels, so not one image; for a stack "
                             "of slices (Z, H, W) use segment_stack")

@@ -506,7 +506,7 @@ def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...]
 
 
 def _check_background_is_zero(path: Path, labels: np.ndarray, kept: np.ndarray, inverse: np.ndarray) -> None:
-    """An instance label image without a 0 pixel, one of whose values fills most of it along every edge: its
+    """An instance label image without a 0 pixel whose smallest value fills most of it along every edge: its
     background bears that value (1-based labels, a class mask 1 = background, 2 = nuclei), and would be read as
     one object covering the image.
 
@@ -517,8 +517,9 @@ def _check_background_is_zero(path: Path, labels: np.ndarray, kept: np.ndarray, 
     top = int(np.argmax(counts))
     share = counts[top] / labels.size
     filled = labels == kept[top]
-    if share < 0.5 or not (filled[0].any() and filled[-1].any() and filled[:, 0].any() and filled[:, -1].any()):
-        return
+    if top != 0 or share < 0.5 or not (filled[0].any() and filled[-1].any() and filled[:, 0].any()
+                                       and filled[:, -1].any()):
+        return  # a background bears the smallest value (1 of 1-based labels); a large nucleus among others need not
     raise DataError(f"{path}: has no 0 (background) pixel, and its value {kept[top]} fills {100 * share:.0f}% of "
                     f"it along every edge, so it is the background; instance labels are 0 for background: save "
                     f"the labels with {kept[top]} as 0 (e.g. 1-based labels minus 1)")

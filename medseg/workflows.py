@@ -175,7 +175,8 @@ def _warn_missing_classes(trainer: Any, parser: Any) -> None:
     said = ", ".join(f"{k} ({names[k] if k < len(names) else 'class'}, mask value {values.get(k, '?')})"
                      for k in missing)
     logging.getLogger(__name__).warning(
-        "class %s: in none of the %d training masks, so the model cannot learn it; check that class_map matches "
+        "class %s: in none of the %d training masks held in memory, so the model cannot learn it; check that "
+        "class_map matches "
         "the values of your masks (--set class_map=..., num_classes, class_names; see the bundle's docs)",
         said, len(labels))
 

@@ -262,6 +262,8 @@ def test_pil_images_of_other_modes_are_taken_as_their_colours(weights):
     assert np.array_equal(jurkat.segment(picture.convert("CMYK")).mask, expected)  # CMYK -> RGB is exact here
     palette = picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
     assert np.array_equal(jurkat.segment(palette).mask, jurkat.segment(palette.convert("RGB")).mask)
+    palette.info["transparency"] = 0  # a transparent palette entry: segmented as its file is (alpha dropped)
+    assert np.array_equal(jurkat.segment(palette).mask, jurkat.segment(palette.convert("RGB")).mask)
 
 
 def test_a_model_that_picks_its_channels_takes_every_channel_given(weights):
@@ -273,6 +275,10 @@ def test_a_model_that_picks_its_channels_takes_every_channel_given(weights):
     expected = _segmenter("nuclei", weights, tta=False).segment(image).mask
     assert np.array_equal(nuclei.segment(two).mask, expected)
     assert np.array_equal(nuclei.segment(np.moveaxis(two, -1, 0), channel_axis=0).mask, expected)
+    five = np.stack([image] * 5, axis=-1)  # more channels than 4: asked for the axis, not sent to segment_stack
+    with pytest.raises(DataError, match="which axis holds the channels"):
+        nuclei.segment(five)
+    assert np.array_equal(nuclei.segment(five, channel_axis=-1).mask, expected)
 
 
 def test_devices_types_warnings_and_the_callers_seeds(weights):

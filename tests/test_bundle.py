@@ -615,7 +615,7 @@ def test_a_record_that_is_not_this_bundles_is_said_and_left_out(tmp_path, caplog
     assert said.startswith(str(tmp_path / "config.json")) and reason in said and "not taken" in said
 
 
-def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_left_out(tmp_path, caplog):
+def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_refused(tmp_path, caplog):
     from medseg.errors import ConfigValueError
     from medseg.runfolder import training_settings
 

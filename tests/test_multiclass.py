@@ -757,7 +757,7 @@ def test_a_two_class_model_made_by_settings_writes_and_scores_its_own_classes(tm
                          "--no-progress", "--no-tracking", "--device", "cpu", *_sets(TINY))
     assert result.exit_code == 0, result.output
     (said,) = [r.getMessage() for r in caplog.records if "the model cannot learn it" in r.getMessage()]
-    assert said.startswith("class 1 (cell_body, mask value 128): in none of the 6 training masks")
+    assert said.startswith("class 1 (cell_body, mask value 128): in none of the 6 training masks held in memory")
     caplog.clear()
     run = tmp_path / "run"
     with caplog.at_level("WARNING", logger="medseg.workflows"):

@@ -927,6 +927,10 @@ def test_labels_whose_background_is_not_0_are_refused(tmp_path, coding):
     crowded = np.arange(1, 17, dtype=np.uint16).repeat(4).reshape(8, 8).repeat(8, 0)  # nuclei edge to edge
     Image.fromarray(crowded).save(tmp_path / "crowded.png")
     assert instance_label_image(tmp_path / "crowded.png").max() == 16  # no background, none taken for it
+    large = np.full((96, 96), 7, np.uint16)  # a crop inside one large nucleus, two small ones in its corners
+    large[:10, :10], large[-10:, -10:] = 3, 12
+    Image.fromarray(large).save(tmp_path / "large.png")
+    assert instance_label_image(tmp_path / "large.png").max() == 3
 
 
 def test_instance_labels_with_brush_specks_are_not_taken_for_a_class_mask(tmp_path):
