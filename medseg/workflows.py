@@ -679,9 +679,13 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
             changed = _changed_samples(record, [samples[n] for n in present])
             if changed and len(changed) == len(present) and recorded_dir and \
                     recorded_dir != str(Path(data_dir).resolve()):
-                raise DataError(f"{data_dir}: every image named as one of the {split} images that {where} records "
-                                "differs from the one the run recorded, so this is another data set with the same "
-                                f"names; pass --split all to score every image of {data_dir}")
+                # another data set numbered alike, or the same data re-saved (the digests are of the files)
+                logging.getLogger(__name__).warning(
+                    "%s: every one of the %d %s images that %s names differs from the file of that name the run "
+                    "recorded: if this is another data set numbered alike, these %d are not the run's %s images "
+                    "but a few of the set; pass --split all to score every image of it", data_dir, len(present),
+                    split, where, len(present), split)
+                changed = []
             if len(present) < len(names):
                 logging.getLogger(__name__).warning(
                     "%s: %d of its %d %s images are not in %s; scoring the %d that are",

@@ -676,10 +676,13 @@ def test_cli_evaluate_follows_the_recorded_split_by_name_in_another_folder(train
     for name in val:
         image = other / f"{name}.bmp"
         Image.fromarray(np.asarray(Image.open(image))[:, ::-1].copy()).save(image)
-    result = _invoke("evaluate", JURKAT, "--data", other, "--output", tmp_path / "other_eval", *args)
-    assert result.exit_code == 1 and "\n" not in result.output.strip()
-    assert f"every image named as one of the val images that {trained['out'] / 'split.json'} records differs" \
-        in result.output and "another data set with the same names; pass --split all" in result.output
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", other, "--output", tmp_path / "other_eval", *args)
+    assert result.exit_code == 0, result.output  # the same data re-saved (same pixels, other bytes) looks alike
+    (said,) = [r.getMessage() for r in caplog.records if "every one of the" in r.getMessage()]
+    assert f"every one of the {len(val)} val images that {trained['out'] / 'split.json'} names differs" in said
+    assert "not the run's val images but a few of the set; pass --split all" in said
     for path in data.rglob(f"{Path(val[0]).name}.*"):  # one validation image (and its mask) gone
         path.unlink()
     caplog.clear()
