@@ -265,6 +265,10 @@ class ClassMapd(MapTransform):
                     raise DataError(f"{source}: label values {shown} are not in the class map ({known}); a palette "
                                     f"PNG is read by its colours' gray values, not by its indices ({listed}): give "
                                     "class_map those values, or save the mask as 8-bit gray")
+                if not self.colours and unknown == [255] and 1.0 in self.class_map:  # 0/1 once, 0/255 now
+                    raise DataError(f"{source}: label values 255 are not in the class map ({known}); a 1-bit mask "
+                                    "reads as 0 and 255 (earlier versions read a 1-bit TIFF as 0 and 1): give "
+                                    "255 in class_map where 1 stands")
                 raise DataError(f"{source}: label {what} {shown} are not in the class map ({known}); fix the mask "
                                 "or add them to class_map")
             lut = np.array([self.class_map[int(v) if self.colours else float(v)] for v in values.tolist()],

@@ -83,6 +83,13 @@ def test_one_bit_tiff_and_png_read_alike(tmp_path):
         for arr in (read_image(tmp_path / name)[0], read_slice(str(tmp_path / name), 0)):
             assert arr.dtype == np.uint8, name
             np.testing.assert_array_equal(arr[0], bits * 255)
+    # a class map written for the earlier 0/1 reading says what changed
+    from medseg.transforms import ClassMapd, LoadSliced
+
+    loaded = LoadSliced(keys="label")({"label": str(tmp_path / "bits.tif")})
+    with pytest.raises(DataError, match=r"bits\.tif: label values 255 .*earlier versions read a 1-bit TIFF as 0 "
+                                        r"and 1\): give 255 in class_map where 1 stands"):
+        ClassMapd(keys="label", class_map={"0": 0, "1": 1})(loaded)
 
 
 def test_palette_tiff_keeps_its_values_its_colour_table_is_a_display_lut(tmp_path):
