@@ -139,28 +139,34 @@ def test_seg_round_trip_references_the_source(shared_dicom, tmp_path):
     assert read_geometry(folder)["files"] == list(geometry.files)
 
 
-@pytest.mark.parametrize("step", [None, "0.0006"], ids=["1mm", "0.6um"])
-def test_seg_for_a_multi_frame_source(tmp_path, step):
+def _seg_of_three_frames(path: Path, out: Path):
+    """The SEG of a 3-frame file ``path`` whose mask differs per frame (k + 1 rows), read back; asserts that each
+    SEG frame names the source frame it segments (a file without per-frame positions got none from highdicom)
+    and holds that frame's mask."""
     import highdicom as hd
 
+    geometry = dicom.series_geometry(dicom.find_series(path))
+    mask = np.zeros((3, 6, 6), bool)
+    for k in range(3):
+        mask[k, : k + 1] = True
+    seg = hd.seg.segread(dicom.write_seg(out, mask, geometry))
+    source_uid = pydicom.dcmread(path).SOPInstanceUID
+    back = seg.get_pixels_by_source_frame(source_uid, source_frame_numbers=[1, 2, 3], segment_numbers=[1])
+    for k, frame in enumerate(geometry.frames):
+        np.testing.assert_array_equal(back[frame, ..., 0] > 0, mask[k])
+    return seg
+
+
+@pytest.mark.parametrize("step", [None, "0.0006"], ids=["1mm", "0.6um"])
+def test_seg_for_a_multi_frame_source(tmp_path, step):
     frames = np.stack([np.full((6, 6), v, np.int16) for v in (5, 6, 7)])
     path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.6", position=(0, 0, 0), frames=3)
     if step:  # frames under a micrometre apart are told apart too (a match to 0.001 mm named one frame twice)
         ds = pydicom.dcmread(path)
         ds.SliceThickness = ds.SpacingBetweenSlices = step
         ds.save_as(path)
-    geometry = dicom.series_geometry(dicom.find_series(path))
-    mask = np.zeros((3, 6, 6), bool)
-    for k in range(3):  # a different mask on each slice: k + 1 rows
-        mask[k, : k + 1] = True
-    seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
+    seg = _seg_of_three_frames(path, tmp_path / "seg.dcm")
     assert int(seg.NumberOfFrames) == 3 and seg.SegmentSequence[0].SegmentLabel == "foreground"
-    # each SEG frame names the source frame it segments (the file has no per-frame positions, so highdicom
-    # named none), and holds that frame's mask
-    source_uid = pydicom.dcmread(path).SOPInstanceUID
-    back = seg.get_pixels_by_source_frame(source_uid, source_frame_numbers=[1, 2, 3], segment_numbers=[1])
-    for k, frame in enumerate(geometry.frames):
-        np.testing.assert_array_equal(back[frame, ..., 0] > 0, mask[k])
 
 
 @pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.3.1"],
@@ -169,23 +175,14 @@ def test_seg_for_a_multi_frame_source_with_no_place_in_space(tmp_path, sop_class
     # a multi-frame secondary capture or ultrasound clip: no position, orientation or frame of reference.
     # highdicom builds a SEG of several frames only in a patient coordinate system, so these failed after
     # the whole inference ("Only a single frame is supported ...")
-    import highdicom as hd
-
     frames = np.stack([np.full((6, 6), v, np.int16) for v in (5, 6, 7)])
     path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.7", position=None, frames=3)
     ds = pydicom.dcmread(path)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
     del ds.FrameOfReferenceUID
     ds.save_as(path)
-    geometry = dicom.series_geometry(dicom.find_series(path))
-    mask = np.zeros((3, 6, 6), bool)
-    for k in range(3):  # a different mask on each frame: k + 1 rows
-        mask[k, : k + 1] = True
-    seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
+    seg = _seg_of_three_frames(path, tmp_path / "seg.dcm")
     assert int(seg.NumberOfFrames) == 3 and seg.StudyInstanceUID == ds.StudyInstanceUID
-    back = seg.get_pixels_by_source_frame(ds.SOPInstanceUID, source_frame_numbers=[1, 2, 3], segment_numbers=[1])
-    for k, frame in enumerate(geometry.frames):
-        np.testing.assert_array_equal(back[frame, ..., 0] > 0, mask[k])
     assert "ImagePositionPatient" not in pydicom.dcmread(path)  # the source file is left as it was
 
 
