@@ -10,8 +10,6 @@ from typing import Any
 
 from medseg.errors import CheckpointError, DataError, MedsegError
 
-#: What a run leaves beside its model.pt that goes with the weights: the training's record and its split
-RUN_RECORDS = ("config.json", "split.json")
 #: What a bundle folder holds that goes into the export (MONAI's bundle layout less ``models/``): not the data,
 #: runs or evaluations a plain ``monai.bundle run`` may have put inside it
 BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
