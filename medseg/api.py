@@ -162,10 +162,11 @@ class Segmenter:
         """
         return self._segment(_channels_first(image, channel_axis, self._takes_channels), diameter)
 
-    def segment_stack(self, stack: Any, channel_axis: int | None = None) -> Segmentation:
+    def segment_stack(self, stack: Any, channel_axis: int | None = None,
+                      diameter: float | None = None) -> Segmentation:
         """Segment each slice of a stack ``(Z, H, W)`` (or ``(Z, H, W, C)`` / ``(Z, C, H, W)`` with
         ``channel_axis`` counted in the stack's axes) as :meth:`segment` does, as ``medseg infer`` segments a
-        TIFF stack or a volume slice by slice."""
+        TIFF stack or a volume slice by slice; ``diameter`` as for :meth:`segment`, for every slice."""
         arr = _as_numpy(stack)
         if arr.ndim not in (3, 4):
             raise DataError(f"a stack of {arr.ndim} axes {arr.shape}; give (Z, H, W), or (Z, H, W, C) with its "
@@ -185,7 +186,7 @@ class Segmenter:
             raise DataError(f"a stack of shape {arr.shape} would be {arr.shape[0]} slices of {arr.shape[1]} x "
                             f"{arr.shape[2]} pixels; for one colour image (H, W, {arr.shape[2]}) use segment")
         slice_axis = None if arr.ndim == 3 else (channel_axis % 4) - 1
-        results = [self._segment(_channels_first(arr[z], slice_axis, self._takes_channels))
+        results = [self._segment(_channels_first(arr[z], slice_axis, self._takes_channels), diameter)
                    for z in range(arr.shape[0])]
         objects = None
         if self.kind == "instances":

@@ -335,6 +335,8 @@ def test_a_diameter_per_image_as_infer_set_diameter(weights):
     assert np.array_equal(scaled.segment(image, diameter=10).mask, given.segment(image).mask)
     assert scaled.inferer.diameter is None  # the Segmenter's own setting is left as it was
     assert not np.array_equal(scaled.segment(image, diameter=10).prob, scaled.segment(image, diameter=40).prob)
+    stack = scaled.segment_stack(np.stack([image, image]), diameter=10)  # a stack's slices alike
+    assert np.array_equal(stack.mask[1], given.segment(image).mask)
     for bad in (0, "abc", [10]):  # a word or a list: the same one line, not float()'s ValueError
         with pytest.raises(ConfigValueError, match="must be a positive number"):
             scaled.segment(image, diameter=bad)
