@@ -336,6 +336,7 @@ class IsbiScore(Metric):
             raise ValueError(f"score must be 'v_rand' or 'v_info', got {score!r}")
         self.score, self.channel = score, channel
         self.stack = IsbiStack()  # scored slice by slice: no map is kept
+        self._said = False  # that there is no score (kept across resets: once per training)
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self) -> None:
@@ -352,10 +353,11 @@ class IsbiScore(Metric):
         if not len(self.stack):
             raise ValueError("IsbiScore needs at least one image before compute()")
         value = self.stack.scores()[self.score]
-        if math.isnan(value):  # no label with a cell: no best model can be chosen, nor can training stop early
+        if math.isnan(value) and not self._said:  # no label with a cell: no best model, no early stop; said once
+            self._said = True
             logging.getLogger(__name__).warning(
                 "%s: none of the %d labels scored holds a cell interior (255 or 1), so there is no score to "
-                "choose the best model by; check that the labels mark cells, not only membranes",
+                "choose the best model by; check that the labels mark cells, not only membranes (said once)",
                 self.score, len(self.stack))
         return value
 
@@ -374,6 +376,7 @@ class DsbScore(Metric):
                  device: str | torch.device = "cpu") -> None:
         self.score = score
         self.values: list[float] = []
+        self._said = False  # that there is no score (kept across resets: once per training)
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self) -> None:
@@ -388,10 +391,11 @@ class DsbScore(Metric):
         if not self.values:
             raise ValueError("DsbScore needs at least one image before compute()")
         scored = [v for v in self.values if not math.isnan(v)]  # images with nuclei on one side at least
-        if not scored:
+        if not scored and not self._said:  # said once, not at every validation of a training
+            self._said = True
             logging.getLogger(__name__).warning(
                 "%s: none of the %d images scored has a nucleus in its label or its prediction, so there is no "
-                "score to choose the best model by; check that the labels mark the nuclei", self.score,
+                "score to choose the best model by; check that the labels mark the nuclei (said once)", self.score,
                 len(self.values))
             return math.nan
         return float(np.mean(scored))

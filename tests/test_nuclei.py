@@ -570,7 +570,7 @@ def _engine(items: list[tuple[np.ndarray, np.ndarray, str]], attach) -> Engine:
     return engine
 
 
-def test_dsb_metric_and_report_on_perfect_and_empty_predictions(tmp_path):
+def test_dsb_metric_and_report_on_perfect_and_empty_predictions(tmp_path, caplog):
     rng = np.random.default_rng(8)
     gts = [synthetic_nuclei(rng, (48, 48))[1] for _ in range(2)]
     empty = np.zeros((3, 48, 48), np.float32)
@@ -609,6 +609,14 @@ def test_dsb_metric_and_report_on_perfect_and_empty_predictions(tmp_path):
     with open(tmp_path / "eval2" / "metrics.csv", newline="") as fh:
         assert [r["dsb_score"] for r in csv.DictReader(fh)][2] == "nan"
     assert np.isnan(_engine([(empty, nothing, "none")], metric).state.metrics["dsb"])  # no score at all
+    once = DsbScore()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.evaluation"):
+        for _ in range(2):  # two validations of one training: said once
+            once.reset()
+            once.update(([nothing[None]], [nothing[None]]))
+            assert np.isnan(once.compute())
+    assert len([r for r in caplog.records if "has a nucleus in its label or its prediction" in r.getMessage()]) == 1
     report = InstanceMetrics(str(tmp_path / "eval3"))
     _engine([(empty, nothing, "none")], report.attach)
     summary = json.loads((tmp_path / "eval3" / "summary.json").read_text())
