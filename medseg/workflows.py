@@ -48,7 +48,7 @@ def select_device(name: Any = "auto") -> Any:
         device, count = torch.device(name), torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ConfigValueError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
-                              f"(cuda:0 to cuda:{count - 1}); pick one of them or --device cuda")
+                                   f"(cuda:0 to cuda:{count - 1}); pick one of them or --device cuda")
         return device
     raise ConfigValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
 
@@ -176,8 +176,8 @@ def _warn_missing_classes(trainer: Any, parser: Any) -> None:
                      for k in missing)
     logging.getLogger(__name__).warning(
         "class %s: in none of the %d training masks held in memory, so the model cannot learn it; check that "
-        "class_map matches "
-        "the values of your masks (--set class_map=..., num_classes, class_names; see the bundle's docs)",
+        "class_map matches the values of your masks (--set class_map=..., num_classes, class_names; see the "
+        "bundle's docs)",
         said, len(labels))
 
 
