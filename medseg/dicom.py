@@ -387,13 +387,17 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
     for path, ds in headers:
         if "Rows" not in ds:
             raise DataError(f"{path}: DICOM file has no image (no Rows/pixel data); remove it from the series")
-        row, col, _ = _geometry(ds, path)
+        row, col, ps = _geometry(ds, path)
         if (ds.Rows, ds.Columns) != (ds0.Rows, ds0.Columns):
             raise DataError(f"{path}: slice is {ds.Rows}x{ds.Columns} but {path0} is {ds0.Rows}x{ds0.Columns}; "
                             "the series mixes image sizes")
         if not (np.allclose(row, row0, atol=1e-4) and np.allclose(col, col0, atol=1e-4)):
             raise DataError(f"{path}: ImageOrientationPatient differs from {path0}; the series mixes orientations "
                             "(a localizer?): give its files one by one, or one folder per orientation")
+        if not np.allclose(ps, ps0, rtol=1e-3, atol=0):  # one affine for all: a slice of its own scale misplaced
+            raise DataError(f"{path}: PixelSpacing {'/'.join(f'{v:g}' for v in ps)} differs from {path0}'s "
+                            f"{'/'.join(f'{v:g}' for v in ps0)}; the series mixes pixel sizes: give its files one "
+                            "by one, or one folder per pixel size")
         position = _numbers(ds, "ImagePositionPatient", 3, path)
         if position is None:
             raise DataError(f"{path}: no ImagePositionPatient; the slices of this series cannot be ordered into a "
@@ -734,6 +738,10 @@ def write_seg(
         pixel_array[list(geometry.frames)] = mask
         if mask.shape[0] > 1:
             spatial = _frame_geometry(geometry)
+            own = _frame_positions(sources[0], mask.shape[0])
+            if own is not None:  # each frame where its source frame says it is, not on the even grid
+                spatial["plane_positions"] = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
+                                                                       [float(v) for v in p]) for p in own]
             _place_in_space(sources[0], spatial)
     else:
         sources = [_read(p, pixels=True) for p in geometry.files]
@@ -754,7 +762,7 @@ def write_seg(
                     emptied.setdefault(keyword, value)  # a SEG cannot carry it as it is
                     setattr(ds, keyword, "")
         _usable_charset(ds)
-        if not str(getattr(ds, "SliceThickness", "") or "").strip() and "PerFrameFunctionalGroupsSequence" not in ds:
+        if not str(getattr(ds, "SliceThickness", "") or "").strip():  # highdicom reads it of non-enhanced classes
             ds.SliceThickness = f"{geometry.spacing[0]:.6g}"  # the slice step stands in for a missing thickness
         if not str(getattr(ds, "FrameOfReferenceUID", "") or "").strip():  # required by SEG: a stable one
             ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["medseg-frame-of-reference", geometry.series_uid])

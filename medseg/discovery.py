@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from medseg.errors import DataError
-from medseg.readers import SUFFIXES, suffix_of
+from medseg.readers import SUFFIXES, _content_hint, suffix_of
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,9 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
             if kind:
                 ignored.append((str(file), f"DICOM {kind} object, not an image"))
                 continue
-            message = f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it"
+            hint = _content_hint(file, "dicom")  # another format under a DICOM suffix
+            message = f"{file}: not a DICOM file{hint}" if hint else \
+                f"{file}: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it"
         except DataError as err:
             message = str(err)
         if not is_dicom_file(file, marked=True):  # only its first bytes looked like DICOM: another file type

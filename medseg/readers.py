@@ -138,24 +138,43 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG", ".png"), (b"\xff\xd8\xff", "a JPEG", "
 
 def _content_hint(path: str | os.PathLike, expected: str) -> str:
     """``; it is a PNG file: rename it to .png`` when ``path``'s first bytes are another format's than ``expected``
-    (a suffix that does not fit the content), else ``""``."""
+    (``"tiff"``, ``"nifti"``, ``"picture"`` or ``"dicom"``: a suffix that does not fit the content), else ``""``."""
     try:
         with open(path, "rb") as f:
             head = f.read(352)
     except OSError:
         return ""
-    if expected == "nifti" and len(head) >= 348 and int.from_bytes(head[:4], "little") in (348, 540) \
-            and str(path).lower().endswith(".gz"):
+    if head[128:132] == b"DICM" and expected != "dicom":  # before the magics: a preamble may start as a TIFF
+        return "; it is a DICOM file: rename it to .dcm"
+    nifti = _is_nifti(head)
+    if nifti and expected != "nifti":
+        return "; it is a NIfTI file: rename it to .nii"
+    if expected == "nifti" and nifti and str(path).lower().endswith(".gz"):
         return "; it is an uncompressed NIfTI named .nii.gz: rename it to .nii"
     for magic, what, suffix in _MAGIC:
-        if not head.startswith(magic) or (expected == "tiff" and "TIFF" in what):
+        if not head.startswith(magic) or (expected == "tiff" and "TIFF" in what) or \
+                (expected == "picture" and suffix != ".nii.gz"):  # Pillow reads these by content: a broken one
             continue
         if suffix != ".nii.gz":
             return f"; it is {what} file: rename it to {suffix}"
         if expected != "nifti":
-            return "; it is gzip-compressed: decompress it"
+            import gzip
+
+            try:
+                with gzip.open(path, "rb") as f:
+                    inner = f.read(352)
+            except (OSError, EOFError):
+                inner = b""
+            return "; it is a gzip-compressed NIfTI: rename it to .nii.gz" if _is_nifti(inner) else \
+                "; it is gzip-compressed: decompress it"
         return "" if str(path).lower().endswith(".gz") else "; it is gzip-compressed: rename it to .nii.gz"
     return ""
+
+
+def _is_nifti(head: bytes) -> bool:
+    """True when ``head`` (a file's first 352 bytes) is a single-file NIfTI-1 or NIfTI-2 header, of either byte
+    order."""
+    return (len(head) >= 348 and head[344:348] == b"n+1\x00") or head[4:8] == b"n+2\x00"
 
 
 def lossy_mask_error(path: str | os.PathLike, kind: str = "mask") -> DataError:
@@ -406,7 +425,9 @@ class PngReader(_MedsegReader):
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as err:
-            raise DataError(f"{path}: cannot read the image ({err}); the file may be truncated or corrupt") from err
+            hint = _content_hint(path, "picture")
+            raise DataError(f"{path}: cannot read the image ({err}){hint or '; the file may be truncated or corrupt'}"
+                            ) from err
 
     def read_source(self, path: str) -> tuple[np.ndarray, dict]:
         arr = self._read2d(path)
@@ -421,7 +442,9 @@ class PngReader(_MedsegReader):
                 if _exif_orientation(im) in _EXIF_SWAPS:
                     width, height = height, width
         except (OSError, ValueError, UnidentifiedImageError) as err:
-            raise DataError(f"{path}: cannot read the image ({err}); the file may be truncated or corrupt") from err
+            hint = _content_hint(path, "picture")
+            raise DataError(f"{path}: cannot read the image ({err}){hint or '; the file may be truncated or corrupt'}"
+                            ) from err
         return _meta("png", path, (height, width), np.eye(4), (1.0, 1.0), "pixel")
 
     def count_slices(self, path: str) -> int:
@@ -596,7 +619,8 @@ class TiffReader(_MedsegReader):
     def _layout(path: str, tif) -> tuple[tuple[int, ...], str, list[int], int | None]:
         """(shape, axes, lead axis positions, channel axis position or None) of the first series."""
         if not len(tif.pages):
-            raise DataError(f"{path}: TIFF holds no images (no pages); the file is empty or truncated")
+            hint = _content_hint(path, "tiff")
+            raise DataError(f"{path}: TIFF holds no images (no pages){hint or '; the file is empty or truncated'}")
         try:
             series = tif.series[0]
         except (IndexError, ValueError, OSError) as err:

@@ -169,17 +169,22 @@ def test_seg_for_a_multi_frame_source(tmp_path, step):
     assert int(seg.NumberOfFrames) == 3 and seg.SegmentSequence[0].SegmentLabel == "foreground"
 
 
-@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.3.1"],
-                         ids=["secondary-capture", "ultrasound"])
-def test_seg_for_a_multi_frame_source_with_no_place_in_space(tmp_path, sop_class):
+@pytest.mark.parametrize("sop_class,thickness", [("1.2.840.10008.5.1.4.1.1.7.2", True),
+                                                   ("1.2.840.10008.5.1.4.1.1.7", False),
+                                                   ("1.2.840.10008.5.1.4.1.1.3.1", True)],
+                         ids=["secondary-capture", "single-frame-class-no-thickness", "ultrasound"])
+def test_seg_for_a_multi_frame_source_with_no_place_in_space(tmp_path, sop_class, thickness):
     # a multi-frame secondary capture or ultrasound clip: no position, orientation or frame of reference.
     # highdicom builds a SEG of several frames only in a patient coordinate system, so these failed after
-    # the whole inference ("Only a single frame is supported ...")
+    # the whole inference ("Only a single frame is supported ..."); a (single-frame) Secondary Capture class
+    # with frames and no SliceThickness (pydicom's own SC_rgb_rle_2frame.dcm) failed on the thickness
     frames = np.stack([np.full((6, 6), v, np.int16) for v in (5, 6, 7)])
     path = write_dicom_slice(tmp_path / "mf.dcm", frames, series_uid="1.2.7", position=None, frames=3)
     ds = pydicom.dcmread(path)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
     del ds.FrameOfReferenceUID
+    if not thickness:
+        del ds.SliceThickness
     ds.save_as(path)
     seg = _seg_of_three_frames(path, tmp_path / "seg.dcm")
     assert int(seg.NumberOfFrames) == 3 and seg.StudyInstanceUID == ds.StudyInstanceUID
@@ -293,6 +298,21 @@ def test_a_copied_file_and_a_localizer_are_named_for_what_they_are(tmp_path):
     ds.save_as(first)
     with pytest.raises(DataError, match=r"mixes orientations \(a localizer\?\): give its files one by one"):
         dicom.series_geometry(dicom.find_series(folder))
+
+
+def test_a_slice_of_another_pixel_size_is_refused(tmp_path):
+    # one affine serves the whole series, so a slice at 0.9 mm among 0.5 mm ones was placed at the wrong scale
+    folder = write_dicom_series(tmp_path / "s", n=3)
+    middle = sorted(folder.iterdir())[1]
+    ds = pydicom.dcmread(middle)
+    ds.PixelSpacing = ["0.9", "0.9"]
+    ds.save_as(middle)
+    with pytest.raises(DataError, match=r"IM001\.dcm: PixelSpacing 0\.9/0\.9 differs from .*IM000\.dcm's 0\.5/0\.5; "
+                                        r"the series mixes pixel sizes"):
+        dicom.series_geometry(dicom.find_series(folder))
+    ds.PixelSpacing = ["0.50001", "0.5"]  # rounding in the header: the same size
+    ds.save_as(middle)
+    assert dicom.series_geometry(dicom.find_series(folder)).spacing[1:] == (0.5, 0.5)
 
 
 @pytest.mark.parametrize("charset, name, written", [
@@ -457,6 +477,35 @@ def _per_frame_file(path, orientations, spacings, slopes, positions):
     ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
     ds.save_as(path)
     return path
+
+
+def test_a_multi_frame_segs_frames_sit_where_their_source_frames_do(tmp_path):
+    # frames 2 mm apart give or take 0.01 mm (within the spacing tolerance): the SEG's frames stated the even
+    # grid's positions, up to 0.01 mm away from the source frames they reference
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+
+    z = [0.0, 2.01, 4.0, 6.005]
+    path = write_dicom_slice(tmp_path / "ax.dcm", np.zeros((4, 6, 6), np.int16), series_uid="1.2.9",
+                             position=(0, 0, 0), frames=4)
+    ds = pydicom.dcmread(path)
+    ds.PerFrameFunctionalGroupsSequence = []
+    for v in z:
+        position, item = Dataset(), Dataset()
+        position.ImagePositionPatient = ["0", "0", f"{v:g}"]
+        item.PlanePositionSequence = [position]
+        ds.PerFrameFunctionalGroupsSequence.append(item)
+    ds.save_as(path)
+    geometry = dicom.series_geometry(dicom.find_series(path))
+    mask = np.zeros(geometry.shape, bool)
+    mask[:, :2] = True
+    seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
+    written = sorted(float(item.PlanePositionSequence[0].ImagePositionPatient[2])
+                     for item in seg.PerFrameFunctionalGroupsSequence)
+    assert written == z
+    for item in seg.PerFrameFunctionalGroupsSequence:  # and each names the source frame at its position
+        number = int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        assert float(item.PlanePositionSequence[0].ImagePositionPatient[2]) == z[number - 1]
 
 
 def test_multi_frame_geometry_and_rescale_stored_per_frame(tmp_path):

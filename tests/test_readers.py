@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+from conftest import write_dicom_slice
 from PIL import Image
 
 from medseg.errors import DataError
@@ -782,9 +783,32 @@ def test_a_suffix_that_does_not_fit_the_content_is_named(tmp_path):
     import gzip
 
     (tmp_path / "z.tif").write_bytes(gzip.compress((tmp_path / "u.nii").read_bytes()))
+    (tmp_path / "t.tif").write_bytes(gzip.compress(b"not an image"))
+    # a DICOM file whose preamble starts as a TIFF's header does (real ones do), under three other suffixes, was
+    # told to be renamed .tif, or nothing; a big-endian NIfTI named .nii.gz got "not a gzip file" alone
+    dicom = write_dicom_slice(tmp_path / "d.dcm", np.zeros((4, 4), np.int16), series_uid="1.2.5", position=(0, 0, 0))
+    for name in ("d.nii.gz", "d.nii", "d.png", "d.tif"):
+        (tmp_path / name).write_bytes(b"II*\x00" + dicom.read_bytes()[4:])
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4), nib.Nifti1Header(endianness=">")),
+             tmp_path / "b.nii")
+    shutil.copy(tmp_path / "b.nii", tmp_path / "b.nii.gz")
+    shutil.copy(tmp_path / "u.nii", tmp_path / "n.png")
     for name, says in (("p.tif", "it is a PNG file: rename it to .png"),
-                       ("z.tif", "it is gzip-compressed: decompress it"),
+                       ("z.tif", "it is a gzip-compressed NIfTI: rename it to .nii.gz"),
+                       ("t.tif", "it is gzip-compressed: decompress it"),
                        ("u.nii.gz", "it is an uncompressed NIfTI named .nii.gz: rename it to .nii"),
-                       ("g.nii", "it is gzip-compressed: rename it to .nii.gz")):
-        with pytest.raises(DataError, match=rf"{re.escape(name)}: cannot read .*; {says}$"):
+                       ("b.nii.gz", "it is an uncompressed NIfTI named .nii.gz: rename it to .nii"),
+                       ("g.nii", "it is gzip-compressed: rename it to .nii.gz"),
+                       ("n.png", "it is a NIfTI file: rename it to .nii"),
+                       *((name, "it is a DICOM file: rename it to .dcm") for name in ("d.nii.gz", "d.nii", "d.png",
+                                                                                   "d.tif"))):
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: (cannot read|TIFF holds) .*; {says}$"):
             read_slice(tmp_path / name, 0)
+    (tmp_path / "dcm").mkdir()  # and another format under a DICOM suffix was "not a DICOM image" alone
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "dcm" / "p.dcm", format="PNG")
+    shutil.copy(tmp_path / "u.nii", tmp_path / "dcm" / "n.dcm")
+    from medseg.discovery import discover
+
+    found = {os.path.basename(i.source): i.error for i in discover(tmp_path / "dcm")[0]}
+    assert found == {"n.dcm": f"{tmp_path / 'dcm' / 'n.dcm'}: not a DICOM file; it is a NIfTI file: rename it to .nii",
+                     "p.dcm": f"{tmp_path / 'dcm' / 'p.dcm'}: not a DICOM file; it is a PNG file: rename it to .png"}
