@@ -322,6 +322,27 @@ class RunRecord:
         made_from = self.inputs.get(self._rel(paths["mask"]))
         return bool(made_from and fingerprint and made_from != fingerprint)
 
+    def refusal(self, item: InputItem, paths: dict[str, Path], changed: bool) -> str:
+        """Why the outputs ``paths`` of ``item`` must be neither replaced nor taken as its own without
+        ``--overwrite``, or ``""``: they are another input's, of the same path relative to another searched
+        folder and still in its place (``dayA/img1.png`` segmented, then ``dayB/img1.png`` into the same
+        folder; even of the same size and time stamp); or, the input ``changed`` since they were made, one of
+        them was edited since it was written (a corrected mask, whose input was only touched or copied)."""
+        entry = self.names.get(_source_key(item), {})
+        source, here = str(entry.get("source", "")), _where(item)
+        if entry.get("mask") == self._rel(paths["mask"]) and source and source != here and Path(source).exists() \
+                and not _same_input(source, here):
+            return (f"{item.source}: {paths['mask']} is the mask of {source}, another input of the same name that "
+                    "is still there; segment each folder into an output folder of its own, or their common folder "
+                    "(whose outputs keep the sub-folders), or pass --overwrite to replace it")
+        for path in paths.values() if changed else ():
+            stamp = self.stamps.get(self._rel(path))
+            if stamp is not None and _is_file(path) and list(stamp) != _file_stamp(path):
+                return (f"{item.source}: the input changed since its outputs were made, but {path} was edited since "
+                        "it was written (a corrected mask?) and is kept; move it away to segment the input again, "
+                        "or pass --overwrite to replace it")
+        return ""
+
     def keep_names(self, inputs: Sequence[InputItem]) -> list[InputItem]:
         """``inputs`` named as this folder knows them, so that no input writes over another's outputs.
 
@@ -371,7 +392,7 @@ class RunRecord:
         inputs: dict[str, Any] = {mask: fingerprint if made and fingerprint else None}
         names: dict[str, Any] = {}
         if made and item is not None:
-            names[_source_key(item)] = {"rel": item.rel, "mask": mask}
+            names[_source_key(item)] = {"rel": item.rel, "mask": mask, "source": _where(item)}
         pending = {r: None for r in rels if r in self.pending}
         self._apply(outputs, inputs, names, pending, stamps)
         self._log(outputs=outputs, inputs=inputs, names=names, pending=pending, stamps=stamps)
@@ -380,7 +401,7 @@ class RunRecord:
         """Record ``item``'s name for its outputs ``paths`` if the record lacks it (logged only then)."""
         key = _source_key(item)
         if key not in self.names and self._rel(paths["mask"]) in self.outputs:
-            self.names[key] = {"rel": item.rel, "mask": self._rel(paths["mask"])}
+            self.names[key] = {"rel": item.rel, "mask": self._rel(paths["mask"]), "source": _where(item)}
             self._log(names={key: self.names[key]})
 
     def others(self, paths: dict[str, Path]) -> list[Path]:
@@ -446,6 +467,22 @@ def _source_key(item: InputItem) -> str:
         return item.key
     path = Path(item.source).resolve().as_posix()
     return f"{path}#{item.series_uid}" if item.series_uid else path
+
+
+def _where(item: InputItem) -> str:
+    """The input's file or folder where it is now (links resolved)."""
+    return Path(item.source).resolve().as_posix()
+
+
+def _same_input(a: str, b: str) -> bool:
+    """Whether two places of an input of one record key hold the same input, a copy: files of the same bytes;
+    a DICOM series folder, keyed by its UID, always."""
+    import filecmp
+
+    try:
+        return Path(b).is_dir() or (Path(a).is_file() and Path(b).is_file() and filecmp.cmp(a, b, shallow=False))
+    except OSError:
+        return False
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -572,7 +609,12 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
             fingerprint = input_fingerprint(item.source, item.series_uid) if record is not None else ""
             changed = record is not None and record.input_changed(paths, fingerprint)
             unfinished = record is not None and any(record.unfinished(p) for p in paths.values())
-            if not overwrite and not changed and not unfinished and all(p.is_file() for p in paths.values()):
+            refusal = record.refusal(item, paths, changed) if record is not None and not overwrite \
+                and not unfinished else ""
+            if refusal:  # nothing is written: the outputs there stay as they are
+                row.status, row.message = "failed", refusal
+                row.mask = row.prob = row.table = ""
+            elif not overwrite and not changed and not unfinished and all(p.is_file() for p in paths.values()):
                 row.status, row.message = "skipped", "outputs exist (use --overwrite to redo)"
                 row.objects = _table_rows(paths.get("table"))  # the count the skipped run found
                 if record is not None:

@@ -617,6 +617,59 @@ def test_a_moved_input_folder_keeps_its_outputs_names(tmp_path, tiny_checkpoint)
     assert sorted(p.name for p in (out / "mask").iterdir()) == ["0.png", "1.png"]
 
 
+def test_another_folders_input_of_the_same_name_never_replaces_an_inputs_outputs(tmp_path, tiny_checkpoint):
+    # dayA/img1.tif segmented, then dayB/img1.tif (another image) into the same folder: its mask replaced
+    # dayA's, whose manifest row then pointed at dayB's mask, without a word
+    import os
+    import shutil
+
+    for day, seed in (("dayA", 1), ("dayB", 2)):  # uncompressed: one size
+        (tmp_path / day).mkdir()
+        tifffile.imwrite(tmp_path / day / "img1.tif", synthetic_em(size=32, seed=seed)[0])
+    out = tmp_path / "out"
+    assert _infer(tmp_path / "dayA", out, tiny_checkpoint).exit_code == 0
+    first = (out / "prob" / "img1.tif").read_bytes()  # (the untrained network's masks are alike)
+    for same_stamp in (False, True):  # the same size and time stamp as well: was even skipped as done
+        if same_stamp:
+            stamp = (tmp_path / "dayA" / "img1.tif").stat()
+            os.utime(tmp_path / "dayB" / "img1.tif", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        result = _infer(tmp_path / "dayB", out, tiny_checkpoint)
+        assert result.exit_code == 1
+        row = _manifest(out)["img1.tif"]  # dayB's row, the last
+        assert row["status"] == "failed" and row["mask"] == "", row
+        assert f"is the mask of {(tmp_path / 'dayA' / 'img1.tif').as_posix()}, another input of the same name" \
+            in row["message"]
+        assert (out / "prob" / "img1.tif").read_bytes() == first
+    (tmp_path / "dayC").mkdir()  # a copy, with new times: the same input
+    shutil.copy(tmp_path / "dayA" / "img1.tif", tmp_path / "dayC" / "img1.tif")
+    os.utime(tmp_path / "dayC" / "img1.tif", ns=(1, 1))
+    assert _infer(tmp_path / "dayC", out, tiny_checkpoint).exit_code == 0
+    assert _infer(tmp_path / "dayB", out, tiny_checkpoint, "--overwrite").exit_code == 0  # asked for
+    assert (out / "prob" / "img1.tif").read_bytes() != first
+
+
+def test_an_edited_mask_is_kept_when_its_input_is_only_touched(tmp_path, tiny_checkpoint):
+    # a corrected mask was replaced because the input's time stamp changed (touch, a copy, a sync tool)
+    import os
+
+    image = _em_png(tmp_path / "in" / "1.png", 1)
+    out = tmp_path / "out"
+    assert _infer(tmp_path / "in", out, tiny_checkpoint).exit_code == 0
+    mask = np.asarray(Image.open(out / "mask" / "1.png")).copy()
+    mask[:8, :8] = 0
+    Image.fromarray(mask).save(out / "mask" / "1.png")
+    corrected = (out / "mask" / "1.png").read_bytes()
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    result = _infer(tmp_path / "in", out, tiny_checkpoint)
+    assert result.exit_code == 1
+    row = _manifest(out)["1.png"]
+    assert row["status"] == "failed" and "mask/1.png was edited since it was written (a corrected mask?) and is " \
+        "kept; move it away to segment the input again, or pass --overwrite" in row["message"], row
+    assert (out / "mask" / "1.png").read_bytes() == corrected
+    assert _infer(tmp_path / "in", out, tiny_checkpoint, "--overwrite").exit_code == 0
+    assert (out / "mask" / "1.png").read_bytes() != corrected
+
+
 def test_single_slice_volume_as_png(tmp_path, tiny_checkpoint):
     write_dicom_slice(tmp_path / "in" / "one.dcm", np.full((24, 24), 40, np.int16), series_uid="1.2.8",
                       position=(0, 0, 0))
