@@ -76,6 +76,9 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
             raise DataError(f"{p}: a second label for '{p.stem}' beside {labels[p.stem].name}; keep one of them")
         labels[p.stem] = p
     lossy = {p.stem: p for p in _images_in(label_dir, LOSSY_SUFFIXES)}
+    for p in image_dir.iterdir():  # left out by _images_in: an image lost from training without a word
+        if p.is_symlink() and not p.exists() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            raise DataError(f"{p}: a link to a missing file; restore its target, or remove the link")
     pairs = []
     for image in _images_in(image_dir, IMAGE_SUFFIXES):
         label = labels.get(image.stem)
@@ -307,10 +310,11 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                         "set image_glob in the bundle config (--set image_glob=...)")
     found = {}
     for image in images:
-        fields = {"stem": glob.escape(image.stem), "name": glob.escape(image.name),
-                  "match": glob.escape(_star_match(image.name, image_glob))}
-        try:
-            pattern = str(image.parent / mask_template.format(**fields))
+        fields = {"stem": image.stem, "name": image.name, "match": _star_match(image.name, image_glob)}
+        try:  # the image's folder and the fields as they are ("plate [1]/"), the template's wildcards as such
+            shown = str(image.parent / mask_template.format(**fields))
+            pattern = os.path.join(glob.escape(str(image.parent)),
+                                   mask_template.format(**{k: glob.escape(v) for k, v in fields.items()}))
         except (KeyError, IndexError, ValueError) as err:
             raise ConfigValueError(f"mask_template '{mask_template}': {type(err).__name__} {err}; its placeholders "
                                    "are {stem}, {name} and {match} (what the first * of image_glob matched), "
@@ -320,24 +324,24 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
             if matched:
                 break
             matched = glob.glob(_any_case_suffix(unicodedata.normalize(form, pattern) if form else pattern))
-        found[image] = pattern, sorted(
+        found[image] = pattern, shown, sorted(
             Path(m) for m in matched  # as found: "images/../masks" through a linked folder is not "masks"
             if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
     # masks beside their images that image_glob matches too (Cellpose's x.tif + x_masks.tif) are not images
-    taken = {m.resolve() for _, masks in found.values() for m in masks}
+    taken = {m.resolve() for _, _, masks in found.values() for m in masks}
     pairs = []
     for image in images:
         if image.resolve() in taken:
             continue
-        pattern, masks = found[image]
+        pattern, shown, masks = found[image]
         if not masks:
             lossy = [m for m in glob.glob(_any_case_suffix(pattern))
                      if Path(m).suffix.lower() in LOSSY_SUFFIXES and Path(m).resolve() != image.resolve()]
             if lossy:
                 raise lossy_mask_error(lossy[0])
-            raise DataError(f"{image}: no mask matches {pattern}; add the mask or set mask_template")
+            raise DataError(f"{image}: no mask matches {shown}; add the mask or set mask_template")
         if len(masks) > 1:
-            raise DataError(f"{image}: {len(masks)} masks match {pattern} ({masks[0].name}, {masks[1].name}); "
+            raise DataError(f"{image}: {len(masks)} masks match {shown} ({masks[0].name}, {masks[1].name}); "
                             "make mask_template specific")
         for path, what in ((image, "image"), (masks[0], "mask")):
             if path.suffix.lower() in (".tif", ".tiff") and (pages := count_slices(path)) > 1:

@@ -20,20 +20,25 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and make sure files can be written there.
+def check_writable(folder: str | os.PathLike, parts: tuple[str, ...] = ()) -> Path:
+    """Create ``folder`` if needed and make sure files can be written there, and in those of its sub-folders
+    ``parts`` that exist already (``mask/`` of an earlier run, say), before any work.
 
     Raises:
-        DataError: the folder cannot be created or written.
+        DataError: the folder is a file, or it or one of ``parts`` cannot be created or written.
     """
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".medseg-write-test.", dir=folder):
-            pass
-    except OSError as err:
-        raise DataError(f"{folder}: output folder is not writable ({err.strerror or err}); choose another "
-                        "output folder or fix its permissions") from err
+    if folder.is_file() or any((folder / part).is_file() for part in parts):
+        where = folder if folder.is_file() else next(folder / p for p in parts if (folder / p).is_file())
+        raise DataError(f"{where}: a file, not a folder; choose another output folder, or move the file away")
+    for where in (folder, *(folder / part for part in parts if (folder / part).is_dir())):
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(prefix=".medseg-write-test.", dir=where):
+                pass
+        except OSError as err:
+            raise DataError(f"{where}: output folder is not writable ({err.strerror or err}); choose another "
+                            "output folder or fix its permissions") from err
     return folder
 
 

@@ -1684,10 +1684,10 @@ def test_bad_input_output_folder_that_is_a_file(trained, tmp_path, isbi_folder):
     taken = tmp_path / "taken"
     taken.write_text("a file")
     result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", taken, "--no-tracking", *_tiny_args())
-    _assert_one_line_error(result, "taken", "output folder is not writable")
+    _assert_one_line_error(result, "taken", "a file, not a folder; choose another output folder")
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", taken, "--device", "cpu", *_tiny_args(TINY_NET))
-    _assert_one_line_error(result, "taken", "output folder is not writable")
+    _assert_one_line_error(result, "taken", "a file, not a folder; choose another output folder")
     # a checkpoint that is not there is reported before any output folder is made
     result = _invoke("infer", BUNDLE, isbi_folder, tmp_path / "new_out", "--checkpoint", tmp_path / "none.pt")
     _assert_one_line_error(result, "none.pt", "checkpoint not found")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,10 @@ def test_missing_folder_and_missing_label(tmp_path, isbi_folder):
     os.unlink(isbi_folder / "train" / "label" / "2.png")
     os.symlink(isbi_folder / "gone.png", isbi_folder / "train" / "label" / "2.png")
     with pytest.raises(DataError, match=r"label/2\.png: the label of 2\.png is a link to a missing file"):
+        find_pairs(isbi_folder)
+    os.unlink(isbi_folder / "train" / "image" / "2.png")  # an image's link without a target: was left out
+    os.symlink(isbi_folder / "gone.png", isbi_folder / "train" / "image" / "2.png")
+    with pytest.raises(DataError, match=r"image/2\.png: a link to a missing file; restore its target"):
         find_pairs(isbi_folder)
     with pytest.raises(DataError, match="no training data found"):
         find_pairs(tmp_path / "isbi" / "train" / "label")
@@ -282,6 +287,22 @@ def test_image_globs_match_suffixes_in_any_case_and_names_in_either_unicode_form
     Image.fromarray(mask).save(root / "001.PNG", format="PNG")  # beside 001.png: the name as written wins
     pairs = find_image_mask_pairs(root, image_glob="**/*.bmp", mask_template="{stem}.png")
     assert [Path(p["label"]).name for p in pairs if Path(p["image"]).name == "001.bmp"] == ["001.png"]
+
+
+def test_a_folder_name_with_glob_characters_pairs_each_image_with_its_own_mask(tmp_path):
+    # "p[12]/001.bmp" took its mask from "p1/" (the folder read as a pattern), and "plate [1]/001.bmp" was
+    # told that no mask matches "plate [1]/001.png", which was there
+    image = np.zeros((8, 8, 3), np.uint8)
+    for folder, value in (("p[12]", 1), ("p1", 2), ("plate [1]", 3), ("a*b?", 4)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(image).save(tmp_path / folder / "001.bmp", format="BMP")
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / folder / "001.png")
+    pairs = find_image_mask_pairs(tmp_path, image_glob="**/*.bmp", mask_template="{stem}.png")
+    assert sorted((Path(p["image"]).parent.name, Path(p["label"]).parent.name) for p in pairs) == [
+        ("a*b?", "a*b?"), ("p1", "p1"), ("p[12]", "p[12]"), ("plate [1]", "plate [1]")]
+    (tmp_path / "plate [1]" / "001.png").unlink()
+    with pytest.raises(DataError, match=re.escape(f"no mask matches {tmp_path / 'plate [1]' / '001.png'};")):
+        find_image_mask_pairs(tmp_path, image_glob="**/*.bmp", mask_template="{stem}.png")
 
 
 def test_hidden_files_are_read_only_when_an_include_names_them(tmp_path):

@@ -439,6 +439,20 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     (tmp_path / "blocker").write_text("a file where the output folder should be")
     result = _infer(tmp_path / "imgs", tmp_path / "blocker" / "out", tiny_checkpoint)
     assert result.exit_code == 1 and "output folder is not writable" in result.output
+    (tmp_path / "o2" / "mask").mkdir(parents=True)  # a part of an earlier run the user may not write:
+    (tmp_path / "o2" / "prob").write_text("")  # refused before any work, not input by input
+    result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint)
+    assert result.exit_code == 1 and f"{tmp_path / 'o2' / 'prob'}: a file, not a folder" in result.output
+    (tmp_path / "o2" / "prob").unlink()
+    (tmp_path / "o2" / "mask").chmod(0o500)
+    try:
+        result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint)
+    finally:
+        (tmp_path / "o2" / "mask").chmod(0o700)
+    if os.geteuid() != 0:  # root writes regardless of permissions
+        assert result.exit_code == 1 and f"{tmp_path / 'o2' / 'mask'}: output folder is not writable" \
+            in result.output, result.output
+        assert not (tmp_path / "o2" / "manifest.csv").exists()
     result = _infer(tmp_path / "imgs", tmp_path / "o3", tiny_checkpoint, "--format", "dicom-seg")
     assert result.exit_code == 1
     assert f"failed: {tmp_path / 'imgs' / 'a.png'}: --format dicom-seg needs DICOM inputs" in result.output

@@ -595,7 +595,7 @@ def test_cli_evaluate_checks_model_and_output_folder_before_writing(trained, tmp
     taken.write_text("a file")
     base = ("evaluate", JURKAT, "--data", trained["data"], "--device", "cpu", *_sets(JURKAT_TINY_NET))
     result = _invoke(*base, "--checkpoint", trained["out"] / "model.pt", "--output", taken)
-    assert result.exit_code == 1 and "output folder is not writable" in result.output, result.output
+    assert result.exit_code == 1 and "taken: a file, not a folder" in result.output, result.output
     junk = tmp_path / "junk" / "model.pt"
     junk.parent.mkdir()
     junk.write_bytes(b"not weights")
