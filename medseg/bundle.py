@@ -272,9 +272,11 @@ def load_config(
         raise BundleError(f"--set {taken[0]}: the command sets it from its arguments (the bundle, data or input "
                           "folder, output folder, --checkpoint); give it there instead")
     placed = [k for k in overrides or {} if "#" in k and k.rsplit("#", 1)[1] in PLACE_KEYS and settings]
+    placed += [found for k, v in (overrides or {}).items() if settings and (found := _literal_place(v, k))]
     if placed:  # a component's own folder or file: results elsewhere than the output folder, over other files
         raise BundleError(f"--set {placed[0]}: where the command reads and writes follows its arguments (the data "
-                          "or input folder, the output folder, --checkpoint), not a setting of one component")
+                          "or input folder, the output folder, --checkpoint), not a setting of one component"
+                          f"{_PLACE_HINT if placed[0] not in overrides else ''}")
     parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
         parser[key] = literal(value) if key.endswith(("_dir", "_path")) and isinstance(value, str) else value
@@ -312,6 +314,34 @@ def _check_overlay_places(overlays: list | tuple) -> None:
                     raise BundleError(f"{overlay}: sets {item}; where the command reads and writes follows its "
                                       "arguments (the data or input folder, the output folder, --checkpoint), not a "
                                       "setting of one component; leave it out of the overlay")
+            found = _literal_place(value, plain)
+            if found:
+                raise BundleError(f"{overlay}: sets {found}; where the command reads and writes follows its "
+                                  "arguments (the data or input folder, the output folder, --checkpoint), not a "
+                                  f"setting of one component{_PLACE_HINT}")
+
+
+#: How a component given whole names the command's folders: by reference, not by a path of its own.
+_PLACE_HINT = "; refer to the command's folder instead, as the bundle does (\"save_dir\": \"@output_dir\")"
+
+
+def _literal_place(value: Any, where: str) -> str:
+    """The id, inside ``value`` given whole at ``where`` (a handler, a list of handlers), of a folder or file of a
+    component's own (:data:`PLACE_KEYS`) given as a literal path, not by reference to the command's (``@output_dir``,
+    ``$@output_dir + '/x'``); ``""`` when there is none."""
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return ""
+    for key, part in items:
+        if str(key) in PLACE_KEYS and isinstance(part, str) and "@" not in part:
+            return f"{where}#{key}"
+        found = _literal_place(part, f"{where}#{key}")
+        if found:
+            return found
+    return ""
 
 
 def _overlay_parts_again(parser: Any, overlays: list | tuple, trained: dict[str, Any]) -> None:

@@ -48,6 +48,16 @@ def last_checkpoint(output_dir: Path) -> Path:
 _UNREADABLE = object()
 
 
+def run_file(checkpoint: str | os.PathLike, name: str) -> Path:
+    """The file ``name`` (``config.json``, ``split.json``) of the run a checkpoint belongs to: beside it, or, for a
+    link to a run's ``model.pt``, beside the file it links to (``name`` beside the link when neither exists)."""
+    here = Path(checkpoint).parent / name
+    if here.is_file():
+        return here
+    there = Path(checkpoint).resolve().parent / name
+    return there if there.is_file() else here
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -242,9 +252,7 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     own = _bundle_name(Path(bundle) / "configs" / "metadata.json")
     members: list[tuple[str, Path, dict | None]] = []  # checkpoint, its record's path, the record (None: none)
     for checkpoint in dict.fromkeys(str(c) for c in checkpoints):
-        path = Path(checkpoint).parent / "config.json"
-        if not path.is_file() and (Path(checkpoint).resolve().parent / "config.json").is_file():
-            path = Path(checkpoint).resolve().parent / "config.json"  # a link to a run's model.pt: the run's record
+        path = run_file(checkpoint, "config.json")  # a link to a run's model.pt: the run's record
         record = None
         if not path.is_file() and Path(checkpoint).is_file() and \
                 Path(checkpoint).resolve() != (Path(bundle) / "models" / "model.pt").resolve():

@@ -212,7 +212,7 @@ def _resolved(path: str) -> str:
 
 def _recorded_split(checkpoints: list[str]) -> dict | None:
     """The ``split.json`` recorded beside the checkpoints (``None``: none); an ensemble's members must agree on it."""
-    records = [Path(c).parent / "split.json" for c in checkpoints]
+    records = [runfolder.run_file(c, "split.json") for c in checkpoints]
     found = [r for r in records if r.is_file()]
     if not found:
         return None
@@ -232,7 +232,7 @@ def _recorded_split(checkpoints: list[str]) -> dict | None:
 
 
 def _recorded_split_path(checkpoints: list[str]) -> Path:
-    return next((Path(c).parent / "split.json" for c in checkpoints if (Path(c).parent / "split.json").is_file()),
+    return next((p for p in (runfolder.run_file(c, "split.json") for c in checkpoints) if p.is_file()),
                 Path(checkpoints[0]).parent / "split.json")
 
 

@@ -2413,3 +2413,33 @@ def test_a_setting_that_moves_where_a_component_writes_is_refused(tmp_path, comm
         _assert_one_line_error(result, f"overlay.json: sets {key}; where the command reads and writes follows",
                                "leave it out of the overlay")
     assert not (tmp_path / "elsewhere").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("command, key, component", [
+    ("train", "validate#handlers#1", {"_target_": "medseg.handlers.CheckpointSaver", "save_dir": "elsewhere",
+                                      "save_dict": {"model": "@eval_network"}, "save_key_metric": True}),
+    ("evaluate", "validate#handlers", [{"_target_": "medseg.evaluation.ChallengeMetrics", "output_dir": "elsewhere"}]),
+])
+def test_a_component_given_whole_with_a_folder_of_its_own_is_refused(tmp_path, command, key, component):
+    # the same setting inside a component given whole slipped through: a training's best model went over a
+    # model.pt elsewhere (none in the run folder), an evaluation's report over another's
+    from PIL import Image
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "a.png")
+    where = {"evaluate": ["--data", data, "--checkpoint", tmp_path / "model.pt", "--output", out],
+             "train": ["--data", data, "--output", out]}[command]
+    place = next(k for k in ("save_dir", "output_dir") if k in json.dumps(component))
+    inner = f"{key}#{place}" if isinstance(component, dict) else f"{key}#0#{place}"
+    result = _invoke(command, BUNDLE, *where, "--set", f"{key}={json.dumps(component)}")
+    _assert_one_line_error(result, f"--set {inner}: where the command reads and writes follows its arguments",
+                           'refer to the command\'s folder instead, as the bundle does ("save_dir": "@output_dir")')
+    overlay = tmp_path / "overlay.json"
+    overlay.write_text(json.dumps({key: component}))
+    result = _invoke(command, BUNDLE, *where, "--config", overlay)
+    _assert_one_line_error(result, f"overlay.json: sets {inner}; where the command reads", "refer to the command")
+    assert not (tmp_path / "elsewhere").exists() and not out.exists()
+    by_reference = json.dumps(component).replace('"elsewhere"', '"@output_dir"')  # as the bundle does: taken
+    assert "not a setting of one component" not in _invoke(command, BUNDLE, *where, "--set",
+                                                           f"{key}={by_reference}").output

@@ -631,6 +631,18 @@ def test_cli_evaluate_val_follows_the_recorded_split(trained, tmp_path):
     with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
         names = [r["name"] for r in csv.DictReader(fh)]
     assert names == json.loads((trained["out"] / "split.json").read_text())["val"]
+    # and so through a link to the run's model.pt (the split was looked for beside the link: training images
+    # were scored as validation ones, with a warning of no record)
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "model.pt").symlink_to(trained["out"] / "model.pt")
+    result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", tmp_path / "link" / "model.pt",
+                     "--output", tmp_path / "eval_link", "--no-progress", "--device", "cpu",
+                     *_sets([*JURKAT_TINY_NET, "seed=7"]))
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "eval_link" / "metrics.csv", newline="") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == names
+    assert json.loads((tmp_path / "eval_link" / "summary.json").read_text())["run"]["split_from"] == str(
+        trained["out"] / "split.json")
     # --split train scores the run's own training images, whatever the seed given now
     result = _invoke("evaluate", JURKAT, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
                      "--output", tmp_path / "train", "--split", "train", "--no-progress", "--device", "cpu",
