@@ -192,8 +192,9 @@ def _overrides(pairs: list[str] | None, given: dict[str, tuple[Any, str]] | None
     options.update({k: v for k, v in (given or {}).items() if v[0] is not None})
     for text in pairs or []:
         key, value = parse_override(text)
-        if key in options and options[key][0] != value:
-            raise BundleError(f"--set {text} contradicts {options[key][1]}; give one of them")
+        named_id = key.replace("::", "#").rsplit("#", 1)[-1]  # train#trainer#max_epochs: where @max_epochs goes
+        if named_id in options and options[named_id][0] != value:
+            raise BundleError(f"--set {text} contradicts {options[named_id][1]}; give one of them")
         result[key] = value
     return result
 

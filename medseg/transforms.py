@@ -417,8 +417,9 @@ class LoadInstanceMasksd(MapTransform):
                     _SAID.add(str(folder.parent.parent))  # an instance label image would become one object
                     logging.getLogger(__name__).warning(
                         "%s: holds more than one non-zero value, read as one object (every non-zero pixel); each "
-                        "file in a masks/ folder is one object's mask, and one instance label image per image is "
-                        "read with --set layout=folders (said once for the data folder)", path)
+                        "file in a masks/ folder is one object's mask; to read one instance label image per "
+                        "image, keep it alone in its masks/ folder and give --set 'image_glob=*/images/*' --set "
+                        "'mask_template=../masks/*' (said once for the data folder)", path)
                 if merger is None:
                     merger = InstanceMerger(shape)
                 if not merger.add(mask[0] > 0) and np.any(mask[0] > 0):

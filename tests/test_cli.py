@@ -1935,6 +1935,11 @@ def test_epochs_and_a_different_max_epochs_setting_contradict(tmp_path):
                      "--set", "max_epochs=5")
     assert result.exit_code == 1
     assert "error: --set max_epochs=5 contradicts --epochs 3; give one of them" in result.output
+    # and where the trainer takes it (it trained 2 epochs, its schedule built for 1)
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--epochs", 1,
+                     "--set", "train#trainer#max_epochs=2")
+    assert "error: --set train#trainer#max_epochs=2 contradicts --epochs 1; give one of them" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("command, options, setting, expected", [

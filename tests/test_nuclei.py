@@ -888,7 +888,8 @@ def test_a_label_image_put_in_a_masks_folder_is_said(tmp_path, caplog):
     Image.fromarray(labels.astype(np.uint16)).save(folder / "masks" / "x.png")
     sample = {"image": str(folder / "images" / "x.png"), "label": str(folder / "masks")}
     # the folder's one file: a label image of all the nuclei, which the message says how to read (it was a
-    # warning, and its hint, --set layout=folders, found no images in the Kaggle layout)
+    # warning, and its hint, --set layout=folders, found no images in the Kaggle layout; so did the hint of the
+    # warning for such a file among others)
     with pytest.raises(DataError, match=r"masks/x\.png: the one mask of its masks/ folder holds several object "
                                         r"values, .* 'image_glob=\*/images/\*' --set 'mask_template=../masks/\*'"):
         _loaded(sample)
@@ -898,7 +899,8 @@ def test_a_label_image_put_in_a_masks_folder_is_said(tmp_path, caplog):
         loaded = _loaded(sample)
     assert loaded["label"].max() == 2  # one.png's nucleus, and the rest of x.png as one object
     assert any("x.png: holds more than one non-zero value, read as one object" in r.getMessage()
-               and "--set layout=folders" in r.getMessage() for r in caplog.records)
+               and "keep it alone in its masks/ folder and give --set 'image_glob=*/images/*' --set "
+               "'mask_template=../masks/*'" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("coding", ["ilastik", "semantic"])
