@@ -469,6 +469,18 @@ def _source_key(item: InputItem) -> str:
     return f"{path}#{item.series_uid}" if item.series_uid else path
 
 
+def _file_series_uid(item: InputItem) -> str:
+    """The SeriesInstanceUID of a DICOM file given on its own (a folder's series carry theirs), for the manifest."""
+    if item.format != "dicom" or not Path(item.source).is_file():
+        return ""
+    from medseg.dicom import find_series
+
+    try:
+        return find_series(item.source).uid
+    except DataError:
+        return ""
+
+
 def _where(item: InputItem) -> str:
     """The input's file or folder where it is now (links resolved)."""
     return Path(item.source).resolve().as_posix()
@@ -603,6 +615,7 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
             if item.error:
                 raise DataError(item.error)
             row.slices = counts[i] if i in counts else count(item)
+            row.series_uid = row.series_uid or _file_series_uid(item)
             paths = paths_for(item, row.slices)
             row.mask, row.prob, row.table = (os.path.abspath(paths[k]) if k in paths else ""
                                              for k in ("mask", "prob", "table"))

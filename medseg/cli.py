@@ -68,7 +68,8 @@ def _home(value: Any) -> Any:
 
 
 BundleArg = Annotated[Path, typer.Argument(
-    callback=_home, help="Bundle folder: bundles/isbi_em, bundles/jurkat, bundles/nuclei or your own.")]
+    metavar="BUNDLE", callback=_home,
+    help="Bundle folder: bundles/isbi_em, bundles/jurkat, bundles/nuclei or your own.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if available), cpu, cuda or cuda:N.")]
 OverlayOpt = Annotated[
     list[Path] | None,
@@ -298,11 +299,11 @@ def infer(
     ctx: typer.Context,
     bundle: BundleArg,
     input_path: Annotated[Path, typer.Argument(
-        callback=_home,
+        metavar="INPUT", callback=_home,
         help="Folder (searched recursively) or one file: PNG, TIFF (stacks), BMP, JPEG, NIfTI, DICOM (one input per "
              "series).")],
     output_dir: Annotated[Path, typer.Argument(
-        callback=_home,
+        metavar="OUTPUT_DIR", callback=_home,
         help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles), manifest.csv and run.json.")],
     checkpoint: CheckpointOpt = None,
     include: Annotated[list[str] | None, typer.Option(
@@ -330,7 +331,7 @@ def infer(
     set_: SetOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Segment every image under INPUT_PATH slice by slice; a bad file is reported and skipped (exit 1).
+    """Segment every image under INPUT slice by slice; a bad file is reported and skipped (exit 1).
 
     For a model trained with object-size normalisation (target_diameter), --set diameter=PIXELS gives a known
     object size.
@@ -358,8 +359,10 @@ def infer(
 def export(
     ctx: typer.Context,
     bundle: BundleArg,
-    checkpoint: Annotated[Path, typer.Argument(callback=_home, help="The trained weights: a run's model.pt.")],
-    output_dir: Annotated[Path, typer.Argument(callback=_home, help="The new bundle folder (must not exist).")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", callback=_home,
+                                               help="The trained weights: a run's model.pt.")],
+    output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", callback=_home,
+                                               help="The new bundle folder (must not exist).")],
 ) -> None:
     """Write a trained model as a bundle of its own, to hand over or share.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -2064,7 +2065,7 @@ def test_long_reasons_are_cut_at_a_word():
     assert len(cut) <= 160 and cut.endswith("word ...")
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "infer", "info", None])
+@pytest.mark.parametrize("command", ["train", "evaluate", "infer", "export", "info", None])
 def test_help_shows_flags_without_value_placeholders(command, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
     result = _invoke(*([command] if command else []), "--help")
@@ -2074,6 +2075,9 @@ def test_help_shows_flags_without_value_placeholders(command, monkeypatch):
     assert lines and not [line for line in lines if "<bool>" in line or "list[" in line]
     if command in ("train", "evaluate", "infer"):
         assert "KEY=VALUE" in result.output and "FILE" in result.output
+    usage = {"infer": r"BUNDLE\W+INPUT\W+OUTPUT_DIR", "export": r"BUNDLE\W+CHECKPOINT\W+OUTPUT_DIR"}
+    if command in usage:  # the names the help text and the README use (it showed {input_path})
+        assert re.search(usage[command], result.output), result.output
 
 
 def test_resume_restores_whole_mappings_and_leaves_what_is_given_now():

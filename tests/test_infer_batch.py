@@ -439,20 +439,20 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     (tmp_path / "blocker").write_text("a file where the output folder should be")
     result = _infer(tmp_path / "imgs", tmp_path / "blocker" / "out", tiny_checkpoint)
     assert result.exit_code == 1 and "output folder is not writable" in result.output
-    (tmp_path / "o2" / "mask").mkdir(parents=True)  # a part of an earlier run the user may not write:
-    (tmp_path / "o2" / "prob").write_text("")  # refused before any work, not input by input
-    result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint)
-    assert result.exit_code == 1 and f"{tmp_path / 'o2' / 'prob'}: a file, not a folder" in result.output
-    (tmp_path / "o2" / "prob").unlink()
-    (tmp_path / "o2" / "mask").chmod(0o500)
+    (tmp_path / "parts" / "mask").mkdir(parents=True)  # a part of an earlier run the user may not write:
+    (tmp_path / "parts" / "prob").write_text("")  # refused before any work, not input by input
+    result = _infer(tmp_path / "imgs", tmp_path / "parts", tiny_checkpoint)
+    assert result.exit_code == 1 and f"{tmp_path / 'parts' / 'prob'}: a file, not a folder" in result.output
+    (tmp_path / "parts" / "prob").unlink()
+    (tmp_path / "parts" / "mask").chmod(0o500)
     try:
-        result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint)
+        result = _infer(tmp_path / "imgs", tmp_path / "parts", tiny_checkpoint)
     finally:
-        (tmp_path / "o2" / "mask").chmod(0o700)
+        (tmp_path / "parts" / "mask").chmod(0o700)
     if os.geteuid() != 0:  # root writes regardless of permissions
-        assert result.exit_code == 1 and f"{tmp_path / 'o2' / 'mask'}: output folder is not writable" \
+        assert result.exit_code == 1 and f"{tmp_path / 'parts' / 'mask'}: output folder is not writable" \
             in result.output, result.output
-        assert not (tmp_path / "o2" / "manifest.csv").exists()
+        assert not (tmp_path / "parts" / "manifest.csv").exists()
     result = _infer(tmp_path / "imgs", tmp_path / "o3", tiny_checkpoint, "--format", "dicom-seg")
     assert result.exit_code == 1
     assert f"failed: {tmp_path / 'imgs' / 'a.png'}: --format dicom-seg needs DICOM inputs" in result.output
@@ -682,6 +682,13 @@ def test_an_edited_mask_is_kept_when_its_input_is_only_touched(tmp_path, tiny_ch
     assert (out / "mask" / "1.png").read_bytes() == corrected
     assert _infer(tmp_path / "in", out, tiny_checkpoint, "--overwrite").exit_code == 0
     assert (out / "mask" / "1.png").read_bytes() != corrected
+
+
+def test_a_dicom_file_given_alone_has_its_series_uid_in_the_manifest(tmp_path, tiny_checkpoint):
+    path = write_dicom_slice(tmp_path / "one.dcm", np.full((24, 24), 40, np.int16), series_uid="1.2.8.7",
+                             position=(0, 0, 0))
+    assert _infer(path, tmp_path / "out", tiny_checkpoint).exit_code == 0
+    assert _manifest(tmp_path / "out")["one.dcm"]["series_uid"] == "1.2.8.7"  # was empty
 
 
 def test_single_slice_volume_as_png(tmp_path, tiny_checkpoint):
