@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from monai.bundle import ConfigParser
 from monai.inferers import sliding_window_inference
 from PIL import Image
 
 from medseg import workflows
-from medseg.bundle import bundle_configs
+from medseg.bundle import load_config
+from medseg.runfolder import training_settings
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "isbi_em"
 
@@ -80,15 +80,17 @@ def main() -> None:
         subset.mkdir()
         for f in files:
             shutil.copy(f, subset / f.name)
-        cfg = ConfigParser()
-        cfg.read_config(bundle_configs(BUNDLE, "infer"))
+        # the network and window the checkpoint was trained with (its run's config.json), as medseg infer reads them
+        trained = training_settings(BUNDLE, [args.checkpoint], {}).values if args.checkpoint else {}
+        cfg = load_config(BUNDLE, "infer", trained=trained)
         net = cfg.get_parsed_content("network_def").to(device)
         ckpt = args.checkpoint
         if ckpt is None:
             torch.manual_seed(0)
             ckpt = work / "model.pt"
             torch.save(net.state_dict(), ckpt)
-        net.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["model"] if "model" in state else state)
         window = {k: cfg.get_parsed_content(k) for k in ("patch_size", "sw_batch_size", "overlap", "logit_shift")}
 
         def run_medseg(out: Path, tta: bool = False, close: bool = True) -> None:
