@@ -1326,9 +1326,15 @@ def test_a_setting_that_sends_the_writers_outputs_elsewhere_is_refused(tmp_path,
     result = _infer(root, tmp_path / "out", tiny_checkpoint, "-c", overlay)
     assert result.exit_code == 1 and "elsewhere.json: sets postprocessing#transforms#3#output_dir" in result.output
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
-    # the writer given whole, its folder inside: found on the writer itself
+    # the writer given whole, its folder inside: a literal path named in the overlay, one worked out from the
+    # command's folder found on the writer itself
     writer = json.loads((BUNDLE / "configs" / "inference.json").read_text())["postprocessing"]["transforms"][3]
     writer["output_dir"] = str(tmp_path / "elsewhere")
+    overlay.write_text(json.dumps({"postprocessing#transforms#3": writer}))
+    result = _infer(root, tmp_path / "out", tiny_checkpoint, "-c", overlay)
+    assert result.exit_code == 1 and "elsewhere.json: sets postprocessing#transforms#3#output_dir; where the " \
+        "command reads and writes follows" in result.output, result.output
+    writer["output_dir"] = "$@output_dir + '/../elsewhere'"
     overlay.write_text(json.dumps({"postprocessing#transforms#3": writer}))
     result = _infer(root, tmp_path / "out", tiny_checkpoint, "-c", overlay)
     assert result.exit_code == 1 and "the bundle's writer would write to" in result.output, result.output
