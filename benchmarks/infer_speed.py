@@ -27,7 +27,7 @@ from monai.inferers import sliding_window_inference
 from PIL import Image
 
 from medseg import workflows
-from medseg.bundle import load_config
+from medseg.bundle import load_checkpoint, load_config
 from medseg.runfolder import training_settings
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "isbi_em"
@@ -89,8 +89,7 @@ def main() -> None:
             torch.manual_seed(0)
             ckpt = work / "model.pt"
             torch.save(net.state_dict(), ckpt)
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        net.load_state_dict(state["model"] if "model" in state else state)
+        load_checkpoint(net, ckpt, device)  # as medseg infer loads it (a last checkpoint's averaged weights first)
         window = {k: cfg.get_parsed_content(k) for k in ("patch_size", "sw_batch_size", "overlap", "logit_shift")}
 
         def run_medseg(out: Path, tta: bool = False, close: bool = True) -> None:

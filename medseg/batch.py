@@ -330,8 +330,8 @@ class RunRecord:
         them was edited since it was written (a corrected mask, whose input was only touched or copied)."""
         entry = self.names.get(_source_key(item), {})
         source, here = str(entry.get("source", "")), _where(item)
-        if entry.get("mask") == self._rel(paths["mask"]) and source and source != here and Path(source).exists() \
-                and not _same_input(source, here):
+        if entry.get("rel") == item.rel and source and source != here and Path(source).exists() \
+                and self._present(item.rel) and not _same_input(source, here):
             return (f"{item.source}: {paths['mask']} is the mask of {source}, another input of the same name that "
                     "is still there; segment each folder into an output folder of its own, or their common folder "
                     "(whose outputs keep the sub-folders), or pass --overwrite to replace it")
@@ -339,8 +339,8 @@ class RunRecord:
             stamp = self.stamps.get(self._rel(path))
             if stamp is not None and _is_file(path) and list(stamp) != _file_stamp(path):
                 return (f"{item.source}: the input changed since its outputs were made, but {path} was edited since "
-                        "it was written (a corrected mask?) and is kept; move it away to segment the input again, "
-                        "or pass --overwrite to replace it")
+                        "it was written (a corrected mask? a copy of the folder without its file times counts too) "
+                        "and is kept; move it away to segment the input again, or pass --overwrite to replace it")
         return ""
 
     def keep_names(self, inputs: Sequence[InputItem]) -> list[InputItem]:
@@ -414,12 +414,13 @@ class RunRecord:
                      if mask.endswith(s)), None)
         if stem is None or not stem.startswith("mask/"):
             return []
-        rel = stem[len("mask/"):]
         mine = {self._rel(p) for p in paths.values()}
-        candidates = {f"mask/{rel}{s}" for s in OUTPUT_FORMATS.values()} | {
-            f"prob/{rel}{s}" for s in PROB_SUFFIXES.values()} | {f"table/{rel}.csv"}
-        return [self.folder / r for r in sorted(candidates - mine)
+        return [self.folder / r for r in sorted(_outputs_named(stem[len("mask/"):]) - mine)
                 if self.outputs.get(r, self.key) != self.key and (self.folder / r).is_file()]
+
+    def _present(self, rel: str) -> bool:
+        """Whether an output of the name ``rel`` (of any kind) that a run here wrote is there."""
+        return any(r in self.outputs and _is_file(self.folder / r) for r in _outputs_named(rel))
 
     def forget(self, paths: Iterable[Path]) -> None:
         """Drop ``paths`` from the record (outputs removed) and log it."""
@@ -467,6 +468,12 @@ def _source_key(item: InputItem) -> str:
         return item.key
     path = Path(item.source).resolve().as_posix()
     return f"{path}#{item.series_uid}" if item.series_uid else path
+
+
+def _outputs_named(rel: str) -> set[str]:
+    """The output files an input named ``rel`` may have, of every kind (relative to the output folder)."""
+    return {f"mask/{rel}{s}" for s in OUTPUT_FORMATS.values()} | {
+        f"prob/{rel}{s}" for s in PROB_SUFFIXES.values()} | {f"table/{rel}.csv"}
 
 
 def _file_series_uid(item: InputItem) -> str:
@@ -582,7 +589,8 @@ def run_batch(
                                 "or choose another output folder")
     result = BatchResult(rows=[ManifestRow(input=os.path.abspath(f), status="ignored", message=why)
                                for f, why in ignored])
-    earlier = _earlier_rows(manifest, [(i.source, i.series_uid) for i in inputs] + [(f, "") for f, _ in ignored])
+    earlier = _earlier_rows(manifest, [(i.source, i.series_uid or _file_series_uid(i)) for i in inputs]
+                            + [(f, "") for f, _ in ignored])
     write_manifest(manifest, earlier + result.rows)
     if record is not None:
         record.save()  # this run's identity, and what a killed run's journal holds, before any change is logged

@@ -325,6 +325,13 @@ def _check_overlay_places(overlays: list | tuple) -> None:
 _PLACE_HINT = "; refer to the command's folder instead, as the bundle does (\"save_dir\": \"@output_dir\")"
 
 
+def _by_reference(key: str, value: str) -> bool:
+    """Whether a place ``value`` follows the command's folders: a reference (``@output_dir``), an expression of
+    one (``$@output_dir + '/x'``), or, for ``key_metric_filename``, a bare file name (the bundles' ``model.pt``)."""
+    return value.startswith("@") or (value.startswith("$") and "@" in value) or (
+        key == "key_metric_filename" and "/" not in value and os.sep not in value and value not in ("", ".", ".."))
+
+
 def _literal_place(value: Any, where: str) -> str:
     """The id, inside ``value`` given whole at ``where`` (a handler, a list of handlers), of a folder or file of a
     component's own (:data:`PLACE_KEYS`) given as a literal path, not by reference to the command's (``@output_dir``,
@@ -336,7 +343,7 @@ def _literal_place(value: Any, where: str) -> str:
     else:
         return ""
     for key, part in items:
-        if str(key) in PLACE_KEYS and isinstance(part, str) and "@" not in part:
+        if str(key) in PLACE_KEYS and isinstance(part, str) and not _by_reference(str(key), part):
             return f"{where}#{key}"
         found = _literal_place(part, f"{where}#{key}")
         if found:
@@ -545,6 +552,7 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu") 
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
         recorded = path.parent / "config.json"
+        recorded = recorded if recorded.is_file() else Path(path).resolve().parent / "config.json"  # via a link
         hint = (f"; the settings they were trained with are recorded in {recorded}: compare its network_def and "
                 "the ids it refers to with the values given here" if recorded.is_file() else "")
         raise CheckpointError(

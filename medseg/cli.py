@@ -194,7 +194,8 @@ def _overrides(pairs: list[str] | None, given: dict[str, tuple[Any, str]] | None
     for text in pairs or []:
         key, value = parse_override(text)
         named_id = key.replace("::", "#").rsplit("#", 1)[-1]  # train#trainer#max_epochs: where @max_epochs goes
-        if named_id in options and options[named_id][0] != value:
+        reference = named_id != key and isinstance(value, str) and value.startswith(("@", "$"))
+        if named_id in options and options[named_id][0] != value and not reference:
             raise BundleError(f"--set {text} contradicts {options[named_id][1]}; give one of them")
         result[key] = value
     return result

@@ -315,11 +315,17 @@ def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:
     """Make output stems unique, ignoring case (outputs may land on a case-insensitive disk).
 
     ``a.png`` and ``a.tif`` in one folder become ``a_png`` and ``a_tif``; any stem still taken gets ``_2``,
-    ``_3``, ... so no two inputs ever write the same file.
+    ``_3``, ... so no two inputs ever write the same file. A stem whose output file would be another input's
+    output folder (``x.PNG``'s ``mask/x.png`` beside the inputs of a folder ``x.png/``) gets its suffix too.
     """
     counts: dict[str, int] = {}
     for item in inputs:
         counts[item.rel.lower()] = counts.get(item.rel.lower(), 0) + 1
+    folders = {"/".join(parts[:k]) for parts in (item.rel.lower().split("/") for item in inputs)
+               for k in range(1, len(parts))}
+    outputs = (*OUTPUT_FORMATS.values(), *PROB_SUFFIXES.values(), ".csv")
+    for rel in [r for r in counts if any(r + s in folders for s in outputs)]:
+        counts[rel] += 1  # named apart, as a second input of the stem would be
     taken = {item.rel.lower() for item in inputs if counts[item.rel.lower()] == 1}
     result = []
     for item in inputs:

@@ -39,7 +39,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
 
     from medseg.bundle import bundle_configs
     from medseg.io import file_sha256
-    from medseg.runfolder import training_settings
+    from medseg.runfolder import run_file, training_settings
 
     bundle, checkpoint, out = Path(bundle), Path(checkpoint), Path(output_dir)
     bundle_configs(bundle, "infer")  # a bundle folder, or its one-line error
@@ -50,7 +50,6 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     if out.absolute().resolve().is_relative_to(bundle.resolve()):
         raise MedsegError(f"{out}: inside the bundle {bundle}; give a folder outside it")
     settings = training_settings(bundle, [checkpoint], {}).values
-    run = checkpoint.resolve().parent
     part = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,10 +65,11 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
                 _write_settings(config, settings)
         (part / "models").mkdir()
         shutil.copyfile(checkpoint, part / "models" / "model.pt")
-        if (run / "split.json").is_file():
-            shutil.copyfile(run / "split.json", part / "models" / "split.json")
-        if (run / "config.json").is_file():
-            _write_record(run / "config.json", part / "models" / "config.json")
+        split, record = run_file(checkpoint, "split.json"), run_file(checkpoint, "config.json")  # those read
+        if split.is_file():
+            shutil.copyfile(split, part / "models" / "split.json")
+        if record.is_file():
+            _write_record(record, part / "models" / "config.json")
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
         if part is not None:

@@ -144,8 +144,8 @@ def _content_hint(path: str | os.PathLike, expected: str) -> str:
             head = f.read(352)
     except OSError:
         return ""
-    if head[128:132] == b"DICM" and expected != "dicom":  # before the magics: a preamble may start as a TIFF
-        return "; it is a DICOM file: rename it to .dcm"
+    if head[128:132] == b"DICM":  # before the magics: a preamble may start as a TIFF's header does
+        return "" if expected == "dicom" else "; it is a DICOM file: rename it to .dcm"
     nifti = _is_nifti(head)
     if nifti and expected != "nifti":
         return "; it is a NIfTI file: rename it to .nii"

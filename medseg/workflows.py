@@ -855,7 +855,8 @@ def infer(
         raise ConfigValueError(f"the bundle's writer would write to {writer.output_dir}, not to the output folder "
                                f"{out} (where the run record and manifest go); give the folder as OUTPUT_DIR and "
                                "drop the setting of the writer's output_dir")
-    check_writable(out, ("mask", "prob", "table"))  # after the model's and the writer's checks: no empty folder
+    writes = ("mask", *(["prob"] if writer.save_prob else []), *(["table"] if writer.mask_mode == "instances" else []))
+    check_writable(out, writes)  # after the checks of the model and the writer: a bad one leaves no empty folder
     with folder_lock(out, "infer"):  # one batch per output folder at a time
         remove_partial_files(out)  # what a killed batch was writing (run.json, manifest.csv, outputs)
         for kind in ("mask", "prob", "table"):

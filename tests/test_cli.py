@@ -1941,6 +1941,9 @@ def test_epochs_and_a_different_max_epochs_setting_contradict(tmp_path):
                      "--set", "train#trainer#max_epochs=2")
     assert "error: --set train#trainer#max_epochs=2 contradicts --epochs 1; give one of them" in result.output
     assert not (tmp_path / "o").exists()
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--epochs", 1,
+                     "--set", "train#trainer#max_epochs=@max_epochs")  # the bundle's own reference: no contradiction
+    assert "contradicts" not in result.output
 
 
 @pytest.mark.parametrize("command, options, setting, expected", [
@@ -2452,3 +2455,22 @@ def test_a_component_given_whole_with_a_folder_of_its_own_is_refused(tmp_path, c
     by_reference = json.dumps(component).replace('"elsewhere"', '"@output_dir"')  # as the bundle does: taken
     assert "not a setting of one component" not in _invoke(command, BUNDLE, *where, "--set",
                                                            f"{key}={by_reference}").output
+    for literal in ('"/elsewhere@v2"', '"$\'/elsewhere\'"'):  # an @ in a path, an expression of no reference
+        given = by_reference.replace('"@output_dir"', literal)
+        result = _invoke(command, BUNDLE, *where, "--set", f"{key}={given}")
+        _assert_one_line_error(result, f"--set {inner}: where the command reads")
+
+
+def test_the_bundles_own_handlers_given_whole_are_taken(tmp_path):
+    # the checkpoint handler's key_metric_filename is a bare "model.pt" in the bundles: a copy of their own
+    # handlers (to drop early stopping, say) was refused as a folder of its own
+    handlers = json.loads((BUNDLE / "configs" / "train.json").read_text())["validate"]["handlers"]
+    saver = next(h for h in handlers if "key_metric_filename" in h)
+    assert saver["key_metric_filename"] == "model.pt"
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o",
+                     "--set", f"validate#handlers={json.dumps(handlers)}")
+    assert "not a setting of one component" not in result.output, result.output
+    saver["key_metric_filename"] = "../model.pt"
+    result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o",
+                     "--set", f"validate#handlers={json.dumps(handlers)}")
+    assert "key_metric_filename: where the command reads and writes follows" in result.output

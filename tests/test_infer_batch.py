@@ -443,6 +443,7 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
     (tmp_path / "parts" / "prob").write_text("")  # refused before any work, not input by input
     result = _infer(tmp_path / "imgs", tmp_path / "parts", tiny_checkpoint)
     assert result.exit_code == 1 and f"{tmp_path / 'parts' / 'prob'}: a file, not a folder" in result.output
+    assert _infer(tmp_path / "imgs", tmp_path / "parts", tiny_checkpoint, "--no-prob").exit_code == 0  # unused
     (tmp_path / "parts" / "prob").unlink()
     (tmp_path / "parts" / "mask").chmod(0o500)
     try:
@@ -532,6 +533,15 @@ def test_output_stems_never_collide_and_output_inside_input_is_skipped(tmp_path,
     assert all(r["status"] == "ok" for r in rows)
     result = _infer(root, out, tiny_checkpoint, "--overwrite")
     assert _summary(result.output)["inputs"] == 4  # its own outputs are not taken as inputs
+
+    # x.PNG's mask/x.png would be the folder of x.png/y.png's mask/x.png/y.png (a raw "File exists" error)
+    (tmp_path / "two" / "x.png").mkdir(parents=True)
+    Image.fromarray(image).save(tmp_path / "two" / "x.PNG")
+    Image.fromarray(image).save(tmp_path / "two" / "x.png" / "y.png")
+    result = _infer(tmp_path / "two", tmp_path / "two_out", tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "two_out" / "mask" / "x_png.png").is_file()
+    assert (tmp_path / "two_out" / "mask" / "x.png" / "y.png").is_file()
 
 
 def test_inputs_of_one_stem_in_separate_runs_never_write_over_each_other(tmp_path, tiny_checkpoint):
@@ -654,12 +664,17 @@ def test_another_folders_input_of_the_same_name_never_replaces_an_inputs_outputs
         assert f"is the mask of {(tmp_path / 'dayA' / 'img1.tif').as_posix()}, another input of the same name" \
             in row["message"]
         assert (out / "prob" / "img1.tif").read_bytes() == first
+    result = _infer(tmp_path / "dayB", out, tiny_checkpoint, "--format", "tiff")  # other mask kind, same map
+    assert result.exit_code == 1 and (out / "prob" / "img1.tif").read_bytes() == first
     (tmp_path / "dayC").mkdir()  # a copy, with new times: the same input
     shutil.copy(tmp_path / "dayA" / "img1.tif", tmp_path / "dayC" / "img1.tif")
     os.utime(tmp_path / "dayC" / "img1.tif", ns=(1, 1))
     assert _infer(tmp_path / "dayC", out, tiny_checkpoint).exit_code == 0
     assert _infer(tmp_path / "dayB", out, tiny_checkpoint, "--overwrite").exit_code == 0  # asked for
     assert (out / "prob" / "img1.tif").read_bytes() != first
+    shutil.rmtree(out / "mask")  # dayB's outputs gone: dayA's input, still there, has nothing to lose
+    shutil.rmtree(out / "prob")
+    assert _infer(tmp_path / "dayA", out, tiny_checkpoint).exit_code == 0
 
 
 def test_an_edited_mask_is_kept_when_its_input_is_only_touched(tmp_path, tiny_checkpoint):
@@ -677,8 +692,9 @@ def test_an_edited_mask_is_kept_when_its_input_is_only_touched(tmp_path, tiny_ch
     result = _infer(tmp_path / "in", out, tiny_checkpoint)
     assert result.exit_code == 1
     row = _manifest(out)["1.png"]
-    assert row["status"] == "failed" and "mask/1.png was edited since it was written (a corrected mask?) and is " \
-        "kept; move it away to segment the input again, or pass --overwrite" in row["message"], row
+    assert row["status"] == "failed" and "mask/1.png was edited since it was written (a corrected mask? a copy of " \
+        "the folder without its file times counts too) and is kept; move it away to segment the input again, or " \
+        "pass --overwrite" in row["message"], row
     assert (out / "mask" / "1.png").read_bytes() == corrected
     assert _infer(tmp_path / "in", out, tiny_checkpoint, "--overwrite").exit_code == 0
     assert (out / "mask" / "1.png").read_bytes() != corrected
@@ -689,6 +705,9 @@ def test_a_dicom_file_given_alone_has_its_series_uid_in_the_manifest(tmp_path, t
                              position=(0, 0, 0))
     assert _infer(path, tmp_path / "out", tiny_checkpoint).exit_code == 0
     assert _manifest(tmp_path / "out")["one.dcm"]["series_uid"] == "1.2.8.7"  # was empty
+    assert _infer(path, tmp_path / "out", tiny_checkpoint).exit_code == 0  # its earlier row replaced, not kept
+    rows = list(csv.DictReader(open(tmp_path / "out" / "manifest.csv", encoding="utf-8")))
+    assert [r["status"] for r in rows] == ["skipped"]
 
 
 def test_single_slice_volume_as_png(tmp_path, tiny_checkpoint):

@@ -812,3 +812,11 @@ def test_a_suffix_that_does_not_fit_the_content_is_named(tmp_path):
     found = {os.path.basename(i.source): i.error for i in discover(tmp_path / "dcm")[0]}
     assert found == {"n.dcm": f"{tmp_path / 'dcm' / 'n.dcm'}: not a DICOM file; it is a NIfTI file: rename it to .nii",
                      "p.dcm": f"{tmp_path / 'dcm' / 'p.dcm'}: not a DICOM file; it is a PNG file: rename it to .png"}
+    import pydicom
+
+    ds = pydicom.dcmread(dicom)  # a DICOM file that names no series, its preamble TIFF-like: not told it is a TIFF
+    del ds.SeriesInstanceUID
+    ds.save_as(tmp_path / "dcm" / "d.dcm")
+    (tmp_path / "dcm" / "d.dcm").write_bytes(b"II*\x00" + (tmp_path / "dcm" / "d.dcm").read_bytes()[4:])
+    found = {os.path.basename(i.source): i.error for i in discover(tmp_path / "dcm")[0]}
+    assert found["d.dcm"].endswith("d.dcm: not a DICOM image (no SeriesInstanceUID); remove it or --exclude it")
