@@ -274,9 +274,7 @@ def load_config(
     placed = [k for k in overrides or {} if "#" in k and k.rsplit("#", 1)[1] in PLACE_KEYS and settings]
     placed += [found for k, v in (overrides or {}).items() if settings and (found := _literal_place(v, k))]
     if placed:  # a component's own folder or file: results elsewhere than the output folder, over other files
-        raise BundleError(f"--set {placed[0]}: where the command reads and writes follows its arguments (the data "
-                          "or input folder, the output folder, --checkpoint), not a setting of one component"
-                          f"{_PLACE_HINT if placed[0] not in overrides else ''}")
+        raise BundleError(f"--set {placed[0]}: {_PLACE_RULE}{_PLACE_HINT if placed[0] not in overrides else ''}")
     parser["bundle_root"] = literal(str(Path(bundle)))
     for key, value in (settings or {}).items():
         parser[key] = literal(value) if key.endswith(("_dir", "_path")) and isinstance(value, str) else value
@@ -311,16 +309,15 @@ def _check_overlay_places(overlays: list | tuple) -> None:
                                       "bundle, data or input folder, output folder, --checkpoint); leave it out of "
                                       "the overlay and give it there")
                 if "#" in item and item.rsplit("#", 1)[1] in PLACE_KEYS:
-                    raise BundleError(f"{overlay}: sets {item}; where the command reads and writes follows its "
-                                      "arguments (the data or input folder, the output folder, --checkpoint), not a "
-                                      "setting of one component; leave it out of the overlay")
+                    raise BundleError(f"{overlay}: sets {item}; {_PLACE_RULE}; leave it out of the overlay")
             found = _literal_place(value, plain)
             if found:
-                raise BundleError(f"{overlay}: sets {found}; where the command reads and writes follows its "
-                                  "arguments (the data or input folder, the output folder, --checkpoint), not a "
-                                  f"setting of one component{_PLACE_HINT}")
+                raise BundleError(f"{overlay}: sets {found}; {_PLACE_RULE}{_PLACE_HINT}")
 
 
+#: Why a component's own folder or file (:data:`PLACE_KEYS`) may not be set.
+_PLACE_RULE = ("where the command reads and writes follows its arguments (the data or input folder, the output "
+               "folder, --checkpoint), not a setting of one component")
 #: How a component given whole names the command's folders: by reference, not by a path of its own.
 _PLACE_HINT = "; refer to the command's folder instead, as the bundle does (\"save_dir\": \"@output_dir\")"
 

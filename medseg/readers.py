@@ -171,6 +171,13 @@ def _content_hint(path: str | os.PathLike, expected: str) -> str:
     return ""
 
 
+def _or_corrupt(path: str | os.PathLike, expected: str,
+                otherwise: str = "; the file may be truncated or corrupt") -> str:
+    """The end of a "cannot read" error: :func:`_content_hint`'s fix when the file is of another format, else
+    ``otherwise``."""
+    return _content_hint(path, expected) or otherwise
+
+
 def _is_nifti(head: bytes) -> bool:
     """True when ``head`` (a file's first 352 bytes) is a single-file NIfTI-1 or NIfTI-2 header, of either byte
     order."""
@@ -425,9 +432,7 @@ class PngReader(_MedsegReader):
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as err:
-            hint = _content_hint(path, "picture")
-            raise DataError(f"{path}: cannot read the image ({err}){hint or '; the file may be truncated or corrupt'}"
-                            ) from err
+            raise DataError(f"{path}: cannot read the image ({err}){_or_corrupt(path, 'picture')}") from err
 
     def read_source(self, path: str) -> tuple[np.ndarray, dict]:
         arr = self._read2d(path)
@@ -442,9 +447,7 @@ class PngReader(_MedsegReader):
                 if _exif_orientation(im) in _EXIF_SWAPS:
                     width, height = height, width
         except (OSError, ValueError, UnidentifiedImageError) as err:
-            hint = _content_hint(path, "picture")
-            raise DataError(f"{path}: cannot read the image ({err}){hint or '; the file may be truncated or corrupt'}"
-                            ) from err
+            raise DataError(f"{path}: cannot read the image ({err}){_or_corrupt(path, 'picture')}") from err
         return _meta("png", path, (height, width), np.eye(4), (1.0, 1.0), "pixel")
 
     def count_slices(self, path: str) -> int:
@@ -583,9 +586,7 @@ class TiffReader(_MedsegReader):
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, tifffile.TiffFileError) as err:
-            hint = _content_hint(path, "tiff")
-            raise DataError(f"{path}: cannot read TIFF ({err}){hint or '; the file may be truncated or corrupt'}"
-                            ) from err
+            raise DataError(f"{path}: cannot read TIFF ({err}){_or_corrupt(path, 'tiff')}") from err
         try:
             TiffReader._check_page_chain(path, tif)
         except BaseException:
@@ -619,8 +620,8 @@ class TiffReader(_MedsegReader):
     def _layout(path: str, tif) -> tuple[tuple[int, ...], str, list[int], int | None]:
         """(shape, axes, lead axis positions, channel axis position or None) of the first series."""
         if not len(tif.pages):
-            hint = _content_hint(path, "tiff")
-            raise DataError(f"{path}: TIFF holds no images (no pages){hint or '; the file is empty or truncated'}")
+            raise DataError(f"{path}: TIFF holds no images (no pages)"
+                            f"{_or_corrupt(path, 'tiff', '; the file is empty or truncated')}")
         try:
             series = tif.series[0]
         except (IndexError, ValueError, OSError) as err:
@@ -820,9 +821,7 @@ class NiftiReader(_MedsegReader):
         except PermissionError as err:
             raise DataError(f"{path}: cannot open the file (permission denied); check its permissions") from err
         except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as err:
-            hint = _content_hint(path, "nifti")
-            raise DataError(f"{path}: cannot read NIfTI ({err}){hint or '; the file may be truncated or corrupt'}"
-                            ) from err
+            raise DataError(f"{path}: cannot read NIfTI ({err}){_or_corrupt(path, 'nifti')}") from err
         if self.channel_dim not in (None, 3):
             raise DataError(f"{path}: nifti_channel_dim={self.channel_dim} is not supported; channels must be the "
                             "fourth voxel axis (3)")
