@@ -28,9 +28,9 @@ def check_writable(folder: str | os.PathLike, parts: tuple[str, ...] = ()) -> Pa
         DataError: the folder is a file, or it or one of ``parts`` cannot be created or written.
     """
     folder = Path(folder)
-    if folder.is_file() or any((folder / part).is_file() for part in parts):
-        where = folder if folder.is_file() else next(folder / p for p in parts if (folder / p).is_file())
-        raise DataError(f"{where}: a file, not a folder; choose another output folder, or move the file away")
+    for where in (folder, *(folder / part for part in parts)):
+        if where.is_file():
+            raise DataError(f"{where}: a file, not a folder; choose another output folder, or move the file away")
     for where in (folder, *(folder / part for part in parts if (folder / part).is_dir())):
         try:
             where.mkdir(parents=True, exist_ok=True)
