@@ -41,6 +41,7 @@ from medseg.bundle import config_flag
 from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES
 from medseg.errors import ConfigValueError, DataError
 from medseg.io import partial_file, tiff_calibration, write_nifti, write_png, write_tiff
+from medseg.readers import suffix_of
 
 #: Input kind -> the mask kind written for it by default.
 _DEFAULT_FOR_INPUT = {"png": "png", "tiff": "tiff", "nifti": "nifti", "dicom": "dicom-seg"}
@@ -387,9 +388,10 @@ class SaveSegmentationd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        name = str(d["name"])
-        page, pages = int(_scalar(d.get("page", 0))), int(_scalar(d.get("pages", 1)))
         source = str(d.get("image_file", d.get("image", "")))
+        # the slice list names each input by its place in the input folder; a caller of its own, the file's stem
+        name = str(d["name"]) if "name" in d else Path(source).name[: -len(suffix_of(source)) or None]
+        page, pages = int(_scalar(d.get("page", 0))), int(_scalar(d.get("pages", 1)))
         input_format = str(d.get("format") or _format_of(source))
         item = {"image": source, "series_uid": str(d.get("series_uid") or ""), "name": name,
                 "nifti_channel_dim": self.nifti_channel_dim}

@@ -49,6 +49,15 @@ def test_threshold_and_channel_are_used(tmp_path):
     assert np.asarray(Image.open(tmp_path / "o2" / "mask" / "a.png")).min() == 255
 
 
+def test_a_sample_without_a_name_is_written_under_its_file_stem(tmp_path):
+    # MONAI users apply a bundle's postprocessing to {"image": path, ...}; only medseg's slice list names samples
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "Cells.01.PNG")
+    p1 = np.full((6, 8), 0.9, np.float32)
+    w = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"), save_prob=False)
+    w({"pred": np.stack([1 - p1, p1]), "image": str(tmp_path / "Cells.01.PNG")})
+    assert np.asarray(Image.open(tmp_path / "o" / "mask" / "Cells.01.png")).min() == 255
+
+
 def test_binary_threshold_is_strict(tmp_path):
     Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "a.png")
     p1 = np.full((6, 8), 0.5, np.float32)
