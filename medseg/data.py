@@ -582,3 +582,32 @@ def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob
     if chosen == "kaggle":
         return dsb_split(data_dir, val_fraction, seed, save_to)
     return folder_split(data_dir, image_glob, mask_template, val_fraction, seed, save_to)
+
+
+def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.PathLike | None,
+                     split: str = "val") -> list[dict]:
+    """The samples a run's ``split.json`` names under ``split`` (``"val"``, ``"train"``), by name, from
+    ``datalists["all"]``: what an exported bundle's ``evaluate.json`` scores, so that plain ``monai.bundle run``
+    scores the images the model was validated on, not a split drawn anew from its own settings. ``split_file``
+    ``None`` or ``split`` ``"all"``: ``datalists[split]`` as drawn.
+
+    Raises:
+        DataError: the record cannot be read, or none of the samples it names are in the data.
+    """
+    if split_file is None or split == "all":
+        return datalists[split]
+    try:
+        names = [str(n) for n in json.loads(Path(split_file).read_text(encoding="utf-8"))[split]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{split_file}: not a readable split record ({brief(str(err) or type(err).__name__)}); "
+                        "restore it, or set split_record to null to draw the split from the settings") from err
+    samples = {str(d.get("name")): d for d in datalists["all"]}
+    present = [samples[n] for n in names if n in samples]
+    if not present:
+        raise DataError(f"{split_file}: none of the {len(names)} {split} images it names are in the data given; "
+                        "give dataset_dir the data the model was trained on, or set eval_split to all")
+    if len(present) < len(names):
+        logging.getLogger(__name__).warning("%s: %d of its %d %s images are not in the data given; scoring the %d "
+                                            "that are", split_file, len(names) - len(present), len(names), split,
+                                            len(present))
+    return present

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from medseg.errors import CheckpointError, DataError, MedsegError
 
@@ -25,20 +26,21 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     The bundle's :data:`BUNDLE_PARTS` are copied. The ids of its configs that the checkpoint's training changed
     (those ``medseg evaluate`` and ``infer`` take from the run's ``config.json``: network size, loss, classes,
     ...) are written into the config files that hold them, as MONAI reads no training record. The run's
-    ``config.json`` (less where the run was tracked) and ``split.json`` go beside the weights. The folder
-    appears whole or not at all.
+    ``config.json`` (less where the run was tracked) and ``split.json`` go beside the weights, and
+    ``evaluate.json`` scores the validation images that ``split.json`` names. ``metadata.json`` and the docs
+    are made true of these weights (channels, scores, settings). The folder appears whole or not at all,
+    readable as the umask allows.
 
     Returns:
         what was written: ``output_dir``, ``checkpoint``, its ``sha256`` and ``settings`` (id -> value written).
 
     Raises:
         MedsegError: ``output_dir`` exists or lies inside the bundle, or a file cannot be read or written.
-        CheckpointError: ``checkpoint`` is missing, or another bundle's training made it.
+        CheckpointError: ``checkpoint`` is missing, a training's last checkpoint, another bundle's training
+            made it, or its weights do not fit the network the export describes.
     """
-    import tempfile
-
-    from medseg.bundle import bundle_configs
-    from medseg.io import file_sha256
+    from medseg.bundle import bundle_configs, load_checkpoint, load_config
+    from medseg.io import file_sha256, partial_folder
     from medseg.runfolder import run_file, training_settings
 
     bundle, checkpoint, out = Path(bundle), Path(checkpoint), Path(output_dir)
@@ -52,8 +54,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     settings = training_settings(bundle, [checkpoint], {}).values
     part = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        part = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))  # this export's own
+        part = partial_folder(out)  # this export's own
         for name in BUNDLE_PARTS:
             source = bundle / name
             if source.is_dir():
@@ -63,13 +64,23 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         for config in sorted((part / "configs").glob("*.json")):
             if config.name != "metadata.json":
                 _write_settings(config, settings)
+        parser = load_config(part, "infer")
+        # the weights must fit the network the export describes: checked now, not by the receiver
+        digest = load_checkpoint(parser.get_parsed_content("network_def"), checkpoint, training_state=False)
         (part / "models").mkdir()
         shutil.copyfile(checkpoint, part / "models" / "model.pt")
+        if file_sha256(part / "models" / "model.pt") != digest:  # a training still running replaced it
+            raise CheckpointError(f"{checkpoint}: replaced while it was exported (a training still running?); "
+                                  "export it again")
         split, record = run_file(checkpoint, "split.json"), run_file(checkpoint, "config.json")  # those read
         if split.is_file():
             shutil.copyfile(split, part / "models" / "split.json")
+            _score_recorded_split(part / "configs" / "evaluate.json", split)
         if record.is_file():
             _write_record(record, part / "models" / "config.json")
+        about = _Export(bundle, digest, settings, _best_validation(run_file(checkpoint, "train_summary.json")))
+        _write_metadata(part / "configs" / "metadata.json", parser, about)
+        _write_docs_header(part / "docs" / "README.md", about, split.is_file())
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
         if part is not None:
@@ -84,8 +95,114 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         if part is not None:
             shutil.rmtree(part, ignore_errors=True)
         raise
-    return {"output_dir": str(out), "checkpoint": str(checkpoint), "sha256": file_sha256(out / "models" / "model.pt"),
-            "settings": settings}
+    return {"output_dir": str(out), "checkpoint": str(checkpoint), "sha256": digest, "settings": settings}
+
+
+class _Export(NamedTuple):
+    """What the export's metadata and docs say of it: its source bundle, the weights' digest, the settings the
+    training changed (id -> value) and its best validation (``(metric, value, epoch)``, or ``None``)."""
+
+    bundle: Path
+    sha256: str
+    settings: dict[str, Any]
+    best: tuple[str, float, Any] | None
+
+
+def _best_validation(summary: Path) -> tuple[str, float, Any] | None:
+    """The best validation score a training's ``train_summary.json`` records (``None``: none recorded)."""
+    try:
+        record = json.loads(summary.read_text(encoding="utf-8"))
+        metric, value = str(record["key_metric"]), float(record["best_metric"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (metric.removeprefix("val_"), value, record.get("best_metric_epoch")) if math.isfinite(value) else None
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {json.dumps(v, ensure_ascii=False, default=str)}" for k, v in settings.items())
+
+
+def _write_metadata(path: Path, parser: Any, about: _Export) -> None:
+    """The source bundle's ``metadata.json`` made true of the export: the network's input and output channels as
+    its configs build it, this training's best validation score as ``eval_metrics`` (none when unrecorded, as
+    the source's figures are of another training), the settings it changed in the description, and where the
+    export came from."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the bundle's metadata ({err}); fix it") from err
+    formats = meta.get("network_data_format") if isinstance(meta.get("network_data_format"), dict) else {}
+    names = about.settings.get("class_names")
+    for side, key, labels in (("inputs", "in_channels", None), ("outputs", "out_channels", names)):
+        entries = formats.get(side) if isinstance(formats.get(side), dict) else {}
+        count = parser.get_parsed_content(f"network_def#{key}") if f"network_def#{key}" in parser else None
+        for entry in list(entries.values())[:1]:  # the network's one input and output
+            if isinstance(entry, dict) and isinstance(count, int):
+                _describe_channels(entry, count, labels if isinstance(labels, list) else None)
+    meta["eval_metrics"] = {about.best[0]: round(about.best[1], 4)} if about.best else {}
+    if about.settings:
+        meta["description"] = (f"{meta.get('description', '')} These weights were trained with settings changed "
+                               f"from the bundle's: {_settings_text(about.settings)}; where the text above says "
+                               "otherwise, these hold.").strip()
+    meta["exported_from"] = {"bundle": meta.get("name", about.bundle.name), "version": meta.get("version"),
+                             "weights_sha256": about.sha256, "settings": about.settings,
+                             "eval_metrics": "this training's best validation score, on its own validation "
+                                             "split (models/split.json)" if about.best else "none recorded"}
+    path.write_text(json.dumps(meta, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _describe_channels(entry: dict, count: int, names: list | None) -> None:
+    """Set ``entry``'s ``num_channels`` to ``count`` and its ``channel_def`` to ``names`` where given, else keep
+    its own where the count is unchanged; a channel past the names is said to be no class."""
+    if names is None and entry.get("num_channels") == count:
+        return
+    own = entry.get("channel_def") if isinstance(entry.get("channel_def"), dict) else {}
+    labels = [str(n).replace("_", " ") for n in names] if names is not None else \
+        [own[str(i)] for i in range(min(count, len(own))) if str(i) in own]
+    entry["num_channels"] = count
+    entry["channel_def"] = {str(i): labels[i] if i < len(labels) else f"output {i}, not a class (added by the "
+                            "training's settings)" for i in range(count)}
+
+
+def _write_docs_header(path: Path, about: _Export, has_split: bool) -> None:
+    """Put, before the source bundle's documentation, what this export holds and how it differs."""
+    body = path.read_text(encoding="utf-8") if path.is_file() else ""
+    changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)"
+    best = (f"{about.best[0]} {about.best[1]:.4f}" + (f" at epoch {about.best[2]}" if about.best[2] else "")
+            + (" on its own validation split (`models/split.json`)" if has_split else "")) if about.best \
+        else "not recorded"
+    header = (f"# Exported model: trained weights of the bundle {about.bundle.name}\n\n"
+              f"This folder holds one training's weights (`models/model.pt`, SHA-256 `{about.sha256}`) with "
+              "the bundle it was trained with. Settings the training changed from the bundle's, written into "
+              f"`configs/`: {changed}. Its best validation score in training: {best}. `configs/metadata.json` "
+              "states the network's channels as these weights have them.\n\n"
+              "Everything below is the documentation of the bundle it came from: its results describe the "
+              "bundle's reference training, not these weights, and these weights are part of this "
+              "bundle.\n\n---\n\n")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(header + body, encoding="utf-8")
+
+
+def _score_recorded_split(config: Path, split: Path) -> None:
+    """Make ``evaluate.json`` score the samples the run's ``split.json`` names (see
+    :func:`medseg.data.recorded_samples`): MONAI's runner reads no split record, and a split drawn from the
+    bundle's settings can hold images the model trained on. An ISBI-style ``val_count`` follows the record."""
+    if not config.is_file():
+        return
+    content = json.loads(config.read_text(encoding="utf-8"))
+    train = config.with_name("train.json")
+    trained = json.loads(train.read_text(encoding="utf-8")) if train.is_file() else {}
+    imports = content.get("imports", trained.get("imports", []))  # a file's imports replace those before it
+    content["imports"] = [*imports, "$from medseg.data import recorded_samples"]
+    content["split_record"] = "$@bundle_root + '/models/split.json'"
+    content["validate#dataset#data"] = "$recorded_samples(@datalists, @split_record, @eval_split)"
+    if "val_count" in trained:
+        try:
+            content["val_count"] = len(json.loads(split.read_text(encoding="utf-8"))["val"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{split}: not a readable split record ({err}); fix it, or move it away to export "
+                            "the weights without it") from err
+    config.write_text(json.dumps(content, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_record(source: Path, target: Path) -> None:

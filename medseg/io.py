@@ -91,6 +91,16 @@ def partial_file(path: str | os.PathLike) -> Path:
     return Path(tmp)
 
 
+def partial_folder(path: str | os.PathLike) -> Path:
+    """Create (empty, with the usual permissions) the temporary folder that will become ``path`` by a rename: in
+    its parent, hidden, named ``.NAME.*.part``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: others could not read what is handed over
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it into place, else remove it.

@@ -633,6 +633,8 @@ def evaluate(
         raise MedsegError(f"--split {split}: unknown split; use val, train or all")
     if "eval_split" in parser:
         parser["eval_split"] = split
+    if "split_record" in parser:  # an exported bundle's, for MONAI's runner: the split is picked below
+        parser["split_record"] = None
     if split == "all" and parser.get("val_count") is not None:
         parser["val_count"] = 0  # ISBI: nothing is held out when every slice is scored (5 of 4 could not be)
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read

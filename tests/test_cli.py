@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -1180,6 +1181,66 @@ def test_an_exported_bundle_runs_its_model_alike_with_medseg_and_plain_monai(tmp
     assert "tracking_uri" not in handed and "_tracking_" not in handed
     assert "MLFlowHandler" not in json.dumps(handed) and handed["loss_name"] == "dice_ce"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+
+
+def test_an_exported_bundle_describes_its_own_weights_and_scores_their_validation_slices(tmp_path):
+    # the export kept the source bundle's metadata (its reference scores) and docs, a folder only its owner could
+    # read, and an evaluate.json that drew the bundle's own split: MONAI's runner scored training slices
+    data = write_isbi_folder(tmp_path / "isbi", n=6)
+    run = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--data", data, "--output", run, "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    shared = tmp_path / "colleague" / "em_model"
+    result = _invoke("export", BUNDLE, run / "model.pt", shared)
+    assert result.exit_code == 0, result.output
+    umask = os.umask(0)
+    os.umask(umask)
+    assert shared.stat().st_mode & 0o777 == 0o777 & ~umask
+    digest = hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()
+    summary = json.loads((run / "train_summary.json").read_text())
+    meta = json.loads((shared / "configs" / "metadata.json").read_text())
+    assert meta["eval_metrics"] == {"v_rand": round(summary["best_metric"], 4)}
+    assert meta["exported_from"]["weights_sha256"] == digest == json.loads(result.output)["sha256"]
+    assert "network_def#channels = [4, 8, 16]" in meta["description"]
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 2  # as the source's: unchanged
+    docs = (shared / "docs" / "README.md").read_text()
+    assert docs.startswith("# Exported model") and digest in docs
+    assert docs.endswith((BUNDLE / "docs" / "README.md").read_text())
+    validation = json.loads((run / "split.json").read_text())["val"]
+    command = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--bundle_root", str(shared),
+               "--config_file", str([str(shared / "configs" / n) for n in ("train.json", "evaluate.json")]),
+               "--dataset_dir", str(data), "--output_dir", str(tmp_path / "monai"), "--tracking", "None"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = (tmp_path / "monai" / "metrics.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows if not row.startswith("mean")] == validation
+    result = _invoke("evaluate", shared, "--data", data, "--output", tmp_path / "ours", "--device", "cpu",
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ours" / "metrics.csv").read_text() == (tmp_path / "monai" / "metrics.csv").read_text()
+    # weights that do not fit the network the export describes, or a training's last checkpoint: refused
+    other = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, other)
+    _assert_one_line_error(_invoke("export", BUNDLE, other, tmp_path / "x"), "other.pt", "do not fit")
+    _assert_one_line_error(_invoke("export", BUNDLE, run / "last_checkpoint_epoch=1.pt", tmp_path / "x"),
+                           "last checkpoint", "model.pt")
+    assert [p.name for p in tmp_path.iterdir() if p.name == "x" or p.name.endswith(".part")] == []
+
+
+def test_an_export_states_the_channels_its_weights_have():
+    from medseg.export import _describe_channels
+
+    entry = {"num_channels": 3, "channel_def": {"0": "background", "1": "cell body", "2": "nucleus"}}
+    _describe_channels(entry, 3, None)
+    assert entry["channel_def"] == {"0": "background", "1": "cell body", "2": "nucleus"}
+    _describe_channels(entry, 2, ["background", "cell"])
+    assert entry == {"num_channels": 2, "channel_def": {"0": "background", "1": "cell"}}
+    entry = {"num_channels": 3, "channel_def": {"0": "background", "1": "interior", "2": "boundary"}}
+    _describe_channels(entry, 4, None)  # an extra output (a distance head) is no class
+    assert entry["num_channels"] == 4 and entry["channel_def"]["2"] == "boundary"
+    assert entry["channel_def"]["3"].startswith("output 3, not a class")
 
 
 def test_extending_a_moved_training_started_with_output_dot(trained, tmp_path, monkeypatch):
