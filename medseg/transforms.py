@@ -608,28 +608,44 @@ def hematoxylin(arr: np.ndarray) -> np.ndarray:
     return rgb2hed(rgb)[..., 0][None].astype(np.float32)
 
 
+def background_level(scaled: np.ndarray, bins: int = 64) -> float:
+    """The most frequent level of an image scaled to [0, 1]: the centre of its histogram's peak (``bins`` bins,
+    smoothed over one bin), which is the background's where the objects are textured and it is flat."""
+    counts, _ = np.histogram(scaled, bins=bins, range=(0.0, 1.0))
+    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), 1.0)
+    return (int(np.argmax(smooth)) + 0.5) / bins
+
+
 class BrightObjectsd(MapTransform):
     """Make any stain look like fluorescence: one gray channel, scaled to [0, 1], objects bright.
 
     Colour becomes luma, or with ``stain="hematoxylin"`` a colour image with a bright background (H&E
     tissue) becomes its hematoxylin density (:func:`hematoxylin`), which is high on nuclei; intensities are
     scaled between the ``lower`` and ``upper`` percentiles of the image; images with a bright background
-    (brightfield: median above the middle of the range) are inverted, so the network sees bright nuclei on
-    a dark background whatever the modality.
+    (brightfield) are inverted, so the network sees bright nuclei on a dark background whatever the modality.
+
+    The background is the image's most frequent level (the peak of its histogram, :func:`background_level`):
+    flat, where nuclei are textured, so a fluorescence field that nuclei fill for the most part (a crop
+    around one, a dense culture) still counts as dark; its median, the earlier test, was a nucleus's.
 
     Args:
         keys: image keys, channel-first.
         lower, upper: percentiles mapped to 0 and 1.
         stain: ``"luma"`` (every image through luma) or ``"hematoxylin"`` (bright-background colour
             images through colour deconvolution; gray and dark-background images through luma).
+        invert: ``None`` (by the background, as above), ``True`` (a bright background: every image
+            inverted) or ``False`` (never), for data of one known kind.
     """
 
     def __init__(self, keys: KeysCollection, lower: float = 1.0, upper: float = 99.8, stain: str = "luma",
-                 allow_missing_keys: bool = False) -> None:
+                 invert: bool | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if stain not in ("luma", "hematoxylin"):
             raise ConfigValueError(f"stain={stain!r}: unknown; use --set stain=luma or --set stain=hematoxylin")
-        self.lower, self.upper, self.stain = lower, upper, stain
+        if invert not in (None, True, False):
+            raise ConfigValueError(f"invert={invert!r}: use --set invert=null (by the image's background), "
+                                   "true (bright backgrounds) or false (dark backgrounds)")
+        self.lower, self.upper, self.stain, self.invert = lower, upper, stain, invert
 
     def _scale(self, gray: np.ndarray) -> np.ndarray:
         lo, hi = np.percentile(gray, (self.lower, self.upper))
@@ -645,7 +661,7 @@ class BrightObjectsd(MapTransform):
                 raise DataError(f"{source}: {arr.shape[0]} channels; the model takes gray or RGB images{_PICK}")
             _refuse_separate_channels(arr, source)
             scaled = self._scale(to_gray(arr))
-            bright_background = np.median(scaled) > 0.5
+            bright_background = background_level(scaled) > 0.5 if self.invert is None else self.invert
             if bright_background and self.stain == "hematoxylin" and is_colour(arr):
                 scaled = self._scale(hematoxylin(arr))
             elif bright_background:

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from medseg.cli import app
 from medseg.data import dsb_split, find_dsb_samples
-from medseg.errors import DataError
+from medseg.errors import ConfigValueError, DataError
 from medseg.evaluation import DsbScore, InstanceMetrics
 from medseg.instances import MEASUREMENT_FIELDS, WatershedInstances, instance_targets
 from medseg.transforms import BrightObjectsd, InstanceTargetd, LoadInstanceMasksd, LoadSliced
@@ -398,6 +398,29 @@ def test_bright_objects_inverts_bright_backgrounds_only(dsb_folder):
     # two channels (an ImageJ hyperstack, say): named, not a shape error deep in the network
     with pytest.raises(DataError, match=r"^st\.tif: 2 channels; the model takes gray or RGB images"):
         BrightObjectsd(keys="image")({"image": np.zeros((2, 5, 5), np.float32), "image_file": "st.tif"})
+
+
+def test_a_field_that_nuclei_fill_stays_a_dark_background_one():
+    # the median decided the polarity: a fluorescence crop that nuclei fill for the most part was inverted,
+    # and the network then segmented its background
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    nuclei = np.zeros((96, 96), bool)
+    for cy, cx in ((28, 28), (28, 70), (70, 28), (70, 70)):
+        nuclei |= (yy - cy) ** 2 + (xx - cx) ** 2 < 22 ** 2
+    assert nuclei.mean() > 0.6
+    image = np.where(nuclei, rng.uniform(150, 250, nuclei.shape), rng.normal(10, 1, nuclei.shape))[None]
+    out = BrightObjectsd(keys="image")({"image": image.astype(np.float32)})["image"][0]
+    assert out[nuclei].mean() > out[~nuclei].mean() + 0.4
+    brightfield = BrightObjectsd(keys="image")({"image": (255 - image).astype(np.float32)})["image"][0]
+    np.testing.assert_allclose(brightfield, out, atol=0.02)  # the same picture, bright background: inverted
+    # a data set of one known kind can say so
+    forced = BrightObjectsd(keys="image", invert=True)({"image": image.astype(np.float32)})["image"][0]
+    np.testing.assert_allclose(forced, 1.0 - out, atol=1e-6)
+    kept = BrightObjectsd(keys="image", invert=False)({"image": (255 - image).astype(np.float32)})["image"][0]
+    assert kept[nuclei].mean() < kept[~nuclei].mean()
+    with pytest.raises(ConfigValueError, match="invert="):
+        BrightObjectsd(keys="image", invert="yes")
 
 
 def test_bundle_load_chain(dsb_folder):
