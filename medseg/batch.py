@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES, RUN_RECORD, InputItem, slice_items
+from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES, RUN_RECORD, InputItem, name_key, slice_items
 from medseg.discovery import RUN_JOURNAL as JOURNAL
 from medseg.errors import NO_SPACE, DataError, causes
 from medseg.io import atomic_output
@@ -348,13 +348,13 @@ class RunRecord:
 
         An input whose outputs the record holds keeps their name (``a.png`` stays ``a`` when a later run also
         finds ``a.tif``); a name the record gives another input is not taken (``a.tif`` then becomes
-        ``a_tif``; any name still taken gets ``_2``, ``_3``, ...). Names compare ignoring case, as outputs
-        may land on a case-insensitive disk.
+        ``a_tif``; any name still taken gets ``_2``, ``_3``, ...). Names compare ignoring case and Unicode
+        normalisation, as outputs may land on a disk that ignores them.
         """
-        owner = {str(v["rel"]).lower(): k for k, v in self.names.items()}
+        owner = {name_key(str(v["rel"])): k for k, v in self.names.items()}
         uids = Counter(item.series_uid for item in inputs if item.series_uid)
         recorded = [self._recorded(item, uids).get("rel") for item in inputs]
-        used = {str(r).lower() for r in recorded if r}
+        used = {name_key(str(r)) for r in recorded if r}
         result = []
         for item, rel in zip(inputs, recorded, strict=True):
             key = _source_key(item)
@@ -363,13 +363,13 @@ class RunRecord:
             own = {key, f"dicom:{item.series_uid}"} if item.series_uid else {key}
             if not rel:
                 rel = item.rel
-                if rel.lower() in used or owner.get(rel.lower(), key) not in own:
+                if name_key(rel) in used or owner.get(name_key(rel), key) not in own:
                     suffix = suffix_of(item.source).lstrip(".").replace(".", "_").lower() or item.series_uid
-                    base = rel if rel.lower().endswith(f"_{suffix}") else f"{rel}_{suffix}"
+                    base = rel if name_key(rel).endswith(f"_{suffix}") else f"{rel}_{suffix}"
                     rel, n = base, 2
-                    while rel.lower() in used or owner.get(rel.lower(), key) not in own:
+                    while name_key(rel) in used or owner.get(name_key(rel), key) not in own:
                         rel, n = f"{base}_{n}", n + 1
-            used.add(str(rel).lower())
+            used.add(name_key(str(rel)))
             result.append(replace(item, rel=str(rel)))
         return result
 

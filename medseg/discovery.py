@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -311,8 +312,15 @@ def _uid_name(uid: str) -> str:
     return "series_" + hashlib.sha1(uid.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
+def name_key(rel: str) -> str:
+    """``rel`` as a disk that ignores case and Unicode normalisation sees it (macOS's): ``Café`` composed and
+    ``cafe`` + a combining accent are one name there."""
+    return unicodedata.normalize("NFC", rel).casefold()
+
+
 def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:
-    """Make output stems unique, ignoring case (outputs may land on a case-insensitive disk).
+    """Make output stems unique, ignoring case and Unicode normalisation (:func:`name_key`: outputs may land on
+    a disk that ignores them, as macOS's do).
 
     ``a.png`` and ``a.tif`` in one folder become ``a_png`` and ``a_tif``; any stem still taken gets ``_2``,
     ``_3``, ... so no two inputs ever write the same file. A stem whose output file would be another input's
@@ -320,23 +328,23 @@ def _unique_rels(inputs: list[InputItem]) -> list[InputItem]:
     """
     counts: dict[str, int] = {}
     for item in inputs:
-        counts[item.rel.lower()] = counts.get(item.rel.lower(), 0) + 1
-    folders = {"/".join(parts[:k]) for parts in (item.rel.lower().split("/") for item in inputs)
+        counts[name_key(item.rel)] = counts.get(name_key(item.rel), 0) + 1
+    folders = {"/".join(parts[:k]) for parts in (name_key(item.rel).split("/") for item in inputs)
                for k in range(1, len(parts))}
     outputs = (*OUTPUT_FORMATS.values(), *PROB_SUFFIXES.values(), ".csv")
     for rel in [r for r in counts if any(r + s in folders for s in outputs)]:
         counts[rel] += 1  # named apart, as a second input of the stem would be
-    taken = {item.rel.lower() for item in inputs if counts[item.rel.lower()] == 1}
+    taken = {name_key(item.rel) for item in inputs if counts[name_key(item.rel)] == 1}
     result = []
     for item in inputs:
         rel = item.rel
-        if counts[rel.lower()] > 1:
+        if counts[name_key(rel)] > 1:
             suffix = suffix_of(item.source).lstrip(".").replace(".", "_").lower() or item.series_uid
             rel = f"{item.rel}_{suffix}"
         candidate, n = rel, 2
-        while candidate.lower() in taken and counts[item.rel.lower()] > 1:
+        while name_key(candidate) in taken and counts[name_key(item.rel)] > 1:
             candidate, n = f"{rel}_{n}", n + 1
-        taken.add(candidate.lower())
+        taken.add(name_key(candidate))
         result.append(replace(item, rel=candidate))
     return result
 

@@ -833,6 +833,10 @@ class NiftiReader(_MedsegReader):
                             "or set nifti_channel_dim=3 for a network that takes that many channels")
         if len(shape) > 4 or len(shape) < 2:
             raise DataError(f"{path}: NIfTI with {len(shape)} dimensions {tuple(img.shape)}; expected 2D or 3D")
+        if len(shape) >= 3 and 1 in shape[:2] and shape[2] > 1:  # slices across it would be 1-voxel strips
+            raise DataError(f"{path}: one plane stored across the slice axis ({'×'.join(map(str, shape[:3]))} "
+                            "voxels), whose slices along the third axis are strips one voxel wide; store it as "
+                            "X×Y×1 (the one-voxel axis last, the affine's columns swapped to match)")
         return img, shape
 
     def _voxels(self, img, shape, index: int | None) -> np.ndarray:

@@ -111,6 +111,9 @@ class LoadSliced(MapTransform):
             return self._convert(arr, key, path)
 
     def _convert(self, arr: np.ndarray, key: Hashable, path: str) -> np.ndarray:
+        if arr.dtype.kind == "c":  # a Fourier or MR phase image: its real part alone is no picture of it
+            raise DataError(f"{path}: complex values ({arr.dtype}); save the image's magnitude (abs) or the part "
+                            "to segment as real numbers")
         channels = self.channels.get(key)
         floats = arr.dtype.kind in "fc"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
         if key == "image":

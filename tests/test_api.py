@@ -301,7 +301,7 @@ def test_devices_types_warnings_and_the_callers_seeds(weights):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a notebook shows every warning
         assert np.array_equal(em.segment(read_only).prob, expected)
-        em.segment(np.zeros((32, 32), np.uint8))  # blank: a blank mask, no divide-by-zero warning
+        em.segment(np.zeros((32, 32), np.uint8))  # blank: no divide-by-zero warning
     as_bf16 = torch.as_tensor(image).to(torch.bfloat16)  # holds 0-255 integers exactly
     assert np.array_equal(em.segment(as_bf16).prob, expected)
     # values far from 0 for their spread keep their levels (in float32 a float64 image around 1e6 kept 17 of

@@ -264,3 +264,21 @@ def test_output_names_taken_compare_ignoring_case(tmp_path):
     later = InputItem(str(tmp_path / "scan.tif"), "tiff", "scan", key="scan.tif")
     assert [i.rel for i in RunRecord(out, {"c": 1}).keep_names([first, later])] == ["Scan", "scan_tif"]
     assert [i.rel for i in RunRecord(out, {"c": 1}).keep_names([later])] == ["scan_tif"]
+    # and ignoring Unicode normalisation: macOS's disks take café composed and decomposed for one name
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    cafe = InputItem(str(tmp_path / f"{composed}.png"), "png", composed, key=f"{composed}.png")
+    record.record({"mask": out / "mask" / "Scan.png"}, made=True, item=cafe)
+    other = InputItem(str(tmp_path / f"{decomposed}.tif"), "tiff", decomposed, key=f"{decomposed}.tif")
+    assert [i.rel for i in RunRecord(out, {"c": 1}).keep_names([other])] == [f"{decomposed}_tif"]
+
+
+def test_output_names_found_together_compare_ignoring_unicode_normalisation(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from medseg.discovery import discover
+
+    for name in ("caf\u00e9.png", "cafe\u0301.tif", "Cafe\u0301.bmp"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    items, _ = discover(tmp_path)
+    assert {i.rel for i in items} == {"Cafe\u0301_bmp", "caf\u00e9_png", "cafe\u0301_tif"}

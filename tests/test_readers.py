@@ -165,6 +165,24 @@ def test_truncated_imagej_stack_is_an_error_not_its_first_page(tmp_path):
         count_slices(path)
 
 
+@pytest.mark.parametrize("shape", [(1, 30, 40), (30, 1, 40)])
+def test_a_nifti_plane_across_the_slice_axis_is_refused_not_cut_into_strips(tmp_path, shape):
+    # read as 40 slices of 1 x 30 voxels, each segmented alone: a wrong mask, said nowhere
+    nib.save(nib.Nifti1Image(np.ones(shape, np.int16), np.eye(4)), str(tmp_path / "p.nii.gz"))
+    with pytest.raises(DataError, match=r"p\.nii\.gz: one plane stored across the slice axis .*store it as X×Y×1"):
+        count_slices(tmp_path / "p.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((30, 40, 1), np.int16), np.eye(4)), str(tmp_path / "ok.nii.gz"))
+    assert count_slices(tmp_path / "ok.nii.gz") == 1
+
+
+def test_complex_values_are_refused_by_name(tmp_path):
+    from medseg.transforms import LoadSliced
+
+    tifffile.imwrite(tmp_path / "k.tif", (np.ones((20, 30)) * (1 + 2j)).astype(np.complex64))
+    with pytest.raises(DataError, match=r"k\.tif: complex values \(complex64\); save the image's magnitude"):
+        LoadSliced("image")({"image": str(tmp_path / "k.tif")})
+
+
 def test_tiff_single_page_is_2d_and_rgb_is_channel_first(tmp_path):
     write_tiff(tmp_path / "one.tif", np.ones((5, 6), np.uint16))
     assert read_image(tmp_path / "one.tif")[0].shape == (1, 5, 6)
