@@ -589,20 +589,35 @@ def run_batch(
                                 "or choose another output folder")
     result = BatchResult(rows=[ManifestRow(input=os.path.abspath(f), status="ignored", message=why)
                                for f, why in ignored])
-    earlier = _earlier_rows(manifest, [(i.source, i.series_uid or _file_series_uid(i)) for i in inputs]
-                            + [(f, "") for f, _ in ignored])
+    taken = {_row_key(source, uid) for source, uid in
+             [(i.source, i.series_uid or _file_series_uid(i)) for i in inputs]}
+    listed = _earlier_rows(manifest, [(f, "") for f, _ in ignored])
+    earlier = [r for r in listed if _row_key(r.input, r.series_uid) not in taken]
     write_manifest(manifest, earlier + result.rows)
     if record is not None:
         record.save()  # this run's identity, and what a killed run's journal holds, before any change is logged
     try:
         _run_inputs(inputs, counts, segment, paths_for, count, manifest, overwrite, on_abort, progress, record,
                     result)
+    except BaseException:
+        # stopped (Ctrl-C, a full disk): the inputs it did not reach keep their earlier rows, as their outputs
+        # stay; the next run lists them again
+        done = {_row_key(r.input, r.series_uid) for r in result.rows}
+        waiting = [r for r in listed if _row_key(r.input, r.series_uid) in taken - done]
+        with contextlib.suppress(OSError):
+            write_manifest(manifest, earlier + result.rows + waiting)
+        raise
     finally:
         if record is not None:
             with contextlib.suppress(OSError):  # a disk still full: the journal keeps what the record would
                 record.save()
     write_manifest(manifest, earlier + result.rows)
     return result
+
+
+def _row_key(source: str, series_uid: str | None) -> tuple[str, str]:
+    """An input as the manifest tells it apart: its absolute path and series."""
+    return os.path.abspath(source), series_uid or ""
 
 
 def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Callable[[list[dict]], dict | None],
@@ -745,10 +760,10 @@ def _earlier_rows(manifest: Path, taken: Iterable[tuple[str, str]]) -> list[Mani
         rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error:
         return []
-    taken = {(os.path.abspath(source), uid or "") for source, uid in taken}
+    taken = {_row_key(source, uid) for source, uid in taken}
     kept = []
     for row in rows:
-        if not row.get("input") or (os.path.abspath(row["input"]), row.get("series_uid") or "") in taken:
+        if not row.get("input") or _row_key(row["input"], row.get("series_uid")) in taken:
             continue
         if row.get("mask") and not Path(row["mask"]).is_file():
             continue  # its outputs are gone

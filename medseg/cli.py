@@ -346,7 +346,9 @@ def infer(
             "output_format": (None if format_ == "auto" else format_, f"--format {format_}")}),
         include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
         output_format=format_, save_prob=prob),
-        interrupted=f"finished inputs are kept in {output_dir}; run the same command again to do the rest")
+        interrupted=f"finished inputs are kept in {output_dir}; " + (
+            "run the same command again to redo every input (--overwrite redoes those done too)" if overwrite
+            else "run the same command again to do the rest"))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=2, ensure_ascii=False))
     for message in summary["failures"]:
         typer.secho(f"failed: {message}", err=True, fg=typer.colors.RED)

@@ -116,6 +116,8 @@ class Interrupted(list):
 
     finished = 0
     at_once = False  # a second Ctrl-C
+    ended = False  # the training is over (its last epoch, early stopping, a time limit): its last files follow
+    late = False  # a Ctrl-C came then
     terminated = False  # SIGTERM: the command exits 143 rather than 130
 
     def stop(self, how: str = "") -> KeyboardInterrupt:
@@ -138,8 +140,14 @@ def stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterato
     def finished(engine: Any) -> None:  # at the start (a resumed epoch) and after each epoch that ends
         flag.finished = engine.state.epoch
 
+    def ending(engine: Any) -> None:
+        if not flag and (engine.should_terminate or engine.state.epoch >= engine.state.max_epochs):
+            flag.ended = True
+
     trainer.add_event_handler(Events.STARTED, finished)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, finished)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, ending)
+    trainer.add_event_handler(Events.TERMINATE, ending)
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -150,10 +158,15 @@ def stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterato
         if os.getpid() != main_pid:  # a data-loader worker (forked with this handler): the main process decides
             return
         flag.terminated = flag.terminated or signum == signal.SIGTERM
-        if flag:  # stop at once; Ignite's and MONAI's loggers would print the interrupt's traceback on its way out
+        if flag or flag.late:  # stop at once; Ignite's and MONAI's loggers would print its traceback on its way out
             flag.at_once = True
             logging.disable(logging.CRITICAL)
             raise flag.stop()
+        if flag.ended:  # nothing left to stop: the run is not marked interrupted for its last writes
+            flag.late = True
+            print("interrupted: the training has ended; writing its last files (Ctrl-C again stops at once)",
+                  file=sys.stderr, flush=True)
+            return
         flag.append(True)
         print("interrupted: finishing the current step (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         for tracker in mlflow_handlers:  # MONAI continues an unfinished run of the same name, not a FINISHED one
@@ -182,9 +195,13 @@ def validate_at_end(trainer: Any, evaluator: Any, interrupted: Interrupted,
     from ignite.engine import Events
 
     validated_at = [-1]  # the trainer's iteration at the last validation
+    started_at = [0]  # and at the start (a resumed run's): a run that trained nothing has nothing new to judge
 
     def note(_: Any) -> None:
         validated_at[0] = trainer.state.iteration
+
+    def start(engine: Any) -> None:
+        started_at[0] = engine.state.iteration
 
     def validate(engine: Any) -> None:
         ending = engine.should_terminate or engine.state.epoch >= engine.state.max_epochs
@@ -193,10 +210,11 @@ def validate_at_end(trainer: Any, evaluator: Any, interrupted: Interrupted,
         if interrupted:
             wanted = evaluator.state.best_metric_epoch < 0 and interrupted.finished >= 1
         else:
-            wanted = engine.state.epoch > 0 and validated_at[0] != engine.state.iteration
+            wanted = engine.state.epoch > 0 and engine.state.iteration not in (validated_at[0], started_at[0])
         if ending and wanted:
             evaluator.run(engine.state.epoch)
 
     evaluator.add_event_handler(Events.COMPLETED, note)
+    trainer.add_event_handler(Events.STARTED, start)  # after a resume's checkpoint loader
     trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)  # after the bundle's own ValidationHandler
     trainer.add_event_handler(Events.TERMINATE, validate)

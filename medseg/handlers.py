@@ -211,8 +211,11 @@ class TrainingCurves:
             ax_val.legend()
         fig.tight_layout()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.png_path, dpi=100)
-        plt.close(fig)
+        try:
+            with atomic_output(self.png_path) as tmp:  # a kill mid-write leaves the earlier curves, not an empty file
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
         return self.png_path
 
 
@@ -283,6 +286,12 @@ class RestoreBest:
             if inner is not None and hasattr(inner, "state_dict"):
                 best = inner.score_function(probe)  # e.g. a lower-is-better score negated
                 inner.load_state_dict({**inner.state_dict(), "counter": since, "best_score": best})
+                if since >= inner.patience:  # the run had stopped there: it ends again, untrained further
+                    logging.getLogger(__name__).warning(
+                        "--resume: early stopping ended this run (no better %s in the %d validations since epoch "
+                        "%d); finishing it without training; give --set early_stop_patience above %d to train on",
+                        name, since, epoch, since)
+                    engine.terminate()
 
 
 def _is_number(value: Any) -> bool:

@@ -511,14 +511,22 @@ def checkpoint_parts(checkpoint: Path) -> dict:
 
 
 def check_epochs_left(state: Any, last: Path, max_epochs: int) -> int | None:
-    """``--resume`` needs epochs left to train: Ignite refuses a checkpoint past ``max_epochs`` with a traceback.
-    ``state`` is the trainer's state saved in ``last``. Returns the epochs it has trained (None for an unusual
-    checkpoint)."""
+    """``--resume`` needs epochs left to train (Ignite refuses a checkpoint past ``max_epochs`` with a
+    traceback), or a run to finish: one that trained its ``max_epochs`` and was stopped before it wrote its
+    ``train_summary.json`` (killed in its last seconds) ends again without training, its curves, summary and
+    tracking written. ``state`` is the trainer's state saved in ``last``. Returns the epochs it has trained
+    (None for an unusual checkpoint)."""
     try:
         done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
     except Exception:  # noqa: BLE001 - an unusual checkpoint: Ignite's own checks follow
         return None
-    if done >= max_epochs:
+    summary = last.parent / "train_summary.json"
+    unwritten = not summary.is_file() or summary.stat().st_mtime_ns < last.stat().st_mtime_ns
+    if done == max_epochs and unwritten:
+        logging.getLogger(__name__).warning(
+            "--resume: %s has trained all %d epochs, and the run was stopped before its end was written; "
+            "finishing it without training (pass --epochs above %d to train on)", last.name, done, done)
+    elif done >= max_epochs:
         raise ConfigValueError(f"--resume: {last.name} has trained {done} epochs and the run is set to "
                                f"{max_epochs}; pass --epochs above {done} to train on")
     return done

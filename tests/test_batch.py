@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _one_input(tmp_path):
     from medseg.discovery import InputItem
@@ -282,3 +284,40 @@ def test_output_names_found_together_compare_ignoring_unicode_normalisation(tmp_
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
     items, _ = discover(tmp_path)
     assert {i.rel for i in items} == {"Cafe\u0301_bmp", "caf\u00e9_png", "cafe\u0301_tif"}
+
+
+def test_a_stopped_run_keeps_the_rows_of_the_inputs_it_did_not_reach(tmp_path):
+    # the manifest was written at the start without the earlier rows of every input the run takes, and a run
+    # stopped by Ctrl-C or a full disk never wrote them back: finished inputs with their outputs went unlisted
+    import csv
+
+    import pytest
+
+    from medseg.batch import run_batch
+    from medseg.discovery import InputItem
+
+    out = tmp_path / "out"
+    items, paths = [], {}
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+        items.append(InputItem(str(tmp_path / f"{name}.png"), "png", name))
+        paths[name] = {"mask": out / "mask" / f"{name}.png"}
+
+    def write(slices):
+        name = slices[0]["name"]
+        paths[name]["mask"].parent.mkdir(parents=True, exist_ok=True)
+        paths[name]["mask"].write_bytes(b"m")
+
+    common = {"paths_for": lambda i, n: paths[i.rel], "count": lambda i: 1, "manifest": out / "manifest.csv"}
+    assert run_batch(items, [], write, **common).count("ok") == 3
+
+    def stopped(slices):
+        if slices[0]["name"] == "b":
+            raise KeyboardInterrupt
+        write(slices)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(items, [], stopped, overwrite=True, **common)
+    rows = list(csv.DictReader(open(out / "manifest.csv", encoding="utf-8")))
+    assert sorted(Path(r["input"]).name for r in rows) == ["a.png", "b.png", "c.png"]
+    assert all(r["status"] == "ok" for r in rows)

@@ -477,6 +477,35 @@ def test_a_refused_resume_leaves_the_finished_mlflow_run_as_it_was(trained, tmp_
     assert run_info() == before
 
 
+def test_resume_finishes_a_run_killed_after_its_last_epoch(trained, tmp_path, caplog):
+    # killed after its last checkpoint, before its summary: --resume refused ("has trained 3 epochs"), so the
+    # run could only be finished by training more epochs
+    import mlflow
+
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    (out / "train_summary.json").unlink()
+    (out / "curves.png").unlink()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em").experiment_id
+    (run,) = client.search_runs([experiment])
+    client.update_run(run.info.run_id, status="RUNNING")  # as a kill leaves it
+    weights = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    history = (out / "history.json").read_text()
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume", "--epochs", 3,
+                     "--no-progress", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert "finishing it without training" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == weights
+    assert (out / "history.json").read_text() == history
+    assert json.loads((out / "train_summary.json").read_text())["epochs"] == 3 and (out / "curves.png").stat().st_size
+    assert [(r.info.run_id, r.info.status) for r in client.search_runs([experiment])] == [(run.info.run_id, "FINISHED")]
+    # finished now: a further --resume of the same length is refused as before
+    _assert_one_line_error(_invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume",
+                                   "--epochs", 3, "--no-progress", "--device", "cpu", *_tiny_args()),
+                           "has trained 3 epochs and the run is set to 3")
+
+
 def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path, caplog):
     """As the interrupt message says it: --resume alone continues the run as it was set, not the bundle's
     150 epochs; on its own split; and a length already reached is one line, not Ignite's traceback."""
@@ -1306,6 +1335,56 @@ def test_resume_keeps_the_best_model_and_patience(trained, tmp_path):
     assert summary["best_metric"] == 1.0 and summary["best_metric_epoch"] == 2
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3, 4] and history["val_epoch"] == [1, 2, 3, 4]  # no fresh-weights check
+
+
+def test_resume_of_a_run_early_stopping_ended_trains_no_further(trained, tmp_path, caplog):
+    # its patience was restored as used up, but Ignite looks only at the next validation: each --resume trained
+    # one more epoch, which the uninterrupted run never did, and could replace model.pt
+    out = tmp_path / "stopped"
+    shutil.copytree(trained["out"], out)
+    history = json.loads((out / "history.json").read_text())
+    history["val"][0]["val_v_rand"] = 1.0  # the best at epoch 1: patience 2 was used up at epoch 3
+    (out / "history.json").write_text(json.dumps(history))
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 6, "--resume",
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(),
+                     "--set", "early_stop_patience=2")
+    assert result.exit_code == 0, result.output
+    assert "early stopping ended this run" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
+    assert json.loads((out / "history.json").read_text()) == history  # no epoch trained, none validated again
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["best_metric_epoch"] == 1 and "interrupted" not in summary
+
+
+def test_ctrl_c_once_the_training_has_ended_does_not_mark_it_interrupted(tmp_path, isbi_folder, monkeypatch):
+    # Ctrl-C while the last files were written made a finished run KILLED and "interrupted", and told the user
+    # to --resume it, which then refused: all its epochs were trained
+    import os
+    import signal
+
+    import mlflow
+    from ignite.engine import Events
+
+    from medseg import workflows
+
+    original = workflows._check_batches
+
+    def press_ctrl_c_at_the_end(trainer, data_dir, *rest):
+        original(trainer, data_dir, *rest)
+        trainer.add_event_handler(Events.COMPLETED, lambda _: os.kill(os.getpid(), signal.SIGINT))
+
+    monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c_at_the_end)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--epochs", 2, "--data", isbi_folder, "--output", out, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert "interrupted: the training has ended" in result.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["epochs"] == 2 and "interrupted" not in summary
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert run.info.status == "FINISHED"
 
 
 def test_weight_averaging_is_validated_shipped_and_resumed(trained, tmp_path):
