@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from medseg.errors import CheckpointError, DataError, MedsegError
+from medseg.errors import NO_SPACE, CheckpointError, DataError, MedsegError
 
 #: What a bundle folder holds that goes into the export (MONAI's bundle layout less ``models/``): not the data,
 #: runs or evaluations a plain ``monai.bundle run`` may have put inside it
@@ -41,6 +42,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     """
     from medseg.bundle import bundle_configs, load_checkpoint, load_config
     from medseg.io import file_sha256, partial_folder
+    from medseg.locking import holder_of
     from medseg.runfolder import run_file, training_settings
 
     bundle, checkpoint, out = Path(bundle), Path(checkpoint), Path(output_dir)
@@ -52,6 +54,11 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     if out.absolute().resolve().is_relative_to(bundle.resolve()):
         raise MedsegError(f"{out}: inside the bundle {bundle}; give a folder outside it")
     settings = training_settings(bundle, [checkpoint], {}).values
+    writer = holder_of(checkpoint.resolve().parent)
+    if writer is not None:
+        logging.getLogger(__name__).warning(
+            "%s: %s is still writing into its run; exporting the weights it holds now (the best so far), which "
+            "a later validation may replace there", checkpoint, writer)
     part = None
     try:
         part = partial_folder(out)  # this export's own
@@ -88,7 +95,9 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         if out.exists():
             raise MedsegError(f"{out}: already exists (made meanwhile); give a new folder for the exported "
                               "bundle") from err
-        where = err.filename if isinstance(getattr(err, "filename", None), (str, os.PathLike)) else out
+        # a full disk is the target's, though the copy names its source
+        where = err.filename if isinstance(getattr(err, "filename", None), (str, os.PathLike)) and \
+            err.errno not in NO_SPACE else out
         raise MedsegError(f"{where}: cannot export the bundle ({err.strerror or type(err).__name__}); check the "
                           "files and the free space") from err
     except BaseException:

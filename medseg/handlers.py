@@ -16,7 +16,7 @@ from ignite.handlers import EMAHandler
 from ignite.handlers.checkpoint import BaseSaveHandler
 from torch import nn
 
-from medseg.errors import ConfigValueError, DataError
+from medseg.errors import ConfigValueError, DataError, brief
 from medseg.io import atomic_output
 
 
@@ -415,10 +415,14 @@ class _AtomicSaver(BaseSaveHandler):
             # file, so the same weights saved twice would differ in bytes and in SHA-256
             with atomic_output(path) as tmp, open(tmp, "wb") as fh:
                 torch.save(checkpoint, fh)
-        except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError (iostream error)
-            raise DataError(f"{path}: cannot write the checkpoint ({str(err).strip() or type(err).__name__}); "
-                            "free disk space or check the folder's permissions and quota, then continue with "
-                            "--resume") from err
+        except (OSError, RuntimeError) as err:
+            # torch reports a write cut short as RuntimeError, in its archive writer's own words
+            why = (err.strerror or type(err).__name__) if isinstance(err, OSError) else \
+                f"the write was cut short: a full disk, or a quota or file-size limit ({brief(str(err))})"
+            go_on = "continue with --resume" if any(self.dirname.glob("last_checkpoint_epoch=*.pt")) else \
+                "train again"
+            raise DataError(f"{path}: cannot write the checkpoint ({why}); free disk space or check the "
+                            f"folder's permissions and quota, then {go_on}") from err
         for old in self.pending:
             if old != name:
                 (self.dirname / old).unlink(missing_ok=True)

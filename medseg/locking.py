@@ -73,6 +73,29 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[None]:
         os.close(fd)  # frees the lock
 
 
+def holder_of(folder: str | os.PathLike) -> str | None:
+    """Who is writing into ``folder`` now (a command holding its lock), in words; ``None`` when no one is, or no
+    lock can tell (no ``fcntl``, no lock file, a filesystem without locks)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken at once when no one holds it
+    except BlockingIOError:
+        return _holder(path)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # frees a lock taken here
+    return None
+
+
 def _holder(path: Path) -> str:
     """Who holds the lock at ``path``, in words (``another command`` when the record is unreadable)."""
     try:

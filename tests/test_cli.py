@@ -1258,6 +1258,34 @@ def test_an_exported_bundle_describes_its_own_weights_and_scores_their_validatio
     assert [p.name for p in tmp_path.iterdir() if p.name == "x" or p.name.endswith(".part")] == []
 
 
+def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypatch):
+    import errno
+
+    import medseg.export
+
+    real = shutil.copyfile
+
+    def full(source, target, *args, **kwargs):
+        if Path(target).name == "model.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(source))  # as the copy names it
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(medseg.export.shutil, "copyfile", full)
+    target = tmp_path / "shared" / "em"
+    _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", target),
+                           f"{target}: cannot export the bundle (No space left on device)")
+    assert not target.exists() and not list(target.parent.iterdir())  # its partial folder removed
+
+
+def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
+    from medseg.locking import folder_lock
+
+    with folder_lock(trained["out"], "train"):
+        result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "em")
+    assert result.exit_code == 0, result.output
+    assert "medseg train (process" in caplog.text and "is still writing into its run" in caplog.text
+
+
 def test_an_export_states_the_channels_its_weights_have():
     from medseg.export import _describe_channels
 

@@ -70,7 +70,7 @@ def test_bad_momentum_is_refused():
         WeightEMA(_net(), momentum=1.5)
 
 
-def _saving_run(tmp_path, fail_at_epoch: int | None, monkeypatch, **saver_args):
+def _saving_run(tmp_path, fail_at_epoch: int | None, monkeypatch, error: Exception | None = None, **saver_args):
     """A 3-epoch run whose network changes each epoch, saved by medseg's CheckpointSaver; torch.save fails
     (a full disk) while writing epoch ``fail_at_epoch``'s file, half of it written."""
     import errno
@@ -91,7 +91,7 @@ def _saving_run(tmp_path, fail_at_epoch: int | None, monkeypatch, **saver_args):
     def save(obj, f, *args, **kwargs):
         if engine.state.epoch == fail_at_epoch:
             f.write(b"PK\x03\x04 half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error or OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
@@ -129,6 +129,17 @@ def test_last_checkpoints_replace_each_other_only_once_written(tmp_path, monkeyp
     # epoch 1's checkpoint is kept whole; no half-written file under epoch 2's name, no temporary file
     assert [p.name for p in tmp_path.iterdir()] == ["last_checkpoint_epoch=1.pt"]
     assert _bias(tmp_path / "last_checkpoint_epoch=1.pt") == 1.0
+
+
+def test_a_checkpoint_write_torch_cut_short_is_said_in_our_words(tmp_path, monkeypatch):
+    # torch's archive writer reports a full disk in its own terms; and with no checkpoint yet, --resume has
+    # nothing to continue from
+    from medseg.errors import DataError
+
+    torn = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4832896 vs 4832788")
+    with pytest.raises(DataError, match=r"last_checkpoint_epoch=1\.pt: cannot write the checkpoint \(the write was "
+                                        r"cut short: a full disk, or a quota or file-size limit .*then train again$"):
+        _saving_run(tmp_path, 1, monkeypatch, error=torn, save_interval=1, n_saved=1, file_prefix="last")
 
 
 def test_a_failed_best_model_save_keeps_the_previous_model(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from medseg.errors import DataError
-from medseg.locking import LOCK_FILE, folder_lock
+from medseg.locking import LOCK_FILE, folder_lock, holder_of
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows: no lock is taken there")
 
@@ -28,6 +28,15 @@ def test_a_held_folder_is_refused_with_its_holder_named_and_free_again_after(tmp
         raise RuntimeError("the command failed")
     with folder_lock(tmp_path, "train"):  # and released when the command failed
         pass
+
+
+def test_who_is_writing_into_a_folder_is_told_without_taking_its_lock(tmp_path):
+    assert holder_of(tmp_path) is None
+    with folder_lock(tmp_path, "train"):
+        assert holder_of(tmp_path).startswith("medseg train (process ")
+        assert holder_of(tmp_path).startswith("medseg train")  # asking twice takes nothing from the holder
+    (tmp_path / LOCK_FILE).write_text("{}")  # a killed holder's file: no one holds it
+    assert holder_of(tmp_path) is None
 
 
 def test_a_killed_holder_frees_the_folder(tmp_path):
