@@ -486,8 +486,9 @@ def _nested_example(parser: Any) -> str:
 def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu", training_state: bool = True) -> str:
     """Load weights from ``path`` into ``network`` safely (``weights_only``) and strictly.
 
-    Accepts a plain state dict or, with ``training_state``, a dict holding it under ``"ema_model"`` (a training's
-    last checkpoint: the weights it validated, averaged with ``ema_momentum``) or ``"model"``. The digest and
+    Accepts a plain state dict or a dict holding it under ``"ema_model"`` (a training's last checkpoint: the
+    weights it validated, averaged with ``ema_momentum``) or ``"model"``; without ``training_state``, a file
+    that also holds an ``"optimizer"`` or ``"trainer"`` (a last checkpoint) is refused. The digest and
     the weights come from one open file, so the digest is that of the weights loaded even when the file is
     replaced meanwhile (a training still running into the folder writes a new file and renames it over the old
     one).
@@ -534,8 +535,7 @@ def load_checkpoint(network: Any, path: str | os.PathLike, device: Any = "cpu", 
         detail = brief(detail)  # torch's messages run long
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail}); "
                               "pass the model.pt of a medseg training") from err
-    if not training_state and isinstance(state, dict) and any(isinstance(state.get(k), dict)
-                                                              for k in ("ema_model", "model")):
+    if not training_state and isinstance(state, dict) and any(k in state for k in ("optimizer", "trainer")):
         raise CheckpointError(f"{path}: a training's last checkpoint (its weights with the optimizer's state); "
                               "give the run's model.pt, the weights it validated best")
     if isinstance(state, dict) and isinstance(state.get("ema_model"), dict):

@@ -82,12 +82,13 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         split, record = run_file(checkpoint, "split.json"), run_file(checkpoint, "config.json")  # those read
         if split.is_file():
             shutil.copyfile(split, part / "models" / "split.json")
-            _score_recorded_split(part / "configs" / "evaluate.json", split)
+        _score_recorded_split(part / "configs" / "evaluate.json", split if split.is_file() else None)
         if record.is_file():
             _write_record(record, part / "models" / "config.json")
-        about = _Export(bundle, digest, settings, _best_validation(run_file(checkpoint, "train_summary.json")))
-        _write_metadata(part / "configs" / "metadata.json", parser, about)
-        _write_docs_header(part / "docs" / "README.md", about, split.is_file())
+        about = _Export(bundle, digest, settings, _best_validation(checkpoint), split.is_file())
+        described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
+                                    parser, about)
+        _write_docs_header(part / "docs" / "README.md", about, described)
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
         if part is not None:
@@ -109,19 +110,34 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
 
 class _Export(NamedTuple):
     """What the export's metadata and docs say of it: its source bundle, the weights' digest, the settings the
-    training changed (id -> value) and its best validation (``(metric, value, epoch)``, or ``None``)."""
+    training changed (id -> value), its best validation (``(metric, value, epoch)``, or ``None``) and whether
+    its split went along."""
 
     bundle: Path
     sha256: str
     settings: dict[str, Any]
     best: tuple[str, float, Any] | None
+    has_split: bool
 
 
-def _best_validation(summary: Path) -> tuple[str, float, Any] | None:
-    """The best validation score a training's ``train_summary.json`` records (``None``: none recorded)."""
+#: How an earlier export's words begin, in the description and the docs (an export of an export replaces them)
+_SETTINGS_NOTE = " These weights were trained with settings changed from the bundle's:"
+_DOCS_HEADER = "# Exported model: "
+_DOCS_RULE = "\n\n---\n\n"
+
+
+def _best_validation(checkpoint: Path) -> tuple[str, float, Any] | None:
+    """The best validation score the training's ``train_summary.json`` records, when it is of these weights:
+    ``None`` when none is recorded, or when ``checkpoint`` was written after the summary (a training still
+    running, or resumed and stopped), whose best the summary does not know."""
+    from medseg.runfolder import run_file
+
+    summary = run_file(checkpoint, "train_summary.json")
     try:
         record = json.loads(summary.read_text(encoding="utf-8"))
         metric, value = str(record["key_metric"]), float(record["best_metric"])
+        if summary.stat().st_mtime_ns < Path(checkpoint).resolve().stat().st_mtime_ns:
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return (metric.removeprefix("val_"), value, record.get("best_metric_epoch")) if math.isfinite(value) else None
@@ -131,33 +147,36 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k} = {json.dumps(v, ensure_ascii=False, default=str)}" for k, v in settings.items())
 
 
-def _write_metadata(path: Path, parser: Any, about: _Export) -> None:
-    """The source bundle's ``metadata.json`` made true of the export: the network's input and output channels as
-    its configs build it, this training's best validation score as ``eval_metrics`` (none when unrecorded, as
-    the source's figures are of another training), the settings it changed in the description, and where the
-    export came from."""
+def _write_metadata(source: Path, path: Path, parser: Any, about: _Export) -> bool:
+    """The bundle's ``metadata.json`` (``source``) made true of the export, written to ``path``: the network's
+    input and output channels as its configs build it, this training's best validation score as
+    ``eval_metrics`` (none when unrecorded, as the source's figures are of another training), the settings it
+    changed in the description, and where the export came from. Returns whether it states the channels."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the bundle's metadata ({err}); fix it") from err
+        raise DataError(f"{source}: cannot read the bundle's metadata ({err}); fix it") from err
     formats = meta.get("network_data_format") if isinstance(meta.get("network_data_format"), dict) else {}
     names = about.settings.get("class_names")
+    described = False
     for side, key, labels in (("inputs", "in_channels", None), ("outputs", "out_channels", names)):
         entries = formats.get(side) if isinstance(formats.get(side), dict) else {}
         count = parser.get_parsed_content(f"network_def#{key}") if f"network_def#{key}" in parser else None
         for entry in list(entries.values())[:1]:  # the network's one input and output
             if isinstance(entry, dict) and isinstance(count, int):
                 _describe_channels(entry, count, labels if isinstance(labels, list) else None)
+                described = True
     meta["eval_metrics"] = {about.best[0]: round(about.best[1], 4)} if about.best else {}
-    if about.settings:
-        meta["description"] = (f"{meta.get('description', '')} These weights were trained with settings changed "
-                               f"from the bundle's: {_settings_text(about.settings)}; where the text above says "
-                               "otherwise, these hold.").strip()
+    description = str(meta.get("description", "")).split(_SETTINGS_NOTE)[0]  # an earlier export's note replaced
+    meta["description"] = (f"{description}{_SETTINGS_NOTE} {_settings_text(about.settings)}; where the text above "
+                           "says otherwise, these hold.") if about.settings else description
     meta["exported_from"] = {"bundle": meta.get("name", about.bundle.name), "version": meta.get("version"),
                              "weights_sha256": about.sha256, "settings": about.settings,
-                             "eval_metrics": "this training's best validation score, on its own validation "
-                                             "split (models/split.json)" if about.best else "none recorded"}
+                             "eval_metrics": "this training's best validation score, on its own validation split"
+                                             + (" (models/split.json)" if about.has_split else "")
+                                             if about.best else "none recorded"}
     path.write_text(json.dumps(meta, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    return described
 
 
 def _describe_channels(entry: dict, count: int, names: list | None) -> None:
@@ -173,36 +192,47 @@ def _describe_channels(entry: dict, count: int, names: list | None) -> None:
                             "training's settings)" for i in range(count)}
 
 
-def _write_docs_header(path: Path, about: _Export, has_split: bool) -> None:
-    """Put, before the source bundle's documentation, what this export holds and how it differs."""
+def _write_docs_header(path: Path, about: _Export, described: bool) -> None:
+    """Put, before the source bundle's documentation (an earlier export's header replaced), what this export
+    holds and how it differs."""
     body = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if body.startswith(_DOCS_HEADER) and _DOCS_RULE in body:
+        body = body.split(_DOCS_RULE, 1)[1]
     changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)"
     best = (f"{about.best[0]} {about.best[1]:.4f}" + (f" at epoch {about.best[2]}" if about.best[2] else "")
-            + (" on its own validation split (`models/split.json`)" if has_split else "")) if about.best \
+            + (" on its own validation split (`models/split.json`)" if about.has_split else "")) if about.best \
         else "not recorded"
-    header = (f"# Exported model: trained weights of the bundle {about.bundle.name}\n\n"
+    header = (f"{_DOCS_HEADER}trained weights of the bundle {about.bundle.name}\n\n"
               f"This folder holds one training's weights (`models/model.pt`, SHA-256 `{about.sha256}`) with "
               "the bundle it was trained with. Settings the training changed from the bundle's, written into "
-              f"`configs/`: {changed}. Its best validation score in training: {best}. `configs/metadata.json` "
-              "states the network's channels as these weights have them.\n\n"
-              "Everything below is the documentation of the bundle it came from: its results describe the "
-              "bundle's reference training, not these weights, and these weights are part of this "
-              "bundle.\n\n---\n\n")
+              f"`configs/`: {changed}. Its best validation score in training: {best}."
+              + (" `configs/metadata.json` states the network's channels as these weights have them." if described
+                 else ""))
+    if body.strip():
+        header += ("\n\nEverything below is the documentation of the bundle it came from: its results describe "
+                   "the bundle's reference training, not these weights, and these weights are part of this bundle.")
     path.parent.mkdir(exist_ok=True)
-    path.write_text(header + body, encoding="utf-8")
+    path.write_text(header + _DOCS_RULE + body if body.strip() else header + "\n", encoding="utf-8")
 
 
-def _score_recorded_split(config: Path, split: Path) -> None:
+def _score_recorded_split(config: Path, split: Path | None) -> None:
     """Make ``evaluate.json`` score the samples the run's ``split.json`` names (see
     :func:`medseg.data.recorded_samples`): MONAI's runner reads no split record, and a split drawn from the
-    bundle's settings can hold images the model trained on. An ISBI-style ``val_count`` follows the record."""
+    bundle's settings can hold images the model trained on. An ISBI-style ``val_count`` follows the record.
+    ``split`` ``None`` (no record went along): a record an exported bundle's ``evaluate.json`` named is off."""
     if not config.is_file():
         return
     content = json.loads(config.read_text(encoding="utf-8"))
+    if split is None:
+        if "split_record" in content:  # the export of an export: the earlier record is not these weights'
+            content["split_record"] = None
+            config.write_text(json.dumps(content, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+        return
     train = config.with_name("train.json")
     trained = json.loads(train.read_text(encoding="utf-8")) if train.is_file() else {}
     imports = content.get("imports", trained.get("imports", []))  # a file's imports replace those before it
-    content["imports"] = [*imports, "$from medseg.data import recorded_samples"]
+    needed = "$from medseg.data import recorded_samples"
+    content["imports"] = imports if needed in imports else [*imports, needed]
     content["split_record"] = "$@bundle_root + '/models/split.json'"
     content["validate#dataset#data"] = "$recorded_samples(@datalists, @split_record, @eval_split)"
     if "val_count" in trained:

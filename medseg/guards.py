@@ -140,13 +140,15 @@ def stop_on_ctrl_c(trainer: Any, mlflow_handlers: Sequence[Any] = ()) -> Iterato
     def finished(engine: Any) -> None:  # at the start (a resumed epoch) and after each epoch that ends
         flag.finished = engine.state.epoch
 
-    def ending(engine: Any) -> None:
-        if not flag and (engine.should_terminate or engine.state.epoch >= engine.state.max_epochs):
+    def ending(engine: Any) -> None:  # after the last step, before the last epoch's validation and checkpoint
+        last = engine.state.max_epochs * (engine.state.epoch_length or 0)
+        if not flag and (engine.should_terminate or engine.state.iteration >= last):
             flag.ended = True
 
     trainer.add_event_handler(Events.STARTED, finished)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, finished)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, ending)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, ending)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, ending)  # early stopping ended it in a validation
     trainer.add_event_handler(Events.TERMINATE, ending)
     if threading.current_thread() is not threading.main_thread():
         yield flag

@@ -246,8 +246,11 @@ class RestoreBest:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
 
-    def recorded_best(self) -> tuple[int, float, int] | None:
-        """``(epoch, score, validations since)`` of the best recorded validation, or ``None``."""
+    def recorded_best(self, up_to: int | None = None) -> tuple[int, float, int] | None:
+        """``(epoch, score, validations since)`` of the best recorded validation, or ``None``. With ``up_to``
+        (the resumed checkpoint's epoch), the validations since count only those of epochs up to it: a time
+        limit's validation inside the next epoch, on the way out, is of weights the resumed run trains anew
+        (it counts for the best, which ``model.pt`` may hold)."""
         path = self.output_dir / "history.json"
         name = getattr(self.evaluator.state, "key_metric_name", None)
         if not name or not path.is_file():
@@ -263,12 +266,13 @@ class RestoreBest:
         for i, (_, score) in enumerate(scores):
             if i and better(score, scores[best][1]):
                 best = i
-        return scores[best][0], scores[best][1], len(scores) - 1 - best
+        since = sum(1 for epoch, _ in scores[best + 1:] if up_to is None or epoch <= up_to)
+        return scores[best][0], scores[best][1], since
 
     def __call__(self, engine: Engine) -> None:
         from types import SimpleNamespace
 
-        found = self.recorded_best()
+        found = self.recorded_best(up_to=engine.state.epoch)
         if found is None or not (self.output_dir / self.model_name).is_file():
             return
         epoch, score, since = found

@@ -115,7 +115,7 @@ class LoadSliced(MapTransform):
             raise DataError(f"{path}: complex values ({arr.dtype}); save the image's magnitude (abs) or the part "
                             "to segment as real numbers")
         channels = self.channels.get(key)
-        floats = arr.dtype.kind in "fc"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
+        floats = arr.dtype.kind == "f"  # whole numbers are finite and fit float32 (up to 2**64 < 3.4e38)
         if key == "image":
             arr = _near_zero(arr)
         as_colour = channels == 1 or (channels is None and self.gray)  # 3 channels blended as RGB's luma below
@@ -612,11 +612,15 @@ def hematoxylin(arr: np.ndarray) -> np.ndarray:
 
 
 def background_level(scaled: np.ndarray, bins: int = 64) -> float:
-    """The most frequent level of an image scaled to [0, 1]: the centre of its histogram's peak (``bins`` bins,
-    smoothed over one bin), which is the background's where the objects are textured and it is flat."""
+    """The background's level in an image scaled to [0, 1]: the centre of its histogram's peak (``bins`` bins,
+    smoothed over one bin), where the objects are textured and the background flat. In an image saturated at
+    its top (over 2 % of its pixels at the maximum, where the scaling's percentile clips 0.2 %), the peak may be
+    the saturation of bright objects (clipped fluorescence nuclei) as well as of a bright background, so there
+    the median decides."""
+    if np.mean(scaled >= 1.0) > 0.02:
+        return float(np.median(scaled))
     counts, _ = np.histogram(scaled, bins=bins, range=(0.0, 1.0))
-    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), 1.0)
-    return (int(np.argmax(smooth)) + 0.5) / bins
+    return (int(np.argmax(ndimage.gaussian_filter1d(counts.astype(np.float64), 1.0))) + 0.5) / bins
 
 
 class BrightObjectsd(MapTransform):
@@ -627,9 +631,10 @@ class BrightObjectsd(MapTransform):
     scaled between the ``lower`` and ``upper`` percentiles of the image; images with a bright background
     (brightfield) are inverted, so the network sees bright nuclei on a dark background whatever the modality.
 
-    The background is the image's most frequent level (the peak of its histogram, :func:`background_level`):
-    flat, where nuclei are textured, so a fluorescence field that nuclei fill for the most part (a crop
-    around one, a dense culture) still counts as dark; its median, the earlier test, was a nucleus's.
+    The background is the image's most frequent level (the peak of its histogram, :func:`background_level`;
+    the median in an image saturated at its top): flat, where nuclei are textured, so a fluorescence field that
+    nuclei fill for the most part (a crop around one, a dense culture) still counts as dark; its median, the
+    earlier test, was a nucleus's.
 
     Args:
         keys: image keys, channel-first.

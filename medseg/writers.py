@@ -346,6 +346,7 @@ class SaveSegmentationd(MapTransform):
         self._open: dict[str, _VolumeSink] = {}
         #: objects found per input name (instances mode), read by the batch runner
         self.object_counts: dict[str, int] = {}
+        self._unnamed: dict[str, str] = {}  # stem -> the file written under it, for samples given without a name
 
     def _format(self, input_format: str, slices: int) -> str:
         output_format = self.output_format
@@ -391,6 +392,9 @@ class SaveSegmentationd(MapTransform):
         source = str(d.get("image_file", d.get("image", "")))
         # the slice list names each input by its place in the input folder; a caller of its own, the file's stem
         name = str(d["name"]) if "name" in d else Path(source).name[: -len(suffix_of(source)) or None]
+        if "name" not in d and self._unnamed.setdefault(name, source) != source:
+            raise DataError(f"{source}: its outputs would replace those of {self._unnamed[name]} (both named "
+                            f"'{name}' by their files); give each sample its own 'name'")
         page, pages = int(_scalar(d.get("page", 0))), int(_scalar(d.get("pages", 1)))
         input_format = str(d.get("format") or _format_of(source))
         item = {"image": source, "series_uid": str(d.get("series_uid") or ""), "name": name,

@@ -1249,6 +1249,17 @@ def test_an_exported_bundle_describes_its_own_weights_and_scores_their_validatio
                      "--no-progress")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ours" / "metrics.csv").read_text() == (tmp_path / "monai" / "metrics.csv").read_text()
+    # an export of the export, with weights alone: its words replace the earlier export's, and the earlier
+    # split record is not taken for these weights
+    (tmp_path / "bare").mkdir()
+    shutil.copyfile(run / "model.pt", tmp_path / "bare" / "model.pt")
+    result = _invoke("export", shared, tmp_path / "bare" / "model.pt", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    docs = (tmp_path / "again" / "docs" / "README.md").read_text()
+    assert docs.count("# Exported model") == 1 and "best validation score in training: not recorded" in docs
+    assert json.loads((tmp_path / "again" / "configs" / "evaluate.json").read_text())["split_record"] is None
+    meta = json.loads((tmp_path / "again" / "configs" / "metadata.json").read_text())
+    assert meta["eval_metrics"] == {} and meta["description"].count("These weights were trained") <= 1
     # weights that do not fit the network the export describes, or a training's last checkpoint: refused
     other = tmp_path / "other.pt"
     torch.save({"conv.weight": torch.zeros(1)}, other)
@@ -1385,9 +1396,10 @@ def test_resume_of_a_run_early_stopping_ended_trains_no_further(trained, tmp_pat
     assert summary["epochs"] == 3 and summary["best_metric_epoch"] == 1 and "interrupted" not in summary
 
 
-def test_ctrl_c_once_the_training_has_ended_does_not_mark_it_interrupted(tmp_path, isbi_folder, monkeypatch):
-    # Ctrl-C while the last files were written made a finished run KILLED and "interrupted", and told the user
-    # to --resume it, which then refused: all its epochs were trained
+@pytest.mark.parametrize("at", ["the last validation", "the end"])
+def test_ctrl_c_once_the_training_has_ended_does_not_mark_it_interrupted(tmp_path, isbi_folder, monkeypatch, at):
+    # Ctrl-C while the last epoch was validated or the last files written made a finished run KILLED and
+    # "interrupted", and told the user to --resume it, which then refused: all its epochs were trained
     import os
     import signal
 
@@ -1398,9 +1410,15 @@ def test_ctrl_c_once_the_training_has_ended_does_not_mark_it_interrupted(tmp_pat
 
     original = workflows._check_batches
 
-    def press_ctrl_c_at_the_end(trainer, data_dir, *rest):
-        original(trainer, data_dir, *rest)
-        trainer.add_event_handler(Events.COMPLETED, lambda _: os.kill(os.getpid(), signal.SIGINT))
+    def press_ctrl_c_at_the_end(trainer, data_dir, parser, *rest):
+        original(trainer, data_dir, parser, *rest)
+        if at == "the end":
+            trainer.add_event_handler(Events.COMPLETED, lambda _: os.kill(os.getpid(), signal.SIGINT))
+        else:
+            parser.get_parsed_content("validate#evaluator").add_event_handler(
+                Events.ITERATION_COMPLETED,
+                lambda e: os.kill(os.getpid(), signal.SIGINT) if trainer.state.epoch == 2 and e.state.iteration == 1
+                else None)
 
     monkeypatch.setattr(workflows, "_check_batches", press_ctrl_c_at_the_end)
     out = tmp_path / "run"

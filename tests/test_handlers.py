@@ -252,3 +252,22 @@ def test_a_long_file_name_is_cut_at_its_start_in_the_bar():
         bar.start(name)
         shown = bar._progress.tasks[0].fields["name"]
     assert len(shown) == 40 and shown.startswith("…") and name.endswith(shown[1:])
+
+
+def test_validations_since_the_best_count_those_the_resumed_checkpoint_has_seen(tmp_path):
+    # a time limit inside epoch 4 validated on the way out (recorded as epoch 4); the run resumes from epoch 3's
+    # checkpoint and trains epoch 4 anew: counting that validation used up patience the run had not used
+    import json
+    from types import SimpleNamespace
+
+    from medseg.handlers import RestoreBest
+
+    history = {"val_epoch": [1, 2, 3, 4], "val": [{"val_v_rand": v} for v in (0.5, 0.9, 0.8, 0.7)]}
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    evaluator = SimpleNamespace(state=SimpleNamespace(key_metric_name="val_v_rand"))
+    restore = RestoreBest(tmp_path, evaluator)
+    assert restore.recorded_best() == (2, 0.9, 2)
+    assert restore.recorded_best(up_to=3) == (2, 0.9, 1)
+    history["val"][3]["val_v_rand"] = 0.95  # the way-out validation is the best: model.pt holds it
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    assert restore.recorded_best(up_to=3) == (4, 0.95, 0)

@@ -421,6 +421,15 @@ def test_a_field_that_nuclei_fill_stays_a_dark_background_one():
     assert kept[nuclei].mean() < kept[~nuclei].mean()
     with pytest.raises(ConfigValueError, match="invert="):
         BrightObjectsd(keys="image", invert="yes")
+    # saturation makes a peak in the top bins: clipped fluorescence nuclei stay bright, an overexposed
+    # brightfield background is still inverted (the median decides there)
+    one = (yy - 48) ** 2 + (xx - 48) ** 2 < 22 ** 2  # 16 % of the image
+    clipped = np.where(one, 255.0, rng.normal(20, 4, one.shape))[None].astype(np.float32)
+    out = BrightObjectsd(keys="image")({"image": clipped})["image"][0]
+    assert out[one].mean() > out[~one].mean() + 0.5
+    overexposed = np.where(one, rng.uniform(20, 120, one.shape), 255.0)[None].astype(np.float32)
+    out = BrightObjectsd(keys="image")({"image": overexposed})["image"][0]
+    assert out[one].mean() > out[~one].mean() + 0.5
 
 
 def test_bundle_load_chain(dsb_folder):

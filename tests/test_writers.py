@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medseg.errors import DataError
 from medseg.writers import SaveSegmentationd
 
 
@@ -55,6 +56,12 @@ def test_a_sample_without_a_name_is_written_under_its_file_stem(tmp_path):
     p1 = np.full((6, 8), 0.9, np.float32)
     w = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o"), save_prob=False)
     w({"pred": np.stack([1 - p1, p1]), "image": str(tmp_path / "Cells.01.PNG")})
+    assert np.asarray(Image.open(tmp_path / "o" / "mask" / "Cells.01.png")).min() == 255
+    # another file of the same stem would write over it: refused, not silently
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "b" / "Cells.01.PNG")
+    with pytest.raises(DataError, match=r"Cells\.01\.PNG: its outputs would replace those of .*Cells\.01\.PNG"):
+        w({"pred": np.stack([p1, 1 - p1]), "image": str(tmp_path / "b" / "Cells.01.PNG")})
     assert np.asarray(Image.open(tmp_path / "o" / "mask" / "Cells.01.png")).min() == 255
 
 
