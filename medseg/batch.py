@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -565,54 +565,86 @@ def run_batch(
             made by another run; the message names the first such input and what differs.
     """
     _check_manifest(manifest)
-    counts: dict[int, int] = {}
-    if record is not None and not overwrite:
-        for i, item in enumerate(inputs):
-            if item.error:
-                continue
-            try:
-                counts[i] = count(item)
-                paths = paths_for(item, counts[i])
-            except Exception:  # noqa: BLE001 - reported per input in the loop below
-                continue
-            existing = {name: p for name, p in paths.items() if _is_file(p) and not record.unfinished(p)}
-            # its outputs of another kind too (a PNG mask when TIFF is asked for, a map no longer asked for)
-            existing.update({f"other {k}": p for k, p in enumerate(record.others(paths))})
-            if existing and not record.made_here(existing):  # one file of another's is enough to refuse
-                unknown = [p for p in existing.values() if not record.knows(p)]
-                if unknown:
-                    raise DataError(f"{unknown[0]}: not written by a run recorded in {record.path} (an older "
-                                    "version's output, or a file of your own); pass --overwrite to replace it, or "
-                                    "choose another output folder")
-                raise DataError(f"{record.folder}: the outputs of '{item.rel}' were made with "
-                                f"{record.conflict(existing)} (see {RUN_RECORD}); pass --overwrite to redo them, "
-                                "or choose another output folder")
-    result = BatchResult(rows=[ManifestRow(input=os.path.abspath(f), status="ignored", message=why)
-                               for f, why in ignored])
-    taken = {_row_key(source, uid) for source, uid in
-             [(i.source, i.series_uid or _file_series_uid(i)) for i in inputs]}
-    listed = _earlier_rows(manifest, [(f, "") for f, _ in ignored])
-    earlier = [r for r in listed if _row_key(r.input, r.series_uid) not in taken]
-    write_manifest(manifest, earlier + result.rows)
-    if record is not None:
-        record.save()  # this run's identity, and what a killed run's journal holds, before any change is logged
-    try:
-        _run_inputs(inputs, counts, segment, paths_for, count, manifest, overwrite, on_abort, progress, record,
-                    result)
-    except BaseException:
-        # stopped (Ctrl-C, a full disk): the inputs it did not reach keep their earlier rows, as their outputs
-        # stay; the next run lists them again
-        done = {_row_key(r.input, r.series_uid) for r in result.rows}
-        waiting = [r for r in listed if _row_key(r.input, r.series_uid) in taken - done]
-        with contextlib.suppress(OSError):
-            write_manifest(manifest, earlier + result.rows + waiting)
-        raise
-    finally:
+    with _said_per_input() as said:
+        counts: dict[int, int] = {}
+        if record is not None and not overwrite:
+            for i, item in enumerate(inputs):
+                if item.error:
+                    continue
+                said.current = i  # what reading it says goes into its row
+                try:
+                    counts[i] = count(item)
+                    paths = paths_for(item, counts[i])
+                except Exception:  # noqa: BLE001 - reported per input in the loop below
+                    continue
+                finally:
+                    said.current = None
+                existing = {name: p for name, p in paths.items() if _is_file(p) and not record.unfinished(p)}
+                # its outputs of another kind too (a PNG mask when TIFF is asked for, a map no longer asked for)
+                existing.update({f"other {k}": p for k, p in enumerate(record.others(paths))})
+                if existing and not record.made_here(existing):  # one file of another's is enough to refuse
+                    unknown = [p for p in existing.values() if not record.knows(p)]
+                    if unknown:
+                        raise DataError(f"{unknown[0]}: not written by a run recorded in {record.path} (an older "
+                                        "version's output, or a file of your own); pass --overwrite to replace it, or "
+                                        "choose another output folder")
+                    raise DataError(f"{record.folder}: the outputs of '{item.rel}' were made with "
+                                    f"{record.conflict(existing)} (see {RUN_RECORD}); pass --overwrite to redo them, "
+                                    "or choose another output folder")
+        result = BatchResult(rows=[ManifestRow(input=os.path.abspath(f), status="ignored", message=why)
+                                   for f, why in ignored])
+        taken = {_row_key(source, uid) for source, uid in
+                 [(i.source, i.series_uid or _file_series_uid(i)) for i in inputs]}
+        listed = _earlier_rows(manifest, [(f, "") for f, _ in ignored])
+        earlier = [r for r in listed if _row_key(r.input, r.series_uid) not in taken]
+        write_manifest(manifest, earlier + result.rows)
         if record is not None:
-            with contextlib.suppress(OSError):  # a disk still full: the journal keeps what the record would
-                record.save()
-    write_manifest(manifest, earlier + result.rows)
-    return result
+            record.save()  # this run's identity, and what a killed run's journal holds, before any change is logged
+        try:
+            _run_inputs(inputs, counts, segment, paths_for, count, manifest, overwrite, on_abort, progress, record,
+                        result, said)
+        except BaseException:
+            # stopped (Ctrl-C, a full disk): the inputs it did not reach keep their earlier rows, as their outputs
+            # stay; the next run lists them again
+            done = {_row_key(r.input, r.series_uid) for r in result.rows}
+            waiting = [r for r in listed if _row_key(r.input, r.series_uid) in taken - done]
+            with contextlib.suppress(OSError):
+                write_manifest(manifest, earlier + result.rows + waiting)
+            raise
+        finally:
+            if record is not None:
+                with contextlib.suppress(OSError):  # a disk still full: the journal keeps what the record would
+                    record.save()
+        write_manifest(manifest, earlier + result.rows)
+        return result
+
+
+class _SaidPerInput(logging.Handler):
+    """The warnings medseg logs while an input is read and segmented (pages of a TIFF left out, say), kept by
+    the input's index for its manifest row: the console shows them once, the manifest keeps them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.current: int | None = None
+        self.lines: dict[int, list[str]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.current is None:
+            return
+        text = (record.getMessage().strip().splitlines() or [""])[0]
+        kept = self.lines.setdefault(self.current, [])
+        if text and text not in kept:
+            kept.append(text)
+
+
+@contextlib.contextmanager
+def _said_per_input() -> Iterator[_SaidPerInput]:
+    said, logger = _SaidPerInput(), logging.getLogger("medseg")
+    logger.addHandler(said)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(said)
 
 
 def _row_key(source: str, series_uid: str | None) -> tuple[str, str]:
@@ -623,10 +655,11 @@ def _row_key(source: str, series_uid: str | None) -> tuple[str, str]:
 def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Callable[[list[dict]], dict | None],
                 paths_for: Callable[[InputItem, int], dict[str, Path]], count: Callable[[InputItem], int],
                 manifest: Path, overwrite: bool, on_abort: Callable[[], None] | None, progress: Any,
-                record: RunRecord | None, result: BatchResult) -> None:
+                record: RunRecord | None, result: BatchResult, said: _SaidPerInput) -> None:
     """The loop of :func:`run_batch`: each input segmented, skipped or failed, its row added to ``result``
-    and to the manifest."""
+    and to the manifest (with the warnings said of it, for an input done)."""
     for i, item in enumerate(inputs):
+        said.current = i
         row = ManifestRow(input=os.path.abspath(item.source), format=kind_of(item.source, item.format),
                           series_uid=item.series_uid)
         start = time.perf_counter()
@@ -704,6 +737,10 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
             if full:
                 row.message = f"{item.source}: its outputs could not be written ({full}){kept}"
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
+        finally:
+            said.current = None
+        if row.status in ("ok", "skipped"):
+            row.message = "; ".join(filter(None, [row.message, *said.lines.get(i, [])]))
         row.seconds = round(time.perf_counter() - start, 3)
         result.rows.append(row)
         append_manifest(manifest, row)

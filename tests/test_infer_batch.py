@@ -1486,3 +1486,26 @@ def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_ma
                 assert tif.imagej_metadata.get(key) == extra.get(key), (name, key)
     with tifffile.TiffFile(tmp_path / "out" / "mask" / "zt.ome.tif") as tif:
         assert len(tif.pages) == 6 and not {"slices", "frames", "spacing"} & set(tif.imagej_metadata)
+
+
+def test_what_is_said_of_an_input_stays_in_its_manifest_row(tmp_path, tiny_checkpoint):
+    # a TIFF with pages of other sizes: the pages left out were said on the console only; a manifest read
+    # after a batch showed the input "ok" with no word of them
+    root = tmp_path / "in"
+    _em_png(root / "plain.png", seed=1)
+    with tifffile.TiffWriter(root / "mixed.tif") as tif:
+        tif.write(synthetic_em(size=48, seed=2)[0])
+        tif.write(synthetic_em(size=32, seed=3)[0])
+    out = tmp_path / "out"
+    result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    rows = _manifest(out)
+    assert rows["mixed.tif"]["status"] == "ok"
+    assert "only the first (48×48 uint8) is read" in rows["mixed.tif"]["message"]
+    assert rows["plain.png"]["message"] == ""
+    from medseg import readers
+
+    readers._SERIES_SAID.clear()  # said once per process, and each command is one
+    result = _infer(root, out, tiny_checkpoint)  # skipped now, and still said
+    assert _summary(result.output)["skipped"] == 2
+    assert "only the first" in _manifest(out)["mixed.tif"]["message"]
