@@ -2058,6 +2058,23 @@ def test_a_lengthened_resume_names_the_schedule_period_it_keeps(tmp_path, isbi_f
                         "length, train anew with --overwrite"]
 
 
+@pytest.mark.parametrize(("extra", "words"), [((), "run the same command again to do the rest"),
+                                              (("--overwrite",), "run the same command again to redo every input "
+                                                              "(--overwrite redoes those done too)")])
+def test_ctrl_c_of_infer_says_what_running_it_again_does(tmp_path, monkeypatch, extra, words):
+    from medseg import workflows
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows, "infer", stopped)
+    (tmp_path / "in").mkdir()
+    result = _invoke("infer", BUNDLE, tmp_path / "in", tmp_path / "out", *extra)
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; finished inputs are kept in {tmp_path / 'out'}; {words}"]
+
+
 def test_ctrl_c_while_a_cache_is_filled_waits_for_its_workers_before_exiting():
     """SIGTERM or Ctrl-C while MONAI's CacheDataset fills its cache in a thread pool: the interpreter must not
     exit under workers still inside a transform (it aborted with exit 134 instead of 130)."""

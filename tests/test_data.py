@@ -314,3 +314,23 @@ def test_hidden_files_are_read_only_when_an_include_names_them(tmp_path):
     assert [i.rel for i in discover(tmp_path)[0]] == ["a"]
     assert [i.rel for i in discover(tmp_path, include=[".scan.png"])[0]] == [".scan"]
     assert [i.rel for i in discover(tmp_path, include=["*.png"])[0]] == ["a"]  # '*' does not name hidden files
+
+
+def test_recorded_samples_are_those_a_split_record_names(tmp_path, caplog):
+    from medseg.data import recorded_samples
+
+    samples = [{"name": n, "image": f"{n}.png"} for n in ("a", "b", "c")]
+    datalists = {"train": samples[:2], "val": samples[2:], "all": samples}
+    record = tmp_path / "split.json"
+    record.write_text(json.dumps({"train": ["b", "c"], "val": ["a", "gone"]}))
+    assert recorded_samples(datalists, record, "train") == samples[1:]  # by name, not as drawn here
+    assert recorded_samples(datalists, record, "val") == samples[:1]
+    assert "1 of its 2 val images are not in the data given" in caplog.text
+    assert recorded_samples(datalists, None, "val") == samples[2:]  # no record: as drawn
+    assert recorded_samples(datalists, record, "all") == samples
+    record.write_text(json.dumps({"val": ["x", "y"]}))
+    with pytest.raises(DataError, match=r"split\.json: none of the 2 val images it names are in the data given"):
+        recorded_samples(datalists, record, "val")
+    record.write_text("{not json")
+    with pytest.raises(DataError, match=r"split\.json: not a readable split record"):
+        recorded_samples(datalists, record, "val")
