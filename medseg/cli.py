@@ -45,7 +45,17 @@ class _Group(_FlagHelp, TyperGroup):
 
 
 class _Command(_FlagHelp, TyperCommand):
-    pass
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # an empty value is an unset shell variable, never meant: as a path it would be the current folder
+        for k, arg in enumerate(args):
+            if not arg.strip() or (arg.startswith("--") and arg.endswith("=")):
+                after = args[k - 1] if k and not arg.startswith("-") and args[k - 1].startswith("-") else arg
+                what = f"{after.rstrip('=')} is given an empty value" if after.startswith("-") else \
+                    f"argument {k + 1} after '{ctx.info_name}' is empty"
+                typer.secho(f"error: {what}; give it a value (an unset shell variable?)", err=True,
+                            fg=typer.colors.RED)
+                raise typer.Exit(1)
+        return super().parse_args(ctx, args)
 
 
 app = typer.Typer(
@@ -290,7 +300,8 @@ def evaluate(
     summary = _run(ctx, lambda: workflows.evaluate(
         str(bundle), str(data), ckpts, str(out), split=split, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_, {"tta": (tta, _tta_option(tta))}),
-        progress=progress, overwrite=overwrite))
+        progress=progress, overwrite=overwrite),
+        interrupted=f"no report written (one already in {out} is kept as it was); run it again to score")
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}; summary: {out / 'summary.json'}")
 

@@ -75,6 +75,9 @@ def portable_config(config: dict, device: Any) -> dict:
 
 
 def _check_data_dir(data_dir: str) -> None:
+    if Path(data_dir).is_file():
+        raise DataError(f"{data_dir}: a file, not a folder; pass --data {Path(data_dir).parent}, the folder that "
+                        "holds it")
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass --data pointing to the labelled data")
 
@@ -666,7 +669,9 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
         # in a copy of the data at another path too, and never a sample the run trained on in their stead
         names = [str(n) for n in record.get(split, [])]
         if parser.get("val_count") is not None:  # ISBI: the last N slices are held out, the others trained on
-            parser["val_count"] = len(record["val"])
+            # the recorded names pick the slices out of all of them (a copy holding the held-out five only, too);
+            # with none recorded, the run's count draws them
+            parser["val_count"] = 0 if names else len(record["val"])
         if names:
             recorded_dir = str(record.get("data_dir", ""))
             datalists = parser.get_parsed_content("datalists")
@@ -714,6 +719,7 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
     parser["eval_network"] = "@network"
     parser["validate#handlers"] = [h for h in parser["validate#handlers"] if not _is_checkpoint_loader(h)]
     parser.get_parsed_content("datalists")  # a bad data folder fails here with its own message
+    _check_some_to_score(parser, data_dir, split)
     parser.get_parsed_content("initialize")
     evaluator = parser.get_parsed_content("validate#evaluator")
     RichProgress(disable=not progress).attach(evaluator)
@@ -737,11 +743,21 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
     }
     for report in reports:
         report.run = run
-    with quiet_user_error_logs():
+    with quiet_user_error_logs(), quiet_constant_images():  # a blank slice scores as it is, without a warning
         parser.get_parsed_content("run")
     if reports:
         return reports[0].summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}
+
+
+def _check_some_to_score(parser: Any, data_dir: str, split: str) -> None:
+    """An evaluation with no image to score would write no report (the evaluator does not run): say so."""
+    if len(parser.get_parsed_content("validate#dataset#data") or []) > 0:
+        return
+    datalists = parser.get_parsed_content("datalists")
+    found = len(datalists.get("all", [])) if isinstance(datalists, dict) else 0
+    raise DataError(f"{data_dir}: no {split} images to score among its {found} labelled image"
+                    f"{'' if found == 1 else 's'}; pass --split all to score every one")
 
 
 def _warn_if_trained_on(checkpoints: list[str], parser: Any, split: str) -> None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1593,6 +1594,61 @@ def test_evaluate_elsewhere_scores_the_runs_validation_slices_by_name(trained, t
     assert "none of the 1 val images that" in result.output and "pass --split all" in result.output
 
 
+def test_evaluate_a_copy_of_the_validation_slices_alone_scores_them(trained, tmp_path):
+    # the record's count was applied to the copy: "cannot hold out 1 validation slices from 1; lower val_count"
+    held_out = tmp_path / "held_out"
+    for sub in ("image", "label"):
+        (held_out / "train" / sub).mkdir(parents=True)
+        shutil.copy(trained["data"] / "train" / sub / "3.png", held_out / "train" / sub / "3.png")
+    result = _invoke("evaluate", BUNDLE, "--data", held_out, "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["3"]
+
+
+def test_evaluate_with_no_image_to_score_is_an_error_not_an_empty_success(trained, tmp_path):
+    # the evaluator did not run, so no report was written, yet the command printed {} and its paths, exit 0
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET),
+                     "--set", "val_count=0")
+    _assert_one_line_error(result, f"{trained['data']}: no val images to score among its 4 labelled images",
+                           "pass --split all")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_an_empty_argument_is_refused_before_it_becomes_the_current_folder(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", "", "--split", "all", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    _assert_one_line_error(result, "--output is given an empty value", "unset shell variable")
+    result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", "", "--no-progress")
+    _assert_one_line_error(result, "argument 3 after 'infer' is empty")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint=")
+    _assert_one_line_error(result, "--checkpoint is given an empty value")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_data_given_as_a_file_names_its_folder(trained, tmp_path):
+    png = trained["data"] / "train" / "image" / "0.png"
+    result = _invoke("evaluate", BUNDLE, "--data", png, "--checkpoint", trained["out"] / "model.pt")
+    _assert_one_line_error(result, f"{png}: a file, not a folder; pass --data {png.parent}")
+
+
+def test_evaluate_scores_a_blank_slice_without_a_warning(trained, tmp_path):
+    # MONAI's "Divide by zero (a_min == a_max)" was printed for each constant image, as infer does not
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data)
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(data / "train" / "image" / "3.png")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = _invoke("evaluate", BUNDLE, "--data", data, "--checkpoint", trained["out"] / "model.pt",
+                         "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    assert not [w for w in said if "a_min == a_max" in str(w.message)]
+    assert "a_min == a_max" not in result.output
+
+
 def test_evaluate_into_the_run_folder_keeps_its_split_record(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained["out"], run)
@@ -2073,6 +2129,21 @@ def test_ctrl_c_of_infer_says_what_running_it_again_does(tmp_path, monkeypatch, 
     assert result.exit_code == 130, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
     assert lines == [f"error: interrupted; finished inputs are kept in {tmp_path / 'out'}; {words}"]
+
+
+def test_ctrl_c_of_evaluate_says_no_report_was_written(trained, tmp_path, monkeypatch):
+    from medseg import workflows
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows, "evaluate", stopped)
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval")
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; no report written (one already in {tmp_path / 'eval'} is kept as it "
+                     "was); run it again to score"]
 
 
 def test_ctrl_c_while_a_cache_is_filled_waits_for_its_workers_before_exiting():
