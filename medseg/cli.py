@@ -249,8 +249,9 @@ def train(
     tracking: Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log the run to MLflow.",
                                            metavar="")] = True,
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking server/URI (default: SQLite store in --output; with "
-                                      "--resume, the store the run was started with).")
+        str | None, typer.Option(help="MLflow tracking server/URI (default: MLFLOW_TRACKING_URI if set, else a "
+                                      "SQLite store in --output; with --resume, the store the run was started "
+                                      "with).")
     ] = None,
     config: OverlayOpt = None,
     set_: SetOpt = None,

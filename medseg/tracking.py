@@ -151,7 +151,10 @@ def retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = Fa
 
 
 def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
-                       artifacts: list[str], config_path: Path, resume: bool = False) -> dict:
+                       artifacts: list[str], config_path: Path, resume: bool = False,
+                       uri_from: str = "--tracking-uri") -> dict:
+    """MONAI's MLflow settings for a training in ``output_dir``: the store (``tracking_uri``, which ``uri_from``
+    names in errors; the folder's own SQLite store when ``None``), the run's name and params, the artifacts."""
     from urllib.parse import unquote
 
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
@@ -165,7 +168,7 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     uri = _local_store_uri(store) if store is not None else str(tracking_uri)
     stray = folders_made_for(Path(uri[len("sqlite:///"):]).parent) if uri.startswith("sqlite:///") else []
     if tracking_uri:
-        _check_tracking_uri(uri)
+        _check_tracking_uri(uri, uri_from)
     else:
         _follow_moved_store(store)
     settings = copy.deepcopy(DEFAULT_MLFLOW_SETTINGS)
@@ -298,7 +301,7 @@ def _follow_moved_store(db: Path) -> None:
                           "or move the store aside") from err
 
 
-def _check_tracking_uri(uri: str) -> None:
+def _check_tracking_uri(uri: str, uri_from: str = "--tracking-uri") -> None:
     """Open a local ``--tracking-uri`` store once before training; a server must accept a connection within
     a few seconds (MLflow's own retries would take minutes to give up)."""
     scheme = uri.split(":", 1)[0].lower()
@@ -314,9 +317,9 @@ def _check_tracking_uri(uri: str) -> None:
             with socket.create_connection((parts.hostname or "", port), timeout=5):
                 pass
         except (OSError, ValueError) as err:
-            raise MedsegError(f"--tracking-uri {uri}: no MLflow server answers there ({err}); start it, fix the "
+            raise MedsegError(f"{uri_from} {uri}: no MLflow server answers there ({err}); start it, fix the "
                               "address, or train with --no-tracking") from err
-        _check_server_answers(uri)
+        _check_server_answers(uri, uri_from)
         return
     from mlflow import MlflowClient
 
@@ -324,7 +327,7 @@ def _check_tracking_uri(uri: str) -> None:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a bad store
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
-        raise MedsegError(f"--tracking-uri {uri}: not a usable MLflow store ({reason}); give a server URL "
+        raise MedsegError(f"{uri_from} {uri}: not a usable MLflow store ({reason}); give a server URL "
                           "(http://HOST:5000) or a database such as sqlite:///PATH/mlflow.db") from err
 
 
@@ -332,7 +335,7 @@ def _check_tracking_uri(uri: str) -> None:
 SERVER_ANSWER_SECONDS = 10.0
 
 
-def _check_server_answers(uri: str) -> None:
+def _check_server_answers(uri: str, uri_from: str = "--tracking-uri") -> None:
     """A server that accepts connections must also answer a request (any HTTP status will do) within
     :data:`SERVER_ANSWER_SECONDS`: a hung one would stall the training at its first MLflow call for minutes."""
     import socket
@@ -349,7 +352,7 @@ def _check_server_answers(uri: str) -> None:
         stalled = isinstance(err, socket.timeout) or isinstance(getattr(err, "reason", None), socket.timeout)
         if not stalled:
             return  # anything else (TLS, a proxy, a reset): MLflow reports it in its own words
-        raise MedsegError(f"--tracking-uri {uri}: the server accepted the connection but sent no answer within "
+        raise MedsegError(f"{uri_from} {uri}: the server accepted the connection but sent no answer within "
                           f"{SERVER_ANSWER_SECONDS:g} s; check that it is an MLflow server that runs, or train "
                           "with --no-tracking") from err
 
@@ -371,6 +374,21 @@ def recorded_tracking_uri(config: dict) -> str | None:
     logging.getLogger(__name__).info("--resume: logging to the run's own MLflow store %s (from its config.json); "
                                      "give --tracking-uri to log elsewhere", uri)
     return uri
+
+
+@contextlib.contextmanager
+def uri_in_environment(uri: str) -> Any:
+    """``MLFLOW_TRACKING_URI`` set to ``uri`` for the block, as it was after it: MONAI's MLflow handler prefers the
+    variable to the URI it is given, so a variable set for another store would split a run between two."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 #: What a run's config.json says of where the run is tracked, under :data:`RECORD_KEY` (kept by a resume with

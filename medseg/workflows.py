@@ -380,9 +380,13 @@ def train(
         tracked: dict | None = None
         try:
             recorded = runfolder.recorded_run(out) if resume else {}
+            uri_from = "--tracking-uri"
+            if tracking and not tracking_uri and resume:  # the store the run was started with
+                tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
+                uri_from = f"{out / 'config.json'}: the run's MLflow store"
+            elif tracking and not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI"):
+                tracking_uri, uri_from = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
             if resume:
-                if tracking and not tracking_uri:
-                    tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
                 check_batch_size(parser)  # with the run's own settings back
                 check_classes(parser)
@@ -409,7 +413,8 @@ def train(
                 experiment = recorded_experiment if resume and isinstance(recorded_experiment, str) and \
                     recorded_experiment else f"medseg-{Path(bundle).resolve().name}"  # kept when the bundle moved
                 tracked = mlflow_tracking.settings(parser, out, tracking_uri, experiment, artifacts, config_path,
-                                                   resume)
+                                                   resume, uri_from)
+                at_end.enter_context(mlflow_tracking.uri_in_environment(tracked["configs"]["tracking_uri"]))
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 exported[mlflow_tracking.RECORD_KEY] = mlflow_tracking.record_of(tracked)
                 own_store = tracked.pop("own_store", False)

@@ -385,6 +385,46 @@ def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, 
     assert client.list_artifacts(other.info.run_id) == []
 
 
+def test_mlflow_tracking_uri_in_the_environment_is_the_default_store_and_never_splits_a_run(tmp_path, monkeypatch):
+    """MONAI's handler prefers MLFLOW_TRACKING_URI to the URI it is given: a run with --tracking-uri went to
+    the variable's store, and one without it logged there while medseg kept its books (run name, resume) in the
+    folder's own store, so a resume started a second run."""
+    import mlflow
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    env_uri, given_uri = f"sqlite:///{tmp_path / 'env.db'}", f"sqlite:///{tmp_path / 'given.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    args = ("--no-progress", "--device", "cpu", *_tiny_args(), "--set", "val_interval=1")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "a", "--epochs", 1,
+                     "--tracking-uri", given_uri, *args)
+    assert result.exit_code == 0, result.output
+    assert os.environ["MLFLOW_TRACKING_URI"] == env_uri  # as it was
+    assert [r.info.run_name for r in mlflow.MlflowClient(tracking_uri=given_uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri=given_uri).get_experiment_by_name("medseg-isbi_em").experiment_id])] == ["a"]
+    assert mlflow.MlflowClient(tracking_uri=env_uri).get_experiment_by_name("medseg-isbi_em") is None
+
+    for epochs, extra in ((1, ()), (2, ("--resume",))):
+        result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "b", "--epochs", epochs, *extra,
+                         *args)
+        assert result.exit_code == 0, result.output
+    assert not (tmp_path / "b" / "mlflow.db").exists()
+    client = mlflow.MlflowClient(tracking_uri=env_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert run.info.run_name == "b" and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_epoch")] == [1, 2]
+    recorded = json.loads((tmp_path / "b" / "config.json").read_text())["_tracking_"]
+    assert recorded["tracking_uri"] == env_uri and recorded["tracking_store"] == "given"
+
+
+def test_mlflow_tracking_uri_of_no_server_names_the_variable(tmp_path, monkeypatch):
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    _assert_one_line_error(result, "MLFLOW_TRACKING_URI http://127.0.0.1:9: no MLflow server answers there",
+                           "--no-tracking")
+
+
 def test_an_unreachable_tracking_server_is_one_line_at_once(tmp_path):
     import time
 
