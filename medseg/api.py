@@ -145,8 +145,9 @@ class Segmenter:
 
         Args:
             image: ``(H, W)`` gray, or with a channel axis of 1, 3 (RGB) or 4 (RGBA) samples, or 2 (gray +
-                alpha); a NumPy array, anything ``np.asarray`` takes (a PIL image: convert a palette image
-                to ``RGB`` first, as the file readers do), or a tensor. An alpha channel must be constant
+                alpha); a NumPy array, anything ``np.asarray`` takes (a PIL image is turned by its EXIF
+                orientation and converted to RGB unless gray, RGB or RGBA, as the file readers do), a tensor,
+                or the path of an image file, read as ``medseg infer`` reads it. An alpha channel must be constant
                 (opaque): a fourth or second channel that varies is refused rather than dropped.
             channel_axis: the channel axis of a 3D array; ``None`` takes the last axis when it has 1–4 samples
                 and the first one has not, the first axis in the opposite case (``(C, H, W)`` as MONAI holds
@@ -160,13 +161,22 @@ class Segmenter:
                 that are NaN or infinite.
             ConfigValueError: ``diameter`` not positive, or given for a model trained without ``target_diameter``.
         """
+        if isinstance(image, (str, os.PathLike)):
+            return self._segment_file(image, None, channel_axis, diameter)
         return self._segment(_channels_first(image, channel_axis, self._takes_channels), diameter)
 
     def segment_stack(self, stack: Any, channel_axis: int | None = None,
                       diameter: float | None = None) -> Segmentation:
         """Segment each slice of a stack ``(Z, H, W)`` (or ``(Z, H, W, C)`` / ``(Z, C, H, W)`` with
         ``channel_axis`` counted in the stack's axes) as :meth:`segment` does, as ``medseg infer`` segments a
-        TIFF stack or a volume slice by slice; ``diameter`` as for :meth:`segment`, for every slice."""
+        TIFF stack or a volume slice by slice; ``diameter`` as for :meth:`segment`, for every slice. ``stack`` may
+        be the path of a TIFF stack, NIfTI or DICOM file, read as ``medseg infer`` reads it."""
+        if isinstance(stack, (str, os.PathLike)):
+            from medseg.readers import count_slices
+
+            pages = count_slices(stack)
+            results = [self._segment_file(stack, z, channel_axis, diameter) for z in range(pages)]
+            return _stacked(results, self.kind == "instances")
         arr = _as_numpy(stack)
         if arr.ndim not in (3, 4):
             raise DataError(f"a stack of {arr.ndim} axes {arr.shape}; give (Z, H, W), or (Z, H, W, C) with its "
@@ -188,12 +198,29 @@ class Segmenter:
         slice_axis = None if arr.ndim == 3 else (channel_axis % 4) - 1
         results = [self._segment(_channels_first(arr[z], slice_axis, self._takes_channels), diameter)
                    for z in range(arr.shape[0])]
-        objects = None
-        if self.kind == "instances":
-            objects = [{"slice": z, **row} for z, r in enumerate(results) for row in (r.objects or [])]
-        return Segmentation(np.stack([r.mask for r in results]), np.stack([r.prob for r in results]), objects)
+        return _stacked(results, self.kind == "instances")
 
-    def _segment(self, arr: np.ndarray, diameter: float | None = None) -> Segmentation:
+    def _segment_file(self, path: str | os.PathLike, page: int | None, channel_axis: int | None,
+                      diameter: float | None) -> Segmentation:
+        """Slice ``page`` of the file ``path`` (``None``: the file is one image) read as ``medseg infer`` reads it:
+        the same reader, EXIF orientation, channel checks and, for nuclei, the table's intensities."""
+        from medseg.readers import count_slices, read_slice
+
+        if channel_axis is not None:
+            raise DataError(f"{path}: channel_axis {channel_axis} is for arrays; a file's channels are read from "
+                            "the file")
+        if page is None and count_slices(path) > 1:
+            raise DataError(f"{path}: a stack of {count_slices(path)} slices; segment it with segment_stack")
+        nifti_channel_dim = getattr(self._reader, "nifti_channel_dim", None)
+        data = self._reader({self._key: str(path), "page": page or 0})
+        intensity = read_slice(path, page or 0, nifti_channel_dim=nifti_channel_dim) \
+            if self.kind == "instances" else None
+        return self._segment(intensity, diameter, loaded=data)
+
+    def _segment(self, arr: np.ndarray | None, diameter: float | None = None,
+                 loaded: dict | None = None) -> Segmentation:
+        """Segment ``arr`` (``(C, H, W)``), or the sample ``loaded`` as the bundle's reader gave it (``arr`` then
+        holds the intensities the nuclei table measures)."""
         import torch
 
         from medseg.instances import measure_instances
@@ -203,7 +230,8 @@ class Segmenter:
         if diameter is not None:
             inferer = self._inferer_at(diameter)
         with quiet_constant_images():  # a blank image is a blank mask, not a warning
-            data = {self._key: self._reader.convert(arr, self._key, "the array"), f"{self._key}_file": "the array"}
+            data = loaded if loaded is not None else \
+                {self._key: self._reader.convert(arr, self._key, "the array"), f"{self._key}_file": "the array"}
             for transform in self._pre:
                 data = transform(data)
             x = torch.as_tensor(data[self._key])[None].to(self.device)
@@ -216,7 +244,9 @@ class Segmenter:
         out = post["pred"]
         out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
         mask, prob = self._writer.mask_of(out, "nifti")  # NIfTI's values: 0/1, class indices, labels
-        objects = measure_instances(mask, arr) if self.kind == "instances" else None
+        objects = None
+        if self.kind == "instances":
+            objects = measure_instances(mask, arr if arr is not None and arr.shape[-2:] == mask.shape else None)
         return Segmentation(mask, prob, objects)
 
     def _inferer_at(self, diameter: float) -> Any:
@@ -278,7 +308,17 @@ def _rng_kept() -> Iterator[None]:
 _PIL_AS_IS = ("1", "L", "LA", "I", "F", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N")
 
 
+def _stacked(results: list[Segmentation], instances: bool) -> Segmentation:
+    """Per-slice results as one of the stack (table rows numbered by slice)."""
+    objects = [{"slice": z, **row} for z, r in enumerate(results) for row in (r.objects or [])] if instances else None
+    return Segmentation(np.stack([r.mask for r in results]), np.stack([r.prob for r in results]), objects)
+
+
 def _as_numpy(image: Any) -> np.ndarray:
+    if hasattr(image, "getexif") and hasattr(image, "transpose"):  # a PIL image: upright, as the file readers turn it
+        from medseg.readers import displayed
+
+        image = displayed(image)
     if hasattr(image, "mode") and hasattr(image, "convert") and image.mode not in _PIL_AS_IS:
         # CMYK, YCbCr, HSV, LAB, palette: their samples are not RGB (a CMYK's K passed for a constant alpha)
         image = image.convert("RGB")  # a palette's transparency too: the file readers drop a varying alpha

@@ -384,7 +384,7 @@ def turned_size_hint(shape: tuple[int, ...], other_shape: tuple[int, ...], *path
     return ""
 
 
-def _displayed(im):
+def displayed(im):
     """``im`` as viewers show it: its EXIF orientation applied (cameras and phones store a portrait picture
     sideways with a tag that says so); masks are written in that orientation, without the tag. The pixels
     are turned directly (``ImageOps.exif_transpose`` also rewrites the EXIF block, and fails on one that is
@@ -416,7 +416,7 @@ class PngReader(_MedsegReader):
                 raise DataError(f"{path}: 16-bit {kind} PNG; its reader keeps only 8 bits per channel, so it is "
                                 "refused rather than truncated: save it as 16-bit TIFF")
             with open_picture(path) as opened:
-                im = _displayed(opened)
+                im = displayed(opened)
                 if im.mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 elif im.mode == "CMYK":  # print JPEGs; 4 channels would otherwise pass for RGBA

@@ -43,8 +43,10 @@ def to_gray(arr: np.ndarray) -> np.ndarray:
     if arr.shape[0] == 3 and np.array_equal(arr[0], arr[1]) and np.array_equal(arr[0], arr[2]):
         return arr[:1].astype(np.float32)
     if arr.shape[0] == 3:
-        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return np.tensordot(weights, arr.astype(np.float32), axes=1)[None]
+        # channel by channel, so that the result does not depend on the array's memory layout (a dot product's
+        # summation order does: an RGB PNG and the same pixels as a planar TIFF differed by 1 in the last bit)
+        r, g, b = (arr[c].astype(np.float32) for c in range(3))
+        return (np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b)[None]
     return arr.astype(np.float32, copy=False)
 
 

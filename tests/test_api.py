@@ -108,6 +108,57 @@ def test_an_array_segments_as_medseg_infer_segments_its_file(bundle, weights, tm
     assert np.mean((result.mask > 0) == (target > 0)) > 0.8
 
 
+@pytest.mark.parametrize("bundle", ["isbi_em", "jurkat", "nuclei"])
+def test_a_file_path_segments_as_medseg_infer_reads_it(bundle, weights, tmp_path):
+    image, _ = _example(bundle, seed=1)
+    (tmp_path / "in").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown upright: the reader turns it
+    Image.fromarray(image).save(tmp_path / "in" / "a.png", exif=exif)
+    _infer(bundle, tmp_path / "in", tmp_path / "out", weights[bundle])
+    written = np.asarray(Image.open(tmp_path / "out" / "mask" / "a.png"))
+    segmenter = _segmenter(bundle, weights)
+
+    for given in (tmp_path / "in" / "a.png", str(tmp_path / "in" / "a.png")):
+        result = segmenter.segment(given)
+        assert result.mask.shape == written.shape == image.shape[1::-1]
+        assert np.array_equal(result.prob, tifffile.imread(tmp_path / "out" / "prob" / "a.tif"))
+    with Image.open(tmp_path / "in" / "a.png") as opened:  # a PIL image is turned upright as the reader turns it
+        assert np.array_equal(segmenter.segment(opened).prob, result.prob)
+    if bundle == "nuclei":
+        with open(tmp_path / "out" / "table" / "a.csv", newline="") as fh:
+            assert [{k: str(v) for k, v in row.items()} for row in result.objects] == list(csv.DictReader(fh))
+    with pytest.raises(DataError, match="channel_axis 0 is for arrays"):
+        segmenter.segment(tmp_path / "in" / "a.png", channel_axis=0)
+
+
+def test_a_stack_file_segments_with_segment_stack_as_infer_segments_it(weights, tmp_path):
+    slices = np.stack([_example("nuclei", seed=s)[0] for s in (1, 2)])
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "stack.tif", slices, photometric="minisblack")
+    _infer("nuclei", tmp_path / "in", tmp_path / "out", weights["nuclei"])
+    nuclei = _segmenter("nuclei", weights)
+    result = nuclei.segment_stack(tmp_path / "in" / "stack.tif")
+    assert np.array_equal(result.mask, tifffile.imread(tmp_path / "out" / "mask" / "stack.tif"))
+    with open(tmp_path / "out" / "table" / "stack.csv", newline="") as fh:
+        assert [{k: str(v) for k, v in row.items()} for row in result.objects] == list(csv.DictReader(fh))
+    with pytest.raises(DataError, match="a stack of 2 slices; segment it with segment_stack"):
+        nuclei.segment(tmp_path / "in" / "stack.tif")
+    with pytest.raises(DataError, match="missing.png"):
+        nuclei.segment(tmp_path / "in" / "missing.png")
+
+
+def test_an_rgb_image_gives_the_same_map_whatever_its_memory_layout(weights):
+    # the luma was a dot product whose last bit followed the array's layout (1e-7 in the map; a PNG and a
+    # planar TIFF of the same pixels differed so too)
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)  # large enough for a blocked dot product
+    em = _segmenter("isbi_em", weights, tta=False)
+    expected = em.segment(rgb).prob
+    for layout in (np.ascontiguousarray(rgb.transpose(2, 0, 1)), np.asfortranarray(rgb), rgb[::-1][::-1]):
+        assert np.array_equal(em.segment(layout).prob, expected)
+
+
 def test_channel_layouts_and_types_give_the_same_mask(weights):
     jurkat = _segmenter("jurkat", weights, tta=False)
     image, _ = _example("jurkat", seed=1)
