@@ -1,4 +1,5 @@
-"""Ignite handlers of medseg: progress, training curves, weight averaging, resumed bests, safe checkpoints."""
+"""Ignite handlers of medseg: progress, training curves, weight averaging, resumed bests, safe checkpoints,
+steady tracking."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ignite.handlers import EMAHandler
 from ignite.handlers.checkpoint import BaseSaveHandler
 from torch import nn
 
-from medseg.errors import ConfigValueError, DataError, brief
+from medseg.errors import ConfigValueError, DataError, brief, describe_os_failure
 from medseg.io import atomic_output
 
 
@@ -465,3 +466,42 @@ class CheckpointSaver(monai.handlers.CheckpointSaver):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicSaver(self.save_dir, getattr(checkpoint.save_handler, "filename",
                                                                               None))
+
+
+class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
+    """MONAI's MLFlowHandler, which a tracking store that stops answering does not stop: the first failed call is
+    said in one warning, and this handler and those :func:`medseg.tracking.link` joined to it log nothing more,
+    so the training goes on (its run folder keeps history, curves and checkpoints) instead of stalling for
+    minutes of MLflow's retries at each call and then ending."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed: list = []  # shared with the linked handlers: one store, one failure
+
+    def _steady(self, call: Any, *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            call(*args)
+        except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+            self.failed.append(err)
+            reason = describe_os_failure(err) or (brief(str(err).splitlines()[0]) if str(err) else type(err).__name__)
+            logging.getLogger(__name__).warning(
+                "MLflow store %s failed (%s): tracking stops here and the training goes on; its run folder keeps "
+                "every epoch (history.json, curves.png, checkpoints), and the MLflow run is left as it was",
+                getattr(self.client, "tracking_uri", ""), reason)
+
+    def start(self, engine: Engine) -> None:
+        self._steady(super().start, engine)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        self._steady(super().iteration_completed, engine)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self._steady(super().epoch_completed, engine)
+
+    def complete(self) -> None:
+        self._steady(super().complete)
+
+    def close(self) -> None:
+        self._steady(super().close)

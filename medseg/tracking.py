@@ -189,6 +189,8 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
         settings["reopened"] = _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"],
                                                     output_dir, own_store)
         params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
+    for handler in ("trainer", "validator"):  # a store that stops answering mid-run does not end the training
+        configs[handler]["_target_"] = "medseg.handlers.SteadyMLFlowHandler"
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]
     configs["trainer"]["experiment_param"] = params
     configs["trainer"]["iteration_log"] = False
@@ -415,16 +417,46 @@ def record_of(settings: dict) -> dict:
             "experiment_name": literal(configs["experiment_name"]), "run_name": literal(configs["run_name"])}
 
 
-def close_runs(handlers: Sequence[Any], status: str) -> None:
-    """End the MLflow runs ``handlers`` hold open as ``status`` (``FAILED``, ``KILLED``); never raises."""
+def link(handlers: Sequence[Any]) -> None:
+    """Join the MLflow handlers of one training (the trainer's and the evaluator's, one store): a failure of
+    one silences all, so a store gone away costs one stall of MLflow's retries, not one per handler and call."""
+    shared: list = []
     for handler in handlers:
-        if getattr(handler, "cur_run", None) is None:
-            continue
-        handler.run_finish_status = status
-        try:
-            handler.close()
-        except Exception as err:  # noqa: BLE001 - the training's own error matters more than the tracking's
-            logging.getLogger(__name__).warning("could not close the MLflow run: %s", err)
+        if hasattr(handler, "failed"):
+            handler.failed = shared
+
+
+def close_runs(handlers: Sequence[Any], status: str, at_once: bool = False) -> None:
+    """End the MLflow runs ``handlers`` hold open as ``status`` (``FAILED``, ``KILLED``); never raises.
+    ``at_once`` (a second Ctrl-C): a server is asked once, without MLflow's minutes of retries."""
+    with _few_retries(at_once):
+        for handler in handlers:
+            if getattr(handler, "cur_run", None) is None or getattr(handler, "failed", None):
+                continue
+            handler.run_finish_status = status
+            try:
+                handler.close()
+            except Exception as err:  # noqa: BLE001 - the training's own error matters more than the tracking's
+                logging.getLogger(__name__).warning("could not close the MLflow run: %s", err)
+
+
+@contextlib.contextmanager
+def _few_retries(few: bool) -> Any:
+    """With ``few``, MLflow's HTTP requests in the block are tried once, with a 10-s timeout."""
+    if not few:
+        yield
+        return
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    before = {n: os.environ.get(n) for n in names}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        yield
+    finally:
+        for n, v in before.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def note_run_id(trainer: Any, handlers: Sequence[Any]) -> list[str]:

@@ -488,6 +488,7 @@ def train(
 
         guards.seed_each_epoch(trainer, parser.get_parsed_content("init_seed", default=None))
         trackers = _bundle_handlers(parser, MLFlowHandler)
+        mlflow_tracking.link(trackers)
         diverged = guards.stop_on_divergence(trainer, trackers)
         with guards.stop_on_ctrl_c(trainer, trackers) as interrupted:
             guards.validate_at_end(trainer, evaluator, interrupted, diverged)
@@ -496,7 +497,8 @@ def train(
                     parser.get_parsed_content("run")
                 except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running
                     mlflow_tracking.close_runs(trackers,
-                                    "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                                               "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                                               at_once=isinstance(err, KeyboardInterrupt) and interrupted.at_once)
                     if isinstance(err, KeyboardInterrupt) and interrupted.at_once:
                         raise interrupted.stop(f"stopped at once; {runfolder.how_to_go_on(out)}") from None
                     raise
@@ -521,7 +523,7 @@ def train(
         with atomic_output(out / "train_summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         runfolder.keep_newest_last_checkpoint(out)
-        if tracked is not None:
+        if tracked is not None and not any(getattr(h, "failed", None) for h in trackers):
             mlflow_tracking.log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
         if interrupted:
             raise interrupted.stop(runfolder.how_to_go_on(out))
