@@ -469,13 +469,15 @@ class CheckpointSaver(monai.handlers.CheckpointSaver):
 
 
 class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
-    """MONAI's MLFlowHandler, which a tracking store that stops answering does not stop: the first failed call is
-    said in one warning, and this handler and those :func:`medseg.tracking.link` joined to it log nothing more,
-    so the training goes on (its run folder keeps history, curves and checkpoints) instead of stalling for
-    minutes of MLflow's retries at each call and then ending."""
+    """MONAI's MLFlowHandler that continues the run ``run_id`` when given (MONAI's looks a run up by its name),
+    and which a tracking store that stops answering does not stop: the first failed call is said in one
+    warning, and this handler and those :func:`medseg.tracking.link` joined to it log nothing more, so the
+    training goes on (its run folder keeps history, curves and checkpoints) instead of stalling for minutes
+    of MLflow's retries at each call and then ending."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.run_id = run_id  # the run to continue, by its id (MONAI's handler looks one up by its name)
         self.failed: list = []  # shared with the linked handlers: one store, one failure
 
     def _steady(self, call: Any, *args: Any) -> None:
@@ -492,7 +494,12 @@ class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
                 getattr(self.client, "tracking_uri", ""), reason)
 
     def start(self, engine: Engine) -> None:
+        if self.run_id and self.cur_run is None:
+            self._steady(self._continue_run)
         self._steady(super().start, engine)
+
+    def _continue_run(self) -> None:
+        self.cur_run = self.client.get_run(self.run_id)
 
     def iteration_completed(self, engine: Engine) -> None:
         self._steady(super().iteration_completed, engine)

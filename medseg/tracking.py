@@ -25,7 +25,11 @@ def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: 
     runs = _runs_named(tracking_uri, experiment, run_name, unfinished=True)
     if not runs:
         return params
-    logged = runs[-1].data.params
+    return _params_beside(params, runs[-1].data.params)
+
+
+def _params_beside(params: dict, logged: dict) -> dict:
+    """``params`` to log to a run that holds ``logged``: a value changed since is logged as ``KEY.resumeN``."""
     out = {}
     for key, value in params.items():
         if key == "output_dir" and key in logged:
@@ -59,6 +63,37 @@ def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, outp
     except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
         logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
     return None
+
+
+def _recorded_run(tracking_uri: str, experiment: str, run_id: str) -> Any:
+    """The run ``run_id`` of ``tracking_uri``, when it is there, in ``experiment`` and not deleted; else
+    ``None`` (another store given now, a store rebuilt), and the run is looked up by name and folder."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        run = client.get_run(run_id)
+        found = client.get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - MLflow raises many kinds for a run it does not hold
+        return None
+    if found is None or run.info.experiment_id != found.experiment_id or run.info.lifecycle_stage != "active":
+        return None
+    return run
+
+
+def _reopen(tracking_uri: str, run: Any) -> tuple[str, int | None] | None:
+    """:func:`_reopen_finished_run` for the run ``run``, found by its id."""
+    import mlflow
+
+    status = mlflow.entities.RunStatus
+    if run.info.status != status.to_string(status.FINISHED):
+        return None
+    try:
+        mlflow.MlflowClient(tracking_uri=tracking_uri).set_terminated(run.info.run_id, status.to_string(status.KILLED))
+    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+        logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
+        return None
+    return run.info.run_id, run.info.end_time
 
 
 def finish_again(settings: dict) -> None:
@@ -152,9 +187,12 @@ def retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = Fa
 
 def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
                        artifacts: list[str], config_path: Path, resume: bool = False,
-                       uri_from: str = "--tracking-uri") -> dict:
+                       uri_from: str = "--tracking-uri", run_id: str | None = None) -> dict:
     """MONAI's MLflow settings for a training in ``output_dir``: the store (``tracking_uri``, which ``uri_from``
-    names in errors; the folder's own SQLite store when ``None``), the run's name and params, the artifacts."""
+    names in errors; the folder's own SQLite store when ``None``), the run's name and params, the artifacts.
+    A resume continues the run ``run_id`` (recorded in the run's ``config.json``) when the store holds it: by
+    its id, not its name and folder, which a busy server, a moved folder or the same path on another machine
+    made ambiguous."""
     from urllib.parse import unquote
 
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
@@ -180,12 +218,20 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     configs["experiment_name"] = experiment
     own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
     settings["own_store"] = own_store
-    configs["run_name"] = _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
+    continued = _recorded_run(uri, experiment, run_id) if resume and run_id else None
+    configs["run_name"] = continued.info.run_name if continued is not None else \
+        _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
     configs["save_execute_config"] = str(config_path)
     params = _plain_params(parser.get())
     if "output_dir" in params:
         params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
-    if resume:
+    if continued is not None:
+        settings["run_id"] = continued.info.run_id
+        for handler in ("trainer", "validator"):
+            configs[handler]["run_id"] = continued.info.run_id
+        settings["reopened"] = _reopen(uri, continued)
+        params = _params_beside(params, continued.data.params)
+    elif resume:
         settings["reopened"] = _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"],
                                                     output_dir, own_store)
         params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
@@ -210,8 +256,9 @@ def config_settings(settings: dict) -> dict:
         if isinstance(configs.get(key), str):
             configs[key] = literal(configs[key])
     for handler in ("trainer", "validator"):
-        if isinstance(configs[handler].get("artifact_location"), str):
-            configs[handler]["artifact_location"] = literal(configs[handler]["artifact_location"])
+        for key in ("artifact_location", "run_id"):
+            if isinstance(configs[handler].get(key), str):
+                configs[handler][key] = literal(configs[handler][key])
     trainer = configs["trainer"]
     trainer["artifacts"] = [literal(str(a)) for a in trainer.get("artifacts") or []]
     trainer["experiment_param"] = {k: literal(v) if isinstance(v, str) else v
@@ -396,7 +443,7 @@ def uri_in_environment(uri: str) -> Any:
 #: What a run's config.json says of where the run is tracked, under :data:`RECORD_KEY` (kept by a resume with
 #: --no-tracking): read by ``--resume`` alone. Not as top-level ids, which MONAI's ``--tracking`` would take up
 #: (a plain ``monai.bundle run`` of the file then logged into the recorded run's store).
-TRACKING_RECORD = ("tracking_uri", "tracking_store", "experiment_name", "run_name")
+TRACKING_RECORD = ("tracking_uri", "tracking_store", "experiment_name", "run_name", "run_id")
 RECORD_KEY = "_tracking_"
 
 
@@ -414,7 +461,25 @@ def record_of(settings: dict) -> dict:
     configs = settings["configs"]
     return {"tracking_uri": literal(configs["tracking_uri"]),
             "tracking_store": "folder" if settings["own_store"] else "given",
-            "experiment_name": literal(configs["experiment_name"]), "run_name": literal(configs["run_name"])}
+            "experiment_name": literal(configs["experiment_name"]), "run_name": literal(configs["run_name"]),
+            **({"run_id": literal(settings["run_id"])} if settings.get("run_id") else {})}
+
+
+def remember_run_id(config_path: Path, run_id: str) -> None:
+    """Write the id of the MLflow run a training logs to into its ``config.json``'s record (once the run is
+    open), so that ``--resume`` continues that run by its id. Never raises."""
+    from medseg.io import atomic_output
+
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        record = config.get(RECORD_KEY)
+        if not isinstance(record, dict) or written(record.get("run_id")) == run_id:
+            return
+        record["run_id"] = literal(run_id)
+        with atomic_output(config_path) as tmp:
+            tmp.write_text(json.dumps(config), encoding="utf-8")  # as MONAI's export_config_file writes it
+    except (OSError, ValueError) as err:  # a resume then finds the run by its name and folder
+        logging.getLogger(__name__).warning("%s: could not record the MLflow run's id (%s)", config_path, err)
 
 
 def link(handlers: Sequence[Any]) -> None:
@@ -459,8 +524,10 @@ def _few_retries(few: bool) -> Any:
                 os.environ[n] = v
 
 
-def note_run_id(trainer: Any, handlers: Sequence[Any]) -> list[str]:
-    """The id of the MLflow run the trainer's handler opens, once it has opened it (a list filled at start)."""
+def note_run_id(trainer: Any, handlers: Sequence[Any], config_path: Path | None = None) -> list[str]:
+    """The id of the MLflow run the trainer's handler (``handlers[0]``) opens, once it has opened it (a list
+    filled at start): the run the other handlers (the evaluator's) log to, rather than one they look up by
+    name, and written into ``config_path`` (:func:`remember_run_id`)."""
     from ignite.engine import Events
 
     ids: list[str] = []
@@ -469,6 +536,11 @@ def note_run_id(trainer: Any, handlers: Sequence[Any]) -> list[str]:
         run = getattr(handlers[0], "cur_run", None) if handlers else None
         if run is not None:
             ids.append(run.info.run_id)
+            for other in handlers[1:]:
+                if hasattr(other, "run_id") and getattr(other, "cur_run", None) is None:
+                    other.run_id = run.info.run_id
+            if config_path is not None:
+                remember_run_id(config_path, run.info.run_id)
 
     trainer.add_event_handler(Events.STARTED, note)  # after the handler's own start, attached with the trainer
     return ids

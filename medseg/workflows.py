@@ -412,8 +412,9 @@ def train(
                     mlflow_tracking.tracking_record(recorded.get("config", {})).get("experiment_name"))
                 experiment = recorded_experiment if resume and isinstance(recorded_experiment, str) and \
                     recorded_experiment else f"medseg-{Path(bundle).resolve().name}"  # kept when the bundle moved
+                run_id = written(mlflow_tracking.tracking_record(recorded.get("config", {})).get("run_id"))
                 tracked = mlflow_tracking.settings(parser, out, tracking_uri, experiment, artifacts, config_path,
-                                                   resume, uri_from)
+                                                   resume, uri_from, run_id if isinstance(run_id, str) else None)
                 at_end.enter_context(mlflow_tracking.uri_in_environment(tracked["configs"]["tracking_uri"]))
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 exported[mlflow_tracking.RECORD_KEY] = mlflow_tracking.record_of(tracked)
@@ -482,13 +483,11 @@ def train(
         # at the start: a checkout or folder may change during a long run
         ran_with = environment(dev, parser.get_parsed_content("amp", default=False))
 
-        train_handlers = parser.get_parsed_content("train#handlers") if "train#handlers" in parser else []
-        run_ids = mlflow_tracking.note_run_id(trainer,
-                                              [h for h in train_handlers or [] if isinstance(h, MLFlowHandler)])
+        trackers = _bundle_handlers(parser, MLFlowHandler)  # the trainer's first
+        mlflow_tracking.link(trackers)
+        run_ids = mlflow_tracking.note_run_id(trainer, trackers, out / "config.json" if tracked is not None else None)
 
         guards.seed_each_epoch(trainer, parser.get_parsed_content("init_seed", default=None))
-        trackers = _bundle_handlers(parser, MLFlowHandler)
-        mlflow_tracking.link(trackers)
         diverged = guards.stop_on_divergence(trainer, trackers)
         with guards.stop_on_ctrl_c(trainer, trackers) as interrupted:
             guards.validate_at_end(trainer, evaluator, interrupted, diverged)

@@ -467,6 +467,35 @@ def test_closing_runs_after_a_second_ctrl_c_asks_a_server_once():
     assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == before
 
 
+def test_resume_continues_the_recorded_mlflow_run_by_its_id(tmp_path):
+    """A run was found by its name and folder: in a shared store, a moved folder's resume started a second
+    run, and another machine's unfinished run of the same path took the resumed epochs."""
+    import mlflow
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = ("--no-progress", "--device", "cpu", "--tracking-uri", uri, *_tiny_args(), "--set", "val_interval=1")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "em1", "--epochs", 1, *args)
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("medseg-isbi_em").experiment_id
+    (ours,) = client.search_runs([experiment])
+    assert json.loads((tmp_path / "em1" / "config.json").read_text())["_tracking_"]["run_id"] == ours.info.run_id
+    # the same path's run on another machine, unfinished and newer
+    other = client.create_run(experiment, run_name="em1")
+    client.log_param(other.info.run_id, "output_dir", str((tmp_path / "moved").resolve()))
+    shutil.move(tmp_path / "em1", tmp_path / "moved")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "moved", "--epochs", 2, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    runs = {r.info.run_id: r for r in client.search_runs([experiment])}
+    assert set(runs) == {ours.info.run_id, other.info.run_id}
+    assert [m.step for m in client.get_metric_history(ours.info.run_id, "train_loss_epoch")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(ours.info.run_id, "val_mean_dice")] == [1, 2]
+    assert runs[ours.info.run_id].info.status == "FINISHED" and runs[ours.info.run_id].info.run_name == "em1"
+    assert client.get_metric_history(other.info.run_id, "train_loss_epoch") == []
+    assert runs[other.info.run_id].info.status == "RUNNING"
+
+
 def test_an_unreachable_tracking_server_is_one_line_at_once(tmp_path):
     import time
 
