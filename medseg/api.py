@@ -50,7 +50,7 @@ class Segmentation:
 
 
 class Segmenter:
-    """A bundle's inference with trained weights, applied to arrays.
+    """A bundle's inference with trained weights, applied to arrays, images or image files.
 
     Args:
         bundle: the bundle folder (e.g. ``bundles/nuclei``).
@@ -66,6 +66,8 @@ class Segmenter:
         BundleError: the bundle or a config override is invalid, or its inference config lacks the file
             reader or the writer this class takes the rules from.
         CheckpointError: a checkpoint is missing or holds another network's weights.
+        ConfigValueError: a setting's value does not work, such as ``device="cuda"`` without a GPU or ``tta``
+            given twice, differently.
     """
 
     def __init__(

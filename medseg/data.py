@@ -339,6 +339,11 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                      if Path(m).suffix.lower() in LOSSY_SUFFIXES and Path(m).resolve() != image.resolve()]
             if lossy:
                 raise lossy_mask_error(lossy[0])
+            sample = image.parent.parent
+            if image.parent.name == "images" and image.stem == sample.name and (sample / "masks").is_dir() and \
+                    sample.resolve() == root.resolve():  # one sample of the Kaggle layout given as the data
+                raise DataError(f"{root}: one sample of the Kaggle DSB layout (images/{image.name} + masks/*); "
+                                f"pass --data {sample.parent}, the folder that holds the samples")
             raise DataError(f"{image}: no mask matches {shown}; add the mask or set mask_template")
         if len(masks) > 1:
             raise DataError(f"{image}: {len(masks)} masks match {shown} ({masks[0].name}, {masks[1].name}); "

@@ -1083,3 +1083,13 @@ def test_hematoxylin_separates_nuclei_from_eosin_that_luma_confuses():
     with pytest.raises(ValueError, match="stain"):
         BrightObjectsd(keys="image", stain="eosin")
 
+
+
+def test_one_kaggle_sample_given_as_the_data_names_the_folder_of_samples(dsb_folder, tmp_path):
+    # "no mask matches .../images/../masks/a1.*; add the mask or set mask_template" pointed the wrong way
+    sample = dsb_folder / "stage1_train" / "a1"
+    result = CliRunner().invoke(app, ["train", str(NUCLEI), "--data", str(sample), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: {sample}: one sample of the Kaggle DSB layout (images/a1.png + "
+                                     f"masks/*); pass --data {dsb_folder / 'stage1_train'}, the folder that holds "
+                                     "the samples")
