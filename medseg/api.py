@@ -211,8 +211,9 @@ class Segmenter:
         if channel_axis is not None:
             raise DataError(f"{path}: channel_axis {channel_axis} is for arrays; a file's channels are read from "
                             "the file")
-        if page is None and count_slices(path) > 1:
-            raise DataError(f"{path}: a stack of {count_slices(path)} slices; segment it with segment_stack")
+        pages = count_slices(path) if page is None else 1
+        if pages > 1:
+            raise DataError(f"{path}: a stack of {pages} slices; segment it with segment_stack")
         nifti_channel_dim = getattr(self._reader, "nifti_channel_dim", None)
         data = self._reader({self._key: str(path), "page": page or 0})
         intensity = read_slice(path, page or 0, nifti_channel_dim=nifti_channel_dim) \

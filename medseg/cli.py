@@ -47,14 +47,22 @@ class _Group(_FlagHelp, TyperGroup):
 class _Command(_FlagHelp, TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # an empty value is an unset shell variable, never meant: as a path it would be the current folder
-        for k, arg in enumerate(args):
-            if not arg.strip() or (arg.startswith("--") and arg.endswith("=")):
-                after = args[k - 1] if k and not arg.startswith("-") and args[k - 1].startswith("-") else arg
-                what = f"{after.rstrip('=')} is given an empty value" if after.startswith("-") else \
-                    f"argument {k + 1} after '{ctx.info_name}' is empty"
-                typer.secho(f"error: {what}; give it a value (an unset shell variable?)", err=True,
-                            fg=typer.colors.RED)
-                raise typer.Exit(1)
+        # (an empty --set value, KEY=, is a value; what follows "--" is taken as given)
+        takes_value = {name for p in self.params if not getattr(p, "is_flag", True)
+                       for name in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
+        cut = args.index("--") if "--" in args else len(args)
+        for k, arg in enumerate(args[:cut]):
+            option, equals, value = arg.partition("=")
+            if arg.strip() and not (arg.startswith("--") and equals and not value):
+                continue
+            if arg.startswith("--"):
+                what = f"{option} is given an empty value"
+            elif k and args[k - 1] in takes_value:
+                what = f"{args[k - 1]} is given an empty value"
+            else:
+                what = f"argument {k + 1} after '{ctx.info_name}' is empty"
+            typer.secho(f"error: {what}; give it a value (an unset shell variable?)", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1)
         return super().parse_args(ctx, args)
 
 

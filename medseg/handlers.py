@@ -17,7 +17,7 @@ from ignite.handlers import EMAHandler
 from ignite.handlers.checkpoint import BaseSaveHandler
 from torch import nn
 
-from medseg.errors import ConfigValueError, DataError, brief, describe_os_failure
+from medseg.errors import ConfigValueError, DataError, brief, causes, describe_os_failure
 from medseg.io import atomic_output
 
 
@@ -468,6 +468,24 @@ class CheckpointSaver(monai.handlers.CheckpointSaver):
                                                                               None))
 
 
+#: MLflow error codes of a request the store understood and refused: the caller's mistake, not the store's failure
+_REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
+                      "INVALID_STATE", "MALFORMED_REQUEST"})
+
+
+def store_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a tracking store failing (unreachable, timing out, full, erring inside) rather than a
+    request it refused or a bug: an OS, network or database error in its causes, or an MLflow error of another
+    code than :data:`_REFUSED` (a server MLflow could not reach is ``INTERNAL_ERROR``)."""
+    from mlflow.exceptions import MlflowException
+
+    for cause in causes(err):
+        if isinstance(cause, OSError) or type(cause).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy",
+                                                                                   "sqlite3"):
+            return True
+    return isinstance(err, MlflowException) and err.error_code not in _REFUSED
+
+
 class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
     """MONAI's MLFlowHandler that continues the run ``run_id`` when given (MONAI's looks a run up by its name),
     and which a tracking store that stops answering does not stop: the first failed call is said in one
@@ -485,9 +503,12 @@ class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
             return
         try:
             call(*args)
-        except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+        except Exception as err:
+            if not store_failure(err):  # a mistake of the caller's (a param changed, a deleted experiment, a bug)
+                raise
             self.failed.append(err)
-            reason = describe_os_failure(err) or (brief(str(err).splitlines()[0]) if str(err) else type(err).__name__)
+            reason = describe_os_failure(err) or \
+                f"{type(err).__name__}: {brief(str(err).splitlines()[0]) if str(err) else ''}"
             logging.getLogger(__name__).warning(
                 "MLflow store %s failed (%s): tracking stops here and the training goes on; its run folder keeps "
                 "every epoch (history.json, curves.png, checkpoints), and the MLflow run is left as it was",

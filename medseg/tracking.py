@@ -50,24 +50,20 @@ def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, outp
     instead of starting a second run of the same name. A run left unfinished is continued anyway.
 
     Returns the reopened run's id and end time, for :func:`finish_again` should the resume be refused."""
-    import mlflow
-
     try:
         runs = [r for r in _runs_named(tracking_uri, experiment, run_name) if _same_folder(r, output_dir, own_store)]
         if runs and not _runs_named(tracking_uri, experiment, run_name, unfinished=True):
-            status = mlflow.entities.RunStatus
-            latest = max(runs, key=lambda r: r.info.start_time or 0)
-            mlflow.MlflowClient(tracking_uri=tracking_uri).set_terminated(latest.info.run_id,
-                                                                          status.to_string(status.KILLED))
-            return latest.info.run_id, latest.info.end_time
+            return _reopen(tracking_uri, max(runs, key=lambda r: r.info.start_time or 0))
     except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
         logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
     return None
 
 
-def _recorded_run(tracking_uri: str, experiment: str, run_id: str) -> Any:
-    """The run ``run_id`` of ``tracking_uri``, when it is there, in ``experiment`` and not deleted; else
-    ``None`` (another store given now, a store rebuilt), and the run is looked up by name and folder."""
+def _recorded_run(tracking_uri: str, experiment: str, run_id: str, output_dir: Path, own_store: bool) -> Any:
+    """The run ``run_id`` of ``tracking_uri`` when it is there, in ``experiment``, not deleted, and this
+    folder's: logged from ``output_dir``, or from a folder that is gone (this one, moved since). ``None``
+    otherwise (another store given now, a store rebuilt, a copy of the run folder beside its original), and
+    the run is looked up by name and folder."""
     import mlflow
 
     try:
@@ -78,7 +74,23 @@ def _recorded_run(tracking_uri: str, experiment: str, run_id: str) -> Any:
         return None
     if found is None or run.info.experiment_id != found.experiment_id or run.info.lifecycle_stage != "active":
         return None
+    logged = run.data.tags.get(FOLDER_TAG) or run.data.params.get("output_dir")
+    if logged is None or not (own_store or Path(logged).resolve() == output_dir.resolve() or not Path(logged).exists()):
+        return None  # the original folder's run: its copy starts a run of its own
+    _tag_folder(client, run.info.run_id, output_dir)
     return run
+
+
+#: The MLflow tag of the folder a run's training now writes into (its ``output_dir`` param is where it started:
+#: params cannot change), so that a copy of a moved run folder is told from the folder itself
+FOLDER_TAG = "medseg.output_dir"
+
+
+def _tag_folder(client: Any, run_id: str, output_dir: Path) -> None:
+    try:
+        client.set_tag(run_id, FOLDER_TAG, str(output_dir.resolve()))
+    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
+        logging.getLogger(__name__).warning("could not tag the MLflow run with its folder: %s", err)
 
 
 def _reopen(tracking_uri: str, run: Any) -> tuple[str, int | None] | None:
@@ -218,9 +230,11 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     configs["experiment_name"] = experiment
     own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
     settings["own_store"] = own_store
-    continued = _recorded_run(uri, experiment, run_id) if resume and run_id else None
+    continued = _recorded_run(uri, experiment, run_id, output_dir, own_store) if resume and run_id else None
+    by_name = resume and not run_id  # a run recorded before its id was: found by its name and folder
+    # a recorded run this folder cannot continue (a copy's original, another store, deleted): a run of its own
     configs["run_name"] = continued.info.run_name if continued is not None else \
-        _run_name(configs["tracking_uri"], experiment, output_dir, config_path, resume, own_store)
+        _run_name(configs["tracking_uri"], experiment, output_dir, config_path, by_name, own_store)
     configs["save_execute_config"] = str(config_path)
     params = _plain_params(parser.get())
     if "output_dir" in params:
@@ -231,7 +245,7 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
             configs[handler]["run_id"] = continued.info.run_id
         settings["reopened"] = _reopen(uri, continued)
         params = _params_beside(params, continued.data.params)
-    elif resume:
+    elif by_name:
         settings["reopened"] = _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"],
                                                     output_dir, own_store)
         params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
@@ -425,19 +439,10 @@ def recorded_tracking_uri(config: dict) -> str | None:
     return uri
 
 
-@contextlib.contextmanager
 def uri_in_environment(uri: str) -> Any:
     """``MLFLOW_TRACKING_URI`` set to ``uri`` for the block, as it was after it: MONAI's MLflow handler prefers the
     variable to the URI it is given, so a variable set for another store would split a run between two."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
+    return _environment(MLFLOW_TRACKING_URI=uri)
 
 
 #: What a run's config.json says of where the run is tracked, under :data:`RECORD_KEY` (kept by a resume with
@@ -494,10 +499,17 @@ def link(handlers: Sequence[Any]) -> None:
 def close_runs(handlers: Sequence[Any], status: str, at_once: bool = False) -> None:
     """End the MLflow runs ``handlers`` hold open as ``status`` (``FAILED``, ``KILLED``); never raises.
     ``at_once`` (a second Ctrl-C): a server is asked once, without MLflow's minutes of retries."""
-    with _few_retries(at_once):
+    closed = set()  # the evaluator's handler logs to the trainer's run: one request for both
+    with _environment(**({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+                         if at_once else {})):
         for handler in handlers:
-            if getattr(handler, "cur_run", None) is None or getattr(handler, "failed", None):
+            run = getattr(handler, "cur_run", None)
+            if run is None or getattr(handler, "failed", None):
                 continue
+            if run.info.run_id in closed:
+                handler.cur_run = None
+                continue
+            closed.add(run.info.run_id)
             handler.run_finish_status = status
             try:
                 handler.close()
@@ -506,22 +518,18 @@ def close_runs(handlers: Sequence[Any], status: str, at_once: bool = False) -> N
 
 
 @contextlib.contextmanager
-def _few_retries(few: bool) -> Any:
-    """With ``few``, MLflow's HTTP requests in the block are tried once, with a 10-s timeout."""
-    if not few:
-        yield
-        return
-    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    before = {n: os.environ.get(n) for n in names}
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+def _environment(**values: str) -> Any:
+    """The environment variables ``values`` set for the block, each as it was after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        for n, v in before.items():
-            if v is None:
-                os.environ.pop(n, None)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ[n] = v
+                os.environ[name] = value
 
 
 def note_run_id(trainer: Any, handlers: Sequence[Any], config_path: Path | None = None) -> list[str]:
@@ -541,6 +549,8 @@ def note_run_id(trainer: Any, handlers: Sequence[Any], config_path: Path | None 
                     other.run_id = run.info.run_id
             if config_path is not None:
                 remember_run_id(config_path, run.info.run_id)
+                if not getattr(handlers[0], "failed", None):
+                    _tag_folder(handlers[0].client, run.info.run_id, config_path.parent)
 
     trainer.add_event_handler(Events.STARTED, note)  # after the handler's own start, attached with the trainer
     return ids

@@ -384,7 +384,9 @@ def train(
             if tracking and not tracking_uri and resume:  # the store the run was started with
                 tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
                 uri_from = f"{out / 'config.json'}: the run's MLflow store"
-            elif tracking and not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI"):
+            if tracking and not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI") and not (
+                    resume and mlflow_tracking.tracking_record(recorded.get("config", {}))):
+                # a new run, or one started untracked, logs where MLflow's tools would
                 tracking_uri, uri_from = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
             if resume:
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)

@@ -119,9 +119,12 @@ def test_a_file_path_segments_as_medseg_infer_reads_it(bundle, weights, tmp_path
     written = np.asarray(Image.open(tmp_path / "out" / "mask" / "a.png"))
     segmenter = _segmenter(bundle, weights)
 
+    as_written = {"isbi_em": lambda m: m * 255, "jurkat": lambda m: np.array([0, 128, 255])[m],
+                  "nuclei": lambda m: m}[bundle]
     for given in (tmp_path / "in" / "a.png", str(tmp_path / "in" / "a.png")):
         result = segmenter.segment(given)
         assert result.mask.shape == written.shape == image.shape[1::-1]
+        assert np.array_equal(as_written(result.mask), written) and len(np.unique(written)) > 1
         assert np.array_equal(result.prob, tifffile.imread(tmp_path / "out" / "prob" / "a.tif"))
     with Image.open(tmp_path / "in" / "a.png") as opened:  # a PIL image is turned upright as the reader turns it
         assert np.array_equal(segmenter.segment(opened).prob, result.prob)
@@ -155,7 +158,7 @@ def test_an_rgb_image_gives_the_same_map_whatever_its_memory_layout(weights):
     rgb = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)  # large enough for a blocked dot product
     em = _segmenter("isbi_em", weights, tta=False)
     expected = em.segment(rgb).prob
-    for layout in (np.ascontiguousarray(rgb.transpose(2, 0, 1)), np.asfortranarray(rgb), rgb[::-1][::-1]):
+    for layout in (np.ascontiguousarray(rgb.transpose(2, 0, 1)), np.asfortranarray(rgb)):
         assert np.array_equal(em.segment(layout).prob, expected)
 
 

@@ -432,38 +432,64 @@ def test_a_tracking_store_failing_mid_run_is_one_warning_and_the_training_goes_o
     from mlflow.exceptions import MlflowException
 
     data = write_isbi_folder(tmp_path / "d", n=3, size=48)
-    calls = []
+    real, metric_calls, after = mlflow.MlflowClient.log_batch, [], []
 
-    def refused(self, *args, **kwargs):
-        calls.append(args)
-        raise MlflowException("API request failed: Connection refused")
+    def log_batch(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            metric_calls.append(run_id)
+        if len(metric_calls) >= 3:  # epoch 2's: the server has gone
+            after.append(run_id)
+            raise MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with "
+                                  "exception HTTPConnectionPool: Max retries exceeded (Connection refused)")
+        return real(self, run_id, metrics, *args, **kwargs)
 
-    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", refused)
-    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 3, "--no-progress",
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 4, "--no-progress",
                      "--device", "cpu", *_tiny_args(), "--set", "val_interval=1")
     assert result.exit_code == 0, result.output
     said = [r.getMessage() for r in caplog.records if "tracking stops here" in r.getMessage()]
-    assert len(said) == 1 and "Connection refused" in said[0] and len(calls) == 1
+    assert len(said) == 1 and "MlflowException: API request" in said[0]
+    assert len(after) == 1  # neither handler asked the store again
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert history["epoch"] == history["val_epoch"] == [1, 2, 3]
+    assert history["epoch"] == history["val_epoch"] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "train_summary.json").is_file() and (tmp_path / "run" / "curves.png").is_file()
 
 
+def test_a_tracking_call_the_store_refuses_or_a_bug_still_fails_the_training(tmp_path, monkeypatch):
+    import mlflow
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+
+    def broken(self, *args, **kwargs):
+        raise TypeError("a bug in an output transform")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", broken)
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 1 and "a bug in an output transform" in result.output, result.output
+
+
 def test_closing_runs_after_a_second_ctrl_c_asks_a_server_once():
+    from types import SimpleNamespace
+
     from medseg.tracking import close_runs
 
     seen = []
 
     class Handler:
-        cur_run, failed = object(), []
+        failed: list = []
+
+        def __init__(self, run_id):
+            self.cur_run = SimpleNamespace(info=SimpleNamespace(run_id=run_id))
 
         def close(self):
-            seen.append((os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), self.run_finish_status))
+            seen.append((self.cur_run.info.run_id, os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
+                         self.run_finish_status))
 
     before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    close_runs([Handler()], "KILLED", at_once=True)
-    close_runs([Handler()], "FAILED")
-    assert seen == [("0", "KILLED"), (before, "FAILED")]
+    close_runs([Handler("r1"), Handler("r1")], "KILLED", at_once=True)  # the trainer's and the evaluator's
+    close_runs([Handler("r2")], "FAILED")
+    assert seen == [("r1", "0", "KILLED"), ("r2", before, "FAILED")]
     assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == before
 
 
@@ -494,6 +520,14 @@ def test_resume_continues_the_recorded_mlflow_run_by_its_id(tmp_path):
     assert runs[ours.info.run_id].info.status == "FINISHED" and runs[ours.info.run_id].info.run_name == "em1"
     assert client.get_metric_history(other.info.run_id, "train_loss_epoch") == []
     assert runs[other.info.run_id].info.status == "RUNNING"
+    # a copy of the run folder beside its original starts a run of its own rather than take the original's
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "copy", "--epochs", 3, "--resume", *args)
+    assert result.exit_code == 0, result.output
+    assert [m.step for m in client.get_metric_history(ours.info.run_id, "train_loss_epoch")] == [1, 2]
+    (copied,) = set(r.info.run_id for r in client.search_runs([experiment])) - set(runs)
+    assert [m.step for m in client.get_metric_history(copied, "train_loss_epoch")] == [3]
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["_tracking_"]["run_id"] == copied
 
 
 def test_an_unreachable_tracking_server_is_one_line_at_once(tmp_path):

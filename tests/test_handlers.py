@@ -271,3 +271,22 @@ def test_validations_since_the_best_count_those_the_resumed_checkpoint_has_seen(
     history["val"][3]["val_v_rand"] = 0.95  # the way-out validation is the best: model.pt holds it
     (tmp_path / "history.json").write_text(json.dumps(history))
     assert restore.recorded_best(up_to=3) == (4, 0.95, 0)
+
+
+def test_a_store_failure_is_told_from_a_refused_request_or_a_bug():
+    import sqlite3
+
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from medseg.handlers import store_failure
+
+    unreachable = MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with exception "
+                                  "HTTPConnectionPool(host='h', port=5000): Max retries exceeded")
+    full = sqlalchemy.exc.OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
+    assert store_failure(unreachable) and store_failure(full) and store_failure(ConnectionRefusedError(111, "x"))
+    assert not store_failure(MlflowException("Changing param values is not allowed",
+                                             error_code=INVALID_PARAMETER_VALUE))
+    assert not store_failure(ValueError("Cannot set a deleted experiment"))
+    assert not store_failure(TypeError("a bug in an output transform"))
