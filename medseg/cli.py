@@ -47,13 +47,13 @@ class _Group(_FlagHelp, TyperGroup):
 class _Command(_FlagHelp, TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # an empty value is an unset shell variable, never meant: as a path it would be the current folder
-        # (an empty --set value, KEY=, is a value; what follows "--" is taken as given)
+        # (an empty --set value, KEY=, is a value; after "--", "--x=" is an argument)
         takes_value = {name for p in self.params if not getattr(p, "is_flag", True)
                        for name in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
         cut = args.index("--") if "--" in args else len(args)
-        for k, arg in enumerate(args[:cut]):
+        for k, arg in enumerate(args):
             option, equals, value = arg.partition("=")
-            if arg.strip() and not (arg.startswith("--") and equals and not value):
+            if arg.strip() and not (k < cut and arg.startswith("--") and equals and not value.strip()):
                 continue
             if arg.startswith("--"):
                 what = f"{option} is given an empty value"

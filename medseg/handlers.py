@@ -473,17 +473,18 @@ _REFUSED = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RES
                       "INVALID_STATE", "MALFORMED_REQUEST"})
 
 
-def store_failure(err: BaseException) -> bool:
-    """Whether ``err`` is a tracking store failing (unreachable, timing out, full, erring inside) rather than a
-    request it refused or a bug: an OS, network or database error in its causes, or an MLflow error of another
-    code than :data:`_REFUSED` (a server MLflow could not reach is ``INTERNAL_ERROR``)."""
+def store_failure(err: BaseException, opening: bool = False) -> bool:
+    """Whether ``err``, raised by an MLflow call of a training, is its tracking store failing (unreachable,
+    timing out, full, erring inside, or no longer holding the run: deleted in the UI, a server restarted on
+    a new database) rather than a bug: an MLflow error, or an OS, network or database error in its causes.
+    While the run is ``opening`` (params logged, the run looked up), an MLflow error of a :data:`_REFUSED`
+    code is the caller's mistake (a param changed), not a failure."""
     from mlflow.exceptions import MlflowException
 
-    for cause in causes(err):
-        if isinstance(cause, OSError) or type(cause).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy",
-                                                                                   "sqlite3"):
-            return True
-    return isinstance(err, MlflowException) and err.error_code not in _REFUSED
+    if isinstance(err, MlflowException):
+        return not (opening and err.error_code in _REFUSED)
+    return any(isinstance(cause, OSError) or type(cause).__module__.split(".")[0] in
+               ("requests", "urllib3", "sqlalchemy", "sqlite3") for cause in causes(err))
 
 
 class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
@@ -493,34 +494,39 @@ class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
     training goes on (its run folder keeps history, curves and checkpoints) instead of stalling for minutes
     of MLflow's retries at each call and then ending."""
 
-    def __init__(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_id: str | None = None, new_run: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.run_id = run_id  # the run to continue, by its id (MONAI's handler looks one up by its name)
+        self.new_run = new_run  # open a run of its own, even where an unfinished run has its name
         self.failed: list = []  # shared with the linked handlers: one store, one failure
 
-    def _steady(self, call: Any, *args: Any) -> None:
+    def _steady(self, call: Any, *args: Any, opening: bool = False) -> None:
         if self.failed:
             return
         try:
             call(*args)
         except Exception as err:
-            if not store_failure(err):  # a mistake of the caller's (a param changed, a deleted experiment, a bug)
+            if not store_failure(err, opening):  # a bug, or a param changed: the caller's mistake
                 raise
             self.failed.append(err)
             reason = describe_os_failure(err) or \
-                f"{type(err).__name__}: {brief(str(err).splitlines()[0]) if str(err) else ''}"
+                (f"{type(err).__name__}: {brief(str(err).splitlines()[0])}" if str(err) else type(err).__name__)
             logging.getLogger(__name__).warning(
-                "MLflow store %s failed (%s): tracking stops here and the training goes on; its run folder keeps "
-                "every epoch (history.json, curves.png, checkpoints), and the MLflow run is left as it was",
+                "MLflow store %s failed (%s): tracking stops here; the run folder keeps every epoch (history.json, "
+                "curves.png, checkpoints), and the MLflow run is left as it was",
                 getattr(self.client, "tracking_uri", ""), reason)
 
     def start(self, engine: Engine) -> None:
-        if self.run_id and self.cur_run is None:
-            self._steady(self._continue_run)
-        self._steady(super().start, engine)
+        if self.cur_run is None and (self.run_id or self.new_run):
+            self._steady(self._open_run, opening=True)
+        self._steady(super().start, engine, opening=True)
 
-    def _continue_run(self) -> None:
-        self.cur_run = self.client.get_run(self.run_id)
+    def _open_run(self) -> None:
+        if self.run_id:
+            self.cur_run = self.client.get_run(self.run_id)
+            return
+        self._set_experiment()
+        self.cur_run = self.client.create_run(experiment_id=self.experiment.experiment_id, run_name=self.run_name)
 
     def iteration_completed(self, engine: Engine) -> None:
         self._steady(super().iteration_completed, engine)

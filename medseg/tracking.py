@@ -18,16 +18,6 @@ from medseg.errors import MedsegError, brief
 from medseg.runfolder import folders_made_for
 
 
-def _resumed_params(params: dict, tracking_uri: str, experiment: str, run_name: str) -> dict:
-    """Params for the MLflow run a resumed training continues: a value changed since (e.g. ``--epochs``) is
-    logged as ``KEY.resumeN``, since MLflow refuses to change a logged param."""
-    # the run MONAI's MLFlowHandler continues: the last unfinished run of that name, in search order
-    runs = _runs_named(tracking_uri, experiment, run_name, unfinished=True)
-    if not runs:
-        return params
-    return _params_beside(params, runs[-1].data.params)
-
-
 def _params_beside(params: dict, logged: dict) -> dict:
     """``params`` to log to a run that holds ``logged``: a value changed since is logged as ``KEY.resumeN``."""
     out = {}
@@ -43,42 +33,55 @@ def _params_beside(params: dict, logged: dict) -> dict:
     return out
 
 
-def _reopen_finished_run(tracking_uri: str, experiment: str, run_name: str, output_dir: Path,
-                         own_store: bool = False) -> tuple[str, int | None] | None:
-    """Before a resumed training: when the folder's run finished (``--resume --epochs`` more after a run that
-    completed), mark it unfinished, so that MONAI's handler continues it (one run, one curve per metric)
-    instead of starting a second run of the same name. A run left unfinished is continued anyway.
+def _run_to_continue(tracking_uri: str, experiment: str, record: dict, output_dir: Path, own_store: bool) -> Any:
+    """The MLflow run a resumed training in ``output_dir`` continues, from its ``config.json``'s tracking
+    ``record``: the run of its recorded id, or for a run recorded before ids were (its name alone) the newest
+    run of that name; either only when it is in ``experiment``, not deleted, and this folder's
+    (:func:`_is_this_folders`). ``None``: the training starts a run of its own (a run folder copied beside its
+    original, another store given now, a run deleted, a run started untracked)."""
+    import mlflow
 
-    Returns the reopened run's id and end time, for :func:`finish_again` should the resume be refused."""
+    run_id, run_name = written(record.get("run_id")), written(record.get("run_name"))
     try:
-        runs = [r for r in _runs_named(tracking_uri, experiment, run_name) if _same_folder(r, output_dir, own_store)]
-        if runs and not _runs_named(tracking_uri, experiment, run_name, unfinished=True):
-            return _reopen(tracking_uri, max(runs, key=lambda r: r.info.start_time or 0))
-    except Exception as err:  # noqa: BLE001 - tracking is a record of the training, not a reason to stop it
-        logging.getLogger(__name__).warning("could not reopen the folder's MLflow run: %s", err)
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        if isinstance(run_id, str) and run_id:
+            candidates = [client.get_run(run_id)]
+        elif isinstance(run_name, str) and run_name:
+            candidates = sorted(_runs_named(tracking_uri, experiment, run_name),
+                                key=lambda r: r.info.start_time or 0, reverse=True)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - MLflow raises many kinds for a run it does not hold
+        return None
+    for run in candidates:
+        if run.info.experiment_id == found.experiment_id and run.info.lifecycle_stage == "active" and \
+                _is_this_folders(run, output_dir, own_store):
+            _tag_folder(client, run.info.run_id, output_dir)
+            return run
     return None
 
 
-def _recorded_run(tracking_uri: str, experiment: str, run_id: str, output_dir: Path, own_store: bool) -> Any:
-    """The run ``run_id`` of ``tracking_uri`` when it is there, in ``experiment``, not deleted, and this
-    folder's: logged from ``output_dir``, or from a folder that is gone (this one, moved since). ``None``
-    otherwise (another store given now, a store rebuilt, a copy of the run folder beside its original), and
-    the run is looked up by name and folder."""
-    import mlflow
-
-    try:
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        run = client.get_run(run_id)
-        found = client.get_experiment_by_name(experiment)
-    except Exception:  # noqa: BLE001 - MLflow raises many kinds for a run it does not hold
-        return None
-    if found is None or run.info.experiment_id != found.experiment_id or run.info.lifecycle_stage != "active":
-        return None
+def _is_this_folders(run: Any, output_dir: Path, own_store: bool) -> bool:
+    """Whether ``run`` is the run of the training folder ``output_dir``: in the folder's own store, or logged
+    from it (:data:`FOLDER_TAG`, else the ``output_dir`` param), or from a folder that is gone or that now
+    records another run (this folder, moved since). A folder that still records the run is the original of
+    a copy, which starts a run of its own."""
+    if own_store:
+        return True
     logged = run.data.tags.get(FOLDER_TAG) or run.data.params.get("output_dir")
-    if logged is None or not (own_store or Path(logged).resolve() == output_dir.resolve() or not Path(logged).exists()):
-        return None  # the original folder's run: its copy starts a run of its own
-    _tag_folder(client, run.info.run_id, output_dir)
-    return run
+    if logged is None:
+        return False
+    if Path(logged).resolve() == output_dir.resolve() or not Path(logged).exists():
+        return True
+    try:
+        there = written(tracking_record(json.loads((Path(logged) / "config.json").read_text(encoding="utf-8")))
+                        .get("run_id"))
+    except (OSError, ValueError, AttributeError):
+        there = None
+    return there is not None and there != run.info.run_id
 
 
 #: The MLflow tag of the folder a run's training now writes into (its ``output_dir`` param is where it started:
@@ -94,7 +97,10 @@ def _tag_folder(client: Any, run_id: str, output_dir: Path) -> None:
 
 
 def _reopen(tracking_uri: str, run: Any) -> tuple[str, int | None] | None:
-    """:func:`_reopen_finished_run` for the run ``run``, found by its id."""
+    """Before a resumed training: when the run it continues finished (``--resume --epochs`` more after a run
+    that completed), mark it unfinished (KILLED), so that it is continued (one run, one curve per metric).
+
+    Returns the reopened run's id and end time, for :func:`finish_again` should the resume be refused."""
     import mlflow
 
     status = mlflow.entities.RunStatus
@@ -140,25 +146,17 @@ def _runs_named(tracking_uri: str, experiment: str, name: str | None, unfinished
 
 
 def _same_folder(run: Any, output_dir: Path, own_store: bool = False) -> bool:
-    """Whether an MLflow run was logged by a training in ``output_dir`` (by its ``output_dir`` param, which
-    medseg logs as an absolute path; a run without one is another tool's). In the folder's own store
-    (``own_store``) every medseg run is the folder's, wherever the folder was when it was logged."""
-    logged = run.data.params.get("output_dir")
+    """Whether an MLflow run was logged by a training in ``output_dir`` (by its :data:`FOLDER_TAG`, else its
+    ``output_dir`` param, which medseg logs as an absolute path; a run without one is another tool's). In the
+    folder's own store (``own_store``) every medseg run is the folder's, wherever the folder was when logged."""
+    logged = run.data.tags.get(FOLDER_TAG) or run.data.params.get("output_dir")
     return logged is not None and (own_store or Path(logged).resolve() == output_dir.resolve())
 
 
-def _run_name(tracking_uri: str, experiment: str, output_dir: Path, config_path: Path, resume: bool,
-              own_store: bool = False) -> str:
-    """The MLflow run name of a training in ``output_dir``: the folder's name, or when resuming the name the
-    training started with (kept in its ``config.json``). A new training whose folder name already names a
-    run of another folder (a shared tracking server) takes a hash of its path into the name, so that
-    neither it nor a later ``--resume`` of either folder continues the other's run."""
-    if resume:
-        try:
-            recorded = written(tracking_record(json.loads(config_path.read_text(encoding="utf-8"))).get("run_name"))
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        return str(recorded) if isinstance(recorded, str) and recorded else _folder_name(output_dir)
+def _run_name(tracking_uri: str, experiment: str, output_dir: Path, own_store: bool = False) -> str:
+    """The MLflow run name of a new run of a training in ``output_dir``: the folder's name; when that already
+    names a run of another folder (a shared tracking server), with a hash of its path, so that neither
+    training takes the other's run."""
     name = _folder_name(output_dir)
     try:
         named = _runs_named(tracking_uri, experiment, name)
@@ -199,12 +197,12 @@ def retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = Fa
 
 def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment: str,
                        artifacts: list[str], config_path: Path, resume: bool = False,
-                       uri_from: str = "--tracking-uri", run_id: str | None = None) -> dict:
+                       uri_from: str = "--tracking-uri", record: dict | None = None) -> dict:
     """MONAI's MLflow settings for a training in ``output_dir``: the store (``tracking_uri``, which ``uri_from``
     names in errors; the folder's own SQLite store when ``None``), the run's name and params, the artifacts.
-    A resume continues the run ``run_id`` (recorded in the run's ``config.json``) when the store holds it: by
-    its id, not its name and folder, which a busy server, a moved folder or the same path on another machine
-    made ambiguous."""
+    A resume continues the run its ``config.json``'s tracking ``record`` names (:func:`_run_to_continue`), by
+    its id: MONAI's handler would look a run up by its name, which a busy server, a moved folder or the same
+    path on another machine makes ambiguous; a new run is opened as one (``new_run``)."""
     from urllib.parse import unquote
 
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
@@ -230,11 +228,9 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     configs["experiment_name"] = experiment
     own_store = store is not None and store.absolute() == (output_dir / "mlflow.db").absolute()
     settings["own_store"] = own_store
-    continued = _recorded_run(uri, experiment, run_id, output_dir, own_store) if resume and run_id else None
-    by_name = resume and not run_id  # a run recorded before its id was: found by its name and folder
-    # a recorded run this folder cannot continue (a copy's original, another store, deleted): a run of its own
+    continued = _run_to_continue(uri, experiment, record or {}, output_dir, own_store) if resume else None
     configs["run_name"] = continued.info.run_name if continued is not None else \
-        _run_name(configs["tracking_uri"], experiment, output_dir, config_path, by_name, own_store)
+        _run_name(configs["tracking_uri"], experiment, output_dir, own_store)
     configs["save_execute_config"] = str(config_path)
     params = _plain_params(parser.get())
     if "output_dir" in params:
@@ -245,10 +241,8 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
             configs[handler]["run_id"] = continued.info.run_id
         settings["reopened"] = _reopen(uri, continued)
         params = _params_beside(params, continued.data.params)
-    elif by_name:
-        settings["reopened"] = _reopen_finished_run(configs["tracking_uri"], experiment, configs["run_name"],
-                                                    output_dir, own_store)
-        params = _resumed_params(params, configs["tracking_uri"], experiment, configs["run_name"])
+    else:
+        configs["trainer"]["new_run"] = True
     for handler in ("trainer", "validator"):  # a store that stops answering mid-run does not end the training
         configs[handler]["_target_"] = "medseg.handlers.SteadyMLFlowHandler"
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]

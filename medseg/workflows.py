@@ -414,9 +414,9 @@ def train(
                     mlflow_tracking.tracking_record(recorded.get("config", {})).get("experiment_name"))
                 experiment = recorded_experiment if resume and isinstance(recorded_experiment, str) and \
                     recorded_experiment else f"medseg-{Path(bundle).resolve().name}"  # kept when the bundle moved
-                run_id = written(mlflow_tracking.tracking_record(recorded.get("config", {})).get("run_id"))
                 tracked = mlflow_tracking.settings(parser, out, tracking_uri, experiment, artifacts, config_path,
-                                                   resume, uri_from, run_id if isinstance(run_id, str) else None)
+                                                   resume, uri_from,
+                                                   mlflow_tracking.tracking_record(recorded.get("config", {})))
                 at_end.enter_context(mlflow_tracking.uri_in_environment(tracked["configs"]["tracking_uri"]))
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 exported[mlflow_tracking.RECORD_KEY] = mlflow_tracking.record_of(tracked)

@@ -425,11 +425,14 @@ def test_mlflow_tracking_uri_of_no_server_names_the_variable(tmp_path, monkeypat
                            "--no-tracking")
 
 
-def test_a_tracking_store_failing_mid_run_is_one_warning_and_the_training_goes_on(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("code", ["INTERNAL_ERROR", "RESOURCE_DOES_NOT_EXIST"])  # gone; the run deleted in the UI
+def test_a_tracking_store_failing_mid_run_is_one_warning_and_the_training_goes_on(tmp_path, monkeypatch, caplog,
+                                                                                   code):
     """A server gone away mid-run: each MLflow call stalled for minutes of retries, then the training ended
     with "a config value does not work (ConnectionRefusedError ...)", without its summary or curves."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
 
     data = write_isbi_folder(tmp_path / "d", n=3, size=48)
     real, metric_calls, after = mlflow.MlflowClient.log_batch, [], []
@@ -440,7 +443,8 @@ def test_a_tracking_store_failing_mid_run_is_one_warning_and_the_training_goes_o
         if len(metric_calls) >= 3:  # epoch 2's: the server has gone
             after.append(run_id)
             raise MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with "
-                                  "exception HTTPConnectionPool: Max retries exceeded (Connection refused)")
+                                  "exception HTTPConnectionPool: Max retries exceeded (Connection refused)",
+                                  error_code=getattr(databricks_pb2, code))
         return real(self, run_id, metrics, *args, **kwargs)
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
@@ -467,6 +471,22 @@ def test_a_tracking_call_the_store_refuses_or_a_bug_still_fails_the_training(tmp
     result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
                      "--device", "cpu", *_tiny_args())
     assert result.exit_code == 1 and "a bug in an output transform" in result.output, result.output
+
+
+def test_a_param_the_store_refuses_while_the_run_opens_still_fails_the_training(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+
+    def refused(self, run_id, metrics=(), params=(), *args, **kwargs):
+        raise MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", refused)
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 1 and "Changing param values is not allowed" in result.output, result.output
 
 
 def test_closing_runs_after_a_second_ctrl_c_asks_a_server_once():
@@ -528,6 +548,55 @@ def test_resume_continues_the_recorded_mlflow_run_by_its_id(tmp_path):
     (copied,) = set(r.info.run_id for r in client.search_runs([experiment])) - set(runs)
     assert [m.step for m in client.get_metric_history(copied, "train_loss_epoch")] == [3]
     assert json.loads((tmp_path / "copy" / "config.json").read_text())["_tracking_"]["run_id"] == copied
+
+
+def test_resume_without_a_recorded_run_id_or_with_a_moved_folder_finds_its_own_run(tmp_path, monkeypatch):
+    """Runs recorded before their id was: continued by name, but only from their own folder (a copy beside
+    the original starts its own); a moved folder whose old path holds a new training keeps its run; a run
+    started untracked and resumed with MLFLOW_TRACKING_URI starts a run, not another folder's of its name."""
+    import mlflow
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = ("--no-progress", "--device", "cpu", "--tracking-uri", uri, *_tiny_args())
+    client = mlflow.MlflowClient(tracking_uri=uri)
+
+    def train(folder, epochs, *extra):
+        result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / folder, "--epochs", epochs,
+                         *extra, *args)
+        assert result.exit_code == 0, result.output
+        config = json.loads((tmp_path / folder / "config.json").read_text())
+        return config.get("_tracking_", {}).get("run_id")
+
+    def steps(run_id):
+        return [m.step for m in client.get_metric_history(run_id, "train_loss_epoch")]
+
+    old = train("old", 1)  # as an earlier version recorded it: no id, no folder tag
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["_tracking_"]["run_id"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    client.delete_tag(old, "medseg.output_dir")
+    shutil.copytree(tmp_path / "old", tmp_path / "old_copy")
+    assert train("old_copy", 2, "--resume") != old and steps(old) == [1]
+    assert train("old", 2, "--resume") == old and steps(old) == [1, 2]
+
+    first = train("a/run1", 1)
+    shutil.move(tmp_path / "a" / "run1", tmp_path / "b" / "run1")
+    second = train("a/run1", 1)  # a new training where the moved one was
+    assert train("b/run1", 2, "--resume") == first and steps(first) == [1, 2] and steps(second) == [1]
+
+    plain = ("--no-progress", "--device", "cpu", *_tiny_args())
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "u" / "run2", "--epochs", 1,
+                     "--no-tracking", *plain)
+    assert result.exit_code == 0, result.output
+    elsewhere = client.create_run(client.get_experiment_by_name("medseg-isbi_em").experiment_id, run_name="run2")
+    client.log_param(elsewhere.info.run_id, "output_dir", str(tmp_path / "elsewhere" / "run2"))  # left RUNNING
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "u" / "run2", "--epochs", 2, "--resume",
+                     *plain)
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((tmp_path / "u" / "run2" / "config.json").read_text())["_tracking_"]["run_id"]
+    assert steps(resumed) == [2] and steps(elsewhere.info.run_id) == []
 
 
 def test_an_unreachable_tracking_server_is_one_line_at_once(tmp_path):
@@ -592,14 +661,15 @@ def test_a_tracking_failure_after_training_is_a_warning(tmp_path, isbi_folder, m
 def test_a_resumed_run_logged_with_a_relative_folder_gets_no_second_folder_param(tmp_path):
     import mlflow
 
-    from medseg.tracking import _resumed_params
+    from medseg.tracking import _params_beside
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.create_run(client.create_experiment("e"), run_name="r")
     client.log_param(run.info.run_id, "output_dir", "runs/r")
     client.log_param(run.info.run_id, "max_epochs", "3")
-    params = _resumed_params({"output_dir": str(tmp_path / "runs" / "r"), "max_epochs": 5}, uri, "e", "r")
+    params = _params_beside({"output_dir": str(tmp_path / "runs" / "r"), "max_epochs": 5},
+                            client.get_run(run.info.run_id).data.params)
     assert params == {"max_epochs.resume1": 5}
 
 
@@ -1772,6 +1842,12 @@ def test_an_empty_argument_is_refused_before_it_becomes_the_current_folder(train
     _assert_one_line_error(result, "argument 3 after 'infer' is empty")
     result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint=")
     _assert_one_line_error(result, "--checkpoint is given an empty value")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--output=  ")
+    _assert_one_line_error(result, "--output is given an empty value")
+    result = _invoke("infer", BUNDLE, "--no-progress", "--", trained["data"], "")
+    _assert_one_line_error(result, "argument 5 after 'infer' is empty")
+    result = _invoke("infer", BUNDLE, "--no-progress", trained["data"] / "missing", "out", "--set=tta=")
+    assert "empty" not in result.output  # KEY= is a value (here one tta refuses)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -286,7 +286,8 @@ def test_a_store_failure_is_told_from_a_refused_request_or_a_bug():
                                   "HTTPConnectionPool(host='h', port=5000): Max retries exceeded")
     full = sqlalchemy.exc.OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
     assert store_failure(unreachable) and store_failure(full) and store_failure(ConnectionRefusedError(111, "x"))
-    assert not store_failure(MlflowException("Changing param values is not allowed",
-                                             error_code=INVALID_PARAMETER_VALUE))
+    refused = MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+    assert not store_failure(refused, opening=True)  # the caller's mistake, while the run is opened
+    assert store_failure(refused)  # later: the run deleted in the UI, a server restarted on a new database
     assert not store_failure(ValueError("Cannot set a deleted experiment"))
     assert not store_failure(TypeError("a bug in an output transform"))
