@@ -494,10 +494,12 @@ class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
     training goes on (its run folder keeps history, curves and checkpoints) instead of stalling for minutes
     of MLflow's retries at each call and then ending."""
 
-    def __init__(self, *args: Any, run_id: str | None = None, new_run: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_id: str | None = None, new_run: bool = False, opens_run: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.run_id = run_id  # the run to continue, by its id (MONAI's handler looks one up by its name)
         self.new_run = new_run  # open a run of its own, even where an unfinished run has its name
+        self.opens_run = opens_run  # the trainer's: the run is opened by its first start, the others' log to it
         self.failed: list = []  # shared with the linked handlers: one store, one failure
 
     def _steady(self, call: Any, *args: Any, opening: bool = False) -> None:
@@ -517,9 +519,10 @@ class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
                 getattr(self.client, "tracking_uri", ""), reason)
 
     def start(self, engine: Engine) -> None:
+        opening = self.opens_run and self.cur_run is None  # the evaluator's handler starts at each validation
         if self.cur_run is None and (self.run_id or self.new_run):
-            self._steady(self._open_run, opening=True)
-        self._steady(super().start, engine, opening=True)
+            self._steady(self._open_run, opening=opening)
+        self._steady(super().start, engine, opening=opening)
 
     def _open_run(self) -> None:
         if self.run_id:

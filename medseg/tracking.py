@@ -35,10 +35,10 @@ def _params_beside(params: dict, logged: dict) -> dict:
 
 def _run_to_continue(tracking_uri: str, experiment: str, record: dict, output_dir: Path, own_store: bool) -> Any:
     """The MLflow run a resumed training in ``output_dir`` continues, from its ``config.json``'s tracking
-    ``record``: the run of its recorded id, or for a run recorded before ids were (its name alone) the newest
-    run of that name; either only when it is in ``experiment``, not deleted, and this folder's
-    (:func:`_is_this_folders`). ``None``: the training starts a run of its own (a run folder copied beside its
-    original, another store given now, a run deleted, a run started untracked)."""
+    ``record``: the run of its recorded id when it is this folder's (:func:`_is_this_folders`), or for a run
+    recorded before ids were (its name alone) the newest run of that name logged from this folder; either
+    only when it is in ``experiment`` and not deleted. ``None``: the training starts a run of its own (a run
+    folder copied beside its original, another store given now, a run deleted, a run started untracked)."""
     import mlflow
 
     run_id, run_name = written(record.get("run_id")), written(record.get("run_name"))
@@ -56,9 +56,10 @@ def _run_to_continue(tracking_uri: str, experiment: str, record: dict, output_di
             return None
     except Exception:  # noqa: BLE001 - MLflow raises many kinds for a run it does not hold
         return None
-    for run in candidates:
+    by_id = isinstance(run_id, str) and bool(run_id)
+    for run in candidates:  # a name is no one folder's: without an id, only a run logged from this folder
         if run.info.experiment_id == found.experiment_id and run.info.lifecycle_stage == "active" and \
-                _is_this_folders(run, output_dir, own_store):
+                (_is_this_folders(run, output_dir, own_store) if by_id else _same_folder(run, output_dir, own_store)):
             _tag_folder(client, run.info.run_id, output_dir)
             return run
     return None
@@ -243,6 +244,7 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
         params = _params_beside(params, continued.data.params)
     else:
         configs["trainer"]["new_run"] = True
+    configs["trainer"]["opens_run"] = True
     for handler in ("trainer", "validator"):  # a store that stops answering mid-run does not end the training
         configs[handler]["_target_"] = "medseg.handlers.SteadyMLFlowHandler"
     configs["trainer"]["artifacts"] = [str(config_path), *artifacts]

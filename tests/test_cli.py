@@ -473,6 +473,29 @@ def test_a_tracking_call_the_store_refuses_or_a_bug_still_fails_the_training(tmp
     assert result.exit_code == 1 and "a bug in an output transform" in result.output, result.output
 
 
+def test_a_run_deleted_in_the_ui_mid_run_leaves_the_training_untracked(tmp_path, monkeypatch, caplog):
+    # the evaluator's handler starts at each validation and looks its run up: the deleted run ended the training
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    real, calls = mlflow.MlflowClient.get_run, []
+
+    def get_run(self, run_id):
+        calls.append(run_id)
+        if len(calls) >= 4:
+            raise MlflowException(f"Run '{run_id}' not found", error_code=RESOURCE_DOES_NOT_EXIST)
+        return real(self, run_id)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_run", get_run)
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 4, "--no-progress",
+                     "--device", "cpu", *_tiny_args(), "--set", "val_interval=1")
+    assert result.exit_code == 0, result.output
+    assert len([r for r in caplog.records if "tracking stops here" in r.getMessage()]) == 1
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["val_epoch"] == [1, 2, 3, 4]
+
+
 def test_a_param_the_store_refuses_while_the_run_opens_still_fails_the_training(tmp_path, monkeypatch):
     import mlflow
     from mlflow.exceptions import MlflowException
