@@ -42,12 +42,13 @@ def _run_to_continue(tracking_uri: str, experiment: str, record: dict, output_di
     import mlflow
 
     run_id, run_name = written(record.get("run_id")), written(record.get("run_name"))
+    by_id = isinstance(run_id, str) and bool(run_id)
     try:
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             return None
-        if isinstance(run_id, str) and run_id:
+        if by_id:
             candidates = [client.get_run(run_id)]
         elif isinstance(run_name, str) and run_name:
             candidates = sorted(_runs_named(tracking_uri, experiment, run_name),
@@ -56,12 +57,10 @@ def _run_to_continue(tracking_uri: str, experiment: str, record: dict, output_di
             return None
     except Exception:  # noqa: BLE001 - MLflow raises many kinds for a run it does not hold
         return None
-    by_id = isinstance(run_id, str) and bool(run_id)
     for run in candidates:  # a name is no one folder's: without an id, only a run logged from this folder
         if run.info.experiment_id == found.experiment_id and run.info.lifecycle_stage == "active" and \
                 (_is_this_folders(run, output_dir, own_store) if by_id else _same_folder(run, output_dir, own_store)):
-            _tag_folder(client, run.info.run_id, output_dir)
-            return run
+            return run  # tagged with this folder once it is open (note_run_id)
     return None
 
 
@@ -70,12 +69,12 @@ def _is_this_folders(run: Any, output_dir: Path, own_store: bool) -> bool:
     from it (:data:`FOLDER_TAG`, else the ``output_dir`` param), or from a folder that is gone or that now
     records another run (this folder, moved since). A folder that still records the run is the original of
     a copy, which starts a run of its own."""
-    if own_store:
+    if _same_folder(run, output_dir, own_store):
         return True
     logged = run.data.tags.get(FOLDER_TAG) or run.data.params.get("output_dir")
     if logged is None:
         return False
-    if Path(logged).resolve() == output_dir.resolve() or not Path(logged).exists():
+    if not Path(logged).exists():
         return True
     try:
         there = written(tracking_record(json.loads((Path(logged) / "config.json").read_text(encoding="utf-8")))
@@ -131,8 +130,7 @@ def finish_again(settings: dict) -> None:
 
 
 def _runs_named(tracking_uri: str, experiment: str, name: str | None, unfinished: bool = False) -> list:
-    """The runs named ``name``, or all with ``None`` (``unfinished``: those not marked finished, which MONAI's
-    handler continues)."""
+    """The runs named ``name``, or all with ``None`` (``unfinished``: those not marked finished)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -177,8 +175,8 @@ def _folder_name(folder: Path) -> str:
 
 def retire_unfinished_runs(configs: dict, output_dir: Path, own_store: bool = False) -> None:
     """Before a new (not resumed) training: the runs this folder left unfinished (stopped by Ctrl-C or an
-    error), which MONAI's handler would continue, are renamed ``NAME (replaced)``; one still marked
-    running is closed as failed. In the folder's own store that is every unfinished run, also one logged
+    error) are renamed ``NAME (replaced)``, so that its current run is told apart; one still marked running
+    is closed as failed. In the folder's own store that is every unfinished run, also one logged
     under an earlier name of the folder (moved since)."""
     import mlflow
 

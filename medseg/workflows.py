@@ -380,12 +380,12 @@ def train(
         tracked: dict | None = None
         try:
             recorded = runfolder.recorded_run(out) if resume else {}
+            record = mlflow_tracking.tracking_record(recorded.get("config", {}))  # where the run is tracked
             uri_from = "--tracking-uri"
             if tracking and not tracking_uri and resume:  # the store the run was started with
                 tracking_uri = mlflow_tracking.recorded_tracking_uri(recorded.get("config", {}))
                 uri_from = f"{out / 'config.json'}: the run's MLflow store"
-            if tracking and not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI") and not (
-                    resume and mlflow_tracking.tracking_record(recorded.get("config", {}))):
+            if tracking and not tracking_uri and os.environ.get("MLFLOW_TRACKING_URI") and not (resume and record):
                 # a new run, or one started untracked, logs where MLflow's tools would
                 tracking_uri, uri_from = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
             if resume:
@@ -410,23 +410,19 @@ def train(
                         "output_dir": literal(str(out.absolute()))}
             if tracking:
                 artifacts = [str(out / n) for n in ("model.pt", "curves.png", "history.json", "split.json")]
-                recorded_experiment = written(
-                    mlflow_tracking.tracking_record(recorded.get("config", {})).get("experiment_name"))
+                recorded_experiment = written(record.get("experiment_name"))
                 experiment = recorded_experiment if resume and isinstance(recorded_experiment, str) and \
                     recorded_experiment else f"medseg-{Path(bundle).resolve().name}"  # kept when the bundle moved
                 tracked = mlflow_tracking.settings(parser, out, tracking_uri, experiment, artifacts, config_path,
-                                                   resume, uri_from,
-                                                   mlflow_tracking.tracking_record(recorded.get("config", {})))
+                                                   resume, uri_from, record)
                 at_end.enter_context(mlflow_tracking.uri_in_environment(tracked["configs"]["tracking_uri"]))
                 at_end.callback(runfolder.remove_if_empty, tracked.pop("stray_folders", []))
                 exported[mlflow_tracking.RECORD_KEY] = mlflow_tracking.record_of(tracked)
                 own_store = tracked.pop("own_store", False)
                 ConfigWorkflow.patch_bundle_tracking(parser, mlflow_tracking.config_settings(tracked))
                 parser["save_execute_config"] = tracked["configs"]["save_execute_config"]  # as recorded before
-            elif resume:  # where the run is tracked stays on record for a later --resume with tracking
-                kept = mlflow_tracking.tracking_record(recorded.get("config", {}))
-                if kept:
-                    exported[mlflow_tracking.RECORD_KEY] = kept
+            elif resume and record:  # where the run is tracked stays on record for a later --resume with tracking
+                exported[mlflow_tracking.RECORD_KEY] = record
             with atomic_output(config_path) as tmp:
                 parser.export_config_file(portable_config(exported, dev), str(tmp))
 
