@@ -392,7 +392,8 @@ def export(
     OUTPUT_DIR gets BUNDLE with CHECKPOINT as models/model.pt, the run's config.json and split.json beside it,
     and the settings the training changed written into the configs, so that plain `python -m monai.bundle run`
     runs and evaluates the model as medseg does. Its metadata.json and docs describe these weights: channels,
-    best validation score, settings changed, SHA-256.
+    best validation score, settings changed, SHA-256. models/model.ts holds the network as TorchScript, for
+    plain PyTorch (torch.jit.load) and MONAI Deploy.
     """
     from medseg.export import export_bundle
 

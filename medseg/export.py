@@ -7,10 +7,11 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from medseg.errors import NO_SPACE, CheckpointError, DataError, MedsegError
+from medseg.errors import NO_SPACE, CheckpointError, DataError, MedsegError, brief
 
 #: What a bundle folder holds that goes into the export (MONAI's bundle layout less ``models/``): not the data,
 #: runs or evaluations a plain ``monai.bundle run`` may have put inside it
@@ -32,8 +33,12 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     are made true of these weights (channels, scores, settings). The folder appears whole or not at all,
     readable as the umask allows.
 
+    ``models/model.ts`` holds the network with these weights as TorchScript, for a receiver without medseg or
+    MONAI (see :func:`_write_torchscript`).
+
     Returns:
-        what was written: ``output_dir``, ``checkpoint``, its ``sha256`` and ``settings`` (id -> value written).
+        what was written: ``output_dir``, ``checkpoint``, its ``sha256``, ``settings`` (id -> value written) and
+        ``torchscript`` (the ``model.ts`` path, or ``None`` when this PyTorch cannot script the network).
 
     Raises:
         MedsegError: ``output_dir`` exists or lies inside the bundle, or a file cannot be read or written.
@@ -73,7 +78,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
                 _write_settings(config, settings)
         parser = load_config(part, "infer")
         # the weights must fit the network the export describes: checked now, not by the receiver
-        digest = load_checkpoint(parser.get_parsed_content("network_def"), checkpoint, training_state=False)
+        network = parser.get_parsed_content("network_def")
+        digest = load_checkpoint(network, checkpoint, training_state=False)
         (part / "models").mkdir()
         shutil.copyfile(checkpoint, part / "models" / "model.pt")
         if file_sha256(part / "models" / "model.pt") != digest:  # a training still running replaced it
@@ -88,7 +94,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         about = _Export(bundle, digest, settings, _best_validation(checkpoint), split.is_file())
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
-        _write_docs_header(part / "docs" / "README.md", about, described)
+        scripted = _write_torchscript(network, part, out)
+        _write_docs_header(part / "docs" / "README.md", about, described, scripted)
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
         if part is not None:
@@ -105,7 +112,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         if part is not None:
             shutil.rmtree(part, ignore_errors=True)
         raise
-    return {"output_dir": str(out), "checkpoint": str(checkpoint), "sha256": digest, "settings": settings}
+    return {"output_dir": str(out), "checkpoint": str(checkpoint), "sha256": digest, "settings": settings,
+            "torchscript": str(out / "models" / "model.ts") if scripted else None}
 
 
 class _Export(NamedTuple):
@@ -192,7 +200,34 @@ def _describe_channels(entry: dict, count: int, names: list | None) -> None:
                             "training's settings)" for i in range(count)}
 
 
-def _write_docs_header(path: Path, about: _Export, described: bool) -> None:
+def _write_torchscript(network: Any, part: Path, out: Path) -> bool:
+    """Write ``network`` (its weights loaded) into ``part/models/model.ts`` as MONAI's ``ckpt_export`` does:
+    TorchScript with ``metadata.json`` and the configs inside as extra files (``monai.data.load_net_with_metadata``
+    reads them back), which runs with ``torch.jit.load`` alone and is what MONAI Deploy and the model zoo take.
+    The network only: logits for an input already scaled as the bundle's transforms scale it. Returns whether it
+    was written; when this PyTorch cannot script the network (a custom one, say), one warning names ``out``, as
+    the bundle still runs from ``model.pt``."""
+    import torch
+    from monai.data import save_net_with_metadata
+
+    try:
+        with warnings.catch_warnings():  # deprecated in favour of torch.export, which MONAI's tools do not read
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated")
+            scripted = torch.jit.script(network.eval())
+    except Exception as err:  # noqa: BLE001 - TorchScript raises many types for code it cannot compile
+        logging.getLogger(__name__).warning(
+            "%s: no models/model.ts, as this PyTorch cannot script the network (%s); the bundle runs from "
+            "models/model.pt", out, brief(f"{type(err).__name__}: {err}"))
+        return False
+    configs = part / "configs"
+    extra = {f"{path.stem}.json": json.dumps(json.loads(path.read_text(encoding="utf-8"))).encode()
+             for path in sorted(configs.glob("*.json")) if path.name != "metadata.json"}
+    meta = json.loads((configs / "metadata.json").read_text(encoding="utf-8"))
+    save_net_with_metadata(scripted, str(part / "models" / "model.ts"), meta_values=meta, more_extra_files=extra)
+    return True
+
+
+def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bool) -> None:
     """Put, before the source bundle's documentation (an earlier export's header replaced), what this export
     holds and how it differs."""
     body = path.read_text(encoding="utf-8") if path.is_file() else ""
@@ -207,7 +242,12 @@ def _write_docs_header(path: Path, about: _Export, described: bool) -> None:
               "the bundle it was trained with. Settings the training changed from the bundle's, written into "
               f"`configs/`: {changed}. Its best validation score in training: {best}."
               + (" `configs/metadata.json` states the network's channels as these weights have them." if described
-                 else ""))
+                 else "")
+              + (" `models/model.ts` holds the network with these weights as TorchScript (`torch.jit.load`; "
+                 "`monai.data.load_net_with_metadata` also returns the metadata and configs stored in it): it "
+                 "gives the logits of an image already scaled as the configs' transforms scale it (its sides a "
+                 "multiple of the product of `network_def#strides`), without the sliding window, logit shift and "
+                 "post-processing that `medseg infer` and `python -m monai.bundle run` add." if scripted else ""))
     if body.strip():
         header += ("\n\nEverything below is the documentation of the bundle it came from: its results describe "
                    "the bundle's reference training, not these weights, and these weights are part of this bundle.")

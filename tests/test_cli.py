@@ -1404,7 +1404,8 @@ def test_an_exported_bundle_runs_its_model_alike_with_medseg_and_plain_monai(tmp
     result = _invoke("export", BUNDLE, run / "model.pt", shared)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["settings"]["loss_name"] == "dice_ce"
-    assert sorted(p.name for p in (shared / "models").iterdir()) == ["config.json", "model.pt", "split.json"]
+    assert sorted(p.name for p in (shared / "models").iterdir()) == ["config.json", "model.pt", "model.ts",
+                                                                     "split.json"]
     inference = json.loads((shared / "configs" / "inference.json").read_text())
     assert inference["loss_name"] == "dice_ce" and inference["network_def"]["channels"] == [4, 8, 16]
     assert json.loads((shared / "configs" / "train.json").read_text())["network_def"]["channels"] == [4, 8, 16]
@@ -1507,6 +1508,41 @@ def test_an_exported_bundle_describes_its_own_weights_and_scores_their_validatio
     _assert_one_line_error(_invoke("export", BUNDLE, run / "last_checkpoint_epoch=1.pt", tmp_path / "x"),
                            "last checkpoint", "model.pt")
     assert [p.name for p in tmp_path.iterdir() if p.name == "x" or p.name.endswith(".part")] == []
+
+
+def test_an_export_holds_the_network_as_torchscript_for_plain_pytorch(trained, tmp_path, monkeypatch, caplog):
+    # a receiver without medseg or MONAI runs models/model.ts with torch alone; MONAI's loader also gets the
+    # metadata and configs stored in it, as its ckpt_export writes them
+    from monai.data import load_net_with_metadata
+
+    from medseg.bundle import load_checkpoint, load_config
+
+    result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "em")
+    assert result.exit_code == 0, result.output
+    script = tmp_path / "em" / "models" / "model.ts"
+    assert json.loads(result.output)["torchscript"] == str(script)
+    network = load_config(tmp_path / "em", "infer").get_parsed_content("network_def").eval()
+    load_checkpoint(network, trained["out"] / "model.pt")
+    image = torch.rand(2, 1, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(script))(image), network(image), rtol=0, atol=0)
+    _, meta, extra = load_net_with_metadata(str(script), more_extra_files=("inference.json", "train.json"))
+    configs = tmp_path / "em" / "configs"
+    assert meta.items() >= json.loads((configs / "metadata.json").read_text()).items()
+    assert json.loads(extra["inference.json"]) == json.loads((configs / "inference.json").read_text())
+    assert "model.ts" in (tmp_path / "em" / "docs" / "README.md").read_text()
+
+    def unscriptable(module):  # a custom network TorchScript cannot compile
+        raise RuntimeError("Python builtin <built-in function id> is currently not supported in Torchscript")
+
+    monkeypatch.setattr(torch.jit, "script", unscriptable)
+    result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "custom")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["torchscript"] is None
+    assert sorted(p.name for p in (tmp_path / "custom" / "models").iterdir()) == ["config.json", "model.pt",
+                                                                                   "split.json"]
+    assert "no models/model.ts, as this PyTorch cannot script the network (RuntimeError: Python builtin" in caplog.text
+    assert "model.ts" not in (tmp_path / "custom" / "docs" / "README.md").read_text()
 
 
 def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypatch):
