@@ -247,7 +247,7 @@ def load_config(
             raise BundleError(f"{overlay}: overlay config not found; see configs/ for the available ones")
     fixes = _check_overlay_keys(bundle, workflow, files, overlays) if overlays else {}
     if overlays and settings:
-        _check_overlay_places(overlays)
+        _check_overlay_places(overlays, device="device" in settings)
     files += [Path(overlay) for overlay in overlays]
     parser = ConfigParser()
     _read_configs(parser, files, meta=Path(bundle) / "configs" / "metadata.json")
@@ -271,6 +271,8 @@ def load_config(
     if taken:  # the command's own arguments: a --set would send part of the work elsewhere
         raise BundleError(f"--set {taken[0]}: the command sets it from its arguments (the bundle, data or input "
                           "folder, output folder, --checkpoint); give it there instead")
+    if "device" in (overrides or {}) and "device" in (settings or {}):  # else --device would silently lose
+        raise BundleError(f"--set device: {_DEVICE_RULE}; give --device instead")
     placed = [k for k in overrides or {} if "#" in k and k.rsplit("#", 1)[1] in PLACE_KEYS and settings]
     placed += [found for k, v in (overrides or {}).items() if settings and (found := _literal_place(v, k))]
     if placed:  # a component's own folder or file: results elsewhere than the output folder, over other files
@@ -291,10 +293,16 @@ def load_config(
     return parser
 
 
-def _check_overlay_places(overlays: list | tuple) -> None:
-    """An overlay, like ``--set``, may not give the ids a command takes from its arguments (:data:`ARGUMENT_IDS`),
-    nor a component's own folder or file (:data:`PLACE_KEYS`): the command's arguments would silently win over
-    the first, and the second would send results elsewhere than the output folder."""
+#: Why ``device`` may not be set: the command's choice, which also decides mixed precision and what is recorded
+_DEVICE_RULE = ("the command sets it from --device (auto, cpu, cuda or cuda:N), which also decides mixed "
+                "precision and what the run records")
+
+
+def _check_overlay_places(overlays: list | tuple, device: bool = False) -> None:
+    """An overlay, like ``--set``, may not give the ids a command takes from its arguments (:data:`ARGUMENT_IDS`,
+    and ``device`` where the command sets it), nor a component's own folder or file (:data:`PLACE_KEYS`): the
+    command's arguments would silently win over the first, and the second would send results elsewhere than the
+    output folder."""
     from monai.bundle import ConfigParser
 
     for overlay in overlays:
@@ -304,6 +312,8 @@ def _check_overlay_places(overlays: list | tuple) -> None:
             given = [plain] + ([f"{plain}#{part}" for part in value]
                                if str(key).startswith("+") and isinstance(value, dict) else [])
             for item in given:
+                if device and item == "device":
+                    raise BundleError(f"{overlay}: sets device; {_DEVICE_RULE}; leave it out of the overlay")
                 if item in ARGUMENT_IDS:
                     raise BundleError(f"{overlay}: sets {item}, which the command sets from its arguments (the "
                                       "bundle, data or input folder, output folder, --checkpoint); leave it out of "

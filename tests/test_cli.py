@@ -2950,6 +2950,30 @@ def test_a_setting_the_command_takes_from_its_arguments_is_refused(tmp_path, com
                            "leave it out of the overlay and give it there")
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "infer"])
+def test_a_device_set_other_than_by_the_device_option_is_refused(tmp_path, command):
+    # --device cpu --set device=cuda failed as "a config value does not work (AssertionError: Torch not compiled
+    # with CUDA enabled)"; on a GPU, --device auto --set device=cpu trained on the CPU with mixed precision on
+    # and recorded the GPU as the run's device
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    where = {"infer": [tmp_path, tmp_path.parent / f"{tmp_path.name}_out", "--checkpoint", tmp_path / "model.pt"],
+             "evaluate": ["--data", tmp_path, "--checkpoint", tmp_path / "model.pt", "--output",
+                          tmp_path.parent / f"{tmp_path.name}_eval"],
+             "train": ["--data", tmp_path, "--output", tmp_path.parent / f"{tmp_path.name}_run"]}[command]
+    result = _invoke(command, BUNDLE, *where, "--device", "cpu", "--set", "device=$torch.device('cuda')")
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: --set device: the command sets it from --device (auto, cpu, cuda or "
+                                     "cuda:N), which also decides mixed precision and what the run records; give "
+                                     "--device instead")
+    (tmp_path / "overlay.json").write_text(json.dumps({"device": "$torch.device('cpu')"}))
+    result = _invoke(command, BUNDLE, *where, "--config", tmp_path / "overlay.json")
+    _assert_one_line_error(result, "overlay.json: sets device; the command sets it from --device",
+                           "leave it out of the overlay")
+    assert not list(tmp_path.parent.glob(f"{tmp_path.name}_*"))
+
+
 @pytest.mark.parametrize("command, setting", [
     ("train", "validate#handlers#1#save_dir=elsewhere"), ("train", "datalists#save_to=elsewhere"),
     ("evaluate", "validate#handlers#2#output_dir=elsewhere"), ("infer", "postprocessing#transforms#3#output_dir=x"),
