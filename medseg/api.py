@@ -33,7 +33,7 @@ class Segmentation:
         mask: ``(H, W)``, by the bundle's kind (:attr:`Segmenter.kind`): ``binary`` 0/1 ``uint8`` (isbi_em: 1 =
             cell interior; ``medseg infer`` writes 255 in PNG/TIFF), ``classes`` the class index ``uint8``
             (jurkat: 0 background, 1 cell body, 2 nucleus; PNG/TIFF files hold the training masks' values),
-            ``instances`` a ``uint16`` label per object (nuclei: 0 background, 1…N).
+            ``instances`` a ``uint16`` label per object (nuclei: 0 background, 1…N; ``uint32`` past 65535).
         prob: ``(H, W)`` ``float32``, the probability map ``medseg infer`` writes to ``prob/``: the interior
             class of a binary bundle, 1 − p(background) otherwise.
         objects: ``instances`` bundles: one dict per object in label order, the columns of ``medseg infer``'s
@@ -226,7 +226,6 @@ class Segmenter:
         holds the intensities the nuclei table measures)."""
         import torch
 
-        from medseg.instances import measure_instances
         from medseg.workflows import quiet_constant_images
 
         inferer = self.inferer
@@ -247,9 +246,7 @@ class Segmenter:
         out = post["pred"]
         out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
         mask, prob = self._writer.mask_of(out, "nifti")  # NIfTI's values: 0/1, class indices, labels
-        objects = None
-        if self.kind == "instances":
-            objects = measure_instances(mask, arr if arr is not None and arr.shape[-2:] == mask.shape else None)
+        objects = self._writer.measure(mask, arr) if self.kind == "instances" else None
         return Segmentation(mask, prob, objects)
 
     def _inferer_at(self, diameter: float) -> Any:

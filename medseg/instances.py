@@ -6,6 +6,7 @@ import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -248,7 +249,10 @@ def measure_instances(
     Rows have the keys of :data:`MEASUREMENT_FIELDS`. The bounding box is in pixels, with exclusive
     maxima (``labels[min_y:max_y, min_x:max_x]`` holds the nucleus). Without ``spacing``, area is a
     pixel count and centroids are pixel coordinates; with it, both are in its units (area in units²).
-    ``mean_intensity`` is None without ``intensity``. Floats are rounded to 3 decimals.
+    ``mean_intensity`` is None without ``intensity``. Floats keep 7 significant digits (a float image's values
+    of 1e-4, or an area in cm², are not rounded away). Centroids count from the centre of the first pixel
+    (skimage's convention: a nucleus of the one pixel ``[0, 0]`` has its centroid at 0, 0; ImageJ's and
+    QuPath's, from the pixel's corner, say 0.5, 0.5).
 
     Args:
         labels: ``(H, W)`` integer labels, 0 = background.
@@ -281,17 +285,22 @@ def measure_instances(
         rows.append(
             {
                 "label": int(table["label"][i]),
-                "area": int(round(area)) if spacing is None else round(area, 3),
-                "centroid_y": round(float(table["centroid-0"][i]), 3),
-                "centroid_x": round(float(table["centroid-1"][i]), 3),
+                "area": int(round(area)) if spacing is None else _significant(area),
+                "centroid_y": _significant(table["centroid-0"][i]),
+                "centroid_x": _significant(table["centroid-1"][i]),
                 "bbox_min_y": int(table["bbox-0"][i]),
                 "bbox_min_x": int(table["bbox-1"][i]),
                 "bbox_max_y": int(table["bbox-2"][i]),
                 "bbox_max_x": int(table["bbox-3"][i]),
-                "mean_intensity": None if gray is None else round(float(table["intensity_mean"][i]), 3),
+                "mean_intensity": None if gray is None else _significant(table["intensity_mean"][i]),
             }
         )
     return rows
+
+
+def _significant(value: Any, digits: int = 7) -> float:
+    """``value`` as a float rounded to ``digits`` significant digits (float32's precision)."""
+    return float(f"{float(value):.{digits}g}")
 
 
 def write_measurements_csv(path: str | os.PathLike, rows: Sequence[dict], slices: bool | None = None) -> Path:

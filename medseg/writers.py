@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -104,8 +104,10 @@ class _StackWriter:
     def __init__(self, path: Path, calibration: dict[str, Any], pages: int = 1) -> None:
         self.path, self.tmp, self.calibration, self.pages = path, partial_file(path), dict(calibration), pages
         self.writer: Any = None
+        self.dtype: np.dtype | None = None  # the pages' type, once the first is written
 
     def append(self, page: np.ndarray) -> None:
+        self.dtype = page.dtype
         if self.writer is None:
             import tifffile
 
@@ -160,6 +162,14 @@ class _VolumeSink:
             raise RuntimeError(f"slice {page} of {self.item['name']} arrived after {self.seen - 1}; "
                                "keep the slices of an input in order")
         arrays = {"mask": mask, "prob": prob}
+        first = self.stacks["mask"].dtype if self.stacks else getattr(self.volumes.get("mask"), "dtype", None)
+        if first is not None and mask.dtype.itemsize < first.itemsize:
+            arrays["mask"] = mask.astype(first)  # labels of a slice after one of over 65535 objects
+        elif first is not None and mask.dtype.itemsize > first.itemsize:
+            if self.stacks:  # the pages written hold 16 bits: one stack is one type
+                raise DataError(f"slice {page}: {mask.max()} objects, over the 65535 labels the 16-bit slices "
+                                "before it hold; use --format nifti")
+            self.volumes["mask"] = self.volumes["mask"].astype(mask.dtype)
         if self.table is not None and rows:
             self.table.extend(rows)
         if self.stacks:
@@ -302,9 +312,11 @@ class SaveSegmentationd(MapTransform):
             (:func:`medseg.transforms.class_mask_values`) unless ``class_values`` is given.
         num_classes: for ``classes``, the network's class count, which ``class_values`` must cover.
         postprocess: for ``instances``, a callable ``(C, H, W)`` probabilities -> instance labels.
+        measure_channels: for ``instances``, the input channels the table's ``mean_intensity`` averages: those
+            the network reads (the bundle's ``input_channels``); ``None``: all.
 
-    The instance table's ``mean_intensity`` is measured on the input's own pixel values (channel mean), not on
-    the network's normalised input.
+    The instance table's ``mean_intensity`` is measured on the input's own pixel values, not on the network's
+    normalised input. Labels are ``uint16``, or ``uint32`` for a slice of over 65535 objects (not in a PNG).
     """
 
     def __init__(
@@ -324,6 +336,7 @@ class SaveSegmentationd(MapTransform):
         postprocess: Any = None,
         class_map: Mapping | None = None,
         num_classes: int | None = None,
+        measure_channels: Sequence[int] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -340,6 +353,7 @@ class SaveSegmentationd(MapTransform):
         self.channel, self.threshold, self.save_prob = channel, threshold, config_flag(save_prob, "save_prob")
         self.output_format, self.nifti_channel_dim = output_format, nifti_channel_dim
         self.mask_mode, self.postprocess = mask_mode, postprocess
+        self.measure_channels = None if measure_channels is None else [int(c) for c in measure_channels]
         self.class_values = _class_values(class_values, class_map, num_classes) if mask_mode == "classes" else None
         self.options = {"segment_label": segment_label, "algorithm": algorithm,
                         "algorithm_version": algorithm_version}
@@ -374,17 +388,32 @@ class SaveSegmentationd(MapTransform):
                 index, top = self.class_values[index], int(self.class_values.max(initial=0))
             return index.astype(np.uint8 if top < 256 else np.uint16), prob
         labels = np.asarray(self.postprocess(pred))
-        if labels.max(initial=0) > 65535:
-            raise DataError(f"{labels.max()} objects in one slice; a 16-bit label image holds 65535")
-        return labels.astype(np.uint16), prob
+        if labels.max(initial=0) <= 65535:
+            return labels.astype(np.uint16), prob
+        if fmt == "png":  # a PNG holds 16 bits at most
+            raise DataError(f"{labels.max()} objects in one slice, over the 65535 labels a 16-bit PNG holds; use "
+                            "--format tiff or nifti, which hold 32-bit labels")
+        return labels.astype(np.uint32), prob
+
+    def measure(self, labels: np.ndarray, intensity: np.ndarray | None) -> list[dict]:
+        """The instance table of ``labels`` (:func:`medseg.instances.measure_instances`) on ``intensity``, the
+        input's own values (``(C, H, W)`` or ``(H, W)``): of the channels ``measure_channels`` names where it
+        has them, the others averaged; none when its size differs (a resampled input)."""
+        from medseg.instances import measure_instances
+
+        if intensity is not None and intensity.shape[-2:] != labels.shape:
+            intensity = None
+        if intensity is not None and intensity.ndim == 3 and self.measure_channels is not None \
+                and max(self.measure_channels) < intensity.shape[0]:
+            intensity = intensity[list(self.measure_channels)]
+        return measure_instances(labels, intensity)
 
     def _measure(self, labels: np.ndarray, item: dict, page: int, pages: int) -> list[dict]:
-        from medseg.instances import measure_instances
         from medseg.readers import read_slice
 
         intensity = read_slice(item["image"], page, series_uid=item["series_uid"] or None,
                                nifti_channel_dim=self.nifti_channel_dim)
-        rows = measure_instances(labels, intensity if intensity.shape[-2:] == labels.shape else None)
+        rows = self.measure(labels, intensity)
         return [{"slice": page, **r} for r in rows] if pages > 1 else rows
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

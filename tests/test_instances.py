@@ -362,6 +362,11 @@ def test_measure_two_rectangles(tmp_path):
     scaled = measure_instances(labels, spacing=(0.5, 2.0))
     assert scaled[0]["area"] == pytest.approx(8.0) and scaled[0]["centroid_x"] == pytest.approx(7.0)
     assert measure_instances(np.zeros((4, 4), int)) == []
+    # small values keep their digits: a float image's intensities and an area in cm² were rounded to 0
+    tiny = measure_instances(labels, rgb * 1e-5, spacing=(5e-5, 5e-5))
+    assert tiny[0]["mean_intensity"] == pytest.approx(6e-5, rel=1e-6) and tiny[0]["area"] == pytest.approx(2e-8)
+    assert tiny[0]["centroid_x"] == pytest.approx(1.75e-4)
+    assert measure_instances(labels, rgb + 1234.56789)[0]["mean_intensity"] == 1240.568  # 7 digits
     out = write_measurements_csv(tmp_path / "nuclei.csv", rows)
     with open(out, newline="") as f:
         read = list(csv.DictReader(f))

@@ -568,6 +568,78 @@ def test_instances_tiff_stack_counts_every_slice(tmp_path):
     assert [int(r["slice"]) for r in rows] == [0] * counts[0] + [1] * counts[1]
 
 
+def _every_pixel_its_own(pred: np.ndarray) -> np.ndarray:
+    """A labelling of one object per pixel: 65792 objects in a 257 x 256 slice."""
+    return np.arange(1, pred[0].size + 1).reshape(pred[0].shape)
+
+
+def test_a_slice_of_over_65535_objects_gets_32_bit_labels(tmp_path):
+    # the input failed, with every output dropped, as "a 16-bit label image holds 65535" (a whole-slide region)
+    Image.fromarray(np.full((257, 256), 9, np.uint8)).save(tmp_path / "big.png")
+    pred = np.zeros((3, 257, 256), np.float32)
+    item = {"pred": pred, "name": "big", "image_file": str(tmp_path / "big.png")}
+    tiff = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "t"), mask_mode="instances",
+                             postprocess=_every_pixel_its_own, output_format="tiff", save_prob=False)
+    tiff(dict(item))
+    mask = tifffile.imread(tmp_path / "t" / "mask" / "big.tif")
+    assert mask.dtype == np.uint32 and int(mask.max()) == 65792 and tiff.object_counts == {"big": 65792}
+    np.testing.assert_array_equal(mask, _every_pixel_its_own(pred))
+    png = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "p"), mask_mode="instances",
+                            postprocess=_every_pixel_its_own, save_prob=False)
+    with pytest.raises(DataError, match="65792 objects in one slice, over the 65535 labels a 16-bit PNG holds; "
+                                        "use --format tiff or nifti"):
+        png(dict(item))
+    # a volume's slices after it widen, and a slice of many objects after 16-bit slices widens the volume
+    tifffile.imwrite(tmp_path / "vol.tif", np.full((3, 257, 256), 9, np.uint8), photometric="minisblack")
+    few = lambda pred: (pred[1] > 0.5).astype(np.int32)  # noqa: E731 - one object
+    for fmt, first in (("nifti", few), ("nifti", _every_pixel_its_own), ("tiff", _every_pixel_its_own)):
+        order = [first, few, _every_pixel_its_own]
+        calls = iter(order)
+        writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / f"{fmt}_{first.__name__}"),
+                                   mask_mode="instances", postprocess=lambda pred, calls=calls: next(calls)(pred),
+                                   output_format=fmt, save_prob=False)
+        writer.measure = lambda labels, intensity: []  # 65792 rows a slice: slow, and measured above
+        one = pred.copy()
+        one[1, 10:20, 10:20] = 1.0
+        for page in range(3):
+            writer({"pred": one, "name": "vol", "image_file": str(tmp_path / "vol.tif"), "page": page, "pages": 3})
+        paths = writer.paths_for("vol", "tiff", 3)
+        volume = np.asanyarray(nib.load(paths["mask"]).dataobj) if fmt == "nifti" else \
+            tifffile.imread(paths["mask"])
+        assert volume.dtype == np.uint32, fmt
+        slices = np.moveaxis(volume, -1, 0) if fmt == "nifti" else volume
+        assert [int(v.max()) for v in slices] == [65792 if f is _every_pixel_its_own else 1 for f in order]
+    tiff_stack = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "stack16"), mask_mode="instances",
+                                   postprocess=lambda pred: next(calls)(pred), output_format="tiff", save_prob=False)
+    tiff_stack.measure = lambda labels, intensity: []
+    calls = iter([few, _every_pixel_its_own])
+    tiff_stack({"pred": one, "name": "vol", "image_file": str(tmp_path / "vol.tif"), "page": 0, "pages": 3})
+    with pytest.raises(DataError, match="slice 1: 65792 objects, over the 65535 labels the 16-bit slices before "
+                                        "it hold; use --format nifti"):
+        tiff_stack({"pred": one, "name": "vol", "image_file": str(tmp_path / "vol.tif"), "page": 1, "pages": 3})
+
+
+def test_the_table_measures_the_channels_the_network_reads(tmp_path):
+    # with input_channels=[1] the mean intensity averaged a flat channel 0 into the nuclear stain's
+    image = np.zeros((2, 32, 32), np.uint16)
+    image[0] = 1000
+    image[1, 8:16, 8:16] = 4000
+    tifffile.imwrite(tmp_path / "two.tif", image, photometric="minisblack", metadata={"axes": "CYX"})
+    labels = np.zeros((32, 32), np.int32)
+    labels[8:16, 8:16] = 1
+    prob = _clean_prob(labels)
+    for channels, mean in ((None, 2500.0), ([1], 4000.0), ([0], 1000.0)):
+        writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / f"o{channels}"), mask_mode="instances",
+                                   postprocess=WatershedInstances(min_seed_area=1, min_area=1),
+                                   measure_channels=channels, save_prob=False)
+        writer({"pred": prob, "name": "two", "image_file": str(tmp_path / "two.tif")})
+        with open(tmp_path / f"o{channels}" / "table" / "two.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [float(r["mean_intensity"]) for r in rows] == [mean], channels
+    assert json.loads((NUCLEI / "configs" / "inference.json").read_text())["postprocessing"][
+        "transforms"][-1]["measure_channels"] == "@input_channels"
+
+
 def test_instances_of_dicom_go_to_nifti_and_need_a_postprocess(tmp_path):
     write_dicom_slice(tmp_path / "ct" / "IM0.dcm", np.zeros((8, 8), np.int16),
                       series_uid="1.2.826.0.1.3680043.8.498.78", position=(0.0, 0.0, 0.0))
