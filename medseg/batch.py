@@ -20,7 +20,7 @@ from typing import Any
 
 from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES, RUN_RECORD, InputItem, name_key, slice_items
 from medseg.discovery import RUN_JOURNAL as JOURNAL
-from medseg.errors import NO_SPACE, DataError, causes
+from medseg.errors import NO_SPACE, DataError, brief, causes, describe_memory_failure, out_of_memory
 from medseg.io import atomic_output
 from medseg.readers import kind_of, suffix_of
 
@@ -107,6 +107,27 @@ def _message(err: BaseException, source: str) -> str:
         root = root.__cause__
     text = (str(root).splitlines() or [""])[0]
     return f"{source}: {type(root).__name__}: {text}" if text else f"{source}: {type(root).__name__}"
+
+
+def _device_lost(err: BaseException) -> str:
+    """CUDA's words when ``err`` left the GPU unusable for this process (a device-side assert, an illegal
+    memory access: every later CUDA call fails alike), or ``""``; not an out-of-memory error, after which a
+    smaller input may still fit."""
+    if out_of_memory(err):
+        return ""
+    for cause in causes(err):
+        text = str(cause).strip()
+        if text.startswith("CUDA error:") or "CUDA error: " in text.split("\n", 1)[0]:
+            return brief(text.split("\n", 1)[0], 160)
+    return ""
+
+
+def _free_device_cache() -> None:
+    """Give back the GPU memory PyTorch caches, so that a later input has what a failed one held."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _out_of_space(err: BaseException) -> str:
@@ -732,10 +753,13 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                     kept = "; the outputs of an earlier version of this input are kept"
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop
-            full = _out_of_space(err)
+            full, broken = _out_of_space(err), _device_lost(err)
             row.status, row.message = "failed", _message(err, item.source) + kept
             if full:
                 row.message = f"{item.source}: its outputs could not be written ({full}){kept}"
+            elif out_of_memory(err):  # a smaller input may still fit: the batch goes on, the cache freed
+                row.message = f"{item.source}: {describe_memory_failure(err, 'infer')}{kept}"
+                _free_device_cache()
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         finally:
             said.current = None
@@ -751,6 +775,11 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
             raise DataError(f"{manifest.parent}: cannot write the outputs ({full}); stopped after {done} of "
                             f"{len(inputs)} inputs; free disk space (or raise the quota or file-size limit) and "
                             "run the same command again to do the rest")
+        if row.status == "failed" and broken:
+            done = sum(r.status in ("ok", "skipped") for r in result.rows)
+            raise DataError(f"{item.source}: the GPU failed ({broken}), and every later input would fail alike; "
+                            f"stopped after {done} of {len(inputs)} inputs; run the same command again to do the "
+                            "rest (with --device cpu if it fails again)")
 
 
 def _table_rows(table: Path | None) -> int | str:

@@ -18,6 +18,7 @@ from medseg.errors import (
     BundleError,
     Terminated,
     describe_config_failure,
+    describe_memory_failure,
     describe_os_failure,
     find_user_error,
     show_user_error_logs,
@@ -135,7 +136,8 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
         if debug:
             raise
         user = find_user_error(err)
-        message = str(user) if user else (describe_os_failure(err) or describe_config_failure(err)
+        message = str(user) if user else (describe_os_failure(err) or describe_memory_failure(err, ctx.info_name)
+                                          or describe_config_failure(err)
                                           or f"internal error: {type(err).__name__}: {err} (rerun with --debug)")
         typer.secho(f"error: {message.splitlines()[0] if message else type(err).__name__}", err=True,
                     fg=typer.colors.RED)

@@ -102,6 +102,39 @@ def _database_full(err: BaseException) -> bool:
                                                or "database or disk is full" in str(err))
 
 
+#: What lowers the memory a command needs, by command (the CLI's names), for :func:`describe_memory_failure`
+MEMORY_ADVICE = {
+    "train": "make the batch or the crops smaller with --set (batch_size, or images_per_batch and "
+             "samples_per_image for isbi_em; patch_size)",
+    "evaluate": "lower --set whole_max_pixels (larger images then go window by window) or sw_batch_size",
+    "infer": "lower --set whole_max_pixels (larger images then go window by window) or sw_batch_size",
+}
+
+
+def out_of_memory(err: BaseException | None) -> tuple[str, BaseException] | None:
+    """``("gpu" | "cpu", the error)`` when ``err`` or one of its causes says memory ran out: torch's
+    ``OutOfMemoryError`` (CUDA's), a ``MemoryError`` (numpy's too) or the CPU allocator's refusal; else ``None``."""
+    for cause in causes(err):
+        if type(cause).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
+            return "gpu", cause
+        if isinstance(cause, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(cause):
+            return "cpu", cause
+    return None
+
+
+def describe_memory_failure(err: BaseException | None, command: str | None = None) -> str | None:
+    """One line for a run that ran out of memory (see :func:`out_of_memory`): which memory, torch's or numpy's
+    words, and what lowers the need (:data:`MEMORY_ADVICE` of ``command``); ``None`` for other failures."""
+    found = out_of_memory(err)
+    if found is None:
+        return None
+    kind, cause = found
+    detail = brief(str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__, 140)
+    advice = MEMORY_ADVICE.get(command or "", "give it less to hold at once")
+    other = "or use --device cpu" if kind == "gpu" else "or free memory on the machine"
+    return f"out of {'GPU ' if kind == 'gpu' else ''}memory ({detail}); {advice}, {other}"
+
+
 _CONFIG_FAILURES = ("Failed to instantiate component", "Failed to evaluate ConfigExpression")
 
 

@@ -47,9 +47,13 @@ def select_device(name: Any = "auto") -> Any:
             raise ConfigValueError(f"--device {name}: no CUDA device is available here; use --device auto or cpu")
         device, count = torch.device(name), torch.cuda.device_count()
         if device.index is not None and device.index >= count:
+            which = "cuda:0 only" if count == 1 else f"cuda:0 to cuda:{count - 1}"
             raise ConfigValueError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
-                                   f"(cuda:0 to cuda:{count - 1}); pick one of them or --device cuda")
+                                   f"({which}; CUDA_VISIBLE_DEVICES, where set, numbers those it lists from 0); "
+                                   "pick one of them or --device cuda")
         return device
+    if name.split(":")[0] in ("mps", "xpu"):
+        raise ConfigValueError(f"--device {name}: not supported (CUDA GPUs and the CPU are); use --device cpu")
     raise ConfigValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
 
 

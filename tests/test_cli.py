@@ -2554,8 +2554,16 @@ def test_a_gpu_index_beyond_the_machines_gpus_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert select_device("cuda:1") == torch.device("cuda:1") and select_device("cuda") == torch.device("cuda")
-    with pytest.raises(MedsegError, match=r"--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+    with pytest.raises(MedsegError, match=r"--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1; "
+                                          r"CUDA_VISIBLE_DEVICES, where set, numbers those it lists from 0\)"):
         select_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(MedsegError, match=r"--device cuda:1: this machine has 1 CUDA device \(cuda:0 only;"):
+        select_device("cuda:1")
+    for name in ("mps", "MPS:0", "xpu"):  # Apple's and Intel's GPUs: said so, not "unknown device"
+        with pytest.raises(MedsegError, match=f"--device {name.lower()}: not supported \\(CUDA GPUs and the CPU "
+                                              "are\\); use --device cpu"):
+            select_device(name)
 
 
 def test_a_cuda_runs_config_json_runs_on_a_machine_without_a_gpu(trained):
@@ -2948,6 +2956,32 @@ def test_a_setting_the_command_takes_from_its_arguments_is_refused(tmp_path, com
     result = _invoke(command, BUNDLE, *where, "--config", tmp_path / "overlay.json")
     _assert_one_line_error(result, f"overlay.json: sets {key}, which the command sets from its arguments",
                            "leave it out of the overlay and give it there")
+
+
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_running_out_of_memory_in_training_says_what_lowers_it(tmp_path, monkeypatch, kind):
+    # MONAI wraps the error, so a CUDA out-of-memory read "a config value does not work (OutOfMemoryError: ...)"
+    import monai.networks.nets
+
+    def too_big(self, x):
+        if kind == "gpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(monai.networks.nets.UNet, "forward", too_big)
+    data = write_isbi_folder(tmp_path / "data", n=4, size=96)
+    result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
+                     "--no-tracking", "--device", "cpu", *_tiny_args())
+    advice = ("make the batch or the crops smaller with --set (batch_size, or images_per_batch and "
+              "samples_per_image for isbi_em; patch_size)")
+    if kind == "gpu":
+        _assert_one_line_error(result, "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB); "
+                               f"{advice}, or use --device cpu")
+    else:
+        _assert_one_line_error(result, "error: out of memory ([enforce fail at alloc_cpu.cpp:117] data. "
+                               "DefaultCPUAllocator: can't allocate memory:",
+                               f"{advice}, or free memory on the machine")
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "infer"])

@@ -1133,6 +1133,48 @@ def test_a_full_disk_stops_the_batch_at_once_with_one_line(tmp_path, tiny_checkp
     assert {r["status"] for r in _manifest(out).values()} == {"ok", "skipped"}
 
 
+@pytest.mark.parametrize("failure", ["memory", "device"])
+def test_a_gpu_out_of_memory_fails_its_input_and_a_lost_gpu_stops_the_batch(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                            failure):
+    # a CUDA out-of-memory input was reported in torch's words alone; after a device-side failure every later
+    # input was segmented and failed alike, one by one
+    import torch
+
+    import medseg.writers
+
+    for k in range(3):
+        _em_png(tmp_path / "in" / f"{k}.png", seed=k)
+    real, calls = medseg.writers.SaveSegmentationd.mask_of, []
+
+    def second_fails(self, pred, fmt):
+        calls.append(fmt)
+        if len(calls) == 2:
+            if failure == "memory":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                               "asynchronously reported")
+        return real(self, pred, fmt)
+
+    monkeypatch.setattr(medseg.writers.SaveSegmentationd, "mask_of", second_fails)
+    out = tmp_path / "out"
+    result = _infer(tmp_path / "in", out, tiny_checkpoint)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    rows = _manifest(out)
+    assert rows["0.png"]["status"] == "ok" and rows["1.png"]["status"] == "failed"
+    if failure == "memory":
+        assert rows["1.png"]["message"] == (
+            f"{tmp_path / 'in' / '1.png'}: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; "
+            "7.79 GiB total)); lower --set whole_max_pixels (larger images then go window by window) or "
+            "sw_batch_size, or use --device cpu")
+        assert rows["2.png"]["status"] == "ok"
+    else:
+        assert "2.png" not in rows and len(calls) == 2
+        assert result.output.strip().splitlines()[-1] == (
+            f"error: {tmp_path / 'in' / '1.png'}: the GPU failed (CUDA error: an illegal memory access was "
+            "encountered), and every later input would fail alike; stopped after 1 of 3 inputs; run the same "
+            "command again to do the rest (with --device cpu if it fails again)")
+
+
 def test_an_unreadable_or_damaged_run_record_is_named_as_such(tmp_path, tiny_checkpoint, monkeypatch):
     _em_png(tmp_path / "in" / "0.png", seed=0)
     out = tmp_path / "out"
