@@ -120,6 +120,18 @@ def quiet_constant_images() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _quiet_monai_grad_scaler() -> Iterator[None]:
+    # MONAI's trainer makes its mixed-precision scaler with torch.cuda.amp.GradScaler(), which PyTorch deprecates
+    # in a FutureWarning at every CUDA training: a warning about MONAI's code that the user can do nothing about
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
 def _logger_level(name: str, level: int) -> Iterator[None]:
     """Logger ``name`` at ``level`` for the block, as it was after it."""
     logger = logging.getLogger(name)
@@ -493,7 +505,7 @@ def train(
         diverged = guards.stop_on_divergence(trainer, trackers)
         with guards.stop_on_ctrl_c(trainer, trackers) as interrupted:
             guards.validate_at_end(trainer, evaluator, interrupted, diverged)
-            with quiet_user_error_logs():  # a bad file met during the run is reported once, by the CLI
+            with quiet_user_error_logs(), _quiet_monai_grad_scaler():  # a bad file: reported once, by the CLI
                 try:
                     parser.get_parsed_content("run")
                 except BaseException as err:  # the MLflow run ends marked as what stopped it, not left running

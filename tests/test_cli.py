@@ -2958,6 +2958,20 @@ def test_a_setting_the_command_takes_from_its_arguments_is_refused(tmp_path, com
                            "leave it out of the overlay and give it there")
 
 
+def test_mixed_precision_training_does_not_warn_of_monais_deprecated_grad_scaler(tmp_path):
+    # MONAI's trainer makes torch.cuda.amp.GradScaler(), which PyTorch deprecates at every CUDA training (amp on a
+    # CPU makes the same call, so the warning shows here too)
+    data = write_isbi_folder(tmp_path / "data", n=4, size=96)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
+                         "--no-tracking", "--device", "cpu", "--set", "amp=true", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught]
+    assert any("GradScaler is enabled, but CUDA is not available" in m for m in said)  # the scaler was made
+    assert not [m for m in said if "torch.cuda.amp.GradScaler(args...)` is deprecated" in m]
+
+
 @pytest.mark.parametrize("kind", ["gpu", "cpu"])
 def test_running_out_of_memory_in_training_says_what_lowers_it(tmp_path, monkeypatch, kind):
     # MONAI wraps the error, so a CUDA out-of-memory read "a config value does not work (OutOfMemoryError: ...)"
