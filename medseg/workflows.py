@@ -88,10 +88,25 @@ def _check_data_dir(data_dir: str) -> None:
 
 def _check_compile(parser: Any, device: Any) -> None:
     """``compile: true`` needs the compiler ``torch.compile`` builds its kernels with: C++ for a CPU, and on
-    CUDA the C compiler Triton builds its launcher with (found as Triton finds it: ``CC``, gcc, clang)."""
+    CUDA Triton, a GPU it supports (compute capability 7.0 or more) and the C compiler Triton builds its
+    launcher with (found as Triton finds it: ``CC``, gcc, clang)."""
     if not parser.get_parsed_content("compile", default=False):
         return
     if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        try:
+            from torch.utils._triton import has_triton_package
+        except ImportError:  # a PyTorch that moved it: its own error at the first step then
+            has_triton_package = None
+        if has_triton_package is not None and not has_triton_package():
+            raise ConfigValueError("compile=true: torch.compile on CUDA builds its kernels with Triton, which is not "
+                                   "installed (PyTorch's CUDA wheels for Linux bring it); install triton or set "
+                                   "--set compile=false")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:  # Triton's oldest
+            raise ConfigValueError(f"compile=true: torch.compile on CUDA needs a GPU of compute capability 7.0 or "
+                                   f"more, and {device} has {major}.{minor}; set --set compile=false")
         if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
             raise ConfigValueError("compile=true: torch.compile on CUDA needs a C compiler (gcc or clang, or one "
                                    "named by CC) and none was found; install one or set --set compile=false")

@@ -2599,6 +2599,10 @@ def test_compile_on_cuda_without_a_c_compiler_is_refused_before_training(monkeyp
         def get_parsed_content(self, key, default=None):
             return self.get(key, default)
 
+    import torch.utils._triton
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton_package", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigValueError, match="compile=true: torch.compile on CUDA needs a C compiler"):
@@ -2606,6 +2610,15 @@ def test_compile_on_cuda_without_a_c_compiler_is_refused_before_training(monkeyp
     workflows._check_compile(Parsed(compile=False), torch.device("cuda"))
     monkeypatch.setenv("CC", "/opt/cc")
     workflows._check_compile(Parsed(compile=True), torch.device("cuda"))
+    # without Triton, or on a GPU older than Triton supports, the first step failed as "a config value does not
+    # work"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    with pytest.raises(ConfigValueError, match=r"compute capability 7.0 or more, and cuda has 6.1; set --set "
+                                               "compile=false"):
+        workflows._check_compile(Parsed(compile=True), torch.device("cuda"))
+    monkeypatch.setattr(torch.utils._triton, "has_triton_package", lambda: False)
+    with pytest.raises(ConfigValueError, match="builds its kernels with Triton, which is not installed"):
+        workflows._check_compile(Parsed(compile=True), torch.device("cuda"))
 
 
 def test_a_run_with_amp_on_a_cpu_resumes_where_the_grad_scaler_is_on(tmp_path, isbi_folder, monkeypatch):
