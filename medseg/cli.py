@@ -388,6 +388,9 @@ def export(
                                                help="The trained weights: a run's model.pt.")],
     output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", callback=_home,
                                                help="The new bundle folder (must not exist).")],
+    torchscript: Annotated[bool, typer.Option(
+        "--torchscript/--no-torchscript",
+        help="Also write models/model.ts, the network as TorchScript (about the size of model.pt again).")] = True,
 ) -> None:
     """Write a trained model as a bundle of its own, to hand over or share.
 
@@ -395,11 +398,12 @@ def export(
     and the settings the training changed written into the configs, so that plain `python -m monai.bundle run`
     runs and evaluates the model as medseg does. Its metadata.json and docs describe these weights: channels,
     best validation score, settings changed, SHA-256. models/model.ts holds the network as TorchScript, for
-    plain PyTorch (torch.jit.load) and MONAI Deploy.
+    plain PyTorch (torch.jit.load) and MONAI Deploy, unless --no-torchscript, or a warning says this PyTorch
+    cannot script the network.
     """
     from medseg.export import export_bundle
 
-    written = _run(ctx, export_bundle, bundle, checkpoint, output_dir)
+    written = _run(ctx, export_bundle, bundle, checkpoint, output_dir, torchscript=torchscript)
     typer.echo(json.dumps(written, indent=2, ensure_ascii=False, default=str))
 
 

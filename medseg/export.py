@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -21,7 +22,8 @@ BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
 _TRACKING_IDS = ("_tracking_", "tracking_uri", "tracking_store", "experiment_name", "run_name", "save_execute_config")
 
 
-def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
+def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
+                  torchscript: bool = True) -> dict:
     """Write ``bundle`` with ``checkpoint`` as its ``models/model.pt`` into ``output_dir``, a bundle that runs the
     model alike with ``medseg`` and with MONAI's own runner (``python -m monai.bundle run``).
 
@@ -33,12 +35,13 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     are made true of these weights (channels, scores, settings). The folder appears whole or not at all,
     readable as the umask allows.
 
-    ``models/model.ts`` holds the network with these weights as TorchScript, for a receiver without medseg or
-    MONAI (see :func:`_write_torchscript`).
+    With ``torchscript``, ``models/model.ts`` holds the network with these weights as TorchScript, for a
+    receiver without medseg or MONAI (see :func:`_write_torchscript`).
 
     Returns:
         what was written: ``output_dir``, ``checkpoint``, its ``sha256``, ``settings`` (id -> value written) and
-        ``torchscript`` (the ``model.ts`` path, or ``None`` when this PyTorch cannot script the network).
+        ``torchscript`` (the ``model.ts`` path; ``None`` when not asked for, or when this PyTorch cannot script
+        the network).
 
     Raises:
         MedsegError: ``output_dir`` exists or lies inside the bundle, or a file cannot be read or written.
@@ -94,7 +97,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         about = _Export(bundle, digest, settings, _best_validation(checkpoint), split.is_file())
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
-        scripted = _write_torchscript(network, part, out)
+        scripted = torchscript and _write_torchscript(network, part, out)
         _write_docs_header(part / "docs" / "README.md", about, described, scripted)
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
@@ -223,7 +226,10 @@ def _write_torchscript(network: Any, part: Path, out: Path) -> bool:
     extra = {f"{path.stem}.json": json.dumps(json.loads(path.read_text(encoding="utf-8"))).encode()
              for path in sorted(configs.glob("*.json")) if path.name != "metadata.json"}
     meta = json.loads((configs / "metadata.json").read_text(encoding="utf-8"))
-    save_net_with_metadata(scripted, str(part / "models" / "model.ts"), meta_values=meta, more_extra_files=extra)
+    # serialised in memory, then written by Python: libtorch's own file writer aborts the process on a full disk
+    buffer = io.BytesIO()
+    save_net_with_metadata(scripted, buffer, include_config_vals=False, meta_values=meta, more_extra_files=extra)
+    (part / "models" / "model.ts").write_bytes(buffer.getvalue())
     return True
 
 

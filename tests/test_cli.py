@@ -1543,6 +1543,10 @@ def test_an_export_holds_the_network_as_torchscript_for_plain_pytorch(trained, t
                                                                                    "split.json"]
     assert "no models/model.ts, as this PyTorch cannot script the network (RuntimeError: Python builtin" in caplog.text
     assert "model.ts" not in (tmp_path / "custom" / "docs" / "README.md").read_text()
+    monkeypatch.undo()
+    result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "plain", "--no-torchscript")
+    assert result.exit_code == 0 and json.loads(result.output)["torchscript"] is None, result.output
+    assert not (tmp_path / "plain" / "models" / "model.ts").exists()
 
 
 def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypatch):
@@ -1562,6 +1566,19 @@ def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypa
     _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", target),
                            f"{target}: cannot export the bundle (No space left on device)")
     assert not target.exists() and not list(target.parent.iterdir())  # its partial folder removed
+    # the TorchScript file, which libtorch's own writer aborted the process on, leaving the partial folder
+    monkeypatch.setattr(medseg.export.shutil, "copyfile", real)
+    write_bytes = Path.write_bytes
+
+    def full_at_model_ts(self, data):
+        if self.name == "model.ts":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_at_model_ts)
+    _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", target),
+                           f"{target}: cannot export the bundle (No space left on device)")
+    assert not target.exists() and not list(target.parent.iterdir())
 
 
 def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
