@@ -20,7 +20,15 @@ from typing import Any
 
 from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES, RUN_RECORD, InputItem, name_key, slice_items
 from medseg.discovery import RUN_JOURNAL as JOURNAL
-from medseg.errors import NO_SPACE, DataError, brief, causes, describe_memory_failure, out_of_memory
+from medseg.errors import (
+    NO_SPACE,
+    DataError,
+    brief,
+    causes,
+    describe_memory_failure,
+    find_user_error,
+    out_of_memory,
+)
 from medseg.io import atomic_output
 from medseg.readers import kind_of, suffix_of
 
@@ -110,24 +118,29 @@ def _message(err: BaseException, source: str) -> str:
 
 
 def _device_lost(err: BaseException) -> str:
-    """CUDA's words when ``err`` left the GPU unusable for this process (a device-side assert, an illegal
-    memory access: every later CUDA call fails alike), or ``""``; not an out-of-memory error, after which a
-    smaller input may still fit."""
+    """CUDA's words when ``err`` is a CUDA error after which the GPU no longer works for this process (a
+    device-side assert, an illegal memory access: every later CUDA call fails alike), or ``""``: not for an
+    out-of-memory error, nor for one after which a small computation on the GPU still runs (an input the
+    kernels cannot take, say), as later inputs may then still succeed."""
     if out_of_memory(err):
         return ""
     for cause in causes(err):
-        text = str(cause).strip()
-        if text.startswith("CUDA error:") or "CUDA error: " in text.split("\n", 1)[0]:
-            return brief(text.split("\n", 1)[0], 160)
+        line = (str(cause).strip().splitlines() or [""])[0]
+        if "CUDA error: " in line or "CUBLAS_STATUS_" in line or "CUDNN_STATUS_" in line:
+            return "" if _gpu_works() else brief(line, 160)
     return ""
 
 
-def _free_device_cache() -> None:
-    """Give back the GPU memory PyTorch caches, so that a later input has what a failed one held."""
+def _gpu_works() -> bool:
+    """Whether a small computation on the GPU still runs (and waits for it)."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    try:
+        (torch.ones(1, device="cuda") + 1).cpu()
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - any failure here says the GPU is gone for this process
+        return False
+    return True
 
 
 def _out_of_space(err: BaseException) -> str:
@@ -757,9 +770,8 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
             row.status, row.message = "failed", _message(err, item.source) + kept
             if full:
                 row.message = f"{item.source}: its outputs could not be written ({full}){kept}"
-            elif out_of_memory(err):  # a smaller input may still fit: the batch goes on, the cache freed
+            elif out_of_memory(err) and find_user_error(err) is None:  # a smaller input may still fit: go on
                 row.message = f"{item.source}: {describe_memory_failure(err, 'infer')}{kept}"
-                _free_device_cache()
             row.mask = row.prob = row.table = ""  # a failed input has no outputs of this run to point to
         finally:
             said.current = None

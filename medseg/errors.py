@@ -105,20 +105,29 @@ def _database_full(err: BaseException) -> bool:
 #: What lowers the memory a command needs, by command (the CLI's names), for :func:`describe_memory_failure`
 MEMORY_ADVICE = {
     "train": "make the batch or the crops smaller with --set (batch_size, or images_per_batch and "
-             "samples_per_image for isbi_em; patch_size)",
-    "evaluate": "lower --set whole_max_pixels (larger images then go window by window) or sw_batch_size",
+             "samples_per_image for isbi_em; patch_size), or validate large images window by window (a lower "
+             "whole_max_pixels)",
+    "evaluate": "lower --set whole_max_pixels (larger images then go window by window) or "
+                "validate#inferer#sw_batch_size",
     "infer": "lower --set whole_max_pixels (larger images then go window by window) or sw_batch_size",
 }
 
+#: How CUDA libraries say their memory ran out where torch raises no ``OutOfMemoryError`` of its own
+_GPU_MEMORY_WORDS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
 
 def out_of_memory(err: BaseException | None) -> tuple[str, BaseException] | None:
-    """``("gpu" | "cpu", the error)`` when ``err`` or one of its causes says memory ran out: torch's
-    ``OutOfMemoryError`` (CUDA's), a ``MemoryError`` (numpy's too) or the CPU allocator's refusal; else ``None``."""
-    for cause in causes(err):
-        if type(cause).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
-            return "gpu", cause
-        if isinstance(cause, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(cause):
-            return "cpu", cause
+    """``("gpu" | "cpu", the error)`` when ``err`` or an error it was raised from says memory ran out: torch's
+    ``OutOfMemoryError`` (CUDA's) or a CUDA library's words for it, a ``MemoryError`` (numpy's too) or the CPU
+    allocator's refusal; else ``None``. Only explicit causes count (MONAI wraps with ``from``): an error raised
+    while another was handled is not that error."""
+    while err is not None:
+        text = str(err)
+        if type(err).__name__ == "OutOfMemoryError" or any(w in text for w in _GPU_MEMORY_WORDS):
+            return "gpu", err  # torch.OutOfMemoryError, without importing torch
+        if isinstance(err, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text:
+            return "cpu", err
+        err = err.__cause__
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -249,10 +250,10 @@ def measure_instances(
     Rows have the keys of :data:`MEASUREMENT_FIELDS`. The bounding box is in pixels, with exclusive
     maxima (``labels[min_y:max_y, min_x:max_x]`` holds the nucleus). Without ``spacing``, area is a
     pixel count and centroids are pixel coordinates; with it, both are in its units (area in units²).
-    ``mean_intensity`` is None without ``intensity``. Floats keep 7 significant digits (a float image's values
-    of 1e-4, or an area in cm², are not rounded away). Centroids count from the centre of the first pixel
-    (skimage's convention: a nucleus of the one pixel ``[0, 0]`` has its centroid at 0, 0; ImageJ's and
-    QuPath's, from the pixel's corner, say 0.5, 0.5).
+    ``mean_intensity`` is None without ``intensity``. Floats keep 3 decimals and at least 7 significant digits
+    (a float image's values of 1e-4, or an area in cm², are not rounded away). Centroids count from the centre
+    of the first pixel (skimage's convention: a nucleus of the one pixel ``[0, 0]`` has its centroid at 0, 0;
+    ImageJ's and QuPath's, from the pixel's corner, say 0.5, 0.5).
 
     Args:
         labels: ``(H, W)`` integer labels, 0 = background.
@@ -298,9 +299,13 @@ def measure_instances(
     return rows
 
 
-def _significant(value: Any, digits: int = 7) -> float:
-    """``value`` as a float rounded to ``digits`` significant digits (float32's precision)."""
-    return float(f"{float(value):.{digits}g}")
+def _significant(value: Any, decimals: int = 3, digits: int = 7) -> float:
+    """``value`` as a float rounded to ``decimals`` decimals, or more where it needs them to keep ``digits``
+    significant digits (a centroid at 111110.333 keeps its 3 decimals, a mean of 6.2e-5 its digits)."""
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, max(decimals, digits - 1 - math.floor(math.log10(abs(value)))))
 
 
 def write_measurements_csv(path: str | os.PathLike, rows: Sequence[dict], slices: bool | None = None) -> Path:

@@ -12,7 +12,8 @@
 * ``binary``: ``prob[channel] > threshold`` (255 in PNG/TIFF, 1 in NIfTI, one DICOM SEG segment);
 * ``classes``: the argmax class; PNG/TIFF hold ``class_values`` (e.g. 0/128/255, as the training masks),
   NIfTI the class index;
-* ``instances``: ``postprocess(prob)`` labels (e.g. seeded watershed), uint16 in every format, plus
+* ``instances``: ``postprocess(prob)`` labels (e.g. seeded watershed), uint16 in every format (uint32 in
+  TIFF and NIfTI for a slice of over 65535 objects: a TIFF stack only when no 16-bit slice came first), plus
   ``table/REL.csv`` with one row per object (slice, label, area, centroid, bounding box, mean intensity).
 
 For ``classes`` and ``instances`` the probability map is the foreground probability ``1 - prob[0]``; DICOM SEG
@@ -353,7 +354,12 @@ class SaveSegmentationd(MapTransform):
         self.channel, self.threshold, self.save_prob = channel, threshold, config_flag(save_prob, "save_prob")
         self.output_format, self.nifti_channel_dim = output_format, nifti_channel_dim
         self.mask_mode, self.postprocess = mask_mode, postprocess
-        self.measure_channels = None if measure_channels is None else [int(c) for c in measure_channels]
+        if measure_channels is not None and (not isinstance(measure_channels, (list, tuple)) or not measure_channels
+                                             or any(not isinstance(c, int) or isinstance(c, bool) or c < 0
+                                                    for c in measure_channels)):
+            raise ValueError(f"measure_channels must be channel numbers from 0 (e.g. [1]) or None, got "
+                             f"{measure_channels!r}")
+        self.measure_channels = None if measure_channels is None else list(measure_channels)
         self.class_values = _class_values(class_values, class_map, num_classes) if mask_mode == "classes" else None
         self.options = {"segment_label": segment_label, "algorithm": algorithm,
                         "algorithm_version": algorithm_version}
@@ -395,7 +401,7 @@ class SaveSegmentationd(MapTransform):
                             "--format tiff or nifti, which hold 32-bit labels")
         return labels.astype(np.uint32), prob
 
-    def measure(self, labels: np.ndarray, intensity: np.ndarray | None) -> list[dict]:
+    def measure(self, labels: np.ndarray, intensity: np.ndarray | None, source: str = "the image") -> list[dict]:
         """The instance table of ``labels`` (:func:`medseg.instances.measure_instances`) on ``intensity``, the
         input's own values (``(C, H, W)`` or ``(H, W)``): of the channels ``measure_channels`` names where it
         has them, the others averaged; none when its size differs (a resampled input)."""
@@ -403,9 +409,12 @@ class SaveSegmentationd(MapTransform):
 
         if intensity is not None and intensity.shape[-2:] != labels.shape:
             intensity = None
-        if intensity is not None and intensity.ndim == 3 and self.measure_channels is not None \
-                and max(self.measure_channels) < intensity.shape[0]:
-            intensity = intensity[list(self.measure_channels)]
+        if intensity is not None and intensity.ndim == 3 and self.measure_channels is not None:
+            if max(self.measure_channels) >= intensity.shape[0]:
+                count = intensity.shape[0]
+                raise DataError(f"{source}: {count} channel{'s' * (count != 1)}, and the table measures channels "
+                                f"{self.measure_channels}; channels count from 0")
+            intensity = intensity[self.measure_channels]
         return measure_instances(labels, intensity)
 
     def _measure(self, labels: np.ndarray, item: dict, page: int, pages: int) -> list[dict]:
@@ -413,7 +422,7 @@ class SaveSegmentationd(MapTransform):
 
         intensity = read_slice(item["image"], page, series_uid=item["series_uid"] or None,
                                nifti_channel_dim=self.nifti_channel_dim)
-        rows = self.measure(labels, intensity)
+        rows = self.measure(labels, intensity, item["image"])
         return [{"slice": page, **r} for r in rows] if pages > 1 else rows
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

@@ -3018,7 +3018,8 @@ def test_running_out_of_memory_in_training_says_what_lowers_it(tmp_path, monkeyp
     result = _invoke("train", BUNDLE, "--data", data, "--output", tmp_path / "run", "--epochs", 1, "--no-progress",
                      "--no-tracking", "--device", "cpu", *_tiny_args())
     advice = ("make the batch or the crops smaller with --set (batch_size, or images_per_batch and "
-              "samples_per_image for isbi_em; patch_size)")
+              "samples_per_image for isbi_em; patch_size), or validate large images window by window (a lower "
+              "whole_max_pixels)")
     if kind == "gpu":
         _assert_one_line_error(result, "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB); "
                                f"{advice}, or use --device cpu")

@@ -1133,14 +1133,18 @@ def test_a_full_disk_stops_the_batch_at_once_with_one_line(tmp_path, tiny_checkp
     assert {r["status"] for r in _manifest(out).values()} == {"ok", "skipped"}
 
 
-@pytest.mark.parametrize("failure", ["memory", "device"])
+@pytest.mark.parametrize("failure", ["memory", "cuda memory", "device", "kernel"])
 def test_a_gpu_out_of_memory_fails_its_input_and_a_lost_gpu_stops_the_batch(tmp_path, tiny_checkpoint, monkeypatch,
                                                                             failure):
     # a CUDA out-of-memory input was reported in torch's words alone; after a device-side failure every later
-    # input was segmented and failed alike, one by one
+    # input was segmented and failed alike, one by one; a CUDA error after which the GPU still works (checked
+    # by a small computation on it) fails its input alone
     import torch
 
+    import medseg.batch
     import medseg.writers
+
+    monkeypatch.setattr(medseg.batch, "_gpu_works", lambda: failure == "kernel")
 
     for k in range(3):
         _em_png(tmp_path / "in" / f"{k}.png", seed=k)
@@ -1151,6 +1155,11 @@ def test_a_gpu_out_of_memory_fails_its_input_and_a_lost_gpu_stops_the_batch(tmp_
         if len(calls) == 2:
             if failure == "memory":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+            if failure == "cuda memory":
+                raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+            if failure == "kernel":
+                raise RuntimeError("CUDA error: invalid configuration argument\nCUDA kernel errors might be "
+                                   "asynchronously reported")
             raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
                                "asynchronously reported")
         return real(self, pred, fmt)
@@ -1161,11 +1170,15 @@ def test_a_gpu_out_of_memory_fails_its_input_and_a_lost_gpu_stops_the_batch(tmp_
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     rows = _manifest(out)
     assert rows["0.png"]["status"] == "ok" and rows["1.png"]["status"] == "failed"
-    if failure == "memory":
+    if failure in ("memory", "cuda memory"):
+        said = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)" if failure == "memory" \
+            else "CUDA error: out of memory"
         assert rows["1.png"]["message"] == (
-            f"{tmp_path / 'in' / '1.png'}: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; "
-            "7.79 GiB total)); lower --set whole_max_pixels (larger images then go window by window) or "
-            "sw_batch_size, or use --device cpu")
+            f"{tmp_path / 'in' / '1.png'}: out of GPU memory ({said}); lower --set whole_max_pixels (larger images "
+            "then go window by window) or sw_batch_size, or use --device cpu")
+        assert rows["2.png"]["status"] == "ok"
+    elif failure == "kernel":
+        assert "CUDA error: invalid configuration argument" in rows["1.png"]["message"]
         assert rows["2.png"]["status"] == "ok"
     else:
         assert "2.png" not in rows and len(calls) == 2

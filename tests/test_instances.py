@@ -366,7 +366,10 @@ def test_measure_two_rectangles(tmp_path):
     tiny = measure_instances(labels, rgb * 1e-5, spacing=(5e-5, 5e-5))
     assert tiny[0]["mean_intensity"] == pytest.approx(6e-5, rel=1e-6) and tiny[0]["area"] == pytest.approx(2e-8)
     assert tiny[0]["centroid_x"] == pytest.approx(1.75e-4)
-    assert measure_instances(labels, rgb + 1234.56789)[0]["mean_intensity"] == 1240.568  # 7 digits
+    assert measure_instances(labels, rgb + 1234.56789)[0]["mean_intensity"] == 1240.568
+    far = measure_instances(np.pad(labels, ((0, 0), (111100, 0))))[0]  # a whole-slide image's columns
+    assert far["centroid_x"] == 111103.5 and far["centroid_y"] == 1.5
+    assert measure_instances(labels, spacing=(1 / 3, 1 / 3))[0]["centroid_x"] == 1.166667  # 7 digits
     out = write_measurements_csv(tmp_path / "nuclei.csv", rows)
     with open(out, newline="") as f:
         read = list(csv.DictReader(f))

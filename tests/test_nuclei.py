@@ -638,6 +638,14 @@ def test_the_table_measures_the_channels_the_network_reads(tmp_path):
         assert [float(r["mean_intensity"]) for r in rows] == [mean], channels
     assert json.loads((NUCLEI / "configs" / "inference.json").read_text())["postprocessing"][
         "transforms"][-1]["measure_channels"] == "@input_channels"
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o3"), mask_mode="instances",
+                               postprocess=WatershedInstances(min_seed_area=1, min_area=1), measure_channels=[2])
+    with pytest.raises(DataError, match=r"two.tif: 2 channels, and the table measures channels \[2\]"):
+        writer({"pred": prob, "name": "two", "image_file": str(tmp_path / "two.tif")})
+    for bad in (1, [], [-1], ["1"]):
+        with pytest.raises(ValueError, match="measure_channels must be channel numbers from 0"):
+            SaveSegmentationd(keys="pred", output_dir=str(tmp_path), mask_mode="instances",
+                              postprocess=WatershedInstances(), measure_channels=bad)
 
 
 def test_instances_of_dicom_go_to_nifti_and_need_a_postprocess(tmp_path):
