@@ -390,7 +390,8 @@ def export(
                                                help="The new bundle folder (must not exist).")],
     torchscript: Annotated[bool, typer.Option(
         "--torchscript/--no-torchscript",
-        help="Also write models/model.ts, the network as TorchScript (about the size of model.pt again).")] = True,
+        help="Also write models/model.ts, the network as TorchScript (about the size of model.pt again).",
+        metavar="")] = True,
 ) -> None:
     """Write a trained model as a bundle of its own, to hand over or share.
 

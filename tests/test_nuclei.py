@@ -598,7 +598,7 @@ def test_a_slice_of_over_65535_objects_gets_32_bit_labels(tmp_path):
         writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / f"{fmt}_{first.__name__}"),
                                    mask_mode="instances", postprocess=lambda pred, calls=calls: next(calls)(pred),
                                    output_format=fmt, save_prob=False)
-        writer.measure = lambda labels, intensity: []  # 65792 rows a slice: slow, and measured above
+        writer.measure = lambda *args: []  # 65792 rows a slice: slow, and measured above
         one = pred.copy()
         one[1, 10:20, 10:20] = 1.0
         for page in range(3):
@@ -611,7 +611,7 @@ def test_a_slice_of_over_65535_objects_gets_32_bit_labels(tmp_path):
         assert [int(v.max()) for v in slices] == [65792 if f is _every_pixel_its_own else 1 for f in order]
     tiff_stack = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "stack16"), mask_mode="instances",
                                    postprocess=lambda pred: next(calls)(pred), output_format="tiff", save_prob=False)
-    tiff_stack.measure = lambda labels, intensity: []
+    tiff_stack.measure = lambda *args: []
     calls = iter([few, _every_pixel_its_own])
     tiff_stack({"pred": one, "name": "vol", "image_file": str(tmp_path / "vol.tif"), "page": 0, "pages": 3})
     with pytest.raises(DataError, match="slice 1: 65792 objects, over the 65535 labels the 16-bit slices before "
