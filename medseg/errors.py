@@ -109,7 +109,8 @@ MEMORY_ADVICE = {
              "whole_max_pixels)",
     "evaluate": "lower --set whole_max_pixels (larger images then go window by window) or "
                 "validate#inferer#sw_batch_size",
-    "infer": "lower --set whole_max_pixels (larger images then go window by window) or sw_batch_size",
+    "infer": "lower --set whole_max_pixels (larger images then go window by window) or sw_batch_size (for "
+             "isbi_em, -s close_contours=false saves the most on a large slice)",
 }
 
 #: How CUDA libraries say their memory ran out where torch raises no ``OutOfMemoryError`` of its own

@@ -383,9 +383,9 @@ class SaveSegmentationd(MapTransform):
     def mask_of(self, pred: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
         """(mask in the values ``fmt`` stores, probability map) of one slice."""
         if self.mask_mode == "binary":
-            prob = pred[self.channel].astype(np.float32)
+            prob = np.asarray(pred[self.channel], dtype=np.float32)  # no copy of a float32 map (large slices)
             on = prob > self.threshold
-            return (on.astype(np.uint8) if fmt == "nifti" else np.where(on, 255, 0).astype(np.uint8)), prob
+            return (on.astype(np.uint8) if fmt == "nifti" else np.where(on, np.uint8(255), np.uint8(0))), prob
         prob = (1.0 - pred[0]).astype(np.float32)
         if self.mask_mode == "classes":
             index = pred.argmax(axis=0)

@@ -1175,7 +1175,8 @@ def test_a_gpu_out_of_memory_fails_its_input_and_a_lost_gpu_stops_the_batch(tmp_
             else "CUDA error: out of memory"
         assert rows["1.png"]["message"] == (
             f"{tmp_path / 'in' / '1.png'}: out of GPU memory ({said}); lower --set whole_max_pixels (larger images "
-            "then go window by window) or sw_batch_size, or use --device cpu")
+            "then go window by window) or sw_batch_size (for isbi_em, -s close_contours=false saves the most on a "
+            "large slice), or use --device cpu")
         assert rows["2.png"]["status"] == "ok"
     elif failure == "kernel":
         assert "CUDA error: invalid configuration argument" in rows["1.png"]["message"]
