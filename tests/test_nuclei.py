@@ -638,6 +638,11 @@ def test_the_table_measures_the_channels_the_network_reads(tmp_path):
         assert [float(r["mean_intensity"]) for r in rows] == [mean], channels
     assert json.loads((NUCLEI / "configs" / "inference.json").read_text())["postprocessing"][
         "transforms"][-1]["measure_channels"] == "@input_channels"
+    from medseg.bundle import load_config  # the bundle's writer measures what input_channels picks
+
+    for picked in (None, [1]):
+        parser = load_config(NUCLEI, "infer", overrides={"input_channels": picked})
+        assert parser.get_parsed_content("postprocessing").transforms[-1].measure_channels == picked
     writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "o3"), mask_mode="instances",
                                postprocess=WatershedInstances(min_seed_area=1, min_area=1), measure_channels=[2])
     with pytest.raises(DataError, match=r"two.tif: 2 channels, and the table measures channels \[2\]"):
