@@ -314,7 +314,8 @@ def loss_of(output: Any) -> float | None:
 
 
 class FileProgress:
-    """A rich progress bar over the inputs of a batch (``start(name)`` then ``advance()`` per input).
+    """A rich progress bar over the inputs of a batch (``start(name)`` then ``advance()`` per input, and
+    ``slice_done`` as the slices of a stack or volume are segmented).
 
     Use as a context manager; with ``disable`` it does nothing.
     """
@@ -324,6 +325,7 @@ class FileProgress:
         self._progress: Any = None
         self._task: Any = None
         self._moved: list = []
+        self._name = ""
 
     def __enter__(self) -> FileProgress:
         if not self.disable:
@@ -339,8 +341,14 @@ class FileProgress:
         return self
 
     def start(self, name: str) -> None:
+        self._name = name if len(name) <= 40 else "…" + name[-39:]
         if self._progress is not None:
-            self._progress.update(self._task, name=name if len(name) <= 40 else "…" + name[-39:])
+            self._progress.update(self._task, name=self._name)
+
+    def slice_done(self, done: int, total: int) -> None:
+        """Show how far the current input is: ``done`` of its ``total`` slices (nothing for a single image)."""
+        if self._progress is not None and total > 1:
+            self._progress.update(self._task, name=f"{self._name} ({done}/{total} slices)")
 
     def advance(self) -> None:
         if self._progress is not None:

@@ -865,6 +865,7 @@ def infer(
         DataError: nothing to segment, an unsupported single file, an unknown output format, an output
             folder that cannot be written, or one that holds another run's outputs.
     """
+    from ignite.engine import Events
     from monai.data import DataLoader, Dataset
 
     from medseg.batch import RunRecord, run_batch
@@ -968,6 +969,8 @@ def infer(
         try:
             with FileProgress(len(inputs), disable=not progress) as bar, quiet_constant_images(), \
                     _logger_level("tifffile", logging.CRITICAL):  # a corrupt TIFF is reported once, per input
+                evaluator.add_event_handler(Events.ITERATION_COMPLETED,
+                                            lambda e: bar.slice_done(e.state.iteration, e.state.epoch_length))
                 result = run_batch(
                     inputs, ignored, segment,
                     paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),

@@ -1565,3 +1565,40 @@ def test_what_is_said_of_an_input_stays_in_its_manifest_row(tmp_path, tiny_check
     result = _infer(root, out, tiny_checkpoint)  # skipped now, and still said
     assert _summary(result.output)["skipped"] == 2
     assert "only the first" in _manifest(out)["mixed.tif"]["message"]
+
+
+def test_the_progress_bar_counts_the_slices_of_a_stack(tmp_path, tiny_checkpoint, monkeypatch):
+    # a stack of hundreds of slices is one input: the bar shows how far into it the batch is
+    import medseg.handlers
+
+    shown: list[tuple] = []
+
+    class Recording(medseg.handlers.FileProgress):
+        def start(self, name):
+            shown.append(("start", name))
+
+        def slice_done(self, done, total):
+            shown.append((done, total))
+
+    monkeypatch.setattr(medseg.handlers, "FileProgress", Recording)
+    root = tmp_path / "in"
+    root.mkdir()
+    image, _ = synthetic_em(size=32, seed=1)
+    tifffile.imwrite(root / "stack.tif", np.stack([image, image[::-1], image]), photometric="minisblack")
+    Image.fromarray(image).save(root / "z.png")
+    result = _infer(root, tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert shown == [("start", "stack"), (1, 3), (2, 3), (3, 3), ("start", "z"), (1, 1)]
+
+
+def test_the_bar_names_the_slice_it_has_reached_of_a_stack_only():
+    from medseg.handlers import FileProgress
+
+    with FileProgress(2) as bar:
+        bar.start("a/stack.tif")
+        bar.slice_done(2, 30)
+        stack = bar._progress.tasks[0].fields["name"]
+        bar.start("b.png")
+        bar.slice_done(1, 1)
+        single = bar._progress.tasks[0].fields["name"]
+    assert (stack, single) == ("a/stack.tif (2/30 slices)", "b.png")
