@@ -299,6 +299,9 @@ def evaluate(
         "or files of its names that medseg did not write (default: refused; the same evaluation's report is "
         "replaced)."), metavar="")] = False,
     device: DeviceOpt = "auto",
+    tracking: Annotated[bool, typer.Option("--tracking/--no-tracking", help=(
+        "Log the scores and the report to the MLflow run of the checkpoint's training, where it was tracked "
+        "(metrics named after the --output folder: eval/v_rand, ...)."), metavar="")] = True,
     config: OverlayOpt = None,
     set_: SetOpt = None,
     progress: ProgressOpt = True,
@@ -311,7 +314,7 @@ def evaluate(
     summary = _run(ctx, lambda: workflows.evaluate(
         str(bundle), str(data), ckpts, str(out), split=split, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_, {"tta": (tta, _tta_option(tta))}),
-        progress=progress, overwrite=overwrite),
+        progress=progress, overwrite=overwrite, tracking=tracking),
         interrupted=f"no report written (one already in {out} is kept as it was); run it again to score")
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}; summary: {out / 'summary.json'}")

@@ -1,4 +1,4 @@
-"""MLflow bookkeeping of a training: its store, its run's name and params, and reopening, retiring and closing runs."""
+"""MLflow bookkeeping of a training: its store, run name and params; reopening, retiring, closing runs; evaluations."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -414,10 +416,10 @@ def _check_server_answers(uri: str, uri_from: str = "--tracking-uri") -> None:
                           "with --no-tracking") from err
 
 
-def recorded_tracking_uri(config: dict) -> str | None:
-    """The MLflow store a run to be resumed logged to, when it was not its folder's own (a server, a shared
-    database): the resumed training continues its run there. ``None``: the folder's own store (also for a
-    folder moved since), or a run trained without tracking."""
+def _store_elsewhere(config: dict) -> str | None:
+    """The MLflow store the run of ``config`` (its ``config.json``) logged to, when it was not its folder's own
+    (a server, a shared database); ``None``: the folder's own store (also for a folder moved since), or a run
+    trained without tracking."""
     from urllib.parse import quote
 
     record = tracking_record(config)
@@ -428,9 +430,113 @@ def recorded_tracking_uri(config: dict) -> str | None:
             uri == _local_store_uri(Path(folder) / "mlflow.db")
             or uri.endswith((f"/{Path(folder).name}/mlflow.db", f"/{quote(Path(folder).name)}/mlflow.db"))):
         return None  # the folder's own, for a run recorded without tracking_store (path relative, or moved)
-    logging.getLogger(__name__).info("--resume: logging to the run's own MLflow store %s (from its config.json); "
-                                     "give --tracking-uri to log elsewhere", uri)
     return uri
+
+
+def recorded_tracking_uri(config: dict) -> str | None:
+    """The MLflow store a run to be resumed logged to, when it was not its folder's own (a server, a shared
+    database): the resumed training continues its run there. ``None``: the folder's own store (also for a
+    folder moved since), or a run trained without tracking."""
+    uri = _store_elsewhere(config)
+    if uri is not None:
+        logging.getLogger(__name__).info("--resume: logging to the run's own MLflow store %s (from its config.json); "
+                                         "give --tracking-uri to log elsewhere", uri)
+    return uri
+
+
+def _training_run(checkpoint: str | os.PathLike) -> tuple[str, str] | None:
+    """The MLflow store and run id of the tracked training that wrote ``checkpoint``, from the ``config.json``
+    beside it; ``None`` for weights without one, a training run with ``--no-tracking``, or a folder copied
+    without its store."""
+    from medseg.runfolder import run_file
+
+    path = run_file(checkpoint, "config.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    run_id = written(tracking_record(config).get("run_id")) if isinstance(config, dict) else None
+    if not isinstance(run_id, str) or not run_id:
+        return None
+    uri = _store_elsewhere(config)
+    if uri is None:
+        db = path.parent / "mlflow.db"
+        if not db.is_file():
+            return None
+        _follow_moved_store(db)
+        uri = _local_store_uri(db)
+    return uri, run_id
+
+
+def _metric_word(text: str) -> str:
+    """``text`` with what MLflow refuses in a metric's or tag's name replaced by ``_``."""
+    return re.sub(r"[^\w.\- ]", "_", text)
+
+
+def _metrics_of(summary: dict, prefix: str) -> dict[str, float]:
+    """The numbers of an evaluation's summary as MLflow metrics named ``PREFIX/KEY`` (a group's
+    ``PREFIX/GROUP/KEY``); values that are not finite numbers are left out."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        if isinstance(value, dict) and key == "groups":
+            for group, values in value.items():
+                out.update(_metrics_of(values, f"{prefix}/{_metric_word(str(group))}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}/{key}"] = float(value)
+    return out
+
+
+def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike) -> str | None:
+    """Log the evaluation of ``checkpoint`` reported in ``report_dir`` to the MLflow run of the training that
+    wrote it, where that training was tracked: the means of its ``summary.json`` as metrics named
+    ``FOLDER/KEY`` (FOLDER: the name of the report's folder, ``eval`` by default; a group's as
+    ``FOLDER/GROUP/KEY``), its data, split and TTA as tags ``FOLDER.data_dir`` etc., and ``metrics.csv`` and
+    ``summary.json`` as artifacts under ``FOLDER/``.
+
+    Returns the run's id, or ``None`` where there is no run to log to. A store that cannot be reached or
+    written is one warning: the report on disk is the evaluation's result."""
+    folder = Path(report_dir)
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # a bundle without medseg's report: nothing to log
+    prefix = _metric_word(folder.resolve().name) or "eval"
+    run = summary.get("run") if isinstance(summary, dict) and isinstance(summary.get("run"), dict) else {}
+    uri, run_id = "", ""
+    try:
+        found = _training_run(checkpoint)  # a store that cannot be set up again after a move fails in here
+        if found is None or not isinstance(summary, dict):
+            return None
+        uri, run_id = found
+        import mlflow
+        from mlflow.entities import Metric, RunTag
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        if uri.split(":", 1)[0].lower() in ("http", "https"):
+            _check_tracking_uri(uri, "the training's MLflow server")
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        info = client.get_run(run_id).info
+        if info.lifecycle_stage != "active":
+            raise MedsegError("the run was deleted")
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in _metrics_of(
+            {k: v for k, v in summary.items() if k != "run"}, prefix).items()]
+        tags = [RunTag(f"{prefix}.{key}", str(run[key])[:5000]) for key in ("data_dir", "split", "tta") if key in run]
+        client.log_batch(run_id, metrics=metrics, tags=tags)
+        # the run's artifact folder as the store says now (MLflow's client keeps the one it first saw, per run id
+        # and process: the old place of a run folder moved since a training in the same process)
+        repository = get_artifact_repository(info.artifact_uri)
+        for name in ("metrics.csv", "summary.json"):
+            repository.log_artifact(str(folder / name), prefix)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the report is written
+        reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
+        if isinstance(err, MedsegError):  # what happened, without the advice a training is given
+            reason = reason.split("; ")[0]
+        logging.getLogger(__name__).warning(
+            "the report is in %s, but logging it to the training's MLflow run%s failed: %s; pass --no-tracking "
+            "to leave MLflow out", folder, f" {run_id} ({uri})" if run_id else "", reason)
+        return None
+    return run_id
 
 
 def uri_in_environment(uri: str) -> Any:

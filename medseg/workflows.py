@@ -620,6 +620,7 @@ def evaluate(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    tracking: bool = True,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on the ``split`` slices (``val``, ``train`` or ``all``) of ``data_dir``; write CSV + JSON.
 
@@ -639,8 +640,11 @@ def evaluate(
     data, split, ``tta`` and settings) or with ``overwrite`` (:func:`medseg.evaluation.check_report_folder`);
     one evaluation writes into a folder at a time.
 
+    With ``tracking``, the report of one checkpoint is also logged to the MLflow run of its training, where that
+    was tracked (:func:`medseg.tracking.log_evaluation`).
+
     Returns:
-        The summary written to ``output_dir/summary.json``.
+        The summary written to ``output_dir/summary.json``, with ``mlflow_run_id`` where it was logged.
     """
     from medseg.ensemble import load_members
     from medseg.evaluation import settings_digest
@@ -679,8 +683,15 @@ def evaluate(
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)
     with folder_lock(output_dir, "evaluate"):  # a failed evaluation's new folder goes (_no_empty_output_left)
-        return _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides, overlays, trained,
-                            network, digests, settings_sha256, dev, progress, overwrite)
+        summary = _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides, overlays,
+                               trained, network, digests, settings_sha256, dev, progress, overwrite)
+        if tracking and len(checkpoints) == 1:  # an ensemble's members are several trainings, several runs
+            from medseg.tracking import log_evaluation
+
+            run_id = log_evaluation(checkpoints[0], output_dir)
+            if run_id is not None:
+                summary = {**summary, "mlflow_run_id": run_id}
+    return summary
 
 
 def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str], output_dir: str, split: str,

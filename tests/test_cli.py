@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -3132,3 +3133,40 @@ def test_the_bundles_own_handlers_given_whole_are_taken(tmp_path):
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o",
                      "--set", f"validate#handlers={json.dumps(handlers)}")
     assert "key_metric_filename: where the command reads and writes follows" in result.output
+
+
+def test_evaluate_logs_its_scores_to_the_mlflow_run_of_the_training(trained, tmp_path, caplog):
+    # the run folder moved since its training: the scores go into the run of the store that moved with it
+    import mlflow
+
+    run_dir = tmp_path / "moved"
+    shutil.copytree(trained["out"], run_dir)
+    run_id = json.loads((run_dir / "config.json").read_text())["_tracking_"]["run_id"]
+    args = ("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", run_dir / "model.pt", "--split", "all",
+            "--no-progress", "--device", "cpu", *_tiny_args())
+    result = _invoke(*args, "--output", run_dir / "eval_all")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[: result.output.rindex("}") + 1])["mlflow_run_id"] == run_id
+    summary = json.loads((run_dir / "eval_all" / "summary.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.metrics["eval_all/v_rand"] == pytest.approx(summary["v_rand"])
+    assert run.data.metrics["eval_all/images"] == 4
+    assert run.data.tags["eval_all.split"] == "all" and run.data.tags["eval_all.tta"] == "False"
+    assert {a.path for a in client.list_artifacts(run_id, "eval_all")} == {"eval_all/metrics.csv",
+                                                                         "eval_all/summary.json"}
+    logged = next(run_dir.glob("mlruns/**/artifacts/eval_all/summary.json"))  # in the moved folder's store
+    assert json.loads(logged.read_text()) == summary
+    assert not list(trained["out"].glob("mlruns/**/artifacts/eval_all"))
+    # --no-tracking: the report alone
+    result = _invoke(*args, "--output", run_dir / "eval_quiet", "--no-tracking")
+    assert result.exit_code == 0 and "mlflow_run_id" not in result.output
+    assert not any(k.startswith("eval_quiet") for k in client.get_run(run_id).data.metrics)
+    # a store that cannot be used is a warning: the report is the evaluation's result
+    (run_dir / "mlflow.db").write_bytes(b"not a database" * 100)
+    with caplog.at_level(logging.WARNING):
+        result = _invoke(*args, "--output", run_dir / "eval_broken")
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "eval_broken" / "summary.json").is_file() and "mlflow_run_id" not in result.output
+    said = [r.getMessage() for r in caplog.records if "MLflow run" in r.getMessage()]
+    assert len(said) == 1 and str(run_dir / "eval_broken") in said[0] and "--no-tracking" in said[0]
