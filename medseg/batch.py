@@ -222,8 +222,7 @@ class RunRecord:
             self.inputs, self.names = dict(data.get("inputs", {})), dict(data.get("names", {}))
             self.stamps = dict(data.get("stamps", {}))  # size and mtime of each output as written
             self.generation = str(data.get("generation", ""))  # which journal continues this record
-            # outputs a stopped run began: only those it got as far as writing need redoing
-            self.pending = {k: v for k, v in dict(data.get("pending", {})).items() if (self.folder / k).exists()}
+            self.pending = dict(data.get("pending", {}))  # outputs a run began and did not finish
         except FileNotFoundError:
             self.runs, self.outputs = {}, {}  # none yet: outputs count as unrecorded
             self.inputs, self.names, self.pending, self.stamps = {}, {}, {}, {}
@@ -236,9 +235,11 @@ class RunRecord:
                             "aside and run again with --overwrite, or choose another output folder") from err
         self.journal = self.folder / JOURNAL
         self._saved = self._journal_open = False  # by this object: the record written, the journal begun
-        replayed = self._replay()
-        if replayed:  # what a killed run did after its last save
-            self.pending = {k: v for k, v in self.pending.items() if (self.folder / k).exists()}
+        self._replay()  # what a killed run did after its last save
+        #: the outputs of inputs a run was killed while segmenting (kill -9, out of memory, a power cut)
+        self.killed_in = set(self.pending)
+        # of those, only the outputs it got as far as writing need redoing
+        self.pending = {k: v for k, v in self.pending.items() if (self.folder / k).exists()}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
         # earlier versions kept the settings in words inside the identity: a run that is this one less them is this
         worded = [k for k, run in self.runs.items() if isinstance(run, dict) and isinstance(run.get("identity"), dict)
@@ -320,6 +321,11 @@ class RunRecord:
         before it could record the input as done: whatever the file holds now (this run's new output, or an
         earlier one, perhaps another model's), the input is made again."""
         return self._rel(path) in self.pending
+
+    def killed_making(self, paths: dict[str, Path]) -> bool:
+        """Whether a run here was killed while segmenting the input of ``paths`` (before its outputs were done),
+        whether or not it had begun to write them."""
+        return any(self._rel(p) in self.killed_in for p in paths.values())
 
     def settle(self, paths: Iterable[Path]) -> None:
         """Drop ``paths`` from what is being written (an input that failed, its partial outputs removed): the
@@ -601,7 +607,8 @@ def run_batch(
     _check_manifest(manifest)
     with _said_per_input() as said:
         counts: dict[int, int] = {}
-        if record is not None and not overwrite:
+        killed: list[int] = []  # inputs a run here was killed while segmenting
+        if record is not None and (not overwrite or record.killed_in):
             for i, item in enumerate(inputs):
                 if item.error:
                     continue
@@ -613,6 +620,10 @@ def run_batch(
                     continue
                 finally:
                     said.current = None
+                if record.killed_making(paths):
+                    killed.append(i)
+                if overwrite:
+                    continue
                 existing = {name: p for name, p in paths.items() if _is_file(p) and not record.unfinished(p)}
                 # its outputs of another kind too (a PNG mask when TIFF is asked for, a map no longer asked for)
                 existing.update({f"other {k}": p for k, p in enumerate(record.others(paths))})
@@ -625,6 +636,16 @@ def run_batch(
                     raise DataError(f"{record.folder}: the outputs of '{item.rel}' were made with "
                                     f"{record.conflict(existing)} (see {RUN_RECORD}); pass --overwrite to redo them, "
                                     "or choose another output folder")
+        if killed and len(killed) < len(inputs):
+            # the same input may kill the next run too: the others are done first, so that none waits behind it
+            for i in killed:
+                logging.getLogger(__name__).warning(
+                    "%s: an earlier run was killed while segmenting it (out of memory, or stopped by force); "
+                    "segmenting it after the other inputs", inputs[i].source)
+            order = [i for i in range(len(inputs)) if i not in set(killed)] + killed
+            inputs = [inputs[i] for i in order]
+            counts = {new: counts[old] for new, old in enumerate(order) if old in counts}
+            said.lines = {new: said.lines[old] for new, old in enumerate(order) if old in said.lines}
         result = BatchResult(rows=[ManifestRow(input=os.path.abspath(f), status="ignored", message=why)
                                    for f, why in ignored])
         taken = {_row_key(source, uid) for source, uid in
@@ -732,8 +753,9 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                 row.status = "ok"
                 if changed:
                     row.message = "the input changed since its outputs were made: segmented again"
-                elif unfinished:
-                    row.message = "an earlier run was stopped while writing its outputs: segmented again"
+                elif record is not None and record.killed_making(paths):
+                    row.message = ("an earlier run was killed while segmenting it (out of memory, or stopped by "
+                                   "force): segmented again")
                 if record is not None:
                     left = _drop_others(record, paths)  # before the input counts as done: a kill here redoes it
                     if left:

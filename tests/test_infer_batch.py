@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -1006,7 +1007,7 @@ def test_a_batch_killed_between_an_inputs_mask_and_prob_is_finished_by_running_i
     assert result.exit_code == 0, result.output
     rows = _manifest(out)
     assert rows["0.png"]["status"] == "skipped"
-    assert rows["1.png"]["status"] == "ok" and "stopped while writing" in rows["1.png"]["message"]
+    assert rows["1.png"]["status"] == "ok" and "killed while segmenting it" in rows["1.png"]["message"]
     assert rows["2.png"]["status"] == "ok"
     assert (out / "prob" / "1.tif").is_file() and not list(out.rglob(".*.part.*"))
     assert "pending" not in json.loads((out / "run.json").read_text())
@@ -1026,7 +1027,7 @@ def test_a_killed_overwrite_by_another_model_never_leaves_mixed_outputs_skipped(
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     rows = _manifest(out)
-    assert rows["1.png"]["status"] == "ok" and "stopped while writing" in rows["1.png"]["message"]
+    assert rows["1.png"]["status"] == "ok" and "killed while segmenting it" in rows["1.png"]["message"]
 
 
 def test_a_failed_overwrite_leaves_files_of_unknown_origin_refused(tmp_path, tiny_checkpoint):
@@ -1602,3 +1603,44 @@ def test_the_bar_names_the_slice_it_has_reached_of_a_stack_only():
         bar.slice_done(1, 1)
         single = bar._progress.tasks[0].fields["name"]
     assert (stack, single) == ("a/stack.tif (2/30 slices)", "b.png")
+
+
+def test_an_input_a_run_was_killed_in_is_segmented_after_the_others(tmp_path, tiny_checkpoint, caplog):
+    # an input too large for the machine's memory gets the process killed (no error to catch): a second run
+    # must not die on it again before the inputs behind it are done
+    import subprocess
+    import sys
+
+    root = tmp_path / "in"
+    for seed, name in enumerate("abc"):
+        _em_png(root / f"{name}.png", seed)
+    out = tmp_path / "out"
+    args = ["infer", str(BUNDLE), str(root), str(out), "--checkpoint", str(tiny_checkpoint), "--no-progress",
+            "--device", "cpu", *[a for item in TINY_NET for a in ("--set", item)]]
+    code = ("import os, signal, sys\n"
+            "import medseg.writers\n"
+            "real = medseg.writers.SaveSegmentationd.__call__\n"
+            "def dies_at_b(self, data):\n"
+            "    if str(data.get('name')) == 'b':\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(self, data)\n"
+            "medseg.writers.SaveSegmentationd.__call__ = dies_at_b\n"
+            "from medseg.cli import app\n"
+            "app(sys.argv[1:])\n")
+    killed = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode(errors="replace")
+    assert (out / "mask" / "a.png").is_file() and not (out / "mask" / "b.png").exists()
+    (out / "mask" / "a.png").unlink()  # a, done before, is to be made again too: b still comes last
+    with caplog.at_level(logging.WARNING):
+        result = _infer(root, out, tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    assert [Path(r["input"]).name for r in rows] == ["a.png", "c.png", "b.png"]
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert "an earlier run was killed while segmenting it" in rows[2]["message"] and not rows[1]["message"]
+    said = [r.getMessage() for r in caplog.records if "killed while segmenting" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(str(root / "b.png"))
+    # that run finished it: a third run knows nothing of the kill
+    result = _infer(root, out, tiny_checkpoint, "--overwrite")
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    assert [Path(r["input"]).name for r in rows] == ["a.png", "b.png", "c.png"] and not rows[1]["message"]
