@@ -24,17 +24,44 @@ def _numpy(x: Any) -> np.ndarray:
     return convert_to_numpy(x, wrap_sequence=True)
 
 
-def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any], run: dict | None = None) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with (atomic_output(output_dir / "metrics.csv") as tmp,
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (atomic_output(path) as tmp,
           open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh):
         if rows:
             writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
             writer.writeheader()
             writer.writerows(rows)
+
+
+def _write_report(output_dir: Path, rows: list[dict], summary: dict[str, Any], run: dict | None = None) -> None:
+    _write_rows(output_dir / "metrics.csv", rows)
     with atomic_output(output_dir / "summary.json") as tmp:
         record = summary if run is None else {**summary, "run": run}
         tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    (output_dir / PARTIAL_ROWS).unlink(missing_ok=True)  # the rows of an evaluation stopped before this one
+
+
+#: The rows of an evaluation stopped part of the way (Ctrl-C, SIGTERM): what it scored, without a summary.
+PARTIAL_ROWS = "metrics.partial.csv"
+
+
+def keep_scored_rows(reports: list[MetricsReport], total: int) -> str:
+    """After an evaluation was stopped: write the rows its first report had scored to :data:`PARTIAL_ROWS` in
+    that report's folder, and say so (``""`` when there were none, or they could not be written). Scores of the
+    whole stack in a row (ISBI's per-slice V_rand and V_info, at the stack's best threshold) are those of the
+    images scored."""
+    if not reports or not reports[0].rows:
+        return ""
+    report = reports[0]
+    path = report.output_dir / PARTIAL_ROWS
+    try:
+        report.summarise()  # the columns a report completes at its end (ISBI: each slice's V_rand, V_info)
+        _write_rows(path, report.rows)
+    except OSError:
+        return ""
+    return (f"stopped after {len(report.rows)} of {total} images, whose rows are in {path}; no summary written (a "
+            f"report already in {report.output_dir} is kept as it was); run it again to score them all")
 
 
 #: The files of an evaluation's report.

@@ -698,7 +698,7 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
                  overrides: dict, overlays: tuple[str, ...], trained: Any, network: Any, digests: list[str],
                  settings_sha256: str, dev: Any, progress: bool, overwrite: bool) -> dict[str, Any]:
     """:func:`evaluate` once its model is loaded and it holds its output folder."""
-    from medseg.evaluation import MetricsReport, check_report_folder
+    from medseg.evaluation import MetricsReport, check_report_folder, keep_scored_rows
     from medseg.handlers import RichProgress
     from medseg.info import environment
 
@@ -790,7 +790,13 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
     for report in reports:
         report.run = run
     with quiet_user_error_logs(), quiet_constant_images():  # a blank slice scores as it is, without a warning
-        parser.get_parsed_content("run")
+        try:
+            parser.get_parsed_content("run")
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the images scored so far are kept
+            kept = keep_scored_rows(reports, len(parser.get_parsed_content("validate#dataset#data") or []))
+            if kept:
+                raise type(stop)(kept) from None
+            raise
     if reports:
         return reports[0].summary
     return {k: float(v) for k, v in evaluator.state.metrics.items()}

@@ -3170,3 +3170,41 @@ def test_evaluate_logs_its_scores_to_the_mlflow_run_of_the_training(trained, tmp
     assert (run_dir / "eval_broken" / "summary.json").is_file() and "mlflow_run_id" not in result.output
     said = [r.getMessage() for r in caplog.records if "MLflow run" in r.getMessage()]
     assert len(said) == 1 and str(run_dir / "eval_broken") in said[0] and "--no-tracking" in said[0]
+
+
+def test_ctrl_c_of_evaluate_keeps_the_rows_of_the_images_scored(trained, tmp_path, monkeypatch):
+    import medseg.evaluation
+
+    args = ("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt", "--split",
+            "all", "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", "--no-tracking", *_tiny_args())
+    assert _invoke(*args).exit_code == 0
+    report = (tmp_path / "eval" / "metrics.csv").read_bytes(), (tmp_path / "eval" / "summary.json").read_bytes()
+    real = medseg.evaluation.MetricsReport._collect
+
+    def stopped_at_the_third(self, engine):
+        if len(self.rows) == 2:
+            raise KeyboardInterrupt
+        real(self, engine)
+
+    monkeypatch.setattr(medseg.evaluation.MetricsReport, "_collect", stopped_at_the_third)
+    result = _invoke(*args)
+    assert result.exit_code == 130, result.output
+    partial = tmp_path / "eval" / "metrics.partial.csv"
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; stopped after 2 of 4 images, whose rows are in {partial}; no summary "
+                     f"written (a report already in {tmp_path / 'eval'} is kept as it was); run it again to score "
+                     "them all"]
+    import csv
+    import io
+
+    def per_image(text):  # V_rand and V_info are a slice's at the best threshold of the slices scored
+        return [{k: v for k, v in row.items() if k not in ("v_rand", "v_info")}
+                for row in csv.DictReader(io.StringIO(text))]
+
+    rows = list(csv.DictReader(io.StringIO(partial.read_text())))
+    assert len(rows) == 2 and list(rows[0]) == next(csv.reader(io.StringIO(report[0].decode())))
+    assert per_image(partial.read_text()) == per_image(report[0].decode())[:2]
+    assert ((tmp_path / "eval" / "metrics.csv").read_bytes(), (tmp_path / "eval" / "summary.json").read_bytes()) == \
+        report  # the finished report stays as it was
+    monkeypatch.setattr(medseg.evaluation.MetricsReport, "_collect", real)
+    assert _invoke(*args).exit_code == 0 and not partial.exists()  # a finished evaluation removes them
