@@ -223,9 +223,10 @@ class RunRecord:
             self.stamps = dict(data.get("stamps", {}))  # size and mtime of each output as written
             self.generation = str(data.get("generation", ""))  # which journal continues this record
             self.pending = dict(data.get("pending", {}))  # outputs a run began and did not finish
+            self.killed = dict(data.get("killed", {}))  # outputs of inputs a run was killed while segmenting
         except FileNotFoundError:
             self.runs, self.outputs = {}, {}  # none yet: outputs count as unrecorded
-            self.inputs, self.names, self.pending, self.stamps = {}, {}, {}, {}
+            self.inputs, self.names, self.pending, self.stamps, self.killed = {}, {}, {}, {}, {}
             self.generation = ""
         except OSError as err:
             raise DataError(f"{self.path}: cannot read the folder's run record ({err.strerror or err}); check its "
@@ -236,9 +237,10 @@ class RunRecord:
         self.journal = self.folder / JOURNAL
         self._saved = self._journal_open = False  # by this object: the record written, the journal begun
         self._replay()  # what a killed run did after its last save
-        #: the outputs of inputs a run was killed while segmenting (kill -9, out of memory, a power cut)
-        self.killed_in = set(self.pending)
-        # of those, only the outputs it got as far as writing need redoing
+        # what a run began and never finished or failed: it was killed while segmenting that input (kill -9, out
+        # of memory, a power cut), remembered until a run finishes it or it fails as inputs fail
+        self.killed.update(self.pending)
+        # of those outputs, only those it got as far as writing need redoing
         self.pending = {k: v for k, v in self.pending.items() if (self.folder / k).exists()}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
         # earlier versions kept the settings in words inside the identity: a run that is this one less them is this
@@ -283,10 +285,10 @@ class RunRecord:
         return applied
 
     def _apply(self, outputs: dict | None = None, inputs: dict | None = None, names: dict | None = None,
-               pending: dict | None = None, stamps: dict | None = None) -> None:
+               pending: dict | None = None, stamps: dict | None = None, killed: dict | None = None) -> None:
         """Apply one change of :meth:`_log` (key -> new value, ``None`` to remove) to the tables."""
         for table, change in ((self.outputs, outputs), (self.inputs, inputs), (self.names, names),
-                              (self.pending, pending), (self.stamps, stamps)):
+                              (self.pending, pending), (self.stamps, stamps), (self.killed, killed)):
             for k, v in dict(change or {}).items():
                 if v is None:
                     table.pop(k, None)
@@ -294,8 +296,8 @@ class RunRecord:
                     table[k] = v
 
     def _log(self, **parts: dict[str, Any]) -> None:
-        """Append one change (``outputs``, ``inputs``, ``names``, ``pending``, ``stamps``: key -> new value, ``None`` to
-        remove) to the journal, the whole line in one write. The first change of this object writes the
+        """Append one change (``outputs``, ``inputs``, ``names``, ``pending``, ``stamps``, ``killed``: key -> new value,
+        ``None`` to remove) to the journal, the whole line in one write. The first change of this object writes the
         record first (this run's identity; an earlier journal folded in) and begins a journal of its own."""
         if not self._saved:
             self.save()
@@ -325,7 +327,14 @@ class RunRecord:
     def killed_making(self, paths: dict[str, Path]) -> bool:
         """Whether a run here was killed while segmenting the input of ``paths`` (before its outputs were done),
         whether or not it had begun to write them."""
-        return any(self._rel(p) in self.killed_in for p in paths.values())
+        return any(self._rel(p) in self.killed for p in paths.values())
+
+    def survived(self, paths: dict[str, Path]) -> None:
+        """The input of ``paths`` failed as inputs fail (an error, not a kill): no longer one to keep for last."""
+        gone = {r: None for r in (self._rel(p) for p in paths.values()) if r in self.killed}
+        if gone:
+            self._apply(killed=gone)
+            self._log(killed=gone)
 
     def settle(self, paths: Iterable[Path]) -> None:
         """Drop ``paths`` from what is being written (an input that failed, its partial outputs removed): the
@@ -434,8 +443,9 @@ class RunRecord:
         if made and item is not None:
             names[_source_key(item)] = {"rel": item.rel, "mask": mask, "source": _where(item)}
         pending = {r: None for r in rels if r in self.pending}
-        self._apply(outputs, inputs, names, pending, stamps)
-        self._log(outputs=outputs, inputs=inputs, names=names, pending=pending, stamps=stamps)
+        killed = {r: None for r in rels if r in self.killed}  # done, or failed as inputs fail
+        self._apply(outputs, inputs, names, pending, stamps, killed)
+        self._log(outputs=outputs, inputs=inputs, names=names, pending=pending, stamps=stamps, killed=killed)
 
     def note_name(self, item: InputItem, paths: dict[str, Path]) -> None:
         """Record ``item``'s name for its outputs ``paths`` if the record lacks it (logged only then)."""
@@ -490,6 +500,8 @@ class RunRecord:
                 "stamps": dict(sorted(self.stamps.items()))}
         if self.pending:
             data["pending"] = dict(sorted(self.pending.items()))
+        if self.killed:
+            data["killed"] = dict(sorted(self.killed.items()))
         data["generation"] = self.generation = secrets.token_hex(8)
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -608,7 +620,7 @@ def run_batch(
     with _said_per_input() as said:
         counts: dict[int, int] = {}
         killed: list[int] = []  # inputs a run here was killed while segmenting
-        if record is not None and (not overwrite or record.killed_in):
+        if record is not None and (not overwrite or record.killed):
             for i, item in enumerate(inputs):
                 if item.error:
                     continue
@@ -676,14 +688,21 @@ def run_batch(
 
 class _SaidPerInput(logging.Handler):
     """The warnings medseg logs while an input is read and segmented (pages of a TIFF left out, say), kept by
-    the input's index for its manifest row: the console shows them once, the manifest keeps them."""
+    the input's index for its manifest row: the console shows them once, the manifest keeps them.
 
-    def __init__(self) -> None:
+    With ``echo`` (no other handler of the program's shows medseg's warnings: the command line), each is also
+    printed to standard error as Python prints a warning that no handler takes; this handler being there,
+    Python no longer would."""
+
+    def __init__(self, echo: bool = False) -> None:
         super().__init__(logging.WARNING)
+        self.echo = echo
         self.current: int | None = None
         self.lines: dict[int, list[str]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.echo and logging.lastResort is not None:
+            logging.lastResort.handle(record)
         if self.current is None:
             return
         text = (record.getMessage().strip().splitlines() or [""])[0]
@@ -694,7 +713,8 @@ class _SaidPerInput(logging.Handler):
 
 @contextlib.contextmanager
 def _said_per_input() -> Iterator[_SaidPerInput]:
-    said, logger = _SaidPerInput(), logging.getLogger("medseg")
+    logger = logging.getLogger("medseg")
+    said = _SaidPerInput(echo=not logger.hasHandlers())
     logger.addHandler(said)
     try:
         yield said
@@ -788,6 +808,9 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                     kept = "; the outputs of an earlier version of this input are kept"
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop
+            if record is not None and paths:
+                with contextlib.suppress(OSError):
+                    record.survived(paths)
             full, broken = _out_of_space(err), _device_lost(err)
             row.status, row.message = "failed", _message(err, item.source) + kept
             if full:

@@ -469,40 +469,66 @@ def _training_run(checkpoint: str | os.PathLike) -> tuple[str, str] | None:
 
 
 def _metric_word(text: str) -> str:
-    """``text`` with what MLflow refuses in a metric's or tag's name replaced by ``_``."""
-    return re.sub(r"[^\w.\- ]", "_", text)
+    """``text`` as one part of an MLflow metric's or tag's name: what MLflow refuses replaced by ``_`` (also a
+    part that reads as a path's ``.`` or ``..``, such as the group of images at the top of a data folder)."""
+    word = re.sub(r"[^\w.\- ]", "_", text)
+    return "_" if word.strip(".") == "" else word
 
 
 def _metrics_of(summary: dict, prefix: str) -> dict[str, float]:
     """The numbers of an evaluation's summary as MLflow metrics named ``PREFIX/KEY`` (a group's
-    ``PREFIX/GROUP/KEY``); values that are not finite numbers are left out."""
+    ``PREFIX/GROUP/KEY``); a score the images did not give (``None``, NaN) is logged as NaN, so that an
+    earlier evaluation's value does not stand for it."""
     out: dict[str, float] = {}
     for key, value in summary.items():
         if isinstance(value, dict) and key == "groups":
             for group, values in value.items():
                 out.update(_metrics_of(values, f"{prefix}/{_metric_word(str(group))}"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[f"{prefix}/{key}"] = float(value)
+        elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            out[f"{prefix}/{_metric_word(key)}"] = math.nan if value is None else float(value)
     return out
+
+
+#: MLflow's HTTP settings while an evaluation is logged: one try, a short wait (its defaults retry a server
+#: that answers with errors for minutes, with the report already written)
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def _check_store_there(uri: str) -> None:
+    """A SQLite store that is not there (moved, deleted) is not made anew, empty, by logging to it."""
+    from urllib.parse import unquote
+
+    if uri.lower().startswith("sqlite:///"):
+        path = Path(unquote(uri[len("sqlite:///"):]))
+        if not path.is_file():
+            raise MedsegError(f"its store {path} is not there (moved or deleted since the training)")
+    elif uri.split(":", 1)[0].lower() in ("http", "https"):
+        _check_tracking_uri(uri, "the training's MLflow server")
 
 
 def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike) -> str | None:
     """Log the evaluation of ``checkpoint`` reported in ``report_dir`` to the MLflow run of the training that
-    wrote it, where that training was tracked: the means of its ``summary.json`` as metrics named
-    ``FOLDER/KEY`` (FOLDER: the name of the report's folder, ``eval`` by default; a group's as
-    ``FOLDER/GROUP/KEY``), its data, split and TTA as tags ``FOLDER.data_dir`` etc., and ``metrics.csv`` and
-    ``summary.json`` as artifacts under ``FOLDER/``.
+    wrote it, where that training was tracked: ``metrics.csv`` and ``summary.json`` as artifacts under
+    ``FOLDER/`` (FOLDER: the name of the report's folder, ``eval`` by default), the summary's means as metrics
+    named ``FOLDER/KEY`` (a group's as ``FOLDER/GROUP/KEY``), and the report's folder, checkpoint digest, data,
+    split and TTA as tags ``FOLDER.output_dir`` etc.
 
-    Returns the run's id, or ``None`` where there is no run to log to. A store that cannot be reached or
-    written is one warning: the report on disk is the evaluation's result."""
+    Another report already logged under the same FOLDER from another folder is not replaced: a warning asks for
+    another folder name. Returns the run's id, or ``None`` where nothing was logged. A store that cannot be
+    reached or written is one warning: the report on disk is the evaluation's result."""
     folder = Path(report_dir)
     try:
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return None  # a bundle without medseg's report: nothing to log
-    prefix = _metric_word(folder.resolve().name) or "eval"
+    prefix = _metric_word(folder.resolve().name)
     run = summary.get("run") if isinstance(summary, dict) and isinstance(summary.get("run"), dict) else {}
+    checkpoints = run.get("checkpoints") if isinstance(run.get("checkpoints"), list) else []
+    tags = {"output_dir": str(folder.resolve()),
+            "checkpoint": " ".join(str(c.get("sha256", "")) for c in checkpoints if isinstance(c, dict)),
+            **{key: str(run[key]) for key in ("data_dir", "split", "tta") if key in run}}
     uri, run_id = "", ""
+    log = logging.getLogger(__name__)
     try:
         found = _training_run(checkpoint)  # a store that cannot be set up again after a move fails in here
         if found is None or not isinstance(summary, dict):
@@ -512,29 +538,34 @@ def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
         from mlflow.entities import Metric, RunTag
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        if uri.split(":", 1)[0].lower() in ("http", "https"):
-            _check_tracking_uri(uri, "the training's MLflow server")
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        info = client.get_run(run_id).info
-        if info.lifecycle_stage != "active":
-            raise MedsegError("the run was deleted")
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in _metrics_of(
-            {k: v for k, v in summary.items() if k != "run"}, prefix).items()]
-        tags = [RunTag(f"{prefix}.{key}", str(run[key])[:5000]) for key in ("data_dir", "split", "tta") if key in run]
-        client.log_batch(run_id, metrics=metrics, tags=tags)
-        # the run's artifact folder as the store says now (MLflow's client keeps the one it first saw, per run id
-        # and process: the old place of a run folder moved since a training in the same process)
-        repository = get_artifact_repository(info.artifact_uri)
-        for name in ("metrics.csv", "summary.json"):
-            repository.log_artifact(str(folder / name), prefix)
+        with _environment(**_QUICK_HTTP):
+            _check_store_there(uri)
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            logged = client.get_run(run_id)
+            if logged.info.lifecycle_stage != "active":
+                raise MedsegError("the run was deleted")
+            other = logged.data.tags.get(f"{prefix}.output_dir")
+            if other is not None and other != tags["output_dir"]:
+                log.warning("%s: not logged to the training's MLflow run %s, whose '%s' metrics and files are the "
+                            "report in %s; give --output a folder of another name to log this one beside it",
+                            folder, run_id, prefix, other)
+                return None
+            # the run's artifact folder as the store says now (MLflow's client keeps the one it first saw, per run
+            # id and process: the old place of a run folder moved since a training in the same process); with
+            # the store's URI, for a server that keeps the files itself (mlflow-artifacts:)
+            repository = get_artifact_repository(logged.info.artifact_uri, tracking_uri=uri)
+            for name in ("metrics.csv", "summary.json"):
+                repository.log_artifact(str(folder / name), prefix)
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _metrics_of(
+                {k: v for k, v in summary.items() if k != "run"}, prefix).items()],
+                tags=[RunTag(f"{prefix}.{key}", value[:5000]) for key, value in tags.items()])
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the report is written
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         if isinstance(err, MedsegError):  # what happened, without the advice a training is given
             reason = reason.split("; ")[0]
-        logging.getLogger(__name__).warning(
-            "the report is in %s, but logging it to the training's MLflow run%s failed: %s; pass --no-tracking "
-            "to leave MLflow out", folder, f" {run_id} ({uri})" if run_id else "", reason)
+        log.warning("the report is in %s, but logging it to the training's MLflow run%s failed: %s; pass "
+                    "--no-tracking to leave MLflow out", folder, f" {run_id} ({uri})" if run_id else "", reason)
         return None
     return run_id
 

@@ -688,7 +688,11 @@ def evaluate(
         if tracking and len(checkpoints) == 1:  # an ensemble's members are several trainings, several runs
             from medseg.tracking import log_evaluation
 
-            run_id = log_evaluation(checkpoints[0], output_dir)
+            try:
+                run_id = log_evaluation(checkpoints[0], output_dir)
+            except KeyboardInterrupt as stop:  # the report stands; only its copy in MLflow is not made
+                raise type(stop)(f"the report is written in {output_dir}; stopped while logging it to the "
+                                 "training's MLflow run (--no-tracking leaves that out)") from None
             if run_id is not None:
                 summary = {**summary, "mlflow_run_id": run_id}
     return summary

@@ -3153,11 +3153,21 @@ def test_evaluate_logs_its_scores_to_the_mlflow_run_of_the_training(trained, tmp
     assert run.data.metrics["eval_all/v_rand"] == pytest.approx(summary["v_rand"])
     assert run.data.metrics["eval_all/images"] == 4
     assert run.data.tags["eval_all.split"] == "all" and run.data.tags["eval_all.tta"] == "False"
+    assert run.data.tags["eval_all.output_dir"] == str((run_dir / "eval_all").resolve())
+    assert run.data.tags["eval_all.checkpoint"] == summary["run"]["checkpoints"][0]["sha256"]
     assert {a.path for a in client.list_artifacts(run_id, "eval_all")} == {"eval_all/metrics.csv",
                                                                          "eval_all/summary.json"}
     logged = next(run_dir.glob("mlruns/**/artifacts/eval_all/summary.json"))  # in the moved folder's store
     assert json.loads(logged.read_text()) == summary
     assert not list(trained["out"].glob("mlruns/**/artifacts/eval_all"))
+    # another folder of the same name: its figures would pass for the first report's, so they are not logged
+    with caplog.at_level(logging.WARNING):
+        result = _invoke(*args, "--output", tmp_path / "elsewhere" / "eval_all")
+    assert result.exit_code == 0 and "mlflow_run_id" not in result.output
+    assert client.get_run(run_id).data.metrics["eval_all/images"] == 4
+    said = [r.getMessage() for r in caplog.records if "give --output a folder of another name" in r.getMessage()]
+    assert len(said) == 1 and str((run_dir / "eval_all").resolve()) in said[0]
+    caplog.clear()
     # --no-tracking: the report alone
     result = _invoke(*args, "--output", run_dir / "eval_quiet", "--no-tracking")
     assert result.exit_code == 0 and "mlflow_run_id" not in result.output
@@ -3208,3 +3218,137 @@ def test_ctrl_c_of_evaluate_keeps_the_rows_of_the_images_scored(trained, tmp_pat
         report  # the finished report stays as it was
     monkeypatch.setattr(medseg.evaluation.MetricsReport, "_collect", real)
     assert _invoke(*args).exit_code == 0 and not partial.exists()  # a finished evaluation removes them
+
+
+def test_evaluate_does_not_make_a_training_s_moved_store_anew(trained, tmp_path, caplog):
+    # a training that logged to a shared SQLite store, which has moved since: no empty store appears in its place
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["out"], run_dir)
+    (run_dir / "mlflow.db").unlink()
+    config = json.loads((run_dir / "config.json").read_text())
+    gone = tmp_path / "shared" / "mlflow.db"
+    config["_tracking_"].update(tracking_store="given", tracking_uri=f"sqlite:///{gone}")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", run_dir / "model.pt",
+                         "--split", "all", "--no-progress", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert not gone.exists() and not gone.parent.exists()
+    said = [r.getMessage() for r in caplog.records if "MLflow run" in r.getMessage()]
+    assert len(said) == 1 and f"its store {gone} is not there" in said[0]
+
+
+def test_evaluation_metric_names_are_ones_mlflow_takes():
+    import math
+
+    from mlflow.utils.validation import _validate_metric_name
+
+    from medseg.tracking import _metrics_of
+
+    summary = {"images": 3, "dice": 0.9, "v_rand": None, "flag": True, "note": "text",
+               "groups": {".": {"images": 1, "dice": 0.8}, "a/b c#1": {"images": 2, "dice": math.nan}}}
+    metrics = _metrics_of(summary, "eval")
+    assert set(metrics) == {"eval/images", "eval/dice", "eval/v_rand", "eval/_/images", "eval/_/dice",
+                            "eval/a_b c_1/images", "eval/a_b c_1/dice"}
+    assert math.isnan(metrics["eval/v_rand"]) and math.isnan(metrics["eval/a_b c_1/dice"])  # not an old value
+    for name in metrics:
+        _validate_metric_name(name)
+
+
+@pytest.mark.slow
+def test_evaluate_logs_to_a_tracking_server_that_keeps_the_files_itself(tmp_path, isbi_folder):
+    # `mlflow server` stores a run's files itself (mlflow-artifacts: URIs), reached through the server's address
+    import socket
+    import time
+
+    import mlflow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "files"), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                mlflow.MlflowClient(uri).search_experiments(max_results=1)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        out = tmp_path / "run"
+        result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--epochs", 1, "--no-progress",
+                         "--device", "cpu", "--tracking-uri", uri, *_tiny_args())
+        assert result.exit_code == 0, result.output
+        result = _invoke("evaluate", BUNDLE, "--data", isbi_folder, "--checkpoint", out / "model.pt", "--split",
+                         "all", "--no-progress", "--device", "cpu", *_tiny_args())
+        assert result.exit_code == 0, result.output
+        run_id = json.loads(result.output[: result.output.rindex("}") + 1])["mlflow_run_id"]
+        summary = json.loads((out / "eval" / "summary.json").read_text())
+        assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics["eval/v_rand"] == pytest.approx(summary["v_rand"])
+        kept = list((tmp_path / "files").glob(f"**/{run_id}/artifacts/eval/summary.json"))
+        assert len(kept) == 1 and json.loads(kept[0].read_text()) == summary
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_evaluate_asks_a_failing_tracking_server_once(trained, tmp_path, caplog):
+    # a server that answers every request with an error: MLflow's own retries would hold the finished evaluation
+    # for minutes
+    import http.server
+    import threading
+    import time
+
+    asked = []
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            self.send_response(503)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run_dir = tmp_path / "run"
+        shutil.copytree(trained["out"], run_dir)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["_tracking_"].update(tracking_store="given", tracking_uri=f"http://127.0.0.1:{server.server_port}")
+        (run_dir / "config.json").write_text(json.dumps(config))
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", run_dir / "model.pt",
+                             "--split", "all", "--no-progress", "--device", "cpu", *_tiny_args())
+        seconds = time.monotonic() - start
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "eval" / "summary.json").is_file() and "mlflow_run_id" not in result.output
+    said = [r.getMessage() for r in caplog.records if "MLflow run" in r.getMessage()]
+    assert len(said) == 1 and "runs/get failed" in said[0], said
+    assert len([p for p in asked if "runs/get" in p]) == 1 and seconds < 60  # asked once, not retried for minutes
+
+
+def test_ctrl_c_while_an_evaluation_is_logged_to_mlflow_says_the_report_is_written(trained, tmp_path, monkeypatch):
+    import medseg.tracking
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medseg.tracking, "log_evaluation", stopped)
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--split", "all", "--output", tmp_path / "eval", "--no-progress", "--device", "cpu",
+                     *_tiny_args())
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; the report is written in {tmp_path / 'eval'}; stopped while logging it "
+                     "to the training's MLflow run (--no-tracking leaves that out)"]
+    assert (tmp_path / "eval" / "summary.json").is_file()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -1605,14 +1604,14 @@ def test_the_bar_names_the_slice_it_has_reached_of_a_stack_only():
     assert (stack, single) == ("a/stack.tif (2/30 slices)", "b.png")
 
 
-def test_an_input_a_run_was_killed_in_is_segmented_after_the_others(tmp_path, tiny_checkpoint, caplog):
-    # an input too large for the machine's memory gets the process killed (no error to catch): a second run
+def test_an_input_a_run_was_killed_in_is_segmented_after_the_others(tmp_path, tiny_checkpoint):
+    # an input too large for the machine's memory gets the process killed (no error to catch): later runs
     # must not die on it again before the inputs behind it are done
     import subprocess
     import sys
 
     root = tmp_path / "in"
-    for seed, name in enumerate("abc"):
+    for seed, name in enumerate("abcd"):
         _em_png(root / f"{name}.png", seed)
     out = tmp_path / "out"
     args = ["infer", str(BUNDLE), str(root), str(out), "--checkpoint", str(tiny_checkpoint), "--no-progress",
@@ -1621,26 +1620,39 @@ def test_an_input_a_run_was_killed_in_is_segmented_after_the_others(tmp_path, ti
             "import medseg.writers\n"
             "real = medseg.writers.SaveSegmentationd.__call__\n"
             "def dies_at_b(self, data):\n"
-            "    if str(data.get('name')) == 'b':\n"
+            "    if str(data.get('name')) == 'b' and os.environ.get('DIE_AT_B'):\n"
             "        os.kill(os.getpid(), signal.SIGKILL)\n"
             "    return real(self, data)\n"
             "medseg.writers.SaveSegmentationd.__call__ = dies_at_b\n"
             "from medseg.cli import app\n"
             "app(sys.argv[1:])\n")
-    killed = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=300)
+
+    def run(*extra, die=False):
+        env = {**os.environ, **({"DIE_AT_B": "1"} if die else {})}
+        return subprocess.run([sys.executable, "-c", code, *args, *extra], capture_output=True, timeout=300, env=env)
+
+    def order():
+        return [(Path(r["input"]).name, r["status"], r["message"]) for r in csv.DictReader(open(out / "manifest.csv"))]
+
+    killed = run(die=True)
     assert killed.returncode == -9, killed.stderr.decode(errors="replace")
     assert (out / "mask" / "a.png").is_file() and not (out / "mask" / "b.png").exists()
-    (out / "mask" / "a.png").unlink()  # a, done before, is to be made again too: b still comes last
-    with caplog.at_level(logging.WARNING):
-        result = _infer(root, out, tiny_checkpoint)
-    assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
-    assert [Path(r["input"]).name for r in rows] == ["a.png", "c.png", "b.png"]
-    assert [r["status"] for r in rows] == ["ok"] * 3
-    assert "an earlier run was killed while segmenting it" in rows[2]["message"] and not rows[1]["message"]
-    said = [r.getMessage() for r in caplog.records if "killed while segmenting" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith(str(root / "b.png"))
-    # that run finished it: a third run knows nothing of the kill
-    result = _infer(root, out, tiny_checkpoint, "--overwrite")
-    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
-    assert [Path(r["input"]).name for r in rows] == ["a.png", "b.png", "c.png"] and not rows[1]["message"]
+    assert run("--include", "c.png").returncode == 0  # a run that does not take b: b stays one to keep for last
+    (out / "mask" / "a.png").unlink()  # a, done before, is to be made again too: b still comes after it
+    killed = run(die=True)
+    assert killed.returncode == -9  # b killed the run again, last: a and d are done
+    said = [line for line in killed.stderr.decode().splitlines() if "killed while segmenting" in line]
+    assert said == [f"{root / 'b.png'}: an earlier run was killed while segmenting it (out of memory, or stopped "
+                    "by force); segmenting it after the other inputs"]
+    assert all((out / "mask" / f"{n}.png").is_file() for n in "acd") and not (out / "mask" / "b.png").exists()
+    done = run()
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    rows = order()
+    assert [(n, status) for n, status, _ in rows] == [("a.png", "skipped"), ("c.png", "skipped"),
+                                                      ("d.png", "skipped"), ("b.png", "ok")]
+    assert rows[3][2] == "an earlier run was killed while segmenting it (out of memory, or stopped by force): " \
+        "segmented again"
+    # that run finished it: a later run knows nothing of the kill
+    assert run("--overwrite").returncode == 0
+    assert [(n, m) for n, _, m in order()] == [("a.png", ""), ("b.png", ""), ("c.png", ""), ("d.png", "")]
+    assert "killed" not in json.loads((out / "run.json").read_text())
