@@ -489,9 +489,9 @@ def _metrics_of(summary: dict, prefix: str) -> dict[str, float]:
     return out
 
 
-#: MLflow's HTTP settings while an evaluation is logged: one try, a short wait (its defaults retry a server
-#: that answers with errors for minutes, with the report already written)
-_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+#: MLflow's HTTP settings where a server is asked once (an evaluation logged, a run closed after a second
+#: Ctrl-C): one try, a short wait, where its defaults retry a server that fails for minutes
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def _check_store_there(uri: str) -> None:
@@ -631,8 +631,7 @@ def close_runs(handlers: Sequence[Any], status: str, at_once: bool = False) -> N
     """End the MLflow runs ``handlers`` hold open as ``status`` (``FAILED``, ``KILLED``); never raises.
     ``at_once`` (a second Ctrl-C): a server is asked once, without MLflow's minutes of retries."""
     closed = set()  # the evaluator's handler logs to the trainer's run: one request for both
-    with _environment(**({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-                         if at_once else {})):
+    with _environment(**(_QUICK_HTTP if at_once else {})):
         for handler in handlers:
             run = getattr(handler, "cur_run", None)
             if run is None or getattr(handler, "failed", None):
