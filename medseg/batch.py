@@ -223,10 +223,12 @@ class RunRecord:
             self.stamps = dict(data.get("stamps", {}))  # size and mtime of each output as written
             self.generation = str(data.get("generation", ""))  # which journal continues this record
             self.pending = dict(data.get("pending", {}))  # outputs a run began and did not finish
-            self.killed = dict(data.get("killed", {}))  # outputs of inputs a run was killed while segmenting
+            self.segmenting = dict(data.get("segmenting", {}))  # inputs a run began and did not finish or fail
+            self.killed = dict(data.get("killed", {}))  # inputs a run was killed while segmenting
         except FileNotFoundError:
             self.runs, self.outputs = {}, {}  # none yet: outputs count as unrecorded
-            self.inputs, self.names, self.pending, self.stamps, self.killed = {}, {}, {}, {}, {}
+            self.inputs, self.names, self.pending, self.stamps = {}, {}, {}, {}
+            self.segmenting, self.killed = {}, {}
             self.generation = ""
         except OSError as err:
             raise DataError(f"{self.path}: cannot read the folder's run record ({err.strerror or err}); check its "
@@ -237,10 +239,11 @@ class RunRecord:
         self.journal = self.folder / JOURNAL
         self._saved = self._journal_open = False  # by this object: the record written, the journal begun
         self._replay()  # what a killed run did after its last save
-        # what a run began and never finished or failed: it was killed while segmenting that input (kill -9, out
-        # of memory, a power cut), remembered until a run finishes it or it fails as inputs fail
-        self.killed.update(self.pending)
-        # of those outputs, only those it got as far as writing need redoing
+        # an input a run began and never finished nor failed: it was killed while segmenting it (kill -9, out of
+        # memory, a power cut); remembered until a run finishes it or it fails as inputs fail
+        self.killed.update(self.segmenting)
+        self.segmenting = {}
+        # of the outputs a run began, only those it got as far as writing need redoing
         self.pending = {k: v for k, v in self.pending.items() if (self.folder / k).exists()}
         self.runs[self.key] = {"identity": self.identity, **(info or {})}
         # earlier versions kept the settings in words inside the identity: a run that is this one less them is this
@@ -285,10 +288,12 @@ class RunRecord:
         return applied
 
     def _apply(self, outputs: dict | None = None, inputs: dict | None = None, names: dict | None = None,
-               pending: dict | None = None, stamps: dict | None = None, killed: dict | None = None) -> None:
+               pending: dict | None = None, stamps: dict | None = None, segmenting: dict | None = None,
+               killed: dict | None = None) -> None:
         """Apply one change of :meth:`_log` (key -> new value, ``None`` to remove) to the tables."""
         for table, change in ((self.outputs, outputs), (self.inputs, inputs), (self.names, names),
-                              (self.pending, pending), (self.stamps, stamps), (self.killed, killed)):
+                              (self.pending, pending), (self.stamps, stamps), (self.segmenting, segmenting),
+                              (self.killed, killed)):
             for k, v in dict(change or {}).items():
                 if v is None:
                     table.pop(k, None)
@@ -296,9 +301,10 @@ class RunRecord:
                     table[k] = v
 
     def _log(self, **parts: dict[str, Any]) -> None:
-        """Append one change (``outputs``, ``inputs``, ``names``, ``pending``, ``stamps``, ``killed``: key -> new value,
-        ``None`` to remove) to the journal, the whole line in one write. The first change of this object writes the
-        record first (this run's identity; an earlier journal folded in) and begins a journal of its own."""
+        """Append one change (``outputs``, ``inputs``, ``names``, ``pending``, ``stamps``, ``segmenting``,
+        ``killed``: key -> new value, ``None`` to remove) to the journal, the whole line in one write. The first
+        change of this object writes the record first (this run's identity; an earlier journal folded in) and
+        begins a journal of its own."""
         if not self._saved:
             self.save()
         text = json.dumps({k: v for k, v in parts.items() if v}, sort_keys=True, default=str) + "\n"
@@ -324,17 +330,20 @@ class RunRecord:
         earlier one, perhaps another model's), the input is made again."""
         return self._rel(path) in self.pending
 
-    def killed_making(self, paths: dict[str, Path]) -> bool:
-        """Whether a run here was killed while segmenting the input of ``paths`` (before its outputs were done),
-        whether or not it had begun to write them."""
-        return any(self._rel(p) in self.killed for p in paths.values())
+    def killed_making(self, item: InputItem) -> bool:
+        """Whether a run here was killed while segmenting ``item`` (before its outputs were done), whether or not
+        it had begun to write them."""
+        return _source_key(item) in self.killed
 
-    def survived(self, paths: dict[str, Path]) -> None:
-        """The input of ``paths`` failed as inputs fail (an error, not a kill): no longer one to keep for last."""
-        gone = {r: None for r in (self._rel(p) for p in paths.values()) if r in self.killed}
-        if gone:
-            self._apply(killed=gone)
-            self._log(killed=gone)
+    def stopped(self, item: InputItem, failed: bool) -> None:
+        """``item`` is no longer being segmented: stopped (Ctrl-C), or ``failed`` as inputs fail (an error, not a
+        kill), and then no longer one to keep for last either."""
+        key = _source_key(item)
+        segmenting = {key: None} if key in self.segmenting else {}
+        killed = {key: None} if failed and key in self.killed else {}
+        if segmenting or killed:
+            self._apply(segmenting=segmenting, killed=killed)
+            self._log(segmenting=segmenting, killed=killed)
 
     def settle(self, paths: Iterable[Path]) -> None:
         """Drop ``paths`` from what is being written (an input that failed, its partial outputs removed): the
@@ -344,11 +353,13 @@ class RunRecord:
         if dropped:
             self._log(pending=dropped)
 
-    def begin(self, paths: dict[str, Path]) -> None:
-        """Note (and log) that this run is about to write ``paths``, over whatever they hold."""
+    def begin(self, paths: dict[str, Path], item: InputItem | None = None) -> None:
+        """Note (and log) that this run is about to segment ``item`` and write ``paths``, over whatever they hold."""
         began = {self._rel(p): self.key for p in paths.values()}
         self.pending.update(began)
-        self._log(pending=began)
+        segmenting = {_source_key(item): _where(item)} if item is not None else {}
+        self.segmenting.update(segmenting)
+        self._log(pending=began, segmenting=segmenting)
 
     def knows(self, path: Path) -> bool:
         """Whether some run recorded here wrote ``path``."""
@@ -443,9 +454,11 @@ class RunRecord:
         if made and item is not None:
             names[_source_key(item)] = {"rel": item.rel, "mask": mask, "source": _where(item)}
         pending = {r: None for r in rels if r in self.pending}
-        killed = {r: None for r in rels if r in self.killed}  # done, or failed as inputs fail
-        self._apply(outputs, inputs, names, pending, stamps, killed)
-        self._log(outputs=outputs, inputs=inputs, names=names, pending=pending, stamps=stamps, killed=killed)
+        key = _source_key(item) if item is not None else None  # done, or failed as inputs fail
+        done = {key: None} if key in self.killed or key in self.segmenting else {}
+        self._apply(outputs, inputs, names, pending, stamps, done, done)
+        self._log(outputs=outputs, inputs=inputs, names=names, pending=pending, stamps=stamps, segmenting=done,
+                  killed=done)
 
     def note_name(self, item: InputItem, paths: dict[str, Path]) -> None:
         """Record ``item``'s name for its outputs ``paths`` if the record lacks it (logged only then)."""
@@ -500,8 +513,11 @@ class RunRecord:
                 "stamps": dict(sorted(self.stamps.items()))}
         if self.pending:
             data["pending"] = dict(sorted(self.pending.items()))
-        if self.killed:
-            data["killed"] = dict(sorted(self.killed.items()))
+        # an input no longer there is no longer one to keep for last
+        self.killed = {k: v for k, v in self.killed.items() if os.path.exists(v)}
+        for name in ("segmenting", "killed"):
+            if getattr(self, name):
+                data[name] = dict(sorted(getattr(self, name).items()))
         data["generation"] = self.generation = secrets.token_hex(8)
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -632,7 +648,7 @@ def run_batch(
                     continue
                 finally:
                     said.current = None
-                if record.killed_making(paths):
+                if record.killed_making(item):
                     killed.append(i)
                 if overwrite:
                     continue
@@ -690,18 +706,25 @@ class _SaidPerInput(logging.Handler):
     """The warnings medseg logs while an input is read and segmented (pages of a TIFF left out, say), kept by
     the input's index for its manifest row: the console shows them once, the manifest keeps them.
 
-    With ``echo`` (no other handler of the program's shows medseg's warnings: the command line), each is also
-    printed to standard error as Python prints a warning that no handler takes; this handler being there,
-    Python no longer would."""
+    A warning that no other handler takes (the command line configures none) is also printed to standard error,
+    as Python prints one that no handler takes: this handler being there, Python no longer would."""
 
-    def __init__(self, echo: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.echo = echo
         self.current: int | None = None
         self.lines: dict[int, list[str]] = {}
 
+    def _taken_elsewhere(self, record: logging.LogRecord) -> bool:
+        """Whether a handler other than this one is on the way of ``record`` (as Python looks for one)."""
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
     def emit(self, record: logging.LogRecord) -> None:
-        if self.echo and logging.lastResort is not None:
+        if logging.lastResort is not None and not self._taken_elsewhere(record):
             logging.lastResort.handle(record)
         if self.current is None:
             return
@@ -713,8 +736,7 @@ class _SaidPerInput(logging.Handler):
 
 @contextlib.contextmanager
 def _said_per_input() -> Iterator[_SaidPerInput]:
-    logger = logging.getLogger("medseg")
-    said = _SaidPerInput(echo=not logger.hasHandlers())
+    said, logger = _SaidPerInput(), logging.getLogger("medseg")
     logger.addHandler(said)
     try:
         yield said
@@ -766,14 +788,14 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
             else:
                 before = {name: _stamp(p) for name, p in paths.items()}
                 if record is not None:
-                    record.begin(paths)
+                    record.begin(paths, item)
                 extra = segment(slice_items(item, row.slices)) or {}
                 written = True  # every output of this input is in place (each written atomically)
                 row.objects = extra.get("objects", "")
                 row.status = "ok"
                 if changed:
                     row.message = "the input changed since its outputs were made: segmented again"
-                elif record is not None and record.killed_making(paths):
+                elif record is not None and record.killed_making(item):
                     row.message = ("an earlier run was killed while segmenting it (out of memory, or stopped by "
                                    "force): segmented again")
                 if record is not None:
@@ -806,11 +828,11 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                         record.settle(paths.values())
                 if record is not None and all(_is_file(p) for p in paths.values()) and record.made_here(paths):
                     kept = "; the outputs of an earlier version of this input are kept"
+            if record is not None:
+                with contextlib.suppress(OSError):
+                    record.stopped(item, failed=isinstance(err, Exception))
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: this input's partial outputs are dropped, the finished ones kept; stop
-            if record is not None and paths:
-                with contextlib.suppress(OSError):
-                    record.survived(paths)
             full, broken = _out_of_space(err), _device_lost(err)
             row.status, row.message = "failed", _message(err, item.source) + kept
             if full:

@@ -54,14 +54,17 @@ def keep_scored_rows(reports: list[MetricsReport], total: int) -> str:
     if not reports or not reports[0].rows:
         return ""
     report = reports[0]
+    if report.complete:  # stopped after its report was written: the report stands
+        return f"the report was written in {report.output_dir} before the stop"
     path = report.output_dir / PARTIAL_ROWS
     try:
         report.summarise()  # the columns a report completes at its end (ISBI: each slice's V_rand, V_info)
         _write_rows(path, report.rows)
     except OSError:
         return ""
-    return (f"stopped after {len(report.rows)} of {total} images, whose rows are in {path}; no summary written (a "
-            f"report already in {report.output_dir} is kept as it was); run it again to score them all")
+    return (f"stopped after {len(report.rows)}{f' of {total}' if total else ''} images, whose rows are in {path}; no "
+            f"summary written (a report already in {report.output_dir} is kept as it was); run it again to score them "
+            "all")
 
 
 #: The files of an evaluation's report.
@@ -174,6 +177,7 @@ class MetricsReport:
         self.rows: list[dict] = []
         self.summary: dict[str, Any] = {}
         self.run: dict[str, Any] | None = None
+        self.complete = False  # whether the report of the images scored is written
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -181,7 +185,7 @@ class MetricsReport:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self.rows = []
+        self.rows, self.complete = [], False
 
     def _collect(self, engine: Engine) -> None:
         for output, source in _items(engine):
@@ -215,6 +219,7 @@ class MetricsReport:
     def _write(self, engine: Engine | None = None) -> dict[str, Any]:
         self.summary = self.summarise()
         _write_report(self.output_dir, self.rows, self.summary, self.run)
+        self.complete = True
         if engine is not None:
             engine.state.metrics.update({k: v for k, v in self.summary.items() if isinstance(v, float)})
         return self.summary

@@ -340,15 +340,21 @@ class FileProgress:
             self._task = self._progress.add_task("files", total=self.total, name="")
         return self
 
+    @staticmethod
+    def _shown(name: str, suffix: str = "", width: int = 40) -> str:
+        # a long relative path (DSB's ID/images/ID.png) is cut at its start, so that its end and the suffix show
+        room = width - len(suffix)
+        return (name if len(name) <= room else "…" + name[-(room - 1):]) + suffix
+
     def start(self, name: str) -> None:
-        self._name = name if len(name) <= 40 else "…" + name[-39:]
+        self._name = name
         if self._progress is not None:
-            self._progress.update(self._task, name=self._name)
+            self._progress.update(self._task, name=self._shown(name))
 
     def slice_done(self, done: int, total: int) -> None:
         """Show how far the current input is: ``done`` of its ``total`` slices (nothing for a single image)."""
         if self._progress is not None and total > 1:
-            self._progress.update(self._task, name=f"{self._name} ({done}/{total} slices)")
+            self._progress.update(self._task, name=self._shown(self._name, f" ({done}/{total} slices)"))
 
     def advance(self) -> None:
         if self._progress is not None:

@@ -444,10 +444,10 @@ def recorded_tracking_uri(config: dict) -> str | None:
     return uri
 
 
-def _training_run(checkpoint: str | os.PathLike) -> tuple[str, str] | None:
-    """The MLflow store and run id of the tracked training that wrote ``checkpoint``, from the ``config.json``
-    beside it; ``None`` for weights without one, a training run with ``--no-tracking``, or a folder copied
-    without its store."""
+def _training_run(checkpoint: str | os.PathLike) -> tuple[str, str, Path] | None:
+    """The MLflow store and run id of the tracked training that wrote ``checkpoint``, and its run folder, from the
+    ``config.json`` beside it; ``None`` for weights without one, a training run with ``--no-tracking``, or a
+    folder copied without its store."""
     from medseg.runfolder import run_file
 
     path = run_file(checkpoint, "config.json")
@@ -465,7 +465,7 @@ def _training_run(checkpoint: str | os.PathLike) -> tuple[str, str] | None:
             return None
         _follow_moved_store(db)
         uri = _local_store_uri(db)
-    return uri, run_id
+    return uri, run_id, path.parent
 
 
 def _metric_word(text: str) -> str:
@@ -506,16 +506,30 @@ def _check_store_there(uri: str) -> None:
         _check_tracking_uri(uri, "the training's MLflow server")
 
 
+def _report_place(report: Path, run_folder: Path) -> str:
+    """Where an evaluation's report lies, as logged: relative to the run folder when inside it (so that it stays
+    the same place when the folder moves), else its absolute path."""
+    report, run_folder = report.resolve(), run_folder.resolve()
+    return report.relative_to(run_folder).as_posix() if report.is_relative_to(run_folder) else report.as_posix()
+
+
+def _same_report(logged: str, place: str) -> bool:
+    """Whether a report logged from ``logged`` (:func:`_report_place`) is the one now at ``place``: the same place,
+    or a folder outside the run folder that holds no report any more (moved with the run folder, say)."""
+    return logged == place or (Path(logged).is_absolute() and not (Path(logged) / "summary.json").is_file())
+
+
 def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike) -> str | None:
     """Log the evaluation of ``checkpoint`` reported in ``report_dir`` to the MLflow run of the training that
     wrote it, where that training was tracked: ``metrics.csv`` and ``summary.json`` as artifacts under
     ``FOLDER/`` (FOLDER: the name of the report's folder, ``eval`` by default), the summary's means as metrics
-    named ``FOLDER/KEY`` (a group's as ``FOLDER/GROUP/KEY``), and the report's folder, checkpoint digest, data,
-    split and TTA as tags ``FOLDER.output_dir`` etc.
+    named ``FOLDER/KEY`` (a group's as ``FOLDER/GROUP/KEY``), and the report's folder (relative to the run
+    folder when inside it), checkpoint digest, data, split and TTA as tags ``FOLDER/output_dir`` etc.
 
-    Another report already logged under the same FOLDER from another folder is not replaced: a warning asks for
-    another folder name. Returns the run's id, or ``None`` where nothing was logged. A store that cannot be
-    reached or written is one warning: the report on disk is the evaluation's result."""
+    Another report already logged under the same FOLDER from another folder that is still there is not
+    replaced: a warning asks for another folder name. Returns the run's id, or ``None`` where nothing was
+    logged. A store that cannot be reached or written is one warning: the report on disk is the evaluation's
+    result."""
     folder = Path(report_dir)
     try:
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
@@ -524,8 +538,7 @@ def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
     prefix = _metric_word(folder.resolve().name)
     run = summary.get("run") if isinstance(summary, dict) and isinstance(summary.get("run"), dict) else {}
     checkpoints = run.get("checkpoints") if isinstance(run.get("checkpoints"), list) else []
-    tags = {"output_dir": str(folder.resolve()),
-            "checkpoint": " ".join(str(c.get("sha256", "")) for c in checkpoints if isinstance(c, dict)),
+    tags = {"checkpoint": " ".join(str(c.get("sha256", "")) for c in checkpoints if isinstance(c, dict)),
             **{key: str(run[key]) for key in ("data_dir", "split", "tta") if key in run}}
     uri, run_id = "", ""
     log = logging.getLogger(__name__)
@@ -533,7 +546,8 @@ def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
         found = _training_run(checkpoint)  # a store that cannot be set up again after a move fails in here
         if found is None or not isinstance(summary, dict):
             return None
-        uri, run_id = found
+        uri, run_id, run_folder = found
+        tags["output_dir"] = _report_place(folder, run_folder)
         import mlflow
         from mlflow.entities import Metric, RunTag
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -544,11 +558,11 @@ def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
             logged = client.get_run(run_id)
             if logged.info.lifecycle_stage != "active":
                 raise MedsegError("the run was deleted")
-            other = logged.data.tags.get(f"{prefix}.output_dir")
-            if other is not None and other != tags["output_dir"]:
+            other = logged.data.tags.get(f"{prefix}/output_dir")
+            if other is not None and not _same_report(other, tags["output_dir"]):
                 log.warning("%s: not logged to the training's MLflow run %s, whose '%s' metrics and files are the "
                             "report in %s; give --output a folder of another name to log this one beside it",
-                            folder, run_id, prefix, other)
+                            folder, run_id, prefix, run_folder / other)
                 return None
             # the run's artifact folder as the store says now (MLflow's client keeps the one it first saw, per run
             # id and process: the old place of a run folder moved since a training in the same process); with
@@ -559,7 +573,7 @@ def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _metrics_of(
                 {k: v for k, v in summary.items() if k != "run"}, prefix).items()],
-                tags=[RunTag(f"{prefix}.{key}", value[:5000]) for key, value in tags.items()])
+                tags=[RunTag(f"{prefix}/{key}", value[:5000]) for key, value in tags.items()])
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the report is written
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         if isinstance(err, MedsegError):  # what happened, without the advice a training is given

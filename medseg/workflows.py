@@ -683,9 +683,10 @@ def evaluate(
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)
     with folder_lock(output_dir, "evaluate"):  # a failed evaluation's new folder goes (_no_empty_output_left)
-        summary = _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides, overlays,
-                               trained, network, digests, settings_sha256, dev, progress, overwrite)
-        if tracking and len(checkpoints) == 1:  # an ensemble's members are several trainings, several runs
+        summary, reported = _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides,
+                                         overlays, trained, network, digests, settings_sha256, dev, progress, overwrite)
+        # an ensemble's members are several trainings, several runs; a bundle without medseg's report has none
+        if tracking and reported and len(checkpoints) == 1:
             from medseg.tracking import log_evaluation
 
             try:
@@ -700,8 +701,9 @@ def evaluate(
 
 def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str], output_dir: str, split: str,
                  overrides: dict, overlays: tuple[str, ...], trained: Any, network: Any, digests: list[str],
-                 settings_sha256: str, dev: Any, progress: bool, overwrite: bool) -> dict[str, Any]:
-    """:func:`evaluate` once its model is loaded and it holds its output folder."""
+                 settings_sha256: str, dev: Any, progress: bool, overwrite: bool) -> tuple[dict[str, Any], bool]:
+    """:func:`evaluate` once its model is loaded and it holds its output folder: the summary, and whether it was
+    written as a report (``summary.json``)."""
     from medseg.evaluation import MetricsReport, check_report_folder, keep_scored_rows
     from medseg.handlers import RichProgress
     from medseg.info import environment
@@ -797,13 +799,17 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
         try:
             parser.get_parsed_content("run")
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the images scored so far are kept
-            kept = keep_scored_rows(reports, len(parser.get_parsed_content("validate#dataset#data") or []))
+            try:
+                total = len(parser.get_parsed_content("validate#dataset#data") or [])  # resolved already: cached
+            except Exception:  # noqa: BLE001 - the count only words the message; the stop is what matters
+                total = 0
+            kept = keep_scored_rows(reports, total)
             if kept:
                 raise type(stop)(kept) from None
             raise
     if reports:
-        return reports[0].summary
-    return {k: float(v) for k, v in evaluator.state.metrics.items()}
+        return reports[0].summary, True
+    return {k: float(v) for k, v in evaluator.state.metrics.items()}, False
 
 
 def _check_some_to_score(parser: Any, data_dir: str, split: str) -> None:

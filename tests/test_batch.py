@@ -321,3 +321,49 @@ def test_a_stopped_run_keeps_the_rows_of_the_inputs_it_did_not_reach(tmp_path):
     rows = list(csv.DictReader(open(out / "manifest.csv", encoding="utf-8")))
     assert sorted(Path(r["input"]).name for r in rows) == ["a.png", "b.png", "c.png"]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_the_record_keeps_an_input_a_run_was_killed_in_until_it_is_done_or_fails(tmp_path):
+    from medseg.batch import RunRecord, run_batch
+
+    item, out, paths = _one_input(tmp_path)
+    out.mkdir()
+
+    def killed_run():  # a run that began the input and was then killed: nothing after begin() happened
+        RunRecord(out, {"c": 1}).begin(paths, item)
+
+    killed_run()
+    assert RunRecord(out, {"c": 1}).killed_making(item)
+    # a run stopped by Ctrl-C while segmenting it was not killed by it: what was said of it stays as it was
+    record = RunRecord(out, {"c": 1})
+    record.begin(paths, item)
+    record.stopped(item, failed=False)
+    record.save()
+    assert RunRecord(out, {"c": 1}).killed_making(item)
+    (tmp_path / "other").mkdir()
+    record = RunRecord(tmp_path / "other", {"c": 1})
+    record.begin(paths, item)
+    record.stopped(item, failed=False)
+    record.save()
+    assert not RunRecord(tmp_path / "other", {"c": 1}).killed_making(item)
+    # failing as inputs fail (an error, not a kill) ends it, and so does a run that finishes it
+    record = RunRecord(out, {"c": 1})
+    record.stopped(item, failed=True)
+    record.save()
+    assert not RunRecord(out, {"c": 1}).killed_making(item)
+    killed_run()
+
+    def segment(slices):
+        for p in paths.values():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"o")
+
+    res = run_batch([item], [], segment, paths_for=lambda i, n: paths, count=lambda i: 1,
+                    manifest=out / "manifest.csv", record=RunRecord(out, {"c": 1}))
+    assert res.count("ok") == 1 and "killed while segmenting" in res.rows[0].message
+    assert not RunRecord(out, {"c": 1}).killed_making(item)
+    # an input that is no longer there is forgotten
+    killed_run()
+    (tmp_path / "a.png").unlink()
+    RunRecord(out, {"c": 1}).save()
+    assert not RunRecord(out, {"c": 1}).killed_making(item)

@@ -3152,9 +3152,9 @@ def test_evaluate_logs_its_scores_to_the_mlflow_run_of_the_training(trained, tmp
     run = client.get_run(run_id)
     assert run.data.metrics["eval_all/v_rand"] == pytest.approx(summary["v_rand"])
     assert run.data.metrics["eval_all/images"] == 4
-    assert run.data.tags["eval_all.split"] == "all" and run.data.tags["eval_all.tta"] == "False"
-    assert run.data.tags["eval_all.output_dir"] == str((run_dir / "eval_all").resolve())
-    assert run.data.tags["eval_all.checkpoint"] == summary["run"]["checkpoints"][0]["sha256"]
+    assert run.data.tags["eval_all/split"] == "all" and run.data.tags["eval_all/tta"] == "False"
+    assert run.data.tags["eval_all/output_dir"] == "eval_all"  # in the run folder: wherever that moves
+    assert run.data.tags["eval_all/checkpoint"] == summary["run"]["checkpoints"][0]["sha256"]
     assert {a.path for a in client.list_artifacts(run_id, "eval_all")} == {"eval_all/metrics.csv",
                                                                          "eval_all/summary.json"}
     logged = next(run_dir.glob("mlruns/**/artifacts/eval_all/summary.json"))  # in the moved folder's store
@@ -3166,8 +3166,15 @@ def test_evaluate_logs_its_scores_to_the_mlflow_run_of_the_training(trained, tmp
     assert result.exit_code == 0 and "mlflow_run_id" not in result.output
     assert client.get_run(run_id).data.metrics["eval_all/images"] == 4
     said = [r.getMessage() for r in caplog.records if "give --output a folder of another name" in r.getMessage()]
-    assert len(said) == 1 and str((run_dir / "eval_all").resolve()) in said[0]
+    assert len(said) == 1 and f"report in {(run_dir / 'eval_all').resolve()}" in said[0]
     caplog.clear()
+    # the run folder moved again: its own report is logged again, in its place
+    shutil.move(run_dir, tmp_path / "moved_again")
+    run_dir = tmp_path / "moved_again"
+    args = tuple(run_dir / "model.pt" if str(a).endswith("model.pt") else a for a in args)
+    result = _invoke(*args, "--output", run_dir / "eval_all")
+    assert result.exit_code == 0 and json.loads(result.output[: result.output.rindex("}") + 1])["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     # --no-tracking: the report alone
     result = _invoke(*args, "--output", run_dir / "eval_quiet", "--no-tracking")
     assert result.exit_code == 0 and "mlflow_run_id" not in result.output
@@ -3218,6 +3225,18 @@ def test_ctrl_c_of_evaluate_keeps_the_rows_of_the_images_scored(trained, tmp_pat
         report  # the finished report stays as it was
     monkeypatch.setattr(medseg.evaluation.MetricsReport, "_collect", real)
     assert _invoke(*args).exit_code == 0 and not partial.exists()  # a finished evaluation removes them
+    # stopped once its report is written (by a handler after it): the report stands, said as such
+    written = medseg.evaluation.MetricsReport._write
+
+    def stopped_after_writing(self, engine=None):
+        written(self, engine)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medseg.evaluation.MetricsReport, "_write", stopped_after_writing)
+    result = _invoke(*args)
+    assert result.exit_code == 130 and not partial.exists()
+    assert [line for line in result.output.splitlines() if line.startswith("error")] == [
+        f"error: interrupted; the report was written in {tmp_path / 'eval'} before the stop"]
 
 
 def test_evaluate_does_not_make_a_training_s_moved_store_anew(trained, tmp_path, caplog):
@@ -3278,6 +3297,8 @@ def test_evaluate_logs_to_a_tracking_server_that_keeps_the_files_itself(tmp_path
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(1)
+        else:
+            pytest.fail(f"mlflow server did not answer at {uri} within 2 minutes")
         out = tmp_path / "run"
         result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--epochs", 1, "--no-progress",
                          "--device", "cpu", "--tracking-uri", uri, *_tiny_args())
