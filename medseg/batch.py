@@ -613,7 +613,7 @@ def run_batch(
     progress: Any = None,
     record: RunRecord | None = None,
 ) -> BatchResult:
-    """Segment ``inputs`` one at a time.
+    """Segment ``inputs`` one at a time (those a run here was killed while segmenting last, with a warning).
 
     Args:
         inputs: what to segment (from :func:`medseg.discovery.discover`).
@@ -798,6 +798,8 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
                 elif record is not None and record.killed_making(item):
                     row.message = ("an earlier run was killed while segmenting it (out of memory, or stopped by "
                                    "force): segmented again")
+                elif unfinished:
+                    row.message = "an earlier run was stopped while writing its outputs: segmented again"
                 if record is not None:
                     left = _drop_others(record, paths)  # before the input counts as done: a kill here redoes it
                     if left:
