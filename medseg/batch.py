@@ -670,7 +670,8 @@ def run_batch(
                 logging.getLogger(__name__).warning(
                     "%s: an earlier run was killed while segmenting it (out of memory, or stopped by force); "
                     "segmenting it after the other inputs", inputs[i].source)
-            order = [i for i in range(len(inputs)) if i not in set(killed)] + killed
+            later = set(killed)
+            order = [i for i in range(len(inputs)) if i not in later] + killed
             inputs = [inputs[i] for i in order]
             counts = {new: counts[old] for new, old in enumerate(order) if old in counts}
             said.lines = {new: said.lines[old] for new, old in enumerate(order) if old in said.lines}

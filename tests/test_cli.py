@@ -3373,3 +3373,19 @@ def test_ctrl_c_while_an_evaluation_is_logged_to_mlflow_says_the_report_is_writt
     assert lines == [f"error: interrupted; the report is written in {tmp_path / 'eval'}; stopped while logging it "
                      "to the training's MLflow run (--no-tracking leaves that out)"]
     assert (tmp_path / "eval" / "summary.json").is_file()
+
+
+def test_a_report_outside_the_run_folder_that_moved_away_is_the_same_report(tmp_path):
+    from medseg.tracking import _report_place, _same_report
+
+    run_folder, outside = tmp_path / "run", tmp_path / "reports" / "eval"
+    run_folder.mkdir()
+    assert _report_place(run_folder / "eval", run_folder) == "eval"
+    assert _report_place(outside, run_folder) == str(outside.resolve())
+    assert _same_report("eval", "eval") and not _same_report("sub/eval", "eval")
+    # a report logged from a folder outside the run folder: the same one once that folder holds no report any more
+    outside.mkdir(parents=True)
+    (outside / "summary.json").write_text("{}")
+    assert not _same_report(str(outside.resolve()), str(tmp_path / "elsewhere" / "eval"))
+    (outside / "summary.json").unlink()
+    assert _same_report(str(outside.resolve()), str(tmp_path / "elsewhere" / "eval"))
