@@ -128,21 +128,25 @@ def write_png(path: str | os.PathLike, arr: np.ndarray) -> Path:
 
 
 def write_tiff(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, ...] | None = None,
-               unit: str = "pixel") -> Path:
+               unit: str = "pixel", ome: bool = False) -> Path:
     """Write ``(H, W)``, ``(H, W, 3)`` uint8 RGB or a ``(pages, H, W)`` stack as TIFF, atomically (integers zlib).
 
     Args:
         spacing: ``(y, x)`` or ``(z, y, x)`` pixel size in ``unit`` (``um`` or ``mm``), stored as resolution
             tags (and, for a stack, ImageJ's unit and slice spacing), so viewers such as Fiji show the input's
             calibration; any other unit writes an uncalibrated file.
+        ome: a 2D image as an OME-TIFF (:func:`ome_description`), for the outputs of an OME-TIFF input.
     """
     import tifffile
 
     arr = np.asarray(arr)
     rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8
     calibration = tiff_calibration(spacing, unit, pages=arr.shape[0] if arr.ndim == 3 and not rgb else 1)
+    description = ome_description(arr.dtype, arr.shape, spacing, unit) if ome and arr.ndim == 2 else None
+    if description is not None:
+        calibration["description"] = description
     if "description" in calibration:
-        calibration["metadata"] = None  # ImageJ's description, not tifffile's own
+        calibration["metadata"] = None  # ImageJ's description or OME-XML, not tifffile's own
     with atomic_output(path) as tmp:
         # say so explicitly: tifffile would read a leading axis of 3 as RGB samples, not slices
         # zlib for integer masks/labels (small, fast); floats barely compress and zlib costs ~70 ms a slice
@@ -150,6 +154,47 @@ def write_tiff(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, .
         tifffile.imwrite(tmp, arr, compression=compression, photometric="rgb" if rgb else "minisblack",
                          **calibration)
     return Path(path)
+
+
+#: Micrometres per unit of the spacing units medseg's readers report (and ImageJ's words for them)
+_MICRONS = {"nm": 1e-3, "um": 1.0, "micron": 1.0, "mm": 1000.0, "meter": 1e6, "m": 1e6}
+
+#: OME's symbols of the time units medseg's readers report (ImageJ's ``tunit`` words, OME's own without µ)
+_OME_TIME = {"sec": "s", "s": "s", "second": "s", "seconds": "s", "ms": "ms", "msec": "ms", "us": "µs",
+             "usec": "µs", "ns": "ns", "min": "min", "minute": "min", "minutes": "min", "h": "h", "hr": "h",
+             "hour": "h", "hours": "h", "d": "d"}
+
+
+def ome_description(dtype: Any, plane: tuple[int, ...], spacing: tuple[float, ...] | None, unit: str,
+                    lead: tuple[tuple[str, int], ...] | None = None,
+                    frame_interval: tuple[float, str] | None = None) -> bytes | None:
+    """The OME-XML (UTF-8, for the first page's description) that makes a TIFF of the pages ``lead`` (the
+    slices' axes with their sizes, outermost first, e.g. ``(("T", 5), ("Z", 12))``) of ``plane``-sized images
+    of ``dtype`` an OME-TIFF: its axes in any order, the pixel size in micrometres (``spacing`` ``(y, x)`` or
+    ``(z, y, x)`` in ``unit``; none when uncalibrated) and the time step; ``None`` when OME cannot state the
+    layout."""
+    import tifffile
+
+    lead = tuple(lead or ())
+    axes = "".join(a for a, _ in lead) + "YX"
+    shape = (*(int(n) for _, n in lead), *(int(n) for n in plane[-2:]))
+    pages = int(np.prod(shape[:-2], dtype=np.int64))
+    metadata: dict[str, Any] = {}
+    factor = _MICRONS.get(unit)
+    if spacing is not None and factor:
+        metadata.update(PhysicalSizeY=float(spacing[-2]) * factor, PhysicalSizeYUnit="µm",
+                        PhysicalSizeX=float(spacing[-1]) * factor, PhysicalSizeXUnit="µm")
+        if len(spacing) == 3 and "Z" in axes:
+            metadata.update(PhysicalSizeZ=float(spacing[0]) * factor, PhysicalSizeZUnit="µm")
+    time_unit = _OME_TIME.get(str(frame_interval[1]).lower()) if frame_interval else None
+    if time_unit and "T" in axes:
+        metadata.update(TimeIncrement=float(frame_interval[0]), TimeIncrementUnit=time_unit)
+    ome = tifffile.OmeXml()
+    try:
+        ome.addimage(np.dtype(dtype), shape, (pages, 1, 1, *shape[-2:], 1), axes=axes, **metadata)
+    except (tifffile.OmeXmlError, ValueError):  # axes OME has no name for
+        return None
+    return ome.tostring().encode("utf-8")
 
 
 def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 1,
@@ -167,7 +212,7 @@ def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 
     when uncalibrated too. Time in another order (OME's ``Z`` then ``T``), which an ImageJ description cannot
     state, gives plain pages in the input's order, claiming neither slices nor a spacing.
     """
-    factor = {"nm": 1e-3, "um": 1.0, "micron": 1.0, "mm": 1000.0, "meter": 1e6, "m": 1e6}.get(unit)  # to µm
+    factor = _MICRONS.get(unit)
     letters = "".join(a for a, _ in lead or ())
     if spacing is None or (factor is None and not (pages > 1 and "T" in letters)):
         return {}

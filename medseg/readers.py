@@ -18,7 +18,9 @@ Contract (pinned by ``tests/test_readers.py``)
   spatial index order (z, y, x) or (y, x); MONAI's ``MetaTensor`` convention), ``spacing`` (per spatial axis,
   same order), ``spacing_unit`` (``mm``, ``um`` or ``pixel``), ``spatial_shape``, ``original_channel_dim``
   (0), ``slice_count`` and format extras: NIfTI ``nifti_affine`` and ``nifti_shape`` (the file's own);
-  DICOM ``series_uid``, ``files`` and ``sop_uids`` (one per slice, in array order); TIFF ``axes``.
+  DICOM ``series_uid``, ``files`` and ``sop_uids`` (one per slice, in array order); TIFF ``axes``, and for a
+  stack ``lead_sizes`` (the slices' axes with their sizes, e.g. ``(("T", 5), ("Z", 12))``), ``frame_interval``
+  (the time step and its unit, where given) and ``ome`` (True for an OME-TIFF).
 
 ``read_slice(source, k)`` gives slice ``k`` as ``(C, Y, X)`` without loading the whole volume where the
 format allows it (TIFF pages, DICOM files, uncompressed NIfTI), so stacks larger than memory are segmented
@@ -652,14 +654,22 @@ class TiffReader(_MedsegReader):
 
     @staticmethod
     def _frame_interval(tif) -> tuple[float, str] | None:
-        """The time between frames of an ImageJ time series and its unit (``finterval``, ``tunit``, seconds
-        when not given), or None."""
+        """The time between frames of a time series and its unit: OME's ``TimeIncrement`` (seconds when no
+        unit is given, as OME's schema says) or ImageJ's ``finterval`` and ``tunit`` (seconds when not
+        given); None when the file states none."""
+        import re
+
         ij = tif.imagej_metadata or {}
+        ome = tif.ome_metadata or ""
+        step = re.search(r'TimeIncrement="([^"]*)"', ome)
+        step_unit = re.search(r'TimeIncrementUnit="([^"]*)"', ome)
+        given = (step.group(1), step_unit.group(1) if step_unit else "s") if step else \
+            (ij.get("finterval", 0), ij.get("tunit", "sec"))
         try:
-            value = float(ij.get("finterval", 0) or 0)
+            value = float(given[0] or 0)
         except (TypeError, ValueError):
             return None
-        unit = str(ij.get("tunit", "sec") or "sec").replace("µ", "u").replace("\u03bc", "u")  # µs: us
+        unit = str(given[1] or "sec").replace("µ", "u").replace("\u03bc", "u")  # µs: us
         # written back into a TIFF description, which is ASCII: another unit is one we cannot keep
         return (value, unit) if 0 < value < 1e30 and unit.isascii() and unit.isprintable() else None
 
@@ -709,13 +719,14 @@ class TiffReader(_MedsegReader):
             shape, axes, lead, _ = self._layout(path, tif)
             spacing, unit = self._spacing(tif)
             interval = self._frame_interval(tif) if any(axes[i] == "T" for i in lead) else None
+            ome = {"ome": True} if tif.is_ome else {}  # its outputs are OME-TIFFs too
         plane = (shape[axes.index("Y")], shape[axes.index("X")])
         if not lead:
-            return _meta("tiff", path, plane, _scaled_affine(spacing[1:]), spacing[1:], unit, axes=axes)
+            return _meta("tiff", path, plane, _scaled_affine(spacing[1:]), spacing[1:], unit, axes=axes, **ome)
         spatial = (int(np.prod([shape[i] for i in lead])), *plane)
         lead_sizes = tuple((axes[i], int(shape[i])) for i in lead)  # the slices' axes: Z, T, ...
         return _meta("tiff", path, spatial, _scaled_affine(spacing), spacing, unit, axes=axes,
-                     lead_sizes=lead_sizes, **({"frame_interval": interval} if interval else {}))
+                     lead_sizes=lead_sizes, **({"frame_interval": interval} if interval else {}), **ome)
 
     def count_slices(self, path: str) -> int:
         with self._open(path) as tif:

@@ -41,7 +41,7 @@ from monai.utils import convert_to_numpy
 from medseg.bundle import config_flag
 from medseg.discovery import OUTPUT_FORMATS, PROB_SUFFIXES
 from medseg.errors import ConfigValueError, DataError
-from medseg.io import partial_file, tiff_calibration, write_nifti, write_png, write_tiff
+from medseg.io import ome_description, partial_file, tiff_calibration, write_nifti, write_png, write_tiff
 from medseg.readers import suffix_of
 
 #: Input kind -> the mask kind written for it by default.
@@ -102,8 +102,9 @@ def _scalar(value: Any) -> Any:
 class _StackWriter:
     """Append 2D pages to a TIFF in a temporary file; :meth:`close` renames it into place."""
 
-    def __init__(self, path: Path, calibration: dict[str, Any], pages: int = 1) -> None:
+    def __init__(self, path: Path, calibration: dict[str, Any], pages: int = 1, ome: dict | None = None) -> None:
         self.path, self.tmp, self.calibration, self.pages = path, partial_file(path), dict(calibration), pages
+        self.ome = ome  # ome_description's keywords other than the pages': an OME-TIFF of the input's axes
         self.writer: Any = None
         self.dtype: np.dtype | None = None  # the pages' type, once the first is written
 
@@ -114,6 +115,9 @@ class _StackWriter:
 
             # a classic TIFF, which ImageJ's own opener reads, unless the pages could pass its 4 GB limit
             self.writer = tifffile.TiffWriter(self.tmp, bigtiff=self.pages * page.nbytes > 2**32 - 2**26)
+            description = ome_description(page.dtype, page.shape, **self.ome) if self.ome is not None else None
+            if description is not None:  # in place of ImageJ's: the OME-XML states every axis order
+                self.calibration["description"] = description
         # metadata=None: plain pages that readers see as one stack of len(pages) slices; ImageJ's
         # description (unit, slice spacing) goes on the first page only. ImageJ reads the pages of an
         # uncompressed file with that description as one block from the first page's data on, not by their
@@ -153,9 +157,11 @@ class _VolumeSink:
         self.volumes: dict[str, np.ndarray] = {}
         if fmt == "tiff":
             meta = _geometry(item)
-            calibration = tiff_calibration(tuple(meta["spacing"]), _tiff_unit(meta), pages=pages,
-                                           lead=meta.get("lead_sizes"), frame_interval=meta.get("frame_interval"))
-            self.stacks = {k: _StackWriter(p, calibration, pages) for k, p in paths.items() if k != "table"}
+            geometry = {"spacing": tuple(meta["spacing"]), "unit": _tiff_unit(meta), "lead": meta.get("lead_sizes"),
+                        "frame_interval": meta.get("frame_interval")}
+            calibration = tiff_calibration(pages=pages, **geometry)
+            ome = geometry if meta.get("ome") else None
+            self.stacks = {k: _StackWriter(p, calibration, pages, ome) for k, p in paths.items() if k != "table"}
 
     def add(self, page: int, mask: np.ndarray, prob: np.ndarray, rows: list[dict] | None = None) -> bool:
         """Take slice ``page``; return True when the input is complete (and written)."""
@@ -453,9 +459,9 @@ class SaveSegmentationd(MapTransform):
                 if fmt == "png":
                     write_png(paths["mask"], mask)
                 else:
-                    write_tiff(paths["mask"], mask, meta["spacing"], _tiff_unit(meta))
+                    write_tiff(paths["mask"], mask, meta["spacing"], _tiff_unit(meta), ome=bool(meta.get("ome")))
                 if self.save_prob:
-                    write_tiff(paths["prob"], prob, meta["spacing"], _tiff_unit(meta))
+                    write_tiff(paths["prob"], prob, meta["spacing"], _tiff_unit(meta), ome=bool(meta.get("ome")))
                 if rows is not None:
                     from medseg.instances import write_measurements_csv
 

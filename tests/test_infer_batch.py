@@ -1540,8 +1540,47 @@ def test_a_time_series_and_a_hyperstack_keep_their_frames_and_slices_in_their_ma
             assert tif.imagej_metadata.get("spacing") == extra.get("spacing"), name  # none for a time series
             for key in ("finterval", "tunit"):
                 assert tif.imagej_metadata.get(key) == extra.get(key), (name, key)
-    with tifffile.TiffFile(tmp_path / "out" / "mask" / "zt.ome.tif") as tif:
-        assert len(tif.pages) == 6 and not {"slices", "frames", "spacing"} & set(tif.imagej_metadata)
+    with tifffile.TiffFile(tmp_path / "out" / "mask" / "zt.ome.tif") as tif:  # an OME-TIFF states the order
+        assert tif.is_ome and tif.series[0].axes == "ZTYX" and tif.series[0].shape == (3, 2, 32, 32)
+
+
+def test_an_ome_tiff_gives_ome_tiffs_of_its_axes_pixel_size_and_time_step(tmp_path, tiny_checkpoint):
+    # masks of an OME-TIFF were named X.ome.tif but held no OME-XML (an ImageJ description at best), so OME
+    # readers (Bio-Formats, QuPath) took them for plain TIFFs; OME's time step was not read at all
+    import tifffile
+
+    from medseg.readers import read_geometry
+
+    root = tmp_path / "in"
+    root.mkdir()
+    planes = (np.random.default_rng(3).random((6, 32, 40)) * 255).astype(np.uint8)
+    size = {"PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 5.0, "PhysicalSizeYUnit": "nm"}
+    layouts = {"one": ("YX", planes[0], {}),
+               "z": ("ZYX", planes[:3], {"PhysicalSizeZ": 50.0, "PhysicalSizeZUnit": "nm"}),
+               "zt": ("ZTYX", planes.reshape(3, 2, 32, 40), {"TimeIncrement": 2.5, "TimeIncrementUnit": "min"}),
+               "tz": ("TZYX", planes.reshape(2, 3, 32, 40), {"TimeIncrement": 0.5})}  # seconds, OME's default
+    for name, (axes, data, extra) in layouts.items():
+        tifffile.imwrite(root / f"{name}.ome.tif", data, ome=True, metadata={"axes": axes, **size, **extra})
+    tifffile.imwrite(root / "plain.tif", planes, photometric="minisblack")  # the same planes, no metadata
+    result = _infer(root, tmp_path / "out", tiny_checkpoint, "--no-tta")
+    assert result.exit_code == 0, result.output
+    plain = {kind: tifffile.imread(tmp_path / "out" / kind / "plain.tif") for kind in ("mask", "prob")}
+    for name, (axes, data, _) in layouts.items():
+        source = read_geometry(root / f"{name}.ome.tif")
+        for kind in ("mask", "prob"):
+            out = tmp_path / "out" / kind / f"{name}.ome.tif"
+            with tifffile.TiffFile(out) as tif:
+                assert tif.is_ome and tif.series[0].axes == axes and tif.series[0].shape == data.shape, (name, kind)
+                pages = tif.asarray().reshape(-1, 32, 40)
+            np.testing.assert_array_equal(pages, plain[kind][: len(pages)])  # the pages in the input's order
+            written = read_geometry(out)
+            np.testing.assert_allclose(written["spacing"], source["spacing"])
+            assert written["spacing"][-1] == pytest.approx(0.004) and written["spacing"][-2] == pytest.approx(0.005)
+            assert written.get("lead_sizes") == source.get("lead_sizes")
+            assert written.get("frame_interval") == source.get("frame_interval")
+    assert source["frame_interval"] == (0.5, "s")
+    assert read_geometry(root / "zt.ome.tif")["frame_interval"] == (2.5, "min")
+    assert read_geometry(root / "z.ome.tif")["spacing"][0] == pytest.approx(0.05)
 
 
 def test_what_is_said_of_an_input_stays_in_its_manifest_row(tmp_path, tiny_checkpoint):

@@ -190,3 +190,19 @@ def test_writer_settings_are_checked_when_it_is_built(tmp_path):
     assert SaveSegmentationd(keys="pred", output_dir=str(tmp_path), save_prob="false").save_prob is False
     with pytest.raises(DataError, match="unknown output format 'jpeg'; choose auto, png"):
         SaveSegmentationd(keys="pred", output_dir=str(tmp_path), output_format="jpeg")
+
+
+def test_ome_xml_states_only_what_it_is_given(tmp_path):
+    import tifffile
+
+    from medseg.io import ome_description, write_tiff
+
+    # uncalibrated: the axes, no pixel size; an axis OME has no name for: no OME-XML rather than a wrong one
+    write_tiff(tmp_path / "a.ome.tif", np.zeros((4, 5), np.uint16), (1.0, 1.0), "pixel", ome=True)
+    with tifffile.TiffFile(tmp_path / "a.ome.tif") as tif:
+        assert tif.is_ome and tif.series[0].axes == "YX" and "PhysicalSize" not in tif.ome_metadata
+    assert ome_description(np.uint8, (4, 5), (2.0, 1.0, 1.0), "um", lead=(("I", 2),)) is None
+    # a time step in a unit OME does not know is left out; the pixel size in mm is written in µm
+    xml = ome_description(np.uint8, (4, 5), (2.0, 0.5, 0.25), "mm", lead=(("T", 3),), frame_interval=(2.0, "fortnight"))
+    assert 'PhysicalSizeX="250.0"' in xml.decode() and "TimeIncrement" not in xml.decode()
+    assert "PhysicalSizeZ" not in xml.decode()  # no Z axis
