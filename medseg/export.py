@@ -94,7 +94,11 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         _score_recorded_split(part / "configs" / "evaluate.json", split if split.is_file() else None)
         if record.is_file():
             _write_record(record, part / "models" / "config.json")
-        about = _Export(bundle, digest, settings, _best_validation(checkpoint), split.is_file())
+        # an exported bundle's configs hold its training's settings already: its words about them carry over
+        earlier = _earlier_export(bundle, digest)
+        best = _best_validation(checkpoint) or earlier.best
+        picked = settings.get("input_channels") if isinstance(settings.get("input_channels"), list) else None
+        about = _Export(bundle, digest, {**earlier.settings, **settings}, best, split.is_file(), picked)
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
         scripted = torchscript and _write_torchscript(network, part, out)
@@ -121,14 +125,39 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
 
 class _Export(NamedTuple):
     """What the export's metadata and docs say of it: its source bundle, the weights' digest, the settings the
-    training changed (id -> value), its best validation (``(metric, value, epoch)``, or ``None``) and whether
-    its split went along."""
+    training changed from the bundle's (id -> value; from an exported bundle's, those its export had changed
+    too), its best validation (``(metric, value, epoch)``, or ``None``), whether its split went along, and the
+    image channels the network takes where this training picked them (``input_channels``)."""
 
     bundle: Path
     sha256: str
     settings: dict[str, Any]
     best: tuple[str, float, Any] | None
     has_split: bool
+    picked: list | None = None
+
+
+class _Earlier(NamedTuple):
+    settings: dict[str, Any]
+    best: tuple[str, float, Any] | None
+
+
+def _earlier_export(bundle: Path, digest: str) -> _Earlier:
+    """What ``bundle``'s metadata says of the export that made it (nothing for a bundle that is no export):
+    the settings that export's training changed from the bundle it came from, and, when ``digest`` names the
+    same weights, their best validation score."""
+    try:
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        earlier = meta["exported_from"]
+        settings = dict(earlier.get("settings") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return _Earlier({}, None)
+    scores = meta.get("eval_metrics")
+    if earlier.get("weights_sha256") != digest or not isinstance(scores, dict) or len(scores) != 1:
+        return _Earlier(settings, None)
+    ((metric, value),) = scores.items()
+    valid = isinstance(value, (int, float)) and math.isfinite(value)
+    return _Earlier(settings, (str(metric), float(value), earlier.get("best_epoch")) if valid else None)
 
 
 #: How an earlier export's words begin, in the description and the docs (an export of an export replaces them)
@@ -170,11 +199,14 @@ def _write_metadata(source: Path, path: Path, parser: Any, about: _Export) -> bo
     formats = meta.get("network_data_format") if isinstance(meta.get("network_data_format"), dict) else {}
     names = about.settings.get("class_names")
     described = False
-    for side, key, labels in (("inputs", "in_channels", None), ("outputs", "out_channels", names)):
+    earlier = meta.get("exported_from") if isinstance(meta.get("exported_from"), dict) else {}
+    repicked = "input_channels" in (earlier.get("settings") or {})  # its channel_def names those picks
+    for side, key in (("inputs", "in_channels"), ("outputs", "out_channels")):
         entries = formats.get(side) if isinstance(formats.get(side), dict) else {}
         count = parser.get_parsed_content(f"network_def#{key}") if f"network_def#{key}" in parser else None
         for entry in list(entries.values())[:1]:  # the network's one input and output
             if isinstance(entry, dict) and isinstance(count, int):
+                labels = _picked_names(entry, about.picked, repicked) if side == "inputs" else names
                 _describe_channels(entry, count, labels if isinstance(labels, list) else None)
                 described = True
     meta["eval_metrics"] = {about.best[0]: round(about.best[1], 4)} if about.best else {}
@@ -183,11 +215,22 @@ def _write_metadata(source: Path, path: Path, parser: Any, about: _Export) -> bo
                            "says otherwise, these hold.") if about.settings else description
     meta["exported_from"] = {"bundle": meta.get("name", about.bundle.name), "version": meta.get("version"),
                              "weights_sha256": about.sha256, "settings": about.settings,
+                             **({"best_epoch": about.best[2]} if about.best and about.best[2] is not None else {}),
                              "eval_metrics": "this training's best validation score, on its own validation split"
                                              + (" (models/split.json)" if about.has_split else "")
                                              if about.best else "none recorded"}
     path.write_text(json.dumps(meta, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
     return described
+
+
+def _picked_names(entry: dict, picked: list | None, repicked: bool) -> list | None:
+    """The names of the image channels ``picked`` (``input_channels``) by the bundle's input ``entry``: of its
+    ``channel_def``, unless it names the picks of an earlier export's training (``repicked``) rather than the
+    image's channels; ``channel N of the image`` where it has none."""
+    if picked is None:
+        return None
+    own = entry.get("channel_def") if isinstance(entry.get("channel_def"), dict) and not repicked else {}
+    return [own.get(str(i), f"channel {i} of the image") for i in picked]
 
 
 def _describe_channels(entry: dict, count: int, names: list | None) -> None:

@@ -1491,17 +1491,30 @@ def test_an_exported_bundle_describes_its_own_weights_and_scores_their_validatio
                      "--no-progress")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ours" / "metrics.csv").read_text() == (tmp_path / "monai" / "metrics.csv").read_text()
-    # an export of the export, with weights alone: its words replace the earlier export's, and the earlier
-    # split record is not taken for these weights
+    # an export of the export, with weights alone: the earlier split record is not taken for these weights,
+    # but what the earlier export said of them stays true. It said the bundle's defaults and no score: the
+    # settings are in the exported bundle's configs already, so none differed from them, and no training
+    # summary lies beside the weights
     (tmp_path / "bare").mkdir()
     shutil.copyfile(run / "model.pt", tmp_path / "bare" / "model.pt")
     result = _invoke("export", shared, tmp_path / "bare" / "model.pt", tmp_path / "again")
     assert result.exit_code == 0, result.output
     docs = (tmp_path / "again" / "docs" / "README.md").read_text()
-    assert docs.count("# Exported model") == 1 and "best validation score in training: not recorded" in docs
+    best = f"v_rand {summary['best_metric']:.4f} at epoch {summary['best_metric_epoch']}."
+    assert docs.count("# Exported model") == 1 and f"best validation score in training: {best}" in docs
+    assert "network_def#channels = [4, 8, 16]" in docs
     assert json.loads((tmp_path / "again" / "configs" / "evaluate.json").read_text())["split_record"] is None
-    meta = json.loads((tmp_path / "again" / "configs" / "metadata.json").read_text())
-    assert meta["eval_metrics"] == {} and meta["description"].count("These weights were trained") <= 1
+    again = json.loads((tmp_path / "again" / "configs" / "metadata.json").read_text())
+    assert again["eval_metrics"] == meta["eval_metrics"] and again["description"] == meta["description"]
+    assert again["exported_from"]["settings"] == meta["exported_from"]["settings"]
+    assert again["exported_from"]["eval_metrics"].endswith("validation split")  # its split did not go along
+    # other weights of the same network: the settings still hold, the score is not theirs
+    weights = torch.load(run / "model.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, tmp_path / "bare" / "b.pt")
+    assert _invoke("export", shared, tmp_path / "bare" / "b.pt", tmp_path / "other").exit_code == 0
+    other = json.loads((tmp_path / "other" / "configs" / "metadata.json").read_text())
+    assert other["eval_metrics"] == {} and other["description"] == meta["description"]
+    assert "best validation score in training: not recorded" in (tmp_path / "other" / "docs" / "README.md").read_text()
     # weights that do not fit the network the export describes, or a training's last checkpoint: refused
     other = tmp_path / "other.pt"
     torch.save({"conv.weight": torch.zeros(1)}, other)
@@ -1589,6 +1602,34 @@ def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
         result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "em")
     assert result.exit_code == 0, result.output
     assert "medseg train (process" in caplog.text and "is still writing into its run" in caplog.text
+
+
+def test_an_export_names_the_image_channels_its_training_picked(trained, tmp_path):
+    # a model trained with input_channels=[2] of RGB images was said to take "R": the source bundle's first
+    # channel name, whichever channel the training picked
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(trained["out"] / "model.pt", run / "model.pt")
+    record = json.loads((trained["out"] / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "input_channels": [2]}))
+    source = tmp_path / "rgb"
+    shutil.copytree(BUNDLE, source, ignore=shutil.ignore_patterns("models"))
+    meta = json.loads((source / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"].update(num_channels=3, channel_def={"0": "R", "1": "G", "2": "B"})
+    (source / "configs" / "metadata.json").write_text(json.dumps(meta))
+    result = _invoke("export", source, run / "model.pt", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    picked = json.loads((tmp_path / "out" / "configs" / "metadata.json").read_text())
+    assert picked["network_data_format"]["inputs"]["image"] == {**meta["network_data_format"]["inputs"]["image"],
+                                                                "num_channels": 1, "channel_def": {"0": "B"}}
+    # exported again, the picks stay named; a channel the metadata has no name for is named by its number
+    assert _invoke("export", tmp_path / "out", run / "model.pt", tmp_path / "again").exit_code == 0
+    again = json.loads((tmp_path / "again" / "configs" / "metadata.json").read_text())
+    assert again["network_data_format"]["inputs"] == picked["network_data_format"]["inputs"]
+    (run / "config.json").write_text(json.dumps({**record, "input_channels": [1]}))
+    assert _invoke("export", BUNDLE, run / "model.pt", tmp_path / "gray").exit_code == 0
+    gray = json.loads((tmp_path / "gray" / "configs" / "metadata.json").read_text())
+    assert gray["network_data_format"]["inputs"]["image"]["channel_def"] == {"0": "channel 1 of the image"}
 
 
 def test_an_export_states_the_channels_its_weights_have():
