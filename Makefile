@@ -22,6 +22,7 @@ BUNDLE := bundles/$(DEMO)
 DATA   := $(DATA_$(DEMO))
 INFER  := $(INFER_$(DEMO))
 OUT    := demo_out/$(DEMO)
+CKPT   :=
 DEMO_MINUTES := 4
 
 .PHONY: venv demo test test-all lint bench clean

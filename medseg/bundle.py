@@ -471,7 +471,9 @@ def check_batch_size(parser: Any) -> None:
 
 def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> str:
     parent, _, leaf = key.rpartition("#")
-    scope = parser[parent] if parent and parent in parser else parser.get()
+    if parent and parent not in parser:  # no such parent: the leaf's near names among the top-level ids
+        parent = ""
+    scope = parser[parent] if parent else parser.get()
     options = [k for k in scope if not str(k).startswith("_")] if isinstance(scope, dict) else []
     close = difflib.get_close_matches(leaf, [str(o) for o in options], n=3)
     hint = f"did you mean {', '.join((parent + '#' if parent else '') + c for c in close)}?" if close else (

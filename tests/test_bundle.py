@@ -137,6 +137,12 @@ def test_overrides_must_name_existing_keys():
     assert parser["max_epochs"] == 3 and parser["network_def#channels"] == [4, 8]
     with pytest.raises(BundleError, match="unknown config key 'max_epoch'.*did you mean max_epochs"):
         load_config(BUNDLE, "train", overrides={"max_epoch": 3})
+    # a parent the config lacks: the near top-level ids, not the missing parent again ("did you mean
+    # dataloader#num_workers?" for dataloader#num_workers)
+    with pytest.raises(BundleError, match=r"did you mean num_workers\?$"):
+        load_config(BUNDLE, "train", overrides={"dataloader#num_workers": 2})
+    with pytest.raises(BundleError, match=r"did you mean network_def#channels, "):
+        load_config(BUNDLE, "train", overrides={"network_def#chanels": [4, 8]})
     with pytest.raises(BundleError, match="bundle folder not found"):
         load_config(REPO / "bundles" / "nope", "train")
     assert parse_override("a#b=[1, 2]") == ("a#b", [1, 2])
