@@ -14,7 +14,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from medseg.discovery import natural_key
+from medseg.discovery import any_case_suffix, natural_key
 from medseg.errors import ConfigValueError, DataError, brief
 from medseg.io import atomic_output
 from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error, open_picture
@@ -233,17 +233,6 @@ def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _any_case_suffix(pattern: str) -> str:
-    """``pattern`` with a literal suffix of its last part matching in any case (``*.bmp`` -> ``*.[bB][mM][pP]``),
-    as cameras and Windows tools write ``.BMP`` and ``.PNG``; a suffix with wildcards is left as it is."""
-    head, sep, last = pattern.replace(os.sep, "/").rpartition("/")
-    found = re.fullmatch(r"(.*\.)([A-Za-z0-9]+)", last)
-    if not found:
-        return pattern
-    suffix = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in found[2])
-    return f"{head}{sep}{found[1]}{suffix}"
-
-
 def _glob(root: Path, pattern: str) -> list[Path]:
     """``root.glob(pattern)``, but a ``**`` also enters linked folders, as ``medseg infer`` does (each folder
     once; pathlib's ``**`` skips links, which dropped the images of a linked sub-folder without a word).
@@ -301,7 +290,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found; pass --data pointing to the images + masks folder")
-    images = sorted((p for p in _glob(root, _any_case_suffix(image_glob)) if p.is_file()
+    images = sorted((p for p in _glob(root, any_case_suffix(image_glob)) if p.is_file()
                      and p.suffix.lower() in IMAGE_SUFFIXES
                      and not p.name.startswith(".")),  # macOS "._" companions, editors' temporary files
                     key=lambda p: natural_key(p.relative_to(root).as_posix()))
@@ -323,7 +312,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         for form in (None, "NFC", "NFD"):  # a name macOS wrote decomposed (NFD) beside one written composed
             if matched:
                 break
-            matched = glob.glob(_any_case_suffix(unicodedata.normalize(form, pattern) if form else pattern))
+            matched = glob.glob(any_case_suffix(unicodedata.normalize(form, pattern) if form else pattern))
         found[image] = pattern, shown, sorted(
             Path(m) for m in matched  # as found: "images/../masks" through a linked folder is not "masks"
             if Path(m).resolve() != image.resolve() and Path(m).suffix.lower() in MASK_SUFFIXES)
@@ -335,7 +324,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
             continue
         pattern, shown, masks = found[image]
         if not masks:
-            lossy = [m for m in glob.glob(_any_case_suffix(pattern))
+            lossy = [m for m in glob.glob(any_case_suffix(pattern))
                      if Path(m).suffix.lower() in LOSSY_SUFFIXES and Path(m).resolve() != image.resolve()]
             if lossy:
                 raise lossy_mask_error(lossy[0])
@@ -479,9 +468,9 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
     for folder in folders:
         image = folder / "images" / f"{folder.name}.png"
         if not image.is_file():
-            found = sorted((folder / "images").glob("*.png")) if (folder / "images").is_dir() else []
-            pictures = [p for p in (folder / "images").iterdir()
-                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES] if (folder / "images").is_dir() else []
+            pictures = [p for p in (folder / "images").iterdir() if p.is_file() and not p.name.startswith(".")
+                        and p.suffix.lower() in IMAGE_SUFFIXES] if (folder / "images").is_dir() else []
+            found = sorted(p for p in pictures if p.suffix.lower() == ".png")  # x.PNG too
             if len(pictures) > 1 and (folder / "masks").is_dir():
                 train = next((f for f in folders if f.name.lower() == "train"), folder)
                 raise DataError(f"{folder}: images/ holds {len(pictures)} images, not one DSB sample's; for images "

@@ -46,8 +46,20 @@ def natural_key(text: str) -> tuple:
     return tuple(int(t) if k % 2 else t for k, t in enumerate(re.split(r"(\d+)", text))), text
 
 
+def any_case_suffix(pattern: str) -> str:
+    """``pattern`` with a literal suffix of its last part matching in any case (``*.bmp`` -> ``*.[bB][mM][pP]``),
+    as cameras and Windows tools write ``.BMP`` and ``.PNG``; a suffix with wildcards is left as it is."""
+    head, sep, last = pattern.replace(os.sep, "/").rpartition("/")
+    found = re.fullmatch(r"(.*\.)([A-Za-z0-9]+)", last)
+    if not found:
+        return pattern
+    suffix = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in found[2])
+    return f"{head}{sep}{found[1]}{suffix}"
+
+
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
     name = PurePosixPath(rel).name
+    patterns = [any_case_suffix(p) for p in patterns]  # '*.bmp' takes 003.BMP, as training's image_glob does
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
@@ -169,7 +181,7 @@ def discover(
         supported = ", ".join(sorted(set(SUFFIXES)))
         if filtered:  # the filters, not the folder, left nothing (e.g. --include '*.PNG' for .png files)
             raise DataError(f"{root}: no images to segment: --include / --exclude left out all {filtered} files; "
-                            "check the patterns (they match case as written)")
+                            "check the patterns (they match case as written, but for a file suffix)")
         extra = f" ({len(ignored)} files of other types ignored)" if ignored else ""
         raise DataError(f"{root}: no images to segment{extra}; supported: {supported} and DICOM series folders")
     inputs.sort(key=lambda item: natural_key(item.rel))

@@ -2986,7 +2986,7 @@ def test_missing_folders_and_filters_that_leave_nothing_say_so(trained, tmp_path
     result = _invoke("infer", BUNDLE, trained["data"], tmp_path / "out", "--checkpoint", tmp_path / "none.pt")
     _assert_one_line_error(result, "none.pt: checkpoint not found; give --checkpoint the model.pt of a training")
     result = _invoke("infer", BUNDLE, trained["data"] / "train" / "image", tmp_path / "out", "--checkpoint",
-                     trained["out"] / "model.pt", "--include", "*.PNG", "--no-progress", *_tiny_args(TINY_NET))
+                     trained["out"] / "model.pt", "--include", "*.tif", "--no-progress", *_tiny_args(TINY_NET))
     _assert_one_line_error(result, "no images to segment: --include / --exclude left out all 4 files")
 
 

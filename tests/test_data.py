@@ -316,6 +316,18 @@ def test_hidden_files_are_read_only_when_an_include_names_them(tmp_path):
     assert [i.rel for i in discover(tmp_path, include=["*.png"])[0]] == ["a"]  # '*' does not name hidden files
 
 
+def test_include_and_exclude_take_a_file_suffix_in_any_case(tmp_path):
+    # --include '*.bmp' (the jurkat demo's own) left A.BMP out without a word, though training's image_glob
+    # '**/*.bmp' had trained on it
+    from medseg.discovery import discover
+
+    for name in ("A.BMP", "b.bmp", "c.png", "D.PNG"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name, format="PNG")
+    assert [i.rel for i in discover(tmp_path, include=["*.bmp"])[0]] == ["A", "b"]
+    assert [i.rel for i in discover(tmp_path, exclude=["*.png"])[0]] == ["A", "b"]
+    assert [i.rel for i in discover(tmp_path, include=["A.*"])[0]] == ["A"]  # the rest of a name: as written
+
+
 def test_recorded_samples_are_those_a_split_record_names(tmp_path, caplog):
     from medseg.data import recorded_samples
 

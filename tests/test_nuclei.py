@@ -110,6 +110,12 @@ def test_dsb_image_with_another_name_is_accepted(dsb_folder):
     (images / "a2.png").rename(images / "other.png")
     sample = next(s for s in find_dsb_samples(dsb_folder) if s["name"] == "a2")
     assert Path(sample["image"]).name == "other.png"
+    # a suffix in capitals (saved so on Windows or macOS), beside a macOS "._" companion: the image, not an
+    # error that says no image is there
+    (images / "other.png").rename(images / "a2.PNG")
+    (images / "._a2.PNG").write_bytes(b"\0" * 64)
+    sample = next(s for s in find_dsb_samples(dsb_folder) if s["name"] == "a2")
+    assert Path(sample["image"]).name == "a2.PNG"
 
 
 def test_dsb_errors_name_the_sample(dsb_folder, tmp_path):
