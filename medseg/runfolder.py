@@ -161,7 +161,7 @@ def recorded_run(out: Path) -> dict[str, dict]:
 _CALL_SETTINGS = ("dataset_dir", "output_dir", "bundle_root", "device", "amp", "max_epochs", "val_at_start")
 
 
-def _given_now(overrides: dict, overlays: Sequence[Any], parts_of_set: bool = True) -> Callable[[str], bool]:
+def given_by(overrides: dict, overlays: Sequence[Any], parts_of_set: bool = True) -> Callable[[str], bool]:
     """Whether this call's ``--set`` or overlays give an id: the id itself, what holds it, or (with
     ``parts_of_set``) a part of it; without, a part given is applied over the id's value (see
     :func:`medseg.bundle.load_config`). MONAI's ``::`` separator counts as ``#``; an overlay's ``+id`` mapping
@@ -194,7 +194,7 @@ def _given_now(overrides: dict, overlays: Sequence[Any], parts_of_set: bool = Tr
 def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
     """A resumed run keeps the values it was trained with (from its overlays and ``--set``) where this call does
     not give them: a value of the run's ``config.json`` that differs from the bundle's is put back, and said."""
-    given_now = _given_now(overrides, overlays)
+    given_now = given_by(overrides, overlays)
     changed = {k: v for k, v in _plain_differences(config, parser.get()).items()
                if not given_now(k) and k.split("#")[0] not in _CALL_SETTINGS}
     for key, value in changed.items():
@@ -287,7 +287,7 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     except BundleError:  # a bundle that only infers: its inference config is what a training would change
         shipped = default_config(bundle, "infer")
     inference = default_config(bundle, "infer")
-    given_now = _given_now(overrides, overlays, parts_of_set=False)
+    given_now = given_by(overrides, overlays, parts_of_set=False)
     changes = [{key: value for key, value in _recorded_changes(record, shipped).items()
                 if key.split("#")[0] in inference and key.split("#")[0] not in _NOT_TAKEN and not given_now(key)}
                if record is not None else {} for *_, record in members]

@@ -265,6 +265,28 @@ def _recorded_split(checkpoints: list[str]) -> dict | None:
     return splits[found[0]]
 
 
+#: The ids by which the bundles draw their split (:mod:`medseg.data`): redrawn as the training drew it when no
+#: split record went along with its weights
+SPLIT_IDS = ("seed", "val_fraction", "val_count")
+
+
+def _training_split_settings(checkpoints: list[str], parser: Any, given: Callable[[str], bool]) -> dict[str, Any]:
+    """The values of :data:`SPLIT_IDS` that the training of ``checkpoints`` recorded in its ``config.json``,
+    where this config has the id and the command does not give it (``given``: by ``--set`` or an overlay); none
+    when a record is missing, unreadable, or the members of an ensemble differ."""
+    found = []
+    for checkpoint in dict.fromkeys(map(str, checkpoints)):
+        try:
+            record = json.loads(runfolder.run_file(checkpoint, "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(record, dict):
+            return {}
+        found.append({k: record[k] for k in SPLIT_IDS if k in record and k in parser and not given(k)
+                      and isinstance(record[k], (int, float)) and not isinstance(record[k], bool)})
+    return found[0] if found and all(f == found[0] for f in found) else {}
+
+
 def _recorded_split_path(checkpoints: list[str]) -> Path:
     return next((p for p in (runfolder.run_file(c, "split.json") for c in checkpoints) if p.is_file()),
                 Path(checkpoints[0]).parent / "split.json")
@@ -716,6 +738,7 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
     check_report_folder(output_dir, same, overwrite)
     trained.say(checkpoints)
     record = _recorded_split(checkpoints) if split != "all" and "val_count" not in overrides else None
+    split_from = "the settings given"
     if record is not None:
         # score the validation (or training) samples of the run that produced the checkpoint, by their names:
         # in a copy of the data at another path too, and never a sample the run trained on in their stead
@@ -761,10 +784,17 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
     elif split != "all" and "val_count" in overrides:
         _warn_if_trained_on(checkpoints, parser, split)
     elif split != "all":
+        drawn = _training_split_settings(checkpoints, parser, runfolder.given_by(overrides, overlays))
+        for key, value in drawn.items():
+            parser[key] = value
+        given = "the split settings its config.json records (" + ", ".join(
+            f"{k} {v}" for k, v in drawn.items()) + ")" if drawn else "the settings given"
         logging.getLogger(__name__).warning(
-            "%s: no split record beside the checkpoint, so the %s images are drawn from the settings given, "
-            "which are the training's only if it used the same settings and data; put the run's split.json "
-            "beside the checkpoint, or pass --split all", _recorded_split_path(checkpoints), split)
+            "%s: no split record beside the checkpoint, so the %s images are drawn again with %s, which give the "
+            "training's split only if the data is the same; put the run's split.json beside the checkpoint, or "
+            "pass --split all", _recorded_split_path(checkpoints), split, given)
+        if drawn:
+            split_from = f"drawn with the training's {', '.join(drawn)} (config.json)"
     # the weights loaded above are scored (a CheckpointLoader would read the file again at the start, and a
     # training still running into the folder may have replaced it by then) and their digests recorded
     parser["network_def"] = network
@@ -785,7 +815,7 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
         "data_dir": same["data_dir"],
         "split": split,
         "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
-                       else "all images" if split == "all" else "the settings given"),
+                       else "all images" if split == "all" else split_from),
         "tta": same["tta"],
         "overrides": dict(overrides),
         **({"from_training": trained.values} if trained.values else {}),

@@ -727,6 +727,37 @@ def test_cli_evaluate_without_a_split_record_warns(trained, tmp_path, caplog):
                for r in caplog.records)
 
 
+def test_cli_evaluate_without_a_split_record_draws_the_split_as_the_training_did(tmp_path, caplog):
+    # model.pt and config.json handed over without split.json: the split was drawn with the bundle's seed and
+    # val_fraction, not the training's, and scored training images as validation ones under a warning that
+    # read as if the training's settings were used
+    data = write_jurkat_folder(tmp_path / "data", layout=[("set_a", (72, 72))] * 10)
+    run = tmp_path / "run"
+    args = ("--no-progress", "--device", "cpu", "--no-tracking", *_sets(JURKAT_TINY_NET))
+    result = _invoke("train", JURKAT, "--data", data, "--output", run, "--epochs", 1,
+                     "-s", "seed=3", "-s", "val_fraction=0.3", *args)
+    assert result.exit_code == 0, result.output
+    val = json.loads((run / "split.json").read_text())["val"]
+    (run / "split.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
+                         tmp_path / "eval", *args)
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == val
+    (said,) = [r.getMessage() for r in caplog.records if "no split record" in r.getMessage()]
+    assert "drawn again with the split settings its config.json records (seed 3, val_fraction 0.3)" in said
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["run"]["split_from"] == "drawn with the training's seed, val_fraction (config.json)"
+    # a value given now wins
+    result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
+                     tmp_path / "eval_0", "-s", "seed=0", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval_0" / "summary.json").read_text())["run"]["split_from"] == \
+        "drawn with the training's val_fraction (config.json)"
+
+
 def test_cli_infer_refuses_dicom_seg_before_making_the_output_folder(trained, tmp_path):
     result = _invoke("infer", JURKAT, trained["data"] / "set_b", tmp_path / "o", "--checkpoint",
                      trained["out"] / "model.pt", "--format", "dicom-seg", "--no-progress", "--device", "cpu",
