@@ -489,8 +489,12 @@ def _layout_hint(root: Path) -> str:
     """What to do when ``root`` holds no DSB samples, from what it does hold."""
     kaggle = "; expected {id}/images/{id}.png and {id}/masks/*.png"
     if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
-        return (f"{kaggle}, or for images with instance label images the folder holding images/ and masks/: "
-                f"pass --data {root.parent} (or set image_glob and mask_template)")
+        if (root.parent / "masks").is_dir() and root.name != "masks":  # the images/ of an images/ + masks/ pair
+            return (f"{kaggle}, or for images with instance label images the folder holding {root.name}/ and "
+                    f"masks/: pass --data {root.parent}")
+        return (f"{kaggle}; for images with their instance label images in this folder set image_glob and "
+                "mask_template, e.g. for Cellpose's 000_img.png + 000_masks.png -s 'image_glob=*_img.png' "
+                "-s 'mask_template={match}_masks.png'")
     if (root / "images").is_dir() and (root / "masks").is_dir():
         return f"{kaggle}; images/ and masks/ are here: read them as images with label images, --set layout=folders"
     if (root / "images").is_dir():

@@ -80,8 +80,11 @@ def portable_config(config: dict, device: Any) -> dict:
 
 def _check_data_dir(data_dir: str) -> None:
     if Path(data_dir).is_file():
-        raise DataError(f"{data_dir}: a file, not a folder; pass --data {Path(data_dir).parent}, the folder that "
-                        "holds it")
+        folder = Path(data_dir).parent
+        if folder.name.lower() in ("image", "images"):  # the images of an image/ + label/ (images/ + masks/) pair
+            raise DataError(f"{data_dir}: a file, not a folder; pass --data {folder.parent}, the folder that holds "
+                            f"{folder.name}/ and its labels")
+        raise DataError(f"{data_dir}: a file, not a folder; pass --data {folder}, the folder that holds it")
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass --data pointing to the labelled data")
 

@@ -1970,9 +1970,15 @@ def test_an_empty_argument_is_refused_before_it_becomes_the_current_folder(train
 
 
 def test_evaluate_data_given_as_a_file_names_its_folder(trained, tmp_path):
+    # an image of image/ + label/ (images/ + masks/): the folder holding both, not image/, which holds no labels
     png = trained["data"] / "train" / "image" / "0.png"
     result = _invoke("evaluate", BUNDLE, "--data", png, "--checkpoint", trained["out"] / "model.pt")
-    _assert_one_line_error(result, f"{png}: a file, not a folder; pass --data {png.parent}")
+    _assert_one_line_error(result, f"{png}: a file, not a folder; pass --data {png.parent.parent}, the folder that "
+                                   "holds image/ and its labels")
+    loose = tmp_path / "0.png"
+    shutil.copyfile(png, loose)
+    result = _invoke("evaluate", BUNDLE, "--data", loose, "--checkpoint", trained["out"] / "model.pt")
+    _assert_one_line_error(result, f"{loose}: a file, not a folder; pass --data {tmp_path}, the folder that holds it")
 
 
 def test_evaluate_scores_a_blank_slice_without_a_warning(trained, tmp_path):

@@ -949,8 +949,16 @@ def test_data_folder_mistakes_get_the_fix_named(tmp_path):
                                         r"train on, e.g. --data .*d/train$"):
         instance_split(tmp_path / "d")
     # the images folder itself
-    with pytest.raises(DataError, match=r"images: no DSB samples found; .* pass --data .*d/train "):
+    with pytest.raises(DataError, match=r"images: no DSB samples found; .* pass --data .*d/train$"):
         instance_split(tmp_path / "d" / "train" / "images")
+    # a flat folder of images and their label images (Cellpose's): not its parent, but the settings that read it
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in (tmp_path / "d" / "train" / "images").iterdir():
+        shutil.copyfile(image, flat / f"{image.stem}_img.png")
+    with pytest.raises(DataError, match=r"flat: no DSB samples found; .* set image_glob and mask_template, e\.g\. "
+                                        r"for Cellpose's .* -s 'mask_template=\{match\}_masks\.png'$"):
+        instance_split(flat)
     # the labels folder under another name
     (tmp_path / "d" / "train" / "masks").rename(tmp_path / "d" / "train" / "mask")
     with pytest.raises(DataError, match=r"train: no DSB samples found; .* put the labels in masks/ beside it "
