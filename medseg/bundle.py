@@ -470,13 +470,19 @@ def check_batch_size(parser: Any) -> None:
 
 
 def _unknown_key_message(parser: Any, key: str, bundle: str | os.PathLike) -> str:
-    parent, _, leaf = key.rpartition("#")
-    if parent and parent not in parser:  # no such parent: the leaf's near names among the top-level ids
-        parent = ""
+    """The error for ``key``, which ``parser`` lacks, with the ids it may have meant: the near names of its first
+    missing part (``netwrk_def#channels``: ``network_def#channels``), else of its last part where the first
+    missing one holds it (``dataloader#num_workers``: ``num_workers``)."""
+    parts = key.split("#")
+    depth = max((i for i in range(len(parts)) if i == 0 or "#".join(parts[:i]) in parser), default=0)
+    parent = "#".join(parts[:depth])
     scope = parser[parent] if parent else parser.get()
-    options = [k for k in scope if not str(k).startswith("_")] if isinstance(scope, dict) else []
-    close = difflib.get_close_matches(leaf, [str(o) for o in options], n=3)
-    hint = f"did you mean {', '.join((parent + '#' if parent else '') + c for c in close)}?" if close else (
+    options = [str(k) for k in scope if not str(k).startswith("_")] if isinstance(scope, dict) else []
+    ids = ["#".join([*parts[:depth], c, *parts[depth + 1:]]) for c in difflib.get_close_matches(parts[depth], options)]
+    close = [i for i in ids if i in parser]
+    if not close and len(parts) > depth + 1:  # the missing part holds the rest: the last part's near names here
+        close = ["#".join([*parts[:depth], c]) for c in difflib.get_close_matches(parts[-1], options)]
+    hint = f"did you mean {', '.join(close[:3])}?" if close else (
         f"it is not an id of this command's config; nested keys are joined by '#', e.g. {_nested_example(parser)}")
     return f"unknown config key '{key}' for bundle {bundle}; {hint}"
 

@@ -489,9 +489,10 @@ def _layout_hint(root: Path) -> str:
     """What to do when ``root`` holds no DSB samples, from what it does hold."""
     kaggle = "; expected {id}/images/{id}.png and {id}/masks/*.png"
     if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
-        if (root.parent / "masks").is_dir() and root.name != "masks":  # the images/ of an images/ + masks/ pair
-            return (f"{kaggle}, or for images with instance label images the folder holding {root.name}/ and "
-                    f"masks/: pass --data {root.parent}")
+        if root.name.lower() in ("images", "masks") and (root.parent / "images").is_dir() and \
+                (root.parent / "masks").is_dir():  # one folder of an images/ + masks/ pair
+            return (f"{kaggle}, or for images with instance label images the folder holding images/ and masks/: "
+                    f"pass --data {root.parent}")
         return (f"{kaggle}; for images with their instance label images in this folder set image_glob and "
                 "mask_template, e.g. for Cellpose's 000_img.png + 000_masks.png -s 'image_glob=*_img.png' "
                 "-s 'mask_template={match}_masks.png'")

@@ -47,19 +47,21 @@ def natural_key(text: str) -> tuple:
 
 
 def any_case_suffix(pattern: str) -> str:
-    """``pattern`` with a literal suffix of its last part matching in any case (``*.bmp`` -> ``*.[bB][mM][pP]``),
-    as cameras and Windows tools write ``.BMP`` and ``.PNG``; a suffix with wildcards is left as it is."""
+    """``pattern`` with the literal suffixes of its last part matching in any case (``*.bmp`` ->
+    ``*.[bB][mM][pP]``, ``*.nii.gz`` -> ``*.[nN][iI][iI].[gG][zZ]``), as cameras and Windows tools write ``.BMP``
+    and ``.PNG``; a suffix with wildcards is left as it is, and so is the rest of the pattern."""
     head, sep, last = pattern.replace(os.sep, "/").rpartition("/")
-    found = re.fullmatch(r"(.*\.)([A-Za-z0-9]+)", last)
-    if not found:
+    found = re.fullmatch(r"(.*?)((?:\.[A-Za-z0-9]+)+)", last)
+    if not found or any(c in found[2] for c in "*?[]"):
         return pattern
     suffix = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in found[2])
     return f"{head}{sep}{found[1]}{suffix}"
 
 
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    """Whether the relative path ``rel`` or its file name matches one of ``patterns`` (as :func:`any_case_suffix`
+    gives them)."""
     name = PurePosixPath(rel).name
-    patterns = [any_case_suffix(p) for p in patterns]  # '*.bmp' takes 003.BMP, as training's image_glob does
     return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
@@ -117,6 +119,8 @@ def discover(
     root = Path(path)
     if not root.exists():
         raise DataError(f"{root}: input not found; give a folder or an image file")
+    # '*.bmp' takes 003.BMP, '*.nii.gz' x.NII.GZ, as training's image_glob does
+    include, exclude = [any_case_suffix(p) for p in include], [any_case_suffix(p) for p in exclude]
     if skip is not None:  # outputs written over the inputs they are made from
         out, real = Path(skip).resolve(), root.resolve()
         for name in OUTPUT_PARTS[:3]:
@@ -179,7 +183,7 @@ def discover(
         ignored += not_images
     if not inputs:
         supported = ", ".join(sorted(set(SUFFIXES)))
-        if filtered:  # the filters, not the folder, left nothing (e.g. --include '*.PNG' for .png files)
+        if filtered:  # the filters, not the folder, left nothing (e.g. --include '*.tif' for PNG files)
             raise DataError(f"{root}: no images to segment: --include / --exclude left out all {filtered} files; "
                             "check the patterns (they match case as written, but for a file suffix)")
         extra = f" ({len(ignored)} files of other types ignored)" if ignored else ""

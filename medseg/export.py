@@ -97,8 +97,11 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         # an exported bundle's configs hold its training's settings already: its words about them carry over
         earlier = _earlier_export(bundle, digest)
         best = _best_validation(checkpoint) or earlier.best
-        picked = settings.get("input_channels") if isinstance(settings.get("input_channels"), list) else None
-        about = _Export(bundle, digest, {**earlier.settings, **settings}, best, split.is_file(), picked)
+        picked = parser.get_parsed_content("input_channels") if "input_channels" in settings else None
+        kept = {k: v for k, v in earlier.settings.items()  # less what this training changed, whole or in part
+                if not any(k == n or k.startswith(f"{n}#") or n.startswith(f"{k}#") for n in settings)}
+        about = _Export(bundle, digest, {**kept, **settings}, best, split.is_file(),
+                        picked if isinstance(picked, list) else None, "input_channels" in earlier.settings)
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
         scripted = torchscript and _write_torchscript(network, part, out)
@@ -126,8 +129,9 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
 class _Export(NamedTuple):
     """What the export's metadata and docs say of it: its source bundle, the weights' digest, the settings the
     training changed from the bundle's (id -> value; from an exported bundle's, those its export had changed
-    too), its best validation (``(metric, value, epoch)``, or ``None``), whether its split went along, and the
-    image channels the network takes where this training picked them (``input_channels``)."""
+    too), its best validation (``(metric, value, epoch)``, or ``None``), whether its split went along, the
+    image channels the network takes where this training picked them (``input_channels``), and whether the
+    source's metadata names an earlier training's picks rather than the image's channels."""
 
     bundle: Path
     sha256: str
@@ -135,6 +139,7 @@ class _Export(NamedTuple):
     best: tuple[str, float, Any] | None
     has_split: bool
     picked: list | None = None
+    repicked: bool = False
 
 
 class _Earlier(NamedTuple):
@@ -199,14 +204,12 @@ def _write_metadata(source: Path, path: Path, parser: Any, about: _Export) -> bo
     formats = meta.get("network_data_format") if isinstance(meta.get("network_data_format"), dict) else {}
     names = about.settings.get("class_names")
     described = False
-    earlier = meta.get("exported_from") if isinstance(meta.get("exported_from"), dict) else {}
-    repicked = "input_channels" in (earlier.get("settings") or {})  # its channel_def names those picks
     for side, key in (("inputs", "in_channels"), ("outputs", "out_channels")):
         entries = formats.get(side) if isinstance(formats.get(side), dict) else {}
         count = parser.get_parsed_content(f"network_def#{key}") if f"network_def#{key}" in parser else None
         for entry in list(entries.values())[:1]:  # the network's one input and output
             if isinstance(entry, dict) and isinstance(count, int):
-                labels = _picked_names(entry, about.picked, repicked) if side == "inputs" else names
+                labels = _picked_names(entry, about.picked, about.repicked) if side == "inputs" else names
                 _describe_channels(entry, count, labels if isinstance(labels, list) else None)
                 described = True
     meta["eval_metrics"] = {about.best[0]: round(about.best[1], 4)} if about.best else {}

@@ -159,10 +159,13 @@ def write_tiff(path: str | os.PathLike, arr: np.ndarray, spacing: tuple[float, .
 #: Micrometres per unit of the spacing units medseg's readers report (and ImageJ's words for them)
 _MICRONS = {"nm": 1e-3, "um": 1.0, "micron": 1.0, "mm": 1000.0, "meter": 1e6, "m": 1e6}
 
-#: OME's symbols of the time units medseg's readers report (ImageJ's ``tunit`` words, OME's own without µ)
-_OME_TIME = {"sec": "s", "s": "s", "second": "s", "seconds": "s", "ms": "ms", "msec": "ms", "us": "µs",
-             "usec": "µs", "ns": "ns", "min": "min", "minute": "min", "minutes": "min", "h": "h", "hr": "h",
-             "hour": "h", "hours": "h", "d": "d"}
+#: The time units medseg's readers report (ImageJ's ``tunit`` words, OME's symbols without µ): seconds per unit,
+#: for a NIfTI time step, and OME's symbol
+_TIME_UNITS = {"sec": (1.0, "s"), "s": (1.0, "s"), "second": (1.0, "s"), "seconds": (1.0, "s"),
+               "ms": (1e-3, "ms"), "msec": (1e-3, "ms"), "us": (1e-6, "µs"), "usec": (1e-6, "µs"),
+               "ns": (1e-9, "ns"), "min": (60.0, "min"), "minute": (60.0, "min"), "minutes": (60.0, "min"),
+               "h": (3600.0, "h"), "hr": (3600.0, "h"), "hour": (3600.0, "h"), "hours": (3600.0, "h"),
+               "d": (86400.0, "d"), "day": (86400.0, "d"), "days": (86400.0, "d")}
 
 
 def ome_description(dtype: Any, plane: tuple[int, ...], spacing: tuple[float, ...] | None, unit: str,
@@ -172,11 +175,14 @@ def ome_description(dtype: Any, plane: tuple[int, ...], spacing: tuple[float, ..
     slices' axes with their sizes, outermost first, e.g. ``(("T", 5), ("Z", 12))``) of ``plane``-sized images
     of ``dtype`` an OME-TIFF: its axes in any order, the pixel size in micrometres (``spacing`` ``(y, x)`` or
     ``(z, y, x)`` in ``unit``; none when uncalibrated) and the time step; ``None`` when OME cannot state the
-    layout."""
+    layout: axes other than Z and T (positions, a ``Q`` of several series), which OME would hold as time
+    points or channels."""
     import tifffile
 
     lead = tuple(lead or ())
     axes = "".join(a for a, _ in lead) + "YX"
+    if not set(axes[:-2]) <= {"Z", "T"} or len(set(axes[:-2])) < len(axes[:-2]):
+        return None
     shape = (*(int(n) for _, n in lead), *(int(n) for n in plane[-2:]))
     pages = int(np.prod(shape[:-2], dtype=np.int64))
     metadata: dict[str, Any] = {}
@@ -186,14 +192,11 @@ def ome_description(dtype: Any, plane: tuple[int, ...], spacing: tuple[float, ..
                         PhysicalSizeX=float(spacing[-1]) * factor, PhysicalSizeXUnit="µm")
         if len(spacing) == 3 and "Z" in axes:
             metadata.update(PhysicalSizeZ=float(spacing[0]) * factor, PhysicalSizeZUnit="µm")
-    time_unit = _OME_TIME.get(str(frame_interval[1]).lower()) if frame_interval else None
+    time_unit = _TIME_UNITS.get(str(frame_interval[1]).lower()) if frame_interval else None
     if time_unit and "T" in axes:
-        metadata.update(TimeIncrement=float(frame_interval[0]), TimeIncrementUnit=time_unit)
+        metadata.update(TimeIncrement=float(frame_interval[0]), TimeIncrementUnit=time_unit[1])
     ome = tifffile.OmeXml()
-    try:
-        ome.addimage(np.dtype(dtype), shape, (pages, 1, 1, *shape[-2:], 1), axes=axes, **metadata)
-    except (tifffile.OmeXmlError, ValueError):  # axes OME has no name for
-        return None
+    ome.addimage(np.dtype(dtype), shape, (pages, 1, 1, *shape[-2:], 1), axes=axes, **metadata)
     return ome.tostring().encode("utf-8")
 
 
@@ -245,12 +248,6 @@ def tiff_calibration(spacing: tuple[float, ...] | None, unit: str, pages: int = 
 NIFTI_UNITS = {"mm": "mm", "um": "micron", "micron": "micron", "meter": "meter", "m": "meter"}
 
 
-#: Seconds per unit of ImageJ's frame interval (``tunit``), for a NIfTI time step in seconds
-_SECONDS = {"sec": 1.0, "s": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6,
-            "usec": 1e-6, "min": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0,
-            "hour": 3600.0, "hours": 3600.0}
-
-
 def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, unit: str = "mm",
                 codes: tuple[int, int] = (1, 1), qform: np.ndarray | None = None,
                 frame_interval: tuple[float, str] | None = None) -> Path:
@@ -272,7 +269,7 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
     # NIfTI-1 holds each dimension in 16 bits: a longer one (a 35,000-pixel line scan) needs NIfTI-2
     kind = nib.Nifti2Image if max(arr.shape, default=0) > 32767 else nib.Nifti1Image
     image = kind(arr, np.asarray(affine, dtype=np.float64))
-    seconds = _SECONDS.get(str(frame_interval[1]).lower()) if frame_interval else None
+    seconds = _TIME_UNITS.get(str(frame_interval[1]).lower(), (None,))[0] if frame_interval else None
     image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"), "sec" if seconds and arr.ndim == 4 else None)
     if arr.ndim == 4:
         zooms = image.header.get_zooms()

@@ -81,9 +81,14 @@ def portable_config(config: dict, device: Any) -> dict:
 def _check_data_dir(data_dir: str) -> None:
     if Path(data_dir).is_file():
         folder = Path(data_dir).parent
-        if folder.name.lower() in ("image", "images"):  # the images of an image/ + label/ (images/ + masks/) pair
+        if folder.name.lower() in ("image", "images") and folder.parent.name == Path(data_dir).stem:
+            raise DataError(f"{data_dir}: a file, not a folder; pass --data {folder.parent.parent}, the folder of "
+                            "DSB samples that holds its sample")
+        labels = [p.name for p in folder.parent.iterdir() if p.is_dir() and p.name.lower() in
+                  ("label", "labels", "mask", "masks")] if folder.name.lower() in ("image", "images") else []
+        if labels:  # the images of an image/ + label/ (images/ + masks/) pair
             raise DataError(f"{data_dir}: a file, not a folder; pass --data {folder.parent}, the folder that holds "
-                            f"{folder.name}/ and its labels")
+                            f"{folder.name}/ and {sorted(labels)[0]}/")
         raise DataError(f"{data_dir}: a file, not a folder; pass --data {folder}, the folder that holds it")
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass --data pointing to the labelled data")
@@ -275,8 +280,10 @@ SPLIT_IDS = ("seed", "val_fraction", "val_count")
 
 def _training_split_settings(checkpoints: list[str], parser: Any, given: Callable[[str], bool]) -> dict[str, Any]:
     """The values of :data:`SPLIT_IDS` that the training of ``checkpoints`` recorded in its ``config.json``,
-    where this config has the id and the command does not give it (``given``: by ``--set`` or an overlay); none
-    when a record is missing, unreadable, or the members of an ensemble differ."""
+    where the config's ``datalists`` draws with the id (isbi_em's ``seed`` is its training's only) and the
+    command does not give it (``given``: by ``--set`` or an overlay); none when a record is missing, unreadable,
+    or the members of an ensemble differ."""
+    drawing = json.dumps(parser.get("datalists", {}), default=str)
     found = []
     for checkpoint in dict.fromkeys(map(str, checkpoints)):
         try:
@@ -285,7 +292,7 @@ def _training_split_settings(checkpoints: list[str], parser: Any, given: Callabl
             return {}
         if not isinstance(record, dict):
             return {}
-        found.append({k: record[k] for k in SPLIT_IDS if k in record and k in parser and not given(k)
+        found.append({k: record[k] for k in SPLIT_IDS if k in record and re.search(rf"@{k}\b", drawing) and not given(k)
                       and isinstance(record[k], (int, float)) and not isinstance(record[k], bool)})
     return found[0] if found and all(f == found[0] for f in found) else {}
 

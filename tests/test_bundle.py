@@ -143,6 +143,8 @@ def test_overrides_must_name_existing_keys():
         load_config(BUNDLE, "train", overrides={"dataloader#num_workers": 2})
     with pytest.raises(BundleError, match=r"did you mean network_def#channels, "):
         load_config(BUNDLE, "train", overrides={"network_def#chanels": [4, 8]})
+    with pytest.raises(BundleError, match=r"did you mean network_def#channels\?$"):  # the parent misspelt
+        load_config(BUNDLE, "train", overrides={"netwrk_def#channels": [4, 8]})
     with pytest.raises(BundleError, match="bundle folder not found"):
         load_config(REPO / "bundles" / "nope", "train")
     assert parse_override("a#b=[1, 2]") == ("a#b", [1, 2])

@@ -1626,6 +1626,13 @@ def test_an_export_names_the_image_channels_its_training_picked(trained, tmp_pat
     assert _invoke("export", tmp_path / "out", run / "model.pt", tmp_path / "again").exit_code == 0
     again = json.loads((tmp_path / "again" / "configs" / "metadata.json").read_text())
     assert again["network_data_format"]["inputs"] == picked["network_data_format"]["inputs"]
+    # a training that started from that export and picked another channel: its metadata names the picks of the
+    # earlier training (B), not the image's channels, so the channel goes by its number
+    (run / "config.json").write_text(json.dumps({**record, "input_channels": [0]}))
+    assert _invoke("export", tmp_path / "out", run / "model.pt", tmp_path / "repicked").exit_code == 0
+    repicked = json.loads((tmp_path / "repicked" / "configs" / "metadata.json").read_text())
+    assert repicked["network_data_format"]["inputs"]["image"]["channel_def"] == {"0": "channel 0 of the image"}
+    assert repicked["exported_from"]["settings"]["input_channels"] == [0]
     (run / "config.json").write_text(json.dumps({**record, "input_channels": [1]}))
     assert _invoke("export", BUNDLE, run / "model.pt", tmp_path / "gray").exit_code == 0
     gray = json.loads((tmp_path / "gray" / "configs" / "metadata.json").read_text())
@@ -1974,7 +1981,7 @@ def test_evaluate_data_given_as_a_file_names_its_folder(trained, tmp_path):
     png = trained["data"] / "train" / "image" / "0.png"
     result = _invoke("evaluate", BUNDLE, "--data", png, "--checkpoint", trained["out"] / "model.pt")
     _assert_one_line_error(result, f"{png}: a file, not a folder; pass --data {png.parent.parent}, the folder that "
-                                   "holds image/ and its labels")
+                                   "holds image/ and label/")
     loose = tmp_path / "0.png"
     shutil.copyfile(png, loose)
     result = _invoke("evaluate", BUNDLE, "--data", loose, "--checkpoint", trained["out"] / "model.pt")

@@ -319,12 +319,16 @@ def test_hidden_files_are_read_only_when_an_include_names_them(tmp_path):
 def test_include_and_exclude_take_a_file_suffix_in_any_case(tmp_path):
     # --include '*.bmp' (the jurkat demo's own) left A.BMP out without a word, though training's image_glob
     # '**/*.bmp' had trained on it
+    import nibabel as nib
+
     from medseg.discovery import discover
 
     for name in ("A.BMP", "b.bmp", "c.png", "D.PNG"):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name, format="PNG")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), tmp_path / "v.NII.GZ")
     assert [i.rel for i in discover(tmp_path, include=["*.bmp"])[0]] == ["A", "b"]
-    assert [i.rel for i in discover(tmp_path, exclude=["*.png"])[0]] == ["A", "b"]
+    assert [i.rel for i in discover(tmp_path, exclude=["*.png", "*.nii.gz"])[0]] == ["A", "b"]
+    assert [i.rel for i in discover(tmp_path, include=["*.nii.gz"])[0]] == ["v"]  # both suffixes
     assert [i.rel for i in discover(tmp_path, include=["A.*"])[0]] == ["A"]  # the rest of a name: as written
 
 

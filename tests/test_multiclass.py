@@ -756,6 +756,9 @@ def test_cli_evaluate_without_a_split_record_draws_the_split_as_the_training_did
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval_0" / "summary.json").read_text())["run"]["split_from"] == \
         "drawn with the training's val_fraction (config.json)"
+    with open(tmp_path / "eval_0" / "metrics.csv", newline="") as fh:
+        names = [r["name"] for r in csv.DictReader(fh)]
+    assert len(names) == 3 and names != val  # 30 % of 10 with another seed
 
 
 def test_cli_infer_refuses_dicom_seg_before_making_the_output_folder(trained, tmp_path):

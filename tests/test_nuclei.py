@@ -951,6 +951,8 @@ def test_data_folder_mistakes_get_the_fix_named(tmp_path):
     # the images folder itself
     with pytest.raises(DataError, match=r"images: no DSB samples found; .* pass --data .*d/train$"):
         instance_split(tmp_path / "d" / "train" / "images")
+    with pytest.raises(DataError, match=r"masks: no DSB samples found; .* pass --data .*d/train$"):
+        instance_split(tmp_path / "d" / "train" / "masks")
     # a flat folder of images and their label images (Cellpose's): not its parent, but the settings that read it
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -1192,3 +1194,9 @@ def test_one_kaggle_sample_given_as_the_data_names_the_folder_of_samples(dsb_fol
     assert result.output.strip() == (f"error: {sample}: one sample of the Kaggle DSB layout (images/a1.png + "
                                      f"masks/*); pass --data {dsb_folder / 'stage1_train'}, the folder that holds "
                                      "the samples")
+    # its image given as the data: the folder of samples too, not the sample (one folder of images/ + masks/)
+    image = sample / "images" / "a1.png"
+    result = CliRunner().invoke(app, ["train", str(NUCLEI), "--data", str(image), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: {image}: a file, not a folder; pass --data {dsb_folder / 'stage1_train'}"
+                                     ", the folder of DSB samples that holds its sample")

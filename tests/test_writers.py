@@ -202,6 +202,8 @@ def test_ome_xml_states_only_what_it_is_given(tmp_path):
     with tifffile.TiffFile(tmp_path / "a.ome.tif") as tif:
         assert tif.is_ome and tif.series[0].axes == "YX" and "PhysicalSize" not in tif.ome_metadata
     assert ome_description(np.uint8, (4, 5), (2.0, 1.0, 1.0), "um", lead=(("I", 2),)) is None
+    # positions (Q: several series of one file) would be held as time points or channels by OME: not stated
+    assert ome_description(np.uint8, (4, 5), (2.0, 1.0, 1.0), "um", lead=(("T", 3), ("Q", 2))) is None
     # a time step in a unit OME does not know is left out; the pixel size in mm is written in µm
     xml = ome_description(np.uint8, (4, 5), (2.0, 0.5, 0.25), "mm", lead=(("T", 3),), frame_interval=(2.0, "fortnight"))
     assert 'PhysicalSizeX="250.0"' in xml.decode() and "TimeIncrement" not in xml.decode()
