@@ -12,15 +12,13 @@ import os
 import random
 import re
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
 
 from medseg.discovery import any_case_suffix, natural_key
 from medseg.errors import ConfigValueError, DataError, brief
 from medseg.io import atomic_output
 from medseg.readers import LOSSY_SUFFIXES, count_slices, lossy_mask_error, open_picture
-
-#: Image types accepted as training data (2D slices and TIFF stacks).
-SUPPORTED_SUFFIXES = (".png", ".tif", ".tiff")
 
 #: Mask types accepted by the image + mask folder layout (read by :mod:`medseg.readers`): lossless only.
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -33,7 +31,20 @@ IMAGE_SUFFIXES = (*MASK_SUFFIXES, ".jpg", ".jpeg")
 ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
 
 
-def _images_in(folder: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[Path]:
+def _volumes_said(files: Iterable[Path]) -> str:
+    """For an error that found no training image: the first of ``files`` that is a volume (NIfTI, DICOM), which
+    ``medseg infer`` reads but training does not, and what to do; empty when none is."""
+    from medseg.readers import SUFFIXES, suffix_of
+
+    volume = next((f for f in files if SUFFIXES.get(suffix_of(f)) in ("nifti", "dicom")), None)
+    if volume is None:
+        return ""
+    kind = "NIfTI" if SUFFIXES[suffix_of(volume)] == "nifti" else "DICOM"
+    return (f"; {volume.name} is {kind}, which training does not read (medseg infer does): save its slices and "
+            "their labels as 2D images, or for isbi_em as TIFF stacks")
+
+
+def _images_in(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """The files of ``folder`` with one of ``suffixes`` (any case), hidden ones (macOS ``._`` companions) left out."""
     return sorted(
         (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")),
@@ -100,7 +111,8 @@ def _folder_pairs(image_dir: Path, label_dir: Path) -> list[dict]:
             raise DataError(f"{pair['image']}: its sample name '{pair['name']}' is also one of {other} (a stack's "
                             "pages are named STEM_000, STEM_001, ...); rename one of them")
     if not pairs:
-        raise DataError(f"{image_dir}: no images (supported: {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+        raise DataError(f"{image_dir}: no images (supported: {', '.join(IMAGE_SUFFIXES)})"
+                        f"{_volumes_said(sorted(image_dir.iterdir()))}")
     return pairs
 
 
@@ -295,8 +307,9 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                      and not p.name.startswith(".")),  # macOS "._" companions, editors' temporary files
                     key=lambda p: natural_key(p.relative_to(root).as_posix()))
     if not images:
-        raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)}); "
-                        "set image_glob in the bundle config (--set image_glob=...)")
+        volumes = _volumes_said(sorted(p for p in _glob(root, image_glob) if p.is_file()))
+        raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)})"
+                        f"{volumes or '; set image_glob in the bundle config (--set image_glob=...)'}")
     found = {}
     for image in images:
         fields = {"stem": image.stem, "name": image.name, "match": _star_match(image.name, image_glob)}
@@ -497,7 +510,9 @@ def _layout_hint(root: Path) -> str:
                 "mask_template, e.g. for Cellpose's 000_img.png + 000_masks.png -s 'image_glob=*_img.png' "
                 "-s 'mask_template={match}_masks.png'")
     if (root / "images").is_dir() and (root / "masks").is_dir():
-        return f"{kaggle}; images/ and masks/ are here: read them as images with label images, --set layout=folders"
+        volumes = _volumes_said(sorted((root / "images").iterdir()))
+        return f"{kaggle}{volumes}" if volumes else \
+            f"{kaggle}; images/ and masks/ are here: read them as images with label images, --set layout=folders"
     if (root / "images").is_dir():
         others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "images")
         return (f"{kaggle}; for images/ with instance label images put the labels in masks/ beside it"

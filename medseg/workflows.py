@@ -434,6 +434,7 @@ def train(
     own_store = False  # whether MLflow logs to the folder's own store
     cleanup = runfolder.FailedStartCleanup(out, made)
     with cleanup, folder_lock(out, "train"), contextlib.ExitStack() as at_end:  # one training per folder at a time
+        at_end.enter_context(quiet_constant_images())  # a blank slice (air in CT) trains as zeros, unsaid
         at_end.push(cleanup.remove_files)
         remove_partial_files(out)  # what a killed training was writing (a checkpoint, the history)
         runfolder.recover_set_aside(out)

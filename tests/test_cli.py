@@ -1988,15 +1988,20 @@ def test_evaluate_data_given_as_a_file_names_its_folder(trained, tmp_path):
     _assert_one_line_error(result, f"{loose}: a file, not a folder; pass --data {tmp_path}, the folder that holds it")
 
 
-def test_evaluate_scores_a_blank_slice_without_a_warning(trained, tmp_path):
-    # MONAI's "Divide by zero (a_min == a_max)" was printed for each constant image, as infer does not
+@pytest.mark.parametrize("command", ["evaluate", "train"])
+def test_a_blank_slice_is_scored_and_trained_on_without_a_warning(trained, tmp_path, command):
+    # MONAI's "Divide by zero (a_min == a_max)" was printed for each constant image (air slices of a CT), naming
+    # no file, as infer does not
     data = tmp_path / "data"
     shutil.copytree(trained["data"], data)
-    Image.fromarray(np.zeros((96, 96), np.uint8)).save(data / "train" / "image" / "3.png")
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(data / "train" / "image" / "0.png")  # trained on
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(data / "train" / "image" / "3.png")  # validated
+    args = ("--checkpoint", trained["out"] / "model.pt", "--output", tmp_path / "eval") if command == "evaluate" \
+        else ("--output", tmp_path / "run", "--epochs", 1, "--no-tracking")
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        result = _invoke("evaluate", BUNDLE, "--data", data, "--checkpoint", trained["out"] / "model.pt",
-                         "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", *_tiny_args(TINY_NET))
+        result = _invoke(command, BUNDLE, "--data", data, *args, "--no-progress", "--device", "cpu",
+                         *_tiny_args(TINY_NET if command == "evaluate" else TINY))
     assert result.exit_code == 0, result.output
     assert not [w for w in said if "a_min == a_max" in str(w.message)]
     assert "a_min == a_max" not in result.output

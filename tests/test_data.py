@@ -350,3 +350,23 @@ def test_recorded_samples_are_those_a_split_record_names(tmp_path, caplog):
     record.write_text("{not json")
     with pytest.raises(DataError, match=r"split\.json: not a readable split record"):
         recorded_samples(datalists, record, "val")
+
+
+def test_a_volume_among_training_data_is_said_to_be_one(tmp_path):
+    # a NIfTI volume matched by image_glob was "no images match '*.nii'; set image_glob", and in isbi_em's image/
+    # "no images (supported: .png, .tif, .tiff)", a list without the BMP and JPEG it reads
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
+    with pytest.raises(DataError, match=r"no images match '\*\.nii\.gz' \(.*\); ct\.nii\.gz is NIfTI, which training "
+                                        r"does not read \(medseg infer does\): save its slices"):
+        find_image_mask_pairs(tmp_path, image_glob="*.nii.gz", mask_template="{stem}_label.nii.gz")
+    (tmp_path / "image").mkdir()
+    (tmp_path / "label").mkdir()
+    (tmp_path / "ct.nii.gz").rename(tmp_path / "image" / "ct.nii.gz")
+    with pytest.raises(DataError, match=r"image: no images \(supported: \.png, \.tif, \.tiff, \.bmp, \.jpg, \.jpeg\); "
+                                        r"ct\.nii\.gz is NIfTI"):
+        find_pairs(tmp_path)
+    (tmp_path / "image" / "ct.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"image: no images \(supported: .*\.jpeg\)$"):
+        find_pairs(tmp_path)
