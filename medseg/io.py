@@ -173,7 +173,7 @@ def ome_description(dtype: Any, plane: tuple[int, ...], spacing: tuple[float, ..
                     frame_interval: tuple[float, str] | None = None) -> bytes | None:
     """The OME-XML (UTF-8, for the first page's description) that makes a TIFF of the pages ``lead`` (the
     slices' axes with their sizes, outermost first, e.g. ``(("T", 5), ("Z", 12))``) of ``plane``-sized images
-    of ``dtype`` an OME-TIFF: its axes in any order, the pixel size in micrometres (``spacing`` ``(y, x)`` or
+    of ``dtype`` an OME-TIFF: its Z and T axes in either order, the pixel size in micrometres (``spacing`` ``(y, x)`` or
     ``(z, y, x)`` in ``unit``; none when uncalibrated) and the time step; ``None`` when OME cannot state the
     layout: axes other than Z and T (positions, a ``Q`` of several series), which OME would hold as time
     points or channels."""

@@ -116,7 +116,7 @@ class _StackWriter:
             # a classic TIFF, which ImageJ's own opener reads, unless the pages could pass its 4 GB limit
             self.writer = tifffile.TiffWriter(self.tmp, bigtiff=self.pages * page.nbytes > 2**32 - 2**26)
             description = ome_description(page.dtype, page.shape, **self.ome) if self.ome is not None else None
-            if description is not None:  # in place of ImageJ's: the OME-XML states every axis order
+            if description is not None:  # in place of ImageJ's: OME-XML states Z and T in either order
                 self.calibration["description"] = description
         # metadata=None: plain pages that readers see as one stack of len(pages) slices; ImageJ's
         # description (unit, slice spacing) goes on the first page only. ImageJ reads the pages of an
