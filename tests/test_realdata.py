@@ -227,6 +227,13 @@ def test_infer_speed_benchmark_runs_on_one_slice(shared_isbi, tmp_path):
     out = tmp_path / "bench.json"
     script = REPO / "benchmarks" / "infer_speed.py"
     done = subprocess.run([sys.executable, str(script), "--data", str(shared_isbi / "test"), "--limit", "1",
-                           "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--repeats", "1", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "plain MONAI sliding_window_inference" in done.stdout and out.is_file()
+    assert "plain MONAI sliding_window_inference (256×256 windows)" in done.stdout
+    result = json.loads(out.read_text())
+    assert set(result["seconds_median"]) == {
+        "plain MONAI sliding_window_inference (256×256 windows)", "plain MONAI, one 512×512 window",
+        "medseg infer (default: closed contours)", "medseg infer -s close_contours=false"}
+    # the same untrained weights: both plain ways and medseg segment the slice alike
+    assert min(result["mask_pixel_agreement"].values()) > 0.98
