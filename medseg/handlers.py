@@ -227,7 +227,8 @@ class RestoreBest:
     nothing of the validations before the interruption: the first validation after it would overwrite
     ``model.pt`` even when worse, and patience would start again. At the trainer's start (attach after the
     checkpoint loader) this restores the evaluator's ``best_metric`` and ``best_metric_epoch``, the
-    savers' record of the score ``model.pt`` holds, and the stoppers' count of validations since the best.
+    savers' record of the score ``model.pt`` holds, and the stoppers' best and count of validations since it
+    (of the epochs the resumed checkpoint has finished).
     Nothing changes when no earlier validation is recorded or ``model.pt`` is missing.
 
     Args:
@@ -247,11 +248,12 @@ class RestoreBest:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
 
-    def recorded_best(self, up_to: int | None = None) -> tuple[int, float, int] | None:
+    def recorded_best(self, up_to: int | None = None, scheduled: bool = False) -> tuple[int, float, int] | None:
         """``(epoch, score, validations since)`` of the best recorded validation, or ``None``. With ``up_to``
         (the resumed checkpoint's epoch), the validations since count only those of epochs up to it: a time
         limit's validation inside the next epoch, on the way out, is of weights the resumed run trains anew
-        (it counts for the best, which ``model.pt`` may hold)."""
+        (it counts for the best, which ``model.pt`` may hold). ``scheduled`` leaves that validation out of the
+        best too, for early stopping to decide as the uninterrupted run would."""
         path = self.output_dir / "history.json"
         name = getattr(self.evaluator.state, "key_metric_name", None)
         if not name or not path.is_file():
@@ -259,7 +261,8 @@ class RestoreBest:
         history = json.loads(path.read_text(encoding="utf-8"))
         pairs = zip(history.get("val_epoch", []), history.get("val", []), strict=False)
         scores = [(int(e), float(m[name])) for e, m in pairs
-                  if name in m and _is_number(m[name]) and math.isfinite(m[name])]
+                  if name in m and _is_number(m[name]) and math.isfinite(m[name])
+                  and not (scheduled and up_to is not None and int(e) > up_to)]
         if not scores:
             return None
         better = getattr(self.evaluator, "metric_cmp_fn", lambda current, prev: current > prev)
@@ -286,6 +289,14 @@ class RestoreBest:
             checkpoint = getattr(saver, "_key_metric_checkpoint", None)
             if checkpoint is not None:
                 saver.load_state_dict({"_saved": [(checkpoint.score_function(probe), self.model_name)]})
+        # early stopping counts from the best of the validations the resumed checkpoint has seen: a way-out
+        # validation of part-trained weights that the resumed run ties or misses would use up patience the
+        # uninterrupted run kept
+        scheduled = self.recorded_best(up_to=engine.state.epoch, scheduled=True)
+        if scheduled is None:
+            return
+        epoch, score, since = scheduled
+        probe = SimpleNamespace(state=SimpleNamespace(metrics={name: score}, key_metric_name=name))
         for stopper in self.stoppers:
             inner = getattr(stopper, "_handler", None)  # ignite's EarlyStopping, made when the trainer is set
             if inner is not None and hasattr(inner, "state_dict"):

@@ -271,6 +271,33 @@ def test_validations_since_the_best_count_those_the_resumed_checkpoint_has_seen(
     history["val"][3]["val_v_rand"] = 0.95  # the way-out validation is the best: model.pt holds it
     (tmp_path / "history.json").write_text(json.dumps(history))
     assert restore.recorded_best(up_to=3) == (4, 0.95, 0)
+    assert restore.recorded_best(up_to=3, scheduled=True) == (2, 0.9, 1)
+
+
+@pytest.mark.parametrize("way_out", [0.95, 0.7], ids=["better", "worse"])
+def test_a_way_out_validation_counts_for_the_model_but_not_for_early_stopping(tmp_path, way_out):
+    # a time limit inside epoch 4 validated part-trained weights on the way out; the resumed run trains epoch 4
+    # anew. Its validation tying or missing the way-out score must not use up patience the uninterrupted run
+    # kept: early stopping starts from epochs 1-3, while model.pt (which may hold the way-out weights) is only
+    # replaced by a better model
+    import json
+    from types import SimpleNamespace
+
+    from ignite.engine import Engine
+    from ignite.handlers import EarlyStopping
+
+    from medseg.handlers import RestoreBest
+
+    history = {"val_epoch": [1, 2, 3, 4], "val": [{"val_dice": v} for v in (0.5, 0.9, 0.8, way_out)]}
+    (tmp_path / "history.json").write_text(json.dumps(history))
+    (tmp_path / "model.pt").write_bytes(b"")
+    evaluator = SimpleNamespace(state=SimpleNamespace(key_metric_name="val_dice"))
+    trainer = Engine(lambda engine, batch: None)
+    trainer.state.epoch = 3
+    inner = EarlyStopping(patience=2, score_function=lambda e: e.state.metrics["val_dice"], trainer=trainer)
+    RestoreBest(tmp_path, evaluator, stoppers=[SimpleNamespace(_handler=inner)])(trainer)
+    assert evaluator.state.best_metric == max(0.9, way_out)
+    assert inner.best_score == 0.9 and inner.counter == 1 and not trainer.should_terminate
 
 
 def test_a_store_failure_is_told_from_a_refused_request_or_a_bug():
