@@ -411,6 +411,11 @@ def _check_override_type(key: str, default: Any, value: Any) -> Any:
             ok, value = value.is_integer(), int(value) if value.is_integer() else value
     elif isinstance(default, float):
         ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (list, dict)) and isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        # JSON that did not parse (a bracket missing): it would reach the bundle as a string
+        kind = "a list" if isinstance(default, list) else "a mapping"
+        raise ConfigValueError(f"--set {key}={value}: not valid JSON, and the bundle's {key} is {kind}; give it "
+                               f"as JSON, e.g. --set '{key}={json.dumps(default)}'")
     else:
         return value  # strings, lists, dicts, null and expressions take what the bundle makes of them
     if not ok:

@@ -107,6 +107,8 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
     of the names a training writes that no training wrote are never replaced."""
     if resume and overwrite:
         raise ConfigValueError("--resume continues the run in --output and --overwrite replaces it: give one")
+    if resume:
+        last_checkpoint(out)  # nothing to resume is said before the data, split or settings are checked
     weights = [p.name for p in trained_files(out) if p.suffix == ".pt"]
     foreign = foreign_files(out, weights=bool(weights))
     if foreign:

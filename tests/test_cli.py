@@ -2219,6 +2219,17 @@ def _assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_resume_with_nothing_to_resume_says_so_before_checking_the_data(tmp_path, isbi_folder, folder):
+    # the bundle's own val_count (5) cannot be held out of 4 slices: that error used to hide the real one
+    out = tmp_path / folder
+    if folder == "empty":
+        out.mkdir()
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", out, "--resume", "--no-progress")
+    _assert_one_line_error(result, f"{out}: no last checkpoint to resume from; start anew without --resume")
+    assert out.is_dir() == (folder == "empty") and not any(out.glob("*") if out.is_dir() else ())
+
+
 def test_bad_input_missing_data_folder(tmp_path):
     result = _invoke("train", BUNDLE, "--data", tmp_path / "missing", "--output", tmp_path / "o")
     _assert_one_line_error(result, "missing", "data folder not found")
@@ -2907,6 +2918,10 @@ def test_a_batch_smaller_than_one_images_crops_is_refused_before_training(tmp_pa
 @pytest.mark.parametrize("item, fragment", [
     ("max_epochs=2.5", "max_epochs is a whole number (150)"),
     ("train#trainer#max_epochs=2x", "train#trainer#max_epochs is a whole number (150)"),
+    ("patch_size=[64,64", "--set patch_size=[64,64: not valid JSON, and the bundle's patch_size is a list; give "
+                          "it as JSON, e.g. --set 'patch_size=[256, 256]'"),
+    ("network_def={'channels': [4, 8]}", "network_def={'channels': [4, 8]}: not valid JSON, and the bundle's "
+                                         "network_def is a mapping"),
 ])
 def test_set_values_are_checked_against_the_kind_they_replace(tmp_path, item, fragment):
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--set", item)
