@@ -72,23 +72,24 @@ def find_user_error(err: BaseException | None) -> MedsegError | None:
 NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
-def describe_os_failure(err: BaseException | None) -> str | None:
+def describe_os_failure(err: BaseException | None, go_on: str = "run again") -> str | None:
     """One line for a file the command could not write or read for want of space or permission (a full
     disk, a quota, a file-size limit, a read-only or locked folder), wherever in a workflow it happened:
-    the file and the fix; ``None`` for other failures."""
+    the file and the fix, then ``go_on`` (how to carry on once it is fixed); ``None`` for other failures."""
     access = {errno.EACCES, errno.EPERM, errno.EROFS}
     chain = causes(err)
     if any(_database_full(e) for e in chain):  # MLflow's SQLite store: no errno, no file name
         return ("the tracking database cannot write (database or disk is full); free disk space, or raise the "
-                "quota, and run again (or turn tracking off with --no-tracking)")
+                f"quota, and {go_on} (or turn tracking off with --no-tracking)")
     found = next((e for e in chain if isinstance(e, OSError) and e.errno in NO_SPACE | access), None)
     if found is None:
         return None
     where = f"{found.filename}: " if found.filename else ""
     if found.errno in NO_SPACE:
         return (f"{where}cannot write ({found.strerror}); free disk space, or raise the quota or file-size limit, "
-                "and run again")
-    return f"{where}{found.strerror}; check the permissions of the file and its folder"
+                f"and {go_on}")
+    return f"{where}{found.strerror}; check the permissions of the file and its folder" + \
+        ("" if go_on == "run again" else f", then {go_on}")
 
 
 def _database_full(err: BaseException) -> bool:

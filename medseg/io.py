@@ -111,6 +111,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:  # a full disk, say: named by the file meant, not its temporary one or none
+        if err.filename in (None, str(tmp_path), os.fspath(tmp_path)):
+            err.filename = os.fspath(path)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle import literal, worked_out, written
-from medseg.errors import MedsegError, brief
+from medseg.errors import MedsegError, brief, describe_os_failure
 from medseg.runfolder import folders_made_for
 
 
@@ -162,6 +162,9 @@ def _run_name(tracking_uri: str, experiment: str, output_dir: Path, own_store: b
     try:
         named = _runs_named(tracking_uri, experiment, name)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for an unreachable store
+        full = describe_os_failure(err)  # a full disk or a refused write, not a server to check
+        if full:
+            raise MedsegError(f"MLflow store {tracking_uri}: {full}") from err
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         raise MedsegError(f"MLflow store {tracking_uri}: cannot be read ({reason}); check that the server runs "
                           "and --tracking-uri, or train with --no-tracking") from err
@@ -236,6 +239,8 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     params = _plain_params(parser.get())
     if "output_dir" in params:
         params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
+    if isinstance(params.get("dataset_dir"), str):  # which data, as config.json records it: not as typed
+        params["dataset_dir"] = os.path.abspath(params["dataset_dir"])
     if continued is not None:
         settings["run_id"] = continued.info.run_id
         for handler in ("trainer", "validator"):
@@ -383,11 +388,44 @@ def _check_tracking_uri(uri: str, uri_from: str = "--tracking-uri") -> None:
     from mlflow import MlflowClient
 
     try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        with _first_open(uri):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a bad store
+        full = describe_os_failure(err)
+        if full:
+            raise MedsegError(f"{uri_from} {uri}: {full}") from err
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         raise MedsegError(f"{uri_from} {uri}: not a usable MLflow store ({reason}); give a server URL "
                           "(http://HOST:5000) or a database such as sqlite:///PATH/mlflow.db") from err
+
+
+@contextlib.contextmanager
+def _first_open(uri: str):
+    """Hold an exclusive ``flock`` on a local SQLite store's file while it is opened: MLflow creates a new
+    store's tables on first use, and trainings started together on one new store (an ensemble's seeds) raced
+    there, all but one failing. SQLite's own locks are POSIX locks, which ``flock`` leaves alone. Nothing is
+    held for other stores, a store in a folder that does not exist, or where ``fcntl`` is missing."""
+    from urllib.parse import unquote
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(unquote(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
+    if path is None or not path.parent.is_dir():
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # an empty file is an empty SQLite database
+    except OSError:
+        yield  # MLflow says what is wrong with it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # frees the lock
 
 
 #: Seconds a tracking server that accepted the connection has to answer a first request

@@ -25,6 +25,8 @@ from medseg.errors import (
     DataError,
     MedsegError,
     TrainingDiverged,
+    describe_os_failure,
+    find_user_error,
     quiet_user_error_logs,
 )
 
@@ -562,6 +564,10 @@ def train(
                                                at_once=isinstance(err, KeyboardInterrupt) and interrupted.at_once)
                     if isinstance(err, KeyboardInterrupt) and interrupted.at_once:
                         raise interrupted.stop(f"stopped at once; {runfolder.how_to_go_on(out)}") from None
+                    # a full disk or a refused write (the history, the curves): the finished epochs are kept
+                    if not find_user_error(err) and describe_os_failure(err) and any(
+                            out.glob("last_checkpoint_epoch=*.pt")):
+                        raise DataError(describe_os_failure(err, f"continue with --resume --output {out}")) from err
                     raise
         summary = {
             "best_metric": evaluator.state.best_metric if evaluator.state.best_metric_epoch >= 0 else None,

@@ -374,7 +374,7 @@ def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, 
         client.set_terminated(other.info.run_id, status)
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
-    result = _invoke("train", BUNDLE, "--data", data, "--output", "run", "--epochs", 1, "--no-progress",
+    result = _invoke("train", BUNDLE, "--data", "../d", "--output", "run", "--epochs", 1, "--no-progress",
                      "--device", "cpu", "--tracking-uri", uri, *_tiny_args())
     assert result.exit_code == 0, result.output
     runs = {r.info.run_id: r for r in client.search_runs([other.info.experiment_id])}
@@ -382,8 +382,40 @@ def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, 
     (ours,) = [r for r in runs.values() if r.info.run_id != other.info.run_id]
     assert ours.info.run_name.startswith("run-") and ours.info.status == "FINISHED"
     assert ours.data.params["output_dir"] == str(tmp_path / "here" / "run")
+    assert ours.data.params["dataset_dir"] == str(data)  # which data, not "../d" as typed
     assert "train_summary.json" in [a.path for a in client.list_artifacts(ours.info.run_id)]
     assert client.list_artifacts(other.info.run_id) == []
+
+
+def test_a_full_disk_at_the_stores_first_read_is_said_as_such(tmp_path, monkeypatch):
+    # it was "cannot be read (...database or disk is full); check that the server runs", for a local file
+    import sqlite3
+
+    from medseg import tracking
+    from medseg.errors import MedsegError
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(tracking, "_runs_named", full)
+    with pytest.raises(MedsegError) as caught:
+        tracking._run_name(f"sqlite:///{tmp_path / 'mlflow.db'}", "medseg-isbi_em", tmp_path / "run")
+    assert "the tracking database cannot write (database or disk is full); free disk space" in str(caught.value)
+    assert "server" not in str(caught.value)
+
+
+def test_trainings_started_together_on_a_new_sqlite_store_all_track(tmp_path):
+    # MLflow creates a new store's tables on first use; trainings started at once on one new store (an
+    # ensemble's seeds) raced there and all but one failed ("duplicate column name: step", "table ... already
+    # exists"). Four processes open the store as a training does before it starts
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    code = f"from medseg.tracking import _check_tracking_uri; _check_tracking_uri({uri!r}, 'MLFLOW_TRACKING_URI')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    failed = [err[-300:] for p in procs if (err := p.communicate(timeout=120)[1]) and p.returncode]
+    assert not failed, failed
 
 
 def test_mlflow_tracking_uri_in_the_environment_is_the_default_store_and_never_splits_a_run(tmp_path, monkeypatch):
@@ -2219,6 +2251,34 @@ def _assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+def test_a_full_disk_while_writing_the_history_names_it_and_says_to_resume(tmp_path, isbi_folder, monkeypatch):
+    # the write failed without a file name ("cannot write (No space left on device)") and said "run again",
+    # which a folder holding a trained run refuses: --resume is what carries on from the finished epochs
+    import errno
+
+    out = tmp_path / "run"
+    write_text = Path.write_text
+
+    def full_once_an_epoch_is_saved(self, data, *args, **kwargs):
+        if "history" in self.name and any(out.glob("last_checkpoint_epoch=*.pt")):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write raises it
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_once_an_epoch_is_saved)
+    args = ("--data", isbi_folder, "--output", out, "--epochs", 3, "--no-progress", "--no-tracking",
+            "--device", "cpu", *_tiny_args())
+    result = _invoke("train", BUNDLE, *args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {out / 'history.json'}: cannot write (No space left on device); free disk space, or raise the "
+        f"quota or file-size limit, and continue with --resume --output {out}")
+    assert not list(out.glob(".*.part"))
+    monkeypatch.setattr(Path, "write_text", write_text)
+    result = _invoke("train", BUNDLE, *args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("folder", ["empty", "missing"])
 def test_resume_with_nothing_to_resume_says_so_before_checking_the_data(tmp_path, isbi_folder, folder):
     # the bundle's own val_count (5) cannot be held out of 4 slices: that error used to hide the real one
@@ -2784,7 +2844,7 @@ def test_folders_named_like_config_syntax_are_taken_as_written(tmp_path, monkeyp
     assert {"model.pt", "config.json", "split.json", "mlflow.db"} <= {p.name for p in run.iterdir()}
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
     logged = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])[0]
-    assert logged.info.run_name == "@run#2" and logged.data.params["dataset_dir"] == "$data#1"
+    assert logged.info.run_name == "@run#2" and logged.data.params["dataset_dir"] == str(tmp_path / "$data#1")
     assert {"model.pt", "config.json"} <= {a.path for a in client.list_artifacts(logged.info.run_id)}
     recorded = ConfigParser(json.loads((run / "config.json").read_text()))  # runs as a bundle config as it is
     assert recorded.get_parsed_content("dataset_dir") == str(tmp_path / "$data#1")  # absolute, as written
