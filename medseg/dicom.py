@@ -281,10 +281,9 @@ def _pixels(ds, path: str) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, EOFError) as err:
-        raise DataError(f"{path}: cannot decode DICOM pixels ({str(err).splitlines()[0] if str(err) else err}); "
-                        "the file may be truncated, or its transfer syntax "
-                        f"({getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', '?')}) needs a decoder "
-                        "pydicom lacks here (python-gdcm, a dependency, decodes JPEG, JPEG-LS and JPEG 2000)") from err
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        raise DataError(f"{path}: cannot decode DICOM pixels ({_decode_failure(err)}); {_decode_advice(syntax)}") \
+            from err
     colour = int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1
     if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "PALETTE COLOR":  # indices: their colours
         from pydicom.pixels import apply_color_lut
@@ -303,6 +302,28 @@ def _pixels(ds, path: str) -> np.ndarray:
     if not np.isscalar(slope):
         slope, intercept = slope[:, None], intercept[:, None]  # (frames, 1, 1, 1)
     return arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _decode_failure(err: BaseException) -> str:
+    """pydicom's reason on one line: a missing decoder's message lists, on its later lines, the packages that
+    would decode the pixels."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(err).__name__
+
+
+def _decode_advice(syntax: Any) -> str:
+    """What to do about pixels that did not decode, by the file's transfer syntax: uncompressed pixels that
+    fail are damaged; compressed ones may want a decoder this installation lacks."""
+    name = getattr(syntax, "name", None) or str(syntax or "none named")
+    try:
+        compressed = bool(syntax) and bool(syntax.is_compressed)
+    except (AttributeError, ValueError):  # not a transfer syntax pydicom knows
+        compressed = True
+    if syntax and not compressed:
+        return f"its pixels are uncompressed ({name}), so the file is truncated or damaged; export it again"
+    return (f"the file may be truncated, or its transfer syntax ({name}) needs a decoder this installation lacks "
+            "(python-gdcm, a dependency, decodes JPEG, JPEG-LS and JPEG 2000; for others install the packages "
+            "named, or convert the file to an uncompressed transfer syntax)")
 
 
 def _transfer_syntax_from_encoding(ds: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import unicodedata
@@ -156,7 +157,7 @@ def discover(
             continue
         inputs.append(InputItem(str(where), "", rel, error=f"{where}: {why}", key=rel))
     dicom_by_dir: dict[Path, list[Path]] = {}
-    filtered = 0
+    filtered, filtered_out = 0, set()
     # --include patterns with a part that names a hidden file ('.scan.png', 'sub/.b.tif'): those files are read
     # (hidden folders are not searched at all)
     hidden_asked = [g for g in include or () if any(part.startswith(".") and part not in (".", "..")
@@ -168,6 +169,7 @@ def discover(
             continue  # hidden files, and our own temporary outputs, unless an --include names them
         if (include and not _matches(rel, include)) or _matches(rel, exclude):
             filtered += 1
+            filtered_out.add(str(file))
             continue
         fmt = SUFFIXES.get(suffix_of(file))
         if fmt == "dicom" or (fmt is None and is_dicom_file(file)):
@@ -178,7 +180,7 @@ def discover(
         else:
             inputs.append(InputItem(str(file), fmt, _stem(rel), key=rel))
     for folder, dicom_files in dicom_by_dir.items():
-        series_inputs, not_images = _series_inputs(root, folder, dicom_files)
+        series_inputs, not_images = _series_inputs(root, folder, dicom_files, filtered_out)
         inputs += series_inputs
         ignored += not_images
     if not inputs:
@@ -264,9 +266,11 @@ def _stem(rel: str) -> str:
     return rel[: -len(suffix)] if suffix else rel
 
 
-def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[InputItem], list[tuple[str, str]]]:
+def _series_inputs(root: Path, folder: Path, files: list[Path], filtered_out: set[str] = frozenset()
+                   ) -> tuple[list[InputItem], list[tuple[str, str]]]:
     """One input per series in ``folder`` holding a selected file; unreadable files become failed inputs,
-    DICOM objects that are not images (a SEG, a report) are listed as ignored."""
+    DICOM objects that are not images (a SEG, a report) are listed as ignored. A series is read whole: files
+    of it that ``--include``/``--exclude`` left out (``filtered_out``) are said in a warning."""
     from medseg.dicom import _read, is_dicom_file, non_image_kind, series_in_folder
 
     in_series = series_in_folder(str(folder))  # headers read once, cached for the readers
@@ -300,6 +304,13 @@ def _series_inputs(root: Path, folder: Path, files: list[Path]) -> tuple[list[In
             rel = Path(file).relative_to(root).as_posix()
             failed.append(InputItem(file, "dicom", _stem(rel), series_uid=s.uid, key=rel))
     series = [s for s in series if s not in loose]
+    for s in series:
+        dropped = [f for f in s.files if f in filtered_out]
+        if dropped:
+            logging.getLogger(__name__).warning(
+                "%s: left out by --include/--exclude%s, but a DICOM series is read whole from its folder, so it "
+                "is read with its series; move it out of the folder to leave it out", dropped[0],
+                f" with {len(dropped) - 1} more file(s) of its series" if len(dropped) > 1 else "")
     numbers = [s.number for s in series]
     result = []
     for s in series:

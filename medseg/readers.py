@@ -747,11 +747,13 @@ class TiffReader(_MedsegReader):
         check_plane(path, shape[axes.index("Y")], shape[axes.index("X")])
         try:
             return self._plane(tif, shape, axes, lead, channel, index, path)
-        except (OSError, ValueError, IndexError) as err:
+        except (OSError, ValueError, IndexError, RuntimeError) as err:  # imagecodecs' errors are RuntimeErrors
             if "requires the" in str(err):  # tifffile names the codec package the compression needs
                 raise DataError(f"{path}: cannot read slice {index} ({err}); install that package "
                                 "(pip install imagecodecs)") from err
-            raise DataError(f"{path}: cannot read slice {index} ({err}); the file may be truncated") from err
+            why = f"{type(err).__name__}: {err}" if isinstance(err, RuntimeError) else str(err)  # DeflateError: ...
+            raise DataError(f"{path}: cannot read slice {index} ({why}); the file may be truncated or "
+                            "damaged") from err
 
     @staticmethod
     def _plane(tif, shape, axes, lead, channel, index: int, path: str = "") -> np.ndarray:
@@ -844,6 +846,9 @@ class NiftiReader(_MedsegReader):
                             "or set nifti_channel_dim=3 for a network that takes that many channels")
         if len(shape) > 4 or len(shape) < 2:
             raise DataError(f"{path}: NIfTI with {len(shape)} dimensions {tuple(img.shape)}; expected 2D or 3D")
+        if 0 in shape:
+            raise DataError(f"{path}: NIfTI of shape {tuple(img.shape)} holds no voxels; the file was written "
+                            "empty, write it again from its source")
         if len(shape) >= 3 and 1 in shape[:2] and shape[2] > 1:  # slices across it would be 1-voxel strips
             raise DataError(f"{path}: one plane stored across the slice axis ({'×'.join(map(str, shape[:3]))} "
                             "voxels), whose slices along the third axis are strips one voxel wide; store it as "

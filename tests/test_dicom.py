@@ -371,6 +371,34 @@ def test_malformed_geometry_is_named_by_file_and_tag(tmp_path, caplog):
     assert len(said) == 1
 
 
+def test_pixels_that_do_not_decode_get_advice_for_their_transfer_syntax(tmp_path):
+    # pydicom's list of the packages that would decode HTJ2K (on its later lines) was cut off, and uncompressed
+    # pixels cut short were told to want a decoder
+    from pydicom.encaps import encapsulate
+
+    compressed = write_dicom_series(tmp_path / "htj2k", n=1, size=16)
+    path = next(compressed.iterdir())
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"  # HTJ2K lossless, which gdcm does not decode
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(20)])
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DataError) as caught:
+        read_slice(compressed, 0)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot decode DICOM pixels (") and "\n" not in message
+    assert "pylibjpeg" in message and "High-Throughput JPEG 2000" in message
+    assert "install the packages named, or convert the file to an uncompressed transfer syntax" in message
+
+    native = write_dicom_series(tmp_path / "cut", n=1, size=16)
+    path = next(native.iterdir())
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(path)
+    with pytest.raises(DataError, match=r"its pixels are uncompressed \(Explicit VR Little Endian\), so the file is "
+                                        r"truncated or damaged; export it again$"):
+        read_slice(native, 0)
+
+
 def test_a_file_without_file_meta_is_decoded_in_its_own_encoding(tmp_path):
     # no preamble, no file meta (older systems): "cannot decode DICOM pixels (... no Transfer Syntax UID)"
     from pydicom.filewriter import dcmwrite

@@ -913,6 +913,22 @@ def test_a_series_of_images_without_positions_is_segmented_image_by_image(tmp_pa
     assert row["status"] == "failed" and "img1.dcm: no ImagePositionPatient" in row["message"]
 
 
+def test_an_excluded_file_of_a_dicom_series_is_said_to_be_read_with_it(tmp_path, caplog):
+    # a series is read whole from its folder: an --exclude of one of its files was silently not applied, and
+    # the file it named could then be the one a failure blamed
+    from medseg.discovery import discover
+
+    folder = write_dicom_series(tmp_path / "in" / "ct", n=3)
+    inputs, _ = discover(str(tmp_path / "in"), (), ("IM001.dcm",), True)
+    assert [i.rel for i in inputs] == ["ct"]
+    said = [r.getMessage() for r in caplog.records if "left out by --include/--exclude" in r.getMessage()]
+    assert said == [f"{folder / 'IM001.dcm'}: left out by --include/--exclude, but a DICOM series is read whole "
+                    "from its folder, so it is read with its series; move it out of the folder to leave it out"]
+    caplog.clear()
+    discover(str(tmp_path / "in"), (), (), True)
+    assert "left out" not in caplog.text
+
+
 def test_a_run_with_another_include_adds_to_the_manifest(tmp_path, tiny_checkpoint):
     # the manifest lists what the folder holds: a later run over other inputs keeps the earlier rows
     root = tmp_path / "in"

@@ -175,6 +175,31 @@ def test_a_nifti_plane_across_the_slice_axis_is_refused_not_cut_into_strips(tmp_
     assert count_slices(tmp_path / "ok.nii.gz") == 1
 
 
+@pytest.mark.parametrize("shape", [(10, 10, 0), (0, 10, 3)])
+def test_a_nifti_without_voxels_is_refused(tmp_path, shape):
+    # it was counted as 0 slices and reported "ok" by infer, with outputs listed that were never written
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), str(tmp_path / "z.nii"))
+    with pytest.raises(DataError, match=r"z\.nii: NIfTI of shape .* holds no voxels; the file was written empty"):
+        count_slices(tmp_path / "z.nii")
+
+
+def test_a_damaged_compressed_tiff_page_names_its_slice(tmp_path):
+    # the codec's own error (DeflateError: ... LIBDEFLATE_BAD_DATA) came out bare: no slice, no hint
+    path = tmp_path / "s.tif"
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(path, rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), compression="zlib",
+                     photometric="minisblack")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[1].dataoffsets[0], tif.pages[1].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset + 2:offset + count] = bytes(count - 2)  # the zlib header kept, its stream zeroed
+    path.write_bytes(bytes(data))
+    assert read_slice(path, 0).shape[-2:] == (64, 64)
+    with pytest.raises(DataError, match=r"s\.tif: cannot read slice 1 \(\w+Error: .*\); the file may be truncated "
+                                        r"or damaged"):
+        read_slice(path, 1)
+
+
 def test_complex_values_are_refused_by_name(tmp_path):
     from medseg.transforms import LoadSliced
 
