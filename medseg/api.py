@@ -163,9 +163,10 @@ class Segmenter:
                 that are NaN or infinite.
             ConfigValueError: ``diameter`` not positive, or given for a model trained without ``target_diameter``.
         """
-        if isinstance(image, (str, os.PathLike)):
-            return self._segment_file(image, None, channel_axis, diameter)
-        return self._segment(_channels_first(image, channel_axis, self._takes_channels), diameter)
+        with _python_words():
+            if isinstance(image, (str, os.PathLike)):
+                return self._segment_file(image, None, channel_axis, diameter)
+            return self._segment(_channels_first(image, channel_axis, self._takes_channels), diameter)
 
     def segment_stack(self, stack: Any, channel_axis: int | None = None,
                       diameter: float | None = None) -> Segmentation:
@@ -173,6 +174,10 @@ class Segmenter:
         ``channel_axis`` counted in the stack's axes) as :meth:`segment` does, as ``medseg infer`` segments a
         TIFF stack or a volume slice by slice; ``diameter`` as for :meth:`segment`, for every slice. ``stack`` may
         be the path of a TIFF stack, NIfTI or DICOM file, read as ``medseg infer`` reads it."""
+        with _python_words():
+            return self._segment_stack(stack, channel_axis, diameter)
+
+    def _segment_stack(self, stack: Any, channel_axis: int | None, diameter: float | None) -> Segmentation:
         if isinstance(stack, (str, os.PathLike)):
             from medseg.readers import count_slices
 
@@ -267,6 +272,32 @@ class Segmenter:
         inferer = copy.copy(self.inferer)
         inferer.diameter = float(diameter)
         return inferer
+
+
+#: How the readers' advice, worded for the command line, reads in Python
+_IN_PYTHON = (
+    ("with --set input_channels=[N]", "with overrides={'input_channels': [N]}"),
+    ("pick one by its SeriesInstanceUID or let `medseg infer` split the folder into one input per series",
+     "give the folder of one series (`medseg infer` splits such a folder into one input per series)"),
+    ("no DICOM files in this folder", "no DICOM files in this folder (a folder is read as one DICOM series; "
+                                      "give the path of an image file)"),
+)
+
+
+@contextlib.contextmanager
+def _python_words() -> Iterator[None]:
+    """A :class:`MedsegError` whose advice names a command-line option, reworded for a Python caller."""
+    from medseg.errors import MedsegError
+
+    try:
+        yield
+    except MedsegError as err:
+        message = str(err)
+        for cli, python in _IN_PYTHON:
+            message = message.replace(cli, python)
+        if message == str(err):
+            raise
+        raise type(err)(message).with_traceback(err.__traceback__) from err
 
 
 @contextlib.contextmanager

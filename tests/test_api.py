@@ -307,6 +307,21 @@ def test_a_varying_alpha_is_a_channel_of_data_not_dropped(weights):
     assert np.array_equal(nuclei.segment(image[..., None]).mask, nuclei.segment(image).mask)  # (H, W, 1)
 
 
+def test_advice_is_worded_for_python(weights, tmp_path):
+    # the readers' advice named command-line options (--set input_channels=[N]) a Python caller cannot give,
+    # and a folder of pictures was "no DICOM files in this folder" without saying why a folder meant DICOM
+    nuclei = _segmenter("nuclei", weights, tta=False)
+    image, _ = _example("nuclei", seed=1)
+    with pytest.raises(DataError) as err:
+        nuclei.segment(np.stack([image] * 5, axis=-1), channel_axis=-1)
+    assert "overrides={'input_channels': [N]}" in str(err.value) and "--set" not in str(err.value)
+    (tmp_path / "pictures").mkdir()
+    Image.fromarray(image).save(tmp_path / "pictures" / "a.png")
+    with pytest.raises(DataError, match=r"no DICOM files in this folder \(a folder is read as one DICOM series; "
+                                        r"give the path of an image file\)"):
+        nuclei.segment_stack(tmp_path / "pictures")
+
+
 def test_pil_images_of_other_modes_are_taken_as_their_colours(weights):
     # a CMYK picture (print JPEGs) was read as its C, M, Y samples taken for RGB, K dropped as a constant alpha
     jurkat = _segmenter("jurkat", weights, tta=False)
