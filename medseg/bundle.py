@@ -414,8 +414,10 @@ def _check_override_type(key: str, default: Any, value: Any) -> Any:
     elif isinstance(default, (list, dict)) and isinstance(value, str) and value.strip()[:1] in ("[", "{"):
         # JSON that did not parse (a bracket missing): it would reach the bundle as a string
         kind = "a list" if isinstance(default, list) else "a mapping"
+        example = json.dumps(default)
+        example = f", e.g. --set '{key}={example}'" if len(example) <= 80 else ""
         raise ConfigValueError(f"--set {key}={value}: not valid JSON, and the bundle's {key} is {kind}; give it "
-                               f"as JSON, e.g. --set '{key}={json.dumps(default)}'")
+                               f"as JSON{example}")
     else:
         return value  # strings, lists, dicts, null and expressions take what the bundle makes of them
     if not ok:

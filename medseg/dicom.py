@@ -317,8 +317,9 @@ def _decode_advice(syntax: Any) -> str:
     name = getattr(syntax, "name", None) or str(syntax or "none named")
     try:
         compressed = bool(syntax) and bool(syntax.is_compressed)
-    except (AttributeError, ValueError):  # not a transfer syntax pydicom knows
-        compressed = True
+    except (AttributeError, ValueError):  # not a transfer syntax pydicom knows: a private or unknown one
+        return (f"its transfer syntax ({name}) is not one DICOM defines (a private one?); convert the file to "
+                "an uncompressed transfer syntax with the software that wrote it")
     if syntax and not compressed:
         return f"its pixels are uncompressed ({name}), so the file is truncated or damaged; export it again"
     return (f"the file may be truncated, or its transfer syntax ({name}) needs a decoder this installation lacks "

@@ -112,8 +112,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.replace(tmp_path, path)
     except OSError as err:  # a full disk, say: named by the file meant, not its temporary one or none
-        if err.filename in (None, str(tmp_path), os.fspath(tmp_path)):
+        if err.errno is not None and err.filename in (None, os.fspath(tmp_path)):  # else str(err) loses its words
             err.filename = os.fspath(path)
+            if err.filename2 == err.filename:  # os.replace names both ends
+                err.filename2 = None
         raise
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -747,6 +747,9 @@ class TiffReader(_MedsegReader):
         check_plane(path, shape[axes.index("Y")], shape[axes.index("X")])
         try:
             return self._plane(tif, shape, axes, lead, channel, index, path)
+        except NotImplementedError as err:  # "chroma subsampling not supported": a feature, not damage
+            raise DataError(f"{path}: cannot read slice {index} ({err}); the file uses a TIFF feature this reader "
+                            "lacks: save it again as a plain TIFF (e.g. in Fiji)") from err
         except (OSError, ValueError, IndexError, RuntimeError) as err:  # imagecodecs' errors are RuntimeErrors
             if "requires the" in str(err):  # tifffile names the codec package the compression needs
                 raise DataError(f"{path}: cannot read slice {index} ({err}); install that package "

@@ -240,7 +240,7 @@ def settings(parser: Any, output_dir: Path, tracking_uri: str | None, experiment
     if "output_dir" in params:
         params["output_dir"] = str(output_dir.resolve())  # which folder a run belongs to, from any directory
     if isinstance(params.get("dataset_dir"), str):  # which data, as config.json records it: not as typed
-        params["dataset_dir"] = os.path.abspath(params["dataset_dir"])
+        params["dataset_dir"] = str(Path(params["dataset_dir"]).absolute())
     if continued is not None:
         settings["run_id"] = continued.info.run_id
         for handler in ("trainer", "validator"):
@@ -403,29 +403,34 @@ def _check_tracking_uri(uri: str, uri_from: str = "--tracking-uri") -> None:
 def _first_open(uri: str):
     """Hold an exclusive ``flock`` on a local SQLite store's file while it is opened: MLflow creates a new
     store's tables on first use, and trainings started together on one new store (an ensemble's seeds) raced
-    there, all but one failing. SQLite's own locks are POSIX locks, which ``flock`` leaves alone. Nothing is
-    held for other stores, a store in a folder that does not exist, or where ``fcntl`` is missing."""
-    from urllib.parse import unquote
-
+    there, all but one failing. SQLite's own locks are POSIX locks, which ``flock`` leaves alone on local
+    filesystems (on NFS, Linux emulates ``flock`` with POSIX locks, which SQLite's own closing may release:
+    there the lock narrows the race without closing it). Nothing is held for other stores, an in-memory
+    database, a store in a folder that does not exist, where ``fcntl`` is missing, or where the filesystem
+    refuses the lock."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path = Path(unquote(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
-    if path is None or not path.parent.is_dir():
-        yield
-        return
+
+        from sqlalchemy.engine import make_url
+
+        database = make_url(uri).database if uri.startswith("sqlite:") else None
+    except Exception:  # noqa: BLE001 - no fcntl (Windows), or a URI that MLflow will judge
+        database = None
+    path = Path(database) if database and database != ":memory:" and not database.startswith("file:") else None
+    fd = None
+    if path is not None and path.parent.is_dir():
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # an empty file is an empty SQLite database
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a read-only folder (MLflow says so), a filesystem without locks: go on unlocked
+            if fd is not None:
+                os.close(fd)
+            fd = None
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # an empty file is an empty SQLite database
-    except OSError:
-        yield  # MLflow says what is wrong with it
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # frees the lock
+        if fd is not None:
+            os.close(fd)  # frees the lock
 
 
 #: Seconds a tracking server that accepted the connection has to answer a first request

