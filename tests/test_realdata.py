@@ -219,8 +219,10 @@ def test_short_real_nuclei_training_finds_nuclei(shared_dsb, tmp_path):
         assert np.array_equal(result.mask, written) and result.mask.max() == len(result.objects) > 0, path.name
 
 
+@pytest.mark.slow
 def test_infer_speed_benchmark_runs_on_one_slice(shared_isbi, tmp_path):
-    """benchmarks/infer_speed.py reads the bundle's inference config as medseg does (expressions included)."""
+    """benchmarks/infer_speed.py reads the bundle's inference config as medseg does (expressions included; a
+    development tool, so slow: 8 passes of the full network on a CPU without bfloat16 take a while)."""
     import subprocess
     import sys
 
