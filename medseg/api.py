@@ -295,9 +295,13 @@ def _python_words() -> Iterator[None]:
         message = str(err)
         for cli, python in _IN_PYTHON:
             message = message.replace(cli, python)
-        if message == str(err):
+        try:
+            reworded = type(err)(message) if message != str(err) else None
+        except TypeError:  # an error class that takes more than its message: kept as it is
+            reworded = None
+        if reworded is None:
             raise
-        raise type(err)(message).with_traceback(err.__traceback__) from err
+        raise reworded.with_traceback(err.__traceback__) from err
 
 
 @contextlib.contextmanager
