@@ -322,6 +322,22 @@ def test_advice_is_worded_for_python(weights, tmp_path):
         nuclei.segment_stack(tmp_path / "pictures")
 
 
+def test_an_error_class_that_takes_more_than_its_message_is_raised_as_it_is():
+    from medseg.api import _python_words
+    from medseg.errors import DataError
+
+    class Detailed(DataError):
+        def __init__(self, message, where):
+            super().__init__(message)
+            self.where = where
+
+    with pytest.raises(Detailed) as caught, _python_words():
+        raise Detailed("pick channels with --set input_channels=[N] (numbered from 0)", "x.tif")
+    assert caught.value.where == "x.tif"
+    with pytest.raises(DataError, match=r"with overrides=\{'input_channels': \[N\]\}"), _python_words():
+        raise DataError("pick channels with --set input_channels=[N] (numbered from 0)")
+
+
 def test_pil_images_of_other_modes_are_taken_as_their_colours(weights):
     # a CMYK picture (print JPEGs) was read as its C, M, Y samples taken for RGB, K dropped as a constant alpha
     jurkat = _segmenter("jurkat", weights, tta=False)

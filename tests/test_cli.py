@@ -3007,6 +3007,21 @@ def test_a_batch_smaller_than_one_images_crops_is_refused_before_training(tmp_pa
 def test_set_values_are_checked_against_the_kind_they_replace(tmp_path, item, fragment):
     result = _invoke("train", BUNDLE, "--data", tmp_path, "--output", tmp_path / "o", "--set", item)
     _assert_one_line_error(result, fragment)
+    if item.startswith("network_def="):  # an example as long as the whole component is left out
+        assert "e.g." not in result.output
+
+
+def test_a_refused_write_says_how_to_go_on():
+    import errno
+
+    from medseg.errors import describe_os_failure
+
+    denied = OSError(errno.EACCES, "Permission denied", "/run/history.json")
+    assert describe_os_failure(denied) == ("/run/history.json: Permission denied; check the permissions of the file "
+                                           "and its folder")
+    assert describe_os_failure(denied, "continue with --resume --output /run") == (
+        "/run/history.json: Permission denied; check the permissions of the file and its folder, then continue "
+        "with --resume --output /run")
 
 
 def test_settings_mlflow_cannot_name_are_logged_as_one_param():
