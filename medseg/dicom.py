@@ -471,10 +471,10 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
                         "it is not an image")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     row, col, ps = _geometry(ds, path)
-    if frames > 1:
-        row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps, path)
-        row, col, ps = _per_frame_geometry(ds, path, row, col, ps)
-        row, col, ps = _checked(row, col, ps, path)
+    # an enhanced image states its plane in functional groups, whatever its number of frames (one included)
+    row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps, path)
+    row, col, ps = _per_frame_geometry(ds, path, row, col, ps)
+    row, col, ps = _checked(row, col, ps, path)
     normal = np.cross(row, col)
     positions = _frame_positions(ds, frames, path)
     if positions is not None:
@@ -490,8 +490,7 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
         origin = np.zeros(3) if origin is None else origin
         step = None
     if step is None:
-        thickness = float(getattr(ds, "SpacingBetweenSlices", 0) or getattr(ds, "SliceThickness", 0) or 1.0)
-        step = normal * thickness
+        step = normal * _slice_step(ds)
     return SeriesGeometry(
         files=(path,) * frames,
         frames=tuple(int(i) for i in order),
@@ -501,6 +500,24 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
         shape=(frames, int(ds.Rows), int(ds.Columns)),
         series_uid=uid or str(getattr(ds, "SeriesInstanceUID", "")),
     )
+
+
+def _slice_step(ds) -> float:
+    """The distance between slices of a file whose positions do not tell it: SpacingBetweenSlices, else
+    SliceThickness, of the pixel measures an enhanced image shares or states for its first frame, or of the top
+    level; 1 mm when none gives a positive number."""
+    groups = (_functional(ds, "SharedFunctionalGroupsSequence", 0),
+              _functional(ds, "PerFrameFunctionalGroupsSequence", 0))
+    places = [seq[0] for seq in (getattr(g, "PixelMeasuresSequence", None) for g in groups if g is not None) if seq]
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        for item in (*places, ds):
+            try:
+                value = float(getattr(item, keyword, 0) or 0)
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(value) and value > 0:
+                return value
+    return 1.0
 
 
 @functools.lru_cache(maxsize=2)
@@ -634,6 +651,34 @@ def _place_in_space(ds: Any, spatial: dict[str, Any]) -> None:
         ds.PerFrameFunctionalGroupsSequence = frames
 
 
+def _plane_where_read(ds: Any, thickness: float) -> None:
+    """Copy the orientation and pixel spacing that only the frames of ``ds`` state (they agree: the reader
+    checked) to where highdicom looks for them, in memory: the shared functional groups of a multi-frame image,
+    and the top level of one whose class has no functional groups; shared pixel measures without a slice
+    thickness, which highdicom needs, get ``thickness`` (the slice step)."""
+    import copy
+
+    from pydicom.dataset import Dataset
+
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    first = per_frame[0] if per_frame else Dataset()
+    shared = _functional(ds, "SharedFunctionalGroupsSequence", 0)
+    for seq_name, keyword in (("PlaneOrientationSequence", "ImageOrientationPatient"),
+                              ("PixelMeasuresSequence", "PixelSpacing")):
+        stated = first.get(seq_name)
+        if not stated or (shared is not None and shared.get(seq_name)):
+            continue
+        if shared is None:
+            shared = Dataset()
+            ds.SharedFunctionalGroupsSequence = [shared]
+        setattr(shared, seq_name, copy.deepcopy(stated))
+        if keyword not in ds and keyword in stated[0]:
+            setattr(ds, keyword, copy.deepcopy(stated[0][keyword].value))
+    measures = shared.get("PixelMeasuresSequence") if shared is not None else None
+    if measures and "PixelSpacing" in measures[0] and not str(measures[0].get("SliceThickness", "") or "").strip():
+        measures[0].SliceThickness = f"{thickness:.6g}"
+
+
 def _reference_source_frames(seg: Any, source: Any, positions: list[Any]) -> None:
     """Name, in each frame of ``seg`` that names none, the frame of the multi-frame ``source`` it segments.
 
@@ -756,6 +801,7 @@ def write_seg(
     spatial: dict[str, Any] = {}
     if len(set(geometry.files)) == 1:  # one (multi-frame) source: frames in the file's own order
         sources = [_read(geometry.files[0], pixels=True)]
+        _plane_where_read(sources[0], geometry.spacing[0])
         pixel_array = np.zeros_like(mask)
         pixel_array[list(geometry.frames)] = mask
         if mask.shape[0] > 1:
@@ -767,6 +813,9 @@ def write_seg(
             _place_in_space(sources[0], spatial)
     else:
         sources = [_read(p, pixels=True) for p in geometry.files]
+        for ds in sources[1:]:  # one orientation to within 1e-4, as the reader took them; highdicom wants equality
+            if "ImageOrientationPatient" in ds and "ImageOrientationPatient" in sources[0]:
+                ds.ImageOrientationPatient = sources[0].ImageOrientationPatient
         pixel_array = mask
     emptied: dict[str, str] = {}
     for ds in sources:  # anonymised exports often drop type-2 attributes that a SEG must copy (empty is valid)

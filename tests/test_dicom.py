@@ -739,3 +739,80 @@ def test_jpeg_baseline_dicom_is_decoded(tmp_path):
     decoded = read_slice(tmp_path / "jpeg.dcm", 0)[0]
     assert decoded.shape == pixels.shape
     assert np.abs(decoded.astype(np.float64) - pixels).mean() < 2.0
+
+
+def test_a_seg_is_written_for_frames_that_state_their_orientation_and_pixel_size_each(tmp_path):
+    # some enhanced images keep orientation and pixel spacing only in each frame's groups, none shared: the
+    # SEG was refused ("'Dataset' object has no attribute 'PixelMeasuresSequence'") and the input lost
+    import highdicom as hd
+    from pydicom.uid import EnhancedCTImageStorage
+
+    sagittal = (0, 1, 0, 0, 0, -1)
+    path = _per_frame_file(tmp_path / "sag.dcm", [sagittal] * 3, [(0.5, 0.25)] * 3, [1, 1, 1],
+                           [(4, 0, 0), (0, 0, 0), (2, 0, 0)])
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    ds.save_as(path)
+    geometry = dicom.series_geometry(dicom.find_series(path))
+    mask = np.zeros(geometry.shape, bool)
+    mask[0, 1:3, 1:4] = True  # the slice at x = 4 (stored frame 1)
+    seg = hd.seg.segread(dicom.write_seg(tmp_path / "seg.dcm", mask, geometry))
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+                               sagittal)
+    np.testing.assert_allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], [0.5, 0.25])
+    x_of_source_frame = {1: 4.0, 2: 0.0, 3: 2.0}
+    pixels = seg.pixel_array.reshape(len(seg.PerFrameFunctionalGroupsSequence), *mask.shape[1:])
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        source = int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(position, [x_of_source_frame[source], 0, 0])
+        assert frame.sum() == (6 if source == 1 else 0)  # the mask on the frame it was drawn on
+    assert "SharedFunctionalGroupsSequence" not in pydicom.dcmread(path)  # the source file is left as it was
+
+
+def test_a_single_frame_enhanced_image_is_placed_by_its_functional_groups(tmp_path):
+    # one frame whose orientation, pixel spacing and thickness sit only in the shared groups and its position
+    # in the frame's: its NIfTI outputs were axial, 1 mm pixels and 1 mm thick, while its SEG was sagittal
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    path = write_dicom_slice(tmp_path / "one.dcm", np.zeros((4, 6), np.int16), series_uid="1.2.11",
+                             position=(0, 0, 0))
+    ds = pydicom.dcmread(path)
+    for name in ("ImageOrientationPatient", "PixelSpacing", "ImagePositionPatient", "SliceThickness"):
+        delattr(ds, name)
+    ds.NumberOfFrames = 1
+    shared, measures, orientation = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = ["0.5", "0.75"], "3"
+    orientation.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frame, position = Dataset(), Dataset()
+    position.ImagePositionPatient = ["5", "-20", "40"]
+    frame.PlanePositionSequence = Sequence([position])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    ds.save_as(path)
+    meta = read_geometry(path)
+    np.testing.assert_allclose(meta["spacing"], [3.0, 0.5, 0.75])
+    affine = np.asarray(meta["affine"])  # RAS; columns: (z, y, x) index steps, then the origin
+    np.testing.assert_allclose(affine[:3, 0], [3, 0, 0])  # the normal, LPS -x, is RAS +x
+    np.testing.assert_allclose(affine[:3, 1], [0, 0, -0.5])  # down the rows: -z
+    np.testing.assert_allclose(affine[:3, 2], [0, -0.75, 0])  # along a row: LPS +y = RAS -y
+    np.testing.assert_allclose(affine[:3, 3], [-5, 20, 40])
+
+
+def test_a_seg_is_written_for_a_series_whose_orientations_differ_by_rounding(tmp_path):
+    # the reader takes orientations equal to 1e-4; highdicom compares them as written and refused the SEG
+    import highdicom as hd
+
+    write_dicom_series(tmp_path / "s", n=4)
+    files = sorted((tmp_path / "s").iterdir())
+    ds = pydicom.dcmread(files[1])
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "0.99999999", "0"]
+    ds.save_as(files[1])
+    seg = _seg_of(tmp_path / "s", tmp_path / "seg.dcm")
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    np.testing.assert_allclose([float(v) for v in orientation], [1, 0, 0, 0, 1, 0])
+    assert hd.seg.segread(tmp_path / "seg.dcm").SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert pydicom.dcmread(files[1]).ImageOrientationPatient[4] == 0.99999999  # the source is left as it was
