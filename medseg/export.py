@@ -51,17 +51,33 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     from medseg.bundle import bundle_configs, load_checkpoint, load_config
     from medseg.io import file_sha256, partial_folder
     from medseg.locking import holder_of
-    from medseg.runfolder import run_file, training_settings
+    from medseg.runfolder import recipe_changes, run_file, training_settings
 
     bundle, checkpoint, out = Path(bundle), Path(checkpoint), Path(output_dir)
     bundle_configs(bundle, "infer")  # a bundle folder, or its one-line error
+    for config in sorted((bundle / "configs").glob("*.json")):  # named here, not as the copy that is let go
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{config}: cannot read the bundle's config ({brief(str(err))}); fix it") from err
+    if checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: a folder, not a checkpoint; give the weights in it, such as a run's "
+                              f"{checkpoint / 'model.pt'}")
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: checkpoint not found; give a run's model.pt")
     if out.exists() or out.is_symlink():
         raise MedsegError(f"{out}: already exists; give a new folder for the exported bundle")
     if out.absolute().resolve().is_relative_to(bundle.resolve()):
         raise MedsegError(f"{out}: inside the bundle {bundle}; give a folder outside it")
+    made = [p for p in out.absolute().parents if not p.exists()]  # folders this export would create
+    above = out.absolute().parents[len(made)] if len(made) < len(out.absolute().parents) else None
+    if above is not None and not above.is_dir():
+        raise MedsegError(f"{above}: a file, not a folder, so {out} cannot be made in it; give another output "
+                          "folder")
+    # the ids evaluate and infer take, then those that say how the weights were made (epochs, labels, ...)
     settings = training_settings(bundle, [checkpoint], {}).values
+    settings.update({k: v for k, v in recipe_changes(bundle, checkpoint).items()
+                     if not any(k == n or k.startswith(f"{n}#") or n.startswith(f"{k}#") for n in settings)})
     writer = holder_of(checkpoint.resolve().parent)
     if writer is not None:
         logging.getLogger(__name__).warning(
@@ -76,9 +92,10 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
                 shutil.copytree(source, part / name, ignore=shutil.ignore_patterns("__pycache__"))
             elif source.is_file():
                 shutil.copyfile(source, part / name)
+        placed: set[str] = set()
         for config in sorted((part / "configs").glob("*.json")):
             if config.name != "metadata.json":
-                _write_settings(config, settings)
+                placed |= _write_settings(config, settings)
         parser = load_config(part, "infer")
         # the weights must fit the network the export describes: checked now, not by the receiver
         network = parser.get_parsed_content("network_def")
@@ -96,12 +113,11 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
             _write_record(record, part / "models" / "config.json")
         # an exported bundle's configs hold its training's settings already: its words about them carry over
         earlier = _earlier_export(bundle, digest)
-        best = _best_validation(checkpoint) or earlier.best
+        best = _best_validation(checkpoint, digest) or earlier.best
         picked = parser.get_parsed_content("input_channels") if "input_channels" in settings else None
-        kept = {k: v for k, v in earlier.settings.items()  # less what this training changed, whole or in part
-                if not any(k == n or k.startswith(f"{n}#") or n.startswith(f"{k}#") for n in settings)}
-        about = _Export(bundle, digest, {**kept, **settings}, best, split.is_file(),
-                        picked if isinstance(picked, list) else None, "input_channels" in earlier.settings)
+        about = _Export(bundle, digest, _merged_settings(earlier.settings, settings), best, split.is_file(),
+                        picked if isinstance(picked, list) else None, "input_channels" in earlier.settings,
+                        _bundle_title(bundle), tuple(k for k in settings if k not in placed))
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
         scripted = torchscript and _write_torchscript(network, part, out)
@@ -110,6 +126,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     except OSError as err:
         if part is not None:
             shutil.rmtree(part, ignore_errors=True)
+        _remove_empty(made)
         if out.exists():
             raise MedsegError(f"{out}: already exists (made meanwhile); give a new folder for the exported "
                               "bundle") from err
@@ -121,6 +138,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     except BaseException:
         if part is not None:
             shutil.rmtree(part, ignore_errors=True)
+        _remove_empty(made)
         raise
     return {"output_dir": str(out), "checkpoint": str(checkpoint), "sha256": digest, "settings": settings,
             "torchscript": str(out / "models" / "model.ts") if scripted else None}
@@ -140,6 +158,58 @@ class _Export(NamedTuple):
     has_split: bool
     picked: list | None = None
     repicked: bool = False
+    name: str = ""  # the source bundle's name, as its metadata gives it
+    unplaced: tuple[str, ...] = ()  # ids of this training's settings that no config of the bundle holds
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders an export created above its own (deepest first) where they stayed empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _bundle_title(bundle: Path) -> str:
+    """The bundle's name as its metadata gives it (an export's is the bundle it came from); else its folder's."""
+    from medseg.runfolder import _bundle_name
+
+    return _bundle_name(bundle / "configs" / "metadata.json") or bundle.resolve().name
+
+
+def _merged_settings(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """The settings an export of an exported bundle describes: the earlier export's (``earlier``), less those this
+    training changed whole or in part, with ``now``'s; a part of a component the earlier export changed whole
+    (another network class, say) is set inside it, so that the component is still described whole."""
+    import copy
+
+    merged: dict[str, Any] = {}
+    taken: set[str] = set()
+    for key, value in earlier.items():
+        if any(key == n or key.startswith(f"{n}#") for n in now):
+            continue  # changed again, whole
+        parts = {n: v for n, v in now.items() if n.startswith(f"{key}#")}
+        if parts and not isinstance(value, dict):
+            continue
+        if parts:
+            value = copy.deepcopy(value)
+            for name, part in parts.items():
+                *path, leaf = name[len(key) + 1:].split("#")
+                node = value
+                for step in path:
+                    node = node.setdefault(step, {}) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    break
+                node[leaf] = part
+                taken.add(name)
+            else:
+                merged[key] = value
+                continue
+            taken.difference_update(parts)
+            continue
+        merged[key] = value
+    return {**merged, **{k: v for k, v in now.items() if k not in taken}}
 
 
 class _Earlier(NamedTuple):
@@ -171,17 +241,21 @@ _DOCS_HEADER = "# Exported model: "
 _DOCS_RULE = "\n\n---\n\n"
 
 
-def _best_validation(checkpoint: Path) -> tuple[str, float, Any] | None:
-    """The best validation score the training's ``train_summary.json`` records, when it is of these weights:
-    ``None`` when none is recorded, or when ``checkpoint`` was written after the summary (a training still
-    running, or resumed and stopped), whose best the summary does not know."""
+def _best_validation(checkpoint: Path, digest: str) -> tuple[str, float, Any] | None:
+    """The best validation score the training's ``train_summary.json`` records, when it is of these weights (of
+    SHA-256 ``digest``): ``None`` when none is recorded, or when the summary names other weights (a training
+    still running, or resumed and stopped, whose best the summary does not know). A summary of an earlier
+    version, which names no weights, counts when ``checkpoint`` is not newer than it."""
     from medseg.runfolder import run_file
 
     summary = run_file(checkpoint, "train_summary.json")
     try:
         record = json.loads(summary.read_text(encoding="utf-8"))
         metric, value = str(record["key_metric"]), float(record["best_metric"])
-        if summary.stat().st_mtime_ns < Path(checkpoint).resolve().stat().st_mtime_ns:
+        if "weights_sha256" in record:
+            if record["weights_sha256"] != digest:
+                return None
+        elif summary.stat().st_mtime_ns < Path(checkpoint).resolve().stat().st_mtime_ns:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -286,10 +360,13 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
     if body.startswith(_DOCS_HEADER) and _DOCS_RULE in body:
         body = body.split(_DOCS_RULE, 1)[1]
     changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)"
+    if about.unplaced:
+        changed += (f" (`{'`, `'.join(about.unplaced)}` not in `configs/`, as none of its files holds them: "
+                    "`models/config.json`, the training's own record, has them)")
     best = (f"{about.best[0]} {about.best[1]:.4f}" + (f" at epoch {about.best[2]}" if about.best[2] else "")
             + (" on its own validation split (`models/split.json`)" if about.has_split else "")) if about.best \
         else "not recorded"
-    header = (f"{_DOCS_HEADER}trained weights of the bundle {about.bundle.name}\n\n"
+    header = (f"{_DOCS_HEADER}trained weights of the bundle {about.name or about.bundle.resolve().name}\n\n"
               f"This folder holds one training's weights (`models/model.pt`, SHA-256 `{about.sha256}`) with "
               "the bundle it was trained with. Settings the training changed from the bundle's, written into "
               f"`configs/`: {changed}. Its best validation score in training: {best}."
@@ -298,8 +375,25 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
               + (" `models/model.ts` holds the network with these weights as TorchScript (`torch.jit.load`; "
                  "`monai.data.load_net_with_metadata` also returns the metadata and configs stored in it): it "
                  "gives the logits of an image already scaled as the configs' transforms scale it (its sides a "
-                 "multiple of the product of `network_def#strides`), without the sliding window, logit shift and "
-                 "post-processing that `medseg infer` and `python -m monai.bundle run` add." if scripted else ""))
+                 "multiple of the network's total downsampling), without the sliding window, the resampling to "
+                 "the trained object size where the configs set one (`target_diameter`), the logit shift and "
+                 "the post-processing that `medseg infer` and `python -m monai.bundle run` add." if scripted
+                 else ""))
+    header += ("\n\nTo run these weights, with this folder as `MODEL` (`models/model.pt` is its default "
+               "checkpoint, so no `--checkpoint` is needed):\n\n"
+               "```\n"
+               "medseg infer MODEL IN_DIR OUT_DIR\n"
+               "medseg evaluate MODEL --data DATA_DIR" + (
+                   "                 # scores the validation images of models/split.json\n" if about.has_split
+                   else "\n") +
+               "python -m monai.bundle run inferring --bundle_root MODEL \\\n"
+               "    --config_file MODEL/configs/inference.json --dataset_dir IN_DIR --output_dir OUT_DIR\n"
+               "python -m monai.bundle run evaluating --bundle_root MODEL \\\n"
+               "    --config_file \"['MODEL/configs/train.json','MODEL/configs/evaluate.json']\" \\\n"
+               "    --dataset_dir DATA_DIR --output_dir EVAL_DIR\n"
+               "```\n\n"
+               "The commands in the documentation below, which name the bundle's own folder and a run's "
+               "`--checkpoint`, are for training new weights and using those.")
     if body.strip():
         header += ("\n\nEverything below is the documentation of the bundle it came from: its results describe "
                    "the bundle's reference training, not these weights, and these weights are part of this bundle.")
@@ -354,13 +448,14 @@ def _write_record(source: Path, target: Path) -> None:
     target.write_text(json.dumps(record, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_settings(config: Path, settings: dict[str, Any]) -> None:
-    """Set each id of ``settings`` (``a#b`` for a nested one) that ``config`` holds to its value, in place."""
+def _write_settings(config: Path, settings: dict[str, Any]) -> set[str]:
+    """Set each id of ``settings`` (``a#b`` for a nested one) that ``config`` holds to its value, in place;
+    return the ids set."""
     try:
         content = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise DataError(f"{config}: cannot read the bundle's config ({err}); fix or remove it") from err
-    changed = False
+    placed: set[str] = set()
     for key, value in settings.items():
         *parents, leaf = key.split("#")
         node = content
@@ -368,6 +463,7 @@ def _write_settings(config: Path, settings: dict[str, Any]) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and (leaf in node or parents):
             node[leaf] = value
-            changed = True
-    if changed:
+            placed.add(key)
+    if placed:
         config.write_text(json.dumps(content, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    return placed

@@ -309,6 +309,36 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     return TrainedSettings(values, sources)
 
 
+#: Ids of a training's record that are not how its weights were made: where and on what it ran (data, folders,
+#: device, mixed precision, the CPU's bfloat16, compilation), the workflow's own mechanics (the engines, as the
+#: record resolves them), and where it was tracked
+_NOT_RECIPE = (*_CALL_SETTINGS, "cpu_bf16", "compile", "tta", "imports", "initialize", "run", "network", "train",
+               "validate", "tracking_uri", "tracking_store", "experiment_name", "run_name", "save_execute_config")
+
+
+def recipe_changes(bundle: str | os.PathLike, checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The ids that the training of ``checkpoint`` (its run's ``config.json``) changed from ``bundle``'s
+    training config and that describe how its weights were made: epochs, learning rate, how labels were made,
+    network, loss (``max_epochs`` included; not the data, folders, device or precision, see
+    :data:`_NOT_RECIPE`). Empty without a readable record of this bundle's training."""
+    from medseg.bundle import default_config
+
+    path = run_file(checkpoint, "config.json")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        shipped = default_config(bundle, "train")
+    except (OSError, ValueError, BundleError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    own = _bundle_name(Path(bundle) / "configs" / "metadata.json")
+    meta = record.get("_meta_")
+    if own and (meta.get("name") if isinstance(meta, dict) else None) != own:
+        return {}
+    return {key: value for key, value in _recorded_changes(record, shipped).items()
+            if key.split("#")[0] not in _NOT_RECIPE or key.split("#")[0] == "max_epochs"}
+
+
 def _as_set(value: Any) -> str:
     """A config value as ``--set`` takes it (JSON: ``true``, ``null``, ``[1, 2]``; a text as written)."""
     value = written(value)

@@ -581,6 +581,10 @@ def train(
             "started": started,
             "environment": ran_with,
         }
+        if (out / "model.pt").is_file():  # whose best this is, however the files are copied later (export)
+            from medseg.io import file_sha256
+
+            summary["weights_sha256"] = file_sha256(out / "model.pt")
         if resume:  # what each earlier session of the run did, oldest first
             summary["earlier_sessions"] = runfolder.earlier_sessions(out / "train_summary.json")
         if interrupted:

@@ -1632,7 +1632,7 @@ def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypa
     target = tmp_path / "shared" / "em"
     _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", target),
                            f"{target}: cannot export the bundle (No space left on device)")
-    assert not target.exists() and not list(target.parent.iterdir())  # its partial folder removed
+    assert not target.parent.exists()  # its partial folder removed, and the folder made to hold it
     # the TorchScript file, which libtorch's own writer aborted the process on, leaving the partial folder
     monkeypatch.setattr(medseg.export.shutil, "copyfile", real)
     write_bytes = Path.write_bytes
@@ -1645,7 +1645,7 @@ def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypa
     monkeypatch.setattr(Path, "write_bytes", full_at_model_ts)
     _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", target),
                            f"{target}: cannot export the bundle (No space left on device)")
-    assert not target.exists() and not list(target.parent.iterdir())
+    assert not target.parent.exists()
 
 
 def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
@@ -1704,6 +1704,80 @@ def test_an_export_states_the_channels_its_weights_have():
     _describe_channels(entry, 4, None)  # an extra output (a distance head) is no class
     assert entry["num_channels"] == 4 and entry["channel_def"]["2"] == "boundary"
     assert entry["channel_def"]["3"].startswith("output 3, not a class")
+
+
+def test_an_export_describes_how_its_weights_were_trained_and_keeps_their_score_when_copied(trained, tmp_path):
+    # the settings listed and written were only those evaluate and infer take: a training with weight averaging
+    # or another length was described as the bundle's; a run's files copied by hand (the weights last) lost the
+    # best score, judged by file times; and the exported docs gave no command for the exported folder
+    run = shutil.copytree(trained["out"], tmp_path / "run")
+    record = json.loads((run / "config.json").read_text())
+    record["ema_momentum"] = 0.5  # as `--set ema_momentum=0.5` records it
+    (run / "config.json").write_text(json.dumps(record))
+    handed = tmp_path / "handover"
+    handed.mkdir()
+    for name in ("config.json", "split.json", "train_summary.json", "model.pt"):  # the weights copied last
+        shutil.copyfile(run / name, handed / name)
+    os.utime(handed / "train_summary.json", (1, 1))
+    result = _invoke("export", BUNDLE, handed / "model.pt", tmp_path / "shared")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["settings"]["ema_momentum"] == 0.5
+    shared = tmp_path / "shared"
+    train = json.loads((shared / "configs" / "train.json").read_text())
+    assert train["ema_momentum"] == 0.5 and train["max_epochs"] == 3  # trained 3 epochs (--epochs 3)
+    assert train["dataset_dir"] == json.loads((BUNDLE / "configs" / "train.json").read_text())["dataset_dir"]
+    meta = json.loads((shared / "configs" / "metadata.json").read_text())
+    assert "ema_momentum = 0.5" in meta["description"] and "max_epochs = 3" in meta["description"]
+    assert "device" not in meta["exported_from"]["settings"]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["weights_sha256"] == hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()
+    assert meta["eval_metrics"] == {"v_rand": round(summary["best_metric"], 4)}
+    docs = (shared / "docs" / "README.md").read_text()
+    title = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["name"]
+    assert docs.startswith(f"# Exported model: trained weights of the bundle {title}\n")
+    assert "medseg infer MODEL IN_DIR OUT_DIR" in docs and "run inferring --bundle_root MODEL" in docs
+    # other weights beside that summary: its score is not theirs
+    weights = torch.load(run / "model.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, handed / "model.pt")
+    os.utime(handed / "model.pt", (1, 1))  # older than the summary: the file times would have taken the score
+    assert _invoke("export", BUNDLE, handed / "model.pt", tmp_path / "other").exit_code == 0
+    assert json.loads((tmp_path / "other" / "configs" / "metadata.json").read_text())["eval_metrics"] == {}
+
+
+def test_an_export_of_an_export_describes_a_component_changed_whole_then_in_part():
+    from medseg.export import _merged_settings
+
+    basic = {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 2, "features": [4, 4, 8, 16, 32, 4]}
+    merged = _merged_settings({"network_def": basic, "max_epochs": 5},
+                              {"network_def#features": [8, 8, 16, 32, 64, 8], "loss_name": "dice_ce"})
+    assert merged == {"network_def": {**basic, "features": [8, 8, 16, 32, 64, 8]}, "max_epochs": 5,
+                      "loss_name": "dice_ce"}
+    assert basic["features"] == [4, 4, 8, 16, 32, 4]  # the earlier settings are not changed
+    assert _merged_settings({"network_def#channels": [4, 8]}, {"network_def": basic}) == {"network_def": basic}
+    assert _merged_settings({"lr": 0.1}, {"lr#x": 1}) == {"lr#x": 1}  # a part of what is no component
+
+
+def test_a_refused_export_names_the_source_and_leaves_nothing(trained, tmp_path, monkeypatch):
+    # a broken config of the source bundle was named as the export's temporary copy, which was gone; a file in
+    # the output's path was "File exists", a folder given as the checkpoint "not found", and folders made for
+    # the output stayed after a failed export
+    broken = shutil.copytree(BUNDLE, tmp_path / "broken", ignore=shutil.ignore_patterns("models"))
+    (broken / "configs" / "evaluate.json").write_text("{oops")
+    _assert_one_line_error(_invoke("export", broken, trained["out"] / "model.pt", tmp_path / "x"),
+                           f"{broken / 'configs' / 'evaluate.json'}: cannot read", "fix it")
+    (tmp_path / "afile").write_text("")
+    _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "afile" / "x"),
+                           "afile: a file, not a folder")
+    _assert_one_line_error(_invoke("export", BUNDLE, trained["out"], tmp_path / "x"), "a folder, not a checkpoint",
+                           str(trained["out"] / "model.pt"))
+    other = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, other)
+    _assert_one_line_error(_invoke("export", BUNDLE, other, tmp_path / "deep" / "er" / "x"), "do not fit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "broken", "other.pt"]
+    # a bundle given as '.' is named by its metadata, not by an empty folder name
+    monkeypatch.chdir(BUNDLE)
+    assert _invoke("export", ".", trained["out"] / "model.pt", tmp_path / "dot").exit_code == 0
+    assert "of the bundle \n" not in (tmp_path / "dot" / "docs" / "README.md").read_text()
 
 
 def test_extending_a_moved_training_started_with_output_dot(trained, tmp_path, monkeypatch):
