@@ -311,11 +311,12 @@ def evaluate(
 
     ckpts = _run(ctx, lambda: workflows.checkpoint_list(checkpoint, bundle))
     out = output or workflows.evaluation_dir(ckpts)
+    kept = f" (the one already in {out} is kept as it was)" if (Path(out) / "summary.json").is_file() else ""
     summary = _run(ctx, lambda: workflows.evaluate(
         str(bundle), str(data), ckpts, str(out), split=split, tta=tta, device=device,
         overlays=tuple(map(str, config or [])), overrides=_overrides(set_, {"tta": (tta, _tta_option(tta))}),
         progress=progress, overwrite=overwrite, tracking=tracking),
-        interrupted=f"no report written (one already in {out} is kept as it was); run it again to score")
+        interrupted=f"no report written{kept}; run it again to score")
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     typer.echo(f"per-image metrics: {out / 'metrics.csv'}; summary: {out / 'summary.json'}")
 

@@ -62,9 +62,10 @@ def keep_scored_rows(reports: list[MetricsReport], total: int) -> str:
         _write_rows(path, report.rows)
     except OSError:
         return ""
+    kept = f" (the report already in {report.output_dir} is kept as it was)" if all(
+        (report.output_dir / name).is_file() for name in REPORT_FILES) else ""
     return (f"stopped after {len(report.rows)}{f' of {total}' if total else ''} images, whose rows are in {path}; no "
-            f"summary written (a report already in {report.output_dir} is kept as it was); run it again to score them "
-            "all")
+            f"summary written{kept}; run it again to score them all")
 
 
 #: The files of an evaluation's report.

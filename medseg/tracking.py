@@ -614,9 +614,13 @@ def log_evaluation(checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
             for name in ("metrics.csv", "summary.json"):
                 repository.log_artifact(str(folder / name), prefix)
             now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in _metrics_of(
-                {k: v for k, v in summary.items() if k != "run"}, prefix).items()],
-                tags=[RunTag(f"{prefix}/{key}", value[:5000]) for key, value in tags.items()])
+            metrics = _metrics_of({k: v for k, v in summary.items() if k != "run"}, prefix)
+            # an earlier report of this folder's scores that this one does not give (fewer groups, other
+            # classes): NaN, as a score the images did not give, rather than the old value beside the new ones
+            metrics.update({k: math.nan for k in logged.data.metrics
+                            if k.startswith(f"{prefix}/") and k not in metrics})
+            client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                             tags=[RunTag(f"{prefix}/{key}", value[:5000]) for key, value in tags.items()])
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the report is written
         reason = brief(str(err).splitlines()[0]) if str(err) else type(err).__name__
         if isinstance(err, MedsegError):  # what happened, without the advice a training is given

@@ -835,7 +835,7 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
         "checkpoints": same["checkpoints"],
         "data_dir": same["data_dir"],
         "split": split,
-        "split_from": (str(_recorded_split_path(checkpoints)) if record is not None and split != "all"
+        "split_from": (str(_recorded_split_path(checkpoints).absolute()) if record is not None and split != "all"
                        else "all images" if split == "all" else split_from),
         "tta": same["tta"],
         "overrides": dict(overrides),

@@ -2666,7 +2666,13 @@ def test_ctrl_c_of_evaluate_says_no_report_was_written(trained, tmp_path, monkey
                      "--output", tmp_path / "eval")
     assert result.exit_code == 130, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
-    assert lines == [f"error: interrupted; no report written (one already in {tmp_path / 'eval'} is kept as it "
+    assert lines == ["error: interrupted; no report written; run it again to score"]  # none there to keep
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text("{}")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", trained["out"] / "model.pt",
+                     "--output", tmp_path / "eval")
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; no report written (the one already in {tmp_path / 'eval'} is kept as it "
                      "was); run it again to score"]
 
 
@@ -3453,8 +3459,13 @@ def test_ctrl_c_of_evaluate_keeps_the_rows_of_the_images_scored(trained, tmp_pat
     partial = tmp_path / "eval" / "metrics.partial.csv"
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
     assert lines == [f"error: interrupted; stopped after 2 of 4 images, whose rows are in {partial}; no summary "
-                     f"written (a report already in {tmp_path / 'eval'} is kept as it was); run it again to score "
+                     f"written (the report already in {tmp_path / 'eval'} is kept as it was); run it again to score "
                      "them all"]
+    fresh = tuple(tmp_path / "fresh" if a == tmp_path / "eval" else a for a in args)  # no report there to keep
+    lines = [line for line in _invoke(*fresh).output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: interrupted; stopped after 2 of 4 images, whose rows are in "
+                     f"{tmp_path / 'fresh' / 'metrics.partial.csv'}; no summary written; run it again to score them "
+                     "all"]
     import csv
     import io
 
@@ -3499,6 +3510,34 @@ def test_evaluate_does_not_make_a_training_s_moved_store_anew(trained, tmp_path,
     assert not gone.exists() and not gone.parent.exists()
     said = [r.getMessage() for r in caplog.records if "MLflow run" in r.getMessage()]
     assert len(said) == 1 and f"its store {gone} is not there" in said[0]
+
+
+def test_evaluating_again_into_the_same_folder_leaves_no_earlier_score_in_the_run(trained, tmp_path):
+    # an evaluation again with --overwrite whose report has fewer groups (other data) left the first report's
+    # group scores in the training's run, beside the new means
+    import math
+
+    import mlflow
+
+    from medseg.tracking import log_evaluation
+
+    run_dir = shutil.copytree(trained["out"], tmp_path / "run")
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", run_dir / "model.pt", "--split",
+                     "all", "--output", run_dir / "again", "--no-progress", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    run_id = json.loads(result.output[: result.output.rindex("}") + 1])["mlflow_run_id"]
+    report = run_dir / "again" / "summary.json"
+    summary = json.loads(report.read_text())
+    report.write_text(json.dumps({**summary, "groups": {"a": {"images": 2, "dice": 0.5}, "b": {"images": 2}}}))
+    assert log_evaluation(run_dir / "model.pt", run_dir / "again") == run_id
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert client.get_run(run_id).data.metrics["again/a/dice"] == 0.5
+    report.write_text(json.dumps({**summary, "groups": {"b": {"images": 4}}}))
+    assert log_evaluation(run_dir / "model.pt", run_dir / "again") == run_id
+    metrics = client.get_run(run_id).data.metrics
+    assert math.isnan(metrics["again/a/dice"]) and math.isnan(metrics["again/a/images"])
+    assert metrics["again/b/images"] == 4 and metrics["again/v_rand"] == pytest.approx(summary["v_rand"])
+    assert not any(math.isnan(v) for k, v in metrics.items() if "/" not in k)  # the training's own
 
 
 def test_evaluation_metric_names_are_ones_mlflow_takes():
