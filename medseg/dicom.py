@@ -652,28 +652,35 @@ def _place_in_space(ds: Any, spatial: dict[str, Any]) -> None:
 
 
 def _plane_where_read(ds: Any, thickness: float) -> None:
-    """Copy the orientation and pixel spacing that only the frames of ``ds`` state (they agree: the reader
-    checked) to where highdicom looks for them, in memory: the shared functional groups of a multi-frame image,
-    and the top level of one whose class has no functional groups; shared pixel measures without a slice
-    thickness, which highdicom needs, get ``thickness`` (the slice step)."""
+    """Copy the orientation and pixel spacing that only the frames of ``ds`` state (the first frame that states
+    them: they agree, the reader checked) to where highdicom looks for them, in memory: the shared functional
+    groups of a multi-frame image (into shared groups that lack them, too), and the top level of one whose class
+    has no functional groups; shared pixel measures without a slice thickness, which highdicom needs, get
+    ``thickness`` (the slice step)."""
     import copy
 
     from pydicom.dataset import Dataset
 
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    first = per_frame[0] if per_frame else Dataset()
     shared = _functional(ds, "SharedFunctionalGroupsSequence", 0)
     for seq_name, keyword in (("PlaneOrientationSequence", "ImageOrientationPatient"),
                               ("PixelMeasuresSequence", "PixelSpacing")):
-        stated = first.get(seq_name)
-        if not stated or (shared is not None and shared.get(seq_name)):
+        # the first frame that states it (a frame that does not falls back on the top level, which agrees)
+        stated = next((item[seq_name] for item in per_frame if item.get(seq_name) and keyword in item[seq_name][0]),
+                      None)
+        value = stated[0][keyword].value if stated else ds.get(keyword)
+        if stated is not None and keyword not in ds:
+            setattr(ds, keyword, copy.deepcopy(value))
+        if shared is not None and shared.get(seq_name):
+            if value is not None and keyword not in shared[seq_name][0]:  # shared without it (a thickness alone)
+                setattr(shared[seq_name][0], keyword, copy.deepcopy(value))
             continue
+        if stated is None:
+            continue  # at the top level alone, or nowhere: nothing to share
         if shared is None:
             shared = Dataset()
             ds.SharedFunctionalGroupsSequence = [shared]
         setattr(shared, seq_name, copy.deepcopy(stated))
-        if keyword not in ds and keyword in stated[0]:
-            setattr(ds, keyword, copy.deepcopy(stated[0][keyword].value))
     measures = shared.get("PixelMeasuresSequence") if shared is not None else None
     if measures and "PixelSpacing" in measures[0] and not str(measures[0].get("SliceThickness", "") or "").strip():
         measures[0].SliceThickness = f"{thickness:.6g}"

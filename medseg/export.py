@@ -29,7 +29,9 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
 
     The bundle's :data:`BUNDLE_PARTS` are copied. The ids of its configs that the checkpoint's training changed
     (those ``medseg evaluate`` and ``infer`` take from the run's ``config.json``: network size, loss, classes,
-    ...) are written into the config files that hold them, as MONAI reads no training record. The run's
+    ...) are written into the config files that hold them, as MONAI reads no training record; the training-only
+    ids that say how the weights were made (epochs, weight averaging, how labels were drawn:
+    :func:`medseg.runfolder.recipe_changes`) into ``train.json``. The run's
     ``config.json`` (less where the run was tracked) and ``split.json`` go beside the weights, and
     ``evaluate.json`` scores the validation images that ``split.json`` names. ``metadata.json`` and the docs
     are made true of these weights (channels, scores, settings). The folder appears whole or not at all,
@@ -74,10 +76,10 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     if above is not None and not above.is_dir():
         raise MedsegError(f"{above}: a file, not a folder, so {out} cannot be made in it; give another output "
                           "folder")
-    # the ids evaluate and infer take, then those that say how the weights were made (epochs, labels, ...)
+    # the ids evaluate and infer take, written into every config that holds them; then the training-only ones
+    # that say how the weights were made (epochs, weight averaging, labels drawn), into train.json alone
     settings = training_settings(bundle, [checkpoint], {}).values
-    settings.update({k: v for k, v in recipe_changes(bundle, checkpoint).items()
-                     if not any(k == n or k.startswith(f"{n}#") or n.startswith(f"{k}#") for n in settings)})
+    recipe = recipe_changes(bundle, checkpoint)
     writer = holder_of(checkpoint.resolve().parent)
     if writer is not None:
         logging.getLogger(__name__).warning(
@@ -96,6 +98,9 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         for config in sorted((part / "configs").glob("*.json")):
             if config.name != "metadata.json":
                 placed |= _write_settings(config, settings)
+        if recipe and (part / "configs" / "train.json").is_file():
+            placed |= _write_settings(part / "configs" / "train.json", recipe)
+        settings = {**settings, **recipe}
         parser = load_config(part, "infer")
         # the weights must fit the network the export describes: checked now, not by the receiver
         network = parser.get_parsed_content("network_def")

@@ -309,24 +309,29 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     return TrainedSettings(values, sources)
 
 
-#: Ids of a training's record that are not how its weights were made: where and on what it ran (data, folders,
-#: device, mixed precision, the CPU's bfloat16, compilation), the workflow's own mechanics (the engines, as the
-#: record resolves them), and where it was tracked
-_NOT_RECIPE = (*_CALL_SETTINGS, "cpu_bf16", "compile", "tta", "imports", "initialize", "run", "network", "train",
-               "validate", "tracking_uri", "tracking_store", "experiment_name", "run_name", "save_execute_config")
+#: Ids of a training's record that are not how its weights were made: where and on what it ran (data and its
+#: layout, folders, device, mixed precision, the CPU's bfloat16, compilation, loader workers, caching, the size
+#: validated whole), the workflow's own mechanics (the engines, as the record resolves them), and where it was
+#: tracked
+_NOT_RECIPE = (*(k for k in _CALL_SETTINGS if k != "max_epochs"), "cpu_bf16", "compile", "num_workers",
+               "cache_rate", "whole_max_pixels", "layout", "image_glob", "mask_template", "tta", "imports",
+               "initialize", "run", "network", "train", "validate", "tracking_uri", "tracking_store",
+               "experiment_name", "run_name", "save_execute_config")
 
 
 def recipe_changes(bundle: str | os.PathLike, checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The ids that the training of ``checkpoint`` (its run's ``config.json``) changed from ``bundle``'s
-    training config and that describe how its weights were made: epochs, learning rate, how labels were made,
-    network, loss (``max_epochs`` included; not the data, folders, device or precision, see
-    :data:`_NOT_RECIPE`). Empty without a readable record of this bundle's training."""
+    """The training-only ids that the training of ``checkpoint`` (its run's ``config.json``) changed from
+    ``bundle``'s training config and that say how its weights were made: epochs, learning rate, weight averaging,
+    how labels were drawn (not the data, folders, device, precision or loading, see :data:`_NOT_RECIPE`; not
+    the ids ``bundle``'s inference config holds either, which :func:`training_settings` weighs). Empty without
+    a readable record of this bundle's training."""
     from medseg.bundle import default_config
 
     path = run_file(checkpoint, "config.json")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         shipped = default_config(bundle, "train")
+        inference = default_config(bundle, "infer")
     except (OSError, ValueError, BundleError):
         return {}
     if not isinstance(record, dict):
@@ -336,7 +341,7 @@ def recipe_changes(bundle: str | os.PathLike, checkpoint: str | os.PathLike) -> 
     if own and (meta.get("name") if isinstance(meta, dict) else None) != own:
         return {}
     return {key: value for key, value in _recorded_changes(record, shipped).items()
-            if key.split("#")[0] not in _NOT_RECIPE or key.split("#")[0] == "max_epochs"}
+            if key.split("#")[0] not in _NOT_RECIPE and key.split("#")[0] not in inference}
 
 
 def _as_set(value: Any) -> str:

@@ -1713,6 +1713,11 @@ def test_an_export_describes_how_its_weights_were_trained_and_keeps_their_score_
     run = shutil.copytree(trained["out"], tmp_path / "run")
     record = json.loads((run / "config.json").read_text())
     record["ema_momentum"] = 0.5  # as `--set ema_momentum=0.5` records it
+    # what the machine ran with, not how the weights were made: not exported; nor an expression that works
+    # out as the bundle's own (a record of an earlier version), which evaluate and infer do not take either
+    shipped = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    record.update(cpu_bf16=not shipped["cpu_bf16"], compile=not shipped["compile"], num_workers=3, cache_rate=0.5,
+                  logit_shift="$(" + shipped["logit_shift"][1:] + ")")
     (run / "config.json").write_text(json.dumps(record))
     handed = tmp_path / "handover"
     handed.mkdir()
@@ -1721,11 +1726,18 @@ def test_an_export_describes_how_its_weights_were_trained_and_keeps_their_score_
     os.utime(handed / "train_summary.json", (1, 1))
     result = _invoke("export", BUNDLE, handed / "model.pt", tmp_path / "shared")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["settings"]["ema_momentum"] == 0.5
+    settings = json.loads(result.output)["settings"]
+    assert settings["ema_momentum"] == 0.5
+    assert not {"cpu_bf16", "compile", "num_workers", "cache_rate", "logit_shift", "device"} & set(settings)
     shared = tmp_path / "shared"
     train = json.loads((shared / "configs" / "train.json").read_text())
     assert train["ema_momentum"] == 0.5 and train["max_epochs"] == 3  # trained 3 epochs (--epochs 3)
-    assert train["dataset_dir"] == json.loads((BUNDLE / "configs" / "train.json").read_text())["dataset_dir"]
+    for key in ("dataset_dir", "cpu_bf16", "compile", "num_workers", "cache_rate", "logit_shift"):
+        assert train[key] == shipped[key], key
+    for name in ("evaluate.json", "inference.json"):  # their own values stay theirs
+        assert (shared / "configs" / name).read_text() == (BUNDLE / "configs" / name).read_text() or \
+            "ema_momentum" not in (shared / "configs" / name).read_text()
+    assert json.loads((shared / "configs" / "evaluate.json").read_text())["cache_rate"] == 0.0
     meta = json.loads((shared / "configs" / "metadata.json").read_text())
     assert "ema_momentum = 0.5" in meta["description"] and "max_epochs = 3" in meta["description"]
     assert "device" not in meta["exported_from"]["settings"]
@@ -1742,6 +1754,23 @@ def test_an_export_describes_how_its_weights_were_trained_and_keeps_their_score_
     os.utime(handed / "model.pt", (1, 1))  # older than the summary: the file times would have taken the score
     assert _invoke("export", BUNDLE, handed / "model.pt", tmp_path / "other").exit_code == 0
     assert json.loads((tmp_path / "other" / "configs" / "metadata.json").read_text())["eval_metrics"] == {}
+    # a summary of an earlier version names no weights: it counts unless the weights are newer than it
+    shutil.copyfile(run / "model.pt", handed / "model.pt")
+    del summary["weights_sha256"]
+    (handed / "train_summary.json").write_text(json.dumps(summary))
+    os.utime(handed / "model.pt", (1, 1))
+    assert _invoke("export", BUNDLE, handed / "model.pt", tmp_path / "old").exit_code == 0
+    assert json.loads((tmp_path / "old" / "configs" / "metadata.json").read_text())["eval_metrics"]
+    os.utime(handed / "train_summary.json", (0, 0))
+    assert _invoke("export", BUNDLE, handed / "model.pt", tmp_path / "newer").exit_code == 0
+    assert json.loads((tmp_path / "newer" / "configs" / "metadata.json").read_text())["eval_metrics"] == {}
+    # a record of no bundle's training is not taken, for how the weights were made either
+    from medseg.runfolder import recipe_changes
+
+    assert recipe_changes(BUNDLE, handed / "model.pt")["ema_momentum"] == 0.5
+    del record["_meta_"]
+    (handed / "config.json").write_text(json.dumps(record))
+    assert recipe_changes(BUNDLE, handed / "model.pt") == {}
 
 
 def test_an_export_of_an_export_describes_a_component_changed_whole_then_in_part():
@@ -2163,6 +2192,17 @@ def test_evaluate_all_of_fewer_slices_than_the_bundle_holds_out(trained, tmp_pat
                      *_tiny_args(TINY_NET))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["images"] == 4
+
+
+def test_an_evaluations_record_names_the_split_it_scored_absolutely(trained, tmp_path, monkeypatch):
+    # run.split_from was relative to the working folder, unlike the record's other paths
+    monkeypatch.chdir(trained["out"].parent)
+    result = _invoke("evaluate", BUNDLE, "--data", trained["data"], "--checkpoint", Path(trained["out"].name) /
+                     "model.pt", "--output", tmp_path / "eval", "--no-progress", "--device", "cpu", "--no-tracking",
+                     *_tiny_args(TINY_NET))
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "eval" / "summary.json").read_text())["run"]
+    assert run["split_from"] == str(trained["out"] / "split.json")
 
 
 def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):

@@ -741,10 +741,14 @@ def test_jpeg_baseline_dicom_is_decoded(tmp_path):
     assert np.abs(decoded.astype(np.float64) - pixels).mean() < 2.0
 
 
-def test_a_seg_is_written_for_frames_that_state_their_orientation_and_pixel_size_each(tmp_path):
+@pytest.mark.parametrize("layout", ["each frame", "not the first frame", "shared thickness alone"])
+def test_a_seg_is_written_for_frames_that_state_their_orientation_and_pixel_size_each(tmp_path, layout):
     # some enhanced images keep orientation and pixel spacing only in each frame's groups, none shared: the
-    # SEG was refused ("'Dataset' object has no attribute 'PixelMeasuresSequence'") and the input lost
+    # SEG was refused ("'Dataset' object has no attribute 'PixelMeasuresSequence'") and the input lost. Also
+    # when the first frame states none (the top level, which agrees, stands for it), and when shared pixel
+    # measures hold a thickness alone
     import highdicom as hd
+    from pydicom.dataset import Dataset
     from pydicom.uid import EnhancedCTImageStorage
 
     sagittal = (0, 1, 0, 0, 0, -1)
@@ -752,6 +756,15 @@ def test_a_seg_is_written_for_frames_that_state_their_orientation_and_pixel_size
                            [(4, 0, 0), (0, 0, 0), (2, 0, 0)])
     ds = pydicom.dcmread(path)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    if layout == "not the first frame":
+        first = ds.PerFrameFunctionalGroupsSequence[0]
+        del first.PlaneOrientationSequence, first.PixelMeasuresSequence
+        ds.ImageOrientationPatient, ds.PixelSpacing = [f"{v:g}" for v in sagittal], ["0.5", "0.25"]
+    elif layout == "shared thickness alone":
+        shared, measures = Dataset(), Dataset()
+        measures.SliceThickness = "2"
+        shared.PixelMeasuresSequence = [measures]
+        ds.SharedFunctionalGroupsSequence = [shared]
     ds.save_as(path)
     geometry = dicom.series_geometry(dicom.find_series(path))
     mask = np.zeros(geometry.shape, bool)
@@ -768,12 +781,14 @@ def test_a_seg_is_written_for_frames_that_state_their_orientation_and_pixel_size
         position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
         np.testing.assert_allclose(position, [x_of_source_frame[source], 0, 0])
         assert frame.sum() == (6 if source == 1 else 0)  # the mask on the frame it was drawn on
-    assert "SharedFunctionalGroupsSequence" not in pydicom.dcmread(path)  # the source file is left as it was
+    assert pydicom.dcmread(path) == ds  # the source file is left as it was
 
 
-def test_a_single_frame_enhanced_image_is_placed_by_its_functional_groups(tmp_path):
-    # one frame whose orientation, pixel spacing and thickness sit only in the shared groups and its position
-    # in the frame's: its NIfTI outputs were axial, 1 mm pixels and 1 mm thick, while its SEG was sagittal
+@pytest.mark.parametrize("where", ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"])
+def test_a_single_frame_enhanced_image_is_placed_by_its_functional_groups(tmp_path, where):
+    # one frame whose orientation, pixel spacing and thickness sit only in the shared (or the frame's) groups
+    # and its position in the frame's: its NIfTI outputs were axial, 1 mm pixels and 1 mm thick, while its SEG
+    # was sagittal
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
@@ -786,12 +801,14 @@ def test_a_single_frame_enhanced_image_is_placed_by_its_functional_groups(tmp_pa
     shared, measures, orientation = Dataset(), Dataset(), Dataset()
     measures.PixelSpacing, measures.SliceThickness = ["0.5", "0.75"], "3"
     orientation.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
-    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
     frame, position = Dataset(), Dataset()
     position.ImagePositionPatient = ["5", "-20", "40"]
     frame.PlanePositionSequence = Sequence([position])
+    plane = shared if where == "SharedFunctionalGroupsSequence" else frame
+    plane.PixelMeasuresSequence, plane.PlaneOrientationSequence = Sequence([measures]), Sequence([orientation])
     ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    if where == "SharedFunctionalGroupsSequence":
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
     ds.save_as(path)
     meta = read_geometry(path)
     np.testing.assert_allclose(meta["spacing"], [3.0, 0.5, 0.75])
