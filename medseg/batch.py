@@ -764,7 +764,7 @@ def _run_inputs(inputs: Sequence[InputItem], counts: dict[int, int], segment: Ca
         if progress is not None:
             progress.start(item.rel)
         paths: dict[str, Path] = {}
-        written, fingerprint, before, full = False, "", {}, ""
+        written, fingerprint, before, full, broken = False, "", {}, "", ""
         try:
             if item.error:
                 raise DataError(item.error)

@@ -255,7 +255,11 @@ def _glob(root: Path, pattern: str) -> list[Path]:
         DataError: a link matching ``pattern`` has no target. A folder that cannot be listed is a warning.
     """
     if "**" not in pattern:
-        return list(root.glob(pattern))
+        found = list(root.glob(pattern))
+        for path in found:  # an image link kept out by the callers' is_file() without a word otherwise
+            if path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES:
+                raise DataError(f"{path}: a link whose target does not exist; restore the target or remove the link")
+        return found
     from medseg.discovery import files_under
 
     parts = [part for part in pattern.replace(os.sep, "/").split("/") if part not in ("", ".")]

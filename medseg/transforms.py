@@ -418,8 +418,8 @@ class LoadInstanceMasksd(MapTransform):
                                     "an instance label image, which would be read as one object; read each "
                                     "sample's label image with --set 'image_glob=*/images/*' --set "
                                     "'mask_template=../masks/*'")
-                if several and str(folder.parent.parent) not in _SAID:
-                    _SAID.add(str(folder.parent.parent))  # an instance label image would become one object
+                if several and (str(folder.parent.parent), "several") not in _SAID:
+                    _SAID.add((str(folder.parent.parent), "several"))  # a label image would become one object
                     logging.getLogger(__name__).warning(
                         "%s: holds more than one non-zero value, read as one object (every non-zero pixel); each "
                         "file in a masks/ folder is one object's mask; to read one instance label image per "
@@ -429,8 +429,8 @@ class LoadInstanceMasksd(MapTransform):
                     merger = InstanceMerger(shape)
                 if not merger.add(mask[0] > 0) and np.any(mask[0] > 0):
                     covered.append(path)
-            if covered and str(folder.parent.parent) not in _SAID:
-                _SAID.add(str(folder.parent.parent))
+            if covered and (str(folder.parent.parent), "covered") not in _SAID:  # each warning once, not either
+                _SAID.add((str(folder.parent.parent), "covered"))
                 logging.getLogger(__name__).warning(
                     "%s: lies wholly under the masks before it (in name order), so it adds no object (%d such in "
                     "this folder); a mask of several objects hides them all as one: remove it (said once for the "
@@ -444,7 +444,7 @@ class LoadInstanceMasksd(MapTransform):
 
 
 #: folders already warned about (a warning per file would repeat it for every sample)
-_SAID: set[str] = set()
+_SAID: set[Any] = set()
 
 
 def instance_label_image(path: str | Path, page: int = 0, shape: tuple[int, ...] | None = None,

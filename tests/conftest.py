@@ -59,6 +59,22 @@ def write_isbi_folder(root: Path, n: int = 4, size: int = 96) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _no_internal_error(monkeypatch):
+    """Every command a test runs through Typer's runner: an unexpected exception, which the CLI reports as an
+    ``internal error`` (a bug, not a user's mistake), fails the test whatever exit code it looked for."""
+    from typer.testing import CliRunner
+
+    real = CliRunner.invoke
+
+    def invoke(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        assert "internal error: " not in result.output, result.output[-3000:]
+        return result
+
+    monkeypatch.setattr(CliRunner, "invoke", invoke)
+
+
 @pytest.fixture
 def isbi_folder(tmp_path: Path) -> Path:
     """A synthetic ISBI data folder (PNG layout) with 4 labelled slices."""

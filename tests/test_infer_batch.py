@@ -653,12 +653,15 @@ def test_another_folders_input_of_the_same_name_never_replaces_an_inputs_outputs
     out = tmp_path / "out"
     assert _infer(tmp_path / "dayA", out, tiny_checkpoint).exit_code == 0
     first = (out / "prob" / "img1.tif").read_bytes()  # (the untrained network's masks are alike)
+    tifffile.imwrite(tmp_path / "dayB" / "zzz.tif", synthetic_em(size=32, seed=3)[0])  # segmented after it
     for same_stamp in (False, True):  # the same size and time stamp as well: was even skipped as done
         if same_stamp:
             stamp = (tmp_path / "dayA" / "img1.tif").stat()
             os.utime(tmp_path / "dayB" / "img1.tif", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
         result = _infer(tmp_path / "dayB", out, tiny_checkpoint)
-        assert result.exit_code == 1
+        assert result.exit_code == 1 and "internal error" not in result.output, result.output
+        assert _summary(result.output)["failed"] == 1  # reported as the one input refused, not a crash
+        assert (out / "prob" / "zzz.tif").is_file()  # and the input after it segmented
         row = _manifest(out)["img1.tif"]  # dayB's row, the last
         assert row["status"] == "failed" and row["mask"] == "", row
         assert f"is the mask of {(tmp_path / 'dayA' / 'img1.tif').as_posix()}, another input of the same name" \

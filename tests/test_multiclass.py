@@ -78,9 +78,13 @@ def test_pairs_in_linked_folders_are_found_and_broken_links_named(jurkat_folder,
     (jurkat_folder / "set_a" / "gone.bmp").symlink_to(tmp_path / "missing.bmp")
     with pytest.raises(DataError, match=r"set_a/gone\.bmp: a link whose target does not exist"):
         find_image_mask_pairs(jurkat_folder, **LAYOUT)
-    (jurkat_folder / "set_a" / "gone.bmp").unlink()
     (jurkat_folder / "set_a" / "notes.txt").symlink_to(tmp_path / "missing.txt")  # not an image: no matter
+    # a pattern without ** (the nuclei default, images/*) dropped the broken link without a word
+    with pytest.raises(DataError, match=r"set_a/gone\.bmp: a link whose target does not exist"):
+        find_image_mask_pairs(jurkat_folder, image_glob="set_a/*", mask_template="{stem}.png")
+    (jurkat_folder / "set_a" / "gone.bmp").unlink()
     assert len(find_image_mask_pairs(jurkat_folder, **LAYOUT)) == 8
+    assert len(find_image_mask_pairs(jurkat_folder, image_glob="set_a/*.bmp", mask_template="{stem}.png")) == 6
     # hidden folders (a notebook's checkpoints) are not entered unless the pattern names them
     shutil.copytree(jurkat_folder / "set_a", jurkat_folder / ".ipynb_checkpoints", symlinks=True)
     (jurkat_folder / ".ipynb_checkpoints" / "loop").unlink()

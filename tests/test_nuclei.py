@@ -217,6 +217,21 @@ def test_a_mask_stack_is_refused_and_a_mask_hiding_others_is_said(tmp_path, capl
     finally:
         transforms._SAID.clear()
         transforms._SAID.update(said_before)
+    # a mask of several values in another sample of the data folder: each warning is said, not the first alone
+    other = write_dsb_sample(tmp_path, "t", image, labels)
+    both = np.where(labels == 1, 100, np.where(labels == 2, 200, 0)).astype(np.uint8)
+    Image.fromarray(both).save(other / "masks" / "m00.png")
+    transforms._SAID.clear()
+    try:
+        with caplog.at_level("WARNING", logger="medseg.transforms"):
+            _loaded({"image": str(other / "images" / "t.png"), "label": str(other / "masks")})
+            _loaded(sample)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("m00.png: holds more than one non-zero value" in m for m in messages)
+        assert sum("lies wholly under the masks before it" in m for m in messages) == 2  # before, and now
+    finally:
+        transforms._SAID.clear()
+        transforms._SAID.update(said_before)
     (folder / "masks" / "0_all.png").unlink()
     stack = np.stack([np.where(labels == k, 255, 0).astype(np.uint8) for k in (1, 2)])
     for name in ("m01.png", "m02.png"):
@@ -1027,7 +1042,7 @@ def test_a_label_image_put_in_a_masks_folder_is_said(tmp_path, caplog):
                                         r"values, .* 'image_glob=\*/images/\*' --set 'mask_template=../masks/\*'"):
         _loaded(sample)
     Image.fromarray((labels == 1).astype(np.uint8) * 255).save(folder / "masks" / "one.png")
-    medseg.transforms._SAID.discard(str(tmp_path / "dsb"))
+    medseg.transforms._SAID.discard((str(tmp_path / "dsb"), "several"))
     with caplog.at_level("WARNING", logger="medseg.transforms"):
         loaded = _loaded(sample)
     assert loaded["label"].max() == 2  # one.png's nucleus, and the rest of x.png as one object
