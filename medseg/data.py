@@ -254,13 +254,14 @@ def _glob(root: Path, pattern: str) -> list[Path]:
     Raises:
         DataError: a link matching ``pattern`` has no target. A folder that cannot be listed is a warning.
     """
+    from medseg.discovery import BROKEN_LINK, files_under
+
     if "**" not in pattern:
         found = list(root.glob(pattern))
         for path in found:  # an image link kept out by the callers' is_file() without a word otherwise
             if path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES:
-                raise DataError(f"{path}: a link whose target does not exist; restore the target or remove the link")
+                raise DataError(f"{path}: {BROKEN_LINK}")
         return found
-    from medseg.discovery import files_under
 
     parts = [part for part in pattern.replace(os.sep, "/").split("/") if part not in ("", ".")]
     fixed = 0  # leading parts without wildcards: the folder to search from

@@ -194,6 +194,10 @@ def discover(
     return _unique_rels(inputs), ignored
 
 
+#: What a link with no target is said to be, and the fix
+BROKEN_LINK = "a link whose target does not exist; restore the target or remove the link"
+
+
 def files_under(root: Path, recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The files under ``root`` (its sub-folders too when ``recursive``), links to files and folders followed,
     and ``(path, reason)`` for each folder that cannot be listed and each link whose target is missing.
@@ -228,7 +232,7 @@ def files_under(root: Path, recursive: bool = True) -> tuple[list[Path], list[tu
             if path.is_file():
                 files.append(path)
             elif path.is_symlink() and not path.exists() and not name.startswith("."):
-                problems.append((path, "a link whose target does not exist; restore the target or remove the link"))
+                problems.append((path, BROKEN_LINK))
     return files, problems
 
 

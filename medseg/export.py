@@ -190,31 +190,30 @@ def _merged_settings(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, 
     import copy
 
     merged: dict[str, Any] = {}
-    taken: set[str] = set()
+    taken: set[str] = set()  # parts of ``now`` set inside an earlier component
     for key, value in earlier.items():
         if any(key == n or key.startswith(f"{n}#") for n in now):
             continue  # changed again, whole
         parts = {n: v for n, v in now.items() if n.startswith(f"{key}#")}
-        if parts and not isinstance(value, dict):
-            continue
         if parts:
             value = copy.deepcopy(value)
-            for name, part in parts.items():
-                *path, leaf = name[len(key) + 1:].split("#")
-                node = value
-                for step in path:
-                    node = node.setdefault(step, {}) if isinstance(node, dict) else None
-                if not isinstance(node, dict):
-                    break
-                node[leaf] = part
-                taken.add(name)
-            else:
-                merged[key] = value
-                continue
-            taken.difference_update(parts)
-            continue
+            if not all(_set_part(value, name[len(key) + 1:], part) for name, part in parts.items()):
+                continue  # no component to hold them: the parts stand alone
+            taken.update(parts)
         merged[key] = value
     return {**merged, **{k: v for k, v in now.items() if k not in taken}}
+
+
+def _set_part(component: Any, path: str, value: Any) -> bool:
+    """Set the part ``path`` (``a#b``) of ``component`` to ``value``; ``False`` where it is no mapping."""
+    *steps, leaf = path.split("#")
+    node = component
+    for step in steps:
+        node = node.setdefault(step, {}) if isinstance(node, dict) else None
+    if not isinstance(node, dict):
+        return False
+    node[leaf] = value
+    return True
 
 
 class _Earlier(NamedTuple):

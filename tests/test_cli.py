@@ -1786,6 +1786,21 @@ def test_an_export_of_an_export_describes_a_component_changed_whole_then_in_part
     assert _merged_settings({"lr": 0.1}, {"lr#x": 1}) == {"lr#x": 1}  # a part of what is no component
 
 
+def test_an_exports_docs_say_where_a_setting_no_config_holds_is_kept(tmp_path):
+    # a bundle whose configs are not JSON (or hold no such id) gets no setting written: the docs said "written
+    # into configs/" of them all
+    from medseg.export import _Export, _write_docs_header
+
+    about = _Export(BUNDLE, "0" * 64, {"ema_momentum": 0.5, "loss_name": "dice_ce"}, None, False,
+                    name="isbi_em", unplaced=("ema_momentum",))
+    _write_docs_header(tmp_path / "README.md", about, described=False, scripted=False)
+    docs = (tmp_path / "README.md").read_text()
+    assert docs.startswith("# Exported model: trained weights of the bundle isbi_em\n")
+    assert "`ema_momentum` not in `configs/`" in docs and "`models/config.json`, the training's own record" in docs
+    _write_docs_header(tmp_path / "all.md", about._replace(unplaced=()), described=False, scripted=False)
+    assert "not in `configs/`" not in (tmp_path / "all.md").read_text()
+
+
 def test_a_refused_export_names_the_source_and_leaves_nothing(trained, tmp_path, monkeypatch):
     # a broken config of the source bundle was named as the export's temporary copy, which was gone; a file in
     # the output's path was "File exists", a folder given as the checkpoint "not found", and folders made for
