@@ -52,9 +52,11 @@ test-all: venv
 lint: venv
 	$(BIN)/python -m ruff check medseg tests benchmarks
 
-# the inference benchmark is isbi_em's, on the ISBI test slices
+# the inference benchmark is isbi_em's, on the ISBI test slices, with trained weights: CKPT, else `make demo`'s
+BENCH_CKPT = $(or $(CKPT),$(wildcard demo_out/isbi_em/train/model.pt))
 bench: venv
-	$(BIN)/python benchmarks/infer_speed.py --data $(DATA_isbi_em)/test --tta $(if $(CKPT),--checkpoint $(CKPT))
+	@test -n "$(BENCH_CKPT)" || { echo "make bench: no weights; run \`make demo\` first or give CKPT=RUN/model.pt"; exit 2; }
+	$(BIN)/python benchmarks/infer_speed.py --data $(DATA_isbi_em)/test --tta --checkpoint $(BENCH_CKPT)
 
 # removes the virtual environment too, with a torch build installed into it by hand
 clean:

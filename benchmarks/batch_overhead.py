@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import cpu_name, positive_int
 from PIL import Image
 
 from medseg.batch import RunRecord, run_batch
@@ -45,9 +46,9 @@ def one_pass(inputs_dir: Path, out: Path, n: int) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("counts", nargs="*", type=int, default=[250, 1000, 4000], help="batch sizes to time")
+    parser.add_argument("counts", nargs="*", type=positive_int, default=[250, 1000, 4000], help="batch sizes to time")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"machine: {cpu_name()}, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         inputs_dir = Path(tmp) / "in"
         inputs_dir.mkdir()
@@ -59,8 +60,10 @@ def main() -> None:
         for n in args.counts:
             out = Path(tmp) / f"out{n}"
             first, first_wall, made = one_pass(inputs_dir, out, n)
-            second, second_wall, _ = one_pass(inputs_dir, out, n)
-            assert made == n, (made, n)
+            second, second_wall, again = one_pass(inputs_dir, out, n)
+            if made != n or again:
+                raise SystemExit(f"error: {n} inputs: the first pass segmented {made}, the second {again} "
+                                 f"(expected {n} and 0)")
             print(f"| {n} | {1000 * first / n:.1f} / {1000 * first_wall / n:.1f} | "
                   f"{1000 * second / n:.1f} / {1000 * second_wall / n:.1f} |")
 
