@@ -273,7 +273,8 @@ def train(
     summary = _run(ctx, lambda: workflows.train(
         str(bundle), str(data), str(output), device=device, overlays=tuple(map(str, config or [])),
         overrides=_overrides(set_, max_epochs=epochs), resume=resume, overwrite=overwrite, tracking=tracking,
-        tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress))
+        tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress,
+        say=lambda line: typer.echo(line, err=True)))
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     if summary.get("best_metric") is not None:
         typer.echo(f"best {summary['key_metric']} {summary['best_metric']:.4f} at epoch "

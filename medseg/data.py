@@ -294,9 +294,11 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     """List ``{"image", "label", "name", "group"}`` for every image matching ``image_glob`` under ``root``.
 
     Each image's mask is found with ``mask_template``, a glob relative to the image's folder in which
-    ``{stem}`` and ``{name}`` stand for the image's file stem and name, and ``{match}`` for what the first
+    ``{stem}`` and ``{name}`` stand for the image's file stem and name, ``{match}`` for what the first
     ``*`` of ``image_glob``'s file-name part matched (Cellpose's ``000_img.png`` + ``000_masks.png``:
-    ``image_glob="*_img.png", mask_template="{match}_masks.png"``). The defaults read
+    ``image_glob="*_img.png", mask_template="{match}_masks.png"``), and ``{parent}`` for the name of the
+    image's folder (``images/plate1/x.tif`` + ``masks/plate1/x.tif``: ``image_glob="images/*/*.tif",
+    mask_template="../../masks/{parent}/{stem}.tif"``). The defaults read
     ``root/images/NAME`` + ``root/masks/STEM.*``; masks beside their images (``001.bmp`` + ``001.png``) are
     ``image_glob="**/*.bmp", mask_template="{stem}.png"``. ``group`` is the image's folder relative to
     ``root`` (used to stratify the split); ``name`` is the image's relative path without suffix.
@@ -317,15 +319,17 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                         f"{volumes or '; set image_glob in the bundle config (--set image_glob=...)'}")
     found = {}
     for image in images:
-        fields = {"stem": image.stem, "name": image.name, "match": _star_match(image.name, image_glob)}
+        fields = {"stem": image.stem, "name": image.name, "match": _star_match(image.name, image_glob),
+                  "parent": image.parent.name}
         try:  # the image's folder and the fields as they are ("plate [1]/"), the template's wildcards as such
             shown = str(image.parent / mask_template.format(**fields))
             pattern = os.path.join(glob.escape(str(image.parent)),
                                    mask_template.format(**{k: glob.escape(v) for k, v in fields.items()}))
         except (KeyError, IndexError, ValueError) as err:
             raise ConfigValueError(f"mask_template '{mask_template}': {type(err).__name__} {err}; its placeholders "
-                                   "are {stem}, {name} and {match} (what the first * of image_glob matched), "
-                                   "paths relative to each image's folder") from err
+                                   "are {stem}, {name}, {match} (what the first * of image_glob matched) and "
+                                   "{parent} (the image's folder's name), paths relative to each image's "
+                                   "folder") from err
         matched = glob.glob(pattern)  # as written first: x.png is the mask even when x.PNG lies beside it
         for form in (None, "NFC", "NFD"):  # a name macOS wrote decomposed (NFD) beside one written composed
             if matched:
@@ -346,6 +350,14 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                      if Path(m).suffix.lower() in LOSSY_SUFFIXES and Path(m).resolve() != image.resolve()]
             if lossy:
                 raise lossy_mask_error(lossy[0])
+            unread = sorted(m for m in glob.glob(any_case_suffix(pattern)) if Path(m).resolve() != image.resolve()
+                            and Path(m).suffix.lower() not in MASK_SUFFIXES)
+            if unread:
+                how = ("Cellpose's _seg.npy holds Python objects, which are not loaded: save its masks as PNG or "
+                       "TIFF (Cellpose: --save_png or --save_tif, or File > Save masks as PNG/tif)"
+                       if unread[0].lower().endswith("_seg.npy") else
+                       f"save it as a PNG or TIFF label image ({', '.join(MASK_SUFFIXES)})")
+                raise DataError(f"{unread[0]}: masks of type {Path(unread[0]).suffix} are not read; {how}")
             sample = image.parent.parent
             if image.parent.name == "images" and image.stem == sample.name and (sample / "masks").is_dir() and \
                     sample.resolve() == root.resolve():  # one sample of the Kaggle layout given as the data
@@ -353,8 +365,9 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                                 f"pass --data {sample.parent}, the folder that holds the samples")
             raise DataError(f"{image}: no mask matches {shown}; add the mask or set mask_template")
         if len(masks) > 1:
-            raise DataError(f"{image}: {len(masks)} masks match {shown} ({masks[0].name}, {masks[1].name}); "
-                            "make mask_template specific")
+            named = [_shown_under(m, root) for m in masks[:2]]
+            raise DataError(f"{image}: {len(masks)} masks match {shown} ({named[0]}, {named[1]}); "
+                            "make mask_template specific (its {parent} stands for the image's folder's name)")
         for path, what in ((image, "image"), (masks[0], "mask")):
             if path.suffix.lower() in (".tif", ".tiff") and (pages := count_slices(path)) > 1:
                 fix = ("save each page as its own image, with its mask" if what == "image" else
@@ -373,6 +386,14 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                             f"matched by '{image_glob}'; keep one, or make image_glob specific (e.g. "
                             f"{Path(image_glob).parent.as_posix()}/*{Path(other).suffix})")
     return pairs
+
+
+def _shown_under(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` where it lies under it (``masks/plate1/x.tif``), else as found."""
+    try:
+        return Path(os.path.normpath(path)).relative_to(os.path.normpath(root)).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _star_match(name: str, image_glob: str) -> str:
@@ -516,8 +537,15 @@ def _layout_hint(root: Path) -> str:
                 "-s 'mask_template={match}_masks.png'")
     if (root / "images").is_dir() and (root / "masks").is_dir():
         volumes = _volumes_said(sorted((root / "images").iterdir()))
-        return f"{kaggle}{volumes}" if volumes else \
-            f"{kaggle}; images/ and masks/ are here: read them as images with label images, --set layout=folders"
+        if volumes:
+            return f"{kaggle}{volumes}"
+        if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in (root / "images").iterdir()) and any(
+                q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                for p in (root / "images").iterdir() if p.is_dir() for q in p.iterdir()):
+            return (f"{kaggle}; images/ and masks/ are here with sub-folders: read them as images with label images "
+                    "of the same sub-folder and name, -s 'image_glob=images/*/*' "
+                    "-s 'mask_template=../../masks/{parent}/{stem}.*'")
+        return f"{kaggle}; images/ and masks/ are here: read them as images with label images, --set layout=folders"
     if (root / "images").is_dir():
         others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "images")
         return (f"{kaggle}; for images/ with instance label images put the labels in masks/ beside it"

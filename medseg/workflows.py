@@ -299,6 +299,31 @@ def _training_split_settings(checkpoints: list[str], parser: Any, given: Callabl
     return found[0] if found and all(f == found[0] for f in found) else {}
 
 
+#: The ids by which the bundles find their labelled data (:mod:`medseg.data`): read as the training read them
+LAYOUT_IDS = ("layout", "image_glob", "mask_template")
+
+
+def _training_layout(checkpoints: list[str], parser: Any, given: Callable[[str], bool]) -> tuple[dict[str, str], str]:
+    """The values of :data:`LAYOUT_IDS` that the training of ``checkpoints`` recorded in its ``config.json`` and
+    that differ from ``parser``'s, where the config's ``datalists`` reads with the id and the command does not give
+    it (``given``), with the record they came from; none when a record is missing or unreadable, or the members
+    of an ensemble differ."""
+    reading = json.dumps(parser.get("datalists", {}), default=str)
+    found, where = [], ""
+    for checkpoint in dict.fromkeys(map(str, checkpoints)):
+        path = runfolder.run_file(checkpoint, "config.json")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}, ""
+        if not isinstance(record, dict):
+            return {}, ""
+        found.append({k: record[k] for k in LAYOUT_IDS if isinstance(record.get(k), str) and not given(k)
+                      and re.search(rf"@{k}\b", reading) and record[k] != parser.get(k)})
+        where = where or str(path)
+    return (found[0], where) if found and all(f == found[0] for f in found) else ({}, "")
+
+
 def _recorded_split_path(checkpoints: list[str]) -> Path:
     return next((p for p in (runfolder.run_file(c, "split.json") for c in checkpoints) if p.is_file()),
                 Path(checkpoints[0]).parent / "split.json")
@@ -403,8 +428,12 @@ def train(
     tracking_uri: str | None = None,
     max_minutes: float | None = None,
     progress: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``bundle`` on ``data_dir``; checkpoints, curves, split, config and MLflow store go to ``output_dir``.
+
+    ``say`` is given one line before the training starts: the labelled images found and how they were split
+    (the CLI prints it); the summary holds the counts too.
 
     A folder holding another training's weights is continued with ``resume`` or, with ``overwrite``, has
     that training's checkpoints, ``model.pt``, history and curves removed once the new run has passed its
@@ -466,6 +495,7 @@ def train(
                 raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
                                 f"hold some out ({'val_count' if 'val_count' in parser else 'val_fraction'}), "
                                 "or give more images")
+            found = _data_found(parser, datalists, data_dir, out)
             _check_compile(parser, dev)
             if resume and isinstance(parser.get("val_at_start"), bool):
                 parser["val_at_start"] = False  # it would run before the checkpoint loads, scoring fresh weights
@@ -534,6 +564,8 @@ def train(
             raise
         runfolder.put_back(aside, keep_new=True)
         cleanup.started = True  # from here on, what the run writes is kept whatever happens
+        if say is not None and found:
+            say(found["said"])
         if max_minutes:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_sec=max(1, round(max_minutes * 60))))
         RichProgress(evaluator=evaluator, disable=not progress).attach(trainer)
@@ -577,6 +609,7 @@ def train(
             "wall_seconds": round(time.perf_counter() - start, 1),
             "device": str(dev),
             "output_dir": str(out),
+            **({"images": {k: v for k, v in found.items() if k != "said"}} if found else {}),
             **({"resumed_from_epoch": resumed_from} if resume else {}),
             "started": started,
             "environment": ran_with,
@@ -601,6 +634,31 @@ def train(
         if diverged:
             raise TrainingDiverged(diverged.message(parser, out, summary))
         return summary
+
+
+def _data_found(parser: Any, datalists: Any, data_dir: str, out: Path) -> dict[str, Any]:
+    """How many labelled images (ISBI: slices) ``datalists`` holds for training and validation, and the layout
+    they were read in where the bundle reads several (nuclei), with a line saying so; empty for a config whose
+    ``datalists`` is not a split."""
+    if not (isinstance(datalists, dict) and isinstance(datalists.get("train"), list)
+            and isinstance(datalists.get("val"), list)):
+        return {}
+    found: dict[str, Any] = {"train": len(datalists["train"]), "val": len(datalists["val"])}
+    what = "slices" if "val_count" in parser else "images"
+    layout = ""
+    with contextlib.suppress(MedsegError, KeyError, TypeError, ValueError):  # the data were read: the settings are good
+        globs = (str(parser.get_parsed_content("image_glob")), str(parser.get_parsed_content("mask_template")))
+        layout = f" (images '{globs[0]}', masks '{globs[1]}')"
+        if isinstance(parser.get("layout"), str):
+            from medseg.data import instance_layout
+
+            found["layout"] = instance_layout(data_dir, parser.get_parsed_content("layout"), *globs)
+            if found["layout"] == "kaggle":
+                layout = " (DSB Kaggle layout: {id}/images + {id}/masks)"
+    record = f"; the split is recorded in {out / 'split.json'}" if (out / "split.json").is_file() else ""
+    found["said"] = (f"{data_dir}: {found['train'] + found['val']} labelled {what}{layout}: {found['train']} for "
+                     f"training, {found['val']} for validation{record}")
+    return found
 
 
 def _leave_sigterm_to_main(parser: Any, *loaders: str) -> None:
@@ -709,6 +767,13 @@ def evaluate(
                 **device_settings(dev)}
     trained = runfolder.training_settings(bundle, checkpoints, overrides, overlays)
     parser = load_config(bundle, "evaluate", overlays, overrides, settings, trained=trained.values)
+    layout, layout_from = _training_layout(checkpoints, parser, runfolder.given_by(overrides, overlays))
+    for key, value in layout.items():  # the data are looked for as the training found its own
+        parser[key] = value
+    if layout:
+        logging.getLogger(__name__).warning(
+            "reading %s as the training read its data: %s (from %s); give --set for data laid out otherwise",
+            data_dir, ", ".join(f"{k}={v}" for k, v in layout.items()), layout_from)
     settings_sha256 = settings_digest(parser.get())  # as given, before the split's own adjustments below
     if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
         parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "isbi_em"
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+#: The line in which ``medseg train`` says what data it found, before the first epoch.
+DATA_FOUND = re.compile(r": \d+ labelled (images|slices)\b.*: \d+ for training, \d+ for validation")
 
 #: Overrides for a tiny network and windows, valid for every isbi_em workflow (train, evaluate, infer).
 TINY_NET = [

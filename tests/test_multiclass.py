@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from conftest import JURKAT_TINY_NET, REPO, synthetic_cells, write_dicom_slice, write_jurkat_folder
+from conftest import DATA_FOUND, JURKAT_TINY_NET, REPO, synthetic_cells, write_dicom_slice, write_jurkat_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -52,8 +52,10 @@ def _one_line_error(result, *fragments: str) -> str:
 
 
 def _is_log_noise(line: str) -> bool:
-    # MONAI's StatsHandler loggers keep the streams of earlier CliRunner calls; ignore their log lines
-    return " - INFO - " in line or line.startswith(("--- Logging error", "Message:", "Arguments:"))
+    # MONAI's StatsHandler loggers keep the streams of earlier CliRunner calls; ignore their log lines, and the
+    # line in which a training says what data it found
+    return " - INFO - " in line or line.startswith(("--- Logging error", "Message:", "Arguments:")) or \
+        bool(DATA_FOUND.search(line))
 
 
 # --- data: discovery and split --------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_data_errors_name_the_file(jurkat_folder, tmp_path):
     for template, error in (("../{folder}/{stem}.png", "KeyError 'folder'"), ("{0}.png", "IndexError"),
                             ("{stem.png", "ValueError")):
         with pytest.raises(ConfigValueError, match=rf"mask_template '{re.escape(template)}': {error}.* placeholders "
-                                                   r"are \{stem\}, \{name\} and \{match\}"):
+                                                   r"are \{stem\}, \{name\}, \{match\} .* and \{parent\}"):
             find_image_mask_pairs(jurkat_folder, **{**LAYOUT, "mask_template": template})
     other = write_jurkat_folder(tmp_path / "two", layout=[("x", (40, 40))])
     shutil.copy(other / "x" / "001.png", other / "x" / "001.tif")
@@ -546,11 +548,16 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     result = _invoke("train", JURKAT, "--data", data, "--output", out, "--epochs", 2, "--no-progress",
                      "--no-tracking", "--device", "cpu", *_sets(TINY))
     assert result.exit_code == 0, result.output
-    return {"data": data, "out": out}
+    return {"data": data, "out": out, "output": result.output}
 
 
 def test_cli_train_writes_model_split_and_history(trained):
     out = trained["out"]
+    # what was found, said before the training starts, and kept in the summary
+    said = [line for line in trained["output"].splitlines() if "labelled images" in line]
+    assert said == [f"{trained['data']}: 8 labelled images (images '**/*.bmp', masks '{{stem}}.png'): 6 for training, "
+                    f"2 for validation; the split is recorded in {out / 'split.json'}"]
+    assert json.loads((out / "train_summary.json").read_text())["images"] == {"train": 6, "val": 2}
     for name in ("model.pt", "split.json", "history.json", "curves.png", "config.json", "train_summary.json"):
         assert (out / name).is_file(), name
     split = json.loads((out / "split.json").read_text())
@@ -763,6 +770,50 @@ def test_cli_evaluate_without_a_split_record_draws_the_split_as_the_training_did
     with open(tmp_path / "eval_0" / "metrics.csv", newline="") as fh:
         names = [r["name"] for r in csv.DictReader(fh)]
     assert len(names) == 3 and names != val  # 30 % of 10 with another seed
+
+
+def test_cli_evaluate_reads_the_data_as_the_training_did(tmp_path, caplog):
+    # images/ + masks/ folders: a run trained with its own image_glob and mask_template is evaluated on its data
+    # without giving them again (the bundle's **/*.bmp found nothing here)
+    src = write_jurkat_folder(tmp_path / "src", layout=[("set_a", (72, 72))] * 5)
+    data = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    for image in (src / "set_a").glob("*.bmp"):
+        shutil.copy(image, data / "images" / image.name)
+        shutil.copy(image.with_suffix(".png"), data / "masks" / f"{image.stem}.png")
+    layout = ["image_glob=images/*", "mask_template=../masks/{stem}.png"]
+    run = tmp_path / "run"
+    args = ("--no-progress", "--device", "cpu", "--no-tracking", *_sets(JURKAT_TINY_NET))
+    result = _invoke("train", JURKAT, "--data", data, "--output", run, "--epochs", 1, *_sets(layout), *args)
+    assert result.exit_code == 0, result.output
+    val = json.loads((run / "split.json").read_text())["val"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
+                         tmp_path / "eval", *args)
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == val
+    (said,) = [r.getMessage() for r in caplog.records if "as the training read its data" in r.getMessage()]
+    assert said == (f"reading {data} as the training read its data: image_glob=images/*, "
+                    f"mask_template=../masks/{{stem}}.png (from {run / 'config.json'}); give --set for data laid "
+                    "out otherwise")
+    # data in another layout: what the command gives wins, and only the rest is taken
+    other = write_jurkat_folder(tmp_path / "other", layout=[("set_a", (72, 72))] * 3)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", other, "--checkpoint", run / "model.pt", "--output",
+                         tmp_path / "eval_other", "--split", "all", "-s", "image_glob=**/*.bmp", *args)
+    assert result.exit_code == 1, result.output
+    assert "set_a/001.bmp: no mask matches" in result.output  # the training's mask_template, taken
+    assert any("mask_template=../masks/{stem}.png" in r.getMessage() and "image_glob" not in r.getMessage()
+               for r in caplog.records)
+    result = _invoke("evaluate", JURKAT, "--data", other, "--checkpoint", run / "model.pt", "--output",
+                     tmp_path / "eval_other", "--split", "all", "-s", "image_glob=**/*.bmp",
+                     "-s", "mask_template={stem}.png", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval_other" / "summary.json").read_text())["images"] == 3
 
 
 def test_cli_infer_refuses_dicom_seg_before_making_the_output_folder(trained, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -1001,6 +1002,47 @@ def test_cellpose_style_masks_beside_their_images_are_not_taken_for_images(tmp_p
     samples = instance_split(flat, image_glob="*_img.png", mask_template="{match}_masks.png", val_fraction=0.34)
     assert [s["name"] for s in samples["all"]] == ["s00_img", "s01_img", "s02_img"]
     assert [Path(s["label"]).name for s in samples["all"]] == ["s00_masks.png", "s01_masks.png", "s02_masks.png"]
+
+
+def test_label_images_in_sub_folders_pair_by_the_folder_name(tmp_path):
+    from medseg.data import instance_split
+
+    # StarDist-style folders split by plate: images/plateA/x.png + masks/plateA/x.png, one name in two plates
+    for plate in ("plateA", "plateB"):
+        _write_label_folders(tmp_path / "src" / plate, n=2)
+        for sub in ("images", "masks"):
+            shutil.copytree(tmp_path / "src" / plate / sub, tmp_path / "d" / sub / plate)
+    with pytest.raises(DataError, match=r"d: no DSB samples found; .*with sub-folders: .* -s 'image_glob=images/\*/\*' "
+                                        r"-s 'mask_template=\.\./\.\./masks/\{parent\}/\{stem\}\.\*'$"):
+        instance_split(tmp_path / "d")
+    samples = instance_split(tmp_path / "d", image_glob="images/*/*", mask_template="../../masks/{parent}/{stem}.*",
+                             val_fraction=0.5)
+    assert [Path(os.path.normpath(s["label"])).relative_to(tmp_path / "d").as_posix() for s in samples["all"]] == [
+        "masks/plateA/s00.png", "masks/plateA/s01.png", "masks/plateB/s00.png", "masks/plateB/s01.png"]
+    assert {s["group"] for s in samples["val"]} == {"images/plateA", "images/plateB"}  # stratified by plate
+    # a wildcard for the plate finds both plates' masks: both are named with their folders
+    with pytest.raises(DataError, match=r"s00\.png: 2 masks match .* \(masks/plateA/s00\.png, masks/plateB/s00\.png\); "
+                                        r"make mask_template specific \(its \{parent\}"):
+        instance_split(tmp_path / "d", image_glob="images/*/*", mask_template="../../masks/*/{stem}.*")
+
+
+def test_masks_of_a_type_not_read_are_named_as_such(tmp_path):
+    from medseg.data import instance_split
+
+    _write_label_folders(tmp_path / "src", n=2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(2):
+        shutil.copy(tmp_path / "src" / "images" / f"s{k:02d}.png", flat / f"s{k:02d}.png")
+        np.save(flat / f"s{k:02d}_seg.npy", np.zeros((4, 4), np.uint16))
+    # the mask is there, as Cellpose's GUI saves it: not "no mask matches"
+    with pytest.raises(DataError, match=r"s00_seg\.npy: masks of type \.npy are not read; Cellpose's _seg\.npy .*"
+                                        r"--save_tif"):
+        instance_split(flat, image_glob="*.png", mask_template="{stem}_seg.npy")
+    for k in range(2):
+        (flat / f"s{k:02d}_seg.npy").rename(flat / f"s{k:02d}.csv")
+    with pytest.raises(DataError, match=r"s00\.csv: masks of type \.csv are not read; save it as a PNG or TIFF"):
+        instance_split(flat, image_glob="*.png", mask_template="{stem}.*")
 
 
 def test_stacks_are_refused_in_the_folders_layout(tmp_path):
