@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,8 @@ class Segmenter:
         overlays: Sequence[str | os.PathLike] = (),
         overrides: dict[str, Any] | None = None,
     ) -> None:
-        with _rng_kept():  # a first import of MONAI draws from Python's generator; the network's init from torch's
+        # a first import of MONAI draws from Python's generator; the network's init from torch's
+        with _python_words(), _rng_kept():
             self._build(str(bundle), checkpoint, device, tta, overlays, overrides)
 
     def _build(self, bundle: str, checkpoint: Any, device: str, tta: bool | None, overlays: Sequence[Any],
@@ -165,6 +167,7 @@ class Segmenter:
         """
         with _python_words():
             if isinstance(image, (str, os.PathLike)):
+                _check_path(image)
                 return self._segment_file(image, None, channel_axis, diameter)
             return self._segment(_channels_first(image, channel_axis, self._takes_channels), diameter)
 
@@ -181,6 +184,7 @@ class Segmenter:
         if isinstance(stack, (str, os.PathLike)):
             from medseg.readers import count_slices
 
+            _check_path(stack)
             pages = count_slices(stack)
             results = [self._segment_file(stack, z, channel_axis, diameter) for z in range(pages)]
             return _stacked(results, self.kind == "instances")
@@ -281,7 +285,21 @@ _IN_PYTHON = (
      "give the folder of one series (`medseg infer` splits such a folder into one input per series)"),
     ("no DICOM files in this folder", "no DICOM files in this folder (a folder is read as one DICOM series; "
                                       "give the path of an image file)"),
+    ("give --checkpoint the model.pt", "give as checkpoint the model.pt"),
+    ("use --device auto or cpu", "use device='auto' or 'cpu'"),
 )
+#: Options of the command line named with a value (``--set key=value``, ``--device cuda``), and how they read
+#: in Python: the argument that takes it
+_OPTIONS_IN_PYTHON = (
+    (re.compile(r"--set ([^\s=]+)=(\S*?)([:;,]?)(?=\s|$)"), lambda m: f"overrides={{'{m[1]}': {m[2]}}}{m[3]}"),
+    (re.compile(r"--device (\S+?)([:;,]?)(?=\s|$)"), lambda m: f"device='{m[1]}'{m[2]}"),
+)
+
+
+def _check_path(path: str | os.PathLike) -> None:
+    """An empty path is no file (``Path("")`` is the current folder, which was read as a DICOM series)."""
+    if not os.fspath(path):
+        raise DataError("an empty path: give the path of an image file, or the image as an array")
 
 
 @contextlib.contextmanager
@@ -295,6 +313,8 @@ def _python_words() -> Iterator[None]:
         message = str(err)
         for cli, python in _IN_PYTHON:
             message = message.replace(cli, python)
+        for option, python in _OPTIONS_IN_PYTHON:
+            message = option.sub(python, message)
         try:
             reworded = type(err)(message) if message != str(err) else None
         except TypeError:  # an error class that takes more than its message: kept as it is

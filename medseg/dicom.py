@@ -180,12 +180,22 @@ def find_series(source: str | os.PathLike, uid: str | None = None) -> DicomSerie
                 return s
         raise DataError(f"{source}: no series with SeriesInstanceUID {uid}")
     if len(series) > 1:
-        listed = ", ".join(f"{s.number} {s.description!r}".strip() for s in series[:4])
+        listed = ", ".join(_series_said(s) for s in series[:4])
         raise DataError(
             f"{source}: folder mixes {len(series)} DICOM series ({listed}); pick one by its SeriesInstanceUID "
             "or let `medseg infer` split the folder into one input per series"
         )
     return series[0]
+
+
+def _series_said(series: DicomSeries) -> str:
+    """A series as a list of a folder's series names it: its number and description, and a file of it (two
+    series of one number and no description are told apart by their files)."""
+    files = sorted(Path(f).name for f in series.files)
+    more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+    number = f"number {series.number}" if series.number is not None else "no number"
+    described = f" {series.description!r}" if series.description else ""
+    return f"{number}{described} in {files[0]}{more}"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -136,12 +137,33 @@ def _check_compile(parser: Any, device: Any) -> None:
 @contextlib.contextmanager
 def quiet_constant_images() -> Iterator[None]:
     # MONAI warns once per constant image (a blank slice) that its intensity range is empty; the image then
-    # scales to zeros, which is right, so the warning only clutters a batch's output
+    # scales to zeros, which is right, so the warning only clutters a batch's output. Threads may segment at
+    # once (medseg.Segmenter): warnings.catch_warnings is not made for that (one thread's exit restores the
+    # filters another's entry saw), so the filter is added by the first to enter and removed by the last to leave
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
+    global _quiet_users, _quiet_filter
+    with _quiet_lock:
+        if not _quiet_users:
+            warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
+            _quiet_filter = warnings.filters[0]
+        _quiet_users += 1
+    try:
         yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if not _quiet_users:
+                with contextlib.suppress(ValueError):  # a caller's resetwarnings() took it already
+                    warnings.filters.remove(_quiet_filter)
+                mutated = getattr(warnings, "_filters_mutated", None)  # the cache of decisions made under it
+                if mutated is not None:
+                    mutated()
+
+
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_filter: Any = None
 
 
 @contextlib.contextmanager

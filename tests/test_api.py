@@ -247,7 +247,7 @@ def test_settings_checkpoints_and_errors(weights, tmp_path):
         Segmenter(ROOT / "bundles" / "isbi_em", [], device="cpu")
     with pytest.raises(CheckpointError, match="given twice"):
         Segmenter(ROOT / "bundles" / "isbi_em", [weights["isbi_em"], weights["isbi_em"]], device="cpu")
-    with pytest.raises(BundleError, match="--device gpu: unknown device"):  # a settings error, as documented
+    with pytest.raises(BundleError, match="device='gpu': unknown device"):  # a settings error, as documented
         Segmenter(ROOT / "bundles" / "isbi_em", weights["isbi_em"], device="gpu")
     # one overlay file as a plain string is that file, not its letters
     overlay = tmp_path / "overlay.json"
@@ -320,6 +320,18 @@ def test_advice_is_worded_for_python(weights, tmp_path):
     with pytest.raises(DataError, match=r"no DICOM files in this folder \(a folder is read as one DICOM series; "
                                         r"give the path of an image file\)"):
         nuclei.segment_stack(tmp_path / "pictures")
+    # an empty path was the current folder, "no DICOM files" there
+    for segment in (nuclei.segment, nuclei.segment_stack):
+        with pytest.raises(DataError, match=r"^an empty path: give the path of an image file, or the image as an "
+                                            r"array$"):
+            segment("")
+    # the constructor's errors too: the options of the command line, as the arguments that take them
+    with pytest.raises(BundleError) as err:
+        _segmenter("isbi_em", weights, overrides={"threshold": "high"})
+    assert str(err.value).startswith("overrides={'threshold': 'high'}: ") and "--set" not in str(err.value)
+    with pytest.raises(CheckpointError, match=r"models/model\.pt: checkpoint not found; give as checkpoint the "
+                                              r"model\.pt of a training"):
+        Segmenter(ROOT / "bundles" / "isbi_em", device="cpu")  # the bundles ship without weights
 
 
 def test_an_error_class_that_takes_more_than_its_message_is_raised_as_it_is():
@@ -447,3 +459,33 @@ def test_the_first_segmenter_of_a_process_leaves_pythons_generator_alone(weights
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_segmenting_from_several_threads_leaves_the_warning_filters_as_they_were(weights):
+    # each call quietened MONAI's warning on blank images with warnings.catch_warnings, which threads entering
+    # and leaving at once left behind for good: the warning was silenced for the rest of the process
+    import threading
+    import warnings
+
+    segmenter = _segmenter("isbi_em", weights, tta=False)
+    image, _ = _example("isbi_em", seed=1)
+    blank = np.zeros_like(image)
+    expected = segmenter.segment(image).mask
+    before = list(warnings.filters)
+    masks, failures = [], []
+
+    def work(k: int) -> None:
+        try:
+            for _ in range(4):
+                masks.append(segmenter.segment(blank if k % 2 else image).mask)
+        except Exception as err:  # noqa: BLE001 - reported below
+            failures.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert list(warnings.filters) == before
+    assert sum(np.array_equal(m, expected) for m in masks) == 12  # the images' masks, as alone

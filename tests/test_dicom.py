@@ -86,6 +86,14 @@ def test_folder_with_two_series_is_an_error_when_read_as_one_volume(tmp_path):
     with pytest.raises(DataError, match=r"folder mixes 2 DICOM series .* SeriesInstanceUID"):
         read_image(tmp_path)
     assert count_slices(tmp_path, series_uid="1.2.3.1") == 2  # picking one series works
+    # two series of one number and no description were listed as "1 '', 1 ''": their files tell them apart
+    (tmp_path / "other.dcm").unlink()
+    write_dicom_slice(tmp_path / "other.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.3.2",
+                      position=(0, 0, 0), series_number=1)
+    files = sorted(p.name for p in tmp_path.iterdir() if p.name != "other.dcm")
+    with pytest.raises(DataError, match=rf"folder mixes 2 DICOM series \((number 1 in {files[0]} and 1 more, number 1 "
+                                        rf"in other\.dcm|number 1 in other\.dcm, number 1 in {files[0]} and 1 more)\)"):
+        read_image(tmp_path)
 
 
 def test_inconsistent_spacing_duplicates_and_no_pixels(tmp_path):
