@@ -363,6 +363,11 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                     sample.resolve() == root.resolve():  # one sample of the Kaggle layout given as the data
                 raise DataError(f"{root}: one sample of the Kaggle DSB layout (images/{image.name} + masks/*); "
                                 f"pass --data {sample.parent}, the folder that holds the samples")
+            of = _cellpose_output_of(image, images)
+            if of is not None:
+                raise DataError(f"{image}: no mask matches {shown}; it looks like Cellpose's output for {of.name}, "
+                                f"not an image: move Cellpose's outputs out of {image.parent}, or set image_glob "
+                                "to match the images alone")
             raise DataError(f"{image}: no mask matches {shown}; add the mask or set mask_template")
         if len(masks) > 1:
             named = [_shown_under(m, root) for m in masks[:2]]
@@ -378,6 +383,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         rel = image.relative_to(root)
         pairs.append({"image": str(image), "label": str(masks[0]), "page": 0,
                       "name": rel.with_suffix("").as_posix(), "group": rel.parent.as_posix()})
+    _warn_unpaired_masks(pairs, images)
     first: dict[str, str] = {}
     for pair in pairs:  # a.png and a.jpg (a preview, a copy) would be one sample twice, maybe in both splits
         other = first.setdefault(pair["name"].lower(), pair["image"])
@@ -386,6 +392,41 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                             f"matched by '{image_glob}'; keep one, or make image_glob specific (e.g. "
                             f"{Path(image_glob).parent.as_posix()}/*{Path(other).suffix})")
     return pairs
+
+
+#: What Cellpose adds to an image's stem for the files it writes beside it (besides ``_masks`` and ``_seg.npy``)
+_CELLPOSE_OUTPUTS = ("_flows", "_cp_output", "_cp_outlines", "_outlines", "_cp_masks")
+
+
+def _cellpose_output_of(image: Path, images: list[Path]) -> Path | None:
+    """The image of ``images`` in ``image``'s folder that ``image`` is a Cellpose output of, by its name
+    (``x_flows.tif`` of ``x.tif``), else ``None``."""
+    stem = image.stem.lower()
+    for suffix in _CELLPOSE_OUTPUTS:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            base = stem[: -len(suffix)]
+            return next((i for i in images if i.parent == image.parent and i.stem.lower() == base), None)
+    return None
+
+
+def _warn_unpaired_masks(pairs: list[dict], images: list[Path]) -> None:
+    """One warning per folder of masks that holds mask files no image pairs with (an image missing, or left out
+    by ``image_glob``): without it, their images' absence went unsaid."""
+    used = {Path(p["label"]).resolve() for p in pairs} | {p.resolve() for p in images}
+    for folder in sorted({os.path.normpath(Path(p["label"]).parent) for p in pairs}):
+        try:
+            unpaired = sorted((f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".")
+                               and f.suffix.lower() in MASK_SUFFIXES and f.resolve() not in used),
+                              key=lambda f: natural_key(f.name))
+        except OSError:
+            continue
+        if unpaired:
+            one = len(unpaired) == 1
+            logging.getLogger(__name__).warning(
+                "%s: %s pair%s with no image (%s%s) and %s not used; %s missing, or left out by image_glob?",
+                folder, "1 mask file" if one else f"{len(unpaired)} mask files", "s" if one else "",
+                ", ".join(f.name for f in unpaired[:3]), ", ..." if len(unpaired) > 3 else "",
+                "is" if one else "are", "is its image" if one else "are their images")
 
 
 def _shown_under(path: Path, root: Path) -> str:

@@ -1045,6 +1045,30 @@ def test_masks_of_a_type_not_read_are_named_as_such(tmp_path):
         instance_split(flat, image_glob="*.png", mask_template="{stem}.*")
 
 
+def test_masks_without_an_image_are_said_and_cellpose_outputs_named(tmp_path, caplog):
+    from medseg.data import instance_split
+
+    _write_label_folders(tmp_path / "d", n=3)
+    (tmp_path / "d" / "images" / "s01.png").unlink()  # an image lost: its mask was left out without a word
+    with caplog.at_level("WARNING", logger="medseg.data"):
+        samples = instance_split(tmp_path / "d", val_fraction=0.5)["all"]
+    assert [s["name"] for s in samples] == ["images/s00", "images/s02"]
+    (said,) = [r.getMessage() for r in caplog.records if "with no image" in r.getMessage()]
+    assert said == (f"{tmp_path / 'd' / 'masks'}: 1 mask file pairs with no image (s01.png) and is not used; is its "
+                    "image missing, or left out by image_glob?")
+    # Cellpose writes x_flows.tif beside x.tif and x_masks.tif: not an image without a mask, but its output
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in (0, 2):
+        tifffile.imwrite(flat / f"s{k:02d}.tif", np.asarray(Image.open(tmp_path / "d" / "images" / f"s{k:02d}.png")))
+        shutil.copy(tmp_path / "d" / "masks" / f"s{k:02d}.png", flat / f"s{k:02d}_masks.png")
+    tifffile.imwrite(flat / "s00_flows.tif", np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"s00_flows\.tif: no mask matches .*; it looks like Cellpose's output for "
+                                        r"s00\.tif, not an image: move Cellpose's outputs out of .*flat, or set "
+                                        r"image_glob to match the images alone$"):
+        instance_split(flat, image_glob="*.tif", mask_template="{stem}_masks.png")
+
+
 def test_stacks_are_refused_in_the_folders_layout(tmp_path):
     from medseg.data import instance_split
 
