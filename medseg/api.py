@@ -15,6 +15,7 @@ format stores them differently (see :class:`Segmentation`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -287,12 +288,35 @@ _IN_PYTHON = (
                                       "give the path of an image file)"),
     ("give --checkpoint the model.pt", "give as checkpoint the model.pt"),
     ("use --device auto or cpu", "use device='auto' or 'cpu'"),
+    ("from --device (auto, cpu, cuda or cuda:N)", "from the device argument ('auto', 'cpu', 'cuda' or 'cuda:N')"),
+    ("give --device instead", "give device= instead"),
+    ("output folder, --checkpoint)", "output folder, checkpoint)"),
 )
-#: Options of the command line named with a value (``--set key=value``, ``--device cuda``), and how they read
-#: in Python: the argument that takes it
+def _override_in_python(found: re.Match) -> str:
+    """``--set key=value`` as the ``overrides`` entry that gives it, where the value reads as one (a number,
+    ``true``, ``null``, a list, a word, a quoted string or a placeholder such as ``VALUE``); else
+    ``overrides key=value`` as written."""
+    key, value, after = found[1], found[2], found[3]
+    if re.fullmatch(r"[A-Z][A-Z_]*", value):  # a placeholder
+        python = value
+    elif len(value) > 1 and value[0] == value[-1] == "'":
+        python = value
+    else:
+        try:
+            python = repr(json.loads(value))
+        except ValueError:
+            if not re.fullmatch(r"[\w.\-]+", value):
+                return f"overrides {key}={value}{after}"
+            python = repr(value)
+    return f"overrides={{'{key}': {python}}}{after}"
+
+
+#: Options of the command line named with a value (``--set key=value``, ``--device cuda: ...``), and how they
+#: read in Python: the argument that takes them; any other ``--set`` reads ``overrides``
 _OPTIONS_IN_PYTHON = (
-    (re.compile(r"--set ([^\s=]+)=(\S*?)([:;,]?)(?=\s|$)"), lambda m: f"overrides={{'{m[1]}': {m[2]}}}{m[3]}"),
-    (re.compile(r"--device (\S+?)([:;,]?)(?=\s|$)"), lambda m: f"device='{m[1]}'{m[2]}"),
+    (re.compile(r"--set ([A-Za-z_][\w#:]*)=(\S*?)([:;,)]?)(?=\s|$)"), _override_in_python),
+    (re.compile(r"--set (?=\S)"), lambda found: "overrides "),
+    (re.compile(r"^--device ([\w:]+): "), lambda found: f"device='{found[1]}': "),
 )
 
 

@@ -320,7 +320,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
     found = {}
     for image in images:
         fields = {"stem": image.stem, "name": image.name, "match": _star_match(image.name, image_glob),
-                  "parent": image.parent.name}
+                  "parent": os.path.basename(os.path.abspath(image.parent))}  # "--data ." has a name too
         try:  # the image's folder and the fields as they are ("plate [1]/"), the template's wildcards as such
             shown = str(image.parent / mask_template.format(**fields))
             pattern = os.path.join(glob.escape(str(image.parent)),
@@ -383,7 +383,7 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
         rel = image.relative_to(root)
         pairs.append({"image": str(image), "label": str(masks[0]), "page": 0,
                       "name": rel.with_suffix("").as_posix(), "group": rel.parent.as_posix()})
-    _warn_unpaired_masks(pairs, images)
+    _warn_unpaired_masks(pairs, images, mask_template)
     first: dict[str, str] = {}
     for pair in pairs:  # a.png and a.jpg (a preview, a copy) would be one sample twice, maybe in both splits
         other = first.setdefault(pair["name"].lower(), pair["image"])
@@ -409,24 +409,42 @@ def _cellpose_output_of(image: Path, images: list[Path]) -> Path | None:
     return None
 
 
-def _warn_unpaired_masks(pairs: list[dict], images: list[Path]) -> None:
-    """One warning per folder of masks that holds mask files no image pairs with (an image missing, or left out
-    by ``image_glob``): without it, their images' absence went unsaid."""
-    used = {Path(p["label"]).resolve() for p in pairs} | {p.resolve() for p in images}
-    for folder in sorted({os.path.normpath(Path(p["label"]).parent) for p in pairs}):
+def _warn_unpaired_masks(pairs: list[dict], images: list[Path], mask_template: str) -> None:
+    """One warning per folder of masks apart from the images (``masks/`` beside ``images/``) that holds mask files
+    no image pairs with: an image missing, or left out by ``image_glob``; without it, their absence went unsaid.
+    Files of the template's form count (``{stem}.*``: any mask file; ``{stem}_masks.png``: ``*_masks.png``);
+    masks beside their images are not weighed (other pictures lie there). Said once per folder and files."""
+    name_form = re.sub(r"\{(stem|name|match|parent)\}", "*", Path(mask_template.replace("\\", "/")).name)
+    image_folders = {p.parent.resolve() for p in images}
+    by_folder: dict[Path, set[str]] = {}
+    for pair in pairs:
+        label = Path(pair["label"])
+        by_folder.setdefault(label.parent.resolve(), set()).add(label.resolve().name)
+    for folder, used in sorted(by_folder.items()):
+        if folder in image_folders:
+            continue
         try:
-            unpaired = sorted((f for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith(".")
-                               and f.suffix.lower() in MASK_SUFFIXES and f.resolve() not in used),
-                              key=lambda f: natural_key(f.name))
+            with os.scandir(folder) as entries:
+                unpaired = sorted((e.name for e in entries if e.name not in used and not e.name.startswith(".")
+                                   and Path(e.name).suffix.lower() in MASK_SUFFIXES
+                                   and fnmatch.fnmatch(e.name.lower(), name_form.lower()) and e.is_file()),
+                                  key=natural_key)
         except OSError:
             continue
-        if unpaired:
-            one = len(unpaired) == 1
-            logging.getLogger(__name__).warning(
-                "%s: %s pair%s with no image (%s%s) and %s not used; %s missing, or left out by image_glob?",
-                folder, "1 mask file" if one else f"{len(unpaired)} mask files", "s" if one else "",
-                ", ".join(f.name for f in unpaired[:3]), ", ..." if len(unpaired) > 3 else "",
-                "is" if one else "are", "is its image" if one else "are their images")
+        key = (str(folder), tuple(unpaired))
+        if not unpaired or key in _UNPAIRED_SAID:
+            continue
+        _UNPAIRED_SAID.add(key)
+        one = len(unpaired) == 1
+        logging.getLogger(__name__).warning(
+            "%s: %s pair%s with no image (%s%s) and %s not used; %s missing, or left out by image_glob?",
+            folder, "1 mask file" if one else f"{len(unpaired)} mask files", "s" if one else "",
+            ", ".join(unpaired[:3]), ", ..." if len(unpaired) > 3 else "",
+            "is" if one else "are", "is its image" if one else "are their images")
+
+
+#: The unpaired masks said (folder, names), so that a command that lists its data twice says them once
+_UNPAIRED_SAID: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def _shown_under(path: Path, root: Path) -> str:

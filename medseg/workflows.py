@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from medseg import guards, runfolder
 from medseg import tracking as mlflow_tracking
@@ -145,15 +145,19 @@ def quiet_constant_images() -> Iterator[None]:
     global _quiet_users, _quiet_filter
     with _quiet_lock:
         if not _quiet_users:
+            before = list(warnings.filters)
             warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
             _quiet_filter = warnings.filters[0]
+            if len(warnings.filters) == len(before):  # the caller's own, moved to the front: put back, kept
+                warnings.filters[:] = before
+                _quiet_filter = None
         _quiet_users += 1
     try:
         yield
     finally:
         with _quiet_lock:
             _quiet_users -= 1
-            if not _quiet_users:
+            if not _quiet_users and _quiet_filter is not None:
                 with contextlib.suppress(ValueError):  # a caller's resetwarnings() took it already
                     warnings.filters.remove(_quiet_filter)
                 mutated = getattr(warnings, "_filters_mutated", None)  # the cache of decisions made under it
@@ -325,25 +329,40 @@ def _training_split_settings(checkpoints: list[str], parser: Any, given: Callabl
 LAYOUT_IDS = ("layout", "image_glob", "mask_template")
 
 
-def _training_layout(checkpoints: list[str], parser: Any, given: Callable[[str], bool]) -> tuple[dict[str, str], str]:
+class TrainingLayout(NamedTuple):
+    """What :func:`_training_layout` found: the values, the record they came from, and whether the training read
+    the same data folder."""
+
+    values: dict[str, str]
+    source: str = ""
+    same_data: bool = False
+
+
+def _training_layout(checkpoints: list[str], parser: Any, given: Callable[[str], bool],
+                     data_dir: str) -> TrainingLayout:
     """The values of :data:`LAYOUT_IDS` that the training of ``checkpoints`` recorded in its ``config.json`` and
     that differ from ``parser``'s, where the config's ``datalists`` reads with the id and the command does not give
-    it (``given``), with the record they came from; none when a record is missing or unreadable, or the members
-    of an ensemble differ."""
+    it (``given``), with the record they came from and whether its ``dataset_dir`` is ``data_dir``; none when a
+    record is missing or unreadable, or the members of an ensemble differ."""
     reading = json.dumps(parser.get("datalists", {}), default=str)
-    found, where = [], ""
+    found, where, same = [], "", True
     for checkpoint in dict.fromkeys(map(str, checkpoints)):
         path = runfolder.run_file(checkpoint, "config.json")
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {}, ""
+            return TrainingLayout({})
         if not isinstance(record, dict):
-            return {}, ""
+            return TrainingLayout({})
         found.append({k: record[k] for k in LAYOUT_IDS if isinstance(record.get(k), str) and not given(k)
                       and re.search(rf"@{k}\b", reading) and record[k] != parser.get(k)})
         where = where or str(path)
-    return (found[0], where) if found and all(f == found[0] for f in found) else ({}, "")
+        trained_on = written(record.get("dataset_dir"))
+        same = same and isinstance(trained_on, str) and bool(trained_on) and \
+            _resolved(trained_on) == _resolved(data_dir)
+    if not found or any(f != found[0] for f in found):
+        return TrainingLayout({})
+    return TrainingLayout(found[0], where, same)
 
 
 def _recorded_split_path(checkpoints: list[str]) -> Path:
@@ -789,13 +808,15 @@ def evaluate(
                 **device_settings(dev)}
     trained = runfolder.training_settings(bundle, checkpoints, overrides, overlays)
     parser = load_config(bundle, "evaluate", overlays, overrides, settings, trained=trained.values)
-    layout, layout_from = _training_layout(checkpoints, parser, runfolder.given_by(overrides, overlays))
-    for key, value in layout.items():  # the data are looked for as the training found its own
-        parser[key] = value
-    if layout:
-        logging.getLogger(__name__).warning(
-            "reading %s as the training read its data: %s (from %s); give --set for data laid out otherwise",
-            data_dir, ", ".join(f"{k}={v}" for k, v in layout.items()), layout_from)
+    layout = _training_layout(checkpoints, parser, runfolder.given_by(overrides, overlays), str(data_dir))
+    said_layout = ", ".join(f"{k}={v}" for k, v in layout.values.items())
+    if layout.same_data:  # the training's own data folder: looked for as the training found it
+        for key, value in layout.values.items():
+            parser[key] = value
+        if layout.values:
+            logging.getLogger(__name__).warning(
+                "reading %s as the training read it: %s (from %s); give --set to read it otherwise",
+                data_dir, said_layout, layout.source)
     settings_sha256 = settings_digest(parser.get())  # as given, before the split's own adjustments below
     if "num_workers" in overrides and isinstance(parser.get("validate#dataloader"), dict):
         parser["validate#dataloader#num_workers"] = parser["num_workers"]  # the loader evaluate reads from
@@ -813,8 +834,17 @@ def evaluate(
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)
     with folder_lock(output_dir, "evaluate"):  # a failed evaluation's new folder goes (_no_empty_output_left)
-        summary, reported = _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides,
-                                         overlays, trained, network, digests, settings_sha256, dev, progress, overwrite)
+        try:
+            summary, reported = _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides,
+                                             overlays, trained, network, digests, settings_sha256, dev, progress,
+                                             overwrite)
+        except Exception as err:  # data of another folder, not found as the bundle lays data out: how the run did
+            found = find_user_error(err)
+            if layout.same_data or not layout.values or not isinstance(found, DataError) or not re.search(
+                    r"no images match|no mask matches|no DSB samples", str(found)):
+                raise
+            raise DataError(f"{found}; the training read its data with {said_layout} ({layout.source}): give them "
+                            "by --set if this data is laid out so") from err
         # an ensemble's members are several trainings, several runs; a bundle without medseg's report has none
         if tracking and reported and len(checkpoints) == 1:
             from medseg.tracking import log_evaluation

@@ -329,6 +329,19 @@ def test_advice_is_worded_for_python(weights, tmp_path):
     with pytest.raises(BundleError) as err:
         _segmenter("isbi_em", weights, overrides={"threshold": "high"})
     assert str(err.value).startswith("overrides={'threshold': 'high'}: ") and "--set" not in str(err.value)
+    # values that do not read as one Python value are left as written, not mangled into braces
+    with pytest.raises(BundleError) as err:
+        _segmenter("isbi_em", weights, overrides={"patch_size": [60, 60]})
+    assert "e.g. overrides 'patch_size=[64, 64]'" in str(err.value) and "{''" not in str(err.value)
+    with pytest.raises(BundleError) as err:
+        _segmenter("jurkat", weights, overrides={"class_map": '{"0": 0'})
+    assert str(err.value).startswith('overrides class_map={"0": 0: not valid JSON') and "--set" not in str(err.value)
+    with pytest.raises(BundleError) as err:
+        _segmenter("nuclei", weights, overrides={"stain": "foo"})
+    assert "use overrides={'stain': 'luma'} or overrides={'stain': 'hematoxylin'}" in str(err.value)
+    with pytest.raises(BundleError) as err:
+        _segmenter("isbi_em", weights, overrides={"device": "cuda"})
+    assert "--device" not in str(err.value) and "('auto', 'cpu', 'cuda' or 'cuda:N')" in str(err.value)
     with pytest.raises(CheckpointError, match=r"models/model\.pt: checkpoint not found; give as checkpoint the "
                                               r"model\.pt of a training"):
         Segmenter(ROOT / "bundles" / "isbi_em", device="cpu")  # the bundles ship without weights
@@ -489,3 +502,15 @@ def test_segmenting_from_several_threads_leaves_the_warning_filters_as_they_were
     assert not failures
     assert list(warnings.filters) == before
     assert sum(np.array_equal(m, expected) for m in masks) == 12  # the images' masks, as alone
+
+
+def test_a_callers_own_filter_for_the_blank_image_warning_is_kept(weights):
+    import warnings
+
+    segmenter = _segmenter("isbi_em", weights, tta=False)
+    image, _ = _example("isbi_em", seed=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
+        before = list(warnings.filters)
+        segmenter.segment(np.zeros_like(image))
+        assert list(warnings.filters) == before  # the equal filter medseg adds and removes took the caller's

@@ -795,25 +795,30 @@ def test_cli_evaluate_reads_the_data_as_the_training_did(tmp_path, caplog):
     assert result.exit_code == 0, result.output
     with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
         assert [r["name"] for r in csv.DictReader(fh)] == val
-    (said,) = [r.getMessage() for r in caplog.records if "as the training read its data" in r.getMessage()]
-    assert said == (f"reading {data} as the training read its data: image_glob=images/*, "
-                    f"mask_template=../masks/{{stem}}.png (from {run / 'config.json'}); give --set for data laid "
-                    "out otherwise")
-    # data in another layout: what the command gives wins, and only the rest is taken
+    (said,) = [r.getMessage() for r in caplog.records if "as the training read it" in r.getMessage()]
+    assert said == (f"reading {data} as the training read it: image_glob=images/*, "
+                    f"mask_template=../masks/{{stem}}.png (from {run / 'config.json'}); give --set to read it "
+                    "otherwise")
+    # another folder, in the bundle's own layout (held-out images): read as the bundle reads data, as before
     other = write_jurkat_folder(tmp_path / "other", layout=[("set_a", (72, 72))] * 3)
     caplog.clear()
     with caplog.at_level("WARNING", logger="medseg.workflows"):
         result = _invoke("evaluate", JURKAT, "--data", other, "--checkpoint", run / "model.pt", "--output",
-                         tmp_path / "eval_other", "--split", "all", "-s", "image_glob=**/*.bmp", *args)
-    assert result.exit_code == 1, result.output
-    assert "set_a/001.bmp: no mask matches" in result.output  # the training's mask_template, taken
-    assert any("mask_template=../masks/{stem}.png" in r.getMessage() and "image_glob" not in r.getMessage()
-               for r in caplog.records)
-    result = _invoke("evaluate", JURKAT, "--data", other, "--checkpoint", run / "model.pt", "--output",
-                     tmp_path / "eval_other", "--split", "all", "-s", "image_glob=**/*.bmp",
-                     "-s", "mask_template={stem}.png", *args)
+                         tmp_path / "eval_other", "--split", "all", *args)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval_other" / "summary.json").read_text())["images"] == 3
+    assert not any("as the training read it" in r.getMessage() for r in caplog.records)
+    # another folder laid out as the training's: not found as the bundle lays data out, and the error says how
+    # the training read its data
+    shutil.copytree(data, tmp_path / "copy")
+    result = _invoke("evaluate", JURKAT, "--data", tmp_path / "copy", "--checkpoint", run / "model.pt", "--output",
+                     tmp_path / "eval_copy", "--split", "all", *args)
+    _one_line_error(result, "images/001.bmp: no mask matches", "; the training read its data with image_glob=images/*, "
+                    f"mask_template=../masks/{{stem}}.png ({run / 'config.json'}): give them by --set if this data "
+                    "is laid out so")
+    result = _invoke("evaluate", JURKAT, "--data", tmp_path / "copy", "--checkpoint", run / "model.pt", "--output",
+                     tmp_path / "eval_copy", "--split", "all", *_sets(layout), *args)
+    assert result.exit_code == 0, result.output
 
 
 def test_cli_infer_refuses_dicom_seg_before_making_the_output_folder(trained, tmp_path):

@@ -1020,6 +1020,17 @@ def test_label_images_in_sub_folders_pair_by_the_folder_name(tmp_path):
     assert [Path(os.path.normpath(s["label"])).relative_to(tmp_path / "d").as_posix() for s in samples["all"]] == [
         "masks/plateA/s00.png", "masks/plateA/s01.png", "masks/plateB/s00.png", "masks/plateB/s01.png"]
     assert {s["group"] for s in samples["val"]} == {"images/plateA", "images/plateB"}  # stratified by plate
+    # images at the data root: {parent} is the root's own name, however the root is spelled
+    here = tmp_path / "d" / "images" / "plateA"
+    shutil.copytree(tmp_path / "d" / "masks" / "plateA", here / "plateA-masks")
+    cwd = os.getcwd()
+    try:
+        os.chdir(here)
+        for root in (".", str(here)):
+            found = instance_split(root, image_glob="*.png", mask_template="{parent}-masks/{stem}.png", val_fraction=0)
+            assert [Path(s["label"]).name for s in found["all"]] == ["s00.png", "s01.png"], root
+    finally:
+        os.chdir(cwd)
     # a wildcard for the plate finds both plates' masks: both are named with their folders
     with pytest.raises(DataError, match=r"s00\.png: 2 masks match .* \(masks/plateA/s00\.png, masks/plateB/s00\.png\); "
                                         r"make mask_template specific \(its \{parent\}"):
@@ -1056,12 +1067,40 @@ def test_masks_without_an_image_are_said_and_cellpose_outputs_named(tmp_path, ca
     (said,) = [r.getMessage() for r in caplog.records if "with no image" in r.getMessage()]
     assert said == (f"{tmp_path / 'd' / 'masks'}: 1 mask file pairs with no image (s01.png) and is not used; is its "
                     "image missing, or left out by image_glob?")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.data"):  # a command that lists its data twice says it once
+        instance_split(tmp_path / "d", val_fraction=0.5)
+    assert not [r for r in caplog.records if "with no image" in r.getMessage()]
+    # images/ linked from elsewhere: the masks read are those of the folder linked to, and so is the warning
+    store = tmp_path / "store"
+    (tmp_path / "d").rename(store)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "images").symlink_to(store / "images", target_is_directory=True)
+    (tmp_path / "linked" / "masks").mkdir()  # the folder "images/../masks" is not, through the link
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.data"):
+        instance_split(tmp_path / "linked", layout="folders", val_fraction=0.5)
+    (said,) = [r.getMessage() for r in caplog.records if "with no image" in r.getMessage()]
+    assert said.startswith(f"{store / 'masks'}: 1 mask file pairs with no image (s01.png)")
+    # masks beside their images, a subset picked by image_glob: the others are not said to have no image
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.data"):
+        instance_split(store / "images", image_glob="s00.png", mask_template="../masks/{stem}.png")
+        beside = tmp_path / "beside"
+        beside.mkdir()
+        for k in (0, 2):
+            shutil.copy(store / "images" / f"s{k:02d}.png", beside / f"s{k:02d}.png")
+            shutil.copy(store / "masks" / f"s{k:02d}.png", beside / f"s{k:02d}_masks.png")
+        instance_split(beside, image_glob="s00.png", mask_template="{stem}_masks.png", val_fraction=0)
+    assert [r.getMessage() for r in caplog.records if "with no image" in r.getMessage()] == [
+        f"{store / 'masks'}: 2 mask files pair with no image (s01.png, s02.png) and are not used; are their images "
+        "missing, or left out by image_glob?"]
     # Cellpose writes x_flows.tif beside x.tif and x_masks.tif: not an image without a mask, but its output
     flat = tmp_path / "flat"
     flat.mkdir()
     for k in (0, 2):
-        tifffile.imwrite(flat / f"s{k:02d}.tif", np.asarray(Image.open(tmp_path / "d" / "images" / f"s{k:02d}.png")))
-        shutil.copy(tmp_path / "d" / "masks" / f"s{k:02d}.png", flat / f"s{k:02d}_masks.png")
+        tifffile.imwrite(flat / f"s{k:02d}.tif", np.asarray(Image.open(store / "images" / f"s{k:02d}.png")))
+        shutil.copy(store / "masks" / f"s{k:02d}.png", flat / f"s{k:02d}_masks.png")
     tifffile.imwrite(flat / "s00_flows.tif", np.zeros((3, 8, 8), np.uint8))
     with pytest.raises(DataError, match=r"s00_flows\.tif: no mask matches .*; it looks like Cellpose's output for "
                                         r"s00\.tif, not an image: move Cellpose's outputs out of .*flat, or set "
