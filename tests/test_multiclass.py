@@ -738,6 +738,19 @@ def test_cli_evaluate_without_a_split_record_warns(trained, tmp_path, caplog):
                for r in caplog.records)
 
 
+def _evaluated_on_val(caplog, data: Path, run: Path, out: Path, args: tuple, val: list[str], about: str) -> str:
+    """Evaluate ``run``'s model on ``data`` (its validation split), check that ``val`` were scored, and return the
+    one warning that says ``about``."""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.workflows"):
+        result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output", out, *args)
+    assert result.exit_code == 0, result.output
+    with open(out / "metrics.csv", newline="") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == val
+    (said,) = [r.getMessage() for r in caplog.records if about in r.getMessage()]
+    return said
+
+
 def test_cli_evaluate_without_a_split_record_draws_the_split_as_the_training_did(tmp_path, caplog):
     # model.pt and config.json handed over without split.json: the split was drawn with the bundle's seed and
     # val_fraction, not the training's, and scored training images as validation ones under a warning that
@@ -750,14 +763,7 @@ def test_cli_evaluate_without_a_split_record_draws_the_split_as_the_training_did
     assert result.exit_code == 0, result.output
     val = json.loads((run / "split.json").read_text())["val"]
     (run / "split.json").unlink()
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="medseg.workflows"):
-        result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
-                         tmp_path / "eval", *args)
-    assert result.exit_code == 0, result.output
-    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
-        assert [r["name"] for r in csv.DictReader(fh)] == val
-    (said,) = [r.getMessage() for r in caplog.records if "no split record" in r.getMessage()]
+    said = _evaluated_on_val(caplog, data, run, tmp_path / "eval", args, val, "no split record")
     assert "drawn again with the split settings its config.json records (seed 3, val_fraction 0.3)" in said
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["run"]["split_from"] == "drawn with the training's seed, val_fraction (config.json)"
@@ -788,14 +794,7 @@ def test_cli_evaluate_reads_the_data_as_the_training_did(tmp_path, caplog):
     result = _invoke("train", JURKAT, "--data", data, "--output", run, "--epochs", 1, *_sets(layout), *args)
     assert result.exit_code == 0, result.output
     val = json.loads((run / "split.json").read_text())["val"]
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="medseg.workflows"):
-        result = _invoke("evaluate", JURKAT, "--data", data, "--checkpoint", run / "model.pt", "--output",
-                         tmp_path / "eval", *args)
-    assert result.exit_code == 0, result.output
-    with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
-        assert [r["name"] for r in csv.DictReader(fh)] == val
-    (said,) = [r.getMessage() for r in caplog.records if "as the training read it" in r.getMessage()]
+    said = _evaluated_on_val(caplog, data, run, tmp_path / "eval", args, val, "as the training read it")
     assert said == (f"reading {data} as the training read it: image_glob=images/*, "
                     f"mask_template=../masks/{{stem}}.png (from {run / 'config.json'}); give --set to read it "
                     "otherwise")
