@@ -14,6 +14,7 @@ format stores them differently (see :class:`Segmentation`).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -290,6 +291,9 @@ _IN_PYTHON = (
     ("use --device auto or cpu", "use device='auto' or 'cpu'"),
     ("from --device (auto, cpu, cuda or cuda:N)", "from the device argument ('auto', 'cpu', 'cuda' or 'cuda:N')"),
     ("give --device instead", "give device= instead"),
+    ("pick one of them or --device cuda", "pick one of them or device='cuda'"),
+    ("use --device cpu", "use device='cpu'"),
+    ("or use --device cpu", "or use device='cpu'"),
     ("output folder, --checkpoint)", "output folder, checkpoint)"),
 )
 def _override_in_python(found: re.Match) -> str:
@@ -297,17 +301,22 @@ def _override_in_python(found: re.Match) -> str:
     ``true``, ``null``, a list, a word, a quoted string or a placeholder such as ``VALUE``); else
     ``overrides key=value`` as written."""
     key, value, after = found[1], found[2], found[3]
-    if re.fullmatch(r"[A-Z][A-Z_]*", value):  # a placeholder
+    if re.fullmatch(r"[A-Z][A-Z_]*|\.\.\.", value):  # a placeholder
         python = value
     elif len(value) > 1 and value[0] == value[-1] == "'":
         python = value
+    elif value in ("nan", "inf", "-inf"):  # a float as Python writes it
+        python = f"float('{value}')"
     else:
-        try:
-            python = repr(json.loads(value))
-        except ValueError:
-            if not re.fullmatch(r"[\w.\-]+", value):
-                return f"overrides {key}={value}{after}"
-            python = repr(value)
+        try:  # a value as Python writes it (True, None, 1.5, [1, 2]), else as JSON (true, null)
+            python = repr(ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            try:
+                python = repr(json.loads(value))
+            except ValueError:
+                if not re.fullmatch(r"[\w.\-]+", value):
+                    return f"overrides {key}={value}{after}"
+                python = repr(value)
     return f"overrides={{'{key}': {python}}}{after}"
 
 
@@ -316,7 +325,7 @@ def _override_in_python(found: re.Match) -> str:
 _OPTIONS_IN_PYTHON = (
     (re.compile(r"--set ([A-Za-z_][\w#:]*)=(\S*?)([:;,)]?)(?=\s|$)"), _override_in_python),
     (re.compile(r"--set (?=\S)"), lambda found: "overrides "),
-    (re.compile(r"^--device ([\w:]+): "), lambda found: f"device='{found[1]}': "),
+    (re.compile(r"^--device ([\w:.\-]+): "), lambda found: f"device='{found[1]}': "),
 )
 
 

@@ -413,13 +413,14 @@ def _warn_unpaired_masks(pairs: list[dict], images: list[Path], mask_template: s
     """One warning per folder of masks apart from the images (``masks/`` beside ``images/``) that holds mask files
     no image pairs with: an image missing, or left out by ``image_glob``; without it, their absence went unsaid.
     Files of the template's form count (``{stem}.*``: any mask file; ``{stem}_masks.png``: ``*_masks.png``);
-    masks beside their images are not weighed (other pictures lie there). Said once per folder and files."""
+    masks beside their images are not weighed (other pictures lie there). Said once per folder and files until
+    :func:`forget_said` (a command that lists its data twice says it once)."""
     name_form = re.sub(r"\{(stem|name|match|parent)\}", "*", Path(mask_template.replace("\\", "/")).name)
     image_folders = {p.parent.resolve() for p in images}
     by_folder: dict[Path, set[str]] = {}
     for pair in pairs:
         label = Path(pair["label"])
-        by_folder.setdefault(label.parent.resolve(), set()).add(label.resolve().name)
+        by_folder.setdefault(label.parent.resolve(), set()).add(label.name)  # a linked mask: its own name there
     for folder, used in sorted(by_folder.items()):
         if folder in image_folders:
             continue
@@ -445,6 +446,11 @@ def _warn_unpaired_masks(pairs: list[dict], images: list[Path], mask_template: s
 
 #: The unpaired masks said (folder, names), so that a command that lists its data twice says them once
 _UNPAIRED_SAID: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def forget_said() -> None:
+    """Let the next listing of the data say again what it found amiss (called as each command starts)."""
+    _UNPAIRED_SAID.clear()
 
 
 def _shown_under(path: Path, root: Path) -> str:

@@ -142,24 +142,25 @@ def quiet_constant_images() -> Iterator[None]:
     # filters another's entry saw), so the filter is added by the first to enter and removed by the last to leave
     import warnings
 
-    global _quiet_users, _quiet_filter
+    global _quiet_users, _quiet_filter, _quiet_at
     with _quiet_lock:
         if not _quiet_users:
             before = list(warnings.filters)
-            warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
+            warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")  # to the front
             _quiet_filter = warnings.filters[0]
-            if len(warnings.filters) == len(before):  # the caller's own, moved to the front: put back, kept
-                warnings.filters[:] = before
-                _quiet_filter = None
+            # a caller's own equal filter was moved to the front: it goes back where it was at the end
+            _quiet_at = before.index(_quiet_filter) if _quiet_filter in before else None
         _quiet_users += 1
     try:
         yield
     finally:
         with _quiet_lock:
             _quiet_users -= 1
-            if not _quiet_users and _quiet_filter is not None:
+            if not _quiet_users:
                 with contextlib.suppress(ValueError):  # a caller's resetwarnings() took it already
                     warnings.filters.remove(_quiet_filter)
+                    if _quiet_at is not None:
+                        warnings.filters.insert(_quiet_at, _quiet_filter)
                 mutated = getattr(warnings, "_filters_mutated", None)  # the cache of decisions made under it
                 if mutated is not None:
                     mutated()
@@ -168,6 +169,7 @@ def quiet_constant_images() -> Iterator[None]:
 _quiet_lock = threading.Lock()
 _quiet_users = 0
 _quiet_filter: Any = None
+_quiet_at: int | None = None
 
 
 @contextlib.contextmanager
@@ -495,6 +497,9 @@ def train(
     if tracking_uri and not tracking:
         raise ConfigValueError(f"--tracking-uri {tracking_uri} with --no-tracking: give one of them")
     _check_data_dir(data_dir)
+    from medseg.data import forget_said
+
+    forget_said()  # what the data lacks is said by each command
     out = Path(output_dir)
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **device_settings(dev)}
@@ -799,6 +804,9 @@ def evaluate(
         raise MedsegError(f"--set eval_split={given} contradicts --split {split}; give one of them")
     split = str(given) if given is not None else split
     _check_data_dir(data_dir)
+    from medseg.data import forget_said
+
+    forget_said()  # what the data lacks is said by each command
     if tta is not None:  # the inferer's own key, so bundles without a top-level ``tta`` id work too
         overrides["validate#inferer#tta"] = bool(tta)
     checkpoints = checkpoint_list(checkpoint, bundle)

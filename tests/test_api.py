@@ -342,6 +342,12 @@ def test_advice_is_worded_for_python(weights, tmp_path):
     with pytest.raises(BundleError) as err:
         _segmenter("isbi_em", weights, overrides={"device": "cuda"})
     assert "--device" not in str(err.value) and "('auto', 'cpu', 'cuda' or 'cuda:N')" in str(err.value)
+    with pytest.raises(BundleError) as err:  # a Python value is named as Python writes it, not as a string
+        _segmenter("isbi_em", weights, overrides={"whole_max_pixels": True})
+    assert str(err.value).startswith("overrides={'whole_max_pixels': True}: ")
+    with pytest.raises(BundleError) as err:
+        Segmenter(ROOT / "bundles" / "isbi_em", weights["isbi_em"], device="mps")
+    assert str(err.value).startswith("device='mps': not supported") and "--device" not in str(err.value)
     with pytest.raises(CheckpointError, match=r"models/model\.pt: checkpoint not found; give as checkpoint the "
                                               r"model\.pt of a training"):
         Segmenter(ROOT / "bundles" / "isbi_em", device="cpu")  # the bundles ship without weights
@@ -514,3 +520,11 @@ def test_a_callers_own_filter_for_the_blank_image_warning_is_kept(weights):
         before = list(warnings.filters)
         segmenter.segment(np.zeros_like(image))
         assert list(warnings.filters) == before  # the equal filter medseg adds and removes took the caller's
+        # the caller's filter behind one that shows every warning: the blank image is still segmented quietly
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.filters[:] = before
+            segmenter.segment(np.zeros_like(image))
+            assert list(warnings.filters) == before
+        assert not [w for w in said if "Divide by zero" in str(w.message)]

@@ -1071,6 +1071,24 @@ def test_masks_without_an_image_are_said_and_cellpose_outputs_named(tmp_path, ca
     with caplog.at_level("WARNING", logger="medseg.data"):  # a command that lists its data twice says it once
         instance_split(tmp_path / "d", val_fraction=0.5)
     assert not [r for r in caplog.records if "with no image" in r.getMessage()]
+    from medseg.data import forget_said
+
+    forget_said()  # as the next command starts: said again
+    with caplog.at_level("WARNING", logger="medseg.data"):
+        instance_split(tmp_path / "d", val_fraction=0.5)
+    assert len([r for r in caplog.records if "with no image" in r.getMessage()]) == 1
+    # masks that are links to files of other names (git-annex, DVC): paired, so not said to have no image
+    annexed = tmp_path / "annexed"
+    shutil.copytree(tmp_path / "d" / "images", annexed / "images")
+    (annexed / "masks").mkdir()
+    (tmp_path / "objects").mkdir()
+    for k in (0, 2):
+        shutil.copy(tmp_path / "d" / "masks" / f"s{k:02d}.png", tmp_path / "objects" / f"SHA{k}.png")
+        (annexed / "masks" / f"s{k:02d}.png").symlink_to(tmp_path / "objects" / f"SHA{k}.png")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="medseg.data"):
+        assert len(instance_split(annexed, val_fraction=0.5)["all"]) == 2
+    assert not [r for r in caplog.records if "with no image" in r.getMessage()]
     # images/ linked from elsewhere: the masks read are those of the folder linked to, and so is the warning
     store = tmp_path / "store"
     (tmp_path / "d").rename(store)
