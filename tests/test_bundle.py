@@ -199,6 +199,25 @@ def test_yaml_overlay_numbers_and_whole_component_replacements(tmp_path):
         load_config(BUNDLE, "train", overlays=[overlay])
     overlay.write_text("network_def#channels: [16, 32, 64, 128, 256]\n")
     assert load_config(BUNDLE, "train", overlays=[overlay])["network_def#channels"] == [16, 32, 64, 128, 256]
+    # where the bundle has null or a list of numbers, too: 1e-2 reached the weight averaging as a word
+    overlay.write_text("ema_momentum: 1e-2\n")
+    assert load_config(BUNDLE, "train", overlays=[overlay])["ema_momentum"] == 0.01
+    overlay.write_text("class_weights: [1.0, 1.0, 3e0]\n")
+    assert load_config(REPO / "bundles" / "nuclei", "train", overlays=[overlay])["class_weights"] == [1.0, 1.0, 3.0]
+    overlay.write_text("target_diameter: 7.5e1\n")
+    for workflow in ("train", "infer"):
+        assert load_config(REPO / "bundles" / "jurkat", workflow, overlays=[overlay])["target_diameter"] == 75.0
+    # values of another kind are refused as --set refuses them (a fraction of an epoch was taken)
+    overlay = tmp_path / "ov.json"
+    overlay.write_text('{"max_epochs": 2.5}')
+    with pytest.raises(BundleError, match=r"ov.json: max_epochs: 2.5: the bundle's max_epochs is a whole number "
+                                          r"\(150\); give a whole number$"):
+        load_config(BUNDLE, "train", overlays=[overlay])
+    overlay.write_text('{"max_epochs": 3.0, "tta": "yes"}')
+    with pytest.raises(BundleError, match=r"ov.json: tta: 'yes': the bundle's tta is true or false"):
+        load_config(BUNDLE, "train", overlays=[overlay])
+    overlay.write_text('{"max_epochs": 3.0}')
+    assert load_config(BUNDLE, "train", overlays=[overlay])["max_epochs"] == 3
 
 
 def test_every_shipped_overlay_applies_to_training_every_bundle_it_names():
