@@ -307,8 +307,13 @@ def _override_in_python(found: re.Match) -> str:
         python = value
     elif value in ("nan", "inf", "-inf"):  # a float as Python writes it
         python = f"float('{value}')"
+    elif value[:1] in ("[", "{"):  # a list or mapping as JSON writes it; a text that is not one, as written
+        try:
+            python = repr(json.loads(value))
+        except ValueError:
+            return f"overrides {key}={value}{after}"
     else:
-        try:  # a value as Python writes it (True, None, 1.5, [1, 2]), else as JSON (true, null)
+        try:  # a value as Python writes it (True, None, 1.5), else as JSON (true, null)
             python = repr(ast.literal_eval(value))
         except (ValueError, SyntaxError):
             try:

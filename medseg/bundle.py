@@ -211,16 +211,10 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
                     raise BundleError(f"{overlay}: {key}: {value!r} is not {kind}, and the bundle's {key} is "
                                       f"({default!r}); give {kind}") from None
                 continue
-            if not isinstance(default, str):  # 1e-2 where the bundle has null or a list of numbers: a number too
-                numbers = _yaml_numbers(value)
+            if str(overlay).lower().endswith((".yaml", ".yml")) and not str(key).startswith("+"):
+                numbers = _yaml_numbers(value, default)  # 1e-2 where the bundle has null or a list of numbers
                 if numbers is not value:
-                    fixes[str(key)] = value = numbers
-            try:  # of the kind the bundle's value is, as a --set value must be (a fraction for a count is not)
-                checked = _check_override_type(str(key), default, value)
-            except ConfigValueError as err:
-                raise BundleError(f"{overlay}: " + str(err).replace(f"--set {key}=", f"{key}: ", 1)) from None
-            if checked is not value:
-                fixes[str(key)] = checked
+                    fixes[str(key)] = numbers
     return fixes
 
 
@@ -228,13 +222,17 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
 _YAML_WORD_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _yaml_numbers(value: Any) -> Any:
-    """``value`` with the numbers YAML read as words made numbers, in it and in its lists (the same object when
-    it holds none)."""
-    if isinstance(value, str) and _YAML_WORD_NUMBER.fullmatch(value.strip()):
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _yaml_numbers(value: Any, default: Any) -> Any:
+    """``value`` with the numbers YAML read as words made numbers where the bundle's ``default`` is ``null`` or a
+    list of numbers (the same object when there are none)."""
+    if default is None and isinstance(value, str) and _YAML_WORD_NUMBER.fullmatch(value.strip()):
         return float(value)
-    if isinstance(value, list):
-        items = [_yaml_numbers(v) for v in value]
+    if isinstance(value, list) and isinstance(default, list) and default and all(map(_is_number, default)):
+        items = [float(v) if isinstance(v, str) and _YAML_WORD_NUMBER.fullmatch(v.strip()) else v for v in value]
         return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
     return value
 

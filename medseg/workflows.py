@@ -148,8 +148,10 @@ def quiet_constant_images() -> Iterator[None]:
             before = list(warnings.filters)
             warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")  # to the front
             _quiet_filter = warnings.filters[0]
-            # a caller's own equal filter was moved to the front: it goes back where it was at the end
-            _quiet_at = before.index(_quiet_filter) if _quiet_filter in before else None
+            # a caller's own equal filter was moved to the front: it goes back where it was at the end, after the
+            # filter it followed (the filter itself, or None: it led the list)
+            at = before.index(_quiet_filter) if _quiet_filter in before else None
+            _quiet_at = None if at is None else before[at - 1] if at else _quiet_filter
         _quiet_users += 1
     try:
         yield
@@ -159,8 +161,11 @@ def quiet_constant_images() -> Iterator[None]:
             if not _quiet_users:
                 with contextlib.suppress(ValueError):  # a caller's resetwarnings() took it already
                     warnings.filters.remove(_quiet_filter)
-                    if _quiet_at is not None:
-                        warnings.filters.insert(_quiet_at, _quiet_filter)
+                    if _quiet_at is _quiet_filter:  # it led the list
+                        warnings.filters.insert(0, _quiet_filter)
+                    elif _quiet_at is not None:
+                        after = next((i + 1 for i, f in enumerate(warnings.filters) if f is _quiet_at), 0)
+                        warnings.filters.insert(after, _quiet_filter)
                 mutated = getattr(warnings, "_filters_mutated", None)  # the cache of decisions made under it
                 if mutated is not None:
                     mutated()
@@ -169,7 +174,7 @@ def quiet_constant_images() -> Iterator[None]:
 _quiet_lock = threading.Lock()
 _quiet_users = 0
 _quiet_filter: Any = None
-_quiet_at: int | None = None
+_quiet_at: Any = None
 
 
 @contextlib.contextmanager

@@ -367,6 +367,9 @@ def test_an_error_class_that_takes_more_than_its_message_is_raised_as_it_is():
     assert caught.value.where == "x.tif"
     with pytest.raises(DataError, match=r"with overrides=\{'input_channels': \[N\]\}"), _python_words():
         raise DataError("pick channels with --set input_channels=[N] (numbered from 0)")
+    # a text given for a mapping is shown as the text it is, not as the mapping Python would read in it
+    with pytest.raises(DataError, match=r"^overrides class_map=\{'0':0\}: not valid JSON$"), _python_words():
+        raise DataError("--set class_map={'0':0}: not valid JSON")
 
 
 def test_pil_images_of_other_modes_are_taken_as_their_colours(weights):
@@ -528,3 +531,14 @@ def test_a_callers_own_filter_for_the_blank_image_warning_is_kept(weights):
             segmenter.segment(np.zeros_like(image))
             assert list(warnings.filters) == before
         assert not [w for w in said if "Divide by zero" in str(w.message)]
+    # filters added meanwhile: the caller's goes back behind the filter it followed, not to its old index
+    from medseg.workflows import quiet_constant_images
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Divide by zero \(a_min == a_max\)")
+        warnings.simplefilter("always")
+        expected = list(warnings.filters)
+        with quiet_constant_images():
+            warnings.filterwarnings("ignore", message="a filter added meanwhile")
+        assert list(warnings.filters) == [warnings.filters[0], *expected]
+        assert warnings.filters[0][1].pattern == "a filter added meanwhile"

@@ -207,17 +207,9 @@ def test_yaml_overlay_numbers_and_whole_component_replacements(tmp_path):
     overlay.write_text("target_diameter: 7.5e1\n")
     for workflow in ("train", "infer"):
         assert load_config(REPO / "bundles" / "jurkat", workflow, overlays=[overlay])["target_diameter"] == 75.0
-    # values of another kind are refused as --set refuses them (a fraction of an epoch was taken)
-    overlay = tmp_path / "ov.json"
-    overlay.write_text('{"max_epochs": 2.5}')
-    with pytest.raises(BundleError, match=r"ov.json: max_epochs: 2.5: the bundle's max_epochs is a whole number "
-                                          r"\(150\); give a whole number$"):
-        load_config(BUNDLE, "train", overlays=[overlay])
-    overlay.write_text('{"max_epochs": 3.0, "tta": "yes"}')
-    with pytest.raises(BundleError, match=r"ov.json: tta: 'yes': the bundle's tta is true or false"):
-        load_config(BUNDLE, "train", overlays=[overlay])
-    overlay.write_text('{"max_epochs": 3.0}')
-    assert load_config(BUNDLE, "train", overlays=[overlay])["max_epochs"] == 3
+    # only numbers: a name of a list of names stays a name, and a JSON overlay's text stays text
+    overlay.write_text("class_names: [background, 1e1, boundary]\n")
+    assert load_config(REPO / "bundles" / "nuclei", "train", overlays=[overlay])["class_names"][1] == "1e1"
 
 
 def test_every_shipped_overlay_applies_to_training_every_bundle_it_names():
