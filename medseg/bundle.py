@@ -227,9 +227,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _yaml_numbers(value: Any, default: Any) -> Any:
-    """``value`` with the numbers YAML read as words made numbers where the bundle's ``default`` is ``null`` or a
-    list of numbers (the same object when there are none)."""
-    if default is None and isinstance(value, str) and _YAML_WORD_NUMBER.fullmatch(value.strip()):
+    """``value`` with the numbers YAML read as words made numbers where the bundle's ``default`` is ``null``, a
+    reference or expression (``optimizer#lr: "@learning_rate"``), or a list of numbers (the same object when
+    there are none)."""
+    computed = isinstance(default, str) and default.startswith(("@", "$"))
+    if (default is None or computed) and isinstance(value, str) and _YAML_WORD_NUMBER.fullmatch(value.strip()):
         return float(value)
     if isinstance(value, list) and isinstance(default, list) and default and all(map(_is_number, default)):
         items = [float(v) if isinstance(v, str) and _YAML_WORD_NUMBER.fullmatch(v.strip()) else v for v in value]

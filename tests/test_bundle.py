@@ -207,6 +207,8 @@ def test_yaml_overlay_numbers_and_whole_component_replacements(tmp_path):
     overlay.write_text("target_diameter: 7.5e1\n")
     for workflow in ("train", "infer"):
         assert load_config(REPO / "bundles" / "jurkat", workflow, overlays=[overlay])["target_diameter"] == 75.0
+    overlay.write_text("optimizer#lr: 1e-4\n")  # the bundle's is a reference (@learning_rate)
+    assert load_config(BUNDLE, "train", overlays=[overlay]).get_parsed_content("optimizer").defaults["lr"] == 1e-4
     # only numbers: a name of a list of names stays a name, and a JSON overlay's text stays text
     overlay.write_text("class_names: [background, 1e1, boundary]\n")
     assert load_config(REPO / "bundles" / "nuclei", "train", overlays=[overlay])["class_names"][1] == "1e1"
