@@ -293,9 +293,10 @@ _IN_PYTHON = (
     ("give --device instead", "give device= instead"),
     ("pick one of them or --device cuda", "pick one of them or device='cuda'"),
     ("use --device cpu", "use device='cpu'"),
-    ("or use --device cpu", "or use device='cpu'"),
     ("output folder, --checkpoint)", "output folder, checkpoint)"),
 )
+
+
 def _override_in_python(found: re.Match) -> str:
     """``--set key=value`` as the ``overrides`` entry that gives it, where the value reads as one (a number,
     ``true``, ``null``, a list, a word, a quoted string or a placeholder such as ``VALUE``); else
@@ -335,7 +336,7 @@ _OPTIONS_IN_PYTHON = (
 
 
 def _check_path(path: str | os.PathLike) -> None:
-    """An empty path is no file (``Path("")`` is the current folder, which was read as a DICOM series)."""
+    """An empty string is no file (as a path it is the current folder, which was read as a DICOM series)."""
     if not os.fspath(path):
         raise DataError("an empty path: give the path of an image file, or the image as an array")
 

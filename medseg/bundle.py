@@ -170,7 +170,8 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
 
     Returns:
         Values to set after the overlays are merged: a number YAML read as a word (``1e-4``, YAML 1.1 wants
-        ``1.0e-4``) where the bundle has a number.
+        ``1.0e-4``) where the bundle has a number; in a YAML file also where it has ``null``, a reference or
+        expression, or a list of numbers (:func:`_yaml_numbers`).
     """
     from monai.bundle import ConfigParser
 
@@ -212,7 +213,7 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
                                       f"({default!r}); give {kind}") from None
                 continue
             if str(overlay).lower().endswith((".yaml", ".yml")) and not str(key).startswith("+"):
-                numbers = _yaml_numbers(value, default)  # 1e-2 where the bundle has null or a list of numbers
+                numbers = _yaml_numbers(value, default)  # 1e-2 where the bundle's value is not a number itself
                 if numbers is not value:
                     fixes[str(key)] = numbers
     return fixes
@@ -222,10 +223,6 @@ def _check_overlay_keys(bundle: str | os.PathLike, workflow: str, files: list[Pa
 _YAML_WORD_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _yaml_numbers(value: Any, default: Any) -> Any:
     """``value`` with the numbers YAML read as words made numbers where the bundle's ``default`` is ``null``, a
     reference or expression (``optimizer#lr: "@learning_rate"``), or a list of numbers (the same object when
@@ -233,7 +230,8 @@ def _yaml_numbers(value: Any, default: Any) -> Any:
     computed = isinstance(default, str) and default.startswith(("@", "$"))
     if (default is None or computed) and isinstance(value, str) and _YAML_WORD_NUMBER.fullmatch(value.strip()):
         return float(value)
-    if isinstance(value, list) and isinstance(default, list) and default and all(map(_is_number, default)):
+    if isinstance(value, list) and isinstance(default, list) and default and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in default):
         items = [float(v) if isinstance(v, str) and _YAML_WORD_NUMBER.fullmatch(v.strip()) else v for v in value]
         return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
     return value
