@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import zlib
 from collections import OrderedDict
@@ -45,7 +46,7 @@ import numpy as np
 from monai.data import ImageReader
 
 from medseg.dicom import DICOM_SUFFIXES
-from medseg.errors import DataError
+from medseg.errors import DataError, brief
 
 #: File suffix -> format name. DICOM files may also have no suffix (sniffed by content).
 SUFFIXES: dict[str, str] = {
@@ -399,9 +400,35 @@ def displayed(im):
     return im if method is None else im.transpose(method)
 
 
+def _png16_samples(path: str, samples: int) -> np.ndarray:
+    """A 16-bit colour or gray+alpha PNG as ``(C, H, W)`` uint16, alpha dropped and its EXIF orientation applied.
+
+    Pillow keeps 8 bits per channel of these, so ITK's PNG reader decodes them (into float32 vectors, which hold
+    every 16-bit value exactly).
+    """
+    import itk
+
+    try:
+        arr = itk.array_from_image(itk.imread(path, pixel_type=itk.Vector[itk.F, samples]))
+    except (RuntimeError, OSError) as err:  # ITK's text: "SOURCE:LINE: ITK ERROR: PNGImageIO(0x...): why"
+        why = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", str(err).split("ITK ERROR:")[-1])
+        raise DataError(f"{path}: cannot read the 16-bit PNG ({brief(why)}){_or_corrupt(path, 'picture')}") from err
+    arr = _channels_first_2d(arr.astype(np.uint16), path)
+    with open_picture(path) as im:
+        turn = _exif_orientation(im)
+    if turn in (5, 6, 7, 8):  # EXIF 5-8 swap the axes: transpose first, then as 1-4
+        arr = arr.swapaxes(1, 2)
+        turn = {5: 1, 6: 2, 7: 3, 8: 4}[turn]
+    if turn in (2, 3):
+        arr = arr[:, :, ::-1]
+    if turn in (3, 4):
+        arr = arr[:, ::-1, :]
+    return np.ascontiguousarray(arr)
+
+
 class PngReader(_MedsegReader):
     """PNG, BMP and JPEG via Pillow: 8/16-bit gray, RGB, RGBA (alpha dropped), palette (resolved to RGB),
-    CMYK (converted to RGB); an EXIF orientation is applied, as every viewer applies it."""
+    CMYK (converted to RGB); 16-bit colour PNG via ITK; an EXIF orientation is applied, as every viewer does."""
 
     format = "png"
 
@@ -414,9 +441,7 @@ class PngReader(_MedsegReader):
             if header[:8] == b"\x89PNG\r\n\x1a\n" and len(header) < 26:
                 raise DataError(f"{path}: PNG file ends after {len(header)} bytes; the file is truncated")
             if header[:8] == b"\x89PNG\r\n\x1a\n" and header[24] == 16 and header[25] in (2, 4, 6):
-                kind = "gray+alpha" if header[25] == 4 else "colour"
-                raise DataError(f"{path}: 16-bit {kind} PNG; its reader keeps only 8 bits per channel, so it is "
-                                "refused rather than truncated: save it as 16-bit TIFF")
+                return _png16_samples(path, {2: 3, 4: 2, 6: 4}[header[25]])
             with open_picture(path) as opened:
                 im = displayed(opened)
                 if im.mode == "P":

@@ -395,23 +395,52 @@ def test_png_cut_inside_its_header_is_a_data_error(tmp_path, size):
         read_image(path)
 
 
-def test_16_bit_colour_png_is_refused_not_truncated(tmp_path):
+def _png(width: int, height: int, depth: int, colour: int, rows: bytes, exif: bytes = b"") -> bytes:
     import struct
     import zlib
 
-    rows = b"".join(b"\0" + struct.pack(">3H", 55746, 41743, 33497) * 2 for _ in range(2))
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-    (tmp_path / "rgb16.png").write_bytes(png)
-    with pytest.raises(DataError, match=r"rgb16\.png: 16-bit colour PNG"):
-        read_image(tmp_path / "rgb16.png")
-    la = png.replace(chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 2, 0, 0, 0)),
-                     chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 4, 0, 0, 0)))
-    (tmp_path / "la16.png").write_bytes(la)
-    with pytest.raises(DataError, match=r"la16\.png: 16-bit gray\+alpha PNG"):
-        read_image(tmp_path / "la16.png")
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
+    if exif:
+        png += chunk(b"eXIf", exif)
+    return png + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _exif_block(orientation: int) -> bytes:
+    import struct
+
+    return b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + b"\0" * 4
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16_bit_colour_png_keeps_every_bit_and_turns_as_its_8_bit_twin(tmp_path, orientation):
+    rng = np.random.default_rng(orientation)
+    values = rng.integers(0, 255, (3, 5, 3), dtype=np.uint16)  # H, W, RGB (not square, so a swap shows)
+    wide = values * 257 + rng.integers(0, 2, values.shape, dtype=np.uint16)  # the low byte carries bits too
+    rows16 = b"".join(b"\0" + wide[y].astype(">u2").tobytes() for y in range(3))
+    rows8 = b"".join(b"\0" + values[y].astype(np.uint8).tobytes() for y in range(3))
+    (tmp_path / "rgb16.png").write_bytes(_png(5, 3, 16, 2, rows16, _exif_block(orientation)))
+    (tmp_path / "rgb8.png").write_bytes(_png(5, 3, 8, 2, rows8, _exif_block(orientation)))
+    arr16, arr8 = np.asarray(read_image(tmp_path / "rgb16.png")[0]), np.asarray(read_image(tmp_path / "rgb8.png")[0])
+    assert arr16.dtype == np.uint16 and arr16.shape == arr8.shape == ((3, 3, 5) if orientation < 5 else (3, 5, 3))
+    np.testing.assert_array_equal(arr16 // 257, arr8)  # turned as Pillow turns the 8-bit one
+    if orientation == 1:
+        np.testing.assert_array_equal(arr16, np.moveaxis(wide, -1, 0))  # bit for bit
+
+
+def test_16_bit_png_with_alpha_drops_it_and_a_broken_one_is_named(tmp_path):
+    rgba = np.array([[[1000, 2000, 65535, 7], [3, 4, 5, 65535]]], dtype=np.uint16)
+    (tmp_path / "rgba16.png").write_bytes(_png(2, 1, 16, 6, b"\0" + rgba[0].astype(">u2").tobytes()))
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "rgba16.png")[0]),
+                                  np.moveaxis(rgba[..., :3], -1, 0))
+    la = np.array([[[40000, 1], [2, 65535]]], dtype=np.uint16)
+    (tmp_path / "la16.png").write_bytes(_png(2, 1, 16, 4, b"\0" + la[0].astype(">u2").tobytes()))
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "la16.png")[0]), [[[40000, 2]]])
+    good = _png(2, 1, 16, 2, b"\0" + np.arange(6, dtype=">u2").tobytes())
+    (tmp_path / "cut16.png").write_bytes(good[:-30])
+    with pytest.raises(DataError, match=r"cut16\.png: cannot read the 16-bit PNG"):
+        read_image(tmp_path / "cut16.png")
 
 
 def test_a_stack_read_slice_by_slice_is_opened_once_and_rewritten_files_are_read_afresh(tmp_path, monkeypatch):
