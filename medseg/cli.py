@@ -246,6 +246,9 @@ def train(
         "masks/ instance label images."))],
     output: Annotated[Path, typer.Option(callback=_home, help="Run folder: checkpoints, curves, split, MLflow store.")
                       ] = Path("runs/latest"),
+    val_data: Annotated[Path | None, typer.Option(callback=_home, help=(
+        "A folder of labelled images, laid out as --data, that validates (picks model.pt) while all of --data "
+        "trains (default: part of --data is held out; --set val_dir=DIR is the same)."))] = None,
     device: DeviceOpt = "auto",
     epochs: Annotated[int | None, typer.Option(help="Override max_epochs.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
@@ -274,7 +277,7 @@ def train(
         str(bundle), str(data), str(output), device=device, overlays=tuple(map(str, config or [])),
         overrides=_overrides(set_, max_epochs=epochs), resume=resume, overwrite=overwrite, tracking=tracking,
         tracking_uri=tracking_uri, max_minutes=max_minutes, progress=progress,
-        say=lambda line: typer.echo(line, err=True)))
+        say=lambda line: typer.echo(line, err=True), val_dir=None if val_data is None else str(val_data)))
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     if summary.get("best_metric") is not None:
         typer.echo(f"best {summary['key_metric']} {summary['best_metric']:.4f} at epoch "

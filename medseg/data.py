@@ -160,26 +160,69 @@ def split_pairs(pairs: list[dict], val_count: int) -> dict[str, list[dict]]:
     return {"train": pairs[:-val_count], "val": pairs[-val_count:]}
 
 
-def isbi_split(data_dir: str | os.PathLike, val_count: int = 5, save_to: str | None = None) -> dict:
+def isbi_split(data_dir: str | os.PathLike, val_count: int = 5, save_to: str | None = None,
+               val_dir: str | os.PathLike | None = None) -> dict:
     """Find pairs under ``data_dir`` and split them into ``train``, ``val`` (and ``all``, both together).
 
-    If ``save_to`` is a folder, the split is recorded there as ``split.json``.
+    With ``val_dir``, every slice of ``data_dir`` trains and every slice of ``val_dir`` validates
+    (:func:`fixed_split`); ``val_count`` is not used. If ``save_to`` is a folder, the split is recorded there as
+    ``split.json``.
     """
     pairs = find_pairs(data_dir)
-    split = split_pairs(pairs, val_count)
-    _save_split(split, data_dir, save_to)
-    return {**split, "all": pairs}
+    if val_dir:
+        split = fixed_split(pairs, find_pairs(val_dir), data_dir, val_dir)
+    else:
+        split = split_pairs(pairs, val_count)
+    _save_split(split, data_dir, save_to, val_dir)
+    return {**split, "all": split["train"] + split["val"] if val_dir else pairs}
 
 
-def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_to: str | None) -> None:
+def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
+                val_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """``train`` (found in ``data_dir``) and ``val`` (found in ``val_dir``, a validation folder of its own, as
+    StarDist's and Cellpose's test folders are kept) as a split.
+
+    Raises:
+        DataError: ``val_dir`` is ``data_dir``; an image found in both (a validation folder inside the data
+            folder that the image pattern also reaches); or a name found in both: names identify the images
+            in the run's ``split.json``, by which ``evaluate`` picks the validation images again.
+    """
+    if Path(val_dir).resolve() == Path(data_dir).resolve():
+        raise DataError(f"{val_dir}: the validation folder is the training data folder itself; give a folder of "
+                        "other labelled images, or leave the validation folder out to hold out part of the data")
+    trained = {str(Path(d["image"]).resolve()): d for d in train}
+    both = [d for d in val if str(Path(d["image"]).resolve()) in trained]
+    if both:
+        raise DataError(f"{both[0]['image']}: found both in the training data ({data_dir}) and the validation folder "
+                        f"({len(both)} such images); move the validation folder out of {data_dir}, or narrow "
+                        "image_glob so that it does not reach it")
+    names = {str(d["name"]) for d in train}
+    clash = [d for d in val if str(d["name"]) in names]
+    if clash:
+        first = next(t for t in train if str(t["name"]) == str(clash[0]["name"]))
+        fix = "save the validation stack's slices as image/ + label/ PNGs named apart" \
+            if Path(clash[0]["image"]).name in ISBI_STACKS else \
+            "rename the validation images (a prefix such as val_)"
+        raise DataError(f"{clash[0]['image']}: has the name '{clash[0]['name']}' of a training image "
+                        f"({first['image']}; {len(clash)} such names), and names identify the images in the "
+                        f"run's split.json: {fix}, or hold out part of one folder instead")
+    return {"train": list(train), "val": list(val)}
+
+
+def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_to: str | None,
+                val_dir: str | os.PathLike | None = None) -> None:
     if not save_to:
         return
     out = Path(save_to)
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {k: [d["name"] for d in v] for k, v in split.items()}
     record["data_dir"] = str(Path(data_dir).resolve())
+    if val_dir:
+        record["val_dir"] = str(Path(val_dir).resolve())
     files: dict[str, str] = {}  # a stack's file is read once for all its slices
     record["sha256"] = {d["name"]: sample_digest(d, files) for v in split.values() for d in v}
+    if val_dir:
+        _warn_copies(split, record["sha256"], val_dir)
     try:
         with atomic_output(out / "split.json") as tmp:  # a resume compares against it: never half written
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -187,6 +230,17 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
         if err.filename is None or Path(err.filename).parent == out:
             err.filename = str(out / "split.json")
         raise
+
+
+def _warn_copies(split: dict[str, list[dict]], digests: dict[str, str], val_dir: str | os.PathLike) -> None:
+    """Say, in one warning, validation samples whose image and label are byte for byte a training sample's."""
+    trained = {digests[str(d["name"])]: d for d in split["train"]}
+    copies = [(d, trained[digests[str(d["name"])]]) for d in split["val"] if digests[str(d["name"])] in trained]
+    if copies:
+        logging.getLogger(__name__).warning(
+            "%s: %d of its %d validation images are copies of training images, label and all (first: %s = %s), so "
+            "validation scores them as seen in training; remove them from one of the folders", val_dir,
+            len(copies), len(split["val"]), copies[0][0]["image"], copies[0][1]["image"])
 
 
 def sample_digest(sample: dict, known: dict[str, str] | None = None) -> str:
@@ -541,12 +595,18 @@ def group_sampler(samples: list[dict], power: float = 0.0, num_samples: int | No
 
 
 def folder_split(data_dir: str | os.PathLike, image_glob: str = "images/*", mask_template: str = "../masks/{stem}.*",
-                 val_fraction: float = 0.2, seed: int = 0, save_to: str | None = None) -> dict[str, list[dict]]:
-    """:func:`find_image_mask_pairs` split by :func:`split_by_group`: ``train``, ``val`` and ``all``."""
+                 val_fraction: float = 0.2, seed: int = 0, save_to: str | None = None,
+                 val_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """:func:`find_image_mask_pairs` split by :func:`split_by_group`: ``train``, ``val`` and ``all``; with
+    ``val_dir``, the pairs of ``data_dir`` train and those of ``val_dir`` (found alike) validate
+    (:func:`fixed_split`)."""
     pairs = find_image_mask_pairs(data_dir, image_glob, mask_template)
-    split = split_by_group(pairs, val_fraction, seed)
-    _save_split(split, data_dir, save_to)
-    return {**split, "all": pairs}
+    if val_dir:
+        split = fixed_split(pairs, find_image_mask_pairs(val_dir, image_glob, mask_template), data_dir, val_dir)
+    else:
+        split = split_by_group(pairs, val_fraction, seed)
+    _save_split(split, data_dir, save_to, val_dir)
+    return {**split, "all": split["train"] + split["val"] if val_dir else pairs}
 
 
 def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
@@ -636,12 +696,16 @@ def _size_group(image: Path) -> str:
 
 
 def dsb_split(data_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
-              save_to: str | None = None) -> dict[str, list[dict]]:
-    """:func:`find_dsb_samples` split by :func:`split_by_group`: ``train``, ``val`` and ``all``."""
+              save_to: str | None = None, val_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """:func:`find_dsb_samples` split by :func:`split_by_group`: ``train``, ``val`` and ``all``; with ``val_dir``,
+    the samples of ``data_dir`` train and those of ``val_dir`` validate (:func:`fixed_split`)."""
     samples = find_dsb_samples(data_dir)
-    split = split_by_group(samples, val_fraction, seed)
-    _save_split(split, data_dir, save_to)
-    return {**split, "all": samples}
+    if val_dir:
+        split = fixed_split(samples, find_dsb_samples(val_dir), data_dir, val_dir)
+    else:
+        split = split_by_group(samples, val_fraction, seed)
+    _save_split(split, data_dir, save_to, val_dir)
+    return {**split, "all": split["train"] + split["val"] if val_dir else samples}
 
 
 #: Layouts of instance-labelled data (:func:`instance_split`).
@@ -680,20 +744,21 @@ def instance_layout(data_dir: str | os.PathLike, layout: str = "auto", image_glo
 
 def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob: str = _FOLDER_DEFAULTS[0],
                    mask_template: str = _FOLDER_DEFAULTS[1], val_fraction: float = 0.2, seed: int = 0,
-                   save_to: str | None = None) -> dict[str, list[dict]]:
+                   save_to: str | None = None, val_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
     """Instance-labelled samples split by :func:`split_by_group`: ``train``, ``val`` and ``all``.
 
     Two layouts (``layout``, see :func:`instance_layout`): ``"kaggle"``, the DSB 2018 release
     (:func:`find_dsb_samples`: a folder of per-object masks per image), and ``"folders"``, images with one
     instance label image each (0 = background, one value per object; :func:`find_image_mask_pairs` with
-    ``image_glob`` and ``mask_template``), as ``medseg infer`` writes them.
+    ``image_glob`` and ``mask_template``), as ``medseg infer`` writes them. A validation folder ``val_dir`` is read
+    in the layout of ``data_dir``.
     """
     chosen = instance_layout(data_dir, layout, image_glob, mask_template)
     if layout == "auto":
         logging.getLogger(__name__).info("%s: read in the %s layout", data_dir, chosen)
     if chosen == "kaggle":
-        return dsb_split(data_dir, val_fraction, seed, save_to)
-    return folder_split(data_dir, image_glob, mask_template, val_fraction, seed, save_to)
+        return dsb_split(data_dir, val_fraction, seed, save_to, val_dir)
+    return folder_split(data_dir, image_glob, mask_template, val_fraction, seed, save_to, val_dir)
 
 
 def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.PathLike | None,
@@ -709,15 +774,19 @@ def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.Path
     if split_file is None or split == "all":
         return datalists[split]
     try:
-        names = [str(n) for n in json.loads(Path(split_file).read_text(encoding="utf-8"))[split]]
+        record = json.loads(Path(split_file).read_text(encoding="utf-8"))
+        names = [str(n) for n in record[split]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{split_file}: not a readable split record ({brief(str(err) or type(err).__name__)}); "
                         "restore it, or set split_record to null to draw the split from the settings") from err
     samples = {str(d.get("name")): d for d in datalists["all"]}
     present = [samples[n] for n in names if n in samples]
     if not present:
+        folder = record.get("val_dir") if split == "val" and isinstance(record, dict) else None
+        data = f"the folder it was validated on ({Path(str(folder)).name})" if folder else \
+            "the data the model was trained on"
         raise DataError(f"{split_file}: none of the {len(names)} {split} images it names are in the data given; "
-                        "give dataset_dir the data the model was trained on, or set eval_split to all")
+                        f"give dataset_dir {data}, or set eval_split to all")
     if len(present) < len(names):
         logging.getLogger(__name__).warning("%s: %d of its %d %s images are not in the data given; scoring the %d "
                                             "that are", split_file, len(names) - len(present), len(names), split,

@@ -209,7 +209,7 @@ def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequen
 
 #: Ids of a training's record that ``evaluate`` and ``infer`` never take: the call's own data, folders and device,
 #: whether to average rotations (``--tta``), and the workflow's own mechanics.
-_NOT_TAKEN = (*_CALL_SETTINGS, "tta", "imports", "initialize", "run", "network")
+_NOT_TAKEN = (*_CALL_SETTINGS, "val_dir", "tta", "imports", "initialize", "run", "network")
 
 
 class TrainedSettings(NamedTuple):
@@ -314,7 +314,7 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
 #: validated whole), the workflow's own mechanics (the engines, as the record resolves them), and where it was
 #: tracked
 _NOT_RECIPE = (*(k for k in _CALL_SETTINGS if k != "max_epochs"), "cpu_bf16", "compile", "num_workers",
-               "cache_rate", "whole_max_pixels", "layout", "image_glob", "mask_template", "tta", "imports",
+               "cache_rate", "whole_max_pixels", "layout", "image_glob", "mask_template", "val_dir", "tta", "imports",
                "initialize", "run", "network", "train", "validate", "tracking_uri", "tracking_store",
                "experiment_name", "run_name", "save_execute_config")
 
@@ -524,9 +524,9 @@ def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
         return
     if any(recorded.get(k) != drawn.get(k) for k in ("train", "val")):  # by name: the folder itself may move
         raise DataError(f"{out / 'split.json'}: the run was trained on another train/validation split than the one "
-                        f"drawn now from {data_dir} (another data folder, images added or removed, or another "
-                        "seed or val_fraction, or a medseg version that splits otherwise); resume with the run's "
-                        "data and settings, or start anew with --overwrite instead of --resume")
+                        f"drawn now from {data_dir} (another data or validation folder, images added or removed, or "
+                        "another seed or val_fraction, or a medseg version that splits otherwise); resume with the "
+                        "run's data and settings, or start anew with --overwrite instead of --resume")
     before, now = recorded.get("sha256"), drawn.get("sha256")
     if isinstance(before, dict) and isinstance(now, dict):  # runs of earlier versions recorded names only
         changed = [name for name, digest in before.items() if now.get(name) != digest]

@@ -21,6 +21,7 @@ from medseg import guards, runfolder
 from medseg import tracking as mlflow_tracking
 from medseg.bundle import check_batch_size, check_classes, literal, literal_items, load_checkpoint, load_config, written
 from medseg.errors import (
+    BundleError,
     CheckpointError,
     ConfigValueError,
     DataError,
@@ -338,7 +339,7 @@ LAYOUT_IDS = ("layout", "image_glob", "mask_template")
 
 class TrainingLayout(NamedTuple):
     """What :func:`_training_layout` found: the values, the record they came from, and whether the training read
-    the same data folder."""
+    the same data folder (as its data or its validation folder)."""
 
     values: dict[str, str]
     source: str = ""
@@ -349,8 +350,8 @@ def _training_layout(checkpoints: list[str], parser: Any, given: Callable[[str],
                      data_dir: str) -> TrainingLayout:
     """The values of :data:`LAYOUT_IDS` that the training of ``checkpoints`` recorded in its ``config.json`` and
     that differ from ``parser``'s, where the config's ``datalists`` reads with the id and the command does not give
-    it (``given``), with the record they came from and whether its ``dataset_dir`` is ``data_dir``; none when a
-    record is missing or unreadable, or the members of an ensemble differ."""
+    it (``given``), with the record they came from and whether its ``dataset_dir`` or ``val_dir`` is ``data_dir``;
+    none when a record is missing or unreadable, or the members of an ensemble differ."""
     reading = json.dumps(parser.get("datalists", {}), default=str)
     found, where, same = [], "", True
     for checkpoint in dict.fromkeys(map(str, checkpoints)):
@@ -364,12 +365,33 @@ def _training_layout(checkpoints: list[str], parser: Any, given: Callable[[str],
         found.append({k: record[k] for k in LAYOUT_IDS if isinstance(record.get(k), str) and not given(k)
                       and re.search(rf"@{k}\b", reading) and record[k] != parser.get(k)})
         where = where or str(path)
-        trained_on = written(record.get("dataset_dir"))
-        same = same and isinstance(trained_on, str) and bool(trained_on) and \
-            _resolved(trained_on) == _resolved(data_dir)
+        read = [written(record.get(k)) for k in ("dataset_dir", "val_dir")]  # its data, and validation folder
+        same = same and any(isinstance(r, str) and bool(r) and _resolved(r) == _resolved(data_dir) for r in read)
     if not found or any(f != found[0] for f in found):
         return TrainingLayout({})
     return TrainingLayout(found[0], where, same)
+
+
+def _validation_folder(checkpoints: list[str], data_dir: str) -> str | None:
+    """The validation folder (``val_dir``) that the training of ``checkpoints`` recorded in its ``split.json``
+    when ``data_dir`` is the folder it trained on (said in a warning), else ``None``.
+
+    Raises:
+        DataError: that folder is not there any more.
+    """
+    record = _recorded_split(checkpoints)
+    val_dir, trained_on = (record.get("val_dir"), record.get("data_dir")) if record else (None, None)
+    if not (isinstance(val_dir, str) and isinstance(trained_on, str) and val_dir and
+            _resolved(trained_on) == _resolved(data_dir)):
+        return None
+    where = _recorded_split_path(checkpoints)
+    if not Path(val_dir).is_dir():
+        raise DataError(f"{val_dir}: the run validated on this folder ({where}), and it is not there now; pass "
+                        "--data the folder of its validation images, or --split train or all to score --data")
+    logging.getLogger(__name__).warning("%s: the run trained on all of %s and validated on %s (%s); scoring the "
+                                        "images of %s (--split train or all scores %s)", data_dir, data_dir,
+                                        val_dir, where, val_dir, data_dir)
+    return val_dir
 
 
 def _recorded_split_path(checkpoints: list[str]) -> Path:
@@ -477,8 +499,13 @@ def train(
     max_minutes: float | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    val_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``bundle`` on ``data_dir``; checkpoints, curves, split, config and MLflow store go to ``output_dir``.
+
+    ``val_dir``: a folder of labelled images, laid out as ``data_dir``, that validates (chooses ``model.pt``)
+    while every image of ``data_dir`` trains; without it, part of ``data_dir`` is held out (the bundle's
+    ``val_dir`` id, which ``--set`` and a resumed run's record give too).
 
     ``say`` is given one line before the training starts: the labelled images found and how they were split
     (the CLI prints it); the summary holds the counts too.
@@ -508,7 +535,11 @@ def train(
     out = Path(output_dir)
     dev = select_device(device)
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **device_settings(dev)}
+    if val_dir is not None:  # as --set gives it: taken over the run's own by --resume
+        _check_val_dir_id(bundle)
+        overrides = {**(overrides or {}), "val_dir": str(val_dir)}
     parser = load_config(bundle, "train", overlays, overrides, settings)
+    _absolute_val_dir(parser)
     _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")
     _check_training_length(parser, max_minutes)
     made = runfolder.folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
@@ -687,6 +718,30 @@ def train(
         return summary
 
 
+def _check_val_dir_id(bundle: str) -> None:
+    """Raise :class:`BundleError` when the training config of ``bundle`` has no ``val_dir`` id (a bundle written
+    before it existed), for which ``--val-data`` would mean nothing."""
+    from medseg.bundle import default_config
+
+    if "val_dir" in default_config(bundle, "train"):
+        return
+    raise BundleError(f"{Path(bundle) / 'configs' / 'train.json'}: has no val_dir id, so --val-data cannot be used "
+                      "with it; add \"val_dir\": null and pass \"val_dir\": \"@val_dir\" to its datalists, or "
+                      "leave --val-data out")
+
+
+def _absolute_val_dir(parser: Any) -> None:
+    """The config's validation folder (``val_dir``: ``--val-data``, ``--set``, an overlay) as an absolute path,
+    so that the run's record points at it from anywhere; a folder that is not there fails now."""
+    given = parser.get("val_dir") if "val_dir" in parser else None
+    if isinstance(given, str) and given and not given.startswith(("$", "@", "%")):
+        if not Path(given).is_dir():
+            kind = "a file, not a folder" if Path(given).is_file() else "validation folder not found"
+            raise DataError(f"{given}: {kind}; pass --val-data (val_dir) a folder of labelled images laid out as "
+                            "--data, or leave it out to hold out part of --data")
+        parser["val_dir"] = str(Path(given).absolute())
+
+
 def _data_found(parser: Any, datalists: Any, data_dir: str, out: Path) -> dict[str, Any]:
     """How many labelled images (ISBI: slices) ``datalists`` holds for training and validation, and the layout
     they were read in where the bundle reads several (nuclei), with a line saying so; empty for a config whose
@@ -707,8 +762,14 @@ def _data_found(parser: Any, datalists: Any, data_dir: str, out: Path) -> dict[s
             if found["layout"] == "kaggle":
                 layout = " (DSB Kaggle layout: {id}/images + {id}/masks)"
     record = f"; the split is recorded in {out / 'split.json'}" if (out / "split.json").is_file() else ""
-    found["said"] = (f"{data_dir}: {found['train'] + found['val']} labelled {what}{layout}: {found['train']} for "
-                     f"training, {found['val']} for validation{record}")
+    val_dir = parser.get("val_dir") if "val_dir" in parser else None
+    if isinstance(val_dir, str) and val_dir and not val_dir.startswith(("$", "@", "%")):
+        found["val_dir"] = val_dir
+        found["said"] = (f"{data_dir}: {found['train']} labelled {what}{layout} for training; {val_dir}: "
+                         f"{found['val']} for validation{record}")
+    else:
+        found["said"] = (f"{data_dir}: {found['train'] + found['val']} labelled {what}{layout}: {found['train']} "
+                         f"for training, {found['val']} for validation{record}")
     return found
 
 
@@ -846,6 +907,11 @@ def evaluate(
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
     check_writable(output_dir)
+    if split == "val":
+        val_dir = _validation_folder(checkpoints, str(data_dir))
+        if val_dir is not None:  # the run validated on a folder of its own: that folder's images are scored
+            data_dir = val_dir
+            parser["dataset_dir"] = val_dir
     with folder_lock(output_dir, "evaluate"):  # a failed evaluation's new folder goes (_no_empty_output_left)
         try:
             summary, reported = _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides,
@@ -899,7 +965,8 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
             # with none recorded, the run's count draws them
             parser["val_count"] = 0 if names else len(record["val"])
         if names:
-            recorded_dir = str(record.get("data_dir", ""))
+            recorded_dir = str(record.get("val_dir") or "" if split == "val" else "") or \
+                str(record.get("data_dir", ""))
             datalists = parser.get_parsed_content("datalists")
             listed = datalists.get("all", []) if isinstance(datalists, dict) else []
             samples = {str(d.get("name")): d for d in listed}

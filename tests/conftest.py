@@ -14,7 +14,8 @@ BUNDLE = REPO / "bundles" / "isbi_em"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 #: The line in which ``medseg train`` says what data it found, before the first epoch.
-DATA_FOUND = re.compile(r": \d+ labelled (images|slices)\b.*: \d+ for training, \d+ for validation")
+DATA_FOUND = re.compile(r": \d+ labelled (images|slices)\b.*"
+                        r"(: \d+ for training, \d+ for validation|for training; .*: \d+ for validation)")
 
 #: Overrides for a tiny network and windows, valid for every isbi_em workflow (train, evaluate, infer).
 TINY_NET = [

@@ -1,0 +1,218 @@
+"""A validation folder of its own (``--val-data``, the bundles' ``val_dir``): every image of ``--data`` trains,
+those of the folder validate; the split record, ``evaluate`` and ``--resume`` follow it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import (
+    DATA_FOUND,
+    JURKAT_TINY_NET,
+    REPO,
+    TINY_NET,
+    write_dsb_folder,
+    write_isbi_folder,
+    write_jurkat_folder,
+)
+from typer.testing import CliRunner
+
+from medseg.cli import app
+from medseg.data import dsb_split, folder_split, instance_split, isbi_split, recorded_samples
+from medseg.errors import DataError
+
+JURKAT = REPO / "bundles" / "jurkat"
+LAYOUT = {"image_glob": "**/*.bmp", "mask_template": "{stem}.png"}
+TINY = [*JURKAT_TINY_NET, "batch_size=2", "val_interval=1"]
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def _rows(report: Path) -> list[str]:
+    with open(report / "metrics.csv", newline="", encoding="utf-8") as f:
+        return [row["name"] for row in csv.DictReader(f)]
+
+
+def test_every_image_of_the_data_trains_and_every_one_of_the_folder_validates(tmp_path):
+    data = write_jurkat_folder(tmp_path / "data")
+    val = write_jurkat_folder(tmp_path / "held", layout=[("other", (80, 80))] * 3, seed=1)
+    split = folder_split(data, **LAYOUT, val_fraction=0.5, seed=3, save_to=str(tmp_path / "run"), val_dir=val)
+    assert len(split["train"]) == 8 and [d["name"] for d in split["val"]] == ["other/001", "other/002", "other/003"]
+    assert all(Path(d["image"]).is_relative_to(val) for d in split["val"])
+    assert split["all"] == split["train"] + split["val"]
+    record = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert record["val_dir"] == str(val.resolve()) and record["data_dir"] == str(data.resolve())
+    assert record["val"] == ["other/001", "other/002", "other/003"] and len(record["train"]) == 8
+    assert set(record["sha256"]) == set(record["train"]) | set(record["val"])
+    # an exported bundle's evaluate.json finds the recorded validation images again by name
+    assert recorded_samples(split, tmp_path / "run" / "split.json") == split["val"]
+    with pytest.raises(DataError, match=r"give dataset_dir the folder it was validated on \(held\)"):
+        recorded_samples(folder_split(data, **LAYOUT), tmp_path / "run" / "split.json")
+
+
+def test_a_validation_folder_that_cannot_be_told_apart_from_the_data_is_refused(tmp_path, caplog):
+    data = write_jurkat_folder(tmp_path / "data")
+    with pytest.raises(DataError, match=r"the validation folder is the training data folder itself"):
+        folder_split(data, **LAYOUT, val_dir=data)
+    # the image pattern reaches into a validation folder inside the data: the same images would train and validate
+    with pytest.raises(DataError, match=r"found both in the training data .* \(2 such images\); move the validation"):
+        folder_split(data, **LAYOUT, val_dir=data / "set_b")
+    # a name of both folders: split.json could not say which image it means
+    same_names = write_jurkat_folder(tmp_path / "held", layout=[("set_a", (80, 80))], seed=1)
+    with pytest.raises(DataError, match=r"001\.bmp: has the name 'set_a/001' of a training image .*rename the "
+                                        r"validation images"):
+        folder_split(data, **LAYOUT, val_dir=same_names)
+    # copies under other names are taken, and said
+    copies = tmp_path / "copies" / "held"
+    copies.mkdir(parents=True)
+    for suffix in (".bmp", ".png"):
+        shutil.copyfile(data / "set_b" / f"001{suffix}", copies / f"c001{suffix}")
+    with caplog.at_level(logging.WARNING, logger="medseg.data"):
+        split = folder_split(data, **LAYOUT, save_to=str(tmp_path / "run"), val_dir=copies.parent)
+    assert len(split["val"]) == 1
+    assert "1 of its 1 validation images are copies of training images, label and all" in caplog.text
+    assert "set_b/001.bmp" in caplog.text
+
+
+def test_isbi_and_dsb_splits_take_a_validation_folder(tmp_path, isbi_stacks):
+    data = write_isbi_folder(tmp_path / "isbi", n=4, size=64)
+    val = tmp_path / "isbi_val"
+    for sub in ("image", "label"):
+        (val / sub).mkdir(parents=True)
+        for k in (0, 1):
+            shutil.copyfile(data / "train" / sub / f"{k}.png", val / sub / f"v{k}.png")
+    split = isbi_split(data, val_count=3, val_dir=val)  # val_count is not used with a folder
+    assert len(split["train"]) == 4 and [d["name"] for d in split["val"]] == ["v0", "v1"]
+    with pytest.raises(DataError, match=r"has the name 'train-volume_000' of a training image .*save the validation "
+                                        r"stack's slices as image/ \+ label/ PNGs"):
+        isbi_split(isbi_stacks, val_dir=_stacks_copy(isbi_stacks, tmp_path / "stack_val"))
+    dsb = write_dsb_folder(tmp_path / "dsb")
+    dsb_val = write_dsb_folder(tmp_path / "dsb_val", layout=[("z1", (64, 64), False), ("z2", (64, 64), True)])
+    split = dsb_split(dsb, val_dir=dsb_val)
+    assert len(split["train"]) == 6 and [d["name"] for d in split["val"]] == ["z1", "z2"]
+    assert instance_split(dsb, val_dir=dsb_val)["val"] == split["val"]
+
+
+def _stacks_copy(stacks: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in stacks.glob("train-*.tif"):
+        shutil.copyfile(f, to / f.name)
+    return to
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("valdir")
+    data = write_jurkat_folder(root / "data")
+    val = write_jurkat_folder(root / "held", layout=[("other", (80, 80))] * 2, seed=1)
+    out = root / "run"
+    os.chdir(root)  # a relative --val-data is recorded as an absolute path
+    try:
+        result = _invoke("train", JURKAT, "--data", data, "--val-data", "held", "--output", out, "--epochs", 1,
+                         "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY))
+    finally:
+        os.chdir(REPO)
+    assert result.exit_code == 0, result.output
+    return {"data": data, "val": val, "out": out, "output": result.output}
+
+
+def test_train_says_where_it_validates_and_records_the_folder(run):
+    said = [line for line in run["output"].splitlines() if DATA_FOUND.search(line)]
+    assert said == [f"{run['data']}: 8 labelled images (images '**/*.bmp', masks '{{stem}}.png') for training; "
+                    f"{run['val']}: 2 for validation; the split is recorded in {run['out'] / 'split.json'}"]
+    summary = json.loads((run["out"] / "train_summary.json").read_text())
+    assert summary["images"] == {"train": 8, "val": 2, "val_dir": str(run["val"])}
+    assert json.loads((run["out"] / "config.json").read_text())["val_dir"] == str(run["val"])
+    assert json.loads((run["out"] / "split.json").read_text())["val_dir"] == str(run["val"].resolve())
+
+
+def test_evaluate_on_the_training_data_scores_the_validation_folder(run, tmp_path, caplog):
+    base = ("evaluate", JURKAT, "--checkpoint", run["out"] / "model.pt", "--device", "cpu", "--no-progress",
+            "--no-tracking", "--no-tta")
+    result = _invoke(*base, "--data", run["data"], "--output", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert f"the run trained on all of {run['data']} and validated on {run['val']}" in caplog.text
+    caplog.clear()
+    assert _rows(tmp_path / "a") == ["other/001", "other/002"]  # the folder's names: no training image's
+    # the folder itself: its images, with nothing to warn of
+    result = _invoke(*base, "--data", run["val"], "--output", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert "scoring" not in caplog.text and _rows(tmp_path / "b") == _rows(tmp_path / "a")
+    # the training images are still there to score
+    result = _invoke(*base, "--data", run["data"], "--split", "train", "--output", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert len(_rows(tmp_path / "c")) == 8
+
+
+def test_resume_keeps_the_validation_folder_and_refuses_another(run, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    base = ("train", JURKAT, "--data", run["data"], "--output", out, "--no-progress", "--device", "cpu",
+            "--no-tracking", *_sets(TINY))
+    other = write_jurkat_folder(tmp_path / "other", layout=[("more", (80, 80))] * 2, seed=2)
+    line = _error_line(_invoke(*base, "--resume", "--epochs", 2, "--val-data", other))
+    assert "another train/validation split" in line and "another data or validation folder" in line
+    result = _invoke(*base, "--resume", "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    assert f"continuing with the run's own val_dir={run['val']}" in caplog.text
+    assert f"{run['val']}: 2 for validation" in result.output
+
+
+def test_a_validation_folder_that_is_not_there_or_not_known_to_the_bundle_is_one_line(run, tmp_path):
+    base = ("train", JURKAT, "--data", run["data"], "--no-progress", "--device", "cpu", "--no-tracking",
+            *_sets(TINY))
+    line = _error_line(_invoke(*base, "--output", tmp_path / "a", "--val-data", tmp_path / "nope"))
+    assert f"{tmp_path / 'nope'}: validation folder not found; pass --val-data" in line
+    assert not (tmp_path / "a").exists()
+    older = tmp_path / "older"
+    shutil.copytree(JURKAT, older)
+    config = json.loads((older / "configs" / "train.json").read_text())
+    del config["val_dir"], config["datalists"]["val_dir"]
+    (older / "configs" / "train.json").write_text(json.dumps(config))
+    line = _error_line(_invoke("train", older, "--data", run["data"], "--val-data", run["val"], "--output",
+                               tmp_path / "b", "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY)))
+    assert "train.json: has no val_dir id, so --val-data cannot be used with it" in line
+
+
+def test_the_validation_folder_of_the_evaluated_run_gone_is_named(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    record = json.loads((out / "split.json").read_text())
+    record["val_dir"] = str(tmp_path / "moved")
+    (out / "split.json").write_text(json.dumps(record))
+    line = _error_line(_invoke("evaluate", JURKAT, "--data", run["data"], "--checkpoint", out / "model.pt",
+                               "--device", "cpu", "--no-progress", "--no-tracking", "--output", tmp_path / "e"))
+    assert f"{tmp_path / 'moved'}: the run validated on this folder" in line and "--split train or all" in line
+
+
+def test_isbi_em_trains_with_a_validation_folder(tmp_path):
+    data = write_isbi_folder(tmp_path / "isbi", n=3, size=64)
+    val = write_isbi_folder(tmp_path / "isbi_val", n=2, size=64)
+    for sub in ("image", "label"):  # named apart from the training slices
+        for f in sorted((val / "train" / sub).iterdir()):
+            f.rename(f.with_name("v" + f.name))
+    result = _invoke("train", REPO / "bundles" / "isbi_em", "--data", data, "--val-data", val, "--output",
+                     tmp_path / "run", "--epochs", 1, "--no-progress", "--device", "cpu", "--no-tracking",
+                     *_sets([*TINY_NET, "val_interval=1"]))
+    assert result.exit_code == 0, result.output
+    assert f"{data}: 3 labelled slices for training; {val}: 2 for validation" in result.output
