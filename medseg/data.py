@@ -614,7 +614,8 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
 
     A sample is a folder ``{id}/`` holding ``images/{id}.png`` and ``masks/`` (one PNG per nucleus; an empty
     ``masks/`` means no nuclei). Entries are ``{"image", "label" (the masks folder), "name", "group"}``;
-    ``group`` is the category from a ``manifest.csv`` beside the samples when present, else the image size.
+    ``group`` is the category from a ``manifest.csv`` beside the samples (or beside the folder that holds them,
+    when it names them) when present, else the image size.
 
     Raises:
         DataError: no samples, or a sample without its image or its ``masks/`` folder.
@@ -628,6 +629,9 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
     if not folders:
         raise DataError(f"{root}: no DSB samples found{_layout_hint(root)}")
     categories = _manifest_categories(root, base)
+    if not categories and base == root:  # --data .../stage1_train: the release keeps manifest.csv beside it
+        above = _manifest_categories(root.resolve().parent)
+        categories = above if any(f.name in above for f in folders) else {}
     samples = []
     for folder in folders:
         image = folder / "images" / f"{folder.name}.png"

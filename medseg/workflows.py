@@ -567,6 +567,7 @@ def train(
                 tracking_uri, uri_from = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
             if resume:
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
+                _absolute_val_dir(parser, resumed=True)  # the run's own validation folder, if it had one
                 check_batch_size(parser)  # with the run's own settings back
                 check_classes(parser)
                 lengthened = runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
@@ -730,15 +731,18 @@ def _check_val_dir_id(bundle: str) -> None:
                       "leave --val-data out")
 
 
-def _absolute_val_dir(parser: Any) -> None:
-    """The config's validation folder (``val_dir``: ``--val-data``, ``--set``, an overlay) as an absolute path,
-    so that the run's record points at it from anywhere; a folder that is not there fails now."""
+def _absolute_val_dir(parser: Any, resumed: bool = False) -> None:
+    """The config's validation folder (``val_dir``: ``--val-data``, ``--set``, an overlay, or with ``resumed`` the
+    run's record) as an absolute path, so that the run's record points at it from anywhere; a folder that is not
+    there fails now."""
     given = parser.get("val_dir") if "val_dir" in parser else None
     if isinstance(given, str) and given and not given.startswith(("$", "@", "%")):
         if not Path(given).is_dir():
             kind = "a file, not a folder" if Path(given).is_file() else "validation folder not found"
-            raise DataError(f"{given}: {kind}; pass --val-data (val_dir) a folder of labelled images laid out as "
-                            "--data, or leave it out to hold out part of --data")
+            fix = "put the run's validation folder back there to resume" if resumed else \
+                "pass --val-data (val_dir) a folder of labelled images laid out as --data, or leave it out to hold " \
+                "out part of --data"
+            raise DataError(f"{given}: {kind}; {fix}")
         parser["val_dir"] = str(Path(given).absolute())
 
 

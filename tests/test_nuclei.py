@@ -79,6 +79,12 @@ def test_dsb_groups_from_manifest_categories(dsb_folder):
     groups = {s["name"]: s["group"] for s in find_dsb_samples(dsb_folder)}
     assert groups == {"a1": "fluorescence", "a2": "fluorescence", "a3": "RGBA-64x64", "b1": "fluorescence",
                       "b2": "RGBA-80x72", "c1": "brightfield"}  # unlisted samples fall back to their size
+    # --data pointing at stage1_train itself reads the manifest beside it: the same groups, so the same split
+    assert {s["name"]: s["group"] for s in find_dsb_samples(dsb_folder / "stage1_train")} == groups
+    assert dsb_split(dsb_folder / "stage1_train")["val"] == dsb_split(dsb_folder)["val"]
+    # a manifest above that names none of the samples is not theirs
+    (dsb_folder / "manifest.csv").write_text("image_id,category\nzz,fluorescence\n")
+    assert {s["name"]: s["group"] for s in find_dsb_samples(dsb_folder / "stage1_train")}["a1"] == "RGBA-64x64"
 
 
 def test_dsb_split_is_stratified_reproducible_and_recorded(dsb_folder, tmp_path):

@@ -216,3 +216,15 @@ def test_isbi_em_trains_with_a_validation_folder(tmp_path):
                      *_sets([*TINY_NET, "val_interval=1"]))
     assert result.exit_code == 0, result.output
     assert f"{data}: 3 labelled slices for training; {val}: 2 for validation" in result.output
+
+
+def test_resuming_a_run_whose_validation_folder_is_gone_says_to_put_it_back(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    config = json.loads((out / "config.json").read_text())
+    config["val_dir"] = str(tmp_path / "gone")
+    (out / "config.json").write_text(json.dumps(config))
+    line = _error_line(_invoke("train", JURKAT, "--data", run["data"], "--output", out, "--resume", "--epochs", 2,
+                               "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY)))
+    assert line == f"error: {tmp_path / 'gone'}: validation folder not found; put the run's validation folder back " \
+                   "there to resume"
