@@ -295,8 +295,8 @@ def evaluate(
         help="Where metrics.csv and summary.json go (default: eval, or eval_ensemble, beside the first checkpoint).",
     )] = None,
     split: Annotated[str | None, typer.Option(help=(
-        "Images to score: val (the training run's validation split), train (its training images) or all; "
-        "default: val."))] = None,
+        "Images to score: val (the training run's validation split; for a training with --val-data, its "
+        "validation folder), train (its training images) or all; default: val."))] = None,
     tta: TtaOpt = None,
     overwrite: Annotated[bool, typer.Option(help=(
         "Replace the report of another evaluation in --output (other checkpoints, data, split, tta or settings), "

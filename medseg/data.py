@@ -12,7 +12,7 @@ import os
 import random
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from medseg.discovery import any_case_suffix, natural_key
@@ -170,11 +170,26 @@ def isbi_split(data_dir: str | os.PathLike, val_count: int = 5, save_to: str | N
     """
     pairs = find_pairs(data_dir)
     if val_dir:
-        split = fixed_split(pairs, find_pairs(val_dir), data_dir, val_dir)
+        split = fixed_split(pairs, _in_val_folder(lambda: find_pairs(val_dir), val_dir,
+                                                  "image/ + label/ slices, or the ISBI TIFF stacks"), data_dir, val_dir)
     else:
         split = split_pairs(pairs, val_count)
     _save_split(split, data_dir, save_to, val_dir)
     return {**split, "all": split["train"] + split["val"] if val_dir else pairs}
+
+
+def _in_val_folder(find: Callable[[], list[dict]], val_dir: str | os.PathLike, how: str) -> list[dict]:
+    """``find()``: the samples of the validation folder ``val_dir``, found as those of the data folder (``how``);
+    a folder where none are found that way is named as such, not with the layouts' own advice, which would
+    change how the data folder is read too."""
+    try:
+        return find()
+    except DataError as err:
+        if not re.search(r"no images match|no DSB samples found|no training data found|data folder not found",
+                         str(err)):
+            raise
+        raise DataError(f"{val_dir}: no labelled images found in the validation folder as in the training data "
+                        f"({how}); lay it out as the training data is") from err
 
 
 def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
@@ -183,8 +198,8 @@ def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
     StarDist's and Cellpose's test folders are kept) as a split.
 
     Raises:
-        DataError: ``val_dir`` is ``data_dir``; an image found in both (a validation folder inside the data
-            folder that the image pattern also reaches); or a name found in both: names identify the images
+        DataError: ``val_dir`` is ``data_dir``; an image found in both (one folder inside the other, reached by
+            the image pattern, or links to the same files); or a name found in both: names identify the images
             in the run's ``split.json``, by which ``evaluate`` picks the validation images again.
     """
     if Path(val_dir).resolve() == Path(data_dir).resolve():
@@ -194,8 +209,8 @@ def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
     both = [d for d in val if str(Path(d["image"]).resolve()) in trained]
     if both:
         raise DataError(f"{both[0]['image']}: found both in the training data ({data_dir}) and the validation folder "
-                        f"({len(both)} such images); move the validation folder out of {data_dir}, or narrow "
-                        "image_glob so that it does not reach it")
+                        f"({val_dir}; {len(both)} such images): one folder is inside the other, or links to the "
+                        "same files; give a validation folder of other images")
     names = {str(d["name"]) for d in train}
     clash = [d for d in val if str(d["name"]) in names]
     if clash:
@@ -218,7 +233,7 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     record: dict = {k: [d["name"] for d in v] for k, v in split.items()}
     record["data_dir"] = str(Path(data_dir).resolve())
     if val_dir:
-        record["val_dir"] = str(Path(val_dir).resolve())
+        record["val_dir"] = str(Path(val_dir).absolute())  # as config.json holds it: a link stays a link
     files: dict[str, str] = {}  # a stack's file is read once for all its slices
     record["sha256"] = {d["name"]: sample_digest(d, files) for v in split.values() for d in v}
     if val_dir:
@@ -602,7 +617,9 @@ def folder_split(data_dir: str | os.PathLike, image_glob: str = "images/*", mask
     (:func:`fixed_split`)."""
     pairs = find_image_mask_pairs(data_dir, image_glob, mask_template)
     if val_dir:
-        split = fixed_split(pairs, find_image_mask_pairs(val_dir, image_glob, mask_template), data_dir, val_dir)
+        found = _in_val_folder(lambda: find_image_mask_pairs(val_dir, image_glob, mask_template), val_dir,
+                               f"images '{image_glob}', masks '{mask_template}'")
+        split = fixed_split(pairs, found, data_dir, val_dir)
     else:
         split = split_by_group(pairs, val_fraction, seed)
     _save_split(split, data_dir, save_to, val_dir)
@@ -705,7 +722,8 @@ def dsb_split(data_dir: str | os.PathLike, val_fraction: float = 0.2, seed: int 
     the samples of ``data_dir`` train and those of ``val_dir`` validate (:func:`fixed_split`)."""
     samples = find_dsb_samples(data_dir)
     if val_dir:
-        split = fixed_split(samples, find_dsb_samples(val_dir), data_dir, val_dir)
+        split = fixed_split(samples, _in_val_folder(lambda: find_dsb_samples(val_dir), val_dir,
+                                                    "DSB Kaggle layout: {id}/images + {id}/masks"), data_dir, val_dir)
     else:
         split = split_by_group(samples, val_fraction, seed)
     _save_split(split, data_dir, save_to, val_dir)

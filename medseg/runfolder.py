@@ -531,7 +531,9 @@ def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
     if isinstance(before, dict) and isinstance(now, dict):  # runs of earlier versions recorded names only
         changed = [name for name, digest in before.items() if now.get(name) != digest]
         if changed:
-            raise DataError(f"{data_dir}: {len(changed)} of the run's images or labels differ from those it was "
+            folder = recorded.get("val_dir") if changed[0] in recorded.get("val", []) and recorded.get("val_dir") \
+                else data_dir  # a validation folder's image is named with its folder
+            raise DataError(f"{folder}: {len(changed)} of the run's images or labels differ from those it was "
                             f"trained on (first: {changed[0]}); resume with the run's data, or start anew with "
                             "--overwrite instead of --resume")
 

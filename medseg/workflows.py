@@ -298,7 +298,8 @@ def _recorded_split(checkpoints: list[str]) -> dict | None:
     for r in found:
         try:
             splits[r] = json.loads(r.read_text(encoding="utf-8"))
-            keys[r] = (tuple(sorted(map(str, splits[r]["val"]))), str(splits[r].get("data_dir", "")))
+            keys[r] = (tuple(sorted(map(str, splits[r]["val"]))), str(splits[r].get("data_dir", "")),
+                       _resolved(str(splits[r]["val_dir"])) if splits[r].get("val_dir") else "")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise DataError(f"{r}: not a readable split record ({err}); remove it or pass --set val_count=N") from err
     if len(found) < len(records) or len(set(keys.values())) > 1:
@@ -373,18 +374,26 @@ def _training_layout(checkpoints: list[str], parser: Any, given: Callable[[str],
 
 
 def _validation_folder(checkpoints: list[str], data_dir: str) -> str | None:
-    """The validation folder (``val_dir``) that the training of ``checkpoints`` recorded in its ``split.json``
-    when ``data_dir`` is the folder it trained on (said in a warning), else ``None``.
+    """The validation folder (``val_dir``) that the training of ``checkpoints`` recorded in its ``split.json`` (or,
+    without one, its ``config.json``) when ``data_dir`` is the folder it trained on (said in a warning), else
+    ``None``.
 
     Raises:
         DataError: that folder is not there any more.
     """
-    record = _recorded_split(checkpoints)
+    record, where = _recorded_split(checkpoints), _recorded_split_path(checkpoints)
     val_dir, trained_on = (record.get("val_dir"), record.get("data_dir")) if record else (None, None)
+    if record is None:  # no split.json: the training's config.json says where it validated, too
+        path = runfolder.run_file(checkpoints[0], "config.json")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict):
+            val_dir, trained_on, where = written(config.get("val_dir")), written(config.get("dataset_dir")), path
     if not (isinstance(val_dir, str) and isinstance(trained_on, str) and val_dir and
             _resolved(trained_on) == _resolved(data_dir)):
         return None
-    where = _recorded_split_path(checkpoints)
     if not Path(val_dir).is_dir():
         raise DataError(f"{val_dir}: the run validated on this folder ({where}), and it is not there now; pass "
                         "--data the folder of its validation images, or --split train or all to score --data")
@@ -537,9 +546,9 @@ def train(
     settings = {"dataset_dir": str(data_dir), "output_dir": str(out), **device_settings(dev)}
     if val_dir is not None:  # as --set gives it: taken over the run's own by --resume
         _check_val_dir_id(bundle)
-        overrides = {**(overrides or {}), "val_dir": str(val_dir)}
+        overrides = {**(overrides or {}), "val_dir": os.path.expanduser(str(val_dir))}
     parser = load_config(bundle, "train", overlays, overrides, settings)
-    _absolute_val_dir(parser)
+    _absolute_val_dir(parser, bundle=bundle)
     _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")
     _check_training_length(parser, max_minutes)
     made = runfolder.folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
@@ -567,7 +576,7 @@ def train(
                 tracking_uri, uri_from = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
             if resume:
                 runfolder.resume_settings(parser, recorded.get("config", {}), overrides or {}, overlays)
-                _absolute_val_dir(parser, resumed=True)  # the run's own validation folder, if it had one
+                _absolute_val_dir(parser, resumed=True, bundle=bundle)  # the run's own validation folder, if any
                 check_batch_size(parser)  # with the run's own settings back
                 check_classes(parser)
                 lengthened = runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
@@ -731,18 +740,29 @@ def _check_val_dir_id(bundle: str) -> None:
                       "leave --val-data out")
 
 
-def _absolute_val_dir(parser: Any, resumed: bool = False) -> None:
+def _absolute_val_dir(parser: Any, resumed: bool = False, bundle: str = "") -> None:
     """The config's validation folder (``val_dir``: ``--val-data``, ``--set``, an overlay, or with ``resumed`` the
-    run's record) as an absolute path, so that the run's record points at it from anywhere; a folder that is not
-    there fails now."""
+    run's record) as an absolute path (``~`` expanded), so that the run's record points at it from anywhere; a
+    folder that is not there fails now.
+
+    Raises:
+        DataError: the folder is not there.
+        BundleError: the config's ``datalists`` does not read ``@val_dir`` (an overlay replaced it), so the
+            folder would not validate.
+    """
     given = parser.get("val_dir") if "val_dir" in parser else None
     if isinstance(given, str) and given and not given.startswith(("$", "@", "%")):
+        given = os.path.expanduser(given)
         if not Path(given).is_dir():
             kind = "a file, not a folder" if Path(given).is_file() else "validation folder not found"
-            fix = "put the run's validation folder back there to resume" if resumed else \
-                "pass --val-data (val_dir) a folder of labelled images laid out as --data, or leave it out to hold " \
-                "out part of --data"
+            fix = "put the run's validation folder back there, or give --val-data the folder where it is now, " \
+                "to resume" if resumed else "pass --val-data (val_dir) a folder of labelled images laid out as " \
+                "--data, or leave it out to hold out part of --data"
             raise DataError(f"{given}: {kind}; {fix}")
+        if not re.search(r"@val_dir\b", json.dumps(parser.get("datalists", {}), default=str)):
+            raise BundleError(f"{Path(bundle) / 'configs' / 'train.json'}: its datalists does not read @val_dir, so "
+                              "a validation folder would not validate; pass \"val_dir\": \"@val_dir\" to its "
+                              "datalists, or leave --val-data (val_dir) out")
         parser["val_dir"] = str(Path(given).absolute())
 
 
@@ -914,8 +934,11 @@ def evaluate(
     if split == "val":
         val_dir = _validation_folder(checkpoints, str(data_dir))
         if val_dir is not None:  # the run validated on a folder of its own: that folder's images are scored
+            if "val_dir" in parser and re.search(r"@val_dir\b", json.dumps(parser.get("datalists", {}), default=str)):
+                parser["val_dir"] = val_dir  # the training's own split again, with or without its record
+            else:  # a bundle without the id: the folder itself, its images picked by the record's names
+                parser["dataset_dir"] = val_dir
             data_dir = val_dir
-            parser["dataset_dir"] = val_dir
     with folder_lock(output_dir, "evaluate"):  # a failed evaluation's new folder goes (_no_empty_output_left)
         try:
             summary, reported = _evaluate_in(parser, bundle, data_dir, checkpoints, output_dir, split, overrides,

@@ -75,8 +75,16 @@ def test_a_validation_folder_that_cannot_be_told_apart_from_the_data_is_refused(
     with pytest.raises(DataError, match=r"the validation folder is the training data folder itself"):
         folder_split(data, **LAYOUT, val_dir=data)
     # the image pattern reaches into a validation folder inside the data: the same images would train and validate
-    with pytest.raises(DataError, match=r"found both in the training data .* \(2 such images\); move the validation"):
+    with pytest.raises(DataError, match=r"found both in the training data .*; 2 such images\): one folder is inside "
+                                        r"the other, or links to the same files"):
         folder_split(data, **LAYOUT, val_dir=data / "set_b")
+    # links to the training files, in a folder of their own
+    links = tmp_path / "links" / "set_c"
+    links.mkdir(parents=True)
+    for suffix in (".bmp", ".png"):
+        (links / f"l001{suffix}").symlink_to(data / "set_a" / f"001{suffix}")
+    with pytest.raises(DataError, match=r"l001\.bmp: found both in the training data"):
+        folder_split(data, **LAYOUT, val_dir=links.parent)
     # a name of both folders: split.json could not say which image it means
     same_names = write_jurkat_folder(tmp_path / "held", layout=[("set_a", (80, 80))], seed=1)
     with pytest.raises(DataError, match=r"001\.bmp: has the name 'set_a/001' of a training image .*rename the "
@@ -227,4 +235,64 @@ def test_resuming_a_run_whose_validation_folder_is_gone_says_to_put_it_back(run,
     line = _error_line(_invoke("train", JURKAT, "--data", run["data"], "--output", out, "--resume", "--epochs", 2,
                                "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY)))
     assert line == f"error: {tmp_path / 'gone'}: validation folder not found; put the run's validation folder back " \
-                   "there to resume"
+                   "there, or give --val-data the folder where it is now, to resume"
+
+
+def test_a_validation_folder_of_another_layout_is_named_as_such(tmp_path):
+    dsb = write_dsb_folder(tmp_path / "dsb")
+    other = write_jurkat_folder(tmp_path / "folders", layout=[("images", (64, 64))])
+    with pytest.raises(DataError, match=r"folders: no labelled images found in the validation folder as in the "
+                                        r"training data \(DSB Kaggle layout: .*\); lay it out as the training data is"):
+        instance_split(dsb, val_dir=other)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"empty: no labelled images found in the validation folder as in the "
+                                        r"training data \(image/ \+ label/ slices, or the ISBI TIFF stacks\)"):
+        isbi_split(write_isbi_folder(tmp_path / "isbi", n=2, size=64), val_dir=empty)
+    with pytest.raises(DataError, match=r"empty: no labelled images found .* \(images '\*\*/\*\.bmp', masks "):
+        folder_split(write_jurkat_folder(tmp_path / "jk"), **LAYOUT, val_dir=empty)
+
+
+def test_evaluate_without_the_split_record_still_scores_the_validation_folder(run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("model.pt", "config.json"):  # no split.json: config.json says where the run validated
+        shutil.copyfile(run["out"] / name, out / name)
+    result = _invoke("evaluate", JURKAT, "--data", run["data"], "--checkpoint", out / "model.pt", "--device", "cpu",
+                     "--no-progress", "--no-tracking", "--no-tta", "--output", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    assert _rows(tmp_path / "e") == ["other/001", "other/002"]  # never a training image
+
+
+def test_a_datalists_that_does_not_read_the_folder_is_refused(run, tmp_path):
+    older = tmp_path / "custom"
+    shutil.copytree(JURKAT, older)
+    config = json.loads((older / "configs" / "train.json").read_text())
+    del config["datalists"]["val_dir"]  # the id is there, the split does not take it
+    (older / "configs" / "train.json").write_text(json.dumps(config))
+    line = _error_line(_invoke("train", older, "--data", run["data"], "--val-data", run["val"], "--output",
+                               tmp_path / "b", "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY)))
+    assert "train.json: its datalists does not read @val_dir, so a validation folder would not validate" in line
+
+
+def test_resume_names_the_validation_folder_for_a_changed_validation_image(run, tmp_path):
+    val = tmp_path / "held"
+    shutil.copytree(run["val"], val)
+    out = tmp_path / "run"
+    base = ("train", JURKAT, "--data", run["data"], "--output", out, "--no-progress", "--device", "cpu",
+            "--no-tracking", *_sets(TINY))
+    assert _invoke(*base, "--val-data", val, "--epochs", 1).exit_code == 0
+    shutil.copyfile(val / "other" / "002.png", val / "other" / "001.png")
+    line = _error_line(_invoke(*base, "--resume", "--epochs", 2))
+    assert line.startswith(f"error: {val}: 1 of the run's images or labels differ") and "other/001" in line
+
+
+def test_a_home_relative_or_linked_validation_folder_is_recorded_as_given(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "link").symlink_to(run["val"])
+    out = tmp_path / "run"
+    result = _invoke("train", JURKAT, "--data", run["data"], "--output", out, "--set", "val_dir=~/link",
+                     "--epochs", 1, "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY))
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "split.json"):  # the link, not its target: moving the target keeps the run whole
+        assert json.loads((out / name).read_text())["val_dir"] == str(tmp_path / "link")
