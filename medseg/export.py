@@ -361,8 +361,8 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
     """Put, before the source bundle's documentation (an earlier export's header replaced), what this export
     holds and how it differs."""
     body = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if body.startswith(_DOCS_HEADER) and _DOCS_RULE in body:
-        body = body.split(_DOCS_RULE, 1)[1]
+    if body.startswith(_DOCS_HEADER):  # an earlier export's header, and below its rule the source's docs if any
+        body = body.split(_DOCS_RULE, 1)[1] if _DOCS_RULE in body else ""
     changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)"
     if about.unplaced:
         changed += (f" (`{'`, `'.join(about.unplaced)}` not in `configs/`, as none of its files holds them: "

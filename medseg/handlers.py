@@ -146,6 +146,7 @@ class TrainingCurves:
         engine.add_event_handler(Events.EPOCH_STARTED, self._load)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_end)
+        engine.add_event_handler(Events.COMPLETED, self._load, True)  # no epoch ran: the run's history as it is
         engine.add_event_handler(Events.COMPLETED, self.plot)
         if self.evaluator is not None:
             self.evaluator.add_event_handler(Events.COMPLETED, self._validated, engine)
@@ -153,17 +154,20 @@ class TrainingCurves:
     def _reset(self, engine: Engine) -> None:
         self._loaded = False
 
-    def _load(self, engine: Engine) -> None:
-        # at the first epoch, after any checkpoint loader has restored the trainer's state
+    def _load(self, engine: Engine, finished: bool = False) -> None:
+        # at the first epoch, after any checkpoint loader has restored the trainer's state: the epochs before
+        # it; or at the end of a resumed run that trained no epoch (finished, or stopped early, before its
+        # resume): all the epochs the checkpoint holds
         if self._loaded:
             return
         self._loaded = True
-        if engine.state.epoch > 1 and self.json_path.is_file():  # resumed run: keep the earlier epochs
+        upto = engine.state.epoch + (1 if finished else 0)
+        if upto > 1 and self.json_path.is_file():  # resumed run: keep the earlier epochs
             old = json.loads(self.json_path.read_text(encoding="utf-8"))
-            keep = [i for i, e in enumerate(old["epoch"]) if e < engine.state.epoch]
+            keep = [i for i, e in enumerate(old["epoch"]) if e < upto]
             self.history["epoch"] = [old["epoch"][i] for i in keep]
             self.history["train_loss"] = [old["train_loss"][i] for i in keep]
-            vkeep = [i for i, e in enumerate(old["val_epoch"]) if e < engine.state.epoch]
+            vkeep = [i for i, e in enumerate(old["val_epoch"]) if e < upto]
             self.history["val_epoch"] = [old["val_epoch"][i] for i in vkeep]
             self.history["val"] = [old["val"][i] for i in vkeep]
 
@@ -526,6 +530,7 @@ class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
         self.new_run = new_run  # open a run of its own, even where an unfinished run has its name
         self.opens_run = opens_run  # the trainer's: the run is opened by its first start, the others' log to it
         self.failed: list = []  # shared with the linked handlers: one store, one failure
+        self.files_failed = False  # the run's files could not be stored, its params and metrics were
 
     def _steady(self, call: Any, *args: Any, opening: bool = False) -> None:
         if self.failed:
@@ -563,7 +568,25 @@ class SteadyMLFlowHandler(monai.handlers.MLFlowHandler):
         self._steady(super().epoch_completed, engine)
 
     def complete(self) -> None:
-        self._steady(super().complete)
+        if self.failed:
+            return
+        try:
+            super().complete()  # the run's files (artifacts), at the end
+        except Exception as err:  # noqa: BLE001 - sorted below: the files, or the server as any call
+            if not isinstance(err, OSError) or type(err).__module__.split(".")[0] in ("requests", "urllib3"):
+                self._steady(self._raise, err)  # the server, or a bug: as any failed call
+                return
+            # a local artifact folder this machine cannot write (a server's own path, a full disk): the run's files
+            # are not stored there, but the store itself answers, so the run is still ended (close) as it ends
+            self.files_failed = True  # the late files (train_summary.json) are not tried again
+            where = getattr(getattr(self.cur_run, "info", None), "artifact_uri", "") or "its artifact location"
+            logging.getLogger(__name__).warning(
+                "MLflow could not store the run's files at %s (%s); its parameters and metrics are logged, and the "
+                "run folder keeps the files", where, describe_os_failure(err) or f"{type(err).__name__}: {err}")
+
+    @staticmethod
+    def _raise(err: Exception) -> None:
+        raise err
 
     def close(self) -> None:
         self._steady(super().close)

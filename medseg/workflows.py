@@ -719,7 +719,8 @@ def train(
         with atomic_output(out / "train_summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         runfolder.keep_newest_last_checkpoint(out)
-        if tracked is not None and not any(getattr(h, "failed", None) for h in trackers):
+        if tracked is not None and not any(getattr(h, "failed", None) or getattr(h, "files_failed", False)
+                                           for h in trackers):
             mlflow_tracking.log_late_artifacts_or_warn(tracked["configs"], run_ids, [out / "train_summary.json"])
         if interrupted:
             raise interrupted.stop(runfolder.how_to_go_on(out))

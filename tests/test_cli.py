@@ -770,10 +770,46 @@ def test_a_refused_resume_leaves_the_finished_mlflow_run_as_it_was(trained, tmp_
     assert run_info() == before
 
 
-def test_resume_finishes_a_run_killed_after_its_last_epoch(trained, tmp_path, caplog):
+def test_an_artifact_folder_that_cannot_be_written_still_ends_the_mlflow_run(trained, tmp_path, caplog,
+                                                                            monkeypatch):
+    # a server whose artifact root is its own path: the files failed, the run was left RUNNING for good, and the
+    # warning said the whole store had failed
+    import errno
+
+    import mlflow
+
+    def refused(self, run_id, local_path, artifact_path=None):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", "/srv/mlflow/artifacts")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", refused)
+    out = tmp_path / "run"
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 1, "--no-progress",
+                     "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medseg-isbi_em").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "MLflow" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("MLflow could not store the run's files at "), warnings
+    assert "/srv/mlflow/artifacts" in warnings[0] and "tracking stops here" not in caplog.text
+    assert "could not log" not in caplog.text  # the late files are not tried again
+    assert (out / "curves.png").is_file() and (out / "model.pt").is_file()
+
+
+def test_resume_finishes_a_run_killed_after_its_last_epoch(trained, tmp_path, caplog, monkeypatch):
     # killed after its last checkpoint, before its summary: --resume refused ("has trained 3 epochs"), so the
     # run could only be finished by training more epochs
     import mlflow
+
+    from medseg.handlers import TrainingCurves
+
+    plotted, plot = [], TrainingCurves.plot
+
+    def recorded(self, engine=None):  # what curves.png is drawn from: it was blank, no epoch having run
+        plotted.append(json.loads(json.dumps(self.history)))
+        return plot(self, engine)
+
+    monkeypatch.setattr(TrainingCurves, "plot", recorded)
 
     out = tmp_path / "run"
     shutil.copytree(trained["out"], out)
@@ -792,6 +828,7 @@ def test_resume_finishes_a_run_killed_after_its_last_epoch(trained, tmp_path, ca
     assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == weights
     assert (out / "history.json").read_text() == history
     assert json.loads((out / "train_summary.json").read_text())["epochs"] == 3 and (out / "curves.png").stat().st_size
+    assert plotted == [json.loads(history)] and len(plotted[0]["epoch"]) == 3 and plotted[0]["val"]
     assert [(r.info.run_id, r.info.status) for r in client.search_runs([experiment])] == [(run.info.run_id, "FINISHED")]
     # finished now: a further --resume of the same length is refused as before
     _assert_one_line_error(_invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume",
@@ -1799,6 +1836,19 @@ def test_an_exports_docs_say_where_a_setting_no_config_holds_is_kept(tmp_path):
     assert "`ema_momentum` not in `configs/`" in docs and "`models/config.json`, the training's own record" in docs
     _write_docs_header(tmp_path / "all.md", about._replace(unplaced=()), described=False, scripted=False)
     assert "not in `configs/`" not in (tmp_path / "all.md").read_text()
+
+
+
+def test_an_export_of_an_export_of_a_bundle_without_docs_holds_one_header(tmp_path):
+    # the first export of a bundle without docs/README.md writes the header alone; a second export kept it below
+    # its own, so the docs described two exports' weights
+    from medseg.export import _Export, _write_docs_header
+
+    first = _Export(BUNDLE, "1" * 64, {}, None, False, name="isbi_em")
+    _write_docs_header(tmp_path / "README.md", first, described=False, scripted=False)
+    _write_docs_header(tmp_path / "README.md", first._replace(sha256="2" * 64), described=False, scripted=False)
+    docs = (tmp_path / "README.md").read_text()
+    assert docs.count("# Exported model:") == 1 and "2" * 64 in docs and "1" * 64 not in docs
 
 
 def test_a_refused_export_names_the_source_and_leaves_nothing(trained, tmp_path, monkeypatch):
