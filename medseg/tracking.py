@@ -385,6 +385,9 @@ def _check_tracking_uri(uri: str, uri_from: str = "--tracking-uri") -> None:
                               "address, or train with --no-tracking") from err
         _check_server_answers(uri, uri_from)
         return
+    if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri):  # HOST:PORT, the scheme left out
+        raise MedsegError(f"{uri_from} {uri}: a server address without its scheme, which MLflow would take for a "
+                          f"folder; give http://{uri}")
     from mlflow import MlflowClient
 
     try:

@@ -2828,6 +2828,14 @@ def test_unusable_tracking_uri_is_one_line(tmp_path, isbi_folder, uri):
     assert len(errors) == 1 and f"--tracking-uri {uri}: not a usable MLflow store" in errors[0], result.output
 
 
+def test_a_server_address_without_its_scheme_is_named_with_the_fix(tmp_path, isbi_folder):
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", tmp_path / "o", "--epochs", 1,
+                     "--tracking-uri", "127.0.0.1:5077", "--no-progress", "--device", "cpu", *_tiny_args())
+    _assert_one_line_error(result, "--tracking-uri 127.0.0.1:5077: a server address without its scheme",
+                           "give http://127.0.0.1:5077")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_database_tracking_uri_is_used(tmp_path, isbi_folder):
     import mlflow
 
