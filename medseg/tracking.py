@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.bundle import literal, worked_out, written
-from medseg.errors import MedsegError, brief, describe_os_failure
+from medseg.errors import MedsegError, brief, causes, describe_os_failure
 from medseg.runfolder import folders_made_for
 
 
@@ -57,13 +57,31 @@ def _run_to_continue(tracking_uri: str, experiment: str, record: dict, output_di
                                 key=lambda r: r.info.start_time or 0, reverse=True)
         else:
             return None
-    except Exception:  # noqa: BLE001 - MLflow raises many kinds for a run it does not hold
+    except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a run it does not hold
+        if _store_unwell(err):  # not "no such run": a new run now would split the training's record in two
+            raise MedsegError(f"{tracking_uri}: the MLflow store failed while looking up the run to continue "
+                              f"({brief(str(err).splitlines()[0]) if str(err) else type(err).__name__}); resume "
+                              "again once it answers, or with --no-tracking") from err
         return None
     for run in candidates:  # a name is no one folder's: without an id, only a run logged from this folder
         if run.info.experiment_id == found.experiment_id and run.info.lifecycle_stage == "active" and \
                 (_is_this_folders(run, output_dir, own_store) if by_id else _same_folder(run, output_dir, own_store)):
             return run  # tagged with this folder once it is open (note_run_id)
     return None
+
+
+def _store_unwell(err: BaseException) -> bool:
+    """Whether ``err``, raised looking a run up, is the store failing (unreachable, erring inside, overloaded)
+    rather than answering that it holds no such run."""
+    from mlflow.exceptions import MlflowException
+
+    for cause in causes(err):
+        if isinstance(cause, MlflowException):
+            return cause.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+        if isinstance(cause, OSError) or type(cause).__module__.split(".")[0] in ("requests", "urllib3",
+                                                                                 "sqlalchemy", "sqlite3"):
+            return True
+    return False
 
 
 def _is_this_folders(run: Any, output_dir: Path, own_store: bool) -> bool:

@@ -770,6 +770,31 @@ def test_a_refused_resume_leaves_the_finished_mlflow_run_as_it_was(trained, tmp_
     assert run_info() == before
 
 
+def test_a_store_failing_while_the_run_to_continue_is_looked_up_stops_the_resume(trained, tmp_path, monkeypatch):
+    # a server erring once it had answered the first check: the resume opened a second run for the same training
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg-isbi_em").experiment_id
+    before = [(r.info.run_id, r.info.status) for r in client.search_runs([experiment])]
+
+    def unavailable(self, run_id):
+        raise MlflowException("the server is busy", error_code=TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_run", unavailable)
+    _assert_one_line_error(_invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume",
+                                   "--epochs", 4, "--no-progress", "--device", "cpu", *_tiny_args()),
+                           "the MLflow store failed while looking up the run to continue (the server is busy)",
+                           "resume again once it answers, or with --no-tracking")
+    monkeypatch.undo()
+    assert [(r.info.run_id, r.info.status) for r in client.search_runs([experiment])] == before
+    assert not list(out.glob("last_checkpoint_epoch=4.pt"))
+
+
 def test_an_artifact_folder_that_cannot_be_written_still_ends_the_mlflow_run(trained, tmp_path, caplog,
                                                                             monkeypatch):
     # a server whose artifact root is its own path: the files failed, the run was left RUNNING for good, and the
