@@ -192,15 +192,23 @@ def _in_val_folder(find: Callable[[], list[dict]], val_dir: str | os.PathLike, h
                         f"({how}); lay it out as the training data is") from err
 
 
+#: The key of a validation sample renamed by :func:`fixed_split`, holding the prefix added to its name.
+VAL_PREFIX = "val_prefix"
+
+
 def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
                 val_dir: str | os.PathLike) -> dict[str, list[dict]]:
     """``train`` (found in ``data_dir``) and ``val`` (found in ``val_dir``, a validation folder of its own, as
     StarDist's and Cellpose's test folders are kept) as a split.
 
+    Names identify the samples in the run's ``split.json``: where a validation sample has the name of a training
+    sample (both folders numbered from 000), every validation name is given the folder's name as a prefix
+    (``test/000``), kept in the sample under :data:`VAL_PREFIX` and recorded in ``split.json``.
+
     Raises:
         DataError: ``val_dir`` is ``data_dir``; an image found in both (one folder inside the other, reached by
-            the image pattern, or links to the same files); or a name found in both: names identify the images
-            in the run's ``split.json``, by which ``evaluate`` picks the validation images again.
+            the image pattern, or links to the same files); or a name found in both that the prefix does not
+            tell apart (a training folder of the validation folder's name).
     """
     if Path(val_dir).resolve() == Path(data_dir).resolve():
         raise DataError(f"{val_dir}: the validation folder is the training data folder itself; give a folder of "
@@ -213,6 +221,10 @@ def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
                         "same files; give a validation folder of other images")
     names = {str(d["name"]) for d in train}
     clash = [d for d in val if str(d["name"]) in names]
+    prefix = f"{Path(val_dir).resolve().name or 'val'}/"
+    if clash and not any(n.startswith(prefix) for n in names):  # train/ + test/ both numbered from 000 (Cellpose)
+        val = [{**d, "name": prefix + str(d["name"]), VAL_PREFIX: prefix} for d in val]
+        clash = []
     if clash:
         first = next(t for t in train if str(t["name"]) == str(clash[0]["name"]))
         fix = "save the validation stack's slices as image/ + label/ PNGs named apart" \
@@ -234,6 +246,9 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
     record["data_dir"] = str(Path(data_dir).resolve())
     if val_dir:
         record["val_dir"] = str(Path(val_dir).absolute())  # as config.json holds it: a link stays a link
+        prefix = next((d[VAL_PREFIX] for d in split["val"] if VAL_PREFIX in d), None)
+        if prefix:
+            record[VAL_PREFIX] = prefix
     files: dict[str, str] = {}  # a stack's file is read once for all its slices
     record["sha256"] = {d["name"]: sample_digest(d, files) for v in split.values() for d in v}
     if val_dir:
@@ -783,6 +798,17 @@ def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob
     return folder_split(data_dir, image_glob, mask_template, val_fraction, seed, save_to, val_dir)
 
 
+def with_val_prefix(samples: dict[str, dict], record: object, split: str) -> dict[str, dict]:
+    """``samples`` (by name) and, where the split ``record`` prefixed its validation names (:func:`fixed_split`)
+    and ``split`` is ``"val"``, each under its prefixed name too, renamed so: the validation folder read on its
+    own, by the names the record gives its images."""
+    prefix = record.get(VAL_PREFIX) if isinstance(record, dict) and split == "val" else None
+    if not isinstance(prefix, str) or not prefix:
+        return samples
+    return {**{prefix + n: {**d, "name": prefix + n} for n, d in samples.items() if not n.startswith(prefix)},
+            **samples}
+
+
 def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.PathLike | None,
                      split: str = "val") -> list[dict]:
     """The samples a run's ``split.json`` names under ``split`` (``"val"``, ``"train"``), by name, from
@@ -801,7 +827,7 @@ def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.Path
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{split_file}: not a readable split record ({brief(str(err) or type(err).__name__)}); "
                         "restore it, or set split_record to null to draw the split from the settings") from err
-    samples = {str(d.get("name")): d for d in datalists["all"]}
+    samples = with_val_prefix({str(d.get("name")): d for d in datalists["all"]}, record, split)
     present = [samples[n] for n in names if n in samples]
     if not present:
         folder = record.get("val_dir") if split == "val" and isinstance(record, dict) else None

@@ -997,7 +997,9 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
                 str(record.get("data_dir", ""))
             datalists = parser.get_parsed_content("datalists")
             listed = datalists.get("all", []) if isinstance(datalists, dict) else []
-            samples = {str(d.get("name")): d for d in listed}
+            from medseg.data import with_val_prefix
+
+            samples = with_val_prefix({str(d.get("name")): d for d in listed}, record, split)
             present = [n for n in names if n in samples]
             where = _recorded_split_path(checkpoints)
             if not present:

@@ -85,9 +85,9 @@ def test_a_validation_folder_that_cannot_be_told_apart_from_the_data_is_refused(
         (links / f"l001{suffix}").symlink_to(data / "set_a" / f"001{suffix}")
     with pytest.raises(DataError, match=r"l001\.bmp: found both in the training data"):
         folder_split(data, **LAYOUT, val_dir=links.parent)
-    # a name of both folders: split.json could not say which image it means
-    same_names = write_jurkat_folder(tmp_path / "held", layout=[("set_a", (80, 80))], seed=1)
-    with pytest.raises(DataError, match=r"001\.bmp: has the name 'set_a/001' of a training image .*rename the "
+    # a name of both folders, in a validation folder named as a training folder: the prefix tells nothing apart
+    same_names = write_jurkat_folder(tmp_path / "set_b", layout=[("set_b", (80, 80))], seed=1)
+    with pytest.raises(DataError, match=r"001\.bmp: has the name 'set_b/001' of a training image .*rename the "
                                         r"validation images"):
         folder_split(data, **LAYOUT, val_dir=same_names)
     # copies under other names are taken, and said
@@ -111,9 +111,9 @@ def test_isbi_and_dsb_splits_take_a_validation_folder(tmp_path, isbi_stacks):
             shutil.copyfile(data / "train" / sub / f"{k}.png", val / sub / f"v{k}.png")
     split = isbi_split(data, val_count=3, val_dir=val)  # val_count is not used with a folder
     assert len(split["train"]) == 4 and [d["name"] for d in split["val"]] == ["v0", "v1"]
-    with pytest.raises(DataError, match=r"has the name 'train-volume_000' of a training image .*save the validation "
-                                        r"stack's slices as image/ \+ label/ PNGs"):
-        isbi_split(isbi_stacks, val_dir=_stacks_copy(isbi_stacks, tmp_path / "stack_val"))
+    # two challenge stacks of the same file names: the validation slices are named after their folder
+    split = isbi_split(isbi_stacks, val_dir=_stacks_copy(isbi_stacks, tmp_path / "stack_val"))
+    assert [d["name"] for d in split["val"]] == [f"stack_val/train-volume_{k:03d}" for k in range(3)]
     dsb = write_dsb_folder(tmp_path / "dsb")
     dsb_val = write_dsb_folder(tmp_path / "dsb_val", layout=[("z1", (64, 64), False), ("z2", (64, 64), True)])
     split = dsb_split(dsb, val_dir=dsb_val)
@@ -296,3 +296,37 @@ def test_a_home_relative_or_linked_validation_folder_is_recorded_as_given(run, t
     assert result.exit_code == 0, result.output
     for name in ("config.json", "split.json"):  # the link, not its target: moving the target keeps the run whole
         assert json.loads((out / name).read_text())["val_dir"] == str(tmp_path / "link")
+
+
+def test_folders_numbered_alike_are_told_apart_by_the_validation_folders_name(tmp_path, caplog):
+    # Cellpose keeps train/ and test/, both numbered from 000: the validation names get the folder's name
+    data = write_jurkat_folder(tmp_path / "train", layout=[("set_a", (80, 80))] * 3)
+    val = write_jurkat_folder(tmp_path / "test", layout=[("set_a", (80, 80))] * 2, seed=1)
+    split = folder_split(data, **LAYOUT, save_to=str(tmp_path / "run"), val_dir=val)
+    assert [d["name"] for d in split["val"]] == ["test/set_a/001", "test/set_a/002"]
+    assert [d["name"] for d in split["train"]] == ["set_a/001", "set_a/002", "set_a/003"]
+    record = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert record["val"] == ["test/set_a/001", "test/set_a/002"] and record["val_prefix"] == "test/"
+    assert set(record["sha256"]) == {*record["train"], *record["val"]}
+    # the validation folder read on its own (an exported bundle's evaluate.json on it) finds them by those names
+    alone = folder_split(val, **LAYOUT)
+    picked = recorded_samples(alone, tmp_path / "run" / "split.json")
+    assert [d["name"] for d in picked] == record["val"]
+    assert [d["image"] for d in picked] == [d["image"] for d in alone["all"]]
+    assert recorded_samples(split, tmp_path / "run" / "split.json") == split["val"]
+
+
+def test_evaluate_scores_a_validation_folder_numbered_as_the_data_both_ways(tmp_path):
+    data = write_jurkat_folder(tmp_path / "train", layout=[("set_a", (80, 80))] * 4)
+    val = write_jurkat_folder(tmp_path / "test", layout=[("set_a", (80, 80))] * 2, seed=1)
+    out = tmp_path / "run"
+    result = _invoke("train", JURKAT, "--data", data, "--val-data", val, "--output", out, "--epochs", 1,
+                     "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY))
+    assert result.exit_code == 0, result.output
+    base = ("evaluate", JURKAT, "--checkpoint", out / "model.pt", "--device", "cpu", "--no-progress",
+            "--no-tracking", "--no-tta")
+    for given, report in ((data, "a"), (val, "b")):
+        result = _invoke(*base, "--data", given, "--output", tmp_path / report)
+        assert result.exit_code == 0, result.output
+        assert _rows(tmp_path / report) == ["test/set_a/001", "test/set_a/002"]
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
