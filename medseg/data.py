@@ -202,13 +202,13 @@ def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
     StarDist's and Cellpose's test folders are kept) as a split.
 
     Names identify the samples in the run's ``split.json``: where a validation sample has the name of a training
-    sample (both folders numbered from 000), every validation name is given the folder's name as a prefix
-    (``test/000``), kept in the sample under :data:`VAL_PREFIX` and recorded in ``split.json``.
+    sample (both folders numbered from 000), every validation name is given the prefix ``val/`` (``val/000``),
+    kept in the sample under :data:`VAL_PREFIX` and recorded in ``split.json``.
 
     Raises:
         DataError: ``val_dir`` is ``data_dir``; an image found in both (one folder inside the other, reached by
             the image pattern, or links to the same files); or a name found in both that the prefix does not
-            tell apart (a training folder of the validation folder's name).
+            tell apart (training images in a folder named ``val``).
     """
     if Path(val_dir).resolve() == Path(data_dir).resolve():
         raise DataError(f"{val_dir}: the validation folder is the training data folder itself; give a folder of "
@@ -221,7 +221,7 @@ def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
                         "same files; give a validation folder of other images")
     names = {str(d["name"]) for d in train}
     clash = [d for d in val if str(d["name"]) in names]
-    prefix = f"{Path(val_dir).resolve().name or 'val'}/"
+    prefix = "val/"  # not the folder's name: a folder moved or renamed keeps its images' names
     if clash and not any(n.startswith(prefix) for n in names):  # train/ + test/ both numbered from 000 (Cellpose)
         val = [{**d, "name": prefix + str(d["name"]), VAL_PREFIX: prefix} for d in val]
         clash = []

@@ -243,6 +243,8 @@ def _earlier_export(bundle: Path, digest: str) -> _Earlier:
 _SETTINGS_NOTE = " These weights were trained with settings changed from the bundle's:"
 _DOCS_HEADER = "# Exported model: "
 _DOCS_RULE = "\n\n---\n\n"
+#: The end of the header's last sentence when the source bundle had no docs (no rule follows it).
+_HEADER_END = "are for training new weights and using those."
 
 
 def _best_validation(checkpoint: Path, digest: str) -> tuple[str, float, Any] | None:
@@ -362,7 +364,10 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
     holds and how it differs."""
     body = path.read_text(encoding="utf-8") if path.is_file() else ""
     if body.startswith(_DOCS_HEADER):  # an earlier export's header, and below its rule the source's docs if any
-        body = body.split(_DOCS_RULE, 1)[1] if _DOCS_RULE in body else ""
+        if _DOCS_RULE in body:
+            body = body.split(_DOCS_RULE, 1)[1]
+        else:  # the header alone (a source without docs), and what was written below it since
+            body = body.split(_HEADER_END, 1)[1].lstrip("\n") if _HEADER_END in body else ""
     changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)"
     if about.unplaced:
         changed += (f" (`{'`, `'.join(about.unplaced)}` not in `configs/`, as none of its files holds them: "
@@ -397,7 +402,7 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
                "    --dataset_dir DATA_DIR --output_dir EVAL_DIR\n"
                "```\n\n"
                "The commands in the documentation below, which name the bundle's own folder and a run's "
-               "`--checkpoint`, are for training new weights and using those.")
+               "`--checkpoint`, " + _HEADER_END)
     if body.strip():
         header += ("\n\nEverything below is the documentation of the bundle it came from: its results describe "
                    "the bundle's reference training, not these weights, and these weights are part of this bundle.")

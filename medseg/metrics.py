@@ -70,6 +70,15 @@ def pixel_accuracy(pred: np.ndarray, gt: np.ndarray) -> float:
     return (tp + tn) / np.asarray(gt).size
 
 
+def _check_probabilities(prob: np.ndarray) -> None:
+    """Raise ``ValueError`` for a map outside [0, 1] (an 8-bit 0-255 map): every threshold of the sweep but 0
+    would see it as all foreground, and the scores would mean nothing."""
+    arr = np.asarray(prob)
+    if arr.size and (np.nanmin(arr) < -0.01 or np.nanmax(arr) > 1.01):  # rounding of low-precision maps aside
+        raise ValueError(f"a probability map must hold values in [0, 1], not {np.nanmin(arr):g}..{np.nanmax(arr):g} "
+                         "(an 8-bit map: divide it by 255)")
+
+
 def pixel_error(prob: np.ndarray | Sequence[np.ndarray], gt: np.ndarray | Sequence[np.ndarray],
                 thresholds: Sequence[float] = ISBI_THRESHOLDS) -> float:
     """ISBI 2012 pixel error: 1 − the best foreground F-score of ``prob > t`` over ``thresholds``.
@@ -80,6 +89,8 @@ def pixel_error(prob: np.ndarray | Sequence[np.ndarray], gt: np.ndarray | Sequen
     probs, gts = ([prob], [gt]) if isinstance(prob, np.ndarray) else (list(prob), list(gt))
     if len(probs) != len(gts):
         raise ValueError(f"need matching lists; got {len(probs)} maps and {len(gts)} labels")
+    for p in probs:
+        _check_probabilities(p)
     best = 0.0
     for t in thresholds:
         tp = fp = fn = 0
@@ -228,6 +239,7 @@ class IsbiStack:
         gt = np.asarray(label) > 0
         if np.shape(prob) != gt.shape:
             raise ValueError(f"prediction shape {np.shape(prob)} differs from label shape {gt.shape}")
+        _check_probabilities(prob)
         gt_cells = ndimage.label(gt, structure=FOUR_CONNECTED)[0]
         self._table.append(np.array([rand_and_info(gt_cells, thinned_segments(prob, t)) for t in self.thresholds]))
         self._has_cells.append(bool(gt.any()))

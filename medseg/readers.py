@@ -404,18 +404,33 @@ def _png16_samples(path: str, samples: int) -> np.ndarray:
     """A 16-bit colour or gray+alpha PNG as ``(C, H, W)`` uint16, alpha dropped and its EXIF orientation applied.
 
     Pillow keeps 8 bits per channel of these, so ITK's PNG reader decodes them (into float32 vectors, which hold
-    every 16-bit value exactly).
+    every 16-bit value exactly), after the size is checked from the header. libpng would shift the values of a
+    file with an ``sBIT`` chunk (significant bits) down to those bits, so such a file is read from a copy
+    without it: the stored values, as Pillow reads a 16-bit gray PNG.
     """
+    import tempfile
+
     import itk
 
+    with open_picture(path) as im:  # the pixel limit, before anything is decoded
+        turn = _exif_orientation(im)
+    source, copy = path, None
     try:
-        arr = itk.array_from_image(itk.imread(path, pixel_type=itk.Vector[itk.F, samples]))
+        data = Path(path).read_bytes()
+        plain = _without_chunk(data, b"sBIT")
+        if plain is not None:
+            with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as tmp:
+                tmp.write(plain)
+            source = copy = tmp.name
+        arr = itk.array_from_image(itk.imread(source, pixel_type=itk.Vector[itk.F, samples]))
     except (RuntimeError, OSError) as err:  # ITK's text: "SOURCE:LINE: ITK ERROR: PNGImageIO(0x...): why"
         why = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", str(err).split("ITK ERROR:")[-1])
+        why = why.replace(f": {source}", "").replace(str(source), "the file")
         raise DataError(f"{path}: cannot read the 16-bit PNG ({brief(why)}){_or_corrupt(path, 'picture')}") from err
+    finally:
+        if copy is not None:
+            Path(copy).unlink(missing_ok=True)
     arr = _channels_first_2d(arr.astype(np.uint16), path)
-    with open_picture(path) as im:
-        turn = _exif_orientation(im)
     if turn in (5, 6, 7, 8):  # EXIF 5-8 swap the axes: transpose first, then as 1-4
         arr = arr.swapaxes(1, 2)
         turn = {5: 1, 6: 2, 7: 3, 8: 4}[turn]
@@ -424,6 +439,25 @@ def _png16_samples(path: str, samples: int) -> np.ndarray:
     if turn in (3, 4):
         arr = arr[:, ::-1, :]
     return np.ascontiguousarray(arr)
+
+
+def _without_chunk(png: bytes, kind: bytes) -> bytes | None:
+    """``png`` less its chunks of type ``kind``, or ``None`` when it has none (or its chunks cannot be walked:
+    the reader names what is wrong)."""
+    pos, kept, found = 8, [png[:8]], False
+    while pos + 12 <= len(png):
+        length = int.from_bytes(png[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(png):
+            return None
+        if png[pos + 4:pos + 8] == kind:
+            found = True
+        else:
+            kept.append(png[pos:end])
+        if png[pos + 4:pos + 8] == b"IEND":
+            break
+        pos = end
+    return b"".join(kept) if found else None
 
 
 class PngReader(_MedsegReader):

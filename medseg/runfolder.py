@@ -511,8 +511,12 @@ def warn_schedule_kept(max_epochs: Any, scheduler_state: Any) -> None:
         "train anew with --overwrite", max_epochs, kept)
 
 
-def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
-    """A resumed run trains on the split it started with: the split drawn again must be the recorded one."""
+def check_same_split(out: Path, recorded: dict | None, data_dir: str, datalists: Any = None) -> dict | None:
+    """A resumed run trains on the split it started with: the split drawn again must be the recorded one, or,
+    given ``datalists`` (the config's parsed split; leave it out where the call gives a split setting of its own),
+    the same samples split otherwise (a medseg version that draws the split otherwise), whose split as recorded is
+    returned (``train``, ``val``, ``all``: put it in the config in place of the drawing), with a warning, and
+    written back to ``split.json``."""
     if not recorded:
         logging.getLogger(__name__).warning(
             "--resume: the run's split.json was missing or unreadable, so the split drawn now from %s could not "
@@ -522,7 +526,9 @@ def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
         drawn = json.loads((out / "split.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if any(recorded.get(k) != drawn.get(k) for k in ("train", "val")):  # by name: the folder itself may move
+    kept = None
+    if any(recorded.get(k) != drawn.get(k) for k in ("train", "val")) and \
+            (kept := _split_as_recorded(out, recorded, drawn, datalists)) is None:  # by name: the folder may move
         raise DataError(f"{out / 'split.json'}: the run was trained on another train/validation split than the one "
                         f"drawn now from {data_dir} (another data or validation folder, images added or removed, or "
                         "another seed or val_fraction, or a medseg version that splits otherwise); resume with the "
@@ -536,6 +542,30 @@ def check_same_split(out: Path, recorded: dict | None, data_dir: str) -> None:
             raise DataError(f"{folder}: {len(changed)} of the run's images or labels differ from those it was "
                             f"trained on (first: {changed[0]}); resume with the run's data, or start anew with "
                             "--overwrite instead of --resume")
+    return kept
+
+
+def _split_as_recorded(out: Path, recorded: dict, drawn: dict, datalists: Any) -> dict | None:
+    """The recorded split of the samples of ``datalists`` (written back to ``split.json``) where the split drawn
+    now holds the same samples split otherwise; else ``None``."""
+    from medseg.io import atomic_output
+
+    names = [recorded.get(k) for k in ("train", "val")]
+    if not (isinstance(datalists, dict) and all(isinstance(datalists.get(k), list) for k in ("train", "val"))
+            and all(isinstance(n, list) for n in names)):
+        return None
+    now = {str(d.get("name")): d for k in ("train", "val") for d in datalists[k]}
+    if sorted(map(str, names[0] + names[1])) != sorted(now) or len(now) != len(names[0]) + len(names[1]):
+        return None
+    kept = {key: [now[str(n)] for n in listed] for key, listed in zip(("train", "val"), names, strict=True)}
+    with atomic_output(out / "split.json") as tmp:
+        tmp.write_text(json.dumps({**drawn, "train": names[0], "val": names[1]}, indent=2), encoding="utf-8")
+    moved = set(map(str, names[1])) ^ set(map(str, drawn.get("val", [])))
+    logging.getLogger(__name__).warning(
+        "--resume: the data would be split otherwise now (%d of its %d images in the other set: a medseg version "
+        "that draws the split otherwise); the run goes on with its own split, from its split.json",
+        len(moved), len(now))
+    return {**kept, "all": list(datalists.get("all") or kept["train"] + kept["val"])}
 
 
 def checkpoint_parts(checkpoint: Path) -> dict:

@@ -564,6 +564,7 @@ def train(
         # --overwrite, --resume: the split and config the checks below write replace the run's only if they pass
         aside = runfolder.set_aside(out, runfolder.SET_ASIDE) if overwrite or resume else []
         tracked: dict | None = None
+        kept_split: dict | None = None  # a resumed run's own split, where the data would be split otherwise now
         try:
             recorded = runfolder.recorded_run(out) if resume else {}
             record = mlflow_tracking.tracking_record(recorded.get("config", {}))  # where the run is tracked
@@ -582,7 +583,11 @@ def train(
                 lengthened = runfolder.resume_length(parser, recorded.get("config", {}), overrides or {})
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
             if resume:
-                runfolder.check_same_split(out, recorded.get("split"), data_dir)
+                given, before = runfolder.given_by(overrides or {}, overlays), recorded.get("config", {})
+                asked = any(given(k) and k in parser and parser.get(k) != before.get(k) for k in SPLIT_IDS)
+                # another split asked for now is refused, not overruled by the record
+                kept_split = runfolder.check_same_split(out, recorded.get("split"), data_dir,
+                                                        None if asked else datalists)
             if isinstance(datalists, dict) and "val" in datalists and not datalists["val"]:
                 raise DataError(f"{data_dir}: no validation samples in the split, so no model.pt would be chosen; "
                                 f"hold some out ({'val_count' if 'val_count' in parser else 'val_fraction'}), "
@@ -613,6 +618,8 @@ def train(
                 exported[mlflow_tracking.RECORD_KEY] = record
             with atomic_output(config_path) as tmp:
                 parser.export_config_file(portable_config(exported, dev), str(tmp))
+            if resume and kept_split is not None:  # the run's own split, in place of the drawing (not recorded so)
+                parser["datalists"] = {key: literal_items(value) for key, value in kept_split.items()}
 
             parser.get_parsed_content("initialize")
             trainer = parser.get_parsed_content("train#trainer")

@@ -861,6 +861,34 @@ def test_resume_finishes_a_run_killed_after_its_last_epoch(trained, tmp_path, ca
                            "has trained 3 epochs and the run is set to 3")
 
 
+def test_resume_keeps_the_runs_own_split_of_the_same_images_drawn_otherwise_now(trained, tmp_path, caplog,
+                                                                              monkeypatch):
+    # a medseg version that groups the data otherwise (nuclei's stage1_train/ read with its manifest) drew
+    # another split of the same images, and the resume was refused with a fix that could not work
+    import monai.data
+
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    record = json.loads((out / "split.json").read_text())
+    assert record["train"] == ["0", "1", "2"] and record["val"] == ["3"]
+    record["train"], record["val"] = ["0", "1", "3"], ["2"]  # as an earlier version might have drawn it
+    (out / "split.json").write_text(json.dumps(record))
+    used, made = [], monai.data.CacheDataset.__init__
+
+    def seen(self, data, *args, **kwargs):
+        used.append([d["name"] for d in data])
+        made(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(monai.data.CacheDataset, "__init__", seen)
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume", "--epochs", 4,
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args())
+    assert result.exit_code == 0, result.output
+    assert "the run goes on with its own split, from its split.json" in caplog.text
+    assert used == [["0", "1", "3"], ["2"]]  # trained and validated on the recorded sets
+    after = json.loads((out / "split.json").read_text())
+    assert after["train"] == ["0", "1", "3"] and after["val"] == ["2"]
+
+
 def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path, caplog):
     """As the interrupt message says it: --resume alone continues the run as it was set, not the bundle's
     150 epochs; on its own split; and a length already reached is one line, not Ignite's traceback."""
@@ -1874,6 +1902,12 @@ def test_an_export_of_an_export_of_a_bundle_without_docs_holds_one_header(tmp_pa
     _write_docs_header(tmp_path / "README.md", first._replace(sha256="2" * 64), described=False, scripted=False)
     docs = (tmp_path / "README.md").read_text()
     assert docs.count("# Exported model:") == 1 and "2" * 64 in docs and "1" * 64 not in docs
+    # notes written below such a header are the docs the next export keeps
+    (tmp_path / "README.md").write_text(docs + "\n## Lab notes\n\nStained with DAPI.\n")
+    _write_docs_header(tmp_path / "README.md", first._replace(sha256="3" * 64), described=False, scripted=False)
+    docs = (tmp_path / "README.md").read_text()
+    assert docs.count("# Exported model:") == 1 and "3" * 64 in docs and "2" * 64 not in docs
+    assert docs.endswith("---\n\n## Lab notes\n\nStained with DAPI.\n")
 
 
 def test_a_refused_export_names_the_source_and_leaves_nothing(trained, tmp_path, monkeypatch):

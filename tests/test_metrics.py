@@ -358,3 +358,14 @@ def test_evaluate_scores_at_its_threshold_and_channel(tmp_path):
     assert ChallengeMetrics(str(tmp_path), threshold=0.7).score(out, {})["dice"] == 1.0
     flipped = {"prob": torch.from_numpy(np.stack([p, 1 - p])), "label": torch.from_numpy(gt[None] * 1.0)}
     assert ChallengeMetrics(str(tmp_path), channel=0, threshold=0.7).score(flipped, {})["dice"] == 1.0
+
+
+def test_a_map_outside_zero_to_one_is_refused_not_scored():
+    # an 8-bit map scored V_rand 0.05 where the same map divided by 255 scored 0.995
+    label = np.zeros((8, 8), np.uint8)
+    label[1:7, 1:7] = 255
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], not 0\.\.255 \(an 8-bit map: divide it by 255\)"):
+        isbi_scores([label.astype(np.float32)], [label])
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        pixel_error(label.astype(np.float32), label)
+    assert isbi_scores([label / 255.0], [label])["v_rand"] == 1.0

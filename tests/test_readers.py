@@ -429,6 +429,32 @@ def test_16_bit_colour_png_keeps_every_bit_and_turns_as_its_8_bit_twin(tmp_path,
         np.testing.assert_array_equal(arr16, np.moveaxis(wide, -1, 0))  # bit for bit
 
 
+def test_16_bit_colour_png_with_significant_bits_keeps_its_stored_values_and_the_size_is_checked_first(
+        tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    import itk
+
+    rgb = np.array([[[65359, 4096, 17], [1, 2, 65535]]], dtype=np.uint16)
+    png = _png(2, 1, 16, 2, b"\0" + rgb[0].astype(">u2").tobytes())
+    sbit = struct.pack(">I", 3) + b"sBIT" + bytes([12, 12, 12])
+    sbit += struct.pack(">I", zlib.crc32(b"sBIT" + bytes([12, 12, 12])))
+    (tmp_path / "sbit.png").write_bytes(png[:33] + sbit + png[33:])  # after IHDR, as encoders put it
+    # libpng shifts such values down to their 12 significant bits (65359 read as 4084); Pillow keeps a 16-bit gray
+    # PNG's stored values, and so must colour
+    np.testing.assert_array_equal(read_image(tmp_path / "sbit.png")[0], np.moveaxis(rgb, -1, 0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sbit.png"]
+    monkeypatch.setenv("MEDSEG_MAX_PIXELS", "1")
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("decoded before the size was checked")
+
+    monkeypatch.setattr(itk, "imread", decoded)
+    with pytest.raises(DataError, match=r"sbit\.png: .*MEDSEG_MAX_PIXELS"):
+        read_image(tmp_path / "sbit.png")
+
+
 def test_16_bit_png_with_alpha_drops_it_and_a_broken_one_is_named(tmp_path):
     rgba = np.array([[[1000, 2000, 65535, 7], [3, 4, 5, 65535]]], dtype=np.uint16)
     (tmp_path / "rgba16.png").write_bytes(_png(2, 1, 16, 6, b"\0" + rgba[0].astype(">u2").tobytes()))

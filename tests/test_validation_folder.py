@@ -85,11 +85,13 @@ def test_a_validation_folder_that_cannot_be_told_apart_from_the_data_is_refused(
         (links / f"l001{suffix}").symlink_to(data / "set_a" / f"001{suffix}")
     with pytest.raises(DataError, match=r"l001\.bmp: found both in the training data"):
         folder_split(data, **LAYOUT, val_dir=links.parent)
-    # a name of both folders, in a validation folder named as a training folder: the prefix tells nothing apart
-    same_names = write_jurkat_folder(tmp_path / "set_b", layout=[("set_b", (80, 80))], seed=1)
+    # a name of both folders where training images are in a folder named val: the prefix tells nothing apart
+    write_jurkat_folder(data, layout=[("val", (80, 80))], seed=2)
+    same_names = write_jurkat_folder(tmp_path / "held", layout=[("set_b", (80, 80))], seed=1)
     with pytest.raises(DataError, match=r"001\.bmp: has the name 'set_b/001' of a training image .*rename the "
                                         r"validation images"):
         folder_split(data, **LAYOUT, val_dir=same_names)
+    shutil.rmtree(data / "val")
     # copies under other names are taken, and said
     copies = tmp_path / "copies" / "held"
     copies.mkdir(parents=True)
@@ -113,7 +115,7 @@ def test_isbi_and_dsb_splits_take_a_validation_folder(tmp_path, isbi_stacks):
     assert len(split["train"]) == 4 and [d["name"] for d in split["val"]] == ["v0", "v1"]
     # two challenge stacks of the same file names: the validation slices are named after their folder
     split = isbi_split(isbi_stacks, val_dir=_stacks_copy(isbi_stacks, tmp_path / "stack_val"))
-    assert [d["name"] for d in split["val"]] == [f"stack_val/train-volume_{k:03d}" for k in range(3)]
+    assert [d["name"] for d in split["val"]] == [f"val/train-volume_{k:03d}" for k in range(3)]
     dsb = write_dsb_folder(tmp_path / "dsb")
     dsb_val = write_dsb_folder(tmp_path / "dsb_val", layout=[("z1", (64, 64), False), ("z2", (64, 64), True)])
     split = dsb_split(dsb, val_dir=dsb_val)
@@ -303,10 +305,10 @@ def test_folders_numbered_alike_are_told_apart_by_the_validation_folders_name(tm
     data = write_jurkat_folder(tmp_path / "train", layout=[("set_a", (80, 80))] * 3)
     val = write_jurkat_folder(tmp_path / "test", layout=[("set_a", (80, 80))] * 2, seed=1)
     split = folder_split(data, **LAYOUT, save_to=str(tmp_path / "run"), val_dir=val)
-    assert [d["name"] for d in split["val"]] == ["test/set_a/001", "test/set_a/002"]
+    assert [d["name"] for d in split["val"]] == ["val/set_a/001", "val/set_a/002"]
     assert [d["name"] for d in split["train"]] == ["set_a/001", "set_a/002", "set_a/003"]
     record = json.loads((tmp_path / "run" / "split.json").read_text())
-    assert record["val"] == ["test/set_a/001", "test/set_a/002"] and record["val_prefix"] == "test/"
+    assert record["val"] == ["val/set_a/001", "val/set_a/002"] and record["val_prefix"] == "val/"
     assert set(record["sha256"]) == {*record["train"], *record["val"]}
     # the validation folder read on its own (an exported bundle's evaluate.json on it) finds them by those names
     alone = folder_split(val, **LAYOUT)
@@ -328,5 +330,18 @@ def test_evaluate_scores_a_validation_folder_numbered_as_the_data_both_ways(tmp_
     for given, report in ((data, "a"), (val, "b")):
         result = _invoke(*base, "--data", given, "--output", tmp_path / report)
         assert result.exit_code == 0, result.output
-        assert _rows(tmp_path / report) == ["test/set_a/001", "test/set_a/002"]
+        assert _rows(tmp_path / report) == ["val/set_a/001", "val/set_a/002"]
     assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+
+
+def test_a_moved_validation_folder_resumes_under_the_names_it_had(tmp_path):
+    data = write_jurkat_folder(tmp_path / "train", layout=[("set_a", (80, 80))] * 4)
+    val = write_jurkat_folder(tmp_path / "test", layout=[("set_a", (80, 80))] * 2, seed=1)
+    out = tmp_path / "run"
+    base = ("train", JURKAT, "--data", data, "--output", out, "--no-progress", "--device", "cpu", "--no-tracking",
+            *_sets(TINY))
+    assert _invoke(*base, "--val-data", val, "--epochs", 1).exit_code == 0
+    val.rename(tmp_path / "moved")
+    result = _invoke(*base, "--val-data", tmp_path / "moved", "--resume", "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "split.json").read_text())["val"] == ["val/set_a/001", "val/set_a/002"]
