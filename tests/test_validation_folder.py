@@ -13,32 +13,16 @@ from pathlib import Path
 import pytest
 from conftest import (
     DATA_FOUND,
-    JURKAT_TINY_NET,
     REPO,
     TINY_NET,
     write_dsb_folder,
     write_isbi_folder,
     write_jurkat_folder,
 )
-from typer.testing import CliRunner
+from test_multiclass import JURKAT, LAYOUT, TINY, _invoke, _sets
 
-from medseg.cli import app
 from medseg.data import dsb_split, folder_split, instance_split, isbi_split, recorded_samples
 from medseg.errors import DataError
-
-JURKAT = REPO / "bundles" / "jurkat"
-LAYOUT = {"image_glob": "**/*.bmp", "mask_template": "{stem}.png"}
-TINY = [*JURKAT_TINY_NET, "batch_size=2", "val_interval=1"]
-
-runner = CliRunner()
-
-
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def _error_line(result) -> str:
@@ -194,22 +178,20 @@ def test_a_validation_folder_that_is_not_there_or_not_known_to_the_bundle_is_one
     line = _error_line(_invoke(*base, "--output", tmp_path / "a", "--val-data", tmp_path / "nope"))
     assert f"{tmp_path / 'nope'}: validation folder not found; pass --val-data" in line
     assert not (tmp_path / "a").exists()
-    older = tmp_path / "older"
-    shutil.copytree(JURKAT, older)
-    config = json.loads((older / "configs" / "train.json").read_text())
-    del config["val_dir"], config["datalists"]["val_dir"]
-    (older / "configs" / "train.json").write_text(json.dumps(config))
-    line = _error_line(_invoke("train", older, "--data", run["data"], "--val-data", run["val"], "--output",
-                               tmp_path / "b", "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY)))
-    assert "train.json: has no val_dir id, so --val-data cannot be used with it" in line
+
+
+def _copy_pointing_elsewhere(run: dict[str, Path], to: Path, record: str, folder: Path) -> Path:
+    """A copy of the module's run whose ``record`` (split.json, config.json) names ``folder`` as its
+    validation folder."""
+    shutil.copytree(run["out"], to)
+    content = json.loads((to / record).read_text())
+    content["val_dir"] = str(folder)
+    (to / record).write_text(json.dumps(content))
+    return to
 
 
 def test_the_validation_folder_of_the_evaluated_run_gone_is_named(run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(run["out"], out)
-    record = json.loads((out / "split.json").read_text())
-    record["val_dir"] = str(tmp_path / "moved")
-    (out / "split.json").write_text(json.dumps(record))
+    out = _copy_pointing_elsewhere(run, tmp_path / "run", "split.json", tmp_path / "moved")
     line = _error_line(_invoke("evaluate", JURKAT, "--data", run["data"], "--checkpoint", out / "model.pt",
                                "--device", "cpu", "--no-progress", "--no-tracking", "--output", tmp_path / "e"))
     assert f"{tmp_path / 'moved'}: the run validated on this folder" in line and "--split train or all" in line
@@ -229,11 +211,7 @@ def test_isbi_em_trains_with_a_validation_folder(tmp_path):
 
 
 def test_resuming_a_run_whose_validation_folder_is_gone_says_to_put_it_back(run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(run["out"], out)
-    config = json.loads((out / "config.json").read_text())
-    config["val_dir"] = str(tmp_path / "gone")
-    (out / "config.json").write_text(json.dumps(config))
+    out = _copy_pointing_elsewhere(run, tmp_path / "run", "config.json", tmp_path / "gone")
     line = _error_line(_invoke("train", JURKAT, "--data", run["data"], "--output", out, "--resume", "--epochs", 2,
                                "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY)))
     assert line == f"error: {tmp_path / 'gone'}: validation folder not found; put the run's validation folder back " \
@@ -266,15 +244,21 @@ def test_evaluate_without_the_split_record_still_scores_the_validation_folder(ru
     assert _rows(tmp_path / "e") == ["other/001", "other/002"]  # never a training image
 
 
-def test_a_datalists_that_does_not_read_the_folder_is_refused(run, tmp_path):
-    older = tmp_path / "custom"
-    shutil.copytree(JURKAT, older)
-    config = json.loads((older / "configs" / "train.json").read_text())
-    del config["datalists"]["val_dir"]  # the id is there, the split does not take it
-    (older / "configs" / "train.json").write_text(json.dumps(config))
-    line = _error_line(_invoke("train", older, "--data", run["data"], "--val-data", run["val"], "--output",
+@pytest.mark.parametrize(("without_id", "said"), [
+    (True, "train.json: has no val_dir id, so --val-data cannot be used with it"),  # a bundle of an earlier version
+    (False, "train.json: its datalists does not read @val_dir, so a validation folder would not validate"),
+])
+def test_a_bundle_whose_split_does_not_read_the_folder_is_refused(run, tmp_path, without_id, said):
+    custom = tmp_path / "custom"
+    shutil.copytree(JURKAT, custom)
+    config = json.loads((custom / "configs" / "train.json").read_text())
+    del config["datalists"]["val_dir"]  # the split does not take it (the folder was ignored without a word)
+    if without_id:
+        del config["val_dir"]
+    (custom / "configs" / "train.json").write_text(json.dumps(config))
+    line = _error_line(_invoke("train", custom, "--data", run["data"], "--val-data", run["val"], "--output",
                                tmp_path / "b", "--no-progress", "--device", "cpu", "--no-tracking", *_sets(TINY)))
-    assert "train.json: its datalists does not read @val_dir, so a validation folder would not validate" in line
+    assert said in line
 
 
 def test_resume_names_the_validation_folder_for_a_changed_validation_image(run, tmp_path):
