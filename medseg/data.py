@@ -800,13 +800,20 @@ def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob
 
 def with_val_prefix(samples: dict[str, dict], record: object, split: str) -> dict[str, dict]:
     """``samples`` (by name) and, where the split ``record`` prefixed its validation names (:func:`fixed_split`)
-    and ``split`` is ``"val"``, each under its prefixed name too, renamed so: the validation folder read on its
-    own, by the names the record gives its images."""
+    and ``split`` is ``"val"``, those of its validation names under their prefixed name too, renamed so: the
+    validation folder read on its own, by the names the record gives its images. A sample is so named only when
+    its image and label are those the record holds for the name (its digest), so that a training image of the
+    same unprefixed name (a copy of the training folder) is never scored in its stead."""
     prefix = record.get(VAL_PREFIX) if isinstance(record, dict) and split == "val" else None
     if not isinstance(prefix, str) or not prefix:
         return samples
-    return {**{prefix + n: {**d, "name": prefix + n} for n, d in samples.items() if not n.startswith(prefix)},
-            **samples}
+    wanted = {str(n) for n in record.get("val", [])} if isinstance(record.get("val"), list) else set()
+    digests = record.get("sha256") if isinstance(record.get("sha256"), dict) else {}
+    files: dict[str, str] = {}
+    aliases = {prefix + n: {**d, "name": prefix + n} for n, d in samples.items()
+               if prefix + n in wanted and prefix + n not in samples
+               and (prefix + n not in digests or sample_digest(d, files) == digests[prefix + n])}
+    return {**aliases, **samples}
 
 
 def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.PathLike | None,

@@ -245,6 +245,8 @@ _DOCS_HEADER = "# Exported model: "
 _DOCS_RULE = "\n\n---\n\n"
 #: The end of the header's last sentence when the source bundle had no docs (no rule follows it).
 _HEADER_END = "are for training new weights and using those."
+#: The end of the header's last sentence when the source's docs follow it, below the rule.
+_BELOW_END = "and these weights are part of this bundle."
 
 
 def _best_validation(checkpoint: Path, digest: str) -> tuple[str, float, Any] | None:
@@ -364,10 +366,9 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
     holds and how it differs."""
     body = path.read_text(encoding="utf-8") if path.is_file() else ""
     if body.startswith(_DOCS_HEADER):  # an earlier export's header, and below its rule the source's docs if any
-        if _DOCS_RULE in body:
-            body = body.split(_DOCS_RULE, 1)[1]
-        else:  # the header alone (a source without docs), and what was written below it since
-            body = body.split(_HEADER_END, 1)[1].lstrip("\n") if _HEADER_END in body else ""
+        ends = (_BELOW_END + _DOCS_RULE, _HEADER_END + _DOCS_RULE, _HEADER_END)  # the header's own last words
+        end = next((e for e in ends if e in body), None)
+        body = body.split(end, 1)[1].lstrip("\n") if end else ""
     changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)"
     if about.unplaced:
         changed += (f" (`{'`, `'.join(about.unplaced)}` not in `configs/`, as none of its files holds them: "
@@ -405,7 +406,7 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
                "`--checkpoint`, " + _HEADER_END)
     if body.strip():
         header += ("\n\nEverything below is the documentation of the bundle it came from: its results describe "
-                   "the bundle's reference training, not these weights, and these weights are part of this bundle.")
+                   "the bundle's reference training, not these weights, " + _BELOW_END)
     path.parent.mkdir(exist_ok=True)
     path.write_text(header + _DOCS_RULE + body if body.strip() else header + "\n", encoding="utf-8")
 

@@ -416,16 +416,22 @@ def _png16_samples(path: str, samples: int) -> np.ndarray:
         turn = _exif_orientation(im)
     source, copy = path, None
     try:
-        data = Path(path).read_bytes()
-        plain = _without_chunk(data, b"sBIT")
+        plain = _without_chunk(Path(path).read_bytes(), b"sBIT")
         if plain is not None:
-            with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as tmp:
-                tmp.write(plain)
-            source = copy = tmp.name
+            try:
+                handle, copy = tempfile.mkstemp(suffix=".png")
+                with os.fdopen(handle, "wb") as tmp:
+                    tmp.write(plain)
+            except OSError as err:  # the temporary folder, not the picture
+                raise DataError(f"{path}: cannot write the copy of it that is read without its sBIT chunk in "
+                                f"{tempfile.gettempdir()} ({err.strerror or err}); free space there, or set TMPDIR "
+                                "to a writable folder") from err
+            source = copy
         arr = itk.array_from_image(itk.imread(source, pixel_type=itk.Vector[itk.F, samples]))
     except (RuntimeError, OSError) as err:  # ITK's text: "SOURCE:LINE: ITK ERROR: PNGImageIO(0x...): why"
         why = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", str(err).split("ITK ERROR:")[-1])
-        why = why.replace(f": {source}", "").replace(str(source), "the file")
+        if copy is not None:  # ITK names the copy it read: the input is what the user knows
+            why = why.replace(f": {copy}", "").replace(copy, "the file")
         raise DataError(f"{path}: cannot read the 16-bit PNG ({brief(why)}){_or_corrupt(path, 'picture')}") from err
     finally:
         if copy is not None:

@@ -584,7 +584,10 @@ def train(
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
             if resume:
                 given, before = runfolder.given_by(overrides or {}, overlays), recorded.get("config", {})
-                asked = any(given(k) and k in parser and parser.get(k) != before.get(k) for k in SPLIT_IDS)
+                drawing = json.dumps(parser.get("datalists", {}), default=str)
+                asked = (given("datalists") and parser.get("datalists") != before.get("datalists")) or any(
+                    given(k) and parser.get(k) != before.get(k) for k in SPLIT_IDS
+                    if re.search(rf"@{k}\b", drawing))  # the split's own settings, as the bundle draws it
                 # another split asked for now is refused, not overruled by the record
                 kept_split = runfolder.check_same_split(out, recorded.get("split"), data_dir,
                                                         None if asked else datalists)

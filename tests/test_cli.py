@@ -887,6 +887,15 @@ def test_resume_keeps_the_runs_own_split_of_the_same_images_drawn_otherwise_now(
     assert used == [["0", "1", "3"], ["2"]]  # trained and validated on the recorded sets
     after = json.loads((out / "split.json").read_text())
     assert after["train"] == ["0", "1", "3"] and after["val"] == ["2"]
+    # a split asked for now, by a part of the drawing too, is refused rather than overruled by the record
+    for asked in ("val_count=2", "datalists#val_count=2"):
+        _assert_one_line_error(_invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume",
+                                       "--epochs", 5, "--no-progress", "--no-tracking", "--device", "cpu",
+                                       *_tiny_args(), "--set", asked), "another train/validation split")
+    # a seed the drawing does not read (isbi_em holds out the last slices) asks for no other split
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume", "--epochs", 5,
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(), "--set", "seed=5")
+    assert result.exit_code == 0, result.output
 
 
 def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path, caplog):
@@ -1908,6 +1917,11 @@ def test_an_export_of_an_export_of_a_bundle_without_docs_holds_one_header(tmp_pa
     docs = (tmp_path / "README.md").read_text()
     assert docs.count("# Exported model:") == 1 and "3" * 64 in docs and "2" * 64 not in docs
     assert docs.endswith("---\n\n## Lab notes\n\nStained with DAPI.\n")
+    # notes with a rule of their own, below a header alone: all of them kept
+    (tmp_path / "alone.md").write_text(docs.split("\n\n---\n\n")[0].split("\n\nEverything below")[0] +
+                                       "\nOur notes.\n\n---\n\nMore notes.\n")
+    _write_docs_header(tmp_path / "alone.md", first, described=False, scripted=False)
+    assert (tmp_path / "alone.md").read_text().endswith("---\n\nOur notes.\n\n---\n\nMore notes.\n")
 
 
 def test_a_refused_export_names_the_source_and_leaves_nothing(trained, tmp_path, monkeypatch):

@@ -445,6 +445,35 @@ def test_16_bit_colour_png_with_significant_bits_keeps_its_stored_values_and_the
     # PNG's stored values, and so must colour
     np.testing.assert_array_equal(read_image(tmp_path / "sbit.png")[0], np.moveaxis(rgb, -1, 0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sbit.png"]
+    # the copy read without the chunk cannot be written: named as the temporary folder's failure, and not left
+    import errno
+    import os
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, handle, mode):
+            self.file = real(handle, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", Full)
+    with pytest.raises(DataError, match=r"sbit\.png: cannot write the copy of it that is read without its sBIT chunk "
+                                        r"in .*scratch \(No space left on device\); free space there, or set TMPDIR"):
+        read_image(tmp_path / "sbit.png")
+    assert list(scratch.iterdir()) == []
+    monkeypatch.setattr(os, "fdopen", real)
     monkeypatch.setenv("MEDSEG_MAX_PIXELS", "1")
 
     def decoded(*args, **kwargs):

@@ -300,6 +300,9 @@ def test_folders_numbered_alike_are_told_apart_by_the_validation_folders_name(tm
     assert [d["name"] for d in picked] == record["val"]
     assert [d["image"] for d in picked] == [d["image"] for d in alone["all"]]
     assert recorded_samples(split, tmp_path / "run" / "split.json") == split["val"]
+    # a folder holding the training images (numbered alike) does not stand in for them: never scored as validation
+    with pytest.raises(DataError, match=r"none of the 2 val images it names are in the data given"):
+        recorded_samples(folder_split(data, **LAYOUT), tmp_path / "run" / "split.json")
 
 
 def test_evaluate_scores_a_validation_folder_numbered_as_the_data_both_ways(tmp_path):
