@@ -208,7 +208,7 @@ def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
     Raises:
         DataError: ``val_dir`` is ``data_dir``; an image found in both (one folder inside the other, reached by
             the image pattern, or links to the same files); or a name found in both that the prefix does not
-            tell apart (training images in a folder named ``val``).
+            tell apart (a training image named as a prefixed one, in a folder named ``val``).
     """
     if Path(val_dir).resolve() == Path(data_dir).resolve():
         raise DataError(f"{val_dir}: the validation folder is the training data folder itself; give a folder of "
@@ -222,7 +222,7 @@ def fixed_split(train: list[dict], val: list[dict], data_dir: str | os.PathLike,
     names = {str(d["name"]) for d in train}
     clash = [d for d in val if str(d["name"]) in names]
     prefix = "val/"  # not the folder's name: a folder moved or renamed keeps its images' names
-    if clash and not any(n.startswith(prefix) for n in names):  # train/ + test/ both numbered from 000 (Cellpose)
+    if clash and not any(prefix + str(d["name"]) in names for d in val):  # train/ + test/ both from 000 (Cellpose)
         val = [{**d, "name": prefix + str(d["name"]), VAL_PREFIX: prefix} for d in val]
         clash = []
     if clash:

@@ -69,12 +69,14 @@ def test_a_validation_folder_that_cannot_be_told_apart_from_the_data_is_refused(
         (links / f"l001{suffix}").symlink_to(data / "set_a" / f"001{suffix}")
     with pytest.raises(DataError, match=r"l001\.bmp: found both in the training data"):
         folder_split(data, **LAYOUT, val_dir=links.parent)
-    # a name of both folders where training images are in a folder named val: the prefix tells nothing apart
-    write_jurkat_folder(data, layout=[("val", (80, 80))], seed=2)
+    # a name of both folders where a training image has the prefixed name too: the prefix tells nothing apart
+    write_jurkat_folder(data, layout=[("val/set_b", (80, 80))], seed=2)
     same_names = write_jurkat_folder(tmp_path / "held", layout=[("set_b", (80, 80))], seed=1)
     with pytest.raises(DataError, match=r"001\.bmp: has the name 'set_b/001' of a training image .*rename the "
                                         r"validation images"):
         folder_split(data, **LAYOUT, val_dir=same_names)
+    other = write_jurkat_folder(tmp_path / "held2", layout=[("set_a", (80, 80))], seed=1)  # val/set_a/001 is free
+    assert [d["name"] for d in folder_split(data, **LAYOUT, val_dir=other)["val"]] == ["val/set_a/001"]
     shutil.rmtree(data / "val")
     # copies under other names are taken, and said
     copies = tmp_path / "copies" / "held"
