@@ -801,9 +801,10 @@ def instance_split(data_dir: str | os.PathLike, layout: str = "auto", image_glob
 def with_val_prefix(samples: dict[str, dict], record: object, split: str) -> dict[str, dict]:
     """``samples`` (by name) and, where the split ``record`` prefixed its validation names (:func:`fixed_split`)
     and ``split`` is ``"val"``, those of its validation names under their prefixed name too, renamed so: the
-    validation folder read on its own, by the names the record gives its images. A sample is so named only when
-    its image and label are those the record holds for the name (its digest), so that a training image of the
-    same unprefixed name (a copy of the training folder) is never scored in its stead."""
+    validation folder read on its own, by the names the record gives its images. A sample whose image and label
+    are those the record holds for the training image of its unprefixed name (its digest: a copy of the training
+    folder) is not so named, so that a training image is never scored as a validation one; one edited since is,
+    and is said as changed where the digests are compared."""
     prefix = record.get(VAL_PREFIX) if isinstance(record, dict) and split == "val" else None
     if not isinstance(prefix, str) or not prefix:
         return samples
@@ -812,7 +813,7 @@ def with_val_prefix(samples: dict[str, dict], record: object, split: str) -> dic
     files: dict[str, str] = {}
     aliases = {prefix + n: {**d, "name": prefix + n} for n, d in samples.items()
                if prefix + n in wanted and prefix + n not in samples
-               and (prefix + n not in digests or sample_digest(d, files) == digests[prefix + n])}
+               and (n not in digests or sample_digest(d, files) != digests[n])}
     return {**aliases, **samples}
 
 

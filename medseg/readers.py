@@ -430,8 +430,8 @@ def _png16_samples(path: str, samples: int) -> np.ndarray:
         arr = itk.array_from_image(itk.imread(source, pixel_type=itk.Vector[itk.F, samples]))
     except (RuntimeError, OSError) as err:  # ITK's text: "SOURCE:LINE: ITK ERROR: PNGImageIO(0x...): why"
         why = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", str(err).split("ITK ERROR:")[-1])
-        if copy is not None:  # ITK names the copy it read: the input is what the user knows
-            why = why.replace(f": {copy}", "").replace(copy, "the file")
+        for read in filter(None, (copy, str(path))):  # the input is named in front; a copy it read is no news
+            why = why.replace(f": {read}", "").replace(read, "the file")
         raise DataError(f"{path}: cannot read the 16-bit PNG ({brief(why)}){_or_corrupt(path, 'picture')}") from err
     finally:
         if copy is not None:

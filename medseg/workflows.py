@@ -584,10 +584,8 @@ def train(
             datalists = parser.get_parsed_content("datalists")  # fail early, with the data's own message
             if resume:
                 given, before = runfolder.given_by(overrides or {}, overlays), recorded.get("config", {})
-                drawing = json.dumps(parser.get("datalists", {}), default=str)
-                asked = (given("datalists") and parser.get("datalists") != before.get("datalists")) or any(
-                    given(k) and parser.get(k) != before.get(k) for k in SPLIT_IDS
-                    if re.search(rf"@{k}\b", drawing))  # the split's own settings, as the bundle draws it
+                asked = (given("datalists") or any(map(given, SPLIT_IDS))) and \
+                    _split_drawing(parser.get("datalists"), parser) != _split_drawing(before.get("datalists"), before)
                 # another split asked for now is refused, not overruled by the record
                 kept_split = runfolder.check_same_split(out, recorded.get("split"), data_dir,
                                                         None if asked else datalists)
@@ -737,6 +735,16 @@ def train(
         if diverged:
             raise TrainingDiverged(diverged.message(parser, out, summary))
         return summary
+
+
+def _split_drawing(datalists: Any, values: Any) -> str:
+    """The config of a split's drawing (``datalists``) as text, its references to :data:`SPLIT_IDS` replaced by
+    their ``values`` (a config or its parser), so that two drawings compare by what they draw with."""
+    text = json.dumps(datalists, default=str, sort_keys=True)
+    for key in SPLIT_IDS:
+        if key in values:
+            text = text.replace(json.dumps(f"@{key}"), json.dumps(values.get(key), default=str, sort_keys=True))
+    return text
 
 
 def _check_val_dir_id(bundle: str) -> None:

@@ -896,6 +896,12 @@ def test_resume_keeps_the_runs_own_split_of_the_same_images_drawn_otherwise_now(
     result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume", "--epochs", 5,
                      "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(), "--set", "seed=5")
     assert result.exit_code == 0, result.output
+    # nor does the run's own value given by a part of the drawing
+    result = _invoke("train", BUNDLE, "--data", trained["data"], "--output", out, "--resume", "--epochs", 6,
+                     "--no-progress", "--no-tracking", "--device", "cpu", *_tiny_args(),
+                     "--set", "datalists#val_count=1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "split.json").read_text())["val"] == ["2"]
 
 
 def test_resume_keeps_the_runs_length_split_and_needs_epochs_left(trained, tmp_path, caplog):

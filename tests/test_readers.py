@@ -494,8 +494,9 @@ def test_16_bit_png_with_alpha_drops_it_and_a_broken_one_is_named(tmp_path):
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "la16.png")[0]), [[[40000, 2]]])
     good = _png(2, 1, 16, 2, b"\0" + np.arange(6, dtype=">u2").tobytes())
     (tmp_path / "cut16.png").write_bytes(good[:-30])
-    with pytest.raises(DataError, match=r"cut16\.png: cannot read the 16-bit PNG"):
+    with pytest.raises(DataError, match=r"cut16\.png: cannot read the 16-bit PNG") as refused:
         read_image(tmp_path / "cut16.png")
+    assert str(refused.value).count("cut16.png") == 1, refused.value  # named once, in front
 
 
 def test_a_stack_read_slice_by_slice_is_opened_once_and_rewritten_files_are_read_afresh(tmp_path, monkeypatch):

@@ -305,6 +305,10 @@ def test_folders_numbered_alike_are_told_apart_by_the_validation_folders_name(tm
     # a folder holding the training images (numbered alike) does not stand in for them: never scored as validation
     with pytest.raises(DataError, match=r"none of the 2 val images it names are in the data given"):
         recorded_samples(folder_split(data, **LAYOUT), tmp_path / "run" / "split.json")
+    # a validation image edited since is still that image (said as changed where evaluate compares digests)
+    shutil.copyfile(val / "set_a" / "001.png", val / "set_a" / "002.png")
+    assert [d["name"] for d in recorded_samples(folder_split(val, **LAYOUT), tmp_path / "run" / "split.json")] == \
+        record["val"]
 
 
 def test_evaluate_scores_a_validation_folder_numbered_as_the_data_both_ways(tmp_path):
