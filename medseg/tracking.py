@@ -497,6 +497,17 @@ def _store_elsewhere(config: dict) -> str | None:
     return uri
 
 
+def say_store_left(config: dict) -> None:
+    """For ``--overwrite`` without ``--tracking-uri``: a warning when the training replaced (its ``config``) was
+    tracked in a store other than its folder's own, where this one does not log (a new training takes the default
+    store) and where the replaced run, if unfinished, is not marked replaced."""
+    uri = _store_elsewhere(config)
+    if uri is not None:
+        logging.getLogger(__name__).warning(
+            "--overwrite: the training replaced was tracked in %s; this one logs to the folder's own store (give "
+            "--tracking-uri %s to log where it did)", uri, uri)
+
+
 def recorded_tracking_uri(config: dict) -> str | None:
     """The MLflow store a run to be resumed logged to, when it was not its folder's own (a server, a shared
     database): the resumed training continues its run there. ``None``: the folder's own store (also for a

@@ -562,6 +562,8 @@ def train(
         runfolder.recover_set_aside(out)
         runfolder.check_run_folder(out, resume, overwrite)
         # --overwrite, --resume: the split and config the checks below write replace the run's only if they pass
+        if overwrite and tracking and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow_tracking.say_store_left(runfolder.recorded_run(out).get("config", {}))
         aside = runfolder.set_aside(out, runfolder.SET_ASIDE) if overwrite or resume else []
         tracked: dict | None = None
         kept_split: dict | None = None  # a resumed run's own split, where the data would be split otherwise now

@@ -1997,6 +1997,24 @@ def test_resume_logs_to_the_store_the_run_was_tracked_in(trained, tmp_path, monk
     assert run.data.params["network_def.channels"] == "[4, 8, 16]" and run.data.params["patch_size"]
 
 
+def test_overwrite_of_a_run_tracked_elsewhere_says_where_it_was_tracked(trained, tmp_path, caplog):
+    # redone without --tracking-uri, the new training logged to the folder's own store without a word, and the
+    # replaced run in the shared store was never marked replaced
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    out = tmp_path / "run"
+    args = ("--data", trained["data"], "--output", out, "--no-progress", "--device", "cpu", "--epochs", 1,
+            *_tiny_args())
+    assert _invoke("train", BUNDLE, "--tracking-uri", uri, *args).exit_code == 0
+    assert _invoke("train", BUNDLE, "--overwrite", "--tracking-uri", uri, *args).exit_code == 0  # given: unsaid
+    assert "the training replaced was tracked in" not in caplog.text
+    assert _invoke("train", BUNDLE, "--overwrite", *args).exit_code == 0
+    assert f"--overwrite: the training replaced was tracked in {uri}; this one logs to the folder's own store " \
+           f"(give --tracking-uri {uri} to log where it did)" in caplog.text
+    caplog.clear()  # replacing a run of the folder's own store: nothing to say
+    assert _invoke("train", BUNDLE, "--overwrite", *args).exit_code == 0
+    assert "the training replaced was tracked in" not in caplog.text
+
+
 def test_resume_keeps_the_best_model_and_patience(trained, tmp_path):
     # the run before the interruption recorded V_rand 1.0 at epoch 2: no later validation can beat it, so the
     # resumed run must leave model.pt alone, report that best, and stop once patience (2) runs out at epoch 4
