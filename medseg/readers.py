@@ -392,11 +392,16 @@ def displayed(im):
     sideways with a tag that says so); masks are written in that orientation, without the tag. The pixels
     are turned directly (``ImageOps.exif_transpose`` also rewrites the EXIF block, and fails on one that is
     slightly damaged though its orientation reads)."""
+    return _turned(im, _exif_orientation(im))
+
+
+def _turned(im, orientation: int):
+    """Pillow image ``im`` turned as the EXIF ``orientation`` (1-8) says it is shown."""
     from PIL import Image
 
     method = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}.get(_exif_orientation(im))
+              8: Image.Transpose.ROTATE_90}.get(orientation)
     return im if method is None else im.transpose(method)
 
 
@@ -437,14 +442,11 @@ def _png16_samples(path: str, samples: int) -> np.ndarray:
         if copy is not None:
             Path(copy).unlink(missing_ok=True)
     arr = _channels_first_2d(arr.astype(np.uint16), path)
-    if turn in (5, 6, 7, 8):  # EXIF 5-8 swap the axes: transpose first, then as 1-4
-        arr = arr.swapaxes(1, 2)
-        turn = {5: 1, 6: 2, 7: 3, 8: 4}[turn]
-    if turn in (2, 3):
-        arr = arr[:, :, ::-1]
-    if turn in (3, 4):
-        arr = arr[:, ::-1, :]
-    return np.ascontiguousarray(arr)
+    if turn == 1:
+        return arr
+    from PIL import Image
+
+    return np.stack([np.asarray(_turned(Image.fromarray(np.ascontiguousarray(c)), turn)) for c in arr])
 
 
 def _without_chunk(png: bytes, kind: bytes) -> bytes | None:

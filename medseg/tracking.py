@@ -75,13 +75,12 @@ def _store_unwell(err: BaseException) -> bool:
     rather than answering that it holds no such run."""
     from mlflow.exceptions import MlflowException
 
-    for cause in causes(err):
-        if isinstance(cause, MlflowException):
-            return cause.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
-        if isinstance(cause, OSError) or type(cause).__module__.split(".")[0] in ("requests", "urllib3",
-                                                                                 "sqlalchemy", "sqlite3"):
-            return True
-    return False
+    from medseg.handlers import store_failure
+
+    answer = next((c for c in causes(err) if isinstance(c, MlflowException)), None)
+    if answer is not None:  # the store's own answer: only these say it is not well
+        return answer.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    return store_failure(err)  # unreachable, a network or database error
 
 
 def _is_this_folders(run: Any, output_dir: Path, own_store: bool) -> bool:

@@ -749,6 +749,11 @@ def _split_drawing(datalists: Any, values: Any) -> str:
     return text
 
 
+def _datalists_reads(parser: Any, key: str) -> bool:
+    """Whether the config's split drawing (``datalists``) refers to the id ``key``."""
+    return bool(re.search(rf"@{key}\b", json.dumps(parser.get("datalists", {}), default=str)))
+
+
 def _check_val_dir_id(bundle: str) -> None:
     """Raise :class:`BundleError` when the training config of ``bundle`` has no ``val_dir`` id (a bundle written
     before it existed), for which ``--val-data`` would mean nothing."""
@@ -780,7 +785,7 @@ def _absolute_val_dir(parser: Any, resumed: bool = False, bundle: str = "") -> N
                 "to resume" if resumed else "pass --val-data (val_dir) a folder of labelled images laid out as " \
                 "--data, or leave it out to hold out part of --data"
             raise DataError(f"{given}: {kind}; {fix}")
-        if not re.search(r"@val_dir\b", json.dumps(parser.get("datalists", {}), default=str)):
+        if not _datalists_reads(parser, "val_dir"):
             raise BundleError(f"{Path(bundle) / 'configs' / 'train.json'}: its datalists does not read @val_dir, so "
                               "a validation folder would not validate; pass \"val_dir\": \"@val_dir\" to its "
                               "datalists, or leave --val-data (val_dir) out")
@@ -955,7 +960,7 @@ def evaluate(
     if split == "val":
         val_dir = _validation_folder(checkpoints, str(data_dir))
         if val_dir is not None:  # the run validated on a folder of its own: that folder's images are scored
-            if "val_dir" in parser and re.search(r"@val_dir\b", json.dumps(parser.get("datalists", {}), default=str)):
+            if "val_dir" in parser and _datalists_reads(parser, "val_dir"):
                 parser["val_dir"] = val_dir  # the training's own split again, with or without its record
             else:  # a bundle without the id: the folder itself, its images picked by the record's names
                 parser["dataset_dir"] = val_dir

@@ -338,3 +338,18 @@ def test_a_moved_validation_folder_resumes_under_the_names_it_had(tmp_path):
     result = _invoke(*base, "--val-data", tmp_path / "moved", "--resume", "--epochs", 2)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "split.json").read_text())["val"] == ["val/set_a/001", "val/set_a/002"]
+
+
+def test_ensemble_members_validated_on_other_folders_of_the_same_names_are_refused(tmp_path):
+    from medseg.workflows import _recorded_split
+
+    members = []
+    for run, folder in (("r1", "held_a"), ("r2", "held_b")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "model.pt").write_bytes(b"")
+        record = {"train": ["a"], "val": ["b"], "data_dir": str(tmp_path / "data"), "val_dir": str(tmp_path / folder)}
+        (tmp_path / run / "split.json").write_text(json.dumps(record))
+        members.append(str(tmp_path / run / "model.pt"))
+    with pytest.raises(DataError, match=r"r2/split\.json: this member was trained on another train/validation split"):
+        _recorded_split(members)
+    assert _recorded_split(members[:1] * 2)["val_dir"] == str(tmp_path / "held_a")
