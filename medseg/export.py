@@ -35,7 +35,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     ``config.json`` (less where the run was tracked) and ``split.json`` go beside the weights, and
     ``evaluate.json`` scores the validation images that ``split.json`` names. ``metadata.json`` and the docs
     are made true of these weights (channels, scores, settings). The folder appears whole or not at all,
-    readable as the umask allows.
+    readable as the umask allows; what an export to the same folder that was killed had copied is removed.
 
     With ``torchscript``, ``models/model.ts`` holds the network with these weights as TorchScript, for a
     receiver without medseg or MONAI (see :func:`_write_torchscript`).
@@ -51,7 +51,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
             made it, or its weights do not fit the network the export describes.
     """
     from medseg.bundle import bundle_configs, load_checkpoint, load_config
-    from medseg.io import file_sha256, partial_folder
+    from medseg.io import file_sha256, hold_folder, partial_folder, remove_abandoned_folders
     from medseg.locking import holder_of
     from medseg.runfolder import recipe_changes, run_file, training_settings
 
@@ -85,9 +85,13 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         logging.getLogger(__name__).warning(
             "%s: %s is still writing into its run; exporting the weights it holds now (the best so far), which "
             "a later validation may replace there", checkpoint, writer)
-    part = None
+    for left in remove_abandoned_folders(out):
+        logging.getLogger(__name__).warning("%s: removed what an export to %s that was stopped had copied", left,
+                                            out)
+    part, held = None, None
     try:
-        part = partial_folder(out)  # this export's own
+        part = partial_folder(out)  # this export's own, held so that another export to out leaves it alone
+        held = hold_folder(part)
         for name in BUNDLE_PARTS:
             source = bundle / name
             if source.is_dir():
@@ -145,6 +149,9 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
             shutil.rmtree(part, ignore_errors=True)
         _remove_empty(made)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
     return {"output_dir": str(out), "checkpoint": str(checkpoint), "sha256": digest, "settings": settings,
             "torchscript": str(out / "models" / "model.ts") if scripted else None}
 

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,12 +94,62 @@ def partial_file(path: str | os.PathLike) -> Path:
 
 def partial_folder(path: str | os.PathLike) -> Path:
     """Create (empty, with the usual permissions) the temporary folder that will become ``path`` by a rename: in
-    its parent, hidden, named ``.NAME.*.part``."""
+    its parent, hidden, named ``.NAME.*.part``. Hold it (:func:`hold_folder`) while it is filled, so that
+    :func:`remove_abandoned_folders` leaves it alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_PART, dir=path.parent)
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: others could not read what is handed over
     return Path(tmp)
+
+
+def _lock(folder: Path) -> int | None:
+    """A descriptor of ``folder`` holding its ``flock``; ``None`` where another process holds it."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def hold_folder(folder: str | os.PathLike) -> int | None:
+    """Lock ``folder`` (``flock`` on the folder itself) while the returned descriptor is open; close it with
+    ``os.close``. The system drops the lock when the process ends, however it ends, so a folder still locked is
+    one being written. ``None`` where there is no ``flock`` (Windows) or the folder cannot be opened."""
+    try:
+        return _lock(Path(folder))
+    except (ImportError, OSError):
+        return None
+
+
+def remove_abandoned_folders(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders of ``path`` (:func:`partial_folder`) that no process holds: those a killed
+    command left, with what it had copied. Returns them; none where there is no ``flock`` to tell."""
+    path = Path(path)
+    name = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(_PART))
+    removed = []
+    with contextlib.suppress(OSError):
+        for part in path.parent.iterdir():
+            if not name.fullmatch(part.name) or part.is_symlink() or not part.is_dir():
+                continue
+            try:
+                fd = _lock(part)
+            except (ImportError, OSError):
+                continue
+            if fd is None:  # being written by a command still running
+                continue
+            try:
+                shutil.rmtree(part)
+                removed.append(part)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager

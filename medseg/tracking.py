@@ -308,11 +308,16 @@ _WIRING = {"_meta_", "imports", "train", "validate", "datalists", "run", "traini
 _MLFLOW_NAME = re.compile(r"[\w./\- ]+")
 
 
+#: the settings that draw a validation split from the data, which a validation folder (``val_dir``) replaces
+_HOLD_OUT = ("val_fraction", "val_count")
+
+
 def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
     """The settings an MLflow run logs as params: the config's plain top-level values, then (up to ``limit``
     params in all, MLflow's batch size) plain lists such as ``patch_size`` and the plain values one level
     inside settings such as ``network_def`` (``network_def.channels``), so that runs differing only there
-    can be told apart and compared."""
+    can be told apart and compared. With a validation folder (``val_dir``), the share held out of the data
+    (``val_fraction``, ``val_count``) is not logged: it was not used."""
     def scalar(value: Any) -> bool:  # a number, flag or word, not an expression or reference
         return isinstance(value, (int, float, str, bool)) and not worked_out(value)
 
@@ -320,6 +325,9 @@ def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
         return all(map(scalar, value)) if isinstance(value, list) else scalar(value)
 
     params = {k: written(v) for k, v in config.items() if scalar(v)}
+    if params.get("val_dir"):  # a validation folder of its own: nothing is held out, so no share is a setting
+        for key in _HOLD_OUT:
+            params.pop(key, None)
     nested: dict[str, Any] = {}
     for key, value in config.items():
         if key in _WIRING or str(key).startswith("_"):

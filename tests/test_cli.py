@@ -1753,6 +1753,28 @@ def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypa
     assert not target.parent.exists()
 
 
+def test_an_export_removes_what_a_killed_export_to_its_folder_left_and_nothing_else(trained, tmp_path, caplog):
+    from medseg.io import hold_folder, partial_folder
+
+    target = tmp_path / "em"
+    killed = ("import os, sys; from medseg.io import hold_folder, partial_folder; part = partial_folder(sys.argv[1]); "
+              "hold_folder(part); (part / 'model.pt').write_bytes(b'0' * 1000); os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", killed, str(target)]).returncode == -9
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    assert len(left) == 1 and (left[0] / "model.pt").is_file()
+    running = partial_folder(target)  # another export to the same folder, still copying
+    other = partial_folder(tmp_path / "em.v2")  # an export to another folder, killed too
+    held = hold_folder(running)
+    try:
+        result = _invoke("export", BUNDLE, trained["out"] / "model.pt", target)
+    finally:
+        os.close(held)
+    assert result.exit_code == 0, result.output
+    assert f"{left[0]}: removed what an export to {target} that was stopped had copied" in caplog.text
+    assert sorted(p for p in tmp_path.iterdir() if p.name.endswith(".part")) == sorted([running, other])
+    assert (target / "models" / "model.pt").is_file()
+
+
 def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
     from medseg.locking import folder_lock
 
@@ -3323,6 +3345,14 @@ def test_settings_mlflow_cannot_name_are_logged_as_one_param():
                                             "act": "@act"}, "train": {"batch_size": 2}})
     assert params == {"max_epochs": 3, "class_map": '{"#000000": 0, "#808080": 1}',
                       "network_def._target_": "monai.networks.nets.UNet", "network_def.channels": "[4, 8]"}
+
+
+def test_a_run_with_a_validation_folder_logs_no_share_held_out():
+    from medseg.tracking import _plain_params
+
+    config = {"val_dir": None, "val_fraction": 0.2, "val_count": 5, "seed": 0}
+    assert _plain_params(config) == {"val_fraction": 0.2, "val_count": 5, "seed": 0}  # null is not logged
+    assert _plain_params({**config, "val_dir": "/data/held"}) == {"val_dir": "/data/held", "seed": 0}
 
 
 def test_tracking_uri_and_no_tracking_together_are_refused(tmp_path):
