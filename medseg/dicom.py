@@ -803,6 +803,29 @@ def write_seg(
     Raises:
         DataError: highdicom cannot build a SEG for this source (the message names the first source file).
     """
+    from medseg.io import atomic_output
+
+    seg = _build_seg(mask, geometry, segment_label, algorithm, algorithm_version)
+    with atomic_output(path) as tmp:
+        seg.save_as(tmp)
+    return Path(path)
+
+
+def check_seg(geometry: SeriesGeometry, *, segment_label: str = "foreground", algorithm: str = "medseg",
+              algorithm_version: str = "0") -> None:
+    """Build (and drop) an empty SEG for the series of ``geometry``, so that a series no SEG can be built for is
+    refused before its slices are segmented rather than after: what stops a SEG is in the source's attributes.
+
+    Raises:
+        DataError: as :func:`write_seg` would.
+    """
+    _build_seg(np.zeros(geometry.shape, dtype=bool), geometry, segment_label, algorithm, algorithm_version,
+               say=False)
+
+
+def _build_seg(mask: np.ndarray, geometry: SeriesGeometry, segment_label: str, algorithm: str,
+               algorithm_version: str, say: bool = True) -> Any:
+    """The ``highdicom`` SEG of :func:`write_seg`; ``say``: warn about source values it leaves empty."""
     import warnings
 
     import highdicom as hd
@@ -810,7 +833,6 @@ def write_seg(
     from pydicom.uid import generate_uid
 
     from medseg import __version__
-    from medseg.io import atomic_output
 
     mask = np.asarray(mask) > 0
     if mask.shape != geometry.shape:
@@ -866,7 +888,7 @@ def write_seg(
             if str(getattr(ds, keyword, "")) != str(getattr(sources[0], keyword, "")):
                 raise DataError(f"{geometry.files[k]}: its {keyword} differs from {geometry.files[0]}'s, so the "
                                 "series' slices are not one study and space, which a SEG needs; use --format nifti")
-    if emptied:
+    if emptied and say:
         many = len(emptied) > 1
         logging.getLogger(__name__).warning(
             "%s: %s %s not a valid DICOM value; the SEG leaves %s empty", geometry.files[0],
@@ -907,6 +929,4 @@ def write_seg(
                         "use --format nifti") from err
     if spatial:
         _reference_source_frames(seg, sources[0], spatial["plane_positions"])
-    with atomic_output(path) as tmp:
-        seg.save_as(tmp)
-    return Path(path)
+    return seg

@@ -155,6 +155,12 @@ class _VolumeSink:
         self.table: list[dict] | None = [] if "table" in paths else None
         self.stacks: dict[str, _StackWriter] = {}
         self.volumes: dict[str, np.ndarray] = {}
+        self.series: Any = None
+        if fmt == "dicom-seg":  # a series no SEG can be built for is refused now, not after its last slice
+            from medseg import dicom
+
+            self.series = dicom.series_geometry(dicom.find_series(item["image"], item.get("series_uid") or None))
+            dicom.check_seg(self.series, **options)
         if fmt == "tiff":
             meta = _geometry(item)
             geometry = {"spacing": tuple(meta["spacing"]), "unit": _tiff_unit(meta), "lead": meta.get("lead_sizes"),
@@ -209,10 +215,7 @@ class _VolumeSink:
         if self.fmt == "dicom-seg":
             from medseg import dicom
 
-            series = dicom.find_series(self.item["image"], self.item.get("series_uid") or None)
-            dicom.write_seg(self.paths["mask"], mask, dicom.series_geometry(series),
-                            segment_label=self.options["segment_label"], algorithm=self.options["algorithm"],
-                            algorithm_version=self.options["algorithm_version"])
+            dicom.write_seg(self.paths["mask"], mask, self.series, **self.options)
         else:  # nifti
             write_nifti(self.paths["mask"], *_nifti_layout(mask, meta), **_nifti_header(meta))
         if "prob" in self.paths:

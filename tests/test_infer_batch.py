@@ -1718,3 +1718,35 @@ def test_an_input_a_run_was_killed_in_is_segmented_after_the_others(tmp_path, ti
     assert _infer(root, out, tiny_checkpoint, "--overwrite").exit_code == 0
     assert [(n, m) for n, _, m in order()] == [("a.png", ""), ("b.png", ""), ("c.png", ""), ("d.png", "")]
     assert "killed" not in json.loads((out / "run.json").read_text())
+
+
+def test_a_series_no_seg_can_be_built_for_is_refused_at_its_first_slice(tmp_path, tiny_checkpoint, monkeypatch):
+    import pydicom
+
+    import medseg.writers
+
+    root = tmp_path / "in"
+    write_dicom_series(root / "good", n=3, size=24)
+    write_dicom_series(root / "nostudy", n=3, size=24, series_uid="1.2.826.0.1.3680043.8.498.11")
+    for path in (root / "nostudy").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = ""
+        ds.save_as(path)
+    made = []
+    real = medseg.writers.SaveSegmentationd.mask_of
+
+    def counted(self, pred, fmt):
+        made.append(fmt)
+        return real(self, pred, fmt)
+
+    monkeypatch.setattr(medseg.writers.SaveSegmentationd, "mask_of", counted)
+    out = tmp_path / "out"
+    result = _infer(root, out, tiny_checkpoint, "--format", "dicom-seg")
+    assert result.exit_code == 1, result.output
+    rows = _manifest(out)
+    assert rows["good"]["status"] == "ok" and (out / "mask" / "good.seg.dcm").is_file()
+    assert rows["nostudy"]["status"] == "failed"
+    assert "nostudy" in rows["nostudy"]["message"] and "no StudyInstanceUID, which a SEG must share with its " \
+        "source; use --format nifti" in rows["nostudy"]["message"]
+    assert made == ["dicom-seg"] * 4  # the good series' three slices and the first of the other: no more
+    assert not (out / "mask" / "nostudy.seg.dcm").exists() and not (out / "prob" / "nostudy.nii.gz").exists()
