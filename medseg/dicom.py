@@ -209,6 +209,9 @@ class SeriesGeometry:
     spacing: tuple[float, float, float]  # (slice step, row spacing, column spacing) in mm
     shape: tuple[int, int, int]  # (Z, Y, X)
     series_uid: str
+    #: for slices stacked at a tilt (``affine`` sheared): the same stack straight, as ITK reads it (origin and
+    #: axes of the first slice, ``spacing[0]`` apart along its normal); ``None`` for a straight stack
+    straight: np.ndarray | None = field(default=None, compare=False)
 
 
 def _values(value: Any) -> list:
@@ -272,6 +275,21 @@ def _geometry(ds, path: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if orientation is None:
         return _checked(np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), ps, path)
     return _checked(orientation[:3], orientation[3:], ps, path)
+
+
+def _say_unsized(ds, path: str) -> None:
+    """Warn, once per folder, when ``ds`` states no pixel size (PixelSpacing, ImagerPixelSpacing, or an
+    enhanced image's pixel measures) and 1 mm is taken, as ITK takes it: sizes in mm are then not known."""
+    groups = [_functional(ds, f"{kind}FunctionalGroupsSequence", 0) for kind in ("Shared", "PerFrame")]
+    measures = [getattr(g, "PixelMeasuresSequence", None) for g in groups if g is not None]
+    if any(str(getattr(item, keyword, "") or "").strip() for item in (ds, *(m[0] for m in measures if m))
+           for keyword in ("PixelSpacing", "ImagerPixelSpacing")):
+        return
+    said = (str(Path(path).parent), "no pixel size")
+    if said not in _SAID:
+        _SAID.add(said)
+        logging.getLogger(__name__).warning("%s: no PixelSpacing, so pixels are taken as 1 mm and sizes in mm are "
+                                            "not the image's (a secondary capture?)", path)
 
 
 def _affine(origin: np.ndarray, step: np.ndarray, row: np.ndarray, col: np.ndarray, ps: np.ndarray) -> np.ndarray:
@@ -414,6 +432,7 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
     headers = [(path, _read(path)) for path in series.files]
     path0, ds0 = headers[0]
     row0, col0, ps0 = _geometry(ds0, path0)
+    _say_unsized(ds0, path0)
     normal = np.cross(row0, col0)
     positioned = []
     for path, ds in headers:
@@ -441,18 +460,54 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
             raise DataError(f"{path}: the same SOPInstanceUID as {copies[sop]}, so a copy of that file; remove one "
                             "of them from the series' folder")
     positioned.sort(key=lambda t: t[0])
-    _check_steps(np.array([p[0] for p in positioned]), [p[2] for p in positioned], series.folder,
-                 spacing_tolerance)
-    step = (positioned[-1][1] - positioned[0][1]) / (len(positioned) - 1)
+    names = [p[2] for p in positioned]
+    _check_steps(np.array([p[0] for p in positioned]), names, series.folder, spacing_tolerance)
+    step, straight = _stack_step(np.array([p[1] for p in positioned]), names, row0, col0, ps0, spacing_tolerance)
     return SeriesGeometry(
-        files=tuple(p[2] for p in positioned),
+        files=tuple(names),
         frames=(0,) * len(positioned),
         sop_uids=tuple(p[3] for p in positioned),
         affine=_affine(positioned[0][1], step, row0, col0, ps0),
         spacing=(float(np.linalg.norm(step)), float(ps0[0]), float(ps0[1])),
         shape=(len(positioned), int(ds0.Rows), int(ds0.Columns)),
         series_uid=series.uid,
+        straight=straight,
     )
+
+
+def _stack_step(positions: np.ndarray, names: list[str], row: np.ndarray, col: np.ndarray, ps: np.ndarray,
+                tolerance: float = 0.01) -> tuple[np.ndarray, np.ndarray | None]:
+    """The step from slice to slice of ``positions`` (ImagePositionPatient, sorted and evenly spaced along the
+    normal: :func:`_check_steps`), and for a stack at a tilt (gantry tilt: each slice shifted in its plane)
+    the affine of the same stack straight (:attr:`SeriesGeometry.straight`), with a warning, else ``None``.
+
+    Raises:
+        DataError: a slice lies off the line through the first and last ones (by over ``tolerance`` of the
+            step, or a tenth of a pixel if more), so the slices do not stack into one volume.
+    """
+    count = len(positions)
+    step = (positions[-1] - positions[0]) / (count - 1)
+    off = np.linalg.norm(positions - (positions[0] + np.arange(count)[:, None] * step), axis=1)
+    limit = max(tolerance * float(np.linalg.norm(step)), 0.1 * float(np.min(ps)))
+    if off.max() > limit:
+        k = int(np.argmax(off))
+        raise DataError(f"{names[k]}: its ImagePositionPatient lies {off[k]:.3g} mm off the line through the "
+                        f"positions of {names[0]} and {names[-1]}, so the series' slices do not stack into one "
+                        "volume (a slice of another acquisition?); move it out of the series' folder, or give the "
+                        "files one by one")
+    normal = np.cross(row, col)
+    across = step - float(step @ normal) * normal  # the shift within the plane from one slice to the next
+    if float(np.linalg.norm(across)) * (count - 1) <= 0.5 * float(np.min(ps)):  # under half a pixel in all
+        return step, None
+    length = float(np.linalg.norm(step))
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(float(step @ normal)) / length))))
+    logging.getLogger(__name__).warning(
+        "%s: the series' slices are stacked at a tilt of %.1f° (gantry tilt); a NIfTI output's sform places "
+        "each slice where it was acquired, while its qform, which ITK-based viewers (3D Slicer, ITK-SNAP) read, "
+        "and a TIFF stack them straight, %.4g mm apart, as ITK reads the series itself (voxel sizes then give "
+        "volumes %.1f%% large); a DICOM SEG (--format dicom-seg) overlays the series exactly", names[0], tilt,
+        length, 100 * (length / abs(float(step @ normal)) - 1))
+    return step, _affine(positions[0], normal * (length if float(step @ normal) > 0 else -length), row, col, ps)
 
 
 def _check_steps(distances: np.ndarray, names: list[str], where: str, tolerance: float = 0.01) -> None:
@@ -485,22 +540,25 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
     row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps, path)
     row, col, ps = _per_frame_geometry(ds, path, row, col, ps)
     row, col, ps = _checked(row, col, ps, path)
+    _say_unsized(ds, path)
     normal = np.cross(row, col)
     positions = _frame_positions(ds, frames, path)
     if positions is not None:
         order = np.argsort(positions @ normal, kind="stable")
         positions = positions[order]
+        step = None
         if frames > 1:
-            _check_steps(positions @ normal, [f"{path} frame {int(i) + 1}" for i in order], path)
+            names = [f"{path} frame {int(i) + 1}" for i in order]
+            _check_steps(positions @ normal, names, path)
+            step, straight = _stack_step(positions, names, row, col, ps)
         origin = positions[0]
-        step = (positions[-1] - positions[0]) / (frames - 1) if frames > 1 else None
     else:
         order = np.arange(frames)
         origin = _numbers(ds, "ImagePositionPatient", 3, path)
         origin = np.zeros(3) if origin is None else origin
         step = None
     if step is None:
-        step = normal * _slice_step(ds)
+        step, straight = normal * _slice_step(ds), None
     return SeriesGeometry(
         files=(path,) * frames,
         frames=tuple(int(i) for i in order),
@@ -509,6 +567,7 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
         spacing=(float(np.linalg.norm(step)), float(ps[0]), float(ps[1])),
         shape=(frames, int(ds.Rows), int(ds.Columns)),
         series_uid=uid or str(getattr(ds, "SeriesInstanceUID", "")),
+        straight=straight,
     )
 
 

@@ -251,6 +251,16 @@ def _meta(fmt: str, source: str, spatial: tuple[int, ...], affine: np.ndarray, s
     }
 
 
+def _series_extra(geometry: Any) -> dict[str, Any]:
+    """The metadata a DICOM series adds: its UID, its files and SOP instances per slice, and for slices stacked
+    at a tilt the affine of the stack straight (``straight_affine``, RAS for (z, y, x), as ``affine``)."""
+    extra: dict[str, Any] = {"series_uid": geometry.series_uid, "files": list(geometry.files),
+                             "sop_uids": list(geometry.sop_uids)}
+    if geometry.straight is not None:
+        extra["straight_affine"] = np.asarray(geometry.straight, dtype=np.float64)
+    return extra
+
+
 def _scaled_affine(spacing: Sequence[float]) -> np.ndarray:
     """Affine of a raster without world position: spacing along the (z,) y, x index axes."""
     affine = np.eye(4)
@@ -876,6 +886,17 @@ class TiffReader(_MedsegReader):
         return _resolve_photometric(plane, tif.pages[0], path)
 
 
+#: NIfTI intent codes of values per voxel on the fifth axis: vector (as ITK writes a vector or colour image),
+#: RGB and RGBA vectors
+_VECTOR_INTENTS = (1007, 2003, 2004)
+
+
+def _values_per_voxel(img: Any) -> bool:
+    """Whether a NIfTI holds several values per voxel (colours, vector components) on its fifth axis, as the
+    standard puts them: ``(X, Y, Z, 1, C)`` with a vector intent."""
+    return len(img.shape) == 5 and img.shape[3] == 1 and int(img.header.get("intent_code", 0)) in _VECTOR_INTENTS
+
+
 class NiftiReader(_MedsegReader):
     """NIfTI-1/2 via nibabel, keeping the affine; 2D and 3D, 4D only with a configured channel axis.
 
@@ -909,13 +930,22 @@ class NiftiReader(_MedsegReader):
             raise DataError(f"{path}: nifti_channel_dim={self.channel_dim} is not supported; channels must be the "
                             "fourth voxel axis (3)")
         shape = img.shape
+        if _values_per_voxel(img):  # ITK's vector and colour images: (X, Y, Z, 1, C), the values of a voxel last
+            shape = (*shape[:3], min(shape[4], 3) if int(img.header["intent_code"]) == 2004 else shape[4])
+            if 0 in shape:
+                raise DataError(f"{path}: NIfTI of shape {tuple(img.shape)} holds no voxels; the file was written "
+                                "empty, write it again from its source")
+            return img, shape
         while len(shape) > 3 and shape[-1] == 1 and (self.channel_dim is None or self.channel_dim < len(shape) - 1):
             shape = shape[:-1]
         if len(shape) == 4 and self.channel_dim is None:
             raise DataError(f"{path}: 4D NIfTI {tuple(img.shape)} (time or channels); split it into 3D volumes, "
                             "or set nifti_channel_dim=3 for a network that takes that many channels")
         if len(shape) > 4 or len(shape) < 2:
-            raise DataError(f"{path}: NIfTI with {len(shape)} dimensions {tuple(img.shape)}; expected 2D or 3D")
+            raise DataError(f"{path}: NIfTI with {len(shape)} dimensions {tuple(img.shape)}; expected 2D or 3D"
+                            + (" (several values per voxel on the fifth axis, but not marked as vectors: its "
+                               "intent code is not 1007, vector, nor 2003/2004, RGB/RGBA); save it with that intent, "
+                               "or as RGB24" if len(img.shape) == 5 and img.shape[3] == 1 else ""))
         if 0 in shape:
             raise DataError(f"{path}: NIfTI of shape {tuple(img.shape)} holds no voxels; the file was written "
                             "empty, write it again from its source")
@@ -940,6 +970,10 @@ class NiftiReader(_MedsegReader):
         elif len(shape) == 3:
             data = (np.asarray(proxy[:, :, index]).reshape(shape[:2] + (1,)) if index is not None
                     else np.asarray(proxy).reshape(shape))[..., None]
+        elif len(img.shape) == 5:  # values per voxel (_values_per_voxel): the fifth axis, after one of 1
+            data = np.asarray(proxy[:, :, :, 0] if index is None else proxy[:, :, index : index + 1, 0])
+            if int(img.header["intent_code"]) == 2004:  # RGBA: alpha dropped, as for RGBA32, PNG and TIFF
+                data = data[..., :3]
         else:
             cdim = self.channel_dim
             data = np.moveaxis(np.asarray(proxy), cdim, 3)
@@ -963,7 +997,7 @@ class NiftiReader(_MedsegReader):
         if self.channel_dim is None:
             return False
         img, _ = self._load(path)
-        return not img.get_data_dtype().names
+        return not img.get_data_dtype().names and not _values_per_voxel(img)
 
     def read_meta(self, path: str) -> dict:
         img, shape = self._load(path)
@@ -1030,15 +1064,14 @@ class DicomReader(_MedsegReader):
 
         arr, geometry = read_series(self._series(path))
         return arr, _meta("dicom", path, arr.shape[1:], geometry.affine, geometry.spacing, "mm",
-                          series_uid=geometry.series_uid, files=list(geometry.files),
-                          sop_uids=list(geometry.sop_uids))
+                          **_series_extra(geometry))
 
     def read_meta(self, path: str) -> dict:
         from medseg.dicom import series_geometry
 
         geometry = series_geometry(self._series(path))
         return _meta("dicom", path, geometry.shape, geometry.affine, geometry.spacing, "mm",
-                     series_uid=geometry.series_uid, files=list(geometry.files), sop_uids=list(geometry.sop_uids))
+                     **_series_extra(geometry))
 
     def count_slices(self, path: str) -> int:
         from medseg.dicom import series_geometry

@@ -272,6 +272,8 @@ def _nifti_header(meta: dict) -> dict[str, Any]:
         header["codes"] = tuple(int(c) for c in np.asarray(meta["nifti_codes"]).ravel()[:2])
     if "nifti_qform" in meta:  # the input's own qform, which may differ from its sform
         header["qform"] = np.asarray(meta["nifti_qform"], dtype=np.float64).reshape(4, 4)
+    elif "straight_affine" in meta:  # a tilted DICOM stack: a qform holds no shear, so the stack straight
+        header["qform"] = np.asarray(meta["straight_affine"], dtype=np.float64).reshape(4, 4)[:, [2, 1, 0, 3]]
     return header
 
 

@@ -377,6 +377,17 @@ def test_malformed_geometry_is_named_by_file_and_tag(tmp_path, caplog):
     assert geometry.spacing[1:] == (1.0, 1.0)
     said = [r for r in caplog.records if "is not a spacing; 1 mm is used" in r.getMessage()]
     assert len(said) == 1
+    assert not [r for r in caplog.records if "no PixelSpacing" in r.getMessage()]  # said once, as not a spacing
+    # none at all: 1 mm, as ITK takes it, but said (it was taken without a word)
+    folder = write_dicom_series(tmp_path / "none", n=3)
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        del ds.PixelSpacing
+        ds.save_as(path)
+    assert dicom.series_geometry(dicom.find_series(folder)).spacing[1:] == (1.0, 1.0)
+    said = [r.getMessage() for r in caplog.records if "no PixelSpacing" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("no PixelSpacing, so pixels are taken as 1 mm and sizes in mm are not "
+                                               "the image's (a secondary capture?)")
 
 
 def test_pixels_that_do_not_decode_get_advice_for_their_transfer_syntax(tmp_path):
@@ -841,3 +852,42 @@ def test_a_seg_is_written_for_a_series_whose_orientations_differ_by_rounding(tmp
     np.testing.assert_allclose([float(v) for v in orientation], [1, 0, 0, 0, 1, 0])
     assert hd.seg.segread(tmp_path / "seg.dcm").SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
     assert pydicom.dcmread(files[1]).ImageOrientationPatient[4] == 0.99999999  # the source is left as it was
+
+
+def _tilted_series(folder: Path, shift: float, n: int = 5, moved: dict[int, float] | None = None) -> Path:
+    """``n`` axial slices 2 mm apart, each shifted ``shift`` mm along y from the one before (a gantry tilt);
+    ``moved``: slice -> extra shift along x."""
+    for k in range(n):
+        x = (moved or {}).get(k, 0.0)
+        write_dicom_slice(folder / f"IM{k:03d}.dcm", np.full((8, 8), 100 * k, np.int16), series_uid="1.2.3.77",
+                          position=(x, shift * k, 10.0 + 2.0 * k), instance=k + 1)
+    return folder
+
+
+def test_a_tilted_stack_keeps_each_slice_where_it_was_acquired_and_is_said(tmp_path, caplog):
+    tan = np.tan(np.radians(20))
+    geometry = dicom.series_geometry(dicom.find_series(_tilted_series(tmp_path / "t", 2.0 * tan)))
+    step = geometry.spacing[0]
+    assert step == pytest.approx(2.0 / np.cos(np.radians(20)), abs=1e-4)
+    for k in range(5):  # pixel (0, 0) of each slice at its ImagePositionPatient (LPS -> RAS)
+        np.testing.assert_allclose((geometry.affine @ [k, 0, 0, 1])[:3], [0, -2.0 * tan * k, 10.0 + 2.0 * k],
+                                   atol=1e-4)
+        # the same stack straight, as ITK reads the series: the origin and axes of the first slice, the distance
+        # between positions as the slice step
+        np.testing.assert_allclose((geometry.straight @ [k, 0, 0, 1])[:3], [0, 0, 10.0 + step * k], atol=1e-4)
+    np.testing.assert_allclose(geometry.straight[:3, 1:3], geometry.affine[:3, 1:3])  # the same pixel axes
+    said = [r.getMessage() for r in caplog.records if "gantry tilt" in r.getMessage()]
+    assert len(said) == 1 and "stacked at a tilt of 20.0°" in said[0] and "volumes 6.4% large" in said[0]
+    caplog.clear()
+    # positions written to a few decimals (a rounding of 0.01 mm) are a straight stack, said nothing of
+    straight = dicom.series_geometry(dicom.find_series(_tilted_series(tmp_path / "s", 0.002, moved={2: 0.01})))
+    assert straight.straight is None and not caplog.records
+
+
+def test_a_slice_off_the_line_of_the_others_is_named(tmp_path):
+    # it was put on the line between the first and last slices without a word: 5 mm from where it was acquired
+    folder = _tilted_series(tmp_path / "j", 0.0, moved={2: 5.0})
+    with pytest.raises(DataError, match=r"IM002\.dcm: its ImagePositionPatient lies 5 mm off the line through the "
+                                        r"positions of .*IM000\.dcm and .*IM004\.dcm, so the series' slices do not "
+                                        r"stack into one volume"):
+        dicom.series_geometry(dicom.find_series(folder))

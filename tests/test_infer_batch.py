@@ -1750,3 +1750,21 @@ def test_a_series_no_seg_can_be_built_for_is_refused_at_its_first_slice(tmp_path
         "source; use --format nifti" in rows["nostudy"]["message"]
     assert made == ["dicom-seg"] * 4  # the good series' three slices and the first of the other: no more
     assert not (out / "mask" / "nostudy.seg.dcm").exists() and not (out / "prob" / "nostudy.nii.gz").exists()
+
+
+def test_a_tilted_series_gives_a_nifti_whose_sform_is_exact_and_qform_straight(tmp_path, tiny_checkpoint):
+    tan = np.tan(np.radians(15))
+    for k in range(4):
+        write_dicom_slice(tmp_path / "in" / "tilt" / f"IM{k}.dcm", np.full((24, 24), 100 * k, np.int16),
+                          series_uid="1.2.3.78", position=(0.0, 2.0 * tan * k, 2.0 * k), instance=k + 1)
+    out = tmp_path / "out"
+    result = _infer(tmp_path / "in", out, tiny_checkpoint, "--format", "nifti")
+    assert result.exit_code == 0, result.output
+    assert "stacked at a tilt of 15.0°" in _manifest(out)["tilt"]["message"]
+    for kind in ("mask", "prob"):
+        image = nib.load(out / kind / "tilt.nii.gz")
+        assert (int(image.header["sform_code"]), int(image.header["qform_code"])) == (1, 1)
+        step = 2.0 / np.cos(np.radians(15))
+        for k in range(4):  # voxel (0, 0, k): each slice's own position in the sform, the stack straight in the qform
+            np.testing.assert_allclose(image.affine @ [0, 0, k, 1], [0, -2.0 * tan * k, 2.0 * k, 1], atol=1e-4)
+            np.testing.assert_allclose(image.get_qform() @ [0, 0, k, 1], [0, 0, step * k, 1], atol=1e-4)

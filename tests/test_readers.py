@@ -625,6 +625,31 @@ def test_rgb24_nifti_is_read_as_three_channels(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "rgba.nii.gz")[0], rgb.transpose(3, 2, 1, 0))
 
 
+def test_a_vector_nifti_as_itk_writes_colour_is_read_as_its_channels(tmp_path):
+    # ITK (SimpleITK, ITK-SNAP) writes a colour or vector image as (X, Y, Z, 1, C) with the vector intent; it was
+    # refused as "5 dimensions; expected 2D or 3D"
+    rgb = np.random.default_rng(7).integers(0, 255, (7, 5, 2, 3), dtype=np.uint8)  # (X, Y, Z, RGB)
+    for suffix in (".nii", ".nii.gz"):  # read slice by slice, and whole
+        image = nib.Nifti1Image(rgb[:, :, :, None, :], np.diag([0.5, 0.5, 2.0, 1.0]))
+        image.header.set_intent("vector")
+        nib.save(image, tmp_path / f"v{suffix}")
+        arr, meta = read_image(tmp_path / f"v{suffix}")
+        np.testing.assert_array_equal(arr, rgb.transpose(3, 2, 1, 0))  # (C, Z, Y, X)
+        np.testing.assert_array_equal(read_slice(tmp_path / f"v{suffix}", 1), rgb[:, :, 1].transpose(2, 1, 0))
+        assert list(meta["spacing"]) == [2.0, 0.5, 0.5] and count_slices(tmp_path / f"v{suffix}") == 2
+    # RGBA: the colours, without the alpha
+    rgba = np.concatenate([rgb, np.full((7, 5, 2, 1), 255, np.uint8)], axis=-1)[:, :, :, None, :]
+    image = nib.Nifti1Image(rgba, np.eye(4))
+    image.header.set_intent("rgba vector")
+    nib.save(image, tmp_path / "a.nii.gz")
+    np.testing.assert_array_equal(read_image(tmp_path / "a.nii.gz")[0], rgb.transpose(3, 2, 1, 0))
+    # the same layout without the intent is named for what it holds
+    nib.save(nib.Nifti1Image(rgb[:, :, :, None, :], np.eye(4)), tmp_path / "plain.nii.gz")
+    with pytest.raises(DataError, match=r"plain\.nii\.gz: NIfTI with 5 dimensions .*\(several values per voxel on "
+                                        r"the fifth axis, but not marked as vectors"):
+        read_image(tmp_path / "plain.nii.gz")
+
+
 def _exif(orientation: int) -> Image.Exif:
     exif = Image.Exif()
     exif[0x0112] = orientation
