@@ -1034,7 +1034,10 @@ class NiftiReader(_MedsegReader):
                          "read slice by slice")
             volume = self._volumes.get(path, lambda: self._voxels(img, shape, None), variant=self.channel_dim)
             return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
-        return np.ascontiguousarray(self._voxels(img, shape, index))
+        data = np.ascontiguousarray(self._voxels(img, shape, index))
+        # nibabel reads a slice of an unscaled file into an array over the bytes read, which cannot be written
+        # (PyTorch warns of it when it takes the array)
+        return data if data.flags.writeable else data.copy()
 
 
 class DicomReader(_MedsegReader):

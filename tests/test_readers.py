@@ -625,6 +625,16 @@ def test_rgb24_nifti_is_read_as_three_channels(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "rgba.nii.gz")[0], rgb.transpose(3, 2, 1, 0))
 
 
+def test_a_slice_of_an_unscaled_nifti_is_an_array_of_its_own(tmp_path):
+    # nibabel gave an array over the bytes it read, which PyTorch warned of ("not writable") when it took it
+    volume = np.random.default_rng(8).random((6, 5, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "f.nii")
+    for k in range(3):
+        arr = read_slice(tmp_path / "f.nii", k)
+        assert arr.flags.writeable and arr.flags.c_contiguous
+        np.testing.assert_array_equal(arr[0], volume[:, :, k].T)
+
+
 def test_a_vector_nifti_as_itk_writes_colour_is_read_as_its_channels(tmp_path):
     # ITK (SimpleITK, ITK-SNAP) writes a colour or vector image as (X, Y, Z, 1, C) with the vector intent; it was
     # refused as "5 dimensions; expected 2D or 3D"
