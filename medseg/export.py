@@ -51,7 +51,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
             made it, or its weights do not fit the network the export describes.
     """
     from medseg.bundle import bundle_configs, load_checkpoint, load_config
-    from medseg.io import file_sha256, hold_folder, partial_folder, remove_abandoned_folders
+    from medseg.io import copy_tree, file_sha256, hold_folder, partial_folder, remove_abandoned_folders, remove_tree
     from medseg.locking import holder_of
     from medseg.runfolder import recipe_changes, run_file, training_settings
 
@@ -95,7 +95,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         for name in BUNDLE_PARTS:
             source = bundle / name
             if source.is_dir():
-                shutil.copytree(source, part / name, ignore=shutil.ignore_patterns("__pycache__"))
+                copy_tree(source, part / name)
             elif source.is_file():
                 shutil.copyfile(source, part / name)
         placed: set[str] = set()
@@ -134,7 +134,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
         if part is not None:
-            shutil.rmtree(part, ignore_errors=True)
+            remove_tree(part)
         _remove_empty(made)
         if out.exists():
             raise MedsegError(f"{out}: already exists (made meanwhile); give a new folder for the exported "
@@ -146,7 +146,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
                           "files and the free space") from err
     except BaseException:
         if part is not None:
-            shutil.rmtree(part, ignore_errors=True)
+            remove_tree(part)
         _remove_empty(made)
         raise
     finally:

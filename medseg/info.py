@@ -93,7 +93,7 @@ def collect_info(bundles_dir: str | Path = "bundles") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
     }
     bundles = {}
-    for meta in sorted(Path(bundles_dir).glob("*/configs/metadata.json")):
+    for meta in sorted(Path(bundles_dir).glob("[!.]*/configs/metadata.json")):  # not an export being made
         entry: dict = {"path": str(meta.parent.parent)}
         try:
             data = json.loads(meta.read_text(encoding="utf-8"))

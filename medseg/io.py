@@ -103,6 +103,30 @@ def partial_folder(path: str | os.PathLike) -> Path:
     return Path(tmp)
 
 
+def remove_tree(folder: str | os.PathLike) -> None:
+    """Remove ``folder`` and what it holds, also its read-only sub-folders (copied from a read-only bundle by an
+    earlier version); what cannot go is left."""
+    def writable_again(function: Any, path: str, _: Any) -> None:
+        parent = os.path.dirname(path)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, os.stat(parent).st_mode | 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o700)
+            function(path)
+
+    with contextlib.suppress(OSError):
+        shutil.rmtree(folder, onerror=writable_again)
+
+
+def copy_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the folder ``source`` to ``target`` (made) as files of one's own: the permissions the umask gives,
+    not the source's (a read-only bundle gave read-only copies that could not be edited, nor removed); caches
+    (``__pycache__``) left out."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"), copy_function=shutil.copyfile)
+    for folder, _, _ in os.walk(target):
+        os.chmod(folder, 0o777 & ~_UMASK)  # copytree gives folders the source's modes
+
+
 def _lock(folder: Path) -> int | None:
     """A descriptor of ``folder`` holding its ``flock``; ``None`` where another process holds it."""
     import fcntl
@@ -143,10 +167,9 @@ def remove_abandoned_folders(path: str | os.PathLike) -> list[Path]:
             if fd is None:  # being written by a command still running
                 continue
             try:
-                shutil.rmtree(part)
-                removed.append(part)
-            except OSError:
-                pass
+                remove_tree(part)
+                if not part.exists():
+                    removed.append(part)
             finally:
                 os.close(fd)
     return removed

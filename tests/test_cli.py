@@ -50,12 +50,14 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 def test_info_reports_a_broken_bundle_and_lists_the_others(tmp_path):
     shutil.copytree(BUNDLE, tmp_path / "good")
+    shutil.copytree(BUNDLE / "configs", tmp_path / ".good.abcd1234.part" / "configs")  # an export being made
     (tmp_path / "bad" / "configs").mkdir(parents=True)
     (tmp_path / "bad" / "configs" / "metadata.json").write_text("{not json")
     result = _invoke("info", "--bundles-dir", tmp_path)
     assert result.exit_code == 0, result.output
     bundles = json.loads(result.output[: result.output.rindex("}") + 1])["bundles"]
     assert bundles["good"]["version"] and "bad/configs/metadata.json: unreadable metadata" in bundles["bad"]["error"]
+    assert sorted(bundles) == ["bad", "good"]
     assert "metadata_problem" not in bundles["good"]
     # one that runs but misses fields of MONAI's schema is listed with what to fix
     meta = json.loads((tmp_path / "good" / "configs" / "metadata.json").read_text())
@@ -1773,6 +1775,23 @@ def test_an_export_removes_what_a_killed_export_to_its_folder_left_and_nothing_e
     assert f"{left[0]}: removed what an export to {target} that was stopped had copied" in caplog.text
     assert sorted(p for p in tmp_path.iterdir() if p.name.endswith(".part")) == sorted([running, other])
     assert (target / "models" / "model.pt").is_file()
+
+
+def test_an_export_of_a_read_only_bundle_is_made_of_files_of_ones_own(trained, tmp_path):
+    # the copies kept the source's read-only modes: the export could not write its own configs, and what it left
+    # could not be removed without chmod (as a user: root writes regardless)
+    source = tmp_path / "ro"
+    shutil.copytree(BUNDLE, source, ignore=shutil.ignore_patterns("__pycache__", "models"))
+    for path in sorted(source.rglob("*"), reverse=True) + [source]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        result = _invoke("export", source, trained["out"] / "model.pt", tmp_path / "em")
+    finally:
+        for path in [source, *source.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert result.exit_code == 0, result.output
+    for path in [tmp_path / "em", *(tmp_path / "em").rglob("*")]:
+        assert path.stat().st_mode & 0o200, path  # the owner may change and remove each
 
 
 def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
