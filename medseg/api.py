@@ -92,6 +92,7 @@ class Segmenter:
         from medseg.bundle import config_flag, load_config
         from medseg.ensemble import load_members
         from medseg.errors import ConfigValueError
+        from medseg.export import say_other_weights
         from medseg.runfolder import training_settings
         from medseg.transforms import LoadSliced
         from medseg.workflows import checkpoint_list, device_settings, select_device
@@ -113,7 +114,9 @@ class Segmenter:
         parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
         trained.say(checkpoints)
         with _user_errors():
-            self.network = load_members(parser.get_parsed_content("network_def"), checkpoints)[0].to(self.device).eval()
+            network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
+            say_other_weights(bundle, checkpoints, digests)
+            self.network = network.to(self.device).eval()
             parser.get_parsed_content("initialize")
             self.inferer = parser.get_parsed_content("inferer")
             self.amp = bool(parser.get_parsed_content("amp", default=False)) and self.device.type == "cuda"

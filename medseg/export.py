@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -124,9 +125,15 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         earlier = _earlier_export(bundle, digest)
         best = _best_validation(checkpoint, digest) or earlier.best
         picked = parser.get_parsed_content("input_channels") if "input_channels" in settings else None
+        course = _training_course(checkpoint, digest, writer)
+        if course.get("interrupted"):
+            logging.getLogger(__name__).warning(
+                "%s: its training was stopped before its end (after epoch %s); the export says so", checkpoint,
+                course.get("epochs"))
+        recorded = record.is_file() or bool(earlier.settings) or (bundle / "models" / "config.json").is_file()
         about = _Export(bundle, digest, _merged_settings(earlier.settings, settings), best, split.is_file(),
                         picked if isinstance(picked, list) else None, "input_channels" in earlier.settings,
-                        _bundle_title(bundle), tuple(k for k in settings if k not in placed))
+                        _bundle_title(bundle), tuple(k for k in settings if k not in placed), recorded, course)
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
         scripted = torchscript and _write_torchscript(network, part, out)
@@ -156,6 +163,26 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
             "torchscript": str(out / "models" / "model.ts") if scripted else None}
 
 
+def say_other_weights(bundle: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
+                      digests: Sequence[str]) -> None:
+    """Warn when the weights loaded from an exported bundle's own ``models/model.pt`` (SHA-256 ``digests`` of
+    ``checkpoints``) are not those it was exported with (``metadata.json``'s ``exported_from``), as its docs,
+    scores and ``model.ts`` describe those."""
+    own = Path(bundle, "models", "model.pt").absolute()
+    for path, digest in zip(checkpoints, digests, strict=False):
+        if Path(path).absolute() != own:
+            continue
+        try:
+            meta = json.loads(Path(bundle, "configs", "metadata.json").read_text(encoding="utf-8"))
+            exported = meta["exported_from"]["weights_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no export, or a metadata that says nothing of its weights
+        if exported != digest:
+            logging.getLogger(__name__).warning(
+                "%s: not the weights this bundle was exported with (configs/metadata.json names SHA-256 %s…); its "
+                "docs, scores and models/model.ts describe those", path, str(exported)[:12])
+
+
 class _Export(NamedTuple):
     """What the export's metadata and docs say of it: its source bundle, the weights' digest, the settings the
     training changed from the bundle's (id -> value; from an exported bundle's, those its export had changed
@@ -172,6 +199,8 @@ class _Export(NamedTuple):
     repicked: bool = False
     name: str = ""  # the source bundle's name, as its metadata gives it
     unplaced: tuple[str, ...] = ()  # ids of this training's settings that no config of the bundle holds
+    recorded: bool = True  # whether the training's record (its config.json) told the settings
+    course: dict[str, Any] = {}  # how the training went (:func:`_training_course`)
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -277,6 +306,38 @@ def _best_validation(checkpoint: Path, digest: str) -> tuple[str, float, Any] | 
     return (metric.removeprefix("val_"), value, record.get("best_metric_epoch")) if math.isfinite(value) else None
 
 
+def _training_course(checkpoint: Path, digest: str, writer: str | None) -> dict[str, Any]:
+    """How the training of these weights (SHA-256 ``digest``) went, as its run's ``train_summary.json`` says
+    where it names them: the epochs it ran, and whether it was stopped before its end (Ctrl-C, a signal);
+    ``still_training`` where a command (``writer``) was still writing into its run at the export."""
+    from medseg.runfolder import run_file
+
+    course: dict[str, Any] = {"still_training": True} if writer is not None else {}
+    try:
+        record = json.loads(run_file(checkpoint, "train_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return course
+    if not isinstance(record, dict) or record.get("weights_sha256") != digest:
+        return course
+    if isinstance(record.get("epochs"), int):
+        course["epochs"] = record["epochs"]
+    if record.get("interrupted"):
+        course["interrupted"] = True
+    return course
+
+
+def _course_text(course: dict[str, Any]) -> str:
+    """The docs' words on :func:`_training_course` (empty where nothing is known)."""
+    words = f" It trained {course['epochs']} epoch{'s' * (course['epochs'] != 1)}" if "epochs" in course else ""
+    if course.get("interrupted"):
+        words = ((words + ", and was") if words else " It was") + (
+            " stopped before its end (by Ctrl-C or a signal), so it did not train as long as its settings say")
+    if course.get("still_training"):
+        words = (words + "." if words else "") + (
+            " It was exported while its training was still running: these are its best weights at that moment")
+    return words + "." if words else ""
+
+
 def _settings_text(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k} = {json.dumps(v, ensure_ascii=False, default=str)}" for k, v in settings.items())
 
@@ -299,14 +360,21 @@ def _write_metadata(source: Path, path: Path, parser: Any, about: _Export) -> bo
         for entry in list(entries.values())[:1]:  # the network's one input and output
             if isinstance(entry, dict) and isinstance(count, int):
                 labels = _picked_names(entry, about.picked, about.repicked) if side == "inputs" else names
-                _describe_channels(entry, count, labels if isinstance(labels, list) else None)
+                if side == "inputs" and isinstance(labels, list) and len(labels) == 1 and count == 3:
+                    labels = [labels[0], *[f"{labels[0]} (repeated)"] * 2]  # one channel picked, given as gray
+                _describe_channels(entry, count, labels if isinstance(labels, list) else None,
+                                   "input {}" if side == "inputs" else None)
                 described = True
     meta["eval_metrics"] = {about.best[0]: round(about.best[1], 4)} if about.best else {}
     description = str(meta.get("description", "")).split(_SETTINGS_NOTE)[0]  # an earlier export's note replaced
     meta["description"] = (f"{description}{_SETTINGS_NOTE} {_settings_text(about.settings)}; where the text above "
                            "says otherwise, these hold.") if about.settings else description
     meta["exported_from"] = {"bundle": meta.get("name", about.bundle.name), "version": meta.get("version"),
-                             "weights_sha256": about.sha256, "settings": about.settings,
+                             "weights_sha256": about.sha256,
+                             # null: no training record went with the weights, so their settings are not known
+                             "settings": about.settings if about.recorded else None,
+                             **{k: v for k, v in about.course.items() if k in ("epochs", "interrupted",
+                                                                                "still_training")},
                              **({"best_epoch": about.best[2]} if about.best and about.best[2] is not None else {}),
                              "eval_metrics": "this training's best validation score, on its own validation split"
                                              + (" (models/split.json)" if about.has_split else "")
@@ -325,17 +393,18 @@ def _picked_names(entry: dict, picked: list | None, repicked: bool) -> list | No
     return [own.get(str(i), f"channel {i} of the image") for i in picked]
 
 
-def _describe_channels(entry: dict, count: int, names: list | None) -> None:
+def _describe_channels(entry: dict, count: int, names: list | None, unnamed: str | None = None) -> None:
     """Set ``entry``'s ``num_channels`` to ``count`` and its ``channel_def`` to ``names`` where given, else keep
-    its own where the count is unchanged; a channel past the names is said to be no class."""
+    its own where the count is unchanged; a channel past the names is ``unnamed`` (with its number), or, for an
+    output, said to be no class."""
     if names is None and entry.get("num_channels") == count:
         return
     own = entry.get("channel_def") if isinstance(entry.get("channel_def"), dict) else {}
     labels = [str(n).replace("_", " ") for n in names] if names is not None else \
         [own[str(i)] for i in range(min(count, len(own))) if str(i) in own]
     entry["num_channels"] = count
-    entry["channel_def"] = {str(i): labels[i] if i < len(labels) else f"output {i}, not a class (added by the "
-                            "training's settings)" for i in range(count)}
+    entry["channel_def"] = {str(i): labels[i] if i < len(labels) else unnamed.format(i) if unnamed else
+                            f"output {i}, not a class (added by the training's settings)" for i in range(count)}
 
 
 def _write_torchscript(network: Any, part: Path, out: Path) -> bool:
@@ -376,7 +445,10 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
         ends = (_BELOW_END + _DOCS_RULE, _HEADER_END + _DOCS_RULE, _HEADER_END)  # the header's own last words
         end = next((e for e in ends if e in body), None)
         body = body.split(end, 1)[1].lstrip("\n") if end else ""
-    changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)"
+    changed = f"`{_settings_text(about.settings)}`" if about.settings else "none (the bundle's defaults)" \
+        if about.recorded else ("not known, as no record of the training (its run's `config.json`) was beside "
+                                "the weights: `configs/` holds the bundle's own settings, which run these weights "
+                                "as trained only if the training used them")
     if about.unplaced:
         changed += (f" (`{'`, `'.join(about.unplaced)}` not in `configs/`, as none of its files holds them: "
                     "`models/config.json`, the training's own record, has them)")
@@ -386,7 +458,7 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
     header = (f"{_DOCS_HEADER}trained weights of the bundle {about.name or about.bundle.resolve().name}\n\n"
               f"This folder holds one training's weights (`models/model.pt`, SHA-256 `{about.sha256}`) with "
               "the bundle it was trained with. Settings the training changed from the bundle's, written into "
-              f"`configs/`: {changed}. Its best validation score in training: {best}."
+              f"`configs/`: {changed}. Its best validation score in training: {best}.{_course_text(about.course)}"
               + (" `configs/metadata.json` states the network's channels as these weights have them." if described
                  else "")
               + (" `models/model.ts` holds the network with these weights as TorchScript (`torch.jit.load`; "

@@ -911,6 +911,7 @@ def evaluate(
     """
     from medseg.ensemble import load_members
     from medseg.evaluation import settings_digest
+    from medseg.export import say_other_weights
     from medseg.io import check_writable
     from medseg.locking import folder_lock
 
@@ -956,6 +957,7 @@ def evaluate(
         parser["val_count"] = 0  # ISBI: nothing is held out when every slice is scored (5 of 4 could not be)
     # the model and the output folder first, so that a wrong checkpoint or folder fails before the data are read
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    say_other_weights(bundle, checkpoints, digests)
     check_writable(output_dir)
     if split == "val":
         val_dir = _validation_folder(checkpoints, str(data_dir))
@@ -1201,6 +1203,7 @@ def infer(
     from medseg.batch import RunRecord, run_batch
     from medseg.discovery import discover
     from medseg.ensemble import load_members
+    from medseg.export import say_other_weights
     from medseg.handlers import FileProgress
     from medseg.io import check_writable, remove_partial_files
     from medseg.locking import folder_lock
@@ -1226,6 +1229,7 @@ def infer(
                                "and takes no data-loader workers (the id is for python -m monai.bundle run); "
                                "drop it")
     network, digests = load_members(parser.get_parsed_content("network_def"), checkpoints)
+    say_other_weights(bundle, checkpoints, digests)
     if len(checkpoints) > 1:
         parser["network_def"] = network
     parser.get_parsed_content("initialize")

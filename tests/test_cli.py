@@ -1801,6 +1801,62 @@ def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
         result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "em")
     assert result.exit_code == 0, result.output
     assert "medseg train (process" in caplog.text and "is still writing into its run" in caplog.text
+    # and the export says so too, to whoever gets it
+    docs = (tmp_path / "em" / "docs" / "README.md").read_text()
+    assert "It trained 3 epochs. It was exported while its training was still running: these are its best " \
+        "weights at that moment." in docs
+    exported = json.loads((tmp_path / "em" / "configs" / "metadata.json").read_text())["exported_from"]
+    assert exported["still_training"] is True and exported["epochs"] == 3 and "interrupted" not in exported
+
+
+def test_an_exports_weights_replaced_since_are_said_to_be_other_than_its_docs_describe(trained, tmp_path, caplog):
+    import torch
+
+    assert _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "em").exit_code == 0
+    image = next(p for p in sorted((trained["data"]).rglob("*.png")) if "image" in p.parts)
+    args = ("infer", tmp_path / "em", image, tmp_path / "o1", "--no-progress", "--device", "cpu")
+    assert _invoke(*args).exit_code == 0
+    assert "not the weights this bundle was exported with" not in caplog.text
+    weights = torch.load(tmp_path / "em" / "models" / "model.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+               tmp_path / "em" / "models" / "model.pt")
+    assert _invoke(*args[:3], tmp_path / "o2", *args[4:]).exit_code == 0
+    said = [r.getMessage() for r in caplog.records if "not the weights this bundle was exported with" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'em' / 'models' / 'model.pt'}: ")
+    assert "its docs, scores and models/model.ts describe those" in said[0]
+
+
+def test_an_export_says_how_long_its_training_ran_and_whether_it_was_stopped(trained, tmp_path, caplog):
+    # a run stopped by Ctrl-C at epoch 4 of --epochs 12 was exported as if it had trained its 12 epochs
+    run = tmp_path / "run"
+    shutil.copytree(trained["out"], run, ignore=shutil.ignore_patterns("mlflow*", "mlruns"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    (run / "train_summary.json").write_text(json.dumps({**summary, "epochs": 2, "interrupted": True}))
+    result = _invoke("export", BUNDLE, run / "model.pt", tmp_path / "em")
+    assert result.exit_code == 0, result.output
+    assert f"{run / 'model.pt'}: its training was stopped before its end (after epoch 2); the export says so" \
+        in caplog.text
+    docs = (tmp_path / "em" / "docs" / "README.md").read_text()
+    assert "It trained 2 epochs, and was stopped before its end (by Ctrl-C or a signal), so it did not train as " \
+        "long as its settings say." in docs
+    exported = json.loads((tmp_path / "em" / "configs" / "metadata.json").read_text())["exported_from"]
+    assert exported["interrupted"] is True and exported["epochs"] == 2 and exported["settings"]
+    # weights without their training's record: its settings are not known, and not said to be the defaults
+    (tmp_path / "lone").mkdir()
+    shutil.copyfile(run / "model.pt", tmp_path / "lone" / "model.pt")
+    bundle = tmp_path / "tiny_em"  # a bundle whose own network is the one these weights fit
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("__pycache__", "models"))
+    for name in ("train.json", "inference.json"):
+        config = json.loads((bundle / "configs" / name).read_text())
+        config["network_def"].update(channels=[4, 8, 16], strides=[2, 2], num_res_units=0)
+        (bundle / "configs" / name).write_text(json.dumps(config))
+    result = _invoke("export", bundle, tmp_path / "lone" / "model.pt", tmp_path / "em2")
+    assert result.exit_code == 0, result.output
+    docs = (tmp_path / "em2" / "docs" / "README.md").read_text()
+    assert "written into `configs/`: not known, as no record of the training (its run's `config.json`) was " \
+        "beside the weights" in docs and "none (the bundle's defaults)" not in docs and "It trained" not in docs
+    assert json.loads((tmp_path / "em2" / "configs" / "metadata.json").read_text())["exported_from"]["settings"] \
+        is None
 
 
 def test_an_export_names_the_image_channels_its_training_picked(trained, tmp_path):
@@ -1836,6 +1892,28 @@ def test_an_export_names_the_image_channels_its_training_picked(trained, tmp_pat
     assert _invoke("export", BUNDLE, run / "model.pt", tmp_path / "gray").exit_code == 0
     gray = json.loads((tmp_path / "gray" / "configs" / "metadata.json").read_text())
     assert gray["network_data_format"]["inputs"]["image"]["channel_def"] == {"0": "channel 1 of the image"}
+
+
+def test_an_export_of_one_picked_channel_given_as_gray_names_it_in_each_input_channel(tmp_path):
+    # a jurkat training with input_channels=[1] (3 network inputs: G repeated) was said to take G and then
+    # "output 1, not a class", words for outputs
+    from medseg.export import _Export, _write_metadata
+
+    class Parsed:
+        values = {"network_def#in_channels": 3, "network_def#out_channels": 3}
+
+        def __contains__(self, key):
+            return key in self.values
+
+        def get_parsed_content(self, key):
+            return self.values[key]
+
+    source = REPO / "bundles" / "jurkat" / "configs" / "metadata.json"
+    about = _Export(REPO / "bundles" / "jurkat", "0" * 64, {"input_channels": [1]}, None, False, picked=[1])
+    _write_metadata(source, tmp_path / "metadata.json", Parsed(), about)
+    inputs = json.loads((tmp_path / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    assert inputs["num_channels"] == 3
+    assert inputs["channel_def"] == {"0": "G", "1": "G (repeated)", "2": "G (repeated)"}
 
 
 def test_an_export_states_the_channels_its_weights_have():
