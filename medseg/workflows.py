@@ -1084,8 +1084,9 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
     # folder is told apart
     reports = [h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, MetricsReport)]
     run = {
-        "bundle": f"{Path(bundle).resolve().name} {parser.get_parsed_content('_meta_#version', default='')}"
-                  .strip(),
+        # by its metadata, as infer's run.json: a renamed or moved copy (an export) is the same bundle
+        "bundle": f"{parser.get_parsed_content('_meta_#name', default='') or Path(bundle).resolve().name} "
+                  f"{parser.get_parsed_content('_meta_#version', default='')}".strip(),
         "checkpoints": same["checkpoints"],
         "data_dir": same["data_dir"],
         "split": split,

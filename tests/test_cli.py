@@ -2512,7 +2512,8 @@ def test_evaluate_writes_csv_and_summary(trained, tmp_path, monkeypatch):
     run = summary["run"]
     assert run["checkpoints"] == [{"path": str((trained["out"] / "model.pt").resolve()),
                                    "sha256": file_sha256(trained["out"] / "model.pt")}]
-    assert run["bundle"].startswith("isbi_em ") and run["split"] == "all" and run["split_from"] == "all images"
+    assert run["bundle"].startswith("ISBI 2012 EM membrane segmentation ")  # its metadata's name, as infer's
+    assert run["split"] == "all" and run["split_from"] == "all images"
     assert run["tta"] is False and run["data_dir"] == str(trained["data"].resolve())
     assert run["environment"]["versions"]["torch"] == torch.__version__ and run["environment"]["device"] == "cpu"
     assert run["environment"]["amp"] is False
