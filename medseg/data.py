@@ -834,7 +834,8 @@ def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.Path
         names = [str(n) for n in record[split]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{split_file}: not a readable split record ({brief(str(err) or type(err).__name__)}); "
-                        "restore it, or set split_record to null to draw the split from the settings") from err
+                        "restore it, or draw the split from the settings: split_record null in the config, or "
+                        "--split_record '$None' to python -m monai.bundle run") from err
     samples = with_val_prefix({str(d.get("name")): d for d in datalists["all"]}, record, split)
     present = [samples[n] for n in names if n in samples]
     if not present:

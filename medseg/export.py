@@ -458,7 +458,10 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
     header = (f"{_DOCS_HEADER}trained weights of the bundle {about.name or about.bundle.resolve().name}\n\n"
               f"This folder holds one training's weights (`models/model.pt`, SHA-256 `{about.sha256}`) with "
               "the bundle it was trained with. Settings the training changed from the bundle's, written into "
-              f"`configs/`: {changed}. Its best validation score in training: {best}.{_course_text(about.course)}"
+              f"`configs/`: {changed}. Its best validation score in training: {best}"
+              + (" (as the training validates: `medseg evaluate` scores with the evaluation's own settings, such "
+                 "as test-time augmentation, so its figure may differ)" if about.best else "")
+              + f".{_course_text(about.course)}"
               + (" `configs/metadata.json` states the network's channels as these weights have them." if described
                  else "")
               + (" `models/model.ts` holds the network with these weights as TorchScript (`torch.jit.load`; "

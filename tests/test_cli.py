@@ -1660,7 +1660,7 @@ def test_an_exported_bundle_describes_its_own_weights_and_scores_their_validatio
     result = _invoke("export", shared, tmp_path / "bare" / "model.pt", tmp_path / "again")
     assert result.exit_code == 0, result.output
     docs = (tmp_path / "again" / "docs" / "README.md").read_text()
-    best = f"v_rand {summary['best_metric']:.4f} at epoch {summary['best_metric_epoch']}."
+    best = f"v_rand {summary['best_metric']:.4f} at epoch {summary['best_metric_epoch']} (as the training validates"
     assert docs.count("# Exported model") == 1 and f"best validation score in training: {best}" in docs
     assert "network_def#channels = [4, 8, 16]" in docs
     assert json.loads((tmp_path / "again" / "configs" / "evaluate.json").read_text())["split_record"] is None
