@@ -282,8 +282,9 @@ def _say_unsized(ds, path: str) -> None:
     enhanced image's pixel measures) and 1 mm is taken, as ITK takes it: sizes in mm are then not known."""
     groups = [_functional(ds, f"{kind}FunctionalGroupsSequence", 0) for kind in ("Shared", "PerFrame")]
     measures = [getattr(g, "PixelMeasuresSequence", None) for g in groups if g is not None]
-    if any(str(getattr(item, keyword, "") or "").strip() for item in (ds, *(m[0] for m in measures if m))
-           for keyword in ("PixelSpacing", "ImagerPixelSpacing")):
+    stated = [getattr(ds, k, "") for k in ("PixelSpacing", "ImagerPixelSpacing")]
+    stated += [getattr(m[0], "PixelSpacing", "") for m in measures if m]  # as _enhanced_geometry reads them
+    if any(str(value or "").strip() for value in stated):
         return
     said = (str(Path(path).parent), "no pixel size")
     if said not in _SAID:
@@ -487,7 +488,10 @@ def _stack_step(positions: np.ndarray, names: list[str], row: np.ndarray, col: n
     """
     count = len(positions)
     step = (positions[-1] - positions[0]) / (count - 1)
-    off = np.linalg.norm(positions - (positions[0] + np.arange(count)[:, None] * step), axis=1)
+    normal = np.cross(row, col)
+    residual = positions - (positions[0] + np.arange(count)[:, None] * step)
+    # within the plane only: the steps along the normal may differ by the tolerance of _check_steps
+    off = np.linalg.norm(residual - np.outer(residual @ normal, normal), axis=1)
     limit = max(tolerance * float(np.linalg.norm(step)), 0.1 * float(np.min(ps)))
     if off.max() > limit:
         k = int(np.argmax(off))
@@ -495,19 +499,23 @@ def _stack_step(positions: np.ndarray, names: list[str], row: np.ndarray, col: n
                         f"positions of {names[0]} and {names[-1]}, so the series' slices do not stack into one "
                         "volume (a slice of another acquisition?); move it out of the series' folder, or give the "
                         "files one by one")
-    normal = np.cross(row, col)
     across = step - float(step @ normal) * normal  # the shift within the plane from one slice to the next
-    if float(np.linalg.norm(across)) * (count - 1) <= 0.5 * float(np.min(ps)):  # under half a pixel in all
-        return step, None
     length = float(np.linalg.norm(step))
     tilt = float(np.degrees(np.arccos(min(1.0, abs(float(step @ normal)) / length))))
+    # straight: under half a pixel in all, or under 0.2° (orientations written to 3 decimals are 0.06° off)
+    if float(np.linalg.norm(across)) * (count - 1) <= 0.5 * float(np.min(ps)) or tilt < 0.2:
+        return step, None
+    said = (names[0], "tilt")  # once a series: its geometry is worked out again when the cache drops it
+    if said in _SAID:
+        return step, _affine(positions[0], normal * length, row, col, ps)
+    _SAID.add(said)
     logging.getLogger(__name__).warning(
         "%s: the series' slices are stacked at a tilt of %.1f° (gantry tilt); a NIfTI output's sform places "
         "each slice where it was acquired, while its qform, which ITK-based viewers (3D Slicer, ITK-SNAP) read, "
         "and a TIFF stack them straight, %.4g mm apart, as ITK reads the series itself (voxel sizes then give "
         "volumes %.1f%% large); a DICOM SEG (--format dicom-seg) overlays the series exactly", names[0], tilt,
         length, 100 * (length / abs(float(step @ normal)) - 1))
-    return step, _affine(positions[0], normal * (length if float(step @ normal) > 0 else -length), row, col, ps)
+    return step, _affine(positions[0], normal * length, row, col, ps)  # sorted along the normal: ascending
 
 
 def _check_steps(distances: np.ndarray, names: list[str], where: str, tolerance: float = 0.01) -> None:

@@ -52,7 +52,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
             made it, or its weights do not fit the network the export describes.
     """
     from medseg.bundle import bundle_configs, load_checkpoint, load_config
-    from medseg.io import copy_tree, file_sha256, hold_folder, partial_folder, remove_abandoned_folders, remove_tree
+    from medseg.io import copy_tree, file_sha256, held_partial_folder, remove_abandoned_folders, remove_tree
     from medseg.locking import holder_of
     from medseg.runfolder import recipe_changes, run_file, training_settings
 
@@ -91,8 +91,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
                                             out)
     part, held = None, None
     try:
-        part = partial_folder(out)  # this export's own, held so that another export to out leaves it alone
-        held = hold_folder(part)
+        part, held = held_partial_folder(out)  # this export's own, locked: another export to out leaves it alone
         for name in BUNDLE_PARTS:
             source = bundle / name
             if source.is_dir():
@@ -126,6 +125,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         best = _best_validation(checkpoint, digest) or earlier.best
         picked = parser.get_parsed_content("input_channels") if "input_channels" in settings else None
         course = _training_course(checkpoint, digest, writer)
+        course = course if course or writer is not None else earlier.course  # an export's, carried over
         if course.get("interrupted"):
             logging.getLogger(__name__).warning(
                 "%s: its training was stopped before its end (after epoch %s); the export says so", checkpoint,
@@ -168,9 +168,9 @@ def say_other_weights(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
     """Warn when the weights loaded from an exported bundle's own ``models/model.pt`` (SHA-256 ``digests`` of
     ``checkpoints``) are not those it was exported with (``metadata.json``'s ``exported_from``), as its docs,
     scores and ``model.ts`` describe those."""
-    own = Path(bundle, "models", "model.pt").absolute()
+    own = Path(bundle, "models", "model.pt").resolve()
     for path, digest in zip(checkpoints, digests, strict=False):
-        if Path(path).absolute() != own:
+        if Path(path).resolve() != own:  # the same file by any path: links, "..", relative
             continue
         try:
             meta = json.loads(Path(bundle, "configs", "metadata.json").read_text(encoding="utf-8"))
@@ -178,9 +178,11 @@ def say_other_weights(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
         except (OSError, ValueError, KeyError, TypeError):
             return  # no export, or a metadata that says nothing of its weights
         if exported != digest:
+            scripted = Path(bundle, "models", "model.ts").is_file()
             logging.getLogger(__name__).warning(
                 "%s: not the weights this bundle was exported with (configs/metadata.json names SHA-256 %s…); its "
-                "docs, scores and models/model.ts describe those", path, str(exported)[:12])
+                "docs and scores describe those%s", path, str(exported)[:12],
+                ", and models/model.ts holds them" if scripted else "")
 
 
 class _Export(NamedTuple):
@@ -255,6 +257,7 @@ def _set_part(component: Any, path: str, value: Any) -> bool:
 class _Earlier(NamedTuple):
     settings: dict[str, Any]
     best: tuple[str, float, Any] | None
+    course: dict[str, Any] = {}  # how the training of the same weights went (:func:`_training_course`)
 
 
 def _earlier_export(bundle: Path, digest: str) -> _Earlier:
@@ -267,12 +270,15 @@ def _earlier_export(bundle: Path, digest: str) -> _Earlier:
         settings = dict(earlier.get("settings") or {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return _Earlier({}, None)
-    scores = meta.get("eval_metrics")
-    if earlier.get("weights_sha256") != digest or not isinstance(scores, dict) or len(scores) != 1:
+    if earlier.get("weights_sha256") != digest:
         return _Earlier(settings, None)
+    course = {k: earlier[k] for k in ("epochs", "interrupted") if k in earlier}
+    scores = meta.get("eval_metrics")
+    if not isinstance(scores, dict) or len(scores) != 1:
+        return _Earlier(settings, None, course)
     ((metric, value),) = scores.items()
     valid = isinstance(value, (int, float)) and math.isfinite(value)
-    return _Earlier(settings, (str(metric), float(value), earlier.get("best_epoch")) if valid else None)
+    return _Earlier(settings, (str(metric), float(value), earlier.get("best_epoch")) if valid else None, course)
 
 
 #: How an earlier export's words begin, in the description and the docs (an export of an export replaces them)
@@ -312,7 +318,9 @@ def _training_course(checkpoint: Path, digest: str, writer: str | None) -> dict[
     ``still_training`` where a command (``writer``) was still writing into its run at the export."""
     from medseg.runfolder import run_file
 
-    course: dict[str, Any] = {"still_training": True} if writer is not None else {}
+    if writer is not None:  # its summary, if any, is of an earlier session of the run (resumed since)
+        return {"still_training": True}
+    course: dict[str, Any] = {}
     try:
         record = json.loads(run_file(checkpoint, "train_summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -94,8 +94,7 @@ def partial_file(path: str | os.PathLike) -> Path:
 
 def partial_folder(path: str | os.PathLike) -> Path:
     """Create (empty, with the usual permissions) the temporary folder that will become ``path`` by a rename: in
-    its parent, hidden, named ``.NAME.*.part``. Hold it (:func:`hold_folder`) while it is filled, so that
-    :func:`remove_abandoned_folders` leaves it alone."""
+    its parent, hidden, named ``.NAME.*.part`` (:func:`held_partial_folder` also locks it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_PART, dir=path.parent)
@@ -103,19 +102,62 @@ def partial_folder(path: str | os.PathLike) -> Path:
     return Path(tmp)
 
 
+def held_partial_folder(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """:func:`partial_folder`, made and locked (``flock`` on the folder itself) while its parent is locked, so
+    that :func:`remove_abandoned_folders` never sees it unlocked; with the descriptor that holds the lock (close
+    it with ``os.close`` once the folder is renamed or removed: the system drops the lock when the process ends,
+    however it ends). ``None`` where there is no ``flock`` (Windows, some network file systems)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _held(path.parent, wait=True):
+        part = partial_folder(path)
+        return part, _lock(part)
+
+
+def _lock(folder: Path, wait: bool = False) -> int | None:
+    """A descriptor of ``folder`` holding its ``flock``; ``None`` where another process holds it, or where it
+    cannot be locked (no ``flock``: Windows, some network file systems)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def _held(folder: Path, wait: bool = False) -> Iterator[bool]:
+    """Hold ``folder``'s lock (:func:`_lock`) in the block; yields whether it is held."""
+    fd = _lock(folder, wait)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def remove_tree(folder: str | os.PathLike) -> None:
     """Remove ``folder`` and what it holds, also its read-only sub-folders (copied from a read-only bundle by an
     earlier version); what cannot go is left."""
-    def writable_again(function: Any, path: str, _: Any) -> None:
-        parent = os.path.dirname(path)
+    def opened(path: str) -> None:  # each folder made writable and searchable first, where one may
         with contextlib.suppress(OSError):
-            os.chmod(parent, os.stat(parent).st_mode | 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, os.stat(path).st_mode | 0o700)
-            function(path)
+            os.chmod(path, os.stat(path).st_mode | 0o700)
+        with contextlib.suppress(OSError), os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    opened(entry.path)
 
-    with contextlib.suppress(OSError):
-        shutil.rmtree(folder, onerror=writable_again)
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        opened(os.fspath(folder))
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def copy_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -127,51 +169,27 @@ def copy_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
         os.chmod(folder, 0o777 & ~_UMASK)  # copytree gives folders the source's modes
 
 
-def _lock(folder: Path) -> int | None:
-    """A descriptor of ``folder`` holding its ``flock``; ``None`` where another process holds it."""
-    import fcntl
-
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def hold_folder(folder: str | os.PathLike) -> int | None:
-    """Lock ``folder`` (``flock`` on the folder itself) while the returned descriptor is open; close it with
-    ``os.close``. The system drops the lock when the process ends, however it ends, so a folder still locked is
-    one being written. ``None`` where there is no ``flock`` (Windows) or the folder cannot be opened."""
-    try:
-        return _lock(Path(folder))
-    except (ImportError, OSError):
-        return None
-
-
 def remove_abandoned_folders(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders of ``path`` (:func:`partial_folder`) that no process holds: those a killed
-    command left, with what it had copied. Returns them; none where there is no ``flock`` to tell."""
+    """Remove the temporary folders of ``path`` (:func:`held_partial_folder`) that no process holds: those a
+    killed command left, with what it had copied. Returns them; none where the folders cannot be locked (no
+    ``flock``), as a folder being filled could not be told apart. ``flock`` tells the processes of one machine
+    apart; on a network file system, two machines exporting to one folder at once are not told apart."""
     path = Path(path)
     name = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(_PART))
     removed = []
-    with contextlib.suppress(OSError):
-        for part in path.parent.iterdir():
-            if not name.fullmatch(part.name) or part.is_symlink() or not part.is_dir():
-                continue
-            try:
-                fd = _lock(part)
-            except (ImportError, OSError):
-                continue
-            if fd is None:  # being written by a command still running
-                continue
-            try:
-                remove_tree(part)
-                if not part.exists():
-                    removed.append(part)
-            finally:
-                os.close(fd)
+    with _held(path.parent, wait=True) as held:
+        if not held:
+            return removed
+        with contextlib.suppress(OSError):
+            for part in path.parent.iterdir():
+                if not name.fullmatch(part.name) or part.is_symlink() or not part.is_dir():
+                    continue
+                with _held(part) as free:
+                    if not free:  # being filled by a command still running
+                        continue
+                    remove_tree(part)
+                    if not part.exists():
+                        removed.append(part)
     return removed
 
 

@@ -325,7 +325,7 @@ def _plain_params(config: dict, limit: int = 100) -> dict[str, Any]:
         return all(map(scalar, value)) if isinstance(value, list) else scalar(value)
 
     params = {k: written(v) for k, v in config.items() if scalar(v)}
-    if params.get("val_dir"):  # a validation folder of its own: nothing is held out, so no share is a setting
+    if config.get("val_dir"):  # a validation folder of its own (or an expression giving one): nothing is held out
         for key in _HOLD_OUT:
             params.pop(key, None)
     nested: dict[str, Any] = {}

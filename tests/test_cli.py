@@ -1756,17 +1756,19 @@ def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypa
 
 
 def test_an_export_removes_what_a_killed_export_to_its_folder_left_and_nothing_else(trained, tmp_path, caplog):
-    from medseg.io import hold_folder, partial_folder
+    from medseg.io import held_partial_folder, partial_folder
 
     target = tmp_path / "em"
-    killed = ("import os, sys; from medseg.io import hold_folder, partial_folder; part = partial_folder(sys.argv[1]); "
-              "hold_folder(part); (part / 'model.pt').write_bytes(b'0' * 1000); os.kill(os.getpid(), 9)")
+    killed = ("import os, sys; from medseg.io import held_partial_folder; part, _ = held_partial_folder(sys.argv[1]); "
+              "(part / 'model.pt').write_bytes(b'0' * 1000); os.kill(os.getpid(), 9)")
     assert subprocess.run([sys.executable, "-c", killed, str(target)]).returncode == -9
     left = [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
     assert len(left) == 1 and (left[0] / "model.pt").is_file()
-    running = partial_folder(target)  # another export to the same folder, still copying
+    running, held = held_partial_folder(target)  # another export to the same folder, still copying
     other = partial_folder(tmp_path / "em.v2")  # an export to another folder, killed too
-    held = hold_folder(running)
+    (left[0] / "configs").mkdir()
+    (left[0] / "configs" / "inference.json").write_text("{}")
+    (left[0] / "configs").chmod(0o500)  # a read-only folder copied by an earlier version goes too
     try:
         result = _invoke("export", BUNDLE, trained["out"] / "model.pt", target)
     finally:
@@ -1803,10 +1805,11 @@ def test_an_export_of_a_run_still_training_says_so(trained, tmp_path, caplog):
     assert "medseg train (process" in caplog.text and "is still writing into its run" in caplog.text
     # and the export says so too, to whoever gets it
     docs = (tmp_path / "em" / "docs" / "README.md").read_text()
-    assert "It trained 3 epochs. It was exported while its training was still running: these are its best " \
-        "weights at that moment." in docs
+    # (its summary, of an earlier session of a resumed run, is not taken for this one's)
+    assert " It was exported while its training was still running: these are its best weights at that moment." \
+        in docs and "It trained" not in docs
     exported = json.loads((tmp_path / "em" / "configs" / "metadata.json").read_text())["exported_from"]
-    assert exported["still_training"] is True and exported["epochs"] == 3 and "interrupted" not in exported
+    assert exported["still_training"] is True and "epochs" not in exported and "interrupted" not in exported
 
 
 def test_an_exports_weights_replaced_since_are_said_to_be_other_than_its_docs_describe(trained, tmp_path, caplog):
@@ -1823,7 +1826,13 @@ def test_an_exports_weights_replaced_since_are_said_to_be_other_than_its_docs_de
     assert _invoke(*args[:3], tmp_path / "o2", *args[4:]).exit_code == 0
     said = [r.getMessage() for r in caplog.records if "not the weights this bundle was exported with" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'em' / 'models' / 'model.pt'}: ")
-    assert "its docs, scores and models/model.ts describe those" in said[0]
+    # the same file by another path (a link to the bundle, "..") is its own too
+    (tmp_path / "link").symlink_to(tmp_path / "em")
+    caplog.clear()
+    assert _invoke("infer", tmp_path / "link", image, tmp_path / "o3", "--no-progress", "--device", "cpu",
+                   "--checkpoint", tmp_path / "em" / "models" / ".." / "models" / "model.pt").exit_code == 0
+    assert "not the weights this bundle was exported with" in caplog.text
+    assert said[0].endswith("its docs and scores describe those, and models/model.ts holds them")
 
 
 def test_an_export_says_how_long_its_training_ran_and_whether_it_was_stopped(trained, tmp_path, caplog):
@@ -1841,6 +1850,11 @@ def test_an_export_says_how_long_its_training_ran_and_whether_it_was_stopped(tra
         "long as its settings say." in docs
     exported = json.loads((tmp_path / "em" / "configs" / "metadata.json").read_text())["exported_from"]
     assert exported["interrupted"] is True and exported["epochs"] == 2 and exported["settings"]
+    # exported again, as it is: the words go along with the same weights
+    assert _invoke("export", tmp_path / "em", tmp_path / "em" / "models" / "model.pt", tmp_path / "re").exit_code == 0
+    again = json.loads((tmp_path / "re" / "configs" / "metadata.json").read_text())["exported_from"]
+    assert again["interrupted"] is True and again["epochs"] == 2
+    assert "stopped before its end" in (tmp_path / "re" / "docs" / "README.md").read_text()
     # weights without their training's record: its settings are not known, and not said to be the defaults
     (tmp_path / "lone").mkdir()
     shutil.copyfile(run / "model.pt", tmp_path / "lone" / "model.pt")
