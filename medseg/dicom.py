@@ -996,4 +996,8 @@ def _build_seg(mask: np.ndarray, geometry: SeriesGeometry, segment_label: str, a
                         "use --format nifti") from err
     if spatial:
         _reference_source_frames(seg, sources[0], spatial["plane_positions"])
+    if mask.shape[0] == 1:  # highdicom says 1 mm between the slices of one: the step the NIfTI outputs are given
+        for measures in getattr(seg.SharedFunctionalGroupsSequence[0], "PixelMeasuresSequence", None) or []:
+            if "SpacingBetweenSlices" in measures:
+                measures.SpacingBetweenSlices = f"{geometry.spacing[0]:.6g}"
     return seg

@@ -905,3 +905,12 @@ def test_a_slice_off_the_line_of_the_others_is_named(tmp_path):
                                         r"positions of .*IM000\.dcm and .*IM004\.dcm, so the series' slices do not "
                                         r"stack into one volume"):
         dicom.series_geometry(dicom.find_series(folder))
+
+
+def test_a_seg_of_one_slice_states_the_slice_step_its_nifti_outputs_have(shared_dicom, tmp_path):
+    # highdicom wrote 1 mm between slices where the NIfTI outputs of the same slice have its thickness (0.8)
+    geometry = dicom.series_geometry(dicom.find_series(shared_dicom / "single" / "MR_small.dcm"))
+    assert geometry.shape[0] == 1 and geometry.spacing[0] == pytest.approx(0.8)
+    out = dicom.write_seg(tmp_path / "seg.dcm", np.ones(geometry.shape, bool), geometry)
+    measures = pydicom.dcmread(out).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(0.8) == float(measures.SliceThickness)
