@@ -25,7 +25,7 @@ OUT    := demo_out/$(DEMO)
 CKPT   :=
 DEMO_MINUTES := 4
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo demo-check test test-all lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -36,12 +36,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-demo: venv
+demo: demo-check venv
 	$(BIN)/medseg info
 	$(BIN)/medseg train $(BUNDLE) --data $(DATA) --output $(OUT)/train --max-minutes $(DEMO_MINUTES) --overwrite
 	$(BIN)/medseg evaluate $(BUNDLE) --data $(DATA) --checkpoint $(OUT)/train/model.pt --output $(OUT)/eval --overwrite
 	$(BIN)/medseg infer $(BUNDLE) $(DATA)/$(INFER) $(OUT)/infer --checkpoint $(OUT)/train/model.pt --overwrite
 	@echo "demo outputs: $(OUT)/train (checkpoints, MLflow store, curves), $(OUT)/eval (metrics), $(OUT)/infer (masks)"
+
+# an unknown DEMO has no data folder: said before anything is installed or run
+demo-check:
+	@test -n "$(DATA)" || { echo "make demo: DEMO=$(DEMO) is not one of isbi_em, jurkat, nuclei; give one of those, or DATA=... (and INFER=...) for bundles/$(DEMO)"; exit 2; }
+	@test -n "$(INFER)" || { echo "make demo: give INFER=... (a sub-folder of $(DATA) to segment) for DEMO=$(DEMO)"; exit 2; }
 
 test: venv
 	$(BIN)/python -m pytest -q

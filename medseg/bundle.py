@@ -115,6 +115,23 @@ def _check_names(path: Path, meta: Any) -> None:
                           "(e.g. \"0.1.0\") there, as MONAI's metadata schema asks")
 
 
+def shipped_bundles() -> Path | None:
+    """The folder of the bundles that come with medseg (``bundles/`` beside the package, in a checkout installed
+    editable); ``None`` where this install has none."""
+    folder = Path(__file__).resolve().parent.parent / "bundles"
+    return folder if folder.is_dir() else None
+
+
+def _where_bundles_are(root: Path) -> str:
+    """The end of the error for a bundle path ``root`` that is not there: where it was looked for (a relative
+    path reads from the current folder), and where the bundles that come with medseg are."""
+    here = f" (looked for at {root.absolute()})" if not root.is_absolute() else ""
+    shipped = shipped_bundles()
+    if shipped is not None and (shipped / root.name / "configs" / "metadata.json").is_file():
+        return f"{here}; the bundles that come with medseg are in {shipped}: give {shipped / root.name}"
+    return f"{here}; give a bundle folder such as {shipped / 'isbi_em' if shipped else 'bundles/isbi_em'}"
+
+
 def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:
     """The config files of ``bundle`` that ``workflow`` merges.
 
@@ -124,7 +141,7 @@ def bundle_configs(bundle: str | os.PathLike, workflow: str) -> list[Path]:
     root = Path(bundle)
     meta = root / "configs" / "metadata.json"
     if not root.exists():
-        raise BundleError(f"{root}: bundle folder not found; give a bundle folder such as bundles/isbi_em")
+        raise BundleError(f"{root}: bundle folder not found{_where_bundles_are(root)}")
     if not meta.is_file():
         raise BundleError(
             f"{root}: not a bundle (no configs/metadata.json); give a bundle folder such as bundles/isbi_em"

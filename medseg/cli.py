@@ -419,12 +419,17 @@ def export(
 @app.command(cls=_Command)
 def info(
     ctx: typer.Context,
-    bundles_dir: Annotated[Path, typer.Option(callback=_home, help="Where to look for bundles.")] = Path("bundles"),
+    bundles_dir: Annotated[Path, typer.Option(
+        callback=_home, help="Where to look for bundles (default: ./bundles, else those that come with medseg).")
+    ] = Path("bundles"),
 ) -> None:
     """Print versions, the compute device and the available bundles."""
+    from medseg.bundle import shipped_bundles
     from medseg.info import collect_info
 
     given = getattr(ctx.get_parameter_source("bundles_dir"), "name", "") == "COMMANDLINE"
+    if not given and not bundles_dir.is_dir() and shipped_bundles() is not None:  # run from another folder
+        bundles_dir = shipped_bundles()
     if given and not bundles_dir.is_dir():  # the default is looked for quietly: info still reports the versions
         typer.secho(f"error: {bundles_dir}: folder not found; pass --bundles-dir pointing to the folder that holds "
                     "the bundles (isbi_em, jurkat, nuclei)", err=True, fg=typer.colors.RED)

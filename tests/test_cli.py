@@ -154,6 +154,18 @@ def test_info_lists_versions_and_bundles():
     assert info["versions"]["imagecodecs"] and info["versions"]["python-gdcm"] and info["versions"]["pillow"]
 
 
+def test_info_from_another_folder_lists_the_bundles_that_come_with_medseg(tmp_path):
+    os.chdir(tmp_path)  # no bundles/ here: it listed none
+    try:
+        result = _invoke("info")
+    finally:
+        os.chdir(REPO)
+    assert result.exit_code == 0, result.output
+    bundles = json.loads(result.output[: result.output.rindex("}") + 1])["bundles"]
+    assert sorted(bundles) == ["isbi_em", "jurkat", "nuclei"]
+    assert bundles["isbi_em"]["path"] == str(BUNDLE)
+
+
 def test_train_writes_checkpoints_curves_split_and_summary(trained):
     out = trained["out"]
     for name in ("model.pt", "curves.png", "history.json", "split.json", "config.json", "train_summary.json"):
@@ -2754,6 +2766,15 @@ def test_bad_input_non_binary_label(tmp_path):
 def test_bad_input_unknown_bundle(tmp_path, isbi_folder):
     result = _invoke("train", tmp_path / "no_bundle", "--data", isbi_folder, "--output", tmp_path / "o")
     _assert_one_line_error(result, "no_bundle: bundle folder not found")
+    # a shipped bundle's path given from another folder: where it was looked for, and where the bundles are
+    os.chdir(tmp_path)
+    try:
+        result = _invoke("train", "bundles/isbi_em", "--data", isbi_folder, "--output", tmp_path / "o")
+    finally:
+        os.chdir(REPO)
+    _assert_one_line_error(result, f"bundles/isbi_em: bundle folder not found (looked for at "
+                           f"{tmp_path / 'bundles' / 'isbi_em'}); the bundles that come with medseg are in "
+                           f"{REPO / 'bundles'}: give {BUNDLE}")
     (tmp_path / "no_bundle").mkdir()
     result = _invoke("train", tmp_path / "no_bundle", "--data", isbi_folder, "--output", tmp_path / "o")
     _assert_one_line_error(result, "no_bundle: not a bundle (no configs/metadata.json)")
