@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -116,11 +117,12 @@ TtaOpt = Annotated[bool | None, typer.Option(
     show_default=False, metavar="")]
 
 
-def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: str = "", **kwargs: Any) -> Any:
+def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: str | Callable[[], str] = "",
+         **kwargs: Any) -> Any:
     """Call ``fn``; report user errors as one line and exit 1 (``--debug`` re-raises for the traceback).
 
-    Ctrl-C ends with one line too (``interrupted`` says how to continue) and exit code 130; SIGTERM, taken as
-    Ctrl-C, with 143.
+    Ctrl-C ends with one line too (``interrupted``, or what it returns then, says how to continue) and exit code
+    130; SIGTERM, taken as Ctrl-C, with 143.
     """
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
@@ -129,7 +131,7 @@ def _run(ctx: typer.Context, fn: Callable[..., Any], *args: Any, interrupted: st
     except KeyboardInterrupt as stop:
         if debug:
             raise
-        how = str(stop) or interrupted  # the workflow may say best how to go on
+        how = str(stop) or (interrupted() if callable(interrupted) else interrupted)  # the workflow may say best
         typer.secho(f"error: interrupted{'; ' + how if how else ''}", err=True, fg=typer.colors.RED)
         raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
     except Exception as err:  # noqa: BLE001 - the CLI boundary turns every failure into one line
@@ -376,9 +378,10 @@ def infer(
             "output_format": (None if format_ == "auto" else format_, f"--format {format_}")}),
         include=tuple(include or ()), exclude=tuple(exclude or ()), recursive=recursive, overwrite=overwrite,
         output_format=format_, save_prob=prob),
-        interrupted=f"finished inputs are kept in {output_dir}; " + (
+        interrupted=lambda: ((f"finished inputs are kept in {output_dir}; " + (
             "run the same command again to redo every input (--overwrite redoes those done too)" if overwrite
-            else "run the same command again to do the rest"))
+            else "run the same command again to do the rest")) if _rows_in(output_dir / "manifest.csv") else
+            "no input was finished; run the same command again"))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "failures"}, indent=2, ensure_ascii=False))
     for message in summary["failures"]:
         typer.secho(f"failed: {message}", err=True, fg=typer.colors.RED)
@@ -386,6 +389,15 @@ def infer(
         typer.secho(f"error: {summary['failed']} of {summary['inputs']} inputs failed; the others are done "
                     f"(see {summary['manifest']})", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
+
+
+def _rows_in(manifest: Path) -> bool:
+    """Whether a batch's ``manifest.csv`` lists an input (beyond its header)."""
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            return sum(1 for _ in itertools.islice(f, 2)) > 1
+    except OSError:
+        return False
 
 
 @app.command(cls=_Command)

@@ -273,9 +273,11 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
                 meta = record.get("_meta_")
                 name = meta.get("name") if isinstance(meta, dict) else None
                 if own and name and name != own:  # weights of the same shape can mean other classes
-                    raise CheckpointError(f"{checkpoint}: trained with the bundle '{name}' (its {path.name}), not "
-                                          f"this one, '{own}'; segment with that bundle, or move {path.name} "
-                                          "away to use the weights with this bundle's settings")
+                    root = record.get("bundle_root")
+                    where = f" at {root}" if isinstance(root, str) and root and not worked_out(root) else ""
+                    raise CheckpointError(f"{checkpoint}: trained with the bundle '{name}'{where} (its {path.name}), "
+                                          f"not this one, '{own}'; give that bundle (its weights mean its own "
+                                          "classes and settings)")
                 if own and name != own:
                     problem = "recorded by a training of no bundle"
             if problem is not None:

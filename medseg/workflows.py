@@ -551,6 +551,14 @@ def train(
     _absolute_val_dir(parser, bundle=bundle)
     _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")
     _check_training_length(parser, max_minutes)
+    held_out = parser.get("val_dir") if "val_dir" in parser else None  # as given, or the resumed run's
+    for data, option in ((data_dir, "--data"), *(((held_out, "--val-data"),) if isinstance(held_out, str) else ())):
+        if Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
+            where = "the data folder itself" if out.resolve() == Path(data).resolve() else \
+                f"inside the data folder {data}"
+            raise DataError(f"{output_dir}: {where} ({option}), where the run's files would mix with the images "
+                            "and a later training or evaluation would read them as data; give --output a folder "
+                            "of its own, such as runs/NAME")
     made = runfolder.folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
     check_writable(out)
     own_store = False  # whether MLflow logs to the folder's own store
@@ -1224,6 +1232,11 @@ def infer(
     trained = runfolder.training_settings(bundle, checkpoints, overrides or {}, overlays)
     parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
     trained.say(checkpoints)
+    chosen = output_format if output_format != "auto" else parser.get("output_format", "auto")
+    if chosen == "dicom-seg" and inputs and not any(item.format == "dicom" for item in inputs):
+        shown = f"--format {chosen}" if output_format != "auto" else f"output_format={chosen}"
+        raise DataError(f"{input_path}: {shown} needs DICOM inputs, and none of the {len(inputs)} found is DICOM; "
+                        "use --format nifti or tiff")
     workers = parser.get("dataloader#num_workers", 0) if isinstance(parser.get("dataloader"), dict) else 0
     if workers:  # each input's slices are read in this process (run_batch), one input at a time
         raise ConfigValueError(f"dataloader#num_workers={workers}: medseg infer reads each input's slices itself "

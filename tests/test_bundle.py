@@ -658,9 +658,13 @@ def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_ref
     assert training_settings(NUCLEI, [a, b], {"target_diameter": 18}).values == {}  # given: not asked
     # another bundle's training: refused (a jurkat model with one input channel has nuclei's shape, and nuclei
     # read its nucleus class as the boundary class, with a warning only)
-    other = _run_record(tmp_path / "other", NUCLEI, {"target_diameter": 20, "_meta_#name": "another bundle"})
-    with pytest.raises(CheckpointError, match=r"other/model.pt: trained with the bundle 'another bundle' \(its "
-                                              r"config.json\), not this one, '.*'; segment with that bundle, or move"):
+    other = _run_record(tmp_path / "other", NUCLEI, {"target_diameter": 20, "_meta_#name": "another bundle",
+                                                     "bundle_root": "/models/bundles/other"})
+    # where that bundle is, as the record has it (it said to move config.json away: the weights then ran as
+    # this bundle's, whose classes they do not mean)
+    with pytest.raises(CheckpointError, match=r"other/model.pt: trained with the bundle 'another bundle' at "
+                                              r"/models/bundles/other \(its config.json\), not this one, '.*'; give "
+                                              r"that bundle \(its weights mean its own classes and settings\)$"):
         training_settings(NUCLEI, [other], {})
 
 

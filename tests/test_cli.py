@@ -2763,6 +2763,17 @@ def test_bad_input_non_binary_label(tmp_path):
     _assert_one_line_error(result, "2.png", "label values 128 are not binary")
 
 
+def test_a_run_folder_in_the_data_folder_is_refused(tmp_path, isbi_folder):
+    # the run's model.pt, mlflow.db, curves.png ... were written among the images, without a word
+    for output, where in ((isbi_folder, "the data folder itself"), (isbi_folder / "runs" / "em1",
+                                                                   f"inside the data folder {isbi_folder}")):
+        result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", output, "--epochs", 1, "--no-progress",
+                         *_tiny_args())
+        _assert_one_line_error(result, f"{output}: {where} (--data), where the run's files would mix with the "
+                               "images", "give --output a folder of its own, such as runs/NAME")
+    assert not (isbi_folder / "runs").exists() and not (isbi_folder / "model.pt").exists()
+
+
 def test_bad_input_unknown_bundle(tmp_path, isbi_folder):
     result = _invoke("train", tmp_path / "no_bundle", "--data", isbi_folder, "--output", tmp_path / "o")
     _assert_one_line_error(result, "no_bundle: bundle folder not found")
@@ -3006,8 +3017,14 @@ def test_ctrl_c_of_infer_says_what_running_it_again_does(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(workflows, "infer", stopped)
     (tmp_path / "in").mkdir()
+    # before any input was done (the folder not even made): nothing is said to be kept there
     result = _invoke("infer", BUNDLE, tmp_path / "in", tmp_path / "out", *extra)
     assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == ["error: interrupted; no input was finished; run the same command again"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.csv").write_text("input,status\nin/a.png,ok\n")
+    result = _invoke("infer", BUNDLE, tmp_path / "in", tmp_path / "out", *extra)
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
     assert lines == [f"error: interrupted; finished inputs are kept in {tmp_path / 'out'}; {words}"]
 

@@ -454,12 +454,20 @@ def test_folder_level_errors_are_one_line(tmp_path, tiny_checkpoint):
         assert result.exit_code == 1 and f"{tmp_path / 'parts' / 'mask'}: output folder is not writable" \
             in result.output, result.output
         assert not (tmp_path / "parts" / "manifest.csv").exists()
+    # no DICOM input at all: one line before any work, not a failure per input (a manifest of nothing done)
     result = _infer(tmp_path / "imgs", tmp_path / "o3", tiny_checkpoint, "--format", "dicom-seg")
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and [line for line in result.output.splitlines() if line.strip()] == [
+        f"error: {tmp_path / 'imgs'}: --format dicom-seg needs DICOM inputs, and none of the 2 found is DICOM; use "
+        "--format nifti or tiff"]
+    assert not (tmp_path / "o3").exists()
+    # beside a DICOM series, each other input fails alone (a BMP, read by the PNG reader, was said to be "png")
+    write_dicom_series(tmp_path / "imgs" / "ct", n=2, size=24)
+    result = _infer(tmp_path / "imgs", tmp_path / "o3", tiny_checkpoint, "--format", "dicom-seg")
+    assert result.exit_code == 1 and (tmp_path / "o3" / "mask" / "ct.seg.dcm").is_file()
     assert f"failed: {tmp_path / 'imgs' / 'a.png'}: --format dicom-seg needs DICOM inputs" in result.output
-    # a BMP (read by the PNG reader) was said to be "png"
     assert f"failed: {tmp_path / 'imgs' / 'b.bmp'}: --format dicom-seg needs DICOM inputs, and this one is not " \
         "DICOM; use nifti or tiff" in result.output
+    shutil.rmtree(tmp_path / "imgs" / "ct")
     result = _infer(tmp_path / "imgs", tmp_path / "o2", tiny_checkpoint, "--format", "jpeg")
     assert result.exit_code == 1 and "unknown output format" in result.output
     result = _infer(tmp_path / "imgs", tmp_path / "o4", tiny_checkpoint, "--set", "output_format=jpeg")
