@@ -6,6 +6,7 @@ import csv
 import fnmatch
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -73,7 +74,7 @@ def find_pairs(root: str | os.PathLike) -> list[dict]:
         if (base / "image").is_dir():
             return _folder_pairs(base / "image", base / "label")
     raise DataError(
-        f"{root}: no training data found; expected image/ + label/ folders or "
+        f"{root}: no labelled data found; expected image/ + label/ folders or "
         f"{ISBI_STACKS[0]} + {ISBI_STACKS[1]}"
     )
 
@@ -185,7 +186,7 @@ def _in_val_folder(find: Callable[[], list[dict]], val_dir: str | os.PathLike, h
     try:
         return find()
     except DataError as err:
-        if not re.search(r"no images match|no DSB samples found|no training data found|data folder not found",
+        if not re.search(r"no images match|no DSB samples found|no labelled data found|data folder not found",
                          str(err)):
             raise
         raise DataError(f"{val_dir}: no labelled images found in the validation folder as in the training data "
@@ -399,7 +400,10 @@ def find_image_mask_pairs(root: str | os.PathLike, image_glob: str = "images/*",
                     key=lambda p: natural_key(p.relative_to(root).as_posix()))
     if not images:
         volumes = _volumes_said(sorted(p for p in _glob(root, image_glob) if p.is_file()))
-        raise DataError(f"{root}: no images match '{image_glob}' ({', '.join(IMAGE_SUFFIXES)})"
+        if not volumes and _dsb_like(root):
+            volumes = ("; this is the Data Science Bowl layout ({id}/images/ + {id}/masks/, one mask per nucleus), "
+                       "which bundles/nuclei reads")
+        raise DataError(f"{root}: no images match '{image_glob}' (of the types read: {', '.join(IMAGE_SUFFIXES)})"
                         f"{volumes or '; set image_glob in the bundle config (--set image_glob=...)'}")
     found = {}
     for image in images:
@@ -683,6 +687,17 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
         samples.append({"image": str(image), "label": str(folder / "masks"), "page": 0, "name": folder.name,
                         "group": categories.get(folder.name) or _size_group(image)})
     return samples
+
+
+def _dsb_like(root: Path, depth: int = 1) -> bool:
+    """Whether ``root`` (or, ``depth`` levels down, a folder in it: the competition's ``stage1_train/``) holds
+    samples in the Kaggle DSB layout (``{id}/images/`` beside ``{id}/masks/``)."""
+    try:
+        folders = [p for p in itertools.islice(root.iterdir(), 200) if p.is_dir()][:20]
+    except OSError:
+        return False
+    return any((p / "images").is_dir() and (p / "masks").is_dir() for p in folders) or (
+        depth > 0 and any(_dsb_like(p, depth - 1) for p in folders[:5]))
 
 
 def _layout_hint(root: Path) -> str:

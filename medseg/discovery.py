@@ -87,6 +87,26 @@ def _is_run_record(path: Path) -> bool:
     return isinstance(data, dict) and {"runs", "outputs"} <= set(data)
 
 
+#: Folder names of labels beside a folder of images (DSB's ``{id}/images`` + ``{id}/masks``, images/ + masks/)
+_LABEL_FOLDERS = {"masks": "images", "mask": "image", "labels": "images", "label": "image"}
+
+
+def label_inputs(inputs: Sequence[InputItem]) -> list[InputItem]:
+    """The inputs that lie in a label folder beside a folder of images (``masks/`` beside ``images/``,
+    ``label/`` beside ``image/``): the masks of a labelled data set, which ``medseg infer`` of its folder would
+    segment as images."""
+    found = []
+    for item in inputs:
+        path = Path(item.source)
+        for folder in path.parents:
+            images = _LABEL_FOLDERS.get(folder.name.lower())
+            if images and any((folder.parent / name).is_dir() for name in (images, images.capitalize(),
+                                                                              images.upper())):
+                found.append(item)
+                break
+    return found
+
+
 def discover(
     path: str | os.PathLike,
     include: Sequence[str] = (),

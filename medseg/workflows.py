@@ -1210,7 +1210,7 @@ def infer(
     from monai.data import DataLoader, Dataset
 
     from medseg.batch import RunRecord, run_batch
-    from medseg.discovery import discover
+    from medseg.discovery import discover, label_inputs
     from medseg.ensemble import load_members
     from medseg.export import say_other_weights
     from medseg.handlers import FileProgress
@@ -1223,6 +1223,14 @@ def infer(
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
     max_pixels()  # a bad MEDSEG_MAX_PIXELS is one error before the batch, not one per input
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
+    labels = label_inputs(inputs)
+    if labels:  # a labelled data set given whole: its masks would be segmented as images, unsaid
+        folder = next(p for p in Path(labels[0].source).parents if p.name.lower() in ("masks", "mask", "labels",
+                                                                                       "label"))
+        logging.getLogger(__name__).warning(
+            "%s: %d of the %d inputs lie in %s/ folders beside folders of images (a labelled data set?), and are "
+            "segmented as images; leave them out with --exclude '*%s/*' (or give --include for the images)",
+            input_path, len(labels), len(inputs), folder.name, folder.name)
     out = Path(output_dir)
     checkpoints = checkpoint_list(checkpoint, bundle)
     dev = select_device(device)

@@ -139,7 +139,7 @@ def test_missing_folder_and_missing_label(tmp_path, isbi_folder):
     os.symlink(isbi_folder / "gone.png", isbi_folder / "train" / "image" / "2.png")
     with pytest.raises(DataError, match=r"image/2\.png: a link to a missing file; restore its target"):
         find_pairs(isbi_folder)
-    with pytest.raises(DataError, match="no training data found"):
+    with pytest.raises(DataError, match="no labelled data found"):
         find_pairs(tmp_path / "isbi" / "train" / "label")
 
 

@@ -1776,3 +1776,21 @@ def test_a_tilted_series_gives_a_nifti_whose_sform_is_exact_and_qform_straight(t
         for k in range(4):  # voxel (0, 0, k): each slice's own position in the sform, the stack straight in the qform
             np.testing.assert_allclose(image.affine @ [0, 0, k, 1], [0, -2.0 * tan * k, 2.0 * k, 1], atol=1e-4)
             np.testing.assert_allclose(image.get_qform() @ [0, 0, k, 1], [0, 0, step * k, 1], atol=1e-4)
+
+
+def test_a_labelled_data_set_given_whole_says_its_masks_are_segmented_as_images(tmp_path, tiny_checkpoint, caplog):
+    # a DSB folder gave 134 inputs for 2 samples, 132 of them masks/*.png, without a word
+    for sample in ("a", "b"):
+        _em_png(tmp_path / "in" / sample / "images" / f"{sample}.png", seed=1)
+        for k in range(2):
+            _em_png(tmp_path / "in" / sample / "masks" / f"{sample}{k}.png", seed=2 + k)
+    result = _infer(tmp_path / "in", tmp_path / "out", tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "beside folders of images" in r.getMessage()]
+    assert said == [f"{tmp_path / 'in'}: 4 of the 6 inputs lie in masks/ folders beside folders of images (a "
+                    "labelled data set?), and are segmented as images; leave them out with --exclude '*masks/*' "
+                    "(or give --include for the images)"]
+    caplog.clear()
+    result = _infer(tmp_path / "in", tmp_path / "out2", tiny_checkpoint, "--exclude", "*masks/*")
+    assert result.exit_code == 0 and _summary(result.output)["inputs"] == 2
+    assert not [r for r in caplog.records if "beside folders of images" in r.getMessage()]

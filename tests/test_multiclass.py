@@ -13,7 +13,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from conftest import DATA_FOUND, JURKAT_TINY_NET, REPO, synthetic_cells, write_dicom_slice, write_jurkat_folder
+from conftest import (
+    DATA_FOUND,
+    JURKAT_TINY_NET,
+    REPO,
+    synthetic_cells,
+    write_dicom_slice,
+    write_dsb_folder,
+    write_jurkat_folder,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -176,6 +184,11 @@ def test_data_errors_name_the_file(jurkat_folder, tmp_path):
 
     with pytest.raises(DataError, match=r"no images match '\*\*/\*\.jpg'.*set image_glob"):
         find_image_mask_pairs(other, image_glob="**/*.jpg", mask_template="{stem}.png")
+    # DSB samples given to a bundle of images + masks: the layout named, and the bundle that reads it
+    dsb = write_dsb_folder(tmp_path / "dsb")
+    with pytest.raises(DataError, match=r"no images match '\*\*/\*\.bmp' \(of the types read: .*\); this is the "
+                                        r"Data Science Bowl layout .*, which bundles/nuclei reads$"):
+        find_image_mask_pairs(dsb, image_glob="**/*.bmp", mask_template="{stem}.png")
     with pytest.raises(DataError, match="missing: data folder not found"):
         find_image_mask_pairs(tmp_path / "missing")
 
