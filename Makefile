@@ -43,7 +43,7 @@ demo: demo-check venv
 	$(BIN)/medseg infer $(BUNDLE) $(DATA)/$(INFER) $(OUT)/infer --checkpoint $(OUT)/train/model.pt --overwrite
 	@echo "demo outputs: $(OUT)/train (checkpoints, MLflow store, curves), $(OUT)/eval (metrics), $(OUT)/infer (masks)"
 
-# an unknown DEMO has no data folder: said before anything is installed or run
+# an unknown DEMO has no data folder: said before anything is installed or run (in a serial make)
 demo-check:
 	@test -n "$(DATA)" || { echo "make demo: DEMO=$(DEMO) is not one of isbi_em, jurkat, nuclei; give one of those, or DATA=... (and INFER=...) for bundles/$(DEMO)"; exit 2; }
 	@test -n "$(INFER)" || { echo "make demo: give INFER=... (a sub-folder of $(DATA) to segment) for DEMO=$(DEMO)"; exit 2; }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -392,11 +391,14 @@ def infer(
 
 
 def _rows_in(manifest: Path) -> bool:
-    """Whether a batch's ``manifest.csv`` lists an input (beyond its header)."""
+    """Whether a batch's ``manifest.csv`` lists an input done (segmented, or skipped as done before): not only
+    files ignored (of other types) or failed."""
+    import csv
+
     try:
-        with open(manifest, encoding="utf-8") as f:
-            return sum(1 for _ in itertools.islice(f, 2)) > 1
-    except OSError:
+        with open(manifest, newline="", encoding="utf-8") as f:
+            return any(row.get("status") in ("ok", "skipped") for row in csv.DictReader(f))
+    except (OSError, ValueError, csv.Error):
         return False
 
 

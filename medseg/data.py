@@ -691,13 +691,13 @@ def find_dsb_samples(root: str | os.PathLike) -> list[dict]:
 
 def _dsb_like(root: Path, depth: int = 1) -> bool:
     """Whether ``root`` (or, ``depth`` levels down, a folder in it: the competition's ``stage1_train/``) holds
-    samples in the Kaggle DSB layout (``{id}/images/`` beside ``{id}/masks/``)."""
+    samples in the Kaggle DSB layout (``{id}/images/{id}.*`` beside ``{id}/masks/``)."""
     try:
         folders = [p for p in itertools.islice(root.iterdir(), 200) if p.is_dir()][:20]
     except OSError:
         return False
-    return any((p / "images").is_dir() and (p / "masks").is_dir() for p in folders) or (
-        depth > 0 and any(_dsb_like(p, depth - 1) for p in folders[:5]))
+    return any((p / "masks").is_dir() and any((p / "images").glob(f"{glob.escape(p.name)}.*")) for p in folders) \
+        or (depth > 0 and any(_dsb_like(p, depth - 1) for p in folders[:5]))
 
 
 def _layout_hint(root: Path) -> str:

@@ -91,18 +91,24 @@ def _is_run_record(path: Path) -> bool:
 _LABEL_FOLDERS = {"masks": "images", "mask": "image", "labels": "images", "label": "image"}
 
 
-def label_inputs(inputs: Sequence[InputItem]) -> list[InputItem]:
-    """The inputs that lie in a label folder beside a folder of images (``masks/`` beside ``images/``,
-    ``label/`` beside ``image/``): the masks of a labelled data set, which ``medseg infer`` of its folder would
-    segment as images."""
-    found = []
+def label_inputs(inputs: Sequence[InputItem], root: str | os.PathLike) -> list[tuple[InputItem, str]]:
+    """The inputs that lie, below the searched folder ``root``, in a label folder beside a folder of images
+    (``masks/`` beside ``images/``, ``label/`` beside ``image/``), with that folder's name: the masks of a
+    labelled data set, which ``medseg infer`` of its folder would segment as images (a label folder given as
+    ``root`` is the user's choice)."""
+    top = Path(root).absolute()
+    found, seen = [], {}
     for item in inputs:
-        path = Path(item.source)
-        for folder in path.parents:
+        for folder in Path(item.source).absolute().parents:
+            if folder == top or not folder.is_relative_to(top):
+                break
             images = _LABEL_FOLDERS.get(folder.name.lower())
-            if images and any((folder.parent / name).is_dir() for name in (images, images.capitalize(),
-                                                                              images.upper())):
-                found.append(item)
+            if not images:
+                continue
+            if folder not in seen:  # once per folder: a DSB set has thousands of masks in a few hundred
+                seen[folder] = any((folder.parent / n).is_dir() for n in (images, images.capitalize(), images.upper()))
+            if seen[folder]:
+                found.append((item, folder.name))
                 break
     return found
 

@@ -228,6 +228,23 @@ class TrainedSettings(NamedTuple):
                 ", ".join(f"{k}={_as_set(v)}" for k, v in self.values.items()), ", ".join(self.sources))
 
 
+def _bundle_place(root: Any, checkpoint: str | os.PathLike) -> str:
+    """`` at FOLDER``: where a training's record says its bundle was (``bundle_root``, absolute; a relative one
+    from the folder the training ran in, as its ``train_summary.json`` records it), or nothing where unknown."""
+    if not isinstance(root, str) or not root or worked_out(root):
+        return ""
+    if not Path(root).is_absolute():
+        try:
+            summary = json.loads(run_file(checkpoint, "train_summary.json").read_text(encoding="utf-8"))
+            ran_in = summary["environment"]["cwd"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+        if not isinstance(ran_in, str):
+            return ""
+        root = os.path.normpath(os.path.join(ran_in, root))
+    return f" at {root}"
+
+
 def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], overrides: dict,
                       overlays: Sequence[Any] = ()) -> TrainedSettings:
     """The values the training of ``checkpoints`` gave the bundle's inference settings, for ``evaluate``, ``infer``
@@ -273,8 +290,7 @@ def training_settings(bundle: str | os.PathLike, checkpoints: Sequence[str | os.
                 meta = record.get("_meta_")
                 name = meta.get("name") if isinstance(meta, dict) else None
                 if own and name and name != own:  # weights of the same shape can mean other classes
-                    root = record.get("bundle_root")
-                    where = f" at {root}" if isinstance(root, str) and root and not worked_out(root) else ""
+                    where = _bundle_place(record.get("bundle_root"), checkpoint)
                     raise CheckpointError(f"{checkpoint}: trained with the bundle '{name}'{where} (its {path.name}), "
                                           f"not this one, '{own}'; give that bundle (its weights mean its own "
                                           "classes and settings)")

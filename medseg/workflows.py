@@ -551,14 +551,12 @@ def train(
     _absolute_val_dir(parser, bundle=bundle)
     _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")
     _check_training_length(parser, max_minutes)
-    held_out = parser.get("val_dir") if "val_dir" in parser else None  # as given, or the resumed run's
-    for data, option in ((data_dir, "--data"), *(((held_out, "--val-data"),) if isinstance(held_out, str) else ())):
-        if Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
-            where = "the data folder itself" if out.resolve() == Path(data).resolve() else \
-                f"inside the data folder {data}"
-            raise DataError(f"{output_dir}: {where} ({option}), where the run's files would mix with the images "
-                            "and a later training or evaluation would read them as data; give --output a folder "
-                            "of its own, such as runs/NAME")
+    held_out = parser.get("val_dir") if "val_dir" in parser else None  # as given (a resumed run's: checked then)
+    for data, option in ((data_dir, "--data"), *(((held_out, "--val-data"),) if isinstance(held_out, str) and held_out
+                                                  else ())):
+        if Path(data).is_dir() and out.resolve() == Path(data).resolve():  # a folder inside it may hold runs/
+            raise DataError(f"{output_dir}: the data folder itself ({option}), where the run's files would mix with "
+                            "the images; give --output a folder of its own, such as runs/NAME")
     made = runfolder.folders_made_for(out.absolute())  # a folder this training makes is removed if it cannot start
     check_writable(out)
     own_store = False  # whether MLflow logs to the folder's own store
@@ -1223,14 +1221,13 @@ def infer(
         raise DataError(f"--format {output_format}: unknown output format; choose auto, {', '.join(OUTPUT_FORMATS)}")
     max_pixels()  # a bad MEDSEG_MAX_PIXELS is one error before the batch, not one per input
     inputs, ignored = discover(input_path, include, exclude, recursive, skip=output_dir)
-    labels = label_inputs(inputs)
+    labels = label_inputs(inputs, input_path)
     if labels:  # a labelled data set given whole: its masks would be segmented as images, unsaid
-        folder = next(p for p in Path(labels[0].source).parents if p.name.lower() in ("masks", "mask", "labels",
-                                                                                       "label"))
+        name = labels[0][1]
         logging.getLogger(__name__).warning(
             "%s: %d of the %d inputs lie in %s/ folders beside folders of images (a labelled data set?), and are "
             "segmented as images; leave them out with --exclude '*%s/*' (or give --include for the images)",
-            input_path, len(labels), len(inputs), folder.name, folder.name)
+            input_path, len(labels), len(inputs), name, name)
     out = Path(output_dir)
     checkpoints = checkpoint_list(checkpoint, bundle)
     dev = select_device(device)
@@ -1240,11 +1237,6 @@ def infer(
     trained = runfolder.training_settings(bundle, checkpoints, overrides or {}, overlays)
     parser = load_config(bundle, "infer", overlays, overrides, settings, trained=trained.values)
     trained.say(checkpoints)
-    chosen = output_format if output_format != "auto" else parser.get("output_format", "auto")
-    if chosen == "dicom-seg" and inputs and not any(item.format == "dicom" for item in inputs):
-        shown = f"--format {chosen}" if output_format != "auto" else f"output_format={chosen}"
-        raise DataError(f"{input_path}: {shown} needs DICOM inputs, and none of the {len(inputs)} found is DICOM; "
-                        "use --format nifti or tiff")
     workers = parser.get("dataloader#num_workers", 0) if isinstance(parser.get("dataloader"), dict) else 0
     if workers:  # each input's slices are read in this process (run_batch), one input at a time
         raise ConfigValueError(f"dataloader#num_workers={workers}: medseg infer reads each input's slices itself "
@@ -1261,6 +1253,10 @@ def infer(
                    if isinstance(t, SaveSegmentationd)), None)
     if writer is None:
         raise DataError(f"{bundle}: inference postprocessing has no medseg.writers.SaveSegmentationd; add one")
+    if writer.output_format == "dicom-seg" and inputs and not any(item.format == "dicom" for item in inputs):
+        shown = f"--format {output_format}" if output_format != "auto" else "output_format=dicom-seg"
+        raise DataError(f"{input_path}: {shown} needs DICOM inputs, and none of the {len(inputs)} found is DICOM; "
+                        "use --format nifti or tiff")
     if os.path.abspath(writer.output_dir) != os.path.abspath(out):  # a --set or overlay of the writer's own id
         raise ConfigValueError(f"the bundle's writer would write to {writer.output_dir}, not to the output folder "
                                f"{out} (where the run record and manifest go); give the folder as OUTPUT_DIR and "

@@ -2765,13 +2765,21 @@ def test_bad_input_non_binary_label(tmp_path):
 
 def test_a_run_folder_in_the_data_folder_is_refused(tmp_path, isbi_folder):
     # the run's model.pt, mlflow.db, curves.png ... were written among the images, without a word
-    for output, where in ((isbi_folder, "the data folder itself"), (isbi_folder / "runs" / "em1",
-                                                                   f"inside the data folder {isbi_folder}")):
-        result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", output, "--epochs", 1, "--no-progress",
-                         *_tiny_args())
-        _assert_one_line_error(result, f"{output}: {where} (--data), where the run's files would mix with the "
-                               "images", "give --output a folder of its own, such as runs/NAME")
-    assert not (isbi_folder / "runs").exists() and not (isbi_folder / "model.pt").exists()
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--output", isbi_folder, "--epochs", 1, "--no-progress",
+                     *_tiny_args())
+    _assert_one_line_error(result, f"{isbi_folder}: the data folder itself (--data), where the run's files would mix "
+                           "with the images; give --output a folder of its own, such as runs/NAME")
+    assert not (isbi_folder / "model.pt").exists()
+    # a folder inside it is a folder of its own (a project folder holding image/, label/ and runs/), as is an
+    # empty validation folder setting
+    os.chdir(isbi_folder)
+    try:
+        result = _invoke("train", BUNDLE, "--data", ".", "--output", "runs/em1", "--epochs", 1, "--no-progress",
+                         "--no-tracking", "--set", 'val_dir=""', *_tiny_args())
+    finally:
+        os.chdir(REPO)
+    assert result.exit_code == 0, result.output
+    assert (isbi_folder / "runs" / "em1" / "model.pt").is_file()
 
 
 def test_bad_input_unknown_bundle(tmp_path, isbi_folder):
@@ -3023,7 +3031,11 @@ def test_ctrl_c_of_infer_says_what_running_it_again_does(tmp_path, monkeypatch, 
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
     assert lines == ["error: interrupted; no input was finished; run the same command again"]
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "manifest.csv").write_text("input,status\nin/a.png,ok\n")
+    (tmp_path / "out" / "manifest.csv").write_text("input,status\nin/notes.txt,ignored\nin/b.png,failed\n")
+    result = _invoke("infer", BUNDLE, tmp_path / "in", tmp_path / "out", *extra)  # none done: files of other types
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == ["error: interrupted; no input was finished; run the same command again"]
+    (tmp_path / "out" / "manifest.csv").write_text("input,status\nin/notes.txt,ignored\nin/a.png,ok\n")
     result = _invoke("infer", BUNDLE, tmp_path / "in", tmp_path / "out", *extra)
     lines = [line for line in result.output.splitlines() if line.startswith("error")]
     assert lines == [f"error: interrupted; finished inputs are kept in {tmp_path / 'out'}; {words}"]

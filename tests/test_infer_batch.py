@@ -1794,3 +1794,7 @@ def test_a_labelled_data_set_given_whole_says_its_masks_are_segmented_as_images(
     result = _infer(tmp_path / "in", tmp_path / "out2", tiny_checkpoint, "--exclude", "*masks/*")
     assert result.exit_code == 0 and _summary(result.output)["inputs"] == 2
     assert not [r for r in caplog.records if "beside folders of images" in r.getMessage()]
+    # a masks folder given itself is the user's choice: nothing said
+    result = _infer(tmp_path / "in" / "a" / "masks", tmp_path / "out3", tiny_checkpoint)
+    assert result.exit_code == 0 and _summary(result.output)["inputs"] == 2
+    assert not [r for r in caplog.records if "beside folders of images" in r.getMessage()]

@@ -189,6 +189,12 @@ def test_data_errors_name_the_file(jurkat_folder, tmp_path):
     with pytest.raises(DataError, match=r"no images match '\*\*/\*\.bmp' \(of the types read: .*\); this is the "
                                         r"Data Science Bowl layout .*, which bundles/nuclei reads$"):
         find_image_mask_pairs(dsb, image_glob="**/*.bmp", mask_template="{stem}.png")
+    # images/ + masks/ in each group's folder (one mask per image) is no DSB sample: the glob is what to set
+    (tmp_path / "grp" / "plate1" / "images").mkdir(parents=True)
+    (tmp_path / "grp" / "plate1" / "masks").mkdir()
+    shutil.copy(other / "x" / "001.bmp", tmp_path / "grp" / "plate1" / "images" / "a.png")
+    with pytest.raises(DataError, match=r"no images match .*; set image_glob in the bundle config"):
+        find_image_mask_pairs(tmp_path / "grp", image_glob="**/*.bmp", mask_template="{stem}.png")
     with pytest.raises(DataError, match="missing: data folder not found"):
         find_image_mask_pairs(tmp_path / "missing")
 
