@@ -442,8 +442,9 @@ def info(
     from medseg.info import collect_info
 
     given = getattr(ctx.get_parameter_source("bundles_dir"), "name", "") == "COMMANDLINE"
-    if not given and not bundles_dir.is_dir() and shipped_bundles() is not None:  # run from another folder
-        bundles_dir = shipped_bundles()
+    shipped = shipped_bundles()
+    if not given and not bundles_dir.is_dir() and shipped is not None:  # run from another folder
+        bundles_dir = shipped
     if given and not bundles_dir.is_dir():  # the default is looked for quietly: info still reports the versions
         typer.secho(f"error: {bundles_dir}: folder not found; pass --bundles-dir pointing to the folder that holds "
                     "the bundles (isbi_em, jurkat, nuclei)", err=True, fg=typer.colors.RED)

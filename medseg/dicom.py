@@ -506,15 +506,14 @@ def _stack_step(positions: np.ndarray, names: list[str], row: np.ndarray, col: n
     if float(np.linalg.norm(across)) * (count - 1) <= 0.5 * float(np.min(ps)) or tilt < 0.2:
         return step, None
     said = (names[0], "tilt")  # once a series: its geometry is worked out again when the cache drops it
-    if said in _SAID:
-        return step, _affine(positions[0], normal * length, row, col, ps)
-    _SAID.add(said)
-    logging.getLogger(__name__).warning(
-        "%s: the series' slices are stacked at a tilt of %.1f° (gantry tilt); a NIfTI output's sform places "
-        "each slice where it was acquired, while its qform, which ITK-based viewers (3D Slicer, ITK-SNAP) read, "
-        "and a TIFF stack them straight, %.4g mm apart, as ITK reads the series itself (voxel sizes then give "
-        "volumes %.1f%% large); a DICOM SEG (--format dicom-seg) overlays the series exactly", names[0], tilt,
-        length, 100 * (length / abs(float(step @ normal)) - 1))
+    if said not in _SAID:
+        _SAID.add(said)
+        logging.getLogger(__name__).warning(
+            "%s: the series' slices are stacked at a tilt of %.1f° (gantry tilt); a NIfTI output's sform places "
+            "each slice where it was acquired, while its qform, which ITK-based viewers (3D Slicer, ITK-SNAP) "
+            "read, and a TIFF stack them straight, %.4g mm apart, as ITK reads the series itself (voxel sizes then "
+            "give volumes %.1f%% large); a DICOM SEG (--format dicom-seg) overlays the series exactly", names[0],
+            tilt, length, 100 * (length / abs(float(step @ normal)) - 1))
     return step, _affine(positions[0], normal * length, row, col, ps)  # sorted along the normal: ascending
 
 

@@ -551,7 +551,7 @@ def train(
     _absolute_val_dir(parser, bundle=bundle)
     _leave_sigterm_to_main(parser, "train#dataloader", "validate#dataloader")
     _check_training_length(parser, max_minutes)
-    held_out = parser.get("val_dir") if "val_dir" in parser else None  # as given (a resumed run's: checked then)
+    held_out = parser.get("val_dir") if "val_dir" in parser else None  # as given (a resumed run's: when it began)
     for data, option in ((data_dir, "--data"), *(((held_out, "--val-data"),) if isinstance(held_out, str) and held_out
                                                   else ())):
         if Path(data).is_dir() and out.resolve() == Path(data).resolve():  # a folder inside it may hold runs/

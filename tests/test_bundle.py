@@ -666,6 +666,12 @@ def test_training_settings_of_an_ensemble_must_agree_and_another_bundles_are_ref
                                               r"/models/bundles/other \(its config.json\), not this one, '.*'; give "
                                               r"that bundle \(its weights mean its own classes and settings\)$"):
         training_settings(NUCLEI, [other], {})
+    # a record that names it relative to the folder its training ran in (make demo's bundles/jurkat): from there
+    relative = _run_record(tmp_path / "rel", NUCLEI, {"_meta_#name": "another bundle", "bundle_root": "bundles/other"})
+    (tmp_path / "rel" / "train_summary.json").write_text(json.dumps({"environment": {"cwd": "/work/project"}}))
+    with pytest.raises(CheckpointError, match=r"trained with the bundle 'another bundle' at "
+                                              r"/work/project/bundles/other \(its config.json\)"):
+        training_settings(NUCLEI, [relative], {})
 
 
 def test_a_linked_checkpoint_finds_its_record_and_a_lone_one_is_said(tmp_path, caplog):

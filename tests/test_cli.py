@@ -2780,6 +2780,24 @@ def test_a_run_folder_in_the_data_folder_is_refused(tmp_path, isbi_folder):
         os.chdir(REPO)
     assert result.exit_code == 0, result.output
     assert (isbi_folder / "runs" / "em1" / "model.pt").is_file()
+    held = write_isbi_folder(tmp_path / "held", n=2)  # the validation folder as the output: refused alike
+    result = _invoke("train", BUNDLE, "--data", isbi_folder, "--val-data", held, "--output", held, "--epochs", 1,
+                     "--no-progress", *_tiny_args())
+    _assert_one_line_error(result, f"{held}: the data folder itself (--val-data)")
+    assert not (held / "model.pt").exists()
+
+
+def test_make_demo_refuses_a_demo_it_has_no_data_for_before_anything_runs(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    # DEMO=isbi ran medseg train with an empty --data, which then took --output's value for its own; the venv
+    # given cannot be made (a folder under a file), so nothing is installed whatever happens
+    (tmp_path / "file").write_text("")
+    result = subprocess.run(["make", "-s", "demo", "DEMO=isbi", f"VENV={tmp_path / 'file' / 'venv'}"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stdout.splitlines()[0] == ("make demo: DEMO=isbi is not one of isbi_em, jurkat, nuclei; give one "
+                                             "of those, or DATA=... (and INFER=...) for bundles/isbi")
 
 
 def test_bad_input_unknown_bundle(tmp_path, isbi_folder):
