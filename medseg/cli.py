@@ -414,6 +414,10 @@ def export(
         "--torchscript/--no-torchscript",
         help="Also write models/model.ts, the network as TorchScript (about the size of model.pt again).",
         metavar="")] = True,
+    weights_url: Annotated[str | None, typer.Option(
+        help="The address of the folder the weight files will be uploaded to: large_files.yml lists them there "
+             "with their SHA-256, for the MONAI model zoo and `python -m monai.bundle download_large_files`.",
+        metavar="URL")] = None,
 ) -> None:
     """Write a trained model as a bundle of its own, to hand over or share.
 
@@ -422,11 +426,13 @@ def export(
     runs and evaluates the model as medseg does. Its metadata.json and docs describe these weights: channels,
     best validation score, settings changed, SHA-256. models/model.ts holds the network as TorchScript, for
     plain PyTorch (torch.jit.load) and MONAI Deploy, unless --no-torchscript, or a warning says this PyTorch
-    cannot script the network.
+    cannot script the network. With --weights-url, large_files.yml says where the weight files will be kept,
+    so that the bundle can be shared without them, as the MONAI model zoo keeps bundles.
     """
     from medseg.export import export_bundle
 
-    written = _run(ctx, export_bundle, bundle, checkpoint, output_dir, torchscript=torchscript)
+    written = _run(ctx, export_bundle, bundle, checkpoint, output_dir, torchscript=torchscript,
+                   weights_url=weights_url)
     typer.echo(json.dumps(written, indent=2, ensure_ascii=False, default=str))
 
 

@@ -256,7 +256,7 @@ def _save_split(split: dict[str, list[dict]], data_dir: str | os.PathLike, save_
         _warn_copies(split, record["sha256"], val_dir)
     try:
         with atomic_output(out / "split.json") as tmp:  # a resume compares against it: never half written
-            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     except OSError as err:  # named after the record, not its temporary file (a full disk names none)
         if err.filename is None or Path(err.filename).parent == out:
             err.filename = str(out / "split.json")

@@ -20,11 +20,14 @@ from medseg.errors import NO_SPACE, CheckpointError, DataError, MedsegError, bri
 BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
 #: Ids of a run's record that say where it was tracked (older records also held MLflow handlers): not the
 #: receiver's business, and a plain ``monai.bundle run`` of the record would log into the sender's store
+#: The file that lists the weights' download addresses, as the MONAI model zoo and ``monai.bundle
+#: download_large_files`` read it
+LARGE_FILES = "large_files.yml"
 _TRACKING_IDS = ("_tracking_", "tracking_uri", "tracking_store", "experiment_name", "run_name", "save_execute_config")
 
 
 def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
-                  torchscript: bool = True) -> dict:
+                  torchscript: bool = True, weights_url: str | None = None) -> dict:
     """Write ``bundle`` with ``checkpoint`` as its ``models/model.pt`` into ``output_dir``, a bundle that runs the
     model alike with ``medseg`` and with MONAI's own runner (``python -m monai.bundle run``).
 
@@ -41,13 +44,19 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     With ``torchscript``, ``models/model.ts`` holds the network with these weights as TorchScript, for a
     receiver without medseg or MONAI (see :func:`_write_torchscript`).
 
+    With ``weights_url``, the address of a folder the weight files will be uploaded to (as the MONAI model zoo
+    keeps weights out of its repository), ``large_files.yml`` lists each of them there with its SHA-256, so that
+    ``python -m monai.bundle download_large_files`` fetches and checks them into a copy of the bundle without
+    them (see :func:`_write_large_files`).
+
     Returns:
         what was written: ``output_dir``, ``checkpoint``, its ``sha256``, ``settings`` (id -> value written) and
         ``torchscript`` (the ``model.ts`` path; ``None`` when not asked for, or when this PyTorch cannot script
-        the network).
+        the network), ``large_files`` (the ``large_files.yml`` path, or ``None``).
 
     Raises:
-        MedsegError: ``output_dir`` exists or lies inside the bundle, or a file cannot be read or written.
+        MedsegError: ``output_dir`` exists or lies inside the bundle, a file cannot be read or written, or
+            ``weights_url`` is not an address.
         CheckpointError: ``checkpoint`` is missing, a training's last checkpoint, another bundle's training
             made it, or its weights do not fit the network the export describes.
     """
@@ -57,6 +66,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
     from medseg.runfolder import recipe_changes, run_file, training_settings
 
     bundle, checkpoint, out = Path(bundle), Path(checkpoint), Path(output_dir)
+    if weights_url is not None:
+        _check_url(weights_url)
     bundle_configs(bundle, "infer")  # a bundle folder, or its one-line error
     for config in sorted((bundle / "configs").glob("*.json")):  # named here, not as the copy that is let go
         try:
@@ -137,7 +148,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
         scripted = torchscript and _write_torchscript(network, part, out)
-        _write_docs_header(part / "docs" / "README.md", about, described, scripted)
+        hosted = weights_url is not None and _write_large_files(part, weights_url, scripted)
+        _write_docs_header(part / "docs" / "README.md", about, described, scripted, hosted)
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
         if part is not None:
@@ -160,7 +172,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         if held is not None:
             os.close(held)
     return {"output_dir": str(out), "checkpoint": str(checkpoint), "sha256": digest, "settings": settings,
-            "torchscript": str(out / "models" / "model.ts") if scripted else None}
+            "torchscript": str(out / "models" / "model.ts") if scripted else None,
+            "large_files": str(out / LARGE_FILES) if hosted else None}
 
 
 def say_other_weights(bundle: str | os.PathLike, checkpoints: Sequence[str | os.PathLike],
@@ -415,6 +428,39 @@ def _describe_channels(entry: dict, count: int, names: list | None, unnamed: str
                             f"output {i}, not a class (added by the training's settings)" for i in range(count)}
 
 
+def _check_url(url: str) -> None:
+    """Refuse a ``weights_url`` that is not the address of a folder the weight files' names can be appended to."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ftp", "file") or not (parts.netloc or parts.scheme == "file" and
+                                                                    parts.path.strip("/")):
+        raise MedsegError(f"{url}: not an address of a folder; give the http(s):// address the weight files will "
+                          "be uploaded to, such as https://example.org/models/em1")
+    if parts.query or parts.fragment or any(c.isspace() for c in url):
+        raise MedsegError(f"{url}: cannot hold a query (?), a fragment (#) or spaces, as the weights' addresses are "
+                          "it followed by /model.pt; give the address of the folder itself")
+
+
+def _write_large_files(part: Path, url: str, scripted: bool) -> bool:
+    """Write ``part/large_files.yml``: each weight file (``models/model.pt``, ``models/model.ts`` where written)
+    at ``url``/its name, with its SHA-256, in the layout MONAI's ``download_large_files`` and the model zoo read
+    (path, url, hash_val, hash_type). Returns ``True``."""
+    from medseg.io import file_sha256
+
+    names = ["model.pt", "model.ts"] if scripted else ["model.pt"]
+    lines = ["# Where this bundle's weight files are kept, with their SHA-256; a copy of the bundle without them",
+             "# gets them with: python -m monai.bundle download_large_files --bundle_path THIS_FOLDER",
+             "large_files:"]
+    for name in names:
+        lines += [f"  - path: {json.dumps('models/' + name)}",
+                  f"    url: {json.dumps(url.rstrip('/') + '/' + name, ensure_ascii=False)}",
+                  f"    hash_val: {json.dumps(file_sha256(part / 'models' / name))}",
+                  '    hash_type: "sha256"']
+    (part / LARGE_FILES).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return True
+
+
 def _write_torchscript(network: Any, part: Path, out: Path) -> bool:
     """Write ``network`` (its weights loaded) into ``part/models/model.ts`` as MONAI's ``ckpt_export`` does:
     TorchScript with ``metadata.json`` and the configs inside as extra files (``monai.data.load_net_with_metadata``
@@ -445,7 +491,7 @@ def _write_torchscript(network: Any, part: Path, out: Path) -> bool:
     return True
 
 
-def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bool) -> None:
+def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bool, hosted: bool = False) -> None:
     """Put, before the source bundle's documentation (an earlier export's header replaced), what this export
     holds and how it differs."""
     body = path.read_text(encoding="utf-8") if path.is_file() else ""
@@ -478,7 +524,10 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
                  "multiple of the network's total downsampling), without the sliding window, the resampling to "
                  "the trained object size where the configs set one (`target_diameter`), the logit shift and "
                  "the post-processing that `medseg infer` and `python -m monai.bundle run` add." if scripted
-                 else ""))
+                 else "")
+              + (f" `{LARGE_FILES}` lists where the weight files are kept, with their SHA-256: a copy of this "
+                 "folder without them (as the MONAI model zoo keeps bundles) gets them with `python -m "
+                 "monai.bundle download_large_files --bundle_path MODEL`." if hosted else ""))
     header += ("\n\nTo run these weights, with this folder as `MODEL` (`models/model.pt` is its default "
                "checkpoint, so no `--checkpoint` is needed):\n\n"
                "```\n"

@@ -577,7 +577,7 @@ def _split_as_recorded(out: Path, recorded: dict, drawn: dict, datalists: Any) -
         return None
     kept = {key: [now[str(n)] for n in listed] for key, listed in zip(("train", "val"), names, strict=True)}
     with atomic_output(out / "split.json") as tmp:
-        tmp.write_text(json.dumps({**drawn, "train": names[0], "val": names[1]}, indent=2), encoding="utf-8")
+        tmp.write_text(json.dumps({**drawn, "train": names[0], "val": names[1]}, indent=2) + "\n", encoding="utf-8")
     moved = set(map(str, names[1])) ^ set(map(str, drawn.get("val", [])))
     logging.getLogger(__name__).warning(
         "--resume: the data would be split otherwise now (%d of its %d images in the other set: a medseg version "

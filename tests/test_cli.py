@@ -1735,6 +1735,53 @@ def test_an_export_holds_the_network_as_torchscript_for_plain_pytorch(trained, t
     assert not (tmp_path / "plain" / "models" / "model.ts").exists()
 
 
+def test_an_export_lists_its_weights_for_download_as_the_model_zoo_keeps_bundles(trained, tmp_path):
+    # the model zoo keeps weights out of its repository: large_files.yml says where they are, and MONAI's own
+    # download_large_files fetches them into a copy of the bundle without them and checks their SHA-256
+    import yaml  # MONAI reads .yml configs with it (PyYAML, which MLflow requires)
+    from monai.bundle import download_large_files
+
+    hosted = tmp_path / "hosted files"
+    url = hosted.as_uri() + "/"  # file://.../hosted%20files/: a folder's address, quoted as URLs are
+    result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "em", "--weights-url", url)
+    assert result.exit_code == 0, result.output
+    listed = tmp_path / "em" / "large_files.yml"
+    assert json.loads(result.output)["large_files"] == str(listed)
+    entries = yaml.safe_load(listed.read_text())["large_files"]
+    models = tmp_path / "em" / "models"
+    assert [(e["path"], e["url"], e["hash_type"]) for e in entries] == [
+        ("models/model.pt", url + "model.pt", "sha256"), ("models/model.ts", url + "model.ts", "sha256")]
+    assert entries[0]["hash_val"] == hashlib.sha256((trained["out"] / "model.pt").read_bytes()).hexdigest()
+    assert "large_files.yml" in (tmp_path / "em" / "docs" / "README.md").read_text()
+    hosted.mkdir()
+    for name in ("model.pt", "model.ts"):  # uploaded, and left out of the shared copy
+        shutil.copyfile(models / name, hosted / name)
+    shared = shutil.copytree(tmp_path / "em", tmp_path / "shared", ignore=shutil.ignore_patterns("model.[pt]*"))
+    download_large_files(bundle_path=str(shared))
+    for name in ("model.pt", "model.ts"):
+        assert (shared / "models" / name).read_bytes() == (models / name).read_bytes()
+    (shared / "models" / "model.pt").unlink()
+    (hosted / "model.pt").write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="sha256 hash check of downloaded file failed"):
+        download_large_files(bundle_path=str(shared))
+    # without TorchScript only model.pt is listed; without an address, no list
+    result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "pt", "--no-torchscript",
+                     "--weights-url", "https://example.org/em1")
+    assert result.exit_code == 0, result.output
+    assert [e["url"] for e in yaml.safe_load((tmp_path / "pt" / "large_files.yml").read_text())["large_files"]] \
+        == ["https://example.org/em1/model.pt"]
+    result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "none")
+    assert json.loads(result.output)["large_files"] is None and not (tmp_path / "none" / "large_files.yml").exists()
+    # an export of that export lists nothing of its source's (other files, other hashes)
+    result = _invoke("export", tmp_path / "em", models / "model.pt", tmp_path / "again")
+    assert result.exit_code == 0 and not (tmp_path / "again" / "large_files.yml").exists(), result.output
+    for bad, says in (("models/em1", "not an address of a folder"), ("https://zenodo.org/x?download=1",
+                                                                      "cannot hold a query")):
+        _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "bad",
+                                       "--weights-url", bad), f"{bad}: {says}")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypatch):
     import errno
 
