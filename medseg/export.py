@@ -18,11 +18,11 @@ from medseg.errors import NO_SPACE, CheckpointError, DataError, MedsegError, bri
 #: What a bundle folder holds that goes into the export (MONAI's bundle layout less ``models/``): not the data,
 #: runs or evaluations a plain ``monai.bundle run`` may have put inside it
 BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
-#: Ids of a run's record that say where it was tracked (older records also held MLflow handlers): not the
-#: receiver's business, and a plain ``monai.bundle run`` of the record would log into the sender's store
 #: The file that lists the weights' download addresses, as the MONAI model zoo and ``monai.bundle
 #: download_large_files`` read it
 LARGE_FILES = "large_files.yml"
+#: Ids of a run's record that say where it was tracked (older records also held MLflow handlers): not the
+#: receiver's business, and a plain ``monai.bundle run`` of the record would log into the sender's store
 _TRACKING_IDS = ("_tracking_", "tracking_uri", "tracking_store", "experiment_name", "run_name", "save_execute_config")
 
 
