@@ -61,10 +61,11 @@ def test_info_reports_a_broken_bundle_and_lists_the_others(tmp_path):
     assert "metadata_problem" not in bundles["good"]
     # one that runs but misses fields of MONAI's schema is listed with what to fix
     meta = json.loads((tmp_path / "good" / "configs" / "metadata.json").read_text())
-    del meta["authors"]
-    (tmp_path / "good" / "configs" / "metadata.json").write_text(json.dumps(meta))
-    bundles = json.loads(_invoke("info", "--bundles-dir", tmp_path).output.split("\nnote")[0])["bundles"]
-    assert "'authors' is a required property" in bundles["good"]["metadata_problem"]
+    for field in ("authors", "schema"):  # the model zoo's schema requires the address of its schema too
+        broken = {k: v for k, v in meta.items() if k != field}
+        (tmp_path / "good" / "configs" / "metadata.json").write_text(json.dumps(broken))
+        bundles = json.loads(_invoke("info", "--bundles-dir", tmp_path).output.split("\nnote")[0])["bundles"]
+        assert f"'{field}' is a required property" in bundles["good"]["metadata_problem"]
 
 
 def test_a_bundle_without_name_or_version_is_one_line_error(tmp_path, isbi_folder):
