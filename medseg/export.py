@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -67,7 +68,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
 
     bundle, checkpoint, out = Path(bundle), Path(checkpoint), Path(output_dir)
     if weights_url is not None:
-        _check_url(weights_url)
+        weights_url = _check_url(weights_url)
     bundle_configs(bundle, "infer")  # a bundle folder, or its one-line error
     for config in sorted((bundle / "configs").glob("*.json")):  # named here, not as the copy that is let go
         try:
@@ -428,18 +429,50 @@ def _describe_channels(entry: dict, count: int, names: list | None, unnamed: str
                             f"output {i}, not a class (added by the training's settings)" for i in range(count)}
 
 
-def _check_url(url: str) -> None:
-    """Refuse a ``weights_url`` that is not the address of a folder the weight files' names can be appended to."""
-    from urllib.parse import urlsplit
+def _check_url(url: str) -> str:
+    """Refuse a ``weights_url`` that is not the address of a folder the weight files' names can be appended to
+    and that MONAI's ``download_url`` can fetch from; return it as written into ``large_files.yml`` (characters
+    beyond ASCII percent-encoded, as UTF-8, so the file reads alike under any locale)."""
+    from urllib.parse import quote, urlsplit
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https", "ftp", "file") or not (parts.netloc or parts.scheme == "file" and
-                                                                    parts.path.strip("/")):
-        raise MedsegError(f"{url}: not an address of a folder; give the http(s):// address the weight files will "
-                          "be uploaded to, such as https://example.org/models/em1")
-    if parts.query or parts.fragment or any(c.isspace() for c in url):
-        raise MedsegError(f"{url}: cannot hold a query (?), a fragment (#) or spaces, as the weights' addresses are "
-                          "it followed by /model.pt; give the address of the folder itself")
+    def refuse(why: str) -> MedsegError:
+        return MedsegError(f"{url!r}: {why}" if not url.isprintable() else f"{url}: {why}")
+
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise refuse("not text (bytes of another encoding); give the folder's address") from err
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise refuse("holds spaces or control characters; write a space as %20")
+    if "?" in url or "#" in url or "\\" in url:
+        raise refuse("cannot hold ?, # or \\, as the weights' addresses are it followed by /model.pt; give the "
+                     "address of the folder itself")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", url):
+        raise refuse("holds a % that is not followed by two hexadecimal digits; write a % as %25")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port out of range or not a number raises here
+    except ValueError as err:
+        raise refuse(f"not an address ({err}); give the http(s):// address the weight files will be uploaded "
+                     "to") from err
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https", "ftp", "file") or scheme != "file" and not parts.hostname:
+        raise refuse("not an address of a folder; give the http(s):// address the weight files will be uploaded "
+                     "to, such as https://example.org/models/em1")
+    if scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path.startswith("/")):
+        raise refuse("a file:// address names a folder on this machine by its whole path, as file:///srv/models/em1 "
+                     "(three slashes)")
+    if not parts.netloc.isascii():
+        raise refuse("a host name beyond ASCII; give it in its ASCII form (xn--...), as DNS knows it")
+    if parts.username is not None or parts.password is not None:
+        raise refuse("holds a user name or password, which large_files.yml would publish; give the address "
+                     "without them")
+    if (parts.hostname or "").lower() in ("drive.google.com", "docs.google.com"):
+        raise refuse("a Google Drive folder's address does not lead to its files by their names; host the weight "
+                     "files where a folder's address followed by /model.pt is the file's")
+    if parts.path.rstrip("/").rsplit("/", 1)[-1].lower() in ("model.pt", "model.ts"):
+        raise refuse("the address of a file; give the address of the folder that holds model.pt")
+    return quote(url, safe="".join(chr(c) for c in range(33, 127)))
 
 
 def _write_large_files(part: Path, url: str, scripted: bool) -> bool:
@@ -454,7 +487,7 @@ def _write_large_files(part: Path, url: str, scripted: bool) -> bool:
              "large_files:"]
     for name in names:
         lines += [f"  - path: {json.dumps('models/' + name)}",
-                  f"    url: {json.dumps(url.rstrip('/') + '/' + name, ensure_ascii=False)}",
+                  f"    url: {json.dumps(url.rstrip('/') + '/' + name)}",
                   f"    hash_val: {json.dumps(file_sha256(part / 'models' / name))}",
                   '    hash_type: "sha256"']
     (part / LARGE_FILES).write_text("\n".join(lines) + "\n", encoding="utf-8")

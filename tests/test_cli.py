@@ -1742,18 +1742,21 @@ def test_an_export_lists_its_weights_for_download_as_the_model_zoo_keeps_bundles
     import yaml  # MONAI reads .yml configs with it (PyYAML, which MLflow requires)
     from monai.bundle import download_large_files
 
-    hosted = tmp_path / "hosted files"
-    url = hosted.as_uri() + "/"  # file://.../hosted%20files/: a folder's address, quoted as URLs are
+    hosted = tmp_path / "hosted\u00fc"
+    url = f"file://{hosted}/"  # a folder's address; the name beyond ASCII is percent-encoded in the list
     result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "em", "--weights-url", url)
     assert result.exit_code == 0, result.output
     listed = tmp_path / "em" / "large_files.yml"
     assert json.loads(result.output)["large_files"] == str(listed)
+    assert listed.read_bytes().isascii()  # read alike under any locale
     entries = yaml.safe_load(listed.read_text())["large_files"]
     models = tmp_path / "em" / "models"
+    encoded = url.replace("\u00fc", "%C3%BC")
     assert [(e["path"], e["url"], e["hash_type"]) for e in entries] == [
-        ("models/model.pt", url + "model.pt", "sha256"), ("models/model.ts", url + "model.ts", "sha256")]
+        ("models/model.pt", encoded + "model.pt", "sha256"), ("models/model.ts", encoded + "model.ts", "sha256")]
     assert entries[0]["hash_val"] == hashlib.sha256((trained["out"] / "model.pt").read_bytes()).hexdigest()
     assert "large_files.yml" in (tmp_path / "em" / "docs" / "README.md").read_text()
+    assert (models / "split.json").read_bytes().endswith(b"}\n")  # as the model zoo's file checks ask
     hosted.mkdir()
     for name in ("model.pt", "model.ts"):  # uploaded, and left out of the shared copy
         shutil.copyfile(models / name, hosted / name)
@@ -1773,14 +1776,45 @@ def test_an_export_lists_its_weights_for_download_as_the_model_zoo_keeps_bundles
         == ["https://example.org/em1/model.pt"]
     result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "none")
     assert json.loads(result.output)["large_files"] is None and not (tmp_path / "none" / "large_files.yml").exists()
+    assert "large_files.yml" not in (tmp_path / "none" / "docs" / "README.md").read_text()
     # an export of that export lists nothing of its source's (other files, other hashes)
     result = _invoke("export", tmp_path / "em", models / "model.pt", tmp_path / "again")
     assert result.exit_code == 0 and not (tmp_path / "again" / "large_files.yml").exists(), result.output
-    for bad, says in (("models/em1", "not an address of a folder"), ("https://zenodo.org/x?download=1",
-                                                                      "cannot hold a query")):
-        _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "bad",
-                                       "--weights-url", bad), f"{bad}: {says}")
-        assert not (tmp_path / "bad").exists()
+    bad = "https://zenodo.org/x?download=1"
+    _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "bad",
+                                   "--weights-url", bad), f"{bad}: cannot hold ?, # or \\")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("url, says", [
+    ("models/em1", "not an address of a folder"), ("s3://bucket/em1", "not an address of a folder"),
+    ("https:///em1", "not an address of a folder"), ("http://example.org/em1?", "cannot hold ?, # or"),
+    ("http://example.org/em1#", "cannot hold ?, # or"), ("https://example.org\\em1", "cannot hold ?, # or"),
+    ("https://example.org/a b", "write a space as %20"), ("https://example.org/a\x7fb", "control characters"),
+    ("https://example.org/a%2", "not followed by two hexadecimal digits"),
+    ("https://example.org:99999/em1", "not an address (Port out of range"),
+    ("https://[::1/em1", "not an address (Invalid IPv6 URL)"),
+    ("file://srv/em1", "three slashes"), ("file:em1", "three slashes"), ("file://example.org/em1", "three slashes"),
+    ("https://user:secret@example.org/em1", "holds a user name or password"),
+    ("https://drive.google.com/drive/folders/abc", "Google Drive"),
+    ("https://example.org/em1/model.pt", "the address of a file"),
+    ("https://ex\u00e4mple.org/em1", "ASCII form"), ("https://example.org/a\udcff", "not text"),
+])
+def test_a_weights_address_no_download_can_follow_is_refused_before_the_export(url, says):
+    from medseg.errors import MedsegError
+    from medseg.export import _check_url
+
+    with pytest.raises(MedsegError, match=re.escape(says)):
+        _check_url(url)
+
+
+def test_a_weights_address_is_written_as_monai_can_fetch_it():
+    from medseg.export import _check_url
+
+    assert _check_url("https://example.org/em1/") == "https://example.org/em1/"
+    assert _check_url("HTTPS://example.org/a%20b") == "HTTPS://example.org/a%20b"  # kept as given
+    assert _check_url("https://example.org/\u00fcber") == "https://example.org/%C3%BCber"  # UTF-8, percent-encoded
+    assert _check_url("file://localhost/srv/em1") == "file://localhost/srv/em1"
 
 
 def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypatch):
