@@ -432,7 +432,7 @@ def _describe_channels(entry: dict, count: int, names: list | None, unnamed: str
 def _check_url(url: str) -> str:
     """Refuse a ``weights_url`` that is not the address of a folder the weight files' names can be appended to
     and that MONAI's ``download_url`` can fetch from; return it as written into ``large_files.yml`` (characters
-    beyond ASCII percent-encoded, as UTF-8, so the file reads alike under any locale)."""
+    of the path beyond ASCII percent-encoded, as UTF-8, so the file reads alike under any locale)."""
     from urllib.parse import quote, urlsplit
 
     def refuse(why: str) -> MedsegError:
@@ -443,31 +443,37 @@ def _check_url(url: str) -> str:
     except UnicodeEncodeError as err:
         raise refuse("not text (bytes of another encoding); give the folder's address") from err
     if not url.isprintable() or any(c.isspace() for c in url):
-        raise refuse("holds spaces or control characters; write a space as %20")
+        raise refuse("holds spaces or control characters; write a space as %20 and leave control characters out")
     if "?" in url or "#" in url or "\\" in url:
         raise refuse("cannot hold ?, # or \\, as the weights' addresses are it followed by /model.pt; give the "
-                     "address of the folder itself")
+                     "folder's address, writing such characters of its name as %3F, %23 and %5C")
     if re.search(r"%(?![0-9A-Fa-f]{2})", url):
         raise refuse("holds a % that is not followed by two hexadecimal digits; write a % as %25")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - a port out of range or not a number raises here
+        port = parts.port  # a port out of range or not a number raises here
     except ValueError as err:
         raise refuse(f"not an address ({err}); give the http(s):// address the weight files will be uploaded "
                      "to") from err
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https", "ftp", "file") or scheme != "file" and not parts.hostname:
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme not in ("http", "https", "ftp", "file") or scheme != "file" and not host:
         raise refuse("not an address of a folder; give the http(s):// address the weight files will be uploaded "
                      "to, such as https://example.org/models/em1")
-    if scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path.startswith("/")):
+    if scheme == "file" and (host not in ("", "localhost") or not parts.path.startswith("/")):
         raise refuse("a file:// address names a folder on this machine by its whole path, as file:///srv/models/em1 "
                      "(three slashes)")
-    if not parts.netloc.isascii():
-        raise refuse("a host name beyond ASCII; give it in its ASCII form (xn--...), as DNS knows it")
     if parts.username is not None or parts.password is not None:
         raise refuse("holds a user name or password, which large_files.yml would publish; give the address "
                      "without them")
-    if (parts.hostname or "").lower() in ("drive.google.com", "docs.google.com"):
+    if not parts.netloc.isascii():
+        raise refuse("a host name beyond ASCII; give it in its ASCII form (xn--...), as DNS knows it")
+    if port == 0:
+        raise refuse("port 0 is no server's; give the port the weight files are served on")
+    written = parts.netloc.rsplit(":", 1)[0] if port is not None or parts.netloc.endswith(":") else parts.netloc
+    if written.lower() not in (host, f"[{host}]"):  # what follows an IPv6 host's ] goes unchecked
+        raise refuse(f"not an address (host {parts.netloc!r}); give the http(s):// address the weight files will "
+                     "be uploaded to")
+    if host in ("drive.google.com", "docs.google.com"):
         raise refuse("a Google Drive folder's address does not lead to its files by their names; host the weight "
                      "files where a folder's address followed by /model.pt is the file's")
     if parts.path.rstrip("/").rsplit("/", 1)[-1].lower() in ("model.pt", "model.ts"):

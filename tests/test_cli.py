@@ -1796,8 +1796,13 @@ def test_an_export_lists_its_weights_for_download_as_the_model_zoo_keeps_bundles
     ("https://[::1/em1", "not an address (Invalid IPv6 URL)"),
     ("file://srv/em1", "three slashes"), ("file:em1", "three slashes"), ("file://example.org/em1", "three slashes"),
     ("https://user:secret@example.org/em1", "holds a user name or password"),
-    ("https://drive.google.com/drive/folders/abc", "Google Drive"),
+    ("https://user@example.org/em1", "holds a user name or password"),
+    ("https://:secret@example.org/em1", "holds a user name or password"),
+    ("https://drive.google.com/drive/folders/abc", "Google Drive"), ("https://DRIVE.google.com/x", "Google Drive"),
+    ("https://docs.google.com/x", "Google Drive"), ("http://127.0.0.1:0/em1", "port 0"),
+    ("http://[::1]x/em1", "not an address (host '[::1]x')"), ("file://127.0.0.1/srv/em1", "three slashes"),
     ("https://example.org/em1/model.pt", "the address of a file"),
+    ("https://example.org/em1/MODEL.TS/", "the address of a file"),
     ("https://ex\u00e4mple.org/em1", "ASCII form"), ("https://example.org/a\udcff", "not text"),
 ])
 def test_a_weights_address_no_download_can_follow_is_refused_before_the_export(url, says):
@@ -1815,6 +1820,10 @@ def test_a_weights_address_is_written_as_monai_can_fetch_it():
     assert _check_url("HTTPS://example.org/a%20b") == "HTTPS://example.org/a%20b"  # kept as given
     assert _check_url("https://example.org/\u00fcber") == "https://example.org/%C3%BCber"  # UTF-8, percent-encoded
     assert _check_url("file://localhost/srv/em1") == "file://localhost/srv/em1"
+    assert _check_url("file://LOCALHOST/srv/em1") == "file://LOCALHOST/srv/em1"  # host names know no case
+    assert _check_url("ftp://example.org/em1") == "ftp://example.org/em1"
+    assert _check_url("http://[::1]:8765/em1") == "http://[::1]:8765/em1"
+    assert _check_url("https://example.org/@user/em1") == "https://example.org/@user/em1"  # a path's @
 
 
 def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypatch):
