@@ -129,6 +129,7 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         split, record = run_file(checkpoint, "split.json"), run_file(checkpoint, "config.json")  # those read
         if split.is_file():
             shutil.copyfile(split, part / "models" / "split.json")
+            _end_with_newline(part / "models" / "split.json")  # as earlier versions did not write it
         _score_recorded_split(part / "configs" / "evaluate.json", split if split.is_file() else None)
         if record.is_file():
             _write_record(record, part / "models" / "config.json")
@@ -427,6 +428,16 @@ def _describe_channels(entry: dict, count: int, names: list | None, unnamed: str
     entry["num_channels"] = count
     entry["channel_def"] = {str(i): labels[i] if i < len(labels) else unnamed.format(i) if unnamed else
                             f"output {i}, not a class (added by the training's settings)" for i in range(count)}
+
+
+def _end_with_newline(path: Path) -> None:
+    """Add the final newline a text file lacks, as the model zoo's file checks ask."""
+    with path.open("rb+") as file:
+        if file.seek(0, os.SEEK_END) == 0:
+            return
+        file.seek(-1, os.SEEK_END)
+        if file.read(1) != b"\n":
+            file.write(b"\n")
 
 
 def _check_url(url: str) -> str:

@@ -1777,6 +1777,11 @@ def test_an_export_lists_its_weights_for_download_as_the_model_zoo_keeps_bundles
     result = _invoke("export", BUNDLE, trained["out"] / "model.pt", tmp_path / "none")
     assert json.loads(result.output)["large_files"] is None and not (tmp_path / "none" / "large_files.yml").exists()
     assert "large_files.yml" not in (tmp_path / "none" / "docs" / "README.md").read_text()
+    # a run of an earlier version wrote its split.json without the final newline the zoo's checks ask for
+    old = shutil.copytree(trained["out"], tmp_path / "old run", ignore=shutil.ignore_patterns("mlruns", "*.db"))
+    (old / "split.json").write_text((old / "split.json").read_text().rstrip("\n"))
+    assert _invoke("export", BUNDLE, old / "model.pt", tmp_path / "old").exit_code == 0
+    assert (tmp_path / "old" / "models" / "split.json").read_text() == (old / "split.json").read_text() + "\n"
     # an export of that export lists nothing of its source's (other files, other hashes)
     result = _invoke("export", tmp_path / "em", models / "model.pt", tmp_path / "again")
     assert result.exit_code == 0 and not (tmp_path / "again" / "large_files.yml").exists(), result.output
