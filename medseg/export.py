@@ -150,7 +150,9 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
         scripted = torchscript and _write_torchscript(network, part, out)
-        hosted = weights_url is not None and _write_large_files(part, weights_url, scripted)
+        hosted = weights_url is not None
+        if hosted:
+            _write_large_files(part, weights_url, scripted)
         _write_docs_header(part / "docs" / "README.md", about, described, scripted, hosted)
         part.rename(out)  # fails when another export made the folder meanwhile
     except OSError as err:
@@ -492,10 +494,10 @@ def _check_url(url: str) -> str:
     return quote(url, safe="".join(chr(c) for c in range(33, 127)))
 
 
-def _write_large_files(part: Path, url: str, scripted: bool) -> bool:
+def _write_large_files(part: Path, url: str, scripted: bool) -> None:
     """Write ``part/large_files.yml``: each weight file (``models/model.pt``, ``models/model.ts`` where written)
     at ``url``/its name, with its SHA-256, in the layout MONAI's ``download_large_files`` and the model zoo read
-    (path, url, hash_val, hash_type). Returns ``True``."""
+    (path, url, hash_val, hash_type)."""
     from medseg.io import file_sha256
 
     names = ["model.pt", "model.ts"] if scripted else ["model.pt"]
@@ -508,7 +510,6 @@ def _write_large_files(part: Path, url: str, scripted: bool) -> bool:
                   f"    hash_val: {json.dumps(file_sha256(part / 'models' / name))}",
                   '    hash_type: "sha256"']
     (part / LARGE_FILES).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return True
 
 
 def _write_torchscript(network: Any, part: Path, out: Path) -> bool:
