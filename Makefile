@@ -48,8 +48,10 @@ demo-check:
 	@test -n "$(DATA)" || { echo "make demo: DEMO=$(DEMO) is not one of isbi_em, jurkat, nuclei; give one of those, or DATA=... (and INFER=...) for bundles/$(DEMO)"; exit 2; }
 	@test -n "$(INFER)" || { echo "make demo: give INFER=... (a sub-folder of $(DATA) to segment) for DEMO=$(DEMO)"; exit 2; }
 
+# the tests run in TEST_WORKERS processes (pytest-xdist; auto: one per CPU, at most 8); TEST_WORKERS=0 runs them in this one
+TEST_WORKERS := auto
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8
 
 test-all: venv
 	$(BIN)/python -m pytest -q -m ""

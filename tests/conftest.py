@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -111,6 +112,17 @@ def _shared(folder: str, *probes: str) -> Path:
 
 #: The fixtures that give real data: a test using one is marked ``realdata`` (``-m "not realdata"``).
 SHARED_FIXTURES = ("shared_isbi", "shared_dicom", "shared_nifti", "shared_cells3class", "shared_dsb")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``) each worker takes its share of the CPUs for PyTorch's threads: the
+    workers' threads would otherwise contend for the same cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // workers))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
