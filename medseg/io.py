@@ -205,9 +205,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as err:  # a full disk, say: named by the file meant, not its temporary one or none
         if err.errno is not None and err.filename in (None, os.fspath(tmp_path)):  # else str(err) loses its words
+            if err.filename2 in (None, os.fspath(path)):  # os.replace names both ends: the file meant, once
+                # a new error, as one whose filename2 was set to None ends its message in "-> None"
+                named = OSError(err.errno, err.strerror, os.fspath(path))  # of the errno's own subclass
+                raise named.with_traceback(err.__traceback__) from None
             err.filename = os.fspath(path)
-            if err.filename2 == err.filename:  # os.replace names both ends
-                err.filename2 = None
         raise
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -415,7 +415,8 @@ class SaveSegmentationd(MapTransform):
     def measure(self, labels: np.ndarray, intensity: np.ndarray | None, source: str = "the image") -> list[dict]:
         """The instance table of ``labels`` (:func:`medseg.instances.measure_instances`) on ``intensity``, the
         input's own values (``(C, H, W)`` or ``(H, W)``): of the channels ``measure_channels`` names where it
-        has them, the others averaged; none when its size differs (a resampled input)."""
+        has them, the others averaged; none when its size differs from the labels' (the labels are on the
+        input's own grid, also after object-size normalisation, so only a caller's own arrays can differ)."""
         from medseg.instances import measure_instances
 
         if intensity is not None and intensity.shape[-2:] != labels.shape:

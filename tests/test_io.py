@@ -37,6 +37,8 @@ def test_a_failed_atomic_write_names_the_file_meant(tmp_path):
         tmp.write_bytes(b"x")
     assert caught.value.filename == str(tmp_path / "taken.png")
     assert caught.value.filename2 in (None, str(tmp)) and not list(tmp_path.glob(".*"))
+    assert str(caught.value) == f"[Errno {errno.EISDIR}] Is a directory: '{tmp_path / 'taken.png'}'"  # no "-> None"
+    assert isinstance(caught.value, IsADirectoryError)
 
 
 def test_atomic_output_gives_the_usual_permissions(tmp_path):
