@@ -48,10 +48,11 @@ demo-check:
 	@test -n "$(DATA)" || { echo "make demo: DEMO=$(DEMO) is not one of isbi_em, jurkat, nuclei; give one of those, or DATA=... (and INFER=...) for bundles/$(DEMO)"; exit 2; }
 	@test -n "$(INFER)" || { echo "make demo: give INFER=... (a sub-folder of $(DATA) to segment) for DEMO=$(DEMO)"; exit 2; }
 
-# the tests run in TEST_WORKERS processes (pytest-xdist; auto: one per CPU, at most 8); TEST_WORKERS=0 runs them in this one
+# the tests run in TEST_WORKERS processes (pytest-xdist; auto: one per usable CPU, at most 8, see tests/conftest.py);
+# TEST_WORKERS=0 runs them in make's own process
 TEST_WORKERS := auto
 test: venv
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-all: venv
 	$(BIN)/python -m pytest -q -m ""

@@ -114,15 +114,37 @@ def _shared(folder: str, *probes: str) -> Path:
 SHARED_FIXTURES = ("shared_isbi", "shared_dicom", "shared_nifti", "shared_cells3class", "shared_dsb")
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: those it may run on, within a container's CPU quota (cgroup v2 or v1),
+    which neither ``os.cpu_count`` nor the affinity shows."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for quota_file, period_file in ((cgroup / "cpu.max", None),
+                                    (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us")):
+        try:
+            words = quota_file.read_text().split()
+            quota, period = words[0], words[1] if period_file is None else period_file.read_text().strip()
+            if quota not in ("max", "-1"):
+                cpus = min(cpus, -(-int(quota) // int(period)))  # 1.5 CPUs: 2
+                break
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, cpus)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (``make test``): one worker per usable CPU, at most 8, or ``PYTEST_XDIST_AUTO_NUM_WORKERS``."""
+    told = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "")
+    return int(told) if told.isdigit() else min(8, usable_cpus())
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (``make test``) each worker takes its share of the CPUs for PyTorch's threads: the
-    workers' threads would otherwise contend for the same cores."""
+    """Under pytest-xdist each worker takes its share of the usable CPUs for PyTorch's threads: the workers'
+    threads would otherwise contend for the same cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         import torch
 
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cpus // workers))
+        torch.set_num_threads(max(1, usable_cpus() // workers))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
