@@ -49,7 +49,7 @@ demo-check:
 	@test -n "$(INFER)" || { echo "make demo: give INFER=... (a sub-folder of $(DATA) to segment) for DEMO=$(DEMO)"; exit 2; }
 
 # the tests run in TEST_WORKERS processes (pytest-xdist; auto: one per usable CPU, at most 8, see tests/conftest.py);
-# TEST_WORKERS=0 runs them in make's own process
+# TEST_WORKERS=0 runs them in one pytest process
 TEST_WORKERS := auto
 test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)

@@ -114,23 +114,54 @@ def _shared(folder: str, *probes: str) -> Path:
 SHARED_FIXTURES = ("shared_isbi", "shared_dicom", "shared_nifti", "shared_cells3class", "shared_dsb")
 
 
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may use: those it may run on, within a container's CPU quota (cgroup v2 or v1),
-    which neither ``os.cpu_count`` nor the affinity shows."""
+def _quota(folder: Path, v2: bool) -> int | None:
+    """The CPUs a cgroup folder's quota allows (1.5 CPUs: 2); ``None`` where it sets none."""
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
+        return None if quota in ("max", "-1") else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup"), membership: str | None = None) -> int:
+    """The CPUs this process may use: those it may run on, within the CPU quotas of its cgroup and the cgroups
+    above it (cgroup v2 or v1: a container's ``--cpus``, a batch job's share), which neither ``os.cpu_count``
+    nor the affinity shows.
+
+    Args:
+        cgroup: where the cgroup file systems are mounted.
+        membership: the text of ``/proc/self/cgroup`` (read when not given).
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    for quota_file, period_file in ((cgroup / "cpu.max", None),
-                                    (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us")):
+    if membership is None:
         try:
-            words = quota_file.read_text().split()
-            quota, period = words[0], words[1] if period_file is None else period_file.read_text().strip()
-            if quota not in ("max", "-1"):
-                cpus = min(cpus, -(-int(quota) // int(period)))  # 1.5 CPUs: 2
-                break
-        except (OSError, ValueError, IndexError):
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    limits = []
+    for line in membership.splitlines() or ["0::/", "1:cpu:/"]:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        v2 = hierarchy == "0" and not controllers
+        if not v2 and "cpu" not in controllers.split(","):
             continue
-    return max(1, cpus)
+        # v2 at the mount point (or its "unified" folder in a hybrid layout); v1 in the controller's folder.
+        # A container's own cgroup is mounted as the root while the path names it from the host's: the
+        # folders of the path that are not there are passed over
+        for base in ([cgroup, cgroup / "unified"] if v2 else [cgroup / controllers, cgroup / "cpu"]):
+            folder = base / path.strip("/")
+            while True:
+                limits.append(_quota(folder, v2))
+                if folder == base or base not in folder.parents:
+                    break
+                folder = folder.parent
+    return max(1, min([cpus, *(n for n in limits if n is not None)]))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist (-p no:xdist) has no such hook
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (``make test``): one worker per usable CPU, at most 8, or ``PYTEST_XDIST_AUTO_NUM_WORKERS``."""
     told = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "")
