@@ -41,7 +41,8 @@ class Segmentation:
             class of a binary bundle, 1 − p(background) otherwise.
         objects: ``instances`` bundles: one dict per object in label order, the columns of ``medseg infer``'s
             ``table/`` CSV (``label, area, centroid_y, …, mean_intensity``, in pixels, intensity of the input's
-            own values); ``None`` for other bundles.
+            own values; ``area_um2, centroid_y_um, centroid_x_um`` in micrometres for an image file that
+            states its pixel size, None for arrays and uncalibrated files); ``None`` for other bundles.
 
     For a stack (:meth:`Segmenter.segment_stack`) ``mask`` and ``prob`` are ``(Z, H, W)``, instances are
     labelled slice by slice, and each object's row has its ``slice`` (0-based) first.
@@ -191,7 +192,8 @@ class Segmenter:
 
             _check_path(stack)
             pages = count_slices(stack)
-            results = [self._segment_file(stack, z, channel_axis, diameter) for z in range(pages)]
+            pixel_um = self._calibration(stack)  # one header read for the stack
+            results = [self._segment_file(stack, z, channel_axis, diameter, pixel_um) for z in range(pages)]
             return _stacked(results, self.kind == "instances")
         arr = _as_numpy(stack)
         if arr.ndim not in (3, 4):
@@ -216,10 +218,21 @@ class Segmenter:
                    for z in range(arr.shape[0])]
         return _stacked(results, self.kind == "instances")
 
+    def _calibration(self, path: str | os.PathLike) -> tuple[float, float] | None:
+        """The pixel size in micrometres of the file ``path`` for the nuclei table (None for other bundles)."""
+        from medseg.readers import read_geometry
+        from medseg.writers import pixel_micrometres
+
+        if self.kind != "instances":
+            return None
+        return pixel_micrometres(read_geometry(path, nifti_channel_dim=getattr(self._reader, "nifti_channel_dim",
+                                                                              None)))
+
     def _segment_file(self, path: str | os.PathLike, page: int | None, channel_axis: int | None,
-                      diameter: float | None) -> Segmentation:
+                      diameter: float | None, pixel_um: Any = "read") -> Segmentation:
         """Slice ``page`` of the file ``path`` (``None``: the file is one image) read as ``medseg infer`` reads it:
-        the same reader, EXIF orientation, channel checks and, for nuclei, the table's intensities."""
+        the same reader, EXIF orientation, channel checks and, for nuclei, the table's intensities and the
+        file's calibration (``pixel_um``, read from the file unless given)."""
         from medseg.readers import count_slices, read_slice
 
         if channel_axis is not None:
@@ -232,12 +245,14 @@ class Segmenter:
         data = self._reader({self._key: str(path), "page": page or 0})
         intensity = read_slice(path, page or 0, nifti_channel_dim=nifti_channel_dim) \
             if self.kind == "instances" else None
-        return self._segment(intensity, diameter, loaded=data)
+        pixel_um = self._calibration(path) if isinstance(pixel_um, str) else pixel_um
+        return self._segment(intensity, diameter, loaded=data, pixel_um=pixel_um)
 
     def _segment(self, arr: np.ndarray | None, diameter: float | None = None,
-                 loaded: dict | None = None) -> Segmentation:
+                 loaded: dict | None = None, pixel_um: tuple[float, float] | None = None) -> Segmentation:
         """Segment ``arr`` (``(C, H, W)``), or the sample ``loaded`` as the bundle's reader gave it (``arr`` then
-        holds the intensities the nuclei table measures)."""
+        holds the intensities the nuclei table measures; ``pixel_um`` the pixel size in micrometres of its
+        file, for the table)."""
         import torch
 
         from medseg.workflows import quiet_constant_images
@@ -260,7 +275,7 @@ class Segmenter:
         out = post["pred"]
         out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
         mask, prob = self._writer.mask_of(out, "nifti")  # NIfTI's values: 0/1, class indices, labels
-        objects = self._writer.measure(mask, arr) if self.kind == "instances" else None
+        objects = self._writer.measure(mask, arr, pixel_um=pixel_um) if self.kind == "instances" else None
         return Segmentation(mask, prob, objects)
 
     def _inferer_at(self, diameter: float) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import math
 import os
 import re
 import struct
@@ -212,6 +213,8 @@ class SeriesGeometry:
     #: for slices stacked at a tilt (``affine`` sheared): the same stack straight, as ITK reads it (origin and
     #: axes of the first slice, ``spacing[0]`` apart along its normal); ``None`` for a straight stack
     straight: np.ndarray | None = field(default=None, compare=False)
+    #: whether the headers state the pixel size (else 1 mm is taken, and sizes in mm are not the image's)
+    sized: bool = True
 
 
 def _values(value: Any) -> list:
@@ -277,20 +280,31 @@ def _geometry(ds, path: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _checked(orientation[:3], orientation[3:], ps, path)
 
 
-def _say_unsized(ds, path: str) -> None:
+def _positive_pair(value: Any) -> bool:
+    """Whether a header's pixel spacing is two positive sizes (``0\\0`` or text is not one)."""
+    try:
+        numbers = [float(v) for v in (str(value).split("\\") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        return False
+    return len(numbers) == 2 and all(math.isfinite(n) and n > 0 for n in numbers)
+
+
+def _say_unsized(ds, path: str) -> bool:
     """Warn, once per folder, when ``ds`` states no pixel size (PixelSpacing, ImagerPixelSpacing, or an
-    enhanced image's pixel measures) and 1 mm is taken, as ITK takes it: sizes in mm are then not known."""
+    enhanced image's pixel measures) and 1 mm is taken, as ITK takes it: sizes in mm are then not known.
+    Return whether it states one."""
     groups = [_functional(ds, f"{kind}FunctionalGroupsSequence", 0) for kind in ("Shared", "PerFrame")]
     measures = [getattr(g, "PixelMeasuresSequence", None) for g in groups if g is not None]
     stated = [getattr(ds, k, "") for k in ("PixelSpacing", "ImagerPixelSpacing")]
     stated += [getattr(m[0], "PixelSpacing", "") for m in measures if m]  # as _enhanced_geometry reads them
-    if any(str(value or "").strip() for value in stated):
-        return
+    if any(str(value or "").strip() for value in stated):  # one that is not a spacing is said by _checked
+        return any(_positive_pair(value) for value in stated)
     said = (str(Path(path).parent), "no pixel size")
     if said not in _SAID:
         _SAID.add(said)
         logging.getLogger(__name__).warning("%s: no PixelSpacing, so pixels are taken as 1 mm and sizes in mm are "
                                             "not the image's (a secondary capture?)", path)
+    return False
 
 
 def _affine(origin: np.ndarray, step: np.ndarray, row: np.ndarray, col: np.ndarray, ps: np.ndarray) -> np.ndarray:
@@ -433,7 +447,7 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
     headers = [(path, _read(path)) for path in series.files]
     path0, ds0 = headers[0]
     row0, col0, ps0 = _geometry(ds0, path0)
-    _say_unsized(ds0, path0)
+    sized = _say_unsized(ds0, path0)
     normal = np.cross(row0, col0)
     positioned = []
     for path, ds in headers:
@@ -473,6 +487,7 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
         shape=(len(positioned), int(ds0.Rows), int(ds0.Columns)),
         series_uid=series.uid,
         straight=straight,
+        sized=sized,
     )
 
 
@@ -547,7 +562,7 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
     row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps, path)
     row, col, ps = _per_frame_geometry(ds, path, row, col, ps)
     row, col, ps = _checked(row, col, ps, path)
-    _say_unsized(ds, path)
+    sized = _say_unsized(ds, path)
     normal = np.cross(row, col)
     positions = _frame_positions(ds, frames, path)
     if positions is not None:
@@ -575,6 +590,7 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
         shape=(frames, int(ds.Rows), int(ds.Columns)),
         series_uid=uid or str(getattr(ds, "SeriesInstanceUID", "")),
         straight=straight,
+        sized=sized,
     )
 
 

@@ -26,6 +26,9 @@ MEASUREMENT_FIELDS: tuple[str, ...] = (
     "bbox_max_y",
     "bbox_max_x",
     "mean_intensity",
+    "area_um2",
+    "centroid_y_um",
+    "centroid_x_um",
 )
 
 
@@ -243,14 +246,17 @@ class WatershedInstances:
 
 
 def measure_instances(
-    labels: np.ndarray, intensity: np.ndarray | None = None, spacing: Sequence[float] | None = None
+    labels: np.ndarray, intensity: np.ndarray | None = None, spacing: Sequence[float] | None = None,
+    pixel_um: Sequence[float] | None = None,
 ) -> list[dict]:
     """Per-nucleus measurements, one row per label in increasing label order.
 
     Rows have the keys of :data:`MEASUREMENT_FIELDS`. The bounding box is in pixels, with exclusive
     maxima (``labels[min_y:max_y, min_x:max_x]`` holds the nucleus). Without ``spacing``, area is a
     pixel count and centroids are pixel coordinates; with it, both are in its units (area in units²).
-    ``mean_intensity`` is None without ``intensity``. Floats keep 3 decimals and at least 7 significant digits
+    ``mean_intensity`` is None without ``intensity``. ``area_um2``, ``centroid_y_um`` and ``centroid_x_um``
+    are the area and centroid in micrometres (the centroid from the first pixel's centre, as in pixels) for
+    a pixel of ``pixel_um``, None without it. Floats keep 3 decimals and at least 7 significant digits
     (a float image's values of 1e-4, or an area in cm², are not rounded away). Centroids count from the centre
     of the first pixel (skimage's convention: a nucleus of the one pixel ``[0, 0]`` has its centroid at 0, 0;
     ImageJ's and QuPath's, from the pixel's corner, say 0.5, 0.5).
@@ -259,6 +265,7 @@ def measure_instances(
         labels: ``(H, W)`` integer labels, 0 = background.
         intensity: ``(H, W)`` or ``(C, H, W)`` image; channels are averaged into one gray image first.
         spacing: ``(y, x)`` pixel size.
+        pixel_um: ``(y, x)`` pixel size in micrometres (the image's calibration), for the ``_um`` columns.
 
     Returns:
         Plain-Python dicts; ``[]`` when there is no nucleus.
@@ -280,9 +287,19 @@ def measure_instances(
     props = ["label", "area", "centroid", "bbox"] + (["intensity_mean"] if gray is not None else [])
     kwargs = {} if spacing is None else {"spacing": tuple(float(s) for s in spacing)}
     table = regionprops_table(labels.astype(np.int64), intensity_image=gray, properties=props, **kwargs)
+    if pixel_um is not None:
+        um_y, um_x = (float(v) for v in pixel_um)
+        if not (um_y > 0 and um_x > 0 and math.isfinite(um_y * um_x)):
+            raise ValueError(f"pixel_um must be two positive sizes, got {tuple(pixel_um)}")
+    per_px = (1.0, 1.0) if spacing is None else tuple(float(v) for v in spacing)  # the table's units per pixel
     rows = []
     for i in range(len(table["label"])):
         area = float(table["area"][i])
+        calibrated = {"area_um2": None, "centroid_y_um": None, "centroid_x_um": None} if pixel_um is None else {
+            "area_um2": _significant(area / (per_px[0] * per_px[1]) * um_y * um_x),
+            "centroid_y_um": _significant(table["centroid-0"][i] / per_px[0] * um_y),
+            "centroid_x_um": _significant(table["centroid-1"][i] / per_px[1] * um_x),
+        }
         rows.append(
             {
                 "label": int(table["label"][i]),
@@ -294,6 +311,7 @@ def measure_instances(
                 "bbox_max_y": int(table["bbox-2"][i]),
                 "bbox_max_x": int(table["bbox-3"][i]),
                 "mean_intensity": None if gray is None else _significant(table["intensity_mean"][i]),
+                **calibrated,
             }
         )
     return rows

@@ -253,9 +253,10 @@ def _meta(fmt: str, source: str, spatial: tuple[int, ...], affine: np.ndarray, s
 
 def _series_extra(geometry: Any) -> dict[str, Any]:
     """The metadata a DICOM series adds: its UID, its files and SOP instances per slice, and for slices stacked
-    at a tilt the affine of the stack straight (``straight_affine``, RAS for (z, y, x), as ``affine``)."""
+    at a tilt the affine of the stack straight (``straight_affine``, RAS for (z, y, x), as ``affine``), and
+    ``pixel_size_stated`` False where the headers give no pixel size (``spacing`` then holds 1 mm)."""
     extra: dict[str, Any] = {"series_uid": geometry.series_uid, "files": list(geometry.files),
-                             "sop_uids": list(geometry.sop_uids)}
+                             "sop_uids": list(geometry.sop_uids), "pixel_size_stated": bool(geometry.sized)}
     if geometry.straight is not None:
         extra["straight_affine"] = np.asarray(geometry.straight, dtype=np.float64)
     return extra

@@ -232,6 +232,24 @@ def _tiff_unit(meta: dict) -> str:
     return "pixel" if str(meta.get("nifti_unit", "")) == "unknown" else str(meta["spacing_unit"])
 
 
+#: Micrometres per unit of the readers' ``spacing_unit`` (and NIfTI's spatial units)
+_MICROMETRES = {"um": 1.0, "micron": 1.0, "mm": 1e3, "meter": 1e6}
+
+
+def pixel_micrometres(meta: dict) -> tuple[float, float] | None:
+    """A slice's pixel size ``(y, x)`` in micrometres from an input's metadata (:func:`medseg.readers.read_image`):
+    TIFF resolution, OME or ImageJ calibration, DICOM pixel spacing, NIfTI voxel size; ``None`` for an
+    uncalibrated input (a PNG, a TIFF without resolution, a NIfTI of unknown unit, a DICOM image without a
+    pixel spacing)."""
+    if meta.get("pixel_size_stated") is False:
+        return None
+    factor = _MICROMETRES.get(_tiff_unit(meta))
+    spacing = [float(v) for v in np.asarray(meta.get("spacing", ())).ravel()]
+    if factor is None or len(spacing) < 2 or not all(v > 0 and np.isfinite(v) for v in spacing[-2:]):
+        return None
+    return spacing[-2] * factor, spacing[-1] * factor
+
+
 def _geometry(item: dict) -> dict:
     """The source's metadata (affine, spacing, NIfTI layout) without its voxels."""
     from medseg.readers import read_geometry
@@ -378,6 +396,7 @@ class SaveSegmentationd(MapTransform):
         #: objects found per input name (instances mode), read by the batch runner
         self.object_counts: dict[str, int] = {}
         self._unnamed: dict[str, str] = {}  # stem -> the file written under it, for samples given without a name
+        self._calibration: tuple[str, tuple[float, float] | None] | None = None  # (input, its pixel in µm)
 
     def _format(self, input_format: str, slices: int) -> str:
         output_format = self.output_format
@@ -412,11 +431,14 @@ class SaveSegmentationd(MapTransform):
                             "--format tiff or nifti, which hold 32-bit labels")
         return labels.astype(np.uint32), prob
 
-    def measure(self, labels: np.ndarray, intensity: np.ndarray | None, source: str = "the image") -> list[dict]:
+    def measure(self, labels: np.ndarray, intensity: np.ndarray | None, source: str = "the image",
+                pixel_um: tuple[float, float] | None = None) -> list[dict]:
         """The instance table of ``labels`` (:func:`medseg.instances.measure_instances`) on ``intensity``, the
         input's own values (``(C, H, W)`` or ``(H, W)``): of the channels ``measure_channels`` names where it
         has them, the others averaged; none when its size differs from the labels' (the labels are on the
-        input's own grid, also after object-size normalisation, so only a caller's own arrays can differ)."""
+        input's own grid, also after object-size normalisation, so only a caller's own arrays can differ).
+        ``pixel_um``: the input's pixel size in micrometres (:func:`pixel_micrometres`), for the ``_um``
+        columns."""
         from medseg.instances import measure_instances
 
         if intensity is not None and intensity.shape[-2:] != labels.shape:
@@ -427,14 +449,17 @@ class SaveSegmentationd(MapTransform):
                 raise DataError(f"{source}: {count} channel{'s' * (count != 1)}, and the table measures channels "
                                 f"{self.measure_channels}; channels count from 0")
             intensity = intensity[self.measure_channels]
-        return measure_instances(labels, intensity)
+        return measure_instances(labels, intensity, pixel_um=pixel_um)
 
     def _measure(self, labels: np.ndarray, item: dict, page: int, pages: int) -> list[dict]:
         from medseg.readers import read_slice
 
         intensity = read_slice(item["image"], page, series_uid=item["series_uid"] or None,
                                nifti_channel_dim=self.nifti_channel_dim)
-        rows = self.measure(labels, intensity, item["image"])
+        key = f"{item['image']}\0{item['series_uid']}"
+        if page == 0 or self._calibration is None or self._calibration[0] != key:  # a header read per input
+            self._calibration = (key, pixel_micrometres(_geometry(item)))
+        rows = self.measure(labels, intensity, item["image"], self._calibration[1])
         return [{"slice": page, **r} for r in rows] if pages > 1 else rows
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:

@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"isbi_em": TINY_NET, "jurkat": JURKAT_TINY_NET, "nuclei": NUCLEI_TINY_NET}
 
 
+
+def _as_csv(objects: list[dict]) -> list[dict]:
+    """Rows of ``Segmentation.objects`` as a CSV reader gives them back (None: an empty cell)."""
+    return [{k: "" if v is None else str(v) for k, v in row.items()} for row in objects]
+
 def _example(bundle: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """An image the bundle takes (as a reader gives it, channels last) and its class-index target."""
     rng = np.random.default_rng(seed)
@@ -103,7 +108,7 @@ def test_an_array_segments_as_medseg_infer_segments_its_file(bundle, weights, tm
         with open(tmp_path / "out" / "table" / "a.csv", newline="") as fh:
             table = list(csv.DictReader(fh))
         assert len(result.objects) == len(table) == result.mask.max() >= 3
-        assert [{k: str(v) for k, v in row.items()} for row in result.objects] == table
+        assert _as_csv(result.objects) == table
     # the fitted weights segment the example's classes, not a constant
     assert np.mean((result.mask > 0) == (target > 0)) > 0.8
 
@@ -130,7 +135,7 @@ def test_a_file_path_segments_as_medseg_infer_reads_it(bundle, weights, tmp_path
         assert np.array_equal(segmenter.segment(opened).prob, result.prob)
     if bundle == "nuclei":
         with open(tmp_path / "out" / "table" / "a.csv", newline="") as fh:
-            assert [{k: str(v) for k, v in row.items()} for row in result.objects] == list(csv.DictReader(fh))
+            assert _as_csv(result.objects) == list(csv.DictReader(fh))
     with pytest.raises(DataError, match="channel_axis 0 is for arrays"):
         segmenter.segment(tmp_path / "in" / "a.png", channel_axis=0)
 
@@ -138,13 +143,21 @@ def test_a_file_path_segments_as_medseg_infer_reads_it(bundle, weights, tmp_path
 def test_a_stack_file_segments_with_segment_stack_as_infer_segments_it(weights, tmp_path):
     slices = np.stack([_example("nuclei", seed=s)[0] for s in (1, 2)])
     (tmp_path / "in").mkdir()
-    tifffile.imwrite(tmp_path / "in" / "stack.tif", slices, photometric="minisblack")
+    # calibrated as ImageJ writes it: 4 pixels per µm across, 2 down (0.25 x 0.5 µm pixels)
+    tifffile.imwrite(tmp_path / "in" / "stack.tif", slices, imagej=True, resolution=(4.0, 2.0),
+                     metadata={"unit": "um", "axes": "ZYX"})
     _infer("nuclei", tmp_path / "in", tmp_path / "out", weights["nuclei"])
     nuclei = _segmenter("nuclei", weights)
     result = nuclei.segment_stack(tmp_path / "in" / "stack.tif")
     assert np.array_equal(result.mask, tifffile.imread(tmp_path / "out" / "mask" / "stack.tif"))
     with open(tmp_path / "out" / "table" / "stack.csv", newline="") as fh:
-        assert [{k: str(v) for k, v in row.items()} for row in result.objects] == list(csv.DictReader(fh))
+        assert _as_csv(result.objects) == list(csv.DictReader(fh))
+    assert result.objects and {row["slice"] for row in result.objects} == {0, 1}
+    for row in result.objects:  # the table in micrometres too, from the file's calibration
+        assert row["area_um2"] == pytest.approx(row["area"] * 0.125, rel=1e-6)
+        assert row["centroid_y_um"] == pytest.approx(row["centroid_y"] * 0.5, rel=1e-6)
+        assert row["centroid_x_um"] == pytest.approx(row["centroid_x"] * 0.25, rel=1e-6)
+    assert nuclei.segment(slices[0]).objects[0]["area_um2"] is None  # an array states no pixel size
     with pytest.raises(DataError, match="a stack of 2 slices; segment it with segment_stack"):
         nuclei.segment(tmp_path / "in" / "stack.tif")
     with pytest.raises(DataError, match="missing.png"):
@@ -209,7 +222,7 @@ def test_a_stack_segments_slice_by_slice_as_a_tiff_stack(weights, tmp_path):
     result = nuclei.segment_stack(np.stack(slices))
 
     assert result.mask.shape == written.shape == (3, 64, 64) and np.array_equal(result.mask, written)
-    assert [{k: str(v) for k, v in row.items()} for row in result.objects] == table
+    assert _as_csv(result.objects) == table
     assert [row["slice"] for row in result.objects] == sorted(row["slice"] for row in result.objects)
     assert np.array_equal(result.mask[1], nuclei.segment(slices[1]).mask)  # labelled per slice, as one image
     rgb_stack = np.stack([np.repeat(s[..., None], 3, axis=-1) for s in slices])  # (Z, H, W, C)

@@ -350,13 +350,26 @@ def test_measure_two_rectangles(tmp_path):
     rgb[:, 1:3, 2:6] = [[[3.0]], [[6.0]], [[9.0]]]  # gray 6
     rgb[0, 5:10, 8:11] = 3.0  # gray 1
     rows = measure_instances(labels, rgb)
+    uncalibrated = {"area_um2": None, "centroid_y_um": None, "centroid_x_um": None}
     assert rows == [
         {"label": 4, "area": 8, "centroid_y": 1.5, "centroid_x": 3.5, "bbox_min_y": 1, "bbox_min_x": 2,
-         "bbox_max_y": 3, "bbox_max_x": 6, "mean_intensity": 6.0},
+         "bbox_max_y": 3, "bbox_max_x": 6, "mean_intensity": 6.0, **uncalibrated},
         {"label": 9, "area": 15, "centroid_y": 7.0, "centroid_x": 9.0, "bbox_min_y": 5, "bbox_min_x": 8,
-         "bbox_max_y": 10, "bbox_max_x": 11, "mean_intensity": 1.0},
+         "bbox_max_y": 10, "bbox_max_x": 11, "mean_intensity": 1.0, **uncalibrated},
     ]
-    assert all(type(v) in (int, float) for row in rows for v in row.values())
+    assert all(type(v) in (int, float) for row in rows for k, v in row.items() if k not in uncalibrated)
+    assert tuple(rows[0]) == MEASUREMENT_FIELDS
+    # a calibrated image: 0.5 µm rows, 0.25 µm columns (the pixel counts and positions stay)
+    calibrated = measure_instances(labels, rgb, pixel_um=(0.5, 0.25))
+    assert calibrated[0] == {**rows[0], "area_um2": 1.0, "centroid_y_um": 0.75, "centroid_x_um": 0.875}
+    assert calibrated[1] == {**rows[1], "area_um2": 1.875, "centroid_y_um": 3.5, "centroid_x_um": 2.25}
+    both = measure_instances(labels, spacing=(0.5, 2.0), pixel_um=(0.5, 0.25))[1]  # spacing: its own columns
+    assert both["area"] == pytest.approx(15.0) and both["centroid_x"] == pytest.approx(18.0)
+    assert (both["area_um2"], both["centroid_y_um"], both["centroid_x_um"]) == (1.875, 3.5, 2.25)
+    assert measure_instances(labels, pixel_um=(2e-4, 2e-4))[0]["area_um2"] == pytest.approx(3.2e-7)  # digits kept
+    for bad in ((0.0, 1.0), (-1.0, 1.0), (float("nan"), 1.0), (float("inf"), 1.0)):
+        with pytest.raises(ValueError, match="pixel_um must be two positive sizes"):
+            measure_instances(labels, pixel_um=bad)
     plain = measure_instances(labels)
     assert plain[0]["mean_intensity"] is None and plain[1]["area"] == 15
     scaled = measure_instances(labels, spacing=(0.5, 2.0))

@@ -578,6 +578,57 @@ def test_instances_png_uint16_labels_and_table(tmp_path):
     np.testing.assert_allclose(prob, (labels > 0).astype(np.float32))
 
 
+def test_the_table_is_in_micrometres_too_where_the_input_states_its_pixel_size(tmp_path):
+    import nibabel as nib
+
+    from medseg.readers import read_geometry
+    from medseg.writers import pixel_micrometres
+
+    image, labels = synthetic_nuclei(np.random.default_rng(4), (64, 64), n_single=3, n_pairs=1)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "plain.png")
+    # 20000 pixels per cm across, 40000 down: 0.5 x 0.25 µm
+    tifffile.imwrite(tmp_path / "in" / "cal.tif", image, resolution=(20000, 40000), resolutionunit="CENTIMETER")
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), mask_mode="instances",
+                               postprocess=WatershedInstances())
+    for name in ("plain.png", "cal.tif"):
+        writer({"pred": _clean_prob(labels), "name": name.split(".")[0], "image_file": str(tmp_path / "in" / name)})
+    tables = {}
+    for name in ("plain", "cal"):
+        with open(tmp_path / "out" / "table" / f"{name}.csv", newline="") as fh:
+            tables[name] = list(csv.DictReader(fh))
+    assert tables["plain"] and all(r["area_um2"] == r["centroid_y_um"] == r["centroid_x_um"] == ""
+                                   for r in tables["plain"])  # no pixel size: empty, the columns kept
+    for plain, cal in zip(tables["plain"], tables["cal"], strict=True):
+        assert {k: cal[k] for k in MEASUREMENT_FIELDS[:9]} == {k: plain[k] for k in MEASUREMENT_FIELDS[:9]}
+        assert float(cal["area_um2"]) == pytest.approx(int(cal["area"]) * 0.125, rel=1e-6)
+        assert float(cal["centroid_y_um"]) == pytest.approx(float(cal["centroid_y"]) * 0.25, rel=1e-6)
+        assert float(cal["centroid_x_um"]) == pytest.approx(float(cal["centroid_x"]) * 0.5, rel=1e-6)
+    # the units of the readers: NIfTI millimetres and micrometres, none where NIfTI says its unit is unknown
+    volume = np.zeros((8, 6, 2), np.uint8)  # NIfTI (i, j, k): the slices' rows are j, their columns i
+    for unit, expected in (("mm", (300.0, 200.0)), ("micron", (0.3, 0.2)), ("unknown", None)):
+        nifti = nib.Nifti1Image(volume, np.diag([0.2, 0.3, 1.0, 1.0]))
+        nifti.header.set_xyzt_units(unit)
+        nib.save(nifti, tmp_path / f"v_{unit}.nii.gz")
+        found = pixel_micrometres(read_geometry(tmp_path / f"v_{unit}.nii.gz"))
+        assert found == (pytest.approx(expected) if expected else None), unit
+    # DICOM pixel spacing (row, column) in mm; none where the headers give no size, or one that is not a size
+    # (1 mm is taken there, and said)
+    import pydicom
+
+    for case, spacing in (("stated", ["0.25", "0.5"]), ("none", None), ("zero", ["0", "0"])):
+        folder = write_dicom_series(tmp_path / case, n=2)
+        for path in sorted(folder.iterdir()):
+            ds = pydicom.dcmread(path)
+            if spacing is None:
+                del ds.PixelSpacing
+            else:
+                ds.PixelSpacing = spacing
+            ds.save_as(path)
+        found = pixel_micrometres(read_geometry(sorted(folder.iterdir())[0]))
+        assert found == ((250.0, 500.0) if case == "stated" else None), case
+
+
 def test_instances_tiff_stack_counts_every_slice(tmp_path):
     rng = np.random.default_rng(6)
     pairs = [synthetic_nuclei(rng, (48, 48), n_single=2, n_pairs=0) for _ in range(2)]
