@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import math
 import os
 import re
 import struct
@@ -264,6 +263,15 @@ def _checked(row: np.ndarray, col: np.ndarray, ps: np.ndarray, path: str) -> tup
     return row / norms[0], col / norms[1], ps
 
 
+def _stated_spacing(ds, path: str = "") -> np.ndarray:
+    """The pixel spacing of ``ds`` as :func:`_geometry` picks it, before an unusable one is replaced by 1 mm
+    (zeros where none is stated)."""
+    ps = _numbers(ds, "PixelSpacing", 2, path)
+    if ps is None:
+        ps = _numbers(ds, "ImagerPixelSpacing", 2, path)
+    return np.zeros(2) if ps is None else ps
+
+
 def _geometry(ds, path: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row cosines, column cosines, pixel spacing (row, col)) of a slice; identity and 1 mm when absent.
 
@@ -280,31 +288,20 @@ def _geometry(ds, path: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _checked(orientation[:3], orientation[3:], ps, path)
 
 
-def _positive_pair(value: Any) -> bool:
-    """Whether a header's pixel spacing is two positive sizes (``0\\0`` or text is not one)."""
-    try:
-        numbers = [float(v) for v in (str(value).split("\\") if isinstance(value, str) else value)]
-    except (TypeError, ValueError):
-        return False
-    return len(numbers) == 2 and all(math.isfinite(n) and n > 0 for n in numbers)
-
-
-def _say_unsized(ds, path: str) -> bool:
+def _say_unsized(ds, path: str) -> None:
     """Warn, once per folder, when ``ds`` states no pixel size (PixelSpacing, ImagerPixelSpacing, or an
-    enhanced image's pixel measures) and 1 mm is taken, as ITK takes it: sizes in mm are then not known.
-    Return whether it states one."""
+    enhanced image's pixel measures) and 1 mm is taken, as ITK takes it: sizes in mm are then not known."""
     groups = [_functional(ds, f"{kind}FunctionalGroupsSequence", 0) for kind in ("Shared", "PerFrame")]
     measures = [getattr(g, "PixelMeasuresSequence", None) for g in groups if g is not None]
     stated = [getattr(ds, k, "") for k in ("PixelSpacing", "ImagerPixelSpacing")]
     stated += [getattr(m[0], "PixelSpacing", "") for m in measures if m]  # as _enhanced_geometry reads them
-    if any(str(value or "").strip() for value in stated):  # one that is not a spacing is said by _checked
-        return any(_positive_pair(value) for value in stated)
+    if any(str(value or "").strip() for value in stated):
+        return
     said = (str(Path(path).parent), "no pixel size")
     if said not in _SAID:
         _SAID.add(said)
         logging.getLogger(__name__).warning("%s: no PixelSpacing, so pixels are taken as 1 mm and sizes in mm are "
                                             "not the image's (a secondary capture?)", path)
-    return False
 
 
 def _affine(origin: np.ndarray, step: np.ndarray, row: np.ndarray, col: np.ndarray, ps: np.ndarray) -> np.ndarray:
@@ -447,7 +444,8 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
     headers = [(path, _read(path)) for path in series.files]
     path0, ds0 = headers[0]
     row0, col0, ps0 = _geometry(ds0, path0)
-    sized = _say_unsized(ds0, path0)
+    _say_unsized(ds0, path0)
+    sized = bool(np.all(_stated_spacing(ds0, path0) > 0))  # else 1 mm stands in for it
     normal = np.cross(row0, col0)
     positioned = []
     for path, ds in headers:
@@ -561,8 +559,12 @@ def _single_geometry(path: str, uid: str) -> SeriesGeometry:
     # an enhanced image states its plane in functional groups, whatever its number of frames (one included)
     row, col, ps = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col, ps, path)
     row, col, ps = _per_frame_geometry(ds, path, row, col, ps)
+    # the spacing picked as above but before 1 mm stands in for an unusable one: whether sizes are known
+    stated = _enhanced_geometry(_functional(ds, "SharedFunctionalGroupsSequence", 0), row, col,
+                                _stated_spacing(ds, path), path)
+    sized = bool(np.all(_per_frame_geometry(ds, path, *stated)[2] > 0))
     row, col, ps = _checked(row, col, ps, path)
-    sized = _say_unsized(ds, path)
+    _say_unsized(ds, path)
     normal = np.cross(row, col)
     positions = _frame_positions(ds, frames, path)
     if positions is not None:

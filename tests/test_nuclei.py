@@ -616,17 +616,21 @@ def test_the_table_is_in_micrometres_too_where_the_input_states_its_pixel_size(t
     # (1 mm is taken there, and said)
     import pydicom
 
-    for case, spacing in (("stated", ["0.25", "0.5"]), ("none", None), ("zero", ["0", "0"])):
-        folder = write_dicom_series(tmp_path / case, n=2)
-        for path in sorted(folder.iterdir()):
-            ds = pydicom.dcmread(path)
-            if spacing is None:
-                del ds.PixelSpacing
-            else:
-                ds.PixelSpacing = spacing
-            ds.save_as(path)
-        found = pixel_micrometres(read_geometry(sorted(folder.iterdir())[0]))
-        assert found == ((250.0, 500.0) if case == "stated" else None), case
+    for case, spacing in (("stated", ["0.25", "0.5"]), ("none", None), ("zero", ["0", "0"]),
+                          ("zero beside a detector's", ["0", "0"])):
+        for n in (2, 1):  # a series, and a single file
+            folder = write_dicom_series(tmp_path / f"{case} {n}", n=n)
+            for path in sorted(folder.iterdir()):
+                ds = pydicom.dcmread(path)
+                if spacing is None:
+                    del ds.PixelSpacing
+                else:
+                    ds.PixelSpacing = spacing
+                if case.endswith("detector's"):  # not the spacing read: PixelSpacing is, and 1 mm stands in
+                    ds.ImagerPixelSpacing = ["0.3", "0.6"]
+                ds.save_as(path)
+            found = pixel_micrometres(read_geometry(sorted(folder.iterdir())[0]))
+            assert found == ((250.0, 500.0) if case == "stated" else None), (case, n)
 
 
 def test_instances_tiff_stack_counts_every_slice(tmp_path):
