@@ -18,8 +18,9 @@ Contract (pinned by ``tests/test_readers.py``)
   spatial index order (z, y, x) or (y, x); MONAI's ``MetaTensor`` convention), ``spacing`` (per spatial axis,
   same order), ``spacing_unit`` (``mm``, ``um`` or ``pixel``), ``spatial_shape``, ``original_channel_dim``
   (0), ``slice_count`` and format extras: NIfTI ``nifti_affine`` and ``nifti_shape`` (the file's own);
-  DICOM ``series_uid``, ``files`` and ``sop_uids`` (one per slice, in array order); TIFF ``axes``, and for a
-  stack ``lead_sizes`` (the slices' axes with their sizes, e.g. ``(("T", 5), ("Z", 12))``), ``frame_interval``
+  DICOM ``series_uid``, ``files`` and ``sop_uids`` (one per slice, in array order) and
+  ``pixel_size_stated`` (False where no usable pixel spacing is given); TIFF ``axes``, and for a stack
+  ``lead_sizes`` (the slices' axes with their sizes, e.g. ``(("T", 5), ("Z", 12))``), ``frame_interval``
   (the time step and its unit, where given) and ``ome`` (True for an OME-TIFF).
 
 ``read_slice(source, k)`` gives slice ``k`` as ``(C, Y, X)`` without loading the whole volume where the
@@ -254,7 +255,7 @@ def _meta(fmt: str, source: str, spatial: tuple[int, ...], affine: np.ndarray, s
 def _series_extra(geometry: Any) -> dict[str, Any]:
     """The metadata a DICOM series adds: its UID, its files and SOP instances per slice, and for slices stacked
     at a tilt the affine of the stack straight (``straight_affine``, RAS for (z, y, x), as ``affine``), and
-    ``pixel_size_stated`` False where the headers give no pixel size (``spacing`` then holds 1 mm)."""
+    ``pixel_size_stated`` False where the headers give no usable pixel size (``spacing`` then holds 1 mm)."""
     extra: dict[str, Any] = {"series_uid": geometry.series_uid, "files": list(geometry.files),
                              "sop_uids": list(geometry.sop_uids), "pixel_size_stated": bool(geometry.sized)}
     if geometry.straight is not None:

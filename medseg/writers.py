@@ -240,7 +240,7 @@ def pixel_micrometres(meta: dict) -> tuple[float, float] | None:
     """A slice's pixel size ``(y, x)`` in micrometres from an input's metadata (:func:`medseg.readers.read_image`):
     TIFF resolution, OME or ImageJ calibration, DICOM pixel spacing, NIfTI voxel size; ``None`` for an
     uncalibrated input (a PNG, a TIFF without resolution, a NIfTI of unknown unit, a DICOM image without a
-    pixel spacing)."""
+    usable pixel spacing)."""
     if meta.get("pixel_size_stated") is False:
         return None
     factor = _MICROMETRES.get(_tiff_unit(meta))
