@@ -174,7 +174,7 @@ class Segmenter:
         with _python_words():
             if isinstance(image, (str, os.PathLike)):
                 _check_path(image)
-                return self._segment_file(image, None, channel_axis, diameter)
+                return self._segment_file(image, None, channel_axis, diameter, self._calibration(image))
             return self._segment(_channels_first(image, channel_axis, self._takes_channels), diameter)
 
     def segment_stack(self, stack: Any, channel_axis: int | None = None,
@@ -229,10 +229,10 @@ class Segmenter:
                                                                               None)))
 
     def _segment_file(self, path: str | os.PathLike, page: int | None, channel_axis: int | None,
-                      diameter: float | None, pixel_um: Any = "read") -> Segmentation:
+                      diameter: float | None, pixel_um: tuple[float, float] | None) -> Segmentation:
         """Slice ``page`` of the file ``path`` (``None``: the file is one image) read as ``medseg infer`` reads it:
-        the same reader, EXIF orientation, channel checks and, for nuclei, the table's intensities and the
-        file's calibration (``pixel_um``, read from the file unless given)."""
+        the same reader, EXIF orientation, channel checks and, for nuclei, the table's intensities; ``pixel_um``
+        the file's pixel size in micrometres (:meth:`_calibration`)."""
         from medseg.readers import count_slices, read_slice
 
         if channel_axis is not None:
@@ -245,7 +245,6 @@ class Segmenter:
         data = self._reader({self._key: str(path), "page": page or 0})
         intensity = read_slice(path, page or 0, nifti_channel_dim=nifti_channel_dim) \
             if self.kind == "instances" else None
-        pixel_um = self._calibration(path) if isinstance(pixel_um, str) else pixel_um
         return self._segment(intensity, diameter, loaded=data, pixel_um=pixel_um)
 
     def _segment(self, arr: np.ndarray | None, diameter: float | None = None,

@@ -232,18 +232,16 @@ def _tiff_unit(meta: dict) -> str:
     return "pixel" if str(meta.get("nifti_unit", "")) == "unknown" else str(meta["spacing_unit"])
 
 
-#: Micrometres per unit of the readers' ``spacing_unit`` (and NIfTI's spatial units)
-_MICROMETRES = {"um": 1.0, "micron": 1.0, "mm": 1e3, "meter": 1e6}
-
-
 def pixel_micrometres(meta: dict) -> tuple[float, float] | None:
     """A slice's pixel size ``(y, x)`` in micrometres from an input's metadata (:func:`medseg.readers.read_image`):
     TIFF resolution, OME or ImageJ calibration, DICOM pixel spacing, NIfTI voxel size; ``None`` for an
     uncalibrated input (a PNG, a TIFF without resolution, a NIfTI of unknown unit, a DICOM image without a
     usable pixel spacing)."""
+    from medseg.readers import _micrometres
+
     if meta.get("pixel_size_stated") is False:
         return None
-    factor = _MICROMETRES.get(_tiff_unit(meta))
+    factor = _micrometres(_tiff_unit(meta))  # the readers' mm, um, meter; None for pixel
     spacing = [float(v) for v in np.asarray(meta.get("spacing", ())).ravel()]
     if factor is None or len(spacing) < 2 or not all(v > 0 and np.isfinite(v) for v in spacing[-2:]):
         return None
