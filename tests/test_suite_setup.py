@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from conftest import usable_cpus
 
 
@@ -45,3 +46,12 @@ def test_the_cpu_quotas_of_a_process_cgroup_and_those_above_it_bound_the_usable_
     _write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "100000\n")
     assert usable_cpus(v1, membership) == 1
     assert usable_cpus(v1, membership.replace("cpu,cpuacct", "cpuacct")) == _affinity()  # no cpu controller
+
+
+def test_each_worker_gives_pytorch_its_share_of_the_cpus():
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        pytest.skip("runs in one process: PyTorch keeps its own thread count")
+    assert torch.get_num_threads() == max(1, usable_cpus() // workers)
