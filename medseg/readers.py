@@ -779,13 +779,13 @@ class TiffReader(_MedsegReader):
             (nx, dx), (ny, dy) = res_x.value, res_y.value
             if nx and ny and (nx, dx) != (1, 1):
                 x, y = dx / nx, dy / ny  # units per pixel
-                code = int(unit_tag.value) if unit_tag is not None else 1
+                if ij_factor and (unit_tag is None or int(unit_tag.value) == 1):
+                    return (z, y * ij_factor, x * ij_factor), "um"  # ImageJ's unit (its tag says none)
+                code = int(unit_tag.value) if unit_tag is not None else 2  # TIFF 6.0: an absent unit is inch
                 if code == 3:  # centimetre
                     return (z, y * 1e4, x * 1e4), "um"
                 if code == 2:  # inch
                     return (z, y * 25400, x * 25400), "um"
-                if ij_factor:  # no unit in the tags (as ImageJ writes them): ImageJ's unit
-                    return (z, y * ij_factor, x * ij_factor), "um"
         return (1.0, 1.0, 1.0), "pixel"
 
     def read_source(self, path: str) -> tuple[np.ndarray, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import tracemalloc
 
 import nibabel as nib
@@ -276,6 +277,25 @@ def test_calibration_in_other_units_is_read_in_micrometres(tmp_path):
     assert read_geometry(tmp_path / "ij_px.tif")["spacing_unit"] == "pixel"
 
 
+def test_resolution_without_a_unit_tag_is_in_inches_as_tiff_says(tmp_path):
+    """TIFF 6.0: ResolutionUnit defaults to inch; ImageJ's own unit still wins over an absent or 'none' tag."""
+    path = tmp_path / "dpi.tif"
+    tifffile.imwrite(path, np.zeros((4, 4), np.uint8), resolution=(100, 100))  # 100 pixels per inch
+    with tifffile.TiffFile(path) as tif:
+        offset, order = tif.pages[0].tags["ResolutionUnit"].offset, tif.byteorder
+    with open(path, "r+b") as handle:  # the tag's code becomes a private one: no ResolutionUnit left
+        handle.seek(offset)
+        handle.write(struct.pack(order + "H", 65000))
+    with tifffile.TiffFile(path) as tif:
+        assert "ResolutionUnit" not in tif.pages[0].tags
+    meta = read_geometry(path)
+    assert meta["spacing_unit"] == "um"
+    np.testing.assert_allclose(meta["spacing"], [254.0, 254.0])
+    tifffile.imwrite(tmp_path / "ij.tif", np.zeros((4, 4), np.uint8), imagej=True, resolution=(2.0, 2.0),
+                     metadata={"unit": "nm"})
+    np.testing.assert_allclose(read_geometry(tmp_path / "ij.tif")["spacing"], [0.0005, 0.0005])
+
+
 def test_nifti_in_micrometres_reports_um(tmp_path):
     image = nib.Nifti1Image(np.zeros((4, 5, 3), np.float32), np.diag([0.5, 0.5, 2.0, 1.0]))
     image.header.set_xyzt_units("micron")
@@ -396,7 +416,6 @@ def test_png_cut_inside_its_header_is_a_data_error(tmp_path, size):
 
 
 def _png(width: int, height: int, depth: int, colour: int, rows: bytes, exif: bytes = b"") -> bytes:
-    import struct
     import zlib
 
     def chunk(kind, body):
@@ -408,7 +427,6 @@ def _png(width: int, height: int, depth: int, colour: int, rows: bytes, exif: by
 
 
 def _exif_block(orientation: int) -> bytes:
-    import struct
 
     return b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + b"\0" * 4
 
@@ -431,7 +449,6 @@ def test_16_bit_colour_png_keeps_every_bit_and_turns_as_its_8_bit_twin(tmp_path,
 
 def test_16_bit_colour_png_with_significant_bits_keeps_its_stored_values_and_the_size_is_checked_first(
         tmp_path, monkeypatch):
-    import struct
     import zlib
 
     import itk
@@ -798,7 +815,6 @@ def test_a_slice_over_the_pixel_limit_is_refused_before_it_is_read(tmp_path, mon
 
 def test_a_png_over_pillows_own_limit_is_a_one_line_error(tmp_path, monkeypatch):
     # Pillow refuses such files from the header (DecompressionBombError): the message says what to do
-    import struct
     import zlib
 
     path = tmp_path / "bomb.png"
@@ -816,7 +832,6 @@ def test_a_png_over_pillows_own_limit_is_a_one_line_error(tmp_path, monkeypatch)
 def test_a_tiff_whose_chain_of_pages_breaks_is_refused_not_read_short(tmp_path):
     # tifffile stops at a next-page offset past the end of the file with a log line only: a 4-slice stack
     # read as 2 slices, the other 2 silently lost
-    import struct
 
     from medseg.readers import count_slices
 
