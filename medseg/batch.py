@@ -915,6 +915,8 @@ def _earlier_rows(manifest: Path, taken: Iterable[tuple[str, str]]) -> list[Mani
             continue
         if row.get("mask") and not Path(row["mask"]).is_file():
             continue  # its outputs are gone
+        if not row.get("mask") and not os.path.lexists(row["input"]):
+            continue  # a failure of an input deleted since: nothing to try again, nothing written
         values = {k: row.get(k, "") or "" for k in MANIFEST_FIELDS}
         try:
             values["slices"] = int(values["slices"] or 0)

@@ -465,7 +465,7 @@ def _series_geometry(series: DicomSeries, spacing_tolerance: float, stamps: tupl
         position = _numbers(ds, "ImagePositionPatient", 3, path)
         if position is None:
             raise DataError(f"{path}: no ImagePositionPatient; the slices of this series cannot be ordered into a "
-                            "volume: give its files one by one (`medseg infer` of the folder segments each alone)")
+                            "volume: give its files one by one (`medseg infer` given one file segments it alone)")
         positioned.append((float(position @ normal), position, path, str(getattr(ds, "SOPInstanceUID", ""))))
     copies: dict[str, str] = {}
     for _, _, path, sop in positioned:

@@ -958,6 +958,22 @@ def test_a_run_with_another_include_adds_to_the_manifest(tmp_path, tiny_checkpoi
     assert sorted(_manifest(out)) == ["b.png"]
 
 
+def test_the_failure_of_an_input_deleted_since_leaves_the_manifest(tmp_path, tiny_checkpoint):
+    root = tmp_path / "in"
+    _em_png(root / "good.png", 0)
+    (root / "bad.png").write_bytes(b"not an image")
+    (root / "other.png").write_bytes(b"not an image either")
+    out = tmp_path / "out"
+    assert _infer(root, out, tiny_checkpoint).exit_code == 1
+    assert _manifest(out)["bad.png"]["status"] == "failed"
+    (root / "bad.png").unlink()  # the user removes the bad file
+    result = _infer(root, out, tiny_checkpoint, "--include", "good.png")
+    assert result.exit_code == 0, result.output
+    rows = _manifest(out)
+    assert sorted(rows) == ["good.png", "other.png"]  # nothing to try again for bad.png; other.png still fails
+    assert rows["other.png"]["status"] == "failed"
+
+
 def test_the_manifest_tells_series_of_one_folder_apart(tmp_path, tiny_checkpoint, monkeypatch):
     # two series in one folder are two inputs of one path: a run over one keeps the other's row; paths are
     # absolute, so a run from another folder matches them too
