@@ -332,8 +332,8 @@ def infer(
     bundle: BundleArg,
     input_path: Annotated[Path, typer.Argument(
         metavar="INPUT", callback=_home,
-        help="Folder (searched recursively) or one file: PNG, TIFF (stacks), BMP, JPEG, NIfTI, DICOM (one input per "
-             "series).")],
+        help="Folder (searched recursively) or one file: PNG, TIFF (stacks), BMP, JPEG, NIfTI, NRRD, MetaImage, "
+             "DICOM (one input per series).")],
     output_dir: Annotated[Path, typer.Argument(
         metavar="OUTPUT_DIR", callback=_home,
         help="Receives mask/REL.*, prob/REL.*, table/REL.csv (instance bundles), manifest.csv and run.json.")],

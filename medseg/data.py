@@ -33,14 +33,14 @@ ISBI_STACKS = ("train-volume.tif", "train-labels.tif")
 
 
 def _volumes_said(files: Iterable[Path]) -> str:
-    """For an error that found no training image: the first of ``files`` that is a volume (NIfTI, DICOM), which
-    ``medseg infer`` reads but training does not, and what to do; empty when none is."""
+    """For an error that found no training image: the first of ``files`` that is a volume (NIfTI, DICOM, NRRD,
+    MetaImage), which ``medseg infer`` reads but training does not, and what to do; empty when none is."""
     from medseg.readers import SUFFIXES, suffix_of
 
-    volume = next((f for f in files if SUFFIXES.get(suffix_of(f)) in ("nifti", "dicom")), None)
+    volume = next((f for f in files if SUFFIXES.get(suffix_of(f)) in ("nifti", "dicom", "itk")), None)
     if volume is None:
         return ""
-    kind = "NIfTI" if SUFFIXES[suffix_of(volume)] == "nifti" else "DICOM"
+    kind = {"nifti": "NIfTI", "itk": "NRRD or MetaImage"}.get(SUFFIXES[suffix_of(volume)], "DICOM")
     return (f"; {volume.name} is {kind}, which training does not read (medseg infer does): save its slices and "
             "their labels as 2D images, or for isbi_em as TIFF stacks")
 

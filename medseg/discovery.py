@@ -201,7 +201,10 @@ def discover(
         if fmt == "dicom" or (fmt is None and is_dicom_file(file)):
             dicom_by_dir.setdefault(file.parent, []).append(file)
         elif fmt is None:
-            if file.name.upper() != "DICOMDIR":
+            header = _detached_header(file)
+            if header is not None:
+                ignored.append((str(file), f"the data file of {header.name}, read with it"))
+            elif file.name.upper() != "DICOMDIR":
                 ignored.append((str(file), f"unsupported file type '{suffix_of(file) or '(none)'}'"))
         else:
             inputs.append(InputItem(str(file), fmt, _stem(rel), key=rel))
@@ -288,6 +291,17 @@ def _outputs_under(root: Path, output_dir: Path | None, found: list[Path]) -> li
     for record in (p for p in found if p.name == RUN_RECORD and _is_run_record(p)):  # earlier runs' outputs
         left_out += [record.parent.resolve() / name for name in OUTPUT_PARTS]
     return left_out
+
+
+def _detached_header(file: Path) -> Path | None:
+    """The MetaImage (``.mhd``) or NRRD (``.nhdr``) header beside ``file`` whose voxels ``file`` may hold
+    (``x.raw``, ``x.zraw``, ``x.raw.gz`` for ``x.mhd``), else ``None``."""
+    for base in (file.with_suffix(""), file.with_suffix("").with_suffix("")):
+        for suffix in (".mhd", ".nhdr", ".MHD", ".NHDR"):
+            header = base.with_name(base.name + suffix)
+            if header != file and header.is_file():
+                return header
+    return None
 
 
 def _stem(rel: str) -> str:

@@ -5,14 +5,16 @@ Contract (pinned by ``tests/test_readers.py``)
 ``read_image(source)`` returns ``(array, meta)``:
 
 * ``array`` is channel first. 2D images (PNG, single-page TIFF) are ``(C, Y, X)``; volumes (TIFF stacks,
-  NIfTI, DICOM) are ``(C, Z, Y, X)``, Z being the slice axis a 2D model runs over: the TIFF page axis, NIfTI's
-  third voxel axis (k), DICOM slices ordered along the slice normal. Y is rows (top to bottom as stored), X
-  columns. C is 1 for gray, 3 for RGB (alpha dropped, CMYK converted; a gray TIFF page whose extra sample is
-  marked unspecified rather than alpha gives 2, the sample kept as data; a palette PNG gives its colours, a
-  palette TIFF its values, its colour table being a display LUT; colour DICOM, PALETTE COLOR included, its
-  colours, YBR converted to RGB), or a configured NIfTI channel axis.
-  Values: the file's own dtype for PNG/TIFF/NIfTI (1-bit PNG and TIFF as uint8 0 and 255; NIfTI
-  ``scl_slope``/``scl_inter`` applied), float32 after
+  NIfTI, NRRD, MetaImage, DICOM) are ``(C, Z, Y, X)``, Z being the slice axis a 2D model runs over: the TIFF
+  page axis, the third voxel axis (k) of NIfTI, NRRD and MetaImage, DICOM slices ordered along the slice
+  normal. Y is rows (top to bottom as stored), X columns. C is 1 for gray, 3 for RGB (alpha dropped, CMYK
+  converted; a gray TIFF page whose extra sample is marked unspecified rather than alpha gives 2, the sample
+  kept as data; a palette PNG gives its colours, a palette TIFF its values, its colour table being a display
+  LUT; colour DICOM, PALETTE COLOR included, its colours, YBR converted to RGB), a configured NIfTI channel
+  axis, or the values of a NRRD or MetaImage voxel.
+  Values: the file's own dtype for PNG/TIFF/NIfTI/NRRD/MetaImage (1-bit PNG and TIFF as uint8 0 and 255;
+  NIfTI ``scl_slope``/``scl_inter`` applied; NRRD and MetaImage int8 as int16 and 64-bit integers as float64,
+  which ITK's Python reads), float32 after
   RescaleSlope/Intercept for DICOM (CT in Hounsfield units).
 * ``meta`` holds ``format``, ``source`` (the path), ``affine`` (4x4, RAS world coordinates of the array's own
   spatial index order (z, y, x) or (y, x); MONAI's ``MetaTensor`` convention), ``spacing`` (per spatial axis,
@@ -59,6 +61,10 @@ SUFFIXES: dict[str, str] = {
     ".tiff": "tiff",
     ".nii": "nifti",
     ".nii.gz": "nifti",
+    ".nrrd": "itk",  # NRRD (3D Slicer's own) and MetaImage, read through ITK
+    ".nhdr": "itk",
+    ".mha": "itk",
+    ".mhd": "itk",
     **dict.fromkeys(DICOM_SUFFIXES, "dicom"),
 }
 
@@ -227,13 +233,14 @@ def format_of(path: str | os.PathLike) -> str:
 
 
 #: The file types read through another format's reader, by suffix: what an input is, for the records of a run
-_KINDS = {".bmp": "bmp", ".jpg": "jpeg", ".jpeg": "jpeg"}
+_KINDS = {".bmp": "bmp", ".jpg": "jpeg", ".jpeg": "jpeg", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage",
+          ".mhd": "metaimage"}
 
 
 def kind_of(path: str | os.PathLike, fmt: str) -> str:
     """The kind of an input of format ``fmt`` (:func:`format_of`) as a user names it: ``jpeg`` and ``bmp``
-    for the pictures the PNG reader takes, else ``fmt``."""
-    return _KINDS.get(suffix_of(Path(path)), fmt) if fmt == "png" else fmt
+    for the pictures the PNG reader takes, ``nrrd`` and ``metaimage`` for ITK's formats, else ``fmt``."""
+    return _KINDS.get(suffix_of(Path(path)), fmt) if fmt in ("png", "itk") else fmt
 
 
 def _meta(fmt: str, source: str, spatial: tuple[int, ...], affine: np.ndarray, spacing: Sequence[float],
@@ -1042,6 +1049,157 @@ class NiftiReader(_MedsegReader):
         return data if data.flags.writeable else data.copy()
 
 
+#: ITK component types read as another type that holds each value exactly (ITK's Python wraps a few types only)
+_ITK_WIDER = {"char": "SS", "long": "D", "unsigned_long": "D", "long_long": "D", "unsigned_long_long": "D"}
+
+
+def _itk_error(path: str, err: BaseException, what: str) -> DataError:
+    """ITK's exception text (``SOURCE:LINE: ITK ERROR: ImageIO(0x...): why``) as one line naming ``path``."""
+    text = re.split(r"(?i)itk(?:::| )error:", str(err))[-1]
+    text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*(ReadImageInformation:\s*)?", "", text)
+    why = brief(text.replace(str(path), "the file"))
+    return DataError(f"{path}: cannot read {what} ({why}){_or_corrupt(path, 'itk', _ITK_FIX)}")
+
+
+#: the end of an ITK reading error: what may be wrong
+_ITK_FIX = ("; the file may be truncated or corrupt, or a detached header's data file (NRRD `data file`, "
+            "MetaImage `ElementDataFile`) missing beside it")
+
+
+def _check_data_file(path: str) -> None:
+    """Refuse a detached header (MetaImage ``ElementDataFile``, NRRD ``data file``) whose one data file is not
+    beside it, before ITK tries (and prints its own complaint)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(65536).decode("latin-1")
+    except OSError as err:
+        raise DataError(f"{path}: cannot open the file ({err.strerror or err}); check its permissions") from err
+    header = head.split("\n\n", 1)[0] if head.startswith("NRRD") else head
+    match = re.search(r"^(?:ElementDataFile\s*=|data ?file:)[ \t]*(.+?)\s*$", header, re.MULTILINE | re.IGNORECASE)
+    if match is None:
+        return
+    name = match.group(1)
+    if name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name or " " in name:
+        return  # the voxels follow the header, or several files (a list, a pattern): ITK checks them
+    data = Path(path).parent / name
+    if not data.is_file():
+        raise DataError(f"{path}: its data file {name} (named in the header) is not beside it; copy the header "
+                        "and its data file together")
+
+
+class ItkReader(_MedsegReader):
+    """NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``) via ITK: 2D and 3D images, one value or
+    several per voxel, placed in the world as ITK places them (origin, spacing and direction, in LPS, given here
+    as RAS like NIfTI's and DICOM's affines), the spacing in millimetres as ITK and 3D Slicer take it.
+
+    The voxels are read whole (ITK reads these files whole), the last volume kept for its next slices.
+    """
+
+    format = "itk"
+    _volumes = _RecentFiles(size=1, per_thread=False)
+
+    @staticmethod
+    def _header(path: str) -> dict[str, Any]:
+        """Size, spacing, origin, direction and pixel type from the header, without the voxels."""
+        import itk
+
+        io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+        if io is None or io.GetNameOfClass() not in ("NrrdImageIO", "MetaImageIO"):  # ITK goes by content too
+            raise DataError(f"{path}: not a NRRD or MetaImage file{_or_corrupt(path, 'itk')}")
+        _check_data_file(path)
+        try:
+            io.SetFileName(path)
+            io.ReadImageInformation()
+        except (RuntimeError, OSError) as err:
+            raise _itk_error(path, err, "the header") from err
+        dims = int(io.GetNumberOfDimensions())
+        size = [int(io.GetDimensions(i)) for i in range(dims)]
+        if dims not in (2, 3):
+            raise DataError(f"{path}: {dims}D image ({' × '.join(map(str, size))}); expected 2D or 3D: split it into "
+                            "3D volumes (a time series into one file per time point)")
+        if 0 in size:
+            raise DataError(f"{path}: image of size {' × '.join(map(str, size))} holds no voxels; the file was "
+                            "written empty, write it again from its source")
+        direction = np.array([list(io.GetDirection(i)) for i in range(dims)], dtype=np.float64).T  # columns: axes
+        return {"size": size, "spacing": [float(io.GetSpacing(i)) for i in range(dims)],
+                "origin": [float(io.GetOrigin(i)) for i in range(dims)], "direction": direction,
+                "component": str(io.GetComponentTypeAsString(io.GetComponentType())),
+                "components": int(io.GetNumberOfComponents()),
+                "pixel": str(io.GetPixelTypeAsString(io.GetPixelType())),
+                "itemsize": int(io.GetComponentSize())}
+
+    def _meta(self, path: str, head: dict[str, Any]) -> dict:
+        from medseg.dicom import LPS_TO_RAS
+
+        dims = len(head["size"])
+        lps = np.eye(4)  # voxel (x, y[, z]) -> LPS world
+        lps[:dims, :dims] = head["direction"] * np.asarray(head["spacing"])
+        lps[:dims, 3] = head["origin"]
+        affine = (LPS_TO_RAS @ lps)[:, [2, 1, 0, 3]]  # columns follow our (z, y, x) index order
+        x, y, *z = head["size"]
+        spacing = (head["spacing"][2] if dims == 3 else 1.0, head["spacing"][1], head["spacing"][0])
+        return _meta("itk", path, (z[0] if z else 1, y, x), affine, spacing, "mm", itk_pixel=head["pixel"],
+                     itk_dimensions=dims)
+
+    def read_meta(self, path: str) -> dict:
+        return self._meta(path, self._header(path))
+
+    def count_slices(self, path: str) -> int:
+        size = self._header(path)["size"]
+        return size[2] if len(size) == 3 else 1
+
+    def separate_channels(self, path: str) -> bool:
+        """Values of a vector (other than three or four 8-bit ones) are separate images; RGB(A) are colours."""
+        head = self._header(path)
+        colours = head["pixel"] in ("rgb", "rgba") or (head["components"] in (3, 4) and head["itemsize"] == 1)
+        return head["components"] > 1 and not colours
+
+    def _voxels(self, path: str, head: dict[str, Any]) -> np.ndarray:
+        """The whole image as ``(C, Z, Y, X)`` in the file's own value type."""
+        import itk
+
+        x, y, *z = head["size"]
+        check_volume(path, (head["components"], z[0] if z else 1, y, x), head["itemsize"],
+                     "split it into smaller volumes")
+        check_plane(path, y, x)
+        try:
+            if head["components"] > 1:  # ITK's Python wraps few vector types: float32 or float64 values
+                wide = head["itemsize"] > 2 or head["component"] in ("float", "double")
+                image = itk.imread(path, pixel_type=itk.VariableLengthVector[itk.D if wide else itk.F])
+            elif head["component"] in _ITK_WIDER:
+                image = itk.imread(path, pixel_type=getattr(itk, _ITK_WIDER[head["component"]]))
+            else:
+                image = itk.imread(path)
+            data = np.array(itk.array_view_from_image(image))  # a copy that outlives the ITK image
+        except (RuntimeError, OSError, KeyError, TypeError) as err:
+            raise _itk_error(path, err, "the voxels") from err
+        data = data.reshape(*(z[:1] or [1]), y, x, head["components"])  # (Z, Y, X, C) whatever ITK gave
+        if head["components"] > 1 and head["component"] in _ITK_INTEGERS:
+            data = data.astype(_ITK_INTEGERS[head["component"]])  # the values stored, now whole numbers again
+        if head["pixel"] == "rgba":
+            data = data[..., :3]  # alpha dropped, as for PNG, TIFF and NIfTI
+        return np.ascontiguousarray(data.transpose(3, 0, 1, 2))
+
+    def read_source(self, path: str) -> tuple[np.ndarray, dict]:
+        head = self._header(path)
+        data = self._voxels(path, head)
+        return data, self._meta(path, head)
+
+    def read_slice(self, path: str, index: int) -> np.ndarray:
+        head = self._header(path)
+        count = head["size"][2] if len(head["size"]) == 3 else 1
+        if not 0 <= index < count:
+            raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
+        volume = self._volumes.get(path, lambda: self._voxels(path, head))
+        return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
+
+
+#: integer component types of ITK's ImageIO, for multi-component images read as floats
+_ITK_INTEGERS = {"unsigned_char": np.uint8, "char": np.int8, "unsigned_short": np.uint16, "short": np.int16,
+                 "unsigned_int": np.uint32, "int": np.int32, "unsigned_long": np.uint64, "long": np.int64,
+                 "unsigned_long_long": np.uint64, "long_long": np.int64}
+
+
 class DicomReader(_MedsegReader):
     """DICOM via pydicom: a file (single or multi-frame) or a folder holding one series (see :mod:`medseg.dicom`).
 
@@ -1093,6 +1251,7 @@ def release_files() -> None:
     """Close the files this thread's readers keep open and drop the kept ``.nii.gz`` volume (end of a batch)."""
     TiffReader._recent.clear()
     NiftiReader._volumes.clear()
+    ItkReader._volumes.clear()
 
 
 def format_of_or_none(path: str | os.PathLike) -> str | None:
@@ -1109,6 +1268,7 @@ READERS: dict[str, type[_MedsegReader]] = {
     "tiff": TiffReader,
     "nifti": NiftiReader,
     "dicom": DicomReader,
+    "itk": ItkReader,
 }
 
 

@@ -6,6 +6,7 @@
 | TIFF  | ``mask/REL.tif`` (a stack for stacks, calibration kept), 8-bit 255 | ``prob/REL.tif`` float32 |
 | NIfTI | ``mask/REL.nii.gz`` uint8, 1 = class, the input's affine and voxel order | ``prob/REL.nii.gz`` float32 |
 | DICOM | ``mask/REL.seg.dcm`` binary DICOM SEG referencing the source series | ``prob/REL.nii.gz`` float32 |
+| NRRD, MetaImage | ``mask/REL.nii.gz`` as for NIfTI, in the input's place in the world | ``prob/REL.nii.gz`` float32 |
 
 ``REL`` is the input's path relative to the input folder without its suffix. Three kinds of mask (``mask_mode``):
 
@@ -45,7 +46,7 @@ from medseg.io import ome_description, partial_file, tiff_calibration, write_nif
 from medseg.readers import suffix_of
 
 #: Input kind -> the mask kind written for it by default.
-_DEFAULT_FOR_INPUT = {"png": "png", "tiff": "tiff", "nifti": "nifti", "dicom": "dicom-seg"}
+_DEFAULT_FOR_INPUT = {"png": "png", "tiff": "tiff", "nifti": "nifti", "dicom": "dicom-seg", "itk": "nifti"}
 
 
 def mask_format(input_format: str, output_format: str = "auto", slices: int = 1) -> str:

@@ -1,0 +1,188 @@
+"""NRRD and MetaImage inputs (read through ITK): geometry by hand, the same voxels and world place as NIfTI,
+value types, channels, bad files, and `medseg infer` writing them as NIfTI where they lie."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import TINY_NET, synthetic_em
+from typer.testing import CliRunner
+
+from medseg.cli import app
+from medseg.errors import DataError
+from medseg.readers import count_slices, read_geometry, read_image, read_slice, separate_channels
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "isbi_em"
+NRRD_TYPES = {np.uint8: "uint8", np.int8: "int8", np.uint16: "uint16", np.int16: "int16", np.int32: "int32",
+              np.uint32: "uint32", np.int64: "int64", np.float32: "float", np.float64: "double"}
+
+
+def _nrrd(path: Path, voxels: np.ndarray, space: str = "left-posterior-superior",
+          directions: str = "(0,2,0) (1,0,0) (0,0,3)", origin: str = "(10,20,30)", kinds: str = "",
+          vector: bool = False) -> Path:
+    """A NRRD written by hand: ``voxels`` in (Z, Y, X[, C]) order, stored x fastest (C first for vectors)."""
+    sizes = list(voxels.shape[::-1]) if not vector else [voxels.shape[-1], *voxels.shape[-2::-1]]
+    dims = len(sizes)
+    header = ["NRRD0004", f"type: {NRRD_TYPES[voxels.dtype.type]}", f"dimension: {dims}", f"space: {space}",
+              f"sizes: {' '.join(map(str, sizes))}",
+              f"space directions: {'none ' if vector else ''}{directions}", "endian: little", "encoding: raw",
+              f"space origin: {origin}"]
+    if kinds:
+        header.append(f"kinds: {kinds}")
+    path.write_bytes(("\n".join(header) + "\n\n").encode() + np.ascontiguousarray(voxels).astype(
+        voxels.dtype.newbyteorder("<")).tobytes())
+    return path
+
+
+def test_nrrd_geometry_by_hand_lps_and_ras(tmp_path):
+    voxels = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)  # Z=2, Y=3, X=4
+    lps = _nrrd(tmp_path / "lps.nrrd", voxels)
+    arr, meta = read_image(lps)
+    assert arr.shape == (1, 2, 3, 4) and arr.dtype == np.int16
+    np.testing.assert_array_equal(arr[0], voxels)
+    assert meta["format"] == "itk" and meta["spacing_unit"] == "mm"
+    np.testing.assert_allclose(meta["spacing"], [3.0, 1.0, 2.0])  # (z, y, x): the directions' lengths
+    # voxel x=1 lies at LPS (10, 22, 30), so RAS (-10, -22, 30); voxel y=1 at LPS (11, 20, 30); z=1 at (10, 20, 33)
+    affine = meta["affine"]  # columns (z, y, x)
+    np.testing.assert_allclose(affine @ [0, 0, 1, 1], [-10, -22, 30, 1])
+    np.testing.assert_allclose(affine @ [0, 1, 0, 1], [-11, -20, 30, 1])
+    np.testing.assert_allclose(affine @ [1, 0, 0, 1], [-10, -20, 33, 1])
+    # a RAS header: ITK turns it into LPS, and the RAS affine is the header's own again
+    ras = _nrrd(tmp_path / "ras.nrrd", voxels, space="right-anterior-superior",
+                directions="(1.5,0,0) (0,0.5,0) (0,0,2)", origin="(-5,7,9)")
+    np.testing.assert_allclose(read_geometry(ras)["affine"][:, [2, 1, 0, 3]],
+                               [[1.5, 0, 0, -5], [0, 0.5, 0, 7], [0, 0, 2, 9], [0, 0, 0, 1]], atol=1e-9)
+    assert count_slices(lps) == 2
+    np.testing.assert_array_equal(read_slice(lps, 1)[0], voxels[1])
+    with pytest.raises(IndexError):
+        read_slice(lps, 2)
+
+
+def test_metaimage_and_nrrd_from_nifti_read_as_the_nifti(tmp_path):
+    """The same volume saved by ITK as .nrrd, .mha and .mhd + .raw reads as the NIfTI does: voxels and affine."""
+    import itk
+
+    a, b = np.radians(30), np.radians(10)  # oblique: turned about z, then about x
+    turn = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]) @ \
+        np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = turn @ np.diag([0.9, 0.7, 2.5]), (12.0, -7.0, 3.0)
+    volume = np.random.default_rng(0).integers(0, 4000, (6, 5, 4)).astype(np.int16)  # (X, Y, Z)
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "v.nii")
+    image = itk.imread(str(tmp_path / "v.nii"))
+    for name in ("v.nrrd", "v.mha", "v.mhd"):
+        itk.imwrite(image, str(tmp_path / name))
+    assert (tmp_path / "v.raw").is_file()
+    expected, want = read_image(tmp_path / "v.nii")
+    for name in ("v.nrrd", "v.mha", "v.mhd"):
+        arr, meta = read_image(tmp_path / name)
+        np.testing.assert_array_equal(arr, expected, err_msg=name)
+        np.testing.assert_allclose(meta["affine"], want["affine"], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(meta["spacing"], want["spacing"], rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", list(NRRD_TYPES))
+def test_every_value_type_is_read_exactly(tmp_path, dtype):
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else np.finfo(dtype)
+    low, high = (max(float(info.min), -2.0**52), min(float(info.max), 2.0**52))
+    voxels = np.array([low, high, 0, 1, high - 1, low + 1, 7, 3], dtype=dtype).reshape(1, 2, 4)
+    arr, _ = read_image(_nrrd(tmp_path / "t.nrrd", voxels))
+    np.testing.assert_array_equal(arr[0].astype(np.float64), voxels.astype(np.float64))
+    assert arr.dtype.kind == np.dtype(dtype).kind or dtype == np.int64  # int64: float64 (ITK's Python lacks it)
+
+
+def test_2d_images_and_vector_voxels(tmp_path):
+    import itk
+
+    plane = np.random.default_rng(1).integers(0, 255, (5, 7)).astype(np.uint8)
+    picture = itk.image_from_array(plane)
+    picture.SetSpacing((0.5, 0.25))
+    itk.imwrite(picture, str(tmp_path / "p.mha"))
+    arr, meta = read_image(tmp_path / "p.mha")
+    assert arr.shape == (1, 1, 5, 7) and count_slices(tmp_path / "p.mha") == 1
+    np.testing.assert_array_equal(arr[0, 0], plane)
+    np.testing.assert_allclose(meta["spacing"], [1.0, 0.25, 0.5])
+    np.testing.assert_array_equal(read_slice(tmp_path / "p.mha", 0)[0], plane)
+    # RGB colours (three 8-bit values) and a 2-vector of floats: channels first, in the file's value type
+    rgb = np.random.default_rng(2).integers(0, 255, (2, 3, 4, 3)).astype(np.uint8)
+    _nrrd(tmp_path / "rgb.nrrd", rgb, kinds="RGB-color domain domain domain", vector=True)
+    arr, _ = read_image(tmp_path / "rgb.nrrd")
+    assert arr.shape == (3, 2, 3, 4) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, rgb.transpose(3, 0, 1, 2))
+    assert not separate_channels(tmp_path / "rgb.nrrd")
+    rgba = np.random.default_rng(3).integers(0, 255, (1, 3, 4, 4)).astype(np.uint8)
+    _nrrd(tmp_path / "rgba.nrrd", rgba, kinds="RGBA-color domain domain domain", vector=True)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.nrrd")[0], rgba[..., :3].transpose(3, 0, 1, 2))
+    vec = np.random.default_rng(4).random((2, 3, 4, 2)).astype(np.float32)
+    _nrrd(tmp_path / "vec.nrrd", vec, kinds="vector domain domain domain", vector=True)
+    np.testing.assert_array_equal(read_image(tmp_path / "vec.nrrd")[0], vec.transpose(3, 0, 1, 2))
+    assert separate_channels(tmp_path / "vec.nrrd")
+    np.testing.assert_array_equal(read_slice(tmp_path / "vec.nrrd", 1), vec[1].transpose(2, 0, 1))
+
+
+def test_bad_files_are_one_line_errors_naming_the_file_and_the_fix(tmp_path):
+    voxels = np.zeros((2, 3, 4), np.uint8)
+    whole = _nrrd(tmp_path / "whole.nrrd", voxels).read_bytes()
+    (tmp_path / "cut.nrrd").write_bytes(whole[:-10])  # voxels cut short
+    (tmp_path / "header_cut.nrrd").write_bytes(whole[:40])
+    (tmp_path / "four.nrrd").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 4\nsizes: 2 2 2 2\nencoding: raw\n\n"
+                                         + bytes(16))
+    (tmp_path / "lonely.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 3 2\nElementType = MET_UCHAR\n"
+                                         "ElementDataFile = lonely.raw\n")
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "text.mha")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "png.nrrd", format="PNG")
+    expected = {"cut.nrrd": "cannot read the voxels", "header_cut.nrrd": "cannot read the header",
+                "four.nrrd": "4D image (2 × 2 × 2 × 2); expected 2D or 3D: split it into 3D volumes",
+                "lonely.mhd": "its data file lonely.raw (named in the header) is not beside it; copy the header and "
+                              "its data file together",
+                "text.mha": "not a NRRD or MetaImage file", "png.nrrd": "it is a PNG file: rename it to .png"}
+    for name, text in expected.items():
+        with pytest.raises(DataError) as err:
+            read_image(tmp_path / name)
+        message = str(err.value)
+        assert message.startswith(str(tmp_path / name)) and text in message and "\n" not in message, message
+
+
+def test_infer_writes_nrrd_and_metaimage_inputs_as_nifti_where_they_lie(tmp_path, tiny_checkpoint):
+    import itk
+
+    root, reference = tmp_path / "in", tmp_path / "ref"
+    root.mkdir()
+    reference.mkdir()
+    image, _ = synthetic_em(size=32, seed=5)
+    affine = np.array([[0.0, -0.8, 0.0, 4.0], [0.7, 0.0, 0.0, -3.0], [0.0, 0.0, 2.0, 1.0], [0, 0, 0, 1]])
+    volume = np.stack([image.T, image[::-1].T], axis=-1)  # (X, Y, Z)
+    nib.save(nib.Nifti1Image(volume, affine), reference / "v.nii")
+    itk_image = itk.imread(str(reference / "v.nii"))
+    itk.imwrite(itk_image, str(root / "v.nrrd"))
+    itk.imwrite(itk_image, str(root / "w.mhd"))
+    runner = CliRunner()
+
+    def infer(inputs: Path, out: Path):
+        args = ["infer", BUNDLE, inputs, out, "--checkpoint", tiny_checkpoint, "--no-progress", "--device", "cpu"]
+        args += [a for item in TINY_NET for a in ("--set", item)]
+        return runner.invoke(app, [str(a) for a in args])
+
+    result = infer(root, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert infer(reference, tmp_path / "out_nii").exit_code == 0
+    want = nib.load(tmp_path / "out_nii" / "mask" / "v.nii.gz")
+    for name in ("v", "w"):
+        for kind in ("mask", "prob"):
+            got = nib.load(tmp_path / "out" / kind / f"{name}.nii.gz")
+            ref = nib.load(tmp_path / "out_nii" / kind / "v.nii.gz")
+            np.testing.assert_allclose(got.affine, ref.affine, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(got.dataobj), np.asarray(ref.dataobj), atol=1e-6)
+    assert want.shape == (32, 32, 2)
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        rows = {Path(row["input"]).name: row for row in csv.DictReader(f)}
+    assert rows["v.nrrd"]["format"] == "nrrd" and rows["w.mhd"]["format"] == "metaimage"
+    assert rows["v.nrrd"]["status"] == rows["w.mhd"]["status"] == "ok"
+    assert rows["w.raw"]["status"] == "ignored" and rows["w.raw"]["message"] == "the data file of w.mhd, read with it"
