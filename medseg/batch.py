@@ -168,6 +168,13 @@ def _differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     return sorted(changed)
 
 
+def _data_file(path: Path) -> Path | None:
+    """The data file of a detached MetaImage or NRRD header (:func:`medseg.readers.detached_data_file`)."""
+    from medseg.readers import SUFFIXES, detached_data_file, suffix_of
+
+    return detached_data_file(path) if SUFFIXES.get(suffix_of(path)) == "itk" else None
+
+
 def input_fingerprint(source: str | os.PathLike, series_uid: str = "") -> str:
     """Size and modification time of an input file (of every file of the series, for a DICOM series folder).
 
@@ -187,6 +194,9 @@ def input_fingerprint(source: str | os.PathLike, series_uid: str = "") -> str:
             entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         else:
             entries = [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
+            data = _data_file(path)  # a MetaImage or NRRD header's voxels in a file of their own
+            if data is not None:
+                entries.append((data.name, data.stat().st_size, data.stat().st_mtime_ns))
     except OSError:
         return ""
     return hashlib.sha256(json.dumps(entries).encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -1066,25 +1066,36 @@ _ITK_FIX = ("; the file may be truncated or corrupt, or a detached header's data
             "MetaImage `ElementDataFile`) missing beside it")
 
 
-def _check_data_file(path: str) -> None:
-    """Refuse a detached header (MetaImage ``ElementDataFile``, NRRD ``data file``) whose one data file is not
-    beside it, before ITK tries (and prints its own complaint)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(65536).decode("latin-1")
-    except OSError as err:
-        raise DataError(f"{path}: cannot open the file ({err.strerror or err}); check its permissions") from err
+def detached_data_file(path: str | os.PathLike) -> Path | None:
+    """The one data file a detached header names (MetaImage ``ElementDataFile``, NRRD ``data file``), whether
+    it is there or not; ``None`` for voxels in the file itself, a list or pattern of files, or no such field.
+
+    Raises:
+        OSError: the header cannot be read.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(65536).decode("latin-1")
     header = head.split("\n\n", 1)[0] if head.startswith("NRRD") else head
     match = re.search(r"^(?:ElementDataFile\s*=|data ?file:)[ \t]*(.+?)\s*$", header, re.MULTILINE | re.IGNORECASE)
     if match is None:
-        return
+        return None
     name = match.group(1)
     if name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name or " " in name:
-        return  # the voxels follow the header, or several files (a list, a pattern): ITK checks them
-    data = Path(path).parent / name
-    if not data.is_file():
-        raise DataError(f"{path}: its data file {name} (named in the header) is not beside it; copy the header "
-                        "and its data file together")
+        return None  # the voxels follow the header, or several files (a list, a pattern): ITK checks them
+    return Path(path).parent / name
+
+
+def _check_data_file(path: str) -> Path | None:
+    """Refuse a detached header whose one data file is not there, before ITK tries (and prints its own
+    complaint); the data file, else ``None``."""
+    try:
+        data = detached_data_file(path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot open the file ({err.strerror or err}); check its permissions") from err
+    if data is not None and not data.is_file():
+        raise DataError(f"{path}: its data file {os.path.relpath(data, Path(path).parent)} (named in the header) "
+                        "is not there; copy the header and its data file together")
+    return data
 
 
 class ItkReader(_MedsegReader):
@@ -1106,7 +1117,7 @@ class ItkReader(_MedsegReader):
         io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
         if io is None or io.GetNameOfClass() not in ("NrrdImageIO", "MetaImageIO"):  # ITK goes by content too
             raise DataError(f"{path}: not a NRRD or MetaImage file{_or_corrupt(path, 'itk')}")
-        _check_data_file(path)
+        data = _check_data_file(path)
         try:
             io.SetFileName(path)
             io.ReadImageInformation()
@@ -1126,7 +1137,7 @@ class ItkReader(_MedsegReader):
                 "component": str(io.GetComponentTypeAsString(io.GetComponentType())),
                 "components": int(io.GetNumberOfComponents()),
                 "pixel": str(io.GetPixelTypeAsString(io.GetPixelType())),
-                "itemsize": int(io.GetComponentSize())}
+                "itemsize": int(io.GetComponentSize()), "data": data}
 
     def _meta(self, path: str, head: dict[str, Any]) -> dict:
         from medseg.dicom import LPS_TO_RAS
@@ -1190,7 +1201,9 @@ class ItkReader(_MedsegReader):
         count = head["size"][2] if len(head["size"]) == 3 else 1
         if not 0 <= index < count:
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
-        volume = self._volumes.get(path, lambda: self._voxels(path, head))
+        data = head["data"]  # a detached data file rewritten since is read afresh
+        stamp = (data.stat().st_size, data.stat().st_mtime_ns) if data is not None else None
+        volume = self._volumes.get(path, lambda: self._voxels(path, head), variant=stamp)
         return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
 
 

@@ -4,6 +4,7 @@ value types, channels, bad files, and `medseg infer` writing them as NIfTI where
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_fix(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "png.nrrd", format="PNG")
     expected = {"cut.nrrd": "cannot read the voxels", "header_cut.nrrd": "cannot read the header",
                 "four.nrrd": "4D image (2 × 2 × 2 × 2); expected 2D or 3D: split it into 3D volumes",
-                "lonely.mhd": "its data file lonely.raw (named in the header) is not beside it; copy the header and "
+                "lonely.mhd": "its data file lonely.raw (named in the header) is not there; copy the header and "
                               "its data file together",
                 "text.mha": "not a NRRD or MetaImage file", "png.nrrd": "it is a PNG file: rename it to .png"}
     for name, text in expected.items():
@@ -186,3 +187,22 @@ def test_infer_writes_nrrd_and_metaimage_inputs_as_nifti_where_they_lie(tmp_path
     assert rows["v.nrrd"]["format"] == "nrrd" and rows["w.mhd"]["format"] == "metaimage"
     assert rows["v.nrrd"]["status"] == rows["w.mhd"]["status"] == "ok"
     assert rows["w.raw"]["status"] == "ignored" and rows["w.raw"]["message"] == "the data file of w.mhd, read with it"
+    # a rerun skips both; voxels rewritten in the data file alone (the header as it was) are segmented again
+    assert infer(root, tmp_path / "out").exit_code == 0
+    assert {n: _rows(tmp_path / "out")[n]["status"] for n in ("v.nrrd", "w.mhd")} == {"v.nrrd": "skipped",
+                                                                                      "w.mhd": "skipped"}
+    header = (root / "w.mhd").stat()
+    raw = (root / "w.raw").read_bytes()
+    (root / "w.raw").write_bytes(raw[len(raw) // 2:] + raw[: len(raw) // 2])  # the slices swapped
+    os.utime(root / "w.mhd", ns=(header.st_atime_ns, header.st_mtime_ns))
+    assert infer(root, tmp_path / "out").exit_code == 0
+    rows = _rows(tmp_path / "out")
+    assert (rows["v.nrrd"]["status"], rows["w.mhd"]["status"]) == ("skipped", "ok")
+    redone = np.asarray(nib.load(tmp_path / "out" / "mask" / "w.nii.gz").dataobj)
+    first = np.asarray(nib.load(tmp_path / "out" / "mask" / "v.nii.gz").dataobj)
+    np.testing.assert_array_equal(redone, first[..., ::-1])
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        return {Path(row["input"]).name: row for row in csv.DictReader(f)}
