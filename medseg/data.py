@@ -855,10 +855,10 @@ def recorded_samples(datalists: dict[str, list[dict]], split_file: str | os.Path
     present = [samples[n] for n in names if n in samples]
     if not present:
         folder = record.get("val_dir") if split == "val" and isinstance(record, dict) else None
-        data = f"the folder it was validated on ({Path(str(folder)).name})" if folder else \
-            "the data the model was trained on"
+        data = f"val_dir the folder it was validated on ({Path(str(folder)).name}; dataset_dir the one it was " \
+            "trained on)" if folder else "dataset_dir the data the model was trained on"
         raise DataError(f"{split_file}: none of the {len(names)} {split} images it names are in the data given; "
-                        f"give dataset_dir {data}, or set eval_split to all")
+                        f"give {data}, or set eval_split to all")
     if len(present) < len(names):
         logging.getLogger(__name__).warning("%s: %d of its %d %s images are not in the data given; scoring the %d "
                                             "that are", split_file, len(names) - len(present), len(names), split,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -146,7 +147,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         recorded = record.is_file() or bool(earlier.settings) or (bundle / "models" / "config.json").is_file()
         about = _Export(bundle, digest, _merged_settings(earlier.settings, settings), best, split.is_file(),
                         picked if isinstance(picked, list) else None, "input_channels" in earlier.settings,
-                        _bundle_title(bundle), tuple(k for k in settings if k not in placed), recorded, course)
+                        _bundle_title(bundle), tuple(k for k in settings if k not in placed), recorded, course,
+                        _val_folder(split))
         described = _write_metadata(bundle / "configs" / "metadata.json", part / "configs" / "metadata.json",
                                     parser, about)
         scripted = torchscript and _write_torchscript(network, part, out)
@@ -162,11 +164,14 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         if out.exists():
             raise MedsegError(f"{out}: already exists (made meanwhile); give a new folder for the exported "
                               "bundle") from err
-        # a full disk is the target's, though the copy names its source
-        where = err.filename if isinstance(getattr(err, "filename", None), (str, os.PathLike)) and \
-            err.errno not in NO_SPACE else out
-        raise MedsegError(f"{where}: cannot export the bundle ({err.strerror or type(err).__name__}); check the "
-                          "files and the free space") from err
+        # a full disk is the target's, though the copy names its source; so is a failure in the hidden folder
+        # the export is made in (.NAME.*.part beside it)
+        named = err.filename if isinstance(getattr(err, "filename", None), (str, os.PathLike)) else None
+        at_target = named is None or err.errno in NO_SPACE or _in_partial(Path(named), out)
+        where = out if at_target else named
+        fix = ("give the export a folder you can write to, or fix the permissions of its parent" if at_target and
+               err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "check the files and the free space")
+        raise MedsegError(f"{where}: cannot export the bundle ({err.strerror or type(err).__name__}); {fix}") from err
     except BaseException:
         if part is not None:
             remove_tree(part)
@@ -220,6 +225,7 @@ class _Export(NamedTuple):
     unplaced: tuple[str, ...] = ()  # ids of this training's settings that no config of the bundle holds
     recorded: bool = True  # whether the training's record (its config.json) told the settings
     course: dict[str, Any] = {}  # how the training went (:func:`_training_course`)
+    val_folder: str = ""  # the name of the folder of its own the training validated on (``--val-data``), if any
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -583,15 +589,19 @@ def _write_docs_header(path: Path, about: _Export, described: bool, scripted: bo
                "checkpoint, so no `--checkpoint` is needed):\n\n"
                "```\n"
                "medseg infer MODEL IN_DIR OUT_DIR\n"
-               "medseg evaluate MODEL --data DATA_DIR" + (
-                   "                 # scores the validation images of models/split.json\n" if about.has_split
-                   else "\n") +
+               + ("medseg evaluate MODEL --data VAL_DIR                  # scores the validation images of "
+                  "models/split.json\n" if about.val_folder else "medseg evaluate MODEL --data DATA_DIR" + (
+                      "                 # scores the validation images of models/split.json\n" if about.has_split
+                      else "\n")) +
                "python -m monai.bundle run inferring --bundle_root MODEL \\\n"
                "    --config_file MODEL/configs/inference.json --dataset_dir IN_DIR --output_dir OUT_DIR\n"
                "python -m monai.bundle run evaluating --bundle_root MODEL \\\n"
                "    --config_file \"['MODEL/configs/train.json','MODEL/configs/evaluate.json']\" \\\n"
-               "    --dataset_dir DATA_DIR --output_dir EVAL_DIR\n"
+               + ("    --dataset_dir DATA_DIR --val_dir VAL_DIR --output_dir EVAL_DIR\n" if about.val_folder else
+                  "    --dataset_dir DATA_DIR --output_dir EVAL_DIR\n") +
                "```\n\n"
+               + (f"`VAL_DIR` is the folder of labelled images it was validated on (`{about.val_folder}` in "
+                  "training), `DATA_DIR` the one it was trained on.\n\n" if about.val_folder else "") +
                "The commands in the documentation below, which name the bundle's own folder and a run's "
                "`--checkpoint`, " + _HEADER_END)
     if body.strip():
@@ -628,6 +638,23 @@ def _score_recorded_split(config: Path, split: Path | None) -> None:
             raise DataError(f"{split}: not a readable split record ({err}); fix it, or move it away to export "
                             "the weights without it") from err
     config.write_text(json.dumps(content, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _val_folder(split: Path) -> str:
+    """The name of the folder of its own a training validated on (``val_dir`` in its ``split.json``), else ``""``."""
+    try:
+        folder = json.loads(split.read_text(encoding="utf-8")).get("val_dir")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return Path(folder).name if isinstance(folder, str) and folder else ""
+
+
+def _in_partial(path: Path, out: Path) -> bool:
+    """Whether ``path`` is the hidden folder an export to ``out`` is made in (``.NAME.*.part`` beside it), or in it."""
+    for place in (path, *path.parents):
+        if place.parent == out.parent and place.name.startswith(f".{out.name}.") and place.name.endswith(".part"):
+            return True
+    return False
 
 
 def _write_record(source: Path, target: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -191,6 +192,19 @@ def given_by(overrides: dict, overlays: Sequence[Any], parts_of_set: bool = True
                    for g in given)
 
     return given_now
+
+
+def check_resume_bundle(bundle: str | os.PathLike, config: dict, out: Path) -> None:
+    """A run is resumed with the bundle that started it (the name in its ``config.json``'s ``_meta_``), else its
+    settings, data layout and classes would be another bundle's."""
+    own = _bundle_name(Path(bundle) / "configs" / "metadata.json")
+    meta = config.get("_meta_") if isinstance(config, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if own and name and name != own:
+        where = _bundle_place(config.get("bundle_root"), out / "model.pt")
+        raise ConfigValueError(f"{out / 'config.json'}: the run was started with the bundle '{name}'{where}, not "
+                               f"this one, '{own}'; resume it with that bundle, or train this one into another "
+                               "--output")
 
 
 def resume_settings(parser: Any, config: dict, overrides: dict, overlays: Sequence[str]) -> None:
@@ -617,6 +631,55 @@ def check_epochs_left(state: Any, last: Path, max_epochs: int) -> int | None:
         raise ConfigValueError(f"--resume: {last.name} has trained {done} epochs and the run is set to "
                                f"{max_epochs}; pass --epochs above {done} to train on")
     return done
+
+
+#: optimizer settings that change as it runs (the schedule's current rate) or hold its parameters
+_OPTIMIZER_STATE = ("params", "lr")
+
+
+def check_resumed_state(saved: dict, optimizer: Any, batches: int | None, last: Path) -> None:
+    """Refuse a resume whose settings the checkpoint would overrule without a word: its optimizer's settings
+    (the initial learning rate, weight decay, momenta: Ignite loads the saved ones) and its epoch length in
+    batches (Ignite keeps the saved one, so another ``images_per_batch`` would train part epochs or more than
+    one pass each). ``saved`` is :func:`checkpoint_parts` of ``last``; ``batches`` the new data loader's length."""
+    fix = "resume with the run's own value, or start anew with --overwrite instead of --resume"
+    groups = (saved.get("optimizer") or {}).get("param_groups") if isinstance(saved.get("optimizer"), dict) else None
+    now = getattr(optimizer, "param_groups", None)
+    if isinstance(groups, list) and isinstance(now, list) and len(groups) == len(now):
+        for before, after in zip(groups, now, strict=True):
+            if not isinstance(before, dict):
+                continue
+            # a schedule moves lr and keeps the initial rate in initial_lr; without one, lr is the setting
+            keys = [k for k in before if k in after and k not in _OPTIMIZER_STATE]
+            if "initial_lr" not in before and "lr" in after and not saved.get("lr_scheduler"):
+                keys.append("lr")
+            for key in keys:
+                old, new = before[key], after[key]
+                if _differs(old, new):
+                    name = {"initial_lr": "learning rate", "lr": "learning rate"}.get(key, key)
+                    raise ConfigValueError(f"--resume: the optimizer's {name} is {_number(new)} now and "
+                                           f"{_number(old)} in {last.name}, whose own would be used; {fix}")
+    state = saved.get("trainer")
+    try:
+        length = int(state["epoch_length"]) if isinstance(state, dict) and state.get("epoch_length") else None
+    except (TypeError, ValueError):
+        length = None
+    if length is not None and batches is not None and batches != length:
+        raise ConfigValueError(f"--resume: an epoch is {batches} batches now and {length} in {last.name}, whose "
+                               "count would be kept (so each epoch would not be one pass over the training images: "
+                               f"images_per_batch or a setting of the sampling differs); {fix}")
+
+
+def _differs(old: Any, new: Any) -> bool:
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) != len(new) or any(_differs(a, b) for a, b in zip(old, new, strict=True))
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
+        return not math.isclose(float(old), float(new), rel_tol=1e-9, abs_tol=0.0)
+    return old != new
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 #: What train_summary.json keeps of each earlier session of a resumed run

@@ -575,6 +575,8 @@ def train(
         kept_split: dict | None = None  # a resumed run's own split, where the data would be split otherwise now
         try:
             recorded = runfolder.recorded_run(out) if resume else {}
+            if resume:
+                runfolder.check_resume_bundle(bundle, recorded.get("config", {}), out)
             record = mlflow_tracking.tracking_record(recorded.get("config", {}))  # where the run is tracked
             uri_from = "--tracking-uri"
             if tracking and not tracking_uri and resume:  # the store the run was started with
@@ -653,8 +655,10 @@ def train(
                     load_checkpoint(load_dict["model"], last, dev)
                 except CheckpointError as err:
                     problem = str(err).rsplit("; ", 1)[0]
-                    raise CheckpointError(f"cannot resume: {problem}; resume with the settings the run was started "
-                                          "with, or start anew with --overwrite instead of --resume") from err
+                    other = "weights do not fit" in problem  # another network now; else the file itself is unusable
+                    raise CheckpointError(f"cannot resume: {problem}; " + (
+                        "resume with the settings the run was started with, or start anew with --overwrite instead "
+                        "of --resume" if other else "start anew with --overwrite instead of --resume")) from err
                 saved = runfolder.checkpoint_parts(last)
                 if lengthened:
                     runfolder.warn_schedule_kept(parser["max_epochs"], saved.get("lr_scheduler"))
@@ -662,6 +666,7 @@ def train(
                 # while the scaler was off (amp on a CPU) an empty one, which an active scaler refuses
                 if saved.get("scaler"):
                     scaler_dicts.append(load_dict)
+                runfolder.check_resumed_state(saved, load_dict["optimizer"], _loader_length(trainer), last)
                 resumed_from = runfolder.check_epochs_left(saved.get("trainer"), last, trainer.state.max_epochs)
                 CheckpointLoader(load_path=str(last), load_dict=load_dict, map_location=dev).attach(trainer)
                 _restore_best(parser, out, evaluator).attach(trainer)  # after the loader: it reads the resumed state
@@ -770,6 +775,17 @@ def _check_val_dir_id(bundle: str) -> None:
     raise BundleError(f"{Path(bundle) / 'configs' / 'train.json'}: has no val_dir id, so --val-data cannot be used "
                       "with it; add \"val_dir\": null and pass \"val_dir\": \"@val_dir\" to its datalists, or "
                       "leave --val-data out")
+
+
+def _loader_length(trainer: Any) -> int | None:
+    """Batches per epoch of ``trainer``'s data (its ``epoch_length`` where set), ``None`` where unknown."""
+    length = getattr(trainer.state, "epoch_length", None)
+    if length:
+        return int(length)
+    try:
+        return len(trainer.data_loader)
+    except TypeError:
+        return None
 
 
 def _absolute_val_dir(parser: Any, resumed: bool = False, bundle: str = "") -> None:
@@ -1035,6 +1051,10 @@ def _evaluate_in(parser: Any, bundle: str, data_dir: str, checkpoints: list[str]
             samples = with_val_prefix({str(d.get("name")): d for d in listed}, record, split)
             present = [n for n in names if n in samples]
             where = _recorded_split_path(checkpoints)
+            if not present and split == "val" and record.get("val_dir"):  # validated on a folder of its own
+                raise DataError(f"{data_dir}: none of the {len(names)} val images that {where} records are here; "
+                                f"the run validated on a folder of its own, {record['val_dir']}: give --data that "
+                                "folder (or a copy of it)")
             if not present:
                 raise DataError(f"{data_dir}: none of the {len(names)} {split} images that {where} records are "
                                 f"here (the run used {recorded_dir or 'another folder'}); pass --split all to score "

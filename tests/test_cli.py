@@ -974,9 +974,35 @@ def test_resume_from_an_unusable_last_checkpoint_is_one_line(trained, tmp_path, 
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "cannot resume: " in errors[0] and "last_checkpoint_epoch=3.pt" in errors[0]
     assert "start anew with --overwrite instead of --resume" in errors[0]
+    # resuming with other settings cannot help a truncated file
+    assert ("resume with the settings the run was started with" in errors[0]) == (damage == "other network")
     # a refused resume leaves the run's record as it was
     assert (out / "split.json").read_bytes() == (trained["out"] / "split.json").read_bytes()
     assert (out / "config.json").read_bytes() == (trained["out"] / "config.json").read_bytes()
+
+
+def test_resume_refuses_settings_its_checkpoint_would_overrule_and_another_bundle(trained, tmp_path):
+    """The checkpoint's optimizer (its learning rate) and epoch length would silently win over a --set given at
+    resume, while the run's records said the new value: refused, the run left as it was. So is a resume with
+    another bundle than the run's."""
+    out = tmp_path / "resumed"
+    shutil.copytree(trained["out"], out)
+    args = ("train", BUNDLE, "--data", trained["data"], "--output", out, "--epochs", 4, "--resume", "--no-progress",
+            "--no-tracking", "--device", "cpu", *_tiny_args())
+    record = (out / "config.json").read_bytes()
+    _assert_one_line_error(_invoke(*args, "--set", "learning_rate=0.00001"),
+                           "--resume: the optimizer's learning rate is 1e-05 now and 0.001 in "
+                           "last_checkpoint_epoch=3.pt", "start anew with --overwrite instead of --resume")
+    _assert_one_line_error(_invoke(*args, "--set", "images_per_batch=1"),
+                           "--resume: an epoch is 3 batches now and 2 in last_checkpoint_epoch=3.pt",
+                           "start anew with --overwrite instead of --resume")
+    jurkat = REPO / "bundles" / "jurkat"
+    _assert_one_line_error(_invoke("train", jurkat, *args[2:11]), f"{out / 'config.json'}: the run was started with "
+                           "the bundle 'ISBI 2012 EM membrane segmentation'", "resume it with that bundle")
+    assert (out / "config.json").read_bytes() == record
+    assert [p.name for p in out.glob("last_checkpoint_epoch=*.pt")] == ["last_checkpoint_epoch=3.pt"]
+    result = _invoke(*args, "--set", "learning_rate=0.001")  # the run's own value, given again: resumed
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("step", [3, 1], ids=["in epoch 2", "in epoch 1"])
@@ -1861,6 +1887,24 @@ def test_an_export_onto_a_full_disk_names_the_target(trained, tmp_path, monkeypa
     _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", target),
                            f"{target}: cannot export the bundle (No space left on device)")
     assert not target.parent.exists()
+
+
+def test_an_export_into_a_folder_it_cannot_write_names_that_folder_not_its_hidden_one(trained, tmp_path,
+                                                                                      monkeypatch):
+    import errno
+
+    import medseg.io
+
+    target = tmp_path / "ro" / "em"
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(path).parent / f".{Path(path).name}.x1y2.part"))
+
+    monkeypatch.setattr(medseg.io, "held_partial_folder", read_only)  # imported by the export when it runs
+    result = _invoke("export", BUNDLE, trained["out"] / "model.pt", target)
+    _assert_one_line_error(result, f"{target}: cannot export the bundle (Read-only file system); give the export a "
+                           "folder you can write to, or fix the permissions of its parent")
+    assert ".part" not in result.output
 
 
 def test_an_export_removes_what_a_killed_export_to_its_folder_left_and_nothing_else(trained, tmp_path, caplog):

@@ -50,7 +50,8 @@ def test_every_image_of_the_data_trains_and_every_one_of_the_folder_validates(tm
     assert set(record["sha256"]) == set(record["train"]) | set(record["val"])
     # an exported bundle's evaluate.json finds the recorded validation images again by name
     assert recorded_samples(split, tmp_path / "run" / "split.json") == split["val"]
-    with pytest.raises(DataError, match=r"give dataset_dir the folder it was validated on \(held\)"):
+    with pytest.raises(DataError, match=r"give val_dir the folder it was validated on \(held; dataset_dir the one "
+                                        r"it was trained on\)"):
         recorded_samples(folder_split(data, **LAYOUT), tmp_path / "run" / "split.json")
 
 
@@ -172,6 +173,25 @@ def test_resume_keeps_the_validation_folder_and_refuses_another(run, tmp_path, c
     assert result.exit_code == 0, result.output
     assert f"continuing with the run's own val_dir={run['val']}" in caplog.text
     assert f"{run['val']}: 2 for validation" in result.output
+
+
+def test_an_exported_model_validated_on_a_folder_of_its_own_says_how_to_score_it(run, tmp_path):
+    model = tmp_path / "model"
+    result = _invoke("export", JURKAT, run["out"] / "model.pt", model)
+    assert result.exit_code == 0, result.output
+    docs = (model / "docs" / "README.md").read_text()
+    assert "medseg evaluate MODEL --data VAL_DIR" in docs and "--dataset_dir DATA_DIR --val_dir VAL_DIR" in docs
+    assert "(`held` in training)" in docs
+    copy = tmp_path / "data_copy"  # the receiver's copy of the training data, elsewhere
+    shutil.copytree(run["data"], copy)
+    line = _error_line(_invoke("evaluate", model, "--data", copy, "--device", "cpu", "--no-progress",
+                               "--no-tracking", "--output", tmp_path / "e"))
+    assert f"the run validated on a folder of its own, {run['val'].resolve()}: give --data that folder" in line
+    assert "--split all" not in line
+    result = _invoke("evaluate", model, "--data", run["val"], "--device", "cpu", "--no-progress", "--no-tracking",
+                     "--output", tmp_path / "v")
+    assert result.exit_code == 0, result.output
+    assert _rows(tmp_path / "v") == ["other/001", "other/002"]
 
 
 def test_a_validation_folder_that_is_not_there_or_not_known_to_the_bundle_is_one_line(run, tmp_path):
