@@ -168,11 +168,17 @@ def _differences(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     return sorted(changed)
 
 
-def _data_file(path: Path) -> Path | None:
-    """The data file of a detached MetaImage or NRRD header (:func:`medseg.readers.detached_data_file`)."""
-    from medseg.readers import SUFFIXES, detached_data_file, suffix_of
+def _data_files(path: Path) -> list[Path]:
+    """The data files of a detached MetaImage or NRRD header (:func:`medseg.itkfiles.read_header`)."""
+    from medseg.itkfiles import read_header
+    from medseg.readers import SUFFIXES, suffix_of
 
-    return detached_data_file(path) if SUFFIXES.get(suffix_of(path)) == "itk" else None
+    if SUFFIXES.get(suffix_of(path)) != "itk":
+        return []
+    try:
+        return read_header(path).data_files
+    except DataError:  # one that is not there: the input fails when it is read
+        return []
 
 
 def input_fingerprint(source: str | os.PathLike, series_uid: str = "") -> str:
@@ -194,9 +200,8 @@ def input_fingerprint(source: str | os.PathLike, series_uid: str = "") -> str:
             entries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         else:
             entries = [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
-            data = _data_file(path)  # a MetaImage or NRRD header's voxels in a file of their own
-            if data is not None:
-                entries.append((data.name, data.stat().st_size, data.stat().st_mtime_ns))
+            for data in _data_files(path):  # a MetaImage or NRRD header's voxels in files of their own
+                entries.append((os.path.relpath(data, path.parent), data.stat().st_size, data.stat().st_mtime_ns))
     except OSError:
         return ""
     return hashlib.sha256(json.dumps(entries).encode("utf-8", "surrogateescape")).hexdigest()[:16]

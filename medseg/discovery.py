@@ -188,6 +188,7 @@ def discover(
     # (hidden folders are not searched at all)
     hidden_asked = [g for g in include or () if any(part.startswith(".") and part not in (".", "..")
                                                     for part in PurePosixPath(g).parts)]
+    owners = _data_file_owners(files)
     for file in files:
         rel = file.relative_to(root).as_posix()
         if any(part.startswith(".") for part in PurePosixPath(rel).parts) and not (
@@ -201,9 +202,9 @@ def discover(
         if fmt == "dicom" or (fmt is None and is_dicom_file(file)):
             dicom_by_dir.setdefault(file.parent, []).append(file)
         elif fmt is None:
-            header = _detached_header(file)
+            header = owners.get(os.path.normpath(file))
             if header is not None:
-                ignored.append((str(file), f"the data file of {header.name}, read with it"))
+                ignored.append((str(file), f"the data file of {header.relative_to(root).as_posix()}, read with it"))
             elif file.name.upper() != "DICOMDIR":
                 ignored.append((str(file), f"unsupported file type '{suffix_of(file) or '(none)'}'"))
         else:
@@ -293,15 +294,22 @@ def _outputs_under(root: Path, output_dir: Path | None, found: list[Path]) -> li
     return left_out
 
 
-def _detached_header(file: Path) -> Path | None:
-    """The MetaImage (``.mhd``) or NRRD (``.nhdr``) header beside ``file`` whose voxels ``file`` may hold
-    (``x.raw``, ``x.zraw``, ``x.raw.gz`` for ``x.mhd``), else ``None``."""
-    for base in (file.with_suffix(""), file.with_suffix("").with_suffix("")):
-        for suffix in (".mhd", ".nhdr", ".MHD", ".NHDR"):
-            header = base.with_name(base.name + suffix)
-            if header != file and header.is_file():
-                return header
-    return None
+def _data_file_owners(files: Sequence[Path]) -> dict[str, Path]:
+    """The MetaImage (``.mhd``) and NRRD (``.nhdr``) headers among ``files`` by the data files they name
+    (normalised paths), so that those are listed as their data, not as files of an unknown type."""
+    from medseg.itkfiles import read_header
+
+    owners: dict[str, Path] = {}
+    for file in files:
+        if SUFFIXES.get(suffix_of(file)) != "itk":
+            continue
+        try:
+            named = read_header(file).data_files
+        except DataError:  # said when the input is read
+            continue
+        for data in named:
+            owners.setdefault(os.path.normpath(data), file)
+    return owners
 
 
 def _stem(rel: str) -> str:

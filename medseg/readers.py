@@ -1049,59 +1049,39 @@ class NiftiReader(_MedsegReader):
         return data if data.flags.writeable else data.copy()
 
 
-#: ITK component types read as another type that holds each value exactly (ITK's Python wraps a few types only)
+#: ITK component types read as another type that holds their values (ITK's Python wraps a few types only):
+#: int8 as int16, exactly; 64-bit integers as float64, exactly up to 2**53
 _ITK_WIDER = {"char": "SS", "long": "D", "unsigned_long": "D", "long_long": "D", "unsigned_long_long": "D"}
+
+#: integer component types of ITK's ImageIO, for multi-component images read as floats
+_ITK_INTEGERS = {"unsigned_char": np.uint8, "char": np.int8, "unsigned_short": np.uint16, "short": np.int16,
+                 "unsigned_int": np.uint32, "int": np.int32, "unsigned_long": np.uint64, "long": np.int64,
+                 "unsigned_long_long": np.uint64, "long_long": np.int64}
 
 
 def _itk_error(path: str, err: BaseException, what: str) -> DataError:
-    """ITK's exception text (``SOURCE:LINE: ITK ERROR: ImageIO(0x...): why``) as one line naming ``path``."""
+    """ITK's exception text (``SOURCE:LINE: ITK ERROR: ImageIO(0x...): why``; NRRD's library adds its own
+    ``[nrrd] function: why`` chain, whose last link says why) as one line naming ``path``."""
     text = re.split(r"(?i)itk(?:::| )error:", str(err))[-1]
     text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*(ReadImageInformation:\s*)?", "", text)
-    why = brief(text.replace(str(path), "the file"))
-    return DataError(f"{path}: cannot read {what} ({why}){_or_corrupt(path, 'itk', _ITK_FIX)}")
-
-
-#: the end of an ITK reading error: what may be wrong
-_ITK_FIX = ("; the file may be truncated or corrupt, or a detached header's data file (NRRD `data file`, "
-            "MetaImage `ElementDataFile`) missing beside it")
-
-
-def detached_data_file(path: str | os.PathLike) -> Path | None:
-    """The one data file a detached header names (MetaImage ``ElementDataFile``, NRRD ``data file``), whether
-    it is there or not; ``None`` for voxels in the file itself, a list or pattern of files, or no such field.
-
-    Raises:
-        OSError: the header cannot be read.
-    """
-    with open(path, "rb") as handle:
-        head = handle.read(65536).decode("latin-1")
-    header = head.split("\n\n", 1)[0] if head.startswith("NRRD") else head
-    match = re.search(r"^(?:ElementDataFile\s*=|data ?file:)[ \t]*(.+?)\s*$", header, re.MULTILINE | re.IGNORECASE)
-    if match is None:
-        return None
-    name = match.group(1)
-    if name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name or " " in name:
-        return None  # the voxels follow the header, or several files (a list, a pattern): ITK checks them
-    return Path(path).parent / name
-
-
-def _check_data_file(path: str) -> Path | None:
-    """Refuse a detached header whose one data file is not there, before ITK tries (and prints its own
-    complaint); the data file, else ``None``."""
-    try:
-        data = detached_data_file(path)
-    except OSError as err:
-        raise DataError(f"{path}: cannot open the file ({err.strerror or err}); check its permissions") from err
-    if data is not None and not data.is_file():
-        raise DataError(f"{path}: its data file {os.path.relpath(data, Path(path).parent)} (named in the header) "
-                        "is not there; copy the header and its data file together")
-    return data
+    links = [t.strip() for t in re.split(r"\[nrrd\]", text) if t.strip()]
+    if len(links) > 1:
+        text = re.sub(r"^\w+:\s*", "", links[-1])
+    why = brief(" ".join(text.replace(str(path), "the file").split()))
+    if "encoding" in why.lower() and re.search(r"not available|not supported|unsupported|not compiled", why,
+                                               re.IGNORECASE):
+        return DataError(f"{path}: cannot read {what} ({why}); save it again with raw or gzip encoding")
+    if "dimension of space" in why:  # a 2D image placed in 3D space, as some tools write a slice
+        return DataError(f"{path}: cannot read {what} ({why}); save it as a 3D image of one slice")
+    return DataError(f"{path}: cannot read {what} ({why}){_or_corrupt(path, 'itk')}")
 
 
 class ItkReader(_MedsegReader):
     """NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``) via ITK: 2D and 3D images, one value or
     several per voxel, placed in the world as ITK places them (origin, spacing and direction, in LPS, given here
-    as RAS like NIfTI's and DICOM's affines), the spacing in millimetres as ITK and 3D Slicer take it.
+    as RAS like NIfTI's and DICOM's affines), the spacing in NRRD's ``space units`` where stated, else in
+    millimetres as ITK and 3D Slicer take it (``pixel`` for a header that states no pixel size). The header and
+    the voxels are checked first (:mod:`medseg.itkfiles`): ITK takes damaged compressed data without a word.
 
     The voxels are read whole (ITK reads these files whole), the last volume kept for its next slices.
     """
@@ -1114,10 +1094,12 @@ class ItkReader(_MedsegReader):
         """Size, spacing, origin, direction and pixel type from the header, without the voxels."""
         import itk
 
+        from medseg.itkfiles import read_header
+
         io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
         if io is None or io.GetNameOfClass() not in ("NrrdImageIO", "MetaImageIO"):  # ITK goes by content too
             raise DataError(f"{path}: not a NRRD or MetaImage file{_or_corrupt(path, 'itk')}")
-        data = _check_data_file(path)
+        header = read_header(path)  # its data files there, before ITK looks for them
         try:
             io.SetFileName(path)
             io.ReadImageInformation()
@@ -1132,12 +1114,13 @@ class ItkReader(_MedsegReader):
             raise DataError(f"{path}: image of size {' × '.join(map(str, size))} holds no voxels; the file was "
                             "written empty, write it again from its source")
         direction = np.array([list(io.GetDirection(i)) for i in range(dims)], dtype=np.float64).T  # columns: axes
+        components, itemsize = int(io.GetNumberOfComponents()), int(io.GetComponentSize())
+        pixel = str(io.GetPixelTypeAsString(io.GetPixelType()))
         return {"size": size, "spacing": [float(io.GetSpacing(i)) for i in range(dims)],
                 "origin": [float(io.GetOrigin(i)) for i in range(dims)], "direction": direction,
-                "component": str(io.GetComponentTypeAsString(io.GetComponentType())),
-                "components": int(io.GetNumberOfComponents()),
-                "pixel": str(io.GetPixelTypeAsString(io.GetPixelType())),
-                "itemsize": int(io.GetComponentSize()), "data": data}
+                "component": str(io.GetComponentTypeAsString(io.GetComponentType())), "components": components,
+                "pixel": pixel, "itemsize": itemsize, "header": header,
+                "colours": components > 1 and header.colours(components, itemsize, pixel)}
 
     def _meta(self, path: str, head: dict[str, Any]) -> dict:
         from medseg.dicom import LPS_TO_RAS
@@ -1149,8 +1132,8 @@ class ItkReader(_MedsegReader):
         affine = (LPS_TO_RAS @ lps)[:, [2, 1, 0, 3]]  # columns follow our (z, y, x) index order
         x, y, *z = head["size"]
         spacing = (head["spacing"][2] if dims == 3 else 1.0, head["spacing"][1], head["spacing"][0])
-        return _meta("itk", path, (z[0] if z else 1, y, x), affine, spacing, "mm", itk_pixel=head["pixel"],
-                     itk_dimensions=dims)
+        return _meta("itk", path, (z[0] if z else 1, y, x), affine, spacing, head["header"].unit,
+                     itk_pixel=head["pixel"], itk_dimensions=dims)
 
     def read_meta(self, path: str) -> dict:
         return self._meta(path, self._header(path))
@@ -1160,57 +1143,55 @@ class ItkReader(_MedsegReader):
         return size[2] if len(size) == 3 else 1
 
     def separate_channels(self, path: str) -> bool:
-        """Values of a vector (other than three or four 8-bit ones) are separate images; RGB(A) are colours."""
+        """Several values per voxel are separate images unless they are colours (NRRD's ``kinds`` say so; a
+        MetaImage's RGB(A) pixels, or three or four 8-bit values)."""
         head = self._header(path)
-        colours = head["pixel"] in ("rgb", "rgba") or (head["components"] in (3, 4) and head["itemsize"] == 1)
-        return head["components"] > 1 and not colours
+        return head["components"] > 1 and not head["colours"]
 
     def _voxels(self, path: str, head: dict[str, Any]) -> np.ndarray:
-        """The whole image as ``(C, Z, Y, X)`` in the file's own value type."""
+        """The whole image as ``(C, Z, Y, X)`` in the file's own value type (see :data:`_ITK_WIDER`)."""
         import itk
 
+        from medseg.itkfiles import check_voxels
+
         x, y, *z = head["size"]
-        check_volume(path, (head["components"], z[0] if z else 1, y, x), head["itemsize"],
+        components, itemsize, component = head["components"], head["itemsize"], head["component"]
+        # ITK's Python wraps few vector types: their values are read as float32 (8- and 16-bit, float) or float64
+        wide = components > 1 and (component == "double" or (itemsize > 2 and component != "float"))
+        check_volume(path, (components, z[0] if z else 1, y, x), 8 if wide else max(itemsize, 4 * (components > 1)),
                      "split it into smaller volumes")
         check_plane(path, y, x)
+        check_voxels(head["header"], x * y * (z[0] if z else 1) * components * itemsize)
         try:
-            if head["components"] > 1:  # ITK's Python wraps few vector types: float32 or float64 values
-                wide = head["itemsize"] > 2 or head["component"] in ("float", "double")
+            if components > 1:
                 image = itk.imread(path, pixel_type=itk.VariableLengthVector[itk.D if wide else itk.F])
-            elif head["component"] in _ITK_WIDER:
-                image = itk.imread(path, pixel_type=getattr(itk, _ITK_WIDER[head["component"]]))
+            elif component in _ITK_WIDER:
+                image = itk.imread(path, pixel_type=getattr(itk, _ITK_WIDER[component]))
             else:
                 image = itk.imread(path)
             data = np.array(itk.array_view_from_image(image))  # a copy that outlives the ITK image
         except (RuntimeError, OSError, KeyError, TypeError) as err:
             raise _itk_error(path, err, "the voxels") from err
-        data = data.reshape(*(z[:1] or [1]), y, x, head["components"])  # (Z, Y, X, C) whatever ITK gave
-        if head["components"] > 1 and head["component"] in _ITK_INTEGERS:
-            data = data.astype(_ITK_INTEGERS[head["component"]])  # the values stored, now whole numbers again
-        if head["pixel"] == "rgba":
+        data = data.reshape(*(z[:1] or [1]), y, x, components)  # (Z, Y, X, C) whatever ITK gave
+        if components > 1 and component in _ITK_INTEGERS:
+            data = data.astype(_ITK_INTEGERS[component])  # the values stored, whole numbers again
+        if head["colours"] and components == 4:
             data = data[..., :3]  # alpha dropped, as for PNG, TIFF and NIfTI
         return np.ascontiguousarray(data.transpose(3, 0, 1, 2))
 
     def read_source(self, path: str) -> tuple[np.ndarray, dict]:
         head = self._header(path)
-        data = self._voxels(path, head)
-        return data, self._meta(path, head)
+        return self._voxels(path, head), self._meta(path, head)
 
     def read_slice(self, path: str, index: int) -> np.ndarray:
         head = self._header(path)
         count = head["size"][2] if len(head["size"]) == 3 else 1
         if not 0 <= index < count:
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
-        data = head["data"]  # a detached data file rewritten since is read afresh
-        stamp = (data.stat().st_size, data.stat().st_mtime_ns) if data is not None else None
+        files = head["header"].data_files  # detached data files rewritten since are read afresh
+        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         volume = self._volumes.get(path, lambda: self._voxels(path, head), variant=stamp)
         return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
-
-
-#: integer component types of ITK's ImageIO, for multi-component images read as floats
-_ITK_INTEGERS = {"unsigned_char": np.uint8, "char": np.int8, "unsigned_short": np.uint16, "short": np.int16,
-                 "unsigned_int": np.uint32, "int": np.int32, "unsigned_long": np.uint64, "long": np.int64,
-                 "unsigned_long_long": np.uint64, "long_long": np.int64}
 
 
 class DicomReader(_MedsegReader):

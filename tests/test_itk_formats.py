@@ -4,8 +4,10 @@ value types, channels, bad files, and `medseg infer` writing them as NIfTI where
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -139,7 +141,8 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_fix(tmp_path):
     from PIL import Image
 
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "png.nrrd", format="PNG")
-    expected = {"cut.nrrd": "cannot read the voxels", "header_cut.nrrd": "cannot read the header",
+    expected = {"cut.nrrd": "its voxels are cut short (14 of 24 bytes); the file is truncated: copy it again",
+                "header_cut.nrrd": "cannot read the header",
                 "four.nrrd": "4D image (2 × 2 × 2 × 2); expected 2D or 3D: split it into 3D volumes",
                 "lonely.mhd": "its data file lonely.raw (named in the header) is not there; copy the header and "
                               "its data file together",
@@ -206,3 +209,131 @@ def test_infer_writes_nrrd_and_metaimage_inputs_as_nifti_where_they_lie(tmp_path
 def _rows(out: Path) -> dict[str, dict]:
     with open(out / "manifest.csv", newline="") as f:
         return {Path(row["input"]).name: row for row in csv.DictReader(f)}
+
+
+def _mha(path: Path, voxels: np.ndarray, extra: str = "", data: str = "LOCAL", compressed: bool = False,
+         channels: int = 1) -> Path:
+    """A MetaImage written by hand: ``voxels`` in (Z, Y, X[, C]) order, stored x fastest."""
+    types = {np.uint8: "MET_UCHAR", np.int16: "MET_SHORT", np.float32: "MET_FLOAT"}
+    spatial = voxels.shape[:-1] if channels > 1 else voxels.shape
+    payload = np.ascontiguousarray(voxels).astype(voxels.dtype.newbyteorder("<")).tobytes()
+    if compressed:
+        payload = zlib.compress(payload)
+    header = (f"ObjectType = Image\nNDims = {len(spatial)}\nDimSize = {' '.join(map(str, spatial[::-1]))}\n"
+              f"ElementType = {types[voxels.dtype.type]}\nElementNumberOfChannels = {channels}\n"
+              f"BinaryData = True\nBinaryDataByteOrderMSB = False\n{extra}"
+              + (f"CompressedData = True\nCompressedDataSize = {len(payload)}\n" if compressed else "")
+              + f"ElementDataFile = {data}\n")
+    if data == "LOCAL":
+        path.write_bytes(header.encode() + payload)
+    else:
+        path.write_text(header)
+        (path.parent / data).write_bytes(payload)
+    return path
+
+
+def test_voxels_cut_short_or_damaged_in_compression_are_refused_without_console_noise(tmp_path, capfd):
+    """ITK takes damaged gzip or zlib data without checking their checksum (wrong voxels, no word) and prints
+    its own complaints of short files on the console: the voxels are checked first."""
+    voxels = np.random.default_rng(6).integers(0, 50, (4, 16, 16)).astype(np.int16)  # compressible
+    gz = _nrrd(tmp_path / "gz.nrrd", voxels)
+    body = voxels.astype("<i2").tobytes()
+    head = gz.read_bytes()[: -len(body)].replace(b"encoding: raw", b"encoding: gzip")
+    packed = gzip.compress(body)
+    damaged = bytearray(packed)
+    damaged[len(packed) // 2: len(packed) // 2 + 40] = bytes(40)
+    (tmp_path / "gz.nrrd").write_bytes(head + packed)
+    (tmp_path / "damaged.nrrd").write_bytes(head + bytes(damaged))
+    (tmp_path / "gz_cut.nrrd").write_bytes(head + packed[: len(packed) // 2])
+    _mha(tmp_path / "z.mha", voxels, compressed=True)
+    whole = (tmp_path / "z.mha").read_bytes()
+    at = len(whole) - len(zlib.compress(body)) + 30
+    (tmp_path / "z_damaged.mha").write_bytes(whole[:at] + bytes(20) + whole[at + 20:])
+    _mha(tmp_path / "short.mhd", voxels, data="short.raw")
+    (tmp_path / "short.raw").write_bytes(body[:-100])
+    _mha(tmp_path / "cut.mha", voxels)
+    (tmp_path / "cut.mha").write_bytes((tmp_path / "cut.mha").read_bytes()[:-300])
+    np.testing.assert_array_equal(read_image(tmp_path / "gz.nrrd")[0][0], voxels)
+    np.testing.assert_array_equal(read_image(tmp_path / "z.mha")[0][0], voxels)
+    capfd.readouterr()
+    expected = {"damaged.nrrd": "its compressed voxels are damaged", "z_damaged.mha": "its compressed voxels are "
+                "damaged", "gz_cut.nrrd": "its compressed voxels are cut short", "short.mhd": "its voxels are cut "
+                "short (1,948 of 2,048 bytes in short.raw)", "cut.mha": "its voxels are cut short (1,748 of 2,048"}
+    for name, text in expected.items():
+        with pytest.raises(DataError) as err:
+            read_image(tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name}: {text}"), str(err.value)
+        assert "copy it again from its source" in str(err.value)
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == "", printed  # nothing of ITK's own on the console
+
+
+def test_what_a_header_says_beyond_itk_pixel_size_units_colours_data_files(tmp_path):
+    from medseg.batch import input_fingerprint
+    from medseg.discovery import discover
+    from medseg.writers import pixel_micrometres
+
+    voxels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    # no pixel size stated: uncalibrated (ITK says 1 for each axis), so no micrometres
+    bare = _nrrd(tmp_path / "bare.nrrd", voxels)
+    bare.write_bytes(bare.read_bytes().replace(b"space directions: (0,2,0) (1,0,0) (0,0,3)\n", b"")
+                     .replace(b"space: left-posterior-superior\n", b"").replace(b"space origin: (10,20,30)\n", b""))
+    meta = read_geometry(bare)
+    assert meta["spacing_unit"] == "pixel" and pixel_micrometres(meta) is None
+    assert read_geometry(_mha(tmp_path / "bare.mha", voxels))["spacing_unit"] == "pixel"
+    sized = read_geometry(_mha(tmp_path / "sized.mha", voxels, extra="ElementSpacing = 0.5 0.4 2\n"))
+    assert sized["spacing_unit"] == "mm" and pixel_micrometres(sized) == pytest.approx((400.0, 500.0))
+    # NRRD's space units
+    microns = _nrrd(tmp_path / "um.nrrd", voxels)
+    microns.write_bytes(microns.read_bytes().replace(b"encoding: raw\n",
+                                                     b'encoding: raw\nspace units: "microns" "microns" "microns"\n'))
+    meta = read_geometry(microns)
+    assert meta["spacing_unit"] == "um" and pixel_micrometres(meta) == pytest.approx((1.0, 2.0))
+    # four 8-bit values of a MetaImage are RGBA, alpha dropped; NRRD's kinds tell a 3-vector from colours
+    rgba = np.random.default_rng(7).integers(0, 255, (1, 3, 4, 4)).astype(np.uint8)
+    arr, _ = read_image(_mha(tmp_path / "rgba.mha", rgba, channels=4))
+    np.testing.assert_array_equal(arr, rgba[..., :3].transpose(3, 0, 1, 2))
+    stains = rgba[..., :3].copy()
+    _nrrd(tmp_path / "stains.nrrd", stains, kinds="3-vector domain domain domain", vector=True)
+    assert separate_channels(tmp_path / "stains.nrrd")
+    np.testing.assert_array_equal(read_image(tmp_path / "stains.nrrd")[0], stains.transpose(3, 0, 1, 2))
+    floats = np.random.default_rng(8).random((1, 3, 4, 2)).astype(np.float32)
+    _nrrd(tmp_path / "floats.nrrd", floats, kinds="vector domain domain domain", vector=True)
+    assert read_image(tmp_path / "floats.nrrd")[0].dtype == np.float32
+    # data files: a name with spaces, a list, a subfolder; each part's change changes the input's fingerprint
+    folder = tmp_path / "detached"
+    folder.mkdir()
+    _mha(folder / "spaced.mhd", voxels, data="my scan.raw")
+    plane = voxels[0].tobytes()
+    (folder / "parts").mkdir()
+    (folder / "parts" / "a.raw").write_bytes(plane)
+    (folder / "parts" / "b.raw").write_bytes(voxels[1].tobytes())
+    (folder / "listed.nhdr").write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\nencoding: raw\n"
+                                        "data file: LIST 2\nparts/a.raw\nparts/b.raw\n")
+    (folder / "stray.raw").write_bytes(b"not named by any header")
+    for name in ("spaced.mhd", "listed.nhdr"):
+        np.testing.assert_array_equal(read_image(folder / name)[0][0], voxels, err_msg=name)
+    before = input_fingerprint(folder / "listed.nhdr")
+    (folder / "parts" / "b.raw").write_bytes(voxels[1][::-1].tobytes())
+    assert input_fingerprint(folder / "listed.nhdr") != before
+    before = input_fingerprint(folder / "spaced.mhd")
+    (folder / "my scan.raw").write_bytes(voxels[::-1].tobytes())
+    assert input_fingerprint(folder / "spaced.mhd") != before
+    inputs, ignored = discover(folder)
+    assert sorted(Path(i.source).name for i in inputs) == ["listed.nhdr", "spaced.mhd"]
+    assert dict((Path(f).name, why) for f, why in ignored) == {
+        "my scan.raw": "the data file of spaced.mhd, read with it", "a.raw": "the data file of listed.nhdr, read "
+        "with it", "b.raw": "the data file of listed.nhdr, read with it", "stray.raw": "unsupported file type '.raw'"}
+
+
+def test_encodings_and_layouts_itk_cannot_read_say_what_to_do(tmp_path):
+    (tmp_path / "bz.nrrd").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 2 2\nencoding: bzip2\n\n"
+                                       + bytes(20))
+    (tmp_path / "slice.nrrd").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 2\nspace: left-posterior-superior\n"
+                                          b"sizes: 2 2\nspace directions: (1,0,0) (0,1,0)\nencoding: raw\n\n"
+                                          + bytes(4))
+    for name, fix in (("bz.nrrd", "save it again with raw or gzip encoding"),
+                      ("slice.nrrd", "save it as a 3D image of one slice")):
+        with pytest.raises(DataError) as err:
+            read_image(tmp_path / name)
+        assert str(err.value).endswith(fix) and "\n" not in str(err.value), str(err.value)
