@@ -188,7 +188,7 @@ def discover(
     # (hidden folders are not searched at all)
     hidden_asked = [g for g in include or () if any(part.startswith(".") and part not in (".", "..")
                                                     for part in PurePosixPath(g).parts)]
-    owners = _data_file_owners(files)
+    taken: list[tuple[Path, str]] = []
     for file in files:
         rel = file.relative_to(root).as_posix()
         if any(part.startswith(".") for part in PurePosixPath(rel).parts) and not (
@@ -198,6 +198,9 @@ def discover(
             filtered += 1
             filtered_out.add(str(file))
             continue
+        taken.append((file, rel))
+    owners = _data_file_owners([file for file, _ in taken])  # of the headers read, not of those left out
+    for file, rel in taken:
         fmt = SUFFIXES.get(suffix_of(file))
         if fmt == "dicom" or (fmt is None and is_dicom_file(file)):
             dicom_by_dir.setdefault(file.parent, []).append(file)

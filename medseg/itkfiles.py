@@ -3,6 +3,7 @@ does not report (a stated pixel size, spatial units, colour kinds)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zlib
@@ -11,13 +12,20 @@ from pathlib import Path
 
 from medseg.errors import DataError
 
-#: NRRD's ``space units`` as medseg names the units its readers report
-_UNITS = {"mm": "mm", "millimeter": "mm", "millimeters": "mm", "um": "um", "µm": "um", "μm": "um", "micron": "um",
-          "microns": "um", "micrometer": "um", "micrometers": "um", "m": "meter", "meter": "meter",
-          "meters": "meter"}
+#: NRRD's ``space units`` -> (the unit medseg reports, its size in that unit)
+_UNITS = {"mm": ("mm", 1.0), "millimeter": ("mm", 1.0), "millimeters": ("mm", 1.0), "millimetre": ("mm", 1.0),
+          "cm": ("mm", 10.0), "centimeter": ("mm", 10.0), "m": ("mm", 1000.0), "meter": ("mm", 1000.0),
+          "meters": ("mm", 1000.0), "metre": ("mm", 1000.0), "in": ("mm", 25.4), "inch": ("mm", 25.4),
+          "um": ("um", 1.0), "µm": ("um", 1.0), "μm": ("um", 1.0), "micron": ("um", 1.0), "microns": ("um", 1.0),
+          "micrometer": ("um", 1.0), "micrometers": ("um", 1.0), "micrometre": ("um", 1.0),
+          "nm": ("um", 1e-3), "nanometer": ("um", 1e-3), "nanometers": ("um", 1e-3)}
 
-#: bytes of a header read at most (headers are text of a few hundred bytes; data may follow)
-_HEAD = 1 << 16
+#: bytes of a header read: an attached one (data follow it) at most 64 KiB; a detached one (``.nhdr``,
+#: ``.mhd``: text alone, perhaps a list of thousands of data files) whole, up to 64 MiB
+_HEAD, _DETACHED = 1 << 16, 64 << 20
+
+#: the most data files a header may name (a list or pattern: one per slice)
+_MOST_FILES = 1 << 20
 
 
 @dataclass
@@ -29,26 +37,28 @@ class Header:
     fields: dict[str, str]  # by name in lower case, spaces left out: ``spacedirections``, ``elementspacing``
     offset: int | None = None  # where attached voxels start in the file (None: in data files of their own)
     data_files: list[Path] = field(default_factory=list)  # detached voxels, in order
-    listed: bool = False  # several data files (a list or a pattern), whose parts are not checked in size
+    listed: bool = False  # several data files (a list or a pattern), each holding an equal part
 
     @property
     def sized(self) -> bool:
         """Whether the header states a pixel size (else ITK gives 1 for each axis)."""
         if self.kind == "nrrd":
             directions = self.fields.get("spacedirections", "")
-            return bool(re.search(r"\(", directions)) or any(
-                _is_number(v) for v in self.fields.get("spacings", "").split())
+            return "(" in directions or any(_is_number(v) for v in self.fields.get("spacings", "").split())
         return "elementspacing" in self.fields or "elementsize" in self.fields
 
     @property
-    def unit(self) -> str:
-        """The spatial unit of the pixel size: NRRD's ``space units`` where all axes share a known one, else mm
-        (ITK's and 3D Slicer's assumption); ``pixel`` where no size is stated."""
+    def unit(self) -> tuple[str, float]:
+        """The unit of the pixel size (``mm``, ``um``, or ``pixel`` where none is stated or its unit is not
+        known) and the header's unit in it: NRRD's ``space units`` where all axes share one, else millimetres,
+        as ITK and 3D Slicer take them."""
         if not self.sized:
-            return "pixel"
-        units = re.findall(r'"([^"]*)"', self.fields.get("spaceunits", "")) if self.kind == "nrrd" else []
-        named = {_UNITS.get(u.strip().lower()) for u in units if u.strip()}
-        return named.pop() if len(named) == 1 and None not in named else "mm"
+            return "pixel", 1.0
+        given = self.fields.get("spaceunits", "") if self.kind == "nrrd" else ""
+        units = {u.strip().lower() for u in re.findall(r'"([^"]*)"', given) if u.strip()}
+        if not units:
+            return "mm", 1.0
+        return _UNITS[units.pop()] if len(units) == 1 and next(iter(units)) in _UNITS else ("pixel", 1.0)
 
     def colours(self, components: int, itemsize: int, pixel: str) -> bool:
         """Whether several values per voxel are a picture's colours: NRRD says so by its ``kinds``; otherwise
@@ -64,27 +74,34 @@ class Header:
 
 def _is_number(text: str) -> bool:
     try:
-        return float(text) == float(text)  # not NaN
+        return not math.isnan(float(text))
     except ValueError:
         return False
+
+
+def _text(raw: bytes) -> str:
+    """Header bytes as text: UTF-8 (``µm``), else Latin-1."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def read_header(path: str | os.PathLike) -> Header:
     """The header of a NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``, ``.mhd``) file.
 
     Raises:
-        DataError: the file cannot be opened, or it names data files that are not there.
+        DataError: the file cannot be opened, or it names data files that are not there or not as many as
+            its slices.
     """
     path = Path(path)
+    detached = path.suffix.lower() in (".nhdr", ".mhd")
     try:
         with open(path, "rb") as handle:
-            head = handle.read(_HEAD)
+            head = handle.read(_DETACHED if detached else _HEAD)
     except OSError as err:
         raise DataError(f"{path}: cannot open the file ({err.strerror or err}); check its permissions") from err
-    if head.startswith(b"NRRD"):
-        header = _nrrd(path, head)
-    else:
-        header = _metaimage(path, head)
+    header = _nrrd(path, head) if head.startswith(b"NRRD") else _metaimage(path, head)
     missing = [f for f in header.data_files if not f.is_file()]
     if missing:
         name = os.path.relpath(missing[0], path.parent)
@@ -103,7 +120,7 @@ def _lines(head: bytes, stop) -> tuple[list[tuple[str, int]], int | None]:
         end = head.find(b"\n", start)
         if end < 0:
             end = len(head)
-        text = head[start:end].rstrip(b"\r").decode("latin-1")
+        text = _text(head[start:end].rstrip(b"\r"))
         if not text.strip() and lines:
             return lines, end + 1
         lines.append((text, end + 1))
@@ -118,18 +135,28 @@ def _key(name: str) -> str:
     return name.strip().lower().replace(" ", "")
 
 
+def _numbers(text: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split()]
+    except ValueError:
+        return None
+
+
 def _nrrd(path: Path, head: bytes) -> Header:
     lines, after_blank = _lines(head, lambda _text: False)
     fields: dict[str, str] = {}
-    for text, _ in lines[1:]:
+    named_at = 0  # where the line naming the data files ends: a list of them follows it
+    for text, end in lines[1:]:
         name, sep, value = text.partition(":")
         if text.startswith("#") or not sep or value.startswith("="):  # comments, key:=value pairs
             continue
-        fields[_key(name)] = value.strip()
+        fields.setdefault(_key(name), value.strip())
+        named_at = end if _key(name) == "datafile" and not named_at else named_at
     named = fields.get("datafile")
     if named is None:
         return Header(path, "nrrd", fields, offset=after_blank)
-    files, listed = _data_files(path, named, head, "datafile:")
+    sizes = _numbers(fields.get("sizes", ""))  # every axis, x fastest (a vector's values first)
+    files, listed = _data_files(path, named, head[named_at:], sizes, len(sizes or ()) - 1)
     return Header(path, "nrrd", fields, data_files=files, listed=listed)
 
 
@@ -143,28 +170,49 @@ def _metaimage(path: Path, head: bytes) -> Header:
     named = fields.get("elementdatafile")
     if named is None or named.upper() == "LOCAL":
         return Header(path, "metaimage", fields, offset=lines[-1][1] if named else None)
-    files, listed = _data_files(path, named, head, "elementdatafile=")
+    sizes = _numbers(fields.get("dimsize", ""))  # spatial axes, x fastest (channels within each voxel)
+    files, listed = _data_files(path, named, head[lines[-1][1]:], sizes, len(sizes or ()) - 1)
     return Header(path, "metaimage", fields, data_files=files, listed=listed)
 
 
-def _data_files(path: Path, named: str, head: bytes, marker: str) -> tuple[list[Path], bool]:
+def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, slab: int) -> tuple[list[Path], bool]:
     """The data files a header names: one file (its name may hold spaces), ``LIST`` (one name per line after
-    the field ``marker`` names), or a ``printf`` pattern with first, last and step numbers."""
+    the field), or a ``printf`` pattern with first, last and step numbers; a list or pattern may end with the
+    dimension of each file's part (``slab``: by default, one slice of the slowest axis).
+
+    Raises:
+        DataError: a list or pattern that does not name one file per part of the image.
+    """
     folder = path.parent
-    if named.upper().startswith("LIST"):
-        text = head.decode("latin-1").splitlines()
-        at = next((i for i, t in enumerate(text) if t.replace(" ", "").lower().startswith(marker)), len(text))
-        return [folder / n.strip() for n in text[at + 1:] if n.strip()], True
     parts = named.split()
-    if "%" in named and len(parts) >= 4 and all(re.fullmatch(r"-?\d+", p) for p in parts[1:4]):
-        pattern, first, last, step = parts[0], int(parts[1]), int(parts[2]), int(parts[3])
-        if step == 0 or (last - first) * step < 0:
-            return [], True
-        try:
-            return [folder / (pattern % n) for n in range(first, last + (1 if step > 0 else -1), step)][: 1 << 16], True
-        except (TypeError, ValueError):
-            return [], True
-    return [folder / named], False
+    is_list = named.upper().startswith("LIST")
+    pattern = not is_list and "%" in named and len(parts) >= 4 and \
+        all(re.fullmatch(r"-?\d+", p) for p in parts[1:4])
+    if not is_list and not pattern:
+        return [folder / named], False
+    extra = parts[1:2] if is_list else parts[4:5]
+    if extra and re.fullmatch(r"\d+[dD]?", extra[0]):
+        slab = int(extra[0].rstrip("dD"))
+    wanted = math.prod(sizes[slab:]) if sizes and 0 < slab <= len(sizes) else None  # files the image needs
+    if is_list:
+        names = [n.strip() for n in _text(after).splitlines() if n.strip()]
+        count = len(names)
+    else:
+        first, last, step = (int(p) for p in parts[1:4])
+        numbers = range(first, last + (1 if step > 0 else -1), step) if step else range(0)
+        count = len(numbers)
+    if count == 0 or count > _MOST_FILES or (wanted is not None and count != wanted):
+        said = f"{count} data file{'s' * (count != 1)}" if count else "no data files"
+        need = f" for the image's {wanted} parts" if wanted is not None else ""
+        raise DataError(f"{path}: its header names {said}{need} ({named}); give one data file per part, as "
+                        "the header's sizes say")
+    if is_list:
+        return [folder / n for n in names], True
+    try:
+        return [folder / (parts[0] % n) for n in numbers], True
+    except (TypeError, ValueError, OverflowError) as err:
+        raise DataError(f"{path}: its header's data file pattern {parts[0]} cannot name files ({err}); give a "
+                        "pattern with one number, such as slice%03d.raw") from err
 
 
 def check_voxels(header: Header, expected: int) -> None:
@@ -173,11 +221,12 @@ def check_voxels(header: Header, expected: int) -> None:
     their checksum, giving wrong voxels. ``expected`` is the byte count the header's size and type make.
 
     Raises:
-        DataError: the voxels are incomplete or damaged (one line naming the file).
+        DataError: the voxels are incomplete or damaged, or stored in a way ITK misreads (one line naming the
+            file).
     """
     fields = header.fields
-    if header.listed or any(k in fields for k in ("lineskip", "byteskip", "headersize")):
-        return  # several files, or data placed by offsets of their own: left to ITK
+    if any(k in fields for k in ("lineskip", "byteskip", "headersize")):
+        return  # data placed by offsets of their own: left to ITK
     if header.kind == "nrrd":
         encoding = fields.get("encoding", "raw").lower()
         compressed = encoding in ("gzip", "gz")
@@ -187,39 +236,57 @@ def check_voxels(header: Header, expected: int) -> None:
         if fields.get("binarydata", "true").lower() == "false":
             return  # voxels as text
         compressed = fields.get("compresseddata", "false").lower() == "true"
-    source = header.data_files[0] if header.data_files else header.path
-    offset = 0 if header.data_files else header.offset
-    if offset is None:
+        if compressed and not header.data_files and "compresseddatasize" not in fields:
+            raise DataError(f"{header.path}: compressed voxels in the file itself without CompressedDataSize in its "
+                            "header, which ITK misreads; write it again with a tool that states it (ITK, 3D Slicer), "
+                            "or store the voxels in a .zraw data file")
+    if header.data_files:
+        sources = [(f, 0) for f in header.data_files]
+        part = expected // len(sources)
+    elif header.offset is not None:
+        sources, part = [(header.path, header.offset)], expected
+    else:
         return
-    where = f" in {source.name}" if header.data_files else ""
-    if not compressed:
-        available = source.stat().st_size - offset
-        if available < expected:
-            raise DataError(f"{header.path}: its voxels are cut short ({max(available, 0):,} of {expected:,} bytes"
-                            f"{where}); the file is truncated: copy it again from its source")
-        return
-    produced, whole = _inflated_size(source, offset, header.path)
-    if produced < expected or not whole:
-        raise DataError(f"{header.path}: its compressed voxels are cut short ({produced:,} of {expected:,} bytes "
-                        f"once decompressed{where}); the file is truncated: copy it again from its source")
+    for source, offset in sources:
+        where = f" in {os.path.relpath(source, header.path.parent)}" if header.data_files else ""
+        if not compressed:
+            available = source.stat().st_size - offset
+            if available < part:
+                raise DataError(f"{header.path}: its voxels are cut short ({max(available, 0):,} of {part:,} "
+                                f"bytes{where}); the file is truncated: copy it again from its source")
+            continue
+        produced, whole = _inflated_size(source, offset, header.path, where)
+        if produced < part or not whole:
+            raise DataError(f"{header.path}: its compressed voxels are cut short ({produced:,} of {part:,} bytes "
+                            f"once decompressed{where}); the file is truncated: copy it again from its source")
 
 
-def _inflated_size(source: Path, offset: int, path: Path) -> tuple[int, bool]:
-    """Bytes the gzip or zlib stream at ``offset`` of ``source`` decompresses to (its checksum checked), and
-    whether the stream ends (else the file was cut short)."""
+_GZIP = b"\x1f\x8b"
+
+
+def _inflated_size(source: Path, offset: int, path: Path, where: str) -> tuple[int, bool]:
+    """Bytes the gzip or zlib data at ``offset`` of ``source`` decompress to, each checksum checked (gzip
+    members one after another, as ``bgzip`` and ``pigz`` write them, included), and whether the data end whole
+    (else the file was cut short)."""
     inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a zlib or a gzip header, whichever it has
-    produced = 0
+    produced, data = 0, b""
     try:
         with open(source, "rb") as handle:
             handle.seek(offset)
-            while not inflate.eof:
-                chunk = handle.read(1 << 20)
-                if not chunk:
-                    break
-                while chunk and not inflate.eof:  # at most 16 MiB out at a time: zeros compress a thousandfold
-                    produced += len(inflate.decompress(chunk, 1 << 24))
-                    chunk = inflate.unconsumed_tail
+            while True:
+                if not data:
+                    data = handle.read(1 << 20)
+                    if not data:
+                        return produced, inflate.eof
+                if inflate.eof:  # a member ended: another follows, or the data end here
+                    if len(data) < 2:
+                        data += handle.read(1 << 20)
+                    if not data.startswith(_GZIP):
+                        return produced, True
+                    inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)
+                # at most 16 MiB out at a time: zeros compress a thousandfold
+                produced += len(inflate.decompress(data, 1 << 24))
+                data = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
     except zlib.error as err:
-        raise DataError(f"{path}: its compressed voxels are damaged ({err}); the file is corrupt: copy it again "
-                        "from its source") from err
-    return produced, inflate.eof
+        raise DataError(f"{path}: its compressed voxels are damaged ({err}{where}); the file is corrupt: copy it "
+                        "again from its source") from err

@@ -1088,10 +1088,17 @@ class ItkReader(_MedsegReader):
 
     format = "itk"
     _volumes = _RecentFiles(size=1, per_thread=False)
+    _heads = _RecentFiles(size=8, per_thread=False)  # read once for all the slices of a file, not per slice
+
+    def _header(self, path: str) -> dict[str, Any]:
+        """Size, spacing, origin, direction and pixel type from the header, without the voxels."""
+        try:
+            return self._heads.get(path, lambda: self._read_header(path))
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: file not found") from err
 
     @staticmethod
-    def _header(path: str) -> dict[str, Any]:
-        """Size, spacing, origin, direction and pixel type from the header, without the voxels."""
+    def _read_header(path: str) -> dict[str, Any]:
         import itk
 
         from medseg.itkfiles import read_header
@@ -1125,15 +1132,17 @@ class ItkReader(_MedsegReader):
     def _meta(self, path: str, head: dict[str, Any]) -> dict:
         from medseg.dicom import LPS_TO_RAS
 
+        unit, scale = head["header"].unit  # e.g. a NRRD in cm: its world in mm
         dims = len(head["size"])
         lps = np.eye(4)  # voxel (x, y[, z]) -> LPS world
-        lps[:dims, :dims] = head["direction"] * np.asarray(head["spacing"])
-        lps[:dims, 3] = head["origin"]
+        lps[:dims, :dims] = head["direction"] * np.asarray(head["spacing"]) * scale
+        lps[:dims, 3] = np.asarray(head["origin"]) * scale
         affine = (LPS_TO_RAS @ lps)[:, [2, 1, 0, 3]]  # columns follow our (z, y, x) index order
         x, y, *z = head["size"]
-        spacing = (head["spacing"][2] if dims == 3 else 1.0, head["spacing"][1], head["spacing"][0])
-        return _meta("itk", path, (z[0] if z else 1, y, x), affine, spacing, head["header"].unit,
-                     itk_pixel=head["pixel"], itk_dimensions=dims)
+        spacing = np.array([head["spacing"][2] if dims == 3 else 1.0, head["spacing"][1], head["spacing"][0]])
+        spacing[-dims:] *= scale
+        return _meta("itk", path, (z[0] if z else 1, y, x), affine, spacing, unit, itk_pixel=head["pixel"],
+                     itk_dimensions=dims)
 
     def read_meta(self, path: str) -> dict:
         return self._meta(path, self._header(path))
@@ -1188,8 +1197,8 @@ class ItkReader(_MedsegReader):
         count = head["size"][2] if len(head["size"]) == 3 else 1
         if not 0 <= index < count:
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
-        files = head["header"].data_files  # detached data files rewritten since are read afresh
-        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        files = head["header"].data_files  # a data file rewritten since is read afresh (a few looked at per slice)
+        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files) if len(files) <= 4 else len(files)
         volume = self._volumes.get(path, lambda: self._voxels(path, head), variant=stamp)
         return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
 
@@ -1246,6 +1255,7 @@ def release_files() -> None:
     TiffReader._recent.clear()
     NiftiReader._volumes.clear()
     ItkReader._volumes.clear()
+    ItkReader._heads.clear()
 
 
 def format_of_or_none(path: str | os.PathLike) -> str | None:

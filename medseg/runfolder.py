@@ -633,8 +633,12 @@ def check_epochs_left(state: Any, last: Path, max_epochs: int) -> int | None:
     return done
 
 
-#: optimizer settings that change as it runs (the schedule's current rate) or hold its parameters
-_OPTIMIZER_STATE = ("params", "lr")
+#: optimizer settings a resume compares with its checkpoint's: the initial learning rate (a schedule moves
+#: ``lr``), weight decay and the like; momenta only without a schedule (one-cycle schedules move them too);
+#: never how it computes (``foreach``, ``fused``, ``capturable``: another device may choose otherwise)
+_OPTIMIZER_SETTINGS = ("initial_lr", "weight_decay", "eps", "amsgrad", "nesterov", "dampening", "maximize",
+                       "decoupled_weight_decay")
+_UNSCHEDULED_SETTINGS = ("lr", "momentum", "betas")
 
 
 def check_resumed_state(saved: dict, optimizer: Any, batches: int | None, last: Path) -> None:
@@ -650,9 +654,8 @@ def check_resumed_state(saved: dict, optimizer: Any, batches: int | None, last: 
             if not isinstance(before, dict):
                 continue
             # a schedule moves lr and keeps the initial rate in initial_lr; without one, lr is the setting
-            keys = [k for k in before if k in after and k not in _OPTIMIZER_STATE]
-            if "initial_lr" not in before and "lr" in after and not saved.get("lr_scheduler"):
-                keys.append("lr")
+            compared = _OPTIMIZER_SETTINGS + (() if saved.get("lr_scheduler") else _UNSCHEDULED_SETTINGS)
+            keys = [k for k in compared if k in before and k in after]
             for key in keys:
                 old, new = before[key], after[key]
                 if _differs(old, new):

@@ -1005,6 +1005,39 @@ def test_resume_refuses_settings_its_checkpoint_would_overrule_and_another_bundl
     assert result.exit_code == 0, result.output
 
 
+def test_a_resume_compares_optimizer_settings_not_what_a_schedule_moves(tmp_path):
+    """One-cycle and cyclic schedules move momenta (and the rate) at every step: an unchanged run resumes; a
+    weight decay or initial rate given otherwise is refused, and so is a rate without a schedule."""
+    import torch
+
+    from medseg.errors import ConfigValueError
+    from medseg.runfolder import check_resumed_state
+
+    def built(decay=0.0, rate=0.01, schedule=True):
+        net = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=rate, weight_decay=decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=rate, total_steps=20) if schedule else None
+        return net, optimizer, scheduler
+
+    last = tmp_path / "last_checkpoint_epoch=2.pt"
+    for schedule in (True, False):
+        net, optimizer, scheduler = built(schedule=schedule)
+        for _ in range(5):
+            net(torch.ones(1, 2)).sum().backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        saved = {"optimizer": optimizer.state_dict(), "trainer": {"epoch_length": 3, "iteration": 6},
+                 **({"lr_scheduler": scheduler.state_dict()} if scheduler is not None else {})}
+        check_resumed_state(saved, built(schedule=schedule)[1], 3, last)  # the same settings: resumed
+        with pytest.raises(ConfigValueError, match="weight_decay is 0.1 now and 0 in last_checkpoint_epoch=2.pt"):
+            check_resumed_state(saved, built(decay=0.1, schedule=schedule)[1], 3, last)
+        with pytest.raises(ConfigValueError, match="the optimizer's learning rate is 0.0\\d+ now and 0.0"):
+            check_resumed_state(saved, built(rate=0.02, schedule=schedule)[1], 3, last)
+        with pytest.raises(ConfigValueError, match="an epoch is 4 batches now and 3"):
+            check_resumed_state(saved, built(schedule=schedule)[1], 4, last)
+
+
 @pytest.mark.parametrize("step", [3, 1], ids=["in epoch 2", "in epoch 1"])
 def test_ctrl_c_ends_training_through_its_normal_end(tmp_path, isbi_folder, monkeypatch, step):
     # Ctrl-C (SIGINT) at a training step: training stops after it, the run folder and the MLflow run are

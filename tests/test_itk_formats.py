@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -337,3 +338,47 @@ def test_encodings_and_layouts_itk_cannot_read_say_what_to_do(tmp_path):
         with pytest.raises(DataError) as err:
             read_image(tmp_path / name)
         assert str(err.value).endswith(fix) and "\n" not in str(err.value), str(err.value)
+
+
+def test_units_lists_patterns_and_gzip_members_as_the_formats_allow(tmp_path):
+    voxels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    # NRRD's space units, UTF-8 µm included; cm become mm; units that cannot be told: uncalibrated
+    for units, unit, scale in (('"µm" "µm" "µm"', "um", 1.0), ('"nm" "nm" "nm"', "um", 1e-3),
+                               ('"cm" "cm" "cm"', "mm", 10.0), ('"mm" "mm" "s"', "pixel", 1.0)):
+        path = _nrrd(tmp_path / "u.nrrd", voxels)
+        path.write_bytes(path.read_bytes().replace(b"encoding: raw\n",
+                                                   f"encoding: raw\nspace units: {units}\n".encode()))
+        meta = read_geometry(path)
+        assert meta["spacing_unit"] == unit, units
+        np.testing.assert_allclose(meta["spacing"], np.array([3.0, 1.0, 2.0]) * scale, err_msg=units)
+        np.testing.assert_allclose(meta["affine"] @ [0, 0, 1, 1], [-10 * scale, -22 * scale, 30 * scale, 1])
+    # a list of data files longer than 64 KiB of header, one per slice
+    many = np.random.default_rng(9).integers(0, 255, (3000, 2, 2)).astype(np.uint8)
+    (tmp_path / "slices").mkdir()
+    for k, plane in enumerate(many):
+        (tmp_path / "slices" / f"slice_with_a_long_name_{k:05d}.raw").write_bytes(plane.tobytes())
+    names = "\n".join(f"slices/slice_with_a_long_name_{k:05d}.raw" for k in range(len(many)))
+    (tmp_path / "long.nhdr").write_text(f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 {len(many)}\n"
+                                        f"encoding: raw\ndata file: LIST\n{names}\n")
+    assert (tmp_path / "long.nhdr").stat().st_size > 1 << 16
+    np.testing.assert_array_equal(read_image(tmp_path / "long.nhdr")[0][0], many)
+    # a list or pattern naming other than one file per slice, or a pattern that names none: refused
+    for named, said in (("LIST\nslices/slice_with_a_long_name_00000.raw", "names 1 data file for the image's 2 "
+                         "parts"), ("s%d.raw 0 1 0", "names no data files"), ("s%d.raw 1 0 1", "names no data files"),
+                        ("s%c.raw 2000000 2000001 1", "pattern s%c.raw cannot name files")):
+        (tmp_path / "p.nhdr").write_text(f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+                                         f"data file: {named}\n")
+        with pytest.raises(DataError, match=re.escape(said)):
+            read_image(tmp_path / "p.nhdr")
+    # gzip data in several members (bgzip, pigz --independent), as ITK reads them
+    body = voxels.tobytes()
+    head = _nrrd(tmp_path / "m.nrrd", voxels).read_bytes()[: -len(body)].replace(b"encoding: raw",
+                                                                                 b"encoding: gzip")
+    (tmp_path / "m.nrrd").write_bytes(head + gzip.compress(body[:10]) + gzip.compress(body[10:]))
+    np.testing.assert_array_equal(read_image(tmp_path / "m.nrrd")[0][0], voxels)
+    # zlib data in a MetaImage without CompressedDataSize: ITK misreads them
+    _mha(tmp_path / "nosize.mha", voxels, compressed=True)
+    (tmp_path / "nosize.mha").write_bytes(re.sub(rb"CompressedDataSize = \d+\n", b"",
+                                                 (tmp_path / "nosize.mha").read_bytes()))
+    with pytest.raises(DataError, match="without CompressedDataSize"):
+        read_image(tmp_path / "nosize.mha")
