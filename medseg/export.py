@@ -167,7 +167,8 @@ def export_bundle(bundle: str | os.PathLike, checkpoint: str | os.PathLike, outp
         # a full disk is the target's, though the copy names its source; so is a failure in the hidden folder
         # the export is made in (.NAME.*.part beside it)
         named = err.filename if isinstance(getattr(err, "filename", None), (str, os.PathLike)) else None
-        at_target = named is None or err.errno in NO_SPACE or _in_partial(Path(named), out)
+        at_target = named is None or err.errno in NO_SPACE or _in_partial(Path(named), out) or \
+            Path(named) in (out, *out.parents)  # the folders made to hold it
         where = out if at_target else named
         fix = ("give the export a folder you can write to, or fix the permissions of its parent" if at_target and
                err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "check the files and the free space")

@@ -1939,6 +1939,15 @@ def test_an_export_into_a_folder_it_cannot_write_names_that_folder_not_its_hidde
                            "folder you can write to, or fix the permissions of its parent")
     assert ".part" not in result.output
 
+    def no_folder(path):  # the folder to hold it cannot be made
+        raise OSError(errno.EACCES, "Permission denied", str(Path(path).parent))
+
+    monkeypatch.setattr(medseg.io, "held_partial_folder", no_folder)
+    deeper = tmp_path / "ro" / "new" / "em"
+    _assert_one_line_error(_invoke("export", BUNDLE, trained["out"] / "model.pt", deeper),
+                           f"{deeper}: cannot export the bundle (Permission denied); give the export a folder you "
+                           "can write to")
+
 
 def test_an_export_removes_what_a_killed_export_to_its_folder_left_and_nothing_else(trained, tmp_path, caplog):
     from medseg.io import held_partial_folder, partial_folder
