@@ -209,8 +209,10 @@ def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, s
     if is_list:
         return [folder / n for n in names], True
     try:
+        if len(parts[0] % numbers[0]) > 4096:  # a width no file name has (%99999999d)
+            raise ValueError("a name over 4096 characters")
         return [folder / (parts[0] % n) for n in numbers], True
-    except (TypeError, ValueError, OverflowError) as err:
+    except (TypeError, ValueError, OverflowError, MemoryError) as err:
         raise DataError(f"{path}: its header's data file pattern {parts[0]} cannot name files ({err}); give a "
                         "pattern with one number, such as slice%03d.raw") from err
 

@@ -1120,13 +1120,17 @@ class ItkReader(_MedsegReader):
         if 0 in size:
             raise DataError(f"{path}: image of size {' × '.join(map(str, size))} holds no voxels; the file was "
                             "written empty, write it again from its source")
-        direction = np.array([list(io.GetDirection(i)) for i in range(dims)], dtype=np.float64).T  # columns: axes
-        components, itemsize = int(io.GetNumberOfComponents()), int(io.GetComponentSize())
-        pixel = str(io.GetPixelTypeAsString(io.GetPixelType()))
-        return {"size": size, "spacing": [float(io.GetSpacing(i)) for i in range(dims)],
-                "origin": [float(io.GetOrigin(i)) for i in range(dims)], "direction": direction,
-                "component": str(io.GetComponentTypeAsString(io.GetComponentType())), "components": components,
-                "pixel": pixel, "itemsize": itemsize, "header": header,
+        try:  # a value type ITK does not know fails here, not above
+            direction = np.array([list(io.GetDirection(i)) for i in range(dims)], dtype=np.float64).T  # columns: axes
+            components, itemsize = int(io.GetNumberOfComponents()), int(io.GetComponentSize())
+            pixel = str(io.GetPixelTypeAsString(io.GetPixelType()))
+            component = str(io.GetComponentTypeAsString(io.GetComponentType()))
+            spacing = [float(io.GetSpacing(i)) for i in range(dims)]
+            origin = [float(io.GetOrigin(i)) for i in range(dims)]
+        except (RuntimeError, OSError) as err:
+            raise _itk_error(path, err, "the header") from err
+        return {"size": size, "spacing": spacing, "origin": origin, "direction": direction, "component": component,
+                "components": components, "pixel": pixel, "itemsize": itemsize, "header": header,
                 "colours": components > 1 and header.colours(components, itemsize, pixel)}
 
     def _meta(self, path: str, head: dict[str, Any]) -> dict:

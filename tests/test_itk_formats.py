@@ -382,3 +382,15 @@ def test_units_lists_patterns_and_gzip_members_as_the_formats_allow(tmp_path):
                                                  (tmp_path / "nosize.mha").read_bytes()))
     with pytest.raises(DataError, match="without CompressedDataSize"):
         read_image(tmp_path / "nosize.mha")
+
+
+def test_malformed_headers_are_one_line_errors(tmp_path):
+    head = "ObjectType = Image\nNDims = 3\nDimSize = 4 3 2\nElementSpacing = 1 1 1\nBinaryData = True\n"
+    (tmp_path / "v.raw").write_bytes(bytes(24))
+    cases = {"wide.mhd": head + "ElementType = MET_UCHAR\nElementDataFile = %99999999999d 0 1 1\n",
+             "untyped.mhd": head + "ElementType = \nElementDataFile = v.raw\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError) as err:
+            read_geometry(tmp_path / name)
+        assert str(err.value).startswith(str(tmp_path / name)) and "\n" not in str(err.value), str(err.value)
