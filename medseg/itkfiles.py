@@ -54,8 +54,10 @@ class Header:
         as ITK and 3D Slicer take them."""
         if not self.sized:
             return "pixel", 1.0
-        given = self.fields.get("spaceunits", "") if self.kind == "nrrd" else ""
-        units = {u.strip().lower() for u in re.findall(r'"([^"]*)"', given) if u.strip()}
+        if self.kind == "nrrd":
+            units = {u.strip().lower() for u in re.findall(r'"([^"]*)"', self.fields.get("spaceunits", ""))}
+        else:  # MetaImage's DistanceUnits (ITK writes it where the image states one)
+            units = {self.fields["distanceunits"].strip().lower()} if self.fields.get("distanceunits") else set()
         if not units:
             return "mm", 1.0
         return _UNITS[units.pop()] if len(units) == 1 and next(iter(units)) in _UNITS else ("pixel", 1.0)
@@ -167,15 +169,20 @@ def _metaimage(path: Path, head: bytes) -> Header:
         name, sep, value = text.partition("=")
         if sep:
             fields[_key(name)] = value.strip()
+    dims = _numbers(fields.get("ndims", ""))
+    if "ndims" in fields and (dims is None or len(dims) != 1 or not 1 <= dims[0] <= 10):  # ITK would spin forever
+        raise DataError(f"{path}: NDims = {fields['ndims']} in its header, not a number of dimensions; the file is "
+                        "corrupt: write it again from its source")
     named = fields.get("elementdatafile")
     if named is None or named.upper() == "LOCAL":
         return Header(path, "metaimage", fields, offset=lines[-1][1] if named else None)
     sizes = _numbers(fields.get("dimsize", ""))  # spatial axes, x fastest (channels within each voxel)
-    files, listed = _data_files(path, named, head[lines[-1][1]:], sizes, len(sizes or ()) - 1)
+    files, listed = _data_files(path, named, head[lines[-1][1]:], sizes, len(sizes or ()) - 1, metaimage=True)
     return Header(path, "metaimage", fields, data_files=files, listed=listed)
 
 
-def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, slab: int) -> tuple[list[Path], bool]:
+def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, slab: int,
+                metaimage: bool = False) -> tuple[list[Path], bool]:
     """The data files a header names: one file (its name may hold spaces), ``LIST`` (one name per line after
     the field), or a ``printf`` pattern with first, last and step numbers; a list or pattern may end with the
     dimension of each file's part (``slab``: by default, one slice of the slowest axis).
@@ -185,7 +192,10 @@ def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, s
     """
     folder = path.parent
     parts = named.split()
-    is_list = named.upper().startswith("LIST")
+    is_list = parts[0] == "LIST"  # the word itself, in capitals: list.raw is a file
+    if metaimage and not is_list and named.startswith("LIST"):  # ITK's MetaImage reader takes it for a list
+        raise DataError(f"{path}: its data file {named} starts with LIST, which ITK's MetaImage reader takes for a "
+                        "list of files; rename the data file (and ElementDataFile)")
     pattern = not is_list and "%" in named and len(parts) >= 4 and \
         all(re.fullmatch(r"-?\d+", p) for p in parts[1:4])
     if not is_list and not pattern:
@@ -193,6 +203,10 @@ def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, s
     extra = parts[1:2] if is_list else parts[4:5]
     if extra and re.fullmatch(r"\d+[dD]?", extra[0]):
         slab = int(extra[0].rstrip("dD"))
+        # ITK's MetaImage reader takes no part size after a pattern, nor a list of whole images: wrong voxels
+        if metaimage and (not is_list or (sizes and slab >= len(sizes))):
+            raise DataError(f"{path}: its header's ElementDataFile = {named} gives each data file a part ITK "
+                            "misreads; name one file per slice (without the part size)")
     wanted = math.prod(sizes[slab:]) if sizes and 0 < slab <= len(sizes) else None  # files the image needs
     if is_list:
         names = [n.strip() for n in _text(after).splitlines() if n.strip()]
@@ -200,9 +214,13 @@ def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, s
     else:
         first, last, step = (int(p) for p in parts[1:4])
         numbers = range(first, last + (1 if step > 0 else -1), step) if step else range(0)
-        count = len(numbers)
+        try:
+            count = len(numbers)
+        except OverflowError:  # more than a machine word holds
+            count = _MOST_FILES + 1
     if count == 0 or count > _MOST_FILES or (wanted is not None and count != wanted):
-        said = f"{count} data file{'s' * (count != 1)}" if count else "no data files"
+        said = (f"{count} data file{'s' * (count != 1)}" if count <= _MOST_FILES else "too many data files") \
+            if count else "no data files"
         need = f" for the image's {wanted} parts" if wanted is not None else ""
         raise DataError(f"{path}: its header names {said}{need} ({named}); give one data file per part, as "
                         "the header's sizes say")

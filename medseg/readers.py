@@ -1174,7 +1174,11 @@ class ItkReader(_MedsegReader):
         check_volume(path, (components, z[0] if z else 1, y, x), 8 if wide else max(itemsize, 4 * (components > 1)),
                      "split it into smaller volumes")
         check_plane(path, y, x)
-        check_voxels(head["header"], x * y * (z[0] if z else 1) * components * itemsize)
+        try:
+            check_voxels(head["header"], x * y * (z[0] if z else 1) * components * itemsize)
+        except FileNotFoundError as err:  # a data file removed since the header was read
+            raise DataError(f"{path}: its data file {err.filename} is no longer there; copy the header and its "
+                            "data files together") from err
         try:
             if components > 1:
                 image = itk.imread(path, pixel_type=itk.VariableLengthVector[itk.D if wide else itk.F])
@@ -1202,7 +1206,11 @@ class ItkReader(_MedsegReader):
         if not 0 <= index < count:
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
         files = head["header"].data_files  # a data file rewritten since is read afresh (a few looked at per slice)
-        stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files) if len(files) <= 4 else len(files)
+        try:
+            stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files) if len(files) <= 4 else len(files)
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: its data file {err.filename} is no longer there; copy the header and its "
+                            "data files together") from err
         volume = self._volumes.get(path, lambda: self._voxels(path, head), variant=stamp)
         return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
 

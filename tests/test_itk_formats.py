@@ -394,3 +394,35 @@ def test_malformed_headers_are_one_line_errors(tmp_path):
         with pytest.raises(DataError) as err:
             read_geometry(tmp_path / name)
         assert str(err.value).startswith(str(tmp_path / name)) and "\n" not in str(err.value), str(err.value)
+
+
+def test_metaimage_and_nrrd_corners_itk_misreads_or_never_ends_on(tmp_path):
+    voxels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    base = "ObjectType = Image\nNDims = 3\nDimSize = 4 3 2\nElementSpacing = 2 0.5 0.5\nElementType = MET_UCHAR\n"
+    (tmp_path / "list.raw").write_bytes(voxels.tobytes())  # a file whose name begins with "list"
+    (tmp_path / "a.mhd").write_text(base + "ElementDataFile = list.raw\n")
+    np.testing.assert_array_equal(read_image(tmp_path / "a.mhd")[0][0], voxels)
+    (tmp_path / "a.nhdr").write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\nencoding: raw\n"
+                                     "data file: list.raw\n")
+    np.testing.assert_array_equal(read_image(tmp_path / "a.nhdr")[0][0], voxels)
+    for k in range(2):
+        (tmp_path / f"s{k}.raw").write_bytes(voxels[k].tobytes())
+    (tmp_path / "LISTING.raw").write_bytes(voxels.tobytes())
+    refused = {"subdim.mhd": (base + "ElementDataFile = s%d.raw 0 1 1 2\n", "a part ITK misreads"),
+               "whole.mhd": (base + "ElementDataFile = LIST 3D\nLISTING.raw\n", "a part ITK misreads"),
+               "listing.mhd": (base + "ElementDataFile = LISTING.raw\n", "starts with LIST"),
+               "ndims.mhd": (base.replace("NDims = 3", "NDims = -3") + "ElementDataFile = list.raw\n",
+                             "NDims = -3 in its header, not a number of dimensions"),
+               "huge.mhd": (base + "ElementDataFile = s%d.raw 0 99999999999999999999999 1\n", "too many data files")}
+    for name, (text, said) in refused.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=re.escape(said)):
+            read_image(tmp_path / name)
+    # MetaImage's DistanceUnits; a NRRD axis of no unit makes the units unknown
+    (tmp_path / "um.mhd").write_text(base + "DistanceUnits = um\nElementDataFile = list.raw\n")
+    meta = read_geometry(tmp_path / "um.mhd")
+    assert meta["spacing_unit"] == "um"
+    np.testing.assert_allclose(meta["spacing"], [0.5, 0.5, 2.0])  # (z, y, x) of ElementSpacing x y z
+    path = _nrrd(tmp_path / "u.nrrd", voxels)
+    path.write_bytes(path.read_bytes().replace(b"encoding: raw\n", b'encoding: raw\nspace units: "cm" "" "cm"\n'))
+    assert read_geometry(path)["spacing_unit"] == "pixel"
