@@ -201,7 +201,8 @@ def input_fingerprint(source: str | os.PathLike, series_uid: str = "") -> str:
         else:
             entries = [(path.name, path.stat().st_size, path.stat().st_mtime_ns)]
             for data in _data_files(path):  # a MetaImage or NRRD header's voxels in files of their own
-                entries.append((os.path.relpath(data, path.parent), data.stat().st_size, data.stat().st_mtime_ns))
+                stat = data.stat()
+                entries.append((os.path.relpath(data, path.parent), stat.st_size, stat.st_mtime_ns))
     except OSError:
         return ""
     return hashlib.sha256(json.dumps(entries).encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -36,8 +36,7 @@ class Header:
     kind: str  # "nrrd" or "metaimage"
     fields: dict[str, str]  # by name in lower case, spaces left out: ``spacedirections``, ``elementspacing``
     offset: int | None = None  # where attached voxels start in the file (None: in data files of their own)
-    data_files: list[Path] = field(default_factory=list)  # detached voxels, in order
-    listed: bool = False  # several data files (a list or a pattern), each holding an equal part
+    data_files: list[Path] = field(default_factory=list)  # detached voxels, in order (a list's, each a part)
 
     @property
     def sized(self) -> bool:
@@ -158,8 +157,8 @@ def _nrrd(path: Path, head: bytes) -> Header:
     if named is None:
         return Header(path, "nrrd", fields, offset=after_blank)
     sizes = _numbers(fields.get("sizes", ""))  # every axis, x fastest (a vector's values first)
-    files, listed = _data_files(path, named, head[named_at:], sizes, len(sizes or ()) - 1)
-    return Header(path, "nrrd", fields, data_files=files, listed=listed)
+    files = _data_files(path, named, head[named_at:], sizes, len(sizes or ()) - 1)
+    return Header(path, "nrrd", fields, data_files=files)
 
 
 def _metaimage(path: Path, head: bytes) -> Header:
@@ -177,12 +176,12 @@ def _metaimage(path: Path, head: bytes) -> Header:
     if named is None or named.upper() == "LOCAL":
         return Header(path, "metaimage", fields, offset=lines[-1][1] if named else None)
     sizes = _numbers(fields.get("dimsize", ""))  # spatial axes, x fastest (channels within each voxel)
-    files, listed = _data_files(path, named, head[lines[-1][1]:], sizes, len(sizes or ()) - 1, metaimage=True)
-    return Header(path, "metaimage", fields, data_files=files, listed=listed)
+    files = _data_files(path, named, head[lines[-1][1]:], sizes, len(sizes or ()) - 1, metaimage=True)
+    return Header(path, "metaimage", fields, data_files=files)
 
 
 def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, slab: int,
-                metaimage: bool = False) -> tuple[list[Path], bool]:
+                metaimage: bool = False) -> list[Path]:
     """The data files a header names: one file (its name may hold spaces), ``LIST`` (one name per line after
     the field), or a ``printf`` pattern with first, last and step numbers; a list or pattern may end with the
     dimension of each file's part (``slab``: by default, one slice of the slowest axis).
@@ -199,7 +198,7 @@ def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, s
     pattern = not is_list and "%" in named and len(parts) >= 4 and \
         all(re.fullmatch(r"-?\d+", p) for p in parts[1:4])
     if not is_list and not pattern:
-        return [folder / named], False
+        return [folder / named]
     extra = parts[1:2] if is_list else parts[4:5]
     if extra and re.fullmatch(r"\d+[dD]?", extra[0]):
         slab = int(extra[0].rstrip("dD"))
@@ -225,11 +224,11 @@ def _data_files(path: Path, named: str, after: bytes, sizes: list[int] | None, s
         raise DataError(f"{path}: its header names {said}{need} ({named}); give one data file per part, as "
                         "the header's sizes say")
     if is_list:
-        return [folder / n for n in names], True
+        return [folder / n for n in names]
     try:
         if len(parts[0] % numbers[0]) > 4096:  # a width no file name has (%99999999d)
             raise ValueError("a name over 4096 characters")
-        return [folder / (parts[0] % n) for n in numbers], True
+        return [folder / (parts[0] % n) for n in numbers]
     except (TypeError, ValueError, OverflowError, MemoryError) as err:
         raise DataError(f"{path}: its header's data file pattern {parts[0]} cannot name files ({err}); give a "
                         "pattern with one number, such as slice%03d.raw") from err

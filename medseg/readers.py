@@ -1076,11 +1076,17 @@ def _itk_error(path: str, err: BaseException, what: str) -> DataError:
     return DataError(f"{path}: cannot read {what} ({why}){_or_corrupt(path, 'itk')}")
 
 
+def _data_file_gone(path: str, err: FileNotFoundError) -> DataError:
+    return DataError(f"{path}: its data file {err.filename} is no longer there; copy the header and its data files "
+                     "together")
+
+
 class ItkReader(_MedsegReader):
     """NRRD (``.nrrd``, ``.nhdr``) and MetaImage (``.mha``, ``.mhd``) via ITK: 2D and 3D images, one value or
     several per voxel, placed in the world as ITK places them (origin, spacing and direction, in LPS, given here
-    as RAS like NIfTI's and DICOM's affines), the spacing in NRRD's ``space units`` where stated, else in
-    millimetres as ITK and 3D Slicer take it (``pixel`` for a header that states no pixel size). The header and
+    as RAS like NIfTI's and DICOM's affines), the spacing in NRRD's ``space units`` or MetaImage's
+    ``DistanceUnits`` where stated, else in millimetres as ITK and 3D Slicer take it (``pixel`` for a header
+    that states no pixel size or a unit not known). The header and
     the voxels are checked first (:mod:`medseg.itkfiles`): ITK takes damaged compressed data without a word.
 
     The voxels are read whole (ITK reads these files whole), the last volume kept for its next slices.
@@ -1177,8 +1183,7 @@ class ItkReader(_MedsegReader):
         try:
             check_voxels(head["header"], x * y * (z[0] if z else 1) * components * itemsize)
         except FileNotFoundError as err:  # a data file removed since the header was read
-            raise DataError(f"{path}: its data file {err.filename} is no longer there; copy the header and its "
-                            "data files together") from err
+            raise _data_file_gone(path, err) from err
         try:
             if components > 1:
                 image = itk.imread(path, pixel_type=itk.VariableLengthVector[itk.D if wide else itk.F])
@@ -1207,10 +1212,10 @@ class ItkReader(_MedsegReader):
             raise IndexError(f"{path}: slice {index} out of range (the file has {count})")
         files = head["header"].data_files  # a data file rewritten since is read afresh (a few looked at per slice)
         try:
-            stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files) if len(files) <= 4 else len(files)
+            stamp = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, files)) if len(files) <= 4 \
+                else len(files)
         except FileNotFoundError as err:
-            raise DataError(f"{path}: its data file {err.filename} is no longer there; copy the header and its "
-                            "data files together") from err
+            raise _data_file_gone(path, err) from err
         volume = self._volumes.get(path, lambda: self._voxels(path, head), variant=stamp)
         return volume[:, index].copy()  # the caller's own array, not a view of the kept volume
 
