@@ -351,8 +351,8 @@ def infer(
         "is now; resuming another checkpoint's or other settings' folder is an error)."),
         metavar="")] = False,
     format_: Annotated[str, typer.Option("--format", help=(
-        "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, DICOM SEG for binary masks; NIfTI for NRRD "
-        "and MetaImage), png, tiff, nifti or dicom-seg."
+        "Mask format: auto (the input's own kind: PNG, TIFF, NIfTI, NRRD, MetaImage; DICOM SEG for binary "
+        "masks of DICOM), png, tiff, nifti, dicom-seg, nrrd or metaimage (.mha)."
     ))] = "auto",
     prob: Annotated[bool, typer.Option("--prob/--no-prob", help=(
         "Also write float32 probability maps (the class, or 1 - background for multi-class bundles)."),

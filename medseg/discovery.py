@@ -69,9 +69,11 @@ def _matches(rel: str, patterns: Sequence[str]) -> bool:
 #: What ``medseg infer`` writes into an output folder; never taken as inputs.
 OUTPUT_PARTS = ("mask", "prob", "table", "run.json", "manifest.csv")
 #: Mask kind -> the suffix of its files under ``mask/``.
-OUTPUT_FORMATS: dict[str, str] = {"png": ".png", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".seg.dcm"}
+OUTPUT_FORMATS: dict[str, str] = {"png": ".png", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".seg.dcm",
+                                   "nrrd": ".nrrd", "metaimage": ".mha"}
 #: Mask kind -> the suffix of the probability maps under ``prob/`` that go with it.
-PROB_SUFFIXES: dict[str, str] = {"png": ".tif", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".nii.gz"}
+PROB_SUFFIXES: dict[str, str] = {"png": ".tif", "tiff": ".tif", "nifti": ".nii.gz", "dicom-seg": ".nii.gz",
+                                  "nrrd": ".nrrd", "metaimage": ".mha"}
 #: The file in an output folder that records which model and settings made each of its outputs.
 RUN_RECORD = "run.json"
 #: Beside it while a batch runs: the record's changes since it was last written, one JSON line each.

@@ -1,5 +1,5 @@
-"""NRRD and MetaImage headers read in Python: their data files, whether their voxels are whole, and what ITK
-does not report (a stated pixel size, spatial units, colour kinds)."""
+"""NRRD and MetaImage files in Python: headers read (their data files, whether their voxels are whole, and what
+ITK does not report: a stated pixel size, spatial units, colour kinds), and masks written in the same kinds."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from medseg.errors import DataError
 
@@ -309,3 +311,104 @@ def _inflated_size(source: Path, offset: int, path: Path, where: str) -> tuple[i
     except zlib.error as err:
         raise DataError(f"{path}: its compressed voxels are damaged ({err}{where}); the file is corrupt: copy it "
                         "again from its source") from err
+
+
+#: the value types written -> (NRRD ``type``, MetaImage ``ElementType``)
+_TYPES = {"uint8": ("uint8", "MET_UCHAR"), "uint16": ("uint16", "MET_USHORT"), "uint32": ("uint32", "MET_UINT"),
+          "float32": ("float", "MET_FLOAT")}
+#: file suffix -> the kind written
+WRITTEN = {".nrrd": "nrrd", ".mha": "metaimage"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image's voxels lie, as ITK states it: per axis (x, y[, z]) the spacing, the origin and the
+    direction cosines (``direction[:, i]`` is axis i's) in LPS, in ``unit`` (``mm``, ``um``; ``None``: no unit
+    stated, which ITK and 3D Slicer read as millimetres)."""
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: np.ndarray
+    unit: str | None = None
+
+
+def _num(value: float) -> str:
+    """The shortest text that reads back as the same double."""
+    return repr(float(value)).replace("inf", "Inf")
+
+
+def _deflated(arr: np.ndarray, gzip: bool, level: int = 1) -> list[bytes]:
+    """``arr``'s bytes (little-endian, C order) compressed: a gzip member (NRRD) or a zlib stream (MetaImage),
+    16 MiB at a time so that a large volume is not copied whole first."""
+    data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    raw = memoryview(data).cast("B") if data.size else memoryview(b"")
+    pack = zlib.compressobj(level, zlib.DEFLATED, 31 if gzip else 15)
+    step = 1 << 24
+    pieces = [pack.compress(raw[i:i + step]) for i in range(0, len(raw), step)]
+    return [*pieces, pack.flush()]
+
+
+def image_bytes(kind: str, arr: np.ndarray, geometry: Geometry | None) -> list[bytes]:
+    """A NRRD (``kind`` ``nrrd``) or MetaImage (``metaimage``, voxels in the file) of ``arr`` (``(Y, X)`` or
+    ``(Z, Y, X)``: x varies fastest), as the pieces of the file. ``geometry``: its axes' place in the world, one
+    axis each; ``None``: no pixel size is stated (a picture's pixels), which medseg reads back as pixels.
+
+    The voxels are compressed (NRRD ``gzip``, MetaImage ``CompressedData`` with its size stated).
+    """
+    arr = np.asarray(arr)
+    if str(arr.dtype) not in _TYPES or arr.ndim not in (2, 3):
+        raise ValueError(f"a {arr.ndim}D {arr.dtype} image; {kind} masks are 2D or 3D {', '.join(_TYPES)}")
+    dims, sizes = arr.ndim, arr.shape[::-1]  # (x, y[, z])
+    if geometry is not None and not (len(geometry.spacing) == len(geometry.origin) == dims
+                                     and np.shape(geometry.direction) == (dims, dims)):
+        raise ValueError(f"a geometry of {len(geometry.spacing)} axes for a {dims}D image")
+    pieces = _deflated(arr, gzip=kind == "nrrd")
+    nrrd_type, met_type = _TYPES[str(arr.dtype)]
+    lines: list[str]
+    if kind == "nrrd":
+        lines = ["NRRD0004", "# Complete NRRD file format specification at:",
+                 "# http://teem.sourceforge.net/nrrd/format.html", f"type: {nrrd_type}", f"dimension: {dims}"]
+        if geometry is not None:
+            lines.append("space: left-posterior-superior" if dims == 3 else "space dimension: 2")
+        lines.append(f"sizes: {' '.join(map(str, sizes))}")
+        if geometry is not None:
+            axes = np.asarray(geometry.direction, dtype=np.float64) * np.asarray(geometry.spacing, dtype=np.float64)
+            lines.append("space directions: " + " ".join(
+                "(" + ",".join(_num(v) for v in axes[:, i]) + ")" for i in range(dims)))
+        lines += [f"kinds: {' '.join(['domain'] * dims)}", "endian: little", "encoding: gzip"]
+        if geometry is not None:
+            lines.append("space origin: (" + ",".join(_num(v) for v in geometry.origin) + ")")
+            if geometry.unit:
+                lines.append("space units: " + " ".join([f'"{geometry.unit}"'] * dims))
+        head = "\n".join(lines) + "\n\n"
+    elif kind == "metaimage":
+        lines = ["ObjectType = Image", f"NDims = {dims}", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+                 "CompressedData = True", f"CompressedDataSize = {sum(map(len, pieces))}"]
+        if geometry is not None:
+            direction = np.asarray(geometry.direction, dtype=np.float64)
+            lines += ["TransformMatrix = " + " ".join(_num(v) for v in direction.T.ravel()),  # axis after axis
+                      "Offset = " + " ".join(_num(v) for v in geometry.origin),
+                      "ElementSpacing = " + " ".join(_num(v) for v in geometry.spacing)]
+            if geometry.unit:
+                lines.append(f"DistanceUnits = {geometry.unit}")
+        lines += [f"DimSize = {' '.join(map(str, sizes))}", f"ElementType = {met_type}", "ElementDataFile = LOCAL"]
+        head = "\n".join(lines) + "\n"
+    else:
+        raise ValueError(f"unknown kind {kind!r}: nrrd or metaimage")
+    return [head.encode("ascii"), *pieces]
+
+
+def write_image(path: str | os.PathLike, arr: np.ndarray, geometry: Geometry | None) -> Path:
+    """Write ``arr`` as a NRRD (``.nrrd``) or MetaImage (``.mha``) file by its suffix, atomically (see
+    :func:`image_bytes`)."""
+    from medseg.io import atomic_output
+
+    path = Path(path)
+    kind = WRITTEN.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: not a .nrrd or .mha file name")
+    pieces = image_bytes(kind, arr, geometry)
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        for piece in pieces:
+            handle.write(piece)
+    return path

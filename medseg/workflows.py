@@ -1345,7 +1345,7 @@ def infer(
                                             lambda e: bar.slice_done(e.state.iteration, e.state.epoch_length))
                 result = run_batch(
                     inputs, ignored, segment,
-                    paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n),
+                    paths_for=lambda item, n: writer.paths_for(item.rel, item.format, n, item.source),
                     count=count, manifest=out / "manifest.csv", overwrite=overwrite, on_abort=writer.abort,
                     progress=bar, record=record,
                 )

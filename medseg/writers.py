@@ -6,7 +6,8 @@
 | TIFF  | ``mask/REL.tif`` (a stack for stacks, calibration kept), 8-bit 255 | ``prob/REL.tif`` float32 |
 | NIfTI | ``mask/REL.nii.gz`` uint8, 1 = class, the input's affine and voxel order | ``prob/REL.nii.gz`` float32 |
 | DICOM | ``mask/REL.seg.dcm`` binary DICOM SEG referencing the source series | ``prob/REL.nii.gz`` float32 |
-| NRRD, MetaImage | ``mask/REL.nii.gz`` as for NIfTI, in the input's place in the world | ``prob/REL.nii.gz`` float32 |
+| NRRD  | ``mask/REL.nrrd`` uint8, 1 = class, the input's grid, place and unit | ``prob/REL.nrrd`` float32 |
+| MetaImage | ``mask/REL.mha`` as for NRRD                 | ``prob/REL.mha`` float32        |
 
 ``REL`` is the input's path relative to the input folder without its suffix. Three kinds of mask (``mask_mode``):
 
@@ -19,9 +20,10 @@
 
 For ``classes`` and ``instances`` the probability map is the foreground probability ``1 - prob[0]``; DICOM SEG
 holds binary masks only, so their masks of DICOM inputs go to NIfTI by default. ``output_format`` (``png``,
-``tiff``, ``nifti``, ``dicom-seg``) overrides the mask's kind. All files are written atomically; TIFF stacks are
-streamed page by page, volumes for NIfTI and DICOM SEG are assembled in memory (one uint8 mask and one float32
-probability volume per input).
+``tiff``, ``nifti``, ``dicom-seg``, ``nrrd``, ``metaimage``) overrides the mask's kind; NRRD and MetaImage masks of
+other inputs lie where a NIfTI mask of them would (a picture's pixels where ITK places them, no pixel size where
+it has none). All files are written atomically; TIFF stacks are streamed page by page, volumes for NIfTI, NRRD,
+MetaImage and DICOM SEG are assembled in memory (one mask and one float32 probability volume per input).
 """
 
 from __future__ import annotations
@@ -45,17 +47,22 @@ from medseg.errors import ConfigValueError, DataError
 from medseg.io import ome_description, partial_file, tiff_calibration, write_nifti, write_png, write_tiff
 from medseg.readers import suffix_of
 
-#: Input kind -> the mask kind written for it by default.
-_DEFAULT_FOR_INPUT = {"png": "png", "tiff": "tiff", "nifti": "nifti", "dicom": "dicom-seg", "itk": "nifti"}
+#: Input kind (:func:`medseg.readers.kind_of`) -> the mask kind written for it by default.
+_DEFAULT_FOR_INPUT = {"png": "png", "jpeg": "png", "bmp": "png", "tiff": "tiff", "nifti": "nifti",
+                      "dicom": "dicom-seg", "nrrd": "nrrd", "metaimage": "metaimage", "itk": "nifti"}
 
 
-def mask_format(input_format: str, output_format: str = "auto", slices: int = 1) -> str:
-    """The mask kind for an input: its own kind unless ``output_format`` says otherwise.
+def mask_format(input_format: str, output_format: str = "auto", slices: int = 1, source: str | None = None) -> str:
+    """The mask kind for an input: its own kind unless ``output_format`` says otherwise. ``source``: the input's
+    file, which tells NRRD from MetaImage (format ``itk``).
 
     Raises:
         DataError: the choice cannot hold this input (PNG for a volume, DICOM SEG for a non-DICOM input).
     """
-    fmt = _DEFAULT_FOR_INPUT[input_format] if output_format in ("auto", "", None) else output_format
+    from medseg.readers import kind_of
+
+    kind = kind_of(source, input_format) if source else input_format
+    fmt = _DEFAULT_FOR_INPUT[kind] if output_format in ("auto", "", None) else output_format
     if fmt not in OUTPUT_FORMATS:
         raise DataError(f"unknown output format '{output_format}'; choose auto, {', '.join(OUTPUT_FORMATS)}")
     if fmt == "png" and slices > 1:
@@ -162,6 +169,8 @@ class _VolumeSink:
 
             self.series = dicom.series_geometry(dicom.find_series(item["image"], item.get("series_uid") or None))
             dicom.check_seg(self.series, **options)
+        if fmt in ("nrrd", "metaimage"):  # a series no such file can hold is refused now, not after its last slice
+            self.itk_geometry = _itk_geometry(_geometry(item), item["image"])
         if fmt == "tiff":
             meta = _geometry(item)
             geometry = {"spacing": tuple(meta["spacing"]), "unit": _tiff_unit(meta), "lead": meta.get("lead_sizes"),
@@ -217,6 +226,14 @@ class _VolumeSink:
             from medseg import dicom
 
             dicom.write_seg(self.paths["mask"], mask, self.series, **self.options)
+        elif self.fmt in ("nrrd", "metaimage"):
+            from medseg.itkfiles import write_image
+
+            geometry, two_d = self.itk_geometry
+            for key in ("mask", "prob"):
+                if key in self.paths:
+                    write_image(self.paths[key], self.volumes[key][0] if two_d else self.volumes[key], geometry)
+            return
         else:  # nifti
             write_nifti(self.paths["mask"], *_nifti_layout(mask, meta), **_nifti_header(meta))
         if "prob" in self.paths:
@@ -255,6 +272,42 @@ def _geometry(item: dict) -> dict:
 
     return read_geometry(item["image"], series_uid=item.get("series_uid") or None,
                          nifti_channel_dim=item.get("nifti_channel_dim"))
+
+
+def _itk_geometry(meta: dict, source: str) -> tuple[Any, bool]:
+    """``(geometry, two_d)`` of a NRRD or MetaImage mask of an input: its :class:`medseg.itkfiles.Geometry` in
+    the input's own place in LPS (a picture's pixels where ITK places a PNG or TIFF; ``None`` for an input
+    without a pixel size or a place), and whether the mask is 2D: for a 2D picture, NRRD or MetaImage; 3D (one
+    slice for a single image) for the others, which lie in space (NIfTI, DICOM).
+
+    Raises:
+        DataError: a time series (a TIFF's frames), which these masks hold as space.
+    """
+    from medseg.dicom import LPS_TO_RAS
+    from medseg.itkfiles import Geometry
+
+    lead = "".join(a for a, _ in meta.get("lead_sizes") or ())
+    if "T" in lead:
+        raise DataError(f"{source}: a time series; a NRRD or MetaImage mask holds space only: use --format tiff "
+                        "or nifti")
+    picture = meta.get("format") in ("png", "tiff")
+    two_d = len(meta["spatial_shape"]) == 2 if picture else int(meta.get("itk_dimensions", 3)) == 2
+    if picture:
+        spacing = [float(v) for v in np.asarray(meta["spacing"]).ravel()][::-1]  # (x, y[, z])
+        lps = np.diag([*spacing[:2], spacing[2] if len(spacing) > 2 else 1.0, 1.0])
+    else:  # (z, y, x) columns in RAS -> (x, y, z) in LPS
+        lps = LPS_TO_RAS @ np.asarray(meta["affine"], dtype=np.float64)[:, [2, 1, 0, 3]]
+    axes, origin = lps[:3, :3], lps[:3, 3]
+    if two_d:
+        axes, origin = axes[:2, :2], origin[:2]
+    spacing = np.linalg.norm(axes, axis=0)
+    direction = axes / np.where(spacing > 0, spacing, 1.0)
+    unit = _tiff_unit(meta)
+    if unit not in ("mm", "um") or meta.get("pixel_size_stated") is False:
+        if np.allclose(spacing, 1.0) and not origin.any() and np.allclose(direction, np.eye(len(spacing))):
+            return None, two_d  # pixels, nowhere in particular: a mask without a pixel size, as the input
+        unit = None  # a place in a unit not known: stated without one
+    return Geometry(tuple(map(float, spacing)), tuple(map(float, origin)), direction, unit), two_d
 
 
 def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -397,16 +450,17 @@ class SaveSegmentationd(MapTransform):
         self._unnamed: dict[str, str] = {}  # stem -> the file written under it, for samples given without a name
         self._calibration: tuple[str, tuple[float, float] | None] | None = None  # (input, its pixel in µm)
 
-    def _format(self, input_format: str, slices: int) -> str:
+    def _format(self, input_format: str, slices: int, source: str | None = None) -> str:
         output_format = self.output_format
         if self.mask_mode != "binary" and input_format == "dicom" and output_format in ("auto", "", None):
             output_format = "nifti"  # DICOM SEG holds binary masks: class and instance labels of DICOM go to NIfTI
         # DICOM SEG with class or instance labels was refused in __init__
-        return mask_format(input_format, output_format, slices)
+        return mask_format(input_format, output_format, slices, source)
 
-    def paths_for(self, rel: str, input_format: str, slices: int) -> dict[str, Path]:
-        """The files this writer produces for an input (used to skip inputs whose outputs exist)."""
-        return output_paths(self.output_dir, rel, self._format(input_format, slices), self.save_prob,
+    def paths_for(self, rel: str, input_format: str, slices: int, source: str | None = None) -> dict[str, Path]:
+        """The files this writer produces for an input (used to skip inputs whose outputs exist); ``source``: the
+        input's file (NRRD or MetaImage)."""
+        return output_paths(self.output_dir, rel, self._format(input_format, slices, source), self.save_prob,
                             table=self.mask_mode == "instances")
 
     def mask_of(self, pred: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
@@ -414,7 +468,8 @@ class SaveSegmentationd(MapTransform):
         if self.mask_mode == "binary":
             prob = np.asarray(pred[self.channel], dtype=np.float32)  # no copy of a float32 map (large slices)
             on = prob > self.threshold
-            return (on.astype(np.uint8) if fmt == "nifti" else np.where(on, np.uint8(255), np.uint8(0))), prob
+            return (on.astype(np.uint8) if fmt in ("nifti", "nrrd", "metaimage")
+                    else np.where(on, np.uint8(255), np.uint8(0))), prob
         prob = (1.0 - pred[0]).astype(np.float32)
         if self.mask_mode == "classes":
             index = pred.argmax(axis=0)
@@ -473,7 +528,7 @@ class SaveSegmentationd(MapTransform):
         input_format = str(d.get("format") or _format_of(source))
         item = {"image": source, "series_uid": str(d.get("series_uid") or ""), "name": name,
                 "nifti_channel_dim": self.nifti_channel_dim}
-        fmt = self._format(input_format, pages)
+        fmt = self._format(input_format, pages, source)
         paths = output_paths(self.output_dir, name, fmt, self.save_prob, table=self.mask_mode == "instances")
         for key in self.key_iterator(d):
             pred = d[key]

@@ -1,5 +1,5 @@
 """NRRD and MetaImage inputs (read through ITK): geometry by hand, the same voxels and world place as NIfTI,
-value types, channels, bad files, and `medseg infer` writing them as NIfTI where they lie."""
+value types, channels, bad files, and `medseg infer` writing their masks in their own kind where they lie."""
 
 from __future__ import annotations
 
@@ -155,7 +155,9 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_fix(tmp_path):
         assert message.startswith(str(tmp_path / name)) and text in message and "\n" not in message, message
 
 
-def test_infer_writes_nrrd_and_metaimage_inputs_as_nifti_where_they_lie(tmp_path, tiny_checkpoint):
+def test_infer_writes_nrrd_and_metaimage_masks_of_them_where_they_lie(tmp_path, tiny_checkpoint):
+    """A NRRD's masks are NRRD, a MetaImage's MetaImage, on the input's grid: read by ITK itself, the same voxels,
+    spacing, origin and directions as the NIfTI masks of the same volume given as NIfTI."""
     import itk
 
     root, reference = tmp_path / "in", tmp_path / "ref"
@@ -170,22 +172,39 @@ def test_infer_writes_nrrd_and_metaimage_inputs_as_nifti_where_they_lie(tmp_path
     itk.imwrite(itk_image, str(root / "w.mhd"))
     runner = CliRunner()
 
-    def infer(inputs: Path, out: Path):
+    def infer(inputs: Path, out: Path, *extra: str):
         args = ["infer", BUNDLE, inputs, out, "--checkpoint", tiny_checkpoint, "--no-progress", "--device", "cpu"]
-        args += [a for item in TINY_NET for a in ("--set", item)]
+        args += [a for item in TINY_NET for a in ("--set", item)] + list(extra)
         return runner.invoke(app, [str(a) for a in args])
 
     result = infer(root, tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert infer(reference, tmp_path / "out_nii").exit_code == 0
-    want = nib.load(tmp_path / "out_nii" / "mask" / "v.nii.gz")
+    assert nib.load(tmp_path / "out_nii" / "mask" / "v.nii.gz").shape == (32, 32, 2)
+    for name, suffix in (("v", ".nrrd"), ("w", ".mha")):
+        assert not (tmp_path / "out" / "mask" / f"{name}.nii.gz").exists()
+        for kind, dtype in (("mask", np.uint8), ("prob", np.float32)):
+            got = itk.imread(str(tmp_path / "out" / kind / f"{name}{suffix}"))
+            ref = itk.imread(str(tmp_path / "out_nii" / kind / "v.nii.gz"))
+            for what in (itk.spacing, itk.origin):
+                np.testing.assert_allclose(np.asarray(what(got)), np.asarray(what(ref)), atol=1e-6)
+            np.testing.assert_allclose(np.asarray(got.GetDirection()), np.asarray(ref.GetDirection()), atol=1e-6)
+            values = itk.array_from_image(got)
+            assert values.dtype == dtype and values.shape == (2, 32, 32)
+            np.testing.assert_allclose(values, itk.array_from_image(ref), atol=1e-6)
+        assert set(np.unique(itk.array_from_image(itk.imread(str(tmp_path / "out" / "mask" / f"{name}{suffix}"))))) \
+            <= {0, 1}
+    # medseg reads its own masks back where the image lies, in millimetres
+    np.testing.assert_allclose(read_geometry(tmp_path / "out" / "mask" / "w.mha")["affine"],
+                               read_geometry(root / "w.mhd")["affine"], atol=1e-9)
+    assert read_geometry(tmp_path / "out" / "mask" / "v.nrrd")["spacing_unit"] == "mm"
+    # --format nifti still gives NIfTI, the same masks
+    assert infer(root, tmp_path / "out_as_nii", "--format", "nifti").exit_code == 0
     for name in ("v", "w"):
-        for kind in ("mask", "prob"):
-            got = nib.load(tmp_path / "out" / kind / f"{name}.nii.gz")
-            ref = nib.load(tmp_path / "out_nii" / kind / "v.nii.gz")
-            np.testing.assert_allclose(got.affine, ref.affine, atol=1e-5)
-            np.testing.assert_allclose(np.asarray(got.dataobj), np.asarray(ref.dataobj), atol=1e-6)
-    assert want.shape == (32, 32, 2)
+        got = nib.load(tmp_path / "out_as_nii" / "mask" / f"{name}.nii.gz")
+        ref = nib.load(tmp_path / "out_nii" / "mask" / "v.nii.gz")
+        np.testing.assert_allclose(got.affine, ref.affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(ref.dataobj))
     with open(tmp_path / "out" / "manifest.csv", newline="") as f:
         rows = {Path(row["input"]).name: row for row in csv.DictReader(f)}
     assert rows["v.nrrd"]["format"] == "nrrd" and rows["w.mhd"]["format"] == "metaimage"
@@ -202,9 +221,9 @@ def test_infer_writes_nrrd_and_metaimage_inputs_as_nifti_where_they_lie(tmp_path
     assert infer(root, tmp_path / "out").exit_code == 0
     rows = _rows(tmp_path / "out")
     assert (rows["v.nrrd"]["status"], rows["w.mhd"]["status"]) == ("skipped", "ok")
-    redone = np.asarray(nib.load(tmp_path / "out" / "mask" / "w.nii.gz").dataobj)
-    first = np.asarray(nib.load(tmp_path / "out" / "mask" / "v.nii.gz").dataobj)
-    np.testing.assert_array_equal(redone, first[..., ::-1])
+    redone = itk.array_from_image(itk.imread(str(tmp_path / "out" / "mask" / "w.mha")))
+    first = itk.array_from_image(itk.imread(str(tmp_path / "out" / "mask" / "v.nrrd")))
+    np.testing.assert_array_equal(redone, first[::-1])
 
 
 def _rows(out: Path) -> dict[str, dict]:
@@ -426,3 +445,95 @@ def test_metaimage_and_nrrd_corners_itk_misreads_or_never_ends_on(tmp_path):
     path = _nrrd(tmp_path / "u.nrrd", voxels)
     path.write_bytes(path.read_bytes().replace(b"encoding: raw\n", b'encoding: raw\nspace units: "cm" "" "cm"\n'))
     assert read_geometry(path)["spacing_unit"] == "pixel"
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_written_masks_read_back_by_itk_and_medseg(tmp_path, suffix):
+    """Every value type a mask or probability map takes, 2D and 3D, an oblique grid, micrometres and no
+    pixel size: ITK reads back the values and the grid written; medseg the unit; nothing partial is left."""
+    import itk
+
+    from medseg.itkfiles import Geometry, write_image
+
+    a, b = np.radians(25), np.radians(-15)
+    turn = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]) @ \
+        np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rng = np.random.default_rng(3)
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535), (np.uint32, 2**32 - 1), (np.float32, 1.0)):
+        values = (rng.random((3, 5, 7)) * top).astype(dtype)
+        values.flat[0] = top
+        geometry = Geometry((0.7, 0.35, 2.5), (-10.5, 3.25, 100.0), turn, "mm")
+        path = write_image(tmp_path / f"v{suffix}", values, geometry)
+        image = itk.imread(str(path))
+        got = itk.array_from_image(image)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, values)
+        np.testing.assert_allclose(np.asarray(itk.spacing(image)), geometry.spacing, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(itk.origin(image)), geometry.origin, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(image.GetDirection()), turn, atol=1e-12)
+        meta = read_geometry(path)
+        assert meta["spacing_unit"] == "mm"
+        np.testing.assert_allclose(meta["spacing"], [2.5, 0.35, 0.7])
+    plane = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    path = write_image(tmp_path / f"p{suffix}", plane, Geometry((0.5, 0.25), (1.0, 2.0), np.eye(2), "um"))
+    image = itk.imread(str(path))
+    assert image.GetImageDimension() == 2 and list(itk.spacing(image)) == [0.5, 0.25]
+    np.testing.assert_array_equal(itk.array_from_image(image), plane)
+    meta = read_geometry(path)
+    assert meta["spacing_unit"] == "um" and list(meta["spacing"][1:]) == [0.25, 0.5]
+    path = write_image(tmp_path / f"n{suffix}", plane, None)  # a picture's pixels: no pixel size stated
+    assert read_geometry(path)["spacing_unit"] == "pixel"
+    np.testing.assert_array_equal(read_image(path)[0][0, 0], plane)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}{suffix}" for n in "vpn")
+
+
+def test_other_inputs_written_as_nrrd_or_metaimage_lie_where_their_nifti_masks_do(tmp_path, tiny_checkpoint):
+    """--format nrrd / metaimage for a DICOM series, a calibrated TIFF stack and a PNG: ITK reads the masks on
+    the grid of the NIfTI masks of the same inputs; the TIFF's stay in micrometres, the PNG's without a pixel
+    size; a time series is refused in one line and the others are written."""
+    import itk
+    import tifffile
+    from conftest import write_dicom_series
+    from PIL import Image
+
+    root = tmp_path / "in"
+    write_dicom_series(root / "ct", n=3, size=32)
+    image, _ = synthetic_em(size=32, seed=2)
+    Image.fromarray(image).save(root / "slice.png")
+    tifffile.imwrite(root / "stack.tif", np.stack([image, image[::-1]]), imagej=True, resolution=(4, 2),
+                     metadata={"axes": "ZYX", "unit": "micron", "spacing": 1.5})
+    tifffile.imwrite(root / "lapse.tif", np.stack([image, image[:, ::-1]]), imagej=True,
+                     metadata={"axes": "TYX"})
+    runner = CliRunner()
+
+    def infer(out: Path, fmt: str):
+        args = ["infer", BUNDLE, root, out, "--checkpoint", tiny_checkpoint, "--no-progress", "--device", "cpu",
+                "--format", fmt] + [a for item in TINY_NET for a in ("--set", item)]
+        return runner.invoke(app, [str(a) for a in args])
+
+    assert infer(tmp_path / "nii", "nifti").exit_code == 0
+    for fmt, suffix in (("nrrd", ".nrrd"), ("metaimage", ".mha")):
+        result = infer(tmp_path / fmt, fmt)
+        assert result.exit_code == 1
+        lapse = [line for line in result.output.splitlines() if "lapse.tif" in line]
+        assert len(lapse) == 1 and "a time series" in lapse[0] and "--format tiff or nifti" in lapse[0], lapse
+        assert not (tmp_path / fmt / "mask" / f"lapse{suffix}").exists()
+        for name in ("ct", "stack", "slice"):
+            for kind in ("mask", "prob"):
+                got = itk.imread(str(tmp_path / fmt / kind / f"{name}{suffix}"))
+                ref = itk.imread(str(tmp_path / "nii" / kind / f"{name}.nii.gz"))
+                values, want = itk.array_from_image(got), itk.array_from_image(ref)
+                if name == "slice":  # a 2D picture: a 2D mask, no pixel size
+                    assert got.GetImageDimension() == 2 and want.shape == (32, 32)
+                    assert read_geometry(tmp_path / fmt / kind / f"slice{suffix}")["spacing_unit"] == "pixel"
+                    np.testing.assert_allclose(values, want, atol=1e-6)
+                    continue
+                np.testing.assert_allclose(values, want, atol=1e-6)
+                scale = 1000.0 if name == "stack" else 1.0  # ITK reads a micrometre NIfTI in millimetres
+                np.testing.assert_allclose(np.asarray(itk.spacing(got)) / scale, itk.spacing(ref), rtol=1e-6)
+                np.testing.assert_allclose(np.asarray(itk.origin(got)) / scale, itk.origin(ref), atol=1e-6)
+                np.testing.assert_allclose(np.asarray(got.GetDirection()), np.asarray(ref.GetDirection()),
+                                           atol=1e-9)
+        meta = read_geometry(tmp_path / fmt / "mask" / f"stack{suffix}")
+        assert meta["spacing_unit"] == "um"
+        np.testing.assert_allclose(meta["spacing"], [1.5, 0.5, 0.25])
