@@ -174,10 +174,13 @@ def _metaimage(path: Path, head: bytes) -> Header:
     if "ndims" in fields and (dims is None or len(dims) != 1 or not 1 <= dims[0] <= 10):  # ITK would spin forever
         raise DataError(f"{path}: NDims = {fields['ndims']} in its header, not a number of dimensions; the file is "
                         "corrupt: write it again from its source")
+    sizes = _numbers(fields.get("dimsize", ""))  # spatial axes, x fastest (channels within each voxel)
+    if "dimsize" in fields and (not sizes or min(sizes) < 1 or (dims and len(dims) == 1 and len(sizes) != dims[0])):
+        raise DataError(f"{path}: DimSize = {fields['dimsize']} in its header, not {dims[0] if dims else 'its'} "
+                        "sizes of 1 or more; the file is corrupt: write it again from its source")  # ITK wraps them
     named = fields.get("elementdatafile")
     if named is None or named.upper() == "LOCAL":
         return Header(path, "metaimage", fields, offset=lines[-1][1] if named else None)
-    sizes = _numbers(fields.get("dimsize", ""))  # spatial axes, x fastest (channels within each voxel)
     files = _data_files(path, named, head[lines[-1][1]:], sizes, len(sizes or ()) - 1, metaimage=True)
     return Header(path, "metaimage", fields, data_files=files)
 

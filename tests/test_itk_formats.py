@@ -139,6 +139,10 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_fix(tmp_path):
     (tmp_path / "lonely.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 3 2\nElementType = MET_UCHAR\n"
                                          "ElementDataFile = lonely.raw\n")
     shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "text.mha")
+    for name, sizes in (("negative.mha", "-4 3"), ("short.mha", "4 3")):  # ITK wraps -4 to 4294967292
+        (tmp_path / name).write_bytes(f"ObjectType = Image\nNDims = {2 if name == 'negative.mha' else 3}\n"
+                                      f"DimSize = {sizes}\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n"
+                                      .encode() + bytes(12))
     from PIL import Image
 
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "png.nrrd", format="PNG")
@@ -147,7 +151,9 @@ def test_bad_files_are_one_line_errors_naming_the_file_and_the_fix(tmp_path):
                 "four.nrrd": "4D image (2 × 2 × 2 × 2); expected 2D or 3D: split it into 3D volumes",
                 "lonely.mhd": "its data file lonely.raw (named in the header) is not there; copy the header and "
                               "its data file together",
-                "text.mha": "not a NRRD or MetaImage file", "png.nrrd": "it is a PNG file: rename it to .png"}
+                "text.mha": "not a NRRD or MetaImage file", "png.nrrd": "it is a PNG file: rename it to .png",
+                "negative.mha": "DimSize = -4 3 in its header, not 2 sizes of 1 or more; the file is corrupt",
+                "short.mha": "DimSize = 4 3 in its header, not 3 sizes of 1 or more; the file is corrupt"}
     for name, text in expected.items():
         with pytest.raises(DataError) as err:
             read_image(tmp_path / name)
