@@ -524,8 +524,9 @@ def _stack_step(positions: np.ndarray, names: list[str], row: np.ndarray, col: n
         logging.getLogger(__name__).warning(
             "%s: the series' slices are stacked at a tilt of %.1f° (gantry tilt); a NIfTI output's sform places "
             "each slice where it was acquired, while its qform, which ITK-based viewers (3D Slicer, ITK-SNAP) "
-            "read, and a TIFF stack them straight, %.4g mm apart, as ITK reads the series itself (voxel sizes then "
-            "give volumes %.1f%% large); a DICOM SEG (--format dicom-seg) overlays the series exactly", names[0],
+            "read, a TIFF stack and a NRRD or MetaImage mask them straight, %.4g mm apart, as ITK reads the "
+            "series itself (voxel sizes then give volumes %.1f%% large); a DICOM SEG (--format dicom-seg) "
+            "overlays the series exactly", names[0],
             tilt, length, 100 * (length / abs(float(step @ normal)) - 1))
     return step, _affine(positions[0], normal * length, row, col, ps)  # sorted along the normal: ascending
 

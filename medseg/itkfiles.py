@@ -63,6 +63,19 @@ class Header:
             return "mm", 1.0
         return _UNITS[units.pop()] if len(units) == 1 and next(iter(units)) in _UNITS else ("pixel", 1.0)
 
+    @property
+    def unit_word(self) -> str | None:
+        """The unit of the pixel size as the header writes it (``microns``), where it states one for all its
+        axes; ``None`` otherwise."""
+        if not self.sized:
+            return None
+        if self.kind == "nrrd":
+            words = {u.strip() for u in re.findall(r'"([^"]*)"', self.fields.get("spaceunits", ""))}
+        else:
+            words = {self.fields.get("distanceunits", "").strip()}
+        word = words.pop() if len(words) == 1 else ""
+        return word if word and word.isprintable() and '"' not in word else None
+
     def colours(self, components: int, itemsize: int, pixel: str) -> bool:
         """Whether several values per voxel are a picture's colours: NRRD says so by its ``kinds``; otherwise
         ITK's RGB(A) pixel types, or three or four 8-bit values (a MetaImage cannot say)."""

@@ -36,6 +36,7 @@ The readers are :class:`monai.data.ImageReader` subclasses, so bundles use them 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -781,7 +782,11 @@ class TiffReader(_MedsegReader):
         unit_tag = tags.get("ResolutionUnit")
         ij = tif.imagej_metadata or {}
         ij_factor = _micrometres(str(ij.get("unit", ""))) if ij else None
-        z = float(ij.get("spacing", 1.0)) * (ij_factor or 1.0)  # ImageJ's spacing is in its own unit
+        try:  # ImageJ's spacing is in its own unit; one that is not a size (0, say) is none
+            z = float(ij.get("spacing", 1.0))
+        except (TypeError, ValueError):
+            z = 1.0
+        z = (z if math.isfinite(z) and z > 0 else 1.0) * (ij_factor or 1.0)
         if res_x is not None and res_y is not None:
             (nx, dx), (ny, dy) = res_x.value, res_y.value
             if nx and ny and (nx, dx) != (1, 1):

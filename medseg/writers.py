@@ -275,39 +275,98 @@ def _geometry(item: dict) -> dict:
 
 
 def _itk_geometry(meta: dict, source: str) -> tuple[Any, bool]:
-    """``(geometry, two_d)`` of a NRRD or MetaImage mask of an input: its :class:`medseg.itkfiles.Geometry` in
-    the input's own place in LPS (a picture's pixels where ITK places a PNG or TIFF; ``None`` for an input
-    without a pixel size or a place), and whether the mask is 2D: for a 2D picture, NRRD or MetaImage; 3D (one
-    slice for a single image) for the others, which lie in space (NIfTI, DICOM).
+    """``(geometry, two_d)`` of a NRRD or MetaImage mask of an input: its :class:`medseg.itkfiles.Geometry`
+    where ITK (and so 3D Slicer) places the input, and whether the mask is 2D (as ITK reads the input):
+
+    * NRRD, MetaImage: the header's own numbers and unit word (ITK reads the numbers as they stand, whatever
+      the unit; medseg reads the mask's unit as the input's);
+    * NIfTI: as ITK reads its header (its choice of qform or sform, in mm);
+    * DICOM: the series' place in mm, its slices straight along the normal, as ITK stacks a series (a tilted
+      one too);
+    * PNG, TIFF: a picture's pixels where ITK places them, sized as medseg reads them, in mm;
+
+    ``None`` for an input without a pixel size or a place.
 
     Raises:
         DataError: a time series (a TIFF's frames), which these masks hold as space.
     """
-    from medseg.dicom import LPS_TO_RAS
     from medseg.itkfiles import Geometry
 
     lead = "".join(a for a, _ in meta.get("lead_sizes") or ())
     if "T" in lead:
         raise DataError(f"{source}: a time series; a NRRD or MetaImage mask holds space only: use --format tiff "
                         "or nifti")
+    from medseg.readers import _micrometres
+
+    physical = _micrometres(_tiff_unit(meta)) is not None and meta.get("pixel_size_stated") is not False
+    placed = _itk_placed(meta, source)
+    if placed is None:
+        placed = _placed_by_affine(meta)
+    spacing, origin, direction, word = placed
+    if word is None and physical:
+        word = "mm"
+    if word is None and np.allclose(spacing, 1.0) and not np.any(origin) and \
+            np.allclose(direction, np.eye(len(spacing))):
+        return None, len(spacing) == 2  # pixels, nowhere in particular: a mask without a pixel size, as the input
+    return Geometry(tuple(map(float, spacing)), tuple(map(float, origin)), direction, word), len(spacing) == 2
+
+
+def _itk_placed(meta: dict, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None] | None:
+    """``(spacing, origin, direction, unit word)`` of a NRRD, MetaImage or NIfTI input as ITK reads its header
+    (``None`` for other inputs, or a NIfTI header ITK cannot read)."""
+    if meta.get("format") == "itk":
+        from medseg.readers import ItkReader
+
+        head = ItkReader()._header(source)
+        word = head["header"].unit_word
+        return (np.asarray(head["spacing"], dtype=np.float64), np.asarray(head["origin"], dtype=np.float64),
+                np.asarray(head["direction"], dtype=np.float64), word)
+    if meta.get("format") != "nifti":
+        return None
+    import itk
+
+    shape = tuple(int(s) for s in np.asarray(meta.get("nifti_shape", ())).ravel())
+    try:
+        io = itk.ImageIOFactory.CreateImageIO(source, itk.CommonEnums.IOFileMode_ReadMode)
+        if io is None or io.GetNameOfClass() != "NiftiImageIO":
+            return None
+        io.SetFileName(source)
+        io.ReadImageInformation()
+        dims = min(int(io.GetNumberOfDimensions()), 3)
+        size = tuple(int(io.GetDimensions(i)) for i in range(dims))
+        spacing = np.array([io.GetSpacing(i) for i in range(dims)], dtype=np.float64)
+        origin = np.array([io.GetOrigin(i) for i in range(dims)], dtype=np.float64)
+        direction = np.array([list(io.GetDirection(i))[:dims] for i in range(dims)], dtype=np.float64).T
+    except (RuntimeError, OSError, ValueError):
+        return None
+    if size != shape[:dims]:  # not the voxel grid medseg reads (a layout of its own): placed by the affine
+        return None
+    return spacing, origin, direction, None
+
+
+def _placed_by_affine(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
+    """``(spacing, origin, direction, None)`` in LPS, in mm, from medseg's own reading of an input."""
+    from medseg.dicom import LPS_TO_RAS
+    from medseg.readers import _micrometres
+
     picture = meta.get("format") in ("png", "tiff")
-    two_d = len(meta["spatial_shape"]) == 2 if picture else int(meta.get("itk_dimensions", 3)) == 2
+    factor = (_micrometres(_tiff_unit(meta)) or 1000.0) / 1000.0  # to mm (pixels as they stand)
     if picture:
-        spacing = [float(v) for v in np.asarray(meta["spacing"]).ravel()][::-1]  # (x, y[, z])
+        spacing = [float(v) * factor for v in np.asarray(meta["spacing"]).ravel()][::-1]  # (x, y[, z])
         lps = np.diag([*spacing[:2], spacing[2] if len(spacing) > 2 else 1.0, 1.0])
-    else:  # (z, y, x) columns in RAS -> (x, y, z) in LPS
-        lps = LPS_TO_RAS @ np.asarray(meta["affine"], dtype=np.float64)[:, [2, 1, 0, 3]]
-    axes, origin = lps[:3, :3], lps[:3, 3]
-    if two_d:
-        axes, origin = axes[:2, :2], origin[:2]
+        if len(meta["spatial_shape"]) == 2:
+            return np.array(spacing[:2]), np.zeros(2), np.eye(2), None
+    else:  # (z, y, x) columns in RAS -> (x, y, z) in LPS; a tilted DICOM stack straight, as ITK stacks it
+        affine = meta["straight_affine"] if "straight_affine" in meta else meta["affine"]
+        lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64).reshape(4, 4)[:, [2, 1, 0, 3]]
+        lps[:3] *= factor
+    axes = lps[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
     direction = axes / np.where(spacing > 0, spacing, 1.0)
-    unit = _tiff_unit(meta)
-    if unit not in ("mm", "um") or meta.get("pixel_size_stated") is False:
-        if np.allclose(spacing, 1.0) and not origin.any() and np.allclose(direction, np.eye(len(spacing))):
-            return None, two_d  # pixels, nowhere in particular: a mask without a pixel size, as the input
-        unit = None  # a place in a unit not known: stated without one
-    return Geometry(tuple(map(float, spacing)), tuple(map(float, origin)), direction, unit), two_d
+    if meta.get("format") == "dicom" and spacing.all():  # ITK: the normal is the row and column's cross product
+        normal = np.cross(direction[:, 0], direction[:, 1])
+        direction[:, 2] = normal / np.linalg.norm(normal) * (1.0 if normal @ direction[:, 2] >= 0 else -1.0)
+    return spacing, lps[:3, 3], direction, None
 
 
 def _nifti_layout(volume: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray]:

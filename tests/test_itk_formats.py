@@ -495,8 +495,8 @@ def test_written_masks_read_back_by_itk_and_medseg(tmp_path, suffix):
 
 def test_other_inputs_written_as_nrrd_or_metaimage_lie_where_their_nifti_masks_do(tmp_path, tiny_checkpoint):
     """--format nrrd / metaimage for a DICOM series, a calibrated TIFF stack and a PNG: ITK reads the masks on
-    the grid of the NIfTI masks of the same inputs; the TIFF's stay in micrometres, the PNG's without a pixel
-    size; a time series is refused in one line and the others are written."""
+    the grid of the NIfTI masks of the same inputs (the TIFF's in mm), the PNG's without a pixel size; a time
+    series is refused in one line and the others are written."""
     import itk
     import tifffile
     from conftest import write_dicom_series
@@ -535,11 +535,138 @@ def test_other_inputs_written_as_nrrd_or_metaimage_lie_where_their_nifti_masks_d
                     np.testing.assert_allclose(values, want, atol=1e-6)
                     continue
                 np.testing.assert_allclose(values, want, atol=1e-6)
-                scale = 1000.0 if name == "stack" else 1.0  # ITK reads a micrometre NIfTI in millimetres
-                np.testing.assert_allclose(np.asarray(itk.spacing(got)) / scale, itk.spacing(ref), rtol=1e-6)
-                np.testing.assert_allclose(np.asarray(itk.origin(got)) / scale, itk.origin(ref), atol=1e-6)
+                np.testing.assert_allclose(np.asarray(itk.spacing(got)), itk.spacing(ref), rtol=1e-6)
+                np.testing.assert_allclose(np.asarray(itk.origin(got)), itk.origin(ref), atol=1e-6)
                 np.testing.assert_allclose(np.asarray(got.GetDirection()), np.asarray(ref.GetDirection()),
                                            atol=1e-9)
-        meta = read_geometry(tmp_path / fmt / "mask" / f"stack{suffix}")
-        assert meta["spacing_unit"] == "um"
-        np.testing.assert_allclose(meta["spacing"], [1.5, 0.5, 0.25])
+        meta = read_geometry(tmp_path / fmt / "mask" / f"stack{suffix}")  # micrometres written as mm, as ITK
+        assert meta["spacing_unit"] == "mm"  # reads the NIfTI mask
+        np.testing.assert_allclose(meta["spacing"], [1.5e-3, 0.5e-3, 0.25e-3])
+
+
+_VOLUME = np.stack([synthetic_em(size=32, seed=s)[0] for s in (1, 2, 3)])  # (Z, Y, X)
+
+
+def _tilted_series(folder: Path) -> str:
+    from conftest import write_dicom_slice
+
+    tan = np.tan(np.radians(15))
+    for k in range(3):
+        write_dicom_slice(folder / "tilt" / f"IM{k}.dcm", _VOLUME[k].astype(np.int16), series_uid="1.2.3.78",
+                          position=(0.0, 2.0 * tan * k, 2.0 * k), instance=k + 1)
+    return "tilt"
+
+
+def _oblique_series(folder: Path) -> str:
+    """Turned 30° about z and 20° about x, its orientation and positions written to 6 digits, as DICOM
+    writers round them: ITK takes the normal as the row and column's cross product, not from the positions."""
+    from conftest import write_dicom_slice
+
+    a, b = np.radians(30), np.radians(20)
+    turn = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]) @ \
+        np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    row, col, normal = turn[:, 0], turn[:, 1], turn[:, 2]
+    for k in range(3):
+        position = np.array([-20.123456, 10.654321, 5.111111]) + 2.345678 * k * normal
+        write_dicom_slice(folder / "oblique" / f"IM{k}.dcm", _VOLUME[k].astype(np.int16), series_uid="1.2.3.79",
+                          position=tuple(position), orientation=(*row, *col), instance=k + 1)
+    return "oblique"
+
+
+def _nifti(folder: Path, name: str, affine: np.ndarray, unit: str = "mm", codes: tuple[int, int] = (1, 1),
+           qform: np.ndarray | None = None) -> str:
+    image = nib.Nifti1Image(_VOLUME.transpose(2, 1, 0), affine)
+    image.header.set_xyzt_units(unit)
+    image.set_sform(affine, code=codes[0])
+    image.set_qform(affine if qform is None else qform, code=codes[1])
+    nib.save(image, folder / name)
+    return name
+
+
+def _turned(degrees: float, zooms: tuple[float, float, float], origin: tuple[float, float, float]) -> np.ndarray:
+    a = np.radians(degrees)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag(zooms)
+    affine[:3, 3] = origin
+    return affine
+
+
+def _nrrd_in_cm(folder: Path) -> str:
+    header = ("NRRD0004\ntype: uint8\ndimension: 3\nspace: left-posterior-superior\nsizes: 32 32 3\n"
+              "space directions: (0.03,0,0) (0,0.04,0) (0,0,0.12)\nspace origin: (5,6,7)\n"
+              'space units: "cm" "cm" "cm"\nendian: little\nencoding: raw\n\n')
+    (folder / "cm.nrrd").write_bytes(header.encode() + _VOLUME.tobytes())
+    return "cm.nrrd"
+
+
+PLACES = {  # input -> a function writing it into a folder, returning its name there
+    "nifti_um": lambda d: _nifti(d, "um.nii.gz", np.diag([0.25, 0.25, 1.5, 1]), unit="micron"),
+    "nifti_m": lambda d: _nifti(d, "m.nii.gz", np.diag([0.001, 0.001, 0.002, 1]), unit="meter"),
+    "nifti_2d": lambda d: (nib.save(nib.Nifti1Image(_VOLUME[0].T.copy(), np.diag([0.5, 0.7, 1, 1])), d / "flat.nii"),
+                           "flat.nii")[1],
+    # ITK takes the qform where the sform is "aligned" and the qform "scanner", and neither where both are 0
+    "nifti_qform": lambda d: _nifti(d, "q.nii.gz", _turned(30, (0.8, 0.9, 2), (4, 5, 6)), codes=(2, 1),
+                                    qform=np.diag([0.8, 0.9, 2, 1])),
+    "nifti_no_codes": lambda d: _nifti(d, "none.nii.gz", _turned(30, (0.8, 0.9, 2), (4, 5, 6)), codes=(0, 0)),
+    "tiff_cm": lambda d: (tifffile_imwrite(d / "cm.tif", _VOLUME[0], resolution=(100, 50),
+                                           resolutionunit="CENTIMETER"), "cm.tif")[1],
+    "nrrd_cm": _nrrd_in_cm,
+    "dicom_tilted": _tilted_series,
+    "dicom_oblique": _oblique_series,
+}
+
+
+def tifffile_imwrite(*args, **kwargs):
+    import tifffile
+
+    return tifffile.imwrite(*args, **kwargs)
+
+
+def _placed(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import itk
+
+    image = itk.imread(str(path), itk.F)
+    return (np.asarray(image.GetSpacing()), np.asarray(image.GetOrigin()),
+            itk.array_from_matrix(image.GetDirection()))
+
+
+@pytest.mark.parametrize("kind", sorted(PLACES))
+def test_nrrd_and_metaimage_masks_lie_where_itk_places_the_input(tmp_path, tiny_checkpoint, kind):
+    """3D Slicer places an image as ITK reads it: a NRRD or MetaImage mask read by ITK must lie on the input as
+    ITK reads it (units ITK converts or ignores, the qform ITK takes over the sform, a tilted series stacked
+    straight), and where the NIfTI mask lies."""
+    root = tmp_path / "in"
+    root.mkdir()
+    name = PLACES[kind](root)
+    stem = name.split(".")[0]
+    runner = CliRunner()
+    for fmt in ("nrrd", "metaimage", "nifti"):
+        args = ["infer", BUNDLE, root, tmp_path / fmt, "--checkpoint", tiny_checkpoint, "--no-progress", "--device",
+                "cpu", "--no-tta", "--format", fmt] + [a for item in TINY_NET for a in ("--set", item)]
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    references = [_placed(root / name)]
+    if kind != "nrrd_cm":  # a NIfTI holds mm (or µm, m): ITK reads a NRRD's numbers in cm as mm, its NIfTI mask
+        references.append(_placed(tmp_path / "nifti" / "mask" / f"{stem}.nii.gz"))  # in mm, 10 times as large
+    for fmt, suffix in (("nrrd", ".nrrd"), ("metaimage", ".mha")):
+        got = _placed(tmp_path / fmt / "mask" / f"{stem}{suffix}")
+        for i, (spacing, origin, direction) in enumerate(references):
+            assert len(got[0]) == len(spacing), (fmt, got[0], spacing)
+            np.testing.assert_allclose(got[0], spacing, rtol=1e-5, err_msg=f"{fmt} spacing")
+            np.testing.assert_allclose(got[1], origin, atol=1e-4, err_msg=f"{fmt} origin")
+            # against the series itself within ITK's own tolerance for one space (the NIfTI mask's qform takes
+            # the normal from the rounded slice positions: 3e-6 off for the oblique series)
+            np.testing.assert_allclose(got[2], direction, atol=1e-6 if i == 0 else 1e-5, err_msg=f"{fmt} direction")
+    if kind == "nrrd_cm":  # the header's numbers and unit kept: medseg reads the mask as it reads the input
+        np.testing.assert_allclose(read_geometry(tmp_path / "nrrd" / "mask" / "cm.nrrd")["affine"],
+                                   read_geometry(root / name)["affine"])
+
+
+def test_an_imagej_slice_spacing_of_zero_is_none(tmp_path):
+    """ImageJ's ``spacing=0`` is no slice spacing (1 in its unit), not a 0 that no NIfTI, NRRD or MetaImage
+    mask can hold."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "z.tif", _VOLUME, imagej=True, resolution=(4.0, 4.0),
+                     metadata={"axes": "ZYX", "unit": "um", "spacing": 0.0})
+    np.testing.assert_allclose(read_geometry(tmp_path / "z.tif")["spacing"], [1.0, 0.25, 0.25])
