@@ -368,14 +368,27 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
     arr = np.asarray(arr)
     # NIfTI-1 holds each dimension in 16 bits: a longer one (a 35,000-pixel line scan) needs NIfTI-2
     kind = nib.Nifti2Image if max(arr.shape, default=0) > 32767 else nib.Nifti1Image
-    image = kind(arr, np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(affine, dtype=np.float64)
+    try:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            image, rotation = kind(arr, affine), True
+    except (np.linalg.LinAlgError, nib.spatialimages.HeaderDataError):  # a flat affine (an axis of size 0), as
+        image, rotation = kind(arr, None), False  # its input's: no rotation for a qform; the sform kept
+        zooms = np.linalg.norm(affine[:3, :3], axis=0)[: min(arr.ndim, 3)]
+        image.header.set_zooms((*zooms, *image.header.get_zooms()[3:]))
     seconds = _TIME_UNITS.get(str(frame_interval[1]).lower(), (None,))[0] if frame_interval else None
     image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"), "sec" if seconds and arr.ndim == 4 else None)
     if arr.ndim == 4:
         zooms = image.header.get_zooms()
         image.header.set_zooms((*zooms[:3], float(frame_interval[0]) * seconds if seconds else 1.0))
-    image.set_qform(image.affine if qform is None else np.asarray(qform, dtype=np.float64), code=int(codes[1]))
-    image.set_sform(image.affine, code=int(codes[0]))
+    try:
+        if not rotation:
+            raise np.linalg.LinAlgError("no rotation")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            image.set_qform(affine if qform is None else np.asarray(qform, dtype=np.float64), code=int(codes[1]))
+    except (np.linalg.LinAlgError, nib.spatialimages.HeaderDataError):
+        image.set_qform(None, code=0)
+    image.set_sform(affine, code=int(codes[0]))
     with atomic_output(path) as tmp:
         nib.save(image, str(tmp))
     return Path(path)

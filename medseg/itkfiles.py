@@ -55,10 +55,7 @@ class Header:
         as ITK and 3D Slicer take them."""
         if not self.sized:
             return "pixel", 1.0
-        if self.kind == "nrrd":
-            units = {u.strip().lower() for u in re.findall(r'"([^"]*)"', self.fields.get("spaceunits", ""))}
-        else:  # MetaImage's DistanceUnits (ITK writes it where the image states one)
-            units = {self.fields["distanceunits"].strip().lower()} if self.fields.get("distanceunits") else set()
+        units = {u.lower() for u in self._unit_words()}
         if not units:
             return "mm", 1.0
         return _UNITS[units.pop()] if len(units) == 1 and next(iter(units)) in _UNITS else ("pixel", 1.0)
@@ -69,12 +66,20 @@ class Header:
         axes; ``None`` otherwise."""
         if not self.sized:
             return None
-        if self.kind == "nrrd":
-            words = {u.strip() for u in re.findall(r'"([^"]*)"', self.fields.get("spaceunits", ""))}
-        else:
-            words = {self.fields.get("distanceunits", "").strip()}
+        words = self._unit_words()
         word = words.pop() if len(words) == 1 else ""
         return word if word and word.isprintable() and '"' not in word else None
+
+    def _unit_words(self) -> set[str]:
+        """The units the header states for its axes: NRRD's ``space units``, else its per-axis ``units`` (a
+        vector axis's empty one or ``???`` left out); MetaImage's ``DistanceUnits`` (ITK writes it where the image
+        states one)."""
+        if self.kind == "nrrd" and "spaceunits" in self.fields:  # an empty one: an axis without a unit
+            return {u.strip() for u in re.findall(r'"([^"]*)"', self.fields["spaceunits"])}
+        if self.kind == "nrrd":
+            return {u.strip() for u in re.findall(r'"([^"]*)"', self.fields.get("units", ""))} - {"", "???"}
+        word = self.fields.get("distanceunits", "").strip()
+        return {word} if word else set()
 
     def colours(self, components: int, itemsize: int, pixel: str) -> bool:
         """Whether several values per voxel are a picture's colours: NRRD says so by its ``kinds``; otherwise

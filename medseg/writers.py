@@ -301,8 +301,16 @@ def _itk_geometry(meta: dict, source: str) -> tuple[Any, bool]:
     physical = _micrometres(_tiff_unit(meta)) is not None and meta.get("pixel_size_stated") is not False
     placed = _itk_placed(meta, source)
     if placed is None:
-        placed = _placed_by_affine(meta)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a broken header's NaN are refused below
+            placed = _placed_by_affine(meta)
     spacing, origin, direction, word = placed
+    flipped = spacing < 0  # a negative pixel size (ITK gives one for a NIfTI without codes): the axis turned
+    spacing, direction = np.abs(spacing), direction * np.where(flipped, -1.0, 1.0)
+    if not (np.isfinite(spacing).all() and np.isfinite(origin).all() and np.isfinite(direction).all()
+            and spacing.all() and abs(np.linalg.det(direction)) > 1e-6):
+        raise DataError(f"{source}: its header places it nowhere usable (pixel size "
+                        f"{' × '.join(f'{v:g}' for v in spacing)}, origin {' '.join(f'{v:g}' for v in origin)}); "
+                        "mend its header, or use --format tiff")
     if word is None and physical:
         word = "mm"
     if word is None and np.allclose(spacing, 1.0) and not np.any(origin) and \
@@ -321,11 +329,13 @@ def _itk_placed(meta: dict, source: str) -> tuple[np.ndarray, np.ndarray, np.nda
         word = head["header"].unit_word
         return (np.asarray(head["spacing"], dtype=np.float64), np.asarray(head["origin"], dtype=np.float64),
                 np.asarray(head["direction"], dtype=np.float64), word)
-    if meta.get("format") != "nifti":
+    if meta.get("format") != "nifti" or not _finite_nifti_header(source):  # ITK spins forever on an infinity
         return None
     import itk
 
     shape = tuple(int(s) for s in np.asarray(meta.get("nifti_shape", ())).ravel())
+    warnings = itk.Object.GetGlobalWarningDisplay()
+    itk.Object.SetGlobalWarningDisplay(False)  # its words on the console of a header it reads all the same
     try:
         io = itk.ImageIOFactory.CreateImageIO(source, itk.CommonEnums.IOFileMode_ReadMode)
         if io is None or io.GetNameOfClass() != "NiftiImageIO":
@@ -339,9 +349,23 @@ def _itk_placed(meta: dict, source: str) -> tuple[np.ndarray, np.ndarray, np.nda
         direction = np.array([list(io.GetDirection(i))[:dims] for i in range(dims)], dtype=np.float64).T
     except (RuntimeError, OSError, ValueError):
         return None
+    finally:
+        itk.Object.SetGlobalWarningDisplay(warnings)
     if size != shape[:dims]:  # not the voxel grid medseg reads (a layout of its own): placed by the affine
         return None
     return spacing, origin, direction, None
+
+
+def _finite_nifti_header(source: str) -> bool:
+    """Whether a NIfTI header's voxel sizes, qform and sform are all finite numbers (and nibabel reads it)."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(source).header
+        numbers = [np.asarray(header["pixdim"], dtype=np.float64)[:4], header.get_sform(), header.get_qform()]
+    except Exception:  # noqa: BLE001 - any header nibabel cannot read is placed by medseg's own reading
+        return False
+    return all(np.isfinite(n).all() for n in numbers)
 
 
 def _placed_by_affine(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:

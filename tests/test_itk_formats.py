@@ -575,10 +575,11 @@ def _oblique_series(folder: Path) -> str:
 
 def _nifti(folder: Path, name: str, affine: np.ndarray, unit: str = "mm", codes: tuple[int, int] = (1, 1),
            qform: np.ndarray | None = None) -> str:
-    image = nib.Nifti1Image(_VOLUME.transpose(2, 1, 0), affine)
+    image = nib.Nifti1Image(_VOLUME.transpose(2, 1, 0), None)
+    image.header.set_zooms(tuple(float(z) or 1.0 for z in np.linalg.norm(affine[:3, :3], axis=0)))
     image.header.set_xyzt_units(unit)
     image.set_sform(affine, code=codes[0])
-    image.set_qform(affine if qform is None else qform, code=codes[1])
+    image.set_qform(None if codes[1] == 0 and qform is None else affine if qform is None else qform, code=codes[1])
     nib.save(image, folder / name)
     return name
 
@@ -613,7 +614,19 @@ PLACES = {  # input -> a function writing it into a folder, returning its name t
     "nrrd_cm": _nrrd_in_cm,
     "dicom_tilted": _tilted_series,
     "dicom_oblique": _oblique_series,
+    "nifti_negative_pixdim": lambda d: _negative_pixdim(d),
+    "nifti_scales_differ": lambda d: _nifti(d, "sd.nii.gz", _turned(20, (0.8, 0.9, 2), (4, 5, 6)), codes=(1, 1),
+                                            qform=np.diag([0.5, 0.5, 1, 1])),
 }
+
+
+def _negative_pixdim(folder: Path) -> str:
+    """No qform or sform (codes 0): ITK places the voxels by pixdim alone, here a negative one."""
+    _nifti(folder, "neg.nii", np.diag([0.5, 0.6, 1.0, 1]), codes=(0, 0))
+    raw = bytearray((folder / "neg.nii").read_bytes())
+    raw[84:88] = np.float32(-0.6).tobytes()  # pixdim[2]
+    (folder / "neg.nii").write_bytes(bytes(raw))
+    return "neg.nii"
 
 
 def tifffile_imwrite(*args, **kwargs):
@@ -631,7 +644,7 @@ def _placed(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", sorted(PLACES))
-def test_nrrd_and_metaimage_masks_lie_where_itk_places_the_input(tmp_path, tiny_checkpoint, kind):
+def test_nrrd_and_metaimage_masks_lie_where_itk_places_the_input(tmp_path, tiny_checkpoint, kind, capfd):
     """3D Slicer places an image as ITK reads it: a NRRD or MetaImage mask read by ITK must lie on the input as
     ITK reads it (units ITK converts or ignores, the qform ITK takes over the sform, a tilted series stacked
     straight), and where the NIfTI mask lies."""
@@ -643,15 +656,22 @@ def test_nrrd_and_metaimage_masks_lie_where_itk_places_the_input(tmp_path, tiny_
     for fmt in ("nrrd", "metaimage", "nifti"):
         args = ["infer", BUNDLE, root, tmp_path / fmt, "--checkpoint", tiny_checkpoint, "--no-progress", "--device",
                 "cpu", "--no-tta", "--format", fmt] + [a for item in TINY_NET for a in ("--set", item)]
+        capfd.readouterr()
         result = runner.invoke(app, [str(a) for a in args])
         assert result.exit_code == 0, result.output
+        assert "WARNING" not in capfd.readouterr().err  # ITK's own words (a sform's scales) not on the console
     references = [_placed(root / name)]
-    if kind != "nrrd_cm":  # a NIfTI holds mm (or µm, m): ITK reads a NRRD's numbers in cm as mm, its NIfTI mask
-        references.append(_placed(tmp_path / "nifti" / "mask" / f"{stem}.nii.gz"))  # in mm, 10 times as large
+    # a NIfTI holds mm (or µm, m): ITK reads a NRRD's numbers in cm as mm, its NIfTI mask in mm, 10 times as
+    # large; the NIfTI mask of a NIfTI without codes has a positive pixdim where its input's was negative
+    if kind not in ("nrrd_cm", "nifti_negative_pixdim"):
+        references.append(_placed(tmp_path / "nifti" / "mask" / f"{stem}.nii.gz"))
     for fmt, suffix in (("nrrd", ".nrrd"), ("metaimage", ".mha")):
         got = _placed(tmp_path / fmt / "mask" / f"{stem}{suffix}")
+        assert (got[0] > 0).all(), (fmt, got[0])  # a pixel size, a turned axis in the direction
         for i, (spacing, origin, direction) in enumerate(references):
             assert len(got[0]) == len(spacing), (fmt, got[0], spacing)
+            if (spacing < 0).any():  # ITK reads a NIfTI's negative pixdim as a negative spacing: the same axes
+                spacing, direction = np.abs(spacing), direction * np.sign(spacing)
             np.testing.assert_allclose(got[0], spacing, rtol=1e-5, err_msg=f"{fmt} spacing")
             np.testing.assert_allclose(got[1], origin, atol=1e-4, err_msg=f"{fmt} origin")
             # against the series itself within ITK's own tolerance for one space (the NIfTI mask's qform takes
@@ -670,3 +690,47 @@ def test_an_imagej_slice_spacing_of_zero_is_none(tmp_path):
     tifffile.imwrite(tmp_path / "z.tif", _VOLUME, imagej=True, resolution=(4.0, 4.0),
                      metadata={"axes": "ZYX", "unit": "um", "spacing": 0.0})
     np.testing.assert_allclose(read_geometry(tmp_path / "z.tif")["spacing"], [1.0, 0.25, 0.25])
+
+
+def test_a_nifti_placed_nowhere_usable_is_one_line_for_nrrd_and_still_nifti(tmp_path, tiny_checkpoint):
+    """A sform with an infinity (ITK reading it never returned) or an axis of size 0: a NRRD or MetaImage mask
+    is refused in one line; the NIfTI mask keeps the input's sform (no qform, which a flat affine has not)."""
+    import struct
+
+    root = tmp_path / "in"
+    root.mkdir()
+    flat = np.diag([0.8, 0.9, 2.0, 1.0])
+    flat[:3, 2] = 0
+    _nifti(root, "flat.nii", flat, codes=(1, 0))
+    _nifti(root, "inf.nii", _turned(20, (0.8, 0.9, 2), (4, 5, 6)), codes=(1, 0))
+    raw = bytearray((root / "inf.nii").read_bytes())
+    raw[308:312] = struct.pack("<f", np.inf)  # srow_y's offset
+    (root / "inf.nii").write_bytes(bytes(raw))
+    runner = CliRunner()
+
+    def infer(fmt: str):
+        args = ["infer", BUNDLE, root, tmp_path / fmt, "--checkpoint", tiny_checkpoint, "--no-progress", "--device",
+                "cpu", "--no-tta", "--format", fmt] + [a for item in TINY_NET for a in ("--set", item)]
+        return runner.invoke(app, [str(a) for a in args])
+
+    for fmt in ("nrrd", "metaimage"):
+        result = infer(fmt)
+        assert result.exit_code == 1
+        for name in ("flat.nii", "inf.nii"):
+            lines = [line for line in result.output.splitlines() if name in line and "failed" in line]
+            assert len(lines) == 1 and "places it nowhere usable" in lines[0], result.output
+    result = infer("nifti")
+    mask = nib.load(tmp_path / "nifti" / "mask" / "flat.nii.gz")
+    np.testing.assert_allclose(mask.affine, flat)
+    assert (int(mask.header["sform_code"]), int(mask.header["qform_code"])) == (1, 0)
+    assert "flat.nii" not in result.output
+
+
+def test_nrrd_per_axis_units_are_read(tmp_path):
+    """NRRD's per-axis ``units`` (with ``spacings``, no ``space``) give the unit too."""
+    header = ('NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 3 2\nspacings: 0.5 0.25 2\nunits: "um" "um" "um"\n'
+              "encoding: raw\n\n")
+    (tmp_path / "u.nrrd").write_bytes(header.encode() + bytes(24))
+    meta = read_geometry(tmp_path / "u.nrrd")
+    assert meta["spacing_unit"] == "um"
+    np.testing.assert_allclose(meta["spacing"], [2.0, 0.25, 0.5])
