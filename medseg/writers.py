@@ -384,12 +384,9 @@ def _placed_by_affine(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, s
         affine = meta["straight_affine"] if "straight_affine" in meta else meta["affine"]
         lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64).reshape(4, 4)[:, [2, 1, 0, 3]]
         lps[:3] *= factor
-    axes = lps[:3, :3]
+    axes = _normal_of_rows(lps[:3, :3]) if meta.get("format") == "dicom" else lps[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
     direction = axes / np.where(spacing > 0, spacing, 1.0)
-    if meta.get("format") == "dicom" and spacing.all():  # ITK: the normal is the row and column's cross product
-        normal = np.cross(direction[:, 0], direction[:, 1])
-        direction[:, 2] = normal / np.linalg.norm(normal) * (1.0 if normal @ direction[:, 2] >= 0 else -1.0)
     return spacing, lps[:3, 3], direction, None
 
 
@@ -428,6 +425,20 @@ def _nifti_header(meta: dict) -> dict[str, Any]:
     elif "straight_affine" in meta:  # a tilted DICOM stack: a qform holds no shear, so the stack straight
         header["qform"] = np.asarray(meta["straight_affine"], dtype=np.float64).reshape(4, 4)[:, [2, 1, 0, 3]]
     return header
+
+
+def _normal_of_rows(axes: np.ndarray) -> np.ndarray:
+    """``axes`` (columns x, y, z of a DICOM stack) with z along the normal ITK takes, the cross product of the
+    row and column directions, its length and side kept."""
+    axes = np.array(axes, dtype=np.float64)
+    lengths = np.linalg.norm(axes, axis=0)
+    if not (np.isfinite(axes).all() and lengths.all()):
+        return axes
+    normal = np.cross(axes[:, 0] / lengths[0], axes[:, 1] / lengths[1])
+    if not np.linalg.norm(normal):
+        return axes
+    axes[:, 2] = normal / np.linalg.norm(normal) * lengths[2] * (1.0 if normal @ axes[:, 2] >= 0 else -1.0)
+    return axes
 
 
 def _class_values(class_values: Any, class_map: Mapping | None, num_classes: int | None) -> np.ndarray | None:
