@@ -359,7 +359,8 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
             ``unknown``), so a micrometre image is not read back as millimetres.
         codes: ``(sform_code, qform_code)``: 1 = scanner, 2 = aligned, ...; a NIfTI input's own codes
             keep their meaning.
-        qform: the qform affine when it differs from ``affine`` (a NIfTI input's own), else ``affine``.
+        qform: the qform affine when it differs from ``affine`` (a NIfTI input's own), else ``affine``; a flat
+            one (an axis of size 0) holds no rotation: no qform is written (code 0), the sform kept.
         frame_interval: for a 4D ``arr`` (a time series), the time between volumes and its unit: written as
             the fourth voxel size in seconds (a unit not known in seconds, or none: 1, time unit unknown).
     """
@@ -375,6 +376,7 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
     except (np.linalg.LinAlgError, nib.spatialimages.HeaderDataError):  # a flat affine (an axis of size 0), as
         image, rotation = kind(arr, None), False  # its input's: no rotation for a qform; the sform kept
         zooms = np.linalg.norm(affine[:3, :3], axis=0)[: min(arr.ndim, 3)]
+        zooms = np.where(np.isfinite(zooms) & (zooms > 0), zooms, 1.0)  # pixdim 0 is no size: 1, as readers take it
         image.header.set_zooms((*zooms, *image.header.get_zooms()[3:]))
     seconds = _TIME_UNITS.get(str(frame_interval[1]).lower(), (None,))[0] if frame_interval else None
     image.header.set_xyzt_units(NIFTI_UNITS.get(str(unit), "unknown"), "sec" if seconds and arr.ndim == 4 else None)
@@ -382,7 +384,7 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
         zooms = image.header.get_zooms()
         image.header.set_zooms((*zooms[:3], float(frame_interval[0]) * seconds if seconds else 1.0))
     try:
-        if not rotation:
+        if not rotation and qform is None:
             raise np.linalg.LinAlgError("no rotation")
         with np.errstate(invalid="ignore", divide="ignore"):
             image.set_qform(affine if qform is None else np.asarray(qform, dtype=np.float64), code=int(codes[1]))

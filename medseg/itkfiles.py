@@ -62,13 +62,18 @@ class Header:
 
     @property
     def unit_word(self) -> str | None:
-        """The unit of the pixel size as the header writes it (``microns``), where it states one for all its
-        axes; ``None`` otherwise."""
+        """The unit of the pixel size as the header writes it (``microns``; ``µm`` as ``um``), where it states
+        one for all its axes; ``unknown`` where it states others (units that differ between axes, an axis without
+        one), which medseg reads as it reads the header: no pixel size; ``None`` where it states none."""
         if not self.sized:
             return None
         words = self._unit_words()
+        if not words:
+            return None
         word = words.pop() if len(words) == 1 else ""
-        return word if word and word.isprintable() and '"' not in word else None
+        word = "um" if word in ("µm", "μm") else word  # the headers are ASCII
+        # units that differ between axes, none for one, or a word no header can hold: one medseg reads as none
+        return word if word and word.isascii() and word.isprintable() and '"' not in word else "unknown"
 
     def _unit_words(self) -> set[str]:
         """The units the header states for its axes: NRRD's ``space units``, else its per-axis ``units`` (a

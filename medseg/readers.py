@@ -786,7 +786,7 @@ class TiffReader(_MedsegReader):
             z = float(ij.get("spacing", 1.0))
         except (TypeError, ValueError):
             z = 1.0
-        z = (z if math.isfinite(z) and z > 0 else 1.0) * (ij_factor or 1.0)
+        z = (abs(z) if math.isfinite(z) and z else 1.0) * (ij_factor or 1.0)  # a negative depth: its size
         if res_x is not None and res_y is not None:
             (nx, dx), (ny, dy) = res_x.value, res_y.value
             if nx and ny and (nx, dx) != (1, 1):

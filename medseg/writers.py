@@ -21,9 +21,9 @@
 For ``classes`` and ``instances`` the probability map is the foreground probability ``1 - prob[0]``; DICOM SEG
 holds binary masks only, so their masks of DICOM inputs go to NIfTI by default. ``output_format`` (``png``,
 ``tiff``, ``nifti``, ``dicom-seg``, ``nrrd``, ``metaimage``) overrides the mask's kind; NRRD and MetaImage masks of
-other inputs lie where a NIfTI mask of them would (a picture's pixels where ITK places them, no pixel size where
-it has none). All files are written atomically; TIFF stacks are streamed page by page, volumes for NIfTI, NRRD,
-MetaImage and DICOM SEG are assembled in memory (one mask and one float32 probability volume per input).
+other inputs lie where ITK (and so 3D Slicer) places the input (:func:`_itk_geometry`), in mm. All files are
+written atomically; TIFF stacks are streamed page by page, volumes for NIfTI, NRRD, MetaImage and DICOM SEG are
+assembled in memory (one mask and one float32 probability volume per input).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from medseg.readers import suffix_of
 
 #: Input kind (:func:`medseg.readers.kind_of`) -> the mask kind written for it by default.
 _DEFAULT_FOR_INPUT = {"png": "png", "jpeg": "png", "bmp": "png", "tiff": "tiff", "nifti": "nifti",
-                      "dicom": "dicom-seg", "nrrd": "nrrd", "metaimage": "metaimage", "itk": "nifti"}
+                      "dicom": "dicom-seg", "nrrd": "nrrd", "metaimage": "metaimage"}
 
 
 def mask_format(input_format: str, output_format: str = "auto", slices: int = 1, source: str | None = None) -> str:
@@ -62,6 +62,8 @@ def mask_format(input_format: str, output_format: str = "auto", slices: int = 1,
     from medseg.readers import kind_of
 
     kind = kind_of(source, input_format) if source else input_format
+    if kind == "itk" and output_format in ("auto", "", None):
+        raise ValueError("a NRRD or MetaImage input's mask kind needs its file: give source")
     fmt = _DEFAULT_FOR_INPUT[kind] if output_format in ("auto", "", None) else output_format
     if fmt not in OUTPUT_FORMATS:
         raise DataError(f"unknown output format '{output_format}'; choose auto, {', '.join(OUTPUT_FORMATS)}")
@@ -171,6 +173,11 @@ class _VolumeSink:
             dicom.check_seg(self.series, **options)
         if fmt in ("nrrd", "metaimage"):  # a series no such file can hold is refused now, not after its last slice
             self.itk_geometry = _itk_geometry(_geometry(item), item["image"])
+        if fmt == "nifti" or (fmt == "dicom-seg" and "prob" in paths):  # NIfTI holds no place of NaN
+            meta = _geometry(item)
+            if not np.isfinite(np.asarray(meta.get("nifti_affine", meta["affine"]), dtype=np.float64)).all():
+                raise DataError(f"{item['image']}: its header places it nowhere: its affine holds values that are "
+                                "not numbers (NaN or infinity); mend its header")
         if fmt == "tiff":
             meta = _geometry(item)
             geometry = {"spacing": tuple(meta["spacing"]), "unit": _tiff_unit(meta), "lead": meta.get("lead_sizes"),
@@ -220,7 +227,6 @@ class _VolumeSink:
             for writer in self.stacks.values():
                 writer.close()
             return
-        meta = _geometry(self.item)
         mask = self.volumes["mask"]
         if self.fmt == "dicom-seg":
             from medseg import dicom
@@ -234,7 +240,8 @@ class _VolumeSink:
                 if key in self.paths:
                     write_image(self.paths[key], self.volumes[key][0] if two_d else self.volumes[key], geometry)
             return
-        else:  # nifti
+        meta = _geometry(self.item)
+        if self.fmt != "dicom-seg":  # nifti
             write_nifti(self.paths["mask"], *_nifti_layout(mask, meta), **_nifti_header(meta))
         if "prob" in self.paths:
             write_nifti(self.paths["prob"], *_nifti_layout(self.volumes["prob"], meta), **_nifti_header(meta))
@@ -288,7 +295,8 @@ def _itk_geometry(meta: dict, source: str) -> tuple[Any, bool]:
     ``None`` for an input without a pixel size or a place.
 
     Raises:
-        DataError: a time series (a TIFF's frames), which these masks hold as space.
+        DataError: a time series (a TIFF's frames), which these masks hold as space; a header that places the
+            image nowhere usable (a pixel size of 0, values that are not numbers).
     """
     from medseg.itkfiles import Geometry
 
@@ -321,7 +329,8 @@ def _itk_geometry(meta: dict, source: str) -> tuple[Any, bool]:
 
 def _itk_placed(meta: dict, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None] | None:
     """``(spacing, origin, direction, unit word)`` of a NRRD, MetaImage or NIfTI input as ITK reads its header
-    (``None`` for other inputs, or a NIfTI header ITK cannot read)."""
+    (``None`` for other inputs, and for a NIfTI header ITK cannot read, one holding values that are not numbers,
+    which ITK's reader never returns from, or one whose grid is not the one medseg reads)."""
     if meta.get("format") == "itk":
         from medseg.readers import ItkReader
 

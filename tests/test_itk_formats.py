@@ -592,12 +592,16 @@ def _turned(degrees: float, zooms: tuple[float, float, float], origin: tuple[flo
     return affine
 
 
-def _nrrd_in_cm(folder: Path) -> str:
+def _nrrd_in(folder: Path, name: str, units: str) -> str:
     header = ("NRRD0004\ntype: uint8\ndimension: 3\nspace: left-posterior-superior\nsizes: 32 32 3\n"
               "space directions: (0.03,0,0) (0,0.04,0) (0,0,0.12)\nspace origin: (5,6,7)\n"
-              'space units: "cm" "cm" "cm"\nendian: little\nencoding: raw\n\n')
-    (folder / "cm.nrrd").write_bytes(header.encode() + _VOLUME.tobytes())
-    return "cm.nrrd"
+              f"space units: {units}\nendian: little\nencoding: raw\n\n")
+    (folder / name).write_bytes(header.encode() + _VOLUME.tobytes())
+    return name
+
+
+def _nrrd_in_cm(folder: Path) -> str:
+    return _nrrd_in(folder, "cm.nrrd", '"cm" "cm" "cm"')
 
 
 PLACES = {  # input -> a function writing it into a folder, returning its name there
@@ -612,6 +616,8 @@ PLACES = {  # input -> a function writing it into a folder, returning its name t
     "tiff_cm": lambda d: (tifffile_imwrite(d / "cm.tif", _VOLUME[0], resolution=(100, 50),
                                            resolutionunit="CENTIMETER"), "cm.tif")[1],
     "nrrd_cm": _nrrd_in_cm,
+    "nrrd_micrometre_sign": lambda d: _nrrd_in(d, "mu.nrrd", '"µm" "µm" "µm"'),  # written "um": headers are ASCII
+    "nrrd_mixed_units": lambda d: _nrrd_in(d, "mixed.nrrd", '"mm" "cm" "mm"'),
     "dicom_tilted": _tilted_series,
     "dicom_oblique": _oblique_series,
     "nifti_negative_pixdim": lambda d: _negative_pixdim(d),
@@ -663,7 +669,7 @@ def test_nrrd_and_metaimage_masks_lie_where_itk_places_the_input(tmp_path, tiny_
     references = [_placed(root / name)]
     # a NIfTI holds mm (or µm, m): ITK reads a NRRD's numbers in cm as mm, its NIfTI mask in mm, 10 times as
     # large; the NIfTI mask of a NIfTI without codes has a positive pixdim where its input's was negative
-    if kind not in ("nrrd_cm", "nifti_negative_pixdim"):
+    if not kind.startswith("nrrd") and kind != "nifti_negative_pixdim":
         references.append(_placed(tmp_path / "nifti" / "mask" / f"{stem}.nii.gz"))
     for fmt, suffix in (("nrrd", ".nrrd"), ("metaimage", ".mha")):
         got = _placed(tmp_path / fmt / "mask" / f"{stem}{suffix}")
@@ -677,24 +683,31 @@ def test_nrrd_and_metaimage_masks_lie_where_itk_places_the_input(tmp_path, tiny_
             # against the series itself within ITK's own tolerance for one space (the NIfTI mask's qform takes
             # the normal from the rounded slice positions: 3e-6 off for the oblique series)
             np.testing.assert_allclose(got[2], direction, atol=1e-6 if i == 0 else 1e-5, err_msg=f"{fmt} direction")
-    if kind == "nrrd_cm":  # the header's numbers and unit kept: medseg reads the mask as it reads the input
-        np.testing.assert_allclose(read_geometry(tmp_path / "nrrd" / "mask" / "cm.nrrd")["affine"],
-                                   read_geometry(root / name)["affine"])
+    if kind.startswith("nrrd"):  # the header's numbers and unit kept: medseg reads the mask as it reads the input
+        for fmt, suffix in (("nrrd", ".nrrd"), ("metaimage", ".mha")):
+            mask, source = read_geometry(tmp_path / fmt / "mask" / f"{stem}{suffix}"), read_geometry(root / name)
+            np.testing.assert_allclose(mask["affine"], source["affine"])
+            assert mask["spacing_unit"] == source["spacing_unit"] == {"nrrd_cm": "mm", "nrrd_mixed_units": "pixel",
+                                                                      "nrrd_micrometre_sign": "um"}[kind]
 
 
 def test_an_imagej_slice_spacing_of_zero_is_none(tmp_path):
     """ImageJ's ``spacing=0`` is no slice spacing (1 in its unit), not a 0 that no NIfTI, NRRD or MetaImage
-    mask can hold."""
+    mask can hold; a negative one is its size."""
     import tifffile
 
     tifffile.imwrite(tmp_path / "z.tif", _VOLUME, imagej=True, resolution=(4.0, 4.0),
                      metadata={"axes": "ZYX", "unit": "um", "spacing": 0.0})
     np.testing.assert_allclose(read_geometry(tmp_path / "z.tif")["spacing"], [1.0, 0.25, 0.25])
+    tifffile.imwrite(tmp_path / "n.tif", _VOLUME, imagej=True, resolution=(4.0, 4.0),
+                     metadata={"axes": "ZYX", "unit": "um", "spacing": -2.5})  # ImageJ takes a negative depth
+    np.testing.assert_allclose(read_geometry(tmp_path / "n.tif")["spacing"], [2.5, 0.25, 0.25])
 
 
 def test_a_nifti_placed_nowhere_usable_is_one_line_for_nrrd_and_still_nifti(tmp_path, tiny_checkpoint):
     """A sform with an infinity (ITK reading it never returned) or an axis of size 0: a NRRD or MetaImage mask
-    is refused in one line; the NIfTI mask keeps the input's sform (no qform, which a flat affine has not)."""
+    is refused in one line; the NIfTI mask keeps the input's sform (no qform, which a flat affine has not,
+    unless the input has one of its own); a NaN in the sform is refused in one line for NIfTI too."""
     import struct
 
     root = tmp_path / "in"
@@ -719,11 +732,22 @@ def test_a_nifti_placed_nowhere_usable_is_one_line_for_nrrd_and_still_nifti(tmp_
         for name in ("flat.nii", "inf.nii"):
             lines = [line for line in result.output.splitlines() if name in line and "failed" in line]
             assert len(lines) == 1 and "places it nowhere usable" in lines[0], result.output
+    _nifti(root, "flat_q.nii", flat, codes=(1, 1), qform=np.diag([0.8, 0.9, 2.0, 1.0]))  # a qform of its own
+    _nifti(root, "nan.nii", _turned(20, (0.8, 0.9, 2), (4, 5, 6)), codes=(1, 0))
+    raw = bytearray((root / "nan.nii").read_bytes())
+    raw[316:320] = struct.pack("<f", np.nan)  # srow_z's offset
+    (root / "nan.nii").write_bytes(bytes(raw))
     result = infer("nifti")
     mask = nib.load(tmp_path / "nifti" / "mask" / "flat.nii.gz")
     np.testing.assert_allclose(mask.affine, flat)
     assert (int(mask.header["sform_code"]), int(mask.header["qform_code"])) == (1, 0)
-    assert "flat.nii" not in result.output
+    assert all(z > 0 for z in mask.header["pixdim"][1:4])  # no pixdim 0 for readers to complain of
+    mask = nib.load(tmp_path / "nifti" / "mask" / "flat_q.nii.gz")
+    assert (int(mask.header["sform_code"]), int(mask.header["qform_code"])) == (1, 1)
+    np.testing.assert_allclose(mask.get_qform(), np.diag([0.8, 0.9, 2.0, 1.0]), atol=1e-6)
+    assert "flat.nii" not in result.output and "flat_q.nii" not in result.output
+    lines = [line for line in result.output.splitlines() if "nan.nii" in line]
+    assert len(lines) == 1 and "its affine holds values that are not numbers" in lines[0], result.output
 
 
 def test_nrrd_per_axis_units_are_read(tmp_path):
