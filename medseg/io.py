@@ -372,9 +372,9 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
     affine = np.asarray(affine, dtype=np.float64)
     try:
         with np.errstate(invalid="ignore", divide="ignore"):
-            image, rotation = kind(arr, affine), True
+            image = kind(arr, affine)
     except (np.linalg.LinAlgError, nib.spatialimages.HeaderDataError):  # a flat affine (an axis of size 0), as
-        image, rotation = kind(arr, None), False  # its input's: no rotation for a qform; the sform kept
+        image = kind(arr, None)  # its input's: no rotation for a qform (below); the sform kept
         zooms = np.linalg.norm(affine[:3, :3], axis=0)[: min(arr.ndim, 3)]
         zooms = np.where(np.isfinite(zooms) & (zooms > 0), zooms, 1.0)  # pixdim 0 is no size: 1, as readers take it
         image.header.set_zooms((*zooms, *image.header.get_zooms()[3:]))
@@ -384,11 +384,9 @@ def write_nifti(path: str | os.PathLike, arr: np.ndarray, affine: np.ndarray, un
         zooms = image.header.get_zooms()
         image.header.set_zooms((*zooms[:3], float(frame_interval[0]) * seconds if seconds else 1.0))
     try:
-        if not rotation and qform is None:
-            raise np.linalg.LinAlgError("no rotation")
         with np.errstate(invalid="ignore", divide="ignore"):
             image.set_qform(affine if qform is None else np.asarray(qform, dtype=np.float64), code=int(codes[1]))
-    except (np.linalg.LinAlgError, nib.spatialimages.HeaderDataError):
+    except (np.linalg.LinAlgError, nib.spatialimages.HeaderDataError):  # a flat one: no qform
         image.set_qform(None, code=0)
     image.set_sform(affine, code=int(codes[0]))
     with atomic_output(path) as tmp:

@@ -349,8 +349,9 @@ WRITTEN = {".nrrd": "nrrd", ".mha": "metaimage"}
 @dataclass(frozen=True)
 class Geometry:
     """Where an image's voxels lie, as ITK states it: per axis (x, y[, z]) the spacing, the origin and the
-    direction cosines (``direction[:, i]`` is axis i's) in LPS, in ``unit`` (``mm``, ``um``; ``None``: no unit
-    stated, which ITK and 3D Slicer read as millimetres)."""
+    direction cosines (``direction[:, i]`` is axis i's) in LPS, in ``unit``: the word the header states
+    (``mm``, ``um``, a NRRD's own such as ``cm`` or ``microns``, ``unknown``); ``None``: none stated, which
+    ITK, 3D Slicer and medseg read as millimetres."""
 
     spacing: tuple[float, ...]
     origin: tuple[float, ...]

@@ -173,8 +173,10 @@ class _VolumeSink:
             dicom.check_seg(self.series, **options)
         if fmt in ("nrrd", "metaimage"):  # a series no such file can hold is refused now, not after its last slice
             self.itk_geometry = _itk_geometry(_geometry(item), item["image"])
-        if fmt == "nifti" or (fmt == "dicom-seg" and "prob" in paths):  # NIfTI holds no place of NaN
-            meta = _geometry(item)
+        # the NIfTI outputs' place, read once; a place of NaN no NIfTI holds is refused now
+        self.meta = _geometry(item) if fmt == "nifti" or (fmt == "dicom-seg" and "prob" in paths) else None
+        if self.meta is not None:
+            meta = self.meta
             if not np.isfinite(np.asarray(meta.get("nifti_affine", meta["affine"]), dtype=np.float64)).all():
                 raise DataError(f"{item['image']}: its header places it nowhere: its affine holds values that are "
                                 "not numbers (NaN or infinity); mend its header")
@@ -240,7 +242,7 @@ class _VolumeSink:
                 if key in self.paths:
                     write_image(self.paths[key], self.volumes[key][0] if two_d else self.volumes[key], geometry)
             return
-        meta = _geometry(self.item)
+        meta = self.meta
         if self.fmt != "dicom-seg":  # nifti
             write_nifti(self.paths["mask"], *_nifti_layout(mask, meta), **_nifti_header(meta))
         if "prob" in self.paths:
@@ -299,13 +301,12 @@ def _itk_geometry(meta: dict, source: str) -> tuple[Any, bool]:
             image nowhere usable (a pixel size of 0, values that are not numbers).
     """
     from medseg.itkfiles import Geometry
+    from medseg.readers import _micrometres
 
     lead = "".join(a for a, _ in meta.get("lead_sizes") or ())
     if "T" in lead:
         raise DataError(f"{source}: a time series; a NRRD or MetaImage mask holds space only: use --format tiff "
                         "or nifti")
-    from medseg.readers import _micrometres
-
     physical = _micrometres(_tiff_unit(meta)) is not None and meta.get("pixel_size_stated") is not False
     placed = _itk_placed(meta, source)
     if placed is None:
